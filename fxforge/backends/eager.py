@@ -1,0 +1,72 @@
+"""The eager backend: the optimized GraphModule itself, run by PyTorch; saved as a torch.export program.
+
+Fusion groups tagged by ``fuse_activation`` are realized here as in-place activations (the activation
+writes into the producer's buffer, saving one allocation and one pass over memory per group).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from fxforge.compiler.graph import fusion_groups, inplace_variant
+from fxforge.compiler.target import Target
+from fxforge.compiler.trace import Signature
+
+from .base import Artifact, Backend, register_backend
+
+PROGRAM = "program.pt2"
+
+
+class EagerArtifact(Artifact):
+    backend = "eager"
+
+    def __init__(self, gm: fx.GraphModule, signature: Signature, target: Target,
+                 info: dict[str, Any] | None = None) -> None:
+        super().__init__(signature, target, info)
+        self.gm = gm
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        with torch.inference_mode():
+            return self.gm(*inputs)
+
+    def write(self, directory: Path) -> None:
+        example = tuple(_example(s) for s in self.signature.inputs)
+        dynamic = tuple({0: Dim("batch", min=1, max=1 << 16)} if s.shape and s.shape[0] is None else None
+                        for s in self.signature.inputs) if self.signature.dynamic_batch else None
+        ep = torch.export.export(self.gm, example, dynamic_shapes=dynamic, strict=False)
+        torch.export.save(ep, directory / PROGRAM)
+
+    @classmethod
+    def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> EagerArtifact:
+        return cls(torch.export.load(directory / PROGRAM).module(), signature, target, info)
+
+
+def _example(spec) -> torch.Tensor:
+    shape = [2 if d is None else d for d in spec.shape]
+    return torch.zeros(shape, dtype=spec.dtype)
+
+
+@register_backend
+class EagerBackend(Backend):
+    """Runs the optimized graph in PyTorch (the reference every other backend is compared with)."""
+
+    name = "eager"
+    artifact = EagerArtifact
+
+    def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
+              target: Target, **options: Any) -> EagerArtifact:
+        gm = copy.deepcopy(gm)
+        fused = 0
+        for nodes in fusion_groups(gm).values():
+            act = nodes[-1]
+            inplace = inplace_variant(act)
+            if inplace is not None:
+                act.target = inplace
+                fused += 1
+        gm.recompile()
+        return EagerArtifact(gm, signature, target, {"fused_groups": fused})

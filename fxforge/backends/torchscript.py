@@ -1,0 +1,127 @@
+"""The TorchScript backend: script (or trace) the graph, freeze it, and optimize it for inference.
+
+TorchScript cannot call ATen overloads (``aten.conv2d.default``) nor ``aten.sym_size.int``, so a copy of
+the graph calls the overload packets and ``Tensor.size`` instead; scripting keeps the batch dimension
+dynamic. ``optimize_for_inference`` (oneDNN conv with prepacked weights) is kept only when it is faster;
+its oneDNN constants cannot be serialized, so the artifact saves the scripted module and freezes and
+optimizes it again on load.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.errors import BackendError
+from fxforge.compiler.graph import aten, is_op
+from fxforge.compiler.report import measure_latency
+from fxforge.compiler.target import Target
+from fxforge.compiler.trace import Signature
+from fxforge.compiler.verify import EXACT_TOLERANCE, compare, fresh_inputs
+
+from .base import Artifact, Backend, register_backend
+
+MODEL_FILE = "model.pt"
+
+
+
+
+class TorchScriptArtifact(Artifact):
+    backend = "torchscript"
+
+    def __init__(self, scripted: torch.jit.ScriptModule, signature: Signature, target: Target,
+                 info: dict[str, Any] | None = None) -> None:
+        super().__init__(signature, target, info)
+        self.scripted = scripted
+        self.module = _frozen(scripted, bool(self.info.get("optimize_for_inference")))
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.module(*inputs)
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+    def write(self, directory: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(self.scripted, str(directory / MODEL_FILE))
+
+    @classmethod
+    def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> TorchScriptArtifact:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls(torch.jit.load(str(directory / MODEL_FILE)), signature, target, info)
+
+
+def scriptable(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` written in the subset of Python TorchScript compiles."""
+    gm = copy.deepcopy(gm)
+    for node in list(gm.graph.nodes):
+        if is_op(node, aten.sym_size):
+            with gm.graph.inserting_before(node):
+                size = gm.graph.call_method("size", node.args)
+            node.replace_all_uses_with(size)
+            gm.graph.erase_node(node)
+        elif isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
+    gm.recompile()
+    return gm
+
+
+@register_backend
+class TorchScriptBackend(Backend):
+    """torch.jit script/trace → freeze → optimize_for_inference where it is faster."""
+
+    name = "torchscript"
+    artifact = TorchScriptArtifact
+    targets = ("x86", "arm64", "cuda")
+
+    def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
+              target: Target, **options: Any) -> TorchScriptArtifact:
+        if options:
+            raise BackendError(f"the torchscript backend takes no options, got {', '.join(options)}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module, mode = self._compile(gm, example_inputs)
+            frozen = _frozen(module, optimize=False)
+            optimized = False
+            try:
+                candidate = _frozen(module, optimize=True)
+                optimized = _agrees(candidate, gm, example_inputs) and \
+                    measure_latency(candidate, example_inputs, 0.3) < measure_latency(frozen, example_inputs, 0.3)
+            except RuntimeError:
+                pass
+        return TorchScriptArtifact(module, signature, target, {"torchscript_mode": mode,
+                                                               "optimize_for_inference": optimized})
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
+        try:
+            return torch.jit.script(scriptable(gm)), "script"
+        except Exception as script_error:
+            try:
+                return torch.jit.trace(gm, tuple(example_inputs), check_trace=False), "trace (static shapes)"
+            except Exception as e:
+                raise BackendError(f"TorchScript can neither script ({_line(script_error)}) nor trace "
+                                   f"({_line(e)}) this graph") from e
+
+
+def _frozen(module: torch.jit.ScriptModule, optimize: bool) -> torch.jit.ScriptModule:
+    """A frozen copy of ``module`` (``module`` itself stays unfrozen and saveable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.freeze(module.eval())
+        return torch.jit.optimize_for_inference(frozen) if optimize else frozen
+
+
+def _agrees(module: Any, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> bool:
+    inputs = fresh_inputs(example_inputs)
+    with torch.no_grad():
+        return compare(module(*inputs), gm(*inputs)).max_rel <= EXACT_TOLERANCE
+
+
+def _line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

@@ -1,0 +1,47 @@
+"""The errors users see. Each names its cause in one line; none leaks an internal traceback."""
+from __future__ import annotations
+
+
+class FxforgeError(Exception):
+    """Base class of every error fxforge raises on purpose."""
+
+
+class TraceError(FxforgeError):
+    """The model could not be captured by torch.export."""
+
+
+class PassError(FxforgeError):
+    """An unknown pass, a bad pass option, an impossible pipeline, or a pass that failed."""
+
+
+class VerificationError(FxforgeError):
+    """An exact pass changed the model's numbers (or broke the graph)."""
+
+
+class BackendError(FxforgeError):
+    """A backend is unknown, not installed, or cannot lower an op."""
+
+
+class TargetError(FxforgeError):
+    """An unknown or malformed hardware target."""
+
+
+class InputError(FxforgeError):
+    """Inputs that do not match the compiled signature (count, shape, dtype) or hold NaN/Inf."""
+
+
+class CalibrationError(FxforgeError):
+    """Calibration data is missing or unusable."""
+
+
+class ArtifactError(FxforgeError):
+    """A saved artifact is missing, corrupt, foreign, or from another fxforge version."""
+
+
+class TuningError(FxforgeError):
+    """A tuning database is corrupt, partial or made for another target."""
+
+
+def missing_dependency(package: str, extra: str, why: str) -> BackendError:
+    """The error for an optional dependency that is not installed."""
+    return BackendError(f"{why} needs the '{package}' package: pip install 'fxforge[{extra}]'")

@@ -1,0 +1,173 @@
+"""Small helpers over fx graphs shared by every pass: ops, parameters behind get_attr, users, networkx view."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+def is_op(node: Any, *ops: Any) -> bool:
+    """True when ``node`` calls one of ``ops`` (an OpOverload, or a packet matching all its overloads)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    return any(target is op or packet is op for op in ops)
+
+
+def call_nodes(gm: fx.GraphModule, *ops: Any) -> Iterator[fx.Node]:
+    """The call_function nodes of ``gm`` calling any of ``ops`` (all of them when none are given)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (not ops or is_op(node, *ops)):
+            yield node
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """An argument given positionally or by keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    """Set an argument, padding positional arguments with the schema's defaults where needed."""
+    if name in node.kwargs:
+        node.update_kwarg(name, value)
+        return
+    args = list(node.args)
+    if index >= len(args):
+        schema = node.target._schema.arguments  # type: ignore[union-attr]
+        args.extend(a.default_value for a in schema[len(args):index + 1])
+    args[index] = value
+    node.args = tuple(args)
+
+
+def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The constant tensor behind a get_attr node (None for anything else)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = _resolve(gm, node.target)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def set_tensor(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
+    """Replace the tensor behind a get_attr node (a fresh attribute if other nodes share it)."""
+    shared = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target and n is not node]
+    if shared:
+        node.target = _fresh_name(gm, node.target)
+    _assign(gm, node.target, value)
+    node.meta.pop("val", None)
+    node.meta.pop("tensor_meta", None)
+
+
+def add_tensor(gm: fx.GraphModule, before: fx.Node, stem: str, value: torch.Tensor) -> fx.Node:
+    """Store ``value`` as a new constant and return a get_attr node for it, inserted before ``before``."""
+    name = _fresh_name(gm, stem)
+    _assign(gm, name, value)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def _assign(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
+    owner_path, _, attr = qualname.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    for store in (owner._parameters, owner._buffers):
+        store.pop(attr, None)
+    if attr in owner.__dict__:
+        delattr(owner, attr)
+    if value.is_floating_point():
+        owner.register_parameter(attr, torch.nn.Parameter(value.detach(), requires_grad=False))
+    else:
+        owner.register_buffer(attr, value.detach())
+
+
+def _resolve(gm: fx.GraphModule, qualname: str) -> Any:
+    obj: Any = gm
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fresh_name(gm: fx.GraphModule, stem: str) -> str:
+    stem = stem.replace(".", "_")
+    for i in itertools.count():
+        name = f"{stem}_{i}" if i else stem
+        try:
+            _resolve(gm, name)
+        except AttributeError:
+            return name
+    raise AssertionError("unreachable")
+
+
+def remove_unused_tensors(gm: fx.GraphModule) -> int:
+    """Delete parameters and buffers no get_attr node reads; returns how many were removed."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    removed = 0
+    for name, _ in list(itertools.chain(gm.named_parameters(), gm.named_buffers())):
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner._parameters.pop(attr, None)
+            owner._buffers.pop(attr, None)
+            removed += 1
+    return removed
+
+
+def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every distinct constant tensor the graph reads, by attribute name."""
+    out: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        t = get_tensor(gm, node)
+        if t is not None:
+            out[node.target] = t
+    return out
+
+
+def replace_all_uses(old: fx.Node, new: fx.Node) -> None:
+    old.replace_all_uses_with(new, propagate_meta=False)
+
+
+def finalize(gm: fx.GraphModule) -> None:
+    """Drop dead nodes and unused tensors, check the graph, regenerate code."""
+    gm.graph.eliminate_dead_code()
+    remove_unused_tensors(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def to_networkx(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None):
+    """The data-flow graph as a networkx DiGraph keyed by node name."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for node in nodes if nodes is not None else gm.graph.nodes:
+        g.add_node(node.name, op=node.op, target=str(node.target))
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+FUSION_KEY = "fxforge.fusion"  # node.meta key: {"group": id, "pattern": "conv2d+relu"}
+
+
+def fusion_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Fusion groups tagged by fuse_activation, each in graph order (producer first, activation last)."""
+    groups: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        tag = node.meta.get(FUSION_KEY)
+        if tag:
+            groups.setdefault(tag["group"], []).append(node)
+    return groups
+
+
+def inplace_variant(node: fx.Node) -> Any:
+    """The in-place overload of an ATen call (``relu`` → ``relu_``), or None if it has none."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is None:
+        return None
+    inplace = getattr(aten, packet.__name__ + "_", None)
+    return getattr(inplace, node.target._overloadname, None) if inplace is not None else None

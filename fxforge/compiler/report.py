@@ -1,0 +1,127 @@
+"""The report: one row per stage (input, each pass, the backend) with the model's numbers.
+
+Every number that describes the model comes from here or from the analyses it calls: parameters and bytes
+of the constants the graph reads, FLOPs, latency (median of repeated runs), and the error against eager.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .graph import graph_tensors
+from .verify import Error
+
+
+@dataclass
+class StageRow:
+    stage: str
+    exact: bool
+    time_s: float
+    nodes: int
+    params: int
+    bytes: int
+    flops: int
+    latency_ms: float | None = None
+    max_rel_err: float | None = None
+    cosine: float | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    rows: list[StageRow] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, stage: str) -> StageRow:
+        return next(r for r in self.rows if r.stage == stage or r.stage.split("{")[0] == stage)
+
+    @property
+    def final(self) -> StageRow:
+        return self.rows[-1]
+
+    def speedup(self) -> float | None:
+        """Eager latency of the traced model over the final stage's latency."""
+        first, last = self.rows[0].latency_ms, self.final.latency_ms
+        return first / last if first and last else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [asdict(r) for r in self.rows], "meta": self.meta}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __str__(self) -> str:
+        head = ["stage", "time", "nodes", "params", "size", "FLOPs", "latency", "max err", "cosine", "stats"]
+        body = [[r.stage, f"{r.time_s:.2f}s", str(r.nodes), _si(r.params), _bytes(r.bytes), _si(r.flops),
+                 f"{r.latency_ms:.2f}ms" if r.latency_ms is not None else "-",
+                 f"{r.max_rel_err:.1e}" if r.max_rel_err is not None else "-",
+                 f"{r.cosine:.6f}" if r.cosine is not None else "-", _stats(r.stats)] for r in self.rows]
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        extra = [f"{k}: {v}" for k, v in self.meta.items()]
+        return "\n".join(lines + extra)
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _bytes(n: int) -> str:
+    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n}B"
+
+
+def _stats(stats: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in stats.items())
+
+
+def model_size(gm: fx.GraphModule) -> tuple[int, int]:
+    """(elements, bytes) of the constant tensors the graph reads."""
+    tensors = graph_tensors(gm).values()
+    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_latency(fn: Callable[..., Any], inputs: Sequence[Any], budget_s: float = 0.5,
+                    min_runs: int = 3, max_runs: int = 20) -> float:
+    """Median wall time of ``fn(*inputs)`` in milliseconds after one warm-up run."""
+    times: list[float] = []
+    with torch.inference_mode():
+        fn(*inputs)
+        deadline = time.perf_counter() + budget_s
+        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            fn(*inputs)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+class StageRecorder:
+    """The pass manager's reporting instrument: appends a row after every stage."""
+
+    def __init__(self, report: Report, ctx: Any, measure: bool) -> None:
+        self.report, self.ctx, self.measure = report, ctx, measure
+
+    def record(self, stage: str, gm: fx.GraphModule, *, exact: bool, elapsed: float,
+               stats: dict[str, float], error: Error | None) -> StageRow:
+        from fxforge.passes.analysis import Flops  # analyses live with the passes
+
+        params, nbytes = model_size(gm)
+        flops = sum(self.ctx.analysis(Flops, gm).values())
+        row = StageRow(stage, exact, elapsed, sum(1 for n in gm.graph.nodes if n.op == "call_function"),
+                       params, nbytes, flops,
+                       measure_latency(gm, self.ctx.example_inputs) if self.measure else None,
+                       error.max_rel if error else None, error.cosine if error else None, dict(stats))
+        self.report.rows.append(row)
+        return row

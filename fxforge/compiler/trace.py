@@ -1,0 +1,196 @@
+"""Capture a model as the one IR: the functional, unlifted ATen-level fx graph from torch.export.
+
+``trace`` exports non-strictly with a dynamic batch dimension, runs the empty decomposition table (which
+functionalizes in-place ops and gives inference batch norm as ``_native_batch_norm_legit_no_training``,
+keeping ``aten.conv2d``/``aten.linear``), and returns a GraphModule with flat positional inputs and a flat
+tuple of outputs. The pytree structure of the original inputs and outputs lives in the ``Signature``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from .errors import InputError, TraceError
+
+MAX_BATCH = 1 << 16
+REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, "
+            "move unsupported Python out of forward, or pass static_batch=True if the batch size is fixed")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape (None where the dimension is dynamic) and dtype of one flat input."""
+
+    shape: tuple[int | None, ...]
+    dtype: torch.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(tuple(d["shape"]), getattr(torch, d["dtype"]))
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a compiled model accepts and returns: flat input specs plus the pytree structure around them."""
+
+    inputs: tuple[TensorSpec, ...]
+    in_spec: str  # torch.utils._pytree.treespec_dumps of (args, kwargs)
+    out_spec: str
+    dynamic_batch: bool
+    note: str = ""  # why the batch is static, when it is
+
+    def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
+        """Flatten call arguments and check count, shape and dtype against the compiled signature."""
+        flat, spec = pytree.tree_flatten((tuple(args), {}))
+        if pytree.treespec_dumps(spec) != self.in_spec or len(flat) != len(self.inputs):
+            raise InputError(f"expected {len(self.inputs)} input tensor(s) shaped like "
+                             f"{[list(s.shape) for s in self.inputs]}, got {_describe(flat)}")
+        for i, (t, s) in enumerate(zip(flat, self.inputs)):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"input {i} must be a tensor, got {type(t).__name__}")
+            if t.dtype != s.dtype:
+                raise InputError(f"input {i} has dtype {t.dtype}, compiled for {s.dtype}")
+            if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
+                raise InputError(f"input {i} has shape {list(t.shape)}, compiled for {list(s.shape)} "
+                                 "(None = any size)")
+        return flat
+
+    def unflatten(self, outputs: Sequence[Any]) -> Any:
+        return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.out_spec))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [s.to_dict() for s in self.inputs], "in_spec": self.in_spec,
+                "out_spec": self.out_spec, "dynamic_batch": self.dynamic_batch, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Signature:
+        return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
+                   d["dynamic_batch"], d.get("note", ""))
+
+
+def _describe(flat: Sequence[Any]) -> str:
+    return str([list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in flat])
+
+
+def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
+          static_batch: bool = False) -> tuple[fx.GraphModule, Signature]:
+    """Export a copy of ``model`` in eval mode; the user's model is never touched."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    flat = pytree.tree_leaves(args)
+    if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
+        raise InputError(f"example_inputs must be a tuple of tensors, got {_describe(flat)}")
+    model = copy.deepcopy(model).eval()
+    _check_runs(model, args)
+    note = "static batch requested" if static_batch else ""
+    ep = None
+    if not static_batch:
+        try:
+            ep = _export(model, _batch_of_two(args), dynamic=True)
+        except Exception as e:  # the model fixes its batch size: fall back to static shapes
+            note = f"batch dimension is static: {_first_line(e)}"
+    if ep is None:
+        try:
+            ep = _export(model, args, dynamic=False)
+        except Exception as e:
+            raise _trace_error(e) from None
+    gm = _flat_graph_module(ep.run_decompositions({}).module())
+    dynamic = ep is not None and not note
+    sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic), t.dtype) for t in flat),
+                    pytree.treespec_dumps(pytree.tree_flatten((args, {}))[1]),
+                    pytree.treespec_dumps(ep.call_spec.out_spec), dynamic, note)
+    return gm, sig
+
+
+def _check_runs(model: torch.nn.Module, args: tuple) -> None:
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as e:
+        raise InputError(f"the model does not run on the example inputs {_describe(pytree.tree_leaves(args))}: "
+                         f"{_first_line(e)}") from None
+
+
+def _batch_of_two(args: tuple) -> tuple:
+    """A batch of 1 specialises in export; export with two copies of the example instead."""
+    batch = pytree.tree_leaves(args)[0].shape[0] if pytree.tree_leaves(args)[0].dim() else None
+    if batch != 1:
+        return args
+    return pytree.tree_map(lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t, args)
+
+
+def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.export.ExportedProgram:
+    dynamic_shapes = None
+    if dynamic:
+        leaves = pytree.tree_leaves(args)
+        batch_size = leaves[0].shape[0] if leaves[0].dim() else None
+        batch = Dim("batch", min=1, max=MAX_BATCH)
+        dynamic_shapes = pytree.tree_map(
+            lambda t: {0: batch} if t.dim() and t.shape[0] == batch_size else None, args)
+    with torch.no_grad(), _quiet_torch_logs():
+        return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """Export logs and prints whole graphs on failure; the TraceError says what matters."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _spec_shape(t: torch.Tensor, dynamic: bool) -> tuple[int | None, ...]:
+    return tuple(None if dynamic and i == 0 else d for i, d in enumerate(t.shape))
+
+
+def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's guard module and pytree codegen: flat tensors in, a flat tuple out."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()
+    out = fx.GraphModule(gm, graph, class_name="FxforgeGraph")
+    if hasattr(out, "_guards_fn"):
+        delattr(out, "_guards_fn")
+    out.recompile()
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _user_frame(e: BaseException) -> str:
+    """The innermost frame outside torch: where in the user's code export gave up."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename
+              and "/fxforge/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} in {f.name}: {f.line}"
+
+
+def _trace_error(e: BaseException) -> TraceError:
+    return TraceError(f"torch.export could not capture the model: {_first_line(e)}{_user_frame(e)}. "
+                      f"Remedies: {REMEDIES}")

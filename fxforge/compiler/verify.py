@@ -1,0 +1,136 @@
+"""Numeric equivalence of two stages of a graph on fresh random inputs.
+
+Every stage is run on the same fresh inputs (never the example inputs the passes saw). Errors are relative
+to the reference's scale: ``max|a - b| / max|b|`` over all outputs, plus the cosine similarity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import VerificationError
+
+EXACT_TOLERANCE = 1e-4  # max relative error an exact pass may introduce (float reassociation)
+_SEED = 20240917
+
+
+def random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A fresh input like ``t``: normal floats, integers in t's observed range, random booleans."""
+    if t.dtype == torch.bool:
+        return torch.randint(0, 2, t.shape, generator=generator).bool()
+    if t.is_floating_point():
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype)
+    lo, hi = int(t.min()), int(t.max())
+    return torch.randint(lo, hi + 1, t.shape, generator=generator, dtype=t.dtype)
+
+
+def fresh_inputs(example_inputs: Sequence[torch.Tensor], seed: int = _SEED) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(random_like(t, g) for t in example_inputs)
+
+
+@dataclass(frozen=True)
+class Error:
+    """How far one set of outputs is from a reference."""
+
+    max_rel: float
+    cosine: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_rel": self.max_rel, "cosine": self.cosine}
+
+
+def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
+    """Relative max error and cosine similarity over every floating output."""
+    pairs = [(o.detach().double(), r.detach().double()) for o, r in zip(_tensors(outputs), _tensors(reference))
+             if r.is_floating_point()]
+    if not pairs:
+        same = all(torch.equal(o, r) for o, r in zip(_tensors(outputs), _tensors(reference)))
+        return Error(0.0 if same else float("inf"), 1.0 if same else 0.0)
+    diff = max(float((o - r).abs().max()) if o.numel() else 0.0 for o, r in pairs)
+    scale = max(float(r.abs().max()) if r.numel() else 0.0 for _, r in pairs)
+    a = torch.cat([o.flatten() for o, _ in pairs])
+    b = torch.cat([r.flatten() for _, r in pairs])
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return Error(float("inf"), 0.0)
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if a.norm() and b.norm() else float(torch.equal(a, b))
+    return Error(diff / max(scale, 1e-12), cos)
+
+
+def _tensors(values: Any) -> list[torch.Tensor]:
+    if isinstance(values, torch.Tensor):
+        return [values]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and n.op == "call_function":
+            self.values[n.name] = out
+        return out
+
+
+def run_recording(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        out = rec.run(*inputs)
+    return out, rec.values
+
+
+class NumericCheck:
+    """Compares each stage with the previous one and with the first (the traced model)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+        self.inputs = fresh_inputs(example_inputs)
+        self.reference, self.prev_values = run_recording(gm, self.inputs)
+        self.prev_out = self.reference
+
+    def first_error(self) -> Error:
+        return Error(0.0, 1.0)
+
+    def after(self, p: Any, gm: fx.GraphModule, done: Sequence[str]) -> Error:
+        """The error of the new stage against eager; raise if an exact pass moved the numbers."""
+        out, values = run_recording(gm, self.inputs)
+        step = compare(out, self.prev_out)
+        if p.exact and not step.max_rel <= EXACT_TOLERANCE:
+            where = first_divergence(values, self.prev_values)
+            raise VerificationError(
+                f"exact pass {p.name!r} changed the outputs by {step.max_rel:.3g} relative "
+                f"(tolerance {EXACT_TOLERANCE:g}){where}; passes before it: {', '.join(done) or 'none'}")
+        self.prev_out, self.prev_values = out, values
+        return compare(out, self.reference)
+
+
+def first_divergence(values: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> str:
+    """Where two recordings first disagree, by node name (nodes both graphs share)."""
+    for name, v in values.items():
+        ref = before.get(name)
+        if ref is None or ref.shape != v.shape or not v.is_floating_point():
+            continue
+        if compare([v], [ref]).max_rel > EXACT_TOLERANCE:
+            return f"; first diverging node: {name!r}"
+    return ""
+
+
+def check_equivalent(a: fx.GraphModule | Any, b: Any, example_inputs: Sequence[torch.Tensor],
+                     tolerance: float = EXACT_TOLERANCE, seed: int = _SEED) -> Error:
+    """Run two callables on the same fresh inputs; raise VerificationError past ``tolerance``."""
+    inputs = fresh_inputs(example_inputs, seed)
+    with torch.no_grad():
+        err = compare(_as_tuple(a(*inputs)), _as_tuple(b(*inputs)))
+    if not err.max_rel <= tolerance:
+        raise VerificationError(f"outputs differ by {err.max_rel:.3g} relative (tolerance {tolerance:g})")
+    return err
+
+
+def _as_tuple(x: Any) -> tuple:
+    import torch.utils._pytree as pytree
+    return tuple(pytree.tree_leaves(x))
