@@ -163,10 +163,12 @@ def _spec_shape(t: torch.Tensor, dynamic: bool) -> tuple[int | None, ...]:
 
 
 def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop export's guard module and pytree codegen: flat tensors in, a flat tuple out."""
+    """Drop export's guards, its tensor-metadata asserts (the Signature checks inputs) and pytree codegen:
+    flat tensors in, a flat tuple out."""
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
+        if (node.op == "call_module" and node.target == "_guards_fn") or \
+                node.target is torch.ops.aten._assert_tensor_metadata.default:
             graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()
     out = fx.GraphModule(gm, graph, class_name="FxforgeGraph")

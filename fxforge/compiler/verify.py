@@ -101,7 +101,7 @@ class NumericCheck:
         out, values = run_recording(gm, self.inputs)
         step = compare(out, self.prev_out)
         if p.exact and not step.max_rel <= EXACT_TOLERANCE:
-            where = first_divergence(values, self.prev_values)
+            where = first_divergence(values, self.prev_values) or diverging_output(gm, out, self.prev_out)
             raise VerificationError(
                 f"exact pass {p.name!r} changed the outputs by {step.max_rel:.3g} relative "
                 f"(tolerance {EXACT_TOLERANCE:g}){where}; passes before it: {', '.join(done) or 'none'}")
@@ -117,6 +117,15 @@ def first_divergence(values: dict[str, torch.Tensor], before: dict[str, torch.Te
             continue
         if compare([v], [ref]).max_rel > EXACT_TOLERANCE:
             return f"; first diverging node: {name!r}"
+    return ""
+
+
+def diverging_output(gm: fx.GraphModule, out: Sequence[Any], before: Sequence[Any]) -> str:
+    """The node producing the first output that moved (when no node both graphs share diverged)."""
+    producers = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    for node, a, b in zip(producers, _tensors(out), _tensors(before)):
+        if compare([a], [b]).max_rel > EXACT_TOLERANCE:
+            return f"; first diverging node: {getattr(node, 'name', node)!r} (an output)"
     return ""
 
 

@@ -1,0 +1,177 @@
+"""The pass manager: name resolution, options, ordering, analysis caching, verification, report rows."""
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+import fxforge
+from fxforge.compiler.graph import aten, call_nodes
+from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
+from fxforge.compiler.trace import trace
+from models import ZOO
+
+
+def traced(name="convbnrelu"):
+    model, example = ZOO[name]()
+    gm, sig = trace(model, example)
+    return gm, tuple(sig.flatten(example))
+
+
+def test_available_passes_lists_builtins_and_presets_with_descriptions():
+    names = fxforge.available_passes()
+    for name in ("fuse_batchnorm", "fuse_activation", "fold_constants", "eliminate_dead_code", "fuse"):
+        assert names[name], name
+    assert "fuse_batchnorm" in names["fuse"]  # a preset lists its steps
+
+
+def test_presets_expand_and_options_parse():
+    passes = resolve(["fuse", "fold_constants{}"])
+    assert [p.name for p in passes] == ["fold_constants", "fuse_batchnorm", "eliminate_dead_code",
+                                        "fuse_activation", "fold_constants"]
+
+
+def test_unknown_pass_lists_the_valid_ones():
+    with pytest.raises(fxforge.PassError, match="unknown pass 'fusee'.*fuse_batchnorm"):
+        PassManager(["fusee"])
+
+
+@fxforge.register_pass
+class Scale(fxforge.Pass):
+    """Multiply the first output by ``factor`` (a deliberately inexact pass)."""
+
+    name = "test_scale"
+    exact = False
+    factor: float = 2.0
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        first = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            scaled = gm.graph.call_function(aten.mul.Tensor, (first, self.factor))
+        out.args = ((scaled, *out.args[0][1:]),)
+        return fxforge.PassResult(changed=True, stats={"scaled": 1})
+
+
+def test_wrong_option_name_and_type_are_pass_errors():
+    assert resolve("test_scale{factor=3}")[0].factor == 3
+    with pytest.raises(fxforge.PassError, match="no option 'facter'.*factor"):
+        resolve("test_scale{facter=3}")
+    with pytest.raises(fxforge.PassError, match="must be float"):
+        resolve("test_scale{factor='x'}")
+    with pytest.raises(fxforge.PassError, match="cannot parse"):
+        resolve("test_scale{factor=}")
+
+
+def test_exact_pass_that_changes_numbers_is_caught_naming_pass_and_node():
+    @fxforge.register_pass
+    class Broken(Scale):
+        """Claims to be exact but scales the output."""
+        name = "test_broken"
+        exact = True
+
+    gm, flat = traced()
+    with pytest.raises(fxforge.VerificationError) as info:
+        PassManager(["fuse", "test_broken"]).run(gm, PassContext(flat))
+    msg = str(info.value)
+    assert "test_broken" in msg and "mul" in msg and "fuse_activation" in msg  # pass, node, passes before
+
+
+def test_inexact_pass_records_its_error_instead_of_raising():
+    gm, flat = traced()
+    _, report = PassManager(["test_scale{factor=1.5}"]).run(gm, PassContext(flat))
+    row = report.row("test_scale")
+    assert not row.exact and row.max_rel_err == pytest.approx(0.5, rel=1e-3) and row.stats == {"scaled": 1}
+
+
+def test_malformed_graph_fails_lint():
+    @fxforge.register_pass
+    class Dangling(fxforge.Pass):
+        """Uses a node before defining it."""
+        name = "test_dangling"
+
+        def run(self, gm, ctx):
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            first = next(n for n in gm.graph.nodes if n.op == "call_function")
+            with gm.graph.inserting_before(first):
+                gm.graph.call_function(operator.add, (out.args[0][0], 1))
+            return fxforge.PassResult(changed=True)
+
+    gm, flat = traced()
+    with pytest.raises(fxforge.VerificationError, match="test_dangling.*malformed"):
+        PassManager(["test_dangling"], verify="lint").run(gm, PassContext(flat))
+
+
+def test_order_constraint_is_enforced():
+    @fxforge.register_pass
+    class Needs(fxforge.Pass):
+        """Must follow fuse_batchnorm."""
+        name = "test_needs"
+        after = ("fuse_batchnorm",)
+
+        def run(self, gm, ctx):
+            return fxforge.PassResult(changed=False)
+
+    PassManager(["fuse_batchnorm", "test_needs"])
+    with pytest.raises(fxforge.PassError, match="must come after 'fuse_batchnorm'"):
+        PassManager(["test_needs", "fuse_batchnorm"])
+
+
+class CountConvs(fxforge.Analysis):
+    name = "count_convs"
+    runs = 0
+
+    def run(self, gm, ctx):
+        CountConvs.runs += 1
+        return len(list(call_nodes(gm, aten.conv2d)))
+
+
+def test_analyses_are_cached_until_invalidated():
+    gm, flat = traced()
+    ctx = PassContext(flat)
+    ctx._gm = gm
+    CountConvs.runs = 0
+    assert ctx.analysis(CountConvs) == ctx.analysis(CountConvs) == 2
+    assert CountConvs.runs == 1
+    ctx.invalidate(frozenset({"count_convs"}))
+    ctx.analysis(CountConvs)
+    assert CountConvs.runs == 1
+    ctx.invalidate("none")
+    ctx.analysis(CountConvs)
+    assert CountConvs.runs == 2
+
+
+def test_crashing_pass_becomes_pass_error():
+    @fxforge.register_pass
+    class Crashes(fxforge.Pass):
+        """Raises."""
+        name = "test_crashes"
+
+        def run(self, gm, ctx):
+            raise KeyError("boom")
+
+    gm, flat = traced()
+    with pytest.raises(fxforge.PassError, match="'test_crashes' failed: KeyError.*after: fold_constants"):
+        PassManager(["fold_constants", "test_crashes"]).run(gm, PassContext(flat))
+
+
+def test_report_has_a_row_per_pass_with_sizes_and_flops():
+    gm, flat = traced("resnet18")
+    _, report = PassManager(["fuse"], measure_latency=False).run(gm, PassContext(flat))
+    assert [r.stage for r in report.rows] == ["input", "fold_constants", "fuse_batchnorm", "eliminate_dead_code",
+                                             "fuse_activation"]
+    first, bn = report.row("input"), report.row("fuse_batchnorm")
+    assert bn.params < first.params and bn.bytes < first.bytes and bn.nodes < first.nodes
+    assert first.flops > 1e8 and bn.stats["folded"] == 20
+    assert all(r.max_rel_err < 1e-4 for r in report.rows)
+    text = str(report)
+    assert "fuse_batchnorm" in text and "folded=20" in text
+    assert isinstance(fx.GraphModule, type) and report.to_dict()["rows"][0]["stage"] == "input"
+
+
+def test_verify_off_skips_checks():
+    gm, flat = traced()
+    _, report = PassManager(["fuse"], verify="off", measure_latency=False).run(gm, PassContext(flat))
+    assert report.final.max_rel_err is None
+    with pytest.raises(fxforge.PassError, match="verify must be"):
+        PassManager([], verify="sometimes")

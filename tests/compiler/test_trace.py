@@ -1,0 +1,75 @@
+"""Capture: every zoo model exports to the ATen FX graph and reproduces eager; capture failures are clear."""
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.compiler.trace import trace
+from fxforge.compiler.verify import compare
+from models import ZOO, zoo_params
+
+
+@pytest.mark.parametrize("name", zoo_params())
+def test_zoo_traces_and_matches_eager(name):
+    model, example = ZOO[name]()
+    gm, sig = trace(model, example)
+    assert any(n.op == "call_function" and "aten" in str(n.target) for n in gm.graph.nodes)
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    inputs = tuple(sig.flatten(example))
+    with torch.no_grad():
+        err = compare(list(gm(*inputs)), [model(*example)])
+    assert err.max_rel < 1e-5
+
+
+def test_dynamic_batch_runs_other_batch_sizes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.randn(1, 3, 8, 8))
+    gm, sig = trace(model.eval(), (torch.randn(1, 3, 8, 8),))  # batch 1 example: exported at batch 2
+    assert sig.dynamic_batch and sig.inputs[0].shape[0] is None
+    for b in (1, 3, 7):
+        x = torch.randn(b, 3, 8, 8)
+        assert torch.allclose(gm(x)[0], model(x), atol=1e-6)
+
+
+def test_static_model_says_so():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return x.reshape(4, -1).sum(0)  # hard-codes the batch size
+
+    gm, sig = trace(Fixed(), (torch.randn(4, 3),))
+    assert not sig.dynamic_batch and sig.note
+    assert torch.equal(gm(torch.ones(4, 3))[0], torch.full((3,), 4.0))
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: export cannot capture it
+            return x * 2
+        return x
+
+
+def test_untraceable_model_raises_trace_error_with_source_and_remedies():
+    with pytest.raises(fxforge.TraceError) as info:
+        fxforge.compile(DataDependent(), (torch.randn(2, 3),))
+    msg = str(info.value)
+    assert "if x.sum() > 0" in msg  # the user's source line
+    assert "torch.cond" in msg  # a remedy
+    assert "Traceback" not in msg
+
+
+def test_signature_rejects_wrong_inputs():
+    model = nn.Linear(3, 2).eval()
+    _, sig = trace(model, (torch.randn(2, 3),))
+    with pytest.raises(fxforge.InputError, match="shape"):
+        sig.flatten((torch.randn(2, 4),))
+    with pytest.raises(fxforge.InputError, match="dtype"):
+        sig.flatten((torch.randn(2, 3, dtype=torch.float64),))
+    with pytest.raises(fxforge.InputError, match="1"):
+        sig.flatten((torch.randn(2, 3), torch.randn(2, 3)))
+
+
+def test_signature_round_trips_through_json():
+    model, example = ZOO["bert"]()
+    _, sig = trace(model, example)
+    again = type(sig).from_dict(sig.to_dict())
+    assert again == sig
