@@ -1,0 +1,33 @@
+"""Test helpers: run passes on a traced model, and compare a graph with eager on fresh random inputs."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.pass_manager import PassContext, PassManager
+from fxforge.compiler.report import Report
+from fxforge.compiler.trace import trace
+from fxforge.compiler.verify import Error, compare, fresh_inputs
+
+
+def apply(model: torch.nn.Module, example: tuple, passes: Any, **ctx: Any) -> tuple[fx.GraphModule, Report, tuple]:
+    """Trace ``model`` and run ``passes``; returns the graph, the report and the flat example inputs."""
+    gm, sig = trace(model, example)
+    flat = tuple(sig.flatten(example))
+    gm, report = PassManager(passes, measure_latency=False).run(gm, PassContext(flat, **ctx))
+    return gm, report, flat
+
+
+def error_vs_eager(gm: fx.GraphModule, model: torch.nn.Module, flat: Sequence[torch.Tensor], seed: int = 7) -> Error:
+    """The graph's error against the eager model on fresh random inputs (not the examples)."""
+    inputs = fresh_inputs(flat, seed)
+    with torch.no_grad():
+        return compare(list(gm(*inputs)), [model(*inputs)])
+
+
+def count(gm: fx.GraphModule, *names: str) -> int:
+    """How many call nodes have an ATen op whose name is in ``names`` (``conv2d``, ``batch_norm`` ...)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function"
+               and getattr(getattr(n.target, "overloadpacket", None), "__name__", str(n.target)) in names)
