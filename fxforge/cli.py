@@ -1,0 +1,133 @@
+"""The ``fxforge`` console script: list passes and targets, compile a model from the command line.
+
+    fxforge passes
+    fxforge targets
+    fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --passes fuse --backend onnx --out out/
+
+Every failure the user can cause prints one line (``fxforge: error: ...``) and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any, Callable, Sequence
+
+from fxforge.compiler.errors import FxforgeError, InputError
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except FxforgeError as e:
+        print(f"fxforge: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fxforge: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxforge", description="Graph optimization toolchain for PyTorch models.")
+    sub = parser.add_subparsers(required=True, metavar="command")
+
+    sub.add_parser("passes", help="list passes and presets").set_defaults(run=_passes)
+    sub.add_parser("targets", help="list hardware targets and backends").set_defaults(run=_targets)
+
+    comp = sub.add_parser("compile", help="compile a model and write the artifact")
+    _model_arguments(comp)
+    comp.add_argument("--passes", default="fuse", help="comma-separated passes or presets (default: fuse)")
+    comp.add_argument("--backend", default="torchscript", help="eager, torchscript, onnx or tvm")
+    comp.add_argument("--target", default="x86", help="x86, arm64 or cuda")
+    comp.add_argument("--calibration", metavar="MODULE:FN",
+                      help="a function returning an iterable of input tuples (needed by int8)")
+    comp.add_argument("--verify", default="numerics", choices=("off", "lint", "numerics"))
+    comp.add_argument("--out", help="directory to write the artifact to")
+    comp.set_defaults(run=_compile)
+    return parser
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODULE:FACTORY",
+                   help="an nn.Module class or a function returning one, e.g. torchvision.models:resnet18")
+    p.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
+                   help="shape of one input (repeat for several inputs)")
+    p.add_argument("--dtype", default="float32", help="input dtype (float32, int64, ...)")
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from fxforge.compiler.pass_manager import available_passes
+    for name, doc in available_passes().items():
+        print(f"{name:24} {doc}")
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from fxforge.backends.base import available_backends
+    from fxforge.compiler.target import available_targets, get_target
+    for name in available_targets():
+        print(f"{name:10} {get_target(name).description}")
+    print(f"\nbackends: {', '.join(available_backends())}")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import fxforge
+    model = _build_model(args.model)
+    example = _example_inputs(args.input_shape, args.dtype)
+    calibration = _call(args.calibration)() if args.calibration else None
+    cm = fxforge.compile(model, example, passes=[p for p in args.passes.split(",") if p], backend=args.backend,
+                         target=args.target, calibration=calibration, verify=args.verify)
+    print(cm.report)
+    if args.out:
+        print(f"artifact: {cm.save(args.out)}")
+    return 0
+
+
+def _call(spec: str) -> Callable[..., Any]:
+    """Import ``package.module:attribute``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"expected MODULE:NAME, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(f"cannot import {module_name!r}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise InputError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _build_model(spec: str) -> Any:
+    import torch
+    obj = _call(spec)
+    try:
+        model = obj if isinstance(obj, torch.nn.Module) else obj()
+    except Exception as e:
+        raise InputError(f"{spec}() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def _example_inputs(shapes: list[str], dtype: str) -> tuple[Any, ...]:
+    import torch
+    kind = getattr(torch, dtype, None)
+    if not isinstance(kind, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}")
+    try:
+        dims = [tuple(int(d) for d in s.split(",")) for s in shapes]
+    except ValueError:
+        raise InputError(f"--input-shape takes comma-separated integers, got {shapes}") from None
+    if kind.is_floating_point:
+        return tuple(torch.randn(d, dtype=kind) for d in dims)
+    return tuple(torch.randint(0, 2, d, dtype=kind) for d in dims)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
