@@ -1,0 +1,358 @@
+"""Benchmark harness: fxforge pipelines against the peers, interleaved in one process so ratios are fair.
+
+A *system* turns (model, example inputs, calibration) into a runner on flat tensors. Every system of a
+model is built first, then timed in rounds, each round running every system once in turn (so a noisy
+neighbour or a clock change hits all of them alike). Each sample is the mean of enough calls to last
+``sample_ms``; a row reports the median sample with min–max over rounds, its ratio to eager PyTorch and
+to the best peer, size, FLOPs, achieved GFLOP/s against the CPU's peak, and the error against eager on
+fresh random inputs. ``benchmarks/run.py`` runs it on the model zoo; ``fxforge bench`` on a user's model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fxforge.compiler.errors import FxforgeError
+from fxforge.compiler.verify import compare, fresh_inputs
+
+Runner = Callable[[Sequence[torch.Tensor]], Any]
+
+
+@dataclass
+class Built:
+    """A system ready to time: its runner, how long it took to build, and what it runs."""
+
+    run: Runner
+    compile_s: float
+    params: int | None = None
+    bytes: int | None = None
+    flops: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class System:
+    """A way to run a model. ``peer`` marks what users compare fxforge against."""
+
+    name: str
+    build: Callable[[torch.nn.Module, tuple, list], Built]
+    peer: bool = False
+    needs: tuple[str, ...] = ()  # importable modules the system needs
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    system: str
+    peer: bool
+    median_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    vs_eager: float | None = None
+    vs_best_peer: float | None = None
+    params: int | None = None
+    bytes: int | None = None
+    flops: int | None = None
+    gflops: float | None = None
+    peak_pct: float | None = None
+    max_rel_err: float | None = None
+    cosine: float | None = None
+    compile_s: float | None = None
+    error: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ systems
+
+def _eager(model: torch.nn.Module, example: tuple, calib: list) -> Built:
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return Built(lambda xs: model(*xs), 0.0, params, nbytes)
+
+
+def _torch_compile(model: torch.nn.Module, example: tuple, calib: list) -> Built:
+    compiled = torch.compile(copy.deepcopy(model), options={"freezing": True})
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(*example)  # compiles on the first call
+    return Built(lambda xs: compiled(*xs), time.perf_counter() - start)
+
+
+def _onnx_file(model: torch.nn.Module, example: tuple, directory: Path) -> Path:
+    path = directory / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(copy.deepcopy(model), example, str(path), dynamo=True, verbose=False, optimize=True,
+                          external_data=False)
+    return path
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_runner(session) -> Runner:
+    names = [i.name for i in session.get_inputs()]
+    return lambda xs: session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+
+
+def _ort_fp32(model: torch.nn.Module, example: tuple, calib: list) -> Built:
+    start = time.perf_counter()
+    path = _onnx_file(model, example, Path(tempfile.mkdtemp(prefix="fxforge-bench-")))
+    session = _ort_session(path)
+    return Built(_ort_runner(session), time.perf_counter() - start)
+
+
+def _ort_int8(model: torch.nn.Module, example: tuple, calib: list) -> Built:
+    """ONNX Runtime's own static quantization: QDQ, per-channel int8 weights, uint8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="fxforge-bench-"))
+    fp32 = _onnx_file(model, example, work)
+    pre = work / "pre.onnx"
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    names = [i.name for i in _ort_session(pre).get_inputs()]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{n: t.numpy() for n, t in zip(names, batch)} for batch in calib])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = work / "int8.onnx"
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True)
+    return Built(_ort_runner(_ort_session(out)), time.perf_counter() - start,
+                 bytes=out.stat().st_size)
+
+
+def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Callable[..., Built]:
+    """A system compiling with ``fxforge.compile(passes, backend)``."""
+    def build(model: torch.nn.Module, example: tuple, calib: list) -> Built:
+        import fxforge
+        start = time.perf_counter()
+        cm = fxforge.compile(model, example, passes=list(passes), backend=backend, measure_latency=False,
+                             calibration=calib or None, **options)
+        final = cm.report.final
+        return Built(lambda xs: cm.artifact.run(xs), time.perf_counter() - start, final.params, final.bytes,
+                     final.flops, dict(cm.artifact.info))
+    return build
+
+
+PEERS = [
+    System("eager", _eager, peer=True),
+    System("torch.compile", _torch_compile, peer=True),
+    System("ort fp32", _ort_fp32, peer=True, needs=("onnxruntime", "onnxscript")),
+    System("ort int8 (quantize_static)", _ort_int8, peer=True, needs=("onnxruntime", "onnxscript")),
+    System("tvm untuned", fxforge_system([], "tvm"), peer=True, needs=("tvm",)),
+]
+
+
+def fxforge_systems(compress: str = "compress") -> list[System]:
+    """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``compress`` and ``compress`` + ``int8``."""
+    onnx = ("onnxruntime", "onnxscript")
+    return [
+        System("fxforge fuse → torchscript", fxforge_system(["fuse"], "torchscript")),
+        System("fxforge fuse → onnx", fxforge_system(["fuse"], "onnx"), needs=onnx),
+        System("fxforge fuse → tvm", fxforge_system(["fuse"], "tvm"), needs=("tvm",)),
+        System("fxforge int8 → onnx", fxforge_system(["int8"], "onnx"), needs=onnx),
+        System(f"fxforge {compress} → onnx", fxforge_system([compress], "onnx"), needs=onnx),
+        System(f"fxforge {compress}+int8 → onnx", fxforge_system([compress, "int8"], "onnx"), needs=onnx),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+def peak_gflops() -> tuple[float, str]:
+    """The CPU's fp32 peak: cores × FMA units × SIMD lanes × 2 FLOPs per FMA × clock, and how it was derived."""
+    flags, mhz = _cpuinfo()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    units = 2 if "fma" in flags else 1  # x86 cores with FMA issue two per cycle; without, one add + one mul
+    cores = torch.get_num_threads()
+    peak = cores * units * lanes * 2 * mhz / 1e3
+    how = (f"{cores} threads × {units} FMA units × {lanes} fp32 lanes × 2 FLOPs × {mhz / 1e3:.2f} GHz "
+           f"(/proc/cpuinfo) = {peak:.0f} GFLOP/s")
+    return peak, how
+
+
+def _cpuinfo() -> tuple[set[str], float]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set(), 2000.0
+    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
+    mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)]
+    return flags, max(mhz) if mhz else 2000.0
+
+
+def _available(system: System) -> str | None:
+    import importlib.util
+    missing = [m for m in system.needs if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
+def _error_row(model_name: str, batch: int, system: System, e: BaseException) -> Row:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return Row(model_name, batch, system.name, system.peer, error=f"{type(e).__name__}: {msg}"[:200])
+
+
+def build_all(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
+              progress: Callable[[str], None] = print) -> tuple[dict[str, Built], dict[str, Row]]:
+    """Build every system; a system that fails gets a row saying why instead of stopping the benchmark."""
+    batch = example[0].shape[0]
+    built: dict[str, Built] = {}
+    rows: dict[str, Row] = {}
+    for system in systems:
+        progress(f"  {model_name} batch {batch}: building {system.name}")
+        reason = _available(system)
+        try:
+            if reason:
+                raise FxforgeError(reason)
+            with torch.no_grad():
+                built[system.name] = system.build(model, example, calib)
+            rows[system.name] = Row(model_name, batch, system.name, system.peer)
+        except Exception as e:  # noqa: BLE001 (any failure of a third-party system is reported in its row)
+            rows[system.name] = _error_row(model_name, batch, system, e)
+    measure_errors(model, example, built, rows)
+    return built, rows
+
+
+def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
+                rounds: int = 7, sample_ms: float = 60.0, progress: Callable[[str], None] = print) -> list[Row]:
+    """Build every system for one model and batch, then time them interleaved; one Row per system."""
+    built, rows = build_all(model_name, model, example, calib, systems, progress)
+    _time_interleaved(example, built, rows, rounds, sample_ms)
+    _fill_figures([rows[s.name] for s in systems], built)
+    return [rows[s.name] for s in systems]
+
+
+def measure_errors(model, example, built: dict[str, Built], rows: dict[str, Row]) -> None:
+    """Each system's error against eager on fresh random inputs, into its row."""
+    inputs = fresh_inputs(example, seed=3)
+    with torch.no_grad():
+        reference = model(*inputs)
+        for name, b in built.items():
+            try:
+                err = compare(outputs(b.run(inputs)), outputs(reference))
+                rows[name].max_rel_err, rows[name].cosine = err.max_rel, err.cosine
+            except Exception as e:
+                rows[name].error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+def outputs(value: Any) -> list[torch.Tensor]:
+    """A runner's or model's result as a list of tensors (ONNX Runtime returns numpy arrays)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [torch.as_tensor(v) for v in values]
+
+
+def _time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Row], rounds: int,
+                      sample_ms: float) -> None:
+    live = {n: b for n, b in built.items() if rows[n].error is None}
+    calls = {n: _calls_per_sample(b.run, example, sample_ms) for n, b in live.items()}
+    samples: dict[str, list[float]] = {n: [] for n in live}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, b in live.items():
+                start = time.perf_counter()
+                for _ in range(calls[name]):
+                    b.run(example)
+                samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
+    for name, times in samples.items():
+        row = rows[name]
+        row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)
+
+
+def _calls_per_sample(run: Runner, example: tuple, sample_ms: float) -> int:
+    with torch.inference_mode():
+        run(example)  # warm-up
+        start = time.perf_counter()
+        run(example)
+        once = (time.perf_counter() - start) * 1e3
+    return max(1, min(50, round(sample_ms / max(once, 1e-3))))
+
+
+def _fill_figures(rows: list[Row], built: dict[str, Built]) -> None:
+    eager = next((r for r in rows if r.system == "eager" and r.median_ms), None)
+    peers = [r.median_ms for r in rows if r.peer and r.median_ms]
+    best_peer = min(peers) if peers else None
+    peak, _ = peak_gflops()
+    eager_built = built.get("eager")
+    for r in rows:
+        b = built.get(r.system)
+        if b is not None:
+            r.compile_s = b.compile_s
+            r.params = b.params if b.params is not None else (eager_built.params if eager_built else None)
+            r.bytes = b.bytes if b.bytes is not None else (eager_built.bytes if eager_built else None)
+            r.flops = b.flops
+        if r.median_ms:
+            r.vs_eager = eager.median_ms / r.median_ms if eager else None
+            r.vs_best_peer = best_peer / r.median_ms if best_peer else None
+    flops = next((r.flops for r in rows if r.flops), None)  # the traced model's FLOPs, for systems without
+    for r in rows:
+        r.flops = r.flops or flops
+        if r.median_ms and r.flops:
+            r.gflops = r.flops / r.median_ms / 1e6
+            r.peak_pct = 100 * r.gflops / peak
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+COLUMNS = ["model", "batch", "system", "median ms (min–max)", "× eager", "× best peer", "params", "size",
+           "GFLOPs", "GFLOP/s (% peak)", "max rel err", "cosine", "compile s"]
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The results as one Markdown table."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if r.error or r.median_ms is None:
+            cells = [r.model, str(r.batch), r.system, f"failed: {r.error}"] + [""] * (len(COLUMNS) - 4)
+        else:
+            cells = [r.model, str(r.batch), r.system, f"{r.median_ms:.2f} ({r.min_ms:.2f}–{r.max_ms:.2f})",
+                     _num(r.vs_eager, "{:.2f}×"), _num(r.vs_best_peer, "{:.2f}×"), _si(r.params), _mb(r.bytes),
+                     _num(r.flops and r.flops / 1e9, "{:.2f}"),
+                     f"{r.gflops:.1f} ({r.peak_pct:.1f}%)" if r.gflops else "",
+                     _num(r.max_rel_err, "{:.1e}"), _num(r.cosine, "{:.5f}"), _num(r.compile_s, "{:.1f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return fmt.format(v) if v is not None else ""
+
+
+def _si(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def _mb(n: int | None) -> str:
+    return "" if n is None else f"{n / 2**20:.1f} MB"
+
+
+def as_dicts(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
+
+
+def machine_name() -> str:
+    """A short name for this machine's CPU and core count (results files are per machine)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    m = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    cpu = re.sub(r"[^A-Za-z0-9]+", "-", m.group(1) if m else os.uname().machine).strip("-").lower()
+    return f"{cpu}-{os.cpu_count()}c"
