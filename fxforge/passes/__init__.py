@@ -1,12 +1,17 @@
 """The built-in passes (each registers itself by name) and the presets built from them."""
 from fxforge.compiler.pass_manager import register_preset
 
+from .calibrate import Calibrate
 from .eliminate_dead_code import EliminateDeadCode
 from .fold_constants import FoldConstants
+from .fold_qdq import FoldQdq
 from .fuse_activation import FuseActivation
 from .fuse_batchnorm import FuseBatchNorm
+from .insert_qdq import InsertQdq
 
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
+register_preset("int8", ["fuse", "insert_qdq", "calibrate", "fold_qdq"],
+                "static int8 quantization calibrated on the calibration data")
 
-__all__ = ["EliminateDeadCode", "FoldConstants", "FuseActivation", "FuseBatchNorm"]
+__all__ = ["Calibrate", "EliminateDeadCode", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq"]
