@@ -1,0 +1,75 @@
+"""calibrate: choose every activation's scale and zero point from data. Approximate.
+
+The graph runs in float (Q/DQ pass values through) on each calibration batch; the inputs of the Q nodes of
+one group feed one histogram observer. Its clipping range [lo, hi] ∋ 0 (method ``minmax``, ``percentile``,
+``entropy`` or ``mse``, see passes/observers.py) gives
+
+    asymmetric:  s = (hi − lo) / (q_max − q_min),   z = clamp(q_min − round(lo / s), q_min, q_max)
+    symmetric:   s = 2·max(|lo|, |hi|) / (q_max − q_min),   z = (q_min + q_max + 1) // 2
+
+and each bias is re-quantized with the new s_x · s_w. The data comes from ``PassContext.calibration``
+(``fxforge.compile(..., calibration=[(x1,), (x2,)])``); without it the pass refuses to guess.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from fxforge.compiler.errors import CalibrationError
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .observers import METHODS, Method
+from .qdq import fit_activations
+
+
+@register_pass
+class Calibrate(Pass):
+    """Set activation scales/zero points from calibration data (minmax, percentile, entropy or mse)."""
+
+    name = "calibrate"
+    exact = False
+    after = ("insert_qdq",)
+    method: Method = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.calibration is None:
+            raise CalibrationError("pass 'calibrate' needs calibration data: pass calibration=[(x1,), (x2,), ...] "
+                                   "(an iterable of input tuples like the example inputs) to fxforge.compile")
+        batches = tqdm(checked_batches(ctx.calibration, ctx.example_inputs), desc="calibrate", unit="batch",
+                       disable=None, leave=False)
+        stats = fit_activations(gm, batches, self.method, self.percentile)
+        if not stats["batches"]:
+            raise CalibrationError("pass 'calibrate' got an empty calibration iterable")
+        return PassResult(changed=stats["activation_groups"] > 0, stats=stats)
+
+
+def checked_batches(data: Any, example: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Each calibration entry as a tuple of tensors matching the example inputs' count, dtypes and ranks."""
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise CalibrationError(f"calibration data must be an iterable of input tuples, got {type(data).__name__}") \
+            from None
+    for i, batch in enumerate(iterator):
+        batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch) if isinstance(batch, (tuple, list)) \
+            else None
+        if batch is None or len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
+            raise CalibrationError(f"calibration batch {i} must be a tuple of {len(example)} tensor(s) like the "
+                                   f"example inputs")
+        for j, (t, ref) in enumerate(zip(batch, example)):
+            if t.dtype != ref.dtype or t.dim() != ref.dim() or t.shape[1:] != ref.shape[1:]:
+                raise CalibrationError(f"calibration batch {i}, input {j}: {t.dtype} {tuple(t.shape)} does not "
+                                       f"match the example input {ref.dtype} {tuple(ref.shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CalibrationError(f"calibration batch {i}, input {j} holds NaN or Inf")
+        yield batch

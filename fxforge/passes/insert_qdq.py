@@ -1,0 +1,169 @@
+"""insert_qdq: put quantize→dequantize pairs where an int8 backend needs them. Approximate.
+
+    conv/linear(x, W, b)  →  conv/linear(DQ(Q(x)), DQ(Q_c(W)), DQ(Q_c32(b)))  followed by  Q→DQ
+
+- Activations: one asymmetric uint8 (or int8) per-tensor pair per tensor, shared by all its readers, on the
+  inputs of conv, linear, matmul/bmm, residual add, cat and average pooling, and on their outputs (after a
+  following relu/relu6, which fold_qdq then folds into the output range). cat's inputs and output, and
+  maxpool/view/flatten outputs, share their input's group (one scale), so no requantization happens there.
+- Weights: symmetric int8 per output channel (or per tensor), s_c = max|W_c| / q_max, with q_max = 63
+  (``reduce_range``, default on x86: u8s8 kernels without VNNI saturate at 8 bits) or 127.
+- Bias: int32 with scale s_x · s_c, so an int8 kernel adds it to its accumulator unchanged.
+
+Activation ranges start as the example inputs' min/max; ``calibrate`` replaces them. What cannot be
+lowered (weights that are not constants, non-float tensors) and layers named in ``skip`` stay float and
+are counted.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.graph import add_tensor, aten, get_tensor, is_op
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .analysis.shapes import Shapes
+from .qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_q, qd, weight_scales
+
+WEIGHTED = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+MATMULS = (aten.matmul, aten.bmm, aten.mm)
+ACTIVATIONS = (aten.relu, aten.hardtanh)  # clamps fold_qdq can fold into an output range
+POOLS = (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.mean)
+SAME_GRID = (aten.max_pool2d, aten.view, aten.reshape, aten.flatten, aten._unsafe_view, aten.relu)
+
+
+@register_pass
+class InsertQdq(Pass):
+    """Insert quantize/dequantize pairs on conv/linear/matmul inputs, weights, biases and outputs (approximate)."""
+
+    name = "insert_qdq"
+    exact = False
+    per_channel: bool = True
+    reduce_range: bool | None = None  # None: on for the x86 target
+    activation_dtype: Literal["uint8", "int8"] = "uint8"
+    symmetric_activations: bool = False
+    skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        self._groups = itertools.count()
+        stats: dict[str, float] = {}
+        plan, weighted = self.plan(gm, ctx, stats)
+        for tensor, group in plan.items():
+            self.quantize_activation(gm, tensor, group)
+        reduce_range = self.reduce_range if self.reduce_range is not None else ctx.target.name == "x86"
+        for op in weighted:
+            self.quantize_weight(gm, op, 63 if reduce_range else 127)
+        if plan:
+            fit_activations(gm, [ctx.example_inputs], "minmax")
+        stats.update({"activations": len(plan), "weights": len(weighted)})
+        return PassResult(changed=bool(plan), stats=stats)
+
+    # ---------------------------------------------------------------------------------------- planning
+
+    def plan(self, gm: fx.GraphModule, ctx: PassContext, stats: dict[str, float]) -> tuple[dict, list]:
+        """Which tensors get a Q/DQ pair (tensor → group) and which weighted ops get int8 weights."""
+        shapes = ctx.analysis(Shapes, gm)
+        is_float = lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
+        plan: dict[fx.Node, int] = {}
+        weighted: list[fx.Node] = []
+
+        def want(t: fx.Node, group: int | None = None) -> None:
+            if is_float(t) and t not in plan and not any(is_q(u) for u in t.users):
+                plan[t] = group if group is not None else next(self._groups)
+
+        def count(key: str) -> None:
+            stats[key] = stats.get(key, 0) + 1
+
+        for node in list(gm.graph.nodes):
+            if is_op(node, *WEIGHTED, *MATMULS):
+                reason = self.refusal(gm, node, is_float)
+                if reason:
+                    count(f"skipped.{reason}")
+                    continue
+                for x in node.args[:2] if is_op(node, *MATMULS) else node.args[:1]:
+                    want(x)
+                if is_op(node, *WEIGHTED):
+                    weighted.append(node)
+                count(f"quantized.{node.target.overloadpacket.__name__}")
+                want(_chain_end(node))
+            elif is_op(node, aten.add) and len(node.all_input_nodes) == 2 and any(i in plan for i in node.args):
+                for x in node.all_input_nodes:
+                    want(x)
+                want(_chain_end(node))
+            elif is_op(node, aten.cat) and any(i in plan for i in node.args[0]):
+                group = next(self._groups)
+                for x in [*node.args[0], node]:
+                    merged = plan.get(x)
+                    plan.update({t: group for t, g in plan.items() if g == merged})
+                    want(x, group)
+            elif is_op(node, *POOLS) and node.args[0] in plan:
+                want(_chain_end(node))
+            elif is_op(node, *SAME_GRID) and node.args[0] in plan:
+                want(node, plan[node.args[0]])
+        return plan, weighted
+
+    def refusal(self, gm: fx.GraphModule, node: fx.Node, is_float) -> str | None:
+        """Why ``node`` stays float, or None."""
+        if any(node.name == s or str(getattr(node.args[1], "target", "")).startswith(s + ".") for s in self.skip):
+            return "by_name"
+        if is_op(node, *MATMULS):
+            return None if is_float(node.args[0]) and is_float(node.args[1]) else "not_float"
+        weight = get_tensor(gm, node.args[1])
+        if weight is None or not weight.is_floating_point():
+            return "non_constant_weight"
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if bias is not None and get_tensor(gm, bias) is None:
+            return "non_constant_bias"
+        return None if is_float(node.args[0]) else "not_float"
+
+    # ---------------------------------------------------------------------------------------- rewriting
+
+    def quantize_activation(self, gm: fx.GraphModule, tensor: fx.Node, group: int) -> None:
+        dtype = DTYPES[self.activation_dtype]
+        qmin, qmax = bounds(dtype)
+        meta = {"role": "activation", "group": group, "symmetric": self.symmetric_activations}
+        with gm.graph.inserting_after(tensor):
+            q = gm.graph.call_function(qd.quantize_per_tensor.default, (tensor, 1.0, 0, qmin, qmax, dtype))
+        with gm.graph.inserting_after(q):
+            dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, 1.0, 0, qmin, qmax, dtype))
+        q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = meta, dict(meta)
+        tensor.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
+
+    def quantize_weight(self, gm: fx.GraphModule, op: fx.Node, qmax: int) -> None:
+        weight = get_tensor(gm, op.args[1])
+        scales = weight_scales(weight, qmax, self.per_channel)
+        if self.per_channel:
+            params = (add_tensor(gm, op, f"{op.name}_weight_scale", scales),
+                      add_tensor(gm, op, f"{op.name}_weight_zero_point", torch.zeros(len(scales), dtype=torch.int64)))
+            self._pair(gm, op, 1, (params[0], params[1], 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_channel.default,
+                       qd.dequantize_per_channel.default, "weight")
+        else:
+            self._pair(gm, op, 1, (float(scales), 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_tensor.default,
+                       qd.dequantize_per_tensor.default, "weight")
+        bias = op.args[2] if len(op.args) > 2 else None
+        if bias is not None:
+            channels = get_tensor(gm, bias).shape[0]
+            scale = add_tensor(gm, op, f"{op.name}_bias_scale", bias_scales(gm, op, channels))
+            zero = add_tensor(gm, op, f"{op.name}_bias_zero_point", torch.zeros(channels, dtype=torch.int64))
+            self._pair(gm, op, 2, (scale, zero, 0, *INT32, torch.int32), qd.quantize_per_channel.default,
+                       qd.dequantize_per_channel.default, "bias")
+
+    @staticmethod
+    def _pair(gm: fx.GraphModule, op: fx.Node, index: int, params: tuple, q_op, dq_op, kind: str) -> None:
+        with gm.graph.inserting_before(op):
+            q = gm.graph.call_function(q_op, (op.args[index], *params))
+            dq = gm.graph.call_function(dq_op, (q, *params))
+        q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = {"role": kind}, {"role": kind}
+        args = list(op.args)
+        args[index] = dq
+        op.args = tuple(args)
+
+
+def _chain_end(node: fx.Node) -> fx.Node:
+    """``node``, or the relu/relu6 that is its only reader (the tensor an int8 kernel would emit)."""
+    while len(node.users) == 1 and is_op(next(iter(node.users)), *ACTIVATIONS):
+        node = next(iter(node.users))
+    return node

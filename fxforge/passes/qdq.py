@@ -1,0 +1,127 @@
+"""The quantize/dequantize vocabulary shared by insert_qdq, calibrate and fold_qdq.
+
+Affine quantization of a real x with scale s > 0 and zero point z into [q_min, q_max]:
+
+    q = clamp(round(x · (1/s)) + z, q_min, q_max)        (round half to even)
+    x̂ = (q − z) · s
+
+Activations use ``quantized_decomposed.quantize_per_tensor`` → ``dequantize_per_tensor`` (scale and zero
+point are scalars in the node's arguments); weights ``quantize_per_channel`` → ``dequantize_per_channel``
+along the output-channel axis. Every Q/DQ node carries ``meta[QDQ_KEY] = {"role", "group"}``; the Q/DQ
+nodes of one group share a scale and zero point.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.fx as fx
+
+from fxforge.compiler.graph import get_tensor, is_op, set_tensor
+
+from .observers import HistogramObserver, Method
+
+qd = torch.ops.quantized_decomposed
+QDQ_KEY = "fxforge.qdq"
+Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
+DQ_OPS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
+DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
+INT32 = (-(2 ** 31), 2 ** 31 - 1)
+
+
+def bounds(dtype: torch.dtype) -> tuple[int, int]:
+    info = torch.iinfo(dtype)
+    return info.min, info.max
+
+
+def activation_qparams(lo: float, hi: float, dtype: torch.dtype, symmetric: bool) -> tuple[float, int]:
+    """(scale, zero_point) that represent [lo, hi] ∋ 0 over the whole range of ``dtype``."""
+    qmin, qmax = bounds(dtype)
+    if symmetric:
+        m = max(abs(lo), abs(hi))
+        scale = 2 * m / (qmax - qmin)
+        return (scale if scale > 0 else 1.0), (qmin + qmax + 1) // 2
+    scale = (hi - lo) / (qmax - qmin)
+    if not scale > 0:
+        return 1.0, max(qmin, min(qmax, 0))
+    return scale, int(min(qmax, max(qmin, qmin - round(lo / scale))))
+
+
+def weight_scales(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor:
+    """Symmetric scales max|w| / q_max, one per output channel (axis 0) or one for the whole tensor."""
+    amax = w.detach().abs().flatten(1).amax(1) if per_channel else w.detach().abs().amax().reshape(1)
+    return (amax.float().clamp(min=1e-8) / qmax).to(torch.float32)
+
+
+def is_q(node: object) -> bool:
+    return is_op(node, *Q_OPS)
+
+
+def is_dq(node: object) -> bool:
+    return is_op(node, *DQ_OPS)
+
+
+def role(node: fx.Node) -> str | None:
+    return node.meta.get(QDQ_KEY, {}).get("role")
+
+
+def set_params(q: fx.Node, scale: float, zero_point: int) -> None:
+    """Give an activation Q node and every DQ reading it the same scale and zero point."""
+    for node in (q, *(u for u in q.users if is_dq(u))):
+        args = list(node.args)
+        args[1], args[2] = float(scale), int(zero_point)
+        node.args = tuple(args)
+
+
+def quantize_scalar(x: float, q: fx.Node) -> int:
+    """The integer activation Q node ``q`` gives for the float32 value ``x`` (the op's own arithmetic)."""
+    return int(q.target(torch.tensor([x], dtype=torch.float32), *q.args[1:]).item())
+
+
+def bias_scales(gm: fx.GraphModule, op: fx.Node, channels: int) -> torch.Tensor:
+    """s_x · s_w per output channel for the bias of a quantized conv/linear ``op`` (the int32 accumulator's scale)."""
+    x_scale, w_dq = op.args[0].args[1], op.args[1]
+    per_channel = is_op(w_dq, qd.dequantize_per_channel)
+    w_scale = get_tensor(gm, w_dq.args[1]) if per_channel else torch.tensor([w_dq.args[1]])
+    return (x_scale * w_scale.double()).float().expand(channels).clone()
+
+
+class _FloatRun(fx.Interpreter):
+    """Runs the graph in float (every Q/DQ passes its input through) and shows the inputs of activation Q
+    nodes to their group's observer: calibration sees the float model's values, as PT2E and ORT do."""
+
+    def __init__(self, gm: fx.GraphModule, observers: dict[fx.Node, HistogramObserver]) -> None:
+        super().__init__(gm)
+        self.observers = observers
+
+    def run_node(self, n: fx.Node):
+        if is_q(n) or is_dq(n):
+            x = self.env[n.args[0]]
+            if n in self.observers:
+                self.observers[n].update(x)
+            return x
+        return super().run_node(n)
+
+
+def fit_activations(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ...]], method: Method,
+                    percentile: float = 99.99) -> dict[str, float]:
+    """Observe every activation group on ``batches`` and set its Q/DQ parameters; then refresh bias scales."""
+    qs = [n for n in gm.graph.nodes if is_q(n) and role(n) == "activation"]
+    shared: dict[int, HistogramObserver] = {}
+    observers = {q: shared.setdefault(q.meta[QDQ_KEY]["group"], HistogramObserver()) for q in qs}
+    count = 0
+    with torch.no_grad():
+        for batch in batches:
+            _FloatRun(gm, observers).run(*batch)
+            count += 1
+    for q, obs in observers.items():
+        dtype = q.args[5]
+        qmin, qmax = bounds(dtype)
+        lo, hi = obs.range(method, qmax - qmin + 1, percentile)
+        set_params(q, *activation_qparams(lo, hi, dtype, q.meta[QDQ_KEY].get("symmetric", False)))
+    for q in gm.graph.nodes:
+        if is_q(q) and role(q) == "bias":
+            op = next(iter(next(iter(q.users)).users))
+            set_tensor(gm, q.args[1], bias_scales(gm, op, get_tensor(gm, q.args[0]).shape[0]))
+    return {"activation_groups": len(shared), "batches": count}
