@@ -2,16 +2,18 @@
 from fxforge.compiler.pass_manager import register_preset
 
 from .calibrate import Calibrate
+from .dead_channels import DeadChannels
 from .eliminate_dead_code import EliminateDeadCode
 from .fold_constants import FoldConstants
 from .fold_qdq import FoldQdq
 from .fuse_activation import FuseActivation
 from .fuse_batchnorm import FuseBatchNorm
 from .insert_qdq import InsertQdq
+from .prune_channels import PruneChannels
 
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
 register_preset("int8", ["fuse", "insert_qdq", "calibrate", "fold_qdq"],
                 "static int8 quantization calibrated on the calibration data")
 
-__all__ = ["Calibrate", "EliminateDeadCode", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq"]
+__all__ = ["Calibrate", "DeadChannels", "PruneChannels", "EliminateDeadCode", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq"]

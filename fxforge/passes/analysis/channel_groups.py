@@ -1,0 +1,363 @@
+"""Coupled channels: which channels of which tensors must be removed together.
+
+Every channel-carrying tensor gets a ``ChannelMap``: the dims that carry channels and, over those dims, the
+integer id of the channel variable at each position. Producers (conv, linear) create fresh ids; channel-wise
+ops (activations, batch/layer norm, pooling, interpolation, spatial means) keep them; residual add/mul couple
+their operands position by position; concat and split move ids by offsets; grouped and depthwise convs couple
+input with output (depthwise) or the i-th channel of every group (grouped); view/transpose/permute (flatten →
+linear's channel × spatial blocks, channel shuffle) are followed by running the op on the id tensor itself.
+Coupled ids are edges of a networkx graph and each connected component is a ``ChannelGroup``.
+
+What the analysis does not understand (model outputs, attention, unmappable reshapes, unknown ops, tensors of
+unknown layout) marks the ids it touches unprunable with a reason; such groups are counted, never rewritten.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.graph import arg, aten, get_tensor, is_op
+from fxforge.compiler.pass_manager import Analysis, PassContext
+
+from .shapes import Shapes, TensorInfo
+
+CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
+UNARY = (aten.relu, aten.hardtanh, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish,
+         aten.hardsigmoid, aten.leaky_relu, aten.elu, aten.mish, aten.softplus, aten.clamp, aten.clamp_min,
+         aten.clamp_max, aten.clone, aten.dropout, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp,
+         aten.sqrt, aten.rsqrt, aten.pow, aten._to_copy, aten.contiguous)
+POOLS = (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
+         aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+         aten.adaptive_max_pool2d, aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+         aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_linear1d, aten.upsample_trilinear3d,
+         aten._upsample_nearest_exact2d, aten.max_pool2d_with_indices)
+BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum)
+BATCH_NORMS = (aten._native_batch_norm_legit_no_training, aten.batch_norm)
+REDUCTIONS = (aten.mean, aten.sum, aten.amax)
+RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
+PERMUTES = (aten.permute, aten.transpose, aten.t, aten.unsqueeze, aten.squeeze)
+SPLITS = (aten.split, aten.split_with_sizes)
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """Which channel variable sits at each position of a tensor's channel-carrying dims."""
+
+    dims: tuple[int, ...]
+    ids: torch.Tensor  # int64 of shape tensor.shape[dims]
+
+    def shifted(self, by: int) -> ChannelMap:
+        return ChannelMap(tuple(d + by for d in self.dims), self.ids)
+
+    def keep(self, removed: torch.Tensor) -> torch.Tensor:
+        """Positions whose channel survives the removal of ``removed`` ids."""
+        return ~torch.isin(self.ids, removed)
+
+    def expand(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The id of every element of a tensor of ``shape``."""
+        view = [shape[d] if d in self.dims else 1 for d in range(len(shape))]
+        return self.ids.reshape(view).expand(shape)
+
+
+@dataclass
+class ChannelGroup:
+    """Channel variables that are removed together; ``reason`` says why they may not be (None: prunable)."""
+
+    ids: list[int]
+    reason: str | None = None
+
+
+@dataclass
+class ChannelGraph:
+    maps: dict[str, Any]  # node name → ChannelMap (or a list of them for split)
+    groups: list[ChannelGroup]
+    group_of: dict[int, int]
+    shapes: dict[str, TensorInfo]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def ndim(self, node: fx.Node) -> int:
+        return len(self.shapes[node.name].shape)
+
+    def map(self, node: Any) -> ChannelMap | None:
+        m = self.maps.get(node.name) if isinstance(node, fx.Node) else None
+        return m if isinstance(m, ChannelMap) else None
+
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.reason is None]
+
+
+class ChannelGroups(Analysis):
+    """The coupled-channel graph of a model: its ChannelGroups, each prunable or not (with the reason)."""
+
+    name = "channel_groups"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> ChannelGraph:
+        b = _Builder(gm, ctx.analysis(Shapes, gm))
+        for node in gm.graph.nodes:
+            b.visit(node)
+        groups: list[ChannelGroup] = []
+        group_of: dict[int, int] = {}
+        for comp in nx.connected_components(b.graph):
+            ids = sorted(comp)
+            reasons = sorted({b.stopped[i] for i in ids if i in b.stopped})
+            for i in ids:
+                group_of[i] = len(groups)
+            groups.append(ChannelGroup(ids, reasons[0] if reasons else None))
+        stats: dict[str, float] = {"groups": len(groups), "prunable": sum(g.reason is None for g in groups)}
+        for g in groups:
+            if g.reason:
+                stats[f"unprunable.{g.reason}"] = stats.get(f"unprunable.{g.reason}", 0) + 1
+        return ChannelGraph(b.maps, groups, group_of, b.shapes, stats)
+
+
+class _Builder:
+    """Walks the graph once, giving every tensor its ChannelMap and recording couplings and stops."""
+
+    def __init__(self, gm: fx.GraphModule, shapes: dict) -> None:
+        self.gm, self.shapes = gm, shapes
+        self.maps: dict[str, Any] = {}
+        self.graph = nx.Graph()
+        self.stopped: dict[int, str] = {}
+        self.next_id = 0
+
+    # -- helpers
+    def fresh(self, n: int) -> torch.Tensor:
+        ids = torch.arange(self.next_id, self.next_id + n)
+        self.next_id += n
+        self.graph.add_nodes_from(ids.tolist())
+        return ids
+
+    def couple(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.graph.add_edges_from(zip(a.flatten().tolist(), b.flatten().tolist()))
+
+    def map(self, node: Any) -> ChannelMap | None:
+        m = self.maps.get(node.name) if isinstance(node, fx.Node) else None
+        return m if isinstance(m, ChannelMap) else None
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        return self.shapes[node.name].shape
+
+    def stop_ids(self, ids: torch.Tensor, reason: str) -> None:
+        for i in ids.unique().tolist():
+            self.stopped.setdefault(i, reason)
+
+    def stop(self, node: fx.Node, reason: str) -> None:
+        """Mark every channel the node reads unprunable."""
+        for inp in node.all_input_nodes:
+            m = self.maps.get(inp.name)
+            for mm in m if isinstance(m, list) else [m]:
+                if isinstance(mm, ChannelMap):
+                    self.stop_ids(mm.ids, reason)
+
+    def visit(self, node: fx.Node) -> None:
+        if node.op == "output":
+            self.stop(node, "model_output")
+            return
+        if node.op != "call_function":
+            return
+        rule = _rule(node)
+        tracked = any(self.maps.get(i.name) is not None for i in node.all_input_nodes)
+        if rule is None:
+            if tracked:
+                name = getattr(getattr(node.target, "overloadpacket", None), "__name__", str(node.target))
+                self.stop(node, "attention" if "attention" in name else f"op.{name}")
+            return
+        out = rule(self, node) if tracked or rule in (_conv, _linear) else None
+        if out is not None:
+            self.maps[node.name] = out
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+def _conv(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    w = get_tensor(b.gm, node.args[1])
+    if w is None:
+        b.stop(node, "dynamic_weight")
+        return None
+    m, groups = b.map(node.args[0]), arg(node, 6, "groups", 1)
+    if m is not None and m.dims != (1,):
+        b.stop(node, "conv_input_layout")
+        m = None
+    c_out, c_in = w.shape[0], w.shape[1] * groups
+    out = b.fresh(c_out)
+    if groups > 1 and w.shape[1] == 1:  # depthwise: input channel j feeds outputs j·mult … (j+1)·mult − 1
+        if m is None:
+            b.stop_ids(out, "depthwise_fixed_input")
+        else:
+            b.couple(m.ids.repeat_interleave(c_out // c_in), out)
+    elif groups > 1:  # grouped: the i-th channel of every group goes together, so groups stay equal
+        if m is not None:
+            ids = m.ids.view(groups, -1)
+            b.couple(ids[:-1], ids[1:])
+        o = out.view(groups, -1)
+        b.couple(o[:-1], o[1:])
+    return ChannelMap((1,), out)
+
+
+def _linear(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    w = get_tensor(b.gm, node.args[1])
+    m, nd = b.map(node.args[0]), len(b.shape(node))
+    if w is None:
+        b.stop(node, "dynamic_weight")
+        return None
+    if m is not None and m.dims != (nd - 1,):
+        b.stop(node, "linear_input_layout")
+    return ChannelMap((nd - 1,), b.fresh(w.shape[0]))
+
+
+def _same(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    return b.map(node.args[0])
+
+
+def _channel_first(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    """Batch norm, pooling, interpolation: channel-wise ops on (N, C, ...) tensors."""
+    m = b.map(node.args[0])
+    if m is not None and m.dims != (1,):
+        b.stop(node, "channel_op_layout")
+        return None
+    return m
+
+
+def _layer_norm(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    m, nd = b.map(node.args[0]), len(b.shape(node.args[0]))
+    normalized = range(nd - len(node.args[1]), nd)
+    if m is not None and any(d in normalized for d in m.dims) and (m.dims != (nd - 1,) or len(normalized) != 1):
+        b.stop(node, "layer_norm_layout")
+        return None
+    return m
+
+
+def _getitem(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    src, i = node.args
+    value = b.maps.get(src.name)
+    if isinstance(value, list):
+        return value[i]
+    return value if i == 0 and is_op(src, *BATCH_NORMS, aten.max_pool2d_with_indices, aten.adaptive_max_pool2d) else None
+
+
+def _binary(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    nd = len(b.shape(node))
+    maps = []
+    for a in node.args[:2]:
+        m = b.map(a)
+        if m is not None:
+            maps.append(m.shifted(nd - len(b.shape(a))))
+        elif isinstance(a, fx.Node) and a.op != "get_attr" and a.name in b.shapes:
+            b.stop(node, "mixes_unknown_tensor")
+            return None
+    first = maps[0]
+    for m in maps[1:]:
+        if m.dims != first.dims or m.ids.shape != first.ids.shape:
+            b.stop(node, "broadcast_layout")
+            return None
+        b.couple(first.ids, m.ids)
+    for a in node.args[:2]:
+        t = get_tensor(b.gm, a)
+        if t is not None and not _param_fits(t, nd, first):
+            b.stop(node, "constant_layout")
+            return None
+    return first
+
+
+def _param_fits(t: torch.Tensor, nd: int, m: ChannelMap) -> bool:
+    """A constant operand is size 1 along the channel dims, or spans one channel dim fully (then it is sliced)."""
+    shape = (1,) * (nd - t.dim()) + tuple(t.shape)
+    return all(shape[d] == 1 for d in m.dims) or (len(m.dims) == 1 and shape[m.dims[0]] == m.ids.numel())
+
+
+def _cat(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    tensors, nd = node.args[0], len(b.shape(node))
+    dim = arg(node, 1, "dim", 0) % nd
+    maps = [b.map(t) for t in tensors]
+    if any(m is None for m in maps):
+        b.stop(node, "concat_with_unknown_tensor")
+        return None
+    if all(m.dims == (dim,) for m in maps):
+        return ChannelMap((dim,), torch.cat([m.ids for m in maps]))
+    if all(dim not in m.dims and m.dims == maps[0].dims and m.ids.shape == maps[0].ids.shape for m in maps):
+        for m in maps[1:]:
+            b.couple(maps[0].ids, m.ids)
+        return maps[0]
+    b.stop(node, "concat_layout")
+    return None
+
+
+def _split(b: _Builder, node: fx.Node) -> list[ChannelMap] | None:
+    m, shape = b.map(node.args[0]), b.shape(node.args[0])
+    dim = arg(node, 2, "dim", 0) % len(shape)
+    size = node.args[1]
+    sizes = list(size) if isinstance(size, (list, tuple)) else [min(size, shape[dim] - s)
+                                                                 for s in range(0, shape[dim], size)]
+    if m.dims == (dim,):
+        return [ChannelMap((dim,), ids) for ids in m.ids.split(sizes)]
+    if dim not in m.dims:
+        return [m] * len(sizes)
+    b.stop(node, "split_layout")
+    return None
+
+
+def _reduce(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    m, nd = b.map(node.args[0]), len(b.shape(node.args[0]))
+    dims = arg(node, 1, "dim", None)
+    reduced = set(range(nd)) if dims is None else {d % nd for d in ([dims] if isinstance(dims, int) else dims)}
+    if reduced & set(m.dims):
+        b.stop(node, "reduces_channels")
+        return None
+    if arg(node, 2, "keepdim", False):
+        return m
+    return ChannelMap(tuple(d - sum(r < d for r in reduced) for d in m.dims), m.ids)
+
+
+def _reshape(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    """Run the view/permute on the id tensor itself and read off where the channels went."""
+    m, src, out_shape = b.map(node.args[0]), node.args[0], b.shape(node)
+    full = m.expand(b.shape(src))
+    if is_op(node, *RESHAPES):
+        if out_shape[0] != full.shape[0] or not _same_batch(src, node):
+            b.stop(node, "reshape_moves_batch")
+            return None
+        out = full.reshape(out_shape)
+    else:
+        out = node.target(full, *node.args[1:], **node.kwargs)
+    dims = tuple(d for d in range(out.dim()) if out.shape[d] > 1 and not (out == out.narrow(d, 0, 1)).all())
+    if not dims or 0 in dims:
+        b.stop(node, "reshape_unmapped")
+        return None
+    ids = out[tuple(slice(None) if d in dims else 0 for d in range(out.dim()))]
+    if len(dims) > len(m.dims) and is_op(node, *RESHAPES):  # channels split over several dims: keep it
+        rows = ids.reshape(-1, ids.shape[-1])                  # rectangular by coupling along the outer ones
+        b.couple(rows[:-1], rows[1:])
+    return ChannelMap(dims, ids.contiguous())
+
+
+def _same_batch(src: fx.Node, node: fx.Node) -> bool:
+    a, c = src.meta.get("val"), node.meta.get("val")
+    return a is None or c is None or str(a.shape[0]) == str(c.shape[0])
+
+
+def _sym_size(b: _Builder, node: fx.Node) -> None:
+    m = b.map(node.args[0])
+    if node.args[1] % len(b.shape(node.args[0])) in m.dims:
+        b.stop(node, "reads_channel_count")
+    return None
+
+
+def _rule(node: fx.Node) -> Callable[[_Builder, fx.Node], Any] | None:
+    if node.target is operator.getitem:
+        return _getitem
+    for ops, rule in _RULES:
+        if is_op(node, *ops):
+            return rule
+    return None
+
+
+_RULES: tuple[tuple[tuple, Callable], ...] = (
+    (CONVS, _conv), ((aten.linear,), _linear), (UNARY, _same), (BATCH_NORMS + POOLS, _channel_first),
+    ((aten.layer_norm,), _layer_norm), (BINARY, _binary), ((aten.cat,), _cat), (SPLITS, _split),
+    (REDUCTIONS, _reduce), (RESHAPES + PERMUTES, _reshape), ((aten.sym_size,), _sym_size),
+)

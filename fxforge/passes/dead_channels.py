@@ -1,0 +1,178 @@
+"""dead_channels: remove channel groups whose value is the same for every input, or that nothing reads. Exact.
+
+A channel is constant when its producer's weight row is zero (conv/linear: the bias; a BN with γ = 0: β) and
+stays constant through channel-wise ops; a ReLU turns a constant ≤ 0 into 0 (ConstantChannels proves it).
+A coupled group (ChannelGroups) is removed from its producers and every coupled op when each consumer that
+mixes it into other channels (a conv or linear) reads it as a constant v or ignores it (zero weight
+columns). The constant moves into the consumer's bias:
+
+    y[o] = b[o] + Σ_c W[o, c] ∗ x_c,   x_c ≡ v_c   ⇒   b'[o] = b[o] + Σ_{removed c} v_c · ΣW[o, c]
+
+Under zero padding a constant v ≠ 0 is not constant at the borders, so a padded conv reading it blocks the
+group (``skipped.padding_border``); layer norm over channels would see other statistics
+(``skipped.layer_norm``). Unprunable groups (model outputs, attention, ...) are counted, never touched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.graph import add_tensor, arg, aten, finalize, get_tensor, is_op, set_arg, set_tensor
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .analysis.channel_groups import (BATCH_NORMS, BINARY, CONVS, RESHAPES, SPLITS, ChannelGraph, ChannelGroups,
+                                      ChannelMap)
+from .analysis.constant_channels import ConstantChannels, Constants, padding_free
+
+
+@register_pass
+class DeadChannels(Pass):
+    """Remove constant or unread channel groups, folding constants into consumer biases (exact)."""
+
+    name = "dead_channels"
+    requires = (ChannelGroups, ConstantChannels)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
+        const: Constants = ctx.analysis(ConstantChannels, gm)
+        blocked = _blocked(gm, cg, const)
+        stats: dict[str, float] = {}
+        removed: list[int] = []
+        for group in cg.groups:
+            reasons = {blocked[i] for i in group.ids if i in blocked}
+            reason = f"unprunable.{group.reason}" if group.reason else min(reasons, default=None)
+            if reason is None:
+                removed.extend(group.ids)
+            elif "live" not in reasons:
+                stats[f"skipped.{reason}"] = stats.get(f"skipped.{reason}", 0) + 1
+        if not removed:
+            return PassResult(changed=False, preserves="all", stats=stats)
+        stats["groups_removed"] = len({cg.group_of[i] for i in removed})
+        stats["channels_removed"] = remove_channels(gm, cg, const, torch.tensor(removed))
+        finalize(gm)
+        return PassResult(changed=True, stats=stats)
+
+
+def is_consumer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A conv or linear that mixes its input channels into new ones (a depthwise conv only passes them on)."""
+    if is_op(node, aten.linear):
+        return True
+    w = get_tensor(gm, node.args[1]) if is_op(node, *CONVS) else None
+    return w is not None and not (arg(node, 6, "groups", 1) > 1 and w.shape[1] == 1)
+
+
+def _blocked(gm: fx.GraphModule, cg: ChannelGraph, const: Constants) -> dict[int, str]:
+    """Channel id → why its group must stay: read while varying ("live"), padding, layer norm."""
+    blocked: dict[int, str] = {}
+    for node in gm.graph.nodes:
+        m = cg.map(node.args[0]) if node.op == "call_function" and node.args else None
+        if m is None:
+            continue
+        if is_op(node, aten.layer_norm) and any(d >= cg.ndim(node) - len(node.args[1]) for d in m.dims):
+            blocked.update({i: "layer_norm" for i in m.ids.flatten().tolist()})
+        if not is_consumer(gm, node):
+            continue
+        is_const, value = const.mask(node.args[0], m), const.values[node.args[0].name]
+        padded = is_op(node, *CONVS) and not padding_free(node)
+        ok = _unread(gm, node) | (is_const & ((value == 0) | (not padded)))
+        for i, c in zip(m.ids[~ok].tolist(), is_const[~ok].tolist()):
+            if blocked.get(i) != "live":
+                blocked[i] = "padding_border" if c else "live"
+    return blocked
+
+
+def _unread(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """Per input channel of a conv/linear: are all weights reading it zero?"""
+    w = get_tensor(gm, node.args[1])
+    if is_op(node, aten.linear):
+        return (w == 0).all(0)
+    groups = arg(node, 6, "groups", 1)
+    return (w.reshape(groups, w.shape[0] // groups, w.shape[1], -1) == 0).all(3).all(1).flatten()
+
+
+def remove_channels(gm: fx.GraphModule, cg: ChannelGraph, const: Constants, removed: torch.Tensor) -> int:
+    """Cut the ``removed`` channel ids out of every tensor and parameter; returns output rows removed."""
+    rows = 0
+    for node in list(gm.graph.nodes):
+        m = cg.map(node)
+        if node.op != "call_function":
+            continue
+        if is_op(node, *CONVS, aten.linear):
+            rows += _cut_producer(gm, cg, const, node, removed)
+        elif is_op(node, *BATCH_NORMS) and m is not None:
+            keep = m.keep(removed)
+            for i in (1, 2, 3, 4):
+                t = get_tensor(gm, node.args[i])
+                if t is not None:
+                    set_tensor(gm, node.args[i], t[keep].clone())
+        elif is_op(node, *BINARY) and m is not None:
+            _cut_constants(gm, node, m, removed, cg.ndim(node))
+        elif is_op(node, *RESHAPES) and m is not None:
+            _resize_view(node, m, removed)
+        elif is_op(node, *SPLITS) and isinstance(cg.maps.get(node.name), list):
+            _resize_split(node, cg, removed)
+        if m is not None and not bool(m.keep(removed).all()):
+            node.meta.pop("val", None)
+            node.meta.pop("tensor_meta", None)
+    return rows
+
+
+def _cut_producer(gm: fx.GraphModule, cg: ChannelGraph, const: Constants, node: fx.Node,
+                  removed: torch.Tensor) -> int:
+    """Drop removed output rows and input columns of a conv/linear, folding constant inputs into the bias."""
+    w, x = get_tensor(gm, node.args[1]), node.args[0]
+    keep_out = cg.map(node).keep(removed)
+    m = cg.map(x)
+    keep_in = m.keep(removed) if m is not None else torch.ones(w.shape[1] * arg(node, 6, "groups", 1), dtype=torch.bool)
+    bias_node = arg(node, 2, "bias")
+    bias = get_tensor(gm, bias_node) if bias_node is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    if is_consumer(gm, node):
+        groups = arg(node, 6, "groups", 1) if is_op(node, *CONVS) else 1
+        folded = (torch.where(~keep_in & const.mask(x, m), const.values[x.name], 0.0) if m is not None
+                  else torch.zeros(len(keep_in), dtype=torch.float64))
+        per_row = folded.reshape(groups, -1).repeat_interleave(w.shape[0] // groups, 0)  # inputs each row sees
+        delta = (w.double().reshape(w.shape[0], w.shape[1], -1).sum(2) * per_row).sum(1)
+        w = w[:, keep_in.reshape(groups, -1)[0]]
+    else:  # depthwise: its input channels go with its output channels
+        delta = torch.zeros(w.shape[0], dtype=torch.float64)
+        set_arg(node, 6, "groups", int(keep_in.sum()))
+    if bool(keep_out.all()) and bool(keep_in.all()):
+        return 0
+    set_tensor(gm, node.args[1], w[keep_out].clone())
+    new_bias = (bias.double() + delta)[keep_out].to(w.dtype)
+    if bias_node is not None:
+        set_tensor(gm, bias_node, new_bias)
+    elif bool(delta.any()):
+        set_arg(node, 2, "bias", add_tensor(gm, node, f"{node.name}_bias", new_bias))
+    return int((~keep_out).sum())
+
+
+def _cut_constants(gm: fx.GraphModule, node: fx.Node, m: ChannelMap, removed: torch.Tensor, nd: int) -> None:
+    """Slice a constant operand spanning the channel dim (a per-channel scale or bias; one dim, see analysis)."""
+    for a in node.args[:2]:
+        t = get_tensor(gm, a)
+        d = m.dims[0] - (nd - t.dim()) if t is not None else -1
+        if d >= 0 and t.shape[d] == m.ids.numel() > 1:
+            set_tensor(gm, a, t.index_select(d, m.keep(removed).nonzero().flatten()).contiguous())
+
+
+def _resize_view(node: fx.Node, m: ChannelMap, removed: torch.Tensor) -> None:
+    """New explicit sizes for the channel dims of a view (rectangular: groups are coupled so)."""
+    keep = m.keep(removed)
+    shape = list(node.args[1])
+    for k, d in enumerate(m.dims):
+        size = int(keep.movedim(k, 0).reshape(keep.shape[k], -1).any(1).sum())
+        if isinstance(shape[d], int) and shape[d] != -1:
+            shape[d] = size
+    node.args = (node.args[0], shape, *node.args[2:])
+
+
+def _resize_split(node: fx.Node, cg: ChannelGraph, removed: torch.Tensor) -> None:
+    """Split sizes counted again after removal (as split_with_sizes: chunks may now differ)."""
+    chunks = cg.maps[node.name]
+    if chunks[0] is cg.map(node.args[0]):  # split along another dim: sizes unchanged
+        return
+    sizes = [int(c.keep(removed).sum()) for c in chunks]
+    node.target = aten.split_with_sizes.default
+    node.args = (node.args[0], sizes, arg(node, 2, "dim", 0))
+    node.kwargs = {}

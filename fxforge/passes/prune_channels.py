@@ -1,0 +1,150 @@
+"""prune_channels: remove the least important coupled channel groups. Approximate, structural.
+
+Each prunable group of ChannelGroups (e.g. channel k of a whole residual stage) gets an importance from
+the weights that create it: Σ‖W_row‖₁ (``l1``), √Σ‖W_row‖₂² (``l2``) over its producer rows, or Σ|γ| of the
+batch norms it passes (``bn``; groups with no BN fall back to l2, counted). Groups are ranked within their
+layer (the set of producers they belong to; ``scope="layer"``) or across layers after dividing by the
+layer's mean importance (``scope="global"``), the lowest ``ratio`` are chosen, and each layer keeps a
+multiple of ``round_to`` channels. The chosen groups are zeroed (weight rows, biases, BN γ and β, per-channel
+constants) so every tensor they occupy is exactly 0, and dead_channels removes them physically. An optional
+``finetune(gm)`` hook runs on the smaller graph. Stats report params and FLOPs before and after.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.graph import aten, get_tensor, is_op, set_tensor
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.report import model_size
+
+from .analysis.channel_groups import BATCH_NORMS, BINARY, CONVS, ChannelGraph, ChannelGroup, ChannelGroups
+from .analysis.flops import Flops
+from .dead_channels import DeadChannels
+
+
+@register_pass
+class PruneChannels(Pass):
+    """Zero the least important coupled channel groups by L1/L2/BN-γ and remove them (approximate)."""
+
+    name = "prune_channels"
+    exact = False
+    requires = (ChannelGroups, Flops)
+
+    ratio: float = 0.3
+    importance: Literal["l1", "l2", "bn"] = "l1"
+    scope: Literal["global", "layer"] = "global"
+    round_to: int = 8
+    finetune: Callable[[fx.GraphModule], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0 or self.round_to < 1:
+            raise ValueError(f"need 0 <= ratio < 1 and round_to >= 1, got ratio={self.ratio}, round_to={self.round_to}")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
+        params_before, flops_before = model_size(gm)[0], sum(ctx.analysis(Flops, gm).values())
+        stats: dict[str, float] = {"skipped.unprunable": len(cg.groups) - len(cg.prunable())}
+        scores, layers = _importance(gm, cg, self.importance, stats)
+        chosen = self.choose(scores, layers, stats)
+        if not chosen:
+            return PassResult(changed=False, preserves="all", stats=stats)
+        zero_groups(gm, cg, [cg.groups[g] for g in chosen])
+        ctx.invalidate(frozenset({"channel_groups", "shapes"}))  # same structure, new values
+        result = DeadChannels().run(gm, ctx)
+        if self.finetune is not None:
+            self.finetune(gm)
+        ctx.invalidate("none")
+        stats.update({"groups_pruned": len(chosen), **{k: v for k, v in result.stats.items()
+                                                        if not k.startswith("skipped.unprunable")}})
+        stats.update(params_before=params_before, params_after=model_size(gm)[0], flops_before=flops_before,
+                     flops_after=sum(ctx.analysis(Flops, gm).values()))
+        return PassResult(changed=True, stats=stats)
+
+    def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: dict) -> list[int]:
+        """Group indices to prune: the lowest ``ratio`` per layer or globally, each layer rounded."""
+        norm = {g: scores[g] / (sum(scores[h] for h in gs) / len(gs) or 1.0) for gs in layers.values() for g in gs}
+        cut = sorted(norm.values())[int(self.ratio * len(norm)) - 1] if int(self.ratio * len(norm)) else -1.0
+        chosen: list[int] = []
+        for groups in layers.values():
+            ranked = sorted(groups, key=lambda g: norm[g])
+            drop = sum(norm[g] <= cut for g in groups) if self.scope == "global" else int(self.ratio * len(groups))
+            if drop and len(groups) <= self.round_to:
+                stats["skipped.small_layer"] = stats.get("skipped.small_layer", 0) + 1
+            elif drop:
+                keep = self.round_to * max(1, round((len(groups) - drop) / self.round_to))
+                chosen += ranked[:max(0, len(groups) - keep)]
+        return chosen
+
+
+def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) -> tuple[dict, dict]:
+    """Importance per prunable group, and the groups of each layer (keyed by the producers they share)."""
+    prunable = {i: cg.group_of[i] for g in cg.prunable() for i in g.ids}
+    rows: dict[int, list[torch.Tensor]] = {}
+    gammas: dict[int, float] = {}
+    producers: dict[int, set[str]] = {}
+    blocked: set[int] = set()
+    for node in gm.graph.nodes:
+        m = cg.map(node)
+        if m is None:
+            continue
+        if is_op(node, *CONVS, aten.linear) and get_tensor(gm, node.args[1]) is not None:
+            w = get_tensor(gm, node.args[1])
+            for row, i in enumerate(m.ids.tolist()):
+                if i in prunable:
+                    rows.setdefault(prunable[i], []).append(w[row].double().flatten())
+                    producers.setdefault(prunable[i], set()).add(node.name)
+        gamma = get_tensor(gm, node.args[1]) if is_op(node, *BATCH_NORMS) else None
+        for pos, i in enumerate(m.ids.tolist() if gamma is not None else []):
+            if i in prunable:
+                gammas[prunable[i]] = gammas.get(prunable[i], 0.0) + float(gamma[pos].abs())
+        if is_op(node, aten.layer_norm):
+            blocked |= {prunable[i] for i in m.ids.flatten().tolist() if i in prunable}
+    stats["skipped.layer_norm"] = len(blocked)
+    scores: dict[int, float] = {}
+    for g, rs in rows.items():
+        if g in blocked:
+            continue
+        if kind == "bn" and g in gammas:
+            scores[g] = gammas[g]
+        else:
+            stats["importance_fallback_l2"] = stats.get("importance_fallback_l2", 0) + (kind == "bn")
+            scores[g] = float(sum(r.abs().sum() for r in rs)) if kind == "l1" else float(sum(r.pow(2).sum() for r in rs)) ** 0.5
+    layers: dict[tuple, list[int]] = {}
+    for g in scores:
+        layers.setdefault(tuple(sorted(producers[g])), []).append(g)
+    return scores, layers
+
+
+def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]) -> None:
+    """Make every tensor position of ``groups`` exactly 0: zero producer rows and biases, BN γ and β,
+    and per-channel constants added or multiplied in."""
+    ids = torch.tensor([i for g in groups for i in g.ids])
+    for node in gm.graph.nodes:
+        m = cg.map(node)
+        if m is None or node.op != "call_function" or bool(m.keep(ids).all()):
+            continue
+        hit = ~m.keep(ids)
+        if is_op(node, *CONVS, aten.linear):
+            targets = [node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")]
+        elif is_op(node, *BATCH_NORMS):
+            targets = [node.args[1], node.args[2]]
+        elif is_op(node, aten.add, aten.sub, aten.mul) and is_op(node, *BINARY):
+            targets = [a for a in node.args[:2] if get_tensor(gm, a) is not None and _spans(get_tensor(gm, a), m, cg.ndim(node))]
+        else:
+            continue
+        for t_node in targets:
+            t = get_tensor(gm, t_node)
+            if t is None:
+                continue
+            t = t.clone()
+            d = 0 if is_op(node, *CONVS, aten.linear, *BATCH_NORMS) else m.dims[0] - (cg.ndim(node) - t.dim())
+            t.index_fill_(d, hit.nonzero().flatten(), 0.0)
+            set_tensor(gm, t_node, t)
+
+
+def _spans(t: torch.Tensor, m, nd: int) -> bool:
+    d = m.dims[0] - (nd - t.dim())
+    return d >= 0 and t.shape[d] == m.ids.numel() > 1
