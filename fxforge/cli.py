@@ -3,6 +3,7 @@
     fxforge passes
     fxforge targets
     fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --passes fuse --backend onnx --out out/
+    fxforge bench torchvision.models:resnet18 --input-shape 1,3,224,224
 
 Every failure the user can cause prints one line (``fxforge: error: ...``) and exits with status 2.
 """
@@ -48,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--verify", default="numerics", choices=("off", "lint", "numerics"))
     comp.add_argument("--out", help="directory to write the artifact to")
     comp.set_defaults(run=_compile)
+
+    bench = sub.add_parser("bench", help="time fxforge pipelines against eager, torch.compile, ONNX Runtime, TVM")
+    _model_arguments(bench)
+    bench.add_argument("--systems", help="semicolon-separated system names (default: all; see --list)")
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument("--calibration", metavar="MODULE:FN", help="input tuples for the int8 systems")
+    bench.add_argument("--list", action="store_true", help="list the systems and exit")
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -85,6 +94,27 @@ def _compile(args: argparse.Namespace) -> int:
     print(cm.report)
     if args.out:
         print(f"artifact: {cm.save(args.out)}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fxforge.bench import PEERS, bench_model, fxforge_systems, markdown
+    systems = PEERS + fxforge_systems()
+    if args.list:
+        print("\n".join(s.name for s in systems))
+        return 0
+    if args.systems:
+        wanted = args.systems.split(";")
+        unknown = [w for w in wanted if w not in {s.name for s in systems}]
+        if unknown:
+            raise InputError(f"unknown system(s) {unknown}; see `fxforge bench --list`")
+        systems = [s for s in systems if s.name in wanted]
+    model = _build_model(args.model)
+    example = _example_inputs(args.input_shape, args.dtype)
+    calibration = list(_call(args.calibration)()) if args.calibration else []
+    if not calibration:
+        systems = [s for s in systems if "int8" not in s.name]  # never calibrate on made-up data
+    print(markdown(bench_model(args.model, model, example, calibration, systems, rounds=args.rounds)))
     return 0
 
 

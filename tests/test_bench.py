@@ -1,0 +1,63 @@
+"""The benchmark harness: interleaved timing, figures, failures reported in their row, the CLI front end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fxforge.bench import PEERS, System, bench_model, fxforge_system, markdown
+from fxforge.cli import main
+from models import ZOO
+
+ROOT = Path(__file__).parent.parent
+
+
+def _broken(model, example, calib):
+    raise RuntimeError("cannot build this one")
+
+
+def test_rows_have_ratios_sizes_and_errors():
+    model, example = ZOO["convbnrelu"]()
+    systems = [PEERS[0], System("fxforge fuse → torchscript", fxforge_system(["fuse"], "torchscript")),
+               System("broken", _broken, peer=True)]
+    rows = bench_model("convbnrelu", model, example, [], systems, rounds=2, sample_ms=2, progress=lambda s: None)
+    eager, fx, broken = rows
+    assert eager.vs_eager == 1.0 and eager.max_rel_err == 0 and eager.params > fx.params  # BN folded away
+    assert fx.median_ms > 0 and fx.min_ms <= fx.median_ms <= fx.max_ms and fx.max_rel_err < 1e-5
+    assert fx.flops > 0 and fx.gflops > 0 and 0 < fx.peak_pct < 100 and fx.compile_s > 0
+    assert broken.error == "RuntimeError: cannot build this one" and broken.median_ms is None
+    table = markdown(rows)
+    assert table.count("\n") == 4 and "failed: RuntimeError" in table and "× eager" in table
+
+
+def test_cli_bench_prints_a_table(capsys):
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32", "--rounds", "1",
+                 "--systems", "eager;fxforge fuse → torchscript"]) == 0
+    out = capsys.readouterr().out
+    assert "| models:Mlp | 4 | fxforge fuse → torchscript |" in out
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32", "--systems", "eagerr"]) == 2
+
+
+def _run_benchmark(out: Path, *extra: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (md,) = out.glob("*.md")
+    assert "| resnet18 | 1 | eager |" in md.read_text() or "| mobilenet_v2 | 1 | eager |" in md.read_text()
+    assert (out / "latency_vs_error.png").stat().st_size > 1000 and (out / "speedup.png").exists()
+    return json.loads(next(out.glob("*.json")).read_text())
+
+
+def test_quick_benchmark_smoke(tmp_path):
+    """CI's smoke run of benchmarks/run.py: quick mode on one CNN, one round, two systems."""
+    data = _run_benchmark(tmp_path, "--models", "mobilenet_v2", "--rounds", "1", "--no-accuracy",
+                          "--systems", "eager;fxforge fuse → torchscript")
+    assert [r["system"] for r in data["rows"]] == ["eager", "fxforge fuse → torchscript"]
+    assert all(r["error"] is None and r["median_ms"] > 0 for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_full_quick_benchmark(tmp_path):
+    data = _run_benchmark(tmp_path)
+    assert {r["model"] for r in data["rows"]} == {"resnet18", "mobilenet_v2"} and data["accuracy"]
