@@ -1,0 +1,93 @@
+"""depthwise_separable: a regular k×k conv → depthwise k×k (multiplier r) + pointwise 1×1. Approximate; exact at r = k².
+
+Network decoupling (Guo et al., 2018): for each input channel c the kernel slice W[:, c] is an m × k² matrix,
+
+    W[:, c] = Σ_j σ_cj u_cj v_cjᵀ      ⇒   y = Σ_c W[:, c] ∗ x_c = Σ_c Σ_j (√σ_cj u_cj) · ((√σ_cj v_cj) ∗ x_c)
+
+so a depthwise conv with filters √σ_cj v_cj (output channel c·r + j, the layer's stride, padding and
+dilation) followed by a 1×1 conv with weights P[:, c·r + j] = √σ_cj u_cj (and the bias) computes the layer.
+Keeping every term (r = min(m, k²)) is exact; the multiplier r is the fewest terms per channel holding
+``energy`` of Σσ² over all channels (1.0: the numerical rank), or ``multiplier`` when given. The split
+costs n·r·(k² + m) MACs per output position against n·m·k², so it is applied only when
+r < m·k²/(m + k²). Grouped (incl. depthwise) and 1×1 convs are left alone and counted.
+Stats hold each split layer's relative output error on its recorded input (``error.<node>``) and the model's
+(``error.model``), on fresh random inputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.graph import arg, aten, call_nodes, finalize, get_tensor
+from fxforge.compiler.errors import PassError
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .factorization import Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, layer_error
+
+
+@register_pass
+class DepthwiseSeparable(Pass):
+    """Replace regular k×k conv2d by depthwise + pointwise convs via per-channel SVD where FLOPs drop (approximate)."""
+
+    name = "depthwise_separable"
+    exact = False
+    energy: float = 0.95
+    multiplier: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction("energy", self.energy)
+        if self.multiplier is not None and self.multiplier < 1:
+            raise PassError(f"multiplier must be a positive integer, got {self.multiplier!r}")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        rec = Recording(gm, ctx.example_inputs)
+        stats: dict[str, float] = {}
+        for node in list(call_nodes(gm, aten.conv2d)):
+            reason = self.split(gm, node, rec, stats)
+            add_stat(stats, "split" if reason is None else f"skipped.{reason}")
+        if not stats.get("split"):
+            return PassResult(changed=False, preserves="all", stats=stats)
+        finalize(gm)
+        stats["error.model"] = rec.model_error(gm)
+        return PassResult(changed=True, stats=stats)
+
+    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: dict[str, float]) -> str | None:
+        """Decouple one conv; return why not, or None when split."""
+        weight, bias_node = get_tensor(gm, node.args[1]), arg(node, 2, "bias")
+        bias = get_tensor(gm, bias_node) if bias_node is not None else None
+        if weight is None or (bias_node is not None and bias is None):
+            return "non_constant_weight"
+        if arg(node, 6, "groups", 1) != 1:
+            return "grouped"
+        m, n, k = weight.shape[0], weight.shape[1], math.prod(weight.shape[2:])
+        if k == 1:
+            return "pointwise"
+        x, y = rec.value(node.args[0]), rec.value(node)
+        if x is None or y is None:
+            return "not_executed"
+        stages = self.decouple(weight)
+        r = stages[1].weight.shape[1] // n
+        if r * (k + m) >= m * k:
+            return "not_cheaper"
+        stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
+        emit_stages(gm, node, stages)
+        return None
+
+    def decouple(self, w: torch.Tensor) -> list[Stage]:
+        """Depthwise (n·r, 1, kh, kw) with groups n, then pointwise (m, n·r, 1, 1)."""
+        m, n = w.shape[:2]
+        slices = w.double().transpose(0, 1).reshape(n, m, -1)  # n × m × k²
+        u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # u: n×m×q, s: n×q, vh: n×q×k²
+        r = min(self.multiplier or self.rank(s, (m, slices.shape[2])), s.shape[1])
+        root = s[:, :r].sqrt()
+        depthwise = (root[..., None] * vh[:, :r]).reshape(n * r, 1, *w.shape[2:])
+        pointwise = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2).reshape(m, n * r, 1, 1)
+        return [Stage(depthwise.to(w.dtype), spatial=True, groups=n), Stage(pointwise.to(w.dtype))]
+
+    def rank(self, s: torch.Tensor, shape: tuple[int, int]) -> int:
+        """The fewest terms per channel holding ``energy`` of Σσ² over all channels."""
+        if self.energy >= 1.0:
+            return max(energy_rank(row, 1.0, shape) for row in s)
+        return energy_rank((s.double() ** 2).sum(0).sqrt(), self.energy, shape)

@@ -1,0 +1,143 @@
+"""What the factorization passes (low_rank, depthwise_separable) share: rank choice, stages, error, timing.
+
+A factorized layer is a chain of *stages* replacing one conv or linear node. Each stage is a weight and
+whether it keeps the layer's geometry (the k×k conv with the original stride, padding and dilation) or is a
+plain 1×1 conv / linear; the last stage carries the bias. The same stage list is emitted into the graph and
+evaluated on recorded inputs, so the error a pass reports is the error of exactly what it inserted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.graph import add_tensor, arg, aten, get_tensor, is_op
+from fxforge.compiler.errors import PassError
+from fxforge.compiler.report import measure_latency
+from fxforge.compiler.verify import compare, fresh_inputs, run_recording
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True)
+class Stage:
+    weight: torch.Tensor
+    spatial: bool = False  # True: the original layer's stride/padding/dilation; False: a 1×1 conv or linear
+    groups: int = 1
+
+    def __post_init__(self) -> None:  # strided factors would make the layer's output strided too
+        object.__setattr__(self, "weight", self.weight.contiguous())
+
+
+def check_fraction(name: str, value: float | None) -> None:
+    """Options such as energy and rank_ratio are fractions in (0, 1]."""
+    if value is not None and not 0.0 < value <= 1.0:
+        raise PassError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def energy_rank(s: torch.Tensor, energy: float, shape: Sequence[int]) -> int:
+    """Fewest leading singular values of ``s`` (descending) whose squares hold ``energy`` of the total.
+
+    energy=1.0 is the numerical rank of a float32 matrix of ``shape``: values above σ₀·max(shape)·eps.
+    """
+    if energy >= 1.0:
+        return max(1, int((s > s[0] * max(shape) * FLOAT32_EPS).sum()))
+    cum = torch.cumsum(s.double() ** 2, 0)
+    return max(1, int(torch.searchsorted(cum, energy * cum[-1])) + 1)
+
+
+def ratio_rank(ratio: float, full: int) -> int:
+    return max(1, math.ceil(ratio * full))
+
+
+def geometry(node: fx.Node) -> tuple:
+    """A conv's (stride, padding, dilation), with the schema's defaults filled in; () for a linear."""
+    if is_op(node, aten.linear):
+        return ()
+    schema = node.target._schema.arguments  # type: ignore[union-attr]
+    return tuple(arg(node, i, schema[i].name, schema[i].default_value) for i in (3, 4, 5))
+
+
+def stage_call(node: fx.Node, geom: tuple, x: Any, weight: Any, stage: Stage, bias: Any) -> tuple[Any, tuple]:
+    """(target, args) computing ``stage`` of ``node`` on ``x`` with ``weight`` (fx nodes or tensors alike)."""
+    if is_op(node, aten.linear):
+        return aten.linear.default, (x, weight, bias)
+    if stage.spatial:
+        return node.target, (x, weight, bias, *geom, stage.groups)
+    return node.target.overloadpacket.default, (x, weight, bias)
+
+
+def run_stages(node: fx.Node, x: torch.Tensor, stages: Sequence[Stage], bias: torch.Tensor | None) -> torch.Tensor:
+    """Evaluate the factorized layer on a tensor."""
+    geom = geometry(node)
+    with torch.no_grad():
+        for i, st in enumerate(stages):
+            target, args = stage_call(node, geom, x, st.weight, st, bias if i == len(stages) - 1 else None)
+            x = target(*args)
+    return x
+
+
+def run_original(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    groups = () if is_op(node, aten.linear) else (arg(node, 6, "groups", 1),)
+    with torch.no_grad():
+        return node.target(x, weight, bias, *geometry(node), *groups)
+
+
+def emit_stages(gm: fx.GraphModule, node: fx.Node, stages: Sequence[Stage]) -> None:
+    """Rewrite ``node`` in place into the last stage, inserting the earlier stages before it.
+
+    The node keeps its name, users and meta (fusion tags, the output shape), so later passes and the
+    backends see the same layer, now fed by a thinner one.
+    """
+    x, bias, geom = node.args[0], arg(node, 2, "bias"), geometry(node)
+    for i, st in enumerate(stages):
+        w = add_tensor(gm, node, f"{node.name}_factor{i}", st.weight)
+        last = i == len(stages) - 1
+        target, args = stage_call(node, geom, x, w, st, bias if last else None)
+        if last:
+            node.target, node.args, node.kwargs = target, args, {}
+        else:
+            with gm.graph.inserting_before(node):
+                x = gm.graph.create_node("call_function", target, args, name=f"{node.name}_stage{i}")
+
+
+class Recording:
+    """The inputs and outputs of every node on fresh random inputs: what layer errors are measured on."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+        self.inputs = fresh_inputs(example_inputs)
+        self.output, self.values = run_recording(gm, self.inputs)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.values.update({p.name: t for p, t in zip(placeholders, self.inputs)})
+        self.gm = gm
+
+    def value(self, node: Any) -> torch.Tensor | None:
+        if not isinstance(node, fx.Node):
+            return None
+        return self.values.get(node.name, get_tensor(self.gm, node))
+
+    def model_error(self, gm: fx.GraphModule) -> float:
+        """Relative output error of ``gm`` (rewritten) against the recorded outputs."""
+        with torch.no_grad():
+            return compare(list(gm(*self.inputs)), list(self.output)).max_rel
+
+
+def layer_error(node: fx.Node, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage],
+                bias: torch.Tensor | None) -> float:
+    """Relative output error (max|Δ| / max|y|) of the factorized layer on its recorded input."""
+    return compare([run_stages(node, x, stages, bias)], [y]).max_rel
+
+
+def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stages: Sequence[Stage]) -> bool:
+    """Whether the factorized layer times faster than the original on its recorded input (median of runs)."""
+    before = measure_latency(lambda t: run_original(node, t, weight, bias), (x,), budget_s=0.05)
+    after = measure_latency(lambda t: run_stages(node, t, stages, bias), (x,), budget_s=0.05)
+    return after < before
+
+
+def add_stat(stats: dict[str, float], key: str, n: float = 1) -> None:
+    stats[key] = stats.get(key, 0) + n

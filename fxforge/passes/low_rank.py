@@ -1,0 +1,118 @@
+"""low_rank: split a linear or conv into thinner layers by truncated SVD or Tucker-2. Approximate; exact at full rank.
+
+    svd:     W (m × n) = U S Vᵀ ≈ A·B,  A = U_r √S_r (m × r),  B = √S_r V_rᵀ (r × n)
+             linear:   W x + b       →  A (B x) + b
+             conv:     W reshaped to m × (n·k²); B is a k×k conv n → r with the layer's stride, padding and
+                       dilation, A a 1×1 conv r → m carrying the bias (channel SVD)
+    tucker2: W ≈ G ×₀ U_out ×₁ U_in (HOSVD: the leading left singular vectors of the two channel unfoldings,
+             G = W ×₀ U_outᵀ ×₁ U_inᵀ): 1×1 conv n → r_in, k×k core conv r_in → r_out, 1×1 conv r_out → m
+
+The rank keeps the fewest singular values holding ``energy`` of Σσ² (1.0: the numerical rank, so the split
+is exact), or ``rank_ratio``·min(m, n) when given (it takes precedence). An SVD split costs r(m + n) MACs per
+output position against mn, so a layer is never split when r ≥ mn/(m + n); Tucker-2 only when its FLOPs are
+lower. ``budget="latency"`` additionally requires the split to time faster on the host. Zero padding commutes
+with a leading linear map without bias, so padding stays exact. Linears and 1×1 convs always use SVD.
+
+Factors are computed in float64 with torch.linalg (the LAPACK SVD numpy would call): Tucker-2 by HOSVD is
+two SVDs and one contraction, too little to justify a tensorly dependency. Stats hold the relative output
+error of each split layer on its own recorded input (``error.<node>``) and of the model (``error.model``),
+both on fresh random inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.graph import arg, aten, call_nodes, finalize, get_tensor, is_op
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .factorization import (Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, faster_on_host,
+                            layer_error, ratio_rank)
+
+LAYERS = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d)
+
+
+@register_pass
+class LowRank(Pass):
+    """Split linear and conv layers by truncated SVD (or convs by Tucker-2) where it saves FLOPs (approximate)."""
+
+    name = "low_rank"
+    exact = False
+    energy: float = 0.95
+    rank_ratio: float | None = None
+    budget: Literal["flops", "latency"] = "flops"
+    method: Literal["svd", "tucker2"] = "svd"
+
+    def __post_init__(self) -> None:
+        check_fraction("energy", self.energy)
+        check_fraction("rank_ratio", self.rank_ratio)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        rec = Recording(gm, ctx.example_inputs)
+        stats: dict[str, float] = {}
+        for node in list(call_nodes(gm, *LAYERS)):
+            reason = self.split(gm, node, rec, ctx, stats)
+            add_stat(stats, "split" if reason is None else f"skipped.{reason}")
+        if not stats.get("split"):
+            return PassResult(changed=False, preserves="all", stats=stats)
+        finalize(gm)
+        stats["error.model"] = rec.model_error(gm)
+        return PassResult(changed=True, stats=stats)
+
+    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, ctx: PassContext,
+              stats: dict[str, float]) -> str | None:
+        """Split one layer; return why not, or None when split."""
+        weight, bias_node = get_tensor(gm, node.args[1]), arg(node, 2, "bias")
+        bias = get_tensor(gm, bias_node) if bias_node is not None else None
+        if weight is None or (bias_node is not None and bias is None):
+            return "non_constant_weight"
+        if not is_op(node, aten.linear) and arg(node, 6, "groups", 1) != 1:
+            return "grouped"
+        x, y = rec.value(node.args[0]), rec.value(node)
+        if x is None or y is None:
+            return "not_executed"
+        tucker = self.method == "tucker2" and weight.dim() > 2 and math.prod(weight.shape[2:]) > 1
+        stages = self.tucker2(weight, x, y) if tucker else self.svd(weight)
+        if isinstance(stages, str):
+            return stages
+        if self.budget == "latency" and ctx.target.runs_on_host and not faster_on_host(node, x, weight, bias, stages):
+            return "slower_measured"
+        stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
+        emit_stages(gm, node, stages)
+        return None
+
+    def rank(self, s: torch.Tensor, shape: tuple[int, ...]) -> int:
+        return ratio_rank(self.rank_ratio, len(s)) if self.rank_ratio is not None else energy_rank(s, self.energy, shape)
+
+    def svd(self, w: torch.Tensor) -> list[Stage] | str:
+        """A (k×k conv | linear) n → r then a (1×1 conv | linear) r → m, or why not."""
+        m = w.shape[0]
+        mat = w.reshape(m, -1).double()
+        n = mat.shape[1]
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        r = self.rank(s, (m, n))
+        if r * (m + n) >= m * n:
+            return "rank_too_high"
+        root = s[:r].sqrt()
+        first = (root[:, None] * vh[:r]).reshape(r, *w.shape[1:])
+        second = (u[:, :r] * root).reshape(m, r, *[1] * (w.dim() - 2))
+        return [Stage(first.to(w.dtype), spatial=True), Stage(second.to(w.dtype))]
+
+    def tucker2(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> list[Stage] | str:
+        """1×1 conv n → r_in, k×k core conv r_in → r_out, 1×1 conv r_out → m (HOSVD), or why not."""
+        m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
+        wd = w.double()
+        u_out, s_out, _ = torch.linalg.svd(wd.reshape(m, -1), full_matrices=False)
+        u_in, s_in, _ = torch.linalg.svd(wd.transpose(0, 1).reshape(n, -1), full_matrices=False)
+        r_out, r_in = self.rank(s_out, (m, n * k)), self.rank(s_in, (n, m * k))
+        u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
+        pixels_in, pixels_out = math.prod(x.shape[2:]), math.prod(y.shape[2:])
+        if pixels_in * n * r_in + pixels_out * (r_out * r_in * k + r_out * m) >= pixels_out * m * n * k:
+            return "not_cheaper"
+        core = torch.einsum("ab...,ac,bd->cd...", wd, u_out, u_in)
+        ones = [1] * (w.dim() - 2)
+        return [Stage(u_in.T.reshape(r_in, n, *ones).to(w.dtype)), Stage(core.to(w.dtype), spatial=True),
+                Stage(u_out.reshape(m, r_out, *ones).to(w.dtype))]
