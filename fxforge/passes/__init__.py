@@ -3,17 +3,21 @@ from fxforge.compiler.pass_manager import register_preset
 
 from .calibrate import Calibrate
 from .dead_channels import DeadChannels
+from .depthwise_separable import DepthwiseSeparable
 from .eliminate_dead_code import EliminateDeadCode
 from .fold_constants import FoldConstants
 from .fold_qdq import FoldQdq
 from .fuse_activation import FuseActivation
 from .fuse_batchnorm import FuseBatchNorm
 from .insert_qdq import InsertQdq
+from .low_rank import LowRank
 from .prune_channels import PruneChannels
 
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
 register_preset("int8", ["fuse", "insert_qdq", "calibrate", "fold_qdq"],
                 "static int8 quantization calibrated on the calibration data")
+register_preset("compress", ["fuse", "dead_channels", "low_rank"],
+                "fusion, exact dead-channel removal, then low-rank splitting where it saves FLOPs")
 
-__all__ = ["Calibrate", "DeadChannels", "PruneChannels", "EliminateDeadCode", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq"]
+__all__ = ["Calibrate", "DeadChannels", "PruneChannels", "EliminateDeadCode", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "DepthwiseSeparable"]
