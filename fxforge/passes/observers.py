@@ -84,7 +84,7 @@ class HistogramObserver:
         for i in range(levels, half + 1, 8):
             p = absolute[:i].copy()
             p[-1] += absolute[i:].sum()
-            q = _quantize_distribution(absolute[:i], levels)
+            q = _quantize_distribution(absolute[:i], p, levels)
             kl = _kl(p, q)
             if kl < best:
                 best, best_i = kl, i
@@ -104,19 +104,20 @@ class HistogramObserver:
         return best_range
 
 
-def _quantize_distribution(p: np.ndarray, levels: int) -> np.ndarray:
-    """Merge ``p`` into ``levels`` groups and spread each group's mass evenly over its non-empty bins."""
+def _quantize_distribution(p: np.ndarray, reference: np.ndarray, levels: int) -> np.ndarray:
+    """Merge ``p`` into ``levels`` groups and spread each group's mass evenly over the bins where
+    ``reference`` is non-zero (TensorRT's expansion)."""
     q = np.zeros_like(p)
     for chunk in np.array_split(np.arange(len(p)), levels):
-        nonzero = p[chunk] > 0
+        nonzero = reference[chunk] > 0
         if nonzero.any():
             q[chunk[nonzero]] = p[chunk].sum() / nonzero.sum()
     return q
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
+def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
+    """KL(p || q) after normalising both and giving q's empty bins a little mass (as TensorRT/MXNet do)."""
     p, q = p / p.sum(), q / max(q.sum(), 1e-12)
+    q = np.where((q == 0) & (p > 0), eps, q)
     mask = p > 0
-    if (q[mask] == 0).any():
-        return float("inf")
     return float((p[mask] * np.log(p[mask] / q[mask])).sum())

@@ -1,0 +1,115 @@
+"""calibrate: range methods on known distributions, the scales they set, and refusals of bad data."""
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.compiler.errors import CalibrationError, PassError
+from fxforge.passes.calibrate import Calibrate
+from fxforge.passes.observers import HistogramObserver
+from fxforge.passes.qdq import is_q, role
+from pipeline import apply
+
+
+def observed(*tensors):
+    obs = HistogramObserver()
+    for t in tensors:
+        obs.update(t)
+    return obs
+
+
+def gaussian_with_outliers():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500_000, generator=g)
+    x[:3] = torch.tensor([40.0, -35.0, 50.0])
+    return x
+
+
+def test_minmax_keeps_outliers_that_the_other_methods_clip():
+    obs = observed(gaussian_with_outliers())
+    assert obs.range("minmax", 256) == (-35.0, 50.0)
+    for method in ("percentile", "entropy"):
+        lo, hi = obs.range(method, 256)
+        assert -12 < lo < -2 and 2 < hi < 12, (method, lo, hi)
+    lo, hi = obs.range("mse", 256)  # trades rounding error against clipping: clips, less than the others
+    assert -30 < lo < -12 and 12 < hi < 40
+    lo, hi = obs.range("percentile", 256, percentile=99.0)
+    assert hi == pytest.approx(2.576, abs=0.1) and lo == pytest.approx(-2.576, abs=0.1)  # the 0.5 % tails
+
+
+def test_nonnegative_data_keeps_zero_as_the_lower_bound():
+    obs = observed(torch.rand(50_000) * 3)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        lo, hi = obs.range(method, 256)
+        assert lo == 0.0 and 2.5 < hi <= 3.0, (method, hi)
+
+
+def test_histogram_rebins_when_the_range_grows():
+    obs = observed(torch.rand(10_000), torch.rand(10_000) * 100)
+    assert obs.hist.sum() == pytest.approx(20_000)
+    assert obs.range("minmax", 256)[1] == pytest.approx(100, rel=1e-3)
+    assert obs.range("percentile", 256, percentile=50.0)[1] == pytest.approx(50, rel=0.05)  # 75th pct of the mix
+
+
+class ConvRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+def _calibrated(data, passes=("insert_qdq", "calibrate")):
+    torch.manual_seed(0)
+    model = ConvRelu().eval()
+    return model, *apply(model, (torch.randn(2, 3, 8, 8),), list(passes), calibration=data)
+
+
+def test_scales_follow_the_calibration_data_not_the_example():
+    data = [(torch.rand(2, 3, 8, 8) * 2,) for _ in range(3)]
+    model, gm, report, _ = _calibrated(data)
+    x_q, out_q = [n for n in gm.graph.nodes if is_q(n) and role(n) == "activation"]
+    assert x_q.args[2] == 0 and x_q.args[1] == pytest.approx(2 / 255, rel=0.01)  # [0, 2): zero point 0
+    with torch.no_grad():
+        peak = max(float(model(*b).max()) for b in data)
+    assert out_q.args[1:3] == (pytest.approx(peak / 255), 0)  # relu output: [0, max]
+    conv = next(n for n in gm.graph.nodes if n.name == "conv2d")
+    w_scale = gm.get_parameter(conv.args[1].args[1].target)
+    b_scale = gm.get_parameter(conv.args[2].args[1].target)
+    torch.testing.assert_close(b_scale, x_q.args[1] * w_scale)  # bias scale = s_x · s_w
+    assert report.row("calibrate").stats == {"activation_groups": 2, "batches": 3}
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_every_method_calibrates_a_model(method):
+    data = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
+    model, gm, report, flat = _calibrated(data, ("insert_qdq", f"calibrate{{method={method!r}}}"))
+    assert report.row("calibrate").cosine > 0.98  # measured: 0.984 (entropy) to 0.998
+
+
+@pytest.mark.parametrize("data, message", [
+    (None, "needs calibration data"),
+    ([], "empty calibration"),
+    (5, "must be an iterable"),
+    ([(torch.randn(2, 3, 8, 8), torch.randn(2))], "batch 0 must be a tuple of 1 tensor"),
+    ([(torch.randn(2, 3, 8, 8),), (torch.randn(2, 5, 8, 8),)], "batch 1, input 0"),
+    ([(torch.full((2, 3, 8, 8), float("nan")),)], "NaN"),
+])
+def test_bad_calibration_data_is_refused(data, message):
+    with pytest.raises(CalibrationError, match=message):
+        _calibrated(data)
+
+
+def test_bad_method_and_order_are_refused():
+    with pytest.raises(PassError, match="option 'method' of pass 'calibrate'"):
+        fxforge.PassManager(["insert_qdq", "calibrate{method='max'}"])
+    with pytest.raises(ValueError, match="method must be one of"):
+        Calibrate(method="max")
+    with pytest.raises(PassError, match="must come after 'insert_qdq'"):
+        fxforge.PassManager(["calibrate"])
+
+
+def test_compile_without_calibration_data_names_the_fix():
+    with pytest.raises(CalibrationError, match="calibration="):
+        fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"])

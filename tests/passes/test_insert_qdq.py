@@ -1,0 +1,110 @@
+"""insert_qdq: where Q/DQ pairs go (inputs, weights, biases, outputs, shared groups) and what stays float."""
+import pytest
+import torch
+from torch import nn
+
+from fxforge.passes.qdq import QDQ_KEY, is_q, role
+from models import ZOO
+from pipeline import apply, count, error_vs_eager
+
+Q, DQ = "quantize_per_tensor", "dequantize_per_tensor"
+QC, DQC = "quantize_per_channel", "dequantize_per_channel"
+
+
+def ops(gm):
+    return [getattr(n.target, "overloadpacket", n.target).__name__ for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def activation_qs(gm):
+    return [n for n in gm.graph.nodes if is_q(n) and role(n) == "activation"]
+
+
+def test_conv_relu_before_expected():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    gm, report, _ = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq"])
+    assert ops(gm) == [Q, DQ, QC, DQC, QC, DQC, "conv2d", "relu", Q, DQ]
+    conv = next(n for n in gm.graph.nodes if n.name == "conv2d")
+    x_dq, w_dq, b_dq = conv.args[:3]
+    assert x_dq.args[1:] == (pytest.approx(1 / 255, rel=0.01), 0, 0, 255, torch.uint8)  # example input in [0, 1)
+    assert w_dq.args[3:] == (0, -64, 63, torch.int8)  # per output channel, 7-bit on x86
+    assert b_dq.args[3:] == (0, -2 ** 31, 2 ** 31 - 1, torch.int32)
+    assert report.row("insert_qdq").stats == {"quantized.conv2d": 1, "activations": 2, "weights": 1}
+
+
+def test_options_per_tensor_weights_full_range_int8_activations():
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    gm, _, _ = apply(model, (torch.randn(2, 8),),
+                     ["insert_qdq{per_channel=False,reduce_range=False,activation_dtype='int8'}"])
+    assert ops(gm) == [Q, DQ, Q, DQ, QC, DQC, "linear", Q, DQ]
+    weight_q = next(n for n in gm.graph.nodes if is_q(n) and role(n) == "weight")
+    assert weight_q.args[3:] == (-128, 127, torch.int8)
+    assert all(q.args[5] == torch.int8 for q in activation_qs(gm))
+
+
+class Residual(nn.Module):
+    """conv → relu feeds a conv and a residual add; maxpool and cat follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        z = torch.relu(self.b(y) + y)
+        return torch.cat([nn.functional.max_pool2d(z, 2), nn.functional.avg_pool2d(y, 2)], 1)
+
+
+def test_residual_add_maxpool_and_cat_share_groups():
+    model = Residual().eval()
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq"])
+    groups = {}
+    for q in activation_qs(gm):
+        groups.setdefault(q.meta[QDQ_KEY]["group"], []).append(q.args[0].name)
+    by_tensor = {t: g for g, ts in groups.items() for t in ts}
+    # relu output: one pair for both readers (conv b and the add); add → relu output quantized after the relu
+    assert count(gm, Q) == len(by_tensor) == 7
+    assert by_tensor["max_pool2d"] == by_tensor["cat"] == by_tensor["avg_pool2d"]  # cat: one scale
+    assert by_tensor["relu"] != by_tensor["relu_1"]
+    qs = {q.args[0].name: q for q in activation_qs(gm)}
+    assert qs["max_pool2d"].args[1:3] == qs["cat"].args[1:3]
+    assert error_vs_eager(gm, model, flat).cosine > 0.99
+
+
+class Unquantizable(nn.Module):
+    """A conv whose weight is an input (not a constant) and an integer-only matmul."""
+
+    def forward(self, x, w, idx):
+        return nn.functional.conv2d(x, w), (idx @ idx).sum()
+
+
+def test_what_cannot_be_lowered_stays_float_and_is_counted():
+    example = (torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randint(0, 3, (2, 2)))
+    gm, report, _ = apply(Unquantizable(), example, ["insert_qdq"])
+    assert count(gm, Q, QC) == 0
+    assert report.row("insert_qdq").stats == {"skipped.non_constant_weight": 1, "skipped.not_float": 1,
+                                              "activations": 0, "weights": 0}
+
+
+def test_skip_keeps_named_layers_float():
+    model, example = ZOO["convbnrelu"]()
+    gm, report, _ = apply(model, example, ["fuse", "insert_qdq{skip=('conv1', 'fc')}"])
+    stats = report.row("insert_qdq").stats
+    assert stats["skipped.by_name"] == 2 and stats["quantized.conv2d"] == 1 and stats["weights"] == 1
+
+
+def test_resnet18_counts_and_numerics():
+    model, example = ZOO["resnet18"]()
+    gm, report, flat = apply(model, example, ["fuse", "insert_qdq"])
+    stats = report.row("insert_qdq").stats
+    assert stats["quantized.conv2d"] == 20 and stats["quantized.linear"] == 1 and stats["weights"] == 21
+    assert count(gm, QC) == count(gm, DQC) == 42  # weight and bias of every conv/linear
+    assert error_vs_eager(gm, model, flat).cosine > 0.99
+
+
+@pytest.mark.parametrize("name", ["convbnrelu", "mlp", pytest.param("bert", marks=pytest.mark.slow),
+                                  pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+def test_zoo_runs_and_stays_close(name):
+    model, example = ZOO[name]()
+    gm, report, flat = apply(model, example, ["fuse", "insert_qdq"])
+    assert report.row("insert_qdq").stats["weights"] > 0
+    assert report.final.cosine > 0.99  # ranges from the example inputs, checked on fresh inputs
