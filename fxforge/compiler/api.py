@@ -55,7 +55,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_finite(model, example)
-    gm, signature = trace(model, example)
+    gm, signature = trace(model, example, static_batch=static_batch)
     flat = tuple(signature.flatten(example))
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration)
     gm, report = manager.run(gm, ctx)
