@@ -1,0 +1,249 @@
+"""The ONNX backend: export the optimized graph to ONNX and run it with ONNX Runtime.
+
+Lowering: a copy of the GraphModule goes through ``torch.onnx.export(..., dynamo=True)`` with the batch
+dimension dynamic where the Signature says so, ``onnx.checker`` validates the model, and an ORT
+InferenceSession runs it on the target's execution providers (CPU; CUDA for ``target="cuda"`` when this
+onnxruntime has it). ``model.onnx`` in the artifact directory is plain, portable ONNX; ORT's graph
+optimizations are re-applied when a session is created.
+
+Why the dynamo exporter: the graph is already ATen-level torch.export IR, which is exactly what the dynamo
+exporter consumes (it re-exports the GraphModule and translates each ATen op with onnxscript's torchlib).
+It keeps ``aten.sym_size`` batch arithmetic symbolic, and it is the only exporter that lowers
+``quantized_decomposed.{quantize,dequantize}_per_tensor`` / ``dequantize_per_channel`` with int8 weight
+buffers to QuantizeLinear / DequantizeLinear with int8 initializers. The TorchScript exporter
+(``dynamo=False``) is deprecated and cannot express that QDQ form.
+
+Fusion groups tagged by ``fuse_activation`` need no special export: they are ordinary Conv/Gemm + Relu/
+Clip/Add nodes in ONNX, and ORT's level-"all" optimizations fuse them into one kernel (FusedConv, NCHWc
+Conv with an activation). QDQ around a conv/gemm becomes ORT's int8 kernels (QLinearConv, QGemm). Both
+are read back from the ORT-optimized model (``SessionOptions.optimized_model_filepath``) and recorded in
+``info["ort_fused_kernels"]`` and ``info["ort_int8_ops"]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import logging
+import re
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from fxforge.compiler.errors import BackendError, missing_dependency
+from fxforge.compiler.graph import fusion_groups
+from fxforge.compiler.target import Target
+from fxforge.compiler.trace import MAX_BATCH, Signature
+
+from .base import Artifact, Backend, register_backend
+
+try:
+    import onnx
+    import onnxruntime as ort
+except ModuleNotFoundError as _e:
+    raise missing_dependency(_e.name or "onnxruntime", "onnx", "the onnx backend") from None
+if importlib.util.find_spec("onnxscript") is None:
+    raise missing_dependency("onnxscript", "onnx", "torch.onnx's dynamo exporter (the onnx backend)")
+
+MODEL_FILE = "model.onnx"
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+INT8_KERNELS = ("QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                "QAttention")  # plus every QLinear* op
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """ONNX Runtime session options, given as ``fxforge.compile(..., backend="onnx", **options)``.
+
+    ``graph_optimization_level``: "disabled", "basic", "extended" or "all" (ORT's levels; "all" fuses
+    Conv+activation and turns QDQ into int8 kernels). Thread counts of 0 leave ORT's default.
+    """
+
+    graph_optimization_level: str = "all"
+    intra_op_num_threads: int = 0
+    inter_op_num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization_level not in LEVELS:
+            raise BackendError(f"graph_optimization_level must be one of {', '.join(LEVELS)}, "
+                               f"got {self.graph_optimization_level!r}")
+        for name in ("intra_op_num_threads", "inter_op_num_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BackendError(f"{name} must be an int >= 0 (0: ORT's default), got {value!r}")
+
+    def session_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = LEVELS[self.graph_optimization_level]
+        so.intra_op_num_threads = self.intra_op_num_threads
+        so.inter_op_num_threads = self.inter_op_num_threads
+        so.log_severity_level = 3  # errors only: ORT's warnings are not the user's concern
+        return so
+
+
+class OnnxArtifact(Artifact):
+    backend = "onnx"
+
+    def __init__(self, model: bytes, signature: Signature, target: Target, info: dict[str, Any],
+                 session: ort.InferenceSession | None = None) -> None:
+        super().__init__(signature, target, info)
+        self.model = model
+        self.session = session or create_session(model, target, SessionConfig(**info["ort_options"]))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
+        return tuple(torch.from_numpy(out) for out in self.session.run(None, feed))
+
+    def write(self, directory: Path) -> None:
+        (directory / MODEL_FILE).write_bytes(self.model)
+
+    @classmethod
+    def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> OnnxArtifact:
+        return cls((directory / MODEL_FILE).read_bytes(), signature, target, info)
+
+
+@register_backend
+class OnnxBackend(Backend):
+    """torch.onnx dynamo export → onnx.checker → ONNX Runtime session with the target's providers."""
+
+    name = "onnx"
+    artifact = OnnxArtifact
+    targets = ("x86", "arm64", "cuda")
+
+    def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
+              target: Target, **options: Any) -> OnnxArtifact:
+        opset = options.pop("opset", DEFAULT_OPSET)
+        config = _session_config(options)
+        model = export(gm, example_inputs, signature, opset)
+        data = model.SerializeToString()
+        with tempfile.TemporaryDirectory(prefix="fxforge-ort-") as tmp:
+            session = create_session(data, target, config, Path(tmp) / "optimized.onnx")
+            optimized = onnx.load(Path(tmp) / "optimized.onnx", load_external_data=False)
+        ops = Counter(n.op_type for n in optimized.graph.node)
+        info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
+                "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
+                "ort_options": asdict(config), "fusion_groups": len(fusion_groups(gm)),
+                "ort_fused_kernels": sum(1 for n in optimized.graph.node
+                                         if any(a.name == "activation" for a in n.attribute)),
+                "ort_int8_ops": {op: c for op, c in sorted(ops.items()) if is_int8_kernel(op)}}
+        return OnnxArtifact(data, signature, target, info, session)
+
+
+def _session_config(options: dict[str, Any]) -> SessionConfig:
+    valid = {f.name for f in fields(SessionConfig)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise BackendError(f"unknown onnx backend option(s) {', '.join(unknown)}; valid: opset, "
+                           f"{', '.join(sorted(valid))}")
+    level = options.get("graph_optimization_level")
+    if isinstance(level, ort.GraphOptimizationLevel):  # accept ORT's enum too
+        options = {**options, "graph_optimization_level": next(k for k, v in LEVELS.items() if v == level)}
+    return SessionConfig(**options)
+
+
+def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
+           opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so)."""
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise BackendError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    dynamic = [s.shape and s.shape[0] is None for s in signature.inputs] if signature.dynamic_batch else \
+        [False] * len(signature.inputs)
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    shapes = tuple({0: batch} if d else None for d in dynamic) if any(dynamic) else None
+    args = tuple(torch.cat([t, t]) if d and t.shape[0] == 1 else t  # a batch of 1 would specialise
+                 for t, d in zip(example_inputs, dynamic))
+    with _quiet():
+        try:
+            program = torch.onnx.export(copy.deepcopy(gm).eval(), args, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=shapes, verbose=False, optimize=True, report=False)
+        except Exception as e:
+            raise lowering_error(e) from None
+    model = program.model_proto
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise BackendError(f"the exported ONNX model fails onnx.checker: {_first_line(e)}") from None
+    return model
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter warns, logs and prints progress; an export either works or becomes a BackendError."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NODE = re.compile(r"translating node %(\w+) .*?target=([\w.:]+)")
+_NO_FUNCTION = re.compile(r"(No ONNX function found for <OpOverload\(op='([^']+)', overload='(\w+)'\)>[^\n]*)")
+
+
+def lowering_error(e: BaseException) -> BackendError:
+    """A BackendError naming the op and node the exporter could not lower (from its error chain)."""
+    text = "\n".join(_ANSI.sub("", str(x)) for x in _chain(e))
+    node = _NODE.search(text)
+    missing = _NO_FUNCTION.search(text)
+    if missing:
+        op = f"{missing.group(2)}.{missing.group(3)}"
+        where = f" at node {node.group(1)!r}" if node else ""
+        return BackendError(f"the ONNX exporter cannot lower op {op}{where}: no ONNX translation is registered "
+                            f"for it (torch.onnx custom_translation_table can add one)")
+    if node:
+        reason = _first_line(_chain(e)[-1])
+        return BackendError(f"the ONNX exporter failed on node {node.group(1)!r} (op {node.group(2)}): {reason}")
+    return BackendError(f"the ONNX exporter failed: {_first_line(_chain(e)[-1])}")
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out = [e]
+    while out[-1].__cause__ is not None and len(out) < 16:
+        out.append(out[-1].__cause__)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def providers(target: Target) -> list[str]:
+    """The target's ORT execution providers that this onnxruntime has (CPU is always there)."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in target.ort_providers if p in available]
+    return chosen or ["CPUExecutionProvider"]
+
+
+def create_session(model: bytes, target: Target, config: SessionConfig,
+                   optimized_path: Path | None = None) -> ort.InferenceSession:
+    """An InferenceSession for ``model``; ORT writes the model as it optimized it to ``optimized_path``."""
+    so = config.session_options()
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model, so, providers=providers(target))
+
+
+def is_int8_kernel(op_type: str) -> bool:
+    """An ORT kernel computing in int8/uint8 (what QDQ around conv/gemm/add becomes)."""
+    return op_type.startswith("QLinear") or op_type in INT8_KERNELS

@@ -1,0 +1,192 @@
+"""ONNX backend: zoo models match eager after `fuse`; dynamic batch; save/load; checker; ORT session options;
+QDQ graphs run as ORT int8 kernels; ops the exporter cannot lower become a BackendError naming the node."""
+import json
+
+import onnx
+import pytest
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+import fxforge
+from fxforge.backends.base import get_backend
+from fxforge.compiler.target import get_target
+from fxforge.compiler.verify import compare, fresh_inputs
+from models import ZOO, zoo_params
+
+qd = torch.ops.quantized_decomposed
+
+
+@pytest.mark.parametrize("name", zoo_params())
+def test_zoo_after_fuse_matches_eager(name):
+    model, example = ZOO[name]()
+    cm = fxforge.compile(model, example, passes=["fuse"], backend="onnx", measure_latency=False)
+    inputs = fresh_inputs(example, seed=11)
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-4
+    assert cm.report.final.stage == "backend:onnx"
+    assert cm.artifact.info["opset"] >= 17
+    onnx.checker.check_model(onnx.load_from_string(cm.artifact.model), full_check=True)
+
+
+@pytest.fixture(scope="module")
+def convbnrelu():
+    model, (x,) = ZOO["convbnrelu"]()  # batch 2
+    return model, x, fxforge.compile(model, (x,), passes=["fuse"], backend="onnx", measure_latency=False)
+
+
+def test_fusion_groups_become_ort_fused_kernels(convbnrelu):
+    _, _, cm = convbnrelu
+    info = cm.artifact.info
+    assert info["fusion_groups"] == 2  # conv+relu, conv+add+relu
+    assert info["ort_fused_kernels"] == 2
+    assert info["ort_int8_ops"] == {}
+    assert info["ort_providers"] == ["CPUExecutionProvider"]
+
+
+def test_dynamic_batch_save_load_round_trip(convbnrelu, tmp_path):
+    model, x, cm = convbnrelu
+    path = cm.save(tmp_path / "cbr")
+    meta = json.loads((path / "fxforge.json").read_text())
+    assert meta["backend"] == "onnx" and "model.onnx" in meta["files"]
+    saved = onnx.load(path / "model.onnx")
+    onnx.checker.check_model(saved, full_check=True)
+    assert saved.opset_import[0].version >= 17
+    batch_dim = saved.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic batch
+    loaded = fxforge.load(path)
+    for batch in (1, 3):
+        xb = torch.randn(batch, *x.shape[1:])
+        with torch.no_grad():
+            torch.testing.assert_close(cm(xb), model(xb), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded(xb), cm(xb), rtol=0, atol=0)
+    assert loaded.info["ort_options"] == cm.artifact.info["ort_options"]
+
+
+def test_static_batch_exports_fixed_shape():
+    model, (x,) = ZOO["mlp"]()
+    cm = fxforge.compile(model, (x,), backend="onnx", static_batch=True, measure_latency=False)
+    dims = onnx.load_from_string(cm.artifact.model).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == list(x.shape)
+    with pytest.raises(fxforge.InputError):
+        cm(torch.randn(3, *x.shape[1:]))
+
+
+def test_session_options_reach_ort_and_survive_save(tmp_path):
+    model, (x,) = ZOO["convbnrelu"]()
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="onnx", measure_latency=False,
+                         graph_optimization_level="basic", intra_op_num_threads=1, inter_op_num_threads=1)
+    so = cm.artifact.session.get_session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (1, 1)
+    assert cm.artifact.info["ort_fused_kernels"] == 0  # Conv+Relu fusion is an "extended"/"all" optimization
+    with torch.no_grad():
+        assert compare([cm(x)], [model(x)]).max_rel < 1e-4
+    loaded = fxforge.load(cm.save(tmp_path / "basic"))
+    so = loaded.session.get_session_options()
+    assert (so.intra_op_num_threads, so.graph_optimization_level.name) == (1, "ORT_ENABLE_BASIC")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"threads": 2}, "unknown onnx backend option.*threads"),
+    ({"graph_optimization_level": "max"}, "graph_optimization_level must be one of"),
+    ({"intra_op_num_threads": -1}, "intra_op_num_threads must be"),
+    ({"opset": 13}, "opset must be an int >= 17"),
+])
+def test_bad_options_are_refused(options, message):
+    model, example = ZOO["mlp"]()
+    with pytest.raises(fxforge.BackendError, match=message):
+        fxforge.compile(model, example, backend="onnx", measure_latency=False, verify="off", **options)
+
+
+def test_lower_never_mutates_the_graph():
+    model, example = ZOO["convbnrelu"]()
+    gm, sig = fxforge.trace(model, example)
+    gm, _ = fxforge.PassManager(["fuse"], measure_latency=False).run(gm, fxforge.PassContext(tuple(example)))
+    code, tags = gm.code, [dict(n.meta.get("fxforge.fusion", {})) for n in gm.graph.nodes]
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    get_backend("onnx").lower(gm, example, sig, get_target("x86"))
+    assert gm.code == code and [dict(n.meta.get("fxforge.fusion", {})) for n in gm.graph.nodes] == tags
+    assert all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
+
+
+class QdqNet(torch.nn.Module):
+    """A hand-built graph in the form fold_qdq produces: uint8 activations, per-channel int8 weights in
+    [-64, 63], int32 bias with scale s_x * s_w; Q/DQ after conv and after linear."""
+
+    SX, S1, S2, S3 = 0.03, 0.02, 0.01, 0.05
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w1", torch.randint(-64, 64, (c, 3, 3, 3), generator=g, dtype=torch.int8))
+        self.register_buffer("w1_scale", torch.rand(c, generator=g) * 0.01 + 0.005)
+        self.register_buffer("zeros_c", torch.zeros(c, dtype=torch.int64))
+        self.register_buffer("b1", torch.randint(-500, 500, (c,), generator=g, dtype=torch.int32))
+        self.register_buffer("b1_scale", self.w1_scale * self.SX)
+        self.register_buffer("w2", torch.randint(-64, 64, (10, c), generator=g, dtype=torch.int8))
+        self.register_buffer("w2_scale", torch.rand(10, generator=g) * 0.01 + 0.005)
+        self.register_buffer("zeros_10", torch.zeros(10, dtype=torch.int64))
+
+    @staticmethod
+    def qdq(x: torch.Tensor, scale: float, zero_point: int = 0) -> torch.Tensor:
+        q = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
+        return qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.qdq(x, self.SX, 128)
+        w1 = qd.dequantize_per_channel(self.w1, self.w1_scale, self.zeros_c, 0, -64, 63, torch.int8)
+        b1 = qd.dequantize_per_channel(self.b1, self.b1_scale, self.zeros_c, 0, -2**31, 2**31 - 1, torch.int32)
+        y = self.qdq(torch.nn.functional.conv2d(x, w1, b1, padding=1), self.S1)
+        y = self.qdq(y.mean((2, 3)), self.S2)
+        w2 = qd.dequantize_per_channel(self.w2, self.w2_scale, self.zeros_10, 0, -64, 63, torch.int8)
+        return self.qdq(torch.nn.functional.linear(y, w2), self.S3)
+
+
+@pytest.fixture(scope="module")
+def qdq_net():
+    model, x = QdqNet().eval(), torch.randn(2, 3, 16, 16)
+    return model, x, fxforge.compile(model, (x,), backend="onnx", measure_latency=False)
+
+
+def test_qdq_exports_to_quantize_linear_with_int8_initializers(qdq_net):
+    _, _, cm = qdq_net
+    model = onnx.load_from_string(cm.artifact.model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 7
+    weights = {i.name: i for i in model.graph.initializer if i.name in ("w1", "w2", "b1")}
+    assert weights["w1"].data_type == weights["w2"].data_type == onnx.TensorProto.INT8
+    assert weights["b1"].data_type == onnx.TensorProto.INT32
+
+
+def test_qdq_runs_as_ort_int8_kernels(qdq_net):
+    model, x, cm = qdq_net
+    assert cm.artifact.info["ort_int8_ops"] == {"QGemm": 1, "QLinearConv": 1}
+    xb = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        diff = (cm(xb) - model(xb)).abs().max().item()
+    assert diff <= QdqNet.S3 + 1e-6  # at most one output quantization step (measured: 0)
+
+
+def test_qdq_stays_float_without_ort_qdq_fusion():
+    model, x = QdqNet().eval(), torch.randn(2, 3, 16, 16)
+    cm = fxforge.compile(model, (x,), backend="onnx", measure_latency=False, graph_optimization_level="basic")
+    assert cm.artifact.info["ort_int8_ops"] == {}
+
+
+@torch.library.custom_op("fxforge_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Mystery(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mystery(torch.relu(x)) + 1
+
+
+def test_op_without_onnx_translation_names_op_and_node():
+    with pytest.raises(fxforge.BackendError, match=r"cannot lower op fxforge_test.mystery.default at node 'mystery'"):
+        fxforge.compile(Mystery(), (torch.randn(2, 4),), backend="onnx", measure_latency=False)
