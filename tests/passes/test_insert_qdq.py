@@ -92,6 +92,7 @@ def test_skip_keeps_named_layers_float():
     assert stats["skipped.by_name"] == 2 and stats["quantized.conv2d"] == 1 and stats["weights"] == 1
 
 
+@pytest.mark.slow  # test_fold_qdq covers resnet18 through the whole preset
 def test_resnet18_counts_and_numerics():
     model, example = ZOO["resnet18"]()
     gm, report, flat = apply(model, example, ["fuse", "insert_qdq"])

@@ -1,0 +1,98 @@
+"""fold_qdq: int8 constants, relu/relu6 folded into output ranges, DQ→Q round trips removed; all exact."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fxforge.compiler.pass_manager import PassContext
+from fxforge.compiler.report import model_size
+from fxforge.passes.fold_qdq import FoldQdq
+from fxforge.passes.qdq import qd
+from models import ZOO
+from pipeline import apply, count
+from test_insert_qdq import DQ, DQC, Q, QC, ops
+
+UNFOLDED = ["fuse", "insert_qdq", "calibrate"]
+
+
+def _both(model, example, calibration, insert="insert_qdq"):
+    """The calibrated graph before and after fold_qdq, and fold_qdq's stats."""
+    before, report, flat = apply(model, example, ["fuse", insert, "calibrate"], calibration=calibration)
+    after = copy.deepcopy(before)
+    result = FoldQdq().run(after, PassContext(flat))
+    after.recompile()
+    return before, after, result.stats, flat
+
+
+def _same_integers(before, after, flat, seeds=(1, 2)):
+    from fxforge.compiler.verify import fresh_inputs
+    for seed in seeds:
+        inputs = fresh_inputs(flat, seed)
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(after(*inputs), before(*inputs)))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6()], ids=["relu", "relu6"])
+def test_conv_activation_before_expected(act):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), act).eval()
+    cal = [(torch.randn(2, 3, 8, 8) * 3,) for _ in range(2)]
+    before, after, stats, flat = _both(model, (torch.randn(2, 3, 8, 8),), cal)
+    assert ops(before) == [Q, DQ, QC, DQC, QC, DQC, "conv2d", "hardtanh" if isinstance(act, nn.ReLU6) else "relu",
+                           Q, DQ]
+    assert ops(after) == [Q, DQ, DQC, DQC, "conv2d", Q, DQ]
+    conv = next(n for n in after.graph.nodes if n.name == "conv2d")
+    weight, bias = (getattr(after, dq.args[0].target) for dq in conv.args[1:3])
+    assert weight.dtype == torch.int8 and -64 <= weight.min() and weight.max() <= 63 and bias.dtype == torch.int32
+    assert stats == {"weights_folded": 2, "activations_folded": 1, "requantizations_removed": 0}
+    _same_integers(before, after, flat)
+
+
+def test_relu_stays_when_the_zero_point_is_not_the_minimum():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Hardtanh(-1.0, 1.0)).eval()
+    cal = [(torch.randn(2, 3, 8, 8),)]
+    before, after, stats, flat = _both(model, (torch.randn(2, 3, 8, 8),), cal, "insert_qdq{symmetric_activations=True}")
+    assert count(after, "relu") == 1 and count(after, "hardtanh") == 1  # zero point 128: relu is not the clamp
+    assert stats["activations_folded"] == 0
+    _same_integers(before, after, flat)
+
+
+class RoundTrips(nn.Module):
+    """Q→DQ→Q with the same parameters (a no-op) and then with new ones (a real requantization)."""
+
+    def forward(self, x):
+        args = (0, 255, torch.uint8)
+        y = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, 0.1, 3, *args), 0.1, 3, *args)
+        y = qd.dequantize_per_tensor(qd.quantize_per_tensor(y, 0.1, 3, *args), 0.1, 3, *args)
+        return qd.dequantize_per_tensor(qd.quantize_per_tensor(y, 0.2, 3, *args), 0.2, 3, *args)
+
+
+def test_round_trip_with_equal_parameters_is_removed_requantization_kept():
+    model = RoundTrips()
+    x = torch.randn(2, 1000) * 20
+    gm, report, flat = apply(model, (x,), ["insert_qdq", "calibrate", "fold_qdq"], calibration=[(x,)])
+    assert count(gm, Q) == 2 and count(gm, DQ) == 2
+    assert report.row("fold_qdq").stats["requantizations_removed"] == 1
+    with torch.no_grad():
+        assert torch.equal(gm(x)[0], model(x))
+
+
+def test_resnet18_weights_shrink_four_times_and_integers_match():
+    model, example = ZOO["resnet18"]()
+    cal = [(torch.randn_like(example[0]),) for _ in range(2)]
+    before, after, stats, flat = _both(model, example, cal)
+    assert stats == {"weights_folded": 42, "activations_folded": 17, "requantizations_removed": 0}
+    assert count(after, QC) == 0 and count(after, "relu") == 0
+    assert model_size(before)[1] / model_size(after)[1] > 3.8
+    _same_integers(before, after, flat)
+
+
+@pytest.mark.parametrize("name", ["convbnrelu", "mlp", pytest.param("bert", marks=pytest.mark.slow),
+                                  pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+def test_folding_is_exact_on_the_zoo(name):
+    model, example = ZOO[name]()
+    from fxforge.compiler.verify import fresh_inputs
+    cal = [fresh_inputs(example, seed) for seed in (3, 4)]
+    before, after, stats, flat = _both(model, example, cal)
+    assert stats["weights_folded"] > 0
+    _same_integers(before, after, flat)
