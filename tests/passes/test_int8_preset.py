@@ -28,3 +28,13 @@ def test_bert_int8_output_cosine_at_least_0_99():
     with torch.no_grad():
         err = compare([compiled(*test)], [model(*test)])
     assert err.cosine >= 0.99, err  # measured: 0.9998
+
+
+def test_digits_int8_through_onnx_runs_on_ort_int8_kernels():
+    model, (x_train, _, x_test, y_test) = digits_cnn()
+    calibration = [(x_train[i:i + 64],) for i in range(0, 512, 64)]
+    compiled = fxforge.compile(model, x_train[:2], passes=["int8"], backend="onnx", calibration=calibration,
+                               measure_latency=False)
+    kernels = compiled.artifact.info["ort_int8_ops"]
+    assert kernels.get("QLinearConv") == 4 and kernels.get("QLinearAdd") == 1 and kernels.get("QGemm") == 1, kernels
+    assert accuracy(compiled, x_test, y_test) >= accuracy(model, x_test, y_test) - 0.01
