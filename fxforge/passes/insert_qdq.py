@@ -17,7 +17,7 @@ are counted.
 from __future__ import annotations
 
 import itertools
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.fx as fx
@@ -26,7 +26,7 @@ from fxforge.compiler.graph import add_tensor, aten, get_tensor, is_op
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .analysis.shapes import Shapes
-from .qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_q, qd, weight_scales
+from .qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_dq, is_q, qd, weight_scales
 
 WEIGHTED = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
 MATMULS = (aten.matmul, aten.bmm, aten.mm)
@@ -48,7 +48,6 @@ class InsertQdq(Pass):
     skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        self._groups = itertools.count()
         stats: dict[str, float] = {}
         plan, weighted = self.plan(gm, ctx, stats)
         for tensor, group in plan.items():
@@ -66,13 +65,16 @@ class InsertQdq(Pass):
     def plan(self, gm: fx.GraphModule, ctx: PassContext, stats: dict[str, float]) -> tuple[dict, list]:
         """Which tensors get a Q/DQ pair (tensor → group) and which weighted ops get int8 weights."""
         shapes = ctx.analysis(Shapes, gm)
-        is_float = lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
+        groups = itertools.count()
         plan: dict[fx.Node, int] = {}
         weighted: list[fx.Node] = []
 
+        def is_float(n: Any) -> bool:
+            return isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
+
         def want(t: fx.Node, group: int | None = None) -> None:
             if is_float(t) and t not in plan and not any(is_q(u) for u in t.users):
-                plan[t] = group if group is not None else next(self._groups)
+                plan[t] = group if group is not None else next(groups)
 
         def count(key: str) -> None:
             stats[key] = stats.get(key, 0) + 1
@@ -94,7 +96,7 @@ class InsertQdq(Pass):
                     want(x)
                 want(_chain_end(node))
             elif is_op(node, aten.cat) and any(i in plan for i in node.args[0]):
-                group = next(self._groups)
+                group = next(groups)
                 for x in [*node.args[0], node]:
                     merged = plan.get(x)
                     plan.update({t: group for t, g in plan.items() if g == merged})
@@ -105,8 +107,10 @@ class InsertQdq(Pass):
                 want(node, plan[node.args[0]])
         return plan, weighted
 
-    def refusal(self, gm: fx.GraphModule, node: fx.Node, is_float) -> str | None:
+    def refusal(self, gm: fx.GraphModule, node: fx.Node, is_float: Callable[[Any], bool]) -> str | None:
         """Why ``node`` stays float, or None."""
+        if is_dq(node.args[1]):
+            return "already_quantized"
         if any(node.name == s or str(getattr(node.args[1], "target", "")).startswith(s + ".") for s in self.skip):
             return "by_name"
         if is_op(node, *MATMULS):

@@ -109,3 +109,10 @@ def test_zoo_runs_and_stays_close(name):
     gm, report, flat = apply(model, example, ["fuse", "insert_qdq"])
     assert report.row("insert_qdq").stats["weights"] > 0
     assert report.final.cosine > 0.99  # ranges from the example inputs, checked on fresh inputs
+
+
+def test_a_second_run_quantizes_nothing_twice():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    gm, report, _ = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq", "insert_qdq"])
+    assert report.rows[-1].stats == {"skipped.already_quantized": 1, "activations": 0, "weights": 0}
+    assert count(gm, Q) == 2 and count(gm, QC) == 2
