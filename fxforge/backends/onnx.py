@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import io
 import logging
 import re
 import tempfile
@@ -133,13 +132,11 @@ class OnnxBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="fxforge-ort-") as tmp:
             session = create_session(data, target, config, Path(tmp) / "optimized.onnx")
             optimized = onnx.load(Path(tmp) / "optimized.onnx", load_external_data=False)
-        ops = Counter(n.op_type for n in optimized.graph.node)
+        missing = [p for p in target.ort_providers if p not in session.get_providers()]
         info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
-                "ort_options": asdict(config), "fusion_groups": len(fusion_groups(gm)),
-                "ort_fused_kernels": sum(1 for n in optimized.graph.node
-                                         if any(a.name == "activation" for a in n.attribute)),
-                "ort_int8_ops": {op: c for op, c in sorted(ops.items()) if is_int8_kernel(op)}}
+                **({"ort_missing_providers": missing} if missing else {}),
+                "ort_options": asdict(config), "fusion_groups": len(fusion_groups(gm)), **ort_kernels(optimized)}
         return OnnxArtifact(data, signature, target, info, session)
 
 
@@ -182,13 +179,12 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporter warns, logs and prints progress; an export either works or becomes a BackendError."""
+    """The exporter warns (and logs) about internals; an export either works or becomes a BackendError."""
     logger = logging.getLogger("torch")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -242,6 +238,14 @@ def create_session(model: bytes, target: Target, config: SessionConfig,
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(model, so, providers=providers(target))
+
+
+def ort_kernels(optimized: onnx.ModelProto) -> dict[str, Any]:
+    """What ORT made of the graph: kernels with a fused activation epilogue, and int8 kernels by op type."""
+    nodes = optimized.graph.node
+    int8 = Counter(n.op_type for n in nodes if is_int8_kernel(n.op_type))
+    return {"ort_fused_kernels": sum(1 for n in nodes if any(a.name == "activation" for a in n.attribute)),
+            "ort_int8_ops": dict(sorted(int8.items()))}
 
 
 def is_int8_kernel(op_type: str) -> bool:
