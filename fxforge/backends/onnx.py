@@ -67,8 +67,9 @@ INT8_KERNELS = ("QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
 class SessionConfig:
     """ONNX Runtime session options, given as ``fxforge.compile(..., backend="onnx", **options)``.
 
-    ``graph_optimization_level``: "disabled", "basic", "extended" or "all" (ORT's levels; "all" fuses
-    Conv+activation and turns QDQ into int8 kernels). Thread counts of 0 leave ORT's default.
+    ``graph_optimization_level``: "disabled", "basic", "extended" or "all" (ORT's levels: from "extended"
+    on, ORT fuses Conv+activation and turns QDQ into int8 kernels; "all" also fuses Conv+Add+Relu in its
+    NCHWc layout). Thread counts of 0 leave ORT's default.
     """
 
     graph_optimization_level: str = "all"
@@ -132,6 +133,9 @@ class OnnxBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="fxforge-ort-") as tmp:
             session = create_session(data, target, config, Path(tmp) / "optimized.onnx")
             optimized = onnx.load(Path(tmp) / "optimized.onnx", load_external_data=False)
+        if len(session.get_inputs()) != len(signature.inputs):
+            raise BackendError(f"the exported ONNX model takes {len(session.get_inputs())} inputs, the graph "
+                               f"{len(signature.inputs)}")
         missing = [p for p in target.ort_providers if p not in session.get_providers()]
         info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
@@ -193,7 +197,7 @@ def _quiet() -> Iterator[None]:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NODE = re.compile(r"translating node %(\w+) .*?target=([\w.:]+)")
-_NO_FUNCTION = re.compile(r"(No ONNX function found for <OpOverload\(op='([^']+)', overload='(\w+)'\)>[^\n]*)")
+_NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='(\w+)'\)>")
 
 
 def lowering_error(e: BaseException) -> BackendError:
@@ -202,7 +206,7 @@ def lowering_error(e: BaseException) -> BackendError:
     node = _NODE.search(text)
     missing = _NO_FUNCTION.search(text)
     if missing:
-        op = f"{missing.group(2)}.{missing.group(3)}"
+        op = f"{missing.group(1)}.{missing.group(2)}"
         where = f" at node {node.group(1)!r}" if node else ""
         return BackendError(f"the ONNX exporter cannot lower op {op}{where}: no ONNX translation is registered "
                             f"for it (torch.onnx custom_translation_table can add one)")
