@@ -1,0 +1,129 @@
+"""prune_channels: which groups go (L1/L2/BN γ, per layer or global, rounded), the result against the
+zeroed model, accuracy on digits at 50 % FLOPs removed, and the zoo."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fxforge.compiler.errors import PassError
+from fxforge.compiler.graph import aten, call_nodes, get_tensor
+from fxforge.compiler.pass_manager import resolve
+from fxforge.passes import PruneChannels
+from models import ZOO, DigitsCnn, _randomize_bn, accuracy, digits_cnn, zoo_params
+from pipeline import apply, error_vs_eager
+
+
+def weights(gm, op=aten.conv2d):
+    return [get_tensor(gm, n.args[1]) for n in call_nodes(gm, op)]
+
+
+class TwoConvs(nn.Module):
+    def __init__(self, bn=False):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.Conv2d(16, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16) if bn else nn.Identity()
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+def test_lowest_l1_rows_go_and_the_rest_is_the_zeroed_model():
+    model = TwoConvs().eval()
+    with torch.no_grad():  # rows of L1 norm 3, 9, 1, ...
+        w = model.c1.weight
+        w.div_(w.abs().sum((1, 2, 3), keepdim=True))
+        w.mul_(torch.tensor([3, 9, 1, 12, 5, 16, 2, 8, 4, 15, 6, 11, 7, 13, 10, 14.0]).view(-1, 1, 1, 1))
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), [PruneChannels(ratio=0.5, round_to=8)])
+    kept = [1, 3, 5, 9, 11, 13, 14, 15]  # the 8 largest scales
+    w1, w2 = weights(gm)
+    torch.testing.assert_close(w1, model.c1.weight[kept])
+    torch.testing.assert_close(w2, model.c2.weight[:, kept])
+    stats = report.row("prune_channels").stats
+    assert stats["groups_pruned"] == stats["channels_removed"] == 8
+    assert stats["flops_after"] < 0.55 * stats["flops_before"] and stats["params_after"] < stats["params_before"]
+    with torch.no_grad():  # pruning = zeroing those channels in the eager model, then removing them exactly
+        model.c1.weight[[i for i in range(16) if i not in kept]] = 0
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+
+
+def test_bn_importance_ranks_by_gamma():
+    model = TwoConvs(bn=True).eval()
+    _randomize_bn(model)
+    with torch.no_grad():
+        model.bn.weight[[2, 7, 11, 12]] = 0.01
+    gm, report, _ = apply(model, (torch.randn(2, 3, 8, 8),), [PruneChannels(ratio=0.25, importance="bn", round_to=4)])
+    w1 = weights(gm)[0]
+    assert w1.shape[0] == 12
+    assert all(not any(torch.equal(w, model.c1.weight[i]) for w in w1) for i in (2, 7, 11, 12))
+
+
+def test_layer_scope_prunes_each_layer_and_keeps_multiples_of_eight():
+    model, example = ZOO["resnet18"]()
+    gm, report, flat = apply(model, example, ["fuse_batchnorm", PruneChannels(ratio=0.3, scope="layer")])
+    original = [w.shape[0] for w in weights(apply(model, example, [])[0])]
+    for before, w in zip(original, weights(gm)):
+        assert w.shape[0] % 8 == 0 and w.shape[0] == 8 * round(before * 0.7 / 8)
+    stats = report.row("prune_channels").stats
+    assert stats["params_after"] < 0.6 * stats["params_before"]
+    assert report.final.max_rel_err is not None and math.isfinite(report.final.max_rel_err)
+
+
+def test_ratio_zero_changes_nothing():
+    model = TwoConvs().eval()
+    gm, report, _ = apply(model, (torch.randn(2, 3, 8, 8),), [PruneChannels(ratio=0.0)])
+    assert [w.shape for w in weights(gm)] == [(16, 3, 3, 3), (4, 16, 3, 3)]
+    assert report.row("prune_channels").params == report.row("input").params
+
+
+@pytest.mark.parametrize("spec", ["prune_channels{ratio=1.5}", "prune_channels{importance='l3'}",
+                                  "prune_channels{round_to=0}"])
+def test_bad_options_are_refused(spec):
+    with pytest.raises(PassError, match="prune_channels"):
+        resolve(spec)
+
+
+def _finetune(x, y, epochs=2):
+    """A short fine-tune of the pruned graph's conv/linear weights (BN statistics stay frozen)."""
+    def hook(gm):
+        params = [get_tensor(gm, a) for n in call_nodes(gm, aten.conv2d, aten.linear) for a in n.args[1:3]
+                  if get_tensor(gm, a) is not None]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), 64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(gm(x[perm[i:i + 64]])[0], y[perm[i:i + 64]]).backward()
+                opt.step()
+        for p in params:
+            p.requires_grad_(False)
+    return hook
+
+
+@pytest.mark.slow  # trains the digits CNN (~15 s alone, minutes on a loaded machine)
+def test_digits_cnn_at_half_the_flops():
+    """Measured (2-core x86): the trained DigitsCnn scores 99.5 % on held-out digits. Pruning 30 % of its
+    channel groups by global L1 (round_to=4) removes 53 % of the FLOPs; without fine-tuning accuracy falls to
+    ≈17 % (this small net has no redundant channels), and a 2-epoch fine-tune of the pruned graph
+    brings it back to ≈95 %."""
+    model, (xt, yt, xs, ys) = digits_cnn()
+    base = accuracy(model, xs, ys)
+    pruned, report, _ = apply(model, (xs[:2],), [PruneChannels(ratio=0.3, round_to=4, finetune=_finetune(xt, yt))])
+    stats = report.row("prune_channels").stats
+    assert stats["flops_after"] <= 0.5 * stats["flops_before"]
+    tuned = accuracy(lambda x: pruned(x)[0], xs, ys)
+    assert base > 0.97 and base - tuned < 0.08
+
+
+@pytest.mark.parametrize("name", zoo_params())
+def test_every_zoo_model_is_pruned_or_left_alone_and_reports_its_size(name):
+    model, example = ZOO[name]()
+    gm, report, flat = apply(model, example, [PruneChannels(ratio=0.3)])
+    row = report.row("prune_channels")
+    if row.stats.get("groups_pruned"):
+        assert row.stats["params_after"] == row.params < row.stats["params_before"] == report.row("input").params
+        assert row.stats["flops_after"] == row.flops < row.stats["flops_before"]
+    assert math.isfinite(row.max_rel_err)
