@@ -24,7 +24,7 @@ from fxforge.compiler.graph import arg, aten, call_nodes, finalize, get_tensor
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .factorization import Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, layer_error
+from .factorization import Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, layer_error, svd
 
 
 @register_pass
@@ -79,7 +79,7 @@ class DepthwiseSeparable(Pass):
         """Depthwise (n·r, 1, kh, kw) with groups n, then pointwise (m, n·r, 1, 1)."""
         m, n = w.shape[:2]
         slices = w.double().transpose(0, 1).reshape(n, m, -1)  # n × m × k²
-        u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # u: n×m×q, s: n×q, vh: n×q×k²
+        u, s, vh = svd(slices)  # u: n×m×q, s: n×q, vh: n×q×k²
         r = min(self.multiplier or self.rank(s, (m, slices.shape[2])), s.shape[1])
         root = s[:, :r].sqrt()
         depthwise = (root[..., None] * vh[:, :r]).reshape(n * r, 1, *w.shape[2:])

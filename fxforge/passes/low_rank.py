@@ -10,8 +10,9 @@
 The rank keeps the fewest singular values holding ``energy`` of Σσ² (1.0: the numerical rank, so the split
 is exact), or ``rank_ratio``·min(m, n) when given (it takes precedence). An SVD split costs r(m + n) MACs per
 output position against mn, so a layer is never split when r ≥ mn/(m + n); Tucker-2 only when its FLOPs are
-lower. ``budget="latency"`` additionally requires the split to time faster on the host. Zero padding commutes
-with a leading linear map without bias, so padding stays exact. Linears and 1×1 convs always use SVD.
+lower. ``budget="latency"`` additionally requires the split to time faster, measured on the layer's recorded
+input, when the target runs on this host (otherwise FLOPs decide). Zero padding commutes with a leading
+linear map without bias, so padding stays exact. Linears and 1×1 convs always use SVD.
 
 Factors are computed in float64 with torch.linalg (the LAPACK SVD numpy would call): Tucker-2 by HOSVD is
 two SVDs and one contraction, too little to justify a tensorly dependency. Stats hold the relative output
@@ -30,7 +31,7 @@ from fxforge.compiler.graph import arg, aten, call_nodes, finalize, get_tensor, 
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .factorization import (Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, faster_on_host,
-                            layer_error, ratio_rank)
+                            layer_error, ratio_rank, svd)
 
 LAYERS = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d)
 
@@ -92,7 +93,7 @@ class LowRank(Pass):
         m = w.shape[0]
         mat = w.reshape(m, -1).double()
         n = mat.shape[1]
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        u, s, vh = svd(mat)
         r = self.rank(s, (m, n))
         if r * (m + n) >= m * n:
             return "rank_too_high"
@@ -105,8 +106,8 @@ class LowRank(Pass):
         """1×1 conv n → r_in, k×k core conv r_in → r_out, 1×1 conv r_out → m (HOSVD), or why not."""
         m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
         wd = w.double()
-        u_out, s_out, _ = torch.linalg.svd(wd.reshape(m, -1), full_matrices=False)
-        u_in, s_in, _ = torch.linalg.svd(wd.transpose(0, 1).reshape(n, -1), full_matrices=False)
+        u_out, s_out, _ = svd(wd.reshape(m, -1))
+        u_in, s_in, _ = svd(wd.transpose(0, 1).reshape(n, -1))
         r_out, r_in = self.rank(s_out, (m, n * k)), self.rank(s_in, (n, m * k))
         u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
         pixels_in, pixels_out = math.prod(x.shape[2:]), math.prod(y.shape[2:])

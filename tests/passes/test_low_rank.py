@@ -1,0 +1,219 @@
+"""low_rank: truncated SVD / Tucker-2 splitting of linear and conv layers, exact at full rank, and its refusals."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxforge
+from fxforge.compiler.errors import PassError
+from fxforge.compiler.graph import get_tensor
+from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
+from fxforge.compiler.trace import trace
+from fxforge.compiler.verify import compare, fresh_inputs
+from fxforge.passes import LowRank
+from fxforge.passes.factorization import energy_rank
+from models import ZOO, zoo_params
+from pipeline import apply, count, error_vs_eager
+
+LAYERS = ("linear", "conv1d", "conv2d", "conv3d")
+
+
+def lowrank_linear(m: int, n: int, r: int) -> nn.Linear:
+    layer = nn.Linear(n, m)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(m, r) @ torch.randn(r, n) / n)
+    return layer
+
+
+def lowrank_conv(cin: int, cout: int, k: int, r: int, **kw) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, k, **kw)
+    with torch.no_grad():
+        conv.weight.copy_((torch.randn(cout, r) @ torch.randn(r, cin * k * k)).reshape(conv.weight.shape) / cin)
+    return conv
+
+
+def weights(gm, op: str) -> list[tuple[int, ...]]:
+    return [tuple(get_tensor(gm, n.args[1]).shape) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target.overloadpacket.__name__ == op]
+
+
+def test_linear_splits_into_two_linears_exactly():
+    model = nn.Sequential(lowrank_linear(48, 64, 5), nn.ReLU(), nn.Linear(48, 10)).eval()
+    gm, report, flat = apply(model, (torch.randn(4, 64),), [LowRank(energy=1.0)])
+    stats = report.row("low_rank").stats
+    assert stats["split"] == 1 and stats["skipped.rank_too_high"] == 1  # the random 10×48 head is full rank
+    assert weights(gm, "linear") == [(5, 64), (48, 5), (10, 48)]
+    assert max(stats["error.linear"], stats["error.model"], report.final.max_rel_err) < 1e-5
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2), dict(padding=2, dilation=2), dict(padding=1, bias=False),
+                                dict(stride=(2, 1), padding=(0, 1))],
+                         ids=["plain", "stride", "dilation", "nobias", "asymmetric"])
+def test_conv_channel_svd_is_exact_at_full_rank(kw):
+    conv = lowrank_conv(16, 24, 3, 4, **kw)
+    model = nn.Sequential(conv).eval()
+    gm, report, flat = apply(model, (torch.randn(2, 16, 13, 13),), [LowRank(energy=1.0)])
+    assert report.row("low_rank").stats["split"] == 1
+    assert weights(gm, "conv2d") == [(4, 16, 3, 3), (24, 4, 1, 1)]
+    first, second = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert first.args[2] is None and (second.args[2] is not None) == (conv.bias is not None)
+    assert list(first.args[3:6]) == [list(conv.stride), list(conv.padding), list(conv.dilation)]
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+
+
+def test_tucker2_is_exact_at_full_multilinear_rank():
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+    core, a, b = torch.randn(4, 3, 3, 3), torch.randn(24, 4), torch.randn(16, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("pqhw,op,iq->oihw", core, a, b) / 16)
+    model = nn.Sequential(conv).eval()
+    gm, report, flat = apply(model, (torch.randn(2, 16, 12, 12),), [LowRank(energy=1.0, method="tucker2")])
+    assert report.row("low_rank").stats["split"] == 1
+    assert weights(gm, "conv2d") == [(3, 16, 1, 1), (4, 3, 3, 3), (24, 4, 1, 1)]
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+
+
+class ConvHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 64)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_error_falls_as_rank_grows():
+    model = ConvHead().eval()
+    x = torch.randn(2, 16, 8, 8)
+    errors = []
+    for ratio in (0.1, 0.2, 0.4, 0.6):  # r = 4, 7, 13, 20: below both layers' mn/(m+n) (26.2 and 21.3)
+        _, report, _ = apply(model, (x,), [LowRank(rank_ratio=ratio)])
+        stats = report.row("low_rank").stats
+        assert stats["split"] == 2
+        errors.append((stats["error.conv2d"], stats["error.linear"], stats["error.model"]))
+    for before, after in zip(errors, errors[1:]):
+        assert all(a < b for a, b in zip(after, before)), errors
+
+
+def test_rank_follows_energy():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.5])  # σ² = 9, 4, 1, 0.25 of 14.25
+    assert [energy_rank(s, e, (4, 4)) for e in (0.5, 0.7, 0.95, 1.0)] == [1, 2, 3, 4]
+    u, _ = torch.linalg.qr(torch.randn(40, 40))
+    v, _ = torch.linalg.qr(torch.randn(40, 40))
+    layer = nn.Linear(40, 40)
+    with torch.no_grad():
+        layer.weight.copy_(u @ torch.diag(torch.tensor([8.0, 4, 2, 1] + [0.01] * 36)) @ v.T)
+    for energy, rank in ((0.9, 2), (0.99, 4)):
+        gm, _, _ = apply(nn.Sequential(layer).eval(), (torch.randn(3, 40),), [LowRank(energy=energy)])
+        assert weights(gm, "linear") == [(rank, 40), (40, rank)]
+
+
+@pytest.mark.parametrize("layer, shape, split, refused", [
+    (nn.Linear(64, 64), (4, 64), 31 / 64, 32 / 64),           # mn/(m+n) = 32
+    (nn.Conv2d(8, 16, 3), (2, 8, 6, 6), 13 / 16, 14 / 16),    # 16·72/88 = 13.09
+], ids=["linear", "conv"])
+def test_never_split_at_or_above_mn_over_m_plus_n(layer, shape, split, refused):
+    model = nn.Sequential(layer).eval()
+    _, report, _ = apply(model, (torch.randn(*shape),), [LowRank(rank_ratio=split)])
+    assert report.row("low_rank").stats["split"] == 1
+    gm, report, flat = apply(model, (torch.randn(*shape),), [LowRank(rank_ratio=refused)])
+    assert report.row("low_rank").stats == {"skipped.rank_too_high": 1} and count(gm, *LAYERS) == 1
+
+
+def test_flops_and_params_in_the_report():
+    _, report, _ = apply(nn.Sequential(nn.Linear(64, 64)).eval(), (torch.randn(4, 64),), [LowRank(rank_ratio=0.25)])
+    before, after = report.rows[0], report.row("low_rank")
+    assert (before.flops, after.flops) == (2 * 4 * 64 * 64, 2 * 4 * (16 * 64 + 64 * 16))
+    assert (before.params, after.params) == (64 * 64 + 64, 16 * 64 + 64 * 16 + 64)
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1)).eval()
+    _, report, _ = apply(conv, (torch.randn(2, 8, 10, 10),), [LowRank(rank_ratio=0.25)])  # r = 4
+    pixels = 2 * 10 * 10
+    assert report.rows[0].flops == 2 * pixels * 16 * 72
+    assert report.row("low_rank").flops == 2 * pixels * (4 * 72 + 16 * 4)
+
+
+def test_latency_budget_keeps_only_measured_wins():
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)).eval()
+    x = torch.randn(256, 512)
+    _, report, _ = apply(model, (x,), [LowRank(rank_ratio=0.02, budget="latency")])
+    stats = report.row("low_rank").stats
+    assert stats["split"] + stats.get("skipped.slower_measured", 0) == 2
+    assert "error.linear" in stats  # the 512×512 layer (23× fewer FLOPs at r = 11) is split
+
+
+class Unsplittable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, groups=2)
+
+    def forward(self, x, w):
+        return F.linear(self.conv(x).flatten(1), w)
+
+
+def test_grouped_and_non_constant_weights_are_left_and_counted():
+    model = Unsplittable().eval()
+    example = (torch.randn(2, 8, 6, 6), torch.randn(4, 8 * 16))
+    gm, report, flat = apply(model, example, [LowRank(rank_ratio=0.1)])
+    assert report.row("low_rank").stats == {"skipped.grouped": 1, "skipped.non_constant_weight": 1}
+    assert count(gm, *LAYERS) == 2 and report.final.max_rel_err == 0
+
+
+@pytest.mark.parametrize("make", [lambda: LowRank(energy=0.0), lambda: LowRank(rank_ratio=1.5),
+                                  lambda: resolve("low_rank{method='cp'}"), lambda: resolve("low_rank{budget=1}")])
+def test_bad_options_are_refused(make):
+    with pytest.raises(PassError):
+        make()
+
+
+@pytest.mark.parametrize("name", zoo_params())
+def test_zoo_runs_and_accounts_every_layer(name):
+    model, example = ZOO[name]()
+    gm, signature = trace(model, example)
+    flat = tuple(signature.flatten(example))
+    layers = count(gm, *LAYERS)
+    manager = PassManager([LowRank(rank_ratio=0.25)], verify="lint", measure_latency=False)
+    gm, report = manager.run(gm, PassContext(flat))
+    stats = report.final.stats
+    assert sum(v for k, v in stats.items() if k == "split" or k.startswith("skipped.")) == layers
+    assert report.final.flops <= report.rows[0].flops
+    inputs = fresh_inputs(flat)  # the inputs the pass measured its error on
+    with torch.no_grad():
+        err = compare(list(gm(*inputs)), [model(*inputs)]).max_rel
+    assert err < float("inf") and stats.get("error.model", 0.0) == pytest.approx(err, rel=1e-3, abs=1e-5)
+
+
+class LowRankNet(nn.Module):
+    """conv-bn-relu and a linear head whose weights are exactly low rank (BN folding keeps the rank)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = lowrank_conv(8, 32, 3, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = lowrank_linear(10, 32, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_compile_fuse_low_rank_end_to_end():
+    from models import _randomize_bn
+    model = LowRankNet().eval()
+    _randomize_bn(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 8, 16, 16)
+    cm = fxforge.compile(model, x, passes=["fuse", "low_rank{energy=1.0}"], measure_latency=False)
+    row = cm.report.row("low_rank")
+    assert row.stats["split"] == 2 and row.flops < cm.report.row("fuse_activation").flops
+    fresh = torch.randn(3, 8, 16, 16)
+    assert compare([cm(fresh)], [model(fresh)]).max_rel < 1e-5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    truncated = fxforge.compile(model, x, passes=["fuse", LowRank(rank_ratio=0.05)], measure_latency=False)
+    stats = truncated.report.row("low_rank").stats
+    assert stats["split"] == 2 and 0 < stats["error.model"] and truncated.report.row("low_rank").max_rel_err > 0
+
+
+def test_compress_preset_runs_fuse_dead_channels_low_rank():
+    model, example = ZOO["convbnrelu"]()
+    cm = fxforge.compile(model, example, passes="compress", measure_latency=False)
+    stages = [r.stage.split("{")[0] for r in cm.report.rows]
+    assert stages[-3:] == ["dead_channels", "low_rank", "backend:eager"] and "fuse_batchnorm" in stages
