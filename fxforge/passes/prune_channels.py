@@ -91,12 +91,13 @@ def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) ->
         if m is None:
             continue
         if is_op(node, *CONVS, aten.linear) and get_tensor(gm, node.args[1]) is not None:
-            w = get_tensor(gm, node.args[1])
+            w = get_tensor(gm, node.args[1]).detach()
             for row, i in enumerate(m.ids.tolist()):
                 if i in prunable:
                     rows.setdefault(prunable[i], []).append(w[row].double().flatten())
                     producers.setdefault(prunable[i], set()).add(node.name)
         gamma = get_tensor(gm, node.args[1]) if is_op(node, *BATCH_NORMS) else None
+        gamma = gamma.detach() if gamma is not None else None
         for pos, i in enumerate(m.ids.tolist() if gamma is not None else []):
             if i in prunable:
                 gammas[prunable[i]] = gammas.get(prunable[i], 0.0) + float(gamma[pos].abs())

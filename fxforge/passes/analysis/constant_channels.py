@@ -43,12 +43,14 @@ class ConstantChannels(Analysis):
         out = Constants({}, {})
         for node in gm.graph.nodes:
             m = cg.map(node)
-            if m is None or node.name not in recorded:
+            if m is None:
                 continue
-            first, observed = _first_values(recorded[node.name], m)
-            out.values[node.name] = first
-            proven = _proven(gm, cg, out, node, m, recorded[node.name].dim())
-            out.ids[node.name] = proven - set(m.ids[~observed].tolist())
+            proven = _proven(gm, cg, out, node, m, cg.ndim(node) if node.name in cg.shapes else 0)
+            if node.name in recorded:  # tuple-valued nodes (batch norm) have their values on the getitem
+                first, observed = _first_values(recorded[node.name], m)
+                out.values[node.name] = first
+                proven -= set(m.ids[~observed].tolist())
+            out.ids[node.name] = proven
         return out
 
 
