@@ -103,16 +103,20 @@ def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) ->
                 gammas[prunable[i]] = gammas.get(prunable[i], 0.0) + float(gamma[pos].abs())
         if is_op(node, aten.layer_norm):
             blocked |= {prunable[i] for i in m.ids.flatten().tolist() if i in prunable}
-    stats["skipped.layer_norm"] = len(blocked)
+    if blocked:
+        stats["skipped.layer_norm"] = len(blocked)
     scores: dict[int, float] = {}
     for g, rs in rows.items():
         if g in blocked:
             continue
         if kind == "bn" and g in gammas:
             scores[g] = gammas[g]
+        elif kind == "l1":
+            scores[g] = float(sum(r.abs().sum() for r in rs))
         else:
-            stats["importance_fallback_l2"] = stats.get("importance_fallback_l2", 0) + (kind == "bn")
-            scores[g] = float(sum(r.abs().sum() for r in rs)) if kind == "l1" else float(sum(r.pow(2).sum() for r in rs)) ** 0.5
+            if kind == "bn":
+                stats["importance_fallback_l2"] = stats.get("importance_fallback_l2", 0) + 1
+            scores[g] = float(sum(r.pow(2).sum() for r in rs)) ** 0.5
     layers: dict[tuple, list[int]] = {}
     for g in scores:
         layers.setdefault(tuple(sorted(producers[g])), []).append(g)
