@@ -1,0 +1,447 @@
+"""fxforge.autotune: accuracy-aware search over pass settings, measured on the target backend.
+
+A setting is a pipeline: exact fusion, then optionally channel pruning (ratio), low-rank splitting (energy),
+depthwise-separable decoupling (energy), and int8 quantization that keeps the k most quantization-sensitive
+layers float (mixed precision). The search
+
+1. traces the model once, fuses it, and measures each layer's sensitivity to every option on the calibration
+   data (passes/analysis/sensitivity.py);
+2. drops settings whose summed per-layer sensitivity already exceeds ``max_accuracy_drop``, or that change no
+   layer; for int8 it keeps float the fewest most-sensitive layers that bring the predicted drop within the
+   budget (and one more, as a margin);
+3. compiles the float baseline (``["fuse"]``) and the plain ``"int8"`` preset, then the remaining settings in
+   order of a FLOPs cost model fitted to those two measurements, each with ``fxforge.compile(..., backend=...)``,
+   timing the artifact and scoring it with ``evaluate``; a setting at least as aggressive as one that already
+   failed the accuracy budget is skipped unmeasured;
+4. re-times the Pareto front (latency, size, score) and the two references interleaved, so that their ratios
+   are not skewed by load drifting during the search, and picks the fastest setting within the budget.
+
+``budget`` is a number of candidates (compiled, timed and evaluated pipelines, the two references included).
+The result holds every candidate, the front, the best ``passes=`` list (re-applied by ``fxforge.compile``
+with the same calibration data it gives the same graph), a JSON record and a Pareto plot.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from fxforge.backends.base import get_backend
+from fxforge.compiler.api import CompiledModel, compile
+from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
+from fxforge.compiler.pass_manager import PassContext, PassManager
+from fxforge.compiler.report import measure_latency
+from fxforge.compiler.target import Target, get_target
+from fxforge.compiler.trace import trace
+from fxforge.passes.analysis import Flops
+from fxforge.passes.analysis.sensitivity import Sensitivity, agreement, layer_sensitivity
+from fxforge.passes.calibrate import checked_batches
+
+Evaluate = Callable[[CompiledModel], float]
+NO_SPLIT = 2.0  # the "energy" of a layer left whole: above any energy a split may keep
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The option values tried; an empty tuple leaves that pass out of the search."""
+
+    prune_ratios: tuple[float, ...] = (0.1, 0.25)
+    low_rank_energies: tuple[float, ...] = (0.99, 0.95)
+    depthwise_energies: tuple[float, ...] = (0.99, 0.95)
+    quantize: bool = True
+    sensitivity_batches: int = 4  # calibration batches the sensitivity analysis runs on
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the search space, and the pipeline that realizes it."""
+
+    prune: float = 0.0
+    low_rank: float | None = None
+    depthwise: float | None = None
+    quantize: bool = True
+    skip: tuple[str, ...] = ()  # layers kept float by insert_qdq
+
+    def structure(self) -> list[str]:
+        out = ["fuse"]
+        out += [f"prune_channels{{ratio={self.prune}}}"] if self.prune else []
+        out += [f"low_rank{{energy={self.low_rank}}}"] if self.low_rank is not None else []
+        out += [f"depthwise_separable{{energy={self.depthwise}}}"] if self.depthwise is not None else []
+        return out
+
+    def passes(self) -> list[str]:
+        if not self.quantize:
+            return self.structure()
+        return [*self.structure(), f"insert_qdq{{skip={self.skip!r}}}" if self.skip else "insert_qdq",
+                "calibrate", "fold_qdq"]
+
+    def covers(self, other: Setting) -> bool:
+        """At least as aggressive as ``other`` in every option (so, presumably, at least as inaccurate)."""
+        energy = lambda e: NO_SPLIT if e is None else e
+        return (self.prune >= other.prune and energy(self.low_rank) <= energy(other.low_rank)
+                and energy(self.depthwise) <= energy(other.depthwise) and self.quantize >= other.quantize
+                and (not (self.quantize and other.quantize) or len(self.skip) <= len(other.skip)))
+
+
+@dataclass
+class Candidate:
+    """A setting and what it measured: latency (ms) on the backend, size (bytes of constants), score."""
+
+    setting: Setting
+    predicted_drop: float = 0.0
+    predicted_ms: float | None = None
+    latency_ms: float | None = None
+    size_bytes: int | None = None
+    score: float | None = None
+    feasible: bool = False
+    error: str | None = None
+
+    @property
+    def passes(self) -> list[str]:
+        return self.setting.passes()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": self.passes, "latency_ms": self.latency_ms, "size_bytes": self.size_bytes,
+                "score": self.score, "feasible": self.feasible, "predicted_drop": self.predicted_drop,
+                "predicted_ms": self.predicted_ms, "error": self.error}
+
+
+@dataclass
+class AutotuneResult:
+    """Everything the search measured; ``best.passes`` re-applies the chosen pipeline without searching."""
+
+    baseline: Candidate  # float: exact fusion only
+    reference: Candidate  # the plain "int8" preset
+    candidates: list[Candidate]  # every measured candidate, the two references first
+    pareto: list[Candidate]
+    best: Candidate | None  # fastest candidate within the accuracy budget
+    pruned: list[dict[str, Any]]  # settings skipped unmeasured, and why
+    sensitivity: Sensitivity
+    meta: dict[str, Any] = field(default_factory=dict)
+    compiled: CompiledModel | None = None  # the best candidate, compiled
+    record_path: Path | None = None
+    plot_path: Path | None = None
+
+    @property
+    def passes(self) -> list[str]:
+        if self.best is None:
+            raise TuningError("no candidate met the accuracy budget")
+        return self.best.passes
+
+    def to_dict(self) -> dict[str, Any]:
+        index = {id(c): i for i, c in enumerate(self.candidates)}
+        return {**self.meta, "passes": self.best.passes if self.best else None,
+                "best": index.get(id(self.best)), "baseline": index[id(self.baseline)],
+                "reference": index[id(self.reference)],
+                "pareto": [index[id(c)] for c in self.pareto], "candidates": [c.to_dict() for c in self.candidates],
+                "pruned": self.pruned, "sensitivity": self.sensitivity.to_dict()}
+
+
+def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target = "x86", backend: str | None = None,
+             evaluate: Evaluate | None = None, max_accuracy_drop: float = 0.01, budget: int = 12,
+             calibration: Iterable[Any] | None = None, output_dir: str | Path = "fxforge-autotune",
+             space: SearchSpace = SearchSpace()) -> AutotuneResult:
+    """Search pass settings for the fastest pipeline whose ``evaluate`` score is within ``max_accuracy_drop``
+    of the float model's; ``budget`` bounds the number of candidates compiled and measured.
+
+    ``evaluate(compiled) -> float`` (higher is better) defaults to the top-1 agreement (cosine for
+    non-classifier outputs) with the float model on the calibration data. ``backend`` defaults to "onnx"
+    when installed, else "torchscript". Writes ``autotune.json`` and ``pareto.png`` into ``output_dir``.
+    """
+    started = time.perf_counter()
+    example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    batches = _calibration(calibration, example)
+    _check_arguments(max_accuracy_drop, budget)
+    backend = backend or _default_backend()
+    get_backend(backend)  # an unknown or missing backend fails here, before any work
+    tgt = get_target(target)
+    search = _Search(model, example, tgt, backend, batches, max_accuracy_drop, budget, space, evaluate)
+    result = search.run()
+    result.meta.update({"model": type(model).__name__, "backend": backend, "target": tgt.name,
+                        "max_accuracy_drop": max_accuracy_drop, "budget_candidates": budget,
+                        "example_shapes": [list(t.shape) for t in example if isinstance(t, torch.Tensor)],
+                        "search_s": round(time.perf_counter() - started, 1)})
+    write_record(result, Path(output_dir))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- the search
+
+class _Search:
+    def __init__(self, model: torch.nn.Module, example: tuple, target: Target, backend: str, batches: list[tuple],
+                 max_drop: float, budget: int, space: SearchSpace, evaluate: Evaluate | None) -> None:
+        self.model, self.example, self.target, self.backend = model, example, target, backend
+        self.batches, self.max_drop, self.budget, self.space = batches, max_drop, budget, space
+        self.compiled: dict[int, CompiledModel] = {}  # the compiled models still worth re-timing
+        self.pruned: list[dict[str, Any]] = []
+        self.flops: dict[tuple[str, ...], tuple[float, dict[str, int]]] = {}  # structure → (total, per node)
+        self.fused = self._structural_graph(_traced(model, example), Setting())
+        self.evaluate = evaluate or _agreement_with(self.fused, batches)
+
+    def run(self) -> AutotuneResult:
+        sens = layer_sensitivity(self.fused, self.batches[:self.space.sensitivity_batches], self._settings(),
+                                 self.target)
+        queue = self._candidates(sens)
+        with tqdm(total=self.budget, desc="autotune", unit="candidate", disable=None, leave=False) as bar:
+            baseline = self._measure(Candidate(Setting(quantize=False)), bar, required=True)
+            reference = self._measure(Candidate(Setting()), bar, required=True) if self.space.quantize else baseline
+            threshold = baseline.score - self.max_drop
+            measured = list({id(c): c for c in (baseline, reference)}.values())
+            for c in measured:
+                c.feasible = c.score >= threshold
+            self._predict(queue, baseline, reference)
+            self._explore(sorted(queue, key=lambda c: c.predicted_ms), measured, threshold, bar)
+        self._retime([baseline, reference, *pareto_front(measured)])
+        front = pareto_front(measured)
+        feasible = [c for c in front if c.feasible]
+        best = min(feasible, key=lambda c: (c.latency_ms, c.size_bytes)) if feasible else None
+        compiled, self.compiled = self.compiled.get(id(best)), {}
+        return AutotuneResult(baseline, reference, measured, front, best, self.pruned, sens,
+                              meta={"baseline_score": baseline.score, "threshold": threshold}, compiled=compiled)
+
+    def _explore(self, queue: list[Candidate], measured: list[Candidate], threshold: float, bar: tqdm) -> None:
+        """Measure the queue in order until the budget is spent, skipping what a failure already rules out."""
+        for cand in queue:
+            failed = next((f for f in measured if f.error is None and not f.feasible
+                           and cand.setting.covers(f.setting)), None)
+            if failed is not None:
+                self._prune(cand, f"at least as aggressive as {failed.passes}, which missed the accuracy budget")
+            elif len(measured) >= self.budget:
+                self._prune(cand, "budget exhausted")
+            else:
+                measured.append(self._measure(cand, bar))
+                cand.feasible = cand.error is None and cand.score >= threshold
+                self._keep_front(measured, *measured[:2])
+
+    # ---------------------------------------------------------------------------------- candidate set
+
+    def _settings(self) -> list[str]:
+        """Every pass option the sensitivity analysis must cover."""
+        s = self.space
+        return ((["int8"] if s.quantize else []) + [Setting(prune=r).structure()[1] for r in s.prune_ratios]
+                + [Setting(low_rank=e).structure()[1] for e in s.low_rank_energies]
+                + [Setting(depthwise=e).structure()[1] for e in s.depthwise_energies])
+
+    def _candidates(self, sens: Sensitivity) -> list[Candidate]:
+        """Settings worth measuring (the two references excluded); the rest go to ``pruned`` with a reason."""
+        s = self.space
+        out: list[Candidate] = []
+        for prune, low_rank, depthwise in itertools.product((0.0, *s.prune_ratios), (None, *s.low_rank_energies),
+                                                            (None, *s.depthwise_energies)):
+            structure = Setting(prune, low_rank, depthwise, quantize=False)
+            options = structure.structure()[1:]
+            idle = [o for o in options if not sens.changed(o)]
+            drop = sum(sens.predicted_drop(o) for o in options)
+            if idle:
+                self._prune(Candidate(structure), f"{idle[0]} changes no layer: "
+                                                  f"{sorted(set(sens.effects[idle[0]].values()))}")
+            elif drop > self.max_drop:
+                self._prune(Candidate(structure, drop), f"predicted drop {drop:.4f} > {self.max_drop} "
+                                                        "(summed layer sensitivities)")
+            else:
+                out += self._quantization_variants(structure, drop, sens)
+        reference = {Setting(quantize=False), Setting()}
+        return [c for c in out if c.setting not in reference]
+
+    def _quantization_variants(self, structure: Setting, drop: float, sens: Sensitivity) -> list[Candidate]:
+        """The float structure, and int8 keeping float the k_min and k_min + 1 most sensitive layers."""
+        out = [Candidate(structure, drop)]
+        if not self.space.quantize:
+            return out
+        if options := structure.structure()[1:]:
+            graph = self._structural_graph(self.fused, structure, options)
+            sens = layer_sensitivity(graph, self.batches[:self.space.sensitivity_batches], ["int8"], self.target)
+        ranked = sens.changed("int8")
+        rest = lambda k: drop + sens.predicted_drop("int8", ranked[k:])
+        k_min = next(k for k in range(len(ranked) + 1) if k == len(ranked) or rest(k) <= self.max_drop)
+        for k in range(k_min, min(k_min + 2, len(ranked))):
+            setting = Setting(structure.prune, structure.low_rank, structure.depthwise, True, tuple(ranked[:k]))
+            out.append(Candidate(setting, rest(k)))
+        return out
+
+    def _structural_graph(self, gm: fx.GraphModule, setting: Setting, passes: Sequence[str] | None = None
+                          ) -> fx.GraphModule:
+        """``gm`` after ``passes`` (default: the setting's structural passes), and its per-layer FLOPs."""
+        ctx = PassContext(example_inputs=self.example, target=self.target, calibration=self.batches)
+        gm, _ = PassManager(passes if passes is not None else setting.structure(), verify="off",
+                            measure_latency=False).run(copy.deepcopy(gm), ctx)
+        flops = ctx.analysis(Flops, gm)
+        self.flops[tuple(setting.structure())] = (float(sum(flops.values())), flops)
+        return gm
+
+    def _predict(self, queue: list[Candidate], baseline: Candidate, reference: Candidate) -> None:
+        """Latency ≈ float and int8 reference latencies weighted by the FLOPs run in each precision."""
+        total0, _ = self.flops[("fuse",)]
+        for c in queue:
+            total, per_node = self.flops[tuple(c.setting.structure())]
+            in_float = total if not c.setting.quantize else sum(per_node.get(n, 0) for n in c.setting.skip)
+            c.predicted_ms = (reference.latency_ms * (total - in_float) + baseline.latency_ms * in_float) / total0
+
+    def _prune(self, cand: Candidate, reason: str) -> None:
+        self.pruned.append({"passes": cand.passes, "reason": reason})
+
+    # ------------------------------------------------------------------------------------ measurement
+
+    def _measure(self, cand: Candidate, bar: tqdm, required: bool = False) -> Candidate:
+        """Compile on the backend, time the artifact, evaluate; compile errors are recorded, not raised."""
+        bar.set_description(f"autotune {' → '.join(cand.passes[1:]) or 'float'}"[:70])
+        try:
+            compiled = compile(self.model, self.example, passes=cand.passes, backend=self.backend,
+                               target=self.target, calibration=self.batches, verify="lint", measure_latency=False)
+        except FxforgeError as e:
+            if required:
+                raise TuningError(f"the reference pipeline {cand.passes} does not compile: {e}") from e
+            cand.error = f"{type(e).__name__}: {e}"
+            bar.update()
+            return cand
+        cand.size_bytes = compiled.report.final.bytes
+        cand.latency_ms = measure_latency(lambda *x: compiled.artifact.run(x), compiled.signature.flatten(self.example))
+        cand.score = _score(self.evaluate, compiled, cand.passes)
+        self.compiled[id(cand)] = compiled
+        bar.update()
+        return cand
+
+    def _keep_front(self, measured: list[Candidate], *keep: Candidate) -> None:
+        """Release the compiled models of candidates off the front (only the front is re-timed)."""
+        live = {id(c) for c in (*pareto_front(measured), *keep)}
+        self.compiled = {k: v for k, v in self.compiled.items() if k in live}
+
+    def _retime(self, cands: list[Candidate], rounds: int = 7) -> None:
+        """Median over interleaved rounds, so every candidate sees the same machine load."""
+        cands = list({id(c): c for c in cands if id(c) in self.compiled}.values())
+        samples: dict[int, list[float]] = {id(c): [] for c in cands}
+        flat = self.compiled[id(cands[0])].signature.flatten(self.example) if cands else []
+        for _ in range(rounds):
+            for c in cands:
+                run = self.compiled[id(c)].artifact.run
+                samples[id(c)].append(measure_latency(lambda *x: run(x), flat, budget_s=0.05, max_runs=10))
+        for c in cands:
+            c.latency_ms = statistics.median(samples[id(c)])
+
+
+def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates no other candidate beats on latency, size and score at once (lower, lower, higher)."""
+    ok = [c for c in cands if c.error is None]
+    key = lambda c: (c.latency_ms, c.size_bytes, -c.score)
+    dominated = lambda a, b: all(x <= y for x, y in zip(key(b), key(a))) and key(b) != key(a)
+    return sorted((a for a in ok if not any(dominated(a, b) for b in ok)), key=key)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _traced(model: torch.nn.Module, example: tuple) -> fx.GraphModule:
+    return trace(model, example)[0]
+
+
+def _default_backend() -> str:
+    try:
+        get_backend("onnx")
+        return "onnx"
+    except BackendError:
+        return "torchscript"
+
+
+def _calibration(calibration: Iterable[Any] | None, example: tuple) -> list[tuple]:
+    if calibration is None:
+        raise CalibrationError("autotune needs calibration data (calibration=[(x1,), (x2,), ...]): sensitivity, "
+                               "int8 calibration and the default evaluate all run on it")
+    batches = list(checked_batches(calibration, example))
+    if not batches:
+        raise CalibrationError("autotune got an empty calibration iterable")
+    return batches
+
+
+def _check_arguments(max_accuracy_drop: float, budget: int) -> None:
+    if not isinstance(max_accuracy_drop, (int, float)) or not 0 <= max_accuracy_drop < math.inf:
+        raise InputError(f"max_accuracy_drop must be a finite number >= 0, got {max_accuracy_drop!r}")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 2:
+        raise InputError(f"budget is a number of candidates >= 2 (the float and int8 references), got {budget!r}")
+
+
+def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:
+    """The default evaluate: agreement with the float graph's first output on the calibration data."""
+    with torch.no_grad():
+        reference = torch.cat([_first_float(reference_graph(*b)) for b in batches])
+
+    def evaluate(compiled: CompiledModel) -> float:
+        with torch.no_grad():
+            return agreement(torch.cat([_first_float(compiled(*b)) for b in batches]), reference)
+    return evaluate
+
+
+def _first_float(out: Any) -> torch.Tensor:
+    values = out if isinstance(out, (tuple, list)) else (out,)
+    return next(torch.as_tensor(v) for v in values if torch.as_tensor(v).is_floating_point())
+
+
+def _score(evaluate: Evaluate, compiled: CompiledModel, passes: list[str]) -> float:
+    try:
+        score = evaluate(compiled)
+    except FxforgeError:
+        raise
+    except Exception as e:
+        raise TuningError(f"evaluate failed on the pipeline {passes}: {type(e).__name__}: {e}") from e
+    if isinstance(score, torch.Tensor) and score.numel() == 1:
+        score = score.item()
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        raise TuningError(f"evaluate must return a finite number (higher is better), got {score!r} "
+                          f"for the pipeline {passes}")
+    return float(score)
+
+
+# ------------------------------------------------------------------------------------- record and plot
+
+def write_record(result: AutotuneResult, directory: Path) -> None:
+    """``autotune.json`` (every candidate, the front, the chosen passes) and ``pareto.png`` in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    result.record_path, result.plot_path = directory / "autotune.json", directory / "pareto.png"
+    result.record_path.write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    plot_pareto(result, result.plot_path)
+
+
+def load_passes(record: str | Path) -> list[str]:
+    """The chosen ``passes=`` list of a saved record, for ``fxforge.compile`` (no search)."""
+    try:
+        passes = json.loads(Path(record).read_text())["passes"]
+    except (OSError, ValueError, KeyError) as e:
+        raise TuningError(f"{record} is not an autotune record: {e}") from None
+    if passes is None:
+        raise TuningError(f"{record}: no candidate met the accuracy budget")
+    return passes
+
+
+def plot_pareto(result: AutotuneResult, path: Path) -> None:
+    """Score against latency for every candidate; colour is size; the front is joined, the best starred."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [c for c in result.candidates if c.error is None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = ax.scatter([c.latency_ms for c in ok], [c.score for c in ok], c=[c.size_bytes / 1024 for c in ok],
+                        cmap="viridis", edgecolors="k", zorder=3)
+    fig.colorbar(points, ax=ax, label="size (KiB of constants)")
+    front = sorted(result.pareto, key=lambda c: c.latency_ms)
+    ax.plot([c.latency_ms for c in front], [c.score for c in front], "--", color="gray", label="Pareto front")
+    ax.axhline(result.meta["threshold"], color="red", lw=0.8, label="accuracy budget")
+    for c, name in ((result.baseline, "float"), (result.reference, "int8 preset")):
+        ax.annotate(name, (c.latency_ms, c.score), textcoords="offset points", xytext=(5, 5))
+    if result.best is not None:
+        ax.scatter([result.best.latency_ms], [result.best.score], marker="*", s=300, c="red", zorder=4,
+                   label="best within budget")
+    ax.set(xlabel=f"latency (ms, {result.meta.get('backend')})", ylabel="score (evaluate)",
+           title=f"autotune: {result.meta.get('model', '')}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
