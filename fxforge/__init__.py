@@ -7,13 +7,16 @@ from fxforge.compiler.pass_manager import (Analysis, Pass, PassContext, PassMana
                                            register_pass, register_preset)
 from fxforge.compiler.target import Target, available_targets, get_target, register_target
 from fxforge.compiler.trace import trace
+from fxforge.tuning.search import AutotuneResult, autotune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Analysis", "Artifact", "ArtifactError", "Backend", "BackendError", "CalibrationError", "CompiledModel",
+    "Analysis", "Artifact", "ArtifactError", "AutotuneResult", "Backend", "BackendError", "CalibrationError",
+    "CompiledModel",
     "FxforgeError", "InputError", "Pass", "PassContext", "PassError", "PassManager", "PassResult", "Target",
     "TargetError", "TraceError", "TuningError", "VerificationError", "available_backends", "available_passes",
-    "available_targets", "compile", "get_target", "load", "register_backend", "register_pass", "register_preset",
+    "autotune", "available_targets", "compile", "get_target", "load", "register_backend", "register_pass",
+    "register_preset",
     "register_target", "trace",
 ]
