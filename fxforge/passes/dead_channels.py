@@ -55,10 +55,8 @@ class DeadChannels(Pass):
 
 def is_consumer(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A conv or linear that mixes its input channels into new ones (a depthwise conv only passes them on)."""
-    if is_op(node, aten.linear):
-        return True
-    w = get_tensor(gm, node.args[1]) if is_op(node, *CONVS) else None
-    return w is not None and not (arg(node, 6, "groups", 1) > 1 and w.shape[1] == 1)
+    w = get_tensor(gm, node.args[1]) if is_op(node, *CONVS, aten.linear) else None
+    return w is not None and (is_op(node, aten.linear) or not (arg(node, 6, "groups", 1) > 1 and w.shape[1] == 1))
 
 
 def _blocked(gm: fx.GraphModule, cg: ChannelGraph, const: Constants) -> dict[int, str]:
@@ -97,7 +95,7 @@ def remove_channels(gm: fx.GraphModule, cg: ChannelGraph, const: Constants, remo
         m = cg.map(node)
         if node.op != "call_function":
             continue
-        if is_op(node, *CONVS, aten.linear):
+        if is_op(node, *CONVS, aten.linear) and m is not None:
             rows += _cut_producer(gm, cg, const, node, removed)
         elif is_op(node, *BATCH_NORMS) and m is not None:
             keep = m.keep(removed)

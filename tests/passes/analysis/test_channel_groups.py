@@ -152,6 +152,20 @@ def test_unknown_ops_attention_and_outputs_stop_and_are_counted():
     assert cg.stats["unprunable.op.cumsum"] == 4
 
 
+class ComputedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.w = nn.Conv2d(3, 4, 1), nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):
+        return nn.functional.linear(self.conv(x).mean((2, 3)), self.w * 2)
+
+
+def test_a_weight_computed_in_the_graph_stops_its_input_channels():
+    gm, cg = analyse(ComputedWeight(), torch.randn(2, 3, 4, 4))
+    assert cg.stats == {"groups": 4, "prunable": 0, "unprunable.dynamic_weight": 4}
+
+
 def test_pooling_interpolate_and_spatial_mean_keep_channels():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Upsample(scale_factor=2), nn.AvgPool2d(2),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
