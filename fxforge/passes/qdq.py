@@ -67,10 +67,14 @@ def role(node: fx.Node) -> str | None:
 
 
 def set_params(q: fx.Node, scale: float, zero_point: int) -> None:
-    """Give an activation Q node and every DQ reading it the same scale and zero point."""
+    """Give an activation Q node and every DQ reading it the same scale and zero point.
+
+    The scale is rounded to float32, the precision ONNX stores it in, so both runtimes divide by the same number.
+    """
+    scale = torch.tensor(scale, dtype=torch.float32).item()
     for node in (q, *(u for u in q.users if is_dq(u))):
         args = list(node.args)
-        args[1], args[2] = float(scale), int(zero_point)
+        args[1], args[2] = scale, int(zero_point)
         node.args = tuple(args)
 
 
