@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, arg, aten, get_tensor, is_op
 from fxforge.compiler.errors import PassError
+from fxforge.compiler.graph import add_tensor, arg, aten, get_tensor, is_op
 from fxforge.compiler.report import measure_latency
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 
