@@ -16,6 +16,7 @@ from typing import Callable, Literal
 import torch
 import torch.fx as fx
 
+from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import aten, get_tensor, is_op, set_tensor
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
@@ -40,8 +41,10 @@ class PruneChannels(Pass):
     finetune: Callable[[fx.GraphModule], None] | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0 or self.round_to < 1:
-            raise ValueError(f"need 0 <= ratio < 1 and round_to >= 1, got ratio={self.ratio}, round_to={self.round_to}")
+        if not 0.0 <= self.ratio < 1.0 or self.round_to < 1 or self.importance not in ("l1", "l2", "bn") \
+                or self.scope not in ("global", "layer"):
+            raise PassError(f"prune_channels needs 0 <= ratio < 1, round_to >= 1, importance in l1/l2/bn and scope "
+                            f"global/layer; got {self.options()}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
@@ -65,7 +68,8 @@ class PruneChannels(Pass):
 
     def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: dict) -> list[int]:
         """Group indices to prune: the lowest ``ratio`` per layer or globally, each layer rounded."""
-        norm = {g: scores[g] / (sum(scores[h] for h in gs) / len(gs) or 1.0) for gs in layers.values() for g in gs}
+        means = {key: sum(scores[g] for g in gs) / len(gs) or 1.0 for key, gs in layers.items()}
+        norm = {g: scores[g] / means[key] for key, gs in layers.items() for g in gs}
         cut = sorted(norm.values())[int(self.ratio * len(norm)) - 1] if int(self.ratio * len(norm)) else -1.0
         chosen: list[int] = []
         for groups in layers.values():
@@ -82,41 +86,41 @@ class PruneChannels(Pass):
 def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) -> tuple[dict, dict]:
     """Importance per prunable group, and the groups of each layer (keyed by the producers they share)."""
     prunable = {i: cg.group_of[i] for g in cg.prunable() for i in g.ids}
-    rows: dict[int, list[torch.Tensor]] = {}
+    l1: dict[int, float] = {}
+    l2: dict[int, float] = {}
     gammas: dict[int, float] = {}
     producers: dict[int, set[str]] = {}
     blocked: set[int] = set()
     for node in gm.graph.nodes:
         m = cg.map(node)
-        if m is None:
-            continue
-        if is_op(node, *CONVS, aten.linear) and get_tensor(gm, node.args[1]) is not None:
-            w = get_tensor(gm, node.args[1]).detach()
-            for row, i in enumerate(m.ids.tolist()):
+        w = get_tensor(gm, node.args[1]) if m is not None and is_op(node, *CONVS, aten.linear) else None
+        if w is not None:
+            rows = w.detach().double().flatten(1)
+            for i, a, b in zip(m.ids.tolist(), rows.abs().sum(1).tolist(), rows.pow(2).sum(1).tolist()):
                 if i in prunable:
-                    rows.setdefault(prunable[i], []).append(w[row].double().flatten())
-                    producers.setdefault(prunable[i], set()).add(node.name)
-        gamma = get_tensor(gm, node.args[1]) if is_op(node, *BATCH_NORMS) else None
-        gamma = gamma.detach() if gamma is not None else None
-        for pos, i in enumerate(m.ids.tolist() if gamma is not None else []):
+                    g = prunable[i]
+                    l1[g], l2[g] = l1.get(g, 0.0) + a, l2.get(g, 0.0) + b
+                    producers.setdefault(g, set()).add(node.name)
+        gamma = get_tensor(gm, node.args[1]) if m is not None and is_op(node, *BATCH_NORMS) else None
+        for i, a in zip(m.ids.tolist(), gamma.detach().abs().tolist()) if gamma is not None else ():
             if i in prunable:
-                gammas[prunable[i]] = gammas.get(prunable[i], 0.0) + float(gamma[pos].abs())
-        if is_op(node, aten.layer_norm):
+                gammas[prunable[i]] = gammas.get(prunable[i], 0.0) + a
+        if m is not None and is_op(node, aten.layer_norm):
             blocked |= {prunable[i] for i in m.ids.flatten().tolist() if i in prunable}
     if blocked:
         stats["skipped.layer_norm"] = len(blocked)
     scores: dict[int, float] = {}
-    for g, rs in rows.items():
+    for g in l1:
         if g in blocked:
             continue
         if kind == "bn" and g in gammas:
             scores[g] = gammas[g]
         elif kind == "l1":
-            scores[g] = float(sum(r.abs().sum() for r in rs))
+            scores[g] = l1[g]
         else:
             if kind == "bn":
                 stats["importance_fallback_l2"] = stats.get("importance_fallback_l2", 0) + 1
-            scores[g] = float(sum(r.pow(2).sum() for r in rs)) ** 0.5
+            scores[g] = l2[g] ** 0.5
     layers: dict[tuple, list[int]] = {}
     for g in scores:
         layers.setdefault(tuple(sorted(producers[g])), []).append(g)

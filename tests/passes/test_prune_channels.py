@@ -81,6 +81,8 @@ def test_ratio_zero_changes_nothing():
 def test_bad_options_are_refused(spec):
     with pytest.raises(PassError, match="prune_channels"):
         resolve(spec)
+    with pytest.raises(PassError, match="prune_channels"):
+        PruneChannels(scope="everywhere")
 
 
 def _finetune(x, y, epochs=2):
