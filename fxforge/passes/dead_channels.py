@@ -64,11 +64,11 @@ def _blocked(gm: fx.GraphModule, cg: ChannelGraph, const: Constants) -> dict[int
     blocked: dict[int, str] = {}
     for node in gm.graph.nodes:
         m = cg.map(node.args[0]) if node.op == "call_function" and node.args else None
-        if m is None:
-            continue
-        if is_op(node, aten.layer_norm) and any(d >= cg.ndim(node) - len(node.args[1]) for d in m.dims):
+        normalized = cg.ndim(node) - len(node.args[1]) if is_op(node, aten.layer_norm) else None
+        if m is not None and normalized is not None and any(d >= normalized for d in m.dims):
             blocked.update({i: "layer_norm" for i in m.ids.flatten().tolist()})
-        if not is_consumer(gm, node):
+        m = cg.input_map(node) if m is not None and is_consumer(gm, node) else None
+        if m is None:
             continue
         is_const, value = const.mask(node.args[0], m), const.values[node.args[0].name]
         padded = is_op(node, *CONVS) and not padding_free(node)
@@ -120,7 +120,7 @@ def _cut_producer(gm: fx.GraphModule, cg: ChannelGraph, const: Constants, node: 
     """Drop removed output rows and input columns of a conv/linear, folding constant inputs into the bias."""
     w, x = get_tensor(gm, node.args[1]), node.args[0]
     keep_out = cg.map(node).keep(removed)
-    m = cg.map(x)
+    m = cg.input_map(node)
     keep_in = m.keep(removed) if m is not None else torch.ones(w.shape[1] * arg(node, 6, "groups", 1), dtype=torch.bool)
     bias_node = arg(node, 2, "bias")
     bias = get_tensor(gm, bias_node) if bias_node is not None else torch.zeros(w.shape[0], dtype=w.dtype)

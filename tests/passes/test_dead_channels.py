@@ -97,6 +97,27 @@ def test_live_channels_and_model_outputs_are_left_alone():
     assert row.stats == {"skipped.unprunable.model_output": 6} and row.params == report.row("input").params
 
 
+class LinearOverWidth(nn.Module):
+    """A linear applied over the width of a conv output: it reads no channels, so the analysis stops there."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x))
+
+
+def test_channels_read_in_a_layout_the_analysis_does_not_map_are_kept():
+    model = LinearOverWidth().eval()
+    with torch.no_grad():
+        model.conv.weight[1] = 0
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["dead_channels"])
+    assert report.row("dead_channels").stats == {"skipped.unprunable.linear_input_layout": 4,
+                                                 "skipped.unprunable.model_output": 2}
+    assert conv_shapes(gm) == [(4, 3, 1, 1)]
+
+
 class DenseBlock(nn.Module):
     def __init__(self, growth=4):
         super().__init__()

@@ -87,6 +87,12 @@ class ChannelGraph:
         m = self.maps.get(node.name) if isinstance(node, fx.Node) else None
         return m if isinstance(m, ChannelMap) else None
 
+    def input_map(self, node: fx.Node) -> ChannelMap | None:
+        """The channels a conv/linear reads through its weight columns (None: layout it does not read)."""
+        m = self.map(node.args[0])
+        expected = (1,) if is_op(node, *CONVS) else (self.ndim(node.args[0]) - 1,)
+        return m if m is not None and m.dims == expected else None
+
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.reason is None]
 

@@ -63,14 +63,6 @@ def _first_values(t: torch.Tensor, m: ChannelMap) -> tuple[torch.Tensor, torch.T
     return first.double(), flat.reshape(*first.shape, -1).all(-1)
 
 
-def _const_mask(cg: ChannelGraph, c: Constants, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For the input ``node``: per position of its map, (constant?, value)."""
-    m = cg.map(node)
-    if m is None:
-        return None
-    return c.mask(node, m), c.values[node.name]
-
-
 def _proven(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m: ChannelMap, nd: int) -> set[int]:
     if is_op(node, *CONVS, aten.linear):
         return _producer(gm, cg, c, node, m)
@@ -95,14 +87,14 @@ def _proven(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m
 def _producer(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m: ChannelMap) -> set[int]:
     """Output channels whose every nonzero-weight input is constant (and zero, under padding)."""
     w = get_tensor(gm, node.args[1])
-    inputs = _const_mask(cg, c, node.args[0])
+    x, m_in = node.args[0], cg.input_map(node)
     is_conv = is_op(node, *CONVS)
     n_in = w.shape[1] * (arg(node, 6, "groups", 1) if is_conv else 1)
-    if inputs is None:
+    if m_in is None:
         ok = torch.zeros(n_in, dtype=torch.bool)
     else:
-        const, value = inputs
-        ok = const & (value == 0) if is_conv and not padding_free(node) else const
+        const = c.mask(x, m_in)
+        ok = const & (c.values[x.name] == 0) if is_conv and not padding_free(node) else const
     reads = w.flatten(2).abs().amax(2) != 0 if is_conv else w != 0          # (C_out, C_in per group)
     groups = n_in // w.shape[1]
     ok = ok.reshape(groups, -1).repeat_interleave(w.shape[0] // groups, 0)   # the inputs each row sees
