@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, aten, get_tensor, is_op
+from fxforge.compiler.graph import FUSION_KEY, add_tensor, aten, fusion_groups, get_tensor, is_op
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .analysis.shapes import Shapes
@@ -60,6 +60,9 @@ class InsertQdq(Pass):
         if plan:
             fit_activations(gm, [ctx.example_inputs], "minmax")
         stats.update({"activations": len(plan), "weights": len(weighted)})
+        split = _untag_split_groups(gm)
+        if split:
+            stats["fusion_groups_split"] = split
         return PassResult(changed=bool(plan), stats=stats)
 
     # ---------------------------------------------------------------------------------------- planning
@@ -144,7 +147,7 @@ class InsertQdq(Pass):
         if self.per_channel:
             params = (add_tensor(gm, op, f"{op.name}_weight_scale", scales),
                       add_tensor(gm, op, f"{op.name}_weight_zero_point", torch.zeros(len(scales), dtype=torch.int64)))
-            self._pair(gm, op, 1, (params[0], params[1], 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_channel.default,
+            self._pair(gm, op, 1, (*params, 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_channel.default,
                        qd.dequantize_per_channel.default, "weight")
         else:
             self._pair(gm, op, 1, (float(scales), 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_tensor.default,
@@ -173,3 +176,15 @@ def _chain_end(node: fx.Node) -> fx.Node:
     while len(node.users) == 1 and is_op(next(iter(node.users)), *ACTIVATIONS):
         node = next(iter(node.users))
     return node
+
+
+def _untag_split_groups(gm: fx.GraphModule) -> int:
+    """Drop fuse_activation's tags from groups a Q/DQ pair now cuts (conv → Q → DQ → add + relu): their
+    members are no longer one float kernel; an int8 backend fuses the QDQ form itself."""
+    split = 0
+    for nodes in fusion_groups(gm).values():
+        if any(a not in b.all_input_nodes for a, b in zip(nodes, nodes[1:])):
+            for n in nodes:
+                del n.meta[FUSION_KEY]
+            split += 1
+    return split

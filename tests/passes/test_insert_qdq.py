@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from fxforge.compiler.graph import FUSION_KEY
 from fxforge.passes.qdq import QDQ_KEY, is_q, role
 from models import ZOO
 from pipeline import apply, count, error_vs_eager
@@ -83,6 +84,14 @@ def test_what_cannot_be_lowered_stays_float_and_is_counted():
     assert count(gm, Q, QC) == 0
     assert report.row("insert_qdq").stats == {"skipped.non_constant_weight": 1, "skipped.not_float": 1,
                                               "activations": 0, "weights": 0}
+
+
+def test_fusion_groups_cut_by_a_qdq_pair_lose_their_tags():
+    model, example = ZOO["convbnrelu"]()
+    gm, report, _ = apply(model, example, ["fuse", "insert_qdq"])
+    assert report.row("insert_qdq").stats["fusion_groups_split"] == 1  # conv → Q → DQ → add + relu
+    assert [g["pattern"] for g in {id(n.meta[FUSION_KEY]): n.meta[FUSION_KEY] for n in gm.graph.nodes
+                                   if FUSION_KEY in n.meta}.values()] == ["conv2d+relu"]
 
 
 def test_skip_keeps_named_layers_float():
