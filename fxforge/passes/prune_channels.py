@@ -141,7 +141,8 @@ def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]
         elif is_op(node, *BATCH_NORMS):
             targets = [node.args[1], node.args[2]]
         elif is_op(node, aten.add, aten.sub, aten.mul) and is_op(node, *BINARY):
-            targets = [a for a in node.args[:2] if get_tensor(gm, a) is not None and _spans(get_tensor(gm, a), m, cg.ndim(node))]
+            targets = [a for a in node.args[:2]
+                       if get_tensor(gm, a) is not None and _spans(get_tensor(gm, a), m, cg.ndim(node))]
         else:
             continue
         for t_node in targets:

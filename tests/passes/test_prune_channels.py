@@ -10,7 +10,7 @@ from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import aten, call_nodes, get_tensor
 from fxforge.compiler.pass_manager import resolve
 from fxforge.passes import PruneChannels
-from models import ZOO, DigitsCnn, _randomize_bn, accuracy, digits_cnn, zoo_params
+from models import ZOO, _randomize_bn, accuracy, digits_cnn, zoo_params
 from pipeline import apply, error_vs_eager
 
 

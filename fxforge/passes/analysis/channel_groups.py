@@ -243,7 +243,8 @@ def _getitem(b: _Builder, node: fx.Node) -> ChannelMap | None:
     value = b.maps.get(src.name)
     if isinstance(value, list):
         return value[i]
-    return value if i == 0 and is_op(src, *BATCH_NORMS, aten.max_pool2d_with_indices, aten.adaptive_max_pool2d) else None
+    with_extras = (*BATCH_NORMS, aten.max_pool2d_with_indices, aten.adaptive_max_pool2d)  # (output, stats...)
+    return value if i == 0 and is_op(src, *with_extras) else None
 
 
 def _binary(b: _Builder, node: fx.Node) -> ChannelMap | None:

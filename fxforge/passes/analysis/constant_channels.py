@@ -72,8 +72,9 @@ def _proven(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m
         return c.ids.get(node.args[0].name, set()) | zero
     if is_op(node, *BINARY):
         return _binary(gm, cg, c, node, m, nd)
-    if is_op(node, aten.layer_norm) or (is_op(node, aten.avg_pool2d, aten.avg_pool1d, aten.avg_pool3d)
-                                         and any(arg(node, 3, "padding", [0])) and arg(node, 5, "count_include_pad", True)):
+    padded_average = is_op(node, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d) \
+        and any(arg(node, 3, "padding", [0])) and arg(node, 5, "count_include_pad", True)
+    if is_op(node, aten.layer_norm) or padded_average:
         return set()  # layer norm mixes channels; padded averages shrink constants at the borders
     if is_op(node, aten.cat):
         sources = node.args[0]
