@@ -138,7 +138,17 @@ def test_flops_and_params_in_the_report():
     assert report.row("low_rank").flops == 2 * pixels * (4 * 72 + 16 * 4)
 
 
-def test_latency_budget_keeps_only_measured_wins():
+@pytest.fixture
+def one_thread():
+    """On a shared 2-core machine every OpenMP region can wait a scheduler tick (~16 ms) for its second
+    thread, which swamps the timing of small layers; one thread times the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_latency_budget_keeps_only_measured_wins(one_thread):
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)).eval()
     x = torch.randn(256, 512)
     _, report, _ = apply(model, (x,), [LowRank(rank_ratio=0.02, budget="latency")])
