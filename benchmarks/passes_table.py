@@ -1,6 +1,6 @@
 """Before/after table of the structural passes: params, FLOPs, latency and error on ResNet-18 and MobileNetV2.
 
-    python benchmarks/passes_table.py [--size 224] [--rounds 7]
+    python benchmarks/passes_table.py [--size 224] [--rounds 7] [--models ResNet-18,MobileNetV2]
 
 Prints one Markdown table (the one in docs/passes.md). Every pipeline compiles with the eager backend, so
 the latency column shows what the rewritten graph itself costs in PyTorch; pipelines are timed interleaved by
@@ -67,12 +67,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224, help="input height and width (batch 1)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(1, 3, args.size, args.size)
     results = {}
-    for label, name in MODELS.items():
-        results[label] = bench_model(label, build(name), (x,), [], systems(), rounds=args.rounds,
+    for label in args.models.split(","):
+        results[label] = bench_model(label, build(MODELS[label]), (x,), [], systems(), rounds=args.rounds,
                                      progress=lambda msg: print(msg, file=sys.stderr))
     print(f"Machine: {machine_name()}, {torch.get_num_threads()} threads, input 1×3×{args.size}×{args.size}.\n")
     print(table(results))
