@@ -1,0 +1,116 @@
+"""Per-layer sensitivity: rankings on hand-built layers, refusals, and agreement with the passes' own rewrites."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.compiler.pass_manager import PassContext, PassManager
+from fxforge.passes.analysis.sensitivity import Effect, agreement, layer_sensitivity
+
+X86 = fxforge.get_target("x86")
+
+
+def _graph(model: nn.Module, x: torch.Tensor):
+    return fxforge.trace(model, (x,))[0]
+
+
+def _batches(*shape: int, n: int = 3):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(*shape, generator=g),) for _ in range(n)]
+
+
+class TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_int8_ranks_the_layer_with_outlier_weights_first():
+    torch.manual_seed(0)
+    model = TwoLinear()
+    with torch.no_grad():  # a huge weight per row on an input that is always 0: the int8 grid is too coarse for the rest
+        model.a.weight[:, 0] = 200.0
+    batches = [(x.index_fill(1, torch.tensor([0]), 0.0),) for (x,) in _batches(64, 16)]
+    sens = layer_sensitivity(_graph(model, torch.randn(2, 16)), batches, ["int8"], X86)
+    a, b = sens.effects["int8"]["linear"], sens.effects["int8"]["linear_1"]
+    assert sens.changed("int8") == ["linear", "linear_1"]
+    assert a.rel_error > 5 * b.rel_error, (a, b)
+
+
+def test_low_rank_is_harmless_on_an_exactly_low_rank_layer_and_refused_where_it_saves_nothing():
+    torch.manual_seed(0)
+    model = TwoLinear()
+    with torch.no_grad():
+        model.a.weight.copy_(torch.randn(32, 2) @ torch.randn(2, 16))  # rank 2
+        model.b.weight.copy_(torch.randn(8, 32))  # full rank: a split costs more than it saves
+    sens = layer_sensitivity(_graph(model, torch.randn(2, 16)), _batches(64, 16), ["low_rank{energy=0.95}"], X86)
+    effects = sens.effects["low_rank{energy=0.95}"]
+    assert effects["linear"].rel_error < 1e-5 and effects["linear"].drop == 0.0
+    assert effects["linear_1"] == "rank_too_high"
+    assert sens.changed("low_rank{energy=0.95}") == ["linear"]
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3, self.c1 = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.c1(torch.relu(self.c3(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("setting", ["low_rank{energy=0.7}", "depthwise_separable{energy=0.7}"])
+def test_factorized_layer_effect_equals_the_pass_rewrite_on_a_one_layer_model(setting):
+    torch.manual_seed(0)
+    model = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 6, 6)
+    gm, batches = _graph(model, x), _batches(4, 8, 6, 6)
+    effect = layer_sensitivity(gm, batches, [setting], X86).effects[setting]["conv2d"]
+    rewritten, _ = PassManager([setting], verify="off", measure_latency=False).run(
+        copy.deepcopy(gm), PassContext(example_inputs=(x,)))
+    with torch.no_grad():
+        ref = torch.cat([gm(*b)[0] for b in batches])
+        out = torch.cat([rewritten(*b)[0] for b in batches])
+    assert isinstance(effect, Effect) and effect.rel_error > 1e-3  # a real approximation, not a no-op
+    assert effect.rel_error == pytest.approx(float((out - ref).norm() / ref.norm()), rel=1e-4)
+
+
+def test_refusals_name_the_reason():
+    sens = layer_sensitivity(_graph(ConvNet(), torch.randn(2, 4, 6, 6)), _batches(2, 4, 6, 6),
+                             ["depthwise_separable{energy=0.95}", "prune_channels{ratio=0.1}"], X86)
+    dws = sens.effects["depthwise_separable{energy=0.95}"]
+    assert dws["conv2d_1"] == "pointwise" and dws["linear"] == "not_a_regular_conv2d"
+    assert sens.effects["prune_channels{ratio=0.1}"]["linear"] == "too_few_channels"  # 10 % of 5 rows is 0
+
+
+def test_prune_removes_the_smallest_rows_first():
+    model = ConvNet()
+    with torch.no_grad():
+        model.c3.weight[:4] = 0.0  # the four lowest-L1 channels carry nothing
+        model.c3.bias[:4] = 0.0
+    sens = layer_sensitivity(_graph(model, torch.randn(2, 4, 6, 6)), _batches(2, 4, 6, 6),
+                             ["prune_channels{ratio=0.25}", "prune_channels{ratio=0.5}"], X86)
+    assert sens.effects["prune_channels{ratio=0.25}"]["conv2d"].rel_error == 0.0
+    assert sens.effects["prune_channels{ratio=0.5}"]["conv2d"].rel_error > 1e-3
+
+
+def test_predicted_drop_sums_layer_drops():
+    sens = layer_sensitivity(_graph(ConvNet(), torch.randn(2, 4, 6, 6)), _batches(8, 4, 6, 6),
+                             ["prune_channels{ratio=0.5}"], X86)
+    per = sens.effects["prune_channels{ratio=0.5}"]
+    drops = [e.drop for e in per.values() if isinstance(e, Effect)]
+    assert sens.predicted_drop("prune_channels{ratio=0.5}") == pytest.approx(sum(drops))
+    assert sens.predicted_drop("prune_channels{ratio=0.5}", ["conv2d"]) == pytest.approx(per["conv2d"].drop)
+
+
+def test_agreement_is_top1_for_logits_and_cosine_otherwise():
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert agreement(torch.tensor([[0.0, 1.0]]).repeat(4, 1), ref) == 0.5
+    assert agreement(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])) == pytest.approx(1.0)
+    assert agreement(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])) == pytest.approx(0.0)

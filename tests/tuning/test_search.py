@@ -1,0 +1,143 @@
+"""fxforge.autotune: the digits CNN search against the plain int8 preset, the record, re-application, errors."""
+import json
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.compiler.errors import CalibrationError, InputError, TuningError
+from fxforge.compiler.graph import graph_tensors
+from fxforge.compiler.pass_manager import resolve
+from fxforge.compiler.report import measure_latency
+from fxforge.tuning.search import Candidate, SearchSpace, Setting, load_passes, pareto_front
+from models import accuracy, digits_cnn
+
+BACKEND = "onnx"  # int8 runs as int8 kernels only there
+
+
+def _digits():
+    model, (x_train, _, x_test, y_test) = digits_cnn()
+    calibration = [(x_train[i:i + 64],) for i in range(0, 256, 64)]
+    return model, x_train[:32], calibration, lambda m: accuracy(m, x_test, y_test), (x_test, y_test)
+
+
+def _interleaved_ms(models, example, rounds=15):
+    """Median latency of each model, timed in alternation so both see the same load."""
+    samples = [[] for _ in models]
+    for _ in range(rounds):
+        for times, m in zip(samples, models):
+            times.append(measure_latency(lambda *x: m.artifact.run(x), (example,), budget_s=0.05, max_runs=10))
+    return [statistics.median(t) for t in samples]
+
+
+def _same_graph(a, b):
+    ta, tb = graph_tensors(a), graph_tensors(b)
+    return a.code == b.code and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _check_search(result, model, example, calibration, evaluate, test_data, tmp_path):
+    """What every digits search must give: a feasible best at least as fast as int8, a plot, a re-appliable record."""
+    assert result.best is not None and result.best.feasible
+    assert result.best.score >= result.baseline.score - 0.01
+    assert result.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(result.record_path.read_text())
+    assert record["passes"] == result.best.passes and record["candidates"][record["best"]]["passes"] == result.best.passes
+    # sensitivity pruned channel pruning (≥25 % of channels destroys this un-finetuned CNN) without measuring it
+    assert any(p["passes"][1].startswith("prune_channels") and "predicted drop" in p["reason"] for p in result.pruned)
+
+    again = fxforge.compile(model, example, passes=load_passes(result.record_path), backend=BACKEND,
+                            calibration=calibration, measure_latency=False)
+    assert _same_graph(again.graph_module, result.compiled.graph_module)
+    int8 = fxforge.compile(model, example, passes=["int8"], backend=BACKEND, calibration=calibration,
+                           measure_latency=False)
+    best_ms, int8_ms = _interleaved_ms([again, int8], example)
+    assert best_ms <= 1.10 * int8_ms, (best_ms, int8_ms)  # 10 %: timing noise on a shared machine
+    fp32 = accuracy(model, *test_data)
+    assert evaluate(again) >= fp32 - 0.01, (evaluate(again), fp32)
+
+
+def test_digits_search_finds_a_pipeline_as_fast_as_int8_within_the_budget(tmp_path):
+    model, example, calibration, evaluate, test_data = _digits()
+    space = SearchSpace(prune_ratios=(0.25,), low_rank_energies=(), depthwise_energies=())
+    result = fxforge.autotune(model, example, backend=BACKEND, evaluate=evaluate, max_accuracy_drop=0.01,
+                              budget=3, calibration=calibration, output_dir=tmp_path, space=space)
+    assert len(result.candidates) <= 3
+    assert [c.passes for c in result.candidates[:2]] == [["fuse"], ["fuse", "insert_qdq", "calibrate", "fold_qdq"]]
+    _check_search(result, model, example, calibration, evaluate, test_data, tmp_path)
+
+
+@pytest.mark.slow
+def test_digits_full_search(tmp_path):
+    model, example, calibration, evaluate, test_data = _digits()
+    result = fxforge.autotune(model, example, backend=BACKEND, evaluate=evaluate, budget=12,
+                              calibration=calibration, output_dir=tmp_path)
+    _check_search(result, model, example, calibration, evaluate, test_data, tmp_path)
+    assert any("at least as aggressive" in p["reason"] or "changes no layer" in p["reason"] for p in result.pruned)
+
+
+# ------------------------------------------------------------------------------------------ the pieces
+
+def test_every_setting_is_a_valid_pipeline_and_reads_as_its_option_values():
+    s = Setting(prune=0.25, low_rank=0.95, depthwise=0.99, quantize=True, skip=("conv2d", "linear"))
+    passes = resolve(s.passes())
+    names = [p.name for p in passes]
+    assert names == [p.name for p in resolve("fuse")] + ["prune_channels", "low_rank", "depthwise_separable",
+                                                         "insert_qdq", "calibrate", "fold_qdq"]
+    opts = {p.name: p for p in passes}
+    assert opts["prune_channels"].ratio == 0.25 and opts["low_rank"].energy == 0.95
+    assert opts["depthwise_separable"].energy == 0.99 and opts["insert_qdq"].skip == ("conv2d", "linear")
+    assert Setting(quantize=False).passes() == ["fuse"]
+    assert [p.name for p in resolve(Setting().passes())] == [p.name for p in resolve(["int8"])]
+
+
+def test_covers_orders_settings_by_aggressiveness():
+    base = Setting(prune=0.1, low_rank=0.95, skip=("a", "b"))
+    assert Setting(prune=0.25, low_rank=0.95, skip=("a",)).covers(base)
+    assert Setting(prune=0.1, low_rank=0.9, depthwise=0.95, skip=("a", "b")).covers(base)
+    assert not Setting(prune=0.1, low_rank=0.99, skip=()).covers(base)  # less low-rank error
+    assert not Setting(prune=0.1, low_rank=0.95, quantize=False).covers(base)  # float is less aggressive
+    assert not Setting(prune=0.0, low_rank=0.5, skip=()).covers(base)
+
+
+def test_pareto_front_keeps_only_undominated_candidates():
+    def cand(ms, size, score, error=None):
+        return Candidate(Setting(), latency_ms=ms, size_bytes=size, score=score, error=error)
+    a, b, c, d = cand(1.0, 100, 0.9), cand(2.0, 50, 0.9), cand(2.0, 100, 0.8), cand(0.5, 10, 1.0, error="x")
+    e = cand(0.9, 200, 0.95)
+    assert pareto_front([a, b, c, d, e]) == [e, a, b]  # c is beaten by a; d failed to compile
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"budget": 1}, InputError, "budget"),
+    ({"max_accuracy_drop": -0.1}, InputError, "max_accuracy_drop"),
+    ({"calibration": None}, CalibrationError, "calibration"),
+    ({"calibration": []}, CalibrationError, "empty"),
+    ({"calibration": [(torch.randn(2, 5),)]}, CalibrationError, "does not match"),
+    ({"evaluate": lambda m: 1 / 0}, TuningError, "ZeroDivisionError"),
+    ({"evaluate": lambda m: float("nan")}, TuningError, "finite number"),
+])
+def test_bad_arguments_get_clear_errors(kwargs, error, message, tmp_path):
+    args = {"backend": "eager", "calibration": [(torch.randn(4, 4),)], "output_dir": tmp_path, **kwargs}
+    with pytest.raises(error, match=message):
+        fxforge.autotune(Tiny(), torch.randn(2, 4), **args)
+
+
+def test_record_without_a_feasible_candidate_is_refused(tmp_path):
+    path = tmp_path / "autotune.json"
+    path.write_text(json.dumps({"passes": None}))
+    with pytest.raises(TuningError, match="no candidate"):
+        load_passes(path)
+    path.write_text("{")
+    with pytest.raises(TuningError, match="not an autotune record"):
+        load_passes(path)
