@@ -93,8 +93,18 @@ class Pass:
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
 
+    def changed_options(self) -> dict[str, Any]:
+        """The options that differ from their defaults: what a report needs to tell two runs apart."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        fields = dataclasses.fields(self)
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+                    for f in fields}
+        return {k: v for k, v in self.options().items() if defaults[k] is dataclasses.MISSING or defaults[k] != v}
+
     def __str__(self) -> str:
-        opts = self.options()
+        opts = self.changed_options()
         return self.name + ("{" + ",".join(f"{k}={v!r}" for k, v in opts.items()) + "}" if opts else "")
 
 

@@ -175,3 +175,11 @@ def test_verify_off_skips_checks():
     assert report.final.max_rel_err is None
     with pytest.raises(fxforge.PassError, match="verify must be"):
         PassManager([], verify="sometimes")
+
+
+def test_a_pass_reads_as_its_name_and_the_options_that_differ_from_defaults():
+    from fxforge.passes.low_rank import LowRank
+
+    assert str(LowRank()) == "low_rank"
+    assert str(LowRank(energy=0.9, budget="latency")) == "low_rank{energy=0.9,budget='latency'}"
+    assert [str(p) for p in resolve(str(LowRank(energy=0.9)))] == ["low_rank{energy=0.9}"]
