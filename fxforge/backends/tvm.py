@@ -1,0 +1,361 @@
+"""The TVM backend: lower the optimized graph through Relax, build it with ``tvm.compile``, run it on the VM.
+
+Lowering (TVM 0.27):
+
+1. ``relax_module``: re-export a copy of the GraphModule with ``torch.export`` (batch dimension dynamic
+   where the Signature says so) and import it with ``relax.frontend.torch.from_exported_program``.
+   ``quantized_decomposed`` Q/DQ nodes import through a ``custom_convert_map`` as ``relax.op.quantize`` /
+   ``dequantize`` (int32 zero points); compute after a DQ stays float32 (Relax has no int8 conv lowering).
+   An op the frontend lacks, or one it fails on, becomes a one-line BackendError naming op and node.
+2. ``prepare``: ``DecomposeOpsForInference`` (inference batch norm), ``CanonicalizeBindings`` and the
+   ``zero`` pipeline (legalize, fold constants, fuse) under the target. MetaSchedule records match only
+   functions fused exactly this way, so tuning (``tune={"trials": N, "db": path}``) works on this module.
+3. ``schedule``: CUDA PrimFuncs get dlight's default GPU schedules (unscheduled ones would silently become
+   host code); CPU PrimFuncs get dlight's CPU rules where they apply.
+4. ``tvm.compile`` → a VM executable. x86 runs it on ``relax.VirtualMachine``; arm64 is linked with
+   ``aarch64-linux-gnu-g++`` into an AArch64 shared library; cuda keeps the generated CUDA C beside the
+   library. The artifact directory holds ``model.so`` (loaded back with ``tvm.runtime.load_module``), plus
+   ``model.cu`` for cuda.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from fxforge.compiler.errors import BackendError, TargetError, missing_dependency
+from fxforge.compiler.target import Target
+from fxforge.compiler.trace import MAX_BATCH, Signature, TensorSpec
+
+from .base import Artifact, Backend, register_backend
+
+if TYPE_CHECKING:
+    import tvm
+
+LIB_FILE = "model.so"
+CUDA_FILE = "model.cu"
+CROSS_PACKAGE = "g++-aarch64-linux-gnu"  # the Debian package providing aarch64-linux-gnu-g++
+KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
+
+
+def _tvm():
+    """Import TVM (slow: ~5 s) on first use only."""
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise missing_dependency(e.name or "apache-tvm", "tvm", "the tvm backend") from None
+    return tvm
+
+
+def tvm_target(target: Target) -> tvm.target.Target:
+    """The ``tvm.target.Target`` for an fxforge Target (a device target carries its LLVM host)."""
+    tvm = _tvm()
+    host = target.tvm_host_dict()
+    try:
+        return tvm.target.Target(target.tvm_dict(), host=host) if host else tvm.target.Target(target.tvm_dict())
+    except Exception as e:
+        raise TargetError(f"TVM refuses the target dict of {target.name!r} ({target.tvm_dict()}): "
+                          f"{_first_line(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+
+def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
+                 dynamic_batch: bool = False) -> tvm.IRModule:
+    """Import ``gm`` (flat tensors in, a tuple out) into a Relax IRModule whose ``main`` returns a tuple.
+
+    Shapes are those of ``example_inputs`` unless ``dynamic_batch``: then dimension 0 of every batched input
+    is a symbolic variable (MetaSchedule tunes static shapes only, so tuning uses the default).
+    """
+    _tvm()
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    args = tuple(example_inputs)
+    shapes = None
+    if dynamic_batch:
+        batch = Dim("batch", min=1, max=MAX_BATCH)
+        size = args[0].shape[0] if args and args[0].dim() else None
+        batched = [t.dim() > 0 and t.shape[0] == size for t in args]
+        shapes = tuple({0: batch} if b else None for b in batched)
+        args = tuple(torch.cat([t, t]) if b and t.shape[0] == 1 else t for t, b in zip(args, batched))
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(copy.deepcopy(gm).eval(), args, dynamic_shapes=shapes, strict=False)
+            ep = ep.run_decompositions()  # what from_exported_program does by default
+    except Exception as e:
+        raise BackendError(f"re-exporting the graph for TVM failed: {_first_line(e)}") from None
+
+    class Importer(ExportedProgramImporter):
+        """The stock importer whose converters report the node they failed on."""
+
+        def create_convert_map(self):
+            return {k: _located(f) for k, f in super().create_convert_map().items()}
+
+    importer = Importer()
+    custom = {k: _located(f) for k, f in QDQ_CONVERTERS.items()}
+    known = set(importer.convert_map) | set(custom)
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target.__name__ not in known:
+            raise BackendError(f"the TVM Relax frontend cannot import op {_op_name(node)} at node {node.name!r}: "
+                               f"it has no converter for it")
+    try:
+        return importer.from_exported_program(ep, False, False, False, custom)
+    except _NodeFailure as f:
+        raise BackendError(f"the TVM Relax frontend failed on node {f.node.name!r} (op {_op_name(f.node)}): "
+                           f"{_first_line(f.cause)}") from None
+    except Exception as e:
+        raise BackendError(f"the TVM Relax frontend failed: {_first_line(e)}") from None
+
+
+class _NodeFailure(Exception):
+    def __init__(self, node: fx.Node, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.node, self.cause = node, cause
+
+
+def _located(convert: Callable) -> Callable:
+    def run(node: fx.Node, *rest: Any):
+        try:
+            return convert(node, *rest)
+        except _NodeFailure:
+            raise
+        except Exception as e:
+            raise _NodeFailure(node, e) from None
+    return run
+
+
+def _op_name(node: fx.Node) -> str:
+    name = getattr(node.target, "_name", None) or getattr(node.target, "__name__", str(node.target))
+    overload = getattr(node.target, "_overloadname", None)
+    return f"{name.replace('::', '.')}.{overload}" if overload and not name.endswith(overload) else \
+        name.replace("::", ".")
+
+
+def _qdq(quantize: bool, per_channel: bool) -> Callable:
+    """A converter for quantized_decomposed.{quantize,dequantize}_per_{tensor,channel}.default.
+
+    Arguments: (x, scale, zero_point[, axis], quant_min, quant_max, dtype). The Relax ops clamp to the dtype's
+    range; a narrower [quant_min, quant_max] (7-bit weights) gets an explicit clip after quantize.
+    """
+
+    def convert(node: fx.Node, importer: Any):
+        from tvm import relax
+
+        args = importer.retrieve_args(node)
+        x, scale, zero = args[0], args[1], args[2]
+        axis = args[3] if per_channel else -1
+        qmin, qmax, dtype = args[-3], args[-2], args[-1]
+        scale = scale if isinstance(scale, relax.Expr) else relax.const(float(scale), "float32")
+        zero = relax.op.astype(zero, "int32") if isinstance(zero, relax.Expr) else relax.const(int(zero), "int32")
+        bb = importer.block_builder
+        if not quantize:
+            return bb.emit(relax.op.dequantize(x, scale, zero, axis, "float32"))
+        tvm_dtype = str(dtype).removeprefix("torch.")
+        q = bb.emit(relax.op.quantize(x, scale, zero, axis, tvm_dtype))
+        info = torch.iinfo(dtype)
+        if (qmin, qmax) != (info.min, info.max):
+            q = bb.emit(relax.op.clip(q, qmin, qmax))
+        return q
+
+    return convert
+
+
+QDQ_CONVERTERS = {"quantize_per_tensor.default": _qdq(True, False),
+                  "dequantize_per_tensor.default": _qdq(False, False),
+                  "quantize_per_channel.default": _qdq(True, True),
+                  "dequantize_per_channel.default": _qdq(False, True)}
+
+
+# ------------------------------------------------------------------------------------------- prep/build
+
+
+def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
+    """Inference decomposition, canonical bindings and the ``zero`` pipeline (legalize, fold, fuse).
+
+    This is the module MetaSchedule tunes and applies its database to: records match only functions fused
+    exactly this way, and a miss is silent.
+    """
+    tvm = _tvm()
+    from tvm import relax
+    with tvm_target:
+        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                         relax.transform.CanonicalizeBindings(),
+                                         relax.get_pipeline("zero")])(mod)
+
+
+def schedule(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
+    """Default schedules for PrimFuncs that have none (tuned ones are left alone by dlight)."""
+    from tvm.s_tir import dlight as dl
+    rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()) \
+        if _is_gpu(tvm_target) else (dl.cpu.GEMV(), dl.cpu.Reduction())
+    with tvm_target:
+        return dl.ApplyDefaultSchedule(*rules)(mod)
+
+
+def build(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> Any:
+    """Compile a prepared, scheduled module into a Relax VM executable."""
+    tvm = _tvm()
+    try:
+        return tvm.compile(mod, target=tvm_target)
+    except Exception as e:
+        raise BackendError(f"tvm.compile failed for {tvm_target.kind.name}: {_first_line(e)}") from None
+
+
+def _is_gpu(tvm_target: tvm.target.Target) -> bool:
+    return tvm_target.kind.name in ("cuda", "rocm", "vulkan", "metal", "opencl")
+
+
+def cuda_source(executable: Any) -> str:
+    """The CUDA C of the device module(s) imported under a VM executable ("" when there are none)."""
+    sources = [m.inspect_source() for m in _imports(executable.mod) if m.kind == "cuda"]
+    return "\n".join(dict.fromkeys(sources))  # a module imported on two paths is listed twice
+
+
+def _imports(module: Any) -> list[Any]:
+    out = []
+    for m in module.imports:
+        out += [m, *_imports(m)]
+    return out
+
+
+def export_library(executable: Any, path: Path, target: Target) -> None:
+    """Link the executable into a shared library for ``target`` (cross-compiled where it needs it)."""
+    if target.cross_compiler is None:
+        executable.export_library(str(path))
+        return
+    from tvm.support import cc
+    if shutil.which(target.cross_compiler) is None:
+        raise BackendError(f"the {target.name} target needs the cross compiler {target.cross_compiler}, which is "
+                           f"not installed: apt-get install {CROSS_PACKAGE}")
+    try:
+        executable.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler))
+    except Exception as e:
+        raise BackendError(f"linking the {target.name} library with {target.cross_compiler} failed: "
+                           f"{_first_line(e)}") from None
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+class TvmArtifact(Artifact):
+    """A Relax VM executable: ``model.so`` (and ``model.cu`` for cuda). Runs where the target runs."""
+
+    backend = "tvm"
+
+    def __init__(self, signature: Signature, target: Target, info: dict[str, Any], *,
+                 executable: Any = None, library: bytes | None = None, source: str = "") -> None:
+        super().__init__(signature, target, info)
+        self.executable, self.library, self.source = executable, library, source
+        self._vm: Any = None
+
+    def vm(self) -> Any:
+        """The Relax VirtualMachine on the target's device (created on first call)."""
+        if self._vm is None:
+            tvm = _tvm()
+            from tvm import relax
+            if not self.target.runs_on_host and self.target.tvm.get("kind") == "llvm":
+                raise TargetError(f"this tvm artifact was built for {self.target.name} "
+                                  f"({self.target.tvm.get('mtriple', 'another CPU')}) and cannot run on this "
+                                  f"machine; copy {LIB_FILE} to such a machine and load it with "
+                                  f"tvm.runtime.load_module")
+            kind = "cpu" if self.target.tvm.get("kind") == "llvm" else str(self.target.tvm.get("kind"))
+            device = tvm.device(kind, 0)
+            if not device.exist:
+                raise TargetError(f"this tvm artifact needs a {kind} device and there is none here "
+                                  f"(tvm.device({kind!r}, 0) does not exist)")
+            if self.executable is None:
+                with tempfile.TemporaryDirectory(prefix="fxforge-tvm-") as tmp:
+                    path = Path(tmp) / LIB_FILE
+                    path.write_bytes(self.library or b"")
+                    self.executable = tvm.runtime.load_module(str(path))
+            self._vm = relax.VirtualMachine(self.executable, device)
+        return self._vm
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        tvm = _tvm()
+        vm = self.vm()
+        out = vm["main"](*(tvm.runtime.from_dlpack(t.detach().contiguous()) for t in inputs))
+        return tuple(torch.from_dlpack(o) for o in out)
+
+    def write(self, directory: Path) -> None:
+        if self.library is not None:
+            (directory / LIB_FILE).write_bytes(self.library)
+        else:
+            export_library(self.executable, directory / LIB_FILE, self.target)
+        if self.source:
+            (directory / CUDA_FILE).write_text(self.source)
+
+    @classmethod
+    def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> TvmArtifact:
+        source = (directory / CUDA_FILE).read_text() if (directory / CUDA_FILE).exists() else ""
+        return cls(signature, target, info, library=(directory / LIB_FILE).read_bytes(), source=source)
+
+
+@register_backend
+class TvmBackend(Backend):
+    """torch.export → Relax → prepare (+ MetaSchedule database) → dlight → tvm.compile → Relax VM."""
+
+    name = "tvm"
+    artifact = TvmArtifact
+    targets = ("x86", "arm64", "cuda")
+
+    def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
+              target: Target, **options: Any) -> TvmArtifact:
+        tune = options.pop("tune", None)
+        if options:
+            raise BackendError(f"unknown tvm backend option(s) {', '.join(sorted(options))}; valid: tune")
+        if tune is not None and not isinstance(tune, dict):
+            raise BackendError(f"tune must be a dict like {{'trials': 64, 'db': 'path'}} or None, got {tune!r}")
+        tgt = tvm_target(target)
+        dynamic = signature.dynamic_batch and tune is None  # MetaSchedule tunes static shapes
+        mod = prepare(relax_module(gm, example_inputs, dynamic_batch=dynamic), tgt)
+        info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE}
+        if tune is not None:
+            from fxforge.tuning.metaschedule import apply_tuning
+            mod, info["tuning"] = apply_tuning(mod, tgt, tune)
+        if signature.dynamic_batch and not dynamic:
+            signature = _static(signature, example_inputs, "tvm: tuned for the example batch (static shapes)")
+        executable = build(schedule(mod, tgt), tgt)
+        source, library = "", None
+        if _is_gpu(tgt):
+            source = cuda_source(executable)
+            _check_kernels(mod, source)
+            info.update(cuda_file=CUDA_FILE, cuda_kernels=len(set(KERNEL.findall(source))))
+        if target.cross_compiler is not None:  # link now: the library is the product, and it cannot run here
+            with tempfile.TemporaryDirectory(prefix="fxforge-tvm-") as tmp:
+                export_library(executable, Path(tmp) / LIB_FILE, target)
+                library = (Path(tmp) / LIB_FILE).read_bytes()
+            info["runs_on"] = f"{target.name} machines only (cross-compiled with {target.cross_compiler})"
+        elif _is_gpu(tgt):
+            info["runs_on"] = f"a {tgt.kind.name} GPU with a {tgt.kind.name}-enabled TVM runtime"
+        return TvmArtifact(signature, target, info, executable=executable, library=library, source=source)
+
+
+def _check_kernels(mod: tvm.IRModule, source: str) -> None:
+    """Every PrimFunc must have become a ``__global__`` kernel; an unscheduled one silently runs on the host."""
+    from tvm import tirx
+    kernels = set(KERNEL.findall(source))
+    missing = [gv.name_hint for gv, f in mod.functions.items()
+               if isinstance(f, tirx.PrimFunc) and f"{gv.name_hint}_kernel" not in kernels]
+    if missing:
+        raise BackendError(f"{len(missing)} function(s) got no GPU kernel (no default schedule fits): "
+                           f"{', '.join(missing[:5])}")
+
+
+def _static(signature: Signature, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
+    specs = tuple(TensorSpec(tuple(t.shape), s.dtype) for t, s in zip(example_inputs, signature.inputs))
+    return Signature(specs, signature.in_spec, signature.out_spec, False, note)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
