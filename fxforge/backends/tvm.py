@@ -11,7 +11,7 @@ Lowering (TVM 0.27):
    ``zero`` pipeline (legalize, fold constants, fuse) under the target. MetaSchedule records match only
    functions fused exactly this way, so tuning (``tune={"trials": N, "db": path}``) works on this module.
 3. ``schedule``: CUDA PrimFuncs get dlight's default GPU schedules (unscheduled ones would silently become
-   host code); CPU PrimFuncs get dlight's CPU rules where they apply.
+   host code); CPU PrimFuncs get a small default rule (parallel outer loops, vectorized inner loop).
 4. ``tvm.compile`` → a VM executable. x86 runs it on ``relax.VirtualMachine``; arm64 is linked with
    ``aarch64-linux-gnu-g++`` into an AArch64 shared library; cuda keeps the generated CUDA C beside the
    library. The artifact directory holds ``model.so`` (loaded back with ``tvm.runtime.load_module``), plus
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
 CROSS_PACKAGE = "g++-aarch64-linux-gnu"  # the Debian package providing aarch64-linux-gnu-g++
+CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
+VECTOR = 8  # float32 lanes of AVX2 (and two NEON registers)
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
 
 
@@ -108,12 +110,15 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
             raise BackendError(f"the TVM Relax frontend cannot import op {_op_name(node)} at node {node.name!r}: "
                                f"it has no converter for it")
     try:
-        return importer.from_exported_program(ep, False, False, False, custom)
+        mod = importer.from_exported_program(ep, False, False, False, custom)
     except _NodeFailure as f:
         raise BackendError(f"the TVM Relax frontend failed on node {f.node.name!r} (op {_op_name(f.node)}): "
                            f"{_first_line(f.cause)}") from None
     except Exception as e:
         raise BackendError(f"the TVM Relax frontend failed: {_first_line(e)}") from None
+    # export's batch bound (2**16) would make static memory planning reserve buffers for that batch
+    mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
+    return mod
 
 
 class _NodeFailure(Exception):
@@ -186,19 +191,84 @@ def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
     """
     tvm = _tvm()
     from tvm import relax
+    layout = [] if _is_gpu(tvm_target) else [relax.transform.ConvertLayout(CPU_LAYOUT)]
     with tvm_target:
-        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), *layout,
                                          relax.transform.CanonicalizeBindings(),
                                          relax.get_pipeline("zero")])(mod)
 
 
 def schedule(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
-    """Default schedules for PrimFuncs that have none (tuned ones are left alone by dlight)."""
+    """Default schedules for PrimFuncs that have none (functions a tuning database scheduled are kept).
+
+    GPU: dlight's default GPU rules. CPU: :func:`cpu_rule` (untuned Relax code is naive single-threaded loop
+    nests; dlight's CPU GEMV/Reduction rules measured slower still).
+    """
     from tvm.s_tir import dlight as dl
     rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()) \
-        if _is_gpu(tvm_target) else (dl.cpu.GEMV(), dl.cpu.Reduction())
+        if _is_gpu(tvm_target) else (cpu_rule(),)
     with tvm_target:
         return dl.ApplyDefaultSchedule(*rules)(mod)
+
+
+def cpu_rule() -> Any:
+    """A dlight rule for CPUs: inline elementwise blocks into their consumers; in each remaining block move the
+    innermost spatial loop inside the reduction loops when an input is contiguous along it (conv: the output
+    row, matmul: the output column), vectorize it by 8 where it divides, and run the fused outer spatial loops
+    in parallel. Measured on ResNet-18 (224², static batch): 2.8 s → 0.32 s."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.tirx.analysis import undefined_vars
+
+    class CpuDefault(dl.ScheduleRule):
+        def apply(self, func: Any, target: Any, _: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None:
+                return None
+            remaining = []
+            for info in infos:  # padding stays a block of its own: inlined, it puts a branch in the inner loop
+                if info.is_reduction() or info.is_data_pad(sch) or not _try(sch.compute_inline, info.block_rv):
+                    remaining.append(info)
+            for info in remaining:
+                _schedule_block(sch, info, undefined_vars)
+            return sch
+
+    return CpuDefault()
+
+
+def _schedule_block(sch: Any, info: Any, undefined_vars: Callable) -> None:
+    from tvm import tirx
+    block, loops, kinds = info.block_rv, sch.get_loops(info.block_rv), info.dom_kind()
+    if len(loops) != len(kinds) or "O" in kinds or "S" not in kinds:
+        return
+    spatial = [loop for loop, k in zip(loops, kinds) if k == "S"]
+    reduce = [loop for loop, k in zip(loops, kinds) if k == "R"]
+    var = [it.var for it, k in zip(info.iters, kinds) if k == "S"][-1]
+    contiguous = any(var.same_as(v) for region in sch.get(block).reads if len(region.region)
+                     for v in undefined_vars(region.region[-1].min))
+    outer, inner = (spatial, None) if reduce and not contiguous else (spatial[:-1], spatial[-1])
+    if reduce and inner is not None:
+        sch.reorder(*outer, *reduce, inner)
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    if inner is not None:
+        extent = sch.get(inner).extent
+        if isinstance(extent, tirx.IntImm) and extent.value % VECTOR == 0:
+            sch.vectorize(sch.split(inner, [None, VECTOR])[1])
+    if reduce:
+        sch.decompose_reduction(block, reduce[0])
+
+
+def _try(primitive: Callable, *args: Any) -> bool:
+    try:
+        primitive(*args)
+    except Exception:  # a schedule primitive refuses by raising: the block stays as it is
+        return False
+    return True
 
 
 def build(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> Any:
