@@ -1,0 +1,357 @@
+"""Kernel tuning: TVM MetaSchedule over the prepared Relax module, with a persistent database per target.
+
+``apply_tuning(mod, tvm_target, {"trials": 64, "db": path})`` extracts the module's tuning tasks (one per
+fused PrimFunc), tunes only those the database does not hold yet, one task after another, and applies the
+database (``MetaScheduleApplyDatabase``). A second compile of the same model and target tunes nothing.
+
+The database directory holds MetaSchedule's two JSON-lines files plus ``fxforge_tuning.json``: the target
+JSON and TVM version it was made for and the tasks whose tuning finished. A task counts as tuned only once it
+is listed there, so an interrupted run keeps the finished tasks and the next run tunes the rest (records of
+the interrupted task stay and seed its search). A database for another target or TVM version, or one whose
+files are corrupt, is refused with a TuningError naming the file; nothing in it is changed.
+
+Tuning follows the recipe measured on 2 cores: builder workers skip parsing the GPU tensor intrinsics
+(importing them takes ~70 s, longer than the builder timeout, so every build failed), two build workers,
+60 s build timeout, a short evaluator, the XGBoost cost model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from fxforge.compiler.errors import TuningError
+
+if TYPE_CHECKING:
+    import tvm
+
+DEFAULT_TRIALS = 64
+META_FILE = "fxforge_tuning.json"
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+FORMAT = 1
+OPTIONS = ("trials", "db", "trials_per_task", "trials_per_iter", "timeout_s", "seed")
+GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal", "arm_cpu", "riscv_cpu")
+
+
+@dataclass
+class TaskResult:
+    """One tuning task: its fused function, whether it was tuned now or found, its trials and best time."""
+
+    name: str
+    status: str  # "tuned" (now), "reused" (found in the database) or "untuned" (the trial budget ran out)
+    trials: int  # measured now (0 when reused)
+    best_us: float | None  # best measured mean run time in the database, microseconds
+
+
+def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[str, Any],
+                 progress: bool = True) -> tuple[tvm.IRModule, dict[str, Any]]:
+    """Tune the tasks of ``mod`` missing from the database, then apply the database to ``mod``.
+
+    ``mod`` is the prepared module (``fxforge.backends.tvm.prepare``). ``tune`` keys: ``trials`` (total budget
+    of this run, default 64), ``db`` (directory; default :func:`default_db_dir`), ``trials_per_task``,
+    ``trials_per_iter`` (candidates per build batch, default 16), ``timeout_s`` (per build/run), ``seed``.
+    Returns the module with tuned schedules and stats: db, tasks, tuned_tasks, reused_tasks, untuned_tasks, trials
+    (measured now), scheduled_functions (PrimFuncs the database matched) and per_task (:class:`TaskResult`).
+    """
+    opts = _options(tune)
+    from tvm import relax, tirx
+    from tvm.s_tir import meta_schedule as ms
+
+    keep = _kept_intrinsics(tvm_target)
+    skip_gpu_intrinsics(keep)
+    db_dir = Path(opts["db"]).expanduser() if opts.get("db") else default_db_dir(tvm_target)
+    meta = _read_meta(db_dir, tvm_target)
+    database = open_database(db_dir)
+    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+    keys = [_task_key(t) for t in tasks]
+    best = [_best_us(database, t) for t in tasks]
+    todo = [i for i, k in enumerate(keys) if k not in meta["tasks"] or best[i] is None]
+    results = [TaskResult(t.task_name, "untuned" if i in todo else "reused", 0, best[i]) for i, t in enumerate(tasks)]
+    if todo:
+        _check_runnable(tvm_target)
+        per_task = opts.get("trials_per_task") or max(1, opts["trials"] // len(todo))
+        budgets = _split(opts["trials"], len(todo), per_task)
+        tuner = _Tuner(tvm_target, db_dir, database, keep, opts)
+        _write_meta(db_dir, meta)  # before any record: a run interrupted in its first task leaves a known db
+        for i, budget in zip(todo, budgets):
+            if budget == 0:
+                continue  # the budget ran out: the task keeps its default schedule (or partial records)
+            results[i] = tuner.tune(tasks[i], budget, progress)
+            meta["tasks"][keys[i]] = {"name": tasks[i].task_name, "trials": results[i].trials}
+            _write_meta(db_dir, meta)  # commit per task: an interrupted run keeps what finished
+    with tvm_target, database:
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    scheduled = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in mod.functions.values()
+                    if isinstance(f, tirx.PrimFunc))  # a record that does not match is a silent miss: count hits
+    count = {status: sum(r.status == status for r in results) for status in ("tuned", "reused", "untuned")}
+    stats = {"db": str(db_dir), "tasks": len(tasks), "tuned_tasks": count["tuned"],
+             "reused_tasks": count["reused"], "untuned_tasks": count["untuned"],
+             "trials": sum(r.trials for r in results), "scheduled_functions": scheduled,
+             "per_task": [asdict(r) for r in results]}
+    return mod, stats
+
+
+def default_db_dir(tvm_target: tvm.target.Target) -> Path:
+    """``$XDG_CACHE_HOME/fxforge/tuning/<target key>`` (``~/.cache`` without XDG_CACHE_HOME)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "fxforge" / "tuning" / target_key(tvm_target)
+
+
+def target_key(tvm_target: tvm.target.Target) -> str:
+    """A directory name for a target and this TVM: ``llvm-znver3-<hash of target JSON + TVM version>``."""
+    import tvm
+    attrs = _target_json(tvm_target)
+    cpu = attrs.get("mcpu") or attrs.get("mtriple") or attrs.get("arch") or "generic"
+    digest = hashlib.sha256(f"{json.dumps(attrs, sort_keys=True)}|{tvm.__version__}".encode()).hexdigest()
+    return f"{tvm_target.kind.name}-{cpu}-{digest[:12]}"
+
+
+def skip_gpu_intrinsics(keep: tuple[str, ...] = ()) -> None:
+    """Stand empty modules in for the tensor intrinsics of other hardware (their import takes ~70 s).
+
+    Runs in this process; :func:`_worker_initializer` does the same in every build worker.
+    """
+    for name in GPU_INTRINSICS:
+        if name not in keep:
+            sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}", types.ModuleType(name))
+
+
+def _worker_initializer(keep: tuple[str, ...]) -> Callable[[], None]:
+    """The builder workers' initializer: a closure, so cloudpickle ships it by value and a worker (started
+    afresh for every build batch) does not import fxforge and torch just to unpickle it."""
+    names = tuple(n for n in GPU_INTRINSICS if n not in keep)
+
+    def skip() -> None:
+        import sys
+        import types
+        for name in names:
+            sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}", types.ModuleType(name))
+
+    return skip
+
+
+def open_database(db_dir: Path) -> Any:
+    """The JSON database in ``db_dir`` (created when missing); corrupt files raise a TuningError."""
+    from tvm.s_tir import meta_schedule as ms
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        _check_json_lines(db_dir / name)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+    except Exception as e:
+        raise TuningError(f"the MetaSchedule database in {db_dir} cannot be read ({_first_line(e)}); "
+                          f"delete the directory to tune again") from None
+
+
+# ------------------------------------------------------------------------------------------- tuning
+
+
+class _Tuner:
+    """Tunes one task at a time with one builder, runner and database (committing records as measured)."""
+
+    def __init__(self, tvm_target: tvm.target.Target, db_dir: Path, database: Any, keep: tuple[str, ...],
+                 opts: dict[str, Any]) -> None:
+        from tvm.s_tir import meta_schedule as ms
+        timeout = opts.get("timeout_s", 60)
+        self.target, self.db_dir, self.database, self.opts = tvm_target, db_dir, database, opts
+        self.builder = ms.builder.LocalBuilder(max_workers=2, timeout_sec=timeout,
+                                               initializer=_worker_initializer(keep))
+        self.runner = ms.runner.LocalRunner(timeout_sec=min(timeout, 30), evaluator_config=ms.runner.EvaluatorConfig(
+            number=3, repeat=1, min_repeat_ms=50))
+
+    def tune(self, task: Any, trials: int, progress: bool) -> TaskResult:
+        from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console: the bar; files: all
+        context = ms.TuneContext(mod=task.dispatched[0], target=self.target, space_generator="post-order-apply",
+                                 search_strategy="evolutionary", task_name=task.task_name,
+                                 logger=get_loggers_from_work_dir(str(self.db_dir), [task.task_name])[0],
+                                 rand_state=self.opts.get("seed", 0), num_threads="physical").clone()
+        watch = _Progress(task.task_name, trials, progress)
+        try:
+            ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(self.db_dir), max_trials_global=trials,
+                          max_trials_per_task=trials, num_trials_per_iter=min(trials, self.opts["trials_per_iter"]),
+                          builder=self.builder, runner=self.runner, database=self.database, cost_model="xgb",
+                          measure_callbacks=[*ms.MeasureCallback.create("default"), watch.callback()])
+        except Exception as e:
+            raise TuningError(f"MetaSchedule failed on task {task.task_name}: {_first_line(e)}") from None
+        finally:
+            watch.close()
+        best = _best_us(self.database, task)
+        if best is None:
+            raise TuningError(f"no trial of task {task.task_name} built and ran ({watch.trials} tried); first "
+                              f"error: {watch.first_error or 'none reported'}")
+        return TaskResult(task.task_name, "tuned", watch.trials, best)
+
+
+class _Progress:
+    """A tqdm bar per task: trials measured and the best latency so far; remembers the first failure."""
+
+    def __init__(self, name: str, trials: int, show: bool) -> None:
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=trials, desc=name, unit="trial", disable=not show, leave=True, file=sys.stderr)
+        self.trials, self.best_us, self.first_error = 0, math.inf, ""
+
+    def callback(self) -> Any:
+        from tvm.ir.utils import derived_object
+        from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+        progress = self
+
+        @derived_object
+        class Callback(PyMeasureCallback):
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                progress.update(builder_results, runner_results)
+
+        return Callback()
+
+    def update(self, builder_results: Any, runner_results: Any) -> None:
+        for built, ran in zip(builder_results, runner_results):
+            error = built.error_msg or ran.error_msg
+            if error and not self.first_error:
+                self.first_error = _first_line(Exception(error))
+            if ran.run_secs:
+                self.best_us = min(self.best_us, 1e6 * sum(float(s) for s in ran.run_secs) / len(ran.run_secs))
+        self.trials += len(runner_results)
+        self.bar.update(len(runner_results))
+        if self.best_us < math.inf:
+            self.bar.set_postfix_str(f"best {self.best_us:.1f} us")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------- database
+
+
+def _read_meta(db_dir: Path, tvm_target: tvm.target.Target) -> dict[str, Any]:
+    """The database's metadata, checked against this target and TVM; a fresh one for a new directory."""
+    import tvm
+    want = {"format": FORMAT, "target": _target_json(tvm_target), "tvm": tvm.__version__}
+    path = db_dir / META_FILE
+    if not path.exists():
+        if any((db_dir / n).exists() and (db_dir / n).stat().st_size for n in (WORKLOAD_FILE, RECORD_FILE)):
+            raise TuningError(f"{db_dir} holds MetaSchedule records but no {META_FILE}, so its target and TVM "
+                              f"version are unknown; use another db directory")
+        return {**want, "tasks": {}}
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("tasks"), dict):
+            raise ValueError("not a tuning metadata object")
+    except (ValueError, OSError) as e:
+        raise TuningError(f"tuning database metadata {path} is corrupt ({_first_line(e)})") from None
+    if meta.get("tvm") != want["tvm"]:
+        raise TuningError(f"tuning database {db_dir} was made with TVM {meta.get('tvm')}, this is TVM "
+                          f"{want['tvm']}; use another db directory")
+    if meta.get("target") != want["target"]:
+        old, new = meta.get("target") or {}, want["target"]
+        diff = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in sorted({*old, *new})
+                         if old.get(k) != new.get(k))
+        raise TuningError(f"tuning database {db_dir} was made for another target ({diff}); use another db "
+                          f"directory")
+    return meta
+
+
+def _write_meta(db_dir: Path, meta: dict[str, Any]) -> None:
+    tmp = db_dir / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp, db_dir / META_FILE)
+
+
+def _check_json_lines(path: Path) -> None:
+    """MetaSchedule's files are JSON lines; a truncated or garbled line is a TuningError naming the file."""
+    if not path.exists():
+        return
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TuningError(f"tuning database file {path} cannot be read ({_first_line(e)})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        if not isinstance(value, list):
+            raise TuningError(f"tuning database file {path} is corrupt at line {number}; delete the directory "
+                              f"to tune again")
+
+
+def _best_us(database: Any, task: Any) -> float | None:
+    """The best mean run time the database holds for ``task`` (None when it has no measured record)."""
+    mod = task.dispatched[0]
+    if not database.has_workload(mod):
+        return None
+    records = database.get_top_k(database.commit_workload(mod), 1)
+    secs = [float(s) for s in records[0].run_secs] if records and records[0].run_secs else []
+    return 1e6 * sum(secs) / len(secs) if secs else None
+
+
+def _task_key(task: Any) -> str:
+    """A stable name for a task: its function name and the structural hash of its PrimFunc module."""
+    import tvm_ffi
+    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFF:012x}"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _options(tune: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(tune, dict):
+        raise TuningError(f"tune must be a dict like {{'trials': 64, 'db': 'path'}}, got {tune!r}")
+    unknown = sorted(set(tune) - set(OPTIONS))
+    if unknown:
+        raise TuningError(f"unknown tune option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    opts = {"trials": DEFAULT_TRIALS, "trials_per_iter": 16, **tune}
+    for key in ("trials", "trials_per_task", "trials_per_iter", "timeout_s"):
+        value = opts.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise TuningError(f"tune option {key} must be a positive integer, got {value!r}")
+    return opts
+
+
+def _split(total: int, n: int, per_task: int) -> list[int]:
+    """Trials per task: ``per_task`` each while the total lasts."""
+    out = []
+    for _ in range(n):
+        out.append(min(per_task, total))
+        total -= out[-1]
+    return out
+
+
+def _kept_intrinsics(tvm_target: tvm.target.Target) -> tuple[str, ...]:
+    attrs = _target_json(tvm_target)
+    return ("arm_cpu",) if "aarch64" in str(attrs.get("mtriple", "")) or "arm_cpu" in attrs.get("keys", ()) else ()
+
+
+def _check_runnable(tvm_target: tvm.target.Target) -> None:
+    """MetaSchedule measures every candidate here: the target must run on this machine."""
+    import tvm
+    kind, triple = tvm_target.kind.name, str(_target_json(tvm_target).get("mtriple", ""))
+    if kind == "llvm":
+        if triple and not triple.startswith(platform.machine()):
+            raise TuningError(f"tuning measures kernels on this machine ({platform.machine()}), which cannot run "
+                              f"{triple} code; tune on such a machine and copy its database here")
+    elif not tvm.device(kind, 0).exist:
+        raise TuningError(f"tuning measures kernels on this machine, which has no {kind} device; tune on such a "
+                          f"machine and copy its database here")
+
+
+def _target_json(tvm_target: tvm.target.Target) -> dict[str, Any]:
+    """The target as plain JSON data (host included), the form compared between database and compile."""
+    return json.loads(str(tvm_target))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

@@ -1,0 +1,203 @@
+"""MetaSchedule kernel tuning: the per-target database, tuning only what is missing, resuming, refusing bad dbs.
+
+One module-scoped run tunes a two-task model in two steps (the first stops after one task, as an interrupted
+run would) with 4 trials per task; the other tests read or copy its database. Reuse is asserted through the
+tuning counters, never wall-clock.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.cli import main
+from fxforge.compiler.errors import TuningError
+from fxforge.tuning import metaschedule as ms_tuning
+
+pytest.importorskip("tvm")
+
+TRIALS = {"trials": 4, "trials_per_task": 4, "trials_per_iter": 4}
+
+
+class Head(nn.Module):
+    """One tuning task: fused matmul + bias + relu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class Two(nn.Module):
+    """Two tasks: Head's, and matmul + bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head, self.out = Head(), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.head(x))
+
+
+def _compile(model: nn.Module, db, **tune):
+    return fxforge.compile(model.eval(), torch.randn(4, 32), passes=["fuse"], backend="tvm",
+                           tune={"db": str(db), **TRIALS, **tune})
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A database tuned in two runs: the first tunes one of Two's tasks, the second the other; then a reuse."""
+    db = tmp_path_factory.mktemp("tuning") / "db"
+    torch.manual_seed(0)
+    model = Two()
+    runs, metas = [], []
+    for _ in range(3):
+        runs.append(_compile(model, db))
+        metas.append(json.loads((db / ms_tuning.META_FILE).read_text()))
+    return db, model, runs, metas
+
+
+def test_first_run_writes_a_database_with_what_it_tuned(tuned):
+    db, _, runs, metas = tuned
+    first, meta = runs[0].report.meta["tuning"], metas[0]
+    assert (first["tasks"], first["tuned_tasks"], first["untuned_tasks"], first["trials"]) == (2, 1, 1, 4)
+    assert [t["name"] for t in meta["tasks"].values()] == [p["name"] for p in first["per_task"]
+                                                           if p["status"] == "tuned"]
+    assert meta["tvm"] and meta["target"]["kind"] == "llvm"
+    assert (db / ms_tuning.RECORD_FILE).stat().st_size > 0
+
+
+def test_second_run_tunes_only_the_missing_task(tuned):
+    _, _, runs, _ = tuned
+    first, second = (r.report.meta["tuning"] for r in runs[:2])
+    assert (second["tuned_tasks"], second["reused_tasks"], second["trials"]) == (1, 1, 4)
+    tuned_first = {p["name"] for p in first["per_task"] if p["status"] == "tuned"}
+    tuned_second = {p["name"] for p in second["per_task"] if p["status"] == "tuned"}
+    assert tuned_first.isdisjoint(tuned_second) and len(tuned_first | tuned_second) == 2
+
+
+def test_third_run_applies_the_database_without_tuning(tuned):
+    _, model, runs, _ = tuned
+    third = runs[2].report.meta["tuning"]
+    assert (third["tuned_tasks"], third["reused_tasks"], third["trials"]) == (0, 2, 0)
+    assert third["scheduled_functions"] == 2  # both records matched the module's functions
+    assert all(p["best_us"] > 0 for p in third["per_task"])
+    x = torch.randn(4, 32)  # tuning is for static shapes: the artifact runs the example batch
+    torch.testing.assert_close(runs[2](x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_task_of_another_model_is_found_in_the_database(tuned, tmp_path):
+    db, _, _, _ = tuned
+    shutil.copytree(db, tmp_path / "db")
+    stats = _compile(Head(), tmp_path / "db").report.meta["tuning"]
+    assert (stats["tasks"], stats["tuned_tasks"], stats["reused_tasks"]) == (1, 0, 1)
+
+
+def test_cli_tune_reports_each_task(tuned, tmp_path, capsys):
+    db, _, _, _ = tuned
+    shutil.copytree(db, tmp_path / "db")
+    assert main(["tune", "test_metaschedule:Two", "--input-shape", "4,32", "--trials", "4",
+                 "--db", str(tmp_path / "db")]) == 0
+    out = capsys.readouterr().out
+    assert "fused_matmul_add_relu" in out and "reused" in out and "2 tasks: 0 tuned now" in out
+
+
+def _damaged(tuned, tmp_path, damage) -> str:
+    db, _, _, _ = tuned
+    shutil.copytree(db, tmp_path / "db")
+    damage(tmp_path / "db")
+    with pytest.raises(TuningError) as info:
+        _compile(Two(), tmp_path / "db")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_records_name_the_file(tuned, tmp_path):
+    message = _damaged(tuned, tmp_path, lambda db: _truncate(db / ms_tuning.RECORD_FILE))
+    assert ms_tuning.RECORD_FILE in message and "corrupt" in message
+
+
+def test_garbled_workloads_name_the_file(tuned, tmp_path):
+    message = _damaged(tuned, tmp_path, lambda db: (db / ms_tuning.WORKLOAD_FILE).write_text("{not json\n"))
+    assert ms_tuning.WORKLOAD_FILE in message
+
+
+def test_corrupt_metadata_names_the_file(tuned, tmp_path):
+    message = _damaged(tuned, tmp_path, lambda db: _truncate(db / ms_tuning.META_FILE))
+    assert ms_tuning.META_FILE in message
+
+
+def _edit_meta(db, **fields):
+    path = db / ms_tuning.META_FILE
+    meta = json.loads(path.read_text())
+    for key, value in fields.items():
+        if key == "mcpu":
+            meta["target"]["mcpu"] = value
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+def test_database_of_another_target_is_refused(tuned, tmp_path):
+    message = _damaged(tuned, tmp_path, lambda db: _edit_meta(db, mcpu="cortex-a72"))
+    assert "another target" in message and "cortex-a72" in message
+
+
+def test_database_of_another_tvm_version_is_refused(tuned, tmp_path):
+    message = _damaged(tuned, tmp_path, lambda db: _edit_meta(db, tvm="0.19.0"))
+    assert "TVM 0.19.0" in message
+
+
+def test_records_without_metadata_are_refused(tuned, tmp_path):
+    message = _damaged(tuned, tmp_path, lambda db: (db / ms_tuning.META_FILE).unlink())
+    assert ms_tuning.META_FILE in message and "unknown" in message
+
+
+def test_cli_reports_a_bad_database_in_one_line(tuned, tmp_path, capsys):
+    db, _, _, _ = tuned
+    shutil.copytree(db, tmp_path / "db")
+    _truncate(tmp_path / "db" / ms_tuning.RECORD_FILE)
+    assert main(["tune", "test_metaschedule:Two", "--input-shape", "4,32", "--db", str(tmp_path / "db")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxforge: error:") and ms_tuning.RECORD_FILE in err and "\n" not in err
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"trails": 8}, "unknown tune option(s) trails"),
+    ({"trials": 0}, "trials must be a positive integer"),
+    ({"trials": 8, "timeout_s": "60"}, "timeout_s must be a positive integer"),
+])
+def test_bad_tune_options_are_refused(tune, message):
+    with pytest.raises(TuningError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ms_tuning.apply_tuning(None, None, tune)
+
+
+def test_default_database_is_per_target_under_the_cache_dir(monkeypatch, tmp_path):
+    import tvm
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    x86 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert ms_tuning.default_db_dir(x86).parent == tmp_path / "fxforge" / "tuning"
+    assert ms_tuning.default_db_dir(x86).name.startswith("llvm-znver3-")
+    assert ms_tuning.default_db_dir(arm) != ms_tuning.default_db_dir(x86)
+
+
+def test_a_target_that_cannot_run_here_is_not_tuned(tmp_path):
+    import tvm
+
+    from fxforge.backends import tvm as tvm_backend
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    gm = torch.export.export(Head().eval(), (torch.randn(4, 32),)).module()
+    mod = tvm_backend.prepare(tvm_backend.relax_module(gm, (torch.randn(4, 32),)), arm)
+    with pytest.raises(TuningError, match="cannot run aarch64-linux-gnu code"):
+        ms_tuning.apply_tuning(mod, arm, {"db": str(tmp_path / "db"), **TRIALS})
