@@ -4,6 +4,7 @@
     fxforge targets
     fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --passes fuse --backend onnx --out out/
     fxforge bench torchvision.models:resnet18 --input-shape 1,3,224,224
+    fxforge tune torchvision.models:resnet18 --input-shape 1,3,224,224 --target x86 --trials 64 --db tuning-db/
 
 Every failure the user can cause prints one line (``fxforge: error: ...``) and exits with status 2.
 """
@@ -57,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--calibration", metavar="MODULE:FN", help="input tuples for the int8 systems")
     bench.add_argument("--list", action="store_true", help="list the systems and exit")
     bench.set_defaults(run=_bench)
+
+    tune = sub.add_parser("tune", help="tune the model's TVM kernels with MetaSchedule into a per-target database")
+    _model_arguments(tune)
+    tune.add_argument("--passes", default="fuse", help="comma-separated passes or presets (default: fuse)")
+    tune.add_argument("--target", default="x86", help="x86, arm64 or cuda (tuning runs kernels here)")
+    tune.add_argument("--trials", type=int, default=64, help="total trial budget of this run (default: 64)")
+    tune.add_argument("--trials-per-task", type=int, help="trials per task (default: the budget split evenly)")
+    tune.add_argument("--db", help="database directory (default: per target under ~/.cache/fxforge/tuning)")
+    tune.set_defaults(run=_tune)
     return parser
 
 
@@ -115,6 +125,24 @@ def _bench(args: argparse.Namespace) -> int:
     if not calibration:
         systems = [s for s in systems if "int8" not in s.name]  # never calibrate on made-up data
     print(markdown(bench_model(args.model, model, example, calibration, systems, rounds=args.rounds)))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import fxforge
+    model = _build_model(args.model)
+    example = _example_inputs(args.input_shape, args.dtype)
+    tune = {"trials": args.trials, **({"trials_per_task": args.trials_per_task} if args.trials_per_task else {}),
+            **({"db": args.db} if args.db else {})}
+    cm = fxforge.compile(model, example, passes=[p for p in args.passes.split(",") if p], backend="tvm",
+                         target=args.target, tune=tune)
+    stats = cm.report.meta["tuning"]
+    print(f"{'task':40} {'status':8} {'trials':>6} {'best (us)':>10}")
+    for task in stats["per_task"]:
+        best = f"{task['best_us']:.1f}" if task["best_us"] is not None else "-"
+        print(f"{task['name']:40} {task['status']:8} {task['trials']:>6} {best:>10}")
+    print(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['trials']} trials), "
+          f"{stats['reused_tasks']} from the database, {stats['untuned_tasks']} untuned; database: {stats['db']}")
     return 0
 
 
