@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
-CROSS_PACKAGE = "g++-aarch64-linux-gnu"  # the Debian package providing aarch64-linux-gnu-g++
+CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
 VECTOR = 8  # float32 lanes of AVX2 (and two NEON registers)
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
@@ -304,8 +304,9 @@ def export_library(executable: Any, path: Path, target: Target) -> None:
         return
     from tvm.support import cc
     if shutil.which(target.cross_compiler) is None:
+        package = CROSS_PACKAGES.get(target.cross_compiler, f"a package providing {target.cross_compiler}")
         raise BackendError(f"the {target.name} target needs the cross compiler {target.cross_compiler}, which is "
-                           f"not installed: apt-get install {CROSS_PACKAGE}")
+                           f"not installed: apt-get install {package}")
     try:
         executable.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler))
     except Exception as e:

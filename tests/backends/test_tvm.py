@@ -1,0 +1,273 @@
+"""TVM backend: x86 builds match eager (dynamic batch, save/load), int8 QDQ graphs match the eager int8 graph,
+ops the frontend lacks become a BackendError, arm64 gives an AArch64 NEON library, cuda gives CUDA kernels."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.backends import tvm as tvm_backend
+from fxforge.backends.base import get_backend
+from fxforge.compiler.target import get_target
+from fxforge.compiler.verify import compare, fresh_inputs
+from models import ZOO, zoo_params
+
+qd = torch.ops.quantized_decomposed
+EM_AARCH64 = 183  # ELF e_machine of AArch64
+
+
+@pytest.fixture(scope="module")
+def convbnrelu():
+    model, (x,) = ZOO["convbnrelu"]()  # batch 2, 3×16×16
+    return model, x, fxforge.compile(model, (x,), passes=["fuse"], backend="tvm", measure_latency=False)
+
+
+def test_x86_matches_eager_at_any_batch(convbnrelu):
+    model, x, cm = convbnrelu
+    assert cm.signature.dynamic_batch and cm.report.final.stage == "backend:tvm"
+    for batch in (1, 3):
+        xb = torch.randn(batch, *x.shape[1:])
+        with torch.no_grad():
+            assert compare([cm(xb)], [model(xb)]).max_rel < 1e-4
+
+
+def test_mlp_matches_eager():
+    model, example = ZOO["mlp"]()
+    cm = fxforge.compile(model, example, passes=["fuse"], backend="tvm", measure_latency=False)
+    inputs = fresh_inputs(example, seed=3)
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-4
+
+
+def test_save_load_round_trip_matches_in_memory(convbnrelu, tmp_path):
+    _, x, cm = convbnrelu
+    path = cm.save(tmp_path / "cbr")
+    meta = json.loads((path / "fxforge.json").read_text())
+    assert meta["backend"] == "tvm" and set(meta["files"]) == {"model.so"}
+    loaded = fxforge.load(path)
+    xb = torch.randn(5, *x.shape[1:])
+    torch.testing.assert_close(loaded(xb), cm(xb), rtol=0, atol=0)
+    assert loaded.executable is not None  # loaded through tvm.runtime.load_module on first call
+
+
+def test_default_cpu_schedule_parallelizes_and_vectorizes():
+    model, (x,) = ZOO["convbnrelu"]()
+    gm, _ = fxforge.trace(model, (x,))
+    tgt = tvm_backend.tvm_target(get_target("x86"))
+    mod = tvm_backend.schedule(tvm_backend.prepare(tvm_backend.relax_module(gm, (x,)), tgt), tgt)
+    convs = [f.script() for gv, f in mod.functions.items() if gv.name_hint.startswith("fused_conv2d")]
+    assert convs and all("T.parallel(" in s and "T.vectorized(" in s for s in convs)
+
+
+def test_relax_module_is_static_unless_asked():
+    from tvm import tirx
+    model, (x,) = ZOO["mlp"]()
+    gm, _ = fxforge.trace(model, (x,))
+    static = tvm_backend.relax_module(gm, (x,))["main"].params[0].ty.shape
+    dynamic = tvm_backend.relax_module(gm, (x,), dynamic_batch=True)["main"].params[0].ty.shape
+    assert [int(d) for d in static] == list(x.shape)
+    assert isinstance(dynamic[0], tirx.Var) and int(dynamic[1]) == x.shape[1]
+
+
+class NarrowQdq(torch.nn.Module):
+    """Q/DQ with a 7-bit range inside int8 (a clip after relax.quantize) and a per-channel weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = qd.quantize_per_tensor(x, 0.05, 3, -64, 63, torch.int8)
+        y = qd.dequantize_per_tensor(q, 0.05, 3, -64, 63, torch.int8)
+        w = qd.quantize_per_channel(y, torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0, 1, 2, 3]), 1,
+                                    0, 255, torch.uint8)
+        return qd.dequantize_per_channel(w, torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0, 1, 2, 3]), 1,
+                                         0, 255, torch.uint8)
+
+
+def test_qdq_ops_import_as_relax_quantize_and_match_torch():
+    x = torch.randn(6, 4) * 4  # reaches past both clamp ranges
+    cm = fxforge.compile(NarrowQdq(), (x,), backend="tvm", measure_latency=False)
+    text = tvm_backend.relax_module(cm.graph_module, (x,)).script()
+    assert text.count("R.quantize(") == 2 and text.count("R.dequantize(") == 2 and "R.clip(" in text
+    xb = torch.randn(3, 4) * 4
+    torch.testing.assert_close(cm(xb), NarrowQdq()(xb), rtol=0, atol=1e-6)
+
+
+def test_int8_preset_matches_eager_int8():
+    model, example = ZOO["convbnrelu"]()
+    calibration = [fresh_inputs(example, s) for s in (3, 4)]
+    eager = fxforge.compile(model, example, passes=["int8"], calibration=calibration, measure_latency=False)
+    tvm = fxforge.compile(model, example, passes=["int8"], backend="tvm", calibration=calibration,
+                          measure_latency=False)
+    output_dq = next(n for n in tvm.graph_module.graph.nodes if n.op == "output").args[0][0]
+    assert output_dq.target is qd.dequantize_per_tensor.default
+    step = output_dq.args[1]
+    for seed in (9, 10):
+        test = fresh_inputs(example, seed)
+        with torch.no_grad():
+            diff = (tvm(*test) - eager(*test)).abs()
+        # float accumulation order may move a value across a rounding boundary: at most one output step, rarely
+        assert diff.max() <= step + 1e-6 and (diff > 1e-6).float().mean() <= 0.1, (diff.max(), step)
+
+
+@torch.library.custom_op("fxforge_tvm_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Mystery(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mystery(torch.relu(x)) + 1
+
+
+def test_op_without_converter_names_op_and_node():
+    with pytest.raises(fxforge.BackendError) as info:
+        fxforge.compile(Mystery(), (torch.randn(2, 4),), backend="tvm", measure_latency=False)
+    message = str(info.value)
+    assert re.search(r"cannot import op fxforge_tvm_test.mystery.default at node 'mystery'", message)
+    assert "\n" not in message and info.value.__cause__ is None
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"threads": 2}, "unknown tvm backend option.*threads"),
+    ({"tune": 16}, "tune must be a dict"),
+])
+def test_bad_options_are_refused(options, message):
+    model, example = ZOO["mlp"]()
+    with pytest.raises(fxforge.BackendError, match=message):
+        fxforge.compile(model, example, backend="tvm", measure_latency=False, verify="off", **options)
+
+
+def test_tune_hands_the_prepared_module_to_metaschedule_and_fixes_the_batch(monkeypatch):
+    calls = []
+
+    def apply_tuning(mod, tvm_target, tune, progress=True):
+        calls.append((mod, tvm_target, tune))
+        return mod, {"tasks": 3, "applied": 0}
+
+    monkeypatch.setitem(sys.modules, "fxforge.tuning.metaschedule",
+                        types.SimpleNamespace(apply_tuning=apply_tuning))
+    model, (x,) = ZOO["mlp"]()
+    cm = fxforge.compile(model, (x,), backend="tvm", tune={"trials": 8, "db": "unused"}, measure_latency=False)
+    (mod, tgt, tune), = calls
+    assert tune == {"trials": 8, "db": "unused"} and tgt.kind.name == "llvm"
+    assert "main" in [gv.name_hint for gv in mod.functions] and "fused_" in mod.script()  # prepared: fused
+    assert cm.artifact.info["tuning"] == {"tasks": 3, "applied": 0}
+    assert not cm.signature.dynamic_batch and "static" in cm.signature.note
+    with pytest.raises(fxforge.InputError):
+        cm(torch.randn(x.shape[0] + 1, *x.shape[1:]))
+    with torch.no_grad():
+        assert compare([cm(x)], [model(x)]).max_rel < 1e-4
+
+
+def test_lower_is_quiet_and_never_mutates_the_graph(capfd):
+    model, example = ZOO["convbnrelu"]()
+    gm, sig = fxforge.trace(model, example)
+    code = gm.code
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_backend("tvm").lower(gm, example, sig, get_target("x86"))
+    assert capfd.readouterr() == ("", "") and not caught
+    assert gm.code == code and all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------- arm64
+
+
+@pytest.fixture(scope="module")
+def cross_compiler():
+    """aarch64-linux-gnu-g++, installed from Debian when missing and installable (root with apt-get)."""
+    tool = get_target("arm64").cross_compiler
+    if shutil.which(tool) is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "g++-aarch64-linux-gnu"], capture_output=True, timeout=600)
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is missing and cannot be installed here (needs root and apt-get)")
+    return tool
+
+
+@pytest.fixture(scope="module")
+def arm64(cross_compiler, tmp_path_factory):
+    model, (x,) = ZOO["convbnrelu"]()
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="tvm", target="arm64", measure_latency=False)
+    return cm, cm.save(tmp_path_factory.mktemp("arm64") / "cbr")
+
+
+def test_arm64_library_is_an_aarch64_elf_with_neon(arm64):
+    cm, path = arm64
+    lib = (path / "model.so").read_bytes()
+    assert lib[:4] == b"\x7fELF" and lib[4] == 2  # 64-bit
+    assert int.from_bytes(lib[18:20], "little") == EM_AARCH64
+    assert cm.artifact.library == lib
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    assert objdump, "binutils-aarch64-linux-gnu comes with the cross compiler"
+    asm = subprocess.run([objdump, "-d", str(path / "model.so")], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\bfmla\s+v\d+\.4s", asm) and re.search(r"\bld1\w*\s+\{v\d+", asm)
+
+
+def test_arm64_artifact_says_where_it_runs(arm64):
+    cm, path = arm64
+    assert "arm64" in cm.artifact.info["runs_on"]
+    for artifact in (cm.artifact, fxforge.load(path)):
+        with pytest.raises(fxforge.TargetError, match="built for arm64.*cannot run on this machine"):
+            artifact(torch.randn(2, 3, 16, 16))
+
+
+def test_arm64_without_cross_compiler_names_the_package(monkeypatch):
+    monkeypatch.setattr(tvm_backend.shutil, "which", lambda name: None)
+    model, example = ZOO["mlp"]()
+    with pytest.raises(fxforge.BackendError, match="aarch64-linux-gnu-g\\+\\+.*apt-get install g\\+\\+-aarch64-linux-gnu"):
+        fxforge.compile(model, example, backend="tvm", target="arm64", measure_latency=False)
+
+
+# ----------------------------------------------------------------------------------------------------- cuda
+
+
+def test_cuda_source_has_a_kernel_for_every_function(tmp_path):
+    import tvm
+    model, (x,) = ZOO["convbnrelu"]()
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="tvm", target="cuda", measure_latency=False)
+    source = cm.artifact.source
+    kernels = set(tvm_backend.KERNEL.findall(source))
+    assert cm.artifact.info["cuda_kernels"] == len(kernels) >= 4  # 2 convs, mean, linear
+    assert sum("conv2d" in k for k in kernels) == 2
+    path = cm.save(tmp_path / "cuda")
+    assert (path / "model.cu").read_text() == source and (path / "model.so").stat().st_size > 0
+    if tvm.cuda(0).exist:  # a GPU machine with a CUDA-enabled TVM
+        with torch.no_grad():
+            assert compare([cm(x)], [model(x)]).max_rel < 1e-4
+    else:
+        with pytest.raises(fxforge.TargetError, match="needs a cuda device"):
+            cm(x)
+
+
+def test_unscheduled_cuda_functions_are_refused():
+    model, (x,) = ZOO["mlp"]()
+    gm, _ = fxforge.trace(model, (x,))
+    tgt = tvm_backend.tvm_target(get_target("cuda"))
+    mod = tvm_backend.prepare(tvm_backend.relax_module(gm, (x,)), tgt)
+    with pytest.raises(fxforge.BackendError, match="got no GPU kernel"):
+        tvm_backend._check_kernels(mod, source="")
+
+
+# ------------------------------------------------------------------------------------------------------ zoo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [p.values[0] for p in zoo_params()])
+def test_zoo_after_fuse_matches_eager(name):
+    model, example = ZOO[name]()
+    cm = fxforge.compile(model, example, passes=["fuse"], backend="tvm", measure_latency=False)
+    inputs = fresh_inputs(example, seed=11)
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-4
