@@ -123,6 +123,8 @@ class InsertQdq(Pass):
         weight = get_tensor(gm, node.args[1])
         if weight is None or not weight.is_floating_point():
             return "non_constant_weight"
+        if weight.numel() == 0:  # dead_channels removed every channel of this layer
+            return "empty_weight"
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if bias is not None and get_tensor(gm, bias) is None:
             return "non_constant_bias"

@@ -70,6 +70,8 @@ class LowRank(Pass):
         bias = get_tensor(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             return "non_constant_weight"
+        if weight.numel() == 0:  # dead_channels removed every channel of this layer
+            return "empty"
         if not is_op(node, aten.linear) and arg(node, 6, "groups", 1) != 1:
             return "grouped"
         x, y = rec.value(node.args[0]), rec.value(node)

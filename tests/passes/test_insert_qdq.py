@@ -125,3 +125,11 @@ def test_a_second_run_quantizes_nothing_twice():
     gm, report, _ = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq", "insert_qdq"])
     assert report.rows[-1].stats == {"skipped.already_quantized": 1, "activations": 0, "weights": 0}
     assert count(gm, Q) == 2 and count(gm, QC) == 2
+
+
+def test_layers_dead_channels_emptied_stay_float():
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 4, bias=False)).eval()
+    nn.init.zeros_(model[0].weight)  # every channel constant: dead_channels removes them all
+    gm, report, flat = apply(model, (torch.randn(2, 3),), ["dead_channels", "insert_qdq"])
+    assert report.row("insert_qdq").stats == {"skipped.empty_weight": 2, "activations": 0, "weights": 0}
+    assert error_vs_eager(gm, model, flat).max_rel == 0

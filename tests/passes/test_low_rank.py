@@ -234,3 +234,11 @@ def test_compress_preset_runs_fuse_dead_channels_low_rank():
     cm = fxforge.compile(model, example, passes="compress", measure_latency=False)
     stages = [r.stage.split("{")[0] for r in cm.report.rows]
     assert stages[-3:] == ["dead_channels", "low_rank", "backend:eager"] and "fuse_batchnorm" in stages
+
+
+def test_layers_dead_channels_emptied_are_skipped():
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 4, bias=False)).eval()
+    nn.init.zeros_(model[0].weight)  # every channel constant: dead_channels removes them all
+    gm, report, flat = apply(model, (torch.randn(2, 3),), ["dead_channels", "low_rank"])
+    assert report.row("low_rank").stats == {"skipped.empty": 2}
+    assert error_vs_eager(gm, model, flat).max_rel == 0
