@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
+from fxforge.compiler.errors import BackendError
 from fxforge.compiler.graph import fusion_groups, inplace_variant
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature
@@ -60,6 +61,8 @@ class EagerBackend(Backend):
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> EagerArtifact:
+        if options:
+            raise BackendError(f"the eager backend takes no options, got {', '.join(sorted(options))}")
         gm = copy.deepcopy(gm)
         fused = 0
         for nodes in fusion_groups(gm).values():
