@@ -87,13 +87,21 @@ def load(directory: str | os.PathLike[str]) -> Artifact:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise ArtifactError(f"{path} has artifact format {meta.get('format') if isinstance(meta, dict) else '?'}, "
                             f"this fxforge reads format {FORMAT_VERSION}")
-    for name, digest in meta.get("files", {}).items():
+    missing = [key for key in ("backend", "target", "signature", "files") if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path / META_FILE} lacks {', '.join(map(repr, missing))}; "
+                            "it was not written by fxforge")
+    for name, digest in meta["files"].items():
         file = path / name
         if not file.is_file() or _sha256(file) != digest:
             raise ArtifactError(f"{file} is missing or was modified after saving (hash mismatch)")
-    cls = get_backend(meta["backend"]).artifact
-    target = _target_from(meta["target"])
     try:
+        cls = get_backend(meta["backend"]).artifact
+    except BackendError as e:
+        raise ArtifactError(f"{path} was saved by backend {meta['backend']!r}, which this fxforge lacks: "
+                            f"{e}") from None
+    try:
+        target = _target_from(meta["target"])
         return cls.read(path, Signature.from_dict(meta["signature"]), target, meta.get("info", {}))
     except ArtifactError:
         raise
