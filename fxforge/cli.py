@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -99,7 +100,7 @@ def _compile(args: argparse.Namespace) -> int:
     model = _build_model(args.model)
     example = _example_inputs(args.input_shape, args.dtype)
     calibration = _call(args.calibration)() if args.calibration else None
-    cm = fxforge.compile(model, example, passes=[p for p in args.passes.split(",") if p], backend=args.backend,
+    cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend=args.backend,
                          target=args.target, calibration=calibration, verify=args.verify)
     print(cm.report)
     if args.out:
@@ -134,7 +135,7 @@ def _tune(args: argparse.Namespace) -> int:
     example = _example_inputs(args.input_shape, args.dtype)
     tune = {"trials": args.trials, **({"trials_per_task": args.trials_per_task} if args.trials_per_task else {}),
             **({"db": args.db} if args.db else {})}
-    cm = fxforge.compile(model, example, passes=[p for p in args.passes.split(",") if p], backend="tvm",
+    cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend="tvm",
                          target=args.target, tune=tune)
     stats = cm.report.meta["tuning"]
     print(f"{'task':40} {'status':8} {'trials':>6} {'best (us)':>10}")
@@ -144,6 +145,11 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['trials']} trials), "
           f"{stats['reused_tasks']} from the database, {stats['untuned_tasks']} untuned; database: {stats['db']}")
     return 0
+
+
+def split_passes(text: str) -> list[str]:
+    """``fuse,low_rank{energy=0.9,budget='flops'}`` → the pass specs (commas inside braces belong to options)."""
+    return [p.strip() for p in re.split(r",(?![^{]*\})", text) if p.strip()]
 
 
 def _call(spec: str) -> Callable[..., Any]:
