@@ -1,0 +1,285 @@
+"""Bad input, case by case: each gets a named fxforge error whose one-line message names the cause (and the
+node/op where there is one), and the CLI turns it into ``fxforge: error: ...`` with exit status 2.
+
+``python tests/test_bad_input.py`` prints the table of classes and actual messages for docs/reliability.md.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.backends import base
+from fxforge.cli import main
+
+
+# ---------------------------------------------------------------------------------------- models the cases use
+
+class DataDependent(nn.Module):
+    """Branches on a tensor's value: torch.export cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+class UnsupportedPython(nn.Module):
+    """Leaves the tensor world: a NumPy round trip."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.numpy() * 2)
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+
+class KthValue(nn.Module):
+    """aten.kthvalue has no ONNX translation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.kthvalue(x, 2, dim=1).values
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+def nan_weights() -> nn.Module:
+    model = mlp()
+    model[2].weight.data[1, 2] = float("nan")
+    return model
+
+
+def inf_buffer() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+    model[1].running_var[3] = float("inf")
+    return model
+
+
+def calibration() -> list:
+    return [(torch.randn(2, 4),) for _ in range(2)]
+
+
+def compile_(model: nn.Module | None = None, example=None, **kw):
+    kw.setdefault("measure_latency", False)
+    return fxforge.compile(model if model is not None else mlp(), example if example is not None else
+                           (torch.randn(2, 4),), **kw)
+
+
+def saved(tmp: Path, backend: str = "eager") -> Path:
+    return compile_(passes="fuse", backend=backend).save(tmp / "artifact")
+
+
+def edit_meta(path: Path, **changes) -> Path:
+    meta = json.loads((path / base.META_FILE).read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    (path / base.META_FILE).write_text(json.dumps(meta))
+    return path
+
+
+def without_module(mp: pytest.MonkeyPatch, module: str, backend: str) -> None:
+    """Simulate an optional package that is not installed (its backend module not yet imported)."""
+    mp.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
+    mp.delitem(sys.modules, f"fxforge.backends.{backend}", raising=False)
+    mp.delitem(base._BACKENDS, backend, raising=False)
+
+
+def tuning_db(tmp: Path, file: str, text: str) -> str:
+    """A tuning database directory holding one file with ``text``."""
+    from fxforge.tuning import metaschedule
+    db = tmp / "db"
+    db.mkdir()
+    (db / getattr(metaschedule, file)).write_text(text)
+    return str(db)
+
+
+def modified_file(tmp: Path) -> Path:
+    path = saved(tmp)
+    from fxforge.backends.eager import PROGRAM
+    (path / PROGRAM).write_bytes((path / PROGRAM).read_bytes() + b"\0")
+    return path
+
+
+def garbage_dir(tmp: Path) -> Path:
+    (tmp / "artifact").mkdir()
+    (tmp / "artifact" / "notes.txt").write_text("mine")
+    return tmp / "artifact"
+
+
+# -------------------------------------------------------------------------------------------------- the table
+
+Case = Callable[[Path, pytest.MonkeyPatch], object]
+x, cm = torch.randn(2, 4), None
+
+CASES: list[tuple[str, type, str, Case]] = [
+    # capture
+    ("data-dependent if", fxforge.TraceError,
+     r"torch\.export could not capture the model: .* at .*test_bad_input\.py:\d+ in forward: if x\.sum\(\) > 0",
+     lambda t, mp: compile_(DataDependent())),
+    ("unsupported Python (NumPy in forward)", fxforge.TraceError,
+     r"torch\.export could not capture the model: \.numpy\(\) is not supported.* in forward: .*x\.numpy\(\)",
+     lambda t, mp: compile_(UnsupportedPython())),
+    ("example inputs not tensors", fxforge.InputError, r"example_inputs must be a tuple of tensors, got \['str'\]",
+     lambda t, mp: compile_(example=("abc",))),
+    ("too few example inputs", fxforge.InputError,
+     r"does not run on the example inputs \[\[2, 4\]\]: .*missing 1 required positional argument: 'y'",
+     lambda t, mp: compile_(TwoInputs())),
+    ("example input of the wrong shape", fxforge.InputError,
+     r"does not run on the example inputs \[\[2, 5\]\]: .*cannot be multiplied",
+     lambda t, mp: compile_(example=(torch.randn(2, 5),))),
+    ("example input of the wrong dtype", fxforge.InputError,
+     r"does not run on the example inputs .*(dtype|Long|Float)",
+     lambda t, mp: compile_(example=(torch.ones(2, 4, dtype=torch.long),))),
+    # calling the compiled model
+    ("call with too many inputs", fxforge.InputError,
+     r"expected 1 input tensor\(s\) shaped like \[\[None, 4\]\], got \[\[2, 4\], \[2, 4\]\]",
+     lambda t, mp: compile_()(x, x)),
+    ("call with the wrong shape", fxforge.InputError, r"input 0 has shape \[2, 5\], compiled for \[None, 4\]",
+     lambda t, mp: compile_()(torch.randn(2, 5))),
+    ("call with the wrong dtype", fxforge.InputError, r"input 0 has dtype torch\.float64, compiled for torch\.float32",
+     lambda t, mp: compile_()(x.double())),
+    ("call with a non-tensor", fxforge.InputError, r"input 0 must be a tensor, got float",
+     lambda t, mp: compile_()(3.0)),
+    # passes
+    ("unknown pass", fxforge.PassError, r"unknown pass 'fusion'; valid passes: .*fuse_batchnorm.*; presets: .*fuse",
+     lambda t, mp: compile_(passes="fusion")),
+    ("unknown pass option", fxforge.PassError, r"pass 'low_rank' has no option 'rank'; options: energy",
+     lambda t, mp: compile_(passes="low_rank{rank=3}")),
+    ("pass option of the wrong type", fxforge.PassError, r"option 'energy' of pass 'low_rank' must be float, got 'high'",
+     lambda t, mp: compile_(passes="low_rank{energy='high'}")),
+    ("pass option out of range", fxforge.PassError, r"energy must be in \(0, 1\], got 2\.0",
+     lambda t, mp: compile_(passes="low_rank{energy=2.0}")),
+    ("unparsable pass options", fxforge.PassError, r"cannot parse options of 'low_rank'",
+     lambda t, mp: compile_(passes="low_rank{energy=}")),
+    ("impossible pass order", fxforge.PassError, r"pass 'calibrate' must come after 'insert_qdq' in the pipeline",
+     lambda t, mp: compile_(passes=["calibrate", "insert_qdq"], calibration=calibration())),
+    ("unknown verify mode", fxforge.PassError, r"verify must be one of .*, got 'always'",
+     lambda t, mp: compile_(verify="always")),
+    # backends and targets
+    ("unknown backend", fxforge.BackendError, r"unknown backend 'tensorrt'; valid backends: eager, onnx, torchscript",
+     lambda t, mp: compile_(backend="tensorrt")),
+    ("unknown target", fxforge.TargetError, r"unknown target 'mars'; valid targets: arm64, cuda, x86",
+     lambda t, mp: compile_(target="mars")),
+    ("unknown backend option (eager)", fxforge.BackendError, r"the eager backend takes no options, got opset",
+     lambda t, mp: compile_(backend="eager", opset=18)),
+    ("unknown backend option (onnx)", fxforge.BackendError, r"unknown onnx backend option\(s\) threads",
+     lambda t, mp: compile_(backend="onnx", threads=2)),
+    ("onnxruntime not installed", fxforge.BackendError,
+     r"the onnx backend needs the 'onnxruntime' package: pip install 'fxforge\[onnx\]'",
+     lambda t, mp: (without_module(mp, "onnxruntime", "onnx"), compile_(backend="onnx"))),
+    ("TVM not installed", fxforge.BackendError, r"the tvm backend needs the 'tvm' package: pip install 'fxforge\[tvm\]'",
+     lambda t, mp: (without_module(mp, "tvm", "tvm"), compile_(backend="tvm"))),
+    ("op the ONNX exporter cannot lower", fxforge.BackendError,
+     r"cannot lower op aten\.kthvalue\.default at node 'kthvalue'",
+     lambda t, mp: compile_(KthValue(), (torch.randn(2, 5),), backend="onnx")),
+    # calibration and numbers
+    ("int8 without calibration data", fxforge.CalibrationError, r"pass 'calibrate' needs calibration data",
+     lambda t, mp: compile_(passes="int8")),
+    ("empty calibration data", fxforge.CalibrationError, r"pass 'calibrate' got an empty calibration iterable",
+     lambda t, mp: compile_(passes="int8", calibration=[])),
+    ("calibration batch of the wrong shape", fxforge.CalibrationError, r"calibration batch 0, input 0: .*\(2, 5\)",
+     lambda t, mp: compile_(passes="int8", calibration=[(torch.randn(2, 5),)])),
+    ("NaN in calibration data", fxforge.CalibrationError, r"calibration batch 1, input 0 holds NaN or Inf",
+     lambda t, mp: compile_(passes="int8", calibration=[(x,), (torch.full((2, 4), float("nan")),)])),
+    ("NaN in a weight", fxforge.InputError, r"model tensor '2\.weight' holds NaN or Inf",
+     lambda t, mp: compile_(nan_weights())),
+    ("Inf in a buffer", fxforge.InputError, r"model tensor '1\.running_var' holds NaN or Inf",
+     lambda t, mp: compile_(inf_buffer())),
+    # saved artifacts
+    ("artifact directory without fxforge.json", fxforge.ArtifactError, r"is not an fxforge artifact \(no fxforge\.json\)",
+     lambda t, mp: fxforge.load(t)),
+    ("artifact file modified after saving", fxforge.ArtifactError, r"was modified after saving \(hash mismatch\)",
+     lambda t, mp: fxforge.load(modified_file(t))),
+    ("artifact of another format version", fxforge.ArtifactError, r"has artifact format 99, this fxforge reads format 1",
+     lambda t, mp: fxforge.load(edit_meta(saved(t), format=99))),
+    ("corrupt fxforge.json", fxforge.ArtifactError, r"fxforge\.json is corrupt",
+     lambda t, mp: fxforge.load((saved(t) / base.META_FILE).write_text("{") and t / "artifact")),
+    ("fxforge.json without a backend", fxforge.ArtifactError, r"fxforge\.json lacks 'backend'",
+     lambda t, mp: fxforge.load(edit_meta(saved(t), backend=None))),
+    ("artifact of a foreign backend", fxforge.ArtifactError, r"was saved by backend 'tensorrt', which this fxforge lacks",
+     lambda t, mp: fxforge.load(edit_meta(saved(t), backend="tensorrt"))),
+    ("saving over a directory that is not an artifact", fxforge.ArtifactError,
+     r"exists and is not an fxforge artifact; refusing to overwrite",
+     lambda t, mp: compile_().save(garbage_dir(t))),
+    # tuning
+    ("corrupt tuning database", fxforge.TuningError, r"tuning database metadata .*db/fxforge_tuning\.json is corrupt",
+     lambda t, mp: compile_(backend="tvm", tune={"trials": 1, "db": tuning_db(t, "META_FILE", "{")})),
+    ("tuning records of unknown origin", fxforge.TuningError,
+     r"db holds MetaSchedule records but no fxforge_tuning\.json, so its target and TVM version are unknown",
+     lambda t, mp: compile_(backend="tvm", tune={"trials": 1, "db": tuning_db(t, "RECORD_FILE", "[0, []]\n")})),
+]
+
+
+def _ids() -> list[str]:
+    return [re.sub(r"\W+", "_", name).strip("_") for name, *_ in CASES]
+
+
+@pytest.mark.parametrize("name, error, pattern, case", CASES, ids=_ids())
+def test_bad_input_gets_a_named_one_line_error(name, error, pattern, case, tmp_path, monkeypatch):
+    with pytest.raises(fxforge.FxforgeError) as info:
+        case(tmp_path, monkeypatch)
+    message = str(info.value)
+    assert type(info.value) is error, f"{name}: {type(info.value).__name__}: {message}"
+    assert "\n" not in message and re.search(pattern, message), message
+
+
+CLI = [  # (case name, argv after `compile`) for a representative subset
+    ("data-dependent if", ["test_bad_input:DataDependent", "--input-shape", "2,4"]),
+    ("unknown pass", ["test_bad_input:mlp", "--input-shape", "2,4", "--passes", "fusion"]),
+    ("unknown pass option", ["test_bad_input:mlp", "--input-shape", "2,4", "--passes", "low_rank{rank=3}"]),
+    ("impossible pass order", ["test_bad_input:mlp", "--input-shape", "2,4", "--passes", "calibrate,insert_qdq",
+                               "--calibration", "test_bad_input:calibration"]),
+    ("unknown backend", ["test_bad_input:mlp", "--input-shape", "2,4", "--backend", "tensorrt"]),
+    ("unknown target", ["test_bad_input:mlp", "--input-shape", "2,4", "--target", "mars"]),
+    ("op the ONNX exporter cannot lower", ["test_bad_input:KthValue", "--input-shape", "2,5", "--backend", "onnx"]),
+    ("int8 without calibration data", ["test_bad_input:mlp", "--input-shape", "2,4", "--passes", "int8"]),
+    ("NaN in a weight", ["test_bad_input:nan_weights", "--input-shape", "2,4"]),
+]
+
+
+@pytest.mark.parametrize("name, argv", CLI, ids=[n for n, _ in CLI])
+def test_cli_prints_one_line_and_exits_2(name, argv, capsys):
+    pattern = next(p for n, _, p, _ in CASES if n == name)
+    assert main(["compile", *argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("fxforge: error: ") and "\n" not in err and "Traceback" not in captured.out + err
+    assert re.search(pattern, err), err
+
+
+def test_cli_passes_with_several_options():
+    assert main(["compile", "test_bad_input:mlp", "--input-shape", "2,4", "--backend", "eager",
+                 "--passes", "fuse,low_rank{energy=0.9,budget='flops'}"]) == 0
+
+
+if __name__ == "__main__":  # the table in docs/reliability.md, from a real run
+    import tempfile
+    sys.path.insert(0, str(Path(__file__).parent))
+    print("| bad input | error | message |\n|---|---|---|")
+    for name, error, pattern, case in CASES:
+        with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+            try:
+                case(Path(tmp), mp)
+                message, raised = "(no error)", None
+            except fxforge.FxforgeError as e:
+                message, raised = str(e).replace(tmp, "<dir>"), type(e).__name__
+        print(f"| {name} | `{raised}` | {message.replace('|', '∣')} |")
