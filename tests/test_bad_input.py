@@ -191,6 +191,9 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("op the ONNX exporter cannot lower", fxforge.BackendError,
      r"cannot lower op aten\.kthvalue\.default at node 'kthvalue'",
      lambda t, mp: compile_(KthValue(), (torch.randn(2, 5),), backend="onnx")),
+    ("op TVM's Relax frontend cannot import", fxforge.BackendError,
+     r"cannot import op aten\.kthvalue\.default at node 'kthvalue'",
+     lambda t, mp: compile_(KthValue(), (torch.randn(2, 5),), backend="tvm")),
     # calibration and numbers
     ("int8 without calibration data", fxforge.CalibrationError, r"pass 'calibrate' needs calibration data",
      lambda t, mp: compile_(passes="int8")),
