@@ -183,3 +183,16 @@ def test_a_pass_reads_as_its_name_and_the_options_that_differ_from_defaults():
     assert str(LowRank()) == "low_rank"
     assert str(LowRank(energy=0.9, budget="latency")) == "low_rank{energy=0.9,budget='latency'}"
     assert [str(p) for p in resolve(str(LowRank(energy=0.9)))] == ["low_rank{energy=0.9}"]
+
+
+def test_compile_default_verify_stops_a_slightly_wrong_exact_pass():
+    class Sly(Scale):
+        """Claims to be exact but moves the output by 0.1 %."""
+        name = "test_sly"
+        exact = True
+
+    model, example = ZOO["convbnrelu"]()
+    with pytest.raises(fxforge.VerificationError, match=r"exact pass 'test_sly' changed the outputs by 0\.001 .*"
+                                                         r"passes before it: .*fuse_activation"):
+        fxforge.compile(model, example, passes=["fuse", Sly(factor=1.001)], measure_latency=False)
+    fxforge.compile(model, example, passes=["fuse", Sly(factor=1.001)], verify="off", measure_latency=False)
