@@ -166,7 +166,7 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_(passes="low_rank{rank=3}")),
     ("pass option of the wrong type", fxforge.PassError, r"option 'energy' of pass 'low_rank' must be float, got 'high'",
      lambda t, mp: compile_(passes="low_rank{energy='high'}")),
-    ("pass option out of range", fxforge.PassError, r"energy must be in \(0, 1\], got 2\.0",
+    ("pass option out of range", fxforge.PassError, r"bad options for pass 'low_rank': energy must be in \(0, 1\], got 2\.0",
      lambda t, mp: compile_(passes="low_rank{energy=2.0}")),
     ("unparsable pass options", fxforge.PassError, r"cannot parse options of 'low_rank'",
      lambda t, mp: compile_(passes="low_rank{energy=}")),

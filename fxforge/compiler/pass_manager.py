@@ -204,7 +204,7 @@ def _instantiate(cls: type[Pass], options: dict[str, Any]) -> Pass:
                             f"got {value!r}")
     try:
         return cls(**options)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, PassError) as e:
         raise PassError(f"bad options for pass {cls.name!r}: {e}") from None
 
 
