@@ -1,0 +1,63 @@
+"""Every registered pass and preset keeps its promise on generated models.
+
+Exact pipelines match the eager model within 1e-4 relative on fresh inputs the passes never saw;
+approximate ones are no further from eager than the error their report rows (and their ``error.model``
+stats) claim; no pipeline raises on a valid model.
+"""
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
+from fxforge.compiler.verify import EXACT_TOLERANCE, Error, compare, fresh_inputs
+from random_models import build, calibration, cnns, features, mlps, pipelines, traced, transformers
+
+PIPELINES = pipelines()
+UNSEEN_SEED = 4321  # not the seed of the inputs the numeric check and the passes measure on
+
+
+def error_vs_eager(gm, model, inputs) -> Error:
+    with torch.no_grad():
+        return compare(list(gm(*inputs)), pytree.tree_leaves(model(*inputs)))
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+@settings(max_examples=max(2, settings().max_examples * 6 // 10))
+@given(spec=cnns())
+def test_pipeline_keeps_its_promise_on_cnns(name, spec):
+    check_pipeline(name, spec)
+
+
+@pytest.mark.parametrize("family", ["mlp", "transformer"])
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+@settings(max_examples=max(2, settings().max_examples * 3 // 10))
+@given(data=st.data())
+def test_pipeline_keeps_its_promise_on_mlps_and_transformers(name, family, data):
+    check_pipeline(name, data.draw({"mlp": mlps(), "transformer": transformers()}[family], label="spec"))
+
+
+def check_pipeline(name: str, spec) -> None:
+    for feature in features(spec):
+        event(feature)
+    model, _ = build(spec)
+    gm, flat = traced(spec)
+    passes = resolve(list(PIPELINES[name]))
+    gm, report = PassManager(passes, measure_latency=False).run(gm, PassContext(flat, calibration=calibration(spec)))
+    assert [r.stage for r in report.rows] == ["input", *map(str, passes)]
+    if all(p.exact for p in passes):
+        err = error_vs_eager(gm, model, fresh_inputs(flat, UNSEEN_SEED))
+        assert err.max_rel <= EXACT_TOLERANCE, f"{name} changed the outputs by {err.max_rel:.3g} relative"
+        assert all(r.max_rel_err <= EXACT_TOLERANCE for r in report.rows)
+        return
+    # the numeric check measured each stage against the traced model on fresh_inputs(flat): the claim is
+    # the truth about the graph the pipeline returns
+    claimed = report.final.max_rel_err
+    actual = error_vs_eager(gm, model, fresh_inputs(flat)).max_rel
+    assert claimed is not None and actual <= claimed + EXACT_TOLERANCE, \
+        f"{name} reports {claimed:.3g} relative error, the graph is {actual:.3g} from eager"
+    for before, row in zip(report.rows, report.rows[1:]):
+        if "error.model" in row.stats:  # a factorization's own claim about what it inserted
+            bound = before.max_rel_err + row.stats["error.model"] * (1 + before.max_rel_err) + EXACT_TOLERANCE
+            assert row.max_rel_err <= bound, f"{row.stage}: error {row.max_rel_err:.3g}, stats claim {bound:.3g}"
