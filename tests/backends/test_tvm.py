@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,11 +201,11 @@ def cross_compiler():
 def arm64(cross_compiler, tmp_path_factory):
     model, (x,) = ZOO["convbnrelu"]()
     cm = fxforge.compile(model, (x,), passes=["fuse"], backend="tvm", target="arm64", measure_latency=False)
-    return cm, cm.save(tmp_path_factory.mktemp("arm64") / "cbr")
+    return model, cm, cm.save(tmp_path_factory.mktemp("arm64") / "cbr")
 
 
 def test_arm64_library_is_an_aarch64_elf_with_neon(arm64):
-    cm, path = arm64
+    _, cm, path = arm64
     lib = (path / "model.so").read_bytes()
     assert lib[:4] == b"\x7fELF" and lib[4] == 2  # 64-bit
     assert int.from_bytes(lib[18:20], "little") == EM_AARCH64
@@ -216,11 +217,40 @@ def test_arm64_library_is_an_aarch64_elf_with_neon(arm64):
 
 
 def test_arm64_artifact_says_where_it_runs(arm64):
-    cm, path = arm64
+    _, cm, path = arm64
     assert "arm64" in cm.artifact.info["runs_on"]
     for artifact in (cm.artifact, fxforge.load(path)):
         with pytest.raises(fxforge.TargetError, match="built for arm64.*cannot run on this machine"):
             artifact(torch.randn(2, 3, 16, 16))
+
+
+RUN_ON_ARM = """
+import sys
+import numpy as np
+import tvm
+from tvm import relax
+vm = relax.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+np.save(sys.argv[3], vm["main"](tvm.runtime.tensor(np.load(sys.argv[2])))[0].numpy())
+"""
+
+
+@pytest.mark.slow
+def test_arm64_library_runs_under_qemu(arm64, tmp_path):
+    """Runs the AArch64 library with an aarch64 TVM runtime under qemu-user (recipe: docs/backends-tvm.md)."""
+    import numpy as np
+    runtime = Path(os.environ.get("FXFORGE_AARCH64_RUNTIME", "/nonexistent"))
+    python = runtime / "sysroot" / "usr" / "bin" / "python3.11"
+    if not (shutil.which("qemu-aarch64") and python.exists() and (runtime / "site" / "tvm").is_dir()):
+        pytest.skip("needs qemu-aarch64 and FXFORGE_AARCH64_RUNTIME=<dir with sysroot/ and site/>")
+    model, _, path = arm64
+    x = torch.randn(3, 3, 16, 16)  # another batch than the example's: the batch is dynamic on ARM too
+    np.save(tmp_path / "x.npy", x.numpy())
+    (tmp_path / "run.py").write_text(RUN_ON_ARM)
+    env = {**os.environ, "QEMU_LD_PREFIX": str(runtime / "sysroot"), "PYTHONPATH": str(runtime / "site")}
+    subprocess.run(["qemu-aarch64", str(python), str(tmp_path / "run.py"), str(path / "model.so"),
+                    str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], env=env, check=True, timeout=300)
+    with torch.no_grad():
+        assert compare([torch.from_numpy(np.load(tmp_path / "y.npy"))], [model(x)]).max_rel < 1e-4
 
 
 def test_arm64_without_cross_compiler_names_the_package(monkeypatch):
