@@ -7,8 +7,8 @@ Lowering (TVM 0.27):
    ``quantized_decomposed`` Q/DQ nodes import through a ``custom_convert_map`` as ``relax.op.quantize`` /
    ``dequantize`` (int32 zero points); compute after a DQ stays float32 (Relax has no int8 conv lowering).
    An op the frontend lacks, or one it fails on, becomes a one-line BackendError naming op and node.
-2. ``prepare``: ``DecomposeOpsForInference`` (inference batch norm), ``CanonicalizeBindings`` and the
-   ``zero`` pipeline (legalize, fold constants, fuse) under the target. MetaSchedule records match only
+2. ``prepare``: ``DecomposeOpsForInference`` (inference batch norm), on CPUs ``ConvertLayout`` to NHWC/HWIO
+   convolutions, ``CanonicalizeBindings`` and the ``zero`` pipeline (legalize, fold constants, fuse). MetaSchedule records match only
    functions fused exactly this way, so tuning (``tune={"trials": N, "db": path}``) works on this module.
 3. ``schedule``: CUDA PrimFuncs get dlight's default GPU schedules (unscheduled ones would silently become
    host code); CPU PrimFuncs get a small default rule (parallel outer loops, vectorized inner loop).

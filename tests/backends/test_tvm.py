@@ -138,6 +138,17 @@ def test_op_without_converter_names_op_and_node():
     assert "\n" not in message and info.value.__cause__ is None
 
 
+class OffsetView(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.as_strided(x, (2, 2), (1, 1), 1) * 2
+
+
+def test_converter_failure_names_node_and_op():
+    with pytest.raises(fxforge.BackendError, match=r"failed on node 'as_strided' \(op aten.as_strided.default\): "
+                                                   r"as_strided with non-zero storage_offset"):
+        fxforge.compile(OffsetView(), (torch.randn(4, 4),), backend="tvm", static_batch=True, measure_latency=False)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"threads": 2}, "unknown tvm backend option.*threads"),
     ({"tune": 16}, "tune must be a dict"),
@@ -256,7 +267,7 @@ def test_arm64_library_runs_under_qemu(arm64, tmp_path):
 def test_arm64_without_cross_compiler_names_the_package(monkeypatch):
     monkeypatch.setattr(tvm_backend.shutil, "which", lambda name: None)
     model, example = ZOO["mlp"]()
-    with pytest.raises(fxforge.BackendError, match="aarch64-linux-gnu-g\\+\\+.*apt-get install g\\+\\+-aarch64-linux-gnu"):
+    with pytest.raises(fxforge.BackendError, match=r"aarch64-linux-gnu-g\+\+.*apt-get install g\+\+-aarch64-linux-gnu"):
         fxforge.compile(model, example, backend="tvm", target="arm64", measure_latency=False)
 
 
