@@ -20,6 +20,7 @@ Lowering (TVM 0.27):
 from __future__ import annotations
 
 import copy
+import math
 import re
 import shutil
 import tempfile
@@ -44,6 +45,8 @@ CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
 VECTOR = 8  # float32 lanes of AVX2 (and two NEON registers)
+ACCUMULATORS = 12  # vector registers an output tile may hold (AVX2 has 16)
+L2_BYTES = 512 * 1024
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
 
 
@@ -213,9 +216,9 @@ def schedule(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
 
 def cpu_rule() -> Any:
     """A dlight rule for CPUs: inline elementwise blocks into their consumers; in each remaining block move the
-    innermost spatial loop inside the reduction loops when an input is contiguous along it (conv: the output
-    row, matmul: the output column), vectorize it by 8 where it divides, and run the fused outer spatial loops
-    in parallel. Measured on ResNet-18 (224², static batch): 2.8 s → 0.32 s."""
+    innermost spatial loop inside the reduction loops when an input is contiguous along it (conv in NHWC/HWIO:
+    the output channel; matmul: the output column), vectorize it by 8 where it divides, tile reductions over
+    registers, and run the fused outer spatial loops in parallel."""
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -250,6 +253,11 @@ def _schedule_block(sch: Any, info: Any, undefined_vars: Callable) -> None:
     var = [it.var for it, k in zip(info.iters, kinds) if k == "S"][-1]
     contiguous = any(var.same_as(v) for region in sch.get(block).reads if len(region.region)
                      for v in undefined_vars(region.region[-1].min))
+    extents = [sch.get(loop).extent for loop in [*spatial[-2:], *reduce]]
+    if reduce and contiguous and len(spatial) >= 2 and all(isinstance(e, tirx.IntImm) for e in extents) \
+            and extents[1].value % VECTOR == 0:
+        _register_tile(sch, block, spatial, reduce, [e.value for e in extents])
+        return
     outer, inner = (spatial, None) if reduce and not contiguous else (spatial[:-1], spatial[-1])
     if reduce and inner is not None:
         sch.reorder(*outer, *reduce, inner)
@@ -261,6 +269,36 @@ def _schedule_block(sch: Any, info: Any, undefined_vars: Callable) -> None:
             sch.vectorize(sch.split(inner, [None, VECTOR])[1])
     if reduce:
         sch.decompose_reduction(block, reduce[0])
+
+
+def _register_tile(sch: Any, block: Any, spatial: list, reduce: list, extents: list[int]) -> None:
+    """A reduction whose two innermost output loops are (x, f), f contiguous in an input (NHWC/HWIO conv:
+    pixel and output channel; matmul: row and column): accumulate an x_t × f_t tile in registers (a local
+    cache, unrolled, f vectorized) across the whole reduction. When the weights outgrow the L2 cache, each
+    f_t slice of them is streamed once over every pixel instead of once per pixel."""
+    x_ext, f_ext, reduction = extents[0], extents[1], math.prod(extents[2:])
+    tiles = [(_divisor(x_ext, ACCUMULATORS * VECTOR // f) * f, f) for f in (2 * VECTOR, VECTOR) if f_ext % f == 0]
+    f_t = max(tiles)[1]
+    xo, xi = sch.split(spatial[-2], [None, _divisor(x_ext, ACCUMULATORS * VECTOR // f_t)])
+    fo, fi = sch.split(spatial[-1], [None, f_t])
+    if reduction * f_ext * 4 > L2_BYTES:
+        sch.reorder(fo, *spatial[:-2], xo, *reduce, xi, fi)
+        sch.parallel(sch.fuse(fo, *spatial[:-2], xo))
+    else:
+        sch.reorder(*spatial[:-2], xo, fo, *reduce, xi, fi)
+        sch.parallel(sch.fuse(*spatial[:-2], xo))
+    tile = sch.get_loops(block)[-len(reduce) - 3]
+    sch.reverse_compute_at(sch.cache_write(block, 0, "local"), tile)
+    fv_o, fv = sch.split(fi, [None, VECTOR])
+    sch.unroll(xi)
+    sch.unroll(fv_o)
+    sch.vectorize(fv)
+    sch.decompose_reduction(block, reduce[0])
+
+
+def _divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit``."""
+    return max(d for d in range(1, max(limit, 1) + 1) if n % d == 0)
 
 
 def _try(primitive: Callable, *args: Any) -> bool:
