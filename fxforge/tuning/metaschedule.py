@@ -16,17 +16,20 @@ Tuning follows the recipe measured on 2 cores: builder workers skip parsing the 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from fxforge.compiler.errors import TuningError
 
@@ -57,7 +60,7 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     """Tune the tasks of ``mod`` missing from the database, then apply the database to ``mod``.
 
     ``mod`` is the prepared module (``fxforge.backends.tvm.prepare``). ``tune`` keys: ``trials`` (total budget
-    of this run, default 64), ``db`` (directory; default :func:`default_db_dir`), ``trials_per_task``,
+    of this run, default 64, shared by FLOPs), ``db`` (directory; default :func:`default_db_dir`), ``trials_per_task``,
     ``trials_per_iter`` (candidates per build batch, default 16), ``timeout_s`` (per build/run), ``seed``.
     Returns the module with tuned schedules and stats: db, tasks, tuned_tasks, reused_tasks, untuned_tasks, trials
     (measured now), scheduled_functions (PrimFuncs the database matched) and per_task (:class:`TaskResult`).
@@ -78,8 +81,7 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     results = [TaskResult(t.task_name, "untuned" if i in todo else "reused", 0, best[i]) for i, t in enumerate(tasks)]
     if todo:
         _check_runnable(tvm_target)
-        per_task = opts.get("trials_per_task") or max(1, opts["trials"] // len(todo))
-        budgets = _split(opts["trials"], len(todo), per_task)
+        budgets = _budgets(opts["trials"], [_cost(tasks[i]) for i in todo], opts.get("trials_per_task"))
         tuner = _Tuner(tvm_target, db_dir, database, keep, opts)
         _write_meta(db_dir, meta)  # before any record: a run interrupted in its first task leaves a known db
         for i, budget in zip(todo, budgets):
@@ -178,20 +180,51 @@ class _Tuner:
                                  logger=get_loggers_from_work_dir(str(self.db_dir), [task.task_name])[0],
                                  rand_state=self.opts.get("seed", 0), num_threads="physical").clone()
         watch = _Progress(task.task_name, trials, progress)
+        with _deferred_interrupt() as watch.interrupted:
+            self._run(context, trials, watch)
+        best = _best_us(self.database, task)
+        if best is None:
+            raise TuningError(f"no trial of task {task.task_name} built and ran ({watch.trials} tried); first "
+                              f"error: {watch.first_error or 'none reported'}")
+        return TaskResult(task.task_name, "tuned", watch.trials, best)
+
+    def _run(self, context: Any, trials: int, watch: _Progress) -> None:
+        from tvm.s_tir import meta_schedule as ms
         try:
             ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(self.db_dir), max_trials_global=trials,
                           max_trials_per_task=trials, num_trials_per_iter=min(trials, self.opts["trials_per_iter"]),
                           builder=self.builder, runner=self.runner, database=self.database, cost_model="xgb",
                           measure_callbacks=[*ms.MeasureCallback.create("default"), watch.callback()])
         except Exception as e:
-            raise TuningError(f"MetaSchedule failed on task {task.task_name}: {_first_line(e)}") from None
+            raise TuningError(f"MetaSchedule failed on task {context.task_name}: {_first_line(e)}") from None
         finally:
             watch.close()
-        best = _best_us(self.database, task)
-        if best is None:
-            raise TuningError(f"no trial of task {task.task_name} built and ran ({watch.trials} tried); first "
-                              f"error: {watch.first_error or 'none reported'}")
-        return TaskResult(task.task_name, "tuned", watch.trials, best)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[list[bool]]:
+    """Turn Ctrl-C during a task into: finish the batch in flight, end the task, raise KeyboardInterrupt.
+
+    A KeyboardInterrupt raised inside MetaSchedule's C++ loop is lost (tuning went on to the end), so the
+    handler only raises a flag that the measure callback reads. A second Ctrl-C interrupts at once.
+    """
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        flag[0] = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if flag[0]:
+        raise KeyboardInterrupt
 
 
 class _Progress:
@@ -201,6 +234,7 @@ class _Progress:
         from tqdm.auto import tqdm
         self.bar = tqdm(total=trials, desc=name, unit="trial", disable=not show, leave=True, file=sys.stderr)
         self.trials, self.best_us, self.first_error = 0, math.inf, ""
+        self.interrupted = [False]  # set by _deferred_interrupt
 
     def callback(self) -> Any:
         from tvm.ir.utils import derived_object
@@ -211,6 +245,9 @@ class _Progress:
         class Callback(PyMeasureCallback):
             def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
                 progress.update(builder_results, runner_results)
+                if progress.interrupted[0] and progress.trials < progress.bar.total:  # at the total it ends anyway
+                    progress.bar.set_postfix_str("interrupted")
+                    task_scheduler.terminate_task(task_id)
 
         return Callback()
 
@@ -320,13 +357,30 @@ def _options(tune: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _split(total: int, n: int, per_task: int) -> list[int]:
-    """Trials per task: ``per_task`` each while the total lasts."""
-    out = []
-    for _ in range(n):
-        out.append(min(per_task, total))
-        total -= out[-1]
+def _budgets(total: int, costs: list[float], per_task: int | None) -> list[int]:
+    """Trials per task: ``per_task`` each while the total lasts, or else one each and the rest in proportion
+    to the tasks' FLOPs (a layout transpose needs a trial or two, a conv the bulk of the budget)."""
+    if per_task:
+        out = []
+        for _ in costs:
+            out.append(min(per_task, total))
+            total -= out[-1]
+        return out
+    if total <= len(costs):
+        return [1] * total + [0] * (len(costs) - total)
+    spare, weight = total - len(costs), sum(costs)
+    out = [1 + int(spare * c / weight) if weight else 1 + spare // len(costs) for c in costs]
+    out[max(range(len(costs)), key=costs.__getitem__)] += total - sum(out)
     return out
+
+
+def _cost(task: Any) -> float:
+    """A task's FLOPs times the number of times the model calls it."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+    try:
+        return float(estimate_tir_flops(task.dispatched[0])) * task.weight
+    except Exception:  # noqa: BLE001 (a function the estimator cannot count gets the minimum share)
+        return 0.0
 
 
 def _kept_intrinsics(tvm_target: tvm.target.Target) -> tuple[str, ...]:

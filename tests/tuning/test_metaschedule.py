@@ -1,11 +1,13 @@
 """MetaSchedule kernel tuning: the per-target database, tuning only what is missing, resuming, refusing bad dbs.
 
-One module-scoped run tunes a two-task model in two steps (the first stops after one task, as an interrupted
-run would) with 4 trials per task; the other tests read or copy its database. Reuse is asserted through the
-tuning counters, never wall-clock.
+One module-scoped fixture tunes a two-task model with 4 trials per task as a user would: Ctrl-C during the
+second task, a rerun, a compile that reuses everything; the other tests read or copy its database. Reuse is
+asserted through the tuning counters, never wall-clock.
 """
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from fxforge.tuning import metaschedule as ms_tuning
 
 pytest.importorskip("tvm")
 
-TRIALS = {"trials": 4, "trials_per_task": 4, "trials_per_iter": 4}
+TRIALS = {"trials": 8, "trials_per_task": 4, "trials_per_iter": 4}
 
 
 class Head(nn.Module):
@@ -50,55 +52,69 @@ def _compile(model: nn.Module, db, **tune):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """A database tuned in two runs: the first tunes one of Two's tasks, the second the other; then a reuse."""
+    """A database built as a user would: Ctrl-C during the second task, then a rerun, then a reuse."""
     db = tmp_path_factory.mktemp("tuning") / "db"
     torch.manual_seed(0)
     model = Two()
+    batches = []
+    update = ms_tuning._Progress.update
+
+    def ctrl_c_in_second_task(self, built, ran):
+        update(self, built, ran)
+        batches.append(self.bar.desc)
+        if len(batches) == 2:  # the first batch of the second task (the first task is one batch of 4)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ms_tuning._Progress, "update", ctrl_c_in_second_task)
+        with pytest.raises(KeyboardInterrupt):
+            _compile(model, db)
+    interrupted = {"meta": json.loads((db / ms_tuning.META_FILE).read_text()), "batches": batches,
+                   "records": len((db / ms_tuning.RECORD_FILE).read_text().splitlines())}
     runs, metas = [], []
-    for _ in range(3):
+    for _ in range(2):
         runs.append(_compile(model, db))
         metas.append(json.loads((db / ms_tuning.META_FILE).read_text()))
-    return db, model, runs, metas
+    return db, model, interrupted, runs, metas
 
 
-def test_first_run_writes_a_database_with_what_it_tuned(tuned):
-    db, _, runs, metas = tuned
-    first, meta = runs[0].report.meta["tuning"], metas[0]
-    assert (first["tasks"], first["tuned_tasks"], first["untuned_tasks"], first["trials"]) == (2, 1, 1, 4)
-    assert [t["name"] for t in meta["tasks"].values()] == [p["name"] for p in first["per_task"]
-                                                           if p["status"] == "tuned"]
-    assert meta["tvm"] and meta["target"]["kind"] == "llvm"
-    assert (db / ms_tuning.RECORD_FILE).stat().st_size > 0
+def test_ctrl_c_ends_the_task_and_keeps_what_finished(tuned):
+    _, _, interrupted, _, _ = tuned
+    first, second = interrupted["batches"]
+    assert first != second  # one batch per task: interrupted in the second task, after its first batch
+    assert [t["name"] for t in interrupted["meta"]["tasks"].values()] == [first]
+    assert interrupted["records"] == 8  # both batches' records were committed
 
 
-def test_second_run_tunes_only_the_missing_task(tuned):
-    _, _, runs, _ = tuned
-    first, second = (r.report.meta["tuning"] for r in runs[:2])
-    assert (second["tuned_tasks"], second["reused_tasks"], second["trials"]) == (1, 1, 4)
-    tuned_first = {p["name"] for p in first["per_task"] if p["status"] == "tuned"}
-    tuned_second = {p["name"] for p in second["per_task"] if p["status"] == "tuned"}
-    assert tuned_first.isdisjoint(tuned_second) and len(tuned_first | tuned_second) == 2
+def test_rerun_tunes_only_the_interrupted_task(tuned):
+    _, _, interrupted, runs, metas = tuned
+    stats = runs[0].report.meta["tuning"]
+    assert (stats["tasks"], stats["tuned_tasks"], stats["reused_tasks"], stats["trials"]) == (2, 1, 1, 4)
+    reused = [p["name"] for p in stats["per_task"] if p["status"] == "reused"]
+    assert reused == [interrupted["batches"][0]]
+    assert len(metas[0]["tasks"]) == 2 and metas[0]["tvm"] and metas[0]["target"]["kind"] == "llvm"
 
 
-def test_third_run_applies_the_database_without_tuning(tuned):
-    _, model, runs, _ = tuned
-    third = runs[2].report.meta["tuning"]
-    assert (third["tuned_tasks"], third["reused_tasks"], third["trials"]) == (0, 2, 0)
-    assert third["scheduled_functions"] == 2  # both records matched the module's functions
-    assert all(p["best_us"] > 0 for p in third["per_task"])
+def test_next_compile_applies_the_database_without_tuning(tuned):
+    _, model, _, runs, metas = tuned
+    stats = runs[1].report.meta["tuning"]
+    assert (stats["tuned_tasks"], stats["reused_tasks"], stats["trials"]) == (0, 2, 0)
+    assert stats["scheduled_functions"] == 2  # both records matched the module's functions
+    assert all(p["best_us"] > 0 for p in stats["per_task"])
+    assert metas[1] == metas[0]
     x = torch.randn(4, 32)  # tuning is for static shapes: the artifact runs the example batch
-    torch.testing.assert_close(runs[2](x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[1](x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_task_of_another_model_is_found_in_the_database(tuned, tmp_path):
-    db, _, _, _ = tuned
+    db, *_ = tuned
     shutil.copytree(db, tmp_path / "db")
     stats = _compile(Head(), tmp_path / "db").report.meta["tuning"]
     assert (stats["tasks"], stats["tuned_tasks"], stats["reused_tasks"]) == (1, 0, 1)
 
 
 def test_cli_tune_reports_each_task(tuned, tmp_path, capsys):
-    db, _, _, _ = tuned
+    db, *_ = tuned
     shutil.copytree(db, tmp_path / "db")
     assert main(["tune", "test_metaschedule:Two", "--input-shape", "4,32", "--trials", "4",
                  "--db", str(tmp_path / "db")]) == 0
@@ -107,7 +123,7 @@ def test_cli_tune_reports_each_task(tuned, tmp_path, capsys):
 
 
 def _damaged(tuned, tmp_path, damage) -> str:
-    db, _, _, _ = tuned
+    db, *_ = tuned
     shutil.copytree(db, tmp_path / "db")
     damage(tmp_path / "db")
     with pytest.raises(TuningError) as info:
@@ -164,7 +180,7 @@ def test_records_without_metadata_are_refused(tuned, tmp_path):
 
 
 def test_cli_reports_a_bad_database_in_one_line(tuned, tmp_path, capsys):
-    db, _, _, _ = tuned
+    db, *_ = tuned
     shutil.copytree(db, tmp_path / "db")
     _truncate(tmp_path / "db" / ms_tuning.RECORD_FILE)
     assert main(["tune", "test_metaschedule:Two", "--input-shape", "4,32", "--db", str(tmp_path / "db")]) == 2
@@ -201,3 +217,13 @@ def test_a_target_that_cannot_run_here_is_not_tuned(tmp_path):
     mod = tvm_backend.prepare(tvm_backend.relax_module(gm, (torch.randn(4, 32),)), arm)
     with pytest.raises(TuningError, match="cannot run aarch64-linux-gnu code"):
         ms_tuning.apply_tuning(mod, arm, {"db": str(tmp_path / "db"), **TRIALS})
+
+
+@pytest.mark.parametrize("total, costs, per_task, expected", [
+    (32, [0.0, 1e6, 2e6, 0.0], None, [1, 10, 20, 1]),  # transposes get one trial, convs share by FLOPs
+    (3, [1.0, 2.0, 3.0, 4.0], None, [1, 1, 1, 0]),  # fewer trials than tasks: the last waits for the next run
+    (10, [1.0, 2.0], 4, [4, 4]),
+    (6, [1.0, 2.0], 4, [4, 2]),
+])
+def test_trial_budget_split(total, costs, per_task, expected):
+    assert ms_tuning._budgets(total, costs, per_task) == expected
