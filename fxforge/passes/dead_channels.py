@@ -45,12 +45,26 @@ class DeadChannels(Pass):
                 removed.extend(group.ids)
             elif "live" not in reasons:
                 stats[f"skipped.{reason}"] = stats.get(f"skipped.{reason}", 0) + 1
+        removed = _spare_one_conv_channel(gm, cg, removed, stats)
         if not removed:
             return PassResult(changed=False, preserves="all", stats=stats)
         stats["groups_removed"] = len({cg.group_of[i] for i in removed})
         stats["channels_removed"] = remove_channels(gm, cg, const, torch.tensor(removed))
         finalize(gm)
         return PassResult(changed=True, stats=stats)
+
+
+def _spare_one_conv_channel(gm: fx.GraphModule, cg: ChannelGraph, removed: list[int],
+                            stats: dict[str, float]) -> list[int]:
+    """PyTorch refuses a conv with no output channels: where all of a conv's would go, keep its first group."""
+    gone = set(removed)
+    for node in gm.graph.nodes:
+        m = cg.map(node) if is_op(node, *CONVS) else None
+        ids = m.ids.flatten().tolist() if m is not None else []
+        if ids and gone.issuperset(ids):
+            gone.difference_update(cg.groups[cg.group_of[ids[0]]].ids)
+            stats["skipped.last_conv_channel"] = stats.get("skipped.last_conv_channel", 0) + 1
+    return [i for i in removed if i in gone]
 
 
 def is_consumer(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -182,3 +182,12 @@ def test_zoo_model_with_30_percent_of_groups_zeroed_shrinks_exactly(name):
         # 30 % of the channels leave each conv's outputs and its consumers' inputs: ≈ 1 − 0.7² of the weights
         assert 0.4 < 1 - after.params / before.params < 0.6 and after.flops < 0.6 * before.flops
     assert error_vs_eager(compiled.graph_module, model, example).max_rel < 1e-5
+
+
+def test_a_conv_keeps_one_channel_when_all_of_its_channels_are_dead():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.Conv2d(2, 3, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(3, 2)).eval()
+    nn.init.zeros_(model[0].weight)  # every channel of both convs is constant (the second's: its bias);
+    gm, report, flat = apply(model, (torch.randn(2, 1, 4, 4),), ["dead_channels"])  # a conv needs one
+    assert report.row("dead_channels").stats["skipped.last_conv_channel"] == 2
+    assert all(shape[0] >= 1 for shape in conv_shapes(gm)) and error_vs_eager(gm, model, flat).max_rel <= 1e-6
