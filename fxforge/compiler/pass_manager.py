@@ -271,10 +271,26 @@ class PassManager:
                 gm.recompile()
             self._lint(p, gm, done)
             ctx.invalidate(result.preserves if result.changed else "all")
-            error = check.after(p, gm, done) if check else None
+            error = self._check(check, p, gm, done)
             recorder.record(str(p), gm, exact=p.exact, elapsed=elapsed, stats=result.stats, error=error)
             done.append(p.name)
         return gm, report
+
+    @staticmethod
+    def _check(check: Any, p: Pass, gm: fx.GraphModule, done: list[str]) -> Any:
+        """The numeric check after ``p``; a graph that no longer runs is the pass's fault, named as such."""
+        if check is None:
+            return None
+        try:
+            return check.after(p, gm, done)
+        except FxforgeError:
+            raise
+        except Exception as e:
+            node = re.search(r"While executing %(\w+)", str(e))
+            where = f" at node {node.group(1)!r}" if node else ""
+            cause = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
+                                    f"{cause}{_after(done)}") from e
 
     def _lint(self, p: Pass, gm: fx.GraphModule, done: list[str]) -> None:
         if self.verify == "off":

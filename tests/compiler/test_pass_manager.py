@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 import fxforge
-from fxforge.compiler.graph import aten, call_nodes
+from fxforge.compiler.graph import aten, call_nodes, set_tensor
 from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
 from fxforge.compiler.trace import trace
 from models import ZOO
@@ -196,3 +196,20 @@ def test_compile_default_verify_stops_a_slightly_wrong_exact_pass():
                                                          r"passes before it: .*fuse_activation"):
         fxforge.compile(model, example, passes=["fuse", Sly(factor=1.001)], measure_latency=False)
     fxforge.compile(model, example, passes=["fuse", Sly(factor=1.001)], verify="off", measure_latency=False)
+
+
+def test_a_graph_that_no_longer_runs_names_the_pass_and_node():
+    @fxforge.register_pass
+    class Truncate(fxforge.Pass):
+        """Cuts the first conv's weight to no output channels (PyTorch refuses to run it)."""
+        name = "test_truncate"
+
+        def run(self, gm, ctx):
+            conv = next(call_nodes(gm, aten.conv2d))
+            set_tensor(gm, conv.args[1], torch.empty(0, 3, 3, 3))
+            return fxforge.PassResult(changed=True)
+
+    gm, flat = traced()
+    with pytest.raises(fxforge.VerificationError, match=r"pass 'test_truncate' left a graph that fails to run at "
+                                                        r"node 'conv2d': RuntimeError: .*\(after: fuse_batchnorm\)"):
+        PassManager(["fuse_batchnorm", "test_truncate"], measure_latency=False).run(gm, PassContext(flat))
