@@ -10,9 +10,10 @@ is listed there, so an interrupted run keeps the finished tasks and the next run
 the interrupted task stay and seed its search). A database for another target or TVM version, or one whose
 files are corrupt, is refused with a TuningError naming the file; nothing in it is changed.
 
-Tuning follows the recipe measured on 2 cores: builder workers skip parsing the GPU tensor intrinsics
-(importing them takes ~70 s, longer than the builder timeout, so every build failed), two build workers,
-60 s build timeout, a short evaluator, the XGBoost cost model.
+Tuning follows the recipe measured on 2 cores: builder workers skip parsing the tensor intrinsics of other
+hardware (importing them takes 70–140 s, longer than the builder timeout, so every build failed), two build
+workers, 60 s build timeout, a short evaluator, the XGBoost cost model. Ctrl-C ends the current task after
+its batch (see :func:`_deferred_interrupt`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 FORMAT = 1
 OPTIONS = ("trials", "db", "trials_per_task", "trials_per_iter", "timeout_s", "seed")
-GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal", "arm_cpu", "riscv_cpu")
+OTHER_INTRINSICS = ("cuda", "rocm", "hexagon", "metal", "arm_cpu", "riscv_cpu")
 
 
 @dataclass
@@ -118,11 +119,11 @@ def target_key(tvm_target: tvm.target.Target) -> str:
 
 
 def skip_gpu_intrinsics(keep: tuple[str, ...] = ()) -> None:
-    """Stand empty modules in for the tensor intrinsics of other hardware (their import takes ~70 s).
+    """Stand empty modules in for the tensor intrinsics of other hardware (their import takes 70–140 s).
 
     Runs in this process; :func:`_worker_initializer` does the same in every build worker.
     """
-    for name in GPU_INTRINSICS:
+    for name in OTHER_INTRINSICS:
         if name not in keep:
             sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}", types.ModuleType(name))
 
@@ -130,7 +131,7 @@ def skip_gpu_intrinsics(keep: tuple[str, ...] = ()) -> None:
 def _worker_initializer(keep: tuple[str, ...]) -> Callable[[], None]:
     """The builder workers' initializer: a closure, so cloudpickle ships it by value and a worker (started
     afresh for every build batch) does not import fxforge and torch just to unpickle it."""
-    names = tuple(n for n in GPU_INTRINSICS if n not in keep)
+    names = tuple(n for n in OTHER_INTRINSICS if n not in keep)
 
     def skip() -> None:
         import sys
