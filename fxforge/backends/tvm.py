@@ -187,7 +187,8 @@ QDQ_CONVERTERS = {"quantize_per_tensor.default": _qdq(True, False),
 
 
 def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
-    """Inference decomposition, canonical bindings and the ``zero`` pipeline (legalize, fold, fuse).
+    """Inference decomposition, NHWC/HWIO convs on CPUs, canonical bindings and the ``zero`` pipeline
+    (legalize, fold constants, fuse).
 
     This is the module MetaSchedule tunes and applies its database to: records match only functions fused
     exactly this way, and a miss is silent.
@@ -236,8 +237,11 @@ def cpu_rule() -> Any:
             for info in infos:  # padding stays a block of its own: inlined, it puts a branch in the inner loop
                 if info.is_reduction() or info.is_data_pad(sch) or not _try(sch.compute_inline, info.block_rv):
                     remaining.append(info)
-            for info in remaining:
-                _schedule_block(sch, info, undefined_vars)
+            try:
+                for info in remaining:
+                    _schedule_block(sch, info, undefined_vars)
+            except Exception:  # a primitive refused this function's shape: it stays unscheduled (correct, slow)
+                return None
             return sch
 
     return CpuDefault()
@@ -365,6 +369,7 @@ class TvmArtifact(Artifact):
         super().__init__(signature, target, info)
         self.executable, self.library, self.source = executable, library, source
         self._vm: Any = None
+        self._device: Any = None
 
     def vm(self) -> Any:
         """The Relax VirtualMachine on the target's device (created on first call)."""
@@ -386,14 +391,17 @@ class TvmArtifact(Artifact):
                     path = Path(tmp) / LIB_FILE
                     path.write_bytes(self.library or b"")
                     self.executable = tvm.runtime.load_module(str(path))
-            self._vm = relax.VirtualMachine(self.executable, device)
+            self._vm, self._device = relax.VirtualMachine(self.executable, device), device
         return self._vm
 
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         tvm = _tvm()
-        vm = self.vm()
-        out = vm["main"](*(tvm.runtime.from_dlpack(t.detach().contiguous()) for t in inputs))
-        return tuple(torch.from_dlpack(o) for o in out)
+        vm, device = self.vm(), self._device
+        if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():  # zero-copy both ways
+            args = [tvm.runtime.from_dlpack(t.detach().contiguous()) for t in inputs]
+        else:
+            args = [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), device) for t in inputs]
+        return tuple(torch.from_dlpack(o).cpu() for o in vm["main"](*args))
 
     def write(self, directory: Path) -> None:
         if self.library is not None:
