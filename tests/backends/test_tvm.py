@@ -288,8 +288,9 @@ def test_cuda_source_has_a_kernel_for_every_function(tmp_path):
         with torch.no_grad():
             assert compare([cm(x)], [model(x)]).max_rel < 1e-4
     else:
-        with pytest.raises(fxforge.TargetError, match="needs a cuda device"):
-            cm(x)
+        for artifact in (cm.artifact, fxforge.load(path)):
+            with pytest.raises(fxforge.TargetError, match="needs a cuda device"):
+                artifact(x)
 
 
 def test_unscheduled_cuda_functions_are_refused():
