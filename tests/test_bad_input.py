@@ -128,7 +128,7 @@ def garbage_dir(tmp: Path) -> Path:
 # -------------------------------------------------------------------------------------------------- the table
 
 Case = Callable[[Path, pytest.MonkeyPatch], object]
-x, cm = torch.randn(2, 4), None
+x = torch.randn(2, 4)
 
 CASES: list[tuple[str, type, str, Case]] = [
     # capture
@@ -164,9 +164,11 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_(passes="fusion")),
     ("unknown pass option", fxforge.PassError, r"pass 'low_rank' has no option 'rank'; options: energy",
      lambda t, mp: compile_(passes="low_rank{rank=3}")),
-    ("pass option of the wrong type", fxforge.PassError, r"option 'energy' of pass 'low_rank' must be float, got 'high'",
+    ("pass option of the wrong type", fxforge.PassError,
+     r"option 'energy' of pass 'low_rank' must be float, got 'high'",
      lambda t, mp: compile_(passes="low_rank{energy='high'}")),
-    ("pass option out of range", fxforge.PassError, r"bad options for pass 'low_rank': energy must be in \(0, 1\], got 2\.0",
+    ("pass option out of range", fxforge.PassError,
+     r"bad options for pass 'low_rank': energy must be in \(0, 1\], got 2\.0",
      lambda t, mp: compile_(passes="low_rank{energy=2.0}")),
     ("unparsable pass options", fxforge.PassError, r"cannot parse options of 'low_rank'",
      lambda t, mp: compile_(passes="low_rank{energy=}")),
@@ -186,7 +188,8 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("onnxruntime not installed", fxforge.BackendError,
      r"the onnx backend needs the 'onnxruntime' package: pip install 'fxforge\[onnx\]'",
      lambda t, mp: (without_module(mp, "onnxruntime", "onnx"), compile_(backend="onnx"))),
-    ("TVM not installed", fxforge.BackendError, r"the tvm backend needs the 'tvm' package: pip install 'fxforge\[tvm\]'",
+    ("TVM not installed", fxforge.BackendError,
+     r"the tvm backend needs the 'tvm' package: pip install 'fxforge\[tvm\]'",
      lambda t, mp: (without_module(mp, "tvm", "tvm"), compile_(backend="tvm"))),
     ("op the ONNX exporter cannot lower", fxforge.BackendError,
      r"cannot lower op aten\.kthvalue\.default at node 'kthvalue'",
@@ -208,17 +211,20 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("Inf in a buffer", fxforge.InputError, r"model tensor '1\.running_var' holds NaN or Inf",
      lambda t, mp: compile_(inf_buffer())),
     # saved artifacts
-    ("artifact directory without fxforge.json", fxforge.ArtifactError, r"is not an fxforge artifact \(no fxforge\.json\)",
+    ("artifact directory without fxforge.json", fxforge.ArtifactError,
+     r"is not an fxforge artifact \(no fxforge\.json\)",
      lambda t, mp: fxforge.load(t)),
     ("artifact file modified after saving", fxforge.ArtifactError, r"was modified after saving \(hash mismatch\)",
      lambda t, mp: fxforge.load(modified_file(t))),
-    ("artifact of another format version", fxforge.ArtifactError, r"has artifact format 99, this fxforge reads format 1",
+    ("artifact of another format version", fxforge.ArtifactError,
+     r"has artifact format 99, this fxforge reads format 1",
      lambda t, mp: fxforge.load(edit_meta(saved(t), format=99))),
     ("corrupt fxforge.json", fxforge.ArtifactError, r"fxforge\.json is corrupt",
      lambda t, mp: fxforge.load((saved(t) / base.META_FILE).write_text("{") and t / "artifact")),
     ("fxforge.json without a backend", fxforge.ArtifactError, r"fxforge\.json lacks 'backend'",
      lambda t, mp: fxforge.load(edit_meta(saved(t), backend=None))),
-    ("artifact of a foreign backend", fxforge.ArtifactError, r"was saved by backend 'tensorrt', which this fxforge lacks",
+    ("artifact of a foreign backend", fxforge.ArtifactError,
+     r"was saved by backend 'tensorrt', which this fxforge lacks",
      lambda t, mp: fxforge.load(edit_meta(saved(t), backend="tensorrt"))),
     ("saving over a directory that is not an artifact", fxforge.ArtifactError,
      r"exists and is not an fxforge artifact; refusing to overwrite",

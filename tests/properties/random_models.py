@@ -84,7 +84,8 @@ def cnns(draw) -> Spec:
             layers.append(("pool", pool, 2))
             size = tuple(s // 2 for s in size)
         elif kind == "residual":
-            layers.append(("residual", draw(_conv(c, size, keep_size=True, keep_channels=True)), draw(st.sampled_from(ACTIVATIONS))))
+            body = draw(_conv(c, size, keep_size=True, keep_channels=True))
+            layers.append(("residual", body, draw(st.sampled_from(ACTIVATIONS))))
         elif kind == "concat":
             a, b = draw(_conv(c, size, keep_size=True)), draw(_conv(c, size, keep_size=True))
             layers.append(("concat", a, b))
