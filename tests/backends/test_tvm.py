@@ -247,7 +247,7 @@ np.save(sys.argv[3], vm["main"](tvm.runtime.tensor(np.load(sys.argv[2])))[0].num
 
 @pytest.mark.slow
 def test_arm64_library_runs_under_qemu(arm64, tmp_path):
-    """Runs the AArch64 library with an aarch64 TVM runtime under qemu-user (recipe: docs/backends-tvm.md)."""
+    """Runs the AArch64 library with an aarch64 TVM runtime under qemu-user (recipe: docs/backends.md)."""
     import numpy as np
     runtime = Path(os.environ.get("FXFORGE_AARCH64_RUNTIME", "/nonexistent"))
     python = runtime / "sysroot" / "usr" / "bin" / "python3.11"
