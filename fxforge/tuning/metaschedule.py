@@ -85,10 +85,10 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
         budgets = _budgets(opts["trials"], [_cost(tasks[i]) for i in todo], opts.get("trials_per_task"))
         tuner = _Tuner(tvm_target, db_dir, database, keep, opts)
         _write_meta(db_dir, meta)  # before any record: a run interrupted in its first task leaves a known db
-        for i, budget in zip(todo, budgets):
+        for n, (i, budget) in enumerate(zip(todo, budgets), 1):
             if budget == 0:
                 continue  # the budget ran out: the task keeps its default schedule (or partial records)
-            results[i] = tuner.tune(tasks[i], budget, progress)
+            results[i] = tuner.tune(tasks[i], budget, f"[{n}/{len(todo)}] " if progress else None)
             meta["tasks"][keys[i]] = {"name": tasks[i].task_name, "trials": results[i].trials}
             _write_meta(db_dir, meta)  # commit per task: an interrupted run keeps what finished
     with tvm_target, database:
@@ -171,7 +171,8 @@ class _Tuner:
         self.runner = ms.runner.LocalRunner(timeout_sec=min(timeout, 30), evaluator_config=ms.runner.EvaluatorConfig(
             number=3, repeat=1, min_repeat_ms=50))
 
-    def tune(self, task: Any, trials: int, progress: bool) -> TaskResult:
+    def tune(self, task: Any, trials: int, progress: str | None) -> TaskResult:
+        """Tune ``task`` with ``trials`` trials; ``progress``: the bar's prefix ("[2/4] "), None for no bar."""
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
 
@@ -229,11 +230,13 @@ def _deferred_interrupt() -> Iterator[list[bool]]:
 
 
 class _Progress:
-    """A tqdm bar per task: trials measured and the best latency so far; remembers the first failure."""
+    """A tqdm bar per task: tasks done, trials measured and the best latency so far; remembers the first failure."""
 
-    def __init__(self, name: str, trials: int, show: bool) -> None:
+    def __init__(self, name: str, trials: int, prefix: str | None) -> None:
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=trials, desc=name, unit="trial", disable=not show, leave=True, file=sys.stderr)
+        self.name = name
+        self.bar = tqdm(total=trials, desc=f"{prefix or ''}{name}", unit="trial", disable=prefix is None,
+                        leave=True, file=sys.stderr)
         self.trials, self.best_us, self.first_error = 0, math.inf, ""
         self.interrupted = [False]  # set by _deferred_interrupt
 

@@ -61,7 +61,7 @@ def tuned(tmp_path_factory):
 
     def ctrl_c_in_second_task(self, built, ran):
         update(self, built, ran)
-        batches.append(self.bar.desc)
+        batches.append(self.name)
         if len(batches) == 2:  # the first batch of the second task (the first task is one batch of 4)
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -104,6 +104,14 @@ def test_next_compile_applies_the_database_without_tuning(tuned):
     assert metas[1] == metas[0]
     x = torch.randn(4, 32)  # tuning is for static shapes: the artifact runs the example batch
     torch.testing.assert_close(runs[1](x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_artifact_saves_its_tuning_stats(tuned, tmp_path):
+    _, model, _, runs, _ = tuned
+    loaded = fxforge.load(runs[1].save(tmp_path / "art"))
+    assert loaded.info["tuning"]["reused_tasks"] == 2
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_task_of_another_model_is_found_in_the_database(tuned, tmp_path):
