@@ -71,7 +71,7 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     from tvm.s_tir import meta_schedule as ms
 
     keep = _kept_intrinsics(tvm_target)
-    skip_gpu_intrinsics(keep)
+    skip_other_intrinsics(keep)
     db_dir = Path(opts["db"]).expanduser() if opts.get("db") else default_db_dir(tvm_target)
     meta = _read_meta(db_dir, tvm_target)
     database = open_database(db_dir)
@@ -118,7 +118,7 @@ def target_key(tvm_target: tvm.target.Target) -> str:
     return f"{tvm_target.kind.name}-{cpu}-{digest[:12]}"
 
 
-def skip_gpu_intrinsics(keep: tuple[str, ...] = ()) -> None:
+def skip_other_intrinsics(keep: tuple[str, ...] = ()) -> None:
     """Stand empty modules in for the tensor intrinsics of other hardware (their import takes 70–140 s).
 
     Runs in this process; :func:`_worker_initializer` does the same in every build worker.
