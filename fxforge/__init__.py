@@ -13,10 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Analysis", "Artifact", "ArtifactError", "AutotuneResult", "Backend", "BackendError", "CalibrationError",
-    "CompiledModel",
-    "FxforgeError", "InputError", "Pass", "PassContext", "PassError", "PassManager", "PassResult", "Target",
-    "TargetError", "TraceError", "TuningError", "VerificationError", "available_backends", "available_passes",
-    "autotune", "available_targets", "compile", "get_target", "load", "register_backend", "register_pass",
-    "register_preset",
-    "register_target", "trace",
+    "CompiledModel", "FxforgeError", "InputError", "Pass", "PassContext", "PassError", "PassManager",
+    "PassResult", "Target", "TargetError", "TraceError", "TuningError", "VerificationError", "autotune",
+    "available_backends", "available_passes", "available_targets", "compile", "get_target", "load",
+    "register_backend", "register_pass", "register_preset", "register_target", "trace",
 ]
