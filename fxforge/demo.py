@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from fxforge.compiler.report import measure_latency
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--passes", default="compress,int8", help="comma-separated passes/presets")
+    parser.add_argument("--passes", default="all", help="comma-separated passes/presets")
     parser.add_argument("--backend", default="onnx")
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--out", default="artifacts/resnet18")

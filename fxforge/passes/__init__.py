@@ -19,5 +19,8 @@ register_preset("int8", ["fuse", "insert_qdq", "calibrate", "fold_qdq"],
                 "static int8 quantization calibrated on the calibration data")
 register_preset("compress", ["fuse", "dead_channels", "low_rank"],
                 "fusion, exact dead-channel removal, then low-rank splitting where it saves FLOPs")
+register_preset("all", ["compress", "insert_qdq", "calibrate", "fold_qdq"],
+                "the full pipeline: compress, then static int8 quantization")
 
-__all__ = ["Calibrate", "DeadChannels", "PruneChannels", "EliminateDeadCode", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "DepthwiseSeparable"]
+__all__ = ["Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "FoldConstants", "FoldQdq",
+           "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels"]
