@@ -112,18 +112,24 @@ def _ort_runner(session) -> Runner:
 
 def _ort_fp32(model: torch.nn.Module, example: tuple, calib: list) -> Built:
     start = time.perf_counter()
-    path = _onnx_file(model, example, Path(tempfile.mkdtemp(prefix="fxforge-bench-")))
-    session = _ort_session(path)
+    with tempfile.TemporaryDirectory(prefix="fxforge-bench-") as work:  # the session holds the model in memory
+        session = _ort_session(_onnx_file(model, example, Path(work)))
     return Built(_ort_runner(session), time.perf_counter() - start)
 
 
 def _ort_int8(model: torch.nn.Module, example: tuple, calib: list) -> Built:
     """ONNX Runtime's own static quantization: QDQ, per-channel int8 weights, uint8 activations."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fxforge-bench-") as tmp:
+        session, size = _quantize_static(model, example, calib, Path(tmp))
+    return Built(_ort_runner(session), time.perf_counter() - start, bytes=size)
+
+
+def _quantize_static(model: torch.nn.Module, example: tuple, calib: list, work: Path) -> tuple[Any, int]:
+    """The int8 model quantize_static writes into ``work``: its ORT session and file size."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="fxforge-bench-"))
     fp32 = _onnx_file(model, example, work)
     pre = work / "pre.onnx"
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
@@ -139,8 +145,7 @@ def _ort_int8(model: torch.nn.Module, example: tuple, calib: list) -> Built:
     out = work / "int8.onnx"
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True)
-    return Built(_ort_runner(_ort_session(out)), time.perf_counter() - start,
-                 bytes=out.stat().st_size)
+    return _ort_session(out), out.stat().st_size
 
 
 def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Callable[..., Built]:
