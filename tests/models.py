@@ -174,3 +174,19 @@ def accuracy(model: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tenso
     """Top-1 accuracy of ``model`` on (x, y), in [0, 1]."""
     with torch.no_grad():
         return (model(x).argmax(-1) == y).float().mean().item()
+
+
+@torch.library.custom_op("fxforge_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    """An op no backend knows: what a backend must name, with its node, when it cannot lower it."""
+    return x * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Mystery(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mystery(torch.relu(x)) + 1

@@ -11,7 +11,7 @@ import fxforge
 from fxforge.backends.base import get_backend
 from fxforge.compiler.target import get_target
 from fxforge.compiler.verify import compare, fresh_inputs
-from models import ZOO, zoo_params
+from models import ZOO, Mystery, zoo_params
 
 qd = torch.ops.quantized_decomposed
 
@@ -189,21 +189,6 @@ def test_qdq_stays_float_without_ort_qdq_fusion():
     model, x = QdqNet().eval(), torch.randn(2, 3, 16, 16)
     cm = fxforge.compile(model, (x,), backend="onnx", measure_latency=False, graph_optimization_level="basic")
     assert cm.artifact.info["ort_int8_ops"] == {}
-
-
-@torch.library.custom_op("fxforge_test::mystery", mutates_args=())
-def mystery(x: torch.Tensor) -> torch.Tensor:
-    return x * 2
-
-
-@mystery.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-class Mystery(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mystery(torch.relu(x)) + 1
 
 
 def test_op_without_onnx_translation_names_op_and_node():
