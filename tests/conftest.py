@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # `from models import ZOO`
 
 # Property tests (tests/properties): "ci" is small and reproducible; FXFORGE_HYPOTHESIS=thorough runs thousands.
 _QUIET = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=10, derandomize=True, database=None, deadline=None,
+settings.register_profile("ci", max_examples=9, derandomize=True, database=None, deadline=None,
                           suppress_health_check=_QUIET, print_blob=True)
 settings.register_profile("thorough", max_examples=150, deadline=None, suppress_health_check=_QUIET,
                           print_blob=True)
