@@ -187,8 +187,10 @@ def fxforge_systems(compress: str = "compress") -> list[System]:
 
 def peak_gflops() -> tuple[float, str]:
     """The CPU's fp32 peak: cores × FMA units × SIMD lanes × 2 FLOPs per FMA × clock, and how it was derived."""
-    flags, mhz = _cpuinfo()
-    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    flags, mhz, vendor = _cpuinfo()
+    # AMD Zen 2-4 run AVX-512 on 256-bit pipes (Zen 5, the first with vp2intersect, has 512-bit ones)
+    wide = "avx512f" in flags and (vendor != "AuthenticAMD" or "avx512_vp2intersect" in flags)
+    lanes = 16 if wide else 8 if "avx2" in flags else 4
     units = 2 if "fma" in flags else 1  # x86 cores with FMA issue two per cycle; without, one add + one mul
     cores = torch.get_num_threads()
     peak = cores * units * lanes * 2 * mhz / 1e3
@@ -197,14 +199,15 @@ def peak_gflops() -> tuple[float, str]:
     return peak, how
 
 
-def _cpuinfo() -> tuple[set[str], float]:
+def _cpuinfo() -> tuple[set[str], float, str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set(), 2000.0
+        return set(), 2000.0, ""
     flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
     mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)]
-    return flags, max(mhz) if mhz else 2000.0
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+    return flags, max(mhz) if mhz else 2000.0, vendor.group(1) if vendor else ""
 
 
 def _available(system: System) -> str | None:
