@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from fxforge.compiler.errors import BackendError, missing_dependency
+from fxforge.compiler.errors import ANSI, BackendError, first_line, missing_dependency
 from fxforge.compiler.graph import fusion_groups
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import MAX_BATCH, Signature
@@ -177,7 +177,7 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise BackendError(f"the exported ONNX model fails onnx.checker: {_first_line(e)}") from None
+        raise BackendError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
     return model
 
 
@@ -195,14 +195,13 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NODE = re.compile(r"translating node %(\w+) .*?target=([\w.:]+)")
 _NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='(\w+)'\)>")
 
 
 def lowering_error(e: BaseException) -> BackendError:
     """A BackendError naming the op and node the exporter could not lower (from its error chain)."""
-    text = "\n".join(_ANSI.sub("", str(x)) for x in _chain(e))
+    text = "\n".join(ANSI.sub("", str(x)) for x in _chain(e))
     node = _NODE.search(text)
     missing = _NO_FUNCTION.search(text)
     if missing:
@@ -211,9 +210,9 @@ def lowering_error(e: BaseException) -> BackendError:
         return BackendError(f"the ONNX exporter cannot lower op {op}{where}: no ONNX translation is registered "
                             f"for it (torch.onnx custom_translation_table can add one)")
     if node:
-        reason = _first_line(_chain(e)[-1])
+        reason = first_line(_chain(e)[-1])
         return BackendError(f"the ONNX exporter failed on node {node.group(1)!r} (op {node.group(2)}): {reason}")
-    return BackendError(f"the ONNX exporter failed: {_first_line(_chain(e)[-1])}")
+    return BackendError(f"the ONNX exporter failed: {first_line(_chain(e)[-1])}")
 
 
 def _chain(e: BaseException) -> list[BaseException]:
@@ -222,10 +221,6 @@ def _chain(e: BaseException) -> list[BaseException]:
         out.append(out[-1].__cause__)
     return out
 
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def providers(target: Target) -> list[str]:

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from fxforge.compiler.errors import BackendError, TargetError, missing_dependency
+from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import MAX_BATCH, Signature, TensorSpec
 
@@ -68,7 +68,7 @@ def tvm_target(target: Target) -> tvm.target.Target:
         return tvm.target.Target(target.tvm_dict(), host=host) if host else tvm.target.Target(target.tvm_dict())
     except Exception as e:
         raise TargetError(f"TVM refuses the target dict of {target.name!r} ({target.tvm_dict()}): "
-                          f"{_first_line(e)}") from None
+                          f"{first_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -97,7 +97,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
             ep = torch.export.export(copy.deepcopy(gm).eval(), args, dynamic_shapes=shapes, strict=False)
             ep = ep.run_decompositions()  # what from_exported_program does by default
     except Exception as e:
-        raise BackendError(f"re-exporting the graph for TVM failed: {_first_line(e)}") from None
+        raise BackendError(f"re-exporting the graph for TVM failed: {first_line(e)}") from None
 
     class Importer(ExportedProgramImporter):
         """The stock importer whose converters report the node they failed on."""
@@ -116,9 +116,9 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
         mod = importer.from_exported_program(ep, False, False, False, custom)
     except _NodeFailure as f:
         raise BackendError(f"the TVM Relax frontend failed on node {f.node.name!r} (op {_op_name(f.node)}): "
-                           f"{_first_line(f.cause)}") from None
+                           f"{first_line(f.cause)}") from None
     except Exception as e:
-        raise BackendError(f"the TVM Relax frontend failed: {_first_line(e)}") from None
+        raise BackendError(f"the TVM Relax frontend failed: {first_line(e)}") from None
     # export's batch bound (2**16) would make static memory planning reserve buffers for that batch
     mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     return mod
@@ -319,7 +319,7 @@ def build(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> Any:
     try:
         return tvm.compile(mod, target=tvm_target)
     except Exception as e:
-        raise BackendError(f"tvm.compile failed for {tvm_target.kind.name}: {_first_line(e)}") from None
+        raise BackendError(f"tvm.compile failed for {tvm_target.kind.name}: {first_line(e)}") from None
 
 
 def _is_gpu(tvm_target: tvm.target.Target) -> bool:
@@ -353,7 +353,7 @@ def export_library(executable: Any, path: Path, target: Target) -> None:
         executable.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler))
     except Exception as e:
         raise BackendError(f"linking the {target.name} library with {target.cross_compiler} failed: "
-                           f"{_first_line(e)}") from None
+                           f"{first_line(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -471,8 +471,3 @@ def _check_kernels(mod: tvm.IRModule, source: str) -> None:
 def _static(signature: Signature, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
     specs = tuple(TensorSpec(tuple(t.shape), s.dtype) for t, s in zip(example_inputs, signature.inputs))
     return Signature(specs, signature.in_spec, signature.out_spec, False, note)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__

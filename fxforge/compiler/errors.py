@@ -1,6 +1,10 @@
 """The errors users see. Each names its cause in one line; none leaks an internal traceback."""
 from __future__ import annotations
 
+import re
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours some libraries put in their messages
+
 
 class FxforgeError(Exception):
     """Base class of every error fxforge raises on purpose."""
@@ -45,3 +49,9 @@ class TuningError(FxforgeError):
 def missing_dependency(package: str, extra: str, why: str) -> BackendError:
     """The error for an optional dependency that is not installed."""
     return BackendError(f"{why} needs the '{package}' package: pip install 'fxforge[{extra}]'")
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (colour codes removed), or its type's name."""
+    lines = [ln.strip() for ln in ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

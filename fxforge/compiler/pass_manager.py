@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence, TypeVar
 import torch
 import torch.fx as fx
 
-from .errors import FxforgeError, PassError, VerificationError
+from .errors import FxforgeError, PassError, VerificationError, first_line
 from .target import Target, get_target
 
 A = TypeVar("A")
@@ -288,9 +288,8 @@ class PassManager:
         except Exception as e:
             node = re.search(r"While executing %(\w+)", str(e))
             where = f" at node {node.group(1)!r}" if node else ""
-            cause = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
-                                    f"{cause}{_after(done)}") from e
+                                    f"{first_line(e)}{_after(done)}") from e
 
     def _lint(self, p: Pass, gm: fx.GraphModule, done: list[str]) -> None:
         if self.verify == "off":

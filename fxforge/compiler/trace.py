@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from .errors import InputError, TraceError
+from .errors import InputError, TraceError, first_line
 
 MAX_BATCH = 1 << 16
 REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, "
@@ -102,7 +102,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
         try:
             ep = _export(model, _batch_of_two(args), dynamic=True)
         except Exception as e:  # the model fixes its batch size: fall back to static shapes
-            note = f"batch dimension is static: {_first_line(e)}"
+            note = f"batch dimension is static: {first_line(e)}"
     if ep is None:
         try:
             ep = _export(model, args, dynamic=False)
@@ -122,7 +122,7 @@ def _check_runs(model: torch.nn.Module, args: tuple) -> None:
             model(*args)
     except Exception as e:
         raise InputError(f"the model does not run on the example inputs {_describe(pytree.tree_leaves(args))}: "
-                         f"{_first_line(e)}") from None
+                         f"{first_line(e)}") from None
 
 
 def _batch_of_two(args: tuple) -> tuple:
@@ -178,10 +178,6 @@ def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
 
 def _user_frame(e: BaseException) -> str:
     """The innermost frame outside torch: where in the user's code export gave up."""
@@ -194,5 +190,5 @@ def _user_frame(e: BaseException) -> str:
 
 
 def _trace_error(e: BaseException) -> TraceError:
-    return TraceError(f"torch.export could not capture the model: {_first_line(e)}{_user_frame(e)}. "
+    return TraceError(f"torch.export could not capture the model: {first_line(e)}{_user_frame(e)}. "
                       f"Remedies: {REMEDIES}")

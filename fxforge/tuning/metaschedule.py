@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from fxforge.compiler.errors import TuningError
+from fxforge.compiler.errors import TuningError, first_line
 
 if TYPE_CHECKING:
     import tvm
@@ -151,7 +151,7 @@ def open_database(db_dir: Path) -> Any:
     try:
         return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
     except Exception as e:
-        raise TuningError(f"the MetaSchedule database in {db_dir} cannot be read ({_first_line(e)}); "
+        raise TuningError(f"the MetaSchedule database in {db_dir} cannot be read ({first_line(e)}); "
                           f"delete the directory to tune again") from None
 
 
@@ -198,7 +198,7 @@ class _Tuner:
                           builder=self.builder, runner=self.runner, database=self.database, cost_model="xgb",
                           measure_callbacks=[*ms.MeasureCallback.create("default"), watch.callback()])
         except Exception as e:
-            raise TuningError(f"MetaSchedule failed on task {context.task_name}: {_first_line(e)}") from None
+            raise TuningError(f"MetaSchedule failed on task {context.task_name}: {first_line(e)}") from None
         finally:
             watch.close()
 
@@ -259,7 +259,7 @@ class _Progress:
         for built, ran in zip(builder_results, runner_results):
             error = built.error_msg or ran.error_msg
             if error and not self.first_error:
-                self.first_error = _first_line(Exception(error))
+                self.first_error = first_line(Exception(error))
             if ran.run_secs:
                 self.best_us = min(self.best_us, 1e6 * sum(float(s) for s in ran.run_secs) / len(ran.run_secs))
         self.trials += len(runner_results)
@@ -289,7 +289,7 @@ def _read_meta(db_dir: Path, tvm_target: tvm.target.Target) -> dict[str, Any]:
         if not isinstance(meta, dict) or not isinstance(meta.get("tasks"), dict):
             raise ValueError("not a tuning metadata object")
     except (ValueError, OSError) as e:
-        raise TuningError(f"tuning database metadata {path} is corrupt ({_first_line(e)})") from None
+        raise TuningError(f"tuning database metadata {path} is corrupt ({first_line(e)})") from None
     if meta.get("tvm") != want["tvm"]:
         raise TuningError(f"tuning database {db_dir} was made with TVM {meta.get('tvm')}, this is TVM "
                           f"{want['tvm']}; use another db directory")
@@ -315,7 +315,7 @@ def _check_json_lines(path: Path) -> None:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise TuningError(f"tuning database file {path} cannot be read ({_first_line(e)})") from None
+        raise TuningError(f"tuning database file {path} cannot be read ({first_line(e)})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -408,8 +408,3 @@ def _check_runnable(tvm_target: tvm.target.Target) -> None:
 def _target_json(tvm_target: tvm.target.Target) -> dict[str, Any]:
     """The target as plain JSON data (host included), the form compared between database and compile."""
     return json.loads(str(tvm_target))
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
