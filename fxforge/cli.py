@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -97,6 +96,7 @@ def _targets(args: argparse.Namespace) -> int:
 
 def _compile(args: argparse.Namespace) -> int:
     import fxforge
+    from fxforge.compiler.pass_manager import split_passes
     model = _build_model(args.model)
     example = _example_inputs(args.input_shape, args.dtype)
     calibration = _call(args.calibration)() if args.calibration else None
@@ -131,6 +131,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     import fxforge
+    from fxforge.compiler.pass_manager import split_passes
     model = _build_model(args.model)
     example = _example_inputs(args.input_shape, args.dtype)
     tune = {"trials": args.trials, **({"trials_per_task": args.trials_per_task} if args.trials_per_task else {}),
@@ -145,11 +146,6 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['trials']} trials), "
           f"{stats['reused_tasks']} from the database, {stats['untuned_tasks']} untuned; database: {stats['db']}")
     return 0
-
-
-def split_passes(text: str) -> list[str]:
-    """``fuse,low_rank{energy=0.9,budget='flops'}`` → the pass specs (commas inside braces belong to options)."""
-    return [p.strip() for p in re.split(r",(?![^{]*\})", text) if p.strip()]
 
 
 def _call(spec: str) -> Callable[..., Any]:

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
 
     import fxforge
+    from fxforge.compiler.pass_manager import split_passes
     from fxforge.compiler.report import measure_latency
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = [(torch.randn(4, 3, 224, 224),) for _ in range(args.calibration_batches)]  # random images
     print(f"compiling torchvision resnet18 (random init) with passes={args.passes} backend={args.backend}, "
           f"calibrating on {len(calibration)} batches of random images ...", flush=True)
-    cm = fxforge.compile(model, (x,), passes=args.passes.split(","), backend=args.backend, target="x86",
+    cm = fxforge.compile(model, (x,), passes=split_passes(args.passes), backend=args.backend, target="x86",
                          calibration=calibration)
     print(cm.report)
     eager = measure_latency(model, (x,), budget_s=2.0)

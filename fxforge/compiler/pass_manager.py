@@ -158,6 +158,11 @@ def _load_entry_points() -> None:
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\{(.*)\})?\s*$")
 
 
+def split_passes(text: str) -> list[str]:
+    """``fuse,low_rank{energy=0.9,budget='flops'}`` → the pass specs (commas inside braces belong to options)."""
+    return [p.strip() for p in re.split(r",(?![^{]*\})", text) if p.strip()]
+
+
 def resolve(spec: str | Pass | Sequence[str | Pass]) -> list[Pass]:
     """Turn names, presets and ``name{opt=value,...}`` strings into Pass instances."""
     _load_entry_points()
