@@ -44,7 +44,8 @@ def test_conv_activation_before_expected(act):
     conv = next(n for n in after.graph.nodes if n.name == "conv2d")
     weight, bias = (getattr(after, dq.args[0].target) for dq in conv.args[1:3])
     assert weight.dtype == torch.int8 and -64 <= weight.min() and weight.max() <= 63 and bias.dtype == torch.int32
-    assert stats == {"weights_folded": 2, "activations_folded": 1, "requantizations_removed": 0}
+    assert stats == {"weights_folded": 2, "activations_folded": 1, "requantizations_removed": 0,
+                     "requantizations_merged": 0}
     _same_integers(before, after, flat)
 
 
@@ -67,21 +68,81 @@ class RoundTrips(nn.Module):
         return qd.dequantize_per_tensor(qd.quantize_per_tensor(y, 0.2, 3, *args), 0.2, 3, *args)
 
 
-def test_round_trip_with_equal_parameters_is_removed_requantization_kept():
+def test_round_trip_is_removed_and_requantization_merged_into_one_lookup():
     model = RoundTrips()
     x = torch.randn(2, 1000) * 20
     gm, report, flat = apply(model, (x,), ["insert_qdq", "calibrate", "fold_qdq"], calibration=[(x,)])
-    assert count(gm, Q) == 2 and count(gm, DQ) == 2
-    assert report.row("fold_qdq").stats["requantizations_removed"] == 1
+    assert ops(gm) == [Q, "_to_copy", "index", DQ]  # Q(0.1) → lookup into grid 0.2 → DQ(0.2)
+    stats = report.row("fold_qdq").stats
+    assert (stats["requantizations_removed"], stats["requantizations_merged"]) == (1, 1)
     with torch.no_grad():
         assert torch.equal(gm(x)[0], model(x))
+
+
+def _chain(first: tuple, second: tuple):
+    """x → Q₁ → DQ₁ → Q₂ → DQ₂, each grid given as (scale, zero point, quant_min, quant_max, dtype)."""
+
+    class Chain(nn.Module):
+        def forward(self, x):
+            y = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, *first), *first)
+            return qd.dequantize_per_tensor(qd.quantize_per_tensor(y, *second), *second)
+
+    return Chain()
+
+
+@pytest.mark.parametrize("first, second, removed", [
+    ((0.2, 0, 0, 127, torch.uint8), (0.1, 0, 0, 255, torch.uint8), True),  # a finer grid holding every value
+    ((0.1, 0, -128, 127, torch.int8), (0.1, 128, 0, 255, torch.uint8), True),  # int8 → uint8, same values
+    ((0.1, 0, 0, 255, torch.uint8), (0.1, 100, 0, 255, torch.uint8), False),  # shifted: top values clamp
+    ((0.1, 3, 0, 255, torch.uint8), (0.3, 7, 0, 255, torch.uint8), False),  # coarser: values round
+    ((0.05, -5, -128, 127, torch.int8), (0.07, 130, 0, 255, torch.uint8), False),  # int8 in, uint8 out
+], ids=["finer", "int8-to-uint8", "shifted", "coarser", "int8-in"])
+def test_requantization_chains_give_the_same_integers(first, second, removed):
+    model = _chain(first, second)
+    x = torch.linspace(-40, 40, 20001)  # every code of both grids, ties included
+    gm, report, _ = apply(model, (x,), ["insert_qdq", "calibrate", "fold_qdq"], calibration=[(x,)])
+    stats = report.row("fold_qdq").stats
+    assert (stats["requantizations_removed"], stats["requantizations_merged"]) == (int(removed), int(not removed))
+    assert count(gm, Q) == 1 and count(gm, DQ) == 1
+    with torch.no_grad():
+        assert torch.equal(gm(x)[0], model(x))
+
+
+class RequantizedBlock(nn.Module):
+    """conv → relu → a requantization onto a coarser grid (as a model quantized elsewhere brings it) → conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        grid = (0.05, 0, 0, 255, torch.uint8)
+        return self.b(qd.dequantize_per_tensor(qd.quantize_per_tensor(y, *grid), *grid))
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx", "tvm"])
+def test_merged_requantization_lowers_on_every_backend(backend):
+    import fxforge
+    pytest.importorskip({"torchscript": "torch", "onnx": "onnxruntime", "tvm": "tvm"}[backend])
+    torch.manual_seed(0)
+    model, x = RequantizedBlock().eval(), torch.randn(2, 3, 8, 8)
+    cm = fxforge.compile(model, (x,), passes=["int8"], backend=backend, calibration=[(torch.randn(2, 3, 8, 8),)])
+    assert cm.report.row("fold_qdq").stats["requantizations_merged"] == 1
+    assert count(cm.graph_module, "index") == 1
+    fresh = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        reference = cm.graph_module(fresh)[0]
+    step = 0.05 * 0.02  # a few output quantization steps: ORT's int8 kernels round their accumulators
+    torch.testing.assert_close(cm(fresh), reference, rtol=0, atol=max(step, 3 * reference.abs().max().item() / 255))
 
 
 def test_resnet18_weights_shrink_four_times_and_integers_match():
     model, example = ZOO["resnet18"]()
     cal = [(torch.randn_like(example[0]),) for _ in range(2)]
     before, after, stats, flat = _both(model, example, cal)
-    assert stats == {"weights_folded": 42, "activations_folded": 17, "requantizations_removed": 0}
+    assert stats == {"weights_folded": 42, "activations_folded": 17, "requantizations_removed": 0,
+                     "requantizations_merged": 0}
     assert count(after, QC) == 0 and count(after, "relu") == 0
     assert model_size(before)[1] / model_size(after)[1] > 3.8
     _same_integers(before, after, flat)
