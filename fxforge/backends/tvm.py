@@ -209,10 +209,28 @@ def schedule(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
     nests; dlight's CPU GEMV/Reduction rules measured slower still).
     """
     from tvm.s_tir import dlight as dl
-    rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()) \
-        if _is_gpu(tvm_target) else (cpu_rule(),)
     with tvm_target:
-        return dl.ApplyDefaultSchedule(*rules)(mod)
+        return dl.ApplyDefaultSchedule(*_default_rules(tvm_target))(mod)
+
+
+def default_schedule(func: tvm.tirx.PrimFunc, tvm_target: tvm.target.Target) -> Any:
+    """The traced schedule :func:`schedule` gives one PrimFunc, or None when no rule fits it.
+
+    Tuning measures it and stores it beside the searched candidates, so a tuned kernel is never one
+    measured slower than this default."""
+    for rule in _default_rules(tvm_target):
+        with tvm_target:
+            sch = rule.apply(func, tvm_target, False)
+        if sch is not None:
+            return sch[0] if isinstance(sch, list) else sch
+    return None
+
+
+def _default_rules(tvm_target: tvm.target.Target) -> tuple[Any, ...]:
+    from tvm.s_tir import dlight as dl
+    if _is_gpu(tvm_target):
+        return dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+    return (cpu_rule(),)
 
 
 def cpu_rule() -> Any:

@@ -84,7 +84,7 @@ def test_ctrl_c_ends_the_task_and_keeps_what_finished(tuned):
     first, second = interrupted["batches"]
     assert first != second  # one batch per task: interrupted in the second task, after its first batch
     assert [t["name"] for t in interrupted["meta"]["tasks"].values()] == [first]
-    assert interrupted["records"] == 8  # both batches' records were committed
+    assert interrupted["records"] == 2 + 8  # each task's default schedule and both batches were committed
 
 
 def test_rerun_tunes_only_the_interrupted_task(tuned):
@@ -105,6 +105,31 @@ def test_next_compile_applies_the_database_without_tuning(tuned):
     assert metas[1] == metas[0]
     x = torch.randn(4, 32)  # tuning is for static shapes: the artifact runs the example batch
     torch.testing.assert_close(runs[1](x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_default_schedule_is_measured_and_never_beaten_by_a_slower_record(tuned):
+    _, _, _, runs, metas = tuned
+    for stats in (runs[0].report.meta["tuning"], runs[1].report.meta["tuning"]):
+        for task in stats["per_task"]:
+            assert 0 < task["best_us"] <= task["default_us"]  # the default is one of the records
+    assert all(t["default_us"] > 0 for t in metas[1]["tasks"].values())
+
+
+def test_zero_trials_applies_the_database_and_tunes_nothing(tuned, tmp_path):
+    db, model, *_ = tuned
+    shutil.copytree(db, tmp_path / "db")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "db").iterdir())
+    stats = _compile(model, tmp_path / "db", trials=0).report.meta["tuning"]
+    assert (stats["reused_tasks"], stats["trials"], stats["scheduled_functions"]) == (2, 0, 2)
+    wide = fxforge.compile(nn.Linear(32, 24).eval(), torch.randn(4, 32), passes=["fuse"], backend="tvm",
+                           tune={"db": str(tmp_path / "db"), "trials": 0})
+    assert (wide.report.meta["tuning"]["untuned_tasks"], wide.report.meta["tuning"]["trials"]) == (1, 0)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "db").iterdir()) == before
+
+
+def test_zero_trials_needs_an_existing_database(tmp_path):
+    with pytest.raises(TuningError, match="trials=0 applies a tuning database, but .* holds none"):
+        _compile(Head(), tmp_path / "nothing", trials=0)
 
 
 def test_tuned_artifact_saves_its_tuning_stats(tuned, tmp_path):
@@ -199,8 +224,8 @@ def test_cli_reports_a_bad_database_in_one_line(tuned, tmp_path, capsys):
 
 @pytest.mark.parametrize("tune, message", [
     ({"trails": 8}, "unknown tune option(s) trails"),
-    ({"trials": 0}, "trials must be a positive integer"),
-    ({"trials": 8, "timeout_s": "60"}, "timeout_s must be a positive integer"),
+    ({"trials": -1}, "trials must be an integer of at least 0"),
+    ({"trials": 8, "timeout_s": "60"}, "timeout_s must be an integer of at least 1"),
 ])
 def test_bad_tune_options_are_refused(tune, message):
     with pytest.raises(TuningError, match=message.replace("(", r"\(").replace(")", r"\)")):
