@@ -9,6 +9,7 @@ Method: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from fxforge.bench import (PEERS, Row, as_dicts, bench_model, build_all, fxforge
                            markdown, outputs, peak_gflops)
 
 RESULTS = Path(__file__).parent / "results"
+TUNING_DBS = Path(__file__).parent / "tuning-db"
 CALIBRATION_BATCHES = 8
 
 
@@ -76,7 +78,8 @@ QUICK_SYSTEMS = ("eager", "ort fp32", "ort int8 (quantize_static)", "fxforge fus
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     torch.set_num_threads(args.threads)
-    systems = [s for s in PEERS + fxforge_systems() if not args.systems or s.name in args.systems]
+    tuning_db = stored_tuning_db() if importlib.util.find_spec("tvm") else None
+    systems = [s for s in PEERS + fxforge_systems(tuning_db=tuning_db) if not args.systems or s.name in args.systems]
     peak, how = peak_gflops()
     rows: list[Row] = []
     started = time.perf_counter()
@@ -91,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = _digits_accuracy(systems) if not args.no_accuracy else []
     _write(args.out, rows, accuracy, how, time.perf_counter() - started)
     return 0
+
+
+def stored_tuning_db(target: str = "x86") -> Path:
+    """The stored MetaSchedule database for ``target`` on this machine and TVM: tuning-db/<target key>
+    (``llvm-<cpu>-<hash>``), written by benchmarks/tune_models.py."""
+    from fxforge.backends.tvm import tvm_target
+    from fxforge.compiler.target import get_target
+    from fxforge.tuning.metaschedule import target_key
+    return TUNING_DBS / target_key(tvm_target(get_target(target)))
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -170,13 +170,17 @@ PEERS = [
 ]
 
 
-def fxforge_systems(compress: str = "compress") -> list[System]:
-    """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``compress`` and ``compress`` + ``int8``."""
+def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -> list[System]:
+    """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``compress`` and ``compress`` + ``int8``; with
+    ``tuning_db``, also ``fuse`` on TVM with that stored MetaSchedule database applied (no tuning)."""
     onnx = ("onnxruntime", "onnxscript")
+    tuned = [System("fxforge fuse → tvm (tuned)", fxforge_system(["fuse"], "tvm", tune={"trials": 0, "db": str(
+        tuning_db)}), needs=("tvm",))] if tuning_db else []
     return [
         System("fxforge fuse → torchscript", fxforge_system(["fuse"], "torchscript")),
         System("fxforge fuse → onnx", fxforge_system(["fuse"], "onnx"), needs=onnx),
         System("fxforge fuse → tvm", fxforge_system(["fuse"], "tvm"), needs=("tvm",)),
+        *tuned,
         System("fxforge int8 → onnx", fxforge_system(["int8"], "onnx"), needs=onnx),
         System(f"fxforge {compress} → onnx", fxforge_system([compress], "onnx"), needs=onnx),
         System(f"fxforge {compress}+int8 → onnx", fxforge_system([compress, "int8"], "onnx"), needs=onnx),

@@ -1,0 +1,53 @@
+"""Tune the benchmark models' TVM kernels for this machine into the stored database the benchmark uses.
+
+    python benchmarks/tune_models.py [--models resnet18,bert] [--trials 400,200] [--batch 1]
+
+Each model is compiled as the benchmark compiles it (``fuse`` passes, TVM backend, target ``x86``, the
+benchmark's batch) with ``tune={"trials": N, "db": benchmarks/tuning-db/<target key>}``. Rerunning tunes
+only what is missing; a model's budget is spent on the tasks other models have not already tuned.
+``benchmarks/run.py`` then compiles its "fxforge fuse → tvm (tuned)" row with ``trials=0`` against that
+directory: no tuning while benchmarking. Prints the per-task stats (default vs tuned kernel time).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fxforge  # noqa: E402
+from run import MODELS, stored_tuning_db  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2,bert")
+    parser.add_argument("--trials", default="400,200,200", help="comma-separated trial budgets, one per model")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    models, budgets = args.models.split(","), [int(t) for t in args.trials.split(",")]
+    if len(budgets) != len(models):
+        parser.error("give one trial budget per model")
+    db = stored_tuning_db()
+    for name, trials in zip(models, budgets):
+        make, inputs = MODELS[name]
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        cm = fxforge.compile(make().eval(), inputs(args.batch), passes=["fuse"], backend="tvm", target="x86",
+                             tune={"trials": trials, "db": str(db)}, measure_latency=False)
+        stats = cm.report.meta["tuning"]
+        print(f"{name}: {stats['tasks']} tasks, {stats['tuned_tasks']} tuned now, {stats['trials']} trials, "
+              f"{time.perf_counter() - start:.0f} s; database {db}")
+        for task in stats["per_task"]:
+            default, best = task["default_us"], task["best_us"]
+            gain = f"{default / best:.2f}x" if default and best else "-"
+            print(f"  {task['name']:48s} {task['status']:8s} {task['trials']:4d} trials  default "
+                  f"{default or float('nan'):10.1f} us  best {best or float('nan'):10.1f} us  {gain}")
+
+
+if __name__ == "__main__":
+    main()
