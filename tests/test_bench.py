@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fxforge.bench import PEERS, System, bench_model, fxforge_system, markdown
+from fxforge.bench import PEERS, System, bench_model, fxforge_system, fxforge_systems, markdown
 from fxforge.cli import main
 from models import ZOO
 
@@ -29,6 +29,15 @@ def test_rows_have_ratios_sizes_and_errors():
     assert broken.error == "RuntimeError: cannot build this one" and broken.median_ms is None
     table = markdown(rows)
     assert table.count("\n") == 4 and "failed: RuntimeError" in table and "× eager" in table
+
+
+def test_tuned_tvm_row_without_a_stored_database_says_so(tmp_path):
+    pytest.importorskip("tvm")
+    model, example = ZOO["mlp"]()
+    tuned = [s for s in fxforge_systems(tuning_db=tmp_path / "none") if s.name == "fxforge fuse → tvm (tuned)"]
+    assert len(tuned) == 1 and len(fxforge_systems()) == len(fxforge_systems(tuning_db=tmp_path)) - 1
+    (row,) = bench_model("mlp", model, example, [], tuned, rounds=1, sample_ms=2, progress=lambda s: None)
+    assert row.error.startswith("TuningError: trials=0 applies a tuning database, but") and row.median_ms is None
 
 
 def test_cli_bench_prints_a_table(capsys):

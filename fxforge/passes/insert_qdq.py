@@ -8,6 +8,8 @@
   quantized (a CNN's residual) is quantized too; one that would quantize a float stream (a pre-norm
   transformer's residual, measured: ViT cosine 0.983 instead of 0.9986) stays float. cat's inputs and output, and
   maxpool/view/flatten outputs, share their input's group (one scale), so no requantization happens there.
+  A tensor that already is a dequantize output (a model that brings its own QDQ nodes) is read on its own
+  grid, not quantized again (``reused_grids``).
 - Weights: symmetric int8 per output channel (or per tensor), s_c = max|W_c| / q_max, with q_max = 63
   (``reduce_range``, default on x86: u8s8 kernels without VNNI saturate at 8 bits) or 127.
 - Bias: int32 with scale s_x · s_c, so an int8 kernel adds it to its accumulator unchanged.
@@ -78,7 +80,9 @@ class InsertQdq(Pass):
             return isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
 
         def want(t: fx.Node, group: int | None = None) -> None:
-            if is_float(t) and t not in plan and not any(is_q(u) for u in t.users):
+            if is_dq(t):  # already on an integer grid (a model that brings its own QDQ): read it as it is
+                count("reused_grids")
+            elif is_float(t) and t not in plan and not any(is_q(u) for u in t.users):
                 plan[t] = group if group is not None else next(groups)
 
         def count(key: str) -> None:

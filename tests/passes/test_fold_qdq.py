@@ -109,7 +109,8 @@ def test_requantization_chains_give_the_same_integers(first, second, removed):
 
 
 class RequantizedBlock(nn.Module):
-    """conv → relu → a requantization onto a coarser grid (as a model quantized elsewhere brings it) → conv."""
+    """conv → relu → a requantization from grid 1 to a coarser grid 2 (as a model quantized elsewhere brings it)
+    → conv."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -117,8 +118,9 @@ class RequantizedBlock(nn.Module):
 
     def forward(self, x):
         y = torch.relu(self.a(x))
-        grid = (0.05, 0, 0, 255, torch.uint8)
-        return self.b(qd.dequantize_per_tensor(qd.quantize_per_tensor(y, *grid), *grid))
+        for grid in ((0.02, 0, 0, 255, torch.uint8), (0.05, 3, 0, 255, torch.uint8)):
+            y = qd.dequantize_per_tensor(qd.quantize_per_tensor(y, *grid), *grid)
+        return self.b(y)
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnx", "tvm"])

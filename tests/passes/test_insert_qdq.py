@@ -133,3 +133,11 @@ def test_layers_dead_channels_emptied_stay_float():
     gm, report, flat = apply(model, (torch.randn(2, 3),), ["dead_channels", "insert_qdq"])
     assert report.row("insert_qdq").stats == {"skipped.empty_weight": 2, "activations": 0, "weights": 0}
     assert error_vs_eager(gm, model, flat).max_rel == 0
+
+
+def test_a_tensor_already_on_a_grid_is_not_quantized_again():
+    from test_fold_qdq import RequantizedBlock
+    gm, report, _ = apply(RequantizedBlock().eval(), (torch.randn(2, 3, 8, 8),), ["insert_qdq"])
+    assert report.row("insert_qdq").stats["reused_grids"] == 1
+    conv_b = [n for n in gm.graph.nodes if n.name == "conv2d_1"][0]
+    assert conv_b.args[0].args[1:3] == (0.05, 3)  # conv b reads the model's own grid 2
