@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fxforge  # noqa: E402
+from fxforge.cli import tuning_summary  # noqa: E402
 from run import MODELS, stored_tuning_db  # noqa: E402
 
 
@@ -40,14 +41,8 @@ def main() -> None:
         cm = fxforge.compile(make().eval(), inputs(args.batch), passes=["fuse"], backend="tvm", target="x86",
                              tune={"trials": trials, "db": str(db)}, measure_latency=False)
         stats = cm.report.meta["tuning"]
-        print(f"{name}: {stats['tasks']} tasks, {stats['tuned_tasks']} tuned now, {stats['trials']} trials, "
-              f"{time.perf_counter() - start:.0f} s; database {db}")
-        for task in stats["per_task"]:
-            default, best = task["default_us"], task["best_us"]
-            gain = f"{default / best:.2f}x" if default and best else "-"
-            print(f"  {task['name']:48s} {task['status']:8s} {task['trials']:4d} trials  default "
-                  f"{default or float('nan'):10.1f} us  best {best or float('nan'):10.1f} us  {gain}")
-
+        print(f"{name}: {time.perf_counter() - start:.0f} s")
+        print(tuning_summary(stats))
 
 if __name__ == "__main__":
     main()

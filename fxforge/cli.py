@@ -138,14 +138,23 @@ def _tune(args: argparse.Namespace) -> int:
             **({"db": args.db} if args.db else {})}
     cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend="tvm",
                          target=args.target, tune=tune)
-    stats = cm.report.meta["tuning"]
-    print(f"{'task':40} {'status':8} {'trials':>6} {'best (us)':>10}")
-    for task in stats["per_task"]:
-        best = f"{task['best_us']:.1f}" if task["best_us"] is not None else "-"
-        print(f"{task['name']:40} {task['status']:8} {task['trials']:>6} {best:>10}")
-    print(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['trials']} trials), "
-          f"{stats['reused_tasks']} from the database, {stats['untuned_tasks']} untuned; database: {stats['db']}")
+    print(tuning_summary(cm.report.meta["tuning"]))
     return 0
+
+
+def tuning_summary(stats: dict[str, Any]) -> str:
+    """The per-task table of a tuning run (default vs best kernel time) and a one-line total."""
+    def us(value: float | None) -> str:
+        return f"{value:.1f}" if value is not None else "-"
+
+    lines = [f"{'task':44} {'status':8} {'trials':>6} {'default (us)':>12} {'best (us)':>10} {'gain':>6}"]
+    for t in stats["per_task"]:
+        gain = f"{t['default_us'] / t['best_us']:.2f}x" if t["default_us"] and t["best_us"] else "-"
+        lines.append(f"{t['name']:44} {t['status']:8} {t['trials']:>6} {us(t['default_us']):>12} "
+                     f"{us(t['best_us']):>10} {gain:>6}")
+    lines.append(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['trials']} trials), "
+                 f"{stats['reused_tasks']} from the database, {stats['untuned_tasks']} untuned; database: {stats['db']}")
+    return "\n".join(lines)
 
 
 def _call(spec: str) -> Callable[..., Any]:
