@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import tvm
 
 DEFAULT_TRIALS = 64
+MIN_SEARCH = 4  # the fewest trials worth a search; smaller shares keep the measured default
 META_FILE = "fxforge_tuning.json"
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
@@ -62,7 +63,7 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     """Tune the tasks of ``mod`` missing from the database, then apply the database to ``mod``.
 
     ``mod`` is the prepared module (``fxforge.backends.tvm.prepare``). ``tune`` keys: ``trials`` (total budget
-    of this run, default 64, shared by FLOPs), ``db`` (directory; default :func:`default_db_dir`), ``trials_per_task``,
+    of this run, default 64, shared by measured time), ``db`` (directory; default :func:`default_db_dir`), ``trials_per_task``,
     ``trials_per_iter`` (candidates per build batch, default 16), ``timeout_s`` (per build/run), ``seed``.
     ``trials=0`` applies the database and tunes nothing (the database must exist; tasks it lacks keep the
     default schedule), so a database tuned on the target machine can be used to compile for it anywhere.
@@ -88,13 +89,12 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
                           meta["tasks"].get(keys[i], {}).get("default_us")) for i, t in enumerate(tasks)]
     if todo and opts["trials"]:
         _check_runnable(tvm_target)
-        budgets = _budgets(opts["trials"], [_cost(tasks[i]) for i in todo], opts.get("trials_per_task"))
         tuner = _Tuner(tvm_target, db_dir, database, keep, opts)
         _write_meta(db_dir, meta)  # before any record: a run interrupted in its first task leaves a known db
-        for n, (i, budget) in enumerate(zip(todo, budgets), 1):
-            if budget == 0:
-                continue  # the budget ran out: the task keeps its default schedule (or partial records)
-            results[i] = tuner.tune(tasks[i], budget, f"[{n}/{len(todo)}] " if progress else None)
+        defaults = [tuner.measure_default(tasks[i]) for i in todo]
+        budgets = _budgets(opts["trials"], _costs(defaults, [tasks[i] for i in todo]), opts.get("trials_per_task"))
+        for n, (i, budget, default) in enumerate(zip(todo, budgets, defaults), 1):
+            results[i] = tuner.tune(tasks[i], budget, default, f"[{n}/{len(todo)}] " if progress else None)
             meta["tasks"][keys[i]] = {"name": tasks[i].task_name, "trials": results[i].trials,
                                       "default_us": results[i].default_us}
             _write_meta(db_dir, meta)  # commit per task: an interrupted run keeps what finished
@@ -178,17 +178,19 @@ class _Tuner:
         self.runner = ms.runner.LocalRunner(timeout_sec=min(timeout, 30), evaluator_config=ms.runner.EvaluatorConfig(
             number=3, repeat=1, min_repeat_ms=50))
 
-    def tune(self, task: Any, trials: int, progress: str | None) -> TaskResult:
-        """Tune ``task`` with ``trials`` trials; ``progress``: the bar's prefix ("[2/4] "), None for no bar."""
+    def tune(self, task: Any, trials: int, default_us: float | None, progress: str | None) -> TaskResult:
+        """Search ``trials`` schedules for ``task`` (none: its measured default stands); ``progress``: the bar's
+        prefix ("[2/4] "), None for no bar."""
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
 
+        if trials == 0:
+            return TaskResult(task.task_name, "tuned", 0, _best_us(self.database, task), default_us)
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console: the bar; files: all
         context = ms.TuneContext(mod=task.dispatched[0], target=self.target, space_generator="post-order-apply",
                                  search_strategy="evolutionary", task_name=task.task_name,
                                  logger=get_loggers_from_work_dir(str(self.db_dir), [task.task_name])[0],
                                  rand_state=self.opts.get("seed", 0), num_threads="physical").clone()
-        default = self._measure_default(task)
         watch = _Progress(task.task_name, trials, progress)
         with _deferred_interrupt() as watch.interrupted:
             self._run(context, trials, watch)
@@ -196,9 +198,9 @@ class _Tuner:
         if best is None:
             raise TuningError(f"no trial of task {task.task_name} built and ran ({watch.trials} tried); first "
                               f"error: {watch.first_error or 'none reported'}")
-        return TaskResult(task.task_name, "tuned", watch.trials, best, default)
+        return TaskResult(task.task_name, "tuned", watch.trials, best, default_us)
 
-    def _measure_default(self, task: Any) -> float | None:
+    def measure_default(self, task: Any) -> float | None:
         """Build and time the backend's default schedule of ``task`` here, commit it as a tuning record and
         return its mean time in µs (None when no default rule fits).
 
@@ -401,29 +403,37 @@ def _options(tune: dict[str, Any]) -> dict[str, Any]:
 
 
 def _budgets(total: int, costs: list[float], per_task: int | None) -> list[int]:
-    """Trials per task: ``per_task`` each while the total lasts, or else one each and the rest in proportion
-    to the tasks' FLOPs (a layout transpose needs a trial or two, a conv the bulk of the budget)."""
+    """Trials per task: ``per_task`` each while the total lasts, or else shares of ``total`` in proportion to
+    ``costs`` (the time each task takes in the model). A task whose share is below MIN_SEARCH trials is not
+    searched and keeps its measured default (a search that short finds nothing, and each searched task costs
+    a builder start-up); its share goes to the others."""
     if per_task:
         out = []
         for _ in costs:
             out.append(min(per_task, total))
             total -= out[-1]
         return out
-    if total <= len(costs):
-        return [1] * total + [0] * (len(costs) - total)
-    spare, weight = total - len(costs), sum(costs)
-    out = [1 + int(spare * c / weight) if weight else 1 + spare // len(costs) for c in costs]
-    out[max(range(len(costs)), key=costs.__getitem__)] += total - sum(out)
+    active = [i for i, c in enumerate(costs) if c > 0] or list(range(len(costs)))
+    while True:
+        weight = sum(costs[i] for i in active) or 1.0
+        kept = [i for i in active if total * costs[i] / weight >= MIN_SEARCH]
+        if kept == active or len(active) == 1:
+            break
+        active = kept or [max(active, key=costs.__getitem__)]
+    shares = {i: total * costs[i] / weight for i in active}
+    out = [int(shares.get(i, 0)) for i in range(len(costs))]
+    for i in sorted(active, key=lambda i: shares[i] - out[i], reverse=True)[: total - sum(out)]:
+        out[i] += 1
     return out
 
 
-def _cost(task: Any) -> float:
-    """A task's FLOPs times the number of times the model calls it."""
-    from tvm.s_tir.analysis import estimate_tir_flops
-    try:
-        return float(estimate_tir_flops(task.dispatched[0])) * task.weight
-    except Exception:  # noqa: BLE001 (a function the estimator cannot count gets the minimum share)
-        return 0.0
+def _costs(defaults: list[float | None], tasks: list[Any]) -> list[float]:
+    """Each task's share of the model's run time: its measured default time × the number of calls. A task
+    without a default runs unscheduled (the slowest code there is) and counts as the costliest measured one.
+    Measured time, not FLOPs: softmax or gelu (exp, erf) cost far more than their FLOPs say."""
+    times = [d * t.weight if d is not None else None for d, t in zip(defaults, tasks)]
+    worst = max((t for t in times if t is not None), default=1.0)
+    return [t if t is not None else worst for t in times]
 
 
 def _kept_intrinsics(tvm_target: tvm.target.Target) -> tuple[str, ...]:

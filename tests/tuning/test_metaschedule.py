@@ -255,10 +255,18 @@ def test_a_target_that_cannot_run_here_is_not_tuned(tmp_path):
 
 
 @pytest.mark.parametrize("total, costs, per_task, expected", [
-    (32, [0.0, 1e6, 2e6, 0.0], None, [1, 10, 20, 1]),  # transposes get one trial, convs share by FLOPs
-    (3, [1.0, 2.0, 3.0, 4.0], None, [1, 1, 1, 0]),  # fewer trials than tasks: the last waits for the next run
+    (32, [0.0, 1e3, 2e3, 0.0], None, [0, 11, 21, 0]),  # shares by time; largest remainder gets the odd trial
+    (20, [1.0, 1.0, 18.0], None, [0, 0, 20]),  # shares under MIN_SEARCH go to the others
+    (40, [1.0, 3.0, 6.0], None, [4, 12, 24]),
+    (3, [1.0, 2.0, 3.0, 4.0], None, [0, 0, 0, 3]),  # too few for any search: the costliest gets them
     (10, [1.0, 2.0], 4, [4, 4]),
     (6, [1.0, 2.0], 4, [4, 2]),
 ])
 def test_trial_budget_split(total, costs, per_task, expected):
-    assert ms_tuning._budgets(total, costs, per_task) == expected
+    budgets = ms_tuning._budgets(total, costs, per_task)
+    assert budgets == expected and sum(budgets) <= total
+
+
+def test_costs_are_measured_time_times_calls():
+    calls = [type("Task", (), {"weight": w}) for w in (1, 12, 2)]
+    assert ms_tuning._costs([100.0, 50.0, None], calls) == [100.0, 600.0, 600.0]  # no default: the costliest
