@@ -82,15 +82,15 @@ class FoldQdq(Pass):
 
     @staticmethod
     def drop_round_trip(q: fx.Node, table: torch.Tensor) -> bool:
-        """Q₂(DQ₁(q₁)) → q₁ when both grids are one (``table`` is the identity), and DQ₂(Q₂(DQ₁(q₁))) → DQ₁(q₁)
-        when dequantizing ``table`` gives back every value DQ₁ produces (a finer or wider grid 2)."""
+        """Q₂(DQ₁(q₁)) → q₁ when ``table`` is the identity, and DQ₂(Q₂(DQ₁(q₁))) → DQ₁(q₁) when dequantizing
+        ``table`` gives back every value DQ₁ produces (a finer or wider grid 2)."""
         dq1 = q.args[0]
-        if tuple(q.args[1:]) == tuple(dq1.args[1:]):
+        codes = _codes(dq1.args[0])
+        if table.dtype == codes.dtype and torch.equal(table, codes):
             q.replace_all_uses_with(dq1.args[0])
             return True
         if not q.users or not all(is_op(u, DQ_TENSOR) and tuple(u.args[1:]) == tuple(q.args[1:]) for u in q.users):
             return False
-        codes = torch.arange(*_span(dq1.args[0]), dtype=torch.int32).to(dq1.args[-1])
         if not torch.equal(DQ_TENSOR(table, *q.args[1:]), DQ_TENSOR(codes, *dq1.args[1:])):
             return False
         for dq2 in list(q.users):
@@ -101,7 +101,7 @@ class FoldQdq(Pass):
     def merge_requantization(gm: fx.GraphModule, q: fx.Node, table: torch.Tensor) -> None:
         """Q₂(DQ₁(q₁)) → table[q₁ − q_min₁]: the requantization as one integer lookup."""
         q1 = q.args[0].args[0]
-        qmin = _span(q1)[0]
+        qmin = q1.args[3]
         with gm.graph.inserting_before(q):
             lut = add_tensor(gm, q, "requantize_table", table)
             index = gm.graph.call_function(aten._to_copy.default, (q1,), {"dtype": torch.int64})
@@ -124,12 +124,11 @@ def requantization_table(q: fx.Node) -> torch.Tensor | None:
         return None
     if not all(isinstance(a, (int, float, torch.dtype)) for a in (*q.args[1:], *dq1.args[1:], *dq1.args[0].args[1:])):
         return None  # scales held in tensors: not known at compile time
-    if q.args[-1] not in (torch.uint8, torch.int8) or dq1.args[-1] not in (torch.uint8, torch.int8):
+    if not all(n.args[-1] in (torch.uint8, torch.int8) for n in (q, dq1, dq1.args[0])):
         return None
-    codes = torch.arange(*_span(dq1.args[0]), dtype=torch.int32).to(dq1.args[-1])
-    return Q_TENSOR(DQ_TENSOR(codes, *dq1.args[1:]), *q.args[1:])
+    return Q_TENSOR(DQ_TENSOR(_codes(dq1.args[0]), *dq1.args[1:]), *q.args[1:])
 
 
-def _span(q: fx.Node) -> tuple[int, int]:
-    """[quant_min, quant_max + 1): the integers a per-tensor Q node produces."""
-    return q.args[3], q.args[4] + 1
+def _codes(q: fx.Node) -> torch.Tensor:
+    """Every integer a per-tensor Q node produces, quant_min to quant_max, in its dtype."""
+    return torch.arange(q.args[3], q.args[4] + 1, dtype=torch.int32).to(q.args[5])
