@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fxforge.compiler.errors import FxforgeError, InputError
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--systems", help="semicolon-separated system names (default: all; see --list)")
     bench.add_argument("--rounds", type=int, default=5)
     bench.add_argument("--calibration", metavar="MODULE:FN", help="input tuples for the int8 systems")
+    bench.add_argument("--tuning-db", metavar="DIR", help="add 'fxforge fuse → tvm (tuned)' compiled against this "
+                       "MetaSchedule database (written by `fxforge tune`; nothing is tuned while benchmarking)")
     bench.add_argument("--list", action="store_true", help="list the systems and exit")
     bench.set_defaults(run=_bench)
 
@@ -64,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--passes", default="fuse", help="comma-separated passes or presets (default: fuse)")
     tune.add_argument("--target", default="x86", help="x86, arm64 or cuda (tuning runs kernels here)")
     tune.add_argument("--trials", type=int, default=64, help="total trial budget of this run (default: 64)")
-    tune.add_argument("--trials-per-task", type=int, help="trials per task (default: the budget shared by FLOPs)")
+    tune.add_argument("--trials-per-task", type=int, help="trials per task (default: the budget shared by measured time)")
     tune.add_argument("--db", help="database directory (default: per target under ~/.cache/fxforge/tuning)")
     tune.set_defaults(run=_tune)
     return parser
@@ -110,7 +113,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from fxforge.bench import PEERS, bench_model, fxforge_systems, markdown
-    systems = PEERS + fxforge_systems()
+    systems = PEERS + fxforge_systems(tuning_db=Path(args.tuning_db) if args.tuning_db else None)
     if args.list:
         print("\n".join(s.name for s in systems))
         return 0

@@ -156,6 +156,15 @@ def test_cli_tune_reports_each_task(tuned, tmp_path, capsys):
     assert "fused_matmul_add_relu" in out and "reused" in out and "2 tasks: 0 tuned now" in out
 
 
+def test_cli_bench_compiles_the_tuned_row_against_a_database(tuned, tmp_path, capsys):
+    db, *_ = tuned
+    shutil.copytree(db, tmp_path / "db")
+    assert main(["bench", "test_metaschedule:Two", "--input-shape", "4,32", "--rounds", "1", "--tuning-db",
+                 str(tmp_path / "db"), "--systems", "eager;fxforge fuse → tvm (tuned)"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|") and "(tuned)" in line]
+    assert len(row) == 1 and "failed" not in row[0]
+
+
 def _damaged(tuned, tmp_path, damage) -> str:
     db, *_ = tuned
     shutil.copytree(db, tmp_path / "db")
