@@ -1,4 +1,4 @@
-"""Untuned vs MetaSchedule-tuned TVM vs eager vs ONNX Runtime on a small conv block (the table in docs/tuning.md).
+"""Untuned vs MetaSchedule-tuned TVM vs eager vs ONNX Runtime on a small conv block, one database per trial budget.
 
     python benchmarks/tuning_table.py [--trials 32,64] [--db-root tuning-dbs] [--rounds 7]
 
