@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(tune)
     tune.add_argument("--passes", default="fuse", help="comma-separated passes or presets (default: fuse)")
     tune.add_argument("--target", default="x86", help="x86, arm64 or cuda (tuning runs kernels here)")
-    tune.add_argument("--trials", type=int, default=64, help="total trial budget of this run (default: 64)")
+    tune.add_argument("--trials", type=int, default=64,
+                      help="total trial budget of this run (default: 64; 0: apply the database, tune nothing)")
     tune.add_argument("--trials-per-task", type=int, help="trials per task (default: the budget shared by measured time)")
     tune.add_argument("--db", help="database directory (default: per target under ~/.cache/fxforge/tuning)")
     tune.set_defaults(run=_tune)
