@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     torch.set_num_threads(args.threads)
     tuning_db = stored_tuning_db() if importlib.util.find_spec("tvm") else None
+    if tuning_db and not tuning_db.exists():
+        print(f"no stored tuning database for this CPU and TVM ({tuning_db.name}): no tuned TVM rows "
+              f"(benchmarks/tune_models.py writes one)")
+        tuning_db = None
     systems = [s for s in PEERS + fxforge_systems(tuning_db=tuning_db) if not args.systems or s.name in args.systems]
     peak, how = peak_gflops()
     rows: list[Row] = []

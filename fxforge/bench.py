@@ -161,6 +161,21 @@ def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Calla
     return build
 
 
+def _tuned_tvm(db: Path) -> Callable[..., Built]:
+    """``fuse`` → tvm compiled against the MetaSchedule database ``db`` (``trials=0``: nothing is tuned). A
+    database without records for some of the model's kernels at this batch fails the row: it is not a tuned build."""
+    build = fxforge_system(["fuse"], "tvm", tune={"trials": 0, "db": str(db)})
+
+    def tuned(model: torch.nn.Module, example: tuple, calib: list) -> Built:
+        built = build(model, example, calib)
+        stats = built.info["tuning"]
+        if stats["untuned_tasks"]:
+            raise FxforgeError(f"the tuning database has no records for {stats['untuned_tasks']} of {stats['tasks']} "
+                               f"kernels at this batch (benchmarks/tune_models.py --batch N tunes them)")
+        return built
+    return tuned
+
+
 PEERS = [
     System("eager", _eager, peer=True),
     System("torch.compile", _torch_compile, peer=True),
@@ -172,10 +187,12 @@ PEERS = [
 
 def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -> list[System]:
     """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``compress`` and ``compress`` + ``int8``; with
-    ``tuning_db``, also ``fuse`` on TVM with that stored MetaSchedule database applied (no tuning)."""
+    ``tuning_db``, also ``fuse`` on TVM with that stored MetaSchedule database applied (no tuning) and, as its
+    untuned baseline, with the same static shapes."""
     onnx = ("onnxruntime", "onnxscript")
-    tuned = [System("fxforge fuse → tvm (tuned)", fxforge_system(["fuse"], "tvm", tune={"trials": 0, "db": str(
-        tuning_db)}), needs=("tvm",))] if tuning_db else []
+    tuned = [System("fxforge fuse → tvm (static batch)", fxforge_system(["fuse"], "tvm", static_batch=True),
+                    needs=("tvm",)),
+             System("fxforge fuse → tvm (tuned)", _tuned_tvm(tuning_db), needs=("tvm",))] if tuning_db else []
     return [
         System("fxforge fuse → torchscript", fxforge_system(["fuse"], "torchscript")),
         System("fxforge fuse → onnx", fxforge_system(["fuse"], "onnx"), needs=onnx),

@@ -6,7 +6,7 @@
                                    →  Q(y)            the clamp to [0, h] is the quantizer's own clamp
     DQ₂(Q₂(DQ₁(q))), grid 2 holds every value of grid 1
                                    →  DQ₁(q)          a redundant round trip (equal parameters, a finer or wider grid)
-    Q₂(DQ₁(q)), otherwise          →  T[q − q_min]    one requantization step: a 256-entry table lookup
+    Q₂(DQ₁(q)), otherwise          →  T[q − q_min]    one requantization step: a table lookup (≤ 256 entries)
 
 A requantization chain Q₁→DQ₁→Q₂ (e.g. in a model that arrives with QDQ nodes of its own) becomes a single
 integer-to-integer step. Its table T = Q₂(DQ₁(q_min..q_max)) is computed with the chain's own kernels, so
@@ -89,7 +89,8 @@ class FoldQdq(Pass):
         if table.dtype == codes.dtype and torch.equal(table, codes):
             q.replace_all_uses_with(dq1.args[0])
             return True
-        if not q.users or not all(is_op(u, DQ_TENSOR) and tuple(u.args[1:]) == tuple(q.args[1:]) for u in q.users):
+        if not q.users or not all(is_op(u, DQ_TENSOR) and tuple(u.args[1:]) == tuple(q.args[1:]) and not u.kwargs
+                                  for u in q.users):
             return False
         if not torch.equal(DQ_TENSOR(table, *q.args[1:]), DQ_TENSOR(codes, *dq1.args[1:])):
             return False
@@ -124,6 +125,8 @@ def requantization_table(q: fx.Node) -> torch.Tensor | None:
         return None
     if not all(isinstance(a, (int, float, torch.dtype)) for a in (*q.args[1:], *dq1.args[1:], *dq1.args[0].args[1:])):
         return None  # scales held in tensors: not known at compile time
+    if q.kwargs or dq1.kwargs or dq1.args[0].kwargs:
+        return None  # e.g. a DQ with out_dtype=bfloat16: its values are not the float32 ones the table assumes
     if not all(n.args[-1] in (torch.uint8, torch.int8) for n in (q, dq1, dq1.args[0])):
         return None
     return Q_TENSOR(DQ_TENSOR(_codes(dq1.args[0]), *dq1.args[1:]), *q.args[1:])

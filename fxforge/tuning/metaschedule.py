@@ -52,7 +52,8 @@ class TaskResult:
     """One tuning task: its fused function, whether it was tuned now or found, its trials and best time."""
 
     name: str
-    status: str  # "tuned" (now), "reused" (found in the database) or "untuned" (the trial budget ran out)
+    status: str  # "tuned" (now; 0 trials: its measured default stands), "reused" (found in the database) or
+    # "untuned" (not in the database and trials=0: the default schedule, unmeasured)
     trials: int  # measured now (0 when reused)
     best_us: float | None  # best measured mean run time in the database, microseconds
     default_us: float | None = None  # the backend's default schedule, measured when the task was first tuned
@@ -413,13 +414,11 @@ def _budgets(total: int, costs: list[float], per_task: int | None) -> list[int]:
             out.append(min(per_task, total))
             total -= out[-1]
         return out
-    active = [i for i, c in enumerate(costs) if c > 0] or list(range(len(costs)))
-    while True:
-        weight = sum(costs[i] for i in active) or 1.0
-        kept = [i for i in active if total * costs[i] / weight >= MIN_SEARCH]
-        if kept == active or len(active) == 1:
-            break
-        active = kept or [max(active, key=costs.__getitem__)]
+    costs = costs if sum(costs) > 0 else [1.0] * len(costs)
+    active = sorted(range(len(costs)), key=lambda i: -costs[i])  # drop the cheapest until every share is enough
+    while len(active) > 1 and total * costs[active[-1]] / sum(costs[i] for i in active) < MIN_SEARCH:
+        active.pop()
+    weight = sum(costs[i] for i in active)
     shares = {i: total * costs[i] / weight for i in active}
     out = [int(shares.get(i, 0)) for i in range(len(costs))]
     for i in sorted(active, key=lambda i: shares[i] - out[i], reverse=True)[: total - sum(out)]:

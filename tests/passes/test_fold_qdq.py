@@ -108,6 +108,22 @@ def test_requantization_chains_give_the_same_integers(first, second, removed):
         assert torch.equal(gm(x)[0], model(x))
 
 
+def test_a_chain_whose_dequantize_has_an_out_dtype_is_left_alone():
+    first, second = (0.1, 3, 0, 255, torch.uint8), (0.3, 7, 0, 255, torch.uint8)
+
+    class Bf16(nn.Module):
+        def forward(self, x):
+            q = qd.quantize_per_tensor(x, *first)
+            y = qd.dequantize_per_tensor(q, *first, out_dtype=torch.bfloat16)
+            return qd.dequantize_per_tensor(qd.quantize_per_tensor(y, *second), *second)
+
+    x = torch.linspace(-40, 40, 2001)
+    gm, report, _ = apply(Bf16(), (x,), ["insert_qdq", "calibrate", "fold_qdq"], calibration=[(x,)])
+    assert count(gm, Q) == 2 and report.row("fold_qdq").stats["requantizations_merged"] == 0
+    with torch.no_grad():
+        assert torch.equal(gm(x)[0], Bf16()(x))
+
+
 class RequantizedBlock(nn.Module):
     """conv → relu → a requantization from grid 1 to a coarser grid 2 (as a model quantized elsewhere brings it)
     → conv."""

@@ -268,6 +268,9 @@ def test_a_target_that_cannot_run_here_is_not_tuned(tmp_path):
     (20, [1.0, 1.0, 18.0], None, [0, 0, 20]),  # shares under MIN_SEARCH go to the others
     (40, [1.0, 3.0, 6.0], None, [4, 12, 24]),
     (3, [1.0, 2.0, 3.0, 4.0], None, [0, 0, 0, 3]),  # too few for any search: the costliest gets them
+    (64, [5.0] * 20, None, [4] * 16 + [0] * 4),  # equal tasks: as many as get MIN_SEARCH each
+    (8, [1.0, 1.0, 1.0], None, [4, 4, 0]),
+    (10, [0.0, 0.0, 0.0], None, [5, 5, 0]),  # nothing measured: equal shares
     (10, [1.0, 2.0], 4, [4, 4]),
     (6, [1.0, 2.0], 4, [4, 2]),
 ])
