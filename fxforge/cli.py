@@ -156,7 +156,8 @@ def tuning_summary(stats: dict[str, Any]) -> str:
         gain = f"{t['default_us'] / t['best_us']:.2f}x" if t["default_us"] and t["best_us"] else "-"
         lines.append(f"{t['name']:44} {t['status']:8} {t['trials']:>6} {us(t['default_us']):>12} "
                      f"{us(t['best_us']):>10} {gain:>6}")
-    lines.append(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['trials']} trials), "
+    lines.append(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['searched_tasks']} searched, "
+                 f"{stats['trials']} trials), "
                  f"{stats['reused_tasks']} from the database, {stats['untuned_tasks']} untuned; database: {stats['db']}")
     return "\n".join(lines)
 

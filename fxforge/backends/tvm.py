@@ -47,6 +47,7 @@ CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost:
 VECTOR = 8  # float32 lanes of AVX2 (and two NEON registers)
 ACCUMULATORS = 12  # vector registers an output tile may hold (AVX2 has 16)
 L2_BYTES = 512 * 1024
+MIN_TILE_ROWS = 2  # a one-row tile reloads the weights for every output row: the plain vectorized loop is faster
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
 
 
@@ -277,7 +278,7 @@ def _schedule_block(sch: Any, info: Any, undefined_vars: Callable) -> None:
                      for v in undefined_vars(region.region[-1].min))
     extents = [sch.get(loop).extent for loop in [*spatial[-2:], *reduce]]
     if reduce and contiguous and len(spatial) >= 2 and all(isinstance(e, tirx.IntImm) for e in extents) \
-            and extents[1].value % VECTOR == 0:
+            and extents[1].value % VECTOR == 0 and _tile(extents[0].value, extents[1].value)[0] >= MIN_TILE_ROWS:
         _register_tile(sch, block, spatial, reduce, [e.value for e in extents])
         return
     outer, inner = (spatial, None) if reduce and not contiguous else (spatial[:-1], spatial[-1])
@@ -299,9 +300,8 @@ def _register_tile(sch: Any, block: Any, spatial: list, reduce: list, extents: l
     cache, unrolled, f vectorized) across the whole reduction. When the weights outgrow the L2 cache, each
     f_t slice of them is streamed once over every pixel instead of once per pixel."""
     x_ext, f_ext, reduction = extents[0], extents[1], math.prod(extents[2:])
-    tiles = [(_divisor(x_ext, ACCUMULATORS * VECTOR // f) * f, f) for f in (2 * VECTOR, VECTOR) if f_ext % f == 0]
-    f_t = max(tiles)[1]
-    xo, xi = sch.split(spatial[-2], [None, _divisor(x_ext, ACCUMULATORS * VECTOR // f_t)])
+    x_t, f_t = _tile(x_ext, f_ext)
+    xo, xi = sch.split(spatial[-2], [None, x_t])
     fo, fi = sch.split(spatial[-1], [None, f_t])
     if reduction * f_ext * 4 > L2_BYTES:
         sch.reorder(fo, *spatial[:-2], xo, *reduce, xi, fi)
@@ -316,6 +316,14 @@ def _register_tile(sch: Any, block: Any, spatial: list, reduce: list, extents: l
     sch.unroll(fv_o)
     sch.vectorize(fv)
     sch.decompose_reduction(block, reduce[0])
+
+
+def _tile(x_ext: int, f_ext: int) -> tuple[int, int]:
+    """The register tile (rows, columns) for an (x, f) output: f_t of 16 or 8 lanes, and the most rows dividing
+    x_ext that fit the accumulators; of the two, the one holding more outputs."""
+    tiles = [(_divisor(x_ext, ACCUMULATORS * VECTOR // f) * f, f) for f in (2 * VECTOR, VECTOR) if f_ext % f == 0]
+    f_t = max(tiles)[1]
+    return _divisor(x_ext, ACCUMULATORS * VECTOR // f_t), f_t
 
 
 def _divisor(n: int, limit: int) -> int:

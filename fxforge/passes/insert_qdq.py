@@ -9,7 +9,7 @@
   transformer's residual, measured: ViT cosine 0.983 instead of 0.9986) stays float. cat's inputs and output, and
   maxpool/view/flatten outputs, share their input's group (one scale), so no requantization happens there.
   A tensor that already is a dequantize output (a model that brings its own QDQ nodes) is read on its own
-  grid, not quantized again (``reused_grids``).
+  grid, not quantized again (``reused_grids`` counts such reads).
 - Weights: symmetric int8 per output channel (or per tensor), s_c = max|W_c| / q_max, with q_max = 63
   (``reduce_range``, default on x86: u8s8 kernels without VNNI saturate at 8 bits) or 127.
 - Bias: int32 with scale s_x · s_c, so an int8 kernel adds it to its accumulator unchanged.

@@ -105,6 +105,7 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
                     if isinstance(f, tirx.PrimFunc))  # a record that does not match is a silent miss: count hits
     count = {status: sum(r.status == status for r in results) for status in ("tuned", "reused", "untuned")}
     stats = {"db": str(db_dir), "tasks": len(tasks), "tuned_tasks": count["tuned"],
+             "searched_tasks": sum(r.trials > 0 for r in results),
              "reused_tasks": count["reused"], "untuned_tasks": count["untuned"],
              "trials": sum(r.trials for r in results), "scheduled_functions": scheduled,
              "per_task": [asdict(r) for r in results]}
@@ -208,7 +209,8 @@ class _Tuner:
         With it in the database, applying the database picks the default wherever the search found nothing
         faster: a small trial budget no longer replaces a good default kernel by a slower one (measured on a
         ResNet BasicBlock: 32 trials were 1.3x slower than the default schedule). It is built in this process
-        (one build, no worker start-up) and timed like the runner times candidates.
+        (one build, no worker start-up) and timed with the runner's evaluator settings (the runner times
+        candidates in its own process; both use every core).
         """
         import numpy as np
         import tvm
@@ -219,15 +221,15 @@ class _Tuner:
         sch = default_schedule(mod["main"], self.target)
         if sch is None:
             return None
-        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-        dev = tvm.cpu() if self.target.kind.name == "llvm" else tvm.device(self.target.kind.name, 0)
-        rng = np.random.default_rng(0)
-        tensors = [tvm.runtime.tensor(rng.random([int(d) for d in a.shape]).astype(a.dtype), dev) for a in args]
         try:
+            args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+            dev = tvm.cpu() if self.target.kind.name == "llvm" else tvm.device(self.target.kind.name, 0)
+            rng = np.random.default_rng(0)
+            tensors = [tvm.runtime.tensor(rng.random([int(d) for d in a.shape]).astype(a.dtype), dev) for a in args]
             lib = tvm.compile(sch.mod, target=self.target)
             secs = list(lib.mod.time_evaluator("main", dev, number=3, repeat=1, min_repeat_ms=50)(*tensors).results)
-        except Exception:  # noqa: BLE001 (a default that does not build or run is simply not offered)
-            return None
+        except Exception:  # noqa: BLE001 (a default that does not build or run, or whose inputs numpy cannot make,
+            return None  # is simply not offered)
         self.database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, self.database.commit_workload(mod), secs, self.target, args))
         return 1e6 * sum(secs) / len(secs)

@@ -202,9 +202,9 @@ class _Search:
             self._predict(queue, baseline, reference)
             self._explore(sorted(queue, key=lambda c: c.predicted_ms), measured, threshold, bar)
         self._retime([baseline, reference, *pareto_front(measured)])
-        front = pareto_front(measured)
-        # choose among the re-timed only: a candidate released earlier has a stale time from another load
-        feasible = [c for c in pareto_front([c for c in measured if id(c) in self.compiled]) if c.feasible]
+        # the front of the re-timed only: a candidate released earlier has a stale time from another load
+        front = pareto_front([c for c in measured if id(c) in self.compiled])
+        feasible = [c for c in front if c.feasible]
         best = min(feasible, key=lambda c: (c.latency_ms, c.size_bytes)) if feasible else None
         compiled, self.compiled = self.compiled.get(id(best)), {}
         return AutotuneResult(baseline, reference, measured, front, best, self.pruned, sens,

@@ -125,8 +125,8 @@ def test_a_chain_whose_dequantize_has_an_out_dtype_is_left_alone():
 
 
 class RequantizedBlock(nn.Module):
-    """conv → relu → a requantization from grid 1 to a coarser grid 2 (as a model quantized elsewhere brings it)
-    → conv."""
+    """conv → relu → a requantization from int8 grid 1 to a coarser uint8 grid 2 (as a model quantized elsewhere
+    brings it) → conv."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ class RequantizedBlock(nn.Module):
 
     def forward(self, x):
         y = torch.relu(self.a(x))
-        for grid in ((0.02, 0, 0, 255, torch.uint8), (0.05, 3, 0, 255, torch.uint8)):
+        for grid in ((0.02, 0, -128, 127, torch.int8), (0.05, 3, 0, 255, torch.uint8)):  # int8: the lookup subtracts -128
             y = qd.dequantize_per_tensor(qd.quantize_per_tensor(y, *grid), *grid)
         return self.b(y)
 

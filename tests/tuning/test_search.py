@@ -39,8 +39,9 @@ def _check_search(result, model, example, calibration, evaluate, test_data, tmp_
     again = fxforge.compile(model, example, passes=load_passes(result.record_path), backend=BACKEND,
                             calibration=calibration, measure_latency=False)
     assert _same_graph(again.graph_module, result.compiled.graph_module)
-    # at least as fast as the int8 preset, both timed in the same interleaved rounds (benchmarks/autotune_table.py
-    # times them again on a quiet machine; a unit test does not assert on wall-clock between runs)
+    # the pick is at least as fast as the int8 preset in the search's own interleaved re-timing: a check of the
+    # selection (a stale or unfeasible pick fails it); benchmarks/autotune_table.py measures the speed itself
+    assert result.best in result.pareto
     assert result.reference.passes == ["fuse", "insert_qdq", "calibrate", "fold_qdq"] and result.reference.feasible
     assert result.best.latency_ms <= result.reference.latency_ms
     fp32 = accuracy(model, *test_data)
