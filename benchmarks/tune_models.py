@@ -26,8 +26,9 @@ from run import MODELS, stored_tuning_db  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,mobilenet_v2,bert")
-    parser.add_argument("--trials", default="400,200,200", help="comma-separated trial budgets, one per model")
+    parser.add_argument("--models", default="resnet18,mobilenet_v2,bert,vit_tiny,efficientnet_b0")
+    parser.add_argument("--trials", default="400,200,200,200,250", help="comma-separated trial budgets, one per model "
+                        "(the defaults wrote the stored database)")
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     models, budgets = args.models.split(","), [int(t) for t in args.trials.split(",")]

@@ -222,7 +222,6 @@ def _chain(e: BaseException) -> list[BaseException]:
     return out
 
 
-
 def providers(target: Target) -> list[str]:
     """The target's ORT execution providers that this onnxruntime has (CPU is always there)."""
     available = set(ort.get_available_providers())

@@ -178,7 +178,6 @@ def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-
 def _user_frame(e: BaseException) -> str:
     """The innermost frame outside torch: where in the user's code export gave up."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename

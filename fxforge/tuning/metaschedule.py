@@ -43,6 +43,7 @@ META_FILE = "fxforge_tuning.json"
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 FORMAT = 1
+EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 50}  # how candidates and the default are timed
 OPTIONS = ("trials", "db", "trials_per_task", "trials_per_iter", "timeout_s", "seed")
 OTHER_INTRINSICS = ("cuda", "rocm", "hexagon", "metal", "arm_cpu", "riscv_cpu")
 
@@ -68,8 +69,8 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     ``trials_per_iter`` (candidates per build batch, default 16), ``timeout_s`` (per build/run), ``seed``.
     ``trials=0`` applies the database and tunes nothing (the database must exist; tasks it lacks keep the
     default schedule), so a database tuned on the target machine can be used to compile for it anywhere.
-    Returns the module with tuned schedules and stats: db, tasks, tuned_tasks, reused_tasks, untuned_tasks, trials
-    (measured now), scheduled_functions (PrimFuncs the database matched) and per_task (:class:`TaskResult`).
+    Returns the module with tuned schedules and stats: db, tasks, tuned_tasks, searched_tasks, reused_tasks,
+    untuned_tasks, trials (measured now), scheduled_functions (PrimFuncs the database matched) and per_task (:class:`TaskResult`).
     """
     opts = _options(tune)
     from tvm import relax, tirx
@@ -178,7 +179,7 @@ class _Tuner:
         self.builder = ms.builder.LocalBuilder(max_workers=2, timeout_sec=timeout,
                                                initializer=_worker_initializer(keep))
         self.runner = ms.runner.LocalRunner(timeout_sec=min(timeout, 30), evaluator_config=ms.runner.EvaluatorConfig(
-            number=3, repeat=1, min_repeat_ms=50))
+            **EVALUATOR))
 
     def tune(self, task: Any, trials: int, default_us: float | None, progress: str | None) -> TaskResult:
         """Search ``trials`` schedules for ``task`` (none: its measured default stands); ``progress``: the bar's
@@ -227,7 +228,7 @@ class _Tuner:
             rng = np.random.default_rng(0)
             tensors = [tvm.runtime.tensor(rng.random([int(d) for d in a.shape]).astype(a.dtype), dev) for a in args]
             lib = tvm.compile(sch.mod, target=self.target)
-            secs = list(lib.mod.time_evaluator("main", dev, number=3, repeat=1, min_repeat_ms=50)(*tensors).results)
+            secs = list(lib.mod.time_evaluator("main", dev, **EVALUATOR)(*tensors).results)
         except Exception:  # noqa: BLE001 (a default that does not build or run, or whose inputs numpy cannot make,
             return None  # is simply not offered)
         self.database.commit_tuning_record(ms.database.TuningRecord(
