@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from .errors import InputError, TraceError, first_line
+from .verify import EXACT_TOLERANCE, compare, fresh_inputs
 
 MAX_BATCH = 1 << 16
 REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, "
@@ -97,19 +98,33 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
     model = copy.deepcopy(model).eval()
     _check_runs(model, args)
     note = "static batch requested" if static_batch else ""
-    ep = None
+    ep = gm = None
     if not static_batch:
         try:
             ep = _export(model, _batch_of_two(args), dynamic=True)
         except Exception as e:  # the model fixes its batch size: fall back to static shapes
             note = f"batch dimension is static: {first_line(e)}"
+        else:
+            gm = _flat_graph_module(ep.run_decompositions({}).module())
+            err = _reproduction_error(model, gm, args)
+            if err > EXACT_TOLERANCE:  # captured on another branch than the example's batch takes
+                note = (f"batch dimension is static: the model computes differently at batch "
+                        f"{_batch_size(args)} than at the batch it was exported with (it branches on its batch "
+                        f"size; relative error {err:.3g})")
+                ep = gm = None
     if ep is None:
         try:
             ep = _export(model, args, dynamic=False)
         except Exception as e:
             raise _trace_error(e) from None
-    gm = _flat_graph_module(ep.run_decompositions({}).module())
-    dynamic = ep is not None and not note
+        gm = _flat_graph_module(ep.run_decompositions({}).module())
+        err = _reproduction_error(model, gm, args)
+        if err > EXACT_TOLERANCE:
+            raise TraceError(f"the captured graph does not reproduce the model on the example inputs (relative "
+                             f"error {err:.3g}): forward takes another path while exported (e.g. it asks "
+                             "torch.compiler.is_exporting()) or reads Python state export freezes; make forward "
+                             "compute the same under export")
+    dynamic = not note
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic), t.dtype) for t in flat),
                     pytree.treespec_dumps(pytree.tree_flatten((args, {}))[1]),
                     pytree.treespec_dumps(ep.call_spec.out_spec), dynamic, note)
@@ -125,10 +140,40 @@ def _check_runs(model: torch.nn.Module, args: tuple) -> None:
                          f"{first_line(e)}") from None
 
 
+def _batch_size(args: tuple) -> int | None:
+    first = pytree.tree_leaves(args)[0]
+    return first.shape[0] if first.dim() else None
+
+
+def _reproduction_error(model: torch.nn.Module, gm: fx.GraphModule, args: tuple) -> float:
+    """How far the captured graph is from the model itself (relative max error), on the example inputs as given
+    and on fresh inputs of the same shapes. Each run gets a fresh copy of the model and of the inputs, so a model
+    that changes its own state or writes into its input is compared from the same start. A model whose two runs
+    disagree (random ops) cannot be checked this way and gives 0."""
+    flat, spec = pytree.tree_flatten(args)
+    runs = []
+    for inputs in (args, pytree.tree_unflatten(list(fresh_inputs(flat)), spec)):
+        with torch.no_grad():
+            want = pytree.tree_leaves(copy.deepcopy(model)(*_copy(inputs)))
+            got = list(gm(*pytree.tree_leaves(_copy(inputs))))
+        runs.append((inputs, want, compare(got, want).max_rel))
+    worst = max(err for _, _, err in runs)
+    if worst > EXACT_TOLERANCE:
+        inputs, want, _ = runs[0]
+        with torch.no_grad():
+            again = pytree.tree_leaves(copy.deepcopy(model)(*_copy(inputs)))
+        if compare(again, want).max_rel > EXACT_TOLERANCE:
+            return 0.0
+    return worst
+
+
+def _copy(args: tuple) -> tuple:
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args)
+
+
 def _batch_of_two(args: tuple) -> tuple:
     """A batch of 1 specialises in export; export with two copies of the example instead."""
-    batch = pytree.tree_leaves(args)[0].shape[0] if pytree.tree_leaves(args)[0].dim() else None
-    if batch != 1:
+    if _batch_size(args) != 1:
         return args
     return pytree.tree_map(lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t, args)
 

@@ -73,3 +73,32 @@ def test_signature_round_trips_through_json():
     _, sig = trace(model, example)
     again = type(sig).from_dict(sig.to_dict())
     assert again == sig
+
+
+class BranchesOnBatch(nn.Module):
+    """Computes differently at batch 1 than at any other batch (the batch-2 export would take the other branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) * 2 if x.shape[0] > 1 else self.fc(x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_model_branching_on_its_batch_size_is_served_the_branch_of_its_example(backend):
+    model, x = BranchesOnBatch().eval(), torch.randn(1, 4)
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend=backend)
+    assert not cm.signature.dynamic_batch and "branches on its batch size" in cm.report.meta["note"]
+    for inputs in (x, torch.randn(1, 4)):
+        torch.testing.assert_close(cm(inputs), model(inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_capture_that_cannot_reproduce_the_model_is_a_trace_error():
+    class ExportsDifferently(nn.Module):
+        def forward(self, x):
+            return x * 2 if torch.compiler.is_exporting() else x
+
+    with pytest.raises(fxforge.TraceError, match="does not reproduce the model on the example inputs"):
+        trace(ExportsDifferently(), (torch.randn(2, 3),))
