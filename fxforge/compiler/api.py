@@ -1,6 +1,8 @@
 """compile(): trace → PassManager → backend → CompiledModel."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -13,10 +15,11 @@ from fxforge.backends.base import Artifact, get_backend
 
 from .errors import InputError
 from .pass_manager import Pass, PassContext, PassManager, VerifyMode
-from .report import Report, measure_latency
+from .report import Report
+from .report import measure_latency as measure_latency_of
 from .target import Target, get_target
 from .trace import Signature, trace
-from .verify import compare, fresh_inputs
+from .verify import APPROXIMATE_MARGIN, EXACT_TOLERANCE, check_artifact
 
 
 class CompiledModel:
@@ -36,9 +39,7 @@ class CompiledModel:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Save the artifact (``fxforge.load(directory)`` gives it back) and the report beside it."""
-        path = self.artifact.save(directory)
-        (path / "report.json").write_text(self.report.to_json())
-        return path
+        return self.artifact.save(directory, extra_files={"report.json": self.report.to_json()})
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Sequence[str | Pass] | None = None,
@@ -61,9 +62,21 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     gm, report = manager.run(gm, ctx)
     start = time.perf_counter()
     artifact = be.lower(gm, flat, signature, tgt, **backend_options)
-    _record_backend(report, artifact, gm, flat, time.perf_counter() - start, measure_latency and tgt.runs_on_host)
-    report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": signature.dynamic_batch,
-                        **({"note": signature.note} if signature.note else {}), **artifact.info})
+    row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True,
+                              time_s=time.perf_counter() - start, latency_ms=None, max_rel_err=None, cosine=None,
+                              stats={})
+    report.rows.append(row)
+    if tgt.runs_on_host and verify != "off":
+        reference = copy.deepcopy(model).eval()
+        exact = all(r.exact for r in report.rows)
+        bound = EXACT_TOLERANCE if exact else APPROXIMATE_MARGIN * max(r.max_rel_err or 0.0 for r in report.rows)
+        err = check_artifact(artifact, reference, example, max(bound, EXACT_TOLERANCE),
+                             "exact" if exact else "passes' stated")
+        row.max_rel_err, row.cosine = err.max_rel, err.cosine
+    if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:
+        row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
+    report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
+                        **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
     return CompiledModel(gm, artifact, report)
 
 
@@ -71,24 +84,3 @@ def _check_finite(model: torch.nn.Module, example: tuple) -> None:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InputError(f"model tensor {name!r} holds NaN or Inf")
-
-
-def _record_backend(report: Report, artifact: Artifact, gm: fx.GraphModule, flat: tuple, elapsed: float,
-                    runnable: bool) -> None:
-    """The backend's row: same size/FLOPs as the final graph, its own latency and error vs eager."""
-    import dataclasses
-
-    last = report.final
-    row = dataclasses.replace(last, stage=f"backend:{artifact.backend}", exact=True, time_s=elapsed,
-                              latency_ms=None, max_rel_err=None, cosine=None, stats={})
-    if runnable:
-        inputs = fresh_inputs(flat)
-        with torch.no_grad():
-            err = compare(list(artifact.run(inputs)), list(gm(*inputs)))
-        # error against eager = error of the final graph vs eager composed with backend vs final graph
-        row.max_rel_err = (last.max_rel_err or 0.0) + err.max_rel
-        row.cosine = min(last.cosine if last.cosine is not None else 1.0, err.cosine)
-        row.stats = {"vs_graph_max_rel": err.max_rel}
-        if last.latency_ms is not None:
-            row.latency_ms = measure_latency(lambda *x: artifact.run(x), flat)
-    report.rows.append(row)

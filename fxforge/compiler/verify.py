@@ -14,6 +14,10 @@ import torch.fx as fx
 from .errors import VerificationError
 
 EXACT_TOLERANCE = 1e-4  # max relative error an exact pass may introduce (float reassociation)
+# An approximate pipeline's artifact may differ from the model by this many times the largest error its passes
+# stated (measured on one set of fresh inputs; the backend is checked on another, and int8 kernels round
+# their requantization differently from the float reference).
+APPROXIMATE_MARGIN = 2.0
 _SEED = 20240917
 
 
@@ -145,3 +149,30 @@ def check_equivalent(a: fx.GraphModule | Any, b: Any, example_inputs: Sequence[t
 def _as_tuple(x: Any) -> tuple:
     import torch.utils._pytree as pytree
     return tuple(pytree.tree_leaves(x))
+
+
+BACKEND_SEED = _SEED + 1  # the backend is checked on inputs no pass was checked on
+
+
+def check_artifact(artifact: Any, model: torch.nn.Module, example: tuple, bound: float, what: str) -> Error:
+    """Compare the compiled artifact with the user's own model on the example inputs as given and on fresh
+    inputs of the same shapes; raise VerificationError when it leaves ``bound`` (relative max error).
+
+    The reference is ``model`` itself (run on copies of the inputs), not the traced graph: a capture that
+    followed another branch than the one the model takes at this batch shows up here.
+    """
+    import torch.utils._pytree as pytree
+
+    flat, spec = pytree.tree_flatten(example)
+    worst: Error | None = None
+    for inputs in (example, pytree.tree_unflatten(list(fresh_inputs(flat, BACKEND_SEED)), spec)):
+        copies = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+        with torch.no_grad():
+            err = compare(pytree.tree_leaves(artifact(*inputs)), pytree.tree_leaves(model(*copies)))
+        worst = err if worst is None else Error(max(worst.max_rel, err.max_rel), min(worst.cosine, err.cosine))
+    assert worst is not None
+    if not worst.max_rel <= bound:
+        raise VerificationError(f"the {artifact.backend} artifact differs from the model by {worst.max_rel:.3g} "
+                                f"relative (cosine {worst.cosine:.4f}), outside the {what} bound {bound:.3g}; "
+                                "pass verify='off' to accept it anyway")
+    return worst

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import fxforge
+from fxforge.backends import base
+from fxforge.backends.eager import EagerArtifact, EagerBackend
 from models import ZOO
 
 
@@ -108,3 +110,50 @@ def test_custom_pass_instance_runs_in_the_pipeline():
 
     cm = fxforge.compile(nn.Linear(4, 2).eval(), (torch.randn(2, 4),), passes=["fuse", Noop()])
     assert cm.report.row("noop").stats == {"looked": 1}
+
+
+class Negating(EagerArtifact):
+    backend = "negating"
+
+    def run(self, inputs):
+        return tuple(-o for o in super().run(inputs))
+
+
+class NegatingBackend(EagerBackend):
+    """A broken backend: its artifact returns the negated outputs."""
+
+    name = "negating"
+    artifact = Negating
+
+    def lower(self, gm, example_inputs, signature, target, **options):
+        eager = super().lower(gm, example_inputs, signature, target, **options)
+        return Negating(eager.gm, eager.signature, eager.target, eager.info)
+
+
+@pytest.fixture
+def negating_backend(monkeypatch):
+    monkeypatch.setitem(base._BACKENDS, "negating", NegatingBackend)
+
+
+@pytest.mark.parametrize("measure_latency", [True, False])
+def test_a_backend_with_wrong_outputs_is_an_error_not_a_report_line(negating_backend, measure_latency):
+    model, x = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), torch.randn(2, 4)
+    with pytest.raises(fxforge.VerificationError, match=r"negating artifact differs from the model by 2 relative "
+                                                          r"\(cosine -1\.0000\), outside the exact bound"):
+        fxforge.compile(model, (x,), passes=["fuse"], backend="negating", measure_latency=measure_latency)
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="negating", verify="off")
+    assert cm.report.final.max_rel_err is None  # verify="off" is the only way out, and then nothing is claimed
+
+
+def test_an_approximate_pipeline_is_held_to_the_error_its_passes_stated(negating_backend):
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(2, 16)
+    with pytest.raises(fxforge.VerificationError, match="outside the passes' stated bound"):
+        fxforge.compile(model, (x,), passes=["low_rank{energy=0.9}"], backend="negating")
+
+
+def test_the_backend_row_is_measured_against_the_model_even_without_latency(resnet):
+    model, (x,) = resnet
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="eager", measure_latency=False)
+    row = cm.report.final
+    assert row.stage == "backend:eager" and row.latency_ms is None
+    assert row.max_rel_err is not None and row.max_rel_err < 1e-4 and row.cosine > 0.99999
