@@ -125,6 +125,13 @@ def garbage_dir(tmp: Path) -> Path:
     return tmp / "artifact"
 
 
+def stray_manifest_dir(tmp: Path) -> Path:
+    """A user's directory that happens to hold an fxforge.json beside their own work."""
+    saved(tmp)
+    (tmp / "artifact" / "thesis.tex").write_text("\\documentclass{article}")
+    return tmp / "artifact"
+
+
 # -------------------------------------------------------------------------------------------------- the table
 
 Case = Callable[[Path, pytest.MonkeyPatch], object]
@@ -227,8 +234,15 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"was saved by backend 'tensorrt', which this fxforge lacks",
      lambda t, mp: fxforge.load(edit_meta(saved(t), backend="tensorrt"))),
     ("saving over a directory that is not an artifact", fxforge.ArtifactError,
-     r"exists and is not an fxforge artifact; refusing to overwrite",
+     r"exists and is not an fxforge artifact \(no readable fxforge\.json\); refusing to overwrite",
      lambda t, mp: compile_().save(garbage_dir(t))),
+    ("saving over a directory with a stray fxforge.json beside the user's files", fxforge.ArtifactError,
+     r"holds files that are not part of the artifact there \(thesis\.tex\); refusing to overwrite",
+     lambda t, mp: compile_().save(stray_manifest_dir(t))),
+    ("saving to a path that is a file", fxforge.ArtifactError, r"is a file, not a directory; refusing to overwrite",
+     lambda t, mp: compile_().save((t / "out").write_text("x") and t / "out")),
+    ("saving under a path that is a file", fxforge.ArtifactError, r"cannot write an artifact to .*out/artifact",
+     lambda t, mp: compile_().save((t / "out").write_text("x") and t / "out" / "artifact")),
     # tuning
     ("corrupt tuning database", fxforge.TuningError, r"tuning database metadata .*db/fxforge_tuning\.json is corrupt",
      lambda t, mp: compile_(backend="tvm", tune={"trials": 1, "db": tuning_db(t, "META_FILE", "{")})),

@@ -2,8 +2,9 @@
 
 A backend lowers an optimized fx.GraphModule (flat tensors in, a tuple of tensors out) for a Target into an
 Artifact. Artifacts take the user's call arguments, check them against the Signature, run, and rebuild the
-output structure. ``save`` is atomic (a temp dir renamed into place) and writes ``fxforge.json`` with the
-format version and a SHA-256 of every file; ``load`` checks both before handing the files to the backend.
+output structure. ``save`` writes ``fxforge.json`` with the format version and a SHA-256 of every file, replaces
+only an earlier artifact (never a directory holding anything else), and swaps atomically; ``load`` checks the
+version and the hashes before handing the files to the backend.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -54,25 +56,75 @@ class Artifact(ABC):
     def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> Artifact:
         """Rebuild the artifact from files ``write`` produced."""
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the artifact atomically to ``directory`` (replacing an earlier artifact there)."""
+    def save(self, directory: str | os.PathLike[str], extra_files: Mapping[str, str] | None = None) -> Path:
+        """Write the artifact, plus ``extra_files`` (name → text, e.g. the report), to ``directory``.
+
+        An existing ``directory`` is replaced only when it is wholly an fxforge artifact (its manifest lists every
+        file in it); a directory holding anything else is the user's and is never touched (ArtifactError). The new
+        artifact is written beside it, the old one renamed aside, the new one renamed in, and only then the old
+        one deleted; if renaming in fails (or is interrupted) the old one is put back, so one of the two stands.
+        """
         final = Path(directory)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        _check_replaceable(final)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact gets the user's umask
+        except OSError as e:
+            raise ArtifactError(f"cannot write an artifact to {final}: {e.strerror or e}") from None
         try:
             self.write(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
             meta = {"format": FORMAT_VERSION, "fxforge": _version(), "backend": self.backend,
                     "target": self.target.to_dict(), "signature": self.signature.to_dict(), "info": self.info,
                     "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-            if final.exists():
-                if not (final / META_FILE).exists() and any(final.iterdir()):
-                    raise ArtifactError(f"{final} exists and is not an fxforge artifact; refusing to overwrite")
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _swap_in(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+
+def _check_replaceable(final: Path) -> None:
+    """Refuse a path that is a file, or a non-empty directory that is not wholly an fxforge artifact."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise ArtifactError(f"{final} is a file, not a directory; refusing to overwrite it with an artifact")
+    present = {p.name for p in final.iterdir()}
+    if not present:
+        return
+    try:
+        listed = set(json.loads((final / META_FILE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{final} exists and is not an fxforge artifact (no readable {META_FILE}); "
+                            "refusing to overwrite") from None
+    foreign = sorted(present - listed - {META_FILE})
+    if foreign:
+        raise ArtifactError(f"{final} holds files that are not part of the artifact there "
+                            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}); refusing to overwrite")
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Rename ``new`` to ``final``; an artifact already at ``final`` is renamed aside first and restored on failure."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    aside = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(final, aside)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load(directory: str | os.PathLike[str]) -> Artifact:

@@ -1,0 +1,67 @@
+"""Artifact.save: replaces only an earlier artifact, never the user's files, and never leaves neither behind."""
+import json
+import os
+import stat
+
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.backends import base
+
+
+def compiled() -> fxforge.CompiledModel:
+    return fxforge.compile(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(2, 4),), passes="fuse",
+                           measure_latency=False)
+
+
+def test_save_replaces_an_earlier_artifact_and_lists_every_file(tmp_path):
+    first, second = compiled(), compiled()
+    path = first.save(tmp_path / "art")
+    second.save(path)
+    listed = set(json.loads((path / base.META_FILE).read_text())["files"])
+    assert {p.name for p in path.iterdir()} == listed | {base.META_FILE}
+    assert "report.json" in listed
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(fxforge.load(path)(x), second(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary or set-aside directory left
+
+
+def test_save_never_deletes_files_beside_a_stray_manifest(tmp_path):
+    path = compiled().save(tmp_path / "art")
+    (path / "thesis.tex").write_text("years of work")
+    with pytest.raises(fxforge.ArtifactError, match="thesis.tex"):
+        compiled().save(path)
+    assert (path / "thesis.tex").read_text() == "years of work"
+
+
+def test_an_interrupted_swap_keeps_the_old_artifact(tmp_path, monkeypatch):
+    old = compiled()
+    path = old.save(tmp_path / "art")
+    before = sorted((p.name, p.read_bytes()) for p in path.iterdir())
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):  # the second rename (new artifact into place) is interrupted
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(base.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compiled().save(path)
+    monkeypatch.undo()
+    assert sorted((p.name, p.read_bytes()) for p in path.iterdir()) == before
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fxforge.load(path)(x), old(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_artifact_directory_follows_the_umask(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = compiled().save(tmp_path / "art")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
