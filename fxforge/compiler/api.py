@@ -55,7 +55,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be = get_backend(backend)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    _check_finite(model, example)
+    _check_tensors(model)
     gm, signature = trace(model, example, static_batch=static_batch)
     flat = tuple(signature.flatten(example))
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration)
@@ -77,10 +77,26 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
+    if gm.meta.get("input_writes_dropped"):
+        report.meta["input_writes_dropped"] = (f"the model writes into input(s) "
+                                               f"{', '.join(gm.meta['input_writes_dropped'])}; the compiled model "
+                                               "returns the same outputs without writing back")
     return CompiledModel(gm, artifact, report)
 
 
-def _check_finite(model: torch.nn.Module, example: tuple) -> None:
+def _check_tensors(model: torch.nn.Module) -> None:
+    """Refuse weights without data or holding NaN. Inf is legitimate in buffers (causal and padding masks hold
+    -inf) but not in parameters or batch-norm statistics, where it turns what it touches into NaN or zero."""
+    params = {name for name, _ in model.named_parameters()}
+    bn_stats = {f"{name}.{stat}" for name, m in model.named_modules()
+                if isinstance(m, torch.nn.modules.batchnorm._NormBase) for stat in ("running_mean", "running_var")}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"model tensor {name!r} holds NaN or Inf")
+        if t.is_meta:
+            raise InputError(f"model tensor {name!r} is on the meta device (it has no data); load the weights "
+                             "first, e.g. model.load_state_dict(state, assign=True)")
+        if not t.is_floating_point():
+            continue
+        if torch.isnan(t).any():
+            raise InputError(f"model tensor {name!r} holds NaN")
+        if (name in params or name in bn_stats) and torch.isinf(t).any():
+            raise InputError(f"model tensor {name!r} holds Inf")

@@ -134,7 +134,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
 def _check_runs(model: torch.nn.Module, args: tuple) -> None:
     try:
         with torch.no_grad():
-            model(*args)
+            model(*_copy(args))
     except Exception as e:
         raise InputError(f"the model does not run on the example inputs {_describe(pytree.tree_leaves(args))}: "
                          f"{first_line(e)}") from None
@@ -209,16 +209,23 @@ def _spec_shape(t: torch.Tensor, dynamic: bool) -> tuple[int | None, ...]:
 
 def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop export's guards, its tensor-metadata asserts (the Signature checks inputs) and pytree codegen:
-    flat tensors in, a flat tuple out."""
+    flat tensors in, a flat tuple out. A model that writes into its input (``x.mul_(2)``) is captured as a
+    function: its outputs are the same, the write-back into the caller's tensor (``copy_`` into a placeholder,
+    which no exported format can express) is dropped and listed in ``meta["input_writes_dropped"]``."""
     graph = gm.graph
+    dropped = []
     for node in list(graph.nodes):
         if (node.op == "call_module" and node.target == "_guards_fn") or \
                 node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+        elif node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder" and not node.users:
+            dropped.append(node.args[0].name)
             graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()
     out = fx.GraphModule(gm, graph, class_name="FxforgeGraph")
     if hasattr(out, "_guards_fn"):
         delattr(out, "_guards_fn")
+    out.meta["input_writes_dropped"] = dropped
     out.recompile()
     return out
 

@@ -157,3 +157,43 @@ def test_the_backend_row_is_measured_against_the_model_even_without_latency(resn
     row = cm.report.final
     assert row.stage == "backend:eager" and row.latency_ms is None
     assert row.max_rel_err is not None and row.max_rel_err < 1e-4 and row.cosine > 0.99999
+
+
+class WritesIntoInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_model_writing_into_its_input_leaves_the_callers_tensors_alone(backend):
+    model, x = WritesIntoInput().eval(), torch.randn(2, 4)
+    calibration = [(torch.randn(2, 4),) for _ in range(2)]
+    kept = x.clone(), [c[0].clone() for c in calibration]
+    cm = fxforge.compile(model, (x,), passes=["int8"], backend=backend, calibration=calibration)
+    assert torch.equal(x, kept[0]) and all(torch.equal(c[0], k) for c, k in zip(calibration, kept[1]))
+    y = torch.randn(3, 4)
+    y_kept, expected = y.clone(), model(y.clone())
+    got = cm(y)
+    assert torch.equal(y, y_kept) and torch.nn.functional.cosine_similarity(got, expected, 0).min() > 0.99
+    assert "writes into input(s) x" in cm.report.meta["input_writes_dropped"]
+
+
+def test_minus_inf_in_a_mask_buffer_is_legitimate():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("mask", torch.triu(torch.full((4, 4), float("-inf")), diagonal=1))
+
+        def forward(self, x):
+            return torch.softmax(self.fc(x) + self.mask, dim=-1)
+
+    model, x = Masked().eval(), torch.randn(2, 4, 4)
+    for backend in ("eager", "onnx"):
+        cm = fxforge.compile(model, (x,), passes=["fuse"], backend=backend)
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
