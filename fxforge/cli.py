@@ -1,24 +1,32 @@
-"""The ``fxforge`` console script: list passes and targets, compile a model from the command line.
+"""The ``fxforge`` console script (also ``python -m fxforge``): compile, tune, run and bench models.
 
     fxforge passes
     fxforge targets
     fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --passes fuse --backend onnx --out out/
-    fxforge bench torchvision.models:resnet18 --input-shape 1,3,224,224
     fxforge tune torchvision.models:resnet18 --input-shape 1,3,224,224 --target x86 --trials 64 --db tuning-db/
+    fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --backend tvm --tuning-db tuning-db/ --out out/
+    fxforge run out/ --input x.npy
+    fxforge bench torchvision.models:resnet18 --input-shape 1,3,224,224
 
-Every failure the user can cause prints one line (``fxforge: error: ...``) and exits with status 2.
+Every failure the user can cause prints one line (``fxforge: error: ...``) and exits with status 2; anything
+else prints one line too (exit status 1), with the traceback only when FXFORGE_TRACEBACK=1.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fxforge.compiler.errors import FxforgeError, InputError
+import fxforge
+from fxforge.compiler.errors import CalibrationError, FxforgeError, InputError, first_line
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,10 +40,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fxforge: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of fxforge or of a library under it: one line, the traceback on request
+        if os.environ.get("FXFORGE_TRACEBACK") == "1":
+            raise
+        print(f"fxforge: internal error: {type(e).__name__}: {first_line(e)} "
+              "(set FXFORGE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxforge", description="Graph optimization toolchain for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"fxforge {fxforge.__version__}")
     sub = parser.add_subparsers(required=True, metavar="command")
 
     sub.add_parser("passes", help="list passes and presets").set_defaults(run=_passes)
@@ -43,14 +58,30 @@ def _parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="compile a model and write the artifact")
     _model_arguments(comp)
-    comp.add_argument("--passes", default="fuse", help="comma-separated passes or presets (default: fuse)")
-    comp.add_argument("--backend", default="torchscript", help="eager, torchscript, onnx or tvm")
-    comp.add_argument("--target", default="x86", help="x86, arm64 or cuda")
+    comp.add_argument("--passes", default="", help="comma-separated passes or presets (default: none, as in "
+                      "fxforge.compile; e.g. fuse or fuse,int8)")
+    comp.add_argument("--backend", default="eager", help="eager, torchscript, onnx or tvm (default: eager)")
+    comp.add_argument("--target", default="x86", help="x86, arm64 or cuda (default: x86)")
     comp.add_argument("--calibration", metavar="MODULE:FN",
                       help="a function returning an iterable of input tuples (needed by int8)")
-    comp.add_argument("--verify", default="numerics", choices=("off", "lint", "numerics"))
+    comp.add_argument("--verify", default="numerics", choices=("off", "lint", "numerics"),
+                      help="check passes and the backend against the model (default: numerics)")
+    comp.add_argument("--static-batch", action="store_true", help="compile for the example batch size only")
+    comp.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="an option of the backend (repeatable), e.g. --backend-option tune={'trials':16}")
+    comp.add_argument("--tuning-db", metavar="DIR", help="tvm backend: apply this MetaSchedule database (from "
+                      "`fxforge tune`) without tuning")
+    comp.add_argument("--no-latency", action="store_true",
+                      help="skip timing each stage and the artifact (the numeric checks still run)")
     comp.add_argument("--out", help="directory to write the artifact to")
     comp.set_defaults(run=_compile)
+
+    run = sub.add_parser("run", help="load a saved artifact, run it on .npy inputs, print outputs and timing")
+    run.add_argument("artifact", metavar="DIR", help="an artifact directory written by `fxforge compile --out`")
+    run.add_argument("--input", action="append", required=True, metavar="FILE.npy",
+                     help="one input as a NumPy .npy file (repeat for several inputs)")
+    run.add_argument("--save", metavar="FILE.npz", help="also write the outputs to this .npz file")
+    run.set_defaults(run=_run)
 
     bench = sub.add_parser("bench", help="time fxforge pipelines against eager, torch.compile, ONNX Runtime, TVM")
     _model_arguments(bench)
@@ -76,7 +107,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODULE:FACTORY",
-                   help="an nn.Module class or a function returning one, e.g. torchvision.models:resnet18")
+                   help="an nn.Module class or a function returning one, e.g. torchvision.models:resnet18 "
+                        "(modules in the current directory are found too)")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                   help='keyword arguments of the factory as JSON, e.g. \'{"num_classes": 10}\'')
     p.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
                    help="shape of one input (repeat for several inputs)")
     p.add_argument("--dtype", default="float32", help="input dtype (float32, int64, ...)")
@@ -99,17 +133,71 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    import fxforge
     from fxforge.compiler.pass_manager import split_passes
-    model = _build_model(args.model)
+    options = _backend_options(args.backend_option)
+    if args.tuning_db:
+        if args.backend != "tvm":
+            raise InputError(f"--tuning-db applies to the tvm backend, not {args.backend!r}")
+        options["tune"] = {**options.get("tune", {}), "trials": 0, "db": args.tuning_db}
+    model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
-    calibration = _call(args.calibration)() if args.calibration else None
+    calibration = _calibration(args.calibration) if args.calibration else None
     cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend=args.backend,
-                         target=args.target, calibration=calibration, verify=args.verify)
+                         target=args.target, calibration=calibration, verify=args.verify,
+                         measure_latency=not args.no_latency, static_batch=args.static_batch, **options)
     print(cm.report)
     if args.out:
         print(f"artifact: {cm.save(args.out)}")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from fxforge.compiler.report import measure_latency
+    artifact = fxforge.load(args.artifact)
+    inputs = []
+    for file in args.input:
+        try:
+            inputs.append(torch.from_numpy(np.load(file, allow_pickle=False)))
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read input {file}: {first_line(e)}") from None
+    flat = artifact.signature.flatten(inputs)
+    outputs = list(artifact.run(flat))
+    for i, out in enumerate(outputs):
+        values = ", ".join(f"{v:.6g}" for v in out.flatten()[:6].tolist())
+        print(f"output {i}: {str(out.dtype).removeprefix('torch.')} {list(out.shape)}  [{values}"
+              f"{', …' if out.numel() > 6 else ''}]")
+    if artifact.target.runs_on_host:
+        print(f"latency: {measure_latency(lambda *x: artifact.run(x), flat):.3f} ms (median, {artifact.backend})")
+    if args.save:
+        np.savez(args.save, *[o.numpy() for o in outputs])
+        print(f"outputs: {args.save}")
+    return 0
+
+
+def _backend_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings as a dict; values are Python literals where they parse, strings otherwise."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--backend-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value
+    return options
+
+
+def _calibration(spec: str) -> list[Any]:
+    """The calibration batches of ``MODULE:FN``; a function that raises is named with its own message."""
+    fn = _call(spec)
+    try:
+        return list(fn())
+    except Exception as e:
+        raise CalibrationError(f"calibration function {spec} raised {type(e).__name__}: {first_line(e)}") from None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -124,9 +212,9 @@ def _bench(args: argparse.Namespace) -> int:
         if unknown:
             raise InputError(f"unknown system(s) {unknown}; see `fxforge bench --list`")
         systems = [s for s in systems if s.name in wanted]
-    model = _build_model(args.model)
+    model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
-    calibration = list(_call(args.calibration)()) if args.calibration else []
+    calibration = _calibration(args.calibration) if args.calibration else []
     if not calibration:
         systems = [s for s in systems if "int8" not in s.name]  # never calibrate on made-up data
     print(markdown(bench_model(args.model, model, example, calibration, systems, rounds=args.rounds)))
@@ -134,9 +222,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    import fxforge
     from fxforge.compiler.pass_manager import split_passes
-    model = _build_model(args.model)
+    model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
     tune = {"trials": args.trials, **({"trials_per_task": args.trials_per_task} if args.trials_per_task else {}),
             **({"db": args.db} if args.db else {})}
@@ -167,6 +254,8 @@ def _call(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise InputError(f"expected MODULE:NAME, got {spec!r}")
+    if os.getcwd() not in sys.path:  # `fxforge compile mymodel:Net` finds mymodel.py here, as `python -m` would
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -177,11 +266,19 @@ def _call(spec: str) -> Callable[..., Any]:
         raise InputError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
-def _build_model(spec: str) -> Any:
+def _build_model(spec: str, kwargs_json: str = "{}") -> Any:
     import torch
-    obj = _call(spec)
     try:
-        model = obj if isinstance(obj, torch.nn.Module) else obj()
+        kwargs = json.loads(kwargs_json)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--model-kwargs is not valid JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise InputError(f"--model-kwargs must be a JSON object, got {kwargs_json!r}")
+    obj = _call(spec)
+    if isinstance(obj, torch.nn.Module) and kwargs:
+        raise InputError(f"{spec} is a module instance; --model-kwargs needs a class or factory")
+    try:
+        model = obj if isinstance(obj, torch.nn.Module) else obj(**kwargs)
     except Exception as e:
         raise InputError(f"{spec}() failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, torch.nn.Module):
@@ -198,9 +295,16 @@ def _example_inputs(shapes: list[str], dtype: str) -> tuple[Any, ...]:
         dims = [tuple(int(d) for d in s.split(",")) for s in shapes]
     except ValueError:
         raise InputError(f"--input-shape takes comma-separated integers, got {shapes}") from None
-    if kind.is_floating_point:
-        return tuple(torch.randn(d, dtype=kind) for d in dims)
-    return tuple(torch.randint(0, 2, d, dtype=kind) for d in dims)
+    bad = [s for s, d in zip(shapes, dims) if any(n <= 0 for n in d)]
+    if bad:
+        raise InputError(f"--input-shape takes positive sizes, got {bad[0]}")
+    try:
+        if kind.is_floating_point:
+            return tuple(torch.randn(d, dtype=kind) for d in dims)
+        return tuple(torch.randint(0, 2, d, dtype=kind) for d in dims)
+    except (RuntimeError, MemoryError) as e:
+        raise InputError(f"cannot allocate inputs of shape {shapes}: {first_line(e)}") from None
+
 
 
 if __name__ == "__main__":

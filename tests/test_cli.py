@@ -1,12 +1,15 @@
 """The console script: listings, a real compile from the command line, one-line errors with exit status 2."""
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import fxforge
-from fxforge.cli import main
+from fxforge.cli import _parser, main
+from fxforge.compiler.pass_manager import split_passes
 
 
 def test_passes_and_targets_list_everything(capsys):
@@ -47,3 +50,110 @@ def test_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
 def test_module_entry_point_refuses_missing_arguments():
     result = subprocess.run([sys.executable, "-m", "fxforge.cli", "compile", "x:y"], capture_output=True, text=True)
     assert result.returncode == 2 and "--input-shape" in result.stderr and "Traceback" not in result.stderr
+
+
+FXFORGE = str(Path(sys.executable).with_name("fxforge"))  # the installed console script
+
+
+def console(*argv, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([FXFORGE, *argv], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+TINY = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc = nn.Linear(4, width)
+
+    def forward(self, x):
+        return self.fc(x).relu()
+
+
+def tiny(width=8):
+    return Tiny(width)
+'''
+
+
+def test_console_script_compiles_a_model_from_the_current_directory_and_runs_the_artifact(tmp_path):
+    (tmp_path / "tinymodel.py").write_text(TINY)
+    done = console("compile", "tinymodel:tiny", "--model-kwargs", '{"width": 6}', "--input-shape", "2,4",
+                   "--passes", "fuse", "--backend", "onnx", "--static-batch", "--no-latency", "--out", "art",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "backend:onnx" in done.stdout and "dynamic_batch: False" in done.stdout
+    np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
+    ran = console("run", "art", "--input", "x.npy", "--save", "y.npz", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert "output 0: float32 [2, 6]" in ran.stdout and "latency:" in ran.stdout
+    artifact = fxforge.load(tmp_path / "art")
+    assert artifact.signature.dynamic_batch is False
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["arr_0"], artifact(torch.ones(2, 4)).numpy())
+
+
+def test_version_and_python_dash_m():
+    assert console("--version").stdout.strip() == f"fxforge {fxforge.__version__}"
+    result = subprocess.run([sys.executable, "-m", "fxforge", "passes"], capture_output=True, text=True)
+    assert result.returncode == 0 and "fuse_batchnorm" in result.stdout
+
+
+def test_cli_and_python_defaults_agree():
+    import inspect
+    defaults = inspect.signature(fxforge.compile).parameters
+    parser = _parser()
+    args = parser.parse_args(["compile", "m:f", "--input-shape", "1"])
+    assert args.backend == defaults["backend"].default and args.target == defaults["target"].default
+    assert args.verify == defaults["verify"].default and not split_passes(args.passes)
+    assert defaults["passes"].default is None
+
+
+def test_tuning_db_and_backend_options_reach_compile(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_compile(model, example, **kwargs):
+        seen.update(kwargs)
+        raise fxforge.BackendError("stop here")
+
+    monkeypatch.setattr(fxforge, "compile", fake_compile)
+    assert main(["compile", "models:Mlp", "--input-shape", "4,32", "--backend", "tvm", "--tuning-db",
+                 str(tmp_path), "--backend-option", "tune={'trials_per_task': 4}"]) == 2
+    assert seen["tune"] == {"trials_per_task": 4, "trials": 0, "db": str(tmp_path)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "models:Mlp", "--input-shape=-1,32"], "--input-shape takes positive sizes, got -1,32"),
+    (["compile", "models:Mlp", "--input-shape", "100000000,100000000,100"], "cannot allocate inputs of shape"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--calibration", "test_cli:raising_calibration"],
+     "calibration function test_cli:raising_calibration raised ValueError: no data today"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--tuning-db", "db"], "--tuning-db applies to the tvm"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--model-kwargs", "[1]"], "must be a JSON object"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--backend-option", "nokey"], "takes KEY=VALUE"),
+    (["run", "no/such/dir", "--input", "x.npy"], "is not an fxforge artifact"),
+])
+def test_more_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxforge: error:") and message in err and "\n" not in err
+
+
+def raising_calibration():
+    raise ValueError("no data today")
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert main(["compile", "models:Mlp", "--input-shape", "4,32", "--no-latency", "--out",
+                 str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_unexpected_exception_is_one_line_too(monkeypatch, capsys):
+    monkeypatch.setattr(fxforge, "compile", lambda *a, **k: 1 / 0)
+    assert main(["compile", "models:Mlp", "--input-shape", "4,32"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "fxforge: internal error: ZeroDivisionError: division by zero (set FXFORGE_TRACEBACK=1 for the " \
+                  "traceback)"

@@ -76,7 +76,8 @@ class Artifact(ABC):
             self.write(tmp)
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
-            meta = {"format": FORMAT_VERSION, "fxforge": _version(), "backend": self.backend,
+            meta = {"format": FORMAT_VERSION, "fxforge": _version(), "versions": _library_versions(),
+                    "backend": self.backend,
                     "target": self.target.to_dict(), "signature": self.signature.to_dict(), "info": self.info,
                     "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -177,12 +178,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _version() -> str:
+def _version(package: str = "fxforge") -> str | None:
     from importlib.metadata import PackageNotFoundError, version
     try:
-        return version("fxforge")
+        return version(package)
     except PackageNotFoundError:
-        return "0+unknown"
+        return None if package != "fxforge" else "0+unknown"
+
+
+def _library_versions() -> dict[str, str]:
+    """The versions of the libraries an artifact's files depend on (for reproducing or debugging a load)."""
+    found = {name: _version(name) for name in ("torch", "onnx", "onnxruntime", "apache-tvm")}
+    return {name: v for name, v in found.items() if v is not None}
 
 
 class Backend(ABC):
