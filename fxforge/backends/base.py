@@ -197,7 +197,9 @@ class Backend(ABC):
 
     name: ClassVar[str]
     artifact: ClassVar[type[Artifact]]
-    targets: ClassVar[tuple[str, ...]] = ("x86", "arm64", "cuda")
+
+    def check_target(self, target: Target) -> None:
+        """Raise TargetError for a target this backend cannot build for (default: it serves every target)."""
 
     @abstractmethod
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,

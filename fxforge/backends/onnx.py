@@ -122,7 +122,6 @@ class OnnxBackend(Backend):
 
     name = "onnx"
     artifact = OnnxArtifact
-    targets = ("x86", "arm64", "cuda")
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> OnnxArtifact:
@@ -137,6 +136,9 @@ class OnnxBackend(Backend):
             raise BackendError(f"the exported ONNX model takes {len(session.get_inputs())} inputs, the graph "
                                f"{len(signature.inputs)}")
         missing = [p for p in target.ort_providers if p not in session.get_providers()]
+        if missing:
+            warnings.warn(f"target {target.name!r}: this onnxruntime lacks {', '.join(missing)}; the artifact runs "
+                          f"on {', '.join(session.get_providers())}", RuntimeWarning, stacklevel=2)
         info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
                 **({"ort_missing_providers": missing} if missing else {}),

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import BackendError
+from fxforge.compiler.errors import BackendError, TargetError
 from fxforge.compiler.graph import aten, is_op
 from fxforge.compiler.report import measure_latency
 from fxforge.compiler.target import Target
@@ -78,7 +78,13 @@ class TorchScriptBackend(Backend):
 
     name = "torchscript"
     artifact = TorchScriptArtifact
-    targets = ("x86", "arm64", "cuda")
+
+    def check_target(self, target: Target) -> None:
+        """A TorchScript program is saved unfrozen and runs wherever PyTorch runs on a CPU (x86 or arm64); it
+        is not moved to a GPU, so a CUDA target would silently get a CPU artifact."""
+        if target.torch_device != "cpu":
+            raise TargetError(f"backend 'torchscript' builds CPU programs; target {target.name!r} runs on "
+                              f"{target.torch_device} (use backend 'tvm' or 'onnx' for it)")
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> TorchScriptArtifact:

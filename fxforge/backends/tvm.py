@@ -449,7 +449,6 @@ class TvmBackend(Backend):
 
     name = "tvm"
     artifact = TvmArtifact
-    targets = ("x86", "arm64", "cuda")
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> TvmArtifact:

@@ -53,6 +53,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     """
     tgt = get_target(target)
     be = get_backend(backend)
+    be.check_target(tgt)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)

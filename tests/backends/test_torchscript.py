@@ -41,3 +41,10 @@ def test_tampered_artifact_is_refused(tmp_path):
         fxforge.load(path)
     with pytest.raises(fxforge.ArtifactError):
         fxforge.load(tmp_path / "nothing-here")
+
+
+def test_a_gpu_target_is_refused_not_silently_built_for_the_cpu():
+    model, example = ZOO["mlp"]()
+    with pytest.raises(fxforge.TargetError, match="backend 'torchscript' builds CPU programs; target 'cuda' runs "
+                                                  "on cuda"):
+        fxforge.compile(model, example, backend="torchscript", target="cuda")
