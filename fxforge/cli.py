@@ -53,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fxforge {fxforge.__version__}")
     sub = parser.add_subparsers(required=True, metavar="command")
 
-    sub.add_parser("passes", help="list passes and presets").set_defaults(run=_passes)
+    passes = sub.add_parser("passes", help="list passes and presets; with a name or --verbose, their options")
+    passes.add_argument("name", nargs="?", help="a pass or preset to describe")
+    passes.add_argument("--verbose", "-v", action="store_true", help="list every pass's options too")
+    passes.set_defaults(run=_passes)
     sub.add_parser("targets", help="list hardware targets and backends").set_defaults(run=_targets)
 
     comp = sub.add_parser("compile", help="compile a model and write the artifact")
@@ -117,10 +120,35 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _passes(args: argparse.Namespace) -> int:
-    from fxforge.compiler.pass_manager import available_passes
-    for name, doc in available_passes().items():
-        print(f"{name:24} {doc}")
+    from fxforge.compiler.pass_manager import PassError, available_passes, resolve
+    listing = available_passes()
+    if args.name and args.name not in listing:
+        raise PassError(f"unknown pass or preset {args.name!r}; see `fxforge passes`")
+    for name, doc in listing.items():
+        if args.name in (None, name):
+            print(f"{name:24} {doc}")
+            if args.name or args.verbose:
+                steps = resolve(name)
+                if len(steps) == 1 and steps[0].name == name:
+                    print("".join(f"    {line}\n" for line in _option_lines(type(steps[0]))), end="")
     return 0
+
+
+def _option_lines(cls: type) -> list[str]:
+    """``name: type = default`` for each option of a pass class (its dataclass fields)."""
+    import dataclasses
+    import typing
+    if not dataclasses.is_dataclass(cls) or not dataclasses.fields(cls):
+        return ["(no options)"]
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name, f.type)
+        kind = kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        lines.append(f"{f.name}: {kind} = {default!r}")
+    return lines
 
 
 def _targets(args: argparse.Namespace) -> int:

@@ -157,3 +157,17 @@ def test_an_unexpected_exception_is_one_line_too(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "fxforge: internal error: ZeroDivisionError: division by zero (set FXFORGE_TRACEBACK=1 for the " \
                   "traceback)"
+
+
+def test_passes_lists_whole_descriptions_and_each_passs_options(capsys):
+    assert main(["passes"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fold_qdq"))
+    assert line.rstrip().endswith("merge requantization chains into one table lookup (exact).")
+    assert main(["passes", "low_rank"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("low_rank") and "    energy: float = 0.95" in out
+    assert "    method: Literal['svd', 'tucker2'] = 'svd'" in out
+    assert main(["passes", "--verbose"]) == 0
+    assert "    percentile: float = 99.99" in capsys.readouterr().out
+    assert main(["passes", "lowrank"]) == 2
+    assert "unknown pass or preset 'lowrank'" in capsys.readouterr().err

@@ -88,7 +88,8 @@ class Pass:
 
     @classmethod
     def description(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        """The docstring's first paragraph on one line."""
+        return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
