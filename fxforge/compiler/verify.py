@@ -14,10 +14,9 @@ import torch.fx as fx
 from .errors import VerificationError
 
 EXACT_TOLERANCE = 1e-4  # max relative error an exact pass may introduce (float reassociation)
-# An approximate pipeline's artifact may differ from the model by this many times the largest error its passes
-# stated (measured on one set of fresh inputs; the backend is checked on another, and int8 kernels round
-# their requantization differently from the float reference).
-APPROXIMATE_MARGIN = 2.0
+# How far a backend may move a quantized (Q/DQ) graph: integer kernels round requantization differently from
+# the float reference (measured on the zoo with ONNX Runtime: at most 0.024, a few output steps).
+QUANTIZED_LOWERING_TOLERANCE = 0.05
 _SEED = 20240917
 
 
@@ -154,25 +153,38 @@ def _as_tuple(x: Any) -> tuple:
 BACKEND_SEED = _SEED + 1  # the backend is checked on inputs no pass was checked on
 
 
-def check_artifact(artifact: Any, model: torch.nn.Module, example: tuple, bound: float, what: str) -> Error:
-    """Compare the compiled artifact with the user's own model on the example inputs as given and on fresh
-    inputs of the same shapes; raise VerificationError when it leaves ``bound`` (relative max error).
+def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, example: tuple,
+                   exact: bool) -> Error:
+    """Check the compiled artifact on the example inputs as given and on fresh inputs of the same shapes, and
+    return its error against the user's own ``model`` (run on copies of the inputs).
 
-    The reference is ``model`` itself (run on copies of the inputs), not the traced graph: a capture that
-    followed another branch than the one the model takes at this batch shows up here.
+    The backend must implement the graph it was given (``gm``): to EXACT_TOLERANCE, or for a quantized graph to
+    QUANTIZED_LOWERING_TOLERANCE. An ``exact`` pipeline must also match the model itself to EXACT_TOLERANCE,
+    which catches a capture that took another branch than the model takes at these shapes. An approximate
+    pipeline's distance to the model is what its passes stated; it is measured here and returned.
     """
     import torch.utils._pytree as pytree
 
     flat, spec = pytree.tree_flatten(example)
-    worst: Error | None = None
+    vs_model: Error | None = None
+    vs_graph = 0.0
     for inputs in (example, pytree.tree_unflatten(list(fresh_inputs(flat, BACKEND_SEED)), spec)):
         copies = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
         with torch.no_grad():
-            err = compare(pytree.tree_leaves(artifact(*inputs)), pytree.tree_leaves(model(*copies)))
-        worst = err if worst is None else Error(max(worst.max_rel, err.max_rel), min(worst.cosine, err.cosine))
-    assert worst is not None
-    if not worst.max_rel <= bound:
-        raise VerificationError(f"the {artifact.backend} artifact differs from the model by {worst.max_rel:.3g} "
-                                f"relative (cosine {worst.cosine:.4f}), outside the {what} bound {bound:.3g}; "
-                                "pass verify='off' to accept it anyway")
-    return worst
+            got = pytree.tree_leaves(artifact(*inputs))
+            err = compare(got, pytree.tree_leaves(model(*copies)))
+            vs_graph = max(vs_graph, compare(got, list(gm(*pytree.tree_leaves(inputs)))).max_rel)
+        vs_model = err if vs_model is None else Error(max(vs_model.max_rel, err.max_rel),
+                                                      min(vs_model.cosine, err.cosine))
+    assert vs_model is not None
+    quantized = any(str(n.target).startswith("quantized_decomposed.") for n in gm.graph.nodes)
+    bound = QUANTIZED_LOWERING_TOLERANCE if quantized else EXACT_TOLERANCE
+    if not vs_graph <= bound:
+        raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled by "
+                                f"{vs_graph:.3g} relative (bound {bound:g}{' for int8 kernels' if quantized else ''}"
+                                f"); pass verify='off' to accept it anyway")
+    if exact and not vs_model.max_rel <= EXACT_TOLERANCE:
+        raise VerificationError(f"the {artifact.backend} artifact of an exact pipeline differs from the model by "
+                                f"{vs_model.max_rel:.3g} relative (cosine {vs_model.cosine:.4f}; bound "
+                                f"{EXACT_TOLERANCE:g}); pass verify='off' to accept it anyway")
+    return vs_model

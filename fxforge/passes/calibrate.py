@@ -60,12 +60,16 @@ def checked_batches(data: Any, example: Sequence[torch.Tensor]) -> Iterator[tupl
     except TypeError:
         raise CalibrationError(f"calibration data must be an iterable of input tuples, got {type(data).__name__}") \
             from None
-    for i, batch in enumerate(iterator):
-        batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch) if isinstance(batch, (tuple, list)) \
+    for i, raw in enumerate(iterator):
+        batch = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw) if isinstance(raw, (tuple, list)) \
             else None
         if batch is None or len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
+            got = type(raw).__name__ if batch is None else \
+                f"{len(batch)}: {', '.join(_describe(t) for t in batch)}"
+            hint = " (a DataLoader of (input, label) pairs? give calibration_fn=lambda batch: batch[:1])" \
+                if batch is not None and len(batch) > len(example) else ""
             raise CalibrationError(f"calibration batch {i} must be a tuple of {len(example)} tensor(s) like the "
-                                   f"example inputs")
+                                   f"example inputs, got {got}{hint}")
         for j, (t, ref) in enumerate(zip(batch, example)):
             if t.dtype != ref.dtype or t.dim() != ref.dim() or t.shape[1:] != ref.shape[1:]:
                 raise CalibrationError(f"calibration batch {i}, input {j}: {t.dtype} {tuple(t.shape)} does not "
@@ -73,3 +77,8 @@ def checked_batches(data: Any, example: Sequence[torch.Tensor]) -> Iterator[tupl
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CalibrationError(f"calibration batch {i}, input {j} holds NaN or Inf")
         yield batch
+
+
+def _describe(value: Any) -> str:
+    return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}" if isinstance(value, torch.Tensor) \
+        else type(value).__name__

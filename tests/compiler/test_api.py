@@ -138,17 +138,18 @@ def negating_backend(monkeypatch):
 @pytest.mark.parametrize("measure_latency", [True, False])
 def test_a_backend_with_wrong_outputs_is_an_error_not_a_report_line(negating_backend, measure_latency):
     model, x = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), torch.randn(2, 4)
-    with pytest.raises(fxforge.VerificationError, match=r"negating artifact differs from the model by 2 relative "
-                                                          r"\(cosine -1\.0000\), outside the exact bound"):
+    with pytest.raises(fxforge.VerificationError, match=r"negating artifact differs from the graph it compiled by 2 "
+                                                          r"relative \(bound 0\.0001\)"):
         fxforge.compile(model, (x,), passes=["fuse"], backend="negating", measure_latency=measure_latency)
     cm = fxforge.compile(model, (x,), passes=["fuse"], backend="negating", verify="off")
     assert cm.report.final.max_rel_err is None  # verify="off" is the only way out, and then nothing is claimed
 
 
-def test_an_approximate_pipeline_is_held_to_the_error_its_passes_stated(negating_backend):
+def test_a_quantized_graph_is_held_to_the_int8_kernel_bound(negating_backend):
     model, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(2, 16)
-    with pytest.raises(fxforge.VerificationError, match="outside the passes' stated bound"):
-        fxforge.compile(model, (x,), passes=["low_rank{energy=0.9}"], backend="negating")
+    with pytest.raises(fxforge.VerificationError, match=r"differs from the graph it compiled by 2 relative "
+                                                          r"\(bound 0\.05 for int8 kernels\)"):
+        fxforge.compile(model, (x,), passes=["int8"], backend="negating", calibration=[(torch.randn(8, 16),)])
 
 
 def test_the_backend_row_is_measured_against_the_model_even_without_latency(resnet):

@@ -113,3 +113,17 @@ def test_bad_method_and_order_are_refused():
 def test_compile_without_calibration_data_names_the_fix():
     with pytest.raises(CalibrationError, match="calibration="):
         fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"])
+
+
+def test_labelled_batches_are_named_and_calibration_fn_picks_the_inputs():
+    pairs = [(torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))) for _ in range(2)]  # a DataLoader's (x, y)
+    with pytest.raises(CalibrationError, match=r"batch 0 must be a tuple of 1 tensor\(s\) like the example inputs, "
+                                               r"got 2: float32 \[2, 3, 8, 8\], int64 \[2\] \(a DataLoader of "
+                                               r"\(input, label\) pairs\? give calibration_fn="):
+        fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"], calibration=pairs)
+    cm = fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"], calibration=pairs,
+                         calibration_fn=lambda batch: batch[:1])
+    assert cm.report.row("calibrate").stats["batches"] == 2
+    with pytest.raises(CalibrationError, match=r"calibration_fn failed on batch 0: KeyError: 'image'"):
+        fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"], calibration=pairs,
+                        calibration_fn=lambda batch: batch["image"] if isinstance(batch, dict) else {}["image"])
