@@ -169,10 +169,13 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     shapes = tuple({0: batch} if d else None for d in dynamic) if any(dynamic) else None
     args = tuple(torch.cat([t, t]) if d and t.shape[0] == 1 else t  # a batch of 1 would specialise
                  for t, d in zip(example_inputs, dynamic))
+    outputs = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+    names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]  # not the last op's name
     with _quiet():
         try:
             program = torch.onnx.export(copy.deepcopy(gm).eval(), args, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=shapes, verbose=False, optimize=True, report=False)
+                                        dynamic_shapes=shapes, verbose=False, optimize=True, report=False,
+                                        output_names=names)
         except Exception as e:
             raise lowering_error(e) from None
     model = program.model_proto

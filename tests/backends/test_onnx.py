@@ -197,3 +197,15 @@ def test_qdq_stays_float_without_ort_qdq_fusion():
 def test_op_without_onnx_translation_names_op_and_node():
     with pytest.raises(fxforge.BackendError, match=r"cannot lower op fxforge_test.mystery.default at node 'mystery'"):
         fxforge.compile(Mystery(), (torch.randn(2, 4),), backend="onnx", measure_latency=False)
+
+
+def test_outputs_have_meaningful_names(qdq_net):
+    _, _, cm = qdq_net
+    assert [o.name for o in onnx.load_from_string(cm.artifact.model).graph.output] == ["output"]
+    two = fxforge.compile(TwoOutputs(), (torch.randn(2, 3),), backend="onnx", measure_latency=False)
+    assert [o.name for o in onnx.load_from_string(two.artifact.model).graph.output] == ["output_0", "output_1"]
+
+
+class TwoOutputs(torch.nn.Module):
+    def forward(self, x):
+        return x.relu(), x.sigmoid()
