@@ -5,6 +5,7 @@ from .calibrate import Calibrate
 from .dead_channels import DeadChannels
 from .depthwise_separable import DepthwiseSeparable
 from .eliminate_dead_code import EliminateDeadCode
+from .equalize import Equalize
 from .fold_constants import FoldConstants
 from .fold_qdq import FoldQdq
 from .fuse_activation import FuseActivation
@@ -22,5 +23,5 @@ register_preset("compress", ["fuse", "dead_channels", "low_rank"],
 register_preset("all", ["compress", "insert_qdq", "calibrate", "fold_qdq"],
                 "the full pipeline: compress, then static int8 quantization")
 
-__all__ = ["Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "FoldConstants", "FoldQdq",
+__all__ = ["Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "Equalize", "FoldConstants", "FoldQdq",
            "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels"]
