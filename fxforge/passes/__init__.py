@@ -1,6 +1,7 @@
 """The built-in passes (each registers itself by name) and the presets built from them."""
 from fxforge.compiler.pass_manager import register_preset
 
+from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .dead_channels import DeadChannels
 from .depthwise_separable import DepthwiseSeparable
@@ -23,5 +24,5 @@ register_preset("compress", ["fuse", "dead_channels", "low_rank"],
 register_preset("all", ["compress", "insert_qdq", "calibrate", "fold_qdq"],
                 "the full pipeline: compress, then static int8 quantization")
 
-__all__ = ["Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "Equalize", "FoldConstants", "FoldQdq",
-           "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels"]
+__all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "Equalize",
+           "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels"]

@@ -59,7 +59,8 @@ class Equalize(Pass):
         if not pairs:
             return PassResult(changed=False, stats=stats)
         weights = {n: get_tensor(gm, n.args[1]).detach().double() for pair in pairs for n in pair}
-        biases = {a: get_tensor(gm, arg(a, 2, "bias")).detach().double() for a, _ in pairs if arg(a, 2, "bias") is not None}
+        biases = {a: get_tensor(gm, arg(a, 2, "bias")).detach().double() for a, _ in pairs
+                  if arg(a, 2, "bias") is not None}
         done = 0
         for done in range(1, self.sweeps + 1):
             largest = 0.0

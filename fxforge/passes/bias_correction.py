@@ -1,0 +1,125 @@
+"""bias_correction: remove the mean output shift that weight rounding causes (Nagel et al. 2019, §4.2). Approximate.
+
+A conv/linear layer y = W x + b whose weight is quantized to W_q = DQ(Q(W)) computes y_q = W_q x + b. The rounding
+error ε = W_q − W is a fixed tensor, so it shifts every output channel c by a mean
+
+    E[y_q − y]_c = E[(ε x)_c] = (ε E[x])_c              (mean over the batch and the output positions)
+
+which is not zero when E[x] is not (inputs after relu/relu6 are all ≥ 0; a depthwise 3×3 channel has only 9
+weights, so its rounding errors do not average out). Subtracting it from the bias,
+
+    b' = b − E[ε x̂],
+
+leaves the weight error zero-mean. The expectation is empirical: x̂ is the layer's input in the quantized graph
+(every Q/DQ applied, what the int8 kernel reads) on the calibration data, and E[ε x̂] is the mean of the layer
+itself applied to x̂ with weight ε and no bias (so zero padding at the borders is accounted for). All layers are
+measured in one run of the uncorrected graph (a first-order estimate: an upstream correction moves x̂ only by
+its own small shift). The pass runs after ``insert_qdq`` and ``calibrate``, which fix the weight and activation
+grids, and before ``fold_qdq``: the corrected float bias is then quantized to int32 on its grid s_x · s_w like
+any bias. Layers without a bias, or whose weights are already folded to integers, are counted and left alone.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.errors import CalibrationError
+from fxforge.compiler.graph import aten, get_tensor, is_op, set_tensor
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .qdq import checked_batches, is_dq, is_q, role
+
+LAYERS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+
+
+@register_pass
+class BiasCorrection(Pass):
+    """Subtract the mean output shift of weight rounding from each quantized layer's bias, measured on the
+    calibration data (approximate)."""
+
+    name = "bias_correction"
+    exact = False
+    after = ("insert_qdq", "calibrate")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.calibration is None:
+            raise CalibrationError("pass 'bias_correction' needs calibration data: pass calibration=[(x1,), ...] "
+                                   "to fxforge.compile")
+        stats: dict[str, float] = {}
+        errors: dict[fx.Node, torch.Tensor] = {}
+        for op in gm.graph.nodes:
+            if is_op(op, *LAYERS):
+                reason = self.refusal(gm, op)
+                if reason is None:
+                    errors[op] = _rounding_error(gm, op.args[1])
+                elif reason != "not_quantized":
+                    stats[f"skipped.{reason}"] = stats.get(f"skipped.{reason}", 0) + 1
+        if not errors:
+            return PassResult(changed=False, preserves="all", stats=stats)
+        run = _ShiftRun(gm, errors)
+        with torch.no_grad():
+            for batch in checked_batches(ctx.calibration, ctx.example_inputs):
+                run.run(*batch)
+        if not run.batches:
+            raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
+        shifts = []
+        for op, total in run.sums.items():
+            shift = total / run.counts[op]
+            bias = op.args[2].args[0].args[0]  # bias DQ ← bias Q ← float constant
+            set_tensor(gm, bias, (get_tensor(gm, bias).detach().double() - shift).float())
+            shifts.append(shift.abs())
+        shifts = torch.cat(shifts)
+        stats.update({"corrected": len(run.sums), "batches": run.batches,
+                      "mean_abs_shift": float(shifts.mean()), "max_abs_shift": float(shifts.max())})
+        return PassResult(changed=True, preserves=frozenset({"shapes"}), stats=stats)
+
+    @staticmethod
+    def refusal(gm: fx.GraphModule, op: fx.Node) -> str | None:
+        """Why the layer's bias is not corrected, or None."""
+        w_dq = op.args[1]
+        if not (is_dq(w_dq) and role(w_dq) == "weight"):
+            return "not_quantized"
+        if not is_q(w_dq.args[0]) or get_tensor(gm, w_dq.args[0].args[0]) is None:
+            return "weight_folded"
+        bias = op.args[2] if len(op.args) > 2 else None
+        if bias is None:
+            return "no_bias"
+        if not (is_dq(bias) and is_q(bias.args[0]) and get_tensor(gm, bias.args[0].args[0]) is not None):
+            return "bias_folded"
+        return None
+
+
+def _rounding_error(gm: fx.GraphModule, w_dq: fx.Node) -> torch.Tensor:
+    """ε = DQ(Q(W)) − W, computed with the graph's own quantize/dequantize ops (float64 for the difference)."""
+    q = w_dq.args[0]
+    weight = get_tensor(gm, q.args[0]).detach()
+
+    def const(a: Any) -> Any:
+        return get_tensor(gm, a) if isinstance(a, fx.Node) else a
+
+    codes = q.target(weight, *map(const, q.args[1:]))
+    return (w_dq.target(codes, *map(const, w_dq.args[1:])).double() - weight.double()).float()
+
+
+class _ShiftRun(fx.Interpreter):
+    """Runs the quantized graph and sums, for each corrected layer, layer(x̂, ε) per output channel."""
+
+    def __init__(self, gm: fx.GraphModule, errors: dict[fx.Node, torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.errors, self.sums, self.counts, self.batches = errors, {}, {}, 0
+
+    def run(self, *args: Any) -> Any:
+        out = super().run(*args)
+        self.batches += 1
+        return out
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n in self.errors:
+            x = self.env[n.args[0]]
+            y = n.target(x, self.errors[n], None, *n.args[3:], **n.kwargs)
+            channel = y.dim() - 1 if is_op(n, aten.linear) else 1
+            self.sums[n] = self.sums.get(n, 0.0) + y.double().sum([d for d in range(y.dim()) if d != channel])
+            self.counts[n] = self.counts.get(n, 0) + y.numel() // y.shape[channel]
+        return super().run_node(n)
