@@ -1,26 +1,29 @@
-"""bias_correction: remove the mean output shift that weight rounding causes (Nagel et al. 2019, §4.2). Approximate.
+"""bias_correction: remove the mean output shift that quantization causes (Nagel et al. 2019, §4.2). Approximate.
 
 A conv/linear layer y = W x + b whose weight is quantized to W_q = DQ(Q(W)) computes y_q = W_q x + b. The rounding
 error ε = W_q − W is a fixed tensor, so it shifts every output channel c by a mean
 
-    E[y_q − y]_c = E[(ε x)_c] = (ε E[x])_c              (mean over the batch and the output positions)
+    E[y_q − y]_c = E[(ε x)_c] = (ε E[x])_c              (mean over the samples and the output positions)
 
 which is not zero when E[x] is not (inputs after relu/relu6 are all ≥ 0; a depthwise 3×3 channel has only 9
-weights, so its rounding errors do not average out). Subtracting it from the bias,
+weights, so its rounding errors do not average out). Subtracting it from the bias leaves the error zero-mean:
 
-    b' = b − E[ε x̂],
+    shift="weights" (default):  b' = b − E[ε x̂]                    the weight rounding alone
+    shift="output":             b' = b − E[W_q x̂ − W x]             everything upstream as well
 
-leaves the weight error zero-mean. The expectation is empirical: x̂ is the layer's input in the quantized graph
-(every Q/DQ applied, what the int8 kernel reads) on the calibration data, and E[ε x̂] is the mean of the layer
-itself applied to x̂ with weight ε and no bias (so zero padding at the borders is accounted for). All layers are
-measured in one run of the uncorrected graph (a first-order estimate: an upstream correction moves x̂ only by
-its own small shift). The pass runs after ``insert_qdq`` and ``calibrate``, which fix the weight and activation
-grids, and before ``fold_qdq``: the corrected float bias is then quantized to int32 on its grid s_x · s_w like
-any bias. Layers without a bias, or whose weights are already folded to integers, are counted and left alone.
+x̂ is the layer's input in the quantized graph (every Q/DQ applied, what the int8 kernel reads), x its input in
+the float graph (Q/DQ passed through), both on the calibration data, and E[ε x̂] is the mean of the layer applied
+to x̂ with weight ε and no bias (so zero padding at the borders is accounted for). "output" also removes the mean
+error that activation clipping and rounding upstream leave in this layer's output (the paper's empirical
+variant). The layers are corrected in graph order on the whole calibration set at once, each measured after the
+corrections upstream of it (so no shift is corrected twice). The pass runs after ``insert_qdq`` and
+``calibrate``, which fix the weight and activation grids, and before ``fold_qdq``: the corrected float bias is
+then quantized to int32 on its grid s_x · s_w like any bias. Layers without a bias, or whose weights are
+already folded to integers, are counted and left alone.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -42,6 +45,11 @@ class BiasCorrection(Pass):
     name = "bias_correction"
     exact = False
     after = ("insert_qdq", "calibrate")
+    shift: Literal["weights", "output"] = "weights"
+
+    def __post_init__(self) -> None:
+        if self.shift not in ("weights", "output"):
+            raise ValueError(f"shift must be 'weights' or 'output', got {self.shift!r}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
@@ -58,20 +66,19 @@ class BiasCorrection(Pass):
                     stats[f"skipped.{reason}"] = stats.get(f"skipped.{reason}", 0) + 1
         if not errors:
             return PassResult(changed=False, preserves="all", stats=stats)
-        run = _ShiftRun(gm, errors)
-        with torch.no_grad():
-            for batch in checked_batches(ctx.calibration, ctx.example_inputs):
-                run.run(*batch)
-        if not run.batches:
+        batches = list(checked_batches(ctx.calibration, ctx.example_inputs))
+        if not batches:
             raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
+        run = _PairRun(gm, errors, self.shift)
+        with torch.no_grad():
+            run.run(*(torch.cat(parts) for parts in zip(*batches)))
         shifts = []
-        for op, total in run.sums.items():
-            shift = total / run.counts[op]
+        for op, shift in run.shifts.items():
             bias = op.args[2].args[0].args[0]  # bias DQ ← bias Q ← float constant
             set_tensor(gm, bias, (get_tensor(gm, bias).detach().double() - shift).float())
             shifts.append(shift.abs())
         shifts = torch.cat(shifts)
-        stats.update({"corrected": len(run.sums), "batches": run.batches,
+        stats.update({"corrected": len(run.shifts), "samples": sum(len(batch[0]) for batch in batches),
                       "mean_abs_shift": float(shifts.mean()), "max_abs_shift": float(shifts.max())})
         return PassResult(changed=True, preserves=frozenset({"shapes"}), stats=stats)
 
@@ -103,23 +110,33 @@ def _rounding_error(gm: fx.GraphModule, w_dq: fx.Node) -> torch.Tensor:
     return (w_dq.target(codes, *map(const, w_dq.args[1:])).double() - weight.double()).float()
 
 
-class _ShiftRun(fx.Interpreter):
-    """Runs the quantized graph and sums, for each corrected layer, layer(x̂, ε) per output channel."""
+class _PairRun(fx.Interpreter):
+    """Runs the quantized graph (and, for shift="output", the float graph with Q/DQ passed through) side by side;
+    at each corrected layer it measures the mean shift per output channel and removes it from the quantized side
+    before going on."""
 
-    def __init__(self, gm: fx.GraphModule, errors: dict[fx.Node, torch.Tensor]) -> None:
+    def __init__(self, gm: fx.GraphModule, errors: dict[fx.Node, torch.Tensor], shift: str) -> None:
         super().__init__(gm)
-        self.errors, self.sums, self.counts, self.batches = errors, {}, {}, 0
-
-    def run(self, *args: Any) -> Any:
-        out = super().run(*args)
-        self.batches += 1
-        return out
+        self.errors, self.shift, self.shifts = errors, shift, {}
 
     def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("placeholder", "get_attr"):
+            value = super().run_node(n)
+            return value, value
+        if n.op == "output":
+            return None
+        q_args, q_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1])
+        q = n.target(*q_args, **q_kwargs)
+        fp = None  # the float side is needed only to measure shift="output"
+        if self.shift == "output":
+            fp_args, fp_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][0])
+            fp = fp_args[0] if is_q(n) or is_dq(n) else n.target(*fp_args, **fp_kwargs)
         if n in self.errors:
-            x = self.env[n.args[0]]
-            y = n.target(x, self.errors[n], None, *n.args[3:], **n.kwargs)
-            channel = y.dim() - 1 if is_op(n, aten.linear) else 1
-            self.sums[n] = self.sums.get(n, 0.0) + y.double().sum([d for d in range(y.dim()) if d != channel])
-            self.counts[n] = self.counts.get(n, 0) + y.numel() // y.shape[channel]
-        return super().run_node(n)
+            channel = q.dim() - 1 if is_op(n, aten.linear) else 1
+            delta = n.target(q_args[0], self.errors[n], None, *q_args[3:], **q_kwargs) if self.shift == "weights" \
+                else q - fp
+            dims = [d for d in range(q.dim()) if d != channel]
+            shift = delta.double().mean(dims)
+            self.shifts[n] = shift
+            q = q - shift.float().reshape(-1, *[1] * (q.dim() - channel - 1))
+        return fp, q
