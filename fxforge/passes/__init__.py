@@ -17,11 +17,13 @@ from .prune_channels import PruneChannels
 
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
-register_preset("int8", ["fuse", "insert_qdq", "calibrate", "fold_qdq"],
-                "static int8 quantization calibrated on the calibration data")
+QUANTIZE = ["equalize", "insert_qdq", "calibrate{method='percentile'}", "bias_correction", "fold_qdq"]
+register_preset("int8", ["fuse", *QUANTIZE],
+                "static int8 quantization: cross-layer equalization, percentile calibration and bias correction on "
+                "the calibration data")
 register_preset("compress", ["fuse", "dead_channels", "low_rank"],
                 "fusion, exact dead-channel removal, then low-rank splitting where it saves FLOPs")
-register_preset("all", ["compress", "insert_qdq", "calibrate", "fold_qdq"],
+register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
 __all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "Equalize",

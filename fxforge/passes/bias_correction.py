@@ -15,8 +15,8 @@ x̂ is the layer's input in the quantized graph (every Q/DQ applied, what the in
 the float graph (Q/DQ passed through), both on the calibration data, and E[ε x̂] is the mean of the layer applied
 to x̂ with weight ε and no bias (so zero padding at the borders is accounted for). "output" also removes the mean
 error that activation clipping and rounding upstream leave in this layer's output (the paper's empirical
-variant). The layers are corrected in graph order on the whole calibration set at once, each measured after the
-corrections upstream of it (so no shift is corrected twice). The pass runs after ``insert_qdq`` and
+variant). The layers are corrected in graph order on the calibration set at once (its first ``max_samples``
+samples), each measured after the corrections upstream of it (so no shift is corrected twice). The pass runs after ``insert_qdq`` and
 ``calibrate``, which fix the weight and activation grids, and before ``fold_qdq``: the corrected float bias is
 then quantized to int32 on its grid s_x · s_w like any bias. Layers without a bias, or whose weights are
 already folded to integers, are counted and left alone.
@@ -46,10 +46,13 @@ class BiasCorrection(Pass):
     exact = False
     after = ("insert_qdq", "calibrate")
     shift: Literal["weights", "output"] = "weights"
+    max_samples: int = 256  # the first samples of the calibration data that are measured (held in memory at once)
 
     def __post_init__(self) -> None:
         if self.shift not in ("weights", "output"):
             raise ValueError(f"shift must be 'weights' or 'output', got {self.shift!r}")
+        if self.max_samples < 1:
+            raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
@@ -70,15 +73,16 @@ class BiasCorrection(Pass):
         if not batches:
             raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
         run = _PairRun(gm, errors, self.shift)
+        data = [torch.cat(parts)[:self.max_samples] for parts in zip(*batches)]
         with torch.no_grad():
-            run.run(*(torch.cat(parts) for parts in zip(*batches)))
+            run.run(*data)
         shifts = []
         for op, shift in run.shifts.items():
             bias = op.args[2].args[0].args[0]  # bias DQ ← bias Q ← float constant
             set_tensor(gm, bias, (get_tensor(gm, bias).detach().double() - shift).float())
             shifts.append(shift.abs())
         shifts = torch.cat(shifts)
-        stats.update({"corrected": len(run.shifts), "samples": sum(len(batch[0]) for batch in batches),
+        stats.update({"corrected": len(run.shifts), "samples": len(data[0]),
                       "mean_abs_shift": float(shifts.mean()), "max_abs_shift": float(shifts.max())})
         return PassResult(changed=True, preserves=frozenset({"shapes"}), stats=stats)
 

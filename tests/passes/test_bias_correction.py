@@ -118,3 +118,13 @@ def test_zoo_int8_with_correction_stays_close_to_eager(name):
     test = fresh_inputs(example, 9)
     with torch.no_grad():
         assert compare(list(gm(*test)), [model(*test)]).cosine > 0.99
+
+
+def test_max_samples_limits_what_is_measured():
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3)).eval()
+    calibration = [(torch.randn(4, 3, 6, 6),) for _ in range(3)]
+    gm, report, _ = apply(model, calibration[0], [*QUANTIZE, "bias_correction{max_samples=6}"],
+                          calibration=calibration)
+    assert report.row("bias_correction").stats["samples"] == 6
+    with pytest.raises(PassError, match="max_samples must be at least 1"):
+        apply(model, calibration[0], [*QUANTIZE, "bias_correction{max_samples=0}"], calibration=calibration)
