@@ -17,6 +17,7 @@ from .prune_channels import PruneChannels
 
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
+# the quantization steps of the int8 and all presets (and of every quantized setting the tuning search tries)
 QUANTIZE = ["equalize", "insert_qdq", "calibrate{method='percentile'}", "bias_correction", "fold_qdq"]
 register_preset("int8", ["fuse", *QUANTIZE],
                 "static int8 quantization: cross-layer equalization, percentile calibration and bias correction on "
