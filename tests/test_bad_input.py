@@ -186,7 +186,7 @@ CASES: list[tuple[str, type, str, Case]] = [
     # backends and targets
     ("unknown backend", fxforge.BackendError, r"unknown backend 'tensorrt'; valid backends: eager, onnx, torchscript",
      lambda t, mp: compile_(backend="tensorrt")),
-    ("unknown target", fxforge.TargetError, r"unknown target 'mars'; valid targets: arm64, cuda, x86",
+    ("unknown target", fxforge.TargetError, r"unknown target 'mars'; valid targets: arm64, arm64-dotprod, cuda, x86, x86-amx",
      lambda t, mp: compile_(target="mars")),
     ("unknown backend option (eager)", fxforge.BackendError, r"the eager backend takes no options, got opset",
      lambda t, mp: compile_(backend="eager", opset=18)),

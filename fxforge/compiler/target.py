@@ -1,14 +1,24 @@
 """Hardware targets: what each backend needs to generate code for a machine.
 
 A Target maps one name (``x86``, ``arm64``, ``cuda``) to a TVM 0.27 target dict (the JSON form is the only
-one TVM 0.27 accepts), a cross compiler where the code runs elsewhere, and ONNX Runtime execution providers.
-Users register their own with :func:`register_target`.
+one TVM 0.27 accepts), a cross compiler where the code runs elsewhere, ONNX Runtime execution providers, and
+the instruction-set features the code may use. ``x86`` is the machine compiling (its CPU and features are
+detected); the named variants ``x86-avx2``, ``x86-avx512``, ``x86-avx512-vnni`` and ``x86-amx`` cross-compile
+for other x86 CPUs, ``arm64-dotprod`` for AArch64 cores with the dot-product extension. Users register their
+own with :func:`register_target`.
+
+The features decide the int8 weight grid. x86 CPUs without VNNI multiply uint8 activations by int8 weights
+with ``vpmaddubsw``, which adds two products into a saturating int16: 255 · 127 · 2 > 32767, so 8-bit
+weights overflow and quantizers keep them in 7 bits ([−64, 63], "reduce_range"). VNNI (``vpdpbusd``) and
+AMX accumulate in int32, and AArch64 (NEON widening multiplies, ``sdot``/``udot``) never saturates: there
+weights use all 8 bits.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+import platform
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -30,6 +40,19 @@ class Target:
     cross_compiler: str | None = None  # C++ driver that links shared libraries for this target
     runs_on_host: bool = True  # False: code is built here but must run on another machine
     extras: Mapping[str, Any] = field(default_factory=dict)
+    isa: frozenset[str] | None = None  # instruction-set features; None: this machine's (x86 only)
+
+    def features(self) -> frozenset[str]:
+        """The instruction-set features code for this target may use (``{"x86_64", "avx2", "vnni", …}``)."""
+        if self.isa is not None:
+            return self.isa
+        host = host_features()
+        return host if "x86_64" in host else frozenset({"x86_64"})
+
+    def saturates_u8s8(self) -> bool:
+        """True where uint8 × int8 products go through a saturating int16 sum (x86 without VNNI or AMX)."""
+        features = self.features()
+        return "x86_64" in features and not features & {"vnni", "amx"}
 
     def with_tvm(self, **fields: Any) -> Target:
         """A copy with TVM target fields replaced, e.g. ``get_target("cuda").with_tvm(arch="sm_90")``."""
@@ -44,7 +67,8 @@ class Target:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tvm": dict(self.tvm), "tvm_host": dict(self.tvm_host or {}) or None,
-                "ort_providers": list(self.ort_providers), "torch_device": self.torch_device}
+                "ort_providers": list(self.ort_providers), "torch_device": self.torch_device,
+                "features": sorted(self.features())}
 
 
 @functools.cache
@@ -55,6 +79,32 @@ def host_cpu() -> str:
     except ImportError:
         return "generic"
     return str(codegen.llvm_get_system_cpu())
+
+
+# /proc/cpuinfo flag → feature name (x86 "flags", AArch64 "Features")
+_CPUINFO_FLAGS = {"avx2": "avx2", "avx512f": "avx512", "avx512_vnni": "vnni", "avx_vnni": "vnni", "amx_int8": "amx",
+                  "asimd": "neon", "asimddp": "dotprod"}
+
+
+@functools.cache
+def host_features() -> frozenset[str]:
+    """This machine's features: /proc/cpuinfo's flags where it exists, else torch's CPU capability (which
+    cannot see VNNI, so such a machine is treated as saturating)."""
+    arch = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
+        platform.machine().lower(), platform.machine().lower())
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    flags.update(value.split())
+                    break
+    except OSError:
+        import torch
+        capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", …
+        flags.update({"AVX512": ("avx512f", "avx2"), "AVX2": ("avx2",)}.get(capability, ()))
+    return frozenset({arch, *(_CPUINFO_FLAGS[f] for f in flags if f in _CPUINFO_FLAGS)})
 
 
 def _resolve(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,13 +142,30 @@ register_target(Target(
     "x86", "this machine's x86-64 CPU (LLVM, host CPU detected)",
     tvm={"kind": "llvm", "mcpu": HOST_CPU, "num-cores": os.cpu_count() or 1},
 ))
+for _name, _cpu, _features, _what in [
+        ("x86-avx2", "haswell", ("avx2",), "AVX2 without VNNI (Haswell to Skylake client, Zen 1-3)"),
+        ("x86-avx512", "skylake-avx512", ("avx2", "avx512"), "AVX-512 without VNNI (Skylake-SP)"),
+        ("x86-avx512-vnni", "cascadelake", ("avx2", "avx512", "vnni"), "AVX-512 VNNI (Cascade Lake, Zen 4)"),
+        ("x86-amx", "sapphirerapids", ("avx2", "avx512", "vnni", "amx"), "AMX (Sapphire Rapids and later)")]:
+    _isa = frozenset({"x86_64", *_features})
+    register_target(Target(
+        _name, f"x86-64 CPU with {_what}; cross-compiled from any x86 machine",
+        tvm={"kind": "llvm", "mcpu": _cpu, "num-cores": os.cpu_count() or 1},
+        runs_on_host=_isa <= host_features(), isa=_isa,
+    ))
 register_target(Target(
     "arm64", "AArch64 CPU with NEON (Cortex-A72/A76 class boards); cross-compiled here",
     tvm={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
-    cross_compiler="aarch64-linux-gnu-g++", runs_on_host=False,
+    cross_compiler="aarch64-linux-gnu-g++", runs_on_host=False, isa=frozenset({"aarch64", "neon"}),
+))
+register_target(Target(
+    "arm64-dotprod", "AArch64 CPU with NEON and the dot-product extension (Cortex-A76/A78, Neoverse N1)",
+    tvm={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
+    cross_compiler="aarch64-linux-gnu-g++", runs_on_host=False, isa=frozenset({"aarch64", "neon", "dotprod"}),
 ))
 register_target(Target(
     "cuda", "NVIDIA GPU (CUDA, default arch sm_80)",
     tvm={"kind": "cuda", "arch": "sm_80"}, tvm_host={"kind": "llvm"},
     ort_providers=("CUDAExecutionProvider", "CPUExecutionProvider"), torch_device="cuda", runs_on_host=False,
+    isa=frozenset({"cuda"}),
 ))

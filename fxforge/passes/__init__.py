@@ -1,10 +1,12 @@
 """The built-in passes (each registers itself by name) and the presets built from them."""
 from fxforge.compiler.pass_manager import register_preset
 
+from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .dead_channels import DeadChannels
 from .depthwise_separable import DepthwiseSeparable
 from .eliminate_dead_code import EliminateDeadCode
+from .equalize import Equalize
 from .fold_constants import FoldConstants
 from .fold_qdq import FoldQdq
 from .fuse_activation import FuseActivation
@@ -15,12 +17,15 @@ from .prune_channels import PruneChannels
 
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
-register_preset("int8", ["fuse", "insert_qdq", "calibrate", "fold_qdq"],
-                "static int8 quantization calibrated on the calibration data")
+# the quantization steps of the int8 and all presets (and of every quantized setting the tuning search tries)
+QUANTIZE = ["equalize", "insert_qdq", "calibrate{method='percentile'}", "bias_correction", "fold_qdq"]
+register_preset("int8", ["fuse", *QUANTIZE],
+                "static int8 quantization: cross-layer equalization, percentile calibration and bias correction on "
+                "the calibration data")
 register_preset("compress", ["fuse", "dead_channels", "low_rank"],
                 "fusion, exact dead-channel removal, then low-rank splitting where it saves FLOPs")
-register_preset("all", ["compress", "insert_qdq", "calibrate", "fold_qdq"],
+register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
-__all__ = ["Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "FoldConstants", "FoldQdq",
-           "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels"]
+__all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "Equalize",
+           "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels"]

@@ -12,9 +12,6 @@ and each bias is re-quantized with the new s_x · s_w. The data comes from ``Pas
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
-
-import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
@@ -22,7 +19,7 @@ from fxforge.compiler.errors import CalibrationError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .observers import METHODS, Method
-from .qdq import fit_activations
+from .qdq import checked_batches, fit_activations
 
 
 @register_pass
@@ -51,34 +48,3 @@ class Calibrate(Pass):
         if not stats["batches"]:
             raise CalibrationError("pass 'calibrate' got an empty calibration iterable")
         return PassResult(changed=stats["activation_groups"] > 0, stats=stats)
-
-
-def checked_batches(data: Any, example: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Each calibration entry as a tuple of tensors matching the example inputs' count, dtypes and ranks."""
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise CalibrationError(f"calibration data must be an iterable of input tuples, got {type(data).__name__}") \
-            from None
-    for i, raw in enumerate(iterator):
-        batch = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw) if isinstance(raw, (tuple, list)) \
-            else None
-        if batch is None or len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
-            got = type(raw).__name__ if batch is None else \
-                f"{len(batch)}: {', '.join(_describe(t) for t in batch)}"
-            hint = " (a DataLoader of (input, label) pairs? give calibration_fn=lambda batch: batch[:1])" \
-                if batch is not None and len(batch) > len(example) else ""
-            raise CalibrationError(f"calibration batch {i} must be a tuple of {len(example)} tensor(s) like the "
-                                   f"example inputs, got {got}{hint}")
-        for j, (t, ref) in enumerate(zip(batch, example)):
-            if t.dtype != ref.dtype or t.dim() != ref.dim() or t.shape[1:] != ref.shape[1:]:
-                raise CalibrationError(f"calibration batch {i}, input {j}: {t.dtype} {tuple(t.shape)} does not "
-                                       f"match the example input {ref.dtype} {tuple(ref.shape)}")
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise CalibrationError(f"calibration batch {i}, input {j} holds NaN or Inf")
-        yield batch
-
-
-def _describe(value: Any) -> str:
-    return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}" if isinstance(value, torch.Tensor) \
-        else type(value).__name__

@@ -11,7 +11,8 @@
   A tensor that already is a dequantize output (a model that brings its own QDQ nodes) is read on its own
   grid, not quantized again (``reused_grids`` counts such reads).
 - Weights: symmetric int8 per output channel (or per tensor), s_c = max|W_c| / q_max, with q_max = 63
-  (``reduce_range``, default on x86: u8s8 kernels without VNNI saturate at 8 bits) or 127.
+  (``reduce_range``) where the target's u8s8 kernels saturate at 8 bits (x86 without VNNI or AMX, see
+  compiler/target.py), else 127; the stat ``weight_bits`` says which (7 or 8).
 - Bias: int32 with scale s_x · s_c, so an int8 kernel adds it to its accumulator unchanged.
 
 Activation ranges start as the example inputs' min/max; ``calibrate`` replaces them. What cannot be
@@ -46,7 +47,7 @@ class InsertQdq(Pass):
     name = "insert_qdq"
     exact = False
     per_channel: bool = True
-    reduce_range: bool | None = None  # None: on for the x86 target
+    reduce_range: bool | None = None  # None: on where the target's u8s8 products saturate
     activation_dtype: Literal["uint8", "int8"] = "uint8"
     symmetric_activations: bool = False
     skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
@@ -56,12 +57,14 @@ class InsertQdq(Pass):
         plan, weighted = self.plan(gm, ctx, stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
-        reduce_range = self.reduce_range if self.reduce_range is not None else ctx.target.name == "x86"
+        reduce_range = self.reduce_range if self.reduce_range is not None else ctx.target.saturates_u8s8()
         for op in weighted:
             self.quantize_weight(gm, op, 63 if reduce_range else 127)
         if plan:
             fit_activations(gm, [ctx.example_inputs], "minmax")
         stats.update({"activations": len(plan), "weights": len(weighted)})
+        if weighted:
+            stats["weight_bits"] = 7 if reduce_range else 8
         split = _untag_split_groups(gm)
         if split:
             stats["fusion_groups_split"] = split

@@ -12,12 +12,13 @@ nodes of one group share a scale and zero point.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.fx as fx
 
+from fxforge.compiler.errors import CalibrationError
 from fxforge.compiler.graph import get_tensor, is_op, set_tensor
 
 from .observers import HistogramObserver, Method
@@ -129,3 +130,34 @@ def fit_activations(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ..
             op = next(iter(next(iter(q.users)).users))
             set_tensor(gm, q.args[1], bias_scales(gm, op, get_tensor(gm, q.args[0]).shape[0]))
     return {"activation_groups": len(shared), "batches": count}
+
+
+def checked_batches(data: Any, example: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Each calibration entry as a tuple of tensors matching the example inputs' count, dtypes and ranks."""
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise CalibrationError(f"calibration data must be an iterable of input tuples, got {type(data).__name__}") \
+            from None
+    for i, raw in enumerate(iterator):
+        batch = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw) if isinstance(raw, (tuple, list)) \
+            else None
+        if batch is None or len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
+            got = type(raw).__name__ if batch is None else \
+                f"{len(batch)}: {', '.join(_describe(t) for t in batch)}"
+            hint = " (a DataLoader of (input, label) pairs? give calibration_fn=lambda batch: batch[:1])" \
+                if batch is not None and len(batch) > len(example) else ""
+            raise CalibrationError(f"calibration batch {i} must be a tuple of {len(example)} tensor(s) like the "
+                                   f"example inputs, got {got}{hint}")
+        for j, (t, ref) in enumerate(zip(batch, example)):
+            if t.dtype != ref.dtype or t.dim() != ref.dim() or t.shape[1:] != ref.shape[1:]:
+                raise CalibrationError(f"calibration batch {i}, input {j}: {t.dtype} {tuple(t.shape)} does not "
+                                       f"match the example input {ref.dtype} {tuple(ref.shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CalibrationError(f"calibration batch {i}, input {j} holds NaN or Inf")
+        yield batch
+
+
+def _describe(value: Any) -> str:
+    return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}" if isinstance(value, torch.Tensor) \
+        else type(value).__name__

@@ -43,6 +43,7 @@ from fxforge.compiler.pass_manager import PassContext, PassManager
 from fxforge.compiler.report import measure_latency
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.trace import trace
+from fxforge.passes import QUANTIZE
 from fxforge.passes.analysis import Flops
 from fxforge.passes.analysis.sensitivity import Sensitivity, agreement, layer_sensitivity
 from fxforge.passes.calibrate import checked_batches
@@ -82,8 +83,8 @@ class Setting:
     def passes(self) -> list[str]:
         if not self.quantize:
             return self.structure()
-        return [*self.structure(), f"insert_qdq{{skip={self.skip!r}}}" if self.skip else "insert_qdq",
-                "calibrate", "fold_qdq"]
+        steps = [f"insert_qdq{{skip={self.skip!r}}}" if s == "insert_qdq" and self.skip else s for s in QUANTIZE]
+        return [*self.structure(), *steps]
 
     def covers(self, other: Setting) -> bool:
         """At least as aggressive as ``other`` in every option (so, presumably, at least as inaccurate)."""

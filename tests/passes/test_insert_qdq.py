@@ -3,7 +3,9 @@ import pytest
 import torch
 from torch import nn
 
+from fxforge.compiler import target as target_module
 from fxforge.compiler.graph import FUSION_KEY
+from fxforge.compiler.target import get_target
 from fxforge.passes.qdq import QDQ_KEY, is_q, role
 from models import ZOO
 from pipeline import apply, count, error_vs_eager
@@ -22,14 +24,30 @@ def activation_qs(gm):
 
 def test_conv_relu_before_expected():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
-    gm, report, _ = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq"])
+    gm, report, _ = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq"], target=get_target("x86-avx2"))
     assert ops(gm) == [Q, DQ, QC, DQC, QC, DQC, "conv2d", "relu", Q, DQ]
     conv = next(n for n in gm.graph.nodes if n.name == "conv2d")
     x_dq, w_dq, b_dq = conv.args[:3]
     assert x_dq.args[1:] == (pytest.approx(1 / 255, rel=0.01), 0, 0, 255, torch.uint8)  # example input in [0, 1)
-    assert w_dq.args[3:] == (0, -64, 63, torch.int8)  # per output channel, 7-bit on x86
+    assert w_dq.args[3:] == (0, -64, 63, torch.int8)  # per output channel, 7-bit on AVX2 without VNNI
     assert b_dq.args[3:] == (0, -2 ** 31, 2 ** 31 - 1, torch.int32)
-    assert report.row("insert_qdq").stats == {"quantized.conv2d": 1, "activations": 2, "weights": 1}
+    assert report.row("insert_qdq").stats == {"quantized.conv2d": 1, "activations": 2, "weights": 1, "weight_bits": 7}
+
+
+@pytest.mark.parametrize("target, features, bits", [
+    ("x86-avx2", None, 7), ("x86-avx512", None, 7), ("x86-avx512-vnni", None, 8), ("x86-amx", None, 8),
+    ("arm64", None, 8), ("arm64-dotprod", None, 8),
+    ("x86", {"x86_64", "avx2"}, 7), ("x86", {"x86_64", "avx2", "avx512", "vnni"}, 8),  # this machine's features
+])
+def test_target_features_decide_reduce_range(target, features, bits, monkeypatch):
+    tgt = get_target(target)
+    if features is not None:
+        monkeypatch.setattr(target_module, "host_features", lambda: frozenset(features))
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    gm, report, _ = apply(model, (torch.randn(2, 8),), ["insert_qdq"], target=tgt)
+    weight_q = next(n for n in gm.graph.nodes if is_q(n) and role(n) == "weight")
+    assert report.row("insert_qdq").stats["weight_bits"] == bits
+    assert weight_q.args[5:7] == ((63 if bits == 7 else 127), torch.int8)
 
 
 def test_options_per_tensor_weights_full_range_int8_activations():

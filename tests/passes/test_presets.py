@@ -15,8 +15,9 @@ def test_presets_expand_to_their_documented_pipelines():
     fuse = ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"]
     assert _names("fuse") == fuse
     assert _names("compress") == fuse + ["dead_channels", "low_rank"]
-    assert _names("int8") == fuse + ["insert_qdq", "calibrate", "fold_qdq"]
-    assert _names("all") == fuse + ["dead_channels", "low_rank", "insert_qdq", "calibrate", "fold_qdq"]
+    quantize = ["equalize", "insert_qdq", "calibrate", "bias_correction", "fold_qdq"]
+    assert _names("int8") == fuse + quantize
+    assert _names("all") == fuse + ["dead_channels", "low_rank"] + quantize
 
 
 def test_all_removes_dead_channels_quantizes_and_stays_close_to_eager():

@@ -8,7 +8,7 @@ batches with ℓ alone replaced by what σ would make of it, and is compared wit
     rel(ℓ, σ)   = ‖y_ℓσ − y‖ / ‖y‖
 
 The replacements use the passes' own arithmetic: int8 fake-quantizes the layer's weight (symmetric per output
-channel, q_max 63 on x86 as insert_qdq's reduce_range, else 127) and its input (asymmetric uint8 over the
+channel, q_max 63 where the target's u8s8 products saturate, as insert_qdq's reduce_range, else 127) and its input (asymmetric uint8 over the
 calibration min/max); low_rank and depthwise_separable evaluate the factor stages those passes would insert;
 prune zeroes the ``ratio`` of output channels with the smallest L1 weight norm (ignoring channel coupling and
 rounding). A setting that would leave a layer unchanged records the pass's reason instead (``"rank_too_high"``).
@@ -142,7 +142,7 @@ def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequen
 def _preparation(setting: str, ranges: dict[str, tuple[float, float]], target: Target) -> Prepare:
     """What ``setting`` makes of one layer: from its node and weight, the layer's new function or a refusal."""
     if setting == "int8":
-        return _int8(ranges, 63 if target.name == "x86" else 127)
+        return _int8(ranges, 63 if target.saturates_u8s8() else 127)
     (p,) = resolve(setting)
     if isinstance(p, LowRank):
         return _factorized(lambda node, w: _low_rank_stages(p, node, w))

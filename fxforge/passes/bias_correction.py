@@ -1,0 +1,146 @@
+"""bias_correction: remove the mean output shift that quantization causes (Nagel et al. 2019, §4.2). Approximate.
+
+A conv/linear layer y = W x + b whose weight is quantized to W_q = DQ(Q(W)) computes y_q = W_q x + b. The rounding
+error ε = W_q − W is a fixed tensor, so it shifts every output channel c by a mean
+
+    E[y_q − y]_c = E[(ε x)_c] = (ε E[x])_c              (mean over the samples and the output positions)
+
+which is not zero when E[x] is not (inputs after relu/relu6 are all ≥ 0; a depthwise 3×3 channel has only 9
+weights, so its rounding errors do not average out). Subtracting it from the bias leaves the error zero-mean:
+
+    shift="weights" (default):  b' = b − E[ε x̂]                    the weight rounding alone
+    shift="output":             b' = b − E[W_q x̂ − W x]             everything upstream as well
+
+x̂ is the layer's input in the quantized graph (every Q/DQ applied, what the int8 kernel reads), x its input in
+the float graph (Q/DQ passed through), both on the calibration data, and E[ε x̂] is the mean of the layer applied
+to x̂ with weight ε and no bias (so zero padding at the borders is accounted for). "output" also removes the mean
+error that activation clipping and rounding upstream leave in this layer's output (the paper's empirical
+variant). The layers are corrected in graph order on the calibration set at once (its first ``max_samples``
+samples), each measured after the corrections upstream of it (so no shift is corrected twice). The pass runs after ``insert_qdq`` and
+``calibrate``, which fix the weight and activation grids, and before ``fold_qdq``: the corrected float bias is
+then quantized to int32 on its grid s_x · s_w like any bias. Layers without a bias, or whose weights are
+already folded to integers, are counted and left alone.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.errors import CalibrationError
+from fxforge.compiler.graph import aten, get_tensor, is_op, set_tensor
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .qdq import checked_batches, is_dq, is_q, role
+
+LAYERS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+
+
+@register_pass
+class BiasCorrection(Pass):
+    """Subtract the mean output shift of weight rounding from each quantized layer's bias, measured on the
+    calibration data (approximate)."""
+
+    name = "bias_correction"
+    exact = False
+    after = ("insert_qdq", "calibrate")
+    shift: Literal["weights", "output"] = "weights"
+    max_samples: int = 256  # the first samples of the calibration data that are measured (held in memory at once)
+
+    def __post_init__(self) -> None:
+        if self.shift not in ("weights", "output"):
+            raise ValueError(f"shift must be 'weights' or 'output', got {self.shift!r}")
+        if self.max_samples < 1:
+            raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.calibration is None:
+            raise CalibrationError("pass 'bias_correction' needs calibration data: pass calibration=[(x1,), ...] "
+                                   "to fxforge.compile")
+        stats: dict[str, float] = {}
+        errors: dict[fx.Node, torch.Tensor] = {}
+        for op in gm.graph.nodes:
+            if is_op(op, *LAYERS):
+                reason = self.refusal(gm, op)
+                if reason is None:
+                    errors[op] = _rounding_error(gm, op.args[1])
+                elif reason != "not_quantized":
+                    stats[f"skipped.{reason}"] = stats.get(f"skipped.{reason}", 0) + 1
+        if not errors:
+            return PassResult(changed=False, preserves="all", stats=stats)
+        batches = list(checked_batches(ctx.calibration, ctx.example_inputs))
+        if not batches:
+            raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
+        run = _PairRun(gm, errors, self.shift)
+        data = [torch.cat(parts)[:self.max_samples] for parts in zip(*batches)]
+        with torch.no_grad():
+            run.run(*data)
+        shifts = []
+        for op, shift in run.shifts.items():
+            bias = op.args[2].args[0].args[0]  # bias DQ ← bias Q ← float constant
+            set_tensor(gm, bias, (get_tensor(gm, bias).detach().double() - shift).float())
+            shifts.append(shift.abs())
+        shifts = torch.cat(shifts)
+        stats.update({"corrected": len(run.shifts), "samples": len(data[0]),
+                      "mean_abs_shift": float(shifts.mean()), "max_abs_shift": float(shifts.max())})
+        return PassResult(changed=True, preserves=frozenset({"shapes"}), stats=stats)
+
+    @staticmethod
+    def refusal(gm: fx.GraphModule, op: fx.Node) -> str | None:
+        """Why the layer's bias is not corrected, or None."""
+        w_dq = op.args[1]
+        if not (is_dq(w_dq) and role(w_dq) == "weight"):
+            return "not_quantized"
+        if not is_q(w_dq.args[0]) or get_tensor(gm, w_dq.args[0].args[0]) is None:
+            return "weight_folded"
+        bias = op.args[2] if len(op.args) > 2 else None
+        if bias is None:
+            return "no_bias"
+        if not (is_dq(bias) and is_q(bias.args[0]) and get_tensor(gm, bias.args[0].args[0]) is not None):
+            return "bias_folded"
+        return None
+
+
+def _rounding_error(gm: fx.GraphModule, w_dq: fx.Node) -> torch.Tensor:
+    """ε = DQ(Q(W)) − W, computed with the graph's own quantize/dequantize ops (float64 for the difference)."""
+    q = w_dq.args[0]
+    weight = get_tensor(gm, q.args[0]).detach()
+
+    def const(a: Any) -> Any:
+        return get_tensor(gm, a) if isinstance(a, fx.Node) else a
+
+    codes = q.target(weight, *map(const, q.args[1:]))
+    return (w_dq.target(codes, *map(const, w_dq.args[1:])).double() - weight.double()).float()
+
+
+class _PairRun(fx.Interpreter):
+    """Runs the quantized graph (and, for shift="output", the float graph with Q/DQ passed through) side by side;
+    at each corrected layer it measures the mean shift per output channel and removes it from the quantized side
+    before going on."""
+
+    def __init__(self, gm: fx.GraphModule, errors: dict[fx.Node, torch.Tensor], shift: str) -> None:
+        super().__init__(gm)
+        self.errors, self.shift, self.shifts = errors, shift, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("placeholder", "get_attr"):
+            value = super().run_node(n)
+            return value, value
+        if n.op == "output":
+            return None
+        q_args, q_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1])
+        q = n.target(*q_args, **q_kwargs)
+        fp = None  # the float side is needed only to measure shift="output"
+        if self.shift == "output":
+            fp_args, fp_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][0])
+            fp = fp_args[0] if is_q(n) or is_dq(n) else n.target(*fp_args, **fp_kwargs)
+        if n in self.errors:
+            channel = q.dim() - 1 if is_op(n, aten.linear) else 1
+            delta = n.target(q_args[0], self.errors[n], None, *q_args[3:], **q_kwargs) if self.shift == "weights" \
+                else q - fp
+            dims = [d for d in range(q.dim()) if d != channel]
+            shift = delta.double().mean(dims)
+            self.shifts[n] = shift
+            q = q - shift.float().reshape(-1, *[1] * (q.dim() - channel - 1))
+        return fp, q

@@ -1,0 +1,130 @@
+"""bias_correction: b' = b − E[ε x̂] from the calibration data; it lowers the measured output shift."""
+import pytest
+import torch
+from torch import nn
+
+from fxforge.compiler.errors import CalibrationError, PassError
+from fxforge.compiler.graph import get_tensor
+from fxforge.compiler.pass_manager import PassContext
+from fxforge.compiler.verify import compare, fresh_inputs
+from fxforge.passes import BiasCorrection
+from models import ZOO
+from pipeline import apply
+
+QUANTIZE = ["insert_qdq", "calibrate"]
+
+
+def ops(gm):
+    return [getattr(n.target, "overloadpacket", n.target).__name__ for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def conv_node(gm):
+    return next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default)
+
+
+def test_bias_before_expected():
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1)).eval()
+    calibration = [(torch.randn(4, 4, 8, 8),)]
+    before, _, _ = apply(model, (torch.randn(2, 4, 8, 8),), QUANTIZE, calibration=calibration)
+    gm, report, _ = apply(model, (torch.randn(2, 4, 8, 8),), [*QUANTIZE, "bias_correction"], calibration=calibration)
+    assert ops(gm) == ops(before)  # only the float bias behind its Q node changes
+    conv = conv_node(before)
+    x_dq, w_dq, b_dq = conv.args[:3]
+    x = torch.relu(calibration[0][0])
+    x_hat = x_dq.target(x_dq.args[0].target(x, *x_dq.args[0].args[1:]), *x_dq.args[1:])
+    w = model[1].weight.detach()
+    w_q = torch.ops.quantized_decomposed.dequantize_per_channel(
+        torch.ops.quantized_decomposed.quantize_per_channel(w, *(get_tensor(before, a) if hasattr(a, "op") else a
+                                                                 for a in w_dq.args[0].args[1:])),
+        *(get_tensor(before, a) if hasattr(a, "op") else a for a in w_dq.args[1:]))
+    shift = nn.functional.conv2d(x_hat, w_q - w, padding=1).mean((0, 2, 3))
+    new_bias = get_tensor(gm, conv_node(gm).args[2].args[0].args[0])
+    torch.testing.assert_close(new_bias, model[1].bias.detach() - shift, rtol=1e-5, atol=1e-7)
+    stats = report.row("bias_correction").stats
+    assert stats["corrected"] == 1 and stats["samples"] == 4
+    assert stats["max_abs_shift"] == pytest.approx(float(shift.abs().max()), rel=1e-4)
+
+
+class Depthwise(nn.Module):
+    """relu (inputs ≥ 0, so E[x] ≠ 0) → depthwise 3×3 whose channels each hold one large weight: 7-bit grids
+    round the eight small ones coarsely and in the same direction for every position."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        with torch.no_grad():
+            self.dw.weight.uniform_(0.05, 0.3)
+            self.dw.weight[:, 0, 1, 1] = 6.0
+
+    def forward(self, x):
+        return self.dw(torch.relu(x))
+
+
+def _output_shift(gm, model, seed):
+    x = fresh_inputs((torch.randn(8, 16, 12, 12),), seed)
+    with torch.no_grad():
+        return (gm(*x)[0] - model(*x)).mean((0, 2, 3)).norm().item()
+
+
+@pytest.mark.parametrize("shift", ["weights", "output"])
+def test_correction_lowers_the_measured_output_shift(shift):
+    model = Depthwise().eval()
+    g = torch.Generator().manual_seed(3)
+    calibration = [(torch.randn(8, 16, 12, 12, generator=g),) for _ in range(4)]
+    quantize = ["insert_qdq{reduce_range=True}", "calibrate"]
+    plain, _, _ = apply(model, calibration[0], quantize, calibration=calibration)
+    corrected, report, _ = apply(model, calibration[0], [*quantize, f"bias_correction{{shift='{shift}'}}"],
+                                 calibration=calibration)
+    before, after = (_output_shift(gm, model, 11) for gm in (plain, corrected))
+    assert after < 0.3 * before, (before, after)  # measured on fresh inputs: 0.104 → 0.0059
+    assert report.row("bias_correction").stats["corrected"] == 1
+
+
+@pytest.mark.parametrize("passes, stats", [
+    ([*QUANTIZE, "fold_qdq", "bias_correction"], {"skipped.weight_folded": 1}),
+    (["insert_qdq{skip=('conv2d',)}", "calibrate", "bias_correction"], {}),
+])
+def test_layers_it_cannot_correct_are_left_alone(passes, stats):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    calibration = [(torch.randn(2, 3, 6, 6),)]
+    gm, report, _ = apply(model, calibration[0], passes, calibration=calibration)
+    assert report.row("bias_correction").stats == stats and not report.rows[-1].stats.get("corrected")
+
+
+def test_layer_without_bias_is_counted():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False)).eval()
+    calibration = [(torch.randn(2, 3, 6, 6),)]
+    gm, report, _ = apply(model, calibration[0], [*QUANTIZE, "bias_correction"], calibration=calibration)
+    assert report.row("bias_correction").stats == {"skipped.no_bias": 1}
+
+
+def test_needs_calibration_data_and_a_quantized_graph():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    calibration = [(torch.randn(2, 3, 6, 6),)]
+    gm, _, flat = apply(model, calibration[0], QUANTIZE, calibration=calibration)
+    with pytest.raises(CalibrationError, match="bias_correction"):
+        BiasCorrection().run(gm, PassContext(flat))
+    with pytest.raises(PassError, match="must come after"):
+        apply(model, (torch.randn(2, 3, 6, 6),), ["bias_correction"], calibration=[(torch.randn(2, 3, 6, 6),)])
+
+
+@pytest.mark.parametrize("name", ["convbnrelu", pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+def test_zoo_int8_with_correction_stays_close_to_eager(name):
+    model, example = ZOO[name]()
+    calibration = [fresh_inputs(example, s) for s in (3, 4)]
+    gm, report, flat = apply(model, example, ["fuse", *QUANTIZE, "bias_correction", "fold_qdq"],
+                             calibration=calibration)
+    assert report.row("bias_correction").stats["corrected"] > 0
+    test = fresh_inputs(example, 9)
+    with torch.no_grad():
+        assert compare(list(gm(*test)), [model(*test)]).cosine > 0.99
+
+
+def test_max_samples_limits_what_is_measured():
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3)).eval()
+    calibration = [(torch.randn(4, 3, 6, 6),) for _ in range(3)]
+    gm, report, _ = apply(model, calibration[0], [*QUANTIZE, "bias_correction{max_samples=6}"],
+                          calibration=calibration)
+    assert report.row("bias_correction").stats["samples"] == 6
+    with pytest.raises(PassError, match="max_samples must be at least 1"):
+        apply(model, calibration[0], [*QUANTIZE, "bias_correction{max_samples=0}"], calibration=calibration)
