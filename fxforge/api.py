@@ -11,12 +11,12 @@ import torch.fx as fx
 
 from fxforge.backends.base import Artifact, get_backend
 
-from .errors import InputError
-from .pass_manager import Pass, PassContext, PassManager, VerifyMode
-from .report import Report, measure_latency
-from .target import Target, get_target
-from .trace import Signature, trace
-from .verify import compare, fresh_inputs
+from fxforge.compiler.errors import InputError
+from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, VerifyMode
+from fxforge.compiler.report import Report, measure_latency
+from fxforge.compiler.target import Target, get_target
+from fxforge.compiler.trace import Signature, trace
+from fxforge.compiler.verify import compare, fresh_inputs
 
 
 class CompiledModel:

@@ -37,13 +37,13 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from fxforge.backends.base import get_backend
-from fxforge.compiler.api import CompiledModel, compile
+from fxforge.api import CompiledModel, compile
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
 from fxforge.compiler.pass_manager import PassContext, PassManager
 from fxforge.compiler.report import measure_latency
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.trace import trace
-from fxforge.passes.analysis import Flops
+from fxforge.compiler.analysis import Flops
 from fxforge.passes.analysis.sensitivity import Sensitivity, agreement, layer_sensitivity
 from fxforge.passes.calibrate import checked_batches
 

@@ -105,7 +105,7 @@ def without_module(mp: pytest.MonkeyPatch, module: str, backend: str) -> None:
 
 def tuning_db(tmp: Path, file: str, text: str) -> str:
     """A tuning database directory holding one file with ``text``."""
-    from fxforge.tuning import metaschedule
+    from fxforge.backends.tvm import tuning as metaschedule
     db = tmp / "db"
     db.mkdir()
     (db / getattr(metaschedule, file)).write_text(text)

@@ -18,22 +18,16 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence, TypeVar
 import torch
 import torch.fx as fx
 
+from .analysis.base import Analysis
 from .errors import FxforgeError, PassError, VerificationError, first_line
+from .report import Report, StageRecorder
 from .target import Target, get_target
+from .verify import NumericCheck
 
 A = TypeVar("A")
 Preserved = frozenset[str] | Literal["all", "none"]
 VerifyMode = Literal["off", "lint", "numerics"]
 VERIFY_MODES = ("off", "lint", "numerics")
-
-
-class Analysis:
-    """A pure computation over a graph whose result is cached until a pass invalidates it."""
-
-    name: ClassVar[str]
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> Any:
-        raise NotImplementedError
 
 
 @dataclass
@@ -147,7 +141,6 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    import fxforge.passes  # noqa: F401  (the built-in passes register themselves)
     for ep in metadata.entry_points(group="fxforge.passes"):
         try:
             ep.load()
@@ -252,9 +245,6 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext):
         """Run the pipeline on ``gm`` (mutated in place: callers hand in their own copy)."""
-        from .report import Report, StageRecorder
-        from .verify import NumericCheck
-
         ctx.verify = self.verify
         report = Report()
         recorder = StageRecorder(report, ctx, self.measure_latency)

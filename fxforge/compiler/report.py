@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .analysis import Flops
 from .graph import graph_tensors
 from .verify import Error
 
@@ -115,8 +116,6 @@ class StageRecorder:
 
     def record(self, stage: str, gm: fx.GraphModule, *, exact: bool, elapsed: float,
                stats: dict[str, float], error: Error | None) -> StageRow:
-        from fxforge.passes.analysis import Flops  # analyses live with the passes
-
         params, nbytes = model_size(gm)
         flops = sum(self.ctx.analysis(Flops, gm).values())
         row = StageRow(stage, exact, elapsed, sum(1 for n in gm.graph.nodes if n.op == "call_function"),

@@ -26,10 +26,10 @@ from typing import Any, Callable, Literal
 import torch
 import torch.fx as fx
 
+from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, aten, fusion_groups, get_tensor, is_op
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .analysis.shapes import Shapes
 from .qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_dq, is_q, qd, weight_scales
 
 WEIGHTED = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)

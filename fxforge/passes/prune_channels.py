@@ -16,13 +16,13 @@ from typing import Callable, Literal
 import torch
 import torch.fx as fx
 
+from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import aten, get_tensor, is_op, set_tensor
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
 
 from .analysis.channel_groups import BATCH_NORMS, BINARY, CONVS, ChannelGraph, ChannelGroup, ChannelGroups
-from .analysis.flops import Flops
 from .dead_channels import DeadChannels
 
 

@@ -6,13 +6,16 @@ negligible next to them and are not counted. Shapes come from the Shapes analysi
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from fxforge.compiler.graph import aten, is_op
-from fxforge.compiler.pass_manager import Analysis, PassContext
-
+from ..graph import aten, is_op
+from .base import Analysis
 from .shapes import Shapes, TensorInfo
+
+if TYPE_CHECKING:
+    from ..pass_manager import PassContext
 
 
 class Flops(Analysis):

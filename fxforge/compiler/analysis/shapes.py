@@ -7,12 +7,15 @@ structural passes need.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.pass_manager import Analysis, PassContext
+from .base import Analysis
+
+if TYPE_CHECKING:
+    from ..pass_manager import PassContext
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from fxforge.compiler.analysis import Shapes, TensorInfo
 from fxforge.compiler.graph import arg, aten, get_tensor, is_op
 from fxforge.compiler.pass_manager import Analysis, PassContext
-
-from .shapes import Shapes, TensorInfo
 
 CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
 UNARY = (aten.relu, aten.hardtanh, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish,
