@@ -20,7 +20,8 @@ import math
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import arg, aten, call_nodes, finalize, get_tensor
+from fxforge.compiler.graph import call_nodes, finalize, get_tensor
+from fxforge.compiler.ops import aten, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
@@ -55,16 +56,16 @@ class DepthwiseSeparable(Pass):
 
     def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: dict[str, float]) -> str | None:
         """Decouple one conv; return why not, or None when split."""
-        weight, bias_node = get_tensor(gm, node.args[1]), arg(node, 2, "bias")
+        weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             return "non_constant_weight"
-        if arg(node, 6, "groups", 1) != 1:
+        if conv_groups(node) != 1:
             return "grouped"
         m, n, k = weight.shape[0], weight.shape[1], math.prod(weight.shape[2:])
         if k == 1:
             return "pointwise"
-        x, y = rec.value(node.args[0]), rec.value(node)
+        x, y = rec.value(data(node)), rec.value(node)
         if x is None or y is None:
             return "not_executed"
         stages = self.decouple(weight)

@@ -27,13 +27,13 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import arg, aten, call_nodes, finalize, get_tensor, is_op
+from fxforge.compiler.graph import call_nodes, finalize, get_tensor
+from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .factorization import (Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, faster_on_host,
                             layer_error, ratio_rank, svd)
 
-LAYERS = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d)
 
 
 @register_pass
@@ -54,7 +54,7 @@ class LowRank(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
         stats: dict[str, float] = {}
-        for node in list(call_nodes(gm, *LAYERS)):
+        for node in list(call_nodes(gm, *WEIGHTED)):
             reason = self.split(gm, node, rec, ctx, stats)
             add_stat(stats, "split" if reason is None else f"skipped.{reason}")
         if not stats.get("split"):
@@ -66,15 +66,15 @@ class LowRank(Pass):
     def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, ctx: PassContext,
               stats: dict[str, float]) -> str | None:
         """Split one layer; return why not, or None when split."""
-        weight, bias_node = get_tensor(gm, node.args[1]), arg(node, 2, "bias")
+        weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             return "non_constant_weight"
         if weight.numel() == 0:  # dead_channels removed every channel of this layer
             return "empty"
-        if not is_op(node, aten.linear) and arg(node, 6, "groups", 1) != 1:
+        if conv_groups(node) != 1:
             return "grouped"
-        x, y = rec.value(node.args[0]), rec.value(node)
+        x, y = rec.value(data(node)), rec.value(node)
         if x is None or y is None:
             return "not_executed"
         tucker = self.method == "tucker2" and weight.dim() > 2 and math.prod(weight.shape[2:]) > 1

@@ -18,11 +18,12 @@ import torch.fx as fx
 
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import PassError
-from fxforge.compiler.graph import aten, get_tensor, is_op, set_tensor
+from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.ops import BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, is_op, operands, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
 
-from .analysis.channel_groups import BATCH_NORMS, BINARY, CONVS, ChannelGraph, ChannelGroup, ChannelGroups
+from .analysis.channel_groups import BINARY, ChannelGraph, ChannelGroup, ChannelGroups
 from .dead_channels import DeadChannels
 
 
@@ -93,7 +94,7 @@ def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) ->
     blocked: set[int] = set()
     for node in gm.graph.nodes:
         m = cg.map(node)
-        w = get_tensor(gm, node.args[1]) if m is not None and is_op(node, *CONVS, aten.linear) else None
+        w = get_tensor(gm, weight_of(node)) if m is not None and is_op(node, *WEIGHTED) else None
         if w is not None:
             rows = w.detach().double().flatten(1)
             for i, a, b in zip(m.ids.tolist(), rows.abs().sum(1).tolist(), rows.pow(2).sum(1).tolist()):
@@ -101,7 +102,7 @@ def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) ->
                     g = prunable[i]
                     l1[g], l2[g] = l1.get(g, 0.0) + a, l2.get(g, 0.0) + b
                     producers.setdefault(g, set()).add(node.name)
-        gamma = get_tensor(gm, node.args[1]) if m is not None and is_op(node, *BATCH_NORMS) else None
+        gamma = get_tensor(gm, bn_params(node).gamma) if m is not None and is_op(node, *BATCH_NORM) else None
         for i, a in zip(m.ids.tolist(), gamma.detach().abs().tolist()) if gamma is not None else ():
             if i in prunable:
                 gammas[prunable[i]] = gammas.get(prunable[i], 0.0) + a
@@ -136,12 +137,12 @@ def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]
         if m is None or node.op != "call_function" or bool(m.keep(ids).all()):
             continue
         hit = ~m.keep(ids)
-        if is_op(node, *CONVS, aten.linear):
-            targets = [node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")]
-        elif is_op(node, *BATCH_NORMS):
-            targets = [node.args[1], node.args[2]]
+        if is_op(node, *WEIGHTED):
+            targets = [weight_of(node), bias_of(node)]
+        elif is_op(node, *BATCH_NORM):
+            targets = [bn_params(node).gamma, bn_params(node).beta]
         elif is_op(node, aten.add, aten.sub, aten.mul) and is_op(node, *BINARY):
-            targets = [a for a in node.args[:2]
+            targets = [a for a in operands(node)
                        if get_tensor(gm, a) is not None and _spans(get_tensor(gm, a), m, cg.ndim(node))]
         else:
             continue
@@ -150,7 +151,7 @@ def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]
             if t is None:
                 continue
             t = t.clone()
-            d = 0 if is_op(node, *CONVS, aten.linear, *BATCH_NORMS) else m.dims[0] - (cg.ndim(node) - t.dim())
+            d = 0 if is_op(node, *WEIGHTED, *BATCH_NORM) else m.dims[0] - (cg.ndim(node) - t.dim())
             t.index_fill_(d, hit.nonzero().flatten(), 0.0)
             set_tensor(gm, t_node, t)
 

@@ -25,12 +25,13 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import PassError
-from fxforge.compiler.graph import arg, aten, call_nodes, get_tensor, is_op
+from fxforge.compiler.graph import call_nodes, get_tensor
+from fxforge.compiler.ops import WEIGHTED, aten, conv_groups, data, is_op, weight_of
 from fxforge.compiler.pass_manager import resolve
 from fxforge.compiler.target import Target
 from fxforge.passes.depthwise_separable import DepthwiseSeparable
 from fxforge.passes.factorization import Stage, run_stages
-from fxforge.passes.low_rank import LAYERS, LowRank
+from fxforge.passes.low_rank import LowRank
 from fxforge.passes.prune_channels import PruneChannels
 from fxforge.passes.qdq import activation_qparams, weight_scales
 
@@ -82,11 +83,11 @@ def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, 
                       target: Target) -> Sensitivity:
     """Effect of each setting on each conv/linear layer of ``gm`` alone, on the calibration ``batches``."""
     reference, ranges = _reference(gm, batches)
-    layers = [n.name for n in call_nodes(gm, *LAYERS)]
+    layers = [n.name for n in call_nodes(gm, *WEIGHTED)]
     result = Sensitivity(layers)
     for setting in settings:
         prepare = _preparation(setting, ranges, target)
-        result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference) for n in call_nodes(gm, *LAYERS)}
+        result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference) for n in call_nodes(gm, *WEIGHTED)}
     return result
 
 
@@ -107,8 +108,8 @@ class _Run(fx.Interpreter):
         if n is self.layer:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             return self.layer_fn(list(args), dict(kwargs))
-        if self.layer is None and is_op(n, *LAYERS):
-            x = self.env[n.args[0]]
+        if self.layer is None and is_op(n, *WEIGHTED):
+            x = self.env[data(n)]
             lo, hi = self.ranges.get(n.name, (0.0, 0.0))  # the range holds 0, as an affine grid must
             self.ranges[n.name] = (min(lo, float(x.min())), max(hi, float(x.max())))
         return super().run_node(n)
@@ -123,7 +124,7 @@ def _reference(gm: fx.GraphModule, batches: Sequence[tuple]) -> tuple[list[torch
 
 def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequence[tuple],
             reference: list[torch.Tensor]) -> Effect | str:
-    weight = get_tensor(gm, node.args[1])
+    weight = get_tensor(gm, weight_of(node))
     if weight is None:
         return "non_constant_weight"
     layer_fn = prepare(node, weight.detach())
@@ -179,13 +180,13 @@ def _factorized(stages_of: Callable[[fx.Node, torch.Tensor], list[Stage] | str])
 
 
 def _low_rank_stages(p: LowRank, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
-    if not is_op(node, aten.linear) and arg(node, 6, "groups", 1) != 1:
+    if conv_groups(node) != 1:
         return "grouped"
     return p.svd(w)
 
 
 def _depthwise_stages(p: DepthwiseSeparable, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
-    if not is_op(node, aten.conv2d) or arg(node, 6, "groups", 1) != 1:
+    if not is_op(node, aten.conv2d) or conv_groups(node) != 1:
         return "not_a_regular_conv2d"
     m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
     if k == 1:
