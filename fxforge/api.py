@@ -13,7 +13,8 @@ from fxforge.backends.base import Artifact, get_backend
 
 from fxforge.compiler.errors import InputError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, VerifyMode
-from fxforge.compiler.report import Report, measure_latency
+from fxforge.compiler.report import Report
+from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.trace import Signature, trace
 from fxforge.compiler.verify import compare, fresh_inputs

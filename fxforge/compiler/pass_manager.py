@@ -1,31 +1,32 @@
 """Passes, analyses, their registry, and the manager that runs a pipeline with instruments.
 
-The manager is LLVM's new pass manager kept small: passes say which analyses they preserve, analyses are
-cached by type until a pass invalidates them, and every pass is followed by instruments (lint, a numeric
-check against the previous stage, a report row). Passes never print; the manager reports.
+The manager is LLVM's new pass manager kept small: passes say which analyses they preserve (by type), analyses
+are cached by type until a pass invalidates them, and every pass runs between instruments (timing, lint, a
+numeric check against the previous stage, a report row: ``compiler/instruments.py``). Passes never print; the
+manager reports.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import re
-import time
 import typing
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence, TypeVar
+from typing import Any, ClassVar, Iterable, Literal, Sequence, TypeVar
 
 import torch
 import torch.fx as fx
 
 from .analysis.base import Analysis
-from .errors import FxforgeError, PassError, VerificationError, first_line
+from .errors import FxforgeError, PassError
+from .instruments import Instrument, Lint, Stage, Timing, after_passes
 from .report import Report, StageRecorder
 from .target import Target, get_target
 from .verify import NumericCheck
 
 A = TypeVar("A")
-Preserved = frozenset[str] | Literal["all", "none"]
+Preserved = frozenset[type[Analysis]] | Literal["all", "none"]
 VerifyMode = Literal["off", "lint", "numerics"]
 VERIFY_MODES = ("off", "lint", "numerics")
 
@@ -47,7 +48,6 @@ class PassContext:
     target: Target = field(default_factory=lambda: get_target("x86"))
     calibration: Iterable[Any] | None = None
     verify: VerifyMode = "numerics"
-    state: dict[str, Any] = field(default_factory=dict)  # facts one pass leaves for a later one
     _gm: fx.GraphModule | None = None
     _cache: dict[type, Any] = field(default_factory=dict)
 
@@ -63,10 +63,14 @@ class PassContext:
         return self._cache[kind]
 
     def invalidate(self, preserves: Preserved) -> None:
+        """Drop every cached analysis except the ``preserves`` ones (Analysis subclasses, "all" or "none")."""
         if preserves == "all":
             return
         keep = set() if preserves == "none" else set(preserves)
-        self._cache = {k: v for k, v in self._cache.items() if k.name in keep}
+        wrong = [k for k in keep if not (isinstance(k, type) and issubclass(k, Analysis))]
+        if wrong:
+            raise PassError(f"preserves must hold Analysis classes, got {wrong!r}")
+        self._cache = {k: v for k, v in self._cache.items() if k in keep}
 
 
 class Pass:
@@ -74,7 +78,6 @@ class Pass:
 
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # False: approximate; reports its error in stats
-    requires: ClassVar[tuple[type[Analysis], ...]] = ()
     after: ClassVar[tuple[str, ...]] = ()  # passes that must run earlier in the same pipeline
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -228,71 +231,55 @@ def _type_name(hint: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------- manager
 
-Instrument = Callable[["PassManager", Pass | None, fx.GraphModule, PassResult | None, float], None]
-
-
 class PassManager:
-    """Runs passes in order on a graph, with verification and a report row after each."""
+    """Runs passes in order on a graph between instruments: timing, lint (unless ``verify="off"``), the numeric
+    check (``verify="numerics"``), a report row, then any ``instruments`` given."""
 
     def __init__(self, passes: str | Pass | Sequence[str | Pass] = (), verify: VerifyMode = "numerics",
-                 measure_latency: bool = True) -> None:
+                 measure_latency: bool = True, instruments: Sequence[Instrument] = ()) -> None:
         if verify not in VERIFY_MODES:
             raise PassError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.passes = resolve(passes)
         self.verify = verify
         self.measure_latency = measure_latency
+        self.extra_instruments = tuple(instruments)
         check_order(self.passes)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext):
         """Run the pipeline on ``gm`` (mutated in place: callers hand in their own copy)."""
         ctx.verify = self.verify
         report = Report()
-        recorder = StageRecorder(report, ctx, self.measure_latency)
-        check = NumericCheck(gm, ctx.example_inputs) if self.verify == "numerics" else None
-        recorder.record("input", gm, exact=True, elapsed=0.0, stats={}, error=check.first_error() if check else None)
+        instruments = [Timing(), *([Lint()] if self.verify != "off" else []),
+                       *([NumericCheck(gm, ctx.example_inputs)] if self.verify == "numerics" else []),
+                       StageRecorder(report, self.measure_latency), *self.extra_instruments]
         done: list[str] = []
-        for p in self.passes:
+        for p in (None, *self.passes):
             ctx._gm = gm
-            start = time.perf_counter()
-            try:
-                result = p.run(gm, ctx)
-            except FxforgeError:
-                raise
-            except Exception as e:
-                raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {e}"
-                                f"{_after(done)}") from e
-            elapsed = time.perf_counter() - start
-            if result.changed:
-                gm.recompile()
-            self._lint(p, gm, done)
-            ctx.invalidate(result.preserves if result.changed else "all")
-            error = self._check(check, p, gm, done)
-            recorder.record(str(p), gm, exact=p.exact, elapsed=elapsed, stats=result.stats, error=error)
-            done.append(p.name)
+            for instrument in instruments:
+                instrument.before(p, gm, ctx)
+            result = self._run_pass(p, gm, ctx, instruments, done) if p is not None else None
+            stage = Stage("input" if p is None else str(p), p, result, list(done))
+            for instrument in instruments:
+                instrument.after(p, gm, ctx, stage)
+            if p is not None:
+                done.append(p.name)
         return gm, report
 
     @staticmethod
-    def _check(check: Any, p: Pass, gm: fx.GraphModule, done: list[str]) -> Any:
-        """The numeric check after ``p``; a graph that no longer runs is the pass's fault, named as such."""
-        if check is None:
-            return None
+    def _run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, instruments: list[Instrument],
+                  done: list[str]) -> PassResult:
         try:
-            return check.after(p, gm, done)
-        except FxforgeError:
-            raise
+            result = p.run(gm, ctx)
         except Exception as e:
-            node = re.search(r"While executing %(\w+)", str(e))
-            where = f" at node {node.group(1)!r}" if node else ""
-            raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
-                                    f"{first_line(e)}{_after(done)}") from e
-
-    def _lint(self, p: Pass, gm: fx.GraphModule, done: list[str]) -> None:
-        if self.verify == "off":
-            return
-        try:
-            gm.graph.lint()
-        except Exception as e:
-            raise VerificationError(f"pass {p.name!r} left a malformed graph: {e}{_after(done)}") from None
+            for instrument in instruments:
+                instrument.failed(p, gm, ctx, e)
+            if isinstance(e, FxforgeError):
+                raise
+            raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {e}{after_passes(done)}") from e
+        if result.changed:
+            gm.recompile()
+        ctx.invalidate(result.preserves if result.changed else "all")
+        return result
 
 
 def check_order(passes: Sequence[Pass]) -> None:
@@ -305,6 +292,3 @@ def check_order(passes: Sequence[Pass]) -> None:
                             f"(got: {' → '.join(q.name for q in passes)})")
         seen.add(p.name)
 
-
-def _after(done: list[str]) -> str:
-    return f" (after: {', '.join(done)})" if done else " (it was the first pass)"

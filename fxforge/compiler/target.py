@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import TargetError
@@ -29,7 +29,6 @@ class Target:
     torch_device: str = "cpu"
     cross_compiler: str | None = None  # C++ driver that links shared libraries for this target
     runs_on_host: bool = True  # False: code is built here but must run on another machine
-    extras: Mapping[str, Any] = field(default_factory=dict)
 
     def with_tvm(self, **fields: Any) -> Target:
         """A copy with TVM target fields replaced, e.g. ``get_target("cuda").with_tvm(arch="sm_90")``."""

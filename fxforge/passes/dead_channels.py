@@ -18,8 +18,8 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.graph import add_tensor, finalize, get_tensor, set_tensor
-from fxforge.compiler.ops import (BATCH_NORM, CONV, LINEAR, WEIGHTED, argument, aten, bias_of, bn_params, conv_groups, data,
-                                 is_op, new_shape, operands, set_argument, set_new_shape, weight_of)
+from fxforge.compiler.ops import (BATCH_NORM, CONV, LINEAR, WEIGHTED, argument, aten, bias_of, bn_params, conv_groups,
+                                 data, is_op, new_shape, operands, set_argument, set_new_shape, weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .analysis.channel_groups import (BINARY, RESHAPES, SPLITS, ChannelGraph, ChannelGroups,
@@ -32,7 +32,6 @@ class DeadChannels(Pass):
     """Remove constant or unread channel groups, folding constants into consumer biases (exact)."""
 
     name = "dead_channels"
-    requires = (ChannelGroups, ConstantChannels)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)

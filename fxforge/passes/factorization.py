@@ -17,7 +17,7 @@ import torch.fx as fx
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import add_tensor, get_tensor
 from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op
-from fxforge.compiler.report import measure_latency
+from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)

@@ -142,7 +142,8 @@ RULES = [
     Rule("activations_folded", op(Q_PER_TENSOR, op(*CLAMP, name="act", sole_user=True), name="q",
                                   where=_clamp_is_the_quantizers), fold_clamp),
     Rule("requantizations_removed", _requantization(_round_trip), drop_round_trip),
-    Rule("requantizations_merged", _requantization(lambda q: requantization_table(q) is not None), merge_requantization),
+    Rule("requantizations_merged", _requantization(lambda q: requantization_table(q) is not None),
+         merge_requantization),
 ]
 
 

@@ -28,8 +28,8 @@ import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, fusion_groups, get_tensor
-from fxforge.compiler.ops import (CLAMP, MATMUL, WEIGHTED, aten, bias_of, data, is_op, op_name, operands, qd, set_argument,
-                                 weight_of)
+from fxforge.compiler.ops import (CLAMP, MATMUL, WEIGHTED, aten, bias_of, data, is_op, op_name, operands, qd,
+                                 set_argument, weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_dq, is_q, weight_scales
@@ -156,8 +156,8 @@ class InsertQdq(Pass):
             self._pair(gm, op, "weight", (*params, 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_channel.default,
                        qd.dequantize_per_channel.default)
         else:
-            self._pair(gm, op, "weight", (float(scales), 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_tensor.default,
-                       qd.dequantize_per_tensor.default)
+            self._pair(gm, op, "weight", (float(scales), 0, -qmax - 1, qmax, torch.int8),
+                       qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default)
         bias = bias_of(op)
         if bias is not None:
             channels = get_tensor(gm, bias).shape[0]

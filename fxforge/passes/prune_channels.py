@@ -16,7 +16,7 @@ from typing import Callable, Literal
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.analysis import Flops
+from fxforge.compiler.analysis import Flops, Shapes
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import get_tensor, set_tensor
 from fxforge.compiler.ops import BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, is_op, operands, weight_of
@@ -33,7 +33,6 @@ class PruneChannels(Pass):
 
     name = "prune_channels"
     exact = False
-    requires = (ChannelGroups, Flops)
 
     ratio: float = 0.3
     importance: Literal["l1", "l2", "bn"] = "l1"
@@ -56,7 +55,7 @@ class PruneChannels(Pass):
         if not chosen:
             return PassResult(changed=False, preserves="all", stats=stats)
         zero_groups(gm, cg, [cg.groups[g] for g in chosen])
-        ctx.invalidate(frozenset({"channel_groups", "shapes"}))  # same structure, new values
+        ctx.invalidate(frozenset({ChannelGroups, Shapes}))  # same structure, new values
         result = DeadChannels().run(gm, ctx)
         if self.finetune is not None:
             self.finetune(gm)

@@ -29,6 +29,7 @@ from fxforge.compiler.graph import call_nodes, get_tensor
 from fxforge.compiler.ops import WEIGHTED, aten, conv_groups, data, is_op, weight_of
 from fxforge.compiler.pass_manager import resolve
 from fxforge.compiler.target import Target
+from fxforge.compiler.verify import first_float
 from fxforge.passes.depthwise_separable import DepthwiseSeparable
 from fxforge.passes.factorization import Stage, run_stages
 from fxforge.passes.low_rank import LowRank
@@ -87,13 +88,9 @@ def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, 
     result = Sensitivity(layers)
     for setting in settings:
         prepare = _preparation(setting, ranges, target)
-        result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference) for n in call_nodes(gm, *WEIGHTED)}
+        result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference)
+                                   for n in call_nodes(gm, *WEIGHTED)}
     return result
-
-
-def _first_float(out: Any) -> torch.Tensor:
-    values = out if isinstance(out, (tuple, list)) else (out,)
-    return next(v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
 class _Run(fx.Interpreter):
@@ -118,7 +115,7 @@ class _Run(fx.Interpreter):
 def _reference(gm: fx.GraphModule, batches: Sequence[tuple]) -> tuple[list[torch.Tensor], dict]:
     run = _Run(gm)
     with torch.no_grad():
-        outs = [_first_float(run.run(*batch)) for batch in batches]
+        outs = [first_float(run.run(*batch)) for batch in batches]
     return outs, run.ranges
 
 
@@ -132,7 +129,7 @@ def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequen
         return layer_fn
     run = _Run(gm, node, layer_fn)
     with torch.no_grad():
-        y = torch.cat([_first_float(run.run(*batch)) for batch in batches])
+        y = torch.cat([first_float(run.run(*batch)) for batch in batches])
     ref = torch.cat(reference)
     rel = float((y - ref).double().norm() / ref.double().norm().clamp(min=1e-12))
     return Effect(drop=max(0.0, 1.0 - agreement(y, ref)), rel_error=rel)
