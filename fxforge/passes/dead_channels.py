@@ -14,6 +14,8 @@ group (``skipped.padding_border``); layer norm over channels would see other sta
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx as fx
 
@@ -37,7 +39,7 @@ class DeadChannels(Pass):
         cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
         const: Constants = ctx.analysis(ConstantChannels, gm)
         blocked = _blocked(gm, cg, const)
-        stats: dict[str, float] = {}
+        stats: Counter = Counter()
         removed: list[int] = []
         for group in cg.groups:
             reasons = {blocked[i] for i in group.ids if i in blocked}
@@ -45,18 +47,18 @@ class DeadChannels(Pass):
             if reason is None:
                 removed.extend(group.ids)
             elif "live" not in reasons:
-                stats[f"skipped.{reason}"] = stats.get(f"skipped.{reason}", 0) + 1
+                stats[f"skipped.{reason}"] += 1
         removed = _spare_one_conv_channel(gm, cg, removed, stats)
         if not removed:
-            return PassResult(changed=False, preserves="all", stats=stats)
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         stats["groups_removed"] = len({cg.group_of[i] for i in removed})
         stats["channels_removed"] = remove_channels(gm, cg, const, torch.tensor(removed))
         finalize(gm)
-        return PassResult(changed=True, stats=stats)
+        return PassResult(changed=True, stats=dict(stats))
 
 
 def _spare_one_conv_channel(gm: fx.GraphModule, cg: ChannelGraph, removed: list[int],
-                            stats: dict[str, float]) -> list[int]:
+                            stats: Counter) -> list[int]:
     """PyTorch refuses a conv with no output channels: where all of a conv's would go, keep its first group."""
     gone = set(removed)
     for node in gm.graph.nodes:
@@ -64,7 +66,7 @@ def _spare_one_conv_channel(gm: fx.GraphModule, cg: ChannelGraph, removed: list[
         ids = m.ids.flatten().tolist() if m is not None else []
         if ids and gone.issuperset(ids):
             gone.difference_update(cg.groups[cg.group_of[ids[0]]].ids)
-            stats["skipped.last_conv_channel"] = stats.get("skipped.last_conv_channel", 0) + 1
+            stats["skipped.last_conv_channel"] += 1
     return [i for i in removed if i in gone]
 
 

@@ -16,6 +16,7 @@ Stats hold each split layer's relative output error on its recorded input (``err
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -25,7 +26,7 @@ from fxforge.compiler.ops import aten, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .factorization import Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, layer_error, svd
+from .lib.factorization import Recording, Stage, check_fraction, emit_stages, energy_rank, layer_error, svd
 
 
 @register_pass
@@ -44,17 +45,17 @@ class DepthwiseSeparable(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
-        stats: dict[str, float] = {}
+        stats: Counter = Counter()
         for node in list(call_nodes(gm, aten.conv2d)):
             reason = self.split(gm, node, rec, stats)
-            add_stat(stats, "split" if reason is None else f"skipped.{reason}")
+            stats["split" if reason is None else f"skipped.{reason}"] += 1
         if not stats.get("split"):
-            return PassResult(changed=False, preserves="all", stats=stats)
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         finalize(gm)
         stats["error.model"] = rec.model_error(gm)
-        return PassResult(changed=True, stats=stats)
+        return PassResult(changed=True, stats=dict(stats))
 
-    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: dict[str, float]) -> str | None:
+    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: Counter) -> str | None:
         """Decouple one conv; return why not, or None when split."""
         weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None

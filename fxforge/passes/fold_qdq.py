@@ -31,7 +31,7 @@ from fxforge.compiler.ops import (CLAMP, DQ_PER_TENSOR, Q_PER_TENSOR, QUANTIZE, 
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.rewrite import Match, Pattern, Rule, apply_rules, op
 
-from .qdq import bounds, quantize_scalar, role
+from .lib.qdq import bounds, quantize_scalar, role
 
 
 # --------------------------------------------------------------------------- DQ(Q(W)) → DQ(W_q)

@@ -21,6 +21,7 @@ are counted.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from typing import Any, Callable, Literal
 
 import torch
@@ -32,7 +33,7 @@ from fxforge.compiler.ops import (CLAMP, MATMUL, WEIGHTED, aten, bias_of, data, 
                                  set_argument, weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_dq, is_q, weight_scales
+from .lib.qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_dq, is_q, weight_scales
 
 POOLS = (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.mean)
 SAME_GRID = (aten.max_pool2d, aten.view, aten.reshape, aten.flatten, aten._unsafe_view, aten.relu)
@@ -51,7 +52,7 @@ class InsertQdq(Pass):
     skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stats: dict[str, float] = {}
+        stats: Counter = Counter()
         plan, weighted = self.plan(gm, ctx, stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
@@ -64,11 +65,11 @@ class InsertQdq(Pass):
         split = _untag_split_groups(gm)
         if split:
             stats["fusion_groups_split"] = split
-        return PassResult(changed=bool(plan), stats=stats)
+        return PassResult(changed=bool(plan), stats=dict(stats))
 
     # ---------------------------------------------------------------------------------------- planning
 
-    def plan(self, gm: fx.GraphModule, ctx: PassContext, stats: dict[str, float]) -> tuple[dict, list]:
+    def plan(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> tuple[dict, list]:
         """Which tensors get a Q/DQ pair (tensor → group) and which weighted ops get int8 weights."""
         shapes = ctx.analysis(Shapes, gm)
         groups = itertools.count()
@@ -80,24 +81,21 @@ class InsertQdq(Pass):
 
         def want(t: fx.Node, group: int | None = None) -> None:
             if is_dq(t):  # already on an integer grid (a model that brings its own QDQ): read it as it is
-                count("reused_grids")
+                stats["reused_grids"] += 1
             elif is_float(t) and t not in plan and not any(is_q(u) for u in t.users):
                 plan[t] = group if group is not None else next(groups)
-
-        def count(key: str) -> None:
-            stats[key] = stats.get(key, 0) + 1
 
         for node in list(gm.graph.nodes):
             if is_op(node, *WEIGHTED, *MATMUL):
                 reason = self.refusal(gm, node, is_float)
                 if reason:
-                    count(f"skipped.{reason}")
+                    stats[f"skipped.{reason}"] += 1
                     continue
                 for x in operands(node) if is_op(node, *MATMUL) else (data(node),):
                     want(x)
                 if is_op(node, *WEIGHTED):
                     weighted.append(node)
-                count(f"quantized.{op_name(node)}")
+                stats[f"quantized.{op_name(node)}"] += 1
                 want(_chain_end(node))
             elif is_op(node, aten.add) and len(node.all_input_nodes) == 2 and all(i in plan for i in operands(node)):
                 for x in node.all_input_nodes:

@@ -22,6 +22,7 @@ both on fresh random inputs.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -31,7 +32,7 @@ from fxforge.compiler.graph import call_nodes, finalize, get_tensor
 from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .factorization import (Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, faster_on_host,
+from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, faster_on_host,
                             layer_error, ratio_rank, svd)
 
 
@@ -53,18 +54,18 @@ class LowRank(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
-        stats: dict[str, float] = {}
+        stats: Counter = Counter()
         for node in list(call_nodes(gm, *WEIGHTED)):
             reason = self.split(gm, node, rec, ctx, stats)
-            add_stat(stats, "split" if reason is None else f"skipped.{reason}")
+            stats["split" if reason is None else f"skipped.{reason}"] += 1
         if not stats.get("split"):
-            return PassResult(changed=False, preserves="all", stats=stats)
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         finalize(gm)
         stats["error.model"] = rec.model_error(gm)
-        return PassResult(changed=True, stats=stats)
+        return PassResult(changed=True, stats=dict(stats))
 
     def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, ctx: PassContext,
-              stats: dict[str, float]) -> str | None:
+              stats: Counter) -> str | None:
         """Split one layer; return why not, or None when split."""
         weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None

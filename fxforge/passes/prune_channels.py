@@ -11,6 +11,7 @@ constants) so every tensor they occupy is exactly 0, and dead_channels removes t
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Literal
 
 import torch
@@ -49,22 +50,22 @@ class PruneChannels(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
         params_before, flops_before = model_size(gm)[0], sum(ctx.analysis(Flops, gm).values())
-        stats: dict[str, float] = {"skipped.unprunable": len(cg.groups) - len(cg.prunable())}
+        stats = Counter({"skipped.unprunable": len(cg.groups) - len(cg.prunable())})
         scores, layers = _importance(gm, cg, self.importance, stats)
         chosen = self.choose(scores, layers, stats)
         if not chosen:
-            return PassResult(changed=False, preserves="all", stats=stats)
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         zero_groups(gm, cg, [cg.groups[g] for g in chosen])
         ctx.invalidate(frozenset({ChannelGroups, Shapes}))  # same structure, new values
         result = DeadChannels().run(gm, ctx)
         if self.finetune is not None:
             self.finetune(gm)
         ctx.invalidate("none")
-        stats.update({"groups_pruned": len(chosen), **{k: v for k, v in result.stats.items()
-                                                        if not k.startswith("skipped.unprunable")}})
-        stats.update(params_before=params_before, params_after=model_size(gm)[0], flops_before=flops_before,
-                     flops_after=sum(ctx.analysis(Flops, gm).values()))
-        return PassResult(changed=True, stats=stats)
+        return PassResult(changed=True, stats={
+            **stats, "groups_pruned": len(chosen),
+            **{k: v for k, v in result.stats.items() if not k.startswith("skipped.unprunable")},
+            "params_before": params_before, "params_after": model_size(gm)[0], "flops_before": flops_before,
+            "flops_after": sum(ctx.analysis(Flops, gm).values())})
 
     def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: dict) -> list[int]:
         """Group indices to prune: the lowest ``ratio`` per layer or globally, each layer rounded."""
@@ -76,7 +77,7 @@ class PruneChannels(Pass):
             ranked = sorted(groups, key=lambda g: norm[g])
             drop = sum(norm[g] <= cut for g in groups) if self.scope == "global" else int(self.ratio * len(groups))
             if drop and len(groups) <= self.round_to:
-                stats["skipped.small_layer"] = stats.get("skipped.small_layer", 0) + 1
+                stats["skipped.small_layer"] += 1
             elif drop:
                 keep = self.round_to * max(1, round((len(groups) - drop) / self.round_to))
                 chosen += ranked[:max(0, len(groups) - keep)]
@@ -119,7 +120,7 @@ def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) ->
             scores[g] = l1[g]
         else:
             if kind == "bn":
-                stats["importance_fallback_l2"] = stats.get("importance_fallback_l2", 0) + 1
+                stats["importance_fallback_l2"] += 1
             scores[g] = l2[g] ** 0.5
     layers: dict[tuple, list[int]] = {}
     for g in scores:

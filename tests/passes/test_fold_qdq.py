@@ -8,7 +8,7 @@ from torch import nn
 from fxforge.compiler.pass_manager import PassContext
 from fxforge.compiler.report import model_size
 from fxforge.passes.fold_qdq import FoldQdq
-from fxforge.passes.qdq import qd
+from fxforge.passes.lib.qdq import qd
 from models import ZOO
 from pipeline import apply, count
 from test_insert_qdq import DQ, DQC, Q, QC, ops

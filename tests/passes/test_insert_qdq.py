@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from fxforge.compiler.graph import FUSION_KEY
-from fxforge.passes.qdq import QDQ_KEY, is_q, role
+from fxforge.passes.lib.qdq import QDQ_KEY, is_q, role
 from models import ZOO
 from pipeline import apply, count, error_vs_eager
 

@@ -14,6 +14,7 @@ unknown layout) marks the ids it touches unprunable with a reason; such groups a
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -113,10 +114,8 @@ class ChannelGroups(Analysis):
             for i in ids:
                 group_of[i] = len(groups)
             groups.append(ChannelGroup(ids, reasons[0] if reasons else None))
-        stats: dict[str, float] = {"groups": len(groups), "prunable": sum(g.reason is None for g in groups)}
-        for g in groups:
-            if g.reason:
-                stats[f"unprunable.{g.reason}"] = stats.get(f"unprunable.{g.reason}", 0) + 1
+        stats = {"groups": len(groups), "prunable": sum(g.reason is None for g in groups),
+                 **Counter(f"unprunable.{g.reason}" for g in groups if g.reason)}
         return ChannelGraph(b.maps, groups, group_of, b.shapes, stats)
 
 

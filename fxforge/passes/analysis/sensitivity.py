@@ -31,10 +31,10 @@ from fxforge.compiler.pass_manager import resolve
 from fxforge.compiler.target import Target
 from fxforge.compiler.verify import first_float
 from fxforge.passes.depthwise_separable import DepthwiseSeparable
-from fxforge.passes.factorization import Stage, run_stages
+from fxforge.passes.lib.factorization import Stage, run_stages
 from fxforge.passes.low_rank import LowRank
 from fxforge.passes.prune_channels import PruneChannels
-from fxforge.passes.qdq import activation_qparams, weight_scales
+from fxforge.passes.lib.qdq import activation_qparams, weight_scales
 
 LayerFn = Callable[[list[Any], dict[str, Any]], torch.Tensor]  # the layer's new function of its arguments
 Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | str"]  # (layer, weight) → LayerFn, or why not

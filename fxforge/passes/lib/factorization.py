@@ -151,7 +151,3 @@ def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: t
         before.append(measure_latency(lambda t: run_original(node, t, weight, bias), (x,), budget_s=0.02))
         after.append(measure_latency(lambda t: run_stages(node, t, stages, bias), (x,), budget_s=0.02))
     return min(after) < min(before)
-
-
-def add_stat(stats: dict[str, float], key: str, n: float = 1) -> None:
-    stats[key] = stats.get(key, 0) + n
