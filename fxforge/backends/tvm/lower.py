@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import MAX_BATCH, Signature, TensorSpec
+from fxforge.compiler.trace import Signature, TensorSpec, batch_dynamic
 
 from ..base import Artifact, Backend, register_backend
 from .schedules import is_gpu, schedule
@@ -81,14 +80,9 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     _tvm()
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    args = tuple(example_inputs)
-    shapes = None
-    if dynamic_batch:
-        batch = Dim("batch", min=1, max=MAX_BATCH)
-        size = args[0].shape[0] if args and args[0].dim() else None
-        batched = [t.dim() > 0 and t.shape[0] == size for t in args]
-        shapes = tuple({0: batch} if b else None for b in batched)
-        args = tuple(torch.cat([t, t]) if b and t.shape[0] == 1 else t for t, b in zip(args, batched))
+    size = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else None
+    args, shapes = batch_dynamic(example_inputs, [dynamic_batch and t.dim() > 0 and t.shape[0] == size
+                                                  for t in example_inputs])
     try:
         with torch.no_grad():
             ep = torch.export.export(copy.deepcopy(gm).eval(), args, dynamic_shapes=shapes, strict=False)
