@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -156,6 +156,26 @@ def reduced_dims(node: fx.Node, ndim: int) -> set[int]:
     if dims is None or (isinstance(dims, (list, tuple)) and not dims):
         return set(range(ndim))
     return {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
+
+
+def value_of(node: fx.Node, args: Sequence[Any], kwargs: dict[str, Any], name: str) -> Any:
+    """Argument ``name`` among the *evaluated* ``args``/``kwargs`` of a call to ``node``'s op."""
+    i, a = _index(node, name)
+    if i < len(args):
+        return args[i]
+    return kwargs.get(name, a.default_value if a.has_default_value() else None)
+
+
+def call_with(node: fx.Node, args: Sequence[Any], kwargs: dict[str, Any], **replaced: Any) -> Any:
+    """Call ``node``'s op on evaluated ``args``/``kwargs`` with the named arguments replaced."""
+    args, kwargs = list(args), dict(kwargs)
+    for name, value in replaced.items():
+        i, _ = _index(node, name)
+        if i < len(args):
+            args[i] = value
+        else:
+            kwargs[name] = value
+    return node.target(*args, **kwargs)
 
 
 def getitem_index(node: fx.Node) -> Any:

@@ -13,7 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar, Iterable, Literal, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence, TypeVar
 
 import torch
 import torch.fx as fx
@@ -73,6 +73,19 @@ class PassContext:
         self._cache = {k: v for k, v in self._cache.items() if k in keep}
 
 
+LayerFn = Callable[[list, dict], torch.Tensor]  # a layer's new function of its evaluated (args, kwargs)
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a pass may read when asked about one conv/linear layer alone: its constant weight, the range its
+    input took on calibration data, and the target."""
+
+    weight: torch.Tensor
+    input_range: tuple[float, float]
+    target: Target
+
+
 class Pass:
     """A graph rewrite. Subclasses are dataclasses whose fields are the pass's options."""
 
@@ -82,6 +95,12 @@ class Pass:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str | None:
+        """What this pass would make of ``node`` (a conv/linear) alone: the layer's new function, or the reason
+        it leaves the layer unchanged; None when the pass does not answer per-layer questions. The sensitivity
+        analysis and autotune ask this, so a pass's refusal rules and constants have one home."""
+        return None
 
     @classmethod
     def description(cls) -> str:

@@ -22,11 +22,12 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.graph import call_nodes, finalize, get_tensor
-from fxforge.compiler.ops import aten, bias_of, conv_groups, data, weight_of
+from fxforge.compiler.ops import aten, bias_of, conv_groups, data, is_op, weight_of
 from fxforge.compiler.errors import PassError
-from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
-from .lib.factorization import Recording, Stage, check_fraction, emit_stages, energy_rank, layer_error, svd
+from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized, layer_error,
+                                svd)
 
 
 @register_pass
@@ -76,6 +77,16 @@ class DepthwiseSeparable(Pass):
         stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
         emit_stages(gm, node, stages)
         return None
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        if not is_op(node, aten.conv2d) or conv_groups(node) != 1:
+            return "not_a_regular_conv2d"
+        w = layer.weight
+        m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
+        if k == 1:
+            return "pointwise"
+        stages = self.decouple(w)
+        return "not_cheaper" if stages[1].weight.shape[1] // n * (k + m) >= m * k else factorized(node, stages)
 
     def decouple(self, w: torch.Tensor) -> list[Stage]:
         """Depthwise (n·r, 1, kh, kw) with groups n, then pointwise (m, n·r, 1, 1)."""

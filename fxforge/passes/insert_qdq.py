@@ -29,11 +29,13 @@ import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, fusion_groups, get_tensor
-from fxforge.compiler.ops import (CLAMP, MATMUL, WEIGHTED, aten, bias_of, data, is_op, op_name, operands, qd,
-                                 set_argument, weight_of)
-from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.ops import (CLAMP, MATMUL, WEIGHTED, aten, bias_of, call_with, data, is_op, op_name, operands, qd,
+                                 set_argument, value_of, weight_of)
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.target import Target
 
-from .lib.qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_dq, is_q, weight_scales
+from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
+                      weight_scales)
 
 POOLS = (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.mean)
 SAME_GRID = (aten.max_pool2d, aten.view, aten.reshape, aten.flatten, aten._unsafe_view, aten.relu)
@@ -56,7 +58,7 @@ class InsertQdq(Pass):
         plan, weighted = self.plan(gm, ctx, stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
-        reduce_range = self.reduce_range if self.reduce_range is not None else ctx.target.name == "x86"
+        reduce_range = self.reduced(ctx.target)
         for op in weighted:
             self.quantize_weight(gm, op, 63 if reduce_range else 127)
         if plan:
@@ -131,6 +133,27 @@ class InsertQdq(Pass):
         if bias is not None and get_tensor(gm, bias) is None:
             return "non_constant_bias"
         return None if is_float(data(node)) else "not_float"
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        """The layer on int8: its weight fake-quantized as ``quantize_weight`` does (symmetric, q_max from
+        ``reduce_range``), its input on the activation grid of its calibration range (``activation_dtype``)."""
+        qmax = 63 if self.reduced(layer.target) else 127
+        s = weight_scales(layer.weight, qmax, self.per_channel)
+        wq = (torch.fake_quantize_per_channel_affine(layer.weight, s, torch.zeros_like(s, dtype=torch.int32), 0,
+                                                     -qmax - 1, qmax) if self.per_channel else
+              torch.fake_quantize_per_tensor_affine(layer.weight, float(s), 0, -qmax - 1, qmax))
+        dtype = DTYPES[self.activation_dtype]
+        qmin, qmax_a = bounds(dtype)
+        scale, zero = activation_qparams(*layer.input_range, dtype, self.symmetric_activations)
+
+        def layer_fn(args: list, kwargs: dict) -> torch.Tensor:
+            x = torch.fake_quantize_per_tensor_affine(value_of(node, args, kwargs, "input"), scale, zero, qmin, qmax_a)
+            return call_with(node, args, kwargs, weight=wq, input=x)
+        return layer_fn
+
+    def reduced(self, target: Target) -> bool:
+        """7-bit weights: on by default on x86 (u8s8 kernels without VNNI saturate at 8 bits)."""
+        return self.reduce_range if self.reduce_range is not None else target.name == "x86"
 
     # ---------------------------------------------------------------------------------------- rewriting
 

@@ -30,10 +30,10 @@ import torch.fx as fx
 
 from fxforge.compiler.graph import call_nodes, finalize, get_tensor
 from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
-from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
-from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, faster_on_host,
-                            layer_error, ratio_rank, svd)
+from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized,
+                                faster_on_host, layer_error, ratio_rank, svd)
 
 
 
@@ -87,6 +87,11 @@ class LowRank(Pass):
         stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
         emit_stages(gm, node, stages)
         return None
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        if conv_groups(node) != 1:
+            return "grouped"
+        return factorized(node, self.svd(layer.weight))
 
     def rank(self, s: torch.Tensor, shape: tuple[int, ...]) -> int:
         return ratio_rank(self.rank_ratio, len(s)) if self.rank_ratio is not None else energy_rank(s, self.energy, shape)

@@ -20,8 +20,9 @@ import torch.fx as fx
 from fxforge.compiler.analysis import Flops, Shapes
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import get_tensor, set_tensor
-from fxforge.compiler.ops import BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, is_op, operands, weight_of
-from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.ops import (BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, call_with, is_op, operands, value_of,
+                                 weight_of)
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
 
 from .analysis.channel_groups import BINARY, ChannelGraph, ChannelGroup, ChannelGroups
@@ -66,6 +67,22 @@ class PruneChannels(Pass):
             **{k: v for k, v in result.stats.items() if not k.startswith("skipped.unprunable")},
             "params_before": params_before, "params_after": model_size(gm)[0], "flops_before": flops_before,
             "flops_after": sum(ctx.analysis(Flops, gm).values())})
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        """Zero the ``ratio`` of output channels with the smallest L1 weight norm (channel coupling and
+        rounding to ``round_to`` ignored: one layer alone)."""
+        w = layer.weight
+        drop = int(self.ratio * w.shape[0])
+        if not drop:
+            return "too_few_channels"
+        rows = w.flatten(1).abs().sum(1).argsort()[:drop]
+        wz = w.clone().index_fill_(0, rows, 0.0)
+
+        def layer_fn(args: list, kwargs: dict) -> torch.Tensor:
+            bias = value_of(node, args, kwargs, "bias")
+            zeroed = {} if bias is None else {"bias": bias.clone().index_fill_(0, rows, 0.0)}
+            return call_with(node, args, kwargs, weight=wz, **zeroed)
+        return layer_fn
 
     def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: dict) -> list[int]:
         """Group indices to prune: the lowest ``ratio`` per layer or globally, each layer rounded."""

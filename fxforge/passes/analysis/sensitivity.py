@@ -7,17 +7,16 @@ batches with ℓ alone replaced by what σ would make of it, and is compared wit
     drop(ℓ, σ)  = 1 − agreement(y_ℓσ, y)      top-1 agreement for classifier outputs, else cosine
     rel(ℓ, σ)   = ‖y_ℓσ − y‖ / ‖y‖
 
-The replacements use the passes' own arithmetic: int8 fake-quantizes the layer's weight (symmetric per output
-channel, q_max 63 on x86 as insert_qdq's reduce_range, else 127) and its input (asymmetric uint8 over the
-calibration min/max); low_rank and depthwise_separable evaluate the factor stages those passes would insert;
-prune zeroes the ``ratio`` of output channels with the smallest L1 weight norm (ignoring channel coupling and
-rounding). A setting that would leave a layer unchanged records the pass's reason instead (``"rank_too_high"``).
+The replacement is the pass's own answer, ``Pass.layer_effect(node, LayerContext)``: insert_qdq (in ``int8``)
+fake-quantizes the layer's weight and its input on the grid of its calibration range, low_rank and
+depthwise_separable evaluate the factor stages they would insert, prune_channels zeroes the ``ratio`` of output
+channels with the smallest L1 weight norm (ignoring channel coupling and rounding). A setting that would leave a
+layer unchanged records the pass's reason instead (``"rank_too_high"``); this module knows no pass by name.
 Summing drops over layers is the first-order model the search uses to predict, and skip, settings
 (as mixed-precision methods such as HAWQ do with their per-layer sensitivities).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -26,17 +25,11 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import call_nodes, get_tensor
-from fxforge.compiler.ops import WEIGHTED, aten, conv_groups, data, is_op, weight_of
-from fxforge.compiler.pass_manager import resolve
+from fxforge.compiler.ops import WEIGHTED, data, is_op, weight_of
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, resolve
 from fxforge.compiler.target import Target
 from fxforge.compiler.verify import first_float
-from fxforge.passes.depthwise_separable import DepthwiseSeparable
-from fxforge.passes.lib.factorization import Stage, run_stages
-from fxforge.passes.low_rank import LowRank
-from fxforge.passes.prune_channels import PruneChannels
-from fxforge.passes.lib.qdq import activation_qparams, weight_scales
 
-LayerFn = Callable[[list[Any], dict[str, Any]], torch.Tensor]  # the layer's new function of its arguments
 Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | str"]  # (layer, weight) → LayerFn, or why not
 
 
@@ -138,72 +131,11 @@ def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequen
 # ------------------------------------------------------------------------------------------ replacements
 
 def _preparation(setting: str, ranges: dict[str, tuple[float, float]], target: Target) -> Prepare:
-    """What ``setting`` makes of one layer: from its node and weight, the layer's new function or a refusal."""
-    if setting == "int8":
-        return _int8(ranges, 63 if target.name == "x86" else 127)
-    (p,) = resolve(setting)
-    if isinstance(p, LowRank):
-        return _factorized(lambda node, w: _low_rank_stages(p, node, w))
-    if isinstance(p, DepthwiseSeparable):
-        return _factorized(lambda node, w: _depthwise_stages(p, node, w))
-    if isinstance(p, PruneChannels):
-        return _prune(p.ratio)
-    raise PassError(f"no per-layer sensitivity for setting {setting!r}")
-
-
-def _call(node: fx.Node, args: list[Any], kwargs: dict[str, Any], replaced: dict[int, Any]) -> torch.Tensor:
-    for index, value in replaced.items():
-        args[index] = value
-    return node.target(*args, **kwargs)
-
-
-def _int8(ranges: dict[str, tuple[float, float]], qmax: int) -> Prepare:
-    def prepare(node: fx.Node, w: torch.Tensor) -> LayerFn:
-        s = weight_scales(w, qmax, per_channel=True)
-        wq = torch.fake_quantize_per_channel_affine(w, s, torch.zeros_like(s, dtype=torch.int32), 0, -qmax - 1, qmax)
-        scale, zero = activation_qparams(*ranges[node.name], torch.uint8, False)
-        return lambda args, kwargs: _call(node, args, kwargs, {
-            0: torch.fake_quantize_per_tensor_affine(args[0], scale, zero, 0, 255), 1: wq})
-    return prepare
-
-
-def _factorized(stages_of: Callable[[fx.Node, torch.Tensor], list[Stage] | str]) -> Prepare:
-    def prepare(node: fx.Node, w: torch.Tensor) -> LayerFn | str:
-        stages = stages_of(node, w)
-        if isinstance(stages, str):
-            return stages
-        return lambda args, kwargs: run_stages(node, args[0], stages, args[2] if len(args) > 2 else None)
-    return prepare
-
-
-def _low_rank_stages(p: LowRank, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
-    if conv_groups(node) != 1:
-        return "grouped"
-    return p.svd(w)
-
-
-def _depthwise_stages(p: DepthwiseSeparable, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
-    if not is_op(node, aten.conv2d) or conv_groups(node) != 1:
-        return "not_a_regular_conv2d"
-    m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
-    if k == 1:
-        return "pointwise"
-    stages = p.decouple(w)
-    r = stages[1].weight.shape[1] // n
-    return "not_cheaper" if r * (k + m) >= m * k else stages  # depthwise_separable's own FLOPs test
-
-
-def _prune(ratio: float) -> Prepare:
-    def prepare(node: fx.Node, w: torch.Tensor) -> LayerFn | str:
-        drop = int(ratio * w.shape[0])
-        if not drop:
-            return "too_few_channels"
-        rows = w.flatten(1).abs().sum(1).argsort()[:drop]
-        wz = w.clone().index_fill_(0, rows, 0.0)
-
-        def layer_fn(args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-            bias = args[2] if len(args) > 2 and args[2] is not None else None
-            replaced = {1: wz} if bias is None else {1: wz, 2: bias.clone().index_fill_(0, rows, 0.0)}
-            return _call(node, args, kwargs, replaced)
-        return layer_fn
-    return prepare
+    """What ``setting`` makes of one layer, asked of the one pass in it that answers per-layer questions
+    (``Pass.layer_effect``): from its node and weight, the layer's new function or a refusal."""
+    answering = [p for p in resolve(setting) if type(p).layer_effect is not Pass.layer_effect]
+    if len(answering) != 1:
+        raise PassError(f"no per-layer sensitivity for setting {setting!r} (it needs exactly one pass with a "
+                        f"layer_effect; found {[p.name for p in answering]})")
+    (p,) = answering
+    return lambda node, w: p.layer_effect(node, LayerContext(w, ranges.get(node.name, (0.0, 0.0)), target))

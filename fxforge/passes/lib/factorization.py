@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import add_tensor, get_tensor
-from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op
+from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op, value_of
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 
@@ -92,6 +92,14 @@ def run_original(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: tor
     groups = () if is_op(node, *LINEAR) else (conv_groups(node),)
     with torch.no_grad():
         return node.target(x, weight, bias, *conv_geometry(node), *groups)
+
+
+def factorized(node: fx.Node, stages: list[Stage] | str) -> Callable[[list, dict], torch.Tensor] | str:
+    """The layer function computing ``stages`` in place of ``node`` (or the refusal, passed through)."""
+    if isinstance(stages, str):
+        return stages
+    return lambda args, kwargs: run_stages(node, value_of(node, args, kwargs, "input"), stages,
+                                           value_of(node, args, kwargs, "bias"))
 
 
 def emit_stages(gm: fx.GraphModule, node: fx.Node, stages: Sequence[Stage]) -> None:
