@@ -105,7 +105,7 @@ def stored_tuning_db(target: str = "x86") -> Path:
     (``llvm-<cpu>-<hash>``), written by benchmarks/tune_models.py."""
     from fxforge.backends.tvm import tvm_target
     from fxforge.compiler.target import get_target
-    from fxforge.tuning.metaschedule import target_key
+    from fxforge.backends.tvm.tuning import target_key
     return TUNING_DBS / target_key(tvm_target(get_target(target)))
 
 

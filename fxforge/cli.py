@@ -183,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from fxforge.compiler.report import measure_latency
+    from fxforge.compiler.timing import measure_latency
     artifact = fxforge.load(args.artifact)
     inputs = []
     for file in args.input:

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fxforge
     from fxforge.compiler.pass_manager import split_passes
-    from fxforge.compiler.report import measure_latency
+    from fxforge.compiler.timing import measure_latency
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--passes", default="all", help="comma-separated passes/presets")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from fxforge.compiler.graph import aten, call_nodes
+from fxforge.compiler.graph import call_nodes
+from fxforge.compiler.ops import WEIGHTED
 from fxforge.compiler.pass_manager import PassContext
 from fxforge.compiler.trace import trace
-from fxforge.passes.analysis.channel_groups import CONVS, ChannelGroups
+from fxforge.passes.analysis.channel_groups import ChannelGroups
 from fxforge.passes.prune_channels import zero_groups
 
 
@@ -27,4 +28,4 @@ def zero_random_groups(model: torch.nn.Module, example: tuple, share: float, see
             if name in state:
                 state[name].copy_(t)
     ids = torch.tensor([i for grp in chosen for i in grp.ids])
-    return sum(int((~cg.map(n).keep(ids)).sum()) for n in call_nodes(gm, *CONVS, aten.linear))
+    return sum(int((~cg.map(n).keep(ids)).sum()) for n in call_nodes(gm, *WEIGHTED))

@@ -99,13 +99,15 @@ def edit_meta(path: Path, **changes) -> Path:
 def without_module(mp: pytest.MonkeyPatch, module: str, backend: str) -> None:
     """Simulate an optional package that is not installed (its backend module not yet imported)."""
     mp.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
-    mp.delitem(sys.modules, f"fxforge.backends.{backend}", raising=False)
+    package = f"fxforge.backends.{backend}"
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        mp.delitem(sys.modules, name)
     mp.delitem(base._BACKENDS, backend, raising=False)
 
 
 def tuning_db(tmp: Path, file: str, text: str) -> str:
     """A tuning database directory holding one file with ``text``."""
-    from fxforge.tuning import metaschedule
+    from fxforge.backends.tvm import tuning as metaschedule
     db = tmp / "db"
     db.mkdir()
     (db / getattr(metaschedule, file)).write_text(text)

@@ -11,12 +11,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 
 from fxforge.compiler.errors import BackendError
 from fxforge.compiler.graph import fusion_groups, inplace_variant
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import Signature
+from fxforge.compiler.trace import Signature, batch_dynamic
 
 from .base import Artifact, Backend, register_backend
 
@@ -37,8 +36,7 @@ class EagerArtifact(Artifact):
 
     def write(self, directory: Path) -> None:
         example = tuple(_example(s) for s in self.signature.inputs)
-        dynamic = tuple({0: Dim("batch", min=1, max=1 << 16)} if s.shape and s.shape[0] is None else None
-                        for s in self.signature.inputs) if self.signature.dynamic_batch else None
+        example, dynamic = batch_dynamic(example, self.signature.batched())
         ep = torch.export.export(self.gm, example, dynamic_shapes=dynamic, strict=False)
         torch.export.save(ep, directory / PROGRAM)
 

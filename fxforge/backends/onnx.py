@@ -35,12 +35,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 
 from fxforge.compiler.errors import ANSI, BackendError, first_line, missing_dependency
 from fxforge.compiler.graph import fusion_groups
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import MAX_BATCH, Signature
+from fxforge.compiler.trace import Signature, batch_dynamic
 
 from .base import Artifact, Backend, register_backend
 
@@ -163,13 +162,8 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so)."""
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise BackendError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
-    dynamic = [s.shape and s.shape[0] is None for s in signature.inputs] if signature.dynamic_batch else \
-        [False] * len(signature.inputs)
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    shapes = tuple({0: batch} if d else None for d in dynamic) if any(dynamic) else None
-    args = tuple(torch.cat([t, t]) if d and t.shape[0] == 1 else t  # a batch of 1 would specialise
-                 for t, d in zip(example_inputs, dynamic))
-    outputs = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+    args, shapes = batch_dynamic(example_inputs, signature.batched())
+    outputs = len(gm.graph.output_node().args[0])
     names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]  # not the last op's name
     with _quiet():
         try:

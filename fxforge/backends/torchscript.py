@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import BackendError, TargetError
 from fxforge.compiler.graph import aten, is_op
-from fxforge.compiler.report import measure_latency
+from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature
 from fxforge.compiler.verify import EXACT_TOLERANCE, compare, fresh_inputs

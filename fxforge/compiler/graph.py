@@ -1,22 +1,15 @@
-"""Small helpers over fx graphs shared by every pass: ops, parameters behind get_attr, users, networkx view."""
+"""Graph surgery shared by every pass: constant tensors behind get_attr nodes, finalizing, fusion groups.
+
+The op vocabulary (``aten``, ``is_op``, op families, named arguments) lives in ``compiler/ops.py``."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 
-aten = torch.ops.aten
-
-
-def is_op(node: Any, *ops: Any) -> bool:
-    """True when ``node`` calls one of ``ops`` (an OpOverload, or a packet matching all its overloads)."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return False
-    target = node.target
-    packet = getattr(target, "overloadpacket", None)
-    return any(target is op or packet is op for op in ops)
+from .ops import aten, is_op
 
 
 def call_nodes(gm: fx.GraphModule, *ops: Any) -> Iterator[fx.Node]:
@@ -24,26 +17,6 @@ def call_nodes(gm: fx.GraphModule, *ops: Any) -> Iterator[fx.Node]:
     for node in gm.graph.nodes:
         if node.op == "call_function" and (not ops or is_op(node, *ops)):
             yield node
-
-
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """An argument given positionally or by keyword."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
-    """Set an argument, padding positional arguments with the schema's defaults where needed."""
-    if name in node.kwargs:
-        node.update_kwarg(name, value)
-        return
-    args = list(node.args)
-    if index >= len(args):
-        schema = node.target._schema.arguments  # type: ignore[union-attr]
-        args.extend(a.default_value for a in schema[len(args):index + 1])
-    args[index] = value
-    node.args = tuple(args)
 
 
 def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
@@ -127,28 +100,12 @@ def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return out
 
 
-def replace_all_uses(old: fx.Node, new: fx.Node) -> None:
-    old.replace_all_uses_with(new, propagate_meta=False)
-
-
 def finalize(gm: fx.GraphModule) -> None:
     """Drop dead nodes and unused tensors, check the graph, regenerate code."""
     gm.graph.eliminate_dead_code()
     remove_unused_tensors(gm)
     gm.graph.lint()
     gm.recompile()
-
-
-def to_networkx(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None):
-    """The data-flow graph as a networkx DiGraph keyed by node name."""
-    import networkx as nx
-
-    g = nx.DiGraph()
-    for node in nodes if nodes is not None else gm.graph.nodes:
-        g.add_node(node.name, op=node.op, target=str(node.target))
-        for inp in node.all_input_nodes:
-            g.add_edge(inp.name, node.name)
-    return g
 
 
 FUSION_KEY = "fxforge.fusion"  # node.meta key: {"group": id, "pattern": "conv2d+relu"}

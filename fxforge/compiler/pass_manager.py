@@ -1,15 +1,15 @@
 """Passes, analyses, their registry, and the manager that runs a pipeline with instruments.
 
-The manager is LLVM's new pass manager kept small: passes say which analyses they preserve, analyses are
-cached by type until a pass invalidates them, and every pass is followed by instruments (lint, a numeric
-check against the previous stage, a report row). Passes never print; the manager reports.
+The manager is LLVM's new pass manager kept small: passes say which analyses they preserve (by type), analyses
+are cached by type until a pass invalidates them, and every pass runs between instruments (timing, lint, a
+numeric check against the previous stage, a report row: ``compiler/instruments.py``). Passes never print; the
+manager reports.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import re
-import time
 import typing
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -18,22 +18,17 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence, TypeVar
 import torch
 import torch.fx as fx
 
-from .errors import FxforgeError, PassError, VerificationError, first_line
+from .analysis.base import Analysis
+from .errors import FxforgeError, PassError
+from .instruments import Instrument, Lint, Stage, Timing, after_passes
+from .report import Report, StageRecorder
 from .target import Target, get_target
+from .verify import NumericCheck
 
 A = TypeVar("A")
-Preserved = frozenset[str] | Literal["all", "none"]
+Preserved = frozenset[type[Analysis]] | Literal["all", "none"]
 VerifyMode = Literal["off", "lint", "numerics"]
 VERIFY_MODES = ("off", "lint", "numerics")
-
-
-class Analysis:
-    """A pure computation over a graph whose result is cached until a pass invalidates it."""
-
-    name: ClassVar[str]
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> Any:
-        raise NotImplementedError
 
 
 @dataclass
@@ -53,7 +48,6 @@ class PassContext:
     target: Target = field(default_factory=lambda: get_target("x86"))
     calibration: Iterable[Any] | None = None
     verify: VerifyMode = "numerics"
-    state: dict[str, Any] = field(default_factory=dict)  # facts one pass leaves for a later one
     _gm: fx.GraphModule | None = None
     _cache: dict[type, Any] = field(default_factory=dict)
 
@@ -69,10 +63,27 @@ class PassContext:
         return self._cache[kind]
 
     def invalidate(self, preserves: Preserved) -> None:
+        """Drop every cached analysis except the ``preserves`` ones (Analysis subclasses, "all" or "none")."""
         if preserves == "all":
             return
         keep = set() if preserves == "none" else set(preserves)
-        self._cache = {k: v for k, v in self._cache.items() if k.name in keep}
+        wrong = [k for k in keep if not (isinstance(k, type) and issubclass(k, Analysis))]
+        if wrong:
+            raise PassError(f"preserves must hold Analysis classes, got {wrong!r}")
+        self._cache = {k: v for k, v in self._cache.items() if k in keep}
+
+
+LayerFn = Callable[[list, dict], torch.Tensor]  # a layer's new function of its evaluated (args, kwargs)
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a pass may read when asked about one conv/linear layer alone: its constant weight, the range its
+    input took on calibration data, and the target."""
+
+    weight: torch.Tensor
+    input_range: tuple[float, float]
+    target: Target
 
 
 class Pass:
@@ -80,11 +91,16 @@ class Pass:
 
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # False: approximate; reports its error in stats
-    requires: ClassVar[tuple[type[Analysis], ...]] = ()
     after: ClassVar[tuple[str, ...]] = ()  # passes that must run earlier in the same pipeline
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str | None:
+        """What this pass would make of ``node`` (a conv/linear) alone: the layer's new function, or the reason
+        it leaves the layer unchanged; None when the pass does not answer per-layer questions. The sensitivity
+        analysis and autotune ask this, so a pass's refusal rules and constants have one home."""
+        return None
 
     @classmethod
     def description(cls) -> str:
@@ -148,7 +164,6 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    import fxforge.passes  # noqa: F401  (the built-in passes register themselves)
     for ep in metadata.entry_points(group="fxforge.passes"):
         try:
             ep.load()
@@ -236,74 +251,55 @@ def _type_name(hint: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------- manager
 
-Instrument = Callable[["PassManager", Pass | None, fx.GraphModule, PassResult | None, float], None]
-
-
 class PassManager:
-    """Runs passes in order on a graph, with verification and a report row after each."""
+    """Runs passes in order on a graph between instruments: timing, lint (unless ``verify="off"``), the numeric
+    check (``verify="numerics"``), a report row, then any ``instruments`` given."""
 
     def __init__(self, passes: str | Pass | Sequence[str | Pass] = (), verify: VerifyMode = "numerics",
-                 measure_latency: bool = True) -> None:
+                 measure_latency: bool = True, instruments: Sequence[Instrument] = ()) -> None:
         if verify not in VERIFY_MODES:
             raise PassError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.passes = resolve(passes)
         self.verify = verify
         self.measure_latency = measure_latency
+        self.extra_instruments = tuple(instruments)
         check_order(self.passes)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext):
         """Run the pipeline on ``gm`` (mutated in place: callers hand in their own copy)."""
-        from .report import Report, StageRecorder
-        from .verify import NumericCheck
-
         ctx.verify = self.verify
         report = Report()
-        recorder = StageRecorder(report, ctx, self.measure_latency)
-        check = NumericCheck(gm, ctx.example_inputs) if self.verify == "numerics" else None
-        recorder.record("input", gm, exact=True, elapsed=0.0, stats={}, error=check.first_error() if check else None)
+        instruments = [Timing(), *([Lint()] if self.verify != "off" else []),
+                       *([NumericCheck(gm, ctx.example_inputs)] if self.verify == "numerics" else []),
+                       StageRecorder(report, self.measure_latency), *self.extra_instruments]
         done: list[str] = []
-        for p in self.passes:
+        for p in (None, *self.passes):
             ctx._gm = gm
-            start = time.perf_counter()
-            try:
-                result = p.run(gm, ctx)
-            except FxforgeError:
-                raise
-            except Exception as e:
-                raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {e}"
-                                f"{_after(done)}") from e
-            elapsed = time.perf_counter() - start
-            if result.changed:
-                gm.recompile()
-            self._lint(p, gm, done)
-            ctx.invalidate(result.preserves if result.changed else "all")
-            error = self._check(check, p, gm, done)
-            recorder.record(str(p), gm, exact=p.exact, elapsed=elapsed, stats=result.stats, error=error)
-            done.append(p.name)
+            for instrument in instruments:
+                instrument.before(p, gm, ctx)
+            result = self._run_pass(p, gm, ctx, instruments, done) if p is not None else None
+            stage = Stage("input" if p is None else str(p), p, result, list(done))
+            for instrument in instruments:
+                instrument.after(p, gm, ctx, stage)
+            if p is not None:
+                done.append(p.name)
         return gm, report
 
     @staticmethod
-    def _check(check: Any, p: Pass, gm: fx.GraphModule, done: list[str]) -> Any:
-        """The numeric check after ``p``; a graph that no longer runs is the pass's fault, named as such."""
-        if check is None:
-            return None
+    def _run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, instruments: list[Instrument],
+                  done: list[str]) -> PassResult:
         try:
-            return check.after(p, gm, done)
-        except FxforgeError:
-            raise
+            result = p.run(gm, ctx)
         except Exception as e:
-            node = re.search(r"While executing %(\w+)", str(e))
-            where = f" at node {node.group(1)!r}" if node else ""
-            raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
-                                    f"{first_line(e)}{_after(done)}") from e
-
-    def _lint(self, p: Pass, gm: fx.GraphModule, done: list[str]) -> None:
-        if self.verify == "off":
-            return
-        try:
-            gm.graph.lint()
-        except Exception as e:
-            raise VerificationError(f"pass {p.name!r} left a malformed graph: {e}{_after(done)}") from None
+            for instrument in instruments:
+                instrument.failed(p, gm, ctx, e)
+            if isinstance(e, FxforgeError):
+                raise
+            raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {e}{after_passes(done)}") from e
+        if result.changed:
+            gm.recompile()
+        ctx.invalidate(result.preserves if result.changed else "all")
+        return result
 
 
 def check_order(passes: Sequence[Pass]) -> None:
@@ -316,6 +312,3 @@ def check_order(passes: Sequence[Pass]) -> None:
                             f"(got: {' → '.join(q.name for q in passes)})")
         seen.add(p.name)
 
-
-def _after(done: list[str]) -> str:
-    return f" (after: {', '.join(done)})" if done else " (it was the first pass)"

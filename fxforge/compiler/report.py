@@ -6,15 +6,15 @@ of the constants the graph reads, FLOPs, latency (median of repeated runs), and 
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import torch
 import torch.fx as fx
 
+from .analysis import Flops
 from .graph import graph_tensors
+from .instruments import Instrument, Stage
+from .timing import measure_latency
 from .verify import Error
 
 
@@ -93,35 +93,18 @@ def model_size(gm: fx.GraphModule) -> tuple[int, int]:
     return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure_latency(fn: Callable[..., Any], inputs: Sequence[Any], budget_s: float = 0.5,
-                    min_runs: int = 3, max_runs: int = 20) -> float:
-    """Median wall time of ``fn(*inputs)`` in milliseconds after one warm-up run."""
-    times: list[float] = []
-    with torch.inference_mode():
-        fn(*inputs)
-        deadline = time.perf_counter() + budget_s
-        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
-            start = time.perf_counter()
-            fn(*inputs)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-class StageRecorder:
+class StageRecorder(Instrument):
     """The pass manager's reporting instrument: appends a row after every stage."""
 
-    def __init__(self, report: Report, ctx: Any, measure: bool) -> None:
-        self.report, self.ctx, self.measure = report, ctx, measure
+    def __init__(self, report: Report, measure: bool) -> None:
+        self.report, self.measure = report, measure
 
-    def record(self, stage: str, gm: fx.GraphModule, *, exact: bool, elapsed: float,
-               stats: dict[str, float], error: Error | None) -> StageRow:
-        from fxforge.passes.analysis import Flops  # analyses live with the passes
-
+    def after(self, p: Any, gm: fx.GraphModule, ctx: Any, stage: Stage) -> None:
         params, nbytes = model_size(gm)
-        flops = sum(self.ctx.analysis(Flops, gm).values())
-        row = StageRow(stage, exact, elapsed, sum(1 for n in gm.graph.nodes if n.op == "call_function"),
-                       params, nbytes, flops,
-                       measure_latency(gm, self.ctx.example_inputs) if self.measure else None,
-                       error.max_rel if error else None, error.cosine if error else None, dict(stats))
-        self.report.rows.append(row)
-        return row
+        flops = sum(ctx.analysis(Flops, gm).values())
+        error: Error | None = stage.error
+        stats = stage.result.stats if stage.result is not None else {}
+        self.report.rows.append(StageRow(
+            stage.name, stage.exact, stage.elapsed, sum(1 for n in gm.graph.nodes if n.op == "call_function"),
+            params, nbytes, flops, measure_latency(gm, ctx.example_inputs) if self.measure else None,
+            error.max_rel if error else None, error.cosine if error else None, dict(stats)))

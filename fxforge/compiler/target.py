@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import TargetError
@@ -39,7 +39,6 @@ class Target:
     torch_device: str = "cpu"
     cross_compiler: str | None = None  # C++ driver that links shared libraries for this target
     runs_on_host: bool = True  # False: code is built here but must run on another machine
-    extras: Mapping[str, Any] = field(default_factory=dict)
     isa: frozenset[str] | None = None  # instruction-set features; None: this machine's (x86 only)
 
     def features(self) -> frozenset[str]:

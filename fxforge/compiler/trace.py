@@ -53,6 +53,10 @@ class Signature:
     dynamic_batch: bool
     note: str = ""  # why the batch is static, when it is
 
+    def batched(self) -> list[bool]:
+        """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
+        return [bool(s.shape) and s.shape[0] is None and self.dynamic_batch for s in self.inputs]
+
     def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
         """Flatten call arguments and check count, shape and dtype against the compiled signature."""
         flat, spec = pytree.tree_flatten((tuple(args), {}))
@@ -181,13 +185,23 @@ def _batch_of_two(args: tuple) -> tuple:
 def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.export.ExportedProgram:
     dynamic_shapes = None
     if dynamic:
-        leaves = pytree.tree_leaves(args)
+        leaves, spec = pytree.tree_flatten(args)
         batch_size = leaves[0].shape[0] if leaves[0].dim() else None
-        batch = Dim("batch", min=1, max=MAX_BATCH)
-        dynamic_shapes = pytree.tree_map(
-            lambda t: {0: batch} if t.dim() and t.shape[0] == batch_size else None, args)
+        _, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch_size for t in leaves])
+        dynamic_shapes = pytree.tree_unflatten(list(shapes), spec) if shapes else None
     with torch.no_grad(), _quiet_torch_logs():
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def batch_dynamic(args: Sequence[torch.Tensor], batched: Sequence[bool]) -> tuple[tuple, tuple | None]:
+    """Arguments and ``dynamic_shapes`` to (re-)export a graph with dimension 0 of the ``batched`` inputs
+    symbolic (one shared ``Dim``): how capture and every backend that re-exports (eager's save, ONNX, TVM) say
+    "dynamic batch". A batch of 1 is doubled, since export specialises size-1 dimensions."""
+    if not any(batched):
+        return tuple(args), None
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    shapes = tuple({0: batch} if b else None for b in batched)
+    return tuple(torch.cat([t, t]) if b and t.shape[0] == 1 else t for t, b in zip(args, batched)), shapes
 
 
 @contextlib.contextmanager

@@ -5,13 +5,16 @@ to the reference's scale: ``max|a - b| / max|b|`` over all outputs, plus the cos
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 
-from .errors import VerificationError
+from .errors import FxforgeError, VerificationError, first_line
+from .instruments import Instrument, Stage, after_passes
+from .ops import QUANTIZE, is_op
 
 EXACT_TOLERANCE = 1e-4  # max relative error an exact pass may introduce (float reassociation)
 # How far a backend may move a quantized (Q/DQ) graph: integer kernels round requantization differently from
@@ -90,18 +93,30 @@ def run_recording(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[A
     return out, rec.values
 
 
-class NumericCheck:
-    """Compares each stage with the previous one and with the first (the traced model)."""
+class NumericCheck(Instrument):
+    """The numeric-check instrument: runs each stage on fresh inputs, raises when an exact pass moved the
+    outputs (naming the first diverging node), and sets ``stage.error`` against the traced model."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
         self.inputs = fresh_inputs(example_inputs)
         self.reference, self.prev_values = run_recording(gm, self.inputs)
         self.prev_out = self.reference
 
-    def first_error(self) -> Error:
-        return Error(0.0, 1.0)
+    def after(self, p: Any, gm: fx.GraphModule, ctx: Any, stage: Stage) -> None:
+        if p is None:
+            stage.error = Error(0.0, 1.0)
+            return
+        try:
+            stage.error = self.check(p, gm, stage.done)
+        except FxforgeError:
+            raise
+        except Exception as e:  # a graph that no longer runs is the pass's fault, named as such
+            node = re.search(r"While executing %(\w+)", str(e))
+            where = f" at node {node.group(1)!r}" if node else ""
+            raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
+                                    f"{first_line(e)}{after_passes(stage.done)}") from e
 
-    def after(self, p: Any, gm: fx.GraphModule, done: Sequence[str]) -> Error:
+    def check(self, p: Any, gm: fx.GraphModule, done: Sequence[str]) -> Error:
         """The error of the new stage against eager; raise if an exact pass moved the numbers."""
         out, values = run_recording(gm, self.inputs)
         step = compare(out, self.prev_out)
@@ -134,22 +149,6 @@ def diverging_output(gm: fx.GraphModule, out: Sequence[Any], before: Sequence[An
     return ""
 
 
-def check_equivalent(a: fx.GraphModule | Any, b: Any, example_inputs: Sequence[torch.Tensor],
-                     tolerance: float = EXACT_TOLERANCE, seed: int = _SEED) -> Error:
-    """Run two callables on the same fresh inputs; raise VerificationError past ``tolerance``."""
-    inputs = fresh_inputs(example_inputs, seed)
-    with torch.no_grad():
-        err = compare(_as_tuple(a(*inputs)), _as_tuple(b(*inputs)))
-    if not err.max_rel <= tolerance:
-        raise VerificationError(f"outputs differ by {err.max_rel:.3g} relative (tolerance {tolerance:g})")
-    return err
-
-
-def _as_tuple(x: Any) -> tuple:
-    import torch.utils._pytree as pytree
-    return tuple(pytree.tree_leaves(x))
-
-
 BACKEND_SEED = _SEED + 1  # the backend is checked on inputs no pass was checked on
 
 
@@ -177,7 +176,7 @@ def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, ex
         vs_model = err if vs_model is None else Error(max(vs_model.max_rel, err.max_rel),
                                                       min(vs_model.cosine, err.cosine))
     assert vs_model is not None
-    quantized = any(str(n.target).startswith("quantized_decomposed.") for n in gm.graph.nodes)
+    quantized = any(is_op(n, *QUANTIZE) for n in gm.graph.nodes)
     bound = QUANTIZED_LOWERING_TOLERANCE if quantized else EXACT_TOLERANCE
     if not vs_graph <= bound:
         raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled by "
@@ -188,3 +187,10 @@ def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, ex
                                 f"{vs_model.max_rel:.3g} relative (cosine {vs_model.cosine:.4f}; bound "
                                 f"{EXACT_TOLERANCE:g}); pass verify='off' to accept it anyway")
     return vs_model
+
+
+def first_float(out: Any) -> torch.Tensor:
+    """The first floating-point output of a model's result (a tensor, or a tuple/list holding one): what
+    agreement-based scores compare."""
+    values = out if isinstance(out, (tuple, list)) else (out,)
+    return next(torch.as_tensor(v) for v in values if torch.as_tensor(v).is_floating_point())

@@ -23,18 +23,19 @@ already folded to integers, are counted and left alone.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import CalibrationError
-from fxforge.compiler.graph import aten, get_tensor, is_op, set_tensor
+from fxforge.compiler.analysis import Shapes
+from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.ops import LINEAR, WEIGHTED, bias_of, call_with, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .qdq import checked_batches, is_dq, is_q, role
-
-LAYERS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+from .lib.qdq import checked_batches, is_dq, is_q, role
 
 
 @register_pass
@@ -58,60 +59,60 @@ class BiasCorrection(Pass):
         if ctx.calibration is None:
             raise CalibrationError("pass 'bias_correction' needs calibration data: pass calibration=[(x1,), ...] "
                                    "to fxforge.compile")
-        stats: dict[str, float] = {}
+        stats: Counter[str] = Counter()
         errors: dict[fx.Node, torch.Tensor] = {}
         for op in gm.graph.nodes:
-            if is_op(op, *LAYERS):
+            if is_op(op, *WEIGHTED):
                 reason = self.refusal(gm, op)
                 if reason is None:
-                    errors[op] = _rounding_error(gm, op.args[1])
+                    errors[op] = _rounding_error(gm, weight_of(op))
                 elif reason != "not_quantized":
-                    stats[f"skipped.{reason}"] = stats.get(f"skipped.{reason}", 0) + 1
+                    stats[f"skipped.{reason}"] += 1
         if not errors:
-            return PassResult(changed=False, preserves="all", stats=stats)
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         batches = list(checked_batches(ctx.calibration, ctx.example_inputs))
         if not batches:
             raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
         run = _PairRun(gm, errors, self.shift)
-        data = [torch.cat(parts)[:self.max_samples] for parts in zip(*batches)]
+        inputs = [torch.cat(parts)[:self.max_samples] for parts in zip(*batches)]
         with torch.no_grad():
-            run.run(*data)
+            run.run(*inputs)
         shifts = []
         for op, shift in run.shifts.items():
-            bias = op.args[2].args[0].args[0]  # bias DQ ← bias Q ← float constant
+            bias = data(data(bias_of(op)))  # bias DQ ← bias Q ← float constant
             set_tensor(gm, bias, (get_tensor(gm, bias).detach().double() - shift).float())
             shifts.append(shift.abs())
         shifts = torch.cat(shifts)
-        stats.update({"corrected": len(run.shifts), "samples": len(data[0]),
+        stats.update({"corrected": len(run.shifts), "samples": len(inputs[0]),
                       "mean_abs_shift": float(shifts.mean()), "max_abs_shift": float(shifts.max())})
-        return PassResult(changed=True, preserves=frozenset({"shapes"}), stats=stats)
+        return PassResult(changed=True, preserves=frozenset({Shapes}), stats=dict(stats))
 
     @staticmethod
     def refusal(gm: fx.GraphModule, op: fx.Node) -> str | None:
         """Why the layer's bias is not corrected, or None."""
-        w_dq = op.args[1]
+        w_dq = weight_of(op)
         if not (is_dq(w_dq) and role(w_dq) == "weight"):
             return "not_quantized"
-        if not is_q(w_dq.args[0]) or get_tensor(gm, w_dq.args[0].args[0]) is None:
+        if not is_q(data(w_dq)) or get_tensor(gm, data(data(w_dq))) is None:
             return "weight_folded"
-        bias = op.args[2] if len(op.args) > 2 else None
+        bias = bias_of(op)
         if bias is None:
             return "no_bias"
-        if not (is_dq(bias) and is_q(bias.args[0]) and get_tensor(gm, bias.args[0].args[0]) is not None):
+        if not (is_dq(bias) and is_q(data(bias)) and get_tensor(gm, data(data(bias))) is not None):
             return "bias_folded"
         return None
 
 
 def _rounding_error(gm: fx.GraphModule, w_dq: fx.Node) -> torch.Tensor:
     """ε = DQ(Q(W)) − W, computed with the graph's own quantize/dequantize ops (float64 for the difference)."""
-    q = w_dq.args[0]
-    weight = get_tensor(gm, q.args[0]).detach()
+    q = data(w_dq)
+    weight = get_tensor(gm, data(q)).detach()
 
-    def const(a: Any) -> Any:
-        return get_tensor(gm, a) if isinstance(a, fx.Node) else a
+    def evaluated(node: fx.Node) -> tuple[Any, Any]:
+        return fx.node.map_arg((node.args, node.kwargs), lambda a: get_tensor(gm, a))
 
-    codes = q.target(weight, *map(const, q.args[1:]))
-    return (w_dq.target(codes, *map(const, w_dq.args[1:])).double() - weight.double()).float()
+    codes = call_with(q, *evaluated(q), input=weight)
+    return (call_with(w_dq, *evaluated(w_dq), input=codes).double() - weight.double()).float()
 
 
 class _PairRun(fx.Interpreter):
@@ -134,10 +135,10 @@ class _PairRun(fx.Interpreter):
         fp = None  # the float side is needed only to measure shift="output"
         if self.shift == "output":
             fp_args, fp_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][0])
-            fp = fp_args[0] if is_q(n) or is_dq(n) else n.target(*fp_args, **fp_kwargs)
+            fp = value_of(n, fp_args, fp_kwargs, "input") if is_q(n) or is_dq(n) else n.target(*fp_args, **fp_kwargs)
         if n in self.errors:
-            channel = q.dim() - 1 if is_op(n, aten.linear) else 1
-            delta = n.target(q_args[0], self.errors[n], None, *q_args[3:], **q_kwargs) if self.shift == "weights" \
+            channel = q.dim() - 1 if is_op(n, *LINEAR) else 1
+            delta = call_with(n, q_args, q_kwargs, weight=self.errors[n], bias=None) if self.shift == "weights" \
                 else q - fp
             dims = [d for d in range(q.dim()) if d != channel]
             shift = delta.double().mean(dims)

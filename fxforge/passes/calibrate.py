@@ -2,7 +2,7 @@
 
 The graph runs in float (Q/DQ pass values through) on each calibration batch; the inputs of the Q nodes of
 one group feed one histogram observer. Its clipping range [lo, hi] ∋ 0 (method ``minmax``, ``percentile``,
-``entropy`` or ``mse``, see passes/observers.py) gives
+``entropy`` or ``mse``, see passes/lib/observers.py) gives
 
     asymmetric:  s = (hi − lo) / (q_max − q_min),   z = clamp(q_min − round(lo / s), q_min, q_max)
     symmetric:   s = 2·max(|lo|, |hi|) / (q_max − q_min),   z = (q_min + q_max + 1) // 2
@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from fxforge.compiler.errors import CalibrationError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .observers import METHODS, Method
-from .qdq import checked_batches, fit_activations
+from .lib.observers import METHODS, Method
+from .lib.qdq import checked_batches, fit_activations
 
 
 @register_pass

@@ -16,15 +16,18 @@ Stats hold each split layer's relative output error on its recorded input (``err
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import arg, aten, call_nodes, finalize, get_tensor
+from fxforge.compiler.graph import call_nodes, finalize, get_tensor
+from fxforge.compiler.ops import aten, bias_of, conv_groups, data, is_op, weight_of
 from fxforge.compiler.errors import PassError
-from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
-from .factorization import Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, layer_error, svd
+from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized, layer_error,
+                                svd)
 
 
 @register_pass
@@ -43,28 +46,28 @@ class DepthwiseSeparable(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
-        stats: dict[str, float] = {}
+        stats: Counter = Counter()
         for node in list(call_nodes(gm, aten.conv2d)):
             reason = self.split(gm, node, rec, stats)
-            add_stat(stats, "split" if reason is None else f"skipped.{reason}")
+            stats["split" if reason is None else f"skipped.{reason}"] += 1
         if not stats.get("split"):
-            return PassResult(changed=False, preserves="all", stats=stats)
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         finalize(gm)
         stats["error.model"] = rec.model_error(gm)
-        return PassResult(changed=True, stats=stats)
+        return PassResult(changed=True, stats=dict(stats))
 
-    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: dict[str, float]) -> str | None:
+    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: Counter) -> str | None:
         """Decouple one conv; return why not, or None when split."""
-        weight, bias_node = get_tensor(gm, node.args[1]), arg(node, 2, "bias")
+        weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             return "non_constant_weight"
-        if arg(node, 6, "groups", 1) != 1:
+        if conv_groups(node) != 1:
             return "grouped"
         m, n, k = weight.shape[0], weight.shape[1], math.prod(weight.shape[2:])
         if k == 1:
             return "pointwise"
-        x, y = rec.value(node.args[0]), rec.value(node)
+        x, y = rec.value(data(node)), rec.value(node)
         if x is None or y is None:
             return "not_executed"
         stages = self.decouple(weight)
@@ -74,6 +77,16 @@ class DepthwiseSeparable(Pass):
         stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
         emit_stages(gm, node, stages)
         return None
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        if not is_op(node, aten.conv2d) or conv_groups(node) != 1:
+            return "not_a_regular_conv2d"
+        w = layer.weight
+        m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
+        if k == 1:
+            return "pointwise"
+        stages = self.decouple(w)
+        return "not_cheaper" if stages[1].weight.shape[1] // n * (k + m) >= m * k else factorized(node, stages)
 
     def decouple(self, w: torch.Tensor) -> list[Stage]:
         """Depthwise (n·r, 1, kh, kw) with groups n, then pointwise (m, n·r, 1, 1)."""

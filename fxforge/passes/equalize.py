@@ -26,16 +26,15 @@ exact, and the per-tensor asymmetric activation grid already represents a shifte
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import arg, aten, get_tensor, is_op, set_tensor
+from fxforge.compiler.analysis import Shapes
+from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.ops import CLAMP, LINEAR, RELU, WEIGHTED, aten, bias_of, conv_groups, data, is_op, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
-
-CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
-LAYERS = (*CONVS, aten.linear)
-CLIPS = (aten.hardtanh, aten.clamp, aten.relu6)
 
 
 @register_pass
@@ -47,20 +46,19 @@ class Equalize(Pass):
     tolerance: float = 1e-3  # stop when max_i |log s_i| of a sweep is below this
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stats: dict[str, float] = {}
+        stats: Counter[str] = Counter()
         pairs = []
         for a in gm.graph.nodes:
-            if is_op(a, *LAYERS):
+            if is_op(a, *WEIGHTED):
                 b, reason = self.match(gm, a)
                 if reason:
-                    stats[f"skipped.{reason}"] = stats.get(f"skipped.{reason}", 0) + 1
+                    stats[f"skipped.{reason}"] += 1
                 elif b is not None:
                     pairs.append((a, b))
         if not pairs:
-            return PassResult(changed=False, stats=stats)
-        weights = {n: get_tensor(gm, n.args[1]).detach().double() for pair in pairs for n in pair}
-        biases = {a: get_tensor(gm, arg(a, 2, "bias")).detach().double() for a, _ in pairs
-                  if arg(a, 2, "bias") is not None}
+            return PassResult(changed=False, stats=dict(stats))
+        weights = {n: get_tensor(gm, weight_of(n)).detach().double() for pair in pairs for n in pair}
+        biases = {a: get_tensor(gm, bias_of(a)).detach().double() for a, _ in pairs if bias_of(a) is not None}
         done = 0
         for done in range(1, self.sweeps + 1):
             largest = 0.0
@@ -74,12 +72,12 @@ class Equalize(Pass):
             if largest < self.tolerance:
                 break
         for node, w in weights.items():
-            set_tensor(gm, node.args[1], w.float())
+            set_tensor(gm, weight_of(node), w.float())
         for node, bias in biases.items():
-            set_tensor(gm, arg(node, 2, "bias"), bias.float())
+            set_tensor(gm, bias_of(node), bias.float())
         stats.update({"pairs": len(pairs), "sweeps": done,
-                      "depthwise_pairs": sum(1 for p in pairs if any(_groups(n) > 1 for n in p))})
-        return PassResult(changed=True, preserves=frozenset({"shapes"}), stats=stats)
+                      "depthwise_pairs": sum(1 for p in pairs if any(conv_groups(n) > 1 for n in p))})
+        return PassResult(changed=True, preserves=frozenset({Shapes}), stats=dict(stats))
 
     @staticmethod
     def match(gm: fx.GraphModule, a: fx.Node) -> tuple[fx.Node | None, str | None]:
@@ -88,32 +86,28 @@ class Equalize(Pass):
         if len(a.users) != 1:
             return None, None
         user = next(iter(a.users))
-        if is_op(user, aten.relu, *CLIPS):
+        if is_op(user, *CLAMP, aten.clamp):
             act = user
             if len(act.users) != 1:
                 return None, None
             user = next(iter(act.users))
-        if not is_op(user, *LAYERS) or user.args[0] is not (act or a):
+        if not is_op(user, *WEIGHTED) or data(user) is not (act or a):
             return None, None
         b = user
-        if act is not None and not is_op(act, aten.relu):
+        if act is not None and not is_op(act, *RELU):
             return None, "clipping_activation"
-        if is_op(a, aten.linear) != is_op(b, aten.linear):
+        if is_op(a, *LINEAR) != is_op(b, *LINEAR):
             return None, "mixed_layer_kinds"
-        if any(get_tensor(gm, n.args[1]) is None for n in (a, b)):
+        if any(get_tensor(gm, weight_of(n)) is None for n in (a, b)):
             return None, "non_constant_weight"
-        if arg(a, 2, "bias") is not None and get_tensor(gm, arg(a, 2, "bias")) is None:
+        if bias_of(a) is not None and get_tensor(gm, bias_of(a)) is None:
             return None, "non_constant_bias"
         return b, None
 
 
-def _groups(node: fx.Node) -> int:
-    return 1 if is_op(node, aten.linear) else arg(node, 6, "groups", 1)
-
-
 def _input_view(w: torch.Tensor, b: fx.Node) -> torch.Tensor:
     """B's weight as [groups, out/groups, in/groups, …]: channel i is column i % (in/groups) of group i // …"""
-    g = _groups(b)
+    g = conv_groups(b)
     return w.reshape(g, w.shape[0] // g, *w.shape[1:])
 
 

@@ -20,13 +20,131 @@ still runs in PyTorch and gives exactly the integers of the unfolded one.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, arg, aten, finalize, get_tensor, is_op
+from fxforge.compiler.graph import add_tensor, finalize, get_tensor
+from fxforge.compiler.ops import (CLAMP, DQ_PER_TENSOR, Q_PER_TENSOR, QUANTIZE, aten, clamp_range, data, is_op,
+                                  q_params)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.rewrite import Match, Pattern, Rule, apply_rules, op
 
-from .qdq import bounds, is_q, qd, quantize_scalar, role
+from .lib.qdq import bounds, quantize_scalar, role
+
+
+# --------------------------------------------------------------------------- DQ(Q(W)) → DQ(W_q)
+
+def _constant_weight(q: fx.Node) -> bool:
+    return role(q) in ("weight", "bias") and isinstance(data(q), fx.Node) and data(q).op == "get_attr"
+
+
+def fold_constant(gm: fx.GraphModule, m: Match) -> None:
+    """Q(W) on a constant W → the integer tensor itself, read by the DQ."""
+    q = m["q"]
+    params = [get_tensor(gm, a) if isinstance(a, fx.Node) else a for a in q_params(q).args()]
+    value = q.target(get_tensor(gm, data(q)), *params)
+    q.replace_all_uses_with(add_tensor(gm, q, f"{data(q).target}_{value.dtype}".replace("torch.", ""), value))
+
+
+# ------------------------------------------------------------- Q(relu(y)), Q(hardtanh(y, 0, h)) → Q(y)
+
+def _clamp_is_the_quantizers(q: fx.Node) -> bool:
+    """The clamp feeding ``q`` gives the integers q's own clamp gives: its floor is the zero point at q_min
+    and its ceiling (if any) quantizes to q_max."""
+    act, grid = data(q), q_params(q)
+    if not is_op(act, *CLAMP):
+        return False
+    qmin, qmax = bounds(grid.dtype)
+    lo, hi = clamp_range(act)
+    return grid.zero_point == qmin and lo == 0 and (hi == float("inf") or quantize_scalar(hi, q) == qmax)
+
+
+def fold_clamp(gm: fx.GraphModule, m: Match) -> None:
+    m["q"].replace_input_with(m["act"], data(m["act"]))
+
+
+# ----------------------------------------------------------------------- Q₂(DQ₁(q₁)) requantizations
+
+def requantization_table(q: fx.Node) -> torch.Tensor | None:
+    """For Q₂(DQ₁(q₁)) on per-tensor 8-bit grids with constant parameters: Q₂(DQ₁(c)) for every code c of grid 1,
+    computed with the two ops themselves. None for any other Q node."""
+    dq1 = data(q)
+    if not (is_op(q, Q_PER_TENSOR) and is_op(dq1, DQ_PER_TENSOR) and is_op(data(dq1), Q_PER_TENSOR)):
+        return None
+    grids = [q_params(n) for n in (q, dq1, data(dq1))]
+    if not all(isinstance(a, (int, float, torch.dtype)) for g in grids for a in g.args()):
+        return None  # scales held in tensors: not known at compile time
+    if q.kwargs or dq1.kwargs or data(dq1).kwargs:
+        return None  # e.g. a DQ with out_dtype=bfloat16: its values are not the float32 ones the table assumes
+    if not all(g.dtype in (torch.uint8, torch.int8) for g in grids):
+        return None
+    return Q_PER_TENSOR(DQ_PER_TENSOR(_codes(data(dq1)), *grids[1].args()), *grids[0].args())
+
+
+def _codes(q: fx.Node) -> torch.Tensor:
+    """Every integer a per-tensor Q node produces, quant_min to quant_max, in its dtype."""
+    grid = q_params(q)
+    return torch.arange(grid.quant_min, grid.quant_max + 1, dtype=torch.int32).to(grid.dtype)
+
+
+def _identity(q: fx.Node, table: torch.Tensor) -> bool:
+    codes = _codes(data(data(q)))
+    return table.dtype == codes.dtype and torch.equal(table, codes)
+
+
+def _coarser_round_trip(q: fx.Node, table: torch.Tensor) -> bool:
+    """DQ₂(Q₂(DQ₁(q₁))) gives back every value DQ₁ produces (a finer or wider grid 2)."""
+    dq1, grid = data(q), q_params(q).args()
+    if not q.users or not all(is_op(u, DQ_PER_TENSOR) and q_params(u).args() == grid and not u.kwargs
+                              for u in q.users):
+        return False
+    return torch.equal(DQ_PER_TENSOR(table, *grid), DQ_PER_TENSOR(_codes(data(dq1)), *q_params(dq1).args()))
+
+
+def _round_trip(q: fx.Node) -> bool:
+    table = requantization_table(q)
+    return table is not None and (_identity(q, table) or _coarser_round_trip(q, table))
+
+
+def drop_round_trip(gm: fx.GraphModule, m: Match) -> None:
+    """Q₂(DQ₁(q₁)) → q₁ when the table is the identity, and DQ₂(Q₂(DQ₁(q₁))) → DQ₁(q₁) when grid 2 holds
+    every value of grid 1."""
+    q, dq1 = m["q"], m["dq1"]
+    if _identity(q, requantization_table(q)):
+        q.replace_all_uses_with(data(dq1))
+        return
+    for dq2 in list(q.users):
+        dq2.replace_all_uses_with(dq1)
+
+
+def merge_requantization(gm: fx.GraphModule, m: Match) -> None:
+    """Q₂(DQ₁(q₁)) → table[q₁ − q_min₁]: the requantization as one integer lookup."""
+    q, q1 = m["q"], m["q1"]
+    qmin = q_params(q1).quant_min
+    with gm.graph.inserting_before(q):
+        lut = add_tensor(gm, q, "requantize_table", requantization_table(q))
+        index = gm.graph.call_function(aten._to_copy.default, (q1,), {"dtype": torch.int64})
+        if qmin:
+            index = gm.graph.call_function(aten.sub.Tensor, (index, qmin))
+        lookup = gm.graph.call_function(aten.index.Tensor, (lut, [index]))
+    lookup.meta.update(q.meta)
+    q.replace_all_uses_with(lookup)
+
+
+def _requantization(where: Callable[[fx.Node], bool]) -> Pattern:
+    return op(Q_PER_TENSOR, op(DQ_PER_TENSOR, op(Q_PER_TENSOR, name="q1"), name="dq1"), name="q", where=where)
+
+
+RULES = [
+    Rule("weights_folded", op(*QUANTIZE, name="q", where=_constant_weight), fold_constant),
+    Rule("activations_folded", op(Q_PER_TENSOR, op(*CLAMP, name="act", sole_user=True), name="q",
+                                  where=_clamp_is_the_quantizers), fold_clamp),
+    Rule("requantizations_removed", _requantization(_round_trip), drop_round_trip),
+    Rule("requantizations_merged", _requantization(lambda q: requantization_table(q) is not None),
+         merge_requantization),
+]
 
 
 @register_pass
@@ -38,100 +156,9 @@ class FoldQdq(Pass):
     after = ("insert_qdq", "calibrate")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stats = {"weights_folded": 0, "activations_folded": 0, "requantizations_removed": 0,
-                 "requantizations_merged": 0}
-        for q in [n for n in gm.graph.nodes if is_q(n)]:
-            if role(q) in ("weight", "bias") and get_tensor(gm, q.args[0]) is not None:
-                self.fold_constant(gm, q)
-                stats["weights_folded"] += 1
-            elif self.fold_clamp(q):
-                stats["activations_folded"] += 1
-            elif (table := requantization_table(q)) is None:
-                continue
-            elif self.drop_round_trip(q, table):
-                stats["requantizations_removed"] += 1
-            else:
-                self.merge_requantization(gm, q, table)
-                stats["requantizations_merged"] += 1
+        counts = apply_rules(gm, RULES, roots=[n for n in gm.graph.nodes if is_op(n, *QUANTIZE)])
+        stats = {rule.name: counts[rule.name] for rule in RULES}
         changed = any(stats.values())
         if changed:
             finalize(gm)
         return PassResult(changed=changed, stats=stats)
-
-    @staticmethod
-    def fold_constant(gm: fx.GraphModule, q: fx.Node) -> None:
-        """Q(W) on a constant W → the integer tensor itself, read by the DQ."""
-        value = q.target(get_tensor(gm, q.args[0]), *[get_tensor(gm, a) if isinstance(a, fx.Node) else a
-                                                      for a in q.args[1:]])
-        q.replace_all_uses_with(add_tensor(gm, q, f"{q.args[0].target}_{value.dtype}".replace("torch.", ""), value))
-
-    @staticmethod
-    def fold_clamp(q: fx.Node) -> bool:
-        """Remove a relu/relu6 feeding only ``q`` when q's own clamp gives the same integers."""
-        act = q.args[0]
-        if not is_op(act, aten.relu, aten.hardtanh) or len(act.users) != 1:
-            return False
-        qmin, qmax = bounds(q.args[5])
-        if q.args[2] != qmin:
-            return False
-        if is_op(act, aten.hardtanh):
-            if arg(act, 1, "min_val", -1.0) != 0 or quantize_scalar(arg(act, 2, "max_val", 1.0), q) != qmax:
-                return False
-        q.replace_input_with(act, act.args[0])
-        return True
-
-    @staticmethod
-    def drop_round_trip(q: fx.Node, table: torch.Tensor) -> bool:
-        """Q₂(DQ₁(q₁)) → q₁ when ``table`` is the identity, and DQ₂(Q₂(DQ₁(q₁))) → DQ₁(q₁) when dequantizing
-        ``table`` gives back every value DQ₁ produces (a finer or wider grid 2)."""
-        dq1 = q.args[0]
-        codes = _codes(dq1.args[0])
-        if table.dtype == codes.dtype and torch.equal(table, codes):
-            q.replace_all_uses_with(dq1.args[0])
-            return True
-        if not q.users or not all(is_op(u, DQ_TENSOR) and tuple(u.args[1:]) == tuple(q.args[1:]) and not u.kwargs
-                                  for u in q.users):
-            return False
-        if not torch.equal(DQ_TENSOR(table, *q.args[1:]), DQ_TENSOR(codes, *dq1.args[1:])):
-            return False
-        for dq2 in list(q.users):
-            dq2.replace_all_uses_with(dq1)
-        return True
-
-    @staticmethod
-    def merge_requantization(gm: fx.GraphModule, q: fx.Node, table: torch.Tensor) -> None:
-        """Q₂(DQ₁(q₁)) → table[q₁ − q_min₁]: the requantization as one integer lookup."""
-        q1 = q.args[0].args[0]
-        qmin = q1.args[3]
-        with gm.graph.inserting_before(q):
-            lut = add_tensor(gm, q, "requantize_table", table)
-            index = gm.graph.call_function(aten._to_copy.default, (q1,), {"dtype": torch.int64})
-            if qmin:
-                index = gm.graph.call_function(aten.sub.Tensor, (index, qmin))
-            lookup = gm.graph.call_function(aten.index.Tensor, (lut, [index]))
-        lookup.meta.update(q.meta)
-        q.replace_all_uses_with(lookup)
-
-
-DQ_TENSOR = qd.dequantize_per_tensor.default
-Q_TENSOR = qd.quantize_per_tensor.default
-
-
-def requantization_table(q: fx.Node) -> torch.Tensor | None:
-    """For Q₂(DQ₁(q₁)) on per-tensor 8-bit grids with constant parameters: Q₂(DQ₁(c)) for every code c of grid 1,
-    computed with the two ops themselves. None for any other Q node."""
-    dq1 = q.args[0]
-    if not (is_op(q, Q_TENSOR) and is_op(dq1, DQ_TENSOR) and is_op(dq1.args[0], Q_TENSOR)):
-        return None
-    if not all(isinstance(a, (int, float, torch.dtype)) for a in (*q.args[1:], *dq1.args[1:], *dq1.args[0].args[1:])):
-        return None  # scales held in tensors: not known at compile time
-    if q.kwargs or dq1.kwargs or dq1.args[0].kwargs:
-        return None  # e.g. a DQ with out_dtype=bfloat16: its values are not the float32 ones the table assumes
-    if not all(n.args[-1] in (torch.uint8, torch.int8) for n in (q, dq1, dq1.args[0])):
-        return None
-    return Q_TENSOR(DQ_TENSOR(_codes(dq1.args[0]), *dq1.args[1:]), *q.args[1:])
-
-
-def _codes(q: fx.Node) -> torch.Tensor:
-    """Every integer a per-tensor Q node produces, quant_min to quant_max, in its dtype."""
-    return torch.arange(q.args[3], q.args[4] + 1, dtype=torch.int32).to(q.args[5])

@@ -12,29 +12,42 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxforge.compiler.graph import FUSION_KEY, aten, call_nodes, is_op
+from fxforge.compiler.graph import FUSION_KEY
+from fxforge.compiler.ops import ACTIVATION, RELU, WEIGHTED, aten, op_name
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
-
-PRODUCERS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
-ACTIVATIONS = (aten.relu, aten.hardtanh, aten.silu, aten.gelu, aten.hardswish)
+from fxforge.compiler.rewrite import Match, Rule, apply_rules, op
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
+def _free(node: fx.Node) -> bool:
+    return FUSION_KEY not in node.meta
 
 
-def match(producer: fx.Node) -> tuple[list[fx.Node], str | None]:
-    """The chain producer → [add →] activation starting at ``producer``, or why there is none."""
-    user = _only_user(producer)
-    if user is None:
-        return [], "producer_has_other_users" if any(is_op(u, *ACTIVATIONS) for u in producer.users) else None
-    if is_op(user, *ACTIVATIONS):
-        return [producer, user], None
-    if is_op(user, aten.add) and len(user.all_input_nodes) == 2:
-        act = _only_user(user)
-        if act is not None and is_op(act, aten.relu):
-            return [producer, user, act], None
-    return [], None
+PLAIN = op(*ACTIVATION, op(*WEIGHTED, name="producer", where=_free, sole_user="producer_has_other_users"),
+           name="act", where=_free)
+RESIDUAL = op(*RELU, op(aten.add, op(*WEIGHTED, name="producer", where=_free, sole_user=True), name="add",
+                        either_operand=True, sole_user=True, where=lambda n: len(n.all_input_nodes) == 2 and _free(n)),
+              name="act", where=_free)
+
+
+def _chain(m: Match) -> list[fx.Node]:
+    return [m[k] for k in ("producer", "add", "act") if k in m]
+
+
+def _pattern(m: Match) -> str:
+    return "+".join(op_name(n) for n in _chain(m))
+
+
+class _Tagger:
+    """Tags each matched chain as one group, numbered after the groups already in the graph."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.count = sum(1 for n in gm.graph.nodes if FUSION_KEY in n.meta)
+
+    def __call__(self, gm: fx.GraphModule, m: Match) -> None:
+        tag = {"group": f"fused_{self.count}", "pattern": _pattern(m)}
+        self.count += 1
+        for n in _chain(m):
+            n.meta[FUSION_KEY] = tag
 
 
 @register_pass
@@ -44,21 +57,7 @@ class FuseActivation(Pass):
     name = "fuse_activation"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stats: dict[str, float] = {}
-        count = sum(1 for n in gm.graph.nodes if FUSION_KEY in n.meta)
-        for producer in call_nodes(gm, *PRODUCERS):
-            if FUSION_KEY in producer.meta:
-                continue
-            chain, refusal = match(producer)
-            if refusal:
-                stats[f"skipped.{refusal}"] = stats.get(f"skipped.{refusal}", 0) + 1
-            if not chain or any(FUSION_KEY in n.meta for n in chain):
-                continue
-            pattern = "+".join(n.target.overloadpacket.__name__ for n in chain)
-            tag = {"group": f"fused_{count}", "pattern": pattern}
-            count += 1
-            for n in chain:
-                n.meta[FUSION_KEY] = tag
-            stats[pattern] = stats.get(pattern, 0) + 1
+        tag = _Tagger(gm)
+        stats = apply_rules(gm, [Rule(_pattern, PLAIN, tag), Rule(_pattern, RESIDUAL, tag)])
         changed = any(not k.startswith("skipped.") for k in stats)
-        return PassResult(changed=changed, preserves="all", stats=stats)
+        return PassResult(changed=changed, preserves="all", stats=dict(stats))

@@ -22,20 +22,22 @@ are counted.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from typing import Any, Callable, Literal
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import FUSION_KEY, add_tensor, aten, fusion_groups, get_tensor, is_op
-from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.analysis import Shapes
+from fxforge.compiler.graph import FUSION_KEY, add_tensor, fusion_groups, get_tensor
+from fxforge.compiler.ops import (CLAMP, MATMUL, WEIGHTED, aten, bias_of, call_with, data, is_op, op_name, operands, qd,
+                                 set_argument, value_of, weight_of)
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.target import Target
 
-from .analysis.shapes import Shapes
-from .qdq import DTYPES, INT32, QDQ_KEY, bias_scales, bounds, fit_activations, is_dq, is_q, qd, weight_scales
+from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
+                      weight_scales)
 
-WEIGHTED = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
-MATMULS = (aten.matmul, aten.bmm, aten.mm)
-ACTIVATIONS = (aten.relu, aten.hardtanh)  # clamps fold_qdq can fold into an output range
 POOLS = (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.mean)
 SAME_GRID = (aten.max_pool2d, aten.view, aten.reshape, aten.flatten, aten._unsafe_view, aten.relu)
 
@@ -53,11 +55,11 @@ class InsertQdq(Pass):
     skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stats: dict[str, float] = {}
+        stats: Counter = Counter()
         plan, weighted = self.plan(gm, ctx, stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
-        reduce_range = self.reduce_range if self.reduce_range is not None else ctx.target.saturates_u8s8()
+        reduce_range = self.reduced(ctx.target)
         for op in weighted:
             self.quantize_weight(gm, op, 63 if reduce_range else 127)
         if plan:
@@ -68,11 +70,11 @@ class InsertQdq(Pass):
         split = _untag_split_groups(gm)
         if split:
             stats["fusion_groups_split"] = split
-        return PassResult(changed=bool(plan), stats=stats)
+        return PassResult(changed=bool(plan), stats=dict(stats))
 
     # ---------------------------------------------------------------------------------------- planning
 
-    def plan(self, gm: fx.GraphModule, ctx: PassContext, stats: dict[str, float]) -> tuple[dict, list]:
+    def plan(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> tuple[dict, list]:
         """Which tensors get a Q/DQ pair (tensor → group) and which weighted ops get int8 weights."""
         shapes = ctx.analysis(Shapes, gm)
         groups = itertools.count()
@@ -84,58 +86,77 @@ class InsertQdq(Pass):
 
         def want(t: fx.Node, group: int | None = None) -> None:
             if is_dq(t):  # already on an integer grid (a model that brings its own QDQ): read it as it is
-                count("reused_grids")
+                stats["reused_grids"] += 1
             elif is_float(t) and t not in plan and not any(is_q(u) for u in t.users):
                 plan[t] = group if group is not None else next(groups)
 
-        def count(key: str) -> None:
-            stats[key] = stats.get(key, 0) + 1
-
         for node in list(gm.graph.nodes):
-            if is_op(node, *WEIGHTED, *MATMULS):
+            if is_op(node, *WEIGHTED, *MATMUL):
                 reason = self.refusal(gm, node, is_float)
                 if reason:
-                    count(f"skipped.{reason}")
+                    stats[f"skipped.{reason}"] += 1
                     continue
-                for x in node.args[:2] if is_op(node, *MATMULS) else node.args[:1]:
+                for x in operands(node) if is_op(node, *MATMUL) else (data(node),):
                     want(x)
                 if is_op(node, *WEIGHTED):
                     weighted.append(node)
-                count(f"quantized.{node.target.overloadpacket.__name__}")
+                stats[f"quantized.{op_name(node)}"] += 1
                 want(_chain_end(node))
-            elif is_op(node, aten.add) and len(node.all_input_nodes) == 2 and all(i in plan for i in node.args):
+            elif is_op(node, aten.add) and len(node.all_input_nodes) == 2 and all(i in plan for i in operands(node)):
                 for x in node.all_input_nodes:
                     want(x)
                 want(_chain_end(node))
-            elif is_op(node, aten.cat) and any(i in plan for i in node.args[0]):
+            elif is_op(node, aten.cat) and any(i in plan for i in data(node)):
                 group = next(groups)
-                for x in [*node.args[0], node]:
+                for x in [*data(node), node]:
                     merged = plan.get(x)
                     plan.update({t: group for t, g in plan.items() if g == merged})
                     want(x, group)
-            elif is_op(node, *POOLS) and node.args[0] in plan:
+            elif is_op(node, *POOLS) and data(node) in plan:
                 want(_chain_end(node))
-            elif is_op(node, *SAME_GRID) and node.args[0] in plan:
-                want(node, plan[node.args[0]])
+            elif is_op(node, *SAME_GRID) and data(node) in plan:
+                want(node, plan[data(node)])
         return plan, weighted
 
     def refusal(self, gm: fx.GraphModule, node: fx.Node, is_float: Callable[[Any], bool]) -> str | None:
         """Why ``node`` stays float, or None."""
-        if is_dq(node.args[1]):
+        rhs = operands(node)[1] if is_op(node, *MATMUL) else weight_of(node)
+        if is_dq(rhs):
             return "already_quantized"
-        if any(node.name == s or str(getattr(node.args[1], "target", "")).startswith(s + ".") for s in self.skip):
+        if any(node.name == s or str(getattr(rhs, "target", "")).startswith(s + ".") for s in self.skip):
             return "by_name"
-        if is_op(node, *MATMULS):
-            return None if is_float(node.args[0]) and is_float(node.args[1]) else "not_float"
-        weight = get_tensor(gm, node.args[1])
+        if is_op(node, *MATMUL):
+            return None if all(is_float(x) for x in operands(node)) else "not_float"
+        weight = get_tensor(gm, rhs)
         if weight is None or not weight.is_floating_point():
             return "non_constant_weight"
         if weight.numel() == 0:  # dead_channels removed every channel of this layer
             return "empty_weight"
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = bias_of(node)
         if bias is not None and get_tensor(gm, bias) is None:
             return "non_constant_bias"
-        return None if is_float(node.args[0]) else "not_float"
+        return None if is_float(data(node)) else "not_float"
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        """The layer on int8: its weight fake-quantized as ``quantize_weight`` does (symmetric, q_max from
+        ``reduce_range``), its input on the activation grid of its calibration range (``activation_dtype``)."""
+        qmax = 63 if self.reduced(layer.target) else 127
+        s = weight_scales(layer.weight, qmax, self.per_channel)
+        wq = (torch.fake_quantize_per_channel_affine(layer.weight, s, torch.zeros_like(s, dtype=torch.int32), 0,
+                                                     -qmax - 1, qmax) if self.per_channel else
+              torch.fake_quantize_per_tensor_affine(layer.weight, float(s), 0, -qmax - 1, qmax))
+        dtype = DTYPES[self.activation_dtype]
+        qmin, qmax_a = bounds(dtype)
+        scale, zero = activation_qparams(*layer.input_range, dtype, self.symmetric_activations)
+
+        def layer_fn(args: list, kwargs: dict) -> torch.Tensor:
+            x = torch.fake_quantize_per_tensor_affine(value_of(node, args, kwargs, "input"), scale, zero, qmin, qmax_a)
+            return call_with(node, args, kwargs, weight=wq, input=x)
+        return layer_fn
+
+    def reduced(self, target: Target) -> bool:
+        """7-bit weights: by default where the target's u8s8 products saturate (x86 without VNNI or AMX)."""
+        return self.reduce_range if self.reduce_range is not None else target.saturates_u8s8()
 
     # ---------------------------------------------------------------------------------------- rewriting
 
@@ -151,38 +172,37 @@ class InsertQdq(Pass):
         tensor.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
 
     def quantize_weight(self, gm: fx.GraphModule, op: fx.Node, qmax: int) -> None:
-        weight = get_tensor(gm, op.args[1])
+        weight = get_tensor(gm, weight_of(op))
         scales = weight_scales(weight, qmax, self.per_channel)
         if self.per_channel:
             params = (add_tensor(gm, op, f"{op.name}_weight_scale", scales),
                       add_tensor(gm, op, f"{op.name}_weight_zero_point", torch.zeros(len(scales), dtype=torch.int64)))
-            self._pair(gm, op, 1, (*params, 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_channel.default,
-                       qd.dequantize_per_channel.default, "weight")
+            self._pair(gm, op, "weight", (*params, 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_channel.default,
+                       qd.dequantize_per_channel.default)
         else:
-            self._pair(gm, op, 1, (float(scales), 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_tensor.default,
-                       qd.dequantize_per_tensor.default, "weight")
-        bias = op.args[2] if len(op.args) > 2 else None
+            self._pair(gm, op, "weight", (float(scales), 0, -qmax - 1, qmax, torch.int8),
+                       qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default)
+        bias = bias_of(op)
         if bias is not None:
             channels = get_tensor(gm, bias).shape[0]
             scale = add_tensor(gm, op, f"{op.name}_bias_scale", bias_scales(gm, op, channels))
             zero = add_tensor(gm, op, f"{op.name}_bias_zero_point", torch.zeros(channels, dtype=torch.int64))
-            self._pair(gm, op, 2, (scale, zero, 0, *INT32, torch.int32), qd.quantize_per_channel.default,
-                       qd.dequantize_per_channel.default, "bias")
+            self._pair(gm, op, "bias", (scale, zero, 0, *INT32, torch.int32), qd.quantize_per_channel.default,
+                       qd.dequantize_per_channel.default)
 
     @staticmethod
-    def _pair(gm: fx.GraphModule, op: fx.Node, index: int, params: tuple, q_op, dq_op, kind: str) -> None:
+    def _pair(gm: fx.GraphModule, op: fx.Node, kind: str, params: tuple, q_op, dq_op) -> None:
+        """Route ``op``'s argument ``kind`` ("weight" or "bias") through a new Q → DQ pair."""
         with gm.graph.inserting_before(op):
-            q = gm.graph.call_function(q_op, (op.args[index], *params))
+            q = gm.graph.call_function(q_op, (weight_of(op) if kind == "weight" else bias_of(op), *params))
             dq = gm.graph.call_function(dq_op, (q, *params))
         q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = {"role": kind}, {"role": kind}
-        args = list(op.args)
-        args[index] = dq
-        op.args = tuple(args)
+        set_argument(op, kind, dq)
 
 
 def _chain_end(node: fx.Node) -> fx.Node:
     """``node``, or the relu/relu6 that is its only reader (the tensor an int8 kernel would emit)."""
-    while len(node.users) == 1 and is_op(next(iter(node.users)), *ACTIVATIONS):
+    while len(node.users) == 1 and is_op(next(iter(node.users)), *CLAMP):
         node = next(iter(node.users))
     return node
 

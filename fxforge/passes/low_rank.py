@@ -22,18 +22,19 @@ both on fresh random inputs.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Literal
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import arg, aten, call_nodes, finalize, get_tensor, is_op
-from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.graph import call_nodes, finalize, get_tensor
+from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
-from .factorization import (Recording, Stage, add_stat, check_fraction, emit_stages, energy_rank, faster_on_host,
-                            layer_error, ratio_rank, svd)
+from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized,
+                                faster_on_host, layer_error, ratio_rank, svd)
 
-LAYERS = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d)
 
 
 @register_pass
@@ -53,28 +54,28 @@ class LowRank(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
-        stats: dict[str, float] = {}
-        for node in list(call_nodes(gm, *LAYERS)):
+        stats: Counter = Counter()
+        for node in list(call_nodes(gm, *WEIGHTED)):
             reason = self.split(gm, node, rec, ctx, stats)
-            add_stat(stats, "split" if reason is None else f"skipped.{reason}")
+            stats["split" if reason is None else f"skipped.{reason}"] += 1
         if not stats.get("split"):
-            return PassResult(changed=False, preserves="all", stats=stats)
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         finalize(gm)
         stats["error.model"] = rec.model_error(gm)
-        return PassResult(changed=True, stats=stats)
+        return PassResult(changed=True, stats=dict(stats))
 
     def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, ctx: PassContext,
-              stats: dict[str, float]) -> str | None:
+              stats: Counter) -> str | None:
         """Split one layer; return why not, or None when split."""
-        weight, bias_node = get_tensor(gm, node.args[1]), arg(node, 2, "bias")
+        weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             return "non_constant_weight"
         if weight.numel() == 0:  # dead_channels removed every channel of this layer
             return "empty"
-        if not is_op(node, aten.linear) and arg(node, 6, "groups", 1) != 1:
+        if conv_groups(node) != 1:
             return "grouped"
-        x, y = rec.value(node.args[0]), rec.value(node)
+        x, y = rec.value(data(node)), rec.value(node)
         if x is None or y is None:
             return "not_executed"
         tucker = self.method == "tucker2" and weight.dim() > 2 and math.prod(weight.shape[2:]) > 1
@@ -86,6 +87,11 @@ class LowRank(Pass):
         stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
         emit_stages(gm, node, stages)
         return None
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        if conv_groups(node) != 1:
+            return "grouped"
+        return factorized(node, self.svd(layer.weight))
 
     def rank(self, s: torch.Tensor, shape: tuple[int, ...]) -> int:
         return ratio_rank(self.rank_ratio, len(s)) if self.rank_ratio is not None else energy_rank(s, self.energy, shape)

@@ -11,18 +11,21 @@ constants) so every tensor they occupy is exactly 0, and dead_channels removes t
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Literal
 
 import torch
 import torch.fx as fx
 
+from fxforge.compiler.analysis import Flops, Shapes
 from fxforge.compiler.errors import PassError
-from fxforge.compiler.graph import aten, get_tensor, is_op, set_tensor
-from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.ops import (BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, call_with, is_op, operands, value_of,
+                                 weight_of)
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
 
-from .analysis.channel_groups import BATCH_NORMS, BINARY, CONVS, ChannelGraph, ChannelGroup, ChannelGroups
-from .analysis.flops import Flops
+from .analysis.channel_groups import BINARY, ChannelGraph, ChannelGroup, ChannelGroups
 from .dead_channels import DeadChannels
 
 
@@ -32,7 +35,6 @@ class PruneChannels(Pass):
 
     name = "prune_channels"
     exact = False
-    requires = (ChannelGroups, Flops)
 
     ratio: float = 0.3
     importance: Literal["l1", "l2", "bn"] = "l1"
@@ -49,22 +51,38 @@ class PruneChannels(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
         params_before, flops_before = model_size(gm)[0], sum(ctx.analysis(Flops, gm).values())
-        stats: dict[str, float] = {"skipped.unprunable": len(cg.groups) - len(cg.prunable())}
+        stats = Counter({"skipped.unprunable": len(cg.groups) - len(cg.prunable())})
         scores, layers = _importance(gm, cg, self.importance, stats)
         chosen = self.choose(scores, layers, stats)
         if not chosen:
-            return PassResult(changed=False, preserves="all", stats=stats)
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         zero_groups(gm, cg, [cg.groups[g] for g in chosen])
-        ctx.invalidate(frozenset({"channel_groups", "shapes"}))  # same structure, new values
+        ctx.invalidate(frozenset({ChannelGroups, Shapes}))  # same structure, new values
         result = DeadChannels().run(gm, ctx)
         if self.finetune is not None:
             self.finetune(gm)
         ctx.invalidate("none")
-        stats.update({"groups_pruned": len(chosen), **{k: v for k, v in result.stats.items()
-                                                        if not k.startswith("skipped.unprunable")}})
-        stats.update(params_before=params_before, params_after=model_size(gm)[0], flops_before=flops_before,
-                     flops_after=sum(ctx.analysis(Flops, gm).values()))
-        return PassResult(changed=True, stats=stats)
+        return PassResult(changed=True, stats={
+            **stats, "groups_pruned": len(chosen),
+            **{k: v for k, v in result.stats.items() if not k.startswith("skipped.unprunable")},
+            "params_before": params_before, "params_after": model_size(gm)[0], "flops_before": flops_before,
+            "flops_after": sum(ctx.analysis(Flops, gm).values())})
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        """Zero the ``ratio`` of output channels with the smallest L1 weight norm (channel coupling and
+        rounding to ``round_to`` ignored: one layer alone)."""
+        w = layer.weight
+        drop = int(self.ratio * w.shape[0])
+        if not drop:
+            return "too_few_channels"
+        rows = w.flatten(1).abs().sum(1).argsort()[:drop]
+        wz = w.clone().index_fill_(0, rows, 0.0)
+
+        def layer_fn(args: list, kwargs: dict) -> torch.Tensor:
+            bias = value_of(node, args, kwargs, "bias")
+            zeroed = {} if bias is None else {"bias": bias.clone().index_fill_(0, rows, 0.0)}
+            return call_with(node, args, kwargs, weight=wz, **zeroed)
+        return layer_fn
 
     def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: dict) -> list[int]:
         """Group indices to prune: the lowest ``ratio`` per layer or globally, each layer rounded."""
@@ -76,7 +94,7 @@ class PruneChannels(Pass):
             ranked = sorted(groups, key=lambda g: norm[g])
             drop = sum(norm[g] <= cut for g in groups) if self.scope == "global" else int(self.ratio * len(groups))
             if drop and len(groups) <= self.round_to:
-                stats["skipped.small_layer"] = stats.get("skipped.small_layer", 0) + 1
+                stats["skipped.small_layer"] += 1
             elif drop:
                 keep = self.round_to * max(1, round((len(groups) - drop) / self.round_to))
                 chosen += ranked[:max(0, len(groups) - keep)]
@@ -93,7 +111,7 @@ def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) ->
     blocked: set[int] = set()
     for node in gm.graph.nodes:
         m = cg.map(node)
-        w = get_tensor(gm, node.args[1]) if m is not None and is_op(node, *CONVS, aten.linear) else None
+        w = get_tensor(gm, weight_of(node)) if m is not None and is_op(node, *WEIGHTED) else None
         if w is not None:
             rows = w.detach().double().flatten(1)
             for i, a, b in zip(m.ids.tolist(), rows.abs().sum(1).tolist(), rows.pow(2).sum(1).tolist()):
@@ -101,7 +119,7 @@ def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) ->
                     g = prunable[i]
                     l1[g], l2[g] = l1.get(g, 0.0) + a, l2.get(g, 0.0) + b
                     producers.setdefault(g, set()).add(node.name)
-        gamma = get_tensor(gm, node.args[1]) if m is not None and is_op(node, *BATCH_NORMS) else None
+        gamma = get_tensor(gm, bn_params(node).gamma) if m is not None and is_op(node, *BATCH_NORM) else None
         for i, a in zip(m.ids.tolist(), gamma.detach().abs().tolist()) if gamma is not None else ():
             if i in prunable:
                 gammas[prunable[i]] = gammas.get(prunable[i], 0.0) + a
@@ -119,7 +137,7 @@ def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) ->
             scores[g] = l1[g]
         else:
             if kind == "bn":
-                stats["importance_fallback_l2"] = stats.get("importance_fallback_l2", 0) + 1
+                stats["importance_fallback_l2"] += 1
             scores[g] = l2[g] ** 0.5
     layers: dict[tuple, list[int]] = {}
     for g in scores:
@@ -136,12 +154,12 @@ def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]
         if m is None or node.op != "call_function" or bool(m.keep(ids).all()):
             continue
         hit = ~m.keep(ids)
-        if is_op(node, *CONVS, aten.linear):
-            targets = [node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")]
-        elif is_op(node, *BATCH_NORMS):
-            targets = [node.args[1], node.args[2]]
+        if is_op(node, *WEIGHTED):
+            targets = [weight_of(node), bias_of(node)]
+        elif is_op(node, *BATCH_NORM):
+            targets = [bn_params(node).gamma, bn_params(node).beta]
         elif is_op(node, aten.add, aten.sub, aten.mul) and is_op(node, *BINARY):
-            targets = [a for a in node.args[:2]
+            targets = [a for a in operands(node)
                        if get_tensor(gm, a) is not None and _spans(get_tensor(gm, a), m, cg.ndim(node))]
         else:
             continue
@@ -150,7 +168,7 @@ def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]
             if t is None:
                 continue
             t = t.clone()
-            d = 0 if is_op(node, *CONVS, aten.linear, *BATCH_NORMS) else m.dims[0] - (cg.ndim(node) - t.dim())
+            d = 0 if is_op(node, *WEIGHTED, *BATCH_NORM) else m.dims[0] - (cg.ndim(node) - t.dim())
             t.index_fill_(d, hit.nonzero().flatten(), 0.0)
             set_tensor(gm, t_node, t)
 

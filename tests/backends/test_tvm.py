@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fxforge
-from fxforge.backends import tvm as tvm_backend
+from fxforge.backends.tvm import lower as tvm_backend
 from fxforge.backends.base import get_backend
 from fxforge.compiler.target import get_target
 from fxforge.compiler.verify import compare, fresh_inputs
@@ -151,7 +151,7 @@ def test_tune_hands_the_prepared_module_to_metaschedule_and_fixes_the_batch(monk
         calls.append((mod, tvm_target, tune))
         return mod, {"tasks": 3, "applied": 0}
 
-    monkeypatch.setitem(sys.modules, "fxforge.tuning.metaschedule",
+    monkeypatch.setitem(sys.modules, "fxforge.backends.tvm.tuning",
                         types.SimpleNamespace(apply_tuning=apply_tuning))
     model, (x,) = ZOO["mlp"]()
     cm = fxforge.compile(model, (x,), backend="tvm", tune={"trials": 8, "db": "unused"}, measure_latency=False)

@@ -7,6 +7,7 @@ import torch.fx as fx
 
 import fxforge
 from fxforge.compiler.graph import aten, call_nodes, set_tensor
+from fxforge.compiler.instruments import Instrument
 from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
 from fxforge.compiler.trace import trace
 from models import ZOO
@@ -133,12 +134,49 @@ def test_analyses_are_cached_until_invalidated():
     CountConvs.runs = 0
     assert ctx.analysis(CountConvs) == ctx.analysis(CountConvs) == 2
     assert CountConvs.runs == 1
-    ctx.invalidate(frozenset({"count_convs"}))
+    ctx.invalidate(frozenset({CountConvs}))
     ctx.analysis(CountConvs)
     assert CountConvs.runs == 1
+    with pytest.raises(fxforge.PassError, match="preserves must hold Analysis classes"):
+        ctx.invalidate(frozenset({"count_convs"}))  # a name (or a typo of one) is refused, never silently ignored
     ctx.invalidate("none")
     ctx.analysis(CountConvs)
     assert CountConvs.runs == 2
+
+
+def test_instruments_see_every_stage_and_failures():
+    class Log(Instrument):
+        def __init__(self):
+            self.seen = []
+
+        def before(self, p, gm, ctx):
+            self.seen.append(("before", p and p.name))
+
+        def after(self, p, gm, ctx, stage):
+            self.seen.append(("after", stage.name, stage.error is not None, stage.elapsed >= 0))
+
+        def failed(self, p, gm, ctx, error):
+            self.seen.append(("failed", p.name, type(error).__name__))
+
+    model, example = ZOO["convbnrelu"]()
+    gm, sig = trace(model, example)
+    flat = tuple(sig.flatten(example))
+    log = Log()
+    PassManager(["fuse_batchnorm"], measure_latency=False, instruments=[log]).run(gm, PassContext(flat))
+    assert log.seen == [("before", None), ("after", "input", True, True),
+                        ("before", "fuse_batchnorm"), ("after", "fuse_batchnorm", True, True)]
+
+    @fxforge.register_pass
+    class Broken(fxforge.Pass):
+        name = "test_broken_instrumented"
+
+        def run(self, gm, ctx):
+            raise KeyError("boom")
+
+    log = Log()
+    with pytest.raises(fxforge.PassError, match="test_broken_instrumented"):
+        PassManager([Broken()], measure_latency=False, instruments=[log]).run(gm, PassContext(flat))
+    assert log.seen[-1] == ("failed", "test_broken_instrumented", "KeyError")
 
 
 def test_crashing_pass_becomes_pass_error():

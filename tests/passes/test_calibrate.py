@@ -6,8 +6,8 @@ from torch import nn
 import fxforge
 from fxforge.compiler.errors import CalibrationError, PassError
 from fxforge.passes.calibrate import Calibrate
-from fxforge.passes.observers import HistogramObserver
-from fxforge.passes.qdq import is_q, role
+from fxforge.passes.lib.observers import HistogramObserver
+from fxforge.passes.lib.qdq import is_q, role
 from pipeline import apply
 
 

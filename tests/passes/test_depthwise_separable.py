@@ -12,7 +12,7 @@ from fxforge.compiler.pass_manager import PassContext, PassManager
 from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import compare, fresh_inputs
 from fxforge.passes import DepthwiseSeparable
-from fxforge.passes.factorization import run_original, run_stages
+from fxforge.passes.lib.factorization import run_original, run_stages
 from models import ZOO, zoo_params
 from pipeline import apply, count, error_vs_eager
 

@@ -8,7 +8,7 @@ from torch import nn
 from fxforge.compiler.pass_manager import PassContext
 from fxforge.compiler.report import model_size
 from fxforge.passes.fold_qdq import FoldQdq
-from fxforge.passes.qdq import qd
+from fxforge.passes.lib.qdq import qd
 from models import ZOO
 from pipeline import apply, count
 from test_insert_qdq import DQ, DQC, Q, QC, ops
@@ -175,3 +175,40 @@ def test_folding_is_exact_on_the_zoo(name):
     before, after, stats, flat = _both(model, example, cal)
     assert stats["weights_folded"] > 0
     _same_integers(before, after, flat)
+
+
+U8 = (0, 255, torch.uint8)
+
+
+class _ClampThenQdq(nn.Module):
+    """clamp(x) → Q → DQ on a uint8 grid of the given scale and zero point."""
+
+    def __init__(self, clamp, scale, zero_point):
+        super().__init__()
+        self.clamp, self.grid = clamp, (scale, zero_point, *U8)
+
+    def forward(self, x):
+        return qd.dequantize_per_tensor(qd.quantize_per_tensor(self.clamp(x), *self.grid), *self.grid)
+
+
+@pytest.mark.parametrize("clamp", [torch.relu, torch.nn.functional.relu6, nn.ReLU6()],
+                         ids=["relu", "F.relu6", "nn.ReLU6"])
+def test_before_expected_clamp_folds_into_the_grid(clamp):
+    """Q(relu(y)) and Q(relu6(y)) in both ATen forms (relu6, hardtanh(0, 6)) → Q(y) when z = q_min, Q(6) = q_max."""
+    from graphs import assert_same_graph, traced
+
+    x = torch.randn(2, 16) * 4
+    gm = traced(_ClampThenQdq(clamp, 6 / 255, 0), x)
+    stats = FoldQdq().run(gm, PassContext((x,))).stats
+    assert stats["activations_folded"] == 1
+    assert_same_graph(gm, traced(_ClampThenQdq(nn.Identity(), 6 / 255, 0), x))
+    assert torch.equal(gm(x)[0], _ClampThenQdq(clamp, 6 / 255, 0)(x))
+
+
+def test_clamp_stays_when_the_zero_point_is_not_the_minimum():
+    from graphs import assert_same_graph, traced
+
+    x = torch.randn(2, 16)
+    gm = traced(_ClampThenQdq(torch.relu, 0.05, 10), x)
+    assert FoldQdq().run(gm, PassContext((x,))).stats["activations_folded"] == 0
+    assert_same_graph(gm, traced(_ClampThenQdq(torch.relu, 0.05, 10), x))

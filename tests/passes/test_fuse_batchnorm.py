@@ -89,3 +89,34 @@ def test_fuse_preset_on_the_zoo_is_exact(name):
     assert all(r.max_rel_err < 1e-4 for r in report.rows)
     inputs_err = error_vs_eager(gm, model, flat) if len(example) == 1 else None
     assert inputs_err is None or inputs_err.max_rel < 1e-4
+
+
+def test_before_expected():
+    """conv2d(x, W) → BN  ≡  conv2d(x, s·W, s·(0 − μ) + β), s = γ/√(σ²+ε)."""
+    from torch.nn import functional as F
+
+    from fxforge.compiler.graph import get_tensor
+    from fxforge.compiler.pass_manager import PassContext
+    from fxforge.passes.fuse_batchnorm import FuseBatchNorm
+    from graphs import assert_same_graph, traced
+
+    conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+    before = _randomized(nn.Sequential(conv, bn))
+    x = torch.randn(2, 3, 8, 8)
+    gm = traced(before, x)
+    assert FuseBatchNorm().run(gm, PassContext((x,))).stats == {"folded": 1}
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    w, b = conv.weight.detach() * s.reshape(-1, 1, 1, 1), (bn.bias - bn.running_mean * s).detach()
+
+    class Expected(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(w), nn.Parameter(b)
+
+        def forward(self, x):
+            return F.conv2d(x, self.w, self.b)
+
+    assert_same_graph(gm, traced(Expected(), x))
+    conv_node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    folded_w, folded_b = (get_tensor(gm, a) for a in conv_node.args[1:])
+    assert torch.allclose(folded_w, w, rtol=1e-6) and torch.allclose(folded_b, b, rtol=1e-6, atol=1e-7)

@@ -6,7 +6,7 @@ from torch import nn
 from fxforge.compiler import target as target_module
 from fxforge.compiler.graph import FUSION_KEY
 from fxforge.compiler.target import get_target
-from fxforge.passes.qdq import QDQ_KEY, is_q, role
+from fxforge.passes.lib.qdq import QDQ_KEY, is_q, role
 from models import ZOO
 from pipeline import apply, count, error_vs_eager
 

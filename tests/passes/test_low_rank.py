@@ -11,7 +11,7 @@ from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
 from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import compare, fresh_inputs
 from fxforge.passes import LowRank
-from fxforge.passes.factorization import energy_rank
+from fxforge.passes.lib.factorization import energy_rank
 from models import ZOO, zoo_params
 from pipeline import apply, count, error_vs_eager
 

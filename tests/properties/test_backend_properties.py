@@ -35,7 +35,7 @@ def test_saved_artifact_matches_in_memory(backend, spec, passes):
     check_round_trip(backend, spec, passes)
 
 
-@pytest.mark.skipif(not HAS_TVM, reason="fxforge/backends/tvm.py is not there")
+@pytest.mark.skipif(not HAS_TVM, reason="fxforge/backends/tvm/ is not there")
 @settings(max_examples=max(2, settings().max_examples // 4))  # a TVM build takes seconds
 @given(spec=models(), passes=st.sampled_from(sorted(PIPELINES)))
 def test_saved_tvm_artifact_matches_in_memory(spec, passes):

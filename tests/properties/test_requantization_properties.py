@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fxforge.compiler.pass_manager import PassContext
 from fxforge.passes.fold_qdq import FoldQdq
-from fxforge.passes.qdq import qd
+from fxforge.passes.lib.qdq import qd
 
 
 @st.composite

@@ -1,7 +1,11 @@
-"""Analyses: pure facts about a graph, cached by the pass manager until a pass invalidates them."""
+"""Pass-level analyses: pure facts about a graph, cached by the pass manager until a pass invalidates them.
+
+The core analyses (``Shapes``, ``Flops``) live in ``fxforge.compiler.analysis``; they are re-exported here
+under the names passes have always imported them by.
+"""
+from fxforge.compiler.analysis import Flops, Shapes
+
 from .channel_groups import ChannelGroups
 from .constant_channels import ConstantChannels
-from .flops import Flops
-from .shapes import Shapes
 
 __all__ = ["ChannelGroups", "ConstantChannels", "Flops", "Shapes"]

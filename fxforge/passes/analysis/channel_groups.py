@@ -14,6 +14,7 @@ unknown layout) marks the ids it touches unprunable with a reason; such groups a
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,13 +22,13 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import arg, aten, get_tensor, is_op
+from fxforge.compiler.analysis import Shapes, TensorInfo
+from fxforge.compiler.graph import get_tensor
+from fxforge.compiler.ops import (BATCH_NORM, CONV, LINEAR, argument, aten, conv_groups, data, is_op, operands,
+                                 reduced_dims, split_sizes, weight_of, with_data)
 from fxforge.compiler.pass_manager import Analysis, PassContext
 
-from .shapes import Shapes, TensorInfo
-
-CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
-UNARY = (aten.relu, aten.hardtanh, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish,
+UNARY = (aten.relu, aten.hardtanh, aten.relu6, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish,
          aten.hardsigmoid, aten.leaky_relu, aten.elu, aten.mish, aten.softplus, aten.clamp, aten.clamp_min,
          aten.clamp_max, aten.clone, aten.dropout, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp,
          aten.sqrt, aten.rsqrt, aten.pow, aten._to_copy, aten.contiguous)
@@ -37,7 +38,6 @@ POOLS = (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, ate
          aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_linear1d, aten.upsample_trilinear3d,
          aten._upsample_nearest_exact2d, aten.max_pool2d_with_indices)
 BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum)
-BATCH_NORMS = (aten._native_batch_norm_legit_no_training, aten.batch_norm)
 REDUCTIONS = (aten.mean, aten.sum, aten.amax)
 RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
 PERMUTES = (aten.permute, aten.transpose, aten.t, aten.unsqueeze, aten.squeeze)
@@ -89,8 +89,8 @@ class ChannelGraph:
 
     def input_map(self, node: fx.Node) -> ChannelMap | None:
         """The channels a conv/linear reads through its weight columns (None: layout it does not read)."""
-        m = self.map(node.args[0])
-        expected = (1,) if is_op(node, *CONVS) else (self.ndim(node.args[0]) - 1,)
+        m = self.map(data(node))
+        expected = (1,) if is_op(node, *CONV) else (self.ndim(data(node)) - 1,)
         return m if m is not None and m.dims == expected else None
 
     def prunable(self) -> list[ChannelGroup]:
@@ -114,10 +114,8 @@ class ChannelGroups(Analysis):
             for i in ids:
                 group_of[i] = len(groups)
             groups.append(ChannelGroup(ids, reasons[0] if reasons else None))
-        stats: dict[str, float] = {"groups": len(groups), "prunable": sum(g.reason is None for g in groups)}
-        for g in groups:
-            if g.reason:
-                stats[f"unprunable.{g.reason}"] = stats.get(f"unprunable.{g.reason}", 0) + 1
+        stats = {"groups": len(groups), "prunable": sum(g.reason is None for g in groups),
+                 **Counter(f"unprunable.{g.reason}" for g in groups if g.reason)}
         return ChannelGraph(b.maps, groups, group_of, b.shapes, stats)
 
 
@@ -181,11 +179,11 @@ class _Builder:
 # ------------------------------------------------------------------------------------------------ rules
 
 def _conv(b: _Builder, node: fx.Node) -> ChannelMap | None:
-    w = get_tensor(b.gm, node.args[1])
+    w = get_tensor(b.gm, weight_of(node))
     if w is None:
         b.stop(node, "dynamic_weight")
         return None
-    m, groups = b.map(node.args[0]), arg(node, 6, "groups", 1)
+    m, groups = b.map(data(node)), conv_groups(node)
     if m is not None and m.dims != (1,):
         b.stop(node, "conv_input_layout")
         m = None
@@ -206,8 +204,8 @@ def _conv(b: _Builder, node: fx.Node) -> ChannelMap | None:
 
 
 def _linear(b: _Builder, node: fx.Node) -> ChannelMap | None:
-    w = get_tensor(b.gm, node.args[1])
-    m, nd = b.map(node.args[0]), len(b.shape(node))
+    w = get_tensor(b.gm, weight_of(node))
+    m, nd = b.map(data(node)), len(b.shape(node))
     if w is None:
         b.stop(node, "dynamic_weight")
         return None
@@ -217,12 +215,12 @@ def _linear(b: _Builder, node: fx.Node) -> ChannelMap | None:
 
 
 def _same(b: _Builder, node: fx.Node) -> ChannelMap | None:
-    return b.map(node.args[0])
+    return b.map(data(node))
 
 
 def _channel_first(b: _Builder, node: fx.Node) -> ChannelMap | None:
     """Batch norm, pooling, interpolation: channel-wise ops on (N, C, ...) tensors."""
-    m = b.map(node.args[0])
+    m = b.map(data(node))
     if m is not None and m.dims != (1,):
         b.stop(node, "channel_op_layout")
         return None
@@ -230,8 +228,8 @@ def _channel_first(b: _Builder, node: fx.Node) -> ChannelMap | None:
 
 
 def _layer_norm(b: _Builder, node: fx.Node) -> ChannelMap | None:
-    m, nd = b.map(node.args[0]), len(b.shape(node.args[0]))
-    normalized = range(nd - len(node.args[1]), nd)
+    m, nd = b.map(data(node)), len(b.shape(data(node)))
+    normalized = range(nd - len(argument(node, "normalized_shape")), nd)
     if m is not None and any(d in normalized for d in m.dims) and (m.dims != (nd - 1,) or len(normalized) != 1):
         b.stop(node, "layer_norm_layout")
         return None
@@ -243,14 +241,14 @@ def _getitem(b: _Builder, node: fx.Node) -> ChannelMap | None:
     value = b.maps.get(src.name)
     if isinstance(value, list):
         return value[i]
-    with_extras = (*BATCH_NORMS, aten.max_pool2d_with_indices, aten.adaptive_max_pool2d)  # (output, stats...)
+    with_extras = (*BATCH_NORM, aten.max_pool2d_with_indices, aten.adaptive_max_pool2d)  # (output, stats...)
     return value if i == 0 and is_op(src, *with_extras) else None
 
 
 def _binary(b: _Builder, node: fx.Node) -> ChannelMap | None:
     nd = len(b.shape(node))
     maps = []
-    for a in node.args[:2]:
+    for a in operands(node):
         m = b.map(a)
         if m is not None:
             maps.append(m.shifted(nd - len(b.shape(a))))
@@ -263,7 +261,7 @@ def _binary(b: _Builder, node: fx.Node) -> ChannelMap | None:
             b.stop(node, "broadcast_layout")
             return None
         b.couple(first.ids, m.ids)
-    for a in node.args[:2]:
+    for a in operands(node):
         t = get_tensor(b.gm, a)
         if t is not None and not _param_fits(t, nd, first):
             b.stop(node, "constant_layout")
@@ -278,8 +276,8 @@ def _param_fits(t: torch.Tensor, nd: int, m: ChannelMap) -> bool:
 
 
 def _cat(b: _Builder, node: fx.Node) -> ChannelMap | None:
-    tensors, nd = node.args[0], len(b.shape(node))
-    dim = arg(node, 1, "dim", 0) % nd
+    tensors, nd = data(node), len(b.shape(node))
+    dim = argument(node, "dim") % nd
     maps = [b.map(t) for t in tensors]
     if any(m is None for m in maps):
         b.stop(node, "concat_with_unknown_tensor")
@@ -295,11 +293,9 @@ def _cat(b: _Builder, node: fx.Node) -> ChannelMap | None:
 
 
 def _split(b: _Builder, node: fx.Node) -> list[ChannelMap] | None:
-    m, shape = b.map(node.args[0]), b.shape(node.args[0])
-    dim = arg(node, 2, "dim", 0) % len(shape)
-    size = node.args[1]
-    sizes = list(size) if isinstance(size, (list, tuple)) else [min(size, shape[dim] - s)
-                                                                 for s in range(0, shape[dim], size)]
+    m, shape = b.map(data(node)), b.shape(data(node))
+    dim = argument(node, "dim") % len(shape)
+    sizes = split_sizes(node, shape[dim])
     if m.dims == (dim,):
         return [ChannelMap((dim,), ids) for ids in m.ids.split(sizes)]
     if dim not in m.dims:
@@ -309,20 +305,19 @@ def _split(b: _Builder, node: fx.Node) -> list[ChannelMap] | None:
 
 
 def _reduce(b: _Builder, node: fx.Node) -> ChannelMap | None:
-    m, nd = b.map(node.args[0]), len(b.shape(node.args[0]))
-    dims = arg(node, 1, "dim", None)
-    reduced = set(range(nd)) if dims is None else {d % nd for d in ([dims] if isinstance(dims, int) else dims)}
+    m, nd = b.map(data(node)), len(b.shape(data(node)))
+    reduced = reduced_dims(node, nd)
     if reduced & set(m.dims):
         b.stop(node, "reduces_channels")
         return None
-    if arg(node, 2, "keepdim", False):
+    if argument(node, "keepdim", False):
         return m
     return ChannelMap(tuple(d - sum(r < d for r in reduced) for d in m.dims), m.ids)
 
 
 def _reshape(b: _Builder, node: fx.Node) -> ChannelMap | None:
     """Run the view/permute on the id tensor itself and read off where the channels went."""
-    m, src, out_shape = b.map(node.args[0]), node.args[0], b.shape(node)
+    m, src, out_shape = b.map(data(node)), data(node), b.shape(node)
     full = m.expand(b.shape(src))
     if is_op(node, *RESHAPES):
         if out_shape[0] != full.shape[0] or not _same_batch(src, node):
@@ -330,7 +325,7 @@ def _reshape(b: _Builder, node: fx.Node) -> ChannelMap | None:
             return None
         out = full.reshape(out_shape)
     else:
-        out = node.target(full, *node.args[1:], **node.kwargs)
+        out = node.target(*with_data(node, full), **node.kwargs)
     dims = tuple(d for d in range(out.dim()) if out.shape[d] > 1 and not (out == out.narrow(d, 0, 1)).all())
     if not dims or 0 in dims:
         b.stop(node, "reshape_unmapped")
@@ -348,8 +343,8 @@ def _same_batch(src: fx.Node, node: fx.Node) -> bool:
 
 
 def _sym_size(b: _Builder, node: fx.Node) -> None:
-    m = b.map(node.args[0])
-    if node.args[1] % len(b.shape(node.args[0])) in m.dims:
+    m = b.map(data(node))
+    if argument(node, "dim") % len(b.shape(data(node))) in m.dims:
         b.stop(node, "reads_channel_count")
     return None
 
@@ -364,7 +359,7 @@ def _rule(node: fx.Node) -> Callable[[_Builder, fx.Node], Any] | None:
 
 
 _RULES: tuple[tuple[tuple, Callable], ...] = (
-    (CONVS, _conv), ((aten.linear,), _linear), (UNARY, _same), (BATCH_NORMS + POOLS, _channel_first),
+    (CONV, _conv), (LINEAR, _linear), (UNARY, _same), (BATCH_NORM + POOLS, _channel_first),
     ((aten.layer_norm,), _layer_norm), (BINARY, _binary), ((aten.cat,), _cat), (SPLITS, _split),
     (REDUCTIONS, _reduce), (RESHAPES + PERMUTES, _reshape), ((aten.sym_size,), _sym_size),
 )

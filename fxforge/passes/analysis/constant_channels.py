@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import arg, aten, get_tensor, is_op
+from fxforge.compiler.graph import get_tensor
+from fxforge.compiler.ops import (BATCH_NORM, CONV, WEIGHTED, argument, aten, bn_params, conv_groups, data, is_op,
+                                 operands, weight_of)
 from fxforge.compiler.pass_manager import Analysis, PassContext
 from fxforge.compiler.verify import run_recording
 
-from .channel_groups import BATCH_NORMS, BINARY, CONVS, ChannelGraph, ChannelGroups, ChannelMap
+from .channel_groups import BINARY, ChannelGraph, ChannelGroups, ChannelMap
 
 
 @dataclass
@@ -64,33 +66,33 @@ def _first_values(t: torch.Tensor, m: ChannelMap) -> tuple[torch.Tensor, torch.T
 
 
 def _proven(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m: ChannelMap, nd: int) -> set[int]:
-    if is_op(node, *CONVS, aten.linear):
+    if is_op(node, *WEIGHTED):
         return _producer(gm, cg, c, node, m)
-    if is_op(node, *BATCH_NORMS):
-        gamma = get_tensor(gm, node.args[1])
+    if is_op(node, *BATCH_NORM):
+        gamma = get_tensor(gm, bn_params(node).gamma)
         zero = set(m.ids[gamma == 0].tolist()) if gamma is not None else set()
-        return c.ids.get(node.args[0].name, set()) | zero
+        return c.ids.get(data(node).name, set()) | zero
     if is_op(node, *BINARY):
         return _binary(gm, cg, c, node, m, nd)
     padded_average = is_op(node, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d) \
-        and any(arg(node, 3, "padding", [0])) and arg(node, 5, "count_include_pad", True)
+        and any(argument(node, "padding")) and argument(node, "count_include_pad")
     if is_op(node, aten.layer_norm) or padded_average:
         return set()  # layer norm mixes channels; padded averages shrink constants at the borders
     if is_op(node, aten.cat):
-        sources = node.args[0]
-    elif node.target is operator.getitem and isinstance(cg.maps.get(node.args[0].name), list):
-        sources = [node.args[0].args[0]]  # a chunk of a split
+        sources = data(node)
+    elif node.target is operator.getitem and isinstance(cg.maps.get(data(node).name), list):
+        sources = [data(data(node))]  # a chunk of a split
     else:
-        sources = [node.args[0]]
+        sources = [data(node)]
     return set().union(*(c.ids.get(s.name, set()) for s in sources)) & set(m.ids.unique().tolist())
 
 
 def _producer(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m: ChannelMap) -> set[int]:
     """Output channels whose every nonzero-weight input is constant (and zero, under padding)."""
-    w = get_tensor(gm, node.args[1])
-    x, m_in = node.args[0], cg.input_map(node)
-    is_conv = is_op(node, *CONVS)
-    n_in = w.shape[1] * (arg(node, 6, "groups", 1) if is_conv else 1)
+    w = get_tensor(gm, weight_of(node))
+    x, m_in = data(node), cg.input_map(node)
+    is_conv = is_op(node, *CONV)
+    n_in = w.shape[1] * conv_groups(node)
     if m_in is None:
         ok = torch.zeros(n_in, dtype=torch.bool)
     else:
@@ -104,7 +106,7 @@ def _producer(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node,
 
 def padding_free(conv: fx.Node) -> bool:
     """No zero padding: every output element sees only real input elements."""
-    pad = arg(conv, 4, "padding", 0)
+    pad = argument(conv, "padding")
     return pad == "valid" or (not isinstance(pad, str) and not any([pad] if isinstance(pad, int) else pad))
 
 
@@ -112,7 +114,7 @@ def _binary(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m
             nd: int) -> set[int]:
     """Constant where every operand is constant at that position (constant tensors must be flat spatially)."""
     ok = torch.ones(m.ids.shape, dtype=torch.bool)
-    for a in node.args[:2]:
+    for a in operands(node):
         t = get_tensor(gm, a)
         if t is not None:
             shape = (1,) * (nd - t.dim()) + tuple(t.shape)

@@ -7,17 +7,16 @@ batches with ℓ alone replaced by what σ would make of it, and is compared wit
     drop(ℓ, σ)  = 1 − agreement(y_ℓσ, y)      top-1 agreement for classifier outputs, else cosine
     rel(ℓ, σ)   = ‖y_ℓσ − y‖ / ‖y‖
 
-The replacements use the passes' own arithmetic: int8 fake-quantizes the layer's weight (symmetric per output
-channel, q_max 63 where the target's u8s8 products saturate, as insert_qdq's reduce_range, else 127) and its input (asymmetric uint8 over the
-calibration min/max); low_rank and depthwise_separable evaluate the factor stages those passes would insert;
-prune zeroes the ``ratio`` of output channels with the smallest L1 weight norm (ignoring channel coupling and
-rounding). A setting that would leave a layer unchanged records the pass's reason instead (``"rank_too_high"``).
+The replacement is the pass's own answer, ``Pass.layer_effect(node, LayerContext)``: insert_qdq (in ``int8``)
+fake-quantizes the layer's weight and its input on the grid of its calibration range, low_rank and
+depthwise_separable evaluate the factor stages they would insert, prune_channels zeroes the ``ratio`` of output
+channels with the smallest L1 weight norm (ignoring channel coupling and rounding). A setting that would leave a
+layer unchanged records the pass's reason instead (``"rank_too_high"``); this module knows no pass by name.
 Summing drops over layers is the first-order model the search uses to predict, and skip, settings
 (as mixed-precision methods such as HAWQ do with their per-layer sensitivities).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -25,16 +24,12 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import PassError
-from fxforge.compiler.graph import arg, aten, call_nodes, get_tensor, is_op
-from fxforge.compiler.pass_manager import resolve
+from fxforge.compiler.graph import call_nodes, get_tensor
+from fxforge.compiler.ops import WEIGHTED, data, is_op, weight_of
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, resolve
 from fxforge.compiler.target import Target
-from fxforge.passes.depthwise_separable import DepthwiseSeparable
-from fxforge.passes.factorization import Stage, run_stages
-from fxforge.passes.low_rank import LAYERS, LowRank
-from fxforge.passes.prune_channels import PruneChannels
-from fxforge.passes.qdq import activation_qparams, weight_scales
+from fxforge.compiler.verify import first_float
 
-LayerFn = Callable[[list[Any], dict[str, Any]], torch.Tensor]  # the layer's new function of its arguments
 Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | str"]  # (layer, weight) → LayerFn, or why not
 
 
@@ -82,17 +77,13 @@ def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, 
                       target: Target) -> Sensitivity:
     """Effect of each setting on each conv/linear layer of ``gm`` alone, on the calibration ``batches``."""
     reference, ranges = _reference(gm, batches)
-    layers = [n.name for n in call_nodes(gm, *LAYERS)]
+    layers = [n.name for n in call_nodes(gm, *WEIGHTED)]
     result = Sensitivity(layers)
     for setting in settings:
         prepare = _preparation(setting, ranges, target)
-        result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference) for n in call_nodes(gm, *LAYERS)}
+        result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference)
+                                   for n in call_nodes(gm, *WEIGHTED)}
     return result
-
-
-def _first_float(out: Any) -> torch.Tensor:
-    values = out if isinstance(out, (tuple, list)) else (out,)
-    return next(v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
 class _Run(fx.Interpreter):
@@ -107,8 +98,8 @@ class _Run(fx.Interpreter):
         if n is self.layer:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             return self.layer_fn(list(args), dict(kwargs))
-        if self.layer is None and is_op(n, *LAYERS):
-            x = self.env[n.args[0]]
+        if self.layer is None and is_op(n, *WEIGHTED):
+            x = self.env[data(n)]
             lo, hi = self.ranges.get(n.name, (0.0, 0.0))  # the range holds 0, as an affine grid must
             self.ranges[n.name] = (min(lo, float(x.min())), max(hi, float(x.max())))
         return super().run_node(n)
@@ -117,13 +108,13 @@ class _Run(fx.Interpreter):
 def _reference(gm: fx.GraphModule, batches: Sequence[tuple]) -> tuple[list[torch.Tensor], dict]:
     run = _Run(gm)
     with torch.no_grad():
-        outs = [_first_float(run.run(*batch)) for batch in batches]
+        outs = [first_float(run.run(*batch)) for batch in batches]
     return outs, run.ranges
 
 
 def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequence[tuple],
             reference: list[torch.Tensor]) -> Effect | str:
-    weight = get_tensor(gm, node.args[1])
+    weight = get_tensor(gm, weight_of(node))
     if weight is None:
         return "non_constant_weight"
     layer_fn = prepare(node, weight.detach())
@@ -131,7 +122,7 @@ def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequen
         return layer_fn
     run = _Run(gm, node, layer_fn)
     with torch.no_grad():
-        y = torch.cat([_first_float(run.run(*batch)) for batch in batches])
+        y = torch.cat([first_float(run.run(*batch)) for batch in batches])
     ref = torch.cat(reference)
     rel = float((y - ref).double().norm() / ref.double().norm().clamp(min=1e-12))
     return Effect(drop=max(0.0, 1.0 - agreement(y, ref)), rel_error=rel)
@@ -140,72 +131,11 @@ def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequen
 # ------------------------------------------------------------------------------------------ replacements
 
 def _preparation(setting: str, ranges: dict[str, tuple[float, float]], target: Target) -> Prepare:
-    """What ``setting`` makes of one layer: from its node and weight, the layer's new function or a refusal."""
-    if setting == "int8":
-        return _int8(ranges, 63 if target.saturates_u8s8() else 127)
-    (p,) = resolve(setting)
-    if isinstance(p, LowRank):
-        return _factorized(lambda node, w: _low_rank_stages(p, node, w))
-    if isinstance(p, DepthwiseSeparable):
-        return _factorized(lambda node, w: _depthwise_stages(p, node, w))
-    if isinstance(p, PruneChannels):
-        return _prune(p.ratio)
-    raise PassError(f"no per-layer sensitivity for setting {setting!r}")
-
-
-def _call(node: fx.Node, args: list[Any], kwargs: dict[str, Any], replaced: dict[int, Any]) -> torch.Tensor:
-    for index, value in replaced.items():
-        args[index] = value
-    return node.target(*args, **kwargs)
-
-
-def _int8(ranges: dict[str, tuple[float, float]], qmax: int) -> Prepare:
-    def prepare(node: fx.Node, w: torch.Tensor) -> LayerFn:
-        s = weight_scales(w, qmax, per_channel=True)
-        wq = torch.fake_quantize_per_channel_affine(w, s, torch.zeros_like(s, dtype=torch.int32), 0, -qmax - 1, qmax)
-        scale, zero = activation_qparams(*ranges[node.name], torch.uint8, False)
-        return lambda args, kwargs: _call(node, args, kwargs, {
-            0: torch.fake_quantize_per_tensor_affine(args[0], scale, zero, 0, 255), 1: wq})
-    return prepare
-
-
-def _factorized(stages_of: Callable[[fx.Node, torch.Tensor], list[Stage] | str]) -> Prepare:
-    def prepare(node: fx.Node, w: torch.Tensor) -> LayerFn | str:
-        stages = stages_of(node, w)
-        if isinstance(stages, str):
-            return stages
-        return lambda args, kwargs: run_stages(node, args[0], stages, args[2] if len(args) > 2 else None)
-    return prepare
-
-
-def _low_rank_stages(p: LowRank, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
-    if not is_op(node, aten.linear) and arg(node, 6, "groups", 1) != 1:
-        return "grouped"
-    return p.svd(w)
-
-
-def _depthwise_stages(p: DepthwiseSeparable, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
-    if not is_op(node, aten.conv2d) or arg(node, 6, "groups", 1) != 1:
-        return "not_a_regular_conv2d"
-    m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
-    if k == 1:
-        return "pointwise"
-    stages = p.decouple(w)
-    r = stages[1].weight.shape[1] // n
-    return "not_cheaper" if r * (k + m) >= m * k else stages  # depthwise_separable's own FLOPs test
-
-
-def _prune(ratio: float) -> Prepare:
-    def prepare(node: fx.Node, w: torch.Tensor) -> LayerFn | str:
-        drop = int(ratio * w.shape[0])
-        if not drop:
-            return "too_few_channels"
-        rows = w.flatten(1).abs().sum(1).argsort()[:drop]
-        wz = w.clone().index_fill_(0, rows, 0.0)
-
-        def layer_fn(args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-            bias = args[2] if len(args) > 2 and args[2] is not None else None
-            replaced = {1: wz} if bias is None else {1: wz, 2: bias.clone().index_fill_(0, rows, 0.0)}
-            return _call(node, args, kwargs, replaced)
-        return layer_fn
-    return prepare
+    """What ``setting`` makes of one layer, asked of the one pass in it that answers per-layer questions
+    (``Pass.layer_effect``): from its node and weight, the layer's new function or a refusal."""
+    answering = [p for p in resolve(setting) if type(p).layer_effect is not Pass.layer_effect]
+    if len(answering) != 1:
+        raise PassError(f"no per-layer sensitivity for setting {setting!r} (it needs exactly one pass with a "
+                        f"layer_effect; found {[p.name for p in answering]})")
+    (p,) = answering
+    return lambda node, w: p.layer_effect(node, LayerContext(w, ranges.get(node.name, (0.0, 0.0)), target))

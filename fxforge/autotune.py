@@ -36,15 +36,16 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from fxforge.api import CompiledModel, compile
 from fxforge.backends.base import get_backend
-from fxforge.compiler.api import CompiledModel, compile
+from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
 from fxforge.compiler.pass_manager import PassContext, PassManager
-from fxforge.compiler.report import measure_latency
 from fxforge.compiler.target import Target, get_target
+from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.trace import trace
+from fxforge.compiler.verify import first_float
 from fxforge.passes import QUANTIZE
-from fxforge.passes.analysis import Flops
 from fxforge.passes.analysis.sensitivity import Sensitivity, agreement, layer_sensitivity
 from fxforge.passes.calibrate import checked_batches
 
@@ -373,17 +374,12 @@ def _check_arguments(max_accuracy_drop: float, budget: int) -> None:
 def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:
     """The default evaluate: agreement with the float graph's first output on the calibration data."""
     with torch.no_grad():
-        reference = torch.cat([_first_float(reference_graph(*b)) for b in batches])
+        reference = torch.cat([first_float(reference_graph(*b)) for b in batches])
 
     def evaluate(compiled: CompiledModel) -> float:
         with torch.no_grad():
-            return agreement(torch.cat([_first_float(compiled(*b)) for b in batches]), reference)
+            return agreement(torch.cat([first_float(compiled(*b)) for b in batches]), reference)
     return evaluate
-
-
-def _first_float(out: Any) -> torch.Tensor:
-    values = out if isinstance(out, (tuple, list)) else (out,)
-    return next(torch.as_tensor(v) for v in values if torch.as_tensor(v).is_floating_point())
 
 
 def _score(evaluate: Evaluate, compiled: CompiledModel, passes: list[str]) -> float:

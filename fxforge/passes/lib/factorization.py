@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import PassError
-from fxforge.compiler.graph import add_tensor, arg, aten, get_tensor, is_op
-from fxforge.compiler.report import measure_latency
+from fxforge.compiler.graph import add_tensor, get_tensor
+from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op, value_of
+from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -68,14 +69,6 @@ def ratio_rank(ratio: float, full: int) -> int:
     return max(1, math.ceil(ratio * full))
 
 
-def geometry(node: fx.Node) -> tuple:
-    """A conv's (stride, padding, dilation), with the schema's defaults filled in; () for a linear."""
-    if is_op(node, aten.linear):
-        return ()
-    schema = node.target._schema.arguments  # type: ignore[union-attr]
-    return tuple(arg(node, i, schema[i].name, schema[i].default_value) for i in (3, 4, 5))
-
-
 def stage_call(node: fx.Node, geom: tuple, x: Any, weight: Any, stage: Stage, bias: Any) -> tuple[Any, tuple]:
     """(target, args) computing ``stage`` of ``node`` on ``x`` with ``weight`` (fx nodes or tensors alike)."""
     if is_op(node, aten.linear):
@@ -87,7 +80,7 @@ def stage_call(node: fx.Node, geom: tuple, x: Any, weight: Any, stage: Stage, bi
 
 def run_stages(node: fx.Node, x: torch.Tensor, stages: Sequence[Stage], bias: torch.Tensor | None) -> torch.Tensor:
     """Evaluate the factorized layer on a tensor."""
-    geom = geometry(node)
+    geom = conv_geometry(node)
     with torch.no_grad():
         for i, st in enumerate(stages):
             target, args = stage_call(node, geom, x, st.weight, st, bias if i == len(stages) - 1 else None)
@@ -96,9 +89,17 @@ def run_stages(node: fx.Node, x: torch.Tensor, stages: Sequence[Stage], bias: to
 
 
 def run_original(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    groups = () if is_op(node, aten.linear) else (arg(node, 6, "groups", 1),)
+    groups = () if is_op(node, *LINEAR) else (conv_groups(node),)
     with torch.no_grad():
-        return node.target(x, weight, bias, *geometry(node), *groups)
+        return node.target(x, weight, bias, *conv_geometry(node), *groups)
+
+
+def factorized(node: fx.Node, stages: list[Stage] | str) -> Callable[[list, dict], torch.Tensor] | str:
+    """The layer function computing ``stages`` in place of ``node`` (or the refusal, passed through)."""
+    if isinstance(stages, str):
+        return stages
+    return lambda args, kwargs: run_stages(node, value_of(node, args, kwargs, "input"), stages,
+                                           value_of(node, args, kwargs, "bias"))
 
 
 def emit_stages(gm: fx.GraphModule, node: fx.Node, stages: Sequence[Stage]) -> None:
@@ -107,7 +108,7 @@ def emit_stages(gm: fx.GraphModule, node: fx.Node, stages: Sequence[Stage]) -> N
     The node keeps its name, users and meta (fusion tags, the output shape), so later passes and the
     backends see the same layer, now fed by a thinner one.
     """
-    x, bias, geom = node.args[0], arg(node, 2, "bias"), geometry(node)
+    x, bias, geom = data(node), bias_of(node), conv_geometry(node)
     for i, st in enumerate(stages):
         w = add_tensor(gm, node, f"{node.name}_factor{i}", st.weight)
         last = i == len(stages) - 1
@@ -158,7 +159,3 @@ def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: t
         before.append(measure_latency(lambda t: run_original(node, t, weight, bias), (x,), budget_s=0.02))
         after.append(measure_latency(lambda t: run_stages(node, t, stages, bias), (x,), budget_s=0.02))
     return min(after) < min(before)
-
-
-def add_stat(stats: dict[str, float], key: str, n: float = 1) -> None:
-    stats[key] = stats.get(key, 0) + n

@@ -15,18 +15,15 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.fx as fx
 
 from fxforge.compiler.errors import CalibrationError
-from fxforge.compiler.graph import get_tensor, is_op, set_tensor
+from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.ops import DEQUANTIZE, QUANTIZE, data, is_op, q_params, qd, set_q_scale, weight_of
 
 from .observers import HistogramObserver, Method
 
-qd = torch.ops.quantized_decomposed
 QDQ_KEY = "fxforge.qdq"
-Q_OPS = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
-DQ_OPS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
 DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
 
@@ -56,11 +53,11 @@ def weight_scales(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor
 
 
 def is_q(node: object) -> bool:
-    return is_op(node, *Q_OPS)
+    return is_op(node, *QUANTIZE)
 
 
 def is_dq(node: object) -> bool:
-    return is_op(node, *DQ_OPS)
+    return is_op(node, *DEQUANTIZE)
 
 
 def role(node: fx.Node) -> str | None:
@@ -74,21 +71,19 @@ def set_params(q: fx.Node, scale: float, zero_point: int) -> None:
     """
     scale = torch.tensor(scale, dtype=torch.float32).item()
     for node in (q, *(u for u in q.users if is_dq(u))):
-        args = list(node.args)
-        args[1], args[2] = scale, int(zero_point)
-        node.args = tuple(args)
+        set_q_scale(node, scale, int(zero_point))
 
 
 def quantize_scalar(x: float, q: fx.Node) -> int:
     """The integer activation Q node ``q`` gives for the float32 value ``x`` (the op's own arithmetic)."""
-    return int(q.target(torch.tensor([x], dtype=torch.float32), *q.args[1:]).item())
+    return int(q.target(torch.tensor([x], dtype=torch.float32), *q_params(q).args()).item())
 
 
 def bias_scales(gm: fx.GraphModule, op: fx.Node, channels: int) -> torch.Tensor:
     """s_x · s_w per output channel for the bias of a quantized conv/linear ``op`` (the int32 accumulator's scale)."""
-    x_scale, w_dq = op.args[0].args[1], op.args[1]
+    x_scale, w_dq = q_params(data(op)).scale, weight_of(op)
     per_channel = is_op(w_dq, qd.dequantize_per_channel)
-    w_scale = get_tensor(gm, w_dq.args[1]) if per_channel else torch.tensor([w_dq.args[1]])
+    w_scale = get_tensor(gm, q_params(w_dq).scale) if per_channel else torch.tensor([q_params(w_dq).scale])
     return (x_scale * w_scale.double()).float().expand(channels).clone()
 
 
@@ -102,7 +97,7 @@ class _FloatRun(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         if is_q(n) or is_dq(n):
-            x = self.env[n.args[0]]
+            x = self.env[data(n)]
             if n in self.observers:
                 self.observers[n].update(x)
             return x
@@ -121,24 +116,24 @@ def fit_activations(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ..
             _FloatRun(gm, observers).run(*batch)
             count += 1
     for q, obs in observers.items():
-        dtype = q.args[5]
+        dtype = q_params(q).dtype
         qmin, qmax = bounds(dtype)
         lo, hi = obs.range(method, qmax - qmin + 1, percentile)
         set_params(q, *activation_qparams(lo, hi, dtype, q.meta[QDQ_KEY].get("symmetric", False)))
     for q in gm.graph.nodes:
         if is_q(q) and role(q) == "bias":
             op = next(iter(next(iter(q.users)).users))
-            set_tensor(gm, q.args[1], bias_scales(gm, op, get_tensor(gm, q.args[0]).shape[0]))
+            set_tensor(gm, q_params(q).scale, bias_scales(gm, op, get_tensor(gm, data(q)).shape[0]))
     return {"activation_groups": len(shared), "batches": count}
 
 
-def checked_batches(data: Any, example: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
+def checked_batches(batches: Any, example: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
     """Each calibration entry as a tuple of tensors matching the example inputs' count, dtypes and ranks."""
     try:
-        iterator = iter(data)
+        iterator = iter(batches)
     except TypeError:
-        raise CalibrationError(f"calibration data must be an iterable of input tuples, got {type(data).__name__}") \
-            from None
+        raise CalibrationError(f"calibration data must be an iterable of input tuples, got "
+                               f"{type(batches).__name__}") from None
     for i, raw in enumerate(iterator):
         batch = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw) if isinstance(raw, (tuple, list)) \
             else None

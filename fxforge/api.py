@@ -12,14 +12,13 @@ import torch
 import torch.fx as fx
 
 from fxforge.backends.base import Artifact, get_backend
-
-from .errors import CalibrationError, InputError, first_line
-from .pass_manager import Pass, PassContext, PassManager, VerifyMode
-from .report import Report
-from .report import measure_latency as measure_latency_of
-from .target import Target, get_target
-from .trace import Signature, trace
-from .verify import check_artifact
+from fxforge.compiler.errors import CalibrationError, InputError, first_line
+from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, VerifyMode
+from fxforge.compiler.report import Report
+from fxforge.compiler.target import Target, get_target
+from fxforge.compiler.timing import measure_latency as measure_latency_of
+from fxforge.compiler.trace import Signature, trace
+from fxforge.compiler.verify import check_artifact
 
 
 class CompiledModel:
@@ -86,7 +85,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
 
 def _check_tensors(model: torch.nn.Module) -> None:
     """Refuse weights without data or holding NaN. Inf is legitimate in buffers (causal and padding masks hold
-    -inf) but not in parameters or batch-norm statistics, where it turns what it touches into NaN or zero."""
+    -inf) but not in parameters or batch-norm statistics, where it turns what it touches into NaN or zero.
+    Anything but a module is left to ``trace``, which names it."""
+    if not isinstance(model, torch.nn.Module):
+        return
     params = {name for name, _ in model.named_parameters()}
     bn_stats = {f"{name}.{stat}" for name, m in model.named_modules()
                 if isinstance(m, torch.nn.modules.batchnorm._NormBase) for stat in ("running_mean", "running_var")}

@@ -6,13 +6,16 @@ negligible next to them and are not counted. Shapes come from the Shapes analysi
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from fxforge.compiler.graph import aten, is_op
-from fxforge.compiler.pass_manager import Analysis, PassContext
-
+from ..ops import CONV, LINEAR, argument, aten, data, is_op, weight_of
+from .base import Analysis
 from .shapes import Shapes, TensorInfo
+
+if TYPE_CHECKING:
+    from ..pass_manager import PassContext
 
 
 class Flops(Analysis):
@@ -40,18 +43,19 @@ def node_flops(node: fx.Node, shapes: dict[str, TensorInfo]) -> int:
     out = _shape(node, shapes)
     if out is None or node.op != "call_function":
         return 0
-    if is_op(node, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution):
-        w = _shape(node.args[1], shapes)
+    if is_op(node, *CONV, aten.convolution, aten._convolution):
+        w = _shape(weight_of(node), shapes)
         # weight is (C_out, C_in/groups, *k): each output element takes C_in/groups·prod(k) MACs
         return 2 * math.prod(out) * math.prod(w[1:]) if w else 0
-    if is_op(node, aten.linear):
-        w = _shape(node.args[1], shapes)
+    if is_op(node, *LINEAR):
+        w = _shape(weight_of(node), shapes)
         return 2 * math.prod(out) * w[1] if w else 0
     if is_op(node, aten.addmm, aten.mm, aten.bmm, aten.matmul, aten.baddbmm):
-        a = _shape(node.args[-2] if is_op(node, aten.addmm, aten.baddbmm) else node.args[0], shapes)
+        a = _shape(argument(node, "mat1") if is_op(node, aten.addmm) else
+                   argument(node, "batch1") if is_op(node, aten.baddbmm) else data(node), shapes)
         return 2 * math.prod(out) * a[-1] if a else 0
     if is_op(node, aten.scaled_dot_product_attention):
-        q, v = _shape(node.args[0], shapes), _shape(node.args[2], shapes)
+        q, v = _shape(argument(node, "query"), shapes), _shape(argument(node, "value"), shapes)
         if not q or not v:
             return 0
         kv_len = v[-2]

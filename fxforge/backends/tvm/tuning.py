@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from fxforge.compiler.errors import TuningError, first_line
 
+from .schedules import default_schedule
+
 if TYPE_CHECKING:
     import tvm
 
@@ -217,7 +219,6 @@ class _Tuner:
         import tvm
         from tvm.s_tir import meta_schedule as ms
 
-        from fxforge.backends.tvm import default_schedule
         mod = task.dispatched[0]
         sch = default_schedule(mod["main"], self.target)
         if sch is None:

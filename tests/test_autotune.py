@@ -9,7 +9,7 @@ import fxforge
 from fxforge.compiler.errors import CalibrationError, InputError, TuningError
 from fxforge.compiler.graph import graph_tensors
 from fxforge.compiler.pass_manager import resolve
-from fxforge.tuning.search import Candidate, SearchSpace, Setting, load_passes, pareto_front
+from fxforge.autotune import Candidate, SearchSpace, Setting, load_passes, pareto_front
 from models import accuracy, digits_cnn
 
 BACKEND = "onnx"  # int8 runs as int8 kernels only there

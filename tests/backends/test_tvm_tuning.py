@@ -17,7 +17,7 @@ from torch import nn
 import fxforge
 from fxforge.cli import main
 from fxforge.compiler.errors import TuningError
-from fxforge.tuning import metaschedule as ms_tuning
+from fxforge.backends.tvm import tuning as ms_tuning
 
 pytest.importorskip("tvm")
 
@@ -150,7 +150,7 @@ def test_a_task_of_another_model_is_found_in_the_database(tuned, tmp_path):
 def test_cli_tune_reports_each_task(tuned, tmp_path, capsys):
     db, *_ = tuned
     shutil.copytree(db, tmp_path / "db")
-    assert main(["tune", "test_metaschedule:Two", "--input-shape", "4,32", "--trials", "4",
+    assert main(["tune", "test_tvm_tuning:Two", "--input-shape", "4,32", "--trials", "4",
                  "--db", str(tmp_path / "db")]) == 0
     out = capsys.readouterr().out
     assert "fused_matmul_add_relu" in out and "reused" in out and "2 tasks: 0 tuned now" in out
@@ -159,7 +159,7 @@ def test_cli_tune_reports_each_task(tuned, tmp_path, capsys):
 def test_cli_bench_compiles_the_tuned_row_against_a_database(tuned, tmp_path, capsys):
     db, *_ = tuned
     shutil.copytree(db, tmp_path / "db")
-    assert main(["bench", "test_metaschedule:Two", "--input-shape", "4,32", "--rounds", "1", "--tuning-db",
+    assert main(["bench", "test_tvm_tuning:Two", "--input-shape", "4,32", "--rounds", "1", "--tuning-db",
                  str(tmp_path / "db"), "--systems", "eager;fxforge fuse → tvm (tuned)"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|") and "(tuned)" in line]
     assert len(row) == 1 and "failed" not in row[0]
@@ -226,7 +226,7 @@ def test_cli_reports_a_bad_database_in_one_line(tuned, tmp_path, capsys):
     db, *_ = tuned
     shutil.copytree(db, tmp_path / "db")
     _truncate(tmp_path / "db" / ms_tuning.RECORD_FILE)
-    assert main(["tune", "test_metaschedule:Two", "--input-shape", "4,32", "--db", str(tmp_path / "db")]) == 2
+    assert main(["tune", "test_tvm_tuning:Two", "--input-shape", "4,32", "--db", str(tmp_path / "db")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fxforge: error:") and ms_tuning.RECORD_FILE in err and "\n" not in err
 
@@ -255,7 +255,7 @@ def test_default_database_is_per_target_under_the_cache_dir(monkeypatch, tmp_pat
 def test_a_target_that_cannot_run_here_is_not_tuned(tmp_path):
     import tvm
 
-    from fxforge.backends import tvm as tvm_backend
+    from fxforge.backends.tvm import lower as tvm_backend
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     gm = torch.export.export(Head().eval(), (torch.randn(4, 32),)).module()
     mod = tvm_backend.prepare(tvm_backend.relax_module(gm, (torch.randn(4, 32),)), arm)

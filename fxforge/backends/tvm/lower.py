@@ -20,7 +20,6 @@ Lowering (TVM 0.27):
 from __future__ import annotations
 
 import copy
-import math
 import re
 import shutil
 import tempfile
@@ -29,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import MAX_BATCH, Signature, TensorSpec
+from fxforge.compiler.trace import Signature, TensorSpec, batch_dynamic
 
-from .base import Artifact, Backend, register_backend
+from ..base import Artifact, Backend, register_backend
+from .schedules import is_gpu, schedule
 
 if TYPE_CHECKING:
     import tvm
@@ -44,10 +43,6 @@ LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
-VECTOR = 8  # float32 lanes of AVX2 (and two NEON registers)
-ACCUMULATORS = 12  # vector registers an output tile may hold (AVX2 has 16)
-L2_BYTES = 512 * 1024
-MIN_TILE_ROWS = 2  # a one-row tile reloads the weights for every output row: the plain vectorized loop is faster
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
 
 
@@ -85,14 +80,9 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     _tvm()
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    args = tuple(example_inputs)
-    shapes = None
-    if dynamic_batch:
-        batch = Dim("batch", min=1, max=MAX_BATCH)
-        size = args[0].shape[0] if args and args[0].dim() else None
-        batched = [t.dim() > 0 and t.shape[0] == size for t in args]
-        shapes = tuple({0: batch} if b else None for b in batched)
-        args = tuple(torch.cat([t, t]) if b and t.shape[0] == 1 else t for t, b in zip(args, batched))
+    size = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else None
+    args, shapes = batch_dynamic(example_inputs, [dynamic_batch and t.dim() > 0 and t.shape[0] == size
+                                                  for t in example_inputs])
     try:
         with torch.no_grad():
             ep = torch.export.export(copy.deepcopy(gm).eval(), args, dynamic_shapes=shapes, strict=False)
@@ -196,147 +186,11 @@ def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
     """
     tvm = _tvm()
     from tvm import relax
-    layout = [] if _is_gpu(tvm_target) else [relax.transform.ConvertLayout(CPU_LAYOUT)]
+    layout = [] if is_gpu(tvm_target) else [relax.transform.ConvertLayout(CPU_LAYOUT)]
     with tvm_target:
         return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), *layout,
                                          relax.transform.CanonicalizeBindings(),
                                          relax.get_pipeline("zero")])(mod)
-
-
-def schedule(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
-    """Default schedules for PrimFuncs that have none (functions a tuning database scheduled are kept).
-
-    GPU: dlight's default GPU rules. CPU: :func:`cpu_rule` (untuned Relax code is naive single-threaded loop
-    nests; dlight's CPU GEMV/Reduction rules measured slower still).
-    """
-    from tvm.s_tir import dlight as dl
-    with tvm_target:
-        return dl.ApplyDefaultSchedule(*_default_rules(tvm_target))(mod)
-
-
-def default_schedule(func: tvm.tirx.PrimFunc, tvm_target: tvm.target.Target) -> Any:
-    """The traced schedule :func:`schedule` gives one PrimFunc, or None when no rule fits it.
-
-    Tuning measures it and stores it beside the searched candidates, so a tuned kernel is never one
-    measured slower than this default."""
-    for rule in _default_rules(tvm_target):
-        with tvm_target:
-            sch = rule.apply(func, tvm_target, False)
-        if sch is not None:
-            return sch[0] if isinstance(sch, list) else sch
-    return None
-
-
-def _default_rules(tvm_target: tvm.target.Target) -> tuple[Any, ...]:
-    from tvm.s_tir import dlight as dl
-    if _is_gpu(tvm_target):
-        return dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-    return (cpu_rule(),)
-
-
-def cpu_rule() -> Any:
-    """A dlight rule for CPUs: inline elementwise blocks into their consumers; in each remaining block move the
-    innermost spatial loop inside the reduction loops when an input is contiguous along it (conv in NHWC/HWIO:
-    the output channel; matmul: the output column), vectorize it by 8 where it divides, tile reductions over
-    registers, and run the fused outer spatial loops in parallel."""
-    from tvm import s_tir, tirx
-    from tvm.s_tir import dlight as dl
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.tirx.analysis import undefined_vars
-
-    class CpuDefault(dl.ScheduleRule):
-        def apply(self, func: Any, target: Any, _: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc):
-                return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None:
-                return None
-            remaining = []
-            for info in infos:  # padding stays a block of its own: inlined, it puts a branch in the inner loop
-                if info.is_reduction() or info.is_data_pad(sch) or not _try(sch.compute_inline, info.block_rv):
-                    remaining.append(info)
-            try:
-                for info in remaining:
-                    _schedule_block(sch, info, undefined_vars)
-            except Exception:  # a primitive refused this function's shape: it stays unscheduled (correct, slow)
-                return None
-            return sch
-
-    return CpuDefault()
-
-
-def _schedule_block(sch: Any, info: Any, undefined_vars: Callable) -> None:
-    from tvm import tirx
-    block, loops, kinds = info.block_rv, sch.get_loops(info.block_rv), info.dom_kind()
-    if len(loops) != len(kinds) or "O" in kinds or "S" not in kinds:
-        return
-    spatial = [loop for loop, k in zip(loops, kinds) if k == "S"]
-    reduce = [loop for loop, k in zip(loops, kinds) if k == "R"]
-    var = [it.var for it, k in zip(info.iters, kinds) if k == "S"][-1]
-    contiguous = any(var.same_as(v) for region in sch.get(block).reads if len(region.region)
-                     for v in undefined_vars(region.region[-1].min))
-    extents = [sch.get(loop).extent for loop in [*spatial[-2:], *reduce]]
-    if reduce and contiguous and len(spatial) >= 2 and all(isinstance(e, tirx.IntImm) for e in extents) \
-            and extents[1].value % VECTOR == 0 and _tile(extents[0].value, extents[1].value)[0] >= MIN_TILE_ROWS:
-        _register_tile(sch, block, spatial, reduce, [e.value for e in extents])
-        return
-    outer, inner = (spatial, None) if reduce and not contiguous else (spatial[:-1], spatial[-1])
-    if reduce and inner is not None:
-        sch.reorder(*outer, *reduce, inner)
-    if outer:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    if inner is not None:
-        extent = sch.get(inner).extent
-        if isinstance(extent, tirx.IntImm) and extent.value % VECTOR == 0:
-            sch.vectorize(sch.split(inner, [None, VECTOR])[1])
-    if reduce:
-        sch.decompose_reduction(block, reduce[0])
-
-
-def _register_tile(sch: Any, block: Any, spatial: list, reduce: list, extents: list[int]) -> None:
-    """A reduction whose two innermost output loops are (x, f), f contiguous in an input (NHWC/HWIO conv:
-    pixel and output channel; matmul: row and column): accumulate an x_t × f_t tile in registers (a local
-    cache, unrolled, f vectorized) across the whole reduction. When the weights outgrow the L2 cache, each
-    f_t slice of them is streamed once over every pixel instead of once per pixel."""
-    x_ext, f_ext, reduction = extents[0], extents[1], math.prod(extents[2:])
-    x_t, f_t = _tile(x_ext, f_ext)
-    xo, xi = sch.split(spatial[-2], [None, x_t])
-    fo, fi = sch.split(spatial[-1], [None, f_t])
-    if reduction * f_ext * 4 > L2_BYTES:
-        sch.reorder(fo, *spatial[:-2], xo, *reduce, xi, fi)
-        sch.parallel(sch.fuse(fo, *spatial[:-2], xo))
-    else:
-        sch.reorder(*spatial[:-2], xo, fo, *reduce, xi, fi)
-        sch.parallel(sch.fuse(*spatial[:-2], xo))
-    tile = sch.get_loops(block)[-len(reduce) - 3]
-    sch.reverse_compute_at(sch.cache_write(block, 0, "local"), tile)
-    fv_o, fv = sch.split(fi, [None, VECTOR])
-    sch.unroll(xi)
-    sch.unroll(fv_o)
-    sch.vectorize(fv)
-    sch.decompose_reduction(block, reduce[0])
-
-
-def _tile(x_ext: int, f_ext: int) -> tuple[int, int]:
-    """The register tile (rows, columns) for an (x, f) output: f_t of 16 or 8 lanes, and the most rows dividing
-    x_ext that fit the accumulators; of the two, the one holding more outputs."""
-    tiles = [(_divisor(x_ext, ACCUMULATORS * VECTOR // f) * f, f) for f in (2 * VECTOR, VECTOR) if f_ext % f == 0]
-    f_t = max(tiles)[1]
-    return _divisor(x_ext, ACCUMULATORS * VECTOR // f_t), f_t
-
-
-def _divisor(n: int, limit: int) -> int:
-    """The largest divisor of ``n`` that is at most ``limit``."""
-    return max(d for d in range(1, max(limit, 1) + 1) if n % d == 0)
-
-
-def _try(primitive: Callable, *args: Any) -> bool:
-    try:
-        primitive(*args)
-    except Exception:  # a schedule primitive refuses by raising: the block stays as it is
-        return False
-    return True
 
 
 def build(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> Any:
@@ -346,10 +200,6 @@ def build(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> Any:
         return tvm.compile(mod, target=tvm_target)
     except Exception as e:
         raise BackendError(f"tvm.compile failed for {tvm_target.kind.name}: {first_line(e)}") from None
-
-
-def _is_gpu(tvm_target: tvm.target.Target) -> bool:
-    return tvm_target.kind.name in ("cuda", "rocm", "vulkan", "metal", "opencl")
 
 
 def cuda_source(executable: Any) -> str:
@@ -462,13 +312,13 @@ class TvmBackend(Backend):
         mod = prepare(relax_module(gm, example_inputs, dynamic_batch=dynamic), tgt)
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE}
         if tune is not None:
-            from fxforge.tuning.metaschedule import apply_tuning
+            from .tuning import apply_tuning
             mod, info["tuning"] = apply_tuning(mod, tgt, tune)
         if signature.dynamic_batch and not dynamic:
             signature = _static(signature, example_inputs, "tvm: tuned for the example batch (static shapes)")
         executable = build(schedule(mod, tgt), tgt)
         source, library = "", None
-        if _is_gpu(tgt):
+        if is_gpu(tgt):
             source = cuda_source(executable)
             _check_kernels(mod, source)
             info.update(cuda_file=CUDA_FILE, cuda_kernels=len(set(KERNEL.findall(source))))
@@ -477,7 +327,7 @@ class TvmBackend(Backend):
                 export_library(executable, Path(tmp) / LIB_FILE, target)
                 library = (Path(tmp) / LIB_FILE).read_bytes()
             info["runs_on"] = f"{target.name} machines only (cross-compiled with {target.cross_compiler})"
-        elif _is_gpu(tgt):
+        elif is_gpu(tgt):
             info["runs_on"] = f"a {tgt.kind.name} GPU with a {tgt.kind.name}-enabled TVM runtime"
         return TvmArtifact(signature, target, info, executable=executable, library=library, source=source)
 

@@ -1,0 +1,80 @@
+"""Instruments: what the pass manager runs around every pass, each a small object with three hooks.
+
+    before(p, gm, ctx)            a pass is about to run (``p`` is None for the input stage)
+    after(p, gm, ctx, stage)      it ran; ``stage`` carries what earlier instruments found (time, error)
+    failed(p, gm, ctx, error)     it raised; the manager re-raises after every instrument has seen it
+
+The manager's own instruments, in order: :class:`Timing`, :class:`Lint`, the numeric check
+(``verify.NumericCheck``) and the report rows (``report.StageRecorder``); ``PassManager(instruments=...)`` adds
+more (progress bars, IR dumps). An instrument never changes the graph.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch.fx as fx
+
+from .errors import VerificationError
+
+if TYPE_CHECKING:
+    from .pass_manager import Pass, PassContext, PassResult
+
+
+@dataclass
+class Stage:
+    """One stage as the instruments see it: its row name, the pass and its result (None for the input),
+    the passes before it, and what instruments have measured so far."""
+
+    name: str
+    pass_: Pass | None
+    result: PassResult | None
+    done: list[str]
+    elapsed: float = 0.0
+    error: Any = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        return self.pass_ is None or self.pass_.exact
+
+
+class Instrument:
+    """Hooks around every pass; override the ones needed."""
+
+    def before(self, p: Pass | None, gm: fx.GraphModule, ctx: PassContext) -> None:
+        pass
+
+    def after(self, p: Pass | None, gm: fx.GraphModule, ctx: PassContext, stage: Stage) -> None:
+        pass
+
+    def failed(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, error: BaseException) -> None:
+        pass
+
+
+def after_passes(done: list[str]) -> str:
+    """`` (after: a, b)`` for error messages: the passes that ran before the failing one."""
+    return f" (after: {', '.join(done)})" if done else " (it was the first pass)"
+
+
+class Timing(Instrument):
+    """Wall time of each pass (``stage.elapsed``)."""
+
+    def before(self, p: Pass | None, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self.start = time.perf_counter()
+
+    def after(self, p: Pass | None, gm: fx.GraphModule, ctx: PassContext, stage: Stage) -> None:
+        stage.elapsed = 0.0 if p is None else time.perf_counter() - self.start
+
+
+class Lint(Instrument):
+    """``graph.lint()`` after every pass: a malformed graph is the pass's fault, named as such."""
+
+    def after(self, p: Pass | None, gm: fx.GraphModule, ctx: PassContext, stage: Stage) -> None:
+        if p is None:
+            return
+        try:
+            gm.graph.lint()
+        except Exception as e:
+            raise VerificationError(f"pass {p.name!r} left a malformed graph: {e}{after_passes(stage.done)}") from None

@@ -1,0 +1,1 @@
+"""Helpers shared by several passes (never passes themselves): QDQ arithmetic, range observers, factorization."""
