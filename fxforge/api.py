@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -12,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.backends.base import Artifact, get_backend
-from fxforge.compiler.errors import CalibrationError, InputError, first_line
+from fxforge.compiler.errors import CalibrationError, InputError, first_line, missing_calibration
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, VerifyMode
 from fxforge.compiler.report import Report
 from fxforge.compiler.target import Target, get_target
@@ -54,7 +55,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     tgt = get_target(target)
     be = get_backend(backend)
     be.check_target(tgt)
+    be.check_options(backend_options)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
+    _check_calibration(manager, calibration)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
     gm, signature = trace(model, example, static_batch=static_batch)
@@ -81,6 +84,17 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                                                f"{', '.join(gm.meta['input_writes_dropped'])}; the compiled model "
                                                "returns the same outputs without writing back")
     return CompiledModel(gm, artifact, report)
+
+
+def _check_calibration(manager: PassManager, calibration: Iterable[Any] | None) -> None:
+    """Before any work: a pipeline that reads calibration data must get it; data no pass reads is pointed out."""
+    readers = [p.name for p in manager.passes if p.reads_calibration]
+    if readers and calibration is None:
+        raise missing_calibration(readers[0])
+    if not readers and calibration is not None:
+        warnings.warn("calibration data given, but no pass of this pipeline reads it "
+                      f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
+                      stacklevel=3)
 
 
 def _check_tensors(model: torch.nn.Module) -> None:

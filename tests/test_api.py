@@ -198,3 +198,26 @@ def test_minus_inf_in_a_mask_buffer_is_legitimate():
     for backend in ("eager", "onnx"):
         cm = fxforge.compile(model, (x,), passes=["fuse"], backend=backend)
         torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_is_checked_before_any_work():
+    model, x = nn.Sequential(nn.Linear(4, 3)).eval(), torch.randn(2, 4)
+    with pytest.raises(fxforge.CalibrationError, match=r"^pass 'calibrate' needs calibration data"):
+        fxforge.compile(model, (x,), passes=["insert_qdq", "calibrate"])
+    with pytest.warns(UserWarning, match=r"^calibration data given, but no pass of this pipeline reads it "
+                                         r"\(fold_constants, fuse_batchnorm, eliminate_dead_code, fuse_activation\); "
+                                         r"it is ignored$"):
+        fxforge.compile(model, (x,), passes=["fuse"], calibration=[(x,)], measure_latency=False)
+
+
+def test_backend_options_are_checked_before_tracing(monkeypatch):
+    import fxforge.api as api
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("traced before the options were checked")
+
+    monkeypatch.setattr(api, "trace", no_tracing)
+    with pytest.raises(fxforge.BackendError, match="unknown onnx backend option"):
+        fxforge.compile(nn.Linear(4, 3), (torch.randn(2, 4),), backend="onnx", threads=2)
+    with pytest.raises(fxforge.TuningError, match="tune option trials must be an integer of at least 0, got -1"):
+        fxforge.compile(nn.Linear(4, 3), (torch.randn(2, 4),), backend="tvm", tune={"trials": -1})

@@ -201,6 +201,12 @@ class Backend(ABC):
     def check_target(self, target: Target) -> None:
         """Raise TargetError for a target this backend cannot build for (default: it serves every target)."""
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise BackendError (or TuningError) for options this backend does not take. ``compile`` calls it
+        before tracing, so a typo costs no compile time; ``lower`` calls it too. Default: no options."""
+        if options:
+            raise BackendError(f"the {self.name} backend takes no options, got {', '.join(sorted(options))}")
+
     @abstractmethod
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> Artifact:

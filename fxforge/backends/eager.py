@@ -12,7 +12,6 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import BackendError
 from fxforge.compiler.graph import fusion_groups, inplace_variant
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, batch_dynamic
@@ -59,8 +58,7 @@ class EagerBackend(Backend):
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> EagerArtifact:
-        if options:
-            raise BackendError(f"the eager backend takes no options, got {', '.join(sorted(options))}")
+        self.check_options(options)
         gm = copy.deepcopy(gm)
         fused = 0
         for nodes in fusion_groups(gm).values():

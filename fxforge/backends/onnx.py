@@ -31,7 +31,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -122,6 +122,10 @@ class OnnxBackend(Backend):
     name = "onnx"
     artifact = OnnxArtifact
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        _check_opset(options.get("opset", DEFAULT_OPSET))
+        _session_config({k: v for k, v in options.items() if k != "opset"})
+
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> OnnxArtifact:
         opset = options.pop("opset", DEFAULT_OPSET)
@@ -145,6 +149,11 @@ class OnnxBackend(Backend):
         return OnnxArtifact(data, signature, target, info, session)
 
 
+def _check_opset(opset: Any) -> None:
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise BackendError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+
+
 def _session_config(options: dict[str, Any]) -> SessionConfig:
     valid = {f.name for f in fields(SessionConfig)}
     unknown = sorted(set(options) - valid)
@@ -160,8 +169,7 @@ def _session_config(options: dict[str, Any]) -> SessionConfig:
 def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
            opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so)."""
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise BackendError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    _check_opset(opset)
     args, shapes = batch_dynamic(example_inputs, signature.batched())
     outputs = len(gm.graph.output_node().args[0])
     names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]  # not the last op's name

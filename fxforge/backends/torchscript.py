@@ -88,8 +88,7 @@ class TorchScriptBackend(Backend):
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> TorchScriptArtifact:
-        if options:
-            raise BackendError(f"the torchscript backend takes no options, got {', '.join(options)}")
+        self.check_options(options)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module, mode = self._compile(gm, example_inputs)

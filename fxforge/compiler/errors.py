@@ -51,6 +51,12 @@ def missing_dependency(package: str, extra: str, why: str) -> BackendError:
     return BackendError(f"{why} needs the '{package}' package: pip install 'fxforge[{extra}]'")
 
 
+def missing_calibration(pass_name: str) -> CalibrationError:
+    """The error for a pipeline whose pass ``pass_name`` reads calibration data that was not given."""
+    return CalibrationError(f"pass {pass_name!r} needs calibration data: pass calibration=[(x1,), (x2,), ...] (an "
+                            "iterable of input tuples like the example inputs) to fxforge.compile")
+
+
 def first_line(e: BaseException) -> str:
     """The first non-blank line of an exception's message (colour codes removed), or its type's name."""
     lines = [ln.strip() for ln in ANSI.sub("", str(e)).splitlines() if ln.strip()]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import re
+import warnings
 import typing
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -19,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .analysis.base import Analysis
-from .errors import FxforgeError, PassError
+from .errors import FxforgeError, PassError, first_line
 from .instruments import Instrument, Lint, Stage, Timing, after_passes
 from .report import Report, StageRecorder
 from .target import Target, get_target
@@ -92,6 +94,38 @@ class Pass:
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # False: approximate; reports its error in stats
     after: ClassVar[tuple[str, ...]] = ()  # passes that must run earlier in the same pipeline
+    reads_calibration: ClassVar[bool] = False  # True: needs PassContext.calibration (compile checks it up front)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``__post_init__`` (its option checks) runs after the type check and raises PassError
+        naming the pass, so ``LowRank(energy="high")`` fails as the string form ``low_rank{energy='high'}`` does."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "checks_types", False):
+            return
+
+        @functools.wraps(own)
+        def post_init(self: Pass) -> None:
+            Pass.__post_init__(self)
+            try:
+                own(self)
+            except (TypeError, ValueError, PassError) as e:
+                raise PassError(f"bad options for pass {self.name!r}: {e}") from None
+
+        post_init.checks_types = True  # type: ignore[attr-defined]
+        cls.__post_init__ = post_init  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        """Each option must be of its annotated type (dataclass fields do not check)."""
+        try:
+            hints = typing.get_type_hints(type(self))
+        except NameError:  # an annotation this module cannot resolve: nothing to check against
+            return
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _type_ok(value, hints.get(f.name, Any)):
+                raise PassError(f"option {f.name!r} of pass {self.name!r} must be {_type_name(hints[f.name])}, "
+                                f"got {value!r}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -167,8 +201,10 @@ def _load_entry_points() -> None:
     for ep in metadata.entry_points(group="fxforge.passes"):
         try:
             ep.load()
-        except Exception as e:
-            raise PassError(f"third-party pass entry point {ep.name!r} failed to load: {e}") from e
+        except Exception as e:  # one broken package must not break every compile
+            dist = ep.dist.name if getattr(ep, "dist", None) is not None else "an unknown distribution"
+            warnings.warn(f"skipping pass entry point {ep.name!r} of {dist}: {type(e).__name__}: {first_line(e)}",
+                          RuntimeWarning, stacklevel=2)
 
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\{(.*)\})?\s*$")
@@ -180,27 +216,46 @@ def split_passes(text: str) -> list[str]:
 
 
 def resolve(spec: str | Pass | Sequence[str | Pass]) -> list[Pass]:
-    """Turn names, presets and ``name{opt=value,...}`` strings into Pass instances."""
+    """Turn names, presets and ``name{opt=value,...}`` strings into Pass instances.
+
+    An item whose passes begin with every pass of the item before it (``fuse, int8``: int8 starts with fuse)
+    would run those passes twice in a row; exact ones run once (with a warning), approximate ones are warned of.
+    """
     _load_entry_points()
     if isinstance(spec, (str, Pass)):
         spec = [spec]
     out: list[Pass] = []
+    before: tuple[str, list[Pass]] | None = None
     for item in spec:
-        if isinstance(item, Pass):
-            out.append(item)
-            continue
-        if not isinstance(item, str):
-            raise PassError(f"a pass must be a name or a fxforge.Pass instance, got {type(item).__name__}")
-        m = _SPEC.match(item)
-        name = m.group(1) if m else item
-        if m and name in _PRESETS and m.group(2) is None:
-            out.extend(resolve(list(_PRESETS[name])))
-        elif m and name in _PASSES:
-            out.append(_instantiate(_PASSES[name], _parse_options(name, m.group(2) or "")))
-        else:
-            raise PassError(f"unknown pass {item!r}; valid passes: {', '.join(sorted(_PASSES))}; "
-                            f"presets: {', '.join(sorted(_PRESETS))}")
+        steps = _expand(item)
+        if before is not None and len(steps) > len(before[1]) and \
+                [str(p) for p in steps[:len(before[1])]] == [str(p) for p in before[1]]:
+            repeated = before[1]
+            if all(p.exact for p in repeated):
+                warnings.warn(f"pass {item!r} already begins with {before[0]!r}; those passes run once",
+                              UserWarning, stacklevel=2)
+                steps = steps[len(repeated):]
+            else:
+                warnings.warn(f"pass {item!r} already begins with {before[0]!r}, which is approximate: "
+                              "it runs twice", UserWarning, stacklevel=2)
+        out.extend(steps)
+        before = (str(item), _expand(item))
     return out
+
+
+def _expand(item: str | Pass) -> list[Pass]:
+    if isinstance(item, Pass):
+        return [item]
+    if not isinstance(item, str):
+        raise PassError(f"a pass must be a name or a fxforge.Pass instance, got {type(item).__name__}")
+    m = _SPEC.match(item)
+    name = m.group(1) if m else item
+    if m and name in _PRESETS and m.group(2) is None:
+        return resolve(list(_PRESETS[name]))
+    if m and name in _PASSES:
+        return [_instantiate(_PASSES[name], _parse_options(name, m.group(2) or ""))]
+    raise PassError(f"unknown pass {item!r}; valid passes: {', '.join(sorted(_PASSES))}; "
+                    f"presets: {', '.join(sorted(_PRESETS))}")
 
 
 def _parse_options(name: str, text: str) -> dict[str, Any]:
@@ -215,18 +270,12 @@ def _parse_options(name: str, text: str) -> dict[str, Any]:
 
 
 def _instantiate(cls: type[Pass], options: dict[str, Any]) -> Pass:
-    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-    hints = typing.get_type_hints(cls) if fields else {}
-    for key, value in options.items():
+    """``cls(**options)``; unknown names are refused here, types and values by the pass's construction."""
+    fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    for key in options:
         if key not in fields:
             raise PassError(f"pass {cls.name!r} has no option {key!r}; options: {', '.join(fields) or 'none'}")
-        if not _type_ok(value, hints.get(key, Any)):
-            raise PassError(f"option {key!r} of pass {cls.name!r} must be {_type_name(hints[key])}, "
-                            f"got {value!r}")
-    try:
-        return cls(**options)
-    except (TypeError, ValueError, PassError) as e:
-        raise PassError(f"bad options for pass {cls.name!r}: {e}") from None
+    return cls(**options)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -246,6 +295,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     return getattr(hint, "__name__", str(hint))
 
 

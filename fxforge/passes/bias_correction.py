@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import CalibrationError
+from fxforge.compiler.errors import CalibrationError, missing_calibration
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import get_tensor, set_tensor
 from fxforge.compiler.ops import LINEAR, WEIGHTED, bias_of, call_with, data, is_op, value_of, weight_of
@@ -45,6 +45,7 @@ class BiasCorrection(Pass):
 
     name = "bias_correction"
     exact = False
+    reads_calibration = True
     after = ("insert_qdq", "calibrate")
     shift: Literal["weights", "output"] = "weights"
     max_samples: int = 256  # the first samples of the calibration data that are measured (held in memory at once)
@@ -57,8 +58,7 @@ class BiasCorrection(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
-            raise CalibrationError("pass 'bias_correction' needs calibration data: pass calibration=[(x1,), ...] "
-                                   "to fxforge.compile")
+            raise missing_calibration(self.name)
         stats: Counter[str] = Counter()
         errors: dict[fx.Node, torch.Tensor] = {}
         for op in gm.graph.nodes:

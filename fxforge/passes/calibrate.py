@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from fxforge.compiler.errors import CalibrationError
+from fxforge.compiler.errors import CalibrationError, missing_calibration
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .lib.observers import METHODS, Method
@@ -28,6 +28,7 @@ class Calibrate(Pass):
 
     name = "calibrate"
     exact = False
+    reads_calibration = True
     after = ("insert_qdq",)
     method: Method = "minmax"
     percentile: float = 99.99
@@ -40,8 +41,7 @@ class Calibrate(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
-            raise CalibrationError("pass 'calibrate' needs calibration data: pass calibration=[(x1,), (x2,), ...] "
-                                   "(an iterable of input tuples like the example inputs) to fxforge.compile")
+            raise missing_calibration(self.name)
         batches = tqdm(checked_batches(ctx.calibration, ctx.example_inputs), desc="calibrate", unit="batch",
                        disable=None, leave=False)
         stats = fit_activations(gm, batches, self.method, self.percentile)

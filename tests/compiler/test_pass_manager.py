@@ -251,3 +251,41 @@ def test_a_graph_that_no_longer_runs_names_the_pass_and_node():
     with pytest.raises(fxforge.VerificationError, match=r"pass 'test_truncate' left a graph that fails to run at "
                                                         r"node 'conv2d': RuntimeError: .*\(after: fuse_batchnorm\)"):
         PassManager(["fuse_batchnorm", "test_truncate"], measure_latency=False).run(gm, PassContext(flat))
+
+
+def test_a_pass_instance_checks_its_options_as_the_string_form_does():
+    from fxforge.passes import LowRank
+    with pytest.raises(fxforge.PassError, match=r"^option 'energy' of pass 'low_rank' must be float, got 'high'$"):
+        LowRank(energy="high")
+    with pytest.raises(fxforge.PassError, match=r"^bad options for pass 'low_rank': energy must be in \(0, 1\]"):
+        LowRank(energy=2.0)
+    with pytest.raises(fxforge.PassError, match=r"^option 'energy' of pass 'low_rank' must be float, got 'high'$"):
+        resolve("low_rank{energy='high'}")
+
+
+def test_a_preset_that_begins_with_the_one_before_runs_those_passes_once():
+    with pytest.warns(UserWarning, match=r"^pass 'int8' already begins with 'fuse'; those passes run once$"):
+        both = resolve(["fuse", "int8"])
+    assert [str(p) for p in both] == [str(p) for p in resolve("int8")]
+    with pytest.warns(UserWarning, match="which is approximate: it runs twice"):
+        twice = resolve(["compress", "all"])
+    assert [p.name for p in twice].count("low_rank") == 2
+
+
+def test_a_broken_third_party_entry_point_is_a_warning_naming_its_distribution(monkeypatch):
+    from importlib import metadata
+
+    from fxforge.compiler import pass_manager
+
+    class Broken:
+        name, dist = "shiny", type("Dist", (), {"name": "shiny-passes"})()
+
+        def load(self):
+            raise ImportError("No module named 'shiny_passes'")
+
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [Broken()])
+    monkeypatch.setattr(pass_manager, "_entry_points_loaded", False)
+    with pytest.warns(RuntimeWarning, match=r"^skipping pass entry point 'shiny' of shiny-passes: ImportError: "
+                                             r"No module named 'shiny_passes'$"):
+        passes = resolve("fuse")
+    assert [p.name for p in passes][0] == "fold_constants"

@@ -104,7 +104,8 @@ def test_bad_calibration_data_is_refused(data, message):
 def test_bad_method_and_order_are_refused():
     with pytest.raises(PassError, match="option 'method' of pass 'calibrate'"):
         fxforge.PassManager(["insert_qdq", "calibrate{method='max'}"])
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(PassError, match="option 'method' of pass 'calibrate' must be one of 'minmax', "
+                                        "'percentile', 'entropy', 'mse', got 'max'"):
         Calibrate(method="max")
     with pytest.raises(PassError, match="must come after 'insert_qdq'"):
         fxforge.PassManager(["calibrate"])

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -300,13 +300,21 @@ class TvmBackend(Backend):
     name = "tvm"
     artifact = TvmArtifact
 
-    def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
-              target: Target, **options: Any) -> TvmArtifact:
-        tune = options.pop("tune", None)
-        if options:
-            raise BackendError(f"unknown tvm backend option(s) {', '.join(sorted(options))}; valid: tune")
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        unknown = sorted(set(options) - {"tune"})
+        if unknown:
+            raise BackendError(f"unknown tvm backend option(s) {', '.join(unknown)}; valid: tune")
+        tune = options.get("tune")
         if tune is not None and not isinstance(tune, dict):
             raise BackendError(f"tune must be a dict like {{'trials': 64, 'db': 'path'}} or None, got {tune!r}")
+        if tune is not None:
+            from .tuning import tune_options
+            tune_options(tune)
+
+    def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
+              target: Target, **options: Any) -> TvmArtifact:
+        self.check_options(options)
+        tune = options.pop("tune", None)
         tgt = tvm_target(target)
         dynamic = signature.dynamic_batch and tune is None  # MetaSchedule tunes static shapes
         mod = prepare(relax_module(gm, example_inputs, dynamic_batch=dynamic), tgt)

@@ -74,7 +74,7 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     Returns the module with tuned schedules and stats: db, tasks, tuned_tasks, searched_tasks, reused_tasks,
     untuned_tasks, trials (measured now), scheduled_functions (PrimFuncs the database matched) and per_task (:class:`TaskResult`).
     """
-    opts = _options(tune)
+    opts = tune_options(tune)
     from tvm import relax, tirx
     from tvm.s_tir import meta_schedule as ms
 
@@ -393,7 +393,8 @@ def _task_key(task: Any) -> str:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _options(tune: dict[str, Any]) -> dict[str, Any]:
+def tune_options(tune: dict[str, Any]) -> dict[str, Any]:
+    """``tune`` checked (TuningError for an unknown or bad option) and completed with the defaults."""
     if not isinstance(tune, dict):
         raise TuningError(f"tune must be a dict like {{'trials': 64, 'db': 'path'}}, got {tune!r}")
     unknown = sorted(set(tune) - set(OPTIONS))
