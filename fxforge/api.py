@@ -45,12 +45,36 @@ class CompiledModel:
 def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Sequence[str | Pass] | None = None,
             backend: str = "eager", target: str | Target = "x86", calibration: Iterable[Any] | None = None,
             calibration_fn: Callable[[Any], Any] | None = None,
-            verify: VerifyMode = "numerics", measure_latency: bool = True, static_batch: bool = False,
+            verify: VerifyMode = "numerics", measure_latency: bool = False, static_batch: bool = False,
             **backend_options: Any) -> CompiledModel:
     """Capture ``model``, optimize it with ``passes``, and lower it with ``backend`` for ``target``.
 
-    The user's model is never mutated. ``verify="numerics"`` checks every exact pass against the stage before
-    it on fresh random inputs and records the error of approximate ones.
+    The user's model, example inputs and calibration data are never mutated.
+
+    Args:
+        model: the ``torch.nn.Module`` to compile (a copy is captured in eval mode with ``torch.export``).
+        example_inputs: a tensor or a tuple of inputs (tensors, or dicts/lists of them) the model runs on; their
+            shapes fix the compiled signature, with a dynamic batch dimension unless ``static_batch``.
+        passes: pass and preset names (``"fuse"``, ``"int8"``, ``"low_rank{energy=0.9}"``), ``Pass`` instances,
+            or a list of them; ``fxforge.available_passes()`` lists them. None: no passes.
+        backend: ``"eager"``, ``"torchscript"``, ``"onnx"`` or ``"tvm"``.
+        target: a target name (``"x86"``, ``"arm64"``, ``"cuda"``, named x86 variants) or a ``Target``.
+        calibration: an iterable of input tuples like ``example_inputs``, for passes that read data
+            (``calibrate``, ``bias_correction``); a warning says so when no pass reads it.
+        calibration_fn: maps each calibration item to an input tuple, e.g. ``lambda b: b[:1]`` for the
+            ``(input, label)`` batches of a DataLoader.
+        verify: ``"numerics"`` checks every exact pass against the stage before it on fresh inputs and the
+            artifact against the graph and the model (``VerificationError`` outside the bounds); ``"lint"``
+            checks graphs only; ``"off"`` checks nothing.
+        measure_latency: also time every stage's graph in PyTorch eager and the artifact (off by default: it
+            can double compile time).
+        static_batch: compile for the example's batch size only.
+        **backend_options: options of the backend, checked before any work: ``onnx`` takes ``opset`` and ONNX
+            Runtime session options (``intra_op_num_threads``, ``graph_optimization_level``, ...); ``tvm``
+            takes ``tune={"trials": N, "db": DIR, ...}`` (docs/tuning.md).
+
+    Returns:
+        A ``CompiledModel``: call it like the model; ``.report`` says what each stage did; ``.save(dir)``.
     """
     tgt = get_target(target)
     be = get_backend(backend)

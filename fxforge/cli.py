@@ -74,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="an option of the backend (repeatable), e.g. --backend-option tune={'trials':16}")
     comp.add_argument("--tuning-db", metavar="DIR", help="tvm backend: apply this MetaSchedule database (from "
                       "`fxforge tune`) without tuning")
-    comp.add_argument("--no-latency", action="store_true",
-                      help="skip timing each stage and the artifact (the numeric checks still run)")
+    comp.add_argument("--latency", action="store_true",
+                      help="also time each stage's graph in PyTorch eager and the compiled artifact (slower compile; "
+                           "the numeric checks run either way)")
     comp.add_argument("--out", help="directory to write the artifact to")
     comp.set_defaults(run=_compile)
 
@@ -172,7 +173,7 @@ def _compile(args: argparse.Namespace) -> int:
     calibration = _calibration(args.calibration) if args.calibration else None
     cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend=args.backend,
                          target=args.target, calibration=calibration, verify=args.verify,
-                         measure_latency=not args.no_latency, static_batch=args.static_batch, **options)
+                         measure_latency=args.latency, static_batch=args.static_batch, **options)
     print(cm.report)
     if args.out:
         print(f"artifact: {cm.save(args.out)}")

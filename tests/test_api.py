@@ -38,10 +38,12 @@ def test_user_model_is_never_mutated(resnet):
 
 def test_report_is_a_table_and_json(resnet):
     model, (x,) = resnet
-    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="torchscript")
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="torchscript", measure_latency=True)
     text = str(cm.report)
     for column in ("stage", "params", "FLOPs", "latency", "max err"):
         assert column in text
+    assert "the backend row times the compiled artifact" in text
+    assert "latency: each stage" not in str(fxforge.compile(model, (x,), passes=["fuse"]).report)  # off by default
     d = json.loads(json.dumps(cm.report.to_dict()))
     stages = [r["stage"] for r in d["rows"]]
     assert stages[0] == "input" and stages[-1] == "backend:torchscript" and "fuse_batchnorm" in stages
@@ -221,3 +223,10 @@ def test_backend_options_are_checked_before_tracing(monkeypatch):
         fxforge.compile(nn.Linear(4, 3), (torch.randn(2, 4),), backend="onnx", threads=2)
     with pytest.raises(fxforge.TuningError, match="tune option trials must be an integer of at least 0, got -1"):
         fxforge.compile(nn.Linear(4, 3), (torch.randn(2, 4),), backend="tvm", tune={"trials": -1})
+
+
+def test_every_parameter_of_compile_is_documented():
+    import inspect
+    doc = fxforge.compile.__doc__
+    for name in inspect.signature(fxforge.compile).parameters:
+        assert f"\n        {name}:" in doc or f"**{name}:" in doc, name

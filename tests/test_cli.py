@@ -81,10 +81,11 @@ def tiny(width=8):
 def test_console_script_compiles_a_model_from_the_current_directory_and_runs_the_artifact(tmp_path):
     (tmp_path / "tinymodel.py").write_text(TINY)
     done = console("compile", "tinymodel:tiny", "--model-kwargs", '{"width": 6}', "--input-shape", "2,4",
-                   "--passes", "fuse", "--backend", "onnx", "--static-batch", "--no-latency", "--out", "art",
+                   "--passes", "fuse", "--backend", "onnx", "--static-batch", "--latency", "--out", "art",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "backend:onnx" in done.stdout and "dynamic_batch: False" in done.stdout
+    assert "the backend row times the compiled artifact" in done.stdout  # --latency
     np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
     ran = console("run", "art", "--input", "x.npy", "--save", "y.npz", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
@@ -145,7 +146,7 @@ def raising_calibration():
 
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("mine")
-    assert main(["compile", "models:Mlp", "--input-shape", "4,32", "--no-latency", "--out",
+    assert main(["compile", "models:Mlp", "--input-shape", "4,32", "--out",
                  str(tmp_path / "file")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "mine"

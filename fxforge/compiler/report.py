@@ -18,6 +18,10 @@ from .timing import measure_latency
 from .verify import Error
 
 
+LATENCY_NOTE = ("latency: each stage's graph run by PyTorch eager (Q/DQ stages simulate int8 in float, so they read "
+                "slower than float); the backend row times the compiled artifact")
+
+
 @dataclass
 class StageRow:
     stage: str
@@ -65,6 +69,8 @@ class Report:
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        if any(r.latency_ms is not None for r in self.rows):
+            lines.append(LATENCY_NOTE)
         extra = [f"{k}: {v}" for k, v in self.meta.items()]
         return "\n".join(lines + extra)
 
