@@ -19,12 +19,15 @@ Lowering (TVM 0.27):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -215,10 +218,31 @@ def _imports(module: Any) -> list[Any]:
     return out
 
 
+@contextlib.contextmanager
+def _without_scope_saving_lines() -> Iterator[None]:
+    """TVM's runtime logs an empty ``Warning: Scope Saving:`` line per memory scope when it saves an executable
+    (a C++ LOG(WARNING) on file descriptor 2, out of Python's reach): capture the descriptor while saving and
+    pass every other line through."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [ln for ln in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if "Scope Saving:" not in ln]
+            sys.stderr.write("".join(kept))
+
+
 def export_library(executable: Any, path: Path, target: Target) -> None:
     """Link the executable into a shared library for ``target`` (cross-compiled where it needs it)."""
     if target.cross_compiler is None:
-        executable.export_library(str(path))
+        with _without_scope_saving_lines():
+            executable.export_library(str(path))
         return
     from tvm.support import cc
     if shutil.which(target.cross_compiler) is None:
@@ -226,7 +250,8 @@ def export_library(executable: Any, path: Path, target: Target) -> None:
         raise BackendError(f"the {target.name} target needs the cross compiler {target.cross_compiler}, which is "
                            f"not installed: apt-get install {package}")
     try:
-        executable.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler))
+        with _without_scope_saving_lines():
+            executable.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler))
     except Exception as e:
         raise BackendError(f"linking the {target.name} library with {target.cross_compiler} failed: "
                            f"{first_line(e)}") from None
