@@ -34,8 +34,8 @@ class CompiledModel:
     def signature(self) -> Signature:
         return self.artifact.signature
 
-    def __call__(self, *inputs: Any) -> Any:
-        return self.artifact(*inputs)
+    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        return self.artifact(*inputs, **kwargs)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Save the artifact (``fxforge.load(directory)`` gives it back) and the report beside it."""

@@ -22,6 +22,11 @@ from fxforge.cli import main
 
 # ---------------------------------------------------------------------------------------- models the cases use
 
+class ReturnsNone(nn.Module):
+    def forward(self, x: torch.Tensor) -> None:
+        return None
+
+
 class DataDependent(nn.Module):
     """Branches on a tensor's value: torch.export cannot capture it."""
 
@@ -168,6 +173,21 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_()(x.double())),
     ("call with a non-tensor", fxforge.InputError, r"input 0 must be a tensor, got float",
      lambda t, mp: compile_()(3.0)),
+    ("call with keyword arguments", fxforge.InputError,
+     r"a compiled model takes its inputs by position, as it was compiled; got keyword argument\(s\) x",
+     lambda t, mp: compile_()(x=torch.randn(2, 4))),
+    ("a model returning None", fxforge.InputError, r"the model returns no tensor \(got NoneType\)",
+     lambda t, mp: compile_(ReturnsNone(), backend="onnx")),
+    ("a plain function instead of a module", fxforge.TraceError, r"expected a torch\.nn\.Module, got builtin_function_or_method",
+     lambda t, mp: compile_(torch.relu)),
+    ("a bfloat16 model on ONNX Runtime's CPU", fxforge.BackendError,
+     r"ONNX Runtime cannot run the exported model on CPUExecutionProvider: Could not find an implementation for "
+     r"Gemm",
+     lambda t, mp: compile_(mlp().to(torch.bfloat16), (torch.randn(2, 4, dtype=torch.bfloat16),), backend="onnx")),
+    ("a float16 model quantized for ONNX", fxforge.BackendError,
+     r"the exported ONNX model fails onnx\.checker: .*QuantizeLinear.*unsupported type: tensor\(float16\)",
+     lambda t, mp: compile_(mlp().half(), (torch.randn(2, 4, dtype=torch.float16),), backend="onnx",
+                            passes="int8", calibration=[(torch.randn(4, 4, dtype=torch.float16),)])),
     # passes
     ("unknown pass", fxforge.PassError, r"unknown pass 'fusion'; valid passes: .*fuse_batchnorm.*; presets: .*fuse",
      lambda t, mp: compile_(passes="fusion")),
@@ -231,6 +251,12 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("artifact of another format version", fxforge.ArtifactError,
      r"has artifact format 99, this fxforge reads format 1",
      lambda t, mp: fxforge.load(edit_meta(saved(t), format=99))),
+    ("loading a file instead of an artifact directory", fxforge.ArtifactError,
+     r"program\.pt2 is a file; an fxforge artifact is the directory that holds fxforge\.json",
+     lambda t, mp: fxforge.load(saved(t) / "program.pt2")),
+    ("fxforge.json with a field of the wrong type", fxforge.ArtifactError,
+     r"fxforge\.json is corrupt: field 'files' has the wrong type \(list\)",
+     lambda t, mp: fxforge.load(edit_meta(saved(t), files=["program.pt2"]))),
     ("corrupt fxforge.json", fxforge.ArtifactError, r"fxforge\.json is corrupt",
      lambda t, mp: fxforge.load((saved(t) / base.META_FILE).write_text("{") and t / "artifact")),
     ("fxforge.json without a backend", fxforge.ArtifactError, r"fxforge\.json lacks 'backend'",

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import ArtifactError, BackendError
+from fxforge.compiler.errors import ArtifactError, BackendError, InputError
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.trace import Signature
 
@@ -39,7 +39,10 @@ class Artifact(ABC):
         self.target = target
         self.info: dict[str, Any] = dict(info or {})  # backend facts worth reporting (fused kernels, files)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise InputError(f"a compiled model takes its inputs by position, as it was compiled; got keyword "
+                             f"argument(s) {', '.join(sorted(kwargs))}")
         flat = self.signature.flatten(args)
         return self.signature.unflatten(list(self.run(flat)))
 
@@ -131,6 +134,8 @@ def _umask() -> int:
 def load(directory: str | os.PathLike[str]) -> Artifact:
     """Load a saved artifact, checking its format version and file hashes."""
     path = Path(directory)
+    if path.is_file():
+        raise ArtifactError(f"{path} is a file; an fxforge artifact is the directory that holds {META_FILE}")
     try:
         meta = json.loads((path / META_FILE).read_text())
     except FileNotFoundError:
@@ -144,6 +149,12 @@ def load(directory: str | os.PathLike[str]) -> Artifact:
     if missing:
         raise ArtifactError(f"{path / META_FILE} lacks {', '.join(map(repr, missing))}; "
                             "it was not written by fxforge")
+    kinds = {"backend": str, "target": dict, "signature": dict, "files": dict, "info": dict}
+    wrong = [key for key, kind in kinds.items() if key in meta and not isinstance(meta[key], kind)]
+    if wrong or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["files"].items()):
+        field = wrong[0] if wrong else "files"
+        raise ArtifactError(f"{path / META_FILE} is corrupt: field {field!r} has the wrong type "
+                            f"({type(meta[field]).__name__})")
     for name, digest in meta["files"].items():
         file = path / name
         if not file.is_file() or _sha256(file) != digest:

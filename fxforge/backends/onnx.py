@@ -183,7 +183,7 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     model = program.model_proto
     try:
         onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise BackendError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
     return model
 
@@ -242,7 +242,12 @@ def create_session(model: bytes, target: Target, config: SessionConfig,
     so = config.session_options()
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(model, so, providers=providers(target))
+    try:
+        return ort.InferenceSession(model, so, providers=providers(target))
+    except Exception as e:  # e.g. no kernel for an op at this dtype (bfloat16 Gemm on CPU)
+        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(e))
+        raise BackendError(f"ONNX Runtime cannot run the exported model on {', '.join(providers(target))}: "
+                           f"{reason}") from None
 
 
 def ort_kernels(optimized: onnx.ModelProto) -> dict[str, Any]:

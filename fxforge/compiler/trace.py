@@ -138,10 +138,12 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
 def _check_runs(model: torch.nn.Module, args: tuple) -> None:
     try:
         with torch.no_grad():
-            model(*_copy(args))
+            out = model(*_copy(args))
     except Exception as e:
         raise InputError(f"the model does not run on the example inputs {_describe(pytree.tree_leaves(args))}: "
                          f"{first_line(e)}") from None
+    if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
+        raise InputError(f"the model returns no tensor (got {type(out).__name__}): there is nothing to compile")
 
 
 def _batch_size(args: tuple) -> int | None:

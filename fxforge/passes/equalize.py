@@ -72,9 +72,9 @@ class Equalize(Pass):
             if largest < self.tolerance:
                 break
         for node, w in weights.items():
-            set_tensor(gm, weight_of(node), w.float())
+            set_tensor(gm, weight_of(node), w.to(get_tensor(gm, weight_of(node)).dtype))  # computed in float64
         for node, bias in biases.items():
-            set_tensor(gm, bias_of(node), bias.float())
+            set_tensor(gm, bias_of(node), bias.to(get_tensor(gm, bias_of(node)).dtype))
         stats.update({"pairs": len(pairs), "sweeps": done,
                       "depthwise_pairs": sum(1 for p in pairs if any(conv_groups(n) > 1 for n in p))})
         return PassResult(changed=True, preserves=frozenset({Shapes}), stats=dict(stats))
