@@ -13,7 +13,8 @@ from fxforge.backends.base import Artifact, get_backend
 
 from .errors import InputError
 from .pass_manager import Pass, PassContext, PassManager, VerifyMode
-from .report import Report, measure_latency
+from .quality import Metric, Validation
+from .report import SYNTHETIC, Report, measure_latency
 from .target import Target, get_target
 from .trace import Signature, trace
 from .verify import compare, fresh_inputs
@@ -44,11 +45,14 @@ class CompiledModel:
 def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Sequence[str | Pass] | None = None,
             backend: str = "eager", target: str | Target = "x86", calibration: Iterable[Any] | None = None,
             verify: VerifyMode = "numerics", measure_latency: bool = True, static_batch: bool = False,
-            **backend_options: Any) -> CompiledModel:
+            validation: Iterable[Any] | None = None, metric: Metric = None, **backend_options: Any) -> CompiledModel:
     """Capture ``model``, optimize it with ``passes``, and lower it with ``backend`` for ``target``.
 
     The user's model is never mutated. ``verify="numerics"`` checks every exact pass against the stage before
-    it on fresh random inputs and records the error of approximate ones.
+    it on fresh random inputs and records the error of approximate ones. ``validation`` (an iterable of input
+    tuples, like ``calibration``) makes the report's error columns come from that data: min and mean cosine,
+    max relative error, top-1 agreement for classifier outputs, and ``metric`` ("agreement", "cosine" or
+    ``metric(outputs, inputs) -> float``, higher is better); see compiler/quality.py.
     """
     tgt = get_target(target)
     be = get_backend(backend)
@@ -57,13 +61,18 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     _check_finite(model, example)
     gm, signature = trace(model, example, static_batch=static_batch)
     flat = tuple(signature.flatten(example))
-    ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration)
+    checked = None if validation is None and metric is None else \
+        Validation.from_user(validation, signature.flatten, metric)
+    ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked)
     gm, report = manager.run(gm, ctx)
     start = time.perf_counter()
     artifact = be.lower(gm, flat, signature, tgt, **backend_options)
     _record_backend(report, artifact, gm, flat, time.perf_counter() - start, measure_latency and tgt.runs_on_host)
+    if checked is not None and tgt.runs_on_host:
+        report.final.set_quality(checked.measure(lambda *x: artifact.run(x)))
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": signature.dynamic_batch,
                         **({"note": signature.note} if signature.note else {}), **artifact.info})
+    report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()
     return CompiledModel(gm, artifact, report)
 
 
