@@ -40,6 +40,14 @@ def test_unit_rows_are_embeddings_without_top1():
         Validation.from_user([(e,)], lambda b: list(b), metric="agreement").measure(lambda t: t)
 
 
+def test_integer_outputs_score_exact_matches():
+    x = torch.randn(4, 3)
+    v = Validation.from_user([(x,)], lambda b: list(b), metric=None)
+    assert v.measure(lambda t: t.argmax(1)).cosine_min == 1.0
+    q = v.measure(lambda t: (t.argmax(1) + 1) % 3)
+    assert (q.cosine_min, q.top1) == (0.0, None)
+
+
 @pytest.fixture(scope="module")
 def digits():
     model, (x_train, _, x_test, y_test) = digits_cnn()
