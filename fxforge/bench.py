@@ -350,17 +350,20 @@ def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: 
     return [rows[s.name] for s in systems]
 
 
-def self_check(rows: Sequence[Row], noise: float = 0.05) -> str | None:
+def self_check(rows: Sequence[Row], noise: float = 0.05, limit: float = 0.2) -> str | None:
     """Whether the identical ORT fp32 graph, built early and built last, timed within noise: a verdict line.
 
-    Noise is the larger of ``noise`` and the relative min–max spread of the two rows over rounds."""
+    Noise is the larger of ``noise`` and the relative min–max spread of the two rows over rounds; a spread
+    over ``limit`` is itself a noisy run (no ratio under it can be resolved)."""
     a = next((r for r in rows if r.system == "ort fp32" and r.median_ms), None)
     b = next((r for r in rows if r.system == SELF_CHECK and r.median_ms), None)
     if a is None or b is None:
         return None
     spread = max(noise, *((r.max_ms - r.min_ms) / r.median_ms for r in (a, b)))
     gap = b.median_ms / a.median_ms - 1
-    verdict = "within noise" if abs(gap) <= spread else "NOISY: the same graph timed apart; ratios in this table are unreliable"
+    verdict = "within noise" if abs(gap) <= spread <= limit else \
+        "NOISY: the same graph timed apart; ratios in this table are unreliable" if abs(gap) > spread else \
+        f"NOISY: rounds spread over ±{limit:.0%}; ratios in this table are unreliable"
     return (f"self-check {a.model} batch {a.batch}: ort fp32 built early {a.median_ms:.2f} ms, the same graph "
             f"built last {b.median_ms:.2f} ms ({gap:+.1%}, noise ±{spread:.1%}): {verdict}")
 
