@@ -74,7 +74,7 @@ class SessionConfig:
     """
 
     graph_optimization_level: str = "all"
-    intra_op_num_threads: int = field(default_factory=torch.get_num_threads)
+    intra_op_num_threads: int = field(default_factory=lambda: torch.get_num_threads())
     inter_op_num_threads: int = 0
 
     def __post_init__(self) -> None:

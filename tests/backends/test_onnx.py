@@ -85,11 +85,15 @@ def test_session_options_reach_ort_and_survive_save(tmp_path):
     assert (so.intra_op_num_threads, so.graph_optimization_level.name) == (1, "ORT_ENABLE_BASIC")
 
 
-def test_ort_threads_default_to_pytorchs_and_are_recorded(monkeypatch):
+def test_ort_threads_default_to_pytorchs_and_are_recorded():
     """ORT and eager PyTorch run on the same threads unless told otherwise (a benchmark compares them)."""
     model, (x,) = ZOO["mlp"]()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    cm = fxforge.compile(model, (x,), backend="onnx", measure_latency=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        cm = fxforge.compile(model, (x,), backend="onnx", measure_latency=False)
+    finally:
+        torch.set_num_threads(threads)
     assert cm.artifact.session.get_session_options().intra_op_num_threads == 3
     assert cm.artifact.info["ort_options"]["intra_op_num_threads"] == 3
 
