@@ -393,6 +393,8 @@ PAUSE_S = 0.05
 def _time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Row], rounds: int,
                       sample_ms: float) -> None:
     live = {n: b for n, b in built.items() if rows[n].error is None}
+    if not live:
+        return
     calls = {n: _calls_per_sample(b.run, example, sample_ms) for n, b in live.items()}
     samples: dict[str, list[float]] = {n: [] for n in live}
     names = list(live)
