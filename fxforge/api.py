@@ -15,7 +15,8 @@ import torch.fx as fx
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.compiler.errors import CalibrationError, InputError, first_line, missing_calibration
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, VerifyMode
-from fxforge.compiler.report import Report
+from fxforge.compiler.quality import Metric, Validation
+from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
 from fxforge.compiler.trace import Signature, trace
@@ -46,7 +47,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             backend: str = "eager", target: str | Target = "x86", calibration: Iterable[Any] | None = None,
             calibration_fn: Callable[[Any], Any] | None = None,
             verify: VerifyMode = "numerics", measure_latency: bool = False, static_batch: bool = False,
-            **backend_options: Any) -> CompiledModel:
+            validation: Iterable[Any] | None = None, metric: Metric = None, **backend_options: Any) -> CompiledModel:
     """Capture ``model``, optimize it with ``passes``, and lower it with ``backend`` for ``target``.
 
     The user's model, example inputs and calibration data are never mutated.
@@ -69,6 +70,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         measure_latency: also time every stage's graph in PyTorch eager and the artifact (off by default: it
             can double compile time).
         static_batch: compile for the example's batch size only.
+        validation: an iterable of input tuples (like ``calibration``, never overlapping it) that the report's
+            error columns come from: min and mean cosine, max relative error, top-1 agreement for classifier
+            outputs (compiler/quality.py). Without it they come from synthetic N(0,1) inputs, and say so.
+        metric: the task measure on ``validation``: ``"agreement"``, ``"cosine"`` or
+            ``metric(outputs, inputs) -> float`` (higher is better), reported per stage.
         **backend_options: options of the backend, checked before any work: ``onnx`` takes ``opset`` and ONNX
             Runtime session options (``intra_op_num_threads``, ``graph_optimization_level``, ...); ``tvm``
             takes ``tune={"trials": N, "db": DIR, ...}`` (docs/tuning.md).
@@ -88,7 +94,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     flat = tuple(signature.flatten(example))
     if calibration is not None and calibration_fn is not None:
         calibration = _Mapped(calibration, calibration_fn)
-    ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration)
+    checked = None if validation is None and metric is None else \
+        Validation.from_user(validation, signature.flatten, metric)
+    ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked)
     gm, report = manager.run(gm, ctx)
     start = time.perf_counter()
     artifact = be.lower(gm, flat, signature, tgt, **backend_options)
@@ -101,8 +109,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         row.max_rel_err, row.cosine = err.max_rel, err.cosine
     if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
+    if checked is not None and tgt.runs_on_host:
+        row.set_quality(checked.measure(lambda *x: artifact.run(x)))
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
+    report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()
     if gm.meta.get("input_writes_dropped"):
         report.meta["input_writes_dropped"] = (f"the model writes into input(s) "
                                                f"{', '.join(gm.meta['input_writes_dropped'])}; the compiled model "

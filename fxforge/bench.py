@@ -1,11 +1,16 @@
 """Benchmark harness: fxforge pipelines against the peers, interleaved in one process so ratios are fair.
 
 A *system* turns (model, example inputs, calibration) into a runner on flat tensors. Every system of a
-model is built first, then timed in rounds, each round running every system once in turn (so a noisy
-neighbour or a clock change hits all of them alike). Each sample is the mean of enough calls to last
-``sample_ms``; a row reports the median sample with min–max over rounds, its ratio to eager PyTorch and
-to the best peer, size, FLOPs, achieved GFLOP/s against the CPU's peak, and the error against eager on
-fresh random inputs. ``benchmarks/run.py`` runs it on the model zoo; ``fxforge bench`` on a user's model.
+model is built first (in an order rotated per model), then timed in rounds, each round running every
+system once in turn, starting one system later each round, with a short pause between systems so one
+system's spinning thread pool never runs into the next one's sample. Every ONNX Runtime session, a peer's
+or fxforge's, gets the same options (:func:`ort_options`: level "all", PyTorch's thread count). Each sample
+is the mean of enough calls to last ``sample_ms``; a row reports the median sample with min–max over
+rounds, its ratio to eager PyTorch and to the best peer, size, FLOPs, achieved GFLOP/s against the CPU's
+measured peak, the error against eager on fresh random inputs and, given held-out data, quality on it
+(top-1 agreement, min and mean cosine vs eager). With ``self_check``, ORT fp32 is built a second time,
+last: the identical graph must time within noise, or :func:`self_check` says the run is noisy.
+``benchmarks/run.py`` runs it on the trained and the random-init zoo; ``fxforge bench`` on a user's model.
 """
 from __future__ import annotations
 
@@ -70,6 +75,9 @@ class Row:
     cosine: float | None = None
     compile_s: float | None = None
     error: str | None = None
+    top1: float | None = None  # on held-out data, vs eager: classifier outputs
+    cos_min: float | None = None  # on held-out data, per-sample cosine vs eager
+    cos_mean: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------ systems
@@ -97,12 +105,18 @@ def _onnx_file(model: torch.nn.Module, example: tuple, directory: Path) -> Path:
     return path
 
 
+def ort_options() -> dict[str, Any]:
+    """The ONNX Runtime session options every system gets, peers and fxforge's onnx backend alike."""
+    return {"graph_optimization_level": "all", "intra_op_num_threads": torch.get_num_threads(),
+            "inter_op_num_threads": 0}
+
+
 def _ort_session(path: Path):
     import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    from fxforge.backends.onnx import SessionConfig
+    return ort.InferenceSession(str(path), SessionConfig(**ort_options()).session_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def _ort_runner(session) -> Runner:
@@ -148,13 +162,30 @@ def _quantize_static(model: torch.nn.Module, example: tuple, calib: list, work: 
     return _ort_session(out), out.stat().st_size
 
 
+def _ort_dynamic(model: torch.nn.Module, example: tuple, calib: list) -> Built:
+    """ONNX Runtime's dynamic quantization: int8 weights of MatMul/Gemm, activations quantized per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fxforge-bench-") as tmp:
+        work = Path(tmp)
+        pre = work / "pre.onnx"
+        quant_pre_process(str(_onnx_file(model, example, work)), str(pre), skip_symbolic_shape=True)
+        out = work / "int8.onnx"
+        quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        session, size = _ort_session(out), out.stat().st_size
+    return Built(_ort_runner(session), time.perf_counter() - start, bytes=size)
+
+
 def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Callable[..., Built]:
     """A system compiling with ``fxforge.compile(passes, backend)``."""
     def build(model: torch.nn.Module, example: tuple, calib: list) -> Built:
         import fxforge
         start = time.perf_counter()
+        shared = ort_options() if backend == "onnx" else {}
         cm = fxforge.compile(model, example, passes=list(passes), backend=backend, measure_latency=False,
-                             calibration=calib or None, **options)
+                             calibration=calib or None, **{**shared, **options})
         final = cm.report.final
         return Built(lambda xs: cm.artifact.run(xs), time.perf_counter() - start, final.params, final.bytes,
                      final.flops, dict(cm.artifact.info))
@@ -181,6 +212,7 @@ PEERS = [
     System("torch.compile", _torch_compile, peer=True),
     System("ort fp32", _ort_fp32, peer=True, needs=("onnxruntime", "onnxscript")),
     System("ort int8 (quantize_static)", _ort_int8, peer=True, needs=("onnxruntime", "onnxscript")),
+    System("ort int8 (quantize_dynamic)", _ort_dynamic, peer=True, needs=("onnxruntime", "onnxscript")),
     System("tvm untuned", fxforge_system([], "tvm"), peer=True, needs=("tvm",)),
 ]
 
@@ -206,18 +238,32 @@ def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -
 
 # ----------------------------------------------------------------------------------------------- measuring
 
+_PEAK: dict[int, tuple[float, str]] = {}
+
+
 def peak_gflops() -> tuple[float, str]:
-    """The CPU's fp32 peak: cores × FMA units × SIMD lanes × 2 FLOPs per FMA × clock, and how it was derived."""
-    flags, mhz, vendor = _cpuinfo()
-    # AMD Zen 2-4 run AVX-512 on 256-bit pipes (Zen 5, the first with vp2intersect, has 512-bit ones)
-    wide = "avx512f" in flags and (vendor != "AuthenticAMD" or "avx512_vp2intersect" in flags)
-    lanes = 16 if wide else 8 if "avx2" in flags else 4
-    units = 2 if "fma" in flags else 1  # x86 cores with FMA issue two per cycle; without, one add + one mul
-    cores = torch.get_num_threads()
-    peak = cores * units * lanes * 2 * mhz / 1e3
-    how = (f"{cores} threads × {units} FMA units × {lanes} fp32 lanes × 2 FLOPs × {mhz / 1e3:.2f} GHz "
-           f"(/proc/cpuinfo) = {peak:.0f} GFLOP/s")
-    return peak, how
+    """The CPU's fp32 peak on PyTorch's threads, measured: the best of 5 timed 1024² fp32 matmuls (sgemm
+    runs near the FMA units' limit at the clock the cores really hold, boost included, and the vector
+    width they really execute, e.g. AVX-512 on 256-bit pipes), beside the nominal figure from /proc/cpuinfo."""
+    threads = torch.get_num_threads()
+    if threads not in _PEAK:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        with torch.inference_mode():
+            torch.mm(a, b)
+            best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+        peak = 2 * 1024 ** 3 / best / 1e9
+        flags, mhz, _ = _cpuinfo()
+        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+        nominal = threads * (2 if "fma" in flags else 1) * lanes * 2 * mhz / 1e3
+        _PEAK[threads] = (peak, f"{peak:.0f} GFLOP/s measured (1024² sgemm, {threads} threads; nominal "
+                                f"{threads} × 2 FMA × {lanes} lanes × 2 × {mhz / 1e3:.2f} GHz = {nominal:.0f})")
+    return _PEAK[threads]
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _cpuinfo() -> tuple[set[str], float, str]:
@@ -243,12 +289,15 @@ def _error_row(model_name: str, batch: int, system: System, e: BaseException) ->
 
 
 def build_all(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
-              progress: Callable[[str], None] = print) -> tuple[dict[str, Built], dict[str, Row]]:
-    """Build every system; a system that fails gets a row saying why instead of stopping the benchmark."""
+              progress: Callable[[str], None] = print, held_out: list | None = None,
+              rotate: int = 0) -> tuple[dict[str, Built], dict[str, Row]]:
+    """Build every system, starting at ``systems[rotate % n]``; a system that fails gets a row saying why
+    instead of stopping the benchmark. ``held_out`` batches (shaped like ``example``) give quality columns."""
     batch = example[0].shape[0]
     built: dict[str, Built] = {}
     rows: dict[str, Row] = {}
-    for system in systems:
+    k = rotate % max(1, len(systems))
+    for system in [*systems[k:], *systems[:k]]:
         progress(f"  {model_name} batch {batch}: building {system.name}")
         reason = _available(system)
         try:
@@ -260,16 +309,63 @@ def build_all(model_name: str, model: torch.nn.Module, example: tuple, calib: li
         except Exception as e:  # noqa: BLE001 (any failure of a third-party system is reported in its row)
             rows[system.name] = _error_row(model_name, batch, system, e)
     measure_errors(model, example, built, rows)
+    if held_out:
+        measure_quality(model, held_out, built, rows)
     return built, rows
 
 
+def measure_quality(model: torch.nn.Module, held_out: list, built: dict[str, Built], rows: dict[str, Row]) -> None:
+    """Each system's top-1 agreement and min/mean per-sample cosine against eager on held-out batches."""
+    from fxforge.compiler.quality import Validation
+    validation = Validation.from_user(held_out, list, None)
+    validation.measure(model)  # the reference: eager PyTorch
+    for name, b in built.items():
+        if rows[name].error is None:
+            try:
+                q = validation.measure(lambda *xs: outputs(b.run(xs)))
+                rows[name].top1, rows[name].cos_min, rows[name].cos_mean = q.top1, q.cosine_min, q.cosine_mean
+            except Exception as e:  # noqa: BLE001 (a system that cannot run the held-out data says so)
+                rows[name].error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+SELF_CHECK = "ort fp32 (built last: self-check)"
+
+
 def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
-                rounds: int = 7, sample_ms: float = 60.0, progress: Callable[[str], None] = print) -> list[Row]:
-    """Build every system for one model and batch, then time them interleaved; one Row per system."""
-    built, rows = build_all(model_name, model, example, calib, systems, progress)
+                rounds: int = 7, sample_ms: float = 60.0, progress: Callable[[str], None] = print,
+                held_out: list | None = None, rotate: int = 0, self_check: bool = False) -> list[Row]:
+    """Build every system for one model and batch, then time them interleaved; one Row per system (and, with
+    ``self_check`` and an ORT fp32 peer among them, a second ORT fp32 built last)."""
+    systems = list(systems)
+    if self_check and any(s.name == "ort fp32" for s in systems):
+        systems.append(System(SELF_CHECK, _ort_fp32, needs=("onnxruntime", "onnxscript")))
+        built, rows = build_all(model_name, model, example, calib, systems[:-1], progress, held_out, rotate)
+        more, more_rows = build_all(model_name, model, example, calib, systems[-1:], progress, held_out)
+        built.update(more)
+        rows.update(more_rows)
+    else:
+        built, rows = build_all(model_name, model, example, calib, systems, progress, held_out, rotate)
     _time_interleaved(example, built, rows, rounds, sample_ms)
     _fill_figures([rows[s.name] for s in systems], built)
     return [rows[s.name] for s in systems]
+
+
+def self_check(rows: Sequence[Row], noise: float = 0.05, limit: float = 0.2) -> str | None:
+    """Whether the identical ORT fp32 graph, built early and built last, timed within noise: a verdict line.
+
+    Noise is the larger of ``noise`` and the relative min–max spread of the two rows over rounds; a spread
+    over ``limit`` is itself a noisy run (no ratio under it can be resolved)."""
+    a = next((r for r in rows if r.system == "ort fp32" and r.median_ms), None)
+    b = next((r for r in rows if r.system == SELF_CHECK and r.median_ms), None)
+    if a is None or b is None:
+        return None
+    spread = max(noise, *((r.max_ms - r.min_ms) / r.median_ms for r in (a, b)))
+    gap = b.median_ms / a.median_ms - 1
+    verdict = "within noise" if abs(gap) <= spread <= limit else \
+        "NOISY: the same graph timed apart; ratios in this table are unreliable" if abs(gap) > spread else \
+        f"NOISY: rounds spread over ±{limit:.0%}; ratios in this table are unreliable"
+    return (f"self-check {a.model} batch {a.batch}: ort fp32 built early {a.median_ms:.2f} ms, the same graph "
+            f"built last {b.median_ms:.2f} ms ({gap:+.1%}, noise ±{spread:.1%}): {verdict}")
 
 
 def measure_errors(model, example, built: dict[str, Built], rows: dict[str, Row]) -> None:
@@ -291,17 +387,24 @@ def outputs(value: Any) -> list[torch.Tensor]:
     return [torch.as_tensor(v) for v in values]
 
 
+PAUSE_S = 0.05
+
+
 def _time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Row], rounds: int,
                       sample_ms: float) -> None:
     live = {n: b for n, b in built.items() if rows[n].error is None}
+    if not live:
+        return
     calls = {n: _calls_per_sample(b.run, example, sample_ms) for n, b in live.items()}
     samples: dict[str, list[float]] = {n: [] for n in live}
+    names = list(live)
     with torch.inference_mode():
-        for _ in range(rounds):
-            for name, b in live.items():
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one system later
+                time.sleep(PAUSE_S)  # lets the previous system's thread pool stop spinning
                 start = time.perf_counter()
                 for _ in range(calls[name]):
-                    b.run(example)
+                    live[name].run(example)
                 samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
     for name, times in samples.items():
         row = rows[name]
@@ -345,14 +448,23 @@ def _fill_figures(rows: list[Row], built: dict[str, Built]) -> None:
 
 COLUMNS = ["model", "batch", "system", "median ms (min–max)", "× eager", "× best peer", "params", "size",
            "GFLOPs", "GFLOP/s (% peak)", "max rel err", "cosine", "compile s"]
+QUALITY_COLUMNS = ["model", "batch", "system", "top-1 agreement", "min cosine", "mean cosine", "median ms (min–max)",
+                   "× eager", "× best peer", "size", "compile s"]
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    """The results as one Markdown table."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """The results as one Markdown table (quality on held-out data first when the rows have it)."""
+    quality = any(r.cos_mean is not None for r in rows)
+    columns = QUALITY_COLUMNS if quality else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         if r.error or r.median_ms is None:
-            cells = [r.model, str(r.batch), r.system, f"failed: {r.error}"] + [""] * (len(COLUMNS) - 4)
+            cells = [r.model, str(r.batch), r.system, f"failed: {r.error}"] + [""] * (len(columns) - 4)
+        elif quality:
+            cells = [r.model, str(r.batch), r.system, _num(r.top1, "{:.1%}"), _num(r.cos_min, "{:.4f}"),
+                     _num(r.cos_mean, "{:.4f}"), f"{r.median_ms:.2f} ({r.min_ms:.2f}–{r.max_ms:.2f})",
+                     _num(r.vs_eager, "{:.2f}×"), _num(r.vs_best_peer, "{:.2f}×"), _mb(r.bytes),
+                     _num(r.compile_s, "{:.1f}")]
         else:
             cells = [r.model, str(r.batch), r.system, f"{r.median_ms:.2f} ({r.min_ms:.2f}–{r.max_ms:.2f})",
                      _num(r.vs_eager, "{:.2f}×"), _num(r.vs_best_peer, "{:.2f}×"), _si(r.params), _mb(r.bytes),

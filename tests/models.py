@@ -1,4 +1,5 @@
-"""The model zoo the tests run on: randomly initialised real architectures, plus tiny hand-written nets.
+"""The model zoo the tests run on: randomly initialised real architectures, plus tiny hand-written nets
+(the trained models and real data live in fxforge/zoo.py).
 
 Every entry builds ``(model.eval(), example_inputs)``. CNNs use 64×64 inputs to keep the suite fast on 2
 cores. ``FAST`` is the representative subset CI runs; the rest is marked slow.
@@ -115,59 +116,7 @@ def zoo_params():
     return [pytest.param(name, marks=() if name in FAST else pytest.mark.slow) for name in ZOO]
 
 
-class DigitsCnn(nn.Module):
-    """A small CNN for scikit-learn's 8×8 digits: conv-bn-relu ×3, a residual add, pooling, a linear head."""
-
-    def __init__(self, c: int = 32) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
-        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c),
-                                  nn.ReLU())
-        self.head = nn.Linear(2 * c, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.stem(x)
-        y = torch.relu(self.body(y) + y)
-        return self.head(self.down(y).mean((2, 3)))
-
-
-_DIGITS: dict[str, object] = {}
-
-
-def digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits as (x_train, y_train, x_test, y_test); images N×1×8×8 scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(x), generator=g)
-    train, test = perm[:1400], perm[1400:]
-    return x[train], y[train], x[test], y[test]
-
-
-def digits_cnn() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """A DigitsCnn trained for a few seconds (≈97-99 % test accuracy), and the data; cached per process.
-
-    Returns a fresh copy each call, so tests may not leak changes into each other.
-    """
-    import copy
-    if "model" not in _DIGITS:
-        torch.manual_seed(0)
-        data = digits_data()
-        model = DigitsCnn()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        xt, yt = data[0], data[1]
-        model.train()
-        for _ in range(15):
-            for i in range(0, len(xt), 64):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
-                opt.step()
-        _DIGITS["model"], _DIGITS["data"] = model.eval(), data
-    return copy.deepcopy(_DIGITS["model"]), _DIGITS["data"]
+from fxforge.zoo import DigitsCnn, digits_cnn, digits_data  # noqa: E402,F401  (the trained zoo's home)
 
 
 def accuracy(model: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:

@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from fxforge.bench import PEERS, System, bench_model, fxforge_system, fxforge_systems, markdown
+from fxforge.bench import (PEERS, SELF_CHECK, System, bench_model, build_all, fxforge_system, fxforge_systems,
+                           markdown, self_check)
 from fxforge.cli import main
 from models import ZOO
 
@@ -29,6 +31,33 @@ def test_rows_have_ratios_sizes_and_errors():
     assert broken.error == "RuntimeError: cannot build this one" and broken.median_ms is None
     table = markdown(rows)
     assert table.count("\n") == 4 and "failed: RuntimeError" in table and "× eager" in table
+
+
+def test_held_out_data_gives_quality_columns_and_the_self_check_rebuilds_ort_fp32_last():
+    model, example = ZOO["convbnrelu"]()
+    held_out = [(torch.randn(*example[0].shape),) for _ in range(3)]
+    systems = [PEERS[0], next(s for s in PEERS if s.name == "ort fp32"),
+               System("fxforge fuse → onnx", fxforge_system(["fuse"], "onnx"))]
+    rows = bench_model("convbnrelu", model, example, [], systems, rounds=2, sample_ms=2, progress=lambda s: None,
+                       held_out=held_out, rotate=1, self_check=True)
+    assert [r.system for r in rows] == ["eager", "ort fp32", "fxforge fuse → onnx", SELF_CHECK]
+    for r in rows:
+        assert r.error is None and r.top1 == 1.0 and r.cos_min > 0.9999 and r.cos_mean > 0.9999
+    assert "top-1 agreement" in markdown(rows)
+    verdict = self_check(rows)
+    assert verdict.startswith("self-check convbnrelu batch 2: ort fp32 built early")
+    assert verdict.endswith("within noise") or "NOISY" in verdict
+
+
+def test_every_ort_session_gets_the_same_options():
+    import onnxruntime as ort
+    model, example = ZOO["mlp"]()
+    systems = [next(s for s in PEERS if s.name == "ort fp32"), System("fx", fxforge_system(["fuse"], "onnx"))]
+    built, _ = build_all("mlp", model, example, [], systems, progress=lambda s: None)
+    assert built["fx"].info["ort_options"]["intra_op_num_threads"] == torch.get_num_threads()
+    peer = built["ort fp32"].run.__closure__  # the peer's runner closes over its session
+    session = next(c.cell_contents for c in peer if isinstance(c.cell_contents, ort.InferenceSession))
+    assert session.get_session_options().intra_op_num_threads == torch.get_num_threads()
 
 
 def test_tuned_tvm_row_without_a_stored_database_says_so(tmp_path):
@@ -70,14 +99,14 @@ def _run_benchmark(out: Path, *extra: str) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     (md,) = out.glob("*.md")
-    assert "| resnet18 | 1 | eager |" in md.read_text() or "| mobilenet_v2 | 1 | eager |" in md.read_text()
+    assert "| mobilenet_v2 | 1 | eager |" in md.read_text() or "| mobilenet_v2_imagenet | 1 | eager |" in md.read_text()
     assert (out / "latency_vs_error.png").stat().st_size > 1000 and (out / "speedup.png").exists()
     return json.loads(next(out.glob("*.json")).read_text())
 
 
 def test_quick_benchmark_smoke(tmp_path):
     """CI's smoke run of benchmarks/run.py: quick mode on one CNN, one round, two systems."""
-    data = _run_benchmark(tmp_path, "--models", "mobilenet_v2", "--rounds", "1", "--no-accuracy",
+    data = _run_benchmark(tmp_path, "--models", "mobilenet_v2", "--batches", "1", "--rounds", "1",
                           "--systems", "eager;fxforge fuse → torchscript")
     assert [r["system"] for r in data["rows"]] == ["eager", "fxforge fuse → torchscript"]
     assert all(r["error"] is None and r["median_ms"] > 0 for r in data["rows"])
@@ -86,4 +115,5 @@ def test_quick_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_full_quick_benchmark(tmp_path):
     data = _run_benchmark(tmp_path)
-    assert {r["model"] for r in data["rows"]} == {"resnet18", "mobilenet_v2"} and data["accuracy"]
+    assert {r["model"] for r in data["trained"]} == {"mobilenet_v2_imagenet", "all_minilm_l6_v2", "digits_cnn_wide"}
+    assert all(r["cos_mean"] is not None for r in data["trained"] if r["error"] is None) and data["self_checks"]

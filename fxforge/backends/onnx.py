@@ -29,7 +29,7 @@ import re
 import tempfile
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -68,11 +68,12 @@ class SessionConfig:
 
     ``graph_optimization_level``: "disabled", "basic", "extended" or "all" (ORT's levels: from "extended"
     on, ORT fuses Conv+activation and turns QDQ into int8 kernels; "all" also fuses Conv+Add+Relu in its
-    NCHWc layout). Thread counts of 0 leave ORT's default.
+    NCHWc layout). ``intra_op_num_threads`` defaults to PyTorch's thread count at compile time (recorded in the
+    artifact), so ORT and eager PyTorch run on the same threads; 0 leaves ORT's own default (one per core).
     """
 
     graph_optimization_level: str = "all"
-    intra_op_num_threads: int = 0
+    intra_op_num_threads: int = field(default_factory=lambda: torch.get_num_threads())
     inter_op_num_threads: int = 0
 
     def __post_init__(self) -> None:

@@ -50,6 +50,7 @@ class PassContext:
     target: Target = field(default_factory=lambda: get_target("x86"))
     calibration: Iterable[Any] | None = None
     verify: VerifyMode = "numerics"
+    validation: Any = None  # a quality.Validation: the report's error columns come from the user's data
     _gm: fx.GraphModule | None = None
     _cache: dict[type, Any] = field(default_factory=dict)
 

@@ -1,7 +1,9 @@
 """The report: one row per stage (input, each pass, the backend) with the model's numbers.
 
 Every number that describes the model comes from here or from the analyses it calls: parameters and bytes
-of the constants the graph reads, FLOPs, latency (median of repeated runs), and the error against eager.
+of the constants the graph reads, FLOPs, latency (median of repeated runs), and the error against eager:
+on the user's validation data when given (compiler/quality.py: min and mean cosine, max relative error,
+top-1 agreement, the user's metric), otherwise on synthetic N(0,1) inputs, which the report says.
 """
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ import torch.fx as fx
 from .analysis import Flops
 from .graph import graph_tensors
 from .instruments import Instrument, Stage
+from .quality import Quality
 from .timing import measure_latency
 from .verify import Error
+
+SYNTHETIC = ("measured on synthetic N(0,1) inputs, not on your data "
+             "(compile(..., validation=[(x1,), ...]) measures them on it)")
 
 
 LATENCY_NOTE = ("latency: each stage's graph run by PyTorch eager (Q/DQ stages simulate int8 in float, so they read "
@@ -33,8 +39,16 @@ class StageRow:
     flops: int
     latency_ms: float | None = None
     max_rel_err: float | None = None
-    cosine: float | None = None
+    cosine: float | None = None  # the minimum per-sample cosine on validation data
     stats: dict[str, float] = field(default_factory=dict)
+    cosine_mean: float | None = None  # on validation data only
+    top1: float | None = None  # top-1 agreement with the traced model, classifier outputs on validation data
+    metric: float | None = None  # the user's metric on validation data
+
+    def set_quality(self, q: Quality) -> None:
+        """Error columns from validation data."""
+        self.max_rel_err, self.cosine, self.cosine_mean, self.top1, self.metric = \
+            q.max_rel, q.cosine_min, q.cosine_mean, q.top1, q.metric
 
 
 @dataclass
@@ -61,11 +75,19 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def __str__(self) -> str:
-        head = ["stage", "time", "nodes", "params", "size", "FLOPs", "latency", "max err", "cosine", "stats"]
+        validated = any(r.cosine_mean is not None for r in self.rows)
+        head = ["stage", "time", "nodes", "params", "size", "FLOPs", "latency", "max err",
+                "min cos" if validated else "cosine"]
+        optional = [(name, key) for name, key in (("mean cos", "cosine_mean"), ("top-1", "top1"),
+                                                  ("metric", "metric"))
+                    if any(getattr(r, key) is not None for r in self.rows)]
+        head += [name for name, _ in optional] + ["stats"]
         body = [[r.stage, f"{r.time_s:.2f}s", str(r.nodes), _si(r.params), _bytes(r.bytes), _si(r.flops),
                  f"{r.latency_ms:.2f}ms" if r.latency_ms is not None else "-",
                  f"{r.max_rel_err:.1e}" if r.max_rel_err is not None else "-",
-                 f"{r.cosine:.6f}" if r.cosine is not None else "-", _stats(r.stats)] for r in self.rows]
+                 f"{r.cosine:.6f}" if r.cosine is not None else "-",
+                 *[f"{getattr(r, key):.4f}" if getattr(r, key) is not None else "-" for _, key in optional],
+                 _stats(r.stats)] for r in self.rows]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -110,7 +132,9 @@ class StageRecorder(Instrument):
         flops = sum(ctx.analysis(Flops, gm).values())
         error: Error | None = stage.error
         stats = stage.result.stats if stage.result is not None else {}
-        self.report.rows.append(StageRow(
-            stage.name, stage.exact, stage.elapsed, sum(1 for n in gm.graph.nodes if n.op == "call_function"),
-            params, nbytes, flops, measure_latency(gm, ctx.example_inputs) if self.measure else None,
-            error.max_rel if error else None, error.cosine if error else None, dict(stats)))
+        row = StageRow(stage.name, stage.exact, stage.elapsed, sum(1 for n in gm.graph.nodes if n.op == "call_function"),
+                       params, nbytes, flops, measure_latency(gm, ctx.example_inputs) if self.measure else None,
+                       error.max_rel if error else None, error.cosine if error else None, dict(stats))
+        if ctx.validation is not None:
+            row.set_quality(ctx.validation.measure(gm))
+        self.report.rows.append(row)

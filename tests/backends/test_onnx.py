@@ -85,6 +85,19 @@ def test_session_options_reach_ort_and_survive_save(tmp_path):
     assert (so.intra_op_num_threads, so.graph_optimization_level.name) == (1, "ORT_ENABLE_BASIC")
 
 
+def test_ort_threads_default_to_pytorchs_and_are_recorded():
+    """ORT and eager PyTorch run on the same threads unless told otherwise (a benchmark compares them)."""
+    model, (x,) = ZOO["mlp"]()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        cm = fxforge.compile(model, (x,), backend="onnx", measure_latency=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert cm.artifact.session.get_session_options().intra_op_num_threads == 3
+    assert cm.artifact.info["ort_options"]["intra_op_num_threads"] == 3
+
+
 def test_cuda_target_uses_cuda_provider_when_this_onnxruntime_has_it():
     import onnxruntime as ort
     model, (x,) = ZOO["mlp"]()

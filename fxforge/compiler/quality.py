@@ -1,0 +1,138 @@
+"""Quality on the user's data: how far each stage's outputs are from the traced fp32 model on validation batches.
+
+``fxforge.compile(..., validation=[(x1,), (x2,), ...], metric=...)`` runs every stage of the report (the traced
+model, each pass, the backend) on the same validation batches. The first stage measured, the traced model
+(equal to the user's model within float reassociation), is the reference. Per stage:
+
+- cosine: per sample, between the sample's outputs (all float outputs flattened) and the reference's; the
+  report shows the minimum and the mean over samples;
+- max relative error: ``max|a - b| / max|b|`` per batch, the largest over batches;
+- top-1 agreement: for a 2-D float output (classifier logits), the share of samples whose argmax matches
+  the reference's; omitted when the reference rows are unit vectors (embeddings, not logits);
+- metric: ``"agreement"`` (top-1 agreement), ``"cosine"`` (mean cosine), or a callable
+  ``metric(outputs, inputs) -> float`` (higher is better), where ``outputs`` holds one entry per validation
+  batch (the output tensor, or a tuple for several outputs) and ``inputs`` the batches as given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Sequence, Union
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import InputError, first_line
+from .verify import compare
+
+Metric = Union[None, Literal["agreement", "cosine"], Callable[[list, list], float]]
+METRICS = ("agreement", "cosine")
+
+
+@dataclass(frozen=True)
+class Quality:
+    """A stage's outputs against the reference's over the validation data."""
+
+    samples: int
+    max_rel: float
+    cosine_min: float
+    cosine_mean: float
+    top1: float | None = None
+    metric: float | None = None
+
+
+class Validation:
+    """The user's validation batches (flat, checked against the signature) and the reference outputs."""
+
+    def __init__(self, batches: list[tuple[Any, ...]], flat: list[tuple[torch.Tensor, ...]], metric: Metric) -> None:
+        self.batches, self.flat, self.metric = batches, flat, metric
+        self.reference: list[list[torch.Tensor]] | None = None
+
+    @classmethod
+    def from_user(cls, data: Iterable[Any] | None, flatten: Callable[[Sequence[Any]], list[torch.Tensor]],
+                  metric: Metric) -> Validation:
+        """Check ``data`` (an iterable of input tuples) with ``flatten`` (the signature's) and ``metric``."""
+        if metric is not None and metric not in METRICS and not callable(metric):
+            raise InputError(f"metric must be None, {' or '.join(map(repr, METRICS))} or a callable "
+                             f"(outputs, inputs) -> float, got {metric!r}")
+        if data is None:
+            raise InputError("metric= needs validation data: pass validation=[(x1,), (x2,), ...]")
+        try:
+            batches = [b if isinstance(b, (tuple, list)) else (b,) for b in data]
+        except TypeError:
+            raise InputError(f"validation must be an iterable of input tuples, got {type(data).__name__}") from None
+        if not batches:
+            raise InputError("validation is empty: pass validation=[(x1,), (x2,), ...]")
+        flat = []
+        for i, batch in enumerate(batches):
+            try:
+                flat.append(tuple(flatten(batch)))
+            except InputError as e:
+                raise InputError(f"validation batch {i}: {e}") from None
+            if any(t.is_floating_point() and not torch.isfinite(t).all() for t in flat[-1]):
+                raise InputError(f"validation batch {i} holds NaN or Inf")
+        return cls(batches, flat, metric)
+
+    @property
+    def samples(self) -> int:
+        return sum(int(b[0].shape[0]) if b[0].dim() else 1 for b in self.flat)
+
+    def describe(self) -> str:
+        """The report's line saying where its error columns come from."""
+        name = self.metric if isinstance(self.metric, str) or self.metric is None else \
+            getattr(self.metric, "__name__", "callable")
+        return (f"measured on validation data ({self.samples} samples in {len(self.flat)} batches) against the "
+                f"traced fp32 model" + (f"; metric: {name}" if name else ""))
+
+    def measure(self, run: Callable[..., Any]) -> Quality:
+        """Run ``run(*flat_batch)`` on every batch; the first call's outputs become the reference."""
+        with torch.inference_mode():
+            outs = [[torch.as_tensor(v) for v in pytree.tree_leaves(run(*b))] for b in self.flat]
+        if self.reference is None:
+            self.reference = outs
+        cosines = torch.cat([_sample_cosines(o, r, b[0]) for o, r, b in zip(outs, self.reference, self.flat)])
+        max_rel = max(compare(o, r).max_rel for o, r in zip(outs, self.reference))
+        top1 = _top1(outs, self.reference)
+        quality = Quality(self.samples, max_rel, float(cosines.min()), float(cosines.mean()), top1)
+        return Quality(**{**quality.__dict__, "metric": self._metric(quality, outs)})
+
+    def _metric(self, quality: Quality, outs: list[list[torch.Tensor]]) -> float | None:
+        if self.metric is None:
+            return None
+        if self.metric == "cosine":
+            return quality.cosine_mean
+        if self.metric == "agreement":
+            if quality.top1 is None:
+                raise InputError("metric='agreement' needs a 2-D classifier output (batch × classes)")
+            return quality.top1
+        values = [o[0] if len(o) == 1 else tuple(o) for o in outs]
+        try:
+            return float(self.metric(values, self.batches))
+        except Exception as e:
+            raise InputError(f"the metric callable failed: {type(e).__name__}: {first_line(e)}") from e
+
+
+def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], first_input: torch.Tensor) -> torch.Tensor:
+    """Cosine per sample when every float output has the batch as its first dimension, else one per batch."""
+    pairs = [(o.double(), r.double()) for o, r in zip(outs, ref) if r.is_floating_point()]
+    if not pairs:  # integer outputs only: 1 where they match exactly
+        return torch.tensor([float(all(torch.equal(o, r) for o, r in zip(outs, ref)))], dtype=torch.double)
+    n = first_input.shape[0] if first_input.dim() else 0
+    per_sample = n > 0 and all(r.dim() and r.shape[0] == n and o.shape == r.shape for o, r in pairs)
+    rows = n if per_sample else 1
+    a = torch.cat([o.reshape(rows, -1) for o, _ in pairs], 1)
+    b = torch.cat([r.reshape(rows, -1) for _, r in pairs], 1)
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    same = (a == b).all(dim=1).double()
+    return torch.where(norms > 0, (a * b).sum(1) / norms.clamp(min=1e-300), same)
+
+
+def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> float | None:
+    """Top-1 agreement of the first output when it is 2-D float logits (rows of unit length are embeddings)."""
+    first = [r[0] for r in ref]
+    if not all(r.is_floating_point() and r.dim() == 2 and r.shape[1] > 1 for r in first):
+        return None
+    if all(torch.allclose(r.double().norm(dim=1), torch.ones(r.shape[0], dtype=torch.double), atol=1e-3)
+           for r in first):
+        return None
+    hits = sum(int((o[0].argmax(1) == r[0].argmax(1)).sum()) for o, r in zip(outs, ref))
+    return hits / sum(r[0].shape[0] for r in ref)

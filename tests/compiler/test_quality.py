@@ -1,0 +1,115 @@
+"""compile(..., validation=, metric=): the report's error columns come from the user's data."""
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.compiler.quality import Validation
+from fxforge.compiler.report import SYNTHETIC
+from models import digits_cnn
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_cosines_are_per_sample_and_top1_counts_matching_argmaxes():
+    """Before: the reference outputs; Expected: a stage that flips one sample's sign and swaps another's top
+    class shows cosine -1 for that sample, the mean over samples, and 2 of 4 top-1 agreements."""
+    x = torch.tensor([[3.0, 1.0], [1.0, 2.0], [4.0, 0.0], [0.5, 1.0]])
+    v = Validation.from_user([(x,)], lambda b: list(b), metric="agreement")
+    reference = v.measure(lambda t: t)
+    assert (reference.cosine_min, reference.cosine_mean) == pytest.approx((1.0, 1.0))
+    assert (reference.top1, reference.max_rel) == (1.0, 0.0)
+    changed = x.clone()
+    changed[1] = -changed[1]      # cosine -1, argmax 1 → 0
+    changed[3] = torch.tensor([1.0, 0.5])  # cosine 0.8, argmax 1 → 0
+    q = v.measure(lambda t: changed)
+    assert q.cosine_min == pytest.approx(-1.0) and q.cosine_mean == pytest.approx((1 - 1 + 1 + 0.8) / 4)
+    assert q.top1 == 0.5 and q.metric == 0.5
+    assert q.max_rel == pytest.approx(4.0 / 4.0)  # |2 - (-2)| over max |reference|
+
+
+def test_unit_rows_are_embeddings_without_top1():
+    e = nn.functional.normalize(torch.randn(6, 8), dim=1)
+    v = Validation.from_user([(e,)], lambda b: list(b), metric="cosine")
+    q = v.measure(lambda t: t)
+    assert q.top1 is None and q.metric == q.cosine_mean == pytest.approx(1.0)
+    with pytest.raises(fxforge.InputError, match="'agreement' needs a 2-D classifier output"):
+        Validation.from_user([(e,)], lambda b: list(b), metric="agreement").measure(lambda t: t)
+
+
+def test_integer_outputs_score_exact_matches():
+    x = torch.randn(4, 3)
+    v = Validation.from_user([(x,)], lambda b: list(b), metric=None)
+    assert v.measure(lambda t: t.argmax(1)).cosine_min == 1.0
+    q = v.measure(lambda t: (t.argmax(1) + 1) % 3)
+    assert (q.cosine_min, q.top1) == (0.0, None)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model, (x_train, _, x_test, y_test) = digits_cnn()
+    calibration = [(x_train[i:i + 200],) for i in range(0, 1400, 200)]
+    validation = [(x_test[:200],), (x_test[200:],)]
+    return model, calibration, validation, x_test, y_test
+
+
+def test_validation_data_changes_the_report_error_columns(digits):
+    model, calibration, validation, x_test, _ = digits
+    synthetic = fxforge.compile(model, (x_test[:4],), passes=["int8"], calibration=calibration)
+    real = fxforge.compile(model, (x_test[:4],), passes=["int8"], calibration=calibration, validation=validation)
+    assert synthetic.report.meta["errors"] == SYNTHETIC and "N(0,1)" in str(synthetic.report)
+    assert real.report.meta["errors"].startswith("measured on validation data (397 samples in 2 batches)")
+    s, r = synthetic.report.final, real.report.final
+    assert s.cosine_mean is None and s.top1 is None and "top-1" not in str(synthetic.report)
+    assert r.cosine != s.cosine and r.max_rel_err != s.max_rel_err
+    assert "min cos" in str(real.report) and "top-1" in str(real.report)
+    with torch.no_grad():  # the backend row's agreement is the compiled model's, recomputed here
+        agree = (real(x_test).argmax(1) == model(x_test).argmax(1)).float().mean().item()
+    assert r.top1 == pytest.approx(agree) and r.top1 > 0.97 and r.cosine_mean > 0.99
+    first = real.report.rows[0]
+    assert (first.stage, first.max_rel_err, first.top1) == ("input", 0.0, 1.0)
+
+
+def test_a_wrong_quality_compile_is_visible_in_the_error_columns(digits):
+    """Pruning half the channels of the trained CNN with no fine-tuning destroys it, and the report says so."""
+    model, _, validation, x_test, _ = digits
+    good = fxforge.compile(model, (x_test[:4],), passes=["fuse"], validation=validation, measure_latency=False)
+    bad = fxforge.compile(model, (x_test[:4],), passes=["fuse", "prune_channels{ratio=0.5}"],
+                          validation=validation, measure_latency=False)
+    assert good.report.final.top1 == 1.0 and good.report.final.cosine > 0.9999
+    pruned = bad.report.row("prune_channels")
+    assert pruned.top1 < 0.5 and pruned.cosine_mean < 0.5 and bad.report.final.top1 < 0.5
+
+
+def test_metric_callable_sees_outputs_and_inputs_in_order(digits):
+    model, _, validation, x_test, y_test = digits
+    seen = []
+
+    def accuracy(outputs, inputs):
+        seen.append([len(i[0]) for i in inputs])
+        return float((torch.cat(outputs).argmax(1) == y_test).float().mean())
+
+    cm = fxforge.compile(model, (x_test[:4],), passes=["fuse"], validation=validation, metric=accuracy,
+                         measure_latency=False)
+    with torch.no_grad():
+        fp32 = float((model(x_test).argmax(1) == y_test).float().mean())
+    assert cm.report.rows[0].metric == pytest.approx(fp32) and cm.report.final.metric == pytest.approx(fp32)
+    assert seen[0] == [200, 197] and "metric: accuracy" in cm.report.meta["errors"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"metric": "accuracy", "validation": [(torch.ones(2, 4),)]}, "metric must be None, 'agreement' or 'cosine'"),
+    ({"metric": "cosine"}, "metric= needs validation data"),
+    ({"validation": []}, "validation is empty"),
+    ({"validation": 3}, "validation must be an iterable of input tuples, got int"),
+    ({"validation": [(torch.ones(2, 5),)]}, r"validation batch 0: input 0 has shape \[2, 5\]"),
+    ({"validation": [(torch.full((2, 4), float("nan")),)]}, "validation batch 0 holds NaN or Inf"),
+    ({"validation": [(torch.ones(2, 4),)], "metric": lambda o, i: 1 / 0}, "the metric callable failed: ZeroDivision"),
+])
+def test_bad_validation_or_metric_is_a_one_line_input_error(kwargs, message):
+    with pytest.raises(fxforge.InputError, match=message) as e:
+        fxforge.compile(Identity(), (torch.ones(2, 4),), measure_latency=False, **kwargs)
+    assert "\n" not in str(e.value)
