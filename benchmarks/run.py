@@ -25,7 +25,7 @@ from torch import nn
 
 from fxforge import zoo
 from fxforge.bench import (PEERS, Row, System, as_dicts, bench_model, fxforge_system, fxforge_systems,
-                           machine_name, markdown, peak_gflops, self_check)
+                           machine_name, markdown, peak_gflops, plot, self_check)
 
 RESULTS = Path(__file__).parent / "results"
 TUNING_DBS = Path(__file__).parent / "tuning-db"
@@ -183,41 +183,8 @@ def _write(out: Path, trained: list[Row], rows: list[Row], how: str, elapsed: fl
     (out / f"{machine}.md").write_text(text)
     (out / f"{machine}.json").write_text(json.dumps({"machine": machine, "peak": how, "trained": as_dicts(trained),
                                                      "rows": as_dicts(rows), "self_checks": checks}, indent=2))
-    _plots(out, trained + rows)
+    plot(trained + rows, out, f"{machine}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     print(f"wrote {out}/{machine}.md, .json, latency_vs_error.png, speedup.png")
-
-
-def _plots(out: Path, rows: list[Row]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r.median_ms and r.max_rel_err is not None]
-    models = sorted({(r.model, r.batch) for r in ok})
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 4), squeeze=False)
-    for ax, (model, batch) in zip(axes[0], models):
-        for r in (r for r in ok if (r.model, r.batch) == (model, batch)):
-            ax.scatter(max(r.max_rel_err, 1e-8), r.median_ms, marker="o" if r.peer else "*", s=60)
-            ax.annotate(r.system, (max(r.max_rel_err, 1e-8), r.median_ms), fontsize=6)
-        ax.set(xscale="log", xlabel="max relative error vs eager", ylabel="latency (ms)", title=f"{model} b{batch}")
-    fig.tight_layout()
-    fig.savefig(out / "latency_vs_error.png", dpi=110)
-    plt.close(fig)
-
-    systems = sorted({r.system for r in ok if r.system != "eager"})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * len(systems) / 3), 4))
-    width = 0.8 / max(1, len(systems))
-    for i, system in enumerate(systems):
-        ys = [next((r.vs_eager for r in ok if (r.model, r.batch, r.system) == (m, b, system)), 0) or 0
-              for m, b in models]
-        ax.bar([j + i * width for j in range(len(models))], ys, width, label=system)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], [f"{m} b{b}" for m, b in models], fontsize=8)
-    ax.set(ylabel="speedup over eager PyTorch")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "speedup.png", dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

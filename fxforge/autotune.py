@@ -40,7 +40,7 @@ from fxforge.api import CompiledModel, compile
 from fxforge.backends.base import get_backend
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
-from fxforge.compiler.pass_manager import PassContext, PassManager
+from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.trace import trace
@@ -299,8 +299,9 @@ class _Search:
         """Compile on the backend, time the artifact, evaluate; compile errors are recorded, not raised."""
         bar.set_description(f"autotune {' → '.join(cand.passes[1:]) or 'float'}"[:70])
         try:
-            compiled = compile(self.model, self.example, passes=cand.passes, backend=self.backend,
-                               target=self.target, calibration=self.batches, verify="lint", measure_latency=False)
+            reads = any(p.reads_calibration for p in resolve(cand.passes))
+            compiled = compile(self.model, self.example, passes=cand.passes, backend=self.backend, target=self.target,
+                               calibration=self.batches if reads else None, verify="lint", measure_latency=False)
         except FxforgeError as e:
             if required:
                 raise TuningError(f"the reference pipeline {cand.passes} does not compile: {e}") from e
@@ -419,27 +420,36 @@ def load_passes(record: str | Path) -> list[str]:
 
 
 def plot_pareto(result: AutotuneResult, path: Path) -> None:
-    """Score against latency for every candidate; colour is size; the front is joined, the best starred."""
+    """Score against latency for every candidate (colour: size). The front drawn is the one of this 2-D view,
+    recomputed here (the search's front also weighs size, which would zig-zag in 2-D): a step through every
+    candidate that no faster candidate outscores. The pick is starred; names go in the legend, not on points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [c for c in result.candidates if c.error is None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     points = ax.scatter([c.latency_ms for c in ok], [c.score for c in ok], c=[c.size_bytes / 1024 for c in ok],
                         cmap="viridis", edgecolors="k", zorder=3)
     fig.colorbar(points, ax=ax, label="size (KiB of constants)")
-    front = sorted(result.pareto, key=lambda c: c.latency_ms)
-    ax.plot([c.latency_ms for c in front], [c.score for c in front], "--", color="gray", label="Pareto front")
+    front, best_score = [], float("-inf")
+    for c in sorted(ok, key=lambda c: (c.latency_ms, -c.score)):
+        if c.score > best_score:
+            front.append(c)
+            best_score = c.score
+    ax.step([c.latency_ms for c in front], [c.score for c in front], where="post", color="gray", ls="--",
+            label="front (latency, score)")
     ax.axhline(result.meta["threshold"], color="red", lw=0.8, label="accuracy budget")
-    for c, name in ((result.baseline, "float"), (result.reference, "int8 preset")):
-        ax.annotate(name, (c.latency_ms, c.score), textcoords="offset points", xytext=(5, 5))
+    for c, name, marker in ((result.baseline, "float", "s"), (result.reference, "int8 preset", "D")):
+        ax.scatter([c.latency_ms], [c.score], marker=marker, s=90, facecolors="none", edgecolors="k", zorder=4,
+                   label=name)
     if result.best is not None:
-        ax.scatter([result.best.latency_ms], [result.best.score], marker="*", s=300, c="red", zorder=4,
-                   label="best within budget")
+        ax.scatter([result.best.latency_ms], [result.best.score], marker="*", s=300, c="red", zorder=5,
+                   label="pick: " + " → ".join([*result.best.setting.structure(),
+                                                *(["int8"] if result.best.setting.quantize else [])]))
     ax.set(xlabel=f"latency (ms, {result.meta.get('backend')})", ylabel="score (evaluate)",
            title=f"autotune: {result.meta.get('model', '')}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

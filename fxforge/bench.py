@@ -182,10 +182,12 @@ def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Calla
     """A system compiling with ``fxforge.compile(passes, backend)``."""
     def build(model: torch.nn.Module, example: tuple, calib: list) -> Built:
         import fxforge
+        from fxforge.compiler.pass_manager import resolve
         start = time.perf_counter()
         shared = ort_options() if backend == "onnx" else {}
+        reads = any(p.reads_calibration for p in resolve(list(passes)))
         cm = fxforge.compile(model, example, passes=list(passes), backend=backend, measure_latency=False,
-                             calibration=calib or None, **{**shared, **options})
+                             calibration=calib or None if reads else None, **{**shared, **options})
         final = cm.report.final
         return Built(lambda xs: cm.artifact.run(xs), time.perf_counter() - start, final.params, final.bytes,
                      final.flops, dict(cm.artifact.info))
@@ -497,3 +499,82 @@ def machine_name() -> str:
     m = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
     cpu = re.sub(r"[^A-Za-z0-9]+", "-", m.group(1) if m else os.uname().machine).strip("-").lower()
     return f"{cpu}-{os.cpu_count()}c"
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+ZERO_ERROR = 1e-9  # where an error of exactly 0 is drawn on the log axis (labelled "0")
+
+
+def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
+    """``latency_vs_error.png`` (a panel per model and batch) and ``speedup.png``: one colour per system in
+    both, min–max error bars, failed systems drawn as failed, the machine, threads and date in a caption."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(r.system for r in rows))
+    colour = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(systems)}
+    cases = list(dict.fromkeys((r.model, r.batch) for r in rows))
+    paths = [out / "latency_vs_error.png", out / "speedup.png"]
+
+    fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(4.5 * max(1, len(cases)), 4.2), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        here = [r for r in rows if (r.model, r.batch) == case]
+        for r in here:
+            if r.median_ms is None or r.max_rel_err is None:
+                continue
+            x = max(r.max_rel_err, ZERO_ERROR)
+            ax.errorbar([x], [r.median_ms], yerr=[[r.median_ms - (r.min_ms or r.median_ms)],
+                                                  [(r.max_ms or r.median_ms) - r.median_ms]],
+                        fmt="o" if r.peer else "*", ms=7, color=colour[r.system], capsize=3)
+        failed = [r.system for r in here if r.error]
+        if failed:
+            ax.text(0.02, 0.02, "failed: " + "; ".join(failed), transform=ax.transAxes, fontsize=6, color="red",
+                    va="bottom", wrap=True)
+        ax.set(xscale="log", xlabel="max relative error vs eager (0 drawn at 1e-9)", ylabel="latency (ms)",
+               title=f"{case[0]} b{case[1]}")
+        ax.axvline(ZERO_ERROR, color="0.8", lw=0.6)
+        ax.annotate("0", (ZERO_ERROR, 0), xycoords=("data", "axes fraction"), fontsize=7, ha="center",
+                    va="bottom", color="0.4")
+    _legend(fig, systems, colour, rows)
+    fig.suptitle(caption, fontsize=8, y=0.01, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 0.8, 1))
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    shown = [s for s in systems if s != "eager"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(cases) * max(1, len(shown)) / 3), 4.2))
+    width = 0.8 / max(1, len(shown))
+    for i, system in enumerate(shown):
+        for j, case in enumerate(cases):
+            r = next((r for r in rows if (r.model, r.batch, r.system) == (*case, system)), None)
+            if r is None:
+                continue
+            x = j + i * width
+            if r.error or not r.vs_eager:
+                ax.bar([x], [0.05], width, color="none", edgecolor="red", hatch="xx")
+                ax.text(x, 0.1, "failed", rotation=90, fontsize=6, color="red", ha="center", va="bottom")
+            else:
+                ax.bar([x], [r.vs_eager], width, color=colour[system])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"{m} b{b}" for m, b in cases], fontsize=8)
+    ax.set(ylabel="speedup over eager PyTorch (median)")
+    _legend(fig, shown, colour, rows, bars=True)
+    fig.suptitle(caption, fontsize=8, y=0.01, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 0.8, 1))
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _legend(fig: Any, systems: Sequence[str], colour: dict[str, Any], rows: Sequence[Row],
+            bars: bool = False) -> None:
+    """One legend at the right (labels never overprint the data): ● peers, ★ fxforge; squares for bars."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    peer = {r.system: r.peer for r in rows}
+    handles = [Patch(color=colour[s], label=s) if bars else
+               Line2D([], [], marker="o" if peer.get(s) else "*", color=colour[s], ls="", ms=7, label=s)
+               for s in systems]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)

@@ -88,13 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(run=_run)
 
     bench = sub.add_parser("bench", help="time fxforge pipelines against eager, torch.compile, ONNX Runtime, TVM")
-    _model_arguments(bench)
-    bench.add_argument("--systems", help="semicolon-separated system names (default: all; see --list)")
+    _model_arguments(bench, required=False)
+    bench.add_argument("--systems", help="semicolon-separated system names, '->' or '→' (default: all; see --list)")
     bench.add_argument("--rounds", type=int, default=5)
     bench.add_argument("--calibration", metavar="MODULE:FN", help="input tuples for the int8 systems")
     bench.add_argument("--tuning-db", metavar="DIR", help="add 'fxforge fuse → tvm (tuned)' compiled against this "
                        "MetaSchedule database (written by `fxforge tune`; nothing is tuned while benchmarking)")
-    bench.add_argument("--list", action="store_true", help="list the systems and exit")
+    bench.add_argument("--list", action="store_true", help="list the systems and exit (no model needed)")
+    bench.add_argument("--out", type=Path, metavar="DIR", help="also write results.json, results.md, "
+                       "latency_vs_error.png and speedup.png here")
     bench.set_defaults(run=_bench)
 
     tune = sub.add_parser("tune", help="tune the model's TVM kernels with MetaSchedule into a per-target database")
@@ -109,13 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODULE:FACTORY",
+def _model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("model", metavar="MODULE:FACTORY", nargs=None if required else "?",
                    help="an nn.Module class or a function returning one, e.g. torchvision.models:resnet18 "
                         "(modules in the current directory are found too)")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON",
                    help='keyword arguments of the factory as JSON, e.g. \'{"num_classes": 10}\'')
-    p.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
+    p.add_argument("--input-shape", action="append", required=required, metavar="N,C,H,W",
                    help="shape of one input (repeat for several inputs)")
     p.add_argument("--dtype", default="float32", help="input dtype (float32, int64, ...)")
 
@@ -230,23 +232,44 @@ def _calibration(spec: str) -> list[Any]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from fxforge.bench import PEERS, bench_model, fxforge_systems, markdown
+    import time
+
+    import torch
+
+    from fxforge.bench import PEERS, as_dicts, bench_model, fxforge_systems, machine_name, markdown, plot
     systems = PEERS + fxforge_systems(tuning_db=Path(args.tuning_db) if args.tuning_db else None)
     if args.list:
         print("\n".join(s.name for s in systems))
         return 0
+    if not args.model or not args.input_shape:
+        raise InputError("fxforge bench needs MODULE:FACTORY and --input-shape (or --list to see the systems)")
     if args.systems:
-        wanted = args.systems.split(";")
+        wanted = [w.strip().replace("->", "→") for w in args.systems.split(";")]
         unknown = [w for w in wanted if w not in {s.name for s in systems}]
         if unknown:
             raise InputError(f"unknown system(s) {unknown}; see `fxforge bench --list`")
         systems = [s for s in systems if s.name in wanted]
+    calibrated = [s.name for s in systems if "int8" in s.name]
+    if calibrated and not args.calibration:  # never calibrate on made-up data
+        if args.systems:
+            raise InputError(f"system(s) {calibrated} need calibration data: give --calibration MODULE:FN")
+        print(f"note: skipping {len(calibrated)} int8 system(s) without --calibration: {', '.join(calibrated)}",
+              file=sys.stderr)
+        systems = [s for s in systems if s.name not in calibrated]
     model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
     calibration = _calibration(args.calibration) if args.calibration else []
-    if not calibration:
-        systems = [s for s in systems if "int8" not in s.name]  # never calibrate on made-up data
-    print(markdown(bench_model(args.model, model, example, calibration, systems, rounds=args.rounds)))
+    rows = bench_model(args.model, model, example, calibration, systems, rounds=args.rounds)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        caption = f"{machine_name()}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
+        (args.out / "results.md").write_text(f"# {args.model} on {caption}\n\n{table}\n")
+        (args.out / "results.json").write_text(json.dumps({"machine": machine_name(), "rows": as_dicts(rows)},
+                                                          indent=2))
+        plot(rows, args.out, caption)
+        print(f"wrote {args.out}/results.md, results.json, latency_vs_error.png, speedup.png")
     return 0
 
 

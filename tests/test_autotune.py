@@ -9,6 +9,7 @@ import fxforge
 from fxforge.compiler.errors import CalibrationError, InputError, TuningError
 from fxforge.compiler.graph import graph_tensors
 from fxforge.compiler.pass_manager import resolve
+from fxforge.passes import QUANTIZE
 from fxforge.autotune import Candidate, SearchSpace, Setting, load_passes, pareto_front
 from models import accuracy, digits_cnn
 
@@ -42,7 +43,7 @@ def _check_search(result, model, example, calibration, evaluate, test_data, tmp_
     # the pick is at least as fast as the int8 preset in the search's own interleaved re-timing: a check of the
     # selection (a stale or unfeasible pick fails it); benchmarks/autotune_table.py measures the speed itself
     assert result.best in result.pareto
-    assert result.reference.passes == ["fuse", "insert_qdq", "calibrate", "fold_qdq"] and result.reference.feasible
+    assert result.reference.passes == ["fuse", *QUANTIZE] and result.reference.feasible
     assert result.best.latency_ms <= result.reference.latency_ms
     fp32 = accuracy(model, *test_data)
     assert evaluate(again) >= fp32 - 0.01, (evaluate(again), fp32)
@@ -54,7 +55,7 @@ def test_digits_search_finds_a_pipeline_as_fast_as_int8_within_the_budget(tmp_pa
     result = fxforge.autotune(model, example, backend=BACKEND, evaluate=evaluate, max_accuracy_drop=0.01,
                               budget=3, calibration=calibration, output_dir=tmp_path, space=space)
     assert len(result.candidates) <= 3
-    assert [c.passes for c in result.candidates[:2]] == [["fuse"], ["fuse", "insert_qdq", "calibrate", "fold_qdq"]]
+    assert [c.passes for c in result.candidates[:2]] == [["fuse"], ["fuse", *QUANTIZE]]
     _check_search(result, model, example, calibration, evaluate, test_data, tmp_path)
 
 

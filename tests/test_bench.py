@@ -117,3 +117,21 @@ def test_full_quick_benchmark(tmp_path):
     data = _run_benchmark(tmp_path)
     assert {r["model"] for r in data["trained"]} == {"mobilenet_v2_imagenet", "all_minilm_l6_v2", "digits_cnn_wide"}
     assert all(r["cos_mean"] is not None for r in data["trained"] if r["error"] is None) and data["self_checks"]
+
+
+def test_cli_bench_lists_without_a_model_names_what_it_skips_and_writes_plots(capsys, tmp_path):
+    assert main(["bench", "--list"]) == 0
+    assert "fxforge int8 → onnx" in capsys.readouterr().out
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32", "--systems", "eager;fxforge int8 -> onnx"]) == 2
+    assert "need calibration data: give --calibration" in capsys.readouterr().err
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32", "--rounds", "1", "--out", str(tmp_path),
+                 "--systems", "eager;fxforge fuse -> torchscript;tvm untuned"]) == 0
+    captured = capsys.readouterr()
+    assert "| models:Mlp | 4 | fxforge fuse → torchscript |" in captured.out  # ASCII -> accepted
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["system"] for r in rows] == ["eager", "tvm untuned", "fxforge fuse → torchscript"] or \
+        {r["system"] for r in rows} == {"eager", "tvm untuned", "fxforge fuse → torchscript"}
+    for name in ("latency_vs_error.png", "speedup.png"):
+        assert (tmp_path / name).stat().st_size > 5000
+    assert main(["bench", "models:Mlp"]) == 2
+    assert "needs MODULE:FACTORY and --input-shape" in capsys.readouterr().err
