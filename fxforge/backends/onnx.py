@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
+from fxforge.compiler import dynamic_quant
 from fxforge.compiler.errors import ANSI, BackendError, first_line, missing_dependency
 from fxforge.compiler.graph import fusion_groups
 from fxforge.compiler.target import Target
@@ -175,7 +176,7 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
         try:
             program = torch.onnx.export(copy.deepcopy(gm).eval(), args, dynamo=True, opset_version=opset,
                                         dynamic_shapes=shapes, verbose=False, optimize=True, report=False,
-                                        output_names=names)
+                                        output_names=names, custom_translation_table=TRANSLATIONS)
         except Exception as e:
             raise lowering_error(e) from None
     model = program.model_proto
@@ -184,6 +185,23 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     except onnx.checker.ValidationError as e:
         raise BackendError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
     return model
+
+
+def _dynamic_linear(x, weight, weight_scale, bias=None):
+    """``fxforge::dynamic_linear`` in ONNX: per-row int8 quantization, MatMulInteger (ORT's integer GEMM), rescale."""
+    from onnxscript import opset18 as op
+    from onnxscript import ir
+    row_max = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    scale = op.Div(op.Max(row_max, op.Constant(value_float=dynamic_quant.EPS)),
+                   op.Constant(value_float=float(dynamic_quant.QMAX)))
+    q = op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=-float(dynamic_quant.QMAX)),
+                op.Constant(value_float=float(dynamic_quant.QMAX)))
+    acc = op.MatMulInteger(op.Cast(q, to=ir.DataType.INT8), op.Transpose(weight, perm=[1, 0]))
+    y = op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(scale, weight_scale))
+    return y if bias is None else op.Add(y, bias)
+
+
+TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear}
 
 
 @contextlib.contextmanager

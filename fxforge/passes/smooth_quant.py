@@ -68,7 +68,8 @@ class SmoothQuant(Pass):
                 set_tensor(gm, lin.args[1], (weight * s).to(torch.float32))
         gm.recompile()
         stats.update({"layernorms": len(plan), "linears": sum(map(len, plan.values())), "duplicated": duplicated})
-        return PassResult(changed=True, preserves=frozenset({"shapes"}), stats=stats)
+        # a duplicated LayerNorm is a node the cached shapes do not know
+        return PassResult(changed=True, preserves=frozenset() if duplicated else frozenset({"shapes"}), stats=stats)
 
     @staticmethod
     def match(gm: fx.GraphModule, norm: fx.Node) -> tuple[list[fx.Node], str | None]:
