@@ -14,6 +14,7 @@ from .fuse_batchnorm import FuseBatchNorm
 from .insert_qdq import InsertQdq
 from .low_rank import LowRank
 from .prune_channels import PruneChannels
+from .smooth_quant import SmoothQuant
 
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
@@ -28,4 +29,5 @@ register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
 __all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "Equalize",
-           "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels"]
+           "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels",
+           "SmoothQuant"]

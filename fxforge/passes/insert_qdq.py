@@ -15,7 +15,12 @@
   compiler/target.py), else 127; the stat ``weight_bits`` says which (7 or 8).
 - Bias: int32 with scale s_x · s_c, so an int8 kernel adds it to its accumulator unchanged.
 
-Activation ranges start as the example inputs' min/max; ``calibrate`` replaces them. What cannot be
+With ``activations="dynamic"`` each constant-weight linear instead becomes one ``fxforge::dynamic_linear`` (see
+compiler/dynamic_quant.py): int8 per-output-channel weights, activations quantized per row (token) to
+symmetric int8 at run time, s_r = max_k |x_rk| / 127; nothing else is quantized (``skipped.dynamic_float``
+counts the convs and matmuls left float) and no calibration is needed.
+
+Static activation ranges start as the example inputs' min/max; ``calibrate`` replaces them. What cannot be
 lowered (weights that are not constants, non-float tensors) and layers named in ``skip`` stay float and
 are counted.
 """
@@ -28,10 +33,11 @@ from typing import Any, Callable, Literal
 import torch
 import torch.fx as fx
 
+import fxforge.compiler.dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import FUSION_KEY, add_tensor, fusion_groups, get_tensor
-from fxforge.compiler.ops import (CLAMP, MATMUL, WEIGHTED, aten, bias_of, call_with, data, is_op, op_name, operands, qd,
-                                 set_argument, value_of, weight_of)
+from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor
+from fxforge.compiler.ops import (CLAMP, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, data, is_op, op_name,
+                                 operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.target import Target
 
@@ -53,9 +59,12 @@ class InsertQdq(Pass):
     activation_dtype: Literal["uint8", "int8"] = "uint8"
     symmetric_activations: bool = False
     skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
+    activations: Literal["static", "dynamic"] = "static"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
+        if self.activations == "dynamic":
+            return self.run_dynamic(gm, ctx, stats)
         plan, weighted = self.plan(gm, ctx, stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
@@ -71,6 +80,34 @@ class InsertQdq(Pass):
         if split:
             stats["fusion_groups_split"] = split
         return PassResult(changed=bool(plan), stats=dict(stats))
+
+    def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
+        """Replace each constant-weight linear by ``fxforge::dynamic_linear`` with int8 per-channel weights."""
+        shapes = ctx.analysis(Shapes, gm)
+        qmax = 63 if self.reduced(ctx.target) else 127
+        is_float = lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
+        linears = []
+        for node in call_nodes(gm, *WEIGHTED, *MATMUL):  # decided before any rewrite, on the shapes as they were
+            reason = self.refusal(gm, node, is_float) or (None if is_op(node, *LINEAR) else "dynamic_float")
+            if reason:
+                stats[f"skipped.{reason}"] += 1
+            else:
+                linears.append(node)
+        for node in linears:
+            weight = get_tensor(gm, weight_of(node)).detach()
+            scales = weight_scales(weight, qmax, per_channel=True)
+            wq = torch.clamp(torch.round(weight / scales[:, None]), -qmax, qmax).to(torch.int8)
+            args = (data(node), add_tensor(gm, node, f"{node.name}_weight_int8", wq),
+                    add_tensor(gm, node, f"{node.name}_weight_scale", scales), bias_of(node))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(torch.ops.fxforge.dynamic_linear.default, args)
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        stats.update({"dynamic_linears": len(linears), **({"weight_bits": 7 if qmax == 63 else 8} if linears else {})})
+        return PassResult(changed=bool(linears), stats=dict(stats))
 
     # ---------------------------------------------------------------------------------------- planning
 

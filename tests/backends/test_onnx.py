@@ -222,3 +222,17 @@ def test_outputs_have_meaningful_names(qdq_net):
 class TwoOutputs(torch.nn.Module):
     def forward(self, x):
         return x.relu(), x.sigmoid()
+
+
+def test_dynamic_linears_run_on_ort_integer_gemm():
+    model, example = ZOO["bert"]()
+    passes = ["fuse", "smooth_quant", "insert_qdq{activations='dynamic'}"]
+    cm = fxforge.compile(model, example, passes=passes, backend="onnx", measure_latency=False)
+    linears = 6 * len(model.bert.encoder.layer)
+    # ORT's optimized graph: every per-row-quantized linear is an integer GEMM (MatMulInteger + rescale, fused)
+    assert sum(cm.artifact.info["ort_int8_ops"].get(k, 0) for k in ("MatMulIntegerToFloat", "MatMulInteger")) \
+        == linears
+    inputs = fresh_inputs(example, seed=11)
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [cm.graph_module(*inputs)[0]]).max_rel < 1e-4  # the same arithmetic
+        assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.9999

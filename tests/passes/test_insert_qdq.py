@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from fxforge.compiler import target as target_module
-from fxforge.compiler.graph import FUSION_KEY
+from fxforge.compiler.errors import PassError
+from fxforge.compiler.graph import FUSION_KEY, get_tensor
 from fxforge.compiler.target import get_target
 from fxforge.passes.lib.qdq import QDQ_KEY, is_q, role
 from models import ZOO
@@ -159,3 +160,63 @@ def test_a_tensor_already_on_a_grid_is_not_quantized_again():
     assert report.row("insert_qdq").stats["reused_grids"] == 1
     conv_b = [n for n in gm.graph.nodes if n.name == "conv2d_1"][0]
     assert conv_b.args[0].args[1:3] == (0.05, 3)  # conv b reads the model's own grid 2
+
+
+class LinearMatmul(nn.Module):
+    """A linear (quantized dynamically) and a matmul of two activations (left float under dynamic)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y @ y.transpose(-1, -2)
+
+
+def test_dynamic_linear_before_expected():
+    model = LinearMatmul().eval()
+    x = torch.randn(2, 3, 6)
+    x[0, 0] *= 50  # one outlier token: per-row scales keep it from coarsening the others
+    gm, report, flat = apply(model, (x,), ["insert_qdq{activations='dynamic',reduce_range=False}"])
+    assert [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"] == \
+        ["dynamic_linear.default", "transpose.int", "matmul.default"]
+    assert report.row("insert_qdq").stats == \
+        {"dynamic_linears": 1, "weight_bits": 8, "skipped.dynamic_float": 1}
+    w, b = model.fc.weight.detach(), model.fc.bias.detach()
+    s_w = w.abs().amax(1) / 127  # expected: int8 weights per output channel, activations per row
+    s_r = x.abs().amax(-1, keepdim=True) / 127
+    expected = (torch.round(x / s_r) @ torch.round(w / s_w[:, None]).T) * s_r * s_w + b
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    torch.testing.assert_close(get_tensor(gm, node.args[1]), torch.round(w / s_w[:, None]).to(torch.int8))
+    torch.testing.assert_close(get_tensor(gm, node.args[2]), s_w)
+    out, = gm(x)
+    torch.testing.assert_close(out, expected @ expected.transpose(-1, -2), rtol=1e-4, atol=1e-3)
+    reference = model.fc(x)
+    per_row = (expected - reference).abs().amax(-1) / reference.abs().amax(-1)
+    assert per_row.max() < 0.02  # the outlier token does not spoil the other rows
+
+
+def test_dynamic_leaves_non_constant_weights_float():
+    class Shared(nn.Module):
+        def forward(self, x, w):
+            return torch.nn.functional.linear(x, w)
+    gm, report, flat = apply(Shared(), (torch.randn(2, 3), torch.randn(4, 3)), ["insert_qdq{activations='dynamic'}"])
+    assert report.row("insert_qdq").stats == {"skipped.non_constant_weight": 1,
+                                                                     "dynamic_linears": 0}
+    assert count(gm, "linear") == 1
+
+
+def test_dynamic_bert_numerics():
+    model, example = ZOO["bert"]()
+    gm, report, flat = apply(model, example, ["fuse", "smooth_quant", "insert_qdq{activations='dynamic'}"])
+    assert report.row("insert_qdq").stats["dynamic_linears"] == \
+        6 * len(model.bert.encoder.layer)
+    assert count(gm, "linear") == 0
+    err = error_vs_eager(gm, model, flat)
+    assert err.max_rel < 5e-3 and err.cosine > 0.9999
+
+
+def test_dynamic_option_is_checked():
+    with pytest.raises(PassError, match="option 'activations' of pass 'insert_qdq'"):
+        apply(LinearMatmul(), (torch.randn(2, 3, 6),), ["insert_qdq{activations='per_row'}"])

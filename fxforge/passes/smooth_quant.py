@@ -1,0 +1,122 @@
+"""smooth_quant: move activation outliers from a LayerNorm's output into the linears reading it. Exact.
+
+SmoothQuant (Xiao et al. 2023). Trained transformers have a few input channels j of their linears whose
+activations are far larger than the rest (after LayerNorm); a per-tensor (or per-row) activation grid sized
+for them leaves the other channels a handful of levels. For a LayerNorm y = n(x)·γ + β read by linears
+W_k (k = 1…K, e.g. a block's query, key and value), with the calibration range a_j = max|y_j| (over every
+calibration batch, every row) and w_j = max_k max_i |W_k[i, j]|:
+
+    s_j = a_j^α / w_j^(1−α)            (s_j = 1 where a_j or w_j is 0)
+    γ' = γ / s,   β' = β / s,   W_k' = W_k · diag(s)
+
+so y' = y / s and W_k' y' = W_k y: every linear's output is unchanged (exact up to float rounding), while the
+activation ranges are flattened (α = 1 moves all of the range into the weights, α = 0 none of it).
+
+A LayerNorm that is also read by something other than those linears (a post-norm transformer's residual
+stream, BERT's) is duplicated: the copy with γ', β' feeds the linears, the original keeps its other readers
+(``duplicated`` counts them; one more LayerNorm per block). Linears whose weight is not a constant, a
+LayerNorm without an affine weight and bias, or one with no linear reader are left alone and counted.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.analysis import Shapes
+from fxforge.compiler.graph import add_tensor, get_tensor, set_tensor
+from fxforge.compiler.ops import LINEAR, argument, aten, data, is_op, set_argument, weight_of
+from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .lib.qdq import checked_batches
+
+
+@register_pass
+class SmoothQuant(Pass):
+    """Fold per-channel smoothing factors s = max|X|^α / max|W|^(1−α) into LayerNorm → linear (exact)."""
+
+    name = "smooth_quant"
+    reads_calibration = True  # max|X_j| comes from the calibration data
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats: Counter[str] = Counter()
+        plan: dict[fx.Node, list[fx.Node]] = {}
+        for norm in [n for n in gm.graph.nodes if is_op(n, aten.layer_norm)]:
+            linears, reason = self.match(gm, norm)
+            if reason:
+                stats[f"skipped.{reason}"] += 1
+            else:
+                plan[norm] = linears
+        if not plan:
+            return PassResult(changed=False, stats=dict(stats))
+        ranges = _activation_ranges(gm, list(plan), ctx)
+        duplicated = 0
+        for norm, linears in plan.items():
+            weights = [get_tensor(gm, weight_of(lin)).detach().double() for lin in linears]
+            w = torch.stack([t.abs().amax(0) for t in weights]).amax(0)
+            a = ranges[norm]
+            s = torch.where((a > 0) & (w > 0), a.pow(self.alpha) / w.clamp(min=1e-300).pow(1 - self.alpha),
+                            torch.ones_like(a)).clamp(min=1e-5, max=1e5)
+            if len(norm.users) > len(linears):
+                norm = _duplicate(gm, norm, linears)
+                duplicated += 1
+            for name in ("weight", "bias"):
+                tensor = get_tensor(gm, argument(norm, name)).detach().double()
+                set_tensor(gm, argument(norm, name), (tensor / s).to(torch.float32))
+            for lin, weight in zip(linears, weights):
+                set_tensor(gm, weight_of(lin), (weight * s).to(torch.float32))
+        gm.recompile()
+        stats.update({"layernorms": len(plan), "linears": sum(map(len, plan.values())), "duplicated": duplicated})
+        # a duplicated LayerNorm is a node the cached shapes do not know
+        return PassResult(changed=True, preserves=frozenset() if duplicated else frozenset({Shapes}), stats=dict(stats))
+
+    @staticmethod
+    def match(gm: fx.GraphModule, norm: fx.Node) -> tuple[list[fx.Node], str | None]:
+        """The linears reading ``norm`` as their input, or why the LayerNorm is refused."""
+        linears = [u for u in norm.users if is_op(u, *LINEAR) and data(u) is norm]
+        if not linears:
+            return [], "no_linear_reader"
+        if any(argument(norm, n) is None or get_tensor(gm, argument(norm, n)) is None for n in ("weight", "bias")):
+            return [], "no_affine"
+        if any(get_tensor(gm, weight_of(lin)) is None for lin in linears):
+            return [], "non_constant_weight"
+        return linears, None
+
+
+def _activation_ranges(gm: fx.GraphModule, norms: list[fx.Node], ctx: PassContext) -> dict[fx.Node, torch.Tensor]:
+    """a_j = max|y_j| of each LayerNorm output over the calibration batches (the example inputs without them)."""
+    ranges: dict[fx.Node, torch.Tensor] = {}
+
+    class Observe(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if n in norms:
+                amax = out.detach().abs().flatten(0, -2).amax(0).double()
+                ranges[n] = torch.maximum(ranges[n], amax) if n in ranges else amax
+            return out
+
+    batches = checked_batches(ctx.calibration, ctx.example_inputs) if ctx.calibration is not None \
+        else [ctx.example_inputs]
+    with torch.no_grad():
+        for batch in batches:
+            Observe(gm).run(*batch)
+    return ranges
+
+
+def _duplicate(gm: fx.GraphModule, norm: fx.Node, linears: list[fx.Node]) -> fx.Node:
+    """A copy of ``norm`` with its own weight and bias tensors, read by ``linears`` instead of ``norm``."""
+    with gm.graph.inserting_after(norm):
+        copy = gm.graph.call_function(norm.target, norm.args, dict(norm.kwargs))
+    for name in ("weight", "bias"):
+        set_argument(copy, name, add_tensor(gm, norm, f"{norm.name}_smoothed",
+                                            get_tensor(gm, argument(norm, name)).clone()))
+    copy.meta.update({k: v for k, v in norm.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+    for lin in linears:
+        lin.replace_input_with(norm, copy)
+    return copy
