@@ -227,7 +227,9 @@ class TwoOutputs(torch.nn.Module):
 def test_dynamic_linears_run_on_ort_integer_gemm():
     model, example = ZOO["bert"]()
     passes = ["fuse", "smooth_quant", "insert_qdq{activations='dynamic'}"]
-    cm = fxforge.compile(model, example, passes=passes, backend="onnx", measure_latency=False)
+    calibration = [tuple(fresh_inputs(example, seed=s)) for s in range(2)]
+    cm = fxforge.compile(model, example, passes=passes, backend="onnx", measure_latency=False,
+                         calibration=calibration)
     linears = 6 * len(model.bert.encoder.layer)
     # ORT's optimized graph: every per-row-quantized linear is an integer GEMM (MatMulInteger + rescale, fused)
     assert sum(cm.artifact.info["ort_int8_ops"].get(k, 0) for k in ("MatMulIntegerToFloat", "MatMulInteger")) \
