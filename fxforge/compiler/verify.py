@@ -17,8 +17,12 @@ from .instruments import Instrument, Stage, after_passes
 from .ops import QUANTIZE, is_op
 
 EXACT_TOLERANCE = 1e-4  # max relative error an exact pass may introduce (float reassociation, float32)
-# How far a backend may move a quantized (Q/DQ) graph: integer kernels round requantization differently from
-# the float reference (measured on the zoo with ONNX Runtime: at most 0.024, a few output steps).
+# A quantized (Q/DQ) graph is a float simulation of integer arithmetic; integer kernels round requantization
+# differently, by about one quantization error. Measured with ONNX Runtime: random-init zoo, artifact vs graph
+# ≤ 0.024; trained MobileNetV2, artifact vs graph up to 0.13 while the graph itself is 0.12–0.17 from the model
+# and the artifact 0.11–0.20. So the artifact of a quantized graph may be at most QUANTIZED_LOWERING_FACTOR times
+# as far from the model as the graph is, plus QUANTIZED_LOWERING_TOLERANCE.
+QUANTIZED_LOWERING_FACTOR = 2.0
 QUANTIZED_LOWERING_TOLERANCE = 0.05
 _SEED = 20240917
 
@@ -166,32 +170,41 @@ def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, ex
     """Check the compiled artifact on the example inputs as given and on fresh inputs of the same shapes, and
     return its error against the user's own ``model`` (run on copies of the inputs).
 
-    The backend must implement the graph it was given (``gm``): to EXACT_TOLERANCE, or for a quantized graph to
-    QUANTIZED_LOWERING_TOLERANCE. An ``exact`` pipeline must also match the model itself to EXACT_TOLERANCE,
-    which catches a capture that took another branch than the model takes at these shapes. An approximate
-    pipeline's distance to the model is what its passes stated; it is measured here and returned.
+    The backend must implement the graph it was given (``gm``): a float graph to the exact tolerance; a quantized
+    one, which integer kernels cannot reproduce bit for bit, no further from the model than
+    QUANTIZED_LOWERING_FACTOR × the graph's own distance + QUANTIZED_LOWERING_TOLERANCE. An ``exact`` pipeline
+    must also match the model itself to the exact tolerance, which catches a capture that took another branch
+    than the model takes at these shapes. The artifact's distance to the model is measured here and returned.
     """
     import torch.utils._pytree as pytree
 
     flat, spec = pytree.tree_flatten(example)
     vs_model: Error | None = None
-    vs_graph = 0.0
+    vs_graph = graph_vs_model = 0.0
     for inputs in (example, pytree.tree_unflatten(list(fresh_inputs(flat, BACKEND_SEED)), spec)):
         copies = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
         with torch.no_grad():
             got = pytree.tree_leaves(artifact(*inputs))
-            err = compare(got, pytree.tree_leaves(model(*copies)))
-            vs_graph = max(vs_graph, compare(got, list(gm(*pytree.tree_leaves(inputs)))).max_rel)
+            want = pytree.tree_leaves(model(*copies))
+            graph = list(gm(*pytree.tree_leaves(inputs)))
+        err = compare(got, want)
+        vs_graph = max(vs_graph, compare(got, graph).max_rel)
+        graph_vs_model = max(graph_vs_model, compare(graph, want).max_rel)
         vs_model = err if vs_model is None else Error(max(vs_model.max_rel, err.max_rel),
                                                       min(vs_model.cosine, err.cosine))
     assert vs_model is not None
-    quantized = any(is_op(n, *QUANTIZE) for n in gm.graph.nodes)
     exact_bound = exact_tolerance(pytree.tree_leaves(example))
-    bound = QUANTIZED_LOWERING_TOLERANCE if quantized else exact_bound
-    if not vs_graph <= bound:
+    if any(is_op(n, *QUANTIZE) for n in gm.graph.nodes):
+        bound = QUANTIZED_LOWERING_FACTOR * graph_vs_model + QUANTIZED_LOWERING_TOLERANCE
+        if not vs_model.max_rel <= bound:
+            raise VerificationError(f"the {artifact.backend} artifact of a quantized graph is {vs_model.max_rel:.3g} "
+                                    f"relative from the model, the graph itself {graph_vs_model:.3g} (bound "
+                                    f"{bound:.3g}: the int8 kernels compute something else); pass verify='off' to "
+                                    "accept it anyway")
+    elif not vs_graph <= exact_bound:
         raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled by "
-                                f"{vs_graph:.3g} relative (bound {bound:g}{' for int8 kernels' if quantized else ''}"
-                                f"); pass verify='off' to accept it anyway")
+                                f"{vs_graph:.3g} relative (bound {exact_bound:g}); pass verify='off' to accept it "
+                                "anyway")
     if exact and not vs_model.max_rel <= exact_bound:
         raise VerificationError(f"the {artifact.backend} artifact of an exact pipeline differs from the model by "
                                 f"{vs_model.max_rel:.3g} relative (cosine {vs_model.cosine:.4f}; bound "
