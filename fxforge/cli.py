@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", default="x86", help="x86, arm64 or cuda (default: x86)")
     comp.add_argument("--calibration", metavar="MODULE:FN",
                       help="a function returning an iterable of input tuples (needed by int8)")
+    comp.add_argument("--validation", metavar="MODULE:FN", help="a function returning held-out input tuples: the "
+                      "report's error columns (cosine, top-1 agreement) come from them")
     comp.add_argument("--verify", default="numerics", choices=("off", "lint", "numerics"),
                       help="check passes and the backend against the model (default: numerics)")
     comp.add_argument("--static-batch", action="store_true", help="compile for the example batch size only")
@@ -173,8 +175,9 @@ def _compile(args: argparse.Namespace) -> int:
     model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
     calibration = _calibration(args.calibration) if args.calibration else None
+    validation = _calibration(args.validation, "validation") if args.validation else None
     cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend=args.backend,
-                         target=args.target, calibration=calibration, verify=args.verify,
+                         target=args.target, calibration=calibration, validation=validation, verify=args.verify,
                          measure_latency=args.latency, static_batch=args.static_batch, **options)
     print(cm.report)
     if args.out:
@@ -222,13 +225,13 @@ def _backend_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def _calibration(spec: str) -> list[Any]:
-    """The calibration batches of ``MODULE:FN``; a function that raises is named with its own message."""
+def _calibration(spec: str, what: str = "calibration") -> list[Any]:
+    """The batches ``MODULE:FN`` returns; a function that raises is named with its own message."""
     fn = _call(spec)
     try:
         return list(fn())
     except Exception as e:
-        raise CalibrationError(f"calibration function {spec} raised {type(e).__name__}: {first_line(e)}") from None
+        raise CalibrationError(f"{what} function {spec} raised {type(e).__name__}: {first_line(e)}") from None
 
 
 def _bench(args: argparse.Namespace) -> int:

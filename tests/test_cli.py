@@ -172,3 +172,14 @@ def test_passes_lists_whole_descriptions_and_each_passs_options(capsys):
     assert "    percentile: float = 99.99" in capsys.readouterr().out
     assert main(["passes", "lowrank"]) == 2
     assert "unknown pass or preset 'lowrank'" in capsys.readouterr().err
+
+
+def held_out():
+    return [(torch.randn(4, 32),) for _ in range(2)]
+
+
+def test_compile_validation_puts_the_users_data_in_the_report(capsys):
+    assert main(["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "fuse",
+                 "--validation", "test_cli:held_out"]) == 0
+    out = capsys.readouterr().out
+    assert "mean cos" in out and "synthetic" not in out.split("errors:")[-1]
