@@ -171,6 +171,9 @@ def _compile(args: argparse.Namespace) -> int:
     if args.tuning_db:
         if args.backend != "tvm":
             raise InputError(f"--tuning-db applies to the tvm backend, not {args.backend!r}")
+        if not isinstance(options.get("tune", {}), dict):
+            raise InputError(f"--backend-option tune= must be a dict like {{'trials_per_task': 4}}, got "
+                             f"{options['tune']!r}")
         options["tune"] = {**options.get("tune", {}), "trials": 0, "db": args.tuning_db}
     model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
@@ -195,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     for file in args.input:
         try:
             inputs.append(torch.from_numpy(np.load(file, allow_pickle=False)))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:  # TypeError: a dtype torch has not (strings, objects)
             raise InputError(f"cannot read input {file}: {first_line(e)}") from None
     flat = artifact.signature.flatten(inputs)
     outputs = list(artifact.run(flat))
@@ -206,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     if artifact.target.runs_on_host:
         print(f"latency: {measure_latency(lambda *x: artifact.run(x), flat):.3f} ms (median, {artifact.backend})")
     if args.save:
-        np.savez(args.save, *[o.numpy() for o in outputs])
+        np.savez(args.save, *[(o.float() if o.dtype == torch.bfloat16 else o).numpy() for o in outputs])
         print(f"outputs: {args.save}")
     return 0
 

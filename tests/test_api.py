@@ -203,10 +203,13 @@ def test_minus_inf_in_a_mask_buffer_is_legitimate():
         torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_calibration_is_checked_before_any_work():
+def test_calibration_is_checked_before_any_work(monkeypatch):
+    import fxforge.api as api
     model, x = nn.Sequential(nn.Linear(4, 3)).eval(), torch.randn(2, 4)
-    with pytest.raises(fxforge.CalibrationError, match=r"^pass 'calibrate' needs calibration data"):
-        fxforge.compile(model, (x,), passes=["insert_qdq", "calibrate"])
+    with monkeypatch.context() as m:
+        m.setattr(api, "trace", lambda *a, **k: pytest.fail("traced before calibration was checked"))
+        with pytest.raises(fxforge.CalibrationError, match=r"^pass 'calibrate' needs calibration data"):
+            fxforge.compile(model, (x,), passes=["insert_qdq", "calibrate"])
     with pytest.warns(UserWarning, match=r"^calibration data given, but no pass of this pipeline reads it "
                                          r"\(fold_constants, fuse_batchnorm, eliminate_dead_code, fuse_activation\); "
                                          r"it is ignored$"):

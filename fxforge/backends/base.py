@@ -72,12 +72,14 @@ class Artifact(ABC):
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact gets the user's umask
         except OSError as e:
             raise ArtifactError(f"cannot write an artifact to {final}: {e.strerror or e}") from None
         try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact gets the user's umask
             self.write(tmp)
             for name, text in (extra_files or {}).items():
+                if name == META_FILE or (tmp / name).exists():
+                    raise ArtifactError(f"extra file {name!r} would overwrite a file of the artifact")
                 (tmp / name).write_text(text)
             meta = {"format": FORMAT_VERSION, "fxforge": _version(), "versions": _library_versions(),
                     "backend": self.backend,
@@ -85,6 +87,8 @@ class Artifact(ABC):
                     "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
             _swap_in(tmp, final)
+        except OSError as e:  # a full disk, a permission taken away meanwhile
+            raise ArtifactError(f"cannot write an artifact to {final}: {e.strerror or e}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final

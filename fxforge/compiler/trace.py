@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from .errors import InputError, TraceError, first_line
-from .verify import EXACT_TOLERANCE, compare, fresh_inputs
+from .verify import EXACT_TOLERANCE, clone_inputs, compare, fresh_inputs
 
 MAX_BATCH = 1 << 16
 REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, "
@@ -105,7 +105,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
     ep = gm = None
     if not static_batch:
         try:
-            ep = _export(model, _batch_of_two(args), dynamic=True)
+            ep = _export(model, args, dynamic=True)
         except Exception as e:  # the model fixes its batch size: fall back to static shapes
             note = f"batch dimension is static: {first_line(e)}"
         else:
@@ -138,7 +138,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
 def _check_runs(model: torch.nn.Module, args: tuple) -> None:
     try:
         with torch.no_grad():
-            out = model(*_copy(args))
+            out = model(*clone_inputs(args))
     except Exception as e:
         raise InputError(f"the model does not run on the example inputs {_describe(pytree.tree_leaves(args))}: "
                          f"{first_line(e)}") from None
@@ -160,36 +160,26 @@ def _reproduction_error(model: torch.nn.Module, gm: fx.GraphModule, args: tuple)
     runs = []
     for inputs in (args, pytree.tree_unflatten(list(fresh_inputs(flat)), spec)):
         with torch.no_grad():
-            want = pytree.tree_leaves(copy.deepcopy(model)(*_copy(inputs)))
-            got = list(gm(*pytree.tree_leaves(_copy(inputs))))
+            want = pytree.tree_leaves(copy.deepcopy(model)(*clone_inputs(inputs)))
+            got = list(gm(*pytree.tree_leaves(clone_inputs(inputs))))
         runs.append((inputs, want, compare(got, want).max_rel))
     worst = max(err for _, _, err in runs)
     if worst > EXACT_TOLERANCE:
         inputs, want, _ = runs[0]
         with torch.no_grad():
-            again = pytree.tree_leaves(copy.deepcopy(model)(*_copy(inputs)))
+            again = pytree.tree_leaves(copy.deepcopy(model)(*clone_inputs(inputs)))
         if compare(again, want).max_rel > EXACT_TOLERANCE:
             return 0.0
     return worst
 
 
-def _copy(args: tuple) -> tuple:
-    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args)
-
-
-def _batch_of_two(args: tuple) -> tuple:
-    """A batch of 1 specialises in export; export with two copies of the example instead."""
-    if _batch_size(args) != 1:
-        return args
-    return pytree.tree_map(lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t, args)
-
-
 def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.export.ExportedProgram:
     dynamic_shapes = None
-    if dynamic:
+    if dynamic:  # the leaves sharing the first one's batch size get one symbolic batch dimension
         leaves, spec = pytree.tree_flatten(args)
-        batch_size = leaves[0].shape[0] if leaves[0].dim() else None
-        _, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch_size for t in leaves])
+        batch_size = _batch_size(args)
+        leaves, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch_size for t in leaves])
+        args = pytree.tree_unflatten(list(leaves), spec)
         dynamic_shapes = pytree.tree_unflatten(list(shapes), spec) if shapes else None
     with torch.no_grad(), _quiet_torch_logs():
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)

@@ -155,6 +155,12 @@ def diverging_output(gm: fx.GraphModule, out: Sequence[Any], before: Sequence[An
     return ""
 
 
+def clone_inputs(args: Any) -> Any:
+    """A copy of every tensor in ``args`` (a pytree): what a model that writes into its input may overwrite."""
+    import torch.utils._pytree as pytree
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args)
+
+
 def exact_tolerance(inputs: Sequence[Any]) -> float:
     """EXACT_TOLERANCE, widened for half-precision inputs: another kernel's summation order moves a float16
     result by a few units of its last place (eps 1e-3; bfloat16 8e-3), not float32's 1e-7."""
@@ -182,7 +188,7 @@ def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, ex
     vs_model: Error | None = None
     vs_graph = graph_vs_model = 0.0
     for inputs in (example, pytree.tree_unflatten(list(fresh_inputs(flat, BACKEND_SEED)), spec)):
-        copies = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+        copies = clone_inputs(inputs)
         with torch.no_grad():
             got = pytree.tree_leaves(artifact(*inputs))
             want = pytree.tree_leaves(model(*copies))
