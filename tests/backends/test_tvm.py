@@ -153,8 +153,9 @@ def test_tune_hands_the_prepared_module_to_metaschedule_and_fixes_the_batch(monk
         calls.append((mod, tvm_target, tune))
         return mod, {"tasks": 3, "applied": 0}
 
+    from fxforge.backends.tvm import tuning
     monkeypatch.setitem(sys.modules, "fxforge.backends.tvm.tuning",
-                        types.SimpleNamespace(apply_tuning=apply_tuning))
+                        types.SimpleNamespace(apply_tuning=apply_tuning, tune_options=tuning.tune_options))
     model, (x,) = ZOO["mlp"]()
     cm = fxforge.compile(model, (x,), backend="tvm", tune={"trials": 8, "db": "unused"}, measure_latency=False)
     (mod, tgt, tune), = calls
