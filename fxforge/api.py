@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.compiler.errors import CalibrationError, InputError, first_line, missing_calibration
-from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, VerifyMode
+from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, VerifyMode, calibration_readers
 from fxforge.compiler.quality import Metric, Validation
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
@@ -123,7 +123,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
 
 def _check_calibration(manager: PassManager, calibration: Iterable[Any] | None) -> None:
     """Before any work: a pipeline that reads calibration data must get it; data no pass reads is pointed out."""
-    readers = [p.name for p in manager.passes if p.reads_calibration]
+    readers = calibration_readers(manager.passes)
     if readers and calibration is None:
         raise missing_calibration(readers[0])
     if not readers and calibration is not None:

@@ -40,7 +40,7 @@ from fxforge.api import CompiledModel, compile
 from fxforge.backends.base import get_backend
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
-from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
+from fxforge.compiler.pass_manager import PassContext, PassManager, calibration_readers, resolve
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.trace import trace
@@ -299,7 +299,7 @@ class _Search:
         """Compile on the backend, time the artifact, evaluate; compile errors are recorded, not raised."""
         bar.set_description(f"autotune {' → '.join(cand.passes[1:]) or 'float'}"[:70])
         try:
-            reads = any(p.reads_calibration for p in resolve(cand.passes))
+            reads = bool(calibration_readers(cand.passes))
             compiled = compile(self.model, self.example, passes=cand.passes, backend=self.backend, target=self.target,
                                calibration=self.batches if reads else None, verify="lint", measure_latency=False)
         except FxforgeError as e:

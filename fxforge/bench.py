@@ -182,10 +182,10 @@ def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Calla
     """A system compiling with ``fxforge.compile(passes, backend)``."""
     def build(model: torch.nn.Module, example: tuple, calib: list) -> Built:
         import fxforge
-        from fxforge.compiler.pass_manager import resolve
+        from fxforge.compiler.pass_manager import calibration_readers
         start = time.perf_counter()
         shared = ort_options() if backend == "onnx" else {}
-        reads = any(p.reads_calibration for p in resolve(list(passes)))
+        reads = bool(calibration_readers(list(passes)))
         cm = fxforge.compile(model, example, passes=list(passes), backend=backend, measure_latency=False,
                              calibration=calib or None if reads else None, **{**shared, **options})
         final = cm.report.final

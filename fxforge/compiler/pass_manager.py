@@ -244,6 +244,11 @@ def resolve(spec: str | Pass | Sequence[str | Pass]) -> list[Pass]:
     return out
 
 
+def calibration_readers(spec: str | Pass | Sequence[str | Pass]) -> list[str]:
+    """The passes of a pipeline that read ``PassContext.calibration`` (compile requires data for them)."""
+    return [p.name for p in resolve(spec) if p.reads_calibration]
+
+
 def _expand(item: str | Pass) -> list[Pass]:
     if isinstance(item, Pass):
         return [item]
