@@ -40,7 +40,7 @@ from fxforge.api import CompiledModel, compile
 from fxforge.backends.base import get_backend
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
-from fxforge.compiler.pass_manager import PassContext, PassManager, calibration_readers, resolve
+from fxforge.compiler.pass_manager import PassContext, PassManager, calibration_readers
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.trace import trace
