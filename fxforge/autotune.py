@@ -40,12 +40,16 @@ from fxforge.api import CompiledModel, compile
 from fxforge.backends.base import get_backend
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
-from fxforge.compiler.pass_manager import PassContext, PassManager, calibration_readers
+from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, calibration_readers
 from fxforge.compiler.target import Target, get_target
-from fxforge.compiler.timing import measure_latency
+from fxforge.compiler.timing import interleaved_latency, measure_latency
 from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import first_float
 from fxforge.passes import QUANTIZE
+from fxforge.passes.depthwise_separable import DepthwiseSeparable
+from fxforge.passes.insert_qdq import InsertQdq
+from fxforge.passes.low_rank import LowRank
+from fxforge.passes.prune_channels import PruneChannels
 from fxforge.passes.analysis.sensitivity import Sensitivity, agreement, layer_sensitivity
 from fxforge.passes.calibrate import checked_batches
 
@@ -74,18 +78,24 @@ class Setting:
     quantize: bool = True
     skip: tuple[str, ...] = ()  # layers kept float by insert_qdq
 
-    def structure(self) -> list[str]:
-        out = ["fuse"]
-        out += [f"prune_channels{{ratio={self.prune}}}"] if self.prune else []
-        out += [f"low_rank{{energy={self.low_rank}}}"] if self.low_rank is not None else []
-        out += [f"depthwise_separable{{energy={self.depthwise}}}"] if self.depthwise is not None else []
+    def structure(self) -> list[str | Pass]:
+        """Exact fusion, then the structural passes this setting turns on, as configured ``Pass`` instances."""
+        out: list[str | Pass] = ["fuse"]
+        out += [PruneChannels(ratio=self.prune)] if self.prune else []
+        out += [LowRank(energy=self.low_rank)] if self.low_rank is not None else []
+        out += [DepthwiseSeparable(energy=self.depthwise)] if self.depthwise is not None else []
         return out
 
-    def passes(self) -> list[str]:
+    def pipeline(self) -> list[str | Pass]:
+        """What ``fxforge.compile(passes=...)`` runs: the structure, then int8 keeping the ``skip`` layers float."""
         if not self.quantize:
             return self.structure()
-        steps = [f"insert_qdq{{skip={self.skip!r}}}" if s == "insert_qdq" and self.skip else s for s in QUANTIZE]
+        steps = [InsertQdq(skip=self.skip) if s == "insert_qdq" and self.skip else s for s in QUANTIZE]
         return [*self.structure(), *steps]
+
+    def passes(self) -> list[str]:
+        """The pipeline as ``passes=`` strings (``str(Pass)`` round-trips through ``fxforge.compile``)."""
+        return specs(self.pipeline())
 
     def covers(self, other: Setting) -> bool:
         """At least as aggressive as ``other`` in every option (so, presumably, at least as inaccurate)."""
@@ -231,9 +241,9 @@ class _Search:
     def _settings(self) -> list[str]:
         """Every pass option the sensitivity analysis must cover."""
         s = self.space
-        return ((["int8"] if s.quantize else []) + [Setting(prune=r).structure()[1] for r in s.prune_ratios]
-                + [Setting(low_rank=e).structure()[1] for e in s.low_rank_energies]
-                + [Setting(depthwise=e).structure()[1] for e in s.depthwise_energies])
+        return ((["int8"] if s.quantize else []) + [str(PruneChannels(ratio=r)) for r in s.prune_ratios]
+                + [str(LowRank(energy=e)) for e in s.low_rank_energies]
+                + [str(DepthwiseSeparable(energy=e)) for e in s.depthwise_energies])
 
     def _candidates(self, sens: Sensitivity) -> list[Candidate]:
         """Settings worth measuring (the two references excluded); the rest go to ``pruned`` with a reason."""
@@ -242,7 +252,7 @@ class _Search:
         for prune, low_rank, depthwise in itertools.product((0.0, *s.prune_ratios), (None, *s.low_rank_energies),
                                                             (None, *s.depthwise_energies)):
             structure = Setting(prune, low_rank, depthwise, quantize=False)
-            options = structure.structure()[1:]
+            options = specs(structure.structure()[1:])
             idle = [o for o in options if not sens.changed(o)]
             drop = sum(sens.predicted_drop(o) for o in options)
             if idle:
@@ -261,7 +271,7 @@ class _Search:
         out = [Candidate(structure, drop)]
         if not self.space.quantize:
             return out
-        if options := structure.structure()[1:]:
+        if options := specs(structure.structure()[1:]):
             graph = self._structural_graph(self.fused, structure, options)
             sens = layer_sensitivity(graph, self.batches[:self.space.sensitivity_batches], ["int8"], self.target)
         ranked = sens.changed("int8")
@@ -272,21 +282,21 @@ class _Search:
             out.append(Candidate(setting, rest(k)))
         return out
 
-    def _structural_graph(self, gm: fx.GraphModule, setting: Setting, passes: Sequence[str] | None = None
+    def _structural_graph(self, gm: fx.GraphModule, setting: Setting, passes: Sequence[str | Pass] | None = None
                           ) -> fx.GraphModule:
         """``gm`` after ``passes`` (default: the setting's structural passes), and its per-layer FLOPs."""
         ctx = PassContext(example_inputs=self.example, target=self.target, calibration=self.batches)
         gm, _ = PassManager(passes if passes is not None else setting.structure(), verify="off",
                             measure_latency=False).run(copy.deepcopy(gm), ctx)
         flops = ctx.analysis(Flops, gm)
-        self.flops[tuple(setting.structure())] = (float(sum(flops.values())), flops)
+        self.flops[tuple(specs(setting.structure()))] = (float(sum(flops.values())), flops)
         return gm
 
     def _predict(self, queue: list[Candidate], baseline: Candidate, reference: Candidate) -> None:
         """Latency ≈ float and int8 reference latencies weighted by the FLOPs run in each precision."""
         total0, _ = self.flops[("fuse",)]
         for c in queue:
-            total, per_node = self.flops[tuple(c.setting.structure())]
+            total, per_node = self.flops[tuple(specs(c.setting.structure()))]
             in_float = total if not c.setting.quantize else sum(per_node.get(n, 0) for n in c.setting.skip)
             c.predicted_ms = (reference.latency_ms * (total - in_float) + baseline.latency_ms * in_float) / total0
 
@@ -299,8 +309,8 @@ class _Search:
         """Compile on the backend, time the artifact, evaluate; compile errors are recorded, not raised."""
         bar.set_description(f"autotune {' → '.join(cand.passes[1:]) or 'float'}"[:70])
         try:
-            reads = bool(calibration_readers(cand.passes))
-            compiled = compile(self.model, self.example, passes=cand.passes, backend=self.backend, target=self.target,
+            reads = bool(calibration_readers(cand.setting.pipeline()))
+            compiled = compile(self.model, self.example, passes=cand.setting.pipeline(), backend=self.backend, target=self.target,
                                calibration=self.batches if reads else None, verify="lint", measure_latency=False)
         except FxforgeError as e:
             if required:
@@ -323,14 +333,16 @@ class _Search:
     def _retime(self, cands: list[Candidate], rounds: int = 7) -> None:
         """Median over interleaved rounds, so every candidate sees the same machine load."""
         cands = list({id(c): c for c in cands if id(c) in self.compiled}.values())
-        samples: dict[int, list[float]] = {id(c): [] for c in cands}
         flat = self.compiled[id(cands[0])].signature.flatten(self.example) if cands else []
-        for _ in range(rounds):
-            for c in cands:
-                run = self.compiled[id(c)].artifact.run
-                samples[id(c)].append(measure_latency(lambda *x: run(x), flat, budget_s=0.05, max_runs=10))
+        runners = {id(c): (lambda run=self.compiled[id(c)].artifact.run: run(flat)) for c in cands}
+        samples = interleaved_latency(runners, rounds, sample_ms=50.0)
         for c in cands:
             c.latency_ms = statistics.median(samples[id(c)])
+
+
+def specs(passes: Sequence[str | Pass]) -> list[str]:
+    """Pass and preset names and ``Pass`` instances as the strings ``passes=`` and the record take."""
+    return [str(p) for p in passes]
 
 
 def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -445,7 +457,7 @@ def plot_pareto(result: AutotuneResult, path: Path) -> None:
                    label=name)
     if result.best is not None:
         ax.scatter([result.best.latency_ms], [result.best.score], marker="*", s=300, c="red", zorder=5,
-                   label="pick: " + " → ".join([*result.best.setting.structure(),
+                   label="pick: " + " → ".join([*specs(result.best.setting.structure()),
                                                 *(["int8"] if result.best.setting.quantize else [])]))
     ax.set(xlabel=f"latency (ms, {result.meta.get('backend')})", ylabel="score (evaluate)",
            title=f"autotune: {result.meta.get('model', '')}")

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fxforge.compiler.errors import FxforgeError
+from fxforge.compiler.timing import interleaved_latency
 from fxforge.compiler.verify import compare, fresh_inputs
 
 Runner = Callable[[Sequence[torch.Tensor]], Any]
@@ -250,9 +251,7 @@ def peak_gflops() -> tuple[float, str]:
     threads = torch.get_num_threads()
     if threads not in _PEAK:
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-        with torch.inference_mode():
-            torch.mm(a, b)
-            best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+        best = min(interleaved_latency({"mm": lambda: torch.mm(a, b)}, rounds=5, sample_ms=0)["mm"]) / 1e3
         peak = 2 * 1024 ** 3 / best / 1e9
         flags, mhz, _ = _cpuinfo()
         lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
@@ -260,12 +259,6 @@ def peak_gflops() -> tuple[float, str]:
         _PEAK[threads] = (peak, f"{peak:.0f} GFLOP/s measured (1024² sgemm, {threads} threads; nominal "
                                 f"{threads} × 2 FMA × {lanes} lanes × 2 × {mhz / 1e3:.2f} GHz = {nominal:.0f})")
     return _PEAK[threads]
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _cpuinfo() -> tuple[set[str], float, str]:
@@ -395,31 +388,10 @@ PAUSE_S = 0.05
 def _time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Row], rounds: int,
                       sample_ms: float) -> None:
     live = {n: b for n, b in built.items() if rows[n].error is None}
-    if not live:
-        return
-    calls = {n: _calls_per_sample(b.run, example, sample_ms) for n, b in live.items()}
-    samples: dict[str, list[float]] = {n: [] for n in live}
-    names = list(live)
-    with torch.inference_mode():
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one system later
-                time.sleep(PAUSE_S)  # lets the previous system's thread pool stop spinning
-                start = time.perf_counter()
-                for _ in range(calls[name]):
-                    live[name].run(example)
-                samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
-    for name, times in samples.items():
+    runners = {n: (lambda run=b.run: run(example)) for n, b in live.items()}
+    for name, times in interleaved_latency(runners, rounds, sample_ms, pause_s=PAUSE_S).items():
         row = rows[name]
         row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)
-
-
-def _calls_per_sample(run: Runner, example: tuple, sample_ms: float) -> int:
-    with torch.inference_mode():
-        run(example)  # warm-up
-        start = time.perf_counter()
-        run(example)
-        once = (time.perf_counter() - start) * 1e3
-    return max(1, min(50, round(sample_ms / max(once, 1e-3))))
 
 
 def _fill_figures(rows: list[Row], built: dict[str, Built]) -> None:

@@ -81,6 +81,8 @@ def test_every_setting_is_a_valid_pipeline_and_reads_as_its_option_values():
     assert opts["prune_channels"].ratio == 0.25 and opts["low_rank"].energy == 0.95
     assert opts["depthwise_separable"].energy == 0.99 and opts["insert_qdq"].skip == ("conv2d", "linear")
     assert Setting(quantize=False).passes() == ["fuse"]
+    built = resolve(s.pipeline())  # Pass instances, and the strings of the record, give the same pipeline
+    assert [(type(p), vars(p)) for p in built] == [(type(p), vars(p)) for p in passes]
     assert [p.name for p in resolve(Setting().passes())] == [p.name for p in resolve(["int8"])]
 
 

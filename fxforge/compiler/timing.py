@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
+
+K = TypeVar("K")
 
 
 def measure_latency(fn: Callable[..., Any], inputs: Sequence[Any], budget_s: float = 0.5,
@@ -20,3 +22,36 @@ def measure_latency(fn: Callable[..., Any], inputs: Sequence[Any], budget_s: flo
             fn(*inputs)
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sample_ms: float = 20.0,
+                        pause_s: float = 0.0) -> dict[K, list[float]]:
+    """Per-call wall times (ms) of several systems timed in turn, for ratios that load drifting does not skew.
+
+    Each of ``rounds`` rounds times every runner once, each round starting one runner later than the one before
+    (so no system always runs first or right after the same neighbour). A sample is the mean of as many calls as
+    fill about ``sample_ms`` (calibrated on one call after a warm-up), which keeps sub-millisecond models above
+    the timer's resolution. ``pause_s`` sleeps before each sample, letting the previous system's thread pool stop
+    spinning."""
+    names = list(runners)
+    samples: dict[K, list[float]] = {n: [] for n in names}
+    if not names:
+        return samples
+    with torch.inference_mode():
+        calls = {n: _calls_per_sample(runners[n], sample_ms) for n in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                time.sleep(pause_s)
+                start = time.perf_counter()
+                for _ in range(calls[name]):
+                    runners[name]()
+                samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
+    return samples
+
+
+def _calls_per_sample(run: Callable[[], Any], sample_ms: float) -> int:
+    run()  # warm-up
+    start = time.perf_counter()
+    run()
+    once = (time.perf_counter() - start) * 1e3
+    return max(1, min(50, round(sample_ms / max(once, 1e-3))))

@@ -1,0 +1,28 @@
+"""compiler/timing.py: the interleaved schedule (order rotated per round, calls batched per sample)."""
+from fxforge.compiler.timing import interleaved_latency, measure_latency
+
+
+def test_interleaved_rounds_rotate_the_order_and_batch_calls_per_sample():
+    log: list[str] = []
+    runners = {name: (lambda name=name: log.append(name)) for name in "abc"}
+    samples = interleaved_latency(runners, rounds=3, sample_ms=0)  # 0 ms: one call per sample
+    assert {n: len(t) for n, t in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for times in samples.values() for t in times)
+    # two warm-up/calibration calls each, then rounds starting one system later each time
+    assert log == ["a", "a", "b", "b", "c", "c"] + list("abc") + list("bca") + list("cab")
+
+
+def test_calls_per_sample_fill_the_sample_time():
+    calls: list[int] = []
+    samples = interleaved_latency({"x": lambda: calls.append(1)}, rounds=2, sample_ms=5.0)
+    assert len(samples["x"]) == 2 and len(calls) == 2 + 2 * 50  # a call far below 5 ms: the cap of 50 per sample
+
+
+def test_interleaved_with_no_runner_times_nothing():
+    assert interleaved_latency({}, rounds=5) == {}
+
+
+def test_measure_latency_is_a_median_of_at_least_min_runs():
+    calls: list[int] = []
+    assert measure_latency(lambda: calls.append(1), (), budget_s=0.0, min_runs=3) >= 0
+    assert len(calls) == 1 + 3
