@@ -94,7 +94,7 @@ class Setting:
         return [*self.structure(), *steps]
 
     def passes(self) -> list[str]:
-        """The pipeline as ``passes=`` strings (``str(Pass)`` round-trips through ``fxforge.compile``)."""
+        """The pipeline as the ``passes=`` strings of the record (they round-trip through ``fxforge.compile``)."""
         return specs(self.pipeline())
 
     def covers(self, other: Setting) -> bool:
@@ -241,9 +241,9 @@ class _Search:
     def _settings(self) -> list[str]:
         """Every pass option the sensitivity analysis must cover."""
         s = self.space
-        return ((["int8"] if s.quantize else []) + [str(PruneChannels(ratio=r)) for r in s.prune_ratios]
-                + [str(LowRank(energy=e)) for e in s.low_rank_energies]
-                + [str(DepthwiseSeparable(energy=e)) for e in s.depthwise_energies])
+        return (["int8"] if s.quantize else []) + specs([*(PruneChannels(ratio=r) for r in s.prune_ratios),
+                                                         *(LowRank(energy=e) for e in s.low_rank_energies),
+                                                         *(DepthwiseSeparable(energy=e) for e in s.depthwise_energies)])
 
     def _candidates(self, sens: Sensitivity) -> list[Candidate]:
         """Settings worth measuring (the two references excluded); the rest go to ``pruned`` with a reason."""
@@ -307,7 +307,7 @@ class _Search:
 
     def _measure(self, cand: Candidate, bar: tqdm, required: bool = False) -> Candidate:
         """Compile on the backend, time the artifact, evaluate; compile errors are recorded, not raised."""
-        bar.set_description(f"autotune {' → '.join(cand.passes[1:]) or 'float'}"[:70])
+        bar.set_description(f"autotune {' → '.join(map(str, cand.setting.pipeline()[1:])) or 'float'}"[:70])
         try:
             reads = bool(calibration_readers(cand.setting.pipeline()))
             compiled = compile(self.model, self.example, passes=cand.setting.pipeline(), backend=self.backend, target=self.target,
@@ -341,8 +341,9 @@ class _Search:
 
 
 def specs(passes: Sequence[str | Pass]) -> list[str]:
-    """Pass and preset names and ``Pass`` instances as the strings ``passes=`` and the record take."""
-    return [str(p) for p in passes]
+    """Pass and preset names and ``Pass`` instances as the strings ``passes=`` and the record take; a ``Pass``
+    with every option written out, so a record keeps its meaning if a default changes."""
+    return [p if isinstance(p, str) else p.spec(full=True) for p in passes]
 
 
 def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -457,7 +458,7 @@ def plot_pareto(result: AutotuneResult, path: Path) -> None:
                    label=name)
     if result.best is not None:
         ax.scatter([result.best.latency_ms], [result.best.score], marker="*", s=300, c="red", zorder=5,
-                   label="pick: " + " → ".join([*specs(result.best.setting.structure()),
+                   label="pick: " + " → ".join([*map(str, result.best.setting.structure()),
                                                 *(["int8"] if result.best.setting.quantize else [])]))
     ax.set(xlabel=f"latency (ms, {result.meta.get('backend')})", ylabel="score (evaluate)",
            title=f"autotune: {result.meta.get('model', '')}")

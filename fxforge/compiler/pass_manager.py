@@ -155,9 +155,15 @@ class Pass:
                     for f in fields}
         return {k: v for k, v in self.options().items() if defaults[k] is dataclasses.MISSING or defaults[k] != v}
 
-    def __str__(self) -> str:
-        opts = self.changed_options()
+    def spec(self, full: bool = False) -> str:
+        """The ``name{opt=value,...}`` string ``resolve`` turns back into this pass: the options that differ from
+        their defaults, or with ``full`` every option (a record that must mean the same pipeline even if a
+        default changes). Round-trips when the option values are Python literals."""
+        opts = self.options() if full else self.changed_options()
         return self.name + ("{" + ",".join(f"{k}={v!r}" for k, v in opts.items()) + "}" if opts else "")
+
+    def __str__(self) -> str:
+        return self.spec()
 
 
 # ---------------------------------------------------------------------------------------------- registry

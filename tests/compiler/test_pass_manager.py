@@ -223,6 +223,16 @@ def test_a_pass_reads_as_its_name_and_the_options_that_differ_from_defaults():
     assert [str(p) for p in resolve(str(LowRank(energy=0.9)))] == ["low_rank{energy=0.9}"]
 
 
+def test_a_full_spec_writes_every_option_and_resolves_to_the_same_pass():
+    from fxforge.passes.low_rank import LowRank
+
+    p = LowRank(energy=0.9)
+    full = p.spec(full=True)
+    assert full.startswith("low_rank{") and all(f"{k}=" in full for k in p.options())
+    (back,) = resolve(full)
+    assert type(back) is LowRank and back.options() == p.options()
+
+
 def test_compile_default_verify_stops_a_slightly_wrong_exact_pass():
     class Sly(Scale):
         """Claims to be exact but moves the output by 0.1 %."""
