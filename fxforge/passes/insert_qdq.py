@@ -2,14 +2,9 @@
 
     conv/linear(x, W, b)  →  conv/linear(DQ(Q(x)), DQ(Q_c(W)), DQ(Q_c32(b)))  followed by  Q→DQ
 
-- Activations: one asymmetric uint8 (or int8) per-tensor pair per tensor, shared by all its readers, on the
-  inputs of conv, linear, matmul/bmm, cat and average pooling, and on their outputs (after a following
-  relu/relu6, which fold_qdq then folds into the output range). An add whose two inputs are already
-  quantized (a CNN's residual) is quantized too; one that would quantize a float stream (a pre-norm
-  transformer's residual, measured: ViT cosine 0.983 instead of 0.9986) stays float. cat's inputs and output, and
-  maxpool/view/flatten outputs, share their input's group (one scale), so no requantization happens there.
-  A tensor that already is a dequantize output (a model that brings its own QDQ nodes) is read on its own
-  grid, not quantized again (``reused_grids`` counts such reads).
+- Where: passes/analysis/quant_plan.py decides which tensors get a pair and which share one grid (conv, linear,
+  matmul inputs and outputs, quantized residual adds, cat and pooling on one grid); this pass rewrites.
+- Activations: one asymmetric uint8 (or int8) per-tensor pair per planned tensor, shared by all its readers.
 - Weights: symmetric int8 per output channel (or per tensor), s_c = max|W_c| / q_max, with q_max = 63
   (``reduce_range``) where the target's u8s8 kernels saturate at 8 bits (x86 without VNNI or AMX, see
   compiler/target.py), else 127; the stat ``weight_bits`` says which (7 or 8).
@@ -26,7 +21,6 @@ are counted.
 """
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from typing import Any, Callable, Literal
 
@@ -36,17 +30,13 @@ import torch.fx as fx
 import fxforge.compiler.dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor
-from fxforge.compiler.ops import (CLAMP, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, data, is_op, op_name,
-                                 operands, qd, set_argument, value_of, weight_of)
+from fxforge.compiler.ops import (LINEAR, MATMUL, WEIGHTED, bias_of, call_with, data, is_op, operands, qd, set_argument,
+                                 value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.target import Target
 
-from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
-                      weight_scales)
-
-POOLS = (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.mean)
-SAME_GRID = (aten.max_pool2d, aten.view, aten.reshape, aten.flatten, aten._unsafe_view, aten.relu)
-
+from .analysis.quant_plan import plan_static
+from .lib.qdq import DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, weight_scales
 
 @register_pass
 class InsertQdq(Pass):
@@ -65,7 +55,8 @@ class InsertQdq(Pass):
         stats: Counter = Counter()
         if self.activations == "dynamic":
             return self.run_dynamic(gm, ctx, stats)
-        plan, weighted = self.plan(gm, ctx, stats)
+        is_float = _float_test(ctx.analysis(Shapes, gm))
+        plan, weighted = plan_static(gm, is_float, lambda node: self.refusal(gm, node, is_float), stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
         reduce_range = self.reduced(ctx.target)
@@ -83,9 +74,8 @@ class InsertQdq(Pass):
 
     def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
         """Replace each constant-weight linear by ``fxforge::dynamic_linear`` with int8 per-channel weights."""
-        shapes = ctx.analysis(Shapes, gm)
         qmax = 63 if self.reduced(ctx.target) else 127
-        is_float = lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
+        is_float = _float_test(ctx.analysis(Shapes, gm))
         linears = []
         for node in call_nodes(gm, *WEIGHTED, *MATMUL):  # decided before any rewrite, on the shapes as they were
             reason = self.refusal(gm, node, is_float) or (None if is_op(node, *LINEAR) else "dynamic_float")
@@ -109,51 +99,7 @@ class InsertQdq(Pass):
         stats.update({"dynamic_linears": len(linears), **({"weight_bits": 7 if qmax == 63 else 8} if linears else {})})
         return PassResult(changed=bool(linears), stats=dict(stats))
 
-    # ---------------------------------------------------------------------------------------- planning
-
-    def plan(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> tuple[dict, list]:
-        """Which tensors get a Q/DQ pair (tensor → group) and which weighted ops get int8 weights."""
-        shapes = ctx.analysis(Shapes, gm)
-        groups = itertools.count()
-        plan: dict[fx.Node, int] = {}
-        weighted: list[fx.Node] = []
-
-        def is_float(n: Any) -> bool:
-            return isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
-
-        def want(t: fx.Node, group: int | None = None) -> None:
-            if is_dq(t):  # already on an integer grid (a model that brings its own QDQ): read it as it is
-                stats["reused_grids"] += 1
-            elif is_float(t) and t not in plan and not any(is_q(u) for u in t.users):
-                plan[t] = group if group is not None else next(groups)
-
-        for node in list(gm.graph.nodes):
-            if is_op(node, *WEIGHTED, *MATMUL):
-                reason = self.refusal(gm, node, is_float)
-                if reason:
-                    stats[f"skipped.{reason}"] += 1
-                    continue
-                for x in operands(node) if is_op(node, *MATMUL) else (data(node),):
-                    want(x)
-                if is_op(node, *WEIGHTED):
-                    weighted.append(node)
-                stats[f"quantized.{op_name(node)}"] += 1
-                want(_chain_end(node))
-            elif is_op(node, aten.add) and len(node.all_input_nodes) == 2 and all(i in plan for i in operands(node)):
-                for x in node.all_input_nodes:
-                    want(x)
-                want(_chain_end(node))
-            elif is_op(node, aten.cat) and any(i in plan for i in data(node)):
-                group = next(groups)
-                for x in [*data(node), node]:
-                    merged = plan.get(x)
-                    plan.update({t: group for t, g in plan.items() if g == merged})
-                    want(x, group)
-            elif is_op(node, *POOLS) and data(node) in plan:
-                want(_chain_end(node))
-            elif is_op(node, *SAME_GRID) and data(node) in plan:
-                want(node, plan[data(node)])
-        return plan, weighted
+    # ---------------------------------------------------------------------------------------- deciding
 
     def refusal(self, gm: fx.GraphModule, node: fx.Node, is_float: Callable[[Any], bool]) -> str | None:
         """Why ``node`` stays float, or None."""
@@ -237,11 +183,9 @@ class InsertQdq(Pass):
         set_argument(op, kind, dq)
 
 
-def _chain_end(node: fx.Node) -> fx.Node:
-    """``node``, or the relu/relu6 that is its only reader (the tensor an int8 kernel would emit)."""
-    while len(node.users) == 1 and is_op(next(iter(node.users)), *CLAMP):
-        node = next(iter(node.users))
-    return node
+def _float_test(shapes: dict) -> Callable[[Any], bool]:
+    """Whether an argument is a graph tensor of a floating dtype (what a Q/DQ pair can take)."""
+    return lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
 
 
 def _untag_split_groups(gm: fx.GraphModule) -> int:
