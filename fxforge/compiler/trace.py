@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from .errors import InputError, TraceError, first_line
+from .ops import data
 from .verify import EXACT_TOLERANCE, clone_inputs, compare, fresh_inputs
 
 MAX_BATCH = 1 << 16
@@ -224,8 +225,8 @@ def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         if (node.op == "call_module" and node.target == "_guards_fn") or \
                 node.target is torch.ops.aten._assert_tensor_metadata.default:
             graph.erase_node(node)
-        elif node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder" and not node.users:
-            dropped.append(node.args[0].name)
+        elif node.target is torch.ops.aten.copy_.default and data(node).op == "placeholder" and not node.users:
+            dropped.append(data(node).name)
             graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()
     out = fx.GraphModule(gm, graph, class_name="FxforgeGraph")

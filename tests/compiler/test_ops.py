@@ -51,3 +51,17 @@ def test_q_params_and_bn_params():
               if ops.is_op(n, *ops.BATCH_NORM))
     p = ops.bn_params(bn)
     assert not p.training and p.eps == 1e-5 and all(t.op == "get_attr" for t in p.tensors())
+
+
+def test_no_positional_aten_argument_index_outside_ops():
+    """ATen arguments are read through compiler/ops.py's named accessors, never as ``node.args[i]`` elsewhere
+    (an output node's ``args[0]``, the tuple of graph outputs, is torch.fx structure and allowed)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "fxforge"
+    found = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+             for p in root.rglob("*.py") if p.name != "ops.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"\.args\[\d", line) and "output" not in line]
+    assert found == []
