@@ -30,5 +30,5 @@ register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
 __all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
-           "Equalize", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels",
-           "SmoothQuant"]
+           "Equalize", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank",
+           "PruneChannels", "SmoothQuant"]
