@@ -66,17 +66,22 @@ class Distill(Pass):
             raise missing_train(self.name)
         if ctx.teacher is None:  # no lossy pass ran before: the graph is the teacher
             return PassResult(changed=False, preserves="all", stats={"skipped.nothing_to_recover": 1})
-        batches = [tuple(b) for b in ctx.train]
-        if len(batches) < 2:
-            raise CalibrationError(f"pass 'distill' needs at least 2 train batches (one is held out for early "
-                                   f"stopping), got {len(batches)}")
+        with torch.inference_mode(False), torch.enable_grad():  # compile may be called under either
+            batches = [tuple(t.clone() for t in b) for b in ctx.train]  # not inference tensors
+            if len(batches) < 2:
+                raise CalibrationError(f"pass 'distill' needs at least 2 train batches (one is held out for early "
+                                       f"stopping), got {len(batches)}")
+            return self.fit(gm, ctx.teacher, batches)
+
+    def fit(self, gm: fx.GraphModule, teacher_gm: fx.GraphModule, batches: list[Batch]) -> PassResult:
+        """Train ``gm`` towards ``teacher_gm`` on ``batches`` (every fifth held out) and keep the best weights."""
         held = set(range(4, len(batches), 5)) or {len(batches) - 1}
         fit = [b for i, b in enumerate(batches) if i not in held]
         held_out = [batches[i] for i in sorted(held)]
         stats: Counter = Counter()
         params, nodes = trainable(gm, stats)
-        student = _Runner(gm, params, compressed_layers(gm, ctx.teacher) if self.features else [])
-        teacher = _Runner(ctx.teacher, {}, student.record)
+        student = _Runner(gm, params, compressed_layers(gm, teacher_gm) if self.features else [])
+        teacher = _Runner(teacher_gm, {}, student.record)
         with torch.no_grad():
             targets = [teacher.run(*b) for b in held_out]
         kinds = [_kind(t) for t in targets[0][0]]

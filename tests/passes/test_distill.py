@@ -148,6 +148,16 @@ def test_compile_distills_on_train_batches():
         fxforge.compile(model, train[0], passes=["low_rank", "distill"], train=[train[0], (torch.randn(4, 3),)])
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_trains_when_compile_is_called_without_autograd(mode):
+    model, train = Classifier().eval(), data()
+    with mode():
+        compiled = fxforge.compile(model, train[0], passes=["low_rank{rank_ratio=0.25}", "distill{steps=50}"],
+                                   train=train, verify="off")
+    stats = compiled.report.row("distill").stats
+    assert stats["steps"] > 0 and stats["held_out_loss_after"] < stats["held_out_loss_before"]
+
+
 @pytest.mark.parametrize("spec", ["distill{steps=0}", "distill{lr=-1.0}", "distill{temperature=0.0}",
                                   "distill{features=-1.0}"])
 def test_bad_options_are_refused(spec):
