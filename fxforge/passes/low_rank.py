@@ -35,16 +35,12 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.analysis import Flops
-from fxforge.compiler.errors import missing_calibration
 from fxforge.compiler.graph import call_nodes, finalize, get_tensor
 from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
-from .analysis.sensitivity import layer_sensitivity, plan
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized,
-                                faster_on_host, layer_error, ratio_rank, svd)
-from .lib.qdq import checked_batches
+                                faster_on_host, layer_error, plan_splits, ratio_rank, svd)
 
 LADDER = (0.5, 0.25, 0.125, 0.0625)  # the rank ratios a flops goal chooses among, per layer
 
@@ -90,38 +86,15 @@ class LowRank(Pass):
 
     def choose(self, gm: fx.GraphModule, ctx: PassContext, rec: Recording,
                stats: Counter) -> dict[str, LowRank] | None:
-        """Layer → the LowRank (rank ratio) that splits it under the flops goal, from measured sensitivities;
-        None when the goal cannot be met (counted in stats)."""
-        if ctx.calibration is None:
-            raise missing_calibration(self.name)
-        batches = list(checked_batches(ctx.calibration, ctx.example_inputs))
-        rules = {str(r): r for r in (LowRank(rank_ratio=ratio, budget=self.budget) for ratio in LADDER)}
-        sens = layer_sensitivity(gm, batches, list(rules), ctx.target)
-        flops = ctx.analysis(Flops, gm)
-        total = sum(flops.values())
-        saved = {}
-        timed = self.budget == "latency" and ctx.target.runs_on_host
-        for node in call_nodes(gm, *WEIGHTED):
-            weight, x = get_tensor(gm, weight_of(node)), rec.value(data(node))
-            if weight is None or not weight.numel() or conv_groups(node) != 1 or x is None:
-                continue
-            for name, rule in rules.items():
-                stages = rule.svd(weight)
-                if isinstance(stages, str) or timed and not faster_on_host(node, x, weight, _bias(gm, node), stages):
-                    continue
-                kept = sum(st.weight.numel() for st in stages) / weight.numel()  # at the same output positions
-                saved[(name, node.name)] = flops.get(node.name, 0) * (1 - kept)
-        chosen = plan(sens, saved, total * (1 - self.flops))
-        if chosen is None:
-            best = {}
-            for (_, layer), gain in saved.items():
-                best[layer] = max(best.get(layer, 0.0), gain)
-            stats["skipped.flops_goal_unreachable"] = 1
-            stats["flops_reachable"] = round(1 - sum(best.values()) / total, 4) if total else 1.0
-            return None
-        for layer, name in chosen.items():
-            stats[f"rank_ratio.{layer}"] = rules[name].rank_ratio
-        return {layer: rules[name] for layer, name in chosen.items()}
+        """Layer → the LowRank (rank ratio of LADDER) that splits it under the flops goal; None when the goal
+        cannot be met (counted in stats)."""
+        rules = [LowRank(rank_ratio=ratio, budget=self.budget) for ratio in LADDER]
+        chosen = plan_splits(gm, ctx, rec, self.name, rules, lambda rule, node, w: rule.stages(node, w),
+                             list(call_nodes(gm, *WEIGHTED)), self.flops,
+                             self.budget == "latency" and ctx.target.runs_on_host, stats)
+        for layer, rule in (chosen or {}).items():
+            stats[f"rank_ratio.{layer}"] = rule.rank_ratio
+        return chosen
 
     def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, ctx: PassContext,
               stats: Counter, rule: LowRank) -> str | None:
@@ -150,9 +123,11 @@ class LowRank(Pass):
         return None
 
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
-        if conv_groups(node) != 1:
-            return "grouped"
-        return factorized(node, self.svd(layer.weight))
+        return factorized(node, self.stages(node, layer.weight))
+
+    def stages(self, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
+        """The SVD split of one layer alone, or why not."""
+        return "grouped" if conv_groups(node) != 1 else self.svd(w)
 
     def rank(self, s: torch.Tensor, shape: tuple[int, ...]) -> int:
         return ratio_rank(self.rank_ratio, len(s)) if self.rank_ratio is not None else energy_rank(s, self.energy, shape)
@@ -187,6 +162,3 @@ class LowRank(Pass):
         return [Stage(u_in.T.reshape(r_in, n, *ones).to(w.dtype)), Stage(core.to(w.dtype), spatial=True),
                 Stage(u_out.reshape(m, r_out, *ones).to(w.dtype))]
 
-
-def _bias(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    return get_tensor(gm, bias_of(node)) if bias_of(node) is not None else None
