@@ -107,8 +107,10 @@ class Distill(Pass):
                 bar.update()
                 if step % self.eval_every == 0 or step == self.steps:
                     score = self.score(student, held_out, targets, kinds)
-                    best, best_state, stale = (score, _snapshot(params), 0) if score > best else (best, best_state,
-                                                                                               stale + 1)
+                    if score > best:
+                        best, best_state, stale = score, _snapshot(params), 0
+                    else:
+                        stale += 1
                 if step >= self.steps or stale >= self.patience:
                     break
         bar.close()
@@ -116,8 +118,9 @@ class Distill(Pass):
             set_tensor(gm, nodes[name], value)
         metric = "agreement" if "logits" in kinds else "cosine"
         return PassResult(changed=best > before, stats={
-            **stats, "steps": step, "seconds": round(time.perf_counter() - start, 2), "stopped_early": int(step < self.steps),
-            "params_trained": len(params), "feature_layers": len(student.record),
+            **stats, "steps": step, "seconds": round(time.perf_counter() - start, 2),
+            "stopped_early": int(step < self.steps), "params_trained": len(params),
+            "feature_layers": len(student.record),
             f"held_out_{metric}_before": before[0], f"held_out_{metric}_after": best[0],
             "held_out_loss_before": -before[1], "held_out_loss_after": -best[1]})
 
