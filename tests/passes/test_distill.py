@@ -166,17 +166,18 @@ def test_bad_options_are_refused(spec):
 
 
 @pytest.mark.slow  # the wide digits CNN (cached after its first training) and 300 steps of distillation
-def test_distillation_recovers_a_pruned_trained_digits_cnn():
-    """Pruning 30 % of the wide digits CNN's channel groups keeps 0.41× its FLOPs and leaves ~10 % top-1;
-    distilling on the unlabeled training images brings it back within a point of fp32 (measured 99.2 % vs
-    99.0 %)."""
+@pytest.mark.parametrize("compress", ["prune_channels{ratio=0.3,round_to=4}", "low_rank{flops=0.5}"])
+def test_distillation_recovers_a_compressed_trained_digits_cnn(compress):
+    """The wide digits CNN (fp32 98.99 % on the held-out digits) at under half its FLOPs: pruning 30 % of its
+    channel groups leaves 9.6 % top-1, per-layer low-rank splits 96.7 %; distilling on the unlabeled training
+    images brings both within a point of fp32 (measured 99.24 % each)."""
     model = fxforge.zoo.wide_digits_cnn()
     x_train, _, x_test, y_test = digits_data()
     train = [(b,) for b in x_train.split(64)]
-    pruned, _, _ = run(model, ["fuse", "prune_channels{ratio=0.3,round_to=4}"], train, example=(x_test[:2],))
-    tuned, report, _ = run(model, ["fuse", "prune_channels{ratio=0.3,round_to=4}", Distill(steps=300)], train,
-                           example=(x_test[:2],))
+    example, calibration = (x_test[:2],), train[:8]
+    compressed, _, _ = run(model, ["fuse", compress], train, example=example, calibration=calibration)
+    tuned, report, _ = run(model, ["fuse", compress, Distill()], train, example=example, calibration=calibration)
     base, before, after = (accuracy(lambda x: m(x)[0] if m is not model else m(x), x_test, y_test)
-                           for m in (model, pruned, tuned))
+                           for m in (model, compressed, tuned))
     assert report.final.flops <= 0.5 * report.row("input").flops
-    assert before < base - 0.3 and after > base - 0.01
+    assert before < base - 0.02 and after > base - 0.01
