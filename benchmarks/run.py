@@ -91,11 +91,26 @@ def _digits() -> tuple[nn.Module, tuple, zoo.Split]:
     return zoo.wide_digits_cnn(), split.held_out[0], zoo.Split(split.calibration[:8], full)
 
 
+DISTILLED = "fxforge low_rank{flops=0.5}+distill → onnx"
+DISTILLED_INT8 = "fxforge low_rank{flops=0.5}+distill+int8 → onnx"
+
+
+def _distilled() -> list[System]:
+    """Half the FLOPs by per-layer low-rank splits, then distilled on the digits' unlabeled training images
+    (disjoint from the held-out test digits), optionally int8 on top (docs/passes.md, "Distillation")."""
+    from fxforge.passes import QUANTIZE
+    train = [(b,) for b in zoo.digits_data()[0].split(64)]
+    compress = ["fuse", "low_rank{flops=0.5}", "distill"]
+    onnx = ("onnxruntime", "onnxscript")
+    return [System(DISTILLED, fxforge_system(compress, "onnx", train=train), needs=onnx),
+            System(DISTILLED_INT8, fxforge_system([*compress, *QUANTIZE], "onnx", train=train), needs=onnx)]
+
+
 TRAINED: dict[str, tuple[Callable[[], tuple[nn.Module, tuple, zoo.Split]], tuple[str, ...]]] = {
     "mobilenet_v2_imagenet": (_mobilenet, ("ort int8 (quantize_static)", "fxforge int8 → onnx")),
     "all_minilm_l6_v2": (_minilm, ("ort int8 (quantize_dynamic)", "fxforge int8 → onnx")),
     "digits_cnn_wide": (_digits, ("ort int8 (quantize_static)", "fxforge int8 → onnx", "fxforge compress → onnx",
-                                  "fxforge compress+int8 → onnx")),
+                                  "fxforge compress+int8 → onnx", DISTILLED, DISTILLED_INT8)),
 }
 COMMON = ("eager", "torch.compile", "ort fp32", "tvm untuned", "fxforge fuse → torchscript", "fxforge fuse → onnx",
           "fxforge fuse → tvm")
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no stored tuning database for this CPU and TVM ({tuning_db.name}): no tuned TVM rows "
               f"(benchmarks/tune_models.py writes one)")
         tuning_db = None
-    every = PEERS + fxforge_systems(tuning_db=tuning_db)
+    every = PEERS + fxforge_systems(tuning_db=tuning_db) + _distilled()
     peak, how = peak_gflops()
     trained: list[Row] = []
     rows: list[Row] = []

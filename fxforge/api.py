@@ -13,8 +13,9 @@ import torch
 import torch.fx as fx
 
 from fxforge.backends.base import Artifact, get_backend
-from fxforge.compiler.errors import CalibrationError, InputError, first_line, missing_calibration
-from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, VerifyMode, calibration_readers
+from fxforge.compiler.errors import CalibrationError, InputError, first_line, missing_calibration, missing_train
+from fxforge.compiler.pass_manager import (Pass, PassContext, PassManager, VerifyMode, calibration_readers,
+                                           train_readers)
 from fxforge.compiler.quality import Metric, Validation
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
@@ -47,7 +48,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             backend: str = "eager", target: str | Target = "x86", calibration: Iterable[Any] | None = None,
             calibration_fn: Callable[[Any], Any] | None = None,
             verify: VerifyMode = "numerics", measure_latency: bool = False, static_batch: bool = False,
-            validation: Iterable[Any] | None = None, metric: Metric = None, **backend_options: Any) -> CompiledModel:
+            validation: Iterable[Any] | None = None, metric: Metric = None, train: Iterable[Any] | None = None,
+            **backend_options: Any) -> CompiledModel:
     """Capture ``model``, optimize it with ``passes``, and lower it with ``backend`` for ``target``.
 
     The user's model, example inputs and calibration data are never mutated.
@@ -75,6 +77,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             outputs (compiler/quality.py). Without it they come from synthetic N(0,1) inputs, and say so.
         metric: the task measure on ``validation``: ``"agreement"``, ``"cosine"`` or
             ``metric(outputs, inputs) -> float`` (higher is better), reported per stage.
+        train: an iterable of unlabeled input tuples (like ``calibration``, never overlapping ``validation``) for
+            passes that train (``distill``); a warning says so when no pass reads it.
         **backend_options: options of the backend, checked before any work: ``onnx`` takes ``opset`` and ONNX
             Runtime session options (``intra_op_num_threads``, ``graph_optimization_level``, ...); ``tvm``
             takes ``tune={"trials": N, "db": DIR, ...}`` (docs/tuning.md).
@@ -88,6 +92,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be.check_options(backend_options)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
     _check_calibration(manager, calibration)
+    _check_train(manager, train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
     gm, signature = trace(model, example, static_batch=static_batch)
@@ -96,7 +101,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         calibration = _Mapped(calibration, calibration_fn)
     checked = None if validation is None and metric is None else \
         Validation.from_user(validation, signature.flatten, metric)
-    ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked)
+    ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
+                      train=None if train is None else _flat_train(train, signature))
     gm, report = manager.run(gm, ctx)
     start = time.perf_counter()
     artifact = be.lower(gm, flat, signature, tgt, **backend_options)
@@ -130,6 +136,32 @@ def _check_calibration(manager: PassManager, calibration: Iterable[Any] | None) 
         warnings.warn("calibration data given, but no pass of this pipeline reads it "
                       f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
                       stacklevel=3)
+
+
+def _check_train(manager: PassManager, train: Iterable[Any] | None) -> None:
+    """Before any work: a pipeline that trains must get data; data no pass reads is pointed out."""
+    readers = train_readers(manager.passes)
+    if readers and train is None:
+        raise missing_train(readers[0])
+    if not readers and train is not None:
+        warnings.warn("train data given, but no pass of this pipeline reads it "
+                      f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
+                      stacklevel=3)
+
+
+def _flat_train(train: Iterable[Any], signature: Signature) -> list[tuple[torch.Tensor, ...]]:
+    """The train batches flattened like the example inputs, each checked against the signature."""
+    try:
+        batches = [b if isinstance(b, (tuple, list)) else (b,) for b in train]
+    except TypeError:
+        raise InputError(f"train must be an iterable of input tuples, got {type(train).__name__}") from None
+    out = []
+    for i, batch in enumerate(batches):
+        try:
+            out.append(tuple(signature.flatten(batch)))
+        except InputError as e:
+            raise InputError(f"train batch {i}: {e}") from None
+    return out
 
 
 def _check_tensors(model: torch.nn.Module) -> None:

@@ -35,7 +35,7 @@ class InputError(FxforgeError):
 
 
 class CalibrationError(FxforgeError):
-    """Calibration data is missing or unusable."""
+    """Calibration (or training) data is missing or unusable."""
 
 
 class ArtifactError(FxforgeError):
@@ -55,6 +55,12 @@ def missing_calibration(pass_name: str) -> CalibrationError:
     """The error for a pipeline whose pass ``pass_name`` reads calibration data that was not given."""
     return CalibrationError(f"pass {pass_name!r} needs calibration data: pass calibration=[(x1,), (x2,), ...] (an "
                             "iterable of input tuples like the example inputs) to fxforge.compile")
+
+
+def missing_train(pass_name: str) -> CalibrationError:
+    """The error for a pipeline whose pass ``pass_name`` trains on data that was not given."""
+    return CalibrationError(f"pass {pass_name!r} needs training data: pass train=[(x1,), (x2,), ...] (an iterable "
+                            "of unlabeled input tuples like the example inputs) to fxforge.compile")
 
 
 def first_line(e: BaseException) -> str:

@@ -8,6 +8,7 @@ manager reports.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import functools
 import re
@@ -51,6 +52,8 @@ class PassContext:
     calibration: Iterable[Any] | None = None
     verify: VerifyMode = "numerics"
     validation: Any = None  # a quality.Validation: the report's error columns come from the user's data
+    train: Sequence[tuple[torch.Tensor, ...]] | None = None  # unlabeled input batches for passes that train
+    teacher: fx.GraphModule | None = None  # the graph before the first lossy pass (kept when a pass reads train)
     _gm: fx.GraphModule | None = None
     _cache: dict[type, Any] = field(default_factory=dict)
 
@@ -96,6 +99,7 @@ class Pass:
     exact: ClassVar[bool] = True  # False: approximate; reports its error in stats
     after: ClassVar[tuple[str, ...]] = ()  # passes that must run earlier in the same pipeline
     reads_calibration: ClassVar[bool] = False  # True: needs PassContext.calibration (compile checks it up front)
+    reads_train: ClassVar[bool] = False  # True: needs PassContext.train and .teacher (the manager keeps the teacher)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A subclass's own ``__post_init__`` (its option checks) runs after the type check and raises PassError
@@ -255,6 +259,11 @@ def calibration_readers(spec: str | Pass | Sequence[str | Pass]) -> list[str]:
     return [p.name for p in resolve(spec) if p.reads_calibration]
 
 
+def train_readers(spec: str | Pass | Sequence[str | Pass]) -> list[str]:
+    """The passes of a pipeline that read ``PassContext.train`` (compile requires data for them)."""
+    return [p.name for p in resolve(spec) if p.reads_train]
+
+
 def _expand(item: str | Pass) -> list[Pass]:
     if isinstance(item, Pass):
         return [item]
@@ -329,8 +338,14 @@ class PassManager:
         check_order(self.passes)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext):
-        """Run the pipeline on ``gm`` (mutated in place: callers hand in their own copy)."""
+        """Run the pipeline on ``gm`` (mutated in place: callers hand in their own copy).
+
+        When a pass of the pipeline reads training data, the graph as it stands before the first lossy pass
+        that does not itself train is copied into ``ctx.teacher``: the fp32 model a distilling pass learns
+        from, a copy of the traced graph, never the user's module."""
         ctx.verify = self.verify
+        ctx.teacher = None
+        keep_teacher = any(p.reads_train for p in self.passes)
         report = Report()
         instruments = [Timing(), *([Lint()] if self.verify != "off" else []),
                        *([NumericCheck(gm, ctx.example_inputs)] if self.verify == "numerics" else []),
@@ -338,6 +353,8 @@ class PassManager:
         done: list[str] = []
         for p in (None, *self.passes):
             ctx._gm = gm
+            if keep_teacher and ctx.teacher is None and p is not None and not p.exact and not p.reads_train:
+                ctx.teacher = copy.deepcopy(gm)
             for instrument in instruments:
                 instrument.before(p, gm, ctx)
             result = self._run_pass(p, gm, ctx, instruments, done) if p is not None else None

@@ -5,6 +5,7 @@ from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .dead_channels import DeadChannels
 from .depthwise_separable import DepthwiseSeparable
+from .distill import Distill
 from .eliminate_dead_code import EliminateDeadCode
 from .equalize import Equalize
 from .fold_constants import FoldConstants
@@ -28,6 +29,6 @@ register_preset("compress", ["fuse", "dead_channels", "low_rank"],
 register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
-__all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "EliminateDeadCode", "Equalize",
-           "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank", "PruneChannels",
-           "SmoothQuant"]
+__all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
+           "Equalize", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank",
+           "PruneChannels", "SmoothQuant"]

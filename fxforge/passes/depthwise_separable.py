@@ -10,6 +10,9 @@ Keeping every term (r = min(m, k²)) is exact; the multiplier r is the fewest te
 ``energy`` of Σσ² over all channels (1.0: the numerical rank), or ``multiplier`` when given. The split
 costs n·r·(k² + m) MACs per output position against n·m·k², so it is applied only when
 r < m·k²/(m + k²). Grouped (incl. depthwise) and 1×1 convs are left alone and counted.
+``flops=f`` decides per conv instead, among multipliers 4, 2 and 1, from sensitivities measured on the
+calibration data, cheapest in accuracy per FLOP saved first, until at most f of the input's FLOPs remain (the
+rule of ``low_rank{flops=f}``, lib/factorization.plan_splits; nothing changes when the goal is out of reach).
 Stats hold each split layer's relative output error on its recorded input (``error.<node>``) and the model's
 (``error.model``), on fresh random inputs.
 """
@@ -27,7 +30,9 @@ from fxforge.compiler.errors import PassError
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized, layer_error,
-                                svd)
+                                plan_splits, svd)
+
+LADDER = (4, 2, 1)  # the multipliers a flops goal chooses among, per conv
 
 
 @register_pass
@@ -38,17 +43,34 @@ class DepthwiseSeparable(Pass):
     exact = False
     energy: float = 0.95
     multiplier: int | None = None
+    flops: float | None = None  # a goal: at most this fraction of the input's FLOPs, chosen per conv
 
     def __post_init__(self) -> None:
         check_fraction("energy", self.energy)
+        check_fraction("flops", self.flops)
         if self.multiplier is not None and self.multiplier < 1:
             raise PassError(f"multiplier must be a positive integer, got {self.multiplier!r}")
+        if self.flops is not None and self.multiplier is not None:
+            raise PassError("flops chooses each conv's multiplier: it does not take multiplier")
+
+    @property
+    def reads_calibration(self) -> bool:  # type: ignore[override]
+        return self.flops is not None  # the per-layer sensitivities are measured on calibration data
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
         stats: Counter = Counter()
+        rules = None
+        if self.flops is not None:
+            rules = plan_splits(gm, ctx, rec, self.name, [DepthwiseSeparable(multiplier=r) for r in LADDER],
+                                lambda rule, node, w: rule.stages(node, w), list(call_nodes(gm, aten.conv2d)),
+                                self.flops, False, stats)
+            if rules is None:
+                return PassResult(changed=False, preserves="all", stats=dict(stats))
+            stats.update({f"multiplier.{layer}": rule.multiplier for layer, rule in rules.items()})
         for node in list(call_nodes(gm, aten.conv2d)):
-            reason = self.split(gm, node, rec, stats)
+            rule = self if rules is None else rules.get(node.name)
+            reason = self.split(gm, node, rec, stats, rule) if rule is not None else "not_chosen"
             stats["split" if reason is None else f"skipped.{reason}"] += 1
         if not stats.get("split"):
             return PassResult(changed=False, preserves="all", stats=dict(stats))
@@ -56,37 +78,38 @@ class DepthwiseSeparable(Pass):
         stats["error.model"] = rec.model_error(gm)
         return PassResult(changed=True, stats=dict(stats))
 
-    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: Counter) -> str | None:
-        """Decouple one conv; return why not, or None when split."""
+    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: Counter,
+              rule: DepthwiseSeparable) -> str | None:
+        """Decouple one conv by ``rule`` (this pass, or the multiplier a flops goal chose); return why not, or
+        None when split."""
         weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             return "non_constant_weight"
         if conv_groups(node) != 1:
             return "grouped"
-        m, n, k = weight.shape[0], weight.shape[1], math.prod(weight.shape[2:])
-        if k == 1:
-            return "pointwise"
         x, y = rec.value(data(node)), rec.value(node)
-        if x is None or y is None:
+        if math.prod(weight.shape[2:]) > 1 and (x is None or y is None):
             return "not_executed"
-        stages = self.decouple(weight)
-        r = stages[1].weight.shape[1] // n
-        if r * (k + m) >= m * k:
-            return "not_cheaper"
+        stages = rule.stages(node, weight)
+        if isinstance(stages, str):
+            return stages
         stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
         emit_stages(gm, node, stages)
         return None
 
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
+        return factorized(node, self.stages(node, layer.weight))
+
+    def stages(self, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
+        """The decoupled conv (depthwise, pointwise) of one layer alone, or why not."""
         if not is_op(node, aten.conv2d) or conv_groups(node) != 1:
-            return "not_a_regular_conv2d"
-        w = layer.weight
+            return "not_a_regular_conv2d" if not is_op(node, aten.conv2d) else "grouped"
         m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
         if k == 1:
             return "pointwise"
         stages = self.decouple(w)
-        return "not_cheaper" if stages[1].weight.shape[1] // n * (k + m) >= m * k else factorized(node, stages)
+        return "not_cheaper" if stages[1].weight.shape[1] // n * (k + m) >= m * k else stages
 
     def decouple(self, w: torch.Tensor) -> list[Stage]:
         """Depthwise (n·r, 1, kh, kw) with groups n, then pointwise (m, n·r, 1, 1)."""

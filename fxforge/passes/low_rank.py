@@ -14,6 +14,13 @@ lower. ``budget="latency"`` additionally requires the split to time faster, meas
 input, when the target runs on this host (otherwise FLOPs decide). Zero padding commutes with a leading
 linear map without bias, so padding stays exact. Linears and 1×1 convs always use SVD.
 
+``flops=f`` (a fraction of the pass's input FLOPs) decides per layer instead: every layer is tried alone at
+rank ratios 1/2, 1/4, 1/8 and 1/16 on the calibration data (passes/analysis/sensitivity.py, which asks this
+pass's ``layer_effect``), and ``sensitivity.plan`` takes the splits cheapest in accuracy per FLOP saved until
+the model's FLOPs are at most f of what they were. A split that does not time faster (``budget="latency"``, on
+a target that runs here) is never a candidate. When the goal cannot be met nothing changes and the stats
+say so (``skipped.flops_goal_unreachable`` with the best reachable fraction).
+
 Factors are computed in float64 with torch.linalg (the LAPACK SVD numpy would call): Tucker-2 by HOSVD is
 two SVDs and one contraction, too little to justify a tensorly dependency. Stats hold the relative output
 error of each split layer on its own recorded input (``error.<node>``) and of the model (``error.model``),
@@ -33,8 +40,9 @@ from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized,
-                                faster_on_host, layer_error, ratio_rank, svd)
+                                faster_on_host, layer_error, plan_splits, ratio_rank, svd)
 
+LADDER = (0.5, 0.25, 0.125, 0.0625)  # the rank ratios a flops goal chooses among, per layer
 
 
 @register_pass
@@ -47,16 +55,28 @@ class LowRank(Pass):
     rank_ratio: float | None = None
     budget: Literal["flops", "latency"] = "flops"
     method: Literal["svd", "tucker2"] = "svd"
+    flops: float | None = None  # a goal: at most this fraction of the input's FLOPs, chosen per layer
 
     def __post_init__(self) -> None:
         check_fraction("energy", self.energy)
         check_fraction("rank_ratio", self.rank_ratio)
+        check_fraction("flops", self.flops)
+        if self.flops is not None and (self.method != "svd" or self.rank_ratio is not None):
+            raise ValueError("flops chooses each layer's SVD rank: it takes neither method='tucker2' nor rank_ratio")
+
+    @property
+    def reads_calibration(self) -> bool:  # type: ignore[override]
+        return self.flops is not None  # the per-layer sensitivities are measured on calibration data
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
         stats: Counter = Counter()
+        rules = self.choose(gm, ctx, rec, stats) if self.flops is not None else None
+        if rules is None and self.flops is not None:
+            return PassResult(changed=False, preserves="all", stats=dict(stats))
         for node in list(call_nodes(gm, *WEIGHTED)):
-            reason = self.split(gm, node, rec, ctx, stats)
+            rule = self if rules is None else rules.get(node.name)
+            reason = self.split(gm, node, rec, ctx, stats, rule) if rule is not None else "not_chosen"
             stats["split" if reason is None else f"skipped.{reason}"] += 1
         if not stats.get("split"):
             return PassResult(changed=False, preserves="all", stats=dict(stats))
@@ -64,9 +84,22 @@ class LowRank(Pass):
         stats["error.model"] = rec.model_error(gm)
         return PassResult(changed=True, stats=dict(stats))
 
+    def choose(self, gm: fx.GraphModule, ctx: PassContext, rec: Recording,
+               stats: Counter) -> dict[str, LowRank] | None:
+        """Layer → the LowRank (rank ratio of LADDER) that splits it under the flops goal; None when the goal
+        cannot be met (counted in stats)."""
+        rules = [LowRank(rank_ratio=ratio, budget=self.budget) for ratio in LADDER]
+        chosen = plan_splits(gm, ctx, rec, self.name, rules, lambda rule, node, w: rule.stages(node, w),
+                             list(call_nodes(gm, *WEIGHTED)), self.flops,
+                             self.budget == "latency" and ctx.target.runs_on_host, stats)
+        for layer, rule in (chosen or {}).items():
+            stats[f"rank_ratio.{layer}"] = rule.rank_ratio
+        return chosen
+
     def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, ctx: PassContext,
-              stats: Counter) -> str | None:
-        """Split one layer; return why not, or None when split."""
+              stats: Counter, rule: LowRank) -> str | None:
+        """Split one layer by ``rule``'s rank (this pass's own, or the one a flops goal chose); return why not,
+        or None when split."""
         weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
@@ -79,19 +112,22 @@ class LowRank(Pass):
         if x is None or y is None:
             return "not_executed"
         tucker = self.method == "tucker2" and weight.dim() > 2 and math.prod(weight.shape[2:]) > 1
-        stages = self.tucker2(weight, x, y) if tucker else self.svd(weight)
+        stages = rule.tucker2(weight, x, y) if tucker else rule.svd(weight)
         if isinstance(stages, str):
             return stages
-        if self.budget == "latency" and ctx.target.runs_on_host and not faster_on_host(node, x, weight, bias, stages):
+        if rule is self and self.budget == "latency" and ctx.target.runs_on_host and \
+                not faster_on_host(node, x, weight, bias, stages):
             return "slower_measured"
         stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
         emit_stages(gm, node, stages)
         return None
 
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
-        if conv_groups(node) != 1:
-            return "grouped"
-        return factorized(node, self.svd(layer.weight))
+        return factorized(node, self.stages(node, layer.weight))
+
+    def stages(self, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
+        """The SVD split of one layer alone, or why not."""
+        return "grouped" if conv_groups(node) != 1 else self.svd(w)
 
     def rank(self, s: torch.Tensor, shape: tuple[int, ...]) -> int:
         return ratio_rank(self.rank_ratio, len(s)) if self.rank_ratio is not None else energy_rank(s, self.energy, shape)
@@ -125,3 +161,4 @@ class LowRank(Pass):
         ones = [1] * (w.dim() - 2)
         return [Stage(u_in.T.reshape(r_in, n, *ones).to(w.dtype)), Stage(core.to(w.dtype), spatial=True),
                 Stage(u_out.reshape(m, r_out, *ones).to(w.dtype))]
+

@@ -122,7 +122,38 @@ def test_grouped_and_pointwise_convs_are_left_and_counted():
     assert count(gm, "conv2d") == 3 and report.final.max_rel_err == 0
 
 
-@pytest.mark.parametrize("make", [lambda: DepthwiseSeparable(energy=1.5), lambda: DepthwiseSeparable(multiplier=0)])
+class SeparableThenFull(nn.Module):
+    """Two 3×3 convs 16 → 16: ``a`` with rank-1 kernel slices (multiplier 1 is exact), ``b`` random."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = separable_conv(16, 16, 1, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_flops_goal_decouples_the_cheapest_in_accuracy_conv_first():
+    """Before: conv 3×3 (rank-1 slices) → relu → conv 3×3. Goal 0.8 of the FLOPs: decoupling ``a`` at
+    multiplier 1 saves 1 − 16·(9 + 16)/(16·16·9) = 83 % of its half. Expected: a → depthwise 3×3 (16 groups)
+    → pointwise 1×1; b untouched."""
+    model = SeparableThenFull().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 16, 8, 8, generator=g),) for _ in range(3)]
+    gm, report, flat = apply(model, data[0], [DepthwiseSeparable(flops=0.8)], calibration=data)
+    assert [tuple(get_tensor(gm, n.args[1]).shape) for n in gm.graph.nodes
+            if n.op == "call_function" and "conv2d" in str(n.target)] == \
+        [(16, 1, 3, 3), (16, 16, 1, 1), (16, 16, 3, 3)]
+    stats = report.row("depthwise_separable").stats
+    assert stats["multiplier.conv2d"] == 1 and stats["skipped.not_chosen"] == 1
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-4
+    _, report, _ = apply(model, data[0], [DepthwiseSeparable(flops=0.01)], calibration=data)
+    assert report.row("depthwise_separable").stats["skipped.flops_goal_unreachable"] == 1
+    assert report.final.flops == report.row("input").flops
+
+
+@pytest.mark.parametrize("make", [lambda: DepthwiseSeparable(energy=1.5), lambda: DepthwiseSeparable(multiplier=0),
+                                  lambda: DepthwiseSeparable(flops=0.5, multiplier=2)])
 def test_bad_options_are_refused(make):
     with pytest.raises(PassError):
         make()

@@ -174,8 +174,64 @@ def test_grouped_and_non_constant_weights_are_left_and_counted():
     assert count(gm, *LAYERS) == 2 and report.final.max_rel_err == 0
 
 
+class LowThenFull(nn.Module):
+    """Two 64×64 linears: ``a`` of exact rank 2 (splitting it costs nothing), ``b`` of full rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = lowrank_linear(64, 64, 2), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 64, generator=g),) for _ in range(n)]
+
+
+def test_flops_goal_splits_the_cheapest_in_accuracy_layer_first():
+    """Before: linear(64→64, rank 2) → relu → linear(64→64). Goal 0.75 of the FLOPs: splitting ``a`` at rank
+    64/16 = 4 (exact) saves 44 % alone. Expected: a → linear(64→4) → linear(4→64); b untouched."""
+    model = LowThenFull().eval()
+    gm, report, flat = apply(model, batches()[0], [LowRank(flops=0.75)], calibration=batches())
+    assert weights(gm, "linear") == [(4, 64), (64, 4), (64, 64)]
+    stats = report.row("low_rank").stats
+    assert stats["rank_ratio.linear"] == 0.0625 and stats["skipped.not_chosen"] == 1
+    assert report.final.flops <= 0.75 * report.row("input").flops
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-4
+
+
+def test_flops_goal_goes_deeper_where_it_must_and_is_reproducible():
+    model = LowThenFull().eval()
+    runs = [apply(model, batches()[0], [LowRank(flops=0.3)], calibration=batches()) for _ in range(2)]
+    (gm, report, _), (gm2, report2, _) = runs
+    assert report.final.flops <= 0.3 * report.row("input").flops
+    assert report.row("low_rank").stats == report2.row("low_rank").stats and "rank_ratio.linear_1" in \
+        report.row("low_rank").stats
+    assert all(torch.equal(a, b) for a, b in zip(gm.parameters(), gm2.parameters()))
+
+
+def test_a_flops_goal_that_cannot_be_met_changes_nothing_and_says_so():
+    model = LowThenFull().eval()
+    gm, report, _ = apply(model, batches()[0], [LowRank(flops=0.05)], calibration=batches())
+    stats = report.row("low_rank").stats
+    assert stats["skipped.flops_goal_unreachable"] == 1 and 0.05 < stats["flops_reachable"] < 0.2
+    assert weights(gm, "linear") == [(64, 64), (64, 64)] and report.final.max_rel_err == 0
+
+
+def test_a_flops_goal_needs_calibration_data():
+    model, (x,) = LowThenFull().eval(), batches()[0]
+    with pytest.raises(fxforge.CalibrationError, match="pass 'low_rank' needs calibration data"):
+        fxforge.compile(model, x, passes=["low_rank{flops=0.5}"], verify="off")
+    with pytest.warns(UserWarning, match="no pass of this pipeline reads it"):
+        fxforge.compile(model, x, passes=["low_rank"], calibration=batches(), verify="off")
+
+
 @pytest.mark.parametrize("make", [lambda: LowRank(energy=0.0), lambda: LowRank(rank_ratio=1.5),
-                                  lambda: resolve("low_rank{method='cp'}"), lambda: resolve("low_rank{budget=1}")])
+                                  lambda: resolve("low_rank{method='cp'}"), lambda: resolve("low_rank{budget=1}"),
+                                  lambda: LowRank(flops=0.5, rank_ratio=0.5), lambda: LowRank(flops=1.5),
+                                  lambda: LowRank(flops=0.5, method="tucker2")])
 def test_bad_options_are_refused(make):
     with pytest.raises(PassError):
         make()

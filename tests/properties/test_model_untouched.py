@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxforge
+from fxforge.compiler.pass_manager import train_readers
 from random_models import build, calibration, models, pipelines
 
 PIPELINES = pipelines()
@@ -28,7 +29,8 @@ def test_compile_leaves_the_model_and_inputs_alone(spec, name, training):
     model, example = build(spec)
     model.train(training)
     before, inputs = snapshot(model), copy.deepcopy(example)
-    fxforge.compile(model, example, passes=list(PIPELINES[name]), calibration=calibration(spec),
-                    measure_latency=False)
+    passes = list(PIPELINES[name])
+    fxforge.compile(model, example, passes=passes, calibration=calibration(spec), measure_latency=False,
+                    train=calibration(spec) if train_readers(passes) else None)
     assert same(snapshot(model), before), f"{name} mutated the model"
     assert all(torch.equal(a, b) for a, b in zip(example, inputs)), f"{name} mutated the example inputs"

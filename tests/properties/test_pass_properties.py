@@ -44,7 +44,8 @@ def check_pipeline(name: str, spec) -> None:
     model, _ = build(spec)
     gm, flat = traced(spec)
     passes = resolve(list(PIPELINES[name]))
-    gm, report = PassManager(passes, measure_latency=False).run(gm, PassContext(flat, calibration=calibration(spec)))
+    data = calibration(spec)
+    gm, report = PassManager(passes, measure_latency=False).run(gm, PassContext(flat, calibration=data, train=data))
     assert [r.stage for r in report.rows] == ["input", *map(str, passes)]
     if all(p.exact for p in passes):
         err = error_vs_eager(gm, model, fresh_inputs(flat, UNSEEN_SEED))

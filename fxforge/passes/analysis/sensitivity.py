@@ -14,6 +14,14 @@ channels with the smallest L1 weight norm (ignoring channel coupling and roundin
 layer unchanged records the pass's reason instead (``"rank_too_high"``); this module knows no pass by name.
 Summing drops over layers is the first-order model the search uses to predict, and skip, settings
 (as mixed-precision methods such as HAWQ do with their per-layer sensitivities).
+
+:func:`plan` is the per-layer decision rule of the passes that take a global goal (``low_rank{flops=0.5}``):
+given the FLOPs each (layer, setting) saves, it takes the moves cheapest in accuracy per FLOP saved first,
+
+    order by  (drop(ℓ, σ) / saved(ℓ, σ),  rel(ℓ, σ) / saved(ℓ, σ))  ascending,
+
+replacing a layer's earlier choice only by one that saves more, until the goal's saving is reached; when even
+the largest saving of every layer together falls short it chooses nothing.
 """
 from __future__ import annotations
 
@@ -84,6 +92,28 @@ def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, 
         result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference)
                                    for n in call_nodes(gm, *WEIGHTED)}
     return result
+
+
+def plan(sens: Sensitivity, saved: dict[tuple[str, str], float], need: float) -> dict[str, str] | None:
+    """Layer → setting saving at least ``need`` FLOPs, cheapest in accuracy per FLOP first; None when the
+    savings of all layers together fall short. ``saved[(setting, layer)]`` is what that change saves (> 0)."""
+    moves = [(e.drop / gain, e.rel_error / gain, setting, layer) for (setting, layer), gain in saved.items()
+             if gain > 0 and isinstance(e := sens.effects[setting].get(layer), Effect)]
+    best: dict[str, float] = {}
+    for *_, setting, layer in moves:
+        best[layer] = max(best.get(layer, 0.0), saved[(setting, layer)])
+    if sum(best.values()) < need:
+        return None
+    chosen: dict[str, str] = {}
+    total = 0.0
+    for *_, setting, layer in sorted(moves):
+        if total >= need:
+            break
+        before = saved[(chosen[layer], layer)] if layer in chosen else 0.0
+        if saved[(setting, layer)] > before:
+            chosen[layer] = setting
+            total += saved[(setting, layer)] - before
+    return chosen
 
 
 class _Run(fx.Interpreter):

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import PassError
+from fxforge.compiler.analysis import Flops
+from fxforge.compiler.errors import PassError, missing_calibration
 from fxforge.compiler.graph import add_tensor, get_tensor
-from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op, value_of
+from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op, value_of, weight_of
+from fxforge.compiler.pass_manager import Pass, PassContext
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
+
+from ..analysis.sensitivity import layer_sensitivity, plan
+from .qdq import checked_batches
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -159,3 +165,43 @@ def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: t
         before.append(measure_latency(lambda t: run_original(node, t, weight, bias), (x,), budget_s=0.02))
         after.append(measure_latency(lambda t: run_stages(node, t, stages, bias), (x,), budget_s=0.02))
     return min(after) < min(before)
+
+
+def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str, rules: Sequence[Pass],
+                stages_of: Callable[[Pass, fx.Node, torch.Tensor], list[Stage] | str], layers: Sequence[fx.Node],
+                goal: float, timed: bool, stats: Counter) -> dict[str, Pass] | None:
+    """Layer name → the rule (one of ``rules``, e.g. the pass at several ranks) that splits it, so that the graph
+    keeps at most ``goal`` of its FLOPs: each rule's effect on each layer alone is measured on the calibration
+    data (the sensitivity analysis asks the rule's ``layer_effect``), ``stages_of(rule, node, weight)`` gives the
+    stages (FLOPs saved: the layer's FLOPs × (1 − Σ stage weights / layer weight), all at the layer's output
+    positions), and ``sensitivity.plan`` takes the cheapest in accuracy per FLOP first. With ``timed`` a split
+    that does not time faster on its recorded input is no candidate. None when the goal cannot be met
+    (``skipped.flops_goal_unreachable`` and ``flops_reachable`` in stats)."""
+    if ctx.calibration is None:
+        raise missing_calibration(owner)
+    by_spec = {str(r): r for r in rules}
+    sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), list(by_spec),
+                             ctx.target)
+    flops = ctx.analysis(Flops, gm)
+    total = sum(flops.values())
+    saved: dict[tuple[str, str], float] = {}
+    for node in layers:
+        weight, x = get_tensor(gm, weight_of(node)), rec.value(data(node))
+        if weight is None or not weight.numel() or x is None:
+            continue
+        bias = get_tensor(gm, bias_of(node)) if bias_of(node) is not None else None
+        for spec, rule in by_spec.items():
+            stages = stages_of(rule, node, weight)
+            if isinstance(stages, str) or timed and not faster_on_host(node, x, weight, bias, stages):
+                continue
+            kept = sum(st.weight.numel() for st in stages) / weight.numel()
+            saved[(spec, node.name)] = flops.get(node.name, 0) * (1 - kept)
+    chosen = plan(sens, saved, total * (1 - goal))
+    if chosen is None:
+        best: dict[str, float] = {}
+        for (_, layer), gain in saved.items():
+            best[layer] = max(best.get(layer, 0.0), gain)
+        stats["skipped.flops_goal_unreachable"] = 1
+        stats["flops_reachable"] = round(1 - sum(best.values()) / total, 4) if total else 1.0
+        return None
+    return {layer: by_spec[spec] for layer, spec in chosen.items()}

@@ -7,7 +7,7 @@ from torch import nn
 
 import fxforge
 from fxforge.compiler.pass_manager import PassContext, PassManager
-from fxforge.passes.analysis.sensitivity import Effect, agreement, layer_sensitivity
+from fxforge.passes.analysis.sensitivity import Effect, Sensitivity, agreement, layer_sensitivity, plan
 
 X86 = fxforge.get_target("x86")
 
@@ -114,3 +114,16 @@ def test_agreement_is_top1_for_logits_and_cosine_otherwise():
     assert agreement(torch.tensor([[0.0, 1.0]]).repeat(4, 1), ref) == 0.5
     assert agreement(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])) == pytest.approx(1.0)
     assert agreement(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])) == pytest.approx(0.0)
+
+
+def test_plan_takes_the_cheapest_in_accuracy_per_flop_first():
+    sens = Sensitivity(["a", "b", "c"], {
+        "half": {"a": Effect(0.0, 0.10), "b": Effect(0.0, 0.01), "c": Effect(0.2, 0.0)},
+        "quarter": {"a": Effect(0.0, 0.30), "b": Effect(0.0, 0.02), "c": "rank_too_high"}})
+    saved = {("half", "a"): 50, ("half", "b"): 50, ("half", "c"): 50, ("quarter", "a"): 75, ("quarter", "b"): 75}
+    assert plan(sens, saved, 40) == {"b": "half"}  # least error per FLOP saved
+    assert plan(sens, saved, 75) == {"b": "quarter"}  # b deeper before touching a (0.02/75 < 0.10/50)
+    assert plan(sens, saved, 120) == {"b": "quarter", "a": "half"}  # c costs agreement: last
+    assert plan(sens, saved, 150) == {"b": "quarter", "a": "quarter"}
+    assert plan(sens, saved, 151) == {"b": "quarter", "a": "quarter", "c": "half"}
+    assert plan(sens, saved, 201) is None  # 75 + 75 + 50 is all there is
