@@ -346,7 +346,7 @@ class TvmBackend(Backend):
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE}
         if tune is not None:
             from .tuning import apply_tuning
-            mod, info["tuning"] = apply_tuning(mod, tgt, tune)
+            mod, info["tuning"] = apply_tuning(mod, tgt, tune, cross_compiler=target.cross_compiler)
         if signature.dynamic_batch and not dynamic:
             signature = _static(signature, example_inputs, "tvm: tuned for the example batch (static shapes)")
         executable = build(schedule(mod, tgt), tgt)

@@ -1,0 +1,192 @@
+"""Measuring tuning candidates on remote devices through TVM's own RPC stack: a tracker and RPC servers.
+
+Topology: this machine builds every candidate for the target (cross-compiling it into a shared library) and
+MetaSchedule's ``RPCRunner`` ships each library to a device registered with the tracker under a key
+(``rpi5``, ``x86``), which loads it, times it and answers. One runner worker per free server, so as many
+candidates are measured at once as there are free devices. A device that dies mid-run fails only the
+measurements it held; the tracker drops it and the other servers take the next ones.
+
+    fxforge rpc tracker --port 9190                                # on any machine all can reach
+    fxforge rpc server --tracker HOST:9190 --key rpi5             # on every device
+    fxforge tune MODEL --input-shape ... --target arm64 --rpc-tracker HOST:9190 --rpc-key rpi5
+
+The ``fxforge rpc`` commands become ``python -m tvm.exec.rpc_tracker`` / ``rpc_server`` (the same process,
+through exec) with the settings that make MetaSchedule measurement work: a port range that starts at the
+given port (TVM's fixed default end, 9199, refuses any port above it), and on servers the number of threads
+a measurement may use (``TVM_NUM_THREADS``).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fxforge.compiler.errors import TuningError, first_line
+
+CONNECT_TIMEOUT_S = 5.0  # reaching the tracker; a tracker that does not answer in this time is reported
+PORT_SPAN = 100  # a tracker or server binds the first free port in [port, port + PORT_SPAN)
+
+
+@dataclass(frozen=True)
+class RpcDevices:
+    """The devices registered with a tracker under one key. ``tracker`` is None when only the key is known
+    (applying a database, ``trials=0``: nothing is measured)."""
+
+    key: str
+    tracker: tuple[str, int] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.tracker[0]}:{self.tracker[1]}" if self.tracker else "(no tracker)"
+
+
+def rpc_devices(value: Any, need_tracker: bool) -> RpcDevices:
+    """``{"tracker": "host:port", "key": "rpi5"}`` checked (TuningError naming what is wrong)."""
+    if not isinstance(value, dict) or set(value) - {"tracker", "key"}:
+        raise TuningError(f"tune option rpc must be a dict like {{'tracker': 'host:9190', 'key': 'rpi5'}}, "
+                          f"got {value!r}")
+    key, tracker = value.get("key"), value.get("tracker")
+    if not isinstance(key, str) or not key or ":" in key or key != key.strip():
+        raise TuningError(f"tune option rpc needs 'key': the device key servers registered with (e.g. 'rpi5'), "
+                          f"got {key!r}")
+    if tracker is None:
+        if need_tracker:
+            raise TuningError("tune option rpc needs 'tracker': 'host:port' to measure on the devices")
+        return RpcDevices(key)
+    return RpcDevices(key, parse_address(tracker, "tune option rpc's tracker"))
+
+
+def parse_address(text: Any, what: str) -> tuple[str, int]:
+    """``"host:port"`` as (host, port); TuningError naming ``what`` otherwise."""
+    host, sep, port = str(text).rpartition(":")
+    if not isinstance(text, str) or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TuningError(f"{what} must be 'host:port', got {text!r}")
+    return host, int(port)
+
+
+def tracker_summary(address: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+    """The tracker's summary (``queue_info``: free and pending per key; ``server_info``: one entry per server).
+
+    Spoken directly with a socket timeout: TVM's own client retries a refused connection for 60 s.
+    """
+    from tvm.rpc import base
+    where = f"{address[0]}:{address[1]}"
+    try:
+        with socket.create_connection(address, timeout=timeout) as sock:
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+                raise TuningError(f"{where} answered, but it is not a TVM RPC tracker")
+            base.sendjson(sock, [base.TrackerCode.SUMMARY])
+            code, summary = base.recvjson(sock)
+    except TuningError:
+        raise
+    except (OSError, RuntimeError, ValueError, struct.error) as e:
+        raise TuningError(f"the RPC tracker at {where} cannot be reached ({first_line(e) or type(e).__name__}); "
+                          f"start one with `fxforge rpc tracker --port {address[1]}`") from None
+    if code != base.TrackerCode.SUCCESS or not isinstance(summary, dict):
+        raise TuningError(f"the RPC tracker at {where} refused a summary request ({code!r})")
+    return summary
+
+
+def free_servers(devices: RpcDevices) -> int:
+    """How many servers under ``devices.key`` are free now; TuningError when the tracker cannot be reached or
+    no server is registered under the key (naming the keys it has)."""
+    assert devices.tracker is not None
+    summary = tracker_summary(devices.tracker)
+    keys = [str(s.get("key", "")).partition(":")[2] for s in summary.get("server_info", [])]
+    if devices.key not in keys:
+        have = ", ".join(sorted(set(keys))) or "none"
+        raise TuningError(f"no RPC server is registered under key {devices.key!r} at the tracker "
+                          f"{devices.address} (keys there: {have}); start one with `fxforge rpc server "
+                          f"--tracker {devices.address} --key {devices.key}`")
+    return int(summary.get("queue_info", {}).get(devices.key, {}).get("free", 0))
+
+
+def rpc_runner(devices: RpcDevices, workers: int, evaluator: dict[str, Any], timeout_s: int) -> Any:
+    """MetaSchedule's RPCRunner with ``workers`` parallel measurements.
+
+    Each measurement asks the tracker for a free server and gives up after ``wait_s`` (TVM's request waits
+    for ever, so a run whose servers all died would hang): it becomes a failed measurement instead.
+    """
+    from tvm.s_tir import meta_schedule as ms
+    assert devices.tracker is not None
+    config = ms.runner.RPCConfig(tracker_host=devices.tracker[0], tracker_port=devices.tracker[1],
+                                 tracker_key=devices.key, session_timeout_sec=timeout_s)
+    return ms.runner.RPCRunner(config, ms.runner.EvaluatorConfig(**evaluator), max_workers=workers,
+                               f_create_session=_session_within(4 * timeout_s))
+
+
+def _session_within(wait_s: float) -> Callable[[Any], Any]:
+    """A closure (shipped by value to the runner's workers, which need not import fxforge) that requests a
+    session from the tracker and raises TimeoutError when no server under the key is free within ``wait_s``."""
+
+    def create_session(config: Any) -> Any:
+        import threading
+        out: list[Any] = []
+
+        def request() -> None:
+            try:
+                out.append(config.connect_server())
+            except Exception as e:  # noqa: BLE001 (re-raised in the worker below)
+                out.append(e)
+
+        thread = threading.Thread(target=request, daemon=True)
+        thread.start()
+        thread.join(wait_s)
+        if not out:
+            raise TimeoutError(f"no server under key {config.tracker_key!r} was free within {wait_s:.0f} s")
+        if isinstance(out[0], Exception):
+            raise out[0]
+        return out[0]
+
+    return create_session
+
+
+def exporter(cross_compiler: str | None) -> Callable[[Any], str]:
+    """The builder's export function: the candidate as a shared library linked on this machine (with
+    ``cross_compiler`` for another ISA), so a device needs no compiler (TVM's default ships a .tar that the
+    device links itself). A closure, shipped by value to the build workers."""
+
+    def export(rt_mod: Any) -> str:
+        import os
+        import tempfile
+        from tvm.support import cc
+        path = os.path.join(tempfile.mkdtemp(prefix="fxforge-ms-"), "candidate.so")
+        fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None
+        rt_mod.export_library(path, fcompile=fcompile)
+        return path
+
+    return export
+
+
+# ------------------------------------------------------------------------------- fxforge rpc tracker/server
+
+
+def tracker_argv(host: str, port: int) -> list[str]:
+    """``python -m tvm.exec.rpc_tracker`` listening on ``host:port`` (or the next free port)."""
+    return [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+            "--port-end", str(port + PORT_SPAN)]
+
+
+def server_argv(tracker: str, key: str, host: str, port: int) -> list[str]:
+    """``python -m tvm.exec.rpc_server`` registered with ``tracker`` under ``key``."""
+    parse_address(tracker, "--tracker")
+    return [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", key, "--host", host,
+            "--port", str(port), "--port-end", str(port + PORT_SPAN)]
+
+
+def exec_tvm(argv: list[str], threads: int | None = None) -> None:
+    """Replace this process by TVM's (signals and exit status are then TVM's own)."""
+    if argv[2] == "tvm.exec.rpc_tracker":
+        try:
+            import tornado  # noqa: F401
+        except ModuleNotFoundError:
+            from fxforge.compiler.errors import missing_dependency
+            raise missing_dependency("tornado", "tvm", "the RPC tracker") from None
+    env = {**os.environ, **({"TVM_NUM_THREADS": str(threads)} if threads else {})}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
