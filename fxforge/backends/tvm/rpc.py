@@ -17,12 +17,18 @@ a measurement may use (``TVM_NUM_THREADS``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import struct
+import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from fxforge.compiler.errors import TuningError, first_line
 
@@ -190,3 +196,73 @@ def exec_tvm(argv: list[str], threads: int | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
+
+
+@dataclass
+class LocalFleet:
+    """A tracker and RPC servers running on this machine (see :func:`local_fleet`)."""
+
+    tracker: str  # "127.0.0.1:port"
+    key: str
+    logs: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # "tracker", "server0", ...
+
+    def kill_server(self, index: int) -> None:
+        """Kill server ``index`` (and its session processes) at once, as a device that loses power."""
+        _kill(self.processes[f"server{index}"])
+
+
+@contextlib.contextmanager
+def local_fleet(key: str, servers: int, threads: int | None = None, ready_s: float = 180.0) -> Iterator[LocalFleet]:
+    """``fxforge rpc tracker`` and ``servers`` × ``fxforge rpc server --key key`` on 127.0.0.1 (free ports), for
+    tests and loopback measurements. Yields once every server is registered; every process (each in its own
+    process group, with the session processes it forks) is killed on exit, whatever happened."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[3]),
+                                                                       os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix="fxforge-rpc-") as logs:
+        port = _free_port()
+        fleet = LocalFleet(f"127.0.0.1:{port}", key, Path(logs))
+
+        def start(name: str, *args: str) -> None:
+            with open(fleet.logs / f"{name}.log", "wb") as log:
+                fleet.processes[name] = subprocess.Popen([sys.executable, "-m", "fxforge", "rpc", *args], env=env,
+                                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            start("tracker", "tracker", "--host", "127.0.0.1", "--port", str(port))
+            for i in range(servers):
+                start(f"server{i}", "server", "--tracker", fleet.tracker, "--key", key, "--host", "127.0.0.1",
+                      "--port", str(_free_port()), *(["--threads", str(threads)] if threads else []))
+            _wait_registered(fleet, servers, ready_s)
+            yield fleet
+        finally:
+            for process in fleet.processes.values():
+                _kill(process)
+
+
+def _wait_registered(fleet: LocalFleet, servers: int, ready_s: float) -> None:
+    deadline = time.monotonic() + ready_s
+    address = parse_address(fleet.tracker, "tracker")
+    while True:
+        for name, process in fleet.processes.items():
+            if process.poll() is not None:
+                log = (fleet.logs / f"{name}.log").read_text(errors="replace").strip()
+                raise TuningError(f"the local RPC {name} exited: {log.splitlines()[-1] if log else 'no output'}")
+        with contextlib.suppress(TuningError):
+            summary = tracker_summary(address, timeout=1.0)
+            if sum(s.get("key") == f"server:{fleet.key}" for s in summary.get("server_info", [])) >= servers:
+                return
+        if time.monotonic() > deadline:
+            raise TuningError(f"the local RPC fleet did not register {servers} server(s) within {ready_s:.0f} s")
+        time.sleep(0.5)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
