@@ -130,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=9090, help="port (or the next free one; default 9090)")
     server.add_argument("--threads", type=int, help="threads a measured kernel may use (TVM_NUM_THREADS; "
                         "default: TVM's, the physical cores)")
+    server.add_argument("--qemu-root", type=Path, metavar="DIR", help="run an emulated AArch64 server with "
+                        "qemu-aarch64 from DIR (an arm64 python and TVM; made by tools/arm64-qemu-root.sh)")
     server.set_defaults(run=_rpc_server)
     return parser
 
@@ -325,10 +327,14 @@ def _rpc_tracker(args: argparse.Namespace) -> int:
 
 
 def _rpc_server(args: argparse.Namespace) -> int:
-    from fxforge.backends.tvm.rpc import exec_tvm, server_argv
+    from fxforge.backends.tvm.rpc import exec_tvm, qemu_server_argv, server_argv
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
-    exec_tvm(server_argv(args.tracker, args.key, args.host, args.port), threads=args.threads)
+    if args.qemu_root:
+        argv, env = qemu_server_argv(args.tracker, args.key, args.host, args.port, args.qemu_root)
+    else:
+        argv, env = server_argv(args.tracker, args.key, args.host, args.port), {}
+    exec_tvm(argv, threads=args.threads, env=env)
     return 0  # not reached: the process is TVM's RPC server now
 
 

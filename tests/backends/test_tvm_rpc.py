@@ -6,7 +6,10 @@ process it started on exit, whatever happened. The fast tests cover what is refu
 unreachable tracker, a key with no server, a database from other devices, bad options.
 """
 import json
+import os
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +84,47 @@ def test_two_servers_one_killed_mid_run_then_resume(tmp_path):
     # the database applies without a tracker when the key matches (trials=0)
     applied = _compile(model, db=str(db), trials=0, rpc={"key": "x86"}).report.meta["tuning"]
     assert (applied["reused_tasks"], applied["scheduled_functions"], applied["device_key"]) == (2, 2, "x86")
+
+
+QEMU_ROOT = Path(os.environ.get("FXFORGE_QEMU_ROOT") or
+                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fxforge" / "arm64-qemu")
+
+
+def _run_on_device(library: Path, fleet: rpc.LocalFleet, x: torch.Tensor) -> torch.Tensor:
+    """Load ``library`` on a server of the fleet and run its ``main`` on ``x`` there (the Relax VM over RPC)."""
+    import tvm
+    from tvm import relax
+    from tvm import rpc as tvm_rpc
+    session = tvm_rpc.connect_tracker(*rpc.parse_address(fleet.tracker, "tracker")).request(fleet.key)
+    session.upload(str(library))
+    device = session.cpu()
+    vm = relax.VirtualMachine(session.load_module(library.name), device)
+    vm.set_input("main", tvm.runtime.tensor(x.numpy(), device))
+    vm.invoke_stateful("main")
+    (out,) = vm.get_outputs("main")
+    return torch.from_numpy(out.numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="qemu-aarch64 missing (apt-get install qemu-user)")
+@pytest.mark.skipif(not (QEMU_ROOT / "site" / "tvm").is_dir(),
+                    reason=f"no AArch64 python and TVM in {QEMU_ROOT}: run tools/arm64-qemu-root.sh (or set "
+                           f"FXFORGE_QEMU_ROOT)")
+def test_arm64_tuned_through_an_emulated_server(tmp_path):
+    db = tmp_path / "db"
+    model = Two().eval()
+    with rpc.local_fleet("arm64-qemu", servers=1, qemu_root=QEMU_ROOT, ready_s=600) as fleet:
+        cm = fxforge.compile(model, torch.randn(4, 32), passes=["fuse"], backend="tvm", target="arm64",
+                             tune={"db": str(db), "rpc": {"tracker": fleet.tracker, "key": "arm64-qemu"}, **TRIALS})
+        cm.save(tmp_path / "out")
+        x = torch.randn(4, 32)
+        y = _run_on_device(tmp_path / "out" / "model.so", fleet, x)
+    stats = cm.report.meta["tuning"]
+    assert (stats["tuned_tasks"], stats["trials"], stats["scheduled_functions"]) == (2, 8, 2)
+    assert all(t["default_us"] > 0 and t["best_us"] > 0 for t in stats["per_task"])  # measured on the device
+    meta = json.loads((db / tuning.META_FILE).read_text())
+    assert meta["device_key"] == "arm64-qemu" and meta["target"]["mtriple"] == "aarch64-linux-gnu"
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unreachable_tracker_is_one_error_naming_it(tmp_path):

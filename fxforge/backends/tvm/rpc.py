@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -111,6 +112,18 @@ def free_servers(devices: RpcDevices) -> int:
     return int(summary.get("queue_info", {}).get(devices.key, {}).get("free", 0))
 
 
+def device_threads(devices: RpcDevices, timeout_s: int = 60) -> int:
+    """The threads a kernel gets on one of the devices (its TVM thread pool: TVM_NUM_THREADS or its cores)."""
+    from tvm import rpc
+    assert devices.tracker is not None
+    try:
+        session = rpc.connect_tracker(*devices.tracker).request(devices.key, session_timeout=timeout_s)
+        return int(session.get_function("runtime.NumThreads")())
+    except Exception as e:
+        raise TuningError(f"asking an RPC server under key {devices.key!r} at {devices.address} for its thread "
+                          f"count failed: {first_line(e)}") from None
+
+
 def rpc_runner(devices: RpcDevices, workers: int, evaluator: dict[str, Any], timeout_s: int) -> Any:
     """MetaSchedule's RPCRunner with ``workers`` parallel measurements.
 
@@ -184,15 +197,42 @@ def server_argv(tracker: str, key: str, host: str, port: int) -> list[str]:
             "--port", str(port), "--port-end", str(port + PORT_SPAN)]
 
 
-def exec_tvm(argv: list[str], threads: int | None = None) -> None:
+# TVM's rpc_server runs its server in a child Python (PopenWorker); under qemu-user without binfmt_misc a
+# child AArch64 binary cannot be executed, so the emulated server runs TVM's server loop in its own process.
+IN_PROCESS_SERVER = """import sys
+from tvm.rpc import server
+host, port, tracker, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+tracker_host, tracker_port = tracker.rsplit(":", 1)
+server._popen_start_rpc_server(host, port, port + %d, tracker_addr=(tracker_host, int(tracker_port)), key=key)
+server.PopenRPCServerState.current.thread.join()
+""" % PORT_SPAN
+
+
+def qemu_server_argv(tracker: str, key: str, host: str, port: int, root: Path) -> tuple[list[str], dict[str, str]]:
+    """An AArch64 RPC server emulated by qemu-user: ``root`` holds ``sysroot/`` (Debian's arm64 python3.11
+    and the libraries it links, unpacked) and ``site/`` (the AArch64 wheels of apache-tvm and its imports,
+    unpacked); ``tools/arm64-qemu-root.sh`` makes it. Returns the command and its extra environment."""
+    parse_address(tracker, "--tracker")
+    python = root / "sysroot" / "usr" / "bin" / "python3.11"
+    qemu = shutil.which("qemu-aarch64")
+    if qemu is None:
+        raise TuningError("an emulated AArch64 server needs qemu-aarch64: apt-get install qemu-user")
+    if not python.exists() or not (root / "site" / "tvm").is_dir():
+        raise TuningError(f"{root} holds no AArch64 python (sysroot/usr/bin/python3.11) and TVM (site/tvm); make "
+                          f"it with tools/arm64-qemu-root.sh {root}")
+    argv = [qemu, "-L", str(root / "sysroot"), str(python), "-c", IN_PROCESS_SERVER, host, str(port), tracker, key]
+    return argv, {"PYTHONPATH": str(root / "site")}
+
+
+def exec_tvm(argv: list[str], threads: int | None = None, env: dict[str, str] | None = None) -> None:
     """Replace this process by TVM's (signals and exit status are then TVM's own)."""
-    if argv[2] == "tvm.exec.rpc_tracker":
+    if "tvm.exec.rpc_tracker" in argv:
         try:
             import tornado  # noqa: F401
         except ModuleNotFoundError:
             from fxforge.compiler.errors import missing_dependency
             raise missing_dependency("tornado", "tvm", "the RPC tracker") from None
-    env = {**os.environ, **({"TVM_NUM_THREADS": str(threads)} if threads else {})}
+    env = {**os.environ, **(env or {}), **({"TVM_NUM_THREADS": str(threads)} if threads else {})}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
@@ -213,10 +253,12 @@ class LocalFleet:
 
 
 @contextlib.contextmanager
-def local_fleet(key: str, servers: int, threads: int | None = None, ready_s: float = 180.0) -> Iterator[LocalFleet]:
+def local_fleet(key: str, servers: int, threads: int | None = None, qemu_root: Path | None = None,
+                ready_s: float = 180.0) -> Iterator[LocalFleet]:
     """``fxforge rpc tracker`` and ``servers`` × ``fxforge rpc server --key key`` on 127.0.0.1 (free ports), for
-    tests and loopback measurements. Yields once every server is registered; every process (each in its own
-    process group, with the session processes it forks) is killed on exit, whatever happened."""
+    tests and loopback measurements; with ``qemu_root``, emulated AArch64 servers (``--qemu-root``). Yields once
+    every server is registered; every process (each in its own process group, with the session processes it
+    forks) is killed on exit, whatever happened."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[3]),
                                                                        os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix="fxforge-rpc-") as logs:
@@ -231,7 +273,8 @@ def local_fleet(key: str, servers: int, threads: int | None = None, ready_s: flo
             start("tracker", "tracker", "--host", "127.0.0.1", "--port", str(port))
             for i in range(servers):
                 start(f"server{i}", "server", "--tracker", fleet.tracker, "--key", key, "--host", "127.0.0.1",
-                      "--port", str(_free_port()), *(["--threads", str(threads)] if threads else []))
+                      "--port", str(_free_port()), *(["--threads", str(threads)] if threads else []),
+                      *(["--qemu-root", str(qemu_root)] if qemu_root else []))
             _wait_registered(fleet, servers, ready_s)
             yield fleet
         finally:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from fxforge.compiler.errors import TuningError, first_line
 
-from .rpc import RpcDevices, exporter, free_servers, rpc_devices, rpc_runner
+from .rpc import RpcDevices, device_threads, exporter, free_servers, rpc_devices, rpc_runner
 from .schedules import default_schedule
 
 if TYPE_CHECKING:
@@ -110,7 +110,8 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
         elif cross_compiler and shutil.which(cross_compiler) is None:
             raise TuningError(f"measuring {tvm_target.kind.name} code on devices {key!r} needs the cross "
                               f"compiler {cross_compiler} here to link the candidates, and it is not installed")
-        tuner = _Tuner(tvm_target, db_dir, database, keep, opts, devices, servers, cross_compiler)
+        tuned_for = tvm_target if devices is None else _with_cores(tvm_target, device_threads(devices))
+        tuner = _Tuner(tuned_for, db_dir, database, keep, opts, devices, servers, cross_compiler)
         _write_meta(db_dir, meta)  # before any record: a run interrupted in its first task leaves a known db
         defaults = [tuner.measure_default(tasks[i]) for i in todo]
         budgets = _budgets(opts["trials"], _costs(defaults, [tasks[i] for i in todo]), opts.get("trials_per_task"))
@@ -500,6 +501,18 @@ def _check_runnable(tvm_target: tvm.target.Target) -> None:
     elif not tvm.device(kind, 0).exist:
         raise TuningError(f"tuning measures kernels on this machine, which has no {kind} device; tune on such a "
                           f"machine and copy its database here")
+
+
+def _with_cores(tvm_target: tvm.target.Target, threads: int) -> tvm.target.Target:
+    """``tvm_target`` with ``num-cores`` (the device's thread count) where it has none: MetaSchedule's
+    parallelization rules need it. Records match workloads, not targets, so they apply to ``tvm_target``."""
+    import tvm
+    attrs = _target_json(tvm_target)
+    if tvm_target.kind.name != "llvm" or "num-cores" in attrs:
+        return tvm_target
+    host = attrs.pop("host", None)
+    attrs["num-cores"] = threads
+    return tvm.target.Target(attrs, host=host) if host else tvm.target.Target(attrs)
 
 
 def _target_json(tvm_target: tvm.target.Target) -> dict[str, Any]:
