@@ -6,7 +6,7 @@
     fxforge tune torchvision.models:resnet18 --input-shape 1,3,224,224 --target x86 --trials 64 --db tuning-db/
     fxforge rpc tracker --port 9190
     fxforge rpc server --tracker HOST:9190 --key rpi5
-    fxforge tune torchvision.models:resnet18 --input-shape 1,3,224,224 --target arm64 --rpc-tracker HOST:9190 --rpc-key rpi5
+    fxforge tune mymodel:Net --input-shape 1,3,224,224 --target arm64 --rpc-tracker HOST:9190 --rpc-key rpi5
     fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --backend tvm --tuning-db tuning-db/ --out out/
     fxforge run out/ --input x.npy
     fxforge bench torchvision.models:resnet18 --input-shape 1,3,224,224

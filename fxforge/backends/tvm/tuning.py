@@ -125,8 +125,8 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     scheduled = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in mod.functions.values()
                     if isinstance(f, tirx.PrimFunc))  # a record that does not match is a silent miss: count hits
     count = {status: sum(r.status == status for r in results) for status in ("tuned", "reused", "untuned")}
-    stats = {"db": str(db_dir), "device_key": meta.get("device_key"), "tasks": len(tasks), "tuned_tasks": count["tuned"],
-             "searched_tasks": sum(r.trials > 0 for r in results),
+    stats = {"db": str(db_dir), "device_key": meta.get("device_key"), "tasks": len(tasks),
+             "tuned_tasks": count["tuned"], "searched_tasks": sum(r.trials > 0 for r in results),
              "reused_tasks": count["reused"], "untuned_tasks": count["untuned"],
              "trials": sum(r.trials for r in results), "scheduled_functions": scheduled,
              "per_task": [asdict(r) for r in results]}
