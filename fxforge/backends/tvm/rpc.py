@@ -13,7 +13,8 @@ measurements it held; the tracker drops it and the other servers take the next o
 The ``fxforge rpc`` commands become ``python -m tvm.exec.rpc_tracker`` / ``rpc_server`` (the same process,
 through exec) with the settings that make MetaSchedule measurement work: a port range that starts at the
 given port (TVM's fixed default end, 9199, refuses any port above it), and on servers the number of threads
-a measurement may use (``TVM_NUM_THREADS``).
+a measurement may use (``TVM_NUM_THREADS``). ``--qemu-root`` runs an AArch64 server under qemu-user
+(:func:`qemu_server_argv`); :func:`local_fleet` starts a loopback tracker and servers for tests and benchmarks.
 """
 from __future__ import annotations
 
