@@ -110,7 +110,7 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
         elif cross_compiler and shutil.which(cross_compiler) is None:
             raise TuningError(f"measuring {tvm_target.kind.name} code on devices {key!r} needs the cross "
                               f"compiler {cross_compiler} here to link the candidates, and it is not installed")
-        tuned_for = tvm_target if devices is None else _with_cores(tvm_target, device_threads(devices))
+        tuned_for = tvm_target if devices is None else _with_cores(tvm_target, devices)
         tuner = _Tuner(tuned_for, db_dir, database, keep, opts, devices, servers, cross_compiler)
         _write_meta(db_dir, meta)  # before any record: a run interrupted in its first task leaves a known db
         defaults = [tuner.measure_default(tasks[i]) for i in todo]
@@ -503,15 +503,16 @@ def _check_runnable(tvm_target: tvm.target.Target) -> None:
                           f"machine and copy its database here")
 
 
-def _with_cores(tvm_target: tvm.target.Target, threads: int) -> tvm.target.Target:
-    """``tvm_target`` with ``num-cores`` (the device's thread count) where it has none: MetaSchedule's
-    parallelization rules need it. Records match workloads, not targets, so they apply to ``tvm_target``."""
+def _with_cores(tvm_target: tvm.target.Target, devices: RpcDevices) -> tvm.target.Target:
+    """``tvm_target`` with ``num-cores`` (asked of one of the devices: its thread count) where it has none:
+    MetaSchedule's parallelization rules need it. Records match workloads, not targets, so they apply to
+    ``tvm_target`` as it is."""
     import tvm
     attrs = _target_json(tvm_target)
     if tvm_target.kind.name != "llvm" or "num-cores" in attrs:
         return tvm_target
     host = attrs.pop("host", None)
-    attrs["num-cores"] = threads
+    attrs["num-cores"] = device_threads(devices)
     return tvm.target.Target(attrs, host=host) if host else tvm.target.Target(attrs)
 
 
