@@ -4,6 +4,9 @@
     fxforge targets
     fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --passes fuse --backend onnx --out out/
     fxforge tune torchvision.models:resnet18 --input-shape 1,3,224,224 --target x86 --trials 64 --db tuning-db/
+    fxforge rpc tracker --port 9190
+    fxforge rpc server --tracker HOST:9190 --key rpi5
+    fxforge tune mymodel:Net --input-shape 1,3,224,224 --target arm64 --rpc-tracker HOST:9190 --rpc-key rpi5
     fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --backend tvm --tuning-db tuning-db/ --out out/
     fxforge run out/ --input x.npy
     fxforge bench torchvision.models:resnet18 --input-shape 1,3,224,224
@@ -104,12 +107,32 @@ def _parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="tune the model's TVM kernels with MetaSchedule into a per-target database")
     _model_arguments(tune)
     tune.add_argument("--passes", default="fuse", help="comma-separated passes or presets (default: fuse)")
-    tune.add_argument("--target", default="x86", help="x86, arm64 or cuda (tuning runs kernels here)")
+    tune.add_argument("--target", default="x86", help="x86, arm64 or cuda (kernels run here, or on the RPC devices)")
     tune.add_argument("--trials", type=int, default=64,
                       help="total trial budget of this run (default: 64; 0: apply the database, tune nothing)")
     tune.add_argument("--trials-per-task", type=int, help="trials per task (default: the budget shared by measured time)")
     tune.add_argument("--db", help="database directory (default: per target under ~/.cache/fxforge/tuning)")
+    tune.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the devices registered with this TVM "
+                      "RPC tracker (kernels are built here); needs --rpc-key")
+    tune.add_argument("--rpc-key", metavar="KEY", help="the device key the RPC servers registered with (e.g. rpi5)")
     tune.set_defaults(run=_tune)
+
+    rpc = sub.add_parser("rpc", help="run a TVM RPC tracker or server for tuning on devices (TVM's own)")
+    rpc_sub = rpc.add_subparsers(required=True, metavar="role")
+    tracker = rpc_sub.add_parser("tracker", help="python -m tvm.exec.rpc_tracker: devices register, tuners ask")
+    tracker.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    tracker.add_argument("--port", type=int, default=9190, help="port (or the next free one; default 9190)")
+    tracker.set_defaults(run=_rpc_tracker)
+    server = rpc_sub.add_parser("server", help="python -m tvm.exec.rpc_server: measures kernels on this device")
+    server.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker to register with")
+    server.add_argument("--key", required=True, help="device key, the same for every device of a kind (e.g. rpi5)")
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    server.add_argument("--port", type=int, default=9090, help="port (or the next free one; default 9090)")
+    server.add_argument("--threads", type=int, help="threads a measured kernel may use (TVM_NUM_THREADS; "
+                        "default: TVM's, the physical cores)")
+    server.add_argument("--qemu-root", type=Path, metavar="DIR", help="run an emulated AArch64 server with "
+                        "qemu-aarch64 from DIR (an arm64 python and TVM; made by tools/arm64-qemu-root.sh)")
+    server.set_defaults(run=_rpc_server)
     return parser
 
 
@@ -281,14 +304,38 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from fxforge.compiler.pass_manager import split_passes
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise InputError("--rpc-tracker and --rpc-key go together: the tracker and the key its devices registered "
+                         "with")
+    tune = {"trials": args.trials, **({"trials_per_task": args.trials_per_task} if args.trials_per_task else {}),
+            **({"db": args.db} if args.db else {}),
+            **({"rpc": {"tracker": args.rpc_tracker, "key": args.rpc_key}} if args.rpc_key else {})}
+    from fxforge.backends.tvm.tuning import tune_options
+    tune_options(tune)  # a bad option or address before the model is built
     model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
-    tune = {"trials": args.trials, **({"trials_per_task": args.trials_per_task} if args.trials_per_task else {}),
-            **({"db": args.db} if args.db else {})}
     cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend="tvm",
                          target=args.target, tune=tune)
     print(tuning_summary(cm.report.meta["tuning"]))
     return 0
+
+
+def _rpc_tracker(args: argparse.Namespace) -> int:
+    from fxforge.backends.tvm.rpc import exec_tvm, tracker_argv
+    exec_tvm(tracker_argv(args.host, args.port))
+    return 0  # not reached: the process is TVM's tracker now
+
+
+def _rpc_server(args: argparse.Namespace) -> int:
+    from fxforge.backends.tvm.rpc import exec_tvm, qemu_server_argv, server_argv
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.qemu_root:
+        argv, env = qemu_server_argv(args.tracker, args.key, args.host, args.port, args.qemu_root)
+    else:
+        argv, env = server_argv(args.tracker, args.key, args.host, args.port), {}
+    exec_tvm(argv, threads=args.threads, env=env)
+    return 0  # not reached: the process is TVM's RPC server now
 
 
 def tuning_summary(stats: dict[str, Any]) -> str:
@@ -304,6 +351,9 @@ def tuning_summary(stats: dict[str, Any]) -> str:
     lines.append(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['searched_tasks']} searched, "
                  f"{stats['trials']} trials), "
                  f"{stats['reused_tasks']} from the database, {stats['untuned_tasks']} untuned; database: {stats['db']}")
+    if stats.get("rpc"):
+        lines.append(f"measured on {stats['rpc']['servers']} RPC server(s) under key {stats['rpc']['key']!r} at "
+                     f"{stats['rpc']['tracker']}")
     return "\n".join(lines)
 
 

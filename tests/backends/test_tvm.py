@@ -149,8 +149,8 @@ def test_bad_options_are_refused(options, message):
 def test_tune_hands_the_prepared_module_to_metaschedule_and_fixes_the_batch(monkeypatch):
     calls = []
 
-    def apply_tuning(mod, tvm_target, tune, progress=True):
-        calls.append((mod, tvm_target, tune))
+    def apply_tuning(mod, tvm_target, tune, progress=True, cross_compiler=None):
+        calls.append((mod, tvm_target, tune, cross_compiler))
         return mod, {"tasks": 3, "applied": 0}
 
     from fxforge.backends.tvm import tuning
@@ -158,8 +158,8 @@ def test_tune_hands_the_prepared_module_to_metaschedule_and_fixes_the_batch(monk
                         types.SimpleNamespace(apply_tuning=apply_tuning, tune_options=tuning.tune_options))
     model, (x,) = ZOO["mlp"]()
     cm = fxforge.compile(model, (x,), backend="tvm", tune={"trials": 8, "db": "unused"}, measure_latency=False)
-    (mod, tgt, tune), = calls
-    assert tune == {"trials": 8, "db": "unused"} and tgt.kind.name == "llvm"
+    (mod, tgt, tune, cross_compiler), = calls
+    assert tune == {"trials": 8, "db": "unused"} and tgt.kind.name == "llvm" and cross_compiler is None
     assert "main" in [gv.name_hint for gv in mod.functions] and "fused_" in mod.script()  # prepared: fused
     assert cm.artifact.info["tuning"] == {"tasks": 3, "applied": 0}
     assert not cm.signature.dynamic_batch and "static" in cm.signature.note

@@ -333,8 +333,11 @@ class TvmBackend(Backend):
         if tune is not None and not isinstance(tune, dict):
             raise BackendError(f"tune must be a dict like {{'trials': 64, 'db': 'path'}} or None, got {tune!r}")
         if tune is not None:
+            from .rpc import free_servers, rpc_devices
             from .tuning import tune_options
-            tune_options(tune)
+            opts = tune_options(tune)
+            if "rpc" in opts and opts["trials"]:  # an unreachable tracker or unknown key before any work
+                free_servers(rpc_devices(opts["rpc"], need_tracker=True))
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> TvmArtifact:
@@ -346,7 +349,7 @@ class TvmBackend(Backend):
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE}
         if tune is not None:
             from .tuning import apply_tuning
-            mod, info["tuning"] = apply_tuning(mod, tgt, tune)
+            mod, info["tuning"] = apply_tuning(mod, tgt, tune, cross_compiler=target.cross_compiler)
         if signature.dynamic_batch and not dynamic:
             signature = _static(signature, example_inputs, "tvm: tuned for the example batch (static shapes)")
         executable = build(schedule(mod, tgt), tgt)

@@ -4,11 +4,17 @@
 fused PrimFunc), tunes only those the database does not hold yet, one task after another, and applies the
 database (``MetaScheduleApplyDatabase``). A second compile of the same model and target tunes nothing.
 
+With ``"rpc": {"tracker": "host:port", "key": "rpi5"}`` the candidates are built here for the target and
+measured on the devices registered with a TVM RPC tracker under that key, as many at once as are free
+(:mod:`.rpc`); without it they are measured on this machine.
+
 The database directory holds MetaSchedule's two JSON-lines files plus ``fxforge_tuning.json``: the target
-JSON and TVM version it was made for and the tasks whose tuning finished. A task counts as tuned only once it
+JSON, TVM version and device key (None: measured on this machine) it was made for and the tasks whose
+tuning finished. A task counts as tuned only once it
 is listed there, so an interrupted run keeps the finished tasks and the next run tunes the rest (records of
 the interrupted task stay and seed its search). A database for another target or TVM version, or one whose
-files are corrupt, is refused with a TuningError naming the file; nothing in it is changed.
+files are corrupt, is refused with a TuningError naming the file; nothing in it is changed. So is one
+measured on other devices than those this run measures on or names (``rpc.key``).
 
 Tuning follows the recipe measured on 2 cores: builder workers skip parsing the tensor intrinsics of other
 hardware (importing them takes 70–140 s, longer than the builder timeout, so every build failed), two build
@@ -24,6 +30,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import threading
@@ -34,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from fxforge.compiler.errors import TuningError, first_line
 
+from .rpc import RpcDevices, device_threads, exporter, free_servers, rpc_devices, rpc_runner
 from .schedules import default_schedule
 
 if TYPE_CHECKING:
@@ -46,7 +54,7 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 FORMAT = 1
 EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 50}  # how candidates and the default are timed
-OPTIONS = ("trials", "db", "trials_per_task", "trials_per_iter", "timeout_s", "seed")
+OPTIONS = ("trials", "db", "trials_per_task", "trials_per_iter", "timeout_s", "seed", "rpc")
 OTHER_INTRINSICS = ("cuda", "rocm", "hexagon", "metal", "arm_cpu", "riscv_cpu")
 
 
@@ -63,27 +71,32 @@ class TaskResult:
 
 
 def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[str, Any],
-                 progress: bool = True) -> tuple[tvm.IRModule, dict[str, Any]]:
+                 progress: bool = True, cross_compiler: str | None = None) -> tuple[tvm.IRModule, dict[str, Any]]:
     """Tune the tasks of ``mod`` missing from the database, then apply the database to ``mod``.
 
     ``mod`` is the prepared module (``fxforge.backends.tvm.prepare``). ``tune`` keys: ``trials`` (total budget
     of this run, default 64, shared by measured time), ``db`` (directory; default :func:`default_db_dir`), ``trials_per_task``,
-    ``trials_per_iter`` (candidates per build batch, default 16), ``timeout_s`` (per build/run), ``seed``.
-    ``trials=0`` applies the database and tunes nothing (the database must exist; tasks it lacks keep the
-    default schedule), so a database tuned on the target machine can be used to compile for it anywhere.
-    Returns the module with tuned schedules and stats: db, tasks, tuned_tasks, searched_tasks, reused_tasks,
-    untuned_tasks, trials (measured now), scheduled_functions (PrimFuncs the database matched) and per_task (:class:`TaskResult`).
+    ``trials_per_iter`` (candidates per build batch, default 16), ``timeout_s`` (per build/run), ``seed``,
+    ``rpc`` (``{"tracker": "host:port", "key": KEY}``: measure on those devices; ``cross_compiler`` links the
+    candidates for them). ``trials=0`` applies the database and tunes nothing (the database must exist; tasks
+    it lacks keep the default schedule), so a database tuned on the target machine can be used to compile for
+    it anywhere. Returns the module with tuned schedules and stats: db, device_key, tasks, tuned_tasks,
+    searched_tasks, reused_tasks, untuned_tasks, trials (measured now), scheduled_functions (PrimFuncs the
+    database matched), per_task (:class:`TaskResult`) and, with rpc, rpc (tracker, key, servers used).
     """
     opts = tune_options(tune)
     from tvm import relax, tirx
     from tvm.s_tir import meta_schedule as ms
 
+    devices = rpc_devices(opts["rpc"], need_tracker=False) if "rpc" in opts else None
+    servers = max(free_servers(devices), 1) if devices and opts["trials"] else 0  # before any work
     keep = _kept_intrinsics(tvm_target)
     skip_other_intrinsics(keep)
-    db_dir = Path(opts["db"]).expanduser() if opts.get("db") else default_db_dir(tvm_target)
+    key = devices.key if devices else None
+    db_dir = Path(opts["db"]).expanduser() if opts.get("db") else default_db_dir(tvm_target, key)
     if opts["trials"] == 0 and not (db_dir / META_FILE).exists():
         raise TuningError(f"trials=0 applies a tuning database, but {db_dir} holds none")
-    meta = _read_meta(db_dir, tvm_target)
+    meta = _read_meta(db_dir, tvm_target, key, check_key=devices is not None or opts["trials"] > 0)
     database = open_database(db_dir)
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
     keys = [_task_key(t) for t in tasks]
@@ -92,8 +105,13 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     results = [TaskResult(t.task_name, "untuned" if i in todo else "reused", 0, best[i],
                           meta["tasks"].get(keys[i], {}).get("default_us")) for i, t in enumerate(tasks)]
     if todo and opts["trials"]:
-        _check_runnable(tvm_target)
-        tuner = _Tuner(tvm_target, db_dir, database, keep, opts)
+        if devices is None:
+            _check_runnable(tvm_target)
+        elif cross_compiler and shutil.which(cross_compiler) is None:
+            raise TuningError(f"measuring {tvm_target.kind.name} code on devices {key!r} needs the cross "
+                              f"compiler {cross_compiler} here to link the candidates, and it is not installed")
+        tuned_for = tvm_target if devices is None else _with_cores(tvm_target, devices)
+        tuner = _Tuner(tuned_for, db_dir, database, keep, opts, devices, servers, cross_compiler)
         _write_meta(db_dir, meta)  # before any record: a run interrupted in its first task leaves a known db
         defaults = [tuner.measure_default(tasks[i]) for i in todo]
         budgets = _budgets(opts["trials"], _costs(defaults, [tasks[i] for i in todo]), opts.get("trials_per_task"))
@@ -107,18 +125,21 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     scheduled = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in mod.functions.values()
                     if isinstance(f, tirx.PrimFunc))  # a record that does not match is a silent miss: count hits
     count = {status: sum(r.status == status for r in results) for status in ("tuned", "reused", "untuned")}
-    stats = {"db": str(db_dir), "tasks": len(tasks), "tuned_tasks": count["tuned"],
-             "searched_tasks": sum(r.trials > 0 for r in results),
+    stats = {"db": str(db_dir), "device_key": meta.get("device_key"), "tasks": len(tasks),
+             "tuned_tasks": count["tuned"], "searched_tasks": sum(r.trials > 0 for r in results),
              "reused_tasks": count["reused"], "untuned_tasks": count["untuned"],
              "trials": sum(r.trials for r in results), "scheduled_functions": scheduled,
              "per_task": [asdict(r) for r in results]}
+    if servers:
+        stats["rpc"] = {"tracker": devices.address, "key": key, "servers": servers}
     return mod, stats
 
 
-def default_db_dir(tvm_target: tvm.target.Target) -> Path:
-    """``$XDG_CACHE_HOME/fxforge/tuning/<target key>`` (``~/.cache`` without XDG_CACHE_HOME)."""
+def default_db_dir(tvm_target: tvm.target.Target, device_key: str | None = None) -> Path:
+    """``$XDG_CACHE_HOME/fxforge/tuning/<target key>[-<device key>]`` (``~/.cache`` without XDG_CACHE_HOME)."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "fxforge" / "tuning" / target_key(tvm_target)
+    name = target_key(tvm_target) + (f"-{device_key}" if device_key else "")
+    return Path(cache) / "fxforge" / "tuning" / name
 
 
 def target_key(tvm_target: tvm.target.Target) -> str:
@@ -171,17 +192,26 @@ def open_database(db_dir: Path) -> Any:
 
 
 class _Tuner:
-    """Tunes one task at a time with one builder, runner and database (committing records as measured)."""
+    """Tunes one task at a time with one builder, runner and database (committing records as measured).
+
+    The builder links every candidate into a shared library here (with ``cross_compiler`` for another ISA);
+    the runner times it on this machine, or with ``devices`` on ``servers`` RPC servers at once.
+    """
 
     def __init__(self, tvm_target: tvm.target.Target, db_dir: Path, database: Any, keep: tuple[str, ...],
-                 opts: dict[str, Any]) -> None:
+                 opts: dict[str, Any], devices: RpcDevices | None = None, servers: int = 0,
+                 cross_compiler: str | None = None) -> None:
         from tvm.s_tir import meta_schedule as ms
         timeout = opts.get("timeout_s", 60)
         self.target, self.db_dir, self.database, self.opts = tvm_target, db_dir, database, opts
-        self.builder = ms.builder.LocalBuilder(max_workers=2, timeout_sec=timeout,
+        self.export = exporter(cross_compiler if devices else None)
+        self.builder = ms.builder.LocalBuilder(max_workers=2, timeout_sec=timeout, f_export=self.export,
                                                initializer=_worker_initializer(keep))
-        self.runner = ms.runner.LocalRunner(timeout_sec=min(timeout, 30), evaluator_config=ms.runner.EvaluatorConfig(
-            **EVALUATOR))
+        if devices is None:
+            self.runner = ms.runner.LocalRunner(timeout_sec=min(timeout, 30),
+                                                evaluator_config=ms.runner.EvaluatorConfig(**EVALUATOR))
+        else:
+            self.runner = rpc_runner(devices, servers, EVALUATOR, min(timeout, 30))
 
     def tune(self, task: Any, trials: int, default_us: float | None, progress: str | None) -> TaskResult:
         """Search ``trials`` schedules for ``task`` (none: its measured default stands); ``progress``: the bar's
@@ -206,16 +236,15 @@ class _Tuner:
         return TaskResult(task.task_name, "tuned", watch.trials, best, default_us)
 
     def measure_default(self, task: Any) -> float | None:
-        """Build and time the backend's default schedule of ``task`` here, commit it as a tuning record and
-        return its mean time in µs (None when no default rule fits).
+        """Build the backend's default schedule of ``task``, time it where the candidates are timed, commit it
+        as a tuning record and return its mean time in µs (None when no default rule fits or it fails).
 
         With it in the database, applying the database picks the default wherever the search found nothing
         faster: a small trial budget no longer replaces a good default kernel by a slower one (measured on a
         ResNet BasicBlock: 32 trials were 1.3x slower than the default schedule). It is built in this process
-        (one build, no worker start-up) and timed with the runner's evaluator settings (the runner times
-        candidates in its own process; both use every core).
+        (one build, no builder start-up) and handed to the tuning runner, so it is timed exactly like the
+        candidates: on this machine, or on one of the RPC devices.
         """
-        import numpy as np
         import tvm
         from tvm.s_tir import meta_schedule as ms
 
@@ -223,15 +252,20 @@ class _Tuner:
         sch = default_schedule(mod["main"], self.target)
         if sch is None:
             return None
+        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
         try:
-            args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-            dev = tvm.cpu() if self.target.kind.name == "llvm" else tvm.device(self.target.kind.name, 0)
-            rng = np.random.default_rng(0)
-            tensors = [tvm.runtime.tensor(rng.random([int(d) for d in a.shape]).astype(a.dtype), dev) for a in args]
-            lib = tvm.compile(sch.mod, target=self.target)
-            secs = list(lib.mod.time_evaluator("main", dev, **EVALUATOR)(*tensors).results)
-        except Exception:  # noqa: BLE001 (a default that does not build or run, or whose inputs numpy cannot make,
-            return None  # is simply not offered)
+            path = self.export(tvm.compile(sch.mod, target=self.target).mod)
+        except Exception:  # noqa: BLE001 (a default that does not build is simply not offered)
+            return None
+        try:
+            device = "cpu" if self.target.kind.name == "llvm" else self.target.kind.name
+            (future,) = self.runner.run([ms.runner.RunnerInput(path, device, args)])
+            ran = future.result()
+        finally:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        if ran.error_msg or not ran.run_secs:  # a default that does not run is not offered either
+            return None
+        secs = [float(s) for s in ran.run_secs]
         self.database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, self.database.commit_workload(mod), secs, self.target, args))
         return 1e6 * sum(secs) / len(secs)
@@ -320,10 +354,12 @@ class _Progress:
 # ------------------------------------------------------------------------------------------- database
 
 
-def _read_meta(db_dir: Path, tvm_target: tvm.target.Target) -> dict[str, Any]:
-    """The database's metadata, checked against this target and TVM; a fresh one for a new directory."""
+def _read_meta(db_dir: Path, tvm_target: tvm.target.Target, device_key: str | None,
+               check_key: bool) -> dict[str, Any]:
+    """The database's metadata, checked against this target and TVM, and with ``check_key`` against the
+    devices that measure (``device_key``; None: this machine); a fresh one for a new directory."""
     import tvm
-    want = {"format": FORMAT, "target": _target_json(tvm_target), "tvm": tvm.__version__}
+    want = {"format": FORMAT, "target": _target_json(tvm_target), "tvm": tvm.__version__, "device_key": device_key}
     path = db_dir / META_FILE
     if not path.exists():
         if any((db_dir / n).exists() and (db_dir / n).stat().st_size for n in (WORKLOAD_FILE, RECORD_FILE)):
@@ -345,7 +381,14 @@ def _read_meta(db_dir: Path, tvm_target: tvm.target.Target) -> dict[str, Any]:
                          if old.get(k) != new.get(k))
         raise TuningError(f"tuning database {db_dir} was made for another target ({diff}); use another db "
                           f"directory")
+    if check_key and meta.get("device_key") != device_key:  # databases from before device keys: this machine
+        raise TuningError(f"tuning database {db_dir} holds measurements from {_devices(meta.get('device_key'))}, "
+                          f"not from {_devices(device_key)}; use another db directory")
     return meta
+
+
+def _devices(key: str | None) -> str:
+    return f"the RPC devices under key {key!r}" if key else "the tuning machine itself (no RPC device key)"
 
 
 def _write_meta(db_dir: Path, meta: dict[str, Any]) -> None:
@@ -405,6 +448,8 @@ def tune_options(tune: dict[str, Any]) -> dict[str, Any]:
         value, least = opts.get(key), 0 if key == "trials" else 1
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
             raise TuningError(f"tune option {key} must be an integer of at least {least}, got {value!r}")
+    if "rpc" in opts:
+        rpc_devices(opts["rpc"], need_tracker=opts["trials"] > 0)
     return opts
 
 
@@ -456,6 +501,19 @@ def _check_runnable(tvm_target: tvm.target.Target) -> None:
     elif not tvm.device(kind, 0).exist:
         raise TuningError(f"tuning measures kernels on this machine, which has no {kind} device; tune on such a "
                           f"machine and copy its database here")
+
+
+def _with_cores(tvm_target: tvm.target.Target, devices: RpcDevices) -> tvm.target.Target:
+    """``tvm_target`` with ``num-cores`` (asked of one of the devices: its thread count) where it has none:
+    MetaSchedule's parallelization rules need it. Records match workloads, not targets, so they apply to
+    ``tvm_target`` as it is."""
+    import tvm
+    attrs = _target_json(tvm_target)
+    if tvm_target.kind.name != "llvm" or "num-cores" in attrs:
+        return tvm_target
+    host = attrs.pop("host", None)
+    attrs["num-cores"] = device_threads(devices)
+    return tvm.target.Target(attrs, host=host) if host else tvm.target.Target(attrs)
 
 
 def _target_json(tvm_target: tvm.target.Target) -> dict[str, Any]:
