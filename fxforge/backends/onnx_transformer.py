@@ -24,6 +24,7 @@ The result is ONNX with ``com.microsoft`` ops: it runs on ONNX Runtime only. Mea
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 from collections import Counter
@@ -110,10 +111,12 @@ def transformer_ops(optimized: onnx.ModelProto) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[Any]:
-    """The optimizer logs warnings (failed symbolic shape inference on a dynamic batch) a user cannot act on."""
+    """The optimizer prints and logs warnings (failed symbolic shape inference on a dynamic batch) a user cannot
+    act on."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logging.disable(previous)

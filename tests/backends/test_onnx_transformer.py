@@ -134,3 +134,30 @@ def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks():
     inputs = _tokens(3, 7)
     with torch.no_grad():
         assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.999
+
+
+class Gpt2(nn.Module):
+    """transformers' GPT2LMHeadModel without its KV cache (``use_cache=False``): (input_ids, attention_mask) → logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = GPT2Config(vocab_size=1000, n_positions=64, n_embd=64, n_layer=LAYERS, n_head=4, bos_token_id=0,
+                         eos_token_id=0)
+        self.gpt = GPT2LMHeadModel(cfg)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.gpt(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores
+def test_gpt2_decoder_compiles_with_fuse_and_matches_eager():
+    torch.manual_seed(0)
+    model = Gpt2().eval()
+    cm = fxforge.compile(model, _tokens(2, 0), passes=["fuse"], backend="onnx")
+    ops = cm.artifact.info["ort_transformer_ops"]
+    assert ops["MultiHeadAttention"] == LAYERS and ops["FastGelu"] == LAYERS  # GPT-2's tanh GELU
+    for seed in (3, 4):  # the causal mask and padding together
+        inputs = _tokens(3, seed)
+        with torch.no_grad():
+            assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
