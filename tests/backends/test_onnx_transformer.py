@@ -137,7 +137,7 @@ def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks():
 
 
 class Gpt2(nn.Module):
-    """transformers' GPT2LMHeadModel without its KV cache (``use_cache=False``): (input_ids, attention_mask) → logits."""
+    """transformers' GPT2LMHeadModel without its KV cache (``use_cache=False``): (ids, mask) → logits."""
 
     def __init__(self) -> None:
         super().__init__()
