@@ -19,7 +19,8 @@ Two steps, both checked against eager by the backend's artifact check:
    which ``EmbedLayerNormalization``'s pattern does not match.
 
 The result is ONNX with ``com.microsoft`` ops: it runs on ONNX Runtime only. Measured on all-MiniLM-L6-v2
-(docs/quantization.md): see the transformers section there for what it gains.
+(docs/quantization.md, two runs): 1.02–1.19× over the same graph without these fusions at batch 8 × 64 and
+1 × 128, which is why "auto" applies them to every graph holding an attention.
 """
 from __future__ import annotations
 
