@@ -221,9 +221,9 @@ PEERS = [
 
 
 def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -> list[System]:
-    """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``compress`` and ``compress`` + ``int8``; with
-    ``tuning_db``, also ``fuse`` on TVM with that stored MetaSchedule database applied (no tuning) and, as its
-    untuned baseline, with the same static shapes."""
+    """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``int8_dynamic``, ``compress`` and ``compress`` +
+    ``int8``; with ``tuning_db``, also ``fuse`` on TVM with that stored MetaSchedule database applied (no tuning)
+    and, as its untuned baseline, with the same static shapes."""
     onnx = ("onnxruntime", "onnxscript")
     tuned = [System("fxforge fuse → tvm (static batch)", fxforge_system(["fuse"], "tvm", static_batch=True),
                     needs=("tvm",)),
@@ -234,6 +234,7 @@ def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -
         System("fxforge fuse → tvm", fxforge_system(["fuse"], "tvm"), needs=("tvm",)),
         *tuned,
         System("fxforge int8 → onnx", fxforge_system(["int8"], "onnx"), needs=onnx),
+        System("fxforge int8_dynamic → onnx", fxforge_system(["int8_dynamic"], "onnx"), needs=onnx),
         System(f"fxforge {compress} → onnx", fxforge_system([compress], "onnx"), needs=onnx),
         System(f"fxforge {compress}+int8 → onnx", fxforge_system([compress, "int8"], "onnx"), needs=onnx),
     ]
@@ -340,8 +341,8 @@ def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: 
         rows.update(more_rows)
     else:
         built, rows = build_all(model_name, model, example, calib, systems, progress, held_out, rotate)
-    _time_interleaved(example, built, rows, rounds, sample_ms)
-    _fill_figures([rows[s.name] for s in systems], built)
+    time_interleaved(example, built, rows, rounds, sample_ms)
+    fill_figures([rows[s.name] for s in systems], built)
     return [rows[s.name] for s in systems]
 
 
@@ -385,7 +386,7 @@ def outputs(value: Any) -> list[torch.Tensor]:
 PAUSE_S = 0.05
 
 
-def _time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Row], rounds: int,
+def time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Row], rounds: int,
                       sample_ms: float) -> None:
     live = {n: b for n, b in built.items() if rows[n].error is None}
     runners = {n: (lambda run=b.run: run(example)) for n, b in live.items()}
@@ -394,7 +395,7 @@ def _time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, R
         row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)
 
 
-def _fill_figures(rows: list[Row], built: dict[str, Built]) -> None:
+def fill_figures(rows: list[Row], built: dict[str, Built]) -> None:
     eager = next((r for r in rows if r.system == "eager" and r.median_ms), None)
     peers = [r.median_ms for r in rows if r.peer and r.median_ms]
     best_peer = min(peers) if peers else None

@@ -18,6 +18,11 @@ Clip/Add nodes in ONNX, and ORT's level-"all" optimizations fuse them into one k
 Conv with an activation). QDQ around a conv/gemm becomes ORT's int8 kernels (QLinearConv, QGemm). Both
 are read back from the ORT-optimized model (``SessionOptions.optimized_model_filepath``) and recorded in
 ``info["ort_fused_kernels"]`` and ``info["ort_int8_ops"]``.
+
+Option ``fusions`` ("auto", the default; "transformer"; "none"): with "transformer", attention lowers to ORT's
+``MultiHeadAttention`` and onnxruntime.transformers' optimizer fuses GELU and residual LayerNorms
+(backends/onnx_transformer.py); "auto" chooses it for graphs that hold an attention. The choice and the fused
+kernels ORT runs are recorded in ``info["fusions"]`` and ``info["ort_transformer_ops"]``.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from fxforge.compiler.graph import fusion_groups
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, batch_dynamic
 
+from . import onnx_transformer
 from .base import Artifact, Backend, register_backend
 
 try:
@@ -53,6 +59,7 @@ if importlib.util.find_spec("onnxscript") is None:
     raise missing_dependency("onnxscript", "onnx", "torch.onnx's dynamo exporter (the onnx backend)")
 
 MODEL_FILE = "model.onnx"
+EXPORT_OPTIONS = ("opset", "fusions")  # backend options that shape the exported model, not the ORT session
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -126,13 +133,17 @@ class OnnxBackend(Backend):
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         _check_opset(options.get("opset", DEFAULT_OPSET))
-        _session_config({k: v for k, v in options.items() if k != "opset"})
+        _check_fusions(options.get("fusions", "auto"))
+        _session_config({k: v for k, v in options.items() if k not in EXPORT_OPTIONS})
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> OnnxArtifact:
         opset = options.pop("opset", DEFAULT_OPSET)
+        fusions = onnx_transformer.resolve(_check_fusions(options.pop("fusions", "auto")), gm)
         config = _session_config(options)
-        model = export(gm, example_inputs, signature, opset)
+        model = export(gm, example_inputs, signature, opset, transformer=fusions == "transformer")
+        if fusions == "transformer":
+            model = onnx_transformer.optimize(model)
         data = model.SerializeToString()
         with tempfile.TemporaryDirectory(prefix="fxforge-ort-") as tmp:
             session = create_session(data, target, config, Path(tmp) / "optimized.onnx")
@@ -147,7 +158,8 @@ class OnnxBackend(Backend):
         info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
                 **({"ort_missing_providers": missing} if missing else {}),
-                "ort_options": asdict(config), "fusion_groups": len(fusion_groups(gm)), **ort_kernels(optimized)}
+                "ort_options": asdict(config), "fusion_groups": len(fusion_groups(gm)), "fusions": fusions,
+                **ort_kernels(optimized), "ort_transformer_ops": onnx_transformer.transformer_ops(optimized)}
         return OnnxArtifact(data, signature, target, info, session)
 
 
@@ -156,12 +168,18 @@ def _check_opset(opset: Any) -> None:
         raise BackendError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
 
 
+def _check_fusions(fusions: Any) -> str:
+    if fusions not in onnx_transformer.FUSIONS:
+        raise BackendError(f"fusions must be one of {', '.join(onnx_transformer.FUSIONS)}, got {fusions!r}")
+    return fusions
+
+
 def _session_config(options: dict[str, Any]) -> SessionConfig:
     valid = {f.name for f in fields(SessionConfig)}
     unknown = sorted(set(options) - valid)
     if unknown:
-        raise BackendError(f"unknown onnx backend option(s) {', '.join(unknown)}; valid: opset, "
-                           f"{', '.join(sorted(valid))}")
+        raise BackendError(f"unknown onnx backend option(s) {', '.join(unknown)}; valid: "
+                           f"{', '.join(sorted(valid | set(EXPORT_OPTIONS)))}")
     level = options.get("graph_optimization_level")
     if isinstance(level, ort.GraphOptimizationLevel):  # accept ORT's enum too
         options = {**options, "graph_optimization_level": next(k for k, v in LEVELS.items() if v == level)}
@@ -169,8 +187,9 @@ def _session_config(options: dict[str, Any]) -> SessionConfig:
 
 
 def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
-           opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so)."""
+           opset: int = DEFAULT_OPSET, transformer: bool = False) -> onnx.ModelProto:
+    """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so); with
+    ``transformer``, attention becomes ORT's MultiHeadAttention (backends/onnx_transformer.py)."""
     _check_opset(opset)
     args, shapes = batch_dynamic(example_inputs, signature.batched())
     outputs = len(gm.graph.output_node().args[0])
@@ -179,7 +198,8 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
         try:
             program = torch.onnx.export(copy.deepcopy(gm).eval(), args, dynamo=True, opset_version=opset,
                                         dynamic_shapes=shapes, verbose=False, optimize=True, report=False,
-                                        output_names=names, custom_translation_table=TRANSLATIONS)
+                                        output_names=names, custom_translation_table={
+                                            **TRANSLATIONS, **(onnx_transformer.TRANSLATIONS if transformer else {})})
         except Exception as e:
             raise lowering_error(e) from None
     model = program.model_proto

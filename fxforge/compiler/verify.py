@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from . import dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from .errors import FxforgeError, VerificationError, first_line
 from .instruments import Instrument, Stage, after_passes
 from .ops import QUANTIZE, is_op
@@ -177,10 +178,10 @@ def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, ex
     return its error against the user's own ``model`` (run on copies of the inputs).
 
     The backend must implement the graph it was given (``gm``): a float graph to the exact tolerance; a quantized
-    one, which integer kernels cannot reproduce bit for bit, no further from the model than
-    QUANTIZED_LOWERING_FACTOR × the graph's own distance + QUANTIZED_LOWERING_TOLERANCE. An ``exact`` pipeline
-    must also match the model itself to the exact tolerance, which catches a capture that took another branch
-    than the model takes at these shapes. The artifact's distance to the model is measured here and returned.
+    one (Q/DQ or dynamic int8 linears), which integer kernels cannot reproduce bit for bit, no further from the
+    model than QUANTIZED_LOWERING_FACTOR × the graph's own distance + QUANTIZED_LOWERING_TOLERANCE. An ``exact``
+    pipeline must also match the model itself to the exact tolerance, which catches a capture that took another
+    branch than the model takes at these shapes. The artifact's distance to the model is measured here and returned.
     """
     import torch.utils._pytree as pytree
 
@@ -200,7 +201,7 @@ def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, ex
                                                       min(vs_model.cosine, err.cosine))
     assert vs_model is not None
     exact_bound = exact_tolerance(pytree.tree_leaves(example))
-    if any(is_op(n, *QUANTIZE) for n in gm.graph.nodes):
+    if any(is_op(n, *QUANTIZE, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes):
         bound = QUANTIZED_LOWERING_FACTOR * graph_vs_model + QUANTIZED_LOWERING_TOLERANCE
         if not vs_model.max_rel <= bound:
             raise VerificationError(f"the {artifact.backend} artifact of a quantized graph is {vs_model.max_rel:.3g} "

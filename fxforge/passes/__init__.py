@@ -24,6 +24,9 @@ QUANTIZE = ["equalize", "insert_qdq", "calibrate{method='percentile'}", "bias_co
 register_preset("int8", ["fuse", *QUANTIZE],
                 "static int8 quantization: cross-layer equalization, percentile calibration and bias correction on "
                 "the calibration data")
+register_preset("int8_dynamic", ["fuse", "smooth_quant", "insert_qdq{activations='dynamic'}"],
+                "int8 weights with activations quantized per token at run time (transformers): SmoothQuant migration "
+                "on the calibration data, then dynamic int8 linears")
 register_preset("compress", ["fuse", "dead_channels", "low_rank"],
                 "fusion, exact dead-channel removal, then low-rank splitting where it saves FLOPs")
 register_preset("all", ["compress", *QUANTIZE],

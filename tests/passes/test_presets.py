@@ -18,6 +18,8 @@ def test_presets_expand_to_their_documented_pipelines():
     quantize = ["equalize", "insert_qdq", "calibrate", "bias_correction", "fold_qdq"]
     assert _names("int8") == fuse + quantize
     assert _names("all") == fuse + ["dead_channels", "low_rank"] + quantize
+    assert _names("int8_dynamic") == fuse + ["smooth_quant", "insert_qdq"]
+    assert resolve("int8_dynamic")[-1].activations == "dynamic"
 
 
 def test_all_removes_dead_channels_quantizes_and_stays_close_to_eager():

@@ -1,0 +1,163 @@
+"""The onnx backend's transformer fusions: attention lowers to ORT's MultiHeadAttention, GELU and residual
+LayerNorms to BiasGelu and SkipLayerNormalization (read back from ORT's optimized graph), outputs match eager,
+and what the fusion cannot express keeps the exporter's own translation."""
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import fxforge
+from fxforge.compiler.errors import BackendError
+from fxforge.compiler.verify import compare
+from fxforge.zoo import SentenceEncoder
+from models import ConvBnRelu
+
+pytest.importorskip("onnxruntime")
+LAYERS = 2
+
+
+def _encoder() -> SentenceEncoder:
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)
+    return SentenceEncoder(BertModel(cfg, add_pooling_layer=False)).eval()
+
+
+def _tokens(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1000, (batch, 16), generator=g)
+    mask = torch.ones(batch, 16, dtype=torch.long)
+    for i in range(batch):  # every sentence padded to its own length
+        mask[i, int(torch.randint(4, 17, (), generator=g)):] = 0
+    return ids, mask
+
+
+def _onnx_ops(cm) -> Counter:
+    return Counter(n.op_type for n in onnx.load_from_string(cm.artifact.model).graph.node)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    model = _encoder()
+    return model, fxforge.compile(model, _tokens(4, 0), passes=["fuse"], backend="onnx")
+
+
+def test_bert_runs_ort_fused_transformer_kernels(encoder):
+    _, cm = encoder
+    info = cm.artifact.info
+    assert info["fusions"] == "transformer"  # "auto" on a graph with attention
+    ops = info["ort_transformer_ops"]  # from ORT's optimized graph (SessionOptions.optimized_model_filepath)
+    assert ops["MultiHeadAttention"] == LAYERS
+    assert ops["SkipLayerNormalization"] == 2 * LAYERS  # after attention and after the FFN, in each layer
+    assert ops.get("BiasGelu", 0) + ops.get("FastGelu", 0) == LAYERS
+    assert ops["LayerNormalization"] == 1  # the embeddings' (EmbedLayerNormalization does not match, see module)
+    assert "Softmax" not in _onnx_ops(cm)
+
+
+def test_fused_bert_matches_eager_with_padding(encoder):
+    model, cm = encoder
+    for seed in (1, 2):
+        inputs = _tokens(3, seed)
+        with torch.no_grad():
+            assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
+
+
+def test_fusions_none_keeps_the_plain_export():
+    model = _encoder()
+    cm = fxforge.compile(model, _tokens(2, 0), passes=["fuse"], backend="onnx", fusions="none")
+    assert cm.artifact.info["fusions"] == "none"
+    assert "MultiHeadAttention" not in cm.artifact.info["ort_transformer_ops"]
+    assert _onnx_ops(cm)["Softmax"] == LAYERS
+
+
+def test_auto_leaves_graphs_without_attention_alone():
+    model, example = ConvBnRelu().eval(), (torch.randn(2, 3, 16, 16),)
+    cm = fxforge.compile(model, example, passes=["fuse"], backend="onnx")
+    assert cm.artifact.info["fusions"] == "none" and cm.artifact.info["ort_transformer_ops"] == {}
+
+
+def test_bad_fusions_option_is_one_line_error():
+    with pytest.raises(BackendError, match=r"^fusions must be one of auto, transformer, none, got 'all'$"):
+        fxforge.compile(ConvBnRelu().eval(), (torch.randn(2, 3, 16, 16),), backend="onnx", fusions="all")
+
+
+class Attend(nn.Module):
+    """Bare attention: q, k, v [B, N, S, H] and an optional boolean mask [B, 1, S, S] (True: visible)."""
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v, mask=None):
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+
+
+def _qkv(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, 2, 5, 8, generator=g) for _ in range(3))
+
+
+def test_boolean_mask_with_a_fully_masked_row_gives_zeros_like_torch():
+    """Before: sdpa(q, k, v, mask). Expected: one MultiHeadAttention, no Softmax; a row with no visible key is 0."""
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[0, 0, 1] = False  # query 1 of sample 0 sees no key
+    mask[1, 0, :, 3:] = False  # padding
+    q, k, v = _qkv()
+    cm = fxforge.compile(Attend(), (q, k, v, mask), backend="onnx", fusions="transformer")
+    ops = _onnx_ops(cm)
+    assert ops["MultiHeadAttention"] == 1 and "Softmax" not in ops
+    out = cm(q, k, v, mask)
+    with torch.no_grad():
+        assert compare([out], [Attend()(q, k, v, mask)]).max_rel < 1e-5
+    assert torch.equal(out[0, :, 1], torch.zeros(2, 8))
+
+
+def test_causal_attention_keeps_the_exporters_translation():
+    """is_causal has no MultiHeadAttention form here: the rule must not fire, and the output still matches."""
+    q, k, v = _qkv()
+    cm = fxforge.compile(Attend(causal=True), (q, k, v), backend="onnx", fusions="transformer")
+    assert "MultiHeadAttention" not in _onnx_ops(cm)
+    inputs = _qkv(3, seed=5)
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [Attend(causal=True)(*inputs)]).max_rel < 1e-5
+
+
+def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks():
+    model = _encoder()
+    cm = fxforge.compile(model, _tokens(4, 0), passes=["fuse", "insert_qdq{activations='dynamic'}"], backend="onnx")
+    info = cm.artifact.info
+    assert info["ort_transformer_ops"]["MultiHeadAttention"] == LAYERS
+    assert sum(info["ort_int8_ops"].values()) == 6 * LAYERS  # q, k, v, output, FFN in and out of each layer
+    inputs = _tokens(3, 7)
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.999
+
+
+class Gpt2(nn.Module):
+    """transformers' GPT2LMHeadModel without its KV cache (``use_cache=False``): (ids, mask) → logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = GPT2Config(vocab_size=1000, n_positions=64, n_embd=64, n_layer=LAYERS, n_head=4, bos_token_id=0,
+                         eos_token_id=0)
+        self.gpt = GPT2LMHeadModel(cfg)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.gpt(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores
+def test_gpt2_decoder_compiles_with_fuse_and_matches_eager():
+    torch.manual_seed(0)
+    model = Gpt2().eval()
+    cm = fxforge.compile(model, _tokens(2, 0), passes=["fuse"], backend="onnx")
+    ops = cm.artifact.info["ort_transformer_ops"]
+    assert ops["MultiHeadAttention"] == LAYERS and ops["FastGelu"] == LAYERS  # GPT-2's tanh GELU
+    for seed in (3, 4):  # the causal mask and padding together
+        inputs = _tokens(3, seed)
+        with torch.no_grad():
+            assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
