@@ -327,7 +327,8 @@ class PassManager:
         ctx.verify = self.verify
         report = Report()
         instruments = [Timing(), *([Lint()] if self.verify != "off" else []),
-                       *([NumericCheck(gm, ctx.example_inputs)] if self.verify == "numerics" else []),
+                       *([NumericCheck(gm, ctx.example_inputs, approximate=not all(p.exact for p in self.passes))]
+                         if self.verify == "numerics" else []),
                        StageRecorder(report, self.measure_latency), *self.extra_instruments]
         done: list[str] = []
         for p in (None, *self.passes):
