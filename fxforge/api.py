@@ -95,7 +95,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     _check_train(manager, train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
+    times, start = {}, time.perf_counter()
     gm, signature = trace(model, example, static_batch=static_batch)
+    times["trace"] = time.perf_counter() - start
     flat = tuple(signature.flatten(example))
     if calibration is not None and calibration_fn is not None:
         calibration = _Mapped(calibration, calibration_fn)
@@ -103,16 +105,20 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         Validation.from_user(validation, signature.flatten, metric)
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
                       train=None if train is None else _flat_train(train, signature))
+    start = time.perf_counter()
     gm, report = manager.run(gm, ctx)
+    times["passes"] = time.perf_counter() - start
     start = time.perf_counter()
     artifact = be.lower(gm, flat, signature, tgt, **backend_options)
-    row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True,
-                              time_s=time.perf_counter() - start, latency_ms=None, max_rel_err=None, cosine=None,
-                              stats={})
+    times["backend"] = time.perf_counter() - start
+    row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True, time_s=times["backend"],
+                              latency_ms=None, max_rel_err=None, cosine=None, stats={})
     report.rows.append(row)
     if tgt.runs_on_host and verify == "numerics":
+        start = time.perf_counter()
         err = check_artifact(artifact, copy.deepcopy(model).eval(), gm, example, all(r.exact for r in report.rows))
         row.max_rel_err, row.cosine = err.max_rel, err.cosine
+        times["artifact_check"] = time.perf_counter() - start
     if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
     if checked is not None and tgt.runs_on_host:
@@ -120,6 +126,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
     report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()
+    report.meta["compile_s"] = {k: round(v, 2) for k, v in times.items()}  # where compile time went
     if gm.meta.get("input_writes_dropped"):
         report.meta["input_writes_dropped"] = (f"the model writes into input(s) "
                                                f"{', '.join(gm.meta['input_writes_dropped'])}; the compiled model "

@@ -348,7 +348,8 @@ class PassManager:
         keep_teacher = any(p.reads_train for p in self.passes)
         report = Report()
         instruments = [Timing(), *([Lint()] if self.verify != "off" else []),
-                       *([NumericCheck(gm, ctx.example_inputs)] if self.verify == "numerics" else []),
+                       *([NumericCheck(gm, ctx.example_inputs, approximate=not all(p.exact for p in self.passes))]
+                         if self.verify == "numerics" else []),
                        StageRecorder(report, self.measure_latency), *self.extra_instruments]
         done: list[str] = []
         for p in (None, *self.passes):

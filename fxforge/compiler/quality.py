@@ -6,7 +6,8 @@ model, each pass, the backend) on the same validation batches. The first stage m
 
 - cosine: per sample, between the sample's outputs (all float outputs flattened) and the reference's; the
   report shows the minimum and the mean over samples;
-- max relative error: ``max|a - b| / max|b|`` per batch, the largest over batches;
+- max relative error: ``max|a - b| / max|b|`` per batch; stated as a bound for further batches of the same
+  data, the largest over batches plus their spread (``verify.error_bound``; with one batch, that batch's error);
 - top-1 agreement: for a 2-D float output (classifier logits), the share of samples whose argmax matches
   the reference's; omitted when the reference rows are unit vectors (embeddings, not logits);
 - metric: ``"agreement"`` (top-1 agreement), ``"cosine"`` (mean cosine), or a callable
@@ -22,7 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import InputError, first_line
-from .verify import compare
+from .verify import compare, error_bound
 
 Metric = Union[None, Literal["agreement", "cosine"], Callable[[list, list], float]]
 METRICS = ("agreement", "cosine")
@@ -80,8 +81,10 @@ class Validation:
         """The report's line saying where its error columns come from."""
         name = self.metric if isinstance(self.metric, str) or self.metric is None else \
             getattr(self.metric, "__name__", "callable")
+        bound = "one batch: max err is a sample" if len(self.flat) == 1 else \
+            "max err: the worst batch plus the spread over batches"
         return (f"measured on validation data ({self.samples} samples in {len(self.flat)} batches) against the "
-                f"traced fp32 model" + (f"; metric: {name}" if name else ""))
+                f"traced fp32 model ({bound})" + (f"; metric: {name}" if name else ""))
 
     def measure(self, run: Callable[..., Any]) -> Quality:
         """Run ``run(*flat_batch)`` on every batch; the first call's outputs become the reference."""
@@ -90,7 +93,7 @@ class Validation:
         if self.reference is None:
             self.reference = outs
         cosines = torch.cat([_sample_cosines(o, r, b[0]) for o, r, b in zip(outs, self.reference, self.flat)])
-        max_rel = max(compare(o, r).max_rel for o, r in zip(outs, self.reference))
+        max_rel = error_bound([compare(o, r) for o, r in zip(outs, self.reference)]).max_rel
         top1 = _top1(outs, self.reference)
         quality = Quality(self.samples, max_rel, float(cosines.min()), float(cosines.mean()), top1)
         return Quality(**{**quality.__dict__, "metric": self._metric(quality, outs)})

@@ -18,10 +18,11 @@ from .graph import graph_tensors
 from .instruments import Instrument, Stage
 from .quality import Quality
 from .timing import measure_latency
-from .verify import Error
+from .verify import BOUND_BATCHES, Error
 
 SYNTHETIC = ("measured on synthetic N(0,1) inputs, not on your data "
-             "(compile(..., validation=[(x1,), ...]) measures them on it)")
+             "(compile(..., validation=[(x1,), ...]) measures them on it); from the first approximate stage on, "
+             f"max err and cosine are bounds for fresh batches: the worst of {BOUND_BATCHES} plus their spread")
 
 
 LATENCY_NOTE = ("latency: each stage's graph run by PyTorch eager (Q/DQ stages simulate int8 in float, so they read "

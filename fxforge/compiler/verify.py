@@ -2,6 +2,11 @@
 
 Every stage is run on the same fresh inputs (never the example inputs the passes saw). Errors are relative
 to the reference's scale: ``max|a - b| / max|b|`` over all outputs, plus the cosine similarity.
+
+An error one batch gives is a sample: another batch of the same distribution gives more (inception_v3 with
+``compress``: 0.498 on a fresh batch against 0.491 on the measured one). Where a pipeline is approximate, the
+error it states is therefore a bound (:func:`error_bound`): measured on ``BOUND_BATCHES`` fresh batches, the
+worst of them plus the spread between the best and the worst.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ EXACT_TOLERANCE = 1e-4  # max relative error an exact pass may introduce (float 
 # as far from the model as the graph is, plus QUANTIZED_LOWERING_TOLERANCE.
 QUANTIZED_LOWERING_FACTOR = 2.0
 QUANTIZED_LOWERING_TOLERANCE = 0.05
-_SEED = 20240917
+CHECK_SEED = 20240917  # the numeric check's first batch (and the passes' recordings): fresh_inputs(x)
 
 
 def random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -38,7 +43,7 @@ def random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(lo, hi + 1, t.shape, generator=generator, dtype=t.dtype)
 
 
-def fresh_inputs(example_inputs: Sequence[torch.Tensor], seed: int = _SEED) -> tuple[torch.Tensor, ...]:
+def fresh_inputs(example_inputs: Sequence[torch.Tensor], seed: int = CHECK_SEED) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     return tuple(random_like(t, g) for t in example_inputs)
 
@@ -52,6 +57,27 @@ class Error:
 
     def to_dict(self) -> dict[str, float]:
         return {"max_rel": self.max_rel, "cosine": self.cosine}
+
+
+BOUND_BATCHES = 8  # fresh batches an approximate pipeline's stated error is measured on
+
+
+def error_bound(errors: Sequence[Error]) -> Error:
+    """What to state for fresh batches of the same distribution, from the errors of several: the worst plus the
+    spread (worst − best), for the cosine the lowest minus its spread.
+
+    The worst of n batches alone is exceeded by the next batch with probability 1/(n+1); the spread, which
+    grows with how much the error varies from batch to batch, covers that tail (for normally distributed
+    errors and n = 8, about four standard deviations above the mean, against one and a half for the worst).
+    """
+    worst, best = max(e.max_rel for e in errors), min(e.max_rel for e in errors)
+    low, high = min(e.cosine for e in errors), max(e.cosine for e in errors)
+    return Error(worst + (worst - best), max(-1.0, low - (high - low)))
+
+
+def bound_inputs(example_inputs: Sequence[torch.Tensor], seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """``BOUND_BATCHES`` fresh batches like ``example_inputs``, the first being ``fresh_inputs(.., seed)``."""
+    return [fresh_inputs(example_inputs, seed + 1000 * k) for k in range(BOUND_BATCHES)]
 
 
 def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
@@ -100,13 +126,22 @@ def run_recording(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[A
 
 class NumericCheck(Instrument):
     """The numeric-check instrument: runs each stage on fresh inputs, raises when an exact pass moved the
-    outputs (naming the first diverging node), and sets ``stage.error`` against the traced model."""
+    outputs (naming the first diverging node), and sets ``stage.error`` against the traced model.
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    With ``approximate`` (the pipeline holds an approximate pass), every stage from the first approximate one
+    on states :func:`error_bound` over ``BOUND_BATCHES`` fresh batches (the first is the one every stage is
+    checked on); stages before it, exact by the check, state their error on that one batch."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], approximate: bool = False) -> None:
         self.inputs = fresh_inputs(example_inputs)
         self.tolerance = exact_tolerance(example_inputs)
         self.reference, self.prev_values = run_recording(gm, self.inputs)
         self.prev_out = self.reference
+        self.more: list[tuple[tuple[torch.Tensor, ...], Any]] = []  # the other batches and the traced outputs
+        if approximate:
+            with torch.no_grad():
+                self.more = [(x, list(gm(*x))) for x in bound_inputs(example_inputs, CHECK_SEED)[1:]]
+        self.bounding = False  # an approximate pass has run: state bounds from here on
 
     def after(self, p: Any, gm: fx.GraphModule, ctx: Any, stage: Stage) -> None:
         if p is None:
@@ -133,7 +168,11 @@ class NumericCheck(Instrument):
                 f"exact pass {p.name!r} changed the outputs by {step.max_rel:.3g} relative "
                 f"(tolerance {self.tolerance:g}){where}; passes before it: {', '.join(done) or 'none'}")
         self.prev_out, self.prev_values = out, values
-        return compare(out, self.reference)
+        self.bounding = self.bounding or not p.exact
+        if not (self.bounding and self.more):
+            return compare(out, self.reference)
+        with torch.no_grad():
+            return error_bound([compare(out, self.reference), *(compare(list(gm(*x)), ref) for x, ref in self.more)])
 
 
 def first_divergence(values: dict[str, torch.Tensor], before: dict[str, torch.Tensor], tolerance: float) -> str:
@@ -169,42 +208,44 @@ def exact_tolerance(inputs: Sequence[Any]) -> float:
     return max([EXACT_TOLERANCE, *(8 * e for e in eps)])
 
 
-BACKEND_SEED = _SEED + 1  # the backend is checked on inputs no pass was checked on
+BACKEND_SEED = CHECK_SEED + 1  # the backend is checked on inputs no pass was checked on
 
 
 def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, example: tuple,
                    exact: bool) -> Error:
     """Check the compiled artifact on the example inputs as given and on fresh inputs of the same shapes, and
-    return its error against the user's own ``model`` (run on copies of the inputs).
+    return its error against the user's own ``model`` (run on copies of the inputs): for an exact pipeline the
+    worst of the two, for an approximate one the worse of the example's error and :func:`error_bound` over
+    ``BOUND_BATCHES`` fresh batches.
 
     The backend must implement the graph it was given (``gm``): a float graph to the exact tolerance; a quantized
     one (Q/DQ or dynamic int8 linears), which integer kernels cannot reproduce bit for bit, no further from the
     model than QUANTIZED_LOWERING_FACTOR × the graph's own distance + QUANTIZED_LOWERING_TOLERANCE. An ``exact``
     pipeline must also match the model itself to the exact tolerance, which catches a capture that took another
-    branch than the model takes at these shapes. The artifact's distance to the model is measured here and returned.
+    branch than the model takes at these shapes. The bounds check the worst measured error, not the stated bound.
     """
     import torch.utils._pytree as pytree
 
     flat, spec = pytree.tree_flatten(example)
-    vs_model: Error | None = None
+    fresh = [fresh_inputs(flat, BACKEND_SEED)] if exact else bound_inputs(flat, BACKEND_SEED)
+    errors: list[Error] = []
     vs_graph = graph_vs_model = 0.0
-    for inputs in (example, pytree.tree_unflatten(list(fresh_inputs(flat, BACKEND_SEED)), spec)):
+    for inputs in (example, *(pytree.tree_unflatten(list(x), spec) for x in fresh)):
         copies = clone_inputs(inputs)
         with torch.no_grad():
             got = pytree.tree_leaves(artifact(*inputs))
             want = pytree.tree_leaves(model(*copies))
             graph = list(gm(*pytree.tree_leaves(inputs)))
-        err = compare(got, want)
+        errors.append(compare(got, want))
         vs_graph = max(vs_graph, compare(got, graph).max_rel)
         graph_vs_model = max(graph_vs_model, compare(graph, want).max_rel)
-        vs_model = err if vs_model is None else Error(max(vs_model.max_rel, err.max_rel),
-                                                      min(vs_model.cosine, err.cosine))
-    assert vs_model is not None
+    worst = _worst(errors)  # what the bounds below check
+    stated = worst if exact else _worst([errors[0], error_bound(errors[1:])])
     exact_bound = exact_tolerance(pytree.tree_leaves(example))
     if any(is_op(n, *QUANTIZE, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes):
         bound = QUANTIZED_LOWERING_FACTOR * graph_vs_model + QUANTIZED_LOWERING_TOLERANCE
-        if not vs_model.max_rel <= bound:
-            raise VerificationError(f"the {artifact.backend} artifact of a quantized graph is {vs_model.max_rel:.3g} "
+        if not worst.max_rel <= bound:
+            raise VerificationError(f"the {artifact.backend} artifact of a quantized graph is {worst.max_rel:.3g} "
                                     f"relative from the model, the graph itself {graph_vs_model:.3g} (bound "
                                     f"{bound:.3g}: the int8 kernels compute something else); pass verify='off' to "
                                     "accept it anyway")
@@ -212,11 +253,15 @@ def check_artifact(artifact: Any, model: torch.nn.Module, gm: fx.GraphModule, ex
         raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled by "
                                 f"{vs_graph:.3g} relative (bound {exact_bound:g}); pass verify='off' to accept it "
                                 "anyway")
-    if exact and not vs_model.max_rel <= exact_bound:
+    if exact and not worst.max_rel <= exact_bound:
         raise VerificationError(f"the {artifact.backend} artifact of an exact pipeline differs from the model by "
-                                f"{vs_model.max_rel:.3g} relative (cosine {vs_model.cosine:.4f}; bound "
+                                f"{worst.max_rel:.3g} relative (cosine {worst.cosine:.4f}; bound "
                                 f"{exact_bound:g}); pass verify='off' to accept it anyway")
-    return vs_model
+    return stated
+
+
+def _worst(errors: Sequence[Error]) -> Error:
+    return Error(max(e.max_rel for e in errors), min(e.cosine for e in errors))
 
 
 def first_float(out: Any) -> torch.Tensor:

@@ -58,6 +58,17 @@ def test_save_load_round_trip_matches_in_memory(convbnrelu, tmp_path, capfd):
     xb = torch.randn(5, *x.shape[1:])
     torch.testing.assert_close(loaded(xb), cm(xb), rtol=0, atol=0)
     assert loaded.executable is not None  # loaded through tvm.runtime.load_module on first call
+    assert "Scope Loaded" not in capfd.readouterr().err
+
+
+def test_inputs_off_a_64_byte_boundary_run(convbnrelu):
+    """TVM's zero-copy input takes 64-byte aligned data only; a slice (or an array numpy loaded from a file,
+    as ``fxforge run`` does) starts anywhere."""
+    model, x, cm = convbnrelu
+    shifted = torch.randn(x.numel() + 1)[1:].view(x.shape)
+    assert shifted.data_ptr() % 64 != 0
+    with torch.no_grad():
+        torch.testing.assert_close(cm(shifted), model(shifted), rtol=1e-4, atol=1e-4)
 
 
 def test_default_cpu_schedule_parallelizes_and_vectorizes():

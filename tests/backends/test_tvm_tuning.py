@@ -282,3 +282,49 @@ def test_trial_budget_split(total, costs, per_task, expected):
 def test_costs_are_measured_time_times_calls():
     calls = [type("Task", (), {"weight": w}) for w in (1, 12, 2)]
     assert ms_tuning._costs([100.0, 50.0, None], calls) == [100.0, 600.0, 600.0]  # no default: the costliest
+
+
+SEEDED = '''
+import torch
+from torch import nn
+
+
+def head():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 16), nn.ReLU())
+'''
+
+
+@pytest.mark.slow
+def test_console_tune_then_compile_with_its_database_then_run(tmp_path):
+    """The command-line path end to end through the installed console script: `fxforge tune` makes a real
+    database (one task, 4 trials), `fxforge compile --tuning-db` builds against it without tuning, and
+    `fxforge run` serves the saved artifact, which computes what the model does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    def console(*argv):
+        done = subprocess.run([str(Path(sys.executable).with_name("fxforge")), *argv], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    (tmp_path / "seeded.py").write_text(SEEDED)
+    tuned = console("tune", "seeded:head", "--input-shape", "4,32", "--trials", "4", "--db", "db")
+    assert "1 tasks: 1 tuned now" in tuned, tuned
+    records = (tmp_path / "db" / ms_tuning.RECORD_FILE).read_text().splitlines()
+    assert len(records) >= 2  # the default schedule and the tuned trials
+    console("compile", "seeded:head", "--input-shape", "4,32", "--passes", "fuse", "--backend", "tvm",
+            "--tuning-db", "db", "--out", "art")
+    stats = json.loads((tmp_path / "art" / "report.json").read_text())["meta"]["tuning"]
+    assert (stats["tasks"], stats["reused_tasks"], stats["trials"], stats["scheduled_functions"]) == (1, 1, 0, 1)
+    assert (tmp_path / "db" / ms_tuning.RECORD_FILE).read_text().splitlines() == records  # applied, not extended
+    x = torch.randn(4, 32)
+    np.save(tmp_path / "x.npy", x.numpy())
+    console("run", "art", "--input", "x.npy", "--save", "y.npz")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU()).eval()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["arr_0"], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)

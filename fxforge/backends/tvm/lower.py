@@ -219,10 +219,10 @@ def _imports(module: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _without_scope_saving_lines() -> Iterator[None]:
-    """TVM's runtime logs an empty ``Warning: Scope Saving:`` line per memory scope when it saves an executable
-    (a C++ LOG(WARNING) on file descriptor 2, out of Python's reach): capture the descriptor while saving and
-    pass every other line through."""
+def _without_scope_lines() -> Iterator[None]:
+    """TVM's runtime logs an empty ``Warning: Scope Saving:`` (``Scope Loaded:``) line per memory scope when it
+    saves (loads) an executable (a C++ LOG(WARNING) on file descriptor 2, out of Python's reach): capture the
+    descriptor meanwhile and pass every other line through."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as capture:
@@ -234,14 +234,20 @@ def _without_scope_saving_lines() -> Iterator[None]:
             os.close(saved)
             capture.seek(0)
             kept = [ln for ln in capture.read().decode(errors="replace").splitlines(keepends=True)
-                    if "Scope Saving:" not in ln]
+                    if "Scope Saving:" not in ln and "Scope Loaded:" not in ln]
             sys.stderr.write("".join(kept))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where its data starts on a 64-byte boundary, which TVM's zero-copy ``from_dlpack`` requires, else a
+    copy (PyTorch allocates aligned): a slice, or an array numpy loaded from a file, starts anywhere."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def export_library(executable: Any, path: Path, target: Target) -> None:
     """Link the executable into a shared library for ``target`` (cross-compiled where it needs it)."""
     if target.cross_compiler is None:
-        with _without_scope_saving_lines():
+        with _without_scope_lines():
             executable.export_library(str(path))
         return
     from tvm.support import cc
@@ -250,7 +256,7 @@ def export_library(executable: Any, path: Path, target: Target) -> None:
         raise BackendError(f"the {target.name} target needs the cross compiler {target.cross_compiler}, which is "
                            f"not installed: apt-get install {package}")
     try:
-        with _without_scope_saving_lines():
+        with _without_scope_lines():
             executable.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler))
     except Exception as e:
         raise BackendError(f"linking the {target.name} library with {target.cross_compiler} failed: "
@@ -291,7 +297,8 @@ class TvmArtifact(Artifact):
                 with tempfile.TemporaryDirectory(prefix="fxforge-tvm-") as tmp:
                     path = Path(tmp) / LIB_FILE
                     path.write_bytes(self.library or b"")
-                    self.executable = tvm.runtime.load_module(str(path))
+                    with _without_scope_lines():
+                        self.executable = tvm.runtime.load_module(str(path))
             self._vm, self._device = relax.VirtualMachine(self.executable, device), device
         return self._vm
 
@@ -299,7 +306,7 @@ class TvmArtifact(Artifact):
         tvm = _tvm()
         vm, device = self.vm(), self._device
         if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():  # zero-copy both ways
-            args = [tvm.runtime.from_dlpack(t.detach().contiguous()) for t in inputs]
+            args = [tvm.runtime.from_dlpack(_aligned(t.detach().contiguous())) for t in inputs]
         else:
             args = [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), device) for t in inputs]
         return tuple(torch.from_dlpack(o).cpu() for o in vm["main"](*args))
