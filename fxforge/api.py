@@ -106,7 +106,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     checked = None if validation is None and metric is None else \
         Validation.from_user(validation, signature.flatten, metric)
     if budget is not None:
-        calibration = budget.hold_out(calibration, validation, signature.flatten)
+        calibration = budget.hold_out(calibration, validation, signature.flatten, flat)
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked)
     if budget is not None:
         manager = budget.fit(manager, gm, ctx)

@@ -9,9 +9,9 @@ carry a default budget, ``max_drop = 0.01`` with agreement for classifier logits
 without a fallback.
 
 The data is ``validation`` when given. Otherwise a held-out split of the calibration batches: every fourth batch
-(batches 3, 7, 11, ...; the last one when there are fewer than four) is held out and never calibrated on; the
-passes calibrate on the others. With a single calibration batch nothing can be held out: the budget is not
-measured, and a warning says so.
+(batches 3, 7, 11, ...) is held out and never calibrated on; the passes calibrate on the others. With fewer than
+four calibration batches nothing is held out (calibration keeps at least three quarters of the data): the budget
+is not measured, and a warning says so.
 
 When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
 one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option: the layers whose
@@ -39,6 +39,7 @@ from fxforge.compiler.pass_manager import Pass, PassContext, PassManager
 from fxforge.compiler.quality import Metric, Quality, Validation
 from fxforge.compiler.report import Report
 from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
+from fxforge.passes.lib.qdq import checked_batches
 
 DEFAULT_MAX_DROP = 0.01
 BUDGETED_PRESETS = ("int8", "all")  # presets that carry the default budget
@@ -72,20 +73,23 @@ class Budget:
         return cls(DEFAULT_MAX_DROP, metric, strict, preset)
 
     def hold_out(self, calibration: Iterable[Any] | None, validation: Iterable[Any] | None,
-                 flatten: Callable[[Sequence[Any]], list[torch.Tensor]]) -> Iterable[Any] | None:
-        """Choose the budget's data; return the calibration data the passes get (without the held-out batches)."""
+                 flatten: Callable[[Sequence[Any]], list[torch.Tensor]], example: tuple[torch.Tensor, ...]
+                 ) -> Iterable[Any] | None:
+        """Choose the budget's data: ``validation`` (user inputs, ``flatten`` checks them) or every fourth of the
+        calibration batches (flat input tuples like ``example``, as the passes read them); return the calibration
+        data the passes get, without the held-out batches."""
         if validation is not None:
             self.data = Validation.from_user(validation, flatten, self.metric)
             self.record["data"] = f"validation data ({self.data.samples} samples)"
             return calibration
         if calibration is None:
             raise InputError("max_drop= needs data to measure on: pass validation=[(x1,), ...] or calibration data")
-        batches = list(calibration)
-        held = [i for i in range(len(batches)) if i % 4 == 3] or ([len(batches) - 1] if len(batches) > 1 else [])
+        batches = list(checked_batches(calibration, example))
+        held = [i for i in range(len(batches)) if i % 4 == 3]
         if not held:
             self.record["data"] = None
             return batches
-        self.data = Validation.from_user([batches[i] for i in held], flatten, self.metric)
+        self.data = Validation([batches[i] for i in held], [batches[i] for i in held], self.metric)
         self.record["data"] = (f"held-out calibration batches {held} ({self.data.samples} samples), never calibrated "
                                f"on; the passes calibrate on the other {len(batches) - len(held)}")
         return [b for i, b in enumerate(batches) if i not in held]
@@ -97,8 +101,8 @@ class Budget:
         most costly layers float and holds the budget (or raise, under ``strict``)."""
         if self.data is None:
             self._warn(f"the accuracy budget (max_drop {self.max_drop}) was not measured: give validation= data or "
-                       "at least 2 calibration batches to hold one out")
-            self.record["outcome"] = "not measured: a single calibration batch and no validation data"
+                       "at least 4 calibration batches (every fourth is held out)")
+            self.record["outcome"] = "not measured: fewer than 4 calibration batches and no validation data"
             return manager
         reference = self.data.measure(gm)
         self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else \

@@ -70,8 +70,7 @@ def test_strict_raises_the_named_error_in_one_line():
 
 def test_the_held_out_batches_are_never_calibrated_on():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(9, 32),
-                                max_drop=math.inf)
+    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(9, 32), max_drop=math.inf)
     budget = cm.report.meta["budget"]
     assert budget["data"].startswith("held-out calibration batches [3, 7] (64 samples), never calibrated on")
     assert cm.report.row("calibrate").stats["batches"] == 7 and budget["outcome"] == "held" and not warned
@@ -80,7 +79,7 @@ def test_the_held_out_batches_are_never_calibrated_on():
 def test_a_budget_that_holds_changes_nothing_and_validation_data_is_used_when_given():
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
     validation = batches(2, 128, seed=7)
-    plain = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], calibration=batches(3), max_drop=math.inf)
+    plain = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], calibration=batches(4), max_drop=math.inf)
     cm, warned = compile_warned(model, passes=["int8"], calibration=batches(3), validation=validation)
     budget = cm.report.meta["budget"]
     assert budget["source"] == "the int8 preset's default" and budget["data"] == "validation data (256 samples)"
@@ -95,11 +94,12 @@ def test_outputs_that_are_not_logits_are_held_to_the_min_cosine():
     assert cm.report.meta["budget"]["metric"] == "min_cosine"
 
 
-def test_a_single_calibration_batch_cannot_hold_one_out_and_says_so():
+def test_fewer_than_four_calibration_batches_hold_none_out_and_say_so():
     model = nn.Sequential(nn.Linear(16, 4)).eval()
-    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(1))
-    assert warned == ["the accuracy budget (max_drop 0.01) was not measured: give validation= data or at least 2 "
-                      "calibration batches to hold one out"]
+    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(3))
+    assert warned == ["the accuracy budget (max_drop 0.01) was not measured: give validation= data or at least 4 "
+                      "calibration batches (every fourth is held out)"]
+    assert cm.report.row("calibrate").stats["batches"] == 3
     assert cm.report.meta["budget"]["outcome"].startswith("not measured")
 
 
@@ -126,6 +126,12 @@ def test_a_callable_metric_is_budgeted_against_the_reference_score():
     budget = cm.report.meta["budget"]
     assert budget["metric"] == "positive_share" and 0 < budget["reference"] < 1
     assert budget["tries"][max(budget["tries"])] <= 0.02 or budget["outcome"].startswith("missed")
+
+
+def test_bad_calibration_batches_are_named_as_calibration_errors():
+    with pytest.raises(fxforge.CalibrationError, match=r"^calibration batch 2 must be a tuple of 1 tensor"):
+        fxforge.compile(Fragile().eval(), (torch.randn(2, 16),), passes=["int8"],
+                        calibration=[*batches(2), (torch.randn(2, 16), torch.zeros(2)), *batches(2)])
 
 
 @pytest.mark.parametrize("kw, message", [
