@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.backends.base import Artifact, get_backend
+from fxforge.budget import Budget
 from fxforge.compiler.errors import CalibrationError, InputError, first_line, missing_calibration, missing_train
 from fxforge.compiler.pass_manager import (Pass, PassContext, PassManager, VerifyMode, calibration_readers,
                                            train_readers)
@@ -49,7 +50,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             calibration_fn: Callable[[Any], Any] | None = None,
             verify: VerifyMode = "numerics", measure_latency: bool = False, static_batch: bool = False,
             validation: Iterable[Any] | None = None, metric: Metric = None, train: Iterable[Any] | None = None,
-            **backend_options: Any) -> CompiledModel:
+            max_drop: float | None = None, strict: bool = False, **backend_options: Any) -> CompiledModel:
     """Capture ``model``, optimize it with ``passes``, and lower it with ``backend`` for ``target``.
 
     The user's model, example inputs and calibration data are never mutated.
@@ -75,10 +76,16 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         validation: an iterable of input tuples (like ``calibration``, never overlapping it) that the report's
             error columns come from: min and mean cosine, max relative error, top-1 agreement for classifier
             outputs (compiler/quality.py). Without it they come from synthetic N(0,1) inputs, and say so.
-        metric: the task measure on ``validation``: ``"agreement"``, ``"cosine"`` or
+        metric: the task measure on ``validation``: ``"agreement"``, ``"cosine"`` (mean), ``"min_cosine"`` or
             ``metric(outputs, inputs) -> float`` (higher is better), reported per stage.
         train: an iterable of unlabeled input tuples (like ``calibration``, never overlapping ``validation``) for
             passes that train (``distill``); a warning says so when no pass reads it.
+        max_drop: the accuracy budget (fxforge/budget.py): the pipeline must end within ``max_drop`` of the fp32
+            model in ``metric`` on ``validation`` (or on calibration batches held out from calibrating). The
+            ``int8`` and ``all`` presets default to 0.01 (agreement for classifier logits, else min cosine);
+            ``math.inf`` measures only. A miss keeps the layers whose quantization costs most float, with a
+            warning; ``report.meta["budget"]`` records the outcome.
+        strict: raise ``BudgetError`` instead of keeping layers float when the pipeline misses its budget.
         **backend_options: options of the backend, checked before any work: ``onnx`` takes ``opset`` and ONNX
             Runtime session options (``intra_op_num_threads``, ``graph_optimization_level``, ...); ``tvm``
             takes ``tune={"trials": N, "db": DIR, ...}`` (docs/tuning.md).
@@ -90,6 +97,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be = get_backend(backend)
     be.check_target(tgt)
     be.check_options(backend_options)
+    budget = Budget.of(passes, max_drop, metric, strict)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
     _check_calibration(manager, calibration)
     _check_train(manager, train)
@@ -103,8 +111,14 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         calibration = _Mapped(calibration, calibration_fn)
     checked = None if validation is None and metric is None else \
         Validation.from_user(validation, signature.flatten, metric)
+    if budget is not None:
+        calibration = budget.hold_out(calibration, validation, signature.flatten, flat)
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
                       train=None if train is None else _flat_train(train, signature))
+    if budget is not None:
+        start = time.perf_counter()
+        manager = budget.fit(manager, gm, ctx)
+        times["budget"] = time.perf_counter() - start
     start = time.perf_counter()
     gm, report = manager.run(gm, ctx)
     times["passes"] = time.perf_counter() - start
@@ -123,6 +137,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
     if checked is not None and tgt.runs_on_host:
         row.set_quality(checked.measure(lambda *x: artifact.run(x)))
+    if budget is not None:
+        budget.check((lambda *x: artifact.run(x)) if tgt.runs_on_host else None, report, artifact.backend)
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
     report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()

@@ -1,7 +1,8 @@
 """The floors of the package, read from the source: every import of every module (function-local ones included)
 runs downward, and no two modules import each other, directly or around a circle.
 
-Floors, bottom up: compiler/ → passes/ and backends/ (never each other) → api.py → autotune.py → the package
+Floors, bottom up: compiler/ → passes/ and backends/ (never each other) → api.py (with budget.py, the accuracy
+budget it holds) → autotune.py → the package
 face (fxforge/__init__.py) and zoo.py (trained models and data, beside it) → bench.py, demo.py → cli.py →
 __main__.py. An import runs upward when it names a module on a higher floor, or on the same floor in another
 house (passes ↔ backends). Imports under ``if TYPE_CHECKING:`` never run
@@ -67,6 +68,7 @@ def floor(name: str) -> tuple[int, str]:
         return 4, "face"
     top = parts[1]
     return {"compiler": (0, "compiler"), "passes": (1, "passes"), "backends": (1, "backends"), "api": (2, "api"),
+            "budget": (2, "api"),
             "autotune": (3, "autotune"), "zoo": (4, "zoo"), "cli": (6, "cli"),
             "__main__": (7, "__main__")}.get(top, (5, top))
 

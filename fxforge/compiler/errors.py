@@ -46,6 +46,10 @@ class TuningError(FxforgeError):
     """A tuning database is corrupt, partial or made for another target."""
 
 
+class BudgetError(FxforgeError):
+    """A lossy pipeline ends outside its accuracy budget and ``strict=True`` forbids falling back."""
+
+
 def missing_dependency(package: str, extra: str, why: str) -> BackendError:
     """The error for an optional dependency that is not installed."""
     return BackendError(f"{why} needs the '{package}' package: pip install 'fxforge[{extra}]'")

@@ -10,7 +10,8 @@ model, each pass, the backend) on the same validation batches. The first stage m
   data, the largest over batches plus their spread (``verify.error_bound``; with one batch, that batch's error);
 - top-1 agreement: for a 2-D float output (classifier logits), the share of samples whose argmax matches
   the reference's; omitted when the reference rows are unit vectors (embeddings, not logits);
-- metric: ``"agreement"`` (top-1 agreement), ``"cosine"`` (mean cosine), or a callable
+- metric: ``"agreement"`` (top-1 agreement), ``"cosine"`` (mean cosine), ``"min_cosine"`` (the worst sample's
+  cosine: the default accuracy budget's measure for outputs that are not logits), or a callable
   ``metric(outputs, inputs) -> float`` (higher is better), where ``outputs`` holds one entry per validation
   batch (the output tensor, or a tuple for several outputs) and ``inputs`` the batches as given.
 """
@@ -25,8 +26,8 @@ import torch.utils._pytree as pytree
 from .errors import InputError, first_line
 from .verify import compare, error_bound
 
-Metric = Union[None, Literal["agreement", "cosine"], Callable[[list, list], float]]
-METRICS = ("agreement", "cosine")
+Metric = Union[None, Literal["agreement", "cosine", "min_cosine"], Callable[[list, list], float]]
+METRICS = ("agreement", "cosine", "min_cosine")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class Validation:
             return None
         if self.metric == "cosine":
             return quality.cosine_mean
+        if self.metric == "min_cosine":
+            return quality.cosine_min
         if self.metric == "agreement":
             if quality.top1 is None:
                 raise InputError("metric='agreement' needs a 2-D classifier output (batch × classes)")

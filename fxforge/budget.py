@@ -1,0 +1,225 @@
+"""The accuracy budget of ``fxforge.compile``: a lossy pipeline ends within ``max_drop`` of the fp32 model on data.
+
+    drop = m(traced fp32 model) − m(optimized graph)       on the budget's data, m higher-is-better
+
+m is the ``metric`` (compiler/quality.py): ``"agreement"`` (top-1, the reference scores 1), ``"cosine"`` (mean
+per-sample cosine), ``"min_cosine"`` (the worst sample's cosine) or a callable. The ``int8`` and ``all`` presets
+carry a default budget, ``max_drop = 0.01`` with agreement for classifier logits and min cosine otherwise
+(agreement ≥ 0.99, min cosine ≥ 0.99); ``max_drop=`` sets one for any pipeline, ``max_drop=math.inf`` measures
+without a fallback.
+
+The data is ``validation`` when given. Otherwise a held-out split of the calibration batches: every fourth batch
+(batches 3, 7, 11, ...) is held out and never calibrated on; the passes calibrate on the others. With fewer than
+four calibration batches nothing is held out (calibration keeps at least three quarters of the data): the budget
+is not measured, and a warning says so.
+
+When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
+one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option: the layers whose
+quantization alone moves the output most on the budget's data (passes/analysis/sensitivity.py: drop, then
+relative error) stay float, the k most costly for the smallest k found to hold the budget (k = 1, 2, 4, ... until
+it holds, then bisection, which assumes more float layers never cost accuracy). Each try runs the quantizing
+passes on a copy of the graph before them and measures the graph on the budget's data. When even every layer
+float misses, the try with the smallest drop is returned, with a warning. The compiled artifact is measured too
+(int8 kernels round otherwise than the simulated graph): a miss there is warned of, or raised under ``strict``.
+``report.meta["budget"]`` records all of it: metric, data, the drops of every try, each float layer's measured cost.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxforge.compiler.errors import BudgetError, InputError
+from fxforge.compiler.graph import call_nodes
+from fxforge.compiler.ops import WEIGHTED, weight_of
+from fxforge.compiler.pass_manager import Pass, PassContext, PassManager
+from fxforge.compiler.quality import Metric, Quality, Validation
+from fxforge.compiler.report import Report
+from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
+from fxforge.passes.lib.qdq import checked_batches
+
+DEFAULT_MAX_DROP = 0.01
+BUDGETED_PRESETS = ("int8", "all")  # presets that carry the default budget
+
+
+class Budget:
+    """One compile's accuracy budget: how it is measured, the search for float layers, and its record."""
+
+    def __init__(self, max_drop: float, metric: Metric, strict: bool, preset: str | None) -> None:
+        self.max_drop, self.metric, self.strict, self.preset = max_drop, metric, strict, preset
+        self.data: Validation | None = None
+        self.record: dict[str, Any] = {"max_drop": max_drop, "source": f"the {preset} preset's default"
+                                       if preset else "max_drop="}
+
+    @classmethod
+    def of(cls, passes: Any, max_drop: float | None, metric: Metric, strict: bool) -> Budget | None:
+        """The budget ``compile`` holds: ``max_drop`` when given, else the default of a budgeted preset named in
+        ``passes``, else none."""
+        if not isinstance(strict, bool):
+            raise InputError(f"strict must be True or False, got {strict!r}")
+        if max_drop is not None:
+            if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
+                raise InputError(f"max_drop must be a number ≥ 0 (math.inf: measure only), got {max_drop!r}")
+            return cls(float(max_drop), metric, strict, None)
+        items = [passes] if isinstance(passes, (str, Pass)) else list(passes or ())
+        preset = next((i.strip() for i in items if isinstance(i, str) and i.strip() in BUDGETED_PRESETS), None)
+        if preset is None:
+            if strict:
+                raise InputError("strict=True needs an accuracy budget: pass max_drop= (or use the int8/all preset)")
+            return None
+        return cls(DEFAULT_MAX_DROP, metric, strict, preset)
+
+    def hold_out(self, calibration: Iterable[Any] | None, validation: Iterable[Any] | None,
+                 flatten: Callable[[Sequence[Any]], list[torch.Tensor]], example: tuple[torch.Tensor, ...]
+                 ) -> Iterable[Any] | None:
+        """Choose the budget's data: ``validation`` (user inputs, ``flatten`` checks them) or every fourth of the
+        calibration batches (flat input tuples like ``example``, as the passes read them); return the calibration
+        data the passes get, without the held-out batches."""
+        if validation is not None:
+            self.data = Validation.from_user(validation, flatten, self.metric)
+            self.record["data"] = f"validation data ({self.data.samples} samples)"
+            return calibration
+        if calibration is None:
+            raise InputError("max_drop= needs data to measure on: pass validation=[(x1,), ...] or calibration data")
+        batches = list(checked_batches(calibration, example))
+        held = [i for i in range(len(batches)) if i % 4 == 3]
+        if not held:
+            self.record["data"] = None
+            return batches
+        self.data = Validation([batches[i] for i in held], [batches[i] for i in held], self.metric)
+        self.record["data"] = (f"held-out calibration batches {held} ({self.data.samples} samples), never calibrated "
+                               f"on; the passes calibrate on the other {len(batches) - len(held)}")
+        return [b for i, b in enumerate(batches) if i not in held]
+
+    # ------------------------------------------------------------------------------------------ the search
+
+    def fit(self, manager: PassManager, gm: fx.GraphModule, ctx: PassContext) -> PassManager:
+        """Measure ``manager``'s pipeline on the budget's data; when it misses, the pipeline that keeps the fewest
+        most costly layers float and holds the budget (or raise, under ``strict``)."""
+        if self.data is None:
+            self._warn(f"the accuracy budget (max_drop {self.max_drop}) was not measured: give validation= data or "
+                       "at least 4 calibration batches (every fourth is held out)")
+            self.record["outcome"] = "not measured: fewer than 4 calibration batches and no validation data"
+            return manager
+        reference = self.data.measure(gm)
+        self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else \
+            "agreement" if reference.top1 is not None else "min_cosine"
+        self.name = getattr(self.metric, "__name__", "metric") if self.kind == "callable" else self.kind
+        self.reference = self._score(reference)
+        self.record.update(metric=self.name, reference=self.reference)
+        passes = manager.passes
+        at = next((i for i, p in enumerate(passes) if not p.exact and "skip" in p.options()), None)
+        fallback, at = at is not None, at or 0  # without a pass that keeps layers float, one try of every pass
+        before = self._run(passes[:at], gm, ctx)
+        tries: dict[int, float] = {0: self._try(passes[at:], before, ctx, ())}
+        self.record["tries"] = tries
+        label = f"the {self.preset} preset" if self.preset else "the pipeline"
+        what = f"{self.name} drop {tries[0]:.4f} > max_drop {self.max_drop} on {self.record['data']}"
+        if tries[0] <= self.max_drop:
+            self.record.update(outcome="held", float_layers=[])
+            return manager
+        if self.strict:
+            raise BudgetError(f"{label} misses its accuracy budget: {what} (strict=True; without it compile keeps "
+                              "the layers whose quantization costs most float)")
+        if not fallback:
+            self.record.update(outcome="missed: no pass of this pipeline can keep layers float", float_layers=[])
+            self._warn(f"{label} misses its accuracy budget: {what}; no pass of it can keep layers float")
+            return manager
+        setting = str(passes[at])
+        sens = layer_sensitivity(before, self.data.flat, [setting], ctx.target)
+        ranked = sens.changed(setting)
+        k = self._search(ranked, tries, lambda k: self._try(passes[at:], before, ctx, ranked[:k]))
+        weights = {n.name: str(weight_of(n).target) for n in call_nodes(before, *WEIGHTED)
+                   if isinstance(weight_of(n), fx.Node)}
+        self.record["float_layers"] = [{"layer": n, "weight": weights.get(n), **_cost(sens.effects[setting][n])}
+                                       for n in ranked[:k]]
+        kept = f"{k} of {len(ranked)} layers float ({', '.join(f'{n} ({weights.get(n)})' for n in ranked[:k])})"
+        if tries[k] <= self.max_drop:
+            self.record["outcome"] = f"held with {kept}"
+            self._warn(f"{label} missed its accuracy budget ({what}); kept {kept}: drop {tries[k]:.4f}")
+        else:
+            self.record["outcome"] = f"missed: smallest drop {tries[k]:.4f} with {kept}"
+            self._warn(f"{label} cannot meet its accuracy budget ({what}); even the best try, {kept}, drops "
+                       f"{tries[k]:.4f}")
+        return PassManager([*passes[:at], _skipping(passes[at], ranked[:k]), *passes[at + 1:]], verify=manager.verify,
+                           measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
+
+    def _search(self, ranked: list[str], tries: dict[int, float], attempt: Callable[[int], float]) -> int:
+        """The smallest k (float layers, most costly first) whose try holds the budget: k = 1, 2, 4, ... then
+        bisection; the k of the smallest drop when none holds."""
+        fails, holds, k = 0, None, 1
+        while ranked and holds is None:
+            k = min(k, len(ranked))
+            tries[k] = attempt(k)
+            if tries[k] <= self.max_drop:
+                holds = k
+            elif k == len(ranked):
+                return min(tries, key=lambda j: (tries[j], j))
+            else:
+                fails, k = k, 2 * k
+        while holds is not None and holds - fails > 1:
+            mid = (fails + holds) // 2
+            tries[mid] = attempt(mid)
+            fails, holds = (fails, mid) if tries[mid] <= self.max_drop else (mid, holds)
+        return holds if holds is not None else 0
+
+    def _try(self, rest: list[Pass], before: fx.GraphModule, ctx: PassContext, floats: Sequence[str]) -> float:
+        """The drop of ``rest`` run on a copy of ``before``, its first pass keeping ``floats`` float."""
+        if floats:
+            rest = [_skipping(rest[0], floats), *rest[1:]]
+        return self.reference - self._score(self.data.measure(self._run(rest, before, ctx)))
+
+    @staticmethod
+    def _run(passes: Sequence[Pass], gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        """``passes`` on a copy of ``gm``, unverified (the chosen pipeline runs again under compile's checks)."""
+        fresh = PassContext(example_inputs=ctx.example_inputs, target=ctx.target, calibration=ctx.calibration)
+        return PassManager(list(passes), verify="off", measure_latency=False).run(copy.deepcopy(gm), fresh)[0]
+
+    # ------------------------------------------------------------------------------------------ the artifact
+
+    def check(self, run: Callable[..., Any] | None, report: Report, backend: str) -> None:
+        """Measure the compiled artifact (``run``; None when it cannot run here) and record the outcome."""
+        if self.data is None:
+            report.meta["budget"] = self.record
+            return
+        if run is None:
+            self.record["artifact"] = "not measured: the target does not run on this machine"
+        else:
+            drop = self.reference - self._score(self.data.measure(run))
+            self.record["artifact"] = {"drop": drop, "held": drop <= self.max_drop}
+            if drop > self.max_drop and self.record["outcome"].startswith("held"):
+                msg = (f"the {backend} artifact misses the accuracy budget that its graph holds: {self.name} drop "
+                       f"{drop:.4f} > max_drop {self.max_drop} (the backend computes otherwise than the graph, "
+                       "e.g. its int8 kernels round otherwise)")
+                if self.strict:
+                    raise BudgetError(msg)
+                self._warn(msg)
+        report.meta["budget"] = self.record
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _score(self, q: Quality) -> float:
+        if self.kind == "agreement":
+            if q.top1 is None:
+                raise InputError("metric='agreement' needs a 2-D classifier output (batch × classes)")
+            return q.top1
+        return {"cosine": q.cosine_mean, "min_cosine": q.cosine_min}.get(self.kind, q.metric)
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _skipping(p: Pass, layers: Sequence[str]) -> Pass:
+    """``p`` (a pass with a ``skip`` option) keeping ``layers`` float as well."""
+    return type(p)(**{**p.options(), "skip": (*p.options()["skip"], *layers)})
+
+
+def _cost(effect: Effect | str) -> dict[str, Any]:
+    """A float layer's measured cost: what quantizing it alone does to the output on the budget's data."""
+    if isinstance(effect, str):
+        return {"reason": effect}
+    return {"drop": effect.drop, "rel_error": effect.rel_error}

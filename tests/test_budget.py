@@ -1,0 +1,146 @@
+"""The accuracy budget (fxforge/budget.py): measured on held-out calibration data or validation data, layers kept
+float where quantizing them costs most, a one-line warning or BudgetError, the outcome in report.meta."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxforge
+
+
+class Fragile(nn.Module):
+    """A classifier whose first layer reads an input feature scaled by 1000 (its weights undo the scale): int8's
+    per-tensor grid for that layer's input is 1000× too coarse for the 15 other features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        self.register_buffer("scale", torch.ones(16))
+        self.scale[0] = 1000.0
+        with torch.no_grad():
+            self.a.weight[:, 0] /= 1000.0
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x * self.scale)))))
+
+
+def batches(n, rows=64, features=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, features, generator=g),) for _ in range(n)]
+
+
+def compile_warned(model, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = fxforge.compile(model, (torch.randn(2, 16),), **kw)
+    return cm, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_a_fragile_layer_stays_float_and_the_report_says_which_and_why():
+    model, calibration = Fragile().eval(), batches(8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = [c[0].clone() for c in calibration]
+    cm, warned = compile_warned(model, passes=["int8"], calibration=calibration, max_drop=0.05)
+    budget = cm.report.meta["budget"]
+    assert budget["metric"] == "agreement" and budget["tries"][0] > 0.3  # all-int8 loses a third of the top-1
+    assert [f["weight"] for f in budget["float_layers"]] == ["a.weight"]
+    assert budget["float_layers"][0]["drop"] > 0.3 and budget["outcome"].startswith("held with 1 of 3 layers float")
+    assert budget["artifact"]["held"]
+    assert len(warned) == 1 and "kept 1 of 3 layers float (linear (a.weight))" in warned[0]
+    assert "\n" not in warned[0]
+    insert = cm.report.row("insert_qdq").stats
+    assert insert["skipped.by_name"] == 1 and insert["weights"] == 2
+    x = torch.randn(256, 16)
+    with torch.no_grad():
+        agreement = (cm(x).argmax(1) == model(x).argmax(1)).double().mean()
+    assert agreement > 0.95
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the user's model is untouched
+    assert all(torch.equal(c[0], k) for c, k in zip(calibration, kept))
+
+
+def test_strict_raises_the_named_error_in_one_line():
+    with pytest.raises(fxforge.BudgetError, match=r"^the int8 preset misses its accuracy budget: agreement drop "
+                                                   r"0\.\d+ > max_drop 0\.01 on held-out calibration batches \[3, 7\]"
+                                                   r"[^\n]*\(strict=True; [^\n]*\)$"):
+        fxforge.compile(Fragile().eval(), (torch.randn(2, 16),), passes=["int8"], calibration=batches(8), strict=True)
+
+
+def test_the_held_out_batches_are_never_calibrated_on():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(9, 32), max_drop=math.inf)
+    budget = cm.report.meta["budget"]
+    assert budget["data"].startswith("held-out calibration batches [3, 7] (64 samples), never calibrated on")
+    assert cm.report.row("calibrate").stats["batches"] == 7 and budget["outcome"] == "held" and not warned
+
+
+def test_a_budget_that_holds_changes_nothing_and_validation_data_is_used_when_given():
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    validation = batches(2, 128, seed=7)
+    plain = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], calibration=batches(4), max_drop=math.inf)
+    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(3), validation=validation)
+    budget = cm.report.meta["budget"]
+    assert budget["source"] == "the int8 preset's default" and budget["data"] == "validation data (256 samples)"
+    assert budget["outcome"] == "held" and budget["tries"][0] <= 0.01 and not warned
+    assert cm.report.row("calibrate").stats["batches"] == 3  # validation given: every calibration batch is used
+    assert "skip" not in cm.report.row("insert_qdq").stage and plain.report.meta["budget"]["data"].startswith("held")
+
+
+def test_outputs_that_are_not_logits_are_held_to_the_min_cosine():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
+    cm, _ = compile_warned(model, passes=["int8"], calibration=batches(4))
+    assert cm.report.meta["budget"]["metric"] == "min_cosine"
+
+
+def test_fewer_than_four_calibration_batches_hold_none_out_and_say_so():
+    model = nn.Sequential(nn.Linear(16, 4)).eval()
+    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(3))
+    assert warned == ["the accuracy budget (max_drop 0.01) was not measured: give validation= data or at least 4 "
+                      "calibration batches (every fourth is held out)"]
+    assert cm.report.row("calibrate").stats["batches"] == 3
+    assert cm.report.meta["budget"]["outcome"].startswith("not measured")
+
+
+def test_a_pipeline_without_float_fallback_warns_of_its_miss():
+    """Pruning half the channels misses any budget, and no pass of the pipeline can keep a layer float."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    cm, warned = compile_warned(model, passes=["prune_channels{ratio=0.5}"], validation=batches(2, 128),
+                                metric="cosine", max_drop=0.001)
+    assert len(warned) == 1 and warned[0].startswith("the pipeline misses its accuracy budget: cosine drop 0.")
+    assert warned[0].endswith("no pass of it can keep layers float")
+    with pytest.raises(fxforge.BudgetError, match="^the pipeline misses its accuracy budget: cosine drop"):
+        fxforge.compile(model, (torch.randn(2, 16),), passes=["prune_channels{ratio=0.5}"],
+                        validation=batches(2, 128), metric="cosine", max_drop=0.001, strict=True)
+
+
+def test_a_callable_metric_is_budgeted_against_the_reference_score():
+    def positive_share(outputs, inputs):
+        return float(torch.cat([o for o in outputs]).gt(0).double().mean())
+
+    model = Fragile().eval()
+    cm, _ = compile_warned(model, passes=["int8"], calibration=batches(8), validation=batches(2, 128, seed=3),
+                           metric=positive_share, max_drop=0.02)
+    budget = cm.report.meta["budget"]
+    assert budget["metric"] == "positive_share" and 0 < budget["reference"] < 1
+    assert budget["tries"][max(budget["tries"])] <= 0.02 or budget["outcome"].startswith("missed")
+
+
+def test_bad_calibration_batches_are_named_as_calibration_errors():
+    with pytest.raises(fxforge.CalibrationError, match=r"^calibration batch 2 must be a tuple of 1 tensor"):
+        fxforge.compile(Fragile().eval(), (torch.randn(2, 16),), passes=["int8"],
+                        calibration=[*batches(2), (torch.randn(2, 16), torch.zeros(2)), *batches(2)])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_drop": -0.1}, r"^max_drop must be a number ≥ 0 \(math\.inf: measure only\), got -0\.1$"),
+    ({"max_drop": "1%"}, r"^max_drop must be a number ≥ 0"),
+    ({"strict": True, "passes": ["fuse"]}, r"^strict=True needs an accuracy budget: pass max_drop="),
+    ({"max_drop": 0.01, "passes": ["fuse"]}, r"^max_drop= needs data to measure on: pass validation="),
+])
+def test_bad_budget_arguments_are_one_line_input_errors(kw, message):
+    model = nn.Linear(4, 2).eval()
+    with pytest.raises(fxforge.InputError, match=message):
+        fxforge.compile(model, (torch.randn(2, 4),), **kw)
