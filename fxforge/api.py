@@ -14,7 +14,8 @@ import torch.fx as fx
 
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.budget import Budget
-from fxforge.compiler.errors import CalibrationError, InputError, first_line, missing_calibration, missing_train
+from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputError, TargetError, first_line,
+                                     missing_calibration, missing_train)
 from fxforge.compiler.pass_manager import (Pass, PassContext, PassManager, VerifyMode, calibration_readers,
                                            train_readers)
 from fxforge.compiler.quality import Metric, Validation
@@ -85,7 +86,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             ``int8`` and ``all`` presets default to 0.01 (agreement for classifier logits, else min cosine);
             ``math.inf`` measures only. A miss keeps the layers whose quantization costs most float, with a
             warning; ``report.meta["budget"]`` records the outcome.
-        strict: raise ``BudgetError`` instead of keeping layers float when the pipeline misses its budget.
+        strict: raise ``BudgetError`` instead of keeping layers float when the pipeline misses its budget, and
+            ``TargetError`` instead of warning when the artifact would run elsewhere than ``target`` (e.g. the
+            onnx backend without ONNX Runtime's CUDA provider for ``target="cuda"``).
         **backend_options: options of the backend, checked before any work: ``onnx`` takes ``opset`` and ONNX
             Runtime session options (``intra_op_num_threads``, ``graph_optimization_level``, ...); ``tvm``
             takes ``tune={"trials": N, "db": DIR, ...}`` (docs/tuning.md).
@@ -123,7 +126,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     gm, report = manager.run(gm, ctx)
     times["passes"] = time.perf_counter() - start
     start = time.perf_counter()
-    artifact = be.lower(gm, flat, signature, tgt, **backend_options)
+    artifact = _lower(be, gm, flat, signature, tgt, strict, backend_options)
     times["backend"] = time.perf_counter() - start
     row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True, time_s=times["backend"],
                               latency_ms=None, max_rel_err=None, cosine=None, stats={})
@@ -148,6 +151,19 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                                                f"{', '.join(gm.meta['input_writes_dropped'])}; the compiled model "
                                                "returns the same outputs without writing back")
     return CompiledModel(gm, artifact, report)
+
+
+def _lower(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: Target, strict: bool,
+           options: dict[str, Any]) -> Artifact:
+    """The backend's artifact; under ``strict`` one that would run elsewhere than ``tgt`` is a TargetError."""
+    if not strict:
+        return be.lower(gm, flat, signature, tgt, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        try:
+            return be.lower(gm, flat, signature, tgt, **options)
+        except FallbackWarning as w:
+            raise TargetError(f"{w} (strict=True)") from None
 
 
 def _check_calibration(manager: PassManager, calibration: Iterable[Any] | None) -> None:

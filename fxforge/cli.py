@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--verify", default="numerics", choices=("off", "lint", "numerics"),
                       help="check passes and the backend against the model (default: numerics)")
     comp.add_argument("--static-batch", action="store_true", help="compile for the example batch size only")
+    comp.add_argument("--max-drop", type=float, metavar="X", help="accuracy budget: end within X of the fp32 model "
+                      "on --validation (or held-out calibration batches); int8/all default to 0.01")
+    comp.add_argument("--strict", action="store_true", help="fail instead of keeping layers float when the budget "
+                      "is missed, and instead of warning when the artifact runs elsewhere than --target")
     comp.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                       help="an option of the backend (repeatable), e.g. --backend-option tune={'trials':16}")
     comp.add_argument("--tuning-db", metavar="DIR", help="tvm backend: apply this MetaSchedule database (from "
@@ -204,7 +208,8 @@ def _compile(args: argparse.Namespace) -> int:
     validation = _calibration(args.validation, "validation") if args.validation else None
     cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend=args.backend,
                          target=args.target, calibration=calibration, validation=validation, verify=args.verify,
-                         measure_latency=args.latency, static_batch=args.static_batch, **options)
+                         measure_latency=args.latency, static_batch=args.static_batch, max_drop=args.max_drop,
+                         strict=args.strict, **options)
     print(cm.report)
     if args.out:
         print(f"artifact: {cm.save(args.out)}")

@@ -39,6 +39,8 @@ def test_compile_writes_a_loadable_artifact(tmp_path, capsys):
     (["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "fusion"], "unknown pass 'fusion'"),
     (["compile", "models:Mlp", "--input-shape", "4,32", "--target", "mars"], "unknown target 'mars'"),
     (["compile", "models:Mlp", "--input-shape", "4,32", "--dtype", "float99"], "unknown dtype"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--backend", "onnx", "--target", "cuda", "--strict"],
+     "lacks CUDAExecutionProvider; the artifact runs on CPUExecutionProvider (strict=True)"),
     (["compile", "models:accuracy", "--input-shape", "4,32"], "accuracy() failed"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(argv, message, capsys):

@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler import dynamic_quant
-from fxforge.compiler.errors import ANSI, BackendError, first_line, missing_dependency
+from fxforge.compiler.errors import ANSI, BackendError, FallbackWarning, first_line, missing_dependency
 from fxforge.compiler.graph import fusion_groups
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, batch_dynamic
@@ -154,7 +154,7 @@ class OnnxBackend(Backend):
         missing = [p for p in target.ort_providers if p not in session.get_providers()]
         if missing:
             warnings.warn(f"target {target.name!r}: this onnxruntime lacks {', '.join(missing)}; the artifact runs "
-                          f"on {', '.join(session.get_providers())}", RuntimeWarning, stacklevel=2)
+                          f"on {', '.join(session.get_providers())}", FallbackWarning, stacklevel=2)
         info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
                 **({"ort_missing_providers": missing} if missing else {}),

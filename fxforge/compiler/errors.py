@@ -46,6 +46,11 @@ class TuningError(FxforgeError):
     """A tuning database is corrupt, partial or made for another target."""
 
 
+class FallbackWarning(RuntimeWarning):
+    """The artifact runs somewhere other than asked (e.g. on the CPU for a CUDA target whose execution provider
+    is missing); ``compile(..., strict=True)`` turns it into a ``TargetError``."""
+
+
 class BudgetError(FxforgeError):
     """A lossy pipeline ends outside its accuracy budget and ``strict=True`` forbids falling back."""
 

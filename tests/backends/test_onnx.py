@@ -114,6 +114,16 @@ def test_cuda_target_uses_cuda_provider_when_this_onnxruntime_has_it():
         assert compare([cm(x)], [model(x)]).max_rel < 1e-4
 
 
+def test_strict_refuses_an_artifact_that_would_run_elsewhere_than_its_target():
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: nothing falls back")
+    model, (x,) = ZOO["mlp"]()
+    with pytest.raises(fxforge.TargetError, match=r"^target 'cuda': this onnxruntime lacks CUDAExecutionProvider; "
+                                                  r"the artifact runs on CPUExecutionProvider \(strict=True\)$"):
+        fxforge.compile(model, (x,), backend="onnx", target="cuda", strict=True)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"threads": 2}, "unknown onnx backend option.*threads"),
     ({"graph_optimization_level": "max"}, "graph_optimization_level must be one of"),
