@@ -136,6 +136,23 @@ def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks():
         assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.999
 
 
+def test_int8_dynamic_keeps_skip_layernorm_fusion_in_every_layer():
+    """smooth_quant smooths each post-norm LayerNorm in place (its residual reads y'·s), so every residual
+    add → LayerNorm stays ORT's SkipLayerNormalization in the int8 graph (a duplicated LayerNorm kept 1 of 4)."""
+    model = _encoder()
+    cm = fxforge.compile(model, _tokens(4, 0), passes="int8_dynamic", backend="onnx", measure_latency=False,
+                         calibration=[_tokens(4, s) for s in range(1, 4)])
+    assert cm.report.row("smooth_quant").stats["rescaled"] == 2 * LAYERS
+    ops = cm.artifact.info["ort_transformer_ops"]  # from ORT's optimized graph
+    assert ops["SkipLayerNormalization"] == 2 * LAYERS
+    assert ops["LayerNormalization"] == 1  # the embeddings'
+    assert ops["MultiHeadAttention"] == LAYERS
+    assert sum(cm.artifact.info["ort_int8_ops"].values()) == 6 * LAYERS
+    inputs = _tokens(3, 7)
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.999
+
+
 class Gpt2(nn.Module):
     """transformers' GPT2LMHeadModel without its KV cache (``use_cache=False``): (ids, mask) → logits."""
 

@@ -51,7 +51,7 @@ def test_layernorm_two_linears_before_expected():
     torch.testing.assert_close(beta.double(), model.norm.bias.double() / s, rtol=1e-6, atol=0)
     torch.testing.assert_close(wq.double(), model.q.weight.double() * s, rtol=1e-6, atol=0)
     torch.testing.assert_close(wk.double(), model.k.weight.double() * s, rtol=1e-6, atol=0)
-    assert report.row("smooth_quant").stats == {"layernorms": 1, "linears": 2, "duplicated": 0}
+    assert report.row("smooth_quant").stats == {"layernorms": 1, "linears": 2, "rescaled": 0}
     # the outlier channel's activation range is now that of its weights: max|y_j / s_j| = sqrt(a_j · w_j)
     smoothed = (a / s)
     assert smoothed.max() / smoothed.min() < a.max() / a.min() / 4
@@ -70,13 +70,20 @@ def test_alpha_sets_the_share_moved_into_the_weights(alpha):
     assert error_vs_eager(gm, model, flat).max_rel < 1e-5
 
 
-def test_a_layernorm_also_read_by_the_residual_is_duplicated():
+def test_a_layernorm_also_read_by_the_residual_is_smoothed_in_place_before_expected():
+    """Before: y = norm(x) → q(y) + y[..., :4], k(y).  Expected: y' = norm'(x) (γ/s, β/s) → q'(y'), k'(y'),
+    and the residual reads mul(y', s): still one LayerNorm, whose input add stays fusable by ONNX Runtime."""
     model = PostNorm().eval()
     gm, report, flat = apply(model, (torch.randn(2, 3, 6),), ["smooth_quant"])
-    assert report.row("smooth_quant").stats == {"layernorms": 1, "linears": 2, "duplicated": 1}
-    assert count(gm, "layer_norm") == 2
-    original, smoothed = tensors(gm, "layer_norm")
-    assert torch.equal(original[0], model.norm.weight) and not torch.equal(smoothed[0], model.norm.weight)
+    assert report.row("smooth_quant").stats == {"layernorms": 1, "linears": 2, "rescaled": 1}
+    assert count(gm, "layer_norm") == 1 and count(gm, "mul") == 1
+    norm, = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__.startswith("layer_norm")]
+    mul, = [u for u in norm.users if u.target.__name__.startswith("mul")]
+    assert sorted(u.target.__name__.split(".")[0] for u in norm.users) == ["linear", "linear", "mul"]
+    assert [u.target.__name__.split(".")[0] for u in mul.users] == ["slice"]
+    (gamma, _), = tensors(gm, "layer_norm")
+    s = get_tensor(gm, mul.args[1])
+    torch.testing.assert_close(gamma * s, model.norm.weight.detach(), rtol=1e-6, atol=0)
     assert error_vs_eager(gm, model, flat).max_rel < 1e-5
     assert torch.equal(model.norm.weight[2], torch.tensor(30.0))  # the user's model is not mutated
 
@@ -101,5 +108,6 @@ def test_bert_is_exact_on_fresh_inputs():
     layers = len(model.bert.encoder.layer)
     # each block: the embedding/previous LayerNorm feeds query, key, value; the attention LayerNorm the FFN input
     assert stats["layernorms"] == 2 * layers and stats["linears"] == 4 * layers
-    assert stats["duplicated"] == 2 * layers  # post-norm: every LayerNorm also carries the residual
+    assert stats["rescaled"] == 2 * layers  # post-norm: every LayerNorm also carries the residual
+    assert count(gm, "layer_norm") == 2 * layers + 1  # smoothed in place, none duplicated
     assert error_vs_eager(gm, model, flat).max_rel < 1e-5
