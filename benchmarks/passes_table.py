@@ -27,7 +27,7 @@ PIPELINES = [
     ["fuse", "low_rank{rank_ratio=0.25}"],
     ["fuse", "low_rank{method='tucker2',rank_ratio=0.25}"],
     ["fuse", "depthwise_separable{multiplier=2}"],
-    ["compress"],
+    ["fuse", "dead_channels", "low_rank"],  # the former compress preset (compress now reads calibration data)
 ]
 MODELS = {"ResNet-18": "resnet18", "MobileNetV2": "mobilenet_v2"}
 

@@ -56,23 +56,31 @@ class LowRank(Pass):
     budget: Literal["flops", "latency"] = "flops"
     method: Literal["svd", "tucker2"] = "svd"
     flops: float | None = None  # a goal: at most this fraction of the input's FLOPs, chosen per layer
+    max_error: float | None = None  # a cap on the summed per-layer damage of the splits, chosen per layer
 
     def __post_init__(self) -> None:
         check_fraction("energy", self.energy)
         check_fraction("rank_ratio", self.rank_ratio)
         check_fraction("flops", self.flops)
-        if self.flops is not None and (self.method != "svd" or self.rank_ratio is not None):
-            raise ValueError("flops chooses each layer's SVD rank: it takes neither method='tucker2' nor rank_ratio")
+        check_fraction("max_error", self.max_error)
+        if self.per_layer and (self.method != "svd" or self.rank_ratio is not None):
+            raise ValueError("flops and max_error choose each layer's SVD rank: they take neither method='tucker2' "
+                             "nor rank_ratio")
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether each layer's rank is chosen from measured sensitivity (a flops goal or an error cap)."""
+        return self.flops is not None or self.max_error is not None
 
     @property
     def reads_calibration(self) -> bool:  # type: ignore[override]
-        return self.flops is not None  # the per-layer sensitivities are measured on calibration data
+        return self.per_layer  # the per-layer sensitivities are measured on calibration data
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
         stats: Counter = Counter()
-        rules = self.choose(gm, ctx, rec, stats) if self.flops is not None else None
-        if rules is None and self.flops is not None:
+        rules = self.choose(gm, ctx, rec, stats) if self.per_layer else None
+        if rules is None and self.per_layer:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
         for node in list(call_nodes(gm, *WEIGHTED)):
             rule = self if rules is None else rules.get(node.name)
@@ -86,12 +94,12 @@ class LowRank(Pass):
 
     def choose(self, gm: fx.GraphModule, ctx: PassContext, rec: Recording,
                stats: Counter) -> dict[str, LowRank] | None:
-        """Layer → the LowRank (rank ratio of LADDER) that splits it under the flops goal; None when the goal
-        cannot be met (counted in stats)."""
+        """Layer → the LowRank (rank ratio of LADDER) that splits it under the flops goal and error cap; None
+        when the goal cannot be met or nothing fits the cap (counted in stats)."""
         rules = [LowRank(rank_ratio=ratio, budget=self.budget) for ratio in LADDER]
         chosen = plan_splits(gm, ctx, rec, self.name, rules, lambda rule, node, w: rule.stages(node, w),
                              list(call_nodes(gm, *WEIGHTED)), self.flops,
-                             self.budget == "latency" and ctx.target.runs_on_host, stats)
+                             self.budget == "latency" and ctx.target.runs_on_host, stats, self.max_error)
         for layer, rule in (chosen or {}).items():
             stats[f"rank_ratio.{layer}"] = rule.rank_ratio
         return chosen

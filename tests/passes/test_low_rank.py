@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxforge
+import fxforge.zoo
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import get_tensor
 from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
@@ -220,6 +221,24 @@ def test_a_flops_goal_that_cannot_be_met_changes_nothing_and_says_so():
     assert weights(gm, "linear") == [(64, 64), (64, 64)] and report.final.max_rel_err == 0
 
 
+def test_an_error_cap_splits_only_what_fits_it():
+    """Before: linear(64→64, rank 2) → relu → linear(64→64, full rank). Cap 1 %: splitting ``a`` at rank 4 is
+    exact, any split of ``b`` costs far more. Expected: a → linear(64→4) → linear(4→64); b untouched."""
+    model = LowThenFull().eval()
+    gm, report, flat = apply(model, batches()[0], [LowRank(max_error=0.01)], calibration=batches())
+    assert weights(gm, "linear") == [(4, 64), (64, 4), (64, 64)]
+    stats = report.row("low_rank").stats
+    assert stats["rank_ratio.linear"] == 0.0625 and stats["skipped.not_chosen"] == 1
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-4
+
+
+def test_an_error_cap_nothing_fits_changes_nothing_and_says_so():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()  # random: full rank
+    gm, report, _ = apply(model, batches()[0], [LowRank(max_error=0.01)], calibration=batches())
+    assert report.row("low_rank").stats == {"skipped.nothing_within_error": 1}
+    assert weights(gm, "linear") == [(64, 64), (64, 64)] and report.final.max_rel_err == 0
+
+
 def test_a_flops_goal_needs_calibration_data():
     model, (x,) = LowThenFull().eval(), batches()[0]
     with pytest.raises(fxforge.CalibrationError, match="pass 'low_rank' needs calibration data"):
@@ -231,7 +250,8 @@ def test_a_flops_goal_needs_calibration_data():
 @pytest.mark.parametrize("make", [lambda: LowRank(energy=0.0), lambda: LowRank(rank_ratio=1.5),
                                   lambda: resolve("low_rank{method='cp'}"), lambda: resolve("low_rank{budget=1}"),
                                   lambda: LowRank(flops=0.5, rank_ratio=0.5), lambda: LowRank(flops=1.5),
-                                  lambda: LowRank(flops=0.5, method="tucker2")])
+                                  lambda: LowRank(flops=0.5, method="tucker2"),
+                                  lambda: LowRank(max_error=0.01, rank_ratio=0.5), lambda: LowRank(max_error=0.0)])
 def test_bad_options_are_refused(make):
     with pytest.raises(PassError):
         make()
@@ -285,11 +305,28 @@ def test_compile_fuse_low_rank_end_to_end():
         assert compare([truncated(fresh)], [truncated.graph_module(fresh)[0]]).max_rel < 1e-6
 
 
-def test_compress_preset_runs_fuse_dead_channels_low_rank():
+def test_compress_preset_runs_fuse_dead_channels_low_rank_under_an_error_cap():
     model, example = ZOO["convbnrelu"]()
-    cm = fxforge.compile(model, example, passes="compress", measure_latency=False)
+    calibration = [tuple(torch.randn_like(x) for x in example) for _ in range(2)]
+    cm = fxforge.compile(model, example, passes="compress", calibration=calibration, measure_latency=False)
     stages = [r.stage.split("{")[0] for r in cm.report.rows]
     assert stages[-3:] == ["dead_channels", "low_rank", "backend:eager"] and "fuse_batchnorm" in stages
+    low_rank = resolve("compress")[-1]
+    assert (low_rank.max_error, low_rank.budget) == (0.02, "latency")
+
+
+def test_compress_keeps_a_trained_cnn_within_one_percent_or_changes_nothing_and_says_so():
+    """The trained digits CNN (≈99 % test accuracy): compress either splits layers and keeps ≥ 99 % top-1
+    agreement with eager on the 397 held-out test digits, or leaves the model unchanged and says why."""
+    model, (x_train, _, x_test, _) = fxforge.zoo.digits_cnn()
+    calibration = [(b,) for b in x_train[:512].split(64)]
+    cm = fxforge.compile(model, calibration[0], passes="compress", calibration=calibration, measure_latency=False)
+    stats = cm.report.row("low_rank").stats
+    with torch.no_grad():
+        agreement = float((cm(x_test).argmax(1) == model(x_test).argmax(1)).double().mean())
+    assert agreement >= 0.99
+    if not stats.get("split"):
+        assert stats == {"skipped.nothing_within_error": 1} and agreement == 1.0
 
 
 def test_layers_dead_channels_emptied_are_skipped():

@@ -19,6 +19,7 @@ def test_presets_expand_to_their_documented_pipelines():
     assert _names("int8") == fuse + quantize
     assert _names("all") == fuse + ["dead_channels", "low_rank"] + quantize
     assert _names("int8_dynamic") == fuse + ["smooth_quant", "insert_qdq"]
+    assert str(resolve("compress")[-1]) == "low_rank{budget='latency',max_error=0.02}"
     assert resolve("int8_dynamic")[-1].activations == "dynamic"
 
 

@@ -15,13 +15,15 @@ layer unchanged records the pass's reason instead (``"rank_too_high"``); this mo
 Summing drops over layers is the first-order model the search uses to predict, and skip, settings
 (as mixed-precision methods such as HAWQ do with their per-layer sensitivities).
 
-:func:`plan` is the per-layer decision rule of the passes that take a global goal (``low_rank{flops=0.5}``):
-given the FLOPs each (layer, setting) saves, it takes the moves cheapest in accuracy per FLOP saved first,
+:func:`plan` is the per-layer decision rule of the passes that take a global goal (``low_rank{flops=0.5}``) or an
+error cap (``low_rank{max_error=0.02}``): given the FLOPs each (layer, setting) saves, it takes the moves
+cheapest in accuracy per FLOP saved first,
 
     order by  (drop(ℓ, σ) / saved(ℓ, σ),  rel(ℓ, σ) / saved(ℓ, σ))  ascending,
 
 replacing a layer's earlier choice only by one that saves more, until the goal's saving is reached; when even
-the largest saving of every layer together falls short it chooses nothing.
+the largest saving of every layer together falls short it chooses nothing. Under an error cap a move is taken only
+while the summed max(drop, rel) of the chosen moves stays within the cap.
 """
 from __future__ import annotations
 
@@ -82,38 +84,55 @@ def agreement(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]], settings: Sequence[str],
-                      target: Target) -> Sensitivity:
-    """Effect of each setting on each conv/linear layer of ``gm`` alone, on the calibration ``batches``."""
+                      target: Target, only: dict[str, set[str]] | None = None) -> Sensitivity:
+    """Effect of each setting on each conv/linear layer of ``gm`` alone, on the calibration ``batches``
+    (with ``only``: on the layers ``only[setting]`` names, the candidates a caller already narrowed down)."""
     reference, ranges = _reference(gm, batches)
     layers = [n.name for n in call_nodes(gm, *WEIGHTED)]
     result = Sensitivity(layers)
     for setting in settings:
         prepare = _preparation(setting, ranges, target)
         result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference)
-                                   for n in call_nodes(gm, *WEIGHTED)}
+                                   for n in call_nodes(gm, *WEIGHTED)
+                                   if only is None or n.name in only.get(setting, ())}
     return result
 
 
-def plan(sens: Sensitivity, saved: dict[tuple[str, str], float], need: float) -> dict[str, str] | None:
-    """Layer → setting saving at least ``need`` FLOPs, cheapest in accuracy per FLOP first; None when the
-    savings of all layers together fall short. ``saved[(setting, layer)]`` is what that change saves (> 0)."""
+def plan(sens: Sensitivity, saved: dict[tuple[str, str], float], need: float | None,
+         max_error: float | None = None) -> dict[str, str] | None:
+    """Layer → setting, cheapest in accuracy per FLOP first, saving at least ``need`` FLOPs (None: as many as
+    ``max_error`` allows); None when the goal cannot be met. ``saved[(setting, layer)]`` is what that change
+    saves (> 0). With ``max_error`` a move is taken only while the chosen moves' summed damage, max(drop, rel)
+    each (first order), stays at most ``max_error``."""
     moves = [(e.drop / gain, e.rel_error / gain, setting, layer) for (setting, layer), gain in saved.items()
-             if gain > 0 and isinstance(e := sens.effects[setting].get(layer), Effect)]
+             if gain > 0 and isinstance(e := sens.effects[setting].get(layer), Effect)
+             and (max_error is None or _damage(e) <= max_error)]
     best: dict[str, float] = {}
     for *_, setting, layer in moves:
         best[layer] = max(best.get(layer, 0.0), saved[(setting, layer)])
-    if sum(best.values()) < need:
+    if need is not None and sum(best.values()) < need:
         return None
     chosen: dict[str, str] = {}
-    total = 0.0
+    total, error = 0.0, 0.0
     for *_, setting, layer in sorted(moves):
-        if total >= need:
+        if need is not None and total >= need:
             break
         before = saved[(chosen[layer], layer)] if layer in chosen else 0.0
-        if saved[(setting, layer)] > before:
+        err_before = _damage(sens.effects[chosen[layer]][layer]) if layer in chosen else 0.0
+        grown = error - err_before + _damage(sens.effects[setting][layer])
+        if saved[(setting, layer)] > before and (max_error is None or grown <= max_error):
             chosen[layer] = setting
             total += saved[(setting, layer)] - before
+            error = grown
+    if need is not None and total < need:
+        return None
     return chosen
+
+
+def _damage(effect: Effect | str) -> float:
+    """What an error cap charges a move: its top-1 drop or its relative output error, whichever is larger."""
+    assert isinstance(effect, Effect)
+    return max(effect.drop, effect.rel_error)
 
 
 class _Run(fx.Interpreter):

@@ -169,19 +169,20 @@ def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: t
 
 def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str, rules: Sequence[Pass],
                 stages_of: Callable[[Pass, fx.Node, torch.Tensor], list[Stage] | str], layers: Sequence[fx.Node],
-                goal: float, timed: bool, stats: Counter) -> dict[str, Pass] | None:
+                goal: float | None, timed: bool, stats: Counter,
+                max_error: float | None = None) -> dict[str, Pass] | None:
     """Layer name → the rule (one of ``rules``, e.g. the pass at several ranks) that splits it, so that the graph
     keeps at most ``goal`` of its FLOPs: each rule's effect on each layer alone is measured on the calibration
     data (the sensitivity analysis asks the rule's ``layer_effect``), ``stages_of(rule, node, weight)`` gives the
     stages (FLOPs saved: the layer's FLOPs × (1 − Σ stage weights / layer weight), all at the layer's output
     positions), and ``sensitivity.plan`` takes the cheapest in accuracy per FLOP first. With ``timed`` a split
-    that does not time faster on its recorded input is no candidate. None when the goal cannot be met
-    (``skipped.flops_goal_unreachable`` and ``flops_reachable`` in stats)."""
+    that does not time faster on its recorded input is no candidate. ``max_error`` caps the summed per-layer
+    damage (``sensitivity.plan``); with ``goal`` None the splits go as far as that cap allows. None when the
+    goal cannot be met (``skipped.flops_goal_unreachable`` and ``flops_reachable`` in stats) or no split fits
+    the cap (``skipped.nothing_within_error``)."""
     if ctx.calibration is None:
         raise missing_calibration(owner)
     by_spec = {str(r): r for r in rules}
-    sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), list(by_spec),
-                             ctx.target)
     flops = ctx.analysis(Flops, gm)
     total = sum(flops.values())
     saved: dict[tuple[str, str], float] = {}
@@ -196,7 +197,15 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
                 continue
             kept = sum(st.weight.numel() for st in stages) / weight.numel()
             saved[(spec, node.name)] = flops.get(node.name, 0) * (1 - kept)
-    chosen = plan(sens, saved, total * (1 - goal))
+    candidates: dict[str, set[str]] = {}
+    for spec, layer in saved:
+        candidates.setdefault(spec, set()).add(layer)
+    sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), list(by_spec),
+                             ctx.target, only=candidates)  # only candidates: timing refusals cost no model runs
+    chosen = plan(sens, saved, None if goal is None else total * (1 - goal), max_error)
+    if chosen is not None and not chosen:
+        stats["skipped.nothing_within_error"] = 1
+        return None
     if chosen is None:
         best: dict[str, float] = {}
         for (_, layer), gain in saved.items():

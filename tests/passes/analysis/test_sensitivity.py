@@ -127,3 +127,16 @@ def test_plan_takes_the_cheapest_in_accuracy_per_flop_first():
     assert plan(sens, saved, 150) == {"b": "quarter", "a": "quarter"}
     assert plan(sens, saved, 151) == {"b": "quarter", "a": "quarter", "c": "half"}
     assert plan(sens, saved, 201) is None  # 75 + 75 + 50 is all there is
+
+
+def test_plan_under_an_error_cap_takes_moves_while_their_summed_damage_fits():
+    sens = Sensitivity(["a", "b", "c"], {
+        "half": {"a": Effect(0.0, 0.010), "b": Effect(0.0, 0.004), "c": Effect(0.25, 0.001)},
+        "quarter": {"a": Effect(0.0, 0.030), "b": Effect(0.0, 0.008), "c": "rank_too_high"}})
+    saved = {("half", "a"): 50, ("half", "b"): 50, ("half", "c"): 50, ("quarter", "a"): 75, ("quarter", "b"): 75}
+    assert plan(sens, saved, None, max_error=0.005) == {"b": "half"}  # b deeper would cost 0.008
+    assert plan(sens, saved, None, max_error=0.02) == {"b": "quarter", "a": "half"}  # 0.008 + 0.010
+    assert plan(sens, saved, None, max_error=0.1) == {"b": "quarter", "a": "quarter"}  # c flips a top-1: 0.25
+    assert plan(sens, saved, None, max_error=0.001) == {}  # nothing fits
+    assert plan(sens, saved, 100, max_error=0.005) is None  # the goal needs more than the cap allows
+    assert plan(sens, saved, 40, max_error=0.02) == {"b": "half"}  # a goal still stops the planning
