@@ -27,12 +27,12 @@ def _model(name: str, size: int):
 
 
 CASES = [
-    pytest.param("resnet18", 64, "compress", id="resnet18-compress"),
+    pytest.param("resnet18", 64, "fuse,dead_channels,low_rank", id="resnet18-low_rank_energy"),
     pytest.param("mobilenet_v2", 64, "fuse,low_rank{rank_ratio=0.5}", id="mobilenet_v2-low_rank",
                  marks=pytest.mark.slow),
-    pytest.param("efficientnet_b0", 64, "compress", id="efficientnet_b0-compress", marks=pytest.mark.slow),
-    pytest.param("inception_v3", 96, "compress", id="inception_v3-compress", marks=pytest.mark.slow),
-    pytest.param("wide_resnet50_2", 64, "compress", id="wide_resnet50_2-compress", marks=pytest.mark.slow),
+    pytest.param("efficientnet_b0", 64, "fuse,dead_channels,low_rank", id="efficientnet_b0-low_rank_energy", marks=pytest.mark.slow),
+    pytest.param("inception_v3", 96, "fuse,dead_channels,low_rank", id="inception_v3-low_rank_energy", marks=pytest.mark.slow),
+    pytest.param("wide_resnet50_2", 64, "fuse,dead_channels,low_rank", id="wide_resnet50_2-low_rank_energy", marks=pytest.mark.slow),
 ]
 
 
