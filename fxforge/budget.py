@@ -42,7 +42,8 @@ from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
 from fxforge.passes.lib.qdq import checked_batches
 
 DEFAULT_MAX_DROP = 0.01
-BUDGETED_PRESETS = ("int8", "all")  # presets that carry the default budget
+BUDGETED_PRESETS = ("int8", "all")
+NAMED = 5  # float layers a warning names (report.meta["budget"]["float_layers"] lists every one, with its cost)  # presets that carry the default budget
 
 
 class Budget:
@@ -134,7 +135,9 @@ class Budget:
                    if isinstance(weight_of(n), fx.Node)}
         self.record["float_layers"] = [{"layer": n, "weight": weights.get(n), **_cost(sens.effects[setting][n])}
                                        for n in ranked[:k]]
-        kept = f"{k} of {len(ranked)} layers float ({', '.join(f'{n} ({weights.get(n)})' for n in ranked[:k])})"
+        named = ", ".join(f"{n} ({weights.get(n)})" for n in ranked[:min(k, NAMED)])
+        more = f" and {k - NAMED} more, listed in report.meta['budget']" if k > NAMED else ""
+        kept = f"{k} of {len(ranked)} layers float ({named}{more})"
         if tries[k] <= self.max_drop:
             self.record["outcome"] = f"held with {kept}"
             self._warn(f"{label} missed its accuracy budget ({what}); kept {kept}: drop {tries[k]:.4f}")

@@ -83,7 +83,7 @@ class Report:
                                                   ("metric", "metric"))
                     if any(getattr(r, key) is not None for r in self.rows)]
         head += [name for name, _ in optional] + ["stats"]
-        body = [[r.stage, f"{r.time_s:.2f}s", str(r.nodes), _si(r.params), _bytes(r.bytes), _si(r.flops),
+        body = [[_clip(r.stage, STAGE_WIDTH), f"{r.time_s:.2f}s", str(r.nodes), _si(r.params), _bytes(r.bytes), _si(r.flops),
                  f"{r.latency_ms:.2f}ms" if r.latency_ms is not None else "-",
                  f"{r.max_rel_err:.1e}" if r.max_rel_err is not None else "-",
                  f"{r.cosine:.6f}" if r.cosine is not None else "-",
@@ -96,6 +96,13 @@ class Report:
             lines.append(LATENCY_NOTE)
         extra = [f"{k}: {v}" for k, v in self.meta.items()]
         return "\n".join(lines + extra)
+
+
+STAGE_WIDTH = 60  # a stage's full spec (e.g. insert_qdq with 47 layers to skip) is in to_json()
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _si(n: float) -> str:

@@ -30,9 +30,12 @@ CASES = [
     pytest.param("resnet18", 64, "fuse,dead_channels,low_rank", id="resnet18-low_rank_energy"),
     pytest.param("mobilenet_v2", 64, "fuse,low_rank{rank_ratio=0.5}", id="mobilenet_v2-low_rank",
                  marks=pytest.mark.slow),
-    pytest.param("efficientnet_b0", 64, "fuse,dead_channels,low_rank", id="efficientnet_b0-low_rank_energy", marks=pytest.mark.slow),
-    pytest.param("inception_v3", 96, "fuse,dead_channels,low_rank", id="inception_v3-low_rank_energy", marks=pytest.mark.slow),
-    pytest.param("wide_resnet50_2", 64, "fuse,dead_channels,low_rank", id="wide_resnet50_2-low_rank_energy", marks=pytest.mark.slow),
+    pytest.param("efficientnet_b0", 64, "fuse,dead_channels,low_rank", id="efficientnet_b0-low_rank_energy",
+                 marks=pytest.mark.slow),
+    pytest.param("inception_v3", 96, "fuse,dead_channels,low_rank", id="inception_v3-low_rank_energy",
+                 marks=pytest.mark.slow),
+    pytest.param("wide_resnet50_2", 64, "fuse,dead_channels,low_rank", id="wide_resnet50_2-low_rank_energy",
+                 marks=pytest.mark.slow),
 ]
 
 

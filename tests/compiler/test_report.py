@@ -1,0 +1,14 @@
+"""The report's table: a stage's long spec is clipped in the table and kept whole in the JSON."""
+import json
+
+from fxforge.compiler.report import STAGE_WIDTH, Report, StageRow
+
+
+def test_a_long_stage_spec_is_clipped_in_the_table_and_whole_in_json():
+    spec = "insert_qdq{skip=(" + ", ".join(f"'conv2d_{i}'" for i in range(47)) + ")}"
+    report = Report([StageRow("input", True, 0.0, 3, 10, 40, 100), StageRow(spec, False, 0.1, 5, 10, 40, 100)])
+    lines = str(report).splitlines()
+    row = next(line for line in lines if line.startswith("insert_qdq"))
+    assert row.startswith(spec[:STAGE_WIDTH - 1] + "…") and spec not in str(report)
+    assert max(len(line) for line in lines) < 2 * STAGE_WIDTH + 80
+    assert spec in [r["stage"] for r in json.loads(report.to_json())["rows"]]
