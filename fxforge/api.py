@@ -102,8 +102,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be.check_options(backend_options)
     budget = Budget.of(passes, max_drop, metric, strict)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
-    _check_calibration(manager, calibration)
-    _check_train(manager, train)
+    _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
+    _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
     times, start = {}, time.perf_counter()
@@ -166,24 +166,14 @@ def _lower(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: 
             raise TargetError(f"{w} (strict=True)") from None
 
 
-def _check_calibration(manager: PassManager, calibration: Iterable[Any] | None) -> None:
-    """Before any work: a pipeline that reads calibration data must get it; data no pass reads is pointed out."""
-    readers = calibration_readers(manager.passes)
-    if readers and calibration is None:
-        raise missing_calibration(readers[0])
-    if not readers and calibration is not None:
-        warnings.warn("calibration data given, but no pass of this pipeline reads it "
-                      f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
-                      stacklevel=3)
-
-
-def _check_train(manager: PassManager, train: Iterable[Any] | None) -> None:
-    """Before any work: a pipeline that trains must get data; data no pass reads is pointed out."""
-    readers = train_readers(manager.passes)
-    if readers and train is None:
-        raise missing_train(readers[0])
-    if not readers and train is not None:
-        warnings.warn("train data given, but no pass of this pipeline reads it "
+def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, readers: list[str],
+                missing: Callable[[str], Exception]) -> None:
+    """Before any work: a pipeline whose passes read ``kind`` data (calibration, train) must get it; data no pass
+    reads is pointed out."""
+    if readers and data is None:
+        raise missing(readers[0])
+    if not readers and data is not None:
+        warnings.warn(f"{kind} data given, but no pass of this pipeline reads it "
                       f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
                       stacklevel=3)
 
