@@ -1,9 +1,10 @@
 """Capture a model as the one IR: the functional, unlifted ATen-level fx graph from torch.export.
 
-``trace`` exports non-strictly with a dynamic batch dimension, runs the empty decomposition table (which
-functionalizes in-place ops and gives inference batch norm as ``_native_batch_norm_legit_no_training``,
-keeping ``aten.conv2d``/``aten.linear``), and returns a GraphModule with flat positional inputs and a flat
-tuple of outputs. The pytree structure of the original inputs and outputs lives in the ``Signature``.
+``trace`` exports non-strictly with a dynamic batch dimension, makes the graph functional as the empty
+decomposition table does (in-place ops become functional, inference batch norm becomes
+``_native_batch_norm_legit_no_training``, ``aten.conv2d``/``aten.linear`` stay; by local rewrites where they
+apply, compiler/functionalize.py), checks it against the model, and returns a GraphModule with flat positional
+inputs and a flat tuple of outputs. The pytree structure of the original inputs and outputs lives in the ``Signature``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from .errors import InputError, TraceError, first_line
+from .functionalize import functional_graph
 from .ops import data
 from .verify import EXACT_TOLERANCE, clone_inputs, compare, fresh_inputs
 
@@ -101,7 +103,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
     if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
         raise InputError(f"example_inputs must be a tuple of tensors, got {_describe(flat)}")
     model = copy.deepcopy(model).eval()
-    _check_runs(model, args)
+    refs = _References(model, args)
     note = "static batch requested" if static_batch else ""
     ep = gm = None
     if not static_batch:
@@ -110,8 +112,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
         except Exception as e:  # the model fixes its batch size: fall back to static shapes
             note = f"batch dimension is static: {first_line(e)}"
         else:
-            gm = _flat_graph_module(ep.run_decompositions({}).module())
-            err = _reproduction_error(model, gm, args)
+            gm, err = _functional(ep, refs)
             if err > EXACT_TOLERANCE:  # captured on another branch than the example's batch takes
                 note = (f"batch dimension is static: the model computes differently at batch "
                         f"{_batch_size(args)} than at the batch it was exported with (it branches on its batch "
@@ -122,8 +123,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
             ep = _export(model, args, dynamic=False)
         except Exception as e:
             raise _trace_error(e) from None
-        gm = _flat_graph_module(ep.run_decompositions({}).module())
-        err = _reproduction_error(model, gm, args)
+        gm, err = _functional(ep, refs)
         if err > EXACT_TOLERANCE:
             raise TraceError(f"the captured graph does not reproduce the model on the example inputs (relative "
                              f"error {err:.3g}): forward takes another path while exported (e.g. it asks "
@@ -136,42 +136,62 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
     return gm, sig
 
 
-def _check_runs(model: torch.nn.Module, args: tuple) -> None:
-    try:
+def _functional(ep: torch.export.ExportedProgram, refs: _References) -> tuple[fx.GraphModule, float]:
+    """The functional graph of ``ep`` and how far it is from the model (``_References.error``). Local rewrites
+    (compiler/functionalize.py) give it in a fraction of the time export's decomposition takes, when they apply;
+    the decomposition serves the rest, and a rewritten graph that does not reproduce the model is decomposed anew,
+    so that a gap in the rewrites never passes for a model that branches on its batch size."""
+    rewritten = functional_graph(ep.module())
+    if rewritten is not None:
+        gm = _flat_graph_module(rewritten)
+        err = refs.error(gm)
+        if err <= EXACT_TOLERANCE:
+            return gm, err
+    gm = _flat_graph_module(ep.run_decompositions({}).module())
+    return gm, refs.error(gm)
+
+
+class _References:
+    """The model's own outputs on the example inputs as given and on fresh inputs of the same shapes, computed
+    once for every capture attempt (dynamic or static batch, rewritten or decomposed). Each run starts from a
+    fresh copy of the model and of the inputs, so a model that changes its own state or writes into its input is
+    compared from the same start; the copy that is exported is never run."""
+
+    def __init__(self, model: torch.nn.Module, args: tuple) -> None:
+        self.model, self.args = model, args
+        flat, spec = pytree.tree_flatten(args)
+        try:
+            out = self._run(args)
+        except Exception as e:
+            raise InputError(f"the model does not run on the example inputs {_describe(flat)}: "
+                             f"{first_line(e)}") from None
+        if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
+            raise InputError(f"the model returns no tensor (got {type(out).__name__}): there is nothing to compile")
+        self.runs = [(args, pytree.tree_leaves(out))]
+        self.fresh = pytree.tree_unflatten(list(fresh_inputs(flat)), spec)
+
+    def _run(self, inputs: tuple) -> Any:
         with torch.no_grad():
-            out = model(*clone_inputs(args))
-    except Exception as e:
-        raise InputError(f"the model does not run on the example inputs {_describe(pytree.tree_leaves(args))}: "
-                         f"{first_line(e)}") from None
-    if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
-        raise InputError(f"the model returns no tensor (got {type(out).__name__}): there is nothing to compile")
+            return copy.deepcopy(self.model)(*clone_inputs(inputs))
+
+    def error(self, gm: fx.GraphModule) -> float:
+        """How far ``gm`` is from the model (relative max error, the worse of the two inputs). A model whose two
+        runs on the same inputs disagree (random ops) cannot be checked this way and gives 0."""
+        if len(self.runs) == 1:  # the fresh run, once a graph needs it
+            self.runs.append((self.fresh, pytree.tree_leaves(self._run(self.fresh))))
+        with torch.no_grad():
+            worst = max(compare(list(gm(*pytree.tree_leaves(clone_inputs(inputs)))), want).max_rel
+                        for inputs, want in self.runs)
+        if worst > EXACT_TOLERANCE:
+            again = pytree.tree_leaves(self._run(self.args))
+            if compare(again, self.runs[0][1]).max_rel > EXACT_TOLERANCE:
+                return 0.0
+        return worst
 
 
 def _batch_size(args: tuple) -> int | None:
     first = pytree.tree_leaves(args)[0]
     return first.shape[0] if first.dim() else None
-
-
-def _reproduction_error(model: torch.nn.Module, gm: fx.GraphModule, args: tuple) -> float:
-    """How far the captured graph is from the model itself (relative max error), on the example inputs as given
-    and on fresh inputs of the same shapes. Each run gets a fresh copy of the model and of the inputs, so a model
-    that changes its own state or writes into its input is compared from the same start. A model whose two runs
-    disagree (random ops) cannot be checked this way and gives 0."""
-    flat, spec = pytree.tree_flatten(args)
-    runs = []
-    for inputs in (args, pytree.tree_unflatten(list(fresh_inputs(flat)), spec)):
-        with torch.no_grad():
-            want = pytree.tree_leaves(copy.deepcopy(model)(*clone_inputs(inputs)))
-            got = list(gm(*pytree.tree_leaves(clone_inputs(inputs))))
-        runs.append((inputs, want, compare(got, want).max_rel))
-    worst = max(err for _, _, err in runs)
-    if worst > EXACT_TOLERANCE:
-        inputs, want, _ = runs[0]
-        with torch.no_grad():
-            again = pytree.tree_leaves(copy.deepcopy(model)(*clone_inputs(inputs)))
-        if compare(again, want).max_rel > EXACT_TOLERANCE:
-            return 0.0
-    return worst
 
 
 def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.export.ExportedProgram:
