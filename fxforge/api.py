@@ -18,7 +18,7 @@ from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputErr
                                      missing_calibration, missing_train)
 from fxforge.compiler.pass_manager import (Pass, PassContext, PassManager, VerifyMode, calibration_readers,
                                            train_readers)
-from fxforge.compiler.quality import Metric, Validation
+from fxforge.compiler.quality import Metric, Validation, flat_batches
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
@@ -117,7 +117,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     if budget is not None:
         calibration = budget.hold_out(calibration, validation, signature.flatten, flat)
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
-                      train=None if train is None else _flat_train(train, signature))
+                      train=None if train is None else flat_batches(train, signature.flatten, "train")[1])
     if budget is not None:
         start = time.perf_counter()
         manager = budget.fit(manager, gm, ctx)
@@ -176,21 +176,6 @@ def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, rea
         warnings.warn(f"{kind} data given, but no pass of this pipeline reads it "
                       f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
                       stacklevel=3)
-
-
-def _flat_train(train: Iterable[Any], signature: Signature) -> list[tuple[torch.Tensor, ...]]:
-    """The train batches flattened like the example inputs, each checked against the signature."""
-    try:
-        batches = [b if isinstance(b, (tuple, list)) else (b,) for b in train]
-    except TypeError:
-        raise InputError(f"train must be an iterable of input tuples, got {type(train).__name__}") from None
-    out = []
-    for i, batch in enumerate(batches):
-        try:
-            out.append(tuple(signature.flatten(batch)))
-        except InputError as e:
-            raise InputError(f"train batch {i}: {e}") from None
-    return out
 
 
 def _check_tensors(model: torch.nn.Module) -> None:

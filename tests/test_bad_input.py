@@ -239,6 +239,8 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_(passes=["low_rank", "distill"])),
     ("train batch of the wrong shape", fxforge.InputError, r"train batch 1: input 0 has shape \[2, 5\]",
      lambda t, mp: compile_(passes=["low_rank", "distill"], train=[(x,), (torch.randn(2, 5),)])),
+    ("NaN in train data", fxforge.InputError, r"train batch 1 holds NaN or Inf",
+     lambda t, mp: compile_(passes=["low_rank", "distill"], train=[(x,), (torch.full((2, 4), float("nan")),)])),
     ("NaN in a weight", fxforge.InputError, r"model tensor '2\.weight' holds NaN",
      lambda t, mp: compile_(nan_weights())),
     ("Inf in batch-norm statistics", fxforge.InputError, r"model tensor '1\.running_var' holds Inf",

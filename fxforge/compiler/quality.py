@@ -42,6 +42,26 @@ class Quality:
     metric: float | None = None
 
 
+def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[torch.Tensor]],
+                 kind: str) -> tuple[list[tuple[Any, ...]], list[tuple[torch.Tensor, ...]]]:
+    """The user's ``kind`` data (validation, train: an iterable of input tuples; a bare tensor is a 1-tuple) as
+    given and flattened with ``flatten`` (the signature's, which checks count, shape and dtype). A batch holding
+    NaN or Inf is refused: measuring on it or training on it gives NaN, not a model. Errors name the batch."""
+    try:
+        batches = [b if isinstance(b, (tuple, list)) else (b,) for b in data]
+    except TypeError:
+        raise InputError(f"{kind} must be an iterable of input tuples, got {type(data).__name__}") from None
+    flat = []
+    for i, batch in enumerate(batches):
+        try:
+            flat.append(tuple(flatten(batch)))
+        except InputError as e:
+            raise InputError(f"{kind} batch {i}: {e}") from None
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in flat[-1]):
+            raise InputError(f"{kind} batch {i} holds NaN or Inf")
+    return batches, flat
+
+
 class Validation:
     """The user's validation batches (flat, checked against the signature) and the reference outputs."""
 
@@ -58,20 +78,9 @@ class Validation:
                              f"(outputs, inputs) -> float, got {metric!r}")
         if data is None:
             raise InputError("metric= needs validation data: pass validation=[(x1,), (x2,), ...]")
-        try:
-            batches = [b if isinstance(b, (tuple, list)) else (b,) for b in data]
-        except TypeError:
-            raise InputError(f"validation must be an iterable of input tuples, got {type(data).__name__}") from None
+        batches, flat = flat_batches(data, flatten, "validation")
         if not batches:
             raise InputError("validation is empty: pass validation=[(x1,), (x2,), ...]")
-        flat = []
-        for i, batch in enumerate(batches):
-            try:
-                flat.append(tuple(flatten(batch)))
-            except InputError as e:
-                raise InputError(f"validation batch {i}: {e}") from None
-            if any(t.is_floating_point() and not torch.isfinite(t).all() for t in flat[-1]):
-                raise InputError(f"validation batch {i} holds NaN or Inf")
         return cls(batches, flat, metric)
 
     @property

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fxforge
-from fxforge.compiler.quality import Validation
+from fxforge.compiler.quality import Validation, flat_batches
 from fxforge.compiler.report import SYNTHETIC
 from models import digits_cnn
 
@@ -113,3 +113,18 @@ def test_bad_validation_or_metric_is_a_one_line_input_error(kwargs, message):
     with pytest.raises(fxforge.InputError, match=message) as e:
         fxforge.compile(Identity(), (torch.ones(2, 4),), measure_latency=False, **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_train_data_is_read_like_validation_data():
+    """One helper flattens validation and train batches: a bare tensor is a 1-tuple, errors name the batch, and
+    NaN or Inf is refused for both (measuring or training on it gives NaN)."""
+    x = torch.ones(2, 4)
+    batches, flat = flat_batches([x, (x * 2,)], lambda b: list(b), "train")
+    assert [len(b) for b in batches] == [1, 1] and torch.equal(flat[1][0], x * 2)
+    for kind in ("validation", "train"):
+        with pytest.raises(fxforge.InputError, match=f"^{kind} batch 1 holds NaN or Inf$"):
+            flat_batches([(x,), (torch.full((2, 4), float("inf")),)], lambda b: list(b), kind)
+        with pytest.raises(fxforge.InputError, match=f"^{kind} must be an iterable of input tuples, got int$"):
+            flat_batches(3, lambda b: list(b), kind)
+    with pytest.raises(fxforge.InputError, match="train batch 0 holds NaN or Inf"):
+        fxforge.compile(Identity(), (x,), passes=["low_rank", "distill"], train=[(x * float("nan"),), (x,)])
