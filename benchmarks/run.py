@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         systems = [s for s in every if s.name in wanted]
         model, example, split = make()
         trained += bench_model(name, model, example, split.calibration, systems, rounds=args.rounds,
-                               held_out=split.held_out, rotate=i, self_check=True)
+                               held_out=split.held_out, rotate=i, self_check=True,
+                               rebuild=not args.keep_sessions)
     systems = [s for s in every if not args.systems or s.name in args.systems]
     for i, name in enumerate(m for m in args.models if m in MODELS):
         make, inputs = MODELS[name]
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             example = inputs(batch)
             calibration = [inputs(batch) for _ in range(CALIBRATION_BATCHES)]
             rows += bench_model(name, model, example, calibration, systems, rounds=args.rounds, rotate=i,
-                                self_check=True)
+                                self_check=True, rebuild=not args.keep_sessions)
     _write(args.out, trained, rows, how, time.perf_counter() - started)
     return 0
 
@@ -175,6 +176,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", type=lambda s: s.split(";"), help="semicolon-separated system names")
     p.add_argument("--rounds", type=int)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--keep-sessions", action="store_true",
+                   help="time the ORT sessions as built, in build order (the old way: to measure its order bias)")
     args = p.parse_args(argv)
     args.models = args.models or list(TRAINED if args.quick else [*TRAINED, *MODELS])
     args.batches = args.batches or [1, 8]

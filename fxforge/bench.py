@@ -4,9 +4,10 @@ A *system* turns (model, example inputs, calibration) into a runner on flat tens
 model is built first (in an order rotated per model), then timed in rounds, each round running every
 system once in turn, starting one system later each round, with a short pause between systems so one
 system's spinning thread pool never runs into the next one's sample. Every ONNX Runtime session, a peer's
-or fxforge's, gets the same options (:func:`ort_options`: level "all", PyTorch's thread count). Each sample
-is the mean of enough calls to last ``sample_ms``; a row reports the median sample with min–max over
-rounds, its ratio to eager PyTorch and to the best peer, size, FLOPs, achieved GFLOP/s against the CPU's
+or fxforge's, gets the same options (:func:`ort_options`: level "all", PyTorch's thread count), and is built
+anew before each of its samples (``rebuild``), so no system is timed on a session built earlier or later than
+another's. Each sample is the mean of enough calls to last ``sample_ms``; a row reports the median sample with
+min–max over rounds, its ratio to eager PyTorch and to the best peer, size, FLOPs, achieved GFLOP/s against the CPU's
 measured peak, the error against eager on fresh random inputs and, given held-out data, quality on it
 (top-1 agreement, min and mean cosine vs eager). With ``self_check``, ORT fp32 is built a second time,
 last: the identical graph must time within noise, or :func:`self_check` says the run is noisy.
@@ -36,7 +37,9 @@ Runner = Callable[[Sequence[torch.Tensor]], Any]
 
 @dataclass
 class Built:
-    """A system ready to time: its runner, how long it took to build, and what it runs."""
+    """A system ready to time: its runner, how long it took to build, and what it runs. ``rebuild`` makes a fresh
+    runner (a new ONNX Runtime session of the same model): the timing rounds use it to time every sample on a
+    session built just before it."""
 
     run: Runner
     compile_s: float
@@ -44,6 +47,7 @@ class Built:
     bytes: int | None = None
     flops: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    rebuild: Callable[[], Runner] | None = None
 
 
 @dataclass
@@ -112,12 +116,12 @@ def ort_options() -> dict[str, Any]:
             "inter_op_num_threads": 0}
 
 
-def _ort_session(path: Path):
+def _ort_session(model: Path | bytes):
     import onnxruntime as ort
 
     from fxforge.backends.onnx import SessionConfig
-    return ort.InferenceSession(str(path), SessionConfig(**ort_options()).session_options(),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model) if isinstance(model, Path) else model,
+                                SessionConfig(**ort_options()).session_options(), providers=["CPUExecutionProvider"])
 
 
 def _ort_runner(session) -> Runner:
@@ -125,23 +129,29 @@ def _ort_runner(session) -> Runner:
     return lambda xs: session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
 
 
+def _ort_built(model: bytes, start: float, **figures: Any) -> Built:
+    """An ORT peer's Built: a session of ``model`` and the means to make it anew."""
+    return Built(_ort_runner(_ort_session(model)), time.perf_counter() - start, **figures,
+                 rebuild=lambda: _ort_runner(_ort_session(model)))
+
+
 def _ort_fp32(model: torch.nn.Module, example: tuple, calib: list) -> Built:
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fxforge-bench-") as work:  # the session holds the model in memory
-        session = _ort_session(_onnx_file(model, example, Path(work)))
-    return Built(_ort_runner(session), time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="fxforge-bench-") as work:
+        onnx_model = _onnx_file(model, example, Path(work)).read_bytes()
+    return _ort_built(onnx_model, start)
 
 
 def _ort_int8(model: torch.nn.Module, example: tuple, calib: list) -> Built:
     """ONNX Runtime's own static quantization: QDQ, per-channel int8 weights, uint8 activations."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fxforge-bench-") as tmp:
-        session, size = _quantize_static(model, example, calib, Path(tmp))
-    return Built(_ort_runner(session), time.perf_counter() - start, bytes=size)
+        int8 = _quantize_static(model, example, calib, Path(tmp))
+    return _ort_built(int8, start, bytes=len(int8))
 
 
-def _quantize_static(model: torch.nn.Module, example: tuple, calib: list, work: Path) -> tuple[Any, int]:
-    """The int8 model quantize_static writes into ``work``: its ORT session and file size."""
+def _quantize_static(model: torch.nn.Module, example: tuple, calib: list, work: Path) -> bytes:
+    """The int8 model quantize_static writes into ``work``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -160,7 +170,7 @@ def _quantize_static(model: torch.nn.Module, example: tuple, calib: list, work: 
     out = work / "int8.onnx"
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True)
-    return _ort_session(out), out.stat().st_size
+    return out.read_bytes()
 
 
 def _ort_dynamic(model: torch.nn.Module, example: tuple, calib: list) -> Built:
@@ -175,8 +185,8 @@ def _ort_dynamic(model: torch.nn.Module, example: tuple, calib: list) -> Built:
         quant_pre_process(str(_onnx_file(model, example, work)), str(pre), skip_symbolic_shape=True)
         out = work / "int8.onnx"
         quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        session, size = _ort_session(out), out.stat().st_size
-    return Built(_ort_runner(session), time.perf_counter() - start, bytes=size)
+        int8 = out.read_bytes()
+    return _ort_built(int8, start, bytes=len(int8))
 
 
 def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Callable[..., Built]:
@@ -191,8 +201,17 @@ def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Calla
                              calibration=calib or None if reads else None, **{**shared, **options})
         final = cm.report.final
         return Built(lambda xs: cm.artifact.run(xs), time.perf_counter() - start, final.params, final.bytes,
-                     final.flops, dict(cm.artifact.info))
+                     final.flops, dict(cm.artifact.info), rebuild=_fresh_session(cm.artifact))
     return build
+
+
+def _fresh_session(artifact: Any) -> Callable[[], Runner] | None:
+    """For an onnx artifact: a factory of runners on a new session of the same model, built as the artifact was."""
+    from fxforge.backends.onnx import OnnxArtifact
+    if not isinstance(artifact, OnnxArtifact):
+        return None
+    a = artifact
+    return lambda: (lambda xs, fresh=OnnxArtifact(a.model, a.signature, a.target, a.info): fresh.run(xs))
 
 
 def _tuned_tvm(db: Path) -> Callable[..., Built]:
@@ -329,9 +348,11 @@ SELF_CHECK = "ort fp32 (built last: self-check)"
 
 def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
                 rounds: int = 7, sample_ms: float = 60.0, progress: Callable[[str], None] = print,
-                held_out: list | None = None, rotate: int = 0, self_check: bool = False) -> list[Row]:
+                held_out: list | None = None, rotate: int = 0, self_check: bool = False,
+                rebuild: bool = True) -> list[Row]:
     """Build every system for one model and batch, then time them interleaved; one Row per system (and, with
-    ``self_check`` and an ORT fp32 peer among them, a second ORT fp32 built last)."""
+    ``self_check`` and an ORT fp32 peer among them, a second ORT fp32 built last). ``rebuild`` times every ORT
+    session on a fresh copy built just before each sample (False: on the sessions as built, in build order)."""
     systems = list(systems)
     if self_check and any(s.name == "ort fp32" for s in systems):
         systems.append(System(SELF_CHECK, _ort_fp32, needs=("onnxruntime", "onnxscript")))
@@ -341,7 +362,7 @@ def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: 
         rows.update(more_rows)
     else:
         built, rows = build_all(model_name, model, example, calib, systems, progress, held_out, rotate)
-    time_interleaved(example, built, rows, rounds, sample_ms)
+    time_interleaved(example, built, rows, rounds, sample_ms, rebuild)
     fill_figures([rows[s.name] for s in systems], built)
     return [rows[s.name] for s in systems]
 
@@ -387,10 +408,13 @@ PAUSE_S = 0.05
 
 
 def time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Row], rounds: int,
-                      sample_ms: float) -> None:
+                      sample_ms: float, rebuild: bool = True) -> None:
+    """Time the systems that built, in rounds; with ``rebuild``, every ORT session anew before each sample."""
     live = {n: b for n, b in built.items() if rows[n].error is None}
     runners = {n: (lambda run=b.run: run(example)) for n, b in live.items()}
-    for name, times in interleaved_latency(runners, rounds, sample_ms, pause_s=PAUSE_S).items():
+    fresh = {n: (lambda make=b.rebuild: (lambda run=make(): run(example)))
+             for n, b in live.items() if rebuild and b.rebuild is not None}
+    for name, times in interleaved_latency(runners, rounds, sample_ms, pause_s=PAUSE_S, rebuild=fresh).items():
         row = rows[name]
         row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fxforge.bench import (PEERS, SELF_CHECK, System, bench_model, build_all, fxforge_system, fxforge_systems,
-                           markdown, self_check)
+                           markdown, outputs, self_check)
 from fxforge.cli import main
 from models import ZOO
 
@@ -58,6 +58,22 @@ def test_every_ort_session_gets_the_same_options():
     peer = built["ort fp32"].run.__closure__  # the peer's runner closes over its session
     session = next(c.cell_contents for c in peer if isinstance(c.cell_contents, ort.InferenceSession))
     assert session.get_session_options().intra_op_num_threads == torch.get_num_threads()
+
+
+def test_ort_systems_make_fresh_sessions_of_the_same_model_for_each_sample():
+    import onnxruntime as ort
+    model, example = ZOO["mlp"]()
+    systems = [PEERS[0], next(s for s in PEERS if s.name == "ort fp32"), System("fx", fxforge_system(["fuse"], "onnx"))]
+    built, _ = build_all("mlp", model, example, [], systems, progress=lambda s: None)
+    assert built["eager"].rebuild is None  # nothing to rebuild: timed as built
+    sessions = lambda run: [c.cell_contents for c in run.__closure__ or ()  # noqa: E731
+                            if isinstance(c.cell_contents, ort.InferenceSession)]
+    (first,) = sessions(built["ort fp32"].run)
+    (again,) = sessions(built["ort fp32"].rebuild())
+    assert again is not first and again.get_session_options().intra_op_num_threads == torch.get_num_threads()
+    for name in ("ort fp32", "fx"):
+        fresh = built[name].rebuild()
+        torch.testing.assert_close(outputs(fresh(example)), outputs(built[name].run(example)), rtol=0, atol=0)
 
 
 def test_tuned_tvm_row_without_a_stored_database_says_so(tmp_path):

@@ -25,28 +25,45 @@ def measure_latency(fn: Callable[..., Any], inputs: Sequence[Any], budget_s: flo
 
 
 def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sample_ms: float = 20.0,
-                        pause_s: float = 0.0) -> dict[K, list[float]]:
+                        pause_s: float = 0.0,
+                        rebuild: Mapping[K, Callable[[], Callable[[], Any]]] | None = None) -> dict[K, list[float]]:
     """Per-call wall times (ms) of several systems timed in turn, for ratios that load drifting does not skew.
 
-    Each of ``rounds`` rounds times every runner once, each round starting one runner later than the one before
-    (so no system always runs first or right after the same neighbour). A sample is the mean of as many calls as
-    fill about ``sample_ms`` (calibrated on one call after a warm-up), which keeps sub-millisecond models above
-    the timer's resolution. ``pause_s`` sleeps before each sample, letting the previous system's thread pool stop
-    spinning."""
+    Each of ``rounds`` rounds times every runner once, in the order :func:`rotation` gives (so no system always
+    runs first or right after the same neighbour). A sample is the mean of as many calls as fill about
+    ``sample_ms`` (calibrated on one call after a warm-up), which keeps sub-millisecond models above the timer's
+    resolution. ``pause_s`` sleeps before each sample, letting the previous system's thread pool stop spinning.
+
+    ``rebuild`` maps systems to a factory of a fresh runner (e.g. a new ONNX Runtime session): such a system is
+    timed each round on a runner built just before its sample (then one warm-up call) and dropped right after
+    it, so that every system's sample is taken on a runner built last, whatever order the systems were built in
+    (ORT sessions built later in one process ran slower than earlier ones of the identical graph)."""
     names = list(runners)
+    rebuild = rebuild or {}
     samples: dict[K, list[float]] = {n: [] for n in names}
     if not names:
         return samples
     with torch.inference_mode():
         calls = {n: _calls_per_sample(runners[n], sample_ms) for n in names}
         for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in rotation(names, r):
+                run = runners[name]
+                if name in rebuild:
+                    run = rebuild[name]()
+                    run()  # warm-up of the fresh runner
                 time.sleep(pause_s)
                 start = time.perf_counter()
                 for _ in range(calls[name]):
-                    runners[name]()
+                    run()
                 samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
+                del run  # a rebuilt runner is released before the next system's sample
     return samples
+
+
+def rotation(names: Sequence[K], r: int) -> list[K]:
+    """Round ``r``'s order: ``names`` starting ``r`` places later (wrapping around)."""
+    k = r % len(names) if names else 0
+    return list(names[k:]) + list(names[:k])
 
 
 def _calls_per_sample(run: Callable[[], Any], sample_ms: float) -> int:

@@ -1,5 +1,5 @@
 """compiler/timing.py: the interleaved schedule (order rotated per round, calls batched per sample)."""
-from fxforge.compiler.timing import interleaved_latency, measure_latency
+from fxforge.compiler.timing import interleaved_latency, measure_latency, rotation
 
 
 def test_interleaved_rounds_rotate_the_order_and_batch_calls_per_sample():
@@ -10,6 +10,37 @@ def test_interleaved_rounds_rotate_the_order_and_batch_calls_per_sample():
     assert all(t >= 0 for times in samples.values() for t in times)
     # two warm-up/calibration calls each, then rounds starting one system later each time
     assert log == ["a", "a", "b", "b", "c", "c"] + list("abc") + list("bca") + list("cab")
+
+
+def test_rebuilt_systems_are_timed_on_a_runner_built_just_before_their_sample_and_released_after():
+    log: list[str] = []
+
+    class Session:
+        """A runner that logs its calls and its release, numbered by build."""
+        built = 0
+
+        def __init__(self, name):
+            Session.built += 1
+            self.tag = f"{name}{Session.built}"
+            log.append(f"build {self.tag}")
+
+        def __call__(self):
+            log.append(self.tag)
+
+        def __del__(self):
+            log.append(f"free {self.tag}")
+
+    runners = {"a": lambda: log.append("a0"), "b": lambda: log.append("b0")}
+    samples = interleaved_latency(runners, rounds=2, sample_ms=0, rebuild={"b": lambda: Session("b")})
+    assert {n: len(t) for n, t in samples.items()} == {"a": 2, "b": 2}
+    assert log == ["a0", "a0", "b0", "b0",                      # calibration on the runners as built
+                   "a0", "build b1", "b1", "b1", "free b1",     # round 0: warm-up and sample on a fresh b
+                   "build b2", "b2", "b2", "free b2", "a0"]     # round 1 starts at b, again fresh
+
+
+def test_rotation_starts_one_later_each_round():
+    assert [rotation("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert rotation([], 3) == []
 
 
 def test_calls_per_sample_fill_the_sample_time():
