@@ -13,6 +13,7 @@ Method: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -124,6 +125,9 @@ QUICK_COMMON = ("eager", "ort fp32", "fxforge fuse → onnx")
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
+    if args.replot:
+        print("wrote", ", ".join(map(str, replot(args.replot, args.out))))
+        return 0
     torch.set_num_threads(args.threads)
     tuning_db = stored_tuning_db() if importlib.util.find_spec("tvm") else None
     if tuning_db and not tuning_db.exists():
@@ -176,6 +180,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", type=lambda s: s.split(";"), help="semicolon-separated system names")
     p.add_argument("--rounds", type=int)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="only redraw the plots into --out from a results JSON this script wrote (no timing)")
     p.add_argument("--keep-sessions", action="store_true",
                    help="time the ORT sessions as built, in build order (the old way: to measure its order bias)")
     args = p.parse_args(argv)
@@ -186,6 +192,15 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join([*TRAINED, *MODELS])}")
     return args
+
+
+def replot(results: Path, out: Path) -> list[Path]:
+    """The plots of an earlier run, from its JSON: rows as recorded, the caption from the machine it names."""
+    data = json.loads(results.read_text())
+    fields = {f.name for f in dataclasses.fields(Row)}
+    rows = [Row(**{k: v for k, v in d.items() if k in fields}) for d in data.get("trained", []) + data["rows"]]
+    out.mkdir(parents=True, exist_ok=True)
+    return plot(rows, out, f"{data['machine']} (from {results.name})")
 
 
 def _write(out: Path, trained: list[Row], rows: list[Row], how: str, elapsed: float) -> None:

@@ -516,6 +516,7 @@ def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
     paths = [out / "latency_vs_error.png", out / "speedup.png"]
 
     fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(4.5 * max(1, len(cases)), 4.2), squeeze=False)
+    fig.suptitle(caption, fontsize=8)
     for ax, case in zip(axes[0], cases):
         here = [r for r in rows if (r.model, r.batch) == case]
         for r in here:
@@ -535,8 +536,6 @@ def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
         ax.annotate("0", (ZERO_ERROR, 0), xycoords=("data", "axes fraction"), fontsize=7, ha="center",
                     va="bottom", color="0.4")
     _legend(fig, systems, colour, rows)
-    fig.suptitle(caption, fontsize=8, y=0.01, va="bottom")
-    fig.tight_layout(rect=(0, 0.05, 0.8, 1))
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
@@ -551,15 +550,14 @@ def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
             x = j + i * width
             if r.error or not r.vs_eager:
                 ax.bar([x], [0.05], width, color="none", edgecolor="red", hatch="xx")
-                ax.text(x, 0.1, "failed", rotation=90, fontsize=6, color="red", ha="center", va="bottom")
+                ax.text(x, 0.1, "failed", rotation=90, fontsize=7, color="red", ha="center", va="bottom")
             else:
                 ax.bar([x], [r.vs_eager], width, color=colour[system])
     ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_title(caption, fontsize=8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"{m} b{b}" for m, b in cases], fontsize=8)
-    ax.set(ylabel="speedup over eager PyTorch (median)")
+    ax.set(ylabel="speedup over eager PyTorch (median)", xlabel="model, batch size")
     _legend(fig, shown, colour, rows, bars=True)
-    fig.suptitle(caption, fontsize=8, y=0.01, va="bottom")
-    fig.tight_layout(rect=(0, 0.05, 0.8, 1))
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
     return paths
@@ -567,11 +565,15 @@ def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
 
 def _legend(fig: Any, systems: Sequence[str], colour: dict[str, Any], rows: Sequence[Row],
             bars: bool = False) -> None:
-    """One legend at the right (labels never overprint the data): ● peers, ★ fxforge; squares for bars."""
+    """One legend under the panels, as wide as the figure (labels never overprint the data, nor leave a gap
+    beside it): ● peers, ★ fxforge; squares for bars. Lays the figure out around it."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     peer = {r.system: r.peer for r in rows}
     handles = [Patch(color=colour[s], label=s) if bars else
                Line2D([], [], marker="o" if peer.get(s) else "*", color=colour[s], ls="", ms=7, label=s)
                for s in systems]
-    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    ncol = max(1, min(len(handles), int(fig.get_figwidth() / 2.6)))
+    lines = -(-len(handles) // ncol)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, min(0.5, 0.07 * lines * 4.2 / fig.get_figheight()), 1, 1))
