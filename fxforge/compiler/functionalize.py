@@ -27,8 +27,8 @@ import torch.fx as fx
 from torch._export.utils import _is_cia_op
 
 aten = torch.ops.aten
-# Composite ops the decomposition keeps (torch.export preserves them for backends); measured, and pinned by
-# tests/compiler/test_trace.py::test_functionalize_matches_run_decompositions
+# Composite ops the decomposition keeps (torch.export preserves them for backends): measured, and pinned by the
+# Before/Expected tests of tests/compiler/test_functionalize.py
 PRESERVED = {aten.conv2d.default, aten.linear.default, aten.adaptive_avg_pool2d.default, aten.max_pool2d.default}
 PASSED_THROUGH = {aten._assert_tensor_metadata.default}
 
