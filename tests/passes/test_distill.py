@@ -102,12 +102,29 @@ def test_feature_loss_applies_at_the_split_layers():
 
 
 def test_a_fixed_seed_reproduces_the_weights():
+    """On a fixed thread count (sums may round differently on another)."""
     model, train = Classifier().eval(), data()
-    runs = [run(model, [LowRank(rank_ratio=0.1), Distill(steps=60, seed=3)], train)[0] for _ in range(2)]
-    other = run(model, [LowRank(rank_ratio=0.1), Distill(steps=60, seed=4)], train)[0]
+    runs = [run(model, [LowRank(rank_ratio=0.1), Distill(steps=60, seed=3, threads=1)], train)[0] for _ in range(2)]
+    other = run(model, [LowRank(rank_ratio=0.1), Distill(steps=60, seed=4, threads=1)], train)[0]
     a, b, c = (dict(g.named_parameters()) for g in (*runs, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_trains_on_the_faster_thread_count_and_restores_the_callers(two_threads):
+    model, train = Classifier().eval(), data()
+    _, report, _ = run(model, [LowRank(rank_ratio=0.1), Distill(steps=8)], train)
+    assert report.row("distill").stats["threads"] in (1, 2) and torch.get_num_threads() == 2
+    _, report, _ = run(model, [LowRank(rank_ratio=0.1), Distill(steps=8, threads=1)], train)
+    assert report.row("distill").stats["threads"] == 1 and torch.get_num_threads() == 2
 
 
 def test_learns_through_qdq_with_the_straight_through_estimator():
@@ -159,7 +176,7 @@ def test_trains_when_compile_is_called_without_autograd(mode):
 
 
 @pytest.mark.parametrize("spec", ["distill{steps=0}", "distill{lr=-1.0}", "distill{temperature=0.0}",
-                                  "distill{features=-1.0}"])
+                                  "distill{features=-1.0}", "distill{threads=-1}"])
 def test_bad_options_are_refused(spec):
     with pytest.raises(PassError, match="distill"):
         resolve(spec)

@@ -39,6 +39,7 @@ from fxforge.compiler.graph import call_nodes, get_tensor
 from fxforge.compiler.ops import WEIGHTED, data, is_op, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, resolve
 from fxforge.compiler.target import Target
+from fxforge.compiler.timing import faster_threads
 from fxforge.compiler.verify import first_float
 
 Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | dict[str, LayerFn] | str"]  # (layer, weight) → change, or why not
@@ -90,15 +91,17 @@ def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, 
     """Effect of each setting (a spec, or a Pass keyed by its spec) on each conv/linear layer of ``gm`` alone, on
     the calibration ``batches`` (with ``only``: on the layers ``only[spec]`` names, the candidates a caller already
     narrowed down). A pass answering reads ``gm``'s analyses from ``ctx`` (a fresh context when None)."""
-    reference, ranges = _reference(gm, batches)
     layers = [n.name for n in call_nodes(gm, *WEIGHTED)]
     result = Sensitivity(layers)
     ctx = ctx if ctx is not None else PassContext(example_inputs=tuple(batches[0]), target=target)
-    for setting in settings:
-        spec = str(setting)
-        prepare = _preparation(setting, ranges, target, lambda kind: ctx.analysis(kind, gm))
-        result.effects[spec] = {n.name: _effect(gm, n, prepare, batches, reference)
-                                for n in call_nodes(gm, *WEIGHTED) if only is None or n.name in only.get(spec, ())}
+    # many model runs: on a busy machine one thread may run them faster than several (compiler/timing.py)
+    with torch.no_grad(), faster_threads(lambda: _Run(gm).run(*batches[0])):
+        reference, ranges = _reference(gm, batches)
+        for setting in settings:
+            spec = str(setting)
+            prepare = _preparation(setting, ranges, target, lambda kind: ctx.analysis(kind, gm))
+            result.effects[spec] = {n.name: _effect(gm, n, prepare, batches, reference)
+                                    for n in call_nodes(gm, *WEIGHTED) if only is None or n.name in only.get(spec, ())}
     return result
 
 
