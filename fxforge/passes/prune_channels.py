@@ -153,6 +153,7 @@ class PruneChannels(Pass):
                       for key in imp.layers(imp.scores(self.importance)[0])}
         candidates = {k: gs for k, gs in candidates.items() if not isinstance(gs, str)}
         left = lambda groups: flops_left(gm, cg, flops, torch.tensor([i for g in groups for i in cg.groups[g].ids]))
+        groups = lambda choice: [g for layer, spec in choice.items() for g in candidates[(spec, layer)]]
         saved = {k: total - left(gs) for k, gs in candidates.items()}
         only: dict[str, set[str]] = {}
         for spec, layer in candidates:
@@ -164,7 +165,6 @@ class PruneChannels(Pass):
             chosen = plan(sens, saved, need)
             if chosen is None:
                 break
-            groups = lambda plan: [g for layer, spec in plan.items() for g in candidates[(spec, layer)]]
             if (after := left(groups(chosen))) <= goal:
                 for layer in sorted(chosen, key=lambda n: astuple(sens.effects[chosen[n]][n]), reverse=True):
                     lighter = [s for s in by_spec if (s, layer) in candidates and by_spec[s].ratio < by_spec[
@@ -178,8 +178,8 @@ class PruneChannels(Pass):
                 return groups(chosen)
             need += after - goal
         stats["skipped.flops_goal_unreachable"] = 1
-        deepest = {layer: gs for (spec, layer), gs in candidates.items() if spec == str(rules[-1])}
-        stats["flops_reachable"] = round(left([g for gs in deepest.values() for g in gs]) / total, 4) if total else 1.0
+        deepest = {layer: spec for spec in by_spec for (s, layer) in candidates if s == spec}  # ladder ascends
+        stats["flops_reachable"] = round(left(groups(deepest)) / total, 4) if total else 1.0
         return []
 
 
