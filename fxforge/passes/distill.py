@@ -15,15 +15,17 @@ quantized and the gradient passes straight through (the straight-through estimat
 Weights that are already int8 (after ``fold_qdq``) cannot learn: run distill before it.
 
 Training steps are many small ops, which on a busy machine can run 25× faster on one thread than on two: by
-default (``threads=0``) a step without the update is timed twice on 1 thread and on PyTorch's count, alternately,
-and training runs on the faster (``compiler/timing.faster_threads``; stat ``threads``). Float sums may round differently on
-another thread count: a run that must reproduce its weights bit for bit fixes ``threads``.
+default (``threads=0``) a step without the update is timed twice on 1 thread and on PyTorch's count,
+alternately, and training runs on the faster (``compiler/timing.faster_threads``; stat ``threads``). Float sums
+may round differently on another thread count: a run that must reproduce its weights bit for bit fixes
+``threads``.
 
 Every fifth train batch is held out (the last one when there are fewer than five; never the validation data).
 Every ``eval_every`` steps the held-out batches are scored, top-1 agreement with the teacher for classifiers
 or mean per-sample cosine otherwise, ties broken by the held-out loss; training stops after ``patience``
 scores without improvement, and the best weights are kept. Batches are visited in an order drawn from
-``seed``, so a run on the same thread count is reproducible. Stats: steps, seconds, the held-out metric and loss before and after.
+``seed``, so a run on the same thread count is reproducible. Stats: steps, seconds, threads, the held-out
+metric and loss before and after.
 """
 from __future__ import annotations
 

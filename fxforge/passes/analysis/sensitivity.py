@@ -42,7 +42,8 @@ from fxforge.compiler.target import Target
 from fxforge.compiler.timing import faster_threads
 from fxforge.compiler.verify import first_float
 
-Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | dict[str, LayerFn] | str"]  # (layer, weight) → change, or why not
+# (layer, weight) → the layer's new function, or each changed node's, or why the layer stays
+Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | dict[str, LayerFn] | str"]
 
 
 @dataclass(frozen=True)
