@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxforge.compiler.cache import cache_dir  # where extracted and trained models are kept
 from fxforge.compiler.errors import FxforgeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,13 +41,6 @@ class Split:
 
     calibration: list[tuple[torch.Tensor, ...]]
     held_out: list[tuple[torch.Tensor, ...]]
-
-
-def cache_dir() -> Path:
-    """Where extracted and trained models are kept: ``$FXFORGE_CACHE`` or ``~/.cache/fxforge``."""
-    path = Path(os.environ.get("FXFORGE_CACHE") or Path.home() / ".cache" / "fxforge")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _package_dir(module: str, pip_name: str) -> Path:

@@ -80,16 +80,20 @@ class PassContext:
 
 
 LayerFn = Callable[[list, dict], torch.Tensor]  # a layer's new function of its evaluated (args, kwargs)
+# What a pass makes of one layer: the layer's new function; node name → new function when the change spans several
+# nodes (the coupled channels of a pruned layer); or the reason it leaves the layer unchanged.
+LayerEffect = LayerFn | dict[str, LayerFn] | str
 
 
 @dataclass(frozen=True)
 class LayerContext:
     """What a pass may read when asked about one conv/linear layer alone: its constant weight, the range its
-    input took on calibration data, and the target."""
+    input took on calibration data, the target, and the cached analyses of the layer's graph (``analysis(kind)``)."""
 
     weight: torch.Tensor
     input_range: tuple[float, float]
     target: Target
+    analysis: Callable[[type[Analysis]], Any] | None = None
 
 
 class Pass:
@@ -135,10 +139,11 @@ class Pass:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
-    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str | None:
-        """What this pass would make of ``node`` (a conv/linear) alone: the layer's new function, or the reason
-        it leaves the layer unchanged; None when the pass does not answer per-layer questions. The sensitivity
-        analysis and autotune ask this, so a pass's refusal rules and constants have one home."""
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerEffect | None:
+        """What this pass would make of ``node`` (a conv/linear) alone: the layer's new function (or, for a change
+        spanning coupled nodes, each node's), or the reason it leaves the layer unchanged; None when the pass does
+        not answer per-layer questions. The sensitivity analysis and autotune ask this, so a pass's refusal rules
+        and constants have one home."""
         return None
 
     @classmethod

@@ -14,11 +14,18 @@ rounding has no gradient, so each DQ(Q(x)) is computed as x + (DQ(Q(x)) − x).d
 quantized and the gradient passes straight through (the straight-through estimator); scales stay fixed.
 Weights that are already int8 (after ``fold_qdq``) cannot learn: run distill before it.
 
+Training steps are many small ops, which on a busy machine can run 25× faster on one thread than on two: by
+default (``threads=0``) a step without the update is timed twice on 1 thread and on PyTorch's count,
+alternately, and training runs on the faster (``compiler/timing.faster_threads``; stat ``threads``). Float sums
+may round differently on another thread count: a run that must reproduce its weights bit for bit fixes
+``threads``.
+
 Every fifth train batch is held out (the last one when there are fewer than five; never the validation data).
 Every ``eval_every`` steps the held-out batches are scored, top-1 agreement with the teacher for classifiers
 or mean per-sample cosine otherwise, ties broken by the held-out loss; training stops after ``patience``
 scores without improvement, and the best weights are kept. Batches are visited in an order drawn from
-``seed``, so a run is reproducible. Stats: steps, seconds, the held-out metric and loss before and after.
+``seed``, so a run on the same thread count is reproducible. Stats: steps, seconds, threads, the held-out
+metric and loss before and after.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from fxforge.compiler.errors import CalibrationError, missing_train
 from fxforge.compiler.graph import call_nodes, get_tensor, set_tensor
 from fxforge.compiler.ops import DEQUANTIZE, QUANTIZE, WEIGHTED, bias_of, data, is_op, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.timing import faster_threads
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -54,11 +62,12 @@ class Distill(Pass):
     eval_every: int = 25
     patience: int = 3
     seed: int = 0
+    threads: int = 0  # PyTorch threads to train on; 0: the faster of 1 and PyTorch's count, timed on the first steps
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.temperature <= 0 or self.features < 0 or self.eval_every < 1 \
-                or self.patience < 1:
-            raise ValueError(f"needs steps, eval_every, patience >= 1, lr, temperature > 0 and features >= 0; "
+                or self.patience < 1 or self.threads < 0:
+            raise ValueError(f"needs steps, eval_every, patience >= 1, lr, temperature > 0 and features, threads >= 0; "
                              f"got {self.options()}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -95,31 +104,33 @@ class Distill(Pass):
         order = torch.Generator().manual_seed(self.seed)
         cache: dict[int, tuple] = {}
         bar = tqdm(total=self.steps, desc="distill", unit="step", disable=None, leave=False)
-        while step < self.steps and stale < self.patience:
-            for i in torch.randperm(len(fit), generator=order).tolist():
-                if i not in cache:
-                    with torch.no_grad():
-                        cache[i] = teacher.run(*fit[i])
-                opt.zero_grad()
-                self.loss(student.run(*fit[i]), cache[i], kinds).backward()
-                opt.step()
-                step += 1
-                bar.update()
-                if step % self.eval_every == 0 or step == self.steps:
-                    score = self.score(student, held_out, targets, kinds)
-                    if score > best:
-                        best, best_state, stale = score, _snapshot(params), 0
-                    else:
-                        stale += 1
-                if step >= self.steps or stale >= self.patience:
-                    break
+        probe = lambda: self.loss(student.run(*held_out[0]), targets[0], kinds).backward()  # a step, no update
+        with faster_threads(probe, self.threads) as threads:  # small batches: on a busy machine 1 thread may win
+            while step < self.steps and stale < self.patience:
+                for i in torch.randperm(len(fit), generator=order).tolist():
+                    if i not in cache:
+                        with torch.no_grad():
+                            cache[i] = teacher.run(*fit[i])
+                    opt.zero_grad()
+                    self.loss(student.run(*fit[i]), cache[i], kinds).backward()
+                    opt.step()
+                    step += 1
+                    bar.update()
+                    if step % self.eval_every == 0 or step == self.steps:
+                        score = self.score(student, held_out, targets, kinds)
+                        if score > best:
+                            best, best_state, stale = score, _snapshot(params), 0
+                        else:
+                            stale += 1
+                    if step >= self.steps or stale >= self.patience:
+                        break
         bar.close()
         for name, value in best_state.items():
             set_tensor(gm, nodes[name], value)
         metric = "agreement" if "logits" in kinds else "cosine"
         return PassResult(changed=best > before, stats={
             **stats, "steps": step, "seconds": round(time.perf_counter() - start, 2),
-            "stopped_early": int(step < self.steps), "params_trained": len(params),
+            "stopped_early": int(step < self.steps), "threads": threads, "params_trained": len(params),
             "feature_layers": len(student.record),
             f"held_out_{metric}_before": before[0], f"held_out_{metric}_after": best[0],
             "held_out_loss_before": -before[1], "held_out_loss_after": -best[1]})

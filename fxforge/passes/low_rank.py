@@ -124,7 +124,7 @@ class LowRank(Pass):
         if isinstance(stages, str):
             return stages
         if rule is self and self.budget == "latency" and ctx.target.runs_on_host and \
-                not faster_on_host(node, x, weight, bias, stages):
+                not faster_on_host(node, x, weight, bias, stages, ctx.target):
             return "slower_measured"
         stats[f"error.{node.name}"] = layer_error(node, x, y, stages, bias)
         emit_stages(gm, node, stages)

@@ -1,32 +1,48 @@
 """prune_channels: remove the least important coupled channel groups. Approximate, structural.
 
 Each prunable group of ChannelGroups (e.g. channel k of a whole residual stage) gets an importance from
-the weights that create it: Σ‖W_row‖₁ (``l1``), √Σ‖W_row‖₂² (``l2``) over its producer rows, or Σ|γ| of the
-batch norms it passes (``bn``; groups with no BN fall back to l2, counted). Groups are ranked within their
-layer (the set of producers they belong to; ``scope="layer"``) or across layers after dividing by the
-layer's mean importance (``scope="global"``), the lowest ``ratio`` are chosen, and each layer keeps a
-multiple of ``round_to`` channels. The chosen groups are zeroed (weight rows, biases, BN γ and β, per-channel
-constants) so every tensor they occupy is exactly 0, and dead_channels removes them physically. An optional
-``finetune(gm)`` hook runs on the smaller graph. Stats report params and FLOPs before and after.
+the weights that create it (passes/analysis/channel_importance.py): Σ‖W_row‖₁ (``l1``), √Σ‖W_row‖₂² (``l2``)
+over its producer rows, or Σ|γ| of the batch norms it passes (``bn``; groups with no BN fall back to l2,
+counted). Groups are ranked within their layer (the producers they share; ``scope="layer"``) or across layers
+after dividing by the layer's mean importance (``scope="global"``), the lowest ``ratio`` are chosen, and each
+layer keeps a multiple of ``round_to`` channels.
+
+``flops=f`` decides per layer instead: each layer is pruned alone at the ratios of LADDER (its least important
+groups, rounded) on the calibration data (passes/analysis/sensitivity.py, which asks this pass's
+``layer_effect``), and ``sensitivity.plan`` takes the layers cheapest in accuracy per FLOP saved first until at
+most f of the input's FLOPs remain. A conv keeps ``F · k_out · k_in`` of its FLOPs (k: the kept fraction of its
+output and input channels; a depthwise conv ``F · k_out``), so two pruned neighbours save less than the sum of
+their savings: when the chosen layers together leave more than f, the plan is redone asking for the shortfall
+more. When the goal cannot be met nothing changes and the stats say so (``skipped.flops_goal_unreachable``
+with the best reachable fraction).
+
+The chosen groups are zeroed (weight rows, biases, BN γ and β, per-channel constants) so every tensor they
+occupy is exactly 0, and dead_channels removes them physically. An optional ``finetune(gm)`` hook runs on the
+smaller graph. Stats report params and FLOPs before and after.
 """
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import astuple
 from typing import Callable, Literal
 
 import torch
 import torch.fx as fx
 
 from fxforge.compiler.analysis import Flops, Shapes
-from fxforge.compiler.errors import PassError
+from fxforge.compiler.errors import PassError, missing_calibration
 from fxforge.compiler.graph import get_tensor, set_tensor
-from fxforge.compiler.ops import (BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, call_with, is_op, operands, value_of,
-                                 weight_of)
+from fxforge.compiler.ops import BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, conv_groups, is_op, operands, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
 
 from .analysis.channel_groups import BINARY, ChannelGraph, ChannelGroup, ChannelGroups
+from .analysis.channel_importance import ChannelImportance, Importance
+from .analysis.sensitivity import layer_sensitivity, plan
 from .dead_channels import DeadChannels
+from .lib.qdq import checked_batches
+
+LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # the ratios a flops goal chooses among, per layer
 
 
 @register_pass
@@ -41,19 +57,30 @@ class PruneChannels(Pass):
     scope: Literal["global", "layer"] = "global"
     round_to: int = 8
     finetune: Callable[[fx.GraphModule], None] | None = None
+    flops: float | None = None  # a goal: at most this fraction of the input's FLOPs, the ratio chosen per layer
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0 or self.round_to < 1 or self.importance not in ("l1", "l2", "bn") \
-                or self.scope not in ("global", "layer"):
-            raise PassError(f"prune_channels needs 0 <= ratio < 1, round_to >= 1, importance in l1/l2/bn and scope "
-                            f"global/layer; got {self.options()}")
+                or self.scope not in ("global", "layer") or self.flops is not None and not 0.0 < self.flops <= 1.0:
+            raise PassError(f"prune_channels needs 0 <= ratio < 1, round_to >= 1, importance in l1/l2/bn, scope "
+                            f"global/layer and flops in (0, 1]; got {self.options()}")
+
+    @property
+    def reads_calibration(self) -> bool:  # type: ignore[override]
+        return self.flops is not None  # the per-layer sensitivities are measured on calibration data
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
+        imp: Importance = ctx.analysis(ChannelImportance, gm)
         params_before, flops_before = model_size(gm)[0], sum(ctx.analysis(Flops, gm).values())
         stats = Counter({"skipped.unprunable": len(cg.groups) - len(cg.prunable())})
-        scores, layers = _importance(gm, cg, self.importance, stats)
-        chosen = self.choose(scores, layers, stats)
+        if blocked := len(imp.blocked):
+            stats["skipped.layer_norm"] = blocked
+        scores, fallback = imp.scores(self.importance)
+        if fallback:
+            stats["importance_fallback_l2"] = fallback
+        chosen = self.choose(scores, imp.layers(scores), stats) if self.flops is None else \
+            self.per_layer(gm, ctx, cg, imp, stats)
         if not chosen:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
         zero_groups(gm, cg, [cg.groups[g] for g in chosen])
@@ -68,92 +95,131 @@ class PruneChannels(Pass):
             "params_before": params_before, "params_after": model_size(gm)[0], "flops_before": flops_before,
             "flops_after": sum(ctx.analysis(Flops, gm).values())})
 
-    def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
-        """Zero the ``ratio`` of output channels with the smallest L1 weight norm (channel coupling and
-        rounding to ``round_to`` ignored: one layer alone)."""
-        w = layer.weight
-        drop = int(self.ratio * w.shape[0])
-        if not drop:
-            return "too_few_channels"
-        rows = w.flatten(1).abs().sum(1).argsort()[:drop]
-        wz = w.clone().index_fill_(0, rows, 0.0)
-
-        def layer_fn(args: list, kwargs: dict) -> torch.Tensor:
-            bias = value_of(node, args, kwargs, "bias")
-            zeroed = {} if bias is None else {"bias": bias.clone().index_fill_(0, rows, 0.0)}
-            return call_with(node, args, kwargs, weight=wz, **zeroed)
-        return layer_fn
-
-    def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: dict) -> list[int]:
+    def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: Counter) -> list[int]:
         """Group indices to prune: the lowest ``ratio`` per layer or globally, each layer rounded."""
         means = {key: sum(scores[g] for g in gs) / len(gs) or 1.0 for key, gs in layers.items()}
         norm = {g: scores[g] / means[key] for key, gs in layers.items() for g in gs}
         cut = sorted(norm.values())[int(self.ratio * len(norm)) - 1] if int(self.ratio * len(norm)) else -1.0
         chosen: list[int] = []
         for groups in layers.values():
-            ranked = sorted(groups, key=lambda g: norm[g])
             drop = sum(norm[g] <= cut for g in groups) if self.scope == "global" else int(self.ratio * len(groups))
-            if drop and len(groups) <= self.round_to:
-                stats["skipped.small_layer"] += 1
-            elif drop:
-                keep = self.round_to * max(1, round((len(groups) - drop) / self.round_to))
-                chosen += ranked[:max(0, len(groups) - keep)]
+            chosen += self.lowest(sorted(groups, key=lambda g: norm[g]), drop, stats)
         return chosen
 
+    def lowest(self, ranked: list[int], drop: int, stats: Counter) -> list[int]:
+        """The first of a layer's ``ranked`` groups to prune when ``drop`` should go: the layer keeps a multiple of
+        ``round_to`` (at least one), and a layer of at most ``round_to`` channels is left (counted)."""
+        if drop and len(ranked) <= self.round_to:
+            stats["skipped.small_layer"] += 1
+        if not drop or len(ranked) <= self.round_to:
+            return []
+        keep = self.round_to * max(1, round((len(ranked) - drop) / self.round_to))
+        return ranked[:max(0, len(ranked) - keep)]
 
-def _importance(gm: fx.GraphModule, cg: ChannelGraph, kind: str, stats: dict) -> tuple[dict, dict]:
-    """Importance per prunable group, and the groups of each layer (keyed by the producers they share)."""
-    prunable = {i: cg.group_of[i] for g in cg.prunable() for i in g.ids}
-    l1: dict[int, float] = {}
-    l2: dict[int, float] = {}
-    gammas: dict[int, float] = {}
-    producers: dict[int, set[str]] = {}
-    blocked: set[int] = set()
-    for node in gm.graph.nodes:
-        m = cg.map(node)
-        w = get_tensor(gm, weight_of(node)) if m is not None and is_op(node, *WEIGHTED) else None
-        if w is not None:
-            rows = w.detach().double().flatten(1)
-            for i, a, b in zip(m.ids.tolist(), rows.abs().sum(1).tolist(), rows.pow(2).sum(1).tolist()):
-                if i in prunable:
-                    g = prunable[i]
-                    l1[g], l2[g] = l1.get(g, 0.0) + a, l2.get(g, 0.0) + b
-                    producers.setdefault(g, set()).add(node.name)
-        gamma = get_tensor(gm, bn_params(node).gamma) if m is not None and is_op(node, *BATCH_NORM) else None
-        for i, a in zip(m.ids.tolist(), gamma.detach().abs().tolist()) if gamma is not None else ():
-            if i in prunable:
-                gammas[prunable[i]] = gammas.get(prunable[i], 0.0) + a
-        if m is not None and is_op(node, aten.layer_norm):
-            blocked |= {prunable[i] for i in m.ids.flatten().tolist() if i in prunable}
-    if blocked:
-        stats["skipped.layer_norm"] = len(blocked)
-    scores: dict[int, float] = {}
-    for g in l1:
-        if g in blocked:
+    def layer_groups(self, node: str, imp: Importance) -> list[int] | str:
+        """The groups this pass at ``ratio`` prunes from the layers whose first producer is ``node``, or why none."""
+        scores, _ = imp.scores(self.importance)
+        layers = [gs for key, gs in imp.layers(scores).items() if key[0] == node]
+        if not layers:
+            return "no_prunable_channels"
+        return [g for gs in layers for g in self.lowest(gs, int(self.ratio * len(gs)), Counter())] or "too_few_channels"
+
+    def layer_effect(self, node: fx.Node, layer: LayerContext) -> dict[str, LayerFn] | str:
+        """Zero the groups ``layer_groups`` names at every node that ``zero_groups`` would change: the pruned
+        model, channel coupling and rounding included."""
+        groups = self.layer_groups(node.name, layer.analysis(ChannelImportance))
+        if isinstance(groups, str):
+            return groups
+        cg: ChannelGraph = layer.analysis(ChannelGroups)
+        ids = torch.tensor([i for g in groups for i in cg.groups[g].ids])
+        changes = {}
+        for site, hit, _ in _zero_sites(node.graph.owning_module, cg, ids):
+            m = cg.map(site)
+            keep = (~hit).reshape([m.ids.shape[m.dims.index(d)] if d in m.dims else 1 for d in range(cg.ndim(site))])
+            changes[site.name] = lambda args, kwargs, op=site.target, keep=keep: op(*args, **kwargs) * keep
+        return changes
+
+    def per_layer(self, gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, imp: Importance,
+                  stats: Counter) -> list[int]:
+        """Groups to prune under the flops goal, each layer's ratio chosen from measured sensitivity (see the module
+        docstring); [] when the goal cannot be met (counted in stats)."""
+        if ctx.calibration is None:
+            raise missing_calibration(self.name)
+        rules = [PruneChannels(ratio=r, importance=self.importance, round_to=self.round_to) for r in LADDER]
+        by_spec = {str(rule): rule for rule in rules}
+        flops = ctx.analysis(Flops, gm)
+        total = sum(flops.values())
+        candidates = {(str(rule), key[0]): rule.layer_groups(key[0], imp) for rule in rules
+                      for key in imp.layers(imp.scores(self.importance)[0])}
+        candidates = {k: gs for k, gs in candidates.items() if not isinstance(gs, str)}
+        left = lambda groups: flops_left(gm, cg, flops, torch.tensor([i for g in groups for i in cg.groups[g].ids]))
+        groups = lambda choice: [g for layer, spec in choice.items() for g in candidates[(spec, layer)]]
+        saved = {k: total - left(gs) for k, gs in candidates.items()}
+        only: dict[str, set[str]] = {}
+        for spec, layer in candidates:
+            only.setdefault(spec, set()).add(layer)
+        sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), rules, ctx.target,
+                                 only=only, ctx=ctx)
+        goal, need = total * self.flops, total * (1 - self.flops)
+        for _ in range(len(candidates)):  # each round asks for the last round's shortfall more
+            chosen = plan(sens, saved, need)
+            if chosen is None:
+                break
+            if (after := left(groups(chosen))) <= goal:
+                for layer in sorted(chosen, key=lambda n: astuple(sens.effects[chosen[n]][n]), reverse=True):
+                    lighter = [s for s in by_spec if (s, layer) in candidates and by_spec[s].ratio < by_spec[
+                        chosen[layer]].ratio]  # the plan's last move may overshoot: give back what the goal spares
+                    for spec in [None, *lighter]:
+                        trial = {**{n: s for n, s in chosen.items() if n != layer}, **({layer: spec} if spec else {})}
+                        if left(groups(trial)) <= goal:
+                            chosen = trial
+                            break
+                stats.update({f"ratio.{layer}": by_spec[spec].ratio for layer, spec in chosen.items()})
+                return groups(chosen)
+            need += after - goal
+        stats["skipped.flops_goal_unreachable"] = 1
+        deepest = {layer: spec for spec in by_spec for (s, layer) in candidates if s == spec}  # ladder ascends
+        stats["flops_reachable"] = round(left(groups(deepest)) / total, 4) if total else 1.0
+        return []
+
+
+def flops_left(gm: fx.GraphModule, cg: ChannelGraph, flops: dict[str, int], ids: torch.Tensor) -> float:
+    """The graph's FLOPs once the channels ``ids`` are removed: each conv/linear keeps F · k_out · k_in (k: the
+    fraction of its output and input channel positions kept; a depthwise conv F · k_out), other ops their F."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    total = 0.0
+    for name, f in flops.items():
+        node = nodes[name]
+        if not is_op(node, *WEIGHTED):
+            total += f
             continue
-        if kind == "bn" and g in gammas:
-            scores[g] = gammas[g]
-        elif kind == "l1":
-            scores[g] = l1[g]
-        else:
-            if kind == "bn":
-                stats["importance_fallback_l2"] += 1
-            scores[g] = l2[g] ** 0.5
-    layers: dict[tuple, list[int]] = {}
-    for g in scores:
-        layers.setdefault(tuple(sorted(producers[g])), []).append(g)
-    return scores, layers
+        out, inp, w = cg.map(node), cg.input_map(node), get_tensor(gm, weight_of(node))
+        depthwise = conv_groups(node) > 1 and w is not None and w.shape[1] == 1
+        k_out = float(out.keep(ids).double().mean()) if out is not None else 1.0
+        k_in = float(inp.keep(ids).double().mean()) if inp is not None and not depthwise else 1.0
+        total += f * k_out * k_in
+    return total
 
 
 def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]) -> None:
     """Make every tensor position of ``groups`` exactly 0: zero producer rows and biases, BN γ and β,
     and per-channel constants added or multiplied in."""
-    ids = torch.tensor([i for g in groups for i in g.ids])
+    for node, hit, targets in _zero_sites(gm, cg, torch.tensor([i for g in groups for i in g.ids])):
+        m = cg.map(node)
+        for t_node in targets:
+            t = get_tensor(gm, t_node).clone()
+            d = 0 if is_op(node, *WEIGHTED, *BATCH_NORM) else m.dims[0] - (cg.ndim(node) - t.dim())
+            t.index_fill_(d, hit.nonzero().flatten(), 0.0)
+            set_tensor(gm, t_node, t)
+
+
+def _zero_sites(gm: fx.GraphModule, cg: ChannelGraph, ids: torch.Tensor):
+    """(node, the positions of its output map that ``ids`` hit, the constant tensors zeroing them) for every node
+    whose output zero_groups makes 0 at those positions: producers, batch norms, binary ops with constants."""
     for node in gm.graph.nodes:
         m = cg.map(node)
         if m is None or node.op != "call_function" or bool(m.keep(ids).all()):
             continue
-        hit = ~m.keep(ids)
         if is_op(node, *WEIGHTED):
             targets = [weight_of(node), bias_of(node)]
         elif is_op(node, *BATCH_NORM):
@@ -163,14 +229,9 @@ def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]
                        if get_tensor(gm, a) is not None and _spans(get_tensor(gm, a), m, cg.ndim(node))]
         else:
             continue
-        for t_node in targets:
-            t = get_tensor(gm, t_node)
-            if t is None:
-                continue
-            t = t.clone()
-            d = 0 if is_op(node, *WEIGHTED, *BATCH_NORM) else m.dims[0] - (cg.ndim(node) - t.dim())
-            t.index_fill_(d, hit.nonzero().flatten(), 0.0)
-            set_tensor(gm, t_node, t)
+        targets = [t for t in targets if get_tensor(gm, t) is not None]
+        if targets:
+            yield node, ~m.keep(ids), targets
 
 
 def _spans(t: torch.Tensor, m, nd: int) -> bool:

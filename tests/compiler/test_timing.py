@@ -1,5 +1,11 @@
-"""compiler/timing.py: the interleaved schedule (order rotated per round, calls batched per sample)."""
-from fxforge.compiler.timing import interleaved_latency, measure_latency, rotation
+"""compiler/timing.py: the interleaved schedule (order rotated per round, calls batched per sample), and the thread
+count chosen for repeated work."""
+import time
+
+import pytest
+import torch
+
+from fxforge.compiler.timing import faster_threads, interleaved_latency, measure_latency, rotation
 
 
 def test_interleaved_rounds_rotate_the_order_and_batch_calls_per_sample():
@@ -57,3 +63,24 @@ def test_measure_latency_is_a_median_of_at_least_min_runs():
     calls: list[int] = []
     assert measure_latency(lambda: calls.append(1), (), budget_s=0.0, min_runs=3) >= 0
     assert len(calls) == 1 + 3
+
+
+@pytest.mark.parametrize("slow_on", [1, 2])
+def test_faster_threads_probes_both_counts_keeps_the_faster_and_restores(slow_on):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+
+    def probe():  # 20 ms on the slow count, nothing on the other
+        seen.append(torch.get_num_threads())
+        time.sleep(0.02 if seen[-1] == slow_on else 0.0)
+
+    try:
+        with faster_threads(probe) as threads:
+            assert threads == torch.get_num_threads() == 3 - slow_on
+        assert seen == [1, 2, 1, 2] and torch.get_num_threads() == 2
+        with faster_threads(probe, threads=1) as threads:  # a fixed count is not probed
+            assert threads == torch.get_num_threads() == 1
+        assert len(seen) == 4 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

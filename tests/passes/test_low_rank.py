@@ -12,6 +12,7 @@ from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
 from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import compare, fresh_inputs
 from fxforge.passes import LowRank
+from fxforge.passes.lib import factorization
 from fxforge.passes.lib.factorization import energy_rank
 from models import ZOO, zoo_params
 from pipeline import apply, count, error_vs_eager
@@ -149,13 +150,39 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_latency_budget_keeps_only_measured_wins(one_thread):
+def test_latency_budget_keeps_only_measured_wins(one_thread, monkeypatch, tmp_path):
+    monkeypatch.setenv("FXFORGE_CACHE", str(tmp_path))  # time afresh, not what an earlier run stored
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)).eval()
     x = torch.randn(256, 512)
     _, report, _ = apply(model, (x,), [LowRank(rank_ratio=0.02, budget="latency")])
     stats = report.row("low_rank").stats
     assert stats["split"] + stats.get("skipped.slower_measured", 0) == 2
     assert "error.linear" in stats  # the 512×512 layer (23× fewer FLOPs at r = 11) is split
+
+
+@pytest.mark.parametrize("spec", ["low_rank{rank_ratio=0.02,budget='latency'}",
+                                  "low_rank{flops=0.5,budget='latency'}"])
+def test_a_recompile_reads_the_layer_timings_instead_of_timing_again(spec, monkeypatch, tmp_path):
+    monkeypatch.setenv("FXFORGE_CACHE", str(tmp_path))
+    timed = []
+    real = factorization.measure_latency
+    monkeypatch.setattr(factorization, "measure_latency", lambda *a, **k: timed.append(1) or real(*a, **k))
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    x = torch.randn(64, 256)
+    first = apply(model, (x,), [spec], calibration=[(x,)])[1].row("low_rank").stats
+    n_first = len(timed)
+    assert n_first > 0 and list((tmp_path / "timings").glob("x86-*.json"))
+    second = apply(model, (x,), [spec], calibration=[(x,)])[1].row("low_rank").stats
+    assert len(timed) == n_first  # nothing timed again, and the same decisions
+    assert {k: v for k, v in first.items() if not k.startswith("error")} == \
+        {k: v for k, v in second.items() if not k.startswith("error")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads % 2 + 1)
+    try:
+        apply(model, (x,), [spec], calibration=[(x,)])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(timed) > n_first  # the thread count is part of the key: another count is timed
 
 
 class Unsplittable(nn.Module):

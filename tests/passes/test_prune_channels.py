@@ -6,10 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from fxforge.compiler.errors import PassError
+from fxforge.compiler.errors import CalibrationError, PassError
+from fxforge.compiler.analysis import Flops
 from fxforge.compiler.graph import aten, call_nodes, get_tensor
-from fxforge.compiler.pass_manager import resolve
-from fxforge.passes import PruneChannels
+from fxforge.compiler.pass_manager import PassContext, resolve
+from fxforge.compiler.trace import trace
+from fxforge.passes import DeadChannels, PruneChannels
+from fxforge.passes.analysis.channel_groups import ChannelGroups
+from fxforge.passes.analysis.channel_importance import ChannelImportance
+from fxforge.passes.prune_channels import flops_left, zero_groups
 from models import ZOO, _randomize_bn, accuracy, digits_cnn, zoo_params
 from pipeline import apply, error_vs_eager
 
@@ -77,12 +82,104 @@ def test_ratio_zero_changes_nothing():
 
 
 @pytest.mark.parametrize("spec", ["prune_channels{ratio=1.5}", "prune_channels{importance='l3'}",
-                                  "prune_channels{round_to=0}"])
+                                  "prune_channels{round_to=0}", "prune_channels{flops=0.0}",
+                                  "prune_channels{flops=1.5}"])
 def test_bad_options_are_refused(spec):
     with pytest.raises(PassError, match="prune_channels"):
         resolve(spec)
     with pytest.raises(PassError, match="prune_channels"):
         PruneChannels(scope="everywhere")
+
+
+class Chain(nn.Module):
+    """a (4 → 16) → relu → b (16 → 16) → relu → c (16 → 4), 3×3 convs: FLOPs per pixel 576, 2304, 576."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def chain_with_faint_channels():
+    """A Chain whose a-channels 8…15 are faint (rows × 1e-3): a's layer can lose half its channels unnoticed."""
+    torch.manual_seed(0)
+    model = Chain().eval()
+    with torch.no_grad():
+        model.a.weight[8:] *= 1e-3
+        model.a.bias[8:] *= 1e-3
+    return model
+
+
+def calibration(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 4, 8, 8, generator=g),) for _ in range(n)]
+
+
+def test_flops_goal_prunes_the_layer_cheapest_in_accuracy():
+    """Before: Chain with faint a-channels. Goal 0.6 of 3456 FLOPs/pixel: halving a saves (576 + 2304)/2 = 1440.
+    Expected: a keeps its 8 strong channels, b and c keep theirs; the result is the model with the faint channels
+    zeroed, exactly."""
+    model = chain_with_faint_channels()
+    gm, report, flat = apply(model, (torch.randn(2, 4, 8, 8),), [PruneChannels(flops=0.6, round_to=4)],
+                             calibration=calibration())
+    stats = report.row("prune_channels").stats
+    assert [k for k in stats if k.startswith("ratio.")] == ["ratio.conv2d"]  # 0.375 rounds to 8 of 16 as 0.5 does
+    assert [tuple(w.shape) for w in weights(gm)] == [(8, 4, 3, 3), (16, 8, 3, 3), (4, 16, 3, 3)]
+    torch.testing.assert_close(weights(gm)[0], model.a.weight[:8])
+    assert stats["flops_after"] <= 0.6 * stats["flops_before"]
+    with torch.no_grad():
+        model.a.weight[8:] = 0
+        model.a.bias[8:] = 0
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+
+
+def test_flops_goal_is_reproducible_and_never_prunes_more_than_the_goal_needs():
+    model = Chain().eval()
+    runs = [apply(model, (torch.randn(2, 4, 8, 8),), [PruneChannels(flops=0.7, round_to=4)],
+                  calibration=calibration())[:2] for _ in range(2)]
+    (gm1, r1), (gm2, r2) = runs
+    assert r1.row("prune_channels").stats == r2.row("prune_channels").stats
+    assert all(torch.equal(a, b) for a, b in zip(weights(gm1), weights(gm2)))
+    stats = r1.row("prune_channels").stats
+    assert 0.5 * stats["flops_before"] < stats["flops_after"] <= 0.7 * stats["flops_before"]
+
+
+def test_predicted_flops_are_the_pruned_graphs():
+    """flops_left (k_out · k_in per conv, k_out for a depthwise conv) against the Flops of the pruned graph, on a
+    net with residual coupling and depthwise convs."""
+    model, example = ZOO["mobilenet_v2"]()
+    for pick in (lambda key: len(key) == 2, lambda key: len(key) >= 3):  # expand + depthwise; a residual stage
+        gm, _ = trace(model, example)
+        ctx = PassContext(example_inputs=example)
+        cg, imp = ctx.analysis(ChannelGroups, gm), ctx.analysis(ChannelImportance, gm)
+        layer = next(key for key in imp.layers(imp.scores("l1")[0]) if pick(key))[0]
+        groups = PruneChannels(ratio=0.5).layer_groups(layer, imp)
+        assert isinstance(groups, list) and groups
+        ids = torch.tensor([i for g in groups for i in cg.groups[g].ids])
+        predicted = flops_left(gm, cg, ctx.analysis(Flops, gm), ids)
+        zero_groups(gm, cg, [cg.groups[g] for g in groups])
+        ctx.invalidate("none")
+        DeadChannels().run(gm, ctx)
+        ctx.invalidate("none")
+        assert predicted == pytest.approx(sum(ctx.analysis(Flops, gm).values()), rel=1e-9)
+
+
+def test_a_flops_goal_that_cannot_be_met_changes_nothing_and_says_so():
+    model = Chain().eval()
+    gm, report, _ = apply(model, (torch.randn(2, 4, 8, 8),), [PruneChannels(flops=0.05)], calibration=calibration())
+    stats = report.row("prune_channels").stats
+    assert stats["skipped.flops_goal_unreachable"] == 1 and 0.05 < stats["flops_reachable"] < 1.0
+    assert [tuple(w.shape) for w in weights(gm)] == [(16, 4, 3, 3), (16, 16, 3, 3), (4, 16, 3, 3)]
+    assert report.row("prune_channels").params == report.row("input").params
+
+
+def test_a_flops_goal_needs_calibration_data():
+    with pytest.raises(CalibrationError, match="prune_channels"):
+        apply(Chain().eval(), (torch.randn(2, 4, 8, 8),), [PruneChannels(flops=0.5)])
+    assert PruneChannels(flops=0.5).reads_calibration and not PruneChannels().reads_calibration
 
 
 def _finetune(x, y, epochs=2):

@@ -9,9 +9,10 @@ batches with ℓ alone replaced by what σ would make of it, and is compared wit
 
 The replacement is the pass's own answer, ``Pass.layer_effect(node, LayerContext)``: insert_qdq (in ``int8``)
 fake-quantizes the layer's weight and its input on the grid of its calibration range, low_rank and
-depthwise_separable evaluate the factor stages they would insert, prune_channels zeroes the ``ratio`` of output
-channels with the smallest L1 weight norm (ignoring channel coupling and rounding). A setting that would leave a
-layer unchanged records the pass's reason instead (``"rank_too_high"``); this module knows no pass by name.
+depthwise_separable evaluate the factor stages they would insert, prune_channels zeroes the channel groups it
+would remove from the layer at every node they reach (coupled channels included: a change may span several
+nodes). A setting that would leave a layer unchanged records the pass's reason instead (``"rank_too_high"``); this
+module knows no pass by name.
 Summing drops over layers is the first-order model the search uses to predict, and skip, settings
 (as mixed-precision methods such as HAWQ do with their per-layer sensitivities).
 
@@ -36,11 +37,13 @@ import torch.fx as fx
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import call_nodes, get_tensor
 from fxforge.compiler.ops import WEIGHTED, data, is_op, weight_of
-from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, resolve
+from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, resolve
 from fxforge.compiler.target import Target
+from fxforge.compiler.timing import faster_threads
 from fxforge.compiler.verify import first_float
 
-Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | str"]  # (layer, weight) → LayerFn, or why not
+# (layer, weight) → the layer's new function, or each changed node's, or why the layer stays
+Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | dict[str, LayerFn] | str"]
 
 
 @dataclass(frozen=True)
@@ -83,18 +86,23 @@ def agreement(output: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]], settings: Sequence[str],
-                      target: Target, only: dict[str, set[str]] | None = None) -> Sensitivity:
-    """Effect of each setting on each conv/linear layer of ``gm`` alone, on the calibration ``batches``
-    (with ``only``: on the layers ``only[setting]`` names, the candidates a caller already narrowed down)."""
-    reference, ranges = _reference(gm, batches)
+def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]],
+                      settings: Sequence[str | Pass], target: Target, only: dict[str, set[str]] | None = None,
+                      ctx: PassContext | None = None) -> Sensitivity:
+    """Effect of each setting (a spec, or a Pass keyed by its spec) on each conv/linear layer of ``gm`` alone, on
+    the calibration ``batches`` (with ``only``: on the layers ``only[spec]`` names, the candidates a caller already
+    narrowed down). A pass answering reads ``gm``'s analyses from ``ctx`` (a fresh context when None)."""
     layers = [n.name for n in call_nodes(gm, *WEIGHTED)]
     result = Sensitivity(layers)
-    for setting in settings:
-        prepare = _preparation(setting, ranges, target)
-        result.effects[setting] = {n.name: _effect(gm, n, prepare, batches, reference)
-                                   for n in call_nodes(gm, *WEIGHTED)
-                                   if only is None or n.name in only.get(setting, ())}
+    ctx = ctx if ctx is not None else PassContext(example_inputs=tuple(batches[0]), target=target)
+    # many model runs: on a busy machine one thread may run them faster than several (compiler/timing.py)
+    with torch.no_grad(), faster_threads(lambda: _Run(gm).run(*batches[0])):
+        reference, ranges = _reference(gm, batches)
+        for setting in settings:
+            spec = str(setting)
+            prepare = _preparation(setting, ranges, target, lambda kind: ctx.analysis(kind, gm))
+            result.effects[spec] = {n.name: _effect(gm, n, prepare, batches, reference)
+                                    for n in call_nodes(gm, *WEIGHTED) if only is None or n.name in only.get(spec, ())}
     return result
 
 
@@ -136,18 +144,19 @@ def _damage(effect: Effect | str) -> float:
 
 
 class _Run(fx.Interpreter):
-    """Runs the graph with one layer computed by ``layer_fn``, or plainly while recording layer input ranges."""
+    """Runs the graph with the nodes ``changes`` names computed by their new functions, or (no changes) plainly
+    while recording layer input ranges."""
 
-    def __init__(self, gm: fx.GraphModule, layer: fx.Node | None = None, layer_fn: LayerFn | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, changes: dict[str, LayerFn] | None = None) -> None:
         super().__init__(gm)
-        self.layer, self.layer_fn = layer, layer_fn
+        self.changes = changes or {}
         self.ranges: dict[str, tuple[float, float]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        if n is self.layer:
+        if n.name in self.changes:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            return self.layer_fn(list(args), dict(kwargs))
-        if self.layer is None and is_op(n, *WEIGHTED):
+            return self.changes[n.name](list(args), dict(kwargs))
+        if not self.changes and is_op(n, *WEIGHTED):
             x = self.env[data(n)]
             lo, hi = self.ranges.get(n.name, (0.0, 0.0))  # the range holds 0, as an affine grid must
             self.ranges[n.name] = (min(lo, float(x.min())), max(hi, float(x.max())))
@@ -166,10 +175,10 @@ def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequen
     weight = get_tensor(gm, weight_of(node))
     if weight is None:
         return "non_constant_weight"
-    layer_fn = prepare(node, weight.detach())
-    if isinstance(layer_fn, str):
-        return layer_fn
-    run = _Run(gm, node, layer_fn)
+    change = prepare(node, weight.detach())
+    if isinstance(change, str):
+        return change
+    run = _Run(gm, change if isinstance(change, dict) else {node.name: change})
     with torch.no_grad():
         y = torch.cat([first_float(run.run(*batch)) for batch in batches])
     ref = torch.cat(reference)
@@ -179,12 +188,13 @@ def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequen
 
 # ------------------------------------------------------------------------------------------ replacements
 
-def _preparation(setting: str, ranges: dict[str, tuple[float, float]], target: Target) -> Prepare:
+def _preparation(setting: str | Pass, ranges: dict[str, tuple[float, float]], target: Target,
+                 analysis: Callable[[type], Any]) -> Prepare:
     """What ``setting`` makes of one layer, asked of the one pass in it that answers per-layer questions
-    (``Pass.layer_effect``): from its node and weight, the layer's new function or a refusal."""
+    (``Pass.layer_effect``): from its node and weight, the layer's new function (or its nodes') or a refusal."""
     answering = [p for p in resolve(setting) if type(p).layer_effect is not Pass.layer_effect]
     if len(answering) != 1:
         raise PassError(f"no per-layer sensitivity for setting {setting!r} (it needs exactly one pass with a "
                         f"layer_effect; found {[p.name for p in answering]})")
     (p,) = answering
-    return lambda node, w: p.layer_effect(node, LayerContext(w, ranges.get(node.name, (0.0, 0.0)), target))
+    return lambda node, w: p.layer_effect(node, LayerContext(w, ranges.get(node.name, (0.0, 0.0)), target, analysis))

@@ -16,10 +16,12 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.analysis import Flops
+from fxforge.compiler.cache import cached_timing
 from fxforge.compiler.errors import PassError, missing_calibration
 from fxforge.compiler.graph import add_tensor, get_tensor
 from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext
+from fxforge.compiler.target import Target
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 
@@ -154,17 +156,24 @@ def layer_error(node: fx.Node, x: torch.Tensor, y: torch.Tensor, stages: Sequenc
 
 
 def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   stages: Sequence[Stage], rounds: int = 3) -> bool:
+                   stages: Sequence[Stage], target: Target, rounds: int = 3) -> bool:
     """Whether the factorized layer times faster than the original on its recorded input.
 
     The two are timed in alternating rounds and the best median of each is compared, so a burst of load on
-    the machine during one round cannot decide.
+    the machine during one round cannot decide. Timings depend on shapes only: they are kept per target
+    (compiler/cache.py), so a recompile reads them instead of timing again.
     """
-    before, after = [], []
-    for _ in range(rounds):
-        before.append(measure_latency(lambda t: run_original(node, t, weight, bias), (x,), budget_s=0.02))
-        after.append(measure_latency(lambda t: run_stages(node, t, stages, bias), (x,), budget_s=0.02))
-    return min(after) < min(before)
+    def measure() -> dict[str, float]:
+        before, after = [], []
+        for _ in range(rounds):
+            before.append(measure_latency(lambda t: run_original(node, t, weight, bias), (x,), budget_s=0.02))
+            after.append(measure_latency(lambda t: run_stages(node, t, stages, bias), (x,), budget_s=0.02))
+        return {"original_ms": min(before), "split_ms": min(after)}
+
+    shape = [str(node.target), tuple(x.shape), tuple(weight.shape), bias is not None, conv_geometry(node),
+             conv_groups(node), [(tuple(st.weight.shape), st.spatial, st.groups) for st in stages], str(x.dtype)]
+    timing = cached_timing(target, repr(shape), measure)
+    return timing["split_ms"] < timing["original_ms"]
 
 
 def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str, rules: Sequence[Pass],
@@ -193,7 +202,7 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
         bias = get_tensor(gm, bias_of(node)) if bias_of(node) is not None else None
         for spec, rule in by_spec.items():
             stages = stages_of(rule, node, weight)
-            if isinstance(stages, str) or timed and not faster_on_host(node, x, weight, bias, stages):
+            if isinstance(stages, str) or timed and not faster_on_host(node, x, weight, bias, stages, ctx.target):
                 continue
             kept = sum(st.weight.numel() for st in stages) / weight.numel()
             saved[(spec, node.name)] = flops.get(node.name, 0) * (1 - kept)

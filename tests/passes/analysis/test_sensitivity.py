@@ -7,7 +7,10 @@ from torch import nn
 
 import fxforge
 from fxforge.compiler.pass_manager import PassContext, PassManager
+from fxforge.passes.analysis.channel_groups import ChannelGroups
+from fxforge.passes.analysis.channel_importance import ChannelImportance
 from fxforge.passes.analysis.sensitivity import Effect, Sensitivity, agreement, layer_sensitivity, plan
+from fxforge.passes.prune_channels import PruneChannels, zero_groups
 
 X86 = fxforge.get_target("x86")
 
@@ -86,7 +89,9 @@ def test_refusals_name_the_reason():
                              ["depthwise_separable{energy=0.95}", "prune_channels{ratio=0.1}"], X86)
     dws = sens.effects["depthwise_separable{energy=0.95}"]
     assert dws["conv2d_1"] == "pointwise" and dws["linear"] == "not_a_regular_conv2d"
-    assert sens.effects["prune_channels{ratio=0.1}"]["linear"] == "too_few_channels"  # 10 % of 5 rows is 0
+    prune = sens.effects["prune_channels{ratio=0.1}"]
+    assert prune["linear"] == "no_prunable_channels"  # its outputs are the model's
+    assert prune["conv2d"] == "too_few_channels"  # 10 % of 16 is 1, and a layer keeps a multiple of 8
 
 
 def test_prune_removes_the_smallest_rows_first():
@@ -95,18 +100,19 @@ def test_prune_removes_the_smallest_rows_first():
         model.c3.weight[:4] = 0.0  # the four lowest-L1 channels carry nothing
         model.c3.bias[:4] = 0.0
     sens = layer_sensitivity(_graph(model, torch.randn(2, 4, 6, 6)), _batches(2, 4, 6, 6),
-                             ["prune_channels{ratio=0.25}", "prune_channels{ratio=0.5}"], X86)
-    assert sens.effects["prune_channels{ratio=0.25}"]["conv2d"].rel_error == 0.0
-    assert sens.effects["prune_channels{ratio=0.5}"]["conv2d"].rel_error > 1e-3
+                             ["prune_channels{ratio=0.25,round_to=4}", "prune_channels{ratio=0.5,round_to=4}"], X86)
+    assert sens.effects["prune_channels{ratio=0.25,round_to=4}"]["conv2d"].rel_error == 0.0
+    assert sens.effects["prune_channels{ratio=0.5,round_to=4}"]["conv2d"].rel_error > 1e-3
 
 
 def test_predicted_drop_sums_layer_drops():
     sens = layer_sensitivity(_graph(ConvNet(), torch.randn(2, 4, 6, 6)), _batches(8, 4, 6, 6),
-                             ["prune_channels{ratio=0.5}"], X86)
-    per = sens.effects["prune_channels{ratio=0.5}"]
+                             ["prune_channels{ratio=0.5,round_to=4}"], X86)
+    per = sens.effects["prune_channels{ratio=0.5,round_to=4}"]
     drops = [e.drop for e in per.values() if isinstance(e, Effect)]
-    assert sens.predicted_drop("prune_channels{ratio=0.5}") == pytest.approx(sum(drops))
-    assert sens.predicted_drop("prune_channels{ratio=0.5}", ["conv2d"]) == pytest.approx(per["conv2d"].drop)
+    assert len(drops) == 2  # conv2d and conv2d_1
+    assert sens.predicted_drop("prune_channels{ratio=0.5,round_to=4}") == pytest.approx(sum(drops))
+    assert sens.predicted_drop("prune_channels{ratio=0.5,round_to=4}", ["conv2d"]) == pytest.approx(per["conv2d"].drop)
 
 
 def test_agreement_is_top1_for_logits_and_cosine_otherwise():
@@ -140,3 +146,38 @@ def test_plan_under_an_error_cap_takes_moves_while_their_summed_damage_fits():
     assert plan(sens, saved, None, max_error=0.001) == {}  # nothing fits
     assert plan(sens, saved, 100, max_error=0.005) is None  # the goal needs more than the cap allows
     assert plan(sens, saved, 40, max_error=0.02) == {"b": "half"}  # a goal still stops the planning
+
+
+class Residual(nn.Module):
+    """stem → (body1 → relu → body2) + stem → relu → head: the stem's and body2's channels are coupled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body1 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.body2, self.head = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.body2(torch.relu(self.body1(s))) + s))
+
+
+def test_prune_effect_is_the_pruned_model_coupled_channels_included():
+    """Pruning the stem's layer zeroes the coupled channels in body2 as well: the measured effect is exactly that of
+    the pass's own zeroing (which dead_channels then removes exactly)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    gm, batches, rule = _graph(Residual(), x), _batches(4, 3, 6, 6), PruneChannels(ratio=0.5, round_to=4)
+    sens = layer_sensitivity(gm, batches, [rule], X86)
+    per = sens.effects[str(rule)]
+    assert per["conv2d_2"] == "no_prunable_channels"  # body2: its channels are the stem's layer, asked at the stem
+    ctx = PassContext(example_inputs=(x,))
+    cg = ctx.analysis(ChannelGroups, gm)
+    groups = rule.layer_groups("conv2d", ctx.analysis(ChannelImportance, gm))
+    assert len(groups) == 8
+    zeroed = copy.deepcopy(gm)
+    zero_groups(zeroed, cg, [cg.groups[g] for g in groups])
+    with torch.no_grad():
+        ref = torch.cat([gm(*b)[0] for b in batches])
+        out = torch.cat([zeroed(*b)[0] for b in batches])
+    assert per["conv2d"].rel_error == pytest.approx(float((out - ref).norm() / ref.norm()), rel=1e-5)
+    assert per["conv2d"].rel_error > 1e-2
