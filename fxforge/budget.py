@@ -26,6 +26,7 @@ float misses, the try with the smallest drop is returned, with a warning. The co
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -43,7 +44,9 @@ from fxforge.passes.lib.qdq import checked_batches
 
 DEFAULT_MAX_DROP = 0.01
 BUDGETED_PRESETS = ("int8", "all")
-NAMED = 5  # float layers a warning names (report.meta["budget"]["float_layers"] lists every one, with its cost)  # presets that carry the default budget
+NAMED = 5  # float layers a warning names (report.meta["budget"]["float_layers"] lists every one, with its cost)
+SENSITIVITY_SAMPLES = 32  # the budget's first samples each layer's cost is measured on (a ranking, not the verdict)
+VERIFIED = 3  # pipeline runs the search may spend verifying its estimates
 
 
 class Budget:
@@ -113,7 +116,9 @@ class Budget:
         at = next((i for i, p in enumerate(passes) if not p.exact and "skip" in p.options()), None)
         fallback, at = at is not None, at or 0  # without a pass that keeps layers float, one try of every pass
         before = self._run(passes[:at], gm, ctx)
-        tries: dict[int, float] = {0: self._try(passes[at:], before, ctx, ())}
+        lossy = max((i + 1 for i, p in enumerate(passes) if not p.exact), default=len(passes))  # exact ones after
+        quantized = self._run(passes[at:lossy], before, ctx)                                  # change no value
+        tries: dict[int, float] = {0: self._drop(quantized)}
         self.record["tries"] = tries
         label = f"the {self.preset} preset" if self.preset else "the pipeline"
         what = f"{self.name} drop {tries[0]:.4f} > max_drop {self.max_drop} on {self.record['data']}"
@@ -128,9 +133,12 @@ class Budget:
             self._warn(f"{label} misses its accuracy budget: {what}; no pass of it can keep layers float")
             return manager
         setting = str(passes[at])
-        sens = layer_sensitivity(before, self.data.flat, [setting], ctx.target)
+        sens = layer_sensitivity(before, self._first(SENSITIVITY_SAMPLES), [setting], ctx.target)
         ranked = sens.changed(setting)
-        k = self._search(ranked, tries, lambda k: self._try(passes[at:], before, ctx, ranked[:k]))
+        verify = functools.cache(lambda k: self._try(passes[at:lossy], before, ctx, ranked[:k]))
+        view = getattr(passes[at], "with_float", None)  # a cheap estimate: the quantized graph, layers float again
+        estimate = (lambda k: self._drop(view(quantized, before, tuple(ranked[:k]), ctx))) if view else verify
+        k = self._search(len(ranked), estimate, verify)
         weights = {n.name: str(weight_of(n).target) for n in call_nodes(before, *WEIGHTED)
                    if isinstance(weight_of(n), fx.Node)}
         self.record["float_layers"] = [{"layer": n, "weight": weights.get(n), **_cost(sens.effects[setting][n])}
@@ -148,30 +156,52 @@ class Budget:
         return PassManager([*passes[:at], _skipping(passes[at], ranked[:k]), *passes[at + 1:]], verify=manager.verify,
                            measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
 
-    def _search(self, ranked: list[str], tries: dict[int, float], attempt: Callable[[int], float]) -> int:
-        """The smallest k (float layers, most costly first) whose try holds the budget: k = 1, 2, 4, ... then
-        bisection; the k of the smallest drop when none holds."""
-        fails, holds, k = 0, None, 1
-        while ranked and holds is None:
-            k = min(k, len(ranked))
-            tries[k] = attempt(k)
-            if tries[k] <= self.max_drop:
-                holds = k
-            elif k == len(ranked):
-                return min(tries, key=lambda j: (tries[j], j))
-            else:
-                fails, k = k, 2 * k
-        while holds is not None and holds - fails > 1:
-            mid = (fails + holds) // 2
-            tries[mid] = attempt(mid)
-            fails, holds = (fails, mid) if tries[mid] <= self.max_drop else (mid, holds)
-        return holds if holds is not None else 0
+    def _search(self, n: int, estimate: Callable[[int], float], verify: Callable[[int], float]) -> int:
+        """How many of the ``n`` ranked layers stay float. Estimates (``estimate(k)``, the drop with the k most
+        costly layers float) at k = 1, 2, 3, 5, 8, ... (×1.5) up to n; the first k whose estimate holds is narrowed
+        down by bisection between it and the last grid point that missed (no k is assumed to hold because a
+        larger one does), then verified by running the pipeline (``verify(k)``). A verified miss goes on to the
+        next grid point whose estimate holds, at most ``VERIFIED`` times. Returns the fewest float layers of a
+        verified hold, else the k with the smallest verified drop. Every number lands in the record."""
+        tries, estimates = self.record["tries"], self.record.setdefault("estimates", {})
+        missed = 0
+        for k in _grid(n):
+            estimates[k] = estimate(k)
+            if estimates[k] > self.max_drop:
+                missed = k
+                continue
+            while k - missed > 1:
+                mid = (missed + k) // 2
+                estimates[mid] = estimate(mid)
+                missed, k = (missed, mid) if estimates[mid] <= self.max_drop else (mid, k)
+            tries[k] = verify(k)
+            if tries[k] <= self.max_drop or len(tries) > VERIFIED:
+                break
+            missed = k
+        if not set(tries) - {0}:  # no estimate held: verify the best one
+            k = min(estimates, key=lambda j: (estimates[j], j))
+            tries[k] = verify(k)
+        held = [j for j, d in tries.items() if d <= self.max_drop]
+        return min(held) if held else min(tries, key=lambda j: (tries[j], j))
 
     def _try(self, rest: list[Pass], before: fx.GraphModule, ctx: PassContext, floats: Sequence[str]) -> float:
         """The drop of ``rest`` run on a copy of ``before``, its first pass keeping ``floats`` float."""
         if floats:
             rest = [_skipping(rest[0], floats), *rest[1:]]
-        return self.reference - self._score(self.data.measure(self._run(rest, before, ctx)))
+        return self._drop(self._run(rest, before, ctx))
+
+    def _drop(self, graph: fx.GraphModule) -> float:
+        return self.reference - self._score(self.data.measure(graph))
+
+    def _first(self, samples: int) -> list[tuple[torch.Tensor, ...]]:
+        """The budget's first batches holding at least ``samples`` samples (all of them when fewer)."""
+        batches, count = [], 0
+        for batch in self.data.flat:
+            if count >= samples:
+                break
+            batches.append(batch)
+            count += len(batch[0]) if batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() else 1
+        return batches
 
     @staticmethod
     def _run(passes: Sequence[Pass], gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -212,6 +242,14 @@ class Budget:
     @staticmethod
     def _warn(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _grid(n: int) -> list[int]:
+    """1, 2, 3, 5, 8, 11, 17, ... (each about 1.5× the last) up to and including n."""
+    ks = [1]
+    while ks[-1] < n:
+        ks.append(max(ks[-1] + 1, round(ks[-1] * 1.5)))
+    return [min(k, n) for k in ks] if n else []
 
 
 def _skipping(p: Pass, layers: Sequence[str]) -> Pass:

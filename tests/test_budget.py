@@ -143,3 +143,37 @@ def test_bad_budget_arguments_are_one_line_input_errors(kw, message):
     model = nn.Linear(4, 2).eval()
     with pytest.raises(fxforge.InputError, match=message):
         fxforge.compile(model, (torch.randn(2, 4),), **kw)
+
+
+def search(estimates, verified=None, n=10):
+    """Budget._search on made-up drops: ``estimates[k]`` (default 0) for the estimate with k layers float,
+    ``verified[k]`` (default: the estimate) for the pipeline's run; returns (k, the k verified)."""
+    from fxforge.budget import Budget
+
+    budget = Budget(0.01, "agreement", strict=False, preset=None)
+    budget.record["tries"] = {0: 0.5}
+    ran = []
+
+    def verify(k):
+        ran.append(k)
+        return (verified or {}).get(k, estimates.get(k, 0.0))
+    return budget._search(n, lambda k: estimates.get(k, 0.0), verify), ran
+
+
+def test_the_search_does_not_assume_more_float_layers_never_cost_accuracy():
+    """Drops that rise again after 3 layers (a float layer can move the next int8 layer off its grid): doubling and
+    bisection would settle on 5 (1, 2, 4 miss, 8 holds, then 6 and 5 hold); the ×1.5 grid stops at 3."""
+    k, ran = search({1: 0.3, 2: 0.02, 3: 0.005, 4: 0.03})
+    assert k == 3 and ran == [3]
+
+
+def test_an_estimate_that_the_pipeline_does_not_confirm_is_passed_over():
+    k, ran = search({1: 0.3}, verified={2: 0.05})
+    assert k == 3 and ran == [2, 3]
+
+
+def test_when_nothing_holds_the_search_keeps_the_smallest_verified_drop():
+    k, ran = search({k: 0.5 - k / 100 for k in range(1, 11)})  # every estimate misses: verify the best one
+    assert k == 10 and ran == [10]
+    k, ran = search({}, verified={k: 0.4 - k / 100 for k in range(1, 11)})  # estimates hold, runs miss: 3 runs
+    assert ran == [1, 2, 3] and k == 3
