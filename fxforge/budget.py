@@ -14,14 +14,20 @@ four calibration batches nothing is held out (calibration keeps at least three q
 is not measured, and a warning says so.
 
 When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
-one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option: the layers whose
-quantization alone moves the output most on the budget's data (passes/analysis/sensitivity.py: drop, then
-relative error) stay float, the k most costly for the smallest k found to hold the budget (k = 1, 2, 4, ... until
-it holds, then bisection, which assumes more float layers never cost accuracy). Each try runs the quantizing
-passes on a copy of the graph before them and measures the graph on the budget's data. When even every layer
-float misses, the try with the smallest drop is returned, with a warning. The compiled artifact is measured too
-(int8 kernels round otherwise than the simulated graph): a miss there is warned of, or raised under ``strict``.
-``report.meta["budget"]`` records all of it: metric, data, the drops of every try, each float layer's measured cost.
+one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option. Each layer's cost
+is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py: drop, then relative error, on
+the budget's first 32 samples: a ranking, not the verdict), and the k most costly stay float. The search over k
+estimates each try cheaply where the quantizing pass can say what its skip would do to the graph it already made
+(``InsertQdq.with_float``: the calibrated int8 graph with those layers' weights, biases and input pairs float
+again, every other grid as calibrated), else by running the quantizing passes. It estimates k = 1, 2, 3, 5, 8, ...
+(×1.5) until an estimate holds, bisects between that k and the last grid point that missed, and verifies the pick
+by running the quantizing passes on a copy of the graph before them; a verified miss goes on along the grid (at most
+3 runs). Nothing assumes that more float layers cost less accuracy (they need not: the errors of different layers
+partly cancel, and bias correction measures each layer after those upstream of it). The fewest float layers of a verified hold are kept, else the try
+with the smallest verified drop, with a warning. The compiled artifact is measured too (int8 kernels round
+otherwise than the simulated graph): a miss there is warned of, or raised under ``strict``.
+``report.meta["budget"]`` records all of it: metric, data, every estimate and verified drop, each float layer's
+measured cost.
 """
 from __future__ import annotations
 
