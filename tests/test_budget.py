@@ -177,3 +177,23 @@ def test_when_nothing_holds_the_search_keeps_the_smallest_verified_drop():
     assert k == 10 and ran == [10]
     k, ran = search({}, verified={k: 0.4 - k / 100 for k in range(1, 11)})  # estimates hold, runs miss: 3 runs
     assert ran == [1, 2, 3] and k == 3
+
+
+@pytest.mark.slow
+def test_the_trained_mobilenet_v2_meets_the_default_budget_on_128_held_out_views():
+    """The int8 preset's default budget on real photo views: the search's pick is verified by a pipeline run, and
+    the compiled model holds the budget on the held-out views it was judged on."""
+    from fxforge import zoo
+
+    model = zoo.mobilenet_v2()
+    calibration = [(b,) for b in zoo.photo_views(32, "left", 0).split(8)]
+    validation = [(b,) for b in zoo.photo_views(128, "right", 1).split(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = fxforge.compile(model, (zoo.photo(0),), passes=["int8"], calibration=calibration,
+                             validation=validation, measure_latency=False)
+    budget = cm.report.meta["budget"]
+    assert budget["data"] == "validation data (128 samples)" and budget["tries"][0] > 0.01
+    k = len(budget["float_layers"])
+    assert budget["outcome"].startswith(f"held with {k} of 53 layers float") and budget["tries"][k] <= 0.01
+    assert budget["artifact"]["held"]
