@@ -19,7 +19,8 @@ is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py
 the budget's first 32 samples: a ranking, not the verdict), and the k most costly stay float. The search over k
 estimates each try cheaply where the quantizing pass can say what its skip would do to the graph it already made
 (``InsertQdq.with_float``: the calibrated int8 graph with those layers' weights, biases and input pairs float
-again, every other grid as calibrated), else by running the quantizing passes. It estimates k = 1, 2, 3, 5, 8, ...
+again, every other grid as calibrated), else by running the quantizing passes; an estimate whose drop on the first
+32 samples already proves a miss (``_estimate``) skips the rest of the data. It estimates k = 1, 2, 3, 5, 8, ...
 (×1.5) until an estimate holds, bisects between that k and the last grid point that missed, and verifies the pick
 by running the quantizing passes on a copy of the graph before them; a verified miss goes on along the grid (at most
 3 runs). Nothing assumes that more float layers cost less accuracy (they need not: the errors of different layers
@@ -139,11 +140,13 @@ class Budget:
             self._warn(f"{label} misses its accuracy budget: {what}; no pass of it can keep layers float")
             return manager
         setting = str(passes[at])
-        sens = layer_sensitivity(before, self._first(SENSITIVITY_SAMPLES), [setting], ctx.target)
+        first = self._first(SENSITIVITY_SAMPLES)
+        sens = layer_sensitivity(before, first, [setting], ctx.target)
         ranked = sens.changed(setting)
         verify = functools.cache(lambda k: self._try(passes[at:lossy], before, ctx, ranked[:k]))
         view = getattr(passes[at], "with_float", None)  # a cheap estimate: the quantized graph, layers float again
-        estimate = (lambda k: self._drop(view(quantized, before, tuple(ranked[:k]), ctx))) if view else verify
+        estimate = (lambda k: self._estimate(k, view(quantized, before, tuple(ranked[:k]), ctx), gm, first)) \
+            if view else verify
         k = self._search(len(ranked), estimate, verify)
         weights = {n.name: str(weight_of(n).target) for n in call_nodes(before, *WEIGHTED)
                    if isinstance(weight_of(n), fx.Node)}
@@ -195,6 +198,23 @@ class Budget:
         if floats:
             rest = [_skipping(rest[0], floats), *rest[1:]]
         return self._drop(self._run(rest, before, ctx))
+
+    def _estimate(self, k: int, graph: fx.GraphModule, reference: fx.GraphModule, first: list) -> float:
+        """The drop of ``graph`` (k layers float), screened on the ``first`` batches: for agreement and cosine
+        (per-sample losses ≥ 0, the reference scoring 1) a full drop within max_drop bounds the drop on n of N
+        samples by max_drop · N / n, and for the min cosine by max_drop; a screen above that bound is a miss,
+        returned as is and recorded in ``screened`` without running the rest of the data."""
+        bound = {"agreement": self.data.samples, "cosine": self.data.samples, "min_cosine": None}
+        if len(first) < len(self.data.flat) and self.kind in bound:
+            if not hasattr(self, "screen"):
+                self.screen = Validation(first, first, self.metric)
+                self.screen_reference = self._score(self.screen.measure(reference))
+                self.screen_bound = self.max_drop * (bound[self.kind] or self.screen.samples) / self.screen.samples
+            drop = self.screen_reference - self._score(self.screen.measure(graph))
+            if drop > self.screen_bound:
+                self.record.setdefault("screened", {})[k] = drop
+                return drop
+        return self._drop(graph)
 
     def _drop(self, graph: fx.GraphModule) -> float:
         return self.reference - self._score(self.data.measure(graph))

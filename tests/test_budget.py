@@ -197,3 +197,25 @@ def test_the_trained_mobilenet_v2_meets_the_default_budget_on_128_held_out_views
     k = len(budget["float_layers"])
     assert budget["outcome"].startswith(f"held with {k} of 53 layers float") and budget["tries"][k] <= 0.01
     assert budget["artifact"]["held"]
+
+
+def test_an_estimate_far_outside_the_budget_is_judged_on_the_first_batches_alone():
+    """A drop within 0.01 on 128 samples is at most 0.04 on 32 of them (disagreements never exceed the total), so
+    a screen above 0.04 is a sound miss: recorded in ``screened``, the other 96 samples not run."""
+    from fxforge.budget import Budget
+    from fxforge.compiler.quality import Validation
+
+    torch.manual_seed(0)
+    reference = nn.Linear(16, 4).eval()
+    data = batches(4, 32)
+    budget = Budget(0.01, "agreement", strict=False, preset=None)
+    budget.data, budget.kind = Validation(data, data, "agreement"), "agreement"
+    budget.reference = budget._score(budget.data.measure(reference))
+    calls = []
+
+    def flipped(x):
+        calls.append(len(x))
+        return -reference(x)
+    assert budget._estimate(5, flipped, reference, data[:1]) > 0.9 and calls == [32]
+    assert budget.record["screened"] == {5: pytest.approx(1.0)}
+    assert budget._estimate(6, reference, reference, data[:1]) == 0.0 and 6 not in budget.record["screened"]
