@@ -24,11 +24,11 @@ again, every other grid as calibrated), else by running the quantizing passes; a
 (×1.5) until an estimate holds, bisects between that k and the last grid point that missed, and verifies the pick
 by running the quantizing passes on a copy of the graph before them; a verified miss goes on along the grid (at most
 3 runs). Nothing assumes that more float layers cost less accuracy (they need not: the errors of different layers
-partly cancel, and bias correction measures each layer after those upstream of it). The fewest float layers of a verified hold are kept, else the try
-with the smallest verified drop, with a warning. The compiled artifact is measured too (int8 kernels round
-otherwise than the simulated graph): a miss there is warned of, or raised under ``strict``.
-``report.meta["budget"]`` records all of it: metric, data, every estimate and verified drop, each float layer's
-measured cost.
+partly cancel, and bias correction measures each layer after those upstream of it). The fewest float layers of a
+verified hold are kept, else the try with the smallest verified drop, with a warning. The compiled artifact is
+measured too (int8 kernels round otherwise than the simulated graph): a miss there is warned of, or raised under
+``strict``. ``report.meta["budget"]`` records all of it: metric, data, every estimate and verified drop, each float
+layer's measured cost.
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ one group feed one histogram observer. Its clipping range [lo, hi] ∋ 0 (method
 
 and each bias is re-quantized with the new s_x · s_w. ``method="auto"`` chooses per tensor group, among percentile,
 mse and minmax, the range whose quantization changes the outputs of the ops reading the tensor least
-(Σ‖op(x̂) − op(x)‖² on the first 16 calibration samples, x̂ = DQ(Q(x)) on the candidate grid, every other input
-float): mse fits a weight-heavy range better, percentile a long tail, and the reader's weights decide which
-error matters. The data comes from ``PassContext.calibration``
+(Σ‖op(x̂) − op(x)‖² on the first 16 calibration samples, x̂ = DQ(Q(x)) on the candidate grid, each other input
+float). On the trained MobileNetV2 it does worse than percentile everywhere (docs/quantization.md): the mse ranges
+it picks clip values that matter further down. The data comes from ``PassContext.calibration``
 (``fxforge.compile(..., calibration=[(x1,), (x2,)])``); without it the pass refuses to guess.
 """
 from __future__ import annotations

@@ -37,8 +37,8 @@ from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassConte
 from fxforge.compiler.target import Target
 
 from .analysis.quant_plan import plan_static
-from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q, role,
-                      weight_scales)
+from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
+                      role, weight_scales)
 
 @register_pass
 class InsertQdq(Pass):
