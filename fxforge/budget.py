@@ -62,6 +62,7 @@ class Budget:
     def __init__(self, max_drop: float, metric: Metric, strict: bool, preset: str | None) -> None:
         self.max_drop, self.metric, self.strict, self.preset = max_drop, metric, strict, preset
         self.data: Validation | None = None
+        self.screen: Validation | None = None  # the first batches of data, on which _estimate screens
         self.record: dict[str, Any] = {"max_drop": max_drop, "source": f"the {preset} preset's default"
                                        if preset else "max_drop="}
 
@@ -187,6 +188,8 @@ class Budget:
             if tries[k] <= self.max_drop or len(tries) > VERIFIED:
                 break
             missed = k
+        if not estimates:  # no layer to keep float
+            return 0
         if not set(tries) - {0}:  # no estimate held: verify the best one
             k = min(estimates, key=lambda j: (estimates[j], j))
             tries[k] = verify(k)
@@ -206,7 +209,7 @@ class Budget:
         returned as is and recorded in ``screened`` without running the rest of the data."""
         bound = {"agreement": self.data.samples, "cosine": self.data.samples, "min_cosine": None}
         if len(first) < len(self.data.flat) and self.kind in bound:
-            if not hasattr(self, "screen"):
+            if self.screen is None:
                 self.screen = Validation(first, first, self.metric)
                 self.screen_reference = self._score(self.screen.measure(reference))
                 self.screen_bound = self.max_drop * (bound[self.kind] or self.screen.samples) / self.screen.samples

@@ -219,3 +219,7 @@ def test_an_estimate_far_outside_the_budget_is_judged_on_the_first_batches_alone
     assert budget._estimate(5, flipped, reference, data[:1]) > 0.9 and calls == [32]
     assert budget.record["screened"] == {5: pytest.approx(1.0)}
     assert budget._estimate(6, reference, reference, data[:1]) == 0.0 and 6 not in budget.record["screened"]
+
+
+def test_with_no_layer_to_keep_float_the_search_keeps_none():
+    assert search({}, n=0) == (0, [])
