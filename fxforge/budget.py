@@ -14,18 +14,26 @@ four calibration batches nothing is held out (calibration keeps at least three q
 is not measured, and a warning says so.
 
 When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
-one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option: the layers whose
-quantization alone moves the output most on the budget's data (passes/analysis/sensitivity.py: drop, then
-relative error) stay float, the k most costly for the smallest k found to hold the budget (k = 1, 2, 4, ... until
-it holds, then bisection, which assumes more float layers never cost accuracy). Each try runs the quantizing
-passes on a copy of the graph before them and measures the graph on the budget's data. When even every layer
-float misses, the try with the smallest drop is returned, with a warning. The compiled artifact is measured too
-(int8 kernels round otherwise than the simulated graph): a miss there is warned of, or raised under ``strict``.
-``report.meta["budget"]`` records all of it: metric, data, the drops of every try, each float layer's measured cost.
+one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option. Each layer's cost
+is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py: drop, then relative error, on
+the budget's first 32 samples: a ranking, not the verdict), and the k most costly stay float. The search over k
+estimates each try cheaply where the quantizing pass can say what its skip would do to the graph it already made
+(``InsertQdq.with_float``: the calibrated int8 graph with those layers' weights, biases and input pairs float
+again, every other grid as calibrated), else by running the quantizing passes; an estimate whose drop on the first
+32 samples already proves a miss (``_estimate``) skips the rest of the data. It estimates k = 1, 2, 3, 5, 8, ...
+(×1.5) until an estimate holds, bisects between that k and the last grid point that missed, and verifies the pick
+by running the quantizing passes on a copy of the graph before them; a verified miss goes on along the grid (at most
+3 runs). Nothing assumes that more float layers cost less accuracy (they need not: the errors of different layers
+partly cancel, and bias correction measures each layer after those upstream of it). The fewest float layers of a
+verified hold are kept, else the try with the smallest verified drop, with a warning. The compiled artifact is
+measured too (int8 kernels round otherwise than the simulated graph): a miss there is warned of, or raised under
+``strict``. ``report.meta["budget"]`` records all of it: metric, data, every estimate and verified drop, each float
+layer's measured cost.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -43,7 +51,9 @@ from fxforge.passes.lib.qdq import checked_batches
 
 DEFAULT_MAX_DROP = 0.01
 BUDGETED_PRESETS = ("int8", "all")
-NAMED = 5  # float layers a warning names (report.meta["budget"]["float_layers"] lists every one, with its cost)  # presets that carry the default budget
+NAMED = 5  # float layers a warning names (report.meta["budget"]["float_layers"] lists every one, with its cost)
+SENSITIVITY_SAMPLES = 32  # the budget's first samples each layer's cost is measured on (a ranking, not the verdict)
+VERIFIED = 3  # pipeline runs the search may spend verifying its estimates
 
 
 class Budget:
@@ -52,6 +62,7 @@ class Budget:
     def __init__(self, max_drop: float, metric: Metric, strict: bool, preset: str | None) -> None:
         self.max_drop, self.metric, self.strict, self.preset = max_drop, metric, strict, preset
         self.data: Validation | None = None
+        self.screen: Validation | None = None  # the first batches of data, on which _estimate screens
         self.record: dict[str, Any] = {"max_drop": max_drop, "source": f"the {preset} preset's default"
                                        if preset else "max_drop="}
 
@@ -113,7 +124,9 @@ class Budget:
         at = next((i for i, p in enumerate(passes) if not p.exact and "skip" in p.options()), None)
         fallback, at = at is not None, at or 0  # without a pass that keeps layers float, one try of every pass
         before = self._run(passes[:at], gm, ctx)
-        tries: dict[int, float] = {0: self._try(passes[at:], before, ctx, ())}
+        lossy = max((i + 1 for i, p in enumerate(passes) if not p.exact), default=len(passes))  # exact ones after
+        quantized = self._run(passes[at:lossy], before, ctx)                                  # change no value
+        tries: dict[int, float] = {0: self._drop(quantized)}
         self.record["tries"] = tries
         label = f"the {self.preset} preset" if self.preset else "the pipeline"
         what = f"{self.name} drop {tries[0]:.4f} > max_drop {self.max_drop} on {self.record['data']}"
@@ -128,9 +141,14 @@ class Budget:
             self._warn(f"{label} misses its accuracy budget: {what}; no pass of it can keep layers float")
             return manager
         setting = str(passes[at])
-        sens = layer_sensitivity(before, self.data.flat, [setting], ctx.target)
+        first = self._first(SENSITIVITY_SAMPLES)
+        sens = layer_sensitivity(before, first, [setting], ctx.target)
         ranked = sens.changed(setting)
-        k = self._search(ranked, tries, lambda k: self._try(passes[at:], before, ctx, ranked[:k]))
+        verify = functools.cache(lambda k: self._try(passes[at:lossy], before, ctx, ranked[:k]))
+        view = getattr(passes[at], "with_float", None)  # a cheap estimate: the quantized graph, layers float again
+        estimate = (lambda k: self._estimate(k, view(quantized, before, tuple(ranked[:k]), ctx), gm, first)) \
+            if view else verify
+        k = self._search(len(ranked), estimate, verify)
         weights = {n.name: str(weight_of(n).target) for n in call_nodes(before, *WEIGHTED)
                    if isinstance(weight_of(n), fx.Node)}
         self.record["float_layers"] = [{"layer": n, "weight": weights.get(n), **_cost(sens.effects[setting][n])}
@@ -148,30 +166,71 @@ class Budget:
         return PassManager([*passes[:at], _skipping(passes[at], ranked[:k]), *passes[at + 1:]], verify=manager.verify,
                            measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
 
-    def _search(self, ranked: list[str], tries: dict[int, float], attempt: Callable[[int], float]) -> int:
-        """The smallest k (float layers, most costly first) whose try holds the budget: k = 1, 2, 4, ... then
-        bisection; the k of the smallest drop when none holds."""
-        fails, holds, k = 0, None, 1
-        while ranked and holds is None:
-            k = min(k, len(ranked))
-            tries[k] = attempt(k)
-            if tries[k] <= self.max_drop:
-                holds = k
-            elif k == len(ranked):
-                return min(tries, key=lambda j: (tries[j], j))
-            else:
-                fails, k = k, 2 * k
-        while holds is not None and holds - fails > 1:
-            mid = (fails + holds) // 2
-            tries[mid] = attempt(mid)
-            fails, holds = (fails, mid) if tries[mid] <= self.max_drop else (mid, holds)
-        return holds if holds is not None else 0
+    def _search(self, n: int, estimate: Callable[[int], float], verify: Callable[[int], float]) -> int:
+        """How many of the ``n`` ranked layers stay float. Estimates (``estimate(k)``, the drop with the k most
+        costly layers float) at k = 1, 2, 3, 5, 8, ... (×1.5) up to n; the first k whose estimate holds is narrowed
+        down by bisection between it and the last grid point that missed (no k is assumed to hold because a
+        larger one does), then verified by running the pipeline (``verify(k)``). A verified miss goes on to the
+        next grid point whose estimate holds, at most ``VERIFIED`` times. Returns the fewest float layers of a
+        verified hold, else the k with the smallest verified drop. Every number lands in the record."""
+        tries, estimates = self.record["tries"], self.record.setdefault("estimates", {})
+        missed = 0
+        for k in _grid(n):
+            estimates[k] = estimate(k)
+            if estimates[k] > self.max_drop:
+                missed = k
+                continue
+            while k - missed > 1:
+                mid = (missed + k) // 2
+                estimates[mid] = estimate(mid)
+                missed, k = (missed, mid) if estimates[mid] <= self.max_drop else (mid, k)
+            tries[k] = verify(k)
+            if tries[k] <= self.max_drop or len(tries) > VERIFIED:
+                break
+            missed = k
+        if not estimates:  # no layer to keep float
+            return 0
+        if not set(tries) - {0}:  # no estimate held: verify the best one
+            k = min(estimates, key=lambda j: (estimates[j], j))
+            tries[k] = verify(k)
+        held = [j for j, d in tries.items() if d <= self.max_drop]
+        return min(held) if held else min(tries, key=lambda j: (tries[j], j))
 
     def _try(self, rest: list[Pass], before: fx.GraphModule, ctx: PassContext, floats: Sequence[str]) -> float:
         """The drop of ``rest`` run on a copy of ``before``, its first pass keeping ``floats`` float."""
         if floats:
             rest = [_skipping(rest[0], floats), *rest[1:]]
-        return self.reference - self._score(self.data.measure(self._run(rest, before, ctx)))
+        return self._drop(self._run(rest, before, ctx))
+
+    def _estimate(self, k: int, graph: fx.GraphModule, reference: fx.GraphModule, first: list) -> float:
+        """The drop of ``graph`` (k layers float), screened on the ``first`` batches: for agreement and cosine
+        (per-sample losses ≥ 0, the reference scoring 1) a full drop within max_drop bounds the drop on n of N
+        samples by max_drop · N / n, and for the min cosine by max_drop; a screen above that bound is a miss,
+        returned as is and recorded in ``screened`` without running the rest of the data."""
+        bound = {"agreement": self.data.samples, "cosine": self.data.samples, "min_cosine": None}
+        if len(first) < len(self.data.flat) and self.kind in bound:
+            if self.screen is None:
+                self.screen = Validation(first, first, self.metric)
+                self.screen_reference = self._score(self.screen.measure(reference))
+                self.screen_bound = self.max_drop * (bound[self.kind] or self.screen.samples) / self.screen.samples
+            drop = self.screen_reference - self._score(self.screen.measure(graph))
+            if drop > self.screen_bound:
+                self.record.setdefault("screened", {})[k] = drop
+                return drop
+        return self._drop(graph)
+
+    def _drop(self, graph: fx.GraphModule) -> float:
+        return self.reference - self._score(self.data.measure(graph))
+
+    def _first(self, samples: int) -> list[tuple[torch.Tensor, ...]]:
+        """The budget's first batches holding at least ``samples`` samples (all of them when fewer)."""
+        batches, count = [], 0
+        for batch in self.data.flat:
+            if count >= samples:
+                break
+            batches.append(batch)
+            count += len(batch[0]) if batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() else 1
+        return batches
 
     @staticmethod
     def _run(passes: Sequence[Pass], gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -212,6 +271,14 @@ class Budget:
     @staticmethod
     def _warn(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _grid(n: int) -> list[int]:
+    """1, 2, 3, 5, 8, 11, 17, ... (each about 1.5× the last) up to and including n."""
+    ks = [1]
+    while ks[-1] < n:
+        ks.append(max(ks[-1] + 1, round(ks[-1] * 1.5)))
+    return [min(k, n) for k in ks] if n else []
 
 
 def _skipping(p: Pass, layers: Sequence[str]) -> Pass:

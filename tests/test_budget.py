@@ -143,3 +143,83 @@ def test_bad_budget_arguments_are_one_line_input_errors(kw, message):
     model = nn.Linear(4, 2).eval()
     with pytest.raises(fxforge.InputError, match=message):
         fxforge.compile(model, (torch.randn(2, 4),), **kw)
+
+
+def search(estimates, verified=None, n=10):
+    """Budget._search on made-up drops: ``estimates[k]`` (default 0) for the estimate with k layers float,
+    ``verified[k]`` (default: the estimate) for the pipeline's run; returns (k, the k verified)."""
+    from fxforge.budget import Budget
+
+    budget = Budget(0.01, "agreement", strict=False, preset=None)
+    budget.record["tries"] = {0: 0.5}
+    ran = []
+
+    def verify(k):
+        ran.append(k)
+        return (verified or {}).get(k, estimates.get(k, 0.0))
+    return budget._search(n, lambda k: estimates.get(k, 0.0), verify), ran
+
+
+def test_the_search_does_not_assume_more_float_layers_never_cost_accuracy():
+    """Drops that rise again after 3 layers (a float layer can move the next int8 layer off its grid): doubling and
+    bisection would settle on 5 (1, 2, 4 miss, 8 holds, then 6 and 5 hold); the ×1.5 grid stops at 3."""
+    k, ran = search({1: 0.3, 2: 0.02, 3: 0.005, 4: 0.03})
+    assert k == 3 and ran == [3]
+
+
+def test_an_estimate_that_the_pipeline_does_not_confirm_is_passed_over():
+    k, ran = search({1: 0.3}, verified={2: 0.05})
+    assert k == 3 and ran == [2, 3]
+
+
+def test_when_nothing_holds_the_search_keeps_the_smallest_verified_drop():
+    k, ran = search({k: 0.5 - k / 100 for k in range(1, 11)})  # every estimate misses: verify the best one
+    assert k == 10 and ran == [10]
+    k, ran = search({}, verified={k: 0.4 - k / 100 for k in range(1, 11)})  # estimates hold, runs miss: 3 runs
+    assert ran == [1, 2, 3] and k == 3
+
+
+@pytest.mark.slow
+def test_the_trained_mobilenet_v2_meets_the_default_budget_on_128_held_out_views():
+    """The int8 preset's default budget on real photo views: the search's pick is verified by a pipeline run, and
+    the compiled model holds the budget on the held-out views it was judged on."""
+    from fxforge import zoo
+
+    model = zoo.mobilenet_v2()
+    calibration = [(b,) for b in zoo.photo_views(32, "left", 0).split(8)]
+    validation = [(b,) for b in zoo.photo_views(128, "right", 1).split(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = fxforge.compile(model, (zoo.photo(0),), passes=["int8"], calibration=calibration,
+                             validation=validation, measure_latency=False)
+    budget = cm.report.meta["budget"]
+    assert budget["data"] == "validation data (128 samples)" and budget["tries"][0] > 0.01
+    k = len(budget["float_layers"])
+    assert budget["outcome"].startswith(f"held with {k} of 53 layers float") and budget["tries"][k] <= 0.01
+    assert budget["artifact"]["held"]
+
+
+def test_an_estimate_far_outside_the_budget_is_judged_on_the_first_batches_alone():
+    """A drop within 0.01 on 128 samples is at most 0.04 on 32 of them (disagreements never exceed the total), so
+    a screen above 0.04 is a sound miss: recorded in ``screened``, the other 96 samples not run."""
+    from fxforge.budget import Budget
+    from fxforge.compiler.quality import Validation
+
+    torch.manual_seed(0)
+    reference = nn.Linear(16, 4).eval()
+    data = batches(4, 32)
+    budget = Budget(0.01, "agreement", strict=False, preset=None)
+    budget.data, budget.kind = Validation(data, data, "agreement"), "agreement"
+    budget.reference = budget._score(budget.data.measure(reference))
+    calls = []
+
+    def flipped(x):
+        calls.append(len(x))
+        return -reference(x)
+    assert budget._estimate(5, flipped, reference, data[:1]) > 0.9 and calls == [32]
+    assert budget.record["screened"] == {5: pytest.approx(1.0)}
+    assert budget._estimate(6, reference, reference, data[:1]) == 0.0 and 6 not in budget.record["screened"]
+
+
+def test_with_no_layer_to_keep_float_the_search_keeps_none():
+    assert search({}, n=0) == (0, [])

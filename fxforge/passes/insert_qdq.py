@@ -21,6 +21,7 @@ are counted.
 """
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from typing import Any, Callable, Literal
 
@@ -29,14 +30,15 @@ import torch.fx as fx
 
 import fxforge.compiler.dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor
+from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor, set_tensor
 from fxforge.compiler.ops import (LINEAR, MATMUL, WEIGHTED, bias_of, call_with, data, is_op, operands, qd, set_argument,
                                  value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.target import Target
 
 from .analysis.quant_plan import plan_static
-from .lib.qdq import DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, weight_scales
+from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
+                      role, weight_scales)
 
 @register_pass
 class InsertQdq(Pass):
@@ -136,6 +138,34 @@ class InsertQdq(Pass):
             x = torch.fake_quantize_per_tensor_affine(value_of(node, args, kwargs, "input"), scale, zero, qmin, qmax_a)
             return call_with(node, args, kwargs, weight=wq, input=x)
         return layer_fn
+
+    def with_float(self, quantized: fx.GraphModule, before: fx.GraphModule, layers: tuple[str, ...],
+                   ctx: PassContext) -> fx.GraphModule:
+        """A copy of ``quantized`` (this pass's graph, calibrated, from ``before``) as this pass with ``layers``
+        added to ``skip`` would have made it: those layers' weights and biases float again (``before``'s values),
+        and the activation pairs that the smaller plan would not insert passed through. Every other grid keeps its
+        calibrated scale, which a skip does not change (calibration observes the float graph); a cheap estimate of
+        rerunning the quantizing passes, for searches over which layers stay float."""
+        p = type(self)(**{**self.options(), "skip": (*self.skip, *layers)})
+        is_float = _float_test(ctx.analysis(Shapes, before))
+        refusals = {n.name: p.refusal(before, n, is_float) for n in call_nodes(before, *WEIGHTED, *MATMUL)}
+        plan, _ = plan_static(before, is_float, lambda n: refusals[n.name], Counter())
+        keep = {t.name for t in plan}
+        gm = copy.deepcopy(quantized)
+        for node in list(gm.graph.nodes):
+            if is_q(node) and role(node) == "activation" and data(node).name not in keep:
+                for dq in [u for u in node.users if is_dq(u)]:
+                    dq.replace_all_uses_with(data(node))
+            elif is_op(node, *WEIGHTED) and refusals.get(node.name) == "by_name" and is_dq(weight_of(node)):
+                set_argument(node, "weight", data(data(weight_of(node))))
+                if is_dq(bias_of(node)):
+                    float_bias = data(data(bias_of(node)))
+                    original = next(n for n in before.graph.nodes if n.name == node.name)
+                    set_tensor(gm, float_bias, get_tensor(before, bias_of(original)).detach().clone())
+                    set_argument(node, "bias", float_bias)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
 
     def reduced(self, target: Target) -> bool:
         """7-bit weights: by default where the target's u8s8 products saturate (x86 without VNNI or AMX)."""

@@ -108,7 +108,7 @@ def test_bad_method_and_order_are_refused():
     with pytest.raises(PassError, match="option 'method' of pass 'calibrate'"):
         fxforge.PassManager(["insert_qdq", "calibrate{method='max'}"])
     with pytest.raises(PassError, match="option 'method' of pass 'calibrate' must be one of 'minmax', "
-                                        "'percentile', 'entropy', 'mse', got 'max'"):
+                                        "'percentile', 'entropy', 'mse', 'auto', got 'max'"):
         Calibrate(method="max")
     with pytest.raises(PassError, match="must come after 'insert_qdq'"):
         fxforge.PassManager(["calibrate"])
@@ -131,3 +131,29 @@ def test_labelled_batches_are_named_and_calibration_fn_picks_the_inputs():
     with pytest.raises(CalibrationError, match=r"calibration_fn failed on batch 0: KeyError: 'image'"):
         fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"], calibration=pairs,
                         calibration_fn=lambda batch: batch["image"] if isinstance(batch, dict) else {}["image"])
+
+
+def test_auto_chooses_per_tensor_by_the_error_of_the_ops_reading_it():
+    """Inputs with rare outliers: ``auto`` takes, for each tensor, one of the three methods' grids, the one whose
+    quantization moves the reading conv's output least, and the graph it makes is at least as close to the float
+    graph on the calibration samples as the one each method alone makes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(4):
+        x = torch.randn(4, 3, 8, 8, generator=g)
+        x.view(-1)[torch.randint(0, x.numel(), (3,), generator=g)] *= 12  # a long tail
+        data.append((x,))
+    graphs = {m: apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq", f"calibrate{{method={m!r}}}"],
+                       calibration=data)[:2] for m in ("auto", "percentile", "mse", "minmax")}
+    grids = {m: [tuple(q.args[1:3]) for q in gm.graph.nodes if is_q(q) and role(q) == "activation"]
+             for m, (gm, _) in graphs.items()}
+    assert all(any(grids[m][i] == choice for m in ("percentile", "mse", "minmax"))
+               for i, choice in enumerate(grids["auto"]))
+    stats = graphs["auto"][1].row("calibrate").stats
+    assert stats["chosen.percentile"] + stats["chosen.mse"] + stats["chosen.minmax"] == stats["activation_groups"] == 3
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        errors = {m: float((gm(x)[0] - model(x)).square().sum()) for m, (gm, _) in graphs.items()}
+    assert errors["auto"] <= min(errors["percentile"], errors["mse"], errors["minmax"]) * 1.05, errors

@@ -1,4 +1,6 @@
 """insert_qdq: where Q/DQ pairs go (inputs, weights, biases, outputs, shared groups) and what stays float."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -119,6 +121,37 @@ def test_skip_keeps_named_layers_float():
     gm, report, _ = apply(model, example, ["fuse", "insert_qdq{skip=('conv1', 'fc')}"])
     stats = report.row("insert_qdq").stats
     assert stats["skipped.by_name"] == 2 and stats["quantized.conv2d"] == 1 and stats["weights"] == 1
+
+
+def test_with_float_is_the_skip_pipeline_without_rerunning_it():
+    """with_float(quantized, before, layers) gives the graph insert_qdq{skip=layers} → calibrate makes: the same Q/DQ
+    pairs (the first layer's input pair goes; its output stays on its grid, which the int8 second layer reads) and
+    the same numbers on fresh inputs."""
+    from fxforge.compiler.pass_manager import PassContext, PassManager
+    from fxforge.compiler.trace import trace
+    from fxforge.passes import InsertQdq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    before, _ = trace(model, (torch.randn(2, 8),))
+    calibration = [(torch.randn(32, 8),) for _ in range(3)]
+    first = next(n.name for n in before.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+
+    def quantize(skip):
+        ctx = PassContext((torch.randn(2, 8),), calibration=calibration)
+        spec = [InsertQdq(skip=skip), "calibrate"]
+        return PassManager(spec, verify="off", measure_latency=False).run(copy.deepcopy(before), ctx)[0], ctx
+
+    quantized, ctx = quantize(())
+    rerun, _ = quantize((first,))
+    view = InsertQdq().with_float(quantized, before, (first,), ctx)
+    assert ops(view) == ops(rerun) and len(activation_qs(view)) == len(activation_qs(quantized)) - 1
+    assert [q.args[0].name for q in activation_qs(view)] == [q.args[0].name for q in activation_qs(rerun)]
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        assert torch.allclose(view(x)[0], rerun(x)[0], rtol=0, atol=1e-6)
+        assert not torch.allclose(view(x)[0], quantized(x)[0], rtol=0, atol=1e-6)
+    assert len(activation_qs(quantized)) == 4  # the input of every linear and the output: with_float copied
 
 
 @pytest.mark.slow  # test_fold_qdq covers resnet18 through the whole preset

@@ -7,12 +7,12 @@ from fxforge.compiler.verify import compare, fresh_inputs
 from models import ZOO, accuracy, digits_cnn
 
 
-def test_digits_cnn_int8_top1_within_one_point_of_fp32():
+def test_digits_cnn_int8_top1_within_0_3_point_of_fp32():
     model, (x_train, _, x_test, y_test) = digits_cnn()
     calibration = [(x_train[i:i + 64],) for i in range(0, 512, 64)]
     compiled = fxforge.compile(model, x_train[:2], passes=["int8"], calibration=calibration, measure_latency=False)
     fp32, int8 = accuracy(model, x_test, y_test), accuracy(compiled, x_test, y_test)
-    assert fp32 > 0.95 and int8 >= fp32 - 0.01, (fp32, int8)  # measured: 0.9950 → 0.9924
+    assert fp32 > 0.95 and int8 >= fp32 - 0.003, (fp32, int8)  # measured: 0.9950 → 0.9924 (one of 397 images)
     row = compiled.report.row("fold_qdq")
     assert row.bytes < compiled.report.row("fuse_activation").bytes / 3.5
 

@@ -12,7 +12,7 @@ nodes of one group share a scale and zero point.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.fx as fx
@@ -104,27 +104,80 @@ class _FloatRun(fx.Interpreter):
         return super().run_node(n)
 
 
-def fit_activations(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ...]], method: Method,
-                    percentile: float = 99.99) -> dict[str, float]:
-    """Observe every activation group on ``batches`` and set its Q/DQ parameters; then refresh bias scales."""
+Choice = Literal["minmax", "percentile", "entropy", "mse", "auto"]  # a Method, or the best of AUTO_CANDIDATES
+AUTO_CANDIDATES: tuple[Method, ...] = ("percentile", "mse", "minmax")  # ties go to the first
+AUTO_SAMPLES = 16  # the calibration samples on which method="auto" measures its candidates' output error
+
+
+def fit_activations(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ...]], method: Choice,
+                    percentile: float = 99.99) -> dict[str, Any]:
+    """Observe every activation group on ``batches`` and set its Q/DQ parameters; then refresh bias scales.
+
+    ``method="auto"`` chooses per group among ``AUTO_CANDIDATES`` the range whose quantization moves the outputs
+    of the ops reading the group least (squared error, on the first ``AUTO_SAMPLES`` calibration samples)."""
     qs = [n for n in gm.graph.nodes if is_q(n) and role(n) == "activation"]
     shared: dict[int, HistogramObserver] = {}
     observers = {q: shared.setdefault(q.meta[QDQ_KEY]["group"], HistogramObserver()) for q in qs}
-    count = 0
+    kept, count, samples = [], 0, 0
     with torch.no_grad():
         for batch in batches:
             _FloatRun(gm, observers).run(*batch)
             count += 1
-    for q, obs in observers.items():
+            if method == "auto" and samples < AUTO_SAMPLES:
+                kept.append(batch)
+                samples += len(batch[0]) if batch and batch[0].dim() else 1
+    methods = list(AUTO_CANDIDATES) if method == "auto" else [method]
+    grids: dict[int, list[tuple[float, int, int, int]]] = {}
+    for q in qs:
         dtype = q_params(q).dtype
         qmin, qmax = bounds(dtype)
-        lo, hi = obs.range(method, qmax - qmin + 1, percentile)
-        set_params(q, *activation_qparams(lo, hi, dtype, q.meta[QDQ_KEY].get("symmetric", False)))
+        symmetric = q.meta[QDQ_KEY].get("symmetric", False)
+        grids[q.meta[QDQ_KEY]["group"]] = [
+            (*activation_qparams(*observers[q].range(m, qmax - qmin + 1, percentile), dtype, symmetric), qmin, qmax)
+            for m in methods]
+    choice = {g: 0 for g in grids}
+    if len(methods) > 1 and kept:
+        run = _ReaderError(gm, grids)
+        with torch.no_grad():
+            for batch in kept:
+                run.run(*batch)
+        choice = {g: min(range(len(methods)), key=lambda i: (errors[i], i)) for g, errors in run.errors.items()}
+    for q in qs:
+        set_params(q, *grids[q.meta[QDQ_KEY]["group"]][choice[q.meta[QDQ_KEY]["group"]]][:2])
     for q in gm.graph.nodes:
         if is_q(q) and role(q) == "bias":
             op = next(iter(next(iter(q.users)).users))
             set_tensor(gm, q_params(q).scale, bias_scales(gm, op, get_tensor(gm, data(q)).shape[0]))
-    return {"activation_groups": len(shared), "batches": count}
+    stats: dict[str, Any] = {"activation_groups": len(shared), "batches": count}
+    if len(methods) > 1:
+        stats.update({f"chosen.{m}": sum(1 for c in choice.values() if c == i) for i, m in enumerate(methods)})
+    return stats
+
+
+class _ReaderError(fx.Interpreter):
+    """Runs the graph in float and, at every op reading an activation DQ, runs that op again with the DQ's value
+    on each candidate grid of its group: ``errors[group][i]`` sums the squared change of those ops' outputs."""
+
+    def __init__(self, gm: fx.GraphModule, grids: dict[int, list[tuple[float, int, int, int]]]) -> None:
+        super().__init__(gm)
+        self.grids = grids
+        self.errors = {g: [0.0] * len(c) for g, c in grids.items()}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if is_q(n) or is_dq(n):
+            return self.env[data(n)]
+        out = super().run_node(n)
+        if n.op != "call_function" or not isinstance(out, torch.Tensor):
+            return out
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        for i, a in enumerate(n.args):
+            if is_dq(a) and role(a) == "activation":
+                group = a.meta[QDQ_KEY]["group"]
+                for j, (scale, zero, qmin, qmax) in enumerate(self.grids[group]):
+                    moved = list(args)
+                    moved[i] = torch.fake_quantize_per_tensor_affine(args[i], scale, zero, qmin, qmax)
+                    self.errors[group][j] += float((n.target(*moved, **kwargs) - out).double().square().sum())
+        return out
 
 
 def checked_batches(batches: Any, example: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
