@@ -18,6 +18,12 @@ counts the convs and matmuls left float) and no calibration is needed.
 Static activation ranges start as the example inputs' min/max; ``calibrate`` replaces them. What cannot be
 lowered (weights that are not constants, non-float tensors) and layers named in ``skip`` stay float and
 are counted.
+
+A conv reading fewer than ``min_input_channels`` channels (a CNN's stem on RGB or grey pixels) stays float
+(``skipped.narrow_input``): int8 conv kernels vectorize over input channels, and 3 channels leave them mostly idle.
+Measured with ONNX Runtime 1.32 on x86 (AVX-512 VNNI, 1 thread): MobileNetV2's int8 stem took 2.8 of 15 ms, about
+a fifth of the network for 4 % of its MACs; in float (with the quantization moved after it) the whole network ran
+1.14–1.31× faster, and its input is no longer rounded to 8 bits.
 """
 from __future__ import annotations
 
@@ -30,8 +36,8 @@ import torch.fx as fx
 import fxforge.compiler.dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor
-from fxforge.compiler.ops import (LINEAR, MATMUL, WEIGHTED, bias_of, call_with, data, is_op, operands, qd, set_argument,
-                                 value_of, weight_of)
+from fxforge.compiler.ops import (CONV, LINEAR, MATMUL, WEIGHTED, bias_of, call_with, conv_groups, data, is_op,
+                                 operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.target import Target
 
@@ -50,6 +56,7 @@ class InsertQdq(Pass):
     symmetric_activations: bool = False
     skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
     activations: Literal["static", "dynamic"] = "static"
+    min_input_channels: int = 4  # convs reading fewer channels stay float (slow in int8 kernels)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
@@ -118,11 +125,19 @@ class InsertQdq(Pass):
         bias = bias_of(node)
         if bias is not None and get_tensor(gm, bias) is None:
             return "non_constant_bias"
+        if self.narrow(node, weight):
+            return "narrow_input"
         return None if is_float(data(node)) else "not_float"
+
+    def narrow(self, node: fx.Node, weight: torch.Tensor) -> bool:
+        """A conv reading fewer than ``min_input_channels`` channels (kept float: faster and more accurate)."""
+        return is_op(node, *CONV) and weight.shape[1] * conv_groups(node) < self.min_input_channels
 
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
         """The layer on int8: its weight fake-quantized as ``quantize_weight`` does (symmetric, q_max from
         ``reduce_range``), its input on the activation grid of its calibration range (``activation_dtype``)."""
+        if self.narrow(node, layer.weight):
+            return "narrow_input"
         qmax = 63 if self.reduced(layer.target) else 127
         s = weight_scales(layer.weight, qmax, self.per_channel)
         wq = (torch.fake_quantize_per_channel_affine(layer.weight, s, torch.zeros_like(s, dtype=torch.int32), 0,
