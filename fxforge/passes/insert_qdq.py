@@ -19,13 +19,13 @@ Static activation ranges start as the example inputs' min/max; ``calibrate`` rep
 lowered (weights that are not constants, non-float tensors) and layers named in ``skip`` stay float and
 are counted.
 
-A conv whose input window (input channels × kernel area) holds fewer than ``min_input_window`` values, a CNN's
-3×3 stem on RGB or grey pixels, stays float (``skipped.narrow_input``): int8 conv kernels vectorize over that
-window and leave most lanes idle on 27 values. Measured with ONNX Runtime 1.32 on x86 (AVX-512 VNNI, 1 thread,
-interleaved with ORT's own int8 model): MobileNetV2's int8 3×3 stem took 2.8 of 15 ms, a fifth of the network for
-4 % of its MACs, and with it in float the network ran 1.14–1.31× ORT's speed instead of 1.04–1.14× (its input is no
-longer rounded to 8 bits either). ResNet-18's 7×7 stem (a window of 147) is another matter: in float the network
-ran at 0.60× ORT's speed, so it stays int8.
+A stem conv (fewer than 4 input channels: RGB or grey pixels) whose input window (channels × kernel area) holds
+fewer than ``min_input_window`` values, a 3×3 stem, stays float (``skipped.narrow_input``): int8 conv kernels
+vectorize over that window and leave most lanes idle on 27 values. Measured with ONNX Runtime 1.32 on x86 (AVX-512
+VNNI, 1 thread, interleaved with ORT's own int8 model): MobileNetV2's int8 3×3 stem took 2.8 of 15 ms, a fifth of
+the network for 4 % of its MACs, and with it in float the network ran 1.14–1.31× ORT's speed instead of 1.04–1.14×
+(its input is no longer rounded to 8 bits either). ResNet-18's 7×7 stem (a window of 147) is another matter: in
+float the network ran at 0.60× ORT's speed, so it stays int8.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class InsertQdq(Pass):
     symmetric_activations: bool = False
     skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
     activations: Literal["static", "dynamic"] = "static"
-    min_input_window: int = 32  # convs reading fewer values per output (channels × kernel area) stay float
+    min_input_window: int = 32  # stems (< 4 channels) reading fewer values (channels × kernel area) stay float
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
@@ -132,9 +132,10 @@ class InsertQdq(Pass):
         return None if is_float(data(node)) else "not_float"
 
     def narrow(self, node: fx.Node, weight: torch.Tensor) -> bool:
-        """A conv whose input window (all its input channels × kernel area) is under ``min_input_window``
-        (kept float: faster there, and more accurate)."""
-        return is_op(node, *CONV) and weight[0].numel() * conv_groups(node) < self.min_input_window
+        """A stem conv (under 4 input channels) whose input window (channels × kernel area) is under
+        ``min_input_window`` (kept float: faster there, and more accurate)."""
+        channels = weight.shape[1] * conv_groups(node) if is_op(node, *CONV) else 0
+        return 0 < channels < 4 and weight[0].numel() * conv_groups(node) < self.min_input_window
 
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
         """The layer on int8: its weight fake-quantized as ``quantize_weight`` does (symmetric, q_max from
