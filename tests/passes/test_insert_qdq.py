@@ -94,12 +94,12 @@ def test_residual_add_maxpool_and_cat_share_groups():
 def test_narrow_input_conv_stays_float():
     """A 3×3 stem on RGB (an input window of 27 values) stays float; the conv after it reads the stem's output on an int8 grid."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
-    gm, report, flat = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq"])
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq"])
     assert ops(gm) == ["conv2d", "relu", Q, DQ, QC, DQC, QC, DQC, "conv2d", Q, DQ]
     stats = report.row("insert_qdq").stats
     assert stats["quantized.conv2d"] == stats["skipped.narrow_input"] == stats["weights"] == 1
     assert error_vs_eager(gm, model, flat).cosine > 0.99
-    gm, report, _ = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq{min_input_window=0}"])
+    gm, report, _ = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq{min_input_window=0}"])
     assert report.row("insert_qdq").stats["quantized.conv2d"] == 2
 
 
