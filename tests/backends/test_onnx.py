@@ -283,6 +283,18 @@ def test_int8_cnn_on_ort_matches_its_graph_and_eager(tiny_int8):
     assert compare([ort_out], [eager_out]).cosine > 0.99
 
 
+def test_allow_spinning_reaches_the_session_and_the_artifact(convbnrelu):
+    from fxforge.backends.onnx import SessionConfig
+    from fxforge.compiler.errors import BackendError
+    assert SessionConfig(allow_spinning=False).session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+    model, x, _ = convbnrelu
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="onnx", measure_latency=False, allow_spinning=False)
+    assert cm.artifact.info["ort_options"]["allow_spinning"] is False
+    with pytest.raises(BackendError, match="allow_spinning must be True or False"):
+        SessionConfig(allow_spinning=1)
+
+
 def test_mean_over_other_axes_keeps_reduce_mean():
     class Means(torch.nn.Module):
         def forward(self, x):
