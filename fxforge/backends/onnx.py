@@ -244,16 +244,17 @@ def _dynamic_linear(x, weight, weight_scale, bias=None):
 
 
 def _mean_dim(self, dim, keepdim=False, dtype=None):
-    """``aten.mean.dim`` over every spatial axis (global average pooling, what adaptive_avg_pool2d(1) becomes) as
-    GlobalAveragePool, which ORT fuses with the Q/DQ around it into QLinearGlobalAveragePool (int8, channels-last);
-    ReduceMean, the exporter's own lowering, stays float between a DequantizeLinear and a QuantizeLinear. Other
-    means go to the exporter's lowering unchanged."""
+    """``aten.mean.dim`` over both spatial axes of an NCHW tensor (global average pooling, what
+    adaptive_avg_pool2d(1) becomes) as GlobalAveragePool, which ORT fuses with the Q/DQ around it into
+    QLinearGlobalAveragePool (int8, channels-last); ReduceMean, the exporter's own lowering, stays float between a
+    DequantizeLinear and a QuantizeLinear. Other means (a norm's mean over the last axis of [B, T, H] included, which
+    ORT's LayerNorm fusions look for as ReduceMean) go to the exporter's lowering unchanged."""
     from onnxscript import opset18 as op
     from onnxscript.function_libs.torch_lib.ops.core import aten_mean_dim
     rank = len(self.shape) if self.shape is not None else 0
-    if dtype is None and rank >= 3 and dim and sorted(d % rank for d in dim) == list(range(2, rank)):
+    if dtype is None and rank == 4 and dim and sorted(d % rank for d in dim) == [2, 3]:
         pooled = op.GlobalAveragePool(self)
-        return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=list(range(2, rank))))
+        return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=[2, 3]))
     return aten_mean_dim(self, dim, keepdim, dtype)
 
 
