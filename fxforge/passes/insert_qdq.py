@@ -23,8 +23,8 @@ A stem conv (fewer than 4 input channels: RGB or grey pixels) whose input window
 fewer than ``min_input_window`` values, a 3×3 stem, stays float (``skipped.narrow_input``): int8 conv kernels
 vectorize over that window and leave most lanes idle on 27 values. Measured with ONNX Runtime 1.32 on x86 (AVX-512
 VNNI, 1 thread, interleaved with ORT's own int8 model): MobileNetV2's int8 3×3 stem took 2.8 of 15 ms, a fifth of
-the network for 4 % of its MACs, and with it in float the network ran 1.14–1.31× ORT's speed instead of 1.04–1.14×
-(its input is no longer rounded to 8 bits either). ResNet-18's 7×7 stem (a window of 147) is another matter: in
+the network for 4 % of its MACs; with it in float the network's CPU time per run was 1.10× better than ORT's
+(three runs; 0.94–1.04× with the stem in int8), and its input is no longer rounded to 8 bits either. ResNet-18's 7×7 stem (a window of 147) is another matter: in
 float the network ran at 0.60× ORT's speed, so it stays int8.
 """
 from __future__ import annotations
