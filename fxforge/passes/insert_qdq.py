@@ -24,8 +24,8 @@ fewer than ``min_input_window`` values, a 3×3 stem, stays float (``skipped.narr
 vectorize over that window and leave most lanes idle on 27 values. Measured with ONNX Runtime 1.32 on x86 (AVX-512
 VNNI, 1 thread, interleaved with ORT's own int8 model): MobileNetV2's int8 3×3 stem took 2.8 of 15 ms, a fifth of
 the network for 4 % of its MACs; with it in float the network's CPU time per run was 1.10× better than ORT's
-(three runs; 0.94–1.04× with the stem in int8), and its input is no longer rounded to 8 bits either. ResNet-18's 7×7 stem (a window of 147) is another matter: in
-float the network ran at 0.60× ORT's speed, so it stays int8.
+(three runs; 0.94–1.04× with the stem in int8), and its input is no longer rounded to 8 bits either. ResNet-18's
+7×7 stem (a window of 147) is another matter: in float the network ran at 0.60× ORT's speed, so it stays int8.
 """
 from __future__ import annotations
 
