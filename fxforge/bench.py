@@ -253,6 +253,7 @@ def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -
         System("fxforge fuse → tvm", fxforge_system(["fuse"], "tvm"), needs=("tvm",)),
         *tuned,
         System("fxforge int8 → onnx", fxforge_system(["int8"], "onnx"), needs=onnx),
+        System("fxforge int8 → onnx (static batch)", fxforge_system(["int8"], "onnx", static_batch=True), needs=onnx),
         System("fxforge int8_dynamic → onnx", fxforge_system(["int8_dynamic"], "onnx"), needs=onnx),
         System(f"fxforge {compress} → onnx", fxforge_system([compress], "onnx"), needs=onnx),
         System(f"fxforge {compress}+int8 → onnx", fxforge_system([compress, "int8"], "onnx"), needs=onnx),

@@ -17,7 +17,9 @@ Fusion groups tagged by ``fuse_activation`` need no special export: they are ord
 Clip/Add nodes in ONNX, and ORT's level-"all" optimizations fuse them into one kernel (FusedConv, NCHWc
 Conv with an activation). QDQ around a conv/gemm becomes ORT's int8 kernels (QLinearConv, QGemm). Both
 are read back from the ORT-optimized model (``SessionOptions.optimized_model_filepath``) and recorded in
-``info["ort_fused_kernels"]`` and ``info["ort_int8_ops"]``.
+``info["ort_fused_kernels"]`` and ``info["ort_int8_ops"]``; the ops ORT still runs in float (in an int8 model: its
+float islands) in ``info["ort_float_ops"]``. Global average pooling (``aten.mean`` over the spatial axes) lowers to
+GlobalAveragePool, which ORT runs in int8 between Q/DQ (QLinearGlobalAveragePool).
 
 Option ``fusions`` ("auto", the default; "transformer"; "none"): with "transformer", attention lowers to ORT's
 ``MultiHeadAttention`` and onnxruntime.transformers' optimizer fuses GELU and residual LayerNorms
@@ -67,7 +69,10 @@ LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 INT8_KERNELS = ("QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-                "QAttention")  # plus every QLinear* op
+                "QAttention", "NhwcMaxPool")  # plus every QLinear* op; ORT's NHWC layout pass makes NhwcMaxPool of
+# an 8-bit MaxPool only
+CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "ReorderInput", "ReorderOutput")
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,15 @@ class SessionConfig:
     on, ORT fuses Conv+activation and turns QDQ into int8 kernels; "all" also fuses Conv+Add+Relu in its
     NCHWc layout). ``intra_op_num_threads`` defaults to PyTorch's thread count at compile time (recorded in the
     artifact), so ORT and eager PyTorch run on the same threads; 0 leaves ORT's own default (one per core).
+    ``allow_spinning``: ORT's worker threads spin between ops (its default, the lowest latency on idle cores);
+    False lets them sleep, which measured 1.15× faster for an int8 MobileNetV2 on 2 cores shared with other jobs
+    (docs/benchmarks.md).
     """
 
     graph_optimization_level: str = "all"
     intra_op_num_threads: int = field(default_factory=lambda: torch.get_num_threads())
     inter_op_num_threads: int = 0
+    allow_spinning: bool = True
 
     def __post_init__(self) -> None:
         if self.graph_optimization_level not in LEVELS:
@@ -92,6 +101,8 @@ class SessionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise BackendError(f"{name} must be an int >= 0 (0: ORT's default), got {value!r}")
+        if not isinstance(self.allow_spinning, bool):
+            raise BackendError(f"allow_spinning must be True or False, got {self.allow_spinning!r}")
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -99,6 +110,7 @@ class SessionConfig:
         so.intra_op_num_threads = self.intra_op_num_threads
         so.inter_op_num_threads = self.inter_op_num_threads
         so.log_severity_level = 3  # errors only: ORT's warnings are not the user's concern
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         return so
 
 
@@ -231,7 +243,22 @@ def _dynamic_linear(x, weight, weight_scale, bias=None):
     return y if bias is None else op.Add(y, bias)
 
 
-TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear}
+def _mean_dim(self, dim, keepdim=False, dtype=None):
+    """``aten.mean.dim`` over both spatial axes of an NCHW tensor (global average pooling, what
+    adaptive_avg_pool2d(1) becomes) as GlobalAveragePool, which ORT fuses with the Q/DQ around it into
+    QLinearGlobalAveragePool (int8, channels-last); ReduceMean, the exporter's own lowering, stays float between a
+    DequantizeLinear and a QuantizeLinear. Other means (a norm's mean over the last axis of [B, T, H] included, which
+    ORT's LayerNorm fusions look for as ReduceMean) go to the exporter's lowering unchanged."""
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops.core import aten_mean_dim
+    rank = len(self.shape) if self.shape is not None else 0
+    if dtype is None and rank == 4 and dim and sorted(d % rank for d in dim) == [2, 3]:
+        pooled = op.GlobalAveragePool(self)
+        return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=[2, 3]))
+    return aten_mean_dim(self, dim, keepdim, dtype)
+
+
+TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim}
 
 
 @contextlib.contextmanager
@@ -297,11 +324,14 @@ def create_session(model: bytes, target: Target, config: SessionConfig,
 
 
 def ort_kernels(optimized: onnx.ModelProto) -> dict[str, Any]:
-    """What ORT made of the graph: kernels with a fused activation epilogue, and int8 kernels by op type."""
+    """What ORT made of the graph: kernels with a fused activation epilogue, int8 kernels by op type, and the
+    float ones (every other op but quantize/dequantize and layout moves): an int8 model's float islands."""
     nodes = optimized.graph.node
     int8 = Counter(n.op_type for n in nodes if is_int8_kernel(n.op_type))
+    floats = Counter(n.op_type for n in nodes
+                     if not is_int8_kernel(n.op_type) and n.op_type not in (*CONVERSIONS, *LAYOUT_OPS))
     return {"ort_fused_kernels": sum(1 for n in nodes if any(a.name == "activation" for a in n.attribute)),
-            "ort_int8_ops": dict(sorted(int8.items()))}
+            "ort_int8_ops": dict(sorted(int8.items())), "ort_float_ops": dict(sorted(floats.items()))}
 
 
 def is_int8_kernel(op_type: str) -> bool:

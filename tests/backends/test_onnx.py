@@ -204,7 +204,7 @@ def test_qdq_exports_to_quantize_linear_with_int8_initializers(qdq_net):
 
 def test_qdq_runs_as_ort_int8_kernels(qdq_net):
     model, x, cm = qdq_net
-    assert cm.artifact.info["ort_int8_ops"] == {"QGemm": 1, "QLinearConv": 1}
+    assert cm.artifact.info["ort_int8_ops"] == {"QGemm": 1, "QLinearConv": 1, "QLinearGlobalAveragePool": 1}
     xb = torch.randn(3, *x.shape[1:])
     with torch.no_grad():
         diff = (cm(xb) - model(xb)).abs().max().item()
@@ -215,6 +215,123 @@ def test_qdq_stays_float_without_ort_qdq_fusion():
     model, x = QdqNet().eval(), torch.randn(2, 3, 16, 16)
     cm = fxforge.compile(model, (x,), backend="onnx", measure_latency=False, graph_optimization_level="basic")
     assert cm.artifact.info["ort_int8_ops"] == {}
+
+
+class TinyMobileNet(torch.nn.Module):
+    """MobileNetV2 in miniature: an RGB stem, one inverted residual block (expand, depthwise, project, residual
+    add) and a global-average-pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+
+        def cbr(i: int, o: int, k: int, groups: int = 1, stride: int = 1) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(i, o, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(o),
+                                 nn.ReLU6())
+        self.stem, self.expand, self.depthwise = cbr(3, 16, 3, stride=2), cbr(16, 48, 1), cbr(48, 48, 3, groups=48)
+        self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.depthwise(self.expand(x)))
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+STATIC_INT8 = ["fuse", "insert_qdq", "calibrate", "fold_qdq"]  # the int8 preset's graph, without its accuracy steps
+
+
+def _ort_optimized(cm, directory):
+    """The graph ORT runs for an onnx artifact (its SessionOptions.optimized_model_filepath)."""
+    from fxforge.backends.onnx import SessionConfig, create_session
+    path = directory / "optimized.onnx"
+    create_session(cm.artifact.model, cm.artifact.target, SessionConfig(**cm.artifact.info["ort_options"]), path)
+    return onnx.load(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_int8():
+    torch.manual_seed(0)
+    model, x = TinyMobileNet().eval(), torch.randn(2, 3, 32, 32)
+    calibration = [(torch.randn(2, 3, 32, 32),) for _ in range(4)]
+    return model, x, fxforge.compile(model, (x,), passes=STATIC_INT8, backend="onnx", calibration=calibration,
+                                     measure_latency=False)
+
+
+def test_int8_cnn_runs_without_float_islands_on_ort(tiny_int8, tmp_path):
+    _, _, cm = tiny_int8
+    info = cm.artifact.info
+    assert cm.report.row("insert_qdq").stats["skipped.narrow_input"] == 1  # the 3-channel stem stays float
+    assert info["ort_float_ops"] == {"Conv": 1}  # that stem; pooling, residual add and head run in int8
+    assert info["ort_int8_ops"] == {"QGemm": 1, "QLinearAdd": 1, "QLinearConv": 3, "QLinearGlobalAveragePool": 1}
+    graph = _ort_optimized(cm, tmp_path).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1  # after the stem, at the output
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    assert not [n.name for n in graph.node if n.op_type == "QuantizeLinear"
+                and producer.get(n.input[0]) == "DequantizeLinear"]  # no DQ→Q round trip
+
+
+def test_int8_cnn_on_ort_matches_its_graph_and_eager(tiny_int8):
+    model, x, cm = tiny_int8
+    inputs = fresh_inputs((x,), seed=3)
+    with torch.no_grad():
+        ort_out, (graph_out,), eager_out = cm(*inputs), cm.graph_module(*inputs), model(*inputs)
+    out_dq = next(n for n in reversed(cm.graph_module.graph.nodes) if n.target == qd.dequantize_per_tensor.default)
+    step = out_dq.args[1]  # the output grid's scale
+    assert (ort_out - graph_out).abs().max().item() <= step + 1e-6  # measured: 0 (ties may round one step apart)
+    assert compare([ort_out], [eager_out]).cosine > 0.99
+
+
+def test_allow_spinning_reaches_the_session_and_the_artifact(convbnrelu):
+    from fxforge.backends.onnx import SessionConfig
+    from fxforge.compiler.errors import BackendError
+    assert SessionConfig(allow_spinning=False).session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+    model, x, _ = convbnrelu
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="onnx", measure_latency=False, allow_spinning=False)
+    assert cm.artifact.info["ort_options"]["allow_spinning"] is False
+    with pytest.raises(BackendError, match="allow_spinning must be True or False"):
+        SessionConfig(allow_spinning=1)
+
+
+def test_mean_over_other_axes_keeps_reduce_mean():
+    class Means(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)), x.mean(1), x.mean((-1, -2), keepdim=True), x[:, 0].mean(-1, keepdim=True)
+
+    model, x = Means(), torch.randn(2, 4, 5, 6)
+    cm = fxforge.compile(model, (x,), backend="onnx", measure_latency=False)
+    ops = [n.op_type for n in onnx.load_from_string(cm.artifact.model).graph.node]
+    assert "GlobalAveragePool" in ops and ops.count("ReduceMean") == 2  # a channel mean and a [B, T, H] norm's
+    xb = torch.randn(3, 4, 5, 6)
+    for got, want in zip(cm(xb), model(xb)):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_int8_has_no_more_float_ops_on_ort_than_ort_quantize_static(tmp_path):
+    from fxforge.bench import _quantize_static
+    from fxforge.backends.onnx import ort_kernels
+    model, (x,) = ZOO["mobilenet_v2"]()
+    calibration = [(torch.randn_like(x),) for _ in range(4)]
+    cm = fxforge.compile(model, (x,), passes=STATIC_INT8, backend="onnx", calibration=calibration,
+                         measure_latency=False, static_batch=True)
+    session, _ = _quantize_static(model, (x,), calibration, tmp_path)
+    theirs = ort_kernels(_ort_optimized_file(tmp_path / "int8.onnx", tmp_path))
+    ours = cm.artifact.info
+    assert sum(ours["ort_float_ops"].values()) <= sum(theirs["ort_float_ops"].values()), (ours, theirs)
+    assert ours["ort_int8_ops"]["QLinearGlobalAveragePool"] == 1 and "ReduceMean" in theirs["ort_float_ops"]
+
+
+def _ort_optimized_file(path, directory):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(directory / "theirs_optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnx.load(directory / "theirs_optimized.onnx")
 
 
 def test_op_without_onnx_translation_names_op_and_node():

@@ -85,15 +85,15 @@ def test_correction_lowers_the_measured_output_shift(shift):
     (["insert_qdq{skip=('conv2d',)}", "calibrate", "bias_correction"], {}),
 ])
 def test_layers_it_cannot_correct_are_left_alone(passes, stats):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
-    calibration = [(torch.randn(2, 3, 6, 6),)]
+    model = nn.Sequential(nn.Conv2d(4, 4, 3)).eval()
+    calibration = [(torch.randn(2, 4, 6, 6),)]
     gm, report, _ = apply(model, calibration[0], passes, calibration=calibration)
     assert report.row("bias_correction").stats == stats and not report.rows[-1].stats.get("corrected")
 
 
 def test_layer_without_bias_is_counted():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False)).eval()
-    calibration = [(torch.randn(2, 3, 6, 6),)]
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, bias=False)).eval()
+    calibration = [(torch.randn(2, 4, 6, 6),)]
     gm, report, _ = apply(model, calibration[0], [*QUANTIZE, "bias_correction"], calibration=calibration)
     assert report.row("bias_correction").stats == {"skipped.no_bias": 1}
 
@@ -121,8 +121,8 @@ def test_zoo_int8_with_correction_stays_close_to_eager(name):
 
 
 def test_max_samples_limits_what_is_measured():
-    model = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3)).eval()
-    calibration = [(torch.randn(4, 3, 6, 6),) for _ in range(3)]
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    calibration = [(torch.randn(4, 4, 6, 6),) for _ in range(3)]
     gm, report, _ = apply(model, calibration[0], [*QUANTIZE, "bias_correction{max_samples=6}"],
                           calibration=calibration)
     assert report.row("bias_correction").stats["samples"] == 6

@@ -55,7 +55,7 @@ def test_histogram_rebins_when_the_range_grows():
 class ConvRelu(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv = nn.Conv2d(4, 4, 3)
 
     def forward(self, x):
         return torch.relu(self.conv(x))
@@ -64,11 +64,11 @@ class ConvRelu(nn.Module):
 def _calibrated(data, passes=("insert_qdq", "calibrate")):
     torch.manual_seed(0)
     model = ConvRelu().eval()
-    return model, *apply(model, (torch.randn(2, 3, 8, 8),), list(passes), calibration=data)
+    return model, *apply(model, (torch.randn(2, 4, 8, 8),), list(passes), calibration=data)
 
 
 def test_scales_follow_the_calibration_data_not_the_example():
-    data = [(torch.rand(2, 3, 8, 8) * 2,) for _ in range(3)]
+    data = [(torch.rand(2, 4, 8, 8) * 2,) for _ in range(3)]
     model, gm, report, _ = _calibrated(data)
     x_q, out_q = [n for n in gm.graph.nodes if is_q(n) and role(n) == "activation"]
     assert x_q.args[2] == 0 and x_q.args[1] == pytest.approx(2 / 255, rel=0.01)  # [0, 2): zero point 0
@@ -84,7 +84,7 @@ def test_scales_follow_the_calibration_data_not_the_example():
 
 @pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
 def test_every_method_calibrates_a_model(method):
-    data = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
+    data = [(torch.randn(2, 4, 8, 8),) for _ in range(2)]
     model, gm, report, flat = _calibrated(data, ("insert_qdq", f"calibrate{{method={method!r}}}"))
     sample = error_vs_eager(gm, model, flat, seed=CHECK_SEED)  # the numeric check's first batch
     assert sample.cosine > 0.98  # measured: 0.984 (entropy) to 0.998
@@ -95,9 +95,9 @@ def test_every_method_calibrates_a_model(method):
     (None, "needs calibration data"),
     ([], "empty calibration"),
     (5, "must be an iterable"),
-    ([(torch.randn(2, 3, 8, 8), torch.randn(2))], "batch 0 must be a tuple of 1 tensor"),
-    ([(torch.randn(2, 3, 8, 8),), (torch.randn(2, 5, 8, 8),)], "batch 1, input 0"),
-    ([(torch.full((2, 3, 8, 8), float("nan")),)], "NaN"),
+    ([(torch.randn(2, 4, 8, 8), torch.randn(2))], "batch 0 must be a tuple of 1 tensor"),
+    ([(torch.randn(2, 4, 8, 8),), (torch.randn(2, 5, 8, 8),)], "batch 1, input 0"),
+    ([(torch.full((2, 4, 8, 8), float("nan")),)], "NaN"),
 ])
 def test_bad_calibration_data_is_refused(data, message):
     with pytest.raises(CalibrationError, match=message):
@@ -116,20 +116,20 @@ def test_bad_method_and_order_are_refused():
 
 def test_compile_without_calibration_data_names_the_fix():
     with pytest.raises(CalibrationError, match="calibration="):
-        fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"])
+        fxforge.compile(ConvRelu().eval(), torch.randn(2, 4, 8, 8), passes=["int8"])
 
 
 def test_labelled_batches_are_named_and_calibration_fn_picks_the_inputs():
-    pairs = [(torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))) for _ in range(2)]  # a DataLoader's (x, y)
+    pairs = [(torch.randn(2, 4, 8, 8), torch.randint(0, 10, (2,))) for _ in range(2)]  # a DataLoader's (x, y)
     with pytest.raises(CalibrationError, match=r"batch 0 must be a tuple of 1 tensor\(s\) like the example inputs, "
-                                               r"got 2: float32 \[2, 3, 8, 8\], int64 \[2\] \(a DataLoader of "
+                                               r"got 2: float32 \[2, 4, 8, 8\], int64 \[2\] \(a DataLoader of "
                                                r"\(input, label\) pairs\? give calibration_fn="):
-        fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"], calibration=pairs)
-    cm = fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"], calibration=pairs,
+        fxforge.compile(ConvRelu().eval(), torch.randn(2, 4, 8, 8), passes=["int8"], calibration=pairs)
+    cm = fxforge.compile(ConvRelu().eval(), torch.randn(2, 4, 8, 8), passes=["int8"], calibration=pairs,
                          calibration_fn=lambda batch: batch[:1])
     assert cm.report.row("calibrate").stats["batches"] == 2
     with pytest.raises(CalibrationError, match=r"calibration_fn failed on batch 0: KeyError: 'image'"):
-        fxforge.compile(ConvRelu().eval(), torch.randn(2, 3, 8, 8), passes=["int8"], calibration=pairs,
+        fxforge.compile(ConvRelu().eval(), torch.randn(2, 4, 8, 8), passes=["int8"], calibration=pairs,
                         calibration_fn=lambda batch: batch["image"] if isinstance(batch, dict) else {}["image"])
 
 

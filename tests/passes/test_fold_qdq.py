@@ -35,9 +35,9 @@ def _same_integers(before, after, flat, seeds=(1, 2)):
 
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6()], ids=["relu", "relu6"])
 def test_conv_activation_before_expected(act):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), act).eval()
-    cal = [(torch.randn(2, 3, 8, 8) * 3,) for _ in range(2)]
-    before, after, stats, flat = _both(model, (torch.randn(2, 3, 8, 8),), cal)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), act).eval()
+    cal = [(torch.randn(2, 4, 8, 8) * 3,) for _ in range(2)]
+    before, after, stats, flat = _both(model, (torch.randn(2, 4, 8, 8),), cal)
     assert ops(before) == [Q, DQ, QC, DQC, QC, DQC, "conv2d", "hardtanh" if isinstance(act, nn.ReLU6) else "relu",
                            Q, DQ]
     assert ops(after) == [Q, DQ, DQC, DQC, "conv2d", Q, DQ]

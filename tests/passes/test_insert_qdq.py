@@ -27,8 +27,8 @@ def activation_qs(gm):
 
 
 def test_conv_relu_before_expected():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
-    gm, report, _ = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq"], target=get_target("x86-avx2"))
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
+    gm, report, _ = apply(model, (torch.rand(2, 4, 8, 8),), ["insert_qdq"], target=get_target("x86-avx2"))
     assert ops(gm) == [Q, DQ, QC, DQC, QC, DQC, "conv2d", "relu", Q, DQ]
     conv = next(n for n in gm.graph.nodes if n.name == "conv2d")
     x_dq, w_dq, b_dq = conv.args[:3]
@@ -69,7 +69,7 @@ class Residual(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x):
         y = torch.relu(self.a(x))
@@ -79,7 +79,7 @@ class Residual(nn.Module):
 
 def test_residual_add_maxpool_and_cat_share_groups():
     model = Residual().eval()
-    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq"])
+    gm, report, flat = apply(model, (torch.randn(2, 4, 8, 8),), ["insert_qdq"])
     groups = {}
     for q in activation_qs(gm):
         groups.setdefault(q.meta[QDQ_KEY]["group"], []).append(q.args[0].name)
@@ -91,6 +91,18 @@ def test_residual_add_maxpool_and_cat_share_groups():
     qs = {q.args[0].name: q for q in activation_qs(gm)}
     assert qs["max_pool2d"].args[1:3] == qs["cat"].args[1:3]
     assert error_vs_eager(gm, model, flat).cosine > 0.99
+
+
+def test_narrow_input_conv_stays_float():
+    """A 3×3 stem on RGB (an input window of 27 values) stays float; the conv after it reads the stem's output on an int8 grid."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq"])
+    assert ops(gm) == ["conv2d", "relu", Q, DQ, QC, DQC, QC, DQC, "conv2d", Q, DQ]
+    stats = report.row("insert_qdq").stats
+    assert stats["quantized.conv2d"] == stats["skipped.narrow_input"] == stats["weights"] == 1
+    assert error_vs_eager(gm, model, flat).cosine > 0.99
+    gm, report, _ = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq{min_input_window=0}"])
+    assert report.row("insert_qdq").stats["quantized.conv2d"] == 2
 
 
 class Unquantizable(nn.Module):
@@ -160,7 +172,7 @@ def test_resnet18_counts_and_numerics():
     gm, report, flat = apply(model, example, ["fuse", "insert_qdq"])
     stats = report.row("insert_qdq").stats
     assert stats["quantized.conv2d"] == 20 and stats["quantized.linear"] == 1 and stats["weights"] == 21
-    assert count(gm, QC) == count(gm, DQC) == 42  # weight and bias of every conv/linear
+    assert count(gm, QC) == count(gm, DQC) == 42  # weight and bias of every conv/linear (the 7×7 stem too)
     assert error_vs_eager(gm, model, flat).cosine > 0.99
 
 
@@ -175,8 +187,8 @@ def test_zoo_runs_and_stays_close(name):
 
 
 def test_a_second_run_quantizes_nothing_twice():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
-    gm, report, _ = apply(model, (torch.rand(2, 3, 8, 8),), ["insert_qdq", "insert_qdq"])
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
+    gm, report, _ = apply(model, (torch.rand(2, 4, 8, 8),), ["insert_qdq", "insert_qdq"])
     assert report.rows[-1].stats == {"skipped.already_quantized": 1, "activations": 0, "weights": 0}
     assert count(gm, Q) == 2 and count(gm, QC) == 2
 
