@@ -7,6 +7,13 @@ Quality beside speed, every system built and timed interleaved in one process by
 cosine of the sentence embeddings against eager fp32, and nearest-neighbour agreement (each held-out sentence's
 nearest other held-out sentence, by embedding cosine, is the one eager fp32 finds). Writes
 OUT/minilm-<machine>.md. The table in docs/quantization.md comes from this script.
+
+Nearest-neighbour agreement over 40 held-out sentences moves in steps of 0.025, and it is decided by near-ties:
+a sentence whose nearest neighbour is ahead of its second by a cosine margin m flips when the model moves that
+difference by more than m. In fp32 the smallest margins are 0.0004 and 0.0014, while quantizing any single one
+of MiniLM's 36 linears to int8 moves some pairwise cosine by 0.002–0.005. So beside agreement over all sentences
+the script reports it over the *resolved* ones, whose fp32 margin is at least ``RESOLVED`` (34 of 40), and
+names each flipped sentence with its margin.
 """
 from __future__ import annotations
 
@@ -37,17 +44,28 @@ def systems() -> list[System]:
                    fxforge_system(["int8_dynamic"], "onnx", fusions="none"), needs=ONNX)]
 
 
-def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
-    """Index of each row's most similar other row (cosine of L2-normalised embeddings)."""
+RESOLVED = 0.01  # fp32 cosine margin (nearest minus second nearest) at which a nearest neighbour counts as resolved
+
+
+def nearest_neighbours(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of each row's most similar other row (cosine of L2-normalised embeddings), and its margin over the
+    second most similar."""
     sim = embeddings @ embeddings.T
     sim.fill_diagonal_(-2.0)
-    return sim.argmax(1)
+    top = sim.topk(2, dim=1)
+    return top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
 
 
-def nn_agreement(run, reference: torch.Tensor, held_out: list) -> float:
+def nn_agreement(run, reference: torch.Tensor, held_out: list) -> str:
+    """Agreement over all held-out sentences, over the resolved ones, and the flipped ones with their fp32
+    margins."""
     with torch.inference_mode():
         got = torch.cat([outputs(run(batch))[0] for batch in held_out])
-    return float((nearest_neighbours(got) == nearest_neighbours(reference)).float().mean())
+    (want, margin), (have, _) = nearest_neighbours(reference), nearest_neighbours(got)
+    same, resolved = have == want, margin >= RESOLVED
+    flipped = ", ".join(f"#{i} (margin {float(margin[i]):.4f})" for i in (~same).nonzero().flatten().tolist())
+    return (f"{float(same.float().mean()):.3f} ({float(same[resolved].float().mean()):.3f} over the "
+            f"{int(resolved.sum())} resolved{'; flipped ' + flipped if flipped else ''})")
 
 
 def measure(model: torch.nn.Module, tokenizer, batch: int, seq: int, rounds: int) -> tuple[list[Row], dict]:
@@ -79,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch, seq in SHAPES:
         rows, extra = measure(model, tokenizer, batch, seq, args.rounds)
         text += f"\n## batch {batch} × {seq} tokens\n\n{markdown(rows)}\n\nnearest-neighbour agreement vs eager: "
-        text += ", ".join(f"{name} {v:.2f}" for name, v in extra["nn"].items()) + "\n\nORT kernels: "
+        text += "; ".join(f"{name} {v}" for name, v in extra["nn"].items()) + "\n\nORT kernels: "
         text += "; ".join(f"{name}: {k}" for name, k in extra["kernels"].items()) + "\n"
     text += f"\n{(time.perf_counter() - started) / 60:.1f} min\n"
     print(text)

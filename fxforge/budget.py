@@ -3,8 +3,8 @@
     drop = m(traced fp32 model) − m(optimized graph)       on the budget's data, m higher-is-better
 
 m is the ``metric`` (compiler/quality.py): ``"agreement"`` (top-1, the reference scores 1), ``"cosine"`` (mean
-per-sample cosine), ``"min_cosine"`` (the worst sample's cosine) or a callable. The ``int8`` and ``all`` presets
-carry a default budget, ``max_drop = 0.01`` with agreement for classifier logits and min cosine otherwise
+per-sample cosine), ``"min_cosine"`` (the worst sample's cosine) or a callable. The ``int8``, ``int8_dynamic`` and
+``all`` presets carry a default budget, ``max_drop = 0.01`` with agreement for classifier logits and min cosine otherwise
 (agreement ≥ 0.99, min cosine ≥ 0.99); ``max_drop=`` sets one for any pipeline, ``max_drop=math.inf`` measures
 without a fallback.
 
@@ -50,7 +50,7 @@ from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
 from fxforge.passes.lib.qdq import checked_batches
 
 DEFAULT_MAX_DROP = 0.01
-BUDGETED_PRESETS = ("int8", "all")
+BUDGETED_PRESETS = ("int8", "int8_dynamic", "all")
 NAMED = 5  # float layers a warning names (report.meta["budget"]["float_layers"] lists every one, with its cost)
 SENSITIVITY_SAMPLES = 32  # the budget's first samples each layer's cost is measured on (a ranking, not the verdict)
 VERIFIED = 3  # pipeline runs the search may spend verifying its estimates

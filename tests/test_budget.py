@@ -61,6 +61,26 @@ def test_a_fragile_layer_stays_float_and_the_report_says_which_and_why():
     assert all(torch.equal(c[0], k) for c, k in zip(calibration, kept))
 
 
+def test_dynamic_int8_keeps_the_layer_whose_rows_one_outlier_feature_dominates_float():
+    """Per-row (dynamic) activations do not save layer a: feature 0 sets every row's scale, 1000× too coarse for
+    the other features. The budget ranks layers by the dynamic rewrite itself and keeps only a float."""
+    cm, warned = compile_warned(Fragile().eval(), passes=["insert_qdq{activations='dynamic'}"], validation=batches(2),
+                                max_drop=0.05)
+    budget = cm.report.meta["budget"]
+    assert budget["tries"][0] > 0.3 and [f["weight"] for f in budget["float_layers"]] == ["a.weight"]
+    assert budget["outcome"].startswith("held with 1 of 3 layers float") and budget["artifact"]["held"]
+    stats = cm.report.row("insert_qdq").stats
+    assert stats["skipped.by_name"] == 1 and stats["dynamic_linears"] == 2 and len(warned) == 1
+
+
+def test_the_dynamic_int8_preset_carries_the_default_budget():
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    cm, warned = compile_warned(model, passes=["int8_dynamic"], calibration=batches(4))
+    budget = cm.report.meta["budget"]
+    assert budget["source"] == "the int8_dynamic preset's default" and budget["max_drop"] == 0.01
+    assert budget["outcome"] == "held" and not warned
+
+
 def test_strict_raises_the_named_error_in_one_line():
     with pytest.raises(fxforge.BudgetError, match=r"^the int8 preset misses its accuracy budget: agreement drop "
                                                    r"0\.\d+ > max_drop 0\.01 on held-out calibration batches \[3, 7\]"

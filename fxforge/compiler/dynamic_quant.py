@@ -8,8 +8,9 @@ scales s_w [N] and an optional float bias b:
 
 Per-row scales follow each token's own range, so no calibration is needed and one outlier token does not
 coarsen the others' grid. The op is defined here, on the ground floor, because a pass (insert_qdq with
-``activations="dynamic"``) emits it and backends lower it: the onnx backend to DynamicQuantize-style ONNX
-(ReduceMax/Div/Round/Cast → MatMulInteger → Cast/Mul/Add), which ONNX Runtime runs on its integer GEMM.
+``activations="dynamic"``) emits it and backends lower it: the onnx backend to plain ONNX
+(ReduceMax/Div/Round/Cast → MatMulInteger → Cast/Mul/Add) or, with its transformer fusions, to QuantizeLinear →
+ORT's MatMulIntegerToFloat → Mul; ONNX Runtime runs both on its integer GEMM.
 The torch implementation below is the reference both are checked against.
 """
 from __future__ import annotations

@@ -95,9 +95,7 @@ class InsertQdq(Pass):
             else:
                 linears.append(node)
         for node in linears:
-            weight = get_tensor(gm, weight_of(node)).detach()
-            scales = weight_scales(weight, qmax, per_channel=True)
-            wq = torch.clamp(torch.round(weight / scales[:, None]), -qmax, qmax).to(torch.int8)
+            wq, scales = _int8_weight(get_tensor(gm, weight_of(node)), qmax)
             args = (data(node), add_tensor(gm, node, f"{node.name}_weight_int8", wq),
                     add_tensor(gm, node, f"{node.name}_weight_scale", scales), bias_of(node))
             with gm.graph.inserting_before(node):
@@ -141,10 +139,18 @@ class InsertQdq(Pass):
 
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
         """The layer on int8: its weight fake-quantized as ``quantize_weight`` does (symmetric, q_max from
-        ``reduce_range``), its input on the activation grid of its calibration range (``activation_dtype``)."""
+        ``reduce_range``), its input on the activation grid of its calibration range (``activation_dtype``); with
+        ``activations="dynamic"``, a linear becomes the ``dynamic_linear`` that ``run_dynamic`` writes (per-row
+        activations, no calibration range) and any other layer stays float."""
         if self.narrow(node, layer.weight):
             return "narrow_input"
         qmax = 63 if self.reduced(layer.target) else 127
+        if self.activations == "dynamic":
+            if not is_op(node, *LINEAR):
+                return "dynamic_float"
+            wq, scales = _int8_weight(layer.weight, qmax)
+            return lambda args, kwargs: torch.ops.fxforge.dynamic_linear(
+                value_of(node, args, kwargs, "input"), wq, scales, value_of(node, args, kwargs, "bias"))
         s = weight_scales(layer.weight, qmax, self.per_channel)
         wq = (torch.fake_quantize_per_channel_affine(layer.weight, s, torch.zeros_like(s, dtype=torch.int32), 0,
                                                      -qmax - 1, qmax) if self.per_channel else
@@ -230,6 +236,13 @@ class InsertQdq(Pass):
             dq = gm.graph.call_function(dq_op, (q, *params))
         q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = {"role": kind}, {"role": kind}
         set_argument(op, kind, dq)
+
+
+def _int8_weight(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's weight as ``dynamic_linear`` takes it: int8 values in [−q_max, q_max] and per-output-channel
+    scales."""
+    scales = weight_scales(weight, qmax, per_channel=True)
+    return torch.clamp(torch.round(weight.detach() / scales[:, None]), -qmax, qmax).to(torch.int8), scales
 
 
 def _float_test(shapes: dict) -> Callable[[Any], bool]:

@@ -125,14 +125,27 @@ def test_causal_attention_keeps_the_exporters_translation():
         assert compare([cm(*inputs)], [Attend(causal=True)(*inputs)]).max_rel < 1e-5
 
 
-def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks():
+@pytest.mark.parametrize("fusions", ["auto", "none"])
+def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
+    """With the fusions each dynamic linear is one QuantizeLinear and ORT's MatMulIntegerToFloat (no elementwise
+    quantization island, the bias still fused into BiasGelu); without them plain ONNX on MatMulInteger."""
     model = _encoder()
-    cm = fxforge.compile(model, _tokens(4, 0), passes=["fuse", "insert_qdq{activations='dynamic'}"], backend="onnx")
-    info = cm.artifact.info
-    assert info["ort_transformer_ops"]["MultiHeadAttention"] == LAYERS
-    assert sum(info["ort_int8_ops"].values()) == 6 * LAYERS  # q, k, v, output, FFN in and out of each layer
+    cm = fxforge.compile(model, _tokens(4, 0), passes=["fuse", "insert_qdq{activations='dynamic'}"], backend="onnx",
+                         fusions=fusions)
+    info, exported = cm.artifact.info, _onnx_ops(cm)
+    linears = 6 * LAYERS  # q, k, v, output, FFN in and out of each layer
+    if fusions == "auto":  # read from ORT's optimized graph
+        assert info["ort_transformer_ops"]["MultiHeadAttention"] == LAYERS
+        assert info["ort_transformer_ops"]["BiasGelu"] == LAYERS
+        assert info["ort_int8_ops"] == {"MatMulIntegerToFloat": linears}
+        # one per distinct input (q, k and v share theirs); no Round: no elementwise quantization
+        assert exported["QuantizeLinear"] == 4 * LAYERS and "Round" not in exported
+    else:
+        assert info["ort_int8_ops"] == {"MatMulInteger": linears}
+        assert "MatMulIntegerToFloat" not in exported
     inputs = _tokens(3, 7)
     with torch.no_grad():
+        assert compare([cm(*inputs)], [cm.graph_module(*inputs)[0]]).max_rel < 1e-4  # the same arithmetic
         assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.999
 
 

@@ -84,6 +84,25 @@ def test_factorized_layer_effect_equals_the_pass_rewrite_on_a_one_layer_model(se
     assert effect.rel_error == pytest.approx(float((out - ref).norm() / ref.norm()), rel=1e-4)
 
 
+def test_dynamic_int8_layer_effect_equals_the_pass_rewrite_and_leaves_convs_float():
+    """insert_qdq{activations='dynamic'} answers per layer with the dynamic_linear it writes (per-row activations,
+    no calibration range): one linear's effect is exactly the rewrite of a one-linear model; a conv stays float."""
+    setting = "insert_qdq{activations='dynamic'}"
+    torch.manual_seed(0)
+    model, x = nn.Linear(16, 8), torch.randn(2, 5, 16)
+    gm, batches = _graph(model, x), _batches(4, 5, 16)
+    effect = layer_sensitivity(gm, batches, [setting], X86).effects[setting]["linear"]
+    rewritten, _ = PassManager([setting], verify="off", measure_latency=False).run(
+        copy.deepcopy(gm), PassContext(example_inputs=(x,)))
+    with torch.no_grad():
+        ref = torch.cat([gm(*b)[0] for b in batches])
+        out = torch.cat([rewritten(*b)[0] for b in batches])
+    assert isinstance(effect, Effect) and effect.rel_error > 1e-4
+    assert effect.rel_error == pytest.approx(float((out - ref).norm() / ref.norm()), rel=1e-6)
+    convs = layer_sensitivity(_graph(ConvNet(), torch.randn(2, 4, 6, 6)), _batches(2, 4, 6, 6), [setting], X86)
+    assert convs.effects[setting]["conv2d"] == "dynamic_float" and isinstance(convs.effects[setting]["linear"], Effect)
+
+
 def test_refusals_name_the_reason():
     sens = layer_sensitivity(_graph(ConvNet(), torch.randn(2, 4, 6, 6)), _batches(2, 4, 6, 6),
                              ["depthwise_separable{energy=0.95}", "prune_channels{ratio=0.1}"], X86)
