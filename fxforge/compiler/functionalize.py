@@ -26,6 +26,8 @@ import torch
 import torch.fx as fx
 from torch._export.utils import _is_cia_op
 
+from fxforge.compiler.ops import argument, data
+
 aten = torch.ops.aten
 # Composite ops the decomposition keeps (torch.export preserves them for backends): measured, and pinned by the
 # Before/Expected tests of tests/compiler/test_functionalize.py
@@ -64,10 +66,6 @@ def _functional_twin(op: Any) -> Any:
         return None
     twin = getattr(getattr(aten, name[:-1], None), op._overloadname, None)
     return twin if _kept(twin) else None
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 class _Rewriter:
@@ -122,7 +120,8 @@ class _Rewriter:
         return new
 
     def _call(self, node: fx.Node) -> None:
-        op, x = node.target, node.args[0] if node.args else None
+        op = node.target
+        x = data(node) if node.args else None
         if op is operator.getitem and isinstance(x, fx.Node) and _kept(x.target):
             self._copy(node)
         elif _kept(op) or op in PASSED_THROUGH:
@@ -134,7 +133,7 @@ class _Rewriter:
         elif op is aten.batch_norm.default:
             self._batch_norm(node)
         elif op in (aten.dropout.default, aten.dropout_.default):
-            if _arg(node, 2, "train", True) is not False:
+            if argument(node, "train") is not False:
                 raise _Unsupported("dropout in training mode")
             self._join(node, x, self.env[x])
         elif op is aten.flatten.using_ints:
@@ -143,8 +142,9 @@ class _Rewriter:
             raise _Unsupported(str(op))
 
     def _batch_norm(self, node: fx.Node) -> None:
-        x, w, b, mean, var, training, momentum, eps = (node.args + (None,) * 9)[:8]
-        if training is not False or mean is None or var is None or node.kwargs:
+        x, w, b, mean, var, training, momentum, eps = (argument(node, name) for name in (
+            "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"))
+        if training is not False or mean is None or var is None:
             raise _Unsupported("batch_norm in training mode")
         val = node.meta["val"]
         bn = self._emit(aten._native_batch_norm_legit_no_training.default, (x, w, b, mean, var, momentum, eps), node)
@@ -155,9 +155,9 @@ class _Rewriter:
         self._fresh(node, out)
 
     def _flatten(self, node: fx.Node) -> None:
-        x = node.args[0]
+        x = data(node)
         val = x.meta.get("val")
-        start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+        start, end = argument(node, "start_dim"), argument(node, "end_dim")
         if not isinstance(val, torch.Tensor) or val.dim() == 0:
             raise _Unsupported("flatten of a scalar")
         start, end = start % val.dim(), end % val.dim()
