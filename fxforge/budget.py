@@ -3,10 +3,10 @@
     drop = m(traced fp32 model) − m(optimized graph)       on the budget's data, m higher-is-better
 
 m is the ``metric`` (compiler/quality.py): ``"agreement"`` (top-1, the reference scores 1), ``"cosine"`` (mean
-per-sample cosine), ``"min_cosine"`` (the worst sample's cosine) or a callable. The ``int8``, ``int8_dynamic`` and
-``all`` presets carry a default budget, ``max_drop = 0.01`` with agreement for classifier logits and min cosine otherwise
-(agreement ≥ 0.99, min cosine ≥ 0.99); ``max_drop=`` sets one for any pipeline, ``max_drop=math.inf`` measures
-without a fallback.
+per-sample cosine), ``"min_cosine"`` (the worst sample's cosine) or a callable. The ``int8``, ``int8_dynamic``
+and ``all`` presets carry a default budget, ``max_drop = 0.01`` with agreement for classifier logits and min cosine
+otherwise (agreement ≥ 0.99, min cosine ≥ 0.99); ``max_drop=`` sets one for any pipeline, ``max_drop=math.inf``
+measures without a fallback.
 
 The data is ``validation`` when given. Otherwise a held-out split of the calibration batches: every fourth batch
 (batches 3, 7, 11, ...) is held out and never calibrated on; the passes calibrate on the others. With fewer than

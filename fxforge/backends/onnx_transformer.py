@@ -22,7 +22,8 @@ Three steps, all checked against eager by the backend's artifact check:
    ``com.microsoft.MatMulIntegerToFloat`` → ``Mul`` by the row scale, so ORT runs its integer GEMM with the
    per-column rescale fused, instead of the plain form's elementwise quantization and rescale ops (onnx.py).
    Measured on MiniLM's int8_dynamic graph: the artifact is closer to the graph (relative error 0.015 against
-   0.040) and as fast (within noise, docs/quantization.md).
+   0.040); 0.99× the plain form's speed in one interleaved run, 1.20–1.38× in benchmarks/minilm.py
+   (docs/quantization.md).
 
 The result is ONNX with ``com.microsoft`` ops: it runs on ONNX Runtime only. Measured on all-MiniLM-L6-v2
 (docs/quantization.md, two runs): 1.02–1.19× over the same graph without these fusions at batch 8 × 64 and
