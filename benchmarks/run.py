@@ -127,8 +127,7 @@ TRAINED: dict[str, tuple[Callable[[], tuple[nn.Module, tuple, zoo.Split]], tuple
 SLOW_TRAINED = ("mobilenet_v2_imagenet_b8",)  # left out of --quick
 COMMON = ("eager", "torch.compile", "ort fp32", "tvm untuned", "fxforge fuse → torchscript", "fxforge fuse → onnx",
           "fxforge fuse → tvm")
-QUICK_SLOW_TRAINED = ("mobilenet_v2_imagenet_b8",)  # left out of --quick
-COMMON = ("eager", "ort fp32", "fxforge fuse → onnx")
+QUICK_COMMON = ("eager", "ort fp32", "fxforge fuse → onnx")
 
 
 def main(argv: list[str] | None = None) -> int:
