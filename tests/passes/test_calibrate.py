@@ -135,25 +135,31 @@ def test_labelled_batches_are_named_and_calibration_fn_picks_the_inputs():
 
 def test_auto_chooses_per_tensor_by_the_error_of_the_ops_reading_it():
     """Inputs with rare outliers: ``auto`` takes, for each tensor, one of the three methods' grids, the one whose
-    quantization moves the reading conv's output least, and the graph it makes is at least as close to the float
-    graph on the calibration samples as the one each method alone makes."""
+    quantization moves the reading op's output least (Σ‖op(x̂) − op(x)‖² on the first 16 calibration samples):
+    checked on the input, which the first conv reads. That is a per-tensor choice, not a promise about the whole
+    graph (docs/quantization.md measures it end to end)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()  # 4 channels: not a float stem
     g = torch.Generator().manual_seed(1)
     data = []
     for _ in range(4):
-        x = torch.randn(4, 3, 8, 8, generator=g)
+        x = torch.randn(4, 4, 8, 8, generator=g)
         x.view(-1)[torch.randint(0, x.numel(), (3,), generator=g)] *= 12  # a long tail
         data.append((x,))
-    graphs = {m: apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq", f"calibrate{{method={m!r}}}"],
-                       calibration=data)[:2] for m in ("auto", "percentile", "mse", "minmax")}
-    grids = {m: [tuple(q.args[1:3]) for q in gm.graph.nodes if is_q(q) and role(q) == "activation"]
+    methods = ("percentile", "mse", "minmax")
+    graphs = {m: apply(model, (torch.randn(2, 4, 8, 8),), ["insert_qdq", f"calibrate{{method={m!r}}}"],
+                       calibration=data)[:2] for m in ("auto", *methods)}
+    grids = {m: [tuple(q.args[1:5]) for q in gm.graph.nodes if is_q(q) and role(q) == "activation"]
              for m, (gm, _) in graphs.items()}
-    assert all(any(grids[m][i] == choice for m in ("percentile", "mse", "minmax"))
-               for i, choice in enumerate(grids["auto"]))
+    assert all(any(grids[m][i] == choice for m in methods) for i, choice in enumerate(grids["auto"]))
     stats = graphs["auto"][1].row("calibrate").stats
     assert stats["chosen.percentile"] + stats["chosen.mse"] + stats["chosen.minmax"] == stats["activation_groups"] == 3
-    x = torch.cat([b[0] for b in data])
+    x = torch.cat([b[0] for b in data])[:16]
     with torch.no_grad():
-        errors = {m: float((gm(x)[0] - model(x)).square().sum()) for m, (gm, _) in graphs.items()}
-    assert errors["auto"] <= min(errors["percentile"], errors["mse"], errors["minmax"]) * 1.05, errors
+        def moved(grid):
+            scale, zero_point, q_min, q_max = grid
+            return float((model[0](torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), q_min,
+                                                                         q_max)) - model[0](x)).square().sum())
+        errors = {m: moved(grids[m][0]) for m in ("auto", *methods)}
+    assert len({grids[m][0] for m in methods}) > 1, "the methods must disagree on the input for the test to bite"
+    assert errors["auto"] == min(errors[m] for m in methods), errors
