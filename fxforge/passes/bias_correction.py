@@ -15,8 +15,9 @@ x̂ is the layer's input in the quantized graph (every Q/DQ applied, what the in
 the float graph (Q/DQ passed through), both on the calibration data, and E[ε x̂] is the mean of the layer applied
 to x̂ with weight ε and no bias (so zero padding at the borders is accounted for). "output" also removes the mean
 error that activation clipping and rounding upstream leave in this layer's output (the paper's empirical
-variant). The layers are corrected in graph order on the calibration set at once (its first ``max_samples``
-samples), each measured after the corrections upstream of it (so no shift is corrected twice). The pass runs after ``insert_qdq`` and
+variant). The layers are corrected in graph order on the calibration set (its first ``max_samples``
+samples, run batch by batch in lockstep, so a graph captured with a static batch is fed only that batch size),
+each measured after the corrections upstream of it (so no shift is corrected twice). The pass runs after ``insert_qdq`` and
 ``calibrate``, which fix the weight and activation grids, and before ``fold_qdq``: the corrected float bias is
 then quantized to int32 on its grid s_x · s_w like any bias. Layers without a bias, or whose weights are
 already folded to integers, are counted and left alone.
@@ -73,17 +74,24 @@ class BiasCorrection(Pass):
         batches = list(checked_batches(ctx.calibration, ctx.example_inputs))
         if not batches:
             raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
-        run = _PairRun(gm, errors, self.shift)
-        inputs = [torch.cat(parts)[:self.max_samples] for parts in zip(*batches)]
+        chunks, samples = [], 0
+        for batch in batches:  # batch by batch, as given: a graph captured with a static batch takes no other size
+            if samples >= self.max_samples:
+                break
+            size = int(batch[0].shape[0]) if batch[0].dim() else 1
+            keep = min(size, self.max_samples - samples)
+            chunks.append(batch if keep == size else tuple(t[:keep] for t in batch))
+            samples += keep
+        run = _PairRun(gm, errors, self.shift, len(chunks))
         with torch.no_grad():
-            run.run(*inputs)
+            run.run(*[list(parts) for parts in zip(*chunks)])
         shifts = []
         for op, shift in run.shifts.items():
             bias = data(data(bias_of(op)))  # bias DQ ← bias Q ← float constant
             set_tensor(gm, bias, (get_tensor(gm, bias).detach().double() - shift).float())
             shifts.append(shift.abs())
         shifts = torch.cat(shifts)
-        stats.update({"corrected": len(run.shifts), "samples": len(inputs[0]),
+        stats.update({"corrected": len(run.shifts), "samples": samples,
                       "mean_abs_shift": float(shifts.mean()), "max_abs_shift": float(shifts.max())})
         return PassResult(changed=True, preserves=frozenset({Shapes}), stats=dict(stats))
 
@@ -116,32 +124,46 @@ def _rounding_error(gm: fx.GraphModule, w_dq: fx.Node) -> torch.Tensor:
 
 
 class _PairRun(fx.Interpreter):
-    """Runs the quantized graph (and, for shift="output", the float graph with Q/DQ passed through) side by side;
-    at each corrected layer it measures the mean shift per output channel and removes it from the quantized side
-    before going on."""
+    """Runs the quantized graph (and, for shift="output", the float graph with Q/DQ passed through) side by side,
+    on every calibration batch in lockstep (each value is the list of its batches' values); at each corrected layer
+    it measures the mean shift per output channel over all batches and removes it from the quantized side before
+    going on."""
 
-    def __init__(self, gm: fx.GraphModule, errors: dict[fx.Node, torch.Tensor], shift: str) -> None:
+    def __init__(self, gm: fx.GraphModule, errors: dict[fx.Node, torch.Tensor], shift: str, batches: int) -> None:
         super().__init__(gm)
-        self.errors, self.shift, self.shifts = errors, shift, {}
+        self.errors, self.shift, self.shifts, self.batches = errors, shift, {}, batches
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op in ("placeholder", "get_attr"):
-            value = super().run_node(n)
-            return value, value
+        if n.op == "placeholder":
+            values = super().run_node(n)
+            return values, values
+        if n.op == "get_attr":
+            values = [super().run_node(n)] * self.batches
+            return values, values
         if n.op == "output":
             return None
-        q_args, q_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1])
-        q = n.target(*q_args, **q_kwargs)
-        fp = None  # the float side is needed only to measure shift="output"
+        q, fp = [], None  # the float side is needed only to measure shift="output"
+        for i in range(self.batches):
+            q_args, q_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1][i])
+            q.append(n.target(*q_args, **q_kwargs))
         if self.shift == "output":
-            fp_args, fp_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][0])
-            fp = value_of(n, fp_args, fp_kwargs, "input") if is_q(n) or is_dq(n) else n.target(*fp_args, **fp_kwargs)
+            fp = []
+            for i in range(self.batches):
+                fp_args, fp_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][0][i])
+                fp.append(value_of(n, fp_args, fp_kwargs, "input") if is_q(n) or is_dq(n) else
+                          n.target(*fp_args, **fp_kwargs))
         if n in self.errors:
-            channel = q.dim() - 1 if is_op(n, *LINEAR) else 1
-            delta = call_with(n, q_args, q_kwargs, weight=self.errors[n], bias=None) if self.shift == "weights" \
-                else q - fp
-            dims = [d for d in range(q.dim()) if d != channel]
-            shift = delta.double().mean(dims)
+            channel = q[0].dim() - 1 if is_op(n, *LINEAR) else 1
+            total, count = 0, 0
+            for i in range(self.batches):
+                if self.shift == "weights":
+                    q_args, q_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1][i])
+                    delta = call_with(n, q_args, q_kwargs, weight=self.errors[n], bias=None)
+                else:
+                    delta = q[i] - fp[i]
+                total = total + delta.double().sum([d for d in range(delta.dim()) if d != channel])
+                count += delta.numel() // delta.shape[channel]
+            shift = total / count
             self.shifts[n] = shift
-            q = q - shift.float().reshape(-1, *[1] * (q.dim() - channel - 1))
+            q = [v - shift.float().reshape(-1, *[1] * (v.dim() - channel - 1)) for v in q]
         return fp, q
