@@ -112,6 +112,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     flat = tuple(signature.flatten(example))
     if calibration is not None and calibration_fn is not None:
         calibration = _Mapped(calibration, calibration_fn)
+    if not signature.dynamic_batch:
+        calibration, validation, train = (None if data is None else _Rebatched(data, example, kind) for data, kind in
+                                          ((calibration, "calibration"), (validation, "validation"), (train, "train")))
     checked = None if validation is None and metric is None else \
         Validation.from_user(validation, signature.flatten, metric)
     if budget is not None:
@@ -197,6 +200,37 @@ def _check_tensors(model: torch.nn.Module) -> None:
             raise InputError(f"model tensor {name!r} holds NaN")
         if (name in params or name in bn_stats) and torch.isinf(t).any():
             raise InputError(f"model tensor {name!r} holds Inf")
+
+
+class _Rebatched:
+    """``data`` in batches of the example's size, for an artifact whose batch is static (``static_batch``, or a
+    model that branches on its batch size): calibration, validation and train batches hold samples, and a batch of
+    n·b samples becomes n batches of the b the graph was captured for, which is all that graph can run. Inputs
+    whose leading size is not the example's batch pass whole; a batch that does not divide is a named error."""
+
+    def __init__(self, data: Iterable[Any], example: tuple[Any, ...], kind: str) -> None:
+        leaves = torch.utils._pytree.tree_leaves(example)
+        sizes = {int(t.shape[0]) for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
+        self.size = min(sizes) if sizes else 1
+        self.batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == self.size for t in leaves]
+        self.data, self.kind = data, kind
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.data):
+            leaves, spec = torch.utils._pytree.tree_flatten(batch if isinstance(batch, (tuple, list)) else (batch,))
+            counts = {int(t.shape[0]) for t, b in zip(leaves, self.batched) if b and isinstance(t, torch.Tensor)}
+            if len(leaves) != len(self.batched) or counts <= {self.size}:
+                yield batch  # as the graph takes it, or wrong otherwise: the signature's check names how
+                continue
+            n = counts.pop() if len(counts) == 1 else None
+            if n is None or n % self.size:
+                error = CalibrationError if self.kind == "calibration" else InputError
+                raise error(f"{self.kind} batch {i} holds {n if n is not None else 'unequal numbers of'} samples, "
+                            f"which the compiled batch of {self.size} does not divide (the artifact's batch is "
+                            f"static): give batches of a multiple of {self.size}")
+            for k in range(0, n, self.size):
+                yield torch.utils._pytree.tree_unflatten(
+                    [t[k:k + self.size] if b else t for t, b in zip(leaves, self.batched)], spec)
 
 
 class _Mapped:

@@ -235,3 +235,21 @@ def test_every_parameter_of_compile_is_documented():
     doc = fxforge.compile.__doc__
     for name in inspect.signature(fxforge.compile).parameters:
         assert f"\n        {name}:" in doc or f"**{name}:" in doc, name
+
+
+def test_a_static_batch_artifact_reads_data_in_its_own_batch_size():
+    """static_batch fixes the graph's batch (here flatten's view holds it): calibration and validation batches of
+    a multiple of it are split, so calibration, the budget and bias correction run on them; a batch that does not
+    divide is named."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    data = [(torch.randn(6, 4, 8, 8),) for _ in range(4)]
+    cm = fxforge.compile(model, (torch.randn(1, 4, 8, 8),), passes=["int8"], static_batch=True, calibration=data,
+                         validation=[(torch.randn(3, 4, 8, 8),)])
+    assert cm.report.meta["dynamic_batch"] is False
+    assert cm.report.row("bias_correction").stats["samples"] == 24
+    fresh = torch.randn(1, 4, 8, 8)
+    assert torch.nn.functional.cosine_similarity(cm(fresh), model(fresh)).item() > 0.99
+    with pytest.raises(fxforge.CalibrationError, match="calibration batch 0 holds 5 samples, which the compiled "
+                                                       "batch of 2 does not divide"):
+        fxforge.compile(model, (torch.randn(2, 4, 8, 8),), passes=["int8"], static_batch=True,
+                        calibration=[(torch.randn(5, 4, 8, 8),)] * 4)
