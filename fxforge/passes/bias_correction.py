@@ -142,10 +142,9 @@ class _PairRun(fx.Interpreter):
             return values, values
         if n.op == "output":
             return None
-        q, fp = [], None  # the float side is needed only to measure shift="output"
-        for i in range(self.batches):
-            q_args, q_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1][i])
-            q.append(n.target(*q_args, **q_kwargs))
+        q_inputs = [fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1][i]) for i in range(self.batches)]
+        q = [n.target(*args, **kwargs) for args, kwargs in q_inputs]
+        fp = None  # the float side is needed only to measure shift="output"
         if self.shift == "output":
             fp = []
             for i in range(self.batches):
@@ -154,16 +153,10 @@ class _PairRun(fx.Interpreter):
                           n.target(*fp_args, **fp_kwargs))
         if n in self.errors:
             channel = q[0].dim() - 1 if is_op(n, *LINEAR) else 1
-            total, count = 0, 0
-            for i in range(self.batches):
-                if self.shift == "weights":
-                    q_args, q_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1][i])
-                    delta = call_with(n, q_args, q_kwargs, weight=self.errors[n], bias=None)
-                else:
-                    delta = q[i] - fp[i]
-                total = total + delta.double().sum([d for d in range(delta.dim()) if d != channel])
-                count += delta.numel() // delta.shape[channel]
-            shift = total / count
+            deltas = [call_with(n, args, kwargs, weight=self.errors[n], bias=None) for args, kwargs in q_inputs] \
+                if self.shift == "weights" else [qi - fi for qi, fi in zip(q, fp)]
+            total = sum(d.double().sum([k for k in range(d.dim()) if k != channel]) for d in deltas)
+            shift = total / sum(d.numel() // d.shape[channel] for d in deltas)
             self.shifts[n] = shift
             q = [v - shift.float().reshape(-1, *[1] * (v.dim() - channel - 1)) for v in q]
         return fp, q
