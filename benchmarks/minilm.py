@@ -78,7 +78,7 @@ def measure(model: torch.nn.Module, tokenizer, batch: int, seq: int, rounds: int
         reference = torch.cat([model(*b) for b in split.held_out])
     agreement = {name: nn_agreement(b.run, reference, split.held_out) for name, b in built.items()
                  if rows[name].error is None}
-    time_interleaved(example, built, rows, rounds, sample_ms=60.0)
+    time_interleaved(example, built, rows, rounds, sample_ms=150.0)
     fill_figures([rows[s.name] for s in chosen], built)
     kernels = {name: {**b.info.get("ort_transformer_ops", {}), **b.info.get("ort_int8_ops", {})}
                for name, b in built.items() if b.info}

@@ -348,7 +348,7 @@ SELF_CHECK = "ort fp32 (built last: self-check)"
 
 
 def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
-                rounds: int = 7, sample_ms: float = 60.0, progress: Callable[[str], None] = print,
+                rounds: int = 7, sample_ms: float = 150.0, progress: Callable[[str], None] = print,
                 held_out: list | None = None, rotate: int = 0, self_check: bool = False,
                 rebuild: bool = True) -> list[Row]:
     """Build every system for one model and batch, then time them interleaved; one Row per system (and, with

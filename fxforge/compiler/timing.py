@@ -36,8 +36,9 @@ def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sam
     resolution. ``pause_s`` sleeps before each sample, letting the previous system's thread pool stop spinning.
 
     ``rebuild`` maps systems to a factory of a fresh runner (e.g. a new ONNX Runtime session): such a system is
-    timed each round on a runner built just before its sample (then one warm-up call) and dropped right after
-    it, so that every system's sample is taken on a runner built last, whatever order the systems were built in
+    timed each round on a runner built just before its sample (then warmed by a quarter of a sample's calls, at
+    least one: a fresh session's first calls still grow its memory arena and wake its thread pool) and dropped
+    right after it, so that every system's sample is taken on a runner built last, whatever order the systems were built in
     (ORT sessions built later in one process ran slower than earlier ones of the identical graph)."""
     names = list(runners)
     rebuild = rebuild or {}
@@ -51,7 +52,8 @@ def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sam
                 run = runners[name]
                 if name in rebuild:
                     run = rebuild[name]()
-                    run()  # warm-up of the fresh runner
+                    for _ in range(max(1, calls[name] // 4)):  # warm-up of the fresh runner
+                        run()
                 time.sleep(pause_s)
                 start = time.perf_counter()
                 for _ in range(calls[name]):
