@@ -5,8 +5,7 @@ the graph calls the overload packets and ``Tensor.size`` instead, with its const
 (scripting compiles each submodule separately); scripting keeps the batch dimension dynamic.
 ``optimize_for_inference`` (oneDNN conv with prepacked weights) is kept only when it is faster; its oneDNN
 constants cannot be serialized, so the artifact saves the scripted module and freezes and optimizes it again
-on load. At compile time the graph is frozen once, timed, optimized in place and timed again; it is frozen a
-second time only when the plain variant wins.
+on load. At compile time each variant is frozen once and the artifact keeps the one chosen.
 """
 from __future__ import annotations
 
@@ -109,15 +108,14 @@ class TorchScriptBackend(Backend):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module, mode = self._compile(gm, example_inputs)
-            chosen = _frozen(module, optimize=False)
-            plain_ms = measure_latency(chosen, example_inputs, 0.3)
-            try:  # optimized in place (the frozen graph is rewritten): frozen again only if it is not kept
-                optimized = _agrees(torch.jit.optimize_for_inference(chosen), gm, example_inputs) and \
-                    measure_latency(chosen, example_inputs, 0.3) < plain_ms
+            chosen, optimized = _frozen(module, optimize=False), False
+            try:
+                candidate = _frozen(module, optimize=True)
+                if _agrees(candidate, gm, example_inputs) and measure_latency(candidate, example_inputs, 0.3) < \
+                        measure_latency(chosen, example_inputs, 0.3):
+                    chosen, optimized = candidate, True
             except RuntimeError:
-                optimized = False
-            if not optimized:
-                chosen = _frozen(module, optimize=False)
+                pass
         return TorchScriptArtifact(module, signature, target, {"torchscript_mode": mode,
                                                                "optimize_for_inference": optimized}, frozen=chosen)
 
