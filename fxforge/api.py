@@ -23,7 +23,7 @@ from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
 from fxforge.compiler.trace import Signature, trace
-from fxforge.compiler.verify import check_artifact
+from fxforge.compiler.verify import ModelRuns, check_artifact
 
 
 class CompiledModel:
@@ -107,7 +107,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
     times, start = {}, time.perf_counter()
-    gm, signature = trace(model, example, static_batch=static_batch)
+    runs = ModelRuns(copy.deepcopy(model).eval()) if isinstance(model, torch.nn.Module) else None
+    gm, signature = trace(model, example, static_batch=static_batch, runs=runs)
     times["trace"] = time.perf_counter() - start
     flat = tuple(signature.flatten(example))
     if calibration is not None and calibration_fn is not None:
@@ -121,13 +122,16 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         calibration = budget.hold_out(calibration, validation, signature.flatten, flat)
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
                       train=None if train is None else flat_batches(train, signature.flatten, "train")[1])
-    if budget is not None:
-        start = time.perf_counter()
-        manager = budget.fit(manager, gm, ctx)
-        times["budget"] = time.perf_counter() - start
+    original = copy.deepcopy(gm) if budget is not None else None  # the search's start, should the budget miss
     start = time.perf_counter()
     gm, report = manager.run(gm, ctx)
     times["passes"] = time.perf_counter() - start
+    if budget is not None:
+        start = time.perf_counter()
+        fitted = budget.fit(manager, original, ctx, result=gm)
+        if fitted is not manager:  # missed: run the pipeline that keeps the costliest layers float
+            gm, report = fitted.run(original, ctx)
+        times["budget"] = time.perf_counter() - start
     start = time.perf_counter()
     artifact = _lower(be, gm, flat, signature, tgt, strict, backend_options)
     times["backend"] = time.perf_counter() - start
@@ -136,7 +140,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     report.rows.append(row)
     if tgt.runs_on_host and verify == "numerics":
         start = time.perf_counter()
-        err = check_artifact(artifact, copy.deepcopy(model).eval(), gm, example, all(r.exact for r in report.rows))
+        err = check_artifact(artifact, runs, gm, example, all(r.exact for r in report.rows))
         row.max_rel_err, row.cosine = err.max_rel, err.cosine
         times["artifact_check"] = time.perf_counter() - start
     if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:

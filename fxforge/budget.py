@@ -13,7 +13,9 @@ The data is ``validation`` when given. Otherwise a held-out split of the calibra
 four calibration batches nothing is held out (calibration keeps at least three quarters of the data): the budget
 is not measured, and a warning says so.
 
-When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
+compile runs the pipeline as asked first, under its checks, and measures the graph it gives: when that holds
+the budget (the usual case), that run is the compile's and nothing else runs (no per-layer sensitivity, no
+second run). When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
 one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option. Each layer's cost
 is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py: drop, then relative error, on
 the budget's first 32 samples: a ranking, not the verdict), and the k most costly stay float. The search over k
@@ -106,9 +108,12 @@ class Budget:
 
     # ------------------------------------------------------------------------------------------ the search
 
-    def fit(self, manager: PassManager, gm: fx.GraphModule, ctx: PassContext) -> PassManager:
+    def fit(self, manager: PassManager, gm: fx.GraphModule, ctx: PassContext,
+            result: fx.GraphModule | None = None) -> PassManager:
         """Measure ``manager``'s pipeline on the budget's data; when it misses, the pipeline that keeps the fewest
-        most costly layers float and holds the budget (or raise, under ``strict``)."""
+        most costly layers float and holds the budget (or raise, under ``strict``). ``result``: the pipeline's
+        graph from ``gm`` when compile has already run it (checked), measured instead of running it again; when it
+        holds (the usual case), ``manager`` itself is returned and nothing else runs."""
         if self.data is None:
             self._warn(f"the accuracy budget (max_drop {self.max_drop}) was not measured: give validation= data or "
                        "at least 4 calibration batches (every fourth is held out)")
@@ -123,10 +128,11 @@ class Budget:
         passes = manager.passes
         at = next((i for i, p in enumerate(passes) if not p.exact and "skip" in p.options()), None)
         fallback, at = at is not None, at or 0  # without a pass that keeps layers float, one try of every pass
-        before = self._run(passes[:at], gm, ctx)
         lossy = max((i + 1 for i, p in enumerate(passes) if not p.exact), default=len(passes))  # exact ones after
-        quantized = self._run(passes[at:lossy], before, ctx)                                  # change no value
-        tries: dict[int, float] = {0: self._drop(quantized)}
+        if result is None:                                                                    # change no value
+            before = self._run(passes[:at], gm, ctx)
+            quantized = self._run(passes[at:lossy], before, ctx)
+        tries: dict[int, float] = {0: self._drop(quantized if result is None else result)}
         self.record["tries"] = tries
         label = f"the {self.preset} preset" if self.preset else "the pipeline"
         what = f"{self.name} drop {tries[0]:.4f} > max_drop {self.max_drop} on {self.record['data']}"
@@ -140,6 +146,9 @@ class Budget:
             self.record.update(outcome="missed: no pass of this pipeline can keep layers float", float_layers=[])
             self._warn(f"{label} misses its accuracy budget: {what}; no pass of it can keep layers float")
             return manager
+        if result is not None:  # the search starts from the graphs before and after the quantizing passes
+            before = self._run(passes[:at], gm, ctx)
+            quantized = self._run(passes[at:lossy], before, ctx)
         setting = str(passes[at])
         first = self._first(SENSITIVITY_SAMPLES)
         sens = layer_sensitivity(before, first, [setting], ctx.target)

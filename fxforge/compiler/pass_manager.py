@@ -353,7 +353,8 @@ class PassManager:
         keep_teacher = any(p.reads_train for p in self.passes)
         report = Report()
         instruments = [Timing(), *([Lint()] if self.verify != "off" else []),
-                       *([NumericCheck(gm, ctx.example_inputs, approximate=not all(p.exact for p in self.passes))]
+                       *([NumericCheck(gm, ctx.example_inputs, approximate=not all(p.exact for p in self.passes),
+                                       passes=len(self.passes))]
                          if self.verify == "numerics" else []),
                        StageRecorder(report, self.measure_latency), *self.extra_instruments]
         done: list[str] = []

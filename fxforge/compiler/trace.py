@@ -24,7 +24,7 @@ from torch.export import Dim
 from .errors import InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .ops import data
-from .verify import EXACT_TOLERANCE, clone_inputs, compare, fresh_inputs
+from .verify import BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, clone_inputs, compare, fresh_inputs
 
 MAX_BATCH = 1 << 16
 REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, "
@@ -93,9 +93,10 @@ def _describe(flat: Sequence[Any]) -> str:
     return str([list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in flat])
 
 
-def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
-          static_batch: bool = False) -> tuple[fx.GraphModule, Signature]:
-    """Export a copy of ``model`` in eval mode; the user's model is never touched."""
+def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch: bool = False,
+          runs: ModelRuns | None = None) -> tuple[fx.GraphModule, Signature]:
+    """Export a copy of ``model`` in eval mode; the user's model is never touched. ``runs``: the model's outputs
+    (an eval copy of ``model``), shared with a later check of the compiled artifact so no input set runs twice."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -103,7 +104,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *,
     if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
         raise InputError(f"example_inputs must be a tuple of tensors, got {_describe(flat)}")
     model = copy.deepcopy(model).eval()
-    refs = _References(model, args)
+    refs = _References(runs or ModelRuns(model), args)
     note = "static batch requested" if static_batch else ""
     ep = gm = None
     if not static_batch:
@@ -152,39 +153,33 @@ def _functional(ep: torch.export.ExportedProgram, refs: _References) -> tuple[fx
 
 
 class _References:
-    """The model's own outputs on the example inputs as given and on fresh inputs of the same shapes, computed
-    once for every capture attempt (dynamic or static batch, rewritten or decomposed). Each run starts from a
-    fresh copy of the model and of the inputs, so a model that changes its own state or writes into its input is
-    compared from the same start; the copy that is exported is never run."""
+    """The model's own outputs on the example inputs as given and on fresh inputs of the same shapes (those the
+    artifact is checked on, ``BACKEND_SEED``), computed once (``ModelRuns``) for every capture attempt (dynamic or
+    static batch, rewritten or decomposed) and for the artifact check; the copy that is exported is never run."""
 
-    def __init__(self, model: torch.nn.Module, args: tuple) -> None:
-        self.model, self.args = model, args
+    def __init__(self, runs: ModelRuns, args: tuple) -> None:
+        self.model, self.args = runs, args
         flat, spec = pytree.tree_flatten(args)
         try:
-            out = self._run(args)
+            runs.outputs("example", args)
         except Exception as e:
             raise InputError(f"the model does not run on the example inputs {_describe(flat)}: "
                              f"{first_line(e)}") from None
+        out = runs.cached["example"]
         if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
             raise InputError(f"the model returns no tensor (got {type(out).__name__}): there is nothing to compile")
-        self.runs = [(args, pytree.tree_leaves(out))]
-        self.fresh = pytree.tree_unflatten(list(fresh_inputs(flat)), spec)
-
-    def _run(self, inputs: tuple) -> Any:
-        with torch.no_grad():
-            return copy.deepcopy(self.model)(*clone_inputs(inputs))
+        self.fresh = pytree.tree_unflatten(list(fresh_inputs(flat, BACKEND_SEED)), spec)
 
     def error(self, gm: fx.GraphModule) -> float:
         """How far ``gm`` is from the model (relative max error, the worse of the two inputs). A model whose two
         runs on the same inputs disagree (random ops) cannot be checked this way and gives 0."""
-        if len(self.runs) == 1:  # the fresh run, once a graph needs it
-            self.runs.append((self.fresh, pytree.tree_leaves(self._run(self.fresh))))
+        runs = [(self.args, self.model.outputs("example", self.args)),
+                (self.fresh, self.model.outputs(BACKEND_SEED, self.fresh))]
         with torch.no_grad():
             worst = max(compare(list(gm(*pytree.tree_leaves(clone_inputs(inputs)))), want).max_rel
-                        for inputs, want in self.runs)
+                        for inputs, want in runs)
         if worst > EXACT_TOLERANCE:
-            again = pytree.tree_leaves(self._run(self.args))
-            if compare(again, self.runs[0][1]).max_rel > EXACT_TOLERANCE:
+            if compare(pytree.tree_leaves(self.model.run(self.args)), runs[0][1]).max_rel > EXACT_TOLERANCE:
                 return 0.0
         return worst
 
