@@ -99,16 +99,16 @@ def _digits() -> tuple[nn.Module, tuple, zoo.Split]:
     return zoo.wide_digits_cnn(), split.held_out[0], zoo.Split(split.calibration[:8], full)
 
 
-DISTILLED = "fxforge low_rank{flops=0.5}+distill → onnx"
-DISTILLED_INT8 = "fxforge low_rank{flops=0.5}+distill+int8 → onnx"
+DISTILLED = "fxforge prune_channels{flops=0.5}+distill → onnx"
+DISTILLED_INT8 = "fxforge prune_channels{flops=0.5}+distill+int8 → onnx"
 
 
 def _distilled() -> list[System]:
-    """Half the FLOPs by per-layer low-rank splits, then distilled on the digits' unlabeled training images
+    """Half the FLOPs by channel pruning chosen per layer, then distilled on the digits' unlabeled training images
     (disjoint from the held-out test digits), optionally int8 on top (docs/passes.md, "Distillation")."""
     from fxforge.passes import QUANTIZE
     train = [(b,) for b in zoo.digits_data()[0].split(64)]
-    compress = ["fuse", "low_rank{flops=0.5}", "distill"]
+    compress = ["fuse", "prune_channels{flops=0.5}", "distill"]
     onnx = ("onnxruntime", "onnxscript")
     return [System(DISTILLED, fxforge_system(compress, "onnx", train=train), needs=onnx),
             System(DISTILLED_INT8, fxforge_system([*compress, *QUANTIZE], "onnx", train=train), needs=onnx)]
