@@ -126,7 +126,10 @@ def _dynamic_linear(x, weight, weight_scale, bias=None):
     from onnxscript import opset18 as op
     from onnxscript.values import Op, Opset
 
-    row_max = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)  # [..., 1]
+    # max_k |x| as max(max_k x, −min_k x): two reductions reading x, no |x| tensor written (measured 1.09× / 1.15× the
+    # Abs → ReduceMax form for MiniLM's int8 graph at 8 × 64 / 1 × 128, docs/quantization.md)
+    last = op.Constant(value_ints=[-1])
+    row_max = op.Max(op.ReduceMax(x, last, keepdims=1), op.Neg(op.ReduceMin(x, last, keepdims=1)))  # [..., 1]
     scale = op.Div(op.Max(row_max, op.Constant(value_float=dynamic_quant.EPS)),
                    op.Constant(value_float=float(dynamic_quant.QMAX)))
     # QuantizeLinear takes a per-axis scale on a 2-D view [rows, K]; uint8 x_q + 128 are the same integers on
