@@ -126,8 +126,8 @@ def _dynamic_linear(x, weight, weight_scale, bias=None):
     from onnxscript import opset18 as op
     from onnxscript.values import Op, Opset
 
-    # max_k |x| as max(max_k x, −min_k x): two reductions reading x, no |x| tensor written (measured 1.09× / 1.15× the
-    # Abs → ReduceMax form for MiniLM's int8 graph at 8 × 64 / 1 × 128, docs/quantization.md)
+    # max_k |x| as max(max_k x, −min_k x): two reductions reading x, no |x| tensor written (measured 1.09× /
+    # 1.15× the Abs → ReduceMax form for MiniLM's int8 graph at 8 × 64 / 1 × 128, docs/quantization.md)
     last = op.Constant(value_ints=[-1])
     row_max = op.Max(op.ReduceMax(x, last, keepdims=1), op.Neg(op.ReduceMin(x, last, keepdims=1)))  # [..., 1]
     scale = op.Div(op.Max(row_max, op.Constant(value_float=dynamic_quant.EPS)),
@@ -151,8 +151,8 @@ TRANSLATIONS = {SDPA: _sdpa, torch.ops.fxforge.dynamic_linear.default: _dynamic_
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each attention's query, key and value projections packed into one GEMM (:func:`pack_qkv`,
-    first: it reads ranks from ONNX shape inference, which knows no com.microsoft op), then after onnxruntime.transformers'
-    BERT fusions (Python fusions only, ``opt_level=0``)."""
+    first: it reads ranks from ONNX shape inference, which knows no com.microsoft op), then after
+    onnxruntime.transformers' BERT fusions (Python fusions only, ``opt_level=0``)."""
     from onnxruntime.transformers.optimizer import optimize_model
     with _quiet():
         return optimize_model(pack_qkv(model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).model
@@ -182,7 +182,8 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
     replaced: dict[int, list[onnx.NodeProto]] = {}
     for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]:
         projections = [_projection(name, producer, weights) for name in mha.input[:3]]
-        if (any(p is None for p in projections) or any(mha.input[3:5]) or len({p[:2] for p in projections}) != 1):
+        if (any(p is None for p in projections) or any(mha.input[3:5]) or len({p[:2] for p in projections}) != 1
+                or len({tuple(weights[p[2][0]].dims) for p in projections}) != 1):  # one input, equal widths
             continue
         kind, inputs = projections[0][:2]
         if ranks.get(inputs[0] if kind == "MatMul" else inputs[0][0]) != 3:  # Attention takes x as [B, S, hidden]
@@ -215,7 +216,8 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(_live(nodes, [o.name for o in graph.output]))
     used = {i for node in graph.node for i in node.input}
-    for field, live in ((graph.initializer, used), (graph.value_info, used | {o for n in graph.node for o in n.output})):
+    produced = {o for node in graph.node for o in node.output}
+    for field, live in ((graph.initializer, used), (graph.value_info, used | produced)):
         kept = [v for v in field if v.name in live]
         del field[:]
         field.extend(kept)
@@ -229,8 +231,8 @@ def _projection(name: str, producer: dict, weights: dict) -> tuple | None:
     node = producer.get(name)
     while node is not None and node.op_type == "Reshape":
         node = producer.get(node.input[0])
-    if node is None or node.op_type != "Add" or node.input[1] not in weights:
-        return None
+    if node is None or node.op_type != "Add" or len(weights.get(node.input[1], _EMPTY).dims) != 1:
+        return None  # a bias [N]
     gemm = producer.get(node.input[0])
     if gemm is not None and gemm.op_type == "MatMul" and len(weights.get(gemm.input[1], _EMPTY).dims) == 2:
         return "MatMul", (gemm.input[0],), (gemm.input[1], node.input[1])
@@ -238,7 +240,8 @@ def _projection(name: str, producer: dict, weights: dict) -> tuple | None:
         return None
     integer = producer.get(gemm.input[0])
     if (integer is None or integer.op_type != "MatMulIntegerToFloat" or len(integer.input) != 5
-            or len(weights.get(integer.input[1], _EMPTY).dims) != 2 or integer.input[3] not in weights):
+            or len(weights.get(integer.input[1], _EMPTY).dims) != 2
+            or len(weights.get(integer.input[3], _EMPTY).dims) != 1):  # per-column weight scales [N]
         return None
     shared = (integer.input[0], "", integer.input[2], "", integer.input[4])
     return "MatMulIntegerToFloat", (shared, gemm.input[1]), (integer.input[1], integer.input[3], node.input[1])

@@ -1,6 +1,7 @@
 """The onnx backend's transformer fusions: attention lowers to ORT's MultiHeadAttention (self-attention with its
-projections packed: Attention), GELU and residual LayerNorms to BiasGelu and SkipLayerNormalization (read back from ORT's optimized graph), outputs match eager,
-and what the fusion cannot express keeps the exporter's own translation."""
+projections packed: Attention), GELU and residual LayerNorms to BiasGelu and SkipLayerNormalization (read back
+from ORT's optimized graph), outputs match eager, and what the fusion cannot express keeps the exporter's own
+translation."""
 from collections import Counter
 
 import onnx
