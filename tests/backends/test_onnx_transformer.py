@@ -1,6 +1,7 @@
-"""The onnx backend's transformer fusions: attention lowers to ORT's MultiHeadAttention, GELU and residual
-LayerNorms to BiasGelu and SkipLayerNormalization (read back from ORT's optimized graph), outputs match eager,
-and what the fusion cannot express keeps the exporter's own translation."""
+"""The onnx backend's transformer fusions: attention lowers to ORT's MultiHeadAttention (self-attention with its
+projections packed: Attention), GELU and residual LayerNorms to BiasGelu and SkipLayerNormalization (read back
+from ORT's optimized graph), outputs match eager, and what the fusion cannot express keeps the exporter's own
+translation."""
 from collections import Counter
 
 import onnx
@@ -50,7 +51,7 @@ def test_bert_runs_ort_fused_transformer_kernels(encoder):
     info = cm.artifact.info
     assert info["fusions"] == "transformer"  # "auto" on a graph with attention
     ops = info["ort_transformer_ops"]  # from ORT's optimized graph (SessionOptions.optimized_model_filepath)
-    assert ops["MultiHeadAttention"] == LAYERS
+    assert ops["Attention"] == LAYERS and "MultiHeadAttention" not in ops  # q, k, v projections packed inside
     assert ops["SkipLayerNormalization"] == 2 * LAYERS  # after attention and after the FFN, in each layer
     assert ops.get("BiasGelu", 0) + ops.get("FastGelu", 0) == LAYERS
     assert ops["LayerNormalization"] == 1  # the embeddings' (EmbedLayerNormalization does not match, see module)
@@ -69,7 +70,7 @@ def test_fusions_none_keeps_the_plain_export():
     model = _encoder()
     cm = fxforge.compile(model, _tokens(2, 0), passes=["fuse"], backend="onnx", fusions="none")
     assert cm.artifact.info["fusions"] == "none"
-    assert "MultiHeadAttention" not in cm.artifact.info["ort_transformer_ops"]
+    assert not {"Attention", "MultiHeadAttention"} & set(cm.artifact.info["ort_transformer_ops"])
     assert _onnx_ops(cm)["Softmax"] == LAYERS
 
 
@@ -115,6 +116,44 @@ def test_boolean_mask_with_a_fully_masked_row_gives_zeros_like_torch():
     assert torch.equal(out[0, :, 1], torch.zeros(2, 8))
 
 
+class Project(nn.Module):
+    """Query, key and value as linear projections of x, or key and value of y (cross-attention); y added to the
+    output."""
+
+    def __init__(self, cross: bool = False) -> None:
+        super().__init__()
+        self.cross = cross
+        self.q, self.k, self.v = (nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x, y):
+        source = y if self.cross else x
+        heads = lambda t: t.view(t.shape[0], t.shape[1], 2, 8).transpose(1, 2)  # noqa: E731
+        out = nn.functional.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(source)),
+                                                         heads(self.v(source)))
+        return out.transpose(1, 2).reshape(x.shape) + y  # y read either way: the model keeps both inputs
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_self_attention_packs_its_projections_into_one_attention(cross):
+    """Before: three linears of x → sdpa. Expected: one com.microsoft.Attention reading x and the packed weight
+    [W_q | W_k | W_v] (no MatMul left). Key and value projected from another input: the rule must not fire."""
+    torch.manual_seed(0)
+    model = Project(cross).eval()
+    x, y = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    cm = fxforge.compile(model, (x, y), backend="onnx", fusions="transformer")
+    ops = _onnx_ops(cm)
+    if cross:
+        assert ops["MultiHeadAttention"] == 1 and "Attention" not in ops and ops["MatMul"] == 3
+    else:
+        assert ops["Attention"] == 1 and "MultiHeadAttention" not in ops and "MatMul" not in ops
+        attention = next(n for n in onnx.load_from_string(cm.artifact.model).graph.node if n.op_type == "Attention")
+        packed = {i.name: list(i.dims) for i in onnx.load_from_string(cm.artifact.model).graph.initializer}
+        assert packed[attention.input[1]] == [16, 48] and packed[attention.input[2]] == [48]
+    inputs = (torch.randn(3, 5, 16), torch.randn(3, 5, 16))
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
+
+
 def test_causal_attention_keeps_the_exporters_translation():
     """is_causal has no MultiHeadAttention form here: the rule must not fire, and the output still matches."""
     q, k, v = _qkv()
@@ -128,7 +167,8 @@ def test_causal_attention_keeps_the_exporters_translation():
 @pytest.mark.parametrize("fusions", ["auto", "none"])
 def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
     """With the fusions each dynamic linear is one QuantizeLinear and ORT's MatMulIntegerToFloat (no elementwise
-    quantization island, the bias still fused into BiasGelu); without them plain ONNX on MatMulInteger."""
+    quantization island, the bias still fused into BiasGelu), query, key and value in one packed
+    MatMulIntegerToFloat; without them plain ONNX on MatMulInteger."""
     model = _encoder()
     cm = fxforge.compile(model, _tokens(4, 0), passes=["fuse", "insert_qdq{activations='dynamic'}"], backend="onnx",
                          fusions=fusions)
@@ -137,9 +177,9 @@ def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
     if fusions == "auto":  # read from ORT's optimized graph
         assert info["ort_transformer_ops"]["MultiHeadAttention"] == LAYERS
         assert info["ort_transformer_ops"]["BiasGelu"] == LAYERS
-        assert info["ort_int8_ops"] == {"MatMulIntegerToFloat": linears}
+        assert info["ort_int8_ops"] == {"MatMulIntegerToFloat": linears - 2 * LAYERS}  # q, k, v packed
         # one per distinct input (q, k and v share theirs); no Round: no elementwise quantization
-        assert exported["QuantizeLinear"] == 4 * LAYERS and "Round" not in exported
+        assert exported["QuantizeLinear"] == 4 * LAYERS and not {"Round", "Abs"} & set(exported)
     else:
         assert info["ort_int8_ops"] == {"MatMulInteger": linears}
         assert "MatMulIntegerToFloat" not in exported
@@ -160,7 +200,7 @@ def test_int8_dynamic_keeps_skip_layernorm_fusion_in_every_layer():
     assert ops["SkipLayerNormalization"] == 2 * LAYERS
     assert ops["LayerNormalization"] == 1  # the embeddings'
     assert ops["MultiHeadAttention"] == LAYERS
-    assert sum(cm.artifact.info["ort_int8_ops"].values()) == 6 * LAYERS
+    assert cm.artifact.info["ort_int8_ops"] == {"MatMulIntegerToFloat": 4 * LAYERS}  # q, k, v packed in one
     inputs = _tokens(3, 7)
     with torch.no_grad():
         assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.999
