@@ -9,6 +9,10 @@
   (``reduce_range``) where the target's u8s8 kernels saturate at 8 bits (x86 without VNNI or AMX, see
   compiler/target.py), else 127; the stat ``weight_bits`` says which (7 or 8).
 - Bias: int32 with scale s_x · s_c, so an int8 kernel adds it to its accumulator unchanged.
+- SiLU: silu(x) → x · sigmoid(x) (exact) where x gets a pair, so that the plan can quantize the sigmoid and the
+  product (int8 backends have kernels for those, ONNX Runtime's QLinearSigmoid and QLinearMul, not for SiLU);
+  measured on EfficientNet-B0 with ONNX Runtime 1.32: 1.27× the CPU time of ORT's own int8 model (0.75× with the
+  SiLUs and squeeze-excitation gates in float between DQ and Q).
 
 With ``activations="dynamic"`` each constant-weight linear instead becomes one ``fxforge::dynamic_linear`` (see
 compiler/dynamic_quant.py): int8 per-output-channel weights, activations quantized per row (token) to
@@ -39,7 +43,7 @@ import torch.fx as fx
 import fxforge.compiler.dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor, set_tensor
-from fxforge.compiler.ops import (CONV, LINEAR, MATMUL, WEIGHTED, bias_of, call_with, conv_groups, data, is_op,
+from fxforge.compiler.ops import (CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data, is_op,
                                  operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.target import Target
@@ -66,7 +70,11 @@ class InsertQdq(Pass):
         stats: Counter = Counter()
         if self.activations == "dynamic":
             return self.run_dynamic(gm, ctx, stats)
-        is_float = _float_test(ctx.analysis(Shapes, gm))
+        shapes = dict(ctx.analysis(Shapes, gm))
+        split = self.split_silus(gm, shapes)
+        if split:
+            stats["silu_split"] = split
+        is_float = _float_test(shapes)
         plan, weighted = plan_static(gm, is_float, lambda node: self.refusal(gm, node, is_float), stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
@@ -78,9 +86,9 @@ class InsertQdq(Pass):
         stats.update({"activations": len(plan), "weights": len(weighted)})
         if weighted:
             stats["weight_bits"] = 7 if reduce_range else 8
-        split = _untag_split_groups(gm)
-        if split:
-            stats["fusion_groups_split"] = split
+        cut = _untag_split_groups(gm)
+        if cut:
+            stats["fusion_groups_split"] = cut
         return PassResult(changed=bool(plan), stats=dict(stats))
 
     def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
@@ -131,6 +139,33 @@ class InsertQdq(Pass):
             return "narrow_input"
         return None if is_float(data(node)) else "not_float"
 
+    def split_silus(self, gm: fx.GraphModule, shapes: dict) -> int:
+        """Rewrite each SiLU whose input gets a pair as x · sigmoid(x) (exact: SiLU's definition) so that both
+        factors get grids of their own and the plan quantizes them (an int8 backend has int8 kernels for sigmoid and
+        mul, none for SiLU); the new nodes take the SiLU's entry in ``shapes``, and the SiLU's fusion group (no longer
+        one float kernel) loses its tags. The new nodes are named after the SiLU, so a copy of the same graph
+        splits into the same names (``with_float`` relies on it)."""
+        is_float = _float_test(shapes)
+        plan, _ = plan_static(gm, is_float, lambda node: self.refusal(gm, node, is_float), Counter())
+        silus = [n for n in call_nodes(gm, aten.silu) if data(n) in plan]
+        for node in silus:
+            group = node.meta.get(FUSION_KEY, {}).get("group")
+            for member in fusion_groups(gm).get(group, []):
+                del member.meta[FUSION_KEY]
+            with gm.graph.inserting_before(node):
+                gate = gm.graph.create_node("call_function", aten.sigmoid.default, (data(node),),
+                                            name=f"{node.name}_sigmoid")
+                product = gm.graph.create_node("call_function", aten.mul.Tensor, (data(node), gate),
+                                               name=f"{node.name}_mul")
+            for new in (gate, product):
+                new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+                shapes[new.name] = shapes[node.name]
+            node.replace_all_uses_with(product)
+            gm.graph.erase_node(node)
+        if silus:
+            gm.recompile()
+        return len(silus)
+
     def narrow(self, node: fx.Node, weight: torch.Tensor) -> bool:
         """A stem conv (under 4 input channels) whose input window (channels × kernel area) is under
         ``min_input_window`` (kept float: faster there, and more accurate)."""
@@ -172,7 +207,10 @@ class InsertQdq(Pass):
         calibrated scale, which a skip does not change (calibration observes the float graph); a cheap estimate of
         rerunning the quantizing passes, for searches over which layers stay float."""
         p = type(self)(**{**self.options(), "skip": (*self.skip, *layers)})
-        is_float = _float_test(ctx.analysis(Shapes, before))
+        shapes = dict(ctx.analysis(Shapes, before))
+        before = copy.deepcopy(before)
+        p.split_silus(before, shapes)
+        is_float = _float_test(shapes)
         refusals = {n.name: p.refusal(before, n, is_float) for n in call_nodes(before, *WEIGHTED, *MATMUL)}
         plan, _ = plan_static(before, is_float, lambda n: refusals[n.name], Counter())
         keep = {t.name for t in plan}

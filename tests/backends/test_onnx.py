@@ -283,6 +283,52 @@ def test_int8_cnn_on_ort_matches_its_graph_and_eager(tiny_int8):
     assert compare([ort_out], [eager_out]).cosine > 0.99
 
 
+class TinyEfficientNet(torch.nn.Module):
+    """EfficientNet's MBConv in miniature: expand conv → SiLU, depthwise conv → SiLU, a squeeze-excitation gate (mean →
+    conv → SiLU → conv → sigmoid, multiplying the features), project conv, residual add, pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.expand, self.depthwise = nn.Conv2d(8, 24, 1), nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.fc1, self.fc2, self.project = nn.Conv2d(24, 6, 1), nn.Conv2d(6, 24, 1), nn.Conv2d(24, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        silu = torch.nn.functional.silu
+        y = silu(self.depthwise(silu(self.expand(x))))
+        y = y * torch.sigmoid(self.fc2(silu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head((x + self.project(y)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny_efficientnet_int8():
+    torch.manual_seed(0)
+    model, x = TinyEfficientNet().eval(), torch.randn(2, 8, 16, 16)
+    calibration = [(torch.randn(2, 8, 16, 16),) for _ in range(4)]
+    return model, x, fxforge.compile(model, (x,), passes=STATIC_INT8, backend="onnx", calibration=calibration,
+                                     measure_latency=False)
+
+
+def test_silu_and_squeeze_excitation_run_in_int8_on_ort(tiny_efficientnet_int8, tmp_path):
+    """ORT's optimized graph: every SiLU (x · sigmoid(x)) and the gate run as QLinearSigmoid and QLinearMul, the
+    gate's pooling as QLinearGlobalAveragePool; no float op and no DQ→Q round trip is left."""
+    model, x, cm = tiny_efficientnet_int8
+    info = cm.artifact.info
+    assert info["ort_float_ops"] == {}
+    assert info["ort_int8_ops"] == {"QGemm": 1, "QLinearAdd": 1, "QLinearConv": 5, "QLinearGlobalAveragePool": 2,
+                                    "QLinearMul": 4, "QLinearSigmoid": 4}
+    graph = _ort_optimized(cm, tmp_path).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1  # at the input and the output
+    inputs = fresh_inputs((x,), seed=3)
+    with torch.no_grad():
+        ort_out, (graph_out,), eager_out = cm(*inputs), cm.graph_module(*inputs), model(*inputs)
+    out_dq = next(n for n in reversed(cm.graph_module.graph.nodes) if n.target == qd.dequantize_per_tensor.default)
+    assert (ort_out - graph_out).abs().max().item() <= out_dq.args[1] + 1e-6
+    assert compare([ort_out], [eager_out]).cosine > 0.99
+
+
 def test_allow_spinning_reaches_the_session_and_the_artifact(convbnrelu):
     from fxforge.backends.onnx import SessionConfig
     from fxforge.compiler.errors import BackendError
@@ -310,18 +356,19 @@ def test_mean_over_other_axes_keeps_reduce_mean():
 
 
 @pytest.mark.slow
-def test_mobilenet_v2_int8_has_no_more_float_ops_on_ort_than_ort_quantize_static(tmp_path):
+@pytest.mark.parametrize("name, pools", [("mobilenet_v2", 1), ("efficientnet_b0", 17)])  # head; head + 16 gates
+def test_int8_has_no_more_float_ops_on_ort_than_ort_quantize_static(name, pools, tmp_path):
     from fxforge.bench import _quantize_static
     from fxforge.backends.onnx import ort_kernels
-    model, (x,) = ZOO["mobilenet_v2"]()
+    model, (x,) = ZOO[name]()
     calibration = [(torch.randn_like(x),) for _ in range(4)]
     cm = fxforge.compile(model, (x,), passes=STATIC_INT8, backend="onnx", calibration=calibration,
                          measure_latency=False, static_batch=True)
-    session, _ = _quantize_static(model, (x,), calibration, tmp_path)
+    _quantize_static(model, (x,), calibration, tmp_path)  # writes tmp_path/int8.onnx
     theirs = ort_kernels(_ort_optimized_file(tmp_path / "int8.onnx", tmp_path))
     ours = cm.artifact.info
     assert sum(ours["ort_float_ops"].values()) <= sum(theirs["ort_float_ops"].values()), (ours, theirs)
-    assert ours["ort_int8_ops"]["QLinearGlobalAveragePool"] == 1 and "ReduceMean" in theirs["ort_float_ops"]
+    assert ours["ort_int8_ops"]["QLinearGlobalAveragePool"] == pools and "ReduceMean" in theirs["ort_float_ops"]
 
 
 def _ort_optimized_file(path, directory):

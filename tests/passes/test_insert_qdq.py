@@ -166,6 +166,42 @@ def test_with_float_is_the_skip_pipeline_without_rerunning_it():
     assert len(activation_qs(quantized)) == 4  # the input of every linear and the output: with_float copied
 
 
+class SqueezeExcite(nn.Module):
+    """EfficientNet's block in miniature: conv → SiLU, then a squeeze-excitation gate (mean → conv → SiLU → conv →
+    sigmoid) multiplying the features, then a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2, self.out = (nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1),
+                                                   nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 1))
+
+    def forward(self, x):
+        y = nn.functional.silu(self.conv(x))
+        gate = torch.sigmoid(self.fc2(nn.functional.silu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.out(y * gate)
+
+
+def test_silu_and_gates_get_grids_of_their_own():
+    """Each SiLU reading a pair becomes x · sigmoid(x); every sigmoid and mul of planned tensors gets a pair, and so
+    does the pooled mean of the gated features: nothing between two convs is left on float."""
+    model = SqueezeExcite().eval()
+    gm, report, flat = apply(model, (torch.randn(2, 8, 8, 8),), ["fuse", "insert_qdq"])
+    assert "silu" not in ops(gm)
+    quantized = {q.args[0].name for q in activation_qs(gm)}
+    assert quantized == {"x", "conv2d", "silu_sigmoid", "silu_mul", "mean", "conv2d_1", "silu_1_sigmoid",
+                         "silu_1_mul", "conv2d_2", "sigmoid", "mul", "conv2d_3"}
+    mul = next(n for n in gm.graph.nodes if n.name == "silu_mul")
+    assert [a.args[0].args[0].name for a in mul.args] == ["conv2d", "silu_sigmoid"]  # x · sigmoid(x), both on grids
+    assert report.row("insert_qdq").stats["silu_split"] == 2
+    assert error_vs_eager(gm, model, flat).cosine > 0.99
+
+
+def test_a_silu_on_a_float_tensor_stays_whole():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU()).eval()  # a narrow stem: float, so its SiLU too
+    gm, report, _ = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq"])
+    assert ops(gm) == ["conv2d", "silu"] and "silu_split" not in report.row("insert_qdq").stats
+
+
 @pytest.mark.slow  # test_fold_qdq covers resnet18 through the whole preset
 def test_resnet18_counts_and_numerics():
     model, example = ZOO["resnet18"]()

@@ -5,6 +5,9 @@ weighted ops get int8 weights. insert_qdq decides with this and then rewrites; n
   average pooling, and on their outputs (after a following relu/relu6, the tensor an int8 kernel would emit).
 - An add whose two inputs are already planned (a CNN's residual) is planned too; one that would quantize a float
   stream (a pre-norm transformer's residual, measured: ViT cosine 0.983 instead of 0.9986) is not.
+- A sigmoid of a planned tensor, and a mul of two planned tensors (a SiLU split into x · sigmoid(x), a
+  squeeze-excitation gate), are planned too: each becomes an int8 kernel between its pairs (ONNX Runtime's
+  QLinearSigmoid, QLinearMul) instead of a float island with a dequantize before and a quantize after.
 - cat's inputs and output, and maxpool/view/flatten/relu outputs, join their input's group (one scale), so no
   requantization happens there.
 - A tensor that already is a dequantize output (a model that brings its own QDQ nodes) is read on its own grid,
@@ -57,6 +60,9 @@ def plan_static(gm: fx.GraphModule, is_float: Callable[[Any], bool], refusal: Ca
             for x in node.all_input_nodes:
                 want(x)
             want(chain_end(node))
+        elif (is_op(node, aten.sigmoid) and data(node) in plan) or \
+                (is_op(node, aten.mul) and len(node.all_input_nodes) == 2 and all(i in plan for i in operands(node))):
+            want(node)
         elif is_op(node, aten.cat) and any(i in plan for i in data(node)):
             group = next(groups)
             for x in [*data(node), node]:
