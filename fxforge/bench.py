@@ -58,6 +58,7 @@ class System:
     build: Callable[[torch.nn.Module, tuple, list], Built]
     peer: bool = False
     needs: tuple[str, ...] = ()  # importable modules the system needs
+    budgeted: bool = False  # its build takes ``validation=``, the accuracy budget's data, when a model has some
 
 
 @dataclass
@@ -191,14 +192,15 @@ def _ort_dynamic(model: torch.nn.Module, example: tuple, calib: list) -> Built:
 
 def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Callable[..., Built]:
     """A system compiling with ``fxforge.compile(passes, backend)``."""
-    def build(model: torch.nn.Module, example: tuple, calib: list) -> Built:
+    def build(model: torch.nn.Module, example: tuple, calib: list, validation: list | None = None) -> Built:
         import fxforge
         from fxforge.compiler.pass_manager import calibration_readers
         start = time.perf_counter()
         shared = ort_options() if backend == "onnx" else {}
         reads = bool(calibration_readers(list(passes)))
         cm = fxforge.compile(model, example, passes=list(passes), backend=backend, measure_latency=False,
-                             calibration=calib or None if reads else None, **{**shared, **options})
+                             calibration=calib or None if reads else None,
+                             **({"validation": validation} if validation else {}), **{**shared, **options})
         final = cm.report.final
         return Built(lambda xs: cm.artifact.run(xs), time.perf_counter() - start, final.params, final.bytes,
                      final.flops, dict(cm.artifact.info), rebuild=_fresh_session(cm.artifact))
@@ -252,11 +254,13 @@ def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -
         System("fxforge fuse → onnx", fxforge_system(["fuse"], "onnx"), needs=onnx),
         System("fxforge fuse → tvm", fxforge_system(["fuse"], "tvm"), needs=("tvm",)),
         *tuned,
-        System("fxforge int8 → onnx", fxforge_system(["int8"], "onnx"), needs=onnx),
-        System("fxforge int8 → onnx (static batch)", fxforge_system(["int8"], "onnx", static_batch=True), needs=onnx),
-        System("fxforge int8_dynamic → onnx", fxforge_system(["int8_dynamic"], "onnx"), needs=onnx),
+        System("fxforge int8 → onnx", fxforge_system(["int8"], "onnx"), needs=onnx, budgeted=True),
+        System("fxforge int8 → onnx (static batch)", fxforge_system(["int8"], "onnx", static_batch=True), needs=onnx,
+               budgeted=True),
+        System("fxforge int8_dynamic → onnx", fxforge_system(["int8_dynamic"], "onnx"), needs=onnx, budgeted=True),
         System(f"fxforge {compress} → onnx", fxforge_system([compress], "onnx"), needs=onnx),
-        System(f"fxforge {compress}+int8 → onnx", fxforge_system([compress, "int8"], "onnx"), needs=onnx),
+        System(f"fxforge {compress}+int8 → onnx", fxforge_system([compress, "int8"], "onnx"), needs=onnx,
+               budgeted=True),
     ]
 
 
@@ -306,9 +310,11 @@ def _error_row(model_name: str, batch: int, system: System, e: BaseException) ->
 
 def build_all(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
               progress: Callable[[str], None] = print, held_out: list | None = None,
-              rotate: int = 0) -> tuple[dict[str, Built], dict[str, Row]]:
+              rotate: int = 0, validation: list | None = None) -> tuple[dict[str, Built], dict[str, Row]]:
     """Build every system, starting at ``systems[rotate % n]``; a system that fails gets a row saying why
-    instead of stopping the benchmark. ``held_out`` batches (shaped like ``example``) give quality columns."""
+    instead of stopping the benchmark. ``held_out`` batches (shaped like ``example``) give quality columns;
+    ``validation`` batches (disjoint from calibration and held-out data) go to the budgeted systems' accuracy
+    budgets, which otherwise hold out a quarter of the calibration batches."""
     batch = example[0].shape[0]
     built: dict[str, Built] = {}
     rows: dict[str, Row] = {}
@@ -320,7 +326,8 @@ def build_all(model_name: str, model: torch.nn.Module, example: tuple, calib: li
             if reason:
                 raise FxforgeError(reason)
             with torch.no_grad():
-                built[system.name] = system.build(model, example, calib)
+                more = {"validation": validation} if validation and system.budgeted else {}
+                built[system.name] = system.build(model, example, calib, **more)
             rows[system.name] = Row(model_name, batch, system.name, system.peer)
         except Exception as e:  # noqa: BLE001 (any failure of a third-party system is reported in its row)
             rows[system.name] = _error_row(model_name, batch, system, e)
@@ -350,19 +357,20 @@ SELF_CHECK = "ort fp32 (built last: self-check)"
 def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
                 rounds: int = 7, sample_ms: float = 150.0, progress: Callable[[str], None] = print,
                 held_out: list | None = None, rotate: int = 0, self_check: bool = False,
-                rebuild: bool = True) -> list[Row]:
+                rebuild: bool = True, validation: list | None = None) -> list[Row]:
     """Build every system for one model and batch, then time them interleaved; one Row per system (and, with
     ``self_check`` and an ORT fp32 peer among them, a second ORT fp32 built last). ``rebuild`` times every ORT
     session on a fresh copy built just before each sample (False: on the sessions as built, in build order)."""
     systems = list(systems)
     if self_check and any(s.name == "ort fp32" for s in systems):
         systems.append(System(SELF_CHECK, _ort_fp32, needs=("onnxruntime", "onnxscript")))
-        built, rows = build_all(model_name, model, example, calib, systems[:-1], progress, held_out, rotate)
+        built, rows = build_all(model_name, model, example, calib, systems[:-1], progress, held_out, rotate,
+                                validation)
         more, more_rows = build_all(model_name, model, example, calib, systems[-1:], progress, held_out)
         built.update(more)
         rows.update(more_rows)
     else:
-        built, rows = build_all(model_name, model, example, calib, systems, progress, held_out, rotate)
+        built, rows = build_all(model_name, model, example, calib, systems, progress, held_out, rotate, validation)
     time_interleaved(example, built, rows, rounds, sample_ms, rebuild)
     fill_figures([rows[s.name] for s in systems], built)
     return [rows[s.name] for s in systems]

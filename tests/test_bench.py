@@ -161,3 +161,34 @@ def test_benchmark_plots_are_redrawn_from_a_results_json_without_timing(tmp_path
     assert "wrote" in done.stdout and "self-check" not in done.stdout  # nothing was timed
     for name in ("latency_vs_error.png", "speedup.png"):
         assert (tmp_path / name).stat().st_size > 5000
+
+
+def test_validation_reaches_only_the_budgeted_systems_and_their_budget():
+    """build_all hands ``validation`` to systems marked budgeted (fxforge's int8 rows), whose accuracy budget then
+    measures on it instead of holding out calibration batches; the other systems are built as before."""
+    model, example = ZOO["convbnrelu"]()
+    calib = [(torch.randn_like(example[0]),) for _ in range(4)]
+    validation = [(torch.randn_like(example[0]),) for _ in range(2)]
+    seen = {}
+
+    def spy(name):
+        def build(model, example, calib, **more):
+            seen[name] = more
+            return PEERS[0].build(model, example, calib)
+        return build
+
+    systems = [System("plain", spy("plain")), System("budgeted", spy("budgeted"), budgeted=True)]
+    build_all("convbnrelu", model, example, calib, systems, progress=lambda s: None, validation=validation)
+    assert seen == {"plain": {}, "budgeted": {"validation": validation}}
+    assert {s.name for s in fxforge_systems() if s.budgeted} == {
+        "fxforge int8 → onnx", "fxforge int8 → onnx (static batch)", "fxforge int8_dynamic → onnx",
+        "fxforge compress+int8 → onnx"}
+    import fxforge
+    captured = {}
+    real = fxforge.compile
+    try:
+        fxforge.compile = lambda *a, **k: captured.update(k) or real(*a, **k)
+        fxforge_system(["int8"], "eager")(model, example, calib, validation=validation)
+    finally:
+        fxforge.compile = real
+    assert captured["validation"] is validation and captured["calibration"] is calib

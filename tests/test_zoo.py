@@ -28,10 +28,14 @@ def test_photo_split_takes_calibration_and_held_out_views_from_disjoint_halves(m
     for p in marked:
         p[:, :, p.shape[2] // 2:] = 100.0
     monkeypatch.setattr(zoo, "_photos", lambda: marked)
-    split = zoo.photo_split(calibration=16, held_out=16, batch=4)
+    split = zoo.photo_split(calibration=16, held_out=16, batch=4, validation=8)
     assert len(split.calibration) == 4 and split.calibration[0][0].shape == (4, 3, 224, 224)
     assert all(float(x.max()) < 10 for (x,) in split.calibration)
     assert all(float(x.min()) > 10 for (x,) in split.held_out)
+    assert len(split.validation) == 2 and all(float(x.max()) < 10 for (x,) in split.validation)  # never held-out pixels
+    views = lambda batches: {tuple(v.flatten()[:64].tolist()) for (x,) in batches for v in x}  # noqa: E731
+    assert not views(split.validation) & views(split.calibration)  # other crops than the calibration views
+    assert zoo.photo_split(calibration=4, held_out=4).validation == []
 
 
 def test_sentences_are_many_distinct_and_split_without_overlap():

@@ -4,6 +4,9 @@
     Q(relu(y)), z = q_min          →  Q(y)            clamp(round(y/s) + q_min, q_min, ·) already drops y < 0
     Q(hardtanh(y, 0, h)), z = q_min, Q(h) = q_max
                                    →  Q(y)            the clamp to [0, h] is the quantizer's own clamp
+    Q(clamp(y, 0, h_c)), z = q_min, Q(min_c h_c) = q_max
+                                   →  Q(y)            a per-channel ceiling (equalize's rescaled relu6), all above
+                                                      the grid's top
     DQ₂(Q₂(DQ₁(q))), grid 2 holds every value of grid 1
                                    →  DQ₁(q)          a redundant round trip (equal parameters, a finer or wider grid)
     Q₂(DQ₁(q)), otherwise          →  T[q − q_min]    one requantization step: a table lookup (≤ 256 entries)
@@ -54,10 +57,16 @@ def _clamp_is_the_quantizers(q: fx.Node) -> bool:
     """The clamp feeding ``q`` gives the integers q's own clamp gives: its floor is the zero point at q_min
     and its ceiling (if any) quantizes to q_max."""
     act, grid = data(q), q_params(q)
-    if not is_op(act, *CLAMP):
+    if is_op(act, aten.clamp.Tensor):
+        bounds_ = [get_tensor(q.graph.owning_module, b) for b in act.args[1:3]]
+        if len(bounds_) != 2 or any(b is None for b in bounds_):
+            return False
+        lo, hi = float(bounds_[0].abs().max()), float(bounds_[1].min())
+    elif is_op(act, *CLAMP):
+        lo, hi = clamp_range(act)
+    else:
         return False
     qmin, qmax = bounds(grid.dtype)
-    lo, hi = clamp_range(act)
     return grid.zero_point == qmin and lo == 0 and (hi == float("inf") or quantize_scalar(hi, q) == qmax)
 
 
@@ -139,7 +148,7 @@ def _requantization(where: Callable[[fx.Node], bool]) -> Pattern:
 
 RULES = [
     Rule("weights_folded", op(*QUANTIZE, name="q", where=_constant_weight), fold_constant),
-    Rule("activations_folded", op(Q_PER_TENSOR, op(*CLAMP, name="act", sole_user=True), name="q",
+    Rule("activations_folded", op(Q_PER_TENSOR, op(*CLAMP, aten.clamp.Tensor, name="act", sole_user=True), name="q",
                                   where=_clamp_is_the_quantizers), fold_clamp),
     Rule("requantizations_removed", _requantization(_round_trip), drop_round_trip),
     Rule("requantizations_merged", _requantization(lambda q: requantization_table(q) is not None),

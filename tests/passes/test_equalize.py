@@ -115,3 +115,45 @@ def test_zoo_after_fuse_is_exact(name):
     assert count(gm, "conv2d") == count(apply(model, example, ["fuse"])[0], "conv2d")
     assert report.row("equalize").max_rel_err < 1e-4
     assert error_vs_eager(gm, model, flat).max_rel < 1e-4
+
+
+def test_relu6_pair_with_rescaled_clip_before_expected():
+    """clip="rescale": hardtanh(y, 0, 6) between the layers becomes clamp(y', 0, 6/s) per channel: exact."""
+    model = _spread(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Conv2d(4, 5, 3)))
+    w_a, w_b = model[0].weight.detach().double(), model[2].weight.detach().double()
+    s = (w_a.abs().flatten(1).amax(1) / w_b.abs().transpose(0, 1).flatten(1).amax(1)).sqrt()
+    x = 4 * torch.randn(2, 3, 9, 9)  # large enough that the clip at 6 is hit
+    gm, report, flat = apply(model, (x,), ["equalize{clip='rescale'}"])
+    assert [n.target.overloadpacket.__name__ for n in gm.graph.nodes if n.op == "call_function"] == \
+        ["conv2d", "clamp", "conv2d"]
+    clamp = next(n for n in gm.graph.nodes if n.op == "call_function" and "clamp" in str(n.target))
+    floor, ceiling = get_tensor(gm, clamp.args[1]), get_tensor(gm, clamp.args[2])
+    torch.testing.assert_close(ceiling.double().flatten(), 6 / s, rtol=1e-6, atol=0)
+    assert ceiling.shape == (4, 1, 1) and not floor.any()
+    assert report.row("equalize").stats == {"clips_rescaled": 1, "pairs": 1, "sweeps": 2, "depthwise_pairs": 0}
+    assert (model[1](model[0](x)) == 6).any()
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+    for seed in range(3):
+        fresh = 4 * torch.randn(3, 3, 9, 9, generator=torch.Generator().manual_seed(seed))
+        out = gm(fresh)
+        torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, model(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_relu6_chain_with_rescaled_clips_is_exact():
+    """A MobileNetV2 block (expand → relu6 → depthwise → relu6 → project): both clips carry the product of their
+    channels' scales over the sweeps."""
+    model = _spread(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                  nn.ReLU6(), nn.Conv2d(8, 6, 1)))
+    gm, report, flat = apply(model, (4 * torch.randn(2, 3, 8, 8),), ["equalize{clip='rescale'}"])
+    stats = report.row("equalize").stats
+    assert stats["pairs"] == 2 and stats["clips_rescaled"] == 2
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+
+
+def test_insert_qdq_quantizes_the_rescaled_clip_output():
+    """The tensor an int8 kernel emits is the per-channel clamp's output: its Q/DQ pair goes after the clamp."""
+    model = _spread(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU6(), nn.Conv2d(4, 4, 1)))
+    gm, _, _ = apply(model, (torch.randn(2, 3, 6, 6),), ["equalize{clip='rescale'}", "insert_qdq"])
+    clamp = next(n for n in gm.graph.nodes if n.op == "call_function" and "clamp" in str(n.target))
+    assert [u.target.__name__ for u in clamp.users] == ["quantize_per_tensor.default"]
+    assert "quantize_per_tensor" not in str(clamp.args[0].target)

@@ -212,3 +212,32 @@ def test_clamp_stays_when_the_zero_point_is_not_the_minimum():
     gm = traced(_ClampThenQdq(torch.relu, 0.05, 10), x)
     assert FoldQdq().run(gm, PassContext((x,))).stats["activations_folded"] == 0
     assert_same_graph(gm, traced(_ClampThenQdq(torch.relu, 0.05, 10), x))
+
+
+class _ChannelCeiling(nn.Module):
+    """clamp(x, 0, h_c) with a per-channel ceiling (what equalize{clip='rescale'} makes of a relu6)."""
+
+    def __init__(self, ceilings):
+        super().__init__()
+        self.register_buffer("floor", torch.zeros(len(ceilings)))
+        self.register_buffer("ceiling", torch.tensor(ceilings))
+
+    def forward(self, x):
+        return torch.clamp(x, self.floor, self.ceiling)
+
+
+@pytest.mark.parametrize("ceilings, folds", [([6.0, 7.5, 9.0, 12.0], True), ([6.0, 3.0, 9.0, 12.0], False)],
+                         ids=["all-above-the-grid", "one-below"])
+def test_per_channel_ceiling_folds_only_when_every_channel_is_above_the_grid(ceilings, folds):
+    """Q(clamp(y, 0, h_c)) → Q(y) when z = q_min and Q(min_c h_c) = q_max (grid top 6 here); a channel whose
+    ceiling lies inside the grid keeps the clamp."""
+    from graphs import assert_same_graph, traced
+
+    x = torch.randn(3, 4) * 8
+    make = lambda: _ClampThenQdq(_ChannelCeiling(ceilings), 6 / 255, 0)
+    gm = traced(make(), x)
+    assert FoldQdq().run(gm, PassContext((x,))).stats["activations_folded"] == int(folds)
+    assert_same_graph(gm, traced(_ClampThenQdq(nn.Identity(), 6 / 255, 0), x) if folds else traced(make(), x))
+    for seed in range(3):
+        fresh = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)) * 8
+        assert torch.equal(gm(fresh)[0], make()(fresh))

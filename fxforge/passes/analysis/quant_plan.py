@@ -77,7 +77,8 @@ def plan_static(gm: fx.GraphModule, is_float: Callable[[Any], bool], refusal: Ca
 
 
 def chain_end(node: fx.Node) -> fx.Node:
-    """``node``, or the relu/relu6 that is its only reader (the tensor an int8 kernel would emit)."""
-    while len(node.users) == 1 and is_op(next(iter(node.users)), *CLAMP):
+    """``node``, or the relu/relu6/clamp that is its only reader (the tensor an int8 kernel would emit; a clamp
+    with per-channel bounds is what equalize makes of a relu6)."""
+    while len(node.users) == 1 and is_op(next(iter(node.users)), *CLAMP, aten.clamp.Tensor):
         node = next(iter(node.users))
     return node
