@@ -551,14 +551,13 @@ def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
     plt.close(fig)
 
     shown = [s for s in systems if s != "eager"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(cases) * max(1, len(shown)) / 3), 4.2))
-    width = 0.8 / max(1, len(shown))
-    for i, system in enumerate(shown):
-        for j, case in enumerate(cases):
-            r = next((r for r in rows if (r.model, r.batch, r.system) == (*case, system)), None)
-            if r is None:
-                continue
-            x = j + i * width
+    most = max([1, *(len([r for r in rows if (r.model, r.batch) == c and r.system in shown]) for c in cases)])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(cases) * most / 3), 4.2))
+    width = 0.8 / most
+    for j, case in enumerate(cases):  # each case's own systems side by side, centred on its tick (no gaps)
+        here = [r for s in shown for r in rows if (r.model, r.batch, r.system) == (*case, s)]
+        for i, r in enumerate(here):
+            system, x = r.system, j + (i - (len(here) - 1) / 2) * width
             if r.error or not r.vs_eager:
                 ax.bar([x], [0.05], width, color="none", edgecolor="red", hatch="xx")
                 ax.text(x, 0.1, "failed", rotation=90, fontsize=7, color="red", ha="center", va="bottom")
@@ -566,7 +565,7 @@ def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
                 ax.bar([x], [r.vs_eager], width, color=colour[system])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_title(caption, fontsize=8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"{m} b{b}" for m, b in cases], fontsize=8)
+    ax.set_xticks(range(len(cases)), [f"{m} b{b}" for m, b in cases], fontsize=8)
     ax.set(ylabel="speedup over eager PyTorch (median)", xlabel="model, batch size")
     _legend(fig, shown, colour, rows, bars=True)
     fig.savefig(paths[1], dpi=110)
