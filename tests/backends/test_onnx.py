@@ -249,13 +249,19 @@ def _ort_optimized(cm, directory):
     return onnx.load(path)
 
 
-@pytest.fixture(scope="module")
-def tiny_int8():
+def _static_int8(make: type, shape: tuple[int, ...]) -> tuple:
+    """A seeded model of class ``make``, an input of ``shape``, and its STATIC_INT8 compile on onnx (4 random
+    calibration batches of that shape)."""
     torch.manual_seed(0)
-    model, x = TinyMobileNet().eval(), torch.randn(2, 3, 32, 32)
-    calibration = [(torch.randn(2, 3, 32, 32),) for _ in range(4)]
+    model, x = make().eval(), torch.randn(shape)
+    calibration = [(torch.randn(shape),) for _ in range(4)]
     return model, x, fxforge.compile(model, (x,), passes=STATIC_INT8, backend="onnx", calibration=calibration,
                                      measure_latency=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_int8():
+    return _static_int8(TinyMobileNet, (2, 3, 32, 32))
 
 
 def test_int8_cnn_runs_without_float_islands_on_ort(tiny_int8, tmp_path):
@@ -303,11 +309,7 @@ class TinyEfficientNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_efficientnet_int8():
-    torch.manual_seed(0)
-    model, x = TinyEfficientNet().eval(), torch.randn(2, 8, 16, 16)
-    calibration = [(torch.randn(2, 8, 16, 16),) for _ in range(4)]
-    return model, x, fxforge.compile(model, (x,), passes=STATIC_INT8, backend="onnx", calibration=calibration,
-                                     measure_latency=False)
+    return _static_int8(TinyEfficientNet, (2, 8, 16, 16))
 
 
 def test_silu_and_squeeze_excitation_run_in_int8_on_ort(tiny_efficientnet_int8, tmp_path):
