@@ -10,12 +10,14 @@ worst of them plus the spread between the best and the worst.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from . import dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from .errors import FxforgeError, VerificationError, first_line
@@ -206,7 +208,6 @@ def diverging_output(gm: fx.GraphModule, out: Sequence[Any], before: Sequence[An
 
 def clone_inputs(args: Any) -> Any:
     """A copy of every tensor in ``args`` (a pytree): what a model that writes into its input may overwrite."""
-    import torch.utils._pytree as pytree
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args)
 
 
@@ -233,14 +234,12 @@ class ModelRuns:
 
     def run(self, inputs: tuple) -> Any:
         """The model's output on ``inputs``, computed anew."""
-        import copy
         self.count += 1
         with torch.no_grad():
             return copy.deepcopy(self.model)(*clone_inputs(inputs))
 
     def outputs(self, key: Any, inputs: tuple) -> list[Any]:
         """The model's flat outputs on ``inputs``, named ``key`` ("example", or the seed of fresh inputs)."""
-        import torch.utils._pytree as pytree
         if key not in self.cached:
             self.cached[key] = self.run(inputs)
         return pytree.tree_leaves(self.cached[key])
@@ -258,7 +257,6 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     pipeline must also match the model itself to the exact tolerance, which catches a capture that took another
     branch than the model takes at these shapes. The bounds check the worst measured error, not the stated bound.
     """
-    import torch.utils._pytree as pytree
 
     flat, spec = pytree.tree_flatten(example)
     fresh = [fresh_inputs(flat, BACKEND_SEED)] if exact else bound_inputs(flat, BACKEND_SEED)

@@ -57,10 +57,6 @@ class Equalize(Pass):
     tolerance: float = 1e-3  # stop when max_i |log s_i| of a sweep is below this
     clip: Literal["rescale", "skip"] = "skip"  # pairs joined by hardtanh(·, 0, h): leave them, or rescale the clip
 
-    def __post_init__(self) -> None:
-        if self.clip not in ("rescale", "skip"):
-            raise ValueError(f"clip must be 'rescale' or 'skip', got {self.clip!r}")
-
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
         pairs, clips = [], {}
