@@ -7,7 +7,7 @@ First the trained zoo (fxforge/zoo.py), quality beside speed: ImageNet MobileNet
 the wide digits CNN on held-out digits (batch 64); every row, peers included, gets top-1 agreement and min/mean
 cosine against eager on data its calibration never saw. Then (not in ``--quick``) the random-init zoo at batch 1 and 8.
 Writes DIR/<machine>.md (the tables and the self-check lines), DIR/<machine>.json, DIR/latency_vs_error.png
-and DIR/speedup.png. ``--quick`` (the trained table, its main systems, 3 rounds) takes minutes on 2 cores.
+and DIR/speedup.png. ``--quick`` (the trained table, its main systems, 7 rounds) takes minutes on 2 cores.
 Method: docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -180,7 +180,7 @@ def stored_tuning_db(target: str = "x86") -> Path:
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the trained table only, its main systems, 3 rounds")
+    p.add_argument("--quick", action="store_true", help="the trained table only, its main systems, 7 rounds")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--models", type=lambda s: s.split(","),
                    help=f"comma-separated, from {', '.join([*TRAINED, *MODELS])}")
@@ -195,7 +195,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.models = args.models or ([m for m in TRAINED if m not in SLOW_TRAINED] if args.quick else [*TRAINED, *MODELS])
     args.batches = args.batches or [1, 8]
-    args.rounds = args.rounds or (3 if args.quick else 7)
+    args.rounds = args.rounds or (7 if args.quick else 11)
     unknown = [m for m in args.models if m not in MODELS and m not in TRAINED]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join([*TRAINED, *MODELS])}")

@@ -7,10 +7,11 @@ system's spinning thread pool never runs into the next one's sample. Every ONNX 
 or fxforge's, gets the same options (:func:`ort_options`: level "all", PyTorch's thread count), and is built
 anew before each of its samples (``rebuild``), so no system is timed on a session built earlier or later than
 another's. Each sample is the mean of enough calls to last ``sample_ms``; a row reports the median sample with
-min–max over rounds, its ratio to eager PyTorch and to the best peer, size, FLOPs, achieved GFLOP/s against the CPU's
-measured peak, the error against eager on fresh random inputs and, given held-out data, quality on it
-(top-1 agreement, min and mean cosine vs eager). With ``self_check``, ORT fp32 is built a second time,
-last: the identical graph must time within noise, or :func:`self_check` says the run is noisy.
+min–max over rounds, its ratio to eager PyTorch and to the best peer (the median of the per-round ratios, with
+their 90 % interval: load drifting between rounds cancels in a ratio of two samples of one round), size, FLOPs,
+achieved GFLOP/s against the CPU's measured peak, the error against eager on fresh random inputs and, given
+held-out data, quality on it (top-1 agreement, min and mean cosine vs eager). With ``self_check``, ORT fp32 is
+built a second time, last: the identical graph must time within noise, or :func:`self_check` says the run is noisy.
 ``benchmarks/run.py`` runs it on the trained and the random-init zoo; ``fxforge bench`` on a user's model.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fxforge.compiler.errors import FxforgeError
-from fxforge.compiler.timing import interleaved_latency
+from fxforge.compiler.timing import interleaved_latency, median_interval, paired_ratios
 from fxforge.compiler.verify import compare, fresh_inputs
 
 Runner = Callable[[Sequence[torch.Tensor]], Any]
@@ -72,6 +73,7 @@ class Row:
     max_ms: float | None = None
     vs_eager: float | None = None
     vs_best_peer: float | None = None
+    vs_best_peer_interval: tuple[float, float] | None = None  # 90 % interval of the per-round ratios' median
     params: int | None = None
     bytes: int | None = None
     flops: int | None = None
@@ -84,6 +86,7 @@ class Row:
     top1: float | None = None  # on held-out data, vs eager: classifier outputs
     cos_min: float | None = None  # on held-out data, per-sample cosine vs eager
     cos_mean: float | None = None
+    samples_ms: list[float] = field(default_factory=list)  # one per round, in round order (paired across rows)
 
 
 # ------------------------------------------------------------------------------------------------ systems
@@ -379,14 +382,16 @@ def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: 
 def self_check(rows: Sequence[Row], noise: float = 0.05, limit: float = 0.2) -> str | None:
     """Whether the identical ORT fp32 graph, built early and built last, timed within noise: a verdict line.
 
-    Noise is the larger of ``noise`` and the relative min–max spread of the two rows over rounds; a spread
-    over ``limit`` is itself a noisy run (no ratio under it can be resolved)."""
+    The gap is the median of the per-round ratios of the two rows' samples, minus 1; noise is the larger of
+    ``noise`` and the half-width of that median's 90 % interval. An interval wider than ±``limit`` is itself a
+    noisy run (no ratio under it can be resolved)."""
     a = next((r for r in rows if r.system == "ort fp32" and r.median_ms), None)
     b = next((r for r in rows if r.system == SELF_CHECK and r.median_ms), None)
     if a is None or b is None:
         return None
-    spread = max(noise, *((r.max_ms - r.min_ms) / r.median_ms for r in (a, b)))
-    gap = b.median_ms / a.median_ms - 1
+    ratio, low, high = median_interval(paired_ratios(b.samples_ms, a.samples_ms))
+    spread = max(noise, (high - low) / 2)
+    gap = ratio - 1
     verdict = "within noise" if abs(gap) <= spread <= limit else \
         "NOISY: the same graph timed apart; ratios in this table are unreliable" if abs(gap) > spread else \
         f"NOISY: rounds spread over ±{limit:.0%}; ratios in this table are unreliable"
@@ -425,13 +430,13 @@ def time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Ro
              for n, b in live.items() if rebuild and b.rebuild is not None}
     for name, times in interleaved_latency(runners, rounds, sample_ms, pause_s=PAUSE_S, rebuild=fresh).items():
         row = rows[name]
+        row.samples_ms = times
         row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)
 
 
 def fill_figures(rows: list[Row], built: dict[str, Built]) -> None:
     eager = next((r for r in rows if r.system == "eager" and r.median_ms), None)
-    peers = [r.median_ms for r in rows if r.peer and r.median_ms]
-    best_peer = min(peers) if peers else None
+    best_peer = min((r for r in rows if r.peer and r.median_ms), key=lambda r: r.median_ms, default=None)
     peak, _ = peak_gflops()
     eager_built = built.get("eager")
     for r in rows:
@@ -442,8 +447,10 @@ def fill_figures(rows: list[Row], built: dict[str, Built]) -> None:
             r.bytes = b.bytes if b.bytes is not None else (eager_built.bytes if eager_built else None)
             r.flops = b.flops
         if r.median_ms:
-            r.vs_eager = eager.median_ms / r.median_ms if eager else None
-            r.vs_best_peer = best_peer / r.median_ms if best_peer else None
+            r.vs_eager = median_interval(paired_ratios(eager.samples_ms, r.samples_ms))[0] if eager else None
+            if best_peer:
+                r.vs_best_peer, *interval = median_interval(paired_ratios(best_peer.samples_ms, r.samples_ms))
+                r.vs_best_peer_interval = tuple(interval)
     flops = next((r.flops for r in rows if r.flops), None)  # the traced model's FLOPs, for systems without
     for r in rows:
         r.flops = r.flops or flops
@@ -454,10 +461,10 @@ def fill_figures(rows: list[Row], built: dict[str, Built]) -> None:
 
 # ------------------------------------------------------------------------------------------------- output
 
-COLUMNS = ["model", "batch", "system", "median ms (min–max)", "× eager", "× best peer", "params", "size",
-           "GFLOPs", "GFLOP/s (% peak)", "max rel err", "cosine", "compile s"]
+COLUMNS = ["model", "batch", "system", "median ms (min–max)", "× eager", "× best peer (90 % interval)", "params",
+           "size", "GFLOPs", "GFLOP/s (% peak)", "max rel err", "cosine", "compile s"]
 QUALITY_COLUMNS = ["model", "batch", "system", "top-1 agreement", "min cosine", "mean cosine", "median ms (min–max)",
-                   "× eager", "× best peer", "size", "compile s"]
+                   "× eager", "× best peer (90 % interval)", "size", "compile s"]
 
 
 def markdown(rows: Sequence[Row]) -> str:
@@ -471,16 +478,24 @@ def markdown(rows: Sequence[Row]) -> str:
         elif quality:
             cells = [r.model, str(r.batch), r.system, _num(r.top1, "{:.1%}"), _num(r.cos_min, "{:.4f}"),
                      _num(r.cos_mean, "{:.4f}"), f"{r.median_ms:.2f} ({r.min_ms:.2f}–{r.max_ms:.2f})",
-                     _num(r.vs_eager, "{:.2f}×"), _num(r.vs_best_peer, "{:.2f}×"), _mb(r.bytes),
+                     _num(r.vs_eager, "{:.2f}×"), _ratio(r), _mb(r.bytes),
                      _num(r.compile_s, "{:.1f}")]
         else:
             cells = [r.model, str(r.batch), r.system, f"{r.median_ms:.2f} ({r.min_ms:.2f}–{r.max_ms:.2f})",
-                     _num(r.vs_eager, "{:.2f}×"), _num(r.vs_best_peer, "{:.2f}×"), _si(r.params), _mb(r.bytes),
+                     _num(r.vs_eager, "{:.2f}×"), _ratio(r), _si(r.params), _mb(r.bytes),
                      _num(r.flops and r.flops / 1e9, "{:.2f}"),
                      f"{r.gflops:.1f} ({r.peak_pct:.1f}%)" if r.gflops else "",
                      _num(r.max_rel_err, "{:.1e}"), _num(r.cosine, "{:.5f}"), _num(r.compile_s, "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(r: Row) -> str:
+    """The ratio to the best peer with its 90 % interval, e.g. ``1.21× (1.15–1.27)``."""
+    if r.vs_best_peer is None:
+        return ""
+    low, high = r.vs_best_peer_interval or (r.vs_best_peer, r.vs_best_peer)
+    return f"{r.vs_best_peer:.2f}× ({low:.2f}–{high:.2f})"
 
 
 def _num(v: float | None, fmt: str) -> str:

@@ -1,5 +1,6 @@
 """The benchmark harness: interleaved timing, figures, failures reported in their row, the CLI front end."""
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxforge.bench import (PEERS, SELF_CHECK, System, bench_model, build_all, fxforge_system, fxforge_systems,
+from fxforge.bench import (PEERS, SELF_CHECK, Row, System, bench_model, build_all, fxforge_system, fxforge_systems,
                            markdown, outputs, self_check)
 from fxforge.cli import main
 from models import ZOO
@@ -31,6 +32,8 @@ def test_rows_have_ratios_sizes_and_errors():
     assert broken.error == "RuntimeError: cannot build this one" and broken.median_ms is None
     table = markdown(rows)
     assert table.count("\n") == 4 and "failed: RuntimeError" in table and "× eager" in table
+    low, high = fx.vs_best_peer_interval  # the per-round ratios' median and its interval, in the table
+    assert low <= fx.vs_best_peer <= high and f"{fx.vs_best_peer:.2f}× ({low:.2f}–{high:.2f})" in table
 
 
 def test_held_out_data_gives_quality_columns_and_the_self_check_rebuilds_ort_fp32_last():
@@ -47,6 +50,23 @@ def test_held_out_data_gives_quality_columns_and_the_self_check_rebuilds_ort_fp3
     verdict = self_check(rows)
     assert verdict.startswith("self-check convbnrelu batch 2: ort fp32 built early")
     assert verdict.endswith("within noise") or "NOISY" in verdict
+
+
+def _pair(early: list[float], last: list[float]) -> list[Row]:
+    return [Row("m", 1, name, True, statistics.median(t), min(t), max(t), samples_ms=t)
+            for name, t in (("ort fp32", early), (SELF_CHECK, last))]
+
+
+@pytest.mark.parametrize("early, last, verdict", [
+    # load drifting between rounds (samples spread 2.5x) but the same in both rows' samples of a round
+    ([5.0, 8.0, 12.5, 5.2, 6.0, 9.0, 5.1], [5.1, 8.1, 12.4, 5.2, 6.1, 8.9, 5.0], "within noise"),
+    # the same graph 30 % slower in every round: a real gap
+    ([5.0, 5.1, 5.0, 5.2, 5.0, 5.1, 5.0], [6.5, 6.6, 6.5, 6.7, 6.5, 6.6, 6.5], "the same graph timed apart"),
+    # no pairing left: the per-round ratios themselves scatter over ±40 %
+    ([5.0, 7.0, 5.0, 7.0, 5.0, 7.0, 5.0], [7.0, 5.0, 7.0, 5.0, 7.0, 5.0, 5.0], "rounds spread over ±20%"),
+])
+def test_the_self_check_pairs_the_two_rows_round_by_round(early, last, verdict):
+    assert verdict in self_check(_pair(early, last))
 
 
 def test_every_ort_session_gets_the_same_options():

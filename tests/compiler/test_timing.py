@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from fxforge.compiler.timing import faster_threads, interleaved_latency, measure_latency, rotation
+from fxforge.compiler.timing import (faster_threads, interleaved_latency, measure_latency, median_interval,
+                                    paired_ratios, rotation)
 
 
 def test_interleaved_rounds_rotate_the_order_and_batch_calls_per_sample():
@@ -84,3 +85,19 @@ def test_faster_threads_probes_both_counts_keeps_the_faster_and_restores(slow_on
         assert len(seen) == 4 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n, low, high", [(3, 1, 3), (7, 1, 7), (9, 2, 8), (11, 3, 9), (21, 7, 15)])
+def test_the_median_interval_is_the_widest_order_statistics_pair_needed_for_90_percent(n, low, high):
+    # [x(k), x(n-k+1)] covers the median with probability 1 - 2 P(Bin(n, 1/2) <= k-1): n=9, k=2: 96 %; k=3: 82 %
+    values = [float(v) for v in range(n, 0, -1)]  # order does not matter
+    assert median_interval(values) == ((n + 1) / 2, low, high)
+
+
+def test_paired_ratios_cancel_load_that_drifts_between_rounds():
+    load = [1.0, 1.6, 0.9, 2.5, 1.1, 1.3, 1.0]  # a machine slowing and recovering between rounds
+    a = [10.0 * f for f in load]
+    b = [12.0 * f for f in load]  # b is 1.2x slower in every round
+    ratio, low, high = median_interval(paired_ratios(b, a))
+    assert ratio == pytest.approx(1.2) and high - low == pytest.approx(0)
+    assert max(a) / min(a) > 2.5  # each system's own samples spread over 2.7x
