@@ -14,11 +14,15 @@ Three steps, all checked against eager by the backend's artifact check:
    BERT's), the three GEMMs are packed into one of three times the width (:func:`pack_qkv`): fp32 attention becomes
    ORT's ``Attention`` (packed weight, projection inside the kernel), dynamic int8 one MatMulIntegerToFloat.
 2. **The rest of the block.** ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert",
-   opt_level=0)`` (its Python fusions only; the session applies ORT's graph optimizations afterwards) turns
-   MatMul → Add → Erf-GELU into ``BiasGelu``/``FastGelu`` and residual Add → LayerNormalization into
-   ``SkipLayerNormalization`` where it can; ORT's own level-"extended" pass fuses the SkipLayerNormalizations
-   it left. The embeddings keep a ``LayerNormalization``: fxforge folds the position embedding into a constant,
-   which ``EmbedLayerNormalization``'s pattern does not match.
+   opt_level=0)`` (its Python fusions only; the session applies ORT's graph optimizations afterwards) turns the
+   Erf-GELU into ORT's ``Gelu`` (tanh form: ``FastGelu``). For a GPU target it also fuses MatMul → Add → GELU into
+   ``BiasGelu`` and residual Add → LayerNormalization into ``SkipLayerNormalization``; on CPU (the session's only
+   provider) neither, and the session disables ORT's own ``SkipLayerNormFusion`` and ``BiasGeluFusion``
+   (:data:`CPU_SLOWER_FUSIONS`): ORT 1.32's CPU ``SkipLayerNormalization`` is a scalar per-row loop (a division per
+   element, sequential sums), measured 6× slower than ``Add`` + ``LayerNormalization`` on [1, 128, 384] (310–350
+   µs against 49–61 µs, 1 thread; also at 8 × 64 and 2 threads), and ``BiasGelu`` 1.3× slower than ``Add`` +
+   ``Gelu`` on [1, 128, 1536] (240 against 178–187 µs). The embeddings keep a ``LayerNormalization``: fxforge folds
+   the position embedding into a constant, which ``EmbedLayerNormalization``'s pattern does not match.
 
 3. **Dynamic int8 linears.** ``fxforge::dynamic_linear`` becomes ``QuantizeLinear`` (one per-row scale) →
    ``com.microsoft.MatMulIntegerToFloat`` → ``Mul`` by the row scale, so ORT runs its integer GEMM with the
@@ -50,6 +54,8 @@ from onnx.defs import OpSchema
 from fxforge.compiler import dynamic_quant
 
 FUSIONS = ("auto", "transformer", "none")
+# ORT graph optimizers whose fused CPU kernel is slower than the ops it replaces (module doc, step 2): off on CPU
+CPU_SLOWER_FUSIONS = ("SkipLayerNormFusion", "BiasGeluFusion")
 # ORT kernels that the transformer fusions produce, counted in the ORT-optimized graph (info["ort_transformer_ops"])
 TRANSFORMER_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
                    "LayerNormalization", "BiasGelu", "FastGelu", "Gelu", "GemmFastGelu")
@@ -139,7 +145,7 @@ def _dynamic_linear(x, weight, weight_scale, bias=None):
     q = op.QuantizeLinear(op.Reshape(x, op.Constant(value_ints=[-1, x.shape[-1]])), flat,
                           op.Expand(u128([1]), op.Shape(flat)), axis=0)
     mm = Op(Opset("com.microsoft", 1), "MatMulIntegerToFloat", MATMUL_INTEGER_TO_FLOAT_SCHEMA)
-    # x_q back in x's shape, so shapes stay known and the bias add still fuses (BiasGelu, SkipLayerNormalization)
+    # x_q back in x's shape, so shapes stay known and the bias add can still fuse (BiasGelu, SkipLayerNormalization)
     y = mm(op.Reshape(q, op.Shape(x)), op.Transpose(weight, perm=[1, 0]), op.Constant(value_float=1.0),
            weight_scale, u128([]))
     y = op.Mul(y, scale)  # the row scale last: the kernel's a_scale is per tensor or per column of x, not per row
@@ -149,13 +155,19 @@ def _dynamic_linear(x, weight, weight_scale, bias=None):
 TRANSLATIONS = {SDPA: _sdpa, torch.ops.fxforge.dynamic_linear.default: _dynamic_linear}
 
 
-def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+def optimize(model: onnx.ModelProto, cpu: bool = True) -> onnx.ModelProto:
     """``model`` with each attention's query, key and value projections packed into one GEMM (:func:`pack_qkv`,
     first: it reads ranks from ONNX shape inference, which knows no com.microsoft op), then after
-    onnxruntime.transformers' BERT fusions (Python fusions only, ``opt_level=0``)."""
+    onnxruntime.transformers' BERT fusions (Python fusions only, ``opt_level=0``); for ``cpu`` without the two
+    whose CPU kernels are slower (``SkipLayerNormalization``, ``BiasGelu``: module doc, step 2)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+    options = FusionOptions("bert")
+    if cpu:
+        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = options.enable_bias_gelu = False
     with _quiet():
-        return optimize_model(pack_qkv(model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).model
+        return optimize_model(pack_qkv(model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
+                              optimization_options=options).model
 
 
 def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
