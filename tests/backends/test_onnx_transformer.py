@@ -60,7 +60,10 @@ def test_bert_runs_ort_fused_transformer_kernels(encoder):
     info = cm.artifact.info
     assert info["fusions"] == "transformer"  # "auto" on a graph with attention
     ops = info["ort_transformer_ops"]  # from ORT's optimized graph (SessionOptions.optimized_model_filepath)
-    assert ops["Attention"] == LAYERS and "MultiHeadAttention" not in ops  # q, k, v projections packed inside
+    # a padding mask: q, k, v packed in one MatMul, keys cut after the batch's last visible one, MultiHeadAttention
+    assert ops["MultiHeadAttention"] == LAYERS and "Attention" not in ops
+    exported = _onnx_ops(cm)
+    assert exported["Split"] == LAYERS and exported["Slice"] == 2 * LAYERS + 1  # k and v per layer; the mask once
     assert ops["Gelu"] == LAYERS  # the Erf form fused; its bias Add apart (BiasGelu is slower on CPU)
     # after attention and after the FFN in each layer, and the embeddings' (EmbedLayerNormalization does not match)
     assert ops["LayerNormalization"] == 2 * LAYERS + 1
@@ -88,6 +91,18 @@ def test_fused_bert_matches_eager_with_padding(encoder):
     model, cm = encoder
     for seed in (1, 2):
         inputs = _tokens(3, seed)
+        with torch.no_grad():
+            assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
+
+
+def test_keys_masked_for_the_whole_batch_are_cut_exactly(encoder):
+    """Every sentence padded after token 5 (11 of 16 keys masked everywhere), one sentence with no visible token,
+    and a batch of one unpadded sentence: outputs match eager."""
+    model, cm = encoder
+    ids, mask = _tokens(3, 4)
+    mask[:, 5:] = 0
+    mask[1] = 0
+    for inputs in ((ids, mask), (ids[:1], torch.ones_like(mask[:1]))):
         with torch.no_grad():
             assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
 
@@ -136,10 +151,14 @@ def test_boolean_mask_with_a_fully_masked_row_gives_zeros_like_torch():
     cm = fxforge.compile(Attend(), (q, k, v, mask), backend="onnx", fusions="transformer")
     ops = _onnx_ops(cm)
     assert ops["MultiHeadAttention"] == 1 and "Softmax" not in ops
+    assert ops["Slice"] == 3  # key, value and bias cut after the last key a query sees
     out = cm(q, k, v, mask)
     with torch.no_grad():
         assert compare([out], [Attend()(q, k, v, mask)]).max_rel < 1e-5
     assert torch.equal(out[0, :, 1], torch.zeros(2, 8))
+    mask[:, :, :, 3:] = False  # the last two keys masked for every query: cut at run time
+    with torch.no_grad():
+        assert compare([cm(q, k, v, mask)], [Attend()(q, k, v, mask)]).max_rel < 1e-5
 
 
 class Project(nn.Module):
