@@ -22,9 +22,11 @@ float islands) in ``info["ort_float_ops"]``. Global average pooling (``aten.mean
 GlobalAveragePool, which ORT runs in int8 between Q/DQ (QLinearGlobalAveragePool).
 
 Option ``fusions`` ("auto", the default; "transformer"; "none"): with "transformer", attention lowers to ORT's
-``MultiHeadAttention`` and onnxruntime.transformers' optimizer fuses GELU and residual LayerNorms
-(backends/onnx_transformer.py); "auto" chooses it for graphs that hold an attention. The choice and the fused
-kernels ORT runs are recorded in ``info["fusions"]`` and ``info["ort_transformer_ops"]``.
+``MultiHeadAttention`` and onnxruntime.transformers' optimizer fuses GELU (on a GPU target also residual
+LayerNorms; on CPU the session disables ORT's slower SkipLayerNormalization and BiasGelu fusions, recorded in
+``info["ort_options"]["disabled_optimizers"]``; backends/onnx_transformer.py); "auto" chooses it for graphs that
+hold an attention. The choice and the fused kernels ORT runs are recorded in ``info["fusions"]`` and
+``info["ort_transformer_ops"]``.
 """
 from __future__ import annotations
 
