@@ -22,9 +22,11 @@ float islands) in ``info["ort_float_ops"]``. Global average pooling (``aten.mean
 GlobalAveragePool, which ORT runs in int8 between Q/DQ (QLinearGlobalAveragePool).
 
 Option ``fusions`` ("auto", the default; "transformer"; "none"): with "transformer", attention lowers to ORT's
-``MultiHeadAttention`` and onnxruntime.transformers' optimizer fuses GELU and residual LayerNorms
-(backends/onnx_transformer.py); "auto" chooses it for graphs that hold an attention. The choice and the fused
-kernels ORT runs are recorded in ``info["fusions"]`` and ``info["ort_transformer_ops"]``.
+``MultiHeadAttention`` and onnxruntime.transformers' optimizer fuses GELU (on a GPU target also residual
+LayerNorms; on CPU the session disables ORT's slower SkipLayerNormalization and BiasGelu fusions, recorded in
+``info["ort_options"]["disabled_optimizers"]``; backends/onnx_transformer.py); "auto" chooses it for graphs that
+hold an attention. The choice and the fused kernels ORT runs are recorded in ``info["fusions"]`` and
+``info["ort_transformer_ops"]``.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import re
 import tempfile
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -85,13 +87,16 @@ class SessionConfig:
     artifact), so ORT and eager PyTorch run on the same threads; 0 leaves ORT's own default (one per core).
     ``allow_spinning``: ORT's worker threads spin between ops (its default, the lowest latency on idle cores);
     False lets them sleep, which measured 1.15× faster for an int8 MobileNetV2 on 2 cores shared with other jobs
-    (docs/benchmarks.md).
+    (docs/benchmarks.md). ``disabled_optimizers``: names of ORT graph optimizers the session must not run
+    (``InferenceSession(disabled_optimizers=...)``); the transformer fusions add theirs on CPU
+    (:data:`onnx_transformer.CPU_SLOWER_FUSIONS`).
     """
 
     graph_optimization_level: str = "all"
     intra_op_num_threads: int = field(default_factory=lambda: torch.get_num_threads())
     inter_op_num_threads: int = 0
     allow_spinning: bool = True
+    disabled_optimizers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.graph_optimization_level not in LEVELS:
@@ -103,6 +108,14 @@ class SessionConfig:
                 raise BackendError(f"{name} must be an int >= 0 (0: ORT's default), got {value!r}")
         if not isinstance(self.allow_spinning, bool):
             raise BackendError(f"allow_spinning must be True or False, got {self.allow_spinning!r}")
+        names = self.disabled_optimizers
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise BackendError(f"disabled_optimizers must be a sequence of ORT optimizer names, got {names!r}")
+        object.__setattr__(self, "disabled_optimizers", tuple(names))  # a JSON list when read back from info
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as ``info["ort_options"]`` keeps them (JSON types: the optimizer names as a list)."""
+        return {**asdict(self), "disabled_optimizers": list(self.disabled_optimizers)}
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -155,7 +168,11 @@ class OnnxBackend(Backend):
         config = _session_config(options)
         model = export(gm, example_inputs, signature, opset, transformer=fusions == "transformer")
         if fusions == "transformer":
-            model = onnx_transformer.optimize(model)
+            cpu = providers(target) == ["CPUExecutionProvider"]
+            model = onnx_transformer.optimize(model, cpu=cpu)
+            if cpu:
+                config = replace(config, disabled_optimizers=tuple(dict.fromkeys(
+                    (*config.disabled_optimizers, *onnx_transformer.CPU_SLOWER_FUSIONS))))
         data = model.SerializeToString()
         with tempfile.TemporaryDirectory(prefix="fxforge-ort-") as tmp:
             session = create_session(data, target, config, Path(tmp) / "optimized.onnx")
@@ -170,7 +187,7 @@ class OnnxBackend(Backend):
         info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
                 **({"ort_missing_providers": missing} if missing else {}),
-                "ort_options": asdict(config), "fusion_groups": len(fusion_groups(gm)), "fusions": fusions,
+                "ort_options": config.recorded(), "fusion_groups": len(fusion_groups(gm)), "fusions": fusions,
                 **ort_kernels(optimized), "ort_transformer_ops": onnx_transformer.transformer_ops(optimized)}
         return OnnxArtifact(data, signature, target, info, session)
 
@@ -316,7 +333,8 @@ def create_session(model: bytes, target: Target, config: SessionConfig,
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     try:
-        return ort.InferenceSession(model, so, providers=providers(target))
+        return ort.InferenceSession(model, so, providers=providers(target),
+                                    disabled_optimizers=list(config.disabled_optimizers))
     except Exception as e:  # e.g. no kernel for an op at this dtype (bfloat16 Gemm on CPU)
         reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(e))
         raise BackendError(f"ONNX Runtime cannot run the exported model on {', '.join(providers(target))}: "

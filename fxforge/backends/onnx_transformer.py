@@ -9,16 +9,23 @@ Three steps, all checked against eager by the backend's artifact check:
    ``softmax(q·kᵀ·scale + bias)·v`` per head; the layout transposes cancel against the model's own in ORT's
    optimizer. A boolean mask m becomes the additive bias ``where(m, 0, float32.min)``; a query row with every key
    masked then gets uniform weights where torch returns zeros, so the output is multiplied by ``max_k m`` (1 where
-   any key is visible, else 0). Dropout, ``is_causal``, grouped-query heads, non-float32 or shapes with a symbolic
+   any key is visible, else 0). Keys that every query of the batch masks (a padded batch's tail) have weight exactly 0,
+   so key, value and bias are cut after the last visible key (:func:`_visible_keys`): ORT never computes their scores,
+   which its CPU softmax runs on a slow exp path (docs/quantization.md). Dropout, ``is_causal``, grouped-query heads, non-float32 or shapes with a symbolic
    head count keep the exporter's own translation. Where q, k and v are projections of one input (self-attention,
-   BERT's), the three GEMMs are packed into one of three times the width (:func:`pack_qkv`): fp32 attention becomes
-   ORT's ``Attention`` (packed weight, projection inside the kernel), dynamic int8 one MatMulIntegerToFloat.
+   BERT's), the three GEMMs are packed into one of three times the width (:func:`pack_qkv`): fp32 attention without
+   a cut becomes ORT's ``Attention`` (packed weight, projection inside the kernel), with one a packed MatMul, dynamic
+   int8 one MatMulIntegerToFloat, each split into q, k, v for MultiHeadAttention.
 2. **The rest of the block.** ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert",
-   opt_level=0)`` (its Python fusions only; the session applies ORT's graph optimizations afterwards) turns
-   MatMul → Add → Erf-GELU into ``BiasGelu``/``FastGelu`` and residual Add → LayerNormalization into
-   ``SkipLayerNormalization`` where it can; ORT's own level-"extended" pass fuses the SkipLayerNormalizations
-   it left. The embeddings keep a ``LayerNormalization``: fxforge folds the position embedding into a constant,
-   which ``EmbedLayerNormalization``'s pattern does not match.
+   opt_level=0)`` (its Python fusions only; the session applies ORT's graph optimizations afterwards) turns the
+   Erf-GELU into ORT's ``Gelu`` (tanh form: ``FastGelu``). For a GPU target it also fuses MatMul → Add → GELU into
+   ``BiasGelu`` and residual Add → LayerNormalization into ``SkipLayerNormalization``; on CPU (the session's only
+   provider) neither, and the session disables ORT's own ``SkipLayerNormFusion`` and ``BiasGeluFusion``
+   (:data:`CPU_SLOWER_FUSIONS`): ORT 1.32's CPU ``SkipLayerNormalization`` is a scalar per-row loop (a division per
+   element, sequential sums), measured 6× slower than ``Add`` + ``LayerNormalization`` on [1, 128, 384] (310–350
+   µs against 49–61 µs, 1 thread; also at 8 × 64 and 2 threads), and ``BiasGelu`` 1.3× slower than ``Add`` +
+   ``Gelu`` on [1, 128, 1536] (240 against 178–187 µs). The embeddings keep a ``LayerNormalization``: fxforge folds
+   the position embedding into a constant, which ``EmbedLayerNormalization``'s pattern does not match.
 
 3. **Dynamic int8 linears.** ``fxforge::dynamic_linear`` becomes ``QuantizeLinear`` (one per-row scale) →
    ``com.microsoft.MatMulIntegerToFloat`` → ``Mul`` by the row scale, so ORT runs its integer GEMM with the
@@ -50,6 +57,8 @@ from onnx.defs import OpSchema
 from fxforge.compiler import dynamic_quant
 
 FUSIONS = ("auto", "transformer", "none")
+# ORT graph optimizers whose fused CPU kernel is slower than the ops it replaces (module doc, step 2): off on CPU
+CPU_SLOWER_FUSIONS = ("SkipLayerNormFusion", "BiasGeluFusion")
 # ORT kernels that the transformer fusions produce, counted in the ORT-optimized graph (info["ort_transformer_ops"])
 TRANSFORMER_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
                    "LayerNormalization", "BiasGelu", "FastGelu", "Gelu", "GemmFastGelu")
@@ -108,12 +117,31 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     boolean = attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL
     bias = op.Where(attn_mask, op.Constant(value_float=0.0),
                     op.Constant(value_float=float(torch.finfo(torch.float32).min))) if boolean else attn_mask
+    if boolean and attn_mask.shape is not None and attn_mask.shape[-1] != 1:  # a mask per key
+        k, v, bias = _visible_keys(attn_mask, k, v, bias)
     out = mha(q, k, v, None, None, bias, num_heads=heads, scale=1.0 / math.sqrt(head) if scale is None else scale)
     out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head])), perm=[0, 2, 1, 3])
     if boolean:  # rows with no visible key: zeros, as torch computes them
         out = op.Mul(out, op.ReduceMax(op.Cast(attn_mask, to=ir.DataType.FLOAT), op.Constant(value_ints=[-1]),
                                        keepdims=1))
     return out
+
+
+def _visible_keys(mask, k, v, bias):
+    """k, v [B, S_k, N·H] and the additive bias [..., S_k] cut after the last key that some query of the batch sees:
+    every later key has weight exactly 0 in every row (exp of float32.min), so the result is the same, and the
+    masked scores, MLAS's slow exp path, are never computed (padded batches: docs/quantization.md)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    seen = op.ReduceMax(op.Cast(mask, to=ir.DataType.FLOAT), op.Constant(value_ints=list(range(len(mask.shape) - 1))),
+                        keepdims=0)  # [S_k]: 1 where some query sees the key
+    position = op.CumSum(op.Expand(op.Constant(value_float=1.0), op.Shape(seen)), op.Constant(value_int=0))  # 1..S_k
+    end = op.Cast(op.Max(op.ReduceMax(op.Mul(seen, position), keepdims=1), op.Constant(value_floats=[1.0])),
+                  to=ir.DataType.INT64)  # [1], at least one key
+    start = op.Constant(value_ints=[0])
+    cut = lambda t, axis: op.Slice(t, start, end, op.Constant(value_ints=[axis]))  # noqa: E731
+    return cut(k, 1), cut(v, 1), cut(bias, -1)
 
 
 def _dynamic_linear(x, weight, weight_scale, bias=None):
@@ -139,7 +167,7 @@ def _dynamic_linear(x, weight, weight_scale, bias=None):
     q = op.QuantizeLinear(op.Reshape(x, op.Constant(value_ints=[-1, x.shape[-1]])), flat,
                           op.Expand(u128([1]), op.Shape(flat)), axis=0)
     mm = Op(Opset("com.microsoft", 1), "MatMulIntegerToFloat", MATMUL_INTEGER_TO_FLOAT_SCHEMA)
-    # x_q back in x's shape, so shapes stay known and the bias add still fuses (BiasGelu, SkipLayerNormalization)
+    # x_q back in x's shape, so shapes stay known and the bias add can still fuse (BiasGelu, SkipLayerNormalization)
     y = mm(op.Reshape(q, op.Shape(x)), op.Transpose(weight, perm=[1, 0]), op.Constant(value_float=1.0),
            weight_scale, u128([]))
     y = op.Mul(y, scale)  # the row scale last: the kernel's a_scale is per tensor or per column of x, not per row
@@ -149,13 +177,19 @@ def _dynamic_linear(x, weight, weight_scale, bias=None):
 TRANSLATIONS = {SDPA: _sdpa, torch.ops.fxforge.dynamic_linear.default: _dynamic_linear}
 
 
-def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+def optimize(model: onnx.ModelProto, cpu: bool = True) -> onnx.ModelProto:
     """``model`` with each attention's query, key and value projections packed into one GEMM (:func:`pack_qkv`,
     first: it reads ranks from ONNX shape inference, which knows no com.microsoft op), then after
-    onnxruntime.transformers' BERT fusions (Python fusions only, ``opt_level=0``)."""
+    onnxruntime.transformers' BERT fusions (Python fusions only, ``opt_level=0``); for ``cpu`` without the two
+    whose CPU kernels are slower (``SkipLayerNormalization``, ``BiasGelu``: module doc, step 2)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+    options = FusionOptions("bert")
+    if cpu:
+        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = options.enable_bias_gelu = False
     with _quiet():
-        return optimize_model(pack_qkv(model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).model
+        return optimize_model(pack_qkv(model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
+                              optimization_options=options).model
 
 
 def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -164,9 +198,11 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
 
     * fp32 (MatMul → Add): ``com.microsoft.Attention(x, W_qkv, b_qkv, attention_bias=…)``, ORT's kernel for
       BERT's self-attention, which runs the three projections as one GEMM of three times the width;
+    * fp32 with key and value cut by :func:`_visible_keys` (``Attention`` takes no shorter key): one MatMul on the
+      packed weight, a Split into q, k, v, the same Slice of k and v, and the packed bias given to
+      MultiHeadAttention (its ``bias`` input);
     * dynamic int8 (:func:`_dynamic_linear`: MatMulIntegerToFloat → Mul by the row scale → Add): one
-      MatMulIntegerToFloat on the concatenated int8 weights and column scales, one Mul, a Split into q, k, v, and
-      the packed bias given to MultiHeadAttention (its ``bias`` input).
+      MatMulIntegerToFloat on the concatenated int8 weights and column scales, one Mul, then as the cut fp32 form.
 
     Exact: concatenating the output columns of a GEMM changes no sum. Attentions of any other form (GPT-2's
     projection is already packed and split in the model) stay as they are."""
@@ -181,10 +217,13 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
              if v.type.tensor_type.HasField("shape")}
     replaced: dict[int, list[onnx.NodeProto]] = {}
     for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]:
-        projections = [_projection(name, producer, weights) for name in mha.input[:3]]
+        cuts = [_cut(name, producer) for name in mha.input[:3]]  # (source, Slice of :func:`_visible_keys` or None)
+        projections = [_projection(source, producer, weights) for source, _ in cuts]
         if (any(p is None for p in projections) or any(mha.input[3:5]) or len({p[:2] for p in projections}) != 1
-                or len({tuple(weights[p[2][0]].dims) for p in projections}) != 1):  # one input, equal widths
+                or len({tuple(weights[p[2][0]].dims) for p in projections}) != 1  # one input, equal widths
+                or cuts[0][1] is not None or len({tuple(c.input[1:]) if c else () for _, c in cuts[1:]}) != 1):
             continue
+        sliced = cuts[1][1]
         kind, inputs = projections[0][:2]
         if ranks.get(inputs[0] if kind == "MatMul" else inputs[0][0]) != 3:  # Attention takes x as [B, S, hidden]
             continue
@@ -194,21 +233,28 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
         w, b = packed(0, -1, "weight"), packed(-1, 0, "bias")
         bias = mha.input[5] if len(mha.input) > 5 else ""
         attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
-        if kind == "MatMul":
+        qkv = [f"{name}_{t}" for t in ("q", "k", "v")]
+        if kind == "MatMul" and sliced is None:
             graph.initializer.extend([w, b])
             new = [helper.make_node("Attention", [inputs[0], w.name, b.name, "", "", bias], list(mha.output),
                                     name=f"{name}_packed", domain="com.microsoft", **attrs)]
+        elif kind == "MatMul":  # keys cut: the packed GEMM outside, as Attention takes no shorter key/value
+            graph.initializer.extend([w, b])
+            new = [helper.make_node("MatMul", [inputs[0], w.name], [f"{name}_qkv"])]
         else:
             a, _, a_scale, _, zero = inputs[0]
             s = packed(1, 0, "weight_scale")
             graph.initializer.extend([w, s, b])
-            qkv = [f"{name}_{t}" for t in ("q", "k", "v")]
             new = [helper.make_node("MatMulIntegerToFloat", [a, w.name, a_scale, s.name, zero], [f"{name}_acc"],
                                     domain="com.microsoft"),
-                   helper.make_node("Mul", [f"{name}_acc", inputs[1]], [f"{name}_qkv"]),
-                   helper.make_node("Split", [f"{name}_qkv"], qkv, axis=-1, num_outputs=3),
-                   helper.make_node("MultiHeadAttention", [*qkv, b.name, "", bias], list(mha.output),
-                                    name=f"{name}_packed", domain="com.microsoft", **attrs)]
+                   helper.make_node("Mul", [f"{name}_acc", inputs[1]], [f"{name}_qkv"])]
+        if new[0].op_type != "Attention":
+            new.append(helper.make_node("Split", [f"{name}_qkv"], qkv, axis=-1, num_outputs=3))
+            if sliced is not None:  # the same cut of the packed key and value
+                new += [helper.make_node("Slice", [t, *sliced.input[1:]], [f"{t}_cut"]) for t in qkv[1:]]
+                qkv = [qkv[0], *(f"{t}_cut" for t in qkv[1:])]
+            new.append(helper.make_node("MultiHeadAttention", [*qkv, b.name, "", bias], list(mha.output),
+                                        name=f"{name}_packed", domain="com.microsoft", **attrs))
         replaced[id(mha)] = new
     if not replaced:
         return model
@@ -222,6 +268,13 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
         del field[:]
         field.extend(kept)
     return model
+
+
+def _cut(name: str, producer: dict) -> tuple[str, onnx.NodeProto | None]:
+    """(what ``name`` slices, the Slice) where ``name`` is a key/value cut by :func:`_visible_keys`, else (name,
+    None)."""
+    node = producer.get(name)
+    return (node.input[0], node) if node is not None and node.op_type == "Slice" else (name, None)
 
 
 def _projection(name: str, producer: dict, weights: dict) -> tuple | None:

@@ -414,3 +414,22 @@ def test_dynamic_linears_run_on_ort_integer_gemm():
     with torch.no_grad():
         assert compare([cm(*inputs)], [cm.graph_module(*inputs)[0]]).max_rel < 1e-4  # the same arithmetic
         assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.9999
+
+
+def test_disabled_optimizers_reach_the_session_and_survive_save_load(convbnrelu, tmp_path):
+    """ORT's three Conv+activation fusions disabled by name: the optimized graph keeps Conv, Add and Relu apart (2
+    fused kernels with them on, test above), and a loaded artifact's session is built the same way."""
+    unfused = ["ConvActivationFusion", "ConvAddActivationFusion", "NchwcTransformer"]
+    from fxforge.backends.onnx import SessionConfig
+    from fxforge.compiler.errors import BackendError
+    model, x, _ = convbnrelu
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="onnx", measure_latency=False,
+                         disabled_optimizers=unfused)
+    assert cm.artifact.info["ort_options"]["disabled_optimizers"] == unfused
+    assert cm.artifact.info["ort_fused_kernels"] == 0 and cm.artifact.info["ort_float_ops"]["Relu"] == 2
+    loaded = fxforge.load(cm.save(tmp_path / "unfused"))
+    assert loaded.info["ort_options"] == cm.artifact.info["ort_options"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(BackendError, match="disabled_optimizers must be a sequence of ORT optimizer names"):
+        SessionConfig(disabled_optimizers="ConvActivationFusion")

@@ -1,7 +1,7 @@
 """The onnx backend's transformer fusions: attention lowers to ORT's MultiHeadAttention (self-attention with its
-projections packed: Attention), GELU and residual LayerNorms to BiasGelu and SkipLayerNormalization (read back
-from ORT's optimized graph), outputs match eager, and what the fusion cannot express keeps the exporter's own
-translation."""
+projections packed: Attention), GELU to ORT's Gelu, and on CPU the residual Add → LayerNormalization and the GELU's
+bias Add stay unfused (ORT's SkipLayerNormalization and BiasGelu CPU kernels are slower; read back from ORT's
+optimized graph), outputs match eager, and what the fusion cannot express keeps the exporter's own translation."""
 from collections import Counter
 
 import onnx
@@ -40,6 +40,15 @@ def _onnx_ops(cm) -> Counter:
     return Counter(n.op_type for n in onnx.load_from_string(cm.artifact.model).graph.node)
 
 
+def _ort_ops(model: bytes, tmp_path, disabled: tuple[str, ...] = ()) -> Counter:
+    """Op types of ORT's optimized graph of ``model`` (level "all", CPU) with ``disabled`` optimizers off."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model, so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+    return Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+
+
 @pytest.fixture(scope="module")
 def encoder():
     model = _encoder()
@@ -51,17 +60,49 @@ def test_bert_runs_ort_fused_transformer_kernels(encoder):
     info = cm.artifact.info
     assert info["fusions"] == "transformer"  # "auto" on a graph with attention
     ops = info["ort_transformer_ops"]  # from ORT's optimized graph (SessionOptions.optimized_model_filepath)
-    assert ops["Attention"] == LAYERS and "MultiHeadAttention" not in ops  # q, k, v projections packed inside
-    assert ops["SkipLayerNormalization"] == 2 * LAYERS  # after attention and after the FFN, in each layer
-    assert ops.get("BiasGelu", 0) + ops.get("FastGelu", 0) == LAYERS
-    assert ops["LayerNormalization"] == 1  # the embeddings' (EmbedLayerNormalization does not match, see module)
+    # a padding mask: q, k, v packed in one MatMul, keys cut after the batch's last visible one, MultiHeadAttention
+    assert ops["MultiHeadAttention"] == LAYERS and "Attention" not in ops
+    exported = _onnx_ops(cm)
+    assert exported["Split"] == LAYERS and exported["Slice"] == 2 * LAYERS + 1  # k and v per layer; the mask once
+    assert ops["Gelu"] == LAYERS  # the Erf form fused; its bias Add apart (BiasGelu is slower on CPU)
+    # after attention and after the FFN in each layer, and the embeddings' (EmbedLayerNormalization does not match)
+    assert ops["LayerNormalization"] == 2 * LAYERS + 1
+    assert not {"SkipLayerNormalization", "BiasGelu"} & set(ops)
     assert "Softmax" not in _onnx_ops(cm)
+
+
+def test_cpu_session_keeps_ort_from_refusing_skip_layernorm_and_bias_gelu(encoder, tmp_path):
+    """The exported model still has the Add → LayerNormalization and Add → Gelu chains ORT's level-"extended"
+    optimizers fuse: a session without the artifact's disabled_optimizers fuses all of them (so the option, not the
+    graph's shape, keeps them apart), and a loaded artifact keeps the option."""
+    from fxforge.backends.onnx_transformer import CPU_SLOWER_FUSIONS
+    _, cm = encoder
+    assert cm.artifact.info["ort_options"]["disabled_optimizers"] == list(CPU_SLOWER_FUSIONS)
+    refused = _ort_ops(cm.artifact.model, tmp_path)
+    assert refused["SkipLayerNormalization"] == 2 * LAYERS and refused["BiasGelu"] == LAYERS
+    assert refused["LayerNormalization"] == 1
+    loaded = fxforge.load(cm.save(tmp_path / "bert"))
+    assert loaded.info["ort_options"]["disabled_optimizers"] == list(CPU_SLOWER_FUSIONS)
+    inputs = _tokens(3, 1)
+    torch.testing.assert_close(loaded(*inputs), cm(*inputs), rtol=0, atol=0)
 
 
 def test_fused_bert_matches_eager_with_padding(encoder):
     model, cm = encoder
     for seed in (1, 2):
         inputs = _tokens(3, seed)
+        with torch.no_grad():
+            assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
+
+
+def test_keys_masked_for_the_whole_batch_are_cut_exactly(encoder):
+    """Every sentence padded after token 5 (11 of 16 keys masked everywhere), one sentence with no visible token,
+    and a batch of one unpadded sentence: outputs match eager."""
+    model, cm = encoder
+    ids, mask = _tokens(3, 4)
+    mask[:, 5:] = 0
+    mask[1] = 0
+    for inputs in ((ids, mask), (ids[:1], torch.ones_like(mask[:1]))):
         with torch.no_grad():
             assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
 
@@ -110,10 +151,14 @@ def test_boolean_mask_with_a_fully_masked_row_gives_zeros_like_torch():
     cm = fxforge.compile(Attend(), (q, k, v, mask), backend="onnx", fusions="transformer")
     ops = _onnx_ops(cm)
     assert ops["MultiHeadAttention"] == 1 and "Softmax" not in ops
+    assert ops["Slice"] == 3  # key, value and bias cut after the last key a query sees
     out = cm(q, k, v, mask)
     with torch.no_grad():
         assert compare([out], [Attend()(q, k, v, mask)]).max_rel < 1e-5
     assert torch.equal(out[0, :, 1], torch.zeros(2, 8))
+    mask[:, :, :, 3:] = False  # the last two keys masked for every query: cut at run time
+    with torch.no_grad():
+        assert compare([cm(q, k, v, mask)], [Attend()(q, k, v, mask)]).max_rel < 1e-5
 
 
 class Project(nn.Module):
@@ -167,7 +212,7 @@ def test_causal_attention_keeps_the_exporters_translation():
 @pytest.mark.parametrize("fusions", ["auto", "none"])
 def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
     """With the fusions each dynamic linear is one QuantizeLinear and ORT's MatMulIntegerToFloat (no elementwise
-    quantization island, the bias still fused into BiasGelu), query, key and value in one packed
+    quantization island, the GELU still ORT's Gelu), query, key and value in one packed
     MatMulIntegerToFloat; without them plain ONNX on MatMulInteger."""
     model = _encoder()
     cm = fxforge.compile(model, _tokens(4, 0), passes=["fuse", "insert_qdq{activations='dynamic'}"], backend="onnx",
@@ -176,7 +221,7 @@ def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
     linears = 6 * LAYERS  # q, k, v, output, FFN in and out of each layer
     if fusions == "auto":  # read from ORT's optimized graph
         assert info["ort_transformer_ops"]["MultiHeadAttention"] == LAYERS
-        assert info["ort_transformer_ops"]["BiasGelu"] == LAYERS
+        assert info["ort_transformer_ops"]["Gelu"] == LAYERS
         assert info["ort_int8_ops"] == {"MatMulIntegerToFloat": linears - 2 * LAYERS}  # q, k, v packed
         # one per distinct input (q, k and v share theirs); no Round: no elementwise quantization
         assert exported["QuantizeLinear"] == 4 * LAYERS and not {"Round", "Abs"} & set(exported)
@@ -189,16 +234,17 @@ def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
         assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.999
 
 
-def test_int8_dynamic_keeps_skip_layernorm_fusion_in_every_layer():
+def test_int8_dynamic_keeps_every_residual_layernorm_a_fusable_chain(tmp_path):
     """smooth_quant smooths each post-norm LayerNorm in place (its residual reads y'·s), so every residual
-    add → LayerNorm stays ORT's SkipLayerNormalization in the int8 graph (a duplicated LayerNorm kept 1 of 4)."""
+    add → LayerNorm stays one chain: the CPU artifact runs them as Add + LayerNormalization, and ORT, let fuse,
+    makes each a SkipLayerNormalization (a duplicated LayerNorm kept 1 of 4)."""
     model = _encoder()
     cm = fxforge.compile(model, _tokens(4, 0), passes="int8_dynamic", backend="onnx", measure_latency=False,
                          calibration=[_tokens(4, s) for s in range(1, 4)])
     assert cm.report.row("smooth_quant").stats["rescaled"] == 2 * LAYERS
     ops = cm.artifact.info["ort_transformer_ops"]  # from ORT's optimized graph
-    assert ops["SkipLayerNormalization"] == 2 * LAYERS
-    assert ops["LayerNormalization"] == 1  # the embeddings'
+    assert ops["LayerNormalization"] == 2 * LAYERS + 1 and "SkipLayerNormalization" not in ops
+    assert _ort_ops(cm.artifact.model, tmp_path)["SkipLayerNormalization"] == 2 * LAYERS
     assert ops["MultiHeadAttention"] == LAYERS
     assert cm.artifact.info["ort_int8_ops"] == {"MatMulIntegerToFloat": 4 * LAYERS}  # q, k, v packed in one
     inputs = _tokens(3, 7)
