@@ -1,7 +1,9 @@
 """The ONNX backend: export the optimized graph to ONNX and run it with ONNX Runtime.
 
 Lowering: a copy of the GraphModule goes through ``torch.onnx.export(..., dynamo=True)`` with the batch
-dimension dynamic where the Signature says so, ``onnx.checker`` validates the model, and an ORT
+dimension dynamic where the Signature says so (without the exporter's re-decomposition where no op needs it, and its
+``optimize()`` replaced by a light clean-up outside the transformer path: both are most of a large model's export
+time, see :func:`_decomposing_only_when_needed` and :func:`_clean`), ``onnx.checker`` validates the model, and an ORT
 InferenceSession runs it on the target's execution providers (CPU; CUDA for ``target="cuda"`` when this
 onnxruntime has it). ``model.onnx`` in the artifact directory is plain, portable ONNX; ORT's graph
 optimizations are re-applied when a session is created.
@@ -223,20 +225,83 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     args, shapes = batch_dynamic(example_inputs, signature.batched())
     outputs = len(gm.graph.output_node().args[0])
     names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]  # not the last op's name
-    with _quiet():
+    copied = _global_pools_as_means(copy.deepcopy(gm)).eval()
+    with _quiet(), _decomposing_only_when_needed():
         try:
-            program = torch.onnx.export(copy.deepcopy(gm).eval(), args, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=shapes, verbose=False, optimize=True, report=False,
+            program = torch.onnx.export(copied, args, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=shapes, verbose=False, optimize=transformer, report=False,
                                         output_names=names, custom_translation_table={
                                             **TRANSLATIONS, **(onnx_transformer.TRANSLATIONS if transformer else {})})
         except Exception as e:
             raise lowering_error(e) from None
+        if not transformer:
+            _clean(program.model)
     model = program.model_proto
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise BackendError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
     return model
+
+
+def _global_pools_as_means(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with each ``adaptive_avg_pool2d(x, 1)`` as ``mean(x, [-2, -1], keepdim=True)``, in place: what the
+    exporter's decomposition makes of it (ONNX has no adaptive pooling), done here so that a CNN's graph needs no
+    decomposition at all (:func:`_decomposing_only_when_needed`); ``_mean_dim`` then lowers it to GlobalAveragePool."""
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.adaptive_avg_pool2d.default):
+        if list(node.args[1]) == [1, 1]:
+            node.target, node.args = torch.ops.aten.mean.dim, (node.args[0], [-2, -1], True)
+    gm.recompile()
+    return gm
+
+
+@contextlib.contextmanager
+def _decomposing_only_when_needed() -> Iterator[None]:
+    """Within it, torch.onnx's exporter re-decomposes its capture only when an op in it has no ONNX translation.
+
+    The exporter always runs ``ExportedProgram.run_decompositions`` with the decompositions of the ops it cannot
+    translate; that retraces every op with symbolic shapes even when there is nothing to decompose, which is the rule
+    for fxforge's graphs (ATen-level already): 18–25 s of CPU of the 38–47 s export of efficientnet_v2_s's int8
+    graph (docs/architecture.md, compile time). The graph it would return is the one it was given, so it is skipped
+    when every op of the capture is translatable (a higher-order op counts as not). This patches the exporter's
+    private step (``torch.onnx._internal.exporter._fx_passes.decompose_with_registry`` in torch 2.14) for the
+    duration; where that step is absent or named otherwise, the exporter runs as it is."""
+    try:
+        from torch.onnx._internal.exporter import _decomp, _fx_passes
+        decompose = _fx_passes.decompose_with_registry
+        implemented = _decomp.get_onnx_implemented_overloads
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def only_when_needed(program: torch.export.ExportedProgram, registry: Any) -> torch.export.ExportedProgram:
+        translatable = set(implemented(registry))
+        if all(n.target in translatable for n in program.graph.nodes
+               if n.op == "call_function" and isinstance(n.target, torch._ops.OperatorBase)):  # not operator.*
+            return program
+        return decompose(program, registry)
+
+    _fx_passes.decompose_with_registry = only_when_needed
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = decompose
+
+
+def _clean(model: Any) -> None:
+    """The exporter's ONNX made plain, in place, instead of its ``optimize()``: constants folded, a Reshape's target
+    shape built from ``Shape`` of the dynamic batch made a constant (``0``/``-1``) where it can be, unused nodes
+    removed. ``optimize()`` also runs onnxscript's general rewrite rules twice over the graph: 12–19 s of CPU for
+    efficientnet_v2_s's int8 graph (docs/architecture.md, compile time), for rewrites (BN and Pad into Conv, no-op
+    casts, Min/Max to Clip...) that ORT's own optimizations make when the session is built; ORT makes the same int8
+    kernels of the QDQ either way (the census tests in tests/backends/test_onnx.py). The transformer path keeps
+    ``optimize()``: onnxruntime.transformers' optimizer matches its patterns on that graph, and fails the checker
+    without it (BERT)."""
+    import onnxscript
+    from onnxscript.rewriter.rules.common import materialize_reshape_shape_rule
+    onnxscript.optimizer.fold_constants(model)
+    onnxscript.rewriter.rewrite(model, [materialize_reshape_shape_rule])
+    onnxscript.optimizer.remove_unused_nodes(model)
 
 
 def _dynamic_linear(x, weight, weight_scale, bias=None):

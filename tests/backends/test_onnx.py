@@ -357,6 +357,24 @@ def test_mean_over_other_axes_keeps_reduce_mean():
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
 
 
+def test_exporter_decomposes_only_graphs_with_an_op_onnx_lacks(monkeypatch):
+    """The exporter's re-decomposition retraces the whole graph, so the backend lets it run only where an op has no
+    ONNX translation: a global average pooling lowers to GlobalAveragePool without it, a 2×2 adaptive pooling takes
+    it. Both match eager."""
+    from torch.onnx._internal.exporter import _fx_passes
+    calls, decompose = [], _fx_passes.decompose_with_registry
+    monkeypatch.setattr(_fx_passes, "decompose_with_registry", lambda *args: calls.append(1) or decompose(*args))
+    for size, decomposed in ((1, []), (2, [1])):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(size)).eval()
+        calls.clear()
+        cm = fxforge.compile(model, (torch.randn(2, 3, 8, 8),), backend="onnx", measure_latency=False)
+        assert calls == decomposed
+        ops = [n.op_type for n in onnx.load_from_string(cm.artifact.model).graph.node]
+        assert ("GlobalAveragePool" in ops) == (size == 1)
+        xb = torch.randn(3, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(cm(xb), model(xb), atol=1e-5)
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, pools", [("mobilenet_v2", 1), ("efficientnet_b0", 17)])  # head; head + 16 gates
 def test_int8_has_no_more_float_ops_on_ort_than_ort_quantize_static(name, pools, tmp_path):
