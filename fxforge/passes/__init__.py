@@ -1,6 +1,7 @@
 """The built-in passes (each registers itself by name) and the presets built from them."""
 from fxforge.compiler.pass_manager import register_preset
 
+from .adaround import AdaRound
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .dead_channels import DeadChannels
@@ -35,6 +36,6 @@ register_preset("compress", ["fuse", "dead_channels", "low_rank{budget='latency'
 register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
-__all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
+__all__ = ["AdaRound", "BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
            "Equalize", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank",
            "PruneChannels", "SmoothQuant"]
