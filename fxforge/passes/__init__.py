@@ -9,6 +9,7 @@ from .depthwise_separable import DepthwiseSeparable
 from .distill import Distill
 from .eliminate_dead_code import EliminateDeadCode
 from .equalize import Equalize
+from .equalize_activations import EqualizeActivations
 from .fold_constants import FoldConstants
 from .fold_qdq import FoldQdq
 from .fuse_activation import FuseActivation
@@ -37,5 +38,5 @@ register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
 __all__ = ["AdaRound", "BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
-           "Equalize", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank",
+           "Equalize", "EqualizeActivations", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank",
            "PruneChannels", "SmoothQuant"]
