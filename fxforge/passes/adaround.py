@@ -191,9 +191,11 @@ class _Rounding(fx.Interpreter):
             xf = _patches(n, value_of(n, fa, fk, "input").double(), weight)
             a, c, d = a + xq @ xq.transpose(1, 2), c + xq @ xf.transpose(1, 2), d + xf @ xf.transpose(1, 2)
             count += xq.shape[2]
+        s, z = scale.reshape(per_row), zero.reshape(per_row)
+        nearest = s * (torch.clamp(torch.round(weight.double() / s) + z, p.quant_min, p.quant_max) - z)
         if count < a.shape[1]:  # fewer patches than unknowns: a rounding fitted to them would not generalise
             self.few += 1
-            return weight
+            return nearest.float()  # what the graph's quantizer makes of the float weight, left as it is
         a, c, d = a / count, c / count, d / count
         w = weight.double().reshape(a.shape[0], -1, a.shape[1])          # (g, C_out/g, K)
         cross = c @ w.transpose(1, 2)                                     # B = E[x̂ xᵀ] Wᵀ
@@ -202,8 +204,6 @@ class _Rounding(fx.Interpreter):
         factor = vectors[..., keep] * values[:, keep].clamp(min=0).sqrt()[:, None, :]
         grid = (scale.float(), zero.float(), p.quant_min, p.quant_max)
         chosen = self.options.learn(weight, grid, factor.float(), cross.float())
-        s, z = scale.reshape(per_row), zero.reshape(per_row)
-        nearest = s * (torch.clamp(torch.round(weight.double() / s) + z, p.quant_min, p.quant_max) - z)
 
         def error(wq: torch.Tensor) -> float:  # E‖Ŵ x̂ − W x‖² on the calibration data
             wq = wq.double().reshape(w.shape)
