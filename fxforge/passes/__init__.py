@@ -1,6 +1,7 @@
 """The built-in passes (each registers itself by name) and the presets built from them."""
 from fxforge.compiler.pass_manager import register_preset
 
+from .adaround import AdaRound
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .dead_channels import DeadChannels
@@ -8,6 +9,7 @@ from .depthwise_separable import DepthwiseSeparable
 from .distill import Distill
 from .eliminate_dead_code import EliminateDeadCode
 from .equalize import Equalize
+from .equalize_activations import EqualizeActivations
 from .fold_constants import FoldConstants
 from .fold_qdq import FoldQdq
 from .fuse_activation import FuseActivation
@@ -20,10 +22,11 @@ from .smooth_quant import SmoothQuant
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
 # the quantization steps of the int8 and all presets (and of every quantized setting the tuning search tries)
-QUANTIZE = ["equalize", "insert_qdq", "calibrate{method='percentile'}", "bias_correction", "fold_qdq"]
+QUANTIZE = ["equalize", "equalize_activations", "insert_qdq", "calibrate{method='percentile'}", "bias_correction",
+            "fold_qdq"]
 register_preset("int8", ["fuse", *QUANTIZE],
-                "static int8 quantization: cross-layer equalization, percentile calibration and bias correction on "
-                "the calibration data")
+                "static int8 quantization: cross-layer equalization, activation ranges equalized into depthwise "
+                "convs, percentile calibration and bias correction on the calibration data")
 register_preset("int8_dynamic", ["fuse", "smooth_quant", "insert_qdq{activations='dynamic'}"],
                 "int8 weights with activations quantized per token at run time (transformers): SmoothQuant migration "
                 "on the calibration data, then dynamic int8 linears")
@@ -35,6 +38,6 @@ register_preset("compress", ["fuse", "dead_channels", "low_rank{budget='latency'
 register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
-__all__ = ["BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
-           "Equalize", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank",
+__all__ = ["AdaRound", "BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
+           "Equalize", "EqualizeActivations", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank",
            "PruneChannels", "SmoothQuant"]

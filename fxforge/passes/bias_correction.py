@@ -36,7 +36,7 @@ from fxforge.compiler.graph import get_tensor, set_tensor
 from fxforge.compiler.ops import LINEAR, WEIGHTED, bias_of, call_with, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.qdq import checked_batches, is_dq, is_q, role
+from .lib.qdq import checked_batches, first_samples, is_dq, is_q, role
 
 
 @register_pass
@@ -74,14 +74,7 @@ class BiasCorrection(Pass):
         batches = list(checked_batches(ctx.calibration, ctx.example_inputs))
         if not batches:
             raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
-        chunks, samples = [], 0
-        for batch in batches:  # batch by batch, as given: a graph captured with a static batch takes no other size
-            if samples >= self.max_samples:
-                break
-            size = int(batch[0].shape[0]) if batch[0].dim() else 1
-            keep = min(size, self.max_samples - samples)
-            chunks.append(batch if keep == size else tuple(t[:keep] for t in batch))
-            samples += keep
+        chunks, samples = first_samples(batches, self.max_samples)
         run = _PairRun(gm, errors, self.shift, len(chunks))
         with torch.no_grad():
             run.run(*[list(parts) for parts in zip(*chunks)])

@@ -41,10 +41,12 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import add_tensor, get_tensor, set_tensor
+from fxforge.compiler.graph import get_tensor, set_tensor
 from fxforge.compiler.ops import (CLAMP, LINEAR, RELU, WEIGHTED, aten, bias_of, clamp_range, conv_groups, data, is_op,
                                  weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
+
+from .lib.channel_scaling import input_view, rescale_clip, scale_inputs
 
 
 @register_pass
@@ -83,7 +85,7 @@ class Equalize(Pass):
                 weights[a] = weights[a] / s.reshape(-1, *[1] * (weights[a].dim() - 1))
                 if a in biases:
                     biases[a] = biases[a] / s
-                weights[b] = _scale_inputs(weights[b], b, s)
+                weights[b] = scale_inputs(weights[b], b, s)
                 if a in total:
                     total[a] = total[a] * s
                 largest = max(largest, float(s.log().abs().max()))
@@ -94,7 +96,7 @@ class Equalize(Pass):
         for node, bias in biases.items():
             set_tensor(gm, bias_of(node), bias.to(get_tensor(gm, bias_of(node)).dtype))
         for a, act in clips.items():
-            _rescale_clip(gm, a, act, total[a])
+            rescale_clip(gm, a, act, total[a])
         if clips:
             stats["clips_rescaled"] = len(clips)
             gm.graph.eliminate_dead_code()
@@ -130,36 +132,10 @@ class Equalize(Pass):
         return b, None
 
 
-def _rescale_clip(gm: fx.GraphModule, a: fx.Node, act: fx.Node, total: torch.Tensor) -> None:
-    """Replace ``act`` = hardtanh(y, 0, h) by clamp(y, 0, h / S) with a per-channel ceiling (channels on dim 1 of a
-    conv output, on the last dim of a linear's)."""
-    ceiling = clamp_range(act)[1] / total
-    shape = (-1,) if is_op(a, *LINEAR) else (-1, *[1] * (get_tensor(gm, weight_of(a)).dim() - 2))
-    ceiling = ceiling.reshape(shape).to(get_tensor(gm, weight_of(a)).dtype)
-    top = add_tensor(gm, act, f"{act.name}_ceiling", ceiling)
-    floor = add_tensor(gm, act, f"{act.name}_floor", torch.zeros_like(ceiling))
-    with gm.graph.inserting_before(act):
-        new = gm.graph.call_function(aten.clamp.Tensor, (data(act), floor, top))
-    new.meta.update({k: v for k, v in act.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
-    act.replace_all_uses_with(new)
-
-
-def _input_view(w: torch.Tensor, b: fx.Node) -> torch.Tensor:
-    """B's weight as [groups, out/groups, in/groups, …]: channel i is column i % (in/groups) of group i // …"""
-    g = conv_groups(b)
-    return w.reshape(g, w.shape[0] // g, *w.shape[1:])
-
-
 def _scales(w_a: torch.Tensor, w_b: torch.Tensor, b: fx.Node) -> torch.Tensor:
     """s_i = sqrt(r_A,i / r_B,i); 1 where either range is 0 (a dead channel has nothing to balance)."""
     r_a = w_a.abs().flatten(1).amax(1)
-    view = _input_view(w_b, b)
+    view = input_view(w_b, b)
     r_b = view.abs().transpose(1, 2).flatten(2).amax(2).flatten()  # [groups · in/groups] = [C]
     s = torch.where((r_a > 0) & (r_b > 0), (r_a / r_b.clamp(min=1e-300)).sqrt(), torch.ones_like(r_a))
     return s.clamp(min=math.ldexp(1.0, -40), max=math.ldexp(1.0, 40))
-
-
-def _scale_inputs(w_b: torch.Tensor, b: fx.Node, s: torch.Tensor) -> torch.Tensor:
-    view = _input_view(w_b, b)
-    factors = s.reshape(view.shape[0], 1, view.shape[2], *[1] * (view.dim() - 3))
-    return (view * factors).reshape(w_b.shape)

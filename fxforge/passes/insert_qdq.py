@@ -202,7 +202,8 @@ class InsertQdq(Pass):
     def with_float(self, quantized: fx.GraphModule, before: fx.GraphModule, layers: tuple[str, ...],
                    ctx: PassContext) -> fx.GraphModule:
         """A copy of ``quantized`` (this pass's graph, calibrated, from ``before``) as this pass with ``layers``
-        added to ``skip`` would have made it: those layers' weights and biases float again (``before``'s values),
+        added to ``skip`` would have made it: those layers' weights and biases float again (``before``'s values, as
+        ``adaround`` and ``bias_correction`` may have moved the float constants behind their quantizers),
         and the activation pairs that the smaller plan would not insert passed through. Every other grid keeps its
         calibrated scale, which a skip does not change (calibration observes the float graph); a cheap estimate of
         rerunning the quantizing passes, for searches over which layers stay float."""
@@ -220,12 +221,12 @@ class InsertQdq(Pass):
                 for dq in [u for u in node.users if is_dq(u)]:
                     dq.replace_all_uses_with(data(node))
             elif is_op(node, *WEIGHTED) and refusals.get(node.name) == "by_name" and is_dq(weight_of(node)):
-                set_argument(node, "weight", data(data(weight_of(node))))
-                if is_dq(bias_of(node)):
-                    float_bias = data(data(bias_of(node)))
-                    original = next(n for n in before.graph.nodes if n.name == node.name)
-                    set_tensor(gm, float_bias, get_tensor(before, bias_of(original)).detach().clone())
-                    set_argument(node, "bias", float_bias)
+                original = next(n for n in before.graph.nodes if n.name == node.name)
+                for kind, of in (("weight", weight_of), ("bias", bias_of)):  # rounding and correction undone
+                    if is_dq(of(node)):
+                        constant = data(data(of(node)))
+                        set_tensor(gm, constant, get_tensor(before, of(original)).detach().clone())
+                        set_argument(node, kind, constant)
         gm.graph.eliminate_dead_code()
         gm.recompile()
         return gm

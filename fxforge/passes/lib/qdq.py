@@ -206,6 +206,20 @@ def checked_batches(batches: Any, example: Sequence[torch.Tensor]) -> Iterator[t
         yield batch
 
 
+def first_samples(batches: Sequence[tuple[torch.Tensor, ...]], limit: int) -> tuple[list[tuple[torch.Tensor, ...]], int]:
+    """The batches holding the first ``limit`` samples (the last one cut), as given: a graph captured with a static
+    batch takes no other size. Returns them and their sample count."""
+    chunks, samples = [], 0
+    for batch in batches:
+        if samples >= limit:
+            break
+        size = int(batch[0].shape[0]) if batch[0].dim() else 1
+        keep = min(size, limit - samples)
+        chunks.append(batch if keep == size else tuple(t[:keep] for t in batch))
+        samples += keep
+    return chunks, samples
+
+
 def _describe(value: Any) -> str:
     return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}" if isinstance(value, torch.Tensor) \
         else type(value).__name__
