@@ -507,6 +507,17 @@ def machine_name() -> str:
     return f"{cpu}-{os.cpu_count()}c"
 
 
+def run_facts() -> dict[str, Any]:
+    """What a results file records beside its rows, and its plots' caption reads: machine, threads, date."""
+    return {"machine": machine_name(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+
+
+def caption(facts: dict[str, Any]) -> str:
+    """``machine, N threads, date`` from ``run_facts`` (or a results file; an older one lacks threads and date)."""
+    threads = f"{facts['threads']} threads" if facts.get("threads") else "threads not recorded"
+    return f"{facts['machine']}, {threads}, {facts.get('date') or 'date not recorded'}"
+
+
 # ------------------------------------------------------------------------------------------------ plots
 
 ZERO_ERROR = 1e-9  # where an error of exactly 0 is drawn on the log axis (labelled "0")

@@ -266,11 +266,7 @@ def _calibration(spec: str, what: str = "calibration") -> list[Any]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from fxforge.bench import PEERS, as_dicts, bench_model, fxforge_systems, machine_name, markdown, plot
+    from fxforge.bench import PEERS, as_dicts, bench_model, caption, fxforge_systems, markdown, plot, run_facts
     systems = PEERS + fxforge_systems(tuning_db=Path(args.tuning_db) if args.tuning_db else None)
     if args.list:
         print("\n".join(s.name for s in systems))
@@ -291,6 +287,8 @@ def _bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
         systems = [s for s in systems if s.name not in calibrated]
     model = _build_model(args.model, args.model_kwargs)
+    if args.out and args.out.exists() and not args.out.is_dir():  # found before any timing, not after
+        raise InputError(f"--out {args.out} is a file, not a directory")
     example = _example_inputs(args.input_shape, args.dtype)
     calibration = _calibration(args.calibration) if args.calibration else []
     rows = bench_model(args.model, model, example, calibration, systems, rounds=args.rounds)
@@ -298,11 +296,10 @@ def _bench(args: argparse.Namespace) -> int:
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        caption = f"{machine_name()}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
-        (args.out / "results.md").write_text(f"# {args.model} on {caption}\n\n{table}\n")
-        (args.out / "results.json").write_text(json.dumps({"machine": machine_name(), "rows": as_dicts(rows)},
-                                                          indent=2))
-        plot(rows, args.out, caption)
+        facts = run_facts()
+        (args.out / "results.md").write_text(f"# {args.model} on {caption(facts)}\n\n{table}\n")
+        (args.out / "results.json").write_text(json.dumps({**facts, "rows": as_dicts(rows)}, indent=2))
+        plot(rows, args.out, caption(facts))
         print(f"wrote {args.out}/results.md, results.json, latency_vs_error.png, speedup.png")
     return 0
 

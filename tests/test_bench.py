@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxforge.bench import (PEERS, SELF_CHECK, System, bench_model, build_all, fxforge_system, fxforge_systems,
-                           markdown, outputs, self_check)
+from fxforge.bench import (PEERS, SELF_CHECK, System, bench_model, build_all, caption, fxforge_system,
+                           fxforge_systems, markdown, outputs, run_facts, self_check)
 from fxforge.cli import main
 from models import ZOO
 
@@ -151,6 +151,14 @@ def test_cli_bench_lists_without_a_model_names_what_it_skips_and_writes_plots(ca
         assert (tmp_path / name).stat().st_size > 5000
     assert main(["bench", "models:Mlp"]) == 2
     assert "needs MODULE:FACTORY and --input-shape" in capsys.readouterr().err
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32", "--out", str(tmp_path / "speedup.png")]) == 2
+    assert capsys.readouterr().err.strip().endswith("speedup.png is a file, not a directory")
+
+
+def test_the_caption_names_machine_threads_and_date_or_says_they_were_not_recorded():
+    facts = run_facts()
+    assert caption(facts) == f"{facts['machine']}, {torch.get_num_threads()} threads, {facts['date']}"
+    assert caption({"machine": "amd-epyc-2c"}) == "amd-epyc-2c, threads not recorded, date not recorded"
 
 
 def test_benchmark_plots_are_redrawn_from_a_results_json_without_timing(tmp_path):
