@@ -79,6 +79,11 @@ class Tiny(nn.Module):
 
 def tiny(width=8):
     return Tiny(width)
+
+
+def held_out():
+    torch.manual_seed(1)
+    return [(torch.randn(2, 4),) for _ in range(2)]
 '''
 
 
@@ -86,9 +91,11 @@ def test_console_script_compiles_a_model_from_the_current_directory_and_runs_the
     (tmp_path / "tinymodel.py").write_text(TINY)
     done = console("compile", "tinymodel:tiny", "--model-kwargs", '{"width": 6}', "--input-shape", "2,4",
                    "--passes", "fuse", "--backend", "onnx", "--static-batch", "--latency", "--out", "art",
-                   cwd=tmp_path)
+                   "--backend-option", "intra_op_num_threads=1", "--validation", "tinymodel:held_out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "backend:onnx" in done.stdout and "dynamic_batch: False" in done.stdout
+    assert "'intra_op_num_threads': 1," in done.stdout  # --backend-option
+    assert "mean cos" in done.stdout and "synthetic" not in done.stdout.split("errors:")[-1]  # --validation
     assert "the backend row times the compiled artifact" in done.stdout  # --latency
     np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
     ran = console("run", "art", "--input", "x.npy", "--save", "y.npz", cwd=tmp_path)
