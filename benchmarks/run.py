@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from fxforge import zoo
-from fxforge.bench import (PEERS, Row, System, as_dicts, bench_model, fxforge_system, fxforge_systems,
-                           machine_name, markdown, peak_gflops, plot, self_check)
+from fxforge.bench import (PEERS, Row, System, as_dicts, bench_model, caption, fxforge_system, fxforge_systems,
+                           markdown, peak_gflops, plot, run_facts, self_check)
 
 RESULTS = Path(__file__).parent / "results"
 TUNING_DBS = Path(__file__).parent / "tuning-db"
@@ -203,17 +203,19 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def replot(results: Path, out: Path) -> list[Path]:
-    """The plots of an earlier run, from its JSON: rows as recorded, the caption from the machine it names."""
+    """The plots of an earlier run, from its JSON: rows as recorded, the caption from the machine, threads and
+    date it records."""
     data = json.loads(results.read_text())
     fields = {f.name for f in dataclasses.fields(Row)}
     rows = [Row(**{k: v for k, v in d.items() if k in fields}) for d in data.get("trained", []) + data["rows"]]
     out.mkdir(parents=True, exist_ok=True)
-    return plot(rows, out, f"{data['machine']} (from {results.name})")
+    return plot(rows, out, f"{caption(data)} (from {results.name})")
 
 
 def _write(out: Path, trained: list[Row], rows: list[Row], how: str, elapsed: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    machine = machine_name()
+    facts = run_facts()
+    machine = facts["machine"]
     checks = [c for c in (self_check([r for r in trained + rows if (r.model, r.batch) == key])
                           for key in dict.fromkeys((r.model, r.batch) for r in trained + rows)) if c]
     text = (f"# Benchmark on {machine}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads (ONNX Runtime: "
@@ -227,9 +229,9 @@ def _write(out: Path, trained: list[Row], rows: list[Row], how: str, elapsed: fl
     text += "\n" + "\n".join(f"- {c}" for c in checks) + "\n" if checks else ""
     print("\n" + text)
     (out / f"{machine}.md").write_text(text)
-    (out / f"{machine}.json").write_text(json.dumps({"machine": machine, "peak": how, "trained": as_dicts(trained),
+    (out / f"{machine}.json").write_text(json.dumps({**facts, "peak": how, "trained": as_dicts(trained),
                                                      "rows": as_dicts(rows), "self_checks": checks}, indent=2))
-    plot(trained + rows, out, f"{machine}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    plot(trained + rows, out, caption(facts))
     print(f"wrote {out}/{machine}.md, .json, latency_vs_error.png, speedup.png")
 
 

@@ -354,6 +354,16 @@ def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
     return sorted((a for a in ok if not any(dominated(a, b) for b in ok)), key=key)
 
 
+def latency_score_front(cands: Sequence[Candidate]) -> list[Candidate]:
+    """The front of the 2-D view (latency, score), fastest first: each candidate that scores higher than every
+    faster one. The 3-D front (``pareto_front``) drawn in these two axes would zig-zag: size is not shown."""
+    front: list[Candidate] = []
+    for c in sorted((c for c in cands if c.error is None), key=lambda c: (c.latency_ms, -c.score)):
+        if not front or c.score > front[-1].score:
+            front.append(c)
+    return front
+
+
 # --------------------------------------------------------------------------------------------- helpers
 
 def _traced(model: torch.nn.Module, example: tuple) -> fx.GraphModule:
@@ -433,9 +443,10 @@ def load_passes(record: str | Path) -> list[str]:
 
 
 def plot_pareto(result: AutotuneResult, path: Path) -> None:
-    """Score against latency for every candidate (colour: size). The front drawn is the one of this 2-D view,
-    recomputed here (the search's front also weighs size, which would zig-zag in 2-D): a step through every
-    candidate that no faster candidate outscores. The pick is starred; names go in the legend, not on points."""
+    """Score against latency for every candidate (colour: size). The front drawn is the one of this 2-D view
+    (``latency_score_front``; the search's front also weighs size, which would zig-zag in 2-D): a step through
+    every candidate that no faster candidate outscores. The pick is starred; names go in the legend, not on
+    points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -445,11 +456,7 @@ def plot_pareto(result: AutotuneResult, path: Path) -> None:
     points = ax.scatter([c.latency_ms for c in ok], [c.score for c in ok], c=[c.size_bytes / 1024 for c in ok],
                         cmap="viridis", edgecolors="k", zorder=3)
     fig.colorbar(points, ax=ax, label="size (KiB of constants)")
-    front, best_score = [], float("-inf")
-    for c in sorted(ok, key=lambda c: (c.latency_ms, -c.score)):
-        if c.score > best_score:
-            front.append(c)
-            best_score = c.score
+    front = latency_score_front(ok)
     ax.step([c.latency_ms for c in front], [c.score for c in front], where="post", color="gray", ls="--",
             label="front (latency, score)")
     ax.axhline(result.meta["threshold"], color="red", lw=0.8, label="accuracy budget")

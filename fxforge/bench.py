@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fxforge.compiler.errors import FxforgeError
+from fxforge.compiler.errors import FxforgeError, first_line
 from fxforge.compiler.timing import interleaved_latency, median_interval, paired_ratios
 from fxforge.compiler.verify import compare, fresh_inputs
 
@@ -307,8 +307,7 @@ def _available(system: System) -> str | None:
 
 
 def _error_row(model_name: str, batch: int, system: System, e: BaseException) -> Row:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return Row(model_name, batch, system.name, system.peer, error=f"{type(e).__name__}: {msg}"[:200])
+    return Row(model_name, batch, system.name, system.peer, error=f"{type(e).__name__}: {first_line(e)}"[:200])
 
 
 def build_all(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
@@ -522,6 +521,17 @@ def machine_name() -> str:
     return f"{cpu}-{os.cpu_count()}c"
 
 
+def run_facts() -> dict[str, Any]:
+    """What a results file records beside its rows, and its plots' caption reads: machine, threads, date."""
+    return {"machine": machine_name(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+
+
+def caption(facts: dict[str, Any]) -> str:
+    """``machine, N threads, date`` from ``run_facts`` (or a results file; an older one lacks threads and date)."""
+    threads = f"{facts['threads']} threads" if facts.get("threads") else "threads not recorded"
+    return f"{facts['machine']}, {threads}, {facts.get('date') or 'date not recorded'}"
+
+
 # ------------------------------------------------------------------------------------------------ plots
 
 ZERO_ERROR = 1e-9  # where an error of exactly 0 is drawn on the log axis (labelled "0")
@@ -550,14 +560,13 @@ def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
             ax.errorbar([x], [r.median_ms], yerr=[[r.median_ms - (r.min_ms or r.median_ms)],
                                                   [(r.max_ms or r.median_ms) - r.median_ms]],
                         fmt="o" if r.peer else "*", ms=7, color=colour[r.system], capsize=3)
-        failed = [r.system for r in here if r.error]
-        if failed:
-            ax.text(0.02, 0.02, "failed: " + "; ".join(failed), transform=ax.transAxes, fontsize=6, color="red",
-                    va="bottom", wrap=True)
+        failed = [r.system for r in here if r.error]  # named under the axis: text inside it overprinted points
         timed = [r.median_ms for r in here if r.median_ms]
         wide = bool(timed) and max(timed) > 20 * min(timed)  # e.g. eager beside ONNX Runtime: a linear axis
         ax.set(xscale="log", yscale="log" if wide else "linear", ylabel="latency (ms)" + (", log" if wide else ""),
-               xlabel="max relative error vs eager (0 drawn at 1e-9)", title=f"{case[0]} b{case[1]}")
+               title=f"{case[0]} b{case[1]}")
+        ax.set_xlabel("max relative error vs eager (0 drawn at 1e-9)" + "".join(
+            f"\nfailed: {name}" for name in failed), color="red" if failed else "black", fontsize=9)
         ax.axvline(ZERO_ERROR, color="0.8", lw=0.6)
         ax.annotate("0", (ZERO_ERROR, 0), xycoords=("data", "axes fraction"), fontsize=7, ha="center",
                     va="bottom", color="0.4")
@@ -573,8 +582,8 @@ def plot(rows: Sequence[Row], out: Path, caption: str) -> list[Path]:
         here = [r for s in shown for r in rows if (r.model, r.batch, r.system) == (*case, s)]
         for i, r in enumerate(here):
             system, x = r.system, j + (i - (len(here) - 1) / 2) * width
-            if r.error or not r.vs_eager:
-                ax.bar([x], [0.05], width, color="none", edgecolor="red", hatch="xx")
+            if r.error or not r.vs_eager:  # hatched in the system's colour, so that the legend names it
+                ax.bar([x], [0.05], width, color="none", edgecolor=colour[system], hatch="xx")
                 ax.text(x, 0.1, "failed", rotation=90, fontsize=7, color="red", ha="center", va="bottom")
             else:
                 ax.bar([x], [r.vs_eager], width, color=colour[system])
@@ -595,8 +604,9 @@ def _legend(fig: Any, systems: Sequence[str], colour: dict[str, Any], rows: Sequ
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     peer = {r.system: r.peer for r in rows}
-    handles = [Patch(color=colour[s], label=s) if bars else
-               Line2D([], [], marker="o" if peer.get(s) else "*", color=colour[s], ls="", ms=7, label=s)
+    label = {s: s + (" (failed)" if all(r.error for r in rows if r.system == s) else "") for s in systems}
+    handles = [Patch(color=colour[s], label=label[s]) if bars else
+               Line2D([], [], marker="o" if peer.get(s) else "*", color=colour[s], ls="", ms=7, label=label[s])
                for s in systems]
     ncol = max(1, min(len(handles), int(fig.get_figwidth() / 2.6)))
     lines = -(-len(handles) // ncol)

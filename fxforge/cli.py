@@ -12,7 +12,8 @@
     fxforge bench torchvision.models:resnet18 --input-shape 1,3,224,224
 
 Every failure the user can cause prints one line (``fxforge: error: ...``) and exits with status 2; anything
-else prints one line too (exit status 1), with the traceback only when FXFORGE_TRACEBACK=1.
+else prints one line too (exit status 1), with the traceback only when FXFORGE_TRACEBACK=1. A warning is one
+line as well (``fxforge: warning: ...``), without Python's file, line number and source line.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():  # restores the default display when main returns (tests call main)
+            warnings.showwarning = _warning_line
+            return args.run(args)
     except FxforgeError as e:
         print(f"fxforge: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -49,6 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fxforge: internal error: {type(e).__name__}: {first_line(e)} "
               "(set FXFORGE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """``warnings.showwarning`` for the console: the message's first line, after ``fxforge: warning:``."""
+    text = first_line(message if isinstance(message, Warning) else category(str(message)))
+    print(f"fxforge: warning: {text}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -202,6 +213,9 @@ def _compile(args: argparse.Namespace) -> int:
             raise InputError(f"--backend-option tune= must be a dict like {{'trials_per_task': 4}}, got "
                              f"{options['tune']!r}")
         options["tune"] = {**options.get("tune", {}), "trials": 0, "db": args.tuning_db}
+    if args.out:
+        from fxforge.backends.base import check_replaceable
+        check_replaceable(Path(args.out))
     model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
     calibration = _calibration(args.calibration) if args.calibration else None
@@ -266,17 +280,15 @@ def _calibration(spec: str, what: str = "calibration") -> list[Any]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from fxforge.bench import PEERS, as_dicts, bench_model, fxforge_systems, machine_name, markdown, plot
+    from fxforge.bench import PEERS, as_dicts, bench_model, caption, fxforge_systems, markdown, plot, run_facts
     systems = PEERS + fxforge_systems(tuning_db=Path(args.tuning_db) if args.tuning_db else None)
     if args.list:
         print("\n".join(s.name for s in systems))
         return 0
     if not args.model or not args.input_shape:
         raise InputError("fxforge bench needs MODULE:FACTORY and --input-shape (or --list to see the systems)")
+    if args.out and args.out.exists() and not args.out.is_dir():  # found before any timing, not after
+        raise InputError(f"--out {args.out} is a file, not a directory")
     if args.systems:
         wanted = [w.strip().replace("->", "→") for w in args.systems.split(";")]
         unknown = [w for w in wanted if w not in {s.name for s in systems}]
@@ -298,11 +310,10 @@ def _bench(args: argparse.Namespace) -> int:
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        caption = f"{machine_name()}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
-        (args.out / "results.md").write_text(f"# {args.model} on {caption}\n\n{table}\n")
-        (args.out / "results.json").write_text(json.dumps({"machine": machine_name(), "rows": as_dicts(rows)},
-                                                          indent=2))
-        plot(rows, args.out, caption)
+        facts = run_facts()
+        (args.out / "results.md").write_text(f"# {args.model} on {caption(facts)}\n\n{table}\n")
+        (args.out / "results.json").write_text(json.dumps({**facts, "rows": as_dicts(rows)}, indent=2))
+        plot(rows, args.out, caption(facts))
         print(f"wrote {args.out}/results.md, results.json, latency_vs_error.png, speedup.png")
     return 0
 

@@ -10,7 +10,7 @@ from fxforge.compiler.errors import CalibrationError, InputError, TuningError
 from fxforge.compiler.graph import graph_tensors
 from fxforge.compiler.pass_manager import resolve
 from fxforge.passes import QUANTIZE
-from fxforge.autotune import Candidate, SearchSpace, Setting, load_passes, pareto_front
+from fxforge.autotune import Candidate, SearchSpace, Setting, latency_score_front, load_passes, pareto_front
 from models import accuracy, digits_cnn
 
 BACKEND = "onnx"  # int8 runs as int8 kernels only there
@@ -101,6 +101,19 @@ def test_pareto_front_keeps_only_undominated_candidates():
     a, b, c, d = cand(1.0, 100, 0.9), cand(2.0, 50, 0.9), cand(2.0, 100, 0.8), cand(0.5, 10, 1.0, error="x")
     e = cand(0.9, 200, 0.95)
     assert pareto_front([a, b, c, d, e]) == [e, a, b]  # c is beaten by a; d failed to compile
+
+
+def test_the_plotted_front_is_a_front_of_latency_and_score():
+    """The 3-D front [e, a, b] above zig-zags in 2-D (b: slower than a, same score); the plotted front keeps the
+    candidates that outscore every faster one, and nothing plotted lies above or left of its steps."""
+    def cand(ms, size, score, error=None):
+        return Candidate(Setting(), latency_ms=ms, size_bytes=size, score=score, error=error)
+    a, b, c, d = cand(1.0, 100, 0.9), cand(2.0, 50, 0.9), cand(2.0, 100, 0.8), cand(0.5, 10, 1.0, error="x")
+    e, f = cand(0.9, 200, 0.85), cand(3.0, 300, 0.95)
+    front = latency_score_front([a, b, c, d, e, f])
+    assert front == [e, a, f]
+    for x in (a, b, c, e, f):  # every candidate is matched by the front's step at or before its latency
+        assert max(s.score for s in front if s.latency_ms <= x.latency_ms) >= x.score
 
 
 class Tiny(nn.Module):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxforge.bench import (PEERS, SELF_CHECK, Row, System, bench_model, build_all, fxforge_system, fxforge_systems,
-                           markdown, outputs, self_check)
+from fxforge.bench import (PEERS, SELF_CHECK, Row, System, bench_model, build_all, caption, fxforge_system,
+                           fxforge_systems, markdown, outputs, run_facts, self_check)
 from fxforge.cli import main
 from models import ZOO
 
@@ -171,6 +171,14 @@ def test_cli_bench_lists_without_a_model_names_what_it_skips_and_writes_plots(ca
         assert (tmp_path / name).stat().st_size > 5000
     assert main(["bench", "models:Mlp"]) == 2
     assert "needs MODULE:FACTORY and --input-shape" in capsys.readouterr().err
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32", "--out", str(tmp_path / "speedup.png")]) == 2
+    assert capsys.readouterr().err.strip().endswith("speedup.png is a file, not a directory")
+
+
+def test_the_caption_names_machine_threads_and_date_or_says_they_were_not_recorded():
+    facts = run_facts()
+    assert caption(facts) == f"{facts['machine']}, {torch.get_num_threads()} threads, {facts['date']}"
+    assert caption({"machine": "amd-epyc-2c"}) == "amd-epyc-2c, threads not recorded, date not recorded"
 
 
 def test_benchmark_plots_are_redrawn_from_a_results_json_without_timing(tmp_path):
@@ -212,3 +220,34 @@ def test_validation_reaches_only_the_budgeted_systems_and_their_budget():
     finally:
         fxforge.compile = real
     assert captured["validation"] is validation and captured["calibration"] is calib
+
+
+def test_a_failing_system_gets_a_row_with_the_first_line_of_its_error_without_colour_codes():
+    def build(model, example, calib):
+        raise RuntimeError("\n\x1b[96mThis is step 3/3\x1b[0m of exporting the model.\nTraceback details")
+
+    model, example = ZOO["mlp"]()
+    _, rows = build_all("mlp", model, example, [], [System("broken", build)], progress=lambda _: None)
+    assert rows["broken"].error == "RuntimeError: This is step 3/3 of exporting the model."
+
+
+def test_plots_name_failed_systems_and_colour_each_system_alike_in_both(tmp_path, monkeypatch):
+    """A failed system is named under its panel and in the legend (it has no point to draw); each system keeps
+    one colour in both plots; the caption is the figure's title."""
+    import matplotlib.figure
+    from fxforge.bench import Row, plot
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    rows = [Row("m", 1, "eager", True, 2.0, 1.9, 2.2, 1.0, max_rel_err=0.0),
+            Row("m", 1, "fxforge fuse → onnx", False, 1.0, 0.9, 1.1, 2.0, max_rel_err=1e-6),
+            Row("m", 1, "ort fp32", True, error="ConversionError: no")]
+    plot(rows, tmp_path, "cpu-2c, 2 threads, 2026-12-02")
+    scatter, bars = figures
+    assert scatter._suptitle.get_text() == "cpu-2c, 2 threads, 2026-12-02"
+    assert scatter.axes[0].get_xlabel().endswith("\nfailed: ort fp32")
+    legends = [{t.get_text(): h for t, h in zip(f.legends[0].get_texts(), f.legends[0].legend_handles)}
+               for f in figures]
+    assert "ort fp32 (failed)" in legends[0] and "ort fp32 (failed)" in legends[1]
+    colour = lambda h: tuple(h.get_color() if hasattr(h, "get_marker") else h.get_facecolor())[:3]
+    for name in ("fxforge fuse → onnx", "ort fp32 (failed)"):
+        assert colour(legends[0][name]) == colour(legends[1][name])

@@ -1,4 +1,6 @@
 """The console script: listings, a real compile from the command line, one-line errors with exit status 2."""
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +79,11 @@ class Tiny(nn.Module):
 
 def tiny(width=8):
     return Tiny(width)
+
+
+def held_out():
+    torch.manual_seed(1)
+    return [(torch.randn(2, 4),) for _ in range(2)]
 '''
 
 
@@ -84,9 +91,11 @@ def test_console_script_compiles_a_model_from_the_current_directory_and_runs_the
     (tmp_path / "tinymodel.py").write_text(TINY)
     done = console("compile", "tinymodel:tiny", "--model-kwargs", '{"width": 6}', "--input-shape", "2,4",
                    "--passes", "fuse", "--backend", "onnx", "--static-batch", "--latency", "--out", "art",
-                   cwd=tmp_path)
+                   "--backend-option", "intra_op_num_threads=1", "--validation", "tinymodel:held_out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "backend:onnx" in done.stdout and "dynamic_batch: False" in done.stdout
+    assert "'intra_op_num_threads': 1," in done.stdout  # --backend-option
+    assert "mean cos" in done.stdout and "synthetic" not in done.stdout.split("errors:")[-1]  # --validation
     assert "the backend row times the compiled artifact" in done.stdout  # --latency
     np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
     ran = console("run", "art", "--input", "x.npy", "--save", "y.npz", cwd=tmp_path)
@@ -185,3 +194,88 @@ def test_compile_validation_puts_the_users_data_in_the_report(capsys):
                  "--validation", "test_cli:held_out"]) == 0
     out = capsys.readouterr().out
     assert "mean cos" in out and "synthetic" not in out.split("errors:")[-1]
+
+
+MISUSE = '''
+import torch
+
+
+def no_data():
+    raise ValueError("no data today")
+
+
+def batches():
+    torch.manual_seed(0)
+    return [(torch.randn(2, 4),) for _ in range(4)]
+'''
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-shape=-1,4"], "--input-shape takes positive sizes, got -1,4"),
+    (["--input-shape", "100000000,100000000,100"], "cannot allocate inputs of shape"),
+    (["--input-shape", "2,4", "--passes", "int8", "--calibration", "misuse:no_data"],
+     "calibration function misuse:no_data raised ValueError: no data today"),
+    (["--input-shape", "2,4", "--out", "afile"], "afile is a file, not a directory; refusing to overwrite"),
+], ids=["negative-shape", "too-large", "raising-calibration", "out-is-a-file"])
+def test_console_misuse_is_one_line_and_status_2_before_any_compile(argv, message, tmp_path):
+    (tmp_path / "tinymodel.py").write_text(TINY)
+    (tmp_path / "misuse.py").write_text(MISUSE)
+    (tmp_path / "afile").write_text("mine")
+    done = console("compile", "tinymodel:tiny", *argv, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""  # no report: nothing was compiled
+    assert done.stderr.startswith("fxforge: error: ") and done.stderr.count("\n") == 1
+    assert message in done.stderr and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_console_warnings_are_one_line_each(tmp_path):
+    """`--passes fuse,int8` runs fuse once and says so; `--target cuda --backend onnx` without ONNX Runtime's
+    CUDA provider says where the artifact runs instead (and --strict refuses it): one line each, no source."""
+    import onnxruntime
+    (tmp_path / "tinymodel.py").write_text(TINY)
+    (tmp_path / "misuse.py").write_text(MISUSE)
+    argv = ["compile", "tinymodel:tiny", "--input-shape", "2,4", "--passes", "fuse,int8", "--calibration",
+            "misuse:batches", "--backend", "onnx", "--target", "cuda"]
+    done = console(*argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    expected = ["fxforge: warning: pass 'int8' already begins with 'fuse'; those passes run once"]
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if not cuda:
+        expected.append("fxforge: warning: target 'cuda': this onnxruntime lacks CUDAExecutionProvider; the "
+                        "artifact runs on CPUExecutionProvider")
+    assert done.stderr.splitlines() == expected
+    assert done.stdout.count("\nfuse_batchnorm ") == 1
+    if not cuda:
+        strict = console(*argv, "--strict", cwd=tmp_path)
+        assert strict.returncode == 2 and strict.stderr.splitlines()[-1] == (
+            "fxforge: error: target 'cuda': this onnxruntime lacks CUDAExecutionProvider; the artifact runs on "
+            "CPUExecutionProvider (strict=True)")
+
+
+def test_console_help_shows_the_python_defaults_and_passes_describes_each_pass():
+    import inspect
+    defaults = inspect.signature(fxforge.compile).parameters
+    helped = " ".join(console("compile", "--help").stdout.split())
+    assert f"(default: {defaults['backend'].default})" in helped and f"(default: {defaults['target'].default})" \
+        in helped and f"(default: {defaults['verify'].default})" in helped and "(default: none, as in" in helped
+    listed = console("passes").stdout.splitlines()
+    assert next(ln for ln in listed if ln.startswith("fold_qdq")).endswith("into one table lookup (exact).")
+    described = console("passes", "low_rank").stdout.splitlines()
+    assert described[0].startswith("low_rank") and "    energy: float = 0.95" in described
+
+
+def test_console_bench_lists_refuses_uncalibrated_int8_and_writes_json_and_plots(tmp_path):
+    (tmp_path / "tinymodel.py").write_text(TINY)
+    listed = console("bench", "--list", cwd=tmp_path)
+    assert listed.returncode == 0 and "fxforge int8 → onnx" in listed.stdout.splitlines()
+    refused = console("bench", "tinymodel:tiny", "--input-shape", "2,4", "--systems", "eager;fxforge int8 -> onnx",
+                      cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr == (
+        "fxforge: error: system(s) ['fxforge int8 → onnx'] need calibration data: give --calibration MODULE:FN\n")
+    done = console("bench", "tinymodel:tiny", "--input-shape", "2,4", "--rounds", "1", "--out", "out",
+                   "--systems", "eager;fxforge fuse -> torchscript", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(r["system"] for r in results["rows"]) == ["eager", "fxforge fuse → torchscript"]  # ASCII -> too
+    assert results["threads"] >= 1 and re.fullmatch(r"\d{4}-\d\d-\d\d", results["date"])  # the plots' caption
+    for name in ("latency_vs_error.png", "speedup.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

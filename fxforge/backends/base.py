@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import ArtifactError, BackendError, InputError
+from fxforge.compiler.errors import ArtifactError, BackendError, InputError, TargetError
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.trace import Signature
 
@@ -68,7 +68,7 @@ class Artifact(ABC):
         one deleted; if renaming in fails (or is interrupted) the old one is put back, so one of the two stands.
         """
         final = Path(directory)
-        _check_replaceable(final)
+        check_replaceable(final)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -94,8 +94,9 @@ class Artifact(ABC):
         return final
 
 
-def _check_replaceable(final: Path) -> None:
-    """Refuse a path that is a file, or a non-empty directory that is not wholly an fxforge artifact."""
+def check_replaceable(final: Path) -> None:
+    """Refuse a path that is a file, or a non-empty directory that is not wholly an fxforge artifact (``save``
+    checks it, and the CLI before compiling, so that a bad ``--out`` costs no compile time)."""
     if not final.exists():
         return
     if not final.is_dir():
@@ -212,9 +213,14 @@ class Backend(ABC):
 
     name: ClassVar[str]
     artifact: ClassVar[type[Artifact]]
+    cpu_only: ClassVar[bool] = False  # True: a program for PyTorch on a CPU (x86 or arm64), never moved to a GPU
 
     def check_target(self, target: Target) -> None:
-        """Raise TargetError for a target this backend cannot build for (default: it serves every target)."""
+        """Raise TargetError for a target this backend cannot build for. A CPU-only backend refuses a GPU target,
+        which would otherwise get a CPU artifact while the report names the GPU; others serve every target."""
+        if self.cpu_only and target.torch_device != "cpu":
+            raise TargetError(f"backend {self.name!r} builds CPU programs; target {target.name!r} runs on "
+                              f"{target.torch_device} (use backend 'tvm' or 'onnx' for it)")
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise BackendError (or TuningError) for options this backend does not take. ``compile`` calls it

@@ -55,6 +55,7 @@ class EagerBackend(Backend):
 
     name = "eager"
     artifact = EagerArtifact
+    cpu_only = True  # the graph's tensors stay on the CPU (a program for PyTorch on x86 or arm64)
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> EagerArtifact:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import BackendError, TargetError
+from fxforge.compiler.errors import BackendError
 from fxforge.compiler.graph import aten, get_tensor, is_op
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.target import Target
@@ -26,8 +26,6 @@ from fxforge.compiler.verify import EXACT_TOLERANCE, compare, fresh_inputs
 from .base import Artifact, Backend, register_backend
 
 MODEL_FILE = "model.pt"
-
-
 
 
 class TorchScriptArtifact(Artifact):
@@ -94,13 +92,7 @@ class TorchScriptBackend(Backend):
 
     name = "torchscript"
     artifact = TorchScriptArtifact
-
-    def check_target(self, target: Target) -> None:
-        """A TorchScript program is saved unfrozen and runs wherever PyTorch runs on a CPU (x86 or arm64); it
-        is not moved to a GPU, so a CUDA target would silently get a CPU artifact."""
-        if target.torch_device != "cpu":
-            raise TargetError(f"backend 'torchscript' builds CPU programs; target {target.name!r} runs on "
-                              f"{target.torch_device} (use backend 'tvm' or 'onnx' for it)")
+    cpu_only = True  # saved unfrozen, it runs wherever PyTorch runs on a CPU (x86 or arm64)
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> TorchScriptArtifact:

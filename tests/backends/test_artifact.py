@@ -65,3 +65,14 @@ def test_artifact_directory_follows_the_umask(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+def test_manifest_records_the_library_versions_that_wrote_it(tmp_path):
+    from importlib.metadata import version
+    meta = json.loads((compiled().save(tmp_path / "art") / base.META_FILE).read_text())
+    assert meta["fxforge"] == version("fxforge") and meta["versions"]["torch"] == version("torch")
+    for package in ("onnx", "onnxruntime", "apache-tvm"):  # what an onnx or tvm artifact's files depend on
+        try:
+            assert meta["versions"][package] == version(package)
+        except ImportError:  # importlib.metadata.PackageNotFoundError: not installed, so not recorded
+            assert package not in meta["versions"]

@@ -174,6 +174,7 @@ def test_tune_hands_the_prepared_module_to_metaschedule_and_fixes_the_batch(monk
     assert "main" in [gv.name_hint for gv in mod.functions] and "fused_" in mod.script()  # prepared: fused
     assert cm.artifact.info["tuning"] == {"tasks": 3, "applied": 0}
     assert not cm.signature.dynamic_batch and "static" in cm.signature.note
+    assert cm.report.meta["dynamic_batch"] is False  # the report describes the artifact it returns
     with pytest.raises(fxforge.InputError):
         cm(torch.randn(x.shape[0] + 1, *x.shape[1:]))
     with torch.no_grad():
