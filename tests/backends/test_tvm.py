@@ -80,6 +80,16 @@ def test_default_cpu_schedule_parallelizes_and_vectorizes():
     assert convs and all("T.parallel(" in s and "T.vectorized(" in s for s in convs)
 
 
+@pytest.mark.parametrize("target, lanes", [("x86-avx2", 8), ("x86-avx512", 16)])
+def test_default_cpu_schedule_uses_the_targets_vector_width(target, lanes):
+    model, (x,) = ZOO["mlp"]()  # linears 32→64→10: the 64 outputs are vectorized, the 10 are not
+    gm, _ = fxforge.trace(model, (x,))
+    tgt = tvm_backend.tvm_target(get_target(target))
+    mod = tvm_backend.schedule(tvm_backend.prepare(tvm_backend.relax_module(gm, (x,)), tgt), tgt)
+    matmuls = "".join(f.script() for gv, f in mod.functions.items() if gv.name_hint.startswith("fused_matmul"))
+    assert set(re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", matmuls)) == {str(lanes)}
+
+
 def test_relax_module_is_static_unless_asked():
     from tvm import tirx
     model, (x,) = ZOO["mlp"]()
