@@ -80,6 +80,16 @@ def test_default_cpu_schedule_parallelizes_and_vectorizes():
     assert convs and all("T.parallel(" in s and "T.vectorized(" in s for s in convs)
 
 
+@pytest.mark.parametrize("target, lanes", [("x86-avx2", 8), ("x86-avx512", 16)])
+def test_default_cpu_schedule_uses_the_targets_vector_width(target, lanes):
+    model, (x,) = ZOO["mlp"]()  # linears 32→64→10: the 64 outputs are vectorized, the 10 are not
+    gm, _ = fxforge.trace(model, (x,))
+    tgt = tvm_backend.tvm_target(get_target(target))
+    mod = tvm_backend.schedule(tvm_backend.prepare(tvm_backend.relax_module(gm, (x,)), tgt), tgt)
+    matmuls = "".join(f.script() for gv, f in mod.functions.items() if gv.name_hint.startswith("fused_matmul"))
+    assert set(re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", matmuls)) == {str(lanes)}
+
+
 def test_relax_module_is_static_unless_asked():
     from tvm import tirx
     model, (x,) = ZOO["mlp"]()
@@ -150,11 +160,36 @@ def test_converter_failure_names_node_and_op():
 @pytest.mark.parametrize("options, message", [
     ({"threads": 2}, "unknown tvm backend option.*threads"),
     ({"tune": 16}, "tune must be a dict"),
+    ({"fast_math": "yes"}, "fast_math must be True or False"),
 ])
 def test_bad_options_are_refused(options, message):
     model, example = ZOO["mlp"]()
     with pytest.raises(fxforge.BackendError, match=message):
         fxforge.compile(model, example, backend="tvm", measure_latency=False, verify="off", **options)
+
+
+def _libm_calls(mod) -> set[str]:
+    """The libm-style intrinsics (one scalar call per element on x86) the module's PrimFuncs call."""
+    return set(re.findall(r"T\.(exp|erf|tanh)\(", mod.script()))
+
+
+def test_fast_math_replaces_exp_and_erf_in_a_tiny_transformer():
+    model, example = ZOO["bert"]()  # transformers BertModel: GELU (erf) and softmax (exp)
+    gm, _ = fxforge.trace(model, example)
+    tgt = tvm_backend.tvm_target(get_target("x86"))
+    before = tvm_backend.prepare(tvm_backend.relax_module(gm, example), tgt, fast_math=False)
+    after = tvm_backend.prepare(tvm_backend.relax_module(gm, example), tgt)
+    assert _libm_calls(before) == {"exp", "erf"}
+    assert _libm_calls(after) == set()
+    cm = fxforge.compile(model, example, passes=["fuse"], backend="tvm", measure_latency=False)
+    assert cm.artifact.info["fast_math"] is True
+    exact = fxforge.compile(model, example, passes=["fuse"], backend="tvm", fast_math=False, measure_latency=False)
+    assert exact.artifact.info["fast_math"] is False
+    for seed in (1, 2):
+        inputs = fresh_inputs(example, seed=seed)
+        with torch.no_grad():
+            assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-4
+            assert compare([cm(*inputs)], [exact(*inputs)]).max_rel > 0  # the approximation was compiled in
 
 
 def test_tune_hands_the_prepared_module_to_metaschedule_and_fixes_the_batch(monkeypatch):

@@ -127,6 +127,28 @@ def test_zero_trials_applies_the_database_and_tunes_nothing(tuned, tmp_path):
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "db").iterdir()) == before
 
 
+class Embed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+
+def test_a_task_that_cannot_run_on_random_inputs_is_kept_not_searched(tmp_path):
+    model, ids = Embed().eval(), torch.randint(0, 100, (2, 8))  # take: random int64 indices fall out of range
+    cm = fxforge.compile(model, (ids,), backend="tvm", tune={"trials": 8, "db": str(tmp_path)}, measure_latency=False)
+    assert [t["trials"] for t in cm.report.meta["tuning"]["per_task"] if t["name"] == "take"] == [0]
+    meta = json.loads((tmp_path / ms_tuning.META_FILE).read_text())
+    assert [t["name"] for t in meta["tasks"].values() if t.get("unrunnable")] == ["take"]
+    again = fxforge.compile(model, (ids,), backend="tvm", tune={"trials": 0, "db": str(tmp_path)},
+                            measure_latency=False)
+    assert again.report.meta["tuning"]["untuned_tasks"] == 0  # listed as done: a benchmark's tuned row accepts it
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+
+
 def test_zero_trials_needs_an_existing_database(tmp_path):
     with pytest.raises(TuningError, match="trials=0 applies a tuning database, but .* holds none"):
         _compile(Head(), tmp_path / "nothing", trials=0)

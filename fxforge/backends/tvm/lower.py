@@ -180,20 +180,67 @@ QDQ_CONVERTERS = {"quantize_per_tensor.default": _qdq(True, False),
 # ------------------------------------------------------------------------------------------- prep/build
 
 
-def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
-    """Inference decomposition, NHWC/HWIO convs on CPUs, canonical bindings and the ``zero`` pipeline
-    (legalize, fold constants, fuse).
+def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target, *, fast_math: bool = True) -> tvm.IRModule:
+    """Inference decomposition, NHWC/HWIO convs on CPUs, :func:`fast_math` (unless ``fast_math=False``),
+    canonical bindings and the ``zero`` pipeline (legalize, fold constants, fuse).
 
     This is the module MetaSchedule tunes and applies its database to: records match only functions fused
-    exactly this way, and a miss is silent.
+    exactly this way (with the same ``fast_math``), and a miss is silent.
     """
     tvm = _tvm()
     from tvm import relax
     layout = [] if is_gpu(tvm_target) else [relax.transform.ConvertLayout(CPU_LAYOUT)]
+    fast = [_fast_math_pass()] if fast_math else []
     with tvm_target:
-        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), *layout,
+        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), *layout, *fast,
                                          relax.transform.CanonicalizeBindings(),
                                          relax.get_pipeline("zero")])(mod)
+
+
+def _fast_math_pass() -> tvm.transform.Pass:
+    """float32 ``exp``, ``erf``, ``tanh``, ``softmax``, ``gelu`` and ``gelu_tanh`` as TVM's fast approximations
+    (``topi.fast_exp``: range reduction and a polynomial; ``fast_erf``, ``fast_tanh``: rational polynomials;
+    ``fast_softmax``: softmax over ``fast_exp``): arithmetic only, so a loop over them is vectorized. The stock
+    lowering calls libm's scalar ``expf``/``erff`` once per element (LLVM has no vector math library here):
+    measured on a 1×128×1536 GELU, 2.2 ms against eager's 0.12 ms (1 thread), and softmax 12× slower than eager.
+
+    TVM's own ``relax.transform.FastMathTransform`` leaves ``gelu`` (most of a transformer's erf) alone, hence
+    this rewrite; its error against eager is ~1e-6, like oneDNN's own approximations."""
+    import tvm
+    from tvm import relax, te, tirx, topi
+
+    def gelu(x: te.Tensor) -> te.Tensor:
+        half = tirx.const(0.5, x.dtype)
+        return x * (half + topi.fast_erf(x * tirx.const(0.5 ** 0.5, x.dtype)) * half)
+
+    def gelu_tanh(x: te.Tensor) -> te.Tensor:
+        inner = tirx.const((2.0 / 3.141592653589793) ** 0.5, x.dtype) * x * (1 + tirx.const(0.044715, x.dtype) * x * x)
+        return tirx.const(0.5, x.dtype) * x * (tirx.const(1.0, x.dtype) + topi.fast_tanh(inner))
+
+    unary = {"relax.exp": topi.fast_exp, "relax.erf": topi.fast_erf, "relax.tanh": topi.fast_tanh,
+             "relax.nn.gelu": gelu, "relax.nn.gelu_tanh": gelu_tanh}
+
+    @relax.expr_functor.mutator
+    class FastMath(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            name = getattr(call.op, "name", None)
+            if name not in (*unary, "relax.nn.softmax") or getattr(call.ty, "dtype", None) != "float32":
+                return super().visit_call_(call)
+            x = self.visit_expr(call.args[0])
+            if name == "relax.nn.softmax":
+                return self.builder_.call_te(topi.nn.fast_softmax, x, int(call.attrs.axis),
+                                             primfunc_name_hint="fast_softmax")
+            return self.builder_.call_te(unary[name], x, primfunc_name_hint=name.split(".")[-1])
+
+    @tvm.transform.module_pass(opt_level=0, name="FxforgeFastMath")
+    def rewrite(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        mutator = FastMath(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return rewrite
 
 
 def build(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> Any:
@@ -333,9 +380,11 @@ class TvmBackend(Backend):
     artifact = TvmArtifact
 
     def check_options(self, options: Mapping[str, Any]) -> None:
-        unknown = sorted(set(options) - {"tune"})
+        unknown = sorted(set(options) - {"tune", "fast_math"})
         if unknown:
-            raise BackendError(f"unknown tvm backend option(s) {', '.join(unknown)}; valid: tune")
+            raise BackendError(f"unknown tvm backend option(s) {', '.join(unknown)}; valid: fast_math, tune")
+        if not isinstance(options.get("fast_math", True), bool):
+            raise BackendError(f"fast_math must be True or False, got {options['fast_math']!r}")
         tune = options.get("tune")
         if tune is not None and not isinstance(tune, dict):
             raise BackendError(f"tune must be a dict like {{'trials': 64, 'db': 'path'}} or None, got {tune!r}")
@@ -349,11 +398,11 @@ class TvmBackend(Backend):
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> TvmArtifact:
         self.check_options(options)
-        tune = options.pop("tune", None)
+        tune, fast_math = options.pop("tune", None), options.pop("fast_math", True)
         tgt = tvm_target(target)
         dynamic = signature.dynamic_batch and tune is None  # MetaSchedule tunes static shapes
-        mod = prepare(relax_module(gm, example_inputs, dynamic_batch=dynamic), tgt)
-        info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE}
+        mod = prepare(relax_module(gm, example_inputs, dynamic_batch=dynamic), tgt, fast_math=fast_math)
+        info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE, "fast_math": fast_math}
         if tune is not None:
             from .tuning import apply_tuning
             mod, info["tuning"] = apply_tuning(mod, tgt, tune, cross_compiler=target.cross_compiler)

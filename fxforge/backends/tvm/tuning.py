@@ -101,7 +101,8 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
     keys = [_task_key(t) for t in tasks]
     best = [_best_us(database, t) for t in tasks]
-    todo = [i for i, k in enumerate(keys) if k not in meta["tasks"] or best[i] is None]
+    todo = [i for i, k in enumerate(keys)
+            if k not in meta["tasks"] or best[i] is None and not meta["tasks"][k].get("unrunnable")]
     results = [TaskResult(t.task_name, "untuned" if i in todo else "reused", 0, best[i],
                           meta["tasks"].get(keys[i], {}).get("default_us")) for i, t in enumerate(tasks)]
     if todo and opts["trials"]:
@@ -114,11 +115,14 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
         tuner = _Tuner(tuned_for, db_dir, database, keep, opts, devices, servers, cross_compiler)
         _write_meta(db_dir, meta)  # before any record: a run interrupted in its first task leaves a known db
         defaults = [tuner.measure_default(tasks[i]) for i in todo]
-        budgets = _budgets(opts["trials"], _costs(defaults, [tasks[i] for i in todo]), opts.get("trials_per_task"))
-        for n, (i, budget, default) in enumerate(zip(todo, budgets, defaults), 1):
-            results[i] = tuner.tune(tasks[i], budget, default, f"[{n}/{len(todo)}] " if progress else None)
+        unrunnable = [tuner.unrunnable(tasks[i]) for i in todo]
+        costs = [0.0 if bad else cost for cost, bad in zip(_costs(defaults, [tasks[i] for i in todo]), unrunnable)]
+        budgets = _budgets(opts["trials"], costs, opts.get("trials_per_task"))
+        for n, (i, budget, default, bad) in enumerate(zip(todo, budgets, defaults, unrunnable), 1):
+            results[i] = tuner.tune(tasks[i], 0 if bad else budget, default,
+                                    f"[{n}/{len(todo)}] " if progress else None)
             meta["tasks"][keys[i]] = {"name": tasks[i].task_name, "trials": results[i].trials,
-                                      "default_us": results[i].default_us}
+                                      "default_us": results[i].default_us, **({"unrunnable": True} if bad else {})}
             _write_meta(db_dir, meta)  # commit per task: an interrupted run keeps what finished
     with tvm_target, database:
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
@@ -212,6 +216,14 @@ class _Tuner:
                                                 evaluator_config=ms.runner.EvaluatorConfig(**EVALUATOR))
         else:
             self.runner = rpc_runner(devices, servers, EVALUATOR, min(timeout, 30))
+        self._unrunnable: set[str] = set()
+
+    def unrunnable(self, task: Any) -> bool:
+        """Whether the task's default schedule built but failed to run on the runner's random inputs: an
+        embedding's ``take`` reads random int64 indices far out of range (the importer's ``take`` does not
+        clip). Every candidate would fail the same way, so such a task is not searched; it keeps its default
+        schedule and is listed ``unrunnable`` in the database."""
+        return _task_key(task) in self._unrunnable
 
     def tune(self, task: Any, trials: int, default_us: float | None, progress: str | None) -> TaskResult:
         """Search ``trials`` schedules for ``task`` (none: its measured default stands); ``progress``: the bar's
@@ -264,6 +276,7 @@ class _Tuner:
         finally:
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
         if ran.error_msg or not ran.run_secs:  # a default that does not run is not offered either
+            self._unrunnable.add(_task_key(task))
             return None
         secs = [float(s) for s in ran.run_secs]
         self.database.commit_tuning_record(ms.database.TuningRecord(
