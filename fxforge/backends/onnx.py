@@ -47,7 +47,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler import dynamic_quant
+from fxforge.compiler import dynamic_quant, ops
 from fxforge.compiler.errors import ANSI, BackendError, FallbackWarning, first_line, missing_dependency
 from fxforge.compiler.graph import fusion_groups
 from fxforge.compiler.target import Target
@@ -249,8 +249,8 @@ def _global_pools_as_means(gm: fx.GraphModule) -> fx.GraphModule:
     exporter's decomposition makes of it (ONNX has no adaptive pooling), done here so that a CNN's graph needs no
     decomposition at all (:func:`_decomposing_only_when_needed`); ``_mean_dim`` then lowers it to GlobalAveragePool."""
     for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.adaptive_avg_pool2d.default):
-        if list(node.args[1]) == [1, 1]:
-            node.target, node.args = torch.ops.aten.mean.dim, (node.args[0], [-2, -1], True)
+        if list(ops.argument(node, "output_size")) == [1, 1]:
+            node.target, node.args, node.kwargs = torch.ops.aten.mean.dim, (ops.data(node), [-2, -1], True), {}
     gm.recompile()
     return gm
 

@@ -55,7 +55,8 @@ def test_q_params_and_bn_params():
 
 def test_no_positional_aten_argument_index_outside_ops():
     """ATen arguments are read through compiler/ops.py's named accessors, never as ``node.args[i]`` elsewhere
-    (an output node's ``args[0]``, the tuple of graph outputs, is torch.fx structure and allowed)."""
+    (an output node's ``args[0]``, the tuple of graph outputs, is torch.fx structure and allowed; so is a relax
+    ``call.args[0]`` in the TVM lowering, which is TVM IR)."""
     import re
     from pathlib import Path
 
@@ -63,5 +64,5 @@ def test_no_positional_aten_argument_index_outside_ops():
     found = [f"{p.relative_to(root)}:{i}: {line.strip()}"
              for p in root.rglob("*.py") if p.name != "ops.py"
              for i, line in enumerate(p.read_text().splitlines(), 1)
-             if re.search(r"\.args\[\d", line) and "output" not in line]
+             if re.search(r"\.args\[\d", line) and "output" not in line and "call.args" not in line]
     assert found == []

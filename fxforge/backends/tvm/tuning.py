@@ -195,6 +195,27 @@ def open_database(db_dir: Path) -> Any:
 # ------------------------------------------------------------------------------------------- tuning
 
 
+def _task_logger(db_dir: Path, task_name: str) -> logging.Logger:
+    """MetaSchedule's log of one task's search: ``logs/<task>.log`` in the database directory, nothing on the console.
+
+    fxforge makes this logger itself: TVM's ``get_loggers_from_work_dir`` re-runs ``logging.config.dictConfig``
+    over the process's logging on every call, naming the handlers already on its logger, and fails with
+    "'NoneType' object has no attribute 'format'" once anything has put an unnamed handler there (pytest's log
+    capture did, after a console-script tune in the same process)."""
+    log_dir = db_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"fxforge.tuning.{task_name[:100]}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for old in list(logger.handlers):  # the same task tuned into another database earlier in this process
+        logger.removeHandler(old)
+        old.close()
+    handler = logging.FileHandler(log_dir / f"{task_name[:100]}.log", mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    return logger
+
+
 class _Tuner:
     """Tunes one task at a time with one builder, runner and database (committing records as measured).
 
@@ -229,14 +250,13 @@ class _Tuner:
         """Search ``trials`` schedules for ``task`` (none: its measured default stands); ``progress``: the bar's
         prefix ("[2/4] "), None for no bar."""
         from tvm.s_tir import meta_schedule as ms
-        from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
 
         if trials == 0:
             return TaskResult(task.task_name, "tuned", 0, _best_us(self.database, task), default_us)
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console: the bar; files: all
         context = ms.TuneContext(mod=task.dispatched[0], target=self.target, space_generator="post-order-apply",
                                  search_strategy="evolutionary", task_name=task.task_name,
-                                 logger=get_loggers_from_work_dir(str(self.db_dir), [task.task_name])[0],
+                                 logger=_task_logger(Path(self.db_dir), task.task_name),
                                  rand_state=self.opts.get("seed", 0), num_threads="physical").clone()
         watch = _Progress(task.task_name, trials, progress)
         with _deferred_interrupt() as watch.interrupted:
