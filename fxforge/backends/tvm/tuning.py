@@ -256,7 +256,7 @@ class _Tuner:
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console: the bar; files: all
         context = ms.TuneContext(mod=task.dispatched[0], target=self.target, space_generator="post-order-apply",
                                  search_strategy="evolutionary", task_name=task.task_name,
-                                 logger=_task_logger(Path(self.db_dir), task.task_name),
+                                 logger=_task_logger(self.db_dir, task.task_name),
                                  rand_state=self.opts.get("seed", 0), num_threads="physical").clone()
         watch = _Progress(task.task_name, trials, progress)
         with _deferred_interrupt() as watch.interrupted:
