@@ -359,10 +359,11 @@ SELF_CHECK = "ort fp32 (built last: self-check)"
 def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: list, systems: Sequence[System],
                 rounds: int = 7, sample_ms: float = 150.0, progress: Callable[[str], None] = print,
                 held_out: list | None = None, rotate: int = 0, self_check: bool = False,
-                rebuild: bool = True, validation: list | None = None) -> list[Row]:
+                rebuild: bool = True, validation: list | None = None, max_rounds: int = 0) -> list[Row]:
     """Build every system for one model and batch, then time them interleaved; one Row per system (and, with
     ``self_check`` and an ORT fp32 peer among them, a second ORT fp32 built last). ``rebuild`` times every ORT
-    session on a fresh copy built just before each sample (False: on the sessions as built, in build order)."""
+    session on a fresh copy built just before each sample (False: on the sessions as built, in build order).
+    Past ``rounds``, timing goes on up to ``max_rounds`` (default twice ``rounds``) until :func:`ratios_resolved`."""
     systems = list(systems)
     if self_check and any(s.name == "ort fp32" for s in systems):
         systems.append(System(SELF_CHECK, _ort_fp32, needs=("onnxruntime", "onnxscript")))
@@ -373,7 +374,7 @@ def bench_model(model_name: str, model: torch.nn.Module, example: tuple, calib: 
         rows.update(more_rows)
     else:
         built, rows = build_all(model_name, model, example, calib, systems, progress, held_out, rotate, validation)
-    time_interleaved(example, built, rows, rounds, sample_ms, rebuild)
+    time_interleaved(example, built, rows, rounds, sample_ms, rebuild, max_rounds=max_rounds or 2 * rounds)
     fill_figures([rows[s.name] for s in systems], built)
     return [rows[s.name] for s in systems]
 
@@ -395,7 +396,7 @@ def self_check(rows: Sequence[Row], noise: float = 0.05, limit: float = 0.2) -> 
         "NOISY: the same graph timed apart; ratios in this table are unreliable" if abs(gap) > spread else \
         f"NOISY: rounds spread over ±{limit:.0%}; ratios in this table are unreliable"
     return (f"self-check {a.model} batch {a.batch}: ort fp32 built early {a.median_ms:.2f} ms, the same graph "
-            f"built last {b.median_ms:.2f} ms ({gap:+.1%}, noise ±{spread:.1%}): {verdict}")
+            f"built last {b.median_ms:.2f} ms ({gap:+.1%}, noise ±{spread:.1%}, {len(a.samples_ms)} rounds): {verdict}")
 
 
 def measure_errors(model, example, built: dict[str, Built], rows: dict[str, Row]) -> None:
@@ -420,14 +421,33 @@ def outputs(value: Any) -> list[torch.Tensor]:
 PAUSE_S = 0.05
 
 
+def ratios_resolved(rows: dict[str, Row], noise: float = 0.05) -> Callable[[dict[str, list[float]]], bool]:
+    """Whether the ratios a run reports are resolved by the samples so far: the 90 % interval of each fxforge
+    row's per-round ratio to the fastest peer, and of the self-check pair's ratio, within ±``noise`` of its
+    median (the self-check's own noise floor). What lets extra timing rounds stop."""
+    def settled(samples: dict[str, list[float]]) -> bool:
+        peers = [n for n in samples if rows[n].peer]
+        best = min(peers, key=lambda n: statistics.median(samples[n]), default=None)
+        pairs = [(n, best) for n in samples if best and not rows[n].peer and n != SELF_CHECK]
+        pairs += [(SELF_CHECK, "ort fp32")] if SELF_CHECK in samples and "ort fp32" in samples else []
+        for a, b in pairs:
+            ratio, low, high = median_interval(paired_ratios(samples[b], samples[a]))
+            if (high - low) / 2 > noise * ratio:
+                return False
+        return True
+    return settled
+
+
 def time_interleaved(example: tuple, built: dict[str, Built], rows: dict[str, Row], rounds: int,
-                      sample_ms: float, rebuild: bool = True) -> None:
-    """Time the systems that built, in rounds; with ``rebuild``, every ORT session anew before each sample."""
+                      sample_ms: float, rebuild: bool = True, max_rounds: int = 0) -> None:
+    """Time the systems that built, in rounds; with ``rebuild``, every ORT session anew before each sample;
+    past ``rounds``, up to ``max_rounds`` until :func:`ratios_resolved`."""
     live = {n: b for n, b in built.items() if rows[n].error is None}
     runners = {n: (lambda run=b.run: run(example)) for n, b in live.items()}
     fresh = {n: (lambda make=b.rebuild: (lambda run=make(): run(example)))
              for n, b in live.items() if rebuild and b.rebuild is not None}
-    for name, times in interleaved_latency(runners, rounds, sample_ms, pause_s=PAUSE_S, rebuild=fresh).items():
+    for name, times in interleaved_latency(runners, rounds, sample_ms, pause_s=PAUSE_S, rebuild=fresh,
+                                            settled=ratios_resolved(rows), max_rounds=max_rounds).items():
         row = rows[name]
         row.samples_ms = times
         row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)

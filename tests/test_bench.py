@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fxforge.bench import (PEERS, SELF_CHECK, Row, System, bench_model, build_all, caption, fxforge_system,
-                           fxforge_systems, markdown, outputs, run_facts, self_check)
+                           fxforge_systems, markdown, outputs, ratios_resolved, run_facts, self_check)
 from fxforge.cli import main
 from models import ZOO
 
@@ -67,6 +67,23 @@ def _pair(early: list[float], last: list[float]) -> list[Row]:
 ])
 def test_the_self_check_pairs_the_two_rows_round_by_round(early, last, verdict):
     assert verdict in self_check(_pair(early, last))
+
+
+def test_ratios_are_resolved_once_every_fxforge_row_and_the_self_check_pair_is_within_5_percent():
+    rows = {n: Row("m", 1, n, peer) for n, peer in
+            [("eager", True), ("ort fp32", True), (SELF_CHECK, False), ("fxforge int8 → onnx", False)]}
+    steady = [5.0, 5.1, 5.0, 5.2, 5.0, 5.1, 5.0]
+    settled = ratios_resolved(rows)
+    samples = {"eager": [20.0] * 7, "ort fp32": steady, SELF_CHECK: steady, "fxforge int8 → onnx": [3.0] * 7}
+    assert settled(samples)
+    # one stalled round of seven decides the interval: the fxforge row's ratio to ORT fp32 is unresolved
+    assert not settled({**samples, "fxforge int8 → onnx": [3.0] * 6 + [6.0]})
+    # so is the self-check pair's; eager's own ratio (a peer) is not what the table resolves
+    assert not settled({**samples, SELF_CHECK: [*steady[:6], 7.0]})
+    assert settled({**samples, "eager": [20.0] * 6 + [40.0]})
+    # more rounds: the 90 % interval drops the stalled extremes
+    assert settled({**samples, "ort fp32": steady * 2, SELF_CHECK: steady * 2, "eager": [20.0] * 14,
+                    "fxforge int8 → onnx": [3.0] * 13 + [6.0]})
 
 
 def test_every_ort_session_gets_the_same_options():

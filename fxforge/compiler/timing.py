@@ -28,7 +28,9 @@ def measure_latency(fn: Callable[..., Any], inputs: Sequence[Any], budget_s: flo
 
 def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sample_ms: float = 20.0,
                         pause_s: float = 0.0,
-                        rebuild: Mapping[K, Callable[[], Callable[[], Any]]] | None = None) -> dict[K, list[float]]:
+                        rebuild: Mapping[K, Callable[[], Callable[[], Any]]] | None = None,
+                        settled: Callable[[dict[K, list[float]]], bool] | None = None,
+                        max_rounds: int = 0) -> dict[K, list[float]]:
     """Per-call wall times (ms) of several systems timed in turn, for ratios that load drifting does not skew.
 
     Each of ``rounds`` rounds times every runner once, in the order :func:`rotation` gives (so no system always
@@ -40,7 +42,11 @@ def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sam
     timed each round on a runner built just before its sample (then warmed by a quarter of a sample's calls, at
     least one: a fresh session's first calls still grow its memory arena and wake its thread pool) and dropped
     right after it, so that every system's sample is taken on a runner built last, whatever order the systems were built in
-    (ORT sessions built later in one process ran slower than earlier ones of the identical graph)."""
+    (ORT sessions built later in one process ran slower than earlier ones of the identical graph).
+
+    ``settled`` (given the samples so far) lets the timing go on past ``rounds``, one round at a time up to
+    ``max_rounds``, until it returns True: a run whose rounds spread too widely to resolve a ratio (a stall in
+    one round of seven decides a 90 % interval of seven) takes the rounds that narrow it instead of saying so."""
     names = list(runners)
     rebuild = rebuild or {}
     samples: dict[K, list[float]] = {n: [] for n in names}
@@ -48,7 +54,8 @@ def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sam
         return samples
     with torch.inference_mode():
         calls = {n: _calls_per_sample(runners[n], sample_ms) for n in names}
-        for r in range(rounds):
+        r = 0
+        while r < rounds or (settled is not None and r < max_rounds and not settled(samples)):
             for name in rotation(names, r):
                 run = runners[name]
                 if name in rebuild:
@@ -61,6 +68,7 @@ def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sam
                     run()
                 samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
                 del run  # a rebuilt runner is released before the next system's sample
+            r += 1
     return samples
 
 

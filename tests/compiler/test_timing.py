@@ -45,6 +45,23 @@ def test_rebuilt_systems_are_timed_on_a_runner_built_just_before_their_sample_an
                    "build b2", "b2", "b2", "free b2", "a0"]     # round 1 starts at b, again fresh
 
 
+def test_rounds_go_on_past_the_minimum_until_settled_or_the_cap():
+    runners = {"a": lambda: None, "b": lambda: None}
+    seen: list[int] = []
+
+    def settled_at(n):
+        def settled(samples):
+            seen.append(len(samples["a"]))
+            assert len(samples["a"]) == len(samples["b"])  # asked between whole rounds only
+            return len(samples["a"]) >= n
+        return settled
+    assert len(interleaved_latency(runners, rounds=3, sample_ms=0, settled=settled_at(5), max_rounds=9)["a"]) == 5
+    assert seen == [3, 4, 5]  # not asked before the minimum
+    assert len(interleaved_latency(runners, rounds=3, sample_ms=0, settled=settled_at(99), max_rounds=6)["b"]) == 6
+    assert len(interleaved_latency(runners, rounds=3, sample_ms=0, settled=settled_at(0), max_rounds=9)["a"]) == 3
+    assert len(interleaved_latency(runners, rounds=3, sample_ms=0)["a"]) == 3  # no predicate: exactly ``rounds``
+
+
 def test_rotation_starts_one_later_each_round():
     assert [rotation("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
     assert rotation([], 3) == []
