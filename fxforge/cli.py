@@ -94,9 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="an option of the backend (repeatable), e.g. --backend-option tune={'trials':16}")
     comp.add_argument("--tuning-db", metavar="DIR", help="tvm backend: apply this MetaSchedule database (from "
                       "`fxforge tune`) without tuning")
-    comp.add_argument("--latency", action="store_true",
+    comp.add_argument("--latency", action=argparse.BooleanOptionalAction, default=False,
                       help="also time each stage's graph in PyTorch eager and the compiled artifact (slower compile; "
-                           "the numeric checks run either way)")
+                           "the numeric checks run either way; default: --no-latency, as in fxforge.compile)")
     comp.add_argument("--out", help="directory to write the artifact to")
     comp.set_defaults(run=_compile)
 

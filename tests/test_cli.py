@@ -120,6 +120,20 @@ def test_cli_and_python_defaults_agree():
     assert args.backend == defaults["backend"].default and args.target == defaults["target"].default
     assert args.verify == defaults["verify"].default and not split_passes(args.passes)
     assert defaults["passes"].default is None
+    assert args.latency is defaults["measure_latency"].default is False
+    timed = lambda *flag: parser.parse_args(["compile", "m:f", "--input-shape", "1", *flag]).latency
+    assert timed("--latency") is True and timed("--no-latency") is False
+
+
+def test_no_latency_times_nothing_and_latency_times_the_artifact(capsys):
+    """Timing is opt-in (``--latency``; ``--no-latency`` is the default): without it no row has a latency and the
+    report says nothing about timing; with it the backend row times the artifact and the note says so."""
+    from fxforge.compiler.report import LATENCY_NOTE
+    for flag, timed in (("--no-latency", False), ("--latency", True)):
+        assert main(["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "fuse", flag]) == 0
+        out = capsys.readouterr().out
+        backend_row = next(ln for ln in out.splitlines() if ln.startswith("backend:eager"))
+        assert (LATENCY_NOTE.split("(")[0] in out) is timed and ("ms " in backend_row) is timed, out
 
 
 def test_tuning_db_and_backend_options_reach_compile(monkeypatch, tmp_path):
@@ -257,6 +271,7 @@ def test_console_help_shows_the_python_defaults_and_passes_describes_each_pass()
     helped = " ".join(console("compile", "--help").stdout.split())
     assert f"(default: {defaults['backend'].default})" in helped and f"(default: {defaults['target'].default})" \
         in helped and f"(default: {defaults['verify'].default})" in helped and "(default: none, as in" in helped
+    assert "--latency, --no-latency" in helped and "default: --no-latency, as in fxforge.compile" in helped
     listed = console("passes").stdout.splitlines()
     assert next(ln for ln in listed if ln.startswith("fold_qdq")).endswith("into one table lookup (exact).")
     described = console("passes", "low_rank").stdout.splitlines()
