@@ -5,7 +5,9 @@ node/op where there is one), and the CLI turns it into ``fxforge: error: ...`` w
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -137,6 +139,18 @@ def stray_manifest_dir(tmp: Path) -> Path:
     saved(tmp)
     (tmp / "artifact" / "thesis.tex").write_text("\\documentclass{article}")
     return tmp / "artifact"
+
+
+def read_only_dir(tmp: Path, mp: pytest.MonkeyPatch) -> Path:
+    """A directory nobody may write into; root ignores the mode, so there creating anything in it is refused as
+    the kernel would refuse it to a user."""
+    (tmp / "ro").mkdir()
+    (tmp / "ro").chmod(0o555)
+    if os.geteuid() == 0:
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        mp.setattr(base.tempfile, "mkdtemp", refuse)
+    return tmp / "ro" / "out"
 
 
 # -------------------------------------------------------------------------------------------------- the table
@@ -286,6 +300,9 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_().save((t / "out").write_text("x") and t / "out")),
     ("saving under a path that is a file", fxforge.ArtifactError, r"cannot write an artifact to .*out/artifact",
      lambda t, mp: compile_().save((t / "out").write_text("x") and t / "out" / "artifact")),
+    ("saving into a read-only place", fxforge.ArtifactError,
+     r"cannot write an artifact to .*ro/out: Permission denied",
+     lambda t, mp: compile_().save(read_only_dir(t, mp))),
     # tuning
     ("corrupt tuning database", fxforge.TuningError, r"tuning database metadata .*db/fxforge_tuning\.json is corrupt",
      lambda t, mp: compile_(backend="tvm", tune={"trials": 1, "db": tuning_db(t, "META_FILE", "{")})),
