@@ -469,7 +469,7 @@ def plot_pareto(result: AutotuneResult, path: Path) -> None:
     fig.colorbar(points, ax=ax, label="size (KiB of constants)")
     if stale := result.stale:
         ax.scatter([c.latency_ms for c in stale], [c.score for c in stale], facecolors="none", edgecolors="gray",
-                   zorder=3, label="stale: timed during the search only (another load), not re-timed")
+                   zorder=3, label="stale: timed only during the search (another load)")
     front = latency_score_front(ok)
     ax.step([c.latency_ms for c in front], [c.score for c in front], where="post", color="gray", ls="--",
             label="front of the re-timed (latency, score)")
@@ -483,7 +483,10 @@ def plot_pareto(result: AutotuneResult, path: Path) -> None:
                                                 *(["int8"] if result.best.setting.quantize else [])]))
     ax.set(xlabel=f"latency (ms, {result.meta.get('backend')})", ylabel="score (evaluate)",
            title=f"autotune: {result.meta.get('model', '')}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=7, frameon=False)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()  # under the plot: beside it, it overprinted the colour bar
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    rows = -(-len(labels) // 2)
+    fig.set_figheight(fig.get_figheight() + 0.2 * rows)
+    fig.tight_layout(rect=(0, (0.2 * rows + 0.1) / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

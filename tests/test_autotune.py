@@ -142,7 +142,7 @@ def test_stale_candidates_are_marked_in_the_record_and_the_plot(tmp_path, monkey
     ax = figures[0].axes[0]
     marked = [c for c in ax.collections if c.get_label().startswith("stale")]
     assert len(marked) == 1 and marked[0].get_offsets().tolist() == [[0.5, 0.98]]
-    assert "another load" in marked[0].get_label()
+    assert "another load" in marked[0].get_label() and figures[0].legends  # the legend, under the plot
     front = next(line for line in ax.lines if line.get_label().startswith("front"))
     assert list(front.get_xdata()) == [1.0, 1.5, 2.0]  # the re-timed front; the stale point is not on it
     assert [0.5, 0.98] not in ax.collections[0].get_offsets().tolist()  # nor among the coloured points
