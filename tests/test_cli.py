@@ -221,6 +221,11 @@ def no_data():
 def batches():
     torch.manual_seed(0)
     return [(torch.randn(2, 4),) for _ in range(4)]
+
+
+def pairs():
+    torch.manual_seed(0)
+    return [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(4)]
 '''
 
 
@@ -239,6 +244,20 @@ def test_console_misuse_is_one_line_and_status_2_before_any_compile(argv, messag
     assert done.returncode == 2 and done.stdout == ""  # no report: nothing was compiled
     assert done.stderr.startswith("fxforge: error: ") and done.stderr.count("\n") == 1
     assert message in done.stderr and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_console_input_key_picks_the_inputs_out_of_labelled_calibration_batches(tmp_path):
+    (tmp_path / "tinymodel.py").write_text(TINY)
+    (tmp_path / "misuse.py").write_text(MISUSE)
+    argv = ["compile", "tinymodel:tiny", "--input-shape", "2,4", "--passes", "int8", "--calibration", "misuse:pairs"]
+    refused = console(*argv, cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "got 2: float32 [2, 4], int64 [2] (a DataLoader of (input, label) pairs? give input_key=0" in refused.stderr
+    done = console(*argv, "--input-key", "0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\ncalibrate.*batches=3", done.stdout), done.stdout  # 4 pairs, one held out by the budget
+    keys = lambda text: _parser().parse_args(["compile", "m:f", "--input-shape", "1", "--input-key", text]).input_key
+    assert keys("0") == 0 and keys("pixel_values") == "pixel_values" and keys("input_ids,1") == ("input_ids", 1)
 
 
 def test_console_warnings_are_one_line_each(tmp_path):
