@@ -165,7 +165,8 @@ def test_an_artifact_that_misses_the_budget_its_graph_holds_is_named(negating_ba
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     data = {"calibration": [(torch.randn(8, 16),) for _ in range(2)], "validation": [(torch.randn(8, 16),)],
             "metric": "cosine", "max_drop": 0.5, "verify": "lint"}
-    missed = r"the negating artifact misses the accuracy budget that its graph holds: cosine drop 1\.9\d* > max_drop 0\.5"
+    missed = (r"the negating artifact misses the accuracy budget that its graph holds: cosine drop 1\.9\d* > "
+              r"max_drop 0\.5")
     with pytest.warns(UserWarning, match=missed):
         cm = fxforge.compile(model, torch.randn(8, 16), passes=["int8"], backend="negating", **data)
     assert cm.report.meta["budget"]["artifact"]["held"] is False
