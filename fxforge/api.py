@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 import warnings
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,6 +25,8 @@ from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
 from fxforge.compiler.trace import Signature, trace
 from fxforge.compiler.verify import ModelRuns, check_artifact
+
+InputKey = int | str | Sequence[int | str]  # input_key: where a calibration item holds the model's inputs
 
 
 class CompiledModel:
@@ -48,7 +51,7 @@ class CompiledModel:
 
 def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Sequence[str | Pass] | None = None,
             backend: str = "eager", target: str | Target = "x86", calibration: Iterable[Any] | None = None,
-            calibration_fn: Callable[[Any], Any] | None = None,
+            calibration_fn: Callable[[Any], Any] | None = None, input_key: InputKey | None = None,
             verify: VerifyMode = "numerics", measure_latency: bool = False, static_batch: bool = False,
             validation: Iterable[Any] | None = None, metric: Metric = None, train: Iterable[Any] | None = None,
             max_drop: float | None = None, strict: bool = False, **backend_options: Any) -> CompiledModel:
@@ -68,6 +71,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             (``calibrate``, ``bias_correction``); a warning says so when no pass reads it.
         calibration_fn: maps each calibration item to an input tuple, e.g. ``lambda b: b[:1]`` for the
             ``(input, label)`` batches of a DataLoader.
+        input_key: picks the inputs out of each calibration item by index or dict key, instead of a
+            ``calibration_fn``: ``0`` for a DataLoader's ``(input, label)`` batches, ``"pixel_values"`` for dict
+            batches; a tuple of keys (``("input_ids", "attention_mask")``) gives several inputs in that order.
         verify: ``"numerics"`` checks every exact pass against the stage before it on fresh inputs and the
             artifact against the graph and the model (``VerificationError`` outside the bounds); ``"lint"``
             checks graphs only; ``"off"`` checks nothing.
@@ -101,6 +107,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be.check_target(tgt)
     be.check_options(backend_options)
     budget = Budget.of(passes, max_drop, metric, strict)
+    pick = _picker(calibration_fn, input_key)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
     _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
@@ -111,8 +118,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     gm, signature = trace(model, example, static_batch=static_batch, runs=runs)
     times["trace"] = time.perf_counter() - start
     flat = tuple(signature.flatten(example))
-    if calibration is not None and calibration_fn is not None:
-        calibration = _Mapped(calibration, calibration_fn)
+    if calibration is not None and pick is not None:
+        calibration = _Mapped(calibration, *pick)
     if not signature.dynamic_batch:
         calibration, validation, train = (None if data is None else _Rebatched(data, example, kind) for data, kind in
                                           ((calibration, "calibration"), (validation, "validation"), (train, "train")))
@@ -237,18 +244,56 @@ class _Rebatched:
                     [t[k:k + self.size] if b else t for t, b in zip(leaves, self.batched)], spec)
 
 
+def _picker(calibration_fn: Callable[[Any], Any] | None, input_key: InputKey | None
+            ) -> tuple[Callable[[Any], Any], str] | None:
+    """What picks the inputs out of each calibration item, and its name for errors: ``calibration_fn``, or
+    ``input_key`` (checked here, before any work); None when neither is given."""
+    if calibration_fn is not None and input_key is not None:
+        raise InputError("give calibration_fn or input_key, not both: each picks the inputs out of a calibration "
+                         "batch")
+    if calibration_fn is not None:
+        if not callable(calibration_fn):
+            raise InputError(f"calibration_fn must be callable, got {type(calibration_fn).__name__}")
+        return calibration_fn, "calibration_fn"
+    if input_key is None:
+        return None
+    keys = input_key if isinstance(input_key, (tuple, list)) else (input_key,)
+    if not keys or not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in keys):
+        raise InputError(f"input_key must be an index, a dict key or a tuple of them (e.g. 0, 'pixel_values', "
+                         f"('input_ids', 'attention_mask')), got {input_key!r}")
+
+    def pick(batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):  # indexing would take a sample, not an input
+            raise CalibrationError("input_key picks from tuples, lists and dicts, but the batch is a tensor; "
+                                   "leave input_key out")
+        found = []
+        for k in keys:
+            try:
+                found.append(batch[k])
+            except (KeyError, IndexError, TypeError):
+                held = f"a {type(batch).__name__} with keys {list(batch)}" if isinstance(batch, Mapping) else \
+                    f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, Sized) else \
+                    f"a {type(batch).__name__}"
+                raise CalibrationError(f"input_key {k!r} is not in it ({held})") from None
+        return tuple(found) if isinstance(input_key, (tuple, list)) else found[0]
+    return pick, "input_key"
+
+
 class _Mapped:
     """``fn`` applied to each item of ``data``, anew on each iteration (several passes may read calibration data):
-    picks the inputs out of batches shaped otherwise, e.g. ``(input, label)`` pairs of a DataLoader."""
+    picks the inputs out of batches shaped otherwise, e.g. ``(input, label)`` pairs of a DataLoader. ``name``
+    (``calibration_fn``, ``input_key``) names it in the error of an item it fails on."""
 
-    def __init__(self, data: Iterable[Any], fn: Callable[[Any], Any]) -> None:
-        self.data, self.fn = data, fn
+    def __init__(self, data: Iterable[Any], fn: Callable[[Any], Any], name: str) -> None:
+        self.data, self.fn, self.name = data, fn, name
 
     def __iter__(self) -> Iterator[Any]:
         for i, batch in enumerate(self.data):
             try:
                 item = self.fn(batch)
+            except CalibrationError as e:
+                raise CalibrationError(f"calibration batch {i}: {e}") from None
             except Exception as e:
-                raise CalibrationError(f"calibration_fn failed on batch {i}: {type(e).__name__}: "
+                raise CalibrationError(f"{self.name} failed on batch {i}: {type(e).__name__}: "
                                        f"{first_line(e)}") from None
             yield item

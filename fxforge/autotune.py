@@ -107,7 +107,9 @@ class Setting:
 
 @dataclass
 class Candidate:
-    """A setting and what it measured: latency (ms) on the backend, size (bytes of constants), score."""
+    """A setting and what it measured: latency (ms) on the backend, size (bytes of constants), score.
+    ``retimed``: the latency comes from the final interleaved re-timing, comparable with every other re-timed
+    one; otherwise it was timed once during the search, under that moment's load (stale)."""
 
     setting: Setting
     predicted_drop: float = 0.0
@@ -117,6 +119,7 @@ class Candidate:
     score: float | None = None
     feasible: bool = False
     error: str | None = None
+    retimed: bool = False
 
     @property
     def passes(self) -> list[str]:
@@ -125,7 +128,7 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         return {"passes": self.passes, "latency_ms": self.latency_ms, "size_bytes": self.size_bytes,
                 "score": self.score, "feasible": self.feasible, "predicted_drop": self.predicted_drop,
-                "predicted_ms": self.predicted_ms, "error": self.error}
+                "predicted_ms": self.predicted_ms, "error": self.error, "retimed": self.retimed}
 
 
 @dataclass
@@ -145,6 +148,12 @@ class AutotuneResult:
     plot_path: Path | None = None
 
     @property
+    def stale(self) -> list[Candidate]:
+        """Measured candidates whose latency is from the search only (released off the front before the final
+        re-timing): not comparable with the front's, so neither on it nor the pick, and marked in the plot."""
+        return [c for c in self.candidates if c.error is None and not c.retimed]
+
+    @property
     def passes(self) -> list[str]:
         if self.best is None:
             raise TuningError("no candidate met the accuracy budget")
@@ -155,7 +164,8 @@ class AutotuneResult:
         return {**self.meta, "passes": self.best.passes if self.best else None,
                 "best": index.get(id(self.best)), "baseline": index[id(self.baseline)],
                 "reference": index[id(self.reference)],
-                "pareto": [index[id(c)] for c in self.pareto], "candidates": [c.to_dict() for c in self.candidates],
+                "pareto": [index[id(c)] for c in self.pareto], "stale": [index[id(c)] for c in self.stale],
+                "candidates": [c.to_dict() for c in self.candidates],
                 "pruned": self.pruned, "sensitivity": self.sensitivity.to_dict()}
 
 
@@ -337,7 +347,7 @@ class _Search:
         runners = {id(c): (lambda run=self.compiled[id(c)].artifact.run: run(flat)) for c in cands}
         samples = interleaved_latency(runners, rounds, sample_ms=50.0)
         for c in cands:
-            c.latency_ms = statistics.median(samples[id(c)])
+            c.latency_ms, c.retimed = statistics.median(samples[id(c)]), True
 
 
 def specs(passes: Sequence[str | Pass]) -> list[str]:
@@ -444,21 +454,25 @@ def load_passes(record: str | Path) -> list[str]:
 
 def plot_pareto(result: AutotuneResult, path: Path) -> None:
     """Score against latency for every candidate (colour: size). The front drawn is the one of this 2-D view
-    (``latency_score_front``; the search's front also weighs size, which would zig-zag in 2-D): a step through
-    every candidate that no faster candidate outscores. The pick is starred; names go in the legend, not on
-    points."""
+    (``latency_score_front``; the search's front also weighs size, which would zig-zag in 2-D) over the re-timed
+    candidates: a step through every one that no faster one outscores. Stale candidates (timed during the search
+    only, under another load) are hollow grey and labelled so: they may sit left of the front. The pick is
+    starred; names go in the legend, not on points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [c for c in result.candidates if c.error is None]
+    ok = [c for c in result.candidates if c.error is None and c.retimed]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     points = ax.scatter([c.latency_ms for c in ok], [c.score for c in ok], c=[c.size_bytes / 1024 for c in ok],
                         cmap="viridis", edgecolors="k", zorder=3)
     fig.colorbar(points, ax=ax, label="size (KiB of constants)")
+    if stale := result.stale:
+        ax.scatter([c.latency_ms for c in stale], [c.score for c in stale], facecolors="none", edgecolors="gray",
+                   zorder=3, label="stale: timed only during the search (another load)")
     front = latency_score_front(ok)
     ax.step([c.latency_ms for c in front], [c.score for c in front], where="post", color="gray", ls="--",
-            label="front (latency, score)")
+            label="front of the re-timed (latency, score)")
     ax.axhline(result.meta["threshold"], color="red", lw=0.8, label="accuracy budget")
     for c, name, marker in ((result.baseline, "float", "s"), (result.reference, "int8 preset", "D")):
         ax.scatter([c.latency_ms], [c.score], marker=marker, s=90, facecolors="none", edgecolors="k", zorder=4,
@@ -469,7 +483,10 @@ def plot_pareto(result: AutotuneResult, path: Path) -> None:
                                                 *(["int8"] if result.best.setting.quantize else [])]))
     ax.set(xlabel=f"latency (ms, {result.meta.get('backend')})", ylabel="score (evaluate)",
            title=f"autotune: {result.meta.get('model', '')}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=7, frameon=False)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()  # under the plot: beside it, it overprinted the colour bar
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    rows = -(-len(labels) // 2)
+    fig.set_figheight(fig.get_figheight() + 0.2 * rows)
+    fig.tight_layout(rect=(0, (0.2 * rows + 0.1) / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

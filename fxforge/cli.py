@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", default="x86", help="x86, arm64 or cuda (default: x86)")
     comp.add_argument("--calibration", metavar="MODULE:FN",
                       help="a function returning an iterable of input tuples (needed by int8)")
+    comp.add_argument("--input-key", metavar="KEY[,KEY]", type=_input_key,
+                      help="where each --calibration batch holds the model's inputs: an index or dict key, e.g. 0 for "
+                           "(input, label) pairs, or several in order (input_key of fxforge.compile)")
     comp.add_argument("--validation", metavar="MODULE:FN", help="a function returning held-out input tuples: the "
                       "report's error columns (cosine, top-1 agreement) come from them")
     comp.add_argument("--verify", default="numerics", choices=("off", "lint", "numerics"),
@@ -94,9 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="an option of the backend (repeatable), e.g. --backend-option tune={'trials':16}")
     comp.add_argument("--tuning-db", metavar="DIR", help="tvm backend: apply this MetaSchedule database (from "
                       "`fxforge tune`) without tuning")
-    comp.add_argument("--latency", action="store_true",
+    comp.add_argument("--latency", action=argparse.BooleanOptionalAction, default=False,
                       help="also time each stage's graph in PyTorch eager and the compiled artifact (slower compile; "
-                           "the numeric checks run either way)")
+                           "the numeric checks run either way; default: --no-latency, as in fxforge.compile)")
     comp.add_argument("--out", help="directory to write the artifact to")
     comp.set_defaults(run=_compile)
 
@@ -221,7 +224,8 @@ def _compile(args: argparse.Namespace) -> int:
     calibration = _calibration(args.calibration) if args.calibration else None
     validation = _calibration(args.validation, "validation") if args.validation else None
     cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend=args.backend,
-                         target=args.target, calibration=calibration, validation=validation, verify=args.verify,
+                         target=args.target, calibration=calibration, input_key=args.input_key,
+                         validation=validation, verify=args.verify,
                          measure_latency=args.latency, static_batch=args.static_batch, max_drop=args.max_drop,
                          strict=args.strict, **options)
     print(cm.report)
@@ -268,6 +272,12 @@ def _backend_options(pairs: list[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             options[key.strip()] = value
     return options
+
+
+def _input_key(text: str) -> int | str | tuple[int | str, ...]:
+    """``--input-key``: integers are indices, anything else a dict key; a comma gives several keys in order."""
+    keys = tuple(int(k) if k.strip().lstrip("-").isdigit() else k.strip() for k in text.split(","))
+    return keys if len(keys) > 1 else keys[0]
 
 
 def _calibration(spec: str, what: str = "calibration") -> list[Any]:

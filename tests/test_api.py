@@ -139,12 +139,13 @@ def negating_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("measure_latency", [True, False])
-def test_a_backend_with_wrong_outputs_is_an_error_not_a_report_line(negating_backend, measure_latency):
-    model, x = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), torch.randn(2, 4)
+@pytest.mark.parametrize("passes", ["fuse", "low_rank{energy=0.5}"])  # exact, and approximate with a stated bound
+def test_a_backend_with_wrong_outputs_is_an_error_not_a_report_line(negating_backend, measure_latency, passes):
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.randn(2, 8)
     with pytest.raises(fxforge.VerificationError, match=r"negating artifact differs from the graph it compiled by 2 "
                                                           r"relative \(bound 0\.0001\)"):
-        fxforge.compile(model, (x,), passes=["fuse"], backend="negating", measure_latency=measure_latency)
-    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="negating", verify="off")
+        fxforge.compile(model, (x,), passes=[passes], backend="negating", measure_latency=measure_latency)
+    cm = fxforge.compile(model, (x,), passes=[passes], backend="negating", verify="off")
     assert cm.report.final.max_rel_err is None  # verify="off" is the only way out, and then nothing is claimed
 
 
@@ -155,6 +156,22 @@ def test_a_quantized_graph_is_held_to_the_int8_kernel_bound(negating_backend, pa
                                                           r"the model, the graph itself 0\.\d+ \(bound .*: the int8 "
                                                           r"kernels compute something else\)"):
         fxforge.compile(model, (x,), passes=[passes], backend="negating", calibration=[(torch.randn(8, 16),)])
+
+
+def test_an_artifact_that_misses_the_budget_its_graph_holds_is_named(negating_backend):
+    """The budget is checked on the artifact too, whatever ``verify`` says: with the numeric checks reduced to lint,
+    a backend whose outputs leave the budget is a warning, and under ``strict`` a BudgetError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = {"calibration": [(torch.randn(8, 16),) for _ in range(2)], "validation": [(torch.randn(8, 16),)],
+            "metric": "cosine", "max_drop": 0.5, "verify": "lint"}
+    missed = (r"the negating artifact misses the accuracy budget that its graph holds: cosine drop 1\.9\d* > "
+              r"max_drop 0\.5")
+    with pytest.warns(UserWarning, match=missed):
+        cm = fxforge.compile(model, torch.randn(8, 16), passes=["int8"], backend="negating", **data)
+    assert cm.report.meta["budget"]["artifact"]["held"] is False
+    with pytest.raises(fxforge.BudgetError, match=missed):
+        fxforge.compile(model, torch.randn(8, 16), passes=["int8"], backend="negating", strict=True, **data)
 
 
 def test_the_backend_row_is_measured_against_the_model_even_without_latency(resnet):

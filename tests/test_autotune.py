@@ -10,7 +10,9 @@ from fxforge.compiler.errors import CalibrationError, InputError, TuningError
 from fxforge.compiler.graph import graph_tensors
 from fxforge.compiler.pass_manager import resolve
 from fxforge.passes import QUANTIZE
-from fxforge.autotune import Candidate, SearchSpace, Setting, latency_score_front, load_passes, pareto_front
+from fxforge.autotune import (AutotuneResult, Candidate, SearchSpace, Setting, latency_score_front, load_passes,
+                              pareto_front, plot_pareto)
+from fxforge.passes.analysis.sensitivity import Sensitivity
 from models import accuracy, digits_cnn
 
 BACKEND = "onnx"  # int8 runs as int8 kernels only there
@@ -43,6 +45,10 @@ def _check_search(result, model, example, calibration, evaluate, test_data, tmp_
     # the pick is at least as fast as the int8 preset in the search's own interleaved re-timing: a check of the
     # selection (a stale or unfeasible pick fails it); benchmarks/autotune_table.py measures the speed itself
     assert result.best in result.pareto
+    # only re-timed latencies are compared: the front and the pick are re-timed, the rest is marked stale
+    assert all(c.retimed for c in result.pareto) and result.baseline.retimed and result.reference.retimed
+    assert [record["candidates"][i]["retimed"] for i in record["pareto"]] == [True] * len(result.pareto)
+    assert record["stale"] == [i for i, c in enumerate(result.candidates) if c.error is None and not c.retimed]
     assert result.reference.passes == ["fuse", *QUANTIZE] and result.reference.feasible
     assert result.best.latency_ms <= result.reference.latency_ms
     fp32 = accuracy(model, *test_data)
@@ -114,6 +120,32 @@ def test_the_plotted_front_is_a_front_of_latency_and_score():
     assert front == [e, a, f]
     for x in (a, b, c, e, f):  # every candidate is matched by the front's step at or before its latency
         assert max(s.score for s in front if s.latency_ms <= x.latency_ms) >= x.score
+
+
+def test_stale_candidates_are_marked_in_the_record_and_the_plot(tmp_path, monkeypatch):
+    """A candidate timed only during the search (under another load) is listed as stale, drawn apart (hollow grey,
+    labelled), and left out of the plotted front, even where its stale time puts it left of the front."""
+    from matplotlib.figure import Figure
+
+    def cand(ms, score, retimed=True, error=None):
+        return Candidate(Setting(), latency_ms=ms, size_bytes=100, score=score, retimed=retimed, error=error)
+    base, ref, fast = cand(2.0, 1.0), cand(1.0, 0.99), cand(1.5, 0.995)
+    stale, failed = cand(0.5, 0.98, retimed=False), cand(None, None, retimed=False, error="BackendError: x")
+    result = AutotuneResult(base, ref, [base, ref, fast, stale, failed], [ref, fast, base], ref, [],
+                            Sensitivity(layers=[]), meta={"threshold": 0.98, "backend": "onnx"})
+    assert result.stale == [stale]
+    record = result.to_dict()
+    assert record["stale"] == [3] and [c["retimed"] for c in record["candidates"]] == [True] * 3 + [False] * 2
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    plot_pareto(result, tmp_path / "pareto.png")
+    ax = figures[0].axes[0]
+    marked = [c for c in ax.collections if c.get_label().startswith("stale")]
+    assert len(marked) == 1 and marked[0].get_offsets().tolist() == [[0.5, 0.98]]
+    assert "another load" in marked[0].get_label() and figures[0].legends  # the legend, under the plot
+    front = next(line for line in ax.lines if line.get_label().startswith("front"))
+    assert list(front.get_xdata()) == [1.0, 1.5, 2.0]  # the re-timed front; the stale point is not on it
+    assert [0.5, 0.98] not in ax.collections[0].get_offsets().tolist()  # nor among the coloured points
 
 
 class Tiny(nn.Module):

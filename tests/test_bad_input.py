@@ -5,7 +5,9 @@ node/op where there is one), and the CLI turns it into ``fxforge: error: ...`` w
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -139,6 +141,18 @@ def stray_manifest_dir(tmp: Path) -> Path:
     return tmp / "artifact"
 
 
+def read_only_dir(tmp: Path, mp: pytest.MonkeyPatch) -> Path:
+    """A directory nobody may write into; root ignores the mode, so there creating anything in it is refused as
+    the kernel would refuse it to a user."""
+    (tmp / "ro").mkdir()
+    (tmp / "ro").chmod(0o555)
+    if os.geteuid() == 0:
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        mp.setattr(base.tempfile, "mkdtemp", refuse)
+    return tmp / "ro" / "out"
+
+
 # -------------------------------------------------------------------------------------------------- the table
 
 Case = Callable[[Path, pytest.MonkeyPatch], object]
@@ -233,6 +247,12 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_(passes="int8", calibration=[])),
     ("calibration batch of the wrong shape", fxforge.CalibrationError, r"calibration batch 0, input 0: .*\(2, 5\)",
      lambda t, mp: compile_(passes="int8", calibration=[(torch.randn(2, 5),)])),
+    ("(input, label) calibration batches", fxforge.CalibrationError,
+     r"calibration batch 0 must be a tuple of 1 tensor\(s\) .* got 2: .* give input_key=0, or calibration_fn=",
+     lambda t, mp: compile_(passes="int8", calibration=[(x, torch.zeros(2))])),
+    ("input_key not in a calibration batch", fxforge.CalibrationError,
+     r"calibration batch 0: input_key 'x' is not in it \(a dict with keys \['image', 'label'\]\)",
+     lambda t, mp: compile_(passes="int8", calibration=[{"image": x, "label": 0}], input_key="x")),
     ("NaN in calibration data", fxforge.CalibrationError, r"calibration batch 1, input 0 holds NaN or Inf",
      lambda t, mp: compile_(passes="int8", calibration=[(x,), (torch.full((2, 4), float("nan")),)])),
     ("distill without train data", fxforge.CalibrationError, r"pass 'distill' needs training data: pass train=",
@@ -280,6 +300,9 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_().save((t / "out").write_text("x") and t / "out")),
     ("saving under a path that is a file", fxforge.ArtifactError, r"cannot write an artifact to .*out/artifact",
      lambda t, mp: compile_().save((t / "out").write_text("x") and t / "out" / "artifact")),
+    ("saving into a read-only place", fxforge.ArtifactError,
+     r"cannot write an artifact to .*ro/out: Permission denied",
+     lambda t, mp: compile_().save(read_only_dir(t, mp))),
     # tuning
     ("corrupt tuning database", fxforge.TuningError, r"tuning database metadata .*db/fxforge_tuning\.json is corrupt",
      lambda t, mp: compile_(backend="tvm", tune={"trials": 1, "db": tuning_db(t, "META_FILE", "{")})),

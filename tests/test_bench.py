@@ -250,9 +250,10 @@ def test_a_failing_system_gets_a_row_with_the_first_line_of_its_error_without_co
 
 def test_plots_name_failed_systems_and_colour_each_system_alike_in_both(tmp_path, monkeypatch):
     """A failed system is named under its panel and in the legend (it has no point to draw); each system keeps
-    one colour in both plots; the caption is the figure's title."""
+    one colour in both plots; the caption is the figure's title; an error of 0 sits at the labelled 1e-9; the
+    error bars span min to max."""
     import matplotlib.figure
-    from fxforge.bench import Row, plot
+    from fxforge.bench import ZERO_ERROR, Row, plot
     figures = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     rows = [Row("m", 1, "eager", True, 2.0, 1.9, 2.2, 1.0, max_rel_err=0.0),
@@ -268,3 +269,7 @@ def test_plots_name_failed_systems_and_colour_each_system_alike_in_both(tmp_path
     colour = lambda h: tuple(h.get_color() if hasattr(h, "get_marker") else h.get_facecolor())[:3]
     for name in ("fxforge fuse → onnx", "ort fp32 (failed)"):
         assert colour(legends[0][name]) == colour(legends[1][name])
+    ax = scatter.axes[0]  # an error of exactly 0 is drawn where the axis says so, and labelled "0"
+    assert "0 drawn at 1e-9" in ax.get_xlabel() and [(t.get_text(), t.xy[0]) for t in ax.texts] == [("0", ZERO_ERROR)]
+    spans = {tuple(c.lines[0].get_xdata()): c.lines[2][0].get_segments()[0].tolist() for c in ax.containers}
+    assert spans == {(ZERO_ERROR,): [[ZERO_ERROR, 1.9], [ZERO_ERROR, 2.2]], (1e-6,): [[1e-6, 0.9], [1e-6, 1.1]]}

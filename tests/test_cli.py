@@ -120,6 +120,20 @@ def test_cli_and_python_defaults_agree():
     assert args.backend == defaults["backend"].default and args.target == defaults["target"].default
     assert args.verify == defaults["verify"].default and not split_passes(args.passes)
     assert defaults["passes"].default is None
+    assert args.latency is defaults["measure_latency"].default is False
+    timed = lambda *flag: parser.parse_args(["compile", "m:f", "--input-shape", "1", *flag]).latency
+    assert timed("--latency") is True and timed("--no-latency") is False
+
+
+def test_no_latency_times_nothing_and_latency_times_the_artifact(capsys):
+    """Timing is opt-in (``--latency``; ``--no-latency`` is the default): without it no row has a latency and the
+    report says nothing about timing; with it the backend row times the artifact and the note says so."""
+    from fxforge.compiler.report import LATENCY_NOTE
+    for flag, timed in (("--no-latency", False), ("--latency", True)):
+        assert main(["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "fuse", flag]) == 0
+        out = capsys.readouterr().out
+        backend_row = next(ln for ln in out.splitlines() if ln.startswith("backend:eager"))
+        assert (LATENCY_NOTE.split("(")[0] in out) is timed and ("ms " in backend_row) is timed, out
 
 
 def test_tuning_db_and_backend_options_reach_compile(monkeypatch, tmp_path):
@@ -207,6 +221,11 @@ def no_data():
 def batches():
     torch.manual_seed(0)
     return [(torch.randn(2, 4),) for _ in range(4)]
+
+
+def pairs():
+    torch.manual_seed(0)
+    return [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(4)]
 '''
 
 
@@ -225,6 +244,20 @@ def test_console_misuse_is_one_line_and_status_2_before_any_compile(argv, messag
     assert done.returncode == 2 and done.stdout == ""  # no report: nothing was compiled
     assert done.stderr.startswith("fxforge: error: ") and done.stderr.count("\n") == 1
     assert message in done.stderr and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_console_input_key_picks_the_inputs_out_of_labelled_calibration_batches(tmp_path):
+    (tmp_path / "tinymodel.py").write_text(TINY)
+    (tmp_path / "misuse.py").write_text(MISUSE)
+    argv = ["compile", "tinymodel:tiny", "--input-shape", "2,4", "--passes", "int8", "--calibration", "misuse:pairs"]
+    refused = console(*argv, cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "got 2: float32 [2, 4], int64 [2] (a DataLoader of (input, label) pairs? give input_key=0" in refused.stderr
+    done = console(*argv, "--input-key", "0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\ncalibrate.*batches=3", done.stdout), done.stdout  # 4 pairs, one held out by the budget
+    keys = lambda text: _parser().parse_args(["compile", "m:f", "--input-shape", "1", "--input-key", text]).input_key
+    assert keys("0") == 0 and keys("pixel_values") == "pixel_values" and keys("input_ids,1") == ("input_ids", 1)
 
 
 def test_console_warnings_are_one_line_each(tmp_path):
@@ -257,6 +290,7 @@ def test_console_help_shows_the_python_defaults_and_passes_describes_each_pass()
     helped = " ".join(console("compile", "--help").stdout.split())
     assert f"(default: {defaults['backend'].default})" in helped and f"(default: {defaults['target'].default})" \
         in helped and f"(default: {defaults['verify'].default})" in helped and "(default: none, as in" in helped
+    assert "--latency, --no-latency" in helped and "default: --no-latency, as in fxforge.compile" in helped
     listed = console("passes").stdout.splitlines()
     assert next(ln for ln in listed if ln.startswith("fold_qdq")).endswith("into one table lookup (exact).")
     described = console("passes", "low_rank").stdout.splitlines()

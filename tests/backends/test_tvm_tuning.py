@@ -341,7 +341,9 @@ def test_console_tune_then_compile_with_its_database_then_run(tmp_path):
     assert len(records) >= 2  # the default schedule and the tuned trials
     console("compile", "seeded:head", "--input-shape", "4,32", "--passes", "fuse", "--backend", "tvm",
             "--tuning-db", "db", "--out", "art")
-    stats = json.loads((tmp_path / "art" / "report.json").read_text())["meta"]["tuning"]
+    meta = json.loads((tmp_path / "art" / "report.json").read_text())["meta"]
+    stats = meta["tuning"]
+    assert meta["dynamic_batch"] is False and fxforge.load(tmp_path / "art").signature.dynamic_batch is False
     assert (stats["tasks"], stats["reused_tasks"], stats["trials"], stats["scheduled_functions"]) == (1, 1, 0, 1)
     assert (tmp_path / "db" / ms_tuning.RECORD_FILE).read_text().splitlines() == records  # applied, not extended
     x = torch.randn(4, 32)

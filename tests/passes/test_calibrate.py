@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import fxforge
-from fxforge.compiler.errors import CalibrationError, PassError
+from fxforge.compiler.errors import CalibrationError, InputError, PassError
+from fxforge.compiler.graph import graph_tensors
 from fxforge.passes.calibrate import Calibrate
 from fxforge.passes.lib.observers import HistogramObserver
 from fxforge.passes.lib.qdq import is_q, role
@@ -123,7 +124,8 @@ def test_labelled_batches_are_named_and_calibration_fn_picks_the_inputs():
     pairs = [(torch.randn(2, 4, 8, 8), torch.randint(0, 10, (2,))) for _ in range(2)]  # a DataLoader's (x, y)
     with pytest.raises(CalibrationError, match=r"batch 0 must be a tuple of 1 tensor\(s\) like the example inputs, "
                                                r"got 2: float32 \[2, 4, 8, 8\], int64 \[2\] \(a DataLoader of "
-                                               r"\(input, label\) pairs\? give calibration_fn="):
+                                               r"\(input, label\) pairs\? give input_key=0, or "
+                                               r"calibration_fn="):
         fxforge.compile(ConvRelu().eval(), torch.randn(2, 4, 8, 8), passes=["int8"], calibration=pairs)
     cm = fxforge.compile(ConvRelu().eval(), torch.randn(2, 4, 8, 8), passes=["int8"], calibration=pairs,
                          calibration_fn=lambda batch: batch[:1])
@@ -131,6 +133,60 @@ def test_labelled_batches_are_named_and_calibration_fn_picks_the_inputs():
     with pytest.raises(CalibrationError, match=r"calibration_fn failed on batch 0: KeyError: 'image'"):
         fxforge.compile(ConvRelu().eval(), torch.randn(2, 4, 8, 8), passes=["int8"], calibration=pairs,
                         calibration_fn=lambda batch: batch["image"] if isinstance(batch, dict) else {}["image"])
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(6, 3)
+
+    def forward(self, x, y):
+        return torch.relu(self.a(x) + self.b(y))
+
+
+def _same_graph(a, b):
+    ta, tb = graph_tensors(a.graph_module), graph_tensors(b.graph_module)
+    return (a.graph_module.code == b.graph_module.code and ta.keys() == tb.keys()
+            and all(torch.equal(ta[k], tb[k]) for k in ta))
+
+
+def test_input_key_picks_the_inputs_out_of_labelled_and_dict_batches():
+    """``input_key=0`` on a DataLoader's (x, y) batches, and a tuple of dict keys for a two-input model, calibrate
+    exactly as the plain input tuples do (same scales, same graph constants)."""
+    conv, xs = ConvRelu().eval(), [torch.randn(2, 4, 8, 8) for _ in range(2)]
+    plain = fxforge.compile(conv, xs[0], passes=["int8"], calibration=[(x,) for x in xs])
+    picked = fxforge.compile(conv, xs[0], passes=["int8"], input_key=0,
+                             calibration=[(x, torch.randint(0, 10, (2,))) for x in xs])
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    pairs = [(torch.randn(2, 4), torch.randn(2, 6)) for _ in range(3)]
+    dicts = [{"label": torch.zeros(2), "y": y, "x": x} for x, y in pairs]
+    plain2 = fxforge.compile(model, pairs[0], passes=["int8"], calibration=pairs)
+    picked2 = fxforge.compile(model, pairs[0], passes=["int8"], calibration=dicts, input_key=("x", "y"))
+    for a, b in ((plain, picked), (plain2, picked2)):
+        assert b.report.row("calibrate").stats["batches"] == a.report.row("calibrate").stats["batches"]
+        assert _same_graph(a, b)
+    with pytest.raises(CalibrationError, match=r"calibration batch 0, input 0: torch.float32 \(2, 6\) does not "
+                                                 "match"):
+        fxforge.compile(model, pairs[0], passes=["int8"], calibration=dicts, input_key=("y", "x"))  # order counts
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"input_key": "image"}, CalibrationError,
+     r"calibration batch 0: input_key 'image' is not in it \(a tuple of 2\)"),
+    ({"input_key": 0, "calibration": [{"pixels": torch.randn(2, 4, 8, 8)}]}, CalibrationError,
+     r"calibration batch 0: input_key 0 is not in it \(a dict with keys \['pixels'\]\)"),
+    ({"input_key": 0, "calibration": [torch.randn(2, 4, 8, 8)]}, CalibrationError, "the batch is a tensor"),
+    ({"input_key": 1.5}, InputError, r"input_key must be an index, a dict key or a tuple of them .* got 1.5"),
+    ({"input_key": ()}, InputError, "input_key must be"),
+    ({"input_key": 0, "calibration_fn": lambda b: b[:1]}, InputError, "calibration_fn or input_key, not both"),
+    ({"calibration": [{"pixels": torch.randn(2, 4, 8, 8)}]}, CalibrationError,
+     r"got dict with keys \['pixels'\] \(give input_key="),
+])
+def test_input_key_misuse_is_named(kwargs, error, message):
+    args = {"calibration": [(torch.randn(2, 4, 8, 8), torch.zeros(2))], **kwargs}
+    with pytest.raises(error, match=message):
+        fxforge.compile(ConvRelu().eval(), torch.randn(2, 4, 8, 8), passes=["int8"], **args)
 
 
 def test_auto_chooses_per_tensor_by_the_error_of_the_ops_reading_it():

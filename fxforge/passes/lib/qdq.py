@@ -12,6 +12,7 @@ nodes of one group share a scale and zero point.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -193,8 +194,10 @@ def checked_batches(batches: Any, example: Sequence[torch.Tensor]) -> Iterator[t
         if batch is None or len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
             got = type(raw).__name__ if batch is None else \
                 f"{len(batch)}: {', '.join(_describe(t) for t in batch)}"
-            hint = " (a DataLoader of (input, label) pairs? give calibration_fn=lambda batch: batch[:1])" \
-                if batch is not None and len(batch) > len(example) else ""
+            hint = (" (a DataLoader of (input, label) pairs? give input_key=0, or calibration_fn=lambda batch: "
+                    "batch[:1])") if batch is not None and len(batch) > len(example) else \
+                f" with keys {list(raw)} (give input_key= the key(s) of the model's inputs)" \
+                if isinstance(raw, Mapping) else ""
             raise CalibrationError(f"calibration batch {i} must be a tuple of {len(example)} tensor(s) like the "
                                    f"example inputs, got {got}{hint}")
         for j, (t, ref) in enumerate(zip(batch, example)):
