@@ -107,7 +107,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be.check_target(tgt)
     be.check_options(backend_options)
     budget = Budget.of(passes, max_drop, metric, strict)
-    pick = _picker(calibration_fn, input_key)
+    pick = calibration_picker(calibration_fn, input_key)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
     _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
@@ -119,7 +119,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     times["trace"] = time.perf_counter() - start
     flat = tuple(signature.flatten(example))
     if calibration is not None and pick is not None:
-        calibration = _Mapped(calibration, *pick)
+        calibration = MappedBatches(calibration, *pick)
     if not signature.dynamic_batch:
         calibration, validation, train = (None if data is None else _Rebatched(data, example, kind) for data, kind in
                                           ((calibration, "calibration"), (validation, "validation"), (train, "train")))
@@ -244,7 +244,7 @@ class _Rebatched:
                     [t[k:k + self.size] if b else t for t, b in zip(leaves, self.batched)], spec)
 
 
-def _picker(calibration_fn: Callable[[Any], Any] | None, input_key: InputKey | None
+def calibration_picker(calibration_fn: Callable[[Any], Any] | None, input_key: InputKey | None
             ) -> tuple[Callable[[Any], Any], str] | None:
     """What picks the inputs out of each calibration item, and its name for errors: ``calibration_fn``, or
     ``input_key`` (checked here, before any work); None when neither is given."""
@@ -279,7 +279,7 @@ def _picker(calibration_fn: Callable[[Any], Any] | None, input_key: InputKey | N
     return pick, "input_key"
 
 
-class _Mapped:
+class MappedBatches:
     """``fn`` applied to each item of ``data``, anew on each iteration (several passes may read calibration data):
     picks the inputs out of batches shaped otherwise, e.g. ``(input, label)`` pairs of a DataLoader. ``name``
     (``calibration_fn``, ``input_key``) names it in the error of an item it fails on."""

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from fxforge.api import CompiledModel, compile
+from fxforge.api import CompiledModel, InputKey, MappedBatches, calibration_picker, compile
 from fxforge.backends.base import get_backend
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
@@ -172,17 +172,22 @@ class AutotuneResult:
 def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target = "x86", backend: str | None = None,
              evaluate: Evaluate | None = None, max_accuracy_drop: float = 0.01, budget: int = 12,
              calibration: Iterable[Any] | None = None, output_dir: str | Path = "fxforge-autotune",
-             space: SearchSpace = SearchSpace()) -> AutotuneResult:
+             space: SearchSpace = SearchSpace(), calibration_fn: Callable[[Any], Any] | None = None,
+             input_key: InputKey | None = None) -> AutotuneResult:
     """Search pass settings for the fastest pipeline whose ``evaluate`` score is within ``max_accuracy_drop``
     of the float model's; ``budget`` bounds the number of candidates compiled and measured.
 
     ``evaluate(compiled) -> float`` (higher is better) defaults to the top-1 agreement (cosine for
     non-classifier outputs) with the float model on the calibration data. ``backend`` defaults to "onnx"
     when installed, else "torchscript". Writes ``autotune.json`` and ``pareto.png`` into ``output_dir``.
+    ``calibration_fn`` or ``input_key`` pick the model's inputs out of each calibration item, as in
+    :func:`fxforge.compile` (e.g. ``input_key=0`` for a DataLoader's ``(input, label)`` batches).
     """
     started = time.perf_counter()
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    batches = _calibration(calibration, example)
+    pick = calibration_picker(calibration_fn, input_key)
+    batches = _calibration(MappedBatches(calibration, *pick) if calibration is not None and pick else calibration,
+                           example)
     _check_arguments(max_accuracy_drop, budget)
     backend = backend or _default_backend()
     get_backend(backend)  # an unknown or missing backend fails here, before any work

@@ -172,6 +172,18 @@ def test_bad_arguments_get_clear_errors(kwargs, error, message, tmp_path):
         fxforge.autotune(Tiny(), torch.randn(2, 4), **args)
 
 
+def test_labelled_batches_are_refused_with_the_input_key_hint_and_taken_with_it(tmp_path):
+    torch.manual_seed(0)
+    labelled = [(torch.randn(4, 4), torch.randint(0, 3, (4,))) for _ in range(4)]
+    args = {"backend": "eager", "output_dir": tmp_path, "budget": 2, "calibration": labelled}
+    with pytest.raises(CalibrationError, match="input_key=0"):
+        fxforge.autotune(Tiny(), torch.randn(2, 4), **args)
+    with pytest.raises(InputError, match="not both"):
+        fxforge.autotune(Tiny(), torch.randn(2, 4), input_key=0, calibration_fn=lambda b: b[:1], **args)
+    result = fxforge.autotune(Tiny(), torch.randn(2, 4), input_key=0, **args)
+    assert result.candidates and (tmp_path / "autotune.json").exists()
+
+
 def test_record_without_a_feasible_candidate_is_refused(tmp_path):
     path = tmp_path / "autotune.json"
     path.write_text(json.dumps({"passes": None}))
