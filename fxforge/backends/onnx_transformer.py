@@ -249,18 +249,19 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
         rows = [inputs[0]] if kind == "MatMul" else [inputs[0][0], inputs[1]]  # x; int8: x_q and its row scale
         scale = packed(1, 0) if kind != "MatMul" else None
 
-        def gemm(columns: slice, rows: list[str], out: str, w=w, scale=scale, quantized=inputs[0]) -> list:
-            """``out`` = the projection onto the packed weight's ``columns`` of ``rows``."""
+        def gemm(columns: slice, source: list[str], out: str, w=w, scale=scale, quantized=inputs[0]) -> list:
+            """``out`` = the projection of ``source`` (x; int8: x_q and its row scale) onto the packed weight's
+            ``columns``."""
             weight = numpy_helper.from_array(w[:, columns], f"{out}_weight")
             graph.initializer.append(weight)
             if scale is None:
-                return [helper.make_node("MatMul", [rows[0], weight.name], [out])]
+                return [helper.make_node("MatMul", [source[0], weight.name], [out])]
             s = numpy_helper.from_array(scale[columns], f"{out}_weight_scale")
             graph.initializer.append(s)
             _, _, a_scale, _, zero = quantized
-            return [helper.make_node("MatMulIntegerToFloat", [rows[0], weight.name, a_scale, s.name, zero],
+            return [helper.make_node("MatMulIntegerToFloat", [source[0], weight.name, a_scale, s.name, zero],
                                      [f"{out}_acc"], domain="com.microsoft"),
-                    helper.make_node("Mul", [f"{out}_acc", rows[1]], [out])]
+                    helper.make_node("Mul", [f"{out}_acc", source[1]], [out])]
         # the key's rows are x's rows (the same leading dimensions as x, or int8: as the row scale computed from x
         # with x_q, whose own shape inference cannot follow): the cut can move before the projection
         lead = shapes.get(rows[-1], [])[:2]
