@@ -14,8 +14,9 @@ Three steps, all checked against eager by the backend's artifact check:
    which its CPU softmax runs on a slow exp path (docs/quantization.md). Dropout, ``is_causal``, grouped-query heads, non-float32 or shapes with a symbolic
    head count keep the exporter's own translation. Where q, k and v are projections of one input (self-attention,
    BERT's), the three GEMMs are packed into one of three times the width (:func:`pack_qkv`): fp32 attention without
-   a cut becomes ORT's ``Attention`` (packed weight, projection inside the kernel), with one a packed MatMul, dynamic
-   int8 one MatMulIntegerToFloat, each split into q, k, v for MultiHeadAttention.
+   a cut becomes ORT's ``Attention`` (packed weight, projection inside the kernel); with a cut, the query's GEMM
+   reads every row and one packed GEMM of key and value only the rows the cut keeps (the padded keys are never
+   projected), split into k and v for MultiHeadAttention; dynamic int8 the same with MatMulIntegerToFloat.
 2. **The rest of the block.** ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert",
    opt_level=0)`` (its Python fusions only; the session applies ORT's graph optimizations afterwards) turns the
    Erf-GELU into ORT's ``Gelu`` (tanh form: ``FastGelu``). For a GPU target it also fuses MatMul → Add → GELU into
@@ -198,14 +199,17 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
 
     * fp32 (MatMul → Add): ``com.microsoft.Attention(x, W_qkv, b_qkv, attention_bias=…)``, ORT's kernel for
       BERT's self-attention, which runs the three projections as one GEMM of three times the width;
-    * fp32 with key and value cut by :func:`_visible_keys` (``Attention`` takes no shorter key): one MatMul on the
-      packed weight, a Split into q, k, v, the same Slice of k and v, and the packed bias given to
-      MultiHeadAttention (its ``bias`` input);
-    * dynamic int8 (:func:`_dynamic_linear`: MatMulIntegerToFloat → Mul by the row scale → Add): one
-      MatMulIntegerToFloat on the concatenated int8 weights and column scales, one Mul, then as the cut fp32 form.
+    * fp32 with key and value cut by :func:`_visible_keys` (``Attention`` takes no shorter key): a MatMul of x on
+      W_q, the same Slice of x's rows (key and value are rows of x's projections), a MatMul of those rows on
+      [W_k | W_v] and a Split into k and v (:func:`_project`), and the packed bias given to MultiHeadAttention (its
+      ``bias`` input);
+    * dynamic int8 (:func:`_dynamic_linear`: MatMulIntegerToFloat → Mul by the row scale → Add): as the fp32 forms,
+      each GEMM a MatMulIntegerToFloat on the concatenated int8 weights and column scales and a Mul by the row
+      scale (cut with x_q's rows), also without a cut (packed GEMM and Split into q, k, v).
 
-    Exact: concatenating the output columns of a GEMM changes no sum. Attentions of any other form (GPT-2's
-    projection is already packed and split in the model) stay as they are."""
+    Exact: concatenating the output columns of a GEMM changes no sum, and each row of a projection depends on its
+    own row of x only (one per-row scale for the int8 form). Attentions of any other form (GPT-2's projection is
+    already packed and split in the model) stay as they are."""
     from onnx import helper, numpy_helper
 
     model = copy.deepcopy(model)
@@ -213,8 +217,8 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
     producer = {out: node for node in graph.node for out in node.output}
     weights = {init.name: init for init in graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(model).graph
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.value_info, *inferred.input)
-             if v.type.tensor_type.HasField("shape")}
+    shapes = {v.name: [d.dim_value or d.dim_param or None for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.value_info, *inferred.input) if v.type.tensor_type.HasField("shape")}
     replaced: dict[int, list[onnx.NodeProto]] = {}
     for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]:
         cuts = [_cut(name, producer) for name in mha.input[:3]]  # (source, Slice of :func:`_visible_keys` or None)
@@ -225,36 +229,48 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         sliced = cuts[1][1]
         kind, inputs = projections[0][:2]
-        if ranks.get(inputs[0] if kind == "MatMul" else inputs[0][0]) != 3:  # Attention takes x as [B, S, hidden]
+        x = shapes.get(inputs[0] if kind == "MatMul" else inputs[0][0])
+        if x is None or len(x) != 3:  # Attention takes x as [B, S, hidden]
             continue
         name = mha.name or mha.output[0]
-        packed = lambda i, axis, tag: numpy_helper.from_array(  # noqa: E731
-            np.concatenate([numpy_helper.to_array(weights[p[2][i]]) for p in projections], axis), f"{name}_{tag}")
-        w, b = packed(0, -1, "weight"), packed(-1, 0, "bias")
+        packed = lambda i, axis: np.concatenate(  # noqa: E731
+            [numpy_helper.to_array(weights[p[2][i]]) for p in projections], axis)
+        w, b = packed(0, -1), numpy_helper.from_array(packed(-1, 0), f"{name}_bias")
+        graph.initializer.append(b)
         bias = mha.input[5] if len(mha.input) > 5 else ""
         attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
-        qkv = [f"{name}_{t}" for t in ("q", "k", "v")]
         if kind == "MatMul" and sliced is None:
-            graph.initializer.extend([w, b])
-            new = [helper.make_node("Attention", [inputs[0], w.name, b.name, "", "", bias], list(mha.output),
-                                    name=f"{name}_packed", domain="com.microsoft", **attrs)]
-        elif kind == "MatMul":  # keys cut: the packed GEMM outside, as Attention takes no shorter key/value
-            graph.initializer.extend([w, b])
-            new = [helper.make_node("MatMul", [inputs[0], w.name], [f"{name}_qkv"])]
-        else:
-            a, _, a_scale, _, zero = inputs[0]
-            s = packed(1, 0, "weight_scale")
-            graph.initializer.extend([w, s, b])
-            new = [helper.make_node("MatMulIntegerToFloat", [a, w.name, a_scale, s.name, zero], [f"{name}_acc"],
-                                    domain="com.microsoft"),
-                   helper.make_node("Mul", [f"{name}_acc", inputs[1]], [f"{name}_qkv"])]
-        if new[0].op_type != "Attention":
-            new.append(helper.make_node("Split", [f"{name}_qkv"], qkv, axis=-1, num_outputs=3))
-            if sliced is not None:  # the same cut of the packed key and value
-                new += [helper.make_node("Slice", [t, *sliced.input[1:]], [f"{t}_cut"]) for t in qkv[1:]]
-                qkv = [qkv[0], *(f"{t}_cut" for t in qkv[1:])]
-            new.append(helper.make_node("MultiHeadAttention", [*qkv, b.name, "", bias], list(mha.output),
-                                        name=f"{name}_packed", domain="com.microsoft", **attrs))
+            weight = numpy_helper.from_array(w, f"{name}_weight")
+            graph.initializer.append(weight)
+            replaced[id(mha)] = [helper.make_node("Attention", [inputs[0], weight.name, b.name, "", "", bias],
+                                                  list(mha.output), name=f"{name}_packed", domain="com.microsoft",
+                                                  **attrs)]
+            continue
+        rows = [inputs[0]] if kind == "MatMul" else [inputs[0][0], inputs[1]]  # x; int8: x_q and its row scale
+        scale = packed(1, 0) if kind != "MatMul" else None
+
+        def gemm(columns: slice, source: list[str], out: str, w=w, scale=scale, quantized=inputs[0]) -> list:
+            """``out`` = the projection of ``source`` (x; int8: x_q and its row scale) onto the packed weight's
+            ``columns``."""
+            weight = numpy_helper.from_array(w[:, columns], f"{out}_weight")
+            graph.initializer.append(weight)
+            if scale is None:
+                return [helper.make_node("MatMul", [source[0], weight.name], [out])]
+            s = numpy_helper.from_array(scale[columns], f"{out}_weight_scale")
+            graph.initializer.append(s)
+            _, _, a_scale, _, zero = quantized
+            return [helper.make_node("MatMulIntegerToFloat", [source[0], weight.name, a_scale, s.name, zero],
+                                     [f"{out}_acc"], domain="com.microsoft"),
+                    helper.make_node("Mul", [f"{out}_acc", source[1]], [out])]
+        # the key's rows are x's rows (the same leading dimensions as x, or int8: as the row scale computed from x
+        # with x_q, whose own shape inference cannot follow): the cut can move before the projection
+        lead = shapes.get(rows[-1], [])[:2]
+        early = (sliced is not None and len(lead) == 2 and None not in lead
+                 and shapes.get(cuts[1][0], [])[:2] == lead)
+        qkv = [f"{name}_{t}" for t in ("q", "k", "v")]
+        new = [*_project(gemm, rows, qkv, sliced, early, w.shape[-1] // 3),
+               helper.make_node("MultiHeadAttention", [*qkv, b.name, "", bias], list(mha.output),
+                                name=f"{name}_packed", domain="com.microsoft", **attrs)]
         replaced[id(mha)] = new
     if not replaced:
         return model
@@ -268,6 +284,28 @@ def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
         del field[:]
         field.extend(kept)
     return model
+
+
+def _project(gemm, rows: list[str], qkv: list[str], sliced: onnx.NodeProto | None, early: bool,
+             width: int) -> list[onnx.NodeProto]:
+    """Nodes computing q, k, v (named ``qkv``) with ``gemm(columns, rows, out)``, the projection of ``rows`` onto
+    columns of the packed weight [W_q | W_k | W_v] (each ``width`` wide). Without a cut of the keys one GEMM and a
+    Split. With one (``sliced``, the Slice of :func:`_visible_keys`): where ``early``, q from all rows and k, v from
+    the rows that Slice keeps, so the cut-off keys are never projected (at MiniLM's 8 × 64, 19 of 64 rows: half the
+    q/k/v GEMM saved); else the packed GEMM, a Split, and the Slice of k and v."""
+    from onnx import helper
+
+    q, k, v = qkv
+    cut = lambda t, out: helper.make_node("Slice", [t, *sliced.input[1:]], [out])  # noqa: E731
+    if not early:
+        nodes = [*gemm(slice(None), rows, f"{q}kv"),
+                 helper.make_node("Split", [f"{q}kv"], [q, f"{k}_all", f"{v}_all"] if sliced else qkv, axis=-1,
+                                  num_outputs=3)]
+        return nodes + ([cut(f"{k}_all", k), cut(f"{v}_all", v)] if sliced else [])
+    kept = [f"{q}_rows{i}" for i in range(len(rows))]
+    return [*gemm(slice(None, width), rows, q), *(cut(r, c) for r, c in zip(rows, kept)),
+            *gemm(slice(width, None), kept, f"{k}v"),
+            helper.make_node("Split", [f"{k}v"], [k, v], axis=-1, num_outputs=2)]
 
 
 def _cut(name: str, producer: dict) -> tuple[str, onnx.NodeProto | None]:

@@ -60,10 +60,18 @@ def test_bert_runs_ort_fused_transformer_kernels(encoder):
     info = cm.artifact.info
     assert info["fusions"] == "transformer"  # "auto" on a graph with attention
     ops = info["ort_transformer_ops"]  # from ORT's optimized graph (SessionOptions.optimized_model_filepath)
-    # a padding mask: q, k, v packed in one MatMul, keys cut after the batch's last visible one, MultiHeadAttention
+    # a padding mask: keys cut after the batch's last visible one, MultiHeadAttention; the query projected from every
+    # row of x, key and value in one packed MatMul from the rows the cut keeps (x's rows cut per layer; the mask once)
     assert ops["MultiHeadAttention"] == LAYERS and "Attention" not in ops
     exported = _onnx_ops(cm)
-    assert exported["Split"] == LAYERS and exported["Slice"] == 2 * LAYERS + 1  # k and v per layer; the mask once
+    assert exported["Split"] == LAYERS and exported["Slice"] == LAYERS + 1
+    model = onnx.load_from_string(cm.artifact.model)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    widths = {i.name: list(i.dims) for i in model.graph.initializer}
+    projections = sorted((producer[n.input[0]], widths[n.input[1]][1]) for n in model.graph.node
+                         if n.op_type == "MatMul" and widths.get(n.input[1], [0])[0] == 64 and
+                         widths[n.input[1]][1] in (64, 128))  # of the hidden state: q (64), k and v (128)
+    assert [p for p in projections if p[0] == "Slice"] == [("Slice", 128)] * LAYERS
     assert ops["Gelu"] == LAYERS  # the Erf form fused; its bias Add apart (BiasGelu is slower on CPU)
     # after attention and after the FFN in each layer, and the embeddings' (EmbedLayerNormalization does not match)
     assert ops["LayerNormalization"] == 2 * LAYERS + 1
@@ -212,8 +220,9 @@ def test_causal_attention_keeps_the_exporters_translation():
 @pytest.mark.parametrize("fusions", ["auto", "none"])
 def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
     """With the fusions each dynamic linear is one QuantizeLinear and ORT's MatMulIntegerToFloat (no elementwise
-    quantization island, the GELU still ORT's Gelu), query, key and value in one packed
-    MatMulIntegerToFloat; without them plain ONNX on MatMulInteger."""
+    quantization island, the GELU still ORT's Gelu), key and value in one packed MatMulIntegerToFloat of the rows
+    left after the cut of the padded keys (x_q and its row scale sliced); without them plain ONNX on
+    MatMulInteger."""
     model = _encoder()
     cm = fxforge.compile(model, _tokens(4, 0), passes=["fuse", "insert_qdq{activations='dynamic'}"], backend="onnx",
                          fusions=fusions)
@@ -222,7 +231,11 @@ def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
     if fusions == "auto":  # read from ORT's optimized graph
         assert info["ort_transformer_ops"]["MultiHeadAttention"] == LAYERS
         assert info["ort_transformer_ops"]["Gelu"] == LAYERS
-        assert info["ort_int8_ops"] == {"MatMulIntegerToFloat": linears - 2 * LAYERS}  # q, k, v packed
+        # q apart; k and v packed in one, reading the rows that the cut of the padded keys keeps
+        assert info["ort_int8_ops"] == {"MatMulIntegerToFloat": linears - LAYERS}
+        graph = onnx.load_from_string(cm.artifact.model).graph
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        assert sum(producer[n.input[0]] == "Slice" for n in graph.node if n.op_type == "MatMulIntegerToFloat") == LAYERS
         # one per distinct input (q, k and v share theirs); no Round: no elementwise quantization
         assert exported["QuantizeLinear"] == 4 * LAYERS and not {"Round", "Abs"} & set(exported)
     else:
@@ -246,7 +259,7 @@ def test_int8_dynamic_keeps_every_residual_layernorm_a_fusable_chain(tmp_path):
     assert ops["LayerNormalization"] == 2 * LAYERS + 1 and "SkipLayerNormalization" not in ops
     assert _ort_ops(cm.artifact.model, tmp_path)["SkipLayerNormalization"] == 2 * LAYERS
     assert ops["MultiHeadAttention"] == LAYERS
-    assert cm.artifact.info["ort_int8_ops"] == {"MatMulIntegerToFloat": 4 * LAYERS}  # q, k, v packed in one
+    assert cm.artifact.info["ort_int8_ops"] == {"MatMulIntegerToFloat": 5 * LAYERS}  # k and v packed in one
     inputs = _tokens(3, 7)
     with torch.no_grad():
         assert compare([cm(*inputs)], [model(*inputs)]).cosine > 0.999
