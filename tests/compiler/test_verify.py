@@ -62,3 +62,39 @@ def test_model_runs_reuse_a_copy_only_while_runs_leave_the_model_as_they_found_i
         assert runs.copies == 3, type(stateful).__name__
         assert all(torch.equal(o, outs[0]) for o in outs)  # each from the original state
         assert torch.equal(outs[0], stateful(x))  # the state the user's model was in
+
+
+def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_computed_them():
+    """An approximate pipeline's numeric check leaves the last graph's outputs on its other bound batches in
+    gm.meta; the artifact check compares on those batches without running the graph again (2 graph runs: the example
+    and the batch no pass saw, instead of 9), and runs it on batches of its own once the graph's code changed."""
+    from fxforge.backends.base import get_backend
+    from fxforge.compiler.pass_manager import PassContext, PassManager
+    from fxforge.compiler.target import get_target
+    from fxforge.compiler.trace import trace
+    from fxforge.compiler.verify import BOUND_BATCHES, BOUND_OUTPUTS, check_artifact
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 16)
+    runs = ModelRuns(model)
+    gm, sig = trace(model, (x,), runs=runs)
+    gm, _ = PassManager(["insert_qdq", "calibrate"], measure_latency=False).run(
+        gm, PassContext((x,), calibration=[(torch.randn(8, 16),)]))
+    code, known = gm.meta[BOUND_OUTPUTS]
+    assert code == gm.code and len(known) == BOUND_BATCHES - 1
+    with torch.no_grad():
+        assert all(torch.equal(gm(*inputs)[0], out[0]) for inputs, out in known)  # what a new run gives
+    artifact = get_backend("eager").lower(gm, (x,), sig, get_target("x86"))
+    calls = []
+    forward = gm.forward
+    gm.forward = lambda *a: calls.append(1) or forward(*a)
+    reused = check_artifact(artifact, runs, gm, (x,), exact=False)
+    assert len(calls) == 2 and BOUND_OUTPUTS not in gm.meta  # read once, then dropped
+    assert 0 < reused.max_rel < float("inf") and reused.cosine > 0
+    gm.meta[BOUND_OUTPUTS] = (code, known)
+    gm.graph.call_function(torch.ops.aten.relu.default, (next(iter(gm.graph.nodes)),))  # unused: same outputs,
+    gm.recompile()                                                                       # other code
+    gm.forward = lambda *a: calls.append(1) or forward(*a)
+    calls.clear()
+    check_artifact(artifact, runs, gm, (x,), exact=False)
+    assert len(calls) == 1 + BOUND_BATCHES  # stale outputs are not read: the graph runs on its own batches
