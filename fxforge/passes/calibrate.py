@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.errors import CalibrationError, missing_calibration
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
@@ -51,4 +52,5 @@ class Calibrate(Pass):
         stats = fit_activations(gm, batches, self.method, self.percentile)
         if not stats["batches"]:
             raise CalibrationError("pass 'calibrate' got an empty calibration iterable")
-        return PassResult(changed=stats["activation_groups"] > 0, stats=stats)
+        # new scales and zero points, the same nodes and shapes: the report's FLOPs need no new shape propagation
+        return PassResult(changed=stats["activation_groups"] > 0, preserves=frozenset({Shapes}), stats=stats)

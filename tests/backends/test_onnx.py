@@ -375,6 +375,35 @@ def test_exporter_decomposes_only_graphs_with_an_op_onnx_lacks(monkeypatch):
         with torch.no_grad():
             assert torch.allclose(cm(xb), model(xb), atol=1e-5)
 
+class _AddsIntegers(torch.nn.Module):
+    """Adds an int64 buffer to a float tensor: the exporter must cast it (type promotion)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.register_buffer("offset", torch.arange(6, dtype=torch.int64))
+
+    def forward(self, x):
+        return self.conv(x) + self.offset
+
+
+def test_exporter_promotes_types_only_in_graphs_that_need_a_cast(monkeypatch):
+    """The exporter's type-promotion pass re-runs the whole graph in fake mode, so the backend lets it run only where
+    a node's input dtypes differ from what its op's promotion rule asks: a float CNN (all float32) skips it, an int64
+    buffer added to a float tensor takes it. Both match eager."""
+    from torch.onnx._internal.exporter import _fx_passes
+    calls, promote = [], _fx_passes.insert_type_promotion_nodes
+    monkeypatch.setattr(_fx_passes, "insert_type_promotion_nodes", lambda gm: calls.append(1) or promote(gm))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    for model, promoted in ((cnn, []), (_AddsIntegers().eval(), [1])):
+        calls.clear()
+        cm = fxforge.compile(model, (torch.randn(2, 3, 8, 8),), backend="onnx", measure_latency=False)
+        assert calls == promoted
+        xb = torch.randn(3, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(cm(xb), model(xb), atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, pools", [("mobilenet_v2", 1), ("efficientnet_b0", 17)])  # head; head + 16 gates
 def test_int8_has_no_more_float_ops_on_ort_than_ort_quantize_static(name, pools, tmp_path):

@@ -1,6 +1,8 @@
-"""compare(): relative max error and cosine over all floating outputs; check_artifact against the model."""
+"""compare(): relative max error and cosine over all floating outputs; check_artifact against the model; ModelRuns:
+the user's model run from its original state."""
 import pytest
 import torch
+from torch import nn
 
 from fxforge.compiler.errors import VerificationError
 from fxforge.compiler.verify import ModelRuns, check_artifact, compare
@@ -52,3 +54,80 @@ def test_the_artifact_is_checked_against_the_model_on_fresh_inputs_too():
                                                 r"by 0\.5 relative \(cosine 1\.0000; bound"):
         check_artifact(artifact, ModelRuns(model), graph, (x,), exact=True)
     assert check_artifact(artifact, ModelRuns(model), graph, (x,), exact=False).max_rel >= 0.5  # stated, not hidden
+
+
+class CountsInBuffer(nn.Module):
+    """Adds how often it ran, kept in a buffer written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.calls
+
+
+class CountsInAttribute(nn.Module):
+    """Adds how often it ran, kept in a plain Python attribute of a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+        self.inner.calls = 1000.5  # a float: rebinding frees the old object, whose address a new one may take
+
+    def forward(self, x):
+        self.inner.calls += 1.0
+        return x + self.inner.calls
+
+
+def test_model_runs_reuse_a_copy_only_while_runs_leave_the_model_as_they_found_it():
+    """A run that changes nothing hands its copy of the model to the next run (copying a large model costs more than
+    running it); a run that writes into a buffer or rebinds an attribute does not, so every run starts from the
+    original state."""
+    x = torch.randn(2, 3)
+    plain = ModelRuns(nn.Sequential(nn.Linear(3, 3), nn.ReLU()).eval())
+    outs = [plain.run((x,)) for _ in range(3)]
+    assert plain.copies == 1 and all(torch.equal(o, outs[0]) for o in outs)
+    for stateful in (CountsInBuffer(), CountsInAttribute()):
+        runs = ModelRuns(stateful.eval())
+        outs = [runs.run((x,)) for _ in range(3)]
+        assert runs.copies == 3, type(stateful).__name__
+        assert all(torch.equal(o, outs[0]) for o in outs)  # each from the original state
+        assert torch.equal(outs[0], stateful(x))  # the state the user's model was in
+
+
+def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_computed_them():
+    """An approximate pipeline's numeric check leaves the last graph's outputs on its other bound batches in
+    gm.meta; the artifact check compares on those batches without running the graph again (2 graph runs: the example
+    and the batch no pass saw, instead of 9), and runs it on batches of its own once the graph's code changed."""
+    from fxforge.backends.base import get_backend
+    from fxforge.compiler.pass_manager import PassContext, PassManager
+    from fxforge.compiler.target import get_target
+    from fxforge.compiler.trace import trace
+    from fxforge.compiler.verify import BOUND_BATCHES, BOUND_OUTPUTS, check_artifact
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 16)
+    runs = ModelRuns(model)
+    gm, sig = trace(model, (x,), runs=runs)
+    gm, _ = PassManager(["insert_qdq", "calibrate"], measure_latency=False).run(
+        gm, PassContext((x,), calibration=[(torch.randn(8, 16),)]))
+    code, known = gm.meta[BOUND_OUTPUTS]
+    assert code == gm.code and len(known) == BOUND_BATCHES - 1
+    with torch.no_grad():
+        assert all(torch.equal(gm(*inputs)[0], out[0]) for inputs, out in known)  # what a new run gives
+    artifact = get_backend("eager").lower(gm, (x,), sig, get_target("x86"))
+    calls = []
+    forward = gm.forward
+    gm.forward = lambda *a: calls.append(1) or forward(*a)
+    reused = check_artifact(artifact, runs, gm, (x,), exact=False)
+    assert len(calls) == 2 and BOUND_OUTPUTS not in gm.meta  # read once, then dropped
+    assert 0 < reused.max_rel < float("inf") and reused.cosine > 0
+    gm.meta[BOUND_OUTPUTS] = (code, known)
+    gm.graph.call_function(torch.ops.aten.relu.default, (next(iter(gm.graph.nodes)),))  # unused: same outputs,
+    gm.recompile()                                                                       # other code
+    gm.forward = lambda *a: calls.append(1) or forward(*a)
+    calls.clear()
+    check_artifact(artifact, runs, gm, (x,), exact=False)
+    assert len(calls) == 1 + BOUND_BATCHES  # stale outputs are not read: the graph runs on its own batches

@@ -219,3 +219,30 @@ def test_auto_chooses_per_tensor_by_the_error_of_the_ops_reading_it():
         errors = {m: moved(grids[m][0]) for m in ("auto", *methods)}
     assert len({grids[m][0] for m in methods}) > 1, "the methods must disagree on the input for the test to bite"
     assert errors["auto"] == min(errors[m] for m in methods), errors
+
+
+def test_calibrating_keeps_the_shapes_so_the_report_propagates_none_anew(monkeypatch):
+    """calibrate changes scales and zero points only: it preserves the Shapes analysis (the report's FLOPs need no
+    new shape propagation, a whole run of the 224² graph in a large compile), and the kept shapes are right."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from fxforge.compiler.analysis import Shapes
+    from fxforge.compiler.pass_manager import PassContext
+    from fxforge.passes.insert_qdq import InsertQdq
+    torch.manual_seed(0)
+    gm, sig = fxforge.compiler.trace.trace(ConvRelu().eval(), (torch.randn(2, 4, 8, 8),))
+    ctx = PassContext((torch.randn(2, 4, 8, 8),), calibration=[(torch.randn(2, 4, 8, 8),)])
+    ctx._gm = gm
+    InsertQdq().run(gm, ctx)
+    gm.recompile()
+    ctx.invalidate("none")
+    kept = ctx.analysis(Shapes, gm)
+    runs = []
+    monkeypatch.setattr(ShapeProp, "propagate", lambda self, *a: runs.append(1))
+    result = Calibrate().run(gm, ctx)
+    assert result.changed and Shapes in result.preserves
+    ctx.invalidate(result.preserves)
+    assert ctx.analysis(Shapes, gm) is kept and not runs
+    monkeypatch.undo()
+    ctx.invalidate("none")
+    assert ctx.analysis(Shapes, gm) == kept  # propagated anew: the same shapes
