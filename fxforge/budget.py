@@ -244,7 +244,8 @@ class Budget:
     @staticmethod
     def _run(passes: Sequence[Pass], gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         """``passes`` on a copy of ``gm``, unverified (the chosen pipeline runs again under compile's checks)."""
-        fresh = PassContext(example_inputs=ctx.example_inputs, target=ctx.target, calibration=ctx.calibration)
+        fresh = PassContext(example_inputs=ctx.example_inputs, target=ctx.target, calibration=ctx.calibration,
+                            train=ctx.train)  # a distilling pass in the pipeline trains on every try too
         return PassManager(list(passes), verify="off", measure_latency=False).run(copy.deepcopy(gm), fresh)[0]
 
     # ------------------------------------------------------------------------------------------ the artifact

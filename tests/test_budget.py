@@ -61,6 +61,18 @@ def test_a_fragile_layer_stays_float_and_the_report_says_which_and_why():
     assert all(torch.equal(c[0], k) for c, k in zip(calibration, kept))
 
 
+def test_a_distilling_pipeline_trains_in_every_try_of_the_search():
+    """The search reruns the pipeline from the graph before its quantizing pass: a ``distill`` in it must get the
+    train data there too (it used to raise 'needs training data' inside the fallback)."""
+    passes = ["fuse", "insert_qdq", "calibrate", "distill{steps=10}", "fold_qdq"]
+    cm, warned = compile_warned(Fragile().eval(), passes=passes, calibration=batches(8), train=batches(5, seed=2),
+                                max_drop=0.05, measure_latency=False)
+    budget = cm.report.meta["budget"]
+    assert budget["tries"][0] > 0.3 and [f["weight"] for f in budget["float_layers"]] == ["a.weight"]
+    assert budget["outcome"].startswith("held with 1 of 3 layers float") and len(warned) == 1
+    assert cm.report.row("distill").stats["steps"] > 0
+
+
 def test_dynamic_int8_keeps_the_layer_whose_rows_one_outlier_feature_dominates_float():
     """Per-row (dynamic) activations do not save layer a: feature 0 sets every row's scale, 1000× too coarse for
     the other features. The budget ranks layers by the dynamic rewrite itself and keeps only a float."""

@@ -138,6 +138,26 @@ def test_learns_through_qdq_with_the_straight_through_estimator():
     assert agreement(tuned, model, fresh) > agreement(plain, model, fresh)
 
 
+def test_biases_alone_learn_through_qdq_and_lower_the_error():
+    """params='biases': only the biases move (their int32 grid is fine enough to move continuously), the int8
+    weights keep their integers, and the output error on fresh data drops below plain int8's (measured 0.79×)."""
+    model, train, fresh = Classifier(32).eval(), data(), data(4, seed=2)
+    with torch.no_grad():
+        model.net[2].weight[0, 0] = 5.0  # one large weight: its per-tensor 7-bit grid rounds the others coarsely
+    quant = ["insert_qdq{per_channel=False,reduce_range=True}", "calibrate"]
+    plain, _, _ = run(model, [*quant, "fold_qdq"], train, calibration=train[:4])
+    tuned, report, _ = run(model, [*quant, Distill(steps=150, lr=3e-3, params="biases", threads=1), "fold_qdq"],
+                           train, calibration=train[:4])
+    assert report.row("distill").stats["params_trained"] == 3  # the three biases, no weight
+    ints = lambda gm, dtype: {n: t for n, t in gm.named_buffers() if t.dtype == dtype}
+    assert ints(plain, torch.int8) and all(torch.equal(t, ints(plain, torch.int8)[n])
+                                           for n, t in ints(tuned, torch.int8).items())
+    assert any(not torch.equal(t, ints(plain, torch.int32)[n]) for n, t in ints(tuned, torch.int32).items())
+    with torch.no_grad():
+        error = lambda gm: sum(float((gm(*b)[0] - model(*b)).square().sum()) for b in fresh)
+        assert error(tuned) < 0.9 * error(plain)
+
+
 def test_missing_train_data_is_a_named_error():
     model, batches = Classifier().eval(), data(3)
     with pytest.raises(CalibrationError, match="pass 'distill' needs training data: pass train="):
@@ -176,7 +196,8 @@ def test_trains_when_compile_is_called_without_autograd(mode):
 
 
 @pytest.mark.parametrize("spec", ["distill{steps=0}", "distill{lr=-1.0}", "distill{temperature=0.0}",
-                                  "distill{features=-1.0}", "distill{threads=-1}"])
+                                  "distill{features=-1.0}", "distill{threads=-1}",
+                                  "distill{params='weights'}"])
 def test_bad_options_are_refused(spec):
     with pytest.raises(PassError, match="distill"):
         resolve(spec)
