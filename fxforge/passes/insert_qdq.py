@@ -29,11 +29,17 @@ vectorize over that window and leave most lanes idle on 27 values. Measured with
 VNNI, 1 thread, interleaved with ORT's own int8 model): MobileNetV2's int8 3×3 stem took 2.8 of 15 ms, a fifth of
 the network for 4 % of its MACs; with it in float the network's CPU time per run was 1.10× better than ORT's
 (three runs; 0.94–1.04× with the stem in int8), and its input is no longer rounded to 8 bits either. ResNet-18's
-7×7 stem (a window of 147) is another matter: in float the network ran at 0.60× ORT's speed, so it stays int8.
+7×7 stem (a window of 147) is another matter: in float the network ran at 0.60× ORT's speed, so it stays int8. So
+is a stem whose output at the example batch holds more than ``max_stem_output`` values (2^20): a float stem's output
+is reordered out of ORT's NCHWc layout and quantized in float, which outgrows the cache with the batch. Measured on
+the trained MobileNetV2 (Xeon, AVX-512 VNNI, 1 thread, CPU time, interleaved, load average 6–9): at batch 1 (0.4 M
+stem output values) the float stem ran 1.02–1.09× ORT's own int8 model and the int8 stem 1.02×; at batch 8 (3.2 M)
+the float stem ran 0.91–0.94× and the int8 stem 1.01× (its reorder alone took 1.7 of 44 ms).
 """
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
 from typing import Any, Callable, Literal
 
@@ -65,6 +71,7 @@ class InsertQdq(Pass):
     skip: tuple[str, ...] = ()  # layers kept float: node names or weight prefixes ("stem.0")
     activations: Literal["static", "dynamic"] = "static"
     min_input_window: int = 32  # stems (< 4 channels) reading fewer values (channels × kernel area) stay float
+    max_stem_output: int = 1 << 20  # ... unless their output at the example batch holds more values than this
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
@@ -75,7 +82,7 @@ class InsertQdq(Pass):
         if split:
             stats["silu_split"] = split
         is_float = _float_test(shapes)
-        plan, weighted = plan_static(gm, is_float, lambda node: self.refusal(gm, node, is_float), stats)
+        plan, weighted = plan_static(gm, is_float, lambda node: self.refusal(gm, node, shapes), stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
         reduce_range = self.reduced(ctx.target)
@@ -94,10 +101,10 @@ class InsertQdq(Pass):
     def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
         """Replace each constant-weight linear by ``fxforge::dynamic_linear`` with int8 per-channel weights."""
         qmax = 63 if self.reduced(ctx.target) else 127
-        is_float = _float_test(ctx.analysis(Shapes, gm))
+        shapes = ctx.analysis(Shapes, gm)
         linears = []
         for node in call_nodes(gm, *WEIGHTED, *MATMUL):  # decided before any rewrite, on the shapes as they were
-            reason = self.refusal(gm, node, is_float) or (None if is_op(node, *LINEAR) else "dynamic_float")
+            reason = self.refusal(gm, node, shapes) or (None if is_op(node, *LINEAR) else "dynamic_float")
             if reason:
                 stats[f"skipped.{reason}"] += 1
             else:
@@ -118,8 +125,9 @@ class InsertQdq(Pass):
 
     # ---------------------------------------------------------------------------------------- deciding
 
-    def refusal(self, gm: fx.GraphModule, node: fx.Node, is_float: Callable[[Any], bool]) -> str | None:
-        """Why ``node`` stays float, or None."""
+    def refusal(self, gm: fx.GraphModule, node: fx.Node, shapes: dict) -> str | None:
+        """Why ``node`` stays float, or None (``shapes``: the Shapes analysis of ``gm``)."""
+        is_float = _float_test(shapes)
         rhs = operands(node)[1] if is_op(node, *MATMUL) else weight_of(node)
         if is_dq(rhs):
             return "already_quantized"
@@ -135,7 +143,7 @@ class InsertQdq(Pass):
         bias = bias_of(node)
         if bias is not None and get_tensor(gm, bias) is None:
             return "non_constant_bias"
-        if self.narrow(node, weight):
+        if self.narrow(node, weight, shapes):
             return "narrow_input"
         return None if is_float(data(node)) else "not_float"
 
@@ -146,7 +154,7 @@ class InsertQdq(Pass):
         one float kernel) loses its tags. The new nodes are named after the SiLU, so a copy of the same graph
         splits into the same names (``with_float`` relies on it)."""
         is_float = _float_test(shapes)
-        plan, _ = plan_static(gm, is_float, lambda node: self.refusal(gm, node, is_float), Counter())
+        plan, _ = plan_static(gm, is_float, lambda node: self.refusal(gm, node, shapes), Counter())
         silus = [n for n in call_nodes(gm, aten.silu) if data(n) in plan]
         for node in silus:
             group = node.meta.get(FUSION_KEY, {}).get("group")
@@ -166,18 +174,22 @@ class InsertQdq(Pass):
             gm.recompile()
         return len(silus)
 
-    def narrow(self, node: fx.Node, weight: torch.Tensor) -> bool:
+    def narrow(self, node: fx.Node, weight: torch.Tensor, shapes: dict | None) -> bool:
         """A stem conv (under 4 input channels) whose input window (channels × kernel area) is under
-        ``min_input_window`` (kept float: faster there, and more accurate)."""
+        ``min_input_window`` and whose output at the example batch (``shapes``, the Shapes analysis, when known) holds
+        at most ``max_stem_output`` values (kept float: faster there, and more accurate)."""
         channels = weight.shape[1] * conv_groups(node) if is_op(node, *CONV) else 0
-        return 0 < channels < 4 and weight[0].numel() * conv_groups(node) < self.min_input_window
+        if not (0 < channels < 4 and weight[0].numel() * conv_groups(node) < self.min_input_window):
+            return False
+        out = shapes.get(node.name) if shapes is not None else None
+        return out is None or math.prod(out.shape) <= self.max_stem_output
 
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerFn | str:
         """The layer on int8: its weight fake-quantized as ``quantize_weight`` does (symmetric, q_max from
         ``reduce_range``), its input on the activation grid of its calibration range (``activation_dtype``); with
         ``activations="dynamic"``, a linear becomes the ``dynamic_linear`` that ``run_dynamic`` writes (per-row
         activations, no calibration range) and any other layer stays float."""
-        if self.narrow(node, layer.weight):
+        if self.narrow(node, layer.weight, layer.analysis(Shapes) if layer.analysis else None):
             return "narrow_input"
         qmax = 63 if self.reduced(layer.target) else 127
         if self.activations == "dynamic":
@@ -212,7 +224,7 @@ class InsertQdq(Pass):
         before = copy.deepcopy(before)
         p.split_silus(before, shapes)
         is_float = _float_test(shapes)
-        refusals = {n.name: p.refusal(before, n, is_float) for n in call_nodes(before, *WEIGHTED, *MATMUL)}
+        refusals = {n.name: p.refusal(before, n, shapes) for n in call_nodes(before, *WEIGHTED, *MATMUL)}
         plan, _ = plan_static(before, is_float, lambda n: refusals[n.name], Counter())
         keep = {t.name for t in plan}
         gm = copy.deepcopy(quantized)

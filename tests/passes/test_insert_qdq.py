@@ -105,6 +105,18 @@ def test_narrow_input_conv_stays_float():
     assert report.row("insert_qdq").stats["quantized.conv2d"] == 2
 
 
+def test_narrow_stem_with_a_large_output_is_quantized():
+    """The same stem, its output at the example batch (2 × 8 × 6 × 6 = 576 values) over ``max_stem_output``: int8."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq{max_stem_output=575}"])
+    assert ops(gm) == [Q, DQ, QC, DQC, QC, DQC, "conv2d", "relu", Q, DQ, QC, DQC, QC, DQC, "conv2d", Q, DQ]
+    stats = report.row("insert_qdq").stats
+    assert stats["quantized.conv2d"] == 2 and "skipped.narrow_input" not in stats
+    assert error_vs_eager(gm, model, flat).cosine > 0.99
+    _, report, _ = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq{max_stem_output=576}"])
+    assert report.row("insert_qdq").stats["skipped.narrow_input"] == 1
+
+
 class Unquantizable(nn.Module):
     """A conv whose weight is an input (not a constant) and an integer-only matmul."""
 
