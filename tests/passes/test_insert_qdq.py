@@ -105,6 +105,35 @@ def test_narrow_input_conv_stays_float():
     assert report.row("insert_qdq").stats["quantized.conv2d"] == 2
 
 
+def test_narrow_stem_with_a_large_output_is_quantized():
+    """The same stem, its output at the example batch (2 × 8 × 6 × 6 = 576 values) over ``max_stem_output``: int8."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq{max_stem_output=575}"])
+    assert ops(gm) == [Q, DQ, QC, DQC, QC, DQC, "conv2d", "relu", Q, DQ, QC, DQC, QC, DQC, "conv2d", Q, DQ]
+    stats = report.row("insert_qdq").stats
+    assert stats["quantized.conv2d"] == 2 and "skipped.narrow_input" not in stats
+    assert error_vs_eager(gm, model, flat).cosine > 0.99
+    _, report, _ = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq{max_stem_output=576}"])
+    assert report.row("insert_qdq").stats["skipped.narrow_input"] == 1
+
+
+def test_depthwise_conv_reading_a_float_stem_stays_float():
+    """MobileNet's first block: stem → ReLU6 → depthwise → ReLU6 → 1×1. The depthwise conv reads the float stem, so it
+    stays float too; the 1×1 conv reads its output on an int8 grid. A depthwise conv reading an int8 layer is
+    quantized, and so is this one with ``float_stem_depthwise=False``."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU6(),
+                          nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 3, groups=4)).eval()
+    gm, report, flat = apply(model, (torch.randn(2, 3, 10, 10),), ["insert_qdq"])
+    assert ops(gm) == ["conv2d", "hardtanh", "conv2d", "hardtanh", Q, DQ, QC, DQC, QC, DQC, "conv2d", Q, DQ,
+                       QC, DQC, QC, DQC, "conv2d", Q, DQ]
+    stats = report.row("insert_qdq").stats
+    assert stats["skipped.narrow_input"] == stats["skipped.after_float_stem"] == 1 and stats["weights"] == 2
+    assert error_vs_eager(gm, model, flat).cosine > 0.99
+    _, report, _ = apply(model, (torch.randn(2, 3, 10, 10),), ["insert_qdq{float_stem_depthwise=False}"])
+    assert "skipped.after_float_stem" not in report.row("insert_qdq").stats
+    assert report.row("insert_qdq").stats["weights"] == 3
+
+
 class Unquantizable(nn.Module):
     """A conv whose weight is an input (not a constant) and an integer-only matmul."""
 
