@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from fxforge import zoo
-from fxforge.bench import (PEERS, Row, System, as_dicts, bench_model, caption, fxforge_system, fxforge_systems,
-                           markdown, peak_gflops, plot, run_facts, self_check)
+from fxforge.bench import (INT8_AT_TARGET, PEERS, Row, System, as_dicts, bench_model, caption, fxforge_system,
+                           fxforge_systems, markdown, peak_gflops, plot, run_facts, self_check)
 
 RESULTS = Path(__file__).parent / "results"
 TUNING_DBS = Path(__file__).parent / "tuning-db"
@@ -116,7 +116,7 @@ def _distilled() -> list[System]:
             System(DISTILLED_INT8, fxforge_system([*compress, *QUANTIZE], "onnx", train=train), needs=onnx)]
 
 
-INT8_CNN = ("ort int8 (quantize_static)", "fxforge int8 → onnx", "fxforge int8 → onnx (static batch)")
+INT8_CNN = ("ort int8 (quantize_static)", "fxforge int8 → onnx", INT8_AT_TARGET)
 MINILM = ("ort int8 (quantize_dynamic)", "fxforge int8 → onnx", "fxforge int8_dynamic → onnx")
 TRAINED: dict[str, tuple[Callable[[], tuple[nn.Module, tuple, zoo.Split]], tuple[str, ...]]] = {
     "mobilenet_v2_imagenet": (_mobilenet(1), INT8_CNN),

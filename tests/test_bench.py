@@ -226,8 +226,8 @@ def test_validation_reaches_only_the_budgeted_systems_and_their_budget():
     build_all("convbnrelu", model, example, calib, systems, progress=lambda s: None, validation=validation)
     assert seen == {"plain": {}, "budgeted": {"validation": validation}}
     assert {s.name for s in fxforge_systems() if s.budgeted} == {
-        "fxforge int8 → onnx", "fxforge int8 → onnx (static batch)", "fxforge int8_dynamic → onnx",
-        "fxforge compress+int8 → onnx"}
+        "fxforge int8 → onnx", "fxforge int8 → onnx (static batch)", "fxforge int8 → onnx (max_drop 0.03)",
+        "fxforge int8_dynamic → onnx", "fxforge compress+int8 → onnx"}
     import fxforge
     captured = {}
     real = fxforge.compile
