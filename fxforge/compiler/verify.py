@@ -269,8 +269,9 @@ class ModelRuns:
 def _state(model: torch.nn.Module) -> list[tuple[str, Any, int]]:
     """What a run of ``model`` could change that its next run would see: every parameter and buffer with its version,
     and the object bound to every other attribute of every submodule (held here, so that :func:`_same` compares
-    objects that are all alive)."""
-    tensors = [(name, t, t._version) for name, t in
+    objects that are all alive). An inference tensor (a copy made under ``torch.inference_mode``) keeps no version:
+    None, which :func:`_same` never takes for unchanged."""
+    tensors = [(name, t, None if t.is_inference() else t._version) for name, t in
                (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))]
     attributes = [(f"{name}.{key}", value, 0) for name, module in model.named_modules(remove_duplicate=False)
                   for key, value in vars(module).items() if key not in ("_parameters", "_buffers", "_modules")]
@@ -278,9 +279,9 @@ def _state(model: torch.nn.Module) -> list[tuple[str, Any, int]]:
 
 
 def _same(before: list[tuple[str, Any, int]], after: list[tuple[str, Any, int]]) -> bool:
-    """The same names bound to the same objects, each tensor at the same version."""
+    """The same names bound to the same objects, each tensor at the same known version."""
     return len(before) == len(after) and all(
-        a[0] == b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(before, after))
+        a[0] == b[0] and a[1] is b[1] and a[2] is not None and a[2] == b[2] for a, b in zip(before, after))
 
 
 def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example: tuple, exact: bool) -> Error:

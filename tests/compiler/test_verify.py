@@ -97,6 +97,14 @@ def test_model_runs_reuse_a_copy_only_while_runs_leave_the_model_as_they_found_i
         assert torch.equal(outs[0], stateful(x))  # the state the user's model was in
 
 
+def test_model_runs_under_inference_mode_copy_anew_since_inference_tensors_keep_no_version():
+    x = torch.randn(2, 3)
+    with torch.inference_mode():
+        runs = ModelRuns(CountsInBuffer().eval())
+        outs = [runs.run((x,)) for _ in range(3)]
+    assert runs.copies == 3 and all(torch.equal(o, outs[0]) for o in outs)
+
+
 def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_computed_them():
     """An approximate pipeline's numeric check leaves the last graph's outputs on its other bound batches in
     gm.meta; the artifact check compares on those batches without running the graph again (2 graph runs: the example
