@@ -10,11 +10,16 @@ worst of them plus the spread between the best and the worst.
 """
 from __future__ import annotations
 
+import collections
 import copy
+import enum
+import functools
 import re
+import types
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -235,9 +240,10 @@ class ModelRuns:
 
     A copy that a run left as it found it serves the next run: copying a large model costs more than running it
     (efficientnet_v2_s: 0.15 s of CPU against 0.13 s, and a compile runs it 9 times). "As it found it": the same
-    parameter and buffer tensors at the same versions (an in-place write bumps a tensor's version) and the same
-    objects bound to every other attribute of every submodule (``self.calls += 1`` rebinds one); otherwise the next
-    run copies anew."""
+    parameter and buffer tensors at the same versions (an in-place write bumps a tensor's version) and every other
+    attribute of every submodule bound to the same object with the same contents (``self.calls += 1`` rebinds one,
+    ``self.seen.append(x)`` changes one's contents); otherwise, or where an attribute's state cannot be read, the
+    next run copies anew."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -266,22 +272,84 @@ class ModelRuns:
         return pytree.tree_leaves(self.cached[key])
 
 
-def _state(model: torch.nn.Module) -> list[tuple[str, Any, int]]:
+class _Ref:
+    """An object compared by identity, and a tensor also by version: equal only to a ``_Ref`` of the same object at
+    the same known version (an inference tensor keeps none, so it is never equal)."""
+
+    __slots__ = ("obj", "version")
+
+    def __init__(self, obj: Any, version: int | None = 0) -> None:
+        self.obj, self.version = obj, version
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _Ref) and self.obj is other.obj and self.version is not None
+                and self.version == other.version)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Opaque(Exception):
+    """An attribute whose state cannot be read (an extension object) or is too large to record."""
+
+
+_VALUES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
+           torch.memory_format, enum.Enum)  # immutable: compared by value
+_CODE = (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType,
+         functools.partial)  # compared by identity: a run rebinds, it does not rewrite code
+STATE_LIMIT = 100_000  # values recorded per model state; a larger state is not recorded (the next run copies)
+
+
+def _fingerprint(value: Any, seen: set[int], budget: list[int]) -> Any:
+    """What a run could change in ``value``, recursively: immutable values themselves, tensors by identity and
+    version, containers and plain objects by identity and contents (a list appended to differs), code by identity;
+    :class:`_Opaque` for anything else."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Opaque
+    if isinstance(value, _VALUES):
+        return value
+    if isinstance(value, torch.Tensor):
+        return _Ref(value, None if value.is_inference() else value._version)
+    if isinstance(value, _CODE) or id(value) in seen:
+        return _Ref(value)
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        if value.dtype == object or value.size > budget[0]:
+            raise _Opaque
+        budget[0] -= value.size
+        return _Ref(value), value.dtype, value.shape, value.tobytes()
+    if isinstance(value, dict):
+        return _Ref(value), tuple((_fingerprint(k, seen, budget), _fingerprint(v, seen, budget))
+                                  for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+        return _Ref(value), tuple(_fingerprint(v, seen, budget) for v in value)
+    if hasattr(value, "__dict__") and not hasattr(value, "__slots__"):
+        return _Ref(value), _fingerprint(vars(value), seen, budget)
+    raise _Opaque
+
+
+def _state(model: torch.nn.Module) -> Any:
     """What a run of ``model`` could change that its next run would see: every parameter and buffer with its version,
-    and the object bound to every other attribute of every submodule (held here, so that :func:`_same` compares
-    objects that are all alive). An inference tensor (a copy made under ``torch.inference_mode``) keeps no version:
-    None, which :func:`_same` never takes for unchanged."""
-    tensors = [(name, t, None if t.is_inference() else t._version) for name, t in
-               (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))]
-    attributes = [(f"{name}.{key}", value, 0) for name, module in model.named_modules(remove_duplicate=False)
-                  for key, value in vars(module).items() if key not in ("_parameters", "_buffers", "_modules")]
-    return tensors + attributes
+    and the fingerprint of every other attribute of every submodule (:func:`_fingerprint`: ``self.calls += 1``
+    rebinds one, ``self.history.append(y)`` changes one's contents); None where some attribute cannot be recorded,
+    which :func:`_same` never takes for unchanged. The fingerprint holds the objects it names, so the identities it
+    compares are of objects still alive."""
+    seen: set[int] = set()
+    budget = [STATE_LIMIT]
+    try:
+        return [(name, _fingerprint(t, seen, budget)) for name, t in
+                (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))] + [
+            (f"{name}.{key}", _fingerprint(value, seen, budget))
+            for name, module in model.named_modules(remove_duplicate=False)
+            for key, value in vars(module).items() if key not in ("_parameters", "_buffers", "_modules")]
+    except _Opaque:
+        return None
 
 
-def _same(before: list[tuple[str, Any, int]], after: list[tuple[str, Any, int]]) -> bool:
-    """The same names bound to the same objects, each tensor at the same known version."""
-    return len(before) == len(after) and all(
-        a[0] == b[0] and a[1] is b[1] and a[2] is not None and a[2] == b[2] for a, b in zip(before, after))
+def _same(before: Any, after: Any) -> bool:
+    """Both states recorded and equal: the same names bound to the same objects with the same contents, each tensor
+    at the same known version."""
+    return before is not None and after is not None and before == after
 
 
 def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example: tuple, exact: bool) -> Error:

@@ -1,5 +1,8 @@
 """compare(): relative max error and cosine over all floating outputs; check_artifact against the model; ModelRuns:
 the user's model run from its original state."""
+import types
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -81,15 +84,51 @@ class CountsInAttribute(nn.Module):
         return x + self.inner.calls
 
 
+class CountsInList(nn.Module):
+    """Adds how often it ran, kept as the length of a list it appends to (the same list object every run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.history = []
+
+    def forward(self, x):
+        self.history.append(len(self.history))
+        return x + len(self.history)
+
+
+class CountsInPlainTensor(nn.Module):
+    """Adds how often it ran, kept in a tensor attribute that is not a registered buffer, written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(counts={"calls": torch.zeros(())})
+
+    def forward(self, x):
+        self.config.counts["calls"] += 1
+        return x + self.config.counts["calls"]
+
+
+class CountsInArray(nn.Module):
+    """Adds how often it ran, kept in a numpy array written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = np.zeros(1)
+
+    def forward(self, x):
+        self.calls += 1
+        return x + float(self.calls[0])
+
+
 def test_model_runs_reuse_a_copy_only_while_runs_leave_the_model_as_they_found_it():
     """A run that changes nothing hands its copy of the model to the next run (copying a large model costs more than
-    running it); a run that writes into a buffer or rebinds an attribute does not, so every run starts from the
-    original state."""
+    running it); a run that writes into a buffer, rebinds an attribute, appends to a list, or writes into a tensor or
+    array held in a plain attribute (however deep) does not, so every run starts from the original state."""
     x = torch.randn(2, 3)
     plain = ModelRuns(nn.Sequential(nn.Linear(3, 3), nn.ReLU()).eval())
     outs = [plain.run((x,)) for _ in range(3)]
     assert plain.copies == 1 and all(torch.equal(o, outs[0]) for o in outs)
-    for stateful in (CountsInBuffer(), CountsInAttribute()):
+    for stateful in (CountsInBuffer(), CountsInAttribute(), CountsInList(), CountsInPlainTensor(), CountsInArray()):
         runs = ModelRuns(stateful.eval())
         outs = [runs.run((x,)) for _ in range(3)]
         assert runs.copies == 3, type(stateful).__name__
@@ -139,3 +178,16 @@ def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_comp
     calls.clear()
     check_artifact(artifact, runs, gm, (x,), exact=False)
     assert len(calls) == 1 + BOUND_BATCHES  # stale outputs are not read: the graph runs on its own batches
+
+
+def test_model_runs_copy_anew_when_an_attribute_cannot_be_recorded():
+    """An attribute whose state cannot be read (an object with slots, here) is never taken for unchanged."""
+    class Slotted:
+        __slots__ = ("calls",)
+
+    model = nn.Sequential(nn.Linear(3, 3)).eval()
+    model.counter = Slotted()
+    runs = ModelRuns(model)
+    x = torch.randn(2, 3)
+    runs.run((x,)), runs.run((x,))
+    assert runs.copies == 2
