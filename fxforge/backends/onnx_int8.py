@@ -61,13 +61,13 @@ def _missing_channels(gm: fx.GraphModule, conv: fx.Node) -> int:
     grouped, its input not a uint8 dequantize_per_tensor, its weight not a constant int8 tensor read by this conv alone
     through a dequantize with zero points 0, or its output channels off the kernel's alignment)."""
     dq, weight = data(conv), weight_of(conv)
-    if conv_groups(conv) != 1 or not isinstance(dq, fx.Node) or not isinstance(weight, fx.Node) \
-            or len(weight.users) != 1 or not isinstance(data(weight), fx.Node) or len(data(weight).users) != 1:
+    if conv_groups(conv) != 1 or not isinstance(dq, fx.Node) or not isinstance(weight, fx.Node):
         return 0
     if not is_op(dq, qd.dequantize_per_tensor.default) or argument(dq, "dtype") != torch.uint8 \
             or not isinstance(argument(dq, "zero_point"), int):
         return 0
-    if not is_op(weight, qd.dequantize_per_channel.default, qd.dequantize_per_tensor.default):
+    if not is_op(weight, qd.dequantize_per_channel.default, qd.dequantize_per_tensor.default) \
+            or len(weight.users) != 1 or not isinstance(data(weight), fx.Node) or len(data(weight).users) != 1:
         return 0
     w = get_tensor(gm, data(weight))
     zeros = argument(weight, "zero_points") if is_op(weight, qd.dequantize_per_channel.default) \
