@@ -22,7 +22,10 @@ Conv with an activation). QDQ around a conv/gemm becomes ORT's int8 kernels (QLi
 are read back from the ORT-optimized model (``SessionOptions.optimized_model_filepath``) and recorded in
 ``info["ort_fused_kernels"]`` and ``info["ort_int8_ops"]``; the ops ORT still runs in float (in an int8 model: its
 float islands) in ``info["ort_float_ops"]``. Global average pooling (``aten.mean`` over the spatial axes) lowers to
-GlobalAveragePool, which ORT runs in int8 between Q/DQ (QLinearGlobalAveragePool).
+GlobalAveragePool, which ORT runs in int8 between Q/DQ (QLinearGlobalAveragePool). On x86 targets an int8 conv whose
+input channels are not a multiple of 4 (an RGB stem) gets its uint8 input padded with the zero point and zero weight
+columns (exact), so ORT runs it on MLAS's symmetric conv kernel (backends/onnx_int8.py); that uint8 ``Pad`` counts as a
+layout op, not a float one.
 
 Option ``fusions`` ("auto", the default; "transformer"; "none"): with "transformer", attention lowers to ORT's
 ``MultiHeadAttention`` and onnxruntime.transformers' optimizer fuses GELU (on a GPU target also residual

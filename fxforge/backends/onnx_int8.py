@@ -5,7 +5,7 @@ MLAS's symmetric indirect convolution (``MlasConvSym``: requantization fused, no
 ungrouped, its input channels are a multiple of 4 and its output channels a multiple of 8 and at least 16 (the
 packing sizes of its AVX2, AVX-VNNI, AVX-512 and AVX-512 VNNI kernels, ``MlasConvSymPackWSize``). Otherwise it
 falls back to im2col and a GEMM with a separate requantization pass. An RGB stem reads 3 channels, so it falls back:
-MobileNetV2's 3×3 stem took 615–661 µs of a 3.8–4.2 ms int8 network at batch 1 (ORT profiler, 1 thread), and
+MobileNetV2's 3×3 stem took 615–695 µs of a 3.8–4.8 ms int8 network at batch 1 (ORT profiler, 1 thread), and
 240–256 µs with its input padded to 4 channels (docs/quantization.md, "Speed against quantize_static").
 
 The rewrite, on the graph the onnx backend exports (x86 targets only: ARM's symmetric kernel needs 64 input channels):
