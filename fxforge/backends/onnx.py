@@ -22,7 +22,10 @@ Conv with an activation). QDQ around a conv/gemm becomes ORT's int8 kernels (QLi
 are read back from the ORT-optimized model (``SessionOptions.optimized_model_filepath``) and recorded in
 ``info["ort_fused_kernels"]`` and ``info["ort_int8_ops"]``; the ops ORT still runs in float (in an int8 model: its
 float islands) in ``info["ort_float_ops"]``. Global average pooling (``aten.mean`` over the spatial axes) lowers to
-GlobalAveragePool, which ORT runs in int8 between Q/DQ (QLinearGlobalAveragePool).
+GlobalAveragePool, which ORT runs in int8 between Q/DQ (QLinearGlobalAveragePool). On x86 targets an int8 conv whose
+input channels are not a multiple of 4 (an RGB stem) gets its uint8 input padded with the zero point and zero weight
+columns (exact), so ORT runs it on MLAS's symmetric conv kernel (backends/onnx_int8.py); that uint8 ``Pad`` counts as a
+layout op, not a float one.
 
 Option ``fusions`` ("auto", the default; "transformer"; "none"): with "transformer", attention lowers to ORT's
 ``MultiHeadAttention`` and onnxruntime.transformers' optimizer fuses GELU (on a GPU target also residual
@@ -54,7 +57,7 @@ from fxforge.compiler.graph import fusion_groups
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, batch_dynamic
 
-from . import onnx_transformer
+from . import onnx_int8, onnx_transformer
 from .base import Artifact, Backend, register_backend
 
 try:
@@ -77,7 +80,7 @@ INT8_KERNELS = ("QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
                 "QAttention", "NhwcMaxPool")  # plus every QLinear* op; ORT's NHWC layout pass makes NhwcMaxPool of
 # an 8-bit MaxPool only
 CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
-LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "ReorderInput", "ReorderOutput")
+LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "ReorderInput", "ReorderOutput", "Pad")
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ class OnnxBackend(Backend):
         opset = options.pop("opset", DEFAULT_OPSET)
         fusions = onnx_transformer.resolve(_check_fusions(options.pop("fusions", "auto")), gm)
         config = _session_config(options)
-        model = export(gm, example_inputs, signature, opset, transformer=fusions == "transformer")
+        model = export(gm, example_inputs, signature, opset, transformer=fusions == "transformer", target=target)
         if fusions == "transformer":
             cpu = providers(target) == ["CPUExecutionProvider"]
             model = onnx_transformer.optimize(model, cpu=cpu)
@@ -219,14 +222,17 @@ def _session_config(options: dict[str, Any]) -> SessionConfig:
 
 
 def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
-           opset: int = DEFAULT_OPSET, transformer: bool = False) -> onnx.ModelProto:
+           opset: int = DEFAULT_OPSET, transformer: bool = False, target: Target | None = None) -> onnx.ModelProto:
     """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so); with
-    ``transformer``, attention becomes ORT's MultiHeadAttention (backends/onnx_transformer.py)."""
+    ``transformer``, attention becomes ORT's MultiHeadAttention (backends/onnx_transformer.py); for an x86 ``target``,
+    int8 convs get the input channels ORT's fastest x86 int8 kernel needs (backends/onnx_int8.py)."""
     _check_opset(opset)
     args, shapes = batch_dynamic(example_inputs, signature.batched())
     outputs = len(gm.graph.output_node().args[0])
     names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]  # not the last op's name
     copied = _global_pools_as_means(copy.deepcopy(gm)).eval()
+    if target is not None:
+        onnx_int8.pad_conv_channels(copied, target)
     with _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed():
         try:
             program = torch.onnx.export(copied, args, dynamo=True, opset_version=opset,
