@@ -243,8 +243,15 @@ class InsertQdq(Pass):
         ``adaround`` and ``bias_correction`` may have moved the float constants behind their quantizers),
         and the activation pairs that the smaller plan would not insert passed through. Every other grid keeps its
         calibrated scale, which a skip does not change (calibration observes the float graph); a cheap estimate of
-        rerunning the quantizing passes, for searches over which layers stay float."""
+        rerunning the quantizing passes, for searches over which layers stay float. With ``activations="dynamic"``
+        it is that rerun itself: the dynamic rewrite reads no calibration and only replaces linears, so rerunning
+        it on ``before`` is as cheap as undoing it (``quantized`` holds no node named after a linear of ``before``
+        to undo)."""
         p = type(self)(**{**self.options(), "skip": (*self.skip, *layers)})
+        if self.activations == "dynamic":
+            gm = copy.deepcopy(before)
+            p.run_dynamic(gm, ctx, Counter())
+            return gm
         shapes = dict(ctx.analysis(Shapes, before))
         before = copy.deepcopy(before)
         p.split_silus(before, shapes)

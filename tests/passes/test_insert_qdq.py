@@ -332,3 +332,31 @@ def test_dynamic_bert_numerics():
 def test_dynamic_option_is_checked():
     with pytest.raises(PassError, match="option 'activations' of pass 'insert_qdq'"):
         apply(LinearMatmul(), (torch.randn(2, 3, 6),), ["insert_qdq{activations='per_row'}"])
+
+
+def test_dynamic_with_float_keeps_the_named_layers_float():
+    """with_float on a dynamic graph is insert_qdq{activations='dynamic', skip=layers} on ``before``: the named linear
+    float again, the other dynamic (it used to return the quantized graph unchanged, so the budget's estimates did
+    not move with the number of float layers)."""
+    from fxforge.compiler.pass_manager import PassContext
+    from fxforge.compiler.trace import trace
+    from fxforge.passes import InsertQdq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    before, _ = trace(model, (torch.randn(2, 8),))
+    first = next(n.name for n in before.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    ctx = PassContext((torch.randn(2, 8),))
+    quantized = copy.deepcopy(before)
+    InsertQdq(activations="dynamic", reduce_range=False).run(quantized, ctx)
+    view = InsertQdq(activations="dynamic", reduce_range=False).with_float(quantized, before, (first,), ctx)
+    assert ops(quantized) == ["dynamic_linear", "relu", "dynamic_linear"]
+    assert ops(view) == ["linear", "relu", "dynamic_linear"]
+    w = model[2].weight.detach()
+    s_w = w.abs().amax(1) / 127
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        expected = torch.ops.fxforge.dynamic_linear(model[1](model[0](x)), torch.round(w / s_w[:, None]).to(torch.int8),
+                                                    s_w, model[2].bias)
+        torch.testing.assert_close(view(x)[0], expected)
+        assert not torch.allclose(quantized(x)[0], expected)
