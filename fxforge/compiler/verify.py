@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
+from .analysis.shapes import Shapes
 from .errors import FxforgeError, VerificationError, first_line
 from .instruments import Instrument, Stage, after_passes
 from .ops import QUANTIZE, is_op
@@ -111,19 +112,26 @@ def _tensors(values: Any) -> list[torch.Tensor]:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, every: dict[str, torch.Tensor] | None) -> None:
         super().__init__(gm)
         self.values: dict[str, torch.Tensor] = {}
+        self.every = every
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and n.op == "call_function":
-            self.values[n.name] = out
+        if isinstance(out, torch.Tensor):
+            if n.op == "call_function":
+                self.values[n.name] = out
+            if self.every is not None:
+                self.every[n.name] = out
         return out
 
 
-def run_recording(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-    rec = _Recorder(gm)
+def run_recording(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], every: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The outputs of ``gm`` on ``inputs`` and the tensor each call_function node computed, by name; ``every``, when
+    given, receives the tensor of every node that gives one (inputs and constants too)."""
+    rec = _Recorder(gm, every)
     with torch.no_grad():
         out = rec.run(*inputs)
     return out, rec.values
@@ -144,7 +152,8 @@ class NumericCheck(Instrument):
                  passes: int | None = None) -> None:
         self.inputs = fresh_inputs(example_inputs)
         self.tolerance = exact_tolerance(example_inputs)
-        self.reference, self.prev_values = run_recording(gm, self.inputs)
+        self.every: dict[str, torch.Tensor] = {}  # the last run's every node output: its shapes (Shapes.from_values)
+        self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
         self.prev_out = self.reference
         self.more: list[tuple[tuple[torch.Tensor, ...], Any]] = []  # the other batches and the traced outputs
         if approximate:
@@ -157,11 +166,13 @@ class NumericCheck(Instrument):
     def after(self, p: Any, gm: fx.GraphModule, ctx: Any, stage: Stage) -> None:
         if p is None:
             stage.error = self.last
+            self._hand_shapes(gm, ctx)
             return
         self.seen += 1
         try:
             if stage.result is None or stage.result.changed:  # unchanged: the same graph, the same error
                 self.last = self.check(p, gm, stage.done)
+                self._hand_shapes(gm, ctx)
             stage.error = self.last
             if self.bounding and self.more and (self.passes is None or self.seen == self.passes):
                 with torch.no_grad():
@@ -176,10 +187,17 @@ class NumericCheck(Instrument):
             raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
                                     f"{first_line(e)}{after_passes(stage.done)}") from e
 
+    def _hand_shapes(self, gm: fx.GraphModule, ctx: Any) -> None:
+        """The checked run was on inputs shaped like the example: every node's shape, which the Shapes analysis
+        would run the graph once more to learn (the report's FLOPs ask for it after every changed stage)."""
+        ctx.provide(Shapes, gm, Shapes.from_values(self.every))
+        self.every = {}
+
     def check(self, p: Any, gm: fx.GraphModule, done: Sequence[str]) -> Error:
         """The error of the new stage against eager on the checked batch; raise if an exact pass moved the
         numbers."""
-        out, values = run_recording(gm, self.inputs)
+        self.every = {}
+        out, values = run_recording(gm, self.inputs, self.every)
         step = compare(out, self.prev_out)
         if p.exact and not step.max_rel <= self.tolerance:
             where = first_divergence(values, self.prev_values, self.tolerance) or \
