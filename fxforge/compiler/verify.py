@@ -344,7 +344,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     worst = _worst(errors)  # what the bounds below check
     stated = worst if exact else _worst([errors[0], error_bound(errors[1:])])
     exact_bound = exact_tolerance(pytree.tree_leaves(example))
-    if any(is_op(n, *QUANTIZE, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes):
+    if is_quantized(gm):
         bound = QUANTIZED_LOWERING_FACTOR * graph_vs_model + QUANTIZED_LOWERING_TOLERANCE
         if not worst.max_rel <= bound:
             raise VerificationError(f"the {artifact.backend} artifact of a quantized graph is {worst.max_rel:.3g} "
@@ -360,6 +360,32 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
                                 f"{worst.max_rel:.3g} relative (cosine {worst.cosine:.4f}; bound "
                                 f"{exact_bound:g}); pass verify='off' to accept it anyway")
     return stated
+
+
+def is_quantized(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` simulates integer arithmetic (Q/DQ or dynamic int8 linears), which int8 kernels round
+    otherwise: its artifact is held to the quantized lowering bound, not the exact one."""
+    return any(is_op(n, *QUANTIZE, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes)
+
+
+def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float) -> str:
+    """What a compile under ``verify`` checked, in words, for ``report.meta["checked"]``: which stages were compared
+    on what, and the bounds that would have raised ``VerificationError``."""
+    if verify == "off":
+        return "nothing (verify='off'): no graph linted, no output compared"
+    if verify == "lint":
+        return "each pass's graph linted; no output compared (verify='numerics' compares them)"
+    stages = (f"each pass that changed the graph, run on one fresh batch against the stage before it (exact passes "
+              f"within {tolerance:g} relative)")
+    if not exact:
+        stages += f"; the last pass's stated error a bound over {BOUND_BATCHES} fresh batches"
+    if not on_host:
+        return f"{stages}; the {backend} artifact not run (its target does not run on this machine)"
+    batches = 1 if exact else BOUND_BATCHES
+    bound = (f"within {QUANTIZED_LOWERING_FACTOR:g}x the graph's own error + {QUANTIZED_LOWERING_TOLERANCE:g}"
+             if quantized else f"within {tolerance:g} of the graph")
+    return (f"{stages}; the {backend} artifact against the graph and your model on the example inputs and {batches} "
+            f"fresh batch{'es' if batches > 1 else ''} ({bound}{f', and of your model' if exact else ''})")
 
 
 def _bound_outputs(gm: fx.GraphModule) -> list[tuple[tuple[torch.Tensor, ...], list[Any]]]:
