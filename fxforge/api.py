@@ -24,7 +24,8 @@ from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
 from fxforge.compiler.trace import Signature, trace
-from fxforge.compiler.verify import BOUND_OUTPUTS, ModelRuns, check_artifact
+from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, exact_tolerance,
+                                    is_quantized)
 
 InputKey = int | str | Sequence[int | str]  # input_key: where a calibration item holds the model's inputs
 
@@ -76,7 +77,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             batches; a tuple of keys (``("input_ids", "attention_mask")``) gives several inputs in that order.
         verify: ``"numerics"`` checks every exact pass against the stage before it on fresh inputs and the
             artifact against the graph and the model (``VerificationError`` outside the bounds); ``"lint"``
-            checks graphs only; ``"off"`` checks nothing.
+            checks graphs only; ``"off"`` checks nothing. ``report.meta["checked"]`` says what was compared.
         measure_latency: also time every stage's graph in PyTorch eager and the artifact (off by default: it
             can double compile time).
         static_batch: compile for the example's batch size only.
@@ -160,6 +161,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
     report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()
+    report.meta["checked"] = checks_made(verify, all(r.exact for r in report.rows), is_quantized(gm), artifact.backend,
+                                         tgt.runs_on_host, exact_tolerance(flat))
     report.meta["compile_s"] = {k: round(v, 2) for k, v in times.items()}  # where compile time went
     if gm.meta.get("input_writes_dropped"):
         report.meta["input_writes_dropped"] = (f"the model writes into input(s) "

@@ -10,6 +10,7 @@ from torch import nn
 import fxforge
 from fxforge.backends import base
 from fxforge.backends.eager import EagerArtifact, EagerBackend
+from fxforge.compiler.verify import BOUND_BATCHES
 from models import ZOO
 
 
@@ -279,12 +280,14 @@ def test_compile_does_each_piece_of_work_once(monkeypatch):
     """Compile's structure, not its speed: one export (no decomposition retrace where the local rewrites apply),
     the model run once per input set (the capture check and the artifact check share them: the example and one
     fresh batch for an exact pipeline, the example and BOUND_BATCHES fresh ones for an approximate one), one
-    pipeline run when the accuracy budget holds (no per-layer sensitivity, no second run), and no numeric-check
-    run for a pass that changed nothing."""
+    pipeline run when the accuracy budget holds (no per-layer sensitivity, no second run), no numeric-check
+    run for a pass that changed nothing, and no shape propagation for the report's FLOPs (the check's runs give
+    every node's shape)."""
     import math
     from collections import Counter
 
     from fxforge.compiler import verify
+    from fxforge.compiler.analysis import Shapes
     from fxforge.compiler.pass_manager import PassManager
 
     counts = Counter()
@@ -300,7 +303,7 @@ def test_compile_does_each_piece_of_work_once(monkeypatch):
     for owner, attr, label in [(torch.export, "export", "export"),
                                (torch.export.ExportedProgram, "run_decompositions", "decompose"),
                                (verify.ModelRuns, "run", "model"), (PassManager, "run", "pipeline"),
-                               (verify, "run_recording", "stage_runs")]:
+                               (verify, "run_recording", "stage_runs"), (Shapes, "run", "shape_runs")]:
         count(owner, attr, label)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -309,10 +312,34 @@ def test_compile_does_each_piece_of_work_once(monkeypatch):
     cm = fxforge.compile(model, (x,), passes="fuse")
     changed = [r.stage for r in cm.report.rows[1:-1] if r.stats.get("folded") or r.stats.get("conv2d+relu")]
     assert changed == ["fuse_batchnorm", "fuse_activation"]  # fold_constants, eliminate_dead_code: no change
-    assert counts == {"export": 1, "model": 2, "pipeline": 1, "stage_runs": 1 + len(changed)}
+    assert counts == {"export": 1, "model": 2, "pipeline": 1, "stage_runs": 1 + len(changed)}  # no shape_runs: the
+    # report's FLOPs read each stage's shapes from its numeric-check run
     counts.clear()
     calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
     cm = fxforge.compile(model, (x,), passes="int8", calibration=calibration, max_drop=math.inf)
     assert cm.report.meta["budget"]["outcome"] == "held"
     assert counts["export"] == 1 and counts["decompose"] == 0 and counts["pipeline"] == 1
-    assert counts["model"] == 1 + verify.BOUND_BATCHES
+    assert counts["model"] == 1 + verify.BOUND_BATCHES and counts["shape_runs"] == 0
+
+
+def test_the_report_says_what_was_checked():
+    """report.meta["checked"] names what the compile compared and the bounds that would have raised: the exact
+    passes per stage, an approximate pipeline's bound batches, and the artifact against graph and model; under
+    verify="lint" or "off", that nothing was compared."""
+    import math
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    checked = {v: fxforge.compile(model, (x,), passes="fuse", verify=v).report.meta["checked"]
+               for v in ("numerics", "lint", "off")}
+    assert "exact passes within 0.0001" in checked["numerics"]
+    assert "eager artifact against the graph and your model on the example inputs and 1 fresh batch" \
+        in checked["numerics"] and "of your model" in checked["numerics"]
+    assert "no output compared" in checked["lint"] and checked["off"].startswith("nothing (verify='off')")
+    calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
+    cm = fxforge.compile(model, (x,), passes="int8", calibration=calibration, max_drop=math.inf)
+    text = cm.report.meta["checked"]
+    assert f"a bound over {BOUND_BATCHES} fresh batches" in text and f"and {BOUND_BATCHES} fresh batches" in text
+    assert "within 2x the graph's own error + 0.05" in text

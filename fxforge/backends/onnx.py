@@ -230,7 +230,10 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     args, shapes = batch_dynamic(example_inputs, signature.batched())
     outputs = len(gm.graph.output_node().args[0])
     names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]  # not the last op's name
-    copied = _global_pools_as_means(copy.deepcopy(gm)).eval()
+    # a graph of its own over the same tensors: the rewrites below must not reach gm (they rebind its constants, never
+    # write into them), and the exporter never writes into the tensors (a deep copy of efficientnet_v2_s's int8 graph
+    # was 1 s of CPU for nothing)
+    copied = _global_pools_as_means(fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph")).eval()
     if target is not None:
         onnx_int8.pad_conv_channels(copied, target)
     with _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed():

@@ -68,6 +68,13 @@ class PassContext:
             self._cache[kind] = kind().run(gm, self)
         return self._cache[kind]
 
+    def provide(self, kind: type[Analysis], gm: fx.GraphModule, result: Any) -> None:
+        """Cache ``result`` as analysis ``kind`` of ``gm``: for an instrument that has just learned the same facts by
+        other means (the numeric check's run of a stage gives every node's shape), so nothing computes them again."""
+        if gm is not self._gm:
+            self._gm, self._cache = gm, {}
+        self._cache[kind] = result
+
     def invalidate(self, preserves: Preserved) -> None:
         """Drop every cached analysis except the ``preserves`` ones (Analysis subclasses, "all" or "none")."""
         if preserves == "all":

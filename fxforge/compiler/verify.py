@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
+from .analysis.shapes import Shapes
 from .errors import FxforgeError, VerificationError, first_line
 from .instruments import Instrument, Stage, after_passes
 from .ops import QUANTIZE, is_op
@@ -116,19 +117,26 @@ def _tensors(values: Any) -> list[torch.Tensor]:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, every: dict[str, torch.Tensor] | None) -> None:
         super().__init__(gm)
         self.values: dict[str, torch.Tensor] = {}
+        self.every = every
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and n.op == "call_function":
-            self.values[n.name] = out
+        if isinstance(out, torch.Tensor):
+            if n.op == "call_function":
+                self.values[n.name] = out
+            if self.every is not None:
+                self.every[n.name] = out
         return out
 
 
-def run_recording(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-    rec = _Recorder(gm)
+def run_recording(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], every: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The outputs of ``gm`` on ``inputs`` and the tensor each call_function node computed, by name; ``every``, when
+    given, receives the tensor of every node that gives one (inputs and constants too)."""
+    rec = _Recorder(gm, every)
     with torch.no_grad():
         out = rec.run(*inputs)
     return out, rec.values
@@ -149,7 +157,8 @@ class NumericCheck(Instrument):
                  passes: int | None = None) -> None:
         self.inputs = fresh_inputs(example_inputs)
         self.tolerance = exact_tolerance(example_inputs)
-        self.reference, self.prev_values = run_recording(gm, self.inputs)
+        self.every: dict[str, torch.Tensor] = {}  # the last run's every node output: its shapes (Shapes.from_values)
+        self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
         self.prev_out = self.reference
         self.more: list[tuple[tuple[torch.Tensor, ...], Any]] = []  # the other batches and the traced outputs
         if approximate:
@@ -162,11 +171,13 @@ class NumericCheck(Instrument):
     def after(self, p: Any, gm: fx.GraphModule, ctx: Any, stage: Stage) -> None:
         if p is None:
             stage.error = self.last
+            self._hand_shapes(gm, ctx)
             return
         self.seen += 1
         try:
             if stage.result is None or stage.result.changed:  # unchanged: the same graph, the same error
                 self.last = self.check(p, gm, stage.done)
+                self._hand_shapes(gm, ctx)
             stage.error = self.last
             if self.bounding and self.more and (self.passes is None or self.seen == self.passes):
                 with torch.no_grad():
@@ -181,10 +192,17 @@ class NumericCheck(Instrument):
             raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
                                     f"{first_line(e)}{after_passes(stage.done)}") from e
 
+    def _hand_shapes(self, gm: fx.GraphModule, ctx: Any) -> None:
+        """The checked run was on inputs shaped like the example: every node's shape, which the Shapes analysis
+        would run the graph once more to learn (the report's FLOPs ask for it after every changed stage)."""
+        ctx.provide(Shapes, gm, Shapes.from_values(self.every))
+        self.every = {}
+
     def check(self, p: Any, gm: fx.GraphModule, done: Sequence[str]) -> Error:
         """The error of the new stage against eager on the checked batch; raise if an exact pass moved the
         numbers."""
-        out, values = run_recording(gm, self.inputs)
+        self.every = {}
+        out, values = run_recording(gm, self.inputs, self.every)
         step = compare(out, self.prev_out)
         if p.exact and not step.max_rel <= self.tolerance:
             where = first_divergence(values, self.prev_values, self.tolerance) or \
@@ -394,7 +412,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     worst = _worst(errors)  # what the bounds below check
     stated = worst if exact else _worst([errors[0], error_bound(errors[1:])])
     exact_bound = exact_tolerance(pytree.tree_leaves(example))
-    if any(is_op(n, *QUANTIZE, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes):
+    if is_quantized(gm):
         bound = QUANTIZED_LOWERING_FACTOR * graph_vs_model + QUANTIZED_LOWERING_TOLERANCE
         if not worst.max_rel <= bound:
             raise VerificationError(f"the {artifact.backend} artifact of a quantized graph is {worst.max_rel:.3g} "
@@ -410,6 +428,32 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
                                 f"{worst.max_rel:.3g} relative (cosine {worst.cosine:.4f}; bound "
                                 f"{exact_bound:g}); pass verify='off' to accept it anyway")
     return stated
+
+
+def is_quantized(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` simulates integer arithmetic (Q/DQ or dynamic int8 linears), which int8 kernels round
+    otherwise: its artifact is held to the quantized lowering bound, not the exact one."""
+    return any(is_op(n, *QUANTIZE, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes)
+
+
+def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float) -> str:
+    """What a compile under ``verify`` checked, in words, for ``report.meta["checked"]``: which stages were compared
+    on what, and the bounds that would have raised ``VerificationError``."""
+    if verify == "off":
+        return "nothing (verify='off'): no graph linted, no output compared"
+    if verify == "lint":
+        return "each pass's graph linted; no output compared (verify='numerics' compares them)"
+    stages = (f"each pass that changed the graph, run on one fresh batch against the stage before it (exact passes "
+              f"within {tolerance:g} relative)")
+    if not exact:
+        stages += f"; the last pass's stated error a bound over {BOUND_BATCHES} fresh batches"
+    if not on_host:
+        return f"{stages}; the {backend} artifact not run (its target does not run on this machine)"
+    batches = 1 if exact else BOUND_BATCHES
+    bound = (f"within {QUANTIZED_LOWERING_FACTOR:g}x the graph's own error + {QUANTIZED_LOWERING_TOLERANCE:g}"
+             if quantized else f"within {tolerance:g} of the graph")
+    return (f"{stages}; the {backend} artifact against the graph and your model on the example inputs and {batches} "
+            f"fresh batch{'es' if batches > 1 else ''} ({bound}{f', and of your model' if exact else ''})")
 
 
 def _bound_outputs(gm: fx.GraphModule) -> list[tuple[tuple[torch.Tensor, ...], list[Any]]]:

@@ -191,3 +191,33 @@ def test_model_runs_copy_anew_when_an_attribute_cannot_be_recorded():
     x = torch.randn(2, 3)
     runs.run((x,)), runs.run((x,))
     assert runs.copies == 2
+
+
+def test_the_numeric_check_hands_its_run_to_the_shapes_analysis():
+    """Each checked stage's run is on inputs shaped like the example: the Shapes analysis (the report's FLOPs) gets
+    every node's shape from it, the same as its own propagation gives, instead of running the graph again."""
+    from fxforge.compiler.analysis import Flops, Shapes
+    from fxforge.compiler.pass_manager import PassContext, PassManager
+    from fxforge.compiler.trace import trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4))
+    x = torch.randn(2, 3, 16, 16)
+    gm, _ = trace(model.eval(), (x,))
+    runs = []
+    original = Shapes.run
+    Shapes.run = lambda self, g, c: runs.append(g) or original(self, g, c)
+    try:
+        ctx = PassContext(example_inputs=(x,))
+        gm, report = PassManager("fuse", verify="numerics", measure_latency=False).run(gm, ctx)
+        assert not runs  # every stage's FLOPs came from the check's runs
+        handed = ctx.analysis(Shapes, gm)
+        assert handed == original(Shapes(), gm, ctx)  # the same facts a propagation gives
+        kinds = {n.op for n in gm.graph.nodes if n.name in handed}
+        assert kinds == {"placeholder", "get_attr", "call_function"}  # inputs, constants and ops
+        assert report.final.flops == sum(Flops().run(gm, PassContext(example_inputs=(x,))).values()) > 0
+        PassManager("fuse", verify="lint", measure_latency=False).run(trace(model.eval(), (x,))[0],
+                                                                      PassContext(example_inputs=(x,)))
+        assert runs  # without the numeric check, the analysis propagates itself
+    finally:
+        Shapes.run = original
