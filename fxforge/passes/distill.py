@@ -13,7 +13,7 @@ With ``params="biases+scales"`` the activation grids learn as well (LSQ, Esser e
 group's scale is s = s₀·e^u with u learned (one relative step size for every tensor; LSQ's gradient scale
 1/sqrt(N·q_max) only rescales what Adam normalises), and its Q/DQ pair is computed as
 
-    v = x/s + z,   q = clamp(v + (round(v) − v).detach(), q_min, q_max),   x̂ = (q − z)·s
+    v = x/s,   q = clamp(v + (round(v) − v).detach() + z, q_min, q_max),   x̂ = (q − z)·s
 
 so ∂x̂/∂x is 1 inside the grid and 0 outside (the straight-through estimator), and ∂x̂/∂s is round(v) − v inside
 and q_min − z or q_max − z outside: the step size trades rounding error against clipping on the network's loss.
@@ -286,9 +286,10 @@ def _snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _learned_qdq(x: torch.Tensor, q: fx.Node, u: torch.Tensor) -> torch.Tensor:
     """DQ(Q(x)) on the grid of ``q`` with its scale times e^u, differentiable in x and u (module docstring)."""
     p = q_params(q)
-    s = torch.tensor(p.scale, dtype=x.dtype) * u.exp().to(x.dtype)
-    v = x / s + p.zero_point
-    return ((v + (torch.round(v) - v).detach()).clamp(p.quant_min, p.quant_max) - p.zero_point) * s
+    s = torch.tensor(p.scale, dtype=torch.float64) * u.double().exp()  # the op's own arithmetic: x · float32(1/s)
+    v = x * (1 / s).to(x.dtype)                                           # rounded, then z added (exact integers)
+    q_ = (v + (torch.round(v) - v).detach() + p.zero_point).clamp(p.quant_min, p.quant_max)
+    return (q_ - p.zero_point) * s.to(x.dtype)
 
 
 class _Runner(fx.Interpreter):

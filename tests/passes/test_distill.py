@@ -173,7 +173,11 @@ def test_learned_qdq_is_the_quantizer_at_u_0_and_has_lsq_gradients():
     out = _learned_qdq(x, q, u)
     ref = qd.dequantize_per_tensor(qd.quantize_per_tensor(x.detach(), 0.1, 10, 0, 255, torch.uint8),
                                    0.1, 10, 0, 255, torch.uint8)
-    torch.testing.assert_close(out.detach(), ref)
+    assert torch.equal(out.detach(), ref)
+    dense = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 5  # the op's rounding, bit for bit
+    assert torch.equal(_learned_qdq(dense, q, torch.zeros(())),
+                       qd.dequantize_per_tensor(qd.quantize_per_tensor(dense, 0.1, 10, 0, 255, torch.uint8),
+                                                0.1, 10, 0, 255, torch.uint8))
     out.sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # -2.0 below q_min, 30 above q_max
     v = x.detach() / 0.1 + 10
