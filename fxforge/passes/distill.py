@@ -2,7 +2,7 @@
 
 The teacher T is the graph as it stood before the pipeline's first lossy pass (``PassContext.teacher``, a copy
 the pass manager keeps; never the user's module). On the user's unlabeled batches x (``compile(...,
-train=[(x1,), ...])``) the student S, this graph, minimises with Adam over its conv/linear weights and biases
+train=[(x1,), ...])``) the student S, this graph, minimises with Adam (``optimizer='sgd'``: SGD, momentum 0.9) over its conv/linear weights and biases
 
     classifier logits (2-D, rows not unit vectors):  L = τ² · KL(softmax(T(x)/τ) ‖ softmax(S(x)/τ))
     any other float output (embeddings, maps):       L = mean_i (1 − cos(S_i, T_i)) + ‖S − T‖² / ‖T‖²
@@ -18,7 +18,9 @@ group's scale is s = s₀·e^u with u learned (one relative step size for every 
 so ∂x̂/∂x is 1 inside the grid and 0 outside (the straight-through estimator), and ∂x̂/∂s is round(v) − v inside
 and q_min − z or q_max − z outside: the step size trades rounding error against clipping on the network's loss.
 The zero points stay; the learned scales are written into every Q/DQ node of the group, rounded to float32, and
-the biases' grids s_x · s_w refreshed.
+the biases' grids s_x · s_w refreshed. Measured on the trained MobileNetV2 (equalize_activations, percentile
+calibration, bias correction, 100 steps at lr 3e-4; docs/quantization.md): top-1 agreement 0.875 → 0.906 and
+0.938 in two runs (biases alone: 0.891), mean logit cosine 0.987 → 0.988–0.989 (biases alone: 0.990).
 
 With ``params="biases"`` only the biases learn: through Q/DQ pairs a bias's int32 grid (s_x · s_w) is fine enough
 to move continuously, where a weight moves by whole 8-bit steps, so this is bias correction fitted end to end
