@@ -18,8 +18,11 @@ the budget (the usual case), that run is the compile's and nothing else runs (no
 second run). When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
 one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option. Each layer's cost
 is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py: drop, then relative error, on
-the budget's first 32 samples: a ranking, not the verdict), and the k most costly stay float. The search over k
-estimates each try cheaply where the quantizing pass can say what its skip would do to the graph it already made
+the budget's first 32 samples: a ranking, not the verdict). Costs alone do not add up, so a greedy phase comes
+first: from none float, each step measures the whole graph with each of the 6 most costly remaining layers float as
+well, on those 32 samples (the screen), keeps the best, and stops at the first set that holds on all the data and
+in a verifying pipeline run (at most 8 layers; a verified miss ends it). Failing that, the k most costly stay float.
+The search over k estimates each try cheaply where the quantizing pass can say what its skip would do to the graph it already made
 (``InsertQdq.with_float``: the calibrated int8 graph with those layers' weights, biases and input pairs float
 again, every other grid as calibrated), else by running the quantizing passes; an estimate whose drop on the first
 32 samples already proves a miss (``_estimate``) skips the rest of the data. It estimates k = 1, 2, 3, 5, 8, ...
@@ -56,6 +59,8 @@ BUDGETED_PRESETS = ("int8", "int8_dynamic", "all")
 NAMED = 5  # float layers a warning names (report.meta["budget"]["float_layers"] lists every one, with its cost)
 SENSITIVITY_SAMPLES = 32  # the budget's first samples each layer's cost is measured on (a ranking, not the verdict)
 VERIFIED = 3  # pipeline runs the search may spend verifying its estimates
+GREEDY = 8  # float layers the greedy phase may choose before the search over ranked prefixes takes over
+CANDIDATES = 6  # the remaining layers of highest cost alone that each greedy step measures in the whole graph
 
 
 class Budget:
@@ -157,23 +162,61 @@ class Budget:
         view = getattr(passes[at], "with_float", None)  # a cheap estimate: the quantized graph, layers float again
         estimate = (lambda k: self._estimate(k, view(quantized, before, tuple(ranked[:k]), ctx), gm, first)) \
             if view else verify
-        k = self._search(len(ranked), estimate, verify)
+        found = self._greedy(ranked, lambda fl: self._screened(view(quantized, before, tuple(fl), ctx), gm, first),
+                             lambda fl: self._drop(view(quantized, before, tuple(fl), ctx)),
+                             lambda fl: self._try(passes[at:lossy], before, ctx, fl)) if view else None
+        if found is None:
+            k = self._search(len(ranked), estimate, verify)
+            floats, drop = ranked[:k], tries[k]
+        else:
+            floats, drop = found
+            k = len(floats)
+            tries[k] = drop  # a verified hold (a greedy miss stays in record["greedy"]: its set is no prefix)
         weights = {n.name: str(weight_of(n).target) for n in call_nodes(before, *WEIGHTED)
                    if isinstance(weight_of(n), fx.Node)}
         self.record["float_layers"] = [{"layer": n, "weight": weights.get(n), **_cost(sens.effects[setting][n])}
-                                       for n in ranked[:k]]
-        named = ", ".join(f"{n} ({weights.get(n)})" for n in ranked[:min(k, NAMED)])
+                                       for n in floats]
+        named = ", ".join(f"{n} ({weights.get(n)})" for n in floats[:NAMED])
         more = f" and {k - NAMED} more, listed in report.meta['budget']" if k > NAMED else ""
         kept = f"{k} of {len(ranked)} layers float ({named}{more})"
-        if tries[k] <= self.max_drop:
+        if drop <= self.max_drop:
             self.record["outcome"] = f"held with {kept}"
-            self._warn(f"{label} missed its accuracy budget ({what}); kept {kept}: drop {tries[k]:.4f}")
+            self._warn(f"{label} missed its accuracy budget ({what}); kept {kept}: drop {drop:.4f}")
         else:
-            self.record["outcome"] = f"missed: smallest drop {tries[k]:.4f} with {kept}"
+            self.record["outcome"] = f"missed: smallest drop {drop:.4f} with {kept}"
             self._warn(f"{label} cannot meet its accuracy budget ({what}); even the best try, {kept}, drops "
-                       f"{tries[k]:.4f}")
-        return PassManager([*passes[:at], _skipping(passes[at], ranked[:k]), *passes[at + 1:]], verify=manager.verify,
+                       f"{drop:.4f}")
+        return PassManager([*passes[:at], _skipping(passes[at], floats), *passes[at + 1:]], verify=manager.verify,
                            measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
+
+    def _greedy(self, ranked: Sequence[str], screen: Callable[[list[str]], tuple[float, float]],
+                full: Callable[[list[str]], float], verify: Callable[[list[str]], float]
+                ) -> tuple[list[str], float] | None:
+        """Forward selection of float layers by their measured effect on the whole graph: from none float, each
+        step measures, for each of the ``CANDIDATES`` most costly remaining layers (their cost alone ranks them),
+        the graph with that layer float as well (``screen(floats)``: the screen's drop, then −its mean cosine to
+        break ties) and keeps the best. Costs alone do not add up (errors cancel, a float layer moves the grids
+        downstream of it), so re-ranking by the whole graph after each kept layer finds small sets that the
+        prefixes of the ranking miss. When a set's screen is within the screen bound, its drop on all the data
+        (``full``) is measured, and a hold there is verified by running the pipeline (``verify``, once). Returns
+        (the float layers, the verified drop), or None after a verified miss or ``GREEDY`` layers without a
+        hold (the ranked-prefix search then runs). Every step lands in ``record["greedy"]``."""
+        chosen: list[str] = []
+        steps = self.record.setdefault("greedy", [])
+        for _ in range(min(GREEDY, len(ranked))):
+            pool = [n for n in ranked if n not in chosen][:CANDIDATES]
+            scores = {n: screen([*chosen, n]) for n in pool}
+            best = min(pool, key=lambda n: scores[n])
+            chosen.append(best)
+            step: dict[str, Any] = {"float": best, "screen": scores[best][0]}
+            steps.append(step)
+            if scores[best][0] > self.screen_bound:
+                continue
+            step["drop"] = full(chosen)
+            if step["drop"] <= self.max_drop:
+                step["verified"] = verify(list(chosen))
+                return (list(chosen), step["verified"]) if step["verified"] <= self.max_drop else None
+        return None
 
     def _search(self, n: int, estimate: Callable[[int], float], verify: Callable[[int], float]) -> int:
         """How many of the ``n`` ranked layers stay float. Estimates (``estimate(k)``, the drop with the k most
@@ -216,17 +259,25 @@ class Budget:
         (per-sample losses ≥ 0, the reference scoring 1) a full drop within max_drop bounds the drop on n of N
         samples by max_drop · N / n, and for the min cosine by max_drop; a screen above that bound is a miss,
         returned as is and recorded in ``screened`` without running the rest of the data."""
-        bound = {"agreement": self.data.samples, "cosine": self.data.samples, "min_cosine": None}
-        if len(first) < len(self.data.flat) and self.kind in bound:
-            if self.screen is None:
-                self.screen = Validation(first, first, self.metric)
-                self.screen_reference = self._score(self.screen.measure(reference))
-                self.screen_bound = self.max_drop * (bound[self.kind] or self.screen.samples) / self.screen.samples
-            drop = self.screen_reference - self._score(self.screen.measure(graph))
+        if len(first) < len(self.data.flat) and self.kind in ("agreement", "cosine", "min_cosine"):
+            drop = self._screened(graph, reference, first)[0]
             if drop > self.screen_bound:
                 self.record.setdefault("screened", {})[k] = drop
                 return drop
         return self._drop(graph)
+
+    def _screened(self, graph: fx.GraphModule, reference: fx.GraphModule, first: list) -> tuple[float, float]:
+        """(the drop, −the mean cosine) of ``graph`` on the ``first`` batches, the screen; sets ``screen_bound``,
+        above which a screen's drop proves a miss on all the data (see ``_estimate``; a callable metric has no
+        bound: infinity)."""
+        if self.screen is None:
+            self.screen = Validation(first, first, self.metric)
+            self.screen_reference = self._score(self.screen.measure(reference))
+            samples = {"agreement": self.data.samples, "cosine": self.data.samples, "min_cosine": self.screen.samples}
+            self.screen_bound = self.max_drop * samples[self.kind] / self.screen.samples if self.kind in samples \
+                else float("inf")
+        quality = self.screen.measure(graph)
+        return self.screen_reference - self._score(quality), -quality.cosine_mean
 
     def _drop(self, graph: fx.GraphModule) -> float:
         return self.reference - self._score(self.data.measure(graph))

@@ -253,5 +253,37 @@ def test_an_estimate_far_outside_the_budget_is_judged_on_the_first_batches_alone
     assert budget._estimate(6, reference, reference, data[:1]) == 0.0 and 6 not in budget.record["screened"]
 
 
+def greedy(drop, verified=None, ranked="abcdefgh"):
+    """Budget._greedy on made-up drops: ``drop(floats)`` for the graph with ``floats`` float (the screen and all the
+    data alike, the screen bound being max_drop), ``verified`` (default: the drop) for the pipeline's run."""
+    from fxforge.budget import Budget
+
+    budget = Budget(0.01, "agreement", strict=False, preset=None)
+    budget.screen_bound = 0.01
+    ran = []
+
+    def verify(floats):
+        ran.append(tuple(floats))
+        return verified(floats) if verified else drop(floats)
+    return budget._greedy(list(ranked), lambda f: (drop(f), 0.0), drop, verify), ran, budget.record["greedy"]
+
+
+def test_greedy_selection_finds_the_small_set_the_ranked_prefixes_miss():
+    """Costs alone rank a, b, c first, but only c and e together hold: prefixes need 5 layers, forward selection
+    by the whole graph's drop keeps 2 (c first: it alone gains most; then e), verified by one pipeline run."""
+    def drop(floats):
+        return 0.0 if {"c", "e"} <= set(floats) else 0.2 - 0.1 * ("c" in floats) - 0.01 * len(floats)
+    found, ran, steps = greedy(drop)
+    assert found == (["c", "e"], 0.0) and ran == [("c", "e")]
+    assert [s["float"] for s in steps] == ["c", "e"] and "drop" not in steps[0]  # screened out, not run on all data
+
+
+def test_greedy_selection_gives_way_to_the_ranked_search_after_a_verified_miss_or_its_limit():
+    found, ran, _ = greedy(lambda f: 0.0 if "b" in f else 0.3, verified=lambda f: 0.05)
+    assert found is None and ran == [("b",)]  # one verification, then the prefix search
+    found, ran, steps = greedy(lambda f: 0.3)
+    assert found is None and ran == [] and len(steps) == 8  # GREEDY layers, none held
+
+
 def test_with_no_layer_to_keep_float_the_search_keeps_none():
     assert search({}, n=0) == (0, [])

@@ -158,6 +158,74 @@ def test_biases_alone_learn_through_qdq_and_lower_the_error():
         assert error(tuned) < 0.9 * error(plain)
 
 
+def test_learned_qdq_is_the_quantizer_at_u_0_and_has_lsq_gradients():
+    """_learned_qdq at u = 0 gives quantized_decomposed's integers; ∂x̂/∂x is 1 inside the grid and 0 outside, and
+    ∂x̂/∂s is round(v) − v inside and q_max − z above it (LSQ), with ∂s/∂u = s."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+    from torch import fx as tfx
+    from fxforge.passes.distill import _learned_qdq
+    qd = torch.ops.quantized_decomposed
+    g = tfx.Graph()
+    x_node = g.placeholder("x")
+    q = g.call_function(qd.quantize_per_tensor.default, (x_node, 0.1, 10, 0, 255, torch.uint8))
+    x = torch.tensor([-2.0, -0.04, 0.26, 3.0, 30.0], requires_grad=True)
+    u = torch.zeros((), requires_grad=True)
+    out = _learned_qdq(x, q, u)
+    ref = qd.dequantize_per_tensor(qd.quantize_per_tensor(x.detach(), 0.1, 10, 0, 255, torch.uint8),
+                                   0.1, 10, 0, 255, torch.uint8)
+    assert torch.equal(out.detach(), ref)
+    dense = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 5  # the op's rounding, bit for bit
+    assert torch.equal(_learned_qdq(dense, q, torch.zeros(())),
+                       qd.dequantize_per_tensor(qd.quantize_per_tensor(dense, 0.1, 10, 0, 255, torch.uint8),
+                                                0.1, 10, 0, 255, torch.uint8))
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # -2.0 below q_min, 30 above q_max
+    v = x.detach() / 0.1 + 10
+    lsq = torch.where(v < 0, torch.tensor(0.0 - 10), torch.where(v > 255, torch.tensor(255.0 - 10), v.round() - v))
+    torch.testing.assert_close(u.grad, (lsq * 0.1).sum())
+
+
+def test_learned_activation_scales_lower_the_error_beyond_the_biases():
+    """params='biases+scales' (LSQ): minmax ranges stretched by one rare outlier per batch leave the usual values
+    few levels; learning the scales on the network's loss narrows them, every Q/DQ of a group gets the same learned
+    scale, the biases' grids follow (s_x · s_w), and the error on fresh data drops below biases alone."""
+    model, fresh = Classifier(32).eval(), data(4, seed=2)
+    train = data()
+    for (x,) in train:
+        x[0, 0] = 40.0  # one outlier per batch: minmax calibration widens the input grid for it
+    quant = ["insert_qdq{per_channel=False}", "calibrate"]
+    biases, _, _ = run(model, [*quant, Distill(steps=150, lr=3e-3, params="biases", threads=1), "fold_qdq"],
+                       train, calibration=train[:4])
+    tuned, report, _ = run(model, [*quant, Distill(steps=150, lr=3e-3, params="biases+scales", threads=1)],
+                           train, calibration=train[:4])
+    stats = report.row("distill").stats
+    assert stats["params_trained"] == 3 and stats["scales_trained"] == 4  # the input, two relu outputs, the logits
+    from fxforge.compiler.ops import q_params
+    from fxforge.passes.lib.qdq import bias_scales, is_dq, is_q, role
+    for q in (n for n in tuned.graph.nodes if is_q(n) and role(n) == "activation"):
+        assert all(q_params(d).scale == q_params(q).scale for d in q.users if is_dq(d))
+    for q in (n for n in tuned.graph.nodes if is_q(n) and role(n) == "bias"):
+        op = next(iter(next(iter(q.users)).users))
+        torch.testing.assert_close(getattr(tuned, q_params(q).scale.target), bias_scales(tuned, op, 1).expand(
+            getattr(tuned, q_params(q).scale.target).shape))
+    folded, _, _ = run(model, [*quant, Distill(steps=150, lr=3e-3, params="biases+scales", threads=1), "fold_qdq"],
+                       train, calibration=train[:4])
+    with torch.no_grad():
+        error = lambda gm: sum(float((gm(*b)[0] - model(*b)).square().sum()) for b in fresh)
+        assert error(folded) < 0.9 * error(biases)
+
+
+def test_sgd_trains_the_biases():
+    model, train = Classifier(32).eval(), data()
+    with torch.no_grad():
+        model.net[2].weight[0, 0] = 5.0  # as above: a coarse per-tensor grid whose mean error the biases can take
+    quant = ["insert_qdq{per_channel=False,reduce_range=True}", "calibrate"]
+    _, report, _ = run(model, [*quant, Distill(steps=100, lr=0.3, params="biases", optimizer="sgd", threads=1)],
+                       train, calibration=train[:4])
+    stats = report.row("distill").stats
+    assert stats["held_out_loss_after"] < stats["held_out_loss_before"]
+
+
 def test_missing_train_data_is_a_named_error():
     model, batches = Classifier().eval(), data(3)
     with pytest.raises(CalibrationError, match="pass 'distill' needs training data: pass train="):
@@ -197,7 +265,7 @@ def test_trains_when_compile_is_called_without_autograd(mode):
 
 @pytest.mark.parametrize("spec", ["distill{steps=0}", "distill{lr=-1.0}", "distill{temperature=0.0}",
                                   "distill{features=-1.0}", "distill{threads=-1}",
-                                  "distill{params='weights'}"])
+                                  "distill{params='weights'}", "distill{optimizer='rmsprop'}"])
 def test_bad_options_are_refused(spec):
     with pytest.raises(PassError, match="distill"):
         resolve(spec)

@@ -88,6 +88,14 @@ def bias_scales(gm: fx.GraphModule, op: fx.Node, channels: int) -> torch.Tensor:
     return (x_scale * w_scale.double()).float().expand(channels).clone()
 
 
+def refresh_bias_scales(gm: fx.GraphModule) -> None:
+    """Give every bias Q/DQ pair the scale s_x · s_w of its op's current activation and weight grids."""
+    for q in gm.graph.nodes:
+        if is_q(q) and role(q) == "bias":
+            op = next(iter(next(iter(q.users)).users))
+            set_tensor(gm, q_params(q).scale, bias_scales(gm, op, get_tensor(gm, data(q)).shape[0]))
+
+
 class _FloatRun(fx.Interpreter):
     """Runs the graph in float (every Q/DQ passes its input through) and shows the inputs of activation Q
     nodes to their group's observer: calibration sees the float model's values, as PT2E and ORT do."""
@@ -145,10 +153,7 @@ def fit_activations(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ..
         choice = {g: min(range(len(methods)), key=lambda i: (errors[i], i)) for g, errors in run.errors.items()}
     for q in qs:
         set_params(q, *grids[q.meta[QDQ_KEY]["group"]][choice[q.meta[QDQ_KEY]["group"]]][:2])
-    for q in gm.graph.nodes:
-        if is_q(q) and role(q) == "bias":
-            op = next(iter(next(iter(q.users)).users))
-            set_tensor(gm, q_params(q).scale, bias_scales(gm, op, get_tensor(gm, data(q)).shape[0]))
+    refresh_bias_scales(gm)
     stats: dict[str, Any] = {"activation_groups": len(shared), "batches": count}
     if len(methods) > 1:
         stats.update({f"chosen.{m}": sum(1 for c in choice.values() if c == i) for i, m in enumerate(methods)})
