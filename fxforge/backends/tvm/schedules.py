@@ -31,7 +31,8 @@ def schedule(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
     nests; dlight's CPU GEMV/Reduction rules measured slower still). On CPUs the PrimFuncs first learn which
     parameters the caller binds to constants (``AttachAttrLayoutFreeBuffers``): the rule packs such a weight
     into a blocked layout inside the function, and ``SplitLayoutRewritePreproc`` + ``FoldConstant`` then move
-    that packing out of it and run it once, at build time, so the built module holds the packed weight only.
+    that packing out of it and run it once, at build time, and ``DeadCodeElimination`` drops the packing
+    functions, so the built module holds the packed weight only.
     """
     import tvm
     from tvm import relax
@@ -43,7 +44,8 @@ def schedule(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential([relax.transform.AttachAttrLayoutFreeBuffers(),
                                          dl.ApplyDefaultSchedule(*_default_rules(tvm_target)),
                                          relax.transform.SplitLayoutRewritePreproc(),
-                                         relax.transform.FoldConstant()])(mod)
+                                         relax.transform.FoldConstant(),
+                                         relax.transform.DeadCodeElimination()])(mod)
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, tvm_target: tvm.target.Target) -> Any:
