@@ -90,6 +90,54 @@ def test_default_cpu_schedule_uses_the_targets_vector_width(target, lanes):
     assert set(re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", matmuls)) == {str(lanes)}
 
 
+class _Ffn(torch.nn.Module):
+    """A transformer FFN (linear, GELU, linear) and, beside it, a matmul of two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.down(torch.nn.functional.gelu(self.up(x)))
+        return y, y @ x.transpose(-1, -2)
+
+
+def _scheduled(model: torch.nn.Module, x: torch.Tensor, target: str) -> "tvm.IRModule":
+    gm, _ = fxforge.trace(model, (x,), static_batch=True)
+    tgt = tvm_backend.tvm_target(get_target(target))
+    return tvm_backend.schedule(tvm_backend.prepare(tvm_backend.relax_module(gm, (x,)), tgt), tgt)
+
+
+def test_default_cpu_schedule_packs_constant_weights_at_build_time():
+    """Before: matmul(x, W) reads W as K rows of N. Expected: it reads W packed into [N/32, K, 32] panels (a
+    constant in main: the packing ran at build time and no packing function is left), the bias is computed in
+    the tile's write-back; the matmul of two activations is not packed."""
+    mod = _scheduled(_Ffn().eval(), torch.randn(2, 32, 64), "x86-avx512")
+    funcs = {gv.name_hint: f.script() for gv, f in mod.functions.items() if gv.name_hint != "main"}
+    packed = {n: s for n, s in funcs.items() if n.endswith("_prepacked")}
+    assert len(packed) == 2, sorted(funcs)
+    text = "".join(packed.values())
+    for panels, k in ((8, 64), (2, 256)):  # 256 outputs from 64 inputs, 64 from 256
+        assert f"param_0_global: T.Buffer((T.int64({panels}), T.int64({k}), T.int64(32))" in text
+    assert all("T.parallel(" in s and "T.vectorized(" in s for s in packed.values())
+    assert not any(re.search(r"sblock\(\"T_add", s) for s in packed.values())  # bias added in the write-back
+    assert not any("prepack" in n and not n.endswith("_prepacked") for n in funcs)  # packing folded away
+    main = mod["main"].script()
+    assert len(re.findall(r"call_tir\(fused_matmul\w*_prepacked, \(\w+, metadata", main)) == 2
+    unpacked = [n for n in funcs if "matmul" in n and "add" not in n]
+    assert unpacked and not any("prepack" in n for n in unpacked)
+
+
+def test_packed_build_matches_eager():
+    model, x = _Ffn().eval(), torch.randn(2, 32, 64)
+    compiled = fxforge.compile(model, (x,), passes=[], backend="tvm", static_batch=True, measure_latency=False)
+    for fresh in (torch.randn(2, 32, 64), torch.randn(2, 32, 64) * 10):
+        with torch.no_grad():
+            expected = model(fresh)
+        for got, ref in zip(compiled(fresh), expected):
+            assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+
+
 def test_relax_module_is_static_unless_asked():
     from tvm import tirx
     model, (x,) = ZOO["mlp"]()

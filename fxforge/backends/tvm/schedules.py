@@ -15,7 +15,8 @@ VECTOR = 8  # float32 lanes of AVX2 (and two NEON registers)
 ACCUMULATORS = 12  # vector registers an output tile may hold (AVX2 has 16)
 AVX512_VECTOR = 16  # float32 lanes of a zmm register
 AVX512_ACCUMULATORS = 24  # of AVX-512's 32 registers (the rest hold the broadcast input and the loaded weights)
-L2_BYTES = 512 * 1024
+L2_BYTES = 1024 * 1024  # per core (Skylake-SP, Zen 4: 1 MB; Sapphire/Emerald Rapids: 2 MB)
+L1_BYTES = 32 * 1024  # data cache per core (32-48 KB)
 MIN_TILE_ROWS = 2  # a one-row tile reloads the weights for every output row: the plain vectorized loop is faster
 
 
@@ -27,11 +28,24 @@ def schedule(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
     """Default schedules for PrimFuncs that have none (functions a tuning database scheduled are kept).
 
     GPU: dlight's default GPU rules. CPU: :func:`cpu_rule` (untuned Relax code is naive single-threaded loop
-    nests; dlight's CPU GEMV/Reduction rules measured slower still).
+    nests; dlight's CPU GEMV/Reduction rules measured slower still). On CPUs the PrimFuncs first learn which
+    parameters the caller binds to constants (``AttachAttrLayoutFreeBuffers``): the rule packs such a weight
+    into a blocked layout inside the function, and ``SplitLayoutRewritePreproc`` + ``FoldConstant`` then move
+    that packing out of it and run it once, at build time, and ``DeadCodeElimination`` drops the packing
+    functions, so the built module holds the packed weight only.
     """
+    import tvm
+    from tvm import relax
     from tvm.s_tir import dlight as dl
+    if is_gpu(tvm_target):
+        with tvm_target:
+            return dl.ApplyDefaultSchedule(*_default_rules(tvm_target))(mod)
     with tvm_target:
-        return dl.ApplyDefaultSchedule(*_default_rules(tvm_target))(mod)
+        return tvm.transform.Sequential([relax.transform.AttachAttrLayoutFreeBuffers(),
+                                         dl.ApplyDefaultSchedule(*_default_rules(tvm_target)),
+                                         relax.transform.SplitLayoutRewritePreproc(),
+                                         relax.transform.FoldConstant(),
+                                         relax.transform.DeadCodeElimination()])(mod)
 
 
 def default_schedule(func: tvm.tirx.PrimFunc, tvm_target: tvm.target.Target) -> Any:
@@ -69,8 +83,9 @@ def cpu_rule(vector: int = VECTOR, accumulators: int = ACCUMULATORS) -> Any:
     """A dlight rule for CPUs: inline elementwise blocks into their consumers; in each remaining block move the
     innermost spatial loop inside the reduction loops when an input is contiguous along it (conv in NHWC/HWIO:
     the output channel; matmul: the output column), vectorize it by ``vector`` lanes where it divides, tile
-    reductions over at most ``accumulators`` vector registers, and run the fused outer spatial loops in
-    parallel."""
+    reductions over at most ``accumulators`` vector registers (a matmul with a constant weight also packed and
+    cache-blocked: :func:`_block_matmul`), compute elementwise consumers of a tile as it is written back, and
+    run the fused outer spatial loops in parallel."""
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -80,40 +95,46 @@ def cpu_rule(vector: int = VECTOR, accumulators: int = ACCUMULATORS) -> Any:
         def apply(self, func: Any, target: Any, _: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc):
                 return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None:
-                return None
-            remaining = []
-            for info in infos:  # padding stays a block of its own: inlined, it puts a branch in the inner loop
-                if info.is_reduction() or info.is_data_pad(sch) or not _try(sch.compute_inline, info.block_rv):
-                    remaining.append(info)
-            try:
-                for info in remaining:
-                    _schedule_block(sch, info, undefined_vars, vector, accumulators)
-            except Exception:  # a primitive refused this function's shape: it stays unscheduled (correct, slow)
-                return None
-            return sch
+            for pack in (True, False):  # a weight whose packing a primitive refuses is used as it is
+                sch = s_tir.Schedule(func)
+                infos = normalize_prim_func(sch)
+                if infos is None:
+                    return None
+                remaining = []
+                for info in infos:  # padding stays a block of its own: inlined, it puts a branch in the inner loop
+                    if info.is_reduction() or info.is_data_pad(sch) or not _try(sch.compute_inline, info.block_rv):
+                        remaining.append(info)
+                inlined: set[str] = set()
+                try:
+                    for info in remaining:
+                        if info.name not in inlined:
+                            inlined.update(_schedule_block(sch, info, undefined_vars, vector, accumulators, pack))
+                except Exception:  # a primitive refused this function's shape: unscheduled (correct, slow)
+                    continue
+                return sch
+            return None
 
     return CpuDefault()
 
 
-def _schedule_block(sch: Any, info: Any, undefined_vars: Callable, vector: int, accumulators: int) -> None:
+def _schedule_block(sch: Any, info: Any, undefined_vars: Callable, vector: int, accumulators: int,
+                    pack: bool) -> list[str]:
     from tvm import tirx
     block, loops, kinds = info.block_rv, sch.get_loops(info.block_rv), info.dom_kind()
     if len(loops) != len(kinds) or "O" in kinds or "S" not in kinds:
-        return
+        return []
     spatial = [loop for loop, k in zip(loops, kinds) if k == "S"]
     reduce = [loop for loop, k in zip(loops, kinds) if k == "R"]
     var = [it.var for it, k in zip(info.iters, kinds) if k == "S"][-1]
-    contiguous = any(var.same_as(v) for region in sch.get(block).reads if len(region.region)
-                     for v in undefined_vars(region.region[-1].min))
+    along = [i for i, region in enumerate(sch.get(block).reads) if len(region.region)
+             and any(var.same_as(v) for v in undefined_vars(region.region[-1].min))]
+    contiguous = bool(along)
     extents = [sch.get(loop).extent for loop in [*spatial[-2:], *reduce]]
     lanes = _lanes(extents[1] if len(spatial) >= 2 else extents[0], vector)
     if reduce and contiguous and len(spatial) >= 2 and all(isinstance(e, tirx.IntImm) for e in extents) \
             and lanes and _tile(extents[0].value, extents[1].value, lanes, accumulators)[0] >= MIN_TILE_ROWS:
-        _register_tile(sch, block, spatial, reduce, [e.value for e in extents], lanes, accumulators)
-        return
+        return _register_tile(sch, block, spatial, reduce, [e.value for e in extents], lanes, accumulators,
+                              along[0] if pack else None)
     outer, inner = (spatial, None) if reduce and not contiguous else (spatial[:-1], spatial[-1])
     if reduce and inner is not None:
         sch.reorder(*outer, *reduce, inner)
@@ -123,6 +144,7 @@ def _schedule_block(sch: Any, info: Any, undefined_vars: Callable, vector: int, 
         sch.vectorize(sch.split(inner, [None, lanes])[1])
     if reduce:
         sch.decompose_reduction(block, reduce[0])
+    return []
 
 
 def _lanes(extent: Any, vector: int) -> int | None:
@@ -135,28 +157,70 @@ def _lanes(extent: Any, vector: int) -> int | None:
 
 
 def _register_tile(sch: Any, block: Any, spatial: list, reduce: list, extents: list[int], vector: int,
-                   accumulators: int) -> None:
-    """A reduction whose two innermost output loops are (x, f), f contiguous in an input (NHWC/HWIO conv:
+                   accumulators: int, weight: int | None) -> list[str]:
+    """A reduction whose two innermost output loops are (x, f), f contiguous in input ``weight`` (NHWC/HWIO conv:
     pixel and output channel; matmul: row and column): accumulate an x_t × f_t tile in registers (a local
-    cache, unrolled, f vectorized) across the whole reduction. When the weights outgrow the L2 cache, each
-    f_t slice of them is streamed once over every pixel instead of once per pixel."""
+    cache, unrolled, f vectorized) across the reduction, and compute elementwise consumers (bias) as the tile
+    is written back. A matmul whose input ``weight`` (None: never pack) is a constant is blocked
+    (:func:`_block_matmul`); otherwise, when the weights outgrow the L2 cache, each f_t slice of them is
+    streamed once over every pixel instead of once per pixel. Returns the names of the consumer blocks computed
+    in the write-back."""
     x_ext, f_ext, reduction = extents[0], extents[1], math.prod(extents[2:])
     x_t, f_t = _tile(x_ext, f_ext, vector, accumulators)
     xo, xi = sch.split(spatial[-2], [None, x_t])
     fo, fi = sch.split(spatial[-1], [None, f_t])
-    if reduction * f_ext * 4 > L2_BYTES:
-        sch.reorder(fo, *spatial[:-2], xo, *reduce, xi, fi)
-        sch.parallel(sch.fuse(fo, *spatial[:-2], xo))
+    if weight is not None and len(reduce) == 1 and _constant(sch, block, weight):
+        depth = _block_matmul(sch, block, spatial[:-2], (xo, xi, x_t), (fo, fi, f_t), reduce[0], x_ext,
+                              reduction, weight)
     else:
-        sch.reorder(*spatial[:-2], xo, fo, *reduce, xi, fi)
-        sch.parallel(sch.fuse(*spatial[:-2], xo))
-    tile = sch.get_loops(block)[-len(reduce) - 3]
-    sch.reverse_compute_at(sch.cache_write(block, 0, "local"), tile)
+        if reduction * f_ext * 4 > L2_BYTES:
+            sch.reorder(fo, *spatial[:-2], xo, *reduce, xi, fi)
+            sch.parallel(sch.fuse(fo, *spatial[:-2], xo))
+        else:
+            sch.reorder(*spatial[:-2], xo, fo, *reduce, xi, fi)
+            sch.parallel(sch.fuse(*spatial[:-2], xo))
+        depth = len(sch.get_loops(block)) - len(reduce) - 2
+    write = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write, sch.get_loops(block)[depth - 1])
     fv_o, fv = sch.split(fi, [None, vector])
     sch.unroll(xi)
     sch.unroll(fv_o)
     sch.vectorize(fv)
-    sch.decompose_reduction(block, reduce[0])
+    sch.decompose_reduction(block, sch.get_loops(block)[depth])
+    consumers = sch.get_consumers(write)
+    names = [sch.get(c).name_hint for c in consumers]
+    inlined = [name for name, c in zip(names, consumers) if _try(sch.reverse_compute_inline, c)]
+    sch.vectorize(sch.split(sch.get_loops(write)[-1], [None, vector])[1])
+    return inlined
+
+
+def _block_matmul(sch: Any, block: Any, batch: list, x: tuple, f: tuple, k: Any, x_ext: int,
+                  reduction: int, weight: int) -> int:
+    """GotoBLAS-style blocking of a matmul whose weight is a constant: the weight is packed at build time into
+    panels [..., N / f_t, K, f_t] (each tile then streams one contiguous panel instead of f_t-wide pieces of
+    rows a whole matrix row apart, which fall into a few L1 sets), rows are blocked so that one row block's
+    inputs stay in L2 while every weight panel streams past them, and K is blocked so that a panel's K block
+    stays in L1 while every row tile of the block uses it. The outer loop over (row block, column panel) runs
+    in parallel. Returns the depth of the loop the accumulators are written back under."""
+    (xo, xi, x_t), (fo, fi, f_t) = x, f
+    rows = x_t * _divisor(x_ext // x_t, max(1, L2_BYTES // (reduction * 4 * x_t)))
+    xoo, xoi = sch.split(xo, [None, rows // x_t])
+    ko, ki = sch.split(k, [None, _divisor(reduction, L1_BYTES // (f_t * 4))])
+    sch.reorder(*batch, xoo, fo, ko, xoi, ki, xi, fi)
+    sch.parallel(sch.fuse(*batch, xoo, fo))
+    packed = sch.cache_read(block, weight, "global")
+    sch.transform_layout(packed, ("write", 0), lambda *i: (*i[:-2], i[-1] // f_t, i[-2], i[-1] % f_t))
+    sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
+    return len(sch.get_loops(block)) - 5
+
+
+def _constant(sch: Any, block: Any, read: int) -> bool:
+    """Whether read ``read`` of ``block`` is a parameter the Relax caller binds to a constant (listed in the
+    PrimFunc's ``layout_free_buffers``): its layout may then change once, at build time."""
+    func = sch.mod["main"]
+    free = func.attrs.get("layout_free_buffers", []) if func.attrs else []
+    source = sch.get(block).reads[read].source
+    return any(func.params[int(i)].same_as(source) for i in free)
 
 
 def _tile(x_ext: int, f_ext: int, vector: int, accumulators: int) -> tuple[int, int]:
