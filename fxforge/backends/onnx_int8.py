@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.graph import get_tensor, set_tensor
-from fxforge.compiler.ops import argument, aten, conv_groups, data, is_op, weight_of
+from fxforge.compiler.ops import argument, aten, conv_groups, data, is_op, weight_of, with_data
 from fxforge.compiler.target import Target
 
 qd = torch.ops.quantized_decomposed
@@ -47,7 +47,7 @@ def pad_conv_channels(gm: fx.GraphModule, target: Target) -> int:
         with gm.graph.inserting_before(dq):
             pad = gm.graph.call_function(aten.constant_pad_nd.default,
                                          (data(dq), [0, 0, 0, 0, 0, extra], argument(dq, "zero_point")))
-            widened = gm.graph.call_function(dq.target, (pad, *dq.args[1:]), dict(dq.kwargs))
+            widened = gm.graph.call_function(dq.target, with_data(dq, pad), dict(dq.kwargs))
         conv.replace_input_with(dq, widened)
         padded += 1
     if padded:
