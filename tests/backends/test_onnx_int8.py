@@ -123,6 +123,10 @@ def test_padded_stem_on_ort_matches_its_graph_and_eager(stem_int8):
     out_dq = next(n for n in reversed(cm.graph_module.graph.nodes) if n.target == qd.dequantize_per_tensor.default)
     assert (ort_out - graph_out).abs().max().item() <= out_dq.args[1] + 1e-6  # within one output step
     assert torch.nn.functional.cosine_similarity(ort_out.flatten(), eager_out.flatten(), 0) > 0.99
+    # only the export's own graph is padded: the compiled graph keeps its 3-channel stem, its tensors unchanged
+    assert not any(n.target == torch.ops.aten.constant_pad_nd.default for n in cm.graph_module.graph.nodes)
+    stems = [t for t in cm.graph_module.state_dict().values() if t.dtype == torch.int8 and t.dim() == 4]
+    assert stems and all(t.shape[1] == 3 for t in stems)
 
 
 def test_arm_target_exports_the_stem_unpadded():
