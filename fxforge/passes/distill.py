@@ -93,7 +93,8 @@ class Distill(Pass):
         if self.steps < 1 or self.lr <= 0 or self.temperature <= 0 or self.features < 0 or self.eval_every < 1 \
                 or self.patience < 1 or self.threads < 0 or self.optimizer not in ("adam", "sgd") \
                 or self.params not in ("all", "biases", "biases+scales"):
-            raise ValueError(f"needs steps, eval_every, patience >= 1, lr, temperature > 0 and features, threads >= 0; "
+            raise ValueError(f"needs steps, eval_every, patience >= 1, lr, temperature > 0, features, threads >= 0, "
+                             f"optimizer 'adam' or 'sgd' and params 'all', 'biases' or 'biases+scales'; "
                              f"got {self.options()}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
