@@ -21,7 +21,8 @@ is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py
 the budget's first 32 samples: a ranking, not the verdict). Costs alone do not add up, so a greedy phase comes
 first: from none float, each step measures the whole graph with each of the 6 most costly remaining layers float as
 well, on those 32 samples (the screen), keeps the best, and stops at the first set that holds on all the data and
-in a verifying pipeline run (at most 8 layers; a verified miss ends it). Failing that, the k most costly stay float.
+in a verifying pipeline run (at most 8 layers; a verified miss ends it, and so does a step whose gain on the
+screen, were every step left to gain as much, could not bring the screen within its bound). Failing that, the k most costly stay float.
 The search over k estimates each try cheaply where the quantizing pass can say what its skip would do to the graph it already made
 (``InsertQdq.with_float``: the calibrated int8 graph with those layers' weights, biases and input pairs float
 again, every other grid as calibrated), else by running the quantizing passes; an estimate whose drop on the first
@@ -200,17 +201,33 @@ class Budget:
         prefixes of the ranking miss. When a set's screen is within the screen bound, its drop on all the data
         (``full``) is measured, and a hold there is verified by running the pipeline (``verify``, once). Returns
         (the float layers, the verified drop), or None after a verified miss or ``GREEDY`` layers without a
-        hold (the ranked-prefix search then runs). Every step lands in ``record["greedy"]``."""
+        hold (the ranked-prefix search then runs). Every step lands in ``record["greedy"]``.
+
+        Early stop: a step that keeps layer t float gains g_t = screen(t − 1 float) − screen(t float); with R steps
+        left, the phase ends (``record["greedy_stop"]`` says why) when screen(t float) − R · g_t > the screen
+        bound, i.e. when R more steps, none gaining more than this one's best (assumed, as gains of a growing set
+        usually shrink; where they do not, the prefix search still runs), cannot bring the screen within its bound. A step that gains nothing (for agreement: no screened
+        sample agrees again) always ends it. Where the loss is spread over many layers, each gaining a sample or
+        none, this ends the phase after its first step or two instead of ``GREEDY`` × ``CANDIDATES`` screens."""
         chosen: list[str] = []
         steps = self.record.setdefault("greedy", [])
-        for _ in range(min(GREEDY, len(ranked))):
+        last = screen([])[0]  # the all-int8 graph's screen
+        total = min(GREEDY, len(ranked))
+        for t in range(1, total + 1):
             pool = [n for n in ranked if n not in chosen][:CANDIDATES]
             scores = {n: screen([*chosen, n]) for n in pool}
             best = min(pool, key=lambda n: scores[n])
             chosen.append(best)
             step: dict[str, Any] = {"float": best, "screen": scores[best][0]}
             steps.append(step)
-            if scores[best][0] > self.screen_bound:
+            gain, last = last - scores[best][0], scores[best][0]
+            if last > self.screen_bound:
+                left = total - t
+                if left and last - left * max(gain, 0.0) > self.screen_bound:
+                    self.record["greedy_stop"] = (f"step {t} gained {gain:.4f} on the screen; {left} more such "
+                                                  f"steps leave it at {last - left * max(gain, 0.0):.4f} > "
+                                                  f"{self.screen_bound:.4f}")
+                    return None
                 continue
             step["drop"] = full(chosen)
             if step["drop"] <= self.max_drop:

@@ -265,7 +265,8 @@ def greedy(drop, verified=None, ranked="abcdefgh"):
     def verify(floats):
         ran.append(tuple(floats))
         return verified(floats) if verified else drop(floats)
-    return budget._greedy(list(ranked), lambda f: (drop(f), 0.0), drop, verify), ran, budget.record["greedy"]
+    found = budget._greedy(list(ranked), lambda f: (drop(f), 0.0), drop, verify)
+    return found, ran, budget.record["greedy"], budget.record.get("greedy_stop")
 
 
 def test_greedy_selection_finds_the_small_set_the_ranked_prefixes_miss():
@@ -273,16 +274,34 @@ def test_greedy_selection_finds_the_small_set_the_ranked_prefixes_miss():
     by the whole graph's drop keeps 2 (c first: it alone gains most; then e), verified by one pipeline run."""
     def drop(floats):
         return 0.0 if {"c", "e"} <= set(floats) else 0.2 - 0.1 * ("c" in floats) - 0.01 * len(floats)
-    found, ran, steps = greedy(drop)
-    assert found == (["c", "e"], 0.0) and ran == [("c", "e")]
+    found, ran, steps, stop = greedy(drop)
+    assert stop is None and found == (["c", "e"], 0.0) and ran == [("c", "e")]
     assert [s["float"] for s in steps] == ["c", "e"] and "drop" not in steps[0]  # screened out, not run on all data
 
 
 def test_greedy_selection_gives_way_to_the_ranked_search_after_a_verified_miss_or_its_limit():
-    found, ran, _ = greedy(lambda f: 0.0 if "b" in f else 0.3, verified=lambda f: 0.05)
+    found, ran, _, _ = greedy(lambda f: 0.0 if "b" in f else 0.3, verified=lambda f: 0.05)
     assert found is None and ran == [("b",)]  # one verification, then the prefix search
-    found, ran, steps = greedy(lambda f: 0.3)
-    assert found is None and ran == [] and len(steps) == 8  # GREEDY layers, none held
+    shrinking = [0.3, 0.2, 0.15, 0.11, 0.08, 0.06, 0.04, 0.024, 0.02]  # each step's gain, kept up, could still hold
+    found, ran, steps, stop = greedy(lambda f: shrinking[len(f)])
+    assert found is None and ran == [] and len(steps) == 8 and stop is None  # GREEDY layers, none held
+
+
+def test_greedy_selection_stops_early_when_its_gains_cannot_close_the_gap():
+    """A loss spread over many layers: each float layer gains 0.02 of a 0.3 drop, so the 7 steps after the first,
+    gaining as much, end at 0.14 > 0.01: the phase ends after one step (6 screens, not 48) and says why. A step
+    that gains nothing ends it too."""
+    calls = []
+
+    def spread(floats):
+        calls.append(tuple(floats))
+        return 0.3 - 0.02 * len(floats)
+    found, ran, steps, stop = greedy(spread)
+    assert found is None and ran == [] and len(steps) == 1 and len(calls) == 1 + 6
+    assert steps[0]["float"] == "a" and steps[0]["screen"] == pytest.approx(0.28)
+    assert stop.startswith("step 1 gained 0.0200 on the screen; 7 more such steps leave it at 0.1400 > 0.0100")
+    found, _, steps, stop = greedy(lambda f: 0.3)
+    assert found is None and len(steps) == 1 and stop.startswith("step 1 gained 0.0000")
 
 
 def test_with_no_layer_to_keep_float_the_search_keeps_none():
