@@ -90,6 +90,15 @@ def test_default_cpu_schedule_uses_the_targets_vector_width(target, lanes):
     assert set(re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", matmuls)) == {str(lanes)}
 
 
+def test_register_tile_is_three_vectors_wide_where_eight_rows_still_fit():
+    """AVX-512 (16 lanes, 24 accumulators): 8 rows × 48 columns where 48 divides N (11 loads per 24 FMAs instead
+    of 10 per 16), else 8 × 32; AVX2 (8 lanes, 12 accumulators) keeps two vectors (a 24-wide tile fits 4 rows)."""
+    from fxforge.backends.tvm.schedules import _tile
+    assert _tile(512, 1536, 16, 24) == (8, 48) and _tile(128, 384, 16, 24) == (8, 48)
+    assert _tile(512, 256, 16, 24) == (8, 32)
+    assert _tile(512, 384, 8, 12) == (4, 16)
+
+
 class _Norms(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -252,7 +252,8 @@ def _constant(sch: Any, block: Any, read: int) -> bool:
 def _tile(x_ext: int, f_ext: int, vector: int, accumulators: int) -> tuple[int, int]:
     """The register tile (rows, columns) for an (x, f) output: f_t of two vectors or one, and the most rows
     dividing x_ext that fit the accumulators; of the two, the one holding more outputs."""
-    tiles = [(_divisor(x_ext, accumulators * vector // f) * f, f) for f in (2 * vector, vector) if f_ext % f == 0]
+    widths = [f for f in (3 * vector, 2 * vector, vector) if f < 3 * vector or accumulators * vector // f >= 8]
+    tiles = [(_divisor(x_ext, accumulators * vector // f) * f, f) for f in widths if f_ext % f == 0]
     f_t = max(tiles)[1]
     return _divisor(x_ext, accumulators * vector // f_t), f_t
 
