@@ -90,6 +90,46 @@ def test_default_cpu_schedule_uses_the_targets_vector_width(target, lanes):
     assert set(re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", matmuls)) == {str(lanes)}
 
 
+def test_register_tile_is_three_vectors_wide_where_eight_rows_still_fit():
+    """AVX-512 (16 lanes, 24 accumulators): 8 rows × 48 columns where 48 divides N (11 loads per 24 FMAs instead
+    of 10 per 16), else 8 × 32; AVX2 (8 lanes, 12 accumulators) keeps two vectors (a 24-wide tile fits 4 rows)."""
+    from fxforge.backends.tvm.schedules import _tile
+    assert _tile(512, 1536, 16, 24) == (8, 48) and _tile(128, 384, 16, 24) == (8, 48)
+    assert _tile(512, 256, 16, 24) == (8, 32)
+    assert _tile(512, 384, 8, 12) == (4, 16)
+
+
+class _Norms(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(64)
+
+    def forward(self, x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.norm(x), torch.softmax(scores, -1)
+
+
+def test_default_cpu_schedule_vectorizes_row_reductions():
+    """Before: layer norm's sums and softmax's max and sum of exps are scalar loops over each row. Expected: each
+    reduction accumulates 16 lanes per row (an rfactor buffer [..., 16], vectorized) and sums them once, rows in
+    parallel; and the build matches eager."""
+    model, example = _Norms().eval(), (torch.randn(2, 8, 64), torch.randn(2, 4, 8, 32))
+    gm, _ = fxforge.trace(model, example, static_batch=True)
+    tgt = tvm_backend.tvm_target(get_target("x86-avx512"))
+    mod = tvm_backend.schedule(tvm_backend.prepare(tvm_backend.relax_module(gm, example), tgt), tgt)
+    funcs = {gv.name_hint: f.script() for gv, f in mod.functions.items() if gv.name_hint != "main"}
+    reductions = re.findall(r'T\.sblock\("(\w+)_rf_update"\)', "".join(funcs.values()))
+    assert len(reductions) == 4, (reductions, sorted(funcs))  # two sums of layer norm, max and sum of softmax
+    for script in funcs.values():
+        assert re.search(r"_rf = T\.sblock_alloc_buffer\(\(T\.int64\(\d+\), T\.int64\(\d+\), (T\.int64\(\d+\), )?"
+                         r"T\.int64\(16\)\)\)", script)
+        assert "T.parallel(" in script and "T.vectorized(T.int64(16))" in script
+    compiled = fxforge.compile(model, example, passes=[], backend="tvm", target="x86", static_batch=True,
+                               measure_latency=False)
+    fresh = (torch.randn(2, 8, 64) * 3 + 1, torch.randn(2, 4, 8, 32) * 5)
+    with torch.no_grad():
+        assert compare(list(compiled(*fresh)), list(model(*fresh))).max_rel < 1e-5
+
+
 class _Ffn(torch.nn.Module):
     """A transformer FFN (linear, GELU, linear) and, beside it, a matmul of two activations."""
 

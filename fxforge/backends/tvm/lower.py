@@ -8,7 +8,8 @@ Lowering (TVM 0.27):
    ``dequantize`` (int32 zero points); compute after a DQ stays float32 (Relax has no int8 conv lowering).
    An op the frontend lacks, or one it fails on, becomes a one-line BackendError naming op and node.
 2. ``prepare``: ``DecomposeOpsForInference`` (inference batch norm), on CPUs ``ConvertLayout`` to NHWC/HWIO
-   convolutions, ``CanonicalizeBindings`` and the ``zero`` pipeline (legalize, fold constants, fuse). MetaSchedule records match only
+   convolutions, the matmul layout rules of ``rewrites.py``, ``CanonicalizeBindings`` and the ``zero`` pipeline
+   (legalize, fold constants, fuse). MetaSchedule records match only
    functions fused exactly this way, so tuning (``tune={"trials": N, "db": path}``) works on this module.
 3. ``schedule``: CUDA PrimFuncs get dlight's default GPU schedules (unscheduled ones would silently become
    host code); CPU PrimFuncs get a small default rule (parallel outer loops, vectorized inner loop).
@@ -37,6 +38,7 @@ from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, TensorSpec, batch_dynamic
 
 from ..base import Artifact, Backend, register_backend
+from .rewrites import matmul_layout
 from .schedules import is_gpu, schedule
 
 if TYPE_CHECKING:
@@ -181,8 +183,9 @@ QDQ_CONVERTERS = {"quantize_per_tensor.default": _qdq(True, False),
 
 
 def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target, *, fast_math: bool = True) -> tvm.IRModule:
-    """Inference decomposition, NHWC/HWIO convs on CPUs, :func:`fast_math` (unless ``fast_math=False``),
-    canonical bindings and the ``zero`` pipeline (legalize, fold constants, fuse).
+    """Inference decomposition, NHWC/HWIO convs on CPUs, :func:`~.rewrites.matmul_layout` (unbroadcast matmul
+    weights, reshapes below elementwise ops), :func:`fast_math` (unless ``fast_math=False``), canonical bindings
+    and the ``zero`` pipeline (legalize, fold constants, fuse).
 
     This is the module MetaSchedule tunes and applies its database to: records match only functions fused
     exactly this way (with the same ``fast_math``), and a miss is silent.
@@ -192,7 +195,8 @@ def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target, *, fast_math: bool
     layout = [] if is_gpu(tvm_target) else [relax.transform.ConvertLayout(CPU_LAYOUT)]
     fast = [_fast_math_pass()] if fast_math else []
     with tvm_target:
-        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), *layout, *fast,
+        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), *layout, matmul_layout(),
+                                         *fast,
                                          relax.transform.CanonicalizeBindings(),
                                          relax.get_pipeline("zero")])(mod)
 
