@@ -133,8 +133,10 @@ def batch_symbol(gm: fx.GraphModule) -> Any:
 
 
 def batch_leading(node: fx.Node, symbol: Any) -> bool:
-    """Does ``node``'s value (its ``meta["val"]``) hold the batch in dimension 0 as a whole multiple k·batch (the
-    samples, or windows or heads of each sample, stacked sample after sample)?"""
+    """Does ``node``'s value (its ``meta["val"]``) hold the batch in dimension 0 as a whole multiple k·batch? Read as
+    the samples (or the windows or heads of each sample) stacked sample after sample, as a view of a batch-first
+    tensor gives; a [T, B, …] tensor flattened to T·B rows would pass too and be split across samples: its min/max
+    stay exact, its histogram is then re-binned at other points than batch by batch."""
     val = node.meta.get("val")
     if symbol is None or not isinstance(val, torch.Tensor) or not val.dim() or not isinstance(val.shape[0],
                                                                                                 torch.SymInt):
