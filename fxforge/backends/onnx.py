@@ -1,6 +1,7 @@
 """The ONNX backend: export the optimized graph to ONNX and run it with ONNX Runtime.
 
-Lowering: a copy of the GraphModule goes through ``torch.onnx.export(..., dynamo=True)`` with the batch
+Lowering: a copy of the GraphModule, as an ExportedProgram built from its graph (:func:`_program`, instead of the
+exporter's own torch.export of it), goes through ``torch.onnx.export(..., dynamo=True)`` with the batch
 dimension dynamic where the Signature says so (without the exporter's re-decomposition where no op needs it nor its
 type-promotion pass where no node needs a cast, and its ``optimize()`` replaced by a light clean-up outside the
 transformer path: most of a large model's export time, see :func:`_decomposing_only_when_needed`,
@@ -48,14 +49,16 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from fxforge.compiler import dynamic_quant, ops
 from fxforge.compiler.errors import ANSI, BackendError, FallbackWarning, first_line, missing_dependency
-from fxforge.compiler.graph import fusion_groups
+from fxforge.compiler.graph import fusion_groups, get_tensor
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import Signature, batch_dynamic
+from fxforge.compiler.trace import MAX_BATCH, Signature, batch_dynamic
 
 from . import onnx_int8, onnx_transformer
 from .base import Artifact, Backend, register_backend
@@ -238,8 +241,8 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
         onnx_int8.pad_conv_channels(copied, target)
     with _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed():
         try:
-            program = torch.onnx.export(copied, args, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=shapes, verbose=False, optimize=transformer, report=False,
+            program = torch.onnx.export(_program(copied, args, signature.batched()) or copied, args, dynamo=True,
+                                        opset_version=opset, dynamic_shapes=shapes, verbose=False, optimize=transformer, report=False,
                                         output_names=names, custom_translation_table={
                                             **TRANSLATIONS, **(onnx_transformer.TRANSLATIONS if transformer else {})})
         except Exception as e:
@@ -252,6 +255,76 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise BackendError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
     return model
+
+
+def _program(gm: fx.GraphModule, args: Sequence[torch.Tensor], batched: Sequence[bool]) -> Any:
+    """``gm`` as the ExportedProgram ``torch.export`` would make of it, built from its graph without a retrace, or
+    None where the graph holds something this does not handle (the exporter then captures ``gm`` itself).
+
+    ``gm`` is already what the exporter's capture returns (functional ATen, fxforge's own trace), so the program
+    needs only what export adds: constants lifted to inputs (``get_attr`` → placeholder, kept as buffers under their
+    attribute names, which become the ONNX initializers' names) and every node's ``meta["val"]`` (passes leave new
+    nodes without one), propagated in fake mode with dimension 0 of the ``batched`` inputs one symbol. That is a
+    fake-tensor run of the graph instead of ``torch.export``'s trace of it (docs/architecture.md, compile time); the
+    artifact check compares ORT's outputs with the graph's and the model's either way. ``gm`` is left as it is."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.export import graph_signature as gs
+    from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    graph = gm.graph
+    inputs, outputs = list(graph.find_nodes(op="placeholder")), graph.output_node().args[0]
+    if len(inputs) != len(args) or not all(isinstance(n, fx.Node) for n in outputs) or \
+            any(n.op not in ("placeholder", "get_attr", "call_function", "output") for n in graph.nodes):
+        return None
+    constants = {n: get_tensor(gm, n) for n in graph.find_nodes(op="get_attr")}
+    if any(value is None for value in constants.values()):
+        return None  # a subgraph of a higher-order op: export's own capture handles it
+    lifted: dict[str, fx.Node] = {}
+    state: dict[str, torch.Tensor] = {}
+    for node, value in constants.items():
+        if node.target not in lifted:
+            with graph.inserting_before(inputs[0] if inputs else None):
+                lifted[node.target] = graph.placeholder("c_" + node.target.replace(".", "_"))
+            state[node.target] = value.detach()
+        node.replace_all_uses_with(lifted[node.target])
+        graph.erase_node(node)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    dynamic = [StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC if b and i == 0 else DimDynamic.STATIC
+                                                       for i in range(t.dim())]) for t, b in zip(args, batched)]
+    fakes = [mode.from_tensor(t, static_shapes=True) for t in state.values()] + \
+            [mode.from_tensor(t, symbolic_context=c, source=ConstantSource(n.name))
+             for t, c, n in zip(args, dynamic, inputs)]
+    graph._codegen = fx.graph.CodeGen()
+    gm.recompile()
+    try:
+        with enable_python_dispatcher():  # the Python meta kernels, as export's trace uses (the C++ one of
+            # constant_pad_nd reads concrete sizes and would fix the batch)
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    except Exception:  # an op without a fake kernel, a guard on the batch: export's own capture says what it is
+        return None
+    input_specs = [gs.InputSpec(gs.InputKind.BUFFER, gs.TensorArgument(n.name), target=t, persistent=True)
+                   for t, n in lifted.items()] + \
+                  [gs.InputSpec(gs.InputKind.USER_INPUT, gs.TensorArgument(n.name), target=None) for n in inputs]
+    output_specs = [gs.OutputSpec(gs.OutputKind.USER_OUTPUT, gs.TensorArgument(n.name), target=None)
+                    for n in outputs]
+    symbols = {d.node.expr for f in fakes[len(state):] for d in f.shape if isinstance(d, torch.SymInt)}
+    if not all(isinstance(s, sympy.Symbol) for s in symbols):
+        return None  # an op's fake kernel fixed the batch: export's capture says whether it must
+    ranges = {s: ValueRanges(1, MAX_BATCH) for s in symbols}
+    call = ModuleCallSignature(inputs=[], outputs=[], in_spec=pytree.tree_structure((tuple(args), {})),
+                               out_spec=pytree.tree_structure(tuple(outputs)))
+    try:
+        return torch.export.ExportedProgram(root=gm, graph=graph, graph_signature=gs.ExportGraphSignature(
+            input_specs, output_specs), state_dict=state, range_constraints=ranges,
+            module_call_graph=[ModuleCallEntry("", call)])
+    except Exception:  # export's verifier refuses it (an op it does not allow): export's own capture says why
+        return None
 
 
 def _global_pools_as_means(gm: fx.GraphModule) -> fx.GraphModule:

@@ -16,7 +16,8 @@ the float graph (Q/DQ passed through), both on the calibration data, and E[ε x�
 to x̂ with weight ε and no bias (so zero padding at the borders is accounted for). "output" also removes the mean
 error that activation clipping and rounding upstream leave in this layer's output (the paper's empirical
 variant). The layers are corrected in graph order on the calibration set (its first ``max_samples``
-samples, run batch by batch in lockstep, so a graph captured with a static batch is fed only that batch size),
+samples, run batch by batch in lockstep, so a graph captured with a static batch is fed only that batch size; with a
+dynamic batch, consecutive batches are concatenated up to 16 samples a run: the same sums, fewer runs),
 each measured after the corrections upstream of it (so no shift is corrected twice). The pass runs after ``insert_qdq`` and
 ``calibrate``, which fix the weight and activation grids, and before ``fold_qdq``: the corrected float bias is
 then quantized to int32 on its grid s_x · s_w like any bias. Layers without a bias, or whose weights are
@@ -36,7 +37,7 @@ from fxforge.compiler.graph import get_tensor, set_tensor
 from fxforge.compiler.ops import LINEAR, WEIGHTED, bias_of, call_with, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.qdq import checked_batches, first_samples, is_dq, is_q, role
+from .lib.qdq import batch_symbol, checked_batches, concatenated, first_samples, is_dq, is_q, role
 
 
 @register_pass
@@ -75,6 +76,8 @@ class BiasCorrection(Pass):
         if not batches:
             raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
         chunks, samples = first_samples(batches, self.max_samples)
+        if batch_symbol(gm) is not None:  # a dynamic batch: fewer, larger runs (the means are the same sums)
+            chunks = [joined for _, joined in concatenated(chunks)]
         run = _PairRun(gm, errors, self.shift, len(chunks))
         with torch.no_grad():
             run.run(*[list(parts) for parts in zip(*chunks)])

@@ -397,6 +397,30 @@ def test_exporter_decomposes_only_graphs_with_an_op_onnx_lacks(monkeypatch):
         with torch.no_grad():
             assert torch.allclose(cm(xb), model(xb), atol=1e-5)
 
+def test_exporter_gets_a_program_built_from_the_graph(tiny_efficientnet_int8, monkeypatch):
+    """The exporter is handed an ExportedProgram built from fxforge's graph (constants lifted to buffers under their
+    attribute names, shapes propagated in fake mode with the batch one symbol) instead of capturing the graph with
+    torch.export again: no torch.export runs, even for the int8 TinyEfficientNet whose 6-channel int8 conv gets its
+    uint8 input padded on x86; the ONNX keeps its dynamic batch and matches the graph at batches 1 and 5 within one
+    output quantization step."""
+    import onnxruntime as ort
+    from fxforge.backends.onnx import export
+    _, x, cm = tiny_efficientnet_int8
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("torch.export ran"))
+    model = export(cm.graph_module, (x,), cm.signature, target=get_target("x86"))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
+    initializers = {i.name for i in model.graph.initializer}
+    assert {n.target for n in cm.graph_module.graph.find_nodes(op="get_attr")} & initializers
+    assert any(n.op_type == "Pad" for n in model.graph.node)  # the padded uint8 input channels
+    session = ort.InferenceSession(model.SerializeToString())
+    out_dq = next(n for n in reversed(cm.graph_module.graph.nodes) if n.target == qd.dequantize_per_tensor.default)
+    for batch in (1, 5):
+        xb = torch.randn(batch, *x.shape[1:])
+        ort_out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xb.numpy()})[0])
+        with torch.no_grad():
+            assert (ort_out - cm.graph_module(xb)[0]).abs().max().item() <= out_dq.args[1] + 1e-6
+
+
 class _AddsIntegers(torch.nn.Module):
     """Adds an int64 buffer to a float tensor: the exporter must cast it (type promotion)."""
 

@@ -128,3 +128,36 @@ def test_max_samples_limits_what_is_measured():
     assert report.row("bias_correction").stats["samples"] == 6
     with pytest.raises(PassError, match="max_samples must be at least 1"):
         apply(model, calibration[0], [*QUANTIZE, "bias_correction{max_samples=0}"], calibration=calibration)
+
+
+@pytest.mark.parametrize("shift", ["weights", "output"])
+def test_joined_batches_give_the_batch_by_batch_biases(shift, monkeypatch):
+    """With a dynamic batch the calibration batches run concatenated (5 batches of 1–3 samples: 2 runs of at most
+    16 samples instead of 5); the shifts are means over the same samples, so every corrected bias equals the
+    batch-by-batch one (up to summation order)."""
+    import copy
+    from fxforge.passes import bias_correction
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), Depthwise(), nn.Conv2d(16, 4, 1)).eval()
+    g = torch.Generator().manual_seed(5)
+    calibration = [(torch.randn(1 + i % 3, 3, 14, 14, generator=g),) for i in range(5)] + \
+        [(torch.randn(7, 3, 14, 14, generator=g),)] * 2
+    quantize, _, flat = apply(model, calibration[0], QUANTIZE, calibration=calibration)
+    runs = []
+    run = bias_correction._PairRun.run
+    monkeypatch.setattr(bias_correction._PairRun, "run", lambda self, *a: runs.append(len(a[0])) or run(self, *a))
+
+    def corrected():
+        gm = copy.deepcopy(quantize)
+        BiasCorrection(shift=shift).run(gm, PassContext(flat, calibration=calibration))
+        return [get_tensor(gm, n).clone() for n in gm.graph.nodes if n.op == "get_attr" and "bias" in n.target
+                and get_tensor(gm, n).is_floating_point() and get_tensor(gm, n).dim() == 1]
+
+    joined = corrected()
+    assert runs == [2]  # two joined chunks: 1+2+3+1+2+7 = 16 samples, then 7
+    runs.clear()
+    monkeypatch.setattr(bias_correction, "batch_symbol", lambda gm: None)
+    one_by_one = corrected()
+    assert runs == [7]
+    assert len(joined) == len(one_by_one) >= 3
+    for a, b in zip(joined, one_by_one):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -246,3 +246,62 @@ def test_calibrating_keeps_the_shapes_so_the_report_propagates_none_anew(monkeyp
     monkeypatch.undo()
     ctx.invalidate("none")
     assert ctx.analysis(Shapes, gm) == kept  # propagated anew: the same shapes
+
+
+class Windows(nn.Module):
+    """A conv, then 4 windows per sample stacked sample after sample in dimension 0 (as swin does), a linear on them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(128, 16)
+
+    def forward(self, x):
+        y = self.conv(x).relu()
+        windows = y.view(-1, 8, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, 128)
+        return self.fc(windows).relu()
+
+
+class TimeMajor(nn.Module):
+    """A linear on a [T, B, C] tensor: the batch is not in dimension 0 of what its output quantizer observes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.fc(x.flatten(2).transpose(0, 1)).relu()
+
+
+@pytest.mark.parametrize("make, joined", [(Windows, True), (TimeMajor, False)])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_calibration_batches_run_joined_with_the_same_ranges(make, joined, method, monkeypatch):
+    """With a dynamic batch, calibration batches run through the graph concatenated (one run for 7 batches here) while
+    each observer sees them one at a time in order: every scale and zero point equals the batch-by-batch result (the
+    batches grow in range, so histograms re-bin along the way, and one histogram of all of them would give other
+    percentile and entropy ranges). Where an observed tensor does not hold the batch in
+    dimension 0 (TimeMajor), the batches run one by one."""
+    import copy
+    from fxforge.compiler.ops import q_params
+    from fxforge.passes.lib import qdq
+    torch.manual_seed(0)
+    model = make().eval()
+    gm, _, _ = apply(model, (torch.randn(2, 3, 8, 8),), ["insert_qdq"])
+    batches = [(torch.randn(1 + i % 2, 3, 8, 8) * (1 + 0.37 * i),) for i in range(7)]  # re-binned at each batch
+    runs = []
+    run = qdq._FloatRun.run
+    monkeypatch.setattr(qdq._FloatRun, "run", lambda self, *a: runs.append(len(a[0])) or run(self, *a))
+
+    def fitted(graph):
+        qdq.fit_activations(graph, batches, method, percentile=90.0)  # a range read from the histogram
+        return [(float(q_params(q).scale), int(q_params(q).zero_point)) for q in graph.graph.nodes
+                if is_q(q) and role(q) == "activation"]
+
+    together = fitted(copy.deepcopy(gm))
+    assert runs == ([sum(len(b[0]) for b in batches)] if joined else [len(b[0]) for b in batches])
+    runs.clear()
+    monkeypatch.setattr(qdq, "batch_symbol", lambda graph: None)  # batch by batch
+    one_by_one = fitted(copy.deepcopy(gm))
+    assert runs == [len(b[0]) for b in batches]
+    assert len(together) == len(one_by_one) >= 2
+    for (s1, z1), (s2, z2) in zip(together, one_by_one):
+        assert s1 == pytest.approx(s2, rel=1e-6) and z1 == z2

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -98,19 +99,64 @@ def refresh_bias_scales(gm: fx.GraphModule) -> None:
 
 class _FloatRun(fx.Interpreter):
     """Runs the graph in float (every Q/DQ passes its input through) and shows the inputs of activation Q
-    nodes to their group's observer: calibration sees the float model's values, as PT2E and ORT do."""
+    nodes to their group's observer: calibration sees the float model's values, as PT2E and ORT do. On batches
+    concatenated from calibration batches of ``sizes`` samples each, every observed tensor is shown to its observer
+    one calibration batch at a time (split along dimension 0 in proportion), as if the batches had run one by one."""
 
-    def __init__(self, gm: fx.GraphModule, observers: dict[fx.Node, HistogramObserver]) -> None:
+    def __init__(self, gm: fx.GraphModule, observers: dict[fx.Node, HistogramObserver],
+                 sizes: Sequence[int] = (1,)) -> None:
         super().__init__(gm)
-        self.observers = observers
+        self.observers, self.sizes = observers, sizes
 
     def run_node(self, n: fx.Node):
         if is_q(n) or is_dq(n):
             x = self.env[data(n)]
             if n in self.observers:
-                self.observers[n].update(x)
+                total = sum(self.sizes)
+                rows = x.shape[0] // total if len(self.sizes) > 1 and x.shape[0] % total == 0 else 0
+                for part in x.split([rows * s for s in self.sizes]) if rows else (x,):
+                    self.observers[n].update(part)
             return x
         return super().run_node(n)
+
+
+CONCAT_SAMPLES = 16  # calibration samples concatenated into one run of the graph (where its batch is dynamic)
+
+
+def batch_symbol(gm: fx.GraphModule) -> Any:
+    """The symbol of ``gm``'s dynamic batch (dimension 0 of every input, from the capture's ``meta["val"]``), or
+    None when the batch is static or an input's shape is unknown."""
+    dims = {v.shape[0].node.expr if isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
+            else None for v in (n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder"))}
+    symbol = dims.pop() if len(dims) == 1 else None
+    return symbol if isinstance(symbol, sympy.Symbol) else None
+
+
+def batch_leading(node: fx.Node, symbol: Any) -> bool:
+    """Does ``node``'s value (its ``meta["val"]``) hold the batch in dimension 0 as a whole multiple k·batch? Read as
+    the samples (or the windows or heads of each sample) stacked sample after sample, as a view of a batch-first
+    tensor gives; a [T, B, …] tensor flattened to T·B rows would pass too and be split across samples: its min/max
+    stay exact, its histogram is then re-binned at other points than batch by batch."""
+    val = node.meta.get("val")
+    if symbol is None or not isinstance(val, torch.Tensor) or not val.dim() or not isinstance(val.shape[0],
+                                                                                                torch.SymInt):
+        return False
+    ratio = sympy.simplify(val.shape[0].node.expr / symbol)
+    return bool(ratio.is_Integer and ratio > 0)
+
+
+def concatenated(batches: Iterable[tuple[torch.Tensor, ...]], limit: int = CONCAT_SAMPLES
+                 ) -> Iterator[tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]]:
+    """Consecutive batches joined along dimension 0, up to ``limit`` samples a group (a batch larger than that
+    alone): each group's batches as given and their concatenation."""
+    group: list[tuple[torch.Tensor, ...]] = []
+    for batch in batches:
+        if group and sum(int(b[0].shape[0]) for b in group) + int(batch[0].shape[0]) > limit:
+            yield group, tuple(torch.cat(parts) for parts in zip(*group))
+            group = []
+        group.append(batch)
+    if group:
+        yield group, tuple(torch.cat(parts) for parts in zip(*group))
 
 
 Choice = Literal["minmax", "percentile", "entropy", "mse", "auto"]  # a Method, or the best of AUTO_CANDIDATES
@@ -123,18 +169,26 @@ def fit_activations(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ..
     """Observe every activation group on ``batches`` and set its Q/DQ parameters; then refresh bias scales.
 
     ``method="auto"`` chooses per group among ``AUTO_CANDIDATES`` the range whose quantization moves the outputs
-    of the ops reading the group least (squared error, on the first ``AUTO_SAMPLES`` calibration samples)."""
+    of the ops reading the group least (squared error, on the first ``AUTO_SAMPLES`` calibration samples).
+
+    Where the graph's batch is dynamic and every observed tensor holds it in dimension 0 sample after sample, up to
+    ``CONCAT_SAMPLES`` samples run through the graph at once (the interpreter's per-node cost paid once, not per
+    batch), and each observer still sees the batches one at a time in their order: the same min/max and the same
+    histogram (re-binned at the same points) as batch by batch, up to the rounding of a batched kernel."""
     qs = [n for n in gm.graph.nodes if is_q(n) and role(n) == "activation"]
     shared: dict[int, HistogramObserver] = {}
     observers = {q: shared.setdefault(q.meta[QDQ_KEY]["group"], HistogramObserver()) for q in qs}
     kept, count, samples = [], 0, 0
+    symbol = batch_symbol(gm)
+    joined = symbol is not None and all(batch_leading(data(q), symbol) for q in qs)
     with torch.no_grad():
-        for batch in batches:
-            _FloatRun(gm, observers).run(*batch)
-            count += 1
-            if method == "auto" and samples < AUTO_SAMPLES:
-                kept.append(batch)
-                samples += len(batch[0]) if batch and batch[0].dim() else 1
+        for group, batch in concatenated(batches) if joined else (([b], b) for b in batches):
+            _FloatRun(gm, observers, [int(b[0].shape[0]) for b in group] if joined else (1,)).run(*batch)
+            count += len(group)
+            for b in group:
+                if method == "auto" and samples < AUTO_SAMPLES:
+                    kept.append(b)
+                    samples += len(b[0]) if b and b[0].dim() else 1
     methods = list(AUTO_CANDIDATES) if method == "auto" else [method]
     grids: dict[int, list[tuple[float, int, int, int]]] = {}
     for q in qs:
