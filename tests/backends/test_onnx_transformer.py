@@ -222,12 +222,14 @@ def test_dynamic_int8_graph_runs_integer_gemms_inside_the_fused_blocks(fusions):
     """With the fusions each dynamic linear is one QuantizeLinear and ORT's MatMulIntegerToFloat (no elementwise
     quantization island, the GELU still ORT's Gelu), key and value in one packed MatMulIntegerToFloat of the rows
     left after the cut of the padded keys (x_q and its row scale sliced); without them plain ONNX on
-    MatMulInteger."""
+    MatMulInteger. Both compute what the torch graph computes, the shifted down-projections included."""
     model = _encoder()
     cm = fxforge.compile(model, _tokens(4, 0), passes=["fuse", "insert_qdq{activations='dynamic'}"], backend="onnx",
                          fusions=fusions)
     info, exported = cm.artifact.info, _onnx_ops(cm)
     linears = 6 * LAYERS  # q, k, v, output, FFN in and out of each layer
+    # the FFN down-projection reads GELU: x + 0.17 on the unsigned grid, its shift term folded into the bias
+    assert cm.report.row("insert_qdq").stats["dynamic_shifted"] == LAYERS
     if fusions == "auto":  # read from ORT's optimized graph
         assert info["ort_transformer_ops"]["MultiHeadAttention"] == LAYERS
         assert info["ort_transformer_ops"]["Gelu"] == LAYERS
