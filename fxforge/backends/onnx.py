@@ -382,7 +382,8 @@ def _dynamic_linear(x, weight, weight_scale, bias=None, lower_bound=None):
     import numpy as np
     last = op.Constant(value_ints=[-1])
     if lower_bound is None:
-        row_max, qmin, qmax, offset = op.ReduceMax(op.Abs(x), last, keepdims=1), -dynamic_quant.QMAX, dynamic_quant.QMAX, 128
+        row_max, qmin, qmax, offset = (op.ReduceMax(op.Abs(x), last, keepdims=1), -dynamic_quant.QMAX,
+                                       dynamic_quant.QMAX, 128)
     else:
         x = op.Sub(x, op.Constant(value_float=float(lower_bound)))
         row_max, qmin, qmax, offset = op.ReduceMax(x, last, keepdims=1), 0, dynamic_quant.UQMAX, 0

@@ -53,7 +53,7 @@ def dynamic_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 
 def shift_term(weight: torch.Tensor, weight_scale: torch.Tensor, lower_bound: float) -> torch.Tensor:
-    """m · Σ_k W_q,nk · s_w,n: what the shifted input x − m leaves out of x · W^T (a constant per output channel)."""
+    """m · Σ_k W_q,nk · s_w,n: what the shifted input x − m leaves out of x · Wᵀ (constant per output channel)."""
     return lower_bound * weight.float().sum(1) * weight_scale
 
 

@@ -375,8 +375,8 @@ class Ffn(nn.Module):
 
 def test_dynamic_input_after_gelu_is_quantized_shifted_on_the_unsigned_grid():
     """Before: linear(gelu(linear(x))). Expected: the down-projection's dynamic_linear carries GELU's lower bound
-    −0.17 and computes x − m on [0, 255] per row plus m · Σ W_q · s_w; the up-projection (reading the input) stays
-    symmetric."""
+    −0.17 and computes x − m on [0, 255] per row plus m · Σ W_q · s_w; the up-projection (reading the input)
+    stays symmetric."""
     torch.manual_seed(0)
     model = Ffn().eval()
     x = torch.randn(2, 5, 32)
@@ -402,8 +402,9 @@ def test_shifted_inputs_can_be_turned_off():
 
 
 def test_shifted_grid_halves_the_error_of_a_linear_reading_gelu():
-    """The unsigned grid spends its 256 levels on [−0.17, max] where the symmetric one wastes half on [−max, −0.17]:
-    on GELU outputs the mean squared output error of the linear reading them falls to about a quarter (0.27×)."""
+    """The unsigned grid spends its 256 levels on [−0.17, max] where the symmetric one wastes half on
+    [−max, −0.17]: on GELU outputs the mean squared output error of the linear reading them falls to about a
+    quarter (0.27×)."""
     torch.manual_seed(1)
     h = torch.nn.functional.gelu(torch.randn(256, 512) * 2)
     w = torch.randn(64, 512) / 512 ** 0.5
