@@ -149,7 +149,7 @@ def _dynamic_linear(x, weight, weight_scale, bias=None, lower_bound=None):
     """``fxforge::dynamic_linear`` (per-row int8 activations) on ORT's fused integer kernel: x_q =
     QuantizeLinear(x, s_r) per row, then ``MatMulIntegerToFloat(x_q, W_q, 1, s_w)`` (its integer GEMM rescaled per
     output column in the same kernel), · s_r, + b. With a ``lower_bound`` m, x − m on the unsigned grid (zero point
-    0) and m · Σ_k W_q · s_w added to the bias (constants: ORT folds them). The plain-ONNX form (onnx.py) spells the
+    0) and m · Σ_k W_q · s_w added to the bias (a subgraph of initializers only). The plain-ONNX form (onnx.py) spells the
     quantization in seven elementwise ops and the rescale in three."""
     import numpy as np
     from onnxscript import ir
