@@ -447,24 +447,33 @@ def _clean(model: Any) -> None:
     onnxscript.optimizer.remove_unused_nodes(model)
 
 
-def _dynamic_linear(x, weight, weight_scale, bias=None):
-    """``fxforge::dynamic_linear`` in ONNX: per-row int8 quantization, MatMulInteger (ORT's integer GEMM), rescale."""
+def _dynamic_linear(x, weight, weight_scale, bias=None, lower_bound=None):
+    """``fxforge::dynamic_linear`` in ONNX: per-row int8 quantization (with a ``lower_bound`` m: x − m on the unsigned
+    grid), MatMulInteger (ORT's integer GEMM), rescale, + m · Σ_k W_q · s_w (a constant) + b."""
     from onnxscript import opset18 as op
     from onnxscript import ir
     import numpy as np
-    row_max = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-    scale = op.Div(op.Max(row_max, op.Constant(value_float=dynamic_quant.EPS)),
-                   op.Constant(value_float=float(dynamic_quant.QMAX)))
-    q = op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=-float(dynamic_quant.QMAX)),
-                op.Constant(value_float=float(dynamic_quant.QMAX)))
-    # shifted to uint8 with zero point 128 (the same integers): ORT's u8s8 GEMM is its fast path
-    shifted = op.Cast(op.Add(q, op.Constant(value_float=128.0)), to=ir.DataType.UINT8)
-    zero = op.Constant(value=ir.tensor(np.array(128, dtype=np.uint8)))
+    last = op.Constant(value_ints=[-1])
+    if lower_bound is None:
+        row_max, qmin, qmax, offset = (op.ReduceMax(op.Abs(x), last, keepdims=1), -dynamic_quant.QMAX,
+                                       dynamic_quant.QMAX, 128)
+    else:
+        x = op.Sub(x, op.Constant(value_float=float(lower_bound)))
+        row_max, qmin, qmax, offset = op.ReduceMax(x, last, keepdims=1), 0, dynamic_quant.UQMAX, 0
+    scale = op.Div(op.Max(row_max, op.Constant(value_float=dynamic_quant.EPS)), op.Constant(value_float=float(qmax)))
+    q = op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
+    # symmetric: shifted to uint8 with zero point 128 (the same integers): ORT's u8s8 GEMM is its fast path
+    shifted = op.Cast(op.Add(q, op.Constant(value_float=float(offset))), to=ir.DataType.UINT8)
+    zero = op.Constant(value=ir.tensor(np.array(offset, dtype=np.uint8)))
     acc = op.MatMulInteger(shifted, op.Transpose(weight, perm=[1, 0]), zero)
     # the per-column scale first, the per-row one last: ORT (1.32) fuses MatMulInteger → Cast → Mul(s_r · s_w) into
     # MatMulIntegerToFloat and gets rows wrong where one quantized input feeds several MatMulIntegers (MiniLM's
     # query/key/value: min cosine 0.53 against 0.996 unfused); this order keeps its integer GEMM and its answer
     y = op.Mul(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), weight_scale), scale)
+    if lower_bound is not None:
+        shift = op.Mul(op.Mul(op.ReduceSum(op.Cast(weight, to=ir.DataType.FLOAT), op.Constant(value_ints=[1]),
+                                           keepdims=0), weight_scale), op.Constant(value_float=float(lower_bound)))
+        bias = shift if bias is None else op.Add(bias, shift)
     return y if bias is None else op.Add(y, bias)
 
 

@@ -145,33 +145,43 @@ def _visible_keys(mask, k, v, bias):
     return cut(k, 1), cut(v, 1), cut(bias, -1)
 
 
-def _dynamic_linear(x, weight, weight_scale, bias=None):
+def _dynamic_linear(x, weight, weight_scale, bias=None, lower_bound=None):
     """``fxforge::dynamic_linear`` (per-row int8 activations) on ORT's fused integer kernel: x_q =
     QuantizeLinear(x, s_r) per row, then ``MatMulIntegerToFloat(x_q, W_q, 1, s_w)`` (its integer GEMM rescaled per
-    output column in the same kernel), · s_r, + b. The plain-ONNX form (onnx.py) spells the quantization in seven
-    elementwise ops and the rescale in three."""
+    output column in the same kernel), · s_r, + b. With a ``lower_bound`` m, x − m on the unsigned grid (zero point
+    0) and m · Σ_k W_q · s_w added to the bias (a subgraph of initializers only). The plain-ONNX form (onnx.py) spells the
+    quantization in seven elementwise ops and the rescale in three."""
     import numpy as np
     from onnxscript import ir
     from onnxscript import opset18 as op
     from onnxscript.values import Op, Opset
 
-    # max_k |x| as max(max_k x, −min_k x): two reductions reading x, no |x| tensor written (measured 1.09× /
-    # 1.15× the Abs → ReduceMax form for MiniLM's int8 graph at 8 × 64 / 1 × 128, docs/quantization.md)
-    last = op.Constant(value_ints=[-1])
-    row_max = op.Max(op.ReduceMax(x, last, keepdims=1), op.Neg(op.ReduceMin(x, last, keepdims=1)))  # [..., 1]
-    scale = op.Div(op.Max(row_max, op.Constant(value_float=dynamic_quant.EPS)),
-                   op.Constant(value_float=float(dynamic_quant.QMAX)))
-    # QuantizeLinear takes a per-axis scale on a 2-D view [rows, K]; uint8 x_q + 128 are the same integers on
-    # ORT's u8s8 GEMM, its fast path
+    last, shape = op.Constant(value_ints=[-1]), op.Shape(x)
+    rows = op.Constant(value_ints=[-1, x.shape[-1]])
+    u8 = lambda dims, v: op.Constant(value=ir.tensor(np.full(dims, v, dtype=np.uint8)))  # noqa: E731
+    if lower_bound is None:
+        # max_k |x| as max(max_k x, −min_k x): two reductions reading x, no |x| tensor written (measured 1.09× /
+        # 1.15× the Abs → ReduceMax form for MiniLM's int8 graph at 8 × 64 / 1 × 128, docs/quantization.md)
+        row_max, qmax, zero = (op.Max(op.ReduceMax(x, last, keepdims=1), op.Neg(op.ReduceMin(x, last, keepdims=1))),
+                               dynamic_quant.QMAX, 128)
+    else:
+        x = op.Sub(x, op.Constant(value_float=float(lower_bound)))
+        row_max, qmax, zero = op.ReduceMax(x, last, keepdims=1), dynamic_quant.UQMAX, 0
+    scale = op.Div(op.Max(row_max, op.Constant(value_float=dynamic_quant.EPS)), op.Constant(value_float=float(qmax)))
+    # QuantizeLinear takes a per-axis scale on a 2-D view [rows, K]; symmetric: uint8 x_q + 128 are the same integers
+    # on ORT's u8s8 GEMM, its fast path
     flat = op.Reshape(scale, op.Constant(value_ints=[-1]))
-    u128 = lambda shape: op.Constant(value=ir.tensor(np.full(shape, 128, dtype=np.uint8)))  # noqa: E731
-    q = op.QuantizeLinear(op.Reshape(x, op.Constant(value_ints=[-1, x.shape[-1]])), flat,
-                          op.Expand(u128([1]), op.Shape(flat)), axis=0)
+    q = op.QuantizeLinear(op.Reshape(x, rows), flat,
+                          op.Expand(u8([1], zero), op.Shape(flat)), axis=0)
     mm = Op(Opset("com.microsoft", 1), "MatMulIntegerToFloat", MATMUL_INTEGER_TO_FLOAT_SCHEMA)
     # x_q back in x's shape, so shapes stay known and the bias add can still fuse (BiasGelu, SkipLayerNormalization)
-    y = mm(op.Reshape(q, op.Shape(x)), op.Transpose(weight, perm=[1, 0]), op.Constant(value_float=1.0),
-           weight_scale, u128([]))
+    y = mm(op.Reshape(q, shape), op.Transpose(weight, perm=[1, 0]), op.Constant(value_float=1.0),
+           weight_scale, u8([], zero))
     y = op.Mul(y, scale)  # the row scale last: the kernel's a_scale is per tensor or per column of x, not per row
+    if lower_bound is not None:
+        shift = op.Mul(op.Mul(op.ReduceSum(op.Cast(weight, to=ir.DataType.FLOAT), op.Constant(value_ints=[1]),
+                                           keepdims=0), weight_scale), op.Constant(value_float=float(lower_bound)))
+        bias = shift if bias is None else op.Add(bias, shift)
     return y if bias is None else op.Add(y, bias)
 
 

@@ -17,7 +17,11 @@
 With ``activations="dynamic"`` each constant-weight linear instead becomes one ``fxforge::dynamic_linear`` (see
 compiler/dynamic_quant.py): int8 per-output-channel weights, activations quantized per row (token) to
 symmetric int8 at run time, s_r = max_k |x_rk| / 127; nothing else is quantized (``skipped.dynamic_float``
-counts the convs and matmuls left float) and no calibration is needed.
+counts the convs and matmuls left float) and no calibration is needed. A linear reading a GELU (≥ −0.17) or a
+relu/relu6 (≥ 0) passes that lower bound on (``shifted_inputs``, stat ``dynamic_shifted``): its input is then
+quantized as x − m on an unsigned per-row grid, twice as fine as the symmetric one. Measured on all-MiniLM-L6-v2
+(the six FFN down-projections), min cosine of held-out embeddings 0.9990 against 0.9983, what keeping those six
+linears float gives (0.9991), at the int8 speed (docs/quantization.md).
 
 Static activation ranges start as the example inputs' min/max; ``calibrate`` replaces them. What cannot be
 lowered (weights that are not constants, non-float tensors) and layers named in ``skip`` stay float and
@@ -54,14 +58,16 @@ import torch.fx as fx
 import fxforge.compiler.dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor, set_tensor
-from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data,
-                                 is_op, operands, qd, set_argument, value_of, weight_of)
+from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, clamp_range,
+                                 conv_groups, data, is_op, operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.target import Target
 
 from .analysis.quant_plan import plan_static
 from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
                       role, weight_scales)
+
+GELU_LOWER_BOUND = -0.17  # erf and tanh GELU: min_x x·Φ(x) = −0.16997 (at x ≈ −0.75)
 
 @register_pass
 class InsertQdq(Pass):
@@ -78,6 +84,7 @@ class InsertQdq(Pass):
     min_input_window: int = 32  # stems (< 4 channels) reading fewer values (channels × kernel area) stay float
     max_stem_output: int = 1 << 20  # ... unless their output at the example batch holds more values than this
     float_stem_depthwise: bool = True  # a depthwise conv reading a float stem (through a clamp) stays float too
+    shifted_inputs: bool = True  # dynamic: an input with a known lower bound (GELU, relu) on an unsigned grid
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
@@ -118,7 +125,9 @@ class InsertQdq(Pass):
         for node in linears:
             wq, scales = _int8_weight(get_tensor(gm, weight_of(node)), qmax)
             args = (data(node), add_tensor(gm, node, f"{node.name}_weight_int8", wq),
-                    add_tensor(gm, node, f"{node.name}_weight_scale", scales), bias_of(node))
+                    add_tensor(gm, node, f"{node.name}_weight_scale", scales), bias_of(node), self.lower_bound(node))
+            if args[-1] is not None:
+                stats["dynamic_shifted"] += 1
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(torch.ops.fxforge.dynamic_linear.default, args)
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
@@ -128,6 +137,19 @@ class InsertQdq(Pass):
         gm.recompile()
         stats.update({"dynamic_linears": len(linears), **({"weight_bits": 7 if qmax == 63 else 8} if linears else {})})
         return PassResult(changed=bool(linears), stats=dict(stats))
+
+    def lower_bound(self, node: fx.Node) -> float | None:
+        """The least value a linear's input can take where its producer bounds it (GELU: −0.17, below its minimum
+        −0.16997; relu, relu6: 0), for the shifted unsigned grid of ``dynamic_linear``; None without
+        ``shifted_inputs`` or a bound."""
+        x = data(node)
+        if not self.shifted_inputs or not isinstance(x, fx.Node):
+            return None
+        if is_op(x, aten.gelu):
+            return GELU_LOWER_BOUND
+        if is_op(x, *CLAMP) and clamp_range(x)[0] == 0.0:
+            return 0.0
+        return None
 
     # ---------------------------------------------------------------------------------------- deciding
 
@@ -221,8 +243,9 @@ class InsertQdq(Pass):
             if not is_op(node, *LINEAR):
                 return "dynamic_float"
             wq, scales = _int8_weight(layer.weight, qmax)
+            bound = self.lower_bound(node)
             return lambda args, kwargs: torch.ops.fxforge.dynamic_linear(
-                value_of(node, args, kwargs, "input"), wq, scales, value_of(node, args, kwargs, "bias"))
+                value_of(node, args, kwargs, "input"), wq, scales, value_of(node, args, kwargs, "bias"), bound)
         s = weight_scales(layer.weight, qmax, self.per_channel)
         wq = (torch.fake_quantize_per_channel_affine(layer.weight, s, torch.zeros_like(s, dtype=torch.int32), 0,
                                                      -qmax - 1, qmax) if self.per_channel else
