@@ -70,6 +70,11 @@ def _shape(expr: Any) -> list | None:
     return list(shape.values) if shape is not None and hasattr(shape, "values") else None
 
 
+def _operand(call: Any) -> Any:
+    """The first operand of a relax call (relax IR, not an ATen node: compiler/ops.py does not apply)."""
+    return call.args[0]
+
+
 def _same(a: list | None, b: list | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(
         x.same_as(y) or (hasattr(x, "value") and hasattr(y, "value") and x.value == y.value) for x, y in zip(a, b))
@@ -81,14 +86,14 @@ def _unbroadcast(rw: Any, call: Any) -> Any:
     from tvm import relax
     lhs, rhs = call.args
     weight = rw.bound(rhs, "relax.broadcast_to")
-    if weight is None or len(_shape(weight.args[0]) or ()) != 2:
+    if weight is None or len(_shape(_operand(weight)) or ()) != 2:
         return call
     lhs_broadcast = rw.bound(lhs, "relax.broadcast_to")
-    if lhs_broadcast is not None and _same(_shape(lhs_broadcast.args[0]), _shape(lhs)):
-        lhs = lhs_broadcast.args[0]
+    if lhs_broadcast is not None and _same(_shape(_operand(lhs_broadcast)), _shape(lhs)):
+        lhs = _operand(lhs_broadcast)
     if not _same((_shape(lhs) or [])[:-2], _shape(rhs)[:-2]):  # the rows of a must not be a broadcast either
         return call
-    return relax.op.matmul(lhs, weight.args[0], out_dtype=call.attrs.out_dtype)
+    return relax.op.matmul(lhs, _operand(weight), out_dtype=call.attrs.out_dtype)
 
 
 def _collapse(rw: Any, call: Any, shape: list | None) -> Any:
@@ -97,7 +102,7 @@ def _collapse(rw: Any, call: Any, shape: list | None) -> Any:
     source = call.args[0]
     inner = rw.bound(source, "relax.reshape")
     if inner is not None:
-        source = inner.args[0]
+        source = _operand(inner)
     if _same(_shape(source), shape):
         return source
     return relax.op.reshape(source, call.args[1]) if inner is not None else call
@@ -112,9 +117,9 @@ def _sink(rw: Any, call: Any, unary: bool) -> Any:
     if reshape is None and not unary:  # add(z, reshape(y)): the reshape on the right
         reshape, swapped = rw.bound(rest[0], "relax.reshape"), True
         first, rest = rest[0], [call.args[0]]
-    if reshape is None or _shape(reshape.args[0]) is None:
+    if reshape is None or _shape(_operand(reshape)) is None:
         return call
-    source, target = reshape.args[0], _shape(first)
+    source, target = _operand(reshape), _shape(first)
     if unary:
         return relax.op.reshape(rw.builder_.emit(relax.Call(call.op, [source], call.attrs)), target)
     other = rest[0]
