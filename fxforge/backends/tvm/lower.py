@@ -38,7 +38,7 @@ from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, TensorSpec, batch_dynamic
 
 from ..base import Artifact, Backend, register_backend
-from .rewrites import matmul_layout
+from .rewrites import matmul_layout, mutate_functions
 from .schedules import is_gpu, schedule
 
 if TYPE_CHECKING:
@@ -238,11 +238,7 @@ def _fast_math_pass() -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="FxforgeFastMath")
     def rewrite(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        mutator = FastMath(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
+        return mutate_functions(FastMath(mod), mod)
 
     return rewrite
 

@@ -52,17 +52,22 @@ def matmul_layout() -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="FxforgeMatmulLayout")
     def rewrite(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        rewriter = Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        out = rewriter.builder_.get()
+        out = mutate_functions(Rewriter(mod), mod)
         for gv, func in out.functions_items():
             if isinstance(func, relax.Function):
                 out[gv] = relax.analysis.remove_all_unused(func)
         return out
 
     return rewrite
+
+
+def mutate_functions(mutator: Any, mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every Relax function visited by ``mutator`` (a ``PyExprMutator`` built on ``mod``)."""
+    from tvm import relax
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
 
 
 def _shape(expr: Any) -> list | None:
