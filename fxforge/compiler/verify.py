@@ -268,19 +268,23 @@ class ModelRuns:
         self.cached: dict[Any, list[Any]] = {}
         self.count = 0  # runs of the model so far (tests guard that none is repeated)
         self.copies = 0  # copies of the model made so far
-        self._unchanged: torch.nn.Module | None = None  # a copy in the original state, once a run has shown one
+        # a copy in the original state, once a run has shown one, with that state (:func:`_state`): nothing touches
+        # the copy between two runs, so the state recorded after one run is the state before the next
+        self._unchanged: tuple[torch.nn.Module, Any] | None = None
 
     def run(self, inputs: tuple) -> Any:
         """The model's output on ``inputs``, computed anew."""
         self.count += 1
-        model, self._unchanged = self._unchanged, None
-        if model is None:
+        if self._unchanged is not None:
+            (model, before), self._unchanged = self._unchanged, None
+        else:
             model, self.copies = copy.deepcopy(self.model), self.copies + 1
-        before = _state(model)
+            before = _state(model)
         with torch.no_grad():
             out = model(*clone_inputs(inputs))
-        if _same(before, _state(model)):
-            self._unchanged = model
+        after = _state(model)
+        if _same(before, after):
+            self._unchanged = model, after
         return out
 
     def outputs(self, key: Any, inputs: tuple) -> list[Any]:
