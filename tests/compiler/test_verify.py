@@ -238,3 +238,30 @@ def test_the_numeric_check_hands_its_run_to_the_shapes_analysis():
         assert runs  # without the numeric check, the analysis propagates itself
     finally:
         Shapes.run = original
+
+
+def test_the_sampled_check_leaves_out_only_a_stage_that_the_next_approximate_stage_reads():
+    """verify="numerics" does not run calibrate before bias_correction (approximate, keeps every shape: its run would
+    give nothing but a sample of its own error); it runs calibrate before fold_qdq, an exact pass checked against
+    calibrate's outputs, and insert_qdq, whose run gives the report its new nodes' shapes. verify="full" runs all."""
+    from fxforge.compiler.pass_manager import SAMPLED_OUT, PassContext, PassManager
+    from fxforge.compiler.trace import trace
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 16)
+    calibration = [(torch.randn(8, 16),)]
+
+    def rows(passes, verify):
+        gm, _ = trace(model, (x,))
+        _, report = PassManager(passes, verify=verify, measure_latency=False).run(
+            gm, PassContext((x,), calibration=calibration))
+        return {r.stage: r.max_rel_err for r in report.rows}, report.meta.get(SAMPLED_OUT)
+
+    errors, skipped = rows(["insert_qdq", "calibrate", "bias_correction", "fold_qdq"], "numerics")
+    assert skipped == ["calibrate"] and errors["calibrate"] is None
+    assert all(e is not None for stage, e in errors.items() if stage != "calibrate")
+    full, skipped = rows(["insert_qdq", "calibrate", "bias_correction", "fold_qdq"], "full")
+    assert skipped is None and all(e is not None for e in full.values())
+    assert {s: e for s, e in full.items() if s != "calibrate"} == {s: e for s, e in errors.items() if s != "calibrate"}
+    errors, skipped = rows(["insert_qdq", "calibrate", "fold_qdq"], "numerics")
+    assert skipped is None and all(e is not None for e in errors.values())
