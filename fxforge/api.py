@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.budget import Budget
@@ -130,8 +131,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         Validation.from_user(validation, signature.flatten, metric)
     if budget is not None:
         calibration = budget.hold_out(calibration, validation, signature.flatten, flat)
+    spec = pytree.tree_flatten(example)[1]
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
-                      train=None if train is None else flat_batches(train, signature.flatten, "train")[1])
+                      train=None if train is None else flat_batches(train, signature.flatten, "train")[1],
+                      model_outputs=None if runs is None else
+                      lambda key, x: runs.outputs(key, pytree.tree_unflatten(list(x), spec)))
     original = copy.deepcopy(gm) if budget is not None else None  # the search's start, should the budget miss
     start = time.perf_counter()
     gm, report = manager.run(gm, ctx)
@@ -226,7 +230,7 @@ class _Rebatched:
     whose leading size is not the example's batch pass whole; a batch that does not divide is a named error."""
 
     def __init__(self, data: Iterable[Any], example: tuple[Any, ...], kind: str) -> None:
-        leaves = torch.utils._pytree.tree_leaves(example)
+        leaves = pytree.tree_leaves(example)
         sizes = {int(t.shape[0]) for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
         self.size = min(sizes) if sizes else 1
         self.batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == self.size for t in leaves]

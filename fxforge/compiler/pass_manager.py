@@ -56,6 +56,9 @@ class PassContext:
     validation: Any = None  # a quality.Validation: the report's error columns come from the user's data
     train: Sequence[tuple[torch.Tensor, ...]] | None = None  # unlabeled input batches for passes that train
     teacher: fx.GraphModule | None = None  # the graph before the first lossy pass (kept when a pass reads train)
+    # the user's model's flat outputs on flat inputs, by key (compile's verify.ModelRuns): the numeric check's bound
+    # batches are compared with the model itself, and the artifact check reads the same runs; None: the traced graph
+    model_outputs: Callable[[Any, tuple[torch.Tensor, ...]], list[Any]] | None = None
     _gm: fx.GraphModule | None = None
     _cache: dict[type, Any] = field(default_factory=dict)
 
@@ -363,7 +366,7 @@ class PassManager:
         keep_teacher = any(p.reads_train for p in self.passes)
         report = Report()
         numeric = [NumericCheck(gm, ctx.example_inputs, approximate=not all(p.exact for p in self.passes),
-                                passes=self.passes, sample=self.verify == "numerics")
+                                passes=self.passes, sample=self.verify == "numerics", model=ctx.model_outputs)
                    ] if self.verify in NUMERIC_MODES else []
         instruments = [Timing(), *([Lint()] if self.verify != "off" else []), *numeric,
                        StageRecorder(report, self.measure_latency), *self.extra_instruments]

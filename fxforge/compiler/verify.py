@@ -153,6 +153,11 @@ class NumericCheck(Instrument):
     batch, a sample (the report says so). That last stage's outputs on the other bound batches stay in
     ``gm.meta[BOUND_OUTPUTS]`` for :func:`check_artifact`.
 
+    ``model`` (``PassContext.model_outputs``): the user's model's flat outputs on flat inputs by key, the same runs
+    :func:`check_artifact` reads under the keys ``("bound", k)``; the bound batches are then compared with the model
+    (which the traced graph reproduces within ``EXACT_TOLERANCE``, checked at capture) instead of a run of the traced
+    graph on each, which the artifact check would follow with a run of the model on each anyway.
+
     With ``sample`` (``verify="numerics"``, the default) a stage is not run when its run would only state a sample
     of its own error: an approximate pass, not the last, followed by another approximate pass (so no exact pass is
     compared against its outputs) and keeping every node's shape (so the report's FLOPs need no run either), e.g.
@@ -161,16 +166,17 @@ class NumericCheck(Instrument):
     Without ``sample`` (``verify="full"``) every changed stage runs."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], approximate: bool = False,
-                 passes: Sequence[Any] | None = None, sample: bool = False) -> None:
+                 passes: Sequence[Any] | None = None, sample: bool = False, model: Any = None) -> None:
         self.inputs = fresh_inputs(example_inputs)
         self.tolerance = exact_tolerance(example_inputs)
         self.every: dict[str, torch.Tensor] = {}  # the last run's every node output: its shapes (Shapes.from_values)
         self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
         self.prev_out = self.reference
         self.more: list[tuple[tuple[torch.Tensor, ...], Any]] = []  # the other batches and the traced outputs
-        if approximate:
+        if approximate:  # the references: the model's outputs when given (``model(key, x)``), else the graph's
             with torch.no_grad():
-                self.more = [(x, list(gm(*x))) for x in bound_inputs(example_inputs, CHECK_SEED)[1:]]
+                self.more = [(x, list(model(("bound", k), x)) if model is not None else list(gm(*x)))
+                             for k, x in enumerate(bound_inputs(example_inputs, CHECK_SEED)[1:])]
         self.bounding = False  # an approximate pass has run: the last stage states a bound
         self.passes, self.seen = list(passes) if passes is not None else None, 0
         self.sample = sample

@@ -265,3 +265,34 @@ def test_the_sampled_check_leaves_out_only_a_stage_that_the_next_approximate_sta
     assert {s: e for s, e in full.items() if s != "calibrate"} == {s: e for s, e in errors.items() if s != "calibrate"}
     errors, skipped = rows(["insert_qdq", "calibrate", "fold_qdq"], "numerics")
     assert skipped is None and all(e is not None for e in errors.values())
+
+
+def test_the_bound_batches_are_compared_with_the_model_when_compile_gives_its_runs():
+    """With ``PassContext.model_outputs`` (compile passes its ModelRuns) the bound batches' references are the
+    model's outputs under the keys the artifact check reads, ("bound", k), not 7 runs of the traced graph; the stated
+    bound is the one the traced graph gives, within the capture's tolerance."""
+    from fxforge.compiler.pass_manager import PassContext, PassManager
+    from fxforge.compiler.trace import trace
+    from fxforge.compiler.verify import BOUND_BATCHES
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 16)
+    runs = ModelRuns(model)
+    keys = []
+
+    def model_outputs(key, inputs):
+        keys.append(key)
+        return runs.outputs(key, inputs)
+
+    stated, calibration = [], [(torch.randn(8, 16),)]
+    for given in (None, model_outputs):
+        gm, _ = trace(model, (x,))
+        calls, forward = [], gm.forward
+        gm.forward = lambda *a: calls.append(1) or forward(*a)
+        gm, report = PassManager(["insert_qdq", "calibrate"], measure_latency=False).run(
+            gm, PassContext((x,), calibration=calibration, model_outputs=given))
+        stated.append(report.final.max_rel_err)
+        # the last stage runs on the 7 bound batches either way; the traced graph only without the model's runs
+        assert len(calls) == (BOUND_BATCHES - 1) * (2 if given is None else 1)
+    assert keys == [("bound", k) for k in range(BOUND_BATCHES - 1)] and runs.count == BOUND_BATCHES - 1
+    assert stated[1] == pytest.approx(stated[0], rel=1e-3)
