@@ -12,13 +12,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.budget import Budget
 from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputError, TargetError, first_line,
                                      missing_calibration, missing_train)
-from fxforge.compiler.pass_manager import (Pass, PassContext, PassManager, VerifyMode, calibration_readers,
-                                           train_readers)
+from fxforge.compiler.pass_manager import (NUMERIC_MODES, SAMPLED_OUT, Pass, PassContext, PassManager, VerifyMode,
+                                           calibration_readers, train_readers)
 from fxforge.compiler.quality import Metric, Validation, flat_batches
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
@@ -76,8 +77,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             ``calibration_fn``: ``0`` for a DataLoader's ``(input, label)`` batches, ``"pixel_values"`` for dict
             batches; a tuple of keys (``("input_ids", "attention_mask")``) gives several inputs in that order.
         verify: ``"numerics"`` checks every exact pass against the stage before it on fresh inputs and the
-            artifact against the graph and the model (``VerificationError`` outside the bounds); ``"lint"``
-            checks graphs only; ``"off"`` checks nothing. ``report.meta["checked"]`` says what was compared.
+            artifact against the graph and the model (``VerificationError`` outside the bounds), sampled: an
+            approximate stage that only the next approximate stage reads (``calibrate`` before ``bias_correction``)
+            is not run on its own; ``"full"`` runs every changed stage too; ``"lint"`` checks graphs only; ``"off"``
+            checks nothing. ``report.meta["checked"]`` says what was compared.
         measure_latency: also time every stage's graph in PyTorch eager and the artifact (off by default: it
             can double compile time).
         static_batch: compile for the example's batch size only.
@@ -128,8 +131,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         Validation.from_user(validation, signature.flatten, metric)
     if budget is not None:
         calibration = budget.hold_out(calibration, validation, signature.flatten, flat)
+    spec = pytree.tree_flatten(example)[1]
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
-                      train=None if train is None else flat_batches(train, signature.flatten, "train")[1])
+                      train=None if train is None else flat_batches(train, signature.flatten, "train")[1],
+                      model_outputs=None if runs is None else
+                      lambda key, x: runs.outputs(key, pytree.tree_unflatten(list(x), spec)))
     original = copy.deepcopy(gm) if budget is not None else None  # the search's start, should the budget miss
     start = time.perf_counter()
     gm, report = manager.run(gm, ctx)
@@ -146,7 +152,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True, time_s=times["backend"],
                               latency_ms=None, max_rel_err=None, cosine=None, stats={})
     report.rows.append(row)
-    if tgt.runs_on_host and verify == "numerics":
+    if tgt.runs_on_host and verify in NUMERIC_MODES:
         start = time.perf_counter()
         err = check_artifact(artifact, runs, gm, example, all(r.exact for r in report.rows))
         row.max_rel_err, row.cosine = err.max_rel, err.cosine
@@ -162,7 +168,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
     report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()
     report.meta["checked"] = checks_made(verify, all(r.exact for r in report.rows), is_quantized(gm), artifact.backend,
-                                         tgt.runs_on_host, exact_tolerance(flat))
+                                         tgt.runs_on_host, exact_tolerance(flat), report.meta.get(SAMPLED_OUT, ()))
     report.meta["compile_s"] = {k: round(v, 2) for k, v in times.items()}  # where compile time went
     if gm.meta.get("input_writes_dropped"):
         report.meta["input_writes_dropped"] = (f"the model writes into input(s) "
@@ -224,7 +230,7 @@ class _Rebatched:
     whose leading size is not the example's batch pass whole; a batch that does not divide is a named error."""
 
     def __init__(self, data: Iterable[Any], example: tuple[Any, ...], kind: str) -> None:
-        leaves = torch.utils._pytree.tree_leaves(example)
+        leaves = pytree.tree_leaves(example)
         sizes = {int(t.shape[0]) for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
         self.size = min(sizes) if sizes else 1
         self.batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == self.size for t in leaves]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import fxforge
 from fxforge.compiler.errors import CalibrationError, FxforgeError, InputError, first_line
+from fxforge.compiler.pass_manager import VERIFY_MODES
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -86,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                            "(input, label) pairs, or several in order (input_key of fxforge.compile)")
     comp.add_argument("--validation", metavar="MODULE:FN", help="a function returning held-out input tuples: the "
                       "report's error columns (cosine, top-1 agreement) come from them")
-    comp.add_argument("--verify", default="numerics", choices=("off", "lint", "numerics"),
-                      help="check passes and the backend against the model (default: numerics)")
+    comp.add_argument("--verify", default="numerics", choices=VERIFY_MODES,
+                      help="check passes and the backend against the model; numerics samples, full runs every "
+                           "changed stage (default: numerics)")
     comp.add_argument("--static-batch", action="store_true", help="compile for the example batch size only")
     comp.add_argument("--max-drop", type=float, metavar="X", help="accuracy budget: end within X of the fp32 model "
                       "on --validation (or held-out calibration batches); int8/all default to 0.01")

@@ -343,3 +343,36 @@ def test_the_report_says_what_was_checked():
     text = cm.report.meta["checked"]
     assert f"a bound over {BOUND_BATCHES} fresh batches" in text and f"and {BOUND_BATCHES} fresh batches" in text
     assert "within 2x the graph's own error + 0.05" in text
+    assert "except the approximate calibrate{method='percentile'}" in text and "verify='full' runs it" in text
+
+
+def test_verify_full_checks_every_stage_that_the_default_samples(monkeypatch):
+    """verify="full" (opt-in) runs every changed stage, calibrate included, and says so; the default leaves calibrate's
+    row without an error and states every other number as full does, the artifact check included."""
+    import math
+
+    from fxforge.compiler import verify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
+    reports, runs = {}, {}
+    for v in ("numerics", "full"):
+        with monkeypatch.context() as m:
+            calls = []
+            run_recording = verify.run_recording
+            m.setattr(verify, "run_recording", lambda *a, **k: calls.append(1) or run_recording(*a, **k))
+            reports[v] = fxforge.compile(model, (x,), passes="int8", calibration=calibration, max_drop=math.inf,
+                                         verify=v).report
+            runs[v] = len(calls)
+    full, sampled = reports["full"], reports["numerics"]
+    assert runs["full"] == runs["numerics"] + 1  # calibrate's run, which the default leaves out
+    assert sampled.meta["not_run_alone"] == ["calibrate{method='percentile'}"]
+    assert all(r.max_rel_err is not None for r in full.rows) and "not_run_alone" not in full.meta
+    assert "except" not in full.meta["checked"] and "the onnx" not in full.meta["checked"]
+    assert "eager artifact against the graph and your model" in full.meta["checked"]
+    for a, b in zip(full.rows, sampled.rows):
+        assert (b.max_rel_err is None) == (b.stage == "calibrate{method='percentile'}")
+        assert b.max_rel_err is None or b.max_rel_err == a.max_rel_err, b.stage

@@ -30,8 +30,10 @@ from .verify import NumericCheck
 
 A = TypeVar("A")
 Preserved = frozenset[type[Analysis]] | Literal["all", "none"]
-VerifyMode = Literal["off", "lint", "numerics"]
-VERIFY_MODES = ("off", "lint", "numerics")
+VerifyMode = Literal["off", "lint", "numerics", "full"]
+VERIFY_MODES = ("off", "lint", "numerics", "full")
+SAMPLED_OUT = "not_run_alone"  # report.meta key: the stages verify="numerics" did not run (NumericCheck.skipped)
+NUMERIC_MODES = ("numerics", "full")  # the modes that compare outputs; "full" runs every changed stage (NumericCheck)
 
 
 @dataclass
@@ -54,6 +56,9 @@ class PassContext:
     validation: Any = None  # a quality.Validation: the report's error columns come from the user's data
     train: Sequence[tuple[torch.Tensor, ...]] | None = None  # unlabeled input batches for passes that train
     teacher: fx.GraphModule | None = None  # the graph before the first lossy pass (kept when a pass reads train)
+    # the user's model's flat outputs on flat inputs, by key (compile's verify.ModelRuns): the numeric check's bound
+    # batches are compared with the model itself, and the artifact check reads the same runs; None: the traced graph
+    model_outputs: Callable[[Any, tuple[torch.Tensor, ...]], list[Any]] | None = None
     _gm: fx.GraphModule | None = None
     _cache: dict[type, Any] = field(default_factory=dict)
 
@@ -337,7 +342,8 @@ def _type_name(hint: Any) -> str:
 
 class PassManager:
     """Runs passes in order on a graph between instruments: timing, lint (unless ``verify="off"``), the numeric
-    check (``verify="numerics"``), a report row, then any ``instruments`` given."""
+    check (``verify="numerics"``, sampled; ``"full"``, every changed stage), a report row, then any ``instruments``
+    given."""
 
     def __init__(self, passes: str | Pass | Sequence[str | Pass] = (), verify: VerifyMode = "numerics",
                  measure_latency: bool = True, instruments: Sequence[Instrument] = ()) -> None:
@@ -359,10 +365,10 @@ class PassManager:
         ctx.teacher = None
         keep_teacher = any(p.reads_train for p in self.passes)
         report = Report()
-        instruments = [Timing(), *([Lint()] if self.verify != "off" else []),
-                       *([NumericCheck(gm, ctx.example_inputs, approximate=not all(p.exact for p in self.passes),
-                                       passes=len(self.passes))]
-                         if self.verify == "numerics" else []),
+        numeric = [NumericCheck(gm, ctx.example_inputs, approximate=not all(p.exact for p in self.passes),
+                                passes=self.passes, sample=self.verify == "numerics", model=ctx.model_outputs)
+                   ] if self.verify in NUMERIC_MODES else []
+        instruments = [Timing(), *([Lint()] if self.verify != "off" else []), *numeric,
                        StageRecorder(report, self.measure_latency), *self.extra_instruments]
         done: list[str] = []
         for p in (None, *self.passes):
@@ -377,6 +383,8 @@ class PassManager:
                 instrument.after(p, gm, ctx, stage)
             if p is not None:
                 done.append(p.name)
+        if numeric and numeric[0].skipped:
+            report.meta[SAMPLED_OUT] = list(numeric[0].skipped)
         return gm, report
 
     @staticmethod

@@ -151,22 +151,37 @@ class NumericCheck(Instrument):
     the ``passes`` stages (the graph compile returns) states :func:`error_bound` over ``BOUND_BATCHES`` fresh
     batches (the first is the one every stage is checked on); every other stage states its error on that one
     batch, a sample (the report says so). That last stage's outputs on the other bound batches stay in
-    ``gm.meta[BOUND_OUTPUTS]`` for :func:`check_artifact`."""
+    ``gm.meta[BOUND_OUTPUTS]`` for :func:`check_artifact`.
+
+    ``model`` (``PassContext.model_outputs``): the user's model's flat outputs on flat inputs by key, the same runs
+    :func:`check_artifact` reads under the keys ``("bound", k)``; the bound batches are then compared with the model
+    (which the traced graph reproduces within ``EXACT_TOLERANCE``, checked at capture) instead of a run of the traced
+    graph on each, which the artifact check would follow with a run of the model on each anyway.
+
+    With ``sample`` (``verify="numerics"``, the default) a stage is not run when its run would only state a sample
+    of its own error: an approximate pass, not the last, followed by another approximate pass (so no exact pass is
+    compared against its outputs) and keeping every node's shape (so the report's FLOPs need no run either), e.g.
+    ``calibrate`` before ``bias_correction``: its row states no error and its name is in ``skipped``. The later
+    stages' errors are still measured against the traced graph, and every exact pass against the stage before it.
+    Without ``sample`` (``verify="full"``) every changed stage runs."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], approximate: bool = False,
-                 passes: int | None = None) -> None:
+                 passes: Sequence[Any] | None = None, sample: bool = False, model: Any = None) -> None:
         self.inputs = fresh_inputs(example_inputs)
         self.tolerance = exact_tolerance(example_inputs)
         self.every: dict[str, torch.Tensor] = {}  # the last run's every node output: its shapes (Shapes.from_values)
         self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
         self.prev_out = self.reference
         self.more: list[tuple[tuple[torch.Tensor, ...], Any]] = []  # the other batches and the traced outputs
-        if approximate:
+        if approximate:  # the references: the model's outputs when given (``model(key, x)``), else the graph's
             with torch.no_grad():
-                self.more = [(x, list(gm(*x))) for x in bound_inputs(example_inputs, CHECK_SEED)[1:]]
+                self.more = [(x, list(model(("bound", k), x)) if model is not None else list(gm(*x)))
+                             for k, x in enumerate(bound_inputs(example_inputs, CHECK_SEED)[1:])]
         self.bounding = False  # an approximate pass has run: the last stage states a bound
-        self.passes, self.seen = passes, 0
-        self.last = Error(0.0, 1.0)
+        self.passes, self.seen = list(passes) if passes is not None else None, 0
+        self.sample = sample
+        self.skipped: list[str] = []  # stages not run (``sample``), by row name
+        self.last: Error | None = Error(0.0, 1.0)  # None after a skipped stage: the next stage must run
 
     def after(self, p: Any, gm: fx.GraphModule, ctx: Any, stage: Stage) -> None:
         if p is None:
@@ -175,11 +190,15 @@ class NumericCheck(Instrument):
             return
         self.seen += 1
         try:
-            if stage.result is None or stage.result.changed:  # unchanged: the same graph, the same error
-                self.last = self.check(p, gm, stage.done)
-                self._hand_shapes(gm, ctx)
+            if stage.result is None or stage.result.changed or self.last is None:  # else the same graph and error
+                if self._sampled_out(p, stage):
+                    self.skipped.append(stage.name)
+                    self.last, self.bounding = None, True
+                else:
+                    self.last = self.check(p, gm, stage.done)
+                    self._hand_shapes(gm, ctx)
             stage.error = self.last
-            if self.bounding and self.more and (self.passes is None or self.seen == self.passes):
+            if self.bounding and self.more and (self.passes is None or self.seen == len(self.passes)):
                 with torch.no_grad():
                     outputs = [list(gm(*x)) for x, _ in self.more]
                 stage.error = error_bound([self.last, *(compare(o, ref) for o, (_, ref) in zip(outputs, self.more))])
@@ -191,6 +210,14 @@ class NumericCheck(Instrument):
             where = f" at node {node.group(1)!r}" if node else ""
             raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
                                     f"{first_line(e)}{after_passes(stage.done)}") from e
+
+    def _sampled_out(self, p: Any, stage: Stage) -> bool:
+        """Whether ``sample`` leaves this stage unrun (see the class docstring)."""
+        if not self.sample or p.exact or self.passes is None or self.seen >= len(self.passes):
+            return False
+        preserves = stage.result.preserves if stage.result is not None else "none"
+        return not self.passes[self.seen].exact and (preserves == "all" or
+                                                     (not isinstance(preserves, str) and Shapes in preserves))
 
     def _hand_shapes(self, gm: fx.GraphModule, ctx: Any) -> None:
         """The checked run was on inputs shaped like the example: every node's shape, which the Shapes analysis
@@ -268,19 +295,23 @@ class ModelRuns:
         self.cached: dict[Any, list[Any]] = {}
         self.count = 0  # runs of the model so far (tests guard that none is repeated)
         self.copies = 0  # copies of the model made so far
-        self._unchanged: torch.nn.Module | None = None  # a copy in the original state, once a run has shown one
+        # a copy in the original state, once a run has shown one, with that state (:func:`_state`): nothing touches
+        # the copy between two runs, so the state recorded after one run is the state before the next
+        self._unchanged: tuple[torch.nn.Module, Any] | None = None
 
     def run(self, inputs: tuple) -> Any:
         """The model's output on ``inputs``, computed anew."""
         self.count += 1
-        model, self._unchanged = self._unchanged, None
-        if model is None:
+        if self._unchanged is not None:
+            (model, before), self._unchanged = self._unchanged, None
+        else:
             model, self.copies = copy.deepcopy(self.model), self.copies + 1
-        before = _state(model)
+            before = _state(model)
         with torch.no_grad():
             out = model(*clone_inputs(inputs))
-        if _same(before, _state(model)):
-            self._unchanged = model
+        after = _state(model)
+        if _same(before, after):
+            self._unchanged = model, after
         return out
 
     def outputs(self, key: Any, inputs: tuple) -> list[Any]:
@@ -436,15 +467,20 @@ def is_quantized(gm: fx.GraphModule) -> bool:
     return any(is_op(n, *QUANTIZE, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes)
 
 
-def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float) -> str:
+def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float,
+                skipped: Sequence[str] = ()) -> str:
     """What a compile under ``verify`` checked, in words, for ``report.meta["checked"]``: which stages were compared
-    on what, and the bounds that would have raised ``VerificationError``."""
+    on what, and the bounds that would have raised ``VerificationError``; ``skipped``: the stages the sampled numeric
+    check did not run (``NumericCheck.skipped``)."""
     if verify == "off":
         return "nothing (verify='off'): no graph linted, no output compared"
     if verify == "lint":
         return "each pass's graph linted; no output compared (verify='numerics' compares them)"
     stages = (f"each pass that changed the graph, run on one fresh batch against the stage before it (exact passes "
               f"within {tolerance:g} relative)")
+    if skipped:
+        stages += (f", except the approximate {', '.join(skipped)}, whose output only the next approximate stage "
+                   "reads: not run on its own, its row states no error (verify='full' runs it)")
     if not exact:
         stages += f"; the last pass's stated error a bound over {BOUND_BATCHES} fresh batches"
     if not on_host:

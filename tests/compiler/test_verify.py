@@ -136,6 +136,23 @@ def test_model_runs_reuse_a_copy_only_while_runs_leave_the_model_as_they_found_i
         assert torch.equal(outs[0], stateful(x))  # the state the user's model was in
 
 
+def test_model_runs_record_a_reused_copys_state_once(monkeypatch):
+    """The state recorded after a run that left the copy unchanged is the state before the next run (nothing touches
+    the copy in between): recording it costs as much as a run of a large model (efficientnet_v2_s ~0.1 s of CPU), so
+    three runs on one copy record it 4 times, not 6, and a changing model is still copied for every run."""
+    from fxforge.compiler import verify
+    recorded = []
+    state = verify._state
+    monkeypatch.setattr(verify, "_state", lambda m: recorded.append(1) or state(m))
+    x = torch.randn(2, 3)
+    plain = ModelRuns(nn.Sequential(nn.Linear(3, 3), nn.ReLU()).eval())
+    outs = [plain.run((x,)) for _ in range(3)]
+    assert len(recorded) == 4 and plain.copies == 1 and all(torch.equal(o, outs[0]) for o in outs)
+    stateful = ModelRuns(CountsInBuffer().eval())
+    outs = [stateful.run((x,)) for _ in range(3)]
+    assert stateful.copies == 3 and all(torch.equal(o, outs[0]) for o in outs)
+
+
 def test_model_runs_under_inference_mode_copy_anew_since_inference_tensors_keep_no_version():
     x = torch.randn(2, 3)
     with torch.inference_mode():
@@ -221,3 +238,61 @@ def test_the_numeric_check_hands_its_run_to_the_shapes_analysis():
         assert runs  # without the numeric check, the analysis propagates itself
     finally:
         Shapes.run = original
+
+
+def test_the_sampled_check_leaves_out_only_a_stage_that_the_next_approximate_stage_reads():
+    """verify="numerics" does not run calibrate before bias_correction (approximate, keeps every shape: its run would
+    give nothing but a sample of its own error); it runs calibrate before fold_qdq, an exact pass checked against
+    calibrate's outputs, and insert_qdq, whose run gives the report its new nodes' shapes. verify="full" runs all."""
+    from fxforge.compiler.pass_manager import SAMPLED_OUT, PassContext, PassManager
+    from fxforge.compiler.trace import trace
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 16)
+    calibration = [(torch.randn(8, 16),)]
+
+    def rows(passes, verify):
+        gm, _ = trace(model, (x,))
+        _, report = PassManager(passes, verify=verify, measure_latency=False).run(
+            gm, PassContext((x,), calibration=calibration))
+        return {r.stage: r.max_rel_err for r in report.rows}, report.meta.get(SAMPLED_OUT)
+
+    errors, skipped = rows(["insert_qdq", "calibrate", "bias_correction", "fold_qdq"], "numerics")
+    assert skipped == ["calibrate"] and errors["calibrate"] is None
+    assert all(e is not None for stage, e in errors.items() if stage != "calibrate")
+    full, skipped = rows(["insert_qdq", "calibrate", "bias_correction", "fold_qdq"], "full")
+    assert skipped is None and all(e is not None for e in full.values())
+    assert {s: e for s, e in full.items() if s != "calibrate"} == {s: e for s, e in errors.items() if s != "calibrate"}
+    errors, skipped = rows(["insert_qdq", "calibrate", "fold_qdq"], "numerics")
+    assert skipped is None and all(e is not None for e in errors.values())
+
+
+def test_the_bound_batches_are_compared_with_the_model_when_compile_gives_its_runs():
+    """With ``PassContext.model_outputs`` (compile passes its ModelRuns) the bound batches' references are the
+    model's outputs under the keys the artifact check reads, ("bound", k), not 7 runs of the traced graph; the stated
+    bound is the one the traced graph gives, within the capture's tolerance."""
+    from fxforge.compiler.pass_manager import PassContext, PassManager
+    from fxforge.compiler.trace import trace
+    from fxforge.compiler.verify import BOUND_BATCHES
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 16)
+    runs = ModelRuns(model)
+    keys = []
+
+    def model_outputs(key, inputs):
+        keys.append(key)
+        return runs.outputs(key, inputs)
+
+    stated, calibration = [], [(torch.randn(8, 16),)]
+    for given in (None, model_outputs):
+        gm, _ = trace(model, (x,))
+        calls, forward = [], gm.forward
+        gm.forward = lambda *a: calls.append(1) or forward(*a)
+        gm, report = PassManager(["insert_qdq", "calibrate"], measure_latency=False).run(
+            gm, PassContext((x,), calibration=calibration, model_outputs=given))
+        stated.append(report.final.max_rel_err)
+        # the last stage runs on the 7 bound batches either way; the traced graph only without the model's runs
+        assert len(calls) == (BOUND_BATCHES - 1) * (2 if given is None else 1)
+    assert keys == [("bound", k) for k in range(BOUND_BATCHES - 1)] and runs.count == BOUND_BATCHES - 1
+    assert stated[1] == pytest.approx(stated[0], rel=1e-3)
