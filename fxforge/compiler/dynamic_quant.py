@@ -9,8 +9,9 @@ scales s_w [N] and an optional float bias b:
 Per-row scales follow each token's own range, so no calibration is needed and one outlier token does not
 coarsen the others' grid.
 
-An input with a known lower bound m (``lower_bound``: GELU's output is ≥ −0.17, ReLU's ≥ 0) is quantized shifted,
-on an unsigned per-row grid that spends all 256 levels on [m, max] instead of half of them on [−max, −|m|]:
+An input with a known lower bound m (``lower_bound``: GELU's output is ≥ −0.17, its tanh form's ≥ −0.1701, ReLU's ≥
+0) is quantized shifted, on an unsigned per-row grid that spends all 256 levels on [m, max] instead of half of them
+on [−max, −|m|]:
 
     x' = x − m ≥ 0,   s_r = max(max_k x'_rk, ε) / 255,   x_q = clamp(round(x' / s_r), 0, 255)   (uint8)
     y_rn = (Σ_k x_q,rk · W_q,nk) · s_r · s_w,n + m · (Σ_k W_q,nk) · s_w,n + b_n        (x = x' + m)

@@ -15,9 +15,9 @@
   SiLUs and squeeze-excitation gates in float between DQ and Q).
 
 With ``activations="dynamic"`` each constant-weight linear instead becomes one ``fxforge::dynamic_linear`` (see
-compiler/dynamic_quant.py): int8 per-output-channel weights, activations quantized per row (token) to
-symmetric int8 at run time, s_r = max_k |x_rk| / 127; nothing else is quantized (``skipped.dynamic_float``
-counts the convs and matmuls left float) and no calibration is needed. A linear reading a GELU (≥ −0.17) or a
+compiler/dynamic_quant.py): int8 per-output-channel weights, activations quantized per row (token) to symmetric int8
+at run time, s_r = max_k |x_rk| / 127; nothing else is quantized (``skipped.dynamic_float`` counts the convs and
+matmuls left float) and no calibration is needed. A linear reading a GELU (≥ −0.17; its tanh form ≥ −0.1701) or a
 relu/relu6 (≥ 0) passes that lower bound on (``shifted_inputs``, stat ``dynamic_shifted``): its input is then
 quantized as x − m on an unsigned per-row grid, twice as fine as the symmetric one. Measured on all-MiniLM-L6-v2
 (the six FFN down-projections), min cosine of held-out embeddings 0.9990 against 0.9983, what keeping those six
@@ -58,8 +58,8 @@ import torch.fx as fx
 import fxforge.compiler.dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor, set_tensor
-from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, clamp_range,
-                                 conv_groups, data, is_op, operands, qd, set_argument, value_of, weight_of)
+from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, argument, aten, bias_of, call_with,
+                                 clamp_range, conv_groups, data, is_op, operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.target import Target
 
@@ -67,7 +67,8 @@ from .analysis.quant_plan import plan_static
 from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
                       role, weight_scales)
 
-GELU_LOWER_BOUND = -0.17  # erf and tanh GELU: min_x x·Φ(x) = −0.16997 (at x ≈ −0.75)
+# A bound at or below GELU's minimum: erf GELU min_x x·Φ(x) = −0.169971, its tanh form's −0.170041 (x ≈ −0.75)
+GELU_LOWER_BOUND = {"none": -0.17, "tanh": -0.1701}
 
 @register_pass
 class InsertQdq(Pass):
@@ -139,14 +140,14 @@ class InsertQdq(Pass):
         return PassResult(changed=bool(linears), stats=dict(stats))
 
     def lower_bound(self, node: fx.Node) -> float | None:
-        """The least value a linear's input can take where its producer bounds it (GELU: −0.17, below its minimum
-        −0.16997; relu, relu6: 0), for the shifted unsigned grid of ``dynamic_linear``; None without
+        """The least value a linear's input can take where its producer bounds it (GELU: ``GELU_LOWER_BOUND`` of
+        its form; relu, relu6: 0), for the shifted unsigned grid of ``dynamic_linear``; None without
         ``shifted_inputs`` or a bound."""
         x = data(node)
         if not self.shifted_inputs or not isinstance(x, fx.Node):
             return None
         if is_op(x, aten.gelu):
-            return GELU_LOWER_BOUND
+            return GELU_LOWER_BOUND[argument(x, "approximate")]
         if is_op(x, *CLAMP) and clamp_range(x)[0] == 0.0:
             return 0.0
         return None

@@ -394,6 +394,23 @@ def test_dynamic_input_after_gelu_is_quantized_shifted_on_the_unsigned_grid():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+class TanhFfn(Ffn):
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x), approximate="tanh"))
+
+
+def test_the_tanh_gelu_bound_is_at_or_below_its_minimum():
+    """tanh GELU dips to −0.170041, below erf GELU's −0.169971: the down-projection after it gets −0.1701, and no
+    value of its input lies under the bound (none is clamped on the shifted grid)."""
+    torch.manual_seed(0)
+    gm, _, _ = apply(TanhFfn().eval(), (torch.randn(2, 5, 32),), ["insert_qdq{activations='dynamic'}"])
+    down = [n for n in gm.graph.nodes if n.op == "call_function" and "dynamic_linear" in str(n.target)][-1]
+    assert down.args[4] == -0.1701
+    grid = torch.linspace(-4, 4, 800001)
+    assert torch.nn.functional.gelu(grid, approximate="tanh").min() >= -0.1701
+    assert torch.nn.functional.gelu(grid).min() >= -0.17
+
+
 def test_shifted_inputs_can_be_turned_off():
     gm, report, _ = apply(Ffn().eval(), (torch.randn(2, 5, 32),),
                           ["insert_qdq{activations='dynamic',shifted_inputs=False}"])
