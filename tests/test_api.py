@@ -346,6 +346,22 @@ def test_the_report_says_what_was_checked():
     assert "except the approximate calibrate{method='percentile'}" in text and "verify='full' runs it" in text
 
 
+def test_with_validation_data_the_default_check_leaves_no_stage_out():
+    """The report row of every stage runs on validation data anyway: the numeric check then runs calibrate too, so a
+    graph that fails to run is named by its pass, not raised raw by the row's measurement."""
+    import math
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
+    validation = [(torch.randn(2, 3, 16, 16),) for _ in range(2)]
+    report = fxforge.compile(model, (x,), passes="int8", calibration=calibration, validation=validation,
+                             max_drop=math.inf).report
+    assert "not_run_alone" not in report.meta and "except" not in report.meta["checked"]
+    assert all(r.max_rel_err is not None for r in report.rows)
+
+
 def test_verify_full_checks_every_stage_that_the_default_samples(monkeypatch):
     """verify="full" (opt-in) runs every changed stage, calibrate included, and says so; the default leaves calibrate's
     row without an error and states every other number as full does, the artifact check included."""

@@ -163,7 +163,8 @@ class NumericCheck(Instrument):
     compared against its outputs) and keeping every node's shape (so the report's FLOPs need no run either), e.g.
     ``calibrate`` before ``bias_correction``: its row states no error and its name is in ``skipped``. The later
     stages' errors are still measured against the traced graph, and every exact pass against the stage before it.
-    Without ``sample`` (``verify="full"``) every changed stage runs."""
+    With validation data nothing is left out (its row runs the stage on that data anyway). Without ``sample``
+    (``verify="full"``) every changed stage runs."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], approximate: bool = False,
                  passes: Sequence[Any] | None = None, sample: bool = False, model: Any = None) -> None:
@@ -191,7 +192,7 @@ class NumericCheck(Instrument):
         self.seen += 1
         try:
             if stage.result is None or stage.result.changed or self.last is None:  # else the same graph and error
-                if self._sampled_out(p, stage):
+                if self._sampled_out(p, stage, ctx):
                     self.skipped.append(stage.name)
                     self.last, self.bounding = None, True
                 else:
@@ -211,9 +212,11 @@ class NumericCheck(Instrument):
             raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
                                     f"{first_line(e)}{after_passes(stage.done)}") from e
 
-    def _sampled_out(self, p: Any, stage: Stage) -> bool:
-        """Whether ``sample`` leaves this stage unrun (see the class docstring)."""
-        if not self.sample or p.exact or self.passes is None or self.seen >= len(self.passes):
+    def _sampled_out(self, p: Any, stage: Stage, ctx: Any) -> bool:
+        """Whether ``sample`` leaves this stage unrun (see the class docstring). Never with validation data: the
+        report row runs the stage on it anyway, and a graph that fails to run is then this check's to name."""
+        if (not self.sample or p.exact or self.passes is None or self.seen >= len(self.passes)
+                or ctx.validation is not None):
             return False
         preserves = stage.result.preserves if stage.result is not None else "none"
         return not self.passes[self.seen].exact and (preserves == "all" or
