@@ -51,7 +51,7 @@ def test_broadcast_weight_is_read_unbroadcast():
 
 def test_broadcast_rows_or_batched_weight_are_left_alone():
     """The matmul broadcasts the rows over the weight's batch (x of batch 1: matmul(x, W) would have batch 1),
-    or the weight is a real batch of matrices: no rewrite."""
+    the weight is a real batch of matrices, or a 2-D tensor broadcast along its columns too: no rewrite."""
     @I.ir_module
     class RowsBroadcast:
         @R.function
@@ -72,7 +72,17 @@ def test_broadcast_rows_or_batched_weight_are_left_alone():
                 R.output(y)
             return y
 
-    for mod in (RowsBroadcast, Batched):
+    @I.ir_module
+    class ColumnsBroadcast:  # a [32, 1] matrix broadcast along N too: matmul(x, v) would have one column
+        @R.function
+        def main(x: R.Tensor((2, 8, 32), "float32"), v: R.Tensor((32, 1), "float32")):
+            with R.dataflow():
+                b = R.broadcast_to(v, R.shape([2, 32, 16]))
+                y = R.matmul(x, b, out_dtype="float32")
+                R.output(y)
+            return y
+
+    for mod in (RowsBroadcast, Batched, ColumnsBroadcast):
         tvm.ir.assert_structural_equal(_rewrite(mod), mod)
 
 

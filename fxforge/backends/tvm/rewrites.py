@@ -86,19 +86,20 @@ def _same(a: list | None, b: list | None) -> bool:
 
 
 def _unbroadcast(rw: Any, call: Any) -> Any:
-    """Rule 1: ``matmul(a, broadcast_to(w))`` with 2-D ``w`` reads ``w`` itself (``a``'s own broadcast to its
-    shape, a no-op, dropped too)."""
+    """Rule 1: ``matmul(a, broadcast_to(w))`` with a 2-D ``w`` of the broadcast's last two sizes reads ``w`` itself
+    (``a``'s own broadcast to its shape, a no-op, dropped too)."""
     from tvm import relax
     lhs, rhs = call.args
-    weight = rw.bound(rhs, "relax.broadcast_to")
-    if weight is None or len(_shape(_operand(weight)) or ()) != 2:
-        return call
+    broadcast = rw.bound(rhs, "relax.broadcast_to")
+    weight = _operand(broadcast) if broadcast is not None else None
+    if weight is None or len(_shape(weight) or ()) != 2 or not _same(_shape(weight), (_shape(rhs) or [])[-2:]):
+        return call  # not a 2-D weight, or one broadcast along K or N too ([K, 1] → [.., K, N])
     lhs_broadcast = rw.bound(lhs, "relax.broadcast_to")
     if lhs_broadcast is not None and _same(_shape(_operand(lhs_broadcast)), _shape(lhs)):
         lhs = _operand(lhs_broadcast)
     if not _same((_shape(lhs) or [])[:-2], _shape(rhs)[:-2]):  # the rows of a must not be a broadcast either
         return call
-    return relax.op.matmul(lhs, _operand(weight), out_dtype=call.attrs.out_dtype)
+    return relax.op.matmul(lhs, weight, out_dtype=call.attrs.out_dtype)
 
 
 def _collapse(rw: Any, call: Any, shape: list | None) -> Any:
