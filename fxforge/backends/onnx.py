@@ -471,9 +471,7 @@ def _dynamic_linear(x, weight, weight_scale, bias=None, lower_bound=None):
     # query/key/value: min cosine 0.53 against 0.996 unfused); this order keeps its integer GEMM and its answer
     y = op.Mul(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), weight_scale), scale)
     if lower_bound is not None:
-        shift = op.Mul(op.Mul(op.ReduceSum(op.Cast(weight, to=ir.DataType.FLOAT), op.Constant(value_ints=[1]),
-                                           keepdims=0), weight_scale), op.Constant(value_float=float(lower_bound)))
-        bias = shift if bias is None else op.Add(bias, shift)
+        bias = onnx_transformer.shifted_bias(weight, weight_scale, bias, lower_bound)
     return y if bias is None else op.Add(y, bias)
 
 

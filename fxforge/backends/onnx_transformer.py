@@ -179,10 +179,19 @@ def _dynamic_linear(x, weight, weight_scale, bias=None, lower_bound=None):
            weight_scale, u8([], zero))
     y = op.Mul(y, scale)  # the row scale last: the kernel's a_scale is per tensor or per column of x, not per row
     if lower_bound is not None:
-        shift = op.Mul(op.Mul(op.ReduceSum(op.Cast(weight, to=ir.DataType.FLOAT), op.Constant(value_ints=[1]),
-                                           keepdims=0), weight_scale), op.Constant(value_float=float(lower_bound)))
-        bias = shift if bias is None else op.Add(bias, shift)
+        bias = shifted_bias(weight, weight_scale, bias, lower_bound)
     return y if bias is None else op.Add(y, bias)
+
+
+def shifted_bias(weight, weight_scale, bias, lower_bound: float):
+    """The bias of a ``dynamic_linear`` on the shifted grid: ``bias + m · Σ_k W_q[n, k] · s_w[n]`` (the
+    ``x = x' + m`` term, :func:`fxforge.compiler.dynamic_quant.shift_term`), built from the initializers alone so
+    ORT can fold it; shared by both ONNX lowerings of the op."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+    shift = op.Mul(op.Mul(op.ReduceSum(op.Cast(weight, to=ir.DataType.FLOAT), op.Constant(value_ints=[1]), keepdims=0),
+                          weight_scale), op.Constant(value_float=float(lower_bound)))
+    return shift if bias is None else op.Add(bias, shift)
 
 
 TRANSLATIONS = {SDPA: _sdpa, torch.ops.fxforge.dynamic_linear.default: _dynamic_linear}
