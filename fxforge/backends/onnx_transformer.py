@@ -185,8 +185,8 @@ def _dynamic_linear(x, weight, weight_scale, bias=None, lower_bound=None):
 
 def shifted_bias(weight, weight_scale, bias, lower_bound: float):
     """The bias of a ``dynamic_linear`` on the shifted grid: ``bias + m · Σ_k W_q[n, k] · s_w[n]`` (the
-    ``x = x' + m`` term, :func:`fxforge.compiler.dynamic_quant.shift_term`), built from the initializers alone so
-    ORT can fold it; shared by both ONNX lowerings of the op."""
+    ``x = x' + m`` term, :func:`fxforge.compiler.dynamic_quant.shift_term`), a subgraph of initializers only
+    (whether ORT folds it is not checked); shared by both ONNX lowerings of the op."""
     from onnxscript import ir
     from onnxscript import opset18 as op
     shift = op.Mul(op.Mul(op.ReduceSum(op.Cast(weight, to=ir.DataType.FLOAT), op.Constant(value_ints=[1]), keepdims=0),

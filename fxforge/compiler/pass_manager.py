@@ -365,9 +365,8 @@ class PassManager:
         ctx.teacher = None
         keep_teacher = any(p.reads_train for p in self.passes)
         report = Report()
-        numeric = [NumericCheck(gm, ctx.example_inputs, approximate=not all(p.exact for p in self.passes),
-                                passes=self.passes, sample=self.verify == "numerics", model=ctx.model_outputs)
-                   ] if self.verify in NUMERIC_MODES else []
+        numeric = [NumericCheck(gm, ctx.example_inputs, self.passes, sample=self.verify == "numerics",
+                                model=ctx.model_outputs)] if self.verify in NUMERIC_MODES else []
         instruments = [Timing(), *([Lint()] if self.verify != "off" else []), *numeric,
                        StageRecorder(report, self.measure_latency), *self.extra_instruments]
         done: list[str] = []

@@ -147,10 +147,10 @@ class NumericCheck(Instrument):
     outputs (naming the first diverging node), and sets ``stage.error`` against the traced model.
 
     A pass that reports no change left the very graph the previous stage was checked on: it is not run again and
-    states the previous stage's error. With ``approximate`` (the pipeline holds an approximate pass), the last of
-    the ``passes`` stages (the graph compile returns) states :func:`error_bound` over ``BOUND_BATCHES`` fresh
-    batches (the first is the one every stage is checked on); every other stage states its error on that one
-    batch, a sample (the report says so). That last stage's outputs on the other bound batches stay in
+    states the previous stage's error. When ``passes`` holds an approximate pass, the last of the ``passes``
+    stages (the graph compile returns) states :func:`error_bound` over ``BOUND_BATCHES`` fresh batches (the
+    first is the one every stage is checked on); every other stage states its error on that one batch, a sample
+    (the report says so). That last stage's outputs on the other bound batches stay in
     ``gm.meta[BOUND_OUTPUTS]`` for :func:`check_artifact`.
 
     ``model`` (``PassContext.model_outputs``): the user's model's flat outputs on flat inputs by key, the same runs
@@ -166,20 +166,20 @@ class NumericCheck(Instrument):
     With validation data nothing is left out (its row runs the stage on that data anyway). Without ``sample``
     (``verify="full"``) every changed stage runs."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], approximate: bool = False,
-                 passes: Sequence[Any] | None = None, sample: bool = False, model: Any = None) -> None:
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], passes: Sequence[Any],
+                 sample: bool = False, model: Any = None) -> None:
         self.inputs = fresh_inputs(example_inputs)
         self.tolerance = exact_tolerance(example_inputs)
         self.every: dict[str, torch.Tensor] = {}  # the last run's every node output: its shapes (Shapes.from_values)
         self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
         self.prev_out = self.reference
         self.more: list[tuple[tuple[torch.Tensor, ...], Any]] = []  # the other batches and the traced outputs
-        if approximate:  # the references: the model's outputs when given (``model(key, x)``), else the graph's
+        if not all(p.exact for p in passes):  # the references: the model's outputs when given (``model(key, x)``), else the graph's
             with torch.no_grad():
                 self.more = [(x, list(model(("bound", k), x)) if model is not None else list(gm(*x)))
                              for k, x in enumerate(bound_inputs(example_inputs, CHECK_SEED)[1:])]
         self.bounding = False  # an approximate pass has run: the last stage states a bound
-        self.passes, self.seen = list(passes) if passes is not None else None, 0
+        self.passes, self.seen = list(passes), 0
         self.sample = sample
         self.skipped: list[str] = []  # stages not run (``sample``), by row name
         self.last: Error | None = Error(0.0, 1.0)  # None after a skipped stage: the next stage must run
@@ -199,7 +199,7 @@ class NumericCheck(Instrument):
                     self.last = self.check(p, gm, stage.done)
                     self._hand_shapes(gm, ctx)
             stage.error = self.last
-            if self.bounding and self.more and (self.passes is None or self.seen == len(self.passes)):
+            if self.bounding and self.more and self.seen == len(self.passes):
                 with torch.no_grad():
                     outputs = [list(gm(*x)) for x, _ in self.more]
                 stage.error = error_bound([self.last, *(compare(o, ref) for o, (_, ref) in zip(outputs, self.more))])
@@ -215,8 +215,7 @@ class NumericCheck(Instrument):
     def _sampled_out(self, p: Any, stage: Stage, ctx: Any) -> bool:
         """Whether ``sample`` leaves this stage unrun (see the class docstring). Never with validation data: the
         report row runs the stage on it anyway, and a graph that fails to run is then this check's to name."""
-        if (not self.sample or p.exact or self.passes is None or self.seen >= len(self.passes)
-                or ctx.validation is not None):
+        if not self.sample or p.exact or self.seen >= len(self.passes) or ctx.validation is not None:
             return False
         preserves = stage.result.preserves if stage.result is not None else "none"
         return not self.passes[self.seen].exact and (preserves == "all" or
