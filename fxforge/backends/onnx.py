@@ -381,6 +381,9 @@ def _promoting_only_when_needed() -> Iterator[None]:
     efficientnet_v2_s's int8 graph, in which no node needs a cast (docs/architecture.md, compile time). The rule's
     verdict needs only each input's dtype, which ``meta["val"]`` of every node of the capture holds, so a look at
     them decides (9 ms there); when a node would be cast, or an input's dtype is unknown, the pass runs as it is.
+    A Python int the rule wants as a float (``ne.Scalar(x, 0)`` of a float ``x``: swin_t's attention mask) is
+    written as that float in the exporter's copy of the graph instead, which is what the pass would make of it (a
+    float scalar tensor; same value, same op): it spared swin_t's int8 export a 2–4 s pass for 12 such nodes.
     Like :func:`_decomposing_only_when_needed`, this patches the exporter's private step for the duration."""
     try:
         from torch.onnx._internal.exporter import _fx_passes
@@ -402,6 +405,16 @@ def _promoting_only_when_needed() -> Iterator[None]:
             type_utils.from_scalar_type_to_torch_dtype(type(value))
         return current != dtype  # an unknown dtype (None) counts as a cast: the pass decides
 
+    def as_float(node: torch.fx.Node, key: int | str, value: Any, dtype: torch.dtype | None) -> bool:
+        """A Python int argument the rule wants as a floating ``dtype``, rewritten as a float: True if it was."""
+        if type(value) is not int or dtype is None or not dtype.is_floating_point:
+            return False
+        if isinstance(key, int):
+            node.update_arg(key, float(value))
+        else:
+            node.update_kwarg(key, float(value))
+        return True
+
     def needed(graph_module: torch.fx.GraphModule) -> bool:
         for module in graph_module.modules():
             if not isinstance(module, torch.fx.GraphModule):
@@ -415,8 +428,11 @@ def _promoting_only_when_needed() -> Iterator[None]:
                     wanted = rule.preview_type_promotion(args, kwargs)
                 except Exception:
                     return True
-                if any(casts(a, wanted.args_dtypes.get(i)) for i, a in enumerate(args)) or \
-                        any(casts(v, wanted.kwargs_dtypes.get(k)) for k, v in kwargs.items()):
+                cast = [(i, a, wanted.args_dtypes.get(i)) for i, a in enumerate(args)
+                        if casts(a, wanted.args_dtypes.get(i))] + \
+                       [(k, v, wanted.kwargs_dtypes.get(k)) for k, v in kwargs.items()
+                        if casts(v, wanted.kwargs_dtypes.get(k))]
+                if not all([as_float(node, key, value, dtype) for key, value, dtype in cast]):
                     return True
         return False
 

@@ -433,15 +433,28 @@ class _AddsIntegers(torch.nn.Module):
         return self.conv(x) + self.offset
 
 
+class _MasksWithIntegers(torch.nn.Module):
+    """Compares a float tensor with the Python int 0, as swin_t's attention mask does (``aten.ne.Scalar(x, 0)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.masked_fill(y.round() != 0, -100.0)
+
+
 def test_exporter_promotes_types_only_in_graphs_that_need_a_cast(monkeypatch):
     """The exporter's type-promotion pass re-runs the whole graph in fake mode, so the backend lets it run only where
-    a node's input dtypes differ from what its op's promotion rule asks: a float CNN (all float32) skips it, an int64
-    buffer added to a float tensor takes it. Both match eager."""
+    a node's input dtypes differ from what its op's promotion rule asks: a float CNN (all float32) skips it, and so
+    does a float compared with the Python int 0 (written as 0.0, what the pass would make of it); an int64 buffer
+    added to a float tensor takes it. All match eager."""
     from torch.onnx._internal.exporter import _fx_passes
     calls, promote = [], _fx_passes.insert_type_promotion_nodes
     monkeypatch.setattr(_fx_passes, "insert_type_promotion_nodes", lambda gm: calls.append(1) or promote(gm))
     cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)).eval()
-    for model, promoted in ((cnn, []), (_AddsIntegers().eval(), [1])):
+    for model, promoted in ((cnn, []), (_MasksWithIntegers().eval(), []), (_AddsIntegers().eval(), [1])):
         calls.clear()
         cm = fxforge.compile(model, (torch.randn(2, 3, 8, 8),), backend="onnx", measure_latency=False)
         assert calls == promoted
