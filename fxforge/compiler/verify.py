@@ -190,6 +190,7 @@ class NumericCheck(Instrument):
             self._hand_shapes(gm, ctx)
             return
         self.seen += 1
+        unchecked = self.skipped[-1] if self.last is None else None  # the stage before, sampled out: not run
         try:
             if stage.result is None or stage.result.changed or self.last is None:  # else the same graph and error
                 if self._sampled_out(p, stage, ctx):
@@ -209,8 +210,9 @@ class NumericCheck(Instrument):
         except Exception as e:  # a graph that no longer runs is the pass's fault, named as such
             node = re.search(r"While executing %(\w+)", str(e))
             where = f" at node {node.group(1)!r}" if node else ""
-            raise VerificationError(f"pass {p.name!r} left a graph that fails to run{where}: {type(e).__name__}: "
-                                    f"{first_line(e)}{after_passes(stage.done)}") from e
+            also = f" (or {unchecked!r} before it, not run on its own: verify='full' tells which)" if unchecked else ""
+            raise VerificationError(f"pass {p.name!r}{also} left a graph that fails to run{where}: "
+                                    f"{type(e).__name__}: {first_line(e)}{after_passes(stage.done)}") from e
 
     def _sampled_out(self, p: Any, stage: Stage, ctx: Any) -> bool:
         """Whether ``sample`` leaves this stage unrun (see the class docstring). Never with validation data: the

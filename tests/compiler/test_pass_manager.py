@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 import fxforge
-from fxforge.compiler.graph import aten, call_nodes, set_tensor
+from fxforge.compiler.graph import aten, call_nodes, get_tensor, set_tensor
 from fxforge.compiler.instruments import Instrument
 from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
 from fxforge.compiler.trace import trace
@@ -261,6 +261,41 @@ def test_a_graph_that_no_longer_runs_names_the_pass_and_node():
     with pytest.raises(fxforge.VerificationError, match=r"pass 'test_truncate' left a graph that fails to run at "
                                                         r"node 'conv2d': RuntimeError: .*\(after: fuse_batchnorm\)"):
         PassManager(["fuse_batchnorm", "test_truncate"], measure_latency=False).run(gm, PassContext(flat))
+
+
+def test_a_graph_broken_by_a_stage_the_check_left_out_names_that_stage_too():
+    """verify="numerics" does not run an approximate stage that keeps every shape and feeds another approximate one
+    (calibrate before bias_correction); when the next stage's run fails, the error names both passes, since either
+    may have broken the graph."""
+    @fxforge.register_pass
+    class Retype(fxforge.Pass):
+        """Makes the first conv's weight float64 (same shape; PyTorch refuses to run it against a float32 input)."""
+        name = "test_retype"
+        exact = False
+
+        def run(self, gm, ctx):
+            conv = next(call_nodes(gm, aten.conv2d))
+            set_tensor(gm, conv.args[1], get_tensor(gm, conv.args[1]).double())
+            return fxforge.PassResult(changed=True, preserves="all")
+
+    @fxforge.register_pass
+    class Touch(fxforge.Pass):
+        """An approximate pass that says it changed the graph and leaves it as it is."""
+        name = "test_touch"
+        exact = False
+
+        def run(self, gm, ctx):
+            return fxforge.PassResult(changed=True, preserves="all")
+
+    gm, flat = traced()
+    with pytest.raises(fxforge.VerificationError, match=r"pass 'test_touch' \(or 'test_retype' before it, not run on "
+                                                        r"its own: verify='full' tells which\) left a graph that fails "
+                                                        r"to run at node 'conv2d'"):
+        PassManager(["test_retype", "test_touch", "fuse_batchnorm"], measure_latency=False).run(gm, PassContext(flat))
+    gm, flat = traced()
+    with pytest.raises(fxforge.VerificationError, match=r"^pass 'test_retype' left a graph that fails to run"):
+        PassManager(["test_retype", "test_touch", "fuse_batchnorm"], verify="full", measure_latency=False).run(
+            gm, PassContext(flat))
 
 
 def test_a_pass_instance_checks_its_options_as_the_string_form_does():
