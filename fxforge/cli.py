@@ -379,6 +379,9 @@ def tuning_summary(stats: dict[str, Any]) -> str:
     lines.append(f"{stats['tasks']} tasks: {stats['tuned_tasks']} tuned now ({stats['searched_tasks']} searched, "
                  f"{stats['trials']} trials), "
                  f"{stats['reused_tasks']} from the database, {stats['untuned_tasks']} untuned; database: {stats['db']}")
+    if stats.get("below_min_gain"):
+        lines.append(f"kept the default schedule where the best searched kernel was less than {stats['min_gain']}x "
+                     f"faster alone: {', '.join(stats['below_min_gain'])}")
     if stats.get("rpc"):
         lines.append(f"measured on {stats['rpc']['servers']} RPC server(s) under key {stats['rpc']['key']!r} at "
                      f"{stats['rpc']['tracker']}")
