@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,7 +118,8 @@ def _distilled() -> list[System]:
 
 
 INT8_CNN = ("ort int8 (quantize_static)", "fxforge int8 → onnx", INT8_AT_TARGET)
-MINILM = ("ort int8 (quantize_dynamic)", "fxforge int8 → onnx", "fxforge int8_dynamic → onnx")
+# the tuned TVM row (static shapes, the stored database) exists only where a database for this CPU is stored
+MINILM = ("ort int8 (quantize_dynamic)", "fxforge int8 → onnx", "fxforge int8_dynamic → onnx", "fxforge fuse → tvm (tuned)")
 TRAINED: dict[str, tuple[Callable[[], tuple[nn.Module, tuple, zoo.Split]], tuple[str, ...]]] = {
     "mobilenet_v2_imagenet": (_mobilenet(1), INT8_CNN),
     "mobilenet_v2_imagenet_b8": (_mobilenet(8), INT8_CNN),
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote", ", ".join(map(str, replot(args.replot, args.out))))
         return 0
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # TVM's pool starts at its first call: the same threads
     tuning_db = stored_tuning_db() if importlib.util.find_spec("tvm") else None
     if tuning_db and not tuning_db.exists():
         print(f"no stored tuning database for this CPU and TVM ({tuning_db.name}): no tuned TVM rows "
