@@ -119,7 +119,8 @@ def _distilled() -> list[System]:
 
 INT8_CNN = ("ort int8 (quantize_static)", "fxforge int8 → onnx", INT8_AT_TARGET)
 # the tuned TVM row (static shapes, the stored database) exists only where a database for this CPU is stored
-MINILM = ("ort int8 (quantize_dynamic)", "fxforge int8 → onnx", "fxforge int8_dynamic → onnx", "fxforge fuse → tvm (tuned)")
+MINILM = ("ort int8 (quantize_dynamic)", "fxforge int8 → onnx", "fxforge int8_dynamic → onnx",
+          "fxforge fuse → tvm (tuned)")
 TRAINED: dict[str, tuple[Callable[[], tuple[nn.Module, tuple, zoo.Split]], tuple[str, ...]]] = {
     "mobilenet_v2_imagenet": (_mobilenet(1), INT8_CNN),
     "mobilenet_v2_imagenet_b8": (_mobilenet(8), INT8_CNN),

@@ -95,8 +95,9 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
     (``AttachAttrLayoutFreeBuffers``), as :func:`~.schedules.schedule` does for an untuned build: the default
     schedule (measured as a candidate) then packs a matmul's constant weight, once, at build time, and is timed
     without that packing. The search leaves MetaSchedule's ``RewriteLayout`` out (it fails on the packed default's
-    trace, which seeds the search), so its candidates read the weight as it is. Without it the database held unpacked kernels, and the tuned MiniLM ran 0.90× (8 × 64) and 0.80×
-    (1 × 128) the speed of the untuned static build (docs/tuning.md).
+    trace, which seeds the search), so its candidates read the weight as it is. Without the mark the database held
+    unpacked kernels, and the tuned MiniLM ran 0.90× (8 × 64) and 0.80× (1 × 128) the speed of the untuned static
+    build (docs/tuning.md).
     """
     opts = tune_options(tune)
     from tvm import relax, tirx
@@ -144,8 +145,8 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
         tuned = relax.transform.MetaScheduleApplyDatabase()(mod)
     scheduled = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in tuned.functions.values()
                     if isinstance(f, tirx.PrimFunc))  # a record that does not match is a silent miss: count hits
-    # where no searched kernel beat the default by MIN_GAIN, the function goes back to the default rule (in
-    # ``schedule``; the same kernel as the default's record, which only a search that won could differ from)
+    # where no searched kernel beat the default by MIN_GAIN, the function is left unscheduled: ``schedule`` gives it
+    # the default rule, the kernel the default's record holds
     default = {r.name for r in results if r.best_us and r.default_us and r.best_us * MIN_GAIN > r.default_us}
     for gv in mod.get_global_vars():
         if gv.name_hint in default:
@@ -278,9 +279,8 @@ class _Tuner:
         if trials == 0:
             return TaskResult(task.task_name, "tuned", 0, _best_us(self.database, task), default_us)
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # console: the bar; files: all
-        space = ms.space_generator.PostOrderApply(postprocs=[
-            p for p in ms.postproc.Postproc.create("llvm" if self.target.kind.name == "llvm" else "from-target")
-            if not isinstance(p, ms.postproc.RewriteLayout)])
+        space = "post-order-apply" if self.target.kind.name != "llvm" else ms.space_generator.PostOrderApply(
+            postprocs=[p for p in ms.postproc.Postproc.create("llvm") if not isinstance(p, ms.postproc.RewriteLayout)])
         context = ms.TuneContext(mod=task.dispatched[0], target=self.target, space_generator=space,
                                  search_strategy="evolutionary", task_name=task.task_name,
                                  logger=_task_logger(self.db_dir, task.task_name),
