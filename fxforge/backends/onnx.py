@@ -428,10 +428,9 @@ def _promoting_only_when_needed() -> Iterator[None]:
                     wanted = rule.preview_type_promotion(args, kwargs)
                 except Exception:
                     return True
-                cast = [(i, a, wanted.args_dtypes.get(i)) for i, a in enumerate(args)
-                        if casts(a, wanted.args_dtypes.get(i))] + \
-                       [(k, v, wanted.kwargs_dtypes.get(k)) for k, v in kwargs.items()
-                        if casts(v, wanted.kwargs_dtypes.get(k))]
+                given = [*((i, a, wanted.args_dtypes.get(i)) for i, a in enumerate(args)),
+                         *((k, v, wanted.kwargs_dtypes.get(k)) for k, v in kwargs.items())]
+                cast = [(key, value, dtype) for key, value, dtype in given if casts(value, dtype)]
                 if not all([as_float(node, key, value, dtype) for key, value, dtype in cast]):
                     return True
         return False

@@ -174,7 +174,8 @@ class NumericCheck(Instrument):
         self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
         self.prev_out = self.reference
         self.more: list[tuple[tuple[torch.Tensor, ...], Any]] = []  # the other batches and the traced outputs
-        if not all(p.exact for p in passes):  # the references: the model's outputs when given (``model(key, x)``), else the graph's
+        if not all(p.exact for p in passes):
+            # the references: the model's outputs when given (``model(key, x)``), else the graph's
             with torch.no_grad():
                 self.more = [(x, list(model(("bound", k), x)) if model is not None else list(gm(*x)))
                              for k, x in enumerate(bound_inputs(example_inputs, CHECK_SEED)[1:])]
