@@ -169,6 +169,18 @@ def test_quick_benchmark_smoke(tmp_path):
     assert all(r["error"] is None and r["median_ms"] > 0 for r in data["rows"])
 
 
+
+def test_compile_time_benchmark_times_one_compile_in_a_fresh_process_with_its_stages():
+    """benchmarks/compile_time.py's unit of work: one compile in a child process, its seconds and fxforge's stages."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--child", "resnet18",
+           "fxforge fuse → torchscript", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["s"] > 0
+    assert set(result["stages"]) == {"trace", "passes", "backend", "artifact_check"}
+    assert sum(result["stages"].values()) <= result["s"] + 0.05  # stages are rounded to 0.01 s
+
 @pytest.mark.slow
 def test_full_quick_benchmark(tmp_path):
     data = _run_benchmark(tmp_path)
