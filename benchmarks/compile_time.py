@@ -56,7 +56,8 @@ def _run(model_name: str, system: str, threads: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", model_name, system, str(threads)],
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{model_name} / {system} failed: {out.stderr.strip().splitlines()[-1]}")
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        raise SystemExit(f"{model_name} / {system} failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
