@@ -22,30 +22,33 @@ import sys
 import tempfile
 import time
 
-SYSTEMS = ("fxforge int8 → onnx", "fxforge fuse → torchscript", "torch.compile (cold)")
+COLD = "torch.compile (cold)"
+# each system's (preset, backend); torch.compile has none
+SYSTEMS: dict[str, tuple[str, str] | None] = {"fxforge int8 → onnx": ("int8", "onnx"),
+                                              "fxforge fuse → torchscript": ("fuse", "torchscript"), COLD: None}
 
 
 def _child(model_name: str, system: str, threads: int) -> dict:
     """Compile one model with one system in this (fresh) process; its seconds and, for fxforge, its stages."""
-    if system == "torch.compile (cold)":
+    pipeline = SYSTEMS[system]
+    if pipeline is None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxforge-cold-")
         os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
         os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
     import torch
     import torchvision
-
-    import fxforge
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = getattr(torchvision.models, model_name)().eval()
     example = torch.randn(1, 3, 224, 224)
     stages: dict = {}
     start = time.perf_counter()
-    if system == "torch.compile (cold)":
+    if pipeline is None:
         with torch.no_grad():
             torch.compile(model)(example)
     else:
-        preset, backend = ("int8", "onnx") if "int8" in system else ("fuse", "torchscript")
+        import fxforge
+        preset, backend = pipeline
         calibration = [torch.randn(1, 3, 224, 224) for _ in range(8)] if preset == "int8" else None
         compiled = fxforge.compile(model, (example,), passes=[preset], backend=backend, calibration=calibration)
         stages = compiled.report.meta["compile_s"]
@@ -71,9 +74,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(args.child[0], args.child[1], int(args.child[2]))))
         return
+    models = args.models.split(",")
     times: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.rounds):
-        for model_name in args.models.split(","):
+        for model_name in models:
             for system in SYSTEMS:
                 result = _run(model_name, system, args.threads)
                 times.setdefault((model_name, system), []).append(result)
@@ -81,8 +85,8 @@ def main() -> None:
     print(f"{args.threads} threads, {args.rounds} rounds, one fresh process per compile, wall seconds\n")
     print("| model | system | seconds (each round) | median | stages (median s) | torch.compile cold ÷ this |")
     print("|---|---|---|---|---|---|")
-    for model_name in args.models.split(","):
-        cold = statistics.median(t["s"] for t in times[(model_name, "torch.compile (cold)")])
+    for model_name in models:
+        cold = statistics.median(t["s"] for t in times[(model_name, COLD)])
         for system in SYSTEMS:
             runs = times[(model_name, system)]
             median = statistics.median(t["s"] for t in runs)

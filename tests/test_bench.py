@@ -169,7 +169,6 @@ def test_quick_benchmark_smoke(tmp_path):
     assert all(r["error"] is None and r["median_ms"] > 0 for r in data["rows"])
 
 
-
 def test_compile_time_benchmark_times_one_compile_in_a_fresh_process_with_its_stages():
     """benchmarks/compile_time.py's unit of work: one compile in a child process, its seconds and fxforge's stages."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--child", "resnet18",
@@ -180,6 +179,7 @@ def test_compile_time_benchmark_times_one_compile_in_a_fresh_process_with_its_st
     assert result["s"] > 0
     assert set(result["stages"]) == {"trace", "passes", "backend", "artifact_check"}
     assert sum(result["stages"].values()) <= result["s"] + 0.05  # stages are rounded to 0.01 s
+
 
 @pytest.mark.slow
 def test_full_quick_benchmark(tmp_path):
