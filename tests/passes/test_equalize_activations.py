@@ -98,3 +98,30 @@ def test_the_int8_graph_loses_less():
 def test_needs_calibration():
     with pytest.raises(CalibrationError, match="pass 'equalize_activations' needs calibration data"):
         apply(model(), (torch.randn(2, 4, 10, 10),), ["equalize_activations"])
+
+
+def test_a_pair_kept_float_gets_one_clip_back():
+    """When mixed precision keeps both layers of a pair float (``insert_qdq{skip=...}``), no grid sits between
+    them and ``fold_qdq`` gives the relu6 its single ceiling back, which backends fuse into the conv; the graph
+    stays exact."""
+    m = model()
+    passes = ["equalize_activations", "insert_qdq{skip=('conv2d','conv2d_1')}", "calibrate", "fold_qdq"]
+    gm, report, flat = apply(m, (torch.randn(2, 4, 10, 10),), passes, calibration=data(1))
+    assert report.row("equalize_activations").stats["clips_rescaled"] == 1
+    assert report.row("fold_qdq").stats["clamps_made_scalar"] == 1
+    assert ops(gm) == ["conv2d", "hardtanh", "conv2d"]
+    clip = next(n for n in gm.graph.nodes if is_op(n, aten.hardtanh))
+    assert clip.args[1:] == (0.0, 6.0)  # the widest channel kept its scale: the model's own relu6
+    assert error_vs_eager(gm, m, flat).max_rel < 1e-5
+
+
+def test_a_pair_kept_float_runs_as_fused_float_convs_on_onnx_runtime():
+    """The same pair through the onnx backend: ORT fuses the clip into the first conv, as for the model without
+    the pass (a per-channel clamp would run as float Max and Min over the tensor)."""
+    import fxforge
+
+    m = model()
+    passes = ["fuse", "equalize_activations", "insert_qdq{skip=('conv2d','conv2d_1')}", "calibrate", "fold_qdq"]
+    cm = fxforge.compile(m, (torch.randn(2, 4, 10, 10),), passes=passes, backend="onnx", calibration=data(1),
+                         measure_latency=False)
+    assert cm.artifact.info["ort_float_ops"] == {"Conv": 2} and cm.artifact.info["ort_fused_kernels"] == 1
