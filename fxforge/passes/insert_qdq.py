@@ -216,13 +216,14 @@ class InsertQdq(Pass):
         return out is None or math.prod(out.shape) <= self.max_stem_output
 
     def after_float_stem(self, node: fx.Node, weight: torch.Tensor, shapes: dict | None) -> bool:
-        """A depthwise conv whose input is a float stem's output, through clamps (``float_stem_depthwise``): ORT runs it
-        as a float NCHWc conv fused with the stem's layout, which measured faster than quantizing the stem's output
-        for an int8 depthwise conv (MobileNetV2's first block)."""
+        """A depthwise conv whose input is a float stem's output, through clamps (``float_stem_depthwise``; per-channel
+        ones too, a relu6 that ``equalize_activations`` rescaled): ORT runs it as a float NCHWc conv fused with the
+        stem's layout, which measured faster than quantizing the stem's output for an int8 depthwise conv
+        (MobileNetV2's first block)."""
         if not (self.float_stem_depthwise and is_op(node, *CONV) and 1 < conv_groups(node) == weight.shape[0]):
             return False
         stem = data(node)
-        while is_op(stem, *CLAMP):
+        while is_op(stem, *CLAMP, aten.clamp.Tensor):
             stem = data(stem)
         if not is_op(stem, *CONV):
             return False

@@ -132,6 +132,11 @@ def test_depthwise_conv_reading_a_float_stem_stays_float():
     _, report, _ = apply(model, (torch.randn(2, 3, 10, 10),), ["insert_qdq{float_stem_depthwise=False}"])
     assert "skipped.after_float_stem" not in report.row("insert_qdq").stats
     assert report.row("insert_qdq").stats["weights"] == 3
+    calibration = [(torch.randn(2, 3, 10, 10),)]
+    gm, report, _ = apply(model, (torch.randn(2, 3, 10, 10),), ["equalize_activations", "insert_qdq"],
+                          calibration=calibration)
+    assert report.row("equalize_activations").stats["clips_rescaled"] == 1  # the stem's relu6: a per-channel clamp
+    assert report.row("insert_qdq").stats["skipped.after_float_stem"] == 1
 
 
 class Unquantizable(nn.Module):
