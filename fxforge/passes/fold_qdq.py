@@ -7,20 +7,9 @@
     Q(clamp(y, 0, h_c)), z = q_min, Q(min_c h_c) = q_max
                                    →  Q(y)            a per-channel ceiling (equalize's rescaled relu6), all above
                                                       the grid's top
-    B(clamp(A(x), 0, h_c)), A and B float, no quantizer between
-                                   →  B'(hardtanh(A'(x), 0, H))   a per-channel ceiling that no quantizer took
-                                                      (mixed precision kept both layers of an equalized pair
-                                                      float): channel c of A scaled by t_c = H / h_c, H = min_c h_c,
-                                                      and B's input channel c by 1 / t_c
     DQ₂(Q₂(DQ₁(q))), grid 2 holds every value of grid 1
                                    →  DQ₁(q)          a redundant round trip (equal parameters, a finer or wider grid)
     Q₂(DQ₁(q)), otherwise          →  T[q − q_min]    one requantization step: a table lookup (≤ 256 entries)
-
-The per-channel ceilings come from ``equalize`` and ``equalize_activations``, whose channel scales serve the grid of
-the tensor between A and B. Without that grid they serve nothing, and a per-channel clamp is what backends do not
-fuse into the conv before it (ONNX Runtime runs it as separate float Max and Min over the tensor), so the scaling
-is undone to one ceiling: clamp(y·t_c, 0, h_c·t_c) = t_c·clamp(y, 0, h_c) for t_c > 0, exact up to float rounding;
-H = min_c h_c gives back the model's own clip where a channel kept its scale (equalize_activations' widest).
 
 A requantization chain Q₁→DQ₁→Q₂ (e.g. in a model that arrives with QDQ nodes of its own) becomes a single
 integer-to-integer step. Its table T = Q₂(DQ₁(q_min..q_max)) is computed with the chain's own kernels, so
@@ -39,13 +28,12 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, finalize, get_tensor, set_tensor
-from fxforge.compiler.ops import (CLAMP, CONV, DQ_PER_TENSOR, LINEAR, Q_PER_TENSOR, QUANTIZE, WEIGHTED, aten, argument,
-                                  bias_of, clamp_range, data, is_op, q_params, weight_of)
+from fxforge.compiler.graph import add_tensor, finalize, get_tensor
+from fxforge.compiler.ops import (CLAMP, DQ_PER_TENSOR, Q_PER_TENSOR, QUANTIZE, aten, argument, clamp_range, data,
+                                  is_op, q_params)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.rewrite import Match, Pattern, Rule, apply_rules, op
 
-from .lib.channel_scaling import scale_inputs
 from .lib.qdq import bounds, quantize_scalar, role
 
 
@@ -85,56 +73,6 @@ def _clamp_is_the_quantizers(q: fx.Node) -> bool:
 
 def fold_clamp(gm: fx.GraphModule, m: Match) -> None:
     m["q"].replace_input_with(m["act"], data(m["act"]))
-
-
-# ------------------------------------------------ B(clamp(A(x), 0, h_c)) between float layers → one ceiling
-
-def _float_constant(gm: fx.GraphModule, node: object) -> bool:
-    value = get_tensor(gm, node)
-    return value is not None and value.is_floating_point()
-
-
-def _ceilings(act: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(floor, ceiling) of a clamp.Tensor with constant ends, or None."""
-    gm = act.graph.owning_module
-    ends = [get_tensor(gm, argument(act, end, None)) for end in ("min", "max")]
-    return None if any(e is None for e in ends) else (ends[0], ends[1])
-
-
-def _between_float_layers(act: fx.Node) -> bool:
-    """``act`` is a per-channel clamp(·, 0, h_c > 0) whose input is a float conv/linear A read by it alone and
-    whose one reader is a float conv/linear B of A's kind, reading it as its data input: no quantizer between."""
-    gm, a, ends = act.graph.owning_module, data(act), _ceilings(act)
-    if ends is None or len(act.users) != 1 or not is_op(a, *WEIGHTED) or len(a.users) != 1:
-        return False
-    b = next(iter(act.users))
-    floor, ceiling = ends
-    channels = get_tensor(gm, weight_of(a)).shape[0] if _float_constant(gm, weight_of(a)) else None
-    return (is_op(b, *WEIGHTED) and data(b) is act and is_op(a, *LINEAR) == is_op(b, *LINEAR)
-            and channels is not None and ceiling.numel() == channels and floor.numel() in (1, channels)
-            and bool((floor == 0).all()) and bool((ceiling > 0).all()) and bool(ceiling.isfinite().all())
-            and _float_constant(gm, weight_of(b))
-            and (bias_of(a) is None or _float_constant(gm, bias_of(a))))
-
-
-def one_ceiling(gm: fx.GraphModule, m: Match) -> None:
-    """Scale A's channel c by t_c = H / h_c and B's input channel c by 1 / t_c, so the clamp becomes
-    hardtanh(·, 0, H)."""
-    act, a = m["act"], m["a"]
-    b = next(iter(act.users))
-    ceiling = _ceilings(act)[1].detach().double().flatten()
-    t = ceiling.min() / ceiling
-    w_a = get_tensor(gm, weight_of(a)).detach()
-    set_tensor(gm, weight_of(a), (w_a.double() * t.reshape(-1, *[1] * (w_a.dim() - 1))).to(w_a.dtype))
-    if bias_of(a) is not None:
-        bias = get_tensor(gm, bias_of(a)).detach()
-        set_tensor(gm, bias_of(a), (bias.double() * t).to(bias.dtype))
-    w_b = get_tensor(gm, weight_of(b)).detach()
-    set_tensor(gm, weight_of(b), scale_inputs(w_b.double(), b, 1 / t).to(w_b.dtype))
-    with gm.graph.inserting_before(act):
-        clip = gm.graph.call_function(aten.hardtanh.default, (a, 0.0, float(ceiling.min().float())))
-    clip.meta.update(act.meta)
-    act.replace_all_uses_with(clip)
 
 
 # ----------------------------------------------------------------------- Q₂(DQ₁(q₁)) requantizations
@@ -213,8 +151,6 @@ RULES = [
     Rule("weights_folded", op(*QUANTIZE, name="q", where=_constant_weight), fold_constant),
     Rule("activations_folded", op(Q_PER_TENSOR, op(*CLAMP, aten.clamp.Tensor, name="act", sole_user=True), name="q",
                                   where=_clamp_is_the_quantizers), fold_clamp),
-    Rule("clamps_made_scalar", op(aten.clamp.Tensor, op(*CONV, *LINEAR, name="a"), name="act",
-                                  where=_between_float_layers), one_ceiling),
     Rule("requantizations_removed", _requantization(_round_trip), drop_round_trip),
     Rule("requantizations_merged", _requantization(lambda q: requantization_table(q) is not None),
          merge_requantization),
@@ -223,14 +159,14 @@ RULES = [
 
 @register_pass
 class FoldQdq(Pass):
-    """Fold weight QDQ into int8 constants, fold relu/relu6 into output ranges, give per-channel clips between
-    float layers one ceiling, drop DQ→Q round trips and merge requantization chains into one table lookup (exact)."""
+    """Fold weight QDQ into int8 constants, fold relu/relu6 into output ranges, drop DQ→Q round trips and
+    merge requantization chains into one table lookup (exact)."""
 
     name = "fold_qdq"
     after = ("insert_qdq", "calibrate")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        counts = apply_rules(gm, RULES, roots=[n for n in gm.graph.nodes if is_op(n, *QUANTIZE, aten.clamp.Tensor)])
+        counts = apply_rules(gm, RULES, roots=[n for n in gm.graph.nodes if is_op(n, *QUANTIZE)])
         stats = {rule.name: counts[rule.name] for rule in RULES}
         changed = any(stats.values())
         if changed:

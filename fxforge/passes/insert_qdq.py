@@ -44,6 +44,13 @@ A depthwise conv that reads a float stem (through its clamp) stays float too (``
 Measured on the trained MobileNetV2 at batch 1 (same conditions, load average 9–10): 1.04–1.08× faster than with that
 depthwise conv in int8, and top-1 agreement with fp32 on 96 held-out views 0.948 against 0.854 (mean logit cosine
 0.991 against 0.986; every other layer int8): the first depthwise conv is the network's most damaging int8 layer.
+
+A relu6 that ``equalize`` or ``equalize_activations`` rescaled per channel, clamp(y, 0, h_c), scales its channels
+for the grid of the tensor between its two layers. Where both stay float, no grid sits there, and the clip gets one
+ceiling back (``clips_restored``; ``lib.channel_scaling.one_ceiling``): backends fuse hardtanh(·, 0, H) into the
+conv before it, a per-channel clamp they do not (ONNX Runtime runs it as float Max and Min over the tensor). Undone
+here, before calibration, because the undoing is exact in real arithmetic only: after a quantizer, a float rounding
+moved by an ulp can change an integer.
 """
 from __future__ import annotations
 
@@ -61,9 +68,11 @@ from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_gr
 from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, argument, aten, bias_of, call_with,
                                  clamp_range, conv_groups, data, is_op, operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
+from fxforge.compiler.rewrite import Match, Rule, apply_rules, op
 from fxforge.compiler.target import Target
 
 from .analysis.quant_plan import plan_static
+from .lib.channel_scaling import ceilings, one_ceiling
 from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
                       role, weight_scales)
 
@@ -110,7 +119,10 @@ class InsertQdq(Pass):
         cut = _untag_split_groups(gm)
         if cut:
             stats["fusion_groups_split"] = cut
-        return PassResult(changed=bool(plan), stats=dict(stats))
+        restored = _restore_clips(gm)
+        if restored:
+            stats["clips_restored"] = restored
+        return PassResult(changed=bool(plan) or bool(restored), stats=dict(stats))
 
     def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
         """Replace each constant-weight linear by ``fxforge::dynamic_linear`` with int8 per-channel weights."""
@@ -297,6 +309,7 @@ class InsertQdq(Pass):
                         set_tensor(gm, constant, get_tensor(before, of(original)).detach().clone())
                         set_argument(node, kind, constant)
         gm.graph.eliminate_dead_code()
+        _restore_clips(gm)
         gm.recompile()
         return gm
 
@@ -351,6 +364,47 @@ def _int8_weight(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.T
     scales."""
     scales = weight_scales(weight, qmax, per_channel=True)
     return torch.clamp(torch.round(weight.detach() / scales[:, None]), -qmax, qmax).to(torch.int8), scales
+
+
+def _float_constant(gm: fx.GraphModule, node: Any) -> bool:
+    value = get_tensor(gm, node)
+    return value is not None and value.is_floating_point()
+
+
+def _between_float_layers(act: fx.Node) -> bool:
+    """``act`` = clamp(·, 0, h_c > 0) per channel, read only by a float conv/linear B as its data input (no pair
+    between), of a float conv/linear A of B's kind that only ``act`` reads."""
+    gm, a, ends = act.graph.owning_module, data(act), ceilings(act)
+    if ends is None or len(act.users) != 1 or not is_op(a, *WEIGHTED) or len(a.users) != 1:
+        return False
+    b, (floor, ceiling) = next(iter(act.users)), ends
+    if not (is_op(b, *WEIGHTED) and data(b) is act and is_op(a, *LINEAR) == is_op(b, *LINEAR)
+            and _float_constant(gm, weight_of(a)) and _float_constant(gm, weight_of(b))
+            and (bias_of(a) is None or _float_constant(gm, bias_of(a)))):
+        return False
+    channels = get_tensor(gm, weight_of(a)).shape[0]
+    return (ceiling.numel() == channels and floor.numel() in (1, channels) and bool((floor == 0).all())
+            and bool((ceiling > 0).all()) and bool(ceiling.isfinite().all()))
+
+
+def _restore(gm: fx.GraphModule, m: Match) -> None:
+    one_ceiling(gm, m["a"], m["act"], next(iter(m["act"].users)))
+
+
+RESTORE_CLIP = Rule("clips_restored", op(aten.clamp.Tensor, op(*WEIGHTED, name="a"), name="act",
+                                         where=_between_float_layers), _restore)
+
+
+def _restore_clips(gm: fx.GraphModule) -> int:
+    """One ceiling back for every per-channel clip between two float layers (the module docstring)."""
+    clamps = [n for n in gm.graph.nodes if is_op(n, aten.clamp.Tensor)]
+    if not clamps:
+        return 0
+    restored = apply_rules(gm, [RESTORE_CLIP], roots=clamps)[RESTORE_CLIP.name]
+    if restored:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return restored
 
 
 def _float_test(shapes: dict) -> Callable[[Any], bool]:

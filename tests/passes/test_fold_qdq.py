@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from fxforge.compiler.graph import get_tensor
 from fxforge.compiler.pass_manager import PassContext
 from fxforge.compiler.report import model_size
 from fxforge.passes.fold_qdq import FoldQdq
@@ -45,8 +44,8 @@ def test_conv_activation_before_expected(act):
     conv = next(n for n in after.graph.nodes if n.name == "conv2d")
     weight, bias = (getattr(after, dq.args[0].target) for dq in conv.args[1:3])
     assert weight.dtype == torch.int8 and weight.abs().max() <= 127 and bias.dtype == torch.int32
-    assert stats == {"weights_folded": 2, "activations_folded": 1, "clamps_made_scalar": 0,
-                     "requantizations_removed": 0, "requantizations_merged": 0}
+    assert stats == {"weights_folded": 2, "activations_folded": 1, "requantizations_removed": 0,
+                     "requantizations_merged": 0}
     _same_integers(before, after, flat)
 
 
@@ -160,8 +159,8 @@ def test_resnet18_weights_shrink_four_times_and_integers_match():
     model, example = ZOO["resnet18"]()
     cal = [(torch.randn_like(example[0]),) for _ in range(2)]
     before, after, stats, flat = _both(model, example, cal)
-    assert stats == {"weights_folded": 42, "activations_folded": 17, "clamps_made_scalar": 0,
-                     "requantizations_removed": 0, "requantizations_merged": 0}
+    assert stats == {"weights_folded": 42, "activations_folded": 17, "requantizations_removed": 0,
+                     "requantizations_merged": 0}
     assert count(after, QC) == 0 and count(after, "relu") == 0
     assert model_size(before)[1] / model_size(after)[1] > 3.8
     _same_integers(before, after, flat)
@@ -242,81 +241,3 @@ def test_per_channel_ceiling_folds_only_when_every_channel_is_above_the_grid(cei
     for seed in range(3):
         fresh = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)) * 8
         assert torch.equal(gm(fresh)[0], make()(fresh))
-
-
-class _EqualizedPair(nn.Module):
-    """conv → clamp(·, 0, h_c) → depthwise conv, all float: an equalized pair that mixed precision kept float."""
-
-    def __init__(self, ceilings):
-        super().__init__()
-        torch.manual_seed(0)
-        c = len(ceilings)
-        self.a, self.b = nn.Conv2d(3, c, 1), nn.Conv2d(c, c, 3, padding=1, groups=c)
-        self.register_buffer("floor", torch.zeros(c, 1, 1))
-        self.register_buffer("ceiling", torch.tensor(ceilings).reshape(-1, 1, 1))
-
-    def forward(self, x):
-        return self.b(torch.clamp(self.a(x), self.floor, self.ceiling))
-
-
-class _Relu6Pair(nn.Module):
-    """What fold_qdq should give back for ``_EqualizedPair``: A's channel c scaled by t_c = min h / h_c, relu6
-    with the smallest ceiling, B's input channel c scaled by 1 / t_c."""
-
-    def __init__(self, pair, ceilings):
-        super().__init__()
-        self.a, self.b = copy.deepcopy(pair.a), copy.deepcopy(pair.b)
-        t = min(ceilings) / torch.tensor(ceilings)
-        with torch.no_grad():
-            self.a.weight.mul_(t.reshape(-1, 1, 1, 1))
-            self.a.bias.mul_(t)
-            self.b.weight.div_(t.reshape(-1, 1, 1, 1))
-        self.top = min(ceilings)
-
-    def forward(self, x):
-        return self.b(nn.functional.hardtanh(self.a(x), 0.0, self.top))
-
-
-def test_before_expected_a_per_channel_ceiling_between_float_layers_becomes_one():
-    """B(clamp(A(x), 0, h_c)) with A, B float and no quantizer between → B'(hardtanh(A'(x), 0, min h)): the
-    channel scaling undone, exact; stat ``clamps_made_scalar``."""
-    from graphs import assert_same_graph, traced
-
-    ceilings = [6.0, 7.5, 60.0, 12.0]
-    x = torch.randn(2, 3, 6, 6)
-    pair = _EqualizedPair(ceilings).eval()
-    gm = traced(pair, x)
-    stats = FoldQdq().run(gm, PassContext((x,))).stats
-    assert stats["clamps_made_scalar"] == 1
-    expected = _Relu6Pair(pair, ceilings).eval()
-    assert_same_graph(gm, traced(expected, x))
-    weights = [get_tensor(gm, n.args[1]) for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default]
-    torch.testing.assert_close(weights[0], expected.a.weight)
-    torch.testing.assert_close(weights[1], expected.b.weight)
-    for seed in range(3):
-        fresh = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(seed)) * 4
-        torch.testing.assert_close(gm(fresh)[0], pair(fresh), rtol=1e-5, atol=1e-5)
-
-
-def test_a_per_channel_ceiling_read_by_a_quantized_layer_or_by_two_readers_stays():
-    """Only a clamp between two float layers is rescaled: one that feeds a quantizer is the quantizer's rule's
-    (folded or kept as it is), and one read twice cannot be undone in a single reader."""
-    from graphs import assert_same_graph, traced
-
-    ceilings = [6.0, 3.0, 9.0, 12.0]
-    pair = _EqualizedPair(ceilings).eval()
-    x = torch.randn(2, 3, 6, 6)
-    before, report, flat = apply(pair, (x,), ["insert_qdq{min_input_window=0}", "calibrate"], calibration=[(x,)])
-    after = copy.deepcopy(before)
-    stats = FoldQdq().run(after, PassContext(flat)).stats
-    assert stats["clamps_made_scalar"] == 0 and count(after, "hardtanh") == 0
-    _same_integers(before, after, flat)
-
-    class Twice(_EqualizedPair):
-        def forward(self, x):
-            y = torch.clamp(self.a(x), self.floor, self.ceiling)
-            return self.b(y) + y
-
-    gm = traced(Twice(ceilings).eval(), x)
-    assert FoldQdq().run(gm, PassContext((x,))).stats["clamps_made_scalar"] == 0
-    assert_same_graph(gm, traced(Twice(ceilings).eval(), x))

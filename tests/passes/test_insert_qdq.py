@@ -435,3 +435,100 @@ def test_shifted_grid_halves_the_error_of_a_linear_reading_gelu():
     exact = h @ (w_q.float() * s_w[:, None]).T  # the weight rounding alone, the same in both
     err = {m: (torch.ops.fxforge.dynamic_linear(h, w_q, s_w, None, m) - exact).pow(2).mean() for m in (None, -0.17)}
     assert err[-0.17] < 0.6 * err[None]
+
+
+class _EqualizedPair(nn.Module):
+    """conv → clamp(·, 0, h_c) → depthwise conv: a relu6 that equalize_activations rescaled per channel."""
+
+    def __init__(self, ceilings):
+        super().__init__()
+        torch.manual_seed(0)
+        c = len(ceilings)
+        self.a, self.b = nn.Conv2d(3, c, 1), nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.register_buffer("floor", torch.zeros(c, 1, 1))
+        self.register_buffer("ceiling", torch.tensor(ceilings).reshape(-1, 1, 1))
+
+    def forward(self, x):
+        return self.b(torch.clamp(self.a(x), self.floor, self.ceiling))
+
+
+class _Relu6Pair(nn.Module):
+    """What insert_qdq makes of ``_EqualizedPair`` with both layers float: A's channel c scaled by
+    t_c = min h / h_c, hardtanh(·, 0, min h), B's input channel c scaled by 1 / t_c."""
+
+    def __init__(self, pair, ceilings):
+        super().__init__()
+        self.a, self.b = copy.deepcopy(pair.a), copy.deepcopy(pair.b)
+        t = min(ceilings) / torch.tensor(ceilings)
+        with torch.no_grad():
+            self.a.weight.mul_(t.reshape(-1, 1, 1, 1))
+            self.a.bias.mul_(t)
+            self.b.weight.div_(t.reshape(-1, 1, 1, 1))
+        self.top = min(ceilings)
+
+    def forward(self, x):
+        return self.b(nn.functional.hardtanh(self.a(x), 0.0, self.top))
+
+
+def test_before_expected_a_per_channel_clip_between_float_layers_gets_one_ceiling():
+    """Both layers of a rescaled pair float (``skip``): no grid between them, so the clip's channel scaling is
+    undone, clamp(A(x), 0, h_c) → hardtanh(A'(x), 0, min h); exact on fresh inputs; stat ``clips_restored``."""
+    from graphs import assert_same_graph, traced
+
+    ceilings = [6.0, 7.5, 60.0, 12.0]
+    x = torch.randn(2, 3, 6, 6)
+    pair = _EqualizedPair(ceilings).eval()
+    gm, report, flat = apply(pair, (x,), ["insert_qdq{skip=('conv2d','conv2d_1')}"])
+    assert report.row("insert_qdq").stats["clips_restored"] == 1
+    expected = _Relu6Pair(pair, ceilings).eval()
+    assert_same_graph(gm, traced(expected, x))
+    a, b = (get_tensor(gm, n.args[1]) for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    torch.testing.assert_close(a, expected.a.weight)
+    torch.testing.assert_close(b, expected.b.weight)
+    assert error_vs_eager(gm, pair, flat).max_rel < 1e-5
+
+
+def test_a_per_channel_clip_with_a_grid_or_two_readers_keeps_its_ceilings():
+    """A clip whose tensor gets a grid (here both layers int8) keeps its channels' ceilings, which the scaling was
+    for (``fold_qdq`` folds them into the grid); one read twice cannot be undone in a single reader."""
+    from graphs import assert_same_graph, traced
+
+    ceilings = [6.0, 3.0, 9.0, 12.0]
+    x = torch.randn(2, 3, 6, 6)
+    gm, report, _ = apply(_EqualizedPair(ceilings).eval(), (x,), ["insert_qdq{min_input_window=0}"])
+    assert "clips_restored" not in report.row("insert_qdq").stats and count(gm, "clamp") == 1
+
+    class Twice(_EqualizedPair):
+        def forward(self, x):
+            y = torch.clamp(self.a(x), self.floor, self.ceiling)
+            return self.b(y) + y
+
+    gm, report, _ = apply(Twice(ceilings).eval(), (x,), ["insert_qdq{skip=('conv2d','conv2d_1')}"])
+    assert "clips_restored" not in report.row("insert_qdq").stats
+    assert_same_graph(gm, traced(Twice(ceilings).eval(), x))
+
+
+def test_with_float_restores_the_clip_as_the_skip_pipeline_does():
+    """The budget's estimate (with_float) of a rescaled pair kept float has the same one-ceiling clip as the
+    rerun with ``skip``, not the per-channel clamp the int8 graph folded into its grid."""
+    from fxforge.compiler.pass_manager import PassContext, PassManager
+    from fxforge.compiler.trace import trace
+    from fxforge.passes import InsertQdq
+
+    x = torch.randn(2, 3, 6, 6)
+    before, _ = trace(_EqualizedPair([6.0, 7.5, 60.0, 12.0]).eval(), (x,))
+    calibration = [(torch.randn(4, 3, 6, 6),) for _ in range(2)]
+    layers = ("conv2d", "conv2d_1")
+
+    def quantize(skip):
+        ctx = PassContext((x,), calibration=calibration)
+        spec = [InsertQdq(skip=skip, min_input_window=0), "calibrate"]
+        return PassManager(spec, verify="off", measure_latency=False).run(copy.deepcopy(before), ctx)[0], ctx
+
+    quantized, ctx = quantize(())
+    rerun, _ = quantize(layers)
+    view = InsertQdq(min_input_window=0).with_float(quantized, before, layers, ctx)
+    assert count(quantized, "clamp") == 1 and ops(view) == ops(rerun) == ["conv2d", "hardtanh", "conv2d"]
+    fresh = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(view(fresh)[0], rerun(fresh)[0], rtol=1e-5, atol=1e-5)

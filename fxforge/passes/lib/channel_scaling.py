@@ -1,14 +1,14 @@
 """Scaling one channel of the tensor between two layers A → act → B, the arithmetic ``equalize`` and
 ``equalize_activations`` share: channel i divided by s_i in A's output (W_A[i] / s_i, b_A[i] / s_i) and multiplied
 back in B's input (W_B[:, i] · s_i), a clipping act rescaled with its channel (clamp(y/s_i, 0, h/s_i) =
-hardtanh(y, 0, h)/s_i). Exact for s_i > 0."""
+hardtanh(y, 0, h)/s_i), and that rescaling undone (``one_ceiling``). Exact for s_i > 0."""
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, get_tensor
-from fxforge.compiler.ops import LINEAR, aten, clamp_range, conv_groups, data, is_op, weight_of
+from fxforge.compiler.graph import add_tensor, get_tensor, set_tensor
+from fxforge.compiler.ops import LINEAR, aten, argument, bias_of, clamp_range, conv_groups, data, is_op, weight_of
 
 
 def rescale_clip(gm: fx.GraphModule, a: fx.Node, act: fx.Node, total: torch.Tensor) -> None:
@@ -36,3 +36,29 @@ def scale_inputs(w_b: torch.Tensor, b: fx.Node, s: torch.Tensor) -> torch.Tensor
     view = input_view(w_b, b)
     factors = s.reshape(view.shape[0], 1, view.shape[2], *[1] * (view.dim() - 3))
     return (view * factors).reshape(w_b.shape)
+
+
+def ceilings(act: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(floor, ceiling) of a clamp.Tensor whose two ends are constants, else None."""
+    gm = act.graph.owning_module
+    ends = [get_tensor(gm, argument(act, end, None)) for end in ("min", "max")]
+    return None if any(e is None for e in ends) else (ends[0], ends[1])
+
+
+def one_ceiling(gm: fx.GraphModule, a: fx.Node, act: fx.Node, b: fx.Node) -> None:
+    """Undo a rescaled clip between A and B, act = clamp(y, 0, h_c): channel c of A scaled by t_c = H / h_c and
+    B's input channel c by 1 / t_c, H = min_c h_c, so act becomes hardtanh(y, 0, H) (H is the model's own
+    ceiling where a channel kept its scale). Exact in real arithmetic; float rounding moves the values by ulps."""
+    ceiling = ceilings(act)[1].detach().double().flatten()
+    t = ceiling.min() / ceiling
+    w_a = get_tensor(gm, weight_of(a)).detach()
+    set_tensor(gm, weight_of(a), (w_a.double() * t.reshape(-1, *[1] * (w_a.dim() - 1))).to(w_a.dtype))
+    if bias_of(a) is not None:
+        bias = get_tensor(gm, bias_of(a)).detach()
+        set_tensor(gm, bias_of(a), (bias.double() * t).to(bias.dtype))
+    w_b = get_tensor(gm, weight_of(b)).detach()
+    set_tensor(gm, weight_of(b), scale_inputs(w_b.double(), b, 1 / t).to(w_b.dtype))
+    with gm.graph.inserting_before(act):
+        clip = gm.graph.call_function(aten.hardtanh.default, (a, 0.0, float(ceiling.min().float())))
+    clip.meta.update(act.meta)
+    act.replace_all_uses_with(clip)
