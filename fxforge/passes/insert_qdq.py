@@ -111,6 +111,9 @@ class InsertQdq(Pass):
         reduce_range = self.reduced(ctx.target)
         for op in weighted:
             self.quantize_weight(gm, op, 63 if reduce_range else 127)
+        restored = _restore_clips(gm)  # where the plan put no grid
+        if restored:
+            stats["clips_restored"] = restored
         if plan:
             fit_activations(gm, [ctx.example_inputs], "minmax")
         stats.update({"activations": len(plan), "weights": len(weighted)})
@@ -119,9 +122,6 @@ class InsertQdq(Pass):
         cut = _untag_split_groups(gm)
         if cut:
             stats["fusion_groups_split"] = cut
-        restored = _restore_clips(gm)
-        if restored:
-            stats["clips_restored"] = restored
         return PassResult(changed=bool(plan) or bool(restored), stats=dict(stats))
 
     def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
