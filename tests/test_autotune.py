@@ -81,8 +81,8 @@ def test_every_setting_is_a_valid_pipeline_and_reads_as_its_option_values():
     passes = resolve(s.passes())
     names = [p.name for p in passes]
     assert names == [p.name for p in resolve("fuse")] + ["prune_channels", "low_rank", "depthwise_separable",
-                                                         "equalize", "equalize_activations", "insert_qdq",
-                                                         "calibrate", "bias_correction", "fold_qdq"]
+                                                         "equalize", "insert_qdq", "calibrate", "bias_correction",
+                                                         "fold_qdq"]
     opts = {p.name: p for p in passes}
     assert opts["prune_channels"].ratio == 0.25 and opts["low_rank"].energy == 0.95
     assert opts["depthwise_separable"].energy == 0.99 and opts["insert_qdq"].skip == ("conv2d", "linear")

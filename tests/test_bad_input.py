@@ -241,7 +241,7 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"cannot import op aten\.kthvalue\.default at node 'kthvalue'",
      lambda t, mp: compile_(KthValue(), (torch.randn(2, 5),), backend="tvm")),
     # calibration and numbers
-    ("int8 without calibration data", fxforge.CalibrationError, r"pass 'equalize_activations' needs calibration data",
+    ("int8 without calibration data", fxforge.CalibrationError, r"pass 'calibrate' needs calibration data",
      lambda t, mp: compile_(passes="int8")),
     ("empty calibration data", fxforge.CalibrationError, r"pass 'calibrate' got an empty calibration iterable",
      lambda t, mp: compile_(passes="int8", calibration=[])),

@@ -22,11 +22,10 @@ from .smooth_quant import SmoothQuant
 register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
 # the quantization steps of the int8 and all presets (and of every quantized setting the tuning search tries)
-QUANTIZE = ["equalize", "equalize_activations", "insert_qdq", "calibrate{method='percentile'}", "bias_correction",
-            "fold_qdq"]
+QUANTIZE = ["equalize", "insert_qdq", "calibrate{method='percentile'}", "bias_correction", "fold_qdq"]
 register_preset("int8", ["fuse", *QUANTIZE],
-                "static int8 quantization: cross-layer equalization, one range for the channels a depthwise conv "
-                "reads, percentile calibration and bias correction on the calibration data")
+                "static int8 quantization: cross-layer equalization, percentile calibration and bias correction on "
+                "the calibration data")
 register_preset("int8_dynamic", ["fuse", "smooth_quant", "insert_qdq{activations='dynamic'}"],
                 "int8 weights with activations quantized per token at run time (transformers): SmoothQuant migration "
                 "on the calibration data, then dynamic int8 linears")

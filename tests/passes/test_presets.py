@@ -15,7 +15,7 @@ def test_presets_expand_to_their_documented_pipelines():
     fuse = ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"]
     assert _names("fuse") == fuse
     assert _names("compress") == fuse + ["dead_channels", "low_rank"]
-    quantize = ["equalize", "equalize_activations", "insert_qdq", "calibrate", "bias_correction", "fold_qdq"]
+    quantize = ["equalize", "insert_qdq", "calibrate", "bias_correction", "fold_qdq"]
     assert _names("int8") == fuse + quantize
     assert _names("all") == fuse + ["dead_channels", "low_rank"] + quantize
     assert _names("int8_dynamic") == fuse + ["smooth_quant", "insert_qdq"]
