@@ -29,11 +29,12 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.graph import add_tensor, finalize, get_tensor
-from fxforge.compiler.ops import (CLAMP, DQ_PER_TENSOR, Q_PER_TENSOR, QUANTIZE, aten, argument, clamp_range, data,
+from fxforge.compiler.ops import (CLAMP, DQ_PER_TENSOR, Q_PER_TENSOR, QUANTIZE, aten, clamp_range, data,
                                   is_op, q_params)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.rewrite import Match, Pattern, Rule, apply_rules, op
 
+from .lib.channel_scaling import ceilings
 from .lib.qdq import bounds, quantize_scalar, role
 
 
@@ -58,11 +59,10 @@ def _clamp_is_the_quantizers(q: fx.Node) -> bool:
     and its ceiling (if any) quantizes to q_max."""
     act, grid = data(q), q_params(q)
     if is_op(act, aten.clamp.Tensor):
-        ends = [argument(act, end, None) for end in ("min", "max")]
-        bounds_ = [None if e is None else get_tensor(q.graph.owning_module, e) for e in ends]
-        if any(b is None for b in bounds_):
+        ends = ceilings(act)
+        if ends is None:
             return False
-        lo, hi = float(bounds_[0].abs().max()), float(bounds_[1].min())
+        lo, hi = float(ends[0].abs().max()), float(ends[1].min())
     elif is_op(act, *CLAMP):
         lo, hi = clamp_range(act)
     else:
