@@ -28,10 +28,15 @@ The torch implementation below is the reference both are checked against.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
+
+from .ops import CLAMP, argument, aten, clamp_range, is_op
 
 EPS = 1e-8
 QMAX = 127
 UQMAX = 255  # the unsigned grid of an input with a lower bound
+# A bound at or below GELU's minimum: erf GELU min_x x·Φ(x) = −0.169971, its tanh form's −0.170041 (x ≈ −0.75)
+GELU_LOWER_BOUND = {"none": -0.17, "tanh": -0.1701}
 
 
 @torch.library.custom_op("fxforge::dynamic_linear", mutates_args=())
@@ -61,3 +66,15 @@ def shift_term(weight: torch.Tensor, weight_scale: torch.Tensor, lower_bound: fl
 @dynamic_linear.register_fake
 def _(x, weight, weight_scale, bias, lower_bound=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def input_lower_bound(x: object) -> float | None:
+    """The least value ``x`` can take where its producer bounds it (GELU: ``GELU_LOWER_BOUND`` of its form; relu,
+    relu6 and clamps from 0: 0), the ``lower_bound`` a ``dynamic_linear`` reading it may shift by; else None."""
+    if not isinstance(x, fx.Node):
+        return None
+    if is_op(x, aten.gelu):
+        return GELU_LOWER_BOUND[argument(x, "approximate")]
+    if is_op(x, *CLAMP) and clamp_range(x)[0] == 0.0:
+        return 0.0
+    return None

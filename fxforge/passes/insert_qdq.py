@@ -47,7 +47,7 @@ depthwise conv in int8, and top-1 agreement with fp32 on 96 held-out views 0.948
 
 A relu6 that ``equalize`` or ``equalize_activations`` rescaled per channel, clamp(y, 0, h_c), scales its channels
 for the grid of the tensor between its two layers. Where both stay float, no grid sits there, and the clip gets one
-ceiling back (``clips_restored``; ``lib.channel_scaling.one_ceiling``): backends fuse hardtanh(·, 0, H) into the
+ceiling back (``clips_restored``; ``lib.channel_scaling.restore_clips``): backends fuse hardtanh(·, 0, H) into the
 conv before it, a per-channel clamp they do not (ONNX Runtime runs it as float Max and Min over the tensor). Undone
 here, before calibration, because the undoing is exact in real arithmetic only: after a quantizer, a float rounding
 moved by an ulp can change an integer.
@@ -62,22 +62,18 @@ from typing import Any, Callable, Literal
 import torch
 import torch.fx as fx
 
-import fxforge.compiler.dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
+from fxforge.compiler.dynamic_quant import input_lower_bound
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor, set_tensor
-from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, argument, aten, bias_of, call_with,
-                                 clamp_range, conv_groups, data, is_op, operands, qd, set_argument, value_of, weight_of)
+from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data,
+                                 is_op, operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
-from fxforge.compiler.rewrite import Match, Rule, apply_rules, op
 from fxforge.compiler.target import Target
 
 from .analysis.quant_plan import plan_static
-from .lib.channel_scaling import ceilings, one_ceiling
-from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, is_dq, is_q,
-                      role, weight_scales)
-
-# A bound at or below GELU's minimum: erf GELU min_x x·Φ(x) = −0.169971, its tanh form's −0.170041 (x ≈ −0.75)
-GELU_LOWER_BOUND = {"none": -0.17, "tanh": -0.1701}
+from .lib.channel_scaling import restore_clips
+from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, int8_weight,
+                      is_dq, is_q, role, weight_scales)
 
 @register_pass
 class InsertQdq(Pass):
@@ -111,7 +107,7 @@ class InsertQdq(Pass):
         reduce_range = self.reduced(ctx.target)
         for op in weighted:
             self.quantize_weight(gm, op, 63 if reduce_range else 127)
-        restored = _restore_clips(gm)  # where the plan put no grid
+        restored = restore_clips(gm)  # where the plan put no grid
         if restored:
             stats["clips_restored"] = restored
         if plan:
@@ -136,7 +132,7 @@ class InsertQdq(Pass):
             else:
                 linears.append(node)
         for node in linears:
-            wq, scales = _int8_weight(get_tensor(gm, weight_of(node)), qmax)
+            wq, scales = int8_weight(get_tensor(gm, weight_of(node)), qmax)
             args = (data(node), add_tensor(gm, node, f"{node.name}_weight_int8", wq),
                     add_tensor(gm, node, f"{node.name}_weight_scale", scales), bias_of(node), self.lower_bound(node))
             if args[-1] is not None:
@@ -152,17 +148,9 @@ class InsertQdq(Pass):
         return PassResult(changed=bool(linears), stats=dict(stats))
 
     def lower_bound(self, node: fx.Node) -> float | None:
-        """The least value a linear's input can take where its producer bounds it (GELU: ``GELU_LOWER_BOUND`` of
-        its form; relu, relu6: 0), for the shifted unsigned grid of ``dynamic_linear``; None without
-        ``shifted_inputs`` or a bound."""
-        x = data(node)
-        if not self.shifted_inputs or not isinstance(x, fx.Node):
-            return None
-        if is_op(x, aten.gelu):
-            return GELU_LOWER_BOUND[argument(x, "approximate")]
-        if is_op(x, *CLAMP) and clamp_range(x)[0] == 0.0:
-            return 0.0
-        return None
+        """The lower bound ``dynamic_linear`` may shift ``node``'s input by (``dynamic_quant.input_lower_bound``), or
+        None without ``shifted_inputs``."""
+        return input_lower_bound(data(node)) if self.shifted_inputs else None
 
     # ---------------------------------------------------------------------------------------- deciding
 
@@ -256,7 +244,7 @@ class InsertQdq(Pass):
         if self.activations == "dynamic":
             if not is_op(node, *LINEAR):
                 return "dynamic_float"
-            wq, scales = _int8_weight(layer.weight, qmax)
+            wq, scales = int8_weight(layer.weight, qmax)
             bound = self.lower_bound(node)
             return lambda args, kwargs: torch.ops.fxforge.dynamic_linear(
                 value_of(node, args, kwargs, "input"), wq, scales, value_of(node, args, kwargs, "bias"), bound)
@@ -309,7 +297,7 @@ class InsertQdq(Pass):
                         set_tensor(gm, constant, get_tensor(before, of(original)).detach().clone())
                         set_argument(node, kind, constant)
         gm.graph.eliminate_dead_code()
-        _restore_clips(gm)
+        restore_clips(gm)
         gm.recompile()
         return gm
 
@@ -357,54 +345,6 @@ class InsertQdq(Pass):
             dq = gm.graph.call_function(dq_op, (q, *params))
         q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = {"role": kind}, {"role": kind}
         set_argument(op, kind, dq)
-
-
-def _int8_weight(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear's weight as ``dynamic_linear`` takes it: int8 values in [−q_max, q_max] and per-output-channel
-    scales."""
-    scales = weight_scales(weight, qmax, per_channel=True)
-    return torch.clamp(torch.round(weight.detach() / scales[:, None]), -qmax, qmax).to(torch.int8), scales
-
-
-def _float_constant(gm: fx.GraphModule, node: Any) -> bool:
-    value = get_tensor(gm, node)
-    return value is not None and value.is_floating_point()
-
-
-def _between_float_layers(act: fx.Node) -> bool:
-    """``act`` = clamp(·, 0, h_c > 0) per channel, read only by a float conv/linear B as its data input (no pair
-    between), of a float conv/linear A of B's kind that only ``act`` reads."""
-    gm, a, ends = act.graph.owning_module, data(act), ceilings(act)
-    if ends is None or len(act.users) != 1 or not is_op(a, *WEIGHTED) or len(a.users) != 1:
-        return False
-    b, (floor, ceiling) = next(iter(act.users)), ends
-    if not (is_op(b, *WEIGHTED) and data(b) is act and is_op(a, *LINEAR) == is_op(b, *LINEAR)
-            and _float_constant(gm, weight_of(a)) and _float_constant(gm, weight_of(b))
-            and (bias_of(a) is None or _float_constant(gm, bias_of(a)))):
-        return False
-    channels = get_tensor(gm, weight_of(a)).shape[0]
-    return (ceiling.numel() == channels and floor.numel() in (1, channels) and bool((floor == 0).all())
-            and bool((ceiling > 0).all()) and bool(ceiling.isfinite().all()))
-
-
-def _restore(gm: fx.GraphModule, m: Match) -> None:
-    one_ceiling(gm, m["a"], m["act"], next(iter(m["act"].users)))
-
-
-RESTORE_CLIP = Rule("clips_restored", op(aten.clamp.Tensor, op(*WEIGHTED, name="a"), name="act",
-                                         where=_between_float_layers), _restore)
-
-
-def _restore_clips(gm: fx.GraphModule) -> int:
-    """One ceiling back for every per-channel clip between two float layers (the module docstring)."""
-    clamps = [n for n in gm.graph.nodes if is_op(n, aten.clamp.Tensor)]
-    if not clamps:
-        return 0
-    restored = apply_rules(gm, [RESTORE_CLIP], roots=clamps)[RESTORE_CLIP.name]
-    if restored:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return restored
 
 
 def _float_test(shapes: dict) -> Callable[[Any], bool]:

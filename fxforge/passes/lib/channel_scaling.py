@@ -1,14 +1,19 @@
 """Scaling one channel of the tensor between two layers A → act → B, the arithmetic ``equalize`` and
 ``equalize_activations`` share: channel i divided by s_i in A's output (W_A[i] / s_i, b_A[i] / s_i) and multiplied
 back in B's input (W_B[:, i] · s_i), a clipping act rescaled with its channel (clamp(y/s_i, 0, h/s_i) =
-hardtanh(y, 0, h)/s_i), and that rescaling undone (``one_ceiling``). Exact for s_i > 0."""
+hardtanh(y, 0, h)/s_i), and that rescaling undone (``one_ceiling``; ``restore_clips`` where no grid sits between
+the two layers). Exact for s_i > 0."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from fxforge.compiler.graph import add_tensor, get_tensor, set_tensor
-from fxforge.compiler.ops import LINEAR, aten, argument, bias_of, clamp_range, conv_groups, data, is_op, weight_of
+from fxforge.compiler.ops import (LINEAR, WEIGHTED, aten, argument, bias_of, clamp_range, conv_groups, data, is_op,
+                                 weight_of)
+from fxforge.compiler.rewrite import Match, Rule, apply_rules, op
 
 
 def rescale_clip(gm: fx.GraphModule, a: fx.Node, act: fx.Node, total: torch.Tensor) -> None:
@@ -62,3 +67,46 @@ def one_ceiling(gm: fx.GraphModule, a: fx.Node, act: fx.Node, b: fx.Node) -> Non
         clip = gm.graph.call_function(aten.hardtanh.default, (a, 0.0, float(ceiling.min().float())))
     clip.meta.update(act.meta)
     act.replace_all_uses_with(clip)
+
+
+def _float_constant(gm: fx.GraphModule, node: Any) -> bool:
+    value = get_tensor(gm, node)
+    return value is not None and value.is_floating_point()
+
+
+def _between_float_layers(act: fx.Node) -> bool:
+    """``act`` = clamp(·, 0, h_c > 0) per channel, read only by a float conv/linear B as its data input (no pair
+    between), of a float conv/linear A of B's kind that only ``act`` reads."""
+    gm, a, ends = act.graph.owning_module, data(act), ceilings(act)
+    if ends is None or len(act.users) != 1 or not is_op(a, *WEIGHTED) or len(a.users) != 1:
+        return False
+    b, (floor, ceiling) = next(iter(act.users)), ends
+    if not (is_op(b, *WEIGHTED) and data(b) is act and is_op(a, *LINEAR) == is_op(b, *LINEAR)
+            and _float_constant(gm, weight_of(a)) and _float_constant(gm, weight_of(b))
+            and (bias_of(a) is None or _float_constant(gm, bias_of(a)))):
+        return False
+    channels = get_tensor(gm, weight_of(a)).shape[0]
+    return (ceiling.numel() == channels and floor.numel() in (1, channels) and bool((floor == 0).all())
+            and bool((ceiling > 0).all()) and bool(ceiling.isfinite().all()))
+
+
+def _restore(gm: fx.GraphModule, m: Match) -> None:
+    one_ceiling(gm, m["a"], m["act"], next(iter(m["act"].users)))
+
+
+RESTORE_CLIP = Rule("clips_restored", op(aten.clamp.Tensor, op(*WEIGHTED, name="a"), name="act",
+                                         where=_between_float_layers), _restore)
+
+
+def restore_clips(gm: fx.GraphModule) -> int:
+    """One ceiling back (``one_ceiling``) for every per-channel clip between two float conv/linear layers of one kind,
+    neither with a quantizer: where no grid sits between them the scaling has nothing to serve, and backends fuse
+    hardtanh(·, 0, H) into the conv before it, not a per-channel clamp. Returns how many."""
+    clamps = [n for n in gm.graph.nodes if is_op(n, aten.clamp.Tensor)]
+    if not clamps:
+        return 0
+    restored = apply_rules(gm, [RESTORE_CLIP], roots=clamps)[RESTORE_CLIP.name]
+    if restored:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return restored

@@ -54,6 +54,13 @@ def weight_scales(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor
     return (amax.float().clamp(min=1e-8) / qmax).to(torch.float32)
 
 
+def int8_weight(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's weight as ``fxforge::dynamic_linear`` takes it: int8 values in [−q_max, q_max] and the
+    per-output-channel scales of ``weight_scales``."""
+    scales = weight_scales(weight, qmax, per_channel=True)
+    return torch.clamp(torch.round(weight.detach() / scales[:, None]), -qmax, qmax).to(torch.int8), scales
+
+
 def is_q(node: object) -> bool:
     return is_op(node, *QUANTIZE)
 
