@@ -97,3 +97,18 @@ def test_no_circle():
         tuple(graphlib.TopologicalSorter(GRAPH).static_order())
     except graphlib.CycleError as e:
         pytest.fail(f"import circle: {' → '.join(e.args[1])}")
+
+
+def is_pass_module(name: str) -> bool:
+    """A pass file: directly in fxforge/passes/ (the package's own __init__ and the lib/ and analysis/ floors
+    excluded)."""
+    parts = name.split(".")
+    return len(parts) == 3 and parts[1] == "passes"
+
+
+def test_passes_never_import_each_other():
+    """What several passes share lives in passes/lib/ or passes/analysis/, never in one of them (DESIGN.md)."""
+    assert is_pass_module("fxforge.passes.dead_channels") and not is_pass_module("fxforge.passes.lib.qdq")
+    shared = {name: sorted(d for d in deps if is_pass_module(d))
+              for name, deps in GRAPH.items() if name.startswith("fxforge.passes.") and any(map(is_pass_module, deps))}
+    assert not shared, f"pass modules imported by passes or their helpers: {shared}"

@@ -39,7 +39,7 @@ from fxforge.compiler.report import model_size
 from .analysis.channel_groups import BINARY, ChannelGraph, ChannelGroup, ChannelGroups
 from .analysis.channel_importance import ChannelImportance, Importance
 from .analysis.sensitivity import layer_sensitivity, plan
-from .dead_channels import DeadChannels
+from .lib.channel_surgery import remove_removable
 from .lib.qdq import checked_batches
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # the ratios a flops goal chooses among, per layer
@@ -85,13 +85,13 @@ class PruneChannels(Pass):
             return PassResult(changed=False, preserves="all", stats=dict(stats))
         zero_groups(gm, cg, [cg.groups[g] for g in chosen])
         ctx.invalidate(frozenset({ChannelGroups, Shapes}))  # same structure, new values
-        result = DeadChannels().run(gm, ctx)
+        removed = remove_removable(gm, ctx)
         if self.finetune is not None:
             self.finetune(gm)
         ctx.invalidate("none")
         return PassResult(changed=True, stats={
             **stats, "groups_pruned": len(chosen),
-            **{k: v for k, v in result.stats.items() if not k.startswith("skipped.unprunable")},
+            **{k: v for k, v in removed.items() if not k.startswith("skipped.unprunable")},
             "params_before": params_before, "params_after": model_size(gm)[0], "flops_before": flops_before,
             "flops_after": sum(ctx.analysis(Flops, gm).values())})
 

@@ -7,5 +7,6 @@ from fxforge.compiler.analysis import Flops, Shapes
 
 from .channel_groups import ChannelGroups
 from .constant_channels import ConstantChannels
+from .removable_channels import RemovableChannels
 
-__all__ = ["ChannelGroups", "ConstantChannels", "Flops", "Shapes"]
+__all__ = ["ChannelGroups", "ConstantChannels", "Flops", "RemovableChannels", "Shapes"]
