@@ -27,6 +27,15 @@ def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def readers(gm: fx.GraphModule, node: Any) -> int:
+    """How many uses the tensor behind get_attr ``node`` has across the graph (every get_attr of its target
+    counted): more than one where a module's parameter is read by several calls (a layer called twice, tied
+    weights), which a pass rewriting the tensor for one of them must not change for the others."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return 0
+    return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target)
+
+
 def set_tensor(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
     """Replace the tensor behind a get_attr node (a fresh attribute if other nodes share it)."""
     shared = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target and n is not node]

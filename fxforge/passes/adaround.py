@@ -41,7 +41,7 @@ import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.errors import CalibrationError, missing_calibration
-from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.graph import get_tensor, readers, set_tensor
 from fxforge.compiler.ops import (LINEAR, WEIGHTED, argument, aten, call_with, data, is_op, q_params, value_of,
                                  weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -104,6 +104,8 @@ class AdaRound(Pass):
         q = data(weight_of(op))
         if not is_q(q) or get_tensor(gm, data(q)) is None:
             return "weight_folded"
+        if readers(gm, data(q)) > 1:
+            return "shared_weight"  # another call reads this weight, and its best rounding would differ
         if op.name in self.skip:
             return "by_name"
         if not (is_op(op, *LINEAR) or is_op(op, aten.conv2d)):

@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import CalibrationError, missing_calibration
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.graph import get_tensor, readers, set_tensor
 from fxforge.compiler.ops import LINEAR, WEIGHTED, bias_of, call_with, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
@@ -104,6 +104,8 @@ class BiasCorrection(Pass):
             return "no_bias"
         if not (is_dq(bias) and is_q(data(bias)) and get_tensor(gm, data(data(bias))) is not None):
             return "bias_folded"
+        if readers(gm, data(data(bias))) > 1:
+            return "shared_weight"  # another call reads this bias, and its correction would differ
         return None
 
 

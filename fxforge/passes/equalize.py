@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.graph import get_tensor, readers, set_tensor
 from fxforge.compiler.ops import (CLAMP, LINEAR, RELU, WEIGHTED, aten, bias_of, clamp_range, conv_groups, data, is_op,
                                  weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -129,6 +129,8 @@ class Equalize(Pass):
             return None, "non_constant_weight"
         if bias_of(a) is not None and get_tensor(gm, bias_of(a)) is None:
             return None, "non_constant_bias"
+        if any(readers(gm, t) > 1 for t in (weight_of(a), bias_of(a), weight_of(b))):
+            return None, "shared_weight"  # a layer called elsewhere too: the scaling would change that call
         return b, None
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import CalibrationError, missing_calibration
-from fxforge.compiler.graph import get_tensor, set_tensor
+from fxforge.compiler.graph import get_tensor, readers, set_tensor
 from fxforge.compiler.ops import CLAMP, RELU, WEIGHTED, aten, bias_of, clamp_range, conv_groups, data, is_op, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
@@ -100,6 +100,8 @@ def _match(gm: fx.GraphModule, a: fx.Node) -> tuple[tuple | None, str | None]:
     w_a, w_b = get_tensor(gm, weight_of(a)), get_tensor(gm, weight_of(b))
     if w_a is None or w_b is None or (bias_of(a) is not None and get_tensor(gm, bias_of(a)) is None):
         return None, "non_constant_weight"
+    if any(readers(gm, t) > 1 for t in (weight_of(a), bias_of(a), weight_of(b))):
+        return None, "shared_weight"  # a layer called elsewhere too: the scaling would change that call
     if not (w_b.shape[1] == 1 and conv_groups(b) == w_a.shape[0] == w_b.shape[0]):
         return None, "not_depthwise"
     return (a, act, b), None

@@ -4,7 +4,8 @@
 
 per output channel (scaled along the weight's first axis). Folding is done in float64 and cast back.
 A BN whose input has other users, or whose producer is not a conv/linear with constant weights, is left
-alone and counted.
+alone and counted; so is one whose producer's weight or bias other calls read too (``shared_weight``: a layer
+called twice, whose other call the fold would change).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, finalize, get_tensor, set_tensor
+from fxforge.compiler.graph import add_tensor, finalize, get_tensor, readers, set_tensor
 from fxforge.compiler.ops import (BATCH_NORM, LINEAR, WEIGHTED, aten, bias_of, bn_params, getitem_index, is_op,
                                   set_argument, weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -40,6 +41,8 @@ def check(gm: fx.GraphModule, m: Match) -> str | None:
     if get_tensor(gm, weight_of(producer)) is None or get_tensor(gm, p.mean) is None or get_tensor(gm, p.var) is None \
             or any(t is not None and get_tensor(gm, t) is None for t in (bias, p.gamma, p.beta)):
         return "non_constant_params"
+    if readers(gm, weight_of(producer)) > 1 or readers(gm, bias) > 1:
+        return "shared_weight"
     if is_op(producer, *LINEAR) and producer.meta.get("val") is not None and producer.meta["val"].dim() != 2:
         return "linear_not_2d"
     return None

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import add_tensor, get_tensor, set_tensor
+from fxforge.compiler.graph import add_tensor, get_tensor, readers, set_tensor
 from fxforge.compiler.ops import LINEAR, argument, aten, data, is_op, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
@@ -90,6 +90,9 @@ class SmoothQuant(Pass):
             return [], "no_affine"
         if any(get_tensor(gm, weight_of(lin)) is None for lin in linears):
             return [], "non_constant_weight"
+        if any(readers(gm, argument(norm, n)) > 1 for n in ("weight", "bias")) or \
+                any(readers(gm, weight_of(lin)) > 1 for lin in linears):
+            return [], "shared_weight"  # read by another call too, which the scaling would change
         return linears, None
 
 

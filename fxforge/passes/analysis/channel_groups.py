@@ -9,7 +9,9 @@ linear's channel × spatial blocks, channel shuffle) are followed by running the
 Coupled ids are edges of a networkx graph and each connected component is a ``ChannelGroup``.
 
 What the analysis does not understand (model outputs, attention, unmappable reshapes, unknown ops, tensors of
-unknown layout) marks the ids it touches unprunable with a reason; such groups are counted, never rewritten.
+unknown layout) marks the ids it touches unprunable with a reason; such groups are counted, never rewritten. So
+does an op whose constant (a weight, a BN's statistics) other calls read too (``shared_weight``: a layer called
+twice): cutting channels out of it for one call would cut them for the other.
 """
 from __future__ import annotations
 
@@ -128,6 +130,11 @@ class _Builder:
         self.graph = nx.Graph()
         self.stopped: dict[int, str] = {}
         self.next_id = 0
+        uses = Counter()
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                uses[n.target] += len(n.users)
+        self.shared = {target for target, count in uses.items() if count > 1}  # constants several calls read
 
     # -- helpers
     def fresh(self, n: int) -> torch.Tensor:
@@ -174,6 +181,11 @@ class _Builder:
         out = rule(self, node) if tracked or rule in (_conv, _linear) else None
         if out is not None:
             self.maps[node.name] = out
+        if any(i.op == "get_attr" and i.target in self.shared for i in node.all_input_nodes):
+            self.stop(node, "shared_weight")
+            for m in out if isinstance(out, list) else [out]:
+                if isinstance(m, ChannelMap):
+                    self.stop_ids(m.ids, "shared_weight")
 
 
 # ------------------------------------------------------------------------------------------------ rules

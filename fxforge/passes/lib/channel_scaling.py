@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, get_tensor, set_tensor
+from fxforge.compiler.graph import add_tensor, get_tensor, readers, set_tensor
 from fxforge.compiler.ops import (LINEAR, WEIGHTED, aten, argument, bias_of, clamp_range, conv_groups, data, is_op,
                                  weight_of)
 from fxforge.compiler.rewrite import Match, Rule, apply_rules, op
@@ -83,7 +83,8 @@ def _between_float_layers(act: fx.Node) -> bool:
     b, (floor, ceiling) = next(iter(act.users)), ends
     if not (is_op(b, *WEIGHTED) and data(b) is act and is_op(a, *LINEAR) == is_op(b, *LINEAR)
             and _float_constant(gm, weight_of(a)) and _float_constant(gm, weight_of(b))
-            and (bias_of(a) is None or _float_constant(gm, bias_of(a)))):
+            and (bias_of(a) is None or _float_constant(gm, bias_of(a)))
+            and all(readers(gm, t) <= 1 for t in (weight_of(a), bias_of(a), weight_of(b)))):
         return False
     channels = get_tensor(gm, weight_of(a)).shape[0]
     return (ceiling.numel() == channels and floor.numel() in (1, channels) and bool((floor == 0).all())
