@@ -7,7 +7,8 @@ one group feed one histogram observer. Its clipping range [lo, hi] ∋ 0 (method
     asymmetric:  s = (hi − lo) / (q_max − q_min),   z = clamp(q_min − round(lo / s), q_min, q_max)
     symmetric:   s = 2·max(|lo|, |hi|) / (q_max − q_min),   z = (q_min + q_max + 1) // 2
 
-and each bias is re-quantized with the new s_x · s_w. ``method="auto"`` chooses per tensor group, among percentile,
+and each bias is re-quantized with the new s_x · s_w (where that int32 would overflow, a tiny input grid ahead of a
+large bias, the weight channel's scale is widened instead: stat ``weight_scales_widened``). ``method="auto"`` chooses per tensor group, among percentile,
 mse and minmax, the range whose quantization changes the outputs of the ops reading the tensor least
 (Σ‖op(x̂) − op(x)‖² on the first 16 calibration samples, x̂ = DQ(Q(x)) on the candidate grid, each other input
 float). On the trained MobileNetV2 it does worse than percentile everywhere (docs/quantization.md): the mse ranges

@@ -110,8 +110,9 @@ class InsertQdq(Pass):
         restored = restore_clips(gm)  # where the plan put no grid
         if restored:
             stats["clips_restored"] = restored
-        if plan:
-            fit_activations(gm, [ctx.example_inputs], "minmax")
+        if plan:  # a first guess from the example inputs; calibrate replaces it
+            stats.update({k: v for k, v in fit_activations(gm, [ctx.example_inputs], "minmax").items()
+                          if k == "weight_scales_widened"})
         stats.update({"activations": len(plan), "weights": len(weighted)})
         if weighted:
             stats["weight_bits"] = 7 if reduce_range else 8

@@ -305,3 +305,35 @@ def test_calibration_batches_run_joined_with_the_same_ranges(make, joined, metho
     assert len(together) == len(one_by_one) >= 2
     for (s1, z1), (s2, z2) in zip(together, one_by_one):
         assert s1 == pytest.approx(s2, rel=1e-6) and z1 == z2
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_bias_past_the_int32_range_widens_its_weight_scale_instead_of_saturating(backend):
+    """Tiny activations (s_x ≈ 1e-8) ahead of a bias of a few units: b / (s_x · s_w) would pass 2^31 and saturate,
+    the layer's output collapsing to a constant; the weight scale is widened and the output follows the bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-6)
+        model[0].bias.zero_()
+        model[2].bias.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    cm = fxforge.compile(model, (torch.randn(2, 8),), passes=["insert_qdq", "calibrate", "fold_qdq"], backend=backend,
+                         calibration=[(torch.randn(2, 8),) for _ in range(3)])
+    assert cm.report.row("calibrate").stats["weight_scales_widened"] == 4
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(cm(x), model(x), atol=0.02, rtol=0.02)
+
+
+def test_a_weight_scale_widened_on_the_example_inputs_narrows_back_on_the_calibration_data():
+    """insert_qdq's first grids come from the example inputs; tiny ones widen the weight scale, and calibration on
+    ordinary data gives the weight its own scale, max|W_c| / 127, back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(3.0)
+    cm = fxforge.compile(model, (torch.randn(2, 8) * 1e-9,), passes=["insert_qdq", "calibrate"], backend="eager",
+                         calibration=[(torch.randn(2, 8),) for _ in range(3)], verify="off")
+    rows = {r.stage: r.stats for r in cm.report.rows}
+    assert rows["insert_qdq"]["weight_scales_widened"] == 4 and "weight_scales_widened" not in rows["calibrate"]
+    scales = [t for name, t in graph_tensors(cm.graph_module).items() if name.endswith("weight_scale")]
+    torch.testing.assert_close(scales[0], model[0].weight.abs().amax(1) / 127)

@@ -96,12 +96,43 @@ def bias_scales(gm: fx.GraphModule, op: fx.Node, channels: int) -> torch.Tensor:
     return (x_scale * w_scale.double()).float().expand(channels).clone()
 
 
-def refresh_bias_scales(gm: fx.GraphModule) -> None:
-    """Give every bias Q/DQ pair the scale s_x · s_w of its op's current activation and weight grids."""
+def refresh_bias_scales(gm: fx.GraphModule) -> int:
+    """Give every bias Q/DQ pair the scale s_x · s_w of its op's current activation and weight grids.
+
+    A bias b_c with |b_c| / (s_x · s_w,c) past the int32 range (a layer whose input grid is tiny: activations near 0
+    ahead of a large bias) would saturate, and the layer's output with it. There the weight's scale is widened,
+    s_w,c = 2 |b_c| / (s_x · (2^31 − 1)) (half the range, room for bias_correction), as ONNX Runtime's quantizer
+    does: that channel's weights get a coarser grid, its bias stays exact. Returns how many channels widened."""
+    widened = 0
     for q in gm.graph.nodes:
         if is_q(q) and role(q) == "bias":
             op = next(iter(next(iter(q.users)).users))
+            widened += _fit_int32_bias(gm, op, get_tensor(gm, data(q)))
             set_tensor(gm, q_params(q).scale, bias_scales(gm, op, get_tensor(gm, data(q)).shape[0]))
+    return widened
+
+
+def _fit_int32_bias(gm: fx.GraphModule, op: fx.Node, bias: torch.Tensor) -> int:
+    """Widen the weight scales of ``op``'s channels whose bias would overflow int32 (``refresh_bias_scales``). The
+    weight's own scale is kept in its Q node's meta (``natural_scale``), so a later refresh on a wider input grid
+    (calibration after insert_qdq's first guess from the example inputs) narrows it back."""
+    x_scale, w_dq = q_params(data(op)).scale, weight_of(op)
+    w_q = data(w_dq)
+    need = 2 * bias.detach().double().abs() / (x_scale * INT32[1])
+    per_channel = is_op(w_dq, qd.dequantize_per_channel)
+    current = get_tensor(gm, q_params(w_dq).scale).double() if per_channel else \
+        torch.tensor([q_params(w_dq).scale], dtype=torch.float64)
+    natural = w_q.meta[QDQ_KEY].get("natural_scale", current)
+    fitted = torch.maximum(natural, need if per_channel else need.max().reshape(1))
+    if torch.equal(fitted, current):
+        return 0
+    w_q.meta[QDQ_KEY]["natural_scale"] = natural
+    if per_channel:
+        set_tensor(gm, q_params(w_dq).scale, fitted.float())
+    else:
+        for node in (w_q, w_dq):  # the weight's Q and DQ, one per-tensor grid
+            set_q_scale(node, float(fitted), 0)
+    return int((fitted > natural).sum())
 
 
 class _FloatRun(fx.Interpreter):
@@ -214,8 +245,9 @@ def fit_activations(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ..
         choice = {g: min(range(len(methods)), key=lambda i: (errors[i], i)) for g, errors in run.errors.items()}
     for q in qs:
         set_params(q, *grids[q.meta[QDQ_KEY]["group"]][choice[q.meta[QDQ_KEY]["group"]]][:2])
-    refresh_bias_scales(gm)
-    stats: dict[str, Any] = {"activation_groups": len(shared), "batches": count}
+    widened = refresh_bias_scales(gm)
+    stats: dict[str, Any] = {"activation_groups": len(shared), "batches": count,
+                             **({"weight_scales_widened": widened} if widened else {})}
     if len(methods) > 1:
         stats.update({f"chosen.{m}": sum(1 for c in choice.values() if c == i) for i, m in enumerate(methods)})
     return stats
