@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import importlib
 import io
+import json
 import logging
 import traceback
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from .errors import InputError, TraceError, first_line
+from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .ops import data
 from .verify import BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, clone_inputs, compare, fresh_inputs
@@ -62,8 +65,8 @@ class Signature:
 
     def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
         """Flatten call arguments and check count, shape and dtype against the compiled signature."""
-        flat, spec = pytree.tree_flatten((tuple(args), {}))
-        if pytree.treespec_dumps(spec) != self.in_spec or len(flat) != len(self.inputs):
+        flat, spec = pytree.tree_flatten(_aligned((tuple(args), {}), _loads(self.in_spec)))
+        if _dumps(spec) != self.in_spec or len(flat) != len(self.inputs):
             raise InputError(f"expected {len(self.inputs)} input tensor(s) shaped like "
                              f"{[list(s.shape) for s in self.inputs]}, got {_describe(flat)}")
         for i, (t, s) in enumerate(zip(flat, self.inputs)):
@@ -77,7 +80,7 @@ class Signature:
         return flat
 
     def unflatten(self, outputs: Sequence[Any]) -> Any:
-        return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.out_spec))
+        return pytree.tree_unflatten(list(outputs), _loads(self.out_spec))
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [s.to_dict() for s in self.inputs], "in_spec": self.in_spec,
@@ -91,6 +94,67 @@ class Signature:
 
 def _describe(flat: Sequence[Any]) -> str:
     return str([list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in flat])
+
+
+def _namedtuples(spec: pytree.TreeSpec) -> list[type]:
+    """The namedtuple classes in ``spec`` (pytree keeps a namedtuple's class as its node's context)."""
+    found, todo = [], [spec]
+    while todo:
+        node = todo.pop()
+        if isinstance(node.context, type) and issubclass(node.context, tuple) and hasattr(node.context, "_fields"):
+            found.append(node.context)
+        todo.extend(node.children())
+    return found
+
+
+def _dumps(spec: pytree.TreeSpec) -> str:
+    """``treespec_dumps``, each namedtuple class of ``spec`` first registered under its import path: torch writes a
+    namedtuple only under a registered name, and ``_loads`` finds the class again by that path."""
+    for cls in _namedtuples(spec):
+        if cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
+            pytree._register_namedtuple(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+    return pytree.treespec_dumps(spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _loads(text: str) -> pytree.TreeSpec:
+    """``treespec_loads``; a namedtuple class not registered in this process (a saved artifact loaded elsewhere) is
+    imported by the path ``_dumps`` wrote and registered, or an ArtifactError names it."""
+    try:
+        return pytree.treespec_loads(text)
+    except NotImplementedError:
+        pass
+    for path in _namedtuple_paths(json.loads(text)[1]):
+        module, _, name = path.rpartition(".")
+        try:
+            cls = functools.reduce(getattr, name.split("."), importlib.import_module(module))
+        except (ImportError, AttributeError, ValueError):
+            raise ArtifactError(f"the model's inputs or outputs hold the namedtuple {path}, which cannot be imported "
+                                "here: import the module that defines it first") from None
+        if cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
+            pytree._register_namedtuple(cls, serialized_type_name=path)
+    return pytree.treespec_loads(text)
+
+
+def _namedtuple_paths(node: dict) -> list[str]:
+    """The serialized names of the namedtuples in a ``treespec_dumps`` tree (its JSON)."""
+    own = [node["context"]] if node.get("type") == "collections.namedtuple" else []
+    return own + [p for child in node.get("children_spec", []) for p in _namedtuple_paths(child)]
+
+
+def _aligned(value: Any, spec: pytree.TreeSpec) -> Any:
+    """``value`` with the keys of each dict in the order ``spec`` has them (a caller may pass a dict's keys in any
+    order, as the eager model takes them); a key the compiled model lacks, or one it needs, is an InputError."""
+    if spec.type is dict and isinstance(value, dict):
+        keys = list(spec.context)
+        missing, unexpected = [k for k in keys if k not in value], [k for k in value if k not in keys]
+        if missing or unexpected:
+            raise InputError(f"input dict keys differ from the compiled model's {keys}: missing {missing}, "
+                             f"unexpected {unexpected}")
+        return {k: _aligned(value[k], spec.child(i)) for i, k in enumerate(keys)}
+    if spec.type in (tuple, list) and type(value) is spec.type and len(value) == spec.num_children:
+        return spec.type(_aligned(v, spec.child(i)) for i, v in enumerate(value))
+    return value
 
 
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch: bool = False,
@@ -132,8 +196,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
                              "compute the same under export")
     dynamic = not note
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic), t.dtype) for t in flat),
-                    pytree.treespec_dumps(pytree.tree_flatten((args, {}))[1]),
-                    pytree.treespec_dumps(ep.call_spec.out_spec), dynamic, note)
+                    _dumps(pytree.tree_flatten((args, {}))[1]), _dumps(ep.call_spec.out_spec), dynamic, note)
     return gm, sig
 
 

@@ -1,4 +1,6 @@
 """Capture: every zoo model exports to the ATen FX graph and reproduces eager; capture failures are clear."""
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -102,3 +104,59 @@ def test_a_capture_that_cannot_reproduce_the_model_is_a_trace_error():
 
     with pytest.raises(fxforge.TraceError, match="does not reproduce the model on the example inputs"):
         trace(ExportsDifferently(), (torch.randn(2, 3),))
+
+
+Pair = collections.namedtuple("Pair", "logits features")
+
+
+class NamedOut(nn.Module):
+    """Takes a namedtuple and returns one."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, p):
+        y = self.l(p.logits) + p.features.sum(-1, keepdim=True)
+        return Pair(y, y * 2)
+
+
+def test_namedtuple_inputs_and_outputs_compile_and_round_trip_through_save(tmp_path):
+    model = NamedOut().eval()
+    example = Pair(torch.randn(2, 4), torch.randn(2, 5))
+    cm = fxforge.compile(model, (example,), passes=["fuse"])
+    x = Pair(torch.randn(3, 4), torch.randn(3, 5))
+    out = cm(x)
+    assert isinstance(out, Pair)
+    torch.testing.assert_close(out.features, model(x).features)
+    cm.save(tmp_path / "a")
+    again = fxforge.load(tmp_path / "a")(x)
+    assert isinstance(again, Pair)
+    torch.testing.assert_close(again.logits, out.logits)
+
+
+def test_a_saved_namedtuple_that_cannot_be_imported_is_named():
+    from fxforge.compiler.errors import ArtifactError
+    from fxforge.compiler.trace import _loads
+    text = ('[1, {"type": "collections.namedtuple", "context": "nowhere_at_all.Gone", "children_spec": '
+            '[{"type": null, "context": null, "children_spec": []}]}]')
+    with pytest.raises(ArtifactError, match="nowhere_at_all.Gone"):
+        _loads(text)
+
+
+class DictIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 4)
+
+    def forward(self, d):
+        return self.l(d["a"]) + d["b"].sum(-1, keepdim=True)
+
+
+def test_dict_inputs_are_matched_by_key_and_a_wrong_key_is_named():
+    model = DictIn().eval()
+    cm = fxforge.compile(model, ({"a": torch.randn(2, 8), "b": torch.randn(2, 3)},), passes=["fuse"])
+    a, b = torch.randn(3, 8), torch.randn(3, 3)
+    torch.testing.assert_close(cm({"b": b, "a": a}), model({"a": a, "b": b}))  # keys in another order
+    with pytest.raises(fxforge.InputError, match=r"missing \['b'\], unexpected \['c'\]"):
+        cm({"a": a, "c": b})
