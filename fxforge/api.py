@@ -110,9 +110,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be = get_backend(backend)
     be.check_target(tgt)
     be.check_options(backend_options)
+    manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)  # names checked first
     budget = Budget.of(passes, max_drop, metric, strict)
     pick = calibration_picker(calibration_fn, input_key)
-    manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)
     _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)

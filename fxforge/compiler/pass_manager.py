@@ -252,6 +252,8 @@ def resolve(spec: str | Pass | Sequence[str | Pass]) -> list[Pass]:
     _load_entry_points()
     if isinstance(spec, (str, Pass)):
         spec = [spec]
+    if not isinstance(spec, Iterable):
+        raise PassError(f"passes must be a pass name, a fxforge.Pass or a list of them, got {type(spec).__name__}")
     out: list[Pass] = []
     before: tuple[str, list[Pass]] | None = None
     for item in spec:
@@ -297,14 +299,26 @@ def _expand(item: str | Pass) -> list[Pass]:
 
 
 def _parse_options(name: str, text: str) -> dict[str, Any]:
+    """``key=value`` pairs, each value a Python literal (a quoted string, a number, True/False/None, a tuple)."""
     if not text.strip():
         return {}
     try:
         call = ast.parse(f"f({text})", mode="eval").body
-        assert isinstance(call, ast.Call) and not call.args
-        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-    except Exception:
-        raise PassError(f"cannot parse options of {name!r}: {text!r} (write name{{key=value,...}})") from None
+    except SyntaxError:
+        call = None
+    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+        raise PassError(f"cannot parse options of {name!r}: {text!r} (write name{{key=value,...}})")
+    options: dict[str, Any] = {}
+    for kw in call.keywords:
+        if kw.arg in options:
+            raise PassError(f"option {kw.arg!r} of {name!r} is given twice")
+        try:
+            options[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            value = ast.unparse(kw.value)
+            raise PassError(f"option {kw.arg!r} of {name!r}: {value} is not a value; a string needs quotes "
+                            f"({kw.arg}='{value}')") from None
+    return options
 
 
 def _instantiate(cls: type[Pass], options: dict[str, Any]) -> Pass:

@@ -17,6 +17,7 @@ model, each pass, the backend) on the same validation batches. The first stage m
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence, Union
 
@@ -121,9 +122,12 @@ class Validation:
             return quality.top1
         values = [o[0] if len(o) == 1 else tuple(o) for o in outs]
         try:
-            return float(self.metric(values, self.batches))
+            value = float(self.metric(values, self.batches))
         except Exception as e:
             raise InputError(f"the metric callable failed: {type(e).__name__}: {first_line(e)}") from e
+        if math.isnan(value):  # a budget cannot compare NaN with anything
+            raise InputError(f"the metric callable {getattr(self.metric, '__name__', '')!r} returned NaN")
+        return value
 
 
 def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], first_input: torch.Tensor) -> torch.Tensor:
