@@ -66,8 +66,10 @@ class Artifact(ABC):
         file in it); a directory holding anything else is the user's and is never touched (ArtifactError). The new
         artifact is written beside it, the old one renamed aside, the new one renamed in, and only then the old
         one deleted; if renaming in fails (or is interrupted) the old one is put back, so one of the two stands.
+        A ``directory`` that is a symbolic link is saved through: the artifact it points to is replaced, the link stays.
         """
         final = Path(directory)
+        final = final.resolve() if final.is_symlink() else final
         check_replaceable(final)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)

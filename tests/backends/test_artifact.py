@@ -28,6 +28,19 @@ def test_save_replaces_an_earlier_artifact_and_lists_every_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary or set-aside directory left
 
 
+def test_save_through_a_symlink_replaces_the_artifact_it_points_to_and_keeps_the_link(tmp_path):
+    """``current -> v1``: saving to ``current`` writes v1 anew; nothing is left beside them (the link was once moved
+    aside as if it were the artifact, and left there)."""
+    v1 = compiled().save(tmp_path / "v1")
+    (tmp_path / "current").symlink_to(v1)
+    second = compiled()
+    second.save(tmp_path / "current")
+    assert (tmp_path / "current").is_symlink() and (tmp_path / "current").resolve() == v1.resolve()
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(fxforge.load(v1)(x), second(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
+
+
 def test_save_never_deletes_files_beside_a_stray_manifest(tmp_path):
     path = compiled().save(tmp_path / "art")
     (path / "thesis.tex").write_text("years of work")
