@@ -49,6 +49,19 @@ class UnsupportedPython(nn.Module):
         return torch.from_numpy(x.numpy() * 2)
 
 
+class Counter(nn.Module):
+    """Counts its calls in a buffer and scales by the count: each call depends on the calls before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.fc(x) * self.calls
+
+
 class TwoInputs(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + y
@@ -166,6 +179,9 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("unsupported Python (NumPy in forward)", fxforge.TraceError,
      r"torch\.export could not capture the model: \.numpy\(\) is not supported.* in forward: .*x\.numpy\(\)",
      lambda t, mp: compile_(UnsupportedPython())),
+    ("a forward that updates a buffer it reads", fxforge.TraceError,
+     r"forward updates the buffer\(s\) calls in place, so each call depends on the calls before it",
+     lambda t, mp: compile_(Counter())),
     ("example inputs not tensors", fxforge.InputError, r"example_inputs must be a tuple of tensors, got \['str'\]",
      lambda t, mp: compile_(example=("abc",))),
     ("too few example inputs", fxforge.InputError,

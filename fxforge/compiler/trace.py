@@ -190,14 +190,31 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
             raise _trace_error(e) from None
         gm, err = _functional(ep, refs)
         if err > EXACT_TOLERANCE:
+            mutated = _mutated_buffers(ep)
+            cause = (f"forward updates the buffer(s) {', '.join(mutated)} in place, so each call depends on the "
+                     "calls before it, and a compiled graph computes one call from a fixed state; keep that state "
+                     "out of forward or pass it as an input") if mutated else \
+                ("forward takes another path while exported (e.g. it asks torch.compiler.is_exporting()) or reads "
+                 "Python state export freezes; make forward compute the same under export")
             raise TraceError(f"the captured graph does not reproduce the model on the example inputs (relative "
-                             f"error {err:.3g}): forward takes another path while exported (e.g. it asks "
-                             "torch.compiler.is_exporting()) or reads Python state export freezes; make forward "
-                             "compute the same under export")
+                             f"error {err:.3g}): {cause}")
     dynamic = not note
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic), t.dtype) for t in flat),
                     _dumps(pytree.tree_flatten((args, {}))[1]), _dumps(ep.call_spec.out_spec), dynamic, note)
     return gm, sig
+
+
+def _mutated_buffers(ep: torch.export.ExportedProgram) -> list[str]:
+    """The buffers ``ep``'s forward writes in place (a call counter, running statistics): the arguments its ops'
+    schemas mark as written that are buffer inputs."""
+    buffers = ep.graph_signature.inputs_to_buffers
+    found = set()
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        for arg, spec in zip(node.args, schema.arguments if schema else ()):
+            if spec.alias_info is not None and spec.alias_info.is_write and getattr(arg, "name", None) in buffers:
+                found.add(buffers[arg.name])
+    return sorted(found)
 
 
 def _functional(ep: torch.export.ExportedProgram, refs: _References) -> tuple[fx.GraphModule, float]:
