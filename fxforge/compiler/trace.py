@@ -77,6 +77,12 @@ class Signature:
             if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
                 raise InputError(f"input {i} has shape {list(t.shape)}, compiled for {list(s.shape)} "
                                  "(None = any size)")
+        sizes = {i: t.shape[0] for i, (t, b) in enumerate(zip(flat, self.batched())) if b}
+        if len(set(sizes.values())) > 1:
+            i, j = next((i, j) for i in sizes for j in sizes if sizes[i] != sizes[j])
+            raise InputError(f"inputs {i} and {j} have batch sizes {sizes[i]} and {sizes[j]}: the model was compiled "
+                             "with one batch dimension for the inputs whose example batch sizes were equal; give "
+                             "example inputs of different sizes where their first dimensions are independent")
         return flat
 
     def unflatten(self, outputs: Sequence[Any]) -> Any:
@@ -199,7 +205,9 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
             raise TraceError(f"the captured graph does not reproduce the model on the example inputs (relative "
                              f"error {err:.3g}): {cause}")
     dynamic = not note
-    sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic), t.dtype) for t in flat),
+    batch = _batch_size(args)
+    sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic and t.dim() > 0 and t.shape[0] == batch), t.dtype)
+                          for t in flat),
                     _dumps(pytree.tree_flatten((args, {}))[1]), _dumps(ep.call_spec.out_spec), dynamic, note)
     return gm, sig
 
@@ -305,8 +313,10 @@ def _quiet_torch_logs():
         logger.setLevel(level)
 
 
-def _spec_shape(t: torch.Tensor, dynamic: bool) -> tuple[int | None, ...]:
-    return tuple(None if dynamic and i == 0 else d for i, d in enumerate(t.shape))
+def _spec_shape(t: torch.Tensor, batched: bool) -> tuple[int | None, ...]:
+    """The shape a signature states: dimension 0 any size (None) where it is the shared symbolic batch (the inputs
+    whose size there is the first input's, as ``_export`` makes them), every other dimension as in the example."""
+    return tuple(None if batched and i == 0 else d for i, d in enumerate(t.shape))
 
 
 def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -160,3 +160,24 @@ def test_dict_inputs_are_matched_by_key_and_a_wrong_key_is_named():
     torch.testing.assert_close(cm({"b": b, "a": a}), model({"a": a, "b": b}))  # keys in another order
     with pytest.raises(fxforge.InputError, match=r"missing \['b'\], unexpected \['c'\]"):
         cm({"a": a, "c": b})
+
+
+class QuerySupport(nn.Module):
+    """Two inputs whose first dimensions are independent (a query set and a support set)."""
+
+    def forward(self, x, y):
+        return x.sum(0) / x.shape[0] + y.sum(0) / y.shape[0]
+
+
+def test_inputs_sharing_the_example_batch_share_one_batch_dimension_and_a_call_must_keep_it():
+    """Equal example batch sizes compile into one symbolic batch: a call whose inputs disagree there is refused (it
+    ran, and returned wrong values), and inputs whose example sizes differ keep their own sizes."""
+    cm = fxforge.compile(QuerySupport(), (torch.randn(2, 4), torch.randn(2, 4)), passes=["fuse"])
+    assert [s.shape for s in cm.signature.inputs] == [(None, 4), (None, 4)]
+    assert cm(torch.randn(3, 4), torch.randn(3, 4)).shape == (4,)
+    with pytest.raises(fxforge.InputError, match="inputs 0 and 1 have batch sizes 3 and 5"):
+        cm(torch.randn(3, 4), torch.randn(5, 4))
+    apart = fxforge.compile(QuerySupport(), (torch.randn(2, 4), torch.randn(3, 4)), passes=["fuse"])
+    assert [s.shape for s in apart.signature.inputs] == [(None, 4), (3, 4)]
+    with pytest.raises(fxforge.InputError, match=r"input 1 has shape \[5, 4\], compiled for \[3, 4\]"):
+        apart(torch.randn(2, 4), torch.randn(5, 4))
