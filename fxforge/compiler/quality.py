@@ -125,8 +125,8 @@ class Validation:
             value = float(self.metric(values, self.batches))
         except Exception as e:
             raise InputError(f"the metric callable failed: {type(e).__name__}: {first_line(e)}") from e
-        if math.isnan(value):  # a budget cannot compare NaN with anything
-            raise InputError(f"the metric callable {getattr(self.metric, '__name__', '')!r} returned NaN")
+        if not math.isfinite(value):  # a budget cannot compare NaN, nor a drop between infinities
+            raise InputError(f"the metric callable {getattr(self.metric, '__name__', '')!r} returned {value}")
         return value
 
 
