@@ -121,6 +121,13 @@ def _rounding_error(gm: fx.GraphModule, w_dq: fx.Node) -> torch.Tensor:
     return (call_with(w_dq, *evaluated(w_dq), input=codes).double() - weight.double()).float()
 
 
+def _per_channel_sum(d: torch.Tensor, channel: int) -> torch.Tensor:
+    """Σ of ``d`` over every dim but ``channel`` (an unbatched linear's output is the channel dim alone: ``sum([])``
+    would reduce it to a scalar)."""
+    dims = [k for k in range(d.dim()) if k != channel]
+    return d.sum(dims) if dims else d
+
+
 class _PairRun(fx.Interpreter):
     """Runs the quantized graph (and, for shift="output", the float graph with Q/DQ passed through) side by side,
     on every calibration batch in lockstep (each value is the list of its batches' values); at each corrected layer
@@ -153,7 +160,7 @@ class _PairRun(fx.Interpreter):
             channel = q[0].dim() - 1 if is_op(n, *LINEAR) else 1
             deltas = [call_with(n, args, kwargs, weight=self.errors[n], bias=None) for args, kwargs in q_inputs] \
                 if self.shift == "weights" else [qi - fi for qi, fi in zip(q, fp)]
-            total = sum(d.double().sum([k for k in range(d.dim()) if k != channel]) for d in deltas)
+            total = sum(_per_channel_sum(d.double(), channel) for d in deltas)
             shift = total / sum(d.numel() // d.shape[channel] for d in deltas)
             self.shifts[n] = shift
             q = [v - shift.float().reshape(-1, *[1] * (v.dim() - channel - 1)) for v in q]

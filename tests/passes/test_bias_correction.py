@@ -161,3 +161,15 @@ def test_joined_batches_give_the_batch_by_batch_biases(shift, monkeypatch):
     assert len(joined) == len(one_by_one) >= 3
     for a, b in zip(joined, one_by_one):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unbatched_linear_is_corrected_per_output_channel():
+    """A rank-1 input: the linear's output is its channel dimension alone (the sum over the other dims, none, once
+    reduced it to one scalar and the pass failed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3), nn.ReLU()).eval()
+    gm, report, _ = apply(model, (torch.randn(6),), ["insert_qdq", "calibrate", "bias_correction"],
+                          calibration=[(torch.randn(6),) for _ in range(4)])
+    assert report.row("bias_correction").stats["corrected"] == 1
+    linear = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default)
+    assert get_tensor(gm, linear.args[2].args[0].args[0]).shape == (3,)  # bias DQ ← Q ← the corrected constant
