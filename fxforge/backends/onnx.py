@@ -176,9 +176,16 @@ class OnnxBackend(Backend):
         fusions = onnx_transformer.resolve(_check_fusions(options.pop("fusions", "auto")), gm)
         config = _session_config(options)
         model = export(gm, example_inputs, signature, opset, transformer=fusions == "transformer", target=target)
+        failed = None
         if fusions == "transformer":
             cpu = providers(target) == ["CPUExecutionProvider"]
-            model = onnx_transformer.optimize(model, cpu=cpu)
+            try:
+                model = onnx_transformer.optimize(model, cpu=cpu)
+            except Exception as e:  # a graph ORT's Python fusions do not expect (seen: a Llama's SiLU MLP)
+                failed = f"{type(e).__name__}: {first_line(e)}"
+                warnings.warn(f"onnxruntime.transformers' fusions failed on this model ({failed}); the exported "
+                              "model runs without them (attention stays ORT's MultiHeadAttention)", FallbackWarning,
+                              stacklevel=2)
             if cpu:
                 config = replace(config, disabled_optimizers=tuple(dict.fromkeys(
                     (*config.disabled_optimizers, *onnx_transformer.CPU_SLOWER_FUSIONS))))
@@ -197,6 +204,7 @@ class OnnxBackend(Backend):
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
                 **({"ort_missing_providers": missing} if missing else {}),
                 "ort_options": config.recorded(), "fusion_groups": len(fusion_groups(gm)), "fusions": fusions,
+                **({"ort_transformer_optimizer_failed": failed} if failed else {}),
                 **ort_kernels(optimized), "ort_transformer_ops": onnx_transformer.transformer_ops(optimized)}
         return OnnxArtifact(data, signature, target, info, session)
 

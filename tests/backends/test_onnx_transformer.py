@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxforge
-from fxforge.compiler.errors import BackendError
+from fxforge.compiler.errors import BackendError, FallbackWarning
 from fxforge.compiler.verify import compare
 from fxforge.zoo import SentenceEncoder
 from models import ConvBnRelu
@@ -320,3 +320,23 @@ def test_trained_minilm_int8_dynamic_keeps_held_out_embeddings_on_integer_gemms(
     (nearest, margin), (got_nearest, _) = neighbours(want), neighbours(torch.nn.functional.normalize(got, dim=-1))
     resolved = margin >= 0.01
     assert int(resolved.sum()) == 34 and torch.equal(got_nearest[resolved], nearest[resolved])
+
+
+def test_a_failure_of_ort_transformer_fusions_falls_back_to_the_exported_model_and_says_so(monkeypatch):
+    """onnxruntime.transformers' Python fusions raised on a graph they did not expect (an AttributeError deep in
+    fusion_quickgelu on a 2-layer Llama with int8_dynamic); the exported model, whose attention fxforge already
+    lowered to MultiHeadAttention, runs without them, with a FallbackWarning and a note in the artifact's info."""
+    from fxforge.backends import onnx_transformer
+
+    def broken(model, cpu=True):
+        raise AttributeError("'NoneType' object has no attribute 'item'")
+
+    monkeypatch.setattr(onnx_transformer, "optimize", broken)
+    model = _encoder()
+    with pytest.warns(FallbackWarning, match="onnxruntime.transformers' fusions failed"):
+        cm = fxforge.compile(model, _tokens(4, 0), passes=["fuse"], backend="onnx")
+    assert cm.artifact.info["ort_transformer_optimizer_failed"].startswith("AttributeError")
+    assert cm.artifact.info["ort_transformer_ops"].get("MultiHeadAttention", 0) == LAYERS
+    inputs = _tokens(3, 1)
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-4
