@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import ArtifactError, BackendError, InputError, TargetError
+from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, InputError, TargetError, first_line
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.trace import Signature
 
@@ -44,7 +44,14 @@ class Artifact(ABC):
             raise InputError(f"a compiled model takes its inputs by position, as it was compiled; got keyword "
                              f"argument(s) {', '.join(sorted(kwargs))}")
         flat = self.signature.flatten(args)
-        return self.signature.unflatten(list(self.run(flat)))
+        try:
+            outputs = self.run(flat)
+        except FxforgeError:
+            raise
+        except Exception as e:  # values the signature cannot see (a token id past the vocabulary), or a runtime fault
+            raise BackendError(f"the {self.backend} artifact failed on inputs that match its signature: "
+                               f"{type(e).__name__}: {first_line(e)}") from None
+        return self.signature.unflatten(list(outputs))
 
     @abstractmethod
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
