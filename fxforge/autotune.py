@@ -188,7 +188,7 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     pick = calibration_picker(calibration_fn, input_key)
     batches = _calibration(MappedBatches(calibration, *pick) if calibration is not None and pick else calibration,
                            example)
-    _check_arguments(max_accuracy_drop, budget)
+    _check_arguments(max_accuracy_drop, budget, Path(output_dir))
     backend = backend or _default_backend()
     get_backend(backend)  # an unknown or missing backend fails here, before any work
     tgt = get_target(target)
@@ -403,11 +403,14 @@ def _calibration(calibration: Iterable[Any] | None, example: tuple) -> list[tupl
     return batches
 
 
-def _check_arguments(max_accuracy_drop: float, budget: int) -> None:
+def _check_arguments(max_accuracy_drop: float, budget: int, output_dir: Path) -> None:
     if not isinstance(max_accuracy_drop, (int, float)) or not 0 <= max_accuracy_drop < math.inf:
         raise InputError(f"max_accuracy_drop must be a finite number >= 0, got {max_accuracy_drop!r}")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 2:
         raise InputError(f"budget is a number of candidates >= 2 (the float and int8 references), got {budget!r}")
+    blocked = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # found before the search, not after it
+        raise InputError(f"output_dir {output_dir} cannot be a directory: {blocked} is a file")
 
 
 def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:

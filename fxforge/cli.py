@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time fxforge pipelines against eager, torch.compile, ONNX Runtime, TVM")
     _model_arguments(bench, required=False)
     bench.add_argument("--systems", help="semicolon-separated system names, '->' or '→' (default: all; see --list)")
-    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument("--rounds", type=_positive_int, default=5)
     bench.add_argument("--calibration", metavar="MODULE:FN", help="input tuples for the int8 systems")
     bench.add_argument("--tuning-db", metavar="DIR", help="add 'fxforge fuse → tvm (tuned)' compiled against this "
                        "MetaSchedule database (written by `fxforge tune`; nothing is tuned while benchmarking)")
@@ -154,6 +154,17 @@ def _parser() -> argparse.ArgumentParser:
                         "qemu-aarch64 from DIR (an arm64 python and TVM; made by tools/arm64-qemu-root.sh)")
     server.set_defaults(run=_rpc_server)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (argparse then reports a bad one as a usage error, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:

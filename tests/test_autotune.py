@@ -172,6 +172,14 @@ def test_bad_arguments_get_clear_errors(kwargs, error, message, tmp_path):
         fxforge.autotune(Tiny(), torch.randn(2, 4), **args)
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_the_search(tmp_path):
+    (tmp_path / "results.txt").write_text("mine")
+    with pytest.raises(InputError, match="results.txt is a file"):
+        fxforge.autotune(Tiny(), torch.randn(2, 4), backend="eager", calibration=[(torch.randn(4, 4),)],
+                         output_dir=tmp_path / "results.txt" / "run1")
+    assert (tmp_path / "results.txt").read_text() == "mine"
+
+
 def test_labelled_batches_are_refused_with_the_input_key_hint_and_taken_with_it(tmp_path):
     torch.manual_seed(0)
     labelled = [(torch.randn(4, 4), torch.randint(0, 3, (4,))) for _ in range(4)]

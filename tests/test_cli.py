@@ -307,6 +307,8 @@ def test_console_bench_lists_refuses_uncalibrated_int8_and_writes_json_and_plots
                       cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr == (
         "fxforge: error: system(s) ['fxforge int8 → onnx'] need calibration data: give --calibration MODULE:FN\n")
+    zero = console("bench", "tinymodel:tiny", "--input-shape", "2,4", "--rounds", "0", cwd=tmp_path)
+    assert zero.returncode == 2 and "argument --rounds: must be at least 1, got 0" in zero.stderr
     done = console("bench", "tinymodel:tiny", "--input-shape", "2,4", "--rounds", "1", "--out", "out",
                    "--systems", "eager;fxforge fuse -> torchscript", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
