@@ -200,6 +200,7 @@ class OnnxBackend(Backend):
         if missing:
             warnings.warn(f"target {target.name!r}: this onnxruntime lacks {', '.join(missing)}; the artifact runs "
                           f"on {', '.join(session.get_providers())}", FallbackWarning, stacklevel=2)
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)  # as exported
         info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
                 **({"ort_missing_providers": missing} if missing else {}),
@@ -210,8 +211,10 @@ class OnnxBackend(Backend):
 
 
 def _check_opset(opset: Any) -> None:
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise BackendError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        raise BackendError(f"opset must be an int from {MIN_OPSET} to {newest} (the installed onnx's newest), "
+                           f"got {opset!r}")
 
 
 def _check_fusions(fusions: Any) -> str:
