@@ -124,6 +124,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     flat = tuple(signature.flatten(example))
     if calibration is not None and pick is not None:
         calibration = MappedBatches(calibration, *pick)
+    if calibration is not None and not all(isinstance(e, torch.Tensor) for e in example):
+        calibration = MappedBatches(calibration, _flattener(signature, len(flat)), "calibration")
     if not signature.dynamic_batch:
         calibration, validation, train = (None if data is None else _Rebatched(data, example, kind) for data, kind in
                                           ((calibration, "calibration"), (validation, "validation"), (train, "train")))
@@ -252,6 +254,16 @@ class _Rebatched:
             for k in range(0, n, self.size):
                 yield torch.utils._pytree.tree_unflatten(
                     [t[k:k + self.size] if b else t for t, b in zip(leaves, self.batched)], spec)
+
+
+def _flattener(signature: Signature, count: int) -> Callable[[Any], tuple[torch.Tensor, ...]]:
+    """For a model whose inputs are not plain tensors (a dict, a namedtuple): a calibration item given like the
+    example inputs, ``(dict,)``, becomes the flat tuple the passes read; one already flat (``count`` tensors) stays."""
+    def flat(item: Any) -> tuple[torch.Tensor, ...]:
+        if isinstance(item, (tuple, list)) and len(item) == count and all(isinstance(t, torch.Tensor) for t in item):
+            return tuple(item)
+        return tuple(signature.flatten(item if isinstance(item, (tuple, list)) else (item,)))
+    return flat
 
 
 def calibration_picker(calibration_fn: Callable[[Any], Any] | None, input_key: InputKey | None

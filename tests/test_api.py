@@ -1,5 +1,6 @@
 """fxforge.compile end to end: the public surface, the untouched user model, and clear errors."""
 import copy
+import math
 import json
 import warnings
 
@@ -392,3 +393,28 @@ def test_verify_full_checks_every_stage_that_the_default_samples(monkeypatch):
     for a, b in zip(full.rows, sampled.rows):
         assert (b.max_rel_err is None) == (b.stage == "calibrate{method='percentile'}")
         assert b.max_rel_err is None or b.max_rel_err == a.max_rel_err, b.stage
+
+
+class DictInput(nn.Module):
+    """A model taking a dict, as many transformers wrappers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, d):
+        return self.fc(d["x"]) + d["bias"]
+
+
+@pytest.mark.parametrize("form", ["tuple", "bare"])
+def test_a_dict_input_model_calibrates_on_batches_given_like_its_example(form):
+    """calibration=[(dict,), ...] (the form of the example inputs, and of validation=) or bare dicts: each item is
+    flattened with the model's signature (it was refused: 'must be a tuple of 2 tensors, got 1: dict')."""
+    torch.manual_seed(0)
+    model = DictInput().eval()
+    batch = lambda: {"x": torch.randn(4, 8), "bias": torch.randn(4, 4)}  # noqa: E731
+    calibration = [(batch(),) if form == "tuple" else batch() for _ in range(4)]
+    cm = fxforge.compile(model, (batch(),), passes=["int8"], calibration=calibration, max_drop=math.inf)
+    assert cm.report.row("insert_qdq").stats["weights"] == 1
+    d = batch()
+    assert torch.nn.functional.cosine_similarity(cm(d).flatten(), model(d).flatten(), 0) > 0.99
