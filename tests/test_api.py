@@ -235,8 +235,8 @@ def test_calibration_is_checked_before_any_work(monkeypatch):
         warnings.simplefilter("always")  # so that a second warning from the same line would be seen
         fxforge.compile(model, (x,), passes=["fuse"], calibration=[(x,)], measure_latency=False)
     assert [str(w.message) for w in caught if "calibration" in str(w.message)] == [
-        "calibration data given, but no pass of this pipeline reads it (fold_constants, fuse_batchnorm, "
-        "eliminate_dead_code, fuse_activation); it is ignored"]  # once
+        "calibration data given, but no pass of this pipeline reads it (fold_constants, addmm_to_linear, "
+        "fuse_batchnorm, eliminate_dead_code, fuse_activation); it is ignored"]  # once
 
 
 def test_backend_options_are_checked_before_tracing(monkeypatch):

@@ -2,6 +2,7 @@
 from fxforge.compiler.pass_manager import register_preset
 
 from .adaround import AdaRound
+from .addmm_to_linear import AddmmToLinear
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .dead_channels import DeadChannels
@@ -19,7 +20,7 @@ from .low_rank import LowRank
 from .prune_channels import PruneChannels
 from .smooth_quant import SmoothQuant
 
-register_preset("fuse", ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
+register_preset("fuse", ["fold_constants", "addmm_to_linear", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"],
                 "exact operator fusion")
 # the quantization steps of the int8 and all presets (and of every quantized setting the tuning search tries)
 QUANTIZE = ["equalize", "insert_qdq", "calibrate{method='percentile'}", "bias_correction", "fold_qdq"]
@@ -37,6 +38,6 @@ register_preset("compress", ["fuse", "dead_channels", "low_rank{budget='latency'
 register_preset("all", ["compress", *QUANTIZE],
                 "the full pipeline: compress, then static int8 quantization")
 
-__all__ = ["AdaRound", "BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
+__all__ = ["AdaRound", "AddmmToLinear", "BiasCorrection", "Calibrate", "DeadChannels", "DepthwiseSeparable", "Distill", "EliminateDeadCode",
            "Equalize", "EqualizeActivations", "FoldConstants", "FoldQdq", "FuseActivation", "FuseBatchNorm", "InsertQdq", "LowRank",
            "PruneChannels", "SmoothQuant"]

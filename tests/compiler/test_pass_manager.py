@@ -28,7 +28,7 @@ def test_available_passes_lists_builtins_and_presets_with_descriptions():
 
 def test_presets_expand_and_options_parse():
     passes = resolve(["fuse", "fold_constants{}"])
-    assert [p.name for p in passes] == ["fold_constants", "fuse_batchnorm", "eliminate_dead_code",
+    assert [p.name for p in passes] == ["fold_constants", "addmm_to_linear", "fuse_batchnorm", "eliminate_dead_code",
                                         "fuse_activation", "fold_constants"]
 
 
@@ -196,8 +196,8 @@ def test_crashing_pass_becomes_pass_error():
 def test_report_has_a_row_per_pass_with_sizes_and_flops():
     gm, flat = traced("resnet18")
     _, report = PassManager(["fuse"], measure_latency=False).run(gm, PassContext(flat))
-    assert [r.stage for r in report.rows] == ["input", "fold_constants", "fuse_batchnorm", "eliminate_dead_code",
-                                             "fuse_activation"]
+    assert [r.stage for r in report.rows] == ["input", "fold_constants", "addmm_to_linear", "fuse_batchnorm",
+                                             "eliminate_dead_code", "fuse_activation"]
     first, bn = report.row("input"), report.row("fuse_batchnorm")
     assert bn.params < first.params and bn.bytes < first.bytes and bn.nodes < first.nodes
     assert first.flops > 1e8 and bn.stats["folded"] == 20

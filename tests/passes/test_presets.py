@@ -12,7 +12,7 @@ def _names(spec):
 
 
 def test_presets_expand_to_their_documented_pipelines():
-    fuse = ["fold_constants", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"]
+    fuse = ["fold_constants", "addmm_to_linear", "fuse_batchnorm", "eliminate_dead_code", "fuse_activation"]
     assert _names("fuse") == fuse
     assert _names("compress") == fuse + ["dead_channels", "low_rank"]
     quantize = ["equalize", "insert_qdq", "calibrate", "bias_correction", "fold_qdq"]
