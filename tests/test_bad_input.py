@@ -62,6 +62,13 @@ class Counter(nn.Module):
         return self.fc(x) * self.calls
 
 
+class MaskedMean(nn.Module):
+    """A mean over the tokens a mask keeps: clamp_min of an int64 count, which TVM imports but cannot legalize."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
+
+
 class TwoInputs(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + y
@@ -262,6 +269,10 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("TVM not installed", fxforge.BackendError,
      r"the tvm backend needs the 'tvm' package: pip install 'fxforge\[tvm\]'",
      lambda t, mp: (without_module(mp, "tvm", "tvm"), compile_(backend="tvm"))),
+    ("an op TVM imports but cannot legalize", fxforge.BackendError,
+     r"TVM's Relax pipeline \(decompose, legalize, fold, fuse\) failed on the imported model: RuntimeError: "
+     r"Cannot convert infinity to BigInt",
+     lambda t, mp: compile_(MaskedMean(), (torch.randn(2, 7), torch.randint(0, 2, (2, 7))), backend="tvm")),
     ("op the ONNX exporter cannot lower", fxforge.BackendError,
      r"cannot lower op aten\.kthvalue\.default at node 'kthvalue'",
      lambda t, mp: compile_(KthValue(), (torch.randn(2, 5),), backend="onnx")),

@@ -194,11 +194,15 @@ def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target, *, fast_math: bool
     from tvm import relax
     layout = [] if is_gpu(tvm_target) else [relax.transform.ConvertLayout(CPU_LAYOUT)]
     fast = [_fast_math_pass()] if fast_math else []
-    with tvm_target:
-        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), *layout, matmul_layout(),
-                                         *fast,
-                                         relax.transform.CanonicalizeBindings(),
-                                         relax.get_pipeline("zero")])(mod)
+    try:
+        with tvm_target:
+            return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), *layout, matmul_layout(),
+                                             *fast,
+                                             relax.transform.CanonicalizeBindings(),
+                                             relax.get_pipeline("zero")])(mod)
+    except Exception as e:  # an op TVM imported but cannot legalize (seen: clamp_min of an int64 tensor)
+        raise BackendError(f"TVM's Relax pipeline (decompose, legalize, fold, fuse) failed on the imported model: "
+                           f"{type(e).__name__}: {first_line(e)}") from None
 
 
 def _fast_math_pass() -> tvm.transform.Pass:
