@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--input-key", metavar="KEY[,KEY]", type=_input_key,
                       help="where each --calibration batch holds the model's inputs: an index or dict key, e.g. 0 for "
                            "(input, label) pairs, or several in order (input_key of fxforge.compile)")
+    comp.add_argument("--train", metavar="MODULE:FN", help="a function returning unlabeled input tuples for passes "
+                      "that train (distill)")
     comp.add_argument("--validation", metavar="MODULE:FN", help="a function returning held-out input tuples: the "
                       "report's error columns (cosine, top-1 agreement) come from them")
     comp.add_argument("--verify", default="numerics", choices=VERIFY_MODES,
@@ -236,9 +238,10 @@ def _compile(args: argparse.Namespace) -> int:
     example = _example_inputs(args.input_shape, args.dtype)
     calibration = _calibration(args.calibration) if args.calibration else None
     validation = _calibration(args.validation, "validation") if args.validation else None
+    train = _calibration(args.train, "train") if args.train else None
     cm = fxforge.compile(model, example, passes=split_passes(args.passes), backend=args.backend,
                          target=args.target, calibration=calibration, input_key=args.input_key,
-                         validation=validation, verify=args.verify,
+                         validation=validation, train=train, verify=args.verify,
                          measure_latency=args.latency, static_batch=args.static_batch, max_drop=args.max_drop,
                          strict=args.strict, **options)
     print(cm.report)

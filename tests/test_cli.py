@@ -260,6 +260,17 @@ def test_console_input_key_picks_the_inputs_out_of_labelled_calibration_batches(
     assert keys("0") == 0 and keys("pixel_values") == "pixel_values" and keys("input_ids,1") == ("input_ids", 1)
 
 
+def test_console_train_gives_distill_its_data_and_without_it_the_flag_is_named(tmp_path):
+    (tmp_path / "tinymodel.py").write_text(TINY)
+    argv = ["compile", "tinymodel:tiny", "--input-shape", "2,4", "--passes",
+            "prune_channels{ratio=0.5},distill{steps=2,eval_every=1}", "--calibration", "tinymodel:held_out"]
+    refused = console(*argv, cwd=tmp_path)
+    assert refused.returncode == 2 and "or --train MODULE:FN to the fxforge command" in refused.stderr
+    done = console(*argv, "--train", "tinymodel:held_out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\ndistill.*steps=", done.stdout), done.stdout
+
+
 def test_console_warnings_are_one_line_each(tmp_path):
     """`--passes fuse,int8` runs fuse once and says so; `--target cuda --backend onnx` without ONNX Runtime's
     CUDA provider says where the artifact runs instead (and --strict refuses it): one line each, no source."""

@@ -63,13 +63,15 @@ def missing_dependency(package: str, extra: str, why: str) -> BackendError:
 def missing_calibration(pass_name: str) -> CalibrationError:
     """The error for a pipeline whose pass ``pass_name`` reads calibration data that was not given."""
     return CalibrationError(f"pass {pass_name!r} needs calibration data: pass calibration=[(x1,), (x2,), ...] (an "
-                            "iterable of input tuples like the example inputs) to fxforge.compile")
+                            "iterable of input tuples like the example inputs) to fxforge.compile, or --calibration "
+                            "MODULE:FN to the fxforge command")
 
 
 def missing_train(pass_name: str) -> CalibrationError:
     """The error for a pipeline whose pass ``pass_name`` trains on data that was not given."""
     return CalibrationError(f"pass {pass_name!r} needs training data: pass train=[(x1,), (x2,), ...] (an iterable "
-                            "of unlabeled input tuples like the example inputs) to fxforge.compile")
+                            "of unlabeled input tuples like the example inputs) to fxforge.compile, or --train "
+                            "MODULE:FN to the fxforge command")
 
 
 def first_line(e: BaseException) -> str:
