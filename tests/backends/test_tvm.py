@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import fxforge
 from fxforge.backends.tvm import lower as tvm_backend
@@ -436,3 +437,29 @@ def test_zoo_after_fuse_matches_eager(name):
     inputs = fresh_inputs(example, seed=11)
     with torch.no_grad():
         assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-4
+
+
+class AttnView(nn.Module):
+    """GPT-2's attention tail: heads merged by transpose + reshape, then its Conv1D's view(-1, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = o.transpose(1, 2).reshape(b, t, c)
+        return self.proj(o.view(-1, c)).view(b, t, c)
+
+
+def test_a_view_of_decomposed_attention_output_lowers_as_a_reshape():
+    """The re-export for TVM decomposes scaled_dot_product_attention, whose output then has other strides than the
+    fused kernel's, and the view after it failed ("Cannot view a tensor with shape [s, 6, 16] and strides (16, 16·s,
+    1)"; GPT-2 and T5 fuse → tvm); views become reshapes for that export."""
+    model = AttnView().eval()
+    cm = fxforge.compile(model, (torch.randn(2, 6, 16),), passes=["fuse"], backend="tvm", measure_latency=False)
+    x = torch.randn(3, 6, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-5)

@@ -90,7 +90,8 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
                                                   for t in example_inputs])
     try:
         with torch.no_grad():
-            ep = torch.export.export(copy.deepcopy(gm).eval(), args, dynamic_shapes=shapes, strict=False)
+            ep = torch.export.export(_views_as_reshapes(copy.deepcopy(gm)).eval(), args, dynamic_shapes=shapes,
+                                     strict=False)
             ep = ep.run_decompositions()  # what from_exported_program does by default
     except Exception as e:
         raise BackendError(f"re-exporting the graph for TVM failed: {first_line(e)}") from None
@@ -118,6 +119,18 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     # export's batch bound (2**16) would make static memory planning reserve buffers for that batch
     mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     return mod
+
+
+def _views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with every ``aten.view`` a ``aten.reshape`` (the same values: reshape is a view wherever one exists).
+    The re-export decomposes ``scaled_dot_product_attention`` into ops whose output strides differ from the fused
+    kernel's, and a later view of it (GPT-2's ``Conv1D`` after the attention's transpose) then has no valid strides:
+    "Cannot view a tensor with shape [B, T, C] and strides (C, C·B, 1)", which a reshape copes with by copying."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    gm.recompile()
+    return gm
 
 
 class _NodeFailure(Exception):
