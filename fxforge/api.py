@@ -117,8 +117,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
+    model, uncached = _without_kv_cache(model)
     times, start = {}, time.perf_counter()
-    runs = ModelRuns(copy.deepcopy(model).eval()) if isinstance(model, torch.nn.Module) else None
+    runs = ModelRuns((model if uncached else copy.deepcopy(model)).eval()) \
+        if isinstance(model, torch.nn.Module) else None  # a copy: calling the user's model must not change it
     gm, signature = trace(model, example, static_batch=static_batch, runs=runs)
     times["trace"] = time.perf_counter() - start
     flat = tuple(signature.flatten(example))
@@ -172,6 +174,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     report.meta["checked"] = checks_made(verify, all(r.exact for r in report.rows), is_quantized(gm), artifact.backend,
                                          tgt.runs_on_host, exact_tolerance(flat), report.meta.get(SAMPLED_OUT, ()))
     report.meta["compile_s"] = {k: round(v, 2) for k, v in times.items()}  # where compile time went
+    if uncached:
+        report.meta["use_cache"] = (f"False for {', '.join(uncached)}: transformers' KV cache (an output torch.export "
+                                    "cannot capture) is off in the compiled model, which computes the no-cache forward; "
+                                    "docs/backends.md shows a decoder step with its cache as inputs and outputs")
     if gm.meta.get("input_writes_dropped"):
         report.meta["input_writes_dropped"] = (f"the model writes into input(s) "
                                                f"{', '.join(gm.meta['input_writes_dropped'])}; the compiled model "
@@ -264,6 +270,26 @@ def _flattener(signature: Signature, count: int) -> Callable[[Any], tuple[torch.
             return tuple(item)
         return tuple(signature.flatten(item if isinstance(item, (tuple, list)) else (item,)))
     return flat
+
+
+def _without_kv_cache(model: Any) -> tuple[Any, list[str]]:
+    """``model``, or a copy of it in which every transformers submodule whose config asks for a KV cache
+    (``config.use_cache``) computes without one, and the names of those submodules. The cache comes back as a
+    ``DynamicCache`` output, which torch.export cannot capture (a TraceError); the user's model keeps its config."""
+    if not isinstance(model, torch.nn.Module):
+        return model, []
+    configs = {}  # config → the first (outermost) module holding it: submodules share their model's config
+    for name, m in model.named_modules():
+        if getattr(getattr(m, "config", None), "use_cache", None) is True:
+            configs.setdefault(id(m.config), name or type(model).__name__)
+    cached = list(configs.values())
+    if not cached:
+        return model, []
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if getattr(getattr(m, "config", None), "use_cache", None) is True:
+            m.config.use_cache = False
+    return model, cached
 
 
 def calibration_picker(calibration_fn: Callable[[Any], Any] | None, input_key: InputKey | None

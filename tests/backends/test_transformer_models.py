@@ -1,6 +1,7 @@
 """The transformer models issue 15 names, at random init: each compiles with ``fuse`` on every backend and matches
 eager at another batch size, and with ``int8`` and ``int8_dynamic`` on onnx quantizes and stays close to eager (the
-artifact checked against its stated bound by compile itself); a slow sweep, ~2 min on 2 cores."""
+artifact checked against its stated bound by compile itself), a slow sweep of ~2 min on 2 cores; and a decoder's KV
+cache, turned off for capture or given as explicit inputs and outputs (docs/backends.md)."""
 import math
 
 import pytest
@@ -109,3 +110,53 @@ def test_int8_on_onnx_compiles_within_its_stated_bound(name, passes):
     x = inputs(3)  # compile checked the artifact against its stated bound; here: another batch, still close
     with torch.no_grad():
         assert compare([cm(*x)], [model(*x)]).cosine > 0.95
+
+
+def _gpt2_lm():
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                  eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_a_decoder_that_returns_its_kv_cache_compiles_its_no_cache_forward_and_says_so():
+    """GPT-2 as transformers builds it (config.use_cache=True) returns a DynamicCache, which torch.export refused (a
+    TraceError); compile turns the cache off in a copy, says so in the report, and leaves the user's config."""
+    torch.manual_seed(0)
+    model = _gpt2_lm()
+    cm = fxforge.compile(model, (torch.randint(0, 100, (2, 8)),), passes=["fuse"], measure_latency=False)
+    assert cm.report.meta["use_cache"].startswith("False for GPT2LMHeadModel:")
+    assert model.config.use_cache is True
+    ids = torch.randint(0, 100, (3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids)["logits"], model(ids, use_cache=False).logits)
+
+
+class Step(nn.Module):
+    """One decoding step with the KV cache as tensors (docs/backends.md): (ids, past_k, past_v) → (logits, k, v),
+    the cache laid out [batch, layers, heads, past, head_dim] so that its first dimension is the batch."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, past_k, past_v):
+        cache = transformers.DynamicCache()
+        for i in range(past_k.shape[1]):
+            cache.update(past_k[:, i], past_v[:, i], i)
+        out = self.lm(input_ids=ids, past_key_values=cache, use_cache=True)
+        layers = out.past_key_values.layers
+        return out.logits, torch.stack([a.keys for a in layers], 1), torch.stack([a.values for a in layers], 1)
+
+
+def test_a_decoder_step_with_its_kv_cache_as_inputs_and_outputs_compiles():
+    torch.manual_seed(0)
+    step = Step(_gpt2_lm()).eval()
+    cache = lambda batch: torch.randn(batch, 2, 4, 5, 8)  # noqa: E731  (2 layers, 4 heads, 5 past tokens)
+    cm = fxforge.compile(step, (torch.randint(0, 100, (2, 1)), cache(2), cache(2)), passes=["fuse"], backend="onnx",
+                         measure_latency=False)
+    x = (torch.randint(0, 100, (3, 1)), cache(3), cache(3))
+    with torch.no_grad():
+        got, want = cm(*x), step(*x)
+    assert got[1].shape == (3, 2, 4, 6, 8)  # the cache grew by the new token
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
