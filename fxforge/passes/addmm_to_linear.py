@@ -24,8 +24,8 @@ PATTERN = op(aten.addmm, aten.mm, name="mm")
 def _parts(node: fx.Node) -> tuple[fx.Node | None, fx.Node, fx.Node]:
     """(bias or None, x, W) of an addmm or mm."""
     if node.target == aten.mm.default:
-        return None, node.args[0], node.args[1]
-    return node.args[0], node.args[1], node.args[2]
+        return None, argument(node, "self"), argument(node, "mat2")
+    return argument(node, "self"), argument(node, "mat1"), argument(node, "mat2")
 
 
 def check(gm: fx.GraphModule, m: Match) -> str | None:
