@@ -16,8 +16,8 @@ import torch.utils._pytree as pytree
 
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.budget import Budget
-from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputError, TargetError, first_line,
-                                     missing_calibration, missing_train)
+from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputError, TargetError, TraceError,
+                                     first_line, missing_calibration, missing_train)
 from fxforge.compiler.pass_manager import (NUMERIC_MODES, SAMPLED_OUT, Pass, PassContext, PassManager, VerifyMode,
                                            calibration_readers, train_readers)
 from fxforge.compiler.quality import Metric, Validation, flat_batches
@@ -117,11 +117,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
-    model, uncached = _without_kv_cache(model)
     times, start = {}, time.perf_counter()
-    runs = ModelRuns((model if uncached else copy.deepcopy(model)).eval()) \
-        if isinstance(model, torch.nn.Module) else None  # a copy: calling the user's model must not change it
-    gm, signature = trace(model, example, static_batch=static_batch, runs=runs)
+    gm, signature, runs, uncached = _capture(model, example, static_batch)
     times["trace"] = time.perf_counter() - start
     flat = tuple(signature.flatten(example))
     if calibration is not None and pick is not None:
@@ -270,6 +267,22 @@ def _flattener(signature: Signature, count: int) -> Callable[[Any], tuple[torch.
             return tuple(item)
         return tuple(signature.flatten(item if isinstance(item, (tuple, list)) else (item,)))
     return flat
+
+
+def _capture(model: Any, example: tuple, static_batch: bool
+             ) -> tuple[fx.GraphModule, Signature, ModelRuns | None, list[str]]:
+    """``trace`` with the model's reference runs on a copy (calling the user's model must not change it). A
+    transformers decoder whose output holds its KV cache (a ``DynamicCache``: export refuses it) is captured again
+    without the cache (``_without_kv_cache``); the last item names the modules whose cache was turned off."""
+    runs = ModelRuns(copy.deepcopy(model).eval()) if isinstance(model, torch.nn.Module) else None
+    try:
+        return (*trace(model, example, static_batch=static_batch, runs=runs), runs, [])
+    except TraceError as e:
+        uncached_model, uncached = _without_kv_cache(model)
+        if not uncached or "Cache" not in str(e):
+            raise
+    runs = ModelRuns(uncached_model.eval())
+    return (*trace(uncached_model, example, static_batch=static_batch, runs=runs), runs, uncached)
 
 
 def _without_kv_cache(model: Any) -> tuple[Any, list[str]]:
