@@ -154,6 +154,7 @@ def test_a_decoder_step_with_its_kv_cache_as_inputs_and_outputs_compiles():
     cache = lambda batch: torch.randn(batch, 2, 4, 5, 8)  # noqa: E731  (2 layers, 4 heads, 5 past tokens)
     cm = fxforge.compile(step, (torch.randint(0, 100, (2, 1)), cache(2), cache(2)), passes=["fuse"], backend="onnx",
                          measure_latency=False)
+    assert "use_cache" not in cm.report.meta  # it uses its cache, explicitly: nothing was turned off
     x = (torch.randint(0, 100, (3, 1)), cache(3), cache(3))
     with torch.no_grad():
         got, want = cm(*x), step(*x)
