@@ -26,7 +26,8 @@ from torch.export import Dim
 
 from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
-from .ops import data
+from .graph import get_tensor
+from .ops import argument, aten, data, is_op
 from .verify import BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, clone_inputs, compare, fresh_inputs
 
 MAX_BATCH = 1 << 16
@@ -58,6 +59,9 @@ class Signature:
     out_spec: str
     dynamic_batch: bool
     note: str = ""  # why the batch is static, when it is
+    # (input, rows): an integer input that indexes an embedding of that many rows directly. Backends differ outside
+    # [0, rows): PyTorch raises, ONNX's Gather wraps a negative index around, so the signature checks it for all.
+    index_bounds: tuple[tuple[int, int], ...] = ()
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
@@ -77,6 +81,11 @@ class Signature:
             if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
                 raise InputError(f"input {i} has shape {list(t.shape)}, compiled for {list(s.shape)} "
                                  "(None = any size)")
+        for i, rows in self.index_bounds:
+            t = flat[i]
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= rows):
+                raise InputError(f"input {i} holds indices from {int(t.min())} to {int(t.max())}, but it indexes an "
+                                 f"embedding of {rows} rows: each must be in [0, {rows})")
         sizes = {i: t.shape[0] for i, (t, b) in enumerate(zip(flat, self.batched())) if b}
         if len(set(sizes.values())) > 1:
             i, j = next((i, j) for i in sizes for j in sizes if sizes[i] != sizes[j])
@@ -90,12 +99,13 @@ class Signature:
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [s.to_dict() for s in self.inputs], "in_spec": self.in_spec,
-                "out_spec": self.out_spec, "dynamic_batch": self.dynamic_batch, "note": self.note}
+                "out_spec": self.out_spec, "dynamic_batch": self.dynamic_batch, "note": self.note,
+                "index_bounds": [list(b) for b in self.index_bounds]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
-                   d["dynamic_batch"], d.get("note", ""))
+                   d["dynamic_batch"], d.get("note", ""), tuple(tuple(b) for b in d.get("index_bounds", ())))
 
 
 def _describe(flat: Sequence[Any]) -> str:
@@ -208,8 +218,21 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
     batch = _batch_size(args)
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic and t.dim() > 0 and t.shape[0] == batch), t.dtype)
                           for t in flat),
-                    _dumps(pytree.tree_flatten((args, {}))[1]), _dumps(ep.call_spec.out_spec), dynamic, note)
+                    _dumps(pytree.tree_flatten((args, {}))[1]), _dumps(ep.call_spec.out_spec), dynamic, note,
+                    _index_bounds(gm))
     return gm, sig
+
+
+def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
+    """(input, rows) for each flat input that ``aten.embedding`` reads as its indices, with a constant table."""
+    bounds = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        tables = [get_tensor(gm, argument(u, "weight")) for u in node.users
+                  if is_op(u, aten.embedding) and argument(u, "indices") is node]
+        rows = {t.shape[0] for t in tables if t is not None}
+        if rows:
+            bounds.append((i, min(rows)))
+    return tuple(bounds)
 
 
 def _mutated_buffers(ep: torch.export.ExportedProgram) -> list[str]:

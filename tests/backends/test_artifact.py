@@ -41,6 +41,20 @@ def test_save_through_a_symlink_replaces_the_artifact_it_points_to_and_keeps_the
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
 
 
+def test_a_run_time_failure_on_inputs_the_signature_accepts_is_a_one_line_backend_error(monkeypatch):
+    """What the signature cannot see (a value a kernel refuses, a runtime fault) is named with the backend and the
+    runtime's first line, not raised raw from inside it."""
+    cm = compiled()
+
+    def fails(inputs):
+        raise RuntimeError("kernel refused\nmany more lines")
+
+    monkeypatch.setattr(cm.artifact, "run", fails)
+    with pytest.raises(fxforge.BackendError, match=r"^the eager artifact failed on inputs that match its signature: "
+                                                    r"RuntimeError: kernel refused$"):
+        cm(torch.randn(2, 4))
+
+
 def test_save_never_deletes_files_beside_a_stray_manifest(tmp_path):
     path = compiled().save(tmp_path / "art")
     (path / "thesis.tex").write_text("years of work")

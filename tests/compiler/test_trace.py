@@ -181,3 +181,18 @@ def test_inputs_sharing_the_example_batch_share_one_batch_dimension_and_a_call_m
     assert [s.shape for s in apart.signature.inputs] == [(None, 4), (3, 4)]
     with pytest.raises(fxforge.InputError, match=r"input 1 has shape \[5, 4\], compiled for \[3, 4\]"):
         apart(torch.randn(2, 4), torch.randn(5, 4))
+
+
+def test_token_ids_outside_the_embedding_are_refused_by_every_backend_and_after_loading(tmp_path):
+    """PyTorch raises for an index outside the table, ONNX's Gather wraps a negative one around (a silent wrong
+    row): the signature checks the inputs an embedding reads, for every backend and in a loaded artifact."""
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(56, 3)).eval()
+    cm = fxforge.compile(model, (torch.randint(0, 50, (2, 7)),), passes=["fuse"], backend="onnx")
+    assert cm.signature.index_bounds == ((0, 50),)
+    loaded = fxforge.load(cm.save(tmp_path / "a"))
+    for bad in (torch.full((3, 7), -1), torch.full((3, 7), 50)):
+        for artifact in (cm, loaded):
+            with pytest.raises(fxforge.InputError, match=r"indexes an embedding of 50 rows"):
+                artifact(bad)
+    ids = torch.randint(0, 50, (3, 7))
+    torch.testing.assert_close(loaded(ids), model(ids))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import re
 import shutil
@@ -454,4 +455,4 @@ def _check_kernels(mod: tvm.IRModule, source: str) -> None:
 
 def _static(signature: Signature, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
     specs = tuple(TensorSpec(tuple(t.shape), s.dtype) for t, s in zip(example_inputs, signature.inputs))
-    return Signature(specs, signature.in_spec, signature.out_spec, False, note)
+    return dataclasses.replace(signature, inputs=specs, dynamic_batch=False, note=note)
