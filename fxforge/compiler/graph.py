@@ -4,6 +4,7 @@ The op vocabulary (``aten``, ``is_op``, op families, named arguments) lives in `
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from typing import Any, Iterator
 
 import torch
@@ -27,13 +28,22 @@ def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def tensor_uses(gm: fx.GraphModule) -> Counter:
+    """Constant target → how many uses it has across the graph (every get_attr of it counted): more than one where
+    a module's parameter is read by several calls (a layer called twice, tied weights), which a pass rewriting the
+    tensor for one of them must not change for the others."""
+    uses: Counter = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            uses[n.target] += len(n.users)
+    return uses
+
+
 def readers(gm: fx.GraphModule, node: Any) -> int:
-    """How many uses the tensor behind get_attr ``node`` has across the graph (every get_attr of its target
-    counted): more than one where a module's parameter is read by several calls (a layer called twice, tied
-    weights), which a pass rewriting the tensor for one of them must not change for the others."""
+    """How many uses the tensor behind get_attr ``node`` has (``tensor_uses``); 0 for anything else."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return 0
-    return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target)
+    return tensor_uses(gm)[node.target]
 
 
 def set_tensor(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes, TensorInfo
-from fxforge.compiler.graph import get_tensor
+from fxforge.compiler.graph import get_tensor, tensor_uses
 from fxforge.compiler.ops import (BATCH_NORM, CONV, LINEAR, argument, aten, conv_groups, data, is_op, operands,
                                  reduced_dims, split_sizes, weight_of, with_data)
 from fxforge.compiler.pass_manager import Analysis, PassContext
@@ -130,11 +130,7 @@ class _Builder:
         self.graph = nx.Graph()
         self.stopped: dict[int, str] = {}
         self.next_id = 0
-        uses = Counter()
-        for n in gm.graph.nodes:
-            if n.op == "get_attr":
-                uses[n.target] += len(n.users)
-        self.shared = {target for target, count in uses.items() if count > 1}  # constants several calls read
+        self.shared = {target for target, count in tensor_uses(gm).items() if count > 1}  # read by several calls
 
     # -- helpers
     def fresh(self, n: int) -> torch.Tensor:
