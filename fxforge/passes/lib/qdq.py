@@ -120,15 +120,15 @@ def _fit_int32_bias(gm: fx.GraphModule, op: fx.Node, bias: torch.Tensor) -> int:
     w_q = data(w_dq)
     need = 2 * bias.detach().double().abs() / (x_scale * INT32[1])
     per_channel = is_op(w_dq, qd.dequantize_per_channel)
-    current = get_tensor(gm, q_params(w_dq).scale).double() if per_channel else \
-        torch.tensor([q_params(w_dq).scale], dtype=torch.float64)
-    natural = w_q.meta[QDQ_KEY].get("natural_scale", current)
-    fitted = torch.maximum(natural, need if per_channel else need.max().reshape(1))
+    current = (get_tensor(gm, q_params(w_dq).scale) if per_channel else
+               torch.tensor([q_params(w_dq).scale])).float()  # float32, as stored: a refresh that changes nothing
+    natural = w_q.meta[QDQ_KEY].get("natural_scale", current)   # compares equal and writes nothing
+    fitted = torch.maximum(natural.double(), need if per_channel else need.max().reshape(1)).float()
     if torch.equal(fitted, current):
         return 0
     w_q.meta[QDQ_KEY]["natural_scale"] = natural
     if per_channel:
-        set_tensor(gm, q_params(w_dq).scale, fitted.float())
+        set_tensor(gm, q_params(w_dq).scale, fitted)
     else:
         for node in (w_q, w_dq):  # the weight's Q and DQ, one per-tensor grid
             set_q_scale(node, float(fitted), 0)
