@@ -50,8 +50,13 @@ class Artifact(ABC):
             raise
         except Exception as e:  # values the signature cannot see (a token id past the vocabulary), or a runtime fault
             raise BackendError(f"the {self.backend} artifact failed on inputs that match its signature: "
-                               f"{type(e).__name__}: {first_line(e)}") from None
+                               f"{self.describe_failure(e)}") from None
         return self.signature.unflatten(list(outputs))
+
+    def describe_failure(self, e: Exception) -> str:
+        """One line saying why ``run`` raised ``e``; a backend whose runtime buries the cause in a longer message
+        overrides it."""
+        return f"{type(e).__name__}: {first_line(e)}"
 
     @abstractmethod
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:

@@ -72,6 +72,8 @@ if importlib.util.find_spec("onnxscript") is None:
     raise missing_dependency("onnxscript", "onnx", "torch.onnx's dynamo exporter (the onnx backend)")
 
 MODEL_FILE = "model.onnx"
+QUIET_RUN = ort.RunOptions()
+QUIET_RUN.log_severity_level = 4  # a kernel's failure is raised as a BackendError; ORT need not also log it
 EXPORT_OPTIONS = ("opset", "fusions")  # backend options that shape the exported model, not the ORT session
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -83,6 +85,8 @@ INT8_KERNELS = ("QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
                 "QAttention", "NhwcMaxPool")  # plus every QLinear* op; ORT's NHWC layout pass makes NhwcMaxPool of
 # an 8-bit MaxPool only
 CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+ORT_NODE_FAILURE = re.compile(r"while running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.S)
+ORT_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|h|cpp):\d+ ")  # "/onnxruntime_src/...gather_elements.cc:150 "
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "ReorderInput", "ReorderOutput", "Pad")
 
 
@@ -136,6 +140,25 @@ class SessionConfig:
         return so
 
 
+def _strip_cpp_signature(message: str) -> str:
+    """``message`` without a leading C++ function signature ("void onnxruntime::f(const T*, ...) [with T = ...] "),
+    the form ORT_ENFORCE puts before its text; other messages unchanged."""
+    open_paren = message.find("(")
+    if open_paren < 0 or "::" not in message[:open_paren]:
+        return message
+    depth = 0
+    for end, char in enumerate(message[open_paren:], open_paren):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            break
+    rest = message[end + 1:].lstrip()
+    for qualifier in ("const", "noexcept"):
+        rest = rest.removeprefix(qualifier).lstrip()
+    if rest.startswith("[with "):
+        rest = rest[rest.find("]") + 1:].lstrip()
+    return rest or message
+
+
 class OnnxArtifact(Artifact):
     backend = "onnx"
 
@@ -148,7 +171,17 @@ class OnnxArtifact(Artifact):
 
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
-        return tuple(torch.from_numpy(out) for out in self.session.run(None, feed))
+        return tuple(torch.from_numpy(out) for out in self.session.run(None, feed, QUIET_RUN))
+
+    def describe_failure(self, e: Exception) -> str:
+        """ORT's kernel failures read "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running
+        GatherElements node. Name:'node_gather' Status Message: <source file:line> <C++ signature> <cause>": say
+        the op, the node and the cause."""
+        match = ORT_NODE_FAILURE.search(ANSI.sub("", str(e)))
+        if match is None:
+            return super().describe_failure(e)
+        op, node, message = match.groups()
+        return f"{op} node {node!r}: {_strip_cpp_signature(ORT_SOURCE_LOCATION.sub('', message.strip()))}"
 
     def write(self, directory: Path) -> None:
         (directory / MODEL_FILE).write_bytes(self.model)

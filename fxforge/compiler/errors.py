@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+TORCHSCRIPT_HEADER = "The following operation failed in the TorchScript interpreter"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours some libraries put in their messages
 
 
@@ -75,6 +76,12 @@ def missing_train(pass_name: str) -> CalibrationError:
 
 
 def first_line(e: BaseException) -> str:
-    """The first non-blank line of an exception's message (colour codes removed), or its type's name."""
+    """The first non-blank line of an exception's message (colour codes removed), or its type's name. A
+    TorchScript interpreter error opens with a fixed header and a TorchScript traceback and states its cause on the
+    last line ("RuntimeError: index 9 is out of bounds ..."), so that line is taken, without the type's name."""
     lines = [ln.strip() for ln in ANSI.sub("", str(e)).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith(TORCHSCRIPT_HEADER):
+        return re.sub(r"^\w+: ", "", lines[-1])
+    return lines[0]

@@ -9,6 +9,7 @@ from torch import nn
 
 import fxforge
 from fxforge.backends import base
+from test_bad_input import gathered
 
 
 def compiled() -> fxforge.CompiledModel:
@@ -53,6 +54,14 @@ def test_a_run_time_failure_on_inputs_the_signature_accepts_is_a_one_line_backen
     with pytest.raises(fxforge.BackendError, match=r"^the eager artifact failed on inputs that match its signature: "
                                                     r"RuntimeError: kernel refused$"):
         cm(torch.randn(2, 4))
+
+
+def test_a_kernel_failure_is_raised_once_not_also_logged_by_onnx_runtime(capfd):
+    """ORT logs a failing kernel's message to stderr before raising it; the BackendError (its text checked in
+    tests/test_bad_input.py) is the one report."""
+    with pytest.raises(fxforge.BackendError, match="GatherElements node 'node_gather'"):
+        gathered(1, "onnx", [[1], [8]])
+    assert "onnxruntime" not in capfd.readouterr().err
 
 
 def test_save_never_deletes_files_beside_a_stray_manifest(tmp_path):
