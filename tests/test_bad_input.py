@@ -74,6 +74,22 @@ class TwoInputs(nn.Module):
         return x + y
 
 
+class Gather(nn.Module):
+    """Gathers at ids it is given (``shift=0``) or computes (``shift=1``): only the former can the signature bound."""
+
+    def __init__(self, shift: int = 0) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, 1, index + self.shift if self.shift else index) * 2
+
+
+def gathered(shift: int, backend: str, index: list[list[int]]) -> torch.Tensor:
+    compiled = compile_(Gather(shift), (torch.randn(2, 5), torch.tensor([[1], [2]])), backend=backend)
+    return compiled(torch.randn(2, 5), torch.tensor(index))
+
+
 class KthValue(nn.Module):
     """aten.kthvalue has no ONNX translation."""
 
@@ -221,6 +237,18 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"input 0 holds indices from -3 to -3, but it indexes an embedding of 50 rows",
      lambda t, mp: compile_(nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(56, 3)).eval(),
                             (torch.randint(0, 50, (2, 7)),), backend="onnx")(torch.full((3, 7), -3))),
+    ("call with an index outside a gather's dimension (TVM would read other memory)", fxforge.InputError,
+     r"input 1 holds indices from 1 to 9, but it indexes dimension 1 \(size 5\) at node 'gather': each must be in "
+     r"\[0, 5\)",
+     lambda t, mp: gathered(0, "onnx", [[1], [9]])),
+    ("a computed index a kernel refuses (TorchScript)", fxforge.BackendError,
+     r"^the torchscript artifact failed on inputs that match its signature: RuntimeError: index 9 is out of bounds "
+     r"for dimension 1 with size 5$",
+     lambda t, mp: gathered(1, "torchscript", [[1], [8]])),
+    ("a computed index a kernel refuses (ONNX Runtime)", fxforge.BackendError,
+     r"^the onnx artifact failed on inputs that match its signature: GatherElements node 'node_gather': "
+     r"GatherElements op: Out of range value in index tensor$",
+     lambda t, mp: gathered(1, "onnx", [[1], [8]])),
     ("a model returning None", fxforge.InputError, r"the model returns no tensor \(got NoneType\)",
      lambda t, mp: compile_(ReturnsNone(), backend="onnx")),
     ("a plain function instead of a module", fxforge.TraceError, r"expected a torch\.nn\.Module, got builtin_function_or_method",

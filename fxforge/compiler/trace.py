@@ -59,9 +59,11 @@ class Signature:
     out_spec: str
     dynamic_batch: bool
     note: str = ""  # why the batch is static, when it is
-    # (input, rows): an integer input that indexes an embedding of that many rows directly. Backends differ outside
-    # [0, rows): PyTorch raises, ONNX's Gather wraps a negative index around, so the signature checks it for all.
-    index_bounds: tuple[tuple[int, int], ...] = ()
+    # (input, low, high, what): an integer input that an op reads directly as indices into a dimension of static
+    # size (an embedding's rows, a gather's or index_select's dim, an index); eager PyTorch accepts [low, high).
+    # Backends differ outside it: ONNX's Gather wraps a negative index around, TVM reads whatever memory is there,
+    # so the signature checks it for all.
+    index_bounds: tuple[tuple[int, int, int, str], ...] = ()
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
@@ -81,11 +83,11 @@ class Signature:
             if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
                 raise InputError(f"input {i} has shape {list(t.shape)}, compiled for {list(s.shape)} "
                                  "(None = any size)")
-        for i, rows in self.index_bounds:
+        for i, low, high, what in self.index_bounds:
             t = flat[i]
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= rows):
-                raise InputError(f"input {i} holds indices from {int(t.min())} to {int(t.max())}, but it indexes an "
-                                 f"embedding of {rows} rows: each must be in [0, {rows})")
+            if t.numel() and (int(t.min()) < low or int(t.max()) >= high):
+                raise InputError(f"input {i} holds indices from {int(t.min())} to {int(t.max())}, but it indexes "
+                                 f"{what}: each must be in [{low}, {high})")
         sizes = {i: t.shape[0] for i, (t, b) in enumerate(zip(flat, self.batched())) if b}
         if len(set(sizes.values())) > 1:
             i, j = next((i, j) for i in sizes for j in sizes if sizes[i] != sizes[j])
@@ -105,7 +107,7 @@ class Signature:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
-                   d["dynamic_batch"], d.get("note", ""), tuple(tuple(b) for b in d.get("index_bounds", ())))
+                   d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())))
 
 
 def _describe(flat: Sequence[Any]) -> str:
@@ -223,16 +225,48 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
     return gm, sig
 
 
-def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
-    """(input, rows) for each flat input that ``aten.embedding`` reads as its indices, with a constant table."""
+def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
+    """(input, low, high, what) for each flat integer input that an embedding, gather, index_select or index reads
+    directly as indices into a dimension of static size n: eager accepts [0, n), and [−n, n) for ``x[index]``."""
     bounds = []
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        tables = [get_tensor(gm, argument(u, "weight")) for u in node.users
-                  if is_op(u, aten.embedding) and argument(u, "indices") is node]
-        rows = {t.shape[0] for t in tables if t is not None}
-        if rows:
-            bounds.append((i, min(rows)))
+        for user in node.users:
+            for source, dim, low_is_minus_n in _indexed_dims(user, node):
+                size = _static_size(gm, source, dim)
+                if size is not None:
+                    what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
+                            f"dimension {dim} (size {size}) at node {user.name!r}")
+                    bounds.append((i, -size if low_is_minus_n else 0, size, what))
     return tuple(bounds)
+
+
+def _indexed_dims(user: fx.Node, index: fx.Node) -> list[tuple[fx.Node, int, bool]]:
+    """(source, dim, negatives allowed) for each dimension of ``source`` that ``user`` indexes with ``index``."""
+    if is_op(user, aten.embedding):
+        return [(argument(user, "weight"), 0, False)] if argument(user, "indices") is index else []
+    if is_op(user, aten.gather) or is_op(user, aten.index_select):
+        return [(argument(user, "self"), argument(user, "dim"), False)] if argument(user, "index") is index else []
+    if is_op(user, aten.index):
+        return [(argument(user, "self"), d, True) for d, t in enumerate(argument(user, "indices")) if t is index]
+    return []
+
+
+def _static_size(gm: fx.GraphModule, source: Any, dim: int) -> int | None:
+    """``source``'s size along ``dim`` when it is a known integer (a constant, or a shape the export fixed)."""
+    value = get_tensor(gm, source) if isinstance(source, fx.Node) else None
+    if value is None and isinstance(source, fx.Node):
+        value = source.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not -value.dim() <= dim < value.dim():
+        return None
+    size = value.shape[dim]
+    return size if isinstance(size, int) else None
+
+
+def _index_bound(saved: Sequence[Any]) -> tuple[int, int, int, str]:
+    """A saved index bound; artifacts saved before gather and index were checked hold (input, embedding rows)."""
+    if len(saved) == 2:
+        return saved[0], 0, saved[1], f"an embedding of {saved[1]} rows"
+    return tuple(saved)  # type: ignore[return-value]
 
 
 def _mutated_buffers(ep: torch.export.ExportedProgram) -> list[str]:

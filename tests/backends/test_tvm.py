@@ -463,3 +463,28 @@ def test_a_view_of_decomposed_attention_output_lowers_as_a_reshape():
     x = torch.randn(3, 6, 16)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class LastColumns(torch.nn.Module):
+    """Reads columns counted from the end: ``index − 3`` is negative for the ids below 3."""
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x[:, index - 3] * 2
+
+
+class LastRows(torch.nn.Module):
+    """Reads rows counted from the end along the dynamic batch dimension."""
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x[index - 3] * 2
+
+
+@pytest.mark.parametrize("model", [LastColumns(), LastRows()], ids=["static dimension", "batch dimension"])
+def test_a_negative_index_counts_from_the_end_as_in_pytorch(model):
+    """The importer's ``take`` read index −1 as memory outside the tensor (a silently wrong value on inputs eager
+    accepts); each integer index of ``aten.index`` is now wrapped as PyTorch wraps it before the export for TVM, by
+    a static size or by the symbolic batch."""
+    cm = fxforge.compile(model, (torch.randn(4, 5), torch.tensor([3, 4, 5])), backend="tvm", measure_latency=False)
+    for x in (torch.randn(4, 5), torch.randn(6, 5)):
+        index = torch.tensor([0, 2, 5])
+        torch.testing.assert_close(cm(x, index), model(x, index))

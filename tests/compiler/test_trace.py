@@ -77,6 +77,38 @@ def test_signature_round_trips_through_json():
     assert again == sig
 
 
+class ReadsIndices(nn.Module):
+    """Reads its integer inputs directly as indices: a gather, an index_select and a plain index."""
+
+    def forward(self, x, rows, cols, picks):
+        return torch.gather(x, 1, rows).sum() + x.index_select(1, cols).sum() + x[:, picks].sum()
+
+
+def test_inputs_read_as_indices_are_bounded_as_eager_bounds_them():
+    """gather and index_select accept [0, n), ``x[i]`` also [−n, 0); outside, eager raises where ONNX wraps around and
+    TVM reads other memory, so the signature refuses such inputs for every backend, naming the node."""
+    example = (torch.randn(2, 5), torch.tensor([[1], [2]]), torch.tensor([0, 4, 1]), torch.tensor([-1, 3, 0, 2]))
+    _, sig = trace(ReadsIndices().eval(), example)
+    assert [b[:3] for b in sig.index_bounds] == [(1, 0, 5), (2, 0, 5), (3, -5, 5)]
+    sig.flatten(example)
+    sig.flatten((example[0], example[1], example[2], torch.tensor([-5, -1, 4, 0])))
+    with pytest.raises(fxforge.InputError, match=r"^input 1 holds indices from 1 to 5, but it indexes dimension 1 "
+                                                 r"\(size 5\) at node 'gather': each must be in \[0, 5\)$"):
+        sig.flatten((example[0], torch.tensor([[1], [5]]), *example[2:]))
+    with pytest.raises(fxforge.InputError, match=r"input 2 holds indices from -1 to 4, .* \[0, 5\)"):
+        sig.flatten((*example[:2], torch.tensor([-1, 4, 1]), example[3]))
+    with pytest.raises(fxforge.InputError, match=r"input 3 holds indices from -6 to 0, .* \[-5, 5\)"):
+        sig.flatten((*example[:3], torch.tensor([-6, 0, 0, 0])))
+    assert type(sig).from_dict(sig.to_dict()) == sig
+
+
+def test_an_artifact_saved_with_embedding_rows_only_reads_back():
+    """Artifacts saved before gather and index were bounded hold (input, rows) pairs."""
+    _, sig = trace(nn.Embedding(50, 4).eval(), (torch.tensor([[1, 2]]),))
+    saved = {**sig.to_dict(), "index_bounds": [[0, 50]]}
+    assert type(sig).from_dict(saved).index_bounds == ((0, 0, 50, "an embedding of 50 rows"),)
+
+
 class BranchesOnBatch(nn.Module):
     """Computes differently at batch 1 than at any other batch (the batch-2 export would take the other branch)."""
 
@@ -188,7 +220,7 @@ def test_token_ids_outside_the_embedding_are_refused_by_every_backend_and_after_
     row): the signature checks the inputs an embedding reads, for every backend and in a loaded artifact."""
     model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(56, 3)).eval()
     cm = fxforge.compile(model, (torch.randint(0, 50, (2, 7)),), passes=["fuse"], backend="onnx")
-    assert cm.signature.index_bounds == ((0, 50),)
+    assert cm.signature.index_bounds == ((0, 0, 50, "an embedding of 50 rows"),)
     loaded = fxforge.load(cm.save(tmp_path / "a"))
     for bad in (torch.full((3, 7), -1), torch.full((3, 7), 50)):
         for artifact in (cm, loaded):

@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
+from fxforge.compiler.ops import argument, aten, is_op, set_argument
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, TensorSpec, batch_dynamic
 
@@ -91,8 +92,8 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
                                                   for t in example_inputs])
     try:
         with torch.no_grad():
-            ep = torch.export.export(_views_as_reshapes(copy.deepcopy(gm)).eval(), args, dynamic_shapes=shapes,
-                                     strict=False)
+            graph = _negative_indices_wrapped(_views_as_reshapes(copy.deepcopy(gm)))
+            ep = torch.export.export(graph.eval(), args, dynamic_shapes=shapes, strict=False)
             ep = ep.run_decompositions()  # what from_exported_program does by default
     except Exception as e:
         raise BackendError(f"re-exporting the graph for TVM failed: {first_line(e)}") from None
@@ -132,6 +133,51 @@ def _views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
             node.target = torch.ops.aten.reshape.default
     gm.recompile()
     return gm
+
+
+def _negative_indices_wrapped(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with each integer index of an ``aten.index`` (``x[:, i]``) taken from the end where negative, as
+    PyTorch does: ``i`` → ``i mod n`` (floor mod; exact on [−n, n), all that eager accepts), n the indexed
+    dimension's size. The importer lowers the op to ``take`` or ``index_tensor``, which read a negative index as
+    memory outside the tensor (a silently wrong value for ``x[:, i]`` with ``i = −1``). Indices built from an
+    ``arange`` (an attention mask's) cannot be negative and are left as they are."""
+    for node in [n for n in gm.graph.nodes if is_op(n, aten.index)]:
+        source, indices = argument(node, "self"), list(argument(node, "indices"))
+        for dim, index in enumerate(indices):
+            value = index.meta.get("val") if isinstance(index, fx.Node) else None
+            if (not isinstance(value, torch.Tensor) or value.dtype in (torch.bool, torch.uint8)
+                    or _from_arange(index)):
+                continue  # a mask, no index (the whole dimension), or an index known to be ≥ 0
+            with gm.graph.inserting_before(node):
+                indices[dim] = gm.graph.call_function(aten.remainder.Tensor, (index, _size_tensor(gm, source, dim)))
+        set_argument(node, "indices", indices)
+    gm.recompile()
+    return gm
+
+
+def _size_tensor(gm: fx.GraphModule, source: fx.Node, dim: int) -> fx.Node:
+    """A 0-d int64 tensor holding ``source``'s size along ``dim``. A symbolic size (the batch) is built as the sum
+    of that many ones: the importer takes a symbolic size as a shape, not as a value."""
+    size = source.meta["val"].shape[dim]
+    if isinstance(size, int):
+        return gm.graph.call_function(aten.scalar_tensor.default, (size,), {"dtype": torch.int64})
+    symbolic = gm.graph.call_function(aten.sym_size.int, (source, dim))
+    ones = gm.graph.call_function(aten.ones.default, ([symbolic],), {"dtype": torch.int64})
+    return gm.graph.call_function(aten.sum.default, (ones,))
+
+
+def _from_arange(node: fx.Node) -> bool:
+    """Whether ``node`` is an ``arange`` from 0 or more, moved by shape ops and non-negative constant shifts."""
+    while True:
+        if is_op(node, aten.arange):
+            start = argument(node, "start", 0)
+            return not isinstance(start, (int, float)) or start >= 0
+        if is_op(node, aten.unsqueeze, aten.view, aten.reshape, aten.expand, aten.clone, aten._to_copy):
+            node = argument(node, "self")
+        elif is_op(node, aten.add) and isinstance(argument(node, "other"), int) and argument(node, "other") >= 0:
+            node = argument(node, "self")
+        else:
+            return False
 
 
 class _NodeFailure(Exception):
