@@ -457,6 +457,9 @@ def load_passes(record: str | Path) -> list[str]:
         raise TuningError(f"{record} is not an autotune record: {e}") from None
     if passes is None:
         raise TuningError(f"{record}: no candidate met the accuracy budget")
+    if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
+        raise TuningError(f"{record} is not an autotune record: 'passes' must be a list of pass strings, got "
+                          f"{passes!r:.80}")
     return passes
 
 

@@ -200,3 +200,7 @@ def test_record_without_a_feasible_candidate_is_refused(tmp_path):
     path.write_text("{")
     with pytest.raises(TuningError, match="not an autotune record"):
         load_passes(path)
+    path.write_text(json.dumps({"passes": {"fuse": 1}}))
+    with pytest.raises(TuningError, match=r"not an autotune record: 'passes' must be a list of pass strings, got "
+                                          r"\{'fuse': 1\}"):
+        load_passes(path)
