@@ -15,6 +15,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import traceback
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,7 +29,8 @@ from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .graph import get_tensor
 from .ops import argument, aten, data, is_op
-from .verify import BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, clone_inputs, compare, fresh_inputs
+from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, clone_inputs, compare, discrete_mismatch,
+                     fresh_inputs)
 
 MAX_BATCH = 1 << 16
 REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, "
@@ -321,8 +323,8 @@ class _References:
         runs = [(self.args, self.model.outputs("example", self.args)),
                 (self.fresh, self.model.outputs(BACKEND_SEED, self.fresh))]
         with torch.no_grad():
-            worst = max(compare(list(gm(*pytree.tree_leaves(clone_inputs(inputs)))), want).max_rel
-                        for inputs, want in runs)
+            got = [(list(gm(*pytree.tree_leaves(clone_inputs(inputs)))), want) for inputs, want in runs]
+        worst = max(math.inf if discrete_mismatch(out, want) else compare(out, want).max_rel for out, want in got)
         if worst > EXACT_TOLERANCE:
             if compare(pytree.tree_leaves(self.model.run(self.args)), runs[0][1]).max_rel > EXACT_TOLERANCE:
                 return 0.0

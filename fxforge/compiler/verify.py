@@ -110,6 +110,22 @@ def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
     return Error(diff / max(scale, 1e-12), cos)
 
 
+def discrete_mismatch(outputs: Sequence[Any], reference: Sequence[Any], values: bool = True) -> str:
+    """What :func:`compare` does not measure: "" when every output has its reference's dtype and shape and (with
+    ``values``) every non-floating one (an argmax, a mask, token ids) its exact values; else the first difference,
+    in words. compare's errors are over the floating outputs only, so a wrong integer output beside a float one
+    would pass unseen."""
+    for k, (o, r) in enumerate(zip(_tensors(outputs), _tensors(reference))):
+        if o.dtype != r.dtype:
+            return f"output {k} is {str(o.dtype).removeprefix('torch.')} where eager's is " \
+                   f"{str(r.dtype).removeprefix('torch.')}"
+        if o.shape != r.shape:
+            return f"output {k} has shape {list(o.shape)} where eager's has {list(r.shape)}"
+        if values and not r.is_floating_point() and not r.is_complex() and not torch.equal(o, r):
+            return f"{r.dtype}-valued output {k} differs in {int((o != r).sum())} of {r.numel()} elements"
+    return ""
+
+
 def _tensors(values: Any) -> list[torch.Tensor]:
     if isinstance(values, torch.Tensor):
         return [values]
@@ -236,6 +252,9 @@ class NumericCheck(Instrument):
         self.every = {}
         out, values = run_recording(gm, self.inputs, self.every)
         step = compare(out, self.prev_out)
+        if mismatch := discrete_mismatch(out, self.prev_out, values=p.exact):
+            raise VerificationError(f"{'exact' if p.exact else 'approximate'} pass {p.name!r} changed the outputs: "
+                                    f"{mismatch}; passes before it: {', '.join(done) or 'none'}")
         if p.exact and not step.max_rel <= self.tolerance:
             where = first_divergence(values, self.prev_values, self.tolerance) or \
                 diverging_output(gm, out, self.prev_out, self.tolerance)
@@ -436,6 +455,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
                  enumerate([fresh_inputs(flat, BACKEND_SEED)] if exact else bound_inputs(flat, BACKEND_SEED))]
     errors: list[Error] = []
     vs_graph = graph_vs_model = 0.0
+    mismatch = ""
     for key, x, graph in (("example", tuple(flat), None), *fresh):
         inputs = example if key == "example" else pytree.tree_unflatten(list(x), spec)
         want = model.outputs(key, inputs)
@@ -443,8 +463,12 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
             got = pytree.tree_leaves(artifact(*inputs))
             graph = graph if graph is not None else list(gm(*pytree.tree_leaves(inputs)))
         errors.append(compare(got, want))
+        mismatch = mismatch or discrete_mismatch(got, graph, values=not is_quantized(gm))
         vs_graph = max(vs_graph, compare(got, graph).max_rel)
         graph_vs_model = max(graph_vs_model, compare(graph, want).max_rel)
+    if mismatch:  # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold
+        raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled: {mismatch} "
+                                "(on the example or fresh inputs); pass verify='off' to accept it anyway")
     worst = _worst(errors)  # what the bounds below check
     stated = worst if exact else _worst([errors[0], error_bound(errors[1:])])
     exact_bound = exact_tolerance(pytree.tree_leaves(example))

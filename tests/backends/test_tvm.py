@@ -488,3 +488,22 @@ def test_a_negative_index_counts_from_the_end_as_in_pytorch(model):
     for x in (torch.randn(4, 5), torch.randn(6, 5)):
         index = torch.tensor([0, 2, 5])
         torch.testing.assert_close(cm(x, index), model(x, index))
+
+
+class LastOfEach(nn.Module):
+    """A float output beside integer ones: the last id of each row (a constant negative select) and ids · 0.5."""
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor):
+        return x + 1, ids[:, -1], (ids * 0.5).long(), ids * 1.0
+
+
+def test_integer_outputs_and_promoted_arithmetic_match_eager():
+    """TVM read ``ids[:, -1]`` as memory before the row and computed ``ids * 0.5`` in int64 (zeros), and nothing
+    checked integer outputs beside a float one; now the select counts from the end, the integer operand is cast
+    to the result's dtype first, and the artifact check compares integer outputs and every dtype."""
+    model = LastOfEach().eval()
+    cm = fxforge.compile(model, (torch.randn(2, 4), torch.randint(0, 9, (2, 4))), backend="tvm", measure_latency=False)
+    x, ids = torch.randn(3, 4), torch.randint(0, 9, (3, 4))
+    for got, want in zip(cm(x, ids), model(x, ids)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from fxforge.compiler.errors import VerificationError
-from fxforge.compiler.verify import ModelRuns, check_artifact, compare
+import fxforge
+from fxforge.backends.eager import EagerArtifact
+from fxforge.compiler.verify import ModelRuns, check_artifact, compare, discrete_mismatch
 
 
 def test_cosine_of_tiny_outputs_is_their_true_cosine():
@@ -24,6 +26,35 @@ def test_all_outputs_count_and_non_finite_values_are_infinitely_wrong():
     assert err.max_rel == pytest.approx(0.1)
     assert compare([torch.tensor([float("nan")])], [torch.ones(1)]).max_rel == float("inf")
     assert compare([torch.zeros(2)], [torch.zeros(2)]).cosine == 1.0
+
+
+def test_what_compare_leaves_out_dtypes_shapes_and_integer_values_is_checked_apart():
+    logits, ids = torch.randn(2, 3), torch.tensor([[1, 2], [3, 4]])
+    assert discrete_mismatch([logits, ids], [logits + 1, ids]) == ""  # float values are compare's business
+    assert discrete_mismatch([logits, ids + 1], [logits, ids]) == "torch.int64-valued output 1 differs in 4 of 4 elements"
+    assert discrete_mismatch([logits, ids + 1], [logits, ids], values=False) == ""
+    assert discrete_mismatch([logits.double()], [logits]) == "output 0 is float64 where eager's is float32"
+    assert discrete_mismatch([logits[:1]], [logits]) == "output 0 has shape [1, 3] where eager's has [2, 3]"
+
+
+class LogitsAndClass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, y.argmax(1)
+
+
+def test_a_wrong_integer_output_beside_a_right_float_one_is_an_error(monkeypatch):
+    """compare's error is over floating outputs only; an artifact whose class ids were wrong (TVM's reading of
+    ``i[:, -1]``, found so) passed the check while its logits were right."""
+    run = EagerArtifact.run
+    monkeypatch.setattr(EagerArtifact, "run", lambda self, inputs: (run(self, inputs)[0], run(self, inputs)[1] + 1))
+    with pytest.raises(VerificationError, match=r"the eager artifact differs from the graph it compiled: "
+                                                r"torch\.int64-valued output 1 differs in 2 of 2 elements"):
+        fxforge.compile(LogitsAndClass().eval(), (torch.randn(2, 4),), measure_latency=False)
 
 
 class AgreesOnTheExampleOnly(torch.nn.Module):

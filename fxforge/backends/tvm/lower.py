@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
+ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
 
@@ -92,7 +93,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
                                                   for t in example_inputs])
     try:
         with torch.no_grad():
-            graph = _negative_indices_wrapped(_views_as_reshapes(copy.deepcopy(gm)))
+            graph = _promoted_operands(_negative_indices_wrapped(_views_as_reshapes(copy.deepcopy(gm))))
             ep = torch.export.export(graph.eval(), args, dynamic_shapes=shapes, strict=False)
             ep = ep.run_decompositions()  # what from_exported_program does by default
     except Exception as e:
@@ -136,11 +137,15 @@ def _views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _negative_indices_wrapped(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with each integer index of an ``aten.index`` (``x[:, i]``) taken from the end where negative, as
-    PyTorch does: ``i`` → ``i mod n`` (floor mod; exact on [−n, n), all that eager accepts), n the indexed
-    dimension's size. The importer lowers the op to ``take`` or ``index_tensor``, which read a negative index as
+    """``gm`` with each negative index counted from the end, as PyTorch counts it: a constant ``select`` index
+    (``x[:, -1]``) becomes ``n − 1``, and each integer index tensor of an ``aten.index`` (``x[:, i]``) ``i mod n``
+    (floor mod; exact on the [−n, n) eager accepts), n the indexed dimension's size. The importer lowers the op to ``take`` or ``index_tensor``, which read a negative index as
     memory outside the tensor (a silently wrong value for ``x[:, i]`` with ``i = −1``). Indices built from an
     ``arange`` (an attention mask's) cannot be negative and are left as they are."""
+    for node in [n for n in gm.graph.nodes if is_op(n, aten.select) and argument(n, "index") < 0]:
+        size = argument(node, "self").meta["val"].shape[argument(node, "dim")]  # x[:, -1]: the same reading
+        if isinstance(size, int):
+            set_argument(node, "index", argument(node, "index") + size)
     for node in [n for n in gm.graph.nodes if is_op(n, aten.index)]:
         source, indices = argument(node, "self"), list(argument(node, "indices"))
         for dim, index in enumerate(indices):
@@ -151,6 +156,25 @@ def _negative_indices_wrapped(gm: fx.GraphModule) -> fx.GraphModule:
             with gm.graph.inserting_before(node):
                 indices[dim] = gm.graph.call_function(aten.remainder.Tensor, (index, _size_tensor(gm, source, dim)))
         set_argument(node, "indices", indices)
+    gm.recompile()
+    return gm
+
+
+def _promoted_operands(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with each integer tensor operand of an arithmetic op whose result is floating (``ids * 0.5``, an
+    integer true division) cast to the result's dtype first, as PyTorch's type promotion does. The importer
+    computes such an op in the integer dtype: ``ids * 0.5`` gave 0 for every id below 2, and ``ids * 1.0`` an int64
+    tensor."""
+    for node in [n for n in gm.graph.nodes if is_op(n, *ARITHMETIC)]:
+        result = node.meta.get("val")
+        if not isinstance(result, torch.Tensor) or not result.is_floating_point():
+            continue
+        for operand in [a for a in node.args if isinstance(a, fx.Node)]:
+            value = operand.meta.get("val")
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                with gm.graph.inserting_before(node):
+                    cast = gm.graph.call_function(aten._to_copy.default, (operand,), {"dtype": result.dtype})
+                node.replace_input_with(operand, cast)
     gm.recompile()
     return gm
 
