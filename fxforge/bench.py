@@ -60,6 +60,21 @@ class System:
     peer: bool = False
     needs: tuple[str, ...] = ()  # importable modules the system needs
     budgeted: bool = False  # its build takes ``validation=``, the accuracy budget's data, when a model has some
+    calibrates: tuple[str, ...] = ()  # a peer's own steps that read calibration data (fxforge's: its pipeline's)
+
+    def calibration_readers(self) -> list[str]:
+        """What of this system reads calibration data: for a fxforge pipeline, the passes the pass registry says
+        read it (those ``fxforge.compile`` refuses to run without data); for a peer, ``calibrates``."""
+        passes = getattr(self.build, "passes", None)
+        if passes is None:
+            return list(self.calibrates)
+        from fxforge.compiler.pass_manager import calibration_readers
+        return calibration_readers(list(passes))
+
+
+def needing_calibration(systems: Sequence[System]) -> dict[str, list[str]]:
+    """The systems that cannot be built without calibration data, each with what of it reads the data."""
+    return {s.name: readers for s in systems if (readers := s.calibration_readers())}
 
 
 @dataclass
@@ -207,6 +222,7 @@ def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Calla
         final = cm.report.final
         return Built(lambda xs: cm.artifact.run(xs), time.perf_counter() - start, final.params, final.bytes,
                      final.flops, dict(cm.artifact.info), rebuild=_fresh_session(cm.artifact))
+    build.passes = tuple(passes)  # type: ignore[attr-defined]  # what System.calibration_readers asks about
     return build
 
 
@@ -231,6 +247,7 @@ def _tuned_tvm(db: Path) -> Callable[..., Built]:
             raise FxforgeError(f"the tuning database has no records for {stats['untuned_tasks']} of {stats['tasks']} "
                                f"kernels at this batch (benchmarks/tune_models.py --batch N tunes them)")
         return built
+    tuned.passes = build.passes  # type: ignore[attr-defined]
     return tuned
 
 
@@ -238,7 +255,8 @@ PEERS = [
     System("eager", _eager, peer=True),
     System("torch.compile", _torch_compile, peer=True),
     System("ort fp32", _ort_fp32, peer=True, needs=("onnxruntime", "onnxscript")),
-    System("ort int8 (quantize_static)", _ort_int8, peer=True, needs=("onnxruntime", "onnxscript")),
+    System("ort int8 (quantize_static)", _ort_int8, peer=True, needs=("onnxruntime", "onnxscript"),
+           calibrates=("quantize_static",)),
     System("ort int8 (quantize_dynamic)", _ort_dynamic, peer=True, needs=("onnxruntime", "onnxscript")),
     System("tvm untuned", fxforge_system([], "tvm"), peer=True, needs=("tvm",)),
 ]

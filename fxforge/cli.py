@@ -7,7 +7,8 @@
     fxforge rpc tracker --port 9190
     fxforge rpc server --tracker HOST:9190 --key rpi5
     fxforge tune mymodel:Net --input-shape 1,3,224,224 --target arm64 --rpc-tracker HOST:9190 --rpc-key rpi5
-    fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --backend tvm --tuning-db tuning-db/ --out out/
+    fxforge compile torchvision.models:resnet18 --input-shape 1,3,224,224 --passes fuse --backend tvm \\
+        --tuning-db tuning-db/ --out out/    # --passes fuse, as tune ran: the database's records match that graph
     fxforge run out/ --input x.npy
     fxforge bench torchvision.models:resnet18 --input-shape 1,3,224,224
 
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                            "changed stage (default: numerics)")
     comp.add_argument("--static-batch", action="store_true", help="compile for the example batch size only")
     comp.add_argument("--max-drop", type=float, metavar="X", help="accuracy budget: end within X of the fp32 model "
-                      "on --validation (or held-out calibration batches); int8/all default to 0.01")
+                      "on --validation (or held-out calibration batches); int8/int8_dynamic/all default to 0.01")
     comp.add_argument("--strict", action="store_true", help="fail instead of keeping layers float when the budget "
                       "is missed, and instead of warning when the artifact runs elsewhere than --target")
     comp.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
@@ -118,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(bench, required=False)
     bench.add_argument("--systems", help="semicolon-separated system names, '->' or '→' (default: all; see --list)")
     bench.add_argument("--rounds", type=_positive_int, default=5)
-    bench.add_argument("--calibration", metavar="MODULE:FN", help="input tuples for the int8 systems")
+    bench.add_argument("--calibration", metavar="MODULE:FN", help="input tuples for the systems whose passes "
+                       "read calibration data (int8, int8_dynamic, compress; ORT's quantize_static): without it "
+                       "they are skipped")
     bench.add_argument("--tuning-db", metavar="DIR", help="add 'fxforge fuse → tvm (tuned)' compiled against this "
                        "MetaSchedule database (written by `fxforge tune`; nothing is tuned while benchmarking)")
     bench.add_argument("--list", action="store_true", help="list the systems and exit (no model needed)")
@@ -306,7 +309,8 @@ def _calibration(spec: str, what: str = "calibration") -> list[Any]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from fxforge.bench import PEERS, as_dicts, bench_model, caption, fxforge_systems, markdown, plot, run_facts
+    from fxforge.bench import (PEERS, as_dicts, bench_model, caption, fxforge_systems, markdown,
+                               needing_calibration, plot, run_facts)
     systems = PEERS + fxforge_systems(tuning_db=Path(args.tuning_db) if args.tuning_db else None)
     if args.list:
         print("\n".join(s.name for s in systems))
@@ -321,12 +325,13 @@ def _bench(args: argparse.Namespace) -> int:
         if unknown:
             raise InputError(f"unknown system(s) {unknown}; see `fxforge bench --list`")
         systems = [s for s in systems if s.name in wanted]
-    calibrated = [s.name for s in systems if "int8" in s.name]
+    readers = needing_calibration(systems)  # asked of each pipeline's passes, not guessed from the names
+    calibrated = list(readers)
     if calibrated and not args.calibration:  # never calibrate on made-up data
         if args.systems:
             raise InputError(f"system(s) {calibrated} need calibration data: give --calibration MODULE:FN")
-        print(f"note: skipping {len(calibrated)} int8 system(s) without --calibration: {', '.join(calibrated)}",
-              file=sys.stderr)
+        print(f"note: skipping {len(calibrated)} system(s) that read calibration data, without --calibration: "
+              + "; ".join(f"{name} ({', '.join(why)})" for name, why in readers.items()), file=sys.stderr)
         systems = [s for s in systems if s.name not in calibrated]
     model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)

@@ -208,6 +208,29 @@ def test_cli_bench_lists_without_a_model_names_what_it_skips_and_writes_plots(ca
     assert capsys.readouterr().err.strip().endswith("speedup.png is a file, not a directory")
 
 
+def test_cli_bench_without_calibration_skips_every_system_whose_pipeline_reads_it_and_says_why(capsys, monkeypatch):
+    """Which systems need calibration data is asked of their pipelines' passes, not guessed from their names:
+    ``compress`` (low_rank) and ``int8_dynamic`` (smooth_quant) need it too; ORT's dynamic quantization does not."""
+    import fxforge.bench
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32", "--systems", "eager;fxforge compress -> onnx"]) == 2
+    assert ("system(s) ['fxforge compress → onnx'] need calibration data: give --calibration"
+            in capsys.readouterr().err)
+    timed = []
+    monkeypatch.setattr(fxforge.bench, "bench_model", lambda name, model, example, calib, systems, **k:
+                        timed.extend(s.name for s in systems) or [])
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32"]) == 0
+    note = capsys.readouterr().err
+    skipped = {"ort int8 (quantize_static)", "fxforge int8 → onnx", "fxforge int8 → onnx (static batch)",
+               "fxforge int8 → onnx (max_drop 0.03)", "fxforge int8_dynamic → onnx", "fxforge compress → onnx",
+               "fxforge compress+int8 → onnx"}
+    assert note.startswith(f"note: skipping {len(skipped)} system(s) that read calibration data, without "
+                           "--calibration: ")
+    assert "fxforge compress → onnx (low_rank)" in note and "fxforge int8_dynamic → onnx (smooth_quant)" in note
+    assert "ort int8 (quantize_static) (quantize_static)" in note
+    assert timed and not skipped & set(timed) and "ort int8 (quantize_dynamic)" in timed
+    assert set(timed) | skipped == {s.name for s in PEERS + fxforge_systems()}
+
+
 def test_the_caption_names_machine_threads_and_date_or_says_they_were_not_recorded():
     facts = run_facts()
     assert caption(facts) == f"{facts['machine']}, {torch.get_num_threads()} threads, {facts['date']}"
