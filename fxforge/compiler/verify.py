@@ -455,7 +455,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
                  enumerate([fresh_inputs(flat, BACKEND_SEED)] if exact else bound_inputs(flat, BACKEND_SEED))]
     errors: list[Error] = []
     vs_graph = graph_vs_model = 0.0
-    mismatch = ""
+    mismatch, quantized = "", is_quantized(gm)
     for key, x, graph in (("example", tuple(flat), None), *fresh):
         inputs = example if key == "example" else pytree.tree_unflatten(list(x), spec)
         want = model.outputs(key, inputs)
@@ -463,7 +463,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
             got = pytree.tree_leaves(artifact(*inputs))
             graph = graph if graph is not None else list(gm(*pytree.tree_leaves(inputs)))
         errors.append(compare(got, want))
-        mismatch = mismatch or discrete_mismatch(got, graph, values=not is_quantized(gm))
+        mismatch = mismatch or discrete_mismatch(got, graph, values=not quantized)
         vs_graph = max(vs_graph, compare(got, graph).max_rel)
         graph_vs_model = max(graph_vs_model, compare(graph, want).max_rel)
     if mismatch:  # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold
@@ -472,7 +472,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     worst = _worst(errors)  # what the bounds below check
     stated = worst if exact else _worst([errors[0], error_bound(errors[1:])])
     exact_bound = exact_tolerance(pytree.tree_leaves(example))
-    if is_quantized(gm):
+    if quantized:
         bound = QUANTIZED_LOWERING_FACTOR * graph_vs_model + QUANTIZED_LOWERING_TOLERANCE
         if not worst.max_rel <= bound:
             raise VerificationError(f"the {artifact.backend} artifact of a quantized graph is {worst.max_rel:.3g} "

@@ -139,10 +139,12 @@ def _views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
 def _negative_indices_wrapped(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` with each negative index counted from the end, as PyTorch counts it: a constant ``select`` index
     (``x[:, -1]``) becomes ``n − 1``, and each integer index tensor of an ``aten.index`` (``x[:, i]``) ``i mod n``
-    (floor mod; exact on the [−n, n) eager accepts), n the indexed dimension's size. The importer lowers the op to ``take`` or ``index_tensor``, which read a negative index as
-    memory outside the tensor (a silently wrong value for ``x[:, i]`` with ``i = −1``). Indices built from an
-    ``arange`` (an attention mask's) cannot be negative and are left as they are."""
-    for node in [n for n in gm.graph.nodes if is_op(n, aten.select) and argument(n, "index") < 0]:
+    (floor mod; exact on the [−n, n) eager accepts), n the indexed dimension's size. The importer lowers these
+    ops to ``take`` or ``index_tensor``, which read a negative index as memory outside the tensor (a silently wrong
+    value for ``x[:, i]`` with ``i = −1``). Indices built from an ``arange`` (an attention mask's) cannot be
+    negative and are left as they are."""
+    for node in [n for n in gm.graph.nodes if is_op(n, aten.select)
+                 and isinstance(argument(n, "index"), int) and argument(n, "index") < 0]:
         size = argument(node, "self").meta["val"].shape[argument(node, "dim")]  # x[:, -1]: the same reading
         if isinstance(size, int):
             set_argument(node, "index", argument(node, "index") + size)
@@ -195,7 +197,7 @@ def _from_arange(node: fx.Node) -> bool:
     while True:
         if is_op(node, aten.arange):
             start = argument(node, "start", 0)
-            return not isinstance(start, (int, float)) or start >= 0
+            return isinstance(start, (int, float)) and start >= 0
         if is_op(node, aten.unsqueeze, aten.view, aten.reshape, aten.expand, aten.clone, aten._to_copy):
             node = argument(node, "self")
         elif is_op(node, aten.add) and isinstance(argument(node, "other"), int) and argument(node, "other") >= 0:
