@@ -519,3 +519,17 @@ def test_scatter_builds_where_build_time_weight_packing_cannot_split_it():
     example = (torch.randn(2, 5), torch.tensor([[1, 3], [0, 4]]), torch.randn(2, 2))
     cm = fxforge.compile(Scatter().eval(), example, backend="tvm", measure_latency=False)
     torch.testing.assert_close(cm(*example), Scatter()(*example))
+
+
+class ArgExtremes(nn.Module):
+    def forward(self, x: torch.Tensor):
+        return x.argmax(1), x.argmin(1)
+
+
+def test_argmax_of_a_row_of_infinities_is_an_index_in_the_row():
+    """TVM's argmax of an all −inf row was −1 (eager: 0), an index outside the row that a gather then read past."""
+    cm = fxforge.compile(ArgExtremes().eval(), (torch.randn(2, 4),), backend="tvm", measure_latency=False)
+    inf = float("inf")
+    x = torch.tensor([[-inf] * 4, [inf] * 4, [1.0, 3.0, -inf, 3.0], [2.0, inf, -inf, inf]])
+    for got, want in zip(cm(x), ArgExtremes()(x)):
+        assert torch.equal(got, want), (got, want)

@@ -93,7 +93,8 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
                                                   for t in example_inputs])
     try:
         with torch.no_grad():
-            graph = _promoted_operands(_negative_indices_wrapped(_views_as_reshapes(copy.deepcopy(gm))))
+            graph = _finite_arg_extremes(_promoted_operands(_negative_indices_wrapped(
+                _views_as_reshapes(copy.deepcopy(gm)))))
             ep = torch.export.export(graph.eval(), args, dynamic_shapes=shapes, strict=False)
             ep = ep.run_decompositions()  # what from_exported_program does by default
     except Exception as e:
@@ -177,6 +178,26 @@ def _promoted_operands(gm: fx.GraphModule) -> fx.GraphModule:
                 with gm.graph.inserting_before(node):
                     cast = gm.graph.call_function(aten._to_copy.default, (operand,), {"dtype": result.dtype})
                 node.replace_input_with(operand, cast)
+    gm.recompile()
+    return gm
+
+
+def _finite_arg_extremes(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with the input of each floating ``argmax``/``argmin`` clamped strictly inside the finite range first.
+    TVM's reduction starts from index −1 at the dtype's lowest (highest) finite value and moves only on a strictly
+    better one, so a row that is all −inf gave argmax −1 (eager: 0), an index outside the row. Clamping to one step
+    inside keeps every index eager picks unless a row holds both an infinity and a value within one step of the
+    dtype's largest finite magnitude."""
+    for node in [n for n in gm.graph.nodes if is_op(n, aten.argmax, aten.argmin)]:
+        source = argument(node, "self")
+        value = source.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        top = torch.nextafter(torch.tensor(torch.finfo(value.dtype).max, dtype=value.dtype),
+                              torch.zeros((), dtype=value.dtype)).item()
+        with gm.graph.inserting_before(node):
+            clamped = gm.graph.call_function(aten.clamp.default, (source, -top, top))
+        node.replace_input_with(source, clamped)
     gm.recompile()
     return gm
 
