@@ -93,9 +93,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
                                                   for t in example_inputs])
     try:
         with torch.no_grad():
-            graph = _finite_arg_extremes(_promoted_operands(_negative_indices_wrapped(
-                _views_as_reshapes(copy.deepcopy(gm)))))
-            ep = torch.export.export(graph.eval(), args, dynamic_shapes=shapes, strict=False)
+            ep = torch.export.export(_for_import(gm).eval(), args, dynamic_shapes=shapes, strict=False)
             ep = ep.run_decompositions()  # what from_exported_program does by default
     except Exception as e:
         raise BackendError(f"re-exporting the graph for TVM failed: {first_line(e)}") from None
@@ -125,92 +123,94 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     return mod
 
 
-def _views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with every ``aten.view`` a ``aten.reshape`` (the same values: reshape is a view wherever one exists).
+def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` for TVM's importer: the same values, with each rewrite below applied (each works around a
+    way the importer or TVM's kernels read an op otherwise than PyTorch)."""
+    copied = copy.deepcopy(gm)
+    for rewrite in (_views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes):
+        rewrite(copied.graph)
+    copied.recompile()
+    return copied
+
+
+def _views_as_reshapes(graph: fx.Graph) -> None:
+    """Make every ``aten.view`` an ``aten.reshape`` (the same values: reshape is a view wherever one exists).
     The re-export decomposes ``scaled_dot_product_attention`` into ops whose output strides differ from the fused
     kernel's, and a later view of it (GPT-2's ``Conv1D`` after the attention's transpose) then has no valid strides:
     "Cannot view a tensor with shape [B, T, C] and strides (C, C·B, 1)", which a reshape copes with by copying."""
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.aten.view.default:
             node.target = torch.ops.aten.reshape.default
-    gm.recompile()
-    return gm
 
 
-def _negative_indices_wrapped(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with each negative index counted from the end, as PyTorch counts it: a constant ``select`` index
+def _negative_indices_wrapped(graph: fx.Graph) -> None:
+    """Count each negative index from the end, as PyTorch counts it: a constant ``select`` index
     (``x[:, -1]``) becomes ``n − 1``, and each integer index tensor of an ``aten.index`` (``x[:, i]``) ``i mod n``
     (floor mod; exact on the [−n, n) eager accepts), n the indexed dimension's size. The importer lowers these
     ops to ``take`` or ``index_tensor``, which read a negative index as memory outside the tensor (a silently wrong
     value for ``x[:, i]`` with ``i = −1``). Indices built from an ``arange`` (an attention mask's) cannot be
     negative and are left as they are."""
-    for node in [n for n in gm.graph.nodes if is_op(n, aten.select)
+    for node in [n for n in graph.nodes if is_op(n, aten.select)
                  and isinstance(argument(n, "index"), int) and argument(n, "index") < 0]:
         size = argument(node, "self").meta["val"].shape[argument(node, "dim")]  # x[:, -1]: the same reading
         if isinstance(size, int):
             set_argument(node, "index", argument(node, "index") + size)
-    for node in [n for n in gm.graph.nodes if is_op(n, aten.index)]:
+    for node in [n for n in graph.nodes if is_op(n, aten.index)]:
         source, indices = argument(node, "self"), list(argument(node, "indices"))
         for dim, index in enumerate(indices):
             value = index.meta.get("val") if isinstance(index, fx.Node) else None
             if (not isinstance(value, torch.Tensor) or value.dtype in (torch.bool, torch.uint8)
                     or _from_arange(index)):
                 continue  # a mask, no index (the whole dimension), or an index known to be ≥ 0
-            with gm.graph.inserting_before(node):
-                indices[dim] = gm.graph.call_function(aten.remainder.Tensor, (index, _size_tensor(gm, source, dim)))
+            with graph.inserting_before(node):
+                indices[dim] = graph.call_function(aten.remainder.Tensor, (index, _size_tensor(graph, source, dim)))
         set_argument(node, "indices", indices)
-    gm.recompile()
-    return gm
 
 
-def _promoted_operands(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with each integer tensor operand of an arithmetic op whose result is floating (``ids * 0.5``, an
-    integer true division) cast to the result's dtype first, as PyTorch's type promotion does. The importer
+def _promoted_operands(graph: fx.Graph) -> None:
+    """Cast each integer tensor operand of an arithmetic op whose result is floating (``ids * 0.5``, an integer
+    true division) to the result's dtype first, as PyTorch's type promotion does. The importer
     computes such an op in the integer dtype: ``ids * 0.5`` gave 0 for every id below 2, and ``ids * 1.0`` an int64
     tensor."""
-    for node in [n for n in gm.graph.nodes if is_op(n, *ARITHMETIC)]:
+    for node in [n for n in graph.nodes if is_op(n, *ARITHMETIC)]:
         result = node.meta.get("val")
         if not isinstance(result, torch.Tensor) or not result.is_floating_point():
             continue
         for operand in [a for a in node.args if isinstance(a, fx.Node)]:
             value = operand.meta.get("val")
             if isinstance(value, torch.Tensor) and not value.is_floating_point():
-                with gm.graph.inserting_before(node):
-                    cast = gm.graph.call_function(aten._to_copy.default, (operand,), {"dtype": result.dtype})
+                with graph.inserting_before(node):
+                    cast = graph.call_function(aten._to_copy.default, (operand,), {"dtype": result.dtype})
                 node.replace_input_with(operand, cast)
-    gm.recompile()
-    return gm
 
 
-def _finite_arg_extremes(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with the input of each floating ``argmax``/``argmin`` clamped strictly inside the finite range first.
+def _finite_arg_extremes(graph: fx.Graph) -> None:
+    """Clamp the input of each floating ``argmax``/``argmin`` strictly inside the finite range.
     TVM's reduction starts from index −1 at the dtype's lowest (highest) finite value and moves only on a strictly
     better one, so a row that is all −inf gave argmax −1 (eager: 0), an index outside the row. Clamping to one step
     inside keeps every index eager picks unless a row holds both an infinity and a value within one step of the
     dtype's largest finite magnitude."""
-    for node in [n for n in gm.graph.nodes if is_op(n, aten.argmax, aten.argmin)]:
+    for node in [n for n in graph.nodes if is_op(n, aten.argmax, aten.argmin)]:
         source = argument(node, "self")
         value = source.meta.get("val")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
         top = torch.nextafter(torch.tensor(torch.finfo(value.dtype).max, dtype=value.dtype),
                               torch.zeros((), dtype=value.dtype)).item()
-        with gm.graph.inserting_before(node):
-            clamped = gm.graph.call_function(aten.clamp.default, (source, -top, top))
+        with graph.inserting_before(node):
+            clamped = graph.call_function(aten.clamp.default, (source, -top, top))
         node.replace_input_with(source, clamped)
-    gm.recompile()
-    return gm
 
 
-def _size_tensor(gm: fx.GraphModule, source: fx.Node, dim: int) -> fx.Node:
+def _size_tensor(graph: fx.Graph, source: fx.Node, dim: int) -> fx.Node:
     """A 0-d int64 tensor holding ``source``'s size along ``dim``. A symbolic size (the batch) is built as the sum
     of that many ones: the importer takes a symbolic size as a shape, not as a value."""
     size = source.meta["val"].shape[dim]
     if isinstance(size, int):
-        return gm.graph.call_function(aten.scalar_tensor.default, (size,), {"dtype": torch.int64})
-    symbolic = gm.graph.call_function(aten.sym_size.int, (source, dim))
-    ones = gm.graph.call_function(aten.ones.default, ([symbolic],), {"dtype": torch.int64})
-    return gm.graph.call_function(aten.sum.default, (ones,))
+        return graph.call_function(aten.scalar_tensor.default, (size,), {"dtype": torch.int64})
+    symbolic = graph.call_function(aten.sym_size.int, (source, dim))
+    ones = graph.call_function(aten.ones.default, ([symbolic],), {"dtype": torch.int64})
+    return graph.call_function(aten.sum.default, (ones,))
 
 
 def _from_arange(node: fx.Node) -> bool:
