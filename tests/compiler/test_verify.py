@@ -28,6 +28,37 @@ def test_all_outputs_count_and_non_finite_values_are_infinitely_wrong():
     assert compare([torch.zeros(2)], [torch.zeros(2)]).cosine == 1.0
 
 
+def test_non_finite_values_where_the_reference_has_the_same_ones_are_exact():
+    nan, inf = float("nan"), float("inf")
+    ref = torch.tensor([nan, inf, -inf, 2.0, 4.0])
+    err = compare([torch.tensor([nan, inf, -inf, 2.0, 4.4])], [ref])  # measured on the finite rest
+    assert err.max_rel == pytest.approx(0.1) and 0.99 < err.cosine < 1
+    for other in ([2.0, inf, -inf, 2.0, 4.0], [nan, -inf, -inf, 2.0, 4.0], [nan, inf, nan, 2.0, 4.0],
+                  [nan, inf, -inf, nan, 4.0]):
+        assert compare([torch.tensor(other)], [ref]).max_rel == float("inf"), other
+    assert compare([torch.full((3,), nan)], [torch.full((3,), nan)]) == compare([torch.ones(1)], [torch.ones(1)])
+
+
+class LogOfInput(nn.Module):
+    """NaN wherever an input is negative, which fresh normal inputs always hit."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.log(self.fc(x)) + torch.sqrt(x)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_a_model_whose_outputs_hold_nan_compiles_and_keeps_them_where_eager_has_them(backend):
+    model, x = LogOfInput().eval(), torch.randn(2, 4)
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend=backend)
+    y, want = cm(x), model(x)
+    assert torch.equal(y.isnan(), want.isnan()) and want.isnan().any()
+    torch.testing.assert_close(y, want, equal_nan=True)
+
+
 def test_what_compare_leaves_out_dtypes_shapes_and_integer_values_is_checked_apart():
     logits, ids = torch.randn(2, 3), torch.tensor([[1, 2], [3, 4]])
     assert discrete_mismatch([logits, ids], [logits + 1, ids]) == ""  # float values are compare's business
