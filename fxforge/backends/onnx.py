@@ -549,7 +549,40 @@ def _mean_dim(self, dim, keepdim=False, dtype=None):
     return aten_mean_dim(self, dim, keepdim, dtype)
 
 
-TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim}
+def _div_mode(self, other, rounding_mode=None):
+    """``aten.div`` with a rounding mode. On integers, in integer arithmetic: ``trunc`` as ONNX's integer Div (it
+    truncates, as C does), ``floor`` as :func:`_floor_divide`; the exporter's own lowering divides in float32, which
+    rounds every integer above 2^24 ((2^40 + 3) // 3 came back 10922 off). Division by zero then fails in ONNX Runtime
+    ("Integer division by zero") as it raises in eager, instead of giving INT64_MIN. Floats and true division go to
+    the exporter's lowering."""
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops.core import aten_div_mode
+    if self.dtype.is_integer() and rounding_mode == "trunc":
+        return op.Div(self, op.CastLike(other, self))
+    if self.dtype.is_integer() and rounding_mode == "floor":
+        return _floor_divide(self, other)
+    return aten_div_mode(self, other, rounding_mode)
+
+
+def _floor_divide(self, other):
+    """``a // b``: on integers the truncating Div minus 1 where the remainder is non-zero and its sign differs from
+    b's, every constant in a's type (the exporter's lowering compares an int32 b with an int64 0, which onnx.checker
+    refuses); floats to the exporter's lowering."""
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops.core import aten_floor_divide
+    if not self.dtype.is_integer():
+        return aten_floor_divide(self, other)
+    other = op.CastLike(other, self)  # a Python number in the Scalar overloads
+    zero = op.CastLike(0, self)
+    quotient = op.Div(self, other)
+    remainder = op.Sub(self, op.Mul(quotient, other))
+    offset = op.And(op.Not(op.Equal(remainder, zero)), op.Xor(op.Less(remainder, zero), op.Less(other, zero)))
+    return op.Sub(quotient, op.CastLike(offset, self))
+
+
+TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim,
+                torch.ops.aten.div.Tensor_mode: _div_mode, torch.ops.aten.div.Scalar_mode: _div_mode,
+                torch.ops.aten.floor_divide.default: _floor_divide}
 
 
 @contextlib.contextmanager

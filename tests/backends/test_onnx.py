@@ -380,6 +380,28 @@ def test_mean_over_other_axes_keeps_reduce_mean():
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
 
 
+class RoundedDivisions(torch.nn.Module):
+    def forward(self, a, b):
+        return (torch.div(a, b, rounding_mode="floor"), torch.div(a, b, rounding_mode="trunc"),
+                torch.div(a, -3, rounding_mode="floor"), a // b, torch.div(a.float(), 2.5, rounding_mode="floor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_integer_division_with_a_rounding_mode_stays_exact_beyond_float32s_integers(dtype):
+    a, b = torch.randint(-1000, 1000, (2, 8), dtype=dtype), torch.randint(1, 9, (2, 8), dtype=dtype)
+    cm = fxforge.compile(RoundedDivisions(), (a, b), backend="onnx", measure_latency=False)
+    big = 2 ** 40 if dtype == torch.int64 else 2 ** 30
+    a = torch.tensor([big + 3, -big - 5, 2 ** 25 + 1, -7, 7, -(2 ** 25) - 1], dtype=dtype)
+    b = torch.tensor([3, 7, -2, 2, -2, 3], dtype=dtype)
+    a, b = a.repeat(2, 2)[:, :8], b.repeat(2, 2)[:, :8]
+    got, want = cm(a, b), RoundedDivisions()(a, b)
+    for g, w in zip(got[:4], want[:4]):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    torch.testing.assert_close(got[4], want[4])  # floats: the exporter's Floor(Div), to float32's precision
+    with pytest.raises(fxforge.BackendError, match="Integer division by zero"):  # eager: ZeroDivisionError
+        cm(a, torch.zeros_like(b))
+
+
 def test_exporter_decomposes_only_graphs_with_an_op_onnx_lacks(monkeypatch):
     """The exporter's re-decomposition retraces the whole graph, so the backend lets it run only where an op has no
     ONNX translation: a global average pooling lowers to GlobalAveragePool without it, a 2×2 adaptive pooling takes
