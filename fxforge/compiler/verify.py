@@ -42,13 +42,17 @@ CHECK_SEED = 20240917  # the numeric check's first batch (and the passes' record
 
 
 def random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A fresh input like ``t``: normal floats, integers in t's observed range, random booleans."""
+    """A fresh input like ``t``: normal floats, random booleans, integers drawn from the values ``t`` holds. Not
+    from the range between its extremes: a signed divisor that is never 0 in the example would be 0 somewhere in a
+    fresh batch, and the model itself would raise (ZeroDivisionError) on inputs fxforge made up."""
     if t.dtype == torch.bool:
         return torch.randint(0, 2, t.shape, generator=generator).bool()
     if t.is_floating_point():
         return torch.randn(t.shape, generator=generator, dtype=t.dtype)
-    lo, hi = int(t.min()), int(t.max())
-    return torch.randint(lo, hi + 1, t.shape, generator=generator, dtype=t.dtype)
+    values = t.flatten()
+    if not values.numel():
+        return t.clone()
+    return values[torch.randint(0, values.numel(), t.shape, generator=generator)]
 
 
 def fresh_inputs(example_inputs: Sequence[torch.Tensor], seed: int = CHECK_SEED) -> tuple[torch.Tensor, ...]:

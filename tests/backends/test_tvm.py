@@ -533,3 +533,24 @@ def test_argmax_of_a_row_of_infinities_is_an_index_in_the_row():
     x = torch.tensor([[-inf] * 4, [inf] * 4, [1.0, 3.0, -inf, 3.0], [2.0, inf, -inf, inf]])
     for got, want in zip(cm(x), ArgExtremes()(x)):
         assert torch.equal(got, want), (got, want)
+
+
+class IntegerDivisions(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor):
+        return a // b, torch.remainder(a, b), torch.div(a, b, rounding_mode="trunc"), a.float() / b
+
+
+def test_integer_division_by_zero_raises_as_in_eager_instead_of_killing_the_process():
+    """TVM's integer division by a zero divisor raised SIGFPE and killed the process; the copy imported for TVM
+    divides by b + (b == 0) and returns the count of zeros, and the artifact raises where eager raises."""
+    model = IntegerDivisions().eval()
+    a, b = torch.randint(-1000, 1000, (2, 6)), torch.tensor([[3, -2, 7, -5, 1, 4]] * 2)
+    cm = fxforge.compile(model, (a, b), backend="tvm", measure_latency=False)
+    assert cm.artifact.info["zero_divisors"] == ["floor_divide", "remainder", "div"]  # not the true division
+    for got, want in zip(cm(a, b), model(a, b)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    b[1, 2] = 0
+    with pytest.raises(fxforge.BackendError, match="integer division by zero at node 'floor_divide'"):
+        cm(a, b)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        model(a, b)

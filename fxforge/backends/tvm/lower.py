@@ -50,6 +50,8 @@ LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
+DIVISIONS = (aten.div, aten.floor_divide, aten.remainder, aten.fmod)  # on integers: ZeroDivisionError in eager
+ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
 
@@ -127,7 +129,8 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` for TVM's importer: the same values, with each rewrite below applied (each works around a
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
-    for rewrite in (_views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes):
+    for rewrite in (_views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes,
+                    _zero_divisors_flagged):
         rewrite(copied.graph)
     copied.recompile()
     return copied
@@ -200,6 +203,38 @@ def _finite_arg_extremes(graph: fx.Graph) -> None:
         with graph.inserting_before(node):
             clamped = graph.call_function(aten.clamp.default, (source, -top, top))
         node.replace_input_with(source, clamped)
+
+
+def integer_divisions(graph: fx.Graph) -> list[fx.Node]:
+    """The integer divisions (``//``, ``%``, ``fmod``, ``div`` with a rounding mode) by a tensor computed at run time,
+    in graph order: the nodes whose divisor can be 0 on some call."""
+    found = []
+    for node in [n for n in graph.nodes if is_op(n, *DIVISIONS)]:
+        divisor, result = argument(node, "other"), node.meta.get("val")
+        value = divisor.meta.get("val") if isinstance(divisor, fx.Node) else None
+        if isinstance(value, torch.Tensor) and isinstance(result, torch.Tensor) and \
+                not (result.is_floating_point() or result.is_complex()):
+            found.append(node)
+    return found
+
+
+def _zero_divisors_flagged(graph: fx.Graph) -> None:
+    """Divide each of :func:`integer_divisions` by ``b + (b == 0)`` instead of ``b`` and return ``any(b == 0)`` as an
+    extra output after the model's own (as the count of zeros). A zero divisor kills the process in TVM's kernels (SIGFPE) where eager raises
+    ZeroDivisionError; with the flag the artifact raises instead (:meth:`TvmArtifact.run`), and the quotients it
+    computed meanwhile are never returned."""
+    output = graph.output_node()
+    flags = []
+    for node in integer_divisions(graph):
+        divisor = argument(node, "other")
+        with graph.inserting_before(node):
+            zero = graph.call_function(aten._to_copy.default, (graph.call_function(aten.eq.Scalar, (divisor, 0)),),
+                                       {"dtype": divisor.meta["val"].dtype})
+            safe = graph.call_function(aten.add.Tensor, (divisor, zero))
+            flags.append(graph.call_function(aten.sum.default, (zero,)))  # the importer has no aten.any
+        node.replace_input_with(divisor, safe)
+    if flags:
+        output.args = (tuple(output.args[0]) + tuple(flags),)
 
 
 def _size_tensor(graph: fx.Graph, source: fx.Node, dim: int) -> fx.Node:
@@ -467,7 +502,14 @@ class TvmArtifact(Artifact):
             args = [tvm.runtime.from_dlpack(_aligned(t.detach().contiguous())) for t in inputs]
         else:
             args = [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), device) for t in inputs]
-        return tuple(torch.from_dlpack(o).cpu() for o in vm["main"](*args))
+        outputs = tuple(torch.from_dlpack(o).cpu() for o in vm["main"](*args))
+        guarded = self.info.get(ZERO_DIVISORS, [])
+        if guarded:
+            outputs, flags = outputs[:-len(guarded)], outputs[-len(guarded):]
+            for name, flag in zip(guarded, flags):
+                if bool(flag):
+                    raise ZeroDivisionError(f"integer division by zero at node {name!r}")
+        return outputs
 
     def write(self, directory: Path) -> None:
         if self.library is not None:
@@ -514,6 +556,8 @@ class TvmBackend(Backend):
         dynamic = signature.dynamic_batch and tune is None  # MetaSchedule tunes static shapes
         mod = prepare(relax_module(gm, example_inputs, dynamic_batch=dynamic), tgt, fast_math=fast_math)
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE, "fast_math": fast_math}
+        if integer_divisions(gm.graph):
+            info[ZERO_DIVISORS] = [n.name for n in integer_divisions(gm.graph)]
         if tune is not None:
             from .tuning import apply_tuning
             mod, info["tuning"] = apply_tuning(mod, tgt, tune, cross_compiler=target.cross_compiler)
