@@ -41,6 +41,7 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import math
 import re
 import tempfile
 import warnings
@@ -580,9 +581,18 @@ def _floor_divide(self, other):
     return op.Sub(quotient, op.CastLike(offset, self))
 
 
+def _clamp(self, min=None, max=None):
+    """``aten.clamp`` with one bound: on floats the other bound is ±inf. The exporter's lowering leaves it out of the
+    Clip, and ONNX Runtime's Clip then clamps to the largest finite float: ``clamp(inf, min=0)`` gave 3.4e38."""
+    from onnxscript.function_libs.torch_lib.ops.core import aten_clamp
+    if self.dtype.is_floating_point() and (min is None) != (max is None):
+        min, max = (-math.inf if min is None else min), (math.inf if max is None else max)
+    return aten_clamp(self, min, max)
+
+
 TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim,
                 torch.ops.aten.div.Tensor_mode: _div_mode, torch.ops.aten.div.Scalar_mode: _div_mode,
-                torch.ops.aten.floor_divide.default: _floor_divide}
+                torch.ops.aten.floor_divide.default: _floor_divide, torch.ops.aten.clamp.default: _clamp}
 
 
 @contextlib.contextmanager

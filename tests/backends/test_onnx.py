@@ -402,6 +402,26 @@ def test_integer_division_with_a_rounding_mode_stays_exact_beyond_float32s_integ
         cm(a, torch.zeros_like(b))
 
 
+class OneSidedClamps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 1)
+
+    def forward(self, x):
+        return x.clamp(min=0), x.clamp(max=1), self.conv(x).clamp(min=0)
+
+
+def test_a_one_sided_clamp_keeps_infinities_and_still_fuses_into_its_conv():
+    """ORT's Clip without a bound clamps to the largest finite float (clamp(inf, min=0) gave 3.4e38); the missing
+    bound is exported as ±inf, which ORT still fuses into the conv."""
+    model, inf = OneSidedClamps().eval(), float("inf")
+    cm = fxforge.compile(model, (torch.randn(1, 2, 3, 3),), backend="onnx", measure_latency=False)
+    assert cm.artifact.info["ort_fused_kernels"] == 1
+    x = torch.tensor([inf, -inf, 0.5, 2.0, -1.0, 0.0, 3.0, inf, -inf]).view(1, 1, 3, 3).repeat(2, 2, 1, 1)
+    for got, want in zip(cm(x), model(x)):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_exporter_decomposes_only_graphs_with_an_op_onnx_lacks(monkeypatch):
     """The exporter's re-decomposition retraces the whole graph, so the backend lets it run only where an op has no
     ONNX translation: a global average pooling lowers to GlobalAveragePool without it, a 2×2 adaptive pooling takes
