@@ -164,7 +164,7 @@ class InsertQdq(Pass):
         if any(node.name == s or str(getattr(rhs, "target", "")).startswith(s + ".") for s in self.skip):
             return "by_name"
         if is_op(node, *MATMUL):
-            return None if all(is_float(x) for x in operands(node)) else "not_float"
+            return None if all(is_float(x) for x in operands(node)) else "not_float32"
         weight = get_tensor(gm, rhs)
         if weight is None or not weight.is_floating_point():
             return "non_constant_weight"
@@ -177,7 +177,7 @@ class InsertQdq(Pass):
             return "narrow_input"
         if self.after_float_stem(node, weight, shapes):
             return "after_float_stem"
-        return None if is_float(data(node)) else "not_float"
+        return None if is_float(data(node)) else "not_float32"
 
     def split_silus(self, gm: fx.GraphModule, shapes: dict) -> int:
         """Rewrite each SiLU whose input gets a pair as x · sigmoid(x) (exact: SiLU's definition) so that both
@@ -349,8 +349,9 @@ class InsertQdq(Pass):
 
 
 def _float_test(shapes: dict) -> Callable[[Any], bool]:
-    """Whether an argument is a graph tensor of a floating dtype (what a Q/DQ pair can take)."""
-    return lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype.is_floating_point
+    """Whether an argument is a float32 graph tensor: what a Q/DQ pair takes and gives back (a dequantize returns
+    float32, so a pair on a float16 tensor would change its readers' dtype)."""
+    return lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype == torch.float32
 
 
 def _untag_split_groups(gm: fx.GraphModule) -> int:

@@ -150,8 +150,16 @@ def test_what_cannot_be_lowered_stays_float_and_is_counted():
     example = (torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randint(0, 3, (2, 2)))
     gm, report, _ = apply(Unquantizable(), example, ["insert_qdq"])
     assert count(gm, Q, QC) == 0
-    assert report.row("insert_qdq").stats == {"skipped.non_constant_weight": 1, "skipped.not_float": 1,
+    assert report.row("insert_qdq").stats == {"skipped.non_constant_weight": 1, "skipped.not_float32": 1,
                                               "activations": 0, "weights": 0}
+
+
+def test_a_float16_model_is_left_float16_and_counted():
+    """A dequantize returns float32, so pairs in a float16 graph changed its output dtype (a VerificationError)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).half()
+    gm, report, flat = apply(model, (torch.randn(2, 4, dtype=torch.float16),), ["insert_qdq"])
+    assert count(gm, Q, QC) == 0 and report.row("insert_qdq").stats["skipped.not_float32"] == 2
+    assert gm(*flat)[0].dtype == torch.float16
 
 
 def test_fusion_groups_cut_by_a_qdq_pair_lose_their_tags():
