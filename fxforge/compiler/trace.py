@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -343,9 +344,23 @@ def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.expo
         batch_size = _batch_size(args)
         leaves, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch_size for t in leaves])
         args = pytree.tree_unflatten(list(leaves), spec)
-        dynamic_shapes = pytree.tree_unflatten(list(shapes), spec) if shapes else None
+        dynamic_shapes = _per_parameter(model, pytree.tree_unflatten(list(shapes), spec)) if shapes else None
     with torch.no_grad(), _quiet_torch_logs():
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _per_parameter(model: torch.nn.Module, shapes: tuple) -> tuple:
+    """``shapes`` (one per positional argument) in the structure export matches them with, one per parameter of
+    ``forward``: the arguments a ``*args`` parameter collects share one entry, a tuple (export refused a flat one,
+    and the capture fell back to a static batch)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return shapes
+    for k, p in enumerate(parameters):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return (*shapes[:k], tuple(shapes[k:]))
+    return shapes
 
 
 def batch_dynamic(args: Sequence[torch.Tensor], batched: Sequence[bool]) -> tuple[tuple, tuple | None]:

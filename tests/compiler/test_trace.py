@@ -33,6 +33,25 @@ def test_dynamic_batch_runs_other_batch_sizes():
         assert torch.allclose(gm(x)[0], model(x), atol=1e-6)
 
 
+class VarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, *rest):
+        return self.fc(x) + rest[0] * rest[1]
+
+
+def test_a_forward_taking_star_args_gets_a_dynamic_batch():
+    """Export matches dynamic shapes per parameter, so the arguments ``*rest`` collects share one entry; a flat
+    list was refused and the capture fell back to a static batch."""
+    model = VarArgs().eval()
+    gm, sig = trace(model, (torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)))
+    assert sig.dynamic_batch and sig.note == ""
+    args = [torch.randn(5, 4) for _ in range(3)]
+    assert torch.allclose(gm(*args)[0], model(*args), atol=1e-6)
+
+
 def test_static_model_says_so():
     class Fixed(nn.Module):
         def forward(self, x):
