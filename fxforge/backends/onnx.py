@@ -590,9 +590,17 @@ def _clamp(self, min=None, max=None):
     return aten_clamp(self, min, max)
 
 
+def _log_sigmoid(self):
+    """``log σ(x) = min(x, 0) − softplus(−|x|)``: exact in float32 for every x. The exporter's Log(Sigmoid(x))
+    underflows to −inf below x ≈ −88, where log σ(x) ≈ x."""
+    from onnxscript import opset18 as op
+    return op.Sub(op.Min(self, op.CastLike(0, self)), op.Softplus(op.Neg(op.Abs(self))))
+
+
 TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim,
                 torch.ops.aten.div.Tensor_mode: _div_mode, torch.ops.aten.div.Scalar_mode: _div_mode,
-                torch.ops.aten.floor_divide.default: _floor_divide, torch.ops.aten.clamp.default: _clamp}
+                torch.ops.aten.floor_divide.default: _floor_divide, torch.ops.aten.clamp.default: _clamp,
+                torch.ops.aten.log_sigmoid.default: _log_sigmoid}
 
 
 @contextlib.contextmanager

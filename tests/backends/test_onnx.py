@@ -422,6 +422,18 @@ def test_a_one_sided_clamp_keeps_infinities_and_still_fuses_into_its_conv():
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
+class LogSigmoid(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.logsigmoid(x)
+
+
+def test_log_sigmoid_of_a_large_negative_is_the_input_not_minus_infinity():
+    model = LogSigmoid()
+    cm = fxforge.compile(model, (torch.randn(2, 4),), backend="onnx", measure_latency=False)
+    x = torch.tensor([[-1000.0, -100.0, -88.0, -20.0], [0.0, 1e-3, 20.0, 100.0]])
+    torch.testing.assert_close(cm(x), model(x))
+
+
 def test_exporter_decomposes_only_graphs_with_an_op_onnx_lacks(monkeypatch):
     """The exporter's re-decomposition retraces the whole graph, so the backend lets it run only where an op has no
     ONNX translation: a global average pooling lowers to GlobalAveragePool without it, a 2×2 adaptive pooling takes
