@@ -554,3 +554,23 @@ def test_integer_division_by_zero_raises_as_in_eager_instead_of_killing_the_proc
         cm(a, b)
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         model(a, b)
+
+
+class HalfReductions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+
+    def forward(self, x: torch.Tensor):
+        return x.mean(-1), nn.functional.adaptive_avg_pool2d(x, 1), self.norm(x)
+
+
+def test_float16_reductions_accumulate_in_float32_as_in_eager():
+    """TVM summed float16 in float16: the mean of values near 60000 was inf (eager: about 60096)."""
+    model = HalfReductions().half().eval()
+    cm = fxforge.compile(model, (torch.randn(2, 3, 4, 64, dtype=torch.float16),), backend="tvm",
+                         measure_latency=False)
+    x = (torch.rand(2, 3, 4, 64) * 200 + 60000).half()
+    for got, want in zip(cm(x), model(x)):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=0)

@@ -51,6 +51,11 @@ CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
 DIVISIONS = (aten.div, aten.floor_divide, aten.remainder, aten.fmod)  # on integers: ZeroDivisionError in eager
+# ops that accumulate: PyTorch sums float16/bfloat16 in float32, TVM in the tensor's own dtype (inf past 65504)
+ACCUMULATING = (aten.mean, aten.sum, aten.var, aten.std, aten.logsumexp, aten.linalg_vector_norm, aten.cumsum,
+                aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.avg_pool1d,
+                aten.avg_pool2d, aten.avg_pool3d, aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax,
+                aten.layer_norm, aten.group_norm)
 ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
@@ -130,7 +135,7 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
     for rewrite in (_views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes,
-                    _zero_divisors_flagged):
+                    _zero_divisors_flagged, _half_reductions_in_float32):
         rewrite(copied.graph)
     copied.recompile()
     return copied
@@ -203,6 +208,25 @@ def _finite_arg_extremes(graph: fx.Graph) -> None:
         with graph.inserting_before(node):
             clamped = graph.call_function(aten.clamp.default, (source, -top, top))
         node.replace_input_with(source, clamped)
+
+
+def _half_reductions_in_float32(graph: fx.Graph) -> None:
+    """Run each :data:`ACCUMULATING` op whose output is float16 or bfloat16 in float32: its half-precision tensor
+    operands cast up, its output cast back, which is how PyTorch's kernels accumulate. TVM summed in the tensor's
+    own dtype: the float16 mean of values near 60000 was inf (eager: 60096), and a long sum lost digits."""
+    half = (torch.float16, torch.bfloat16)
+    for node in [n for n in graph.nodes if is_op(n, *ACCUMULATING)]:
+        result = node.meta.get("val")
+        if not isinstance(result, torch.Tensor) or result.dtype not in half or node.kwargs.get("dtype") is not None:
+            continue
+        for operand in [a for a in node.all_input_nodes
+                        if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dtype in half]:
+            with graph.inserting_before(node):
+                wide = graph.call_function(aten._to_copy.default, (operand,), {"dtype": torch.float32})
+            node.replace_input_with(operand, wide)
+        with graph.inserting_after(node):
+            narrow = graph.call_function(aten._to_copy.default, (node,), {"dtype": result.dtype})
+        node.replace_all_uses_with(narrow, delete_user_cb=lambda user: user is not narrow)
 
 
 def integer_divisions(graph: fx.Graph) -> list[fx.Node]:
