@@ -33,6 +33,10 @@ class Artifact(ABC):
     """A compiled model. Subclasses implement ``run`` (flat tensors → flat outputs), ``write`` and ``read``."""
 
     backend: ClassVar[str]
+    # Whether ``run``'s outputs are new memory that nothing else holds (ONNX Runtime's). Otherwise ``__call__`` copies
+    # them: a graph may return one of its constants (a buffer, a folded ``zeros``), an input, or one buffer twice, and
+    # a caller editing that result in place would change what later calls return, or its own input.
+    owns_outputs: ClassVar[bool] = False
 
     def __init__(self, signature: Signature, target: Target, info: dict[str, Any] | None = None) -> None:
         self.signature = signature
@@ -51,6 +55,8 @@ class Artifact(ABC):
         except Exception as e:  # values the signature cannot see (a token id past the vocabulary), or a runtime fault
             raise BackendError(f"the {self.backend} artifact failed on inputs that match its signature: "
                                f"{self.describe_failure(e)}") from None
+        if not self.owns_outputs:  # outside inference mode: ordinary tensors, as the model returns
+            outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
         return self.signature.unflatten(list(outputs))
 
     def describe_failure(self, e: Exception) -> str:

@@ -162,6 +162,7 @@ def _strip_cpp_signature(message: str) -> str:
 
 class OnnxArtifact(Artifact):
     backend = "onnx"
+    owns_outputs = True  # numpy arrays ONNX Runtime allocates for each run
 
     def __init__(self, model: bytes, signature: Signature, target: Target, info: dict[str, Any],
                  session: ort.InferenceSession | None = None) -> None:

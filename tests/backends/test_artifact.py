@@ -112,3 +112,36 @@ def test_manifest_records_the_library_versions_that_wrote_it(tmp_path):
             assert meta["versions"][package] == version(package)
         except ImportError:  # importlib.metadata.PackageNotFoundError: not installed, so not recorded
             assert package not in meta["versions"]
+
+
+class ConstantAndCopies(nn.Module):
+    """Outputs a graph may hold or share: a constant (the buffer's clone, folded), a copy of the input, one tensor
+    twice (``y`` and its clone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("offset", torch.arange(4.0))
+
+    def forward(self, x):
+        y = self.fc(x) + self.offset
+        return y, self.offset.clone(), x.clone(), y.clone()
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnx", "tvm"])
+def test_editing_a_result_in_place_changes_no_later_call_and_no_input(backend):
+    """Eager returns a fresh tensor for each output; the artifacts returned their constants (torchscript, tvm,
+    eager), the caller's input (tvm) and one buffer for two outputs (tvm), so an in-place edit of a result changed
+    the next call's outputs or the input; and eager's and torchscript's results were inference tensors."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    model, x = ConstantAndCopies().eval(), torch.randn(2, 4)
+    cm = fxforge.compile(model, (x,), backend=backend, measure_latency=False)
+    want, kept = model(x), x.clone()
+    first = cm(x)
+    assert not any(t.is_inference() for t in first)
+    for t in first:
+        t.add_(100.0)
+    assert torch.equal(x, kept)
+    for got, expected in zip(cm(x), want):
+        torch.testing.assert_close(got, expected)

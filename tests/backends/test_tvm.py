@@ -574,3 +574,29 @@ def test_float16_reductions_accumulate_in_float32_as_in_eager():
     for got, want in zip(cm(x), model(x)):
         assert got.dtype == torch.float16 and torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+
+
+def test_calls_from_several_threads_at_once_are_right():
+    """The Relax VM is not reentrant: two threads calling one artifact crashed the process (SIGSEGV) or raised
+    "Check failed: reg < frame->register_file.size()"; calls now take turns."""
+    import threading
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 5)).eval()
+    cm = fxforge.compile(model, (torch.randn(2, 3, 8, 8),), backend="tvm", measure_latency=False)
+    inputs = [torch.randn(3, 3, 8, 8) for _ in range(4)]
+    wanted = [model(x).detach() for x in inputs]
+    failures: list[str] = []
+
+    def calls(k: int) -> None:
+        for _ in range(150):
+            try:
+                if not torch.allclose(cm(inputs[k]), wanted[k], rtol=1e-5, atol=1e-6):
+                    failures.append(f"thread {k}: wrong values")
+            except fxforge.FxforgeError as e:
+                failures.append(f"thread {k}: {e}")
+
+    threads = [threading.Thread(target=calls, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -494,6 +495,7 @@ class TvmArtifact(Artifact):
         self.executable, self.library, self.source = executable, library, source
         self._vm: Any = None
         self._device: Any = None
+        self._lock = threading.Lock()  # one call at a time: the Relax VM's registers and storage are shared state
 
     def vm(self) -> Any:
         """The Relax VirtualMachine on the target's device (created on first call)."""
@@ -520,13 +522,17 @@ class TvmArtifact(Artifact):
         return self._vm
 
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Run on the VM, one thread at a time (calls from two threads at once crashed it: SIGSEGV in its tensor
+        allocator, or "Check failed: reg < frame->register_file.size()"); the outputs are views of the VM's
+        memory, which ``Artifact.__call__`` copies."""
         tvm = _tvm()
-        vm, device = self.vm(), self._device
-        if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():  # zero-copy both ways
-            args = [tvm.runtime.from_dlpack(_aligned(t.detach().contiguous())) for t in inputs]
-        else:
-            args = [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), device) for t in inputs]
-        outputs = tuple(torch.from_dlpack(o).cpu() for o in vm["main"](*args))
+        with self._lock:
+            vm, device = self.vm(), self._device
+            if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():  # zero-copy both ways
+                args = [tvm.runtime.from_dlpack(_aligned(t.detach().contiguous())) for t in inputs]
+            else:
+                args = [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), device) for t in inputs]
+            outputs = tuple(torch.from_dlpack(o).cpu() for o in vm["main"](*args))
         guarded = self.info.get(ZERO_DIVISORS, [])
         if guarded:
             outputs, flags = outputs[:-len(guarded)], outputs[-len(guarded):]
