@@ -67,6 +67,9 @@ class Signature:
     # Backends differ outside it: ONNX's Gather wraps a negative index around, TVM reads whatever memory is there,
     # so the signature checks it for all.
     index_bounds: tuple[tuple[int, int, int, str], ...] = ()
+    # (position among out_spec's leaves, value): outputs that are no tensor (a None, a number), returned as they are
+    # and absent from the graph, whose outputs are the tensors alone (the ONNX exporter drops a None output)
+    constant_outputs: tuple[tuple[int, Any], ...] = ()
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
@@ -100,17 +103,22 @@ class Signature:
         return flat
 
     def unflatten(self, outputs: Sequence[Any]) -> Any:
-        return pytree.tree_unflatten(list(outputs), _loads(self.out_spec))
+        leaves = list(outputs)
+        for position, value in self.constant_outputs:
+            leaves.insert(position, value)
+        return pytree.tree_unflatten(leaves, _loads(self.out_spec))
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [s.to_dict() for s in self.inputs], "in_spec": self.in_spec,
                 "out_spec": self.out_spec, "dynamic_batch": self.dynamic_batch, "note": self.note,
-                "index_bounds": [list(b) for b in self.index_bounds]}
+                "index_bounds": [list(b) for b in self.index_bounds],
+                "constant_outputs": [list(c) for c in self.constant_outputs]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
-                   d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())))
+                   d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())),
+                   tuple((int(i), v) for i, v in d.get("constant_outputs", ())))
 
 
 def _describe(flat: Sequence[Any]) -> str:
@@ -224,8 +232,20 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic and t.dim() > 0 and t.shape[0] == batch), t.dtype)
                           for t in flat),
                     _dumps(pytree.tree_flatten((args, {}))[1]), _dumps(ep.call_spec.out_spec), dynamic, note,
-                    _index_bounds(gm))
+                    _index_bounds(gm), _constant_outputs(gm))
     return gm, sig
+
+
+def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
+    """Take the outputs that are constants of a JSON type (a None, a number, a string) out of ``gm``'s output, in
+    place, and return them with their positions: every backend then gets a graph of tensor outputs."""
+    output = gm.graph.output_node()
+    values = list(output.args[0])
+    constants = tuple((i, v) for i, v in enumerate(values) if v is None or isinstance(v, (bool, int, float, str)))
+    if constants:
+        output.args = (tuple(v for i, v in enumerate(values) if i not in dict(constants)),)
+        gm.recompile()
+    return constants
 
 
 def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:

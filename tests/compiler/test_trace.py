@@ -52,6 +52,23 @@ def test_a_forward_taking_star_args_gets_a_dynamic_batch():
     assert torch.allclose(gm(*args)[0], model(*args), atol=1e-6)
 
 
+class WithConstants(nn.Module):
+    def forward(self, x):
+        return {"y": x * 2, "mask": None, "scale": 0.5}, None
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnx"])
+def test_outputs_that_are_no_tensor_come_back_as_the_model_returns_them(backend, tmp_path):
+    """The ONNX exporter drops a None output, and the artifact's outputs no longer matched the output structure (a
+    raw ValueError from pytree); constants are now kept in the signature and the graph returns tensors alone."""
+    model, x = WithConstants(), torch.randn(2, 3)
+    cm = fxforge.compile(model, (x,), backend=backend, measure_latency=False)
+    for run in (cm, fxforge.load(cm.save(tmp_path / "art"))):
+        got = run(x)
+        assert got[1] is None and got[0]["mask"] is None and got[0]["scale"] == 0.5
+        torch.testing.assert_close(got[0]["y"], x * 2)
+
+
 def test_static_model_says_so():
     class Fixed(nn.Module):
         def forward(self, x):
