@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
+from fxforge.compiler.graph import get_tensor
 from fxforge.compiler.ops import argument, aten, is_op, set_argument
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, TensorSpec, batch_dynamic
@@ -52,11 +53,14 @@ CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
 DIVISIONS = (aten.div, aten.floor_divide, aten.remainder, aten.fmod)  # on integers: ZeroDivisionError in eager
-# ops that accumulate: PyTorch sums float16/bfloat16 in float32, TVM in the tensor's own dtype (inf past 65504)
+# ops that accumulate: PyTorch sums float16/bfloat16 in float32, TVM in the tensor's own dtype (inf past 65504), and
+# the importer's matmuls and convolutions produce float32 whatever their operands (a float16 bias then fails to add)
 ACCUMULATING = (aten.mean, aten.sum, aten.var, aten.std, aten.logsumexp, aten.linalg_vector_norm, aten.cumsum,
                 aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.avg_pool1d,
                 aten.avg_pool2d, aten.avg_pool3d, aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax,
-                aten.layer_norm, aten.group_norm)
+                aten.layer_norm, aten.group_norm, aten.linear, aten.addmm, aten.mm, aten.bmm, aten.matmul,
+                aten.baddbmm, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d,
+                aten.conv_transpose2d, aten.conv_transpose3d)
 ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
@@ -220,14 +224,22 @@ def _half_reductions_in_float32(graph: fx.Graph) -> None:
         result = node.meta.get("val")
         if not isinstance(result, torch.Tensor) or result.dtype not in half or node.kwargs.get("dtype") is not None:
             continue
-        for operand in [a for a in node.all_input_nodes
-                        if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dtype in half]:
+        for operand in [a for a in node.all_input_nodes if _dtype(a) in half]:
             with graph.inserting_before(node):
                 wide = graph.call_function(aten._to_copy.default, (operand,), {"dtype": torch.float32})
             node.replace_input_with(operand, wide)
         with graph.inserting_after(node):
             narrow = graph.call_function(aten._to_copy.default, (node,), {"dtype": result.dtype})
         node.replace_all_uses_with(narrow, delete_user_cb=lambda user: user is not narrow)
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    """The dtype of the tensor ``node`` gives: its recorded value's, or a constant's own (a pass's new constants
+    carry no recorded value)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        value = get_tensor(node.graph.owning_module, node)
+    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
 def integer_divisions(graph: fx.Graph) -> list[fx.Node]:
