@@ -97,6 +97,12 @@ class KthValue(nn.Module):
         return torch.kthvalue(x, 2, dim=1).values
 
 
+class WritesIntoX(nn.Module):
+    def forward(self, x, y):
+        x.mul_(2)
+        return x + y
+
+
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
@@ -229,6 +235,9 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("call with keyword arguments", fxforge.InputError,
      r"a compiled model takes its inputs by position, as it was compiled; got keyword argument\(s\) x",
      lambda t, mp: compile_()(x=torch.randn(2, 4))),
+    ("call with one tensor for an input the model writes into and another input", fxforge.InputError,
+     r"inputs 0 and 1 share memory, and the model writes into input 0 in place",
+     lambda t, mp: (lambda y: compile_(WritesIntoX(), (x, x.clone()))(y, y))(torch.zeros(2, 4))),
     ("call with a token id past the vocabulary", fxforge.InputError,
      r"input 0 holds indices from 60 to 60, but it indexes an embedding of 50 rows: each must be in \[0, 50\)",
      lambda t, mp: compile_(nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(56, 3)).eval(),

@@ -70,6 +70,9 @@ class Signature:
     # (position among out_spec's leaves, value): outputs that are no tensor (a None, a number), returned as they are
     # and absent from the graph, whose outputs are the tensors alone (the ONNX exporter drops a None output)
     constant_outputs: tuple[tuple[int, Any], ...] = ()
+    # the flat inputs the model writes into in place (the compiled graph computes its outputs without writing back);
+    # called with such an input sharing memory with another one, eager would read the write through the other
+    written_inputs: tuple[int, ...] = ()
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
@@ -94,6 +97,12 @@ class Signature:
             if t.numel() and (int(t.min()) < low or int(t.max()) >= high):
                 raise InputError(f"input {i} holds indices from {int(t.min())} to {int(t.max())}, but it indexes "
                                  f"{what}: each must be in [{low}, {high})")
+        for i in self.written_inputs:
+            j = next((j for j, t in enumerate(flat) if j != i and _overlap(flat[i], t)), None)
+            if j is not None:
+                raise InputError(f"inputs {i} and {j} share memory, and the model writes into input {i} in place, "
+                                 f"which it would then read through input {j}; the compiled model does not write "
+                                 f"back, so pass separate tensors (a clone of one)")
         sizes = {i: t.shape[0] for i, (t, b) in enumerate(zip(flat, self.batched())) if b}
         if len(set(sizes.values())) > 1:
             i, j = next((i, j) for i in sizes for j in sizes if sizes[i] != sizes[j])
@@ -112,13 +121,15 @@ class Signature:
         return {"inputs": [s.to_dict() for s in self.inputs], "in_spec": self.in_spec,
                 "out_spec": self.out_spec, "dynamic_batch": self.dynamic_batch, "note": self.note,
                 "index_bounds": [list(b) for b in self.index_bounds],
-                "constant_outputs": [list(c) for c in self.constant_outputs]}
+                "constant_outputs": [list(c) for c in self.constant_outputs],
+                "written_inputs": list(self.written_inputs)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
                    d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())),
-                   tuple((int(i), v) for i, v in d.get("constant_outputs", ())))
+                   tuple((int(i), v) for i, v in d.get("constant_outputs", ())),
+                   tuple(int(i) for i in d.get("written_inputs", ())))
 
 
 def _describe(flat: Sequence[Any]) -> str:
@@ -232,8 +243,24 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic and t.dim() > 0 and t.shape[0] == batch), t.dtype)
                           for t in flat),
                     _dumps(pytree.tree_flatten((args, {}))[1]), _dumps(ep.call_spec.out_spec), dynamic, note,
-                    _index_bounds(gm), _constant_outputs(gm))
+                    _index_bounds(gm), _constant_outputs(gm), _written_inputs(gm))
     return gm, sig
+
+
+def _written_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
+    """The positions of the placeholders whose write-back ``_flat_graph_module`` dropped."""
+    written = set(gm.meta.get("input_writes_dropped", ()))
+    return tuple(i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if n.name in written)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors overlap (their first to last element)."""
+    if not a.numel() or not b.numel() or a.device != b.device:
+        return False
+    spans = [(t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * abs(st) for n, st in
+                                                                          zip(t.shape, t.stride()))))
+             for t in (a, b)]
+    return spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
 
 
 def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:

@@ -69,6 +69,28 @@ def test_outputs_that_are_no_tensor_come_back_as_the_model_returns_them(backend,
         torch.testing.assert_close(got[0]["y"], x * 2)
 
 
+class WritesIntoItsInput(nn.Module):
+    def forward(self, x, y):
+        x.add_(1)
+        return x * 2 + y
+
+
+def test_an_input_the_model_writes_into_may_not_share_memory_with_another():
+    """Eager reads the write into x through y when both are one tensor; the compiled graph does not write back, so
+    such a call gave other values without an error. Separate tensors, and disjoint slices of one, are fine."""
+    model = WritesIntoItsInput()
+    cm = fxforge.compile(model, (torch.randn(4, 8), torch.randn(4, 8)), backend="eager", measure_latency=False)
+    assert cm.artifact.signature.written_inputs == (0,)
+    t = torch.zeros(4, 8)
+    with pytest.raises(fxforge.InputError, match="inputs 0 and 1 share memory, and the model writes into input 0"):
+        cm(t, t)
+    with pytest.raises(fxforge.InputError, match="share memory"):
+        cm(t, t.view(2, 16).view(4, 8))  # a view of the same memory
+    big = torch.zeros(8, 8)
+    torch.testing.assert_close(cm(big[:4], big[4:]), model(torch.zeros(4, 8), torch.zeros(4, 8)))
+    torch.testing.assert_close(cm(t, t.clone()), model(torch.zeros(4, 8), torch.zeros(4, 8)))
+
+
 def test_static_model_says_so():
     class Fixed(nn.Module):
         def forward(self, x):
