@@ -62,7 +62,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     The user's model, example inputs and calibration data are never mutated.
 
     Args:
-        model: the ``torch.nn.Module`` to compile (a copy is captured in eval mode with ``torch.export``).
+        model: the ``torch.nn.Module`` to compile (a copy is captured in eval mode with ``torch.export``; a
+            warning names the dropout and batch-norm modules that were left in training mode).
         example_inputs: a tensor or a tuple of inputs (tensors, or dicts/lists of them) the model runs on; their
             shapes fix the compiled signature, with a dynamic batch dimension unless ``static_batch``.
         passes: pass and preset names (``"fuse"``, ``"int8"``, ``"low_rank{energy=0.9}"``), ``Pass`` instances,
@@ -117,6 +118,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
+    training = _training_modules(model)
+    if training:
+        warnings.warn(f"the model is in training mode ({training}): fxforge compiles it as model.eval() computes, "
+                      "as inference runs it; call model.eval() first to say so", UserWarning, stacklevel=2)
     times, start = {}, time.perf_counter()
     gm, signature, runs, uncached = _capture(model, example, static_batch)
     times["trace"] = time.perf_counter() - start
@@ -205,6 +210,17 @@ def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, rea
         warnings.warn(f"{kind} data given, but no pass of this pipeline reads it "
                       f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
                       stacklevel=3)
+
+
+def _training_modules(model: Any) -> str:
+    """The submodules of ``model`` left in training mode whose output eval mode changes (dropout, batch and instance
+    norm with running statistics), in words; "" when there are none."""
+    if not isinstance(model, torch.nn.Module):
+        return ""
+    kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
+    found = [f"{name or 'the model'}: {type(m).__name__}" for name, m in model.named_modules()
+             if m.training and isinstance(m, kinds) and getattr(m, "track_running_stats", True)]
+    return "" if not found else f"{', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''}"
 
 
 def _check_tensors(model: torch.nn.Module) -> None:

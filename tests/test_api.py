@@ -418,3 +418,17 @@ def test_a_dict_input_model_calibrates_on_batches_given_like_its_example(form):
     assert cm.report.row("insert_qdq").stats["weights"] == 1
     d = batch()
     assert torch.nn.functional.cosine_similarity(cm(d).flatten(), model(d).flatten(), 0) > 0.99
+
+
+def test_a_model_left_in_training_mode_is_compiled_as_eval_and_warned_of():
+    """Dropout and batch norm compute otherwise in training mode; compile captures the eval copy, and says so where
+    the difference exists (a plain MLP in training mode computes the same and gets no warning)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"the model is in training mode \(1: BatchNorm2d\)"):
+        fxforge.compile(model, (torch.randn(2, 3, 8, 8),), backend="eager", measure_latency=False)
+    assert model.training  # the user's module is left as it was
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxforge.compile(model.eval(), (torch.randn(2, 3, 8, 8),), backend="eager", measure_latency=False)
+        fxforge.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),), backend="eager",
+                        measure_latency=False)
