@@ -122,10 +122,13 @@ class Signature:
                 "out_spec": self.out_spec, "dynamic_batch": self.dynamic_batch, "note": self.note,
                 "index_bounds": [list(b) for b in self.index_bounds],
                 "constant_outputs": [list(c) for c in self.constant_outputs],
-                "written_inputs": list(self.written_inputs)}
+                "written_inputs": list(self.written_inputs),
+                "namedtuple_fields": {f"{c.__module__}.{c.__qualname__}": list(c._fields) for c in
+                                      _namedtuples(_loads(self.in_spec)) + _namedtuples(_loads(self.out_spec))}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
+        _check_namedtuple_fields(d.get("namedtuple_fields", {}))
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
                    d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())),
                    tuple((int(i), v) for i, v in d.get("constant_outputs", ())),
@@ -165,15 +168,33 @@ def _loads(text: str) -> pytree.TreeSpec:
     except NotImplementedError:
         pass
     for path in _namedtuple_paths(json.loads(text)[1]):
-        module, _, name = path.rpartition(".")
-        try:
-            cls = functools.reduce(getattr, name.split("."), importlib.import_module(module))
-        except (ImportError, AttributeError, ValueError):
-            raise ArtifactError(f"the model's inputs or outputs hold the namedtuple {path}, which cannot be imported "
-                                "here: import the module that defines it first") from None
+        cls = _namedtuple_class(path)
         if cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
             pytree._register_namedtuple(cls, serialized_type_name=path)
     return pytree.treespec_loads(text)
+
+
+def _namedtuple_class(path: str) -> type:
+    """The namedtuple class ``_dumps`` wrote as ``path``, imported; or an ArtifactError naming it."""
+    module, _, name = path.rpartition(".")
+    try:
+        return functools.reduce(getattr, name.split("."), importlib.import_module(module))
+    except (ImportError, AttributeError, ValueError):
+        raise ArtifactError(f"the model's inputs or outputs hold the namedtuple {path}, which cannot be imported "
+                            "here: import the module that defines it first") from None
+
+
+def _check_namedtuple_fields(saved: dict[str, list[str]]) -> None:
+    """A saved namedtuple whose class now has other fields would fill them by position (``out.a`` holding what was
+    ``b``): an ArtifactError names it. A class that cannot be imported is named when a call needs it."""
+    for path, fields in saved.items():
+        try:
+            cls = _namedtuple_class(path)
+        except ArtifactError:
+            continue
+        if list(getattr(cls, "_fields", ())) != list(fields):
+            raise ArtifactError(f"the namedtuple {path} has fields {list(getattr(cls, '_fields', ()))} here, but the "
+                                f"artifact was compiled with {list(fields)}; the values would land in other fields")
 
 
 def _namedtuple_paths(node: dict) -> list[str]:

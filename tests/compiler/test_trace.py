@@ -1,5 +1,6 @@
 """Capture: every zoo model exports to the ATen FX graph and reproduces eager; capture failures are clear."""
 import collections
+import sys
 
 import pytest
 import torch
@@ -223,6 +224,18 @@ def test_namedtuple_inputs_and_outputs_compile_and_round_trip_through_save(tmp_p
     again = fxforge.load(tmp_path / "a")(x)
     assert isinstance(again, Pair)
     torch.testing.assert_close(again.logits, out.logits)
+
+
+def test_a_saved_namedtuple_whose_class_now_has_other_fields_is_refused_on_load(tmp_path, monkeypatch):
+    """A namedtuple is saved by its import path; loaded where its fields were reordered, the outputs filled them by
+    position, silently (``out.logits`` holding the features)."""
+    cm = fxforge.compile(NamedOut().eval(), (Pair(torch.randn(2, 4), torch.randn(2, 5)),), backend="eager",
+                         measure_latency=False)
+    path = cm.save(tmp_path / "a")
+    monkeypatch.setattr(sys.modules[__name__], "Pair", collections.namedtuple("Pair", list(reversed(Pair._fields))))
+    with pytest.raises(fxforge.ArtifactError, match=r"has fields \['features', 'logits'\] here, but the artifact "
+                                                    r"was compiled with \['logits', 'features'\]"):
+        fxforge.load(path)
 
 
 def test_a_saved_namedtuple_that_cannot_be_imported_is_named():
