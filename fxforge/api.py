@@ -213,13 +213,15 @@ def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, rea
 
 
 def _training_modules(model: Any) -> str:
-    """The submodules of ``model`` left in training mode whose output eval mode changes (dropout, batch and instance
-    norm with running statistics), in words; "" when there are none."""
+    """The submodules of ``model`` left in training mode whose output eval mode changes (dropout with p > 0, batch
+    and instance norm with running statistics), in words; "" when there are none. Code that reads ``self.training``
+    itself is not seen."""
     if not isinstance(model, torch.nn.Module):
         return ""
     kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
     found = [f"{name or 'the model'}: {type(m).__name__}" for name, m in model.named_modules()
-             if m.training and isinstance(m, kinds) and getattr(m, "track_running_stats", True)]
+             if m.training and isinstance(m, kinds) and getattr(m, "track_running_stats", True)
+             and getattr(m, "p", 1) != 0]
     return "" if not found else f"{', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''}"
 
 

@@ -355,7 +355,7 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("artifact file modified after saving", fxforge.ArtifactError, r"was modified after saving \(hash mismatch\)",
      lambda t, mp: fxforge.load(modified_file(t))),
     ("artifact of another format version", fxforge.ArtifactError,
-     r"has artifact format 99, this fxforge reads format 1",
+     r"has artifact format 99, this fxforge reads formats 1, 2",
      lambda t, mp: fxforge.load(edit_meta(saved(t), format=99))),
     ("loading a file instead of an artifact directory", fxforge.ArtifactError,
      r"program\.pt2 is a file; an fxforge artifact is the directory that holds fxforge\.json",

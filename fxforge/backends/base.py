@@ -25,7 +25,11 @@ from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, I
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.trace import Signature
 
-FORMAT_VERSION = 1
+# Format 2: what a format-1 reader would get wrong (it ignores fields it does not know): outputs that are no tensor
+# (Signature.constant_outputs), inputs the model writes into (Signature.written_inputs), the zero-divisor counts a TVM
+# library returns after the model's outputs (``Artifact.format``). An artifact without any is written as format 1.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 META_FILE = "fxforge.json"
 
 
@@ -58,6 +62,11 @@ class Artifact(ABC):
         if not self.owns_outputs:  # outside inference mode: ordinary tensors, as the model returns
             outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
         return self.signature.unflatten(list(outputs))
+
+    def format(self) -> int:
+        """The artifact format this artifact needs: the oldest whose readers read it right (a backend adds its own
+        reasons)."""
+        return 2 if self.signature.constant_outputs or self.signature.written_inputs else 1
 
     def describe_failure(self, e: Exception) -> str:
         """One line saying why ``run`` raised ``e``; a backend whose runtime buries the cause in a longer message
@@ -101,7 +110,7 @@ class Artifact(ABC):
                 if name == META_FILE or (tmp / name).exists():
                     raise ArtifactError(f"extra file {name!r} would overwrite a file of the artifact")
                 (tmp / name).write_text(text)
-            meta = {"format": FORMAT_VERSION, "fxforge": _version(), "versions": _library_versions(),
+            meta = {"format": self.format(), "fxforge": _version(), "versions": _library_versions(),
                     "backend": self.backend,
                     "target": self.target.to_dict(), "signature": self.signature.to_dict(), "info": self.info,
                     "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}}
@@ -167,9 +176,9 @@ def load(directory: str | os.PathLike[str]) -> Artifact:
         raise ArtifactError(f"{path} is not an fxforge artifact (no {META_FILE})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path / META_FILE} is corrupt: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
         raise ArtifactError(f"{path} has artifact format {meta.get('format') if isinstance(meta, dict) else '?'}, "
-                            f"this fxforge reads format {FORMAT_VERSION}")
+                            f"this fxforge reads formats {', '.join(map(str, READABLE_FORMATS))}")
     missing = [key for key in ("backend", "target", "signature", "files") if key not in meta]
     if missing:
         raise ArtifactError(f"{path / META_FILE} lacks {', '.join(map(repr, missing))}; "

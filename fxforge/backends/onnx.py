@@ -591,6 +591,23 @@ def _clamp(self, min=None, max=None):
     return aten_clamp(self, min, max)
 
 
+def _clamp_min(self, min_):
+    """``aten.clamp_min`` (a number or a 0-d tensor) as :func:`_clamp` with only a lower bound; a tensor bound of any
+    rank as Max, which keeps infinities."""
+    from onnxscript import opset18 as op
+    if isinstance(min_, (int, float)):
+        return _clamp(self, min_, None)
+    return op.Max(self, op.CastLike(min_, self))
+
+
+def _clamp_max(self, max_):
+    """``aten.clamp_max``, as :func:`_clamp_min` with an upper bound."""
+    from onnxscript import opset18 as op
+    if isinstance(max_, (int, float)):
+        return _clamp(self, None, max_)
+    return op.Min(self, op.CastLike(max_, self))
+
+
 def _log_sigmoid(self):
     """``log σ(x) = min(x, 0) − softplus(−|x|)``: exact in float32 for every x. The exporter's Log(Sigmoid(x))
     underflows to −inf below x ≈ −88, where log σ(x) ≈ x."""
@@ -601,7 +618,9 @@ def _log_sigmoid(self):
 TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim,
                 torch.ops.aten.div.Tensor_mode: _div_mode, torch.ops.aten.div.Scalar_mode: _div_mode,
                 torch.ops.aten.floor_divide.default: _floor_divide, torch.ops.aten.clamp.default: _clamp,
-                torch.ops.aten.log_sigmoid.default: _log_sigmoid}
+                torch.ops.aten.log_sigmoid.default: _log_sigmoid, torch.ops.aten.clamp_min.default: _clamp_min,
+                torch.ops.aten.clamp_min.Tensor: _clamp_min, torch.ops.aten.clamp_max.default: _clamp_max,
+                torch.ops.aten.clamp_max.Tensor: _clamp_max}
 
 
 @contextlib.contextmanager

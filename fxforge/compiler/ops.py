@@ -38,6 +38,12 @@ Q_PER_TENSOR = qd.quantize_per_tensor.default
 DQ_PER_TENSOR = qd.dequantize_per_tensor.default
 QUANTIZE = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 DEQUANTIZE = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
+DIVISION = (aten.div, aten.floor_divide, aten.remainder, aten.fmod)  # on integers by 0: eager's ZeroDivisionError
+# ops that sum many terms: PyTorch's kernels sum float16/bfloat16 operands in float32
+REDUCTION = (aten.mean, aten.sum, aten.var, aten.std, aten.logsumexp, aten.linalg_vector_norm, aten.cumsum,
+             aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.avg_pool1d,
+             aten.avg_pool2d, aten.avg_pool3d, aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax,
+             aten.layer_norm, aten.group_norm)
 
 
 def is_op(node: Any, *ops: Any) -> bool:

@@ -73,6 +73,9 @@ class Signature:
     # the flat inputs the model writes into in place (the compiled graph computes its outputs without writing back);
     # called with such an input sharing memory with another one, eager would read the write through the other
     written_inputs: tuple[int, ...] = ()
+    # (import path, fields) of each namedtuple class in the inputs and outputs: a class loaded with other fields would
+    # be filled by position
+    namedtuple_fields: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
@@ -123,16 +126,17 @@ class Signature:
                 "index_bounds": [list(b) for b in self.index_bounds],
                 "constant_outputs": [list(c) for c in self.constant_outputs],
                 "written_inputs": list(self.written_inputs),
-                "namedtuple_fields": {f"{c.__module__}.{c.__qualname__}": list(c._fields) for c in
-                                      _namedtuples(_loads(self.in_spec)) + _namedtuples(_loads(self.out_spec))}}
+                "namedtuple_fields": {path: list(fields) for path, fields in self.namedtuple_fields}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
-        _check_namedtuple_fields(d.get("namedtuple_fields", {}))
+        namedtuples = d.get("namedtuple_fields", {})
+        _check_namedtuple_fields(namedtuples)
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
                    d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())),
                    tuple((int(i), v) for i, v in d.get("constant_outputs", ())),
-                   tuple(int(i) for i in d.get("written_inputs", ())))
+                   tuple(int(i) for i in d.get("written_inputs", ())),
+                   tuple((path, tuple(fields)) for path, fields in namedtuples.items()))
 
 
 def _describe(flat: Sequence[Any]) -> str:
@@ -261,10 +265,12 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
                              f"error {err:.3g}): {cause}")
     dynamic = not note
     batch = _batch_size(args)
+    in_spec, out_spec = pytree.tree_flatten((args, {}))[1], ep.call_spec.out_spec
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic and t.dim() > 0 and t.shape[0] == batch), t.dtype)
                           for t in flat),
-                    _dumps(pytree.tree_flatten((args, {}))[1]), _dumps(ep.call_spec.out_spec), dynamic, note,
-                    _index_bounds(gm), _constant_outputs(gm), _written_inputs(gm))
+                    _dumps(in_spec), _dumps(out_spec), dynamic, note, _index_bounds(gm), _constant_outputs(gm),
+                    _written_inputs(gm), tuple((f"{c.__module__}.{c.__qualname__}", tuple(c._fields))
+                                               for c in dict.fromkeys(_namedtuples(in_spec) + _namedtuples(out_spec))))
     return gm, sig
 
 
@@ -275,13 +281,20 @@ def _written_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory spans of two tensors overlap (their first to last element)."""
-    if not a.numel() or not b.numel() or a.device != b.device:
+    """Whether two tensors share an element of memory. Views of one storage are marked element by element (the
+    columns ``t[:, :4]`` and ``t[:, 4:]`` interleave without sharing one); views of another dtype count as sharing
+    where their byte spans overlap."""
+    if not a.numel() or not b.numel() or a.device != b.device or \
+            a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
-    spans = [(t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * abs(st) for n, st in
+    if a.dtype != b.dtype:
+        spans = [(t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * st for n, st in
                                                                           zip(t.shape, t.stride()))))
-             for t in (a, b)]
-    return spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
+                 for t in (a, b)]
+        return spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
+    marks = torch.zeros(a.untyped_storage().nbytes() // a.element_size(), dtype=torch.bool, device=a.device)
+    marks.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
+    return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset()).any())
 
 
 def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:

@@ -408,7 +408,8 @@ class OneSidedClamps(torch.nn.Module):
         self.conv = torch.nn.Conv2d(2, 4, 1)
 
     def forward(self, x):
-        return x.clamp(min=0), x.clamp(max=1), self.conv(x).clamp(min=0)
+        return (x.clamp(min=0), x.clamp(max=1), self.conv(x).clamp(min=0), torch.clamp_min(x, -1.0),
+                torch.clamp_max(x, 2.0), torch.clamp_min(x, torch.tensor(0.5)), torch.clamp_max(x, torch.tensor(0.5)))
 
 
 def test_a_one_sided_clamp_keeps_infinities_and_still_fuses_into_its_conv():

@@ -87,8 +87,9 @@ def test_an_input_the_model_writes_into_may_not_share_memory_with_another():
         cm(t, t)
     with pytest.raises(fxforge.InputError, match="share memory"):
         cm(t, t.view(2, 16).view(4, 8))  # a view of the same memory
-    big = torch.zeros(8, 8)
+    big, wide = torch.zeros(8, 8), torch.zeros(4, 16)
     torch.testing.assert_close(cm(big[:4], big[4:]), model(torch.zeros(4, 8), torch.zeros(4, 8)))
+    torch.testing.assert_close(cm(wide[:, :8], wide[:, 8:]), model(torch.zeros(4, 8), torch.zeros(4, 8)))  # columns
     torch.testing.assert_close(cm(t, t.clone()), model(torch.zeros(4, 8), torch.zeros(4, 8)))
 
 

@@ -37,7 +37,8 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
 from fxforge.compiler.graph import get_tensor
-from fxforge.compiler.ops import argument, aten, is_op, set_argument
+from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, is_op,
+                                  set_argument)
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, TensorSpec, batch_dynamic
 
@@ -52,15 +53,7 @@ LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
-DIVISIONS = (aten.div, aten.floor_divide, aten.remainder, aten.fmod)  # on integers: ZeroDivisionError in eager
-# ops that accumulate: PyTorch sums float16/bfloat16 in float32, TVM in the tensor's own dtype (inf past 65504), and
-# the importer's matmuls and convolutions produce float32 whatever their operands (a float16 bias then fails to add)
-ACCUMULATING = (aten.mean, aten.sum, aten.var, aten.std, aten.logsumexp, aten.linalg_vector_norm, aten.cumsum,
-                aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.avg_pool1d,
-                aten.avg_pool2d, aten.avg_pool3d, aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax,
-                aten.layer_norm, aten.group_norm, aten.linear, aten.addmm, aten.mm, aten.bmm, aten.matmul,
-                aten.baddbmm, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d,
-                aten.conv_transpose2d, aten.conv_transpose3d)
+HALF = (torch.float16, torch.bfloat16)
 ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
@@ -140,7 +133,7 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
     for rewrite in (_views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes,
-                    _zero_divisors_flagged, _half_reductions_in_float32):
+                    _zero_divisors_flagged, _half_reductions_in_float32, _half_products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
     return copied
@@ -216,21 +209,51 @@ def _finite_arg_extremes(graph: fx.Graph) -> None:
 
 
 def _half_reductions_in_float32(graph: fx.Graph) -> None:
-    """Run each :data:`ACCUMULATING` op whose output is float16 or bfloat16 in float32: its half-precision tensor
-    operands cast up, its output cast back, which is how PyTorch's kernels accumulate. TVM summed in the tensor's
-    own dtype: the float16 mean of values near 60000 was inf (eager: 60096), and a long sum lost digits."""
-    half = (torch.float16, torch.bfloat16)
-    for node in [n for n in graph.nodes if is_op(n, *ACCUMULATING)]:
+    """Run each reduction (:data:`~fxforge.compiler.ops.REDUCTION`) whose output is float16 or bfloat16 in float32:
+    its half-precision tensor operands and a half ``dtype`` argument made float32, its output cast back, which is how
+    PyTorch's kernels sum. TVM summed in the tensor's own dtype: the float16 mean of values near 60000 was inf (eager:
+    60096), and a long sum lost digits."""
+    for node in [n for n in graph.nodes if is_op(n, *REDUCTION)]:
         result = node.meta.get("val")
-        if not isinstance(result, torch.Tensor) or result.dtype not in half or node.kwargs.get("dtype") is not None:
+        if not isinstance(result, torch.Tensor) or result.dtype not in HALF:
             continue
-        for operand in [a for a in node.all_input_nodes if _dtype(a) in half]:
+        if argument(node, "dtype", None) in HALF:
+            set_argument(node, "dtype", torch.float32)
+        for operand in [a for a in node.all_input_nodes if _dtype(a) in HALF]:
             with graph.inserting_before(node):
                 wide = graph.call_function(aten._to_copy.default, (operand,), {"dtype": torch.float32})
             node.replace_input_with(operand, wide)
-        with graph.inserting_after(node):
-            narrow = graph.call_function(aten._to_copy.default, (node,), {"dtype": result.dtype})
-        node.replace_all_uses_with(narrow, delete_user_cb=lambda user: user is not narrow)
+        _cast_back(graph, node, result.dtype)
+
+
+def _half_products_cast_back(graph: fx.Graph) -> None:
+    """Cast each float16/bfloat16 matmul, linear and convolution back to its dtype, its bias added after the cast.
+    The importer gives these ops a float32 output whatever their operands (they accumulate in float32, as PyTorch's
+    kernels do), so the float16 bias it then adds failed ("Binary operators must have the same datatype"), and so did
+    any later op mixing the product with a float16 tensor. The weights stay float16."""
+    for node in [n for n in graph.nodes if is_op(n, *CONV, *LINEAR, *MATMUL)]:
+        result = node.meta.get("val")
+        if not isinstance(result, torch.Tensor) or result.dtype not in HALF:
+            continue
+        bias = argument(node, "bias", None)
+        if bias is not None:
+            set_argument(node, "bias", None)
+        narrow = _cast_back(graph, node, result.dtype)
+        if bias is not None:
+            shape = [-1] + [1] * (result.dim() - 2) if is_op(node, *CONV) else [-1]
+            with graph.inserting_after(narrow):
+                column = graph.call_function(aten.reshape.default, (bias, shape))
+            with graph.inserting_after(column):
+                biased = graph.call_function(aten.add.Tensor, (narrow, column))
+            narrow.replace_all_uses_with(biased, delete_user_cb=lambda user: user is not biased)
+
+
+def _cast_back(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """``node``'s readers read it cast to ``dtype`` (the cast node, returned)."""
+    with graph.inserting_after(node):
+        narrow = graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+    node.replace_all_uses_with(narrow, delete_user_cb=lambda user: user is not narrow)
+    return narrow
 
 
 def _dtype(node: fx.Node) -> torch.dtype | None:
@@ -246,7 +269,7 @@ def integer_divisions(graph: fx.Graph) -> list[fx.Node]:
     """The integer divisions (``//``, ``%``, ``fmod``, ``div`` with a rounding mode) by a tensor computed at run time,
     in graph order: the nodes whose divisor can be 0 on some call."""
     found = []
-    for node in [n for n in graph.nodes if is_op(n, *DIVISIONS)]:
+    for node in [n for n in graph.nodes if is_op(n, *DIVISION)]:
         divisor, result = argument(node, "other"), node.meta.get("val")
         value = divisor.meta.get("val") if isinstance(divisor, fx.Node) else None
         if isinstance(value, torch.Tensor) and isinstance(result, torch.Tensor) and \
@@ -256,10 +279,10 @@ def integer_divisions(graph: fx.Graph) -> list[fx.Node]:
 
 
 def _zero_divisors_flagged(graph: fx.Graph) -> None:
-    """Divide each of :func:`integer_divisions` by ``b + (b == 0)`` instead of ``b`` and return ``any(b == 0)`` as an
-    extra output after the model's own (as the count of zeros). A zero divisor kills the process in TVM's kernels (SIGFPE) where eager raises
-    ZeroDivisionError; with the flag the artifact raises instead (:meth:`TvmArtifact.run`), and the quotients it
-    computed meanwhile are never returned."""
+    """Divide each of :func:`integer_divisions` by ``b + (b == 0)`` instead of ``b`` and return the count of zeros in
+    ``b`` as an extra output after the model's own. A zero divisor kills the process in TVM's kernels (SIGFPE) where
+    eager raises ZeroDivisionError; with the count the artifact raises instead (:meth:`TvmArtifact.run`), and the
+    quotients it computed meanwhile are never returned."""
     output = graph.output_node()
     flags = []
     for node in integer_divisions(graph):
@@ -549,9 +572,15 @@ class TvmArtifact(Artifact):
         if guarded:
             outputs, flags = outputs[:-len(guarded)], outputs[-len(guarded):]
             for name, flag in zip(guarded, flags):
-                if bool(flag):
-                    raise ZeroDivisionError(f"integer division by zero at node {name!r}")
+                if bool(flag):  # raised here, not by __call__: `fxforge run` and the checks call run itself
+                    raise BackendError(f"the tvm artifact failed on inputs that match its signature: integer division "
+                                       f"by zero at node {name!r} (eager raises ZeroDivisionError)")
         return outputs
+
+    def format(self) -> int:
+        """Format 2 where the library returns zero-divisor counts after the outputs, which a format-1 reader would
+        return as outputs."""
+        return max(super().format(), 2 if self.info.get(ZERO_DIVISORS) else 1)
 
     def write(self, directory: Path) -> None:
         if self.library is not None:
