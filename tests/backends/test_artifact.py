@@ -145,3 +145,21 @@ def test_editing_a_result_in_place_changes_no_later_call_and_no_input(backend):
     assert torch.equal(x, kept)
     for got, expected in zip(cm(x), want):
         torch.testing.assert_close(got, expected)
+
+
+class ReturnsNoneToo(nn.Module):
+    def forward(self, x):
+        return x * 2, None
+
+
+def test_an_artifact_a_format_1_reader_would_misread_is_written_as_format_2(tmp_path):
+    """A format-1 fxforge ignores the signature's constant outputs and would fail on the call; it refuses format 2
+    by its version check instead. Artifacts that need nothing new stay format 1, readable by both."""
+    plain = compiled().save(tmp_path / "plain")
+    assert json.loads((plain / base.META_FILE).read_text())["format"] == 1
+    cm = fxforge.compile(ReturnsNoneToo(), (torch.randn(2, 3),), backend="eager", measure_latency=False)
+    path = cm.save(tmp_path / "new")
+    assert json.loads((path / base.META_FILE).read_text())["format"] == 2
+    x = torch.randn(4, 3)
+    got = fxforge.load(path)(x)
+    assert got[1] is None and torch.equal(got[0], x * 2)
