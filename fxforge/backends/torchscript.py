@@ -108,6 +108,8 @@ class TorchScriptBackend(Backend):
                     chosen, optimized = candidate, True
             except RuntimeError:
                 pass
+        if mode != "script":  # a trace holds the example's shapes and every size computed from them
+            signature = signature.with_static_batch(example_inputs, f"torchscript: {mode}")
         return TorchScriptArtifact(module, signature, target, {"torchscript_mode": mode,
                                                                "optimize_for_inference": optimized}, frozen=chosen)
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -76,6 +77,14 @@ class Signature:
     # (import path, fields) of each namedtuple class in the inputs and outputs: a class loaded with other fields would
     # be filled by position
     namedtuple_fields: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def with_static_batch(self, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
+        """This signature fixed to the example's shapes, saying why: for a backend whose artifact holds them (a
+        TorchScript trace, a TVM build tuned for one shape)."""
+        if not self.dynamic_batch:
+            return self
+        specs = tuple(TensorSpec(tuple(t.shape), s.dtype) for t, s in zip(example_inputs, self.inputs))
+        return dataclasses.replace(self, inputs=specs, dynamic_batch=False, note=note)
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""

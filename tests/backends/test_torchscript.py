@@ -48,3 +48,23 @@ def test_a_gpu_target_is_refused_not_silently_built_for_the_cpu():
     with pytest.raises(fxforge.TargetError, match="backend 'torchscript' builds CPU programs; target 'cuda' runs "
                                                   "on cuda"):
         fxforge.compile(model, example, backend="torchscript", target="cuda")
+
+
+class ScaledByBatch(torch.nn.Module):
+    """A float computed from the batch size: TorchScript cannot script it, and a trace holds the example's value."""
+
+    def forward(self, x):
+        return x.view(x.shape[0], -1) * (x.shape[0] * 2.0)
+
+
+def test_a_traced_graph_takes_only_the_example_batch(tmp_path):
+    """The trace fallback kept the dynamic batch: at batch 3 the artifact returned shape [2, 6] and the example's
+    factor, silently; its signature is now the example's shapes."""
+    model = ScaledByBatch()
+    cm = fxforge.compile(model, (torch.randn(2, 2, 2),), backend="torchscript", measure_latency=False)
+    assert cm.artifact.info["torchscript_mode"] == "trace (static shapes)" and not cm.signature.dynamic_batch
+    x = torch.randn(2, 2, 2)
+    torch.testing.assert_close(cm(x), model(x))
+    for artifact in (cm, fxforge.load(cm.save(tmp_path / "a"))):
+        with pytest.raises(fxforge.InputError, match=r"input 0 has shape \[3, 2, 2\], compiled for \[2, 2, 2\]"):
+            artifact(torch.randn(3, 2, 2))

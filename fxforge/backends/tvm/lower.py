@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 import re
 import shutil
@@ -40,7 +39,7 @@ from fxforge.compiler.graph import get_tensor
 from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, is_op,
                                   set_argument)
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import Signature, TensorSpec, batch_dynamic
+from fxforge.compiler.trace import Signature, batch_dynamic
 
 from ..base import Artifact, Backend, register_backend
 from .rewrites import matmul_layout, mutate_functions
@@ -633,7 +632,7 @@ class TvmBackend(Backend):
             from .tuning import apply_tuning
             mod, info["tuning"] = apply_tuning(mod, tgt, tune, cross_compiler=target.cross_compiler)
         if signature.dynamic_batch and not dynamic:
-            signature = _static(signature, example_inputs, "tvm: tuned for the example batch (static shapes)")
+            signature = signature.with_static_batch(example_inputs, "tvm: tuned for the example batch (static shapes)")
         executable = build(schedule(mod, tgt), tgt)
         source, library = "", None
         if is_gpu(tgt):
@@ -660,7 +659,3 @@ def _check_kernels(mod: tvm.IRModule, source: str) -> None:
         raise BackendError(f"{len(missing)} function(s) got no GPU kernel (no default schedule fits): "
                            f"{', '.join(missing[:5])}")
 
-
-def _static(signature: Signature, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
-    specs = tuple(TensorSpec(tuple(t.shape), s.dtype) for t, s in zip(example_inputs, signature.inputs))
-    return dataclasses.replace(signature, inputs=specs, dynamic_batch=False, note=note)
