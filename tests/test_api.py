@@ -280,7 +280,8 @@ def test_a_static_batch_artifact_reads_data_in_its_own_batch_size():
 def test_compile_does_each_piece_of_work_once(monkeypatch):
     """Compile's structure, not its speed: one export (no decomposition retrace where the local rewrites apply),
     the model run once per input set (the capture check and the artifact check share them: the example and one
-    fresh batch for an exact pipeline, the example and BOUND_BATCHES fresh ones for an approximate one), one
+    fresh batch for an exact pipeline, the example and BOUND_BATCHES fresh ones for an approximate one; and one
+    batch of another size for the artifact check of a dynamic batch), one
     pipeline run when the accuracy budget holds (no per-layer sensitivity, no second run), no numeric-check
     run for a pass that changed nothing, and no shape propagation for the report's FLOPs (the check's runs give
     every node's shape)."""
@@ -313,14 +314,14 @@ def test_compile_does_each_piece_of_work_once(monkeypatch):
     cm = fxforge.compile(model, (x,), passes="fuse")
     changed = [r.stage for r in cm.report.rows[1:-1] if r.stats.get("folded") or r.stats.get("conv2d+relu")]
     assert changed == ["fuse_batchnorm", "fuse_activation"]  # fold_constants, eliminate_dead_code: no change
-    assert counts == {"export": 1, "model": 2, "pipeline": 1, "stage_runs": 1 + len(changed)}  # no shape_runs: the
+    assert counts == {"export": 1, "model": 3, "pipeline": 1, "stage_runs": 1 + len(changed)}  # no shape_runs: the
     # report's FLOPs read each stage's shapes from its numeric-check run
     counts.clear()
     calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
     cm = fxforge.compile(model, (x,), passes="int8", calibration=calibration, max_drop=math.inf)
     assert cm.report.meta["budget"]["outcome"] == "held"
     assert counts["export"] == 1 and counts["decompose"] == 0 and counts["pipeline"] == 1
-    assert counts["model"] == 1 + verify.BOUND_BATCHES and counts["shape_runs"] == 0
+    assert counts["model"] == 2 + verify.BOUND_BATCHES and counts["shape_runs"] == 0
 
 
 def test_the_report_says_what_was_checked():
@@ -336,8 +337,8 @@ def test_the_report_says_what_was_checked():
     checked = {v: fxforge.compile(model, (x,), passes="fuse", verify=v).report.meta["checked"]
                for v in ("numerics", "lint", "off")}
     assert "exact passes within 0.0001" in checked["numerics"]
-    assert "eager artifact against the graph and your model on the example inputs and 1 fresh batch" \
-        in checked["numerics"] and "of your model" in checked["numerics"]
+    assert "eager artifact against the graph and your model on the example inputs and 1 fresh batch, and one fresh " \
+        "batch of the example's batch size + 1" in checked["numerics"] and "of your model" in checked["numerics"]
     assert "no output compared" in checked["lint"] and checked["off"].startswith("nothing (verify='off')")
     calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
     cm = fxforge.compile(model, (x,), passes="int8", calibration=calibration, max_drop=math.inf)

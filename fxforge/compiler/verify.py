@@ -464,6 +464,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     else:
         fresh = [(BACKEND_SEED + 1000 * k, x, None) for k, x in
                  enumerate([fresh_inputs(flat, BACKEND_SEED)] if exact else bound_inputs(flat, BACKEND_SEED))]
+    fresh += _other_batch(getattr(artifact, "signature", None), flat, model, spec)
     errors: list[Error] = []
     vs_graph = graph_vs_model = 0.0
     mismatch, quantized = "", is_quantized(gm)
@@ -479,7 +480,8 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
         graph_vs_model = max(graph_vs_model, compare(graph, want).max_rel)
     if mismatch:  # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold
         raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled: {mismatch} "
-                                "(on the example or fresh inputs); pass verify='off' to accept it anyway")
+                                "(on the example or fresh inputs, or at another batch size); pass verify='off' to "
+                                "accept it anyway")
     worst = _worst(errors)  # what the bounds below check
     stated = worst if exact else _worst([errors[0], error_bound(errors[1:])])
     exact_bound = exact_tolerance(pytree.tree_leaves(example))
@@ -501,6 +503,24 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     return stated
 
 
+def _other_batch(signature: Any, flat: Sequence[torch.Tensor], model: ModelRuns, spec: Any) -> list[tuple]:
+    """For a dynamic batch, one fresh input set at the example's batch size + 1: every other check runs at the
+    example's shapes, and a backend can be right there and wrong at another batch (TVM lowered ``x[:1].expand(B, 4)``
+    and ``x.squeeze(0)`` compiled from a batch of 1 for that batch alone). Nothing when the model itself fails at that
+    batch (its own limit, not the artifact's)."""
+    if signature is None or not signature.dynamic_batch:
+        return []
+    batched = signature.batched()
+    size = next(t.shape[0] for t, b in zip(flat, batched) if b) + 1
+    grown = [torch.cat([t, t[:1]]) if b else t for t, b in zip(flat, batched)]  # values like the example's
+    inputs = fresh_inputs(grown, BACKEND_SEED + 1)
+    try:
+        model.outputs(("batch", size), pytree.tree_unflatten(list(inputs), spec))
+    except Exception:
+        return []
+    return [(("batch", size), inputs, None)]
+
+
 def is_quantized(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` simulates integer arithmetic (Q/DQ or dynamic int8 linears), which int8 kernels round
     otherwise: its artifact is held to the quantized lowering bound, not the exact one."""
@@ -508,7 +528,7 @@ def is_quantized(gm: fx.GraphModule) -> bool:
 
 
 def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float,
-                skipped: Sequence[str] = ()) -> str:
+                skipped: Sequence[str] = (), dynamic_batch: bool = False) -> str:
     """What a compile under ``verify`` checked, in words, for ``report.meta["checked"]``: which stages were compared
     on what, and the bounds that would have raised ``VerificationError``; ``skipped``: the stages the sampled numeric
     check did not run (``NumericCheck.skipped``)."""
@@ -528,8 +548,9 @@ def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host
     batches = 1 if exact else BOUND_BATCHES
     bound = (f"within {QUANTIZED_LOWERING_FACTOR:g}x the graph's own error + {QUANTIZED_LOWERING_TOLERANCE:g}"
              if quantized else f"within {tolerance:g} of the graph")
+    other = ", and one fresh batch of the example's batch size + 1" if dynamic_batch else ""
     return (f"{stages}; the {backend} artifact against the graph and your model on the example inputs and {batches} "
-            f"fresh batch{'es' if batches > 1 else ''} ({bound}{f', and of your model' if exact else ''})")
+            f"fresh batch{'es' if batches > 1 else ''}{other} ({bound}{f', and of your model' if exact else ''})")
 
 
 def _bound_outputs(gm: fx.GraphModule) -> list[tuple[tuple[torch.Tensor, ...], list[Any]]]:

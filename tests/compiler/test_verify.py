@@ -121,6 +121,25 @@ def test_the_artifact_is_checked_against_the_model_on_fresh_inputs_too():
     assert check_artifact(artifact, ModelRuns(model), graph, (x,), exact=False).max_rel >= 0.5  # stated, not hidden
 
 
+def test_a_dynamic_batch_artifact_is_checked_at_another_batch_size_too():
+    """TVM lowered ``x.squeeze(0)`` compiled from a batch of 1 for that batch alone, and every check ran at the
+    example's shapes; an artifact right at the example's batch and wrong at another is now a VerificationError."""
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    cm = fxforge.compile(model, (torch.randn(1, 4),), backend="eager", measure_latency=False)
+
+    class OnlyAtOne(EagerArtifact):
+        def run(self, inputs):
+            out = super().run(inputs)
+            return out if inputs[0].shape[0] == 1 else [o * 0 for o in out]
+
+    artifact = OnlyAtOne(cm.artifact.gm, cm.signature, cm.artifact.target, cm.artifact.info)
+    x = torch.randn(1, 4)
+    with pytest.raises(VerificationError, match="differs from the graph it compiled by 1 relative"):
+        check_artifact(artifact, ModelRuns(model), cm.artifact.gm, (x,), exact=True)
+    static = OnlyAtOne(cm.artifact.gm, cm.signature.with_static_batch((x,), "static"), cm.artifact.target, {})
+    check_artifact(static, ModelRuns(model), cm.artifact.gm, (x,), exact=True)  # one batch size: nothing else
+
+
 class CountsInBuffer(nn.Module):
     """Adds how often it ran, kept in a buffer written in place."""
 
@@ -225,8 +244,9 @@ def test_model_runs_under_inference_mode_copy_anew_since_inference_tensors_keep_
 
 def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_computed_them():
     """An approximate pipeline's numeric check leaves the last graph's outputs on its other bound batches in
-    gm.meta; the artifact check compares on those batches without running the graph again (2 graph runs: the example
-    and the batch no pass saw, instead of 9), and runs it on batches of its own once the graph's code changed."""
+    gm.meta; the artifact check compares on those batches without running the graph again (3 graph runs: the example,
+    the batch no pass saw and one of another batch size, instead of 10), and runs it on batches of its own once the
+    graph's code changed."""
     from fxforge.backends.base import get_backend
     from fxforge.compiler.pass_manager import PassContext, PassManager
     from fxforge.compiler.target import get_target
@@ -248,7 +268,7 @@ def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_comp
     forward = gm.forward
     gm.forward = lambda *a: calls.append(1) or forward(*a)
     reused = check_artifact(artifact, runs, gm, (x,), exact=False)
-    assert len(calls) == 2 and BOUND_OUTPUTS not in gm.meta  # read once, then dropped
+    assert len(calls) == 3 and BOUND_OUTPUTS not in gm.meta  # read once, then dropped
     assert 0 < reused.max_rel < float("inf") and reused.cosine > 0
     gm.meta[BOUND_OUTPUTS] = (code, known)
     gm.graph.call_function(torch.ops.aten.relu.default, (next(iter(gm.graph.nodes)),))  # unused: same outputs,
@@ -256,7 +276,7 @@ def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_comp
     gm.forward = lambda *a: calls.append(1) or forward(*a)
     calls.clear()
     check_artifact(artifact, runs, gm, (x,), exact=False)
-    assert len(calls) == 1 + BOUND_BATCHES  # stale outputs are not read: the graph runs on its own batches
+    assert len(calls) == 2 + BOUND_BATCHES  # stale outputs are not read: the graph runs on its own batches
 
 
 def test_model_runs_copy_anew_when_an_attribute_cannot_be_recorded():
