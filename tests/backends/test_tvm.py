@@ -608,3 +608,18 @@ def test_calls_from_several_threads_at_once_are_right():
     for t in threads:
         t.join()
     assert failures == []
+
+
+class RollBatch(nn.Module):
+    def forward(self, x: torch.Tensor):
+        return torch.roll(x, 1, 0) * x.shape[0]
+
+
+def test_the_batch_size_as_a_value_is_built_for_the_example_batch_not_crashed_on():
+    """TVM's pipeline crashed the process (SIGSEGV in prepare) on an elementwise op with the symbolic batch as an
+    operand (roll's index arithmetic, x * x.shape[0] on integers); such a graph is built for the example's batch."""
+    model = RollBatch()
+    cm = fxforge.compile(model, (torch.randint(-5, 6, (2, 4)),), backend="tvm", measure_latency=False)
+    assert not cm.signature.dynamic_batch and "the batch size is a value" in cm.signature.note
+    x = torch.randint(-5, 6, (2, 4))
+    assert torch.equal(cm(x), model(x))

@@ -383,6 +383,27 @@ QDQ_CONVERTERS = {"quantize_per_tensor.default": _qdq(True, False),
 # ------------------------------------------------------------------------------------------- prep/build
 
 
+SYMBOLIC_OPERAND_OPS = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.floor_divide",
+                        "relax.mod", "relax.floor_mod", "relax.power", "relax.maximum", "relax.minimum", "relax.equal",
+                        "relax.not_equal", "relax.less", "relax.less_equal", "relax.greater", "relax.greater_equal"}
+
+
+def _batch_as_value(mod: tvm.IRModule) -> str:
+    """The first elementwise op of ``main`` with a symbolic size as an operand (``x * x.shape[0]``, the index
+    arithmetic of ``roll`` along the batch), in words; "" when there is none. TVM's pipeline crashed the process
+    (SIGSEGV in ``prepare``) on such an operand, so the backend builds those graphs for the example's batch."""
+    tvm = _tvm()
+    from tvm.tirx.analysis import undefined_vars
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            name = getattr(getattr(binding.value, "op", None), "name", "")
+            symbolic = [a for a in getattr(binding.value, "args", ()) if name in SYMBOLIC_OPERAND_OPS
+                        and isinstance(getattr(a, "ty", None), tvm.ir.PrimType) and undefined_vars(a)]
+            if symbolic:
+                return f"{name.removeprefix('relax.')} by {symbolic[0]}"
+    return ""
+
+
 def prepare(mod: tvm.IRModule, tvm_target: tvm.target.Target, *, fast_math: bool = True) -> tvm.IRModule:
     """Inference decomposition, NHWC/HWIO convs on CPUs, :func:`~.rewrites.matmul_layout` (unbroadcast matmul
     weights, reshapes below elementwise ops), :func:`fast_math` (unless ``fast_math=False``), canonical bindings
@@ -624,7 +645,13 @@ class TvmBackend(Backend):
         tune, fast_math = options.pop("tune", None), options.pop("fast_math", True)
         tgt = tvm_target(target)
         dynamic = signature.dynamic_batch and tune is None  # MetaSchedule tunes static shapes
-        mod = prepare(relax_module(gm, example_inputs, dynamic_batch=dynamic), tgt, fast_math=fast_math)
+        mod = relax_module(gm, example_inputs, dynamic_batch=dynamic)
+        used = _batch_as_value(mod) if dynamic else ""
+        if used:
+            mod, dynamic = relax_module(gm, example_inputs, dynamic_batch=False), False
+            signature = signature.with_static_batch(example_inputs, f"tvm: the batch size is a value ({used}), which "
+                                                                    "TVM's pipeline cannot compile for a symbolic batch")
+        mod = prepare(mod, tgt, fast_math=fast_math)
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE, "fast_math": fast_math}
         if integer_divisions(gm.graph):
             info[ZERO_DIVISORS] = [n.name for n in integer_divisions(gm.graph)]
