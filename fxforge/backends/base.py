@@ -26,8 +26,9 @@ from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.trace import Signature
 
 # Format 2: what a format-1 reader would get wrong (it ignores fields it does not know): outputs that are no tensor
-# (Signature.constant_outputs), inputs the model writes into (Signature.written_inputs), the zero-divisor counts a TVM
-# library returns after the model's outputs (``Artifact.format``). An artifact without any is written as format 1.
+# (Signature.constant_outputs), inputs the model writes into (Signature.written_inputs), a smallest batch
+# (Signature.min_batch), the zero-divisor counts a TVM library returns after the model's outputs
+# (``Artifact.format``). An artifact without any is written as format 1.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 META_FILE = "fxforge.json"
@@ -66,7 +67,8 @@ class Artifact(ABC):
     def format(self) -> int:
         """The artifact format this artifact needs: the oldest whose readers read it right (a backend adds its own
         reasons)."""
-        return 2 if self.signature.constant_outputs or self.signature.written_inputs else 1
+        sig = self.signature
+        return 2 if sig.constant_outputs or sig.written_inputs or sig.min_batch > 1 else 1
 
     def describe_failure(self, e: Exception) -> str:
         """One line saying why ``run`` raised ``e``; a backend whose runtime buries the cause in a longer message

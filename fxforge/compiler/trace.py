@@ -77,6 +77,9 @@ class Signature:
     # (import path, fields) of each namedtuple class in the inputs and outputs: a class loaded with other fields would
     # be filled by position
     namedtuple_fields: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # the smallest batch the model itself runs at (x[1] needs two rows): a graph reads past a smaller batch, or
+    # clamps a narrow to nothing, where eager raises
+    min_batch: int = 1
 
     def with_static_batch(self, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
         """This signature fixed to the example's shapes, saying why: for a backend whose artifact holds them (a
@@ -116,6 +119,10 @@ class Signature:
                                  f"which it would then read through input {j}; the compiled model does not write "
                                  f"back, so pass separate tensors (a clone of one)")
         sizes = {i: t.shape[0] for i, (t, b) in enumerate(zip(flat, self.batched())) if b}
+        small = next((i for i, n in sizes.items() if n < self.min_batch), None)
+        if small is not None:
+            raise InputError(f"input {small} has batch size {sizes[small]}, but the model runs only from batch size "
+                             f"{self.min_batch} (eager PyTorch raises below it)")
         if len(set(sizes.values())) > 1:
             i, j = next((i, j) for i in sizes for j in sizes if sizes[i] != sizes[j])
             raise InputError(f"inputs {i} and {j} have batch sizes {sizes[i]} and {sizes[j]}: the model was compiled "
@@ -135,7 +142,8 @@ class Signature:
                 "index_bounds": [list(b) for b in self.index_bounds],
                 "constant_outputs": [list(c) for c in self.constant_outputs],
                 "written_inputs": list(self.written_inputs),
-                "namedtuple_fields": {path: list(fields) for path, fields in self.namedtuple_fields}}
+                "namedtuple_fields": {path: list(fields) for path, fields in self.namedtuple_fields},
+                "min_batch": self.min_batch}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
@@ -145,7 +153,7 @@ class Signature:
                    d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())),
                    tuple((int(i), v) for i, v in d.get("constant_outputs", ())),
                    tuple(int(i) for i in d.get("written_inputs", ())),
-                   tuple((path, tuple(fields)) for path, fields in namedtuples.items()))
+                   tuple((path, tuple(fields)) for path, fields in namedtuples.items()), int(d.get("min_batch", 1)))
 
 
 def _describe(flat: Sequence[Any]) -> str:
@@ -279,8 +287,25 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
                           for t in flat),
                     _dumps(in_spec), _dumps(out_spec), dynamic, note, _index_bounds(gm), _constant_outputs(gm),
                     _written_inputs(gm), tuple((f"{c.__module__}.{c.__qualname__}", tuple(c._fields))
-                                               for c in dict.fromkeys(_namedtuples(in_spec) + _namedtuples(out_spec))))
+                                               for c in dict.fromkeys(_namedtuples(in_spec) + _namedtuples(out_spec))),
+                    _smallest_batch(refs.model, args) if dynamic else 1)
     return gm, sig
+
+
+def _smallest_batch(runs: ModelRuns, args: tuple) -> int:
+    """The smallest batch size, up to the example's, at which the model runs on the example's first rows: the graph
+    is symbolic in the batch, but a model that reads row 1 (``x[1]``, ``x.narrow(0, 1, 1)``) raises below 2 in eager,
+    where a backend reads past the tensor or returns an empty slice."""
+    leaves, spec = pytree.tree_flatten(args)
+    batch = _batch_size(args)
+    for n in range(1, batch or 1):
+        rows = [t[:n] if t.dim() and t.shape[0] == batch else t for t in leaves]
+        try:
+            runs.run(pytree.tree_unflatten(rows, spec))
+        except Exception:
+            continue
+        return n
+    return batch or 1
 
 
 def _written_inputs(gm: fx.GraphModule) -> tuple[int, ...]:

@@ -93,6 +93,27 @@ def test_an_input_the_model_writes_into_may_not_share_memory_with_another():
     torch.testing.assert_close(cm(t, t.clone()), model(torch.zeros(4, 8), torch.zeros(4, 8)))
 
 
+class SecondRow(nn.Module):
+    def forward(self, x):
+        return x[1] * 2, x.narrow(0, 1, 1) + 1
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_batch_smaller_than_the_model_runs_at_is_refused(backend, tmp_path):
+    """Eager raises on x[1] and x.narrow(0, 1, 1) at batch 1; the symbolic graph read past the batch (TVM) or
+    returned an empty slice (every backend). The smallest batch the model runs at is probed at capture."""
+    model = SecondRow()
+    cm = fxforge.compile(model, (torch.randn(4, 3),), backend=backend, measure_latency=False)
+    assert cm.signature.min_batch == 2
+    for artifact in (cm, fxforge.load(cm.save(tmp_path / "a"))):
+        with pytest.raises(fxforge.InputError, match="input 0 has batch size 1, but the model runs only from batch "
+                                                     "size 2"):
+            artifact(torch.randn(1, 3))
+        x = torch.randn(2, 3)
+        for got, want in zip(artifact(x), model(x)):
+            torch.testing.assert_close(got, want)
+
+
 def test_static_model_says_so():
     class Fixed(nn.Module):
         def forward(self, x):
