@@ -120,12 +120,23 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
                     op.Constant(value_float=float(torch.finfo(torch.float32).min))) if boolean else attn_mask
     if boolean and attn_mask.shape is not None and attn_mask.shape[-1] != 1:  # a mask per key
         k, v, bias = _visible_keys(attn_mask, k, v, bias)
+    if bias is not None and not _per_query(bias.shape):
+        # MultiHeadAttention takes a bias [B or 1, N or 1, S_q, S_k] only; a key-padding mask [B, 1, 1, S_k] (or a
+        # 2-D or 3-D one) is broadcast over the queries first, as torch broadcasts it
+        rows = op.Slice(op.Shape(query), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+        one = op.Constant(value_ints=[1])
+        bias = op.Expand(bias, op.Concat(one, one, rows, one, axis=0))
     out = mha(q, k, v, None, None, bias, num_heads=heads, scale=1.0 / math.sqrt(head) if scale is None else scale)
     out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head])), perm=[0, 2, 1, 3])
     if boolean:  # rows with no visible key: zeros, as torch computes them
         out = op.Mul(out, op.ReduceMax(op.Cast(attn_mask, to=ir.DataType.FLOAT), op.Constant(value_ints=[-1]),
                                        keepdims=1))
     return out
+
+
+def _per_query(shape) -> bool:
+    """Whether a bias of ``shape`` is known to be 4-D with a row per query (dimension 2 not 1)."""
+    return shape is not None and len(shape) == 4 and shape[2] != 1 and shape[2] is not None
 
 
 def _visible_keys(mask, k, v, bias):

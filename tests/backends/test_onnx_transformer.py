@@ -186,6 +186,35 @@ class Project(nn.Module):
         return out.transpose(1, 2).reshape(x.shape) + y  # y read either way: the model keeps both inputs
 
 
+class PaddedSelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, padding):
+        return self.attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("mask", ["key_padding", "additive [B, 1, 1, S]", "boolean [S, S]"])
+def test_a_mask_without_a_row_per_query_is_broadcast_for_multi_head_attention(mask):
+    """ORT's MultiHeadAttention takes a bias [B, N, S_q, S_k] with a row per query; nn.MultiheadAttention's
+    key_padding_mask ([B, 1, 1, S_k] by then) failed at run time ("'attention_bias' dimension 2 should be same as
+    sequence_length, got 1"). Such a bias is expanded over the queries first."""
+    if mask == "key_padding":
+        model, padding = PaddedSelfAttention().eval(), torch.zeros(2, 6, dtype=torch.bool)
+        padding[0, 4:] = True
+        inputs = (torch.randn(2, 6, 32), padding)
+    else:
+        model, (q, k, v) = Attend(), _qkv()
+        bias = torch.randn(2, 1, 1, 5) if mask.startswith("additive") else torch.rand(5, 5) > 0.3
+        inputs = (q, k, v, bias)
+    cm = fxforge.compile(model, inputs, backend="onnx", fusions="transformer", measure_latency=False)
+    assert cm.artifact.info["ort_transformer_ops"].get("MultiHeadAttention", 0) + \
+        cm.artifact.info["ort_transformer_ops"].get("Attention", 0) == 1
+    with torch.no_grad():
+        assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
+
+
 @pytest.mark.parametrize("cross", [False, True])
 def test_self_attention_packs_its_projections_into_one_attention(cross):
     """Before: three linears of x → sdpa. Expected: one com.microsoft.Attention reading x and the packed weight
