@@ -97,6 +97,11 @@ class KthValue(nn.Module):
         return torch.kthvalue(x, 2, dim=1).values
 
 
+class AddsTwo(nn.Module):
+    def forward(self, x, y):
+        return x * 2 + y.sin()
+
+
 class WritesIntoX(nn.Module):
     def forward(self, x, y):
         x.mul_(2)
@@ -211,6 +216,9 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("a forward that updates a buffer it reads", fxforge.TraceError,
      r"forward updates the buffer\(s\) calls in place, so each call depends on the calls before it",
      lambda t, mp: compile_(Counter())),
+    ("one tensor given for two example inputs that differ in use", fxforge.TraceError,
+     r"example inputs 0 and 1 are one tensor, and export captured them as one input; give separate tensors",
+     lambda t, mp: (lambda y: compile_(AddsTwo(), (y, y)))(torch.randn(2, 4))),
     ("example inputs not tensors", fxforge.InputError, r"example_inputs must be a tuple of tensors, got \['str'\]",
      lambda t, mp: compile_(example=("abc",))),
     ("too few example inputs", fxforge.InputError,

@@ -273,13 +273,19 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
         gm, err = _functional(ep, refs)
         if err > EXACT_TOLERANCE:
             mutated = _mutated_buffers(ep)
-            cause = (f"forward updates the buffer(s) {', '.join(mutated)} in place, so each call depends on the "
-                     "calls before it, and a compiled graph computes one call from a fixed state; keep that state "
-                     "out of forward or pass it as an input") if mutated else \
-                ("forward takes another path while exported (e.g. it asks torch.compiler.is_exporting()) or reads "
-                 "Python state export freezes; make forward compute the same under export")
-            raise TraceError(f"the captured graph does not reproduce the model on the example inputs (relative "
-                             f"error {err:.3g}): {cause}")
+            shared = next(((i, j) for j, b in enumerate(flat) for i, a in enumerate(flat[:j]) if _overlap(a, b)), None)
+            if mutated:
+                cause = (f"forward updates the buffer(s) {', '.join(mutated)} in place, so each call depends on the "
+                         "calls before it, and a compiled graph computes one call from a fixed state; keep that state "
+                         "out of forward or pass it as an input")
+            elif shared:
+                cause = (f"example inputs {shared[0]} and {shared[1]} are one tensor, and export captured them as one "
+                         "input; give separate tensors (a clone of one) for inputs that can differ")
+            else:
+                cause = ("forward takes another path while exported (e.g. it asks torch.compiler.is_exporting()) or "
+                         "reads Python state export freezes; make forward compute the same under export")
+            raise TraceError(f"the captured graph does not reproduce the model on the example inputs and fresh "
+                             f"ones of their shapes (relative error {err:.3g}): {cause}")
     dynamic = not note
     batch = _batch_size(args)
     in_spec, out_spec = pytree.tree_flatten((args, {}))[1], ep.call_spec.out_spec
