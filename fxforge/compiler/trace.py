@@ -54,6 +54,9 @@ class TensorSpec:
         return cls(tuple(d["shape"]), getattr(torch, d["dtype"]))
 
 
+BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
+
+
 @dataclass(frozen=True)
 class Signature:
     """What a compiled model accepts and returns: flat input specs plus the pytree structure around them."""
@@ -107,8 +110,11 @@ class Signature:
             if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
                 raise InputError(f"input {i} has shape {list(t.shape)}, compiled for {list(s.shape)} "
                                  "(None = any size)")
+        batch = next((t.shape[0] for t, b in zip(flat, self.batched()) if b), None)
         for i, low, high, what in self.index_bounds:
             t = flat[i]
+            if high == BATCH:  # a dimension of the call's batch size
+                low, high = (-batch if low == -BATCH else 0), batch
             if t.numel() and (int(t.min()) < low or int(t.max()) >= high):
                 raise InputError(f"input {i} holds indices from {int(t.min())} to {int(t.max())}, but it indexes "
                                  f"{what}: each must be in [{low}, {high})")
@@ -351,17 +357,34 @@ def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
 
 def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
     """(input, low, high, what) for each flat integer input that an embedding, gather, index_select or index reads
-    directly as indices into a dimension of static size n: eager accepts [0, n), and [−n, n) for ``x[index]``."""
+    directly as indices into a dimension of static size n: eager accepts [0, n), and [−n, n) for ``x[index]``. A
+    dimension of the dynamic batch's size has ``high`` = ``BATCH`` (and ``low`` = −``BATCH`` for [−n, n)): the call's
+    batch size bounds it (TVM read past the batch)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    batch = {str(v.shape[0]) for v in (p.meta.get("val") for p in placeholders)
+             if isinstance(v, torch.Tensor) and v.dim() and not isinstance(v.shape[0], int)}
     bounds = []
-    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+    for i, node in enumerate(placeholders):
         for user in node.users:
             for source, dim, low_is_minus_n in _indexed_dims(user, node):
                 size = _static_size(gm, source, dim)
-                if size is not None:
+                if size is None and _size_name(source, dim) in batch:
+                    bounds.append((i, -BATCH if low_is_minus_n else 0, BATCH,
+                                   f"dimension {dim} (the batch) at node {user.name!r}"))
+                elif size is not None:
                     what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
                             f"dimension {dim} (size {size}) at node {user.name!r}")
                     bounds.append((i, -size if low_is_minus_n else 0, size, what))
     return tuple(bounds)
+
+
+def _size_name(source: Any, dim: int) -> str | None:
+    """The symbol of ``source``'s size along ``dim`` as text ("s77"), when that size is symbolic."""
+    value = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or not -value.dim() <= dim < value.dim():
+        return None
+    size = value.shape[dim]
+    return None if isinstance(size, int) else str(size)
 
 
 def _indexed_dims(user: fx.Node, index: fx.Node) -> list[tuple[fx.Node, int, bool]]:

@@ -114,6 +114,25 @@ def test_a_batch_smaller_than_the_model_runs_at_is_refused(backend, tmp_path):
             torch.testing.assert_close(got, want)
 
 
+class RowsOfTheBatch(nn.Module):
+    def forward(self, x, rows):
+        return x[rows] * 2
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_indices_into_the_batch_are_bounded_by_the_calls_batch(backend):
+    """An index input into the dynamic batch dimension: eager accepts [-B, B) of each call's batch B; TVM read past
+    the batch. The signature bounds it by the call's batch size."""
+    model = RowsOfTheBatch()
+    cm = fxforge.compile(model, (torch.randn(4, 3), torch.tensor([0, 3, -1])), backend=backend,
+                         measure_latency=False)
+    x, rows = torch.randn(5, 3), torch.tensor([4, -5, 0])
+    torch.testing.assert_close(cm(x, rows), model(x, rows))
+    with pytest.raises(fxforge.InputError, match=r"input 1 holds indices from 0 to 3, but it indexes dimension 0 \(the "
+                                                 r"batch\) at node 'index': each must be in \[-3, 3\)"):
+        cm(torch.randn(3, 3), torch.tensor([0, 3, 1]))
+
+
 def test_static_model_says_so():
     class Fixed(nn.Module):
         def forward(self, x):
