@@ -18,8 +18,7 @@ import json
 import logging
 import math
 import traceback
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -80,8 +79,8 @@ class Signature:
     # (import path, fields) of each namedtuple class in the inputs and outputs: a class loaded with other fields would
     # be filled by position
     namedtuple_fields: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    # the smallest batch the model itself runs at (x[1] needs two rows): a graph reads past a smaller batch, or
-    # clamps a narrow to nothing, where eager raises
+    # the smallest batch at which the captured graph computes what the model does (x[1] needs two rows): a graph
+    # reads past a smaller batch, or clamps a narrow to nothing, where eager raises
     min_batch: int = 1
 
     def with_static_batch(self, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
@@ -90,7 +89,7 @@ class Signature:
         if not self.dynamic_batch:
             return self
         specs = tuple(TensorSpec(tuple(t.shape), s.dtype) for t, s in zip(example_inputs, self.inputs))
-        return dataclasses.replace(self, inputs=specs, dynamic_batch=False, note=note)
+        return replace(self, inputs=specs, dynamic_batch=False, note=note)
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
@@ -128,7 +127,7 @@ class Signature:
         small = next((i for i, n in sizes.items() if n < self.min_batch), None)
         if small is not None:
             raise InputError(f"input {small} has batch size {sizes[small]}, but the model runs only from batch size "
-                             f"{self.min_batch} (eager PyTorch raises below it)")
+                             f"{self.min_batch} (below it eager PyTorch raises, or computes otherwise than the captured graph)")
         if len(set(sizes.values())) > 1:
             i, j = next((i, j) for i in sizes for j in sizes if sizes[i] != sizes[j])
             raise InputError(f"inputs {i} and {j} have batch sizes {sizes[i]} and {sizes[j]}: the model was compiled "
@@ -300,23 +299,27 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
                     _dumps(in_spec), _dumps(out_spec), dynamic, note, _index_bounds(gm), _constant_outputs(gm),
                     _written_inputs(gm), tuple((f"{c.__module__}.{c.__qualname__}", tuple(c._fields))
                                                for c in dict.fromkeys(_namedtuples(in_spec) + _namedtuples(out_spec))),
-                    _smallest_batch(refs.model, args) if dynamic else 1)
+                    _smallest_batch(refs.model, gm, args) if dynamic else 1)
     return gm, sig
 
 
-def _smallest_batch(runs: ModelRuns, args: tuple) -> int:
-    """The smallest batch size, up to the example's, at which the model runs on the example's first rows: the graph
-    is symbolic in the batch, but a model that reads row 1 (``x[1]``, ``x.narrow(0, 1, 1)``) raises below 2 in eager,
-    where a backend reads past the tensor or returns an empty slice."""
+def _smallest_batch(runs: ModelRuns, gm: fx.GraphModule, args: tuple) -> int:
+    """The smallest batch size, up to the example's, at which the captured graph computes what the model does on the
+    example's first rows. The graph is symbolic in the batch, but a model that reads row 1 (``x[1]``,
+    ``x.narrow(0, 1, 1)``) raises below 2 in eager, where a backend reads past the tensor or returns an empty slice;
+    and export takes a dynamic size to be at least 2, so a ``squeeze`` of the batch is not in the graph."""
     leaves, spec = pytree.tree_flatten(args)
     batch = _batch_size(args)
     for n in range(1, batch or 1):
         rows = [t[:n] if t.dim() and t.shape[0] == batch else t for t in leaves]
         try:
-            runs.run(pytree.tree_unflatten(rows, spec))
+            want = pytree.tree_leaves(runs.run(pytree.tree_unflatten(rows, spec)))
         except Exception:
             continue
-        return n
+        with torch.no_grad():
+            got = list(gm(*clone_inputs(rows)))
+        if not discrete_mismatch(got, want) and compare(got, want).max_rel <= EXACT_TOLERANCE:
+            return n
     return batch or 1
 
 
