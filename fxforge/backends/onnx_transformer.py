@@ -120,7 +120,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
                     op.Constant(value_float=float(torch.finfo(torch.float32).min))) if boolean else attn_mask
     if boolean and attn_mask.shape is not None and attn_mask.shape[-1] != 1:  # a mask per key
         k, v, bias = _visible_keys(attn_mask, k, v, bias)
-    if bias is not None and not _per_query(bias.shape):
+    if attn_mask is not None and _without_query_rows(attn_mask.shape):
         # MultiHeadAttention takes a bias [B or 1, N or 1, S_q, S_k] only; a key-padding mask [B, 1, 1, S_k] (or a
         # 2-D or 3-D one) is broadcast over the queries first, as torch broadcasts it
         rows = op.Slice(op.Shape(query), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
@@ -134,9 +134,10 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     return out
 
 
-def _per_query(shape) -> bool:
-    """Whether a bias of ``shape`` is known to be 4-D with a row per query (dimension 2 not 1)."""
-    return shape is not None and len(shape) == 4 and shape[2] != 1 and shape[2] is not None
+def _without_query_rows(shape) -> bool:
+    """Whether a bias of ``shape`` is known to lack a row per query: fewer than 4 dimensions, or dimension 2 of
+    size 1. An unknown shape is left as it is (expanding it anyway broke onnxruntime.transformers' fusions)."""
+    return shape is not None and (len(shape) < 4 or shape[2] == 1)
 
 
 def _visible_keys(mask, k, v, bias):
