@@ -120,11 +120,14 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
                     op.Constant(value_float=float(torch.finfo(torch.float32).min))) if boolean else attn_mask
     if boolean and attn_mask.shape is not None and attn_mask.shape[-1] != 1:  # a mask per key
         k, v, bias = _visible_keys(attn_mask, k, v, bias)
-    if attn_mask is not None and _without_query_rows(attn_mask.shape):
+    queries = shapes[0][2]
+    if attn_mask is not None and _without_query_rows(attn_mask.shape) and queries != 1:
         # MultiHeadAttention takes a bias [B or 1, N or 1, S_q, S_k] only; a key-padding mask [B, 1, 1, S_k] (or a
-        # 2-D or 3-D one) is broadcast over the queries first, as torch broadcasts it
-        rows = op.Slice(op.Shape(query), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+        # 2-D or 3-D one) is broadcast over the queries first, as torch broadcasts it (a constant shape where S_q is
+        # known: a computed one kept onnxruntime.transformers from fusing the graph)
         one = op.Constant(value_ints=[1])
+        rows = op.Constant(value_ints=[queries]) if isinstance(queries, int) else \
+            op.Slice(op.Shape(query), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
         bias = op.Expand(bias, op.Concat(one, one, rows, one, axis=0))
     out = mha(q, k, v, None, None, bias, num_heads=heads, scale=1.0 / math.sqrt(head) if scale is None else scale)
     out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head])), perm=[0, 2, 1, 3])
