@@ -68,7 +68,7 @@ class Artifact(ABC):
         """The artifact format this artifact needs: the oldest whose readers read it right (a backend adds its own
         reasons)."""
         sig = self.signature
-        return 2 if sig.constant_outputs or sig.written_inputs or sig.min_batch > 1 else 1
+        return FORMAT_VERSION if sig.constant_outputs or sig.written_inputs or sig.min_batch > 1 else 1
 
     def describe_failure(self, e: Exception) -> str:
         """One line saying why ``run`` raised ``e``; a backend whose runtime buries the cause in a longer message

@@ -41,7 +41,7 @@ from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, arg
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import Signature, batch_dynamic
 
-from ..base import Artifact, Backend, register_backend
+from ..base import FORMAT_VERSION, Artifact, Backend, register_backend
 from .rewrites import matmul_layout, mutate_functions
 from .schedules import is_gpu, schedule
 
@@ -600,7 +600,7 @@ class TvmArtifact(Artifact):
     def format(self) -> int:
         """Format 2 where the library returns zero-divisor counts after the outputs, which a format-1 reader would
         return as outputs."""
-        return max(super().format(), 2 if self.info.get(ZERO_DIVISORS) else 1)
+        return FORMAT_VERSION if self.info.get(ZERO_DIVISORS) else super().format()
 
     def write(self, directory: Path) -> None:
         if self.library is not None:
@@ -653,8 +653,9 @@ class TvmBackend(Backend):
                                                                     "TVM's pipeline cannot compile for a symbolic batch")
         mod = prepare(mod, tgt, fast_math=fast_math)
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE, "fast_math": fast_math}
-        if integer_divisions(gm.graph):
-            info[ZERO_DIVISORS] = [n.name for n in integer_divisions(gm.graph)]
+        divisions = [n.name for n in integer_divisions(gm.graph)]
+        if divisions:
+            info[ZERO_DIVISORS] = divisions
         if tune is not None:
             from .tuning import apply_tuning
             mod, info["tuning"] = apply_tuning(mod, tgt, tune, cross_compiler=target.cross_compiler)
