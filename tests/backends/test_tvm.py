@@ -535,6 +535,21 @@ def test_argmax_of_a_row_of_infinities_is_an_index_in_the_row():
         assert torch.equal(got, want), (got, want)
 
 
+class DividedByNumbers(nn.Module):
+    def forward(self, ids: torch.Tensor):
+        return ids // 3, ids % 3, torch.fmod(ids, 4), torch.div(ids, -3, rounding_mode="trunc")
+
+
+def test_an_integer_divided_by_a_number_imports():
+    """The importer made the divisor 3 of an int64 ``ids // 3`` an int32 constant, and the import failed."""
+    model, ids = DividedByNumbers(), torch.randint(-50, 50, (2, 4))
+    cm = fxforge.compile(model, (ids,), backend="tvm", measure_latency=False)
+    assert "zero_divisors" not in cm.artifact.info  # a constant divisor needs no guard
+    ids = torch.randint(-50, 50, (3, 4))
+    for got, want in zip(cm(ids), model(ids)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 class IntegerDivisions(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor):
         return a // b, torch.remainder(a, b), torch.div(a, b, rounding_mode="trunc"), a.float() / b

@@ -53,7 +53,10 @@ CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
 HALF = (torch.float16, torch.bfloat16)
-ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
+ZERO_DIVISORS = "zero_divisors"
+# a division's overload taking a Python number → the one taking a tensor
+TENSOR_OVERLOADS = {aten.remainder.Scalar: aten.remainder.Tensor, aten.fmod.Scalar: aten.fmod.Tensor,
+                    aten.div.Scalar_mode: aten.div.Tensor_mode, aten.floor_divide.Scalar: aten.floor_divide.default}  # info key: the integer divisions whose divisor the artifact checks, in output order
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
 
@@ -132,7 +135,8 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
     for rewrite in (_views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes,
-                    _zero_divisors_flagged, _half_reductions_in_float32, _half_products_cast_back):
+                    _typed_integer_divisors, _zero_divisors_flagged, _half_reductions_in_float32,
+                    _half_products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
     return copied
@@ -262,6 +266,20 @@ def _dtype(node: fx.Node) -> torch.dtype | None:
     if not isinstance(value, torch.Tensor):
         value = get_tensor(node.graph.owning_module, node)
     return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _typed_integer_divisors(graph: fx.Graph) -> None:
+    """Make a Python-number divisor of an integer division (``ids // 3``) a 0-d tensor of the result's dtype. The
+    importer made it an int32 constant, and an int64 dividend then failed to import ("Binary operators must have the
+    same datatype")."""
+    for node in [n for n in graph.nodes if is_op(n, *DIVISION)]:
+        divisor, result = argument(node, "other"), node.meta.get("val")
+        if isinstance(divisor, int) and not isinstance(divisor, bool) and isinstance(result, torch.Tensor) and \
+                not (result.is_floating_point() or result.is_complex()):
+            with graph.inserting_before(node):
+                typed = graph.call_function(aten.scalar_tensor.default, (divisor,), {"dtype": result.dtype})
+            node.target = TENSOR_OVERLOADS.get(node.target, node.target)
+            set_argument(node, "other", typed)
 
 
 def integer_divisions(graph: fx.Graph) -> list[fx.Node]:
