@@ -312,18 +312,23 @@ def _smallest_batch(runs: ModelRuns, gm: fx.GraphModule, args: tuple) -> int:
     batch = _batch_size(args)
     for n in range(1, batch or 1):
         rows = [t[:n] if t.dim() and t.shape[0] == batch else t for t in leaves]
+        inputs = pytree.tree_unflatten(rows, spec)
         try:
-            want = pytree.tree_leaves(runs.run(pytree.tree_unflatten(rows, spec)))
+            want = pytree.tree_leaves(runs.run(inputs))
         except Exception:
             continue
         with torch.no_grad():
             got = list(gm(*clone_inputs(rows)))
-        if not discrete_mismatch(got, want) and compare(got, want).max_rel <= EXACT_TOLERANCE:
+        if _distance(got, want) <= EXACT_TOLERANCE:
             return n
-        again = pytree.tree_leaves(runs.run(pytree.tree_unflatten(rows, spec)))
-        if discrete_mismatch(again, want) or compare(again, want).max_rel > EXACT_TOLERANCE:
+        if _distance(pytree.tree_leaves(runs.run(inputs)), want) > EXACT_TOLERANCE:
             return n  # a model with random ops (as the capture check, it cannot be compared run by run)
     return batch or 1
+
+
+def _distance(outputs: list[Any], reference: list[Any]) -> float:
+    """Relative max error of ``outputs``, infinite where a dtype, shape or integer value differs."""
+    return math.inf if discrete_mismatch(outputs, reference) else compare(outputs, reference).max_rel
 
 
 def _written_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
@@ -373,24 +378,15 @@ def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
     for i, node in enumerate(placeholders):
         for user in node.users:
             for source, dim, low_is_minus_n in _indexed_dims(user, node):
-                size = _static_size(gm, source, dim)
-                if size is None and _size_name(source, dim) in batch:
+                size = _size(gm, source, dim)
+                if size is not None and not isinstance(size, int) and str(size) in batch:
                     bounds.append((i, -BATCH if low_is_minus_n else 0, BATCH,
                                    f"dimension {dim} (the batch) at node {user.name!r}"))
-                elif size is not None:
+                elif isinstance(size, int):
                     what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
                             f"dimension {dim} (size {size}) at node {user.name!r}")
                     bounds.append((i, -size if low_is_minus_n else 0, size, what))
     return tuple(bounds)
-
-
-def _size_name(source: Any, dim: int) -> str | None:
-    """The symbol of ``source``'s size along ``dim`` as text ("s77"), when that size is symbolic."""
-    value = source.meta.get("val") if isinstance(source, fx.Node) else None
-    if not isinstance(value, torch.Tensor) or not -value.dim() <= dim < value.dim():
-        return None
-    size = value.shape[dim]
-    return None if isinstance(size, int) else str(size)
 
 
 def _indexed_dims(user: fx.Node, index: fx.Node) -> list[tuple[fx.Node, int, bool]]:
@@ -404,15 +400,15 @@ def _indexed_dims(user: fx.Node, index: fx.Node) -> list[tuple[fx.Node, int, boo
     return []
 
 
-def _static_size(gm: fx.GraphModule, source: Any, dim: int) -> int | None:
-    """``source``'s size along ``dim`` when it is a known integer (a constant, or a shape the export fixed)."""
+def _size(gm: fx.GraphModule, source: Any, dim: int) -> Any:
+    """``source``'s size along ``dim``: an int where it is known (a constant, or a shape the export fixed), a SymInt
+    where it is symbolic (the batch), None where ``source`` is no tensor of such a dimension."""
     value = get_tensor(gm, source) if isinstance(source, fx.Node) else None
     if value is None and isinstance(source, fx.Node):
         value = source.meta.get("val")
     if not isinstance(value, torch.Tensor) or not -value.dim() <= dim < value.dim():
         return None
-    size = value.shape[dim]
-    return size if isinstance(size, int) else None
+    return value.shape[dim]
 
 
 def _index_bound(saved: Sequence[Any]) -> tuple[int, int, int, str]:
@@ -475,7 +471,7 @@ class _References:
                 (self.fresh, self.model.outputs(BACKEND_SEED, self.fresh))]
         with torch.no_grad():
             got = [(list(gm(*pytree.tree_leaves(clone_inputs(inputs)))), want) for inputs, want in runs]
-        worst = max(math.inf if discrete_mismatch(out, want) else compare(out, want).max_rel for out, want in got)
+        worst = max(_distance(out, want) for out, want in got)
         if worst > EXACT_TOLERANCE:
             if compare(pytree.tree_leaves(self.model.run(self.args)), runs[0][1]).max_rel > EXACT_TOLERANCE:
                 return 0.0

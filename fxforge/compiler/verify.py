@@ -108,9 +108,10 @@ def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
         return Error(0.0 if same else float("inf"), 1.0 if same else 0.0)
     a = torch.cat([o.flatten() for o, _ in pairs])
     b = torch.cat([r.flatten() for _, r in pairs])
-    finite = torch.isfinite(b)
-    if not (torch.equal(torch.isfinite(a), finite) and torch.equal(a.isnan(), b.isnan())
-            and torch.equal(a[~finite & ~b.isnan()], b[~finite & ~b.isnan()])):
+    finite, nan = torch.isfinite(b), b.isnan()
+    infinite = ~finite & ~nan
+    if not (torch.equal(torch.isfinite(a), finite) and torch.equal(a.isnan(), nan)
+            and torch.equal(a[infinite], b[infinite])):
         return Error(float("inf"), 0.0)
     a, b = a[finite], b[finite]
     diff = float((a - b).abs().max()) if a.numel() else 0.0
