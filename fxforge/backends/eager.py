@@ -36,12 +36,29 @@ class EagerArtifact(Artifact):
     def write(self, directory: Path) -> None:
         example = tuple(_example(s) for s in self.signature.inputs)
         example, dynamic = batch_dynamic(example, self.signature.batched())
-        ep = torch.export.export(self.gm, example, dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(_tensor_outputs(self.gm), example, dynamic_shapes=dynamic, strict=False)
         torch.export.save(ep, directory / PROGRAM)
 
     @classmethod
     def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> EagerArtifact:
         return cls(torch.export.load(directory / PROGRAM).module(), signature, target, info)
+
+
+def _tensor_outputs(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` that returns each number computed from the inputs' sizes (``x.shape[0] > 3``) as a 0-d tensor:
+    the program saved, since torch.export cannot save a symbolic bool output; ``Signature.unflatten`` turns it back."""
+    dtypes = {torch.SymInt: torch.int64, torch.SymFloat: torch.float64, torch.SymBool: torch.bool}
+    gm = copy.deepcopy(gm)
+    output = gm.graph.output_node()
+    outputs = list(output.args[0])
+    for i, o in enumerate(outputs):
+        if isinstance(o, fx.Node) and type(o.meta.get("val")) in dtypes:
+            with gm.graph.inserting_before(output):
+                outputs[i] = gm.graph.call_function(torch.ops.aten.scalar_tensor.default, (o,),
+                                                    {"dtype": dtypes[type(o.meta["val"])]})
+    output.args = (type(output.args[0])(outputs),)
+    gm.recompile()
+    return gm
 
 
 def _example(spec) -> torch.Tensor:

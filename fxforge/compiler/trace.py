@@ -54,6 +54,7 @@ class TensorSpec:
 
 
 BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
+SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class Signature:
     # the smallest batch at which the captured graph computes what the model does (x[1] needs two rows): a graph
     # reads past a smaller batch, or clamps a narrow to nothing, where eager raises
     min_batch: int = 1
+    # (position among out_spec's leaves, "int" | "float" | "bool"): outputs that are a number computed from the
+    # inputs' sizes (``x.shape[0]``); a backend whose graph returns them as 0-d tensors (ONNX, TVM) gives them back
+    # as the Python number eager returns
+    scalar_outputs: tuple[tuple[int, str], ...] = ()
 
     def with_static_batch(self, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
         """This signature fixed to the example's shapes, saying why: for a backend whose artifact holds them (a
@@ -139,6 +144,9 @@ class Signature:
         leaves = list(outputs)
         for position, value in self.constant_outputs:
             leaves.insert(position, value)
+        for position, kind in self.scalar_outputs:
+            if isinstance(leaves[position], torch.Tensor):
+                leaves[position] = SCALAR_TYPES[kind](leaves[position].item())
         return pytree.tree_unflatten(leaves, _loads(self.out_spec))
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +156,7 @@ class Signature:
                 "constant_outputs": [list(c) for c in self.constant_outputs],
                 "written_inputs": list(self.written_inputs),
                 "namedtuple_fields": {path: list(fields) for path, fields in self.namedtuple_fields},
-                "min_batch": self.min_batch}
+                "min_batch": self.min_batch, "scalar_outputs": [list(o) for o in self.scalar_outputs]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
@@ -158,7 +166,8 @@ class Signature:
                    d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())),
                    tuple((int(i), v) for i, v in d.get("constant_outputs", ())),
                    tuple(int(i) for i in d.get("written_inputs", ())),
-                   tuple((path, tuple(fields)) for path, fields in namedtuples.items()), int(d.get("min_batch", 1)))
+                   tuple((path, tuple(fields)) for path, fields in namedtuples.items()), int(d.get("min_batch", 1)),
+                   tuple((int(i), _scalar_kind(k)) for i, k in d.get("scalar_outputs", ())))
 
 
 def _describe(flat: Sequence[Any]) -> str:
@@ -294,12 +303,13 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
     dynamic = not note
     batch = _batch_size(args)
     in_spec, out_spec = pytree.tree_flatten((args, {}))[1], ep.call_spec.out_spec
+    scalars = _scalar_outputs(gm)
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic and t.dim() > 0 and t.shape[0] == batch), t.dtype)
                           for t in flat),
                     _dumps(in_spec), _dumps(out_spec), dynamic, note, _index_bounds(gm), _constant_outputs(gm),
                     _written_inputs(gm), tuple((f"{c.__module__}.{c.__qualname__}", tuple(c._fields))
                                                for c in dict.fromkeys(_namedtuples(in_spec) + _namedtuples(out_spec))),
-                    _smallest_batch(refs.model, gm, args) if dynamic else 1)
+                    _smallest_batch(refs.model, gm, args) if dynamic else 1, scalars)
     return gm, sig
 
 
@@ -352,6 +362,21 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     marks = torch.zeros(a.untyped_storage().nbytes() // a.element_size(), dtype=torch.bool, device=a.device)
     marks.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
     return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset()).any())
+
+
+def _scalar_outputs(gm: fx.GraphModule) -> tuple[tuple[int, str], ...]:
+    """The positions and Python types of ``gm``'s outputs that are numbers computed from symbolic sizes (a
+    ``torch.SymInt``: ``x.shape[0]``). They stay graph outputs, which some backends return as 0-d tensors."""
+    symbolic = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}
+    return tuple((i, symbolic[type(v.meta.get("val"))]) for i, v in enumerate(gm.graph.output_node().args[0])
+                 if isinstance(v, fx.Node) and type(v.meta.get("val")) in symbolic)
+
+
+def _scalar_kind(kind: Any) -> str:
+    if kind not in SCALAR_TYPES:
+        raise ArtifactError(f"the artifact's signature names the output type {kind!r}; expected one of "
+                            f"{', '.join(SCALAR_TYPES)}")
+    return kind
 
 
 def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
