@@ -35,7 +35,7 @@ class EagerArtifact(Artifact):
 
     def write(self, directory: Path) -> None:
         example = tuple(_example(s) for s in self.signature.inputs)
-        example, dynamic = batch_dynamic(example, self.signature.batched())
+        example, dynamic = batch_dynamic(example, self.signature.batched(), max_batch=None)
         ep = torch.export.export(_tensor_outputs(self.gm), example, dynamic_shapes=dynamic, strict=False)
         torch.export.save(ep, directory / PROGRAM)
 

@@ -534,13 +534,16 @@ def _per_parameter(model: torch.nn.Module, shapes: tuple) -> tuple:
     return shapes
 
 
-def batch_dynamic(args: Sequence[torch.Tensor], batched: Sequence[bool]) -> tuple[tuple, tuple | None]:
+def batch_dynamic(args: Sequence[torch.Tensor], batched: Sequence[bool],
+                  max_batch: int | None = MAX_BATCH) -> tuple[tuple, tuple | None]:
     """Arguments and ``dynamic_shapes`` to (re-)export a graph with dimension 0 of the ``batched`` inputs
     symbolic (one shared ``Dim``): how capture and every backend that re-exports (eager's save, ONNX, TVM) say
-    "dynamic batch". A batch of 1 is doubled, since export specialises size-1 dimensions."""
+    "dynamic batch". A batch of 1 is doubled, since export specialises size-1 dimensions. ``max_batch`` bounds
+    the symbol for the analyses of export and the backends; a saved program checks it at every call, so eager's
+    save passes None (unbounded), as the signature promises any batch size."""
     if not any(batched):
         return tuple(args), None
-    batch = Dim("batch", min=1, max=MAX_BATCH)
+    batch = Dim("batch", min=1, max=max_batch)
     shapes = tuple({0: batch} if b else None for b in batched)
     return tuple(torch.cat([t, t]) if b and t.shape[0] == 1 else t for t, b in zip(args, batched)), shapes
 

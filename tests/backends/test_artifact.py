@@ -9,6 +9,7 @@ from torch import nn
 
 import fxforge
 from fxforge.backends import base
+from fxforge.compiler import trace
 from test_bad_input import gathered
 
 
@@ -183,3 +184,12 @@ def test_a_number_computed_from_the_batch_size_comes_back_as_the_number_eager_re
         for batch in (2, 5):
             got, want = compiled_model(torch.ones(batch, 4)), model(torch.ones(batch, 4))
             assert [type(v) for v in got[1:]] == [int, float, bool] and got[1:] == want[1:]
+
+
+def test_a_loaded_eager_artifact_runs_a_batch_above_the_export_bound(tmp_path):
+    """The signature promises any batch size; the saved program kept export's bound (2^16) and its guard refused a
+    larger batch after loading, though the compiled model ran it."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval()
+    loaded = fxforge.load(fxforge.compile(model, (torch.randn(2, 2),), measure_latency=False).save(tmp_path / "a"))
+    x = torch.randn(trace.MAX_BATCH + 1, 2)
+    torch.testing.assert_close(loaded(x), model(x))
