@@ -550,6 +550,25 @@ def test_an_integer_divided_by_a_number_imports():
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+class Extremes(nn.Module):
+    """Reductions the stock importer has no converter for: amax/amin (``logsumexp`` and ``aminmax`` decompose to
+    them), ``any`` over every element, ``min`` along a dim."""
+
+    def forward(self, x: torch.Tensor):
+        return (x.amax(1), x.amin(dim=(0, 2), keepdim=True), torch.logsumexp(x, 2), (x > 0).amax(1),
+                x.relu().any(), (x > 0).any(), torch.min(x, 1)[0], torch.min(x, 2, keepdim=True)[1])
+
+
+def test_amax_amin_any_and_min_along_a_dim_import():
+    """Each was a BackendError "cannot import op aten.amax.default ...: it has no converter for it"."""
+    model = Extremes()
+    cm = fxforge.compile(model, (torch.randn(2, 3, 4),), backend="tvm", measure_latency=False)
+    for x in (torch.randn(3, 3, 4), -torch.rand(5, 3, 4), torch.zeros(1, 3, 4)):
+        for got, want in zip(cm(x), model(x)):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got, want)
+
+
 class IntegerDivisions(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor):
         return a // b, torch.remainder(a, b), torch.div(a, b, rounding_mode="trunc"), a.float() / b

@@ -112,7 +112,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
             return {k: _located(f) for k, f in super().create_convert_map().items()}
 
     importer = Importer()
-    custom = {k: _located(f) for k, f in QDQ_CONVERTERS.items()}
+    custom = {k: _located(f) for k, f in {**QDQ_CONVERTERS, **REDUCTION_CONVERTERS}.items()}
     known = set(importer.convert_map) | set(custom)
     for node in ep.graph.nodes:
         if node.op == "call_function" and node.target.__name__ not in known:
@@ -396,6 +396,53 @@ QDQ_CONVERTERS = {"quantize_per_tensor.default": _qdq(True, False),
                   "dequantize_per_tensor.default": _qdq(False, False),
                   "quantize_per_channel.default": _qdq(True, True),
                   "dequantize_per_channel.default": _qdq(False, True)}
+
+
+def _extremum(largest: bool) -> Callable:
+    """A converter for ``aten.amax`` / ``aten.amin`` (``dim`` empty: every dimension; ``logsumexp`` and
+    ``aminmax`` decompose to them). Booleans reduce as int8, since Relax's max and min take no bool."""
+
+    def convert(node: fx.Node, importer: Any):
+        from tvm import relax
+
+        x = importer.env[argument(node, "self")]
+        dims = argument(node, "dim")
+        axis = ([dims] if isinstance(dims, int) else list(dims)) or None
+        reduce = relax.op.max if largest else relax.op.min
+        keepdims = bool(argument(node, "keepdim"))
+        if x.ty.dtype != "bool":
+            return importer.block_builder.emit(reduce(x, axis, keepdims))
+        return importer.block_builder.emit(relax.op.astype(reduce(relax.op.astype(x, "int8"), axis, keepdims), "bool"))
+
+    return convert
+
+
+def _any_element(node: fx.Node, importer: Any):
+    """A converter for ``aten.any.default``: whether any element is nonzero (the importer converts ``any.dim``)."""
+    from tvm import relax
+
+    x = importer.env[argument(node, "self")]
+    nonzero = x if x.ty.dtype == "bool" else relax.op.not_equal(x, relax.const(0, x.ty.dtype))
+    return importer.block_builder.emit(relax.op.astype(relax.op.max(relax.op.astype(nonzero, "int8")), "bool"))
+
+
+def _min_dim(node: fx.Node, importer: Any):
+    """A converter for ``aten.min.dim`` (values and indices), as the importer converts ``max.dim``: top-1 from
+    below."""
+    from tvm import relax
+
+    x, dim = importer.env[argument(node, "self")], argument(node, "dim")
+    bb = importer.block_builder
+    both = bb.emit(relax.op.topk(x, k=1, axis=dim, largest=False, ret_type="both", dtype="int64"))
+    values, indices = both[0], both[1]
+    if not argument(node, "keepdim"):
+        values, indices = bb.emit(relax.op.squeeze(values, [dim])), bb.emit(relax.op.squeeze(indices, [dim]))
+    return bb.emit(relax.Tuple([values, indices]))
+
+
+# ops the stock importer has no converter for
+REDUCTION_CONVERTERS = {"amax.default": _extremum(True), "amin.default": _extremum(False),
+                        "any.default": _any_element, "min.dim": _min_dim}
 
 
 # ------------------------------------------------------------------------------------------- prep/build
