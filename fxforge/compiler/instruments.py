@@ -37,7 +37,10 @@ class Stage:
 
     @property
     def exact(self) -> bool:
-        return self.pass_ is None or self.pass_.exact
+        """Whether the stage computes what the stage before it did: an exact pass, or any pass that left the graph
+        unchanged (a ``low_rank`` that found no split within its cap), so a pipeline of such stages is held to
+        the exact tolerance."""
+        return self.pass_ is None or self.pass_.exact or (self.result is not None and not self.result.changed)
 
 
 class Instrument:

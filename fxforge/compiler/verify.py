@@ -96,18 +96,24 @@ def bound_inputs(example_inputs: Sequence[torch.Tensor], seed: int) -> list[tupl
 
 
 def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
-    """Relative max error and cosine similarity over every floating output.
+    """Relative max error and cosine similarity of the floating outputs: each output against its own reference
+    (max |o − r| / max |r|, and the cosine of o and r), the worst output's. Measured over all outputs at once,
+    a small output wrong entirely was invisible beside a large one.
 
     Non-finite values are compared as values, as ``torch.testing.assert_close(equal_nan=True)`` does: a NaN or an
     infinity where the reference has the same one (a model taking the log of an input that can be negative) is
     exact, and the errors are measured over the finite rest; a non-finite value anywhere else is infinitely wrong."""
-    pairs = [(o.detach().double(), r.detach().double()) for o, r in zip(_tensors(outputs), _tensors(reference))
-             if r.is_floating_point()]
+    pairs = [(o.detach().double().flatten(), r.detach().double().flatten())
+             for o, r in zip(_tensors(outputs), _tensors(reference)) if r.is_floating_point()]
     if not pairs:
         same = all(torch.equal(o, r) for o, r in zip(_tensors(outputs), _tensors(reference)))
         return Error(0.0 if same else float("inf"), 1.0 if same else 0.0)
-    a = torch.cat([o.flatten() for o, _ in pairs])
-    b = torch.cat([r.flatten() for _, r in pairs])
+    errors = [_compare_one(a, b) for a, b in pairs]
+    return Error(max(e.max_rel for e in errors), min(e.cosine for e in errors))
+
+
+def _compare_one(a: torch.Tensor, b: torch.Tensor) -> Error:
+    """``compare`` for one flat output ``a`` against its reference ``b`` (float64)."""
     finite, nan = torch.isfinite(b), b.isnan()
     infinite = ~finite & ~nan
     if not (torch.equal(torch.isfinite(a), finite) and torch.equal(a.isnan(), nan)

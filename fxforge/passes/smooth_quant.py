@@ -62,19 +62,19 @@ class SmoothQuant(Pass):
         ranges = _activation_ranges(gm, list(plan), ctx)
         rescaled = 0
         for norm, linears in plan.items():
-            weights = [get_tensor(gm, weight_of(lin)).detach().double() for lin in linears]
-            w = torch.stack([t.abs().amax(0) for t in weights]).amax(0)
+            weights = [get_tensor(gm, weight_of(lin)).detach() for lin in linears]
+            w = torch.stack([t.double().abs().amax(0) for t in weights]).amax(0)
             a = ranges[norm]
             s = torch.where((a > 0) & (w > 0), a.pow(self.alpha) / w.clamp(min=1e-300).pow(1 - self.alpha),
                             torch.ones_like(a)).clamp(min=1e-5, max=1e5)
             if len(norm.users) > len(linears):
                 _rescale_other_readers(gm, norm, linears, s)
                 rescaled += 1
-            for name in ("weight", "bias"):
-                tensor = get_tensor(gm, argument(norm, name)).detach().double()
-                set_tensor(gm, argument(norm, name), (tensor / s).to(torch.float32))
+            for name in ("weight", "bias"):  # computed in float64, stored in the model's own dtype
+                tensor = get_tensor(gm, argument(norm, name)).detach()
+                set_tensor(gm, argument(norm, name), (tensor.double() / s).to(tensor.dtype))
             for lin, weight in zip(linears, weights):
-                set_tensor(gm, weight_of(lin), (weight * s).to(torch.float32))
+                set_tensor(gm, weight_of(lin), (weight.double() * s).to(weight.dtype))
         gm.recompile()
         stats.update({"layernorms": len(plan), "linears": sum(map(len, plan.values())), "rescaled": rescaled})
         # a rescaling mul is a node the cached shapes do not know
@@ -119,7 +119,8 @@ def _activation_ranges(gm: fx.GraphModule, norms: list[fx.Node], ctx: PassContex
 def _rescale_other_readers(gm: fx.GraphModule, norm: fx.Node, linears: list[fx.Node], s: torch.Tensor) -> None:
     """Make every reader of the smoothed ``norm`` (output y/s) other than ``linears`` read ``norm · s`` = y."""
     others = [u for u in norm.users if u not in linears]
-    scale = add_tensor(gm, norm.next, f"{norm.name}_unsmooth", s.to(torch.float32))
+    dtype = get_tensor(gm, argument(norm, "weight")).dtype
+    scale = add_tensor(gm, norm.next, f"{norm.name}_unsmooth", s.to(dtype))
     with gm.graph.inserting_after(scale):
         mul = gm.graph.call_function(aten.mul.Tensor, (norm, scale))
     if "val" in norm.meta:

@@ -85,6 +85,22 @@ def test_inexact_pass_records_its_error_instead_of_raising():
     assert not row.exact and row.max_rel_err == pytest.approx(0.5, rel=1e-3) and row.stats == {"scaled": 1}
 
 
+def test_an_approximate_pass_that_changed_nothing_is_an_exact_stage():
+    """Such a stage (``low_rank`` finding no split within its cap) computes what it was given, so a pipeline of it
+    and exact passes is held to the exact tolerance: counted approximate, it loosened the artifact's check."""
+    @fxforge.register_pass
+    class Unchanged(Scale):
+        """Approximate, but changes nothing here."""
+        name = "test_unchanged"
+
+        def run(self, gm, ctx):
+            return fxforge.PassResult(changed=False)
+
+    gm, flat = traced()
+    _, report = PassManager(["fuse", "test_unchanged", "test_scale"]).run(gm, PassContext(flat))
+    assert report.row("test_unchanged").exact and not report.row("test_scale").exact
+
+
 def test_malformed_graph_fails_lint():
     @fxforge.register_pass
     class Dangling(fxforge.Pass):

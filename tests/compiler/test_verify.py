@@ -28,6 +28,15 @@ def test_all_outputs_count_and_non_finite_values_are_infinitely_wrong():
     assert compare([torch.zeros(2)], [torch.zeros(2)]).cosine == 1.0
 
 
+def test_each_output_is_measured_against_its_own_scale():
+    """Over all outputs at once, a small output wrong entirely was 1e-5 relative beside a large one (an exact pass
+    that folded the example's batch size into one output passed every check)."""
+    big, small = torch.full((4,), 1e5), torch.ones(3)
+    err = compare([big, -small], [big, small])
+    assert err.max_rel == pytest.approx(2.0) and err.cosine == pytest.approx(-1.0)
+    assert compare([big, small * 1.5], [big, small]).max_rel == pytest.approx(0.5)
+
+
 def test_non_finite_values_where_the_reference_has_the_same_ones_are_exact():
     nan, inf = float("nan"), float("inf")
     ref = torch.tensor([nan, inf, -inf, 2.0, 4.0])

@@ -191,3 +191,52 @@ def test_a_conv_keeps_one_channel_when_all_of_its_channels_are_dead():
     gm, report, flat = apply(model, (torch.randn(2, 1, 4, 4),), ["dead_channels"])  # a conv needs one
     assert report.row("dead_channels").stats["skipped.last_conv_channel"] == 2
     assert all(shape[0] >= 1 for shape in conv_shapes(gm)) and error_vs_eager(gm, model, flat).max_rel <= 1e-6
+
+
+class ClampedByInput(nn.Module):
+    """A constant channel (zero weight row, bias 5) clamped by a bound computed from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            self.c1.weight[0], self.c1.bias[0] = 0.0, 5.0
+
+    def forward(self, x):
+        return self.c2(torch.clamp(self.c1(x), max=x.abs().amax(dim=(1, 2, 3), keepdim=True) * 100))
+
+
+class PowOfChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return (2 ** self.c1(x)).sum(1)
+
+
+class TimesBatchSize(ClampedByInput):
+    def forward(self, x):
+        return self.c2(self.c1(x) * x.shape[0])
+
+
+@pytest.mark.parametrize("cls", [ClampedByInput, PowOfChannels])
+def test_an_op_reading_a_second_tensor_keeps_the_channels_it_reads(cls):
+    """Mapped by its first argument alone, a clamp bounded by another tensor passed the constant 5 through (folded,
+    wrong wherever the bound is below 5), and ``2 ** y`` left y's channels unread (all but one removed)."""
+    model = cls().eval()
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["dead_channels"])
+    assert report.row("dead_channels").stats["skipped.unprunable.reads_second_tensor"] == 4
+    for x in (torch.zeros(2, 3, 8, 8), torch.randn(3, 3, 8, 8) * 0.01):
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x)[0], model(x))
+
+
+def test_a_channel_times_the_batch_size_is_not_a_constant():
+    """The example's batch size was folded into the next conv's bias: other batch sizes were 0.2–0.66 off."""
+    model = TimesBatchSize().eval()
+    gm, report, flat = apply(model, (torch.randn(2, 3, 8, 8),), ["dead_channels"])
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x)[0], model(x))

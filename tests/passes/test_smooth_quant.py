@@ -111,3 +111,15 @@ def test_bert_is_exact_on_fresh_inputs():
     assert stats["rescaled"] == 2 * layers  # post-norm: every LayerNorm also carries the residual
     assert count(gm, "layer_norm") == 2 * layers + 1  # smoothed in place, none duplicated
     assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+
+
+@pytest.mark.parametrize("model_class", [NormLinears, PostNorm])
+def test_a_float64_model_stays_float64_and_exact(model_class):
+    """The smoothed LayerNorm and linear weights were written back as float32 whatever the model's dtype, and a
+    float64 model failed inside the pass ("mixed dtype")."""
+    model = model_class().double().eval()
+    gm, report, flat = apply(model, (torch.randn(2, 3, 6, dtype=torch.float64),), ["smooth_quant"])
+    assert report.row("smooth_quant").stats["layernorms"] == 1
+    assert {t.dtype for ts in tensors(gm, "layer_norm") + tensors(gm, "linear") + tensors(gm, "mul") for t in ts} \
+        == {torch.float64}
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-12

@@ -223,6 +223,12 @@ def _linear(b: _Builder, node: fx.Node) -> ChannelMap | None:
 
 
 def _same(b: _Builder, node: fx.Node) -> ChannelMap | None:
+    """Activations and other one-tensor ops: the output has the input's channels. One that reads a second tensor
+    (a clamp's bound, a pow's exponent: ``2 ** y`` has ``y`` second) is not followed, and the channels it reads
+    are unprunable: mapped by its first argument alone, they looked unread, or constant whatever the bound."""
+    if any(i is not data(node) for i in node.all_input_nodes):
+        b.stop(node, "reads_second_tensor")
+        return None
     return b.map(data(node))
 
 

@@ -122,4 +122,6 @@ def _binary(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m
                 return set()
         elif isinstance(a, fx.Node) and cg.map(a) is not None:
             ok &= c.mask(a, cg.map(a))
+        elif isinstance(a, fx.Node):
+            return set()  # a number that varies by call (the batch size, ``y * x.shape[0]``)
     return set(m.ids[ok].tolist()) - set(m.ids[~ok].tolist())
