@@ -31,6 +31,7 @@ import torch
 
 from fxforge.compiler.errors import FxforgeError, first_line
 from fxforge.compiler.timing import interleaved_latency, median_interval, paired_ratios
+from fxforge.compiler.trace import EXPORT_LOCK
 from fxforge.compiler.verify import compare, fresh_inputs
 
 Runner = Callable[[Sequence[torch.Tensor]], Any]
@@ -122,7 +123,7 @@ def _torch_compile(model: torch.nn.Module, example: tuple, calib: list) -> Built
 
 def _onnx_file(model: torch.nn.Module, example: tuple, directory: Path) -> Path:
     path = directory / "model.onnx"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), EXPORT_LOCK:
         warnings.simplefilter("ignore")
         torch.onnx.export(copy.deepcopy(model), example, str(path), dynamo=True, verbose=False, optimize=True,
                           external_data=False)

@@ -26,7 +26,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import fxforge
 from fxforge.compiler.errors import CalibrationError, FxforgeError, InputError, first_line
@@ -64,8 +64,15 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
     print(f"fxforge: warning: {text}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: its own print the whole usage block first (11 lines for ``compile``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxforge", description="Graph optimization toolchain for PyTorch models.")
+    parser = _Parser(prog="fxforge", description="Graph optimization toolchain for PyTorch models.")
     parser.add_argument("--version", action="version", version=f"fxforge {fxforge.__version__}")
     sub = parser.add_subparsers(required=True, metavar="command")
 

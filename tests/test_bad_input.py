@@ -262,6 +262,12 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"^the torchscript artifact failed on inputs that match its signature: RuntimeError: index 9 is out of bounds "
      r"for dimension 1 with size 5$",
      lambda t, mp: gathered(1, "torchscript", [[1], [8]])),
+    ("a tensor on another device than the artifact's (TorchScript: the cause, not a Python frame)",
+     fxforge.BackendError,
+     r"^the torchscript artifact failed on inputs that match its signature: RuntimeError: Tensor on device cpu is "
+     r"not on the expected device meta!$",
+     lambda t, mp: compile_(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).eval(), (torch.randn(2, 5),),
+                            backend="torchscript")(torch.empty(3, 5, device="meta"))),
     ("a computed index a kernel refuses (ONNX Runtime)", fxforge.BackendError,
      r"^the onnx artifact failed on inputs that match its signature: GatherElements node 'node_gather': "
      r"GatherElements op: Out of range value in index tensor$",

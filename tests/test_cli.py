@@ -56,6 +56,20 @@ def test_module_entry_point_refuses_missing_arguments():
     assert result.returncode == 2 and "--input-shape" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "models:Mlp"], "the following arguments are required: --input-shape"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--max-drop", "abc"], "invalid float value: 'abc'"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--verify", "always"], "invalid choice: 'always'"),
+    (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+])
+def test_arguments_argparse_refuses_give_one_line_and_status_2(argv, message, capsys):
+    """argparse's own errors printed its whole usage block first (11 lines for compile)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("fxforge") and message in err and "\n" not in err
+
+
 FXFORGE = str(Path(sys.executable).with_name("fxforge"))  # the installed console script
 
 

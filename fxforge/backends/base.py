@@ -8,10 +8,14 @@ version and the hashes before handing the files to the backend.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -97,16 +101,14 @@ class Artifact(ABC):
         one deleted; if renaming in fails (or is interrupted) the old one is put back, so one of the two stands.
         A ``directory`` that is a symbolic link is saved through: the artifact it points to is replaced, the link stays.
         """
-        final = Path(directory)
+        final = Path(os.path.abspath(directory))  # "." and "" name the working directory, which has a name
         final = final.resolve() if final.is_symlink() else final
         check_replaceable(final)
+        tmp = None
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        except OSError as e:
-            raise ArtifactError(f"cannot write an artifact to {final}: {e.strerror or e}") from None
-        try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact gets the user's umask
+            _as_if_made_by_mkdir(tmp)
             self.write(tmp)
             for name, text in (extra_files or {}).items():
                 if name == META_FILE or (tmp / name).exists():
@@ -121,17 +123,22 @@ class Artifact(ABC):
         except OSError as e:  # a full disk, a permission taken away meanwhile
             raise ArtifactError(f"cannot write an artifact to {final}: {e.strerror or e}") from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:  # the new artifact if it was not swapped in, else the old one
+                shutil.rmtree(tmp, ignore_errors=True)
         return final
 
 
 def check_replaceable(final: Path) -> None:
-    """Refuse a path that is a file, or a non-empty directory that is not wholly an fxforge artifact (``save``
-    checks it, and the CLI before compiling, so that a bad ``--out`` costs no compile time)."""
+    """Refuse a path that is a file, the working directory, or a non-empty directory that is not wholly an fxforge
+    artifact (``save`` checks it, and the CLI before compiling, so that a bad ``--out`` costs no compile time)."""
     if not final.exists():
         return
     if not final.is_dir():
         raise ArtifactError(f"{final} is a file, not a directory; refusing to overwrite it with an artifact")
+    with contextlib.suppress(OSError):  # a working directory deleted meanwhile is no other path
+        if final.samefile(os.getcwd()):
+            raise ArtifactError(f"{final} is the working directory: save into a directory inside it (replacing it "
+                                "would leave this process, and a shell there, in a deleted directory)")
     present = {p.name for p in final.iterdir()}
     if not present:
         return
@@ -147,9 +154,14 @@ def check_replaceable(final: Path) -> None:
 
 
 def _swap_in(new: Path, final: Path) -> None:
-    """Rename ``new`` to ``final``; an artifact already at ``final`` is renamed aside first and restored on failure."""
+    """Put the directory ``new`` at ``final``. An artifact already at ``final`` is exchanged with ``new`` in one
+    atomic step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), so that no interrupt finds ``final``
+    missing, and ``new`` then holds the old artifact for the caller to delete. Elsewhere the old one is renamed
+    aside, the new one renamed in, and the old one put back if that fails."""
     if not final.exists():
         os.replace(new, final)
+        return
+    if _exchange(new, final):
         return
     aside = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
     os.replace(final, aside)
@@ -158,13 +170,32 @@ def _swap_in(new: Path, final: Path) -> None:
     except BaseException:
         os.replace(aside, final)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(aside, new)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ≥ 3.15, glibc ≥ 2.28); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _as_if_made_by_mkdir(path: Path) -> None:
+    """Give a directory from ``mkdtemp`` (private, 0o700) the permissions ``os.mkdir`` gives under the user's
+    umask, read off a probe directory made inside it: setting the umask to read it would change it for the whole
+    process meanwhile, and a file another thread created then would be world-writable."""
+    probe = path / ".mode"
+    probe.mkdir()
+    mode = probe.stat().st_mode & 0o777
+    probe.rmdir()
+    os.chmod(path, mode)
 
 
 def load(directory: str | os.PathLike[str]) -> Artifact:

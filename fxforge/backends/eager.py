@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from fxforge.compiler.graph import fusion_groups, inplace_variant
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import Signature, batch_dynamic
+from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
 
 from .base import Artifact, Backend, register_backend
 
@@ -36,12 +36,15 @@ class EagerArtifact(Artifact):
     def write(self, directory: Path) -> None:
         example = tuple(_example(s) for s in self.signature.inputs)
         example, dynamic = batch_dynamic(example, self.signature.batched(), max_batch=None)
-        ep = torch.export.export(_tensor_outputs(self.gm), example, dynamic_shapes=dynamic, strict=False)
-        torch.export.save(ep, directory / PROGRAM)
+        with EXPORT_LOCK:
+            ep = torch.export.export(_tensor_outputs(self.gm), example, dynamic_shapes=dynamic, strict=False)
+            torch.export.save(ep, directory / PROGRAM)
 
     @classmethod
     def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> EagerArtifact:
-        return cls(torch.export.load(directory / PROGRAM).module(), signature, target, info)
+        with EXPORT_LOCK:
+            program = torch.export.load(directory / PROGRAM).module()
+        return cls(program, signature, target, info)
 
 
 def _tensor_outputs(gm: fx.GraphModule) -> fx.GraphModule:

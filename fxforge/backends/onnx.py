@@ -59,7 +59,7 @@ from fxforge.compiler import dynamic_quant, ops
 from fxforge.compiler.errors import ANSI, BackendError, FallbackWarning, first_line, missing_dependency
 from fxforge.compiler.graph import fusion_groups, get_tensor
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import MAX_BATCH, Signature, batch_dynamic
+from fxforge.compiler.trace import EXPORT_LOCK, MAX_BATCH, Signature, batch_dynamic
 
 from . import onnx_int8, onnx_transformer
 from .base import Artifact, Backend, register_backend
@@ -285,7 +285,7 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     copied = _global_pools_as_means(fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph")).eval()
     if target is not None:
         onnx_int8.pad_conv_channels(copied, target)
-    with _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed():
+    with _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed(), EXPORT_LOCK:
         try:
             program = torch.onnx.export(_program(copied, args, signature.batched()) or copied, args, dynamo=True,
                                         opset_version=opset, dynamic_shapes=shapes, verbose=False, optimize=transformer, report=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 TORCHSCRIPT_HEADER = "The following operation failed in the TorchScript interpreter"
+ERROR_PREFIX = re.compile(r"^(?:\w+(?:Error|Exception): )+")  # "RuntimeError: RuntimeError: " before a cause
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours some libraries put in their messages
 
 
@@ -77,11 +78,13 @@ def missing_train(pass_name: str) -> CalibrationError:
 
 def first_line(e: BaseException) -> str:
     """The first non-blank line of an exception's message (colour codes removed), or its type's name. A
-    TorchScript interpreter error opens with a fixed header and a TorchScript traceback and states its cause on the
-    last line ("RuntimeError: index 9 is out of bounds ..."), so that line is taken, without the type's name."""
+    TorchScript interpreter error opens with a fixed header and a TorchScript traceback and states its cause after
+    it ("RuntimeError: index 9 is out of bounds ...", the type's name sometimes twice), followed by the Python
+    frames of a traced call ("At: ..."), so the first line naming an error type is taken, without those names."""
     lines = [ln.strip() for ln in ANSI.sub("", str(e)).splitlines() if ln.strip()]
     if not lines:
         return type(e).__name__
     if lines[0].startswith(TORCHSCRIPT_HEADER):
-        return re.sub(r"^\w+: ", "", lines[-1])
+        cause = next((ln for ln in lines[1:] if ERROR_PREFIX.match(ln)), lines[-1])
+        return ERROR_PREFIX.sub("", cause)
     return lines[0]

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import threading
 import traceback
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -53,6 +54,9 @@ class TensorSpec:
         return cls(tuple(d["shape"]), getattr(torch, d["dtype"]))
 
 
+# held around every torch.export / torch.onnx.export / torch.export.save / load: they patch process-wide state (the
+# current tracer, serializer, patcher), so two threads exporting at once failed with raw AssertionErrors
+EXPORT_LOCK = threading.RLock()
 BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
 
@@ -516,7 +520,7 @@ def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.expo
         leaves, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch_size for t in leaves])
         args = pytree.tree_unflatten(list(leaves), spec)
         dynamic_shapes = _per_parameter(model, pytree.tree_unflatten(list(shapes), spec)) if shapes else None
-    with torch.no_grad(), _quiet_torch_logs():
+    with torch.no_grad(), _quiet_torch_logs(), EXPORT_LOCK:
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 

@@ -186,13 +186,15 @@ def test_learned_qdq_is_the_quantizer_at_u_0_and_has_lsq_gradients():
 
 
 def test_learned_activation_scales_lower_the_error_beyond_the_biases():
-    """params='biases+scales' (LSQ): minmax ranges stretched by one rare outlier per batch leave the usual values
-    few levels; learning the scales on the network's loss narrows them, every Q/DQ of a group gets the same learned
-    scale, the biases' grids follow (s_x · s_w), and the error on fresh data drops below biases alone."""
+    """params='biases+scales' (LSQ): minmax ranges stretched by a rare outlier leave the usual values few levels;
+    learning the scales on the network's loss narrows them, every Q/DQ of a group gets the same learned scale, the
+    biases' grids follow (s_x · s_w), and the error on fresh data drops below biases alone. (With an outlier of 40
+    in every batch, held-out ones too, the gain was within what summation order moves: 0.91–1.0 of the biases'
+    error on one 2-core host, six seeds; with this one 0.57–0.69.)"""
     model, fresh = Classifier(32).eval(), data(4, seed=2)
     train = data()
-    for (x,) in train:
-        x[0, 0] = 40.0  # one outlier per batch: minmax calibration widens the input grid for it
+    for (x,) in train[:4]:
+        x[0, 0] = 400.0  # in the calibration batches: minmax widens the input grid for it
     quant = ["insert_qdq{per_channel=False}", "calibrate"]
     biases, _, _ = run(model, [*quant, Distill(steps=150, lr=3e-3, params="biases", threads=1), "fold_qdq"],
                        train, calibration=train[:4])

@@ -39,7 +39,7 @@ from fxforge.compiler.graph import get_tensor
 from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, is_op,
                                   set_argument)
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import Signature, batch_dynamic
+from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
 
 from ..base import FORMAT_VERSION, Artifact, Backend, register_backend
 from .rewrites import matmul_layout, mutate_functions
@@ -99,7 +99,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     args, shapes = batch_dynamic(example_inputs, [dynamic_batch and t.dim() > 0 and t.shape[0] == size
                                                   for t in example_inputs])
     try:
-        with torch.no_grad():
+        with torch.no_grad(), EXPORT_LOCK:
             ep = torch.export.export(_for_import(gm).eval(), args, dynamic_shapes=shapes, strict=False)
             ep = ep.run_decompositions()  # what from_exported_program does by default
     except Exception as e:
