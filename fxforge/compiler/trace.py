@@ -13,10 +13,10 @@ import copy
 import functools
 import importlib
 import inspect
-import io
 import json
 import logging
 import math
+import sys
 import threading
 import traceback
 from dataclasses import dataclass, replace
@@ -520,7 +520,7 @@ def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.expo
         leaves, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch_size for t in leaves])
         args = pytree.tree_unflatten(list(leaves), spec)
         dynamic_shapes = _per_parameter(model, pytree.tree_unflatten(list(shapes), spec)) if shapes else None
-    with torch.no_grad(), _quiet_torch_logs(), EXPORT_LOCK:
+    with EXPORT_LOCK, torch.no_grad(), _quiet_torch_logs():  # the lock first: one thread swaps stderr at a time
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
@@ -554,15 +554,31 @@ def batch_dynamic(args: Sequence[torch.Tensor], batched: Sequence[bool],
 
 @contextlib.contextmanager
 def _quiet_torch_logs():
-    """Export logs and prints whole graphs on failure; the TraceError says what matters."""
+    """Export logs and prints whole graphs on failure; the TraceError says what matters. Only this thread's writes
+    to stderr are dropped: a plain redirect silenced every thread's meanwhile (warnings, progress bars)."""
     logger = logging.getLogger("torch")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
+    stderr = sys.stderr
+    sys.stderr = _MutedForThisThread(stderr)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
+        yield
     finally:
+        sys.stderr = stderr
         logger.setLevel(level)
+
+
+class _MutedForThisThread:
+    """A stream that drops what the thread that made it writes and passes every other thread's writes on."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.thread = stream, threading.get_ident()
+
+    def write(self, text: str) -> int:
+        return len(text) if threading.get_ident() == self.thread else self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _spec_shape(t: torch.Tensor, batched: bool) -> tuple[int | None, ...]:

@@ -352,3 +352,31 @@ def test_token_ids_outside_the_embedding_are_refused_by_every_backend_and_after_
                 artifact(bad)
     ids = torch.randint(0, 50, (3, 7))
     torch.testing.assert_close(loaded(ids), model(ids))
+
+
+class BranchesOnData(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_a_failed_export_prints_nothing_and_other_threads_keep_stderr(capsys):
+    """Export prints a failed graph whole to stderr; capture dropped it by swapping ``sys.stderr`` for every thread,
+    so another thread's warnings and progress bars vanished meanwhile. Only the exporting thread is silenced."""
+    import threading
+    stop, written = threading.Event(), []
+
+    def chatter():
+        while not stop.wait(0.001):
+            print("other thread", file=sys.stderr)
+            written.append(1)
+
+    other = threading.Thread(target=chatter)
+    other.start()
+    try:
+        with pytest.raises(fxforge.TraceError):
+            trace(BranchesOnData(), (torch.randn(2, 3),))
+    finally:
+        stop.set()
+        other.join()
+    err = capsys.readouterr().err
+    assert "def forward" not in err and err.count("other thread") == len(written) > 0
