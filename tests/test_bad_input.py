@@ -139,8 +139,11 @@ def saved(tmp: Path, backend: str = "eager") -> Path:
     return compile_(passes="fuse", backend=backend).save(tmp / "artifact")
 
 
-def edit_meta(path: Path, **changes) -> Path:
+def edit_meta(path: Path, keep_checksum: bool = False, **changes) -> Path:
+    """The manifest edited as given; without its checksum (as an older fxforge wrote it) unless that is kept."""
     meta = json.loads((path / base.META_FILE).read_text())
+    if not keep_checksum:
+        meta.pop("checksum")
     for key, value in changes.items():
         if value is None:
             meta.pop(key)
@@ -368,6 +371,9 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: fxforge.load(t)),
     ("artifact file modified after saving", fxforge.ArtifactError, r"was modified after saving \(hash mismatch\)",
      lambda t, mp: fxforge.load(modified_file(t))),
+    ("fxforge.json edited after saving (a constant output changed: it would load as if compiled so)",
+     fxforge.ArtifactError, r"fxforge\.json was modified after saving \(its checksum does not match\)",
+     lambda t, mp: fxforge.load(edit_meta(saved(t), keep_checksum=True, info={"edited": True}))),
     ("artifact of another format version", fxforge.ArtifactError,
      r"has artifact format 99, this fxforge reads formats 1, 2",
      lambda t, mp: fxforge.load(edit_meta(saved(t), format=99))),

@@ -118,7 +118,8 @@ class Artifact(ABC):
                     "backend": self.backend,
                     "target": self.target.to_dict(), "signature": self.signature.to_dict(), "info": self.info,
                     "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            meta = json.loads(json.dumps(meta, default=str))  # as load will read it
+            (tmp / META_FILE).write_text(json.dumps({**meta, "checksum": _checksum(meta)}, indent=2))
             _swap_in(tmp, final)
         except OSError as e:  # a full disk, a permission taken away meanwhile
             raise ArtifactError(f"cannot write an artifact to {final}: {e.strerror or e}") from None
@@ -222,6 +223,8 @@ def load(directory: str | os.PathLike[str]) -> Artifact:
         field = wrong[0] if wrong else "files"
         raise ArtifactError(f"{path / META_FILE} is corrupt: field {field!r} has the wrong type "
                             f"({type(meta[field]).__name__})")
+    if "checksum" in meta and meta["checksum"] != _checksum({k: v for k, v in meta.items() if k != "checksum"}):
+        raise ArtifactError(f"{path / META_FILE} was modified after saving (its checksum does not match)")
     for name, digest in meta["files"].items():
         file = path / name
         if not file.is_file() or _sha256(file) != digest:
@@ -246,6 +249,12 @@ def _target_from(d: dict[str, Any]) -> Target:
     except Exception:
         return Target(d["name"], "loaded from an artifact", d["tvm"], d.get("tvm_host"),
                       tuple(d.get("ort_providers", ("CPUExecutionProvider",))), d.get("torch_device", "cpu"))
+
+
+def _checksum(meta: dict[str, Any]) -> str:
+    """The manifest's own hash (its other files are hashed in it): an edited signature or info (a constant output,
+    an index bound) would otherwise load as if compiled so. Manifests written before it have none and load."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
