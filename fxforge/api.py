@@ -122,6 +122,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     if training:
         warnings.warn(f"the model is in training mode ({training}): fxforge compiles it as model.eval() computes, "
                       "as inference runs it; call model.eval() first to say so", UserWarning, stacklevel=2)
+    hooked = _hooked_modules(model)
+    if hooked:
+        warnings.warn(f"the model has hooks ({hooked}): compiling runs them on the example and on random inputs and "
+                      "captures what they compute into the graph, but the compiled model does not call them (a "
+                      "hook's side effects, such as an activation log, happen in eager only)", UserWarning,
+                      stacklevel=2)
     times, start = {}, time.perf_counter()
     gm, signature, runs, uncached = _capture(model, example, static_batch)
     times["trace"] = time.perf_counter() - start
@@ -223,6 +229,21 @@ def _training_modules(model: Any) -> str:
     found = [f"{name or 'the model'}: {type(m).__name__}" for name, m in model.named_modules()
              if m.training and isinstance(m, kinds) and getattr(m, "track_running_stats", True)
              and getattr(m, "p", 1) != 0]
+    return "" if not found else f"{', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''}"
+
+
+def _hooked_modules(model: Any) -> str:
+    """The submodules of ``model`` with forward or backward hooks, and whether global module hooks are set, in
+    words; "" when there are none."""
+    if not isinstance(model, torch.nn.Module):
+        return ""
+    kinds = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+             "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+    found = [f"{name or 'the model'}: {kind}" for name, m in model.named_modules() for attr, kind in kinds.items()
+             if getattr(m, attr, None)]
+    module = torch.nn.modules.module
+    if module._global_forward_hooks or module._global_forward_pre_hooks:
+        found.append("global module hooks")
     return "" if not found else f"{', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''}"
 
 

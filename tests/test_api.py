@@ -421,6 +421,19 @@ def test_a_dict_input_model_calibrates_on_batches_given_like_its_example(form):
     assert torch.nn.functional.cosine_similarity(cm(d).flatten(), model(d).flatten(), 0) > 0.99
 
 
+def test_a_model_with_hooks_is_warned_that_the_compiled_model_does_not_call_them():
+    """Capture runs the model (its hooks with it) on the example, random batches and export's fake tensors; the
+    compiled graph holds what a hook computes but never calls it, so an activation log silently stopped filling."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    log = []
+    model[2].register_forward_pre_hook(lambda module, args: log.append(args[0].shape))
+    with pytest.warns(UserWarning, match=r"the model has hooks \(2: forward pre-hook\).*does not call them"):
+        cm = fxforge.compile(model, (torch.randn(2, 4),), backend="eager", measure_latency=False)
+    log.clear()
+    cm(torch.randn(2, 4))
+    assert log == []
+
+
 def test_a_model_left_in_training_mode_is_compiled_as_eval_and_warned_of():
     """Dropout and batch norm compute otherwise in training mode; compile captures the eval copy, and says so where
     the difference exists (an MLP with a dropout of p = 0 computes the same in training mode and gets no warning)."""

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -51,12 +52,18 @@ class Artifact(ABC):
         self.signature = signature
         self.target = target
         self.info: dict[str, Any] = dict(info or {})  # backend facts worth reporting (fused kernels, files)
+        self._warned_no_grad = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
             raise InputError(f"a compiled model takes its inputs by position, as it was compiled; got keyword "
                              f"argument(s) {', '.join(sorted(kwargs))}")
         flat = self.signature.flatten(args)
+        if not self._warned_no_grad and torch.is_grad_enabled() and any(t.requires_grad for t in flat):
+            self._warned_no_grad = True
+            warnings.warn(f"an input requires grad, but the {self.backend} artifact computes for inference only: its "
+                          "outputs carry no autograd history (backward() through them fails); train the PyTorch "
+                          "model itself", UserWarning, stacklevel=2)
         try:
             outputs = self.run(flat)
         except FxforgeError:

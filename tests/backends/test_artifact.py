@@ -267,3 +267,17 @@ def test_eager_artifacts_save_and_load_from_two_threads_at_once(tmp_path):
         for t in threads:
             t.join()
     assert not failures, failures[0]
+
+
+def test_an_input_that_requires_grad_is_warned_of_once():
+    """A compiled model computes for inference: eager's output had a grad_fn, the artifact's none, and nothing said
+    so until backward() failed elsewhere."""
+    import warnings
+    cm, x = compiled(), torch.randn(2, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="computes for inference only"):
+        assert cm(x).grad_fn is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm(x)  # once per artifact
+        with torch.no_grad():
+            compiled()(x)  # nothing to warn of without grad mode
