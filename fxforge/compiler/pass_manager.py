@@ -239,8 +239,14 @@ _SPEC = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\{(.*)\})?\s*$")
 
 
 def split_passes(text: str) -> list[str]:
-    """``fuse,low_rank{energy=0.9,budget='flops'}`` → the pass specs (commas inside braces belong to options)."""
-    return [p.strip() for p in re.split(r",(?![^{]*\})", text) if p.strip()]
+    """``fuse,low_rank{energy=0.9,budget='flops'}`` → the pass specs (commas inside braces belong to options); ""
+    is none, but an empty item between commas (``fuse,,int8``, ``,,``) is a typo, refused."""
+    items = [p.strip() for p in re.split(r",(?![^{]*\})", text)]
+    if items == [""]:
+        return []
+    if "" in items:
+        raise PassError(f"empty pass name in {text!r} (two commas in a row, or one at an end)")
+    return items
 
 
 def resolve(spec: str | Pass | Sequence[str | Pass]) -> list[Pass]:
@@ -294,6 +300,12 @@ def _expand(item: str | Pass) -> list[Pass]:
         return resolve(list(_PRESETS[name]))
     if m and name in _PASSES:
         return [_instantiate(_PASSES[name], _parse_options(name, m.group(2) or ""))]
+    if m and name in _PRESETS:
+        raise PassError(f"preset {name!r} takes no options; give them to one of its passes "
+                        f"({', '.join(dict.fromkeys(p.split('{')[0] for p in _PRESETS[name]))})")
+    known = re.match(r"\s*(\w+)\s*\{", item)
+    if m is None and known and (known.group(1) in _PASSES or known.group(1) in _PRESETS):
+        raise PassError(f"cannot parse {item!r}: write name{{key=value,...}}, the options in one pair of braces")
     raise PassError(f"unknown pass {item!r}; valid passes: {', '.join(sorted(_PASSES))}; "
                     f"presets: {', '.join(sorted(_PRESETS))}")
 

@@ -8,7 +8,7 @@ import torch.fx as fx
 import fxforge
 from fxforge.compiler.graph import aten, call_nodes, get_tensor, set_tensor
 from fxforge.compiler.instruments import Instrument
-from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
+from fxforge.compiler.pass_manager import PassContext, PassManager, resolve, split_passes
 from fxforge.compiler.trace import trace
 from models import ZOO
 
@@ -30,6 +30,23 @@ def test_presets_expand_and_options_parse():
     passes = resolve(["fuse", "fold_constants{}"])
     assert [p.name for p in passes] == ["fold_constants", "addmm_to_linear", "fuse_batchnorm", "eliminate_dead_code",
                                         "fuse_activation", "fold_constants"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fuse{x=1}", r"preset 'fuse' takes no options; give them to one of its passes \(fold_constants, "),
+    ("low_rank{energy=0.9", r"cannot parse 'low_rank\{energy=0.9': write name\{key=value,...\}"),
+])
+def test_a_preset_with_options_and_unbalanced_braces_say_so(spec, message):
+    """Both were "unknown pass 'fuse{x=1}'" with the list of every pass, which does not say what is wrong."""
+    with pytest.raises(fxforge.PassError, match=message):
+        resolve(spec)
+
+
+@pytest.mark.parametrize("text", [",,", "fuse,,int8", "fuse,"])
+def test_an_empty_item_between_commas_is_refused(text):
+    """``--passes ',,'`` compiled with no passes at all and exited 0."""
+    with pytest.raises(fxforge.PassError, match="empty pass name"):
+        split_passes(text)
 
 
 def test_unknown_pass_lists_the_valid_ones():
