@@ -131,6 +131,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     times, start = {}, time.perf_counter()
     gm, signature, runs, uncached = _capture(model, example, static_batch)
     times["trace"] = time.perf_counter() - start
+    if runs.state_changes:
+        changed = ", ".join(runs.state_changes[:3]) + (" …" if len(runs.state_changes) > 3 else "")
+        warnings.warn(f"forward changes the model's own state ({changed}); the compiled model computes every call "
+                      "from the state at compile time and changes nothing (a call counter stays as it was)",
+                      UserWarning, stacklevel=2)
     flat = tuple(signature.flatten(example))
     if calibration is not None and pick is not None:
         calibration = MappedBatches(calibration, *pick)

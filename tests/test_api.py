@@ -434,6 +434,26 @@ def test_a_model_with_hooks_is_warned_that_the_compiled_model_does_not_call_them
     assert log == []
 
 
+class CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls = nn.Linear(4, 3), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_a_forward_that_changes_the_models_state_is_warned_of():
+    """``self.calls += 1`` in forward: the compiled model computes from the state at compile time and counts
+    nothing, which nothing said."""
+    model = CountsCalls().eval()
+    with pytest.warns(UserWarning, match=r"forward changes the model's own state \(calls\)"):
+        cm = fxforge.compile(model, (torch.randn(2, 4),), backend="eager", measure_latency=False)
+    cm(torch.randn(2, 4))
+    assert model.calls == 0  # the user's model is never run
+
+
 def test_a_model_left_in_training_mode_is_compiled_as_eval_and_warned_of():
     """Dropout and batch norm compute otherwise in training mode; compile captures the eval copy, and says so where
     the difference exists (an MLP with a dropout of p = 0 computes the same in training mode and gets no warning)."""

@@ -340,6 +340,8 @@ class ModelRuns:
         # a copy in the original state, once a run has shown one, with that state (:func:`_state`): nothing touches
         # the copy between two runs, so the state recorded after one run is the state before the next
         self._unchanged: tuple[torch.nn.Module, Any] | None = None
+        # what a run changed of the model's own state (``calls``: ``self.calls += 1``), from the first run that did
+        self.state_changes: list[str] = []
 
     def run(self, inputs: tuple) -> Any:
         """The model's output on ``inputs``, computed anew."""
@@ -354,6 +356,9 @@ class ModelRuns:
         after = _state(model)
         if _same(before, after):
             self._unchanged = model, after
+        elif not self.state_changes and before is not None and after is not None:
+            self.state_changes = [name.lstrip(".") for (name, a), (_, b) in zip(before, after) if a != b] \
+                or ["its attributes"]
         return out
 
     def outputs(self, key: Any, inputs: tuple) -> list[Any]:
