@@ -114,6 +114,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)  # names checked first
     budget = Budget.of(passes, max_drop, metric, strict)
     pick = calibration_picker(calibration_fn, input_key)
+    calibration, validation, train = (_reiterable(d) for d in (calibration, validation, train))
     _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -167,7 +168,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     artifact = _lower(be, gm, flat, signature, tgt, strict, backend_options)
     times["backend"] = time.perf_counter() - start
     row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True, time_s=times["backend"],
-                              latency_ms=None, max_rel_err=None, cosine=None, stats={})
+                              latency_ms=None, max_rel_err=None, cosine=None, cosine_mean=None, top1=None, metric=None,
+                              stats={})  # what is measured below, on the artifact; nothing copied from the graph
     report.rows.append(row)
     if tgt.runs_on_host and verify in NUMERIC_MODES:
         start = time.perf_counter()
@@ -271,6 +273,13 @@ def _check_tensors(model: torch.nn.Module) -> None:
             raise InputError(f"model tensor {name!r} holds NaN")
         if (name in params or name in bn_stats) and torch.isinf(t).any():
             raise InputError(f"model tensor {name!r} holds Inf")
+
+
+def _reiterable(data: Iterable[Any] | None) -> Iterable[Any] | None:
+    """``data`` that every reader can iterate from the start: a one-shot iterator (a generator) becomes a list, since
+    several passes, the report and the budget each read it (a second reader found it empty); anything else, a list or
+    a DataLoader, is iterated anew by each."""
+    return list(data) if isinstance(data, Iterator) else data
 
 
 class _Rebatched:

@@ -306,3 +306,59 @@ def test_greedy_selection_stops_early_when_its_gains_cannot_close_the_gap():
 
 def test_with_no_layer_to_keep_float_the_search_keeps_none():
     assert search({}, n=0) == (0, [])
+
+
+def test_a_drop_equal_to_max_drop_holds():
+    """1 − 0.99 is 0.010000000000000009 in floats: exactly 99 % agreement missed max_drop=0.01 (BudgetError under
+    strict), though the budget promises agreement ≥ 0.99; and an exact pipeline missed max_drop=0 by 1e-15."""
+    import math
+    model, calibration, pool = Fragile().eval(), batches(8), batches(1, rows=512, seed=5)[0][0]
+    cm = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], calibration=calibration,
+                         validation=[(pool,)], max_drop=math.inf)
+    with torch.no_grad():
+        same = cm(pool).argmax(1) == model(pool).argmax(1)
+    assert (~same).any() and same.sum() >= 99
+    hundred = torch.cat([pool[same][:99], pool[~same][:1]])  # all-int8 agrees on exactly 99 of them
+    held = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], calibration=calibration,
+                           validation=[(hundred,)], max_drop=0.01, strict=True)
+    assert held.report.meta["budget"]["tries"] == {0: 0.01} and held.report.meta["budget"]["outcome"] == "held"
+    fxforge.compile(model, (torch.randn(2, 16),), passes=["fuse"], validation=[(hundred,)], metric="cosine",
+                    max_drop=0.0, strict=True)
+
+
+def test_generator_data_is_read_by_every_reader():
+    """A generator given as validation= was read by the report and then found empty by the budget ("validation is
+    empty"); one given as calibration= was consumed by calibrate before bias_correction read it."""
+    model = Fragile().eval()
+    cm = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], calibration=(b for b in batches(8)),
+                         validation=(b for b in batches(4, seed=3)), max_drop=math.inf)
+    assert cm.report.meta["budget"]["data"] == "validation data (256 samples)"
+    assert cm.report.row("bias_correction").stats
+
+
+def test_a_nan_of_the_fp32_output_is_matched_not_a_void_budget():
+    """Where the fp32 output is NaN the sample's cosine was 0, the fp32 model's own min cosine 0, and so every drop
+    0: a graph far off on every other sample held the budget."""
+    from fxforge.compiler.quality import _sample_cosines
+    ref = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
+    assert _sample_cosines([ref], [ref], ref).tolist() == pytest.approx([1.0, 1.0])
+    off = torch.tensor([[-1.0, float("nan")], [2.0, float("nan")]])  # sample 0 points away, sample 1 has a new NaN
+    assert _sample_cosines([off], [ref], ref).tolist() == pytest.approx([-1.0, 0.0])
+
+
+def test_max_drop_takes_numpy_numbers():
+    import numpy as np
+    from fxforge.budget import Budget
+    assert Budget.of(["int8"], np.float32(0.25), None, False).max_drop == 0.25
+
+
+def test_an_artifact_that_does_not_run_here_states_no_quality():
+    """The backend row copied the last graph's cosines, top-1 and metric for an arm64 artifact never run here,
+    where every number of that row is measured on the artifact (docs/reliability.md)."""
+    import math
+    model = Fragile().eval()
+    cm = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], backend="torchscript", target="arm64",
+                         calibration=batches(8), validation=batches(2, seed=3), max_drop=math.inf)
+    graph, backend = cm.report.rows[-2], cm.report.rows[-1]
+    assert graph.top1 is not None and graph.cosine_mean is not None
+    assert (backend.top1, backend.cosine_mean, backend.cosine, backend.metric) == (None, None, None, None)

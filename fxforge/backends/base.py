@@ -103,10 +103,11 @@ class Artifact(ABC):
         """Write the artifact, plus ``extra_files`` (name → text, e.g. the report), to ``directory``.
 
         An existing ``directory`` is replaced only when it is wholly an fxforge artifact (its manifest lists every
-        file in it); a directory holding anything else is the user's and is never touched (ArtifactError). The new
-        artifact is written beside it, the old one renamed aside, the new one renamed in, and only then the old
-        one deleted; if renaming in fails (or is interrupted) the old one is put back, so one of the two stands.
+        file in it); a directory holding anything else is the user's and is never touched (ArtifactError), nor is the
+        working directory. The new artifact is written beside it and swapped in (``_swap_in``: one atomic exchange
+        where the system has it), and only then the old one deleted, so one of the two stands whole at every moment.
         A ``directory`` that is a symbolic link is saved through: the artifact it points to is replaced, the link stays.
+        The manifest holds every file's hash and its own checksum.
         """
         final = Path(os.path.abspath(directory))  # "." and "" name the working directory, which has a name
         final = final.resolve() if final.is_symlink() else final

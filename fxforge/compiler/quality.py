@@ -140,9 +140,17 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], first_inp
     rows = n if per_sample else 1
     a = torch.cat([o.reshape(rows, -1) for o, _ in pairs], 1)
     b = torch.cat([r.reshape(rows, -1) for _, r in pairs], 1)
+    # non-finite values as verify.compare takes them: where the reference has the same NaN or infinity, matched and
+    # left out; anywhere else the sample is wholly wrong (cosine 0). A NaN of the reference made every sample's
+    # cosine NaN → 0, the fp32 model's own score 0, and so any drop 0.
+    finite = torch.isfinite(b)
+    matched = ~finite & ((a == b) | (a.isnan() & b.isnan()))
+    wrong = (~finite & ~matched).any(1) | (~torch.isfinite(a) & finite).any(1)
+    a, b = torch.where(finite, a, 0.0), torch.where(finite, b, 0.0)
     norms = a.norm(dim=1) * b.norm(dim=1)
     same = (a == b).all(dim=1).double()
-    return torch.where(norms > 0, (a * b).sum(1) / norms.clamp(min=1e-300), same)
+    cosines = torch.where(norms > 0, (a * b).sum(1) / norms.clamp(min=1e-300), same)
+    return torch.where(wrong, 0.0, cosines)
 
 
 def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> float | None:
