@@ -115,6 +115,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     budget = Budget.of(passes, max_drop, metric, strict)
     pick = calibration_picker(calibration_fn, input_key)
     calibration, validation, train = (_reiterable(d) for d in (calibration, validation, train))
+    for kind, data in (("calibration", calibration), ("train", train)):
+        if _shared_tensors(data, validation):
+            warnings.warn(f"validation and {kind} data share tensors: the report's quality and the accuracy budget "
+                          f"are then measured on data the passes {'calibrated' if kind == 'calibration' else 'trained'}"
+                          " on, which says little about unseen data; give held-out validation data", UserWarning,
+                          stacklevel=2)
     _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -273,6 +279,22 @@ def _check_tensors(model: torch.nn.Module) -> None:
             raise InputError(f"model tensor {name!r} holds NaN")
         if (name in params or name in bn_stats) and torch.isinf(t).any():
             raise InputError(f"model tensor {name!r} holds Inf")
+
+
+def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
+    """Whether two lists of batches hold memory in common (the same list passed twice, or the same batches; two
+    slices of one tensor, ``x[:500]`` and ``x[500:]``, do not); data that are not lists (a DataLoader) are not read
+    here."""
+    if not (isinstance(a, Sequence) and isinstance(b, Sequence)):
+        return False
+
+    def spans(data: Sequence[Any]) -> list[tuple[int, int]]:
+        return [(t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * st for n, st in
+                                                                          zip(t.shape, t.stride()))))
+                for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.numel()]
+
+    theirs = spans(b)
+    return any(start < end_ and start_ < end for start, end in spans(a) for start_, end_ in theirs)
 
 
 def _reiterable(data: Iterable[Any] | None) -> Iterable[Any] | None:

@@ -52,7 +52,7 @@ from fxforge.compiler.errors import BudgetError, InputError
 from fxforge.compiler.graph import call_nodes
 from fxforge.compiler.ops import WEIGHTED, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager
-from fxforge.compiler.quality import Metric, Quality, Validation
+from fxforge.compiler.quality import Metric, Quality, Validation, not_logits
 from fxforge.compiler.report import Report
 from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
 from fxforge.passes.lib.qdq import checked_batches
@@ -131,6 +131,10 @@ class Budget:
         self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else \
             "agreement" if reference.top1 is not None else "min_cosine"
         self.name = getattr(self.metric, "__name__", "metric") if self.kind == "callable" else self.kind
+        if self.metric is None and self.kind == "min_cosine" and _one_value_per_sample(self.data):
+            self.record["caveat"] = ("the output holds one value per sample, whose cosine is only its sign: this "
+                                     "budget sees sign flips, not magnitudes; pass metric= for one that does")
+            self._warn(f"the accuracy budget's min cosine cannot measure this model: {self.record['caveat']}")
         self.reference = self._score(reference)
         self.record.update(metric=self.name, reference=self.reference)
         passes = manager.passes
@@ -291,7 +295,10 @@ class Budget:
         above which a screen's drop proves a miss on all the data (see ``_estimate``; a callable metric has no
         bound: infinity)."""
         if self.screen is None:
-            self.screen = Validation(first, first, self.metric)
+            # the batches as the user gave them (a metric callable reads those), and for a callable all of them:
+            # it may read data of its own beside them (labels), which a part of the batches would not match
+            n = len(self.data.flat) if callable(self.metric) else len(first)
+            self.screen = Validation(self.data.batches[:n], self.data.flat[:n], self.metric)
             self.screen_reference = self._score(self.screen.measure(reference))
             samples = {"agreement": self.data.samples, "cosine": self.data.samples, "min_cosine": self.screen.samples}
             self.screen_bound = self.max_drop * samples[self.kind] / self.screen.samples if self.kind in samples \
@@ -303,7 +310,7 @@ class Budget:
         return _difference(self.reference, self._score(self.data.measure(graph)))
 
     def _first(self, samples: int) -> list[tuple[torch.Tensor, ...]]:
-        """The budget's first batches holding at least ``samples`` samples (all of them when fewer)."""
+        """The budget's first batches holding at least ``samples`` samples (all of them when fewer), flat."""
         batches, count = [], 0
         for batch in self.data.flat:
             if count >= samples:
@@ -345,13 +352,21 @@ class Budget:
     def _score(self, q: Quality) -> float:
         if self.kind == "agreement":
             if q.top1 is None:
-                raise InputError("metric='agreement' needs a 2-D classifier output (batch × classes)")
+                raise InputError(f"metric='agreement' needs classifier logits: {not_logits(self.data.reference)}")
             return q.top1
         return {"cosine": q.cosine_mean, "min_cosine": q.cosine_min}.get(self.kind, q.metric)
 
     @staticmethod
     def _warn(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _one_value_per_sample(data: Validation) -> bool:
+    """Whether the float outputs of ``data``'s reference hold one value per sample (a regression score)."""
+    n = data.flat[0][0].shape[0] if data.flat[0] and data.flat[0][0].dim() else 0
+    floats = [r for r in data.reference[0] if r.is_floating_point()]
+    return bool(n and floats) and all(r.dim() and r.shape[0] == n for r in floats) and \
+        sum(r[0].numel() for r in floats) == 1
 
 
 def _difference(reference: float, score: float) -> float:

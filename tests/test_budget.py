@@ -362,3 +362,78 @@ def test_an_artifact_that_does_not_run_here_states_no_quality():
     graph, backend = cm.report.rows[-2], cm.report.rows[-1]
     assert graph.top1 is not None and graph.cosine_mean is not None
     assert (backend.top1, backend.cosine_mean, backend.cosine, backend.metric) == (None, None, None, None)
+
+
+class Predicts(Fragile):
+    """The fragile classifier returning its class ids (argmax), or a 0-d score before its logits."""
+
+    def __init__(self, score=False):
+        super().__init__()
+        self.score = score
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return (logits.mean(), logits) if self.score else logits.argmax(1)
+
+
+@pytest.mark.parametrize("score", [False, True], ids=["class-ids", "score-and-logits"])
+def test_the_search_measures_class_ids_and_skips_a_0d_score(score):
+    """When all-int8 missed, the layer sensitivity died with a bare StopIteration on a model returning class ids (no
+    float output) and a raw RuntimeError on a 0-d first output. Class ids are measured by agreement."""
+    cm, warned = compile_warned(Predicts(score).eval(), passes=["int8"], calibration=batches(8),
+                                validation=batches(4, seed=3))
+    budget = cm.report.meta["budget"]
+    assert budget["metric"] == ("min_cosine" if score else "agreement") and budget["outcome"].startswith("held with")
+
+
+def test_a_one_value_output_is_warned_that_min_cosine_sees_only_its_sign():
+    """The cosine of one value is its sign: int8 collapsed a regression model to a constant and its default budget
+    reported a drop of 0.0."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(8), validation=batches(2, seed=3))
+    assert any("only its sign" in w and "pass metric=" in w for w in warned)
+    assert "caveat" in cm.report.meta["budget"]
+
+
+class Normalized(nn.Linear):
+    def forward(self, x):
+        return nn.functional.normalize(super().forward(x), dim=1)
+
+
+@pytest.mark.parametrize("model, why", [(nn.Linear(16, 1), "the first output has one column"),
+                                        (Normalized(16, 8), "the first output's rows are unit vectors")])
+def test_metric_agreement_says_why_an_output_is_not_logits(model, why):
+    """Both said "needs a 2-D classifier output (batch × classes)" of a 2-D output."""
+    with pytest.raises(fxforge.InputError, match=f"needs classifier logits: {why}"):
+        fxforge.compile(model.eval(), (torch.randn(2, 16),), validation=batches(1), metric="agreement")
+
+
+def test_validation_sharing_calibration_tensors_is_warned_of_and_slices_of_one_tensor_are_not():
+    model, data = Fragile().eval(), batches(8)
+    _, warned = compile_warned(model, passes=["int8"], calibration=data, validation=data, max_drop=math.inf)
+    assert any("validation and calibration data share tensors" in w for w in warned)
+    x = torch.randn(1024, 16)
+    _, warned = compile_warned(model, passes=["int8"], calibration=[(b,) for b in x[:512].split(64)],
+                               validation=[(x[512:],)], max_drop=math.inf)
+    assert not any("share tensors" in w for w in warned)
+
+
+def test_a_metric_callable_is_called_with_the_batches_as_given_during_the_search():
+    """The search's screen called it with flat tensors (not the dicts the user gave) and with part of the batches,
+    so a metric reading labels of its own failed and compile blamed it."""
+    class DictIn(Fragile):
+        def forward(self, d):
+            return super().forward(d["x"])
+
+    validation = [({"x": b},) for (b,) in batches(4, seed=3)]
+    labels = torch.cat([DictIn().eval()(v[0]).argmax(1) for v in validation])
+    seen = set()
+
+    def accuracy(outputs, inputs):
+        seen.update(type(i[0]).__name__ for i in inputs)
+        return float((torch.cat(outputs).argmax(1) == labels).double().mean())
+
+    cm = fxforge.compile(DictIn().eval(), ({"x": torch.randn(2, 16)},), passes=["int8"],
+                         calibration=[({"x": b},) for (b,) in batches(8)], validation=validation, metric=accuracy,
+                         max_drop=0.05)
+    assert seen == {"dict"} and cm.report.meta["budget"]["outcome"].startswith("held with")

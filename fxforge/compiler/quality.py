@@ -118,7 +118,7 @@ class Validation:
             return quality.cosine_min
         if self.metric == "agreement":
             if quality.top1 is None:
-                raise InputError("metric='agreement' needs a 2-D classifier output (batch × classes)")
+                raise InputError(f"metric='agreement' needs classifier logits: {not_logits(self.reference)}")
             return quality.top1
         values = [o[0] if len(o) == 1 else tuple(o) for o in outs]
         try:
@@ -154,12 +154,28 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], first_inp
 
 
 def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> float | None:
-    """Top-1 agreement of the first output when it is 2-D float logits (rows of unit length are embeddings)."""
-    first = [r[0] for r in ref]
-    if not all(r.is_floating_point() and r.dim() == 2 and r.shape[1] > 1 for r in first):
+    """Top-1 agreement of the first output when it is 2-D float logits (rows of unit length are embeddings), or the
+    share of equal class ids when it is a 1-D integer output (a model that returns its argmax)."""
+    if not_logits(ref):
         return None
+    if not ref[0][0].is_floating_point():
+        hits = sum(int((o[0] == r[0]).sum()) for o, r in zip(outs, ref))
+    else:
+        hits = sum(int((o[0].argmax(1) == r[0].argmax(1)).sum()) for o, r in zip(outs, ref))
+    return hits / sum(r[0].shape[0] for r in ref)
+
+
+def not_logits(ref: list[list[torch.Tensor]]) -> str:
+    """Why the first output of reference batches ``ref`` has no top-1 agreement, in words; "" when it has one."""
+    first = [r[0] for r in ref]
+    if all(not r.is_floating_point() and not r.is_complex() and r.dim() == 1 for r in first):
+        return ""  # class ids
+    if not all(r.is_floating_point() and r.dim() == 2 for r in first):
+        return (f"the first output is {str(first[0].dtype).removeprefix('torch.')} of shape {list(first[0].shape)}, "
+                "not 2-D float logits (batch × classes) or 1-D class ids")
+    if any(r.shape[1] < 2 for r in first):
+        return "the first output has one column: logits need two classes or more"
     if all(torch.allclose(r.double().norm(dim=1), torch.ones(r.shape[0], dtype=torch.double), atol=1e-3)
            for r in first):
-        return None
-    hits = sum(int((o[0].argmax(1) == r[0].argmax(1)).sum()) for o, r in zip(outs, ref))
-    return hits / sum(r[0].shape[0] for r in ref)
+        return "the first output's rows are unit vectors: embeddings, not logits"
+    return ""

@@ -577,7 +577,10 @@ def _worst(errors: Sequence[Error]) -> Error:
 
 
 def first_float(out: Any) -> torch.Tensor:
-    """The first floating-point output of a model's result (a tensor, or a tuple/list holding one): what
-    agreement-based scores compare."""
-    values = out if isinstance(out, (tuple, list)) else (out,)
-    return next(torch.as_tensor(v) for v in values if torch.as_tensor(v).is_floating_point())
+    """What agreement-based scores compare of a model's result (a tensor, or a tuple/list of them): its first
+    floating-point output with a batch dimension, else its first output with one (class ids, compared element by
+    element), else its first output as a 1-element tensor. A 0-d score beside the logits, or an integer output alone,
+    was a raw error where batches are concatenated."""
+    values = [torch.as_tensor(v) for v in (out if isinstance(out, (tuple, list)) else (out,))]
+    batched = [v for v in values if v.dim()]
+    return next((v for v in batched if v.is_floating_point()), batched[0] if batched else values[0].reshape(1))

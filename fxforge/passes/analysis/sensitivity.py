@@ -77,7 +77,10 @@ class Sensitivity:
 
 
 def agreement(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """Top-1 agreement over the last dimension for classifier-like outputs, else cosine similarity."""
+    """Top-1 agreement over the last dimension for classifier-like outputs, the share of equal elements for integer
+    ones (class ids), else cosine similarity."""
+    if not reference.is_floating_point():
+        return float((output == reference).double().mean())
     if reference.dim() >= 2 and reference.shape[-1] > 1:
         return float((output.argmax(-1) == reference.argmax(-1)).double().mean())
     a, b = output.double().flatten(), reference.double().flatten()
