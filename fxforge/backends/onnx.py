@@ -333,10 +333,17 @@ def _program(gm: fx.GraphModule, args: Sequence[torch.Tensor], batched: Sequence
         return None  # a subgraph of a higher-order op: export's own capture handles it
     lifted: dict[str, fx.Node] = {}
     state: dict[str, torch.Tensor] = {}
+    used = {n.target for n in inputs}
     for node, value in constants.items():
         if node.target not in lifted:
+            # an argument name of the generated forward: a module named "block1-0" (torchvision's RegNet) gave
+            # "c_block1-0_weight", a SyntaxError; names that then coincide get a suffix
+            name = "c_" + re.sub(r"\W", "_", node.target)
+            while name in used:
+                name += "_"
+            used.add(name)
             with graph.inserting_before(inputs[0] if inputs else None):
-                lifted[node.target] = graph.placeholder("c_" + node.target.replace(".", "_"))
+                lifted[node.target] = graph.placeholder(name)
             state[node.target] = value.detach()
         node.replace_all_uses_with(lifted[node.target])
         graph.erase_node(node)

@@ -599,3 +599,16 @@ def test_disabled_optimizers_reach_the_session_and_survive_save_load(convbnrelu,
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(BackendError, match="disabled_optimizers must be a sequence of ORT optimizer names"):
         SessionConfig(disabled_optimizers="ConvActivationFusion")
+
+
+def test_module_names_that_are_not_identifiers_lower():
+    """torchvision's RegNet names blocks "block1-0": the constants lifted into the program's arguments were named
+    after them, "c_block1-0_weight", a SyntaxError reported as "the ONNX exporter failed: invalid decimal literal".
+    "block_0" beside "block-0" would then name the same argument."""
+    model = torch.nn.Sequential()
+    model.add_module("block-0", torch.nn.Linear(4, 4))
+    model.add_module("block_0", torch.nn.Linear(4, 4))
+    model.eval()
+    cm = fxforge.compile(model, (torch.randn(2, 4),), backend="onnx", measure_latency=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(cm(x), model(x))
