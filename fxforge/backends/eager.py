@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import fusion_groups, inplace_variant
+from fxforge.compiler.errors import ArtifactError, first_line
+from fxforge.compiler.graph import fusion_groups, inplace_variant, views_as_reshapes
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
 
@@ -37,7 +38,11 @@ class EagerArtifact(Artifact):
         example = tuple(_example(s) for s in self.signature.inputs)
         example, dynamic = batch_dynamic(example, self.signature.batched(), max_batch=None)
         with EXPORT_LOCK:
-            ep = torch.export.export(_tensor_outputs(self.gm), example, dynamic_shapes=dynamic, strict=False)
+            try:
+                ep = torch.export.export(_for_export(self.gm), example, dynamic_shapes=dynamic, strict=False)
+            except Exception as e:  # the artifact runs; only its program could not be captured again
+                raise ArtifactError(f"cannot save the eager artifact: re-exporting its graph failed: "
+                                    f"{type(e).__name__}: {first_line(e)}") from None
             torch.export.save(ep, directory / PROGRAM)
 
     @classmethod
@@ -47,11 +52,13 @@ class EagerArtifact(Artifact):
         return cls(program, signature, target, info)
 
 
-def _tensor_outputs(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` that returns each number computed from the inputs' sizes (``x.shape[0] > 3``) as a 0-d tensor:
-    the program saved, since torch.export cannot save a symbolic bool output; ``Signature.unflatten`` turns it back."""
+def _for_export(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` as the program saved: its views reshapes (``views_as_reshapes``: the re-export of a T5
+    encoder failed on one), and each number computed from the inputs' sizes (``x.shape[0] > 3``) returned as a 0-d
+    tensor, since torch.export cannot save a symbolic bool output (``Signature.unflatten`` turns it back)."""
     dtypes = {torch.SymInt: torch.int64, torch.SymFloat: torch.float64, torch.SymBool: torch.bool}
     gm = copy.deepcopy(gm)
+    views_as_reshapes(gm.graph)
     output = gm.graph.output_node()
     outputs = list(output.args[0])
     for i, o in enumerate(outputs):

@@ -130,6 +130,17 @@ def finalize(gm: fx.GraphModule) -> None:
 FUSION_KEY = "fxforge.fusion"  # node.meta key: {"group": id, "pattern": "conv2d+relu"}
 
 
+def views_as_reshapes(graph: fx.Graph) -> None:
+    """Make every ``aten.view`` an ``aten.reshape`` (the same values: reshape is a view wherever one exists), for a
+    graph that is exported again (eager's save, TVM's import). The re-export decomposes
+    ``scaled_dot_product_attention`` into ops whose output strides differ from the fused kernel's, and a later view
+    of it (GPT-2's ``Conv1D`` after the attention's transpose, T5's output projection) then has no valid strides:
+    "Cannot view a tensor with shape [B, T, C] and strides (C, C·B, 1)", which a reshape copes with by copying."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+
+
 def fusion_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Fusion groups tagged by fuse_activation, each in graph order (producer first, activation last)."""
     groups: dict[str, list[fx.Node]] = {}

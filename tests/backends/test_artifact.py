@@ -281,3 +281,25 @@ def test_an_input_that_requires_grad_is_warned_of_once():
         cm(x)  # once per artifact
         with torch.no_grad():
             compiled()(x)  # nothing to warn of without grad mode
+
+
+def test_an_eager_artifact_of_a_t5_encoder_saves(tmp_path):
+    """Saving re-exports the graph, and the re-export decomposes the attention into ops whose output a later view
+    cannot take: a raw ValueError ("Cannot view a tensor with shape ...") though the artifact ran."""
+    transformers = pytest.importorskip("transformers")
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t5 = transformers.T5EncoderModel(transformers.T5Config(num_layers=1, d_model=32, d_kv=16, num_heads=2,
+                                                                        d_ff=64, vocab_size=100))
+
+        def forward(self, ids, mask):
+            return self.t5(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    model, ids, mask = Encoder().eval(), torch.randint(1, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    loaded = fxforge.load(fxforge.compile(model, (ids, mask), measure_latency=False).save(tmp_path / "t5"))
+    ids = torch.randint(1, 100, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, torch.ones(3, 12, dtype=torch.long)),
+                                   model(ids, torch.ones(3, 12, dtype=torch.long)))

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
-from fxforge.compiler.graph import get_tensor
+from fxforge.compiler.graph import get_tensor, views_as_reshapes
 from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, is_op,
                                   set_argument)
 from fxforge.compiler.target import Target
@@ -134,22 +134,12 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` for TVM's importer: the same values, with each rewrite below applied (each works around a
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
-    for rewrite in (_views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes,
+    for rewrite in (views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes,
                     _typed_integer_divisors, _zero_divisors_flagged, _half_reductions_in_float32,
                     _half_products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
     return copied
-
-
-def _views_as_reshapes(graph: fx.Graph) -> None:
-    """Make every ``aten.view`` an ``aten.reshape`` (the same values: reshape is a view wherever one exists).
-    The re-export decomposes ``scaled_dot_product_attention`` into ops whose output strides differ from the fused
-    kernel's, and a later view of it (GPT-2's ``Conv1D`` after the attention's transpose) then has no valid strides:
-    "Cannot view a tensor with shape [B, T, C] and strides (C, C·B, 1)", which a reshape copes with by copying."""
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.aten.view.default:
-            node.target = torch.ops.aten.reshape.default
 
 
 def _negative_indices_wrapped(graph: fx.Graph) -> None:
