@@ -115,8 +115,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     budget = Budget.of(passes, max_drop, metric, strict)
     pick = calibration_picker(calibration_fn, input_key)
     calibration, validation, train = (_reiterable(d) for d in (calibration, validation, train))
-    for kind, data in (("calibration", calibration), ("train", train)):
-        if _shared_tensors(data, validation):
+    for kind, data, readers in (("calibration", calibration, calibration_readers(manager.passes)),
+                                ("train", train, train_readers(manager.passes))):
+        if readers and _shared_tensors(data, validation):
             warnings.warn(f"validation and {kind} data share tensors: the report's quality and the accuracy budget "
                           f"are then measured on data the passes {'calibrated' if kind == 'calibration' else 'trained'}"
                           " on, which says little about unseen data; give held-out validation data", UserWarning,
@@ -139,8 +140,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     gm, signature, runs, uncached = _capture(model, example, static_batch)
     times["trace"] = time.perf_counter() - start
     if runs.state_changes:
-        changed = ", ".join(runs.state_changes[:3]) + (" …" if len(runs.state_changes) > 3 else "")
-        warnings.warn(f"forward changes the model's own state ({changed}); the compiled model computes every call "
+        warnings.warn(f"forward changes the model's own state ({_listed(runs.state_changes)}); the compiled model computes every call "
                       "from the state at compile time and changes nothing (a call counter stays as it was)",
                       UserWarning, stacklevel=2)
     flat = tuple(signature.flatten(example))
@@ -242,7 +242,13 @@ def _training_modules(model: Any) -> str:
     found = [f"{name or 'the model'}: {type(m).__name__}" for name, m in model.named_modules()
              if m.training and isinstance(m, kinds) and getattr(m, "track_running_stats", True)
              and getattr(m, "p", 1) != 0]
-    return "" if not found else f"{', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''}"
+    return _listed(found)
+
+
+def _listed(items: Sequence[str], shown: int = 3) -> str:
+    """``items`` in words for a warning: the first ``shown``, then how many more; "" for none."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _hooked_modules(model: Any) -> str:
@@ -257,7 +263,7 @@ def _hooked_modules(model: Any) -> str:
     module = torch.nn.modules.module
     if module._global_forward_hooks or module._global_forward_pre_hooks:
         found.append("global module hooks")
-    return "" if not found else f"{', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''}"
+    return _listed(found)
 
 
 def _check_tensors(model: torch.nn.Module) -> None:
@@ -293,8 +299,13 @@ def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
                                                                           zip(t.shape, t.stride()))))
                 for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.numel()]
 
-    theirs = spans(b)
-    return any(start < end_ and start_ < end for start, end in spans(a) for start_, end_ in theirs)
+    events = sorted([(start, end, 0) for start, end in spans(a)] + [(start, end, 1) for start, end in spans(b)])
+    reach = [0, 0]  # the furthest end of a span of each list seen so far, in order of their starts
+    for start, end, side in events:
+        if start < reach[1 - side]:
+            return True
+        reach[side] = max(reach[side], end)
+    return False
 
 
 def _reiterable(data: Iterable[Any] | None) -> Iterable[Any] | None:

@@ -123,7 +123,7 @@ def _torch_compile(model: torch.nn.Module, example: tuple, calib: list) -> Built
 
 def _onnx_file(model: torch.nn.Module, example: tuple, directory: Path) -> Path:
     path = directory / "model.onnx"
-    with warnings.catch_warnings(), EXPORT_LOCK:
+    with EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(copy.deepcopy(model), example, str(path), dynamo=True, verbose=False, optimize=True,
                           external_data=False)

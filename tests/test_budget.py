@@ -321,7 +321,8 @@ def test_a_drop_equal_to_max_drop_holds():
     hundred = torch.cat([pool[same][:99], pool[~same][:1]])  # all-int8 agrees on exactly 99 of them
     held = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], calibration=calibration,
                            validation=[(hundred,)], max_drop=0.01, strict=True)
-    assert held.report.meta["budget"]["tries"] == {0: 0.01} and held.report.meta["budget"]["outcome"] == "held"
+    budget = held.report.meta["budget"]
+    assert budget["tries"][0] == pytest.approx(0.01) and budget["outcome"] == "held"
     fxforge.compile(model, (torch.randn(2, 16),), passes=["fuse"], validation=[(hundred,)], metric="cosine",
                     max_drop=0.0, strict=True)
 
@@ -437,3 +438,15 @@ def test_a_metric_callable_is_called_with_the_batches_as_given_during_the_search
                          calibration=[({"x": b},) for (b,) in batches(8)], validation=validation, metric=accuracy,
                          max_drop=0.05)
     assert seen == {"dict"} and cm.report.meta["budget"]["outcome"].startswith("held with")
+
+
+def test_integer_counts_beside_float_features_are_no_class_ids():
+    """Only a model whose outputs are class ids alone is measured by agreement: counts or lengths beside float
+    features took the budget onto them, and negated features still "agreed" 100 %."""
+    from fxforge.compiler.quality import Validation
+    counts, features = torch.tensor([1, 2, 3]), torch.randn(3, 4)
+    runs = iter([[counts, features], [counts, -features]])
+    validation = Validation([(torch.randn(3, 2),)], [(torch.randn(3, 2),)], None)
+    validation.measure(lambda *x: next(runs))
+    quality = validation.measure(lambda *x: next(runs))
+    assert quality.top1 is None and quality.cosine_min == pytest.approx(-1.0)

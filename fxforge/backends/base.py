@@ -32,7 +32,8 @@ from fxforge.compiler.trace import Signature
 
 # Format 2: what a format-1 reader would get wrong (it ignores fields it does not know): outputs that are no tensor
 # (Signature.constant_outputs), inputs the model writes into (Signature.written_inputs), a smallest batch
-# (Signature.min_batch), the zero-divisor counts a TVM library returns after the model's outputs
+# (Signature.min_batch), numbers computed from the batch size (Signature.scalar_outputs: a format-1 reader returns
+# them as 0-d tensors), the zero-divisor counts a TVM library returns after the model's outputs
 # (``Artifact.format``). An artifact without any is written as format 1.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -79,7 +80,8 @@ class Artifact(ABC):
         """The artifact format this artifact needs: the oldest whose readers read it right (a backend adds its own
         reasons)."""
         sig = self.signature
-        return FORMAT_VERSION if sig.constant_outputs or sig.written_inputs or sig.min_batch > 1 else 1
+        return FORMAT_VERSION if sig.constant_outputs or sig.written_inputs or sig.min_batch > 1 or \
+            sig.scalar_outputs else 1
 
     def describe_failure(self, e: Exception) -> str:
         """One line saying why ``run`` raised ``e``; a backend whose runtime buries the cause in a longer message

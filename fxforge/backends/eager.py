@@ -15,7 +15,7 @@ import torch.fx as fx
 from fxforge.compiler.errors import ArtifactError, first_line
 from fxforge.compiler.graph import fusion_groups, inplace_variant, views_as_reshapes
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
+from fxforge.compiler.trace import EXPORT_LOCK, SYMBOLIC_SCALARS, Signature, batch_dynamic
 
 from .base import Artifact, Backend, register_backend
 
@@ -56,7 +56,8 @@ def _for_export(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` as the program saved: its views reshapes (``views_as_reshapes``: the re-export of a T5
     encoder failed on one), and each number computed from the inputs' sizes (``x.shape[0] > 3``) returned as a 0-d
     tensor, since torch.export cannot save a symbolic bool output (``Signature.unflatten`` turns it back)."""
-    dtypes = {torch.SymInt: torch.int64, torch.SymFloat: torch.float64, torch.SymBool: torch.bool}
+    dtypes = {sym: {"int": torch.int64, "float": torch.float64, "bool": torch.bool}[kind]
+              for sym, kind in SYMBOLIC_SCALARS.items()}
     gm = copy.deepcopy(gm)
     views_as_reshapes(gm.graph)
     output = gm.graph.output_node()

@@ -285,7 +285,8 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     copied = _global_pools_as_means(fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph")).eval()
     if target is not None:
         onnx_int8.pad_conv_channels(copied, target)
-    with _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed(), EXPORT_LOCK:
+    # the lock first: the others patch process-wide state, which a thread waiting for it would save and restore wrongly
+    with EXPORT_LOCK, _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed():
         try:
             program = torch.onnx.export(_program(copied, args, signature.batched()) or copied, args, dynamo=True,
                                         opset_version=opset, dynamic_shapes=shapes, verbose=False, optimize=transformer, report=False,

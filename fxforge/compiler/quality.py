@@ -159,7 +159,7 @@ def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> floa
     if not_logits(ref):
         return None
     if not ref[0][0].is_floating_point():
-        hits = sum(int((o[0] == r[0]).sum()) for o, r in zip(outs, ref))
+        hits = sum(int((o[0] == r[0]).sum()) if o[0].shape == r[0].shape else 0 for o, r in zip(outs, ref))
     else:
         hits = sum(int((o[0].argmax(1) == r[0].argmax(1)).sum()) for o, r in zip(outs, ref))
     return hits / sum(r[0].shape[0] for r in ref)
@@ -168,8 +168,9 @@ def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> floa
 def not_logits(ref: list[list[torch.Tensor]]) -> str:
     """Why the first output of reference batches ``ref`` has no top-1 agreement, in words; "" when it has one."""
     first = [r[0] for r in ref]
-    if all(not r.is_floating_point() and not r.is_complex() and r.dim() == 1 for r in first):
-        return ""  # class ids
+    if all(not r[0].is_floating_point() and not r[0].is_complex() and r[0].dim() == 1
+           and not any(t.is_floating_point() for t in r) for r in ref):
+        return ""  # class ids, and nothing else the budget could measure (counts beside features are no classes)
     if not all(r.is_floating_point() and r.dim() == 2 for r in first):
         return (f"the first output is {str(first[0].dtype).removeprefix('torch.')} of shape {list(first[0].shape)}, "
                 "not 2-D float logits (batch × classes) or 1-D class ids")

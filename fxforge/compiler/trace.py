@@ -59,6 +59,7 @@ class TensorSpec:
 EXPORT_LOCK = threading.RLock()
 BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
+SYMBOLIC_SCALARS = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}  # a graph value's kind
 
 
 @dataclass(frozen=True)
@@ -371,9 +372,8 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _scalar_outputs(gm: fx.GraphModule) -> tuple[tuple[int, str], ...]:
     """The positions and Python types of ``gm``'s outputs that are numbers computed from symbolic sizes (a
     ``torch.SymInt``: ``x.shape[0]``). They stay graph outputs, which some backends return as 0-d tensors."""
-    symbolic = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}
-    return tuple((i, symbolic[type(v.meta.get("val"))]) for i, v in enumerate(gm.graph.output_node().args[0])
-                 if isinstance(v, fx.Node) and type(v.meta.get("val")) in symbolic)
+    return tuple((i, SYMBOLIC_SCALARS[type(v.meta.get("val"))]) for i, v in enumerate(gm.graph.output_node().args[0])
+                 if isinstance(v, fx.Node) and type(v.meta.get("val")) in SYMBOLIC_SCALARS)
 
 
 def _scalar_kind(kind: Any) -> str:
@@ -560,7 +560,8 @@ def _quiet_torch_logs():
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     stderr = sys.stderr
-    sys.stderr = _MutedForThisThread(stderr)
+    if stderr is not None:  # no stderr at all (pythonw): nothing to silence
+        sys.stderr = _MutedForThisThread(stderr)
     try:
         yield
     finally:

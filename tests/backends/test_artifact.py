@@ -105,7 +105,8 @@ def test_an_interrupt_at_the_atomic_exchange_leaves_one_whole_artifact(tmp_path,
     old_model, new_model = compiled(), compiled()
     path = old_model.save(tmp_path / "art")
     real_exchange = base._exchange
-    assert real_exchange(tmp_path / "art", tmp_path / "art")  # this file system can exchange
+    if not real_exchange(tmp_path / "art", tmp_path / "art"):
+        pytest.skip("this system or file system cannot exchange two paths atomically")
 
     def interrupted(a, b):
         if when == "after":

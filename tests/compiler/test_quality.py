@@ -36,16 +36,19 @@ def test_unit_rows_are_embeddings_without_top1():
     v = Validation.from_user([(e,)], lambda b: list(b), metric="cosine")
     q = v.measure(lambda t: t)
     assert q.top1 is None and q.metric == q.cosine_mean == pytest.approx(1.0)
-    with pytest.raises(fxforge.InputError, match="'agreement' needs a 2-D classifier output"):
+    with pytest.raises(fxforge.InputError, match="'agreement' needs classifier logits: the first output's rows are "
+                                                 "unit vectors"):
         Validation.from_user([(e,)], lambda b: list(b), metric="agreement").measure(lambda t: t)
 
 
 def test_integer_outputs_score_exact_matches():
+    """Class ids alone (a model returning its argmax) are a classifier's output: top-1 is the share of equal ids."""
     x = torch.randn(4, 3)
     v = Validation.from_user([(x,)], lambda b: list(b), metric=None)
     assert v.measure(lambda t: t.argmax(1)).cosine_min == 1.0
     q = v.measure(lambda t: (t.argmax(1) + 1) % 3)
-    assert (q.cosine_min, q.top1) == (0.0, None)
+    assert (q.cosine_min, q.top1) == (0.0, 0.0)
+    assert v.measure(lambda t: torch.where(torch.arange(4) < 1, (t.argmax(1) + 1) % 3, t.argmax(1))).top1 == 0.75
 
 
 @pytest.fixture(scope="module")
