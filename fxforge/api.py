@@ -140,9 +140,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     gm, signature, runs, uncached = _capture(model, example, static_batch)
     times["trace"] = time.perf_counter() - start
     if runs.state_changes:
-        warnings.warn(f"forward changes the model's own state ({_listed(runs.state_changes)}); the compiled model computes every call "
-                      "from the state at compile time and changes nothing (a call counter stays as it was)",
-                      UserWarning, stacklevel=2)
+        warnings.warn(f"forward changes the model's own state ({_listed(runs.state_changes)}); the compiled model "
+                      "computes every call from the state at compile time and changes nothing (a call counter stays "
+                      "as it was)", UserWarning, stacklevel=2)
     flat = tuple(signature.flatten(example))
     if calibration is not None and pick is not None:
         calibration = MappedBatches(calibration, *pick)
