@@ -26,6 +26,8 @@ import copy
 import itertools
 import json
 import math
+import numbers
+import tempfile
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
 from fxforge.api import CompiledModel, InputKey, MappedBatches, calibration_picker, compile
@@ -185,10 +188,14 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     """
     started = time.perf_counter()
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not example or not all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(example)) or \
+            not pytree.tree_leaves(example):
+        raise InputError(f"example_inputs must be a tensor or a tuple of tensors (dicts or lists of them), got "
+                         f"{type(example_inputs).__name__}")
     pick = calibration_picker(calibration_fn, input_key)
     batches = _calibration(MappedBatches(calibration, *pick) if calibration is not None and pick else calibration,
                            example)
-    _check_arguments(max_accuracy_drop, budget, Path(output_dir))
+    _check_arguments(max_accuracy_drop, budget, Path(output_dir), space)
     backend = backend or _default_backend()
     get_backend(backend)  # an unknown or missing backend fails here, before any work
     tgt = get_target(target)
@@ -284,10 +291,13 @@ class _Search:
     def _quantization_variants(self, structure: Setting, drop: float, sens: Sensitivity) -> list[Candidate]:
         """The float structure, and int8 keeping float the k_min and k_min + 1 most sensitive layers."""
         out = [Candidate(structure, drop)]
+        options = specs(structure.structure()[1:])
+        # built for the float candidate too: its FLOPs predict every candidate's latency (_predict); without int8
+        # in the space (quantize=False) it was skipped and the prediction raised a raw KeyError
+        graph = self._structural_graph(self.fused, structure, options) if options else None
         if not self.space.quantize:
             return out
-        if options := specs(structure.structure()[1:]):
-            graph = self._structural_graph(self.fused, structure, options)
+        if graph is not None:
             sens = layer_sensitivity(graph, self.batches[:self.space.sensitivity_batches], ["int8"], self.target)
         ranked = sens.changed("int8")
         rest = lambda k: drop + sens.predicted_drop("int8", ranked[k:])
@@ -403,14 +413,24 @@ def _calibration(calibration: Iterable[Any] | None, example: tuple) -> list[tupl
     return batches
 
 
-def _check_arguments(max_accuracy_drop: float, budget: int, output_dir: Path) -> None:
-    if not isinstance(max_accuracy_drop, (int, float)) or not 0 <= max_accuracy_drop < math.inf:
+def _check_arguments(max_accuracy_drop: float, budget: int, output_dir: Path, space: SearchSpace) -> None:
+    """Everything the search would otherwise find wrong only at its end (the record's directory) or deep inside."""
+    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, numbers.Real) or \
+            not 0 <= max_accuracy_drop < math.inf:
         raise InputError(f"max_accuracy_drop must be a finite number >= 0, got {max_accuracy_drop!r}")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 2:
         raise InputError(f"budget is a number of candidates >= 2 (the float and int8 references), got {budget!r}")
+    sensitivity = space.sensitivity_batches
+    if not isinstance(sensitivity, int) or isinstance(sensitivity, bool) or sensitivity < 1:
+        raise InputError(f"SearchSpace.sensitivity_batches must be an integer >= 1, got {sensitivity!r}")
     blocked = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:  # found before the search, not after it
         raise InputError(f"output_dir {output_dir} cannot be a directory: {blocked} is a file")
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists() or p == p.parent)
+    try:  # a probe, not os.access: root passes that, and a file system such as /proc still refuses
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        raise InputError(f"output_dir {output_dir} cannot be written: {existing}: {e.strerror or e}") from None
 
 
 def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:
@@ -431,9 +451,9 @@ def _score(evaluate: Evaluate, compiled: CompiledModel, passes: list[str]) -> fl
         raise
     except Exception as e:
         raise TuningError(f"evaluate failed on the pipeline {passes}: {type(e).__name__}: {e}") from e
-    if isinstance(score, torch.Tensor) and score.numel() == 1:
-        score = score.item()
-    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+    if isinstance(score, torch.Tensor) and score.numel() == 1 or getattr(score, "shape", None) == ():
+        score = score.item()  # a 0-d tensor or array, a numpy scalar
+    if not isinstance(score, numbers.Real) or isinstance(score, bool) or not math.isfinite(score):
         raise TuningError(f"evaluate must return a finite number (higher is better), got {score!r} "
                           f"for the pipeline {passes}")
     return float(score)

@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
@@ -31,6 +32,7 @@ from typing import Any, Callable, NoReturn, Sequence
 import fxforge
 from fxforge.compiler.errors import CalibrationError, FxforgeError, InputError, first_line
 from fxforge.compiler.pass_manager import VERIFY_MODES
+from fxforge.compiler.verify import ModelRuns
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -265,6 +267,12 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from fxforge.compiler.timing import measure_latency
+    save = None
+    if args.save:  # numpy adds the suffix itself: say the file it writes, and check where before running anything
+        save = Path(args.save if args.save.endswith(".npz") else f"{args.save}.npz")
+        _check_writable(save, "--save")
+        if not save.parent.is_dir():  # numpy makes no folders
+            raise InputError(f"--save {save}: no directory {save.parent}")
     artifact = fxforge.load(args.artifact)
     inputs = []
     for file in args.input:
@@ -280,10 +288,25 @@ def _run(args: argparse.Namespace) -> int:
               f"{', …' if out.numel() > 6 else ''}]")
     if artifact.target.runs_on_host:
         print(f"latency: {measure_latency(lambda *x: artifact.run(x), flat):.3f} ms (median, {artifact.backend})")
-    if args.save:
-        np.savez(args.save, *[(o.float() if o.dtype == torch.bfloat16 else o).numpy() for o in outputs])
-        print(f"outputs: {args.save}")
+    if save:
+        try:
+            np.savez(save, *[(o.float() if o.dtype == torch.bfloat16 else o).numpy() for o in outputs])
+        except OSError as e:
+            raise InputError(f"cannot write --save {save}: {e.strerror or e}") from None
+        print(f"outputs: {save}")
     return 0
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, a ``path`` to be written later whose nearest existing folder is a file or not
+    writable (the work done, the write then failed with a raw error)."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if existing != path and not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is a file, not a directory")
+    try:  # a probe, not os.access: root passes that, and a file system such as /proc still refuses
+        tempfile.TemporaryDirectory(dir=existing if existing.is_dir() else existing.parent).cleanup()
+    except OSError as e:
+        raise InputError(f"{flag} {path}: {existing} cannot be written: {e.strerror or e}") from None
 
 
 def _backend_options(pairs: list[str]) -> dict[str, Any]:
@@ -326,6 +349,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError("fxforge bench needs MODULE:FACTORY and --input-shape (or --list to see the systems)")
     if args.out and args.out.exists() and not args.out.is_dir():  # found before any timing, not after
         raise InputError(f"--out {args.out} is a file, not a directory")
+    if args.out:
+        _check_writable(args.out, "--out")
     if args.systems:
         wanted = [w.strip().replace("->", "→") for w in args.systems.split(";")]
         unknown = [w for w in wanted if w not in {s.name for s in systems}]
@@ -342,6 +367,11 @@ def _bench(args: argparse.Namespace) -> int:
         systems = [s for s in systems if s.name not in calibrated]
     model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
+    try:  # before any system is built: each would record the same failure as its row
+        ModelRuns(model).run(example)
+    except Exception as e:
+        raise InputError(f"the model does not run on the example inputs (--input-shape "
+                         f"{' '.join(args.input_shape)}, --dtype {args.dtype}): {first_line(e)}") from None
     calibration = _calibration(args.calibration) if args.calibration else []
     rows = bench_model(args.model, model, example, calibration, systems, rounds=args.rounds)
     table = markdown(rows)

@@ -165,11 +165,46 @@ class Tiny(nn.Module):
     ({"calibration": [(torch.randn(2, 5),)]}, CalibrationError, "does not match"),
     ({"evaluate": lambda m: 1 / 0}, TuningError, "ZeroDivisionError"),
     ({"evaluate": lambda m: float("nan")}, TuningError, "finite number"),
+    ({"space": SearchSpace(sensitivity_batches=0)}, InputError, "sensitivity_batches must be an integer >= 1"),
 ])
 def test_bad_arguments_get_clear_errors(kwargs, error, message, tmp_path):
     args = {"backend": "eager", "calibration": [(torch.randn(4, 4),)], "output_dir": tmp_path, **kwargs}
     with pytest.raises(error, match=message):
         fxforge.autotune(Tiny(), torch.randn(2, 4), **args)
+
+
+def test_an_example_that_is_no_tensor_is_a_named_error(tmp_path):
+    """``autotune(model, None, ...)`` raised a raw AttributeError deep in the quantization passes."""
+    with pytest.raises(InputError, match="example_inputs must be a tensor or a tuple of tensors"):
+        fxforge.autotune(Tiny(), None, backend="eager", calibration=[(torch.randn(4, 4),)], output_dir=tmp_path)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_search():
+    """The search ran to its end and then lost its result to a raw FileNotFoundError."""
+    with pytest.raises(InputError, match="output_dir /proc/fxforge_out cannot be written"):
+        fxforge.autotune(Tiny(), torch.randn(2, 4), backend="eager", calibration=[(torch.randn(4, 4),)],
+                         output_dir="/proc/fxforge_out")
+
+
+def test_numpy_scores_are_numbers():
+    """An evaluate returning ``np.float32`` was refused as "not a finite number"."""
+    import numpy as np
+    from fxforge.autotune import _score
+    assert _score(lambda c: np.float32(0.5), None, []) == 0.5
+    assert _score(lambda c: np.array(0.25), None, []) == 0.25
+
+
+def test_a_search_without_int8_measures_the_structural_settings(tmp_path):
+    """``SearchSpace(quantize=False)`` raised a raw KeyError once a structural setting survived: its FLOPs, which
+    predict every candidate's latency, were computed only where int8 was searched too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    result = fxforge.autotune(model, torch.randn(8, 16), backend="eager", calibration=[(torch.randn(8, 16),)] * 4,
+                              budget=6, max_accuracy_drop=1.0, output_dir=tmp_path,
+                              space=SearchSpace(quantize=False))
+    searched = result.candidates[2:]  # after the float and int8 references
+    assert searched and not any(any(p.startswith("insert_qdq") for p in c.passes) for c in searched)
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_the_search(tmp_path):

@@ -112,9 +112,9 @@ def test_console_script_compiles_a_model_from_the_current_directory_and_runs_the
     assert "mean cos" in done.stdout and "synthetic" not in done.stdout.split("errors:")[-1]  # --validation
     assert "the backend row times the compiled artifact" in done.stdout  # --latency
     np.save(tmp_path / "x.npy", np.ones((2, 4), dtype=np.float32))
-    ran = console("run", "art", "--input", "x.npy", "--save", "y.npz", cwd=tmp_path)
+    ran = console("run", "art", "--input", "x.npy", "--save", "y", cwd=tmp_path)  # numpy adds .npz: said so
     assert ran.returncode == 0, ran.stderr
-    assert "output 0: float32 [2, 6]" in ran.stdout and "latency:" in ran.stdout
+    assert "output 0: float32 [2, 6]" in ran.stdout and "latency:" in ran.stdout and "outputs: y.npz" in ran.stdout
     artifact = fxforge.load(tmp_path / "art")
     assert artifact.signature.dynamic_batch is False
     np.testing.assert_allclose(np.load(tmp_path / "y.npz")["arr_0"], artifact(torch.ones(2, 4)).numpy())
@@ -172,6 +172,13 @@ def test_tuning_db_and_backend_options_reach_compile(monkeypatch, tmp_path):
     (["compile", "models:Mlp", "--input-shape", "4,32", "--model-kwargs", "[1]"], "must be a JSON object"),
     (["compile", "models:Mlp", "--input-shape", "4,32", "--backend-option", "nokey"], "takes KEY=VALUE"),
     (["run", "no/such/dir", "--input", "x.npy"], "is not an fxforge artifact"),
+    # found before the work, not after it (it ran, then failed with "internal error", status 1)
+    (["run", "no/such/dir", "--input", "x.npy", "--save", "/nonexistent/dir/o.npz"],
+     "--save /nonexistent/dir/o.npz: no directory /nonexistent/dir"),
+    (["bench", "models:Mlp", "--input-shape", "4,31", "--systems", "eager"],
+     "the model does not run on the example inputs (--input-shape 4,31, --dtype float32)"),
+    (["bench", "models:Mlp", "--input-shape", "4,32", "--systems", "eager", "--out", str(Path(__file__) / "sub")],
+     "test_cli.py is a file, not a directory"),
 ])
 def test_more_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
