@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import numbers
-import tempfile
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
 from fxforge.api import CompiledModel, InputKey, MappedBatches, calibration_picker, compile
-from fxforge.backends.base import get_backend
+from fxforge.backends.base import check_writable, get_backend
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, calibration_readers
@@ -188,8 +187,8 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     """
     started = time.perf_counter()
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if not example or not all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(example)) or \
-            not pytree.tree_leaves(example):
+    leaves = pytree.tree_leaves(example)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
         raise InputError(f"example_inputs must be a tensor or a tuple of tensors (dicts or lists of them), got "
                          f"{type(example_inputs).__name__}")
     pick = calibration_picker(calibration_fn, input_key)
@@ -423,14 +422,7 @@ def _check_arguments(max_accuracy_drop: float, budget: int, output_dir: Path, sp
     sensitivity = space.sensitivity_batches
     if not isinstance(sensitivity, int) or isinstance(sensitivity, bool) or sensitivity < 1:
         raise InputError(f"SearchSpace.sensitivity_batches must be an integer >= 1, got {sensitivity!r}")
-    blocked = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
-    if blocked is not None:  # found before the search, not after it
-        raise InputError(f"output_dir {output_dir} cannot be a directory: {blocked} is a file")
-    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists() or p == p.parent)
-    try:  # a probe, not os.access: root passes that, and a file system such as /proc still refuses
-        tempfile.TemporaryDirectory(dir=existing).cleanup()
-    except OSError as e:
-        raise InputError(f"output_dir {output_dir} cannot be written: {existing}: {e.strerror or e}") from None
+    check_writable(output_dir, "output_dir")
 
 
 def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:

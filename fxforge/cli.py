@@ -24,12 +24,12 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 import fxforge
+from fxforge.backends.base import check_writable
 from fxforge.compiler.errors import CalibrationError, FxforgeError, InputError, first_line
 from fxforge.compiler.pass_manager import VERIFY_MODES
 from fxforge.compiler.verify import ModelRuns
@@ -270,9 +270,7 @@ def _run(args: argparse.Namespace) -> int:
     save = None
     if args.save:  # numpy adds the suffix itself: say the file it writes, and check where before running anything
         save = Path(args.save if args.save.endswith(".npz") else f"{args.save}.npz")
-        _check_writable(save, "--save")
-        if not save.parent.is_dir():  # numpy makes no folders
-            raise InputError(f"--save {save}: no directory {save.parent}")
+        check_writable(save, "--save", directory=False)  # numpy makes no folders
     artifact = fxforge.load(args.artifact)
     inputs = []
     for file in args.input:
@@ -295,18 +293,6 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"cannot write --save {save}: {e.strerror or e}") from None
         print(f"outputs: {save}")
     return 0
-
-
-def _check_writable(path: Path, flag: str) -> None:
-    """Refuse, before any work, a ``path`` to be written later whose nearest existing folder is a file or not
-    writable (the work done, the write then failed with a raw error)."""
-    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
-    if existing != path and not existing.is_dir():
-        raise InputError(f"{flag} {path}: {existing} is a file, not a directory")
-    try:  # a probe, not os.access: root passes that, and a file system such as /proc still refuses
-        tempfile.TemporaryDirectory(dir=existing if existing.is_dir() else existing.parent).cleanup()
-    except OSError as e:
-        raise InputError(f"{flag} {path}: {existing} cannot be written: {e.strerror or e}") from None
 
 
 def _backend_options(pairs: list[str]) -> dict[str, Any]:
@@ -347,10 +333,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if not args.model or not args.input_shape:
         raise InputError("fxforge bench needs MODULE:FACTORY and --input-shape (or --list to see the systems)")
-    if args.out and args.out.exists() and not args.out.is_dir():  # found before any timing, not after
-        raise InputError(f"--out {args.out} is a file, not a directory")
-    if args.out:
-        _check_writable(args.out, "--out")
+    if args.out:  # found before any timing, not after
+        check_writable(args.out, "--out")
     if args.systems:
         wanted = [w.strip().replace("->", "→") for w in args.systems.split(";")]
         unknown = [w for w in wanted if w not in {s.name for s in systems}]

@@ -164,6 +164,24 @@ def check_replaceable(final: Path) -> None:
                             f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}); refusing to overwrite")
 
 
+def check_writable(path: Path, what: str, directory: bool = True) -> None:
+    """Refuse, before any work, a ``path`` written at the end of it: a directory (made with its parents) or a file
+    (in a directory that exists), where a file stands in the way or the nearest existing directory cannot be
+    written. Found only at the end, the work was done and its result lost to a raw error (autotune's record,
+    ``fxforge bench --out``, ``fxforge run --save``)."""
+    blocked = next((p for p in ((path,) if directory else ()) + tuple(path.parents) if p.exists() and not p.is_dir()),
+                   None)
+    if blocked is not None:
+        raise InputError(f"{what} {path}: {blocked} is a file, not a directory")
+    existing = next(p for p in (path, *path.parents) if p.is_dir() or p == p.parent)
+    if not directory and existing != path.parent:
+        raise InputError(f"{what} {path}: no directory {path.parent}")
+    try:  # a probe, not os.access: root passes that, and a file system such as /proc still refuses
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be written: {existing}: {e.strerror or e}") from None
+
+
 def _swap_in(new: Path, final: Path) -> None:
     """Put the directory ``new`` at ``final``. An artifact already at ``final`` is exchanged with ``new`` in one
     atomic step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), so that no interrupt finds ``final``
