@@ -24,7 +24,7 @@ from fxforge.compiler.quality import Metric, Validation, flat_batches
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
-from fxforge.compiler.trace import Signature, trace
+from fxforge.compiler.trace import Signature, byte_span, trace
 from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, exact_tolerance,
                                     is_quantized)
 
@@ -295,9 +295,7 @@ def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
         return False
 
     def spans(data: Sequence[Any]) -> list[tuple[int, int]]:
-        return [(t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * st for n, st in
-                                                                          zip(t.shape, t.stride()))))
-                for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.numel()]
+        return [byte_span(t) for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.numel()]
 
     events = sorted([(start, end, 0) for start, end in spans(a)] + [(start, end, 1) for start, end in spans(b)])
     reach = [0, 0]  # the furthest end of a span of each list seen so far, in order of their starts

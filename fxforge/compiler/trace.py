@@ -360,13 +360,17 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
             a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     if a.dtype != b.dtype:
-        spans = [(t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * st for n, st in
-                                                                          zip(t.shape, t.stride()))))
-                 for t in (a, b)]
+        spans = [byte_span(t) for t in (a, b)]
         return spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
     marks = torch.zeros(a.untyped_storage().nbytes() // a.element_size(), dtype=torch.bool, device=a.device)
     marks.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
     return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset()).any())
+
+
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses [first byte, past the last byte) a non-empty tensor's elements lie in (a strided view's gaps
+    included)."""
+    return t.data_ptr(), t.data_ptr() + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
 
 
 def _scalar_outputs(gm: fx.GraphModule) -> tuple[tuple[int, str], ...]:
