@@ -7,11 +7,13 @@ Three steps, all checked against eager by the backend's artifact check:
    (MatMul/Mul/Where/Softmax/IsNaN/Where/MatMul, which no fusion recognises): q, k, v of shape [B, N, S, H]
    become [B, S, N·H] and one ``com.microsoft.MultiHeadAttention`` node computes
    ``softmax(q·kᵀ·scale + bias)·v`` per head; the layout transposes cancel against the model's own in ORT's
-   optimizer. A boolean mask m becomes the additive bias ``where(m, 0, float32.min)``; a query row with every key
-   masked then gets uniform weights where torch returns zeros, so the output is multiplied by ``max_k m`` (1 where
-   any key is visible, else 0). Keys that every query of the batch masks (a padded batch's tail) have weight exactly 0,
-   so key, value and bias are cut after the last visible key (:func:`_visible_keys`): ORT never computes their scores,
-   which its CPU softmax runs on a slow exp path (docs/quantization.md). Dropout, ``is_causal``, grouped-query heads, non-float32 or shapes with a symbolic
+   optimizer. A boolean mask m becomes the additive bias ``where(m, 0, float32.min)``, and an additive mask's −inf
+   becomes float32.min (ORT's softmax of a row of −inf is NaN); a query row with every key masked then gets uniform
+   weights where torch returns zeros, so the output is multiplied by ``max_k m`` (1 where any key is visible, else
+   0; m: the mask, or where the additive mask is not −inf). Keys that every query of the batch masks (a padded
+   batch's tail) have weight exactly 0, so key, value and bias are cut after the last visible key
+   (:func:`_visible_keys`): ORT never computes their scores, which its CPU softmax runs on a slow exp path
+   (docs/quantization.md). Dropout, ``is_causal``, grouped-query heads, non-float32 or shapes with a symbolic
    head count keep the exporter's own translation. Where q, k and v are projections of one input (self-attention,
    BERT's), the three GEMMs are packed into one of three times the width (:func:`pack_qkv`): fp32 attention without
    a cut becomes ORT's ``Attention`` (packed weight, projection inside the kernel); with a cut, the query's GEMM
@@ -116,8 +118,13 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     bsd = op.Constant(value_ints=[0, 0, heads * head])
     q, k, v = (op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), bsd) for t in (query, key, value))
     boolean = attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL
-    bias = op.Where(attn_mask, op.Constant(value_float=0.0),
-                    op.Constant(value_float=float(torch.finfo(torch.float32).min))) if boolean else attn_mask
+    lowest = op.Constant(value_float=float(torch.finfo(torch.float32).min))
+    visible = None  # 1 where the mask lets a key through, for the rows with none (below)
+    if boolean:
+        bias, visible = op.Where(attn_mask, op.Constant(value_float=0.0), lowest), attn_mask
+    elif attn_mask is not None:  # an additive mask: −inf hides a key, as float32.min does without a NaN row
+        hidden = op.IsInf(attn_mask, detect_positive=0)
+        bias, visible = op.Where(hidden, lowest, attn_mask), op.Not(hidden)
     if boolean and attn_mask.shape is not None and attn_mask.shape[-1] != 1:  # a mask per key
         k, v, bias = _visible_keys(attn_mask, k, v, bias)
     queries = shapes[0][2]
@@ -131,8 +138,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         bias = op.Expand(bias, op.Concat(one, one, rows, one, axis=0))
     out = mha(q, k, v, None, None, bias, num_heads=heads, scale=1.0 / math.sqrt(head) if scale is None else scale)
     out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head])), perm=[0, 2, 1, 3])
-    if boolean:  # rows with no visible key: zeros, as torch computes them
-        out = op.Mul(out, op.ReduceMax(op.Cast(attn_mask, to=ir.DataType.FLOAT), op.Constant(value_ints=[-1]),
+    if visible is not None:  # rows with no visible key: zeros, as torch computes them
+        out = op.Mul(out, op.ReduceMax(op.Cast(visible, to=ir.DataType.FLOAT), op.Constant(value_ints=[-1]),
                                        keepdims=1))
     return out
 
@@ -222,9 +229,16 @@ def optimize(model: onnx.ModelProto, cpu: bool = True) -> onnx.ModelProto:
     options = FusionOptions("bert")
     if cpu:
         options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = options.enable_bias_gelu = False
+    inputs = [copy.deepcopy(i) for i in model.graph.input]
     with _quiet():
-        return optimize_model(pack_qkv(model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
-                              optimization_options=options).model
+        optimized = optimize_model(pack_qkv(model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
+                                   optimization_options=options).model
+    # its pruning drops an input nothing reads (a mask a causal model ignores); the model still takes it
+    kept = {i.name: i for i in optimized.graph.input}
+    if len(kept) < len(inputs):
+        del optimized.graph.input[:]
+        optimized.graph.input.extend(kept.get(i.name, i) for i in inputs)
+    return optimized
 
 
 def pack_qkv(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -169,6 +169,22 @@ def test_boolean_mask_with_a_fully_masked_row_gives_zeros_like_torch():
         assert compare([cm(q, k, v, mask)], [Attend()(q, k, v, mask)]).max_rel < 1e-5
 
 
+def test_an_additive_mask_hiding_every_key_of_a_row_gives_zeros_like_torch():
+    """An additive mask of −inf (``masked_fill(pad, -inf)``, nn.MultiheadAttention's float key_padding_mask) where
+    a row hides every key: torch gives 0 there, ORT's softmax NaN, returned silently before."""
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[1, :, :, 3:] = float("-inf")  # padding
+    q, k, v = _qkv()
+    cm = fxforge.compile(Attend(), (q, k, v, mask), backend="onnx", fusions="transformer")
+    assert _onnx_ops(cm)["MultiHeadAttention"] == 1
+    mask[0, 0, 1] = float("-inf")  # query 1 of sample 0 sees no key
+    mask[1] = float("-inf")  # sample 1 sees nothing at all
+    out = cm(q, k, v, mask)
+    with torch.no_grad():
+        assert compare([out], [Attend()(q, k, v, mask)]).max_rel < 1e-5
+    assert torch.equal(out[0, :, 1], torch.zeros(2, 8)) and torch.equal(out[1], torch.zeros(2, 5, 8))
+
+
 class Project(nn.Module):
     """Query, key and value as linear projections of x, or key and value of y (cross-attention); y added to the
     output."""
@@ -234,6 +250,23 @@ def test_self_attention_packs_its_projections_into_one_attention(cross):
     inputs = (torch.randn(3, 5, 16), torch.randn(3, 5, 16))
     with torch.no_grad():
         assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-5
+
+
+class IgnoresItsMask(nn.Module):
+    """Causal self-attention that takes an attention mask and ignores it, as decoder wrappers do."""
+
+    def forward(self, x, mask):
+        heads = x.view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        return nn.functional.scaled_dot_product_attention(heads, heads, heads, is_causal=True).transpose(1, 2)
+
+
+def test_an_input_nothing_reads_survives_the_transformer_fusions():
+    """onnxruntime.transformers prunes graph inputs nothing reads, and the backend then refused its own model
+    ("the exported ONNX model takes 1 inputs, the graph 2")."""
+    x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.int64)
+    cm = fxforge.compile(IgnoresItsMask(), (x, mask), backend="onnx", fusions="transformer")
+    x = torch.randn(2, 5, 16)
+    assert compare([cm(x, mask)], [IgnoresItsMask()(x, mask)]).max_rel < 1e-5
 
 
 def test_causal_attention_keeps_the_exporters_translation():
