@@ -317,7 +317,10 @@ class InsertQdq(Pass):
         with gm.graph.inserting_after(q):
             dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, 1.0, 0, qmin, qmax, dtype))
         q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = meta, dict(meta)
-        tensor.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
+        # a constant read as an activation (``h @ enc.weight``, a tied head) keeps its own quantizer where a layer
+        # reads it as its weight or bias: per channel, as quantize_weight gives every weight
+        tensor.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q and not (
+            is_op(user, *WEIGHTED) and tensor in (weight_of(user), bias_of(user))))
 
     def quantize_weight(self, gm: fx.GraphModule, op: fx.Node, qmax: int) -> None:
         weight = get_tensor(gm, weight_of(op))

@@ -154,6 +154,30 @@ def test_what_cannot_be_lowered_stays_float_and_is_counted():
                                               "activations": 0, "weights": 0}
 
 
+class TiedHead(nn.Module):
+    """A layer's weight read again by a matmul: a tied embedding/decoder (``h @ enc.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return torch.relu(self.enc(x)) @ self.enc.weight
+
+
+def test_a_weight_also_read_as_an_activation_keeps_its_weight_quantizer():
+    """The matmul's pair on the shared constant took over the linear's weight argument too, and quantize_weight
+    then found no constant behind it (a raw AttributeError wrapped as a PassError, for every tied-head model)."""
+    model = TiedHead().eval()
+    calibration = [(torch.randn(16, 8),) for _ in range(8)]
+    gm, report, flat = apply(model, (torch.randn(2, 8),), ["insert_qdq", "calibrate"], calibration=calibration)
+    stats = report.row("insert_qdq").stats
+    assert stats["quantized.linear"] == 1 and stats["quantized.matmul"] == 1 and stats["weights"] == 1
+    linear = next(n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    assert "dequantize_per_channel" in str(linear.args[1].target)  # its own per-channel weight grid
+    assert error_vs_eager(gm, model, flat).max_rel < 0.05
+
+
 def test_a_float16_model_is_left_float16_and_counted():
     """A dequantize returns float32, so pairs in a float16 graph changed its output dtype (a VerificationError)."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).half()
