@@ -28,6 +28,30 @@ def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+class GraphState:
+    """What a pass can change of a graph module, recorded cheaply: the graph's text (nodes, targets, arguments) and
+    every constant a ``get_attr`` reads, by identity and version (an in-place write bumps a tensor's version). Equal
+    states: the same graph computing with the same constants. The versions of the buffers the graph writes itself
+    (a forward's ``self.calls.add_(1)``: running the graph bumps them) and of inference tensors (which keep none)
+    are not compared, only their identity; nor are writes through ``.data``, which bump no version. The pass
+    manager compares the states around a pass that says it changed nothing."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.text = str(gm.graph)
+        written = {a.target for n in gm.graph.nodes if n.op == "call_function"
+                   and getattr(getattr(n.target, "_schema", None), "is_mutable", False)
+                   for a in n.all_input_nodes if a.op == "get_attr"}
+        self.constants = [(n.target, t, None if t is None or t.is_inference() or n.target in written else t._version)
+                          for n in gm.graph.nodes if n.op == "get_attr" for t in [get_tensor(gm, n)]]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, GraphState) and self.text == other.text and len(self.constants) ==
+                len(other.constants) and all(a == c and b is d and v == w for (a, b, v), (c, d, w)
+                                             in zip(self.constants, other.constants)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def tensor_uses(gm: fx.GraphModule) -> Counter:
     """Constant target → how many uses it has across the graph (every get_attr of it counted): more than one where
     a module's parameter is read by several calls (a layer called twice, tied weights), which a pass rewriting the

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
-from .errors import VerificationError
+from .errors import VerificationError, first_line
 
 if TYPE_CHECKING:
     from .pass_manager import Pass, PassContext, PassResult
@@ -80,4 +80,5 @@ class Lint(Instrument):
         try:
             gm.graph.lint()
         except Exception as e:
-            raise VerificationError(f"pass {p.name!r} left a malformed graph: {e}{after_passes(stage.done)}") from None
+            raise VerificationError(f"pass {p.name!r} left a malformed graph: {first_line(e)}"
+                                    f"{after_passes(stage.done)}") from None

@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from .analysis.base import Analysis
 from .errors import FxforgeError, PassError, first_line
+from .graph import GraphState
 from .instruments import Instrument, Lint, Stage, Timing, after_passes
 from .report import Report, StageRecorder
 from .target import Target, get_target
@@ -415,6 +416,7 @@ class PassManager:
     @staticmethod
     def _run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, instruments: list[Instrument],
                   done: list[str]) -> PassResult:
+        before = GraphState(gm)
         try:
             result = p.run(gm, ctx)
         except Exception as e:
@@ -422,7 +424,14 @@ class PassManager:
                 instrument.failed(p, gm, ctx, e)
             if isinstance(e, FxforgeError):
                 raise
-            raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {e}{after_passes(done)}") from e
+            raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {first_line(e)}{after_passes(done)}") from e
+        if not isinstance(result, PassResult):
+            got = "None" if result is None else f"a {type(result).__name__}"
+            raise PassError(f"pass {p.name!r} returned {got}, not a PassResult{after_passes(done)}")
+        if not result.changed and not GraphState(gm) == before:
+            # the manager would skip its check and show the previous stage's error: the change would go unverified
+            raise PassError(f"pass {p.name!r} changed the graph or its constants but returned changed=False"
+                            f"{after_passes(done)}")
         if result.changed:
             gm.recompile()
         ctx.invalidate(result.preserves if result.changed else "all")

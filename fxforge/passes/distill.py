@@ -155,14 +155,15 @@ class Distill(Pass):
                     if step >= self.steps or stale >= self.patience:
                         break
         bar.close()
-        for name, value in best_state.items():
-            if name in nodes:
-                set_tensor(gm, nodes[name], value)
-        for g, (_, qs) in scales.items():
-            for q in qs:
-                set_params(q, q_params(q).scale * float(best_state[f"scale.{g}"].exp()), q_params(q).zero_point)
-        if scales:
-            refresh_bias_scales(gm)
+        if best > before:  # else the graph stays as it came, its very tensors (the pass then changed nothing)
+            for name, value in best_state.items():
+                if name in nodes:
+                    set_tensor(gm, nodes[name], value)
+            for g, (_, qs) in scales.items():
+                for q in qs:
+                    set_params(q, q_params(q).scale * float(best_state[f"scale.{g}"].exp()), q_params(q).zero_point)
+            if scales:
+                refresh_bias_scales(gm)
         metric = "agreement" if "logits" in kinds else "cosine"
         return PassResult(changed=best > before, stats={
             **stats, "steps": step, "seconds": round(time.perf_counter() - start, 2),

@@ -132,8 +132,82 @@ def test_malformed_graph_fails_lint():
             return fxforge.PassResult(changed=True)
 
     gm, flat = traced()
-    with pytest.raises(fxforge.VerificationError, match="test_dangling.*malformed"):
+    with pytest.raises(fxforge.VerificationError, match="test_dangling.*malformed") as info:
         PassManager(["test_dangling"], verify="lint").run(gm, PassContext(flat))
+    assert "\n" not in str(info.value)  # one line: fx's lint appends the whole graph
+
+
+@pytest.mark.parametrize("replacement, message", [
+    (None, "output 0 is None where eager's is a float32 tensor"),
+    (0.0, r"output 0 is a float \(0.0\) where eager's is a float32 tensor"),
+    ("drop", "it gives 0 outputs where eager gives 1"),
+    ("add", "it gives 2 outputs where eager gives 1"),
+])
+def test_a_pass_that_changes_what_the_outputs_are_is_named(replacement, message):
+    """compare() pairs the floating outputs in order, so an output turned into None or a number, or one output too
+    few or too many, passed every check (the report said error 0.0) or failed later with a raw pytree error."""
+    @fxforge.register_pass
+    class Reshaped(fxforge.Pass):
+        """Changes the graph's output list."""
+        name = "test_reshaped_outputs"
+        how: str = ""
+
+        def run(self, gm, ctx):
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            first = out.args[0][0]
+            out.args = ({"drop": (), "add": (first, first)}.get(self.how, (None if self.how == "None" else 0.0,)),)
+            return fxforge.PassResult(changed=True)
+
+    gm, flat = traced()
+    how = replacement if isinstance(replacement, str) else repr(replacement)
+    with pytest.raises(fxforge.VerificationError, match=f"'test_reshaped_outputs' changed the outputs: {message}"):
+        PassManager([f"test_reshaped_outputs{{how={how!r}}}"]).run(gm, PassContext(flat))
+
+
+def test_a_pass_that_changes_the_graph_but_says_unchanged_is_named():
+    """The manager skips the check of an unchanged stage and states the previous stage's error: a pass doubling the
+    output and returning changed=False was accepted before an approximate pass, its row stating error 0.0."""
+    @fxforge.register_pass
+    class Liar(Scale):
+        """Scales the output and says it did nothing."""
+        name = "test_liar"
+        exact = True
+
+        def run(self, gm, ctx):
+            super().run(gm, ctx)
+            return fxforge.PassResult(changed=False)
+
+    @fxforge.register_pass
+    class InPlace(fxforge.Pass):
+        """Doubles a weight in place and says it did nothing."""
+        name = "test_in_place"
+
+        def run(self, gm, ctx):
+            weight = next(get_tensor(gm, n) for n in gm.graph.nodes if get_tensor(gm, n) is not None)
+            with torch.no_grad():
+                weight.mul_(2)
+            return fxforge.PassResult(changed=False)
+
+    for name in ("test_liar", "test_in_place"):
+        gm, flat = traced()
+        with pytest.raises(fxforge.PassError, match=f"'{name}' changed the graph or its constants but returned "
+                                                    "changed=False"):
+            PassManager([name, "test_scale"]).run(gm, PassContext(flat))
+
+
+@pytest.mark.parametrize("returned, word", [(None, "None"), (True, "a bool"), ({"changed": True}, "a dict")])
+def test_a_pass_returning_something_else_than_a_pass_result_is_named(returned, word):
+    @fxforge.register_pass
+    class Forgets(fxforge.Pass):
+        """Returns the wrong thing (a forgotten ``return`` gives None)."""
+        name = "test_forgets"
+
+        def run(self, gm, ctx):
+            return returned
+
+    gm, flat = traced()
+    with pytest.raises(fxforge.PassError, match=f"pass 'test_forgets' returned {word}, not a PassResult"):
+        PassManager(["test_forgets"]).run(gm, PassContext(flat))
 
 
 def test_order_constraint_is_enforced():
@@ -219,11 +293,12 @@ def test_crashing_pass_becomes_pass_error():
         name = "test_crashes"
 
         def run(self, gm, ctx):
-            raise KeyError("boom")
+            raise KeyError("boom\nthe rest of a long message")
 
     gm, flat = traced()
-    with pytest.raises(fxforge.PassError, match="'test_crashes' failed: KeyError.*after: fold_constants"):
+    with pytest.raises(fxforge.PassError, match="'test_crashes' failed: KeyError.*boom.*after: fold_constants") as e:
         PassManager(["fold_constants", "test_crashes"]).run(gm, PassContext(flat))
+    assert "\n" not in str(e.value)
 
 
 def test_report_has_a_row_per_pass_with_sizes_and_flops():
