@@ -512,8 +512,8 @@ class _References:
 
 
 def _batch_size(args: tuple) -> int | None:
-    first = pytree.tree_leaves(args)[0]
-    return first.shape[0] if first.dim() else None
+    """Dimension 0 of the first input that has one: the batch size (a leading 0-d input, a scale, has none)."""
+    return next((t.shape[0] for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim()), None)
 
 
 def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.export.ExportedProgram:

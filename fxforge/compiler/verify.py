@@ -14,6 +14,8 @@ import collections
 import copy
 import enum
 import functools
+import math
+import numbers
 import re
 import types
 from dataclasses import dataclass
@@ -43,13 +45,19 @@ CHECK_SEED = 20240917  # the numeric check's first batch (and the passes' record
 
 
 def random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A fresh input like ``t``: normal floats, random booleans, integers drawn from the values ``t`` holds. Not
-    from the range between its extremes: a signed divisor that is never 0 in the example would be 0 somewhere in a
-    fresh batch, and the model itself would raise (ZeroDivisionError) on inputs fxforge made up."""
+    """A fresh input like ``t``: normal floats (folded to the example's sign where every value of it has one: an
+    image in [0, 1], a positive quantity whose log or square root the model takes, where half the values of a
+    normal would make the reference NaN and the check compare nothing), random booleans, integers drawn from the
+    values ``t`` holds. Not from the range between its extremes: a signed divisor that is never 0 in the example
+    would be 0 somewhere in a fresh batch, and the model itself would raise (ZeroDivisionError) on inputs fxforge
+    made up."""
     if t.dtype == torch.bool:
         return torch.randint(0, 2, t.shape, generator=generator).bool()
     if t.is_floating_point():
-        return torch.randn(t.shape, generator=generator, dtype=t.dtype)
+        x = torch.randn(t.shape, generator=generator, dtype=t.dtype)
+        if t.numel() > 1 and not t.isnan().any():
+            x = x.abs() if bool((t >= 0).all()) else -x.abs() if bool((t <= 0).all()) else x
+        return x
     values = t.flatten()
     if not values.numel():
         return t.clone()
@@ -142,11 +150,14 @@ def _finite_matched(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def discrete_mismatch(outputs: Sequence[Any], reference: Sequence[Any], values: bool = True) -> str:
-    """What :func:`compare` does not measure: "" when every output has its reference's dtype and shape and (with
-    ``values``) every non-floating one (an argmax, a mask, token ids) its exact values; else the first difference,
-    in words. compare's errors are over the floating outputs only, so a wrong integer output beside a float one
-    would pass unseen."""
-    for k, (o, r) in enumerate(zip(_tensors(outputs), _tensors(reference))):
+    """What :func:`compare` does not measure: "" when there are as many tensor outputs as in the reference, each with
+    its reference's dtype and shape and (with ``values``) every non-floating one (an argmax, a mask, token ids) with
+    its exact values; else the first difference, in words. compare's errors are over the floating outputs only,
+    pairing them in order, so a wrong integer output beside a float one, or one output too few, would pass unseen."""
+    outputs, reference = _tensors(outputs), _tensors(reference)
+    if len(outputs) != len(reference):
+        return f"it gives {_count(outputs)} where eager gives {len(reference)}"
+    for k, (o, r) in enumerate(zip(outputs, reference)):
         if o.dtype != r.dtype:
             return f"output {k} is {str(o.dtype).removeprefix('torch.')} where eager's is " \
                    f"{str(r.dtype).removeprefix('torch.')}"
@@ -157,10 +168,46 @@ def discrete_mismatch(outputs: Sequence[Any], reference: Sequence[Any], values: 
     return ""
 
 
+def changed_outputs(outputs: Sequence[Any], reference: Sequence[Any], values: bool = True) -> str:
+    """:func:`discrete_mismatch` over a graph's whole output list against another graph's, the numeric check's
+    comparison of two stages: also the outputs that are no tensor (a number from the shapes, None) must stay what
+    they were, so a pass that turns an output into None or a constant is named (compare sees tensors only, and the
+    report said error 0.0)."""
+    outputs, reference = _flat(outputs), _flat(reference)
+    if len(outputs) != len(reference):
+        return f"it gives {_count(outputs)} where eager gives {len(reference)}"
+    for k, (o, r) in enumerate(zip(outputs, reference)):
+        if isinstance(o, torch.Tensor) != isinstance(r, torch.Tensor):
+            return f"output {k} is {_kind(o)} where eager's is {_kind(r)}"
+        if values and not isinstance(r, torch.Tensor) and not _same_number(o, r):
+            return f"output {k} is {o!r} where eager's is {r!r}"
+    return discrete_mismatch(outputs, reference, values)
+
+
 def _tensors(values: Any) -> list[torch.Tensor]:
-    if isinstance(values, torch.Tensor):
-        return [values]
-    return [v for v in values if isinstance(v, torch.Tensor)]
+    return [v for v in _flat(values) if isinstance(v, torch.Tensor)]
+
+
+def _flat(values: Any) -> list[Any]:
+    return [values] if isinstance(values, torch.Tensor) else list(values)
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    """Two non-tensor outputs (None, a number from the shapes) alike: floats to rounding, NaN matching NaN as
+    :func:`compare` matches it, everything else equal."""
+    if isinstance(a, float) or isinstance(b, float):
+        return (a != a and b != b) or (isinstance(a, numbers.Real) and isinstance(b, numbers.Real)
+                                       and math.isclose(a, b, rel_tol=1e-6))
+    return bool(a == b)
+
+
+def _count(outputs: Sequence[Any]) -> str:
+    return f"{len(outputs)} output{'s' * (len(outputs) != 1)}"
+
+
+def _kind(value: Any) -> str:
+    return f"a {str(value.dtype).removeprefix('torch.')} tensor" if isinstance(value, torch.Tensor) else \
+        f"{value!r}" if value is None else f"a {type(value).__name__} ({value!r})"
 
 
 class _Recorder(fx.Interpreter):
@@ -216,7 +263,7 @@ class NumericCheck(Instrument):
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], passes: Sequence[Any],
                  sample: bool = False, model: Any = None) -> None:
         self.inputs = fresh_inputs(example_inputs)
-        self.tolerance = exact_tolerance(example_inputs)
+        self.tolerance = exact_tolerance(gm)
         self.every: dict[str, torch.Tensor] = {}  # the last run's every node output: its shapes (Shapes.from_values)
         self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
         self.prev_out = self.reference
@@ -282,10 +329,10 @@ class NumericCheck(Instrument):
         numbers."""
         self.every = {}
         out, values = run_recording(gm, self.inputs, self.every)
-        step = compare(out, self.prev_out)
-        if mismatch := discrete_mismatch(out, self.prev_out, values=p.exact):
+        if mismatch := changed_outputs(out, self.prev_out, values=p.exact):
             raise VerificationError(f"{'exact' if p.exact else 'approximate'} pass {p.name!r} changed the outputs: "
                                     f"{mismatch}; passes before it: {', '.join(done) or 'none'}")
+        step = compare(out, self.prev_out)
         if p.exact and not step.max_rel <= self.tolerance:
             where = first_divergence(values, self.prev_values, self.tolerance) or \
                 diverging_output(gm, out, self.prev_out, self.tolerance)
@@ -322,10 +369,13 @@ def clone_inputs(args: Any) -> Any:
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args)
 
 
-def exact_tolerance(inputs: Sequence[Any]) -> float:
-    """EXACT_TOLERANCE, widened for half-precision inputs: another kernel's summation order moves a float16
-    result by a few units of its last place (eps 1e-3; bfloat16 8e-3), not float32's 1e-7."""
-    eps = [torch.finfo(t.dtype).eps for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+def exact_tolerance(gm: fx.GraphModule) -> float:
+    """EXACT_TOLERANCE, widened where the graph computes in half precision: another kernel's summation order moves
+    a float16 result by a few units of its last place (eps 1e-3; bfloat16 8e-3), not float32's 1e-7. What the
+    graph's ops compute decides, not the inputs' dtypes: a bfloat16 side input cast to float32 at once leaves every
+    op in float32, and widening for it let an exact pass 5 % wrong through on a float32 model."""
+    eps = [torch.finfo(v.dtype).eps for n in gm.graph.nodes if n.op == "call_function"
+           for v in [n.meta.get("val")] if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return max([EXACT_TOLERANCE, *(8 * e for e in eps)])
 
 
@@ -492,24 +542,28 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     fresh += _other_batch(getattr(artifact, "signature", None), flat, model, spec)
     errors: list[Error] = []
     vs_graph = graph_vs_model = 0.0
-    mismatch, quantized = "", is_quantized(gm)
+    quantized = is_quantized(gm)
     for key, x, graph in (("example", tuple(flat), None), *fresh):
         inputs = example if key == "example" else pytree.tree_unflatten(list(x), spec)
         want = model.outputs(key, inputs)
         with torch.no_grad():
             got = pytree.tree_leaves(artifact(*inputs))
             graph = graph if graph is not None else list(gm(*pytree.tree_leaves(inputs)))
+        where = f"at batch {key[1]}" if isinstance(key, tuple) and key[0] == "batch" else \
+            "on the example" if key == "example" else "on fresh inputs"
+        # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold
+        if mismatch := discrete_mismatch(got, graph, values=not quantized):
+            raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled {where}: "
+                                    f"{mismatch}; pass verify='off' to accept it anyway")
+        if mismatch := discrete_mismatch(got, want, values=False):  # the graph too: a pass wrong at that batch
+            raise VerificationError(f"the compiled model differs from your model {where}: {mismatch}"
+                                    f"{STATIC_BATCH_HINT if where.startswith('at batch') else ''}")
         errors.append(compare(got, want))
-        mismatch = mismatch or discrete_mismatch(got, graph, values=not quantized)
         vs_graph = max(vs_graph, compare(got, graph).max_rel)
         graph_vs_model = max(graph_vs_model, compare(graph, want).max_rel)
-    if mismatch:  # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold
-        raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled: {mismatch} "
-                                "(on the example or fresh inputs, or at another batch size); pass verify='off' to "
-                                "accept it anyway")
     worst = _worst(errors)  # what the bounds below check
     stated = worst if exact else _worst([errors[0], error_bound(errors[1:])])
-    exact_bound = exact_tolerance(pytree.tree_leaves(example))
+    exact_bound = exact_tolerance(gm)
     if quantized:
         bound = QUANTIZED_LOWERING_FACTOR * graph_vs_model + QUANTIZED_LOWERING_TOLERANCE
         if not worst.max_rel <= bound:
@@ -528,22 +582,36 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     return stated
 
 
+# a graph right at its example's batch and wrong at another (a squeeze of the batch, a pass wrong there)
+STATIC_BATCH_HINT = " (static_batch=True compiles for the example's batch size alone)"
+
+
 def _other_batch(signature: Any, flat: Sequence[torch.Tensor], model: ModelRuns, spec: Any) -> list[tuple]:
-    """For a dynamic batch, one fresh input set at the example's batch size + 1: every other check runs at the
-    example's shapes, and a backend can be right there and wrong at another batch (TVM lowered ``x[:1].expand(B, 4)``
-    and ``x.squeeze(0)`` compiled from a batch of 1 for that batch alone). Nothing when the model itself fails at that
-    batch (its own limit, not the artifact's)."""
+    """For a dynamic batch, one fresh input set at the example's batch size + 1, and one at the smallest batch the
+    signature accepts where that is below the example's: every other check runs at the example's shapes, and a
+    backend can be right there and wrong at another batch (TVM lowered ``x[:1].expand(B, 4)`` and ``x.squeeze(0)``
+    compiled from a batch of 1 for that batch alone; a graph exported at batch 2 fixes a ``squeeze()``'s axes, so
+    ONNX returned [1, 5] at batch 1 where eager squeezes the batch away too and returns [5]). None at a size where
+    the model itself fails (its own limit, not the artifact's)."""
     if signature is None or not signature.dynamic_batch:
         return []
     batched = signature.batched()
-    size = next(t.shape[0] for t, b in zip(flat, batched) if b) + 1
-    grown = [torch.cat([t, t[:1]]) if b else t for t, b in zip(flat, batched)]  # values like the example's
-    inputs = fresh_inputs(grown, BACKEND_SEED + 1)
-    try:
-        model.outputs(("batch", size), pytree.tree_unflatten(list(inputs), spec))
-    except Exception:
+    if not any(batched):  # no input has the batch dimension (every one 0-d)
         return []
-    return [(("batch", size), inputs, None)]
+    size = next(t.shape[0] for t, b in zip(flat, batched) if b)
+    grown = [torch.cat([t, t[:1]]) if b else t for t, b in zip(flat, batched)]  # values like the example's
+    smallest = [t[:signature.min_batch] if b else t for t, b in zip(flat, batched)]
+    checked = []
+    for batch, like, seed in ((size + 1, grown, BACKEND_SEED + 1), (signature.min_batch, smallest, BACKEND_SEED + 2)):
+        if batch == size or (batch == signature.min_batch and batch > size):
+            continue
+        inputs = fresh_inputs(like, seed)
+        try:
+            model.outputs(("batch", batch), pytree.tree_unflatten(list(inputs), spec))
+        except Exception:
+            continue
+        checked.append((("batch", batch), inputs, None))
+    return checked
 
 
 def is_quantized(gm: fx.GraphModule) -> bool:

@@ -34,6 +34,26 @@ def test_dynamic_batch_runs_other_batch_sizes():
         assert torch.allclose(gm(x)[0], model(x), atol=1e-6)
 
 
+class ScaledBy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, t, x):
+        return self.fc(x) * t
+
+
+def test_a_leading_0d_input_leaves_the_batch_to_the_next_input():
+    """The batch size was read from the first input alone: a 0-d one made no input batched under a dynamic
+    signature, and compile raised a raw StopIteration."""
+    model = ScaledBy().eval()
+    cm = fxforge.compile(model, (torch.tensor(2.0), torch.randn(2, 4)), passes=["fuse"], backend="eager")
+    assert cm.signature.inputs[0].shape == () and cm.signature.inputs[1].shape == (None, 4)
+    t, x = torch.tensor(-0.5), torch.randn(5, 4)
+    with torch.no_grad():
+        assert compare([cm(t, x)], [model(t, x)]).max_rel < 1e-5
+
+
 class VarArgs(nn.Module):
     def __init__(self):
         super().__init__()

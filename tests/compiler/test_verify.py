@@ -98,8 +98,8 @@ def test_a_wrong_integer_output_beside_a_right_float_one_is_an_error(monkeypatch
     ``i[:, -1]``, found so) passed the check while its logits were right."""
     run = EagerArtifact.run
     monkeypatch.setattr(EagerArtifact, "run", lambda self, inputs: (run(self, inputs)[0], run(self, inputs)[1] + 1))
-    with pytest.raises(VerificationError, match=r"the eager artifact differs from the graph it compiled: "
-                                                r"torch\.int64-valued output 1 differs in 2 of 2 elements"):
+    with pytest.raises(VerificationError, match=r"the eager artifact differs from the graph it compiled on the "
+                                                r"example: torch\.int64-valued output 1 differs in 2 of 2 elements"):
         fxforge.compile(LogitsAndClass().eval(), (torch.randn(2, 4),), measure_latency=False)
 
 
@@ -153,6 +153,28 @@ def test_a_dynamic_batch_artifact_is_checked_at_another_batch_size_too():
         check_artifact(artifact, ModelRuns(model), cm.artifact.gm, (x,), exact=True)
     static = OnlyAtOne(cm.artifact.gm, cm.signature.with_static_batch((x,), "static"), cm.artifact.target, {})
     check_artifact(static, ModelRuns(model), cm.artifact.gm, (x,), exact=True)  # one batch size: nothing else
+
+
+class SqueezedHead(nn.Module):
+    """The common head ``fc(pool(y).squeeze())``: at batch 1 eager squeezes the batch away too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_avg_pool2d(self.conv(x), 1).squeeze())
+
+
+def test_a_shape_the_artifact_gets_wrong_below_the_examples_batch_is_an_error():
+    """Exported at batch 2, the squeeze's axes are fixed: ONNX returned [1, 5] at batch 1 where eager returns [5],
+    and the check ran at the example's batch and one more only. It now runs at the smallest batch too."""
+    with pytest.raises(VerificationError, match=r"the onnx artifact differs from the graph it compiled at batch 1: "
+                                                r"output 0 has shape \[1, 5\] where eager's has \[5\]"):
+        fxforge.compile(SqueezedHead().eval(), (torch.randn(2, 3, 8, 8),), backend="onnx", measure_latency=False)
+    cm = fxforge.compile(SqueezedHead().eval(), (torch.randn(2, 3, 8, 8),), backend="onnx", static_batch=True,
+                         measure_latency=False)
+    assert cm(torch.randn(2, 3, 8, 8)).shape == (2, 5)
 
 
 class CountsInBuffer(nn.Module):
@@ -259,9 +281,9 @@ def test_model_runs_under_inference_mode_copy_anew_since_inference_tensors_keep_
 
 def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_computed_them():
     """An approximate pipeline's numeric check leaves the last graph's outputs on its other bound batches in
-    gm.meta; the artifact check compares on those batches without running the graph again (3 graph runs: the example,
-    the batch no pass saw and one of another batch size, instead of 10), and runs it on batches of its own once the
-    graph's code changed."""
+    gm.meta; the artifact check compares on those batches without running the graph again (4 graph runs: the example,
+    the batch no pass saw and two of other batch sizes, one more and the smallest, instead of 11), and runs it on
+    batches of its own once the graph's code changed."""
     from fxforge.backends.base import get_backend
     from fxforge.compiler.pass_manager import PassContext, PassManager
     from fxforge.compiler.target import get_target
@@ -283,7 +305,7 @@ def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_comp
     forward = gm.forward
     gm.forward = lambda *a: calls.append(1) or forward(*a)
     reused = check_artifact(artifact, runs, gm, (x,), exact=False)
-    assert len(calls) == 3 and BOUND_OUTPUTS not in gm.meta  # read once, then dropped
+    assert len(calls) == 4 and BOUND_OUTPUTS not in gm.meta  # read once, then dropped
     assert 0 < reused.max_rel < float("inf") and reused.cosine > 0
     gm.meta[BOUND_OUTPUTS] = (code, known)
     gm.graph.call_function(torch.ops.aten.relu.default, (next(iter(gm.graph.nodes)),))  # unused: same outputs,
@@ -291,7 +313,7 @@ def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_comp
     gm.forward = lambda *a: calls.append(1) or forward(*a)
     calls.clear()
     check_artifact(artifact, runs, gm, (x,), exact=False)
-    assert len(calls) == 2 + BOUND_BATCHES  # stale outputs are not read: the graph runs on its own batches
+    assert len(calls) == 3 + BOUND_BATCHES  # stale outputs are not read: the graph runs on its own batches
 
 
 def test_model_runs_copy_anew_when_an_attribute_cannot_be_recorded():
@@ -416,3 +438,31 @@ def test_an_output_zero_up_to_rounding_is_no_verification_error(passes, backend)
     passes): valid compiles failed."""
     fxforge.compile(CentredToo().eval(), (torch.randn(2, 3, 16, 16),), passes=passes, backend=backend,
                     measure_latency=False)
+
+
+class SideInput(nn.Module):
+    """A float32 model with a bfloat16 side input it casts to float32 at once."""
+
+    def forward(self, x, mask):
+        return x * mask.float() + 1
+
+
+def test_the_exact_tolerance_follows_what_the_graph_computes_not_the_inputs_dtypes():
+    """One bfloat16 side input widened a float32 model's exact tolerance to 6.25 % (an exact pass 5 % wrong went
+    through); a graph computing in float16 still gets the wider one."""
+    from fxforge.compiler.trace import trace
+    from fxforge.compiler.verify import EXACT_TOLERANCE, exact_tolerance
+    gm, _ = trace(SideInput(), (torch.randn(2, 4), torch.ones(2, 4, dtype=torch.bfloat16)))
+    assert exact_tolerance(gm) == EXACT_TOLERANCE
+    half = nn.Linear(4, 4).half()
+    gm, _ = trace(half, (torch.randn(2, 4, dtype=torch.float16),))
+    assert exact_tolerance(gm) == 8 * torch.finfo(torch.float16).eps
+
+
+def test_fresh_float_inputs_keep_the_sign_every_value_of_the_example_has():
+    """A model taking the log of a positive input gave NaN on half of every N(0, 1) batch, where NaN matches NaN:
+    the checks compared nothing there."""
+    from fxforge.compiler.verify import fresh_inputs
+    positive, negative, mixed = torch.rand(4, 8), -torch.rand(4, 8), torch.randn(4, 8)
+    p, n, m = fresh_inputs([positive, negative, mixed])
+    assert (p >= 0).all() and (n <= 0).all() and (m < 0).any() and (m > 0).any()
