@@ -13,8 +13,9 @@ Three steps, all checked against eager by the backend's artifact check:
    0; m: the mask, or where the additive mask is not −inf). Keys that every query of the batch masks (a padded
    batch's tail) have weight exactly 0, so key, value and bias are cut after the last visible key
    (:func:`_visible_keys`): ORT never computes their scores, which its CPU softmax runs on a slow exp path
-   (docs/quantization.md). Dropout, ``is_causal``, grouped-query heads, non-float32 or shapes with a symbolic
-   head count keep the exporter's own translation. Where q, k and v are projections of one input (self-attention,
+   (docs/quantization.md). Dropout, ``is_causal``, grouped-query heads, non-float32, a mask broadcast over the keys
+   ([B, 1, S_q, 1]: the kernel's bias needs a column per key) or shapes with a symbolic head count keep the
+   exporter's own translation, whose rows with no visible key are zeroed the same way. Where q, k and v are projections of one input (self-attention,
    BERT's), the three GEMMs are packed into one of three times the width (:func:`pack_qkv`): fp32 attention without
    a cut becomes ORT's ``Attention`` (packed weight, projection inside the kernel); with a cut, the query's GEMM
    reads every row and one packed GEMM of key and value only the rows the cut keeps (the padded keys are never
@@ -103,32 +104,50 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     from onnxscript import ir
     from onnxscript import opset18 as op
     from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
-    from onnxscript.values import Op, Opset
 
     shapes = [v.shape for v in (query, key, value)]
-    plain = (dropout_p == 0.0 and not is_causal and not enable_gqa and query.dtype == ir.DataType.FLOAT
+    keys = shapes[1][2] if shapes[1] is not None and len(shapes[1]) == 4 else None
+    # MultiHeadAttention takes a bias with a column per key: a mask broadcast over the keys ([B, 1, S_q, 1]) is not one
+    per_key = attn_mask is None or (attn_mask.shape is not None and attn_mask.shape[-1] != 1) or keys == 1
+    plain = (dropout_p == 0.0 and not is_causal and not enable_gqa and query.dtype == ir.DataType.FLOAT and per_key
              and all(s is not None and len(s) == 4 and isinstance(s[1], int) and isinstance(s[3], int)
                      for s in shapes)
              and len({(s[1], s[3]) for s in shapes}) == 1)
-    if not plain:
-        return aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                 enable_gqa)
+    boolean = attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL
+    mask_shape = None if attn_mask is None else attn_mask.shape  # (the Where below has none known)
+    lowest = op.Constant(value_float=float(torch.finfo(torch.float32).min))
+    visible = None  # where the mask lets a key through, for the rows with none (below)
+    if boolean:
+        visible = attn_mask
+    elif attn_mask is not None and attn_mask.dtype == ir.DataType.FLOAT:
+        # an additive mask: −inf hides a key, as float32.min does without making a row of −inf NaN
+        hidden = op.IsInf(attn_mask, detect_positive=0)
+        attn_mask, visible = op.Where(hidden, lowest, attn_mask), op.Not(hidden)
+    if plain:
+        out = _multi_head_attention(query, key, value, shapes, attn_mask, mask_shape, boolean, lowest, scale)
+    else:
+        out = aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                enable_gqa)
+    if visible is not None:  # rows with no visible key: zeros, as torch computes them
+        out = op.Mul(out, op.ReduceMax(op.Cast(visible, to=query.dtype), op.Constant(value_ints=[-1]), keepdims=1))
+    return out
+
+
+def _multi_head_attention(query, key, value, shapes, attn_mask, mask_shape, boolean, lowest, scale):
+    """One ``com.microsoft.MultiHeadAttention`` for q, k, v [B, N, S, H] and a float32 or boolean mask of
+    ``mask_shape`` (module doc)."""
+    from onnxscript import opset18 as op
+    from onnxscript.values import Op, Opset
+
     heads, head = shapes[0][1], shapes[0][3]
     mha = Op(Opset("com.microsoft", 1), "MultiHeadAttention", MHA_SCHEMA)
     bsd = op.Constant(value_ints=[0, 0, heads * head])
     q, k, v = (op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), bsd) for t in (query, key, value))
-    boolean = attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL
-    lowest = op.Constant(value_float=float(torch.finfo(torch.float32).min))
-    visible = None  # 1 where the mask lets a key through, for the rows with none (below)
-    if boolean:
-        bias, visible = op.Where(attn_mask, op.Constant(value_float=0.0), lowest), attn_mask
-    elif attn_mask is not None:  # an additive mask: −inf hides a key, as float32.min does without a NaN row
-        hidden = op.IsInf(attn_mask, detect_positive=0)
-        bias, visible = op.Where(hidden, lowest, attn_mask), op.Not(hidden)
-    if boolean and attn_mask.shape is not None and attn_mask.shape[-1] != 1:  # a mask per key
+    bias = op.Where(attn_mask, op.Constant(value_float=0.0), lowest) if boolean else attn_mask
+    if boolean and mask_shape is not None and mask_shape[-1] != 1:  # a mask per key
         k, v, bias = _visible_keys(attn_mask, k, v, bias)
     queries = shapes[0][2]
-    if attn_mask is not None and _without_query_rows(attn_mask.shape) and queries != 1:
+    if attn_mask is not None and _without_query_rows(mask_shape) and queries != 1:
         # MultiHeadAttention takes a bias [B or 1, N or 1, S_q, S_k] only; a key-padding mask [B, 1, 1, S_k] (or a
         # 2-D or 3-D one) is broadcast over the queries first, as torch broadcasts it (a constant shape where S_q is
         # known: a computed one kept onnxruntime.transformers from fusing the graph)
@@ -137,11 +156,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
             op.Slice(op.Shape(query), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
         bias = op.Expand(bias, op.Concat(one, one, rows, one, axis=0))
     out = mha(q, k, v, None, None, bias, num_heads=heads, scale=1.0 / math.sqrt(head) if scale is None else scale)
-    out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head])), perm=[0, 2, 1, 3])
-    if visible is not None:  # rows with no visible key: zeros, as torch computes them
-        out = op.Mul(out, op.ReduceMax(op.Cast(visible, to=ir.DataType.FLOAT), op.Constant(value_ints=[-1]),
-                                       keepdims=1))
-    return out
+    return op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head])), perm=[0, 2, 1, 3])
 
 
 def _without_query_rows(shape) -> bool:

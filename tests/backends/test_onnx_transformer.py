@@ -185,6 +185,35 @@ def test_an_additive_mask_hiding_every_key_of_a_row_gives_zeros_like_torch():
     assert torch.equal(out[0, :, 1], torch.zeros(2, 8)) and torch.equal(out[1], torch.zeros(2, 5, 8))
 
 
+class GroupedQuery(nn.Module):
+    def forward(self, q, k, v, mask):
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_the_exporters_translation_zeroes_rows_with_no_visible_key_too():
+    """Grouped-query heads keep the exporter's translation, which gave a fully padded sequence weights of its own
+    (0.73 relative off, silently); its rows are now zeroed as MultiHeadAttention's are."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8)
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    cm = fxforge.compile(GroupedQuery(), (q, k, v, mask), backend="onnx", fusions="transformer")
+    mask[1] = False  # a sequence of padding alone
+    with torch.no_grad():
+        assert compare([cm(q, k, v, mask)], [GroupedQuery()(q, k, v, mask)]).max_rel < 1e-5
+
+
+def test_a_mask_broadcast_over_the_keys_keeps_the_exporters_translation():
+    """MultiHeadAttention's bias needs a column per key: a mask [B, 1, S_q, 1] made the session refuse its inputs."""
+    q, k, v = _qkv()
+    mask = torch.zeros(2, 1, 5, 1)
+    mask[1, :, 2:] = -1.5  # a bias per query (the same for every key: softmax ignores it, as torch does)
+    cm = fxforge.compile(Attend(), (q, k, v, mask), backend="onnx", fusions="transformer")
+    assert "MultiHeadAttention" not in _onnx_ops(cm)
+    with torch.no_grad():
+        assert compare([cm(q, k, v, mask)], [Attend()(q, k, v, mask)]).max_rel < 1e-5
+
+
 class Project(nn.Module):
     """Query, key and value as linear projections of x, or key and value of y (cross-attention); y added to the
     output."""
