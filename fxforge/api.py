@@ -194,7 +194,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()
     report.meta["checked"] = checks_made(verify, all(r.exact for r in report.rows), is_quantized(gm), artifact.backend,
                                          tgt.runs_on_host, exact_tolerance(gm), report.meta.get(SAMPLED_OUT, ()),
-                                         artifact.signature.dynamic_batch)
+                                         artifact.signature.dynamic_batch, checked is not None)
     report.meta["compile_s"] = {k: round(v, 2) for k, v in times.items()}  # where compile time went
     if uncached:
         report.meta["use_cache"] = (f"False for {', '.join(uncached)}: transformers' KV cache (an output torch.export "

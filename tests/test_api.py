@@ -338,7 +338,8 @@ def test_the_report_says_what_was_checked():
                for v in ("numerics", "lint", "off")}
     assert "exact passes within 0.0001" in checked["numerics"]
     assert "eager artifact against the graph and your model on the example inputs and 1 fresh batch, and one fresh " \
-        "batch of the example's batch size + 1" in checked["numerics"] and "of your model" in checked["numerics"]
+        "batch each of the example's batch size + 1 and of the smallest" in checked["numerics"] \
+        and "of your model" in checked["numerics"]
     assert "no output compared" in checked["lint"] and checked["off"].startswith("nothing (verify='off')")
     calibration = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
     cm = fxforge.compile(model, (x,), passes="int8", calibration=calibration, max_drop=math.inf)

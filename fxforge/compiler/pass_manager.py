@@ -27,7 +27,7 @@ from .graph import GraphState
 from .instruments import Instrument, Lint, Stage, Timing, after_passes
 from .report import Report, StageRecorder
 from .target import Target, get_target
-from .verify import NumericCheck
+from .verify import NumericCheck, ValidationCheck
 
 A = TypeVar("A")
 Preserved = frozenset[type[Analysis]] | Literal["all", "none"]
@@ -395,7 +395,8 @@ class PassManager:
         numeric = [NumericCheck(gm, ctx.example_inputs, self.passes, sample=self.verify == "numerics",
                                 model=ctx.model_outputs)] if self.verify in NUMERIC_MODES else []
         instruments = [Timing(), *([Lint()] if self.verify != "off" else []), *numeric,
-                       StageRecorder(report, self.measure_latency), *self.extra_instruments]
+                       StageRecorder(report, self.measure_latency),
+                       *([ValidationCheck(gm)] if numeric else []), *self.extra_instruments]
         done: list[str] = []
         for p in (None, *self.passes):
             ctx._gm = gm

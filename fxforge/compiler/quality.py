@@ -69,6 +69,8 @@ class Validation:
     def __init__(self, batches: list[tuple[Any, ...]], flat: list[tuple[torch.Tensor, ...]], metric: Metric) -> None:
         self.batches, self.flat, self.metric = batches, flat, metric
         self.reference: list[list[torch.Tensor]] | None = None
+        self.previous: list[list[torch.Tensor]] | None = None  # the outputs of the run before the last
+        self.step: float | None = None  # the last run's max relative error against the run before it
 
     @classmethod
     def from_user(cls, data: Iterable[Any] | None, flatten: Callable[[Sequence[Any]], list[torch.Tensor]],
@@ -98,11 +100,14 @@ class Validation:
                 f"traced fp32 model ({bound})" + (f"; metric: {name}" if name else ""))
 
     def measure(self, run: Callable[..., Any]) -> Quality:
-        """Run ``run(*flat_batch)`` on every batch; the first call's outputs become the reference."""
+        """Run ``run(*flat_batch)`` on every batch; the first call's outputs become the reference, and ``step`` is
+        how far these outputs are from the previous call's (an exact stage's from the stage before it)."""
         with torch.inference_mode():
             outs = [[torch.as_tensor(v) for v in pytree.tree_leaves(run(*b))] for b in self.flat]
         if self.reference is None:
             self.reference = outs
+        self.step = None if self.previous is None else max(compare(o, r).max_rel for o, r in zip(outs, self.previous))
+        self.previous = outs
         cosines = torch.cat([_sample_cosines(o, r, b[0]) for o, r, b in zip(outs, self.reference, self.flat)])
         max_rel = error_bound([compare(o, r) for o, r in zip(outs, self.reference)]).max_rel
         top1 = _top1(outs, self.reference)

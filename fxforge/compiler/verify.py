@@ -344,6 +344,25 @@ class NumericCheck(Instrument):
         return compare(out, self.reference)
 
 
+class ValidationCheck(Instrument):
+    """An exact pass checked on the user's validation data too, which the report's row runs each stage on anyway
+    (after :class:`~fxforge.compiler.report.StageRecorder`): the numeric check's fresh inputs are normal draws, and a
+    pass wrong only on data like the user's (values above 1, say) was accepted while its own row stated an error of 2
+    on that data."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.tolerance = exact_tolerance(gm)
+
+    def after(self, p: Any, gm: fx.GraphModule, ctx: Any, stage: Stage) -> None:
+        if p is None or not p.exact or ctx.validation is None or stage.result is None or not stage.result.changed:
+            return
+        step = ctx.validation.step
+        if step is not None and not step <= self.tolerance:
+            raise VerificationError(f"exact pass {p.name!r} changed the outputs on your validation data by {step:.3g} "
+                                    f"relative (tolerance {self.tolerance:g}); passes before it: "
+                                    f"{', '.join(stage.done) or 'none'}")
+
+
 def first_divergence(values: dict[str, torch.Tensor], before: dict[str, torch.Tensor], tolerance: float) -> str:
     """Where two recordings first disagree, by node name (nodes both graphs share)."""
     for name, v in values.items():
@@ -621,16 +640,17 @@ def is_quantized(gm: fx.GraphModule) -> bool:
 
 
 def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float,
-                skipped: Sequence[str] = (), dynamic_batch: bool = False) -> str:
+                skipped: Sequence[str] = (), dynamic_batch: bool = False, validation: bool = False) -> str:
     """What a compile under ``verify`` checked, in words, for ``report.meta["checked"]``: which stages were compared
     on what, and the bounds that would have raised ``VerificationError``; ``skipped``: the stages the sampled numeric
-    check did not run (``NumericCheck.skipped``)."""
+    check did not run (``NumericCheck.skipped``); ``validation``: the user gave validation data (:class:`ValidationCheck`
+    compares the exact passes on it too)."""
     if verify == "off":
         return "nothing (verify='off'): no graph linted, no output compared"
     if verify == "lint":
         return "each pass's graph linted; no output compared (verify='numerics' compares them)"
     stages = (f"each pass that changed the graph, run on one fresh batch against the stage before it (exact passes "
-              f"within {tolerance:g} relative)")
+              f"within {tolerance:g} relative{', on your validation data too' if validation else ''})")
     if skipped:
         stages += (f", except the approximate {', '.join(skipped)}, whose output only the next approximate stage "
                    "reads: not run on its own, its row states no error (verify='full' runs it)")
@@ -641,7 +661,8 @@ def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host
     batches = 1 if exact else BOUND_BATCHES
     bound = (f"within {QUANTIZED_LOWERING_FACTOR:g}x the graph's own error + {QUANTIZED_LOWERING_TOLERANCE:g}"
              if quantized else f"within {tolerance:g} of the graph")
-    other = ", and one fresh batch of the example's batch size + 1" if dynamic_batch else ""
+    other = (", and one fresh batch each of the example's batch size + 1 and of the smallest batch size the artifact "
+             "takes, where that is smaller") if dynamic_batch else ""
     return (f"{stages}; the {backend} artifact against the graph and your model on the example inputs and {batches} "
             f"fresh batch{'es' if batches > 1 else ''}{other} ({bound}{f', and of your model' if exact else ''})")
 

@@ -210,6 +210,34 @@ def test_a_pass_returning_something_else_than_a_pass_result_is_named(returned, w
         PassManager(["test_forgets"]).run(gm, PassContext(flat))
 
 
+def test_an_exact_pass_wrong_on_the_validation_data_alone_is_named():
+    """The numeric check's fresh inputs are normal draws; a pass wrong only where |x| > 4 passed it, and its own
+    report row then stated an error of 2 on the user's validation data while compile returned."""
+    @fxforge.register_pass
+    class WrongOnLargeInputs(fxforge.Pass):
+        """Negates the output where the input is large: "exact" on N(0, 1), not on data ten times larger."""
+        name = "test_wrong_on_large"
+
+        def run(self, gm, ctx):
+            x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            y = out.args[0][0]
+            g = gm.graph
+            with g.inserting_before(out):
+                peak = g.call_function(aten.amax.default, (g.call_function(aten.abs.default, (x,)),))
+                large = g.call_function(aten.gt.Scalar, (peak, 4.0))
+                flipped = g.call_function(aten.where.self, (large, g.call_function(aten.neg.default, (y,)), y))
+            out.args = ((flipped, *out.args[0][1:]),)
+            return fxforge.PassResult(changed=True)
+
+    model = torch.nn.Linear(4, 3).eval()
+    validation = [(10 * torch.randn(8, 4),) for _ in range(2)]
+    with pytest.raises(fxforge.VerificationError, match="exact pass 'test_wrong_on_large' changed the outputs on "
+                                                        "your validation data by 2 relative"):
+        fxforge.compile(model, (torch.randn(2, 4),), passes=["test_wrong_on_large"], validation=validation,
+                        measure_latency=False)
+
+
 def test_order_constraint_is_enforced():
     @fxforge.register_pass
     class Needs(fxforge.Pass):
