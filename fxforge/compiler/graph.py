@@ -123,7 +123,9 @@ def remove_unused_tensors(gm: fx.GraphModule) -> int:
     """Delete parameters and buffers no get_attr node reads; returns how many were removed."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     removed = 0
-    for name, _ in list(itertools.chain(gm.named_parameters(), gm.named_buffers())):
+    # every name of a tied tensor: named_parameters() gives one of them, and a dead alias stayed in the module
+    for name, _ in list(itertools.chain(gm.named_parameters(remove_duplicate=False),
+                                        gm.named_buffers(remove_duplicate=False))):
         if name not in used:
             owner_path, _, attr = name.rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm

@@ -125,8 +125,9 @@ def _stats(stats: dict[str, float]) -> str:
 
 
 def model_size(gm: fx.GraphModule) -> tuple[int, int]:
-    """(elements, bytes) of the constant tensors the graph reads."""
-    tensors = graph_tensors(gm).values()
+    """(elements, bytes) of the constant tensors the graph reads, each tensor once: a tied weight read under two
+    names (export keeps both) was counted twice, and the first pass that dropped the unused name seemed to halve it."""
+    tensors = {id(t): t for t in graph_tensors(gm).values()}.values()
     return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 

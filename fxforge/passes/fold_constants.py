@@ -2,7 +2,8 @@
 
 A call node is constant when every input node is a get_attr or another constant node and the op is pure
 and deterministic. Each constant node that feeds a non-constant one is replaced by a get_attr holding its
-value. Folds that would grow the model (e.g. expanding a small constant into a big one) are skipped.
+value. Folds that would grow the model (e.g. expanding a small constant into a big one, or transposing a weight that
+other ops still read as it is) are skipped.
 """
 from __future__ import annotations
 
@@ -41,11 +42,16 @@ class FoldConstants(Pass):
             return PassResult(changed=False, preserves="all")
         values = _evaluate(gm, constant)
         stats = {"folded": 0, "skipped.would_grow_model": 0}
+        # a tensor also read outside the constant subgraphs (a tied embedding's weight, read by the lookup and by the
+        # head's W.t()) stays in the model after a fold: it is not consumed by it
+        kept = {id(values[n.name]) for n in constant if n.op == "get_attr"
+                and any(u not in constant for u in n.users)}
         for node in frontier:
             value = values.get(node.name)
             if not isinstance(value, torch.Tensor):
                 continue
-            consumed = sum(values[i.name].numel() for i in _constant_inputs(node, constant, values))
+            consumed = sum(values[i.name].numel() for i in _constant_inputs(node, constant, values)
+                           if id(values[i.name]) not in kept)
             if value.numel() > consumed + GROWTH_LIMIT:
                 stats["skipped.would_grow_model"] += 1
                 continue

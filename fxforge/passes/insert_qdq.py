@@ -64,7 +64,8 @@ import torch.fx as fx
 
 from fxforge.compiler.dynamic_quant import input_lower_bound
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import FUSION_KEY, add_tensor, call_nodes, fusion_groups, get_tensor, set_tensor
+from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, finalize, fusion_groups, get_tensor,
+                                    set_tensor)
 from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data,
                                  is_op, operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
@@ -143,8 +144,7 @@ class InsertQdq(Pass):
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+        finalize(gm)  # the float weights go too: the module held them beside their int8 copies (3x the bytes)
         stats.update({"dynamic_linears": len(linears), **({"weight_bits": 7 if qmax == 63 else 8} if linears else {})})
         return PassResult(changed=bool(linears), stats=dict(stats))
 

@@ -64,3 +64,31 @@ def test_zoo_outputs_are_unchanged(name):
     model, example = ZOO[name]()
     gm, report, flat = apply(model, example, ["eliminate_dead_code"])
     assert error_vs_eager(gm, model, flat).max_rel == 0
+
+
+class TiedTwice(nn.Module):
+    """Two linears sharing one weight (b.weight = a.weight), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+def test_a_tied_tensor_is_sized_once_and_a_dead_alias_is_removed():
+    """Export keeps both names of a tied weight: the report counted it twice, and after a pass rewrote its readers the
+    alias named_parameters() leaves out stayed in the module (the int8 artifact carried the float weight)."""
+    from fxforge.compiler.graph import remove_unused_tensors
+    model = TiedTwice().eval()
+    gm, report, _ = apply(model, (torch.randn(2, 8),), [])
+    assert report.row("input").params == sum(p.numel() for p in model.parameters())  # distinct: 64 + 8 + 8 + 18
+    for n in [n for n in gm.graph.nodes if n.op == "get_attr" and "weight" in n.target and "head" not in n.target]:
+        with gm.graph.inserting_before(n):
+            n.replace_all_uses_with(gm.graph.get_attr("head.weight"))  # nothing reads the tied weight any more
+        gm.graph.erase_node(n)
+    remove_unused_tensors(gm)
+    assert {name for name, _ in gm.named_parameters(remove_duplicate=False)} == \
+        {"a.bias", "b.bias", "head.weight", "head.bias"}

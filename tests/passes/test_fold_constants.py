@@ -40,3 +40,23 @@ def test_folding_never_grows_the_model():
     gm, report, flat = apply(model, (torch.randn(512, 512),), ["fold_constants"])
     assert report.row("fold_constants").params <= report.row("input").params
     assert error_vs_eager(gm, model, flat).max_rel == 0
+
+
+class TiedHead(nn.Module):
+    """An embedding tied to the output projection, written ``h @ E.t()``: E is read by the lookup too."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ln = nn.Embedding(500, 16), nn.LayerNorm(16)
+
+    def forward(self, ids):
+        return self.ln(self.emb(ids)) @ self.emb.weight.t()
+
+
+def test_a_weight_other_ops_still_read_is_not_counted_as_consumed_by_a_fold():
+    """Folding E.t() added a transposed copy while the lookup kept E: the model doubled, though folds that grow it
+    are skipped."""
+    model = TiedHead().eval()
+    gm, report, flat = apply(model, (torch.randint(0, 500, (2, 8)),), ["fold_constants", "eliminate_dead_code"])
+    assert report.row("fold_constants").stats == {"folded": 0, "skipped.would_grow_model": 1}
+    assert report.row("eliminate_dead_code").params == report.row("input").params == 500 * 16 + 32

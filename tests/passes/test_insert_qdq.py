@@ -332,6 +332,7 @@ def test_dynamic_linear_before_expected():
         ["dynamic_linear.default", "transpose.int", "matmul.default"]
     assert report.row("insert_qdq").stats == \
         {"dynamic_linears": 1, "weight_bits": 8, "skipped.dynamic_float": 1}
+    assert "fc.weight" not in dict(gm.named_parameters())  # the float weight goes with its linear (3x the bytes)
     w, b = model.fc.weight.detach(), model.fc.bias.detach()
     s_w = w.abs().amax(1) / 127  # expected: int8 weights per output channel, activations per row
     s_r = x.abs().amax(-1, keepdim=True) / 127
