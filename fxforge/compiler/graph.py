@@ -158,7 +158,9 @@ FUSION_KEY = "fxforge.fusion"  # node.meta key: {"group": id, "pattern": "conv2d
 
 def views_as_reshapes(graph: fx.Graph) -> None:
     """Make every ``aten.view`` an ``aten.reshape`` (the same values: reshape is a view wherever one exists), for a
-    graph that is exported again (eager's save, TVM's import). The re-export decomposes
+    captured graph, which runs on inputs of other strides than the example's (export turns ``x.reshape(B, -1)`` of a
+    contiguous example into a view, which a channels_last input of the same shape cannot take), and for a graph that
+    is exported again (eager's save, TVM's import). The re-export decomposes
     ``scaled_dot_product_attention`` into ops whose output strides differ from the fused kernel's, and a later view
     of it (GPT-2's ``Conv1D`` after the attention's transpose, T5's output projection) then has no valid strides:
     "Cannot view a tensor with shape [B, T, C] and strides (C, C·B, 1)", which a reshape copes with by copying."""

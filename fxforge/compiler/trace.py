@@ -29,7 +29,7 @@ from torch.export import Dim
 
 from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
-from .graph import get_tensor
+from .graph import get_tensor, views_as_reshapes
 from .ops import argument, aten, data, is_op
 from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, clone_inputs, compare, discrete_mismatch,
                      fresh_inputs)
@@ -596,7 +596,8 @@ def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop export's guards, its tensor-metadata asserts (the Signature checks inputs) and pytree codegen:
     flat tensors in, a flat tuple out. A model that writes into its input (``x.mul_(2)``) is captured as a
     function: its outputs are the same, the write-back into the caller's tensor (``copy_`` into a placeholder,
-    which no exported format can express) is dropped and listed in ``meta["input_writes_dropped"]``."""
+    which no exported format can express) is dropped and listed in ``meta["input_writes_dropped"]``. Every view
+    becomes a reshape (:func:`~fxforge.compiler.graph.views_as_reshapes`)."""
     graph = gm.graph
     dropped = []
     for node in list(graph.nodes):
@@ -606,6 +607,7 @@ def _flat_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         elif node.target is torch.ops.aten.copy_.default and data(node).op == "placeholder" and not node.users:
             dropped.append(data(node).name)
             graph.erase_node(node)
+    views_as_reshapes(graph)  # export's views hold for the example's strides: a channels_last call has others
     graph._codegen = fx.graph.CodeGen()
     out = fx.GraphModule(gm, graph, class_name="FxforgeGraph")
     if hasattr(out, "_guards_fn"):

@@ -400,3 +400,27 @@ def test_a_failed_export_prints_nothing_and_other_threads_keep_stderr(capsys):
         other.join()
     err = capsys.readouterr().err
     assert "def forward" not in err and err.count("other thread") == len(written) > 0
+
+
+class ConvFlatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_a_channels_last_input_of_the_compiled_shape_runs_as_in_eager(backend):
+    """Export captured the flatten of a contiguous example as a view, which a channels_last input of the same shape
+    cannot take: the artifact refused a valid input (the eager one only until it was saved and loaded), and
+    channels_last validation or calibration batches failed the compile."""
+    model = ConvFlatten().eval()
+    x = torch.randn(2, 3, 8, 8)
+    layout = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend=backend, measure_latency=False,
+                         validation=[(layout(torch.randn(4, 3, 8, 8)),)])
+    x = layout(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        assert compare([cm(x)], [model(x)]).max_rel < 1e-5
