@@ -199,9 +199,15 @@ P = TypeVar("P", bound=type[Pass])
 
 
 def register_pass(cls: P) -> P:
-    """Class decorator: make a Pass available by its ``name`` (``@fxforge.register_pass``)."""
+    """Class decorator: make a Pass available by its ``name`` (``@fxforge.register_pass``); a built-in pass's name is
+    refused (registering it again from another module replaced the built-in in every preset)."""
     if not (isinstance(cls, type) and issubclass(cls, Pass)) or not isinstance(getattr(cls, "name", None), str):
         raise PassError(f"{cls!r} is not a Pass subclass with a string `name`")
+    builtin = _PASSES.get(cls.name)
+    if builtin is not None and builtin.__module__.startswith("fxforge.") and not cls.__module__.startswith("fxforge."):
+        # a user's or a package's class of the same name would replace it in every preset, silently
+        raise PassError(f"pass name {cls.name!r} is fxforge's own ({builtin.__module__}.{builtin.__qualname__}); "
+                        f"give {cls.__qualname__} another name")
     if not dataclasses.is_dataclass(cls):
         cls = dataclass(cls)  # type: ignore[assignment]
     _PASSES[cls.name] = cls

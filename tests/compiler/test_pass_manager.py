@@ -238,6 +238,19 @@ def test_an_exact_pass_wrong_on_the_validation_data_alone_is_named():
                         measure_latency=False)
 
 
+def test_a_user_pass_cannot_take_a_builtin_pass_name():
+    """A user class named fuse_batchnorm replaced the built-in in the registry, and `fuse` then ran it."""
+    with pytest.raises(fxforge.PassError, match="pass name 'fuse_batchnorm' is fxforge's own"):
+        @fxforge.register_pass
+        class Mine(fxforge.Pass):
+            """Not the batch-norm fusion."""
+            name = "fuse_batchnorm"
+
+            def run(self, gm, ctx):
+                return fxforge.PassResult(changed=False)
+    assert resolve("fuse_batchnorm")[0].__module__ == "fxforge.passes.fuse_batchnorm"
+
+
 def test_order_constraint_is_enforced():
     @fxforge.register_pass
     class Needs(fxforge.Pass):
