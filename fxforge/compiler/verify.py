@@ -184,6 +184,18 @@ def changed_outputs(outputs: Sequence[Any], reference: Sequence[Any], values: bo
     return discrete_mismatch(outputs, reference, values)
 
 
+def _new_non_finite(outputs: Sequence[Any], reference: Sequence[Any]) -> str:
+    """The first floating output that is NaN or infinite where its reference is finite, in words ("" if none): a
+    lossy pass may move values, not lose them (an approximate stage's all-NaN output was accepted, its row stating
+    an error of NaN)."""
+    for k, (o, r) in enumerate(zip(_tensors(outputs), _tensors(reference))):
+        if o.is_floating_point() and r.is_floating_point() and o.shape == r.shape:
+            new = ~torch.isfinite(o) & torch.isfinite(r)
+            if new.any():
+                return f"output {k} is NaN or infinite in {int(new.sum())} of {o.numel()} values where eager's is finite"
+    return ""
+
+
 def _tensors(values: Any) -> list[torch.Tensor]:
     return [v for v in _flat(values) if isinstance(v, torch.Tensor)]
 
@@ -329,7 +341,7 @@ class NumericCheck(Instrument):
         numbers."""
         self.every = {}
         out, values = run_recording(gm, self.inputs, self.every)
-        if mismatch := changed_outputs(out, self.prev_out, values=p.exact):
+        if mismatch := changed_outputs(out, self.prev_out, values=p.exact) or _new_non_finite(out, self.prev_out):
             raise VerificationError(f"{'exact' if p.exact else 'approximate'} pass {p.name!r} changed the outputs: "
                                     f"{mismatch}; passes before it: {', '.join(done) or 'none'}")
         step = compare(out, self.prev_out)

@@ -251,6 +251,23 @@ def test_a_user_pass_cannot_take_a_builtin_pass_name():
     assert resolve("fuse_batchnorm")[0].__module__ == "fxforge.passes.fuse_batchnorm"
 
 
+def test_an_approximate_pass_that_makes_outputs_nan_is_named():
+    """A lossy pass may move values, not lose them: an all-NaN output was accepted, its row stating error NaN."""
+    @fxforge.register_pass
+    class Poisons(Scale):
+        """Multiplies the output by NaN."""
+        name = "test_poisons"
+
+        def run(self, gm, ctx):
+            self.factor = float("nan")
+            return super().run(gm, ctx)
+
+    gm, flat = traced()
+    with pytest.raises(fxforge.VerificationError, match="approximate pass 'test_poisons' changed the outputs: output 0 "
+                                                        "is NaN or infinite in .* values where eager's is finite"):
+        PassManager(["test_poisons"]).run(gm, PassContext(flat))
+
+
 def test_order_constraint_is_enforced():
     @fxforge.register_pass
     class Needs(fxforge.Pass):
