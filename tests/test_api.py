@@ -467,3 +467,14 @@ def test_a_model_left_in_training_mode_is_compiled_as_eval_and_warned_of():
         fxforge.compile(model.eval(), (torch.randn(2, 3, 8, 8),), backend="eager", measure_latency=False)
         fxforge.compile(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0)), (torch.randn(2, 4),), backend="eager",
                         measure_latency=False)
+
+
+def test_a_model_made_under_inference_mode_compiles():
+    """Serving code builds models under torch.inference_mode(): the weight check's isinf raised a raw RuntimeError
+    (autograd on an inference parameter that requires grad)."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 4)
+    cm = fxforge.compile(model, (x,), measure_latency=False)
+    with torch.no_grad():
+        assert torch.allclose(cm(x), model(x), atol=1e-6)
