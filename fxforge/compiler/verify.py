@@ -584,8 +584,9 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
             "on the example" if key == "example" else "on fresh inputs"
         # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold
         if mismatch := discrete_mismatch(got, graph, values=not quantized):
+            hint = STATIC_BATCH_HINT if where.startswith("at batch") else "; pass verify='off' to accept it anyway"
             raise VerificationError(f"the {artifact.backend} artifact differs from the graph it compiled {where}: "
-                                    f"{mismatch}; pass verify='off' to accept it anyway")
+                                    f"{mismatch}{hint}")
         if mismatch := discrete_mismatch(got, want, values=False):  # the graph too: a pass wrong at that batch
             raise VerificationError(f"the compiled model differs from your model {where}: {mismatch}"
                                     f"{STATIC_BATCH_HINT if where.startswith('at batch') else ''}")

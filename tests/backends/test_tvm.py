@@ -657,3 +657,27 @@ def test_the_batch_size_as_a_value_is_built_for_the_example_batch_not_crashed_on
     assert not cm.signature.dynamic_batch and "the batch size is a value" in cm.signature.note
     x = torch.randint(-5, 6, (2, 4))
     assert torch.equal(cm(x), model(x))
+
+
+class PooledHead(nn.Module):
+    """A conv, global pooling and a linear, the pooled [B, C, 1, 1] squeezed as models write it."""
+
+    def __init__(self, squeeze):
+        super().__init__()
+        self.conv, self.fc, self.squeeze = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5), squeeze
+
+    def forward(self, x):
+        return self.fc(self.squeeze(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1)))
+
+
+@pytest.mark.parametrize("squeeze", [lambda y: y.squeeze(-1).squeeze(-1), lambda y: y.squeeze()],
+                         ids=["negative dims", "every size-1 dim"])
+def test_a_pooled_head_squeezed_by_negative_or_no_dims_compiles(squeeze):
+    """TVM's importer failed on ``squeeze(-1)`` (std::bad_alloc) and ``squeeze()`` (undefined bijective layout);
+    each is now a squeeze of the non-negative dimensions it removes. ``squeeze()`` also removes a batch of 1 in
+    eager, which a graph exported at batch 2 does not: it compiles for its example's batch alone."""
+    model = PooledHead(squeeze).eval()
+    x = torch.randn(2, 3, 8, 8)
+    cm = fxforge.compile(model, (x,), backend="tvm", static_batch=True, measure_latency=False)
+    with torch.no_grad():
+        assert compare([cm(x)], [model(x)]).max_rel < 1e-5

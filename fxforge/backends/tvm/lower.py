@@ -134,12 +134,30 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` for TVM's importer: the same values, with each rewrite below applied (each works around a
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
-    for rewrite in (views_as_reshapes, _negative_indices_wrapped, _promoted_operands, _finite_arg_extremes,
+    for rewrite in (views_as_reshapes, _squeezes_named, _negative_indices_wrapped, _promoted_operands,
+                    _finite_arg_extremes,
                     _typed_integer_divisors, _zero_divisors_flagged, _half_reductions_in_float32,
                     _half_products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
     return copied
+
+
+def _squeezes_named(graph: fx.Graph) -> None:
+    """Each ``squeeze`` as ``squeeze.dims`` of the non-negative dimensions it removes (those of static size 1, from
+    the graph's shapes): the importer failed on ``y.squeeze()`` ("undefined bijective layout") and on
+    ``y.squeeze(-1)`` (``std::bad_alloc``), a pooled head's common ending. A squeeze that removes nothing goes."""
+    for node in [n for n in graph.nodes if is_op(n, aten.squeeze)]:
+        shape = argument(node, "self").meta["val"].shape
+        asked = argument(node, "dim") if node.target == aten.squeeze.dim else \
+            argument(node, "dim") if node.target == aten.squeeze.dims else range(len(shape))
+        asked = [asked] if isinstance(asked, int) else list(asked)
+        dims = sorted({d % len(shape) for d in asked if isinstance(shape[d], int) and shape[d] == 1}) if shape else []
+        if not dims:
+            node.replace_all_uses_with(argument(node, "self"))
+            graph.erase_node(node)
+            continue
+        node.target, node.args, node.kwargs = aten.squeeze.dims, (argument(node, "self"), dims), {}
 
 
 def _negative_indices_wrapped(graph: fx.Graph) -> None:
