@@ -64,6 +64,7 @@ import torch.fx as fx
 
 from fxforge.compiler.dynamic_quant import input_lower_bound
 from fxforge.compiler.analysis import Shapes
+from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, finalize, fusion_groups, get_tensor,
                                     set_tensor)
 from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data,
@@ -95,6 +96,7 @@ class InsertQdq(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
+        self.check_skip(gm)
         if self.activations == "dynamic":
             return self.run_dynamic(gm, ctx, stats)
         shapes = dict(ctx.analysis(Shapes, gm))
@@ -154,6 +156,17 @@ class InsertQdq(Pass):
         return input_lower_bound(data(node)) if self.shifted_inputs else None
 
     # ---------------------------------------------------------------------------------------- deciding
+
+    def check_skip(self, gm: fx.GraphModule) -> None:
+        """Refuse a ``skip`` entry that names no layer: a misspelt name left the layer quantized without a word."""
+        layers = list(call_nodes(gm, *WEIGHTED, *MATMUL))
+        weights = [str(getattr(operands(n)[1] if is_op(n, *MATMUL) else weight_of(n), "target", "")) for n in layers]
+        unknown = [s for s in self.skip if not any(n.name == s for n in layers)
+                   and not any(w.startswith(s + ".") for w in weights)]
+        if unknown:
+            raise PassError(f"insert_qdq: skip {', '.join(map(repr, unknown))} names no layer (node names such as "
+                            f"{', '.join(repr(n.name) for n in layers[:3])}, or weight prefixes such as "
+                            f"{', '.join(repr(w.rpartition('.')[0]) for w in weights[:2] if '.' in w)})")
 
     def refusal(self, gm: fx.GraphModule, node: fx.Node, shapes: dict) -> str | None:
         """Why ``node`` stays float, or None (``shapes``: the Shapes analysis of ``gm``)."""

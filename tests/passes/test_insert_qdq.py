@@ -565,3 +565,13 @@ def test_with_float_restores_the_clip_as_the_skip_pipeline_does():
     fresh = torch.randn(4, 3, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(view(fresh)[0], rerun(fresh)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_skip_name_that_matches_no_layer_is_refused():
+    """A misspelt name left the layer it meant quantized, without a word."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with pytest.raises(PassError, match=r"insert_qdq: skip 'linaer' names no layer \(node names such as 'linear', "
+                                        r"'linear_1', or weight prefixes such as '0', '2'\)"):
+        apply(model, (torch.randn(2, 4),), ["insert_qdq{skip=('linaer',)}"])
+    gm, report, _ = apply(model, (torch.randn(2, 4),), ["insert_qdq{skip=('linear', '2')}"])
+    assert report.row("insert_qdq").stats["skipped.by_name"] == 2
