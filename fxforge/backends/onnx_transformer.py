@@ -15,11 +15,12 @@ Three steps, all checked against eager by the backend's artifact check:
    (:func:`_visible_keys`): ORT never computes their scores, which its CPU softmax runs on a slow exp path
    (docs/quantization.md). Dropout, ``is_causal``, grouped-query heads, non-float32, a mask broadcast over the keys
    ([B, 1, S_q, 1]: the kernel's bias needs a column per key) or shapes with a symbolic head count keep the
-   exporter's own translation, whose rows with no visible key are zeroed the same way. Where q, k and v are projections of one input (self-attention,
-   BERT's), the three GEMMs are packed into one of three times the width (:func:`pack_qkv`): fp32 attention without
-   a cut becomes ORT's ``Attention`` (packed weight, projection inside the kernel); with a cut, the query's GEMM
-   reads every row and one packed GEMM of key and value only the rows the cut keeps (the padded keys are never
-   projected), split into k and v for MultiHeadAttention; dynamic int8 the same with MatMulIntegerToFloat.
+   exporter's own translation, whose rows with no visible key are zeroed the same way. Where q, k and v are
+   projections of one input (self-attention, BERT's), the three GEMMs are packed into one of three times the width
+   (:func:`pack_qkv`): fp32 attention without a cut becomes ORT's ``Attention`` (packed weight, projection inside the
+   kernel); with a cut, the query's GEMM reads every row and one packed GEMM of key and value only the rows the cut
+   keeps (the padded keys are never projected), split into k and v for MultiHeadAttention; dynamic int8 the same
+   with MatMulIntegerToFloat.
 2. **The rest of the block.** ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert",
    opt_level=0)`` (its Python fusions only; the session applies ORT's graph optimizations afterwards) turns the
    Erf-GELU into ORT's ``Gelu`` (tanh form: ``FastGelu``). For a GPU target it also fuses MatMul → Add → GELU into

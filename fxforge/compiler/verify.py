@@ -192,7 +192,8 @@ def _new_non_finite(outputs: Sequence[Any], reference: Sequence[Any]) -> str:
         if o.is_floating_point() and r.is_floating_point() and o.shape == r.shape:
             new = ~torch.isfinite(o) & torch.isfinite(r)
             if new.any():
-                return f"output {k} is NaN or infinite in {int(new.sum())} of {o.numel()} values where eager's is finite"
+                return (f"output {k} is NaN or infinite in {int(new.sum())} of {o.numel()} values where eager's "
+                        "is finite")
     return ""
 
 
@@ -656,8 +657,8 @@ def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host
                 skipped: Sequence[str] = (), dynamic_batch: bool = False, validation: bool = False) -> str:
     """What a compile under ``verify`` checked, in words, for ``report.meta["checked"]``: which stages were compared
     on what, and the bounds that would have raised ``VerificationError``; ``skipped``: the stages the sampled numeric
-    check did not run (``NumericCheck.skipped``); ``validation``: the user gave validation data (:class:`ValidationCheck`
-    compares the exact passes on it too)."""
+    check did not run (``NumericCheck.skipped``); ``validation``: the user gave validation data
+    (:class:`ValidationCheck` compares the exact passes on it too)."""
     if verify == "off":
         return "nothing (verify='off'): no graph linted, no output compared"
     if verify == "lint":
