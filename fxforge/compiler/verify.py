@@ -633,11 +633,12 @@ def _other_batch(signature: Any, flat: Sequence[torch.Tensor], model: ModelRuns,
         return []
     size = next(t.shape[0] for t, b in zip(flat, batched) if b)
     grown = [torch.cat([t, t[:1]]) if b else t for t, b in zip(flat, batched)]  # values like the example's
-    smallest = [t[:signature.min_batch] if b else t for t, b in zip(flat, batched)]
+    others = [(size + 1, grown, BACKEND_SEED + 1)]
+    if signature.min_batch < size:
+        others.append((signature.min_batch, [t[:signature.min_batch] if b else t for t, b in zip(flat, batched)],
+                       BACKEND_SEED + 2))
     checked = []
-    for batch, like, seed in ((size + 1, grown, BACKEND_SEED + 1), (signature.min_batch, smallest, BACKEND_SEED + 2)):
-        if batch == size or (batch == signature.min_batch and batch > size):
-            continue
+    for batch, like, seed in others:
         inputs = fresh_inputs(like, seed)
         try:
             model.outputs(("batch", batch), pytree.tree_unflatten(list(inputs), spec))
