@@ -681,3 +681,23 @@ def test_a_pooled_head_squeezed_by_negative_or_no_dims_compiles(squeeze):
     cm = fxforge.compile(model, (x,), backend="tvm", static_batch=True, measure_latency=False)
     with torch.no_grad():
         assert compare([cm(x)], [model(x)]).max_rel < 1e-5
+
+
+class PaddedSelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, padding):
+        return self.attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+def test_multihead_attention_with_a_padding_mask_compiles():
+    """nn.MultiheadAttention squeezes by a negative dimension: the importer failed with std::bad_alloc."""
+    model = PaddedSelfAttention().eval()
+    padding = torch.zeros(2, 16, dtype=torch.bool)
+    padding[1, 10:] = True
+    cm = fxforge.compile(model, (torch.randn(2, 16, 32), padding), backend="tvm", measure_latency=False)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        assert compare([cm(x, padding)], [model(x, padding)]).max_rel < 1e-5
