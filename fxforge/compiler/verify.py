@@ -341,7 +341,12 @@ class NumericCheck(Instrument):
         """The error of the new stage against eager on the checked batch; raise if an exact pass moved the
         numbers."""
         self.every = {}
-        out, values = run_recording(gm, self.inputs, self.every)
+        inputs = clone_inputs(self.inputs)
+        out, values = run_recording(gm, inputs, self.every)
+        if written := [k for k, (a, b) in enumerate(zip(inputs, self.inputs)) if not torch.equal(a, b)]:
+            # the next stage would read the changed inputs, and compile would write into the caller's example
+            raise VerificationError(f"pass {p.name!r} made the graph write into its input {written[0]}; passes before "
+                                    f"it: {', '.join(done) or 'none'}")
         if mismatch := changed_outputs(out, self.prev_out, values=p.exact) or _new_non_finite(out, self.prev_out):
             raise VerificationError(f"{'exact' if p.exact else 'approximate'} pass {p.name!r} changed the outputs: "
                                     f"{mismatch}; passes before it: {', '.join(done) or 'none'}")
@@ -580,7 +585,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
         want = model.outputs(key, inputs)
         with torch.no_grad():
             got = pytree.tree_leaves(artifact(*inputs))
-            graph = graph if graph is not None else list(gm(*pytree.tree_leaves(inputs)))
+            graph = graph if graph is not None else list(gm(*pytree.tree_leaves(clone_inputs(inputs))))
         where = f"at batch {key[1]}" if isinstance(key, tuple) and key[0] == "batch" else \
             "on the example" if key == "example" else "on fresh inputs"
         # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold

@@ -268,6 +268,34 @@ def test_an_approximate_pass_that_makes_outputs_nan_is_named():
         PassManager(["test_poisons"]).run(gm, PassContext(flat))
 
 
+def test_a_pass_that_makes_the_graph_write_into_its_input_is_named():
+    """Every stage ran on the same inputs: a graph writing into one changed what the next stage read (an innocent pass
+    was named), and compile wrote into the caller's example."""
+    @fxforge.register_pass
+    class WritesInput(fxforge.Pass):
+        """Doubles the input in place and halves where it reads it: the same outputs, a changed input."""
+        name = "test_writes_input"
+
+        def run(self, gm, ctx):
+            x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+            readers = list(x.users)
+            with gm.graph.inserting_after(x):
+                doubled = gm.graph.call_function(aten.mul_.Tensor, (x, 2.0))
+            with gm.graph.inserting_after(doubled):
+                halved = gm.graph.call_function(aten.mul.Tensor, (doubled, 0.5))
+            for user in readers:
+                user.replace_input_with(x, halved)
+            return fxforge.PassResult(changed=True)
+
+    model = torch.nn.Linear(4, 3).eval()
+    x = torch.randn(2, 4)
+    before = x.clone()
+    with pytest.raises(fxforge.VerificationError, match="pass 'test_writes_input' made the graph write into its "
+                                                        "input 0"):
+        fxforge.compile(model, (x,), passes=["test_writes_input", "fuse"], backend="onnx", measure_latency=False)
+    assert torch.equal(x, before)
+
+
 def test_order_constraint_is_enforced():
     @fxforge.register_pass
     class Needs(fxforge.Pass):
