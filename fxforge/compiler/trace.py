@@ -107,18 +107,19 @@ class Signature:
 
     def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
         """Flatten call arguments and check count, shape and dtype against the compiled signature."""
-        flat, spec = pytree.tree_flatten(_aligned((tuple(args), {}), _loads(self.in_spec)))
+        aligned = _aligned((tuple(args), {}), _loads(self.in_spec))
+        flat, spec = pytree.tree_flatten(aligned)
         if _dumps(spec) != self.in_spec or len(flat) != len(self.inputs):
             raise InputError(f"expected {len(self.inputs)} input tensor(s) shaped like "
                              f"{[list(s.shape) for s in self.inputs]}, got {_describe(flat)}")
         for i, (t, s) in enumerate(zip(flat, self.inputs)):
             if not isinstance(t, torch.Tensor):
-                raise InputError(f"input {i} must be a tensor, got {type(t).__name__}")
+                raise InputError(f"{_input_name(aligned, i)} must be a tensor, got {type(t).__name__}")
             if t.dtype != s.dtype:
-                raise InputError(f"input {i} has dtype {t.dtype}, compiled for {s.dtype}")
+                raise InputError(f"{_input_name(aligned, i)} has dtype {t.dtype}, compiled for {s.dtype}")
             if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
-                raise InputError(f"input {i} has shape {list(t.shape)}, compiled for {list(s.shape)} "
-                                 "(None = any size)")
+                raise InputError(f"{_input_name(aligned, i)} has shape {list(t.shape)}, compiled for "
+                                 f"{list(s.shape)} (None = any size)")
         batch = next((t.shape[0] for t, b in zip(flat, self.batched()) if b), None)
         for i, low, high, what in self.index_bounds:
             t = flat[i]
@@ -509,6 +510,18 @@ class _References:
             if compare(pytree.tree_leaves(self.model.run(self.args)), runs[0][1]).max_rel > EXACT_TOLERANCE:
                 return 0.0
         return worst
+
+
+def _input_name(args: tuple, i: int) -> str:
+    """Flat input ``i`` of ``(args, kwargs)`` as an error names it: "input 2", and where the arguments nest (a tuple
+    or dict argument) also where it sits, "input 2 (argument 1[1])", "input 1 (argument 0['b'])": the flat index
+    alone did not say which tensor of a structure was wrong."""
+    path = pytree.tree_flatten_with_path(args)[0][i][0]
+    where = pytree.keystr(path[2:])  # path[0]: args or kwargs; path[1]: the argument
+    if not where:
+        return f"input {i}"
+    what = f"argument {path[1].idx}" if isinstance(path[1], pytree.SequenceKey) else f"keyword {path[1].key!r}"
+    return f"input {i} ({what}{where})"
 
 
 def _batch_size(args: tuple) -> int | None:

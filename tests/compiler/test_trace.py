@@ -424,3 +424,24 @@ def test_a_channels_last_input_of_the_compiled_shape_runs_as_in_eager(backend):
     x = layout(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
         assert compare([cm(x)], [model(x)]).max_rel < 1e-5
+
+
+class Structured(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, extras):
+        return self.fc(x) + extras[0].mean(1) + extras["b"].mean(1)
+
+
+def test_a_wrong_input_inside_a_structure_is_named_by_where_it_sits():
+    """"input 2" alone did not say which tensor of a tuple or dict argument was wrong."""
+    model = Structured().eval()
+    extras = {0: torch.randn(2, 3, 4), "b": torch.randn(2, 5, 4)}
+    cm = fxforge.compile(model, (torch.randn(2, 4), extras), passes=["fuse"], measure_latency=False)
+    with pytest.raises(fxforge.InputError, match=r"input 2 \(argument 1\['b'\]\) has shape \[2, 6, 4\], compiled "
+                                                 r"for \[None, 5, 4\]"):
+        cm(torch.randn(2, 4), {0: torch.randn(2, 3, 4), "b": torch.randn(2, 6, 4)})
+    with pytest.raises(fxforge.InputError, match=r"^input 0 has shape \[2, 5\]"):
+        cm(torch.randn(2, 5), extras)
