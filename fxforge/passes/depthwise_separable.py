@@ -30,7 +30,7 @@ from fxforge.compiler.errors import PassError
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized, layer_error,
-                                plan_splits, svd)
+                                plan_splits, splittable, svd)
 
 LADDER = (4, 2, 1)  # the multipliers a flops goal chooses among, per conv
 
@@ -61,14 +61,14 @@ class DepthwiseSeparable(Pass):
         rec = Recording(gm, ctx.example_inputs)
         stats: Counter = Counter()
         rules = None
+        layers = splittable(gm, list(call_nodes(gm, aten.conv2d)), stats)
         if self.flops is not None:
             rules = plan_splits(gm, ctx, rec, self.name, [DepthwiseSeparable(multiplier=r) for r in LADDER],
-                                lambda rule, node, w: rule.stages(node, w), list(call_nodes(gm, aten.conv2d)),
-                                self.flops, False, stats)
+                                lambda rule, node, w: rule.stages(node, w), layers, self.flops, False, stats)
             if rules is None:
                 return PassResult(changed=False, preserves="all", stats=dict(stats))
             stats.update({f"multiplier.{layer}": rule.multiplier for layer, rule in rules.items()})
-        for node in list(call_nodes(gm, aten.conv2d)):
+        for node in layers:
             rule = self if rules is None else rules.get(node.name)
             reason = self.split(gm, node, rec, stats, rule) if rule is not None else "not_chosen"
             stats["split" if reason is None else f"skipped.{reason}"] += 1

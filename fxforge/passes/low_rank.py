@@ -40,7 +40,7 @@ from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized,
-                                faster_on_host, layer_error, plan_splits, ratio_rank, svd)
+                                faster_on_host, layer_error, plan_splits, ratio_rank, splittable, svd)
 
 LADDER = (0.5, 0.25, 0.125, 0.0625)  # the rank ratios a flops goal chooses among, per layer
 
@@ -79,10 +79,11 @@ class LowRank(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
         stats: Counter = Counter()
-        rules = self.choose(gm, ctx, rec, stats) if self.per_layer else None
+        layers = splittable(gm, list(call_nodes(gm, *WEIGHTED)), stats)
+        rules = self.choose(gm, ctx, rec, layers, stats) if self.per_layer else None
         if rules is None and self.per_layer:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
-        for node in list(call_nodes(gm, *WEIGHTED)):
+        for node in layers:
             rule = self if rules is None else rules.get(node.name)
             reason = self.split(gm, node, rec, ctx, stats, rule) if rule is not None else "not_chosen"
             stats["split" if reason is None else f"skipped.{reason}"] += 1
@@ -92,13 +93,13 @@ class LowRank(Pass):
         stats["error.model"] = rec.model_error(gm)
         return PassResult(changed=True, stats=dict(stats))
 
-    def choose(self, gm: fx.GraphModule, ctx: PassContext, rec: Recording,
+    def choose(self, gm: fx.GraphModule, ctx: PassContext, rec: Recording, layers: list[fx.Node],
                stats: Counter) -> dict[str, LowRank] | None:
         """Layer → the LowRank (rank ratio of LADDER) that splits it under the flops goal and error cap; None
         when the goal cannot be met or nothing fits the cap (counted in stats)."""
         rules = [LowRank(rank_ratio=ratio, budget=self.budget) for ratio in LADDER]
         chosen = plan_splits(gm, ctx, rec, self.name, rules, lambda rule, node, w: rule.stages(node, w),
-                             list(call_nodes(gm, *WEIGHTED)), self.flops,
+                             layers, self.flops,
                              self.budget == "latency" and ctx.target.runs_on_host, stats, self.max_error)
         for layer, rule in (chosen or {}).items():
             stats[f"rank_ratio.{layer}"] = rule.rank_ratio

@@ -362,3 +362,25 @@ def test_layers_dead_channels_emptied_are_skipped():
     gm, report, flat = apply(model, (torch.randn(2, 3),), ["dead_channels", "low_rank"])
     assert report.row("low_rank").stats == {"skipped.empty": 2}
     assert error_vs_eager(gm, model, flat).max_rel == 0
+
+
+class CalledTwice(nn.Module):
+    """One 64×64 layer applied twice, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("passes", ["low_rank{rank_ratio=0.4}", "low_rank{flops=0.9}"])
+def test_a_layer_called_twice_is_not_split_once_per_call(passes):
+    """Each call got its own factors: the tie broke and the model grew (4096 weights → 6656)."""
+    model = CalledTwice().eval()
+    x = torch.randn(4, 64)
+    gm, report, flat = apply(model, (x,), [passes], calibration=[(torch.randn(8, 64),) for _ in range(4)])
+    row = report.row("low_rank")
+    assert row.stats["skipped.shared_weight"] == 2 and row.params <= report.row("input").params
+    assert sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == "a.weight") >= 1

@@ -41,6 +41,24 @@ class Stage:
         object.__setattr__(self, "weight", self.weight.contiguous())
 
 
+def splittable(gm: fx.GraphModule, nodes: Sequence[fx.Node], stats: Counter) -> list[fx.Node]:
+    """``nodes`` without the layers whose weight another call reads too (a layer called twice, tied weights),
+    counted as ``skipped.shared_weight``: a split per call gave each call its own factors, so the tie broke and the
+    "compressed" model grew (a 64×64 layer called twice: 4096 weights → 6656)."""
+    readers = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers[id(get_tensor(gm, n))] += len(n.users)
+    def shared(node: fx.Node) -> bool:
+        weight = get_tensor(gm, weight_of(node))
+        return weight is not None and readers[id(weight)] > 1
+
+    kept = [n for n in nodes if not shared(n)]
+    if len(kept) < len(nodes):
+        stats["skipped.shared_weight"] += len(nodes) - len(kept)
+    return kept
+
+
 def svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``(u, s, vh)`` of a (batch of) float64 matrix, descending, via the smaller Gram matrix.
 
