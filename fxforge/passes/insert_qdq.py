@@ -160,13 +160,12 @@ class InsertQdq(Pass):
     def check_skip(self, gm: fx.GraphModule) -> None:
         """Refuse a ``skip`` entry that names no layer: a misspelt name left the layer quantized without a word."""
         layers = list(call_nodes(gm, *WEIGHTED, *MATMUL))
-        weights = [str(getattr(operands(n)[1] if is_op(n, *MATMUL) else weight_of(n), "target", "")) for n in layers]
-        unknown = [s for s in self.skip if not any(n.name == s for n in layers)
-                   and not any(w.startswith(s + ".") for w in weights)]
+        unknown = [s for s in self.skip if not any(_named(n, s) for n in layers)]
         if unknown:
+            weights = [_weight_name(n) for n in layers[:2]]
             raise PassError(f"insert_qdq: skip {', '.join(map(repr, unknown))} names no layer (node names such as "
                             f"{', '.join(repr(n.name) for n in layers[:3])}, or weight prefixes such as "
-                            f"{', '.join(repr(w.rpartition('.')[0]) for w in weights[:2] if '.' in w)})")
+                            f"{', '.join(repr(w.rpartition('.')[0]) for w in weights if '.' in w)})")
 
     def refusal(self, gm: fx.GraphModule, node: fx.Node, shapes: dict) -> str | None:
         """Why ``node`` stays float, or None (``shapes``: the Shapes analysis of ``gm``)."""
@@ -174,7 +173,7 @@ class InsertQdq(Pass):
         rhs = operands(node)[1] if is_op(node, *MATMUL) else weight_of(node)
         if is_dq(rhs):
             return "already_quantized"
-        if any(node.name == s or str(getattr(rhs, "target", "")).startswith(s + ".") for s in self.skip):
+        if any(_named(node, s) for s in self.skip):
             return "by_name"
         if is_op(node, *MATMUL):
             return None if all(is_float(x) for x in operands(node)) else "not_float32"
@@ -362,6 +361,18 @@ class InsertQdq(Pass):
             dq = gm.graph.call_function(dq_op, (q, *params))
         q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = {"role": kind}, {"role": kind}
         set_argument(op, kind, dq)
+
+
+def _weight_name(node: fx.Node) -> str:
+    """The attribute name of the constant a layer reads as its weight (a matmul: its right operand), or ""."""
+    rhs = operands(node)[1] if is_op(node, *MATMUL) else weight_of(node)
+    return str(getattr(rhs, "target", ""))
+
+
+def _named(node: fx.Node, name: str) -> bool:
+    """Whether ``skip`` entry ``name`` names the layer ``node``: its node name, or a prefix of its weight's name
+    ("stem.0" for "stem.0.weight")."""
+    return node.name == name or _weight_name(node).startswith(name + ".")
 
 
 def _float_test(shapes: dict) -> Callable[[Any], bool]:

@@ -149,8 +149,7 @@ def _squeezes_named(graph: fx.Graph) -> None:
     ``y.squeeze(-1)`` (``std::bad_alloc``), a pooled head's common ending. A squeeze that removes nothing goes."""
     for node in [n for n in graph.nodes if is_op(n, aten.squeeze)]:
         shape = argument(node, "self").meta["val"].shape
-        asked = argument(node, "dim") if node.target == aten.squeeze.dim else \
-            argument(node, "dim") if node.target == aten.squeeze.dims else range(len(shape))
+        asked = argument(node, "dim") if node.target in (aten.squeeze.dim, aten.squeeze.dims) else range(len(shape))
         asked = [asked] if isinstance(asked, int) else list(asked)
         dims = sorted({d % len(shape) for d in asked if isinstance(shape[d], int) and shape[d] == 1}) if shape else []
         if not dims:

@@ -18,7 +18,7 @@ import torch.fx as fx
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.cache import cached_timing
 from fxforge.compiler.errors import PassError, missing_calibration
-from fxforge.compiler.graph import add_tensor, get_tensor
+from fxforge.compiler.graph import add_tensor, get_tensor, readers
 from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext
 from fxforge.compiler.target import Target
@@ -45,15 +45,7 @@ def splittable(gm: fx.GraphModule, nodes: Sequence[fx.Node], stats: Counter) -> 
     """``nodes`` without the layers whose weight another call reads too (a layer called twice, tied weights),
     counted as ``skipped.shared_weight``: a split per call gave each call its own factors, so the tie broke and the
     "compressed" model grew (a 64×64 layer called twice: 4096 weights → 6656)."""
-    readers = Counter()
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            readers[id(get_tensor(gm, n))] += len(n.users)
-    def shared(node: fx.Node) -> bool:
-        weight = get_tensor(gm, weight_of(node))
-        return weight is not None and readers[id(weight)] > 1
-
-    kept = [n for n in nodes if not shared(n)]
+    kept = [n for n in nodes if readers(gm, weight_of(n)) <= 1]
     if len(kept) < len(nodes):
         stats["skipped.shared_weight"] += len(nodes) - len(kept)
     return kept
