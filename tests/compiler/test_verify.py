@@ -467,3 +467,40 @@ def test_fresh_float_inputs_keep_the_sign_every_value_of_the_example_has():
     positive, negative, mixed = torch.rand(4, 8), -torch.rand(4, 8), torch.randn(4, 8)
     p, n, m = fresh_inputs([positive, negative, mixed])
     assert (p >= 0).all() and (n <= 0).all() and (m < 0).any() and (m > 0).any()
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 8)
+
+    def forward(self, ids):
+        return self.embed(ids).sum(1)
+
+
+@fxforge.register_pass
+class ForgetsRareTokens(fxforge.Pass):
+    """Zero the embedding rows 10–98, which the example's ids (1, 2, 3, 99) never read: a deliberately wrong pass
+    that claims to be exact."""
+
+    name = "test_forgets_rare_tokens"
+
+    def run(self, gm, ctx):
+        weight = gm.get_parameter(next(n.target for n in gm.graph.nodes if n.op == "get_attr"))
+        with torch.no_grad():
+            weight[10:99] = 0
+        return fxforge.PassResult(changed=True)
+
+
+def test_fresh_integer_inputs_reach_ids_the_example_lacks():
+    """Fresh integer inputs were drawn from the example's values alone: a pass wrong only for token ids the example
+    lacks passed every check. They now span the example's range, leaving out a 0 it does not hold."""
+    from fxforge.compiler.verify import fresh_inputs
+    ids = torch.tensor([[1, 2, 3, 99]] * 2)
+    fresh, = fresh_inputs([ids])
+    assert fresh.min() >= 1 and fresh.max() <= 99 and ((fresh > 3) & (fresh < 99)).any()
+    divisor, = fresh_inputs([torch.tensor([[-3, 5, -7, 2]] * 4)])
+    assert (divisor != 0).all() and divisor.min() >= -7 and divisor.max() <= 5
+    with pytest.raises(fxforge.VerificationError, match="test_forgets_rare_tokens"):
+        fxforge.compile(Tokens().eval(), (ids,), passes=["test_forgets_rare_tokens"], backend="eager",
+                        measure_latency=False)
