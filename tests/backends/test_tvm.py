@@ -701,3 +701,32 @@ def test_multihead_attention_with_a_padding_mask_compiles():
     x = torch.randn(2, 16, 32)
     with torch.no_grad():
         assert compare([cm(x, padding)], [model(x, padding)]).max_rel < 1e-5
+
+
+class ConvThen(nn.Module):
+    """A conv (NHWC on CPUs) whose output a layer of another kind reads."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.conv, self.layer = nn.Conv2d(3, 16, 3, stride=2, padding=1), layer
+
+    def forward(self, x):
+        return self.layer(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("layer", [nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), nn.GroupNorm(4, 16),
+                                   nn.GroupNorm(4, 16, affine=False), nn.InstanceNorm2d(16),
+                                   nn.AdaptiveMaxPool2d((3, 5))],
+                         ids=["conv transpose", "group norm", "group norm without weights", "instance norm",
+                              "adaptive max pool"])
+def test_layers_the_importer_or_the_cpu_layout_failed_on_compile_at_any_batch(layer):
+    """Valid decoders and normalized CNNs were refused: a transposed conv took its input's NHWC layout, which has
+    no legalization ("CodeGenVM cannot emit this Relax operator"); group norm's converter failed without weights,
+    instance norm's decomposition failed at a symbolic batch, and adaptive max pooling had no converter (it still
+    has none where the sizes do not divide: a BackendError naming the op)."""
+    model = ConvThen(layer).eval()
+    cm = fxforge.compile(model, (torch.randn(2, 3, 12, 10),), backend="tvm", measure_latency=False)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 12, 10)
+        with torch.no_grad():
+            assert compare([cm(x)], [model(x)]).max_rel < 1e-5

@@ -57,7 +57,9 @@ ZERO_DIVISORS = "zero_divisors"
 # a division's overload taking a Python number → the one taking a tensor
 TENSOR_OVERLOADS = {aten.remainder.Scalar: aten.remainder.Tensor, aten.fmod.Scalar: aten.fmod.Tensor,
                     aten.div.Scalar_mode: aten.div.Tensor_mode, aten.floor_divide.Scalar: aten.floor_divide.default}  # info key: the integer divisions whose divisor the artifact checks, in output order
-CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: the loop the CPU rule vectorizes
+CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"],  # output channels innermost: the loop the CPU rule vectorizes
+              # pinned to NCHW, its only legalization: left alone it takes its input's NHWC, which stays unlowered
+              "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(")  # a CUDA kernel's name
 
 
@@ -101,7 +103,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     try:
         with torch.no_grad(), EXPORT_LOCK:
             ep = torch.export.export(_for_import(gm).eval(), args, dynamic_shapes=shapes, strict=False)
-            ep = ep.run_decompositions()  # what from_exported_program does by default
+            ep = ep.run_decompositions(_decompositions())
     except Exception as e:
         raise BackendError(f"re-exporting the graph for TVM failed: {first_line(e)}") from None
 
@@ -128,6 +130,28 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     # export's batch bound (2**16) would make static memory planning reserve buffers for that batch
     mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     return mod
+
+
+def _var_mean(x: torch.Tensor, dim: Sequence[int] | None = None, *, correction: float | None = None,
+              keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``var_mean`` as the two reductions TVM's importer converts (torch's decomposition of it goes to ``prims``)."""
+    dims = list(range(x.dim())) if dim is None else list(dim)
+    return aten.var.correction(x, dims, correction=correction, keepdim=keepdim), aten.mean.dim(x, dims, keepdim)
+
+
+def _decompositions() -> Mapping[Any, Callable]:
+    """Export's default decompositions (what ``from_exported_program`` runs), changed where TVM's importer fails on
+    a valid graph: ``instance_norm`` is kept whole (its decomposition, a batch norm over a [1, B·C, …] view, fails
+    at a symbolic batch; its own converter works), ``group_norm`` goes down to reductions (``native_group_norm``'s
+    converter fails without weights: "null pointer node"), and ``adaptive_max_pool2d``, which has no converter, is
+    decomposed (into max pooling where the sizes divide; elsewhere it stays, a BackendError naming it)."""
+    from torch._decomp import decomposition_table
+    table = torch.export.default_decompositions()
+    del table[aten.instance_norm.default]
+    for op in (aten.native_group_norm.default, aten.adaptive_max_pool2d.default):
+        table[op] = decomposition_table[op]
+    table[aten.var_mean.correction] = _var_mean
+    return table
 
 
 def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
