@@ -587,11 +587,17 @@ def _imports(module: Any) -> list[Any]:
     return out
 
 
+# C++ LOG(WARNING) lines TVM writes on file descriptor 2 that say nothing to fxforge's user: an empty ``Scope
+# Saving:`` (``Scope Loaded:``) line per memory scope when it saves (loads) an executable, and a gather's "fast mode
+# segfaults when there are out-of-bounds indices" at legalization, for indices the importer computes itself (roll,
+# reflection padding) or that the artifact bounds at every call (inputs an op reads as indices)
+TVM_NOISE = ("Scope Saving:", "Scope Loaded:", "Fast mode segfaults when there are out-of-bounds indices")
+
+
 @contextlib.contextmanager
-def _without_scope_lines() -> Iterator[None]:
-    """TVM's runtime logs an empty ``Warning: Scope Saving:`` (``Scope Loaded:``) line per memory scope when it
-    saves (loads) an executable (a C++ LOG(WARNING) on file descriptor 2, out of Python's reach): capture the
-    descriptor meanwhile and pass every other line through."""
+def _without_noise_lines() -> Iterator[None]:
+    """Capture file descriptor 2 (TVM's C++ log, out of Python's reach) meanwhile and pass every line through but
+    ``TVM_NOISE``'s."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as capture:
@@ -603,7 +609,7 @@ def _without_scope_lines() -> Iterator[None]:
             os.close(saved)
             capture.seek(0)
             kept = [ln for ln in capture.read().decode(errors="replace").splitlines(keepends=True)
-                    if "Scope Saving:" not in ln and "Scope Loaded:" not in ln]
+                    if not any(noise in ln for noise in TVM_NOISE)]
             sys.stderr.write("".join(kept))
 
 
@@ -616,7 +622,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def export_library(executable: Any, path: Path, target: Target) -> None:
     """Link the executable into a shared library for ``target`` (cross-compiled where it needs it)."""
     if target.cross_compiler is None:
-        with _without_scope_lines():
+        with _without_noise_lines():
             executable.export_library(str(path))
         return
     from tvm.support import cc
@@ -625,7 +631,7 @@ def export_library(executable: Any, path: Path, target: Target) -> None:
         raise BackendError(f"the {target.name} target needs the cross compiler {target.cross_compiler}, which is "
                            f"not installed: apt-get install {package}")
     try:
-        with _without_scope_lines():
+        with _without_noise_lines():
             executable.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler))
     except Exception as e:
         raise BackendError(f"linking the {target.name} library with {target.cross_compiler} failed: "
@@ -667,7 +673,7 @@ class TvmArtifact(Artifact):
                 with tempfile.TemporaryDirectory(prefix="fxforge-tvm-") as tmp:
                     path = Path(tmp) / LIB_FILE
                     path.write_bytes(self.library or b"")
-                    with _without_scope_lines():
+                    with _without_noise_lines():
                         self.executable = tvm.runtime.load_module(str(path))
             self._vm, self._device = relax.VirtualMachine(self.executable, device), device
         return self._vm
@@ -747,7 +753,8 @@ class TvmBackend(Backend):
             mod, dynamic = relax_module(gm, example_inputs, dynamic_batch=False), False
             signature = signature.with_static_batch(example_inputs, f"tvm: the batch size is a value ({used}), which "
                                                                     "TVM's pipeline cannot compile for a symbolic batch")
-        mod = prepare(mod, tgt, fast_math=fast_math)
+        with _without_noise_lines():
+            mod = prepare(mod, tgt, fast_math=fast_math)
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE, "fast_math": fast_math}
         divisions = [n.name for n in integer_divisions(gm.graph)]
         if divisions:
