@@ -191,6 +191,22 @@ def _namedtuples(spec: pytree.TreeSpec) -> list[type]:
     return found
 
 
+def _name_structseqs() -> None:
+    """Give each ``torch.return_types`` class (what ``torch.topk`` or ``x.max(dim)`` returns) the serialized name
+    torch registers it without, so a model returning one compiles and saves: ``treespec_dumps`` refused it
+    ("no registered serialization name") and every compile failed. Done at import, so a process loading an artifact
+    reads the name back too; the class flattens as torch registered it (its values; the class is the node's type)."""
+    for cls in torch.return_types.all_return_types:
+        node = pytree.SUPPORTED_SERIALIZED_TYPES.get(cls)
+        if node is not None and node.serialized_type_name == pytree.NO_SERIALIZED_TYPE_NAME_FOUND:
+            name = f"torch.return_types.{cls.__name__}"
+            pytree.SUPPORTED_SERIALIZED_TYPES[cls] = node._replace(serialized_type_name=name)
+            pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE[name] = cls
+
+
+_name_structseqs()
+
+
 def _dumps(spec: pytree.TreeSpec) -> str:
     """``treespec_dumps``, each namedtuple class of ``spec`` first registered under its import path: torch writes a
     namedtuple only under a registered name, and ``_loads`` finds the class again by that path."""

@@ -1,6 +1,9 @@
 """Capture: every zoo model exports to the ATen FX graph and reproduces eager; capture failures are clear."""
 import collections
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,6 +321,36 @@ def test_a_saved_namedtuple_that_cannot_be_imported_is_named():
             '[{"type": null, "context": null, "children_spec": []}]}]')
     with pytest.raises(ArtifactError, match="nowhere_at_all.Gone"):
         _loads(text)
+
+
+class TopScores(nn.Module):
+    """Returns what ``torch.topk`` returns: a ``torch.return_types`` structseq, not a namedtuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.topk(self.l(x), 3, dim=-1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_torch_return_type_output_compiles_and_loads_in_a_fresh_process(tmp_path, backend):
+    """torch registers its return types with pytree under no serialized name: every compile of a model returning
+    one failed with a raw NotImplementedError from ``treespec_dumps``."""
+    model = TopScores().eval()
+    cm = fxforge.compile(model, (torch.randn(2, 5, 6),), backend=backend, measure_latency=False)
+    x = torch.randn(3, 5, 6)
+    out = cm(x)
+    assert isinstance(out, torch.return_types.topk)
+    torch.testing.assert_close(out.values, model(x).values)
+    assert torch.equal(out.indices, model(x).indices)
+    path = cm.save(tmp_path / "a")
+    code = (f"import fxforge, torch; out = fxforge.load({str(path)!r})(torch.zeros(1, 5, 6)); "
+            "print(type(out).__name__, list(out.values.shape))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(fxforge.__file__).parents[1])})
+    assert run.stdout.split("\n")[-2:] == ["topk [1, 5, 3]", ""], run.stderr
 
 
 class DictIn(nn.Module):
