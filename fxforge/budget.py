@@ -5,8 +5,10 @@
 m is the ``metric`` (compiler/quality.py): ``"agreement"`` (top-1, the reference scores 1), ``"cosine"`` (mean
 per-sample cosine), ``"min_cosine"`` (the worst sample's cosine) or a callable. The ``int8``, ``int8_dynamic``
 and ``all`` presets carry a default budget, ``max_drop = 0.01`` with agreement for classifier logits and min cosine
-otherwise (agreement ≥ 0.99, min cosine ≥ 0.99); ``max_drop=`` sets one for any pipeline, ``max_drop=math.inf``
-measures without a fallback.
+otherwise (agreement ≥ 0.99, min cosine ≥ 0.99); where float outputs follow the logits (a regression head beside
+the classifier), the default also holds their min cosine within ``max_drop`` (metric ``agreement+min_cosine``: m is
+the smaller of the two, so the drop is the larger): agreement reads the first output alone. ``max_drop=`` sets a
+budget for any pipeline, ``max_drop=math.inf`` measures without a fallback.
 
 The data is ``validation`` when given. Otherwise a held-out split of the calibration batches: every fourth batch
 (batches 3, 7, 11, ...) is held out and never calibrated on; the passes calibrate on the others. With fewer than
@@ -130,7 +132,8 @@ class Budget:
             return manager
         reference = self.data.measure(gm)
         self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else \
-            "agreement" if reference.top1 is not None else "min_cosine"
+            "min_cosine" if reference.top1 is None else \
+            "agreement" if reference.others_cosine_min is None else "agreement+min_cosine"
         self.name = getattr(self.metric, "__name__", "metric") if self.kind == "callable" else self.kind
         if self.metric is None and self.kind == "min_cosine" and _one_value_per_sample(self.data):
             self.record["caveat"] = ("the output holds one value per sample, whose cosine is only its sign: this "
@@ -284,7 +287,7 @@ class Budget:
         (per-sample losses ≥ 0, the reference scoring 1) a full drop within max_drop bounds the drop on n of N
         samples by max_drop · N / n, and for the min cosine by max_drop; a screen above that bound is a miss,
         returned as is and recorded in ``screened`` without running the rest of the data."""
-        if len(first) < len(self.data.flat) and self.kind in ("agreement", "cosine", "min_cosine"):
+        if len(first) < len(self.data.flat) and self.kind in SCREEN_SAMPLES:
             drop = self._screened(graph, reference, first)[0]
             if drop > self.screen_bound + self._slack():
                 self.record.setdefault("screened", {})[k] = drop
@@ -301,9 +304,9 @@ class Budget:
             n = len(self.data.flat) if callable(self.metric) else len(first)
             self.screen = Validation(self.data.batches[:n], self.data.flat[:n], self.metric)
             self.screen_reference = self._score(self.screen.measure(reference))
-            samples = {"agreement": self.data.samples, "cosine": self.data.samples, "min_cosine": self.screen.samples}
-            self.screen_bound = self.max_drop * samples[self.kind] / self.screen.samples if self.kind in samples \
-                else float("inf")
+            bound = SCREEN_SAMPLES.get(self.kind)
+            self.screen_bound = float("inf") if bound is None else self.max_drop if bound == "worst" else \
+                self.max_drop * self.data.samples / self.screen.samples
         quality = self.screen.measure(graph)
         return self.screen_reference - self._score(quality), -quality.cosine_mean
 
@@ -361,15 +364,21 @@ class Budget:
         return 1e-9 * max(1.0, abs(self.reference))
 
     def _score(self, q: Quality) -> float:
-        if self.kind == "agreement":
+        if self.kind in ("agreement", "agreement+min_cosine"):
             if q.top1 is None:
                 raise InputError(f"metric='agreement' needs classifier logits: {not_logits(self.data.reference)}")
-            return q.top1
+            return q.top1 if self.kind == "agreement" else min(q.top1, q.others_cosine_min)
         return {"cosine": q.cosine_mean, "min_cosine": q.cosine_min}.get(self.kind, q.metric)
 
     @staticmethod
     def _warn(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=4)
+
+
+# per metric the screen's bound (``_estimate``): a drop of d on all N samples is at most d · N / n on n of them for
+# a mean over samples ("mean"), and at most d for the worst sample's ("worst"); for agreement+min_cosine the larger
+# bound of its two parts, beyond which one of them misses
+SCREEN_SAMPLES = {"agreement": "mean", "cosine": "mean", "min_cosine": "worst", "agreement+min_cosine": "mean"}
 
 
 def _one_value_per_sample(data: Validation) -> bool:

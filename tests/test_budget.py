@@ -1,6 +1,7 @@
 """The accuracy budget (fxforge/budget.py): measured on held-out calibration data or validation data, layers kept
 float where quantizing them costs most, a one-line warning or BudgetError, the outcome in report.meta."""
 import math
+import re
 import warnings
 
 import pytest
@@ -450,3 +451,54 @@ def test_integer_counts_beside_float_features_are_no_class_ids():
     validation.measure(lambda *x: next(runs))
     quality = validation.measure(lambda *x: next(runs))
     assert quality.top1 is None and quality.cosine_min == pytest.approx(-1.0)
+
+
+class MapAndScores(nn.Module):
+    """A dense map (16 × 16, values ~30) beside small scores (~0.01)."""
+
+    def __init__(self):
+        super().__init__()
+        self.map, self.scores = nn.Linear(16, 256), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return (self.map(x) * 30).reshape(-1, 16, 16), self.scores(x) * 0.01
+
+
+@fxforge.register_pass
+class FlipsTheSecondOutput(fxforge.Pass):
+    """Negate the second output: an approximate pass wrong on the small output alone."""
+
+    name = "test_flips_the_second_output"
+    exact = False
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        first, second = out.args[0]
+        with gm.graph.inserting_before(out):
+            flipped = gm.graph.call_function(torch.ops.aten.neg.default, (second,))
+        out.args = ((first, flipped),)
+        return fxforge.PassResult(changed=True)
+
+
+class LogitsAndBox(nn.Module):
+    """Classifier logits beside a small regression output."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits, self.box = nn.Linear(16, 10), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.logits(x), self.box(x) * 0.01
+
+
+@pytest.mark.parametrize("model, metric", [(MapAndScores(), "min_cosine"), (LogitsAndBox(), "agreement+min_cosine")],
+                         ids=["map beside scores", "logits beside a box"])
+def test_the_default_budget_sees_a_small_output_wholly_wrong_beside_another(model, metric):
+    """The budget's cosine flattened all outputs of a sample together: a map 10⁴ times larger hid scores of the
+    wrong sign (cosine 1.0000), and the budget held. Beside logits, it read their top-1 agreement alone."""
+    from fxforge.compiler.quality import _sample_cosines
+    ref = [torch.ones(4, 16, 16) * 30, torch.ones(4, 10) * 0.01]
+    assert _sample_cosines([ref[0], -ref[1]], ref, ref[0]).tolist() == pytest.approx([-1.0] * 4)
+    with pytest.raises(fxforge.BudgetError, match=f"misses its accuracy budget: {re.escape(metric)} drop 2.0000"):
+        fxforge.compile(model.eval(), (torch.randn(2, 16),), passes=["test_flips_the_second_output"],
+                        validation=batches(2), max_drop=0.01, strict=True, measure_latency=False)
