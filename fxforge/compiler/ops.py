@@ -97,11 +97,12 @@ def argument(node: fx.Node, name: str, absent: Any = _MISSING) -> Any:
 
 
 def set_argument(node: fx.Node, name: str, value: Any) -> None:
-    """Set the argument ``name``, padding earlier positional arguments with the schema's defaults."""
-    if name in node.kwargs:
+    """Set the argument ``name``, padding earlier positional arguments with the schema's defaults; a keyword-only
+    argument (``cumsum``'s ``dtype``) is set by keyword."""
+    i, schema_argument = _index(node, name)
+    if name in node.kwargs or schema_argument.kwarg_only:
         node.update_kwarg(name, value)
         return
-    i, _ = _index(node, name)
     args = list(node.args)
     args.extend(a.default_value for a in _schema(node)[len(args):i + 1])
     args[i] = value

@@ -139,6 +139,12 @@ def _var_mean(x: torch.Tensor, dim: Sequence[int] | None = None, *, correction: 
     return aten.var.correction(x, dims, correction=correction, keepdim=keepdim), aten.mean.dim(x, dims, keepdim)
 
 
+def _elu(x: torch.Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> torch.Tensor:
+    """``elu`` with its ``scale`` and ``input_scale``, which TVM's converter drops: ``selu`` (scale 1.0507) came out
+    5 % off and ``celu`` (input scale 1/alpha) otherwise wrong."""
+    return torch.where(x > 0, x * scale, torch.expm1(x * input_scale) * (alpha * scale))
+
+
 def _decompositions() -> Mapping[Any, Callable]:
     """Export's default decompositions (what ``from_exported_program`` runs), changed where TVM's importer fails on
     a valid graph: ``instance_norm`` is kept whole (its decomposition, a batch norm over a [1, B·C, …] view, fails
@@ -151,6 +157,7 @@ def _decompositions() -> Mapping[Any, Callable]:
     for op in (aten.native_group_norm.default, aten.adaptive_max_pool2d.default):
         table[op] = decomposition_table[op]
     table[aten.var_mean.correction] = _var_mean
+    table[aten.elu.default] = _elu
     return table
 
 
@@ -160,7 +167,7 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     copied = copy.deepcopy(gm)
     for rewrite in (views_as_reshapes, _squeezes_named, _negative_indices_wrapped, _promoted_operands,
                     _finite_arg_extremes,
-                    _typed_integer_divisors, _zero_divisors_flagged, _half_reductions_in_float32,
+                    _typed_integer_divisors, _zero_divisors_flagged, _cumulative_sums_typed, _half_reductions_in_float32,
                     _half_products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
@@ -240,6 +247,16 @@ def _finite_arg_extremes(graph: fx.Graph) -> None:
         with graph.inserting_before(node):
             clamped = graph.call_function(aten.clamp.default, (source, -top, top))
         node.replace_input_with(source, clamped)
+
+
+def _cumulative_sums_typed(graph: fx.Graph) -> None:
+    """Give each ``cumsum`` without a ``dtype`` the dtype of its result: PyTorch sums bool and integer tensors in
+    int64, and TVM's converter kept the input's dtype (a uint8 sum wrapped at 256 silently, a bool mask's position
+    ids failed to build, an int32 sum came out int32)."""
+    for node in [n for n in graph.nodes if is_op(n, aten.cumsum.default) and argument(n, "dtype", None) is None]:
+        result = node.meta.get("val")
+        if isinstance(result, torch.Tensor) and result.dtype != _dtype(node.all_input_nodes[0]):
+            set_argument(node, "dtype", result.dtype)
 
 
 def _half_reductions_in_float32(graph: fx.Graph) -> None:
