@@ -623,12 +623,33 @@ def _log_sigmoid(self):
     return op.Sub(op.Min(self, op.CastLike(0, self)), op.Softplus(op.Neg(op.Abs(self))))
 
 
+def _logaddexp(self, other):
+    """``log(eᵃ + eᵇ) = max(a, b) + softplus(−|a − b|)``: the exporter's Log(Exp(a) + Exp(b)) overflowed to ±inf
+    beyond |x| ≈ 89 in float32 (710 in float64), where the result is about max(a, b). Where a = b (±inf included,
+    whose difference is NaN) it is a + log 2."""
+    from onnxscript import opset18 as op
+    general = op.Add(op.Max(self, other), op.Softplus(op.Neg(op.Abs(op.Sub(self, other)))))
+    return op.Where(op.Equal(self, other), op.Add(self, op.CastLike(math.log(2.0), self)), general)
+
+
+def _logsumexp(self, dim, keepdim=False):
+    """``m + log Σ exp(x − m)``, m the maximum over ``dim`` (0 where it is infinite, as PyTorch's kernel takes it):
+    ORT's float16 ReduceLogSumExp overflowed to inf for values near 1000 (eager: finite)."""
+    from onnxscript import opset18 as op
+    axes = op.Constant(value_ints=list(dim)) if dim else None
+    peak = op.ReduceMax(self, axes, keepdims=1)
+    peak = op.Where(op.Less(op.Abs(peak), op.CastLike(math.inf, self)), peak, op.CastLike(0, self))  # IsInf: no half
+    total = op.ReduceSum(op.Exp(op.Sub(self, peak)), axes, keepdims=1 if keepdim else 0)
+    return op.Add(op.Log(total), peak if keepdim else op.ReduceMax(peak, axes, keepdims=0))
+
+
 TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim,
                 torch.ops.aten.div.Tensor_mode: _div_mode, torch.ops.aten.div.Scalar_mode: _div_mode,
                 torch.ops.aten.floor_divide.default: _floor_divide, torch.ops.aten.clamp.default: _clamp,
                 torch.ops.aten.log_sigmoid.default: _log_sigmoid, torch.ops.aten.clamp_min.default: _clamp_min,
                 torch.ops.aten.clamp_min.Tensor: _clamp_min, torch.ops.aten.clamp_max.default: _clamp_max,
-                torch.ops.aten.clamp_max.Tensor: _clamp_max}
+                torch.ops.aten.clamp_max.Tensor: _clamp_max, torch.ops.aten.logaddexp.default: _logaddexp,
+                torch.ops.aten.logsumexp.default: _logsumexp}
 
 
 @contextlib.contextmanager

@@ -435,6 +435,25 @@ def test_log_sigmoid_of_a_large_negative_is_the_input_not_minus_infinity():
     torch.testing.assert_close(cm(x), model(x))
 
 
+class LogSums(torch.nn.Module):
+    def forward(self, a, b):
+        return torch.logaddexp(a, b), torch.logsumexp(a, -1), torch.logsumexp(b, (0, 1), keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_log_sums_of_large_values_are_finite_as_in_eager(dtype):
+    """The exporter's logaddexp, Log(Exp(a) + Exp(b)), overflowed to ±inf beyond |x| ≈ 89 in float32; ORT's float16
+    ReduceLogSumExp overflowed near 1000. Random N(0, 1) inputs never reached either: silently wrong."""
+    model = LogSums()
+    example = (torch.randn(2, 4, dtype=dtype), torch.randn(2, 4, dtype=dtype))
+    cm = fxforge.compile(model, example, backend="onnx", measure_latency=False)
+    inf = float("inf")
+    a = torch.tensor([[30.0, 90.0, 1000.0, -1000.0], [-inf, inf, 5.0, -95.0]], dtype=dtype)
+    b = torch.tensor([[31.0, 91.0, 1001.0, -999.0], [-inf, inf, 5.0, -inf]], dtype=dtype)
+    for got, want in zip(cm(a, b), model(a, b)):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_exporter_decomposes_only_graphs_with_an_op_onnx_lacks(monkeypatch):
     """The exporter's re-decomposition retraces the whole graph, so the backend lets it run only where an op has no
     ONNX translation: a global average pooling lowers to GlobalAveragePool without it, a 2×2 adaptive pooling takes
