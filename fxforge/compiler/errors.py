@@ -80,11 +80,12 @@ def first_line(e: BaseException) -> str:
     """The first non-blank line of an exception's message (colour codes removed), or its type's name. A
     TorchScript interpreter error opens with a fixed header and a TorchScript traceback and states its cause after
     it ("RuntimeError: index 9 is out of bounds ...", the type's name sometimes twice), followed by the Python
-    frames of a traced call ("At: ..."), so the first line naming an error type is taken, without those names."""
+    frames of a traced call ("At: ..."), so the first line naming an error type is taken, without those names. A
+    first line that announces what follows ("... failed with the following errors:") is joined with the next."""
     lines = [ln.strip() for ln in ANSI.sub("", str(e)).splitlines() if ln.strip()]
     if not lines:
         return type(e).__name__
     if lines[0].startswith(TORCHSCRIPT_HEADER):
         cause = next((ln for ln in lines[1:] if ERROR_PREFIX.match(ln)), lines[-1])
         return ERROR_PREFIX.sub("", cause)
-    return lines[0]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
