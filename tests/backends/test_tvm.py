@@ -773,3 +773,17 @@ def test_cumulative_sums_of_bool_and_small_integers_accumulate_in_int64():
     expected = model(mask, pixels)
     assert positions.dtype == torch.int64 and torch.equal(positions, expected[0])
     assert torch.allclose(sums, expected[1])
+
+
+class AlongTheLastDim(nn.Module):
+    def forward(self, x):
+        return x.max(-1).values, x.min(-2).indices, torch.logsumexp(x, -1), torch.logsumexp(x, (-1, 0))
+
+
+def test_reductions_along_a_negative_dim_compile():
+    """``x.max(-1)`` and ``logsumexp(x, -1)`` failed in TVM's pipeline with ``std::bad_alloc``."""
+    model = AlongTheLastDim()
+    cm = fxforge.compile(model, (torch.randn(4, 16),), backend="tvm", measure_latency=False)
+    x = torch.randn(3, 16)
+    for got, want in zip(cm(x), model(x)):
+        torch.testing.assert_close(got, want)

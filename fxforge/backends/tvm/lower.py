@@ -165,10 +165,9 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` for TVM's importer: the same values, with each rewrite below applied (each works around a
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
-    for rewrite in (views_as_reshapes, _squeezes_named, _negative_indices_wrapped, _promoted_operands,
-                    _finite_arg_extremes,
-                    _typed_integer_divisors, _zero_divisors_flagged, _cumulative_sums_typed, _half_reductions_in_float32,
-                    _half_products_cast_back):
+    for rewrite in (views_as_reshapes, _squeezes_named, _reduced_dims_non_negative, _negative_indices_wrapped,
+                    _promoted_operands, _finite_arg_extremes, _typed_integer_divisors, _zero_divisors_flagged,
+                    _cumulative_sums_typed, _half_reductions_in_float32, _half_products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
     return copied
@@ -188,6 +187,16 @@ def _squeezes_named(graph: fx.Graph) -> None:
             graph.erase_node(node)
             continue
         node.target, node.args, node.kwargs = aten.squeeze.dims, (argument(node, "self"), dims), {}
+
+
+def _reduced_dims_non_negative(graph: fx.Graph) -> None:
+    """The ``dim`` of a reduction along dimensions (``max``/``min`` along a dim, ``logsumexp``) counted from the
+    front: a negative one made TVM's pipeline fail with ``std::bad_alloc`` (``x.max(-1)``; ``logsumexp(x, -1)``,
+    whose decomposition squeezes it), as it did for ``squeeze``."""
+    for node in [n for n in graph.nodes if is_op(n, aten.max.dim, aten.min.dim, aten.logsumexp.default)]:
+        rank, dim = argument(node, "self").meta["val"].dim(), argument(node, "dim")
+        if rank:
+            set_argument(node, "dim", dim % rank if isinstance(dim, int) else [d % rank for d in dim])
 
 
 def _negative_indices_wrapped(graph: fx.Graph) -> None:
