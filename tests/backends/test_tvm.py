@@ -787,3 +787,21 @@ def test_reductions_along_a_negative_dim_compile():
     x = torch.randn(3, 16)
     for got, want in zip(cm(x), model(x)):
         torch.testing.assert_close(got, want)
+
+
+class LastRowTimesAll(nn.Module):
+    def forward(self, x):
+        return x[-1:] * x + x.std(0)
+
+
+@pytest.mark.filterwarnings("ignore:std")  # eager's own, when the artifact check runs the model at batch 1
+def test_a_graph_tvm_cannot_build_for_a_symbolic_batch_is_built_for_the_examples():
+    """A slice at the batch's end failed TVM's build and ``std`` over the batch its importer, both only for a
+    symbolic batch: such graphs were refused, where the docs promise the example's batch."""
+    model = LastRowTimesAll()
+    cm = fxforge.compile(model, (torch.randn(4, 8),), backend="tvm", measure_latency=False)
+    assert not cm.signature.dynamic_batch and "cannot compile this graph for a symbolic batch" in cm.signature.note
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(cm(x), model(x))
+    with pytest.raises(fxforge.InputError):
+        cm(torch.randn(3, 8))

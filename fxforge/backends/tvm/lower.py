@@ -772,25 +772,27 @@ class TvmBackend(Backend):
         self.check_options(options)
         tune, fast_math = options.pop("tune", None), options.pop("fast_math", True)
         tgt = tvm_target(target)
-        dynamic = signature.dynamic_batch and tune is None  # MetaSchedule tunes static shapes
-        mod = relax_module(gm, example_inputs, dynamic_batch=dynamic)
-        used = _batch_as_value(mod) if dynamic else ""
-        if used:
-            mod, dynamic = relax_module(gm, example_inputs, dynamic_batch=False), False
-            signature = signature.with_static_batch(example_inputs, f"tvm: the batch size is a value ({used}), which "
-                                                                    "TVM's pipeline cannot compile for a symbolic batch")
-        with _without_noise_lines():
-            mod = prepare(mod, tgt, fast_math=fast_math)
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE, "fast_math": fast_math}
         divisions = [n.name for n in integer_divisions(gm.graph)]
         if divisions:
             info[ZERO_DIVISORS] = divisions
-        if tune is not None:
-            from .tuning import apply_tuning
-            mod, info["tuning"] = apply_tuning(mod, tgt, tune, cross_compiler=target.cross_compiler)
-        if signature.dynamic_batch and not dynamic:
-            signature = signature.with_static_batch(example_inputs, "tvm: tuned for the example batch (static shapes)")
-        executable = build(schedule(mod, tgt), tgt)
+        mod = executable = None
+        if signature.dynamic_batch and tune is None:  # MetaSchedule tunes static shapes
+            try:
+                mod, executable = _dynamic_build(gm, example_inputs, tgt, fast_math)
+            except BackendError as e:
+                signature = signature.with_static_batch(example_inputs, f"tvm: TVM cannot compile this graph for a "
+                                                                        f"symbolic batch ({e})")
+        if executable is None:
+            with _without_noise_lines():
+                mod = prepare(relax_module(gm, example_inputs), tgt, fast_math=fast_math)
+            if tune is not None:
+                from .tuning import apply_tuning
+                mod, info["tuning"] = apply_tuning(mod, tgt, tune, cross_compiler=target.cross_compiler)
+                if signature.dynamic_batch:
+                    signature = signature.with_static_batch(example_inputs,
+                                                            "tvm: tuned for the example batch (static shapes)")
+            executable = build(schedule(mod, tgt), tgt)
         source, library = "", None
         if is_gpu(tgt):
             source = cuda_source(executable)
@@ -804,6 +806,21 @@ class TvmBackend(Backend):
         elif is_gpu(tgt):
             info["runs_on"] = f"a {tgt.kind.name} GPU with a {tgt.kind.name}-enabled TVM runtime"
         return TvmArtifact(signature, target, info, executable=executable, library=library, source=source)
+
+
+def _dynamic_build(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], tgt: tvm.target.Target,
+                   fast_math: bool) -> tuple[tvm.IRModule, Any]:
+    """The prepared module and executable of ``gm`` for any batch size, or a BackendError saying why TVM cannot build
+    it so (the caller builds it for the example's batch then). Where the batch size is a value
+    (:func:`_batch_as_value`) it is an error before ``prepare``, which crashed the process on such a graph; the
+    importer and the build refuse others (a slice at the batch's end, ``std`` over the batch, a view of it)."""
+    mod = relax_module(gm, example_inputs, dynamic_batch=True)
+    used = _batch_as_value(mod)
+    if used:
+        raise BackendError(f"the batch size is a value: {used}")
+    with _without_noise_lines():
+        mod = prepare(mod, tgt, fast_math=fast_math)
+    return mod, build(schedule(mod, tgt), tgt)
 
 
 def _check_kernels(mod: tvm.IRModule, source: str) -> None:
