@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxforge
 from fxforge.compiler import target as target_module
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import FUSION_KEY, get_tensor
@@ -575,3 +576,15 @@ def test_a_skip_name_that_matches_no_layer_is_refused():
         apply(model, (torch.randn(2, 4),), ["insert_qdq{skip=('linaer',)}"])
     gm, report, _ = apply(model, (torch.randn(2, 4),), ["insert_qdq{skip=('linear', '2')}"])
     assert report.row("insert_qdq").stats["skipped.by_name"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_a_model_of_another_dtype_than_float32_is_warned_of_not_quantized_silently(dtype):
+    """int8 quantizes float32 layers only: a float16 or float64 model came out of `int8` unquantized, the budget
+    "held" with no layer float, and only a count in the report's stats said why."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(dtype).eval()
+    calibration = [(torch.randn(16, 8, dtype=dtype),) for _ in range(4)]
+    with pytest.warns(UserWarning, match="insert_qdq quantized no layer: 2 compute in another dtype than float32"):
+        cm = fxforge.compile(model, (torch.randn(2, 8, dtype=dtype),), passes=["int8"], backend="eager",
+                             calibration=calibration, measure_latency=False)
+    assert cm.report.row("insert_qdq").stats["skipped.not_float32"] == 2
