@@ -26,7 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import InputError, first_line
-from .verify import compare, error_bound
+from .verify import Error, compare, error_bound, worst
 
 Metric = Union[None, Literal["agreement", "cosine", "min_cosine"], Callable[[list, list], float]]
 METRICS = ("agreement", "cosine", "min_cosine")
@@ -74,7 +74,7 @@ class Validation:
         self.batches, self.flat, self.metric = batches, flat, metric
         self.reference: list[list[torch.Tensor]] | None = None
         self.previous: list[list[torch.Tensor]] | None = None  # the outputs of the run before the last
-        self.step: float | None = None  # the last run's max relative error against the run before it
+        self.step: Error | None = None  # the last run's error against the run before it (the worst batch's)
 
     @classmethod
     def from_user(cls, data: Iterable[Any] | None, flatten: Callable[[Sequence[Any]], list[torch.Tensor]],
@@ -110,7 +110,7 @@ class Validation:
             outs = [[torch.as_tensor(v) for v in pytree.tree_leaves(run(*b))] for b in self.flat]
         if self.reference is None:
             self.reference = outs
-        self.step = None if self.previous is None else max(compare(o, r).max_rel for o, r in zip(outs, self.previous))
+        self.step = None if self.previous is None else worst([compare(o, r) for o, r in zip(outs, self.previous)])
         self.previous = outs
         cosines = torch.cat([_sample_cosines(o, r, b[0]) for o, r, b in zip(outs, self.reference, self.flat)])
         max_rel = error_bound([compare(o, r) for o, r in zip(outs, self.reference)]).max_rel

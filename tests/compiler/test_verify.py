@@ -460,6 +460,45 @@ def test_the_exact_tolerance_follows_what_the_graph_computes_not_the_inputs_dtyp
     assert exact_tolerance(gm) == 8 * torch.finfo(torch.float16).eps
 
 
+class WithHalfSide(nn.Module):
+    """A float32 linear beside a small bfloat16 side output."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.l(x), x[:, :1].to(torch.bfloat16) * 2
+
+
+@fxforge.register_pass
+class ScalesWeights(fxforge.Pass):
+    """Scale every linear's weight by 1.04: a deliberately wrong pass that claims to be exact."""
+
+    name = "test_scales_weights"
+
+    def run(self, gm, ctx):
+        from fxforge.compiler.graph import add_tensor, finalize, get_tensor
+        from fxforge.compiler.ops import LINEAR, is_op, set_argument, weight_of
+        for node in [n for n in gm.graph.nodes if is_op(n, *LINEAR)]:
+            set_argument(node, "weight", add_tensor(gm, node, "scaled", get_tensor(gm, weight_of(node)) * 1.04))
+        finalize(gm)
+        return fxforge.PassResult(changed=True)
+
+
+def test_each_output_is_held_to_the_tolerance_of_what_computes_it():
+    """One bfloat16 side output widened every output's exact tolerance to 6.25 %: an exact pass 4 % wrong on the
+    float32 output went through. Each output now gets its own, from the ops it is computed by."""
+    from fxforge.compiler.trace import trace
+    from fxforge.compiler.verify import EXACT_TOLERANCE, exact_tolerances
+    gm, _ = trace(WithHalfSide(), (torch.randn(4, 16),))
+    assert exact_tolerances(gm) == (EXACT_TOLERANCE, 8 * torch.finfo(torch.bfloat16).eps)
+    with pytest.raises(fxforge.VerificationError, match=r"test_scales_weights' changed the outputs by 0.04 relative "
+                                                        r"\(tolerance 0.0001\)"):
+        fxforge.compile(WithHalfSide().eval(), (torch.randn(4, 16),), passes=["test_scales_weights"],
+                        backend="eager", measure_latency=False)
+
+
 def test_fresh_float_inputs_keep_the_sign_every_value_of_the_example_has():
     """A model taking the log of a positive input gave NaN on half of every N(0, 1) batch, where NaN matches NaN:
     the checks compared nothing there."""
