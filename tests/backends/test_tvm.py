@@ -805,3 +805,35 @@ def test_a_graph_tvm_cannot_build_for_a_symbolic_batch_is_built_for_the_examples
     torch.testing.assert_close(cm(x), model(x))
     with pytest.raises(fxforge.InputError):
         cm(torch.randn(3, 8))
+
+
+class Resized(nn.Module):
+    def __init__(self, **how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        return F.interpolate(x, **self.how)
+
+
+@pytest.mark.parametrize("how", [dict(scale_factor=1.5, mode="nearest"), dict(size=(5, 13), mode="nearest"),
+                                 dict(scale_factor=2, mode="nearest"), dict(size=(5, 13), mode="bilinear"),
+                                 dict(scale_factor=1.3, mode="bilinear", recompute_scale_factor=True)],
+                         ids=["nearest ×1.5", "nearest to a size", "nearest ×2", "bilinear to a size",
+                              "bilinear ×1.3 recomputed"])
+def test_resizes_match_pytorch(how):
+    """TVM's resize rounded nearest source coordinates otherwise than PyTorch's floor (1.6 relative off at ×1.5 or a
+    size that is no multiple): refused by the artifact check, which said only how far off it was."""
+    model = Resized(**how)
+    cm = fxforge.compile(model, (torch.randn(2, 3, 4, 6),), backend="tvm", measure_latency=False)
+    x = torch.randn(3, 3, 4, 6)
+    torch.testing.assert_close(cm(x), model(x))
+
+
+@pytest.mark.parametrize("how", [dict(scale_factor=1.7, mode="bilinear"), dict(scale_factor=0.6, mode="bicubic"),
+                                 dict(scale_factor=2, mode="bilinear", antialias=True)],
+                         ids=["bilinear ×1.7", "bicubic ×0.6", "antialiased"])
+def test_resizes_tvm_computes_otherwise_are_named(how):
+    with pytest.raises(fxforge.BackendError, match=r"TVM (resizes by a non-integer scale_factor|cannot resize with "
+                                                   r"antialias).*node '_?upsample_bi"):
+        fxforge.compile(Resized(**how), (torch.randn(2, 3, 4, 6),), backend="tvm", measure_latency=False)

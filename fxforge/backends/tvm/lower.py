@@ -100,6 +100,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     size = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else None
     args, shapes = batch_dynamic(example_inputs, [dynamic_batch and t.dim() > 0 and t.shape[0] == size
                                                   for t in example_inputs])
+    _check_resizes(gm.graph)
     try:
         with torch.no_grad(), EXPORT_LOCK:
             ep = torch.export.export(_for_import(gm).eval(), args, dynamic_shapes=shapes, strict=False)
@@ -132,6 +133,23 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     return mod
 
 
+def _check_resizes(graph: fx.Graph) -> None:
+    """A BackendError naming a resize TVM computes otherwise than PyTorch: an antialiased one (the importer drops
+    ``antialias``), and a bilinear or bicubic one from a non-integer ``scale_factor`` without ``align_corners``
+    (PyTorch maps output to input coordinates by 1 / scale_factor, TVM by the ratio of the sizes). The artifact check
+    refused both, telling only how far off they were (nearest resizes are decomposed instead: ``_decompositions``)."""
+    for node in graph.nodes:
+        if is_op(node, aten._upsample_bilinear2d_aa.vec, aten._upsample_bilinear2d_aa.default):
+            raise BackendError(f"TVM cannot resize with antialias=True as PyTorch does (node {node.name!r}); "
+                               "compile for another backend")
+        if is_op(node, aten.upsample_bilinear2d.vec, aten.upsample_bicubic2d.vec) and \
+                not argument(node, "align_corners") and \
+                any(s != int(s) for s in argument(node, "scale_factors") or ()):
+            raise BackendError(f"TVM resizes by a non-integer scale_factor otherwise than PyTorch (node "
+                               f"{node.name!r}); give F.interpolate size= or recompute_scale_factor=True, or "
+                               "compile for another backend")
+
+
 def _var_mean(x: torch.Tensor, dim: Sequence[int] | None = None, *, correction: float | None = None,
               keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``var_mean`` as the two reductions TVM's importer converts (torch's decomposition of it goes to ``prims``)."""
@@ -149,12 +167,16 @@ def _decompositions() -> Mapping[Any, Callable]:
     """Export's default decompositions (what ``from_exported_program`` runs), changed where TVM's importer fails on
     a valid graph: ``instance_norm`` is kept whole (its decomposition, a batch norm over a [1, B·C, …] view, fails
     at a symbolic batch; its own converter works), ``group_norm`` goes down to reductions (``native_group_norm``'s
-    converter fails without weights: "null pointer node"), and ``adaptive_max_pool2d``, which has no converter, is
-    decomposed (into max pooling where the sizes divide; elsewhere it stays, a BackendError naming it)."""
+    converter fails without weights: "null pointer node"), ``adaptive_max_pool2d``, which has no converter, is
+    decomposed (into max pooling where the sizes divide; elsewhere it stays, a BackendError naming it), and so is a
+    nearest resize (into indexing: the converter's resize rounds source coordinates otherwise than PyTorch's floor,
+    1.6 relative off at a scale of 1.5 or a size that is no multiple; as fast at a scale of 2). ``var_mean`` becomes
+    the two reductions the importer converts, and ``elu`` keeps the scales its converter drops."""
     from torch._decomp import decomposition_table
     table = torch.export.default_decompositions()
     del table[aten.instance_norm.default]
-    for op in (aten.native_group_norm.default, aten.adaptive_max_pool2d.default):
+    for op in (aten.native_group_norm.default, aten.adaptive_max_pool2d.default, aten.upsample_nearest2d.vec,
+               aten.upsample_nearest2d.default):
         table[op] = decomposition_table[op]
     table[aten.var_mean.correction] = _var_mean
     table[aten.elu.default] = _elu
