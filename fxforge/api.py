@@ -94,9 +94,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             passes that train (``distill``); a warning says so when no pass reads it.
         max_drop: the accuracy budget (fxforge/budget.py): the pipeline must end within ``max_drop`` of the fp32
             model in ``metric`` on ``validation`` (or on calibration batches held out from calibrating). The
-            ``int8``, ``int8_dynamic`` and ``all`` presets default to 0.01 (agreement for classifier logits, else
-            min cosine); ``math.inf`` measures only. A miss keeps the layers whose quantization costs most float,
-            with a warning; ``report.meta["budget"]`` records the outcome.
+            ``int8``, ``int8_dynamic`` and ``all`` presets default to 0.01 (agreement for classifier logits, with the
+            min cosine of any outputs after them; else min cosine); ``math.inf`` measures only. A miss keeps the
+            layers whose quantization costs most float, with a warning; ``report.meta["budget"]`` records the outcome.
         strict: raise ``BudgetError`` instead of keeping layers float when the pipeline misses its budget, and
             ``TargetError`` instead of warning when the artifact would run elsewhere than ``target`` (e.g. the
             onnx backend without ONNX Runtime's CUDA provider for ``target="cuda"``).

@@ -54,7 +54,7 @@ from fxforge.compiler.errors import BudgetError, InputError
 from fxforge.compiler.graph import call_nodes
 from fxforge.compiler.ops import WEIGHTED, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager
-from fxforge.compiler.quality import Metric, Quality, Validation, not_logits
+from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, score
 from fxforge.compiler.report import Report
 from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
 from fxforge.passes.lib.qdq import checked_batches
@@ -131,14 +131,18 @@ class Budget:
             self.record["outcome"] = "not measured: fewer than 4 calibration batches and no validation data"
             return manager
         reference = self.data.measure(gm)
+        after_logits = reference.top1 is not None and reference.others_cosine_min is not None
+        signs_only = _one_value_per_sample(self.data, first=1 if after_logits else 0)
         self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else \
             "min_cosine" if reference.top1 is None else \
-            "agreement" if reference.others_cosine_min is None else "agreement+min_cosine"
+            "agreement+min_cosine" if after_logits and not signs_only else "agreement"
         self.name = getattr(self.metric, "__name__", "metric") if self.kind == "callable" else self.kind
-        if self.metric is None and self.kind == "min_cosine" and _one_value_per_sample(self.data):
-            self.record["caveat"] = ("the output holds one value per sample, whose cosine is only its sign: this "
-                                     "budget sees sign flips, not magnitudes; pass metric= for one that does")
-            self._warn(f"the accuracy budget's min cosine cannot measure this model: {self.record['caveat']}")
+        if self.metric is None and signs_only and (self.kind == "min_cosine" or after_logits):
+            what, reads = (("the outputs after the logits hold", "reads the logits alone") if after_logits else
+                           ("the output holds", "sees sign flips, not magnitudes"))
+            self.record["caveat"] = (f"{what} one value per sample, whose cosine is only its sign: this budget "
+                                     f"{reads}; pass metric= for one that sees them")
+            self._warn(f"the accuracy budget's default metric cannot measure this model: {self.record['caveat']}")
         self.reference = self._score(reference)
         self.record.update(metric=self.name, reference=self.reference)
         passes = manager.passes
@@ -364,11 +368,7 @@ class Budget:
         return 1e-9 * max(1.0, abs(self.reference))
 
     def _score(self, q: Quality) -> float:
-        if self.kind in ("agreement", "agreement+min_cosine"):
-            if q.top1 is None:
-                raise InputError(f"metric='agreement' needs classifier logits: {not_logits(self.data.reference)}")
-            return q.top1 if self.kind == "agreement" else min(q.top1, q.others_cosine_min)
-        return {"cosine": q.cosine_mean, "min_cosine": q.cosine_min}.get(self.kind, q.metric)
+        return score(q, self.kind, self.data.reference) if self.kind in METRICS else q.metric
 
     @staticmethod
     def _warn(message: str) -> None:
@@ -381,10 +381,11 @@ class Budget:
 SCREEN_SAMPLES = {"agreement": "mean", "cosine": "mean", "min_cosine": "worst", "agreement+min_cosine": "mean"}
 
 
-def _one_value_per_sample(data: Validation) -> bool:
-    """Whether the float outputs of ``data``'s reference hold one value per sample (a regression score)."""
+def _one_value_per_sample(data: Validation, first: int = 0) -> bool:
+    """Whether the float outputs of ``data``'s reference from the ``first`` on hold one value per sample together (a
+    regression score)."""
     n = data.flat[0][0].shape[0] if data.flat[0] and data.flat[0][0].dim() else 0
-    floats = [r for r in data.reference[0] if r.is_floating_point()]
+    floats = [r for r in data.reference[0][first:] if r.is_floating_point()]
     return bool(n and floats) and all(r.dim() and r.shape[0] == n for r in floats) and \
         sum(r[0].numel() for r in floats) == 1
 

@@ -4,8 +4,8 @@
 model, each pass, the backend) on the same validation batches. The first stage measured, the traced model
 (equal to the user's model within float reassociation), is the reference. Per stage:
 
-- cosine: per sample and per float output, between the output and the reference's; a sample scores its worst
-  output's (outputs are not flattened together, where a large one would hide a small one wholly wrong); the report
+- cosine: per sample, between the sample's float outputs and the reference's, flattened together with each output
+  scaled to an energy of 1 per sample (a large output would otherwise hide a small one wholly wrong); the report
   shows the minimum and the mean over samples;
 - max relative error: ``max|a - b| / max|b|`` per batch; stated as a bound for further batches of the same
   data, the largest over batches plus their spread (``verify.error_bound``; with one batch, that batch's error);
@@ -28,8 +28,9 @@ import torch.utils._pytree as pytree
 from .errors import InputError, first_line
 from .verify import Error, compare, error_bound, worst
 
-Metric = Union[None, Literal["agreement", "cosine", "min_cosine"], Callable[[list, list], float]]
-METRICS = ("agreement", "cosine", "min_cosine")
+Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min_cosine"],
+               Callable[[list, list], float]]
+METRICS = ("agreement", "cosine", "min_cosine", "agreement+min_cosine")
 
 
 @dataclass(frozen=True)
@@ -115,23 +116,19 @@ class Validation:
         cosines = torch.cat([_sample_cosines(o, r, b[0]) for o, r, b in zip(outs, self.reference, self.flat)])
         max_rel = error_bound([compare(o, r) for o, r in zip(outs, self.reference)]).max_rel
         top1 = _top1(outs, self.reference)
-        others = [torch.cat([_sample_cosines(o[1:], r[1:], b[0]) for o, r, b in zip(outs, self.reference, self.flat)])
-                  ] if any(r.is_floating_point() for r in self.reference[0][1:]) else []
+        others = None
+        if any(r.is_floating_point() for r in self.reference[0][1:]):
+            others = float(torch.cat([_sample_cosines(o[1:], r[1:], b[0])
+                                      for o, r, b in zip(outs, self.reference, self.flat)]).min())
         quality = Quality(self.samples, max_rel, float(cosines.min()), float(cosines.mean()), top1,
-                          others_cosine_min=float(others[0].min()) if others else None)
+                          others_cosine_min=others)
         return Quality(**{**quality.__dict__, "metric": self._metric(quality, outs)})
 
     def _metric(self, quality: Quality, outs: list[list[torch.Tensor]]) -> float | None:
         if self.metric is None:
             return None
-        if self.metric == "cosine":
-            return quality.cosine_mean
-        if self.metric == "min_cosine":
-            return quality.cosine_min
-        if self.metric == "agreement":
-            if quality.top1 is None:
-                raise InputError(f"metric='agreement' needs classifier logits: {not_logits(self.reference)}")
-            return quality.top1
+        if isinstance(self.metric, str):
+            return score(quality, self.metric, self.reference)
         values = [o[0] if len(o) == 1 else tuple(o) for o in outs]
         try:
             value = float(self.metric(values, self.batches))
@@ -142,17 +139,39 @@ class Validation:
         return value
 
 
+def score(quality: Quality, metric: str, reference: list[list[torch.Tensor]]) -> float:
+    """``quality`` in the named ``metric`` (one of METRICS; ``reference``: the batches' reference outputs, which an
+    error names): agreement+min_cosine is the smaller of the top-1 agreement and the min cosine of the outputs after
+    the logits (the agreement alone where there are none)."""
+    if metric == "cosine":
+        return quality.cosine_mean
+    if metric == "min_cosine":
+        return quality.cosine_min
+    if quality.top1 is None:
+        raise InputError(f"metric={metric!r} needs classifier logits: {not_logits(reference)}")
+    others = quality.others_cosine_min
+    return quality.top1 if metric == "agreement" or others is None else min(quality.top1, others)
+
+
 def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], first_input: torch.Tensor) -> torch.Tensor:
-    """Cosine per sample when every float output has the batch as its first dimension, else one per batch: each float
-    output's own, the worst of them counting. Flattened together, a dense map 10⁴ times larger than the logits
-    beside it hid logits wholly wrong, and the default budget held."""
+    """Cosine per sample when every float output has the batch as its first dimension, else one per batch, over the
+    float outputs flattened together, each output scaled to an energy of 1 per sample (by its reference's root mean
+    square over the batch). Unscaled, a dense map 10⁴ times larger than the scores beside it hid scores of the wrong
+    sign (cosine 1.0000) and the default budget held; scaled, each output weighs alike, and a near-zero value, of a
+    score or of an all-zero row, still weighs little (a cosine per output would be a score's sign alone)."""
     pairs = [(o.double(), r.double()) for o, r in zip(outs, ref) if r.is_floating_point()]
     if not pairs:  # integer outputs only: 1 where they match exactly
         return torch.tensor([float(all(torch.equal(o, r) for o, r in zip(outs, ref)))], dtype=torch.double)
     n = first_input.shape[0] if first_input.dim() else 0
     per_sample = n > 0 and all(r.dim() and r.shape[0] == n and o.shape == r.shape for o, r in pairs)
     rows = n if per_sample else 1
-    return torch.stack([_cosines(o.reshape(rows, -1), r.reshape(rows, -1)) for o, r in pairs]).amin(0)
+    scaled = []
+    for o, r in pairs:
+        a, b = o.reshape(rows, -1), r.reshape(rows, -1)
+        energy = float(torch.nan_to_num(b, posinf=0.0, neginf=0.0).pow(2).sum(1).mean()) if b.numel() else 0.0
+        scale = energy ** -0.5 if energy > 0 else 1.0
+        scaled.append((a * scale, b * scale))
+    return _cosines(torch.cat([a for a, _ in scaled], 1), torch.cat([b for _, b in scaled], 1))
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

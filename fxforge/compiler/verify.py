@@ -126,7 +126,8 @@ def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
     infinity where the reference has the same one (a model taking the log of an input that can be negative) is
     exact, and the errors are measured over the finite rest; a non-finite value anywhere else is infinitely wrong."""
     tensors = list(zip(_tensors(outputs), _tensors(reference)))
-    pairs = [(o.detach().double().flatten(), r.detach().double().flatten()) for o, r in tensors if r.is_floating_point()]
+    pairs = [(o.detach().double().flatten(), r.detach().double().flatten())
+             for o, r in tensors if r.is_floating_point()]
     if not pairs:
         same = all(torch.equal(o, r) for o, r in zip(_tensors(outputs), _tensors(reference)))
         return Error(0.0 if same else float("inf"), 1.0 if same else 0.0)
@@ -739,7 +740,7 @@ def _bound_outputs(gm: fx.GraphModule) -> list[tuple[tuple[torch.Tensor, ...], l
 def worst(errors: Sequence[Error]) -> Error:
     """The largest error and the smallest cosine of ``errors``, each output's largest error too (where every one
     has them, for the same outputs)."""
-    each = tuple(map(max, *(e.each for e in errors))) if len({len(e.each) for e in errors}) == 1 else ()
+    each = tuple(max(per) for per in zip(*(e.each for e in errors))) if len({len(e.each) for e in errors}) == 1 else ()
     return Error(max(e.max_rel for e in errors), min(e.cosine for e in errors), each)
 
 
