@@ -837,3 +837,35 @@ def test_resizes_tvm_computes_otherwise_are_named(how):
     with pytest.raises(fxforge.BackendError, match=r"TVM (resizes by a non-integer scale_factor|cannot resize with "
                                                    r"antialias).*node '_?upsample_bi"):
         fxforge.compile(Resized(**how), (torch.randn(2, 3, 4, 6),), backend="tvm", measure_latency=False)
+
+
+def test_overlapping_captures_of_stderr_leave_it_where_it_was():
+    """Two threads compiling for TVM at once captured file descriptor 2 in overlapping windows: the second restored
+    it to the first's temporary file, deleted since, and the process's stderr was lost."""
+    import threading
+    import time
+    before = os.readlink("/proc/self/fd/2")
+
+    def capture(wait, hold):
+        time.sleep(wait)
+        with tvm_backend._without_noise_lines():
+            time.sleep(hold)
+    threads = [threading.Thread(target=capture, args=(0.0, 0.2)), threading.Thread(target=capture, args=(0.1, 0.3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert os.readlink("/proc/self/fd/2") == before
+
+
+@pytest.mark.parametrize("layer", [nn.MaxPool2d(2, return_indices=True), nn.AdaptiveMaxPool2d((2, 3),
+                                                                                             return_indices=True)],
+                         ids=["max pool", "adaptive max pool"])
+def test_max_pooling_indices_are_named_not_given_as_float(layer):
+    """TVM gave the indices as float32: a VerificationError said only that a dtype differed."""
+    with pytest.raises(fxforge.BackendError, match="max pooling's indices as float32.*node '(adaptive_)?max_pool2d"):
+        fxforge.compile(layer.eval(), (torch.randn(2, 3, 8, 6),), backend="tvm", measure_latency=False)
+    plain = nn.MaxPool2d(2).eval()  # without its indices it compiles
+    cm = fxforge.compile(plain, (torch.randn(2, 3, 8, 6),), backend="tvm", measure_latency=False)
+    x = torch.randn(3, 3, 8, 6)
+    torch.testing.assert_close(cm(x), plain(x))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import os
 import re
 import shutil
@@ -53,10 +54,10 @@ CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
 HALF = (torch.float16, torch.bfloat16)
-ZERO_DIVISORS = "zero_divisors"
+ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
 # a division's overload taking a Python number → the one taking a tensor
 TENSOR_OVERLOADS = {aten.remainder.Scalar: aten.remainder.Tensor, aten.fmod.Scalar: aten.fmod.Tensor,
-                    aten.div.Scalar_mode: aten.div.Tensor_mode, aten.floor_divide.Scalar: aten.floor_divide.default}  # info key: the integer divisions whose divisor the artifact checks, in output order
+                    aten.div.Scalar_mode: aten.div.Tensor_mode, aten.floor_divide.Scalar: aten.floor_divide.default}
 CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"],  # output channels innermost: the loop the CPU rule vectorizes
               # pinned to NCHW, its only legalization: left alone it takes its input's NHWC, which stays unlowered
               "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
@@ -100,7 +101,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     size = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else None
     args, shapes = batch_dynamic(example_inputs, [dynamic_batch and t.dim() > 0 and t.shape[0] == size
                                                   for t in example_inputs])
-    _check_resizes(gm.graph)
+    _check_supported(gm.graph)
     try:
         with torch.no_grad(), EXPORT_LOCK:
             ep = torch.export.export(_for_import(gm).eval(), args, dynamic_shapes=shapes, strict=False)
@@ -133,12 +134,17 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
     return mod
 
 
-def _check_resizes(graph: fx.Graph) -> None:
-    """A BackendError naming a resize TVM computes otherwise than PyTorch: an antialiased one (the importer drops
-    ``antialias``), and a bilinear or bicubic one from a non-integer ``scale_factor`` without ``align_corners``
-    (PyTorch maps output to input coordinates by 1 / scale_factor, TVM by the ratio of the sizes). The artifact check
-    refused both, telling only how far off they were (nearest resizes are decomposed instead: ``_decompositions``)."""
+def _check_supported(graph: fx.Graph) -> None:
+    """A BackendError naming an op TVM computes otherwise than PyTorch: an antialiased resize (the importer drops
+    ``antialias``); a bilinear or bicubic one from a non-integer ``scale_factor`` without ``align_corners`` (PyTorch
+    maps output to input coordinates by 1 / scale_factor, TVM by the ratio of the sizes); the indices of a max
+    pooling (TVM gives them as float32). The artifact check refused each, telling only how far off it was, or that a
+    dtype differed (nearest resizes are decomposed instead: ``_decompositions``)."""
     for node in graph.nodes:
+        if is_op(node, aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default) and any(
+                user.args[1] == 1 and user.users for user in node.users if user.target is operator.getitem):
+            raise BackendError(f"TVM gives a max pooling's indices as float32, not int64 as PyTorch (node "
+                               f"{node.name!r}); compile for another backend")
         if is_op(node, aten._upsample_bilinear2d_aa.vec, aten._upsample_bilinear2d_aa.default):
             raise BackendError(f"TVM cannot resize with antialias=True as PyTorch does (node {node.name!r}); "
                                "compile for another backend")
@@ -286,7 +292,7 @@ def _cumulative_sums_typed(graph: fx.Graph) -> None:
     ids failed to build, an int32 sum came out int32)."""
     for node in [n for n in graph.nodes if is_op(n, aten.cumsum.default) and argument(n, "dtype", None) is None]:
         result = node.meta.get("val")
-        if isinstance(result, torch.Tensor) and result.dtype != _dtype(node.all_input_nodes[0]):
+        if isinstance(result, torch.Tensor) and result.dtype != _dtype(argument(node, "self")):
             set_argument(node, "dtype", result.dtype)
 
 
@@ -636,19 +642,21 @@ def _imports(module: Any) -> list[Any]:
 
 
 # C++ LOG(WARNING) lines TVM writes on file descriptor 2 that say nothing to fxforge's user: an empty ``Scope
-# Saving:`` (``Scope Loaded:``) line per memory scope when it saves (loads) an executable, and a gather's "fast mode
-# segfaults when there are out-of-bounds indices" at legalization, for indices the importer computes itself (roll,
-# reflection padding) or that the artifact bounds at every call (inputs an op reads as indices)
+# Saving:`` (``Scope Loaded:``) line per memory scope when it saves (loads) an executable, and "fast mode segfaults
+# when there are out-of-bounds indices", which legalization writes for every gather it builds, whatever the indices
+# (the importer's own for roll and reflection padding; fxforge bounds the inputs an op reads as indices at every call,
+# and indices a model computes are PyTorch's, which raises where they leave the tensor)
 TVM_NOISE = ("Scope Saving:", "Scope Loaded:", "Fast mode segfaults when there are out-of-bounds indices")
+FD2_LOCK = threading.Lock()  # one capture of file descriptor 2 at a time: overlapping ones left it on a deleted file
 
 
 @contextlib.contextmanager
 def _without_noise_lines() -> Iterator[None]:
     """Capture file descriptor 2 (TVM's C++ log, out of Python's reach) meanwhile and pass every line through but
-    ``TVM_NOISE``'s."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
+    ``TVM_NOISE``'s; one thread at a time (``FD2_LOCK``), since the descriptor is the process's."""
+    with FD2_LOCK, tempfile.TemporaryFile(mode="w+b") as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(capture.fileno(), 2)
         try:
             yield
