@@ -584,6 +584,22 @@ def _same(before: Any, after: Any) -> bool:
 
 
 def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example: tuple, exact: bool) -> Error:
+    """:func:`_checked_artifact`, whose failure on a model that is random itself says so: a forward that samples
+    (``randn_like`` noise, dropout with ``training=True``) gave an error blaming the backend, and offered
+    ``verify='off'`` as if the artifact were at fault."""
+    try:
+        return _checked_artifact(artifact, model, gm, example, exact)
+    except VerificationError:
+        again = pytree.tree_leaves(model.run(example))
+        if compare(again, model.outputs("example", example)).max_rel > EXACT_TOLERANCE:
+            raise VerificationError("your model gives other outputs on a second run on the same inputs (random ops in "
+                                    "its forward: sampling, dropout with training=True), so no compile of it can be "
+                                    "checked against it: make its forward deterministic, or pass verify='off' to "
+                                    "compile it unchecked") from None
+        raise
+
+
+def _checked_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example: tuple, exact: bool) -> Error:
     """Check the compiled artifact on the example inputs as given and on fresh inputs of the same shapes, and
     return its error against the user's own model (``model``: its outputs, computed once per input set): for an
     exact pipeline the worst of the two, for an approximate one the worse of the example's error and

@@ -506,3 +506,19 @@ def test_fresh_float_inputs_keep_the_sign_every_value_of_the_example_has():
     positive, negative, mixed = torch.rand(4, 8), -torch.rand(4, 8), torch.randn(4, 8)
     p, n, m = fresh_inputs([positive, negative, mixed])
     assert (p >= 0).all() and (n <= 0).all() and (m < 0).any() and (m > 0).any()
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.l(x) + torch.randn_like(x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_model_that_samples_is_named_not_its_backend(backend):
+    """A forward drawing noise made the artifact check blame the backend and offer verify='off'."""
+    with pytest.raises(fxforge.VerificationError, match="your model gives other outputs on a second run"):
+        fxforge.compile(Noisy().eval(), (torch.randn(2, 8),), backend=backend, measure_latency=False)
