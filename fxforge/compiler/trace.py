@@ -492,7 +492,12 @@ def _functional(ep: torch.export.ExportedProgram, refs: _References) -> tuple[fx
         err = refs.error(gm)
         if err <= EXACT_TOLERANCE:
             return gm, err
-    gm = _flat_graph_module(ep.run_decompositions({}).module())
+    try:
+        decomposed = ep.run_decompositions({})
+    except Exception as e:  # seen: a torch.enable_grad() block inside a torch.no_grad() one (IndexError in torch)
+        raise TraceError(f"torch.export captured the model but could not make its graph functional: "
+                         f"{type(e).__name__}: {first_line(e)}") from None
+    gm = _flat_graph_module(decomposed.module())
     return gm, refs.error(gm)
 
 

@@ -478,3 +478,21 @@ def test_a_wrong_input_inside_a_structure_is_named_by_where_it_sits():
         cm(torch.randn(2, 4), {0: torch.randn(2, 3, 4), "b": torch.randn(2, 6, 4)})
     with pytest.raises(fxforge.InputError, match=r"^input 0 has shape \[2, 5\]"):
         cm(torch.randn(2, 5), extras)
+
+
+class GradBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = self.a(x)
+        with torch.enable_grad():
+            return self.b(y.relu())
+
+
+def test_a_graph_export_cannot_make_functional_is_a_named_trace_error():
+    """An enable_grad block after a no_grad one made torch's decomposition raise a raw IndexError at capture."""
+    with pytest.raises(fxforge.TraceError, match="could not make its graph functional: IndexError"):
+        fxforge.compile(GradBlocks().eval(), (torch.randn(4, 16),), backend="eager", measure_latency=False)
