@@ -285,6 +285,11 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
     flat = pytree.tree_leaves(args)
     if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
         raise InputError(f"example_inputs must be a tuple of tensors, got {_describe(flat)}")
+    scripted = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise TraceError(f"{'the model' if not scripted else f'submodule {scripted!r}'} is a TorchScript module "
+                         "(torch.jit.script or torch.jit.trace), which torch.export cannot capture: pass the plain "
+                         "nn.Module")
     model = copy.deepcopy(model).eval()
     refs = _References(runs or ModelRuns(model), args)
     note = "static batch requested" if static_batch else ""

@@ -496,3 +496,18 @@ def test_a_graph_export_cannot_make_functional_is_a_named_trace_error():
     """An enable_grad block after a no_grad one made torch's decomposition raise a raw IndexError at capture."""
     with pytest.raises(fxforge.TraceError, match="could not make its graph functional: IndexError"):
         fxforge.compile(GradBlocks().eval(), (torch.randn(4, 16),), backend="eager", measure_latency=False)
+
+
+class WithScripted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+
+    def forward(self, x):
+        return self.a(x) + 1
+
+
+def test_a_torchscript_submodule_is_named_with_what_to_pass_instead():
+    """export failed on it with a message about a state-dict entry, followed by remedies that do not apply."""
+    with pytest.raises(fxforge.TraceError, match="submodule 'a' is a TorchScript module.*pass the plain nn.Module"):
+        fxforge.compile(WithScripted().eval(), (torch.randn(2, 8),), backend="eager", measure_latency=False)
