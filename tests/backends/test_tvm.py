@@ -869,3 +869,13 @@ def test_max_pooling_indices_are_named_not_given_as_float(layer):
     cm = fxforge.compile(plain, (torch.randn(2, 3, 8, 6),), backend="tvm", measure_latency=False)
     x = torch.randn(3, 3, 8, 6)
     torch.testing.assert_close(cm(x), plain(x))
+
+
+@pytest.mark.parametrize("model, example", [
+    (nn.Linear(8, 4).double(), torch.randn(2, 8, dtype=torch.float64)),
+    (nn.Conv2d(3, 4, 3).double(), torch.randn(2, 3, 8, 8, dtype=torch.float64))], ids=["float64 linear", "float64 conv"])
+def test_products_the_importer_computes_in_float32_are_named(model, example):
+    """A float64 linear failed with "Binary operators must have the same datatype", one without a bias returned
+    float32, and an integer matmul float32 values."""
+    with pytest.raises(fxforge.BackendError, match=r"computes this float64 aten\.(linear|conv2d)\.default in float32"):
+        fxforge.compile(model.eval(), (example,), backend="tvm", measure_latency=False)

@@ -138,9 +138,17 @@ def _check_supported(graph: fx.Graph) -> None:
     """A BackendError naming an op TVM computes otherwise than PyTorch: an antialiased resize (the importer drops
     ``antialias``); a bilinear or bicubic one from a non-integer ``scale_factor`` without ``align_corners`` (PyTorch
     maps output to input coordinates by 1 / scale_factor, TVM by the ratio of the sizes); the indices of a max
-    pooling (TVM gives them as float32). The artifact check refused each, telling only how far off it was, or that a
-    dtype differed (nearest resizes are decomposed instead: ``_decompositions``)."""
+    pooling (TVM gives them as float32); a matmul, linear or convolution of float64 or integers (the importer computes
+    those in float32: "Binary operators must have the same datatype", or an output of another dtype). The artifact
+    check refused each, telling only how far off it was, or that a dtype differed (nearest resizes are decomposed
+    instead: ``_decompositions``; float16 and bfloat16 products are cast back: ``_half_products_cast_back``)."""
     for node in graph.nodes:
+        result = node.meta.get("val")
+        if is_op(node, *CONV, *LINEAR, *MATMUL) and isinstance(result, torch.Tensor) and \
+                (result.dtype == torch.float64 or not result.is_floating_point()):
+            raise BackendError(f"TVM's importer computes this {str(result.dtype).removeprefix('torch.')} "
+                               f"{_op_name(node)} in float32 (node {node.name!r}); compile such a model for another "
+                               "backend")
         if is_op(node, aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default) and any(
                 user.args[1] == 1 and user.users for user in node.users if user.target is operator.getitem):
             raise BackendError(f"TVM gives a max pooling's indices as float32, not int64 as PyTorch (node "
