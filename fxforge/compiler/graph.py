@@ -4,6 +4,7 @@ The op vocabulary (``aten``, ``is_op``, op families, named arguments) lives in `
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from typing import Any, Iterator
 
@@ -86,6 +87,19 @@ def add_tensor(gm: fx.GraphModule, before: fx.Node, stem: str, value: torch.Tens
     _assign(gm, name, value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
+
+
+def equal_or_new_tensor(gm: fx.GraphModule, before: fx.Node, stem: str, value: torch.Tensor) -> fx.Node:
+    """A get_attr node, inserted before ``before``, for a constant :func:`add_tensor` stored from ``stem`` that equals
+    ``value``, else for ``value`` stored anew: what a rewrite derives alike at several call sites of one weight stays
+    one tensor."""
+    copies = re.compile(rf"{re.escape(stem.replace('.', '_'))}(_\d+)?")  # the names _fresh_name gives the stem
+    same = next((n.target for n in gm.graph.nodes if n.op == "get_attr" and copies.fullmatch(str(n.target))
+                 and torch.equal(get_tensor(gm, n), value)), None)
+    if same is None:
+        return add_tensor(gm, before, stem, value)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(same)
 
 
 def _assign(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, finalize, get_tensor
+from fxforge.compiler.graph import add_tensor, equal_or_new_tensor, finalize, get_tensor
 from fxforge.compiler.ops import (CLAMP, DQ_PER_TENSOR, Q_PER_TENSOR, QUANTIZE, aten, clamp_range, data,
                                   is_op, q_params)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -45,11 +45,13 @@ def _constant_weight(q: fx.Node) -> bool:
 
 
 def fold_constant(gm: fx.GraphModule, m: Match) -> None:
-    """Q(W) on a constant W → the integer tensor itself, read by the DQ."""
+    """Q(W) on a constant W → the integer tensor itself, read by the DQ. A weight read at several call sites (a
+    layer applied twice, a tied head) has a Q per site, quantized alike: their integers are one tensor, not one copy
+    per site (a siamese encoder's int8 weights doubled)."""
     q = m["q"]
     params = [get_tensor(gm, a) if isinstance(a, fx.Node) else a for a in q_params(q).args()]
     value = q.target(get_tensor(gm, data(q)), *params)
-    q.replace_all_uses_with(add_tensor(gm, q, f"{data(q).target}_{value.dtype}".replace("torch.", ""), value))
+    q.replace_all_uses_with(equal_or_new_tensor(gm, q, f"{data(q).target}_{value.dtype}".replace("torch.", ""), value))
 
 
 # ------------------------------------------------------------- Q(relu(y)), Q(hardtanh(y, 0, h)) → Q(y)

@@ -241,3 +241,27 @@ def test_per_channel_ceiling_folds_only_when_every_channel_is_above_the_grid(cei
     for seed in range(3):
         fresh = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)) * 8
         assert torch.equal(gm(fresh)[0], make()(fresh))
+
+
+class Siamese(nn.Module):
+    """One encoder applied to the input and to its mirror image."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        self.head = nn.Linear(128, 4)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.enc(x), self.enc(x.flip(1))], 1))
+
+
+def test_a_layer_applied_twice_keeps_one_int8_weight():
+    """Each call site's weight quantizer became its own int8 constant: the encoder's int8 weights were stored twice
+    and the int8 model had more parameters than the float one (5764 → 12052)."""
+    import fxforge
+    model = Siamese().eval()
+    cm = fxforge.compile(model, (torch.randn(8, 16),), passes=["int8"], backend="eager", max_drop=float("inf"),
+                         calibration=[(torch.randn(8, 16),) for _ in range(4)], measure_latency=False)
+    int8 = sorted(name for name, t in cm.graph_module.named_buffers() if t.dtype == torch.int8)
+    assert int8 == ["enc_0_weight_int8", "enc_2_weight_int8", "head_weight_int8"]
+    assert cm.report.row("fold_qdq").params < cm.report.rows[0].params * 1.25  # the int32 biases and scales per site
