@@ -25,7 +25,7 @@ from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
 from fxforge.compiler.trace import Signature, byte_span, trace
-from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, exact_tolerance,
+from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, copy_model, exact_tolerance,
                                     is_quantized)
 
 InputKey = int | str | Sequence[int | str]  # input_key: where a calibration item holds the model's inputs
@@ -360,7 +360,7 @@ def _capture(model: Any, example: tuple, static_batch: bool
     """``trace`` with the model's reference runs on a copy (calling the user's model must not change it). A
     transformers decoder whose output holds its KV cache (a ``DynamicCache``: export refuses it) is captured again
     without the cache (``_without_kv_cache``); the last item names the modules whose cache was turned off."""
-    runs = ModelRuns(copy.deepcopy(model).eval()) if isinstance(model, torch.nn.Module) else None
+    runs = ModelRuns(copy_model(model).eval()) if isinstance(model, torch.nn.Module) else None
     try:
         return (*trace(model, example, static_batch=static_batch, runs=runs), runs, [])
     except TraceError as e:

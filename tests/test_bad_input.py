@@ -16,6 +16,7 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import fxforge
 from fxforge.backends import base
@@ -125,6 +126,14 @@ def inf_buffer() -> nn.Module:
     return model
 
 
+def pruned() -> nn.Module:
+    """A linear pruned by torch.nn.utils.prune and run with gradients: its hook leaves ``weight`` a non-leaf tensor."""
+    model = mlp()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    model(x)
+    return model
+
+
 def calibration() -> list:
     return [(torch.randn(2, 4),) for _ in range(2)]
 
@@ -222,6 +231,9 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("one tensor given for two example inputs that differ in use", fxforge.TraceError,
      r"example inputs 0 and 1 are one tensor, and export captured them as one input; give separate tensors",
      lambda t, mp: (lambda y: compile_(AddsTwo(), (y, y)))(torch.randn(2, 4))),
+    ("a model deepcopy refuses (a pruning hook's weight, computed with gradients)", fxforge.InputError,
+     r"fxforge cannot copy the model: a module holds a tensor computed with gradients.*prune\.remove$",
+     lambda t, mp: compile_(pruned())),
     ("example inputs not tensors", fxforge.InputError, r"example_inputs must be a tuple of tensors, got \['str'\]",
      lambda t, mp: compile_(example=("abc",))),
     ("too few example inputs", fxforge.InputError,

@@ -9,7 +9,6 @@ inputs and a flat tuple of outputs. The pytree structure of the original inputs 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import importlib
 import inspect
@@ -31,7 +30,7 @@ from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .graph import get_tensor, views_as_reshapes
 from .ops import argument, aten, data, is_op
-from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, clone_inputs, compare, discrete_mismatch,
+from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, clone_inputs, compare, copy_model, discrete_mismatch,
                      fresh_inputs)
 
 MAX_BATCH = 1 << 16
@@ -290,7 +289,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
         raise TraceError(f"{'the model' if not scripted else f'submodule {scripted!r}'} is a TorchScript module "
                          "(torch.jit.script or torch.jit.trace), which torch.export cannot capture: pass the plain "
                          "nn.Module")
-    model = copy.deepcopy(model).eval()
+    model = copy_model(model).eval()
     refs = _References(runs or ModelRuns(model), args)
     note = "static batch requested" if static_batch else ""
     ep = gm = None

@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 
 from . import dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
 from .analysis.shapes import Shapes
-from .errors import FxforgeError, VerificationError, first_line
+from .errors import FxforgeError, InputError, VerificationError, first_line
 from .instruments import Instrument, Stage, after_passes
 from .ops import QUANTIZE, is_op
 
@@ -452,6 +452,21 @@ def beyond(error: Error, tolerances: Sequence[float]) -> tuple[float, float] | N
 
 
 BACKEND_SEED = CHECK_SEED + 1  # the backend is checked on inputs no pass was checked on
+
+
+def copy_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of the user's model (fxforge runs and exports copies, never the model itself), or an InputError
+    saying why there is none: deepcopy refuses a tensor attribute computed with gradients, which the hook of
+    ``torch.nn.utils.prune`` or of the legacy ``weight_norm`` leaves on its module after a forward with gradients
+    (the raw RuntimeError surfaced from compile)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as e:
+        cause = ("a module holds a tensor computed with gradients, which deepcopy refuses (a torch.nn.utils.prune or "
+                 "weight_norm hook leaves one after a forward with gradients): run the model's last forward under "
+                 "torch.no_grad(), or make the pruning permanent with torch.nn.utils.prune.remove"
+                 if "deepcopy protocol" in str(e) else first_line(e))
+        raise InputError(f"fxforge cannot copy the model: {cause}") from None
 
 
 class ModelRuns:
