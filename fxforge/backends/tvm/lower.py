@@ -37,7 +37,7 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
 from fxforge.compiler.graph import get_tensor, views_as_reshapes
-from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, is_op,
+from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, getitem_index, is_op,
                                   set_argument)
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
@@ -150,7 +150,7 @@ def _check_supported(graph: fx.Graph) -> None:
                                f"{_op_name(node)} in float32 (node {node.name!r}); compile such a model for another "
                                "backend")
         if is_op(node, aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default) and any(
-                user.args[1] == 1 and user.users for user in node.users if user.target is operator.getitem):
+                getitem_index(user) == 1 and user.users for user in node.users if user.target is operator.getitem):
             raise BackendError(f"TVM gives a max pooling's indices as float32, not int64 as PyTorch (node "
                                f"{node.name!r}); compile for another backend")
         if is_op(node, aten._upsample_bilinear2d_aa.vec, aten._upsample_bilinear2d_aa.default):
