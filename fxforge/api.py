@@ -164,6 +164,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     start = time.perf_counter()
     gm, report = manager.run(gm, ctx)
     times["passes"] = time.perf_counter() - start
+    _warn_if_only_other_dtypes(report)
     if budget is not None:
         start = time.perf_counter()
         fitted = budget.fit(manager, original, ctx, result=gm)
@@ -232,6 +233,17 @@ def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, rea
                       stacklevel=3)
 
 
+def _warn_if_only_other_dtypes(report: Report) -> None:
+    """Warn when a quantizing pass quantized no layer because every one computes in another dtype than float32 (a
+    float16 or float64 model): int8 gave such a model back unquantized, the budget "held" with no layer float, and
+    only a count in the report's stats (``skipped.not_float32``) said why."""
+    stats = [row.stats for row in report.rows if row.stats]
+    skipped = sum(s.get("skipped.not_float32", 0) for s in stats)
+    if skipped and not any(s.get("weights", 0) or s.get("dynamic_linears", 0) for s in stats):
+        warnings.warn(f"int8 quantized no layer: {skipped} compute in another dtype than float32, and int8 quantizes "
+                      "float32 layers only (convert the model with .float() first)", UserWarning, stacklevel=3)
+
+
 def _training_modules(model: Any) -> str:
     """The submodules of ``model`` left in training mode whose output eval mode changes (dropout with p > 0, batch
     and instance norm with running statistics), in words; "" when there are none. Code that reads ``self.training``
@@ -240,7 +252,7 @@ def _training_modules(model: Any) -> str:
         return ""
     kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
     found = [f"{name or 'the model'}: {type(m).__name__}" for name, m in model.named_modules()
-             if m.training and isinstance(m, kinds) and getattr(m, "track_running_stats", True)
+             if getattr(m, "training", False) and isinstance(m, kinds) and getattr(m, "track_running_stats", True)
              and getattr(m, "p", 1) != 0]
     return _listed(found)
 

@@ -418,21 +418,16 @@ def exact_tolerances(gm: fx.GraphModule) -> tuple[float, ...]:
     (eps 1e-3; bfloat16 8e-3), not float32's 1e-7. What those ops compute decides, not the inputs' dtypes (a bfloat16
     side input cast to float32 at once leaves every op in float32), nor another output's: one small bfloat16 output
     widened every output's tolerance to 6.25 %, and an exact pass 4 % wrong on a float32 output went through."""
+    coarsest: dict[fx.Node, float] = {}  # per node, the largest eps of the ops it is computed by (one pass, in order)
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        own = torch.finfo(value.dtype).eps if node.op == "call_function" and isinstance(value, torch.Tensor) and \
+            value.is_floating_point() else 0.0
+        coarsest[node] = max([own, *(coarsest[source] for source in node.all_input_nodes)])
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    tolerances = []
-    for leaf in pytree.tree_leaves(output.args):
-        if not isinstance(leaf, fx.Node) or not isinstance(leaf.meta.get("val", torch.empty(0)), torch.Tensor):
-            continue  # None, a number, a value of the batch size: not compared as a tensor
-        cone, todo = {leaf}, [leaf]
-        while todo:
-            for source in todo.pop().all_input_nodes:
-                if source not in cone:
-                    cone.add(source)
-                    todo.append(source)
-        eps = [torch.finfo(v.dtype).eps for n in cone if n.op == "call_function"
-               for v in [n.meta.get("val")] if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        tolerances.append(max([EXACT_TOLERANCE, *(8 * e for e in eps)]))
-    return tuple(tolerances)
+    # None, a number or a value of the batch size among the outputs is not compared as a tensor
+    return tuple(max(EXACT_TOLERANCE, 8 * coarsest[leaf]) for leaf in pytree.tree_leaves(output.args)
+                 if isinstance(leaf, fx.Node) and isinstance(leaf.meta.get("val", torch.empty(0)), torch.Tensor))
 
 
 def exact_tolerance(gm: fx.GraphModule) -> float:

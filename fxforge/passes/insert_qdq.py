@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections import Counter
 from typing import Any, Callable, Literal
 
@@ -123,7 +122,6 @@ class InsertQdq(Pass):
         cut = _untag_split_groups(gm)
         if cut:
             stats["fusion_groups_split"] = cut
-        _warn_if_only_other_dtypes(weighted, stats)
         return PassResult(changed=bool(plan) or bool(restored), stats=dict(stats))
 
     def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
@@ -148,7 +146,6 @@ class InsertQdq(Pass):
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-        _warn_if_only_other_dtypes(linears, stats)
         finalize(gm)  # the float weights go too: the module held them beside their int8 copies (3x the bytes)
         stats.update({"dynamic_linears": len(linears), **({"weight_bits": 7 if qmax == 63 else 8} if linears else {})})
         return PassResult(changed=bool(linears), stats=dict(stats))
@@ -382,15 +379,6 @@ def _float_test(shapes: dict) -> Callable[[Any], bool]:
     """Whether an argument is a float32 graph tensor: what a Q/DQ pair takes and gives back (a dequantize returns
     float32, so a pair on a float16 tensor would change its readers' dtype)."""
     return lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype == torch.float32
-
-
-def _warn_if_only_other_dtypes(quantized: list, stats: Counter) -> None:
-    """Warn when no layer was quantized because every one computes in another dtype than float32 (a float16 or
-    float64 model): the report's stats said so in a count alone, and the budget "held" with no layer float."""
-    if not quantized and stats["skipped.not_float32"]:
-        warnings.warn(f"insert_qdq quantized no layer: {stats['skipped.not_float32']} compute in another dtype than "
-                      "float32, and int8 quantizes float32 layers only (convert the model with .float() first)",
-                      UserWarning, stacklevel=2)
 
 
 def _untag_split_groups(gm: fx.GraphModule) -> int:

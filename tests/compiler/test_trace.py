@@ -511,3 +511,6 @@ def test_a_torchscript_submodule_is_named_with_what_to_pass_instead():
     """export failed on it with a message about a state-dict entry, followed by remedies that do not apply."""
     with pytest.raises(fxforge.TraceError, match="submodule 'a' is a TorchScript module.*pass the plain nn.Module"):
         fxforge.compile(WithScripted().eval(), (torch.randn(2, 8),), backend="eager", measure_latency=False)
+    frozen = torch.jit.freeze(torch.jit.script(nn.Sequential(nn.Linear(8, 8)).eval()))  # has no .training
+    with pytest.raises(fxforge.TraceError, match="the model is a TorchScript module"):
+        fxforge.compile(frozen, (torch.randn(2, 8),), backend="eager", measure_latency=False)

@@ -584,7 +584,7 @@ def test_a_model_of_another_dtype_than_float32_is_warned_of_not_quantized_silent
     "held" with no layer float, and only a count in the report's stats said why."""
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(dtype).eval()
     calibration = [(torch.randn(16, 8, dtype=dtype),) for _ in range(4)]
-    with pytest.warns(UserWarning, match="insert_qdq quantized no layer: 2 compute in another dtype than float32"):
+    with pytest.warns(UserWarning, match="int8 quantized no layer: 2 compute in another dtype than float32"):
         cm = fxforge.compile(model, (torch.randn(2, 8, dtype=dtype),), passes=["int8"], backend="eager",
                              calibration=calibration, measure_latency=False)
     assert cm.report.row("insert_qdq").stats["skipped.not_float32"] == 2

@@ -54,6 +54,7 @@ CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
 ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
 HALF = (torch.float16, torch.bfloat16)
+FLOATS = (*HALF, torch.float32, torch.float64)
 ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
 # a division's overload taking a Python number → the one taking a tensor
 TENSOR_OVERLOADS = {aten.remainder.Scalar: aten.remainder.Tensor, aten.fmod.Scalar: aten.fmod.Tensor,
@@ -136,19 +137,19 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
 
 def _check_supported(graph: fx.Graph) -> None:
     """A BackendError naming an op TVM computes otherwise than PyTorch: an antialiased resize (the importer drops
-    ``antialias``); a bilinear or bicubic one from a non-integer ``scale_factor`` without ``align_corners`` (PyTorch
-    maps output to input coordinates by 1 / scale_factor, TVM by the ratio of the sizes); the indices of a max
-    pooling (TVM gives them as float32); a matmul, linear or convolution of float64 or integers (the importer computes
-    those in float32: "Binary operators must have the same datatype", or an output of another dtype). The artifact
+    ``antialias``); a bilinear or bicubic one by a ``scale_factor`` without ``align_corners`` where TVM maps
+    coordinates otherwise (:func:`_scaled_otherwise`); the indices of a max
+    pooling (TVM gives them as float32); a matmul, linear or convolution of integers whose result is read as integers
+    (the importer computes it in float32, exact only below 2**24). The artifact
     check refused each, telling only how far off it was, or that a dtype differed (nearest resizes are decomposed
-    instead: ``_decompositions``; float16 and bfloat16 products are cast back: ``_half_products_cast_back``)."""
+    instead: ``_decompositions``; float16, bfloat16 and float64 products are cast back: ``_products_cast_back``)."""
     for node in graph.nodes:
         result = node.meta.get("val")
         if is_op(node, *CONV, *LINEAR, *MATMUL) and isinstance(result, torch.Tensor) and \
-                (result.dtype == torch.float64 or not result.is_floating_point()):
+                not result.is_floating_point() and not all(_dtype(user) in FLOATS for user in node.users):
             raise BackendError(f"TVM's importer computes this {str(result.dtype).removeprefix('torch.')} "
-                               f"{_op_name(node)} in float32 (node {node.name!r}); compile such a model for another "
-                               "backend")
+                               f"{_op_name(node)} in float32 (node {node.name!r}), exact only below 2**24; compile "
+                               "such a model for another backend")
         if is_op(node, aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default) and any(
                 getitem_index(user) == 1 and user.users for user in node.users if user.target is operator.getitem):
             raise BackendError(f"TVM gives a max pooling's indices as float32, not int64 as PyTorch (node "
@@ -157,11 +158,25 @@ def _check_supported(graph: fx.Graph) -> None:
             raise BackendError(f"TVM cannot resize with antialias=True as PyTorch does (node {node.name!r}); "
                                "compile for another backend")
         if is_op(node, aten.upsample_bilinear2d.vec, aten.upsample_bicubic2d.vec) and \
-                not argument(node, "align_corners") and \
-                any(s != int(s) for s in argument(node, "scale_factors") or ()):
-            raise BackendError(f"TVM resizes by a non-integer scale_factor otherwise than PyTorch (node "
+                not argument(node, "align_corners") and _scaled_otherwise(node):
+            raise BackendError(f"TVM resizes by this scale_factor otherwise than PyTorch (node "
                                f"{node.name!r}); give F.interpolate size= or recompute_scale_factor=True, or "
                                "compile for another backend")
+
+
+def _scaled_otherwise(node: fx.Node) -> bool:
+    """Whether a resize by ``scale_factors`` maps coordinates otherwise in TVM than in PyTorch: PyTorch by 1 / scale,
+    TVM by input size / output size, which differ where the input size times the scale is no whole number (the output
+    size being its floor); a dimension of unknown size counts as differing."""
+    scales = argument(node, "scale_factors")
+    source, result = argument(node, "input").meta.get("val"), node.meta.get("val")
+    if not scales:
+        return False
+    if not isinstance(source, torch.Tensor) or not isinstance(result, torch.Tensor):
+        return True
+    sizes = zip(source.shape[-len(scales):], result.shape[-len(scales):], scales)
+    return any(not isinstance(n, int) or not isinstance(m, int) or abs(n / m - 1 / s) > 1e-9 * n / m
+               for n, m, s in sizes)
 
 
 def _var_mean(x: torch.Tensor, dim: Sequence[int] | None = None, *, correction: float | None = None,
@@ -184,8 +199,8 @@ def _decompositions() -> Mapping[Any, Callable]:
     converter fails without weights: "null pointer node"), ``adaptive_max_pool2d``, which has no converter, is
     decomposed (into max pooling where the sizes divide; elsewhere it stays, a BackendError naming it), and so is a
     nearest resize (into indexing: the converter's resize rounds source coordinates otherwise than PyTorch's floor,
-    1.6 relative off at a scale of 1.5 or a size that is no multiple; as fast at a scale of 2). ``var_mean`` becomes
-    the two reductions the importer converts, and ``elu`` keeps the scales its converter drops."""
+    1.6 relative off where the output size is no whole multiple of the input's; as fast at a scale of 2).
+    ``var_mean`` becomes the two reductions the importer converts, and ``elu`` keeps the scales its converter drops."""
     from torch._decomp import decomposition_table
     table = torch.export.default_decompositions()
     del table[aten.instance_norm.default]
@@ -203,7 +218,7 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     copied = copy.deepcopy(gm)
     for rewrite in (views_as_reshapes, _squeezes_named, _reduced_dims_non_negative, _negative_indices_wrapped,
                     _promoted_operands, _finite_arg_extremes, _typed_integer_divisors, _zero_divisors_flagged,
-                    _cumulative_sums_typed, _half_reductions_in_float32, _half_products_cast_back):
+                    _cumulative_sums_typed, _half_reductions_in_float32, _products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
     return copied
@@ -322,14 +337,15 @@ def _half_reductions_in_float32(graph: fx.Graph) -> None:
         _cast_back(graph, node, result.dtype)
 
 
-def _half_products_cast_back(graph: fx.Graph) -> None:
-    """Cast each float16/bfloat16 matmul, linear and convolution back to its dtype, its bias added after the cast.
-    The importer gives these ops a float32 output whatever their operands (they accumulate in float32, as PyTorch's
-    kernels do), so the float16 bias it then adds failed ("Binary operators must have the same datatype"), and so did
-    any later op mixing the product with a float16 tensor. The weights stay float16."""
+def _products_cast_back(graph: fx.Graph) -> None:
+    """Cast each float16, bfloat16 or float64 matmul, linear and convolution back to its dtype, its bias added after
+    the cast. The importer gives these ops a float32 output whatever their operands (they accumulate in float32, as
+    PyTorch's half kernels do; a float64 product keeps float32's precision, within the exact tolerance), so the bias
+    it then adds failed ("Binary operators must have the same datatype"), and so did any later op mixing the product
+    with a tensor of the model's dtype; without a bias a float64 model returned float32. The weights keep theirs."""
     for node in [n for n in graph.nodes if is_op(n, *CONV, *LINEAR, *MATMUL)]:
         result = node.meta.get("val")
-        if not isinstance(result, torch.Tensor) or result.dtype not in HALF:
+        if not isinstance(result, torch.Tensor) or result.dtype not in (*HALF, torch.float64):
             continue
         bias = argument(node, "bias", None)
         if bias is not None:
