@@ -31,6 +31,7 @@ from .verify import Error, compare, error_bound, worst
 Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min_cosine"],
                Callable[[list, list], float]]
 METRICS = ("agreement", "cosine", "min_cosine", "agreement+min_cosine")
+NOISE_FLOOR = 1e-4  # below this share of the largest output's typical value, an output is rounding noise
 
 
 @dataclass(frozen=True)
@@ -158,18 +159,25 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], first_inp
     float outputs flattened together, each output scaled to an energy of 1 per sample (by its reference's root mean
     square over the batch). Unscaled, a dense map 10⁴ times larger than the scores beside it hid scores of the wrong
     sign (cosine 1.0000) and the default budget held; scaled, each output weighs alike, and a near-zero value, of a
-    score or of an all-zero row, still weighs little (a cosine per output would be a score's sign alone)."""
+    score or of an all-zero row, still weighs little (a cosine per output would be a score's sign alone). An output
+    whose values are below NOISE_FLOOR of the largest output's (zero up to rounding) is not scaled up beyond it:
+    its rounding noise would weigh as much as the logits. An output all zero in the reference and not in the graph
+    is then far off, as it is: its error is measured against that floor."""
     pairs = [(o.double(), r.double()) for o, r in zip(outs, ref) if r.is_floating_point()]
     if not pairs:  # integer outputs only: 1 where they match exactly
         return torch.tensor([float(all(torch.equal(o, r) for o, r in zip(outs, ref)))], dtype=torch.double)
     n = first_input.shape[0] if first_input.dim() else 0
     per_sample = n > 0 and all(r.dim() and r.shape[0] == n and o.shape == r.shape for o, r in pairs)
     rows = n if per_sample else 1
+    flat = [(o.reshape(rows, -1), r.reshape(rows, -1)) for o, r in pairs]
+    # each output's root mean square per value, over the batch (non-finite values left out)
+    typical = [float(torch.nan_to_num(b, posinf=0.0, neginf=0.0).pow(2).mean()) ** 0.5 if b.numel() else 0.0
+               for _, b in flat]
+    floor = NOISE_FLOOR * max(typical)
     scaled = []
-    for o, r in pairs:
-        a, b = o.reshape(rows, -1), r.reshape(rows, -1)
-        energy = float(torch.nan_to_num(b, posinf=0.0, neginf=0.0).pow(2).sum(1).mean()) if b.numel() else 0.0
-        scale = energy ** -0.5 if energy > 0 else 1.0
+    for (a, b), rms in zip(flat, typical):
+        per_sample_rms = max(rms, floor) * b.shape[1] ** 0.5
+        scale = 1 / per_sample_rms if per_sample_rms > 0 else 1.0
         scaled.append((a * scale, b * scale))
     return _cosines(torch.cat([a for a, _ in scaled], 1), torch.cat([b for _, b in scaled], 1))
 

@@ -867,7 +867,8 @@ def _dynamic_build(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], t
     """The prepared module and executable of ``gm`` for any batch size, or a BackendError saying why TVM cannot build
     it so (the caller builds it for the example's batch then). Where the batch size is a value
     (:func:`_batch_as_value`) it is an error before ``prepare``, which crashed the process on such a graph; the
-    importer and the build refuse others (a slice at the batch's end, ``std`` over the batch, a view of it)."""
+    importer and the build refuse others (a slice at the batch's end, ``std`` over the batch, a view of it). An
+    error that is no batch's (an op without a converter) comes again from the static build, after a second import."""
     mod = relax_module(gm, example_inputs, dynamic_batch=True)
     used = _batch_as_value(mod)
     if used:
