@@ -903,3 +903,12 @@ def test_an_integer_product_read_as_integers_is_named():
         fxforge.compile(IntegerProducts(False), example, backend="tvm", measure_latency=False)
     cm = fxforge.compile(IntegerProducts(True), example, backend="tvm", measure_latency=False)
     assert torch.equal(cm(*example), IntegerProducts(True)(*example))
+
+
+def test_a_float16_model_pruned_compiles():
+    """prune_channels rebuilds layers without a recorded value, so their float32 product was not cast back to
+    float16 and met the float16 bias: "Binary operators must have the same datatype"."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).half().eval()
+    x = torch.randn(4, 32, dtype=torch.float16)
+    cm = fxforge.compile(model, (x,), passes=["prune_channels"], backend="tvm", measure_latency=False)
+    assert cm(x).dtype == torch.float16

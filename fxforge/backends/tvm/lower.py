@@ -342,17 +342,23 @@ def _products_cast_back(graph: fx.Graph) -> None:
     the cast. The importer gives these ops a float32 output whatever their operands (they accumulate in float32, as
     PyTorch's half kernels do; a float64 product keeps float32's precision, within the exact tolerance), so the bias
     it then adds failed ("Binary operators must have the same datatype"), and so did any later op mixing the product
-    with a tensor of the model's dtype; without a bias a float64 model returned float32. The weights keep theirs."""
+    with a tensor of the model's dtype; without a bias a float64 model returned float32. The weights keep theirs. A
+    layer a pass rebuilt without a recorded value (``prune_channels``) computes in its operands' dtype."""
     for node in [n for n in graph.nodes if is_op(n, *CONV, *LINEAR, *MATMUL)]:
         result = node.meta.get("val")
-        if not isinstance(result, torch.Tensor) or result.dtype not in (*HALF, torch.float64):
+        dtype = result.dtype if isinstance(result, torch.Tensor) else \
+            next((d for d in map(_dtype, node.all_input_nodes) if d is not None), None)
+        if dtype not in (*HALF, torch.float64):
             continue
         bias = argument(node, "bias", None)
         if bias is not None:
             set_argument(node, "bias", None)
-        narrow = _cast_back(graph, node, result.dtype)
+        narrow = _cast_back(graph, node, dtype)
         if bias is not None:
-            shape = [-1] + [1] * (result.dim() - 2) if is_op(node, *CONV) else [-1]
+            weight = argument(node, "weight")  # of a conv's rank, which is its output's
+            rank = result.dim() if isinstance(result, torch.Tensor) else \
+                (get_tensor(graph.owning_module, weight) if weight.op == "get_attr" else weight.meta["val"]).dim()
+            shape = [-1] + [1] * (rank - 2) if is_op(node, *CONV) else [-1]
             with graph.inserting_after(narrow):
                 column = graph.call_function(aten.reshape.default, (bias, shape))
             with graph.inserting_after(column):
