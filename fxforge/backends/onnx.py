@@ -297,11 +297,36 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
         if not transformer:
             _clean(program.model)
     model = program.model_proto
+    _outputs_in_their_dtypes(model, gm)
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise BackendError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
     return model
+
+
+# torch dtype → ONNX TensorProto element type, for the outputs' casts
+ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int16: 5, torch.int32: 6, torch.int64: 7,
+              torch.bool: 9, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
+
+
+def _outputs_in_their_dtypes(model: onnx.ModelProto, gm: fx.GraphModule) -> None:
+    """Cast each output of ``model`` whose type is not the dtype ``gm`` gives it back to that dtype: the exporter
+    computes a float16 ``amax``, ``prod`` or ``cumsum`` in float32 and returned it so, a dtype mismatch the artifact
+    check refused (the value is PyTorch's, rounded once more to float16 as its kernels round)."""
+    leaves = pytree.tree_leaves(gm.graph.output_node().args)
+    producers = {name: node for node in model.graph.node for name in node.output}
+    for output, leaf in zip(model.graph.output, leaves):
+        value = leaf.meta.get("val") if isinstance(leaf, fx.Node) else None
+        want = ONNX_TYPES.get(value.dtype) if isinstance(value, torch.Tensor) else None
+        tensor_type = output.type.tensor_type
+        if want is None or tensor_type.elem_type == want or output.name not in producers:
+            continue
+        computed = f"{output.name}_computed"
+        producer = producers[output.name]
+        producer.output[list(producer.output).index(output.name)] = computed
+        model.graph.node.append(onnx.helper.make_node("Cast", [computed], [output.name], to=want))
+        tensor_type.elem_type = want
 
 
 def _program(gm: fx.GraphModule, args: Sequence[torch.Tensor], batched: Sequence[bool]) -> Any:

@@ -631,3 +631,19 @@ def test_module_names_that_are_not_identifiers_lower():
     cm = fxforge.compile(model, (torch.randn(2, 4),), backend="onnx", measure_latency=False)
     x = torch.randn(3, 4)
     torch.testing.assert_close(cm(x), model(x))
+
+
+class HalfReductions(torch.nn.Module):
+    def forward(self, x):
+        return x.amax(-1), x.prod(-1), x.cumsum(-1)
+
+
+def test_float16_outputs_the_exporter_computes_in_float32_come_back_float16():
+    """The exporter computes these float16 reductions in float32 and returned float32: the artifact check refused
+    the model (a dtype mismatch) and offered verify='off'."""
+    model = HalfReductions()
+    x = torch.randn(3, 8, dtype=torch.float16)
+    cm = fxforge.compile(model, (x,), backend="onnx", measure_latency=False)
+    for got, want in zip(cm(x), model(x)):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got, want)
