@@ -912,3 +912,16 @@ def test_a_float16_model_pruned_compiles():
     x = torch.randn(4, 32, dtype=torch.float16)
     cm = fxforge.compile(model, (x,), passes=["prune_channels"], backend="tvm", measure_latency=False)
     assert cm(x).dtype == torch.float16
+
+
+class Patches(nn.Module):
+    def forward(self, x):
+        return F.unfold(x, kernel_size=(2, 3), stride=2, padding=1).transpose(1, 2)
+
+
+def test_unfold_compiles_as_a_grouped_convolution():
+    """torch's decomposition of im2col indexes with broadcast index tensors, which TVM's importer refused."""
+    model = Patches()
+    cm = fxforge.compile(model, (torch.randn(2, 3, 8, 8),), backend="tvm", measure_latency=False)
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(cm(x), model(x))

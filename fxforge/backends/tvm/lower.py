@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import operator
 import os
 import re
@@ -192,6 +193,18 @@ def _elu(x: torch.Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: f
     return torch.where(x > 0, x * scale, torch.expm1(x * input_scale) * (alpha * scale))
 
 
+def _im2col(x: torch.Tensor, kernel_size: Sequence[int], dilation: Sequence[int], padding: Sequence[int],
+            stride: Sequence[int]) -> torch.Tensor:
+    """``unfold`` (im2col) as a grouped convolution with one-hot kernels: output channel c·kh·kw + i of input channel
+    c picks the window's i-th place, exactly (a product by 1, sums with 0). torch's decomposition indexes with
+    broadcast index tensors, which TVM's importer failed on ("cannot broadcast index shapes")."""
+    channels, places = x.shape[1], math.prod(kernel_size)
+    picks = torch.eye(places, dtype=x.dtype, device=x.device).reshape(places, 1, *kernel_size)
+    columns = torch.nn.functional.conv2d(x, picks.repeat(channels, 1, 1, 1), stride=stride, padding=padding,
+                                         dilation=dilation, groups=channels)
+    return columns.reshape(x.shape[0], channels * places, -1)
+
+
 def _decompositions() -> Mapping[Any, Callable]:
     """Export's default decompositions (what ``from_exported_program`` runs), changed where TVM's importer fails on
     a valid graph: ``instance_norm`` is kept whole (its decomposition, a batch norm over a [1, B·C, …] view, fails
@@ -209,6 +222,7 @@ def _decompositions() -> Mapping[Any, Callable]:
         table[op] = decomposition_table[op]
     table[aten.var_mean.correction] = _var_mean
     table[aten.elu.default] = _elu
+    table[aten.im2col.default] = _im2col
     return table
 
 
