@@ -213,7 +213,8 @@ def _decompositions() -> Mapping[Any, Callable]:
     decomposed (into max pooling where the sizes divide; elsewhere it stays, a BackendError naming it), and so is a
     nearest resize (into indexing: the converter's resize rounds source coordinates otherwise than PyTorch's floor,
     1.6 relative off where the output size is no whole multiple of the input's; as fast at a scale of 2).
-    ``var_mean`` becomes the two reductions the importer converts, and ``elu`` keeps the scales its converter drops."""
+    ``var_mean`` becomes the two reductions the importer converts, ``elu`` keeps the scales its converter drops, and
+    ``im2col`` is a grouped convolution (:func:`_im2col`)."""
     from torch._decomp import decomposition_table
     table = torch.export.default_decompositions()
     del table[aten.instance_norm.default]
