@@ -925,3 +925,25 @@ def test_unfold_compiles_as_a_grouped_convolution():
     cm = fxforge.compile(model, (torch.randn(2, 3, 8, 8),), backend="tvm", measure_latency=False)
     x = torch.randn(3, 3, 8, 8)
     assert torch.equal(cm(x), model(x))
+
+
+class Sampled(nn.Module):
+    def __init__(self, **how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x, grid):
+        return F.grid_sample(x, grid, **self.how)
+
+
+@pytest.mark.parametrize("how", [dict(align_corners=False), dict(mode="nearest", align_corners=True),
+                                 dict(mode="bilinear", padding_mode="reflection", align_corners=False)],
+                         ids=["bilinear", "nearest", "reflection"])
+def test_grid_sample_reads_the_grid_as_pytorch_does(how):
+    """The importer passed PyTorch's [N, H, W, 2] grid to a kernel that reads [N, 2, H, W]: a [2, 3, 7, 2] output
+    where eager gives [2, 3, 4, 7]."""
+    model = Sampled(**how)
+    example = (torch.randn(2, 3, 5, 6), torch.rand(2, 4, 7, 2) * 2.4 - 1.2)
+    cm = fxforge.compile(model, example, backend="tvm", measure_latency=False)
+    x, grid = torch.randn(3, 3, 5, 6), torch.rand(3, 4, 7, 2) * 2.4 - 1.2
+    torch.testing.assert_close(cm(x, grid), model(x, grid))

@@ -118,7 +118,7 @@ def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
             return {k: _located(f) for k, f in super().create_convert_map().items()}
 
     importer = Importer()
-    custom = {k: _located(f) for k, f in {**QDQ_CONVERTERS, **REDUCTION_CONVERTERS}.items()}
+    custom = {k: _located(f) for k, f in {**QDQ_CONVERTERS, **REDUCTION_CONVERTERS, **IMAGE_CONVERTERS}.items()}
     known = set(importer.convert_map) | set(custom)
     for node in ep.graph.nodes:
         if node.op == "call_function" and node.target.__name__ not in known:
@@ -573,6 +573,22 @@ def _min_dim(node: fx.Node, importer: Any):
 # ops the stock importer has no converter for
 REDUCTION_CONVERTERS = {"amax.default": _extremum(True), "amin.default": _extremum(False),
                         "any.default": _any_element, "min.dim": _min_dim}
+
+
+def _grid_sample(node: fx.Node, importer: Any):
+    """A converter for ``aten.grid_sampler_2d``: the importer's, with the grid given as TVM's kernel reads it,
+    [N, 2, H, W] (coordinates x, y along dimension 1). The importer passed PyTorch's [N, H, W, 2] as it is, and the
+    output came out [N, C, W, 2] instead of [N, C, H, W]."""
+    from tvm import relax
+    grid = relax.op.permute_dims(importer.env[argument(node, "grid")], [0, 3, 1, 2])
+    return importer.block_builder.emit(relax.op.image.grid_sample(
+        importer.env[argument(node, "input")], grid,
+        method={0: "bilinear", 1: "nearest", 2: "bicubic"}[argument(node, "interpolation_mode")], layout="NCHW",
+        padding_mode={0: "zeros", 1: "border", 2: "reflection"}[argument(node, "padding_mode")],
+        align_corners=argument(node, "align_corners")))
+
+
+IMAGE_CONVERTERS = {"grid_sampler_2d.default": _grid_sample}
 
 
 # ------------------------------------------------------------------------------------------- prep/build
