@@ -947,3 +947,24 @@ def test_grid_sample_reads_the_grid_as_pytorch_does(how):
     cm = fxforge.compile(model, example, backend="tvm", measure_latency=False)
     x, grid = torch.randn(3, 3, 5, 6), torch.rand(3, 4, 7, 2) * 2.4 - 1.2
     torch.testing.assert_close(cm(x, grid), model(x, grid))
+
+
+class EmptyPast(nn.Module):
+    """Concatenates an empty 1-D tensor to a 4-D one, as a transformers cache does on its first step."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("past", torch.zeros(0))
+
+    def forward(self, x):
+        return torch.cat([self.past.clone(), x.transpose(1, 2)], dim=-2) * 2
+
+
+@pytest.mark.parametrize("passes", [[], ["fuse"]], ids=["as captured", "constants folded"])
+def test_an_empty_tensor_in_a_concatenation_is_skipped_as_in_pytorch(passes):
+    """PyTorch's cat skips 1-D tensors of size 0 whatever the others' rank; TVM's importer refused the concatenation
+    (GPT2Model with its default cache: "Concat expects all input tensors to have same ndim")."""
+    model = EmptyPast()
+    cm = fxforge.compile(model, (torch.randn(2, 4, 3, 5),), passes=passes, backend="tvm", measure_latency=False)
+    x = torch.randn(3, 4, 3, 5)
+    torch.testing.assert_close(cm(x), model(x))

@@ -231,7 +231,8 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` for TVM's importer: the same values, with each rewrite below applied (each works around a
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
-    for rewrite in (views_as_reshapes, _squeezes_named, _reduced_dims_non_negative, _negative_indices_wrapped,
+    for rewrite in (views_as_reshapes, _squeezes_named, _reduced_dims_non_negative, _empty_cat_inputs_dropped,
+                    _negative_indices_wrapped,
                     _promoted_operands, _finite_arg_extremes, _typed_integer_divisors, _zero_divisors_flagged,
                     _cumulative_sums_typed, _half_reductions_in_float32, _products_cast_back):
         rewrite(copied.graph)
@@ -263,6 +264,22 @@ def _reduced_dims_non_negative(graph: fx.Graph) -> None:
         rank, dim = argument(node, "self").meta["val"].dim(), argument(node, "dim")
         if rank:
             set_argument(node, "dim", dim % rank if isinstance(dim, int) else [d % rank for d in dim])
+
+
+def _empty_cat_inputs_dropped(graph: fx.Graph) -> None:
+    """Leave out of each ``cat`` the 1-D tensors of size 0, which PyTorch's cat skips whatever the others' rank (a
+    transformers cache starts as one): TVM's importer refused the concatenation ("Concat expects all input tensors to
+    have same ndim")."""
+    for node in [n for n in graph.nodes if is_op(n, aten.cat)]:
+        tensors = argument(node, "tensors")
+        kept = [t for t in tensors if not (isinstance(v := _value(t), torch.Tensor) and v.shape == (0,))]
+        if len(kept) == len(tensors) or not kept:
+            continue
+        if len(kept) == 1:
+            node.replace_all_uses_with(kept[0])
+            graph.erase_node(node)
+        else:
+            set_argument(node, "tensors", kept)
 
 
 def _negative_indices_wrapped(graph: fx.Graph) -> None:
@@ -390,12 +407,16 @@ def _cast_back(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
 
 
 def _dtype(node: fx.Node) -> torch.dtype | None:
-    """The dtype of the tensor ``node`` gives: its recorded value's, or a constant's own (a pass's new constants
-    carry no recorded value)."""
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        value = get_tensor(node.graph.owning_module, node)
+    """The dtype of the tensor ``node`` gives (:func:`_value`), or None."""
+    value = _value(node)
     return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _value(node: fx.Node) -> Any:
+    """What ``node`` gives, as recorded (a fake tensor), or a constant's own tensor (a pass's new constants, and
+    those ``fold_constants`` made, carry no recorded value)."""
+    value = node.meta.get("val")
+    return value if isinstance(value, torch.Tensor) else get_tensor(node.graph.owning_module, node)
 
 
 def _typed_integer_divisors(graph: fx.Graph) -> None:
