@@ -968,3 +968,20 @@ def test_an_empty_tensor_in_a_concatenation_is_skipped_as_in_pytorch(passes):
     cm = fxforge.compile(model, (torch.randn(2, 4, 3, 5),), passes=passes, backend="tvm", measure_latency=False)
     x = torch.randn(3, 4, 3, 5)
     torch.testing.assert_close(cm(x), model(x))
+
+
+class Guarded(nn.Module):
+    """Clamps float16 activations by a 0-d float32 bound, as T5 guards against float16 overflow."""
+
+    def forward(self, x):
+        bound = torch.tensor(torch.finfo(torch.float16).max - 1000.0)
+        return torch.clamp(x * 2, min=-bound, max=bound)
+
+
+def test_a_float16_clamp_by_a_float32_bound_stays_float16():
+    """PyTorch keeps the result float16; TVM's importer refused the mix ("Binary operators must have the same
+    datatype"), so float16 T5 encoders did not compile."""
+    model = Guarded()
+    x = torch.randn(2, 8, dtype=torch.float16)
+    cm = fxforge.compile(model, (x,), backend="tvm", measure_latency=False)
+    assert cm(x).dtype == torch.float16 and torch.equal(cm(x), model(x))

@@ -232,9 +232,9 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
     for rewrite in (views_as_reshapes, _squeezes_named, _reduced_dims_non_negative, _empty_cat_inputs_dropped,
-                    _negative_indices_wrapped,
-                    _promoted_operands, _finite_arg_extremes, _typed_integer_divisors, _zero_divisors_flagged,
-                    _cumulative_sums_typed, _half_reductions_in_float32, _products_cast_back):
+                    _negative_indices_wrapped, _promoted_operands, _clamp_bounds_typed, _finite_arg_extremes,
+                    _typed_integer_divisors, _zero_divisors_flagged, _cumulative_sums_typed,
+                    _half_reductions_in_float32, _products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
     return copied
@@ -321,6 +321,20 @@ def _promoted_operands(graph: fx.Graph) -> None:
                 with graph.inserting_before(node):
                     cast = graph.call_function(aten._to_copy.default, (operand,), {"dtype": result.dtype})
                 node.replace_input_with(operand, cast)
+
+
+def _clamp_bounds_typed(graph: fx.Graph) -> None:
+    """Cast each tensor bound of a ``clamp`` to the result's dtype, as PyTorch's promotion leaves a float16 tensor
+    clamped by a 0-d float32 bound float16 (T5's overflow guard, ``cosine_similarity``'s eps): the importer refused
+    the mix ("Binary operators must have the same datatype")."""
+    for node in [n for n in graph.nodes if is_op(n, aten.clamp.Tensor, aten.clamp_min.Tensor, aten.clamp_max.Tensor)]:
+        result = node.meta.get("val")
+        if not isinstance(result, torch.Tensor):
+            continue
+        for bound in [a for a in node.all_input_nodes[1:] if _dtype(a) not in (None, result.dtype)]:
+            with graph.inserting_before(node):
+                cast = graph.call_function(aten._to_copy.default, (bound,), {"dtype": result.dtype})
+            node.replace_input_with(bound, cast)
 
 
 def _finite_arg_extremes(graph: fx.Graph) -> None:
