@@ -318,9 +318,7 @@ def _promoted_operands(graph: fx.Graph) -> None:
         for operand in [a for a in node.args if isinstance(a, fx.Node)]:
             value = operand.meta.get("val")
             if isinstance(value, torch.Tensor) and not value.is_floating_point():
-                with graph.inserting_before(node):
-                    cast = graph.call_function(aten._to_copy.default, (operand,), {"dtype": result.dtype})
-                node.replace_input_with(operand, cast)
+                _cast_input(graph, node, operand, result.dtype)
 
 
 def _clamp_bounds_typed(graph: fx.Graph) -> None:
@@ -332,9 +330,7 @@ def _clamp_bounds_typed(graph: fx.Graph) -> None:
         if not isinstance(result, torch.Tensor):
             continue
         for bound in [a for a in node.all_input_nodes[1:] if _dtype(a) not in (None, result.dtype)]:
-            with graph.inserting_before(node):
-                cast = graph.call_function(aten._to_copy.default, (bound,), {"dtype": result.dtype})
-            node.replace_input_with(bound, cast)
+            _cast_input(graph, node, bound, result.dtype)
 
 
 def _finite_arg_extremes(graph: fx.Graph) -> None:
@@ -377,9 +373,7 @@ def _half_reductions_in_float32(graph: fx.Graph) -> None:
         if argument(node, "dtype", None) in HALF:
             set_argument(node, "dtype", torch.float32)
         for operand in [a for a in node.all_input_nodes if _dtype(a) in HALF]:
-            with graph.inserting_before(node):
-                wide = graph.call_function(aten._to_copy.default, (operand,), {"dtype": torch.float32})
-            node.replace_input_with(operand, wide)
+            _cast_input(graph, node, operand, torch.float32)
         _cast_back(graph, node, result.dtype)
 
 
@@ -410,6 +404,13 @@ def _products_cast_back(graph: fx.Graph) -> None:
             with graph.inserting_after(column):
                 biased = graph.call_function(aten.add.Tensor, (narrow, column))
             narrow.replace_all_uses_with(biased, delete_user_cb=lambda user: user is not biased)
+
+
+def _cast_input(graph: fx.Graph, node: fx.Node, operand: fx.Node, dtype: torch.dtype) -> None:
+    """``node`` reads ``operand`` cast to ``dtype``."""
+    with graph.inserting_before(node):
+        cast = graph.call_function(aten._to_copy.default, (operand,), {"dtype": dtype})
+    node.replace_input_with(operand, cast)
 
 
 def _cast_back(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
