@@ -1,21 +1,35 @@
 """Floating-point operations (2 per multiply-accumulate) of the compute-heavy ops, per node.
 
-Counts conv (any groups), linear, matmul/bmm/addmm and scaled-dot-product attention; elementwise ops are
-negligible next to them and are not counted. Shapes come from the Shapes analysis.
+Counts what PyTorch's own counter (``torch.utils.flop_counter``) counts: every convolution (any groups, transposed
+too), linear, matmul/bmm/addmm/einsum, recurrent layer (LSTM, GRU, RNN: their gate products) and scaled-dot-product
+attention. Each such node runs once on meta tensors of its inputs' shapes under ``FlopCounterMode``, which sees the
+products a composite op dispatches to, so an op is counted as PyTorch counts it rather than by a formula of our own
+(the hand-written one knew conv, linear and matmul alone: a ConvTranspose decoder, an einsum or an LSTM counted 0).
+A linear with int8 weights (``fxforge::dynamic_linear``) is counted as the float linear it replaces: quantization
+changes the kind of arithmetic, not its amount. Elementwise ops are negligible next to these and are not counted.
+Shapes come from the Shapes analysis.
 """
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..ops import CONV, LINEAR, argument, aten, data, is_op, weight_of
+from .. import dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
+from ..ops import CONV, LINEAR, MATMUL, argument, aten, is_op
 from .base import Analysis
 from .shapes import Shapes, TensorInfo
 
 if TYPE_CHECKING:
     from ..pass_manager import PassContext
+
+COUNTED = (*CONV, *LINEAR, *MATMUL, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
+           aten.convolution, aten._convolution, aten.addmm, aten.baddbmm, aten.einsum,
+           aten.scaled_dot_product_attention, aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu)
 
 
 class Flops(Analysis):
@@ -33,31 +47,21 @@ class Flops(Analysis):
         return out
 
 
-def _shape(node, shapes: dict[str, TensorInfo]) -> tuple[int, ...] | None:
-    info = shapes.get(node.name) if isinstance(node, fx.Node) else None
-    return info.shape if info else None
-
-
 def node_flops(node: fx.Node, shapes: dict[str, TensorInfo]) -> int:
-    """FLOPs of one node (0 for ops that are not counted)."""
-    out = _shape(node, shapes)
-    if out is None or node.op != "call_function":
+    """FLOPs of one node (0 for ops that are not counted, and for one whose inputs have no recorded shape)."""
+    if is_op(node, torch.ops.fxforge.dynamic_linear.default):
+        out, weight = shapes.get(node.name), shapes.get(getattr(argument(node, "weight"), "name", ""))
+        return 2 * math.prod(out.shape) * weight.shape[1] if out and weight else 0
+    if not is_op(node, *COUNTED):
         return 0
-    if is_op(node, *CONV, aten.convolution, aten._convolution):
-        w = _shape(weight_of(node), shapes)
-        # weight is (C_out, C_in/groups, *k): each output element takes C_in/groups·prod(k) MACs
-        return 2 * math.prod(out) * math.prod(w[1:]) if w else 0
-    if is_op(node, *LINEAR):
-        w = _shape(weight_of(node), shapes)
-        return 2 * math.prod(out) * w[1] if w else 0
-    if is_op(node, aten.addmm, aten.mm, aten.bmm, aten.matmul, aten.baddbmm):
-        a = _shape(argument(node, "mat1") if is_op(node, aten.addmm) else
-                   argument(node, "batch1") if is_op(node, aten.baddbmm) else data(node), shapes)
-        return 2 * math.prod(out) * a[-1] if a else 0
-    if is_op(node, aten.scaled_dot_product_attention):
-        q, v = _shape(argument(node, "query"), shapes), _shape(argument(node, "value"), shapes)
-        if not q or not v:
-            return 0
-        kv_len = v[-2]
-        return 2 * math.prod(q[:-1]) * kv_len * (q[-1] + v[-1])
-    return 0
+    try:
+        args, kwargs = pytree.tree_map_only(fx.Node, lambda n: _meta(shapes[n.name]), (node.args, node.kwargs))
+    except KeyError:
+        return 0
+    with FlopCounterMode(display=False) as counter:
+        node.target(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def _meta(info: TensorInfo) -> torch.Tensor:
+    return torch.empty(info.shape, dtype=info.dtype, device="meta")
