@@ -65,8 +65,8 @@ import torch.fx as fx
 from fxforge.compiler.dynamic_quant import input_lower_bound
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.errors import PassError
-from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, finalize, fusion_groups, get_tensor,
-                                    set_tensor)
+from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, equal_or_new_tensor, finalize,
+                                    fusion_groups, get_tensor, set_tensor)
 from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data,
                                  is_op, operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
@@ -136,9 +136,12 @@ class InsertQdq(Pass):
             else:
                 linears.append(node)
         for node in linears:
-            wq, scales = int8_weight(get_tensor(gm, weight_of(node)), qmax)
-            args = (data(node), add_tensor(gm, node, f"{node.name}_weight_int8", wq),
-                    add_tensor(gm, node, f"{node.name}_weight_scale", scales), bias_of(node), self.lower_bound(node))
+            weight = weight_of(node)
+            wq, scales = int8_weight(get_tensor(gm, weight), qmax)
+            # a layer called at several sites (a shared encoder) keeps one int8 weight, as in the static path
+            args = (data(node), equal_or_new_tensor(gm, node, f"{weight.target}_int8", wq),
+                    equal_or_new_tensor(gm, node, f"{weight.target}_scale", scales), bias_of(node),
+                    self.lower_bound(node))
             if args[-1] is not None:
                 stats["dynamic_shifted"] += 1
             with gm.graph.inserting_before(node):
