@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -208,10 +209,18 @@ _name_structseqs()
 
 def _dumps(spec: pytree.TreeSpec) -> str:
     """``treespec_dumps``, each namedtuple class of ``spec`` first registered under its import path: torch writes a
-    namedtuple only under a registered name, and ``_loads`` finds the class again by that path."""
+    namedtuple only under a registered name, and ``_loads`` finds the class again by that path. A second class of
+    the same path (a model factory defining its output type, a notebook cell run again with the fields reordered)
+    gets the path with ``#k`` after it: under the path alone, the name read back the first class, and the second
+    model's outputs were filled into its fields by position (``out.logits`` holding the probabilities)."""
     for cls in _namedtuples(spec):
         if cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
-            pytree._register_namedtuple(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+            path = name = f"{cls.__module__}.{cls.__qualname__}"
+            for k in itertools.count(2):
+                if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+                    break
+                name = f"{path}#{k}"
+            pytree._register_namedtuple(cls, serialized_type_name=name)
     return pytree.treespec_dumps(spec)
 
 
@@ -231,8 +240,9 @@ def _loads(text: str) -> pytree.TreeSpec:
 
 
 def _namedtuple_class(path: str) -> type:
-    """The namedtuple class ``_dumps`` wrote as ``path``, imported; or an ArtifactError naming it."""
-    module, _, name = path.rpartition(".")
+    """The namedtuple class ``_dumps`` wrote as ``path`` (``#k`` after it left out), imported; or an ArtifactError
+    naming it."""
+    module, _, name = path.partition("#")[0].rpartition(".")
     try:
         return functools.reduce(getattr, name.split("."), importlib.import_module(module))
     except (ImportError, AttributeError, ValueError):

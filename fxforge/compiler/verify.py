@@ -143,6 +143,17 @@ def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
     return Error(max(per_output), cos, per_output)
 
 
+def _container(spec: pytree.TreeSpec) -> str:
+    """A nesting of outputs in a line, ``*`` for each value: ``Out(logits=*, probs=*)``, ``tuple(*, list(*))``."""
+    if spec.is_leaf():
+        return "*"
+    children = [_container(child) for child in spec.children()]
+    names = getattr(spec.context, "_fields", None) if isinstance(spec.context, type) else \
+        spec.context if isinstance(spec.context, list) else None
+    kind = spec.context.__qualname__ if isinstance(spec.context, type) else spec.type.__name__
+    return f"{kind}({', '.join(children if names is None else (f'{n}={c}' for n, c in zip(names, children)))})"
+
+
 def _finite_matched(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``a`` and its reference ``b`` (flat) at the reference's finite positions, or None where a non-finite value
     differs (NaN/±inf of the reference not matched, or one the output has alone)."""
@@ -550,6 +561,10 @@ class ModelRuns:
                 or ["its attributes"]
         return out
 
+    def structure(self, key: Any) -> pytree.TreeSpec:
+        """How the model's outputs named ``key`` (computed by :meth:`outputs` before) are nested."""
+        return pytree.tree_structure(self.cached[key])
+
     def outputs(self, key: Any, inputs: tuple) -> list[Any]:
         """The model's flat outputs on ``inputs``, named ``key`` ("example", or the seed of fresh inputs)."""
         if key not in self.cached:
@@ -690,8 +705,12 @@ def _checked_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, examp
         inputs = example if key == "example" else pytree.tree_unflatten(list(x), spec)
         want = model.outputs(key, inputs)
         with torch.no_grad():
-            got = pytree.tree_leaves(artifact(*inputs))
+            returned = artifact(*inputs)
             graph = graph if graph is not None else list(gm(*pytree.tree_leaves(clone_inputs(inputs))))
+        got, structure = pytree.tree_flatten(returned)
+        if key == "example" and structure != model.structure(key):  # a namedtuple of other fields, a list for a tuple
+            raise VerificationError(f"the {artifact.backend} artifact returns {_container(structure)} where your model "
+                                    f"returns {_container(model.structure(key))}")
         where = f"at batch {key[1]}" if isinstance(key, tuple) and key[0] == "batch" else \
             "on the example" if key == "example" else "on fresh inputs"
         # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold

@@ -314,6 +314,35 @@ def test_a_saved_namedtuple_whose_class_now_has_other_fields_is_refused_on_load(
         fxforge.load(path)
 
 
+def returning(fields: list[str]) -> nn.Module:
+    """A model whose output namedtuple is defined inside a factory, as a model zoo or a notebook cell run again does:
+    each call makes another class of the same import path."""
+    Out = collections.namedtuple("Out", fields)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.l(x)
+            return Out(logits=y, probs=y.softmax(-1))
+
+    return Model().eval()
+
+
+def test_two_namedtuple_classes_of_one_import_path_keep_their_own_fields():
+    """The second class compiled in a process was read back as the first, registered under the same path: its
+    outputs were filled into the first class's fields by position (``out.logits`` held the probabilities) and every
+    check passed."""
+    x = torch.randn(2, 4)
+    fxforge.compile(returning(["logits", "probs"]), (x,), measure_latency=False)
+    model = returning(["probs", "logits"])
+    out = fxforge.compile(model, (x,), measure_latency=False)(x)
+    assert out._fields == ("probs", "logits")
+    torch.testing.assert_close(out.logits, model(x).logits)
+
+
 def test_a_saved_namedtuple_that_cannot_be_imported_is_named():
     from fxforge.compiler.errors import ArtifactError
     from fxforge.compiler.trace import _loads

@@ -1,5 +1,6 @@
 """compare(): relative max error and cosine over all floating outputs; check_artifact against the model; ModelRuns:
 the user's model run from its original state."""
+import collections
 import types
 
 import numpy as np
@@ -129,7 +130,7 @@ def test_the_artifact_is_checked_against_the_model_on_fresh_inputs_too():
     x = torch.randn(2, 4)
     model = AgreesOnTheExampleOnly(x).eval()
     graph = torch.fx.symbolic_trace(Captured(model.fc))  # what a capture at x would have taken
-    artifact = type("Faithful", (), {"backend": "eager", "__call__": lambda self, *a: graph(*a)})()
+    artifact = type("Faithful", (), {"backend": "eager", "__call__": lambda self, *a: graph(*a)[0]})()
     with pytest.raises(VerificationError, match=r"the eager artifact of an exact pipeline differs from the model "
                                                 r"by 0\.5 relative \(cosine 1\.0000; bound .*\), and so does the "
                                                 r"graph it compiled \(0\.5\): a pass or the capture"):
@@ -154,6 +155,25 @@ def test_a_dynamic_batch_artifact_is_checked_at_another_batch_size_too():
         check_artifact(artifact, ModelRuns(model), cm.artifact.gm, (x,), exact=True)
     static = OnlyAtOne(cm.artifact.gm, cm.signature.with_static_batch((x,), "static"), cm.artifact.target, {})
     check_artifact(static, ModelRuns(model), cm.artifact.gm, (x,), exact=True)  # one batch size: nothing else
+
+
+def test_an_artifact_returning_its_outputs_in_other_containers_is_refused():
+    """compile compared the artifact's outputs leaf by leaf only: an artifact returning a namedtuple of another field
+    order (two classes of one name in a process) put the probabilities in ``out.logits``, and every check passed."""
+    Out = collections.namedtuple("Out", ["logits", "probs"])
+    Swapped = collections.namedtuple("Out", ["probs", "logits"])
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    cm = fxforge.compile(model, (torch.randn(2, 4),), backend="eager", measure_latency=False)
+
+    class Wrapped(nn.Module):
+        def forward(self, x):
+            y = model(x)
+            return Out(y, y.softmax(-1))
+
+    artifact = type("Reordered", (), {"backend": "eager", "__call__": lambda self, x: Swapped(*Wrapped()(x))})()
+    with pytest.raises(VerificationError, match=r"the eager artifact returns Out\(probs=\*, logits=\*\) where your "
+                                                r"model returns Out\(logits=\*, probs=\*\)"):
+        check_artifact(artifact, ModelRuns(Wrapped()), cm.artifact.gm, (torch.randn(2, 4),), exact=False)
 
 
 class SqueezedHead(nn.Module):
