@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -24,7 +25,7 @@ from fxforge.compiler.quality import Metric, Validation, flat_batches
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
-from fxforge.compiler.trace import Signature, byte_span, trace
+from fxforge.compiler.trace import Signature, ambient_autocast, byte_span, trace, without_autocast
 from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, copy_model, exact_tolerance,
                                     is_quantized)
 
@@ -51,6 +52,23 @@ class CompiledModel:
         return self.artifact.save(directory, extra_files={"report.json": self.report.to_json()})
 
 
+def _outside_autocast(compile_fn: Callable[..., CompiledModel]) -> Callable[..., CompiledModel]:
+    """``compile_fn`` run with ``torch.autocast`` off, saying so where the caller had it on: fxforge compiles the
+    model in the dtypes it holds (under autocast, int8 quantized nothing, ONNX export failed on a bfloat16 op, and a
+    TorchScript artifact returned bfloat16 that every check, made under the same autocast, called exact)."""
+    @functools.wraps(compile_fn)
+    def compile(*args: Any, **kwargs: Any) -> CompiledModel:
+        if ambient := ambient_autocast():
+            warnings.warn(f"compile was called inside torch.autocast ({', '.join(ambient)}): fxforge compiles the "
+                          "model in the dtypes it holds, with autocast off, and the compiled model runs so; convert "
+                          "the model (model.bfloat16(), model.half()) to compile it in another precision",
+                          UserWarning, stacklevel=2)
+        with without_autocast():
+            return compile_fn(*args, **kwargs)
+    return compile
+
+
+@_outside_autocast
 def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Sequence[str | Pass] | None = None,
             backend: str = "eager", target: str | Target = "x86", calibration: Iterable[Any] | None = None,
             calibration_fn: Callable[[Any], Any] | None = None, input_key: InputKey | None = None,

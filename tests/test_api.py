@@ -478,3 +478,24 @@ def test_a_model_made_under_inference_mode_compiles():
     cm = fxforge.compile(model, (x,), measure_latency=False)
     with torch.no_grad():
         assert torch.allclose(cm(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx", "eager"])
+def test_compile_inside_autocast_compiles_the_model_in_its_own_dtypes(backend):
+    """Called inside torch.autocast, the TorchScript artifact kept autocast's bfloat16 and returned it outside
+    autocast (the model returns float32), while every check, made under the same autocast, stated an error of 0; the
+    ONNX export failed on a bfloat16 op and int8 quantized nothing. compile now switches autocast off and says so,
+    and a compiled model called under autocast computes what was compiled."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="inside torch.autocast"):
+        cm = fxforge.compile(model, (torch.randn(2, 3, 8, 8),), passes=["fuse"], backend=backend,
+                             measure_latency=False)
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = cm(x)
+    for got in (cm(x), under):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, InputError, TargetError, first_line
 from fxforge.compiler.target import Target, get_target
-from fxforge.compiler.trace import Signature
+from fxforge.compiler.trace import Signature, without_autocast
 
 # Format 2: what a format-1 reader would get wrong (it ignores fields it does not know): outputs that are no tensor
 # (Signature.constant_outputs), inputs the model writes into (Signature.written_inputs), a smallest batch
@@ -66,7 +66,8 @@ class Artifact(ABC):
                           "outputs carry no autograd history (backward() through them fails); train the PyTorch "
                           "model itself", UserWarning, stacklevel=2)
         try:
-            outputs = self.run(flat)
+            with without_autocast():  # what was compiled and checked, under a caller's autocast too
+                outputs = self.run(flat)
         except FxforgeError:
             raise
         except Exception as e:  # values the signature cannot see (a token id past the vocabulary), or a runtime fault

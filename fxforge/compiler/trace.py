@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -174,6 +174,25 @@ class Signature:
                    tuple(int(i) for i in d.get("written_inputs", ())),
                    tuple((path, tuple(fields)) for path, fields in namedtuples.items()), int(d.get("min_batch", 1)),
                    tuple((int(i), _scalar_kind(k)) for i, k in d.get("scalar_outputs", ())))
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def ambient_autocast() -> list[str]:
+    """The device types ``torch.autocast`` is on for where this is called."""
+    return [device for device in AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
+
+
+@contextlib.contextmanager
+def without_autocast() -> Iterator[None]:
+    """``torch.autocast`` off for the devices it is on for: a model is captured, checked and run in the dtypes it
+    holds. Under a caller's autocast, a TorchScript artifact kept autocast's bfloat16 and returned it outside
+    autocast (the model: float32), while every check, made under the same autocast, stated an error of 0."""
+    with contextlib.ExitStack() as stack:
+        for device in ambient_autocast():
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def _describe(flat: Sequence[Any]) -> str:
