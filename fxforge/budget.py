@@ -54,7 +54,7 @@ from fxforge.compiler.errors import BudgetError, InputError
 from fxforge.compiler.graph import call_nodes
 from fxforge.compiler.ops import WEIGHTED, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager
-from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, score
+from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, batch_size, score
 from fxforge.compiler.report import Report
 from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
 from fxforge.passes.lib.qdq import checked_batches
@@ -143,6 +143,11 @@ class Budget:
             self.record["caveat"] = (f"{what} one value per sample, whose cosine is only its sign: this budget "
                                      f"{reads}; pass metric= for one that sees them")
             self._warn(f"the accuracy budget's default metric cannot measure this model: {self.record['caveat']}")
+        if "agreement" in self.kind and 1 / reference.samples > self.max_drop:
+            self.record["resolution"] = (f"{reference.samples} samples: one of them moves top-1 agreement by "
+                                         f"{1 / reference.samples:.3g}, more than max_drop, so a hold says little "
+                                         "about other data")
+            self._warn(f"the accuracy budget is measured on {self.record['resolution']}; give more validation data")
         self.reference = self._score(reference)
         self.record.update(metric=self.name, reference=self.reference)
         passes = manager.passes
@@ -160,8 +165,9 @@ class Budget:
             self.record.update(outcome="held", float_layers=[])
             return manager
         if self.strict:
-            raise BudgetError(f"{label} misses its accuracy budget: {what} (strict=True; without it compile keeps "
-                              "the layers whose quantization costs most float)")
+            raise BudgetError(f"{label} misses its accuracy budget: {what} (strict=True; without it compile " + (
+                "keeps the layers whose quantization costs most float)" if fallback else
+                "warns: no pass of this pipeline can keep layers float)"))
         if not fallback:
             self.record.update(outcome="missed: no pass of this pipeline can keep layers float", float_layers=[])
             self._warn(f"{label} misses its accuracy budget: {what}; no pass of it can keep layers float")
@@ -384,7 +390,7 @@ SCREEN_SAMPLES = {"agreement": "mean", "cosine": "mean", "min_cosine": "worst", 
 def _one_value_per_sample(data: Validation, first: int = 0) -> bool:
     """Whether the float outputs of ``data``'s reference from the ``first`` on hold one value per sample together (a
     regression score)."""
-    n = data.flat[0][0].shape[0] if data.flat[0] and data.flat[0][0].dim() else 0
+    n = batch_size(data.flat[0])
     floats = [r for r in data.reference[0][first:] if r.is_floating_point()]
     return bool(n and floats) and all(r.dim() and r.shape[0] == n for r in floats) and \
         sum(r[0].numel() for r in floats) == 1

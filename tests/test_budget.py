@@ -88,7 +88,7 @@ def test_dynamic_int8_keeps_the_layer_whose_rows_one_outlier_feature_dominates_f
 
 def test_the_dynamic_int8_preset_carries_the_default_budget():
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
-    cm, warned = compile_warned(model, passes=["int8_dynamic"], calibration=batches(4))
+    cm, warned = compile_warned(model, passes=["int8_dynamic"], calibration=batches(4, 128))
     budget = cm.report.meta["budget"]
     assert budget["source"] == "the int8_dynamic preset's default" and budget["max_drop"] == 0.01
     assert budget["outcome"] == "held" and not warned
@@ -343,9 +343,9 @@ def test_a_nan_of_the_fp32_output_is_matched_not_a_void_budget():
     0: a graph far off on every other sample held the budget."""
     from fxforge.compiler.quality import _sample_cosines
     ref = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
-    assert _sample_cosines([ref], [ref], ref).tolist() == pytest.approx([1.0, 1.0])
+    assert _sample_cosines([ref], [ref], len(ref)).tolist() == pytest.approx([1.0, 1.0])
     off = torch.tensor([[-1.0, float("nan")], [2.0, float("nan")]])  # sample 0 points away, sample 1 has a new NaN
-    assert _sample_cosines([off], [ref], ref).tolist() == pytest.approx([-1.0, 0.0])
+    assert _sample_cosines([off], [ref], len(ref)).tolist() == pytest.approx([-1.0, 0.0])
 
 
 def test_max_drop_takes_numpy_numbers():
@@ -402,12 +402,87 @@ class Normalized(nn.Linear):
         return nn.functional.normalize(super().forward(x), dim=1)
 
 
-@pytest.mark.parametrize("model, why", [(nn.Linear(16, 1), "the first output has one column"),
-                                        (Normalized(16, 8), "the first output's rows are unit vectors")])
+class Regressor(nn.Module):
+    """Ten regression targets, the first always the largest: argmax agreement is 1.0 whatever the error."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.body(x) + torch.arange(10, 0, -1) * 100.0
+
+
+class MultiLabel(nn.Linear):
+    def forward(self, x):
+        return torch.sigmoid(super().forward(x) * 3)
+
+
+@pytest.mark.parametrize("model, why", [
+    (nn.Linear(16, 1), "the first output has one column"),
+    (Normalized(16, 8), "the first output's rows are unit vectors"),
+    (MultiLabel(16, 8), r"the first output's values lie in \[0, 1\] and its rows do not sum to 1: independent probabilities"),
+    (Regressor(), "the first output's largest column is the same on every validation sample")])
 def test_metric_agreement_says_why_an_output_is_not_logits(model, why):
     """Both said "needs a 2-D classifier output (batch × classes)" of a 2-D output."""
     with pytest.raises(fxforge.InputError, match=f"needs classifier logits: {why}"):
         fxforge.compile(model.eval(), (torch.randn(2, 16),), validation=batches(1), metric="agreement")
+
+
+def test_a_regression_output_whose_argmax_never_changes_is_held_to_the_min_cosine():
+    """Read as classifier logits, a 10-output regressor was judged by argmax agreement: int8 raised its error 100×
+    while the default budget held with drop 0.0."""
+    cm, _ = compile_warned(Regressor().eval(), passes=["int8"], calibration=batches(8),
+                           validation=batches(4, seed=3), max_drop=math.inf)
+    assert cm.report.meta["budget"]["metric"] == "min_cosine" and cm.report.final.top1 is None
+
+
+class Tempered(nn.Module):
+    """A leading 0-d input (a temperature) before the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 8)
+
+    def forward(self, t, x):
+        return self.l(x) / t
+
+
+def test_samples_and_their_cosines_are_counted_along_the_batch_not_a_leading_scalar_input():
+    """A leading 0-d input made every batch one sample: 19 batches of 16 were "19 samples", and the min cosine was
+    the worst batch's (0.992), not the worst sample's (0.974)."""
+    from fxforge.compiler.quality import Validation
+    model, t = Tempered().eval(), torch.tensor(2.0)
+    data = Validation.from_user([(t, x) for (x,) in batches(3, 16)], lambda b: list(b), None)
+    data.measure(lambda t, x: model(t, x))
+    wrong = data.measure(lambda t, x: torch.cat([-model(t, x[:1]), model(t, x[1:])]))
+    assert data.samples == 48 and wrong.cosine_min == pytest.approx(-1.0)
+
+
+def test_an_output_without_the_batch_joins_each_samples_cosine():
+    """Beside an output without the batch dimension (a statistic over the batch), every cosine was one per batch:
+    a sample at 0.974 hid behind its batch's 0.995."""
+    from fxforge.compiler.quality import _sample_cosines
+    ref = [torch.randn(4, 8), torch.randn(3)]
+    wrong = [torch.cat([-ref[0][:1], ref[0][1:]]), ref[1]]
+    cosines = _sample_cosines(wrong, ref, 4)
+    assert cosines.shape == (4,) and cosines[0] < 0.5 and cosines[1:].tolist() == pytest.approx([1.0] * 3)
+
+
+def test_a_budget_measured_on_fewer_samples_than_max_drop_resolves_says_so():
+    """With one validation sample (a drop of 0 or 1) the default budget held silently, and on 497 fresh samples the
+    compiled model dropped 0.018 > 0.01."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    cm, warned = compile_warned(model, passes=["int8"], calibration=batches(8), validation=[(torch.randn(1, 16),)],
+                                max_drop=0.01)
+    assert any("measured on 1 samples: one of them moves top-1 agreement by 1" in w for w in warned)
+    assert "resolution" in cm.report.meta["budget"]
+
+
+def test_strict_without_a_pass_that_keeps_layers_float_does_not_promise_one():
+    with pytest.raises(fxforge.BudgetError, match="without it compile warns: no pass of this pipeline can keep"):
+        fxforge.compile(Fragile().eval(), (torch.randn(2, 16),), passes=["low_rank{rank_ratio=0.05}"],
+                        validation=batches(2, 128, seed=3), max_drop=0.0, strict=True, measure_latency=False)
 
 
 def test_validation_sharing_calibration_tensors_is_warned_of_and_slices_of_one_tensor_are_not():
@@ -499,11 +574,11 @@ def test_the_default_budget_sees_a_small_output_wholly_wrong_beside_another(mode
     now weighs alike, while a near-zero score flipping sign or a small error on an all-zero row weighs little."""
     from fxforge.compiler.quality import _sample_cosines
     ref = [torch.ones(4, 16, 16) * 30, torch.ones(4, 10) * 0.01]
-    assert _sample_cosines([ref[0], -ref[1]], ref, ref[0]).tolist() == pytest.approx([0.0] * 4)  # each weighs alike
+    assert _sample_cosines([ref[0], -ref[1]], ref, len(ref[0])).tolist() == pytest.approx([0.0] * 4)  # alike
     score = [torch.randn(4, 32), torch.tensor([[2.0], [1.0], [-3.0], [1e-4]])]  # a near-zero score flips by noise
-    assert _sample_cosines([score[0], -score[1].clamp(max=1e-3)], score, score[0])[3] > 0.999
+    assert _sample_cosines([score[0], -score[1].clamp(max=1e-3)], score, len(score[0]))[3] > 0.999
     zero_row = [torch.randn(4, 8), torch.cat([torch.zeros(1, 8), torch.randn(3, 8)])]  # a relu'd side output
-    assert _sample_cosines([zero_row[0], zero_row[1] + 1e-6], zero_row, zero_row[0]).min() > 0.999
+    assert _sample_cosines([zero_row[0], zero_row[1] + 1e-6], zero_row, len(zero_row[0])).min() > 0.999
     with pytest.raises(fxforge.BudgetError, match=f"misses its accuracy budget: {re.escape(metric)} drop [12]\\."):
         fxforge.compile(model.eval(), (torch.randn(2, 16),), passes=["test_flips_the_second_output"],
                         validation=batches(2), max_drop=0.01, strict=True, measure_latency=False)

@@ -32,6 +32,9 @@ Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min
                Callable[[list, list], float]]
 METRICS = ("agreement", "cosine", "min_cosine", "agreement+min_cosine")
 NOISE_FLOOR = 1e-4  # below this share of the largest output's typical value, an output is rounding noise
+# samples of 2-D float outputs from which their values tell multi-label probabilities or a regression (whose argmax
+# never changes) from logits; on fewer, a classifier's few rows could look like either by chance
+EVIDENCE = 16
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,13 @@ def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[to
     return batches, flat
 
 
+def batch_size(flat: Sequence[torch.Tensor]) -> int:
+    """The batch size of a flat input tuple: the first dimension of its first input that has one (a leading 0-d
+    input, a temperature, holds no batch: one cosine per batch of 16 samples was read as per sample), as the
+    signature takes it; 0 where no input has a dimension."""
+    return next((int(t.shape[0]) for t in flat if isinstance(t, torch.Tensor) and t.dim()), 0)
+
+
 class Validation:
     """The user's validation batches (flat, checked against the signature) and the reference outputs."""
 
@@ -94,7 +104,7 @@ class Validation:
 
     @property
     def samples(self) -> int:
-        return sum(int(b[0].shape[0]) if b[0].dim() else 1 for b in self.flat)
+        return sum(batch_size(b) or 1 for b in self.flat)
 
     def describe(self) -> str:
         """The report's line saying where its error columns come from."""
@@ -114,12 +124,12 @@ class Validation:
             self.reference = outs
         self.step = None if self.previous is None else worst([compare(o, r) for o, r in zip(outs, self.previous)])
         self.previous = outs
-        cosines = torch.cat([_sample_cosines(o, r, b[0]) for o, r, b in zip(outs, self.reference, self.flat)])
+        cosines = torch.cat([_sample_cosines(o, r, batch_size(b)) for o, r, b in zip(outs, self.reference, self.flat)])
         max_rel = error_bound([compare(o, r) for o, r in zip(outs, self.reference)]).max_rel
         top1 = _top1(outs, self.reference)
         others = None
         if any(r.is_floating_point() for r in self.reference[0][1:]):
-            others = float(torch.cat([_sample_cosines(o[1:], r[1:], b[0])
+            others = float(torch.cat([_sample_cosines(o[1:], r[1:], batch_size(b))
                                       for o, r, b in zip(outs, self.reference, self.flat)]).min())
         quality = Quality(self.samples, max_rel, float(cosines.min()), float(cosines.mean()), top1,
                           others_cosine_min=others)
@@ -154,8 +164,9 @@ def score(quality: Quality, metric: str, reference: list[list[torch.Tensor]]) ->
     return quality.top1 if metric == "agreement" or others is None else min(quality.top1, others)
 
 
-def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], first_input: torch.Tensor) -> torch.Tensor:
-    """Cosine per sample when every float output has the batch as its first dimension, else one per batch, over the
+def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Cosine per sample (``n``: the batch size) where a float output has the batch as its first dimension (an output
+    without it joins every sample's row), else one per batch, over the
     float outputs flattened together, each output scaled to an energy of 1 per sample (by its reference's root mean
     square over the batch). Unscaled, a dense map 10⁴ times larger than the scores beside it hid scores of the wrong
     sign (cosine 1.0000) and the default budget held; scaled, each output weighs alike, and a near-zero value, of a
@@ -166,10 +177,13 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], first_inp
     pairs = [(o.double(), r.double()) for o, r in zip(outs, ref) if r.is_floating_point()]
     if not pairs:  # integer outputs only: 1 where they match exactly
         return torch.tensor([float(all(torch.equal(o, r) for o, r in zip(outs, ref)))], dtype=torch.double)
-    n = first_input.shape[0] if first_input.dim() else 0
-    per_sample = n > 0 and all(r.dim() and r.shape[0] == n and o.shape == r.shape for o, r in pairs)
-    rows = n if per_sample else 1
-    flat = [(o.reshape(rows, -1), r.reshape(rows, -1)) for o, r in pairs]
+    batched = [n > 0 and r.dim() > 0 and r.shape[0] == n and o.shape == r.shape for o, r in pairs]
+    rows = n if any(batched) else 1
+    # an output without the batch (a statistic over it) joins every sample's row: one cosine per batch hid a sample
+    # at 0.974 behind the batch's 0.995
+    flat = [(o.reshape(rows, -1), r.reshape(rows, -1)) if each else
+            (o.reshape(1, -1).expand(rows, -1), r.reshape(1, -1).expand(rows, -1))
+            for (o, r), each in zip(pairs, batched)]
     # each output's root mean square per value, over the batch (non-finite values left out)
     typical = [float(torch.nan_to_num(b, posinf=0.0, neginf=0.0).pow(2).mean()) ** 0.5 if b.numel() else 0.0
                for _, b in flat]
@@ -222,4 +236,15 @@ def not_logits(ref: list[list[torch.Tensor]]) -> str:
     if all(torch.allclose(r.double().norm(dim=1), torch.ones(r.shape[0], dtype=torch.double), atol=1e-3)
            for r in first):
         return "the first output's rows are unit vectors: embeddings, not logits"
+    if sum(r.shape[0] for r in first) < EVIDENCE:
+        return ""
+    if all(bool(((r >= 0) & (r <= 1)).all()) for r in first) and not all(
+            torch.allclose(r.double().sum(1), torch.ones(r.shape[0], dtype=torch.double), atol=1e-3) for r in first):
+        # several labels near 1 tie for the top: a flip of one of them moved the argmax, one of another went unseen
+        return ("the first output's values lie in [0, 1] and its rows do not sum to 1: independent probabilities "
+                "(multi-label), not one class's logits")
+    if len(set(torch.cat([r.argmax(1) for r in first]).tolist())) == 1:
+        # a regression output whose first value is always the largest: agreement 1.0 whatever the error
+        return ("the first output's largest column is the same on every validation sample: top-1 agreement would "
+                "measure nothing (a regression output, or data of one class)")
     return ""
