@@ -349,3 +349,49 @@ def test_console_bench_lists_refuses_uncalibrated_int8_and_writes_json_and_plots
     assert results["threads"] >= 1 and re.fullmatch(r"\d{4}-\d\d-\d\d", results["date"])  # the plots' caption
     for name in ("latency_vs_error.png", "speedup.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class DictInOut(torch.nn.Module):
+    """Takes a dict, returns a number, a tensor, None and the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(4, 3)
+
+    def forward(self, d):
+        return [0.5, self.l(d["x"]) + d["w"].sum(-1, keepdim=True), None, d["x"].shape[0]]
+
+
+class Remainder(torch.nn.Module):
+    def forward(self, x, k):
+        return x % k
+
+
+def test_run_fills_the_models_arguments_and_numbers_its_outputs_as_the_model_returns_them(tmp_path, capsys):
+    """`fxforge run` matched the input files against the dict the model takes and refused them ("expected 2 input
+    tensors ... got" the same two); it printed the graph's own outputs, so the number and the None vanished and the
+    tensor was "output 0"; an artifact's runtime failure was an "internal error" with ONNX Runtime's raw text."""
+    model = DictInOut().eval()
+    cm = fxforge.compile(model, ({"x": torch.randn(2, 4), "w": torch.randn(2, 5)},), backend="onnx",
+                         measure_latency=False)
+    cm.save(tmp_path / "art")
+    x, w = np.ones((2, 4), np.float32), np.ones((2, 5), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    assert main(["run", str(tmp_path / "art"), "--input", str(tmp_path / "x.npy"), "--input", str(tmp_path / "w.npy"),
+                 "--save", str(tmp_path / "y.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "output 0: float32 []  [0.5]" in out and "output 1: float32 [2, 3]" in out and "output 2: None" in out
+    assert "output 3: int64 []  [2]" in out
+    saved = np.load(tmp_path / "y.npz")
+    assert sorted(saved.files) == ["arr_0", "arr_1", "arr_3"]
+    np.testing.assert_allclose(saved["arr_1"], model({"x": torch.ones(2, 4), "w": torch.ones(2, 5)})[1].detach(),
+                               rtol=1e-5)
+    ints = fxforge.compile(Remainder(), (torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64)),
+                           backend="onnx", measure_latency=False)
+    ints.save(tmp_path / "mod")
+    np.save(tmp_path / "k.npy", np.zeros((2, 3), np.int64))
+    assert main(["run", str(tmp_path / "mod"), "--input", str(tmp_path / "k.npy"), "--input",
+                 str(tmp_path / "k.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "the onnx artifact failed on inputs that match its signature" in err and "internal error" not in err

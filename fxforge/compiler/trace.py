@@ -105,6 +105,14 @@ class Signature:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
         return [bool(s.shape) and s.shape[0] is None and self.dynamic_batch for s in self.inputs]
 
+    def arguments(self, flat: Sequence[Any]) -> tuple[Any, ...]:
+        """The call arguments holding ``flat`` (tensors in the order :meth:`flatten` gives them) where the model's
+        arguments hold them: nested in its dicts, lists and tuples as the example was."""
+        if len(flat) != len(self.inputs):
+            raise InputError(f"the model takes {len(self.inputs)} input tensor(s), shaped like "
+                             f"{[list(s.shape) for s in self.inputs]}, got {len(flat)}")
+        return pytree.tree_unflatten(list(flat), _loads(self.in_spec))[0]
+
     def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
         """Flatten call arguments and check count, shape and dtype against the compiled signature."""
         aligned = _aligned((tuple(args), {}), _loads(self.in_spec))

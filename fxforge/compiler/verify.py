@@ -144,13 +144,15 @@ def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
 
 
 def _container(spec: pytree.TreeSpec) -> str:
-    """A nesting of outputs in a line, ``*`` for each value: ``Out(logits=*, probs=*)``, ``tuple(*, list(*))``."""
+    """A nesting of outputs in a line, ``*`` for each value: ``Out(logits=*, probs=*)``, ``tuple(*, list(*))``. A
+    ``torch.Size`` is a tuple here: export records a returned ``y.shape`` as one, and the artifact returns that."""
     if spec.is_leaf():
         return "*"
     children = [_container(child) for child in spec.children()]
     names = getattr(spec.context, "_fields", None) if isinstance(spec.context, type) else \
         spec.context if isinstance(spec.context, list) else None
-    kind = spec.context.__qualname__ if isinstance(spec.context, type) else spec.type.__name__
+    kind = spec.context.__qualname__ if isinstance(spec.context, type) else \
+        "tuple" if spec.type is torch.Size else spec.type.__name__
     return f"{kind}({', '.join(children if names is None else (f'{n}={c}' for n, c in zip(names, children)))})"
 
 
@@ -708,7 +710,7 @@ def _checked_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, examp
             returned = artifact(*inputs)
             graph = graph if graph is not None else list(gm(*pytree.tree_leaves(clone_inputs(inputs))))
         got, structure = pytree.tree_flatten(returned)
-        if key == "example" and structure != model.structure(key):  # a namedtuple of other fields, a list for a tuple
+        if key == "example" and _container(structure) != _container(model.structure(key)):  # other fields, a list
             raise VerificationError(f"the {artifact.backend} artifact returns {_container(structure)} where your model "
                                     f"returns {_container(model.structure(key))}")
         where = f"at batch {key[1]}" if isinstance(key, tuple) and key[0] == "batch" else \

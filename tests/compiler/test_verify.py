@@ -176,6 +176,19 @@ def test_an_artifact_returning_its_outputs_in_other_containers_is_refused():
         check_artifact(artifact, ModelRuns(Wrapped()), cm.artifact.gm, (torch.randn(2, 4),), exact=False)
 
 
+class ReturnsShape(nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)
+        return y, y.shape
+
+
+def test_a_returned_shape_compiles_as_the_tuple_export_records():
+    """The nesting check refused ``return y, y.shape``: export records the torch.Size as a tuple."""
+    model, x = ReturnsShape(4, 3).eval(), torch.randn(5, 4)
+    y, shape = fxforge.compile(model, (torch.randn(2, 4),), backend="onnx", measure_latency=False)(x)
+    assert tuple(shape) == (5, 3)
+
+
 class SqueezedHead(nn.Module):
     """The common head ``fc(pool(y).squeeze())``: at batch 1 eager squeezes the batch away too."""
 
