@@ -205,9 +205,15 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
     if checked is not None and tgt.runs_on_host:
-        row.set_quality(checked.measure(lambda *x: artifact.run(x)))
+        if why := _not_taken(artifact, checked):
+            report.meta["artifact_quality"] = f"not measured: {why}"
+            warnings.warn(f"the report's error columns of the artifact were not measured: {why}", UserWarning,
+                          stacklevel=3)
+        else:
+            row.set_quality(checked.measure(lambda *x: artifact.run(x)))
     if budget is not None:
-        budget.check((lambda *x: artifact.run(x)) if tgt.runs_on_host else None, report, artifact.backend)
+        why = _not_taken(artifact, budget.data) if tgt.runs_on_host else "the target does not run on this machine"
+        budget.check(None if why else (lambda *x: artifact.run(x)), report, artifact.backend, why)
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
     report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()
@@ -342,6 +348,20 @@ def _reiterable(data: Iterable[Any] | None) -> Iterable[Any] | None:
     several passes, the report and the budget each read it (a second reader found it empty); anything else, a list or
     a DataLoader, is iterated anew by each."""
     return list(data) if isinstance(data, Iterator) else data
+
+
+def _not_taken(artifact: Artifact, data: Validation | None) -> str:
+    """Why ``artifact`` cannot run ``data``'s batches, or "" where it can: a backend that fixed the batch (a
+    TorchScript trace, a TVM build for the example's shapes) takes no other, and run past its signature it computed
+    with the example's batch (a model scaling by its batch size came out 0.5 off, stated as the artifact's error;
+    TVM raised a raw RuntimeError)."""
+    for i, flat in enumerate(data.flat if data is not None else ()):
+        for t, spec in zip(flat, artifact.signature.inputs):
+            if t.dim() != len(spec.shape) or any(e is not None and e != d for e, d in zip(spec.shape, t.shape)):
+                return (f"the {artifact.backend} artifact takes shape {list(spec.shape)} only (the backend fixed its "
+                        f"batch: {artifact.signature.note or 'static'}), and batch {i} of that data holds "
+                        f"{list(t.shape)}; give batches of the example's size")
+    return ""
 
 
 class _Rebatched:

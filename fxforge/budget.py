@@ -342,13 +342,15 @@ class Budget:
 
     # ------------------------------------------------------------------------------------------ the artifact
 
-    def check(self, run: Callable[..., Any] | None, report: Report, backend: str) -> None:
-        """Measure the compiled artifact (``run``; None when it cannot run here) and record the outcome."""
+    def check(self, run: Callable[..., Any] | None, report: Report, backend: str, why: str = "") -> None:
+        """Measure the compiled artifact (``run``; None when it cannot run the budget's data, ``why`` says why) and
+        record the outcome."""
         if self.data is None:
             report.meta["budget"] = self.record
             return
         if run is None:
-            self.record["artifact"] = "not measured: the target does not run on this machine"
+            self.record["artifact"] = f"not measured: {why}"
+            self._warn(f"the accuracy budget was measured on the graph, not on the {backend} artifact: {why}")
         else:
             drop = self.reference - self._score(self.data.measure(run))
             self.record["artifact"] = {"drop": drop, "held": self._holds(drop)}

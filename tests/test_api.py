@@ -499,3 +499,23 @@ def test_compile_inside_autocast_compiles_the_model_in_its_own_dtypes(backend):
     for got in (cm(x), under):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class ScalesByItsBatch(nn.Linear):
+    """TorchScript cannot script a float of the batch size: the backend traces it, at the example's batch alone."""
+
+    def forward(self, x):
+        return super().forward(x) * (x.shape[0] / 2.0)
+
+
+def test_an_artifact_fixed_to_the_example_batch_is_not_measured_on_batches_it_cannot_take():
+    """Validation batches of 4 ran through a TorchScript trace made at batch 2, past its signature: it computed
+    with the traced batch, and the report stated an error of 0.5 for an exact pipeline (a false BudgetError under
+    strict; TVM raised a raw RuntimeError). Now the artifact's columns and budget say why they were not measured."""
+    model = ScalesByItsBatch(6, 5).eval()
+    validation = [(torch.randn(4, 6),) for _ in range(3)]
+    with pytest.warns(UserWarning, match=r"not measured: the torchscript artifact takes shape \[2, 6\] only"):
+        cm = fxforge.compile(model, (torch.randn(2, 6),), passes=["fuse"], backend="torchscript",
+                             validation=validation, max_drop=0.01, strict=True, measure_latency=False)
+    assert cm.report.final.cosine_mean is None and cm.report.meta["artifact_quality"].startswith("not measured")
+    assert cm.report.meta["budget"]["artifact"].startswith("not measured: the torchscript artifact takes")
