@@ -131,7 +131,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be.check_options(backend_options)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)  # names checked first
     budget = Budget.of(passes, max_drop, metric, strict)
-    pick = calibration_picker(calibration_fn, input_key)
+    example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    pick = calibration_picker(calibration_fn, input_key, example)
     calibration, validation, train = (_reiterable(d) for d in (calibration, validation, train))
     for kind, data, readers in (("calibration", calibration, calibration_readers(manager.passes)),
                                 ("train", train, train_readers(manager.passes))):
@@ -142,7 +143,6 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                           stacklevel=2)
     _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
-    example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_tensors(model)
     training = _training_modules(model)
     if training:
@@ -326,8 +326,10 @@ def _check_tensors(model: torch.nn.Module) -> None:
 
 def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
     """Whether two lists of batches hold memory in common (the same list passed twice, or the same batches; two
-    slices of one tensor, ``x[:500]`` and ``x[500:]``, do not); data that are not lists (a DataLoader) are not read
-    here."""
+    slices of one tensor, ``x[:500]`` and ``x[500:]``, do not); data that are not lists are not read here, but the
+    same object twice, or two DataLoaders over one dataset, share."""
+    if a is not None and (a is b or getattr(a, "dataset", None) is getattr(b, "dataset", object())):
+        return True
     if not (isinstance(a, Sequence) and isinstance(b, Sequence)):
         return False
 
@@ -347,7 +349,10 @@ def _reiterable(data: Iterable[Any] | None) -> Iterable[Any] | None:
     """``data`` that every reader can iterate from the start: a one-shot iterator (a generator) becomes a list, since
     several passes, the report and the budget each read it (a second reader found it empty); anything else, a list or
     a DataLoader, is iterated anew by each."""
-    return list(data) if isinstance(data, Iterator) else data
+    if not isinstance(data, Iterator):
+        return data
+    # each batch's tensors copied as read: a generator refilling one buffer in place made every listed batch the last
+    return [pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, item) for item in data]
 
 
 def _not_taken(artifact: Artifact, data: Validation | None) -> str:
@@ -441,10 +446,12 @@ def _without_kv_cache(model: Any) -> tuple[Any, list[str]]:
     return model, cached
 
 
-def calibration_picker(calibration_fn: Callable[[Any], Any] | None, input_key: InputKey | None
-            ) -> tuple[Callable[[Any], Any], str] | None:
+def calibration_picker(calibration_fn: Callable[[Any], Any] | None, input_key: InputKey | None,
+                       example: tuple[Any, ...] = ()) -> tuple[Callable[[Any], Any], str] | None:
     """What picks the inputs out of each calibration item, and its name for errors: ``calibration_fn``, or
-    ``input_key`` (checked here, before any work); None when neither is given."""
+    ``input_key`` (checked here, before any work); None when neither is given. Where the model takes one dict
+    (``example``) and the keys name its entries, the picked values fill those entries by name: taken as the model's
+    flat inputs in the order given, ``("aux", "img")`` calibrated the "img" entry on the "aux" data."""
     if calibration_fn is not None and input_key is not None:
         raise InputError("give calibration_fn or input_key, not both: each picks the inputs out of a calibration "
                          "batch")
@@ -472,7 +479,11 @@ def calibration_picker(calibration_fn: Callable[[Any], Any] | None, input_key: I
                     f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, Sized) else \
                     f"a {type(batch).__name__}"
                 raise CalibrationError(f"input_key {k!r} is not in it ({held})") from None
+        if by_name:
+            return ({k: found[keys.index(k)] for k in example[0]},)
         return tuple(found) if isinstance(input_key, (tuple, list)) else found[0]
+    by_name = isinstance(input_key, (tuple, list)) and len(example) == 1 and isinstance(example[0], Mapping) and \
+        set(example[0]) == set(keys) and len(set(keys)) == len(keys)
     return pick, "input_key"
 
 

@@ -191,7 +191,7 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
         raise InputError(f"example_inputs must be a tensor or a tuple of tensors (dicts or lists of them), got "
                          f"{type(example_inputs).__name__}")
-    pick = calibration_picker(calibration_fn, input_key)
+    pick = calibration_picker(calibration_fn, input_key, example)
     batches = _calibration(MappedBatches(calibration, *pick) if calibration is not None and pick else calibration,
                            example)
     _check_arguments(max_accuracy_drop, budget, Path(output_dir), space)

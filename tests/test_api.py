@@ -422,6 +422,19 @@ def test_a_dict_input_model_calibrates_on_batches_given_like_its_example(form):
     assert torch.nn.functional.cosine_similarity(cm(d).flatten(), model(d).flatten(), 0) > 0.99
 
 
+def test_input_key_fills_a_dict_input_by_name_in_any_order():
+    """input_key=("bias", "x") took the picked values as the model's flat inputs in that order: the "x" entry was
+    calibrated on the "bias" data (and the budget's held-out batches swapped alike, so it held)."""
+    torch.manual_seed(0)
+    model = DictInput().eval()
+    batch = lambda: {"x": torch.randn(4, 8) * 10, "bias": torch.randn(4, 4) * 0.1, "label": torch.zeros(4)}  # noqa
+    calibration, d = [batch() for _ in range(4)], batch()
+    outputs = [fxforge.compile(model, ({"x": d["x"], "bias": d["bias"]},), passes=["int8"], calibration=calibration,
+                               input_key=key, max_drop=math.inf)({"x": d["x"], "bias": d["bias"]})
+               for key in (("x", "bias"), ("bias", "x"))]
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_a_model_with_hooks_is_warned_that_the_compiled_model_does_not_call_them():
     """Capture runs the model (its hooks with it) on the example, random batches and export's fake tensors; the
     compiled graph holds what a hook computes but never calls it, so an activation log silently stopped filling."""
