@@ -213,6 +213,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             row.set_quality(checked.measure(lambda *x: artifact.run(x)))
     if budget is not None:
         why = _not_taken(artifact, budget.data) if tgt.runs_on_host else "the target does not run on this machine"
+        if why and tgt.runs_on_host:
+            warnings.warn(f"the accuracy budget was measured on the graph, not on the artifact: {why}", UserWarning,
+                          stacklevel=3)
         budget.check(None if why else (lambda *x: artifact.run(x)), report, artifact.backend, why)
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})

@@ -350,7 +350,6 @@ class Budget:
             return
         if run is None:
             self.record["artifact"] = f"not measured: {why}"
-            self._warn(f"the accuracy budget was measured on the graph, not on the {backend} artifact: {why}")
         else:
             drop = self.reference - self._score(self.data.measure(run))
             self.record["artifact"] = {"drop": drop, "held": self._holds(drop)}
