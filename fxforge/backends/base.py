@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, InputError, TargetError, first_line
-from fxforge.compiler.target import Target, get_target
+from fxforge.compiler.target import Target, loaded_target
 from fxforge.compiler.trace import Signature, without_autocast
 
 # Format 2: what a format-1 reader would get wrong (it ignores fields it does not know): outputs that are no tensor
@@ -264,20 +264,12 @@ def load(directory: str | os.PathLike[str]) -> Artifact:
         raise ArtifactError(f"{path} was saved by backend {meta['backend']!r}, which this fxforge lacks: "
                             f"{e}") from None
     try:
-        target = _target_from(meta["target"])
+        target = loaded_target(meta["target"])
         return cls.read(path, Signature.from_dict(meta["signature"]), target, meta.get("info", {}))
     except ArtifactError:
         raise
     except Exception as e:
         raise ArtifactError(f"cannot load the {meta['backend']} artifact in {path}: {type(e).__name__}: {e}") from e
-
-
-def _target_from(d: dict[str, Any]) -> Target:
-    try:
-        return get_target(d["name"]).with_tvm(**d["tvm"])
-    except Exception:
-        return Target(d["name"], "loaded from an artifact", d["tvm"], d.get("tvm_host"),
-                      tuple(d.get("ort_providers", ("CPUExecutionProvider",))), d.get("torch_device", "cpu"))
 
 
 def _checksum(meta: dict[str, Any]) -> str:

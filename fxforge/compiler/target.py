@@ -65,7 +65,9 @@ class Target:
         return _resolve(self.tvm_host) if self.tvm_host is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "tvm": dict(self.tvm), "tvm_host": dict(self.tvm_host or {}) or None,
+        """What an artifact records: the TVM dict resolved (``x86`` builds for this machine's CPU, and the record
+        said "native", which a machine loading the artifact would read as its own) and the features code may use."""
+        return {"name": self.name, "tvm": self.tvm_dict(), "tvm_host": self.tvm_host_dict(),
                 "ort_providers": list(self.ort_providers), "torch_device": self.torch_device,
                 "features": sorted(self.features())}
 
@@ -104,6 +106,22 @@ def host_features() -> frozenset[str]:
         capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", …
         flags.update({"AVX512": ("avx512f", "avx2"), "AVX2": ("avx2",)}.get(capability, ()))
     return frozenset({arch, *(_CPUINFO_FLAGS[f] for f in flags if f in _CPUINFO_FLAGS)})
+
+
+def loaded_target(d: Mapping[str, Any]) -> Target:
+    """The target an artifact recorded (:meth:`Target.to_dict`), with the features its code was built for: an x86
+    artifact runs here only where this machine has them all (an ``x86`` TVM library built on an AVX-512 machine
+    would die of an illegal instruction on an AVX2 one)."""
+    try:
+        target = get_target(d["name"]).with_tvm(**d["tvm"])
+    except Exception:  # a target registered in the process that compiled it, not here
+        target = Target(d["name"], "loaded from an artifact", d["tvm"], d.get("tvm_host"),
+                        tuple(d.get("ort_providers", ("CPUExecutionProvider",))), d.get("torch_device", "cpu"))
+    if "features" not in d:
+        return target
+    isa = frozenset(d["features"])
+    return dataclasses.replace(target, isa=isa, runs_on_host=target.runs_on_host and (
+        "x86_64" not in isa or isa <= host_features()))
 
 
 def _resolve(spec: Mapping[str, Any]) -> dict[str, Any]:

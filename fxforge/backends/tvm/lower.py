@@ -40,7 +40,7 @@ from fxforge.compiler.errors import BackendError, TargetError, first_line, missi
 from fxforge.compiler.graph import get_tensor, views_as_reshapes
 from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, getitem_index, is_op,
                                   set_argument)
-from fxforge.compiler.target import Target
+from fxforge.compiler.target import Target, host_features
 from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
 
 from ..base import FORMAT_VERSION, Artifact, Backend, register_backend
@@ -813,9 +813,11 @@ class TvmArtifact(Artifact):
             tvm = _tvm()
             from tvm import relax
             if not self.target.runs_on_host and self.target.tvm.get("kind") == "llvm":
-                raise TargetError(f"this tvm artifact was built for {self.target.name} "
-                                  f"({self.target.tvm.get('mtriple', 'another CPU')}) and cannot run on this "
-                                  f"machine; copy {LIB_FILE} to such a machine and load it with "
+                missing = sorted(self.target.features() - host_features())
+                built = self.target.tvm.get("mtriple") or f"{self.target.tvm.get('mcpu')}, with " \
+                    f"{', '.join(missing)}, which this CPU lacks"
+                raise TargetError(f"this tvm artifact was built for {self.target.name} ({built}) and cannot run on "
+                                  f"this machine; copy {LIB_FILE} to such a machine and load it with "
                                   f"tvm.runtime.load_module")
             kind = "cpu" if self.target.tvm.get("kind") == "llvm" else str(self.target.tvm.get("kind"))
             device = tvm.device(kind, 0)
