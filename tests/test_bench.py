@@ -86,6 +86,16 @@ def test_ratios_are_resolved_once_every_fxforge_row_and_the_self_check_pair_is_w
                     "fxforge int8 → onnx": [3.0] * 13 + [6.0]})
 
 
+def test_systems_without_flops_of_their_own_get_the_models_not_a_compressed_systems():
+    """Eager's FLOPs (and its GFLOP/s) were those of the first fxforge row, a compressed graph's when it came first."""
+    from fxforge.bench import Built, Row, fill_figures
+    built = {"fxforge low_rank": Built(lambda xs: xs, 1.0, flops=400, model_flops=1000),
+             "eager": Built(lambda xs: xs, 0.0)}
+    rows = [Row("mlp", 8, "fxforge low_rank", False), Row("mlp", 8, "eager", True)]
+    fill_figures(rows, built)
+    assert [r.flops for r in rows] == [400, 1000]
+
+
 def test_every_ort_session_gets_the_same_options():
     import onnxruntime as ort
     model, example = ZOO["mlp"]()

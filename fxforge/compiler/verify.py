@@ -99,7 +99,8 @@ def error_bound(errors: Sequence[Error]) -> Error:
     """
     worst, best = max(e.max_rel for e in errors), min(e.max_rel for e in errors)
     low, high = min(e.cosine for e in errors), max(e.cosine for e in errors)
-    return Error(worst + (worst - best), max(-1.0, low - (high - low)))
+    # an infinite worst (integer outputs that differ) stays infinite: inf − inf made the bound NaN
+    return Error(worst + (worst - best) if math.isfinite(worst) else worst, max(-1.0, low - (high - low)))
 
 
 def bound_inputs(example_inputs: Sequence[torch.Tensor], seed: int) -> list[tuple[torch.Tensor, ...]]:

@@ -655,3 +655,9 @@ def test_inception_v3_compiles_exactly_though_fusing_its_batch_norms_rounds_past
     cm = fxforge.compile(model, (x,), passes=["fuse"], backend="eager", measure_latency=False)
     with torch.no_grad():
         assert compare([cm(x)], [model(x)]).max_rel < 1e-3
+
+
+def test_the_bound_of_infinite_errors_is_infinite_not_nan():
+    """Integer outputs that differ are infinitely wrong in every batch; their bound, inf + (inf − inf), was NaN."""
+    from fxforge.compiler.verify import Error, error_bound
+    assert error_bound([Error(float("inf"), 0.0), Error(float("inf"), 1.0)]).max_rel == float("inf")
