@@ -32,7 +32,8 @@ import torch.fx as fx
 from fxforge.compiler.analysis import Flops, Shapes
 from fxforge.compiler.errors import PassError, missing_calibration
 from fxforge.compiler.graph import get_tensor, set_tensor
-from fxforge.compiler.ops import BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, conv_groups, is_op, operands, weight_of
+from fxforge.compiler.ops import (BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, conv_groups, data, is_op, operands,
+                                 weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
 
@@ -135,8 +136,11 @@ class PruneChannels(Pass):
         changes = {}
         for site, hit, _ in _zero_sites(node.graph.owning_module, cg, ids):
             m = cg.map(site)
-            keep = (~hit).reshape([m.ids.shape[m.dims.index(d)] if d in m.dims else 1 for d in range(cg.ndim(site))])
-            changes[site.name] = lambda args, kwargs, op=site.target, keep=keep: op(*args, **kwargs) * keep
+            whole = site.name in cg.shapes  # else a batch norm returning (output, mean, var): its output is zeroed
+            ndim = cg.ndim(site if whole else data(site))
+            keep = (~hit).reshape([m.ids.shape[m.dims.index(d)] if d in m.dims else 1 for d in range(ndim)])
+            changes[site.name] = (lambda args, kwargs, op=site.target, keep=keep: op(*args, **kwargs) * keep) \
+                if whole else (lambda args, kwargs, op=site.target, keep=keep: _first_times(op(*args, **kwargs), keep))
         return changes
 
     def per_layer(self, gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, imp: Importance,
@@ -211,6 +215,10 @@ def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]
             d = 0 if is_op(node, *WEIGHTED, *BATCH_NORM) else m.dims[0] - (cg.ndim(node) - t.dim())
             t.index_fill_(d, hit.nonzero().flatten(), 0.0)
             set_tensor(gm, t_node, t)
+
+
+def _first_times(outputs: tuple, keep: torch.Tensor) -> tuple:
+    return (outputs[0] * keep, *outputs[1:])
 
 
 def _zero_sites(gm: fx.GraphModule, cg: ChannelGraph, ids: torch.Tensor):

@@ -384,3 +384,17 @@ def test_a_layer_called_twice_is_not_split_once_per_call(passes):
     row = report.row("low_rank")
     assert row.stats["skipped.shared_weight"] == 2 and row.params <= report.row("input").params
     assert sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == "a.weight") >= 1
+
+
+def test_compress_on_a_model_with_a_wholly_dead_layer():
+    """dead_channels left a 0-wide activation, and low_rank's per-layer analysis took its range with x.min(): a raw
+    RuntimeError from compress on a valid model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.fill_(-1.0)  # every unit of the hidden layer is 0 after its relu
+    x = torch.randn(4, 8)
+    cm = fxforge.compile(model, (x,), passes=["compress"], calibration=[(torch.randn(4, 8),) for _ in range(4)],
+                         measure_latency=False)
+    torch.testing.assert_close(cm(x), model(x))

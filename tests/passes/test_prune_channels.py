@@ -226,3 +226,14 @@ def test_every_zoo_model_is_pruned_or_left_alone_and_reports_its_size(name):
         assert row.stats["params_after"] == row.params < row.stats["params_before"] == report.row("input").params
         assert row.stats["flops_after"] == row.flops < row.stats["flops_before"]
     assert math.isfinite(row.max_rel_err)
+
+
+def test_the_flops_goal_measures_layers_before_an_unfused_batch_norm():
+    """prune_channels{flops=} measured each layer's effect by zeroing its channels at every node they reach, and a
+    batch norm returning (output, mean, var) had no recorded shape: a raw KeyError unless `fuse` ran first."""
+    import fxforge
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    cm = fxforge.compile(model, (torch.randn(4, 16),), passes=["prune_channels{flops=0.5}"],
+                         calibration=[(torch.randn(4, 16),)], measure_latency=False)
+    assert cm.report.final.flops <= 0.5 * cm.report.rows[0].flops

@@ -159,7 +159,7 @@ class _Run(fx.Interpreter):
         if n.name in self.changes:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             return self.changes[n.name](list(args), dict(kwargs))
-        if not self.changes and is_op(n, *WEIGHTED):
+        if not self.changes and is_op(n, *WEIGHTED) and self.env[data(n)].numel():  # an empty input has no range
             x = self.env[data(n)]
             lo, hi = self.ranges.get(n.name, (0.0, 0.0))  # the range holds 0, as an affine grid must
             self.ranges[n.name] = (min(lo, float(x.min())), max(hi, float(x.max())))
