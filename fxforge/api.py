@@ -219,7 +219,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         budget.check(None if why else (lambda *x: artifact.run(x)), report, artifact.backend, why)
     report.meta.update({"backend": backend, "target": tgt.name, "dynamic_batch": artifact.signature.dynamic_batch,
                         **({"note": artifact.signature.note} if artifact.signature.note else {}), **artifact.info})
-    report.meta["errors"] = SYNTHETIC if checked is None else checked.describe()
+    report.meta["errors"] = checked.describe() if checked is not None else SYNTHETIC if verify in NUMERIC_MODES else \
+        f"not measured (verify={verify!r}): no stage was run on inputs"
     report.meta["checked"] = checks_made(verify, all(r.exact for r in report.rows), is_quantized(gm), artifact.backend,
                                          tgt.runs_on_host, exact_tolerance(gm), report.meta.get(SAMPLED_OUT, ()),
                                          artifact.signature.dynamic_batch, checked is not None)
@@ -254,6 +255,9 @@ def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, rea
     reads is pointed out."""
     if readers and data is None:
         raise missing(readers[0])
+    if readers and isinstance(data, Sized) and not len(data):  # passes with no check of their own failed raw
+        raise type(missing(readers[0]))(f"pass {readers[0]!r} got an empty {kind} iterable: pass "
+                                        f"{kind}=[(x1,), (x2,), ...]")
     if not readers and data is not None:
         warnings.warn(f"{kind} data given, but no pass of this pipeline reads it "
                       f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,

@@ -532,3 +532,20 @@ def test_an_artifact_fixed_to_the_example_batch_is_not_measured_on_batches_it_ca
                              validation=validation, max_drop=0.01, strict=True, measure_latency=False)
     assert cm.report.final.cosine_mean is None and cm.report.meta["artifact_quality"].startswith("not measured")
     assert cm.report.meta["budget"]["artifact"].startswith("not measured: the torchscript artifact takes")
+
+
+@pytest.mark.parametrize("passes", ["int8_dynamic", "compress", "prune_channels{flops=0.5}",
+                                    "depthwise_separable{flops=0.5}"])
+def test_empty_calibration_data_is_named_for_every_pass_that_reads_it(passes):
+    """Only calibrate and a few others checked: the rest failed inside with a raw KeyError, IndexError or
+    ValueError."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    with pytest.raises(fxforge.CalibrationError, match="got an empty calibration iterable"):
+        fxforge.compile(model, (torch.randn(2, 3, 6, 6),), passes=[passes], calibration=[])
+
+
+@pytest.mark.parametrize("verify", ["off", "lint"])
+def test_the_report_does_not_claim_errors_measured_where_none_were(verify):
+    cm = fxforge.compile(nn.Linear(4, 3).eval(), (torch.randn(2, 4),), passes=["fuse"], verify=verify)
+    assert cm.report.meta["errors"].startswith(f"not measured (verify={verify!r})")
+    assert all(r.max_rel_err is None for r in cm.report.rows)

@@ -8,6 +8,7 @@ top-1 agreement, the user's metric), otherwise on synthetic N(0,1) inputs, which
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,7 +75,16 @@ class Report:
         return {"rows": [asdict(r) for r in self.rows], "meta": self.meta}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        """Strict JSON: an infinite or NaN number (``max_drop=math.inf``, an infinite error) is written as the
+        string "inf", "-inf" or "nan", which JSON has no number for (Python wrote ``Infinity``, which strict
+        parsers refuse)."""
+        def strict(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: strict(v) for k, v in value.items()}
+            return [strict(v) for v in value] if isinstance(value, (list, tuple)) else value
+        return json.dumps(strict(self.to_dict()), indent=2, default=str, allow_nan=False)
 
     def __str__(self) -> str:
         validated = any(r.cosine_mean is not None for r in self.rows)

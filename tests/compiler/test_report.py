@@ -1,6 +1,8 @@
 """The report's table: a stage's long spec is clipped in the table and kept whole in the JSON."""
 import json
 
+import pytest
+
 from fxforge.compiler.report import STAGE_WIDTH, Report, StageRow
 
 
@@ -12,3 +14,13 @@ def test_a_long_stage_spec_is_clipped_in_the_table_and_whole_in_json():
     assert row.startswith(spec[:STAGE_WIDTH - 1] + "…") and spec not in str(report)
     assert max(len(line) for line in lines) < 2 * STAGE_WIDTH + 80
     assert spec in [r["stage"] for r in json.loads(report.to_json())["rows"]]
+
+
+def test_the_json_is_strict_where_numbers_are_infinite():
+    """report.json held `Infinity` (max_drop=math.inf, an infinite error), which strict JSON parsers refuse."""
+    report = Report([StageRow("input", True, 0.0, 1, 1, 4, 0, max_rel_err=float("inf"))],
+                    {"budget": {"max_drop": float("inf"), "tries": {0: float("nan")}}})
+    text = report.to_json()
+    assert "Infinity" not in text and "NaN" not in text
+    loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+    assert loaded["meta"]["budget"]["max_drop"] == "inf" and loaded["rows"][0]["max_rel_err"] == "inf"
