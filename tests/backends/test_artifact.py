@@ -304,3 +304,48 @@ def test_an_eager_artifact_of_a_t5_encoder_saves(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, torch.ones(3, 12, dtype=torch.long)),
                                    model(ids, torch.ones(3, 12, dtype=torch.long)))
+
+
+class Tagged(nn.Module):
+    def __init__(self, value, tag):
+        super().__init__()
+        self.l, self.tag = nn.Linear(2, 1, bias=False), tag
+        nn.init.constant_(self.l.weight, value)
+
+    def forward(self, x):
+        return self.l(x), self.tag
+
+
+def test_a_load_during_a_save_into_its_directory_reads_one_artifact_whole(tmp_path, monkeypatch):
+    """load read the manifest, hashed the files, then the backend read the model again by path: a save swapping in
+    another artifact meanwhile made it run one model under the other's manifest (B's weights with A's outputs
+    around them), silently. Files are now read through the directory as it was when the load began, and a load
+    whose directory was replaced and deleted under it starts again."""
+    from fxforge.backends.onnx import OnnxArtifact
+    x = torch.ones(1, 2)
+    a, b = (fxforge.compile(Tagged(w, t).eval(), (torch.ones(2, 2),), backend="onnx", measure_latency=False)
+            for w, t in ((1.0, "A"), (100.0, "B")))
+    a.save(tmp_path / "served")
+    read = OnnxArtifact.read.__func__
+    saved = []
+
+    def save_during_read(cls, directory, *args):
+        if not saved:  # the save swaps B in, then deletes A's directory
+            saved.append(b.save(tmp_path / "served"))
+        return read(cls, directory, *args)
+
+    monkeypatch.setattr(OnnxArtifact, "read", classmethod(save_during_read))
+    y, tag = fxforge.load(tmp_path / "served")(x)
+    assert (tag, float(y)) in (("A", 2.0), ("B", 200.0))
+
+
+def test_an_artifact_loads_without_its_report(tmp_path):
+    """The docs name the model file and fxforge.json as what a deployment copies; without report.json the load said
+    the artifact was "modified after saving"."""
+    cm = fxforge.compile(nn.Linear(4, 3).eval(), (torch.randn(2, 4),), backend="onnx", measure_latency=False)
+    (cm.save(tmp_path / "a") / "report.json").unlink()
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fxforge.load(tmp_path / "a")(x), cm(x))
+    (tmp_path / "a" / "report.json").write_text("{}")  # present, it must be the one saved
+    with pytest.raises(fxforge.ArtifactError, match="report.json is missing or was modified"):
+        fxforge.load(tmp_path / "a")
