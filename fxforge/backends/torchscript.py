@@ -9,9 +9,10 @@ on load. At compile time each variant is frozen once and the artifact keeps the 
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Sequence
 
 import torch
 import torch.fx as fx
@@ -100,6 +101,8 @@ class TorchScriptBackend(Backend):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module, mode = self._compile(gm, example_inputs)
+            if mode != "script" or not signature.dynamic_batch:  # model.pt holds the example's shapes: it says so
+                module, mode = self._compile(_guarded(gm, example_inputs), example_inputs)
             chosen, optimized = _frozen(module, optimize=False), False
             try:
                 candidate = _frozen(module, optimize=True)
@@ -122,6 +125,31 @@ class TorchScriptBackend(Backend):
             except Exception as e:
                 raise BackendError(f"TorchScript can neither script ({_line(script_error)}) nor trace "
                                    f"({_line(e)}) this graph") from e
+
+
+@torch.jit._script_if_tracing
+def expect_shape(x: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    """``x``, or an error where its shape is not ``shape``: a static-batch model.pt (a trace, a graph that branches on
+    its batch size) run by ``torch.jit.load`` at another batch computed with the example's (0.67 relative off),
+    silently; fxforge's own artifact checks its signature, a deployment without fxforge did not. Scripted where it
+    is traced (``torch.jit._script_if_tracing``), so a trace keeps the check."""
+    if list(x.shape) != shape:
+        raise RuntimeError("this model.pt was compiled for input shape " + str(shape) + " only, got " +
+                           str(list(x.shape)))
+    return x
+
+
+def _guarded(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """A copy of ``gm`` whose tensor inputs pass :func:`expect_shape` with the example's shapes first."""
+    gm = copy.deepcopy(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]):
+        for node, x in zip(reversed(placeholders), reversed(list(example_inputs))):
+            if isinstance(x, torch.Tensor):
+                checked = gm.graph.call_function(expect_shape, (node, list(x.shape)))
+                node.replace_all_uses_with(checked, delete_user_cb=lambda user, checked=checked: user is not checked)
+    gm.recompile()
+    return gm
 
 
 def _frozen(module: torch.jit.ScriptModule, optimize: bool) -> torch.jit.ScriptModule:

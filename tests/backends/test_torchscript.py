@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import fxforge
 from fxforge.compiler.verify import compare, fresh_inputs
@@ -68,3 +69,28 @@ def test_a_traced_graph_takes_only_the_example_batch(tmp_path):
     for artifact in (cm, fxforge.load(cm.save(tmp_path / "a"))):
         with pytest.raises(fxforge.InputError, match=r"input 0 has shape \[3, 2, 2\], compiled for \[2, 2, 2\]"):
             artifact(torch.randn(3, 2, 2))
+
+
+class BranchesOnItsBatch(nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)
+        return y * 3 if x.shape[0] > 2 else y
+
+
+class ScalesByItsBatch(nn.Linear):
+    def forward(self, x):  # a float of the batch size: scripting fails, the backend traces
+        return super().forward(x) * (x.shape[0] / 2.0)
+
+
+@pytest.mark.parametrize("make", [BranchesOnItsBatch, ScalesByItsBatch])
+def test_a_static_batch_model_pt_refuses_other_shapes_without_fxforge(tmp_path, make):
+    """fxforge's artifact refused other batch sizes, but the saved model.pt, run by torch.jit.load as a deployment
+    does, took them and computed with the example's batch (0.6-0.67 relative off), silently."""
+    model = make(4, 4).eval()
+    cm = fxforge.compile(model, (torch.randn(2, 4),), backend="torchscript", measure_latency=False)
+    assert not cm.signature.dynamic_batch
+    plain = torch.jit.load(str(cm.save(tmp_path / "a") / "model.pt"))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(plain(x)[0], model(x))  # the graph's flat outputs
+    with pytest.raises(torch.jit.Error, match=r"compiled for input shape \[2, 4\] only, got \[5, 4\]"):
+        plain(torch.randn(5, 4))
