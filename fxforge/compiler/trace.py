@@ -259,10 +259,20 @@ def _loads(text: str) -> pytree.TreeSpec:
         return pytree.treespec_loads(text)
     except NotImplementedError:
         pass
-    for path in _namedtuple_paths(json.loads(text)[1]):
+    tree = json.loads(text)[1]
+    for path in _namedtuple_paths(tree):
         cls = _namedtuple_class(path)
         if cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
             pytree._register_namedtuple(cls, serialized_type_name=path)
+    for name in _unregistered_types(tree):  # a container registered by its module on import (transformers' outputs)
+        module = name.rpartition(".")[0]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            raise ArtifactError(f"the model's inputs or outputs hold {name}, which is not registered with "
+                                f"torch.utils._pytree here: import {module} (which registers it) first")
     return pytree.treespec_loads(text)
 
 
@@ -288,6 +298,14 @@ def _check_namedtuple_fields(saved: dict[str, list[str]]) -> None:
         if list(getattr(cls, "_fields", ())) != list(fields):
             raise ArtifactError(f"the namedtuple {path} has fields {list(getattr(cls, '_fields', ()))} here, but the "
                                 f"artifact was compiled with {list(fields)}; the values would land in other fields")
+
+
+def _unregistered_types(node: dict) -> list[str]:
+    """The serialized type names in a ``treespec_dumps`` tree that this process has no pytree node for."""
+    kind = node.get("type")
+    own = [kind] if kind and kind != "collections.namedtuple" and kind not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE \
+        else []
+    return own + [t for child in node.get("children_spec", []) for t in _unregistered_types(child)]
 
 
 def _namedtuple_paths(node: dict) -> list[str]:

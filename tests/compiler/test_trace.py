@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 import fxforge
@@ -350,6 +351,34 @@ def test_a_saved_namedtuple_that_cannot_be_imported_is_named():
             '[{"type": null, "context": null, "children_spec": []}]}]')
     with pytest.raises(ArtifactError, match="nowhere_at_all.Gone"):
         _loads(text)
+
+
+BOX_MODULE = """
+import torch.utils._pytree as pytree
+
+class Box:
+    def __init__(self, value):
+        self.value = value
+
+pytree.register_pytree_node(Box, lambda b: ([b.value], None), lambda values, _: Box(values[0]),
+                            serialized_type_name="fxforge_test_box_module.Box")
+"""
+
+
+def test_a_container_registered_by_its_module_is_imported_when_an_artifact_needs_it(tmp_path, monkeypatch):
+    """A transformers model's artifact, called in a process that had not imported transformers, failed every call
+    with a raw NotImplementedError after running the model: its output class is registered with pytree by
+    transformers on import. The module named by the saved type is now imported; one that is not there is named."""
+    from fxforge.compiler.errors import ArtifactError
+    from fxforge.compiler.trace import _loads
+    text = ('[1, {"type": "fxforge_test_box_module.Box", "context": "null", "children_spec": '
+            '[{"type": null, "context": null, "children_spec": []}]}]')
+    with pytest.raises(ArtifactError, match="hold fxforge_test_box_module.Box, which is not registered"):
+        _loads(text)
+    (tmp_path / "fxforge_test_box_module.py").write_text(BOX_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    box = pytree.tree_unflatten([3], _loads(text))
+    assert type(box).__name__ == "Box" and box.value == 3
 
 
 class TopScores(nn.Module):
