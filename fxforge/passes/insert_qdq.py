@@ -77,6 +77,12 @@ from .lib.channel_scaling import restore_clips
 from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, int8_weight,
                       is_dq, is_q, role, weight_scales)
 
+# layers with weights that insert_qdq leaves float (no int8 kernel is targeted for them): counted, so that an int8
+# decoder whose transposed convs stayed float does not report only the convs it quantized
+NO_INT8_KERNEL = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d, aten.lstm, aten.gru,
+                  aten.rnn_tanh, aten.rnn_relu)
+
+
 @register_pass
 class InsertQdq(Pass):
     """Insert quantize/dequantize pairs on conv/linear/matmul inputs, weights, biases and outputs (approximate)."""
@@ -117,6 +123,8 @@ class InsertQdq(Pass):
             stats.update({k: v for k, v in fit_activations(gm, [ctx.example_inputs], "minmax").items()
                           if k == "weight_scales_widened"})
         stats.update({"activations": len(plan), "weights": len(weighted)})
+        for node in call_nodes(gm, *NO_INT8_KERNEL):  # layers with weights that stay float, said by name
+            stats[f"skipped.no_int8_kernel.{node.target.__name__.split('.')[0]}"] += 1
         if weighted:
             stats["weight_bits"] = 7 if reduce_range else 8
         cut = _untag_split_groups(gm)

@@ -588,3 +588,21 @@ def test_a_model_of_another_dtype_than_float32_is_warned_of_not_quantized_silent
         cm = fxforge.compile(model, (torch.randn(2, 8, dtype=dtype),), passes=["int8"], backend="eager",
                              calibration=calibration, measure_latency=False)
     assert cm.report.row("insert_qdq").stats["skipped.not_float32"] == 2
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.up = nn.Conv2d(16, 16, 3, padding=1), nn.ConvTranspose2d(16, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(torch.relu(self.conv(x)))
+
+
+def test_layers_left_float_for_want_of_an_int8_kernel_are_counted():
+    """A decoder's stats said quantized.conv2d=1 and nothing of its transposed convs, which stayed float."""
+    import fxforge
+    cm = fxforge.compile(Decoder().eval(), (torch.randn(2, 16, 8, 8),), passes=["int8"], max_drop=float("inf"),
+                         calibration=[(torch.randn(2, 16, 8, 8),) for _ in range(4)], measure_latency=False)
+    stats = cm.report.row("insert_qdq").stats
+    assert stats["quantized.conv2d"] == 1 and stats["skipped.no_int8_kernel.conv_transpose2d"] == 1
