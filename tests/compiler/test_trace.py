@@ -596,3 +596,27 @@ def test_a_half_precision_model_is_captured_to_its_own_tolerance(dtype):
     model, x = HalfAttention().eval().to(dtype), torch.randn(2, 6, 32, dtype=dtype)
     cm = fxforge.compile(model, (x,), measure_latency=False)
     assert cm(x).dtype == dtype
+
+
+class WritesAndReturns(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.a(x), x
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_a_write_into_the_input_that_is_returned_too_is_captured_as_a_function(backend):
+    """The graph kept `copy_` into the input where the written input was also an output: the eager and TorchScript
+    artifacts wrote into the caller's tensor, and compile refused the model as if it had random ops."""
+    model, x = WritesAndReturns().eval(), torch.randn(2, 6)
+    cm = fxforge.compile(model, (x.clone(),), backend=backend, measure_latency=False)
+    kept = x.clone()
+    y, written = cm(x)
+    assert torch.equal(x, kept) and "input_writes_dropped" in cm.report.meta
+    want = model(kept.clone())
+    torch.testing.assert_close(y, want[0])
+    torch.testing.assert_close(written, want[1])
