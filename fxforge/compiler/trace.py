@@ -144,6 +144,9 @@ class Signature:
                                  f"back, so pass separate tensors (a clone of one)")
         sizes = {i: t.shape[0] for i, (t, b) in enumerate(zip(flat, self.batched())) if b}
         small = next((i for i, n in sizes.items() if n < self.min_batch), None)
+        if small is not None and self.min_batch == 1:  # an empty batch: no batch size was found wrong, none is taken
+            raise InputError(f"input {small} has batch size 0: a compiled model takes batches of 1 or more (an empty "
+                             "batch has nothing to compute; skip the call)")
         if small is not None:
             raise InputError(f"input {small} has batch size {sizes[small]}, but the model runs only from batch size "
                              f"{self.min_batch} (below it eager PyTorch raises, or computes otherwise than the captured graph)")

@@ -620,3 +620,11 @@ def test_a_write_into_the_input_that_is_returned_too_is_captured_as_a_function(b
     want = model(kept.clone())
     torch.testing.assert_close(y, want[0])
     torch.testing.assert_close(written, want[1])
+
+
+def test_an_empty_batch_is_refused_without_a_false_cause():
+    """An empty batch was refused saying eager PyTorch raises below batch size 1; it does not."""
+    cm = fxforge.compile(nn.Linear(4, 3).eval(), (torch.randn(2, 4),), measure_latency=False)
+    with pytest.raises(fxforge.InputError, match=r"^input 0 has batch size 0: a compiled model takes batches of 1 or "
+                                                 r"more \(an empty batch has nothing to compute; skip the call\)$"):
+        cm(torch.randn(0, 4))
