@@ -221,17 +221,22 @@ def _namedtuples(spec: pytree.TreeSpec) -> list[type]:
     return found
 
 
+def _name_unnamed(cls: type, name: str) -> None:
+    """Give ``cls``, a pytree node type registered without a serialized name (``register_dataclass`` and
+    ``torch.return_types`` leave it out), the name ``name``: ``treespec_dumps`` refused such a type ("no registered
+    serialization name") and every compile of a model returning one failed with a raw error."""
+    node = pytree.SUPPORTED_SERIALIZED_TYPES.get(cls)
+    if node is not None and node.serialized_type_name == pytree.NO_SERIALIZED_TYPE_NAME_FOUND:
+        pytree.SUPPORTED_SERIALIZED_TYPES[cls] = node._replace(serialized_type_name=name)
+        pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE[name] = cls
+
+
 def _name_structseqs() -> None:
-    """Give each ``torch.return_types`` class (what ``torch.topk`` or ``x.max(dim)`` returns) the serialized name
-    torch registers it without, so a model returning one compiles and saves: ``treespec_dumps`` refused it
-    ("no registered serialization name") and every compile failed. Done at import, so a process loading an artifact
-    reads the name back too; the class flattens as torch registered it (its values; the class is the node's type)."""
+    """Name each ``torch.return_types`` class (what ``torch.topk`` or ``x.max(dim)`` returns) at import, so a process
+    loading an artifact reads the name back too; the class flattens as torch registered it (its values; the class
+    is the node's type)."""
     for cls in torch.return_types.all_return_types:
-        node = pytree.SUPPORTED_SERIALIZED_TYPES.get(cls)
-        if node is not None and node.serialized_type_name == pytree.NO_SERIALIZED_TYPE_NAME_FOUND:
-            name = f"torch.return_types.{cls.__name__}"
-            pytree.SUPPORTED_SERIALIZED_TYPES[cls] = node._replace(serialized_type_name=name)
-            pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE[name] = cls
+        _name_unnamed(cls, f"torch.return_types.{cls.__name__}")
 
 
 _name_structseqs()
@@ -251,6 +256,12 @@ def _dumps(spec: pytree.TreeSpec) -> str:
                     break
                 name = f"{path}#{k}"
             pytree._register_namedtuple(cls, serialized_type_name=name)
+    todo = [spec]
+    while todo:  # a registered dataclass: named by its import path, which _loads imports it by
+        node = todo.pop()
+        if node.type is not None and not (isinstance(node.context, type) and hasattr(node.context, "_fields")):
+            _name_unnamed(node.type, f"{node.type.__module__}.{node.type.__qualname__}")
+        todo.extend(node.children())
     return pytree.treespec_dumps(spec)
 
 
@@ -264,30 +275,30 @@ def _loads(text: str) -> pytree.TreeSpec:
         pass
     tree = json.loads(text)[1]
     for path in _namedtuple_paths(tree):
-        cls = _namedtuple_class(path)
+        cls = _class_at(path)
         if cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
             pytree._register_namedtuple(cls, serialized_type_name=path)
     for name in _unregistered_types(tree):  # a container registered by its module on import (transformers' outputs)
-        module = name.rpartition(".")[0]
         try:
-            importlib.import_module(module)
-        except ImportError:
+            _name_unnamed(_class_at(name), name)  # imports the module; a dataclass it registers unnamed
+        except ArtifactError:
             pass
         if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             raise ArtifactError(f"the model's inputs or outputs hold {name}, which is not registered with "
-                                f"torch.utils._pytree here: import {module} (which registers it) first")
+                                f"torch.utils._pytree here: import {name.rpartition('.')[0]} (which registers it) "
+                                "first")
     return pytree.treespec_loads(text)
 
 
-def _namedtuple_class(path: str) -> type:
-    """The namedtuple class ``_dumps`` wrote as ``path`` (``#k`` after it left out), imported; or an ArtifactError
-    naming it."""
+def _class_at(path: str) -> type:
+    """The class (a namedtuple, a registered dataclass) ``_dumps`` wrote as ``path`` (``#k`` after it left out),
+    imported; or an ArtifactError naming it."""
     module, _, name = path.partition("#")[0].rpartition(".")
     try:
         return functools.reduce(getattr, name.split("."), importlib.import_module(module))
     except (ImportError, AttributeError, ValueError):
-        raise ArtifactError(f"the model's inputs or outputs hold the namedtuple {path}, which cannot be imported "
-                            "here: import the module that defines it first") from None
+        raise ArtifactError(f"the model's inputs or outputs hold {path}, which cannot be imported here: import the "
+                            "module that defines it first") from None
 
 
 def _check_namedtuple_fields(saved: dict[str, list[str]]) -> None:
@@ -295,7 +306,7 @@ def _check_namedtuple_fields(saved: dict[str, list[str]]) -> None:
     ``b``): an ArtifactError names it. A class that cannot be imported is named when a call needs it."""
     for path, fields in saved.items():
         try:
-            cls = _namedtuple_class(path)
+            cls = _class_at(path)
         except ArtifactError:
             continue
         if list(getattr(cls, "_fields", ())) != list(fields):
@@ -587,6 +598,12 @@ class _References:
                              f"{first_line(e)}") from None
         out = runs.cached["example"]
         if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
+            opaque = next((leaf for leaf in pytree.tree_leaves(out)
+                           if any(isinstance(v, torch.Tensor) for v in getattr(leaf, "__dict__", {}).values())), None)
+            if opaque is not None:  # a dataclass or object that pytree sees as one leaf
+                raise InputError(f"the model returns its tensors inside a {type(opaque).__name__}, which "
+                                 "torch.utils._pytree cannot see into: register the class (torch.utils._pytree."
+                                 "register_dataclass, or register_pytree_node) or return a tuple or dict")
             raise InputError(f"the model returns no tensor (got {type(out).__name__}): there is nothing to compile")
         self.fresh = pytree.tree_unflatten(list(fresh_inputs(flat, BACKEND_SEED)), spec)
 
