@@ -32,7 +32,7 @@ from .functionalize import functional_graph
 from .graph import get_tensor, views_as_reshapes
 from .ops import argument, aten, data, is_op
 from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, beyond, clone_inputs, compare, copy_model,
-                     discrete_mismatch, exact_tolerances, fresh_inputs)
+                     discrete_mismatch, exact_tolerances, fresh_inputs, nesting)
 
 MAX_BATCH = 1 << 16
 REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, "
@@ -117,7 +117,10 @@ class Signature:
         """Flatten call arguments and check count, shape and dtype against the compiled signature."""
         aligned = _aligned((tuple(args), {}), _loads(self.in_spec))
         flat, spec = pytree.tree_flatten(aligned)
-        if _dumps(spec) != self.in_spec or len(flat) != len(self.inputs):
+        if len(flat) == len(self.inputs) and _dumps(spec) != self.in_spec:  # the count alone made no sense of it
+            raise InputError(f"the inputs are nested as {nesting(spec.children()[0])}, but the model was compiled "
+                             f"for {nesting(_loads(self.in_spec).children()[0])} (* a tensor)")
+        if len(flat) != len(self.inputs):
             raise InputError(f"expected {len(self.inputs)} input tensor(s) shaped like "
                              f"{[list(s.shape) for s in self.inputs]}, got {_describe(flat)}")
         for i, (t, s) in enumerate(zip(flat, self.inputs)):

@@ -144,12 +144,12 @@ def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
     return Error(max(per_output), cos, per_output)
 
 
-def _container(spec: pytree.TreeSpec) -> str:
+def nesting(spec: pytree.TreeSpec) -> str:
     """A nesting of outputs in a line, ``*`` for each value: ``Out(logits=*, probs=*)``, ``tuple(*, list(*))``. A
     ``torch.Size`` is a tuple here: export records a returned ``y.shape`` as one, and the artifact returns that."""
     if spec.is_leaf():
         return "*"
-    children = [_container(child) for child in spec.children()]
+    children = [nesting(child) for child in spec.children()]
     names = getattr(spec.context, "_fields", None) if isinstance(spec.context, type) else \
         spec.context if isinstance(spec.context, list) else None
     kind = spec.context.__qualname__ if isinstance(spec.context, type) else \
@@ -711,9 +711,9 @@ def _checked_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, examp
             returned = artifact(*inputs)
             graph = graph if graph is not None else list(gm(*pytree.tree_leaves(clone_inputs(inputs))))
         got, structure = pytree.tree_flatten(returned)
-        if key == "example" and _container(structure) != _container(model.structure(key)):  # other fields, a list
-            raise VerificationError(f"the {artifact.backend} artifact returns {_container(structure)} where your model "
-                                    f"returns {_container(model.structure(key))}")
+        if key == "example" and nesting(structure) != nesting(model.structure(key)):  # other fields, a list
+            raise VerificationError(f"the {artifact.backend} artifact returns {nesting(structure)} where your model "
+                                    f"returns {nesting(model.structure(key))}")
         where = f"at batch {key[1]}" if isinstance(key, tuple) and key[0] == "batch" else \
             "on the example" if key == "example" else "on fresh inputs"
         # integer kernels may round an int8 graph's argmax otherwise; the dtypes and shapes still hold

@@ -670,3 +670,17 @@ def test_a_dataclass_pytree_cannot_see_into_is_named():
     with pytest.raises(fxforge.InputError, match="returns its tensors inside a Unregistered, which "
                                                  "torch.utils._pytree cannot see into: register the class"):
         fxforge.compile(ReturnsDataclass(Unregistered).eval(), (torch.randn(2, 4),))
+
+
+class TakesAPair(nn.Module):
+    def forward(self, pair):
+        return pair[0] + pair[1]
+
+
+def test_inputs_nested_otherwise_than_compiled_are_named_so():
+    """A tuple given where a list was compiled: "expected 2 input tensor(s) shaped like [...], got" the same two."""
+    x = torch.randn(2, 3)
+    cm = fxforge.compile(TakesAPair(), ([x, x.clone()],), measure_latency=False)
+    with pytest.raises(fxforge.InputError, match=r"nested as tuple\(tuple\(\*, \*\)\), but the model was compiled "
+                                                 r"for tuple\(list\(\*, \*\)\)"):
+        cm((x, x))
