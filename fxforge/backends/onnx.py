@@ -270,6 +270,17 @@ def _session_config(options: dict[str, Any]) -> SessionConfig:
     return SessionConfig(**options)
 
 
+def _output_names(count: int, inputs: set[str]) -> list[str]:
+    """``output`` or ``output_0``, ``output_1``, ... (not the last op's name), with underscores added before the index
+    until no input has one of them: a forward argument named ``output`` made the graph fail onnx.checker."""
+    stem = "output"
+    while True:
+        names = [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+        if not inputs & set(names):
+            return names
+        stem += "_"
+
+
 def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
            opset: int = DEFAULT_OPSET, transformer: bool = False, target: Target | None = None) -> onnx.ModelProto:
     """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so); with
@@ -278,7 +289,7 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     _check_opset(opset)
     args, shapes = batch_dynamic(example_inputs, signature.batched())
     outputs = len(gm.graph.output_node().args[0])
-    names = ["output"] if outputs == 1 else [f"output_{i}" for i in range(outputs)]  # not the last op's name
+    names = _output_names(outputs, {n.name for n in gm.graph.find_nodes(op="placeholder")})
     # a graph of its own over the same tensors: the rewrites below must not reach gm (they rebind its constants, never
     # write into them), and the exporter never writes into the tensors (a deep copy of efficientnet_v2_s's int8 graph
     # was 1 s of CPU for nothing)

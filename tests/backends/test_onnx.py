@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+from torch import nn
 
 import fxforge
 from fxforge.backends.base import get_backend
@@ -668,3 +669,18 @@ def test_average_pooling_keeps_its_divisor(how):
     cm = fxforge.compile(model, (torch.randn(2, 3, 7, 9),), backend="onnx", measure_latency=False)
     x = torch.randn(3, 3, 7, 9)
     torch.testing.assert_close(cm(x), model(x))
+
+
+class Refine(nn.Module):
+    def forward(self, output, output_1):
+        return output * 2, output_1 + 1
+
+
+def test_inputs_named_like_the_outputs_export():
+    """A forward argument named `output` (or `output_1`) made the exported graph fail onnx.checker (a name assigned
+    twice)."""
+    x = torch.randn(2, 3)
+    cm = fxforge.compile(Refine(), (x, x.clone()), backend="onnx", measure_latency=False)
+    a, b = cm(x, x)
+    torch.testing.assert_close(a, x * 2)
+    torch.testing.assert_close(b, x + 1)
