@@ -46,7 +46,7 @@ from fxforge.compiler.ops import (LINEAR, WEIGHTED, argument, aten, call_with, d
                                  weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.qdq import checked_batches, first_samples, is_dq, is_q, role
+from .lib.qdq import batch_symbol, checked_batches, first_samples, is_dq, is_q, role
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -87,7 +87,8 @@ class AdaRound(Pass):
                     layers.append(op)
         if not layers:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
-        chunks, samples = first_samples(list(checked_batches(ctx.calibration, ctx.example_inputs)), self.max_samples)
+        chunks, samples = first_samples(list(checked_batches(ctx.calibration, ctx.example_inputs)), self.max_samples,
+                                        cut=batch_symbol(gm) is not None)
         if not chunks:
             raise CalibrationError("pass 'adaround' got an empty calibration iterable")
         run = _Rounding(gm, set(layers), self, len(chunks))

@@ -173,3 +173,23 @@ def test_an_unbatched_linear_is_corrected_per_output_channel():
     assert report.row("bias_correction").stats["corrected"] == 1
     linear = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default)
     assert get_tensor(gm, linear.args[2].args[0].args[0]).shape == (3,)  # bias DQ ← Q ← the corrected constant
+
+
+class SharedMatrix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 5)
+
+    def forward(self, mat, x):
+        return self.b(torch.relu(self.a(x @ mat)))
+
+
+def test_an_input_without_the_batch_is_not_cut_at_the_sample_cap():
+    """At its sample cap, bias_correction cut the last batch's every input, a [6, 6] matrix shared by all samples
+    too: an internal shape error from int8 on a valid model."""
+    import fxforge
+    mat = torch.eye(6) + 0.1 * torch.randn(6, 6)
+    calibration = [(mat, torch.randn(4, 6)) for _ in range(60)]
+    cm = fxforge.compile(SharedMatrix().eval(), (mat, torch.randn(4, 6)), passes=["int8"], calibration=calibration,
+                         max_drop=float("inf"), measure_latency=False)
+    assert cm.report.row("bias_correction").stats["corrected"] == 2

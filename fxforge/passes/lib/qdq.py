@@ -307,15 +307,18 @@ def checked_batches(batches: Any, example: Sequence[torch.Tensor]) -> Iterator[t
         yield batch
 
 
-def first_samples(batches: Sequence[tuple[torch.Tensor, ...]], limit: int) -> tuple[list[tuple[torch.Tensor, ...]], int]:
-    """The batches holding the first ``limit`` samples (the last one cut), as given: a graph captured with a static
-    batch takes no other size. Returns them and their sample count."""
+def first_samples(batches: Sequence[tuple[torch.Tensor, ...]], limit: int, cut: bool = True
+                  ) -> tuple[list[tuple[torch.Tensor, ...]], int]:
+    """The batches holding the first ``limit`` samples, the last one cut where ``cut`` (a graph whose every input
+    has the dynamic batch, ``batch_symbol``); else whole, as given: a graph captured with a static batch takes no
+    other size, and an input without the batch (a matrix shared by all samples) is not cut (cut, the model failed
+    with an internal shape error). Returns them and their sample count."""
     chunks, samples = [], 0
     for batch in batches:
         if samples >= limit:
             break
         size = int(batch[0].shape[0]) if batch[0].dim() else 1
-        keep = min(size, limit - samples)
+        keep = min(size, limit - samples) if cut else size
         chunks.append(batch if keep == size else tuple(t[:keep] for t in batch))
         samples += keep
     return chunks, samples
