@@ -384,8 +384,9 @@ class _Rebatched:
 
     def __init__(self, data: Iterable[Any], example: tuple[Any, ...], kind: str) -> None:
         leaves = pytree.tree_leaves(example)
-        sizes = {int(t.shape[0]) for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
-        self.size = min(sizes) if sizes else 1
+        # the batch is the first input's with a dimension, as the signature takes it: the smallest leading size
+        # took a side table of 2 rows beside a batch of 4 for the batch, and no batch was split
+        self.size = next((int(t.shape[0]) for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
         self.batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == self.size for t in leaves]
         self.data, self.kind = data, kind
 

@@ -549,3 +549,22 @@ def test_the_report_does_not_claim_errors_measured_where_none_were(verify):
     cm = fxforge.compile(nn.Linear(4, 3).eval(), (torch.randn(2, 4),), passes=["fuse"], verify=verify)
     assert cm.report.meta["errors"].startswith(f"not measured (verify={verify!r})")
     assert all(r.max_rel_err is None for r in cm.report.rows)
+
+
+class WithTable(nn.Module):
+    def __init__(self, rows):
+        super().__init__()
+        self.l = nn.Linear(rows, 5)
+
+    def forward(self, x, table):
+        return self.l(x @ table.T)
+
+
+def test_static_batch_splits_batches_along_the_first_input_not_a_smaller_side_input():
+    """The batch was taken as the smallest leading size among the inputs: a side table of 2 rows beside a batch of 4
+    was taken for it, no batch was split, and valid validation batches were refused."""
+    table = torch.randn(2, 6)
+    cm = fxforge.compile(WithTable(2).eval(), (torch.randn(4, 6), table), passes=["int8"], static_batch=True,
+                         calibration=[(torch.randn(8, 6), table) for _ in range(8)],
+                         validation=[(torch.randn(8, 6), table) for _ in range(3)], measure_latency=False)
+    assert cm.report.meta["errors"].startswith("measured on validation data (24 samples in 6 batches)")
