@@ -277,10 +277,9 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"^the torchscript artifact failed on inputs that match its signature: RuntimeError: index 9 is out of bounds "
      r"for dimension 1 with size 5$",
      lambda t, mp: gathered(1, "torchscript", [[1], [8]])),
-    ("a tensor on another device than the artifact's (TorchScript: the cause, not a Python frame)",
-     fxforge.BackendError,
-     r"^the torchscript artifact failed on inputs that match its signature: RuntimeError: Tensor on device cpu is "
-     r"not on the expected device meta!$",
+    ("a meta tensor, which has no values (sparse ones are refused alike)",
+     fxforge.InputError,
+     r"^input 0 is a meta tensor; a compiled model takes dense tensors with values$",
      lambda t, mp: compile_(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).eval(), (torch.randn(2, 5),),
                             backend="torchscript")(torch.empty(3, 5, device="meta"))),
     ("a computed index a kernel refuses (ONNX Runtime)", fxforge.BackendError,

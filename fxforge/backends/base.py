@@ -283,8 +283,8 @@ def _load(path: Path, where: Path) -> Artifact:
         meta = json.loads((where / META_FILE).read_text())
     except FileNotFoundError:
         raise ArtifactError(f"{path} is not an fxforge artifact (no {META_FILE})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path / META_FILE} is corrupt: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{path / META_FILE} is corrupt: {first_line(e)}") from None
     if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
         raise ArtifactError(f"{path} has artifact format {meta.get('format') if isinstance(meta, dict) else '?'}, "
                             f"this fxforge reads formats {', '.join(map(str, READABLE_FORMATS))}")

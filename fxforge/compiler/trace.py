@@ -8,6 +8,7 @@ inputs and a flat tuple of outputs. The pytree structure of the original inputs 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib
@@ -126,6 +127,9 @@ class Signature:
         for i, (t, s) in enumerate(zip(flat, self.inputs)):
             if not isinstance(t, torch.Tensor):
                 raise InputError(f"{_input_name(aligned, i)} must be a tensor, got {type(t).__name__}")
+            if t.is_meta or t.layout != torch.strided:  # the index bounds below read values
+                raise InputError(f"{_input_name(aligned, i)} is a {'meta' if t.is_meta else t.layout} tensor; a "
+                                 "compiled model takes dense tensors with values")
             if t.dtype != s.dtype:
                 raise InputError(f"{_input_name(aligned, i)} has dtype {t.dtype}, compiled for {s.dtype}")
             if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
@@ -182,6 +186,11 @@ class Signature:
     def from_dict(cls, d: dict[str, Any]) -> Signature:
         namedtuples = d.get("namedtuple_fields", {})
         _check_namedtuple_fields(namedtuples)
+        for key in ("in_spec", "out_spec"):  # read now: corrupt, it failed every call with a raw JSON error
+            try:
+                _loads(d[key])
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                raise ArtifactError(f"the signature's {key} is corrupt: not the structure fxforge wrote") from None
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
                    d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())),
                    tuple((int(i), v) for i, v in d.get("constant_outputs", ())),
@@ -264,6 +273,12 @@ def _dumps(spec: pytree.TreeSpec) -> str:
         node = todo.pop()
         if node.type is not None and not (isinstance(node.context, type) and hasattr(node.context, "_fields")):
             _name_unnamed(node.type, f"{node.type.__module__}.{node.type.__qualname__}")
+        if node.type in (dict, collections.OrderedDict) and any(
+                not isinstance(k, (str, int, bool, type(None))) for k in node.context):
+            key = next(k for k in node.context if not isinstance(k, (str, int, bool, type(None))))
+            raise InputError(f"the model's inputs or outputs hold a dict keyed by {key!r} ({type(key).__name__}): a "
+                             "compiled model's structure is saved as JSON, whose keys are strings and numbers; use "
+                             "str keys")
         todo.extend(node.children())
     return pytree.treespec_dumps(spec)
 
