@@ -627,3 +627,11 @@ def test_a_one_value_output_after_logits_is_warned_that_the_budget_reads_the_log
                                 validation=batches(2, seed=3))
     assert cm.report.meta["budget"]["metric"] == "agreement"
     assert any("after the logits hold one value per sample" in w and "reads the logits alone" in w for w in warned)
+
+
+def test_validation_given_as_input_label_pairs_is_told_what_it_takes():
+    """The calibration error hinted at (input, label) pairs; the validation one gave a bare shape mismatch."""
+    pairs = [(x, torch.zeros(64, dtype=torch.int64)) for (x,) in batches(2)]
+    with pytest.raises(fxforge.InputError, match=r"validation batches hold the model's inputs alone, not \(inputs, "
+                                                 r"labels\)"):
+        fxforge.compile(Fragile().eval(), (torch.randn(2, 16),), validation=pairs)

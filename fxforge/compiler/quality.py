@@ -66,7 +66,9 @@ def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[to
         try:
             flat.append(tuple(flatten(batch)))
         except InputError as e:
-            raise InputError(f"{kind} batch {i}: {e}") from None
+            hint = (f"; {kind} batches hold the model's inputs alone, not (inputs, labels): input_key and "
+                    "calibration_fn pick from calibration batches only") if str(e).startswith("expected") else ""
+            raise InputError(f"{kind} batch {i}: {e}{hint}") from None
         if any(t.is_floating_point() and not torch.isfinite(t).all() for t in flat[-1]):
             raise InputError(f"{kind} batch {i} holds NaN or Inf")
     return batches, flat
