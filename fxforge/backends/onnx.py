@@ -293,7 +293,8 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     # a graph of its own over the same tensors: the rewrites below must not reach gm (they rebind its constants, never
     # write into them), and the exporter never writes into the tensors (a deep copy of efficientnet_v2_s's int8 graph
     # was 1 s of CPU for nothing)
-    copied = _global_pools_as_means(fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph")).eval()
+    copied = _distinct_outputs(_global_pools_as_means(
+        fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph"))).eval()
     if target is not None:
         onnx_int8.pad_conv_channels(copied, target)
     # the lock first: the others patch process-wide state, which a thread waiting for it would save and restore wrongly
@@ -430,6 +431,26 @@ def _program(gm: fx.GraphModule, args: Sequence[torch.Tensor], batched: Sequence
             module_call_graph=[ModuleCallEntry("", call)])
     except Exception:  # export's verifier refuses it (an op it does not allow): export's own capture says why
         return None
+
+
+def _distinct_outputs(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with each output after the first that is the same node as an earlier one (a tensor returned twice)
+    computed by an identity of its own, in place: one value as two graph outputs carried one name twice, and the
+    names given for them (``output_0``) were not in the model, so a plain ONNX Runtime user could not fetch them."""
+    output = gm.graph.output_node()
+    seen: set[fx.Node] = set()
+    values = []
+    for value in output.args[0]:
+        if isinstance(value, fx.Node) and value in seen:
+            with gm.graph.inserting_before(output):
+                copied = gm.graph.call_function(torch.ops.aten.alias_copy.default, (value,))
+            copied.meta.update(value.meta)
+            value = copied
+        seen.add(value)
+        values.append(value)
+    output.args = (tuple(values),)
+    gm.recompile()
+    return gm
 
 
 def _global_pools_as_means(gm: fx.GraphModule) -> fx.GraphModule:

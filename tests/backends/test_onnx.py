@@ -684,3 +684,21 @@ def test_inputs_named_like_the_outputs_export():
     a, b = cm(x, x)
     torch.testing.assert_close(a, x * 2)
     torch.testing.assert_close(b, x + 1)
+
+
+class Twice(nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)
+        return y, y, y * 2
+
+
+def test_a_tensor_returned_twice_gets_an_output_name_of_its_own(tmp_path):
+    """One value as two graph outputs carried one name twice: there was no `output_0`, so a plain ONNX Runtime user
+    could not fetch it by name."""
+    import onnxruntime as ort
+    x = torch.randn(2, 4)
+    cm = fxforge.compile(Twice(4, 3).eval(), (x,), backend="onnx", measure_latency=False)
+    session = ort.InferenceSession(str(cm.save(tmp_path / "a") / "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["output_0", "output_1", "output_2"]
+    (first,) = session.run(["output_0"], {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(first), cm(x)[0])
