@@ -26,12 +26,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import InputError, first_line
-from .verify import Error, compare, error_bound, worst
+from .verify import COSINE_FLOOR, Error, compare, error_bound, worst
 
 Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min_cosine"],
                Callable[[list, list], float]]
 METRICS = ("agreement", "cosine", "min_cosine", "agreement+min_cosine")
-NOISE_FLOOR = 1e-4  # below this share of the largest output's typical value, an output is rounding noise
 # samples of 2-D float outputs from which their values tell multi-label probabilities or a regression (whose argmax
 # never changes) from logits; on fewer, a classifier's few rows could look like either by chance
 EVIDENCE = 16
@@ -173,7 +172,7 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], n: int) -
     square over the batch). Unscaled, a dense map 10⁴ times larger than the scores beside it hid scores of the wrong
     sign (cosine 1.0000) and the default budget held; scaled, each output weighs alike, and a near-zero value, of a
     score or of an all-zero row, still weighs little (a cosine per output would be a score's sign alone). An output
-    whose values are below NOISE_FLOOR of the largest output's (zero up to rounding) is not scaled up beyond it:
+    whose values are below COSINE_FLOOR of the largest output's (zero up to rounding) is not scaled up beyond it:
     its rounding noise would weigh as much as the logits. An output all zero in the reference and not in the graph
     is then far off, as it is: its error is measured against that floor."""
     pairs = [(o.double(), r.double()) for o, r in zip(outs, ref) if r.is_floating_point()]
@@ -189,7 +188,7 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], n: int) -
     # each output's root mean square per value, over the batch (non-finite values left out)
     typical = [float(torch.nan_to_num(b, posinf=0.0, neginf=0.0).pow(2).mean()) ** 0.5 if b.numel() else 0.0
                for _, b in flat]
-    floor = NOISE_FLOOR * max(typical)
+    floor = COSINE_FLOOR * max(typical)
     scaled = []
     for (a, b), rms in zip(flat, typical):
         per_sample_rms = max(rms, floor) * b.shape[1] ** 0.5

@@ -34,6 +34,7 @@ from .ops import QUANTIZE, is_op
 
 EXACT_TOLERANCE = 1e-4  # max relative error an exact pass may introduce (float reassociation, float32)
 OUTPUT_SCALE_FLOOR = 1e-2  # compare: an output's scale is at least this share of the largest output's
+COSINE_FLOOR = 1e-4  # compare's cosine: an output typically below this share of the largest output's is noise
 # A quantized (Q/DQ) graph is a float simulation of integer arithmetic; integer kernels round requantization
 # differently, by about one quantization error. Measured with ONNX Runtime: random-init zoo, artifact vs graph
 # ≤ 0.024; trained MobileNetV2, artifact vs graph up to 0.13 while the graph itself is 0.12–0.17 from the model
@@ -115,7 +116,8 @@ def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
     ``OUTPUT_SCALE_FLOOR`` × the largest output's: measured over all outputs at once, a small output wrong entirely
     was 1e-5 relative beside one 1e5 times larger and passed every check; the floor keeps an output that is zero up to
     rounding (``y − y.mean()`` reduced) from turning float noise into a huge error. The cosine is over every floating
-    output together.
+    output together, each scaled to a norm of 1 (one whose typical value is below COSINE_FLOOR of the largest
+    output's is rounding noise and weighs less), so that each output weighs alike.
 
     Non-finite values are compared as values, as ``torch.testing.assert_close(equal_nan=True)`` does: a NaN or an
     infinity where the reference has the same one (a model taking the log of an input that can be negative) is
@@ -137,7 +139,14 @@ def compare(outputs: Sequence[Any], reference: Sequence[Any]) -> Error:
     each = iter([float((a - b).abs().max()) / max(float(b.abs().max()), floor) if b.numel() else 0.0
                  for a, b in finite])
     per_output = tuple(next(each) if r.is_floating_point() else 0.0 for _, r in tensors)
-    a, b = torch.cat([a for a, _ in finite]), torch.cat([b for _, b in finite])
+    # each output scaled to a norm of 1 (unscaled, a small output negated beside a large one left the cosine at
+    # 0.998); one whose typical value is below COSINE_FLOOR of the largest output's is rounding noise, not scaled up
+    typical = [float(b.norm()) / b.numel() ** 0.5 if b.numel() else 0.0 for _, b in finite]
+    floor = COSINE_FLOOR * max(typical, default=0.0)
+    scales = [1 / max(rms * b.numel() ** 0.5 if rms > floor else floor * b.numel() ** 0.5, 1e-300)
+              for (_, b), rms in zip(finite, typical)]
+    a = torch.cat([a * scale for (a, _), scale in zip(finite, scales)])
+    b = torch.cat([b * scale for (_, b), scale in zip(finite, scales)])
     # computed directly: F.cosine_similarity clamps each norm to 1e-8, which is wrong for tiny outputs
     norms = float(a.norm() * b.norm())
     cos = float(a @ b) / norms if norms else float(torch.equal(a, b))

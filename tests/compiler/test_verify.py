@@ -661,3 +661,11 @@ def test_the_bound_of_infinite_errors_is_infinite_not_nan():
     """Integer outputs that differ are infinitely wrong in every batch; their bound, inf + (inf − inf), was NaN."""
     from fxforge.compiler.verify import Error, error_bound
     assert error_bound([Error(float("inf"), 0.0), Error(float("inf"), 1.0)]).max_rel == float("inf")
+
+
+def test_the_cosine_weighs_each_output_alike():
+    """Without validation data the report's cosine is compare's, over every output flattened together: a small
+    output negated beside a large one left it at 0.998."""
+    big, small = torch.randn(64, 100) * 100, torch.randn(64, 4)
+    assert compare([big, -small], [big, small]).cosine == pytest.approx(0.0, abs=1e-6)
+    assert compare([big * 2], [big]).cosine == pytest.approx(1.0)
