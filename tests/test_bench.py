@@ -322,3 +322,17 @@ def test_plots_name_failed_systems_and_colour_each_system_alike_in_both(tmp_path
     assert "0 drawn at 1e-9" in ax.get_xlabel() and [(t.get_text(), t.xy[0]) for t in ax.texts] == [("0", ZERO_ERROR)]
     spans = {tuple(c.lines[0].get_xdata()): c.lines[2][0].get_segments()[0].tolist() for c in ax.containers}
     assert spans == {(ZERO_ERROR,): [[ZERO_ERROR, 1.9], [ZERO_ERROR, 2.2]], (1e-6,): [[1e-6, 0.9], [1e-6, 1.1]]}
+
+
+def test_an_onnx_peers_size_is_its_constants_as_fxforges_is():
+    """The ORT int8 peers' size was the whole file's length (graph and names too), fxforge's its constants."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from fxforge.bench import _constant_bytes
+    weight = numpy_helper.from_array(np.ones((4, 3), dtype=np.int8), "w")
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"], name="a_long_node_name" * 20)], "g", [],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.INT8, [4, 3])], [weight])
+    model = helper.make_model(graph).SerializeToString()
+    assert _constant_bytes(model) == 12 < len(model)
