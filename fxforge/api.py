@@ -140,27 +140,27 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             warnings.warn(f"validation and {kind} data share tensors: the report's quality and the accuracy budget "
                           f"are then measured on data the passes {'calibrated' if kind == 'calibration' else 'trained'}"
                           " on, which says little about unseen data; give held-out validation data", UserWarning,
-                          stacklevel=2)
+                          stacklevel=3)
     _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     _check_tensors(model)
     training = _training_modules(model)
     if training:
         warnings.warn(f"the model is in training mode ({training}): fxforge compiles it as model.eval() computes, "
-                      "as inference runs it; call model.eval() first to say so", UserWarning, stacklevel=2)
+                      "as inference runs it; call model.eval() first to say so", UserWarning, stacklevel=3)
     hooked = _hooked_modules(model)
     if hooked:
         warnings.warn(f"the model has hooks ({hooked}): compiling runs them on the example and on random inputs and "
                       "captures what they compute into the graph, but the compiled model does not call them (a "
                       "hook's side effects, such as an activation log, happen in eager only)", UserWarning,
-                      stacklevel=2)
+                      stacklevel=3)
     times, start = {}, time.perf_counter()
     gm, signature, runs, uncached = _capture(model, example, static_batch)
     times["trace"] = time.perf_counter() - start
     if runs.state_changes:
         warnings.warn(f"forward changes the model's own state ({_listed(runs.state_changes)}); the compiled model "
                       "computes every call from the state at compile time and changes nothing (a call counter stays "
-                      "as it was)", UserWarning, stacklevel=2)
+                      "as it was)", UserWarning, stacklevel=3)
     flat = tuple(signature.flatten(example))
     if calibration is not None and pick is not None:
         calibration = MappedBatches(calibration, *pick)
@@ -255,13 +255,13 @@ def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, rea
     reads is pointed out."""
     if readers and data is None:
         raise missing(readers[0])
-    if readers and isinstance(data, Sized) and not len(data):  # passes with no check of their own failed raw
+    if readers and isinstance(data, Sequence) and not data:  # passes with no check of their own failed raw
         raise type(missing(readers[0]))(f"pass {readers[0]!r} got an empty {kind} iterable: pass "
                                         f"{kind}=[(x1,), (x2,), ...]")
     if not readers and data is not None:
         warnings.warn(f"{kind} data given, but no pass of this pipeline reads it "
                       f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
-                      stacklevel=3)
+                      stacklevel=4)
 
 
 def _warn_if_only_other_dtypes(report: Report) -> None:
@@ -272,7 +272,7 @@ def _warn_if_only_other_dtypes(report: Report) -> None:
     skipped = sum(s.get("skipped.not_float32", 0) for s in stats)
     if skipped and not any(s.get("weights", 0) or s.get("dynamic_linears", 0) for s in stats):
         warnings.warn(f"int8 quantized no layer: {skipped} compute in another dtype than float32, and int8 quantizes "
-                      "float32 layers only (convert the model with .float() first)", UserWarning, stacklevel=3)
+                      "float32 layers only (convert the model with .float() first)", UserWarning, stacklevel=4)
 
 
 def _training_modules(model: Any) -> str:

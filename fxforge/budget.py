@@ -379,7 +379,7 @@ class Budget:
 
     @staticmethod
     def _warn(message: str) -> None:
-        warnings.warn(message, UserWarning, stacklevel=4)
+        warnings.warn(message, UserWarning, stacklevel=5)  # _warn, fit or check, compile, its autocast guard
 
 
 # per metric the screen's bound (``_estimate``): a drop of d on all N samples is at most d · N / n on n of them for

@@ -568,3 +568,17 @@ def test_static_batch_splits_batches_along_the_first_input_not_a_smaller_side_in
                          calibration=[(torch.randn(8, 6), table) for _ in range(8)],
                          validation=[(torch.randn(8, 6), table) for _ in range(3)], measure_latency=False)
     assert cm.report.meta["errors"].startswith("measured on validation data (24 samples in 6 batches)")
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([(torch.randn(4, 8),) for _ in range(4)])
+
+
+def test_calibration_from_a_dataloader_over_an_iterable_dataset():
+    """The empty-data check asked its len(), which such a DataLoader has not: a raw TypeError."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None)
+    cm = fxforge.compile(model, (torch.randn(2, 8),), passes=["int8"], calibration=loader, max_drop=math.inf,
+                         measure_latency=False)
+    assert cm.report.row("calibrate").stats["batches"] == 3  # every fourth is held out for the budget

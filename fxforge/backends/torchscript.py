@@ -143,11 +143,12 @@ def _guarded(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.G
     """A copy of ``gm`` whose tensor inputs pass :func:`expect_shape` with the example's shapes first."""
     gm = copy.deepcopy(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    with gm.graph.inserting_after(placeholders[-1]):
-        for node, x in zip(reversed(placeholders), reversed(list(example_inputs))):
-            if isinstance(x, torch.Tensor):
+    for node, x in zip(placeholders, example_inputs):
+        if isinstance(x, torch.Tensor):
+            # right after its own input: a node between two placeholders (an int8 graph's quantize) may read it
+            with gm.graph.inserting_after(node):
                 checked = gm.graph.call_function(expect_shape, (node, list(x.shape)))
-                node.replace_all_uses_with(checked, delete_user_cb=lambda user, checked=checked: user is not checked)
+            node.replace_all_uses_with(checked, delete_user_cb=lambda user, checked=checked: user is not checked)
     gm.recompile()
     return gm
 

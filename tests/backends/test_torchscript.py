@@ -94,3 +94,22 @@ def test_a_static_batch_model_pt_refuses_other_shapes_without_fxforge(tmp_path, 
     torch.testing.assert_close(plain(x)[0], model(x))  # the graph's flat outputs
     with pytest.raises(torch.jit.Error, match=r"compiled for input shape \[2, 4\] only, got \[5, 4\]"):
         plain(torch.randn(5, 4))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.m = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, b):
+        return self.m(self.l(x).relu()) + b
+
+
+def test_an_int8_model_of_several_inputs_compiles_with_a_static_batch():
+    """The shape checks went in after the last input, and an int8 graph's quantizer between two inputs read the
+    first check before it was defined: every such compile failed."""
+    example = (torch.randn(2, 8), torch.randn(2, 4))
+    cm = fxforge.compile(TwoInputs().eval(), example, backend="torchscript", passes=["int8"], static_batch=True,
+                         calibration=[(torch.randn(2, 8), torch.randn(2, 4)) for _ in range(4)],
+                         max_drop=float("inf"), measure_latency=False)
+    assert cm(*example).shape == (2, 4)
