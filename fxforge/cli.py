@@ -265,7 +265,6 @@ def _compile(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    import torch.utils._pytree as pytree
 
     from fxforge.compiler.timing import measure_latency
     save = None
@@ -281,12 +280,13 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"cannot read input {file}: {first_line(e)}") from None
     args = artifact.signature.arguments(inputs)  # the files fill the model's arguments, dicts and tuples included
     flat = artifact.signature.flatten(args)
-    # what the model returns (numbers and the batch size too), numbered as pytree flattens it, as the Python API's
-    # outputs flatten: the graph's own outputs left those out and renumbered the rest
-    outputs = [None if o is None else torch.as_tensor(o) for o in pytree.tree_leaves(artifact(*args))]
+    # what the model returns (numbers, strings and the batch size too), numbered as the Python API's outputs flatten:
+    # the graph's own outputs left those out and renumbered the rest; not nested again, which needs the output classes
+    outputs = [o if o is None or isinstance(o, str) else torch.as_tensor(o)
+               for o in artifact.signature.leaves(artifact.run_checked(flat))]
     for i, out in enumerate(outputs):
-        if out is None:
-            print(f"output {i}: None")
+        if out is None or isinstance(out, str):
+            print(f"output {i}: {out!r}")
             continue
         values = ", ".join(f"{v:.6g}" for v in out.flatten()[:6].tolist())
         print(f"output {i}: {str(out.dtype).removeprefix('torch.')} {list(out.shape)}  [{values}"
@@ -295,7 +295,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"latency: {measure_latency(lambda *x: artifact.run(x), flat):.3f} ms (median, {artifact.backend})")
     if save:
         try:
-            np.savez(save, **{f"arr_{i}": (o.float() if o.dtype == torch.bfloat16 else o).numpy()
+            np.savez(save, **{f"arr_{i}": np.asarray(o) if isinstance(o, str) else
+                              (o.float() if o.dtype == torch.bfloat16 else o).numpy()
                               for i, o in enumerate(outputs) if o is not None})  # a None output has no array
         except OSError as e:
             raise InputError(f"cannot write --save {save}: {e.strerror or e}") from None

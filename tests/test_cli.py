@@ -359,7 +359,7 @@ class DictInOut(torch.nn.Module):
         self.l = torch.nn.Linear(4, 3)
 
     def forward(self, d):
-        return [0.5, self.l(d["x"]) + d["w"].sum(-1, keepdim=True), None, d["x"].shape[0]]
+        return [0.5, self.l(d["x"]) + d["w"].sum(-1, keepdim=True), None, d["x"].shape[0], "scores"]
 
 
 class Remainder(torch.nn.Module):
@@ -382,9 +382,9 @@ def test_run_fills_the_models_arguments_and_numbers_its_outputs_as_the_model_ret
                  "--save", str(tmp_path / "y.npz")]) == 0
     out = capsys.readouterr().out
     assert "output 0: float32 []  [0.5]" in out and "output 1: float32 [2, 3]" in out and "output 2: None" in out
-    assert "output 3: int64 []  [2]" in out
+    assert "output 3: int64 []  [2]" in out and "output 4: 'scores'" in out
     saved = np.load(tmp_path / "y.npz")
-    assert sorted(saved.files) == ["arr_0", "arr_1", "arr_3"]
+    assert sorted(saved.files) == ["arr_0", "arr_1", "arr_3", "arr_4"]
     np.testing.assert_allclose(saved["arr_1"], model({"x": torch.ones(2, 4), "w": torch.ones(2, 5)})[1].detach(),
                                rtol=1e-5)
     ints = fxforge.compile(Remainder(), (torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64)),
@@ -395,3 +395,36 @@ def test_run_fills_the_models_arguments_and_numbers_its_outputs_as_the_model_ret
                  str(tmp_path / "k.npy")]) == 2
     err = capsys.readouterr().err
     assert "the onnx artifact failed on inputs that match its signature" in err and "internal error" not in err
+
+
+PAIR_MODULE = """
+import collections
+import torch
+
+Pair = collections.namedtuple("Pair", "logits probs")
+
+
+class Model(torch.nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)
+        return Pair(y, y.softmax(-1))
+"""
+
+
+def test_run_needs_no_output_class(tmp_path, monkeypatch, capsys):
+    """`fxforge run` rebuilt the model's output namedtuple, whose module (the script that compiled it) is not
+    importable where the artifact runs: it failed where the flat outputs were all it printed."""
+    (tmp_path / "pairmodel.py").write_text(PAIR_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import pairmodel
+    fxforge.compile(pairmodel.Model(4, 3).eval(), (torch.randn(2, 4),), measure_latency=False).save(tmp_path / "a")
+    (tmp_path / "pairmodel.py").unlink()  # and forgotten, as in a process that never imported it
+    monkeypatch.delitem(sys.modules, "pairmodel")
+    import torch.utils._pytree as pytree
+    from fxforge.compiler.trace import _loads
+    monkeypatch.delitem(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE, "pairmodel.Pair")
+    monkeypatch.delitem(pytree.SUPPORTED_SERIALIZED_TYPES, pairmodel.Pair)
+    _loads.cache_clear()
+    np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
+    assert main(["run", str(tmp_path / "a"), "--input", str(tmp_path / "x.npy")]) == 0
+    assert "output 1: float32 [2, 3]" in capsys.readouterr().out

@@ -65,6 +65,11 @@ class Artifact(ABC):
             warnings.warn(f"an input requires grad, but the {self.backend} artifact computes for inference only: its "
                           "outputs carry no autograd history (backward() through them fails); train the PyTorch "
                           "model itself", UserWarning, stacklevel=2)
+        return self.signature.unflatten(self.run_checked(flat))
+
+    def run_checked(self, flat: Sequence[torch.Tensor]) -> list[Any]:
+        """The graph's outputs on ``flat`` (inputs the signature has checked), as a call gives them: with autocast
+        off, a runtime failure a one-line BackendError, and tensors of their own."""
         try:
             with without_autocast():  # what was compiled and checked, under a caller's autocast too
                 outputs = self.run(flat)
@@ -75,7 +80,7 @@ class Artifact(ABC):
                                f"{self.describe_failure(e)}") from None
         if not self.owns_outputs:  # outside inference mode: ordinary tensors, as the model returns
             outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
-        return self.signature.unflatten(list(outputs))
+        return list(outputs)
 
     def format(self) -> int:
         """The artifact format this artifact needs: the oldest whose readers read it right (a backend adds its own

@@ -164,14 +164,20 @@ class Signature:
                              "example inputs of different sizes where their first dimensions are independent")
         return flat
 
-    def unflatten(self, outputs: Sequence[Any]) -> Any:
+    def leaves(self, outputs: Sequence[Any]) -> list[Any]:
+        """The model's flat outputs from the graph's (``outputs``): its numbers, strings and Nones put back where it
+        returns them, a number computed from the batch size as the Python number it is."""
         leaves = list(outputs)
         for position, value in self.constant_outputs:
             leaves.insert(position, value)
         for position, kind in self.scalar_outputs:
             if isinstance(leaves[position], torch.Tensor):
                 leaves[position] = SCALAR_TYPES[kind](leaves[position].item())
-        return pytree.tree_unflatten(leaves, _loads(self.out_spec))
+        return leaves
+
+    def unflatten(self, outputs: Sequence[Any]) -> Any:
+        """The model's outputs, nested as it returns them, from the graph's (``outputs``)."""
+        return pytree.tree_unflatten(self.leaves(outputs), _loads(self.out_spec))
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [s.to_dict() for s in self.inputs], "in_spec": self.in_spec,
@@ -189,6 +195,8 @@ class Signature:
         for key in ("in_spec", "out_spec"):  # read now: corrupt, it failed every call with a raw JSON error
             try:
                 _loads(d[key])
+            except ArtifactError:
+                pass  # a class that cannot be imported here: named when a call needs it (`fxforge run` does not)
             except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                 raise ArtifactError(f"the signature's {key} is corrupt: not the structure fxforge wrote") from None
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
