@@ -304,6 +304,8 @@ def _loads(text: str) -> pytree.TreeSpec:
         cls = _class_at(path)
         if cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
             pytree._register_namedtuple(cls, serialized_type_name=path)
+        else:  # registered under another name (``#k``, or by an artifact loaded before): this one reads it too
+            pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.setdefault(path, cls)
     for name in _unregistered_types(tree):  # a container registered by its module on import (transformers' outputs)
         try:
             _name_unnamed(_class_at(name), name)  # imports the module; a dataclass it registers unnamed

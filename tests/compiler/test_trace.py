@@ -684,3 +684,36 @@ def test_inputs_nested_otherwise_than_compiled_are_named_so():
     with pytest.raises(fxforge.InputError, match=r"nested as tuple\(tuple\(\*, \*\)\), but the model was compiled "
                                                  r"for tuple\(list\(\*, \*\)\)"):
         cm((x, x))
+
+
+OUT_MODULE = """
+import collections
+import torch
+
+Out = collections.namedtuple("Out", "logits probs")
+
+
+class Model(torch.nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)
+        return Out(y, y.softmax(-1))
+"""
+
+
+def test_artifacts_of_two_classes_of_one_namedtuple_path_load_in_one_process(tmp_path, monkeypatch):
+    """The second class compiled under one path is saved as `path#2`; a process that loaded the first artifact
+    (its class registered under `path`) could not load the second: a class is registered under one name."""
+    import importlib
+    (tmp_path / "fxforge_test_out_module.py").write_text(OUT_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fxforge_test_out_module as module
+    x = torch.randn(2, 4)
+    fxforge.compile(module.Model(4, 3).eval(), (x,), measure_latency=False).save(tmp_path / "a")
+    module = importlib.reload(module)  # another class of the same path, as a notebook cell run again makes
+    fxforge.compile(module.Model(4, 3).eval(), (x,), measure_latency=False).save(tmp_path / "b")
+    code = ("import sys, torch, fxforge; x = torch.randn(2, 4); "
+            f"print(fxforge.load({str(tmp_path / 'a')!r})(x)._fields, fxforge.load({str(tmp_path / 'b')!r})(x)._fields)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "('logits', 'probs') ('logits', 'probs')"
