@@ -711,8 +711,9 @@ def test_artifacts_of_two_classes_of_one_namedtuple_path_load_in_one_process(tmp
     fxforge.compile(module.Model(4, 3).eval(), (x,), measure_latency=False).save(tmp_path / "a")
     module = importlib.reload(module)  # another class of the same path, as a notebook cell run again makes
     fxforge.compile(module.Model(4, 3).eval(), (x,), measure_latency=False).save(tmp_path / "b")
-    code = ("import sys, torch, fxforge; x = torch.randn(2, 4); "
-            f"print(fxforge.load({str(tmp_path / 'a')!r})(x)._fields, fxforge.load({str(tmp_path / 'b')!r})(x)._fields)")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    code = (f"import torch, fxforge; x = torch.randn(2, 4); "
+            f"print(fxforge.load({a!r})(x)._fields, fxforge.load({b!r})(x)._fields)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
     assert done.returncode == 0, done.stderr[-500:]
