@@ -18,6 +18,7 @@ model, each pass, the backend) on the same validation batches. The first stage m
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence, Union
@@ -180,35 +181,38 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], n: int) -
         return torch.tensor([float(all(torch.equal(o, r) for o, r in zip(outs, ref)))], dtype=torch.double)
     batched = [n > 0 and r.dim() > 0 and r.shape[0] == n and o.shape == r.shape for o, r in pairs]
     rows = n if any(batched) else 1
-    # an output without the batch (a statistic over it) joins every sample's row: one cosine per batch hid a sample
-    # at 0.974 behind the batch's 0.995
-    flat = [(o.reshape(rows, -1), r.reshape(rows, -1)) if each else
-            (o.reshape(1, -1).expand(rows, -1), r.reshape(1, -1).expand(rows, -1))
+    # each output as rows (one per sample, or a single row for an output without the batch, which joins every
+    # sample's: one cosine per batch hid a sample at 0.974 behind the batch's 0.995)
+    flat = [(o.reshape(rows, -1), r.reshape(rows, -1)) if each or rows == 1 else (o.reshape(1, -1), r.reshape(1, -1))
             for (o, r), each in zip(pairs, batched)]
-    # each output's root mean square per value, over the batch (non-finite values left out)
+    # each output's root mean square per value (non-finite values left out), and the values of a sample's row
     typical = [float(torch.nan_to_num(b, posinf=0.0, neginf=0.0).pow(2).mean()) ** 0.5 if b.numel() else 0.0
                for _, b in flat]
     floor = COSINE_FLOOR * max(typical)
-    scaled = []
+    parts = []
     for (a, b), rms in zip(flat, typical):
         per_sample_rms = max(rms, floor) * b.shape[1] ** 0.5
         scale = 1 / per_sample_rms if per_sample_rms > 0 else 1.0
-        scaled.append((a * scale, b * scale))
-    return _cosines(torch.cat([a for a, _ in scaled], 1), torch.cat([b for _, b in scaled], 1))
+        parts.append(_row_sums(a * scale, b * scale))
+    # summed over the outputs, a single row's sums broadcast to every sample's (not copied: a [12, 197, 197] output
+    # beside a batch of 128 took 3.5 GB)
+    dot, norm_a, norm_b = (sum(part[k] for part in parts) for k in range(3))
+    same, ok = (functools.reduce(torch.logical_and, [part[k] for part in parts]) for k in (3, 4))
+    norms = (norm_a * norm_b).sqrt()
+    cosines = torch.where(norms > 0, dot / norms.clamp(min=1e-300), same.double())
+    return torch.where(ok, cosines, 0.0)
 
 
-def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The cosine of each row of ``a`` with the row of ``b``. Non-finite values as verify.compare takes them: where
-    the reference has the same NaN or infinity, matched and left out; anywhere else the row is wholly wrong (cosine
-    0). A NaN of the reference made every row's cosine NaN → 0, the fp32 model's own score 0, and so any drop 0."""
+def _row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row of ``a`` and its reference ``b``: a·b, |a|², |b|², whether the rows are equal, and whether the row can
+    be compared (else ``_sample_cosines`` gives it cosine 0). Non-finite values as verify.compare takes them: where
+    the reference has the same NaN or infinity, matched and left out; anywhere else the row is wholly wrong. A NaN of
+    the reference made every row's cosine NaN → 0, the fp32 model's own score 0, and so any drop 0."""
     finite = torch.isfinite(b)
     matched = ~finite & ((a == b) | (a.isnan() & b.isnan()))
-    wrong = (~finite & ~matched).any(1) | (~torch.isfinite(a) & finite).any(1)
+    ok = ~((~finite & ~matched).any(1) | (~torch.isfinite(a) & finite).any(1))
     a, b = torch.where(finite, a, 0.0), torch.where(finite, b, 0.0)
-    norms = a.norm(dim=1) * b.norm(dim=1)
-    same = (a == b).all(dim=1).double()
-    cosines = torch.where(norms > 0, (a * b).sum(1) / norms.clamp(min=1e-300), same)
-    return torch.where(wrong, 0.0, cosines)
+    return (a * b).sum(1), a.pow(2).sum(1), b.pow(2).sum(1), (a == b).all(dim=1), ok
 
 
 def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> float | None:
