@@ -336,7 +336,8 @@ def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
     slices of one tensor, ``x[:500]`` and ``x[500:]``, do not); data that are not lists are not read here, but the
     same object twice, or two DataLoaders over one dataset, share."""
     if a is not None and (a is b or getattr(a, "dataset", None) is getattr(b, "dataset", object())):
-        return True
+        picked = [getattr(getattr(d, "sampler", None), "indices", None) for d in (a, b)]  # SubsetRandomSampler's
+        return a is b or None in picked or bool(set(picked[0]) & set(picked[1]))
     if not (isinstance(a, Sequence) and isinstance(b, Sequence)):
         return False
 

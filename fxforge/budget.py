@@ -54,7 +54,7 @@ from fxforge.compiler.errors import BudgetError, InputError
 from fxforge.compiler.graph import call_nodes
 from fxforge.compiler.ops import WEIGHTED, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager
-from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, batch_size, score
+from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, batch_size, not_logits, score
 from fxforge.compiler.report import Report
 from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
 from fxforge.passes.lib.qdq import checked_batches
@@ -143,11 +143,15 @@ class Budget:
             self.record["caveat"] = (f"{what} one value per sample, whose cosine is only its sign: this budget "
                                      f"{reads}; pass metric= for one that sees them")
             self._warn(f"the accuracy budget's default metric cannot measure this model: {self.record['caveat']}")
-        if "agreement" in self.kind and 1 / reference.samples > self.max_drop:
+        if "agreement" in self.kind and 0 < self.max_drop < 1 / reference.samples:  # 0: no flip at all, any data
             self.record["resolution"] = (f"{reference.samples} samples: one of them moves top-1 agreement by "
                                          f"{1 / reference.samples:.3g}, more than max_drop, so a hold says little "
                                          "about other data")
             self._warn(f"the accuracy budget is measured on {self.record['resolution']}; give more validation data")
+        why = not_logits(self.data.reference) if self.metric is None and self.kind == "min_cosine" else ""
+        if why.startswith("the first output's values lie") or why.startswith("the first output's largest column"):
+            self.record["caveat"] = f"{why}: held to the min cosine; pass metric='agreement' to judge it as logits"
+            self._warn(f"the accuracy budget's default metric: {self.record['caveat']}")
         self.reference = self._score(reference)
         self.record.update(metric=self.name, reference=self.reference)
         passes = manager.passes

@@ -434,7 +434,9 @@ def test_a_regression_output_whose_argmax_never_changes_is_held_to_the_min_cosin
     while the default budget held with drop 0.0."""
     cm, _ = compile_warned(Regressor().eval(), passes=["int8"], calibration=batches(8),
                            validation=batches(4, seed=3), max_drop=math.inf)
-    assert cm.report.meta["budget"]["metric"] == "min_cosine" and cm.report.final.top1 is None
+    budget = cm.report.meta["budget"]
+    assert budget["metric"] == "min_cosine" and cm.report.final.top1 is None
+    assert budget["caveat"].startswith("the first output's largest column is the same on every validation sample")
 
 
 class Tempered(nn.Module):
@@ -635,3 +637,19 @@ def test_validation_given_as_input_label_pairs_is_told_what_it_takes():
     with pytest.raises(fxforge.InputError, match=r"validation batches hold the model's inputs alone, not \(inputs, "
                                                  r"labels\)"):
         fxforge.compile(Fragile().eval(), (torch.randn(2, 16),), validation=pairs)
+
+
+def test_a_zero_budget_is_not_told_to_get_more_data():
+    """max_drop=0 asks for no flip at all, which any amount of data can measure: the resolution warning fired always."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    _, warned = compile_warned(model, passes=["int8"], calibration=batches(8), validation=batches(1), max_drop=0.0)
+    assert not any("give more validation data" in w for w in warned)
+
+
+def test_dataloaders_over_one_dataset_with_disjoint_samples_are_not_warned_of():
+    data = torch.utils.data.TensorDataset(torch.randn(256, 16))
+    loaders = [torch.utils.data.DataLoader(data, batch_size=64, sampler=torch.utils.data.SubsetRandomSampler(part))
+               for part in (range(128), range(128, 256))]
+    _, warned = compile_warned(Fragile().eval(), passes=["int8"], calibration=loaders[0], validation=loaders[1],
+                               input_key=0, max_drop=math.inf)
+    assert not any("share tensors" in w for w in warned)

@@ -48,6 +48,12 @@ class Target:
         host = host_features()
         return host if "x86_64" in host else frozenset({"x86_64"})
 
+    def lacks(self) -> list[str]:
+        """The x86 features code built for this target may use and this machine has not: an ``x86`` TVM library
+        built on an AVX-512 machine would die of an illegal instruction on an AVX2 one."""
+        features = self.features()
+        return sorted(features - host_features()) if "x86_64" in features else []
+
     def saturates_u8s8(self) -> bool:
         """True where uint8 × int8 products go through a saturating int16 sum (x86 without VNNI or AMX)."""
         features = self.features()
@@ -109,19 +115,14 @@ def host_features() -> frozenset[str]:
 
 
 def loaded_target(d: Mapping[str, Any]) -> Target:
-    """The target an artifact recorded (:meth:`Target.to_dict`), with the features its code was built for: an x86
-    artifact runs here only where this machine has them all (an ``x86`` TVM library built on an AVX-512 machine
-    would die of an illegal instruction on an AVX2 one)."""
+    """The target an artifact recorded (:meth:`Target.to_dict`), with the features its code was built for, which a
+    backend that generates machine code checks against this machine's (:meth:`Target.lacks`)."""
     try:
         target = get_target(d["name"]).with_tvm(**d["tvm"])
     except Exception:  # a target registered in the process that compiled it, not here
         target = Target(d["name"], "loaded from an artifact", d["tvm"], d.get("tvm_host"),
                         tuple(d.get("ort_providers", ("CPUExecutionProvider",))), d.get("torch_device", "cpu"))
-    if "features" not in d:
-        return target
-    isa = frozenset(d["features"])
-    return dataclasses.replace(target, isa=isa, runs_on_host=target.runs_on_host and (
-        "x86_64" not in isa or isa <= host_features()))
+    return dataclasses.replace(target, isa=frozenset(d["features"])) if "features" in d else target
 
 
 def _resolve(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,15 +37,16 @@ def test_every_target_has_a_description_and_features():
 
 def test_an_artifacts_x86_target_records_its_cpu_and_runs_only_where_its_features_are(monkeypatch):
     """fxforge.json recorded target "x86" as mcpu "native": a TVM library built with AVX-512 on one machine loaded
-    on an AVX2 one as runnable, and its first call would die of an illegal instruction."""
+    on an AVX2 one as runnable, and its first call would die of an illegal instruction. The TVM artifact refuses to
+    run where the target lacks a feature; a portable artifact (ONNX, TorchScript) is not refused for it."""
     import fxforge.compiler.target as target_module
     from fxforge.compiler.target import HOST_CPU, get_target, loaded_target
     saved = get_target("x86").to_dict()
     assert saved["tvm"]["mcpu"] != HOST_CPU
     saved["features"] = ["avx2", "avx512", "vnni", "x86_64"]
     monkeypatch.setattr(target_module, "host_features", lambda: frozenset({"x86_64", "avx2"}))
-    assert not loaded_target(saved).runs_on_host
+    assert loaded_target(saved).lacks() == ["avx512", "vnni"]
     monkeypatch.setattr(target_module, "host_features", lambda: frozenset({"x86_64", "avx2", "avx512", "vnni"}))
-    assert loaded_target(saved).runs_on_host and loaded_target(saved).features() == frozenset(saved["features"])
+    assert not loaded_target(saved).lacks() and loaded_target(saved).features() == frozenset(saved["features"])
     arm = get_target("arm64").to_dict()
-    assert not loaded_target(arm).runs_on_host
+    assert not loaded_target(arm).runs_on_host and not loaded_target(arm).lacks()

@@ -40,7 +40,7 @@ from fxforge.compiler.errors import BackendError, TargetError, first_line, missi
 from fxforge.compiler.graph import get_tensor, views_as_reshapes
 from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, getitem_index, is_op,
                                   set_argument)
-from fxforge.compiler.target import Target, host_features
+from fxforge.compiler.target import Target
 from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
 
 from ..base import FORMAT_VERSION, Artifact, Backend, register_backend
@@ -812,10 +812,9 @@ class TvmArtifact(Artifact):
         if self._vm is None:
             tvm = _tvm()
             from tvm import relax
-            if not self.target.runs_on_host and self.target.tvm.get("kind") == "llvm":
-                missing = sorted(self.target.features() - host_features())
+            if (not self.target.runs_on_host or self.target.lacks()) and self.target.tvm.get("kind") == "llvm":
                 built = self.target.tvm.get("mtriple") or f"{self.target.tvm.get('mcpu')}, with " \
-                    f"{', '.join(missing)}, which this CPU lacks"
+                    f"{', '.join(self.target.lacks())}, which this CPU lacks"
                 raise TargetError(f"this tvm artifact was built for {self.target.name} ({built}) and cannot run on "
                                   f"this machine; copy {LIB_FILE} to such a machine and load it with "
                                   f"tvm.runtime.load_module")
