@@ -139,3 +139,19 @@ def _(x):
 class Mystery(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mystery(torch.relu(x)) + 1
+
+
+# a module a test writes to a file and imports: a model returning a namedtuple defined there (its import path is
+# the file's), for what happens where that module is reloaded or absent
+NAMEDTUPLE_MODEL = """
+import collections
+import torch
+
+Out = collections.namedtuple("Out", "logits probs")
+
+
+class Model(torch.nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)
+        return Out(y, y.softmax(-1))
+"""

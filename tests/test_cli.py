@@ -12,6 +12,7 @@ import torch
 import fxforge
 from fxforge.cli import _parser, main
 from fxforge.compiler.pass_manager import split_passes
+from models import NAMEDTUPLE_MODEL
 
 
 def test_passes_and_targets_list_everything(capsys):
@@ -397,24 +398,12 @@ def test_run_fills_the_models_arguments_and_numbers_its_outputs_as_the_model_ret
     assert "the onnx artifact failed on inputs that match its signature" in err and "internal error" not in err
 
 
-PAIR_MODULE = """
-import collections
-import torch
-
-Pair = collections.namedtuple("Pair", "logits probs")
-
-
-class Model(torch.nn.Linear):
-    def forward(self, x):
-        y = super().forward(x)
-        return Pair(y, y.softmax(-1))
-"""
 
 
 def test_run_needs_no_output_class(tmp_path, monkeypatch, capsys):
     """`fxforge run` rebuilt the model's output namedtuple, whose module (the script that compiled it) is not
     importable where the artifact runs: it failed where the flat outputs were all it printed."""
-    (tmp_path / "pairmodel.py").write_text(PAIR_MODULE)
+    (tmp_path / "pairmodel.py").write_text(NAMEDTUPLE_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     import pairmodel
     fxforge.compile(pairmodel.Model(4, 3).eval(), (torch.randn(2, 4),), measure_latency=False).save(tmp_path / "a")
@@ -422,8 +411,8 @@ def test_run_needs_no_output_class(tmp_path, monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "pairmodel")
     import torch.utils._pytree as pytree
     from fxforge.compiler.trace import _loads
-    monkeypatch.delitem(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE, "pairmodel.Pair")
-    monkeypatch.delitem(pytree.SUPPORTED_SERIALIZED_TYPES, pairmodel.Pair)
+    monkeypatch.delitem(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE, "pairmodel.Out")
+    monkeypatch.delitem(pytree.SUPPORTED_SERIALIZED_TYPES, pairmodel.Out)
     _loads.cache_clear()
     np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
     assert main(["run", str(tmp_path / "a"), "--input", str(tmp_path / "x.npy")]) == 0

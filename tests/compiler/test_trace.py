@@ -14,7 +14,7 @@ from torch import nn
 import fxforge
 from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import compare
-from models import ZOO, zoo_params
+from models import NAMEDTUPLE_MODEL, ZOO, zoo_params
 
 
 @pytest.mark.parametrize("name", zoo_params())
@@ -686,25 +686,13 @@ def test_inputs_nested_otherwise_than_compiled_are_named_so():
         cm((x, x))
 
 
-OUT_MODULE = """
-import collections
-import torch
-
-Out = collections.namedtuple("Out", "logits probs")
-
-
-class Model(torch.nn.Linear):
-    def forward(self, x):
-        y = super().forward(x)
-        return Out(y, y.softmax(-1))
-"""
 
 
 def test_artifacts_of_two_classes_of_one_namedtuple_path_load_in_one_process(tmp_path, monkeypatch):
     """The second class compiled under one path is saved as `path#2`; a process that loaded the first artifact
     (its class registered under `path`) could not load the second: a class is registered under one name."""
     import importlib
-    (tmp_path / "fxforge_test_out_module.py").write_text(OUT_MODULE)
+    (tmp_path / "fxforge_test_out_module.py").write_text(NAMEDTUPLE_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     import fxforge_test_out_module as module
     x = torch.randn(2, 4)
