@@ -421,7 +421,8 @@ class MultiLabel(nn.Linear):
 @pytest.mark.parametrize("model, why", [
     (nn.Linear(16, 1), "the first output has one column"),
     (Normalized(16, 8), "the first output's rows are unit vectors"),
-    (MultiLabel(16, 8), r"the first output's values lie in \[0, 1\] and its rows do not sum to 1: independent probabilities"),
+    (MultiLabel(16, 8), r"the first output's values lie in \[0, 1\] and its rows do not sum to 1: independent "
+                        r"probabilities"),
     (Regressor(), "the first output's largest column is the same on every validation sample")])
 def test_metric_agreement_says_why_an_output_is_not_logits(model, why):
     """Both said "needs a 2-D classifier output (batch × classes)" of a 2-D output."""
