@@ -150,7 +150,7 @@ def _requantization(where: Callable[[fx.Node], bool]) -> Pattern:
 
 
 RULES = [
-    Rule("weights_folded", op(*QUANTIZE, name="q", where=_constant_weight), fold_constant),
+    Rule("constants_folded", op(*QUANTIZE, name="q", where=_constant_weight), fold_constant),
     Rule("activations_folded", op(Q_PER_TENSOR, op(*CLAMP, aten.clamp.Tensor, name="act", sole_user=True), name="q",
                                   where=_clamp_is_the_quantizers), fold_clamp),
     Rule("requantizations_removed", _requantization(_round_trip), drop_round_trip),

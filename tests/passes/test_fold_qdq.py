@@ -44,7 +44,7 @@ def test_conv_activation_before_expected(act):
     conv = next(n for n in after.graph.nodes if n.name == "conv2d")
     weight, bias = (getattr(after, dq.args[0].target) for dq in conv.args[1:3])
     assert weight.dtype == torch.int8 and weight.abs().max() <= 127 and bias.dtype == torch.int32
-    assert stats == {"weights_folded": 2, "activations_folded": 1, "requantizations_removed": 0,
+    assert stats == {"constants_folded": 2, "activations_folded": 1, "requantizations_removed": 0,
                      "requantizations_merged": 0}
     _same_integers(before, after, flat)
 
@@ -159,7 +159,7 @@ def test_resnet18_weights_shrink_four_times_and_integers_match():
     model, example = ZOO["resnet18"]()
     cal = [(torch.randn_like(example[0]),) for _ in range(2)]
     before, after, stats, flat = _both(model, example, cal)
-    assert stats == {"weights_folded": 42, "activations_folded": 17, "requantizations_removed": 0,
+    assert stats == {"constants_folded": 42, "activations_folded": 17, "requantizations_removed": 0,
                      "requantizations_merged": 0}
     assert count(after, QC) == 0 and count(after, "relu") == 0
     assert model_size(before)[1] / model_size(after)[1] > 3.8
@@ -173,7 +173,7 @@ def test_folding_is_exact_on_the_zoo(name):
     from fxforge.compiler.verify import fresh_inputs
     cal = [fresh_inputs(example, seed) for seed in (3, 4)]
     before, after, stats, flat = _both(model, example, cal)
-    assert stats["weights_folded"] > 0
+    assert stats["constants_folded"] > 0
     _same_integers(before, after, flat)
 
 
