@@ -148,7 +148,8 @@ class Budget:
                                          f"{1 / reference.samples:.3g}, more than max_drop, so a hold says little "
                                          "about other data")
             self._warn(f"the accuracy budget is measured on {self.record['resolution']}; give more validation data")
-        why = not_logits(self.data.reference) if self.metric is None and self.kind == "min_cosine" else ""
+        why = not_logits(self.data.reference, [batch_size(b) for b in self.data.flat]) \
+            if self.metric is None and self.kind == "min_cosine" else ""
         if why.startswith("the first output's values lie") or why.startswith("the first output's largest column"):
             self.record["caveat"] = f"{why}: held to the min cosine; pass metric='agreement' to judge it as logits"
             self._warn(f"the accuracy budget's default metric: {self.record['caveat']}")
@@ -379,7 +380,8 @@ class Budget:
         return 1e-9 * max(1.0, abs(self.reference))
 
     def _score(self, q: Quality) -> float:
-        return score(q, self.kind, self.data.reference) if self.kind in METRICS else q.metric
+        return score(q, self.kind, self.data.reference, [batch_size(b) for b in self.data.flat]) \
+            if self.kind in METRICS else q.metric
 
     @staticmethod
     def _warn(message: str) -> None:

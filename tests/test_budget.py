@@ -418,8 +418,14 @@ class MultiLabel(nn.Linear):
         return torch.sigmoid(super().forward(x) * 3)
 
 
+class Transposed(nn.Linear):
+    def forward(self, x):
+        return super().forward(x).T  # [classes, batch]: top-1 over the batch, per class, was reported as agreement
+
+
 @pytest.mark.parametrize("model, why", [
     (nn.Linear(16, 1), "the first output has one column"),
+    (Transposed(16, 4), "the first output's rows are not the batch's samples"),
     (Normalized(16, 8), "the first output's rows are unit vectors"),
     (MultiLabel(16, 8), r"the first output's values lie in \[0, 1\] and its rows do not sum to 1: independent "
                         r"probabilities"),

@@ -128,7 +128,7 @@ class Validation:
         self.previous = outs
         cosines = torch.cat([_sample_cosines(o, r, batch_size(b)) for o, r, b in zip(outs, self.reference, self.flat)])
         max_rel = error_bound([compare(o, r) for o, r in zip(outs, self.reference)]).max_rel
-        top1 = _top1(outs, self.reference)
+        top1 = _top1(outs, self.reference, [batch_size(b) for b in self.flat])
         others = None
         if any(r.is_floating_point() for r in self.reference[0][1:]):
             others = float(torch.cat([_sample_cosines(o[1:], r[1:], batch_size(b))
@@ -141,7 +141,7 @@ class Validation:
         if self.metric is None:
             return None
         if isinstance(self.metric, str):
-            return score(quality, self.metric, self.reference)
+            return score(quality, self.metric, self.reference, [batch_size(b) for b in self.flat])
         values = [o[0] if len(o) == 1 else tuple(o) for o in outs]
         try:
             value = float(self.metric(values, self.batches))
@@ -152,16 +152,16 @@ class Validation:
         return value
 
 
-def score(quality: Quality, metric: str, reference: list[list[torch.Tensor]]) -> float:
-    """``quality`` in the named ``metric`` (one of METRICS; ``reference``: the batches' reference outputs, which an
-    error names): agreement+min_cosine is the smaller of the top-1 agreement and the min cosine of the outputs after
-    the logits (the agreement alone where there are none)."""
+def score(quality: Quality, metric: str, reference: list[list[torch.Tensor]], sizes: Sequence[int] = ()) -> float:
+    """``quality`` in the named ``metric`` (one of METRICS; ``reference``: the batches' reference outputs, of
+    ``sizes`` samples each, which an error names): agreement+min_cosine is the smaller of the top-1 agreement and
+    the min cosine of the outputs after the logits (the agreement alone where there are none)."""
     if metric == "cosine":
         return quality.cosine_mean
     if metric == "min_cosine":
         return quality.cosine_min
     if quality.top1 is None:
-        raise InputError(f"metric={metric!r} needs classifier logits: {not_logits(reference)}")
+        raise InputError(f"metric={metric!r} needs classifier logits: {not_logits(reference, sizes)}")
     others = quality.others_cosine_min
     return quality.top1 if metric == "agreement" or others is None else min(quality.top1, others)
 
@@ -215,10 +215,10 @@ def _row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return (a * b).sum(1), a.pow(2).sum(1), b.pow(2).sum(1), (a == b).all(dim=1), ok
 
 
-def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> float | None:
+def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]], sizes: Sequence[int] = ()) -> float | None:
     """Top-1 agreement of the first output when it is 2-D float logits (rows of unit length are embeddings), or the
     share of equal class ids when it is a 1-D integer output (a model that returns its argmax)."""
-    if not_logits(ref):
+    if not_logits(ref, sizes):
         return None
     if not ref[0][0].is_floating_point():
         hits = sum(int((o[0] == r[0]).sum()) if o[0].shape == r[0].shape else 0 for o, r in zip(outs, ref))
@@ -227,8 +227,9 @@ def _top1(outs: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> floa
     return hits / sum(r[0].shape[0] for r in ref)
 
 
-def not_logits(ref: list[list[torch.Tensor]]) -> str:
-    """Why the first output of reference batches ``ref`` has no top-1 agreement, in words; "" when it has one."""
+def not_logits(ref: list[list[torch.Tensor]], sizes: Sequence[int] = ()) -> str:
+    """Why the first output of reference batches ``ref`` (of ``sizes`` samples each, where known) has no top-1
+    agreement, in words; "" when it has one."""
     first = [r[0] for r in ref]
     if all(not r[0].is_floating_point() and not r[0].is_complex() and r[0].dim() == 1
            and not any(t.is_floating_point() for t in r) for r in ref):
@@ -236,6 +237,8 @@ def not_logits(ref: list[list[torch.Tensor]]) -> str:
     if not all(r.is_floating_point() and r.dim() == 2 for r in first):
         return (f"the first output is {str(first[0].dtype).removeprefix('torch.')} of shape {list(first[0].shape)}, "
                 "not 2-D float logits (batch × classes) or 1-D class ids")
+    if any(n and r.shape[0] != n for r, n in zip(first, sizes)):  # [classes, batch]: the argmax ran over samples
+        return "the first output's rows are not the batch's samples (its first dimension is not the batch size)"
     if any(r.shape[1] < 2 for r in first):
         return "the first output has one column: logits need two classes or more"
     if all(torch.allclose(r.double().norm(dim=1), torch.ones(r.shape[0], dtype=torch.double), atol=1e-3)
