@@ -54,7 +54,7 @@ from fxforge.compiler.errors import BudgetError, InputError
 from fxforge.compiler.graph import call_nodes
 from fxforge.compiler.ops import WEIGHTED, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager
-from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, batch_size, not_logits, score
+from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, not_logits, score
 from fxforge.compiler.report import Report
 from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
 from fxforge.passes.lib.qdq import checked_batches
@@ -148,8 +148,8 @@ class Budget:
                                          f"{1 / reference.samples:.3g}, more than max_drop, so a hold says little "
                                          "about other data")
             self._warn(f"the accuracy budget is measured on {self.record['resolution']}; give more validation data")
-        why = not_logits(self.data.reference, [batch_size(b) for b in self.data.flat]) \
-            if self.metric is None and self.kind == "min_cosine" else ""
+        why = not_logits(self.data.reference, self.data.sizes) if self.metric is None and self.kind == "min_cosine" \
+            else ""
         if why.startswith("the first output's values lie") or why.startswith("the first output's largest column"):
             self.record["caveat"] = f"{why}: held to the min cosine; pass metric='agreement' to judge it as logits"
             self._warn(f"the accuracy budget's default metric: {self.record['caveat']}")
@@ -380,8 +380,7 @@ class Budget:
         return 1e-9 * max(1.0, abs(self.reference))
 
     def _score(self, q: Quality) -> float:
-        return score(q, self.kind, self.data.reference, [batch_size(b) for b in self.data.flat]) \
-            if self.kind in METRICS else q.metric
+        return score(q, self.kind, self.data.reference, self.data.sizes) if self.kind in METRICS else q.metric
 
     @staticmethod
     def _warn(message: str) -> None:
@@ -397,7 +396,7 @@ SCREEN_SAMPLES = {"agreement": "mean", "cosine": "mean", "min_cosine": "worst", 
 def _one_value_per_sample(data: Validation, first: int = 0) -> bool:
     """Whether the float outputs of ``data``'s reference from the ``first`` on hold one value per sample together (a
     regression score)."""
-    n = batch_size(data.flat[0])
+    n = data.sizes[0]
     floats = [r for r in data.reference[0][first:] if r.is_floating_point()]
     return bool(n and floats) and all(r.dim() and r.shape[0] == n for r in floats) and \
         sum(r[0].numel() for r in floats) == 1

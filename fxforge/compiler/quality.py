@@ -105,8 +105,13 @@ class Validation:
         return cls(batches, flat, metric)
 
     @property
+    def sizes(self) -> list[int]:
+        """Each batch's samples (:func:`batch_size`; 0 where no input has a dimension)."""
+        return [batch_size(b) for b in self.flat]
+
+    @property
     def samples(self) -> int:
-        return sum(batch_size(b) or 1 for b in self.flat)
+        return sum(n or 1 for n in self.sizes)
 
     def describe(self) -> str:
         """The report's line saying where its error columns come from."""
@@ -126,13 +131,13 @@ class Validation:
             self.reference = outs
         self.step = None if self.previous is None else worst([compare(o, r) for o, r in zip(outs, self.previous)])
         self.previous = outs
-        cosines = torch.cat([_sample_cosines(o, r, batch_size(b)) for o, r, b in zip(outs, self.reference, self.flat)])
+        cosines = torch.cat([_sample_cosines(o, r, n) for o, r, n in zip(outs, self.reference, self.sizes)])
         max_rel = error_bound([compare(o, r) for o, r in zip(outs, self.reference)]).max_rel
-        top1 = _top1(outs, self.reference, [batch_size(b) for b in self.flat])
+        top1 = _top1(outs, self.reference, self.sizes)
         others = None
         if any(r.is_floating_point() for r in self.reference[0][1:]):
-            others = float(torch.cat([_sample_cosines(o[1:], r[1:], batch_size(b))
-                                      for o, r, b in zip(outs, self.reference, self.flat)]).min())
+            others = float(torch.cat([_sample_cosines(o[1:], r[1:], n)
+                                      for o, r, n in zip(outs, self.reference, self.sizes)]).min())
         quality = Quality(self.samples, max_rel, float(cosines.min()), float(cosines.mean()), top1,
                           others_cosine_min=others)
         return Quality(**{**quality.__dict__, "metric": self._metric(quality, outs)})
@@ -141,7 +146,7 @@ class Validation:
         if self.metric is None:
             return None
         if isinstance(self.metric, str):
-            return score(quality, self.metric, self.reference, [batch_size(b) for b in self.flat])
+            return score(quality, self.metric, self.reference, self.sizes)
         values = [o[0] if len(o) == 1 else tuple(o) for o in outs]
         try:
             value = float(self.metric(values, self.batches))
@@ -183,7 +188,7 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], n: int) -
     rows = n if any(batched) else 1
     # each output as rows (one per sample, or a single row for an output without the batch, which joins every
     # sample's: one cosine per batch hid a sample at 0.974 behind the batch's 0.995)
-    flat = [(o.reshape(rows, -1), r.reshape(rows, -1)) if each or rows == 1 else (o.reshape(1, -1), r.reshape(1, -1))
+    flat = [(o.reshape(rows if each else 1, -1), r.reshape(rows if each else 1, -1))
             for (o, r), each in zip(pairs, batched)]
     # each output's root mean square per value (non-finite values left out), and the values of a sample's row
     typical = [float(torch.nan_to_num(b, posinf=0.0, neginf=0.0).pow(2).mean()) ** 0.5 if b.numel() else 0.0

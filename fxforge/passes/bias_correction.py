@@ -75,8 +75,9 @@ class BiasCorrection(Pass):
         batches = list(checked_batches(ctx.calibration, ctx.example_inputs))
         if not batches:
             raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
-        chunks, samples = first_samples(batches, self.max_samples, cut=batch_symbol(gm) is not None)
-        if batch_symbol(gm) is not None:  # a dynamic batch: fewer, larger runs (the means are the same sums)
+        dynamic = batch_symbol(gm) is not None
+        chunks, samples = first_samples(batches, self.max_samples, cut=dynamic)
+        if dynamic:  # a dynamic batch: fewer, larger runs (the means are the same sums)
             chunks = [joined for _, joined in concatenated(chunks)]
         run = _PairRun(gm, errors, self.shift, len(chunks))
         with torch.no_grad():

@@ -396,8 +396,7 @@ def _products_cast_back(graph: fx.Graph) -> None:
         narrow = _cast_back(graph, node, dtype)
         if bias is not None:
             weight = argument(node, "weight")  # of a conv's rank, which is its output's
-            rank = result.dim() if isinstance(result, torch.Tensor) else \
-                (get_tensor(graph.owning_module, weight) if weight.op == "get_attr" else weight.meta["val"]).dim()
+            rank = result.dim() if isinstance(result, torch.Tensor) else _value(weight).dim()
             shape = [-1] + [1] * (rank - 2) if is_op(node, *CONV) else [-1]
             with graph.inserting_after(narrow):
                 column = graph.call_function(aten.reshape.default, (bias, shape))
