@@ -191,6 +191,32 @@ def test_compile_time_benchmark_times_one_compile_in_a_fresh_process_with_its_st
     assert sum(result["stages"].values()) <= result["s"] + 0.05  # stages are rounded to 0.01 s
 
 
+
+def test_int8_floor_grids_replace_every_activation_pair_and_clip_only_past_their_ranges():
+    """benchmarks/int8_floor.py's graphs: per-channel grids spanning the data converge on the float-activation
+    graph as bits grow; ranges from other data clip what passes them."""
+    import math
+
+    import fxforge
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from int8_floor import activation_pairs, channel_ranges, replaced
+    model, (example,) = ZOO["convbnrelu"]()
+    torch.manual_seed(1)
+    calibration = [(torch.randn_like(example),) for _ in range(4)]
+    gm = fxforge.compile(model, (example,), passes=["fuse", "insert_qdq", "calibrate"], backend="eager",
+                         calibration=calibration, max_drop=math.inf).graph_module
+    fresh = (3 * torch.randn_like(example),)  # values past the calibration ranges
+    float_acts = replaced(gm, None)
+    assert len(activation_pairs(gm)) >= 3 and not activation_pairs(float_acts)
+    ref = float_acts(*fresh)[0]
+
+    def error(graph):
+        return float((graph(*fresh)[0] - ref).norm() / ref.norm())
+    spanning = channel_ranges(gm, [*calibration, fresh])
+    e8, e16 = error(replaced(gm, spanning, 8)), error(replaced(gm, spanning, 16))
+    assert e16 < 1e-3 and e8 > 30 * e16  # 256× finer steps
+    assert error(replaced(gm, channel_ranges(gm, calibration), 16)) > 30 * e16
+
 @pytest.mark.slow
 def test_full_quick_benchmark(tmp_path):
     data = _run_benchmark(tmp_path)
