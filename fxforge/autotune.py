@@ -57,6 +57,7 @@ from fxforge.passes.calibrate import checked_batches
 
 Evaluate = Callable[[CompiledModel], float]
 NO_SPLIT = 2.0  # the "energy" of a layer left whole: above any energy a split may keep
+RECORD_FILES = ("autotune.json", "pareto.png")  # what a search writes into its output_dir
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     batches = _calibration(MappedBatches(calibration, *pick) if calibration is not None and pick else calibration,
                            example)
     _check_arguments(max_accuracy_drop, budget, Path(output_dir), space)
+    budget = int(budget)  # a numpy integer too
     backend = backend or _default_backend()
     get_backend(backend)  # an unknown or missing backend fails here, before any work
     tgt = get_target(target)
@@ -417,12 +419,26 @@ def _check_arguments(max_accuracy_drop: float, budget: int, output_dir: Path, sp
     if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, numbers.Real) or \
             not 0 <= max_accuracy_drop < math.inf:
         raise InputError(f"max_accuracy_drop must be a finite number >= 0, got {max_accuracy_drop!r}")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 2:
+    if not isinstance(budget, numbers.Integral) or isinstance(budget, bool):
+        raise InputError(f"budget must be an integer (a number of candidates), got {type(budget).__name__}")
+    if budget < 2:
         raise InputError(f"budget is a number of candidates >= 2 (the float and int8 references), got {budget!r}")
+    if not isinstance(space, SearchSpace):
+        raise InputError(f"space must be a fxforge.autotune.SearchSpace, got {type(space).__name__}")
+    for name in ("prune_ratios", "low_rank_energies", "depthwise_energies"):
+        values = getattr(space, name)
+        if not isinstance(values, (tuple, list)) or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+            raise InputError(f"SearchSpace.{name} must be a tuple of numbers (empty: not searched), got {values!r}")
+    if not isinstance(space.quantize, bool):
+        raise InputError(f"SearchSpace.quantize must be True or False, got {space.quantize!r}")
     sensitivity = space.sensitivity_batches
     if not isinstance(sensitivity, int) or isinstance(sensitivity, bool) or sensitivity < 1:
         raise InputError(f"SearchSpace.sensitivity_batches must be an integer >= 1, got {sensitivity!r}")
     check_writable(output_dir, "output_dir")
+    for name in RECORD_FILES:  # written at the end: a directory of that name would lose the search's result
+        if (output_dir / name).is_dir():
+            raise InputError(f"output_dir {output_dir}: {name} is a directory, where the search writes its file")
 
 
 def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:
@@ -456,7 +472,7 @@ def _score(evaluate: Evaluate, compiled: CompiledModel, passes: list[str]) -> fl
 def write_record(result: AutotuneResult, directory: Path) -> None:
     """``autotune.json`` (every candidate, the front, the chosen passes) and ``pareto.png`` in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    result.record_path, result.plot_path = directory / "autotune.json", directory / "pareto.png"
+    result.record_path, result.plot_path = (directory / name for name in RECORD_FILES)
     result.record_path.write_text(json.dumps(result.to_dict(), indent=2, default=str))
     plot_pareto(result, result.plot_path)
 

@@ -166,6 +166,10 @@ class Tiny(nn.Module):
     ({"evaluate": lambda m: 1 / 0}, TuningError, "ZeroDivisionError"),
     ({"evaluate": lambda m: float("nan")}, TuningError, "finite number"),
     ({"space": SearchSpace(sensitivity_batches=0)}, InputError, "sensitivity_batches must be an integer >= 1"),
+    ({"space": None}, InputError, "space must be a fxforge.autotune.SearchSpace, got NoneType"),
+    ({"space": SearchSpace(prune_ratios=0.1)}, InputError, "prune_ratios must be a tuple of numbers"),
+    ({"space": SearchSpace(quantize="no")}, InputError, "quantize must be True or False, got 'no'"),
+    ({"budget": 3.0}, InputError, "budget must be an integer"),
 ])
 def test_bad_arguments_get_clear_errors(kwargs, error, message, tmp_path):
     args = {"backend": "eager", "calibration": [(torch.randn(4, 4),)], "output_dir": tmp_path, **kwargs}
@@ -205,6 +209,37 @@ def test_a_search_without_int8_measures_the_structural_settings(tmp_path):
                               space=SearchSpace(quantize=False))
     searched = result.candidates[2:]  # after the float and int8 references
     assert searched and not any(any(p.startswith("insert_qdq") for p in c.passes) for c in searched)
+
+
+def test_a_numpy_budget_is_a_budget_and_a_directory_named_like_the_plot_is_refused_before_the_search(tmp_path):
+    """``budget=np.int64(3)`` was refused as "must be >= 2, got 3"; a directory ``pareto.png`` in output_dir
+    surfaced as a raw IsADirectoryError after the whole search, its result lost."""
+    import numpy as np
+    args = {"backend": "eager", "calibration": [(torch.randn(4, 4),)] * 2, "max_accuracy_drop": 1.0}
+    result = fxforge.autotune(Tiny(), torch.randn(2, 4), budget=np.int64(3), output_dir=tmp_path / "a", **args)
+    assert result.meta["budget_candidates"] == 3 and json.loads((tmp_path / "a" / "autotune.json").read_text())
+    (tmp_path / "b" / "pareto.png").mkdir(parents=True)
+    with pytest.raises(InputError, match="pareto.png is a directory"):
+        fxforge.autotune(Tiny(), torch.randn(2, 4), output_dir=tmp_path / "b", **args)
+
+
+class Heads(nn.Module):
+    def __init__(self, nested: bool) -> None:
+        super().__init__()
+        self.fc, self.nested = nn.Linear(4, 3), nested
+
+    def forward(self, x):
+        y = self.fc(x)
+        return (y, (y.softmax(-1),)) if self.nested else {"logits": y, "probs": y.softmax(-1)}
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_the_default_evaluate_reads_dict_and_nested_outputs(nested, tmp_path):
+    """It failed on them ("evaluate failed on the pipeline ['fuse']", an evaluate the user never gave)."""
+    torch.manual_seed(0)
+    result = fxforge.autotune(Heads(nested).eval(), torch.randn(2, 4), backend="eager", budget=2,
+                              calibration=[(torch.randn(8, 4),)] * 2, output_dir=tmp_path)
+    assert result.candidates[0].score == 1.0 and result.candidates[0].error is None
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_the_search(tmp_path):

@@ -846,10 +846,11 @@ def worst(errors: Sequence[Error]) -> Error:
 
 
 def first_float(out: Any) -> torch.Tensor:
-    """What agreement-based scores compare of a model's result (a tensor, or a tuple/list of them): its first
-    floating-point output with a batch dimension, else its first output with one (class ids, compared element by
-    element), else its first output as a 1-element tensor. A 0-d score beside the logits, or an integer output alone,
-    was a raw error where batches are concatenated."""
-    values = [torch.as_tensor(v) for v in (out if isinstance(out, (tuple, list)) else (out,))]
+    """What agreement-based scores compare of a model's result (a tensor, or any nesting of tuples, lists and dicts
+    of them, in the order the traced graph flattens it): its first floating-point output with a batch dimension,
+    else its first output with one (class ids, compared element by element), else its first output as a 1-element
+    tensor. A 0-d score beside the logits, or an integer output alone, was a raw error where batches are
+    concatenated; a dict or nested output was one too."""
+    values = [torch.as_tensor(v) for v in pytree.tree_leaves(out) if isinstance(v, (torch.Tensor, numbers.Number))]
     batched = [v for v in values if v.dim()]
     return next((v for v in batched if v.is_floating_point()), batched[0] if batched else values[0].reshape(1))
