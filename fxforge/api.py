@@ -162,13 +162,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                       "computes every call from the state at compile time and changes nothing (a call counter stays "
                       "as it was)", UserWarning, stacklevel=3)
     flat = tuple(signature.flatten(example))
-    if calibration is not None and pick is not None:
-        calibration = MappedBatches(calibration, *pick)
-    if calibration is not None and not all(isinstance(e, torch.Tensor) for e in example):
-        calibration = MappedBatches(calibration, _flattener(signature, len(flat)), "calibration")
+    calibration = passes_calibration(calibration, signature, example, pick)
     if not signature.dynamic_batch:
-        calibration, validation, train = (None if data is None else _Rebatched(data, example, kind) for data, kind in
-                                          ((calibration, "calibration"), (validation, "validation"), (train, "train")))
+        validation, train = (None if data is None else _Rebatched(data, example, kind) for data, kind in
+                             ((validation, "validation"), (train, "train")))
     checked = None if validation is None and metric is None else \
         Validation.from_user(validation, signature.flatten, metric)
     if budget is not None:
@@ -407,6 +404,22 @@ class _Rebatched:
             for k in range(0, n, self.size):
                 yield torch.utils._pytree.tree_unflatten(
                     [t[k:k + self.size] if b else t for t, b in zip(leaves, self.batched)], spec)
+
+
+def passes_calibration(calibration: Iterable[Any] | None, signature: Signature, example: tuple[Any, ...],
+                       pick: tuple[Callable[[Any], Any], str] | None) -> Iterable[Any] | None:
+    """The user's calibration data as the passes read it: the inputs picked out of each item (``pick``, from
+    :func:`calibration_picker`), flattened where the model's inputs are not plain tensors (a dict), and cut into the
+    example's batch where the captured graph's batch is static. ``compile`` and ``autotune`` both read it so:
+    autotune, reading the items as given, refused a dict-input model's batches and ran a static-batch graph on
+    batches it cannot take (a raw error deep in torch.fx)."""
+    if calibration is None:
+        return None
+    if pick is not None:
+        calibration = MappedBatches(calibration, *pick)
+    if not all(isinstance(e, torch.Tensor) for e in example):
+        calibration = MappedBatches(calibration, _flattener(signature, len(signature.inputs)), "calibration")
+    return calibration if signature.dynamic_batch else _Rebatched(calibration, example, "calibration")
 
 
 def _flattener(signature: Signature, count: int) -> Callable[[Any], tuple[torch.Tensor, ...]]:

@@ -38,14 +38,14 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from fxforge.api import CompiledModel, InputKey, MappedBatches, calibration_picker, compile
+from fxforge.api import CompiledModel, InputKey, calibration_picker, compile, passes_calibration
 from fxforge.backends.base import check_writable, get_backend
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, calibration_readers
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import interleaved_latency, measure_latency
-from fxforge.compiler.trace import trace
+from fxforge.compiler.trace import Signature, trace
 from fxforge.compiler.verify import first_float
 from fxforge.passes import QUANTIZE
 from fxforge.passes.depthwise_separable import DepthwiseSeparable
@@ -193,14 +193,17 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
         raise InputError(f"example_inputs must be a tensor or a tuple of tensors (dicts or lists of them), got "
                          f"{type(example_inputs).__name__}")
     pick = calibration_picker(calibration_fn, input_key, example)
-    batches = _calibration(MappedBatches(calibration, *pick) if calibration is not None and pick else calibration,
-                           example)
+    if calibration is None:
+        raise CalibrationError("autotune needs calibration data (calibration=[(x1,), (x2,), ...]): sensitivity, "
+                               "int8 calibration and the default evaluate all run on it")
     _check_arguments(max_accuracy_drop, budget, Path(output_dir), space)
     budget = int(budget)  # a numpy integer too
     backend = backend or _default_backend()
     get_backend(backend)  # an unknown or missing backend fails here, before any work
     tgt = get_target(target)
-    search = _Search(model, example, tgt, backend, batches, max_accuracy_drop, budget, space, evaluate)
+    traced = trace(model, example)
+    batches = _calibration(passes_calibration(calibration, traced[1], example, pick), traced[1].flatten(example))
+    search = _Search(model, example, traced, tgt, backend, batches, max_accuracy_drop, budget, space, evaluate)
     result = search.run()
     result.meta.update({"model": type(model).__name__, "backend": backend, "target": tgt.name,
                         "max_accuracy_drop": max_accuracy_drop, "budget_candidates": budget,
@@ -213,14 +216,16 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
 # ------------------------------------------------------------------------------------------- the search
 
 class _Search:
-    def __init__(self, model: torch.nn.Module, example: tuple, target: Target, backend: str, batches: list[tuple],
-                 max_drop: float, budget: int, space: SearchSpace, evaluate: Evaluate | None) -> None:
+    def __init__(self, model: torch.nn.Module, example: tuple, traced: tuple[fx.GraphModule, Signature],
+                 target: Target, backend: str, batches: list[tuple], max_drop: float, budget: int, space: SearchSpace,
+                 evaluate: Evaluate | None) -> None:
         self.model, self.example, self.target, self.backend = model, example, target, backend
+        self.flat = tuple(traced[1].flatten(example))  # the example as the passes read it
         self.batches, self.max_drop, self.budget, self.space = batches, max_drop, budget, space
         self.compiled: dict[int, CompiledModel] = {}  # the compiled models still worth re-timing
         self.pruned: list[dict[str, Any]] = []
         self.flops: dict[tuple[str, ...], tuple[float, dict[str, int]]] = {}  # structure → (total, per node)
-        self.fused = self._structural_graph(_traced(model, example), Setting())
+        self.fused = self._structural_graph(traced[0], Setting())
         self.evaluate = evaluate or _agreement_with(self.fused, batches)
 
     def run(self) -> AutotuneResult:
@@ -311,7 +316,7 @@ class _Search:
     def _structural_graph(self, gm: fx.GraphModule, setting: Setting, passes: Sequence[str | Pass] | None = None
                           ) -> fx.GraphModule:
         """``gm`` after ``passes`` (default: the setting's structural passes), and its per-layer FLOPs."""
-        ctx = PassContext(example_inputs=self.example, target=self.target, calibration=self.batches)
+        ctx = PassContext(example_inputs=self.flat, target=self.target, calibration=self.batches)
         gm, _ = PassManager(passes if passes is not None else setting.structure(), verify="off",
                             measure_latency=False).run(copy.deepcopy(gm), ctx)
         flops = ctx.analysis(Flops, gm)
@@ -392,10 +397,6 @@ def latency_score_front(cands: Sequence[Candidate]) -> list[Candidate]:
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def _traced(model: torch.nn.Module, example: tuple) -> fx.GraphModule:
-    return trace(model, example)[0]
-
-
 def _default_backend() -> str:
     try:
         get_backend("onnx")
@@ -404,11 +405,9 @@ def _default_backend() -> str:
         return "torchscript"
 
 
-def _calibration(calibration: Iterable[Any] | None, example: tuple) -> list[tuple]:
-    if calibration is None:
-        raise CalibrationError("autotune needs calibration data (calibration=[(x1,), (x2,), ...]): sensitivity, "
-                               "int8 calibration and the default evaluate all run on it")
-    batches = list(checked_batches(calibration, example))
+def _calibration(calibration: Iterable[Any], flat_example: Sequence[torch.Tensor]) -> list[tuple]:
+    """The calibration batches as flat input tuples (``passes_calibration``'s), checked against the example's."""
+    batches = list(checked_batches(calibration, flat_example))
     if not batches:
         raise CalibrationError("autotune got an empty calibration iterable")
     return batches
@@ -442,13 +441,15 @@ def _check_arguments(max_accuracy_drop: float, budget: int, output_dir: Path, sp
 
 
 def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:
-    """The default evaluate: agreement with the float graph's first output on the calibration data."""
+    """The default evaluate: agreement with the float graph's first output on the calibration data (flat input
+    tuples; the compiled model is called with them where the model's arguments hold them, a dict's entries)."""
     with torch.no_grad():
         reference = torch.cat([first_float(reference_graph(*b)) for b in batches])
 
     def evaluate(compiled: CompiledModel) -> float:
         with torch.no_grad():
-            return agreement(torch.cat([first_float(compiled(*b)) for b in batches]), reference)
+            outputs = [first_float(compiled(*compiled.signature.arguments(b))) for b in batches]
+        return agreement(torch.cat(outputs), reference)
     return evaluate
 
 

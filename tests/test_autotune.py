@@ -242,6 +242,37 @@ def test_the_default_evaluate_reads_dict_and_nested_outputs(nested, tmp_path):
     assert result.candidates[0].score == 1.0 and result.candidates[0].error is None
 
 
+class DictIn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(2, 8), nn.Linear(8, 3)
+
+    def forward(self, d):
+        return self.head(torch.relu(self.a(d["x"]) + self.b(d["z"])))
+
+
+class FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(4, -1))  # the batch of 4 is part of the graph
+
+
+def test_calibration_is_read_as_compile_reads_it_for_dict_inputs_and_a_static_batch(tmp_path):
+    """Batches like a dict-input model's example were refused ("must be a tuple of 1 tensor(s) ..., got 1: dict"),
+    and batches of 8 for a graph whose batch is 4 ran into a raw RuntimeError in torch.fx; compile takes both."""
+    torch.manual_seed(0)
+    args = {"backend": "eager", "budget": 2, "output_dir": tmp_path}
+    calibration = [({"x": torch.randn(4, 4), "z": torch.randn(4, 2)},) for _ in range(2)]
+    result = fxforge.autotune(DictIn().eval(), calibration[0], calibration=calibration, **args)
+    assert [c.score for c in result.candidates[:1]] == [1.0]
+    example = torch.randn(4, 4, 4)
+    result = fxforge.autotune(FixedBatch().eval(), example, calibration=[(torch.randn(8, 4, 4),)] * 2, **args)
+    assert result.candidates[0].score == 1.0 and result.candidates[0].error is None
+
+
 def test_an_output_dir_that_is_a_file_is_refused_before_the_search(tmp_path):
     (tmp_path / "results.txt").write_text("mine")
     with pytest.raises(InputError, match="results.txt is a file"):
