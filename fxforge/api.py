@@ -141,7 +141,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                           f"are then measured on data the passes {'calibrated' if kind == 'calibration' else 'trained'}"
                           " on, which says little about unseen data; give held-out validation data", UserWarning,
                           stacklevel=3)
-    _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration)
+    _check_data(manager, "calibration", calibration, calibration_readers(manager.passes), missing_calibration,
+                budget_reads=budget is not None and validation is None)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     _check_tensors(model)
     training = _training_modules(model)
@@ -163,6 +164,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                       "as it was)", UserWarning, stacklevel=3)
     flat = tuple(signature.flatten(example))
     calibration = passes_calibration(calibration, signature, example, pick)
+    given_train = train
     if not signature.dynamic_batch:
         validation, train = (None if data is None else _Rebatched(data, example, kind) for data, kind in
                              ((validation, "validation"), (train, "train")))
@@ -170,6 +172,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         Validation.from_user(validation, signature.flatten, metric)
     if budget is not None:
         calibration = budget.hold_out(calibration, validation, signature.flatten, flat)
+        if validation is None and budget.data is not None and train_readers(manager.passes) and \
+                _shared_tensors(given_train, budget.data.batches):
+            warnings.warn("the accuracy budget's held-out calibration batches are train data too: the budget is then "
+                          "measured on data the passes trained on, which says little about unseen data; give "
+                          "validation= data, or train data without those batches (every fourth calibration batch)",
+                          UserWarning, stacklevel=3)
     spec = pytree.tree_flatten(example)[1]
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
                       train=None if train is None else flat_batches(train, signature.flatten, "train")[1],
@@ -247,15 +255,16 @@ def _lower(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: 
 
 
 def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, readers: list[str],
-                missing: Callable[[str], Exception]) -> None:
-    """Before any work: a pipeline whose passes read ``kind`` data (calibration, train) must get it; data no pass
-    reads is pointed out."""
+                missing: Callable[[str], Exception], budget_reads: bool = False) -> None:
+    """Before any work: a pipeline whose passes read ``kind`` data (calibration, train) must get it; data that
+    neither a pass nor the accuracy budget (``budget_reads``: it holds out calibration batches) reads is pointed
+    out."""
     if readers and data is None:
         raise missing(readers[0])
     if readers and isinstance(data, Sequence) and not data:  # passes with no check of their own failed raw
         raise type(missing(readers[0]))(f"pass {readers[0]!r} got an empty {kind} iterable: pass "
                                         f"{kind}=[(x1,), (x2,), ...]")
-    if not readers and data is not None:
+    if not readers and data is not None and not budget_reads:
         warnings.warn(f"{kind} data given, but no pass of this pipeline reads it "
                       f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
                       stacklevel=4)

@@ -109,6 +109,21 @@ def test_the_held_out_batches_are_never_calibrated_on():
     assert cm.report.row("calibrate").stats["batches"] == 7 and budget["outcome"] == "held" and not warned
 
 
+def test_held_out_batches_that_are_train_data_too_are_warned_and_calibration_the_budget_reads_is_not_ignored():
+    """With ``train=`` the calibration list itself, ``distill`` trained on the budget's held-out batches and the budget
+    held in-sample (drop 0.0 where unseen data dropped 0.045), unwarned; and compile warned that the calibration data
+    no pass reads is ignored, though the budget reads it."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = batches(4, 16)
+    kw = {"passes": ["fuse", "distill{steps=2,threads=1}"], "calibration": data, "max_drop": 1.0,
+          "measure_latency": False}
+    _, warned = compile_warned(model, train=data, **kw)
+    assert [w for w in warned if w.startswith("the accuracy budget's held-out calibration batches are train data")]
+    assert not [w for w in warned if "no pass of this pipeline reads it" in w]
+    _, warned = compile_warned(model, train=data[:3], **kw)
+    assert not [w for w in warned if "train data too" in w]
+
+
 def test_a_budget_that_holds_changes_nothing_and_validation_data_is_used_when_given():
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
     validation = batches(2, 128, seed=7)
