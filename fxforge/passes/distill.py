@@ -306,6 +306,7 @@ class _Runner(fx.Interpreter):
         self.params, self.record = params, list(record)
         self.scales = {q: u for u, qs in (scales or {}).values() for q in qs}  # Q node → its group's log-ratio
         self.features: dict[str, torch.Tensor] = {}
+        self.normal: dict[str, torch.Tensor] = {}  # copies of constants made under torch.inference_mode
 
     def run(self, *args: Any, **kwargs: Any) -> tuple:  # type: ignore[override]
         self.features = {}
@@ -315,7 +316,15 @@ class _Runner(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "get_attr" and n.target in self.params:
             return self.params[n.target]
-        if is_op(n, *DEQUANTIZE) and data(n) in self.scales:
+        if n.op == "get_attr":
+            out = super().run_node(n)
+            # a constant made while compile ran under torch.inference_mode (batch norm's statistics, a buffer) cannot
+            # be saved for the backward of an op reading it: autograd's raw error, where the same call outside worked
+            if isinstance(out, torch.Tensor) and out.is_inference():
+                if n.target not in self.normal:
+                    self.normal[n.target] = out.clone()
+                out = self.normal[n.target]
+        elif is_op(n, *DEQUANTIZE) and data(n) in self.scales:
             out = _learned_qdq(self.env[data(data(n))], data(n), self.scales[data(n)])
         elif is_op(n, *DEQUANTIZE) and is_op(data(n), *QUANTIZE) and self.env[data(data(n))].requires_grad:
             x = self.env[data(data(n))]

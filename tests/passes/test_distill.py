@@ -265,6 +265,35 @@ def test_trains_when_compile_is_called_without_autograd(mode):
     assert stats["steps"] > 0 and stats["held_out_loss_after"] < stats["held_out_loss_before"]
 
 
+class Normed(nn.Module):
+    """Constants whose ops' backward reads them: an unfused batch norm's statistics, a LayerNorm, a buffer's mul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.norm, self.fc, self.out = nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x))).mean((2, 3)) * self.gain
+        return self.out(torch.relu(self.fc(self.norm(y))))
+
+
+def test_trains_under_inference_mode_as_outside_it():
+    """Constants made under torch.inference_mode cannot be saved for backward: compile under it failed in distill
+    with autograd's raw error wherever an op's backward reads one. It trains now, to the same weights."""
+    g = torch.Generator().manual_seed(3)
+    train = [(torch.randn(8, 3, 8, 8, generator=g),) for _ in range(5)]
+    passes = ["low_rank{rank_ratio=0.25}", "distill{steps=5,threads=1}"]
+    outside = fxforge.compile(Normed().eval(), train[0], passes=passes, train=train, verify="off")
+    with torch.inference_mode():
+        inside = fxforge.compile(Normed().eval(), train[0], passes=passes, train=train, verify="off")
+    assert inside.report.row("distill").stats["steps"] == outside.report.row("distill").stats["steps"] > 0
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(inside(x), outside(x))
+
+
 @pytest.mark.parametrize("spec", ["distill{steps=0}", "distill{lr=-1.0}", "distill{temperature=0.0}",
                                   "distill{features=-1.0}", "distill{threads=-1}",
                                   "distill{params='weights'}", "distill{optimizer='rmsprop'}"])
