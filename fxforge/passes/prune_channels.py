@@ -17,11 +17,14 @@ more. When the goal cannot be met nothing changes and the stats say so (``skippe
 with the best reachable fraction).
 
 The chosen groups are zeroed (weight rows, biases, BN γ and β, per-channel constants) so every tensor they
-occupy is exactly 0, and dead_channels removes them physically. An optional ``finetune(gm)`` hook runs on the
+occupy is exactly 0, and dead_channels removes them physically. Groups that removal would not take once zeroed
+(an activation turning the zeros into another constant before zero padding) are left out of the choice
+(``skipped.not_removable``): zeroed, they damaged the model and saved nothing. An optional ``finetune(gm)`` hook runs on the
 smaller graph. Stats report params and FLOPs before and after.
 """
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import astuple
 from typing import Callable, Literal
@@ -39,6 +42,7 @@ from fxforge.compiler.report import model_size
 
 from .analysis.channel_groups import BINARY, ChannelGraph, ChannelGroup, ChannelGroups
 from .analysis.channel_importance import ChannelImportance, Importance
+from .analysis.removable_channels import RemovableChannels
 from .analysis.sensitivity import layer_sensitivity, plan
 from .lib.channel_surgery import remove_removable
 from .lib.qdq import checked_batches
@@ -80,8 +84,14 @@ class PruneChannels(Pass):
         scores, fallback = imp.scores(self.importance)
         if fallback:
             stats["importance_fallback_l2"] = fallback
-        chosen = self.choose(scores, imp.layers(scores), stats) if self.flops is None else \
-            self.per_layer(gm, ctx, cg, imp, stats)
+        if self.flops is None:
+            chosen = self.choose(scores, imp.layers(scores), stats)
+            kept = removable_groups(gm, ctx, cg, chosen)
+            if stuck := len(chosen) - len(kept):
+                stats["skipped.not_removable"] = stuck
+            chosen = [g for g in chosen if g in kept]
+        else:
+            chosen = self.per_layer(gm, ctx, cg, imp, stats)
         if not chosen:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
         zero_groups(gm, cg, [cg.groups[g] for g in chosen])
@@ -156,6 +166,10 @@ class PruneChannels(Pass):
         candidates = {(str(rule), key[0]): rule.layer_groups(key[0], imp) for rule in rules
                       for key in imp.layers(imp.scores(self.importance)[0])}
         candidates = {k: gs for k, gs in candidates.items() if not isinstance(gs, str)}
+        kept = removable_groups(gm, ctx, cg, sorted({g for gs in candidates.values() for g in gs}))
+        if stuck := len({g for gs in candidates.values() for g in gs} - kept):
+            stats["skipped.not_removable"] = stuck
+        candidates = {k: kept_gs for k, gs in candidates.items() if (kept_gs := [g for g in gs if g in kept])}
         left = lambda groups: flops_left(gm, cg, flops, torch.tensor([i for g in groups for i in cg.groups[g].ids]))
         groups = lambda choice: [g for layer, spec in choice.items() for g in candidates[(spec, layer)]]
         saved = {k: total - left(gs) for k, gs in candidates.items()}
@@ -185,6 +199,17 @@ class PruneChannels(Pass):
         deepest = {layer: spec for spec in by_spec for (s, layer) in candidates if s == spec}  # ladder ascends
         stats["flops_reachable"] = round(left(groups(deepest)) / total, 4) if total else 1.0
         return []
+
+
+def removable_groups(gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, groups: list[int]) -> set[int]:
+    """Those of ``groups`` that dead_channels' removal takes once they are zeroed (asked of a zeroed copy of ``gm``).
+    Zeros that an activation turns into another constant (sigmoid(0) = 0.5) and that then meet zero padding stay:
+    zeroed, such a group damaged the model and saved no FLOP, and a flops goal was claimed met at 1.0× the FLOPs."""
+    trial = copy.deepcopy(gm)
+    zero_groups(trial, cg, [cg.groups[g] for g in groups])
+    found = PassContext(example_inputs=ctx.example_inputs, target=ctx.target).analysis(RemovableChannels, trial)
+    removed = set(found.ids)
+    return {g for g in groups if set(cg.groups[g].ids) <= removed}
 
 
 def flops_left(gm: fx.GraphModule, cg: ChannelGraph, flops: dict[str, int], ids: torch.Tensor) -> float:

@@ -176,6 +176,33 @@ def test_a_flops_goal_that_cannot_be_met_changes_nothing_and_says_so():
     assert report.row("prune_channels").params == report.row("input").params
 
 
+class SigmoidThenPadded(nn.Module):
+    """conv → sigmoid → zero-padded conv: a zeroed channel of c1 becomes the constant sigmoid(0) = 0.5, which the
+    padding makes vary at the borders, so it cannot be removed; c2's channels (through relu) can."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.c3 = (nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
+                                     nn.Conv2d(16, 4, 3, padding=1))
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.sigmoid(self.c1(x)))))
+
+
+def test_groups_that_zeroing_cannot_remove_are_left_alone():
+    """They were zeroed and kept: the model damaged (3.4 % off) at unchanged FLOPs, and a flops goal claimed met."""
+    model, example = SigmoidThenPadded().eval(), (torch.randn(2, 3, 8, 8),)
+    gm, report, flat = apply(model, example, [PruneChannels(ratio=0.5, round_to=1, scope="layer")])
+    stats = report.row("prune_channels").stats
+    assert stats["skipped.not_removable"] == 8 and stats["groups_pruned"] == stats["groups_removed"] == 8
+    assert [tuple(w.shape) for w in weights(gm)] == [(16, 3, 3, 3), (8, 16, 3, 3), (4, 8, 3, 3)]
+    gm, report, _ = apply(model, example, [PruneChannels(flops=0.3)], calibration=[example] * 2)
+    stats = report.row("prune_channels").stats
+    assert stats["skipped.flops_goal_unreachable"] == 1 and stats["skipped.not_removable"] > 0
+    assert error_vs_eager(gm, model, flat).max_rel < 1e-5
+
+
 def test_a_flops_goal_needs_calibration_data():
     with pytest.raises(CalibrationError, match="prune_channels"):
         apply(Chain().eval(), (torch.randn(2, 4, 8, 8),), [PruneChannels(flops=0.5)])
