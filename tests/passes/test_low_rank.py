@@ -266,6 +266,18 @@ def test_an_error_cap_nothing_fits_changes_nothing_and_says_so():
     assert weights(gm, "linear") == [(64, 64), (64, 64)] and report.final.max_rel_err == 0
 
 
+def test_a_flops_goal_out_of_the_caps_reach_says_the_cap_is_why():
+    """Goal 0.3 needs ``b`` split, which costs more than the 1 % cap. The row said the goal was unreachable and, beside
+    it, ``flops_reachable`` 0.07 (the uncapped best). Expected: the cap named, and how far it lets the splits go
+    (``a`` alone, exact: about half the FLOPs left)."""
+    model = LowThenFull().eval()
+    gm, report, _ = apply(model, batches()[0], [LowRank(flops=0.3, max_error=0.01)], calibration=batches())
+    stats = report.row("low_rank").stats
+    assert stats["skipped.flops_goal_not_within_error"] == 1 and "flops_reachable" not in stats
+    assert 0.3 < stats["flops_reachable_within_error"] < 0.7
+    assert weights(gm, "linear") == [(64, 64), (64, 64)] and report.final.max_rel_err == 0
+
+
 def test_a_flops_goal_needs_calibration_data():
     model, (x,) = LowThenFull().eval(), batches()[0]
     with pytest.raises(fxforge.CalibrationError, match="pass 'low_rank' needs calibration data"):

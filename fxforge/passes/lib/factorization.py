@@ -197,8 +197,9 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
     positions), and ``sensitivity.plan`` takes the cheapest in accuracy per FLOP first. With ``timed`` a split
     that does not time faster on its recorded input is no candidate. ``max_error`` caps the summed per-layer
     damage (``sensitivity.plan``); with ``goal`` None the splits go as far as that cap allows. None when the
-    goal cannot be met (``skipped.flops_goal_unreachable`` and ``flops_reachable`` in stats) or no split fits
-    the cap (``skipped.nothing_within_error``)."""
+    goal cannot be met (``skipped.flops_goal_unreachable`` and ``flops_reachable`` in stats), cannot be met within
+    the cap (``skipped.flops_goal_not_within_error`` and ``flops_reachable_within_error``) or no split fits the
+    cap (``skipped.nothing_within_error``)."""
     if ctx.calibration is None:
         raise missing_calibration(owner)
     by_spec = {str(r): r for r in rules}
@@ -224,6 +225,14 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
     chosen = plan(sens, saved, None if goal is None else total * (1 - goal), max_error)
     if chosen is not None and not chosen:
         stats["skipped.nothing_within_error"] = 1
+        return None
+    if chosen is None and max_error is not None and goal is not None and \
+            plan(sens, saved, total * (1 - goal), None) is not None:
+        # the goal is reachable, only not within the cap: say so, and how far the cap lets the splits go
+        capped = plan(sens, saved, None, max_error) or {}
+        stats["skipped.flops_goal_not_within_error"] = 1
+        stats["flops_reachable_within_error"] = round(
+            1 - sum(saved[(spec, layer)] for layer, spec in capped.items()) / total, 4) if total else 1.0
         return None
     if chosen is None:
         best: dict[str, float] = {}
