@@ -40,19 +40,20 @@ from tqdm.auto import tqdm
 
 from fxforge.api import CompiledModel, InputKey, calibration_picker, compile, passes_calibration
 from fxforge.backends.base import check_writable, get_backend
+from fxforge.budget import default_metric
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, calibration_readers
+from fxforge.compiler.quality import Validation, score
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import interleaved_latency, measure_latency
 from fxforge.compiler.trace import Signature, trace
-from fxforge.compiler.verify import first_float
 from fxforge.passes import QUANTIZE
 from fxforge.passes.depthwise_separable import DepthwiseSeparable
 from fxforge.passes.insert_qdq import InsertQdq
 from fxforge.passes.low_rank import LowRank
 from fxforge.passes.prune_channels import PruneChannels
-from fxforge.passes.analysis.sensitivity import Sensitivity, agreement, layer_sensitivity
+from fxforge.passes.analysis.sensitivity import Sensitivity, layer_sensitivity
 from fxforge.passes.calibrate import checked_batches
 
 Evaluate = Callable[[CompiledModel], float]
@@ -180,8 +181,9 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     """Search pass settings for the fastest pipeline whose ``evaluate`` score is within ``max_accuracy_drop``
     of the float model's; ``budget`` bounds the number of candidates compiled and measured.
 
-    ``evaluate(compiled) -> float`` (higher is better) defaults to the top-1 agreement (cosine for
-    non-classifier outputs) with the float model on the calibration data. ``backend`` defaults to "onnx"
+    ``evaluate(compiled) -> float`` (higher is better) defaults to the default accuracy budget's metric against
+    the float model on the calibration data: top-1 agreement for classifier logits, the min cosine otherwise (a
+    model it cannot judge, a regression, is a TuningError asking for ``evaluate``). ``backend`` defaults to "onnx"
     when installed, else "torchscript". Writes ``autotune.json`` and ``pareto.png`` into ``output_dir``.
     ``calibration_fn`` or ``input_key`` pick the model's inputs out of each calibration item, as in
     :func:`fxforge.compile` (e.g. ``input_key=0`` for a DataLoader's ``(input, label)`` batches).
@@ -441,15 +443,20 @@ def _check_arguments(max_accuracy_drop: float, budget: int, output_dir: Path, sp
 
 
 def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:
-    """The default evaluate: agreement with the float graph's first output on the calibration data (flat input
-    tuples; the compiled model is called with them where the model's arguments hold them, a dict's entries)."""
-    with torch.no_grad():
-        reference = torch.cat([first_float(reference_graph(*b)) for b in batches])
+    """The default evaluate: the default accuracy budget's metric (``budget.default_metric``: top-1 agreement for
+    classifier logits, else the min cosine) against the float graph on the calibration data (flat input tuples;
+    the compiled model is called with them where the model's arguments hold them, a dict's entries). A model that
+    metric is blind to is refused: judged by the argmax of a regression's columns, or the cosine of its one value per
+    sample, candidates off by more than the outputs' spread scored 1.0 and a pruned pipeline was picked."""
+    data = Validation(batches, batches, None)
+    kind, _, blind = default_metric(data.measure(reference_graph), data)
+    if blind:
+        raise TuningError(f"the default evaluate cannot judge this model: {blind}; pass evaluate=(compiled model → "
+                          "score, higher is better) measuring what matters for it")
 
     def evaluate(compiled: CompiledModel) -> float:
-        with torch.no_grad():
-            outputs = [first_float(compiled(*compiled.signature.arguments(b))) for b in batches]
-        return agreement(torch.cat(outputs), reference)
+        return score(data.measure(lambda *b: compiled(*compiled.signature.arguments(b))), kind, data.reference,
+                     data.sizes)
     return evaluate
 
 

@@ -131,28 +131,17 @@ class Budget:
             self.record["outcome"] = "not measured: fewer than 4 calibration batches and no validation data"
             return manager
         reference = self.data.measure(gm)
-        after_logits = reference.top1 is not None and reference.others_cosine_min is not None
-        signs_only = _one_value_per_sample(self.data, first=1 if after_logits else 0)
-        self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else \
-            "min_cosine" if reference.top1 is None else \
-            "agreement+min_cosine" if after_logits and not signs_only else "agreement"
+        kind, caveat, blind = default_metric(reference, self.data)
+        self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else kind
         self.name = getattr(self.metric, "__name__", "metric") if self.kind == "callable" else self.kind
-        if self.metric is None and signs_only and (self.kind == "min_cosine" or after_logits):
-            what, reads = (("the outputs after the logits hold", "reads the logits alone") if after_logits else
-                           ("the output holds", "sees sign flips, not magnitudes"))
-            self.record["caveat"] = (f"{what} one value per sample, whose cosine is only its sign: this budget "
-                                     f"{reads}; pass metric= for one that sees them")
-            self._warn(f"the accuracy budget's default metric cannot measure this model: {self.record['caveat']}")
+        if self.metric is None and caveat:
+            self.record["caveat"] = caveat
+            self._warn(f"the accuracy budget's default metric{' cannot measure this model' if blind else ''}: {caveat}")
         if "agreement" in self.kind and 0 < self.max_drop < 1 / reference.samples:  # 0: no flip at all, any data
             self.record["resolution"] = (f"{reference.samples} samples: one of them moves top-1 agreement by "
                                          f"{1 / reference.samples:.3g}, more than max_drop, so a hold says little "
                                          "about other data")
             self._warn(f"the accuracy budget is measured on {self.record['resolution']}; give more validation data")
-        why = not_logits(self.data.reference, self.data.sizes) if self.metric is None and self.kind == "min_cosine" \
-            else ""
-        if why.startswith("the first output's values lie") or why.startswith("the first output's largest column"):
-            self.record["caveat"] = f"{why}: held to the min cosine; pass metric='agreement' to judge it as logits"
-            self._warn(f"the accuracy budget's default metric: {self.record['caveat']}")
         self.reference = self._score(reference)
         self.record.update(metric=self.name, reference=self.reference)
         passes = manager.passes
@@ -391,6 +380,29 @@ class Budget:
 # a mean over samples ("mean"), and at most d for the worst sample's ("worst"); for agreement+min_cosine the larger
 # bound of its two parts, beyond which one of them misses
 SCREEN_SAMPLES = {"agreement": "mean", "cosine": "mean", "min_cosine": "worst", "agreement+min_cosine": "mean"}
+
+
+def default_metric(reference: Quality, data: Validation) -> tuple[str, str, str]:
+    """The default accuracy budget's metric for the model whose outputs ``data`` holds as its reference
+    (``reference``: their Quality against themselves): top-1 agreement for classifier logits (with the min cosine of
+    the outputs after them, "agreement+min_cosine"), the min cosine otherwise; what the budget cannot see, with
+    the remedy ("" when nothing); and why that metric is blind to this model ("" when it is not): an output of
+    one value per sample, whose cosine is only its sign, or 2-D outputs whose largest column never changes (a
+    regression: its agreement is 1 whatever the error). ``fxforge.autotune``'s default evaluate judges by it too."""
+    after_logits = reference.top1 is not None and reference.others_cosine_min is not None
+    signs_only = _one_value_per_sample(data, first=1 if after_logits else 0)
+    kind = "min_cosine" if reference.top1 is None else \
+        "agreement+min_cosine" if after_logits and not signs_only else "agreement"
+    if signs_only and (kind == "min_cosine" or after_logits):
+        what, reads = (("the outputs after the logits hold", "reads the logits alone") if after_logits else
+                       ("the output holds", "sees sign flips, not magnitudes"))
+        blind = f"{what} one value per sample, whose cosine is only its sign"
+        return kind, f"{blind}: this budget {reads}; pass metric= for one that sees them", blind
+    why = not_logits(data.reference, data.sizes) if kind == "min_cosine" else ""
+    if why.startswith("the first output's values lie") or why.startswith("the first output's largest column"):
+        return kind, f"{why}: held to the min cosine; pass metric='agreement' to judge it as logits", \
+            why if why.startswith("the first output's largest column") else ""
+    return kind, "", ""
 
 
 def _one_value_per_sample(data: Validation, first: int = 0) -> bool:

@@ -242,6 +242,30 @@ def test_the_default_evaluate_reads_dict_and_nested_outputs(nested, tmp_path):
     assert result.candidates[0].score == 1.0 and result.candidates[0].error is None
 
 
+class Interval(nn.Module):
+    """A regression: (low, high) around 100, or one value per sample."""
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        self.fc, self.outputs = nn.Linear(4, 2), outputs
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.tensor([99.0, 101.0]))
+
+    def forward(self, x):
+        return self.fc(x)[:, :self.outputs]
+
+
+@pytest.mark.parametrize("outputs, why", [(2, "largest column is the same on every"),
+                                          (1, "one value per sample, whose cosine is only its sign")])
+def test_the_default_evaluate_refuses_a_regression_it_cannot_judge(outputs, why, tmp_path):
+    """Scored by the argmax of (low, high) or by the cosine of one value, candidates off by more than the outputs'
+    whole spread scored 1.0, and the search picked a pruned pipeline over the float one."""
+    calibration = [(torch.randn(16, 4),) for _ in range(2)]
+    with pytest.raises(TuningError, match=f"the default evaluate cannot judge this model: .*{why}.*pass evaluate="):
+        fxforge.autotune(Interval(outputs).eval(), torch.randn(2, 4), backend="eager", budget=2,
+                         calibration=calibration, output_dir=tmp_path)
+
+
 class DictIn(nn.Module):
     def __init__(self) -> None:
         super().__init__()
