@@ -29,6 +29,7 @@ import math
 import numbers
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -183,8 +184,8 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
 
     ``evaluate(compiled) -> float`` (higher is better) defaults to the default accuracy budget's metric against
     the float model on the calibration data: top-1 agreement for classifier logits, the min cosine otherwise (a
-    model it cannot judge, a regression, is a TuningError asking for ``evaluate``). ``backend`` defaults to "onnx"
-    when installed, else "torchscript". Writes ``autotune.json`` and ``pareto.png`` into ``output_dir``.
+    model whose only output holds one value per sample is a TuningError asking for ``evaluate``). ``backend``
+    defaults to "onnx" when installed, else "torchscript". Writes ``autotune.json`` and ``pareto.png`` into ``output_dir``.
     ``calibration_fn`` or ``input_key`` pick the model's inputs out of each calibration item, as in
     :func:`fxforge.compile` (e.g. ``input_key=0`` for a DataLoader's ``(input, label)`` batches).
     """
@@ -446,17 +447,21 @@ def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Ev
     """The default evaluate: the default accuracy budget's metric (``budget.default_metric``: top-1 agreement for
     classifier logits, else the min cosine) against the float graph on the calibration data (flat input tuples;
     the compiled model is called with them where the model's arguments hold them, a dict's entries). A model that
-    metric is blind to is refused: judged by the argmax of a regression's columns, or the cosine of its one value per
-    sample, candidates off by more than the outputs' spread scored 1.0 and a pruned pipeline was picked."""
+    metric is blind to (one value per sample, whose cosine is its sign) is refused, and what it cannot see is
+    warned of: judged by the argmax of a regression's columns or the cosine of one value, candidates off by more
+    than the outputs' spread scored 1.0 and a pruned pipeline was picked."""
     data = Validation(batches, batches, None)
-    kind, _, blind = default_metric(data.measure(reference_graph), data)
-    if blind:
-        raise TuningError(f"the default evaluate cannot judge this model: {blind}; pass evaluate=(compiled model → "
-                          "score, higher is better) measuring what matters for it")
+    default = default_metric(data.measure(reference_graph), data)
+    if default.blind:
+        raise TuningError(f"the default evaluate cannot judge this model: {default.reason}; pass evaluate=(compiled "
+                          "model → score, higher is better) measuring what matters for it")
+    if default.reason:
+        warnings.warn(f"the default evaluate judges this model by {default.kind}: {default.reason}; pass evaluate= "
+                      "for a score that sees what matters for it", UserWarning, stacklevel=4)
 
     def evaluate(compiled: CompiledModel) -> float:
-        return score(data.measure(lambda *b: compiled(*compiled.signature.arguments(b))), kind, data.reference,
-                     data.sizes)
+        return score(data.measure(lambda *b: compiled(*compiled.signature.arguments(b))), default.kind,
+                     data.reference, data.sizes)
     return evaluate
 
 

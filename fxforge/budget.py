@@ -45,6 +45,7 @@ import copy
 import functools
 import numbers
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -131,12 +132,14 @@ class Budget:
             self.record["outcome"] = "not measured: fewer than 4 calibration batches and no validation data"
             return manager
         reference = self.data.measure(gm)
-        kind, caveat, blind = default_metric(reference, self.data)
-        self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else kind
+        default = default_metric(reference, self.data)
+        self.kind = self.metric if isinstance(self.metric, str) else "callable" if callable(self.metric) else \
+            default.kind
         self.name = getattr(self.metric, "__name__", "metric") if self.kind == "callable" else self.kind
-        if self.metric is None and caveat:
-            self.record["caveat"] = caveat
-            self._warn(f"the accuracy budget's default metric{' cannot measure this model' if blind else ''}: {caveat}")
+        if self.metric is None and default.caveat:
+            self.record["caveat"] = default.caveat
+            cannot = " cannot measure this model" if default.unmeasured else ""
+            self._warn(f"the accuracy budget's default metric{cannot}: {default.caveat}")
         if "agreement" in self.kind and 0 < self.max_drop < 1 / reference.samples:  # 0: no flip at all, any data
             self.record["resolution"] = (f"{reference.samples} samples: one of them moves top-1 agreement by "
                                          f"{1 / reference.samples:.3g}, more than max_drop, so a hold says little "
@@ -382,13 +385,23 @@ class Budget:
 SCREEN_SAMPLES = {"agreement": "mean", "cosine": "mean", "min_cosine": "worst", "agreement+min_cosine": "mean"}
 
 
-def default_metric(reference: Quality, data: Validation) -> tuple[str, str, str]:
+@dataclass(frozen=True)
+class DefaultMetric:
+    """The default accuracy budget's metric for a model, and what it cannot see of it."""
+
+    kind: str  # "agreement", "agreement+min_cosine" or "min_cosine"
+    caveat: str = ""  # what the budget cannot see, with the remedy ("" when nothing)
+    reason: str = ""  # the same, without the remedy
+    unmeasured: bool = False  # some output holds one value per sample, whose cosine is only its sign
+    blind: bool = False  # that is the only output: the metric measures nothing of this model but signs
+
+
+def default_metric(reference: Quality, data: Validation) -> DefaultMetric:
     """The default accuracy budget's metric for the model whose outputs ``data`` holds as its reference
     (``reference``: their Quality against themselves): top-1 agreement for classifier logits (with the min cosine of
-    the outputs after them, "agreement+min_cosine"), the min cosine otherwise; what the budget cannot see, with
-    the remedy ("" when nothing); and why that metric is blind to this model ("" when it is not): an output of
-    one value per sample, whose cosine is only its sign, or 2-D outputs whose largest column never changes (a
-    regression: its agreement is 1 whatever the error). ``fxforge.autotune``'s default evaluate judges by it too."""
+    the outputs after them, "agreement+min_cosine"), the min cosine otherwise, with what it cannot see: outputs of one
+    value per sample (a cosine of one value is its sign), or 2-D outputs whose values or argmax say they are no
+    logits (held to the min cosine). ``fxforge.autotune``'s default evaluate judges by it too."""
     after_logits = reference.top1 is not None and reference.others_cosine_min is not None
     signs_only = _one_value_per_sample(data, first=1 if after_logits else 0)
     kind = "min_cosine" if reference.top1 is None else \
@@ -396,13 +409,14 @@ def default_metric(reference: Quality, data: Validation) -> tuple[str, str, str]
     if signs_only and (kind == "min_cosine" or after_logits):
         what, reads = (("the outputs after the logits hold", "reads the logits alone") if after_logits else
                        ("the output holds", "sees sign flips, not magnitudes"))
-        blind = f"{what} one value per sample, whose cosine is only its sign"
-        return kind, f"{blind}: this budget {reads}; pass metric= for one that sees them", blind
+        reason = f"{what} one value per sample, whose cosine is only its sign"
+        return DefaultMetric(kind, f"{reason}: this budget {reads}; pass metric= for one that sees them", reason,
+                             unmeasured=True, blind=not after_logits)
     why = not_logits(data.reference, data.sizes) if kind == "min_cosine" else ""
     if why.startswith("the first output's values lie") or why.startswith("the first output's largest column"):
-        return kind, f"{why}: held to the min cosine; pass metric='agreement' to judge it as logits", \
-            why if why.startswith("the first output's largest column") else ""
-    return kind, "", ""
+        return DefaultMetric(kind, f"{why}: held to the min cosine; pass metric='agreement' to judge it as logits",
+                             f"{why}: held to the min cosine")
+    return DefaultMetric(kind)
 
 
 def _one_value_per_sample(data: Validation, first: int = 0) -> bool:

@@ -255,15 +255,20 @@ class Interval(nn.Module):
         return self.fc(x)[:, :self.outputs]
 
 
-@pytest.mark.parametrize("outputs, why", [(2, "largest column is the same on every"),
-                                          (1, "one value per sample, whose cosine is only its sign")])
-def test_the_default_evaluate_refuses_a_regression_it_cannot_judge(outputs, why, tmp_path):
+def test_the_default_evaluate_judges_as_the_budget_refusing_one_value_and_warning_of_a_constant_argmax(tmp_path):
     """Scored by the argmax of (low, high) or by the cosine of one value, candidates off by more than the outputs'
-    whole spread scored 1.0, and the search picked a pruned pipeline over the float one."""
-    calibration = [(torch.randn(16, 4),) for _ in range(2)]
-    with pytest.raises(TuningError, match=f"the default evaluate cannot judge this model: .*{why}.*pass evaluate="):
-        fxforge.autotune(Interval(outputs).eval(), torch.randn(2, 4), backend="eager", budget=2,
-                         calibration=calibration, output_dir=tmp_path)
+    whole spread scored 1.0, and the search picked a pruned pipeline over the float one. One value per sample is
+    refused; columns whose argmax never changes (a regression, or a classifier on data of one class) are held to the
+    min cosine, as the budget holds them, and warned of."""
+    args = {"backend": "eager", "budget": 2, "calibration": [(torch.randn(16, 4),) for _ in range(2)],
+            "output_dir": tmp_path}
+    with pytest.raises(TuningError, match="the default evaluate cannot judge this model: the output holds one value "
+                                          "per sample, whose cosine is only its sign; pass evaluate="):
+        fxforge.autotune(Interval(1).eval(), torch.randn(2, 4), **args)
+    with pytest.warns(UserWarning, match="judges this model by min_cosine: the first output's largest column is the "
+                                         "same on every"):
+        result = fxforge.autotune(Interval(2).eval(), torch.randn(2, 4), **args)
+    assert result.candidates[0].score == 1.0
 
 
 class DictIn(nn.Module):

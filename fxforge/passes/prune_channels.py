@@ -85,11 +85,19 @@ class PruneChannels(Pass):
         if fallback:
             stats["importance_fallback_l2"] = fallback
         if self.flops is None:
-            chosen = self.choose(scores, imp.layers(scores), stats)
-            kept = removable_groups(gm, ctx, cg, chosen)
-            if stuck := len(chosen) - len(kept):
-                stats["skipped.not_removable"] = stuck
-            chosen = [g for g in chosen if g in kept]
+            # choose again without the layers some of whose chosen groups removal would not take (the groups of a
+            # layer share its producers and readers, so what keeps one, an activation before zero padding, keeps all)
+            stuck: set[tuple[str, ...]] = set()
+            for _ in range(len(scores)):
+                rest = {g: v for g, v in scores.items() if imp.producers[g] not in stuck}
+                choice: Counter[str] = Counter()
+                chosen = self.choose(rest, imp.layers(rest), choice)
+                if not (missed := set(chosen) - removable_groups(gm, ctx, cg, chosen)):
+                    break
+                stuck |= {imp.producers[g] for g in missed}
+            stats.update(choice)
+            if left_out := sum(imp.producers[g] in stuck for g in scores):
+                stats["skipped.not_removable"] = left_out
         else:
             chosen = self.per_layer(gm, ctx, cg, imp, stats)
         if not chosen:

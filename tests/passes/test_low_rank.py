@@ -278,6 +278,12 @@ def test_a_flops_goal_out_of_the_caps_reach_says_the_cap_is_why():
     assert weights(gm, "linear") == [(64, 64), (64, 64)] and report.final.max_rel_err == 0
 
 
+def test_a_flops_goal_with_no_split_within_the_cap_says_nothing_fits():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()  # random: full rank
+    _, report, _ = apply(model, batches()[0], [LowRank(flops=0.5, max_error=0.01)], calibration=batches())
+    assert report.row("low_rank").stats == {"skipped.nothing_within_error": 1}
+
+
 def test_a_flops_goal_needs_calibration_data():
     model, (x,) = LowThenFull().eval(), batches()[0]
     with pytest.raises(fxforge.CalibrationError, match="pass 'low_rank' needs calibration data"):

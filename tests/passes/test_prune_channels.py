@@ -195,8 +195,11 @@ def test_groups_that_zeroing_cannot_remove_are_left_alone():
     model, example = SigmoidThenPadded().eval(), (torch.randn(2, 3, 8, 8),)
     gm, report, flat = apply(model, example, [PruneChannels(ratio=0.5, round_to=1, scope="layer")])
     stats = report.row("prune_channels").stats
-    assert stats["skipped.not_removable"] == 8 and stats["groups_pruned"] == stats["groups_removed"] == 8
+    assert stats["skipped.not_removable"] == 16 and stats["groups_pruned"] == stats["groups_removed"] == 8
     assert [tuple(w.shape) for w in weights(gm)] == [(16, 3, 3, 3), (8, 16, 3, 3), (4, 8, 3, 3)]
+    gm, report, _ = apply(model, example, [PruneChannels(ratio=0.25, round_to=1)])  # global: chosen elsewhere
+    stats = report.row("prune_channels").stats
+    assert stats["skipped.not_removable"] == 16 and stats["groups_pruned"] == stats["groups_removed"] > 0
     gm, report, _ = apply(model, example, [PruneChannels(flops=0.3)], calibration=[example] * 2)
     stats = report.row("prune_channels").stats
     assert stats["skipped.flops_goal_unreachable"] == 1 and stats["skipped.not_removable"] > 0

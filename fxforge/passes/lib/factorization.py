@@ -229,7 +229,10 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
     if chosen is None and max_error is not None and goal is not None and \
             plan(sens, saved, total * (1 - goal), None) is not None:
         # the goal is reachable, only not within the cap: say so, and how far the cap lets the splits go
-        capped = plan(sens, saved, None, max_error) or {}
+        capped = plan(sens, saved, None, max_error)
+        if not capped:
+            stats["skipped.nothing_within_error"] = 1
+            return None
         stats["skipped.flops_goal_not_within_error"] = 1
         stats["flops_reachable_within_error"] = round(
             1 - sum(saved[(spec, layer)] for layer, spec in capped.items()) / total, 4) if total else 1.0
