@@ -88,9 +88,10 @@ class PruneChannels(Pass):
             # choose again without the layers some of whose chosen groups removal would not take (the groups of a
             # layer share its producers and readers, so what keeps one, an activation before zero padding, keeps all)
             stuck: set[tuple[str, ...]] = set()
+            chosen, choice = [], Counter()
             for _ in range(len(scores)):
                 rest = {g: v for g, v in scores.items() if imp.producers[g] not in stuck}
-                choice: Counter[str] = Counter()
+                choice = Counter()
                 chosen = self.choose(rest, imp.layers(rest), choice)
                 if not (missed := set(chosen) - removable_groups(gm, ctx, cg, chosen)):
                     break

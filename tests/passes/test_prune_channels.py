@@ -206,6 +206,13 @@ def test_groups_that_zeroing_cannot_remove_are_left_alone():
     assert error_vs_eager(gm, model, flat).max_rel < 1e-5
 
 
+def test_a_model_without_prunable_channels_is_left_alone():
+    """Choosing again without unremovable layers read its choice before making one (a raw UnboundLocalError)."""
+    _, report, _ = apply(nn.Linear(4, 3).eval(), (torch.randn(2, 4),), [PruneChannels(ratio=0.5)])
+    row = report.row("prune_channels")
+    assert "groups_pruned" not in row.stats and row.params == report.row("input").params
+
+
 def test_a_flops_goal_needs_calibration_data():
     with pytest.raises(CalibrationError, match="prune_channels"):
         apply(Chain().eval(), (torch.randn(2, 4, 8, 8),), [PruneChannels(flops=0.5)])
