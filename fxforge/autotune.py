@@ -185,7 +185,8 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     ``evaluate(compiled) -> float`` (higher is better) defaults to the default accuracy budget's metric against
     the float model on the calibration data: top-1 agreement for classifier logits, the min cosine otherwise (a
     model whose only output holds one value per sample is a TuningError asking for ``evaluate``). ``backend``
-    defaults to "onnx" when installed, else "torchscript". Writes ``autotune.json`` and ``pareto.png`` into ``output_dir``.
+    defaults to "onnx" when installed, else "torchscript". Writes ``autotune.json`` and ``pareto.png`` into
+    ``output_dir``.
     ``calibration_fn`` or ``input_key`` pick the model's inputs out of each calibration item, as in
     :func:`fxforge.compile` (e.g. ``input_key=0`` for a DataLoader's ``(input, label)`` batches).
     """
@@ -229,7 +230,7 @@ class _Search:
         self.pruned: list[dict[str, Any]] = []
         self.flops: dict[tuple[str, ...], tuple[float, dict[str, int]]] = {}  # structure → (total, per node)
         self.fused = self._structural_graph(traced[0], Setting())
-        self.evaluate = evaluate or _agreement_with(self.fused, batches)
+        self.evaluate = evaluate or _default_evaluate(self.fused, batches)
 
     def run(self) -> AutotuneResult:
         sens = layer_sensitivity(self.fused, self.batches[:self.space.sensitivity_batches], self._settings(),
@@ -443,7 +444,7 @@ def _check_arguments(max_accuracy_drop: float, budget: int, output_dir: Path, sp
             raise InputError(f"output_dir {output_dir}: {name} is a directory, where the search writes its file")
 
 
-def _agreement_with(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:
+def _default_evaluate(reference_graph: fx.GraphModule, batches: list[tuple]) -> Evaluate:
     """The default evaluate: the default accuracy budget's metric (``budget.default_metric``: top-1 agreement for
     classifier logits, else the min cosine) against the float graph on the calibration data (flat input tuples;
     the compiled model is called with them where the model's arguments hold them, a dict's entries). A model that

@@ -19,8 +19,8 @@ with the best reachable fraction).
 The chosen groups are zeroed (weight rows, biases, BN γ and β, per-channel constants) so every tensor they
 occupy is exactly 0, and dead_channels removes them physically. Groups that removal would not take once zeroed
 (an activation turning the zeros into another constant before zero padding) are left out of the choice
-(``skipped.not_removable``): zeroed, they damaged the model and saved nothing. An optional ``finetune(gm)`` hook runs on the
-smaller graph. Stats report params and FLOPs before and after.
+(``skipped.not_removable``): zeroed, they damaged the model and saved nothing. An optional ``finetune(gm)`` hook
+runs on the smaller graph. Stats report params and FLOPs before and after.
 """
 from __future__ import annotations
 
