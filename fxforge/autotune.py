@@ -48,7 +48,7 @@ from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, calibr
 from fxforge.compiler.quality import Validation, score
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import interleaved_latency, measure_latency
-from fxforge.compiler.trace import Signature, trace
+from fxforge.compiler.trace import trace
 from fxforge.passes import QUANTIZE
 from fxforge.passes.depthwise_separable import DepthwiseSeparable
 from fxforge.passes.insert_qdq import InsertQdq
@@ -205,9 +205,10 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     backend = backend or _default_backend()
     get_backend(backend)  # an unknown or missing backend fails here, before any work
     tgt = get_target(target)
-    traced = trace(model, example)
-    batches = _calibration(passes_calibration(calibration, traced[1], example, pick), traced[1].flatten(example))
-    search = _Search(model, example, traced, tgt, backend, batches, max_accuracy_drop, budget, space, evaluate)
+    gm, signature = trace(model, example)
+    flat = tuple(signature.flatten(example))
+    batches = _calibration(passes_calibration(calibration, signature, example, pick), flat)
+    search = _Search(model, example, flat, gm, tgt, backend, batches, max_accuracy_drop, budget, space, evaluate)
     result = search.run()
     result.meta.update({"model": type(model).__name__, "backend": backend, "target": tgt.name,
                         "max_accuracy_drop": max_accuracy_drop, "budget_candidates": budget,
@@ -220,16 +221,16 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
 # ------------------------------------------------------------------------------------------- the search
 
 class _Search:
-    def __init__(self, model: torch.nn.Module, example: tuple, traced: tuple[fx.GraphModule, Signature],
+    def __init__(self, model: torch.nn.Module, example: tuple, flat: tuple[torch.Tensor, ...], traced: fx.GraphModule,
                  target: Target, backend: str, batches: list[tuple], max_drop: float, budget: int, space: SearchSpace,
                  evaluate: Evaluate | None) -> None:
         self.model, self.example, self.target, self.backend = model, example, target, backend
-        self.flat = tuple(traced[1].flatten(example))  # the example as the passes read it
+        self.flat = flat  # the example as the passes read it
         self.batches, self.max_drop, self.budget, self.space = batches, max_drop, budget, space
         self.compiled: dict[int, CompiledModel] = {}  # the compiled models still worth re-timing
         self.pruned: list[dict[str, Any]] = []
         self.flops: dict[tuple[str, ...], tuple[float, dict[str, int]]] = {}  # structure → (total, per node)
-        self.fused = self._structural_graph(traced[0], Setting())
+        self.fused = self._structural_graph(traced, Setting())
         self.evaluate = evaluate or _default_evaluate(self.fused, batches)
 
     def run(self) -> AutotuneResult:

@@ -390,10 +390,15 @@ class DefaultMetric:
     """The default accuracy budget's metric for a model, and what it cannot see of it."""
 
     kind: str  # "agreement", "agreement+min_cosine" or "min_cosine"
-    caveat: str = ""  # what the budget cannot see, with the remedy ("" when nothing)
-    reason: str = ""  # the same, without the remedy
+    reason: str = ""  # what it cannot see ("" when nothing)
+    remedy: str = ""  # what the budget then reads, and what to pass instead
     unmeasured: bool = False  # some output holds one value per sample, whose cosine is only its sign
     blind: bool = False  # that is the only output: the metric measures nothing of this model but signs
+
+    @property
+    def caveat(self) -> str:
+        """The budget's record and warning of what it cannot see ("" when nothing)."""
+        return self.reason + self.remedy
 
 
 def default_metric(reference: Quality, data: Validation) -> DefaultMetric:
@@ -410,12 +415,11 @@ def default_metric(reference: Quality, data: Validation) -> DefaultMetric:
         what, reads = (("the outputs after the logits hold", "reads the logits alone") if after_logits else
                        ("the output holds", "sees sign flips, not magnitudes"))
         reason = f"{what} one value per sample, whose cosine is only its sign"
-        return DefaultMetric(kind, f"{reason}: this budget {reads}; pass metric= for one that sees them", reason,
+        return DefaultMetric(kind, reason, f": this budget {reads}; pass metric= for one that sees them",
                              unmeasured=True, blind=not after_logits)
     why = not_logits(data.reference, data.sizes) if kind == "min_cosine" else ""
     if why.startswith("the first output's values lie") or why.startswith("the first output's largest column"):
-        return DefaultMetric(kind, f"{why}: held to the min cosine; pass metric='agreement' to judge it as logits",
-                             f"{why}: held to the min cosine")
+        return DefaultMetric(kind, f"{why}: held to the min cosine", "; pass metric='agreement' to judge it as logits")
     return DefaultMetric(kind)
 
 
