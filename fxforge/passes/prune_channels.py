@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from dataclasses import astuple
 from typing import Callable, Literal
 
 import torch
@@ -43,7 +42,7 @@ from fxforge.compiler.report import model_size
 from .analysis.channel_groups import BINARY, ChannelGraph, ChannelGroup, ChannelGroups
 from .analysis.channel_importance import ChannelImportance, Importance
 from .analysis.removable_channels import RemovableChannels
-from .analysis.sensitivity import layer_sensitivity, plan
+from .analysis.sensitivity import give_back, layer_sensitivity, plan
 from .lib.channel_surgery import remove_removable
 from .lib.qdq import checked_batches
 
@@ -193,14 +192,7 @@ class PruneChannels(Pass):
             if chosen is None:
                 break
             if (after := left(groups(chosen))) <= goal:
-                for layer in sorted(chosen, key=lambda n: astuple(sens.effects[chosen[n]][n]), reverse=True):
-                    lighter = [s for s in by_spec if (s, layer) in candidates and by_spec[s].ratio < by_spec[
-                        chosen[layer]].ratio]  # the plan's last move may overshoot: give back what the goal spares
-                    for spec in [None, *lighter]:
-                        trial = {**{n: s for n, s in chosen.items() if n != layer}, **({layer: spec} if spec else {})}
-                        if left(groups(trial)) <= goal:
-                            chosen = trial
-                            break
+                chosen = give_back(sens, saved, chosen, lambda trial: left(groups(trial)) <= goal)
                 stats.update({f"ratio.{layer}": by_spec[spec].ratio for layer, spec in chosen.items()})
                 return groups(chosen)
             need += after - goal

@@ -240,6 +240,19 @@ def test_flops_goal_goes_deeper_where_it_must_and_is_reproducible():
     assert all(torch.equal(a, b) for a, b in zip(gm.parameters(), gm2.parameters()))
 
 
+def test_a_flops_goal_is_not_overshot_where_a_lighter_split_meets_it():
+    """Before: linear(64→64, rank 2) → relu → linear(64→64, full rank); goal 0.5 of the FLOPs. ``a`` at rank 4
+    (exact) saves 44 %, so ``b`` must save 6 % more: its rank 8 (⅛) is its cheapest move per FLOP but takes the
+    model to 0.19×. Expected: ``b`` given back to rank 16 (¼; 0.31×, the goal met with less error); the exact
+    split of ``a`` kept."""
+    model = LowThenFull().eval()
+    gm, report, flat = apply(model, batches()[0], [LowRank(flops=0.5)], calibration=batches())
+    assert weights(gm, "linear") == [(4, 64), (64, 4), (16, 64), (64, 16)]
+    assert report.final.flops == pytest.approx(0.3125 * report.row("input").flops, rel=0.01)
+    deeper, _, _ = apply(model, batches()[0], [LowRank(rank_ratio=0.125)], calibration=batches())
+    assert error_vs_eager(gm, model, flat).max_rel < error_vs_eager(deeper, model, flat).max_rel
+
+
 def test_a_flops_goal_that_cannot_be_met_changes_nothing_and_says_so():
     model = LowThenFull().eval()
     gm, report, _ = apply(model, batches()[0], [LowRank(flops=0.05)], calibration=batches())

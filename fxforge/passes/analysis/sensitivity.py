@@ -24,11 +24,14 @@ cheapest in accuracy per FLOP saved first,
 
 replacing a layer's earlier choice only by one that saves more, until the goal's saving is reached; when even
 the largest saving of every layer together falls short it chooses nothing. Under an error cap a move is taken only
-while the summed max(drop, rel) of the chosen moves stays within the cap.
+while the summed max(drop, rel) of the chosen moves stays within the cap. The last move taken can save far more
+than the goal still needed (a layer at rank 1/16 when ½ would do), so :func:`give_back` then revisits the chosen
+layers, most damaging first, and gives each the lightest change that still meets the goal (none, or a setting
+that saves less); a move within the exactness tolerance costs nothing and stays.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -40,7 +43,7 @@ from fxforge.compiler.ops import WEIGHTED, data, is_op, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, resolve
 from fxforge.compiler.target import Target
 from fxforge.compiler.timing import faster_threads
-from fxforge.compiler.verify import first_float
+from fxforge.compiler.verify import EXACT_TOLERANCE, first_float
 
 # (layer, weight) → the layer's new function, or each changed node's, or why the layer stays
 Prepare = Callable[[fx.Node, torch.Tensor], "LayerFn | dict[str, LayerFn] | str"]
@@ -138,6 +141,31 @@ def plan(sens: Sensitivity, saved: dict[tuple[str, str], float], need: float | N
     if need is not None and total < need:
         return None
     return chosen
+
+
+def give_back(sens: Sensitivity, saved: dict[tuple[str, str], float], chosen: dict[str, str],
+              meets: Callable[[dict[str, str]], bool]) -> dict[str, str]:
+    """``chosen`` with what the goal spares given back: for each chosen layer, most damaging first (its effect's
+    drop, then error), the first of "unchanged" and the layer's settings that save less than its choice, the
+    lightest first, with which the whole choice still ``meets`` the goal replaces that layer's choice. A plan's
+    last move may save far more than the goal still needed; this keeps the damage to what the goal asks. A move
+    whose damage is within ``EXACT_TOLERANCE`` (an exact split) costs nothing and is kept."""
+    for layer in sorted(chosen, key=lambda n: astuple(sens.effects[chosen[n]][n]), reverse=True):
+        if _damage(sens.effects[chosen[layer]][layer]) <= EXACT_TOLERANCE:
+            continue
+        lighter = sorted((gain, spec) for (spec, name), gain in saved.items() if name == layer
+                         and gain < saved[(chosen[layer], layer)] and isinstance(sens.effects[spec].get(name), Effect))
+        for spec in [None, *(spec for _, spec in lighter)]:
+            trial = {**{n: s for n, s in chosen.items() if n != layer}, **({layer: spec} if spec else {})}
+            if meets(trial):
+                chosen = trial
+                break
+    return chosen
+
+
+def summed_damage(sens: Sensitivity, chosen: dict[str, str]) -> float:
+    """What an error cap charges a whole choice (layer → setting): its moves' damages summed (first order)."""
+    return sum(_damage(sens.effects[setting][layer]) for layer, setting in chosen.items())
 
 
 def _damage(effect: Effect | str) -> float:

@@ -25,7 +25,7 @@ from fxforge.compiler.target import Target
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 
-from ..analysis.sensitivity import layer_sensitivity, plan
+from ..analysis.sensitivity import give_back, layer_sensitivity, plan, summed_damage
 from .qdq import checked_batches
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -222,7 +222,11 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
         candidates.setdefault(spec, set()).add(layer)
     sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), list(by_spec),
                              ctx.target, only=candidates)  # only candidates: timing refusals cost no model runs
-    chosen = plan(sens, saved, None if goal is None else total * (1 - goal), max_error)
+    need = None if goal is None else total * (1 - goal)
+    chosen = plan(sens, saved, need, max_error)
+    if chosen and need is not None:
+        chosen = give_back(sens, saved, chosen, lambda trial: sum(saved[(s, n)] for n, s in trial.items()) >= need
+                           and (max_error is None or summed_damage(sens, trial) <= max_error))
     if chosen is not None and not chosen:
         stats["skipped.nothing_within_error"] = 1
         return None

@@ -9,7 +9,7 @@ import fxforge
 from fxforge.compiler.pass_manager import PassContext, PassManager
 from fxforge.passes.analysis.channel_groups import ChannelGroups
 from fxforge.passes.analysis.channel_importance import ChannelImportance
-from fxforge.passes.analysis.sensitivity import Effect, Sensitivity, agreement, layer_sensitivity, plan
+from fxforge.passes.analysis.sensitivity import Effect, Sensitivity, agreement, give_back, layer_sensitivity, plan
 from fxforge.passes.prune_channels import PruneChannels, zero_groups
 
 X86 = fxforge.get_target("x86")
@@ -165,6 +165,22 @@ def test_plan_under_an_error_cap_takes_moves_while_their_summed_damage_fits():
     assert plan(sens, saved, None, max_error=0.001) == {}  # nothing fits
     assert plan(sens, saved, 100, max_error=0.005) is None  # the goal needs more than the cap allows
     assert plan(sens, saved, 40, max_error=0.02) == {"b": "half"}  # a goal still stops the planning
+
+
+def test_give_back_keeps_only_the_damage_the_goal_asks_for():
+    """Need 60 FLOPs. The plan takes a's half (10), then b's quarter (190, cheapest per FLOP after a): 200, far past
+    the goal. Expected: b back to its half (100 still meets 60 with a), then a given back (b's half alone meets it);
+    an exact move (damage within the exactness tolerance) is never given back, since keeping it costs nothing."""
+    sens = Sensitivity(["a", "b"], {"half": {"a": Effect(0.0, 0.001), "b": Effect(0.0, 0.02)},
+                                     "quarter": {"b": Effect(0.0, 0.021)}})
+    saved = {("half", "a"): 10, ("half", "b"): 100, ("quarter", "b"): 190}
+    total = lambda choice: sum(saved[(s, n)] for n, s in choice.items())
+    chosen = plan(sens, saved, 60)
+    assert chosen == {"a": "half", "b": "quarter"}
+    assert give_back(sens, saved, chosen, lambda trial: total(trial) >= 60) == {"b": "half"}
+    assert give_back(sens, saved, chosen, lambda trial: total(trial) >= 195) == chosen  # nothing to spare
+    exact = Sensitivity(["a", "b"], {**sens.effects, "half": {"a": Effect(0.0, 1e-7), "b": Effect(0.0, 0.02)}})
+    assert give_back(exact, saved, chosen, lambda trial: total(trial) >= 60) == {"a": "half", "b": "half"}
 
 
 class Residual(nn.Module):
