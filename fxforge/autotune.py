@@ -210,6 +210,9 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     batches = _calibration(passes_calibration(calibration, signature, example, pick), flat)
     search = _Search(model, example, flat, gm, tgt, backend, batches, max_accuracy_drop, budget, space, evaluate)
     result = search.run()
+    if errors := search.evaluate_errors:
+        warnings.warn(f"evaluate failed on {len(errors)} of {len(result.candidates)} measured candidates, each "
+                      f"recorded with its error (first: {errors[0]})", stacklevel=2)
     result.meta.update({"model": type(model).__name__, "backend": backend, "target": tgt.name,
                         "max_accuracy_drop": max_accuracy_drop, "budget_candidates": budget,
                         "example_shapes": [list(t.shape) for t in example if isinstance(t, torch.Tensor)],
@@ -229,6 +232,7 @@ class _Search:
         self.batches, self.max_drop, self.budget, self.space = batches, max_drop, budget, space
         self.compiled: dict[int, CompiledModel] = {}  # the compiled models still worth re-timing
         self.pruned: list[dict[str, Any]] = []
+        self.evaluate_errors: list[str] = []  # candidates (not the references) whose evaluate raised
         self.flops: dict[tuple[str, ...], tuple[float, dict[str, int]]] = {}  # structure → (total, per node)
         self.fused = self._structural_graph(traced, Setting())
         self.evaluate = evaluate or _default_evaluate(self.fused, batches)
@@ -342,7 +346,8 @@ class _Search:
     # ------------------------------------------------------------------------------------ measurement
 
     def _measure(self, cand: Candidate, bar: tqdm, required: bool = False) -> Candidate:
-        """Compile on the backend, time the artifact, evaluate; compile errors are recorded, not raised."""
+        """Compile on the backend, time the artifact, evaluate; a candidate's compile or evaluate error is recorded
+        in it, not raised (on a ``required`` reference it is a TuningError)."""
         bar.set_description(f"autotune {' → '.join(map(str, cand.setting.pipeline()[1:])) or 'float'}"[:70])
         try:
             reads = bool(calibration_readers(cand.setting.pipeline()))
@@ -356,7 +361,15 @@ class _Search:
             return cand
         cand.size_bytes = compiled.report.final.bytes
         cand.latency_ms = measure_latency(lambda *x: compiled.artifact.run(x), compiled.signature.flatten(self.example))
-        cand.score = _score(self.evaluate, compiled, cand.passes)
+        try:
+            cand.score = _score(self.evaluate, compiled, cand.passes)
+        except FxforgeError as e:
+            if required:  # the references' scores set the threshold: without them nothing can be judged
+                raise
+            cand.error = f"{type(e).__name__}: {e}"  # one candidate's failure does not end the search
+            self.evaluate_errors.append(cand.error)
+            bar.update()
+            return cand
         self.compiled[id(cand)] = compiled
         bar.update()
         return cand

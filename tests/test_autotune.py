@@ -211,6 +211,36 @@ def test_a_search_without_int8_measures_the_structural_settings(tmp_path):
     assert searched and not any(any(p.startswith("insert_qdq") for p in c.passes) for c in searched)
 
 
+def test_an_evaluate_failing_on_one_candidate_is_recorded_and_the_search_goes_on(tmp_path):
+    """An evaluate raising on one searched candidate (here: every low-rank one) ended the whole search with a
+    TuningError, the finished candidates lost. Expected: that candidate recorded with its error, a warning
+    counting such failures, the others measured and the pick made among them; on a reference it still raises."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():  # rank 4: both energies split it
+        model[2].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 64) / 8)
+
+    def evaluate(compiled):
+        if any(row.stage.startswith("low_rank") for row in compiled.report.rows):
+            raise ValueError("no labels for this one")
+        return 1.0
+
+    args = {"backend": "eager", "calibration": [(torch.randn(8, 16),)] * 4, "max_accuracy_drop": 1.0,
+            "space": SearchSpace(quantize=False, prune_ratios=(), depthwise_energies=())}
+    with pytest.warns(UserWarning, match=r"evaluate failed on 2 of 3 measured candidates, each recorded with its "
+                                         r"error \(first: TuningError: evaluate failed on the pipeline \['fuse', "
+                                         r".low_rank\{energy=0\.99,.*ValueError: no labels for this one\)"):
+        result = fxforge.autotune(model, torch.randn(8, 16), budget=6, output_dir=tmp_path, evaluate=evaluate, **args)
+    failed = [c for c in result.candidates if c.error]
+    assert [c.passes[1].split(",")[0] for c in failed] == ["low_rank{energy=0.99", "low_rank{energy=0.95"]
+    record = json.loads(result.record_path.read_text())
+    assert [c["error"] is not None for c in record["candidates"]] == [c in failed for c in result.candidates]
+    assert result.best is not None and result.best not in failed
+    with pytest.raises(TuningError, match=r"evaluate failed on the pipeline \['fuse'\]: ValueError: always"):
+        fxforge.autotune(model, torch.randn(8, 16), budget=6, output_dir=tmp_path / "b",
+                         evaluate=lambda c: (_ for _ in ()).throw(ValueError("always")), **args)
+
+
 def test_a_numpy_budget_is_a_budget_and_a_directory_named_like_the_plot_is_refused_before_the_search(tmp_path):
     """``budget=np.int64(3)`` was refused as "must be >= 2, got 3"; a directory ``pareto.png`` in output_dir
     surfaced as a raw IsADirectoryError after the whole search, its result lost."""
