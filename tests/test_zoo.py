@@ -85,9 +85,14 @@ def test_wide_digits_cnn_is_trained_deterministically_and_cached(tmp_path, monke
         again = zoo.wide_digits_cnn()  # from the cache
         torch.testing.assert_close(again(x), first(x))
     cached[0].unlink()
-    retrained = zoo.wide_digits_cnn()
-    with torch.no_grad():
-        torch.testing.assert_close(retrained(x), first(x))
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1 if caller > 1 else 2)  # another thread count trained another model before
+    try:
+        retrained = zoo.wide_digits_cnn()
+        assert torch.get_num_threads() == (1 if caller > 1 else 2)  # the caller's count is given back
+    finally:
+        torch.set_num_threads(caller)
+    assert all(torch.equal(a, b) for a, b in zip(retrained.state_dict().values(), first.state_dict().values()))
 
 
 @pytest.mark.slow
