@@ -116,8 +116,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             min cosine of any outputs after them; else min cosine); ``math.inf`` measures only. A miss keeps the
             layers whose quantization costs most float, with a warning; ``report.meta["budget"]`` records the outcome.
         strict: raise ``BudgetError`` instead of keeping layers float when the pipeline misses its budget, and
-            ``TargetError`` instead of warning when the artifact would run elsewhere than ``target`` (e.g. the
-            onnx backend without ONNX Runtime's CUDA provider for ``target="cuda"``).
+            ``TargetError`` instead of warning when the backend falls back from ``target`` (e.g. the onnx backend
+            without ONNX Runtime's CUDA provider for ``target="cuda"``). A portable artifact (eager, TorchScript,
+            or ONNX for ``arm64``) is built for the target and checked by running it here: no fallback.
         **backend_options: options of the backend, checked before any work: ``onnx`` takes ``opset`` and ONNX
             Runtime session options (``intra_op_num_threads``, ``graph_optimization_level``, ...); ``tvm``
             takes ``tune={"trials": N, "db": DIR, ...}`` (docs/tuning.md).

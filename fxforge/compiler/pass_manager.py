@@ -85,6 +85,8 @@ class PassContext:
         """Drop every cached analysis except the ``preserves`` ones (Analysis subclasses, "all" or "none")."""
         if preserves == "all":
             return
+        if isinstance(preserves, str) and preserves != "none":  # set("Shapes") would list its letters
+            raise PassError(f"preserves must be 'all', 'none' or Analysis classes, got {preserves!r}")
         keep = set() if preserves == "none" else set(preserves)
         wrong = [k for k in keep if not (isinstance(k, type) and issubclass(k, Analysis))]
         if wrong:

@@ -332,6 +332,8 @@ def test_analyses_are_cached_until_invalidated():
     assert CountConvs.runs == 1
     with pytest.raises(fxforge.PassError, match="preserves must hold Analysis classes"):
         ctx.invalidate(frozenset({"count_convs"}))  # a name (or a typo of one) is refused, never silently ignored
+    with pytest.raises(fxforge.PassError, match=r"preserves must be 'all', 'none' or Analysis classes, got 'Shapes'"):
+        ctx.invalidate("Shapes")  # was refused as ['S', 'h', 'a', 'p', 'e', 's']
     ctx.invalidate("none")
     ctx.analysis(CountConvs)
     assert CountConvs.runs == 2
