@@ -304,6 +304,9 @@ def checked_batches(batches: Any, example: Sequence[torch.Tensor]) -> Iterator[t
                                        f"match the example input {ref.dtype} {tuple(ref.shape)}")
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CalibrationError(f"calibration batch {i}, input {j} holds NaN or Inf")
+            if t.dim() and not t.shape[0] and ref.shape[0]:  # calibrate failed on it with a ZeroDivisionError
+                raise CalibrationError(f"calibration batch {i}, input {j} has batch size 0: an empty batch has "
+                                       "nothing to calibrate on (leave it out)")
         yield batch
 
 
