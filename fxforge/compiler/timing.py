@@ -124,17 +124,17 @@ def faster_threads(probe: Callable[[], Any], threads: int = 0, rounds: int = 2) 
     another count: a run that must repeat bit for bit fixes it)."""
     before = torch.get_num_threads()
     chosen = threads or before
-    if not threads and before > 1:
-        timed: dict[int, list[float]] = {1: [], before: []}
-        for _ in range(rounds):
-            for n, times in timed.items():
-                torch.set_num_threads(n)
-                start = time.perf_counter()
-                probe()
-                times.append(time.perf_counter() - start)
-        chosen = min(timed, key=lambda n: min(timed[n]))
-    torch.set_num_threads(chosen)
-    try:
+    try:  # the probe too: an error or Ctrl-C in it left the caller's process on 1 thread
+        if not threads and before > 1:
+            timed: dict[int, list[float]] = {1: [], before: []}
+            for _ in range(rounds):
+                for n, times in timed.items():
+                    torch.set_num_threads(n)
+                    start = time.perf_counter()
+                    probe()
+                    times.append(time.perf_counter() - start)
+            chosen = min(timed, key=lambda n: min(timed[n]))
+        torch.set_num_threads(chosen)
         yield chosen
     finally:
         torch.set_num_threads(before)

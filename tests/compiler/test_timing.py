@@ -104,6 +104,24 @@ def test_faster_threads_probes_both_counts_keeps_the_faster_and_restores(slow_on
         torch.set_num_threads(before)
 
 
+def test_faster_threads_restores_the_count_when_the_probe_is_interrupted():
+    """An error or Ctrl-C while probing (the sensitivity analysis, distill) left the caller's process on 1 thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+
+    def probe():
+        if torch.get_num_threads() == 1:
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with faster_threads(probe):
+                pass
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n, low, high", [(3, 1, 3), (7, 1, 7), (9, 2, 8), (11, 3, 9), (21, 7, 15)])
 def test_the_median_interval_is_the_widest_order_statistics_pair_needed_for_90_percent(n, low, high):
     # [x(k), x(n-k+1)] covers the median with probability 1 - 2 P(Bin(n, 1/2) <= k-1): n=9, k=2: 96 %; k=3: 82 %
