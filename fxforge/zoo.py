@@ -313,7 +313,8 @@ def digits_split(batch: int = 397) -> Split:
 
 def _train(model: nn.Module, epochs: int, lr: float, converge: bool = False) -> nn.Module:
     """Adam on the digits' training set in batches of 64; deterministic. ``converge``: shuffled batches and a
-    cosine learning-rate decay to zero (the wide model); otherwise the fixed order and rate of the small one."""
+    cosine learning-rate decay to zero (the wide model); otherwise the fixed order and rate of the small one.
+    Seeds torch's generator: callers fork it."""
     torch.manual_seed(0)
     x, y, _, _ = digits_data()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -340,8 +341,9 @@ def digits_cnn() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Ten
     Trained once per process; each call returns a fresh copy, so callers cannot leak changes into each other.
     """
     if "small" not in _DIGITS:
-        torch.manual_seed(0)
-        _DIGITS["small"] = _train(DigitsCnn(), epochs=15, lr=3e-3)
+        with torch.random.fork_rng(devices=[]):  # seeded here, the caller's random numbers left as they were
+            torch.manual_seed(0)
+            _DIGITS["small"] = _train(DigitsCnn(), epochs=15, lr=3e-3)
     return copy.deepcopy(_DIGITS["small"]), digits_data()
 
 
@@ -356,13 +358,14 @@ def wide_digits_cnn() -> nn.Module:
     as wide as the task needs: what compression should shrink. Kept in :func:`cache_dir`; retrained when missing."""
     key = hashlib.sha256(repr(sorted(WIDE_DIGITS.items())).encode()).hexdigest()[:12]
     path = cache_dir() / f"digits_cnn_wide-{key}.pt"
-    torch.manual_seed(0)
-    model = DigitsCnn(WIDE_DIGITS["channels"])
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    with faster_threads(lambda: None, threads=WIDE_DIGITS["threads"]):
-        model = _train(model, WIDE_DIGITS["epochs"], WIDE_DIGITS["lr"], converge=True)
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's random numbers left as they were
+        torch.manual_seed(0)
+        model = DigitsCnn(WIDE_DIGITS["channels"])
+        if path.exists():
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
+        with faster_threads(lambda: None, threads=WIDE_DIGITS["threads"]):
+            model = _train(model, WIDE_DIGITS["epochs"], WIDE_DIGITS["lr"], converge=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)  # atomic: concurrent test processes never read half a file

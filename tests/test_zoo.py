@@ -73,10 +73,26 @@ def test_missing_weights_package_is_a_one_line_error(monkeypatch):
         zoo.mobilenet_v2()
 
 
+def test_training_the_digits_cnn_leaves_the_callers_random_numbers_alone(monkeypatch):
+    """digits_cnn() seeds torch to train deterministically; it reset the caller's generator to seed 0."""
+    monkeypatch.setattr(zoo, "_DIGITS", {})  # trained afresh in this test
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    first, _ = zoo.digits_cnn()
+    assert torch.equal(torch.get_rng_state(), rng)
+    monkeypatch.setattr(zoo, "_DIGITS", {})
+    torch.manual_seed(123)  # another caller state: the same model
+    again, _ = zoo.digits_cnn()
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
 @pytest.mark.slow
 def test_wide_digits_cnn_is_trained_deterministically_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("FXFORGE_CACHE", str(tmp_path))
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
     first = zoo.wide_digits_cnn()
+    assert torch.equal(torch.get_rng_state(), rng)  # it seeds torch: the caller's random numbers were reset to seed 0
     cached = list(tmp_path.glob("digits_cnn_wide-*.pt"))
     assert len(cached) == 1
     _, _, x, y = zoo.digits_data()
