@@ -558,13 +558,16 @@ class ModelRuns:
     def run(self, inputs: tuple) -> Any:
         """The model's output on ``inputs``, computed anew."""
         self.count += 1
-        if self._unchanged is not None:
-            (model, before), self._unchanged = self._unchanged, None
-        else:
-            model, self.copies = copy.deepcopy(self.model), self.copies + 1
-            before = _state(model)
-        with torch.no_grad():
-            out = model(*clone_inputs(inputs))
+        # outside an ambient inference_mode: its tensors keep no version, so every run looked like a state change
+        # (a warning on every compile under inference_mode, and a fresh copy of the model for every run)
+        with torch.inference_mode(False):
+            if self._unchanged is not None:
+                (model, before), self._unchanged = self._unchanged, None
+            else:
+                model, self.copies = copy.deepcopy(self.model), self.copies + 1
+                before = _state(model)
+            with torch.no_grad():
+                out = model(*clone_inputs(inputs))
         after = _state(model)
         if _same(before, after):
             self._unchanged = model, after

@@ -305,12 +305,16 @@ def test_model_runs_record_a_reused_copys_state_once(monkeypatch):
     assert stateful.copies == 3 and all(torch.equal(o, outs[0]) for o in outs)
 
 
-def test_model_runs_under_inference_mode_copy_anew_since_inference_tensors_keep_no_version():
+def test_model_runs_under_inference_mode_tell_a_changing_model_from_an_unchanged_one():
+    """Inference tensors keep no version: under an ambient inference_mode every run looked like a state change (a
+    warning on every compile, a fresh copy for every run). The runs now step out of it."""
     x = torch.randn(2, 3)
     with torch.inference_mode():
-        runs = ModelRuns(CountsInBuffer().eval())
-        outs = [runs.run((x,)) for _ in range(3)]
-    assert runs.copies == 3 and all(torch.equal(o, outs[0]) for o in outs)
+        stateful, plain = ModelRuns(CountsInBuffer().eval()), ModelRuns(nn.Sequential(nn.Linear(3, 3)).eval())
+        outs = [stateful.run((x,)) for _ in range(3)]
+        plain_outs = [plain.run((x,)) for _ in range(3)]
+    assert stateful.copies == 3 and all(torch.equal(o, outs[0]) for o in outs) and stateful.state_changes
+    assert plain.copies == 1 and not plain.state_changes and all(torch.equal(o, plain_outs[0]) for o in plain_outs)
 
 
 def test_the_artifact_check_reuses_the_bound_outputs_only_of_the_graph_that_computed_them():
