@@ -20,22 +20,26 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import errno
 import importlib
 import json
 import os
+import select
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 import fxforge
-from fxforge.backends.base import check_writable
+from fxforge.backends.base import check_replaceable, check_writable
 from fxforge.compiler.errors import CalibrationError, FxforgeError, InputError, first_line
 from fxforge.compiler.pass_manager import VERIFY_MODES
 from fxforge.compiler.verify import ModelRuns
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,19 +48,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the default display when main returns (tests call main)
             warnings.showwarning = _warning_line
-            return args.run(args)
+            status = args.run(args)
+            sys.stdout.flush()  # a closed or full stdout is met here, not in the interpreter's flush at exit
+            return status
     except FxforgeError as e:
-        print(f"fxforge: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error_line(str(e))
     except KeyboardInterrupt:
         print("fxforge: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of fxforge or of a library under it: one line, the traceback on request
+        if isinstance(e, BrokenPipeError) and _stdout_closed():  # `fxforge run ... | head -1`: normal shell use
+            _stdout_to_devnull()
+            return EXIT_BROKEN_PIPE
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the environment, not a bug
+            return _error_line(f"cannot write {e.filename or 'the output'}: {e.strerror}")
         if os.environ.get("FXFORGE_TRACEBACK") == "1":
             raise
         print(f"fxforge: internal error: {type(e).__name__}: {first_line(e)} "
               "(set FXFORGE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _error_line(message: str) -> int:
+    """Report a failure the user or the environment caused: ``fxforge: error:`` and its cause on one line."""
+    print(f"fxforge: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _stdout_closed() -> bool:
+    """Whether nobody reads stdout any more (a pipe whose reader exited, as ``head -1`` does), which tells the
+    broken pipe of stdout from one of a socket or a child process (those are errors)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (a test's capture)
+        return False
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at the null device, so that the interpreter's flush at exit has nowhere to fail (Python's
+    documented handling of SIGPIPE); a stdout without a file descriptor (a test's capture) is left as it is."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
@@ -244,9 +278,8 @@ def _compile(args: argparse.Namespace) -> int:
             raise InputError(f"--backend-option tune= must be a dict like {{'trials_per_task': 4}}, got "
                              f"{options['tune']!r}")
         options["tune"] = {**options.get("tune", {}), "trials": 0, "db": args.tuning_db}
-    if args.out:
-        from fxforge.backends.base import check_replaceable
-        check_replaceable(Path(args.out))
+    if args.out is not None:
+        _check_out(args.out)
     model = _build_model(args.model, args.model_kwargs)
     example = _example_inputs(args.input_shape, args.dtype)
     calibration = _calibration(args.calibration) if args.calibration else None
@@ -258,9 +291,25 @@ def _compile(args: argparse.Namespace) -> int:
                          measure_latency=args.latency, static_batch=args.static_batch, max_drop=args.max_drop,
                          strict=args.strict, **options)
     print(cm.report)
-    if args.out:
+    if args.out is not None:
         print(f"artifact: {cm.save(args.out)}")
     return 0
+
+
+def _check_out(text: str) -> None:
+    """Refuse an ``--out`` the artifact cannot be written to before compiling, not after: empty (an unset shell
+    variable; it wrote nothing), unreachable (a symbolic link loop), a user's file or directory, or under a file or
+    in a file system that makes no directories (/proc)."""
+    if not text:
+        raise InputError("--out is empty: name the directory to write the artifact to")
+    out = Path(text)
+    try:
+        out.stat()
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):  # not there yet, or under a file: check_writable says so
+            raise InputError(f"--out {out}: {e.strerror or e}") from None
+    check_replaceable(out)
+    check_writable(out, "--out")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -277,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
     for file in args.input:
         try:
             inputs.append(torch.from_numpy(np.load(file, allow_pickle=False)))
-        except (OSError, ValueError, TypeError) as e:  # TypeError: a dtype torch has not (strings, objects)
+        except (OSError, ValueError, TypeError, EOFError) as e:  # TypeError: a dtype torch has not; EOFError: empty
             raise InputError(f"cannot read input {file}: {first_line(e)}") from None
     args = artifact.signature.arguments(inputs)  # the files fill the model's arguments, dicts and tuples included
     flat = artifact.signature.flatten(args)
@@ -326,10 +375,23 @@ def _input_key(text: str) -> int | str | tuple[int | str, ...]:
 
 
 def _calibration(spec: str, what: str = "calibration") -> list[Any]:
-    """The batches ``MODULE:FN`` returns; a function that raises is named with its own message."""
+    """The batches ``MODULE:FN`` returns. What went wrong is said as it is: NAME is no function, the function
+    raised (its own message), or it returned something that holds no batches (None: a forgotten ``return``)."""
     fn = _call(spec)
+    if not callable(fn):
+        raise CalibrationError(f"{what} {spec} is a {type(fn).__name__}, not a function: MODULE:FN names a function "
+                               "returning the batches")
     try:
-        return list(fn())
+        batches = fn()
+    except Exception as e:
+        raise CalibrationError(f"{what} function {spec} raised {type(e).__name__}: {first_line(e)}") from None
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        shown = "None" if batches is None else f"a {type(batches).__name__}"
+        raise CalibrationError(f"{what} function {spec} returned {shown}, not an iterable of input tuples") from None
+    try:  # a generator runs its body here
+        return list(iterator)
     except Exception as e:
         raise CalibrationError(f"{what} function {spec} raised {type(e).__name__}: {first_line(e)}") from None
 
@@ -439,16 +501,22 @@ def tuning_summary(stats: dict[str, Any]) -> str:
 
 
 def _call(spec: str) -> Callable[..., Any]:
-    """Import ``package.module:attribute``."""
+    """Import ``package.module:attribute``. The module is the user's: whatever its import raises (a syntax error, its
+    own exception, ``sys.exit``) is their error, one line naming the module, not a failure of fxforge."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise InputError(f"expected MODULE:NAME, got {spec!r}")
+    if module_name.startswith(".") or "/" in module_name or os.sep in module_name:
+        raise InputError(f"cannot import {module_name!r}: MODULE is a module name as `import` takes it, not a path "
+                         "(e.g. mymodel:Net for ./mymodel.py)")
     if os.getcwd() not in sys.path:  # `fxforge compile mymodel:Net` finds mymodel.py here, as `python -m` would
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise InputError(f"cannot import {module_name!r}: {e}") from None
+    except SystemExit as e:  # a script's argparse or sys.exit at import: fxforge would exit with its status, silently
+        raise InputError(f"cannot import {module_name!r}: it called sys.exit({e.code!r}) on import") from None
+    except Exception as e:
+        raise InputError(f"cannot import {module_name!r}: {type(e).__name__}: {first_line(e)}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -469,7 +537,7 @@ def _build_model(spec: str, kwargs_json: str = "{}") -> Any:
     try:
         model = obj if isinstance(obj, torch.nn.Module) else obj(**kwargs)
     except Exception as e:
-        raise InputError(f"{spec}() failed: {type(e).__name__}: {e}") from None
+        raise InputError(f"{spec}() failed: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

@@ -1,5 +1,6 @@
 """The console script: listings, a real compile from the command line, one-line errors with exit status 2."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,11 +46,18 @@ def test_compile_writes_a_loadable_artifact(tmp_path, capsys):
     (["compile", "models:Mlp", "--input-shape", "4,32", "--backend", "onnx", "--target", "cuda", "--strict"],
      "lacks CUDAExecutionProvider; the artifact runs on CPUExecutionProvider (strict=True)"),
     (["compile", "models:accuracy", "--input-shape", "4,32"], "accuracy() failed"),
+    # the exception's first line only: the second was a line of its own
+    (["compile", "test_cli:two_line_factory", "--input-shape", "4,32"],
+     "test_cli:two_line_factory() failed: RuntimeError: factory failed"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fxforge: error:") and message in err and "\n" not in err
+
+
+def two_line_factory():
+    raise RuntimeError("factory failed\nsecond line of the message")
 
 
 def test_module_entry_point_refuses_missing_arguments():
@@ -180,6 +188,11 @@ def test_tuning_db_and_backend_options_reach_compile(monkeypatch, tmp_path):
      "the model does not run on the example inputs (--input-shape 4,31, --dtype float32)"),
     (["bench", "models:Mlp", "--input-shape", "4,32", "--systems", "eager", "--out", str(Path(__file__) / "sub")],
      "test_cli.py is a file, not a directory"),
+    # said as it is, not as "raised TypeError: 'NoneType' object is not iterable" / "'list' object is not callable"
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--calibration", "test_cli:returns_none"],
+     "calibration function test_cli:returns_none returned None, not an iterable of input tuples"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--validation", "test_cli:BATCH_LIST"],
+     "validation test_cli:BATCH_LIST is a list, not a function"),
 ])
 def test_more_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
@@ -189,6 +202,13 @@ def test_more_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
 
 def raising_calibration():
     raise ValueError("no data today")
+
+
+def returns_none():
+    [(torch.randn(4, 32),)]  # the return forgotten
+
+
+BATCH_LIST = [(torch.randn(4, 32),)]
 
 
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
@@ -417,3 +437,71 @@ def test_run_needs_no_output_class(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
     assert main(["run", str(tmp_path / "a"), "--input", str(tmp_path / "x.npy")]) == 0
     assert "output 1: float32 [2, 3]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source, spec, message", [
+    ('raise RuntimeError("import failed\\nsecond line")', "raises_mod:Net",
+     "cannot import 'raises_mod': RuntimeError: import failed"),
+    ("def f(:", "syntax_mod:Net", "cannot import 'syntax_mod': SyntaxError: "),
+    ("import sys; sys.exit(3)", "exits_mod:Net", "cannot import 'exits_mod': it called sys.exit(3) on import"),
+    ("", "./path_mod:Net", "cannot import './path_mod': MODULE is a module name as `import` takes it, not a path"),
+    ('raise RuntimeError("import failed")', "--calibration", "cannot import 'cal_mod': RuntimeError: import failed"),
+], ids=["raises", "syntax-error", "sys-exit", "path", "calibration"])
+def test_a_module_failing_on_import_is_one_line_and_status_2(source, spec, message, tmp_path, monkeypatch, capsys):
+    """Only ImportError was the user's: any other exception of their module's import was an "internal error",
+    status 1, and a module calling sys.exit(3) ended fxforge with status 3 and no word."""
+    module = message.split("'")[1].removeprefix("./")
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    argv = ["compile", spec, "--input-shape", "4,32"]
+    if spec == "--calibration":
+        argv = ["compile", "models:Mlp", "--input-shape", "4,32", "--calibration", f"{module}:batches"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxforge: error: ") and message in err and "\n" not in err, err
+
+
+def test_a_closed_or_full_stdout_is_no_internal_error():
+    """`fxforge run ... | head -1` printed "internal error: BrokenPipeError" (status 1): a reader that leaves is
+    normal shell use, so nothing is said and the status is a shell's for SIGPIPE; a full disk is one line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before fxforge writes a line
+    with open(write_end, "wb") as stdout:
+        closed = subprocess.run([FXFORGE, "passes"], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert closed.returncode == 141 and closed.stderr == ""
+    if Path("/dev/full").exists():
+        with open("/dev/full", "wb") as stdout:
+            full = subprocess.run([FXFORGE, "passes"], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600)
+        assert full.returncode == 2
+        assert full.stderr == "fxforge: error: cannot write the output: No space left on device\n"
+
+
+@pytest.mark.parametrize("out, message", [
+    ("afile/sub", "--out afile/sub: afile is a file, not a directory"),
+    ("/proc/fxforge_out", "--out /proc/fxforge_out cannot be written"),
+    ("loop", "--out loop: "),
+    ("", "--out is empty: name the directory to write the artifact to"),
+], ids=["under-a-file", "proc", "symlink-loop", "empty"])
+def test_out_that_cannot_be_written_is_refused_before_compiling(out, message, tmp_path, monkeypatch, capsys):
+    """These were found after the whole compile (a loop as an internal error), and `--out ""` wrote nothing and
+    exited 0."""
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "loop").symlink_to("loop")
+    monkeypatch.setattr(fxforge, "compile", lambda *a, **k: pytest.fail("compiled before --out was checked"))
+    assert main(["compile", "models:Mlp", "--input-shape", "4,32", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxforge: error: ") and message in err and "\n" not in err, err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_run_an_empty_input_file_is_one_line(tmp_path, capsys):
+    """numpy's EOFError for a 0-byte .npy was an "internal error", status 1."""
+    fxforge.compile(torch.nn.Linear(4, 3).eval(), (torch.randn(2, 4),), measure_latency=False).save(tmp_path / "a")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    assert main(["run", str(tmp_path / "a"), "--input", str(tmp_path / "empty.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fxforge: error: cannot read input {tmp_path / 'empty.npy'}: No data left in file"
