@@ -149,7 +149,8 @@ def saved(tmp: Path, backend: str = "eager") -> Path:
 
 
 def edit_meta(path: Path, keep_checksum: bool = False, **changes) -> Path:
-    """The manifest edited as given; without its checksum (as an older fxforge wrote it) unless that is kept."""
+    """The manifest edited as given, its checksum dropped unless kept: the checks before the checksum's (format version,
+    backend) are what these cases meet."""
     meta = json.loads((path / base.META_FILE).read_text())
     if not keep_checksum:
         meta.pop("checksum")

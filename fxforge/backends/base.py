@@ -48,6 +48,10 @@ class Artifact(ABC):
     # them: a graph may return one of its constants (a buffer, a folded ``zeros``), an input, or one buffer twice, and
     # a caller editing that result in place would change what later calls return, or its own input.
     owns_outputs: ClassVar[bool] = False
+    # The files ``read`` reads, always / where present: ``load`` refuses a manifest that does not list one of them
+    # (its hash would go unchecked). A backend names its own; one registered without them is checked as listed.
+    files: ClassVar[tuple[str, ...]] = ()
+    optional_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, signature: Signature, target: Target, info: dict[str, Any] | None = None) -> None:
         self.signature = signature
@@ -117,9 +121,14 @@ class Artifact(ABC):
         A ``directory`` that is a symbolic link is saved through: the artifact it points to is replaced, the link stays.
         The manifest holds every file's hash and its own checksum.
         """
-        final = Path(os.path.abspath(directory))  # "." and "" name the working directory, which has a name
+        path = path_argument(directory, "save")
+        try:
+            final = Path(os.path.abspath(path))  # "." and "" name the working directory, which has a name
+        except OSError as e:  # a relative path, and the working directory deleted meanwhile
+            raise InputError(f"save: cannot save to the relative path {path!r}: the working directory is gone "
+                             f"({e.strerror or e}); give an absolute path") from None
+        check_replaceable(final)  # through a link as at its target; a link loop refused here
         final = final.resolve() if final.is_symlink() else final
-        check_replaceable(final)
         tmp = None
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -146,9 +155,23 @@ class Artifact(ABC):
         return final
 
 
+def resolved(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, its values in its memory: a lazily negated or conjugated tensor (``torch._neg_view``, the
+    ``.imag`` of a conjugated complex tensor) materialized, any other returned as it is. A runtime handed the memory
+    (DLPack, numpy) ignores the bit: TVM computed on −x, ``numpy()`` refused it."""
+    return t.detach().resolve_neg().resolve_conj()
+
+
 def check_replaceable(final: Path) -> None:
     """Refuse a path that is a file, the working directory, or a non-empty directory that is not wholly an fxforge
-    artifact (``save`` checks it, and the CLI before compiling, so that a bad ``--out`` costs no compile time)."""
+    artifact, or a symbolic link loop (``save`` checks it, and the CLI before compiling, so that a bad ``--out``
+    costs no compile time)."""
+    try:
+        os.stat(final)
+    except OSError as e:  # Path.resolve raised a raw RuntimeError on a loop
+        if e.errno == errno.ELOOP:
+            raise ArtifactError(f"cannot write an artifact to {final}: it is, or is under, a symbolic link loop "
+                                f"({e.strerror})") from None
     if not final.exists():
         return
     if not final.is_dir():
@@ -238,7 +261,7 @@ def load(directory: str | os.PathLike[str]) -> Artifact:
     """Load a saved artifact, checking its format version and file hashes. Every file is read through one open
     descriptor of the directory: a save into it meanwhile swaps in another directory (``_swap_in``), and read by path,
     a load saw one artifact's model under the other's manifest (129 of 12,100 loads beside a saving process)."""
-    path = Path(directory)
+    path = Path(path_argument(directory, "load"))
     if path.is_file():
         raise ArtifactError(f"{path} is a file; an fxforge artifact is the directory that holds {META_FILE}")
     for attempt in range(LOAD_ATTEMPTS):
@@ -253,6 +276,19 @@ def load(directory: str | os.PathLike[str]) -> Artifact:
                     raise
                 raise ArtifactError(f"cannot read the artifact in {path}: {e.strerror or e}") from None
     raise AssertionError("unreachable")
+
+
+def path_argument(directory: Any, function: str) -> str:
+    """``directory`` as a ``str`` path, or an InputError naming the argument: ``Path(None)`` and ``Path(b"x")``
+    raised raw TypeErrors from pathlib."""
+    try:
+        path = os.fspath(directory)
+    except TypeError:
+        path = None
+    if not isinstance(path, str):
+        raise InputError(f"{function}: the directory must be a str or os.PathLike path, got "
+                         f"{type(directory).__name__}")
+    return path
 
 
 LOAD_ATTEMPTS = 3  # loads started anew when a save replaced the directory while it was read
@@ -303,18 +339,26 @@ def _load(path: Path, where: Path) -> Artifact:
         field = wrong[0] if wrong else "files"
         raise ArtifactError(f"{path / META_FILE} is corrupt: field {field!r} has the wrong type "
                             f"({type(meta[field]).__name__})")
-    if "checksum" in meta and meta["checksum"] != _checksum({k: v for k, v in meta.items() if k != "checksum"}):
-        raise ArtifactError(f"{path / META_FILE} was modified after saving (its checksum does not match)")
-    for name, digest in meta["files"].items():
-        if name in meta.get("optional", ()) and not (where / name).exists():
-            continue  # a document beside the artifact (its report), which running it does not need
-        if not (where / name).is_file() or _sha256(where / name) != digest:
-            raise ArtifactError(f"{path / name} is missing or was modified after saving (hash mismatch)")
     try:
         cls = get_backend(meta["backend"]).artifact
     except BackendError as e:
         raise ArtifactError(f"{path} was saved by backend {meta['backend']!r}, which this fxforge lacks: "
                             f"{e}") from None
+    if "checksum" not in meta:  # every save writes one: without it, any edit (an emptied "files") loaded
+        raise ArtifactError(f"{path / META_FILE} has no checksum: it was edited, or saved by an fxforge older than "
+                            "checksums (save the model again)")
+    if meta["checksum"] != _checksum({k: v for k, v in meta.items() if k != "checksum"}):
+        raise ArtifactError(f"{path / META_FILE} was modified after saving (its checksum does not match)")
+    unlisted = [name for name in (*cls.files, *cls.optional_files) if name not in meta["files"] and
+                (name in cls.files or (where / name).exists())]
+    if unlisted:
+        raise ArtifactError(f"{path / META_FILE} does not list {unlisted[0]}, which the {meta['backend']} artifact "
+                            "loads: it was not written by fxforge")
+    for name, digest in meta["files"].items():
+        if name in meta.get("optional", ()) and not (where / name).exists():
+            continue  # a document beside the artifact (its report), which running it does not need
+        if not (where / name).is_file() or _sha256(where / name) != digest:
+            raise ArtifactError(f"{path / name} is missing or was modified after saving (hash mismatch)")
     try:
         target = loaded_target(meta["target"])
         return cls.read(where, Signature.from_dict(meta["signature"]), target, meta.get("info", {}))
@@ -326,7 +370,7 @@ def _load(path: Path, where: Path) -> Artifact:
 
 def _checksum(meta: dict[str, Any]) -> str:
     """The manifest's own hash (its other files are hashed in it): an edited signature or info (a constant output,
-    an index bound) would otherwise load as if compiled so. Manifests written before it have none and load."""
+    an index bound) would otherwise load as if compiled so."""
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 

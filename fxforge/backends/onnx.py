@@ -48,7 +48,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import sympy
 import torch
@@ -62,7 +62,7 @@ from fxforge.compiler.target import Target
 from fxforge.compiler.trace import EXPORT_LOCK, MAX_BATCH, Signature, batch_dynamic
 
 from . import onnx_int8, onnx_transformer
-from .base import Artifact, Backend, register_backend
+from .base import Artifact, Backend, register_backend, resolved
 
 try:
     import onnx
@@ -78,6 +78,7 @@ QUIET_RUN.log_severity_level = 4  # a kernel's failure is raised as a BackendErr
 EXPORT_OPTIONS = ("opset", "fusions")  # backend options that shape the exported model, not the ORT session
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
+MAX_THREADS = 2 ** 31 - 1  # ORT's SessionOptions hold thread counts as C ints: past it, a pybind11 TypeError
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
           "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -118,14 +119,17 @@ class SessionConfig:
                                f"got {self.graph_optimization_level!r}")
         for name in ("intra_op_num_threads", "inter_op_num_threads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise BackendError(f"{name} must be an int >= 0 (0: ORT's default), got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_THREADS:
+                raise BackendError(f"{name} must be an int from 0 to {MAX_THREADS} (0: ORT's default), got {value!r}")
         if not isinstance(self.allow_spinning, bool):
             raise BackendError(f"allow_spinning must be True or False, got {self.allow_spinning!r}")
         names = self.disabled_optimizers
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise BackendError(f"disabled_optimizers must be a sequence of ORT optimizer names, got {names!r}")
-        object.__setattr__(self, "disabled_optimizers", tuple(names))  # a JSON list when read back from info
+        # read twice (compile checks the options, then lowers): an iterator was empty the second time
+        names = tuple(names) if isinstance(names, Collection) and not isinstance(names, (str, bytes)) else None
+        if names is None or not all(isinstance(n, str) for n in names):
+            raise BackendError(f"disabled_optimizers must be a sequence of ORT optimizer names, got "
+                               f"{self.disabled_optimizers!r}")
+        object.__setattr__(self, "disabled_optimizers", names)  # a JSON list when read back from info
 
     def recorded(self) -> dict[str, Any]:
         """The options as ``info["ort_options"]`` keeps them (JSON types: the optimizer names as a list)."""
@@ -162,6 +166,7 @@ def _strip_cpp_signature(message: str) -> str:
 
 class OnnxArtifact(Artifact):
     backend = "onnx"
+    files = (MODEL_FILE,)
     owns_outputs = True  # numpy arrays ONNX Runtime allocates for each run
 
     def __init__(self, model: bytes, signature: Signature, target: Target, info: dict[str, Any],
@@ -172,7 +177,7 @@ class OnnxArtifact(Artifact):
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
+        feed = {name: resolved(t).cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
         return tuple(torch.from_numpy(out) for out in self.session.run(None, feed, QUIET_RUN))
 
     def describe_failure(self, e: Exception) -> str:

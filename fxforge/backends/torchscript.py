@@ -31,6 +31,7 @@ MODEL_FILE = "model.pt"
 
 class TorchScriptArtifact(Artifact):
     backend = "torchscript"
+    files = (MODEL_FILE,)
 
     def __init__(self, scripted: torch.jit.ScriptModule, signature: Signature, target: Target,
                  info: dict[str, Any] | None = None, frozen: torch.jit.ScriptModule | None = None) -> None:

@@ -21,7 +21,7 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -167,11 +167,19 @@ class Signature:
     def leaves(self, outputs: Sequence[Any]) -> list[Any]:
         """The model's flat outputs from the graph's (``outputs``): its numbers, strings and Nones put back where it
         returns them, a number computed from the batch size as the Python number it is."""
+        expected = _leaf_count(self.out_spec) - len(self.constant_outputs)
+        if len(outputs) != expected:  # a saved signature that does not fit the artifact's program
+            raise ArtifactError(f"the artifact returned {len(outputs)} output(s) where its signature expects "
+                                f"{expected}: its fxforge.json does not belong to its program")
         leaves = list(outputs)
         for position, value in self.constant_outputs:
             leaves.insert(position, value)
         for position, kind in self.scalar_outputs:
             if isinstance(leaves[position], torch.Tensor):
+                if leaves[position].numel() != 1:
+                    raise ArtifactError(f"the artifact's output {position} has shape {list(leaves[position].shape)}, "
+                                        f"but its signature says it is a number: its fxforge.json does not belong to "
+                                        "its program")
                 leaves[position] = SCALAR_TYPES[kind](leaves[position].item())
         return leaves
 
@@ -190,8 +198,6 @@ class Signature:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
-        namedtuples = d.get("namedtuple_fields", {})
-        _check_namedtuple_fields(namedtuples)
         for key in ("in_spec", "out_spec"):  # read now: corrupt, it failed every call with a raw JSON error
             try:
                 _loads(d[key])
@@ -199,6 +205,11 @@ class Signature:
                 pass  # a class that cannot be imported here: named when a call needs it (`fxforge run` does not)
             except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                 raise ArtifactError(f"the signature's {key} is corrupt: not the structure fxforge wrote") from None
+        problem = _signature_problem(d)
+        if problem:  # read as it is, a bad field failed every call with a raw IndexError or ValueError
+            raise ArtifactError(f"the artifact's signature is corrupt: {problem}")
+        namedtuples = d.get("namedtuple_fields", {})
+        _check_namedtuple_fields(namedtuples)
         return cls(tuple(TensorSpec.from_dict(s) for s in d["inputs"]), d["in_spec"], d["out_spec"],
                    d["dynamic_batch"], d.get("note", ""), tuple(_index_bound(b) for b in d.get("index_bounds", ())),
                    tuple((int(i), v) for i, v in d.get("constant_outputs", ())),
@@ -327,6 +338,61 @@ def _class_at(path: str) -> type:
     except (ImportError, AttributeError, ValueError):
         raise ArtifactError(f"the model's inputs or outputs hold {path}, which cannot be imported here: import the "
                             "module that defines it first") from None
+
+
+def _signature_problem(d: dict[str, Any]) -> str | None:
+    """What is wrong with a saved signature's fields (their types, the inputs and outputs they point at), or None:
+    a manifest whose checksum was recomputed after an edit gets this far."""
+    missing = [key for key in ("inputs", "in_spec", "out_spec", "dynamic_batch") if key not in d]
+    if missing:
+        return f"it lacks {missing[0]!r}"
+    inputs = d["inputs"]
+    if not _list_of(inputs, lambda s: isinstance(s, dict) and _list_of(s.get("shape"), lambda e: e is None or (
+            _is_int(e) and e >= 0)) and isinstance(getattr(torch, str(s.get("dtype")), None), torch.dtype)):
+        return "'inputs' is not a list of shapes and dtypes"
+    if not isinstance(d["dynamic_batch"], bool) or not isinstance(d.get("note", ""), str):
+        return "'dynamic_batch' or 'note' has the wrong type"
+    n = len(inputs)
+    if not _list_of(d.get("index_bounds", []), lambda b: _list_of(b, None) and len(b) in (2, 4) and all(
+            map(_is_int, b[:3])) and b[0] in range(n) and (len(b) == 2 or isinstance(b[3], str))):
+        return f"'index_bounds' is not a list of (input, low, high, what) of its {n} input(s)"
+    if not _list_of(d.get("written_inputs", []), lambda i: _is_int(i) and i in range(n)):
+        return f"'written_inputs' is not a list of indices of its {n} input(s)"
+    fields_ = d.get("namedtuple_fields", {})
+    if not isinstance(fields_, dict) or not all(_list_of(f, lambda e: isinstance(e, str)) for f in fields_.values()):
+        return "'namedtuple_fields' is not a table of field names"
+    if not _is_int(d.get("min_batch", 1)) or d.get("min_batch", 1) < 1:
+        return "'min_batch' is not an int >= 1"
+    positions = []
+    for key in ("constant_outputs", "scalar_outputs"):
+        if not _list_of(d.get(key, []), lambda o: _list_of(o, None) and len(o) == 2 and _is_int(o[0])):
+            return f"{key!r} is not a list of (position, value) pairs"
+        positions += [o[0] for o in d.get(key, [])]
+    leaves, constants = _leaf_count(d["out_spec"]), [o[0] for o in d.get("constant_outputs", [])]
+    if any(p not in range(leaves) for p in positions) or len(set(constants)) < len(constants):
+        return f"an output position is repeated or not among the model's {leaves} output(s)"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _leaf_count(text: str) -> int:
+    """The number of leaves of a ``treespec_dumps`` text, read from its JSON: no class in it is imported (``fxforge
+    run`` needs none)."""
+    todo, count = [json.loads(text)[1]], 0
+    while todo:
+        node = todo.pop()
+        count += node["type"] is None
+        todo.extend(node["children_spec"])
+    return count
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _list_of(value: Any, item: Callable[[Any], bool] | None) -> bool:
+    """Whether ``value`` is a JSON list, each item of which ``item`` accepts (any item, without one)."""
+    return isinstance(value, list) and (item is None or all(item(v) for v in value))
 
 
 def _check_namedtuple_fields(saved: dict[str, list[str]]) -> None:

@@ -1,6 +1,7 @@
 """Artifact.save: replaces only an earlier artifact, never the user's files, and never leaves neither behind."""
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -349,3 +350,95 @@ def test_an_artifact_loads_without_its_report(tmp_path):
     (tmp_path / "a" / "report.json").write_text("{}")  # present, it must be the one saved
     with pytest.raises(fxforge.ArtifactError, match="report.json is missing or was modified"):
         fxforge.load(tmp_path / "a")
+
+
+@pytest.fixture(scope="module")
+def saved_eager(tmp_path_factory):
+    return compiled().save(tmp_path_factory.mktemp("saved") / "art")
+
+
+def forged(path, *, checksum: bool = True, **fields):
+    """The artifact at ``path`` with its manifest's ``fields`` (a signature's, given as ``signature=``, merged) set,
+    and its checksum recomputed to match, as one forging it would (or dropped)."""
+    meta = json.loads((path / base.META_FILE).read_text())
+    meta.pop("checksum")
+    for key, value in fields.items():
+        meta[key] = {**meta[key], **value} if key == "signature" else value
+    if checksum:
+        meta["checksum"] = base._checksum(meta)
+    (path / base.META_FILE).write_text(json.dumps(meta))
+    return path
+
+
+def test_a_manifest_without_its_checksum_is_refused(tmp_path):
+    """Every save writes the checksum; a manifest without it loaded, and with it every edit the checksum catches:
+    ``"files": {}`` checked no hash, and a model with a flipped weight byte loaded and computed other outputs."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    path = fxforge.compile(model, (torch.randn(2, 64),), backend="onnx", measure_latency=False).save(tmp_path / "a")
+    weights = bytearray((path / "model.onnx").read_bytes())
+    weights[len(weights) // 2] ^= 0x40
+    (path / "model.onnx").write_bytes(bytes(weights))
+    with pytest.raises(fxforge.ArtifactError, match=r"fxforge\.json has no checksum: it was edited, or saved by an "
+                                                    r"fxforge older than checksums \(save the model again\)$"):
+        fxforge.load(forged(path, checksum=False, files={}))
+
+
+def test_a_manifest_that_does_not_list_a_file_the_backend_loads_is_refused(saved_eager, tmp_path):
+    """With its checksum recomputed, an emptied files table would leave the program's hash unchecked."""
+    path = shutil.copytree(saved_eager, tmp_path / "art")
+    with pytest.raises(fxforge.ArtifactError, match=r"fxforge\.json does not list program\.pt2, which the eager "
+                                                    r"artifact loads: it was not written by fxforge$"):
+        fxforge.load(forged(path, files={}))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"written_inputs": [3]}, r"signature is corrupt: 'written_inputs' is not a list of indices of its 1 input"),
+    ({"index_bounds": [[0]]}, r"signature is corrupt: 'index_bounds' is not a list of \(input, low, high, what\)"),
+    ({"inputs": [{"shape": [None, 4], "dtype": "nn"}]}, r"signature is corrupt: 'inputs' is not a list of shapes"),
+    ({"min_batch": "2"}, r"signature is corrupt: 'min_batch' is not an int >= 1"),
+    ({"dynamic_batch": 1}, r"signature is corrupt: 'dynamic_batch' or 'note' has the wrong type"),
+    ({"constant_outputs": [[5, 1]]}, r"signature is corrupt: an output position is repeated or not among the "
+                                     r"model's 1 output\(s\)"),
+    ({"constant_outputs": [[0, 1]]}, r"the artifact returned 1 output\(s\) where its signature expects 0: its "
+                                     r"fxforge\.json does not belong to its program"),
+    ({"scalar_outputs": [[0, "int"]]}, r"the artifact's output 0 has shape \[2, 3\], but its signature says it is a "
+                                       r"number"),
+])
+def test_signature_fields_edited_under_a_recomputed_checksum_are_named(saved_eager, tmp_path, edit, message):
+    """Each failed every call with a raw IndexError, ValueError or RuntimeError."""
+    path = forged(shutil.copytree(saved_eager, tmp_path / "art"), signature=edit)
+    with pytest.raises(fxforge.ArtifactError, match=message):
+        fxforge.load(path)(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("directory", [None, b"art", 5])
+def test_a_path_of_the_wrong_type_is_an_input_error(saved_eager, directory):
+    """pathlib raised a raw TypeError."""
+    refused = rf"the directory must be a str or os.PathLike path, got {type(directory).__name__}$"
+    with pytest.raises(fxforge.InputError, match=rf"^load: {refused}"):
+        fxforge.load(directory)
+    with pytest.raises(fxforge.InputError, match=rf"^save: {refused}"):
+        fxforge.load(saved_eager).save(directory)
+
+
+def test_saving_to_a_relative_path_from_a_deleted_working_directory_is_an_input_error(saved_eager, tmp_path,
+                                                                                       monkeypatch):
+    """``os.path.abspath`` raised a raw FileNotFoundError."""
+    artifact = fxforge.load(saved_eager)
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()
+    with pytest.raises(fxforge.InputError, match=r"^save: cannot save to the relative path 'out': the working "
+                                                 r"directory is gone \(No such file or directory\); give an absolute"):
+        artifact.save("out")
+
+
+def test_saving_into_a_symlink_loop_is_refused(saved_eager, tmp_path):
+    """``Path.resolve`` raised a raw RuntimeError; the CLI checks ``--out`` with check_replaceable before compiling."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path in (tmp_path / "loop", tmp_path / "loop" / "sub"):
+        with pytest.raises(fxforge.ArtifactError, match=r"it is, or is under, a symbolic link loop"):
+            base.check_replaceable(path)
+        with pytest.raises(fxforge.ArtifactError, match=rf"^cannot write an artifact to {path}: it is, or is under"):
+            fxforge.load(saved_eager).save(path)
+    assert (tmp_path / "loop").is_symlink()

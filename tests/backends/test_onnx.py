@@ -129,13 +129,31 @@ def test_strict_refuses_an_artifact_that_would_run_elsewhere_than_its_target():
     ({"threads": 2}, "unknown onnx backend option.*threads"),
     ({"graph_optimization_level": "max"}, "graph_optimization_level must be one of"),
     ({"intra_op_num_threads": -1}, "intra_op_num_threads must be"),
+    ({"intra_op_num_threads": 2 ** 31}, r"intra_op_num_threads must be an int from 0 to 2147483647 .*2147483648$"),
+    ({"inter_op_num_threads": 10 ** 12}, r"inter_op_num_threads must be an int from 0 to 2147483647"),
+    ({"disabled_optimizers": 5}, r"disabled_optimizers must be a sequence of ORT optimizer names, got 5$"),
+    ({"disabled_optimizers": None}, r"disabled_optimizers must be a sequence of ORT optimizer names, got None$"),
+    ({"disabled_optimizers": (n for n in ["ConstantFolding"])}, "disabled_optimizers must be a sequence"),
     ({"opset": 13}, "opset must be an int from 17 to"),
     ({"opset": 99}, r"opset must be an int from 17 to \d+ \(the installed onnx's newest\), got 99"),
 ])
 def test_bad_options_are_refused(options, message):
+    """Before any work, in one line: a non-iterable disabled_optimizers was a raw TypeError, and a thread count past
+    ORT's C int pybind11's many-line TypeError after the whole compile; a generator of names, read once to check
+    and once to lower, disabled nothing."""
     model, example = ZOO["mlp"]()
     with pytest.raises(fxforge.BackendError, match=message):
         fxforge.compile(model, example, backend="onnx", measure_latency=False, verify="off", **options)
+
+
+def test_a_lazily_negated_input_runs_as_its_values(convbnrelu):
+    """``torch._neg_view`` (or the ``.imag`` of a conjugated tensor) keeps −x as x's memory and a bit: ``numpy()``
+    refused it, and the call was a BackendError blaming the artifact."""
+    _, x, cm = convbnrelu
+    t = torch.randn(x.shape[0] + 1, *x.shape[1:])
+    for negated in (torch._neg_view(t[1:]), torch._neg_view(t)[1:]):
+        assert negated.is_neg() and negated.is_contiguous()
+        torch.testing.assert_close(cm(negated), cm(-t[1:]), rtol=0, atol=0)
 
 
 def test_lower_is_quiet_and_never_mutates_the_graph(capfd):

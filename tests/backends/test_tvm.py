@@ -73,6 +73,19 @@ def test_inputs_off_a_64_byte_boundary_run(convbnrelu):
         torch.testing.assert_close(cm(shifted), model(shifted), rtol=1e-4, atol=1e-4)
 
 
+def test_a_lazily_negated_input_runs_as_its_values(convbnrelu, tmp_path):
+    """``torch._neg_view`` (or the ``.imag`` of a conjugated tensor) keeps −x as x's memory and a bit; DLPack hands
+    TVM the memory without the bit, and the artifact computed the model on −x, silently. Sliced, it is also off
+    TVM's 64-byte boundary (``_aligned`` clones it, and a clone keeps the bit)."""
+    _, x, cm = convbnrelu
+    loaded = fxforge.load(cm.save(tmp_path / "cbr"))
+    t = torch.randn(x.shape[0] + 1, *x.shape[1:])
+    for negated in (torch._neg_view(t[1:]), torch._neg_view(t)[1:]):
+        assert negated.is_neg() and negated.is_contiguous()
+        for artifact in (cm, loaded):
+            torch.testing.assert_close(artifact(negated), cm(-t[1:]), rtol=0, atol=0)
+
+
 def test_default_cpu_schedule_parallelizes_and_vectorizes():
     model, (x,) = ZOO["convbnrelu"]()
     gm, _ = fxforge.trace(model, (x,))
@@ -256,6 +269,14 @@ def test_bad_options_are_refused(options, message):
     model, example = ZOO["mlp"]()
     with pytest.raises(fxforge.BackendError, match=message):
         fxforge.compile(model, example, backend="tvm", measure_latency=False, verify="off", **options)
+
+
+def test_a_tuning_database_path_of_the_wrong_type_is_refused():
+    """pathlib raised a raw TypeError."""
+    model, example = ZOO["mlp"]()
+    with pytest.raises(fxforge.TuningError, match=r"^tune option db must be a directory path \(str or os.PathLike\), "
+                                                  r"got 5$"):
+        fxforge.compile(model, example, backend="tvm", measure_latency=False, verify="off", tune={"db": 5, "trials": 0})
 
 
 def _libm_calls(mod) -> set[str]:

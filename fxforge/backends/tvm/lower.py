@@ -43,7 +43,7 @@ from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, arg
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
 
-from ..base import FORMAT_VERSION, Artifact, Backend, register_backend
+from ..base import FORMAT_VERSION, Artifact, Backend, register_backend, resolved
 from .rewrites import matmul_layout, mutate_functions
 from .schedules import is_gpu, schedule
 
@@ -797,6 +797,7 @@ class TvmArtifact(Artifact):
     """A Relax VM executable: ``model.so`` (and ``model.cu`` for cuda). Runs where the target runs."""
 
     backend = "tvm"
+    files, optional_files = (LIB_FILE,), (CUDA_FILE,)
 
     def __init__(self, signature: Signature, target: Target, info: dict[str, Any], *,
                  executable: Any = None, library: bytes | None = None, source: str = "") -> None:
@@ -834,14 +835,16 @@ class TvmArtifact(Artifact):
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Run on the VM, one thread at a time (calls from two threads at once crashed it: SIGSEGV in its tensor
         allocator, or "Check failed: reg < frame->register_file.size()"); the outputs are views of the VM's
-        memory, which ``Artifact.__call__`` copies."""
+        memory, which ``Artifact.__call__`` copies. A lazily negated or conjugated input (``torch._neg_view``, the
+        ``.imag`` of a conjugated tensor) is made plain first: DLPack hands over the memory without the bit, and the
+        model ran on −x."""
         tvm = _tvm()
         with self._lock:
             vm, device = self.vm(), self._device
             if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():  # zero-copy both ways
-                args = [tvm.runtime.from_dlpack(_aligned(t.detach().contiguous())) for t in inputs]
+                args = [tvm.runtime.from_dlpack(_aligned(resolved(t).contiguous())) for t in inputs]
             else:
-                args = [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), device) for t in inputs]
+                args = [tvm.runtime.tensor(resolved(t).cpu().contiguous().numpy(), device) for t in inputs]
             outputs = tuple(torch.from_dlpack(o).cpu() for o in vm["main"](*args))
         guarded = self.info.get(ZERO_DIVISORS, [])
         if guarded:

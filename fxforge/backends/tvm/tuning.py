@@ -510,6 +510,8 @@ def tune_options(tune: dict[str, Any]) -> dict[str, Any]:
         value, least = opts.get(key), 0 if key == "trials" else 1
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
             raise TuningError(f"tune option {key} must be an integer of at least {least}, got {value!r}")
+    if opts.get("db") is not None and not isinstance(opts["db"], (str, os.PathLike)):  # else pathlib's TypeError
+        raise TuningError(f"tune option db must be a directory path (str or os.PathLike), got {opts['db']!r}")
     if "rpc" in opts:
         rpc_devices(opts["rpc"], need_tracker=opts["trials"] > 0)
     return opts
