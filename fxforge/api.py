@@ -25,7 +25,8 @@ from fxforge.compiler.quality import Metric, Validation, flat_batches
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
-from fxforge.compiler.trace import Signature, ambient_autocast, byte_span, trace, without_autocast
+from fxforge.compiler.trace import (Signature, ambient_autocast, byte_span, quantized_inputs, trace,
+                                   without_autocast)
 from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, copy_model, exact_tolerance,
                                     is_quantized)
 
@@ -196,6 +197,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             gm, report = fitted.run(original, ctx)
         times["budget"] = time.perf_counter() - start
     start = time.perf_counter()
+    # an older reader ignores the field, as it did before: the check is skipped, nothing is read wrong (format unchanged)
+    signature = dataclasses.replace(signature, finite_inputs=quantized_inputs(gm))
     artifact = _lower(be, gm, flat, signature, tgt, strict, backend_options)
     times["backend"] = time.perf_counter() - start
     row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True, time_s=times["backend"],

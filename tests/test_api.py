@@ -482,6 +482,17 @@ def test_a_model_left_in_training_mode_is_compiled_as_eval_and_warned_of():
                         measure_latency=False)
 
 
+class TwoInputs(nn.Module):
+    """A float image (through a float stem at batch 1 in int8) and integer class ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.embed, self.fc = nn.Conv2d(3, 8, 3), nn.Embedding(4, 8), nn.Linear(8, 5)
+
+    def forward(self, x, ids):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)) + self.embed(ids))
+
+
 def test_a_model_made_under_inference_mode_compiles():
     """Serving code builds models under torch.inference_mode(): the weight check's isinf raised a raw RuntimeError
     (autograd on an inference parameter that requires grad)."""
@@ -494,6 +505,28 @@ def test_a_model_made_under_inference_mode_compiles():
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("error")  # it warned that forward changes the model's own state (inference tensors)
         fxforge.compile(model, (x,), measure_latency=False)
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnx"])
+def test_an_int8_model_refuses_nan_and_inf_where_its_quantizers_would_hide_them(backend, tmp_path):
+    """A static quantizer rounds NaN and Inf to finite integers: the int8 model answered a NaN pixel with ordinary
+    logits where the fp32 model gives NaN. The float input reaching a quantizer (through the float stem too) is
+    checked on every call, after save and load as well; an integer input is not, nor is any input of a float model."""
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    example = (torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    calibration = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 3])) for _ in range(4)]
+    cm = fxforge.compile(model, example, passes="int8", backend=backend, calibration=calibration,
+                         max_drop=math.inf, measure_latency=False)
+    assert cm.signature.finite_inputs == (0,)
+    bad = example[0].clone()
+    bad[0, 1, 2, 3] = float("nan")
+    for compiled in (cm, fxforge.load(cm.save(tmp_path / "a"))):
+        with pytest.raises(fxforge.InputError, match="input 0 holds NaN or Inf: the int8 model would quantize"):
+            compiled(bad, example[1])
+        torch.testing.assert_close(compiled(*example), cm(*example))
+    float_model = fxforge.compile(model, example, backend=backend, measure_latency=False)
+    assert float_model.signature.finite_inputs == () and torch.isnan(float_model(bad, example[1])).any()
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnx", "eager"])

@@ -31,7 +31,7 @@ from torch.export import Dim
 from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .graph import get_tensor, views_as_reshapes
-from .ops import argument, aten, data, is_op
+from .ops import QUANTIZE, argument, aten, data, is_op
 from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, beyond, clone_inputs, compare, copy_model,
                      discrete_mismatch, exact_tolerances, fresh_inputs, nesting)
 
@@ -93,6 +93,10 @@ class Signature:
     # inputs' sizes (``x.shape[0]``); a backend whose graph returns them as 0-d tensors (ONNX, TVM) gives them back
     # as the Python number eager returns
     scalar_outputs: tuple[tuple[int, str], ...] = ()
+    # the float inputs whose values reach a static int8 quantizer (:func:`quantized_inputs`): it rounds NaN and Inf
+    # to finite integers, so the int8 model answered a NaN pixel with ordinary logits where the fp32 model gives NaN;
+    # calls holding them are refused
+    finite_inputs: tuple[int, ...] = ()
 
     def with_static_batch(self, example_inputs: Sequence[torch.Tensor], note: str) -> Signature:
         """This signature fixed to the example's shapes, saying why: for a backend whose artifact holds them (a
@@ -143,6 +147,10 @@ class Signature:
             if t.numel() and (int(t.min()) < low or int(t.max()) >= high):
                 raise InputError(f"input {i} holds indices from {int(t.min())} to {int(t.max())}, but it indexes "
                                  f"{what}: each must be in [{low}, {high})")
+        for i in self.finite_inputs:
+            if not bool(torch.isfinite(flat[i]).all()):
+                raise InputError(f"input {i} holds NaN or Inf: the int8 model would quantize them to finite numbers "
+                                 "and answer as if they were data (the fp32 model gives NaN); clean the input first")
         for i in self.written_inputs:
             j = next((j for j, t in enumerate(flat) if j != i and _overlap(flat[i], t)), None)
             if j is not None:
@@ -194,7 +202,8 @@ class Signature:
                 "constant_outputs": [list(c) for c in self.constant_outputs],
                 "written_inputs": list(self.written_inputs),
                 "namedtuple_fields": {path: list(fields) for path, fields in self.namedtuple_fields},
-                "min_batch": self.min_batch, "scalar_outputs": [list(o) for o in self.scalar_outputs]}
+                "min_batch": self.min_batch, "scalar_outputs": [list(o) for o in self.scalar_outputs],
+                "finite_inputs": list(self.finite_inputs)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Signature:
@@ -215,7 +224,8 @@ class Signature:
                    tuple((int(i), v) for i, v in d.get("constant_outputs", ())),
                    tuple(int(i) for i in d.get("written_inputs", ())),
                    tuple((path, tuple(fields)) for path, fields in namedtuples.items()), int(d.get("min_batch", 1)),
-                   tuple((int(i), _scalar_kind(k)) for i, k in d.get("scalar_outputs", ())))
+                   tuple((int(i), _scalar_kind(k)) for i, k in d.get("scalar_outputs", ())),
+                   tuple(int(i) for i in d.get("finite_inputs", ())))
 
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -356,8 +366,9 @@ def _signature_problem(d: dict[str, Any]) -> str | None:
     if not _list_of(d.get("index_bounds", []), lambda b: _list_of(b, None) and len(b) in (2, 4) and all(
             map(_is_int, b[:3])) and b[0] in range(n) and (len(b) == 2 or isinstance(b[3], str))):
         return f"'index_bounds' is not a list of (input, low, high, what) of its {n} input(s)"
-    if not _list_of(d.get("written_inputs", []), lambda i: _is_int(i) and i in range(n)):
-        return f"'written_inputs' is not a list of indices of its {n} input(s)"
+    for key in ("written_inputs", "finite_inputs"):
+        if not _list_of(d.get(key, []), lambda i: _is_int(i) and i in range(n)):
+            return f"{key!r} is not a list of indices of its {n} input(s)"
     fields_ = d.get("namedtuple_fields", {})
     if not isinstance(fields_, dict) or not all(_list_of(f, lambda e: isinstance(e, str)) for f in fields_.values()):
         return "'namedtuple_fields' is not a table of field names"
@@ -543,6 +554,23 @@ def _written_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
     """The positions of the placeholders whose write-back ``_flat_graph_module`` dropped."""
     written = set(gm.meta.get("input_writes_dropped", ()))
     return tuple(i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if n.name in written)
+
+
+def quantized_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
+    """The positions of the float placeholders from whose values a static quantizer is reachable (the signature's
+    ``finite_inputs``). Any path counts, since NaN and Inf travel through float ops (an image's float stem) to the
+    first quantizer; a dynamic int8 linear computes its scale from the row and keeps a NaN a NaN."""
+    found = []
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        seen, todo = {node}, [node]
+        while todo and not any(is_op(n, *QUANTIZE) for n in todo):
+            todo = [u for n in todo for u in n.users if u not in seen and not seen.add(u)]
+        if todo:
+            found.append(i)
+    return tuple(found)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
