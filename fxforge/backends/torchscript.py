@@ -41,8 +41,9 @@ class TorchScriptArtifact(Artifact):
         self.module = frozen if frozen is not None else _frozen(scripted, bool(self.info.get("optimize_for_inference")))
 
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        # no warnings.catch_warnings here: it swaps the process's filters, and calls from several threads left
+        # "ignore" installed, silencing every later warning of the process (the frozen module warns of nothing)
+        with torch.inference_mode():
             out = self.module(*inputs)
         return out if isinstance(out, (tuple, list)) else (out,)
 

@@ -113,3 +113,21 @@ def test_an_int8_model_of_several_inputs_compiles_with_a_static_batch():
                          calibration=[(torch.randn(2, 8), torch.randn(2, 4)) for _ in range(4)],
                          max_drop=float("inf"), measure_latency=False)
     assert cm(*example).shape == (2, 4)
+
+
+def test_calls_from_several_threads_leave_the_warning_filters_alone():
+    """run() swapped the process's warning filters (warnings.catch_warnings, which is not thread-safe): after calls
+    from 4 threads an "ignore" filter stayed installed and every later warning of the process was lost."""
+    import threading
+    import warnings
+    cm = fxforge.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(4, 8),),
+                         backend="torchscript", measure_latency=False)
+    x, before = torch.randn(4, 8), list(warnings.filters)
+    threads = [threading.Thread(target=lambda: [cm(x) for _ in range(300)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert list(warnings.filters) == before
+    with pytest.warns(UserWarning, match="still shown"):
+        warnings.warn("still shown", UserWarning)
