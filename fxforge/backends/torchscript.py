@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, List, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -91,15 +91,26 @@ def scriptable(gm: fx.GraphModule) -> fx.GraphModule:
 
 @register_backend
 class TorchScriptBackend(Backend):
-    """torch.jit script/trace → freeze → optimize_for_inference where it is faster."""
+    """torch.jit script/trace → freeze → optimize_for_inference where it is faster (option ``optimize``)."""
 
     name = "torchscript"
     artifact = TorchScriptArtifact
     cpu_only = True  # saved unfrozen, it runs wherever PyTorch runs on a CPU (x86 or arm64)
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """``optimize``: None (the default) applies ``torch.jit.optimize_for_inference`` where it agrees with the
+        graph and times faster on the example, so two builds can differ (by float rounding, ~1e-6) when the two are
+        near in speed; True (wherever it agrees) or False fixes the choice, for a build that must repeat bit for bit."""
+        unknown = sorted(set(options) - {"optimize"})
+        if unknown:
+            raise BackendError(f"the torchscript backend takes only the option optimize, got {', '.join(unknown)}")
+        if not (options.get("optimize") is None or isinstance(options["optimize"], bool)):  # 1 == True
+            raise BackendError(f"torchscript option optimize must be None, True or False, got {options['optimize']!r}")
+
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> TorchScriptArtifact:
         self.check_options(options)
+        optimize = options.get("optimize")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module, mode = self._compile(gm, example_inputs)
@@ -107,9 +118,9 @@ class TorchScriptBackend(Backend):
                 module, mode = self._compile(_guarded(gm, example_inputs), example_inputs)
             chosen, optimized = _frozen(module, optimize=False), False
             try:
-                candidate = _frozen(module, optimize=True)
-                if _agrees(candidate, gm, example_inputs) and measure_latency(candidate, example_inputs, 0.3) < \
-                        measure_latency(chosen, example_inputs, 0.3):
+                candidate = _frozen(module, optimize=True) if optimize is not False else None
+                if candidate is not None and _agrees(candidate, gm, example_inputs) and (optimize or measure_latency(
+                        candidate, example_inputs, 0.3) < measure_latency(chosen, example_inputs, 0.3)):
                     chosen, optimized = candidate, True
             except RuntimeError:
                 pass

@@ -131,3 +131,20 @@ def test_calls_from_several_threads_leave_the_warning_filters_alone():
     assert list(warnings.filters) == before
     with pytest.warns(UserWarning, match="still shown"):
         warnings.warn("still shown", UserWarning)
+
+
+def test_the_optimize_option_fixes_the_timed_choice_and_bad_values_are_refused():
+    """optimize_for_inference was chosen by timing alone: identical compiles differed (2 of 6 in one process, outputs
+    up to 3e-6 apart). ``optimize=False``/``True`` fixes it; False builds repeat bit for bit."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    builds = [fxforge.compile(model, (x,), backend="torchscript", optimize=False, measure_latency=False)
+              for _ in range(2)]
+    assert [b.artifact.info["optimize_for_inference"] for b in builds] == [False, False]
+    assert torch.equal(builds[0](x), builds[1](x))
+    forced = fxforge.compile(model, (x,), backend="torchscript", optimize=True, measure_latency=False)
+    assert forced.artifact.info["optimize_for_inference"] is True
+    with pytest.raises(fxforge.BackendError, match="torchscript option optimize must be None, True or False, got 1"):
+        fxforge.compile(model, (x,), backend="torchscript", optimize=1)
+    with pytest.raises(fxforge.BackendError, match="the torchscript backend takes only the option optimize, got opset"):
+        fxforge.compile(model, (x,), backend="torchscript", opset=17)
