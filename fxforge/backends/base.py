@@ -180,18 +180,31 @@ def check_replaceable(final: Path) -> None:
         if final.samefile(os.getcwd()):
             raise ArtifactError(f"{final} is the working directory: save into a directory inside it (replacing it "
                                 "would leave this process, and a shell there, in a deleted directory)")
-    present = {p.name for p in final.iterdir()}
+    for _ in range(LOAD_ATTEMPTS):  # another process's save swapped a directory in meanwhile: look again
+        with _pinned(final) as (where, replaced):
+            problem = _not_wholly_an_artifact(final, where)
+            if problem is None or not replaced():
+                break
+    if problem is not None:
+        raise ArtifactError(f"{problem}; refusing to overwrite")
+
+
+def _not_wholly_an_artifact(final: Path, where: Path) -> str | None:
+    """Why the directory ``final`` (read through ``where``, one directory whatever is renamed onto ``final``) is not
+    empty and not wholly an fxforge artifact, or None. Read by path, a listing and a manifest could come from two
+    directories that a concurrent save exchanged in between, and a save was refused for files it had written."""
+    present = {p.name for p in where.iterdir()}
     if not present:
-        return
+        return None
     try:
-        listed = set(json.loads((final / META_FILE).read_text())["files"])
+        listed = set(json.loads((where / META_FILE).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise ArtifactError(f"{final} exists and is not an fxforge artifact (no readable {META_FILE}); "
-                            "refusing to overwrite") from None
+        return f"{final} exists and is not an fxforge artifact (no readable {META_FILE})"
     foreign = sorted(present - listed - {META_FILE})
     if foreign:
-        raise ArtifactError(f"{final} holds files that are not part of the artifact there "
-                            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}); refusing to overwrite")
+        return (f"{final} holds files that are not part of the artifact there "
+                f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''})")
+    return None
 
 
 def check_writable(path: Path, what: str, directory: bool = True) -> None:
