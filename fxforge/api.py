@@ -197,7 +197,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             gm, report = fitted.run(original, ctx)
         times["budget"] = time.perf_counter() - start
     start = time.perf_counter()
-    # an older reader ignores the field, as it did before: the check is skipped, nothing is read wrong (format unchanged)
+    # an older reader ignores the field as it did before: it skips the check, reads nothing wrong (format unchanged)
     signature = dataclasses.replace(signature, finite_inputs=quantized_inputs(gm))
     artifact = _lower(be, gm, flat, signature, tgt, strict, backend_options)
     times["backend"] = time.perf_counter() - start

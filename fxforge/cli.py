@@ -302,14 +302,8 @@ def _check_out(text: str) -> None:
     in a file system that makes no directories (/proc)."""
     if not text:
         raise InputError("--out is empty: name the directory to write the artifact to")
-    out = Path(text)
-    try:
-        out.stat()
-    except OSError as e:
-        if e.errno not in (errno.ENOENT, errno.ENOTDIR):  # not there yet, or under a file: check_writable says so
-            raise InputError(f"--out {out}: {e.strerror or e}") from None
-    check_replaceable(out)
-    check_writable(out, "--out")
+    check_replaceable(Path(text))
+    check_writable(Path(text), "--out")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -172,6 +172,8 @@ def check_replaceable(final: Path) -> None:
         if e.errno == errno.ELOOP:
             raise ArtifactError(f"cannot write an artifact to {final}: it is, or is under, a symbolic link loop "
                                 f"({e.strerror})") from None
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):  # not there yet, or under a file: the save says which
+            raise ArtifactError(f"cannot write an artifact to {final}: {e.strerror or e}") from None
     if not final.exists():
         return
     if not final.is_dir():

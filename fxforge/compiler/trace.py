@@ -566,10 +566,13 @@ def quantized_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
         seen, todo = {node}, [node]
-        while todo and not any(is_op(n, *QUANTIZE) for n in todo):
-            todo = [u for n in todo for u in n.users if u not in seen and not seen.add(u)]
-        if todo:
-            found.append(i)
+        while todo:
+            current = todo.pop()
+            if is_op(current, *QUANTIZE):
+                found.append(i)
+                break
+            todo += [u for u in current.users if u not in seen]
+            seen.update(current.users)
     return tuple(found)
 
 
