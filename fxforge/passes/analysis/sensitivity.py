@@ -146,15 +146,19 @@ def plan(sens: Sensitivity, saved: dict[tuple[str, str], float], need: float | N
 def give_back(sens: Sensitivity, saved: dict[tuple[str, str], float], chosen: dict[str, str],
               meets: Callable[[dict[str, str]], bool]) -> dict[str, str]:
     """``chosen`` with what the goal spares given back: for each chosen layer, most damaging first (its effect's
-    drop, then error), the first of "unchanged" and the layer's settings that save less than its choice, the
-    lightest first, with which the whole choice still ``meets`` the goal replaces that layer's choice. A plan's
-    last move may save far more than the goal still needed; this keeps the damage to what the goal asks. A move
-    whose damage is within ``EXACT_TOLERANCE`` (an exact split) costs nothing and is kept."""
+    drop, then error), the first of "unchanged" and the layer's settings that save less than its choice and were
+    measured no more damaging (drop, then error: a layer's effect is not monotone in its setting), the lightest
+    first, with which the whole choice still ``meets`` the goal replaces that layer's choice. A plan's last move may
+    save far more than the goal still needed; this keeps the damage to what the goal asks. A move whose damage is
+    within ``EXACT_TOLERANCE`` (an exact split) costs nothing and is kept."""
     for layer in sorted(chosen, key=lambda n: astuple(sens.effects[chosen[n]][n]), reverse=True):
-        if _damage(sens.effects[chosen[layer]][layer]) <= EXACT_TOLERANCE:
+        current = sens.effects[chosen[layer]][layer]
+        if _damage(current) <= EXACT_TOLERANCE:
             continue
         lighter = sorted((gain, spec) for (spec, name), gain in saved.items() if name == layer
-                         and gain < saved[(chosen[layer], layer)] and isinstance(sens.effects[spec].get(name), Effect))
+                         and gain < saved[(chosen[layer], layer)] and isinstance(e := sens.effects[spec].get(name),
+                                                                                  Effect)
+                         and astuple(e) <= astuple(current))
         for spec in [None, *(spec for _, spec in lighter)]:
             trial = {**{n: s for n, s in chosen.items() if n != layer}, **({layer: spec} if spec else {})}
             if meets(trial):

@@ -181,6 +181,9 @@ def test_give_back_keeps_only_the_damage_the_goal_asks_for():
     assert give_back(sens, saved, chosen, lambda trial: total(trial) >= 195) == chosen  # nothing to spare
     exact = Sensitivity(["a", "b"], {**sens.effects, "half": {"a": Effect(0.0, 1e-7), "b": Effect(0.0, 0.02)}})
     assert give_back(exact, saved, chosen, lambda trial: total(trial) >= 60) == {"a": "half", "b": "half"}
+    # a layer's effect is not monotone in its setting: a lighter one measured more damaging is no give-back
+    rough = Sensitivity(["a", "b"], {**sens.effects, "half": {"a": Effect(0.0, 0.001), "b": Effect(0.1, 0.02)}})
+    assert give_back(rough, saved, chosen, lambda trial: total(trial) >= 60) == {"b": "quarter"}
 
 
 class Residual(nn.Module):
