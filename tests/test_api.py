@@ -529,6 +529,38 @@ def test_an_int8_model_refuses_nan_and_inf_where_its_quantizers_would_hide_them(
     assert float_model.signature.finite_inputs == () and torch.isnan(float_model(bad, example[1])).any()
 
 
+class Masked(nn.Module):
+    """Attention-like scores plus an additive mask (-inf on hidden keys) through softmax, then a linear; and an input
+    whose missing values the model itself replaces (nan_to_num) before its first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.fc = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, mask, tabular):
+        scores = self.q(x) @ x.transpose(1, 2) + mask
+        return self.fc(scores.softmax(-1) @ x) + self.fc(torch.nan_to_num(tabular)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_an_int8_model_takes_non_finite_values_that_the_model_itself_makes_finite(backend):
+    """The finite-input check first refused every input with any path to a quantizer: a -inf causal mask (softmax
+    makes it finite) and a model cleaning missing values with nan_to_num, which the int8 model computes as fp32."""
+    torch.manual_seed(0)
+    causal = torch.full((3, 3), float("-inf")).triu(1).expand(2, 3, 3)
+    finite = torch.full((3, 3), torch.finfo(torch.float32).min).triu(1).expand(2, 3, 3)
+    calibration = [(torch.randn(2, 3, 4), finite, torch.randn(2, 4)) for _ in range(4)]
+    model = Masked().eval()
+    cm = fxforge.compile(model, calibration[0], passes="int8", backend=backend, calibration=calibration,
+                         max_drop=math.inf, measure_latency=False)
+    assert cm.signature.finite_inputs == (0,)  # x reaches the quantized linears through ops that carry NaN
+    x, tabular = torch.randn(2, 3, 4), torch.randn(2, 4)
+    tabular[0, 1] = float("nan")
+    out = cm(x, causal, tabular)
+    with torch.no_grad():
+        assert torch.isfinite(out).all() and (out - model(x, causal, tabular)).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("backend", ["torchscript", "onnx", "eager"])
 def test_compile_inside_autocast_compiles_the_model_in_its_own_dtypes(backend):
     """Called inside torch.autocast, the TorchScript artifact kept autocast's bfloat16 and returned it outside

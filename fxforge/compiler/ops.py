@@ -38,6 +38,17 @@ Q_PER_TENSOR = qd.quantize_per_tensor.default
 DQ_PER_TENSOR = qd.dequantize_per_tensor.default
 QUANTIZE = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 DEQUANTIZE = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
+# ops whose output is NaN or infinite wherever a NaN or infinite input reaches it (arithmetic, layers, moves of data):
+# what carries a bad input value to a quantizer. Softmax (-inf scores are masked keys), nan_to_num, where and
+# masked_fill make them finite, so they are not here
+NAN_PROPAGATING = (*CONV, *LINEAR, *MATMUL, *BATCH_NORM, *ACTIVATION, aten.addmm, aten.add, aten.sub, aten.mul,
+                   aten.div, aten.neg, aten.abs, aten.exp, aten.layer_norm, aten.group_norm, aten.mean, aten.sum,
+                   aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
+                   aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.max_pool1d, aten.max_pool2d,
+                   aten.max_pool3d, aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose,
+                   aten.t, aten.flatten, aten.unsqueeze, aten.squeeze, aten.expand, aten.slice, aten.select,
+                   aten.cat, aten.stack, aten.constant_pad_nd, aten.pad, aten.clone, aten.contiguous,
+                   aten._to_copy, aten.to, operator.getitem)
 DIVISION = (aten.div, aten.floor_divide, aten.remainder, aten.fmod)  # on integers by 0: eager's ZeroDivisionError
 # ops that sum many terms: PyTorch's kernels sum float16/bfloat16 operands in float32
 REDUCTION = (aten.mean, aten.sum, aten.var, aten.std, aten.logsumexp, aten.linalg_vector_norm, aten.cumsum,

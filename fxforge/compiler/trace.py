@@ -31,7 +31,7 @@ from torch.export import Dim
 from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .graph import get_tensor, views_as_reshapes
-from .ops import QUANTIZE, argument, aten, data, is_op
+from .ops import NAN_PROPAGATING, QUANTIZE, argument, aten, data, is_op
 from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, beyond, clone_inputs, compare, copy_model,
                      discrete_mismatch, exact_tolerances, fresh_inputs, nesting)
 
@@ -557,9 +557,11 @@ def _written_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
 
 
 def quantized_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
-    """The positions of the float placeholders from whose values a static quantizer is reachable (the signature's
-    ``finite_inputs``). Any path counts, since NaN and Inf travel through float ops (an image's float stem) to the
-    first quantizer; a dynamic int8 linear computes its scale from the row and keeps a NaN a NaN."""
+    """The positions of the float placeholders whose NaN or Inf a static quantizer would receive (the signature's
+    ``finite_inputs``): a path to it through ops that carry them (``NAN_PROPAGATING``: an image's float stem, a
+    reshape). An op that makes them finite ends the path: a -inf attention mask through softmax, a model cleaning
+    missing values with nan_to_num, are legitimate inputs. A dynamic int8 linear computes its scale from the row
+    and keeps a NaN a NaN."""
     found = []
     for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
         value = node.meta.get("val")
@@ -571,8 +573,9 @@ def quantized_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
             if is_op(current, *QUANTIZE):
                 found.append(i)
                 break
-            todo += [u for u in current.users if u not in seen]
-            seen.update(current.users)
+            if current is node or is_op(current, *NAN_PROPAGATING):
+                todo += [u for u in current.users if u not in seen]
+                seen.update(current.users)
     return tuple(found)
 
 
