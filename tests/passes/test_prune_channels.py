@@ -274,3 +274,20 @@ def test_the_flops_goal_measures_layers_before_an_unfused_batch_norm():
     cm = fxforge.compile(model, (torch.randn(4, 16),), passes=["prune_channels{flops=0.5}"],
                          calibration=[(torch.randn(4, 16),)], measure_latency=False)
     assert cm.report.final.flops <= 0.5 * cm.report.rows[0].flops
+
+
+@pytest.mark.slow  # the trained wide digits CNN (cached after its first training)
+def test_a_goal_between_two_reachable_goals_is_reached_on_the_trained_wide_digits_cnn():
+    """The plan is redone while the pruned graph keeps more than the goal (coupled layers save less than their
+    sum). Asked each round for only the shortfall more, a plan that already saved that much on paper came back
+    unchanged every round: on the wide digits CNN flops=0.7 was "unreachable" though 0.8 and 0.55 were met.
+    Expected: 0.7 met; the benchmark's flops=0.5 choice as measured (⅛, ⅜, ¾)."""
+    from fxforge.zoo import digits_data, wide_digits_cnn
+    model = wide_digits_cnn()
+    x_train, _, x_test, _ = digits_data()
+    calibration = [(b,) for b in x_train.split(64)][:8]
+    for goal, ratios in ((0.7, None), (0.5, {"ratio.conv2d": 0.125, "ratio.conv2d_1": 0.375, "ratio.conv2d_3": 0.75})):
+        _, report, _ = apply(model, (x_test[:2],), [PruneChannels(flops=goal)], calibration=calibration)
+        stats = report.row("prune_channels").stats
+        assert "skipped.flops_goal_unreachable" not in stats and stats["flops_after"] <= goal * stats["flops_before"]
+        assert ratios is None or {k: v for k, v in stats.items() if k.startswith("ratio.")} == ratios
