@@ -287,7 +287,7 @@ def test_a_goal_between_two_reachable_goals_is_reached_on_the_trained_wide_digit
     x_train, _, x_test, _ = digits_data()
     calibration = [(b,) for b in x_train.split(64)][:8]
     for goal, ratios in ((0.7, None), (0.5, {"ratio.conv2d": 0.125, "ratio.conv2d_1": 0.375, "ratio.conv2d_3": 0.75})):
-        _, report, _ = apply(model, (x_test[:2],), [PruneChannels(flops=goal)], calibration=calibration)
+        _, report, _ = apply(model, (x_test[:2],), ["fuse", PruneChannels(flops=goal)], calibration=calibration)
         stats = report.row("prune_channels").stats
         assert "skipped.flops_goal_unreachable" not in stats and stats["flops_after"] <= goal * stats["flops_before"]
         assert ratios is None or {k: v for k, v in stats.items() if k.startswith("ratio.")} == ratios
