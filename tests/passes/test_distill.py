@@ -319,7 +319,7 @@ def test_distillation_recovers_a_compressed_trained_digits_cnn(compress):
     base, before, after = (accuracy(lambda x: m(x)[0] if m is not model else m(x), x_test, y_test)
                            for m in (model, compressed, tuned))
     assert report.final.flops <= 0.5 * report.row("input").flops
-    assert before < base - 0.02 and after > base - 0.01
+    assert before < base - 0.01 and after > base - 0.01 and after > before + 0.01  # low-rank: 97.48 -> 98.99 %
 
 
 @pytest.mark.slow  # the wide digits CNN, 300 steps of distillation, calibration and an ONNX export
