@@ -56,8 +56,9 @@ class TensorSpec:
         return cls(tuple(d["shape"]), getattr(torch, d["dtype"]))
 
 
-# held around every torch.export / torch.onnx.export / torch.export.save / load: they patch process-wide state (the
-# current tracer, serializer, patcher), so two threads exporting at once failed with raw AssertionErrors
+# held around every torch.export / torch.onnx.export / torch.export.save / load / run_decompositions: they patch
+# process-wide state (the current tracer, serializer, patcher), so two threads exporting at once failed with raw
+# AssertionErrors, and a decomposition beside another thread's export with a TraceError blaming the model
 EXPORT_LOCK = threading.RLock()
 BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
@@ -705,18 +706,20 @@ def _functional(ep: torch.export.ExportedProgram, refs: _References) -> tuple[fx
     (compiler/functionalize.py) give it in a fraction of the time export's decomposition takes, when they apply;
     the decomposition serves the rest, and a rewritten graph that does not reproduce the model is decomposed anew,
     so that a gap in the rewrites never passes for a model that branches on its batch size."""
-    rewritten = functional_graph(ep.module())
+    with EXPORT_LOCK:  # unlifting and decomposing trace with process-wide state, as export does
+        rewritten = functional_graph(ep.module())
     if rewritten is not None:
         gm = _flat_graph_module(rewritten)
         err = refs.error(gm)
         if err <= EXACT_TOLERANCE:
             return gm, err
-    try:
-        decomposed = ep.run_decompositions({})
-    except Exception as e:  # seen: a torch.enable_grad() block inside a torch.no_grad() one (IndexError in torch)
-        raise TraceError(f"torch.export captured the model but could not make its graph functional: "
-                         f"{type(e).__name__}: {first_line(e)}") from None
-    gm = _flat_graph_module(decomposed.module())
+    with EXPORT_LOCK:
+        try:
+            decomposed = ep.run_decompositions({})
+        except Exception as e:  # seen: a torch.enable_grad() block inside a torch.no_grad() one (IndexError in torch)
+            raise TraceError(f"torch.export captured the model but could not make its graph functional: "
+                             f"{type(e).__name__}: {first_line(e)}") from None
+        gm = _flat_graph_module(decomposed.module())
     return gm, refs.error(gm)
 
 

@@ -494,6 +494,32 @@ def test_a_failed_export_prints_nothing_and_other_threads_keep_stderr(capsys):
     assert "def forward" not in err and err.count("other thread") == len(written) > 0
 
 
+
+def test_two_threads_capturing_a_transformer_at_once_both_succeed():
+    """A transformer encoder takes export's decomposition (the local rewrites do not apply to it), which traced
+    outside the export lock: two threads capturing it at once failed 5 of 6 compiles with a TraceError blaming the
+    model ("could not make its graph functional", or "could not capture ... replace data-dependent control flow")."""
+    import threading
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    errors = []
+
+    def capture():
+        for _ in range(2):
+            try:
+                trace(model, (x,))
+            except fxforge.FxforgeError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=capture) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
 class ConvFlatten(nn.Module):
     def __init__(self):
         super().__init__()
