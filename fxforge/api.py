@@ -247,15 +247,14 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
 
 def _lower(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: Target, strict: bool,
            options: dict[str, Any]) -> Artifact:
-    """The backend's artifact; under ``strict`` one that would run elsewhere than ``tgt`` is a TargetError."""
-    if not strict:
-        return be.lower(gm, flat, signature, tgt, **options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FallbackWarning)
-        try:
-            return be.lower(gm, flat, signature, tgt, **options)
-        except FallbackWarning as w:
-            raise TargetError(f"{w} (strict=True)") from None
+    """The backend's artifact; its fallbacks (``Artifact.fallbacks``) are warned of, or under ``strict`` a
+    TargetError."""
+    artifact = be.lower(gm, flat, signature, tgt, **options)
+    for fallback in artifact.fallbacks:
+        if strict:
+            raise TargetError(f"{fallback} (strict=True)")
+        warnings.warn(fallback, FallbackWarning, stacklevel=4)  # the caller's compile(...)
+    return artifact
 
 
 def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, readers: list[str],

@@ -52,6 +52,11 @@ class Artifact(ABC):
     # (its hash would go unchecked). A backend names its own; one registered without them is checked as listed.
     files: ClassVar[tuple[str, ...]] = ()
     optional_files: ClassVar[tuple[str, ...]] = ()
+    # What the artifact does otherwise than its target asked (a missing execution provider, a fusion that failed),
+    # one line each, which compile turns into a FallbackWarning or, under strict, a TargetError. A backend that
+    # warned itself made strict a process-wide warnings filter around lowering, which another thread's filters
+    # (an export's "ignore") swallowed: strict compiles returned fallbacks.
+    fallbacks: tuple[str, ...] = ()
 
     def __init__(self, signature: Signature, target: Target, info: dict[str, Any] | None = None) -> None:
         self.signature = signature

@@ -44,7 +44,6 @@ import logging
 import math
 import re
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -56,10 +55,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxforge.compiler import dynamic_quant, ops
-from fxforge.compiler.errors import ANSI, BackendError, FallbackWarning, first_line, missing_dependency
+from fxforge.compiler.errors import ANSI, BackendError, first_line, missing_dependency
 from fxforge.compiler.graph import fusion_groups, get_tensor
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import EXPORT_LOCK, MAX_BATCH, Signature, batch_dynamic
+from fxforge.compiler.trace import EXPORT_LOCK, MAX_BATCH, Signature, batch_dynamic, silenced_warnings
 
 from . import onnx_int8, onnx_transformer
 from .base import Artifact, Backend, register_backend, resolved
@@ -216,16 +215,15 @@ class OnnxBackend(Backend):
         fusions = onnx_transformer.resolve(_check_fusions(options.pop("fusions", "auto")), gm)
         config = _session_config(options)
         model = export(gm, example_inputs, signature, opset, transformer=fusions == "transformer", target=target)
-        failed = None
+        failed, fallbacks = None, []
         if fusions == "transformer":
             cpu = providers(target) == ["CPUExecutionProvider"]
             try:
                 model = onnx_transformer.optimize(model, cpu=cpu)
             except Exception as e:  # a graph ORT's Python fusions do not expect (seen: a Llama's SiLU MLP)
                 failed = f"{type(e).__name__}: {first_line(e)}"
-                warnings.warn(f"onnxruntime.transformers' fusions failed on this model ({failed}); the exported "
-                              "model runs without them (attention stays ORT's MultiHeadAttention)", FallbackWarning,
-                              stacklevel=2)
+                fallbacks.append(f"onnxruntime.transformers' fusions failed on this model ({failed}); the exported "
+                                 "model runs without them (attention stays ORT's MultiHeadAttention)")
             if cpu:
                 config = replace(config, disabled_optimizers=tuple(dict.fromkeys(
                     (*config.disabled_optimizers, *onnx_transformer.CPU_SLOWER_FUSIONS))))
@@ -238,8 +236,8 @@ class OnnxBackend(Backend):
                                f"{len(signature.inputs)}")
         missing = [p for p in target.ort_providers if p not in session.get_providers()]
         if missing:
-            warnings.warn(f"target {target.name!r}: this onnxruntime lacks {', '.join(missing)}; the artifact runs "
-                          f"on {', '.join(session.get_providers())}", FallbackWarning, stacklevel=2)
+            fallbacks.append(f"target {target.name!r}: this onnxruntime lacks {', '.join(missing)}; the artifact "
+                             f"runs on {', '.join(session.get_providers())}")
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)  # as exported
         info = {"onnx_file": MODEL_FILE, "exporter": "torch.onnx (dynamo)", "opset": opset,
                 "onnx_nodes": len(model.graph.node), "ort_providers": session.get_providers(),
@@ -247,7 +245,9 @@ class OnnxBackend(Backend):
                 "ort_options": config.recorded(), "fusion_groups": len(fusion_groups(gm)), "fusions": fusions,
                 **({"ort_transformer_optimizer_failed": failed} if failed else {}),
                 **ort_kernels(optimized), "ort_transformer_ops": onnx_transformer.transformer_ops(optimized)}
-        return OnnxArtifact(data, signature, target, info, session)
+        artifact = OnnxArtifact(data, signature, target, info, session)
+        artifact.fallbacks = tuple(fallbacks)
+        return artifact
 
 
 def _check_opset(opset: Any) -> None:
@@ -747,8 +747,7 @@ def _quiet() -> Iterator[None]:
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with silenced_warnings():
             yield
     finally:
         logger.setLevel(level)

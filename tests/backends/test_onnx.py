@@ -1,6 +1,7 @@
 """ONNX backend: zoo models match eager after `fuse`; dynamic batch; save/load; checker; ORT session options;
 QDQ graphs run as ORT int8 kernels; ops the exporter cannot lower become a BackendError naming the node."""
 import json
+import warnings
 
 import onnx
 import pytest
@@ -124,6 +125,27 @@ def test_strict_refuses_an_artifact_that_would_run_elsewhere_than_its_target():
                                                   r"the artifact runs on CPUExecutionProvider \(strict=True\)$"):
         fxforge.compile(model, (x,), backend="onnx", target="cuda", strict=True)
 
+
+
+def test_strict_refuses_a_fallback_whatever_warnings_filters_another_thread_installs(monkeypatch):
+    """strict was a process-wide "error" filter around lowering: another thread's export installing "ignore"
+    meanwhile swallowed the fallback, and strict compiles returned CPU artifacts for a cuda target (8 of 12 beside a
+    concurrent compile). Here the other thread's filter is installed while the session is made."""
+    import onnxruntime as ort
+
+    from fxforge.backends import onnx as onnx_backend
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: nothing falls back")
+    create = onnx_backend.create_session
+
+    def meanwhile(*args, **kwargs):
+        warnings.simplefilter("ignore")
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_backend, "create_session", meanwhile)
+    model, (x,) = ZOO["mlp"]()
+    with warnings.catch_warnings(), pytest.raises(fxforge.TargetError, match="lacks CUDAExecutionProvider"):
+        fxforge.compile(model, (x,), backend="onnx", target="cuda", strict=True)
 
 @pytest.mark.parametrize("options, message", [
     ({"threads": 2}, "unknown onnx backend option.*threads"),
