@@ -22,7 +22,6 @@ import re
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,7 +30,7 @@ import torch
 
 from fxforge.compiler.errors import FxforgeError, first_line
 from fxforge.compiler.timing import interleaved_latency, median_interval, paired_ratios
-from fxforge.compiler.trace import EXPORT_LOCK
+from fxforge.compiler.trace import silenced_warnings
 from fxforge.compiler.verify import compare, fresh_inputs
 
 Runner = Callable[[Sequence[torch.Tensor]], Any]
@@ -124,8 +123,7 @@ def _torch_compile(model: torch.nn.Module, example: tuple, calib: list) -> Built
 
 def _onnx_file(model: torch.nn.Module, example: tuple, directory: Path) -> Path:
     path = directory / "model.onnx"
-    with EXPORT_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with silenced_warnings():
         torch.onnx.export(copy.deepcopy(model), example, str(path), dynamo=True, verbose=False, optimize=True,
                           external_data=False)
     return path

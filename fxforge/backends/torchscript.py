@@ -10,7 +10,6 @@ on load. At compile time each variant is frozen once and the artifact keeps the 
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 from typing import Any, List, Mapping, Sequence
 
@@ -21,7 +20,7 @@ from fxforge.compiler.errors import BackendError
 from fxforge.compiler.graph import aten, get_tensor, is_op
 from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import Signature
+from fxforge.compiler.trace import Signature, silenced_warnings
 from fxforge.compiler.verify import EXACT_TOLERANCE, compare, fresh_inputs
 
 from .base import Artifact, Backend, register_backend
@@ -48,14 +47,12 @@ class TorchScriptArtifact(Artifact):
         return out if isinstance(out, (tuple, list)) else (out,)
 
     def write(self, directory: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with silenced_warnings():
             torch.jit.save(self.scripted, str(directory / MODEL_FILE))
 
     @classmethod
     def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> TorchScriptArtifact:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with silenced_warnings():
             return cls(torch.jit.load(str(directory / MODEL_FILE)), signature, target, info)
 
 
@@ -111,8 +108,7 @@ class TorchScriptBackend(Backend):
               target: Target, **options: Any) -> TorchScriptArtifact:
         self.check_options(options)
         optimize = options.get("optimize")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with silenced_warnings():
             module, mode = self._compile(gm, example_inputs)
             if mode != "script" or not signature.dynamic_batch:  # model.pt holds the example's shapes: it says so
                 module, mode = self._compile(_guarded(gm, example_inputs), example_inputs)
@@ -168,8 +164,7 @@ def _guarded(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.G
 
 def _frozen(module: torch.jit.ScriptModule, optimize: bool) -> torch.jit.ScriptModule:
     """A frozen copy of ``module`` (``module`` itself stays unfrozen and saveable)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with silenced_warnings():
         frozen = torch.jit.freeze(module.eval())
         return torch.jit.optimize_for_inference(frozen) if optimize else frozen
 

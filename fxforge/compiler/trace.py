@@ -20,6 +20,7 @@ import math
 import sys
 import threading
 import traceback
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
@@ -60,6 +61,17 @@ class TensorSpec:
 # process-wide state (the current tracer, serializer, patcher), so two threads exporting at once failed with raw
 # AssertionErrors, and a decomposition beside another thread's export with a TraceError blaming the model
 EXPORT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def silenced_warnings() -> Iterator[None]:
+    """A library's warnings ignored (scripting, freezing, exporting warn about their internals), under EXPORT_LOCK:
+    ``warnings.catch_warnings`` swaps the process's filters, and two threads' save-and-restore pairs interleaved
+    (a TorchScript lowering beside an ONNX export left "ignore" installed for every later warning of the process).
+    Another thread's warnings are ignored too while a section runs: Python's filters are process-wide."""
+    with EXPORT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
 SYMBOLIC_SCALARS = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}  # a graph value's kind

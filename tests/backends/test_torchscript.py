@@ -148,3 +148,36 @@ def test_the_optimize_option_fixes_the_timed_choice_and_bad_values_are_refused()
         fxforge.compile(model, (x,), backend="torchscript", optimize=1)
     with pytest.raises(fxforge.BackendError, match="the torchscript backend takes only the option optimize, got opset"):
         fxforge.compile(model, (x,), backend="torchscript", opset=17)
+
+
+
+def test_freezing_beside_an_onnx_export_leaves_the_warnings_filters_as_they_were():
+    """Freezing ignores torch's warnings inside ``warnings.catch_warnings``, which swaps the process's filters; an
+    ONNX export in another thread did the same, the two save-and-restore pairs interleaved, and "ignore" stayed
+    installed: every later warning of the process was lost (two threads compiling to TorchScript and ONNX, 3 of 3
+    runs). Here the two sections themselves run in two threads, many times."""
+    import threading
+    import time
+    import warnings
+
+    from fxforge.backends.onnx import _quiet
+    from fxforge.backends.torchscript import _frozen
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval())
+    with warnings.catch_warnings():
+        before = list(warnings.filters)
+
+        def freeze():
+            for _ in range(100):
+                _frozen(scripted, optimize=False)
+
+        def export():
+            for _ in range(100):
+                with _quiet():
+                    time.sleep(0.001)
+
+        threads = [threading.Thread(target=freeze), threading.Thread(target=export)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert warnings.filters == before
