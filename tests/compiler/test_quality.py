@@ -59,6 +59,18 @@ def digits():
     return model, calibration, validation, x_test, y_test
 
 
+
+@pytest.mark.parametrize("sizes, says", [((25, 25, 25), "a bound for batches of 25 samples"),
+                                         ((3, 97, 20), "a bound for batches of 3-97 samples"),
+                                         ((40,), "one batch: max err is a sample")])
+def test_the_error_line_says_which_batch_sizes_its_max_err_bounds(sizes, says):
+    """``max|a − b| / max|b|`` of a batch is a maximum over its values, larger in a larger batch: a bound stated from
+    batches of 25 was exceeded by 80 % of batches of 200 (the int8 wide digits CNN). The line names the sizes."""
+    data = [(torch.randn(n, 4),) for n in sizes]
+    line = Validation(data, data, None).describe()
+    assert line.startswith(f"measured on validation data ({sum(sizes)} samples in {len(sizes)} batches)")
+    assert says in line
+
 def test_validation_data_changes_the_report_error_columns(digits):
     model, calibration, validation, x_test, _ = digits
     synthetic = fxforge.compile(model, (x_test[:4],), passes=["int8"], calibration=calibration)
