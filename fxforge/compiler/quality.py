@@ -119,11 +119,12 @@ class Validation:
         """The report's line saying where its error columns come from."""
         name = self.metric if isinstance(self.metric, str) or self.metric is None else \
             getattr(self.metric, "__name__", "callable")
-        sizes = sorted({n or 1 for n in self.sizes})
-        of = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
         # the largest relative difference in a batch grows with its size: the bound is for batches like these
+        sizes = sorted({n or 1 for n in self.sizes})
+        of = f"a bound for batches of {sizes[0]} samples" if len(sizes) == 1 else \
+            f"measured on batches of {sizes[0]}-{sizes[-1]} samples: a larger batch exceeds it more often"
         bound = "one batch: max err is a sample" if len(self.flat) == 1 else \
-            f"max err: the worst batch plus the spread over batches, a bound for batches of {of} samples"
+            f"max err: the worst batch plus the spread over batches, {of}"
         return (f"measured on validation data ({self.samples} samples in {len(self.flat)} batches) against the "
                 f"traced fp32 model ({bound})" + (f"; metric: {name}" if name else ""))
 

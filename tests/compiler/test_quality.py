@@ -61,7 +61,7 @@ def digits():
 
 
 @pytest.mark.parametrize("sizes, says", [((25, 25, 25), "a bound for batches of 25 samples"),
-                                         ((3, 97, 20), "a bound for batches of 3-97 samples"),
+                                         ((3, 97, 20), "measured on batches of 3-97 samples: a larger batch exceeds it"),
                                          ((40,), "one batch: max err is a sample")])
 def test_the_error_line_says_which_batch_sizes_its_max_err_bounds(sizes, says):
     """``max|a − b| / max|b|`` of a batch is a maximum over its values, larger in a larger batch: a bound stated from
