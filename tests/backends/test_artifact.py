@@ -58,6 +58,21 @@ def test_a_run_time_failure_on_inputs_the_signature_accepts_is_a_one_line_backen
         cm(torch.randn(2, 4))
 
 
+def test_a_ctrl_c_that_torchscript_reraises_as_a_runtime_error_stays_a_keyboard_interrupt(monkeypatch):
+    """Before: a Ctrl-C while an int8 TorchScript artifact ran its Python-implemented quantize ops came back from the
+    interpreter as ``RuntimeError("KeyboardInterrupt: <EMPTY MESSAGE>")`` and was raised as a BackendError blaming the
+    inputs (3 and 13 of 30 interrupts), which a serving loop catching FxforgeError swallowed. Expected: the
+    KeyboardInterrupt."""
+    cm = compiled()
+
+    def interrupted(inputs):
+        raise RuntimeError("KeyboardInterrupt: <EMPTY MESSAGE>")
+
+    monkeypatch.setattr(cm.artifact, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cm(torch.randn(2, 4))
+
+
 def test_a_kernel_failure_is_raised_once_not_also_logged_by_onnx_runtime(capfd):
     """ORT logs a failing kernel's message to stderr before raising it; the BackendError (its text checked in
     tests/test_bad_input.py) is the one report."""
