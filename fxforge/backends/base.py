@@ -85,7 +85,7 @@ class Artifact(ABC):
         except FxforgeError:
             raise
         except Exception as e:  # values the signature cannot see (a token id past the vocabulary), or a runtime fault
-            if str(e).startswith("KeyboardInterrupt"):  # TorchScript's form of a Ctrl-C in a Python op it called
+            if first_line(e).startswith("KeyboardInterrupt"):  # TorchScript's Ctrl-C in a Python op it called
                 raise KeyboardInterrupt from None
             raise BackendError(f"the {self.backend} artifact failed on inputs that match its signature: "
                                f"{self.describe_failure(e)}") from None

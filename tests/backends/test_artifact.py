@@ -63,14 +63,17 @@ def test_a_ctrl_c_that_torchscript_reraises_as_a_runtime_error_stays_a_keyboard_
     interpreter as ``RuntimeError("KeyboardInterrupt: <EMPTY MESSAGE>")`` and was raised as a BackendError blaming the
     inputs (3 and 13 of 30 interrupts), which a serving loop catching FxforgeError swallowed. Expected: the
     KeyboardInterrupt."""
+    from fxforge.compiler.errors import TORCHSCRIPT_HEADER
     cm = compiled()
+    for message in ("KeyboardInterrupt: <EMPTY MESSAGE>",
+                    f"{TORCHSCRIPT_HEADER}\nTraceback of TorchScript (most recent call last):\n  File \"code\", line 9\n"
+                    "RuntimeError: KeyboardInterrupt: <EMPTY MESSAGE>\n"):
+        def interrupted(inputs, message=message):
+            raise RuntimeError(message)
 
-    def interrupted(inputs):
-        raise RuntimeError("KeyboardInterrupt: <EMPTY MESSAGE>")
-
-    monkeypatch.setattr(cm.artifact, "run", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        cm(torch.randn(2, 4))
+        monkeypatch.setattr(cm.artifact, "run", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cm(torch.randn(2, 4))
 
 
 def test_a_kernel_failure_is_raised_once_not_also_logged_by_onnx_runtime(capfd):
