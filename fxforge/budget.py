@@ -20,12 +20,12 @@ the budget (the usual case), that run is the compile's and nothing else runs (no
 second run). When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
 one line and keeps layers float (mixed precision) through the quantizing pass's ``skip`` option. Each layer's cost
 is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py: drop, then relative error, on
-the budget's first 32 samples: a ranking, not the verdict). Costs alone do not add up, so a greedy phase comes
-first: from none float, each step measures the whole graph with each of the 6 most costly remaining layers float as
-well, on those 32 samples (the screen), keeps the best, and stops at the first set that holds on all the data and
-in a verifying pipeline run (at most 8 layers; a verified miss ends it, and so does a step whose gain on the
-screen, were every step left to gain as much, could not bring the screen within its bound). Failing that, the k
-most costly stay float.
+the budget's first batches holding 32 samples or more: a ranking, not the verdict). Costs alone do not add up, so a
+greedy phase comes first: from none float, each step measures the whole graph with each of the 6 most costly
+remaining layers float as well, on those samples (the screen), keeps the best, and stops at the first set that
+holds on all the data and in a verifying pipeline run (at most 8 layers; a verified miss ends it, and so does a step
+whose gain on the screen, were every step left to gain as much, could not bring the screen within its bound).
+Failing that, the k most costly stay float.
 The search over k estimates each try cheaply where the quantizing pass can say what its skip would do to the graph it already made
 (``InsertQdq.with_float``: the calibrated int8 graph with those layers' weights, biases and input pairs float
 again, every other grid as calibrated), else by running the quantizing passes; an estimate whose drop on the first
@@ -174,7 +174,8 @@ class Budget:
             quantized = self._run(passes[at:lossy], before, ctx)
         setting = str(passes[at])
         first = self._first(SENSITIVITY_SAMPLES)
-        sens = layer_sensitivity(before, first, [setting], ctx.target)
+        sens = layer_sensitivity(before, first, [setting], ctx.target,  # each layer's drop in the budget's terms
+                                 logits=None if self.kind == "callable" else "agreement" in self.kind)
         ranked = sens.changed(setting)
         verify = functools.cache(lambda k: self._try(passes[at:lossy], before, ctx, ranked[:k]))
         view = getattr(passes[at], "with_float", None)  # a cheap estimate: the quantized graph, layers float again

@@ -62,6 +62,19 @@ def test_a_fragile_layer_stays_float_and_the_report_says_which_and_why():
     assert all(torch.equal(c[0], k) for c, k in zip(calibration, kept))
 
 
+
+def test_a_classifier_measured_by_its_cosine_records_each_float_layer_s_cosine_drop():
+    """Before: each layer's cost was its top-1 agreement drop whatever the budget measured, so a classifier held to
+    its min cosine recorded costs in another unit than its tries. Expected: the drop in the budget's terms, the
+    samples' mean cosine (1 − cosine: positive, far below the agreement drop of the same layer)."""
+    model, calibration = Fragile().eval(), batches(8)
+    cm, _ = compile_warned(model, passes=["int8"], calibration=calibration, validation=batches(2, seed=3),
+                           metric="min_cosine", max_drop=0.001)
+    budget = cm.report.meta["budget"]
+    assert budget["metric"] == "min_cosine"
+    cost = next(f for f in budget["float_layers"] if f["weight"] == "a.weight")
+    assert 0 < cost["drop"] < 0.3  # its top-1 agreement drop is over 0.3 (the test above)
+
 def test_a_distilling_pipeline_trains_in_every_try_of_the_search():
     """The search reruns the pipeline from the graph before its quantizing pass: a ``distill`` in it must get the
     train data there too (it used to raise 'needs training data' inside the fallback)."""

@@ -4,7 +4,7 @@ For every conv/linear layer ℓ and setting σ (a pass spec such as ``"int8"``, 
 ``"depthwise_separable{energy=0.95}"`` or ``"prune_channels{ratio=0.25}"``) the graph runs on calibration
 batches with ℓ alone replaced by what σ would make of it, and is compared with the unchanged graph:
 
-    drop(ℓ, σ)  = 1 − agreement(y_ℓσ, y)      top-1 agreement for classifier outputs, else cosine
+    drop(ℓ, σ)  = 1 − agreement(y_ℓσ, y)      top-1 agreement for classifier logits, else the samples' mean cosine
     rel(ℓ, σ)   = ‖y_ℓσ − y‖ / ‖y‖
 
 The replacement is the pass's own answer, ``Pass.layer_effect(node, LayerContext)``: insert_qdq (in ``int8``)
@@ -41,6 +41,7 @@ from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import call_nodes, get_tensor
 from fxforge.compiler.ops import WEIGHTED, data, is_op, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, resolve
+from fxforge.compiler.quality import not_logits
 from fxforge.compiler.target import Target
 from fxforge.compiler.timing import faster_threads
 from fxforge.compiler.verify import EXACT_TOLERANCE, first_float
@@ -79,13 +80,20 @@ class Sensitivity:
                 for s, per in self.effects.items()}
 
 
-def agreement(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """Top-1 agreement over the last dimension for classifier-like outputs, the share of equal elements for integer
-    ones (class ids), else cosine similarity."""
+def agreement(output: torch.Tensor, reference: torch.Tensor, logits: bool) -> float:
+    """Top-1 agreement over the last dimension for classifier ``logits``, the share of equal elements for integer
+    outputs (class ids), else the mean cosine similarity of the samples (dimension 0; of the whole for a 1-D
+    output). Whether an output is logits is the budget's decision (``quality.not_logits``): the argmax over the
+    384 dimensions of unit sentence embeddings ranked MiniLM's linears by flips of a meaningless maximum."""
     if not reference.is_floating_point():
         return float((output == reference).double().mean())
-    if reference.dim() >= 2 and reference.shape[-1] > 1:
+    if logits and reference.dim() >= 2 and reference.shape[-1] > 1:
         return float((output.argmax(-1) == reference.argmax(-1)).double().mean())
+    if reference.dim() >= 2:
+        a, b = output.double().flatten(1), reference.double().flatten(1)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+        both_zero = (a.norm(dim=1) == 0) & (b.norm(dim=1) == 0)  # a sample zero in both agrees
+        return float(torch.where(both_zero, torch.ones_like(cos), cos).mean())
     a, b = output.double().flatten(), reference.double().flatten()
     if not (a.norm() and b.norm()):
         return float(torch.equal(a, b))
@@ -94,20 +102,23 @@ def agreement(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 def layer_sensitivity(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]],
                       settings: Sequence[str | Pass], target: Target, only: dict[str, set[str]] | None = None,
-                      ctx: PassContext | None = None) -> Sensitivity:
+                      ctx: PassContext | None = None, logits: bool | None = None) -> Sensitivity:
     """Effect of each setting (a spec, or a Pass keyed by its spec) on each conv/linear layer of ``gm`` alone, on
     the calibration ``batches`` (with ``only``: on the layers ``only[spec]`` names, the candidates a caller already
-    narrowed down). A pass answering reads ``gm``'s analyses from ``ctx`` (a fresh context when None)."""
+    narrowed down). A pass answering reads ``gm``'s analyses from ``ctx`` (a fresh context when None). ``logits``:
+    whether the drop is of top-1 agreement or of the mean cosine (a budget measuring a classifier by its cosine
+    says so); None decides by the outputs (``quality.not_logits``)."""
     layers = [n.name for n in call_nodes(gm, *WEIGHTED)]
     result = Sensitivity(layers)
     ctx = ctx if ctx is not None else PassContext(example_inputs=tuple(batches[0]), target=target)
     # many model runs: on a busy machine one thread may run them faster than several (compiler/timing.py)
     with torch.no_grad(), faster_threads(lambda: _Run(gm).run(*batches[0])):
         reference, ranges = _reference(gm, batches)
+        logits = not not_logits([[r] for r in reference]) if logits is None else logits
         for setting in settings:
             spec = str(setting)
             prepare = _preparation(setting, ranges, target, lambda kind: ctx.analysis(kind, gm))
-            result.effects[spec] = {n.name: _effect(gm, n, prepare, batches, reference)
+            result.effects[spec] = {n.name: _effect(gm, n, prepare, batches, reference, logits)
                                     for n in call_nodes(gm, *WEIGHTED) if only is None or n.name in only.get(spec, ())}
     return result
 
@@ -206,7 +217,7 @@ def _reference(gm: fx.GraphModule, batches: Sequence[tuple]) -> tuple[list[torch
 
 
 def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequence[tuple],
-            reference: list[torch.Tensor]) -> Effect | str:
+            reference: list[torch.Tensor], logits: bool) -> Effect | str:
     weight = get_tensor(gm, weight_of(node))
     if weight is None:
         return "non_constant_weight"
@@ -218,7 +229,7 @@ def _effect(gm: fx.GraphModule, node: fx.Node, prepare: Prepare, batches: Sequen
         y = torch.cat([first_float(run.run(*batch)) for batch in batches])
     ref = torch.cat(reference)
     rel = float((y - ref).double().norm() / ref.double().norm().clamp(min=1e-12))
-    return Effect(drop=max(0.0, 1.0 - agreement(y, ref)), rel_error=rel)
+    return Effect(drop=max(0.0, 1.0 - agreement(y, ref, logits)), rel_error=rel)
 
 
 # ------------------------------------------------------------------------------------------ replacements

@@ -134,11 +134,45 @@ def test_predicted_drop_sums_layer_drops():
     assert sens.predicted_drop("prune_channels{ratio=0.5,round_to=4}", ["conv2d"]) == pytest.approx(per["conv2d"].drop)
 
 
-def test_agreement_is_top1_for_logits_and_cosine_otherwise():
+def test_agreement_is_top1_for_logits_and_the_samples_mean_cosine_otherwise():
     ref = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    assert agreement(torch.tensor([[0.0, 1.0]]).repeat(4, 1), ref) == 0.5
-    assert agreement(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])) == pytest.approx(1.0)
-    assert agreement(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])) == pytest.approx(0.0)
+    assert agreement(torch.tensor([[0.0, 1.0]]).repeat(4, 1), ref, logits=True) == 0.5
+    out = torch.tensor([[1.0, 1.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
+    assert agreement(out, ref, logits=False) == pytest.approx((0.5 ** 0.5 + 1 + 1 + 0) / 4)
+    assert agreement(torch.zeros(2, 3), torch.zeros(2, 3), logits=False) == 1.0  # zero in both: agreeing
+    assert agreement(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0]), logits=False) == pytest.approx(1.0)
+    assert agreement(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), logits=False) == pytest.approx(0.0)
+
+
+class Embedder(nn.Module):
+    """Unit vectors, as a sentence encoder returns them: their argmax is no class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 64)
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.fc(x), dim=-1)
+
+
+def test_the_drop_of_an_embedding_model_is_its_cosine_not_an_argmax_over_its_dimensions():
+    """Before: the drop was 1 − agreement of the argmax over the embedding's 64 dimensions (MiniLM: 384), a flip of
+    a meaningless maximum that ranked the budget's layers and was recorded as their cost. Expected: 1 − the mean
+    cosine of the samples, as the budget measures such outputs."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    gm, batches = _graph(Embedder().eval(), x), _batches(16, 8)
+    setting = "low_rank{rank_ratio=0.125}"
+    effect = layer_sensitivity(gm, batches, [setting], X86).effects[setting]["linear"]
+    rewritten, _ = PassManager([setting], verify="off", measure_latency=False).run(
+        copy.deepcopy(gm), PassContext(example_inputs=(x,)))
+    with torch.no_grad():
+        ref = torch.cat([gm(*b)[0] for b in batches])
+        out = torch.cat([rewritten(*b)[0] for b in batches])
+    cosine = float(torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=1).mean())
+    argmax = float((out.argmax(1) == ref.argmax(1)).double().mean())
+    assert abs((1 - cosine) - (1 - argmax)) > 0.05  # the two measures tell these layers apart
+    assert effect.drop == pytest.approx(1 - cosine, abs=1e-6)
 
 
 def test_plan_takes_the_cheapest_in_accuracy_per_flop_first():
