@@ -118,6 +118,15 @@ class Artifact(ABC):
     def read(cls, directory: Path, signature: Signature, target: Target, info: dict[str, Any]) -> Artifact:
         """Rebuild the artifact from files ``write`` produced."""
 
+    def __reduce__(self) -> tuple[Callable[[dict[str, bytes]], Artifact], tuple[dict[str, bytes]]]:
+        """Pickled (``multiprocessing``'s spawn and forkserver, ``copy.deepcopy``) as the files ``save`` writes, and
+        unpickled by ``load`` with its checks: an ONNX Runtime session, a TorchScript module or a TVM library cannot
+        be pickled, and raised their runtime's own errors."""
+        with tempfile.TemporaryDirectory(prefix="fxforge-pickle-") as tmp:
+            directory = self.save(Path(tmp) / "artifact")
+            files = {str(f.relative_to(directory)): f.read_bytes() for f in directory.rglob("*") if f.is_file()}
+        return _unpickled, (files,)
+
     def save(self, directory: str | os.PathLike[str], extra_files: Mapping[str, str] | None = None) -> Path:
         """Write the artifact, plus ``extra_files`` (name → text, e.g. the report), to ``directory``.
 
@@ -298,6 +307,15 @@ def load(directory: str | os.PathLike[str]) -> Artifact:
                     raise
                 raise ArtifactError(f"cannot read the artifact in {path}: {e.strerror or e}") from None
     raise AssertionError("unreachable")
+
+
+def _unpickled(files: dict[str, bytes]) -> Artifact:
+    """The artifact whose saved ``files`` (relative path → bytes) ``Artifact.__reduce__`` pickled."""
+    with tempfile.TemporaryDirectory(prefix="fxforge-pickle-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(data)
+        return load(tmp)
 
 
 def path_argument(directory: Any, function: str) -> str:

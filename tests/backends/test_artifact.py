@@ -19,6 +19,24 @@ def compiled() -> fxforge.CompiledModel:
                            measure_latency=False)
 
 
+
+@pytest.mark.parametrize("backend, passes", [("eager", "int8"), ("torchscript", "int8"), ("onnx", "int8"),
+                                             ("onnx", "fuse")])
+def test_a_compiled_model_pickles_and_deep_copies_through_its_saved_files(backend, passes):
+    """Before: ``pickle`` and ``copy.deepcopy`` raised the runtime's own error (an ONNX Runtime session, a TorchScript
+    module without ``__getstate__``, a loaded program's local function), so ``multiprocessing`` with spawn could not
+    send a compiled model. Expected: the artifact travels as the files ``save`` writes and ``load`` reads back."""
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 8)
+    cm = fxforge.compile(model, (x,), passes=passes, backend=backend, measure_latency=False,
+                         calibration=[(torch.randn(4, 8),) for _ in range(4)] if passes == "int8" else None)
+    for again in (pickle.loads(pickle.dumps(cm)), copy.deepcopy(cm), pickle.loads(pickle.dumps(cm.artifact))):
+        assert torch.equal(again(x), cm(x))
+    assert copy.deepcopy(cm).artifact.info == cm.artifact.info
+
 def test_save_replaces_an_earlier_artifact_and_lists_every_file(tmp_path):
     first, second = compiled(), compiled()
     path = first.save(tmp_path / "art")
