@@ -60,3 +60,21 @@ def test_a_weight_other_ops_still_read_is_not_counted_as_consumed_by_a_fold():
     gm, report, flat = apply(model, (torch.randint(0, 500, (2, 8)),), ["fold_constants", "eliminate_dead_code"])
     assert report.row("fold_constants").stats == {"folded": 0, "skipped.would_grow_model": 1}
     assert report.row("eliminate_dead_code").params == report.row("input").params == 500 * 16 + 32
+
+
+def test_a_preset_after_int8_keeps_its_weights_int8():
+    """Before: any fold_constants after quantization (``passes=["int8", "fuse"]``; every preset starts with it)
+    folded each weight's dequantize into a float32 constant: the model 3.4x larger, while the report's quantization
+    rows still read int8. Expected: quantize and dequantize nodes are never folded."""
+    import fxforge
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    x, calibration = torch.randn(4, 64), [(torch.randn(8, 64),) for _ in range(6)]
+    sizes = {}
+    for passes in (["int8"], ["int8", "fuse"]):
+        cm = fxforge.compile(model, (x,), passes=passes, calibration=calibration, backend="eager",
+                             measure_latency=False)
+        int8 = [t for t in cm.graph_module.state_dict().values() if t.dtype == torch.int8]
+        assert len(int8) == 2, passes
+        sizes[len(passes)] = cm.report.final.bytes
+    assert sizes[2] == sizes[1]
