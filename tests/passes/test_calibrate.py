@@ -337,3 +337,15 @@ def test_a_weight_scale_widened_on_the_example_inputs_narrows_back_on_the_calibr
     assert rows["insert_qdq"]["weight_scales_widened"] == 4 and "weight_scales_widened" not in rows["calibrate"]
     scales = [t for name, t in graph_tensors(cm.graph_module).items() if name.endswith("weight_scale")]
     torch.testing.assert_close(scales[0], model[0].weight.abs().amax(1) / 127)
+
+
+def test_calibrate_after_fold_qdq_is_refused_by_name():
+    """Before: ``calibrate`` after ``fold_qdq`` (``passes=["int8", "int8"]``) ran its observers over the folded
+    graph's integer ops and failed with torch's "self and mat2 must have the same dtype, but got Int and Char"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    calibration = [(torch.randn(8, 16),) for _ in range(6)]
+    with pytest.raises(PassError, match="^calibrate must run before fold_qdq: this graph's quantization is already "
+                                        "folded"):
+        fxforge.compile(model, (torch.randn(4, 16),), passes=["insert_qdq", "calibrate", "fold_qdq", "calibrate"],
+                        calibration=calibration, backend="eager", measure_latency=False, max_drop=float("inf"))
