@@ -75,6 +75,16 @@ def test_a_classifier_measured_by_its_cosine_records_each_float_layer_s_cosine_d
     cost = next(f for f in budget["float_layers"] if f["weight"] == "a.weight")
     assert 0 < cost["drop"] < 0.3  # its top-1 agreement drop is over 0.3 (the test above)
 
+
+def test_a_lossy_pass_after_fold_qdq_searches_by_rerunning_the_passes():
+    """Before: a missed budget estimated each try from the quantized graph (``InsertQdq.with_float``), which a lossy
+    pass after ``int8`` had run through ``fold_qdq``: its int8 weights have no quantizer to undo, and compile raised
+    a raw ``IndexError: tuple index out of range``. Expected: the search reruns the passes instead."""
+    cm, warned = compile_warned(Fragile().eval(), passes=["int8", "low_rank{rank_ratio=0.25}"],
+                                calibration=batches(8), max_drop=0.05, measure_latency=False)
+    budget = cm.report.meta["budget"]
+    assert budget["tries"][0] > 0.05 and "float_layers" in budget and len(warned) == 1
+
 def test_a_distilling_pipeline_trains_in_every_try_of_the_search():
     """The search reruns the pipeline from the graph before its quantizing pass: a ``distill`` in it must get the
     train data there too (it used to raise 'needs training data' inside the fallback)."""
