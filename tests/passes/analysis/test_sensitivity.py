@@ -68,18 +68,21 @@ class ConvNet(nn.Module):
         return self.fc(self.c1(torch.relu(self.c3(x))).mean((2, 3)))
 
 
+def _effect_and_rewrite(gm, x, batches, setting, layer):
+    """The sensitivity analysis's effect of ``setting`` on ``layer``, and the graph's outputs on ``batches`` before
+    and after the pass's own rewrite (of a one-layer model: the same change)."""
+    effect = layer_sensitivity(gm, batches, [setting], X86).effects[setting][layer]
+    rewritten, _ = PassManager([setting], verify="off", measure_latency=False).run(
+        copy.deepcopy(gm), PassContext(example_inputs=(x,)))
+    with torch.no_grad():
+        return effect, torch.cat([gm(*b)[0] for b in batches]), torch.cat([rewritten(*b)[0] for b in batches])
+
 @pytest.mark.parametrize("setting", ["low_rank{energy=0.7}", "depthwise_separable{energy=0.7}"])
 def test_factorized_layer_effect_equals_the_pass_rewrite_on_a_one_layer_model(setting):
     torch.manual_seed(0)
     model = nn.Conv2d(8, 16, 3, padding=1)
     x = torch.randn(2, 8, 6, 6)
-    gm, batches = _graph(model, x), _batches(4, 8, 6, 6)
-    effect = layer_sensitivity(gm, batches, [setting], X86).effects[setting]["conv2d"]
-    rewritten, _ = PassManager([setting], verify="off", measure_latency=False).run(
-        copy.deepcopy(gm), PassContext(example_inputs=(x,)))
-    with torch.no_grad():
-        ref = torch.cat([gm(*b)[0] for b in batches])
-        out = torch.cat([rewritten(*b)[0] for b in batches])
+    effect, ref, out = _effect_and_rewrite(_graph(model, x), x, _batches(4, 8, 6, 6), setting, "conv2d")
     assert isinstance(effect, Effect) and effect.rel_error > 1e-3  # a real approximation, not a no-op
     assert effect.rel_error == pytest.approx(float((out - ref).norm() / ref.norm()), rel=1e-4)
 
@@ -161,14 +164,8 @@ def test_the_drop_of_an_embedding_model_is_its_cosine_not_an_argmax_over_its_dim
     cosine of the samples, as the budget measures such outputs."""
     torch.manual_seed(0)
     x = torch.randn(4, 8)
-    gm, batches = _graph(Embedder().eval(), x), _batches(16, 8)
-    setting = "low_rank{rank_ratio=0.125}"
-    effect = layer_sensitivity(gm, batches, [setting], X86).effects[setting]["linear"]
-    rewritten, _ = PassManager([setting], verify="off", measure_latency=False).run(
-        copy.deepcopy(gm), PassContext(example_inputs=(x,)))
-    with torch.no_grad():
-        ref = torch.cat([gm(*b)[0] for b in batches])
-        out = torch.cat([rewritten(*b)[0] for b in batches])
+    effect, ref, out = _effect_and_rewrite(_graph(Embedder().eval(), x), x, _batches(16, 8),
+                                           "low_rank{rank_ratio=0.125}", "linear")
     cosine = float(torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=1).mean())
     argmax = float((out.argmax(1) == ref.argmax(1)).double().mean())
     assert abs((1 - cosine) - (1 - argmax)) > 0.05  # the two measures tell these layers apart
