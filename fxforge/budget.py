@@ -53,12 +53,12 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import BudgetError, InputError
 from fxforge.compiler.graph import call_nodes
-from fxforge.compiler.ops import WEIGHTED, data, weight_of
+from fxforge.compiler.ops import WEIGHTED, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager
 from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, not_logits, score
 from fxforge.compiler.report import Report
 from fxforge.passes.analysis.sensitivity import Effect, layer_sensitivity
-from fxforge.passes.lib.qdq import checked_batches, is_dq, is_q, role
+from fxforge.passes.lib.qdq import checked_batches, weights_folded
 
 DEFAULT_MAX_DROP = 0.01
 BUDGETED_PRESETS = ("int8", "int8_dynamic", "all")
@@ -179,7 +179,7 @@ class Budget:
         ranked = sens.changed(setting)
         verify = functools.cache(lambda k: self._try(passes[at:lossy], before, ctx, ranked[:k]))
         view = getattr(passes[at], "with_float", None)  # a cheap estimate: the quantized graph, layers float again
-        if view and any(is_dq(n) and role(n) == "weight" and not is_q(data(n)) for n in quantized.graph.nodes):
+        if view and weights_folded(quantized):
             view = None  # a lossy pass after fold_qdq: its weights are folded to int8, which the estimate cannot undo
         estimate = (lambda k: self._estimate(k, view(quantized, before, tuple(ranked[:k]), ctx), gm, first)) \
             if view else verify

@@ -61,6 +61,9 @@ class TensorSpec:
 # process-wide state (the current tracer, serializer, patcher), so two threads exporting at once failed with raw
 # AssertionErrors, and a decomposition beside another thread's export with a TraceError blaming the model
 EXPORT_LOCK = threading.RLock()
+BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
+SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
+SYMBOLIC_SCALARS = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}  # a graph value's kind
 
 
 @contextlib.contextmanager
@@ -72,9 +75,6 @@ def silenced_warnings() -> Iterator[None]:
     with EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
-SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
-SYMBOLIC_SCALARS = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}  # a graph value's kind
 
 
 @dataclass(frozen=True)

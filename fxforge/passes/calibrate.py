@@ -22,11 +22,10 @@ from tqdm.auto import tqdm
 
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.errors import CalibrationError, PassError, missing_calibration
-from fxforge.compiler.ops import data
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .lib.observers import METHODS
-from .lib.qdq import Choice, checked_batches, fit_activations, is_dq, is_q, role
+from .lib.qdq import Choice, checked_batches, fit_activations, weights_folded
 
 
 @register_pass
@@ -49,7 +48,7 @@ class Calibrate(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
             raise missing_calibration(self.name)
-        if any(is_dq(n) and role(n) == "weight" and not is_q(data(n)) for n in gm.graph.nodes):
+        if weights_folded(gm):
             # observing a folded graph ran its integer ops on float observers: torch's "Int and Char" dtype error
             raise PassError("calibrate must run before fold_qdq: this graph's quantization is already folded (its "
                             "weights are stored as int8); list calibrate before fold_qdq, and int8 once")

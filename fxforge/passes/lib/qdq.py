@@ -73,6 +73,12 @@ def role(node: fx.Node) -> str | None:
     return node.meta.get(QDQ_KEY, {}).get("role")
 
 
+def weights_folded(gm: fx.GraphModule) -> bool:
+    """Whether ``fold_qdq`` has stored ``gm``'s weights as int8: a weight's dequantize reads a constant, no quantize
+    (what runs after it cannot observe the float graph or undo a weight's rounding)."""
+    return any(is_dq(n) and role(n) == "weight" and not is_q(data(n)) for n in gm.graph.nodes)
+
+
 def set_params(q: fx.Node, scale: float, zero_point: int) -> None:
     """Give an activation Q node and every DQ reading it the same scale and zero point.
 
