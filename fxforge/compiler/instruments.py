@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
+from tqdm.auto import tqdm
 
 from .errors import VerificationError, first_line
 
@@ -69,6 +70,26 @@ class Timing(Instrument):
 
     def after(self, p: Pass | None, gm: fx.GraphModule, ctx: PassContext, stage: Stage) -> None:
         stage.elapsed = 0.0 if p is None else time.perf_counter() - self.start
+
+
+class Progress(Instrument):
+    """A progress bar over the pipeline's stages, naming the one running (its checks and report row included): a
+    compile printed nothing at all, through passes that ran half a minute and more. Shown on a terminal only (tqdm's
+    ``disable=None``) and gone when the pipeline ends."""
+
+    def __init__(self, stages: int) -> None:
+        self.bar = tqdm(total=stages, desc="passes", unit="stage", disable=None, leave=False)
+
+    def before(self, p: Pass | None, gm: fx.GraphModule, ctx: PassContext) -> None:
+        self.bar.set_postfix_str("input" if p is None else p.name)
+
+    def after(self, p: Pass | None, gm: fx.GraphModule, ctx: PassContext, stage: Stage) -> None:
+        self.bar.update()
+        if self.bar.n >= self.bar.total:
+            self.bar.close()
+
+    def failed(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, error: BaseException) -> None:
+        self.bar.close()
 
 
 class Lint(Instrument):

@@ -24,7 +24,7 @@ import torch.fx as fx
 from .analysis.base import Analysis
 from .errors import FxforgeError, PassError, first_line
 from .graph import GraphState
-from .instruments import Instrument, Lint, Stage, Timing, after_passes
+from .instruments import Instrument, Lint, Progress, Stage, Timing, after_passes
 from .report import Report, StageRecorder
 from .target import Target, get_target
 from .verify import NumericCheck, ValidationCheck
@@ -404,7 +404,8 @@ class PassManager:
                                 model=ctx.model_outputs)] if self.verify in NUMERIC_MODES else []
         instruments = [Timing(), *([Lint()] if self.verify != "off" else []), *numeric,
                        StageRecorder(report, self.measure_latency),
-                       *([ValidationCheck(gm)] if numeric else []), *self.extra_instruments]
+                       *([ValidationCheck(gm)] if numeric else []), *self.extra_instruments,
+                       Progress(len(self.passes) + 1)]  # last: a stage counts once its checks and row are done
         done: list[str] = []
         for p in (None, *self.passes):
             ctx._gm = gm
