@@ -211,6 +211,12 @@ class OnnxBackend(Backend):
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> OnnxArtifact:
+        unfolded = next((n for n in gm.graph.nodes if ops.is_op(n, *ops.QUANTIZE)
+                         and ops.q_params(n).dtype == torch.int32), None)
+        if unfolded is not None:  # ONNX's QuantizeLinear has no int32 grid: the checker refused it, naming no remedy
+            raise BackendError(f"the onnx backend lowers quantized graphs after fold_qdq, which stores biases as "
+                               f"int32; node {unfolded.name!r} still quantizes one to int32 at run time: add fold_qdq "
+                               f"after calibrate (the int8 preset does)")
         opset = options.pop("opset", DEFAULT_OPSET)
         fusions = onnx_transformer.resolve(_check_fusions(options.pop("fusions", "auto")), gm)
         config = _session_config(options)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.fx as fx
+from torch import nn
 
 import fxforge
 from fxforge.backends.onnx_int8 import pad_conv_channels
@@ -138,3 +139,15 @@ def test_arm_target_exports_the_stem_unpadded():
     ops = {t.name: [n.op_type for n in export(cm.graph_module, (x,), signature, target=t).graph.node]
            for t in (X86, ARM)}
     assert "Pad" in ops[X86.name] and "Pad" not in ops[ARM.name]
+
+
+def test_an_unfolded_quantized_graph_is_refused_naming_fold_qdq():
+    """Before: ``insert_qdq → calibrate`` without ``fold_qdq`` failed the ONNX checker ("y_zero_point ... has
+    unsupported type: tensor(int32)", a bias's quantizer), naming no remedy; eager and TorchScript compile it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with pytest.raises(fxforge.BackendError, match=r"^the onnx backend lowers quantized graphs after fold_qdq.*"
+                                                   r"add fold_qdq after calibrate"):
+        fxforge.compile(model, (torch.randn(2, 16),), passes=["insert_qdq", "calibrate"], backend="onnx",
+                        calibration=[(torch.randn(8, 16),) for _ in range(6)], max_drop=float("inf"),
+                        measure_latency=False)
