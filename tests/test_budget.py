@@ -33,10 +33,10 @@ def batches(n, rows=64, features=16, seed=1):
     return [(torch.randn(rows, features, generator=g),) for _ in range(n)]
 
 
-def compile_warned(model, **kw):
+def compile_warned(model, example=None, **kw):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cm = fxforge.compile(model, (torch.randn(2, 16),), **kw)
+        cm = fxforge.compile(model, example or (torch.randn(2, 16),), **kw)
     return cm, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
@@ -52,6 +52,7 @@ def test_a_fragile_layer_stays_float_and_the_report_says_which_and_why():
     assert budget["artifact"]["held"]
     assert len(warned) == 1 and "kept 1 of 3 layers float (linear (a.weight))" in warned[0]
     assert "\n" not in warned[0]
+    assert budget["dynamic"]["linear_flops"] == 1 and budget["dynamic"]["drop"] > 0.3  # tried first: it misses too
     insert = cm.report.row("insert_qdq").stats
     assert insert["skipped.by_name"] == 1 and insert["weights"] == 2
     x = torch.randn(256, 16)
@@ -107,6 +108,78 @@ def test_dynamic_int8_keeps_the_layer_whose_rows_one_outlier_feature_dominates_f
     assert budget["outcome"].startswith("held with 1 of 3 layers float") and budget["artifact"]["held"]
     stats = cm.report.row("insert_qdq").stats
     assert stats["skipped.by_name"] == 1 and stats["dynamic_linears"] == 2 and len(warned) == 1
+
+
+class Encoderish(nn.Module):
+    """A transformer's FFN after its LayerNorm, whose one outlier channel (×200, undone by the next weights) makes a
+    per-tensor grid 200× too coarse for the other channels: what trained encoders do to static int8."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm, self.up, self.down = nn.LayerNorm(32), nn.Linear(32, 128), nn.Linear(128, 32)
+        with torch.no_grad():
+            self.norm.weight[0] = 200.0
+            self.up.weight[:, 0] /= 200.0
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def tokens(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 16, 32, generator=g),) for _ in range(n)]
+
+
+def test_a_transformer_whose_static_int8_misses_gets_dynamic_int8_linears_not_float_ones():
+    """MiniLM's static int8 missed the default budget and kept 34 of its 36 linears float; dynamic activations after
+    SmoothQuant hold it with every linear int8."""
+    model = Encoderish().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = fxforge.compile(model, (torch.randn(2, 16, 32),), passes=["int8"], calibration=tokens(8))
+    warned = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    budget = cm.report.meta["budget"]
+    assert budget["metric"] == "min_cosine" and budget["tries"][0] > 0.3  # static int8 loses the embedding
+    assert budget["dynamic"]["linear_flops"] == 1 and budget["dynamic"]["drop"] <= 0.01
+    assert budget["outcome"] == "held with dynamic activations (smooth_quant, insert_qdq{activations='dynamic'})"
+    assert budget["float_layers"] == [] and budget["artifact"]["held"]
+    assert len(warned) == 1 and "\n" not in warned[0] and "quantize their activations dynamically" in warned[0]
+    assert [r.stage for r in cm.report.rows][-3:] == ["smooth_quant", "insert_qdq{activations='dynamic'}", "backend:eager"]
+    assert cm.report.row("insert_qdq").stats["dynamic_linears"] == 2
+    x = tokens(1, seed=7)[0][0]
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(cm(x), model(x), dim=-1)
+    assert cos.min() > 0.99
+    with pytest.raises(fxforge.BudgetError, match=r"min_cosine drop 0\.\d+ > max_drop 0\.01 .*\(strict=True; without "
+                                                   r"it compile tries other int8 \(dynamic activations"):
+        fxforge.compile(model, (torch.randn(2, 16, 32),), passes=["int8"], calibration=tokens(8), strict=True)
+
+
+class FragileConv(nn.Module):
+    """Fragile's trick on a CNN: input channel 0 scaled by 1000 (the first conv's weights undo it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3), nn.Linear(16, 10)
+        self.register_buffer("scale", torch.tensor([1000.0] + [1.0] * 7).view(1, 8, 1, 1))
+        with torch.no_grad():
+            self.a.weight[:, 0] /= 1000.0
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x * self.scale)))).mean((2, 3)))
+
+
+def test_a_cnn_whose_static_int8_misses_keeps_layers_float_without_trying_dynamic_linears():
+    """Dynamic int8 would quantize the head alone (a sliver of the FLOPs): not tried, and not measured."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 8, 12, 12, generator=g),) for _ in range(8)]
+    cm, warned = compile_warned(FragileConv().eval(), passes=["int8"], calibration=data[:6], validation=data[6:],
+                                metric="min_cosine", max_drop=0.01, example=(torch.randn(2, 8, 12, 12),))
+    budget = cm.report.meta["budget"]
+    assert budget["tries"][0] > 0.01 and budget["dynamic"]["linear_flops"] < 0.05 and "drop" not in budget["dynamic"]
+    assert budget["outcome"] == "held with 1 of 3 layers float (conv2d (a.weight))" and len(warned) == 1
 
 
 def test_the_dynamic_int8_preset_carries_the_default_budget():

@@ -27,7 +27,9 @@ QUANTIZE = ["equalize", "insert_qdq", "calibrate{method='percentile'}", "bias_co
 register_preset("int8", ["fuse", *QUANTIZE],
                 "static int8 quantization: cross-layer equalization, percentile calibration and bias correction on "
                 "the calibration data")
-register_preset("int8_dynamic", ["fuse", "smooth_quant", "insert_qdq{activations='dynamic'}"],
+# the quantization steps of int8_dynamic (and of the accuracy budget's dynamic alternative to a static int8 that misses)
+QUANTIZE_DYNAMIC = ["smooth_quant", "insert_qdq{activations='dynamic'}"]
+register_preset("int8_dynamic", ["fuse", *QUANTIZE_DYNAMIC],
                 "int8 weights with activations quantized per token at run time (transformers): SmoothQuant migration "
                 "on the calibration data, then dynamic int8 linears")
 # the per-layer error cap of compress: splits whose summed measured damage (top-1 drop or relative output
