@@ -180,7 +180,7 @@ class Budget:
         if result is not None:  # the search starts from the graphs before and after the quantizing passes
             before = self._run(passes[:at], gm, ctx)
             quantized = self._run(passes[at:lossy], before, ctx)
-        dynamic = self._dynamic(passes, at, lossy, before, ctx)
+        dynamic = self._dynamic(passes, at, before, ctx)
         if dynamic is not None:
             drop = self.record["dynamic"]["drop"]
             self.record.update(outcome=f"held with dynamic activations ({', '.join(map(str, dynamic))})",
@@ -227,15 +227,16 @@ class Budget:
         return PassManager([*passes[:at], _skipping(passes[at], floats), *passes[at + 1:]], verify=manager.verify,
                            measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
 
-    def _dynamic(self, passes: Sequence[Pass], at: int, lossy: int, before: fx.GraphModule,
-                 ctx: PassContext) -> list[Pass] | None:
+    def _dynamic(self, passes: Sequence[Pass], at: int, before: fx.GraphModule, ctx: PassContext
+                 ) -> list[Pass] | None:
         """The dynamic alternative to a static ``insert_qdq`` (``passes[at]``) that missed: the ``int8_dynamic``
         preset's quantization (``QUANTIZE_DYNAMIC``: SmoothQuant, then linears whose activations are quantized per
-        row at run time), keeping the static pass's ``skip`` float, in place of ``passes[at:]``, the exact passes after
-        them kept where they do not depend on static int8's (``fold_qdq`` needs ``calibrate``). Tried where
-        constant-weight linears, all that it quantizes, hold at least ``DYNAMIC_SHARE`` of ``before``'s FLOPs (a
-        transformer or an MLP; on a CNN it would quantize the classifier alone), and returned when its drop holds
-        the budget; else None, and the search for float layers runs. A trained transformer's static int8 misses
+        row at run time), keeping the static pass's ``skip`` float, in place of ``passes[at:]``: the passes after it
+        that need ``calibrate`` drop out with it (``bias_correction``, ``adaround``, ``fold_qdq``), exact ones stay.
+        Tried where constant-weight linears, all that it quantizes, hold at least ``DYNAMIC_SHARE`` of ``before``'s
+        FLOPs (a transformer or an MLP; on a CNN it would quantize the classifier alone) and no other lossy pass
+        follows (``distill`` cannot train through dynamic linears, and dropping it would change what was asked);
+        returned when its drop holds the budget; else None, and the search for float layers runs. A trained transformer's static int8 misses
         (outlier activation channels clip on one grid per tensor: MiniLM kept 34 of its 36 linears float), where
         per-row grids hold (docs/quantization.md). ``record["dynamic"]`` has the FLOPs share and the drop."""
         quantizer = passes[at]
@@ -247,14 +248,18 @@ class Budget:
         record = self.record["dynamic"] = {"linear_flops": linear / max(sum(flops.values()), 1)}
         if record["linear_flops"] < DYNAMIC_SHARE:
             return None
+        static, rest = {"calibrate"}, []  # static int8's own passes: calibrate and those that need it
+        for p in passes[at + 1:]:
+            if p.name in static or static.intersection(p.after):
+                static.add(p.name)
+            elif not p.exact:
+                record["not_tried"] = f"{p} follows {quantizer}"
+                return None
+            else:
+                rest.append(p)
         done = {p.name for p in passes[:at]}  # a SmoothQuant the pipeline already ran does not run twice
         steps = [_skipping(p, quantizer.options()["skip"]) if "skip" in p.options() else p
-                 for p in resolve(QUANTIZE_DYNAMIC) if "skip" in p.options() or p.name not in done]
-        names = {p.name for p in [*passes[:at], *steps]}
-        for p in passes[lossy:]:  # the exact passes after, but for those of static int8 alone (fold_qdq)
-            if names.issuperset(p.after):
-                steps.append(p)
-                names.add(p.name)
+                 for p in resolve(QUANTIZE_DYNAMIC) if "skip" in p.options() or p.name not in done] + rest
         record.update(passes=[str(p) for p in steps], drop=self._drop(self._run(steps, before, ctx)))
         return steps if self._holds(record["drop"]) else None
 

@@ -156,6 +156,15 @@ def test_a_transformer_whose_static_int8_misses_gets_dynamic_int8_linears_not_fl
         fxforge.compile(model, (torch.randn(2, 16, 32),), passes=["int8"], calibration=tokens(8), strict=True)
 
 
+def test_the_dynamic_alternative_is_not_tried_where_it_would_drop_a_lossy_pass_asked_for():
+    """distill cannot train through dynamic linears; dropping it would change what was asked for."""
+    cm, _ = compile_warned(Encoderish().eval(), example=(torch.randn(2, 16, 32),), calibration=tokens(8),
+                           passes=["int8", "distill{params='biases',steps=4}"], train=tokens(5, seed=3))
+    dynamic = cm.report.meta["budget"]["dynamic"]
+    assert dynamic["not_tried"] == "distill{steps=4,params='biases'} follows insert_qdq" and "drop" not in dynamic
+    assert cm.report.row("distill").stats["steps"] > 0
+
+
 class FragileConv(nn.Module):
     """Fragile's trick on a CNN: input channel 0 scaled by 1000 (the first conv's weights undo it)."""
 
