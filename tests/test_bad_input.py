@@ -323,6 +323,9 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_(passes="low_rank{budget=latency}")),
     ("impossible pass order", fxforge.PassError, r"pass 'calibrate' must come after 'insert_qdq' in the pipeline",
      lambda t, mp: compile_(passes=["calibrate", "insert_qdq"], calibration=calibration())),
+    ("channel pruning after quantization", fxforge.PassError,
+     r"pass 'prune_channels' must come before 'insert_qdq' in the pipeline \(got: .* → fold_qdq → prune_channels\)",
+     lambda t, mp: compile_(passes=["int8", "prune_channels"], calibration=calibration())),
     ("unknown verify mode", fxforge.PassError, r"verify must be one of .*, got 'always'",
      lambda t, mp: compile_(verify="always")),
     # backends and targets

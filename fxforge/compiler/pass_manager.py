@@ -117,6 +117,7 @@ class Pass:
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # False: approximate; reports its error in stats
     after: ClassVar[tuple[str, ...]] = ()  # passes that must run earlier in the same pipeline
+    before: ClassVar[tuple[str, ...]] = ()  # passes after which it cannot run (they leave nothing it can rewrite)
     reads_calibration: ClassVar[bool] = False  # True: needs PassContext.calibration (compile checks it up front)
     reads_train: ClassVar[bool] = False  # True: needs PassContext.train and .teacher (the manager keeps the teacher)
 
@@ -449,12 +450,17 @@ class PassManager:
 
 
 def check_order(passes: Sequence[Pass]) -> None:
-    """Refuse pipelines in which a pass runs before a pass it depends on."""
+    """Refuse pipelines in which a pass runs before a pass it depends on (its ``after``) or after one that leaves it
+    nothing to rewrite (its ``before``: channel pruning after quantization changed nothing and said nothing)."""
     seen: set[str] = set()
     for p in passes:
         missing = [a for a in p.after if a not in seen]
         if missing:
             raise PassError(f"pass {p.name!r} must come after {', '.join(map(repr, missing))} in the pipeline "
+                            f"(got: {' → '.join(q.name for q in passes)})")
+        late = [b for b in p.before if b in seen]
+        if late:
+            raise PassError(f"pass {p.name!r} must come before {', '.join(map(repr, late))} in the pipeline "
                             f"(got: {' → '.join(q.name for q in passes)})")
         seen.add(p.name)
 

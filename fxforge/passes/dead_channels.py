@@ -26,6 +26,7 @@ class DeadChannels(Pass):
     """Remove constant or unread channel groups, folding constants into consumer biases (exact)."""
 
     name = "dead_channels"
+    before = ("insert_qdq",)  # a quantized layer's channels are no coupled float groups: nothing would be removed
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = remove_removable(gm, ctx)

@@ -32,7 +32,8 @@ where training every weight with Adam made all three worse (agreement 0.820 afte
 (Hinton et al., 2015: τ² keeps the gradient scale independent of the temperature.) Through Q/DQ pairs the
 rounding has no gradient, so each DQ(Q(x)) is computed as x + (DQ(Q(x)) − x).detach(): the forward pass stays
 quantized and the gradient passes straight through (the straight-through estimator); scales stay fixed.
-Weights that are already int8 (after ``fold_qdq``) cannot learn: run distill before it.
+Weights that are already int8 (after ``fold_qdq``) cannot learn: run distill before it. Nor can dynamic int8 linears
+(``insert_qdq{activations='dynamic'}``), which have no gradient: a graph holding them is refused by name.
 
 Training steps are many small ops, which on a busy machine can run 25× faster on one thread than on two: by
 default (``threads=0``) a step without the update is timed twice on 1 thread and on PyTorch's count,
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from tqdm import tqdm
 
-from fxforge.compiler.errors import CalibrationError, missing_train
+from fxforge.compiler.errors import CalibrationError, PassError, missing_train
 from fxforge.compiler.graph import call_nodes, get_tensor, set_tensor
 from fxforge.compiler.ops import DEQUANTIZE, QUANTIZE, WEIGHTED, bias_of, data, is_op, q_params, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -102,6 +103,10 @@ class Distill(Pass):
             raise missing_train(self.name)
         if ctx.teacher is None:  # no lossy pass ran before: the graph is the teacher
             return PassResult(changed=False, preserves="all", stats={"skipped.nothing_to_recover": 1})
+        if any(is_op(n, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes):
+            # its backward raised "no autograd formula" from deep inside the first step
+            raise PassError("distill cannot train through dynamic int8 linears (fxforge::dynamic_linear has no "
+                            "gradient): run distill before insert_qdq{activations='dynamic'} (int8_dynamic)")
         with torch.inference_mode(False), torch.enable_grad():  # compile may be called under either
             batches = [tuple(t.clone() for t in b) for b in ctx.train]  # not inference tensors
             if len(batches) < 2:

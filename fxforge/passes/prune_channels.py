@@ -55,6 +55,7 @@ class PruneChannels(Pass):
 
     name = "prune_channels"
     exact = False
+    before = ("insert_qdq",)  # a quantized layer's channels are no coupled float groups: nothing would be pruned
 
     ratio: float = 0.3
     importance: Literal["l1", "l2", "bn"] = "l1"

@@ -312,6 +312,17 @@ def test_order_constraint_is_enforced():
         PassManager(["test_needs", "fuse_batchnorm"])
 
 
+@pytest.mark.parametrize("passes, late", [(["int8", "prune_channels"], "prune_channels"),
+                                          (["int8", "compress"], "dead_channels")])
+def test_channel_pruning_after_quantization_is_refused_by_name(passes, late):
+    """Before: the pruning passes ran after ``insert_qdq``, removed nothing (a quantized layer's channels form no
+    float groups) and their rows said only ``skipped.unprunable: 0``."""
+    with pytest.raises(fxforge.PassError, match=f"^pass '{late}' must come before 'insert_qdq' in the pipeline "
+                                                r"\(got: fold_constants → .* → fold_qdq → .*\)$"):
+        PassManager(passes)
+    PassManager(["fuse", "dead_channels", "prune_channels", "int8"])
+
+
 class CountConvs(fxforge.Analysis):
     name = "count_convs"
     runs = 0

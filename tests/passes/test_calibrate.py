@@ -339,6 +339,18 @@ def test_a_weight_scale_widened_on_the_example_inputs_narrows_back_on_the_calibr
     torch.testing.assert_close(scales[0], model[0].weight.abs().amax(1) / 127)
 
 
+def test_calibrate_after_dynamic_quantization_is_refused_by_name():
+    """Before: ``calibrate`` after ``insert_qdq{activations='dynamic'}`` observed nothing, changed nothing and said
+    nothing of why: dynamic linears quantize their input at run time, so there is no grid to calibrate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with pytest.raises(PassError, match="^calibrate has no activation grid to calibrate: "
+                                        r"insert_qdq\{activations='dynamic'\} quantizes each linear's input per row"):
+        fxforge.compile(model, (torch.randn(4, 16),), passes=["insert_qdq{activations='dynamic'}", "calibrate"],
+                        calibration=[(torch.randn(8, 16),) for _ in range(2)], backend="eager",
+                        measure_latency=False)
+
+
 def test_calibrate_after_fold_qdq_is_refused_by_name():
     """Before: ``calibrate`` after ``fold_qdq`` (``passes=["int8", "int8"]``) ran its observers over the folded
     graph's integer ops and failed with torch's "self and mat2 must have the same dtype, but got Int and Char"."""

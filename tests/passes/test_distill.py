@@ -93,6 +93,14 @@ def test_nothing_to_recover_without_a_lossy_pass_before():
     assert row.stats == {"skipped.nothing_to_recover": 1} and row.params == report.row("input").params
 
 
+def test_distill_after_dynamic_int8_is_refused_by_name():
+    """Before: its first step's backward raised "no autograd formula" for ``fxforge::dynamic_linear``, named as
+    whatever failed inside (and through the accuracy budget's rerun of ``["int8_dynamic", "distill"]``)."""
+    with pytest.raises(PassError, match=r"^distill cannot train through dynamic int8 linears .*: run distill before "
+                                        r"insert_qdq\{activations='dynamic'\} \(int8_dynamic\)$"):
+        run(Embedder().eval(), ["insert_qdq{activations='dynamic'}", Distill(steps=5)], data())
+
+
 def test_feature_loss_applies_at_the_split_layers():
     model, train = Classifier().eval(), data()
     gm, report, ctx = run(model, [LowRank(rank_ratio=0.1), Distill(steps=50, features=1.0)], train)
