@@ -522,11 +522,16 @@ def test_an_int8_model_refuses_nan_and_inf_where_its_quantizers_would_hide_them(
     bad = example[0].clone()
     bad[0, 1, 2, 3] = float("nan")
     for compiled in (cm, fxforge.load(cm.save(tmp_path / "a"))):
-        with pytest.raises(fxforge.InputError, match="input 0 holds NaN or Inf: the int8 model would quantize"):
+        with pytest.raises(fxforge.InputError, match="input 0 holds NaN or Inf: the compiled model would turn "):
             compiled(bad, example[1])
         torch.testing.assert_close(compiled(*example), cm(*example))
     float_model = fxforge.compile(model, example, backend=backend, measure_latency=False)
-    assert float_model.signature.finite_inputs == () and torch.isnan(float_model(bad, example[1])).any()
+    if float_model.signature.finite_inputs:  # TorchScript's oneDNN kernels, chosen by timing: NaN refused
+        assert backend == "torchscript" and float_model.artifact.info["optimize_for_inference"]
+        with pytest.raises(fxforge.InputError, match="input 0 holds NaN or Inf"):
+            float_model(bad, example[1])
+    else:
+        assert torch.isnan(float_model(bad, example[1])).any()
 
 
 class Masked(nn.Module):

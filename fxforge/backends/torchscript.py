@@ -3,18 +3,22 @@
 TorchScript cannot call ATen overloads (``aten.conv2d.default``) nor ``aten.sym_size.int``, so a copy of
 the graph calls the overload packets and ``Tensor.size`` instead, with its constants on one flat module
 (scripting compiles each submodule separately); scripting keeps the batch dimension dynamic.
-``optimize_for_inference`` (oneDNN conv with prepacked weights) is kept only when it is faster; its oneDNN
+``optimize_for_inference`` (oneDNN conv with prepacked weights) is kept only when it is faster and agrees with the
+graph; where its fused kernels map a NaN input to numbers (conv → relu), which the graph answers with NaN, the
+artifact refuses NaN and Inf in its float inputs (``Signature.finite_inputs``, as an int8 model does); its oneDNN
 constants cannot be serialized, so the artifact saves the scripted module and freezes and optimizes it again
 on load. At compile time each variant is frozen once and the artifact keeps the one chosen.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, List, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from fxforge.compiler.errors import BackendError
 from fxforge.compiler.graph import aten, get_tensor, is_op
@@ -118,6 +122,9 @@ class TorchScriptBackend(Backend):
                 if candidate is not None and _agrees(candidate, gm, example_inputs) and (optimize or measure_latency(
                         candidate, example_inputs, 0.3) < measure_latency(chosen, example_inputs, 0.3)):
                     chosen, optimized = candidate, True
+                    if not _keeps_nan(candidate, gm, example_inputs):  # its calls then refuse NaN and Inf inputs
+                        finite = set(signature.finite_inputs) | set(_float_inputs(example_inputs))
+                        signature = dataclasses.replace(signature, finite_inputs=tuple(sorted(finite)))
             except RuntimeError:
                 pass
         if mode != "script":  # a trace holds the example's shapes and every size computed from them
@@ -170,9 +177,32 @@ def _frozen(module: torch.jit.ScriptModule, optimize: bool) -> torch.jit.ScriptM
 
 
 def _agrees(module: Any, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``module`` computes what ``gm`` does on fresh inputs."""
     inputs = fresh_inputs(example_inputs)
     with torch.no_grad():
         return compare(module(*inputs), gm(*inputs)).max_rel <= EXACT_TOLERANCE
+
+
+def _keeps_nan(module: Any, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``module`` gives NaN where ``gm`` does when the first value of each float input is NaN:
+    ``optimize_for_inference``'s oneDNN conv → relu answered a NaN pixel with ordinary logits where the graph (and
+    eager PyTorch) gives NaN, and whether a build did so depended on timing."""
+    poisoned = [x.clone() for x in fresh_inputs(example_inputs)]
+    for x in _float_inputs(poisoned).values():
+        x.view(-1)[0] = float("nan")
+    with torch.no_grad():
+        try:
+            got = module(*poisoned)
+        except RuntimeError:
+            return False
+        return all(torch.equal(a.isnan(), b.isnan()) for a, b in zip(pytree.tree_leaves(got),
+                                                                      pytree.tree_leaves(gm(*poisoned)))
+                   if isinstance(a, torch.Tensor) and a.is_floating_point())
+
+
+def _float_inputs(inputs: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+    return {i: x for i, x in enumerate(inputs) if x.is_floating_point() and x.numel()}
+
 
 
 def _line(e: BaseException) -> str:

@@ -109,6 +109,7 @@ class Signature:
     scalar_outputs: tuple[tuple[int, str], ...] = ()
     # the float inputs whose values reach a static int8 quantizer (:func:`quantized_inputs`): it rounds NaN and Inf
     # to finite integers, so the int8 model answered a NaN pixel with ordinary logits where the fp32 model gives NaN;
+    # or any float input of a TorchScript artifact whose oneDNN kernels do the same (backends/torchscript.py);
     # calls holding them are refused
     finite_inputs: tuple[int, ...] = ()
 
@@ -163,8 +164,9 @@ class Signature:
                                  f"{what}: each must be in [{low}, {high})")
         for i in self.finite_inputs:
             if not _all_finite(flat[i]):
-                raise InputError(f"input {i} holds NaN or Inf: the int8 model would quantize them to finite numbers "
-                                 "and answer as if they were data (the fp32 model gives NaN); clean the input first")
+                raise InputError(f"input {i} holds NaN or Inf: the compiled model would turn them into finite numbers "
+                                 "(int8 quantizers, TorchScript's oneDNN kernels) and answer as if they were data (the "
+                                 "fp32 model gives NaN); clean the input first")
         for i in self.written_inputs:
             j = next((j for j, t in enumerate(flat) if j != i and _overlap(flat[i], t)), None)
             if j is not None:

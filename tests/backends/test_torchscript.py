@@ -151,6 +151,26 @@ def test_the_optimize_option_fixes_the_timed_choice_and_bad_values_are_refused()
 
 
 
+def test_oneDNN_kernels_that_answer_nan_with_numbers_refuse_nan_inputs(tmp_path):
+    """Before: with ``optimize_for_inference`` (chosen by timing) a conv → relu model answered a NaN pixel with
+    ordinary outputs where the graph and eager PyTorch give NaN, silently; which build did so depended on timing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    bad = x.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    assert torch.isnan(model(bad)).any()
+    plain = fxforge.compile(model, (x,), backend="torchscript", optimize=False, measure_latency=False)
+    assert plain.signature.finite_inputs == () and torch.isnan(plain(bad)).any()
+    fast = fxforge.compile(model, (x,), backend="torchscript", optimize=True, measure_latency=False)
+    assert fast.artifact.info["optimize_for_inference"] and fast.signature.finite_inputs == (0,)
+    for compiled in (fast, fxforge.load(fast.save(tmp_path / "fast"))):
+        with pytest.raises(fxforge.InputError, match="^input 0 holds NaN or Inf: the compiled model would turn them "
+                                                     "into finite numbers"):
+            compiled(bad)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
 def test_freezing_beside_an_onnx_export_leaves_the_warnings_filters_as_they_were():
     """Freezing ignores torch's warnings inside ``warnings.catch_warnings``, which swaps the process's filters; an
     ONNX export in another thread did the same, the two save-and-restore pairs interleaved, and "ignore" stayed
