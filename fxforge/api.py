@@ -114,9 +114,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         max_drop: the accuracy budget (fxforge/budget.py): the pipeline must end within ``max_drop`` of the fp32
             model in ``metric`` on ``validation`` (or on calibration batches held out from calibrating). The
             ``int8``, ``int8_dynamic`` and ``all`` presets default to 0.01 (agreement for classifier logits, with the
-            min cosine of any outputs after them; else min cosine); ``math.inf`` measures only. A miss keeps the
-            layers whose quantization costs most float, with a warning; ``report.meta["budget"]`` records the outcome.
-        strict: raise ``BudgetError`` instead of keeping layers float when the pipeline misses its budget, and
+            min cosine of any outputs after them; else min cosine); ``math.inf`` measures only. A miss of static
+            int8 where linears hold most of the FLOPs (a transformer) takes dynamic int8 activations where they hold;
+            otherwise a miss keeps the layers whose quantization costs most float; either with a warning.
+            ``report.meta["budget"]`` records the outcome.
+        strict: raise ``BudgetError`` instead of changing the quantization when the pipeline misses its budget, and
             ``TargetError`` instead of warning when the backend falls back from ``target`` (e.g. the onnx backend
             without ONNX Runtime's CUDA provider for ``target="cuda"``). A portable artifact (eager, TorchScript,
             or ONNX for ``arm64``) is built for the target and checked by running it here: no fallback.
@@ -192,7 +194,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     _warn_if_only_other_dtypes(report)
     if budget is not None:
         start = time.perf_counter()
-        fitted = budget.fit(manager, original, ctx, result=gm)
+        fitted = budget.fit(manager, original, ctx, result=gm, unlowered=None if be.dynamic_int8 else
+                            f"the {be.name} backend has no dynamic int8 linears")
         if fitted is not manager:  # missed: run the pipeline that keeps the costliest layers float
             gm, report = fitted.run(original, ctx)
         times["budget"] = time.perf_counter() - start

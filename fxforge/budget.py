@@ -18,10 +18,10 @@ is not measured, and a warning says so.
 compile runs the pipeline as asked first, under its checks, and measures the graph it gives: when that holds
 the budget (the usual case), that run is the compile's and nothing else runs (no per-layer sensitivity, no
 second run). When the pipeline as asked misses the budget, ``strict=True`` raises ``BudgetError``; otherwise compile warns in
-one line and changes the quantization. Where static int8 (``insert_qdq``) missed and constant-weight linears hold at
-least half of the graph's FLOPs (a transformer), it first tries the ``int8_dynamic`` preset's quantization in its place
-(SmoothQuant, then each linear's activations quantized per row at run time), and takes it when that holds: every
-linear int8 (a trained MiniLM's static int8 kept 34 of its 36 linears float). Otherwise it keeps layers float (mixed
+one line and changes the quantization. Where static int8 (``insert_qdq``) missed and the linears that dynamic int8
+would quantize hold at least 90 % of the graph's FLOPs (a transformer), it first tries the ``int8_dynamic`` preset's
+quantization in its place (SmoothQuant, then each linear's activations quantized per row at run time), and takes it
+when that holds: every linear int8 (a trained MiniLM's static int8 kept 34 of its 36 linears float). Otherwise it keeps layers float (mixed
 precision) through the quantizing pass's ``skip`` option. Each layer's cost
 is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py: drop, then relative error, on
 the budget's first batches holding 32 samples or more: a ranking, not the verdict). Costs alone do not add up, so a
@@ -57,8 +57,9 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import BudgetError, InputError
 from fxforge.compiler.analysis.flops import Flops
-from fxforge.compiler.graph import call_nodes, get_tensor
-from fxforge.compiler.ops import LINEAR, WEIGHTED, weight_of
+from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
+from fxforge.compiler.graph import call_nodes
+from fxforge.compiler.ops import MATMUL, WEIGHTED, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, resolve
 from fxforge.compiler.quality import METRICS, Metric, Quality, Validation, not_logits, score
 from fxforge.compiler.report import Report
@@ -73,7 +74,8 @@ SENSITIVITY_SAMPLES = 32  # the budget's first samples each layer's cost is meas
 VERIFIED = 3  # pipeline runs the search may spend verifying its estimates
 GREEDY = 8  # float layers the greedy phase may choose before the search over ranked prefixes takes over
 CANDIDATES = 6  # the remaining layers of highest cost alone that each greedy step measures in the whole graph
-DYNAMIC_SHARE = 0.5  # the share of the FLOPs in constant-weight linears from which a missed static int8 tries dynamic
+DYNAMIC_SHARE = 0.9  # the share of the FLOPs in the linears it quantizes from which a missed static int8 tries dynamic
+STATIC_ONLY = ("calibrate", "bias_correction", "adaround", "fold_qdq")  # passes for static grids alone
 
 
 class Budget:
@@ -128,11 +130,13 @@ class Budget:
     # ------------------------------------------------------------------------------------------ the search
 
     def fit(self, manager: PassManager, gm: fx.GraphModule, ctx: PassContext,
-            result: fx.GraphModule | None = None) -> PassManager:
-        """Measure ``manager``'s pipeline on the budget's data; when it misses, the pipeline that keeps the fewest
-        most costly layers float and holds the budget (or raise, under ``strict``). ``result``: the pipeline's
-        graph from ``gm`` when compile has already run it (checked), measured instead of running it again; when it
-        holds (the usual case), ``manager`` itself is returned and nothing else runs."""
+            result: fx.GraphModule | None = None, unlowered: str | None = None) -> PassManager:
+        """Measure ``manager``'s pipeline on the budget's data; when it misses, the pipeline with dynamic int8
+        activations (:meth:`_dynamic`) or the one that keeps the fewest most costly layers float, which holds the
+        budget (or raise, under ``strict``). ``result``: the pipeline's graph from ``gm`` when compile has already
+        run it (checked), measured instead of running it again; when it holds (the usual case), ``manager`` itself
+        is returned and nothing else runs. ``unlowered``: why the backend cannot run dynamic int8 linears (None:
+        it can)."""
         if self.data is None:
             self._warn(f"the accuracy budget (max_drop {self.max_drop}) was not measured: give validation= data or "
                        "at least 4 calibration batches (every fourth is held out)")
@@ -170,8 +174,8 @@ class Budget:
             return manager
         if self.strict:
             raise BudgetError(f"{label} misses its accuracy budget: {what} (strict=True; without it compile " + (
-                "tries other int8 (dynamic activations where linears hold most of the FLOPs) and keeps the layers whose "
-                "quantization costs most float)" if fallback else
+                "tries other int8 (dynamic activations where linears hold most of the FLOPs) and keeps the layers "
+                "whose quantization costs most float)" if fallback else
                 "warns: no pass of this pipeline can keep layers float)"))
         if not fallback:
             self.record.update(outcome="missed: no pass of this pipeline can keep layers float", float_layers=[])
@@ -180,13 +184,16 @@ class Budget:
         if result is not None:  # the search starts from the graphs before and after the quantizing passes
             before = self._run(passes[:at], gm, ctx)
             quantized = self._run(passes[at:lossy], before, ctx)
-        dynamic = self._dynamic(passes, at, before, ctx)
+        dynamic = self._dynamic(passes, at, before, ctx, unlowered)
         if dynamic is not None:
-            drop = self.record["dynamic"]["drop"]
-            self.record.update(outcome=f"held with dynamic activations ({', '.join(map(str, dynamic))})",
-                               float_layers=[])
+            record = self.record["dynamic"]
+            steps = ", ".join(record["passes"])
+            self.record.update(outcome=f"held with dynamic activations ({steps})", float_layers=[])
+            others = len(record["float_layers"])
+            others = f"; it leaves {others} layer{'s' * (others > 1)} with weights float (listed in " \
+                "report.meta['budget']['dynamic'])" if others else ""
             self._warn(f"{label} missed its accuracy budget ({what}); its linears quantize their activations "
-                       f"dynamically instead ({' → '.join(map(str, dynamic))}): drop {drop:.4f}")
+                       f"dynamically instead ({' → '.join(record['passes'])}): drop {record['drop']:.4f}{others}")
             return PassManager([*passes[:at], *dynamic], verify=manager.verify,
                                measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
         setting = str(passes[at])
@@ -227,41 +234,49 @@ class Budget:
         return PassManager([*passes[:at], _skipping(passes[at], floats), *passes[at + 1:]], verify=manager.verify,
                            measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
 
-    def _dynamic(self, passes: Sequence[Pass], at: int, before: fx.GraphModule, ctx: PassContext
-                 ) -> list[Pass] | None:
+    def _dynamic(self, passes: Sequence[Pass], at: int, before: fx.GraphModule, ctx: PassContext,
+                 unlowered: str | None) -> list[Pass] | None:
         """The dynamic alternative to a static ``insert_qdq`` (``passes[at]``) that missed: the ``int8_dynamic``
         preset's quantization (``QUANTIZE_DYNAMIC``: SmoothQuant, then linears whose activations are quantized per
-        row at run time), keeping the static pass's ``skip`` float, in place of ``passes[at:]``: the passes after it
-        that need ``calibrate`` drop out with it (``bias_correction``, ``adaround``, ``fold_qdq``), exact ones stay.
-        Tried where constant-weight linears, all that it quantizes, hold at least ``DYNAMIC_SHARE`` of ``before``'s
-        FLOPs (a transformer or an MLP; on a CNN it would quantize the classifier alone) and no other lossy pass
-        follows (``distill`` cannot train through dynamic linears, and dropping it would change what was asked);
-        returned when its drop holds the budget; else None, and the search for float layers runs. A trained transformer's static int8 misses
-        (outlier activation channels clip on one grid per tensor: MiniLM kept 34 of its 36 linears float), where
-        per-row grids hold (docs/quantization.md). ``record["dynamic"]`` has the FLOPs share and the drop."""
+        row at run time), the static pass's options kept (``skip``, ``reduce_range``, ...), in place of
+        ``passes[at:]``: static int8's own passes after it (``STATIC_ONLY``) drop out, exact ones stay.
+
+        Tried where the linears it quantizes hold at least ``DYNAMIC_SHARE`` of the FLOPs (a transformer or an MLP:
+        it leaves every other layer float; on a CNN it would quantize the classifier alone), measured on the graph
+        its ``insert_qdq`` makes, which reads no data; not tried where another lossy pass follows (``distill``
+        cannot train through dynamic linears, and dropping it would change what was asked) or where the backend
+        has no dynamic int8 linears (``unlowered`` says so). Returned when its drop holds the budget; else None,
+        and the search for float layers runs. A trained transformer's static int8 misses (outlier activation
+        channels clip on one grid per tensor: MiniLM kept 34 of its 36 linears float), where per-row grids hold
+        (docs/quantization.md). ``record["dynamic"]``: the FLOPs share, the layers it leaves float, the drop."""
         quantizer = passes[at]
         if quantizer.name != "insert_qdq" or quantizer.options()["activations"] != "static":
             return None
-        flops = Flops().run(before, ctx)
-        linear = sum(flops.get(n.name, 0) for n in call_nodes(before, *LINEAR)
-                     if get_tensor(before, weight_of(n)) is not None)
-        record = self.record["dynamic"] = {"linear_flops": linear / max(sum(flops.values()), 1)}
-        if record["linear_flops"] < DYNAMIC_SHARE:
-            return None
-        static, rest = {"calibrate"}, []  # static int8's own passes: calibrate and those that need it
+        record = self.record["dynamic"] = {}
+        rest = []
         for p in passes[at + 1:]:
-            if p.name in static or static.intersection(p.after):
-                static.add(p.name)
-            elif not p.exact:
+            if p.name in STATIC_ONLY:
+                continue
+            if not p.exact or set(STATIC_ONLY).intersection(p.after):
                 record["not_tried"] = f"{p} follows {quantizer}"
                 return None
-            else:
-                rest.append(p)
+            rest.append(p)
+        if unlowered:
+            record["not_tried"] = unlowered
+            return None
+        dynamic = type(quantizer)(**{**quantizer.options(), "activations": "dynamic"})
+        probe = self._run([dynamic], before, ctx)
+        flops = Flops().run(probe, ctx)
+        linear = sum(flops.get(n.name, 0) for n in call_nodes(probe, DYNAMIC_LINEAR))
+        record.update(linear_flops=linear / max(sum(flops.values()), 1),
+                      float_layers=[n.name for n in call_nodes(probe, *WEIGHTED, *MATMUL) if flops.get(n.name)])
+        if record["linear_flops"] < DYNAMIC_SHARE:
+            return None
         done = {p.name for p in passes[:at]}  # a SmoothQuant the pipeline already ran does not run twice
-        steps = [_skipping(p, quantizer.options()["skip"]) if "skip" in p.options() else p
-                 for p in resolve(QUANTIZE_DYNAMIC) if "skip" in p.options() or p.name not in done] + rest
-        record.update(passes=[str(p) for p in steps], drop=self._drop(self._run(steps, before, ctx)))
-        return steps if self._holds(record["drop"]) else None
+        steps = [dynamic if p.name == quantizer.name else p for p in resolve(QUANTIZE_DYNAMIC)
+                 if p.name == quantizer.name or p.name not in done]
+        record.update(passes=[str(p) for p in steps], drop=self._drop(self._run([*steps, *rest], before, ctx)))
+        return steps + rest if self._holds(record["drop"]) else None
 
     def _greedy(self, ranked: Sequence[str], screen: Callable[[list[str]], tuple[float, float]],
                 full: Callable[[list[str]], float], verify: Callable[[list[str]], float]

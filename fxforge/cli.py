@@ -139,9 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--static-batch", action="store_true", help="compile for the example batch size only")
     comp.add_argument("--max-drop", type=float, metavar="X", help="accuracy budget: end within X of the fp32 model "
                       "on --validation (or held-out calibration batches); int8/int8_dynamic/all default to 0.01")
-    comp.add_argument("--strict", action="store_true", help="fail instead of keeping layers float when the budget "
-                      "is missed, and instead of warning when the backend falls back from --target (a portable "
-                      "artifact checked on this host is no fallback)")
+    comp.add_argument("--strict", action="store_true", help="fail instead of changing the quantization (dynamic "
+                      "activations, layers kept float) when the budget is missed, and instead of warning when the "
+                      "backend falls back from --target (a portable artifact checked on this host is no fallback)")
     comp.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                       help="an option of the backend (repeatable), e.g. --backend-option tune={'trials':16}")
     comp.add_argument("--tuning-db", metavar="DIR", help="tvm backend: apply this MetaSchedule database (from "

@@ -81,8 +81,9 @@ def test_a_lossy_pass_after_fold_qdq_searches_by_rerunning_the_passes():
     """Before: a missed budget estimated each try from the quantized graph (``InsertQdq.with_float``), which a lossy
     pass after ``int8`` had run through ``fold_qdq``: its int8 weights have no quantizer to undo, and compile raised
     a raw ``IndexError: tuple index out of range``. Expected: the search reruns the passes instead."""
-    cm, warned = compile_warned(Fragile().eval(), passes=["int8", "low_rank{rank_ratio=0.25}"],
-                                calibration=batches(8), max_drop=0.05, measure_latency=False)
+    cm, warned = compile_warned(Fragile().eval(), passes=["int8", "distill{params='biases',steps=5}"],
+                                calibration=batches(8), train=batches(5, seed=4), max_drop=0.05,
+                                measure_latency=False)
     budget = cm.report.meta["budget"]
     assert budget["tries"][0] > 0.05 and "float_layers" in budget and len(warned) == 1
 
@@ -142,10 +143,12 @@ def test_a_transformer_whose_static_int8_misses_gets_dynamic_int8_linears_not_fl
     budget = cm.report.meta["budget"]
     assert budget["metric"] == "min_cosine" and budget["tries"][0] > 0.3  # static int8 loses the embedding
     assert budget["dynamic"]["linear_flops"] == 1 and budget["dynamic"]["drop"] <= 0.01
+    assert budget["dynamic"]["float_layers"] == []
     assert budget["outcome"] == "held with dynamic activations (smooth_quant, insert_qdq{activations='dynamic'})"
     assert budget["float_layers"] == [] and budget["artifact"]["held"]
     assert len(warned) == 1 and "\n" not in warned[0] and "quantize their activations dynamically" in warned[0]
-    assert [r.stage for r in cm.report.rows][-3:] == ["smooth_quant", "insert_qdq{activations='dynamic'}", "backend:eager"]
+    stages = [r.stage for r in cm.report.rows]
+    assert stages[-3:] == ["smooth_quant", "insert_qdq{activations='dynamic'}", "backend:eager"]
     assert cm.report.row("insert_qdq").stats["dynamic_linears"] == 2
     x = tokens(1, seed=7)[0][0]
     with torch.no_grad():
@@ -163,6 +166,75 @@ def test_the_dynamic_alternative_is_not_tried_where_it_would_drop_a_lossy_pass_a
     dynamic = cm.report.meta["budget"]["dynamic"]
     assert dynamic["not_tried"] == "distill{steps=4,params='biases'} follows insert_qdq" and "drop" not in dynamic
     assert cm.report.row("distill").stats["steps"] > 0
+
+
+class ConvThenEncoder(Encoderish):
+    """Encoderish after a depthwise conv over its tokens (a sliver of the FLOPs, which dynamic int8 leaves float)."""
+
+    def __init__(self, kernel=1):
+        super().__init__()
+        self.conv = nn.Conv1d(32, 32, kernel, padding=kernel // 2, groups=32)
+
+    def forward(self, x):
+        return super().forward(self.conv(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_the_dynamic_alternative_keeps_the_static_pass_s_options_and_records_the_layers_it_leaves_float():
+    """Found by a differential run: ``reduce_range=True`` was dropped (8-bit weights) and the conv that dynamic
+    int8 leaves float was in no record and no warning."""
+    cm, warned = compile_warned(ConvThenEncoder().eval(), example=(torch.randn(2, 16, 32),), calibration=tokens(8),
+                                passes=["fuse", "equalize", "insert_qdq{reduce_range=True}",
+                                        "calibrate{method='percentile'}", "bias_correction", "fold_qdq"],
+                                max_drop=0.01, metric="min_cosine", validation=tokens(2, seed=5))
+    budget = cm.report.meta["budget"]
+    assert budget["outcome"].startswith("held with dynamic activations") and budget["dynamic"]["linear_flops"] > 0.9
+    assert budget["dynamic"]["float_layers"] == ["conv1d"] and cm.report.row("insert_qdq").stats["weight_bits"] == 7
+    assert len(warned) == 1 and warned[0].endswith("; it leaves 1 layer with weights float (listed in "
+                                                   "report.meta['budget']['dynamic'])")
+
+
+def test_the_dynamic_alternative_is_not_tried_where_linears_skipped_by_name_leave_it_nothing():
+    """Found by a differential run: the FLOPs share counted linears named in ``skip``; with all of them skipped it
+    "held with dynamic activations" that quantized nothing."""
+    cm, _ = compile_warned(ConvThenEncoder(kernel=3).eval(), example=(torch.randn(2, 16, 32),), calibration=tokens(8),
+                           passes=["fuse", "insert_qdq{skip=('up', 'down')}", "calibrate", "fold_qdq"],
+                           max_drop=0.0, metric="min_cosine", validation=tokens(2, seed=5))
+    budget = cm.report.meta["budget"]
+    assert budget["dynamic"]["linear_flops"] == 0 and "drop" not in budget["dynamic"]
+    assert not budget["outcome"].startswith("held with dynamic")
+
+
+@fxforge.register_pass
+class AfterCalibrate(fxforge.Pass):
+    """A user's lossy pass that needs calibrate: it halves the output (by the last linear's weights and bias)."""
+
+    name = "test_after_calibrate"
+    exact = False
+    after = ("calibrate",)
+
+    def run(self, gm, ctx):
+        return fxforge.PassResult(changed=False)
+
+
+def test_the_dynamic_alternative_is_not_tried_where_a_user_pass_needs_static_int8():
+    """Found by a differential run: a user's pass listed after ``calibrate`` counted as static int8's own and was
+    dropped from the pipeline without a word."""
+    cm, _ = compile_warned(Encoderish().eval(), example=(torch.randn(2, 16, 32),), calibration=tokens(8),
+                           passes=["int8", "test_after_calibrate"])
+    budget = cm.report.meta["budget"]
+    assert budget["dynamic"] == {"not_tried": "test_after_calibrate follows insert_qdq"}
+    assert cm.report.rows[-2].stage == "test_after_calibrate"
+
+
+@pytest.mark.slow
+def test_the_dynamic_alternative_is_not_tried_for_a_backend_without_dynamic_int8():
+    """Found by a differential run: TVM imports no ``fxforge::dynamic_linear``, so a budget that took the
+    alternative made compile fail naming an op the user never asked for."""
+    cm, _ = compile_warned(Encoderish().eval(), example=(torch.randn(2, 16, 32),), calibration=tokens(8),
+                           passes=["int8"], backend="tvm")
+    budget = cm.report.meta["budget"]
+    assert budget["dynamic"] == {"not_tried": "the tvm backend has no dynamic int8 linears"}
+    assert budget["outcome"].startswith("held with") and budget["float_layers"]
 
 
 class FragileConv(nn.Module):

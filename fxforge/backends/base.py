@@ -442,6 +442,7 @@ class Backend(ABC):
     name: ClassVar[str]
     artifact: ClassVar[type[Artifact]]
     cpu_only: ClassVar[bool] = False  # True: a program for PyTorch on a CPU (x86 or arm64), never moved to a GPU
+    dynamic_int8: ClassVar[bool] = True  # lowers fxforge::dynamic_linear (the accuracy budget asks before it picks one)
 
     def check_target(self, target: Target) -> None:
         """Raise TargetError for a target this backend cannot build for. A CPU-only backend refuses a GPU target,

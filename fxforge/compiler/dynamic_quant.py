@@ -68,6 +68,9 @@ def _(x, weight, weight_scale, bias, lower_bound=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+DYNAMIC_LINEAR = torch.ops.fxforge.dynamic_linear.default  # the op as graph nodes call it
+
+
 def input_lower_bound(x: object) -> float | None:
     """The least value ``x`` can take where its producer bounds it (GELU: ``GELU_LOWER_BOUND`` of its form; relu,
     relu6 and clamps from 0: 0), the ``lower_bound`` a ``dynamic_linear`` reading it may shift by; else None."""

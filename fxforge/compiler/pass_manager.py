@@ -460,7 +460,8 @@ def check_order(passes: Sequence[Pass]) -> None:
                             f"(got: {' → '.join(q.name for q in passes)})")
         late = [b for b in p.before if b in seen]
         if late:
-            raise PassError(f"pass {p.name!r} must come before {', '.join(map(repr, late))} in the pipeline "
-                            f"(got: {' → '.join(q.name for q in passes)})")
+            rule = "runs once in a pipeline" if late == [p.name] else \
+                f"must come before {', '.join(map(repr, late))} in the pipeline"
+            raise PassError(f"pass {p.name!r} {rule} (got: {' → '.join(q.name for q in passes)})")
         seen.add(p.name)
 

@@ -41,6 +41,7 @@ class DepthwiseSeparable(Pass):
 
     name = "depthwise_separable"
     exact = False
+    before = ("insert_qdq",)  # a quantized conv's weight is no float constant: nothing would be split
     energy: float = 0.95
     multiplier: int | None = None
     flops: float | None = None  # a goal: at most this fraction of the input's FLOPs, chosen per conv

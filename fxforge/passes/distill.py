@@ -60,6 +60,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from tqdm import tqdm
 
+from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import CalibrationError, PassError, missing_train
 from fxforge.compiler.graph import call_nodes, get_tensor, set_tensor
 from fxforge.compiler.ops import DEQUANTIZE, QUANTIZE, WEIGHTED, bias_of, data, is_op, q_params, weight_of
@@ -103,7 +104,7 @@ class Distill(Pass):
             raise missing_train(self.name)
         if ctx.teacher is None:  # no lossy pass ran before: the graph is the teacher
             return PassResult(changed=False, preserves="all", stats={"skipped.nothing_to_recover": 1})
-        if any(is_op(n, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes):
+        if any(is_op(n, DYNAMIC_LINEAR) for n in gm.graph.nodes):
             # its backward raised "no autograd formula" from deep inside the first step
             raise PassError("distill cannot train through dynamic int8 linears (fxforge::dynamic_linear has no "
                             "gradient): run distill before insert_qdq{activations='dynamic'} (int8_dynamic)")

@@ -89,6 +89,7 @@ class InsertQdq(Pass):
 
     name = "insert_qdq"
     exact = False
+    before = ("insert_qdq",)  # once: a second one quantized what the first kept float, which its record missed
     per_channel: bool = True
     reduce_range: bool | None = None  # None: on where the target's u8s8 products saturate
     activation_dtype: Literal["uint8", "int8"] = "uint8"

@@ -51,6 +51,7 @@ class LowRank(Pass):
 
     name = "low_rank"
     exact = False
+    before = ("insert_qdq",)  # a quantized layer's weight is no float constant: nothing would be split
     energy: float = 0.95
     rank_ratio: float | None = None
     budget: Literal["flops", "latency"] = "flops"

@@ -313,14 +313,23 @@ def test_order_constraint_is_enforced():
 
 
 @pytest.mark.parametrize("passes, late", [(["int8", "prune_channels"], "prune_channels"),
-                                          (["int8", "compress"], "dead_channels")])
-def test_channel_pruning_after_quantization_is_refused_by_name(passes, late):
-    """Before: the pruning passes ran after ``insert_qdq``, removed nothing (a quantized layer's channels form no
-    float groups) and their rows said only ``skipped.unprunable: 0``."""
+                                          (["int8", "compress"], "dead_channels"),
+                                          (["int8_dynamic", "low_rank"], "low_rank"),
+                                          (["int8", "depthwise_separable"], "depthwise_separable")])
+def test_structural_passes_after_quantization_are_refused_by_name(passes, late):
+    """Before: they ran after ``insert_qdq`` and changed nothing (a quantized layer's channels form no float groups,
+    its weight is no float constant), their rows saying ``skipped.unprunable: 0`` or nothing at all."""
     with pytest.raises(fxforge.PassError, match=f"^pass '{late}' must come before 'insert_qdq' in the pipeline "
-                                                r"\(got: fold_constants → .* → fold_qdq → .*\)$"):
+                                                r"\(got: fold_constants → .* → insert_qdq → .*\)$"):
         PassManager(passes)
     PassManager(["fuse", "dead_channels", "prune_channels", "int8"])
+
+
+def test_a_second_quantization_is_refused_by_name():
+    """Before: ``["int8", "int8_dynamic"]`` made a layer dynamic int8 that the budget's record listed as kept float."""
+    with pytest.raises(fxforge.PassError, match=r"^pass 'insert_qdq' runs once in a pipeline \(got: .* fold_qdq → "
+                                                r"fold_constants → .* → smooth_quant → insert_qdq\)$"):
+        PassManager(["int8", "int8_dynamic"])
 
 
 class CountConvs(fxforge.Analysis):

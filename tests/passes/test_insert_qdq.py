@@ -289,11 +289,12 @@ def test_zoo_runs_and_stays_close(name):
     assert sample.cosine > 0.99 and report.final.cosine <= sample.cosine  # the row states a bound over 8 batches
 
 
-def test_a_second_run_quantizes_nothing_twice():
+def test_a_second_run_is_refused_by_name():
+    """Before: a second insert_qdq skipped what the first quantized (``skipped.already_quantized``) but quantized
+    what the first kept float, which the accuracy budget had recorded as float (``["int8", "int8_dynamic"]``)."""
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
-    gm, report, _ = apply(model, (torch.rand(2, 4, 8, 8),), ["insert_qdq", "insert_qdq"])
-    assert report.rows[-1].stats == {"skipped.already_quantized": 1, "activations": 0, "weights": 0}
-    assert count(gm, Q) == 2 and count(gm, QC) == 2
+    with pytest.raises(PassError, match=r"^pass 'insert_qdq' runs once in a pipeline \(got: insert_qdq → insert_qdq\)"):
+        apply(model, (torch.rand(2, 4, 8, 8),), ["insert_qdq", "insert_qdq"])
 
 
 def test_layers_dead_channels_emptied_stay_float():
