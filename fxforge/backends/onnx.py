@@ -737,7 +737,7 @@ def _logsumexp(self, dim, keepdim=False):
     return op.Add(op.Log(total), peak if keepdim else op.ReduceMax(peak, axes, keepdims=0))
 
 
-TRANSLATIONS = {torch.ops.fxforge.dynamic_linear.default: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim,
+TRANSLATIONS = {dynamic_quant.DYNAMIC_LINEAR: _dynamic_linear, torch.ops.aten.mean.dim: _mean_dim,
                 torch.ops.aten.div.Tensor_mode: _div_mode, torch.ops.aten.div.Scalar_mode: _div_mode,
                 torch.ops.aten.floor_divide.default: _floor_divide, torch.ops.aten.clamp.default: _clamp,
                 torch.ops.aten.log_sigmoid.default: _log_sigmoid, torch.ops.aten.clamp_min.default: _clamp_min,

@@ -232,7 +232,7 @@ def shifted_bias(weight, weight_scale, bias, lower_bound: float):
     return shift if bias is None else op.Add(bias, shift)
 
 
-TRANSLATIONS = {SDPA: _sdpa, torch.ops.fxforge.dynamic_linear.default: _dynamic_linear}
+TRANSLATIONS = {SDPA: _sdpa, dynamic_quant.DYNAMIC_LINEAR: _dynamic_linear}
 
 
 def optimize(model: onnx.ModelProto, cpu: bool = True) -> onnx.ModelProto:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
+from .dynamic_quant import DYNAMIC_LINEAR
 from .analysis.shapes import Shapes
 from .errors import FxforgeError, InputError, VerificationError, first_line
 from .instruments import Instrument, Stage, after_passes
@@ -803,7 +803,7 @@ def _other_batch(signature: Any, flat: Sequence[torch.Tensor], model: ModelRuns,
 def is_quantized(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` simulates integer arithmetic (Q/DQ or dynamic int8 linears), which int8 kernels round
     otherwise: its artifact is held to the quantized lowering bound, not the exact one."""
-    return any(is_op(n, *QUANTIZE, torch.ops.fxforge.dynamic_linear.default) for n in gm.graph.nodes)
+    return any(is_op(n, *QUANTIZE, DYNAMIC_LINEAR) for n in gm.graph.nodes)
 
 
 def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float,

@@ -62,7 +62,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.dynamic_quant import input_lower_bound
+from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR, input_lower_bound
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, equal_or_new_tensor, finalize,
@@ -154,7 +154,7 @@ class InsertQdq(Pass):
             if args[-1] is not None:
                 stats["dynamic_shifted"] += 1
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.ops.fxforge.dynamic_linear.default, args)
+                new = gm.graph.call_function(DYNAMIC_LINEAR, args)
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import dynamic_quant  # noqa: F401  (registers torch.ops.fxforge.dynamic_linear)
+from ..dynamic_quant import DYNAMIC_LINEAR
 from ..ops import CONV, LINEAR, MATMUL, argument, aten, is_op
 from .base import Analysis
 from .shapes import Shapes, TensorInfo
@@ -49,7 +49,7 @@ class Flops(Analysis):
 
 def node_flops(node: fx.Node, shapes: dict[str, TensorInfo]) -> int:
     """FLOPs of one node (0 for ops that are not counted, and for one whose inputs have no recorded shape)."""
-    if is_op(node, torch.ops.fxforge.dynamic_linear.default):
+    if is_op(node, DYNAMIC_LINEAR):
         out, weight = shapes.get(node.name), shapes.get(getattr(argument(node, "weight"), "name", ""))
         return 2 * math.prod(out.shape) * weight.shape[1] if out and weight else 0
     if not is_op(node, *COUNTED):
