@@ -21,9 +21,9 @@ second run). When the pipeline as asked misses the budget, ``strict=True`` raise
 one line and changes the quantization. Where static int8 (``insert_qdq``) missed and the linears that dynamic int8
 would quantize hold at least 90 % of the graph's FLOPs (a transformer), it first tries the ``int8_dynamic`` preset's
 quantization in its place (SmoothQuant, then each linear's activations quantized per row at run time), and takes it
-when that holds: every linear int8 (a trained MiniLM's static int8 kept 34 of its 36 linears float). Otherwise it keeps layers float (mixed
-precision) through the quantizing pass's ``skip`` option. Each layer's cost
-is measured once, by quantizing that layer alone (passes/analysis/sensitivity.py: drop, then relative error, on
+when that holds: every linear int8 (a trained MiniLM's static int8 kept 34 of its 36 linears float). Otherwise it
+keeps layers float (mixed precision) through the quantizing pass's ``skip`` option. Each layer's cost is measured
+once, by quantizing that layer alone (passes/analysis/sensitivity.py: drop, then relative error, on
 the budget's first batches holding 32 samples or more: a ranking, not the verdict). Costs alone do not add up, so a
 greedy phase comes first: from none float, each step measures the whole graph with each of the 6 most costly
 remaining layers float as well, on those samples (the screen), keeps the best, and stops at the first set that

@@ -204,6 +204,5 @@ def _float_inputs(inputs: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
     return {i: x for i, x in enumerate(inputs) if x.is_floating_point() and x.numel()}
 
 
-
 def _line(e: BaseException) -> str:
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
