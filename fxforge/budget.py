@@ -268,10 +268,10 @@ class Budget:
         probe = self._run([dynamic], before, ctx)
         flops = Flops().run(probe, ctx)
         linear = sum(flops.get(n.name, 0) for n in call_nodes(probe, DYNAMIC_LINEAR))
-        record.update(linear_flops=linear / max(sum(flops.values()), 1),
-                      float_layers=[n.name for n in call_nodes(probe, *WEIGHTED, *MATMUL) if flops.get(n.name)])
-        if record["linear_flops"] < DYNAMIC_SHARE:
+        record["linear_flops"] = linear / max(sum(flops.values()), 1)
+        if record["linear_flops"] < DYNAMIC_SHARE:  # a CNN: the layers it would leave float are most of them
             return None
+        record["float_layers"] = [n.name for n in call_nodes(probe, *WEIGHTED, *MATMUL) if flops.get(n.name)]
         done = {p.name for p in passes[:at]}  # a SmoothQuant the pipeline already ran does not run twice
         steps = [dynamic if p.name == quantizer.name else p for p in resolve(QUANTIZE_DYNAMIC)
                  if p.name == quantizer.name or p.name not in done]
