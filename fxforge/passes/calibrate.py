@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import CalibrationError, PassError, missing_calibration
-from fxforge.compiler.ops import is_op
+from fxforge.compiler.graph import call_nodes
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .lib.observers import METHODS
@@ -55,7 +55,7 @@ class Calibrate(Pass):
             raise PassError("calibrate must run before fold_qdq: this graph's quantization is already folded (its "
                             "weights are stored as int8); list calibrate before fold_qdq, and int8 once")
         if not any(is_q(n) and role(n) == "activation" for n in gm.graph.nodes) and \
-                any(is_op(n, DYNAMIC_LINEAR) for n in gm.graph.nodes):
+                any(call_nodes(gm, DYNAMIC_LINEAR)):
             # it observed nothing and changed nothing, and its row said nothing of why
             raise PassError("calibrate has no activation grid to calibrate: insert_qdq{activations='dynamic'} "
                             "quantizes each linear's input per row at run time; drop calibrate, or quantize statically")

@@ -104,7 +104,7 @@ class Distill(Pass):
             raise missing_train(self.name)
         if ctx.teacher is None:  # no lossy pass ran before: the graph is the teacher
             return PassResult(changed=False, preserves="all", stats={"skipped.nothing_to_recover": 1})
-        if any(is_op(n, DYNAMIC_LINEAR) for n in gm.graph.nodes):
+        if any(call_nodes(gm, DYNAMIC_LINEAR)):
             # its backward raised "no autograd formula" from deep inside the first step
             raise PassError("distill cannot train through dynamic int8 linears (fxforge::dynamic_linear has no "
                             "gradient): run distill before insert_qdq{activations='dynamic'} (int8_dynamic)")
