@@ -296,7 +296,7 @@ class _Search:
                 self._prune(Candidate(structure), f"{idle[0]} changes no layer: "
                                                   f"{sorted(set(sens.effects[idle[0]].values()))}")
             elif drop > self.max_drop:
-                self._prune(Candidate(structure, drop), f"predicted drop {drop:.4f} > {self.max_drop} "
+                self._prune(Candidate(structure, drop), f"predicted drop {drop:.4g} > {self.max_drop} "
                                                         "(summed layer sensitivities)")
             else:
                 out += self._quantization_variants(structure, drop, sens)

@@ -168,7 +168,7 @@ class Budget:
         tries: dict[int, float] = {0: self._drop(quantized if result is None else result)}
         self.record["tries"] = tries
         label = f"the {self.preset} preset" if self.preset else "the pipeline"
-        what = f"{self.name} drop {tries[0]:.4f} > max_drop {self.max_drop} on {self.record['data']}"
+        what = f"{self.name} drop {tries[0]:.4g} > max_drop {self.max_drop} on {self.record['data']}"
         if self._holds(tries[0]):
             self.record.update(outcome="held", float_layers=[])
             return manager
@@ -193,7 +193,7 @@ class Budget:
             others = f"; it leaves {others} layer{'s' * (others > 1)} with weights float (listed in " \
                 "report.meta['budget']['dynamic'])" if others else ""
             self._warn(f"{label} missed its accuracy budget ({what}); its linears quantize their activations "
-                       f"dynamically instead ({' → '.join(record['passes'])}): drop {record['drop']:.4f}{others}")
+                       f"dynamically instead ({' → '.join(record['passes'])}): drop {record['drop']:.4g}{others}")
             return PassManager([*passes[:at], *dynamic], verify=manager.verify,
                                measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
         setting = str(passes[at])
@@ -226,11 +226,11 @@ class Budget:
         kept = f"{k} of {len(ranked)} layers float ({named}{more})"
         if self._holds(drop):
             self.record["outcome"] = f"held with {kept}"
-            self._warn(f"{label} missed its accuracy budget ({what}); kept {kept}: drop {drop:.4f}")
+            self._warn(f"{label} missed its accuracy budget ({what}); kept {kept}: drop {drop:.4g}")
         else:
-            self.record["outcome"] = f"missed: smallest drop {drop:.4f} with {kept}"
+            self.record["outcome"] = f"missed: smallest drop {drop:.4g} with {kept}"
             self._warn(f"{label} cannot meet its accuracy budget ({what}); even the best try, {kept}, drops "
-                       f"{drop:.4f}")
+                       f"{drop:.4g}")
         return PassManager([*passes[:at], _skipping(passes[at], floats), *passes[at + 1:]], verify=manager.verify,
                            measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
 
@@ -313,9 +313,9 @@ class Budget:
             if last > self.screen_bound + self._slack():
                 left = total - t
                 if left and last - left * max(gain, 0.0) > self.screen_bound + self._slack():
-                    self.record["greedy_stop"] = (f"step {t} gained {gain:.4f} on the screen; {left} more such "
-                                                  f"steps leave it at {last - left * max(gain, 0.0):.4f} > "
-                                                  f"{self.screen_bound:.4f}")
+                    self.record["greedy_stop"] = (f"step {t} gained {gain:.4g} on the screen; {left} more such "
+                                                  f"steps leave it at {last - left * max(gain, 0.0):.4g} > "
+                                                  f"{self.screen_bound:.4g}")
                     return None
                 continue
             step["drop"] = full(chosen)
@@ -423,7 +423,7 @@ class Budget:
             self.record["artifact"] = {"drop": drop, "held": self._holds(drop)}
             if not self._holds(drop) and self.record["outcome"].startswith("held"):
                 msg = (f"the {backend} artifact misses the accuracy budget that its graph holds: {self.name} drop "
-                       f"{drop:.4f} > max_drop {self.max_drop} (the backend computes otherwise than the graph, "
+                       f"{drop:.4g} > max_drop {self.max_drop} (the backend computes otherwise than the graph, "
                        "e.g. its int8 kernels round otherwise)")
                 if self.strict:
                     raise BudgetError(msg)
