@@ -207,6 +207,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True, time_s=times["backend"],
                               latency_ms=None, max_rel_err=None, cosine=None, cosine_mean=None, top1=None, metric=None,
                               stats={})  # what is measured below, on the artifact; nothing copied from the graph
+    row.bytes = artifact.stored_bytes() or row.bytes  # else the graph's constants, which eager's program stores
     report.rows.append(row)
     if tgt.runs_on_host and verify in NUMERIC_MODES:
         start = time.perf_counter()

@@ -105,6 +105,13 @@ class Artifact(ABC):
         overrides it."""
         return f"{type(e).__name__}: {first_line(e)}"
 
+    def stored_bytes(self) -> int | None:
+        """The bytes of the files ``write`` writes, where the backend knows them without writing a directory (the
+        report's backend row states them: an int8 ONNX model stores zero points narrower than the graph, and a TVM
+        library holds its kernels and the weights as it computes with them); None where writing is the only way
+        to know (the row then states the graph's constant bytes)."""
+        return None
+
     @abstractmethod
     def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Run on flat, already checked inputs; return the flat outputs."""

@@ -189,6 +189,9 @@ class OnnxArtifact(Artifact):
         op, node, message = match.groups()
         return f"{op} node {node!r}: {_strip_cpp_signature(ORT_SOURCE_LOCATION.sub('', message.strip()))}"
 
+    def stored_bytes(self) -> int:
+        return len(self.model)
+
     def write(self, directory: Path) -> None:
         (directory / MODEL_FILE).write_bytes(self.model)
 

@@ -12,6 +12,7 @@ on load. At compile time each variant is frozen once and the artifact keeps the 
 from __future__ import annotations
 
 import copy
+import io
 import dataclasses
 from pathlib import Path
 from typing import Any, List, Mapping, Sequence
@@ -49,6 +50,12 @@ class TorchScriptArtifact(Artifact):
         with torch.inference_mode():
             out = self.module(*inputs)
         return out if isinstance(out, (tuple, list)) else (out,)
+
+    def stored_bytes(self) -> int:
+        buffer = io.BytesIO()
+        with silenced_warnings():
+            torch.jit.save(self.scripted, buffer)
+        return buffer.getbuffer().nbytes
 
     def write(self, directory: Path) -> None:
         with silenced_warnings():

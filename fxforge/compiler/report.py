@@ -38,7 +38,7 @@ class StageRow:
     time_s: float
     nodes: int
     params: int
-    bytes: int
+    bytes: int  # the graph's constant tensors; the backend row: its files (``Artifact.stored_bytes``) where known
     flops: int
     latency_ms: float | None = None
     max_rel_err: float | None = None

@@ -860,6 +860,14 @@ class TvmArtifact(Artifact):
         return as outputs."""
         return FORMAT_VERSION if self.info.get(ZERO_DIVISORS) else super().format()
 
+    def stored_bytes(self) -> int:
+        """The library's bytes, linked once and kept: ``write`` then writes them as they are."""
+        if self.library is None:
+            with tempfile.TemporaryDirectory(prefix="fxforge-tvm-") as tmp:
+                export_library(self.executable, Path(tmp) / LIB_FILE, self.target)
+                self.library = (Path(tmp) / LIB_FILE).read_bytes()
+        return len(self.library) + len(self.source.encode())
+
     def write(self, directory: Path) -> None:
         if self.library is not None:
             (directory / LIB_FILE).write_bytes(self.library)
