@@ -473,7 +473,10 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     flat = pytree.tree_leaves(args)
     if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
-        raise InputError(f"example_inputs must be a tuple of tensors, got {_describe(flat)}")
+        skipped = next((i for i, t in enumerate(flat) if t is None), None)
+        why = "" if skipped is None else (f": input {skipped} is None (a skipped optional argument), which a compiled "
+                                          "model cannot take; compile a wrapper whose forward passes it for you")
+        raise InputError(f"example_inputs must be a tuple of tensors, got {_describe(flat)}{why}")
     scripted = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
         raise TraceError(f"{'the model' if not scripted else f'submodule {scripted!r}'} is a TorchScript module "
