@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import functools
 import os
-import time
 import warnings
 from collections.abc import Mapping, Sized
 from pathlib import Path
@@ -19,6 +18,7 @@ from fxforge.backends.base import Artifact, get_backend
 from fxforge.budget import Budget
 from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputError, TargetError, TraceError,
                                      first_line, missing_calibration, missing_train)
+from fxforge.compiler.instruments import Phases
 from fxforge.compiler.pass_manager import (NUMERIC_MODES, SAMPLED_OUT, Pass, PassContext, PassManager, VerifyMode,
                                            calibration_readers, train_readers)
 from fxforge.compiler.quality import Metric, Validation, flat_batches
@@ -159,9 +159,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                       "captures what they compute into the graph, but the compiled model does not call them (a "
                       "hook's side effects, such as an activation log, happen in eager only)", UserWarning,
                       stacklevel=3)
-    times, start = {}, time.perf_counter()
-    gm, signature, runs, uncached = _capture(model, example, static_batch)
-    times["trace"] = time.perf_counter() - start
+    checks_artifact = tgt.runs_on_host and verify in NUMERIC_MODES
+    phases = Phases(3 + (budget is not None) + checks_artifact)
+    with phases.phase("trace", "capturing with torch.export"):
+        gm, signature, runs, uncached = _capture(model, example, static_batch)
     if runs.state_changes:
         warnings.warn(f"forward changes the model's own state ({_listed(runs.state_changes)}); the compiled model "
                       "computes every call from the state at compile time and changes nothing (a call counter stays "
@@ -188,32 +189,30 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                       model_outputs=None if runs is None else
                       lambda key, x: runs.outputs(key, pytree.tree_unflatten(list(x), spec)))
     original = copy.deepcopy(gm) if budget is not None else None  # the search's start, should the budget miss
-    start = time.perf_counter()
-    gm, report = manager.run(gm, ctx)
-    times["passes"] = time.perf_counter() - start
+    with phases.phase("passes", "passes"):
+        gm, report = manager.run(gm, ctx)
     _warn_if_only_other_dtypes(report)
     if budget is not None:
-        start = time.perf_counter()
-        fitted = budget.fit(manager, original, ctx, result=gm, unlowered=None if be.dynamic_int8 else
-                            f"the {be.name} backend has no dynamic int8 linears")
-        if fitted is not manager:  # missed: run the pipeline that keeps the costliest layers float
-            gm, report = fitted.run(original, ctx)
-        times["budget"] = time.perf_counter() - start
-    start = time.perf_counter()
-    # an older reader ignores the field as it did before: it skips the check, reads nothing wrong (format unchanged)
-    signature = dataclasses.replace(signature, finite_inputs=quantized_inputs(gm))
-    artifact = _lower(be, gm, flat, signature, tgt, strict, backend_options)
-    times["backend"] = time.perf_counter() - start
-    row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True, time_s=times["backend"],
+        with phases.phase("budget", "accuracy budget"):
+            fitted = budget.fit(manager, original, ctx, result=gm, unlowered=None if be.dynamic_int8 else
+                                f"the {be.name} backend has no dynamic int8 linears")
+            if fitted is not manager:  # missed: run the pipeline that keeps the costliest layers float
+                gm, report = fitted.run(original, ctx)
+    with phases.phase("backend", f"lowering to {be.name}"):
+        # an older reader ignores the field as it did before: it skips the check, reads nothing wrong (format same)
+        signature = dataclasses.replace(signature, finite_inputs=quantized_inputs(gm))
+        artifact = _lower(be, gm, flat, signature, tgt, strict, backend_options)
+        stored = artifact.stored_bytes()  # a TVM library is linked here, once
+    row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True,
+                              time_s=phases.times["backend"],
                               latency_ms=None, max_rel_err=None, cosine=None, cosine_mean=None, top1=None, metric=None,
                               stats={})  # what is measured below, on the artifact; nothing copied from the graph
-    row.bytes = artifact.stored_bytes() or row.bytes  # else the graph's constants, which eager's program stores
+    row.bytes = stored or row.bytes  # else the graph's constants, which eager's program stores
     report.rows.append(row)
-    if tgt.runs_on_host and verify in NUMERIC_MODES:
-        start = time.perf_counter()
-        err = check_artifact(artifact, runs, gm, example, all(r.exact for r in report.rows))
+    if checks_artifact:
+        with phases.phase("artifact_check", "checking the artifact against the model"):
+            err = check_artifact(artifact, runs, gm, example, all(r.exact for r in report.rows))
         row.max_rel_err, row.cosine = err.max_rel, err.cosine
-        times["artifact_check"] = time.perf_counter() - start
     gm.meta.pop(BOUND_OUTPUTS, None)  # the numeric check's last outputs, kept for the artifact check only
     if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
@@ -237,7 +236,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     report.meta["checked"] = checks_made(verify, all(r.exact for r in report.rows), is_quantized(gm), artifact.backend,
                                          tgt.runs_on_host, exact_tolerance(gm), report.meta.get(SAMPLED_OUT, ()),
                                          artifact.signature.dynamic_batch, checked is not None)
-    report.meta["compile_s"] = {k: round(v, 2) for k, v in times.items()}  # where compile time went
+    report.meta["compile_s"] = {k: round(v, 2) for k, v in phases.times.items()}  # where compile time went
     if uncached:
         report.meta["use_cache"] = (f"False for {', '.join(uncached)}: transformers' KV cache (an output torch.export "
                                     "cannot capture) is off in the compiled model, which computes the no-cache forward; "

@@ -6,11 +6,14 @@
 
 The manager's own instruments, in order: :class:`Timing`, :class:`Lint`, the numeric check
 (``verify.NumericCheck``) and the report rows (``report.StageRecorder``); ``PassManager(instruments=...)`` adds
-more (progress bars, IR dumps). An instrument never changes the graph.
+more (progress bars, IR dumps). An instrument never changes the graph. :class:`Phases` is compile's own bar, over
+the phases around the pipeline (capture, passes, budget, backend, artifact check).
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +93,32 @@ class Progress(Instrument):
 
     def failed(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, error: BaseException) -> None:
         self.bar.close()
+
+
+class Phases:
+    """compile's progress over its phases, naming the one running, and the seconds each took (``times``, the
+    report's ``compile_s``): torch.export's capture and a backend's own export run a minute and more in one call
+    each, during which compile printed nothing (the pipeline's stages have their own bar, :class:`Progress`). Shown
+    on a terminal only, and gone when the last phase ends or one raises."""
+
+    def __init__(self, phases: int) -> None:
+        self.times: dict[str, float] = {}
+        self.bar = tqdm(total=phases, desc="compile", unit="phase", disable=None, leave=False)
+
+    @contextmanager
+    def phase(self, name: str, what: str) -> Iterator[None]:
+        """Time the body as phase ``name``, shown as ``what`` while it runs."""
+        self.bar.set_postfix_str(what)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.bar.close()
+            raise
+        self.times[name] = time.perf_counter() - start
+        self.bar.update()
+        if len(self.times) == self.bar.total:  # counted here: a disabled bar (no terminal) counts nothing
+            self.bar.close()
 
 
 class Lint(Instrument):

@@ -571,3 +571,37 @@ def test_a_pipeline_shows_its_progress_on_a_terminal(monkeypatch):
         out = stream.getvalue()
         assert (("passes" in out and "fuse_batchnorm" in out and "fuse_activation" in out) if shown else
                 "passes" not in out)
+
+
+def test_compile_names_each_phase_on_its_bar_and_times_it(monkeypatch):
+    """Before: compile printed nothing through capture and the backend's export (a minute and more each on a large
+    transformer); now a bar names the phase running, closed at the last phase or when one raises."""
+    import fxforge
+    from fxforge.compiler import instruments
+    shown, closed = [], []
+
+    class Bar(instruments.tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            shown.append(s)
+
+        def close(self):
+            closed.append(id(self))  # by identity: tqdm compares bars by their position
+            super().close()
+
+    monkeypatch.setattr(instruments, "tqdm", Bar)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), torch.randn(2, 4)
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="onnx", measure_latency=False)
+    assert shown[0] == "capturing with torch.export" and "lowering to onnx" in shown
+    assert shown[-1] == "checking the artifact against the model"
+    assert list(cm.report.meta["compile_s"]) == ["trace", "passes", "backend", "artifact_check"]
+    phases = instruments.Phases(2)
+    with phases.phase("a", "the first"):
+        pass
+    assert id(phases.bar) not in closed
+    with phases.phase("b", "the second"):
+        pass
+    assert id(phases.bar) in closed and list(phases.times) == ["a", "b"]
+    phases = instruments.Phases(2)
+    with pytest.raises(ValueError), phases.phase("a", "the first"):
+        raise ValueError
+    assert id(phases.bar) in closed and not phases.times
