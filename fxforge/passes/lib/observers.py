@@ -7,7 +7,9 @@ that into a range [lo, hi] that always contains 0:
 - ``minmax``: the exact extremes.
 - ``percentile``: cut ``(100 - p) / 2`` percent of the mass from each tail (p = 99.99 by default).
 - ``entropy``: TensorRT's KL-divergence search on the |x| histogram: the threshold T whose quantized
-  distribution is closest to the full one; outliers beyond T are clipped.
+  distribution is closest to the full one; outliers beyond T are clipped. Exact zeros are left out of it: every
+  range holds 0 exactly, so they cost no error, and a ReLU's half of its values at 0, a spike in the first bin,
+  made the search clip a half-normal at half its maximum (2.1σ of 4.1σ; 3.7σ without them).
 - ``mse``: the range (scaled extremes) minimising the expected squared quantize→dequantize error.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ class HistogramObserver:
     def __init__(self) -> None:
         self.lo, self.hi, self.span = float("inf"), float("-inf"), 0.0
         self.hist = np.zeros(BINS)
+        self.zeros = 0  # exact zeros, counted in the first bin of the positive half (torch.histc's bin of 0)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float().flatten()
@@ -39,6 +42,7 @@ class HistogramObserver:
         if span > self.span:
             self._rebin(span)
         self.hist += torch.histc(x, BINS, -self.span, self.span).double().numpy()
+        self.zeros += int((x == 0).sum())
 
     def _rebin(self, span: float) -> None:
         if self.hist.any():
@@ -79,6 +83,9 @@ class HistogramObserver:
         """TensorRT's calibration: the |x| threshold minimising KL(P || Q) over candidate bins."""
         half = BINS // 2
         absolute = self.hist[half:] + self.hist[:half][::-1]
+        absolute[0] = max(absolute[0] - self.zeros, 0.0)  # rebinning keeps them there: 0 stays that bin's edge
+        if not absolute.any():  # nothing but zeros
+            return 0.0
         levels = levels if self.lo >= 0 else levels // 2
         best, best_i = float("inf"), half
         for i in range(levels, half + 1, 8):
