@@ -158,7 +158,8 @@ class InsertQdq(Pass):
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-        finalize(gm)  # the float weights go too: the module held them beside their int8 copies (3x the bytes)
+        if linears:  # the float weights go too: the module held them beside their int8 copies (3x the bytes)
+            finalize(gm)  # (only then: on a graph without linears it dropped unrelated dead nodes, "changed=False")
         stats.update({"dynamic_linears": len(linears), **({"weight_bits": 7 if qmax == 63 else 8} if linears else {})})
         return PassResult(changed=bool(linears), stats=dict(stats))
 

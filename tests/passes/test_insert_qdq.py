@@ -607,3 +607,14 @@ def test_layers_left_float_for_want_of_an_int8_kernel_are_counted():
                          calibration=[(torch.randn(2, 16, 8, 8),) for _ in range(4)], measure_latency=False)
     stats = cm.report.row("insert_qdq").stats
     assert stats["quantized.conv2d"] == 1 and stats["skipped.no_int8_kernel.conv_transpose2d"] == 1
+
+
+def test_dynamic_quantization_of_a_model_without_linears_changes_nothing():
+    """Before: with no linear to replace, the dynamic rewrite still cleaned the graph (an unfused BatchNorm's unused
+    outputs went), so the pass manager refused it: "changed the graph ... but returned changed=False"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    cm = fxforge.compile(model, (torch.randn(2, 3, 16, 16),), passes=["insert_qdq{activations='dynamic'}"],
+                         backend="eager", measure_latency=False)
+    assert cm.report.row("insert_qdq").stats == {"skipped.narrow_input": 1, "skipped.dynamic_float": 1,
+                                                 "dynamic_linears": 0}
