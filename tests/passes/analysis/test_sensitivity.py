@@ -172,6 +172,31 @@ def test_the_drop_of_an_embedding_model_is_its_cosine_not_an_argmax_over_its_dim
     assert effect.drop == pytest.approx(1 - cosine, abs=1e-6)
 
 
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head1, self.head2 = nn.Linear(32, 64), nn.Linear(64, 10), nn.Linear(64, 64)
+
+    def forward(self, x):
+        f = torch.relu(self.body(x))
+        return self.head1(f), self.head2(f)
+
+
+def test_a_layer_feeding_only_a_second_output_is_measured_on_it():
+    """Before: only the first float output was compared, so a layer feeding the second head alone was "free" and
+    low_rank{max_error=0.02} split it to 0.6 relative error of that head, stated nowhere."""
+    torch.manual_seed(0)
+    x, batches = torch.randn(8, 32), _batches(8, 32)
+    gm = _graph(TwoHeads().eval(), x)
+    sens = layer_sensitivity(gm, batches, ["low_rank{rank_ratio=0.25}"], fxforge.get_target("x86"))
+    effects = sens.effects["low_rank{rank_ratio=0.25}"]
+    head2 = next(n for n in sens.layers if effects[n].rel_error > 0.1)
+    assert effects[head2].drop > 0.01  # 1 − the second head's mean cosine
+    cm = fxforge.compile(TwoHeads().eval(), (x,), passes=["low_rank{max_error=0.02}"], backend="eager",
+                         calibration=batches, measure_latency=False)
+    assert "split" not in cm.report.row("low_rank").stats
+
+
 def test_plan_takes_the_cheapest_in_accuracy_per_flop_first():
     sens = Sensitivity(["a", "b", "c"], {
         "half": {"a": Effect(0.0, 0.10), "b": Effect(0.0, 0.01), "c": Effect(0.2, 0.0)},
