@@ -58,7 +58,9 @@ class Calibrate(Pass):
                 any(call_nodes(gm, DYNAMIC_LINEAR)):
             # it observed nothing and changed nothing, and its row said nothing of why
             raise PassError("calibrate has no activation grid to calibrate: insert_qdq{activations='dynamic'} "
-                            "quantizes each linear's input per row at run time; drop calibrate, or quantize statically")
+                            "quantizes each linear's input per row at run time; drop calibrate and the passes that "
+                            "must come after it (fold_qdq, bias_correction, adaround: a dynamic linear is one int8 "
+                            "op, with nothing to fold or correct), or quantize statically")
         batches = tqdm(checked_batches(ctx.calibration, ctx.example_inputs), desc="calibrate", unit="batch",
                        disable=None, leave=False)
         stats = fit_activations(gm, batches, self.method, self.percentile)

@@ -352,11 +352,14 @@ def test_a_weight_scale_widened_on_the_example_inputs_narrows_back_on_the_calibr
 
 def test_calibrate_after_dynamic_quantization_is_refused_by_name():
     """Before: ``calibrate`` after ``insert_qdq{activations='dynamic'}`` observed nothing, changed nothing and said
-    nothing of why: dynamic linears quantize their input at run time, so there is no grid to calibrate."""
+    nothing of why: dynamic linears quantize their input at run time, so there is no grid to calibrate. The refusal
+    also names the passes that need calibrate: ``int8_dynamic → fold_qdq`` is refused for lacking calibrate, and
+    told only to drop calibrate, a user went in a circle."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     with pytest.raises(PassError, match="^calibrate has no activation grid to calibrate: "
-                                        r"insert_qdq\{activations='dynamic'\} quantizes each linear's input per row"):
+                                        r"insert_qdq\{activations='dynamic'\} quantizes each linear's input per row"
+                                        r".*drop calibrate and the passes that must come after it \(fold_qdq, "):
         fxforge.compile(model, (torch.randn(4, 16),), passes=["insert_qdq{activations='dynamic'}", "calibrate"],
                         calibration=[(torch.randn(8, 16),) for _ in range(2)], backend="eager",
                         measure_latency=False)
