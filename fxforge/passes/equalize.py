@@ -55,6 +55,7 @@ class Equalize(Pass):
     iterated (exact)."""
 
     name = "equalize"
+    before = ("insert_qdq",)  # a quantized layer's weight is no float constant: nothing would be scaled
     sweeps: int = 50
     tolerance: float = 1e-3  # stop when max_i |log s_i| of a sweep is below this
     clip: Literal["rescale", "skip"] = "skip"  # pairs joined by hardtanh(·, 0, h): leave them, or rescale the clip

@@ -44,6 +44,7 @@ class EqualizeActivations(Pass):
     """Scale the channels between a layer and the depthwise conv reading it to one range on calibration data (exact)."""
 
     name = "equalize_activations"
+    before = ("insert_qdq",)  # a quantized layer's weight is no float constant: nothing would be scaled
     reads_calibration = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

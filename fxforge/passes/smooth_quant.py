@@ -41,6 +41,7 @@ class SmoothQuant(Pass):
     """Fold per-channel smoothing factors s = max|X|^α / max|W|^(1−α) into LayerNorm → linear (exact)."""
 
     name = "smooth_quant"
+    before = ("insert_qdq",)  # a quantized linear's weight is no float constant: nothing would be smoothed
     reads_calibration = True  # max|X_j| comes from the calibration data
     alpha: float = 0.5
 

@@ -315,10 +315,14 @@ def test_order_constraint_is_enforced():
 @pytest.mark.parametrize("passes, late", [(["int8", "prune_channels"], "prune_channels"),
                                           (["int8", "compress"], "dead_channels"),
                                           (["int8_dynamic", "low_rank"], "low_rank"),
-                                          (["int8", "depthwise_separable"], "depthwise_separable")])
+                                          (["int8", "depthwise_separable"], "depthwise_separable"),
+                                          (["int8", "equalize"], "equalize"),
+                                          (["int8", "equalize_activations"], "equalize_activations"),
+                                          (["int8_dynamic", "smooth_quant"], "smooth_quant")])
 def test_structural_passes_after_quantization_are_refused_by_name(passes, late):
     """Before: they ran after ``insert_qdq`` and changed nothing (a quantized layer's channels form no float groups,
-    its weight is no float constant), their rows saying ``skipped.unprunable: 0`` or nothing at all."""
+    its weight is no float constant), their rows saying ``skipped.unprunable: 0`` or nothing at all (the rescaling
+    passes, equalize, equalize_activations and smooth_quant, with stats ``{}``)."""
     with pytest.raises(fxforge.PassError, match=f"^pass '{late}' must come before 'insert_qdq' in the pipeline "
                                                 r"\(got: fold_constants → .* → insert_qdq → .*\)$"):
         PassManager(passes)
