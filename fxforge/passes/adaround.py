@@ -33,6 +33,7 @@ images) keeps nearest rounding, since a rounding fitted to fewer equations than 
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -41,12 +42,12 @@ import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.errors import CalibrationError, missing_calibration
-from fxforge.compiler.graph import get_tensor, readers, set_tensor
+from fxforge.compiler.graph import call_nodes, get_tensor, readers, set_tensor
 from fxforge.compiler.ops import (LINEAR, WEIGHTED, argument, aten, call_with, data, is_op, q_params, value_of,
                                  weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.qdq import batch_symbol, checked_batches, first_samples, is_dq, is_q, role
+from .lib.qdq import batch_symbol, check_skip, checked_batches, first_samples, is_dq, is_q, named, role
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -65,17 +66,21 @@ class AdaRound(Pass):
     reg: float = 0.01  # λ, the weight of the rounding regulariser
     warmup: float = 0.2  # the share of the steps before the regulariser starts
     max_samples: int = 64  # the first calibration samples measured (held in memory at once)
-    skip: tuple[str, ...] = ()  # layers (node names) left at nearest rounding
+    skip: tuple[str, ...] = ()  # layers left at nearest rounding: node names or weight prefixes ("stem.0")
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.max_samples < 1:
             raise ValueError("iterations and max_samples must be at least 1")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.reg >= 0 and math.isfinite(self.reg)):
+            raise ValueError(f"lr must be > 0 and reg >= 0, both finite; got lr={self.lr}, reg={self.reg} (lr=0 "
+                             "would leave every weight at nearest rounding)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
             raise missing_calibration(self.name)
+        check_skip(self.name, self.skip, list(call_nodes(gm, *WEIGHTED)))
         stats: Counter[str] = Counter()
         layers = []
         for op in gm.graph.nodes:
@@ -107,7 +112,7 @@ class AdaRound(Pass):
             return "weight_folded"
         if readers(gm, data(q)) > 1:
             return "shared_weight"  # another call reads this weight, and its best rounding would differ
-        if op.name in self.skip:
+        if any(named(op, s) for s in self.skip):
             return "by_name"
         if not (is_op(op, *LINEAR) or is_op(op, aten.conv2d)):
             return "not_conv2d"

@@ -64,7 +64,6 @@ import torch.fx as fx
 
 from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR, input_lower_bound
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, equal_or_new_tensor, finalize,
                                     fusion_groups, get_tensor, set_tensor)
 from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data,
@@ -74,8 +73,8 @@ from fxforge.compiler.target import Target
 
 from .analysis.quant_plan import plan_static
 from .lib.channel_scaling import restore_clips
-from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, fit_activations, int8_weight,
-                      is_dq, is_q, role, weight_scales)
+from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, check_skip, fit_activations,
+                      int8_weight, is_dq, is_q, named, role, weight_scales)
 
 # layers with weights that insert_qdq leaves float (no int8 kernel is targeted for them): counted, so that an int8
 # decoder whose transposed convs stayed float does not report only the convs it quantized
@@ -103,7 +102,7 @@ class InsertQdq(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
-        self.check_skip(gm)
+        check_skip(self.name, self.skip, list(call_nodes(gm, *WEIGHTED, *MATMUL)))
         if self.activations == "dynamic":
             return self.run_dynamic(gm, ctx, stats)
         shapes = dict(ctx.analysis(Shapes, gm))
@@ -170,23 +169,13 @@ class InsertQdq(Pass):
 
     # ---------------------------------------------------------------------------------------- deciding
 
-    def check_skip(self, gm: fx.GraphModule) -> None:
-        """Refuse a ``skip`` entry that names no layer: a misspelt name left the layer quantized without a word."""
-        layers = list(call_nodes(gm, *WEIGHTED, *MATMUL))
-        unknown = [s for s in self.skip if not any(_named(n, s) for n in layers)]
-        if unknown:
-            weights = [_weight_name(n) for n in layers[:2]]
-            raise PassError(f"insert_qdq: skip {', '.join(map(repr, unknown))} names no layer (node names such as "
-                            f"{', '.join(repr(n.name) for n in layers[:3])}, or weight prefixes such as "
-                            f"{', '.join(repr(w.rpartition('.')[0]) for w in weights if '.' in w)})")
-
     def refusal(self, gm: fx.GraphModule, node: fx.Node, shapes: dict) -> str | None:
         """Why ``node`` stays float, or None (``shapes``: the Shapes analysis of ``gm``)."""
         is_float = _float_test(shapes)
         rhs = operands(node)[1] if is_op(node, *MATMUL) else weight_of(node)
         if is_dq(rhs):
             return "already_quantized"
-        if any(_named(node, s) for s in self.skip):
+        if any(named(node, s) for s in self.skip):
             return "by_name"
         if is_op(node, *MATMUL):
             return None if all(is_float(x) for x in operands(node)) else "not_float32"
@@ -374,18 +363,6 @@ class InsertQdq(Pass):
             dq = gm.graph.call_function(dq_op, (q, *params))
         q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = {"role": kind}, {"role": kind}
         set_argument(op, kind, dq)
-
-
-def _weight_name(node: fx.Node) -> str:
-    """The attribute name of the constant a layer reads as its weight (a matmul: its right operand), or ""."""
-    rhs = operands(node)[1] if is_op(node, *MATMUL) else weight_of(node)
-    return str(getattr(rhs, "target", ""))
-
-
-def _named(node: fx.Node, name: str) -> bool:
-    """Whether ``skip`` entry ``name`` names the layer ``node``: its node name, or a prefix of its weight's name
-    ("stem.0" for "stem.0.weight")."""
-    return node.name == name or _weight_name(node).startswith(name + ".")
 
 
 def _float_test(shapes: dict) -> Callable[[Any], bool]:

@@ -115,9 +115,23 @@ def test_leaves_folded_and_skipped_layers_alone(graphs):
     torch.testing.assert_close(codes(gm, layers(gm)[0]), codes(before, layers(before)[0]))
 
 
+def test_skip_takes_weight_prefixes_and_refuses_a_name_of_no_layer(graphs):
+    """Before: a skip entry naming no layer, or a weight prefix ("0", as insert_qdq's skip takes it), was ignored
+    without a word, and the layer it meant was rounded."""
+    m, before, _, _ = graphs
+    gm, report, _ = compiled(m, [*QUANTIZE, "adaround{iterations=10,skip=('0',)}"])
+    assert report.row("adaround").stats["skipped.by_name"] == 1
+    torch.testing.assert_close(codes(gm, layers(gm)[0]), codes(before, layers(before)[0]))
+    with pytest.raises(PassError, match=r"^adaround: skip 'conv_2d' names no layer \(node names such as 'conv2d', "):
+        compiled(m, [*QUANTIZE, "adaround{iterations=10,skip=('conv_2d',)}"])
+
+
 def test_needs_calibration_and_sane_options():
     with pytest.raises(PassError, match="iterations"):
         AdaRound(iterations=0)
+    for bad in ({"lr": 0.0}, {"lr": float("nan")}, {"reg": -1.0}):
+        with pytest.raises(PassError, match="lr must be > 0 and reg >= 0"):
+            AdaRound(**bad)
     with pytest.raises(PassError, match="must come after 'insert_qdq'"):
         apply(model(), (correlated(2, 0),), ["adaround"])
     gm, _, flat = compiled(model(), QUANTIZE)

@@ -19,9 +19,10 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.errors import CalibrationError
+from fxforge.compiler.errors import CalibrationError, PassError
 from fxforge.compiler.graph import get_tensor, set_tensor
-from fxforge.compiler.ops import DEQUANTIZE, QUANTIZE, data, is_op, q_params, qd, set_q_scale, weight_of
+from fxforge.compiler.ops import (DEQUANTIZE, MATMUL, QUANTIZE, data, is_op, operands, q_params, qd, set_q_scale,
+                                  weight_of)
 
 from .observers import HistogramObserver, Method
 
@@ -71,6 +72,32 @@ def is_dq(node: object) -> bool:
 
 def role(node: fx.Node) -> str | None:
     return node.meta.get(QDQ_KEY, {}).get("role")
+
+
+def weight_name(node: fx.Node) -> str:
+    """The attribute name of the float constant a layer reads as its weight (a matmul: its right operand), through
+    the weight's quantize → dequantize pair where it has one; "" where there is none."""
+    rhs = operands(node)[1] if is_op(node, *MATMUL) else weight_of(node)
+    while is_dq(rhs) or is_q(rhs):
+        rhs = data(rhs)
+    return str(getattr(rhs, "target", "")) if getattr(rhs, "op", None) == "get_attr" else ""
+
+
+def named(node: fx.Node, name: str) -> bool:
+    """Whether a ``skip`` entry ``name`` names the layer ``node``: its node name, or a prefix of its weight's name
+    ("stem.0" for "stem.0.weight")."""
+    return node.name == name or weight_name(node).startswith(name + ".")
+
+
+def check_skip(pass_name: str, skip: Sequence[str], layers: Sequence[fx.Node]) -> None:
+    """Refuse a ``skip`` entry that names none of ``layers``: a misspelt name left the layer changed without a word."""
+    unknown = [s for s in skip if not any(named(n, s) for n in layers)]
+    if unknown:
+        prefixes = [repr(w.rpartition(".")[0]) for w in map(weight_name, layers[:2]) if "." in w]
+        prefixes = f", or weight prefixes such as {', '.join(prefixes)}" if prefixes else ""
+        names = f"node names such as {', '.join(repr(n.name) for n in layers[:3])}{prefixes}" if layers else \
+            "the graph has no layer with weights"
+        raise PassError(f"{pass_name}: skip {', '.join(map(repr, unknown))} names no layer ({names})")
 
 
 def weights_folded(gm: fx.GraphModule) -> bool:
