@@ -220,6 +220,13 @@ class OnnxBackend(Backend):
             raise BackendError(f"the onnx backend lowers quantized graphs after fold_qdq, which stores biases as "
                                f"int32; node {unfolded.name!r} still quantizes one to int32 at run time: add fold_qdq "
                                f"after calibrate (the int8 preset does)")
+        wide = _eight_bit_weight(gm) if target.saturates_u8s8() else None
+        if wide is not None:  # ORT computed something else (0.12 relative on a small CNN), caught only by the check
+            raise BackendError(f"the onnx backend: node {wide.name!r} reads int8 weights on 8 bits "
+                               f"(insert_qdq{{reduce_range=False}}), but target {target.name!r} lacks VNNI: ONNX "
+                               "Runtime's uint8 × int8 kernels add two products in a saturating int16 (255 · 127 · 2 "
+                               "> 32767) and compute wrong values; drop reduce_range=False (7-bit weights are the "
+                               "default there), or compile for a target with VNNI")
         opset = options.pop("opset", DEFAULT_OPSET)
         fusions = onnx_transformer.resolve(_check_fusions(options.pop("fusions", "auto")), gm)
         config = _session_config(options)
@@ -611,6 +618,21 @@ def _clean(model: Any) -> None:
     onnxscript.optimizer.fold_constants(model)
     onnxscript.rewriter.rewrite(model, [materialize_reshape_shape_rule])
     onnxscript.optimizer.remove_unused_nodes(model)
+
+
+def _eight_bit_weight(gm: fx.GraphModule) -> fx.Node | None:
+    """The first layer whose int8 weight uses more than 7 bits (a value outside [−64, 63]): a conv or linear reading
+    its weight through a dequantize of a folded int8 constant, or a dynamic linear."""
+    for n in gm.graph.nodes:
+        if ops.is_op(n, dynamic_quant.DYNAMIC_LINEAR):
+            w = get_tensor(gm, ops.weight_of(n))
+        elif ops.is_op(n, *ops.WEIGHTED) and ops.is_op(ops.weight_of(n), *ops.DEQUANTIZE):
+            w = get_tensor(gm, ops.data(ops.weight_of(n)))
+        else:
+            continue
+        if w is not None and w.dtype == torch.int8 and w.numel() and (int(w.max()) > 63 or int(w.min()) < -64):
+            return n
+    return None
 
 
 def _dynamic_linear(x, weight, weight_scale, bias=None, lower_bound=None):
