@@ -252,6 +252,7 @@ def _lower(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: 
            options: dict[str, Any]) -> Artifact:
     """The backend's artifact; its fallbacks (``Artifact.fallbacks``) are warned of, or under ``strict`` a
     TargetError."""
+    be.check_graph(gm)
     artifact = be.lower(gm, flat, signature, tgt, **options)
     for fallback in artifact.fallbacks:
         if strict:

@@ -26,7 +26,9 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import torch
 import torch.fx as fx
 
+from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, InputError, TargetError, first_line
+from fxforge.compiler.ops import QUANTIZE, is_op, q_params
 from fxforge.compiler.target import Target, loaded_target
 from fxforge.compiler.trace import Signature, without_autocast
 
@@ -450,6 +452,24 @@ class Backend(ABC):
     artifact: ClassVar[type[Artifact]]
     cpu_only: ClassVar[bool] = False  # True: a program for PyTorch on a CPU (x86 or arm64), never moved to a GPU
     dynamic_int8: ClassVar[bool] = True  # lowers fxforge::dynamic_linear (the accuracy budget asks before it picks one)
+    folded_biases: ClassVar[bool] = False  # lowers int8 graphs only after fold_qdq (biases int32 constants)
+
+    def check_graph(self, gm: fx.GraphModule) -> None:
+        """Raise BackendError, naming the pass that helps, for a quantized graph this backend cannot lower; compile
+        calls it before ``lower``. Without it ONNX's checker refused an int32 zero point and TVM's importer
+        "Unsupported output datatype ... 'int32", cut mid-string, naming no remedy; TVM had "no converter" for a
+        dynamic linear."""
+        unfolded = next((n for n in gm.graph.nodes if is_op(n, *QUANTIZE) and q_params(n).dtype == torch.int32),
+                        None) if self.folded_biases else None
+        if unfolded is not None:
+            raise BackendError(f"the {self.name} backend lowers quantized graphs after fold_qdq, which stores biases "
+                               f"as int32; node {unfolded.name!r} still quantizes one to int32 at run time: add "
+                               "fold_qdq after calibrate (the int8 preset does)")
+        dynamic = next(iter(gm.graph.find_nodes(op="call_function", target=DYNAMIC_LINEAR)), None)
+        if dynamic is not None and not self.dynamic_int8:
+            raise BackendError(f"the {self.name} backend has no dynamic int8 linears (node {dynamic.name!r}, from "
+                               "insert_qdq{activations='dynamic'} or int8_dynamic): quantize statically (int8), or "
+                               "use the onnx backend")
 
     def check_target(self, target: Target) -> None:
         """Raise TargetError for a target this backend cannot build for. A CPU-only backend refuses a GPU target,

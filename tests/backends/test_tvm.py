@@ -1006,3 +1006,18 @@ def test_a_float16_clamp_by_a_float32_bound_stays_float16():
     x = torch.randn(2, 8, dtype=torch.float16)
     cm = fxforge.compile(model, (x,), backend="tvm", measure_latency=False)
     assert cm(x).dtype == torch.float16 and torch.equal(cm(x), model(x))
+
+
+@pytest.mark.parametrize("passes, match", [
+    (["insert_qdq", "calibrate"], r"^the tvm backend lowers quantized graphs after fold_qdq, .*: add fold_qdq after "
+                                  r"calibrate \(the int8 preset does\)$"),
+    (["int8_dynamic"], r"^the tvm backend has no dynamic int8 linears \(node '\w+', from insert_qdq\{activations="
+                       r"'dynamic'\} or int8_dynamic\): quantize statically \(int8\), or use the onnx backend$")])
+def test_a_quantized_graph_tvm_cannot_import_is_refused_naming_the_remedy(passes, match):
+    """Before: Relax's importer raised "Unsupported output datatype attribute for operation: 'int32" (cut mid-string)
+    for an unfolded graph, and "no converter" for a dynamic linear; neither named a remedy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with pytest.raises(fxforge.BackendError, match=match):
+        fxforge.compile(model, (torch.randn(2, 16),), passes=passes, backend="tvm", max_drop=float("inf"),
+                        calibration=[(torch.randn(8, 16),) for _ in range(6)], measure_latency=False)

@@ -889,6 +889,7 @@ class TvmBackend(Backend):
     name = "tvm"
     artifact = TvmArtifact
     dynamic_int8 = False  # Relax imports no fxforge::dynamic_linear (nor has an int8 kernel for it)
+    folded_biases = True  # Relax's importer has no int32 quantize
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         unknown = sorted(set(options) - {"tune", "fast_math"})
