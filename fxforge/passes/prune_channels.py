@@ -14,7 +14,7 @@ most f of the input's FLOPs remain. A conv keeps ``F · k_out · k_in`` of its F
 output and input channels; a depthwise conv ``F · k_out``), so two pruned neighbours save less than the sum of
 their savings: when the chosen layers together leave more than f, the plan is redone asking for the shortfall
 more. When the goal cannot be met nothing changes and the stats say so (``skipped.flops_goal_unreachable``
-with the best reachable fraction).
+with the best reachable fraction); ``flops=1.0`` is met as the model is (``skipped.flops_goal_met``).
 
 The chosen groups are zeroed (weight rows, biases, BN γ and β, per-channel constants) so every tensor they
 occupy is exactly 0, and dead_channels removes them physically. Groups that removal would not take once zeroed
@@ -172,6 +172,10 @@ class PruneChannels(Pass):
         by_spec = {str(rule): rule for rule in rules}
         flops = ctx.analysis(Flops, gm)
         total = sum(flops.values())
+        goal, need = total * self.flops, total * (1 - self.flops)
+        if need <= 0:  # flops=1.0: met as it is (it was "unreachable" beside flops_reachable 1.0 where nothing pruned)
+            stats["skipped.flops_goal_met"] = 1
+            return []
         candidates = {(str(rule), key[0]): rule.layer_groups(key[0], imp) for rule in rules
                       for key in imp.layers(imp.scores(self.importance)[0])}
         candidates = {k: gs for k, gs in candidates.items() if not isinstance(gs, str)}
@@ -187,7 +191,6 @@ class PruneChannels(Pass):
             only.setdefault(spec, set()).add(layer)
         sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), rules, ctx.target,
                                  only=only, ctx=ctx)
-        goal, need = total * self.flops, total * (1 - self.flops)
         for _ in range(len(candidates)):  # each round asks for the last round's shortfall more
             chosen = plan(sens, saved, need)
             if chosen is None:

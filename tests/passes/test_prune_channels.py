@@ -176,6 +176,15 @@ def test_a_flops_goal_that_cannot_be_met_changes_nothing_and_says_so():
     assert report.row("prune_channels").params == report.row("input").params
 
 
+def test_a_flops_goal_of_the_whole_model_is_met_as_it_is():
+    """Before: flops=1.0 on a model with nothing to prune said skipped.flops_goal_unreachable beside
+    flops_reachable 1.0."""
+    model = nn.Sequential(nn.Linear(8, 8)).eval()  # its output channels are the model's: nothing prunable
+    _, report, _ = apply(model, (torch.randn(2, 8),), [PruneChannels(flops=1.0)], calibration=[(torch.randn(4, 8),)])
+    stats = report.row("prune_channels").stats
+    assert stats.get("skipped.flops_goal_met") == 1 and "skipped.flops_goal_unreachable" not in stats
+
+
 class SigmoidThenPadded(nn.Module):
     """conv → sigmoid → zero-padded conv: a zeroed channel of c1 becomes the constant sigmoid(0) = 0.5, which the
     padding makes vary at the borders, so it cannot be removed; c2's channels (through relu) can."""
