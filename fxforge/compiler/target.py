@@ -56,8 +56,7 @@ class Target:
 
     def saturates_u8s8(self) -> bool:
         """True where uint8 × int8 products go through a saturating int16 sum (x86 without VNNI or AMX)."""
-        features = self.features()
-        return "x86_64" in features and not features & {"vnni", "amx"}
+        return saturates_u8s8(self.features())
 
     def with_tvm(self, **fields: Any) -> Target:
         """A copy with TVM target fields replaced, e.g. ``get_target("cuda").with_tvm(arch="sm_90")``."""
@@ -145,6 +144,12 @@ def register_target(target: Target, *, replace: bool = False) -> Target:
 
 def available_targets() -> dict[str, Target]:
     return dict(_TARGETS)
+
+
+def saturates_u8s8(features: frozenset[str]) -> bool:
+    """Whether a CPU with ``features`` (``host_features()`` for this one) sums uint8 × int8 products in a saturating
+    int16: x86 without VNNI or AMX."""
+    return "x86_64" in features and not features & {"vnni", "amx"}
 
 
 def get_target(target: str | Target) -> Target:
