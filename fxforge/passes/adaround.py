@@ -91,7 +91,7 @@ class AdaRound(Pass):
                 else:
                     layers.append(op)
         if not layers:
-            return PassResult(changed=False, preserves="all", stats=dict(stats))
+            return PassResult(changed=False, preserves="all", stats={"rounded": 0, **stats})  # never a bare {}
         chunks, samples = first_samples(list(checked_batches(ctx.calibration, ctx.example_inputs)), self.max_samples,
                                         cut=batch_symbol(gm) is not None)
         if not chunks:

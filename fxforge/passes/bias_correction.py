@@ -71,7 +71,7 @@ class BiasCorrection(Pass):
                 elif reason != "not_quantized":
                     stats[f"skipped.{reason}"] += 1
         if not errors:
-            return PassResult(changed=False, preserves="all", stats=dict(stats))
+            return PassResult(changed=False, preserves="all", stats={"corrected": 0, **stats})  # never a bare {}
         batches = list(checked_batches(ctx.calibration, ctx.example_inputs))
         if not batches:
             raise CalibrationError("pass 'bias_correction' got an empty calibration iterable")
