@@ -239,16 +239,22 @@ def optimize(model: onnx.ModelProto, cpu: bool = True) -> onnx.ModelProto:
     """``model`` with each attention's query, key and value projections packed into one GEMM (:func:`pack_qkv`,
     first: it reads ranks from ONNX shape inference, which knows no com.microsoft op), then after
     onnxruntime.transformers' BERT fusions (Python fusions only, ``opt_level=0``); for ``cpu`` without the two
-    whose CPU kernels are slower (``SkipLayerNormalization``, ``BiasGelu``: module doc, step 2)."""
+    whose CPU kernels are slower (``SkipLayerNormalization``, ``BiasGelu``: module doc, step 2), and a ValueError
+    where they made ``QOrdered*`` ops, which have CUDA kernels only (a session on CPU refused the model)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
     options = FusionOptions("bert")
     if cpu:
         options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = options.enable_bias_gelu = False
+        options.enable_qordered_matmul = False
     inputs = [copy.deepcopy(i) for i in model.graph.input]
     with _quiet():
         optimized = optimize_model(pack_qkv(model), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
                                    optimization_options=options).model
+    cuda_only = sorted({n.op_type for n in optimized.graph.node if n.op_type.startswith("QOrdered")})
+    if cpu and cuda_only:  # its LayerNorm, GELU and attention fusions make them of signed int8 around those ops
+        raise ValueError(f"they made {', '.join(cuda_only)}, which ONNX Runtime runs on CUDA only (signed int8 "
+                         "activations around LayerNorm, GELU or attention)")
     # its pruning drops an input nothing reads (a mask a causal model ignores); the model still takes it
     kept = {i.name: i for i in optimized.graph.input}
     if len(kept) < len(inputs):

@@ -431,3 +431,18 @@ def test_a_failure_of_ort_transformer_fusions_falls_back_to_the_exported_model_a
     inputs = _tokens(3, 1)
     with torch.no_grad():
         assert compare([cm(*inputs)], [model(*inputs)]).max_rel < 1e-4
+
+
+def test_fusions_that_make_cuda_only_ops_are_left_out_on_cpu():
+    """Before: signed symmetric int8 activations around LayerNorm and GELU became ORT's QOrdered* ops, which have
+    CUDA kernels only, and the CPU session refused the model ("Could not find an implementation for
+    QOrderedLayerNormalization"). Now the model runs unfused, said in a FallbackWarning."""
+    model, tokens = _encoder(), _tokens(2, 0)
+    calibration = [_tokens(2, seed) for seed in range(1, 5)]
+    passes = ["fuse", "insert_qdq{activation_dtype='int8',symmetric_activations=True}", "calibrate", "fold_qdq"]
+    with pytest.warns(FallbackWarning, match=r"fusions failed on this model \(ValueError: they made "
+                                             r"QOrdered\w+.*which ONNX Runtime runs on CUDA only"):
+        cm = fxforge.compile(model, tokens, passes=passes, backend="onnx", calibration=calibration,
+                             measure_latency=False)
+    assert not any(op.startswith("QOrdered") for op in _onnx_ops(cm))
+    assert cm.report.final.cosine > 0.9
