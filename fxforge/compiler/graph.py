@@ -4,7 +4,6 @@ The op vocabulary (``aten``, ``is_op``, op families, named arguments) lives in `
 from __future__ import annotations
 
 import itertools
-import re
 from collections import Counter
 from typing import Any, Iterator
 
@@ -68,12 +67,12 @@ def readers(gm: fx.GraphModule, node: Any) -> int:
     """How many uses the tensor behind get_attr ``node`` has (``tensor_uses``); 0 for anything else."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return 0
-    return tensor_uses(gm)[node.target]
+    return sum(len(n.users) for n in gm.graph.find_nodes(op="get_attr") if n.target == node.target)
 
 
 def set_tensor(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
     """Replace the tensor behind a get_attr node (a fresh attribute if other nodes share it)."""
-    shared = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target and n is not node]
+    shared = [n for n in gm.graph.find_nodes(op="get_attr") if n.target == node.target and n is not node]
     if shared:
         node.target = _fresh_name(gm, node.target)
     _assign(gm, node.target, value)
@@ -92,14 +91,19 @@ def add_tensor(gm: fx.GraphModule, before: fx.Node, stem: str, value: torch.Tens
 def equal_or_new_tensor(gm: fx.GraphModule, before: fx.Node, stem: str, value: torch.Tensor) -> fx.Node:
     """A get_attr node, inserted before ``before``, for a constant :func:`add_tensor` stored from ``stem`` that equals
     ``value``, else for ``value`` stored anew: what a rewrite derives alike at several call sites of one weight stays
-    one tensor."""
-    copies = re.compile(rf"{re.escape(stem.replace('.', '_'))}(_\d+)?")  # the names _fresh_name gives the stem
-    same = next((n.target for n in gm.graph.nodes if n.op == "get_attr" and copies.fullmatch(str(n.target))
-                 and torch.equal(get_tensor(gm, n), value)), None)
-    if same is None:
-        return add_tensor(gm, before, stem, value)
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(same)
+    one tensor. It probes the names that stem gets, not the graph: a scan of every node per call (once per layer)
+    grew quadratically (0.06 s at 250 layers, 2.2 s at 2,000)."""
+    for i in itertools.count():  # the names _fresh_name gives the stem, in its order, up to the first free one
+        name = f"{stem.replace('.', '_')}_{i}" if i else stem.replace(".", "_")
+        try:
+            stored = _resolve(gm, name)
+        except AttributeError:
+            break
+        if isinstance(stored, torch.Tensor) and stored.shape == value.shape and stored.dtype == value.dtype \
+                and torch.equal(stored, value):
+            with gm.graph.inserting_before(before):
+                return gm.graph.get_attr(name)
+    return add_tensor(gm, before, stem, value)
 
 
 def _assign(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
