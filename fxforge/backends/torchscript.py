@@ -12,8 +12,8 @@ on load. At compile time each variant is frozen once and the artifact keeps the 
 from __future__ import annotations
 
 import copy
-import io
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any, List, Mapping, Sequence
 
