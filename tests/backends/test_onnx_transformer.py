@@ -388,9 +388,10 @@ def test_gpt2_decoder_compiles_with_fuse_and_matches_eager():
 @pytest.mark.slow  # the trained MiniLM through the int8_dynamic preset: ~3 min on 2 busy cores
 def test_trained_minilm_int8_dynamic_keeps_held_out_embeddings_on_integer_gemms():
     """all-MiniLM-L6-v2, batch 8 × 64, the 40 held-out sentences: with the FFN down-projections on the shifted
-    unsigned grid the artifact keeps min cosine 0.9990 (0.9984 with the symmetric grid, which this bound fails),
-    every nearest neighbour whose fp32 margin is ≥ 0.01 stays, and ORT runs all 36 linears on integer GEMMs (30:
-    k and v packed)."""
+    unsigned grid the artifact keeps min cosine 0.9990 with 8-bit weights (a VNNI host; 0.9984 with the symmetric
+    grid, which this bound fails) and 0.9973 with the 7-bit weights of an x86 CPU without VNNI, every nearest
+    neighbour whose fp32 margin is ≥ 0.01 stays, and ORT runs all 36 linears on integer GEMMs (30: k and v
+    packed)."""
     from fxforge import zoo
     model, tokenizer = zoo.minilm()
     split = zoo.sentence_split(tokenizer, batch=8, seq=64)
@@ -401,7 +402,8 @@ def test_trained_minilm_int8_dynamic_keeps_held_out_embeddings_on_integer_gemms(
     with torch.no_grad():
         want = torch.cat([model(*b) for b in split.held_out])
         got = torch.cat([torch.as_tensor(cm(*b)) for b in split.held_out])
-    assert float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min()) > 0.9987
+    bound = 0.9987 if cm.report.row("insert_qdq").stats["weight_bits"] == 8 else 0.9965
+    assert float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min()) > bound
 
     def neighbours(e):
         sim = e @ e.T
