@@ -57,22 +57,22 @@ def tensor_uses(gm: fx.GraphModule) -> Counter:
     a module's parameter is read by several calls (a layer called twice, tied weights), which a pass rewriting the
     tensor for one of them must not change for the others."""
     uses: Counter = Counter()
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            uses[n.target] += len(n.users)
+    for n in gm.graph.find_nodes(op="get_attr"):
+        uses[n.target] += len(n.users)
     return uses
 
 
 def readers(gm: fx.GraphModule, node: Any) -> int:
-    """How many uses the tensor behind get_attr ``node`` has (``tensor_uses``); 0 for anything else."""
+    """How many uses the tensor behind get_attr ``node`` has (as ``tensor_uses`` counts them, for its target only);
+    0 for anything else."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return 0
-    return sum(len(n.users) for n in gm.graph.find_nodes(op="get_attr") if n.target == node.target)
+    return sum(len(n.users) for n in _get_attrs(gm, node.target))
 
 
 def set_tensor(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
     """Replace the tensor behind a get_attr node (a fresh attribute if other nodes share it)."""
-    shared = [n for n in gm.graph.find_nodes(op="get_attr") if n.target == node.target and n is not node]
+    shared = [n for n in _get_attrs(gm, node.target) if n is not node]
     if shared:
         node.target = _fresh_name(gm, node.target)
     _assign(gm, node.target, value)
@@ -93,8 +93,7 @@ def equal_or_new_tensor(gm: fx.GraphModule, before: fx.Node, stem: str, value: t
     ``value``, else for ``value`` stored anew: what a rewrite derives alike at several call sites of one weight stays
     one tensor. It probes the names that stem gets, not the graph: a scan of every node per call (once per layer)
     grew quadratically (0.06 s at 250 layers, 2.2 s at 2,000)."""
-    for i in itertools.count():  # the names _fresh_name gives the stem, in its order, up to the first free one
-        name = f"{stem.replace('.', '_')}_{i}" if i else stem.replace(".", "_")
+    for name in _stem_names(stem):  # the names _fresh_name gives the stem, in its order, up to the first free one
         try:
             stored = _resolve(gm, name)
         except AttributeError:
@@ -126,10 +125,22 @@ def _resolve(gm: fx.GraphModule, qualname: str) -> Any:
     return obj
 
 
-def _fresh_name(gm: fx.GraphModule, stem: str) -> str:
+def _get_attrs(gm: fx.GraphModule, target: str) -> list[fx.Node]:
+    """The get_attr nodes reading ``target`` (the graph indexes its nodes by op, not a get_attr's target)."""
+    return [n for n in gm.graph.find_nodes(op="get_attr") if n.target == target]
+
+
+def _stem_names(stem: str) -> Iterator[str]:
+    """The attribute names a constant stored from ``stem`` may get, in order: stem, stem_1, stem_2, ... (dots as
+    underscores)."""
     stem = stem.replace(".", "_")
-    for i in itertools.count():
-        name = f"{stem}_{i}" if i else stem
+    yield stem
+    for i in itertools.count(1):
+        yield f"{stem}_{i}"
+
+
+def _fresh_name(gm: fx.GraphModule, stem: str) -> str:
+    for name in _stem_names(stem):
         try:
             _resolve(gm, name)
         except AttributeError:
