@@ -93,9 +93,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             (``calibrate``, ``bias_correction``); a warning says so when no pass reads it.
         calibration_fn: maps each calibration item to an input tuple, e.g. ``lambda b: b[:1]`` for the
             ``(input, label)`` batches of a DataLoader.
-        input_key: picks the inputs out of each calibration item by index or dict key, instead of a
-            ``calibration_fn``: ``0`` for a DataLoader's ``(input, label)`` batches, ``"pixel_values"`` for dict
-            batches; a tuple of keys (``("input_ids", "attention_mask")``) gives several inputs in that order.
+        input_key: picks the inputs out of each calibration, validation and train item by index or dict key
+            (instead of a ``calibration_fn``, which reads calibration items alone): ``0`` for a DataLoader's
+            ``(input, label)`` batches, ``"pixel_values"`` for dict batches; a tuple of keys
+            (``("input_ids", "attention_mask")``) gives several inputs in that order. A ``metric`` callable gets the
+            validation items as given, labels and all.
         verify: ``"numerics"`` checks every exact pass against the stage before it on fresh inputs and the
             artifact against the graph and the model (``VerificationError`` outside the bounds), sampled: an
             approximate stage that only the next approximate stage reads (``calibrate`` before ``bias_correction``)
@@ -170,13 +172,14 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     flat = tuple(signature.flatten(example))
     calibration = passes_calibration(calibration, signature, example, pick)
     given_train = train
+    keyed = pick[0] if input_key is not None else None  # input_key picks from every data argument
     if not signature.dynamic_batch:
-        validation, train = (None if data is None else _Rebatched(data, example, kind) for data, kind in
+        validation, train = (None if data is None else _Rebatched(data, example, kind, keyed) for data, kind in
                              ((validation, "validation"), (train, "train")))
     checked = None if validation is None and metric is None else \
-        Validation.from_user(validation, signature.flatten, metric)
+        Validation.from_user(validation, signature.flatten, metric, keyed)
     if budget is not None:
-        calibration = budget.hold_out(calibration, validation, signature.flatten, flat)
+        calibration = budget.hold_out(calibration, validation, signature.flatten, flat, keyed)
         if validation is None and budget.data is not None and train_readers(manager.passes) and \
                 _shared_tensors(given_train, budget.data.batches):
             warnings.warn("the accuracy budget's held-out calibration batches are train data too: the budget is then "
@@ -185,7 +188,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                           UserWarning, stacklevel=3)
     spec = pytree.tree_flatten(example)[1]
     ctx = PassContext(example_inputs=flat, target=tgt, calibration=calibration, validation=checked,
-                      train=None if train is None else flat_batches(train, signature.flatten, "train")[1],
+                      train=None if train is None else flat_batches(train, signature.flatten, "train", keyed)[1],
                       model_outputs=None if runs is None else
                       lambda key, x: runs.outputs(key, pytree.tree_unflatten(list(x), spec)))
     original = copy.deepcopy(gm) if budget is not None else None  # the search's start, should the budget miss
@@ -396,17 +399,23 @@ class _Rebatched:
     n·b samples becomes n batches of the b the graph was captured for, which is all that graph can run. Inputs
     whose leading size is not the example's batch pass whole; a batch that does not divide is a named error."""
 
-    def __init__(self, data: Iterable[Any], example: tuple[Any, ...], kind: str) -> None:
+    def __init__(self, data: Iterable[Any], example: tuple[Any, ...], kind: str,
+                 pick: Callable[[Any], Any] | None = None) -> None:
         leaves = pytree.tree_leaves(example)
         # the batch is the first input's with a dimension, as the signature takes it: the smallest leading size
         # took a side table of 2 rows beside a batch of 4 for the batch, and no batch was split
         self.size = next((int(t.shape[0]) for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
         self.batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == self.size for t in leaves]
-        self.data, self.kind = data, kind
+        self.data, self.kind, self.pick = data, kind, pick
 
     def __iter__(self) -> Iterator[Any]:
         for i, batch in enumerate(self.data):
-            leaves, spec = torch.utils._pytree.tree_flatten(batch if isinstance(batch, (tuple, list)) else (batch,))
+            try:
+                inputs = batch if self.pick is None else self.pick(batch)
+            except Exception:  # flat_batches names why the inputs cannot be picked out of it
+                yield batch
+                continue
+            leaves, spec = torch.utils._pytree.tree_flatten(inputs if isinstance(inputs, (tuple, list)) else (inputs,))
             counts = {int(t.shape[0]) for t, b in zip(leaves, self.batched) if b and isinstance(t, torch.Tensor)}
             if len(leaves) != len(self.batched) or counts <= {self.size}:
                 yield batch  # as the graph takes it, or wrong otherwise: the signature's check names how
@@ -418,8 +427,12 @@ class _Rebatched:
                             f"which the compiled batch of {self.size} does not divide (the artifact's batch is "
                             f"static): give batches of a multiple of {self.size}")
             for k in range(0, n, self.size):
-                yield torch.utils._pytree.tree_unflatten(
-                    [t[k:k + self.size] if b else t for t, b in zip(leaves, self.batched)], spec)
+                if self.pick is None:
+                    yield torch.utils._pytree.tree_unflatten(
+                        [t[k:k + self.size] if b else t for t, b in zip(leaves, self.batched)], spec)
+                else:  # an item the inputs are picked out of: its labels are cut along with them
+                    yield pytree.tree_map(lambda t: t[k:k + self.size] if isinstance(t, torch.Tensor) and t.dim()
+                                          and int(t.shape[0]) == n else t, batch)
 
 
 def passes_calibration(calibration: Iterable[Any] | None, signature: Signature, example: tuple[Any, ...],

@@ -106,13 +106,13 @@ class Budget:
         return cls(DEFAULT_MAX_DROP, metric, strict, preset)
 
     def hold_out(self, calibration: Iterable[Any] | None, validation: Iterable[Any] | None,
-                 flatten: Callable[[Sequence[Any]], list[torch.Tensor]], example: tuple[torch.Tensor, ...]
-                 ) -> Iterable[Any] | None:
-        """Choose the budget's data: ``validation`` (user inputs, ``flatten`` checks them) or every fourth of the
-        calibration batches (flat input tuples like ``example``, as the passes read them); return the calibration
-        data the passes get, without the held-out batches."""
+                 flatten: Callable[[Sequence[Any]], list[torch.Tensor]], example: tuple[torch.Tensor, ...],
+                 pick: Callable[[Any], Any] | None = None) -> Iterable[Any] | None:
+        """Choose the budget's data: ``validation`` (user inputs, or items ``pick`` takes them out of; ``flatten``
+        checks them) or every fourth of the calibration batches (flat input tuples like ``example``, as the passes
+        read them); return the calibration data the passes get, without the held-out batches."""
         if validation is not None:
-            self.data = Validation.from_user(validation, flatten, self.metric)
+            self.data = Validation.from_user(validation, flatten, self.metric, pick)
             self.record["data"] = f"validation data ({self.data.samples} samples)"
             return calibration
         if calibration is None:

@@ -863,9 +863,38 @@ def test_a_one_value_output_after_logits_is_warned_that_the_budget_reads_the_log
 def test_validation_given_as_input_label_pairs_is_told_what_it_takes():
     """The calibration error hinted at (input, label) pairs; the validation one gave a bare shape mismatch."""
     pairs = [(x, torch.zeros(64, dtype=torch.int64)) for (x,) in batches(2)]
-    with pytest.raises(fxforge.InputError, match=r"validation batches hold the model's inputs alone, not \(inputs, "
-                                                 r"labels\)"):
+    with pytest.raises(fxforge.InputError, match=r"validation batches hold the model's inputs alone \(give input_key= "
+                                                 r"to pick them out of \(inputs, labels\) batches\)"):
         fxforge.compile(Fragile().eval(), (torch.randn(2, 16),), validation=pairs)
+
+
+@pytest.mark.parametrize("static_batch", [False, True])
+def test_input_key_picks_validation_and_train_inputs_and_a_metric_reads_the_labels(static_batch):
+    """input_key picked calibration inputs alone: a DataLoader's (input, label) batches given as validation or train
+    data were refused, so a metric could not read labels beside the inputs. Now every data argument is picked from,
+    and the metric gets the batches as given, labels and all (under a static batch cut into the compiled batch, the
+    labels with the inputs)."""
+    model = Fragile().eval()
+    labelled = lambda data: [(x, model(x).argmax(1)) for (x,) in data]  # noqa: E731  labels: fp32's own classes
+    seen = []
+
+    def accuracy(outputs, items):
+        seen.append([tuple(i[0].shape) + tuple(i[1].shape) for i in items])
+        return float((torch.cat([o.argmax(1) for o in outputs]) == torch.cat([i[1] for i in items])).double().mean())
+
+    example = torch.randn(16 if static_batch else 2, 16)
+    with torch.no_grad():
+        validation, train = labelled(batches(2, seed=3)), labelled(batches(2, seed=4))
+    cm = fxforge.compile(model, (example,), passes=["prune_channels{ratio=0.25}", "distill{steps=4}", "int8"],
+                         calibration=labelled(batches(8)), input_key=0, validation=validation, train=train,
+                         metric=accuracy, max_drop=math.inf, static_batch=static_batch)
+    budget = cm.report.meta["budget"]
+    assert budget["metric"] == "accuracy" and budget["reference"] == 1.0
+    assert cm.report.final.metric == pytest.approx(1 - budget["tries"][0])
+    assert cm.report.row("distill").stats["steps"] >= 1
+    assert seen[0] == ([(16, 16, 16)] * 8 if static_batch else [(64, 16, 64)] * 2)
+    with pytest.raises(fxforge.InputError, match=r"validation batch 0: input_key 'x' is not in it \(a tuple of 2\)"):
+        fxforge.compile(model, (example,), validation=validation, input_key="x")
 
 
 def test_a_zero_budget_is_not_told_to_get_more_data():

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence, Union
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import InputError, first_line
+from .errors import CalibrationError, InputError, first_line
 from .verify import COSINE_FLOOR, Error, compare, error_bound, worst
 
 Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min_cosine"],
@@ -54,26 +54,41 @@ class Quality:
     others_cosine_min: float | None = None
 
 
-def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[torch.Tensor]],
-                 kind: str) -> tuple[list[tuple[Any, ...]], list[tuple[torch.Tensor, ...]]]:
+def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[torch.Tensor]], kind: str,
+                 pick: Callable[[Any], Any] | None = None
+                 ) -> tuple[list[Any], list[tuple[torch.Tensor, ...]]]:
     """The user's ``kind`` data (validation, train: an iterable of input tuples; a bare tensor is a 1-tuple) as
-    given and flattened with ``flatten`` (the signature's, which checks count, shape and dtype). A batch holding
-    NaN or Inf is refused: measuring on it or training on it gives NaN, not a model. Errors name the batch."""
+    given and flattened with ``flatten`` (the signature's, which checks count, shape and dtype). ``pick`` (compile's
+    ``input_key``) takes the model's inputs out of each item, e.g. the input of an ``(input, label)`` batch; the items
+    are then kept as given, labels and all, for a metric callable to read. A batch holding NaN or Inf is refused:
+    measuring on it or training on it gives NaN, not a model. Errors name the batch."""
     try:
-        batches = [b if isinstance(b, (tuple, list)) else (b,) for b in data]
+        items = list(data)
     except TypeError:
         raise InputError(f"{kind} must be an iterable of input tuples, got {type(data).__name__}") from None
+    batches = items if pick else [_inputs(b) for b in items]
     flat = []
-    for i, batch in enumerate(batches):
+    for i, item in enumerate(items):
         try:
-            flat.append(tuple(flatten(batch)))
+            inputs = _inputs(pick(item)) if pick else batches[i]
+        except CalibrationError as e:  # the picking's own message: "input_key 'x' is not in it (...)"
+            raise InputError(f"{kind} batch {i}: {e}") from None
+        except Exception as e:
+            raise InputError(f"input_key failed on {kind} batch {i}: {type(e).__name__}: {first_line(e)}") from None
+        try:
+            flat.append(tuple(flatten(inputs)))
         except InputError as e:
-            hint = (f"; {kind} batches hold the model's inputs alone, not (inputs, labels): input_key and "
-                    "calibration_fn pick from calibration batches only") if str(e).startswith("expected") else ""
+            hint = (f"; {kind} batches hold the model's inputs alone (give input_key= to pick them out of (inputs, "
+                    "labels) batches)") if str(e).startswith("expected") and not pick else ""
             raise InputError(f"{kind} batch {i}: {e}{hint}") from None
         if any(t.is_floating_point() and not torch.isfinite(t).all() for t in flat[-1]):
             raise InputError(f"{kind} batch {i} holds NaN or Inf")
     return batches, flat
+
+
+def _inputs(item: Any) -> tuple[Any, ...] | list[Any]:
+    """A data item as an input tuple: a bare tensor (or dict) is the model's one input."""
+    return item if isinstance(item, (tuple, list)) else (item,)
 
 
 def batch_size(flat: Sequence[torch.Tensor]) -> int:
@@ -94,14 +109,15 @@ class Validation:
 
     @classmethod
     def from_user(cls, data: Iterable[Any] | None, flatten: Callable[[Sequence[Any]], list[torch.Tensor]],
-                  metric: Metric) -> Validation:
-        """Check ``data`` (an iterable of input tuples) with ``flatten`` (the signature's) and ``metric``."""
+                  metric: Metric, pick: Callable[[Any], Any] | None = None) -> Validation:
+        """Check ``data`` (an iterable of input tuples, or of items ``pick`` takes them out of) with ``flatten`` (the
+        signature's) and ``metric``."""
         if metric is not None and metric not in METRICS and not callable(metric):
             raise InputError(f"metric must be None, {' or '.join(map(repr, METRICS))} or a callable "
                              f"(outputs, inputs) -> float, got {metric!r}")
         if data is None:
             raise InputError("metric= needs validation data: pass validation=[(x1,), (x2,), ...]")
-        batches, flat = flat_batches(data, flatten, "validation")
+        batches, flat = flat_batches(data, flatten, "validation", pick)
         if not batches:
             raise InputError("validation is empty: pass validation=[(x1,), (x2,), ...]")
         return cls(batches, flat, metric)
