@@ -127,8 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--calibration", metavar="MODULE:FN",
                       help="a function returning an iterable of input tuples (needed by int8)")
     comp.add_argument("--input-key", metavar="KEY[,KEY]", type=_input_key,
-                      help="where each --calibration batch holds the model's inputs: an index or dict key, e.g. 0 for "
-                           "(input, label) pairs, or several in order (input_key of fxforge.compile)")
+                      help="where each --calibration, --validation and --train batch holds the model's inputs: an "
+                           "index or dict key, e.g. 0 for (input, label) pairs, or several in order (input_key of "
+                           "fxforge.compile)")
     comp.add_argument("--train", metavar="MODULE:FN", help="a function returning unlabeled input tuples for passes "
                       "that train (distill)")
     comp.add_argument("--validation", metavar="MODULE:FN", help="a function returning held-out input tuples: the "
