@@ -3,12 +3,15 @@
 The op vocabulary (``aten``, ``is_op``, op families, named arguments) lives in ``compiler/ops.py``."""
 from __future__ import annotations
 
+import hashlib
 import itertools
+import types
 from collections import Counter
 from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from .ops import aten, is_op
 
@@ -50,6 +53,28 @@ class GraphState:
                                              in zip(self.constants, other.constants)))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def content_key(gm: fx.GraphModule) -> bytes | None:
+    """A digest of the graph's text and the values of every constant it reads: equal keys, the same computation,
+    for two copies of one graph too (which :class:`GraphState`, comparing constants by identity, tells apart). None
+    where the graph's outputs may depend on more than that: it calls submodules, writes its own buffers, calls
+    Python functions (a closure's values are not in the text) or holds tensors in its arguments."""
+    h = hashlib.blake2b(str(gm.graph).encode(), digest_size=32)
+    for n in gm.graph.nodes:
+        if n.op == "call_module" or n.op == "call_function" and (
+                not isinstance(n.target, (torch._ops.OpOverload, types.BuiltinFunctionType))
+                or getattr(n.target._schema if hasattr(n.target, "_schema") else None, "is_mutable", False)) \
+                or any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves((n.args, n.kwargs))):
+            return None
+        if n.op != "get_attr":
+            continue
+        t = get_tensor(gm, n)
+        if t is None or t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+            return None  # a constant whose value is not plain bytes
+        h.update(f"{n.target}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.digest()
 
 
 def tensor_uses(gm: fx.GraphModule) -> Counter:

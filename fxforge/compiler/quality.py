@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence, Union
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import CalibrationError, InputError, first_line
+from .graph import content_key
 from .verify import COSINE_FLOOR, Error, compare, error_bound, worst
 
 Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min_cosine"],
@@ -37,6 +39,7 @@ METRICS = ("agreement", "cosine", "min_cosine", "agreement+min_cosine")
 # samples of 2-D float outputs from which their values tell multi-label probabilities or a regression (whose argmax
 # never changes) from logits; on fewer, a classifier's few rows could look like either by chance
 EVIDENCE = 16
+MEMO_BYTES = 256 << 20  # the outputs a Validation keeps of the graphs it measured, to measure none twice
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class Validation:
         self.reference: list[list[torch.Tensor]] | None = None
         self.previous: list[list[torch.Tensor]] | None = None  # the outputs of the run before the last
         self.step: Error | None = None  # the last run's error against the run before it (the worst batch's)
+        self.measured: dict[bytes, list[list[torch.Tensor]]] = {}  # graph content_key → its outputs, up to MEMO_BYTES
 
     @classmethod
     def from_user(cls, data: Iterable[Any] | None, flatten: Callable[[Sequence[Any]], list[torch.Tensor]],
@@ -146,9 +150,17 @@ class Validation:
 
     def measure(self, run: Callable[..., Any]) -> Quality:
         """Run ``run(*flat_batch)`` on every batch; the first call's outputs become the reference, and ``step`` is
-        how far these outputs are from the previous call's (an exact stage's from the stage before it)."""
-        with torch.inference_mode():
-            outs = [[torch.as_tensor(v) for v in pytree.tree_leaves(run(*b))] for b in self.flat]
+        how far these outputs are from the previous call's (an exact stage's from the stage before it). A graph
+        measured before (the same text and constant values: the budget's final pipeline repeats the stages before
+        its quantizer) is not run again, while the outputs kept stay under ``MEMO_BYTES``."""
+        key = content_key(run) if isinstance(run, fx.GraphModule) else None
+        outs = self.measured.get(key) if key is not None else None
+        if outs is None:
+            with torch.inference_mode():
+                outs = [[torch.as_tensor(v) for v in pytree.tree_leaves(run(*b))] for b in self.flat]
+            kept = sum(t.numel() * t.element_size() for o in (outs, *self.measured.values()) for b in o for t in b)
+            if key is not None and kept <= MEMO_BYTES:
+                self.measured[key] = outs
         if self.reference is None:
             self.reference = outs
         self.step = None if self.previous is None else worst([compare(o, r) for o, r in zip(outs, self.previous)])

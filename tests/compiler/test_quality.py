@@ -143,3 +143,32 @@ def test_train_data_is_read_like_validation_data():
             flat_batches(3, lambda b: list(b), kind)
     with pytest.raises(fxforge.InputError, match="train batch 0 holds NaN or Inf"):
         fxforge.compile(Identity(), (x,), passes=["low_rank", "distill"], train=[(x * float("nan"),), (x,)])
+
+
+def test_a_graph_measured_before_is_not_run_again_even_as_a_copy():
+    """The budget's final pipeline repeats the stages before its quantizer on copies of the same graphs: each ran
+    all the validation data again. A copy with one constant changed runs."""
+    import copy
+
+    from fxforge.compiler.graph import content_key
+    from fxforge.compiler.trace import trace
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    gm = trace(model, (torch.randn(2, 8),))[0]
+    batches = [(torch.randn(16, 8),) for _ in range(3)]
+    v = Validation(batches, batches, None)
+    first = v.measure(gm)
+    twin, calls = copy.deepcopy(gm), []
+    twin.register_forward_pre_hook(lambda module, args: calls.append(1))
+    assert v.measure(twin) == first and not calls
+    weight = next(n.target for n in twin.graph.nodes if n.op == "get_attr")
+    with torch.no_grad():
+        twin.get_parameter(weight).mul_(1.5)
+    assert v.measure(twin).cosine_mean < 1 and len(calls) == 3
+    out = next(n for n in twin.graph.nodes if n.op == "output")  # a Python function: its closure is not in the text
+    last = out.all_input_nodes[0]
+    with twin.graph.inserting_before(out):
+        doubled = twin.graph.call_function(lambda t: t * 2, (last,))
+    out.replace_input_with(last, doubled)
+    twin.recompile()
+    assert content_key(twin) is None
