@@ -179,7 +179,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     checked = None if validation is None and metric is None else \
         Validation.from_user(validation, signature.flatten, metric, keyed)
     if budget is not None:
-        calibration = budget.hold_out(calibration, validation, signature.flatten, flat, keyed)
+        calibration = budget.hold_out(calibration, checked, flat)
         if validation is None and budget.data is not None and train_readers(manager.passes) and \
                 _shared_tensors(given_train, budget.data.batches):
             warnings.warn("the accuracy budget's held-out calibration batches are train data too: the budget is then "

@@ -105,14 +105,14 @@ class Budget:
             return None
         return cls(DEFAULT_MAX_DROP, metric, strict, preset)
 
-    def hold_out(self, calibration: Iterable[Any] | None, validation: Iterable[Any] | None,
-                 flatten: Callable[[Sequence[Any]], list[torch.Tensor]], example: tuple[torch.Tensor, ...],
-                 pick: Callable[[Any], Any] | None = None) -> Iterable[Any] | None:
-        """Choose the budget's data: ``validation`` (user inputs, or items ``pick`` takes them out of; ``flatten``
-        checks them) or every fourth of the calibration batches (flat input tuples like ``example``, as the passes
-        read them); return the calibration data the passes get, without the held-out batches."""
+    def hold_out(self, calibration: Iterable[Any] | None, validation: Validation | None,
+                 example: tuple[torch.Tensor, ...]) -> Iterable[Any] | None:
+        """Choose the budget's data: ``validation`` (the user's, as the report measures it: a graph the report's rows
+        measured is not run on it again) or every fourth of the calibration batches (flat input tuples like
+        ``example``, as the passes read them); return the calibration data the passes get, without the held-out
+        batches."""
         if validation is not None:
-            self.data = Validation.from_user(validation, flatten, self.metric, pick)
+            self.data = validation
             self.record["data"] = f"validation data ({self.data.samples} samples)"
             return calibration
         if calibration is None:
