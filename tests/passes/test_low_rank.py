@@ -384,7 +384,7 @@ def test_compress_keeps_a_trained_cnn_within_one_percent_or_changes_nothing_and_
         agreement = float((cm(x_test).argmax(1) == model(x_test).argmax(1)).double().mean())
     assert agreement >= 0.99
     if not stats.get("split"):
-        assert stats == {"skipped.nothing_within_error": 1} and agreement == 1.0
+        assert stats.keys() - {"skipped.slower_measured"} == {"skipped.nothing_within_error"} and agreement == 1.0
 
 
 def test_layers_dead_channels_emptied_are_skipped():
@@ -429,3 +429,19 @@ def test_compress_on_a_model_with_a_wholly_dead_layer():
     cm = fxforge.compile(model, (x,), passes=["compress"], calibration=[(torch.randn(4, 8),) for _ in range(4)],
                          measure_latency=False)
     torch.testing.assert_close(cm(x), model(x))
+
+
+def test_a_split_is_taken_only_where_it_times_faster_by_the_margin(monkeypatch):
+    """faster_on_host took a split timed 0.97-1.03x the layer (split_ms < original_ms): the noise decided, and one
+    seed gave different compress models on fresh timing caches. Those refused are counted."""
+    from fxforge.passes.lib import factorization
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    calibration = [(torch.randn(16, 64),) for _ in range(4)]
+    for share, split in ((0.95, False), (0.85, True)):
+        monkeypatch.setattr(factorization, "cached_timing",
+                            lambda target, key, measure: {"original_ms": 1.0, "split_ms": share})
+        cm = fxforge.compile(model, (torch.randn(2, 64),), passes=["low_rank{flops=0.9,budget='latency'}"],
+                             calibration=calibration)
+        stats = cm.report.row("low_rank").stats
+        assert bool(stats.get("split")) == split and ("skipped.slower_measured" in stats) != split, (share, stats)
