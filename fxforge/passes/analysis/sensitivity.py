@@ -12,7 +12,8 @@ logits are scored by agreement, the others by cosine). Measured on the first out
 second head was "free": an error cap of 0.02 let low_rank split it to 0.6–0.9 relative error of that head.
 
 The replacement is the pass's own answer, ``Pass.layer_effect(node, LayerContext)``: insert_qdq (in ``int8``)
-fake-quantizes the layer's weight and its input on the grid of its calibration range, low_rank and
+fake-quantizes the layer's weight and its input on the grid of its calibration range (for every reader of that
+input, which shares its pair), low_rank and
 depthwise_separable evaluate the factor stages they would insert, prune_channels zeroes the channel groups it
 would remove from the layer at every node they reach (coupled channels included: a change may span several
 nodes). A setting that would leave a layer unchanged records the pass's reason instead (``"rank_too_high"``); this

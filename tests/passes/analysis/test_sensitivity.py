@@ -106,6 +106,29 @@ def test_dynamic_int8_layer_effect_equals_the_pass_rewrite_and_leaves_convs_floa
     assert convs.effects[setting]["conv2d"] == "dynamic_float" and isinstance(convs.effects[setting]["linear"], Effect)
 
 
+def test_int8_effect_of_a_layer_rounds_its_input_for_the_float_layer_beside_it():
+    """insert_qdq gives a tensor one pair for all its readers: quantizing the regression head alone rounds the
+    classifier's input too, though the classifier stays float. The layer effect rounded it for the head alone, and
+    predicted 1e-6 where the pipeline dropped 0.012 of the classifier's agreement (a two-head digits CNN)."""
+    from fxforge.compiler.pass_manager import LayerContext
+    from fxforge.passes.insert_qdq import InsertQdq
+
+    torch.manual_seed(0)
+    model, x = TwoHeads().eval(), torch.randn(64, 32)  # (below) logits and a second head on the same features
+    gm = _graph(model, x)
+    reg = next(n for n in gm.graph.nodes if n.name == "linear_2")
+    with torch.no_grad():
+        y = torch.relu(model.body(x))
+    rewritten, _ = PassManager(["insert_qdq{skip=('linear', 'linear_1')}"], verify="off", measure_latency=False).run(
+        copy.deepcopy(gm), PassContext(example_inputs=(x,)))
+    effect = InsertQdq().layer_effect(reg, LayerContext(model.head2.weight.detach(), (0.0, float(y.max())), X86))
+    assert set(effect) == {"linear_1", "linear_2"}
+    with torch.no_grad():
+        cls, _ = rewritten(x)
+        assert torch.equal(effect["linear_1"]([y, model.head1.weight, model.head1.bias], {}), cls)
+        assert not torch.equal(cls, model(x)[0])
+
+
 def test_refusals_name_the_reason():
     sens = layer_sensitivity(_graph(ConvNet(), torch.randn(2, 4, 6, 6)), _batches(2, 4, 6, 6),
                              ["depthwise_separable{energy=0.95}", "prune_channels{ratio=0.1}"], X86)
