@@ -112,7 +112,8 @@ class Setting:
 
 @dataclass
 class Candidate:
-    """A setting and what it measured: latency (ms) on the backend, size (bytes of constants), score.
+    """A setting and what it measured: latency (ms) on the backend, size (the artifact's stored bytes,
+    ``Artifact.stored_bytes``: an int8 graph's scales and Q/DQ nodes count too), score.
     ``retimed``: the latency comes from the final interleaved re-timing, comparable with every other re-timed
     one; otherwise it was timed once during the search, under that moment's load (stale)."""
 
@@ -533,7 +534,7 @@ def plot_pareto(result: AutotuneResult, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     points = ax.scatter([c.latency_ms for c in ok], [c.score for c in ok], c=[c.size_bytes / 1024 for c in ok],
                         cmap="viridis", edgecolors="k", zorder=3)
-    fig.colorbar(points, ax=ax, label="size (KiB of constants)")
+    fig.colorbar(points, ax=ax, label="size (KiB stored: the artifact's file)")
     if stale := result.stale:
         ax.scatter([c.latency_ms for c in stale], [c.score for c in stale], facecolors="none", edgecolors="gray",
                    zorder=3, label="stale: timed only during the search (another load)")
