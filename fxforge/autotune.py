@@ -60,6 +60,7 @@ from fxforge.passes.calibrate import checked_batches
 Evaluate = Callable[[CompiledModel], float]
 NO_SPLIT = 2.0  # the "energy" of a layer left whole: above any energy a split may keep
 RECORD_FILES = ("autotune.json", "pareto.png")  # what a search writes into its output_dir
+SAME_SPEED = 1.1  # re-timed within this factor of the fastest: as fast, and the pick goes by score (``pick``)
 
 
 @dataclass(frozen=True)
@@ -254,8 +255,7 @@ class _Search:
         self._retime([baseline, reference, *pareto_front(measured)])
         # the front of the re-timed only: a candidate released earlier has a stale time from another load
         front = pareto_front([c for c in measured if id(c) in self.compiled])
-        feasible = [c for c in front if c.feasible]
-        best = min(feasible, key=lambda c: (c.latency_ms, c.size_bytes)) if feasible else None
+        best = pick([c for c in front if c.feasible])
         compiled, self.compiled = self.compiled.get(id(best)), {}
         return AutotuneResult(baseline, reference, measured, front, best, self.pruned, sens,
                               meta={"baseline_score": baseline.score, "threshold": threshold}, compiled=compiled)
@@ -394,6 +394,18 @@ def specs(passes: Sequence[str | Pass]) -> list[str]:
     """Pass and preset names and ``Pass`` instances as the strings ``passes=`` and the record take; a ``Pass``
     with every option written out, so a record keeps its meaning if a default changes."""
     return [p if isinstance(p, str) else p.spec(full=True) for p in passes]
+
+
+def pick(feasible: Sequence[Candidate]) -> Candidate | None:
+    """The candidate autotune chooses: of those timed within ``SAME_SPEED`` of the fastest (as fast, within the
+    noise of re-timing), the highest score, then the smallest, then the fastest. The fastest alone was a coin flip
+    between near-equal candidates: identical runs chose int8 with or without one float layer (scores 0.999970 and
+    0.999983) as their timings crossed."""
+    if not feasible:
+        return None
+    fastest = min(c.latency_ms for c in feasible)
+    tied = [c for c in feasible if c.latency_ms <= SAME_SPEED * fastest]
+    return min(tied, key=lambda c: (-c.score, c.size_bytes, c.latency_ms))
 
 
 def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:

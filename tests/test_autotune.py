@@ -11,7 +11,7 @@ from fxforge.compiler.graph import graph_tensors
 from fxforge.compiler.pass_manager import resolve
 from fxforge.passes import QUANTIZE
 from fxforge.autotune import (AutotuneResult, Candidate, SearchSpace, Setting, latency_score_front, load_passes,
-                              pareto_front, plot_pareto)
+                              pareto_front, pick, plot_pareto)
 from fxforge.passes.analysis.sensitivity import Sensitivity
 from models import accuracy, digits_cnn
 
@@ -107,6 +107,16 @@ def test_pareto_front_keeps_only_undominated_candidates():
     a, b, c, d = cand(1.0, 100, 0.9), cand(2.0, 50, 0.9), cand(2.0, 100, 0.8), cand(0.5, 10, 1.0, error="x")
     e = cand(0.9, 200, 0.95)
     assert pareto_front([a, b, c, d, e]) == [e, a, b]  # c is beaten by a; d failed to compile
+
+
+def test_the_pick_among_candidates_as_fast_goes_by_score():
+    """The fastest feasible candidate won: identical runs chose int8 with or without one float layer (scores 0.999970
+    and 0.999983) as their re-timed latencies crossed within noise."""
+    def cand(ms, score, size=100):
+        return Candidate(Setting(), latency_ms=ms, size_bytes=size, score=score, feasible=True)
+    plain, one_float, slow = cand(0.30, 0.999970), cand(0.32, 0.999983), cand(0.40, 1.0)
+    assert pick([plain, one_float, slow]) is one_float and pick([one_float, plain]) is one_float
+    assert pick([plain, cand(0.31, 0.999970, size=50)]).size_bytes == 50 and pick([]) is None
 
 
 def test_the_plotted_front_is_a_front_of_latency_and_score():
