@@ -64,6 +64,8 @@ class Artifact(ABC):
         self.signature = signature
         self.target = target
         self.info: dict[str, Any] = dict(info or {})  # backend facts worth reporting (fused kernels, files)
+        # the documents saved beside it (name → text: the report), which load keeps so that a save writes them again
+        self.documents: dict[str, str] = {}
         self._warned_no_grad = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -137,7 +139,8 @@ class Artifact(ABC):
         return _unpickled, (files,)
 
     def save(self, directory: str | os.PathLike[str], extra_files: Mapping[str, str] | None = None) -> Path:
-        """Write the artifact, plus ``extra_files`` (name → text, e.g. the report), to ``directory``.
+        """Write the artifact, plus ``extra_files`` (name → text, e.g. the report) and the ``documents`` it was
+        loaded with (a loaded model saved again lost its report), to ``directory``.
 
         An existing ``directory`` is replaced only when it is wholly an fxforge artifact (its manifest lists every
         file in it); a directory holding anything else is the user's and is never touched (ArtifactError), nor is the
@@ -160,7 +163,8 @@ class Artifact(ABC):
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
             _as_if_made_by_mkdir(tmp)
             self.write(tmp)
-            for name, text in (extra_files or {}).items():
+            extra_files = {**self.documents, **(extra_files or {})}
+            for name, text in extra_files.items():
                 if name == META_FILE or (tmp / name).exists():
                     raise ArtifactError(f"extra file {name!r} would overwrite a file of the artifact")
                 (tmp / name).write_text(text)
@@ -410,7 +414,10 @@ def _load(path: Path, where: Path) -> Artifact:
             raise ArtifactError(f"{path / name} is missing or was modified after saving (hash mismatch)")
     try:
         target = loaded_target(meta["target"])
-        return cls.read(where, Signature.from_dict(meta["signature"]), target, meta.get("info", {}))
+        artifact = cls.read(where, Signature.from_dict(meta["signature"]), target, meta.get("info", {}))
+        artifact.documents = {name: (where / name).read_text() for name in meta.get("optional", ())
+                              if (where / name).is_file()}
+        return artifact
     except ArtifactError:
         raise
     except Exception as e:

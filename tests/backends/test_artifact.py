@@ -413,6 +413,19 @@ def test_an_artifact_loads_without_its_report(tmp_path):
         fxforge.load(tmp_path / "a")
 
 
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_loaded_artifact_saved_again_keeps_its_report(tmp_path, backend):
+    """load returned the model alone, so its save wrote no report.json: the per-stage record and the budget's
+    decisions were lost by copying a deployed model with fxforge."""
+    cm = fxforge.compile(nn.Linear(4, 3).eval(), (torch.randn(2, 4),), backend=backend, measure_latency=False)
+    report = (cm.save(tmp_path / "a") / "report.json").read_text()
+    again = fxforge.load(tmp_path / "a").save(tmp_path / "b")
+    assert (again / "report.json").read_text() == report
+    assert json.loads((again / base.META_FILE).read_text())["optional"] == ["report.json"]
+    (tmp_path / "a" / "report.json").unlink()  # a deployment without it saves without it
+    assert not (fxforge.load(tmp_path / "a").save(tmp_path / "c") / "report.json").exists()
+
+
 @pytest.fixture(scope="module")
 def saved_eager(tmp_path_factory):
     return compiled().save(tmp_path_factory.mktemp("saved") / "art")
