@@ -146,7 +146,6 @@ class StageRecorder(Instrument):
 
     def __init__(self, report: Report, measure: bool) -> None:
         self.report, self.measure = report, measure
-        self.quality: Quality | None = None  # the last row's on the validation data
 
     def after(self, p: Any, gm: fx.GraphModule, ctx: Any, stage: Stage) -> None:
         params, nbytes = model_size(gm)
@@ -156,9 +155,6 @@ class StageRecorder(Instrument):
         row = StageRow(stage.name, stage.exact, stage.elapsed, sum(1 for n in gm.graph.nodes if n.op == "call_function"),
                        params, nbytes, flops, measure_latency(gm, ctx.example_inputs) if self.measure else None,
                        error.max_rel if error else None, error.cosine if error else None, dict(stats))
-        if ctx.validation is not None:
-            unchanged = stage.result is not None and not stage.result.changed  # checked: the same graph and constants
-            if not unchanged or self.quality is None:
-                self.quality = ctx.validation.measure(gm)
-            row.set_quality(self.quality)
+        if ctx.validation is not None:  # a graph it measured before (a stage that changed nothing) does not run again
+            row.set_quality(ctx.validation.measure(gm))
         self.report.rows.append(row)

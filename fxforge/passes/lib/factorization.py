@@ -174,7 +174,7 @@ def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: t
 
     The two are timed in alternating rounds and the median of the rounds' ratios is compared, so a burst of load
     on the machine during one round cannot decide; the margin keeps the noise between the two from deciding where
-    they time alike (a rank-½ split of a linear timed 0.97–1.03× the original: one seed gave four different
+    they time alike (a rank-½ split of a linear timed 0.97–1.03× the original: one seed gave three different
     `compress` models on four fresh caches), and a split that gains less costs accuracy for nothing. Timings
     depend on shapes only: they are kept per target (compiler/cache.py), so a recompile reads them instead of
     timing again.
