@@ -62,10 +62,10 @@ def content_key(gm: fx.GraphModule) -> bytes | None:
     Python functions (a closure's values are not in the text) or holds tensors in its arguments."""
     h = hashlib.blake2b(str(gm.graph).encode(), digest_size=32)
     for n in gm.graph.nodes:
-        if n.op == "call_module" or n.op == "call_function" and (
-                not isinstance(n.target, (torch._ops.OpOverload, types.BuiltinFunctionType))
-                or getattr(n.target._schema if hasattr(n.target, "_schema") else None, "is_mutable", False)) \
-                or any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves((n.args, n.kwargs))):
+        pure = n.op != "call_function" or isinstance(n.target, (torch._ops.OpOverload, types.BuiltinFunctionType)) \
+            and not getattr(getattr(n.target, "_schema", None), "is_mutable", False)  # as GraphState reads writes
+        if n.op == "call_module" or not pure or any(isinstance(a, torch.Tensor)
+                                                    for a in pytree.tree_leaves((n.args, n.kwargs))):
             return None
         if n.op != "get_attr":
             continue
