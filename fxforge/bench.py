@@ -561,7 +561,7 @@ def _si(n: int | None) -> str:
 
 
 def _mb(n: int | None) -> str:
-    return "" if n is None else f"{n / 2**20:.1f} MB"
+    return "" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def as_dicts(rows: Sequence[Row]) -> list[dict[str, Any]]:

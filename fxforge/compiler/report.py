@@ -124,7 +124,8 @@ def _si(n: float) -> str:
 
 
 def _bytes(n: int) -> str:
-    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+    """``n`` bytes in binary units (KiB = 1024 bytes), said so: "MB" read as 10⁶ would be 5 % off."""
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= div:
             return f"{n / div:.1f}{unit}"
     return f"{n}B"
