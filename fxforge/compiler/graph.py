@@ -55,26 +55,41 @@ class GraphState:
     __hash__ = None  # type: ignore[assignment]
 
 
+PURE_NAMESPACES = ("aten", "prims", "quantized_decomposed", "fxforge")  # operators their arguments alone decide
+STORAGE_READERS = (aten.as_strided.default, aten.as_strided_copy.default)  # read a tensor's storage by its strides
+
+
 def content_key(gm: fx.GraphModule) -> bytes | None:
-    """A digest of the graph's text and the values of every constant it reads: equal keys, the same computation,
-    for two copies of one graph too (which :class:`GraphState`, comparing constants by identity, tells apart). None
-    where the graph's outputs may depend on more than that: it calls submodules, writes its own buffers, calls
-    Python functions (a closure's values are not in the text) or holds tensors in its arguments."""
+    """A digest of the graph's text and the values and layout of every constant it reads: equal keys, the same
+    computation, for two copies of one graph too (which :class:`GraphState`, comparing constants by identity, tells
+    apart). None where the graph's outputs may depend on more than that: it calls submodules, writes its own buffers,
+    calls Python functions or a user's custom operator (a closure's or a module's values are not in the text), holds
+    tensors in its arguments, or reads a constant's storage beyond its values (``as_strided``)."""
     h = hashlib.blake2b(str(gm.graph).encode(), digest_size=32)
     for n in gm.graph.nodes:
-        pure = n.op != "call_function" or isinstance(n.target, (torch._ops.OpOverload, types.BuiltinFunctionType)) \
-            and not getattr(getattr(n.target, "_schema", None), "is_mutable", False)  # as GraphState reads writes
-        if n.op == "call_module" or not pure or any(isinstance(a, torch.Tensor)
-                                                    for a in pytree.tree_leaves((n.args, n.kwargs))):
+        if n.op == "call_module" or n.op == "call_function" and not _pure(n.target):
+            return None
+        if n.target in STORAGE_READERS or any(isinstance(a, torch.Tensor)
+                                              for a in pytree.tree_leaves((n.args, n.kwargs))):
             return None
         if n.op != "get_attr":
             continue
         t = get_tensor(gm, n)
         if t is None or t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
             return None  # a constant whose value is not plain bytes
-        h.update(f"{n.target}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(f"{n.target}:{t.dtype}:{tuple(t.shape)}:{t.stride()}:{t.storage_offset()}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.digest()
+
+
+def _pure(target: Any) -> bool:
+    """A call whose outputs its arguments alone decide: a builtin (``operator.getitem``), or an operator of
+    PyTorch's or fxforge's own namespaces that writes none of its arguments (as GraphState reads writes). A user's
+    ``torch.library.custom_op`` is an operator too, but its Python body may read state of its own."""
+    if isinstance(target, types.BuiltinFunctionType):
+        return True
+    return isinstance(target, torch._ops.OpOverload) and target.namespace in PURE_NAMESPACES \
+        and not target._schema.is_mutable
 
 
 def tensor_uses(gm: fx.GraphModule) -> Counter:

@@ -157,7 +157,9 @@ class Validation:
         outs = self.measured.get(key) if key is not None else None
         if outs is None:
             with torch.inference_mode():
-                outs = [[torch.as_tensor(v) for v in pytree.tree_leaves(run(*b))] for b in self.flat]
+                # copies: an output may be a view of a constant (a table returned as is), which a later pass may
+                # edit in place, and the reference would change with it
+                outs = [[torch.as_tensor(v).clone() for v in pytree.tree_leaves(run(*b))] for b in self.flat]
             kept = sum(t.numel() * t.element_size() for o in (outs, *self.measured.values()) for b in o for t in b)
             if key is not None and kept <= MEMO_BYTES:
                 self.measured[key] = outs

@@ -1,6 +1,7 @@
 """compile(..., validation=, metric=): the report's error columns come from the user's data."""
 import pytest
 import torch
+import torch.fx as fx
 from torch import nn
 
 import fxforge
@@ -172,3 +173,63 @@ def test_a_graph_measured_before_is_not_run_again_even_as_a_copy():
     out.replace_input_with(last, doubled)
     twin.recompile()
     assert content_key(twin) is None
+
+
+class Table(nn.Module):
+    """Returns its table as is beside a projection: the output is a view of a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 4)
+        self.register_buffer("table", torch.randn(1, 5))
+
+    def forward(self, x):
+        return self.l(x), self.table.expand(x.shape[0], -1)
+
+
+def test_a_reference_output_that_is_a_view_of_a_constant_does_not_change_with_it():
+    """The reference outputs were kept as the graph returned them: a constant returned as a view and then edited
+    in place (a pass scaling it) changed the reference too, and every later stage measured itself at error 0."""
+    from fxforge.compiler.graph import get_tensor
+    from fxforge.compiler.trace import trace
+
+    gm = trace(Table().eval(), (torch.randn(2, 8),))[0]
+    batches = [(torch.randn(4, 8),) for _ in range(2)]
+    v = Validation(batches, batches, None)
+    assert v.measure(gm).max_rel == 0
+    table = next(n for n in gm.graph.nodes if n.op == "get_attr" and get_tensor(gm, n).shape == (1, 5))
+    with torch.no_grad():
+        get_tensor(gm, table).mul_(2)
+    assert v.measure(gm).max_rel == pytest.approx(1)  # the table doubled: |2t - t| / |t|
+
+
+@torch.library.custom_op("fxforge_test::scaled", mutates_args=())
+def _scaled(t: torch.Tensor) -> torch.Tensor:
+    return t * SCALE[0]
+
+
+_scaled.register_fake(lambda t: torch.empty_like(t))
+SCALE = [1.0]
+
+
+def test_content_key_tells_apart_constant_layouts_and_has_none_for_a_users_operator():
+    """Two graphs got one key where they compute otherwise: constants of equal values in other strides (what
+    ``as_strided`` reads), and a user's custom operator, whose Python body may read state of its own."""
+    from fxforge.compiler.graph import content_key
+    from fxforge.compiler.ops import aten
+
+    def graph(weight: torch.Tensor, op=None) -> fx.GraphModule:
+        root = nn.Module()
+        root.register_buffer("w", weight)
+        g = fx.Graph()
+        w = g.get_attr("w")
+        g.output(g.call_function(op, (w, [2, 3], [1, 2])) if op is aten.as_strided.default else
+                 g.call_function(op, (w,)) if op else w)
+        return fx.GraphModule(root, g)
+
+    w = torch.arange(6.0).reshape(2, 3)
+    transposed = w.t().contiguous().t()
+    assert torch.equal(w, transposed) and content_key(graph(w)) != content_key(graph(transposed))
+    assert content_key(graph(w, aten.as_strided.default)) is None
+    assert content_key(graph(w, aten.relu.default)) is not None
+    assert content_key(graph(w, torch.ops.fxforge_test.scaled.default)) is None
