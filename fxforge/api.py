@@ -430,9 +430,10 @@ class _Rebatched:
                 if self.pick is None:
                     yield torch.utils._pytree.tree_unflatten(
                         [t[k:k + self.size] if b else t for t, b in zip(leaves, self.batched)], spec)
-                else:  # an item the inputs are picked out of: its labels are cut along with them
+                else:  # an item the inputs are picked out of: its labels (n rows) are cut along with them, and
+                    whole = {id(t) for t, b in zip(leaves, self.batched) if not b}  # inputs of no batch pass whole
                     yield pytree.tree_map(lambda t: t[k:k + self.size] if isinstance(t, torch.Tensor) and t.dim()
-                                          and int(t.shape[0]) == n else t, batch)
+                                          and int(t.shape[0]) == n and id(t) not in whole else t, batch)
 
 
 def passes_calibration(calibration: Iterable[Any] | None, signature: Signature, example: tuple[Any, ...],

@@ -658,6 +658,16 @@ def test_static_batch_splits_batches_along_the_first_input_not_a_smaller_side_in
     assert cm.report.meta["errors"].startswith("measured on validation data (24 samples in 6 batches)")
 
 
+def test_static_batch_cuts_labels_picked_around_inputs_but_not_a_side_input_of_as_many_rows():
+    """With input_key, every tensor of an item with the batch's leading size was cut, a side table of as many rows
+    as the batch holds samples too: valid (input, table, label) items were refused."""
+    table = torch.randn(6, 6)
+    items = [(torch.randn(6, 6), table, torch.zeros(6)) for _ in range(3)]
+    cm = fxforge.compile(WithTable(6).eval(), (torch.randn(2, 6), table), static_batch=True, validation=items,
+                         input_key=(0, 1))
+    assert cm.report.meta["errors"].startswith("measured on validation data (18 samples in 9 batches)")
+
+
 class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter([(torch.randn(4, 8),) for _ in range(4)])
