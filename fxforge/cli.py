@@ -128,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="a function returning an iterable of input tuples (needed by int8)")
     comp.add_argument("--input-key", metavar="KEY[,KEY]", type=_input_key,
                       help="where each --calibration, --validation and --train batch holds the model's inputs: an "
-                           "index or dict key, e.g. 0 for (input, label) pairs, or several in order (input_key of "
-                           "fxforge.compile)")
+                           "index or dict key, e.g. 0 for (input, label) pairs, '\"0\"' for a dict key that reads as a "
+                           "number, or several in order (input_key of fxforge.compile)")
     comp.add_argument("--train", metavar="MODULE:FN", help="a function returning unlabeled input tuples for passes "
                       "that train (distill)")
     comp.add_argument("--validation", metavar="MODULE:FN", help="a function returning held-out input tuples: the "
@@ -364,9 +364,15 @@ def _backend_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _input_key(text: str) -> int | str | tuple[int | str, ...]:
-    """``--input-key``: integers are indices, anything else a dict key; a comma gives several keys in order."""
-    keys = tuple(int(k) if k.strip().lstrip("-").isdigit() else k.strip() for k in text.split(","))
-    return keys if len(keys) > 1 else keys[0]
+    """``--input-key``: integers are indices, anything else a dict key, and a key in quotes a dict key as written
+    (``'"0"'``: the key "0", which read as an integer would be index 0); a comma gives several keys in order."""
+    keys: list[int | str] = []
+    for key in (k.strip() for k in text.split(",")):
+        if not key:
+            raise argparse.ArgumentTypeError(f"{text!r} holds an empty key")
+        quoted = len(key) > 1 and key[0] == key[-1] and key[0] in "'\""
+        keys.append(key[1:-1] if quoted else int(key) if key.lstrip("-").isdigit() else key)
+    return tuple(keys) if len(keys) > 1 else keys[0]
 
 
 def _calibration(spec: str, what: str = "calibration") -> list[Any]:

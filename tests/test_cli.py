@@ -300,6 +300,9 @@ def test_console_input_key_picks_the_inputs_out_of_labelled_calibration_batches(
     assert re.search(r"\ncalibrate.*batches=3", done.stdout), done.stdout  # 4 pairs, one held out by the budget
     keys = lambda text: _parser().parse_args(["compile", "m:f", "--input-shape", "1", "--input-key", text]).input_key
     assert keys("0") == 0 and keys("pixel_values") == "pixel_values" and keys("input_ids,1") == ("input_ids", 1)
+    assert keys('"0"') == "0" and keys("'0', 1") == ("0", 1)  # a dict's key "0" could not be named
+    empty = console(*argv, "--input-key", "", cwd=tmp_path)  # was taken for the key "", which no batch holds
+    assert empty.returncode == 2 and "argument --input-key: '' holds an empty key" in empty.stderr
 
 
 def test_console_train_gives_distill_its_data_and_without_it_the_flag_is_named(tmp_path):
