@@ -16,8 +16,8 @@ import torch.utils._pytree as pytree
 
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.budget import Budget
-from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputError, TargetError, TraceError,
-                                     first_line, missing_calibration, missing_train)
+from fxforge.compiler.errors import (CalibrationError, FallbackWarning, FxforgeError, InputError, TargetError,
+                                     TraceError, first_line, missing_calibration, missing_train)
 from fxforge.compiler.instruments import Phases
 from fxforge.compiler.pass_manager import (NUMERIC_MODES, SAMPLED_OUT, Pass, PassContext, PassManager, VerifyMode,
                                            calibration_readers, train_readers)
@@ -198,7 +198,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     if budget is not None:
         with phases.phase("budget", "accuracy budget"):
             fitted = budget.fit(manager, original, ctx, result=gm, unlowered=None if be.dynamic_int8 else
-                                f"the {be.name} backend has no dynamic int8 linears")
+                                f"the {be.name} backend has no dynamic int8 linears",
+                                lowered=_lowered_runner(be, flat, signature, tgt, backend_options, budget.data)
+                                if tgt.runs_on_host else None)
             if fitted is not manager:  # missed: run the pipeline that keeps the costliest layers float
                 gm, report = fitted.run(original, ctx)
     with phases.phase("backend", f"lowering to {be.name}"):
@@ -262,6 +264,22 @@ def _lower(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: 
             raise TargetError(f"{fallback} (strict=True)")
         warnings.warn(fallback, FallbackWarning, stacklevel=4)  # the caller's compile(...)
     return artifact
+
+
+def _lowered_runner(be: Any, flat: tuple, signature: Signature, tgt: Target, options: dict[str, Any],
+                    data: Validation | None) -> Callable[[fx.GraphModule], Callable[..., Any] | None]:
+    """A graph → its artifact's run, for the accuracy budget to measure what the backend computes (None where the
+    artifact cannot run ``data``'s batches). A trial: its fallbacks are not warned of, the chosen graph's are."""
+    def lowered(gm: fx.GraphModule) -> Callable[..., Any] | None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                artifact = _lower(be, gm, flat, dataclasses.replace(signature, finite_inputs=quantized_inputs(gm)),
+                                  tgt, False, options)
+            except FxforgeError:  # not measured; the chosen graph's own lowering says why, where it fails too
+                return None
+        return None if _not_taken(artifact, data) else lambda *x: artifact.run(x)
+    return lowered
 
 
 def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, readers: list[str],
