@@ -41,6 +41,19 @@ class Target:
     runs_on_host: bool = True  # False: code is built here but must run on another machine
     isa: frozenset[str] | None = None  # instruction-set features; None: this machine's (x86 only)
 
+    def __post_init__(self) -> None:
+        """A TVM dict that names its machine (``mcpu``, ``mattr``, ``mtriple``) decides the features of the code
+        TVM builds: where ``isa`` is not given they are LLVM's for it, and a user's x86 target with
+        ``mcpu="skylake-avx512"`` built AVX-512 code that the host check took for this machine's and that died
+        of an illegal instruction. A malformed dict is a TargetError here, not a raw one at save."""
+        if not isinstance(self.tvm, Mapping) or not all(isinstance(k, str) for k in self.tvm):
+            raise TargetError(f"target {self.name!r}: tvm must be a dict of TVM target fields such as "
+                              f"{{'kind': 'llvm', 'mcpu': 'cascadelake'}}, got {self.tvm!r}")
+        if self.isa is None and _names_machine(self.tvm):
+            isa = llvm_isa(self.tvm)
+            if isa is not None:
+                object.__setattr__(self, "isa", isa)
+
     def features(self) -> frozenset[str]:
         """The instruction-set features code for this target may use (``{"x86_64", "avx2", "vnni", …}``)."""
         if self.isa is not None:
@@ -59,8 +72,13 @@ class Target:
         return saturates_u8s8(self.features())
 
     def with_tvm(self, **fields: Any) -> Target:
-        """A copy with TVM target fields replaced, e.g. ``get_target("cuda").with_tvm(arch="sm_90")``."""
-        return dataclasses.replace(self, tvm={**self.tvm, **fields})
+        """A copy with TVM target fields replaced, e.g. ``get_target("cuda").with_tvm(arch="sm_90")``. Fields
+        that name another machine (``mcpu``, ``mattr``, ``mtriple``) take its features from LLVM, and whether
+        this machine runs the code from them."""
+        tvm = {**self.tvm, **fields}
+        if not _names_machine({"kind": tvm.get("kind"), **fields}) or (isa := llvm_isa(tvm)) is None:
+            return dataclasses.replace(self, tvm=tvm)
+        return dataclasses.replace(self, tvm=tvm, isa=isa, runs_on_host=isa <= host_features())
 
     def tvm_dict(self) -> dict[str, Any]:
         """The TVM target dict with host-dependent fields resolved."""
@@ -113,15 +131,65 @@ def host_features() -> frozenset[str]:
     return frozenset({arch, *(_CPUINFO_FLAGS[f] for f in flags if f in _CPUINFO_FLAGS)})
 
 
+MACHINE_FIELDS = ("mcpu", "mattr", "mtriple")  # TVM llvm target fields that say which CPU the code runs on
+# LLVM feature → fxforge's name (as _CPUINFO_FLAGS: the features that decide kernels and the int8 weight grid)
+_LLVM_FEATURES = {"avx2": "avx2", "avx512f": "avx512", "avx512vnni": "vnni", "avxvnni": "vnni", "amx-int8": "amx",
+                  "neon": "neon", "dotprod": "dotprod"}
+
+
+def _names_machine(tvm: Mapping[str, Any]) -> bool:
+    """Whether a TVM dict chooses a CPU other than this one's."""
+    return tvm.get("kind") == "llvm" and any(f in tvm and tvm[f] != HOST_CPU for f in MACHINE_FIELDS)
+
+
+def llvm_isa(tvm: Mapping[str, Any]) -> frozenset[str] | None:
+    """The features LLVM builds code of the TVM llvm target dict ``tvm`` for (None without TVM, or for another
+    kind); an ``mcpu`` LLVM does not know is a TargetError (LLVM printed errors and built for a generic CPU)."""
+    if tvm.get("kind") != "llvm":
+        return None
+    try:
+        import tvm as tvm_module
+        from tvm.target import codegen
+    except ImportError:
+        return None
+    spec = _resolve(tvm)
+    try:
+        triple = tvm_module.target.Target({k: v for k, v in spec.items() if k != "mcpu"})
+        cpu = spec.get("mcpu")
+        if cpu is not None and cpu not in codegen.llvm_get_cpu_archlist(triple):
+            raise TargetError(f"LLVM does not know the CPU mcpu={cpu!r} for {triple.attrs.get('mtriple')}; "
+                              "`llc -mcpu=help` lists them")
+        target = tvm_module.target.Target(spec)
+    except TargetError:
+        raise
+    except Exception as e:
+        raise TargetError(f"TVM refuses the target dict {dict(tvm)}: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from None
+    return tvm_target_features(target)
+
+
+def tvm_target_features(target: Any) -> frozenset[str]:
+    """The architecture and features (fxforge's names) of the code LLVM builds for the ``tvm.target.Target``
+    ``target`` of kind llvm."""
+    from tvm.target import codegen
+    arch = str(target.attrs.get("mtriple") or codegen.llvm_get_system_triple()).split("-")[0]
+    arch = {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch)
+    return frozenset({arch, *(name for feature, name in _LLVM_FEATURES.items()
+                              if codegen.target_has_features(feature, target))})
+
+
 def loaded_target(d: Mapping[str, Any]) -> Target:
     """The target an artifact recorded (:meth:`Target.to_dict`), with the features its code was built for, which a
     backend that generates machine code checks against this machine's (:meth:`Target.lacks`)."""
+    isa = frozenset(d["features"]) if "features" in d else None
     try:
-        target = get_target(d["name"]).with_tvm(**d["tvm"])
+        target = dataclasses.replace(get_target(d["name"]), tvm=d["tvm"], isa=isa)
     except Exception:  # a target registered in the process that compiled it, not here
         target = Target(d["name"], "loaded from an artifact", d["tvm"], d.get("tvm_host"),
-                        tuple(d.get("ort_providers", ("CPUExecutionProvider",))), d.get("torch_device", "cpu"))
-    return dataclasses.replace(target, isa=frozenset(d["features"])) if "features" in d else target
+                        tuple(d.get("ort_providers", ("CPUExecutionProvider",))), d.get("torch_device", "cpu"),
+                        isa=isa)
+    # the code runs here where this machine has every feature it was built for (an AArch64 target's on x86: not)
+    return dataclasses.replace(target, runs_on_host=target.features() <= host_features()) if isa else target
 
 
 def _resolve(spec: Mapping[str, Any]) -> dict[str, Any]:

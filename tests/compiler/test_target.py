@@ -50,3 +50,47 @@ def test_an_artifacts_x86_target_records_its_cpu_and_runs_only_where_its_feature
     assert not loaded_target(saved).lacks() and loaded_target(saved).features() == frozenset(saved["features"])
     arm = get_target("arm64").to_dict()
     assert not loaded_target(arm).runs_on_host and not loaded_target(arm).lacks()
+
+
+def test_a_tvm_dict_naming_another_cpu_decides_the_features_and_whether_it_runs_here():
+    """``get_target("x86").with_tvm(mcpu="skylake-avx512")`` (the documented way to retarget) kept "this machine's
+    features": compile ran the AVX-512 library here to check it, and on an AVX2 CPU the process died of an
+    illegal instruction. LLVM says what the code uses; a user's Target without ``isa`` gets the same."""
+    pytest.importorskip("tvm")
+    from fxforge.compiler.target import Target
+
+    avx512 = get_target("x86").with_tvm(mcpu="skylake-avx512")
+    assert avx512.features() == {"x86_64", "avx2", "avx512"}
+    assert avx512.runs_on_host == (avx512.features() <= host_features())
+    assert avx512.lacks() == sorted(avx512.features() - host_features())
+    mine = Target("mine", "a user's", {"kind": "llvm", "mcpu": "cascadelake"})
+    assert mine.features() == {"x86_64", "avx2", "avx512", "vnni"} and not mine.saturates_u8s8()
+    board = get_target("x86").with_tvm(mtriple="aarch64-linux-gnu", mattr=["+neon", "+dotprod"], mcpu="cortex-a76")
+    assert board.features() == {"aarch64", "neon", "dotprod"} and not board.runs_on_host
+    assert get_target("cuda").with_tvm(arch="sm_90").features() == {"cuda"}  # not a CPU: as declared
+
+
+@pytest.mark.parametrize("tvm, message", [
+    ("llvm", r"target 'mine': tvm must be a dict of TVM target fields such as \{'kind': 'llvm', 'mcpu': "),
+    ({"kind": "llvm", "mcpu": "notacpu"}, r"LLVM does not know the CPU mcpu='notacpu' for x86_64"),
+])
+def test_a_malformed_tvm_dict_is_a_target_error_when_the_target_is_made(tvm, message):
+    """A string gave a raw ValueError at save; an unknown CPU built for a generic one, with LLVM's errors printed."""
+    pytest.importorskip("tvm")
+    from fxforge import TargetError
+    from fxforge.compiler.target import Target
+    if platform.machine() != "x86_64" and isinstance(tvm, dict):
+        pytest.skip("the message names this machine's triple")
+    with pytest.raises(TargetError, match=message):
+        Target("mine", "a user's", tvm)
+
+
+def test_a_loaded_target_registered_elsewhere_runs_here_only_where_its_features_are():
+    """An artifact for a user's AArch64 board, loaded where the target is not registered, was taken for this
+    machine's: a TVM library failed to load with "cannot open shared object file"."""
+    from fxforge.compiler.target import loaded_target
+    board = {"name": "board-a53", "tvm": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "tvm_host": None,
+             "ort_providers": ["CPUExecutionProvider"], "torch_device": "cpu", "features": ["aarch64", "neon"]}
+    assert not loaded_target(board).runs_on_host or "aarch64" in host_features()
+    here = get_target("x86").to_dict()
+    assert loaded_target(here).runs_on_host == ("x86_64" in host_features())

@@ -774,8 +774,12 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def export_library(executable: Any, path: Path, target: Target) -> None:
     """Link the executable into a shared library for ``target`` (cross-compiled where it needs it)."""
     if target.cross_compiler is None:
-        with _without_noise_lines():
-            executable.export_library(str(path))
+        try:
+            with _without_noise_lines():
+                executable.export_library(str(path))
+        except Exception as e:  # e.g. an AArch64 target without a cross compiler: this machine's linker refuses
+            raise BackendError(f"linking the {target.name} library with this machine's compiler failed (a target "
+                               f"for another architecture needs Target(cross_compiler=...)): {first_line(e)}") from None
         return
     from tvm.support import cc
     if shutil.which(target.cross_compiler) is None:
