@@ -161,7 +161,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                       "captures what they compute into the graph, but the compiled model does not call them (a "
                       "hook's side effects, such as an activation log, happen in eager only)", UserWarning,
                       stacklevel=3)
-    checks_artifact = tgt.runs_on_host and verify in NUMERIC_MODES
+    # a portable artifact (eager, TorchScript, ONNX) runs here whatever its target, and is checked here
+    checks_artifact = (tgt.runs_on_host or be.artifact.portable) and verify in NUMERIC_MODES
     phases = Phases(3 + (budget is not None) + checks_artifact)
     with phases.phase("trace", "capturing with torch.export"):
         gm, signature, runs, uncached = _capture(model, example, static_batch)
@@ -200,7 +201,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             fitted = budget.fit(manager, original, ctx, result=gm, unlowered=None if be.dynamic_int8 else
                                 f"the {be.name} backend has no dynamic int8 linears",
                                 lowered=_lowered_runner(be, flat, signature, tgt, backend_options, budget.data)
-                                if tgt.runs_on_host else None)
+                                if tgt.runs_on_host or be.artifact.portable else None)
             if fitted is not manager:  # missed: run the pipeline that keeps the costliest layers float
                 gm, report = fitted.run(original, ctx)
     with phases.phase("backend", f"lowering to {be.name}"):
@@ -214,14 +215,17 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                               stats={})  # what is measured below, on the artifact; nothing copied from the graph
     row.bytes = stored or row.bytes  # else the graph's constants, which eager's program stores
     report.rows.append(row)
-    if checks_artifact:
+    elsewhere = artifact.unrunnable()  # why this machine cannot run it ("": it can)
+    if checks_artifact and elsewhere:
+        phases.skip()
+    elif checks_artifact:
         with phases.phase("artifact_check", "checking the artifact against the model"):
             err = check_artifact(artifact, runs, gm, example, all(r.exact for r in report.rows))
         row.max_rel_err, row.cosine = err.max_rel, err.cosine
     gm.meta.pop(BOUND_OUTPUTS, None)  # the numeric check's last outputs, kept for the artifact check only
-    if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:
+    if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:  # timed on its own CPU only
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
-    if checked is not None and tgt.runs_on_host:
+    if checked is not None and not elsewhere:
         if why := _not_taken(artifact, checked):
             report.meta["artifact_quality"] = f"not measured: {why}"
             warnings.warn(f"the report's error columns of the artifact were not measured: {why}", UserWarning,
@@ -229,8 +233,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         else:
             row.set_quality(checked.measure(lambda *x: artifact.run(x)))
     if budget is not None:
-        why = _not_taken(artifact, budget.data) if tgt.runs_on_host else "the target does not run on this machine"
-        if why and tgt.runs_on_host:
+        why = elsewhere or _not_taken(artifact, budget.data)
+        if why and not elsewhere:
             warnings.warn(f"the accuracy budget was measured on the graph, not on the artifact: {why}", UserWarning,
                           stacklevel=3)
         budget.check(None if why else (lambda *x: artifact.run(x)), report, artifact.backend, why)
@@ -239,8 +243,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     report.meta["errors"] = checked.describe() if checked is not None else SYNTHETIC if verify in NUMERIC_MODES else \
         f"not measured (verify={verify!r}): no stage was run on inputs"
     report.meta["checked"] = checks_made(verify, all(r.exact for r in report.rows), is_quantized(gm), artifact.backend,
-                                         tgt.runs_on_host, exact_tolerance(gm), report.meta.get(SAMPLED_OUT, ()),
-                                         artifact.signature.dynamic_batch, checked is not None)
+                                         not elsewhere, exact_tolerance(gm), report.meta.get(SAMPLED_OUT, ()),
+                                         artifact.signature.dynamic_batch, checked is not None,
+                                         None if tgt.runs_on_host else tgt.name)
     report.meta["compile_s"] = {k: round(v, 2) for k, v in phases.times.items()}  # where compile time went
     if uncached:
         report.meta["use_cache"] = (f"False for {', '.join(uncached)}: transformers' KV cache (an output torch.export "
@@ -278,7 +283,7 @@ def _lowered_runner(be: Any, flat: tuple, signature: Signature, tgt: Target, opt
                                   tgt, False, options)
             except FxforgeError:  # not measured; the chosen graph's own lowering says why, where it fails too
                 return None
-        return None if _not_taken(artifact, data) else lambda *x: artifact.run(x)
+        return None if artifact.unrunnable() or _not_taken(artifact, data) else lambda *x: artifact.run(x)
     return lowered
 
 

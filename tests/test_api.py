@@ -176,6 +176,23 @@ def test_an_artifact_that_misses_the_budget_its_graph_holds_is_named(negating_ba
         fxforge.compile(model, torch.randn(8, 16), passes=["int8"], backend="negating", strict=True, **data)
 
 
+@pytest.mark.parametrize("target", ["arm64", "cuda"])
+def test_a_portable_artifact_for_another_target_is_checked_here(negating_backend, target):
+    """Artifacts that run wherever their runtime does (eager, TorchScript, ONNX) were not checked when built for
+    another target, though ``cm(x)`` runs them here: wrong outputs passed silently. Now checked here, and the
+    report says it ran on this machine; latency is not timed (not the target's CPU)."""
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.randn(2, 8)
+    if target == "arm64":  # an eager artifact (cuda: refused, eager builds CPU programs)
+        with pytest.raises(fxforge.VerificationError, match="negating artifact differs from the graph it compiled"):
+            fxforge.compile(model, (x,), backend="negating", target=target)
+    cm = fxforge.compile(model, (x,), passes=["fuse"], backend="onnx", target=target, measure_latency=True,
+                         validation=[(torch.randn(4, 8),)])
+    assert cm.report.final.max_rel_err < 1e-5 and cm.report.final.cosine_mean > 0.99999
+    assert cm.report.final.latency_ms is None
+    assert cm.report.meta["checked"].endswith(f"run on this machine, not on target {target}'s, whose runtime may "
+                                              "round otherwise")
+
+
 def test_the_backend_row_is_measured_against_the_model_even_without_latency(resnet):
     model, (x,) = resnet
     cm = fxforge.compile(model, (x,), passes=["fuse"], backend="eager", measure_latency=False)

@@ -59,6 +59,9 @@ class Artifact(ABC):
     # warned itself made strict a process-wide warnings filter around lowering, which another thread's filters
     # (an export's "ignore") swallowed: strict compiles returned fallbacks.
     fallbacks: tuple[str, ...] = ()
+    # Whether it runs wherever its runtime does (PyTorch, ONNX Runtime): the target chose its code paths, not an
+    # instruction set, so an artifact for arm64 or cuda runs on this machine too, and compile checks it here
+    portable: ClassVar[bool] = False
 
     def __init__(self, signature: Signature, target: Target, info: dict[str, Any] | None = None) -> None:
         self.signature = signature
@@ -67,6 +70,14 @@ class Artifact(ABC):
         # the documents saved beside it (name → text: the report), which load keeps so that a save writes them again
         self.documents: dict[str, str] = {}
         self._warned_no_grad = False
+
+    def unrunnable(self) -> str:
+        """Why this machine cannot run the artifact ("" where it can): machine code for a target it is not."""
+        if self.portable:
+            return ""
+        lacks = self.target.lacks()
+        return f"this machine lacks {', '.join(lacks)}" if lacks else "" if self.target.runs_on_host else \
+            "its target does not run on this machine"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:

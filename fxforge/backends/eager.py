@@ -24,6 +24,7 @@ PROGRAM = "program.pt2"
 
 class EagerArtifact(Artifact):
     backend = "eager"
+    portable = True
     files = (PROGRAM,)
 
     def __init__(self, gm: fx.GraphModule, signature: Signature, target: Target,

@@ -167,6 +167,7 @@ class OnnxArtifact(Artifact):
     backend = "onnx"
     files = (MODEL_FILE,)
     owns_outputs = True  # numpy arrays ONNX Runtime allocates for each run
+    portable = True  # ONNX Runtime's CPU provider runs it here whatever the target (a cuda one's falls back to it)
 
     def __init__(self, model: bytes, signature: Signature, target: Target, info: dict[str, Any],
                  session: ort.InferenceSession | None = None) -> None:
@@ -175,14 +176,19 @@ class OnnxArtifact(Artifact):
         self.session = session or create_session(model, target, SessionConfig(**info["ort_options"]))
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        """ONNX Runtime's outputs; refused where its int8 kernels would saturate 8-bit weights (a model compiled for
-        a VNNI target, run on a CPU without: 0.02 relative off on a small CNN, silently)."""
+    def unrunnable(self) -> str:
+        """Where its int8 kernels would saturate 8-bit weights (a model compiled for a VNNI target, run on a CPU
+        without: 0.02 relative off on a small CNN, silently), why; else ""."""
         if self.info.get("int8_weight_bits") == 8 and saturates_u8s8(host_features()):
-            raise TargetError(f"this onnx artifact holds 8-bit int8 weights (built for target {self.target.name!r}), "
-                              "and this CPU lacks VNNI: ONNX Runtime's uint8 × int8 kernels would sum two products "
-                              "in a saturating int16 and compute wrong values; run it on a CPU with VNNI, or compile "
-                              "for this one (target 'x86')")
+            return (f"this onnx artifact holds 8-bit int8 weights (built for target {self.target.name!r}), and this "
+                    "CPU lacks VNNI: ONNX Runtime's uint8 × int8 kernels would sum two products in a saturating int16 "
+                    "and compute wrong values; run it on a CPU with VNNI, or compile for this one (target 'x86')")
+        return ""
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """ONNX Runtime's outputs; refused where this CPU cannot compute them right (:meth:`unrunnable`)."""
+        if why := self.unrunnable():
+            raise TargetError(why)
         feed = {name: resolved(t).cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
         return tuple(torch.from_numpy(out) for out in self.session.run(None, feed, QUIET_RUN))
 

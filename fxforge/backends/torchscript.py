@@ -35,6 +35,7 @@ MODEL_FILE = "model.pt"
 
 class TorchScriptArtifact(Artifact):
     backend = "torchscript"
+    portable = True
     files = (MODEL_FILE,)
 
     def __init__(self, scripted: torch.jit.ScriptModule, signature: Signature, target: Target,

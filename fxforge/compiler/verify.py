@@ -807,11 +807,13 @@ def is_quantized(gm: fx.GraphModule) -> bool:
 
 
 def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float,
-                skipped: Sequence[str] = (), dynamic_batch: bool = False, validation: bool = False) -> str:
+                skipped: Sequence[str] = (), dynamic_batch: bool = False, validation: bool = False,
+                other_target: str | None = None) -> str:
     """What a compile under ``verify`` checked, in words, for ``report.meta["checked"]``: which stages were compared
     on what, and the bounds that would have raised ``VerificationError``; ``skipped``: the stages the sampled numeric
     check did not run (``NumericCheck.skipped``); ``validation``: the user gave validation data
-    (:class:`ValidationCheck` compares the exact passes on it too)."""
+    (:class:`ValidationCheck` compares the exact passes on it too); ``other_target``: the target, where the
+    artifact was run here for another machine's (a portable one)."""
     if verify == "off":
         return "nothing (verify='off'): no graph linted, no output compared"
     if verify == "lint":
@@ -830,8 +832,11 @@ def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host
              if quantized else f"within {tolerance:g} of the graph")
     other = (", and one fresh batch each of the example's batch size + 1 and of the smallest batch size the artifact "
              "takes, where that is smaller") if dynamic_batch else ""
+    elsewhere = (f"; run on this machine, not on target {other_target}'s, whose runtime may round otherwise"
+                 if other_target else "")
     return (f"{stages}; the {backend} artifact against the graph and your model on the example inputs and {batches} "
-            f"fresh batch{'es' if batches > 1 else ''}{other} ({bound}{f', and of your model' if exact else ''})")
+            f"fresh batch{'es' if batches > 1 else ''}{other} ({bound}{f', and of your model' if exact else ''})"
+            f"{elsewhere}")
 
 
 def _bound_outputs(gm: fx.GraphModule) -> list[tuple[tuple[torch.Tensor, ...], list[Any]]]:
