@@ -207,6 +207,9 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
     backend = backend or _default_backend()
     get_backend(backend)  # an unknown or missing backend fails here, before any work
     tgt = get_target(target)
+    if not tgt.runs_on_host:  # every candidate is timed here: latencies of this CPU, not the target's
+        raise TuningError(f"autotune times its candidates on this machine, which target {tgt.name!r} is not: run it "
+                          f"on such a machine, or autotune for this one (target 'x86')")
     gm, signature = trace(model, example)
     flat = tuple(signature.flatten(example))
     batches = _calibration(passes_calibration(calibration, signature, example, pick), flat)

@@ -76,6 +76,18 @@ def test_digits_full_search(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the pieces
 
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_target_that_does_not_run_here_is_refused_before_any_work(tmp_path, backend):
+    """For arm64 the eager search "succeeded", its latencies timed on this x86 CPU recorded under target arm64; the
+    onnx one compiled candidates and then failed mid-search."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with pytest.raises(TuningError, match=r"autotune times its candidates on this machine, which target 'arm64' is "
+                                          r"not: run it on such a machine, or autotune for this one \(target 'x86'\)"):
+        fxforge.autotune(model, (torch.randn(2, 8),), target="arm64", backend=backend,
+                         calibration=[(torch.randn(4, 8),)], output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_setting_is_a_valid_pipeline_and_reads_as_its_option_values():
     s = Setting(prune=0.25, low_rank=0.95, depthwise=0.99, quantize=True, skip=("conv2d", "linear"))
     passes = resolve(s.passes())

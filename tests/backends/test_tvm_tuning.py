@@ -333,6 +333,23 @@ def test_a_target_that_cannot_run_here_is_not_tuned(tmp_path):
         ms_tuning.apply_tuning(mod, arm, {"db": str(tmp_path / "db"), **TRIALS})
 
 
+def test_an_x86_target_with_features_this_cpu_lacks_is_not_tuned(tmp_path):
+    """A VNNI target on an AVX2 CPU was "tuned": every candidate failed here, nothing was measured, and each task
+    was recorded unrunnable in the database, which no later tuning (on such a CPU, or over RPC) would try again."""
+    import tvm
+
+    from fxforge.backends.tvm import lower as tvm_backend
+    from fxforge.compiler.target import host_features
+    if {"avx512", "vnni", "amx"} <= host_features():
+        pytest.skip("this CPU runs Sapphire Rapids code")
+    spr = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+    gm = torch.export.export(Head().eval(), (torch.randn(4, 32),)).module()
+    mod = tvm_backend.prepare(tvm_backend.relax_module(gm, (torch.randn(4, 32),)), spr)
+    with pytest.raises(TuningError, match=r"this machine, which lacks .*amx.* that code for sapphirerapids uses"):
+        ms_tuning.apply_tuning(mod, spr, {"db": str(tmp_path / "db"), **TRIALS})
+    assert not any("unrunnable" in f.read_text() for f in (tmp_path / "db").glob("*.json"))
+
+
 @pytest.mark.parametrize("total, costs, per_task, expected", [
     (32, [0.0, 1e3, 2e3, 0.0], None, [0, 11, 21, 0]),  # shares by time; largest remainder gets the odd trial
     (20, [1.0, 1.0, 18.0], None, [0, 0, 20]),  # shares under MIN_SEARCH go to the others

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from fxforge.compiler.errors import TuningError, first_line
+from fxforge.compiler.target import host_features, tvm_target_features
 
 from .rpc import RpcDevices, device_threads, exporter, free_servers, rpc_devices, rpc_runner
 from .schedules import default_schedule, is_gpu
@@ -562,6 +563,10 @@ def _check_runnable(tvm_target: tvm.target.Target) -> None:
         if triple and not triple.startswith(platform.machine()):
             raise TuningError(f"tuning measures kernels on this machine ({platform.machine()}), which cannot run "
                               f"{triple} code; tune on such a machine and copy its database here")
+        if lacks := sorted(tvm_target_features(tvm_target) - host_features()):  # every candidate would fail, and
+            raise TuningError(f"tuning measures kernels on this machine, which lacks {', '.join(lacks)} that code "
+                              f"for {tvm_target.attrs.get('mcpu')} uses; tune on such a machine (or give rpc=) and "
+                              "copy its database here")  # be recorded unrunnable for good
     elif not tvm.device(kind, 0).exist:
         raise TuningError(f"tuning measures kernels on this machine, which has no {kind} device; tune on such a "
                           f"machine and copy its database here")
