@@ -80,6 +80,8 @@ class LowRank(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
         stats: Counter = Counter()
+        if self.budget == "latency" and not ctx.target.runs_on_host:
+            stats["untimed"] = 1  # splits decided by FLOPs: the target's CPU is not here to time them
         layers = splittable(gm, list(call_nodes(gm, *WEIGHTED)), stats)
         rules = self.choose(gm, ctx, rec, layers, stats) if self.per_layer else None
         if rules is None and self.per_layer:

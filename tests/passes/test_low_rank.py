@@ -160,6 +160,17 @@ def test_latency_budget_keeps_only_measured_wins(one_thread, monkeypatch, tmp_pa
     assert "error.linear" in stats  # the 512×512 layer (23× fewer FLOPs at r = 11) is split
 
 
+def test_a_latency_budget_for_a_target_not_timed_here_says_it_decided_by_flops(monkeypatch, tmp_path):
+    """For arm64 the splits were chosen by FLOPs, as documented, but the row looked like a timed one."""
+    from fxforge.compiler.target import get_target
+    monkeypatch.setenv("FXFORGE_CACHE", str(tmp_path))
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)).eval()
+    x = torch.randn(16, 512)
+    _, report, _ = apply(model, (x,), [LowRank(rank_ratio=0.02, budget="latency")], target=get_target("arm64"))
+    stats = report.row("low_rank").stats
+    assert stats["untimed"] == 1 and "skipped.slower_measured" not in stats and not (tmp_path / "timings").exists()
+
+
 @pytest.mark.parametrize("spec", ["low_rank{rank_ratio=0.02,budget='latency'}",
                                   "low_rank{flops=0.5,budget='latency'}"])
 def test_a_recompile_reads_the_layer_timings_instead_of_timing_again(spec, monkeypatch, tmp_path):
