@@ -109,7 +109,8 @@ class TorchScriptBackend(Backend):
     def check_options(self, options: Mapping[str, Any]) -> None:
         """``optimize``: None (the default) applies ``torch.jit.optimize_for_inference`` where it agrees with the
         graph and times faster on the example, so two builds can differ (by float rounding, ~1e-6) when the two are
-        near in speed; True (wherever it agrees) or False fixes the choice, for a build that must repeat bit for bit."""
+        near in speed; True (wherever it agrees) or False fixes the choice, for a build that must repeat bit for bit.
+        For a target that does not run here None means False: this CPU's timing says nothing of the target's."""
         unknown = sorted(set(options) - {"optimize"})
         if unknown:
             raise BackendError(f"the torchscript backend takes only the option optimize, got {', '.join(unknown)}")
@@ -120,6 +121,8 @@ class TorchScriptBackend(Backend):
               target: Target, **options: Any) -> TorchScriptArtifact:
         self.check_options(options)
         optimize = options.get("optimize")
+        if optimize is None and not target.runs_on_host:  # not timed here for another CPU
+            optimize = False
         with silenced_warnings():
             module, mode = self._compile(gm, example_inputs)
             if mode != "script" or not signature.dynamic_batch:  # model.pt holds the example's shapes: it says so

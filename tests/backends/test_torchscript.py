@@ -148,6 +148,8 @@ def test_the_optimize_option_fixes_the_timed_choice_and_bad_values_are_refused()
         fxforge.compile(model, (x,), backend="torchscript", optimize=1)
     with pytest.raises(fxforge.BackendError, match="the torchscript backend takes only the option optimize, got opset"):
         fxforge.compile(model, (x,), backend="torchscript", opset=17)
+    arm = fxforge.compile(model, (x,), backend="torchscript", target="arm64", measure_latency=False)
+    assert arm.artifact.info["optimize_for_inference"] is False  # not timed here for another CPU
 
 
 
