@@ -10,9 +10,9 @@ from torch import nn
 
 import fxforge
 from fxforge.backends import base
-from fxforge.backends.eager import EagerArtifact, EagerBackend
 from fxforge.compiler.verify import BOUND_BATCHES
 from models import ZOO
+from pipeline import altered_backend
 
 
 @pytest.fixture(scope="module")
@@ -117,27 +117,11 @@ def test_custom_pass_instance_runs_in_the_pipeline():
     assert cm.report.row("noop").stats == {"looked": 1}
 
 
-class Negating(EagerArtifact):
-    backend = "negating"
-
-    def run(self, inputs):
-        return tuple(-o for o in super().run(inputs))
-
-
-class NegatingBackend(EagerBackend):
-    """A broken backend: its artifact returns the negated outputs."""
-
-    name = "negating"
-    artifact = Negating
-
-    def lower(self, gm, example_inputs, signature, target, **options):
-        eager = super().lower(gm, example_inputs, signature, target, **options)
-        return Negating(eager.gm, eager.signature, eager.target, eager.info)
-
-
 @pytest.fixture
 def negating_backend(monkeypatch):
-    monkeypatch.setitem(base._BACKENDS, "negating", NegatingBackend)
+    """A broken backend: its artifact returns the negated outputs."""
+    negating = altered_backend("negating", lambda gm, outs: tuple(-o for o in outs))
+    monkeypatch.setitem(base._BACKENDS, "negating", negating)
 
 
 @pytest.mark.parametrize("measure_latency", [True, False])

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import fxforge
 from fxforge.backends import base
-from fxforge.backends.eager import EagerArtifact, EagerBackend
+from pipeline import altered_backend
 
 
 class Fragile(nn.Module):
@@ -417,24 +417,10 @@ def test_an_artifact_missing_what_its_graph_holds_keeps_the_next_costliest_layer
     assert on_artifact({1: 0.02}, ranked="a")[0] == ["a"]  # no layer left
 
 
-class Rounding(EagerArtifact):
-    """An artifact computing otherwise than its graph while layer b's weight is int8: its logits come out in
-    reverse class order (an int8 kernel rounding otherwise than the graph's simulation, made large)."""
-
-    backend = "rounding"
-
-    def run(self, inputs):
-        out = super().run(inputs)
-        return tuple(o.flip(-1) for o in out) if hasattr(self.gm, "b_weight_int8") else out
-
-
-class RoundingBackend(EagerBackend):
-    name = "rounding"
-    artifact = Rounding
-
-    def lower(self, gm, example_inputs, signature, target, **options):
-        eager = super().lower(gm, example_inputs, signature, target, **options)
-        return Rounding(eager.gm, eager.signature, eager.target, eager.info)
+# an artifact computing otherwise than its graph while layer b's weight is int8: its logits come out in reverse
+# class order (an int8 kernel rounding otherwise than the graph's simulation, made large)
+RoundingBackend = altered_backend("rounding", lambda gm, outs: tuple(o.flip(-1) for o in outs)
+                                  if hasattr(gm, "b_weight_int8") else outs)
 
 
 def test_the_search_keeps_layers_float_until_the_artifact_holds_too(monkeypatch):
@@ -636,10 +622,12 @@ def test_max_drop_takes_numpy_numbers():
 
 def test_an_artifact_that_does_not_run_here_states_no_quality():
     """The backend row copied the last graph's cosines, top-1 and metric for an arm64 artifact never run here,
-    where every number of that row is measured on the artifact (docs/reliability.md)."""
+    where every number of that row is measured on the artifact (docs/reliability.md). A TVM library for arm64:
+    a portable artifact (TorchScript) for arm64 runs here and is measured here."""
     import math
+    pytest.importorskip("tvm")
     model = Fragile().eval()
-    cm = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], backend="torchscript", target="arm64",
+    cm = fxforge.compile(model, (torch.randn(2, 16),), passes=["int8"], backend="tvm", target="arm64",
                          calibration=batches(8), validation=batches(2, seed=3), max_drop=math.inf)
     graph, backend = cm.report.rows[-2], cm.report.rows[-1]
     assert graph.top1 is not None and graph.cosine_mean is not None
