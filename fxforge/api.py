@@ -16,8 +16,8 @@ import torch.utils._pytree as pytree
 
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.budget import Budget
-from fxforge.compiler.errors import (CalibrationError, FallbackWarning, FxforgeError, InputError, TargetError,
-                                     TraceError, first_line, missing_calibration, missing_train)
+from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputError, TargetError, TraceError,
+                                     first_line, missing_calibration, missing_train)
 from fxforge.compiler.instruments import Phases
 from fxforge.compiler.pass_manager import (NUMERIC_MODES, SAMPLED_OUT, Pass, PassContext, PassManager, VerifyMode,
                                            calibration_readers, train_readers)
@@ -223,7 +223,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             err = check_artifact(artifact, runs, gm, example, all(r.exact for r in report.rows))
         row.max_rel_err, row.cosine = err.max_rel, err.cosine
     gm.meta.pop(BOUND_OUTPUTS, None)  # the numeric check's last outputs, kept for the artifact check only
-    if tgt.runs_on_host and measure_latency and report.rows[0].latency_ms is not None:  # timed on its own CPU only
+    if tgt.runs_on_host and not elsewhere and measure_latency and report.rows[0].latency_ms is not None:  # own CPU
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
     if checked is not None and not elsewhere:
         if why := _not_taken(artifact, checked):
@@ -243,7 +243,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     report.meta["errors"] = checked.describe() if checked is not None else SYNTHETIC if verify in NUMERIC_MODES else \
         f"not measured (verify={verify!r}): no stage was run on inputs"
     report.meta["checked"] = checks_made(verify, all(r.exact for r in report.rows), is_quantized(gm), artifact.backend,
-                                         not elsewhere, exact_tolerance(gm), report.meta.get(SAMPLED_OUT, ()),
+                                         elsewhere, exact_tolerance(gm), report.meta.get(SAMPLED_OUT, ()),
                                          artifact.signature.dynamic_batch, checked is not None,
                                          None if tgt.runs_on_host else tgt.name)
     report.meta["compile_s"] = {k: round(v, 2) for k, v in phases.times.items()}  # where compile time went
@@ -273,16 +273,19 @@ def _lower(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: 
 
 def _lowered_runner(be: Any, flat: tuple, signature: Signature, tgt: Target, options: dict[str, Any],
                     data: Validation | None) -> Callable[[fx.GraphModule], Callable[..., Any] | None]:
-    """A graph → its artifact's run, for the accuracy budget to measure what the backend computes (None where the
-    artifact cannot run ``data``'s batches). A trial: its fallbacks are not warned of, the chosen graph's are."""
+    """A graph → its artifact's run, for the accuracy budget to measure what the backend computes (None where it
+    cannot: the artifact does not run here or not on ``data``'s batches, or lowering failed, which the chosen
+    graph's own lowering reports where it fails too). A trial: its fallbacks are not warned of (the chosen graph's
+    are), and it is not tuned (``tune``: a schedule changes no value, and tuning each trial took minutes)."""
+    trial = {k: v for k, v in options.items() if k != "tune"}
+
     def lowered(gm: fx.GraphModule) -> Callable[..., Any] | None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                artifact = _lower(be, gm, flat, dataclasses.replace(signature, finite_inputs=quantized_inputs(gm)),
-                                  tgt, False, options)
-            except FxforgeError:  # not measured; the chosen graph's own lowering says why, where it fails too
-                return None
+        try:
+            be.check_graph(gm)
+            artifact = be.lower(gm, flat, dataclasses.replace(signature, finite_inputs=quantized_inputs(gm)), tgt,
+                                **trial)
+        except Exception:
+            return None
         return None if artifact.unrunnable() or _not_taken(artifact, data) else lambda *x: artifact.run(x)
     return lowered
 

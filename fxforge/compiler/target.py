@@ -42,17 +42,20 @@ class Target:
     isa: frozenset[str] | None = None  # instruction-set features; None: this machine's (x86 only)
 
     def __post_init__(self) -> None:
-        """A TVM dict that names its machine (``mcpu``, ``mattr``, ``mtriple``) decides the features of the code
-        TVM builds: where ``isa`` is not given they are LLVM's for it, and a user's x86 target with
-        ``mcpu="skylake-avx512"`` built AVX-512 code that the host check took for this machine's and that died
-        of an illegal instruction. A malformed dict is a TargetError here, not a raw one at save."""
+        """A malformed TVM dict is a TargetError here, not a raw one at save."""
         if not isinstance(self.tvm, Mapping) or not all(isinstance(k, str) for k in self.tvm):
             raise TargetError(f"target {self.name!r}: tvm must be a dict of TVM target fields such as "
                               f"{{'kind': 'llvm', 'mcpu': 'cascadelake'}}, got {self.tvm!r}")
-        if self.isa is None and _names_machine(self.tvm):
-            isa = llvm_isa(self.tvm)
-            if isa is not None:
-                object.__setattr__(self, "isa", isa)
+
+    def resolved(self) -> Target:
+        """The target with the features of the code TVM builds for it: a TVM dict that names its machine
+        (``mcpu``, ``mattr``, ``mtriple``) where ``isa`` is not given has LLVM's, and does not run here where this
+        machine lacks one (a user's x86 target with ``mcpu="skylake-avx512"`` built AVX-512 code that the host
+        check took for this machine's, and that died of an illegal instruction). Others as they are; without TVM
+        too. Compile and ``register_target`` resolve the targets they are given (:func:`get_target`)."""
+        if self.isa is not None or not _names_machine(self.tvm) or (isa := llvm_isa(self.tvm)) is None:
+            return self
+        return dataclasses.replace(self, isa=isa, runs_on_host=self.runs_on_host and isa <= host_features())
 
     def features(self) -> frozenset[str]:
         """The instruction-set features code for this target may use (``{"x86_64", "avx2", "vnni", …}``)."""
@@ -76,7 +79,7 @@ class Target:
         that name another machine (``mcpu``, ``mattr``, ``mtriple``) take its features from LLVM, and whether
         this machine runs the code from them."""
         tvm = {**self.tvm, **fields}
-        if not _names_machine({"kind": tvm.get("kind"), **fields}) or (isa := llvm_isa(tvm)) is None:
+        if tvm.get("kind") != "llvm" or not set(MACHINE_FIELDS) & fields.keys() or (isa := llvm_isa(tvm)) is None:
             return dataclasses.replace(self, tvm=tvm)
         return dataclasses.replace(self, tvm=tvm, isa=isa, runs_on_host=isa <= host_features())
 
@@ -181,9 +184,10 @@ def tvm_target_features(target: Any) -> frozenset[str]:
 def loaded_target(d: Mapping[str, Any]) -> Target:
     """The target an artifact recorded (:meth:`Target.to_dict`), with the features its code was built for, which a
     backend that generates machine code checks against this machine's (:meth:`Target.lacks`)."""
-    isa = frozenset(d["features"]) if "features" in d else None
+    isa = frozenset(d["features"]) if "features" in d else None  # an older artifact: the registered target's
     try:
-        target = dataclasses.replace(get_target(d["name"]), tvm=d["tvm"], isa=isa)
+        registered = _TARGETS[d["name"]]
+        target = dataclasses.replace(registered, tvm=d["tvm"], isa=isa or registered.isa)
     except Exception:  # a target registered in the process that compiled it, not here
         target = Target(d["name"], "loaded from an artifact", d["tvm"], d.get("tvm_host"),
                         tuple(d.get("ort_providers", ("CPUExecutionProvider",))), d.get("torch_device", "cpu"),
@@ -203,11 +207,11 @@ _TARGETS: dict[str, Target] = {}
 
 
 def register_target(target: Target, *, replace: bool = False) -> Target:
-    """Add a target to the registry (``fxforge targets`` lists it)."""
+    """Add a target to the registry (``fxforge targets`` lists it), its features resolved (:meth:`Target.resolved`)."""
     if target.name in _TARGETS and not replace:
         raise TargetError(f"target {target.name!r} is already registered")
-    _TARGETS[target.name] = target
-    return target
+    _TARGETS[target.name] = target.resolved()
+    return _TARGETS[target.name]
 
 
 def available_targets() -> dict[str, Target]:
@@ -221,9 +225,9 @@ def saturates_u8s8(features: frozenset[str]) -> bool:
 
 
 def get_target(target: str | Target) -> Target:
-    """Look a target up by name; a Target passes through."""
+    """Look a target up by name; a Target passes through, its features resolved (:meth:`Target.resolved`)."""
     if isinstance(target, Target):
-        return target
+        return target.resolved()
     if not isinstance(target, str) or target not in _TARGETS:
         raise TargetError(f"unknown target {target!r}; valid targets: {', '.join(sorted(_TARGETS))}")
     return _TARGETS[target]

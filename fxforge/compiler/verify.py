@@ -806,14 +806,15 @@ def is_quantized(gm: fx.GraphModule) -> bool:
     return any(is_op(n, *QUANTIZE, DYNAMIC_LINEAR) for n in gm.graph.nodes)
 
 
-def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host: bool, tolerance: float,
+def checks_made(verify: str, exact: bool, quantized: bool, backend: str, unrun: str, tolerance: float,
                 skipped: Sequence[str] = (), dynamic_batch: bool = False, validation: bool = False,
                 other_target: str | None = None) -> str:
     """What a compile under ``verify`` checked, in words, for ``report.meta["checked"]``: which stages were compared
     on what, and the bounds that would have raised ``VerificationError``; ``skipped``: the stages the sampled numeric
     check did not run (``NumericCheck.skipped``); ``validation``: the user gave validation data
-    (:class:`ValidationCheck` compares the exact passes on it too); ``other_target``: the target, where the
-    artifact was run here for another machine's (a portable one)."""
+    (:class:`ValidationCheck` compares the exact passes on it too); ``unrun``: why this machine cannot run the
+    artifact ("": it ran); ``other_target``: the target, where the artifact was run here for another machine's (a
+    portable one)."""
     if verify == "off":
         return "nothing (verify='off'): no graph linted, no output compared"
     if verify == "lint":
@@ -825,8 +826,8 @@ def checks_made(verify: str, exact: bool, quantized: bool, backend: str, on_host
                    "reads: not run on its own, its row states no error (verify='full' runs it)")
     if not exact:
         stages += f"; the last pass's stated error a bound over {BOUND_BATCHES} fresh batches"
-    if not on_host:
-        return f"{stages}; the {backend} artifact not run (its target does not run on this machine)"
+    if unrun:
+        return f"{stages}; the {backend} artifact not run ({unrun})"
     batches = 1 if exact else BOUND_BATCHES
     bound = (f"within {QUANTIZED_LOWERING_FACTOR:g}x the graph's own error + {QUANTIZED_LOWERING_TOLERANCE:g}"
              if quantized else f"within {tolerance:g} of the graph")

@@ -63,8 +63,10 @@ def test_a_tvm_dict_naming_another_cpu_decides_the_features_and_whether_it_runs_
     assert avx512.features() == {"x86_64", "avx2", "avx512"}
     assert avx512.runs_on_host == (avx512.features() <= host_features())
     assert avx512.lacks() == sorted(avx512.features() - host_features())
-    mine = Target("mine", "a user's", {"kind": "llvm", "mcpu": "cascadelake"})
+    mine = get_target(Target("mine", "a user's", {"kind": "llvm", "mcpu": "cascadelake"}))  # as compile takes it
     assert mine.features() == {"x86_64", "avx2", "avx512", "vnni"} and not mine.saturates_u8s8()
+    assert mine.runs_on_host == (mine.features() <= host_features())
+    assert get_target("x86-avx512").with_tvm(mcpu="native").features() <= host_features()  # this machine again
     board = get_target("x86").with_tvm(mtriple="aarch64-linux-gnu", mattr=["+neon", "+dotprod"], mcpu="cortex-a76")
     assert board.features() == {"aarch64", "neon", "dotprod"} and not board.runs_on_host
     assert get_target("cuda").with_tvm(arch="sm_90").features() == {"cuda"}  # not a CPU: as declared
@@ -75,14 +77,15 @@ def test_a_tvm_dict_naming_another_cpu_decides_the_features_and_whether_it_runs_
     ({"kind": "llvm", "mcpu": "notacpu"}, r"LLVM does not know the CPU mcpu='notacpu' for x86_64"),
 ])
 def test_a_malformed_tvm_dict_is_a_target_error_when_the_target_is_made(tvm, message):
-    """A string gave a raw ValueError at save; an unknown CPU built for a generic one, with LLVM's errors printed."""
+    """A string gave a raw ValueError at save; an unknown CPU built for a generic one, with LLVM's errors printed
+    (named when compile or register_target resolves the target)."""
     pytest.importorskip("tvm")
     from fxforge import TargetError
     from fxforge.compiler.target import Target
     if platform.machine() != "x86_64" and isinstance(tvm, dict):
         pytest.skip("the message names this machine's triple")
     with pytest.raises(TargetError, match=message):
-        Target("mine", "a user's", tvm)
+        get_target(Target("mine", "a user's", tvm))
 
 
 def test_a_loaded_target_registered_elsewhere_runs_here_only_where_its_features_are():
@@ -94,3 +97,5 @@ def test_a_loaded_target_registered_elsewhere_runs_here_only_where_its_features_
     assert not loaded_target(board).runs_on_host or "aarch64" in host_features()
     here = get_target("x86").to_dict()
     assert loaded_target(here).runs_on_host == ("x86_64" in host_features())
+    older = {k: v for k, v in get_target("cuda").to_dict().items() if k != "features"}  # no features recorded
+    assert loaded_target(older).features() == {"cuda"} and not loaded_target(older).runs_on_host

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from fxforge.compiler.errors import TuningError, first_line
-from fxforge.compiler.target import host_features, tvm_target_features
+from fxforge.compiler.target import host_cpu, host_features, tvm_target_features
 
 from .rpc import RpcDevices, device_threads, exporter, free_servers, rpc_devices, rpc_runner
 from .schedules import default_schedule, is_gpu
@@ -563,10 +563,12 @@ def _check_runnable(tvm_target: tvm.target.Target) -> None:
         if triple and not triple.startswith(platform.machine()):
             raise TuningError(f"tuning measures kernels on this machine ({platform.machine()}), which cannot run "
                               f"{triple} code; tune on such a machine and copy its database here")
-        if lacks := sorted(tvm_target_features(tvm_target) - host_features()):  # every candidate would fail, and
+        cpu = str(tvm_target.attrs.get("mcpu", ""))
+        # every candidate would fail, and be recorded unrunnable for good (this machine's own CPU is runnable, where
+        # its features read otherwise: torch's capability sees no VNNI)
+        if cpu != host_cpu() and (lacks := sorted(tvm_target_features(tvm_target) - host_features())):
             raise TuningError(f"tuning measures kernels on this machine, which lacks {', '.join(lacks)} that code "
-                              f"for {tvm_target.attrs.get('mcpu')} uses; tune on such a machine (or give rpc=) and "
-                              "copy its database here")  # be recorded unrunnable for good
+                              f"for {cpu} uses; tune on such a machine (or give rpc=) and copy its database here")
     elif not tvm.device(kind, 0).exist:
         raise TuningError(f"tuning measures kernels on this machine, which has no {kind} device; tune on such a "
                           f"machine and copy its database here")
