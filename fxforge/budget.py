@@ -221,19 +221,15 @@ class Budget:
             floats, drop = found
             k = len(floats)
             tries[k] = drop  # a verified hold (a greedy miss stays in record["greedy"]: its set is no prefix)
+        on = ""  # where the outcome's drop was measured: the graph, or the artifact where that decided
         if lowered is not None and self._holds(drop):
-            graphs: dict[tuple[str, ...], fx.GraphModule] = {}  # each try's graph, for the drop of the one kept
-
             def on_artifact(fl: Sequence[str]) -> float | None:
-                graph = self._run([_skipping(passes[at], fl) if fl else passes[at], *passes[at + 1:]], before, ctx)
-                graphs[tuple(fl)] = graph
-                run = lowered(graph)
+                run = lowered(self._run([_skipping(passes[at], fl) if fl else passes[at], *passes[at + 1:]],
+                                        before, ctx))
                 return None if run is None else self.reference - self._score(self.data.measure(run))
-            widened = self._on_artifact(floats, ranked, on_artifact)
-            if len(widened) > len(floats):
-                floats, drop = widened, self._drop(graphs[tuple(widened)])
-                k = len(floats)
-                tries[k] = drop
+            widened, measured = self._on_artifact(floats, ranked, on_artifact)
+            if measured is not None and (len(widened) > len(floats) or not self._holds(measured)):
+                floats, drop, on, k = widened, measured, " on the artifact", len(widened)
         weights = {n.name: str(weight_of(n).target) for n in call_nodes(before, *WEIGHTED)
                    if isinstance(weight_of(n), fx.Node)}
         self.record["float_layers"] = [{"layer": n, "weight": weights.get(n), **_cost(sens.effects[setting][n])}
@@ -242,29 +238,31 @@ class Budget:
         more = f" and {k - NAMED} more, listed in report.meta['budget']" if k > NAMED else ""
         kept = f"{k} of {len(ranked)} layers float ({named}{more})"
         if self._holds(drop):
-            self.record["outcome"] = f"held with {kept}"
-            self._warn(f"{label} missed its accuracy budget ({what}); kept {kept}: drop {drop:.4g}")
+            self.record["outcome"] = f"held with {kept}{on}"
+            self._warn(f"{label} missed its accuracy budget ({what}); kept {kept}: drop {drop:.4g}{on}")
         else:
-            self.record["outcome"] = f"missed: smallest drop {drop:.4g} with {kept}"
+            self.record["outcome"] = f"missed: smallest drop {drop:.4g}{on} with {kept}"
             self._warn(f"{label} cannot meet its accuracy budget ({what}); even the best try, {kept}, drops "
-                       f"{drop:.4g}")
+                       f"{drop:.4g}{on}")
         return PassManager([*passes[:at], _skipping(passes[at], floats), *passes[at + 1:]], verify=manager.verify,
                            measure_latency=manager.measure_latency, instruments=manager.extra_instruments)
 
     def _on_artifact(self, floats: Sequence[str], ranked: Sequence[str],
-                     drop: Callable[[Sequence[str]], float | None]) -> list[str]:
-        """The float layers with which the artifact holds the budget too (``drop(floats)``: the lowered pipeline's
-        drop, None where it cannot be measured). The search measures graphs, whose simulated int8 rounds otherwise
-        than the backend's kernels: on the trained MobileNetV2 the graph with 48 layers float lost 1 of 128 samples
-        and its ONNX Runtime artifact 2, over a max_drop of 0.01. While the artifact misses, the most costly
-        remaining layer of ``ranked`` stays float too, at most ``ARTIFACT_TRIES`` times; the set of the smallest
-        artifact drop is returned (the fewest layers among equals). ``record["artifact_tries"]``: each try."""
+                     drop: Callable[[Sequence[str]], float | None]) -> tuple[list[str], float | None]:
+        """The float layers with which the artifact holds the budget too, and its drop (``drop(floats)``: the
+        lowered pipeline's, None where it cannot be measured; then the layers as given and None). The search
+        measures graphs, whose simulated int8 rounds otherwise than the backend's kernels: on the trained
+        MobileNetV2 the graph with 48 layers float lost 1 of 128 samples and its ONNX Runtime artifact 2, over a
+        max_drop of 0.01. While the artifact misses, the most costly remaining layer of ``ranked`` stays float too,
+        at most ``ARTIFACT_TRIES`` times; the set of the smallest artifact drop is returned (the fewest layers among
+        equals). ``record["artifact_tries"]``: each try."""
         tries = self.record["artifact_tries"] = []
-        best, floats = None, list(floats)
+        best: tuple[float, list[str]] | None = None
+        floats = list(floats)
         for _ in range(ARTIFACT_TRIES + 1):
             measured = drop(floats)
             if measured is None:
-                return floats if best is None else best[1]
+                break
             tries.append({"float_layers": len(floats), "drop": measured})
             if best is None or measured < best[0]:
                 best = (measured, floats)
@@ -272,7 +270,7 @@ class Budget:
             if self._holds(measured) or more is None:
                 break
             floats = [*floats, more]
-        return best[1]
+        return (best[1], best[0]) if best else (floats, None)
 
     def _dynamic(self, passes: Sequence[Pass], at: int, before: fx.GraphModule, ctx: PassContext,
                  unlowered: str | None) -> list[Pass] | None:

@@ -402,7 +402,8 @@ def on_artifact(drops, floats=("a",), ranked="abcdef"):
 
     budget = Budget(0.01, "agreement", strict=False, preset=None)
     budget.reference = 1.0
-    return budget._on_artifact(list(floats), list(ranked), lambda fl: drops[len(fl)]), budget.record["artifact_tries"]
+    floats, _ = budget._on_artifact(list(floats), list(ranked), lambda fl: drops[len(fl)])
+    return floats, budget.record["artifact_tries"]
 
 
 def test_an_artifact_missing_what_its_graph_holds_keeps_the_next_costliest_layers_float():
