@@ -371,6 +371,8 @@ def _input_key(text: str) -> int | str | tuple[int | str, ...]:
         if not key:
             raise argparse.ArgumentTypeError(f"{text!r} holds an empty key")
         quoted = len(key) > 1 and key[0] == key[-1] and key[0] in "'\""
+        if quoted and len(key) == 2:
+            raise argparse.ArgumentTypeError(f"{text!r} holds an empty key")
         keys.append(key[1:-1] if quoted else int(key) if key.lstrip("-").isdigit() else key)
     return tuple(keys) if len(keys) > 1 else keys[0]
 

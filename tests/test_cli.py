@@ -301,6 +301,8 @@ def test_console_input_key_picks_the_inputs_out_of_labelled_calibration_batches(
     keys = lambda text: _parser().parse_args(["compile", "m:f", "--input-shape", "1", "--input-key", text]).input_key
     assert keys("0") == 0 and keys("pixel_values") == "pixel_values" and keys("input_ids,1") == ("input_ids", 1)
     assert keys('"0"') == "0" and keys("'0', 1") == ("0", 1)  # a dict's key "0" could not be named
+    with pytest.raises(SystemExit):
+        keys('""')
     empty = console(*argv, "--input-key", "", cwd=tmp_path)  # was taken for the key "", which no batch holds
     assert empty.returncode == 2 and "argument --input-key: '' holds an empty key" in empty.stderr
 

@@ -84,12 +84,13 @@ def content_key(gm: fx.GraphModule) -> bytes | None:
 
 def _pure(target: Any) -> bool:
     """A call whose outputs its arguments alone decide: a builtin (``operator.getitem``), or an operator of
-    PyTorch's or fxforge's own namespaces that writes none of its arguments (as GraphState reads writes). A user's
+    PyTorch's or fxforge's own namespaces that writes none of its arguments (as GraphState reads writes) and draws
+    no random numbers (``randn``, ``bernoulli``: a graph of them computes otherwise each run). A user's
     ``torch.library.custom_op`` is an operator too, but its Python body may read state of its own."""
     if isinstance(target, types.BuiltinFunctionType):
         return True
     return isinstance(target, torch._ops.OpOverload) and target.namespace in PURE_NAMESPACES \
-        and not target._schema.is_mutable
+        and not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
 
 
 def tensor_uses(gm: fx.GraphModule) -> Counter:
