@@ -162,7 +162,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                       "hook's side effects, such as an activation log, happen in eager only)", UserWarning,
                       stacklevel=3)
     # a portable artifact (eager, TorchScript, ONNX) runs here whatever its target, and is checked here
-    checks_artifact = (tgt.runs_on_host or be.artifact.portable) and verify in NUMERIC_MODES
+    runs_here = tgt.runs_on_host or be.artifact.portable
+    checks_artifact = runs_here and verify in NUMERIC_MODES
     phases = Phases(3 + (budget is not None) + checks_artifact)
     with phases.phase("trace", "capturing with torch.export"):
         gm, signature, runs, uncached = _capture(model, example, static_batch)
@@ -201,12 +202,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
             fitted = budget.fit(manager, original, ctx, result=gm, unlowered=None if be.dynamic_int8 else
                                 f"the {be.name} backend has no dynamic int8 linears",
                                 lowered=_lowered_runner(be, flat, signature, tgt, backend_options, budget.data)
-                                if tgt.runs_on_host or be.artifact.portable else None)
+                                if runs_here else None)
             if fitted is not manager:  # missed: run the pipeline that keeps the costliest layers float
                 gm, report = fitted.run(original, ctx)
     with phases.phase("backend", f"lowering to {be.name}"):
-        # an older reader ignores the field as it did before: it skips the check, reads nothing wrong (format same)
-        signature = dataclasses.replace(signature, finite_inputs=quantized_inputs(gm))
         artifact = _lower(be, gm, flat, signature, tgt, strict, backend_options)
         stored = artifact.stored_bytes()  # a TVM library is linked here, once
     row = dataclasses.replace(report.final, stage=f"backend:{artifact.backend}", exact=True,
@@ -262,13 +261,20 @@ def _lower(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: 
            options: dict[str, Any]) -> Artifact:
     """The backend's artifact; its fallbacks (``Artifact.fallbacks``) are warned of, or under ``strict`` a
     TargetError."""
-    be.check_graph(gm)
-    artifact = be.lower(gm, flat, signature, tgt, **options)
+    artifact = _build(be, gm, flat, signature, tgt, options)
     for fallback in artifact.fallbacks:
         if strict:
             raise TargetError(f"{fallback} (strict=True)")
         warnings.warn(fallback, FallbackWarning, stacklevel=4)  # the caller's compile(...)
     return artifact
+
+
+def _build(be: Any, gm: fx.GraphModule, flat: tuple, signature: Signature, tgt: Target,
+           options: dict[str, Any]) -> Artifact:
+    """``be``'s artifact of ``gm``, its signature refusing NaN and Inf in the inputs an int8 graph quantizes (an
+    older reader ignores the field as it did before: it skips the check, reads nothing wrong; format the same)."""
+    be.check_graph(gm)
+    return be.lower(gm, flat, dataclasses.replace(signature, finite_inputs=quantized_inputs(gm)), tgt, **options)
 
 
 def _lowered_runner(be: Any, flat: tuple, signature: Signature, tgt: Target, options: dict[str, Any],
@@ -281,9 +287,7 @@ def _lowered_runner(be: Any, flat: tuple, signature: Signature, tgt: Target, opt
 
     def lowered(gm: fx.GraphModule) -> Callable[..., Any] | None:
         try:
-            be.check_graph(gm)
-            artifact = be.lower(gm, flat, dataclasses.replace(signature, finite_inputs=quantized_inputs(gm)), tgt,
-                                **trial)
+            artifact = _build(be, gm, flat, signature, tgt, trial)
         except Exception:
             return None
         return None if artifact.unrunnable() or _not_taken(artifact, data) else lambda *x: artifact.run(x)

@@ -156,18 +156,17 @@ def llvm_isa(tvm: Mapping[str, Any]) -> frozenset[str] | None:
     except ImportError:
         return None
     spec = _resolve(tvm)
+    cpu = spec.get("mcpu")
     try:
         triple = tvm_module.target.Target({k: v for k, v in spec.items() if k != "mcpu"})
-        cpu = spec.get("mcpu")
-        if cpu is not None and cpu not in codegen.llvm_get_cpu_archlist(triple):
-            raise TargetError(f"LLVM does not know the CPU mcpu={cpu!r} for {triple.attrs.get('mtriple')}; "
-                              "`llc -mcpu=help` lists them")
-        target = tvm_module.target.Target(spec)
-    except TargetError:
-        raise
+        known = cpu is None or cpu in codegen.llvm_get_cpu_archlist(triple)
+        target = tvm_module.target.Target(spec) if known else None  # an unknown one: LLVM's errors on stderr
     except Exception as e:
         raise TargetError(f"TVM refuses the target dict {dict(tvm)}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from None
+    if target is None:
+        raise TargetError(f"LLVM does not know the CPU mcpu={cpu!r} for {triple.attrs.get('mtriple')}; "
+                          "`llc -mcpu=help` lists them")
     return tvm_target_features(target)
 
 

@@ -816,7 +816,7 @@ class TvmArtifact(Artifact):
         if self._vm is None:
             tvm = _tvm()
             from tvm import relax
-            if (not self.target.runs_on_host or self.target.lacks()) and self.target.tvm.get("kind") == "llvm":
+            if self.unrunnable() and self.target.tvm.get("kind") == "llvm":
                 built = self.target.tvm.get("mtriple") or f"{self.target.tvm.get('mcpu')}, with " \
                     f"{', '.join(self.target.lacks())}, which this CPU lacks"
                 raise TargetError(f"this tvm artifact was built for {self.target.name} ({built}) and cannot run on "
