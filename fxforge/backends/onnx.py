@@ -323,12 +323,13 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     # a graph of its own over the same tensors: the rewrites below must not reach gm (they rebind its constants, never
     # write into them), and the exporter never writes into the tensors (a deep copy of efficientnet_v2_s's int8 graph
     # was 1 s of CPU for nothing)
-    copied = _distinct_outputs(_global_pools_as_means(
-        fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph"))).eval()
+    copied = _distinct_outputs(_global_pools_as_means(_aliases_renamed(
+        fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph")))).eval()
     if target is not None:
         onnx_int8.pad_conv_channels(copied, target)
     # the lock first: the others patch process-wide state, which a thread waiting for it would save and restore wrongly
-    with EXPORT_LOCK, _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed():
+    with EXPORT_LOCK, _quiet(), _decomposing_only_when_needed(), _promoting_only_when_needed(), \
+            _rewriting_without_multi_output_patterns():
         try:
             program = torch.onnx.export(_program(copied, args, signature.batched()) or copied, args, dynamo=True,
                                         opset_version=opset, dynamic_shapes=shapes, verbose=False, optimize=transformer, report=False,
@@ -494,6 +495,29 @@ def _distinct_outputs(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+# ATen ops whose decomposition is one other op on the same arguments, which ONNX translates: ``mask & causal``
+# (``__and__.Tensor``) in the attention masks of every transformers text model, ``min.other`` in T5's
+ALIASES = {torch.ops.aten.__and__.Tensor: torch.ops.aten.bitwise_and.Tensor,
+           torch.ops.aten.__and__.Scalar: torch.ops.aten.bitwise_and.Scalar,
+           torch.ops.aten.__or__.Tensor: torch.ops.aten.bitwise_or.Tensor,
+           torch.ops.aten.__or__.Scalar: torch.ops.aten.bitwise_or.Scalar,
+           torch.ops.aten.__xor__.Tensor: torch.ops.aten.bitwise_xor.Tensor,
+           torch.ops.aten.__xor__.Scalar: torch.ops.aten.bitwise_xor.Scalar,
+           torch.ops.aten.min.other: torch.ops.aten.minimum.default,
+           torch.ops.aten.max.other: torch.ops.aten.maximum.default}
+
+
+def _aliases_renamed(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with each op of :data:`ALIASES` called by the name its decomposition gives it, in place: one such op
+    made the exporter re-decompose the whole graph (:func:`_decomposing_only_when_needed`): 37 s of a 24-layer BERT
+    int8 graph's 58 s backend (docs/architecture.md, compile time)."""
+    for alias, name in ALIASES.items():
+        for node in gm.graph.find_nodes(op="call_function", target=alias):
+            node.target = name
+    gm.recompile()
+    return gm
+
+
 def _global_pools_as_means(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` with each ``adaptive_avg_pool2d(x, 1)`` as ``mean(x, [-2, -1], keepdim=True)``, in place: what the
     exporter's decomposition makes of it (ONNX has no adaptive pooling), done here so that a CNN's graph needs no
@@ -536,6 +560,28 @@ def _decomposing_only_when_needed() -> Iterator[None]:
         yield
     finally:
         _fx_passes.decompose_with_registry = decompose
+
+
+@contextlib.contextmanager
+def _rewriting_without_multi_output_patterns() -> Iterator[None]:
+    """Within it, the exporter's ``optimize()`` (the transformer path's, see :func:`_clean`) leaves out onnxscript's
+    rewrite rules whose pattern ends in more than one node (``SlicesSplit``: two Slices of one tensor into a Split).
+    onnxscript matches those by trying every pair of (the first output's op, any node of the graph), rebuilding an
+    op index of the whole graph for each try: quadratic, 37 s of a 24-layer BERT int8 graph's 95 s backend, and
+    minutes at 100 layers (docs/architecture.md, compile time). ORT's and
+    onnxruntime.transformers' fusions need no Split there (the census tests of tests/backends/test_onnx_transformer.py).
+    This patches onnxscript's private rule list for the duration; where it is absent, ``optimize()`` runs as it is."""
+    try:
+        from onnxscript import rewriter
+        rules = rewriter._DEFAULT_REWRITE_RULES
+    except (ImportError, AttributeError):
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if r._target_pattern.has_single_output_node)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 @contextlib.contextmanager

@@ -513,6 +513,35 @@ def test_exporter_decomposes_only_graphs_with_an_op_onnx_lacks(monkeypatch):
         with torch.no_grad():
             assert torch.allclose(cm(xb), model(xb), atol=1e-5)
 
+class _Aliases(nn.Module):
+    """``mask & causal`` as transformers text models build attention masks, and T5's ``torch.min(x, y)``."""
+
+    def forward(self, x, mask, flags):
+        keep = (mask > 0) & (x > 0) | (x < -1) ^ (mask > 1)
+        return torch.where(keep, torch.min(x, x.flip(-1)), torch.max(x, x.flip(-1))), flags & 6 | 1
+
+
+def test_aliased_ops_are_exported_without_a_redecomposition(monkeypatch):
+    """``__and__`` / ``__or__`` / ``__xor__`` and ``min`` / ``max`` of two tensors decompose into one other op on the
+    same arguments (``bitwise_and``, ``minimum``): the backend calls them by that name, so the exporter does not
+    retrace the whole graph for them. Before: the graph holds the aliases; expected: no re-decomposition, eager's
+    outputs exactly, at another batch size too."""
+    from torch.onnx._internal.exporter import _fx_passes
+    aten = torch.ops.aten
+    calls, decompose = [], _fx_passes.decompose_with_registry
+    monkeypatch.setattr(_fx_passes, "decompose_with_registry", lambda *args: calls.append(1) or decompose(*args))
+    model = _Aliases().eval()
+    example = (torch.randn(2, 6), torch.randint(0, 3, (2, 6)), torch.randint(0, 16, (2, 6)))
+    cm = fxforge.compile(model, example, backend="onnx", measure_latency=False)
+    targets = {n.target for n in cm.graph_module.graph.nodes}
+    assert {aten.__and__.Tensor, aten.__or__.Tensor, aten.__xor__.Tensor, aten.min.other, aten.max.other,
+            aten.__and__.Scalar, aten.__or__.Scalar} <= targets
+    assert calls == []
+    inputs = (torch.randn(3, 6), torch.randint(0, 3, (3, 6)), torch.randint(0, 16, (3, 6)))
+    for got, want in zip(cm(*inputs), model(*inputs)):
+        assert torch.equal(got, want)
+
+
 def test_exporter_gets_a_program_built_from_the_graph(tiny_efficientnet_int8, monkeypatch):
     """The exporter is handed an ExportedProgram built from fxforge's graph (constants lifted to buffers under their
     attribute names, shapes propagated in fake mode with the batch one symbol) instead of capturing the graph with

@@ -79,6 +79,22 @@ def test_bert_runs_ort_fused_transformer_kernels(encoder):
     assert "Softmax" not in _onnx_ops(cm)
 
 
+def test_the_exporters_optimize_tries_no_multi_output_pattern(monkeypatch):
+    """onnxscript matches a rewrite pattern ending in two nodes (SlicesSplit) by trying every node of the graph as the
+    second, for each candidate first: quadratic, most of a deep transformer's export. The transformer path's
+    ``optimize()`` runs without such rules, and onnxscript's rule list is as it was afterwards."""
+    from onnxscript import rewriter
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    pairwise = [r for r in rules if not r._target_pattern.has_single_output_node]
+    assert pairwise  # SlicesSplit in onnxscript 0.7
+    for rule in pairwise:
+        monkeypatch.setattr(rule, "try_rewrite", lambda *a, **k: pytest.fail("a multi-output pattern was tried"))
+    model = _encoder()
+    cm = fxforge.compile(model, _tokens(2, 0), passes=["fuse"], backend="onnx", measure_latency=False)
+    assert cm.artifact.info["fusions"] == "transformer"
+    assert rewriter._DEFAULT_REWRITE_RULES is rules
+
+
 def test_cpu_session_keeps_ort_from_refusing_skip_layernorm_and_bias_gelu(encoder, tmp_path):
     """The exported model still has the Add → LayerNormalization and Add → Gelu chains ORT's level-"extended"
     optimizers fuse: a session without the artifact's disabled_optimizers fuses all of them (so the option, not the
