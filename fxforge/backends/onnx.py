@@ -509,8 +509,9 @@ ALIASES = {torch.ops.aten.__and__.Tensor: torch.ops.aten.bitwise_and.Tensor,
 
 def _aliases_renamed(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` with each op of :data:`ALIASES` called by the name its decomposition gives it, in place: one such op
-    made the exporter re-decompose the whole graph (:func:`_decomposing_only_when_needed`): 37 s of a 24-layer BERT
-    int8 graph's 58 s backend (docs/architecture.md, compile time)."""
+    made the exporter re-decompose the whole graph (:func:`_decomposing_only_when_needed`): with
+    :func:`_rewriting_without_multi_output_patterns`, half the CPU time of a 24-layer BERT's int8 compile
+    (docs/architecture.md, compile time)."""
     for alias, name in ALIASES.items():
         for node in gm.graph.find_nodes(op="call_function", target=alias):
             node.target = name
@@ -567,7 +568,7 @@ def _rewriting_without_multi_output_patterns() -> Iterator[None]:
     """Within it, the exporter's ``optimize()`` (the transformer path's, see :func:`_clean`) leaves out onnxscript's
     rewrite rules whose pattern ends in more than one node (``SlicesSplit``: two Slices of one tensor into a Split).
     onnxscript matches those by trying every pair of (the first output's op, any node of the graph), rebuilding an
-    op index of the whole graph for each try: quadratic, 37 s of a 24-layer BERT int8 graph's 95 s backend, and
+    op index of the whole graph for each try: quadratic, a third of a 24-layer BERT int8 graph's backend, and
     minutes at 100 layers (docs/architecture.md, compile time). ORT's and
     onnxruntime.transformers' fusions need no Split there (the census tests of tests/backends/test_onnx_transformer.py).
     This patches onnxscript's private rule list for the duration; where it is absent, ``optimize()`` runs as it is."""
