@@ -21,7 +21,7 @@ from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputErr
 from fxforge.compiler.instruments import Phases
 from fxforge.compiler.pass_manager import (NUMERIC_MODES, SAMPLED_OUT, Pass, PassContext, PassManager, VerifyMode,
                                            calibration_readers, train_readers)
-from fxforge.compiler.quality import Metric, Validation, flat_batches
+from fxforge.compiler.quality import Metric, Validation, flat_batches, read
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
@@ -139,7 +139,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     budget = Budget.of(passes, max_drop, metric, strict)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     pick = calibration_picker(calibration_fn, input_key, example)
-    calibration, validation, train = (_reiterable(d) for d in (calibration, validation, train))
+    calibration, validation, train = (_reiterable(d, kind) for d, kind in ((calibration, "calibration"),
+                                                                         (validation, "validation"), (train, "train")))
     for kind, data, readers in (("calibration", calibration, calibration_readers(manager.passes)),
                                 ("train", train, train_readers(manager.passes))):
         if readers and _shared_tensors(data, validation):
@@ -304,6 +305,14 @@ def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, rea
     if readers and isinstance(data, Sequence) and not data:  # passes with no check of their own failed raw
         raise type(missing(readers[0]))(f"pass {readers[0]!r} got an empty {kind} iterable: pass "
                                         f"{kind}=[(x1,), (x2,), ...]")
+    if (readers or budget_reads) and isinstance(data, Sequence) and data:
+        floats = [t for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  and t.numel() and t.layout == torch.strided and not t.is_meta]
+        if floats and all(bool(t.min() == t.max()) for t in floats):
+            warnings.warn(f"every float input of the {kind} data holds one value per tensor (all zeros?): what the "
+                          f"passes measure on it ({', '.join(readers) or 'the accuracy budget'}: activation ranges, "
+                          "layer sensitivities) says nothing of real inputs; give real data", UserWarning,
+                          stacklevel=4)
     if not readers and data is not None and not budget_reads:
         warnings.warn(f"{kind} data given, but no pass of this pipeline reads it "
                       f"({', '.join(p.name for p in manager.passes) or 'no passes'}); it is ignored", UserWarning,
@@ -388,7 +397,8 @@ def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
         return False
 
     def spans(data: Sequence[Any]) -> list[tuple[int, int]]:
-        return [byte_span(t) for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.numel()]
+        return [byte_span(t) for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.numel()
+                and t.layout == torch.strided and not t.is_meta]  # others have no bytes (the signature refuses them)
 
     events = sorted([(start, end, 0) for start, end in spans(a)] + [(start, end, 1) for start, end in spans(b)])
     reach = [0, 0]  # the furthest end of a span of each list seen so far, in order of their starts
@@ -399,14 +409,11 @@ def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
     return False
 
 
-def _reiterable(data: Iterable[Any] | None) -> Iterable[Any] | None:
+def _reiterable(data: Iterable[Any] | None, kind: str) -> Iterable[Any] | None:
     """``data`` that every reader can iterate from the start: a one-shot iterator (a generator) becomes a list, since
-    several passes, the report and the budget each read it (a second reader found it empty); anything else, a list or
-    a DataLoader, is iterated anew by each."""
-    if not isinstance(data, Iterator):
-        return data
-    # each batch's tensors copied as read: a generator refilling one buffer in place made every listed batch the last
-    return [pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, item) for item in data]
+    several passes, the report and the budget each read it (a second reader found it empty), its tensors copied as
+    read (:func:`quality.read`); anything else, a list or a DataLoader, is iterated anew by each."""
+    return list(read(data, kind)) if isinstance(data, Iterator) else data
 
 
 def _not_taken(artifact: Artifact, data: Validation | None) -> str:
@@ -469,26 +476,33 @@ class _Rebatched:
 def passes_calibration(calibration: Iterable[Any] | None, signature: Signature, example: tuple[Any, ...],
                        pick: tuple[Callable[[Any], Any], str] | None) -> Iterable[Any] | None:
     """The user's calibration data as the passes read it: the inputs picked out of each item (``pick``, from
-    :func:`calibration_picker`), flattened where the model's inputs are not plain tensors (a dict), and cut into the
-    example's batch where the captured graph's batch is static. ``compile`` and ``autotune`` both read it so:
+    :func:`calibration_picker`), cut into the example's batch where the captured graph's batch is static, flattened
+    and checked against the signature (:func:`_flattener`). ``compile`` and ``autotune`` both read it so:
     autotune, reading the items as given, refused a dict-input model's batches and ran a static-batch graph on
     batches it cannot take (a raw error deep in torch.fx)."""
     if calibration is None:
         return None
     if pick is not None:
         calibration = MappedBatches(calibration, *pick)
-    if not all(isinstance(e, torch.Tensor) for e in example):
-        calibration = MappedBatches(calibration, _flattener(signature, len(signature.inputs)), "calibration")
-    return calibration if signature.dynamic_batch else _Rebatched(calibration, example, "calibration")
+    if not signature.dynamic_batch:
+        calibration = _Rebatched(calibration, example, "calibration")
+    nested = not all(isinstance(e, torch.Tensor) for e in example)
+    return MappedBatches(calibration, _flattener(signature, nested), "calibration")
 
 
-def _flattener(signature: Signature, count: int) -> Callable[[Any], tuple[torch.Tensor, ...]]:
-    """For a model whose inputs are not plain tensors (a dict, a namedtuple): a calibration item given like the
-    example inputs, ``(dict,)``, becomes the flat tuple the passes read; one already flat (``count`` tensors) stays."""
-    def flat(item: Any) -> tuple[torch.Tensor, ...]:
-        if isinstance(item, (tuple, list)) and len(item) == count and all(isinstance(t, torch.Tensor) for t in item):
-            return tuple(item)
-        return tuple(signature.flatten(item if isinstance(item, (tuple, list)) else (item,)))
+def _flattener(signature: Signature, nested: bool) -> Callable[[Any], Any]:
+    """A calibration item as the flat tuple the passes read, checked against the signature as a call's inputs are
+    (:meth:`Signature.check`: a meta or sparse tensor, inputs of two batch sizes or token ids past an embedding failed
+    deep in a pass or in autotune, with torch's own words). For a ``nested`` model (a dict, a namedtuple among its
+    inputs) an item given like the example inputs, ``(dict,)``, is flattened. Items of another count or kind pass
+    as they are: ``checked_batches`` names them with hints ((input, label) pairs: ``input_key``)."""
+    count = len(signature.inputs)
+
+    def flat(item: Any) -> Any:
+        tensors = item if isinstance(item, (tuple, list)) else (item,)
+        if all(isinstance(t, torch.Tensor) for t in tensors):
+            return tuple(signature.check(list(tensors))) if len(tensors) == count else item
+        return tuple(signature.flatten(tensors)) if nested else item
     return flat
 
 
@@ -581,7 +595,7 @@ class MappedBatches:
         for i, batch in enumerate(self.data):
             try:
                 item = self.fn(batch)
-            except CalibrationError as e:
+            except (CalibrationError, InputError) as e:  # the picking's or the signature's own message
                 raise CalibrationError(f"calibration batch {i}: {e}") from None
             except Exception as e:
                 raise CalibrationError(f"{self.name} failed on batch {i}: {type(e).__name__}: "

@@ -481,7 +481,7 @@ def _default_evaluate(reference_graph: fx.GraphModule, batches: list[tuple]) -> 
     metric is blind to (one value per sample, whose cosine is its sign) is refused, and what it cannot see is
     warned of: judged by the argmax of a regression's columns or the cosine of one value, candidates off by more
     than the outputs' spread scored 1.0 and a pruned pipeline was picked."""
-    data = Validation(batches, batches, None)
+    data = Validation(batches, batches, None, "calibration")
     default = default_metric(data.measure(reference_graph), data)
     if default.blind:
         raise TuningError(f"the default evaluate cannot judge this model: {default.reason}; pass evaluate=(compiled "

@@ -123,7 +123,8 @@ class Budget:
         if not held:
             self.record["data"] = None
             return batches
-        self.data = Validation([batches[i] for i in held], [batches[i] for i in held], self.metric)
+        self.data = Validation([batches[i] for i in held], [batches[i] for i in held], self.metric,
+                               "held-out calibration")
         self.record["data"] = (f"held-out calibration batches {held} ({self.data.samples} samples), never calibrated "
                                f"on; the passes calibrate on the other {len(batches) - len(held)}")
         return [b for i, b in enumerate(batches) if i not in held]
@@ -418,7 +419,7 @@ class Budget:
             # the batches as the user gave them (a metric callable reads those), and for a callable all of them:
             # it may read data of its own beside them (labels), which a part of the batches would not match
             n = len(self.data.flat) if callable(self.metric) else len(first)
-            self.screen = Validation(self.data.batches[:n], self.data.flat[:n], self.metric)
+            self.screen = Validation(self.data.batches[:n], self.data.flat[:n], self.metric, self.data.kind)
             self.screen_reference = self._score(self.screen.measure(reference))
             bound = SCREEN_SAMPLES.get(self.kind)
             self.screen_bound = float("inf") if bound is None else self.max_drop if bound == "worst" else \

@@ -110,6 +110,27 @@ class WritesIntoX(nn.Module):
         return x + y
 
 
+class Overflows(nn.Module):
+    """Squares its input before a linear: finite inputs past 1e19 overflow float32 inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * x)
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) + y
+
+
+def endless():
+    while True:
+        yield (torch.randn(2, 4),)
+
+
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
@@ -361,7 +382,8 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: compile_(passes="int8")),
     ("empty calibration data", fxforge.CalibrationError, r"pass 'calibrate' got an empty calibration iterable",
      lambda t, mp: compile_(passes="int8", calibration=[])),
-    ("calibration batch of the wrong shape", fxforge.CalibrationError, r"calibration batch 0, input 0: .*\(2, 5\)",
+    ("calibration batch of the wrong shape", fxforge.CalibrationError,
+     r"calibration batch 0: input 0 has shape \[2, 5\], compiled for \[None, 4\]",
      lambda t, mp: compile_(passes="int8", calibration=[(torch.randn(2, 5),)])),
     ("(input, label) calibration batches", fxforge.CalibrationError,
      r"calibration batch 0 must be a tuple of 1 tensor\(s\) .* got 2: .* give input_key=0, or calibration_fn=",
@@ -372,8 +394,27 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("NaN in calibration data", fxforge.CalibrationError, r"calibration batch 1, input 0 holds NaN or Inf",
      lambda t, mp: compile_(passes="int8", calibration=[(x,), (torch.full((2, 4), float("nan")),)])),
     ("an empty calibration batch", fxforge.CalibrationError,
-     r"calibration batch 1, input 0 has batch size 0: an empty batch has nothing to calibrate on",
+     r"calibration batch 1: input 0 has batch size 0: a compiled model takes batches of 1 or more",
      lambda t, mp: compile_(passes="int8", calibration=[(x,), (torch.randn(0, 4),)])),
+    ("a meta tensor in calibration data", fxforge.CalibrationError,
+     r"calibration batch 0: input 0 is a meta tensor; a compiled model takes dense tensors with values",
+     lambda t, mp: compile_(passes="int8", calibration=[(x.to("meta"),)])),
+    ("a sparse tensor in calibration data", fxforge.CalibrationError,
+     r"calibration batch 0: input 0 is a torch\.sparse_coo tensor",
+     lambda t, mp: compile_(passes="int8", calibration=[(x.to_sparse(),)], validation=[(torch.randn(2, 4),)])),
+    ("calibration inputs of two batch sizes", fxforge.CalibrationError,
+     r"calibration batch 0: inputs 0 and 1 have batch sizes 2 and 3",
+     lambda t, mp: compile_(TwoInputs(), (x, x.clone()), passes="int8", calibration=[(x, torch.randn(3, 4))])),
+    ("calibration data the model overflows on", fxforge.CalibrationError,
+     r"the model computes Inf at mul on the calibration data, whose inputs are finite",
+     lambda t, mp: compile_(Overflows(), passes=["insert_qdq", "calibrate"], calibration=[(torch.full((2, 4), 1e20),)])),
+    ("an endless calibration generator", fxforge.CalibrationError,
+     r"calibration data gave more than 10 batches \(an endless iterable\?\): give a finite one",
+     lambda t, mp: mp.setattr("fxforge.compiler.quality.READ_LIMIT", 10) or compile_(passes="int8",
+                                                                                      calibration=endless())),
+    ("validation data the model's outputs are all NaN or Inf on", fxforge.InputError,
+     r"validation batch 0: the model's outputs on it are all NaN or Inf",
+     lambda t, mp: compile_(Overflows(), validation=[(torch.full((2, 4), 1e20),)])),
     ("distill without train data", fxforge.CalibrationError, r"pass 'distill' needs training data: pass train=",
      lambda t, mp: compile_(passes=["low_rank", "distill"])),
     ("train batch of the wrong shape", fxforge.InputError, r"train batch 1: input 0 has shape \[2, 5\]",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -40,6 +40,9 @@ METRICS = ("agreement", "cosine", "min_cosine", "agreement+min_cosine")
 # never changes) from logits; on fewer, a classifier's few rows could look like either by chance
 EVIDENCE = 16
 MEMO_BYTES = 256 << 20  # the outputs a Validation keeps of the graphs it measured, to measure none twice
+# the most batches compile reads from an iterable that is not a list: an endless generator, read in full, grew
+# memory without bound (1 GB in 15 s) and compile never returned
+READ_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,23 @@ class Quality:
     others_cosine_min: float | None = None
 
 
+def read(data: Iterable[Any], kind: str) -> Iterator[Any]:
+    """The items of the user's ``kind`` data as a reader may keep them: a list's or tuple's as they are (the user's
+    tensors, which stay put), any other iterable's (a DataLoader, a loader object, a generator, fxforge's own views
+    of them) with their tensors copied as read: a loader refilling one buffer in place gave every kept batch the
+    last one's values, and the accuracy budget held on copies of one batch. Past ``READ_LIMIT`` items of such an
+    iterable, an InputError (CalibrationError for calibration data)."""
+    if isinstance(data, (list, tuple)):
+        yield from data
+        return
+    for i, item in enumerate(data):
+        if i == READ_LIMIT:
+            error = CalibrationError if kind == "calibration" else InputError
+            raise error(f"{kind} data gave more than {READ_LIMIT} batches (an endless iterable?): give a finite one, "
+                        f"e.g. itertools.islice(data, 64)")
+        yield pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, item)
+
+
 def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[torch.Tensor]], kind: str,
                  pick: Callable[[Any], Any] | None = None
                  ) -> tuple[list[Any], list[tuple[torch.Tensor, ...]]]:
@@ -66,7 +86,7 @@ def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[to
     are then kept as given, labels and all, for a metric callable to read. A batch holding NaN or Inf is refused:
     measuring on it or training on it gives NaN, not a model. Errors name the batch."""
     try:
-        items = list(data)
+        items = list(read(data, kind))
     except TypeError:
         raise InputError(f"{kind} must be an iterable of input tuples, got {type(data).__name__}") from None
     batches = items if pick else [_inputs(b) for b in items]
@@ -104,8 +124,9 @@ def batch_size(flat: Sequence[torch.Tensor]) -> int:
 class Validation:
     """The user's validation batches (flat, checked against the signature) and the reference outputs."""
 
-    def __init__(self, batches: list[tuple[Any, ...]], flat: list[tuple[torch.Tensor, ...]], metric: Metric) -> None:
-        self.batches, self.flat, self.metric = batches, flat, metric
+    def __init__(self, batches: list[tuple[Any, ...]], flat: list[tuple[torch.Tensor, ...]], metric: Metric,
+                 kind: str = "validation") -> None:
+        self.batches, self.flat, self.metric, self.kind = batches, flat, metric, kind  # kind: how errors name it
         self.reference: list[list[torch.Tensor]] | None = None
         self.previous: list[list[torch.Tensor]] | None = None  # the outputs of the run before the last
         self.step: Error | None = None  # the last run's error against the run before it (the worst batch's)
@@ -164,6 +185,7 @@ class Validation:
             if key is not None and kept <= MEMO_BYTES:
                 self.measured[key] = outs
         if self.reference is None:
+            self._check_measurable(outs)
             self.reference = outs
         self.step = None if self.previous is None else worst([compare(o, r) for o, r in zip(outs, self.previous)])
         self.previous = outs
@@ -178,14 +200,28 @@ class Validation:
                           others_cosine_min=others)
         return Quality(**{**quality.__dict__, "metric": self._metric(quality, outs)})
 
+    def _check_measurable(self, reference: list[list[torch.Tensor]]) -> None:
+        """Refuse a validation batch on which the fp32 model's float outputs hold no finite value (finite inputs
+        overflowing inside it): NaN against NaN counts as equal, so every stage, a negated model's too, measured an
+        error of 0 and a cosine of 1 there, and the budget held on nothing."""
+        for i, outputs in enumerate(reference):
+            floats = [t for t in outputs if t.is_floating_point() and t.numel()]
+            if floats and not any(torch.isfinite(t).any() for t in floats):
+                raise InputError(f"{self.kind} batch {i}: the model's outputs on it are all NaN or Inf, so nothing can "
+                                 "be measured on it (finite inputs overflowing inside the model?); give batches on "
+                                 "which the model computes finite values")
+
     def _metric(self, quality: Quality, outs: list[list[torch.Tensor]]) -> float | None:
         if self.metric is None:
             return None
         if isinstance(self.metric, str):
             return score(quality, self.metric, self.reference, self.sizes)
-        values = [o[0] if len(o) == 1 else tuple(o) for o in outs]
+        # copies: a metric normalizing in place wrote into the user's batches, which every later stage runs on (an
+        # exact pass was then blamed for the change), and into the outputs kept as the reference
+        values, batches = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                                          ([o[0] if len(o) == 1 else tuple(o) for o in outs], self.batches))
         try:
-            value = float(self.metric(values, self.batches))
+            value = float(self.metric(values, batches))
         except Exception as e:
             raise InputError(f"the metric callable failed: {type(e).__name__}: {first_line(e)}") from e
         if not math.isfinite(value):  # a budget cannot compare NaN, nor a drop between infinities

@@ -140,19 +140,25 @@ class Signature:
         if len(flat) == len(self.inputs) and _dumps(spec) != self.in_spec:  # the count alone made no sense of it
             raise InputError(f"the inputs are nested as {nesting(spec.children()[0])}, but the model was compiled "
                              f"for {nesting(_loads(self.in_spec).children()[0])} (* a tensor)")
+        return self.check(flat, lambda i: _input_name(aligned, i))
+
+    def check(self, flat: list[Any], name: Callable[[int], str] = lambda i: f"input {i}") -> list[torch.Tensor]:
+        """Check flat inputs (as :meth:`flatten` gives them; also the calibration batches the passes read) against
+        the compiled signature: count, tensors with values, dtype, shape, index bounds, finite values where a
+        quantizer reads them, one batch size. ``name``: how an error names flat input ``i``."""
         if len(flat) != len(self.inputs):
             raise InputError(f"expected {len(self.inputs)} input tensor(s) shaped like "
                              f"{[list(s.shape) for s in self.inputs]}, got {_describe(flat)}")
         for i, (t, s) in enumerate(zip(flat, self.inputs)):
             if not isinstance(t, torch.Tensor):
-                raise InputError(f"{_input_name(aligned, i)} must be a tensor, got {type(t).__name__}")
+                raise InputError(f"{name(i)} must be a tensor, got {type(t).__name__}")
             if t.is_meta or t.layout != torch.strided:  # the index bounds below read values
-                raise InputError(f"{_input_name(aligned, i)} is a {'meta' if t.is_meta else t.layout} tensor; a "
+                raise InputError(f"{name(i)} is a {'meta' if t.is_meta else t.layout} tensor; a "
                                  "compiled model takes dense tensors with values")
             if t.dtype != s.dtype:
-                raise InputError(f"{_input_name(aligned, i)} has dtype {t.dtype}, compiled for {s.dtype}")
+                raise InputError(f"{name(i)} has dtype {t.dtype}, compiled for {s.dtype}")
             if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
-                raise InputError(f"{_input_name(aligned, i)} has shape {list(t.shape)}, compiled for "
+                raise InputError(f"{name(i)} has shape {list(t.shape)}, compiled for "
                                  f"{list(s.shape)} (None = any size)")
         batch = next((t.shape[0] for t, b in zip(flat, self.batched()) if b), None)
         for i, low, high, what in self.index_bounds:

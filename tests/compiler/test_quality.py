@@ -234,3 +234,71 @@ def test_content_key_tells_apart_constant_layouts_and_has_none_for_a_users_opera
     assert content_key(graph(w, aten.relu.default)) is not None
     assert content_key(graph(w, torch.ops.fxforge_test.scaled.default)) is None
     assert content_key(graph(w, aten.bernoulli.default)) is None  # random: another run, other outputs
+
+
+class Refilling:
+    """A loader that copies each batch into one buffer it reuses (a prefetcher, ``torch.from_numpy`` over one
+    array): a reader that keeps the batches it reads must copy them."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.buffer = batches, torch.empty_like(batches[0])
+
+    def __iter__(self):
+        for b in self.batches:
+            self.buffer.copy_(b)
+            yield (self.buffer,)
+
+
+def test_batches_of_a_loader_refilling_one_buffer_are_kept_as_read():
+    """Validation and calibration data from a loader that refills one buffer: each kept batch holds its own values
+    (every kept batch was the last one, and the budget held on copies of one batch); a list's batches are the
+    user's tensors, not copied."""
+    from fxforge.passes.lib.qdq import checked_batches
+    batches = [torch.full((2, 3), float(i)) for i in range(4)]
+    _, flat = flat_batches(Refilling(batches), lambda b: list(b), "validation")
+    assert [float(f[0][0, 0]) for f in flat] == [0.0, 1.0, 2.0, 3.0]
+    kept = list(checked_batches(Refilling(batches), (batches[0],)))
+    assert [float(b[0][0, 0]) for b in kept] == [0.0, 1.0, 2.0, 3.0]
+    assert list(checked_batches([(b,) for b in batches], (batches[0],)))[1][0] is batches[1]
+
+
+def test_an_endless_iterable_is_refused_past_the_read_limit(monkeypatch):
+    """An endless generator given as data was read without end, its memory growing: past ``READ_LIMIT`` batches
+    it is a named error saying how to bound it."""
+    import itertools
+    from fxforge.compiler import quality
+    monkeypatch.setattr(quality, "READ_LIMIT", 5)
+    endless = ((torch.randn(2, 3),) for _ in itertools.count())
+    with pytest.raises(fxforge.InputError, match=r"train data gave more than 5 batches \(an endless iterable\?\)"):
+        flat_batches(endless, lambda b: list(b), "train")
+    assert len(flat_batches(((torch.randn(2, 3),) for _ in range(5)), lambda b: list(b), "train")[1]) == 5
+
+
+def test_a_metric_callable_writing_into_its_arguments_changes_nothing_of_compiles(digits):
+    """A metric normalizing in place got the user's validation tensors, which every later stage runs on, and the
+    outputs kept as the reference: an exact pass was blamed for the change. It gets copies: the compile's rows are
+    those of a metric that writes nothing, and the user's batches are as they were."""
+    model, _, _, x, _ = digits
+    validation = [(x[i:i + 16].clone(),) for i in range(0, 64, 16)]
+    before = [b[0].clone() for b in validation]
+
+    def scaled(outputs, inputs):
+        for b in inputs:
+            b[0].mul_(2)
+        for o in outputs:
+            o.mul_(-1)
+        return 1.0
+
+    cm = fxforge.compile(model, (x[:16],), passes=["fuse_batchnorm"], validation=validation, metric=scaled,
+                         measure_latency=False)
+    assert all(torch.equal(b[0], a) for b, a in zip(validation, before))
+    assert all(r.max_rel_err < 1e-4 and r.metric == 1.0 for r in cm.report.rows)
+
+
+def test_constant_calibration_data_is_pointed_out():
+    """Calibration data whose every input tensor holds one value (all zeros) tells the passes nothing of real
+    inputs: low_rank's error cap held on it while the model's error on real inputs was 40× the cap."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with pytest.warns(UserWarning, match="every float input of the calibration data holds one value per tensor"):
+        fxforge.compile(model, (torch.randn(2, 8),), passes=["insert_qdq", "calibrate"],
+                        calibration=[(torch.zeros(2, 8),)] * 4, measure_latency=False)

@@ -14,10 +14,13 @@ that into a range [lo, hi] that always contains 0:
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 import torch
+
+from fxforge.compiler.errors import CalibrationError
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
@@ -37,6 +40,8 @@ class HistogramObserver:
         if not x.numel():
             return
         lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # histc refused it with torch's words
+            raise CalibrationError("NaN" if math.isnan(lo) or math.isnan(hi) else "Inf")
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         span = max(abs(self.lo), abs(self.hi), 1e-12)
         if span > self.span:

@@ -23,6 +23,7 @@ from fxforge.compiler.errors import CalibrationError, PassError
 from fxforge.compiler.graph import get_tensor, set_tensor
 from fxforge.compiler.ops import (DEQUANTIZE, MATMUL, QUANTIZE, data, is_op, operands, q_params, qd, set_q_scale,
                                   weight_of)
+from fxforge.compiler.quality import read
 
 from .observers import HistogramObserver, Method
 
@@ -178,6 +179,7 @@ class _FloatRun(fx.Interpreter):
                  sizes: Sequence[int] = (1,)) -> None:
         super().__init__(gm)
         self.observers, self.sizes = observers, sizes
+        self.extra_traceback = False  # an error names its node in one line, without the interpreter's note
 
     def run_node(self, n: fx.Node):
         if is_q(n) or is_dq(n):
@@ -186,7 +188,13 @@ class _FloatRun(fx.Interpreter):
                 total = sum(self.sizes)
                 rows = x.shape[0] // total if len(self.sizes) > 1 and x.shape[0] % total == 0 else 0
                 for part in x.split([rows * s for s in self.sizes]) if rows else (x,):
-                    self.observers[n].update(part)
+                    try:
+                        self.observers[n].update(part)
+                    except CalibrationError as e:
+                        raise CalibrationError(
+                            f"the model computes {e} at {data(n).name} on the calibration data, whose inputs are "
+                            "finite (values past float32's range?): no int8 range holds it; give calibration data on "
+                            "which the model's values stay finite") from None
             return x
         return super().run_node(n)
 
@@ -313,13 +321,14 @@ class _ReaderError(fx.Interpreter):
 
 
 def checked_batches(batches: Any, example: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Each calibration entry as a tuple of tensors matching the example inputs' count, dtypes and ranks."""
+    """Each calibration entry as a tuple of tensors matching the example inputs' count, dtypes and ranks, copied
+    where the data is not a list (:func:`quality.read`: passes keep the batches they read)."""
     try:
-        iterator = iter(batches)
+        iter(batches)
     except TypeError:
         raise CalibrationError(f"calibration data must be an iterable of input tuples, got "
                                f"{type(batches).__name__}") from None
-    for i, raw in enumerate(iterator):
+    for i, raw in enumerate(read(batches, "calibration")):
         batch = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw) if isinstance(raw, (tuple, list)) \
             else None
         if batch is None or len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
