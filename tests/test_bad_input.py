@@ -121,11 +121,6 @@ class Overflows(nn.Module):
         return self.fc(x * x)
 
 
-class TwoInputs(nn.Module):
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x) + y
-
-
 def endless():
     while True:
         yield (torch.randn(2, 4),)
