@@ -25,7 +25,7 @@ from fxforge.compiler.quality import Metric, Validation, flat_batches, read
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
-from fxforge.compiler.trace import (Signature, ambient_autocast, byte_span, quantized_inputs, trace,
+from fxforge.compiler.trace import (Signature, ambient_autocast, as_plain, byte_span, quantized_inputs, trace,
                                    without_autocast)
 from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, copy_model, exact_tolerance,
                                     is_quantized)
@@ -137,7 +137,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     be.check_options(backend_options)
     manager = PassManager(passes or (), verify=verify, measure_latency=measure_latency)  # names checked first
     budget = Budget.of(passes, max_drop, metric, strict)
-    example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    example = as_plain(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
     pick = calibration_picker(calibration_fn, input_key, example)
     calibration, validation, train = (_reiterable(d, kind) for d, kind in ((calibration, "calibration"),
                                                                          (validation, "validation"), (train, "train")))

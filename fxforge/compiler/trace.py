@@ -21,6 +21,7 @@ import sys
 import threading
 import traceback
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
@@ -135,7 +136,7 @@ class Signature:
 
     def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
         """Flatten call arguments and check count, shape and dtype against the compiled signature."""
-        aligned = _aligned((tuple(args), {}), _loads(self.in_spec))
+        aligned = _aligned((as_plain(tuple(args)), {}), _loads(self.in_spec))
         flat, spec = pytree.tree_flatten(aligned)
         if len(flat) == len(self.inputs) and _dumps(spec) != self.in_spec:  # the count alone made no sense of it
             raise InputError(f"the inputs are nested as {nesting(spec.children()[0])}, but the model was compiled "
@@ -476,7 +477,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
     (an eval copy of ``model``), shared with a later check of the compiled artifact so no input set runs twice."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    args = as_plain(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
     flat = pytree.tree_leaves(args)
     if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
         skipped = next((i for i, t in enumerate(flat) if t is None), None)
@@ -669,8 +670,8 @@ def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
              if isinstance(v, torch.Tensor) and v.dim() and not isinstance(v.shape[0], int)}
     bounds = []
     for i, node in enumerate(placeholders):
-        for user in node.users:
-            for source, dim, low_is_minus_n in _indexed_dims(user, node):
+        for user, index in _value_users(node):
+            for source, dim, low_is_minus_n in _indexed_dims(user, index):
                 size = _size(gm, source, dim)
                 if size is not None and not isinstance(size, int) and str(size) in batch:
                     bounds.append((i, -BATCH if low_is_minus_n else 0, BATCH,
@@ -680,6 +681,25 @@ def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
                             f"dimension {dim} (size {size}) at node {user.name!r}")
                     bounds.append((i, -size if low_is_minus_n else 0, size, what))
     return tuple(bounds)
+
+
+# ops whose output holds every value of their input and no other: an index read through them is the input's
+SAME_VALUES = (aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.contiguous, aten.alias, aten.flatten,
+               aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.t, aten.expand)
+
+
+def _value_users(node: fx.Node) -> Iterator[tuple[fx.Node, fx.Node]]:
+    """(user, the node it reads) for each user of ``node``'s values, through ops that only rearrange them
+    (:data:`SAME_VALUES`): GPT-2 and OPT reshape ``input_ids`` before their embedding, and their ids were never
+    checked (id −1 read the last row on ONNX, TVM read past the table)."""
+    stack, seen = [node], {node}
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            yield user, current
+            if is_op(user, *SAME_VALUES) and data(user) is current and user not in seen:
+                seen.add(user)
+                stack.append(user)
 
 
 def _indexed_dims(user: fx.Node, index: fx.Node) -> list[tuple[fx.Node, int, bool]]:
@@ -785,6 +805,17 @@ class _References:
             if compare(pytree.tree_leaves(self.model.run(self.args)), runs[0][1]).max_rel > EXACT_TOLERANCE:
                 return 0.0
         return worst
+
+
+def as_plain(value: Any) -> Any:
+    """``value`` with every mapping that is not a dict (a tokenizer's ``BatchEncoding``, a ``UserDict``) made a
+    dict, inside tuples, lists and dicts: pytree, and so export and the signature, know dicts only, and a model
+    taking a tokenizer's output was refused ("must be a tuple of tensors")."""
+    if type(value) is dict or (isinstance(value, Mapping) and not isinstance(value, dict)):  # OrderedDict stays
+        return {k: as_plain(v) for k, v in value.items()}
+    if type(value) in (tuple, list):  # a namedtuple stays one
+        return type(value)(as_plain(v) for v in value)
+    return value
 
 
 def _input_name(args: tuple, i: int) -> str:

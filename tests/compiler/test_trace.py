@@ -239,6 +239,47 @@ def test_inputs_read_as_indices_are_bounded_as_eager_bounds_them():
     assert type(sig).from_dict(sig.to_dict()) == sig
 
 
+class ReshapesIds(nn.Module):
+    """Reshapes its token ids before the embedding, as GPT-2 and OPT do (``input_ids.view(-1, seq)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 4)
+
+    def forward(self, ids):
+        return self.embed(ids.view(-1, ids.shape[-1]).clone().unsqueeze(0).squeeze(0))
+
+
+def test_indices_read_through_a_reshape_are_bounded_too():
+    """Before: the ids' only direct user is a view, and no bound was found (id −1 read the table's last row on ONNX,
+    TVM read past it). Expected: the embedding's bound, found through the ops that only rearrange values; eager
+    raises on such ids, and so does the compiled model, in one line."""
+    model = ReshapesIds().eval()
+    example = (torch.tensor([[1, 2, 3], [4, 5, 6]]),)
+    _, sig = trace(model, example)
+    assert sig.index_bounds == ((0, 0, 50, "an embedding of 50 rows"),)
+    cm = fxforge.compile(model, example, backend="onnx", measure_latency=False)
+    with pytest.raises(IndexError):
+        model(torch.tensor([[1, -1, 3]]))
+    with pytest.raises(fxforge.InputError, match=r"^input 0 holds indices from -1 to 3, but it indexes an embedding"):
+        cm(torch.tensor([[1, -1, 3]]))
+
+
+def test_a_mapping_that_is_not_a_dict_is_taken_as_one():
+    """A tokenizer's output (``BatchEncoding``, a ``UserDict``) as the model's argument: pytree knows dicts only, and
+    it was refused ("must be a tuple of tensors") where eager takes it; it compiles and calls as the dict it holds."""
+    import collections
+
+    class Keys(nn.Module):
+        def forward(self, batch):
+            return batch["x"] * 2 + batch["y"]
+
+    batch = collections.UserDict({"x": torch.randn(2, 3), "y": torch.randn(2, 3)})
+    cm = fxforge.compile(Keys().eval(), (batch,), measure_latency=False)
+    again = collections.UserDict({"x": torch.randn(3, 3), "y": torch.randn(3, 3)})
+    assert torch.equal(cm(again), again["x"] * 2 + again["y"])
+
+
 def test_an_artifact_saved_with_embedding_rows_only_reads_back():
     """Artifacts saved before gather and index were bounded hold (input, rows) pairs."""
     _, sig = trace(nn.Embedding(50, 4).eval(), (torch.tensor([[1, 2]]),))
