@@ -21,7 +21,7 @@ from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputErr
 from fxforge.compiler.instruments import Phases
 from fxforge.compiler.pass_manager import (NUMERIC_MODES, SAMPLED_OUT, Pass, PassContext, PassManager, VerifyMode,
                                            calibration_readers, train_readers)
-from fxforge.compiler.quality import Metric, Validation, flat_batches, read
+from fxforge.compiler.quality import Copied, Metric, Validation, flat_batches, reiterable
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
@@ -139,8 +139,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     budget = Budget.of(passes, max_drop, metric, strict)
     example = as_plain(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
     pick = calibration_picker(calibration_fn, input_key, example)
-    calibration, validation, train = (_reiterable(d, kind) for d, kind in ((calibration, "calibration"),
-                                                                         (validation, "validation"), (train, "train")))
+    calibration, validation, train = (reiterable(d, kind) for d, kind in ((calibration, "calibration"),
+                                                                        (validation, "validation"), (train, "train")))
     for kind, data, readers in (("calibration", calibration, calibration_readers(manager.passes)),
                                 ("train", train, train_readers(manager.passes))):
         if readers and _shared_tensors(data, validation):
@@ -306,10 +306,10 @@ def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, rea
         raise type(missing(readers[0]))(f"pass {readers[0]!r} got an empty {kind} iterable: pass "
                                         f"{kind}=[(x1,), (x2,), ...]")
     if (readers or budget_reads) and isinstance(data, Sequence) and data:
-        floats = [t for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                  and t.numel() and t.layout == torch.strided and not t.is_meta]
-        if floats and all(bool(t.min() == t.max()) for t in floats):
-            warnings.warn(f"every float input of the {kind} data holds one value per tensor (all zeros?): what the "
+        tensors = [t for t in pytree.tree_leaves(list(data)) if isinstance(t, torch.Tensor) and t.numel() > 1
+                   and t.layout == torch.strided and not t.is_meta]
+        if tensors and all(bool(t.min() == t.max()) for t in tensors):
+            warnings.warn(f"every input tensor of the {kind} data holds one value (all zeros?): what the "
                           f"passes measure on it ({', '.join(readers) or 'the accuracy budget'}: activation ranges, "
                           "layer sensitivities) says nothing of real inputs; give real data", UserWarning,
                           stacklevel=4)
@@ -390,6 +390,7 @@ def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
     """Whether two lists of batches hold memory in common (the same list passed twice, or the same batches; two
     slices of one tensor, ``x[:500]`` and ``x[500:]``, do not); data that are not lists are not read here, but the
     same object twice, or two DataLoaders over one dataset, share."""
+    a, b = (d.data if isinstance(d, Copied) else d for d in (a, b))  # the user's own data
     if a is not None and (a is b or getattr(a, "dataset", None) is getattr(b, "dataset", object())):
         picked = [getattr(getattr(d, "sampler", None), "indices", None) for d in (a, b)]  # SubsetRandomSampler's
         return a is b or None in picked or bool(set(picked[0]) & set(picked[1]))
@@ -407,13 +408,6 @@ def _shared_tensors(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
             return True
         reach[side] = max(reach[side], end)
     return False
-
-
-def _reiterable(data: Iterable[Any] | None, kind: str) -> Iterable[Any] | None:
-    """``data`` that every reader can iterate from the start: a one-shot iterator (a generator) becomes a list, since
-    several passes, the report and the budget each read it (a second reader found it empty), its tensors copied as
-    read (:func:`quality.read`); anything else, a list or a DataLoader, is iterated anew by each."""
-    return list(read(data, kind)) if isinstance(data, Iterator) else data
 
 
 def _not_taken(artifact: Artifact, data: Validation | None) -> str:

@@ -45,7 +45,7 @@ from fxforge.budget import default_metric
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, calibration_readers
-from fxforge.compiler.quality import Validation, score
+from fxforge.compiler.quality import Validation, reiterable, score
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import interleaved_latency, measure_latency
 from fxforge.compiler.trace import trace
@@ -212,6 +212,7 @@ def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target =
                           f"on such a machine, or autotune for this one (target 'x86')")
     gm, signature = trace(model, example)
     flat = tuple(signature.flatten(example))
+    calibration = reiterable(calibration, "calibration")
     batches = _calibration(passes_calibration(calibration, signature, example, pick), flat)
     search = _Search(model, example, flat, gm, tgt, backend, batches, max_accuracy_drop, budget, space, evaluate)
     result = search.run()

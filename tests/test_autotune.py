@@ -184,7 +184,7 @@ class Tiny(nn.Module):
     ({"max_accuracy_drop": -0.1}, InputError, "max_accuracy_drop"),
     ({"calibration": None}, CalibrationError, "calibration"),
     ({"calibration": []}, CalibrationError, "empty"),
-    ({"calibration": [(torch.randn(2, 5),)]}, CalibrationError, "does not match"),
+    ({"calibration": [(torch.randn(2, 5),)]}, CalibrationError, r"calibration batch 0: input 0 has shape \[2, 5\]"),
     ({"evaluate": lambda m: 1 / 0}, TuningError, "ZeroDivisionError"),
     ({"evaluate": lambda m: float("nan")}, TuningError, "finite number"),
     ({"space": SearchSpace(sensitivity_batches=0)}, InputError, "sensitivity_batches must be an integer >= 1"),

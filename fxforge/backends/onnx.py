@@ -2,10 +2,11 @@
 
 Lowering: a copy of the GraphModule, as an ExportedProgram built from its graph (:func:`_program`, instead of the
 exporter's own torch.export of it), goes through ``torch.onnx.export(..., dynamo=True)`` with the batch
-dimension dynamic where the Signature says so (without the exporter's re-decomposition where no op needs it nor its
-type-promotion pass where no node needs a cast, and its ``optimize()`` replaced by a light clean-up outside the
-transformer path: most of a large model's export time, see :func:`_decomposing_only_when_needed`,
-:func:`_promoting_only_when_needed` and :func:`_clean`), ``onnx.checker`` validates the model, and an ORT
+dimension dynamic where the Signature says so (without the exporter's re-decomposition where no op needs it, ATen
+aliases renamed so that none does (:data:`ALIASES`), nor its type-promotion pass where no node needs a cast, and its
+``optimize()`` replaced by a light clean-up outside the transformer path and without quadratic rules inside it: most
+of a large model's export time, see :func:`_decomposing_only_when_needed`, :func:`_promoting_only_when_needed`,
+:func:`_clean` and :func:`_rewriting_without_multi_output_patterns`), ``onnx.checker`` validates the model, and an ORT
 InferenceSession runs it on the target's execution providers (CPU; CUDA for ``target="cuda"`` when this
 onnxruntime has it). ``model.onnx`` in the artifact directory is plain, portable ONNX; ORT's graph
 optimizations are re-applied when a session is created.
@@ -565,8 +566,8 @@ def _decomposing_only_when_needed() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _rewriting_without_multi_output_patterns() -> Iterator[None]:
-    """Within it, the exporter's ``optimize()`` (the transformer path's, see :func:`_clean`) leaves out onnxscript's
-    rewrite rules whose pattern ends in more than one node (``SlicesSplit``: two Slices of one tensor into a Split).
+    """Within it, the exporter's ``optimize()`` (which the transformer path keeps, see :func:`_clean`) leaves out
+    onnxscript's rewrite rules whose pattern ends in more than one node (``SlicesSplit``: two Slices into a Split).
     onnxscript matches those by trying every pair of (the first output's op, any node of the graph), rebuilding an
     op index of the whole graph for each try: quadratic, a third of a 24-layer BERT int8 graph's backend, and
     minutes at 100 layers (docs/architecture.md, compile time). ORT's and
@@ -575,10 +576,11 @@ def _rewriting_without_multi_output_patterns() -> Iterator[None]:
     try:
         from onnxscript import rewriter
         rules = rewriter._DEFAULT_REWRITE_RULES
+        single = tuple(r for r in rules if r._target_pattern.has_single_output_node)
     except (ImportError, AttributeError):
         yield
         return
-    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if r._target_pattern.has_single_output_node)
+    rewriter._DEFAULT_REWRITE_RULES = single
     try:
         yield
     finally:

@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 
 from .errors import CalibrationError, InputError, first_line
 from .graph import content_key
-from .verify import COSINE_FLOOR, Error, compare, error_bound, worst
+from .verify import COSINE_FLOOR, Error, clone_inputs, compare, error_bound, worst
 
 Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min_cosine"],
                Callable[[list, list], float]]
@@ -60,21 +60,36 @@ class Quality:
     others_cosine_min: float | None = None
 
 
-def read(data: Iterable[Any], kind: str) -> Iterator[Any]:
-    """The items of the user's ``kind`` data as a reader may keep them: a list's or tuple's as they are (the user's
-    tensors, which stay put), any other iterable's (a DataLoader, a loader object, a generator, fxforge's own views
-    of them) with their tensors copied as read: a loader refilling one buffer in place gave every kept batch the
-    last one's values, and the accuracy budget held on copies of one batch. Past ``READ_LIMIT`` items of such an
-    iterable, an InputError (CalibrationError for calibration data)."""
-    if isinstance(data, (list, tuple)):
-        yield from data
-        return
+def reiterable(data: Iterable[Any] | None, kind: str) -> Iterable[Any] | None:
+    """The user's ``kind`` data as every reader can iterate it from the start (several passes, the report and the
+    budget each read it): a list or tuple as it is (the user's tensors, which stay put); a one-shot iterator (a
+    generator) listed, since a second reader found it empty; any other iterable (a DataLoader, a loader object)
+    read anew by each reader (:class:`Copied`). Read from an iterator or such an iterable, each item's tensors are
+    copied: a loader refilling one buffer in place gave every kept batch the last one's values, and the accuracy
+    budget held on copies of one batch; past ``READ_LIMIT`` items, an InputError (CalibrationError for calibration
+    data)."""
+    if data is None or isinstance(data, (list, tuple)) or not isinstance(data, Iterable):  # the readers name a
+        return data  # non-iterable
+    return list(_copied(data, kind)) if isinstance(data, Iterator) else Copied(data, kind)
+
+
+class Copied:
+    """An iterable's items with their tensors copied as read, at most ``READ_LIMIT`` of them (:func:`reiterable`)."""
+
+    def __init__(self, data: Iterable[Any], kind: str) -> None:
+        self.data, self.kind = data, kind
+
+    def __iter__(self) -> Iterator[Any]:
+        return _copied(self.data, self.kind)
+
+
+def _copied(data: Iterable[Any], kind: str) -> Iterator[Any]:
     for i, item in enumerate(data):
         if i == READ_LIMIT:
             error = CalibrationError if kind == "calibration" else InputError
             raise error(f"{kind} data gave more than {READ_LIMIT} batches (an endless iterable?): give a finite one, "
                         f"e.g. itertools.islice(data, 64)")
-        yield pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, item)
+        yield clone_inputs(item)
 
 
 def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[torch.Tensor]], kind: str,
@@ -86,7 +101,7 @@ def flat_batches(data: Iterable[Any], flatten: Callable[[Sequence[Any]], list[to
     are then kept as given, labels and all, for a metric callable to read. A batch holding NaN or Inf is refused:
     measuring on it or training on it gives NaN, not a model. Errors name the batch."""
     try:
-        items = list(read(data, kind))
+        items = list(data)
     except TypeError:
         raise InputError(f"{kind} must be an iterable of input tuples, got {type(data).__name__}") from None
     batches = items if pick else [_inputs(b) for b in items]
@@ -207,7 +222,8 @@ class Validation:
         for i, outputs in enumerate(reference):
             floats = [t for t in outputs if t.is_floating_point() and t.numel()]
             if floats and not any(torch.isfinite(t).any() for t in floats):
-                raise InputError(f"{self.kind} batch {i}: the model's outputs on it are all NaN or Inf, so nothing can "
+                error = CalibrationError if "calibration" in self.kind else InputError
+                raise error(f"{self.kind} batch {i}: the model's outputs on it are all NaN or Inf, so nothing can "
                                  "be measured on it (finite inputs overflowing inside the model?); give batches on "
                                  "which the model computes finite values")
 
@@ -218,8 +234,7 @@ class Validation:
             return score(quality, self.metric, self.reference, self.sizes)
         # copies: a metric normalizing in place wrote into the user's batches, which every later stage runs on (an
         # exact pass was then blamed for the change), and into the outputs kept as the reference
-        values, batches = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
-                                          ([o[0] if len(o) == 1 else tuple(o) for o in outs], self.batches))
+        values, batches = clone_inputs(([o[0] if len(o) == 1 else tuple(o) for o in outs], self.batches))
         try:
             value = float(self.metric(values, batches))
         except Exception as e:

@@ -670,6 +670,9 @@ def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
              if isinstance(v, torch.Tensor) and v.dim() and not isinstance(v.shape[0], int)}
     bounds = []
     for i, node in enumerate(placeholders):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:  # a mask selects; its 0/1 index nothing
+            continue
         for user, index in _value_users(node):
             for source, dim, low_is_minus_n in _indexed_dims(user, index):
                 size = _size(gm, source, dim)
@@ -809,8 +812,9 @@ class _References:
 
 def as_plain(value: Any) -> Any:
     """``value`` with every mapping that is not a dict (a tokenizer's ``BatchEncoding``, a ``UserDict``) made a
-    dict, inside tuples, lists and dicts: pytree, and so export and the signature, know dicts only, and a model
-    taking a tokenizer's output was refused ("must be a tuple of tensors")."""
+    dict, inside plain tuples, lists and dicts: pytree, and so export and the signature, know dicts only, and a model
+    taking a tokenizer's output was refused ("must be a tuple of tensors"). A model reading it by attribute
+    (``enc.input_ids``) then fails on the example inputs, named."""
     if type(value) is dict or (isinstance(value, Mapping) and not isinstance(value, dict)):  # OrderedDict stays
         return {k: as_plain(v) for k, v in value.items()}
     if type(value) in (tuple, list):  # a namedtuple stays one

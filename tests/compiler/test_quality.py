@@ -5,7 +5,7 @@ import torch.fx as fx
 from torch import nn
 
 import fxforge
-from fxforge.compiler.quality import Validation, flat_batches
+from fxforge.compiler.quality import Validation, flat_batches, reiterable
 from fxforge.compiler.report import SYNTHETIC
 from models import digits_cnn
 
@@ -250,28 +250,32 @@ class Refilling:
 
 
 def test_batches_of_a_loader_refilling_one_buffer_are_kept_as_read():
-    """Validation and calibration data from a loader that refills one buffer: each kept batch holds its own values
-    (every kept batch was the last one, and the budget held on copies of one batch); a list's batches are the
-    user's tensors, not copied."""
+    """Data from a loader that refills one buffer, as compile hands it to its readers (``reiterable``): each batch
+    kept by validation or by a pass holds its own values (every kept batch was the last one, and the budget held on
+    copies of one batch), on every reading; a list is the user's, neither copied nor capped."""
     from fxforge.passes.lib.qdq import checked_batches
     batches = [torch.full((2, 3), float(i)) for i in range(4)]
-    _, flat = flat_batches(Refilling(batches), lambda b: list(b), "validation")
+    _, flat = flat_batches(reiterable(Refilling(batches), "validation"), lambda b: list(b), "validation")
     assert [float(f[0][0, 0]) for f in flat] == [0.0, 1.0, 2.0, 3.0]
-    kept = list(checked_batches(Refilling(batches), (batches[0],)))
-    assert [float(b[0][0, 0]) for b in kept] == [0.0, 1.0, 2.0, 3.0]
-    assert list(checked_batches([(b,) for b in batches], (batches[0],)))[1][0] is batches[1]
+    data = reiterable(Refilling(batches), "calibration")
+    for _ in range(2):
+        kept = list(checked_batches(data, (batches[0],)))
+        assert [float(b[0][0, 0]) for b in kept] == [0.0, 1.0, 2.0, 3.0]
+    given = [(b,) for b in batches]
+    assert reiterable(given, "calibration") is given
 
 
 def test_an_endless_iterable_is_refused_past_the_read_limit(monkeypatch):
     """An endless generator given as data was read without end, its memory growing: past ``READ_LIMIT`` batches
-    it is a named error saying how to bound it."""
+    it is a named error saying how to bound it; a list of more batches is the user's to give."""
     import itertools
     from fxforge.compiler import quality
     monkeypatch.setattr(quality, "READ_LIMIT", 5)
     endless = ((torch.randn(2, 3),) for _ in itertools.count())
     with pytest.raises(fxforge.InputError, match=r"train data gave more than 5 batches \(an endless iterable\?\)"):
-        flat_batches(endless, lambda b: list(b), "train")
-    assert len(flat_batches(((torch.randn(2, 3),) for _ in range(5)), lambda b: list(b), "train")[1]) == 5
+        reiterable(endless, "train")
+    assert len(reiterable(((torch.randn(2, 3),) for _ in range(5)), "train")) == 5
+    assert len(reiterable([(torch.randn(2, 3),)] * 9, "train")) == 9
 
 
 def test_a_metric_callable_writing_into_its_arguments_changes_nothing_of_compiles(digits):
@@ -295,10 +299,21 @@ def test_a_metric_callable_writing_into_its_arguments_changes_nothing_of_compile
     assert all(r.max_rel_err < 1e-4 and r.metric == 1.0 for r in cm.report.rows)
 
 
+class Masked(nn.Module):
+    def forward(self, x, mask):
+        return torch.relu(x) * mask
+
+
 def test_constant_calibration_data_is_pointed_out():
     """Calibration data whose every input tensor holds one value (all zeros) tells the passes nothing of real
-    inputs: low_rank's error cap held on it while the model's error on real inputs was 40× the cap."""
+    inputs: low_rank's error cap held on it while the model's error on real inputs was 40× the cap. A constant
+    mask beside varying data is data."""
+    import warnings
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    with pytest.warns(UserWarning, match="every float input of the calibration data holds one value per tensor"):
+    with pytest.warns(UserWarning, match="every input tensor of the calibration data holds one value"):
         fxforge.compile(model, (torch.randn(2, 8),), passes=["insert_qdq", "calibrate"],
                         calibration=[(torch.zeros(2, 8),)] * 4, measure_latency=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxforge.compile(Masked().eval(), (torch.randn(2, 8), torch.ones(2, 8)), passes=["insert_qdq", "calibrate"],
+                        calibration=[(torch.randn(2, 8), torch.ones(2, 8))] * 4, measure_latency=False)

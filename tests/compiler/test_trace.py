@@ -265,6 +265,24 @@ def test_indices_read_through_a_reshape_are_bounded_too():
         cm(torch.tensor([[1, -1, 3]]))
 
 
+class KeepsRows(nn.Module):
+    """Selects rows with a boolean mask, reshaped first."""
+
+    def forward(self, x, keep):
+        return x[keep.view(-1)].sum(0)
+
+
+def test_a_boolean_mask_gets_no_index_bound():
+    """A boolean mask selects; its values 0 and 1 index nothing. Bounded like indices into a dimension of size 1
+    (the batch at batch size 1), a True was refused, and such a model did not compile."""
+    example = (torch.randn(3, 4), torch.tensor([[True], [False], [True]]))
+    _, sig = trace(KeepsRows().eval(), example)
+    assert sig.index_bounds == ()
+    cm = fxforge.compile(KeepsRows().eval(), example, measure_latency=False)
+    one = (torch.randn(1, 4), torch.tensor([[True]]))
+    assert torch.equal(cm(*one), KeepsRows()(*one))
+
+
 def test_a_mapping_that_is_not_a_dict_is_taken_as_one():
     """A tokenizer's output (``BatchEncoding``, a ``UserDict``) as the model's argument: pytree knows dicts only, and
     it was refused ("must be a tuple of tensors") where eager takes it; it compiles and calls as the dict it holds."""

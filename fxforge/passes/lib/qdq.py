@@ -23,7 +23,6 @@ from fxforge.compiler.errors import CalibrationError, PassError
 from fxforge.compiler.graph import get_tensor, set_tensor
 from fxforge.compiler.ops import (DEQUANTIZE, MATMUL, QUANTIZE, data, is_op, operands, q_params, qd, set_q_scale,
                                   weight_of)
-from fxforge.compiler.quality import read
 
 from .observers import HistogramObserver, Method
 
@@ -321,14 +320,13 @@ class _ReaderError(fx.Interpreter):
 
 
 def checked_batches(batches: Any, example: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Each calibration entry as a tuple of tensors matching the example inputs' count, dtypes and ranks, copied
-    where the data is not a list (:func:`quality.read`: passes keep the batches they read)."""
+    """Each calibration entry as a tuple of tensors matching the example inputs' count, dtypes and ranks."""
     try:
-        iter(batches)
+        iterator = iter(batches)
     except TypeError:
         raise CalibrationError(f"calibration data must be an iterable of input tuples, got "
                                f"{type(batches).__name__}") from None
-    for i, raw in enumerate(read(batches, "calibration")):
+    for i, raw in enumerate(iterator):
         batch = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw) if isinstance(raw, (tuple, list)) \
             else None
         if batch is None or len(batch) != len(example) or not all(isinstance(t, torch.Tensor) for t in batch):
