@@ -68,8 +68,8 @@ def reiterable(data: Iterable[Any] | None, kind: str) -> Iterable[Any] | None:
     copied: a loader refilling one buffer in place gave every kept batch the last one's values, and the accuracy
     budget held on copies of one batch; past ``READ_LIMIT`` items, an InputError (CalibrationError for calibration
     data)."""
-    if data is None or isinstance(data, (list, tuple)) or not isinstance(data, Iterable):  # the readers name a
-        return data  # non-iterable
+    if data is None or isinstance(data, (list, tuple)) or not isinstance(data, Iterable):
+        return data  # a list is the user's; what is not iterable, its readers name
     return list(_copied(data, kind)) if isinstance(data, Iterator) else Copied(data, kind)
 
 
@@ -223,9 +223,9 @@ class Validation:
             floats = [t for t in outputs if t.is_floating_point() and t.numel()]
             if floats and not any(torch.isfinite(t).any() for t in floats):
                 error = CalibrationError if "calibration" in self.kind else InputError
-                raise error(f"{self.kind} batch {i}: the model's outputs on it are all NaN or Inf, so nothing can "
-                                 "be measured on it (finite inputs overflowing inside the model?); give batches on "
-                                 "which the model computes finite values")
+                raise error(f"{self.kind} batch {i}: the model's outputs on it are all NaN or Inf, so nothing can be "
+                            "measured on it (finite inputs overflowing inside the model?); give batches on which the "
+                            "model computes finite values")
 
     def _metric(self, quality: Quality, outs: list[list[torch.Tensor]]) -> float | None:
         if self.metric is None:
