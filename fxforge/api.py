@@ -470,34 +470,48 @@ class _Rebatched:
 def passes_calibration(calibration: Iterable[Any] | None, signature: Signature, example: tuple[Any, ...],
                        pick: tuple[Callable[[Any], Any], str] | None) -> Iterable[Any] | None:
     """The user's calibration data as the passes read it: the inputs picked out of each item (``pick``, from
-    :func:`calibration_picker`), cut into the example's batch where the captured graph's batch is static, flattened
-    and checked against the signature (:func:`_flattener`). ``compile`` and ``autotune`` both read it so:
+    :func:`calibration_picker`), flattened where the model's inputs nest (:func:`_flattener`), cut into the
+    example's batch where the captured graph's batch is static, and checked against the signature
+    (:func:`_checker`). ``compile`` and ``autotune`` both read it so:
     autotune, reading the items as given, refused a dict-input model's batches and ran a static-batch graph on
     batches it cannot take (a raw error deep in torch.fx)."""
     if calibration is None:
         return None
     if pick is not None:
         calibration = MappedBatches(calibration, *pick)
+    if not all(isinstance(e, torch.Tensor) for e in example):  # a dict, a namedtuple among the inputs
+        calibration = MappedBatches(calibration, _flattener(signature), "calibration")
     if not signature.dynamic_batch:
         calibration = _Rebatched(calibration, example, "calibration")
-    nested = not all(isinstance(e, torch.Tensor) for e in example)
-    return MappedBatches(calibration, _flattener(signature, nested), "calibration")
+    return MappedBatches(calibration, _checker(signature), "calibration")
 
 
-def _flattener(signature: Signature, nested: bool) -> Callable[[Any], Any]:
-    """A calibration item as the flat tuple the passes read, checked against the signature as a call's inputs are
-    (:meth:`Signature.check`: a meta or sparse tensor, inputs of two batch sizes or token ids past an embedding failed
-    deep in a pass or in autotune, with torch's own words). For a ``nested`` model (a dict, a namedtuple among its
-    inputs) an item given like the example inputs, ``(dict,)``, is flattened. Items of another count or kind pass
-    as they are: ``checked_batches`` names them with hints ((input, label) pairs: ``input_key``)."""
+def _flattener(signature: Signature) -> Callable[[Any], Any]:
+    """For a model whose inputs nest (a dict, a namedtuple): a calibration item given like the example inputs,
+    ``(dict,)``, as the flat tuple the passes read, in the compiled order (a dict's keys in any order; a static batch
+    then cuts it); one already flat (as many tensors as the graph takes) stays."""
     count = len(signature.inputs)
 
     def flat(item: Any) -> Any:
-        tensors = item if isinstance(item, (tuple, list)) else (item,)
-        if all(isinstance(t, torch.Tensor) for t in tensors):
-            return tuple(signature.check(list(tensors))) if len(tensors) == count else item
-        return tuple(signature.flatten(tensors)) if nested else item
+        if isinstance(item, (tuple, list)) and len(item) == count and all(isinstance(t, torch.Tensor) for t in item):
+            return tuple(item)
+        return tuple(signature.flat(item if isinstance(item, (tuple, list)) else (item,)))
     return flat
+
+
+def _checker(signature: Signature) -> Callable[[Any], Any]:
+    """A flat calibration item checked against the signature as a call's inputs are (:meth:`Signature.check`: a
+    meta or sparse tensor, inputs of two batch sizes or token ids past an embedding failed deep in a pass or in
+    autotune, with torch's own words). Items of another count or kind pass as they are: ``checked_batches`` names
+    them with hints ((input, label) pairs: ``input_key``)."""
+    count = len(signature.inputs)
+
+    def checked(item: Any) -> Any:
+        tensors = item if isinstance(item, (tuple, list)) else (item,)
+        if len(tensors) == count and all(isinstance(t, torch.Tensor) for t in tensors):
+            return tuple(signature.check(list(tensors)))
+        return item
+    return checked
 
 
 def _capture(model: Any, example: tuple, static_batch: bool

@@ -136,12 +136,21 @@ class Signature:
 
     def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
         """Flatten call arguments and check count, shape and dtype against the compiled signature."""
+        aligned, flat = self._aligned_flat(args)
+        return self.check(flat, lambda i: _input_name(aligned, i))
+
+    def flat(self, args: Sequence[Any]) -> list[Any]:
+        """Call arguments flattened in the compiled order (a dict's keys as compiled), not checked: calibration
+        items before a static batch cuts them (:meth:`check` then)."""
+        return self._aligned_flat(args)[1]
+
+    def _aligned_flat(self, args: Sequence[Any]) -> tuple[Any, list[Any]]:
         aligned = _aligned((as_plain(tuple(args)), {}), _loads(self.in_spec))
         flat, spec = pytree.tree_flatten(aligned)
         if len(flat) == len(self.inputs) and _dumps(spec) != self.in_spec:  # the count alone made no sense of it
             raise InputError(f"the inputs are nested as {nesting(spec.children()[0])}, but the model was compiled "
                              f"for {nesting(_loads(self.in_spec).children()[0])} (* a tensor)")
-        return self.check(flat, lambda i: _input_name(aligned, i))
+        return aligned, flat
 
     def check(self, flat: list[Any], name: Callable[[int], str] = lambda i: f"input {i}") -> list[torch.Tensor]:
         """Check flat inputs (as :meth:`flatten` gives them; also the calibration batches the passes read) against

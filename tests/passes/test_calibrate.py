@@ -375,3 +375,32 @@ def test_calibrate_after_fold_qdq_is_refused_by_name():
                                         "folded"):
         fxforge.compile(model, (torch.randn(4, 16),), passes=["insert_qdq", "calibrate", "fold_qdq", "calibrate"],
                         calibration=calibration, backend="eager", measure_latency=False, max_drop=float("inf"))
+
+
+class Keyed(nn.Module):
+    """Takes a dict: a batch ``x`` and a side table ``w`` without the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, d):
+        return self.fc(d["x"]) + d["w"].sum(0)
+
+
+def test_dict_calibration_in_any_key_order_is_cut_for_a_static_batch():
+    """A static batch cuts each calibration item of a dict-input model into the compiled batch: items with the keys
+    in another order, or in a mapping that is no dict (a tokenizer's BatchEncoding), were cut as given, before being
+    put in the compiled order, and refused ("holds 3 samples, which the compiled batch of 2 does not divide"); they
+    calibrate exactly as the same items in the example's order."""
+    from collections import UserDict
+    torch.manual_seed(0)
+    model = Keyed().eval()
+    example = ({"x": torch.randn(2, 4), "w": torch.randn(3, 4)},)
+    items = [{"x": torch.randn(6, 4), "w": torch.randn(3, 4)} for _ in range(3)]
+    kw = dict(passes=["insert_qdq", "calibrate"], static_batch=True, measure_latency=False)
+    plain = fxforge.compile(model, example, calibration=[(d,) for d in items], **kw)
+    for given in ([({"w": d["w"], "x": d["x"]},) for d in items], [(UserDict(d),) for d in items]):
+        other = fxforge.compile(model, example, calibration=given, **kw)
+        assert other.report.row("calibrate").stats["batches"] == plain.report.row("calibrate").stats["batches"] == 9
+        assert _same_graph(plain, other)
