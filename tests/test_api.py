@@ -489,6 +489,18 @@ def test_a_forward_that_changes_the_models_state_is_warned_of():
     assert model.calls == 0  # the user's model is never run
 
 
+def test_a_torch_compiled_model_is_not_warned_of_as_changing_its_state():
+    """``torch.compile(model)`` wraps it in an ``OptimizedModule`` whose own attributes are dynamo's (a context that
+    every call changes): a stateless model was warned of as changing "its own state (dynamo_ctx)"."""
+    model = torch.compile(nn.Sequential(nn.Linear(8, 4)).eval(), backend="eager")
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = fxforge.compile(model, (torch.randn(2, 8),), backend="eager", measure_latency=False)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x))
+
+
 def test_a_model_left_in_training_mode_is_compiled_as_eval_and_warned_of():
     """Dropout and batch norm compute otherwise in training mode; compile captures the eval copy, and says so where
     the difference exists (an MLP with a dropout of p = 0 computes the same in training mode and gets no warning)."""

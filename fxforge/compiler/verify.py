@@ -17,6 +17,7 @@ import functools
 import math
 import numbers
 import re
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -376,12 +377,14 @@ class NumericCheck(Instrument):
             raise VerificationError(f"pass {p.name!r} made the graph write into its input {written[0]}; passes before "
                                     f"it: {', '.join(done) or 'none'}")
         if mismatch := changed_outputs(out, self.prev_out, values=p.exact) or _new_non_finite(out, self.prev_out):
+            self._refuse_if_random(gm, out)
             raise VerificationError(f"{'exact' if p.exact else 'approximate'} pass {p.name!r} changed the outputs: "
                                     f"{mismatch}; passes before it: {', '.join(done) or 'none'}")
         step = compare(out, self.prev_out)
         if p.exact and (over := beyond(step, self.tolerances)) and \
                 not within_rounding_noise(gm, self.inputs, out, self.prev_out):
             error, tolerance = over
+            self._refuse_if_random(gm, out)
             where = first_divergence(values, self.prev_values, tolerance) or \
                 diverging_output(gm, out, self.prev_out, tolerance)
             raise VerificationError(
@@ -390,6 +393,14 @@ class NumericCheck(Instrument):
         self.prev_out, self.prev_values = out, values
         self.bounding = self.bounding or not p.exact
         return compare(out, self.reference)
+
+    def _refuse_if_random(self, gm: fx.GraphModule, out: Any) -> None:
+        """Before a pass is blamed for moved outputs: a graph whose second run on the same inputs differs from its
+        first samples (``randn`` noise, dropout with ``training=True``), and every stage of it differs from the one
+        before, the pass or not (:data:`RANDOM_MODEL`)."""
+        again, _ = run_recording(gm, clone_inputs(self.inputs))
+        if compare(again, out).max_rel > EXACT_TOLERANCE:
+            raise VerificationError(RANDOM_MODEL)
 
 
 class ValidationCheck(Instrument):
@@ -655,16 +666,29 @@ def _state(model: torch.nn.Module) -> Any:
         return [(name, _fingerprint(t, seen, budget)) for name, t in
                 (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))] + [
             (f"{name}.{key}", _fingerprint(value, seen, budget))
-            for name, module in model.named_modules(remove_duplicate=False)
+            for name, module in model.named_modules(remove_duplicate=False) if not _compile_wrapper(module)
             for key, value in vars(module).items() if key not in ("_parameters", "_buffers", "_modules")]
     except _Opaque:
         return None
+
+
+def _compile_wrapper(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is torch.compile's wrapper (``OptimizedModule``): its own attributes are dynamo's (a
+    context that a call changes), not the model's state, which the module it wraps holds (a submodule, recorded).
+    A stateless compiled model was warned of as changing its state."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # no wrapper exists before torch.compile imported it
+    return dynamo is not None and isinstance(module, dynamo.OptimizedModule)
 
 
 def _same(before: Any, after: Any) -> bool:
     """Both states recorded and equal: the same names bound to the same objects with the same contents, each tensor
     at the same known version."""
     return before is not None and after is not None and before == after
+
+
+RANDOM_MODEL = ("your model gives other outputs on a second run on the same inputs (random ops in its forward: "
+                "sampling, dropout with training=True), so no compile of it can be checked against it: make its "
+                "forward deterministic, or pass verify='off' to compile it unchecked")
 
 
 def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example: tuple, exact: bool) -> Error:
@@ -676,10 +700,7 @@ def check_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, example:
     except VerificationError:
         again = pytree.tree_leaves(model.run(example))
         if compare(again, model.outputs("example", example)).max_rel > EXACT_TOLERANCE:
-            raise VerificationError("your model gives other outputs on a second run on the same inputs (random ops in "
-                                    "its forward: sampling, dropout with training=True), so no compile of it can be "
-                                    "checked against it: make its forward deterministic, or pass verify='off' to "
-                                    "compile it unchecked") from None
+            raise VerificationError(RANDOM_MODEL) from None
         raise
 
 

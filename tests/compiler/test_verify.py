@@ -561,6 +561,28 @@ def test_a_model_that_samples_is_named_not_its_backend(backend):
         fxforge.compile(Noisy().eval(), (torch.randn(2, 8),), backend=backend, measure_latency=False)
 
 
+
+class NoisyBatchNorm(nn.Module):
+    """Conv → batch norm, plus noise: ``fuse_batchnorm`` changes the graph, and the sample differs anyway."""
+
+    def __init__(self, dropout: bool):
+        super().__init__()
+        self.conv, self.bn, self.dropout = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), dropout
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return nn.functional.dropout(y, 0.1, training=True) if self.dropout else y + 0.01 * torch.randn_like(y)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_model_that_samples_is_named_not_the_first_exact_pass_that_changes_its_graph(dropout):
+    """The numeric check compared each exact stage with the one before it on the same inputs: a forward drawing
+    noise (or dropout with training=True) differed anyway, and the first exact pass that changed the graph was blamed
+    ("exact pass 'fuse_batchnorm' changed the outputs by 0.817 relative")."""
+    with pytest.raises(fxforge.VerificationError, match="your model gives other outputs on a second run"):
+        fxforge.compile(NoisyBatchNorm(dropout).eval(), (torch.randn(2, 3, 8, 8),), passes="fuse", backend="eager",
+                        measure_latency=False)
+
 class Cancels(nn.Module):
     """(x·10³ + 0.3) − x·10³: about 0.3, with float32 rounding noise of a few 10⁻⁴."""
 
