@@ -277,8 +277,9 @@ class Budget:
                  unlowered: str | None) -> list[Pass] | None:
         """The dynamic alternative to a static ``insert_qdq`` (``passes[at]``) that missed: the ``int8_dynamic``
         preset's quantization (``QUANTIZE_DYNAMIC``: SmoothQuant, then linears whose activations are quantized per
-        row at run time), the static pass's options kept (``skip``, ``reduce_range``, ...), in place of
-        ``passes[at:]``: static int8's own passes after it (``STATIC_ONLY``) drop out, exact ones stay.
+        row at run time), the static pass's options kept (``skip``, ``reduce_range``, ...) but those of static grids
+        (``InsertQdq.STATIC_OPTIONS``), in place of ``passes[at:]``: static int8's own passes after it
+        (``STATIC_ONLY``) drop out, exact ones stay.
 
         Tried where the linears it quantizes hold at least ``DYNAMIC_SHARE`` of the FLOPs (a transformer or an MLP:
         it leaves every other layer float; on a CNN it would quantize the classifier alone), measured on the graph
@@ -303,7 +304,8 @@ class Budget:
         if unlowered:
             record["not_tried"] = unlowered
             return None
-        dynamic = type(quantizer)(**{**quantizer.options(), "activations": "dynamic"})
+        kept = {k: v for k, v in quantizer.options().items() if k not in quantizer.STATIC_OPTIONS}
+        dynamic = type(quantizer)(**{**kept, "activations": "dynamic"})
         probe = self._run([dynamic], before, ctx)
         flops = Flops().run(probe, ctx)
         linear = sum(flops.get(n.name, 0) for n in call_nodes(probe, DYNAMIC_LINEAR))

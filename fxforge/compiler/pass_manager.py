@@ -180,6 +180,13 @@ class Pass:
                     for f in fields}
         return {k: v for k, v in self.options().items() if defaults[k] is dataclasses.MISSING or defaults[k] != v}
 
+    def refuse_unread(self, option: str, because: str | None) -> None:
+        """Refuse ``option`` given away from its default where another option leaves it unread (``because`` says
+        which, as "with X, which ..."; None: it is read): the report's row would name an option that changed
+        nothing (``low_rank{rank_ratio=0.5,energy=0.01}`` ran as ``rank_ratio=0.5`` alone)."""
+        if because is not None and option in self.changed_options():
+            raise PassError(f"{option}={getattr(self, option)!r} has no effect {because}: drop it")
+
     def spec(self, full: bool = False) -> str:
         """The ``name{opt=value,...}`` string ``resolve`` turns back into this pass: the options that differ from
         their defaults, or with ``full`` every option (a record that must mean the same pipeline even if a
@@ -206,6 +213,9 @@ def register_pass(cls: P) -> P:
     refused (registering it again from another module replaced the built-in in every preset)."""
     if not (isinstance(cls, type) and issubclass(cls, Pass)) or not isinstance(getattr(cls, "name", None), str):
         raise PassError(f"{cls!r} is not a Pass subclass with a string `name`")
+    _check_name(cls.name, "pass")
+    if cls.name in _PRESETS:  # the bare name ran the preset, and only name{} the pass
+        raise PassError(f"pass name {cls.name!r} is a preset's; give {cls.__qualname__} another name")
     builtin = _PASSES.get(cls.name)
     if builtin is not None and builtin.__module__.startswith("fxforge.") and not cls.__module__.startswith("fxforge."):
         # a user's or a package's class of the same name would replace it in every preset, silently
@@ -218,9 +228,26 @@ def register_pass(cls: P) -> P:
 
 
 def register_preset(name: str, passes: Sequence[str], doc: str) -> None:
-    """Name a sequence of passes (or other presets), e.g. ``"fuse"``."""
+    """Name a sequence of passes (or other presets), e.g. ``"fuse"``. The name must be new (a pass's name would run
+    the preset where the bare name is written and the pass where it has options), and every step must resolve now,
+    which also refuses a preset that contains itself."""
+    if not isinstance(passes, (list, tuple)) or not all(isinstance(p, str) for p in passes):
+        raise PassError(f"preset {name!r} must be a list of pass names, got {passes!r}")
+    _check_name(name, "preset")
+    if name in _PASSES or name in _PRESETS:
+        kind = "pass" if name in _PASSES else "preset"
+        raise PassError(f"{name!r} is already a {kind}; give the preset another name")
+    resolve(list(passes))  # an unknown step or option is refused here, not at the first compile that names it
     _PRESETS[name] = tuple(passes)
     _PRESET_DOCS[name] = doc
+
+
+def _check_name(name: str, what: str) -> None:
+    """A pass or preset name the spec grammar can write: an identifier ("my-pass" registered, and was then
+    "unknown" in a list that named it)."""
+    if not name.isidentifier():
+        raise PassError(f"{what} name {name!r} is not an identifier (letters, digits, _): the pass spec "
+                        f"name{{key=value,...}} could not name it")
 
 
 def available_passes() -> dict[str, str]:
@@ -362,8 +389,15 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return value in typing.get_args(hint)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:  # True is an int to Python; as a count it is a typo (sweeps=True ran one sweep)
+        return isinstance(value, int) and not isinstance(value, bool)
     if hint is type(None):
         return value is None
+    if origin is tuple and isinstance(value, tuple):  # the elements too: skip=(1,) failed deep in the pass
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(v, args[0]) for v in value)
+        return not args or len(args) == len(value) and all(_type_ok(v, h) for v, h in zip(value, args))
     base = origin or hint
     return isinstance(base, type) and isinstance(value, base)
 
@@ -371,6 +405,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if typing.get_args(hint):  # tuple[str, ...], not "tuple"
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", str(hint))
 
 

@@ -46,6 +46,8 @@ class Calibrate(Pass):
             raise ValueError(f"method must be one of {', '.join(METHODS)} or auto, got {self.method!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        self.refuse_unread("percentile", None if self.method in ("percentile", "auto") else
+                           f"with method={self.method!r}, which reads no percentile")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:

@@ -53,6 +53,8 @@ class DepthwiseSeparable(Pass):
             raise PassError(f"multiplier must be a positive integer, got {self.multiplier!r}")
         if self.flops is not None and self.multiplier is not None:
             raise PassError("flops chooses each conv's multiplier: it does not take multiplier")
+        self.refuse_unread("energy", "with flops, which chooses each conv's multiplier" if self.flops is not None else
+                           "with multiplier, which sets each conv's rank" if self.multiplier is not None else None)
 
     @property
     def reads_calibration(self) -> bool:  # type: ignore[override]

@@ -60,6 +60,10 @@ class Equalize(Pass):
     tolerance: float = 1e-3  # stop when max_i |log s_i| of a sweep is below this
     clip: Literal["rescale", "skip"] = "skip"  # pairs joined by hardtanh(·, 0, h): leave them, or rescale the clip
 
+    def __post_init__(self) -> None:
+        if self.sweeps < 1 or not 0.0 < self.tolerance < math.inf:  # sweeps=0 equalized nothing, silently
+            raise ValueError(f"equalize needs sweeps >= 1 and a finite tolerance > 0; got {self.options()}")
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
         pairs, clips = [], {}

@@ -101,6 +101,17 @@ class InsertQdq(Pass):
     float_stem_depthwise: bool = True  # a depthwise conv reading a float stem (through a clamp) stays float too
     shifted_inputs: bool = True  # dynamic: an input with a known lower bound (GELU, relu) on an unsigned grid
 
+    # options dynamic activations do not read (weights per channel, each row on its own grid; only linears)
+    STATIC_OPTIONS = ("per_channel", "activation_dtype", "symmetric_activations", "min_input_window",
+                      "max_stem_output", "float_stem_depthwise")
+
+    def __post_init__(self) -> None:
+        if self.min_input_window < 0 or self.max_stem_output < 0:
+            raise ValueError(f"min_input_window and max_stem_output must be >= 0; got {self.options()}")
+        for option in self.STATIC_OPTIONS:  # (shifted_inputs is read by static too: the budget's dynamic fallback)
+            self.refuse_unread(option, "with activations='dynamic' (per-channel int8 weights, each input row on "
+                                       "its own grid at run time)" if self.activations == "dynamic" else None)
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
         check_skip(self.name, self.skip, list(call_nodes(gm, *WEIGHTED, *MATMUL)))

@@ -69,6 +69,7 @@ class PruneChannels(Pass):
                 or self.scope not in ("global", "layer") or self.flops is not None and not 0.0 < self.flops <= 1.0:
             raise PassError(f"prune_channels needs 0 <= ratio < 1, round_to >= 1, importance in l1/l2/bn, scope "
                             f"global/layer and flops in (0, 1]; got {self.options()}")
+        self.refuse_unread("ratio", "with flops, which chooses each layer's ratio" if self.flops is not None else None)
 
     @property
     def reads_calibration(self) -> bool:  # type: ignore[override]

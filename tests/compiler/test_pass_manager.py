@@ -82,6 +82,47 @@ def test_wrong_option_name_and_type_are_pass_errors():
         resolve("test_scale{factor=}")
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("low_rank{rank_ratio=0.5,energy=0.5}", "energy=0.5 has no effect with rank_ratio"),
+    ("low_rank{flops=0.5,energy=0.5}", "energy=0.5 has no effect with flops or max_error"),
+    ("depthwise_separable{multiplier=2,energy=0.5}", "energy=0.5 has no effect with multiplier"),
+    ("depthwise_separable{flops=0.5,energy=0.5}", "energy=0.5 has no effect with flops"),
+    ("prune_channels{flops=0.5,ratio=0.5}", "ratio=0.5 has no effect with flops"),
+    ("calibrate{percentile=60}", "percentile=60 has no effect with method='minmax'"),
+    ("insert_qdq{activations='dynamic',per_channel=False}", "per_channel=False has no effect with activations='dyn"),
+    ("insert_qdq{activations='dynamic',activation_dtype='int8'}", "activation_dtype='int8' has no effect"),
+    ("insert_qdq{min_input_window=-1}", "min_input_window and max_stem_output must be >= 0"),
+    ("equalize{sweeps=0}", "equalize needs sweeps >= 1"),
+    ("equalize{tolerance=-1}", "finite tolerance > 0"),
+    ("equalize{sweeps=True}", "option 'sweeps' of pass 'equalize' must be int, got True"),
+    ("insert_qdq{skip=(1,)}", r"option 'skip' of pass 'insert_qdq' must be tuple\[str, \.\.\.\], got \(1,\)"),
+])
+def test_an_option_another_leaves_unread_or_out_of_range_is_refused(spec, message):
+    """Found by a differential run: each was accepted and named in the report's row, and changed nothing (an option
+    another one overrides, ``sweeps=0``) or failed deep in the pass (``skip=(1,)``: a TypeError of str + int)."""
+    with pytest.raises(fxforge.PassError, match=message):
+        resolve(spec)
+    assert resolve("calibrate{method='percentile',percentile=99.0}")[0].percentile == 99.0  # read: accepted
+
+
+def test_a_pass_or_preset_name_must_be_new_and_writable_in_a_spec():
+    """Found by a differential run: a user pass named "fuse" registered, and ``passes=["fuse"]`` ran the preset
+    while ``"fuse{}"`` ran the pass; a preset named "low_rank" shadowed the pass the same way; a preset holding itself
+    raised a bare RecursionError at compile; "my-pass" registered and was then listed as valid beside the error
+    "unknown pass 'my-pass'"."""
+    with pytest.raises(fxforge.PassError, match="pass name 'fuse' is a preset's"):
+        fxforge.register_pass(type("MyFuse", (Scale,), {"name": "fuse", "__module__": __name__}))
+    with pytest.raises(fxforge.PassError, match="not an identifier"):
+        fxforge.register_pass(type("Dashed", (Scale,), {"name": "my-pass", "__module__": __name__}))
+    with pytest.raises(fxforge.PassError, match="'low_rank' is already a pass"):
+        fxforge.register_preset("low_rank", ["fuse_batchnorm"], "shadows a pass")
+    with pytest.raises(fxforge.PassError, match="'int8' is already a preset"):
+        fxforge.register_preset("int8", ["fuse"], "replaces a preset")
+    with pytest.raises(fxforge.PassError, match="unknown pass 'test_loop'"):
+        fxforge.register_preset("test_loop", ["test_loop"], "holds itself")
+    assert "test_loop" not in fxforge.available_passes()
+
+
 def test_exact_pass_that_changes_numbers_is_caught_naming_pass_and_node():
     @fxforge.register_pass
     class Broken(Scale):
