@@ -35,6 +35,7 @@ import fxforge
 from fxforge.backends.base import check_replaceable, check_writable
 from fxforge.compiler.errors import CalibrationError, FxforgeError, InputError, first_line
 from fxforge.compiler.pass_manager import VERIFY_MODES
+from fxforge.compiler.quality import reiterable
 from fxforge.compiler.verify import ModelRuns
 
 EXIT_USAGE = 2
@@ -100,8 +101,25 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
     print(f"fxforge: warning: {text}", file=sys.stderr)
 
 
+class _Once(argparse._StoreAction):
+    """An option given twice is refused: argparse kept the last, and ``--passes 'low_rank{energy=0.5}' --passes fuse``
+    compiled ``fuse`` alone, without a word (``--input-shape`` and ``--input`` repeat, ``append``: not this)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string is not None and getattr(namespace, self.dest, self.default) is not self.default:
+            parser.error(f"{'/'.join(self.option_strings)} given twice: give it once")
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: its own print the whole usage block first (11 lines for ``compile``)."""
+    """argparse with one-line errors: its own print the whole usage block first (11 lines for ``compile``); an
+    option given twice is an error (:class:`_Once`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -307,6 +325,22 @@ def _check_out(text: str) -> None:
     check_writable(Path(text), "--out")
 
 
+def _check_save(save: Path) -> None:
+    """Refuse a ``run --save`` file that exists and is no earlier run's outputs (an .npz of arrays named arr_0,
+    arr_1, ... alone): a user's data.npz was replaced without a word."""
+    import numpy as np
+    if not save.exists():
+        return
+    try:
+        with np.load(save, allow_pickle=False) as earlier:
+            ours = all(name.startswith("arr_") and name[4:].isdigit() for name in earlier.files)
+    except (OSError, ValueError, EOFError):
+        ours = False
+    if not ours:
+        raise InputError(f"--save {save} exists and holds no earlier `fxforge run` outputs; refusing to overwrite: "
+                         "choose another file")
+
+
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -316,6 +350,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.save:  # numpy adds the suffix itself: say the file it writes, and check where before running anything
         save = Path(args.save if args.save.endswith(".npz") else f"{args.save}.npz")
         check_writable(save, "--save", directory=False)  # numpy makes no folders
+        _check_save(save)
     artifact = fxforge.load(args.artifact)
     inputs = []
     for file in args.input:
@@ -356,6 +391,8 @@ def _backend_options(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--backend-option takes KEY=VALUE, got {pair!r}")
+        if key.strip() in options:  # the last one was kept, silently
+            raise InputError(f"--backend-option {key.strip()} given twice: give it once")
         try:
             options[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -393,8 +430,10 @@ def _calibration(spec: str, what: str = "calibration") -> list[Any]:
     except TypeError:
         shown = "None" if batches is None else f"a {type(batches).__name__}"
         raise CalibrationError(f"{what} function {spec} returned {shown}, not an iterable of input tuples") from None
-    try:  # a generator runs its body here
-        return list(iterator)
+    try:  # a generator runs its body here; an endless one stops at compile's limit (quality.READ_LIMIT), not at
+        return reiterable(iterator, what)  # the machine's memory
+    except FxforgeError:
+        raise
     except Exception as e:
         raise CalibrationError(f"{what} function {spec} raised {type(e).__name__}: {first_line(e)}") from None
 
@@ -409,7 +448,7 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.model or not args.input_shape:
         raise InputError("fxforge bench needs MODULE:FACTORY and --input-shape (or --list to see the systems)")
     if args.out:  # found before any timing, not after
-        check_writable(args.out, "--out")
+        _check_bench_out(args.out)
     if args.systems:
         wanted = [w.strip().replace("->", "→") for w in args.systems.split(";")]
         unknown = [w for w in wanted if w not in {s.name for s in systems}]
@@ -445,12 +484,35 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_FILES = ("results.md", "results.json", "latency_vs_error.png", "speedup.png")
+
+
+def _check_bench_out(out: Path) -> None:
+    """Refuse a ``bench --out`` where it would replace a user's files: one of :data:`BENCH_FILES` there, unless the
+    directory holds an earlier bench's results (its results.json: the run's facts and rows). The user's
+    results.md and results.json were overwritten without a word, where ``compile --out`` refuses."""
+    check_writable(out, "--out")
+    taken = [name for name in BENCH_FILES if (out / name).exists()]
+    if taken and not _earlier_bench(out / "results.json"):
+        raise InputError(f"--out {out} holds {', '.join(taken)}, not written by fxforge bench; refusing to "
+                         "overwrite: choose another directory")
+
+
+def _earlier_bench(results: Path) -> bool:
+    try:
+        written = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and isinstance(written.get("rows"), list) and "machine" in written
+
+
 def _tune(args: argparse.Namespace) -> int:
     from fxforge.compiler.pass_manager import split_passes
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise InputError("--rpc-tracker and --rpc-key go together: the tracker and the key its devices registered "
                          "with")
-    tune = {"trials": args.trials, **({"trials_per_task": args.trials_per_task} if args.trials_per_task else {}),
+    tune = {"trials": args.trials,  # trials_per_task=0 was dropped, where tune_options refuses it
+            **({"trials_per_task": args.trials_per_task} if args.trials_per_task is not None else {}),
             **({"db": args.db} if args.db else {}),
             **({"rpc": {"tracker": args.rpc_tracker, "key": args.rpc_key}} if args.rpc_key else {})}
     from fxforge.backends.tvm.tuning import tune_options

@@ -56,6 +56,44 @@ def test_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
     assert err.startswith("fxforge: error:") and message in err and "\n" not in err
 
 
+def endless():
+    while True:
+        yield (torch.randn(4, 32),)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "low_rank{energy=0.5}", "--passes", "fuse"],
+     "--passes given twice: give it once"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--backend", "onnx", "--backend-option", "opset=18",
+      "--backend-option", "opset=20"], "--backend-option opset given twice"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "int8", "--calibration", "test_cli:endless"],
+     "calibration data gave more than 10000 batches (an endless iterable?)"),
+    (["tune", "models:Mlp", "--input-shape", "4,32", "--trials", "4", "--trials-per-task", "0"],
+     "trials_per_task must be an integer of at least 1"),
+])
+def test_what_the_cli_dropped_or_read_without_end_is_refused(argv, message, capsys):
+    """Found by a differential run: an option given twice kept the last (``--passes a --passes b`` compiled b
+    alone); ``--trials-per-task 0`` was dropped; an endless ``--calibration`` generator was listed until memory ran
+    out, before compile's limit on batches could say so."""
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own errors exit there
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+
+
+def test_bench_refuses_an_out_directory_holding_a_users_results(tmp_path, capsys):
+    """Found by a differential run: ``bench --out`` replaced a user's results.md and results.json without a word,
+    where ``compile --out`` refuses a directory it did not write."""
+    (tmp_path / "results.md").write_text("# mine")
+    assert main(["bench", "models:Mlp", "--input-shape", "4,32", "--systems", "eager", "--rounds", "1",
+                 "--out", str(tmp_path)]) == 2
+    assert "holds results.md, not written by fxforge bench; refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "results.md").read_text() == "# mine"
+
+
 def two_line_factory():
     raise RuntimeError("factory failed\nsecond line of the message")
 
@@ -127,6 +165,11 @@ def test_console_script_compiles_a_model_from_the_current_directory_and_runs_the
     artifact = fxforge.load(tmp_path / "art")
     assert artifact.signature.dynamic_batch is False
     np.testing.assert_allclose(np.load(tmp_path / "y.npz")["arr_0"], artifact(torch.ones(2, 4)).numpy())
+    assert console("run", "art", "--input", "x.npy", "--save", "y", cwd=tmp_path).returncode == 0  # its own: again
+    np.savez(tmp_path / "data.npz", labels=np.arange(3))  # a user's file: the outputs replaced it without a word
+    refused = console("run", "art", "--input", "x.npy", "--save", "data.npz", cwd=tmp_path)
+    assert refused.returncode == 2 and "--save data.npz exists and holds no earlier `fxforge run` outputs" in \
+        refused.stderr and list(np.load(tmp_path / "data.npz")) == ["labels"]
 
 
 def test_version_and_python_dash_m():
