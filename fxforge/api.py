@@ -543,7 +543,7 @@ def _without_kv_cache(model: Any) -> tuple[Any, list[str]]:
     cached = list(configs.values())
     if not cached:
         return model, []
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     for m in model.modules():
         if getattr(getattr(m, "config", None), "use_cache", None) is True:
             m.config.use_cache = False

@@ -2,6 +2,7 @@
 import copy
 import math
 import json
+import types
 import warnings
 
 import pytest
@@ -487,6 +488,59 @@ def test_a_forward_that_changes_the_models_state_is_warned_of():
         cm = fxforge.compile(model, (torch.randn(2, 4),), backend="eager", measure_latency=False)
     cm(torch.randn(2, 4))
     assert model.calls == 0  # the user's model is never run
+
+
+class CountsInBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+def _wrapped(model: nn.Module) -> nn.Module:
+    """``model.forward`` replaced by a closure over the bound forward (post-processing, as users wrap outputs)."""
+    forward = model.forward
+    model.forward = lambda x: forward(x) + 1
+    return model
+
+
+_unwrapped = None  # the global a script's wrapper reads, as in ``orig = m.forward; m.forward = lambda x: orig(x)``
+_handle = None  # a one-shot hook's handle, global as in a script
+
+
+def _global_wrapper(x):
+    return _unwrapped(x) + 1
+
+
+def _once(module, inputs):
+    _handle.remove()
+    return (inputs[0] * 2,)
+
+
+def test_a_forward_or_hook_that_reaches_the_model_itself_runs_on_the_copy():
+    """Found by a differential run: deepcopy shares functions, so a copy whose forward wraps the original's bound
+    forward (through a closure or a global) ran the user's model: its counter went 0 → 2 (batch-norm statistics
+    in training mode alike); a one-shot pre-hook removed itself from the user's model through its global handle."""
+    global _unwrapped, _handle
+    x = torch.randn(3, 8)
+    for model in (_wrapped(CountsInBuffer().eval()), CountsInBuffer().eval()):
+        if not isinstance(model.__dict__.get("forward"), types.FunctionType):
+            _unwrapped, model.forward = model.forward, _global_wrapper
+        with pytest.warns(UserWarning, match="forward changes the model's own state"):
+            cm = fxforge.compile(model, (torch.randn(2, 8),), backend="eager", measure_latency=False)
+        assert model.calls.item() == 0
+        torch.testing.assert_close(cm(x), model.fc(x) + 1)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    _handle = model.register_forward_pre_hook(_once)
+    with pytest.warns(UserWarning, match="the model has hooks"):
+        cm = fxforge.compile(model, (torch.randn(2, 8),), backend="eager", measure_latency=False)
+    assert len(model._forward_pre_hooks) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model[0](2 * x))
 
 
 def test_a_torch_compiled_model_is_not_warned_of_as_changing_its_state():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.utils.hooks import RemovableHandle
 
 from .dynamic_quant import DYNAMIC_LINEAR
 from .analysis.shapes import Shapes
@@ -533,13 +534,71 @@ def copy_model(model: torch.nn.Module) -> torch.nn.Module:
     ``torch.nn.utils.prune`` or of the legacy ``weight_norm`` leaves on its module after a forward with gradients
     (the raw RuntimeError surfaced from compile)."""
     try:
-        return copy.deepcopy(model)
+        memo: dict[int, Any] = {}
+        copied = copy.deepcopy(model, memo)
+        _rebind_closures(copied, memo)
+        return copied
     except RuntimeError as e:
         cause = ("a module holds a tensor computed with gradients, which deepcopy refuses (a torch.nn.utils.prune or "
                  "weight_norm hook leaves one after a forward with gradients): run the model's last forward under "
                  "torch.no_grad(), or make the pruning permanent with torch.nn.utils.prune.remove"
                  if "deepcopy protocol" in str(e) else first_line(e))
         raise InputError(f"fxforge cannot copy the model: {cause}") from None
+
+
+def _rebind_closures(copied: torch.nn.Module, memo: dict[int, Any]) -> None:
+    """The functions a module holds itself (``m.forward = lambda x: post(orig(x))``, a hook) made to reach the
+    model's copy where they reach the model: deepcopy shares a function as it is, so the copy's forward called
+    ``orig``, the user's own bound forward (a closure's or a global's), and compile ran and changed the user's model
+    (batch-norm statistics, a counter); a one-shot hook removed itself from the user's model through its global
+    handle. ``memo``: the deepcopy's, original id → copy."""
+    for module in copied.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, types.FunctionType):
+                setattr(module, key, _into_copy(value, memo))
+            elif key.endswith("_hooks") and isinstance(value, dict):
+                for hook, fn in list(value.items()):
+                    value[hook] = _into_copy(fn, memo)
+
+
+def _into_copy(value: Any, memo: dict[int, Any]) -> Any:
+    """``value``'s counterpart in the copy where it refers into the model (a submodule, parameter or buffer; a
+    method bound to one; a hook handle on one's hooks; a function whose closure or globals hold such), else
+    ``value`` itself: other objects a function reaches stay shared, as the user wrote them."""
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, types.MethodType) and id(value.__self__) in memo:
+        return types.MethodType(value.__func__, memo[id(value.__self__)])
+    if isinstance(value, RemovableHandle):
+        hooks = value.hooks_dict_ref()
+        return copy.deepcopy(value, memo) if hooks is not None and id(hooks) in memo else value
+    if not isinstance(value, types.FunctionType):
+        return value
+    memo[id(value)] = value  # while its own references are looked at (a recursive function)
+    cells = tuple(types.CellType(_into_copy(_contents(c), memo)) if _contents(c) is not _EMPTY_CELL else c
+                  for c in value.__closure__ or ())
+    names = {n: _into_copy(value.__globals__[n], memo) for n in value.__code__.co_names if n in value.__globals__}
+    moved = {n: v for n, v in names.items() if v is not value.__globals__[n]}
+    if not moved and all(a is b for a, b in zip(cells, value.__closure__ or ())) and \
+            all(_contents(a) is _contents(b) for a, b in zip(cells, value.__closure__ or ())):
+        del memo[id(value)]
+        return value
+    new = types.FunctionType(value.__code__, {**value.__globals__, **moved} if moved else value.__globals__,
+                             value.__name__, value.__defaults__, cells or None)
+    new.__kwdefaults__, new.__dict__ = value.__kwdefaults__, dict(value.__dict__)
+    new.__qualname__, new.__doc__, new.__module__ = value.__qualname__, value.__doc__, value.__module__
+    memo[id(value)] = new
+    return new
+
+
+_EMPTY_CELL = object()
+
+
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return _EMPTY_CELL
 
 
 class ModelRuns:
@@ -575,7 +634,7 @@ class ModelRuns:
             if self._unchanged is not None:
                 (model, before), self._unchanged = self._unchanged, None
             else:
-                model, self.copies = copy.deepcopy(self.model), self.copies + 1
+                model, self.copies = copy_model(self.model), self.copies + 1
                 before = _state(model)
             with torch.no_grad():
                 out = model(*clone_inputs(inputs))
