@@ -328,6 +328,8 @@ def train_readers(spec: str | Pass | Sequence[str | Pass]) -> list[str]:
 
 def _expand(item: str | Pass) -> list[Pass]:
     if isinstance(item, Pass):
+        if not isinstance(getattr(item, "name", None), str):  # a raw AttributeError later
+            raise PassError(f"{type(item).__name__} is a Pass without a string `name`: give the class one")
         return [item]
     if not isinstance(item, str):
         raise PassError(f"a pass must be a name or a fxforge.Pass instance, got {type(item).__name__}")
@@ -355,7 +357,9 @@ def _parse_options(name: str, text: str) -> dict[str, Any]:
         call = ast.parse(f"f({text})", mode="eval").body
     except SyntaxError:
         call = None
-    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+    # the call must be f's own: "energy=0.01)(" parses as f(energy=0.01)(), whose options were dropped silently
+    if not isinstance(call, ast.Call) or not (isinstance(call.func, ast.Name) and call.func.id == "f") or \
+            call.args or any(kw.arg is None for kw in call.keywords):
         raise PassError(f"cannot parse options of {name!r}: {text!r} (write name{{key=value,...}})")
     options: dict[str, Any] = {}
     for kw in call.keywords:

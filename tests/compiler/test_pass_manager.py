@@ -95,6 +95,7 @@ def test_wrong_option_name_and_type_are_pass_errors():
     ("equalize{sweeps=0}", "equalize needs sweeps >= 1"),
     ("equalize{tolerance=-1}", "finite tolerance > 0"),
     ("equalize{sweeps=True}", "option 'sweeps' of pass 'equalize' must be int, got True"),
+    ("low_rank{energy=0.01)(}", r"cannot parse options of 'low_rank'"),  # was f(energy=0.01)(): the defaults
     ("insert_qdq{skip=(1,)}", r"option 'skip' of pass 'insert_qdq' must be tuple\[str, \.\.\.\], got \(1,\)"),
 ])
 def test_an_option_another_leaves_unread_or_out_of_range_is_refused(spec, message):
