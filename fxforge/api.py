@@ -374,6 +374,9 @@ def _check_tensors(model: torch.nn.Module) -> None:
     bn_stats = {f"{name}.{stat}" for name, m in model.named_modules()
                 if isinstance(m, torch.nn.modules.batchnorm._NormBase) for stat in ("running_mean", "running_var")}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if torch.nn.parameter.is_lazy(t):  # its detach raised a raw ValueError
+            raise InputError(f"model tensor {name!r} is an uninitialized lazy parameter (LazyLinear, LazyConv2d, ...): "
+                             "run the model once on an example input first, which gives it its shape")
         t = t.detach()  # a parameter made under inference_mode refuses isinf's autograd (a raw RuntimeError)
         if t.is_meta:
             raise InputError(f"model tensor {name!r} is on the meta device (it has no data); load the weights "

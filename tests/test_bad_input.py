@@ -31,6 +31,19 @@ class ReturnsNone(nn.Module):
         return None
 
 
+class Logits(dict):
+    """A dict subclass pytree does not know (a model's output class)."""
+
+
+class ReturnsLogits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> Logits:
+        return Logits(logits=self.fc(x))
+
+
 class DataDependent(nn.Module):
     """Branches on a tensor's value: torch.export cannot capture it."""
 
@@ -313,6 +326,9 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: gathered(1, "onnx", [[1], [8]])),
     ("a model returning None", fxforge.InputError, r"the model returns no tensor \(got NoneType\)",
      lambda t, mp: compile_(ReturnsNone(), backend="onnx")),
+    ("a model returning its tensor in a dict subclass", fxforge.InputError,
+     r"the model returns its tensors inside a Logits, which torch\.utils\._pytree cannot see into",
+     lambda t, mp: compile_(ReturnsLogits())),
     ("a plain function instead of a module", fxforge.TraceError, r"expected a torch\.nn\.Module, got builtin_function_or_method",
      lambda t, mp: compile_(torch.relu)),
     ("a bfloat16 model on ONNX Runtime's CPU", fxforge.BackendError,
@@ -427,6 +443,9 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("a model on the meta device", fxforge.InputError,
      r"model tensor '0\.weight' is on the meta device \(it has no data\)",
      lambda t, mp: compile_(mlp().to("meta"))),
+    ("an uninitialized lazy module (never run)", fxforge.InputError,
+     r"model tensor '0\.weight' is an uninitialized lazy parameter",
+     lambda t, mp: compile_(nn.Sequential(nn.LazyLinear(3)))),
     # saved artifacts
     ("artifact directory without fxforge.json", fxforge.ArtifactError,
      r"is not an fxforge artifact \(no fxforge\.json\)",

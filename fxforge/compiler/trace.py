@@ -793,8 +793,10 @@ class _References:
                              f"{first_line(e)}") from None
         out = runs.cached["example"]
         if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
-            opaque = next((leaf for leaf in pytree.tree_leaves(out)
-                           if any(isinstance(v, torch.Tensor) for v in getattr(leaf, "__dict__", {}).values())), None)
+            opaque = next((leaf for leaf in pytree.tree_leaves(out) if any(isinstance(v, torch.Tensor) for v in (
+                *getattr(leaf, "__dict__", {}).values(),  # a dict or list subclass holds its tensors as items
+                *(leaf.values() if isinstance(leaf, dict) else leaf if isinstance(leaf, (list, tuple)) else ())))),
+                          None)
             if opaque is not None:  # a dataclass or object that pytree sees as one leaf
                 raise InputError(f"the model returns its tensors inside a {type(opaque).__name__}, which "
                                  "torch.utils._pytree cannot see into: register the class (torch.utils._pytree."
