@@ -28,7 +28,7 @@ from fxforge.compiler.timing import measure_latency as measure_latency_of
 from fxforge.compiler.trace import (Signature, ambient_autocast, as_plain, byte_span, quantized_inputs, trace,
                                    without_autocast)
 from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, copy_model, exact_tolerance,
-                                    is_quantized)
+                                    is_quantized, untouched)
 
 InputKey = int | str | Sequence[int | str]  # input_key: where a calibration item holds the model's inputs
 
@@ -69,7 +69,17 @@ def _outside_autocast(compile_fn: Callable[..., CompiledModel]) -> Callable[...,
     return compile
 
 
+def _leaving_the_model_as_it_was(compile_fn: Callable[..., CompiledModel]) -> Callable[..., CompiledModel]:
+    """``compile_fn`` held to leaving its model (the first argument) as it found it (:func:`verify.untouched`)."""
+    @functools.wraps(compile_fn)
+    def compile(*args: Any, **kwargs: Any) -> CompiledModel:
+        with untouched(args[0] if args else kwargs.get("model")):
+            return compile_fn(*args, **kwargs)
+    return compile
+
+
 @_outside_autocast
+@_leaving_the_model_as_it_was
 def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Sequence[str | Pass] | None = None,
             backend: str = "eager", target: str | Target = "x86", calibration: Iterable[Any] | None = None,
             calibration_fn: Callable[[Any], Any] | None = None, input_key: InputKey | None = None,
@@ -332,14 +342,18 @@ def _warn_if_only_other_dtypes(report: Report) -> None:
 
 def _training_modules(model: Any) -> str:
     """The submodules of ``model`` left in training mode whose output eval mode changes (dropout with p > 0, batch
-    and instance norm with running statistics), in words; "" when there are none. Code that reads ``self.training``
-    itself is not seen."""
+    and instance norm with running statistics, the hook of ``torch.nn.utils.spectral_norm``, whose power iteration
+    runs in training only: 7.5× off eval's output unwarned), in words; "" when there are none. Code that reads
+    ``self.training`` itself is not seen."""
     if not isinstance(model, torch.nn.Module):
         return ""
+    from torch.nn.utils.spectral_norm import SpectralNorm
     kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
     found = [f"{name or 'the model'}: {type(m).__name__}" for name, m in model.named_modules()
              if getattr(m, "training", False) and isinstance(m, kinds) and getattr(m, "track_running_stats", True)
              and getattr(m, "p", 1) != 0]
+    found += [f"{name or 'the model'}: spectral_norm" for name, m in model.named_modules()
+              if m.training and any(isinstance(h, SpectralNorm) for h in m._forward_pre_hooks.values())]
     return _listed(found)
 
 

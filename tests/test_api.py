@@ -543,6 +543,35 @@ def test_a_forward_or_hook_that_reaches_the_model_itself_runs_on_the_copy():
         torch.testing.assert_close(cm(x), model[0](2 * x))
 
 
+_reached = None  # the model a forward reaches through a module-level global, not through self
+
+
+class CountsThroughAGlobal(CountsInBuffer):
+    def forward(self, x):
+        _reached.calls += 1
+        return self.fc(x)
+
+
+class CopiesAsItself(nn.Sequential):
+    def __deepcopy__(self, memo):
+        return self  # deepcopy gives the model itself: every run and eval() of "the copy" is the user's
+
+
+def test_a_model_that_compile_would_change_through_a_reference_its_copy_shares_is_named_or_restored():
+    """Found by a differential run: references deepcopy keeps (a global the forward reads, a weakref, a closure over
+    a container, ``__deepcopy__`` returning self) let compile run and change the user's model: a counter went
+    0 → 2, batch-norm statistics moved, a model in training mode came back in eval mode. A changed tensor is a named
+    error; modes and hooks are put back."""
+    global _reached
+    _reached = model = CountsThroughAGlobal().eval()
+    with pytest.raises(fxforge.InputError, match=r"compiling changed your model \(calls\): code the model holds "
+                                                 r"reaches the model itself"):
+        fxforge.compile(model, (torch.randn(2, 8),), backend="eager", measure_latency=False)
+    model = CopiesAsItself(nn.Linear(8, 4), nn.Dropout(0.0))  # in training mode, as built
+    fxforge.compile(model, (torch.randn(2, 8),), backend="eager", measure_latency=False)
+    assert all(m.training for m in model.modules())
+
+
 def test_a_torch_compiled_model_is_not_warned_of_as_changing_its_state():
     """``torch.compile(model)`` wraps it in an ``OptimizedModule`` whose own attributes are dynamo's (a context that
     every call changes): a stateless model was warned of as changing "its own state (dynamo_ctx)"."""
@@ -562,6 +591,9 @@ def test_a_model_left_in_training_mode_is_compiled_as_eval_and_warned_of():
     with pytest.warns(UserWarning, match=r"the model is in training mode \(1: BatchNorm2d\)"):
         fxforge.compile(model, (torch.randn(2, 3, 8, 8),), backend="eager", measure_latency=False)
     assert model.training  # the user's module is left as it was
+    normed = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)))  # power iteration in training mode only
+    with pytest.warns(UserWarning, match=r"the model is in training mode \(0: spectral_norm\)"):
+        fxforge.compile(normed, (torch.randn(2, 4),), backend="eager", measure_latency=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fxforge.compile(model.eval(), (torch.randn(2, 3, 8, 8),), backend="eager", measure_latency=False)

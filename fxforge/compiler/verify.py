@@ -11,6 +11,7 @@ worst of them plus the spread between the best and the worst.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import enum
 import functools
@@ -20,7 +21,7 @@ import re
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -544,6 +545,57 @@ def copy_model(model: torch.nn.Module) -> torch.nn.Module:
                  "torch.no_grad(), or make the pruning permanent with torch.nn.utils.prune.remove"
                  if "deepcopy protocol" in str(e) else first_line(e))
         raise InputError(f"fxforge cannot copy the model: {cause}") from None
+
+
+@contextlib.contextmanager
+def untouched(model: Any) -> Iterator[None]:
+    """Run the block (a compile) and hold ``model`` to the state it had: fxforge runs copies, but code the model
+    holds can reach the model itself where the copy shares a reference deepcopy keeps (a weakref, a dict a closure
+    holds, a module-level global that forward calls, a ``__deepcopy__`` returning ``self``), and compile then ran
+    and changed the user's model (batch-norm statistics in training mode, a counter, its mode, its hooks).
+    Modes and hook dicts are put back; any other change (a tensor written, an attribute rebound) is an InputError
+    naming it, raised in place of the block's own error, which such a run makes misleading (torch.export's
+    "Constant lifted_tensor_2 is mutated")."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    hooks = [(d, dict(d)) for m in model.modules() for k, d in vars(m).items()
+             if k.endswith("_hooks") and isinstance(d, dict)]
+    before, tensors = _state(model), _tensor_sums(model)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for d, items in hooks:
+            if dict(d) != items:
+                d.clear()
+                d.update(items)
+        after = _state(model)
+        changed = [name for name, sum_ in _tensor_sums(model).items() if not _same_sum(tensors.get(name), sum_)]
+        if not changed and before is not None and after is not None and before != after:
+            changed = [name.lstrip(".") for (name, a), (_, b) in zip(before, after) if a != b] or ["its attributes"]
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise InputError(f"compiling changed your model ({shown}): code the model holds reaches the model "
+                             "itself, not fxforge's copy of it (a weakref, a global its forward calls, a closure "
+                             "over a container, a __deepcopy__ returning self); make forward reach the model through "
+                             "self") from None
+
+
+def _tensor_sums(model: torch.nn.Module) -> dict[str, float]:
+    """Each parameter's and buffer's sum in float64, by name: a write shows even where no version counts it (batch
+    norm's running statistics, updated inside its kernel) and where the model's state cannot be fingerprinted (a
+    weakref attribute)."""
+    with torch.no_grad():
+        return {name: float(torch.sum(t, dtype=torch.float64)) if not t.is_meta and t.numel() else 0.0
+                for name, t in (*model.named_parameters(remove_duplicate=False),
+                                *model.named_buffers(remove_duplicate=False)) if not t.is_complex()}
+
+
+def _same_sum(a: float | None, b: float) -> bool:
+    return a is not None and (a == b or math.isnan(a) and math.isnan(b))
 
 
 def _rebind_closures(copied: torch.nn.Module, memo: dict[int, Any]) -> None:
