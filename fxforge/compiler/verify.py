@@ -591,7 +591,8 @@ def _tensor_sums(model: torch.nn.Module) -> dict[str, float]:
     with torch.no_grad():
         return {name: float(torch.sum(t, dtype=torch.float64)) if not t.is_meta and t.numel() else 0.0
                 for name, t in (*model.named_parameters(remove_duplicate=False),
-                                *model.named_buffers(remove_duplicate=False)) if not t.is_complex()}
+                                *model.named_buffers(remove_duplicate=False))
+                if not torch.nn.parameter.is_lazy(t) and not t.is_complex()}
 
 
 def _same_sum(a: float | None, b: float) -> bool:
@@ -746,6 +747,8 @@ def _fingerprint(value: Any, seen: set[int], budget: list[int]) -> Any:
     if isinstance(value, _VALUES):
         return value
     if isinstance(value, torch.Tensor):
+        if torch.nn.parameter.is_lazy(value):  # no data, no version: any method of it raises
+            return _Ref(value)
         return _Ref(value, None if value.is_inference() else value._version)
     if isinstance(value, _CODE) or id(value) in seen:
         return _Ref(value)
