@@ -107,6 +107,22 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
 
     shapes = [v.shape for v in (query, key, value)]
+    if attn_mask is None and all(s is not None for s in shapes) and len({len(s) for s in shapes}) == 1 and \
+            len(shapes[0]) > 4:
+        # q, k, v [*batch, N, S, H] (windowed attention, twins): one batch dimension for the 4-D form and back, as
+        # torch computes each leading index apart (torchlib's translation takes 4-D alone: the export failed)
+        flat, last = [], op.Constant(value_ints=[len(shapes[0])])
+        for t, shape in zip((query, key, value), shapes):
+            inner = op.Slice(op.Shape(t), op.Constant(value_ints=[-3]), last)  # N, S, H
+            flat.append(op.Reshape(t, op.Concat(op.Constant(value_ints=[-1]), inner, axis=0)))
+            lead = [d for d in shape[:-3]]
+            flat[-1].shape = ir.Shape([math.prod(lead) if all(isinstance(d, int) for d in lead) else None,
+                                       *shape[-3:]])
+            flat[-1].dtype = t.dtype
+        out = _sdpa(*flat, None, dropout_p, is_causal, scale, enable_gqa)
+        lead = op.Slice(op.Shape(query), op.Constant(value_ints=[0]), op.Constant(value_ints=[-2]))
+        tail = op.Slice(op.Shape(out), op.Constant(value_ints=[-2]), op.Constant(value_ints=[4]))  # S, H of v
+        return op.Reshape(out, op.Concat(lead, tail, axis=0))
     keys = shapes[1][2] if shapes[1] is not None and len(shapes[1]) == 4 else None
     # MultiHeadAttention takes a bias with a column per key: a mask broadcast over the keys ([B, 1, S_q, 1]) is not one
     per_key = attn_mask is None or (attn_mask.shape is not None and attn_mask.shape[-1] != 1) or keys == 1

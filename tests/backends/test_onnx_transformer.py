@@ -314,6 +314,31 @@ def test_an_input_nothing_reads_survives_the_transformer_fusions():
     assert compare([cm(x, mask)], [IgnoresItsMask()(x, mask)]).max_rel < 1e-5
 
 
+class WindowedAttention(nn.Module):
+    """Attention within windows, as twins' LocallyGroupedAttn: q, k, v of [B, windows, heads, tokens, dim]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):  # x: [B, windows, tokens, 16]
+        b, w, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, w, t, 3, 2, 8).permute(3, 0, 1, 4, 2, 5)
+        return nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_attention_with_more_than_one_batch_dimension_is_exported_as_four_dimensional():
+    """Found by a differential run (timm's twins): the exporter's translation takes 4-D q, k, v alone, and the backend
+    refused the model ("only 4D query, key, and value are supported"); the leading dimensions are one batch
+    dimension there and are restored after it."""
+    model = WindowedAttention().eval()
+    cm = fxforge.compile(model, (torch.randn(1, 4, 9, 16),), backend="onnx", fusions="transformer")
+    assert "MultiHeadAttention" in _onnx_ops(cm)
+    x = torch.randn(3, 4, 9, 16)
+    with torch.no_grad():
+        assert compare([cm(x)], [model(x)]).max_rel < 1e-5
+
+
 def test_causal_attention_keeps_the_exporters_translation():
     """is_causal has no MultiHeadAttention form here: the rule must not fire, and the output still matches."""
     q, k, v = _qkv()
