@@ -343,8 +343,8 @@ def _warn_if_only_other_dtypes(report: Report) -> None:
 def _training_modules(model: Any) -> str:
     """The submodules of ``model`` left in training mode whose output eval mode changes (dropout with p > 0, batch
     and instance norm with running statistics, the hook of ``torch.nn.utils.spectral_norm``, whose power iteration
-    runs in training only: 7.5× off eval's output unwarned), in words; "" when there are none. Code that reads
-    ``self.training`` itself is not seen."""
+    runs in training only: 7.5× off eval's output unwarned, attention and RNNs with a dropout option), in words; ""
+    when there are none. Code that reads ``self.training`` itself is not seen."""
     if not isinstance(model, torch.nn.Module):
         return ""
     from torch.nn.utils.spectral_norm import SpectralNorm
@@ -354,6 +354,9 @@ def _training_modules(model: Any) -> str:
              and getattr(m, "p", 1) != 0]
     found += [f"{name or 'the model'}: spectral_norm" for name, m in model.named_modules()
               if m.training and any(isinstance(h, SpectralNorm) for h in m._forward_pre_hooks.values())]
+    found += [f"{name or 'the model'}: {type(m).__name__}(dropout={m.dropout})" for name, m in model.named_modules()
+              if m.training and isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase)) and m.dropout > 0
+              and getattr(m, "num_layers", 2) > 1]  # dropout as an option, not a module (an RNN's between layers)
     return _listed(found)
 
 

@@ -594,6 +594,9 @@ def test_a_model_left_in_training_mode_is_compiled_as_eval_and_warned_of():
     normed = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)))  # power iteration in training mode only
     with pytest.warns(UserWarning, match=r"the model is in training mode \(0: spectral_norm\)"):
         fxforge.compile(normed, (torch.randn(2, 4),), backend="eager", measure_latency=False)
+    gru = nn.GRU(4, 4, num_layers=2, dropout=0.5, batch_first=True)
+    with pytest.warns(UserWarning, match=r"the model is in training mode \(the model: GRU\(dropout=0\.5\)\)"):
+        fxforge.compile(gru, (torch.randn(2, 3, 4),), backend="eager", measure_latency=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fxforge.compile(model.eval(), (torch.randn(2, 3, 8, 8),), backend="eager", measure_latency=False)
