@@ -353,10 +353,11 @@ def _training_modules(model: Any) -> str:
              if getattr(m, "training", False) and isinstance(m, kinds) and getattr(m, "track_running_stats", True)
              and getattr(m, "p", 1) != 0]
     found += [f"{name or 'the model'}: spectral_norm" for name, m in model.named_modules()
-              if m.training and any(isinstance(h, SpectralNorm) for h in m._forward_pre_hooks.values())]
+              if getattr(m, "training", False) and  # (a TorchScript module has no such attribute)
+              any(isinstance(h, SpectralNorm) for h in getattr(m, "_forward_pre_hooks", {}).values())]
     found += [f"{name or 'the model'}: {type(m).__name__}(dropout={m.dropout})" for name, m in model.named_modules()
-              if m.training and isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase)) and m.dropout > 0
-              and getattr(m, "num_layers", 2) > 1]  # dropout as an option, not a module (an RNN's between layers)
+              if getattr(m, "training", False) and isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase))
+              and m.dropout > 0 and getattr(m, "num_layers", 2) > 1]  # an option (an RNN's: between layers)
     return _listed(found)
 
 

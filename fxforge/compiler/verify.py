@@ -559,10 +559,10 @@ def untouched(model: Any) -> Iterator[None]:
     if not isinstance(model, torch.nn.Module):
         yield
         return
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in model.modules() if isinstance(getattr(m, "training", None), bool)]
     hooks = [(d, dict(d)) for m in model.modules() for k, d in vars(m).items()
              if k.endswith("_hooks") and isinstance(d, dict)]
-    before, tensors = _state(model), _tensor_sums(model)
+    before, tensors = _guarded(_state, model), _guarded(_tensor_sums, model)
     try:
         yield
     finally:
@@ -572,10 +572,12 @@ def untouched(model: Any) -> Iterator[None]:
             if dict(d) != items:
                 d.clear()
                 d.update(items)
-        after = _state(model)
-        changed = [name for name, sum_ in _tensor_sums(model).items() if not _same_sum(tensors.get(name), sum_)]
-        if not changed and before is not None and after is not None and before != after:
-            changed = [name.lstrip(".") for (name, a), (_, b) in zip(before, after) if a != b] or ["its attributes"]
+        after, sums = _guarded(_state, model), _guarded(_tensor_sums, model)
+        changed = [name for name, sum_ in (sums or {}).items() if not _same_sum((tensors or {}).get(name), sum_)] \
+            if tensors is not None and sums is not None else []
+        if not changed and before is not None and after is not None and not _alike(before, after):
+            changed = [name.lstrip(".") for (name, a), (_, b) in zip(before, after) if not _alike(a, b)] or \
+                ["its attributes"]
         if changed:
             shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
             raise InputError(f"compiling changed your model ({shown}): code the model holds reaches the model "
@@ -597,6 +599,28 @@ def _tensor_sums(model: torch.nn.Module) -> dict[str, float]:
 
 def _same_sum(a: float | None, b: float) -> bool:
     return a is not None and (a == b or math.isnan(a) and math.isnan(b))
+
+
+def _guarded(read: Any, model: torch.nn.Module) -> Any:
+    """``read(model)``, or None where the model cannot be read so (a TorchScript module): the guard of
+    :func:`untouched` must not fail a compile of its own."""
+    try:
+        return read(model)
+    except Exception:  # noqa: BLE001 - whatever the model's attributes raise
+        return None
+
+
+def _alike(a: Any, b: Any) -> bool:
+    """Two fingerprints (:func:`_fingerprint`) of an unchanged state: as ``==``, but a tensor without a version (an
+    inference tensor) is unchanged while it is the same object (``_Ref`` calls it changed, for :class:`ModelRuns`,
+    which must not reuse what it cannot tell), and NaN equals NaN."""
+    if isinstance(a, _Ref) and isinstance(b, _Ref):
+        return a.obj is b.obj and a.version == b.version
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_alike(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
 
 
 def _rebind_closures(copied: torch.nn.Module, memo: dict[int, Any]) -> None:
