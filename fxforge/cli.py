@@ -107,8 +107,10 @@ class _Once(argparse._StoreAction):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        if option_string is not None and getattr(namespace, self.dest, self.default) is not self.default:
+        given = namespace.__dict__.setdefault("_given", set())  # (a value equal to the default is no evidence)
+        if option_string is not None and self.dest in given:
             parser.error(f"{'/'.join(self.option_strings)} given twice: give it once")
+        given.add(self.dest)
         super().__call__(parser, namespace, values, option_string)
 
 

@@ -64,6 +64,7 @@ def endless():
 @pytest.mark.parametrize("argv, message", [
     (["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "low_rank{energy=0.5}", "--passes", "fuse"],
      "--passes given twice: give it once"),
+    (["bench", "--list", "--rounds", "5", "--rounds", "3"], "--rounds given twice"),  # 5: the default's own object
     (["compile", "models:Mlp", "--input-shape", "4,32", "--backend", "onnx", "--backend-option", "opset=18",
       "--backend-option", "opset=20"], "--backend-option opset given twice"),
     (["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "int8", "--calibration", "test_cli:endless"],

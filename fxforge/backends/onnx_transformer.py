@@ -108,7 +108,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 
     shapes = [v.shape for v in (query, key, value)]
     if attn_mask is None and all(s is not None for s in shapes) and len({len(s) for s in shapes}) == 1 and \
-            len(shapes[0]) > 4:
+            len(shapes[0]) > 4 and all(isinstance(d, int) for s in shapes for d in s[1:-3]) and \
+            len({tuple(s[1:-3]) for s in shapes}) == 1 and len({str(s[0]) for s in shapes}) == 1:  # no broadcast
         # q, k, v [*batch, N, S, H] (windowed attention, twins): one batch dimension for the 4-D form and back, as
         # torch computes each leading index apart (torchlib's translation takes 4-D alone: the export failed)
         flat, last = [], op.Constant(value_ints=[len(shapes[0])])

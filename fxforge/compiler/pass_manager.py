@@ -228,16 +228,16 @@ def register_pass(cls: P) -> P:
 
 
 def register_preset(name: str, passes: Sequence[str], doc: str) -> None:
-    """Name a sequence of passes (or other presets), e.g. ``"fuse"``. The name must be new (a pass's name would run
-    the preset where the bare name is written and the pass where it has options), and every step must resolve now,
-    which also refuses a preset that contains itself."""
+    """Name a sequence of passes (or other presets), e.g. ``"fuse"``. The name must not be a pass's (the bare name
+    would run the preset and ``name{...}`` the pass) nor another preset's (the same steps again are fine: a module
+    reloaded). Steps are resolved where the preset is used (a plugin's preset may name a pass another plugin
+    registers later); one that contains itself is refused there."""
     if not isinstance(passes, (list, tuple)) or not all(isinstance(p, str) for p in passes):
         raise PassError(f"preset {name!r} must be a list of pass names, got {passes!r}")
     _check_name(name, "preset")
-    if name in _PASSES or name in _PRESETS:
+    if name in _PASSES or name in _PRESETS and _PRESETS[name] != tuple(passes):
         kind = "pass" if name in _PASSES else "preset"
         raise PassError(f"{name!r} is already a {kind}; give the preset another name")
-    resolve(list(passes))  # an unknown step or option is refused here, not at the first compile that names it
     _PRESETS[name] = tuple(passes)
     _PRESET_DOCS[name] = doc
 
@@ -326,6 +326,9 @@ def train_readers(spec: str | Pass | Sequence[str | Pass]) -> list[str]:
     return [p.name for p in resolve(spec) if p.reads_train]
 
 
+_EXPANDING: list[str] = []  # the presets being expanded, outermost first (one thread resolves a pipeline at a time)
+
+
 def _expand(item: str | Pass) -> list[Pass]:
     if isinstance(item, Pass):
         if not isinstance(getattr(item, "name", None), str):  # a raw AttributeError later
@@ -336,7 +339,13 @@ def _expand(item: str | Pass) -> list[Pass]:
     m = _SPEC.match(item)
     name = m.group(1) if m else item
     if m and name in _PRESETS and m.group(2) is None:
-        return resolve(list(_PRESETS[name]))
+        if name in _EXPANDING:  # a preset among its own steps: a bare RecursionError
+            raise PassError(f"preset {name!r} contains itself (through {' → '.join(_EXPANDING)})")
+        _EXPANDING.append(name)
+        try:
+            return resolve(list(_PRESETS[name]))
+        finally:
+            _EXPANDING.pop()
     if m and name in _PASSES:
         return [_instantiate(_PASSES[name], _parse_options(name, m.group(2) or ""))]
     if m and name in _PRESETS:

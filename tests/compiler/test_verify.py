@@ -583,6 +583,31 @@ def test_a_model_that_samples_is_named_not_the_first_exact_pass_that_changes_its
         fxforge.compile(NoisyBatchNorm(dropout).eval(), (torch.randn(2, 3, 8, 8),), passes="fuse", backend="eager",
                         measure_latency=False)
 
+
+def test_a_pass_that_makes_a_deterministic_graph_random_is_named_not_the_model():
+    """(found by a review) the check for a sampling model reran the graph after the pass: a pass adding noise to a
+    model that draws no random number was reported as the model's fault, with verify='off' as the remedy."""
+    from fxforge.compiler.graph import aten
+
+    class AddsNoise(fxforge.Pass):
+        """Claims to be exact but adds noise (a deliberately wrong pass)."""
+
+        name = "test_adds_noise"
+
+        def run(self, gm, ctx):
+            out = gm.graph.output_node()
+            first = out.args[0][0]
+            with gm.graph.inserting_before(out):
+                noisy = gm.graph.call_function(aten.add.Tensor, (first, gm.graph.call_function(
+                    aten.rand_like.default, (first,))))
+            out.args = ((noisy, *out.args[0][1:]),)
+            gm.recompile()
+            return fxforge.PassResult(changed=True)
+
+    with pytest.raises(fxforge.VerificationError, match="exact pass 'test_adds_noise' changed the outputs"):
+        fxforge.compile(nn.Linear(8, 4).eval(), (torch.randn(2, 8),), passes=[AddsNoise()], backend="eager",
+                        measure_latency=False)
+
 class Cancels(nn.Module):
     """(x·10³ + 0.3) − x·10³: about 0.3, with float32 rounding noise of a few 10⁻⁴."""
 
