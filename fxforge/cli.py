@@ -357,7 +357,9 @@ def _run(args: argparse.Namespace) -> int:
     inputs = []
     for file in args.input:
         try:
-            inputs.append(torch.from_numpy(np.load(file, allow_pickle=False)))
+            array = np.load(file, allow_pickle=False)
+            # torch takes native byte order only: a valid big-endian .npy was refused
+            inputs.append(torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False)))
         except (OSError, ValueError, TypeError, EOFError) as e:  # TypeError: a dtype torch has not; EOFError: empty
             raise InputError(f"cannot read input {file}: {first_line(e)}") from None
     args = artifact.signature.arguments(inputs)  # the files fill the model's arguments, dicts and tuples included

@@ -44,6 +44,15 @@ class ReturnsLogits(nn.Module):
         return Logits(logits=self.fc(x))
 
 
+class ReturnsNan(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return self.fc(x), float("nan")
+
+
 class DataDependent(nn.Module):
     """Branches on a tensor's value: torch.export cannot capture it."""
 
@@ -326,6 +335,12 @@ CASES: list[tuple[str, type, str, Case]] = [
      lambda t, mp: gathered(1, "onnx", [[1], [8]])),
     ("a model returning None", fxforge.InputError, r"the model returns no tensor \(got NoneType\)",
      lambda t, mp: compile_(ReturnsNone(), backend="onnx")),
+    ("a model returning NaN as a Python number", fxforge.InputError,
+     r"the model returns NaN as a Python number \(output 1\), which torch\.export cannot match",
+     lambda t, mp: compile_(ReturnsNan())),
+    ("passes given as a set (no order)", fxforge.PassError,
+     r"passes must be a pass name, a fxforge\.Pass or a list of them, got set",
+     lambda t, mp: compile_(passes={"fuse_batchnorm", "fuse_activation"})),
     ("a model returning its tensor in a dict subclass", fxforge.InputError,
      r"the model returns its tensors inside a Logits, which torch\.utils\._pytree cannot see into",
      lambda t, mp: compile_(ReturnsLogits())),

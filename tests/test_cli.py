@@ -445,7 +445,7 @@ def test_run_fills_the_models_arguments_and_numbers_its_outputs_as_the_model_ret
     cm = fxforge.compile(model, ({"x": torch.randn(2, 4), "w": torch.randn(2, 5)},), backend="onnx",
                          measure_latency=False)
     cm.save(tmp_path / "art")
-    x, w = np.ones((2, 4), np.float32), np.ones((2, 5), np.float32)
+    x, w = np.ones((2, 4), ">f4"), np.ones((2, 5), np.float32)  # x big-endian, valid .npy: torch refused it
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "w.npy", w)
     assert main(["run", str(tmp_path / "art"), "--input", str(tmp_path / "x.npy"), "--input", str(tmp_path / "w.npy"),

@@ -295,7 +295,7 @@ def resolve(spec: str | Pass | Sequence[str | Pass]) -> list[Pass]:
     _load_entry_points()
     if isinstance(spec, (str, Pass)):
         spec = [spec]
-    if not isinstance(spec, Iterable):
+    if not isinstance(spec, Iterable) or isinstance(spec, (set, frozenset, dict, bytes)):  # no order, or not names
         raise PassError(f"passes must be a pass name, a fxforge.Pass or a list of them, got {type(spec).__name__}")
     out: list[Pass] = []
     before: tuple[str, list[Pass]] | None = None

@@ -792,6 +792,11 @@ class _References:
             raise InputError(f"the model does not run on the example inputs {_describe(flat)}: "
                              f"{first_line(e)}") from None
         out = runs.cached["example"]
+        nan = next((i for i, v in enumerate(pytree.tree_leaves(out)) if isinstance(v, float) and math.isnan(v)), None)
+        if nan is not None:  # export's own message spoke of output order and control flow
+            raise InputError(f"the model returns NaN as a Python number (output {nan}), which torch.export cannot match "
+                             "to the graph's outputs (NaN equals nothing): return it as a tensor, "
+                             "torch.tensor(float('nan'))")
         if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
             opaque = next((leaf for leaf in pytree.tree_leaves(out) if any(isinstance(v, torch.Tensor) for v in (
                 *getattr(leaf, "__dict__", {}).values(),  # a dict or list subclass holds its tensors as items
