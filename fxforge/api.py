@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from fxforge.backends.base import Artifact, get_backend
 from fxforge.budget import Budget
 from fxforge.compiler.errors import (CalibrationError, FallbackWarning, InputError, TargetError, TraceError,
-                                     first_line, missing_calibration, missing_train)
+                                     first_line, listed, missing_calibration, missing_train)
 from fxforge.compiler.instruments import Phases
 from fxforge.compiler.pass_manager import (NUMERIC_MODES, SAMPLED_OUT, Pass, PassContext, PassManager, VerifyMode,
                                            calibration_readers, train_readers)
@@ -179,7 +179,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     with phases.phase("trace", "capturing with torch.export"):
         gm, signature, runs, uncached = _capture(model, example, static_batch)
     if runs.state_changes:
-        warnings.warn(f"forward changes the model's own state ({_listed(runs.state_changes)}); the compiled model "
+        warnings.warn(f"forward changes the model's own state ({listed(runs.state_changes)}); the compiled model "
                       "computes every call from the state at compile time and changes nothing (a call counter stays "
                       "as it was)", UserWarning, stacklevel=3)
     flat = tuple(signature.flatten(example))
@@ -358,13 +358,7 @@ def _training_modules(model: Any) -> str:
     found += [f"{name or 'the model'}: {type(m).__name__}(dropout={m.dropout})" for name, m in model.named_modules()
               if getattr(m, "training", False) and isinstance(m, (torch.nn.MultiheadAttention, torch.nn.RNNBase))
               and m.dropout > 0 and getattr(m, "num_layers", 2) > 1]  # an option (an RNN's: between layers)
-    return _listed(found)
-
-
-def _listed(items: Sequence[str], shown: int = 3) -> str:
-    """``items`` in words for a warning: the first ``shown``, then how many more; "" for none."""
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return ", ".join(items[:shown]) + more
+    return listed(found)
 
 
 def _hooked_modules(model: Any) -> str:
@@ -379,7 +373,7 @@ def _hooked_modules(model: Any) -> str:
     module = torch.nn.modules.module
     if module._global_forward_hooks or module._global_forward_pre_hooks:
         found.append("global module hooks")
-    return _listed(found)
+    return listed(found)
 
 
 def _check_tensors(model: torch.nn.Module) -> None:

@@ -116,8 +116,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         for t, shape in zip((query, key, value), shapes):
             inner = op.Slice(op.Shape(t), op.Constant(value_ints=[-3]), last)  # N, S, H
             flat.append(op.Reshape(t, op.Concat(op.Constant(value_ints=[-1]), inner, axis=0)))
-            lead = [d for d in shape[:-3]]
-            flat[-1].shape = ir.Shape([math.prod(lead) if all(isinstance(d, int) for d in lead) else None,
+            batch = list(shape[:-3])
+            flat[-1].shape = ir.Shape([math.prod(batch) if all(isinstance(d, int) for d in batch) else None,
                                        *shape[-3:]])
             flat[-1].dtype = t.dtype
         out = _sdpa(*flat, None, dropout_p, is_causal, scale, enable_gqa)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 TORCHSCRIPT_HEADER = "The following operation failed in the TorchScript interpreter"
 ERROR_PREFIX = re.compile(r"^(?:\w+(?:Error|Exception): )+")  # "RuntimeError: RuntimeError: " before a cause
@@ -74,6 +75,12 @@ def missing_train(pass_name: str) -> CalibrationError:
     return CalibrationError(f"pass {pass_name!r} needs training data: pass train=[(x1,), (x2,), ...] (an iterable "
                             "of unlabeled input tuples like the example inputs) to fxforge.compile, or --train "
                             "MODULE:FN to the fxforge command")
+
+
+def listed(items: Sequence[str], shown: int = 3) -> str:
+    """``items`` in words for a message: the first ``shown``, then how many more; "" for none."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def first_line(e: BaseException) -> str:

@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .dynamic_quant import DYNAMIC_LINEAR
 from .analysis.shapes import Shapes
-from .errors import FxforgeError, InputError, VerificationError, first_line
+from .errors import FxforgeError, InputError, VerificationError, first_line, listed
 from .instruments import Instrument, Stage, after_passes
 from .ops import QUANTIZE, is_op
 
@@ -585,9 +585,8 @@ def untouched(model: Any) -> Iterator[None]:
             changed = [name.lstrip(".") for (name, a), (_, b) in zip(before, after) if not _alike(a, b)] or \
                 ["its attributes"]
         if changed:
-            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-            raise InputError(f"compiling changed your model ({shown}): code the model holds reaches the model "
-                             "itself, not fxforge's copy of it (a weakref, a global its forward calls, a closure "
+            raise InputError(f"compiling changed your model ({listed(changed)}): code the model holds reaches the "
+                             "model itself, not fxforge's copy of it (a weakref, a global its forward calls, a closure "
                              "over a container, a __deepcopy__ returning self); make forward reach the model through "
                              "self") from None
 
