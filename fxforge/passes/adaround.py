@@ -26,7 +26,7 @@ the float constant s·(q − z), on the grid, so the graph's own quantizer gives
 its nodes. Runs after ``calibrate`` (x̂ needs the activation grids) and before ``bias_correction`` and
 ``fold_qdq``. Stats: ``rounded``, ``flipped`` (weights not at their nearest value), ``error_ratio`` (the summed
 output error over the summed error of nearest rounding, on the calibration data), and what was left alone:
-``skipped.weight_folded``, ``skipped.not_conv2d`` (conv1d/conv3d), ``skipped.padding_mode``, ``skipped.by_name``, and
+``skipped.shared_weight``, ``skipped.not_conv2d`` (conv1d/conv3d), ``skipped.padding_mode``, ``skipped.by_name``, and
 ``skipped.few_samples``: a layer with fewer input patches than its patch length K (a classifier on a few calibration
 images) keeps nearest rounding, since a rounding fitted to fewer equations than unknowns does not generalise
 (measured on a 2304-input linear with 64 samples: 1.14× nearest rounding's output error on fresh data).
@@ -47,7 +47,8 @@ from fxforge.compiler.ops import (LINEAR, WEIGHTED, argument, aten, call_with, d
                                  weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.qdq import batch_symbol, check_skip, checked_batches, first_samples, is_dq, is_q, named, role
+from .lib.qdq import (batch_symbol, check_skip, checked_batches, first_samples, is_dq, is_q, named, refuse_if_folded,
+                     role)
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -61,6 +62,7 @@ class AdaRound(Pass):
     exact = False
     reads_calibration = True
     after = ("insert_qdq", "calibrate")
+    before = ("fold_qdq",)  # it observes the float graph or moves a weight's rounding: nothing once folded
     iterations: int = 300  # Adam steps per layer
     lr: float = 0.01
     reg: float = 0.01  # λ, the weight of the rounding regulariser
@@ -80,6 +82,7 @@ class AdaRound(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
             raise missing_calibration(self.name)
+        refuse_if_folded(gm, self.name)
         check_skip(self.name, self.skip, list(call_nodes(gm, *WEIGHTED)))
         stats: Counter[str] = Counter()
         layers = []
@@ -108,8 +111,6 @@ class AdaRound(Pass):
     def refusal(self, gm: fx.GraphModule, op: fx.Node) -> str | None:
         """Why the layer keeps nearest rounding, or None."""
         q = data(weight_of(op))
-        if not is_q(q) or get_tensor(gm, data(q)) is None:
-            return "weight_folded"
         if readers(gm, data(q)) > 1:
             return "shared_weight"  # another call reads this weight, and its best rounding would differ
         if any(named(op, s) for s in self.skip):

@@ -20,8 +20,8 @@ samples, run batch by batch in lockstep, so a graph captured with a static batch
 dynamic batch, consecutive batches are concatenated up to 16 samples a run: the same sums, fewer runs),
 each measured after the corrections upstream of it (so no shift is corrected twice). The pass runs after ``insert_qdq`` and
 ``calibrate``, which fix the weight and activation grids, and before ``fold_qdq``: the corrected float bias is
-then quantized to int32 on its grid s_x · s_w like any bias. Layers without a bias, or whose weights are
-already folded to integers, are counted and left alone.
+then quantized to int32 on its grid s_x · s_w like any bias (after ``fold_qdq`` the pass is refused: the
+weights' rounding is stored as integers). Layers without a bias are counted and left alone.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from fxforge.compiler.graph import get_tensor, readers, set_tensor
 from fxforge.compiler.ops import LINEAR, WEIGHTED, bias_of, call_with, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.qdq import batch_symbol, checked_batches, concatenated, first_samples, is_dq, is_q, role
+from .lib.qdq import (batch_symbol, checked_batches, concatenated, first_samples, is_dq, is_q, refuse_if_folded,
+                     role)
 
 
 @register_pass
@@ -49,6 +50,7 @@ class BiasCorrection(Pass):
     exact = False
     reads_calibration = True
     after = ("insert_qdq", "calibrate")
+    before = ("fold_qdq",)  # it observes the float graph or moves a weight's rounding: nothing once folded
     shift: Literal["weights", "output"] = "weights"
     max_samples: int = 256  # the first samples of the calibration data that are measured (held in memory at once)
 
@@ -61,6 +63,7 @@ class BiasCorrection(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
             raise missing_calibration(self.name)
+        refuse_if_folded(gm, self.name)
         stats: Counter[str] = Counter()
         errors: dict[fx.Node, torch.Tensor] = {}
         for op in gm.graph.nodes:
@@ -98,8 +101,6 @@ class BiasCorrection(Pass):
         w_dq = weight_of(op)
         if not (is_dq(w_dq) and role(w_dq) == "weight"):
             return "not_quantized"
-        if not is_q(data(w_dq)) or get_tensor(gm, data(data(w_dq))) is None:
-            return "weight_folded"
         bias = bias_of(op)
         if bias is None:
             return "no_bias"

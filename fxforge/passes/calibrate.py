@@ -27,7 +27,7 @@ from fxforge.compiler.graph import call_nodes
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
 from .lib.observers import METHODS
-from .lib.qdq import Choice, checked_batches, fit_activations, is_q, role, weights_folded
+from .lib.qdq import Choice, checked_batches, fit_activations, is_q, refuse_if_folded, role
 
 
 @register_pass
@@ -38,6 +38,7 @@ class Calibrate(Pass):
     exact = False
     reads_calibration = True
     after = ("insert_qdq",)
+    before = ("fold_qdq",)  # it observes the float graph or moves a weight's rounding: nothing once folded
     method: Choice = "minmax"
     percentile: float = 99.99
 
@@ -52,10 +53,8 @@ class Calibrate(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
             raise missing_calibration(self.name)
-        if weights_folded(gm):
-            # observing a folded graph ran its integer ops on float observers: torch's "Int and Char" dtype error
-            raise PassError("calibrate must run before fold_qdq: this graph's quantization is already folded (its "
-                            "weights are stored as int8); list calibrate before fold_qdq, and int8 once")
+        # observing a folded graph ran its integer ops on float observers: torch's "Int and Char" dtype error
+        refuse_if_folded(gm, self.name)
         if not any(is_q(n) and role(n) == "activation" for n in gm.graph.nodes) and \
                 any(call_nodes(gm, DYNAMIC_LINEAR)):
             # it observed nothing and changed nothing, and its row said nothing of why

@@ -106,10 +106,19 @@ def test_lowers_the_models_output_error_on_fresh_data(graphs):
     assert err["ada"] < 0.9 * err["nearest"], err
 
 
-def test_leaves_folded_and_skipped_layers_alone(graphs):
+def test_after_fold_qdq_it_is_refused(graphs):
+    """Before: after ``fold_qdq`` the pass ran and counted every layer ``skipped.weight_folded`` (a rounding it
+    could no longer move). Expected: the pipeline is refused, and a folded graph given to the pass by name."""
+    m = graphs[0]
+    with pytest.raises(PassError, match="^pass 'adaround' must come before 'fold_qdq' in the pipeline"):
+        compiled(m, [*QUANTIZE, "fold_qdq", "adaround{iterations=10}"])
+    folded, _, flat = compiled(m, [*QUANTIZE, "fold_qdq"])
+    with pytest.raises(PassError, match="^adaround must run before fold_qdq: this graph's quantization is already"):
+        AdaRound(iterations=10).run(folded, PassContext(flat, calibration=[(correlated(16, 1),)]))
+
+
+def test_leaves_skipped_layers_alone(graphs):
     m, before, _, _ = graphs
-    gm, report, _ = compiled(m, [*QUANTIZE, "fold_qdq", "adaround{iterations=10}"])
-    assert report.row("adaround").stats == {"rounded": 0, "skipped.weight_folded": 3}  # before: no "rounded"
     gm, report, _ = compiled(m, [*QUANTIZE, "adaround{iterations=10,skip=('conv2d',)}"])
     assert report.row("adaround").stats["skipped.by_name"] == 1
     torch.testing.assert_close(codes(gm, layers(gm)[0]), codes(before, layers(before)[0]))

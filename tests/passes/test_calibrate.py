@@ -6,6 +6,7 @@ from torch import nn
 import fxforge
 from fxforge.compiler.errors import CalibrationError, InputError, PassError
 from fxforge.compiler.graph import graph_tensors
+from fxforge.compiler.pass_manager import PassContext
 from fxforge.passes.calibrate import Calibrate
 from fxforge.passes.lib.observers import HistogramObserver
 from fxforge.passes.lib.qdq import is_q, role
@@ -367,14 +368,19 @@ def test_calibrate_after_dynamic_quantization_is_refused_by_name():
 
 def test_calibrate_after_fold_qdq_is_refused_by_name():
     """Before: ``calibrate`` after ``fold_qdq`` (``passes=["int8", "int8"]``) ran its observers over the folded
-    graph's integer ops and failed with torch's "self and mat2 must have the same dtype, but got Int and Char"."""
+    graph's integer ops and failed with torch's "self and mat2 must have the same dtype, but got Int and Char".
+    Expected: the pipeline is refused before any pass runs, and a folded graph given to the pass by name."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     calibration = [(torch.randn(8, 16),) for _ in range(6)]
-    with pytest.raises(PassError, match="^calibrate must run before fold_qdq: this graph's quantization is already "
-                                        "folded"):
+    with pytest.raises(PassError, match="^pass 'calibrate' must come before 'fold_qdq' in the pipeline"):
         fxforge.compile(model, (torch.randn(4, 16),), passes=["insert_qdq", "calibrate", "fold_qdq", "calibrate"],
                         calibration=calibration, backend="eager", measure_latency=False, max_drop=float("inf"))
+    folded, _, flat = apply(model, (torch.randn(4, 16),), ["insert_qdq", "calibrate", "fold_qdq"],
+                            calibration=calibration)
+    with pytest.raises(PassError, match="^calibrate must run before fold_qdq: this graph's quantization is already "
+                                        "folded"):
+        Calibrate().run(folded, PassContext(flat, calibration=calibration))
 
 
 class Keyed(nn.Module):

@@ -106,6 +106,16 @@ def weights_folded(gm: fx.GraphModule) -> bool:
     return any(is_dq(n) and role(n) == "weight" and not is_q(data(n)) for n in gm.graph.nodes)
 
 
+def refuse_if_folded(gm: fx.GraphModule, pass_name: str) -> None:
+    """A PassError when ``gm``'s quantization is already folded: the passes that observe the float graph or move
+    a weight's rounding (``calibrate``, ``bias_correction``, ``adaround``) run before ``fold_qdq``. A pipeline
+    listing them after it is refused before anything runs (their ``before``); this catches a folded graph given
+    to them directly, where they would otherwise have observed integer ops or skipped every layer."""
+    if weights_folded(gm):
+        raise PassError(f"{pass_name} must run before fold_qdq: this graph's quantization is already folded (its "
+                        f"weights are stored as int8); list {pass_name} before fold_qdq, and int8 once")
+
+
 def set_params(q: fx.Node, scale: float, zero_point: int) -> None:
     """Give an activation Q node and every DQ reading it the same scale and zero point.
 
