@@ -25,6 +25,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import select
 import sys
 import warnings
@@ -45,7 +46,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attached_sizes(sys.argv[1:] if argv is None else list(argv)))
     try:
         with warnings.catch_warnings():  # restores the default display when main returns (tests call main)
             warnings.showwarning = _warning_line
@@ -68,6 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fxforge: internal error: {type(e).__name__}: {first_line(e)} "
               "(set FXFORGE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _attached_sizes(argv: list[str]) -> list[str]:
+    """``--input-shape -1,3`` as ``--input-shape=-1,3``: argparse takes a value starting with ``-`` that is no number
+    for an option and said "expected one argument", where the value is there and its size is what is wrong (which
+    ``_example_inputs`` then says)."""
+    out = []
+    for i, token in enumerate(argv):
+        if i and argv[i - 1] == "--input-shape" and re.fullmatch(r"-\d[\d,\s-]*", token):
+            out[-1] = f"--input-shape={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def _error_line(message: str) -> int:
@@ -623,12 +637,25 @@ def _example_inputs(shapes: list[str], dtype: str) -> tuple[Any, ...]:
         raise InputError(f"--input-shape takes comma-separated integers, got {shapes}") from None
     bad = [s for s, d in zip(shapes, dims) if any(n <= 0 for n in d)]
     if bad:
-        raise InputError(f"--input-shape takes positive sizes, got {bad[0]}")
+        dynamic = " (-1 is no size: give the example's batch; compile keeps it dynamic unless --static-batch)" \
+            if any(-1 in d for d in dims) else ""
+        raise InputError(f"--input-shape takes positive sizes, got {bad[0]}{dynamic}")
+    def example(shape: tuple[int, ...]) -> Any:
+        if kind.is_floating_point:
+            return torch.randn(shape, generator=g, dtype=kind)
+        return torch.randint(0, 2, shape, generator=g, dtype=kind)
+
     g = torch.Generator().manual_seed(0)  # the same example every run: int8's first activation ranges come from it
     try:
-        if kind.is_floating_point:
-            return tuple(torch.randn(d, generator=g, dtype=kind) for d in dims)
-        return tuple(torch.randint(0, 2, d, generator=g, dtype=kind) for d in dims)
+        with warnings.catch_warnings():  # torch's deprecation of quantized dtypes, before it refuses them
+            warnings.simplefilter("ignore")
+            example((1,))
+    except (RuntimeError, NotImplementedError):  # complex, quantized, float8: torch draws no random values of them
+        raise InputError(f"--dtype {dtype}: fxforge makes example inputs of float, integer and bool dtypes only "
+                         "(float32, float16, bfloat16, int64, ...)") from None
+    g.manual_seed(0)
+    try:
+        return tuple(example(d) for d in dims)
     except (RuntimeError, MemoryError) as e:
         raise InputError(f"cannot allocate inputs of shape {shapes}: {first_line(e)}") from None
 

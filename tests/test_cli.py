@@ -43,6 +43,12 @@ def test_compile_writes_a_loadable_artifact(tmp_path, capsys):
     (["compile", "models:Mlp", "--input-shape", "4,32", "--passes", "fusion"], "unknown pass 'fusion'"),
     (["compile", "models:Mlp", "--input-shape", "4,32", "--target", "mars"], "unknown target 'mars'"),
     (["compile", "models:Mlp", "--input-shape", "4,32", "--dtype", "float99"], "unknown dtype"),
+    # before: "cannot allocate inputs of shape ['4,32']: check_random_bounds handles only ..." and torch's warning
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--dtype", "qint8"],
+     "--dtype qint8: fxforge makes example inputs of float, integer and bool dtypes only"),
+    (["compile", "models:Mlp", "--input-shape", "4,32", "--dtype", "complex64"], "--dtype complex64: fxforge makes"),
+    # before: argparse's "argument --input-shape: expected one argument"
+    (["compile", "models:Mlp", "--input-shape", "-1,32"], "--input-shape takes positive sizes, got -1,32 (-1 is no"),
     (["compile", "models:Mlp", "--input-shape", "4,32", "--backend", "onnx", "--target", "cuda", "--strict"],
      "lacks CUDAExecutionProvider; the artifact runs on CPUExecutionProvider (strict=True)"),
     (["compile", "models:accuracy", "--input-shape", "4,32"], "accuracy() failed"),
