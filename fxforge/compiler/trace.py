@@ -498,6 +498,11 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
         raise TraceError(f"{'the model' if not scripted else f'submodule {scripted!r}'} is a TorchScript module "
                          "(torch.jit.script or torch.jit.trace), which torch.export cannot capture: pass the plain "
                          "nn.Module")
+    forward = getattr(model, "forward", None)
+    if callable(forward) and not hasattr(inspect.unwrap(forward), "__code__") and \
+            not isinstance(forward, functools.partial):
+        raise TraceError(f"the model's forward is a {type(forward).__name__} object, not a function: torch.export "
+                         "reads the code of a function; define forward as a method that calls it")
     model = copy_model(model).eval()
     refs = _References(runs or ModelRuns(model), args)
     note = "static batch requested" if static_batch else ""

@@ -1,6 +1,7 @@
 """Capture: every zoo model exports to the ATen FX graph and reproduces eager; capture failures are clear."""
 import collections
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -658,6 +659,37 @@ def test_a_torchscript_submodule_is_named_with_what_to_pass_instead():
     frozen = torch.jit.freeze(torch.jit.script(nn.Sequential(nn.Linear(8, 8)).eval()))  # has no .training
     with pytest.raises(fxforge.TraceError, match="the model is a TorchScript module"):
         fxforge.compile(frozen, (torch.randn(2, 8),), backend="eager", measure_latency=False)
+
+
+class Doubled:
+    """A callable object, not a function."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x):
+        return self.layer(x) * 2
+
+
+class ForwardObject(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.forward = Doubled(self.lin)
+
+
+def test_a_forward_that_is_a_callable_object_is_named():
+    """Before: "torch.export could not capture the model: 'Doubled' object has no attribute '__code__'", then
+    remedies about control flow and the batch size that do not apply. A ``functools.partial`` is captured."""
+    with pytest.raises(fxforge.TraceError, match="^the model's forward is a Doubled object, not a function: "
+                                                 "torch.export reads the code of a function; define forward as a "
+                                                 "method that calls it$"):
+        fxforge.compile(ForwardObject().eval(), (torch.randn(2, 4),), backend="eager", measure_latency=False)
+    model = nn.Linear(4, 4).eval()
+    model.forward = functools.partial(nn.Linear.forward, model)
+    cm = fxforge.compile(model, (torch.randn(2, 4),), backend="eager", measure_latency=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(cm(x), model(x))
 
 
 class HalfAttention(nn.Module):
