@@ -68,6 +68,11 @@ class TorchScriptArtifact(Artifact):
             return cls(torch.jit.load(str(directory / MODEL_FILE)), signature, target, info)
 
 
+# torch's functions on the symbolic sizes of a graph (a Python number computed from the batch size is an output of
+# the graph, trace.SYMBOLIC_SCALARS) → the Python builtins TorchScript compiles (``x.shape[0] * 0.5``: sym_float)
+PYTHON_NUMBER_OPS = {torch.sym_float: float}
+
+
 def scriptable(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` written in the subset of Python TorchScript compiles, with its constants (copied) as
     attributes of one flat module: scripting compiles every submodule on its own, and an exported graph keeps the
@@ -95,6 +100,8 @@ def scriptable(gm: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
         elif isinstance(node.target, torch._ops.OpOverload):
             node.target = node.target.overloadpacket
+        elif node.target in PYTHON_NUMBER_OPS:  # a number computed from a size: TorchScript knows no sym_float
+            node.target = PYTHON_NUMBER_OPS[node.target]
     return fx.GraphModule(constants, graph)
 
 

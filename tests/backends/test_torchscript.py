@@ -203,3 +203,31 @@ def test_freezing_beside_an_onnx_export_leaves_the_warnings_filters_as_they_were
         for t in threads:
             t.join()
         assert warnings.filters == before
+
+
+class SizeNumbers(nn.Module):
+    """Returns Python numbers computed from its batch size beside a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        n = x.shape[0]
+        return self.lin(x), n * 0.5, n / 4, n + 1
+
+
+def test_numbers_computed_from_the_batch_size_are_scripted(tmp_path):
+    """Before: "TorchScript can neither script (Unknown builtin op: aten::sym_float.) nor trace (Only tensors ... can
+    be output from traced functions)": torch's sym_float is now Python's float, and the artifact keeps its dynamic
+    batch."""
+    model = SizeNumbers().eval()
+    cm = fxforge.compile(model, (torch.randn(2, 8),), backend="torchscript", measure_latency=False)
+    assert cm.artifact.info["torchscript_mode"] == "script"
+    cm.save(tmp_path / "a")
+    for artifact in (cm, fxforge.load(tmp_path / "a")):
+        for batch in (1, 2, 5):
+            x = torch.randn(batch, 8)
+            got, want = artifact(x), model(x)
+            torch.testing.assert_close(got[0], want[0])
+            assert list(got[1:]) == list(want[1:]) and [type(v) for v in got[1:]] == [type(v) for v in want[1:]]
