@@ -114,6 +114,17 @@ def gathered(shift: int, backend: str, index: list[list[int]]) -> torch.Tensor:
     return compiled(torch.randn(2, 5), torch.tensor(index))
 
 
+class Loss(nn.Module):
+    """A classifier's loss on its labels (cross-entropy, ignore_index -100)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.head(x), labels)
+
+
 class KthValue(nn.Module):
     """aten.kthvalue has no ONNX translation."""
 
@@ -320,6 +331,10 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"input 1 holds indices from 1 to 9, but it indexes dimension 1 \(size 5\) at node 'gather': each must be in "
      r"\[0, 5\)",
      lambda t, mp: gathered(0, "onnx", [[1], [9]])),
+    ("call with a class label outside a loss's classes (ONNX Runtime returned a loss)", fxforge.InputError,
+     r"input 1 holds labels from -5 to 1, but it indexes 3 classes at node 'cross_entropy_loss': each must be in "
+     r"\[0, 3\) or -100 \(its ignore_index\)",
+     lambda t, mp: compile_(Loss().eval(), (x, torch.tensor([0, 2])), backend="onnx")(x, torch.tensor([1, -5]))),
     ("a computed index a kernel refuses (TorchScript)", fxforge.BackendError,
      r"^the torchscript artifact failed on inputs that match its signature: RuntimeError: index 9 is out of bounds "
      r"for dimension 1 with size 5$",

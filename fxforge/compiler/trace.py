@@ -87,11 +87,12 @@ class Signature:
     out_spec: str
     dynamic_batch: bool
     note: str = ""  # why the batch is static, when it is
-    # (input, low, high, what): an integer input that an op reads directly as indices into a dimension of static
-    # size (an embedding's rows, a gather's or index_select's dim, an index); eager PyTorch accepts [low, high).
-    # Backends differ outside it: ONNX's Gather wraps a negative index around, TVM reads whatever memory is there,
-    # so the signature checks it for all.
-    index_bounds: tuple[tuple[int, int, int, str], ...] = ()
+    # (input, low, high, what[, ignored]): an integer input that an op reads directly as indices into a dimension of
+    # static size (an embedding's rows, a gather's or index_select's dim, an index, a loss's classes); eager PyTorch
+    # accepts [low, high), and a loss also its ignore_index (``ignored``). Backends differ outside it: ONNX's Gather
+    # wraps a negative index around and its loss returns a number where eager raises, TVM reads whatever memory is
+    # there, so the signature checks it for all.
+    index_bounds: tuple[tuple[Any, ...], ...] = ()
     # (position among out_spec's leaves, value): outputs that are no tensor (a None, a number), returned as they are
     # and absent from the graph, whose outputs are the tensors alone (the ONNX exporter drops a None output)
     constant_outputs: tuple[tuple[int, Any], ...] = ()
@@ -171,13 +172,16 @@ class Signature:
                 raise InputError(f"{name(i)} has shape {list(t.shape)}, compiled for "
                                  f"{list(s.shape)} (None = any size)")
         batch = next((t.shape[0] for t, b in zip(flat, self.batched()) if b), None)
-        for i, low, high, what in self.index_bounds:
+        for i, low, high, what, *ignored in self.index_bounds:
             t = flat[i]
             if high == BATCH:  # a dimension of the call's batch size
                 low, high = (-batch if low == -BATCH else 0), batch
+            if ignored:
+                t = t[t != ignored[0]]
             if t.numel() and (int(t.min()) < low or int(t.max()) >= high):
-                raise InputError(f"input {i} holds indices from {int(t.min())} to {int(t.max())}, but it indexes "
-                                 f"{what}: each must be in [{low}, {high})")
+                also = f" or {ignored[0]} (its ignore_index)" if ignored else ""
+                raise InputError(f"input {i} holds {'labels' if ignored else 'indices'} from {int(t.min())} to "
+                                 f"{int(t.max())}, but it indexes {what}: each must be in [{low}, {high}){also}")
         for i in self.finite_inputs:
             if not _all_finite(flat[i]):
                 raise InputError(f"input {i} holds NaN or Inf: the compiled model would turn them into finite numbers "
@@ -395,9 +399,10 @@ def _signature_problem(d: dict[str, Any]) -> str | None:
     if not isinstance(d["dynamic_batch"], bool) or not isinstance(d.get("note", ""), str):
         return "'dynamic_batch' or 'note' has the wrong type"
     n = len(inputs)
-    if not _list_of(d.get("index_bounds", []), lambda b: _list_of(b, None) and len(b) in (2, 4) and all(
-            map(_is_int, b[:3])) and b[0] in range(n) and (len(b) == 2 or isinstance(b[3], str))):
-        return f"'index_bounds' is not a list of (input, low, high, what) of its {n} input(s)"
+    if not _list_of(d.get("index_bounds", []), lambda b: _list_of(b, None) and len(b) in (2, 4, 5) and all(
+            map(_is_int, b[:3])) and b[0] in range(n) and (len(b) == 2 or isinstance(b[3], str)) and
+            (len(b) < 5 or _is_int(b[4]))):
+        return f"'index_bounds' is not a list of (input, low, high, what[, ignored]) of its {n} input(s)"
     for key in ("written_inputs", "finite_inputs"):
         if not _list_of(d.get(key, []), lambda i: _is_int(i) and i in range(n)):
             return f"{key!r} is not a list of indices of its {n} input(s)"
@@ -687,6 +692,14 @@ def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and value.dtype == torch.bool:  # a mask selects; its 0/1 index nothing
             continue
+        if isinstance(value, torch.Tensor) and value.is_floating_point():  # a loss's class probabilities: no index
+            continue
+        for user, index in _value_users(node, SAME_VALUES + LABEL_PATH):
+            if is_op(user, *LOSSES) and argument(user, "target") is index:
+                classes = _size(gm, argument(user, "self"), 1 if _rank(argument(user, "self")) > 1 else 0)
+                if isinstance(classes, int):
+                    bounds.append((i, 0, classes, f"{classes} classes at node {user.name!r}",
+                                   int(argument(user, "ignore_index"))))
         for user, index in _value_users(node):
             for source, dim, low_is_minus_n in _indexed_dims(user, index):
                 size = _size(gm, source, dim)
@@ -705,16 +718,25 @@ SAME_VALUES = (aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.cont
                aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.t, aten.expand)
 
 
-def _value_users(node: fx.Node) -> Iterator[tuple[fx.Node, fx.Node]]:
+# ops whose output holds some of their input's values and constants: a loss's labels read through them are checked
+# whole (GPT-2's labels are padded with its ignore_index and shifted by one: the first label of a row, never read,
+# is checked too)
+LABEL_PATH = (aten.slice, aten.select, aten.narrow, aten.pad, aten.constant_pad_nd)
+# losses whose ``target`` holds class indices into dimension 1 of ``self`` (0 when it has one dimension)
+LOSSES = (aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_nd, aten.nll_loss2d, aten.nll_loss_forward,
+          aten.nll_loss2d_forward)
+
+
+def _value_users(node: fx.Node, through: tuple[Any, ...] = SAME_VALUES) -> Iterator[tuple[fx.Node, fx.Node]]:
     """(user, the node it reads) for each user of ``node``'s values, through ops that only rearrange them
-    (:data:`SAME_VALUES`): GPT-2 and OPT reshape ``input_ids`` before their embedding, and their ids were never
-    checked (id −1 read the last row on ONNX, TVM read past the table)."""
+    (:data:`SAME_VALUES`, or ``through``): GPT-2 and OPT reshape ``input_ids`` before their embedding, and their ids
+    were never checked (id −1 read the last row on ONNX, TVM read past the table)."""
     stack, seen = [node], {node}
     while stack:
         current = stack.pop()
         for user in current.users:
             yield user, current
-            if is_op(user, *SAME_VALUES) and data(user) is current and user not in seen:
+            if is_op(user, *through) and data(user) is current and user not in seen:
                 seen.add(user)
                 stack.append(user)
 
@@ -741,11 +763,17 @@ def _size(gm: fx.GraphModule, source: Any, dim: int) -> Any:
     return value.shape[dim]
 
 
-def _index_bound(saved: Sequence[Any]) -> tuple[int, int, int, str]:
+def _rank(node: Any) -> int:
+    """The number of dimensions of a graph value (0 where it is no tensor)."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
+def _index_bound(saved: Sequence[Any]) -> tuple[Any, ...]:
     """A saved index bound; artifacts saved before gather and index were checked hold (input, embedding rows)."""
     if len(saved) == 2:
         return saved[0], 0, saved[1], f"an embedding of {saved[1]} rows"
-    return tuple(saved)  # type: ignore[return-value]
+    return tuple(saved)
 
 
 def _mutated_buffers(ep: torch.export.ExportedProgram) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
@@ -238,6 +239,52 @@ def test_inputs_read_as_indices_are_bounded_as_eager_bounds_them():
     with pytest.raises(fxforge.InputError, match=r"input 3 holds indices from -6 to 0, .* \[-5, 5\)"):
         sig.flatten((*example[:3], torch.tensor([-6, 0, 0, 0])))
     assert type(sig).from_dict(sig.to_dict()) == sig
+
+
+class ShiftedLoss(nn.Module):
+    """A language model's loss as GPT-2's: labels padded with the ignore_index, shifted by one, flattened."""
+
+    def __init__(self, ignore_index=-100):
+        super().__init__()
+        self.head, self.ignore_index = nn.Linear(8, 6), ignore_index
+
+    def forward(self, x, labels):
+        shifted = F.pad(labels, (0, 1), value=self.ignore_index)[:, 1:].reshape(-1)
+        return F.cross_entropy(self.head(x).reshape(-1, 6), shifted, ignore_index=self.ignore_index)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_a_losss_labels_are_bounded_by_its_classes_and_ignore_index(ignore_index):
+    """Before: a label outside [0, classes) made eager raise ("Target -5 is out of bounds") while the ONNX artifact
+    returned a loss (GPT-2's LM head with a label of −5). Expected: every backend's call refuses it, naming the
+    node, and the loss's ignore_index stays a valid label."""
+    model = ShiftedLoss(ignore_index).eval()
+    example = (torch.randn(2, 4, 8), torch.randint(0, 6, (2, 4)))
+    cm = fxforge.compile(model, example, backend="onnx", measure_latency=False)
+    labels = torch.tensor([[1, 5, ignore_index, 0], [ignore_index, 2, 2, 4]])
+    torch.testing.assert_close(cm(example[0], labels), model(example[0], labels))
+    for bad in (-5, 6):
+        with pytest.raises(IndexError, match="out of bounds"):
+            model(example[0], labels.masked_fill(labels == 2, bad))
+        with pytest.raises(fxforge.InputError, match=rf"^input 1 holds labels from {min(bad, 0)} to {max(bad, 5)}, "
+                                                     r"but it indexes 6 classes at node 'cross_entropy_loss': each must "
+                                                     rf"be in \[0, 6\) or {ignore_index} \(its ignore_index\)$"):
+            cm(example[0], labels.masked_fill(labels == 2, bad))
+    assert type(cm.artifact.signature).from_dict(cm.artifact.signature.to_dict()) == cm.artifact.signature
+
+
+class SoftLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x, probabilities):
+        return F.cross_entropy(self.head(x), probabilities)
+
+
+def test_class_probabilities_as_a_losss_target_are_no_indices():
+    _, sig = trace(SoftLoss().eval(), (torch.randn(4, 8), torch.softmax(torch.randn(4, 5), 1)))
+    assert sig.index_bounds == ()
 
 
 class ReshapesIds(nn.Module):
