@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import sys
 import threading
 import traceback
@@ -822,8 +823,12 @@ class _References:
         try:
             runs.outputs("example", args)
         except Exception as e:
+            key = re.fullmatch(r"'dict' object has no attribute '(\w+)'", first_line(e)) \
+                if isinstance(e, AttributeError) else None
+            hint = (f" (a mapping argument, a tokenizer's BatchEncoding too, reaches the model as a plain dict, "
+                    f"which torch.export takes: read it by key, [{key[1]!r}])") if key else ""
             raise InputError(f"the model does not run on the example inputs {_describe(flat)}: "
-                             f"{first_line(e)}") from None
+                             f"{first_line(e)}{hint}") from None
         out = runs.cached["example"]
         nan = next((i for i, v in enumerate(pytree.tree_leaves(out)) if isinstance(v, float) and math.isnan(v)), None)
         if nan is not None:  # export's own message spoke of output order and control flow
@@ -863,7 +868,7 @@ def as_plain(value: Any) -> Any:
     """``value`` with every mapping that is not a dict (a tokenizer's ``BatchEncoding``, a ``UserDict``) made a
     dict, inside plain tuples, lists and dicts: pytree, and so export and the signature, know dicts only, and a model
     taking a tokenizer's output was refused ("must be a tuple of tensors"). A model reading it by attribute
-    (``enc.input_ids``) then fails on the example inputs, named."""
+    (``enc.input_ids``) then fails on the example inputs, named, with the remedy (read it by key)."""
     if type(value) is dict or (isinstance(value, Mapping) and not isinstance(value, dict)):  # OrderedDict stays
         return {k: as_plain(v) for k, v in value.items()}
     if type(value) in (tuple, list):  # a namedtuple stays one

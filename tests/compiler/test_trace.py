@@ -345,6 +345,17 @@ def test_a_mapping_that_is_not_a_dict_is_taken_as_one():
     again = collections.UserDict({"x": torch.randn(3, 3), "y": torch.randn(3, 3)})
     assert torch.equal(cm(again), again["x"] * 2 + again["y"])
 
+    class Attributes(nn.Module):  # as a model reading a BatchEncoding's enc.x would
+        def forward(self, batch):
+            return batch.x * 2
+
+    batch.x = batch["x"]
+    with pytest.raises(fxforge.InputError, match=r"^the model does not run on the example inputs \[\[2, 3\], \[2, 3\]\]: "
+                                                 r"'dict' object has no attribute 'x' \(a mapping argument, a "
+                                                 r"tokenizer's BatchEncoding too, reaches the model as a plain dict, "
+                                                 r"which torch.export takes: read it by key, \['x'\]\)$"):
+        fxforge.compile(Attributes().eval(), (batch,), measure_latency=False)  # before: without what to do
+
 
 def test_an_artifact_saved_with_embedding_rows_only_reads_back():
     """Artifacts saved before gather and index were bounded hold (input, rows) pairs."""
