@@ -125,6 +125,13 @@ class Loss(nn.Module):
         return nn.functional.cross_entropy(self.head(x), labels)
 
 
+class Scatters(nn.Module):
+    """Scatters ones at its labels (a one-hot by scatter)."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x).scatter(1, labels.unsqueeze(1), 1.0) * x
+
+
 class KthValue(nn.Module):
     """aten.kthvalue has no ONNX translation."""
 
@@ -335,6 +342,10 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"input 1 holds labels from -5 to 1, but it indexes 3 classes at node 'cross_entropy_loss': each must be in "
      r"\[0, 3\) or -100 \(its ignore_index\)",
      lambda t, mp: compile_(Loss().eval(), (x, torch.tensor([0, 2])), backend="onnx")(x, torch.tensor([1, -5]))),
+    ("call with a negative index into a scatter (ONNX Runtime wrapped it around)", fxforge.InputError,
+     r"input 1 holds indices from -2 to 0, but it indexes dimension 1 \(size 4\) at node 'scatter': each must be in "
+     r"\[0, 4\)",
+     lambda t, mp: compile_(Scatters(), (x, torch.tensor([0, 3])), backend="onnx")(x, torch.tensor([0, -2]))),
     ("a computed index a kernel refuses (TorchScript)", fxforge.BackendError,
      r"^the torchscript artifact failed on inputs that match its signature: RuntimeError: index 9 is out of bounds "
      r"for dimension 1 with size 5$",

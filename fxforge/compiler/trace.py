@@ -698,9 +698,13 @@ def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
         for user, index in _value_users(node, SAME_VALUES + LABEL_PATH):
             if is_op(user, *LOSSES) and argument(user, "target") is index:
                 classes = _size(gm, argument(user, "self"), 1 if _rank(argument(user, "self")) > 1 else 0)
-                if isinstance(classes, int):
-                    bounds.append((i, 0, classes, f"{classes} classes at node {user.name!r}",
+                if isinstance(classes, int) or (classes is not None and str(classes) in batch):
+                    high, many = (classes, classes) if isinstance(classes, int) else (BATCH, "the batch's")
+                    bounds.append((i, 0, high, f"{many} classes at node {user.name!r}",
                                    int(argument(user, "ignore_index"))))
+            elif is_op(user, aten.one_hot) and data(user) is index and argument(user, "num_classes") > 0:
+                classes = argument(user, "num_classes")
+                bounds.append((i, 0, classes, f"{classes} classes at node {user.name!r}"))
         for user, index in _value_users(node):
             for source, dim, low_is_minus_n in _indexed_dims(user, index):
                 size = _size(gm, source, dim)
@@ -730,27 +734,41 @@ LOSSES = (aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_nd, aten.nll_los
 
 def _value_users(node: fx.Node, through: tuple[Any, ...] = SAME_VALUES) -> Iterator[tuple[fx.Node, fx.Node]]:
     """(user, the node it reads) for each user of ``node``'s values, through ops that only rearrange them
-    (:data:`SAME_VALUES`, or ``through``): GPT-2 and OPT reshape ``input_ids`` before their embedding, and their ids
-    were never checked (id −1 read the last row on ONNX, TVM read past the table)."""
+    (:data:`SAME_VALUES`, or ``through``) and integer casts that keep every value (int32 ids made int64 by
+    ``ids.long()``): GPT-2 and OPT reshape ``input_ids`` before their embedding, and their ids were never checked
+    (id −1 read the last row on ONNX, TVM read past the table)."""
     stack, seen = [node], {node}
     while stack:
         current = stack.pop()
         for user in current.users:
             yield user, current
-            if is_op(user, *through) and data(user) is current and user not in seen:
+            if (is_op(user, *through) or _widening_cast(user)) and data(user) is current and user not in seen:
                 seen.add(user)
                 stack.append(user)
 
 
+# ops reading an argument as indices into a dimension of another: (index argument, indexed argument, its dimension:
+# an argument's name or a number, whether eager also accepts [−n, 0)); ONNX's ScatterElements, Gather and friends
+# wrap a negative index around where eager raises (scatter, index_add, embedding_bag with index −2 returned numbers)
+INDEXING = {aten.embedding: ("indices", "weight", 0, False), aten.gather: ("index", "self", "dim", False),
+            aten.index_select: ("index", "self", "dim", False), aten.scatter: ("index", "self", "dim", False),
+            aten.scatter_add: ("index", "self", "dim", False), aten.scatter_reduce: ("index", "self", "dim", False),
+            aten.index_add: ("index", "self", "dim", False), aten.index_copy: ("index", "self", "dim", False),
+            aten.index_fill: ("index", "self", "dim", True), aten.embedding_bag: ("indices", "weight", 0, False),
+            aten._embedding_bag: ("indices", "weight", 0, False), aten.multi_margin_loss: ("target", "self", -1, False)}
+
+
 def _indexed_dims(user: fx.Node, index: fx.Node) -> list[tuple[fx.Node, int, bool]]:
     """(source, dim, negatives allowed) for each dimension of ``source`` that ``user`` indexes with ``index``."""
-    if is_op(user, aten.embedding):
-        return [(argument(user, "weight"), 0, False)] if argument(user, "indices") is index else []
-    if is_op(user, aten.gather) or is_op(user, aten.index_select):
-        return [(argument(user, "self"), argument(user, "dim"), False)] if argument(user, "index") is index else []
     if is_op(user, aten.index):
         return [(argument(user, "self"), d, True) for d, t in enumerate(argument(user, "indices")) if t is index]
-    return []
+    packet = getattr(user.target, "overloadpacket", None) if user.op == "call_function" else None
+    if packet not in INDEXING:
+        return []
+    index_arg, source, dim, negatives = INDEXING[packet]
+    if argument(user, index_arg) is not index:
+        return []
+    return [(argument(user, source), argument(user, dim) if isinstance(dim, str) else dim, negatives)]
 
 
 def _size(gm: fx.GraphModule, source: Any, dim: int) -> Any:
@@ -762,6 +780,19 @@ def _size(gm: fx.GraphModule, source: Any, dim: int) -> Any:
     if not isinstance(value, torch.Tensor) or not -value.dim() <= dim < value.dim():
         return None
     return value.shape[dim]
+
+
+def _widening_cast(node: fx.Node) -> bool:
+    """A cast of an integer tensor to an integer dtype holding every value of its own (int32 → int64)."""
+    if not is_op(node, aten._to_copy, aten.to):
+        return False
+    source, dtype = data(node).meta.get("val"), argument(node, "dtype", None)
+    if not (isinstance(source, torch.Tensor) and isinstance(dtype, torch.dtype)) or source.dtype == torch.bool or \
+            source.dtype.is_floating_point or source.dtype.is_complex or dtype.is_floating_point or dtype.is_complex \
+            or dtype == torch.bool:
+        return False
+    wide, narrow = torch.iinfo(dtype), torch.iinfo(source.dtype)
+    return wide.min <= narrow.min and narrow.max <= wide.max
 
 
 def _rank(node: Any) -> int:

@@ -273,6 +273,52 @@ def test_a_losss_labels_are_bounded_by_its_classes_and_ignore_index(ignore_index
     assert type(cm.artifact.signature).from_dict(cm.artifact.signature.to_dict()) == cm.artifact.signature
 
 
+class Indexes(nn.Module):
+    """Reads its integer input ``y`` as indices through one op (``use``), after ``cast``."""
+
+    def __init__(self, use, cast=None):
+        super().__init__()
+        self.use, self.cast, self.head = use, cast, nn.Linear(8, 5)
+
+    def forward(self, x, y):
+        return self.use(self, x, y if self.cast is None else y.to(self.cast))
+
+
+def _bag(m, x, y):
+    return F.embedding_bag(y.view(-1, 1), m.head.weight) + x
+
+
+def _contrastive(m, x, y):  # CLIP's: each row's class is another row of the batch
+    return F.cross_entropy(m.head(x) @ m.head(x).T, y)
+
+
+@pytest.mark.parametrize("use, cast, bad, what", [
+    (lambda m, x, y: torch.zeros(x.shape[0], 5).scatter(1, y.unsqueeze(1), 1.0) * m.head(x), None, -2,
+     r"dimension 1 \(size 5\) at node 'scatter'"),
+    (lambda m, x, y: torch.zeros(5, 8).index_add(0, y, x), None, 5, r"dimension 0 \(size 5\) at node 'index_add'"),
+    (_bag, None, -1, "dimension 0 \\(size 5\\) at node 'embedding_bag'"),
+    (lambda m, x, y: F.one_hot(y, 5) * m.head(x), None, 5, "5 classes at node 'one_hot'"),
+    (lambda m, x, y: F.multi_margin_loss(m.head(x), y), None, -1, "dimension -1 \\(size 5\\) at node"),
+    (lambda m, x, y: F.embedding(y, m.head.weight) + x, torch.long, -1, "an embedding of 5 rows"),
+    (lambda m, x, y: F.cross_entropy(m.head(x), y), torch.long, 5, "5 classes at node 'cross_entropy_loss'"),
+    (_contrastive, None, 4, "the batch's classes at node 'cross_entropy_loss'"),
+])
+def test_more_ops_reading_indices_are_bounded(use, cast, bad, what):
+    """Before: these inputs were never checked (a differential run of losses and index ops): ONNX wrapped index −2
+    around in scatter, index_add, embedding_bag and multi_margin_loss, gave one_hot an all-zero row for label 5,
+    and read int32 ids made int64 in forward (``ids.long()``) as the embedding's last row, where eager raises."""
+    model = Indexes(use, cast).eval()
+    y = torch.tensor([0, 1, 2, 3], dtype=torch.int32 if cast else torch.long)
+    _, sig = trace(model, (torch.randn(4, 8), y))
+    sig.flatten((torch.randn(4, 8), y))
+    bad_y = y.clone()
+    bad_y[1] = bad
+    with pytest.raises(Exception):
+        model(torch.randn(4, 8), bad_y)
+    with pytest.raises(fxforge.InputError, match=rf"^input 1 holds (indices|labels) from .* it indexes {what}"):
+        sig.flatten((torch.randn(4, 8), bad_y))
+
+
 class SoftLoss(nn.Module):
     def __init__(self):
         super().__init__()
