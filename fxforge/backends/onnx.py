@@ -324,8 +324,8 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     # a graph of its own over the same tensors: the rewrites below must not reach gm (they rebind its constants, never
     # write into them), and the exporter never writes into the tensors (a deep copy of efficientnet_v2_s's int8 graph
     # was 1 s of CPU for nothing)
-    copied = _distinct_outputs(_global_pools_as_means(_aliases_renamed(
-        fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph")))).eval()
+    copied = _distinct_outputs(_cross_entropies_decomposed(_global_pools_as_means(_aliases_renamed(
+        fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph"))))).eval()
     if target is not None:
         onnx_int8.pad_conv_channels(copied, target)
     # the lock first: the others patch process-wide state, which a thread waiting for it would save and restore wrongly
@@ -527,6 +527,70 @@ def _global_pools_as_means(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.adaptive_avg_pool2d.default):
         if list(ops.argument(node, "output_size")) == [1, 1]:
             node.target, node.args, node.kwargs = torch.ops.aten.mean.dim, (ops.data(node), [-2, -1], True), {}
+    gm.recompile()
+    return gm
+
+
+def _cross_entropies_decomposed(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with each cross-entropy that ONNX's SoftmaxCrossEntropyLoss cannot express written as what torch
+    computes, in place: the exporter translates ``cross_entropy_loss`` to that op, whose labels are class indices
+    and which has no label smoothing, so a target of class probabilities failed onnx.checker and a smoothing was
+    dropped (a loss 0.148 off, accepted within an int8 graph's tolerance). With C classes along dimension d (1, or 0
+    for an unbatched input), weights w, smoothing ε and log-probabilities l = log_softmax(x):
+
+        probabilities p:  ℓ = −Σ_c w_c · ((1 − ε) p_c + ε / C) · l_c          mean: over every sample and position
+        class labels y:   (1 − ε) · CE(x, y) + ε / C · s,  s = −Σ_c w_c l_c, 0 where y is the ignore_index
+                          mean: Σ s / Σ w_y over the labels not ignored (Σ 1 without weights), as nll_loss's mean
+
+    (aten/src/ATen/native/LossNLL.cpp, ``cross_entropy_loss_prob_target`` and ``..._label_smoothing``), the CE
+    term keeping the exporter's translation."""
+    aten = torch.ops.aten
+    graph = gm.graph
+    for node in graph.find_nodes(op="call_function", target=aten.cross_entropy_loss.default):
+        target, x, weight = (ops.argument(node, k) for k in ("target", "self", "weight"))
+        smoothing, reduction, ignore = (ops.argument(node, k) for k in ("label_smoothing", "reduction", "ignore_index"))
+        value = target.meta.get("val") if isinstance(target, fx.Node) else None
+        probabilities = isinstance(value, torch.Tensor) and value.is_floating_point()
+        if not (probabilities or smoothing) or not isinstance(x.meta.get("val"), torch.Tensor):
+            continue
+        rank = x.meta["val"].dim()
+        dim = 1 if rank > 1 else 0
+        classes = x.meta["val"].shape[dim]
+
+        def call(op: Any, *args: Any) -> fx.Node:
+            return graph.call_function(op, args)
+
+        with graph.inserting_before(node):
+            terms = call(aten._log_softmax.default, x, dim, False)
+            if weight is not None:
+                terms = call(aten.mul.Tensor, terms, call(aten.view.default, weight, [classes] + [1] * (rank - dim - 1)))
+            if probabilities:
+                if smoothing:
+                    target = call(aten.add.Scalar, call(aten.mul.Tensor, target, 1.0 - smoothing), smoothing / classes)
+                per_sample = call(aten.neg.default, call(aten.sum.dim_IntList, call(aten.mul.Tensor, terms, target),
+                                                         [dim]))
+                loss = per_sample if reduction == 0 else call(
+                    aten.mean.default if reduction == 1 else aten.sum.default, per_sample)
+            else:
+                ignored = call(aten.eq.Scalar, target, ignore)
+                smooth = call(aten.where.ScalarSelf, ignored, 0.0,
+                              call(aten.neg.default, call(aten.sum.dim_IntList, terms, [dim])))
+                if reduction == 0:
+                    spread = smooth
+                elif reduction == 2:
+                    spread = call(aten.sum.default, smooth)
+                else:
+                    counted = call(aten.logical_not.default, ignored)
+                    if weight is not None:  # the label's weight; an ignored label reads class 0, then counts 0
+                        counted = call(aten.mul.Tensor, call(aten.reshape.default, counted, [-1]), call(
+                            aten.index_select.default, weight, 0, call(aten.reshape.default, call(
+                                aten.where.ScalarSelf, ignored, 0, target), [-1])))
+                    spread = call(aten.div.Tensor, call(aten.sum.default, smooth), call(aten.sum.default, counted))
+                plain = call(aten.cross_entropy_loss.default, x, target, weight, reduction, ignore, 0.0)
+                loss = call(aten.add.Tensor, call(aten.mul.Tensor, plain, 1.0 - smoothing),
+                            call(aten.mul.Tensor, spread, smoothing / classes))
+        node.replace_all_uses_with(loss)
+        graph.erase_node(node)
     gm.recompile()
     return gm
 
