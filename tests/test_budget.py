@@ -908,6 +908,27 @@ def test_a_one_value_output_after_logits_is_warned_that_the_budget_reads_the_log
     assert any("after the logits hold one value per sample" in w and "reads the logits alone" in w for w in warned)
 
 
+class MeanScore(nn.Module):
+    """One value per batch: a mean computed in forward (a loss, an accuracy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        return self.net(x).mean()
+
+
+def test_a_single_value_per_batch_is_warned_that_the_budget_sees_its_sign_alone():
+    """Before: a forward returning its accuracy or loss (one value per batch) was judged by its "min cosine", 1.0
+    whatever the value (an accuracy 1.0 → 0.969 under int8: drop 0.0, held), without a word."""
+    cm, warned = compile_warned(MeanScore().eval(), passes=["int8"], calibration=batches(8),
+                                validation=batches(2, seed=3))
+    assert cm.report.meta["budget"]["caveat"].startswith("the output holds one value per sample (or per batch), "
+                                                         "whose cosine is only its sign")
+    assert any("cannot measure this model" in w and "pass metric=" in w for w in warned), warned
+
+
 def test_validation_given_as_input_label_pairs_is_told_what_it_takes():
     """The calibration error hinted at (input, label) pairs; the validation one gave a bare shape mismatch."""
     pairs = [(x, torch.zeros(64, dtype=torch.int64)) for (x,) in batches(2)]
