@@ -132,6 +132,13 @@ class Scatters(nn.Module):
         return torch.zeros_like(x).scatter(1, labels.unsqueeze(1), 1.0) * x
 
 
+class Bce(nn.Module):
+    """Binary cross-entropy of its scores against its target, which torch wants in [0, 1]."""
+
+    def forward(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy(scores.sigmoid(), target)
+
+
 class KthValue(nn.Module):
     """aten.kthvalue has no ONNX translation."""
 
@@ -359,6 +366,10 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"^the onnx artifact failed on inputs that match its signature: GatherElements node 'node_gather': "
      r"GatherElements op: Out of range value in index tensor$",
      lambda t, mp: gathered(1, "onnx", [[1], [8]])),
+    ("a model raising on fresh inputs like the example (a binary cross-entropy's target above 1)", fxforge.InputError,
+     r"^the model raises on fresh inputs like the example, which every compiled model is checked on \(normal floats, "
+     r"folded to the example's sign .*\): RuntimeError: all elements of target should be between 0 and 1$",
+     lambda t, mp: compile_(Bce(), (torch.rand(2, 4), torch.rand(2, 4)))),
     ("a model returning None", fxforge.InputError, r"the model returns no tensor \(got NoneType\)",
      lambda t, mp: compile_(ReturnsNone(), backend="onnx")),
     ("a model returning NaN as a Python number", fxforge.InputError,

@@ -68,6 +68,18 @@ def random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return values[torch.randint(0, values.numel(), t.shape, generator=generator)]
 
 
+# how :func:`random_like` draws, as an error says it
+FRESH_INPUTS = ("normal floats, folded to the example's sign where all of its values have one; booleans at random; "
+                "integers drawn from the example's values")
+
+
+def raises_on_fresh_inputs(e: Exception) -> InputError:
+    """The error for a model (or its traced graph) raising ``e`` on fresh inputs, which the example did not make it
+    raise: a binary cross-entropy's target above 1 ran into torch's own check, a raw RuntimeError out of compile."""
+    return InputError(f"the model raises on fresh inputs like the example, which every compiled model is checked on "
+                      f"({FRESH_INPUTS}): {type(e).__name__}: {first_line(e)}")
+
+
 def fresh_inputs(example_inputs: Sequence[torch.Tensor], seed: int = CHECK_SEED) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     return tuple(random_like(t, g) for t in example_inputs)
@@ -312,7 +324,10 @@ class NumericCheck(Instrument):
         self.samples = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
                            and torch.Tag.nondeterministic_seeded in n.target.tags for n in gm.graph.nodes)
         self.every: dict[str, torch.Tensor] = {}  # the last run's every node output: its shapes (Shapes.from_values)
-        self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
+        try:
+            self.reference, self.prev_values = run_recording(gm, self.inputs, self.every)
+        except Exception as e:  # the traced graph reproduces the model, which the example did not make raise
+            raise raises_on_fresh_inputs(e) from None
         self.prev_out = self.reference
         self.more: list[tuple[tuple[torch.Tensor, ...], Any]] = []  # the other batches and the traced outputs
         if not all(p.exact for p in passes):
@@ -746,7 +761,12 @@ class ModelRuns:
     def outputs(self, key: Any, inputs: tuple) -> list[Any]:
         """The model's flat outputs on ``inputs``, named ``key`` ("example", or the seed of fresh inputs)."""
         if key not in self.cached:
-            self.cached[key] = self.run(inputs)
+            try:
+                self.cached[key] = self.run(inputs)
+            except Exception as e:
+                if key == "example":
+                    raise
+                raise raises_on_fresh_inputs(e) from None
         return pytree.tree_leaves(self.cached[key])
 
 
