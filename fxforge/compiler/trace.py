@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import DynamicOutputShapeException
 from torch.export import Dim
 
 from .errors import ArtifactError, InputError, TraceError, first_line
@@ -1047,5 +1048,9 @@ def _user_frame(e: BaseException) -> str:
 
 
 def _trace_error(e: BaseException) -> TraceError:
+    if isinstance(e, DynamicOutputShapeException):  # REMEDIES spoke of control flow and the batch size: no help
+        return TraceError(f"torch.export could not capture the model: {first_line(e)} returns a shape that depends "
+                          f"on its inputs' values, which a captured graph cannot hold ({_user_frame(e).lstrip()}); "
+                          "compute it outside the compiled model")
     return TraceError(f"torch.export could not capture the model: {first_line(e)}{_user_frame(e)}. "
                       f"Remedies: {REMEDIES}")

@@ -319,6 +319,26 @@ def test_more_ops_reading_indices_are_bounded(use, cast, bad, what):
         sig.flatten((torch.randn(4, 8), bad_y))
 
 
+class Ctc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 6)
+
+    def forward(self, x, targets, input_lengths, target_lengths):
+        return F.ctc_loss(self.head(x).log_softmax(2), targets, input_lengths, target_lengths)
+
+
+def test_an_op_whose_output_shape_depends_on_values_is_named_without_unrelated_remedies():
+    """Before: export's DynamicOutputShapeException came with remedies about control flow and static_batch=True
+    (given static_batch=True, the same advice)."""
+    example = (torch.randn(10, 2, 8), torch.randint(1, 6, (2, 4)), torch.tensor([10, 9]), torch.tensor([4, 3]))
+    with pytest.raises(fxforge.TraceError, match=r"^torch.export could not capture the model: aten._ctc_loss.Tensor "
+                                                 r"returns a shape that depends on its inputs' values, which a captured "
+                                                 r"graph cannot hold \(at .*test_trace.py:\d+ in forward: .*\); compute "
+                                                 r"it outside the compiled model$"):
+        fxforge.compile(Ctc().eval(), example, static_batch=True, measure_latency=False)
+
+
 class SoftLoss(nn.Module):
     def __init__(self):
         super().__init__()
