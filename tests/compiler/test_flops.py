@@ -62,6 +62,29 @@ def test_recurrent_layers_count_their_gate_products(kind, gates):
     assert cm.report.row("input").flops == sum(2 * 2 * 5 * gates * 16 * (inputs + 16) for inputs in (8, 16))
 
 
+class Cells(nn.Module):
+    """A recurrent cell unrolled over the steps of its input."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.cell = kind(8, 10)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 10)
+        state = (h, h) if isinstance(self.cell, nn.LSTMCell) else h
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return state[0] if isinstance(state, tuple) else state
+
+
+@pytest.mark.parametrize("kind, gates", [(nn.LSTMCell, 4), (nn.GRUCell, 3), (nn.RNNCell, 1)])
+def test_recurrent_cells_count_their_gate_products(kind, gates):
+    """Before: an unrolled LSTMCell/GRUCell/RNNCell counted 0 (its lstm_cell, gru_cell, rnn_tanh_cell nodes were not
+    counted; a differential run over sequence models). Per step and sample, gates × hidden × (input + hidden)."""
+    cm = fxforge.compile(Cells(kind).eval(), (torch.randn(2, 6, 8),), verify="off")
+    assert cm.report.row("input").flops == 2 * 2 * 6 * gates * 10 * (8 + 10)
+
+
 def test_attention_flops():
     q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 16)
     cm = fxforge.compile(Attention(), (q, k, v), verify="off")

@@ -1,8 +1,8 @@
 """Floating-point operations (2 per multiply-accumulate) of the compute-heavy ops, per node.
 
 Counts what PyTorch's own counter (``torch.utils.flop_counter``) counts: every convolution (any groups, transposed
-too), linear, matmul/bmm/addmm/einsum, recurrent layer (LSTM, GRU, RNN: their gate products) and scaled-dot-product
-attention. Each such node runs once on meta tensors of its inputs' shapes under ``FlopCounterMode``, which sees the
+too), linear, matmul/bmm/addmm/einsum, recurrent layer and cell (LSTM, GRU, RNN: their gate products) and
+scaled-dot-product attention. Each such node runs once on meta tensors of its inputs' shapes under ``FlopCounterMode``, which sees the
 products a composite op dispatches to, so an op is counted as PyTorch counts it rather than by a formula of our own
 (the hand-written one knew conv, linear and matmul alone: a ConvTranspose decoder, an einsum or an LSTM counted 0).
 A linear with int8 weights (``fxforge::dynamic_linear``) is counted as the float linear it replaces: quantization
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 COUNTED = (*CONV, *LINEAR, *MATMUL, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
            aten.convolution, aten._convolution, aten.addmm, aten.baddbmm, aten.einsum,
-           aten.scaled_dot_product_attention, aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu)
+           aten.scaled_dot_product_attention, aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu, aten.lstm_cell,
+           aten.gru_cell, aten.rnn_tanh_cell, aten.rnn_relu_cell)
 
 
 class Flops(Analysis):
