@@ -940,14 +940,15 @@ def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.expo
 def _per_parameter(model: torch.nn.Module, shapes: tuple) -> tuple:
     """``shapes`` (one per positional argument) in the structure export matches them with, one per parameter of
     ``forward``: the arguments a ``*args`` parameter collects share one entry, a tuple (export refused a flat one,
-    and the capture fell back to a static batch)."""
+    and the capture fell back to a static batch); none where it collects nothing (export counted an empty entry as
+    one more input than it was given, and the batch became static)."""
     try:
         parameters = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return shapes
     for k, p in enumerate(parameters):
         if p.kind is inspect.Parameter.VAR_POSITIONAL:
-            return (*shapes[:k], tuple(shapes[k:]))
+            return (*shapes[:k], tuple(shapes[k:])) if len(shapes) > k else shapes
     return shapes
 
 

@@ -319,6 +319,27 @@ def test_more_ops_reading_indices_are_bounded(use, cast, bad, what):
         sig.flatten((torch.randn(4, 8), bad_y))
 
 
+class OptionalState(nn.Module):
+    """A recurrent wrapper whose initial state is optional: ``forward(x, *state)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(8, 12, batch_first=True)
+
+    def forward(self, x, *state):
+        return self.rnn(x, *state)[0]
+
+
+def test_a_varargs_forward_called_without_them_keeps_a_dynamic_batch():
+    """Before: the dynamic shapes gave the empty ``*state`` an entry of its own, export counted one input more than
+    it was given ("inputs has 1 elements, but dynamic_shapes has 2 elements") and the batch became static."""
+    model = OptionalState().eval()
+    cm = fxforge.compile(model, (torch.randn(2, 6, 8),), measure_latency=False)
+    assert cm.signature.dynamic_batch, cm.signature.note
+    x = torch.randn(3, 6, 8)
+    torch.testing.assert_close(cm(x), model(x))
+
+
 class Ctc(nn.Module):
     def __init__(self):
         super().__init__()
