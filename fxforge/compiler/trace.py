@@ -535,6 +535,8 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
         if err > EXACT_TOLERANCE:
             mutated = _mutated_buffers(ep)
             shared = next(((i, j) for j, b in enumerate(flat) for i, a in enumerate(flat[:j]) if _overlap(a, b)), None)
+            nested = next((name for name, m in model.named_modules() if isinstance(m, torch.nn.TransformerEncoder)
+                           and getattr(m, "use_nested_tensor", False)), None)
             if mutated:
                 cause = (f"forward updates the buffer(s) {', '.join(mutated)} in place, so each call depends on the "
                          "calls before it, and a compiled graph computes one call from a fixed state; keep that state "
@@ -542,6 +544,10 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
             elif shared:
                 cause = (f"example inputs {shared[0]} and {shared[1]} are one tensor, and export captured them as one "
                          "input; give separate tensors (a clone of one) for inputs that can differ")
+            elif nested:
+                cause = (f"nn.TransformerEncoder {nested!r} runs a padded batch as nested tensors in eager inference "
+                         "(its padded positions zero), which export does not; build it with "
+                         "enable_nested_tensor=False")
             else:
                 cause = ("forward takes another path while exported (e.g. it asks torch.compiler.is_exporting()) or "
                          "reads Python state export freezes; make forward compute the same under export")
@@ -1048,7 +1054,16 @@ def _user_frame(e: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} in {f.name}: {f.line}"
 
 
+# functions inside torch where export gives up on a model for a reason of torch's own → what the user can do
+TORCH_CAUSES = {"_detect_is_causal_mask": "nn.Transformer's layers compare a given mask with a causal one to decide "
+                                          "whether it is causal, which a captured graph cannot do: pass "
+                                          "tgt_is_causal= (is_causal=, src_is_causal=) with the mask"}
+
+
 def _trace_error(e: BaseException) -> TraceError:
+    cause = next((TORCH_CAUSES[f.name] for f in traceback.extract_tb(e.__traceback__) if f.name in TORCH_CAUSES), None)
+    if cause:  # REMEDIES spoke of control flow and the batch size: no help
+        return TraceError(f"torch.export could not capture the model{_user_frame(e)}: {cause}")
     if isinstance(e, DynamicOutputShapeException):  # REMEDIES spoke of control flow and the batch size: no help
         return TraceError(f"torch.export could not capture the model: {first_line(e)} returns a shape that depends "
                           f"on its inputs' values, which a captured graph cannot hold ({_user_frame(e).lstrip()}); "

@@ -360,6 +360,42 @@ def test_an_op_whose_output_shape_depends_on_values_is_named_without_unrelated_r
         fxforge.compile(Ctc().eval(), example, static_batch=True, measure_latency=False)
 
 
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 1)
+
+    def forward(self, tgt, memory):
+        return self.decoder(tgt, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(tgt.shape[1]))
+
+
+class PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+
+    def forward(self, x, padding):
+        return self.encoder(x, src_key_padding_mask=padding)
+
+
+def test_torchs_own_transformer_paths_are_named_with_their_remedies():
+    """Before: a TransformerDecoder given a causal tgt_mask got "Could not guard on data-dependent expression" with
+    remedies about control flow and static_batch=True (torch compares the mask with a causal one); a TransformerEncoder
+    left with its nested-tensor fast path got "forward takes another path while exported", of a forward that does
+    not. Each now names torch's path and the argument that avoids it."""
+    with pytest.raises(fxforge.TraceError, match=r"^torch.export could not capture the model at .*test_trace.py:\d+ in "
+                                                 r"forward: .*: nn.Transformer's layers compare a given mask with a "
+                                                 r"causal one .*: pass tgt_is_causal= \(is_causal=, src_is_causal=\) "
+                                                 r"with the mask$"):
+        fxforge.compile(Decoder().eval(), (torch.randn(2, 5, 16), torch.randn(2, 7, 16)), measure_latency=False)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[:, -2:] = True
+    with pytest.raises(fxforge.TraceError, match=r"nn.TransformerEncoder 'encoder' runs a padded batch as nested "
+                                                 r"tensors in eager inference .*; build it with "
+                                                 r"enable_nested_tensor=False$"):
+        fxforge.compile(PaddedEncoder().eval(), (torch.randn(2, 6, 16), padding), measure_latency=False)
+
+
 class SoftLoss(nn.Module):
     def __init__(self):
         super().__init__()
