@@ -23,8 +23,9 @@ from .verify import BOUND_BATCHES, Error
 
 SYNTHETIC = ("measured on synthetic N(0,1) inputs, not on your data "
              "(compile(..., validation=[(x1,), ...]) measures them on it); after an approximate pass, the last pass's "
-             f"and the backend's max err and cosine are bounds for fresh batches (the worst of {BOUND_BATCHES} plus "
-             "their spread), the other stages' are measured on one batch (a sample)")
+             f"and the backend's max err and cosine are estimated bounds for fresh batches (the worst of "
+             f"{BOUND_BATCHES} plus their spread: most further batches stay within them, not every one), the other "
+             "stages' are measured on one batch (a sample)")
 
 
 LATENCY_NOTE = ("latency: each stage's graph run by PyTorch eager (Q/DQ stages simulate int8 in float, so they read "
