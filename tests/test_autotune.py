@@ -314,8 +314,9 @@ def test_the_default_evaluate_judges_as_the_budget_refusing_one_value_and_warnin
     min cosine, as the budget holds them, and warned of."""
     args = {"backend": "eager", "budget": 2, "calibration": [(torch.randn(16, 4),) for _ in range(2)],
             "output_dir": tmp_path}
-    with pytest.raises(TuningError, match="the default evaluate cannot judge this model: the output holds one value "
-                                          "per sample, whose cosine is only its sign; pass evaluate="):
+    with pytest.raises(TuningError, match=r"the default evaluate cannot judge this model: the output holds one value "
+                                          r"per sample \(or per batch\), whose cosine is only its sign; pass "
+                                          r"evaluate="):
         fxforge.autotune(Interval(1).eval(), torch.randn(2, 4), **args)
     with pytest.warns(UserWarning, match="judges this model by min_cosine: the first output's largest column is the "
                                          "same on every"):
