@@ -41,8 +41,8 @@ from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, beyond, clone_inp
                      discrete_mismatch, exact_tolerances, fresh_inputs, nesting)
 
 MAX_BATCH = 1 << 16
-REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, "
-            "move unsupported Python out of forward, or pass static_batch=True if the batch size is fixed")
+REMEDIES = ("replace data-dependent Python control flow with torch.cond or tensor ops, or move unsupported Python out "
+            "of forward")  # not static_batch=True: the capture that failed had a static batch already
 
 
 @dataclass(frozen=True)
