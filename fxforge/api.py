@@ -232,6 +232,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
         with phases.phase("artifact_check", "checking the artifact against the model"):
             err = check_artifact(artifact, runs, gm, example, all(r.exact for r in report.rows))
         row.max_rel_err, row.cosine = err.max_rel, err.cosine
+        if err.discrete:  # an approximate pipeline moved an argmax or a mask: the float errors above do not say it
+            report.meta["discrete_outputs"] = f"differ from your model's (the example and fresh inputs): {err.discrete}"
+            warnings.warn(f"the compiled model's integer or bool outputs {report.meta['discrete_outputs']}; the "
+                          "report's errors cover its float outputs alone", UserWarning, stacklevel=3)
     gm.meta.pop(BOUND_OUTPUTS, None)  # the numeric check's last outputs, kept for the artifact check only
     if tgt.runs_on_host and not elsewhere and measure_latency and report.rows[0].latency_ms is not None:  # own CPU
         row.latency_ms = measure_latency_of(lambda *x: artifact.run(x), flat)
