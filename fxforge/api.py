@@ -181,7 +181,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     if runs.state_changes:
         warnings.warn(f"forward changes the model's own state ({listed(runs.state_changes)}); the compiled model "
                       "computes every call from the state at compile time and changes nothing (a call counter stays "
-                      "as it was)", UserWarning, stacklevel=3)
+                      "as it was; a value forward writes and then reads in one call is computed as before)",
+                      UserWarning, stacklevel=3)
     flat = tuple(signature.flatten(example))
     calibration = passes_calibration(calibration, signature, example, pick)
     given_train = train

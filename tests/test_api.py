@@ -490,6 +490,29 @@ def test_a_forward_that_changes_the_models_state_is_warned_of():
     assert model.calls == 0  # the user's model is never run
 
 
+class KeepsScratch(nn.Module):
+    """Stores a value in a new attribute and reads it back in the same call (RAFT's correlation pyramid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.pyramid = [self.fc(x), self.fc(x) * 2]
+        return self.pyramid[0] + self.pyramid[1]
+
+
+def test_the_state_warning_names_the_attribute_forward_adds():
+    """Before: the states were matched by position, so the attribute forward adds shifted every later one and the
+    warning named training, _non_persistent_buffers_set, _backward_pre_hooks "and 22 more", not pyramid."""
+    model = KeepsScratch().eval()
+    with pytest.warns(UserWarning, match=r"forward changes the model's own state \(pyramid\); .*a value forward "
+                                         r"writes and then reads in one call is computed as before"):
+        cm = fxforge.compile(model, (torch.randn(2, 4),), backend="eager", measure_latency=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(cm(x), KeepsScratch.forward(copy.deepcopy(model), x))
+
+
 class CountsInBuffer(nn.Module):
     def __init__(self):
         super().__init__()

@@ -506,7 +506,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
                          "(torch.jit.script or torch.jit.trace), which torch.export cannot capture: pass the plain "
                          "nn.Module")
     forward = getattr(model, "forward", None)
-    if callable(forward) and not hasattr(inspect.unwrap(forward), "__code__") and \
+    if callable(forward) and not hasattr(forward, "__code__") and \
             not isinstance(forward, functools.partial):
         raise TraceError(f"the model's forward is a {type(forward).__name__} object, not a function: torch.export "
                          "reads the code of a function; define forward as a method that calls it")

@@ -754,8 +754,11 @@ class ModelRuns:
         if _same(before, after):
             self._unchanged = model, after
         elif not self.state_changes and before is not None and after is not None:
-            self.state_changes = [name.lstrip(".") for (name, a), (_, b) in zip(before, after) if a != b] \
-                or ["its attributes"]
+            # by name: an attribute forward adds shifts every later one (matched by position, the warning named
+            # training, _backward_pre_hooks and 22 more, and not the new one)
+            was, now, absent = dict(before), dict(after), object()
+            self.state_changes = [name.lstrip(".") for name in dict.fromkeys([*was, *now])
+                                  if was.get(name, absent) != now.get(name, absent)] or ["its attributes"]
         return out
 
     def structure(self, key: Any) -> pytree.TreeSpec:
