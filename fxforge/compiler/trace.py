@@ -939,7 +939,11 @@ def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.expo
         leaves, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch_size for t in leaves])
         args = pytree.tree_unflatten(list(leaves), spec)
         dynamic_shapes = _per_parameter(model, pytree.tree_unflatten(list(shapes), spec)) if shapes else None
-    with EXPORT_LOCK, torch.no_grad(), _quiet_torch_logs():  # the lock first: one thread swaps stderr at a time
+    # the lock first: one thread swaps stderr, and the warning filters, at a time
+    with EXPORT_LOCK, torch.no_grad(), _quiet_torch_logs(), warnings.catch_warnings():
+        # nn.LSTM/GRU/RNN and parametrizations rebind tensor attributes in forward (``_flat_weights``): export's
+        # advice to register them as buffers is about torch's own modules, which a user cannot act on
+        warnings.filterwarnings("ignore", message=r"The tensor attributes? .* assigned during export")
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 

@@ -5,6 +5,7 @@ import functools
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1004,3 +1005,14 @@ def test_artifacts_of_two_classes_of_one_namedtuple_path_load_in_one_process(tmp
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.strip() == "('logits', 'probs') ('logits', 'probs')"
+
+
+def test_exports_advice_about_torchs_own_tensor_attributes_is_not_passed_on():
+    """Before: every nn.LSTM/GRU/RNN compile (and parametrized weights) showed torch.export's "The tensor attributes
+    self.r._flat_weights[0] ... were assigned during export. Such attributes must be registered as buffers", about
+    torch's own modules."""
+    model = nn.Sequential(nn.LSTM(4, 5, batch_first=True)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trace(model, (torch.randn(2, 3, 4),))
+    assert not [w for w in caught if "assigned during export" in str(w.message)]
