@@ -766,7 +766,7 @@ class ScalesByItsBatch(nn.Linear):
         return super().forward(x) * (x.shape[0] / 2.0)
 
 
-def test_an_artifact_fixed_to_the_example_batch_is_not_measured_on_batches_it_cannot_take():
+def test_an_artifact_fixed_to_the_example_batch_is_not_measured_on_batches_it_cannot_take(unscriptable):
     """Validation batches of 4 ran through a TorchScript trace made at batch 2, past its signature: it computed
     with the traced batch, and the report stated an error of 0.5 for an exact pipeline (a false BudgetError under
     strict; TVM raised a raw RuntimeError). Now the artifact's columns and budget say why they were not measured."""

@@ -730,10 +730,11 @@ SAME_VALUES = (aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.cont
                aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.t, aten.expand)
 
 
-# ops whose output holds some of their input's values and constants: a loss's labels read through them are checked
-# whole (GPT-2's labels are padded with its ignore_index and shifted by one: the first label of a row, never read,
-# is checked too)
-LABEL_PATH = (aten.slice, aten.select, aten.narrow, aten.pad, aten.constant_pad_nd)
+# ops whose output holds every value of their input and constants (a pad with the ignore_index): a loss's labels read
+# through them are its input's. Not a slice: a slice's other values may be anything (a multi-task model's labels for
+# another loss, a length), and checking them refused valid calls; so GPT-2's shifted labels (padded, then sliced by
+# one) are not checked
+LABEL_PATH = (aten.pad, aten.constant_pad_nd)
 # losses whose ``target`` holds class indices into dimension 1 of ``self`` (0 when it has one dimension)
 LOSSES = (aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_nd, aten.nll_loss2d, aten.nll_loss_forward,
           aten.nll_loss2d_forward)

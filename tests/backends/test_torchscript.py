@@ -58,15 +58,6 @@ class ScaledByBatch(torch.nn.Module):
         return x.view(x.shape[0], -1) * (x.shape[0] * 2.0)
 
 
-@pytest.fixture
-def unscriptable(monkeypatch):
-    """A graph TorchScript cannot script, so that the backend traces it (a float computed from the batch size was
-    such a graph until sym_float was written as Python's float; no other is known)."""
-    def refuse(*args, **kwargs):
-        raise RuntimeError("Unknown builtin op: aten::an_op_torchscript_lacks")
-    monkeypatch.setattr(torch.jit, "script", refuse)
-
-
 def test_a_traced_graph_takes_only_the_example_batch(tmp_path, unscriptable):
     """The trace fallback kept the dynamic batch: at batch 3 the artifact returned shape [2, 6] and the example's
     factor, silently; its signature is now the example's shapes."""

