@@ -640,6 +640,7 @@ def _example_inputs(shapes: list[str], dtype: str) -> tuple[Any, ...]:
         dynamic = " (-1 is no size: give the example's batch; compile keeps it dynamic unless --static-batch)" \
             if any(-1 in d for d in dims) else ""
         raise InputError(f"--input-shape takes positive sizes, got {bad[0]}{dynamic}")
+
     def example(shape: tuple[int, ...]) -> Any:
         if kind.is_floating_point:
             return torch.randn(shape, generator=g, dtype=kind)

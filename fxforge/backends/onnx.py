@@ -563,7 +563,8 @@ def _cross_entropies_decomposed(gm: fx.GraphModule) -> fx.GraphModule:
         with graph.inserting_before(node):
             terms = call(aten._log_softmax.default, x, dim, False)
             if weight is not None:
-                terms = call(aten.mul.Tensor, terms, call(aten.view.default, weight, [classes] + [1] * (rank - dim - 1)))
+                broadcast = [classes] + [1] * (rank - dim - 1)
+                terms = call(aten.mul.Tensor, terms, call(aten.view.default, weight, broadcast))
             if probabilities:
                 if smoothing:
                     target = call(aten.add.Scalar, call(aten.mul.Tensor, target, 1.0 - smoothing), smoothing / classes)

@@ -535,8 +535,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
         if err > EXACT_TOLERANCE:
             mutated = _mutated_buffers(ep)
             shared = next(((i, j) for j, b in enumerate(flat) for i, a in enumerate(flat[:j]) if _overlap(a, b)), None)
-            nested = next((name for name, m in model.named_modules() if isinstance(m, torch.nn.TransformerEncoder)
-                           and getattr(m, "use_nested_tensor", False)), None)
+            nested = _nested_encoder(model, args, refs)
             if mutated:
                 cause = (f"forward updates the buffer(s) {', '.join(mutated)} in place, so each call depends on the "
                          "calls before it, and a compiled graph computes one call from a fixed state; keep that state "
@@ -687,11 +686,13 @@ def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
     return constants
 
 
-def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[int, int, int, str], ...]:
-    """(input, low, high, what) for each flat integer input that an embedding, gather, index_select or index reads
-    directly as indices into a dimension of static size n: eager accepts [0, n), and [−n, n) for ``x[index]``. A
-    dimension of the dynamic batch's size has ``high`` = ``BATCH`` (and ``low`` = −``BATCH`` for [−n, n)): the call's
-    batch size bounds it (TVM read past the batch)."""
+def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[Any, ...], ...]:
+    """(input, low, high, what) for each flat integer input that an op of :data:`INDEXING` or ``x[index]`` reads as
+    indices into a dimension of static size n (through :func:`_value_users`): eager accepts [0, n), and [−n, n) for
+    ``x[index]`` and index_fill; (input, 0, C, what, ignore_index) for a loss's labels of C classes (:data:`LOSSES`,
+    through :data:`LABEL_PATH` too) and (input, 0, C, what) for one_hot's. A dimension of the dynamic batch's size has
+    ``high`` = ``BATCH`` (and ``low`` = −``BATCH`` for [−n, n)): the call's batch size bounds it (TVM read past the
+    batch; a contrastive loss's classes are its batch)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     batch = {str(v.shape[0]) for v in (p.meta.get("val") for p in placeholders)
              if isinstance(v, torch.Tensor) and v.dim() and not isinstance(v.shape[0], int)}
@@ -801,6 +802,24 @@ def _widening_cast(node: fx.Node) -> bool:
         return False
     wide, narrow = torch.iinfo(dtype), torch.iinfo(source.dtype)
     return wide.min <= narrow.min and narrow.max <= wide.max
+
+
+def _nested_encoder(model: torch.nn.Module, args: tuple, refs: _References) -> str | None:
+    """The name of an ``nn.TransformerEncoder`` of ``model`` whose nested-tensor fast path (eager inference, given a
+    padding mask) changes the model's outputs on the example, or None: a copy with it off is run and compared. An
+    encoder merely present is no cause (a review: the advice was given to a model that takes another path under
+    export for a reason of its own)."""
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
+    if not names:
+        return None
+    probe = copy_model(model)
+    for m in probe.modules():
+        if isinstance(m, torch.nn.TransformerEncoder):
+            m.use_nested_tensor = False
+    with torch.no_grad():
+        plain = pytree.tree_leaves(probe(*clone_inputs(args)))
+    return names[0] if compare(plain, refs.model.outputs("example", args)).max_rel > EXACT_TOLERANCE else None
 
 
 def _rank(node: Any) -> int:

@@ -756,9 +756,10 @@ class ModelRuns:
         elif not self.state_changes and before is not None and after is not None:
             # by name: an attribute forward adds shifts every later one (matched by position, the warning named
             # training, _backward_pre_hooks and 22 more, and not the new one)
+            # and as the guard compares (NaN equal to NaN: an attribute holding NaN was named as changed)
             was, now, absent = dict(before), dict(after), object()
             self.state_changes = [name.lstrip(".") for name in dict.fromkeys([*was, *now])
-                                  if was.get(name, absent) != now.get(name, absent)] or ["its attributes"]
+                                  if not _alike(was.get(name, absent), now.get(name, absent))]
         return out
 
     def structure(self, key: Any) -> pytree.TreeSpec:
@@ -943,8 +944,8 @@ def _checked_artifact(artifact: Any, model: ModelRuns, gm: fx.GraphModule, examp
         graph_vs_model.append(compare(graph, want))
         runs.append((pytree.tree_leaves(inputs), inputs, got, graph, want))
     largest = worst(errors)  # what the bounds below check
-    stated = largest if exact else dataclasses.replace(worst([errors[0], error_bound(errors[1:])]),
-                                                       discrete=_discrete_changes([(got, want) for *_, got, _, want in runs]))
+    discrete = "" if exact else _discrete_changes([(got, want) for *_, got, _, want in runs])
+    stated = largest if exact else dataclasses.replace(worst([errors[0], error_bound(errors[1:])]), discrete=discrete)
     tolerances, vs_graph, graph_vs_model = exact_tolerances(gm), worst(vs_graph), worst(graph_vs_model)
     if quantized:
         bound = QUANTIZED_LOWERING_FACTOR * graph_vs_model.max_rel + QUANTIZED_LOWERING_TOLERANCE

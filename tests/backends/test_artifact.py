@@ -467,7 +467,8 @@ def test_a_manifest_that_does_not_list_a_file_the_backend_loads_is_refused(saved
 
 @pytest.mark.parametrize("edit, message", [
     ({"written_inputs": [3]}, r"signature is corrupt: 'written_inputs' is not a list of indices of its 1 input"),
-    ({"index_bounds": [[0]]}, r"signature is corrupt: 'index_bounds' is not a list of \(input, low, high, what\)"),
+    ({"index_bounds": [[0]]},
+     r"signature is corrupt: 'index_bounds' is not a list of \(input, low, high, what\[, ignored\]\)"),
     ({"inputs": [{"shape": [None, 4], "dtype": "nn"}]}, r"signature is corrupt: 'inputs' is not a list of shapes"),
     ({"min_batch": "2"}, r"signature is corrupt: 'min_batch' is not an int >= 1"),
     ({"dynamic_batch": 1}, r"signature is corrupt: 'dynamic_batch' or 'note' has the wrong type"),

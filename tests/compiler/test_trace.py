@@ -267,8 +267,8 @@ def test_a_losss_labels_are_bounded_by_its_classes_and_ignore_index(ignore_index
         with pytest.raises(IndexError, match="out of bounds"):
             model(example[0], labels.masked_fill(labels == 2, bad))
         with pytest.raises(fxforge.InputError, match=rf"^input 1 holds labels from {min(bad, 0)} to {max(bad, 5)}, "
-                                                     r"but it indexes 6 classes at node 'cross_entropy_loss': each must "
-                                                     rf"be in \[0, 6\) or {ignore_index} \(its ignore_index\)$"):
+                                                     r"but it indexes 6 classes at node 'cross_entropy_loss': each "
+                                                     rf"must be in \[0, 6\) or {ignore_index} \(its ignore_index\)$"):
             cm(example[0], labels.masked_fill(labels == 2, bad))
     assert type(cm.artifact.signature).from_dict(cm.artifact.signature.to_dict()) == cm.artifact.signature
 
@@ -373,9 +373,9 @@ def test_an_op_whose_output_shape_depends_on_values_is_named_without_unrelated_r
     (given static_batch=True, the same advice)."""
     example = (torch.randn(10, 2, 8), torch.randint(1, 6, (2, 4)), torch.tensor([10, 9]), torch.tensor([4, 3]))
     with pytest.raises(fxforge.TraceError, match=r"^torch.export could not capture the model: aten._ctc_loss.Tensor "
-                                                 r"returns a shape that depends on its inputs' values, which a captured "
-                                                 r"graph cannot hold \(at .*test_trace.py:\d+ in forward: .*\); compute "
-                                                 r"it outside the compiled model$"):
+                                                 r"returns a shape that depends on its inputs' values, which a "
+                                                 r"captured graph cannot hold \(at .*test_trace.py:\d+ in forward: "
+                                                 r".*\); compute it outside the compiled model$"):
         fxforge.compile(Ctc().eval(), example, static_batch=True, measure_latency=False)
 
 
@@ -397,6 +397,15 @@ class PaddedEncoder(nn.Module):
         return self.encoder(x, src_key_padding_mask=padding)
 
 
+class ExportsOtherwise(PaddedEncoder):
+    """An encoder whose fast path does not matter (no padding mask), in a forward that computes otherwise under
+    export."""
+
+    def forward(self, x):
+        y = self.encoder(x)
+        return y * 2 if torch.compiler.is_exporting() else y
+
+
 def test_torchs_own_transformer_paths_are_named_with_their_remedies():
     """Before: a TransformerDecoder given a causal tgt_mask got "Could not guard on data-dependent expression" with
     remedies about control flow and static_batch=True (torch compares the mask with a causal one); a TransformerEncoder
@@ -413,6 +422,8 @@ def test_torchs_own_transformer_paths_are_named_with_their_remedies():
                                                  r"tensors in eager inference .*; build it with "
                                                  r"enable_nested_tensor=False$"):
         fxforge.compile(PaddedEncoder().eval(), (torch.randn(2, 6, 16), padding), measure_latency=False)
+    with pytest.raises(fxforge.TraceError, match="forward takes another path while exported"):  # not the encoder's
+        fxforge.compile(ExportsOtherwise().eval(), (torch.randn(2, 6, 16),), measure_latency=False)
 
 
 class SoftLoss(nn.Module):
@@ -492,7 +503,8 @@ def test_a_mapping_that_is_not_a_dict_is_taken_as_one():
             return batch.x * 2
 
     batch.x = batch["x"]
-    with pytest.raises(fxforge.InputError, match=r"^the model does not run on the example inputs \[\[2, 3\], \[2, 3\]\]: "
+    with pytest.raises(fxforge.InputError, match=r"^the model does not run on the example inputs "
+                                                 r"\[\[2, 3\], \[2, 3\]\]: "
                                                  r"'dict' object has no attribute 'x' \(a mapping argument, a "
                                                  r"tokenizer's BatchEncoding too, reaches the model as a plain dict, "
                                                  r"which torch.export takes: read it by key, \['x'\]\)$"):

@@ -2,9 +2,10 @@
 
 Counts what PyTorch's own counter (``torch.utils.flop_counter``) counts: every convolution (any groups, transposed
 too), linear, matmul/bmm/addmm/einsum, recurrent layer and cell (LSTM, GRU, RNN: their gate products) and
-scaled-dot-product attention. Each such node runs once on meta tensors of its inputs' shapes under ``FlopCounterMode``, which sees the
-products a composite op dispatches to, so an op is counted as PyTorch counts it rather than by a formula of our own
-(the hand-written one knew conv, linear and matmul alone: a ConvTranspose decoder, an einsum or an LSTM counted 0).
+scaled-dot-product attention. Each such node runs once on meta tensors of its inputs' shapes under
+``FlopCounterMode``, which sees the products a composite op dispatches to, so an op is counted as PyTorch counts it
+rather than by a formula of our own (the hand-written one knew conv, linear and matmul alone: a ConvTranspose decoder,
+an einsum or an LSTM counted 0).
 A linear with int8 weights (``fxforge::dynamic_linear``) is counted as the float linear it replaces: quantization
 changes the kind of arithmetic, not its amount. Elementwise ops are negligible next to these and are not counted.
 Shapes come from the Shapes analysis.
