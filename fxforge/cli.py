@@ -263,17 +263,17 @@ def _model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _passes(args: argparse.Namespace) -> int:
-    from fxforge.compiler.pass_manager import PassError, available_passes, resolve
+    from fxforge.compiler.pass_manager import PassError, available_passes, pass_class
     listing = available_passes()
     if args.name and args.name not in listing:
         raise PassError(f"unknown pass or preset {args.name!r}; see `fxforge passes`")
     for name, doc in listing.items():
         if args.name in (None, name):
             print(f"{name:24} {doc}")
-            if args.name or args.verbose:
-                steps = resolve(name)
-                if len(steps) == 1 and steps[0].name == name:
-                    print("".join(f"    {line}\n" for line in _option_lines(type(steps[0]))), end="")
+            # a pass's options; a preset is listed with its steps, not resolved (a user's preset that contains
+            # itself made the whole listing fail)
+            if (args.name or args.verbose) and (cls := pass_class(name)) is not None:
+                print("".join(f"    {line}\n" for line in _option_lines(cls)), end="")
     return 0
 
 

@@ -291,6 +291,18 @@ def test_passes_lists_whole_descriptions_and_each_passs_options(capsys):
     assert "unknown pass or preset 'lowrank'" in capsys.readouterr().err
 
 
+def test_a_preset_that_cannot_be_resolved_leaves_the_listing_alone(monkeypatch, capsys):
+    """Before: a registered preset containing itself made ``fxforge passes --verbose`` fail ("preset 'loop' contains
+    itself"), the listing resolving every preset only to tell presets from passes (a test left one registered, and
+    the CLI test after it on the same worker failed)."""
+    from fxforge.compiler import pass_manager
+    for registry in ("_PRESETS", "_PRESET_DOCS"):
+        monkeypatch.setattr(pass_manager, registry, dict(getattr(pass_manager, registry)))
+    fxforge.register_preset("loop", ["fuse", "loop"], "holds itself")
+    assert main(["passes", "--verbose"]) == 0 and main(["passes", "loop"]) == 0
+    assert "preset: holds itself (fuse → loop)" in capsys.readouterr().out
+
+
 def held_out():
     return [(torch.randn(4, 32),) for _ in range(2)]
 

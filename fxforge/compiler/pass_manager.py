@@ -250,6 +250,12 @@ def _check_name(name: str, what: str) -> None:
                         f"name{{key=value,...}} could not name it")
 
 
+def pass_class(name: str) -> type[Pass] | None:
+    """The registered pass class named ``name``; None for a preset or an unknown name."""
+    _load_entry_points()
+    return _PASSES.get(name)
+
+
 def available_passes() -> dict[str, str]:
     """Every registered pass and preset with a one-line description."""
     _load_entry_points()

@@ -9,6 +9,7 @@ from torch import nn
 import fxforge
 from fxforge.compiler.graph import aten, call_nodes, get_tensor, set_tensor
 from fxforge.compiler.instruments import Instrument
+from fxforge.compiler import pass_manager
 from fxforge.compiler.pass_manager import PassContext, PassManager, resolve, split_passes
 from fxforge.compiler.trace import trace
 from models import ZOO
@@ -106,11 +107,13 @@ def test_an_option_another_leaves_unread_or_out_of_range_is_refused(spec, messag
     assert resolve("calibrate{method='percentile',percentile=99.0}")[0].percentile == 99.0  # read: accepted
 
 
-def test_a_pass_or_preset_name_must_be_new_and_writable_in_a_spec():
+def test_a_pass_or_preset_name_must_be_new_and_writable_in_a_spec(monkeypatch):
     """Found by a differential run: a user pass named "fuse" registered, and ``passes=["fuse"]`` ran the preset
     while ``"fuse{}"`` ran the pass; a preset named "low_rank" shadowed the pass the same way; a preset holding itself
     raised a bare RecursionError at compile; "my-pass" registered and was then listed as valid beside the error
     "unknown pass 'my-pass'"."""
+    for registry in ("_PASSES", "_PRESETS", "_PRESET_DOCS"):  # what this test registers stays in this test
+        monkeypatch.setattr(pass_manager, registry, dict(getattr(pass_manager, registry)))
     with pytest.raises(fxforge.PassError, match="pass name 'fuse' is a preset's"):
         fxforge.register_pass(type("MyFuse", (Scale,), {"name": "fuse", "__module__": __name__}))
     with pytest.raises(fxforge.PassError, match="not an identifier"):
@@ -588,8 +591,6 @@ def test_a_preset_that_begins_with_the_one_before_runs_those_passes_once():
 
 def test_a_broken_third_party_entry_point_is_a_warning_naming_its_distribution(monkeypatch):
     from importlib import metadata
-
-    from fxforge.compiler import pass_manager
 
     class Broken:
         name, dist = "shiny", type("Dist", (), {"name": "shiny-passes"})()
