@@ -535,7 +535,6 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
         if err > EXACT_TOLERANCE:
             mutated = _mutated_buffers(ep)
             shared = next(((i, j) for j, b in enumerate(flat) for i, a in enumerate(flat[:j]) if _overlap(a, b)), None)
-            nested = _nested_encoder(model, args, refs)
             if mutated:
                 cause = (f"forward updates the buffer(s) {', '.join(mutated)} in place, so each call depends on the "
                          "calls before it, and a compiled graph computes one call from a fixed state; keep that state "
@@ -543,7 +542,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
             elif shared:
                 cause = (f"example inputs {shared[0]} and {shared[1]} are one tensor, and export captured them as one "
                          "input; give separate tensors (a clone of one) for inputs that can differ")
-            elif nested:
+            elif nested := _nested_encoder(model, args, refs):  # one more run of the model, only here
                 cause = (f"nn.TransformerEncoder {nested!r} runs a padded batch as nested tensors in eager inference "
                          "(its padded positions zero), which export does not; build it with "
                          "enable_nested_tensor=False")
