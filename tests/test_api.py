@@ -595,6 +595,25 @@ def test_a_model_that_compile_would_change_through_a_reference_its_copy_shares_i
     assert all(m.training for m in model.modules())
 
 
+class TagsThroughAGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        _reached.last_batch = x.shape[0]  # adds an attribute to the model the global holds
+        return self.fc(x)
+
+
+def test_the_guard_names_an_attribute_compile_added_to_the_users_model():
+    """The guard matched the states before and after by position: an added attribute shifted every later one, and
+    the error named others (``training`` first). They are matched by name, as the state warning matches them."""
+    global _reached
+    _reached = model = TagsThroughAGlobal().eval()
+    with pytest.raises(fxforge.InputError, match=r"^compiling changed your model \(last_batch\): "):
+        fxforge.compile(model, (torch.randn(2, 8),), backend="eager", measure_latency=False)
+
+
 def _shared_state_hooks(model: nn.Module) -> nn.Module:
     """A pre-hook and a hook sharing state through ``nonlocal``: the hook scales by what the pre-hook saw."""
     seen = None

@@ -601,8 +601,7 @@ def untouched(model: Any) -> Iterator[None]:
         changed = [name for name, sum_ in (sums or {}).items() if not _same_sum((tensors or {}).get(name), sum_)] \
             if tensors is not None and sums is not None else []
         if not changed and before is not None and after is not None and not _alike(before, after):
-            changed = [name.lstrip(".") for (name, a), (_, b) in zip(before, after) if not _alike(a, b)] or \
-                ["its attributes"]
+            changed = _changed_names(before, after) or ["its attributes"]
         if changed:
             raise InputError(f"compiling changed your model ({listed(changed)}): code the model holds reaches the "
                              "model itself, not fxforge's copy of it (a weakref, a global its forward calls, a closure "
@@ -648,6 +647,15 @@ def _alike(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return type(a) is type(b) and a == b
+
+
+def _changed_names(before: list[tuple[str, Any]], after: list[tuple[str, Any]]) -> list[str]:
+    """The names whose fingerprints differ between two :func:`_state` records, compared by name and as
+    :func:`_alike` compares (NaN equal to NaN): matched by position, an attribute a forward adds shifted every later
+    one, and a warning named training, _backward_pre_hooks and 22 more, not the new one."""
+    was, now, absent = dict(before), dict(after), object()
+    return [name.lstrip(".") for name in dict.fromkeys([*was, *now])
+            if not _alike(was.get(name, absent), now.get(name, absent))]
 
 
 def _rebind_closures(copied: torch.nn.Module, memo: dict[int, Any]) -> None:
@@ -754,12 +762,7 @@ class ModelRuns:
         if _same(before, after):
             self._unchanged = model, after
         elif not self.state_changes and before is not None and after is not None:
-            # by name: an attribute forward adds shifts every later one (matched by position, the warning named
-            # training, _backward_pre_hooks and 22 more, and not the new one)
-            # and as the guard compares (NaN equal to NaN: an attribute holding NaN was named as changed)
-            was, now, absent = dict(before), dict(after), object()
-            self.state_changes = [name.lstrip(".") for name in dict.fromkeys([*was, *now])
-                                  if not _alike(was.get(name, absent), now.get(name, absent))]
+            self.state_changes = _changed_names(before, after)
         return out
 
     def structure(self, key: Any) -> pytree.TreeSpec:
