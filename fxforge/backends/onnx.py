@@ -546,6 +546,10 @@ def _cross_entropies_decomposed(gm: fx.GraphModule) -> fx.GraphModule:
     term keeping the exporter's translation."""
     aten = torch.ops.aten
     graph = gm.graph
+
+    def call(op: Any, *args: Any) -> fx.Node:
+        return graph.call_function(op, args)
+
     for node in graph.find_nodes(op="call_function", target=aten.cross_entropy_loss.default):
         target, x, weight = (ops.argument(node, k) for k in ("target", "self", "weight"))
         smoothing, reduction, ignore = (ops.argument(node, k) for k in ("label_smoothing", "reduction", "ignore_index"))
@@ -556,10 +560,6 @@ def _cross_entropies_decomposed(gm: fx.GraphModule) -> fx.GraphModule:
         rank = x.meta["val"].dim()
         dim = 1 if rank > 1 else 0
         classes = x.meta["val"].shape[dim]
-
-        def call(op: Any, *args: Any) -> fx.Node:
-            return graph.call_function(op, args)
-
         with graph.inserting_before(node):
             terms = call(aten._log_softmax.default, x, dim, False)
             if weight is not None:
