@@ -93,6 +93,14 @@ def _pure(target: Any) -> bool:
         and not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
 
 
+def pure_calls(gm: fx.GraphModule) -> bool:
+    """Whether every call of ``gm`` is pure (``_pure``): no submodule, method, Python function or user's custom
+    operator, nothing written, nothing random, so a node computed again from the same inputs gives the same values
+    and a value computed once may stand in for computing it again."""
+    return all(n.op in ("placeholder", "get_attr", "output") or n.op == "call_function" and _pure(n.target)
+               for n in gm.graph.nodes)
+
+
 def tensor_uses(gm: fx.GraphModule) -> Counter:
     """Constant target → how many uses it has across the graph (every get_attr of it counted): more than one where
     a module's parameter is read by several calls (a layer called twice, tied weights), which a pass rewriting the

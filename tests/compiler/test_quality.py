@@ -214,8 +214,10 @@ SCALE = [1.0]
 
 def test_content_key_tells_apart_constant_layouts_and_has_none_for_a_users_operator():
     """Two graphs got one key where they compute otherwise: constants of equal values in other strides (what
-    ``as_strided`` reads), and a user's custom operator, whose Python body may read state of its own."""
-    from fxforge.compiler.graph import content_key
+    ``as_strided`` reads), and a user's custom operator, whose Python body may read state of its own. Such calls,
+    writes and random draws make a graph impure (``pure_calls``): a value computed once cannot stand in for another
+    run's."""
+    from fxforge.compiler.graph import content_key, pure_calls
     from fxforge.compiler.ops import aten
 
     def graph(weight: torch.Tensor, op=None) -> fx.GraphModule:
@@ -234,6 +236,9 @@ def test_content_key_tells_apart_constant_layouts_and_has_none_for_a_users_opera
     assert content_key(graph(w, aten.relu.default)) is not None
     assert content_key(graph(w, torch.ops.fxforge_test.scaled.default)) is None
     assert content_key(graph(w, aten.bernoulli.default)) is None  # random: another run, other outputs
+    for op, pure in [(aten.relu.default, True), (torch.ops.fxforge_test.scaled.default, False),
+                     (aten.bernoulli.default, False), (aten.relu_.default, False)]:  # relu_ writes its argument
+        assert pure_calls(graph(w, op)) is pure, op
 
 
 class Refilling:
