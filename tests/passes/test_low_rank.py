@@ -473,3 +473,23 @@ def test_one_lucky_round_does_not_decide_a_split(monkeypatch):
                          calibration=[(torch.randn(16, 64),) for _ in range(4)])
     stats = cm.report.row("low_rank").stats
     assert not stats.get("split") and stats["skipped.slower_measured"] == 2
+
+
+def test_svds_are_memoized_where_a_pass_weighs_several_ranks(monkeypatch):
+    """``plan_splits`` decomposed each weight once per rank of its ladder and again in each sensitivity run (r3d_18
+    under `compress`: 162 decompositions, 31 s). Within ``memoized_svds`` a matrix equal to one decomposed before
+    gets that decomposition back, while ``SVD_MEMO_BYTES`` hold them; outside it every call decomposes."""
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a.shape) or eigh(a))
+    mat = torch.randn(6, 10, dtype=torch.float64)
+    with factorization.memoized_svds():
+        first, again = factorization.svd(mat), factorization.svd(mat.clone())
+        factorization.svd(mat.T.contiguous())
+    assert len(calls) == 2 and all(a is b for a, b in zip(first, again))
+    factorization.svd(mat)
+    assert len(calls) == 3
+    monkeypatch.setattr(factorization, "SVD_MEMO_BYTES", 0)
+    with factorization.memoized_svds():
+        factorization.svd(mat), factorization.svd(mat)
+    assert len(calls) == 5

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import statistics
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -31,6 +33,9 @@ from .qdq import checked_batches
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 FASTER = 0.9  # a timed split is taken where it takes at most this share of the original layer's time
+SVD_MEMO_BYTES = 1 << 30  # what memoized_svds keeps at most: matrices and their decompositions
+# within memoized_svds: [bytes still free, [(matrix, (u, s, vh)), ...]]
+_SVDS: ContextVar[list | None] = ContextVar("fxforge_svds", default=None)
 
 
 @dataclass(frozen=True)
@@ -53,19 +58,41 @@ def splittable(gm: fx.GraphModule, nodes: Sequence[fx.Node], stats: Counter) -> 
     return kept
 
 
+@contextmanager
+def memoized_svds() -> Iterator[None]:
+    """Within it, :func:`svd` of a matrix equal to one it decomposed before returns that decomposition (while
+    ``SVD_MEMO_BYTES`` hold them): a pass weighing several ranks per layer decomposes each weight once, where it
+    did so once per rank weighed and again per sensitivity run (r3d_18 under ``plan_splits``: 162 decompositions,
+    31 s, of its weights)."""
+    token = _SVDS.set([SVD_MEMO_BYTES, []])
+    try:
+        yield
+    finally:
+        _SVDS.reset(token)
+
+
 def svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``(u, s, vh)`` of a (batch of) float64 matrix, descending, via the smaller Gram matrix.
 
     eigh of M·Mᵀ is ~20× faster than LAPACK's SVD on a wide conv weight (512 × 4608) on a CPU, and in float64
     it resolves singular values down to ~1e-8·σ₀, far below what a float32 weight can hold.
     """
+    memo = _SVDS.get()
+    if memo is not None:
+        for seen, known in memo[1]:
+            if seen.shape == mat.shape and torch.equal(seen, mat):
+                return known
     wide = mat.shape[-2] <= mat.shape[-1]
     a = mat if wide else mat.transpose(-1, -2)
     evals, evecs = torch.linalg.eigh(a @ a.transpose(-1, -2))
     s = evals.flip(-1).clamp_min(0).sqrt()
     evecs = evecs.flip(-1)
     other = (a.transpose(-1, -2) @ evecs) / torch.where(s > 0, s, 1.0).unsqueeze(-2)
-    return (evecs, s, other.transpose(-1, -2)) if wide else (other, s, evecs.transpose(-1, -2))
+    result = (evecs, s, other.transpose(-1, -2)) if wide else (other, s, evecs.transpose(-1, -2))
+    if memo is not None and (size := sum(t.nbytes for t in (mat, *result))) <= memo[0]:
+        memo[0] -= size
+        memo[1].append((mat, result))
+    return result
 
 
 def check_fraction(name: str, value: float | None) -> None:
@@ -217,27 +244,28 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
     total = sum(flops.values())
     saved: dict[tuple[str, str], float] = {}
     slower: set[str] = set()  # layers with a split that fits but does not time faster
-    for node in layers:
-        weight, x = get_tensor(gm, weight_of(node)), rec.value(data(node))
-        if weight is None or not weight.numel() or x is None:
-            continue
-        bias = get_tensor(gm, bias_of(node)) if bias_of(node) is not None else None
-        for spec, rule in by_spec.items():
-            stages = stages_of(rule, node, weight)
-            if isinstance(stages, str):
+    with memoized_svds():  # each rule's stages, here and in the sensitivity runs, from one decomposition per weight
+        for node in layers:
+            weight, x = get_tensor(gm, weight_of(node)), rec.value(data(node))
+            if weight is None or not weight.numel() or x is None:
                 continue
-            if timed and not faster_on_host(node, x, weight, bias, stages, ctx.target):
-                slower.add(node.name)
-                continue
-            kept = sum(st.weight.numel() for st in stages) / weight.numel()
-            saved[(spec, node.name)] = flops.get(node.name, 0) * (1 - kept)
-    candidates: dict[str, set[str]] = {}
-    for spec, layer in saved:
-        candidates.setdefault(spec, set()).add(layer)
-    if refused := slower - {layer for _, layer in saved}:  # no rule of theirs is a candidate: timing refused all
-        stats["skipped.slower_measured"] = len(refused)
-    sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), list(by_spec),
-                             ctx.target, only=candidates)  # only candidates: timing refusals cost no model runs
+            bias = get_tensor(gm, bias_of(node)) if bias_of(node) is not None else None
+            for spec, rule in by_spec.items():
+                stages = stages_of(rule, node, weight)
+                if isinstance(stages, str):
+                    continue
+                if timed and not faster_on_host(node, x, weight, bias, stages, ctx.target):
+                    slower.add(node.name)
+                    continue
+                kept = sum(st.weight.numel() for st in stages) / weight.numel()
+                saved[(spec, node.name)] = flops.get(node.name, 0) * (1 - kept)
+        candidates: dict[str, set[str]] = {}
+        for spec, layer in saved:
+            candidates.setdefault(spec, set()).add(layer)
+        if refused := slower - {layer for _, layer in saved}:  # no rule of theirs is a candidate: timing refused all
+            stats["skipped.slower_measured"] = len(refused)
+        sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), list(by_spec),
+                                 ctx.target, only=candidates)  # only candidates: timing refusals cost no model runs
     need = None if goal is None else total * (1 - goal)
     chosen = plan(sens, saved, need, max_error)
     if chosen and need is not None:
