@@ -25,8 +25,8 @@ from fxforge.compiler.quality import Copied, Metric, Validation, flat_batches, r
 from fxforge.compiler.report import SYNTHETIC, Report
 from fxforge.compiler.target import Target, get_target
 from fxforge.compiler.timing import measure_latency as measure_latency_of
-from fxforge.compiler.trace import (Signature, ambient_autocast, as_plain, byte_span, quantized_inputs, trace,
-                                   without_autocast)
+from fxforge.compiler.trace import (Signature, ambient_autocast, as_plain, batch_size, byte_span, quantized_inputs,
+                                   trace, without_autocast)
 from fxforge.compiler.verify import (BOUND_OUTPUTS, ModelRuns, check_artifact, checks_made, copy_model, exact_tolerance,
                                     is_quantized, untouched)
 
@@ -455,7 +455,7 @@ class _Rebatched:
         leaves = pytree.tree_leaves(example)
         # the batch is the first input's with a dimension, as the signature takes it: the smallest leading size
         # took a side table of 2 rows beside a batch of 4 for the batch, and no batch was split
-        self.size = next((int(t.shape[0]) for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+        self.size = batch_size(leaves) or 1
         self.batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and int(t.shape[0]) == self.size for t in leaves]
         self.data, self.kind, self.pick = data, kind, pick
 

@@ -31,6 +31,7 @@ import torch.utils._pytree as pytree
 
 from .errors import CalibrationError, InputError, first_line
 from .graph import content_key
+from .trace import batch_size
 from .verify import COSINE_FLOOR, Error, clone_inputs, compare, error_bound, worst
 
 Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min_cosine"],
@@ -129,13 +130,6 @@ def _inputs(item: Any) -> tuple[Any, ...] | list[Any]:
     return item if isinstance(item, (tuple, list)) else (item,)
 
 
-def batch_size(flat: Sequence[torch.Tensor]) -> int:
-    """The batch size of a flat input tuple: the first dimension of its first input that has one (a leading 0-d
-    input, a temperature, holds no batch: one cosine per batch of 16 samples was read as per sample), as the
-    signature takes it; 0 where no input has a dimension."""
-    return next((int(t.shape[0]) for t in flat if isinstance(t, torch.Tensor) and t.dim()), 0)
-
-
 class Validation:
     """The user's validation batches (flat, checked against the signature) and the reference outputs."""
 
@@ -164,8 +158,9 @@ class Validation:
 
     @property
     def sizes(self) -> list[int]:
-        """Each batch's samples (:func:`batch_size`; 0 where no input has a dimension)."""
-        return [batch_size(b) for b in self.flat]
+        """Each batch's samples (:func:`trace.batch_size`: a leading 0-d input, a temperature, holds none; one
+        cosine per batch of 16 samples was read as per sample), 0 where no input has a dimension."""
+        return [batch_size(b) or 0 for b in self.flat]
 
     @property
     def samples(self) -> int:

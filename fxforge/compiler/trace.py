@@ -523,7 +523,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
             gm, err = _functional(ep, refs)
             if err > EXACT_TOLERANCE:  # captured on another branch than the example's batch takes
                 note = (f"batch dimension is static: the model computes differently at batch "
-                        f"{_batch_size(args)} than at the batch it was exported with (it branches on its batch "
+                        f"{batch_size(args)} than at the batch it was exported with (it branches on its batch "
                         f"size; relative error {err:.3g})")
                 ep = gm = None
     if ep is None:
@@ -552,7 +552,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any], *, static_batch
             raise TraceError(f"the captured graph does not reproduce the model on the example inputs and fresh "
                              f"ones of their shapes (relative error {err:.3g}): {cause}")
     dynamic = not note
-    batch = _batch_size(args)
+    batch = batch_size(args)
     in_spec, out_spec = pytree.tree_flatten((args, {}))[1], ep.call_spec.out_spec
     scalars = _scalar_outputs(gm)
     sig = Signature(tuple(TensorSpec(_spec_shape(t, dynamic and t.dim() > 0 and t.shape[0] == batch), t.dtype)
@@ -570,7 +570,7 @@ def _smallest_batch(runs: ModelRuns, gm: fx.GraphModule, args: tuple) -> int:
     ``x.narrow(0, 1, 1)``) raises below 2 in eager, where a backend reads past the tensor or returns an empty slice;
     and export takes a dynamic size to be at least 2, so a ``squeeze`` of the batch is not in the graph."""
     leaves, spec = pytree.tree_flatten(args)
-    batch, tolerances = _batch_size(args), exact_tolerances(gm)
+    batch, tolerances = batch_size(args), exact_tolerances(gm)
     for n in range(1, batch or 1):
         rows = [t[:n] if t.dim() and t.shape[0] == batch else t for t in leaves]
         inputs = pytree.tree_unflatten(rows, spec)
@@ -945,17 +945,19 @@ def _input_name(args: tuple, i: int) -> str:
     return f"input {i} ({what}{where})"
 
 
-def _batch_size(args: tuple) -> int | None:
-    """Dimension 0 of the first input that has one: the batch size (a leading 0-d input, a scale, has none)."""
-    return next((t.shape[0] for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim()), None)
+def batch_size(args: Any) -> int | None:
+    """The batch size of model inputs (nested or flat): dimension 0 of the first input that has one, as the signature
+    takes it (a leading 0-d input, a scale or a temperature, holds no batch); None where no input has a dimension.
+    The one rule: quality, compile's re-batching and every backend ask this."""
+    return next((int(t.shape[0]) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim()), None)
 
 
 def _export(model: torch.nn.Module, args: tuple, *, dynamic: bool) -> torch.export.ExportedProgram:
     dynamic_shapes = None
     if dynamic:  # the leaves sharing the first one's batch size get one symbolic batch dimension
         leaves, spec = pytree.tree_flatten(args)
-        batch_size = _batch_size(args)
-        leaves, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch_size for t in leaves])
+        batch = batch_size(args)
+        leaves, shapes = batch_dynamic(leaves, [t.dim() > 0 and t.shape[0] == batch for t in leaves])
         args = pytree.tree_unflatten(list(leaves), spec)
         dynamic_shapes = _per_parameter(model, pytree.tree_unflatten(list(shapes), spec)) if shapes else None
     # the lock first: one thread swaps stderr, and the warning filters, at a time

@@ -193,12 +193,35 @@ def test_packed_build_matches_eager():
             assert (got - ref).abs().max() / ref.abs().max() < 1e-5
 
 
+class Scaled(nn.Module):
+    """A 0-d input (a temperature) before the batched one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, t, x):
+        return self.fc(x) * t
+
+
+def test_a_leading_0d_input_leaves_the_batch_to_the_next_one():
+    """TVM took the batch from the first input alone: behind a 0-d one it built for the example's batch, while the
+    signature (the first input with a dimension) promised any, and a batch of 3 failed in TVM's shape check."""
+    model = Scaled().eval()
+    compiled = fxforge.compile(model, (torch.tensor(2.0), torch.randn(4, 8)), passes=[], backend="tvm",
+                               measure_latency=False)
+    assert compiled.artifact.signature.dynamic_batch
+    t, x = torch.tensor(0.5), torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(compiled(t, x), model(t, x), rtol=1e-5, atol=1e-6)
+
+
 def test_relax_module_is_static_unless_asked():
     from tvm import tirx
     model, (x,) = ZOO["mlp"]()
     gm, _ = fxforge.trace(model, (x,))
     static = tvm_backend.relax_module(gm, (x,))["main"].params[0].ty.shape
-    dynamic = tvm_backend.relax_module(gm, (x,), dynamic_batch=True)["main"].params[0].ty.shape
+    dynamic = tvm_backend.relax_module(gm, (x,), batched=[True])["main"].params[0].ty.shape
     assert [int(d) for d in static] == list(x.shape)
     assert isinstance(dynamic[0], tirx.Var) and int(dynamic[1]) == x.shape[1]
 

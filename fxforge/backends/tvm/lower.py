@@ -91,18 +91,17 @@ def tvm_target(target: Target) -> tvm.target.Target:
 
 
 def relax_module(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
-                 dynamic_batch: bool = False) -> tvm.IRModule:
+                 batched: Sequence[bool] = ()) -> tvm.IRModule:
     """Import ``gm`` (flat tensors in, a tuple out) into a Relax IRModule whose ``main`` returns a tuple.
 
-    Shapes are those of ``example_inputs`` unless ``dynamic_batch``: then dimension 0 of every batched input
-    is a symbolic variable (MetaSchedule tunes static shapes only, so tuning uses the default).
+    Shapes are those of ``example_inputs``, except dimension 0 of the inputs ``batched`` marks (the signature's
+    :meth:`Signature.batched`, as the ONNX backend takes it): a symbolic variable there (MetaSchedule tunes static
+    shapes only, so tuning imports without it).
     """
     _tvm()
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    size = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else None
-    args, shapes = batch_dynamic(example_inputs, [dynamic_batch and t.dim() > 0 and t.shape[0] == size
-                                                  for t in example_inputs])
+    args, shapes = batch_dynamic(example_inputs, batched)
     _check_supported(gm.graph)
     try:
         with torch.no_grad(), EXPORT_LOCK:
@@ -923,7 +922,7 @@ class TvmBackend(Backend):
         mod = executable = None
         if signature.dynamic_batch and tune is None:  # MetaSchedule tunes static shapes
             try:
-                mod, executable = _dynamic_build(gm, example_inputs, tgt, fast_math)
+                mod, executable = _dynamic_build(gm, example_inputs, signature.batched(), tgt, fast_math)
             except BackendError as e:
                 signature = signature.with_static_batch(example_inputs, f"tvm: TVM cannot compile this graph for a "
                                                                         f"symbolic batch ({e})")
@@ -952,14 +951,14 @@ class TvmBackend(Backend):
         return TvmArtifact(signature, target, info, executable=executable, library=library, source=source)
 
 
-def _dynamic_build(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], tgt: tvm.target.Target,
-                   fast_math: bool) -> tuple[tvm.IRModule, Any]:
+def _dynamic_build(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], batched: Sequence[bool],
+                   tgt: tvm.target.Target, fast_math: bool) -> tuple[tvm.IRModule, Any]:
     """The prepared module and executable of ``gm`` for any batch size, or a BackendError saying why TVM cannot build
     it so (the caller builds it for the example's batch then). Where the batch size is a value
     (:func:`_batch_as_value`) it is an error before ``prepare``, which crashed the process on such a graph; the
     importer and the build refuse others (a slice at the batch's end, ``std`` over the batch, a view of it). An
     error that is no batch's (an op without a converter) comes again from the static build, after a second import."""
-    mod = relax_module(gm, example_inputs, dynamic_batch=True)
+    mod = relax_module(gm, example_inputs, batched=batched)
     used = _batch_as_value(mod)
     if used:
         raise BackendError(f"the batch size is a value: {used}")
