@@ -64,7 +64,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from tqdm import tqdm
 
 from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import CalibrationError, PassError, missing_train
@@ -74,7 +73,7 @@ from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, registe
 from fxforge.compiler.quality import not_logits
 from fxforge.compiler.timing import faster_threads
 
-from .lib.qdq import QDQ_KEY, is_q, refresh_bias_scales, role, set_params
+from .lib.qdq import QDQ_KEY, is_q, refresh_bias_scales, refuse_if_folded, role, set_params
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -86,6 +85,7 @@ class Distill(Pass):
     name = "distill"
     exact = False
     reads_train = True
+    before = ("fold_qdq",)  # folded weights are int8 constants: nothing that trains would be left but stray biases
     steps: int = 300
     lr: float = 1e-3
     temperature: float = 2.0
@@ -113,6 +113,7 @@ class Distill(Pass):
             raise missing_train(self.name)
         if ctx.teacher is None:  # no lossy pass ran before: the graph is the teacher
             return PassResult(changed=False, preserves="all", stats={"skipped.nothing_to_recover": 1})
+        refuse_if_folded(gm, self.name)
         if any(call_nodes(gm, DYNAMIC_LINEAR)):
             # its backward raised "no autograd formula" from deep inside the first step
             raise PassError("distill cannot train through dynamic int8 linears (fxforge::dynamic_linear has no "
@@ -122,9 +123,10 @@ class Distill(Pass):
             if len(batches) < 2:
                 raise CalibrationError(f"pass 'distill' needs at least 2 train batches (one is held out for early "
                                        f"stopping), got {len(batches)}")
-            return self.fit(gm, ctx.teacher, batches)
+            return self.fit(gm, ctx.teacher, batches, ctx)
 
-    def fit(self, gm: fx.GraphModule, teacher_gm: fx.GraphModule, batches: list[Batch]) -> PassResult:
+    def fit(self, gm: fx.GraphModule, teacher_gm: fx.GraphModule, batches: list[Batch],
+            ctx: PassContext) -> PassResult:
         """Train ``gm`` towards ``teacher_gm`` on ``batches`` (every fifth held out) and keep the best weights."""
         held = set(range(4, len(batches), 5)) or {len(batches) - 1}
         fit = [b for i, b in enumerate(batches) if i not in held]
@@ -148,7 +150,7 @@ class Distill(Pass):
             torch.optim.SGD(learned.values(), lr=self.lr, momentum=0.9)
         order = torch.Generator().manual_seed(self.seed)
         cache: dict[int, tuple] = {}
-        bar = tqdm(total=self.steps, desc="distill", unit="step", disable=None, leave=False)
+        bar = ctx.progress(total=self.steps, desc="distill", unit="step")
         probe = lambda: self.loss(student.run(*held_out[0]), targets[0], kinds).backward()  # a step, no update
         with faster_threads(probe, self.threads) as threads:  # small batches: on a busy machine 1 thread may win
             while step < self.steps and stale < self.patience:

@@ -388,3 +388,20 @@ def test_a_diverged_run_is_never_kept(lr):
 def test_infinite_options_are_refused(option):
     with pytest.raises(PassError, match="needs finite lr, temperature and features"):
         resolve(f"distill{{{option}}}")
+
+
+def test_distill_after_fold_qdq_is_refused_by_name():
+    """Before: ``distill`` after ``fold_qdq`` (``passes=["int8", "distill"]``) trained for 75 steps and changed
+    nothing (the weights are int8 constants; one stray bias learned). Expected: the pipeline is refused before any
+    pass runs, and a folded graph given to the pass by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    data = [(torch.randn(8, 16),) for _ in range(6)]
+    with pytest.raises(PassError, match="^pass 'distill' must come before 'fold_qdq' in the pipeline"):
+        fxforge.compile(model, (torch.randn(4, 16),), passes=["int8", "distill"], calibration=data, train=data,
+                        backend="eager", measure_latency=False, max_drop=float("inf"))
+    gm = trace(model, (torch.randn(4, 16),))[0]
+    folded, _ = PassManager(["insert_qdq", "calibrate", "fold_qdq"], verify="off", measure_latency=False).run(
+        trace(model, (torch.randn(4, 16),))[0], PassContext((torch.randn(4, 16),), calibration=data))
+    with pytest.raises(PassError, match="^distill must run before fold_qdq: this graph's quantization is already"):
+        Distill().run(folded, PassContext((torch.randn(4, 16),), train=data, teacher=gm))
