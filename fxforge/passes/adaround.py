@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -47,8 +46,8 @@ from fxforge.compiler.ops import (LINEAR, WEIGHTED, argument, aten, call_with, d
                                  weight_of)
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.qdq import (batch_symbol, check_skip, checked_batches, first_samples, is_dq, is_q, named, refuse_if_folded,
-                     role)
+from .lib.qdq import (Lockstep, batch_symbol, check_skip, checked_batches, first_samples, is_dq, named,
+                     refuse_if_folded, role)
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -162,30 +161,20 @@ def _patches(node: fx.Node, x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return cols.reshape(x.shape[0], groups, -1, cols.shape[-1]).permute(1, 2, 0, 3).reshape(groups, cols.shape[1] // groups, -1)
 
 
-class _Rounding(fx.Interpreter):
-    """Runs the float graph (Q/DQ passed through) and the quantized graph side by side on every calibration batch
-    in lockstep (each value the list of its batches' values); at each layer to round it measures F and B on both
-    sides' inputs, learns the rounding, writes it back, and goes on with the rounded layer's output."""
+class _Rounding(Lockstep):
+    """At each layer to round (the float and quantized graphs in lockstep, :class:`Lockstep`) it measures F and B on
+    both sides' inputs, learns the rounding, writes it back, and goes on with the rounded layer's output."""
 
     def __init__(self, gm: fx.GraphModule, layers: set[fx.Node], options: AdaRound, batches: int) -> None:
-        super().__init__(gm)
-        self.layers, self.options, self.batches = layers, options, batches
+        super().__init__(gm, batches)
+        self.layers, self.options = layers, options
         self.flipped, self.error, self.nearest, self.few = 0, 0.0, 0.0, 0
 
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op in ("placeholder", "get_attr"):
-            value = super().run_node(n)
-            values = value if n.op == "placeholder" else [value] * self.batches
-            return values, values
-        if n.op == "output":
-            return None
-        fp_inputs = [fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][0][i]) for i in range(self.batches)]
-        q_inputs = [fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1][i]) for i in range(self.batches)]
-        fp = [value_of(n, a, k, "input") if is_q(n) or is_dq(n) else n.target(*a, **k) for a, k in fp_inputs]
-        if n in self.layers:
-            weight = self.round(n, q_inputs, fp_inputs)
-            return fp, [call_with(n, a, k, weight=weight) for a, k in q_inputs]
-        return fp, [n.target(*a, **k) for a, k in q_inputs]
+    def step(self, n: fx.Node, fp_inputs: list, q_inputs: list) -> tuple[list, list]:
+        if n not in self.layers:
+            return super().step(n, fp_inputs, q_inputs)
+        weight = self.round(n, q_inputs, fp_inputs)
+        return self.float_side(n, fp_inputs), [call_with(n, a, k, weight=weight) for a, k in q_inputs]
 
     def round(self, n: fx.Node, q_inputs: list, fp_inputs: list) -> torch.Tensor:
         gm, q = self.module, data(weight_of(n))

@@ -34,11 +34,11 @@ import torch.fx as fx
 from fxforge.compiler.errors import CalibrationError, missing_calibration
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import get_tensor, readers, set_tensor
-from fxforge.compiler.ops import LINEAR, WEIGHTED, bias_of, call_with, data, is_op, value_of, weight_of
+from fxforge.compiler.ops import LINEAR, WEIGHTED, bias_of, call_with, data, is_op, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.qdq import (batch_symbol, checked_batches, concatenated, first_samples, is_dq, is_q, refuse_if_folded,
-                     role)
+from .lib.qdq import (Lockstep, batch_symbol, checked_batches, concatenated, first_samples, is_dq, is_q,
+                     refuse_if_folded, role)
 
 
 @register_pass
@@ -130,34 +130,18 @@ def _per_channel_sum(d: torch.Tensor, channel: int) -> torch.Tensor:
     return d.sum(dims) if dims else d
 
 
-class _PairRun(fx.Interpreter):
-    """Runs the quantized graph (and, for shift="output", the float graph with Q/DQ passed through) side by side,
-    on every calibration batch in lockstep (each value is the list of its batches' values); at each corrected layer
-    it measures the mean shift per output channel over all batches and removes it from the quantized side before
-    going on."""
+class _PairRun(Lockstep):
+    """At each corrected layer (the quantized graph and, for shift="output", the float one in lockstep,
+    :class:`Lockstep`) it measures the mean shift per output channel over all batches and removes it from the
+    quantized side before going on."""
 
     def __init__(self, gm: fx.GraphModule, errors: dict[fx.Node, torch.Tensor], shift: str, batches: int) -> None:
-        super().__init__(gm)
-        self.errors, self.shift, self.shifts, self.batches = errors, shift, {}, batches
+        super().__init__(gm, batches)
+        self.errors, self.shift, self.shifts = errors, shift, {}
 
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op == "placeholder":
-            values = super().run_node(n)
-            return values, values
-        if n.op == "get_attr":
-            values = [super().run_node(n)] * self.batches
-            return values, values
-        if n.op == "output":
-            return None
-        q_inputs = [fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1][i]) for i in range(self.batches)]
+    def step(self, n: fx.Node, fp_inputs: list, q_inputs: list) -> tuple[list | None, list]:
         q = [n.target(*args, **kwargs) for args, kwargs in q_inputs]
-        fp = None  # the float side is needed only to measure shift="output"
-        if self.shift == "output":
-            fp = []
-            for i in range(self.batches):
-                fp_args, fp_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][0][i])
-                fp.append(value_of(n, fp_args, fp_kwargs, "input") if is_q(n) or is_dq(n) else
-                          n.target(*fp_args, **fp_kwargs))
+        fp = self.float_side(n, fp_inputs) if self.shift == "output" else None  # needed only to measure "output"
         if n in self.errors:
             channel = q[0].dim() - 1 if is_op(n, *LINEAR) else 1
             deltas = [call_with(n, args, kwargs, weight=self.errors[n], bias=None) for args, kwargs in q_inputs] \

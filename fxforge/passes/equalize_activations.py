@@ -31,11 +31,11 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import CalibrationError, missing_calibration
-from fxforge.compiler.graph import get_tensor, readers, set_tensor
-from fxforge.compiler.ops import CLAMP, RELU, WEIGHTED, aten, bias_of, clamp_range, conv_groups, data, is_op, weight_of
+from fxforge.compiler.graph import get_tensor, readers
+from fxforge.compiler.ops import CLAMP, CONV, RELU, WEIGHTED, bias_of, clamp_range, conv_groups, data, is_op, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 
-from .lib.channel_scaling import rescale_clip, scale_inputs
+from .lib.channel_scaling import rescale_clip, scale_channels
 from .lib.qdq import checked_batches
 
 
@@ -68,13 +68,7 @@ class EqualizeActivations(Pass):
         for tensor, (a, act, b) in pairs.items():
             m = peaks[tensor].double()
             s = torch.where(m > 0, m / m.max().clamp(min=1e-30), torch.ones_like(m))
-            w_a = get_tensor(gm, weight_of(a)).detach()
-            set_tensor(gm, weight_of(a), (w_a.double() / s.reshape(-1, *[1] * (w_a.dim() - 1))).to(w_a.dtype))
-            if bias_of(a) is not None:
-                bias = get_tensor(gm, bias_of(a)).detach()
-                set_tensor(gm, bias_of(a), (bias.double() / s).to(bias.dtype))
-            w_b = get_tensor(gm, weight_of(b)).detach()
-            set_tensor(gm, weight_of(b), scale_inputs(w_b.double(), b, s).to(w_b.dtype))
+            scale_channels(gm, a, b, s)
             if act is not None and not is_op(act, *RELU):
                 rescale_clip(gm, a, act, s)
                 stats["clips_rescaled"] += 1
@@ -96,7 +90,7 @@ def _match(gm: fx.GraphModule, a: fx.Node) -> tuple[tuple | None, str | None]:
             return None, "clip_not_at_zero"
     else:
         act, b = None, act
-    if not is_op(b, *WEIGHTED) or data(b) is not (act or a) or not is_op(a, aten.conv2d, aten.conv1d, aten.conv3d):
+    if not is_op(b, *WEIGHTED) or data(b) is not (act or a) or not is_op(a, *CONV):
         return None, None
     w_a, w_b = get_tensor(gm, weight_of(a)), get_tensor(gm, weight_of(b))
     if w_a is None or w_b is None or (bias_of(a) is not None and get_tensor(gm, bias_of(a)) is None):

@@ -43,6 +43,18 @@ def scale_inputs(w_b: torch.Tensor, b: fx.Node, s: torch.Tensor) -> torch.Tensor
     return (view * factors).reshape(w_b.shape)
 
 
+def scale_channels(gm: fx.GraphModule, a: fx.Node, b: fx.Node, s: torch.Tensor) -> None:
+    """Channel i of the tensor between A and B divided by s_i: W_A[i] / s_i, b_A[i] / s_i, W_B[:, i] · s_i, computed in
+    float64 and stored in each constant's own dtype. Exact for s_i > 0 (B's output is unchanged)."""
+    w_a = get_tensor(gm, weight_of(a)).detach()
+    set_tensor(gm, weight_of(a), (w_a.double() / s.reshape(-1, *[1] * (w_a.dim() - 1))).to(w_a.dtype))
+    if bias_of(a) is not None:
+        bias = get_tensor(gm, bias_of(a)).detach()
+        set_tensor(gm, bias_of(a), (bias.double() / s).to(bias.dtype))
+    w_b = get_tensor(gm, weight_of(b)).detach()
+    set_tensor(gm, weight_of(b), scale_inputs(w_b.double(), b, s).to(w_b.dtype))
+
+
 def ceilings(act: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(floor, ceiling) of a clamp.Tensor whose two ends are constants, else None."""
     gm = act.graph.owning_module
@@ -55,14 +67,7 @@ def one_ceiling(gm: fx.GraphModule, a: fx.Node, act: fx.Node, b: fx.Node) -> Non
     B's input channel c by 1 / t_c, H = min_c h_c, so act becomes hardtanh(y, 0, H) (H is the model's own
     ceiling where a channel kept its scale). Exact in real arithmetic; float rounding moves the values by ulps."""
     ceiling = ceilings(act)[1].detach().double().flatten()
-    t = ceiling.min() / ceiling
-    w_a = get_tensor(gm, weight_of(a)).detach()
-    set_tensor(gm, weight_of(a), (w_a.double() * t.reshape(-1, *[1] * (w_a.dim() - 1))).to(w_a.dtype))
-    if bias_of(a) is not None:
-        bias = get_tensor(gm, bias_of(a)).detach()
-        set_tensor(gm, bias_of(a), (bias.double() * t).to(bias.dtype))
-    w_b = get_tensor(gm, weight_of(b)).detach()
-    set_tensor(gm, weight_of(b), scale_inputs(w_b.double(), b, 1 / t).to(w_b.dtype))
+    scale_channels(gm, a, b, ceiling / ceiling.min())  # s_c = 1 / t_c
     with gm.graph.inserting_before(act):
         clip = gm.graph.call_function(aten.hardtanh.default, (a, 0.0, float(ceiling.min().float())))
     clip.meta.update(act.meta)

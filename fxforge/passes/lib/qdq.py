@@ -22,7 +22,7 @@ import torch.fx as fx
 from fxforge.compiler.errors import CalibrationError, PassError
 from fxforge.compiler.graph import get_tensor, set_tensor
 from fxforge.compiler.ops import (DEQUANTIZE, MATMUL, QUANTIZE, data, is_op, operands, q_params, qd, set_q_scale,
-                                  weight_of)
+                                  value_of, weight_of)
 
 from .observers import HistogramObserver, Method
 
@@ -108,7 +108,7 @@ def weights_folded(gm: fx.GraphModule) -> bool:
 
 def refuse_if_folded(gm: fx.GraphModule, pass_name: str) -> None:
     """A PassError when ``gm``'s quantization is already folded: the passes that observe the float graph or move
-    a weight's rounding (``calibrate``, ``bias_correction``, ``adaround``) run before ``fold_qdq``. A pipeline
+    a weight's rounding (``calibrate``, ``bias_correction``, ``adaround``) or train (``distill``) run before ``fold_qdq``. A pipeline
     listing them after it is refused before anything runs (their ``before``); this catches a folded graph given
     to them directly, where they would otherwise have observed integer ops or skipped every layer."""
     if weights_folded(gm):
@@ -206,6 +206,40 @@ class _FloatRun(fx.Interpreter):
                             "which the model's values stay finite") from None
             return x
         return super().run_node(n)
+
+
+class Lockstep(fx.Interpreter):
+    """Runs the float graph (every Q/DQ passes its input through) and the quantized graph side by side on every
+    calibration batch in lockstep: each value is (float values, quantized values), one per batch. ``step`` computes
+    one node from its evaluated inputs on both sides; a pass that corrects layers in graph order (adaround,
+    bias_correction) overrides it for its layers and goes on with the corrected output."""
+
+    def __init__(self, gm: fx.GraphModule, batches: int) -> None:
+        super().__init__(gm)
+        self.batches = batches
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("placeholder", "get_attr"):
+            value = super().run_node(n)
+            values = value if n.op == "placeholder" else [value] * self.batches
+            return values, values
+        if n.op == "output":
+            return None
+        floats = all(self.env[a][0] is not None for a in n.all_input_nodes)  # a step may leave the float side out
+        fp_inputs = [fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][0][i]) for i in range(self.batches)] \
+            if floats else None
+        q_inputs = [fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a][1][i]) for i in range(self.batches)]
+        return self.step(n, fp_inputs, q_inputs)
+
+    def step(self, n: fx.Node, fp_inputs: list | None, q_inputs: list) -> tuple[list | None, list]:
+        return self.float_side(n, fp_inputs), [n.target(*a, **k) for a, k in q_inputs]
+
+    @staticmethod
+    def float_side(n: fx.Node, fp_inputs: list | None) -> list | None:
+        """``n`` on the float side: a Q or DQ passes its input through (None where the float side is left out)."""
+        if fp_inputs is None:
+            return None
+        return [value_of(n, a, k, "input") if is_q(n) or is_dq(n) else n.target(*a, **k) for a, k in fp_inputs]
 
 
 CONCAT_SAMPLES = 16  # calibration samples concatenated into one run of the graph (where its batch is dynamic)
