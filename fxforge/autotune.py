@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from fxforge.api import CompiledModel, InputKey, calibration_picker, compile, passes_calibration
 from fxforge.backends.base import check_writable, get_backend
-from fxforge.budget import default_metric
+from fxforge.budget import DEFAULT_MAX_DROP, default_metric
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import BackendError, CalibrationError, FxforgeError, InputError, TuningError
 from fxforge.compiler.pass_manager import Pass, PassContext, PassManager, calibration_readers
@@ -55,7 +55,7 @@ from fxforge.passes.insert_qdq import InsertQdq
 from fxforge.passes.low_rank import LowRank
 from fxforge.passes.prune_channels import PruneChannels
 from fxforge.passes.analysis.sensitivity import Sensitivity, layer_sensitivity
-from fxforge.passes.calibrate import checked_batches
+from fxforge.passes.lib.qdq import checked_batches
 
 Evaluate = Callable[[CompiledModel], float]
 NO_SPLIT = 2.0  # the "energy" of a layer left whole: above any energy a split may keep
@@ -177,7 +177,7 @@ class AutotuneResult:
 
 
 def autotune(model: torch.nn.Module, example_inputs: Any, target: str | Target = "x86", backend: str | None = None,
-             evaluate: Evaluate | None = None, max_accuracy_drop: float = 0.01, budget: int = 12,
+             evaluate: Evaluate | None = None, max_accuracy_drop: float = DEFAULT_MAX_DROP, budget: int = 12,
              calibration: Iterable[Any] | None = None, output_dir: str | Path = "fxforge-autotune",
              space: SearchSpace = SearchSpace(), calibration_fn: Callable[[Any], Any] | None = None,
              input_key: InputKey | None = None) -> AutotuneResult:

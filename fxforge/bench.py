@@ -276,7 +276,7 @@ PEERS = [
 INT8_AT_TARGET = "fxforge int8 → onnx (max_drop 0.03)"  # the budget at issue 14's target: agreement >= 0.97
 
 
-def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -> list[System]:
+def fxforge_systems(tuning_db: Path | None = None) -> list[System]:
     """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``int8_dynamic``, ``compress`` and ``compress`` +
     ``int8``; with ``tuning_db``, also ``fuse`` on TVM with that stored MetaSchedule database applied (no tuning)
     and, as its untuned baseline, with the same static shapes."""
@@ -294,8 +294,8 @@ def fxforge_systems(compress: str = "compress", tuning_db: Path | None = None) -
                budgeted=True),
         System(INT8_AT_TARGET, fxforge_system(["int8"], "onnx", max_drop=0.03), needs=onnx, budgeted=True),
         System("fxforge int8_dynamic → onnx", fxforge_system(["int8_dynamic"], "onnx"), needs=onnx, budgeted=True),
-        System(f"fxforge {compress} → onnx", fxforge_system([compress], "onnx"), needs=onnx),
-        System(f"fxforge {compress}+int8 → onnx", fxforge_system([compress, "int8"], "onnx"), needs=onnx,
+        System("fxforge compress → onnx", fxforge_system(["compress"], "onnx"), needs=onnx),
+        System("fxforge compress+int8 → onnx", fxforge_system(["compress", "int8"], "onnx"), needs=onnx,
                budgeted=True),
     ]
 

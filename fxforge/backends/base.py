@@ -514,11 +514,13 @@ _LAZY = {"eager": "fxforge.backends.eager", "torchscript": "fxforge.backends.tor
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a Backend available by its ``name`` (``fxforge.compile(..., backend=name)``)."""
     _BACKENDS[cls.name] = cls
     return cls
 
 
 def available_backends() -> list[str]:
+    """The names of every backend: those registered and the built-in ones imported on first use (TVM's is slow)."""
     return sorted(set(_BACKENDS) | set(_LAZY))
 
 

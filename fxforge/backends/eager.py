@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from fxforge.compiler.errors import ArtifactError, first_line
 from fxforge.compiler.graph import fusion_groups, inplace_variant, views_as_reshapes
+from fxforge.compiler.ops import graph_outputs, set_graph_outputs
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import EXPORT_LOCK, SYMBOLIC_SCALARS, Signature, batch_dynamic
 
@@ -63,13 +64,13 @@ def _for_export(gm: fx.GraphModule) -> fx.GraphModule:
     gm = copy.deepcopy(gm)
     views_as_reshapes(gm.graph)
     output = gm.graph.output_node()
-    outputs = list(output.args[0])
+    outputs = graph_outputs(gm.graph)
     for i, o in enumerate(outputs):
         if isinstance(o, fx.Node) and type(o.meta.get("val")) in dtypes:
             with gm.graph.inserting_before(output):
                 outputs[i] = gm.graph.call_function(torch.ops.aten.scalar_tensor.default, (o,),
                                                     {"dtype": dtypes[type(o.meta["val"])]})
-    output.args = (type(output.args[0])(outputs),)
+    set_graph_outputs(gm.graph, outputs)
     gm.recompile()
     return gm
 

@@ -319,7 +319,7 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     int8 convs get the input channels ORT's fastest x86 int8 kernel needs (backends/onnx_int8.py)."""
     _check_opset(opset)
     args, shapes = batch_dynamic(example_inputs, signature.batched())
-    outputs = len(gm.graph.output_node().args[0])
+    outputs = len(ops.graph_outputs(gm.graph))
     names = _output_names(outputs, {n.name for n in gm.graph.find_nodes(op="placeholder")})
     # a graph of its own over the same tensors: the rewrites below must not reach gm (they rebind its constants, never
     # write into them), and the exporter never writes into the tensors (a deep copy of efficientnet_v2_s's int8 graph
@@ -420,7 +420,7 @@ def _program(gm: fx.GraphModule, args: Sequence[torch.Tensor], batched: Sequence
 
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     graph = gm.graph
-    inputs, outputs = list(graph.find_nodes(op="placeholder")), graph.output_node().args[0]
+    inputs, outputs = list(graph.find_nodes(op="placeholder")), ops.graph_outputs(graph)
     if len(inputs) != len(args) or not all(isinstance(n, fx.Node) for n in outputs) or \
             any(n.op not in ("placeholder", "get_attr", "call_function", "output") for n in graph.nodes):
         return None
@@ -483,7 +483,7 @@ def _distinct_outputs(gm: fx.GraphModule) -> fx.GraphModule:
     output = gm.graph.output_node()
     seen: set[fx.Node] = set()
     values = []
-    for value in output.args[0]:
+    for value in ops.graph_outputs(gm.graph):
         if isinstance(value, fx.Node) and value in seen:
             with gm.graph.inserting_before(output):
                 copied = gm.graph.call_function(torch.ops.aten.alias_copy.default, (value,))
@@ -491,7 +491,7 @@ def _distinct_outputs(gm: fx.GraphModule) -> fx.GraphModule:
             value = copied
         seen.add(value)
         values.append(value)
-    output.args = (tuple(values),)
+    ops.set_graph_outputs(gm.graph, values)
     gm.recompile()
     return gm
 

@@ -214,7 +214,8 @@ def remove_unused_tensors(gm: fx.GraphModule) -> int:
 
 
 def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Every distinct constant tensor the graph reads, by attribute name."""
+    """Every constant tensor the graph reads, by attribute name: a tied tensor read under two names is here twice
+    (:func:`report.model_size` counts it once)."""
     out: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
         t = get_tensor(gm, node)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 @dataclass
 class Stage:
     """One stage as the instruments see it: its row name, the pass and its result (None for the input),
-    the passes before it, and what instruments have measured so far."""
+    the passes before it, its wall time and its numeric error."""
 
     name: str
     pass_: Pass | None
@@ -37,7 +37,6 @@ class Stage:
     done: list[str]
     elapsed: float = 0.0
     error: Any = None
-    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
@@ -93,6 +92,12 @@ class Progress(Instrument):
 
     def failed(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, error: BaseException) -> None:
         self.bar.close()
+
+
+def step_bar(items: Any = None, *, total: int | None = None, desc: str, unit: str) -> Any:
+    """A bar over the steps of one long pass (calibration batches, training steps), for ``PassContext.progress``:
+    shown on a terminal only and gone when it closes, like :class:`Progress` beside it."""
+    return tqdm(items, total=total, desc=desc, unit=unit, disable=None, leave=False)
 
 
 class Phases:

@@ -202,6 +202,17 @@ def getitem_index(node: fx.Node) -> Any:
     return node.args[1]
 
 
+def graph_outputs(graph: fx.Graph) -> list[Any]:
+    """The values a captured graph returns, in order: the output node's one argument (export writes a tuple)."""
+    return list(graph.output_node().args[0])
+
+
+def set_graph_outputs(graph: fx.Graph, values: Sequence[Any]) -> None:
+    """Make ``graph`` return ``values`` (in the container type it returned before)."""
+    output = graph.output_node()
+    output.args = (type(output.args[0])(values),)
+
+
 def with_data(node: fx.Node, x: Any) -> tuple:
     """``node``'s positional arguments with the data argument replaced by ``x``."""
     return (x, *node.args[1:])

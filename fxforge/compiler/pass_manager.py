@@ -24,7 +24,7 @@ import torch.fx as fx
 from .analysis.base import Analysis
 from .errors import FxforgeError, PassError, first_line
 from .graph import GraphState
-from .instruments import Instrument, Lint, Progress, Stage, Timing, after_passes
+from .instruments import Instrument, Lint, Progress, Stage, Timing, after_passes, step_bar
 from .report import Report, StageRecorder
 from .target import Target, get_target
 from .verify import NumericCheck, ValidationCheck
@@ -73,6 +73,11 @@ class PassContext:
         if kind not in self._cache:
             self._cache[kind] = kind().run(gm, self)
         return self._cache[kind]
+
+    def progress(self, items: Any = None, *, total: int | None = None, desc: str, unit: str) -> Any:
+        """A progress bar over a pass's own long loop (``items``, or ``update()`` up to ``total``): the manager's
+        instruments show it, so a pass never prints (it shows on a terminal only)."""
+        return step_bar(items, total=total, desc=desc, unit=unit)
 
     def provide(self, kind: type[Analysis], gm: fx.GraphModule, result: Any) -> None:
         """Cache ``result`` as analysis ``kind`` of ``gm``: for an instrument that has just learned the same facts by

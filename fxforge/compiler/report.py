@@ -34,6 +34,9 @@ LATENCY_NOTE = ("latency: each stage's graph run by PyTorch eager (Q/DQ stages s
 
 @dataclass
 class StageRow:
+    """One stage of a compile (the traced input, each pass, the backend): its graph's size, FLOPs and latency, its
+    error against the stage before (or, with validation data, the traced model) and the pass's own stats."""
+
     stage: str
     exact: bool
     time_s: float
@@ -57,10 +60,14 @@ class StageRow:
 
 @dataclass
 class Report:
+    """What a compile did, stage by stage (``CompiledModel.report``): one :class:`StageRow` per stage, in order, and
+    ``meta`` for what belongs to no single stage (the backend's notes, the accuracy budget's decision)."""
+
     rows: list[StageRow] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def row(self, stage: str) -> StageRow:
+        """The row of ``stage``, by its full spec or by its pass name alone (``"low_rank"``)."""
         return next(r for r in self.rows if r.stage == stage or r.stage.split("{")[0] == stage)
 
     @property

@@ -214,6 +214,7 @@ def register_target(target: Target, *, replace: bool = False) -> Target:
 
 
 def available_targets() -> dict[str, Target]:
+    """Every registered target by name (a copy: registering goes through :func:`register_target`)."""
     return dict(_TARGETS)
 
 

@@ -36,7 +36,7 @@ from torch.export import Dim
 from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .graph import get_tensor, views_as_reshapes
-from .ops import NAN_PROPAGATING, QUANTIZE, argument, aten, data, is_op
+from .ops import NAN_PROPAGATING, QUANTIZE, argument, aten, data, graph_outputs, is_op, set_graph_outputs
 from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, beyond, clone_inputs, compare, copy_model,
                      discrete_mismatch, exact_tolerances, fresh_inputs, nesting)
 
@@ -662,7 +662,7 @@ def byte_span(t: torch.Tensor) -> tuple[int, int]:
 def _scalar_outputs(gm: fx.GraphModule) -> tuple[tuple[int, str], ...]:
     """The positions and Python types of ``gm``'s outputs that are numbers computed from symbolic sizes (a
     ``torch.SymInt``: ``x.shape[0]``). They stay graph outputs, which some backends return as 0-d tensors."""
-    return tuple((i, SYMBOLIC_SCALARS[type(v.meta.get("val"))]) for i, v in enumerate(gm.graph.output_node().args[0])
+    return tuple((i, SYMBOLIC_SCALARS[type(v.meta.get("val"))]) for i, v in enumerate(graph_outputs(gm.graph))
                  if isinstance(v, fx.Node) and type(v.meta.get("val")) in SYMBOLIC_SCALARS)
 
 
@@ -676,11 +676,10 @@ def _scalar_kind(kind: Any) -> str:
 def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
     """Take the outputs that are constants of a JSON type (a None, a number, a string) out of ``gm``'s output, in
     place, and return them with their positions: every backend then gets a graph of tensor outputs."""
-    output = gm.graph.output_node()
-    values = list(output.args[0])
+    values = graph_outputs(gm.graph)
     constants = tuple((i, v) for i, v in enumerate(values) if v is None or isinstance(v, (bool, int, float, str)))
     if constants:
-        output.args = (tuple(v for i, v in enumerate(values) if i not in dict(constants)),)
+        set_graph_outputs(gm.graph, [v for i, v in enumerate(values) if i not in dict(constants)])
         gm.recompile()
     return constants
 

@@ -34,7 +34,7 @@ from .dynamic_quant import DYNAMIC_LINEAR
 from .analysis.shapes import Shapes
 from .errors import FxforgeError, InputError, VerificationError, first_line, listed
 from .instruments import Instrument, Stage, after_passes
-from .ops import QUANTIZE, is_op
+from .ops import QUANTIZE, graph_outputs, is_op
 
 EXACT_TOLERANCE = 1e-4  # max relative error an exact pass may introduce (float reassociation, float32)
 OUTPUT_SCALE_FLOOR = 1e-2  # compare: an output's scale is at least this share of the largest output's
@@ -462,7 +462,7 @@ def first_divergence(values: dict[str, torch.Tensor], before: dict[str, torch.Te
 
 def diverging_output(gm: fx.GraphModule, out: Sequence[Any], before: Sequence[Any], tolerance: float) -> str:
     """The node producing the first output that moved (when no node both graphs share diverged)."""
-    producers = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    producers = graph_outputs(gm.graph)
     for node, a, b in zip(producers, _tensors(out), _tensors(before)):
         if compare([a], [b]).max_rel > tolerance:
             return f"; first diverging node: {getattr(node, 'name', node)!r} (an output)"

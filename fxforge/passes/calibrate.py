@@ -18,7 +18,6 @@ it picks clip values that matter further down. The data comes from ``PassContext
 from __future__ import annotations
 
 import torch.fx as fx
-from tqdm.auto import tqdm
 
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
@@ -62,8 +61,7 @@ class Calibrate(Pass):
                             "quantizes each linear's input per row at run time; drop calibrate and the passes that "
                             "must come after it (fold_qdq, bias_correction, adaround: a dynamic linear is one int8 "
                             "op, with nothing to fold or correct), or quantize statically")
-        batches = tqdm(checked_batches(ctx.calibration, ctx.example_inputs), desc="calibrate", unit="batch",
-                       disable=None, leave=False)
+        batches = ctx.progress(checked_batches(ctx.calibration, ctx.example_inputs), desc="calibrate", unit="batch")
         stats = fit_activations(gm, batches, self.method, self.percentile)
         if not stats["batches"]:
             raise CalibrationError("pass 'calibrate' got an empty calibration iterable")

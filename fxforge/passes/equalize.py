@@ -111,7 +111,8 @@ class Equalize(Pass):
         return PassResult(changed=True, preserves=frozenset() if clips else frozenset({Shapes}), stats=dict(stats))
 
     def match(self, gm: fx.GraphModule, a: fx.Node) -> tuple[fx.Node | None, str | None]:
-        """The layer B that A feeds through relu or nothing, or why the pair is refused (None, None: no pair)."""
+        """The layer B that A feeds through relu, nothing or (with ``clip="rescale"``) hardtanh(·, 0, h), or why the
+        pair is refused (None, None: no pair)."""
         act = None
         if len(a.users) != 1:
             return None, None

@@ -329,7 +329,7 @@ def test_fast_math_replaces_exp_and_erf_in_a_tiny_transformer():
 def test_tune_hands_the_prepared_module_to_metaschedule_and_fixes_the_batch(monkeypatch):
     calls = []
 
-    def apply_tuning(mod, tvm_target, tune, progress=True, cross_compiler=None):
+    def apply_tuning(mod, tvm_target, tune, cross_compiler=None):
         calls.append((mod, tvm_target, tune, cross_compiler))
         return mod, {"tasks": 3, "applied": 0}
 

@@ -39,6 +39,7 @@ import torch.fx as fx
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
 from fxforge.compiler.graph import get_tensor, views_as_reshapes
 from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, getitem_index, is_op,
+                                 graph_outputs, set_graph_outputs,
                                   set_argument)
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
@@ -464,7 +465,6 @@ def _zero_divisors_flagged(graph: fx.Graph) -> None:
     ``b`` as an extra output after the model's own. A zero divisor kills the process in TVM's kernels (SIGFPE) where
     eager raises ZeroDivisionError; with the count the artifact raises instead (:meth:`TvmArtifact.run`), and the
     quotients it computed meanwhile are never returned."""
-    output = graph.output_node()
     flags = []
     for node in integer_divisions(graph):
         divisor = argument(node, "other")
@@ -475,7 +475,7 @@ def _zero_divisors_flagged(graph: fx.Graph) -> None:
             flags.append(graph.call_function(aten.sum.default, (zero,)))  # the importer has no aten.any
         node.replace_input_with(divisor, safe)
     if flags:
-        output.args = (tuple(output.args[0]) + tuple(flags),)
+        set_graph_outputs(graph, [*graph_outputs(graph), *flags])
 
 
 def _size_tensor(graph: fx.Graph, source: fx.Node, dim: int) -> fx.Node:

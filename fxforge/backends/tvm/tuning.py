@@ -77,7 +77,7 @@ class TaskResult:
 
 
 def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[str, Any],
-                 progress: bool = True, cross_compiler: str | None = None) -> tuple[tvm.IRModule, dict[str, Any]]:
+                 cross_compiler: str | None = None) -> tuple[tvm.IRModule, dict[str, Any]]:
     """Tune the tasks of ``mod`` missing from the database, then apply the database to ``mod``.
 
     ``mod`` is the prepared module (``fxforge.backends.tvm.prepare``). ``tune`` keys: ``trials`` (total budget
@@ -138,7 +138,7 @@ def apply_tuning(mod: tvm.IRModule, tvm_target: tvm.target.Target, tune: dict[st
         budgets = _budgets(opts["trials"], costs, opts.get("trials_per_task"))
         for n, (i, budget, default, bad) in enumerate(zip(todo, budgets, defaults, unrunnable), 1):
             results[i] = tuner.tune(tasks[i], 0 if bad else budget, default,
-                                    f"[{n}/{len(todo)}] " if progress else None)
+                                    f"[{n}/{len(todo)}] ")
             meta["tasks"][keys[i]] = {"name": tasks[i].task_name, "trials": results[i].trials,
                                       "default_us": results[i].default_us, **({"unrunnable": True} if bad else {})}
             _write_meta(db_dir, meta)  # commit per task: an interrupted run keeps what finished

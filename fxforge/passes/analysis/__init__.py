@@ -1,12 +1,9 @@
 """Pass-level analyses: pure facts about a graph, cached by the pass manager until a pass invalidates them.
 
-The core analyses (``Shapes``, ``Flops``) live in ``fxforge.compiler.analysis``; they are re-exported here
-under the names passes have always imported them by.
+The core analyses (``Shapes``, ``Flops``) live in ``fxforge.compiler.analysis``, where passes import them from.
 """
-from fxforge.compiler.analysis import Flops, Shapes
-
 from .channel_groups import ChannelGroups
 from .constant_channels import ConstantChannels
 from .removable_channels import RemovableChannels
 
-__all__ = ["ChannelGroups", "ConstantChannels", "Flops", "RemovableChannels", "Shapes"]
+__all__ = ["ChannelGroups", "ConstantChannels", "RemovableChannels"]
