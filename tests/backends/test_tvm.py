@@ -589,6 +589,36 @@ def test_argmax_of_a_row_of_infinities_is_an_index_in_the_row():
         assert torch.equal(got, want), (got, want)
 
 
+def test_argmax_of_an_integer_row_of_its_dtypes_extreme_is_an_index_in_the_row():
+    """An all-zero uint8 row (a mask) had argmax −1 (eager: 0), and an all-255 row argmin −1: TVM starts from the
+    dtype's lowest (highest) value and moves only on a strictly better one."""
+    cm = fxforge.compile(ArgExtremes().eval(), (torch.tensor([[1, 2, 3], [3, 2, 1]], dtype=torch.uint8),),
+                         backend="tvm", measure_latency=False)
+    x = torch.tensor([[0, 0, 0], [255, 255, 255], [0, 7, 7], [255, 0, 255]], dtype=torch.uint8)
+    for got, want in zip(cm(x), ArgExtremes()(x)):
+        assert torch.equal(got, want), (got, want)
+
+
+class Promoted(nn.Module):
+    """Scaled sums (torchvision's grayscale is ``r·.299`` then ``add_(g, alpha=.587)``), an integer true division."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor):
+        return (torch.add(x, y, alpha=0.5), torch.sub(x, y, alpha=2.0), torch.rsub(x, y, alpha=3.0),
+                torch.add(x, 2.0, alpha=0.25), torch.floor(torch.true_divide(ids, 2)))
+
+
+def test_alpha_scales_its_operand_and_an_integer_true_division_is_a_float_one():
+    """TVM's importer dropped ``alpha`` (x + 0.5·y came out x + y: a grayscale image wholly wrong, unwarned with an
+    all-black example) and divided integers by integers in ``true_divide`` (−7 / 2 floored to −3, eager −4: unseen
+    where the example's values divided evenly)."""
+    model = Promoted()
+    example = (torch.zeros(2, 5), torch.zeros(2, 5), torch.tensor([[4, -6, 8, 0, 2]] * 2))
+    cm = fxforge.compile(model, example, backend="tvm", measure_latency=False)
+    fresh = (torch.randn(3, 5), torch.randn(3, 5), torch.tensor([[-7, 3, 5, -1, 9]] * 3))
+    for got, want in zip(cm(*fresh), model(*fresh)):
+        assert got.dtype == want.dtype and torch.allclose(got, want, atol=1e-6), (got, want)
+
+
 class DividedByNumbers(nn.Module):
     def forward(self, ids: torch.Tensor):
         return ids // 3, ids % 3, torch.fmod(ids, 4), torch.div(ids, -3, rounding_mode="trunc")
@@ -630,12 +660,17 @@ class IntegerDivisions(nn.Module):
 
 def test_integer_division_by_zero_raises_as_in_eager_instead_of_killing_the_process():
     """TVM's integer division by a zero divisor raised SIGFPE and killed the process; the copy imported for TVM
-    divides by b + (b == 0) and returns the count of zeros, and the artifact raises where eager raises."""
+    divides by b + (b == 0) and returns the count of zeros, and the artifact raises where eager raises. The lowest
+    int64 divided by −1 (eager: itself, wrapped; remainder 0) killed it too: divided by 1 and negated there."""
     model = IntegerDivisions().eval()
     a, b = torch.randint(-1000, 1000, (2, 6)), torch.tensor([[3, -2, 7, -5, 1, 4]] * 2)
     cm = fxforge.compile(model, (a, b), backend="tvm", measure_latency=False)
     assert cm.artifact.info["zero_divisors"] == ["floor_divide", "remainder", "div"]  # not the true division
     for got, want in zip(cm(a, b), model(a, b)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    lowest, minus_one = torch.tensor([[-2 ** 63, 7, -7, 9, 5, -2 ** 63]]), torch.tensor([[-1, -1, -1, 2, -3, 1]])
+    floors = lambda a, b: (a // b, torch.remainder(a, b))  # eager's trunc division traps on the lowest // −1 too
+    for got, want in zip(cm(lowest, minus_one)[:2], floors(lowest, minus_one)):  # it trapped (SIGFPE) in TVM
         assert got.dtype == want.dtype and torch.equal(got, want)
     b[1, 2] = 0
     with pytest.raises(fxforge.BackendError, match="integer division by zero at node 'floor_divide'"):

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
-ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.rsub)  # ops whose result dtype PyTorch promotes
+ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.true_divide, aten.rsub)  # results PyTorch promotes
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (*HALF, torch.float32, torch.float64)
 ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
@@ -232,8 +232,8 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
     for rewrite in (views_as_reshapes, _squeezes_named, _reduced_dims_non_negative, _empty_cat_inputs_dropped,
-                    _negative_indices_wrapped, _promoted_operands, _clamp_bounds_typed, _finite_arg_extremes,
-                    _typed_integer_divisors, _zero_divisors_flagged, _cumulative_sums_typed,
+                    _negative_indices_wrapped, _promoted_operands, _alpha_applied, _clamp_bounds_typed,
+                    _finite_arg_extremes, _typed_integer_divisors, _divisors_guarded, _cumulative_sums_typed,
                     _half_reductions_in_float32, _products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
@@ -306,6 +306,26 @@ def _negative_indices_wrapped(graph: fx.Graph) -> None:
         set_argument(node, "indices", indices)
 
 
+def _alpha_applied(graph: fx.Graph) -> None:
+    """Write each ``add``/``sub``/``rsub`` with an ``alpha`` other than 1 as the op on the scaled operand (``x + a·y``:
+    ``other`` scaled; ``rsub``, ``other − a·x``: ``self``). The importer dropped ``alpha``: torchvision's grayscale
+    (``add_(g, alpha=0.587)``) came out a plain sum, and a model given an all-black example compiled unwarned. After
+    :func:`_promoted_operands`, which casts an integer operand of a floating result before it is scaled."""
+    for node in [n for n in graph.nodes if is_op(n, aten.add, aten.sub, aten.rsub)]:
+        alpha = argument(node, "alpha", 1)
+        if alpha == 1:
+            continue
+        name = "self" if is_op(node, aten.rsub) else "other"
+        operand = argument(node, name)
+        if isinstance(operand, fx.Node):
+            with graph.inserting_before(node):
+                operand = graph.call_function(aten.mul.Tensor, (operand, alpha))
+        else:
+            operand = operand * alpha
+        set_argument(node, name, operand)
+        set_argument(node, "alpha", 1)
+
+
 def _promoted_operands(graph: fx.Graph) -> None:
     """Cast each integer tensor operand of an arithmetic op whose result is floating (``ids * 0.5``, an integer
     true division) to the result's dtype first, as PyTorch's type promotion does. The importer
@@ -342,7 +362,10 @@ def _finite_arg_extremes(graph: fx.Graph) -> None:
     for node in [n for n in graph.nodes if is_op(n, aten.argmax, aten.argmin)]:
         source = argument(node, "self")
         value = source.meta.get("val")
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not value.is_floating_point():  # −1 only where every value is the start: eager's first index, 0
+            _applied_after(graph, node, lambda index: (aten.relu.default, (index,)))
             continue
         top = torch.nextafter(torch.tensor(torch.finfo(value.dtype).max, dtype=value.dtype),
                               torch.zeros((), dtype=value.dtype)).item()
@@ -460,22 +483,44 @@ def integer_divisions(graph: fx.Graph) -> list[fx.Node]:
     return found
 
 
-def _zero_divisors_flagged(graph: fx.Graph) -> None:
-    """Divide each of :func:`integer_divisions` by ``b + (b == 0)`` instead of ``b`` and return the count of zeros in
-    ``b`` as an extra output after the model's own. A zero divisor kills the process in TVM's kernels (SIGFPE) where
-    eager raises ZeroDivisionError; with the count the artifact raises instead (:meth:`TvmArtifact.run`), and the
-    quotients it computed meanwhile are never returned."""
+def _divisors_guarded(graph: fx.Graph) -> None:
+    """Make each of :func:`integer_divisions` safe for TVM's kernels, whose traps kill the process (SIGFPE):
+
+    - divide by ``b + (b == 0)`` instead of ``b`` and return the count of zeros in ``b`` as an extra output after the
+      model's own: where eager raises ZeroDivisionError the artifact raises instead (:meth:`TvmArtifact.run`), and
+      the quotients it computed meanwhile are never returned;
+    - divide by 1 where ``b`` is −1 and negate a quotient there: ``a // −1`` is ``−a``, which wraps at the dtype's
+      lowest value as eager's division does (the lowest value divided by −1 overflows, and traps); a remainder by ±1
+      is 0 either way."""
     flags = []
     for node in integer_divisions(graph):
         divisor = argument(node, "other")
+        dtype = divisor.meta["val"].dtype
         with graph.inserting_before(node):
             zero = graph.call_function(aten._to_copy.default, (graph.call_function(aten.eq.Scalar, (divisor, 0)),),
-                                       {"dtype": divisor.meta["val"].dtype})
-            safe = graph.call_function(aten.add.Tensor, (divisor, zero))
+                                       {"dtype": dtype})
+            minus_one = graph.call_function(aten.eq.Scalar, (divisor, -1))
+            two = graph.call_function(aten.mul.Tensor, (graph.call_function(
+                aten._to_copy.default, (minus_one,), {"dtype": dtype}), 2))
+            safe = graph.call_function(aten.add.Tensor, (graph.call_function(aten.add.Tensor, (divisor, zero)), two))
             flags.append(graph.call_function(aten.sum.default, (zero,)))  # the importer has no aten.any
         node.replace_input_with(divisor, safe)
+        if is_op(node, aten.floor_divide, aten.div):  # a quotient: −a where b is −1
+            _applied_after(graph, node, lambda q: (aten.where.self, (minus_one, graph.call_function(
+                aten.neg.default, (q,)), q)))
     if flags:
         set_graph_outputs(graph, [*graph_outputs(graph), *flags])
+
+
+def _applied_after(graph: fx.Graph, node: fx.Node, make: Callable[[fx.Node], tuple[Any, tuple]]) -> None:
+    """Put ``make(node)`` (an op and its arguments, reading ``node``) between ``node`` and every reader of it."""
+    readers = list(node.users)
+    with graph.inserting_before(node.next):  # in the order made: ``make`` may add nodes of its own first
+        target, args = make(node)
+        after = graph.call_function(target, args)
+    after.meta.update(node.meta)
+    for reader in readers:
+        reader.replace_input_with(node, after)
 
 
 def _size_tensor(graph: fx.Graph, source: fx.Node, dim: int) -> fx.Node:
