@@ -810,7 +810,7 @@ def _div_mode(self, other, rounding_mode=None):
     from onnxscript import opset18 as op
     from onnxscript.function_libs.torch_lib.ops.core import aten_div_mode
     if self.dtype.is_integer() and rounding_mode == "trunc":
-        return op.Div(self, op.CastLike(other, self))
+        return _truncated_quotient(self, op.CastLike(other, self))
     if self.dtype.is_integer() and rounding_mode == "floor":
         return _floor_divide(self, other)
     return aten_div_mode(self, other, rounding_mode)
@@ -826,10 +826,19 @@ def _floor_divide(self, other):
         return aten_floor_divide(self, other)
     other = op.CastLike(other, self)  # a Python number in the Scalar overloads
     zero = op.CastLike(0, self)
-    quotient = op.Div(self, other)
+    quotient = _truncated_quotient(self, other)
     remainder = op.Sub(self, op.Mul(quotient, other))
     offset = op.And(op.Not(op.Equal(remainder, zero)), op.Xor(op.Less(remainder, zero), op.Less(other, zero)))
     return op.Sub(quotient, op.CastLike(offset, self))
+
+
+def _truncated_quotient(self, other):
+    """Integer ``a / b`` truncated, as ONNX's Div computes it, except where b is −1: there −a, wrapping at the lowest
+    value as eager's ``//`` does. ONNX Runtime's int64 Div of the lowest value by −1 overflows and kills the process
+    (SIGFPE)."""
+    from onnxscript import opset18 as op
+    minus_one = op.Equal(other, op.CastLike(-1, self))
+    return op.Where(minus_one, op.Neg(self), op.Div(self, op.Where(minus_one, op.CastLike(1, self), other)))
 
 
 def _clamp(self, min=None, max=None):

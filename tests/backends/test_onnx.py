@@ -441,6 +441,11 @@ def test_integer_division_with_a_rounding_mode_stays_exact_beyond_float32s_integ
     torch.testing.assert_close(got[4], want[4])  # floats: the exporter's Floor(Div), to float32's precision
     with pytest.raises(fxforge.BackendError, match="Integer division by zero"):  # eager: ZeroDivisionError
         cm(a, torch.zeros_like(b))
+    lowest = torch.iinfo(dtype).min  # ORT's int64 Div of the lowest value by −1 killed the process (SIGFPE)
+    a, b = torch.tensor([[lowest, 7, -7, 0] * 2] * 2, dtype=dtype), torch.tensor([[-1] * 8] * 2, dtype=dtype)
+    got = cm(a, b)  # eager's trunc division traps too (so the model is not run whole here); the artifact's wraps
+    assert torch.equal(got[0], torch.div(a, b, rounding_mode="floor")) and torch.equal(got[3], a // b)
+    assert torch.equal(got[1], -a)
 
 
 class OneSidedClamps(torch.nn.Module):
