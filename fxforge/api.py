@@ -162,6 +162,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
                 budget_reads=budget is not None and validation is None)
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     _check_tensors(model)
+    constant = _constant_integer_inputs(example)
+    if constant:
+        warnings.warn(f"the example's integer inputs {constant} hold one value each (an all-black image?): the checks "
+                      f"draw fresh integers from the example's values, so they ran on that value alone and left the "
+                      f"compiled model unchecked on any other; give an example of real values", UserWarning,
+                      stacklevel=3)
     training = _training_modules(model)
     if training:
         warnings.warn(f"the model is in training mode ({training}): fxforge compiles it as model.eval() computes, "
@@ -308,6 +314,14 @@ def _lowered_runner(be: Any, flat: tuple, signature: Signature, tgt: Target, opt
             return None
         return None if artifact.unrunnable() or _not_taken(artifact, data) else lambda *x: artifact.run(x)
     return lowered
+
+
+def _constant_integer_inputs(example: Any) -> list[int]:
+    """The positions (flat) of the example's integer tensors of more than one element that hold one value: fresh
+    inputs draw integers from the example's values (``verify.random_like``), so they hold that value alone too."""
+    return [i for i, t in enumerate(pytree.tree_leaves(example)) if isinstance(t, torch.Tensor) and t.numel() > 1
+            and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+            and t.layout == torch.strided and not t.is_meta and bool(t.min() == t.max())]
 
 
 def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, readers: list[str],

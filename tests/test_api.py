@@ -887,3 +887,22 @@ def test_integer_outputs_an_approximate_pipeline_changes_are_warned_of_and_recor
     assert any("integer or bool outputs differ" in str(w.message) for w in caught)
     exact = fxforge.compile(model, (torch.randn(32, 16),), measure_latency=False)
     assert "discrete_outputs" not in exact.report.meta
+
+
+class Grayscale(nn.Module):
+    """A uint8 image to a grey float one, as a deployed model's preprocessing."""
+
+    def forward(self, image):
+        return (image.float() / 255 * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1)
+
+
+def test_an_integer_example_of_one_value_is_warned_of():
+    """An all-black uint8 example: fresh inputs draw integers from the example's values, so every check ran on
+    black images, and a backend wrong on every other image (TVM's grayscale, stop 49) compiled unwarned."""
+    black, photo = torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    with pytest.warns(UserWarning, match=r"the example's integer inputs \[0\] hold one value each"):
+        fxforge.compile(Grayscale(), (black,), backend="eager", measure_latency=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = fxforge.compile(Grayscale(), (photo,), backend="eager", measure_latency=False)
+    assert "integers drawn from the example's values" in cm.report.meta["errors"]
