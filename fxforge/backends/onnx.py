@@ -791,14 +791,19 @@ def _mean_dim(self, dim, keepdim=False, dtype=None):
     adaptive_avg_pool2d(1) becomes) as GlobalAveragePool, which ORT fuses with the Q/DQ around it into
     QLinearGlobalAveragePool (int8, channels-last); ReduceMean, the exporter's own lowering, stays float between a
     DequantizeLinear and a QuantizeLinear. Other means (a norm's mean over the last axis of [B, T, H] included, which
-    ORT's LayerNorm fusions look for as ReduceMean) go to the exporter's lowering unchanged."""
+    ORT's LayerNorm fusions look for as ReduceMean) go to the exporter's lowering, given ``self`` already in
+    ``dtype``: the lowering casts the mean, so an integer tensor's float mean was an integer mean (2.0 for 2.5)."""
     from onnxscript import opset18 as op
     from onnxscript.function_libs.torch_lib.ops.core import aten_mean_dim
     rank = len(self.shape) if self.shape is not None else 0
     if dtype is None and rank == 4 and dim and sorted(d % rank for d in dim) == [2, 3]:
         pooled = op.GlobalAveragePool(self)
         return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=[2, 3]))
-    return aten_mean_dim(self, dim, keepdim, dtype)
+    if dtype is None or dtype == -1 or rank == 0:
+        return aten_mean_dim(self, dim, keepdim, dtype)
+    cast = op.Cast(self, to=dtype)  # as PyTorch computes it, and as the exporter's own aten.mean does
+    return op.ReduceMean(cast, op.Constant(value_ints=list(dim)), keepdims=keepdim) if dim else \
+        op.ReduceMean(cast, keepdims=keepdim)
 
 
 def _div_mode(self, other, rounding_mode=None):
@@ -839,6 +844,24 @@ def _truncated_quotient(self, other):
     from onnxscript import opset18 as op
     minus_one = op.Equal(other, op.CastLike(-1, self))
     return op.Where(minus_one, op.Neg(self), op.Div(self, op.Where(minus_one, op.CastLike(1, self), other)))
+
+
+def _pow_tensor_scalar(self, exponent):
+    """``x ** n`` of an int32/int64 tensor by a non-negative integer as products (squaring), which wrap as eager's
+    do: the exporter's ``Pow(int64, int64)`` ran in float64 in ONNX Runtime (5 ** 27 off by 99, an overflow
+    INT64_MIN). Other powers go to the exporter's lowering."""
+    from onnxscript import ir, opset18 as op
+    from onnxscript.function_libs.torch_lib.ops.core import aten_pow_tensor_scalar
+    if not (self.dtype in (ir.DataType.INT32, ir.DataType.INT64) and isinstance(exponent, int) and exponent >= 0):
+        return aten_pow_tensor_scalar(self, exponent)
+    result, square = None, self
+    while exponent:
+        if exponent & 1:
+            result = square if result is None else op.Mul(result, square)
+        exponent >>= 1
+        if exponent:
+            square = op.Mul(square, square)
+    return op.Expand(op.CastLike(1, self), op.Shape(self)) if result is None else result
 
 
 def _clamp(self, min=None, max=None):
@@ -900,7 +923,8 @@ TRANSLATIONS = {dynamic_quant.DYNAMIC_LINEAR: _dynamic_linear, torch.ops.aten.me
                 torch.ops.aten.log_sigmoid.default: _log_sigmoid, torch.ops.aten.clamp_min.default: _clamp_min,
                 torch.ops.aten.clamp_min.Tensor: _clamp_min, torch.ops.aten.clamp_max.default: _clamp_max,
                 torch.ops.aten.clamp_max.Tensor: _clamp_max, torch.ops.aten.logaddexp.default: _logaddexp,
-                torch.ops.aten.logsumexp.default: _logsumexp, torch.ops.aten.avg_pool2d.default: _avg_pool2d}
+                torch.ops.aten.logsumexp.default: _logsumexp, torch.ops.aten.avg_pool2d.default: _avg_pool2d,
+                torch.ops.aten.pow.Tensor_Scalar: _pow_tensor_scalar}
 
 
 @contextlib.contextmanager

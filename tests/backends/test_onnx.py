@@ -448,6 +448,23 @@ def test_integer_division_with_a_rounding_mode_stays_exact_beyond_float32s_integ
     assert torch.equal(got[1], -a)
 
 
+class IntegerMeansAndPowers(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(1, dtype=torch.float32), x ** 3, x ** 27, x ** 0, x.int() ** 5
+
+
+def test_integer_means_and_powers_are_computed_as_in_eager():
+    """An int64 row's float mean was an integer mean cast (2.0 for 2.5: the exporter's lowering cast the mean, not
+    the tensor), and ``x ** n`` of int64 ran as ``Pow`` in float64 in ONNX Runtime (5 ** 27 off by 99, an overflow
+    INT64_MIN where eager wraps); the powers are now products, without any Pow."""
+    model = IntegerMeansAndPowers()
+    cm = fxforge.compile(model, (torch.tensor([[1, 2, 4, 5], [3, 3, 3, 7]]),), backend="onnx", measure_latency=False)
+    assert "Pow" not in [n.op_type for n in onnx.load_from_string(cm.artifact.model).graph.node]
+    x = torch.tensor([[1, 2, 4, 6], [3, 3, 3, 7], [5, -5, 123, 2]])
+    for got, want in zip(cm(x), model(x)):
+        assert got.dtype == want.dtype and torch.equal(got, want), (got, want)
+
+
 class OneSidedClamps(torch.nn.Module):
     def __init__(self):
         super().__init__()
