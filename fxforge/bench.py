@@ -50,6 +50,7 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
     rebuild: Callable[[], Runner] | None = None
     model_flops: int | None = None  # the model's own FLOPs before any pass (fxforge systems count them)
+    model_size: tuple[int, int] | None = None  # and its (params, bytes), as the report's input row counts them
 
 
 @dataclass
@@ -108,9 +109,7 @@ class Row:
 # ------------------------------------------------------------------------------------------------ systems
 
 def _eager(model: torch.nn.Module, example: tuple, calib: list) -> Built:
-    params = sum(p.numel() for p in model.parameters())
-    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return Built(lambda xs: model(*xs), 0.0, params, nbytes)
+    return Built(lambda xs: model(*xs), 0.0)  # its params and bytes: the report's input row (fill_figures)
 
 
 def _torch_compile(model: torch.nn.Module, example: tuple, calib: list) -> Built:
@@ -232,7 +231,8 @@ def fxforge_system(passes: Sequence[str], backend: str, **options: Any) -> Calla
         final = cm.report.final
         return Built(lambda xs: cm.artifact.run(xs), time.perf_counter() - start, final.params, final.bytes,
                      final.flops, dict(cm.artifact.info), rebuild=_fresh_session(cm.artifact),
-                     model_flops=cm.report.rows[0].flops)
+                     model_flops=cm.report.rows[0].flops,
+                     model_size=(cm.report.rows[0].params, cm.report.rows[0].bytes))
     build.passes = tuple(passes)  # type: ignore[attr-defined]  # what System.calibration_readers asks about
     return build
 
@@ -490,13 +490,15 @@ def fill_figures(rows: list[Row], built: dict[str, Built]) -> None:
     eager = next((r for r in rows if r.system == "eager" and r.median_ms), None)
     best_peer = min((r for r in rows if r.peer and r.median_ms), key=lambda r: r.median_ms, default=None)
     peak, _ = peak_gflops()
-    eager_built = built.get("eager")
+    # the model's own params and bytes, for systems that count none (eager, the peers): counted once, by the
+    # report (compiler/report.model_size), not by a second rule here
+    params, nbytes = next((b.model_size for b in built.values() if b is not None and b.model_size), (None, None))
     for r in rows:
         b = built.get(r.system)
         if b is not None:
             r.compile_s = b.compile_s
-            r.params = b.params if b.params is not None else (eager_built.params if eager_built else None)
-            r.bytes = b.bytes if b.bytes is not None else (eager_built.bytes if eager_built else None)
+            r.params = b.params if b.params is not None else params
+            r.bytes = b.bytes if b.bytes is not None else nbytes
             r.flops = b.flops
         if r.median_ms:
             r.vs_eager = median_interval(paired_ratios(eager.samples_ms, r.samples_ms))[0] if eager else None

@@ -87,13 +87,17 @@ def test_ratios_are_resolved_once_every_fxforge_row_and_the_self_check_pair_is_w
 
 
 def test_systems_without_flops_of_their_own_get_the_models_not_a_compressed_systems():
-    """Eager's FLOPs (and its GFLOP/s) were those of the first fxforge row, a compressed graph's when it came first."""
+    """Eager's FLOPs (and its GFLOP/s) were those of the first fxforge row, a compressed graph's when it came first.
+    Its params and bytes were counted by a rule of the benchmark's own (``parameters()``, buffers for bytes) beside
+    the report's: they are the report's input row, as the FLOPs are."""
     from fxforge.bench import Built, Row, fill_figures
-    built = {"fxforge low_rank": Built(lambda xs: xs, 1.0, flops=400, model_flops=1000),
+    built = {"fxforge low_rank": Built(lambda xs: xs, 1.0, 300, 1200, flops=400, model_flops=1000,
+                                       model_size=(900, 3600)),
              "eager": Built(lambda xs: xs, 0.0)}
     rows = [Row("mlp", 8, "fxforge low_rank", False), Row("mlp", 8, "eager", True)]
     fill_figures(rows, built)
     assert [r.flops for r in rows] == [400, 1000]
+    assert [(r.params, r.bytes) for r in rows] == [(300, 1200), (900, 3600)]
 
 
 def test_every_ort_session_gets_the_same_options():
