@@ -619,6 +619,22 @@ def test_alpha_scales_its_operand_and_an_integer_true_division_is_a_float_one():
         assert got.dtype == want.dtype and torch.allclose(got, want, atol=1e-6), (got, want)
 
 
+class FloatDivisions(nn.Module):
+    def forward(self, x: torch.Tensor, ids: torch.Tensor):
+        return x // 2, ids // 2.5, torch.remainder(x, 3), torch.fmod(ids, 2.5), ids % 3
+
+
+def test_a_division_by_a_number_imports_whatever_the_dtypes():
+    """A float halved by ``// 2`` (coordinates), int64 ids by ``// 2.5`` and ``fmod(ids, 2.5)`` were refused: the
+    importer made the number an int32 constant ("Binary operators must have the same datatype")."""
+    model = FloatDivisions()
+    cm = fxforge.compile(model, (torch.randn(2, 5) * 10, torch.tensor([[1, -2, 7, 8, -9]] * 2)), backend="tvm",
+                         measure_latency=False)
+    fresh = (torch.randn(3, 5) * 10, torch.tensor([[3, -4, 11, 0, -13]] * 3))
+    for got, want in zip(cm(*fresh), model(*fresh)):
+        assert got.dtype == want.dtype and torch.allclose(got, want, atol=1e-5), (got, want)
+
+
 class DividedByNumbers(nn.Module):
     def forward(self, ids: torch.Tensor):
         return ids // 3, ids % 3, torch.fmod(ids, 4), torch.div(ids, -3, rounding_mode="trunc")

@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
-ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.true_divide, aten.rsub)  # results PyTorch promotes
+# ops whose result dtype PyTorch promotes
+ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.true_divide, aten.rsub, aten.floor_divide, aten.remainder,
+              aten.fmod)
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (*HALF, torch.float32, torch.float64)
 ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
@@ -457,13 +459,14 @@ def _value(node: fx.Node) -> Any:
 
 
 def _typed_integer_divisors(graph: fx.Graph) -> None:
-    """Make a Python-number divisor of an integer division (``ids // 3``) a 0-d tensor of the result's dtype. The
-    importer made it an int32 constant, and an int64 dividend then failed to import ("Binary operators must have the
-    same datatype")."""
+    """Make a Python-number divisor of a division (``ids // 3``, ``x // 2``, ``ids // 2.5``) a 0-d tensor of the
+    result's dtype. The importer made it an int32 constant, and an int64 or float dividend then failed to import
+    ("Binary operators must have the same datatype"). After :func:`_promoted_operands`: an integer dividend of a
+    float result is cast already."""
     for node in [n for n in graph.nodes if is_op(n, *DIVISION)]:
         divisor, result = argument(node, "other"), node.meta.get("val")
-        if isinstance(divisor, int) and not isinstance(divisor, bool) and isinstance(result, torch.Tensor) and \
-                not (result.is_floating_point() or result.is_complex()):
+        if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and isinstance(result, torch.Tensor) \
+                and not result.is_complex():
             with graph.inserting_before(node):
                 typed = graph.call_function(aten.scalar_tensor.default, (divisor,), {"dtype": result.dtype})
             node.target = TENSOR_OVERLOADS.get(node.target, node.target)
