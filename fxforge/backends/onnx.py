@@ -838,10 +838,12 @@ def _floor_divide(self, other):
 
 
 def _truncated_quotient(self, other):
-    """Integer ``a / b`` truncated, as ONNX's Div computes it, except where b is −1: there −a, wrapping at the lowest
-    value as eager's ``//`` does. ONNX Runtime's int64 Div of the lowest value by −1 overflows and kills the process
-    (SIGFPE)."""
+    """Integer ``a / b`` truncated, as ONNX's Div computes it, except where a signed b is −1: there −a, wrapping at
+    the lowest value as eager's ``//`` does. ONNX Runtime's int64 Div of the lowest value by −1 overflows and kills
+    the process (SIGFPE)."""
     from onnxscript import opset18 as op
+    if not self.dtype.is_signed():
+        return op.Div(self, other)
     minus_one = op.Equal(other, op.CastLike(-1, self))
     return op.Where(minus_one, op.Neg(self), op.Div(self, op.Where(minus_one, op.CastLike(1, self), other)))
 

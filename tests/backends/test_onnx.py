@@ -448,6 +448,15 @@ def test_integer_division_with_a_rounding_mode_stays_exact_beyond_float32s_integ
     assert torch.equal(got[1], -a)
 
 
+def test_unsigned_integer_division_stays_unsigned():
+    """The guard of a −1 divisor made uint8 divisions fail onnx.checker (Neg of uint8); −1 would be 255 there."""
+    a = torch.tensor([[200, 7, 255, 0, 9, 100, 3, 1]] * 2, dtype=torch.uint8)
+    b = torch.tensor([[3, 255, 255, 1, 2, 7, 4, 9]] * 2, dtype=torch.uint8)
+    cm = fxforge.compile(RoundedDivisions(), (a, b), backend="onnx", measure_latency=False)
+    for got, want in zip(cm(a.flip(1), b), RoundedDivisions()(a.flip(1), b)):
+        assert got.dtype == want.dtype and torch.equal(got, want), (got, want)
+
+
 class IntegerMeansAndPowers(torch.nn.Module):
     def forward(self, x):
         return x.mean(1, dtype=torch.float32), x ** 3, x ** 27, x ** 0, x.int() ** 5

@@ -462,11 +462,16 @@ def _typed_integer_divisors(graph: fx.Graph) -> None:
     """Make a Python-number divisor of a division (``ids // 3``, ``x // 2``, ``ids // 2.5``) a 0-d tensor of the
     result's dtype. The importer made it an int32 constant, and an int64 or float dividend then failed to import
     ("Binary operators must have the same datatype"). After :func:`_promoted_operands`: an integer dividend of a
-    float result is cast already."""
+    float result is cast already. A signed integer divided by −1 is divided by 1, its quotient negated, as
+    :func:`_divisors_guarded` does for divisors computed at run time (the lowest value divided by −1 traps)."""
     for node in [n for n in graph.nodes if is_op(n, *DIVISION)]:
         divisor, result = argument(node, "other"), node.meta.get("val")
         if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and isinstance(result, torch.Tensor) \
                 and not result.is_complex():
+            if divisor == -1 and result.dtype.is_signed and not result.is_floating_point():
+                divisor = 1
+                if is_op(node, aten.floor_divide, aten.div):
+                    _applied_after(graph, node, lambda q: (aten.neg.default, (q,)))
             with graph.inserting_before(node):
                 typed = graph.call_function(aten.scalar_tensor.default, (divisor,), {"dtype": result.dtype})
             node.target = TENSOR_OVERLOADS.get(node.target, node.target)
@@ -502,14 +507,16 @@ def _divisors_guarded(graph: fx.Graph) -> None:
         with graph.inserting_before(node):
             zero = graph.call_function(aten._to_copy.default, (graph.call_function(aten.eq.Scalar, (divisor, 0)),),
                                        {"dtype": dtype})
-            minus_one = graph.call_function(aten.eq.Scalar, (divisor, -1))
-            two = graph.call_function(aten.mul.Tensor, (graph.call_function(
-                aten._to_copy.default, (minus_one,), {"dtype": dtype}), 2))
-            safe = graph.call_function(aten.add.Tensor, (graph.call_function(aten.add.Tensor, (divisor, zero)), two))
+            safe = graph.call_function(aten.add.Tensor, (divisor, zero))
             flags.append(graph.call_function(aten.sum.default, (zero,)))  # the importer has no aten.any
+            if dtype.is_signed:  # −1 is 255 to a uint8 divisor
+                minus_one = graph.call_function(aten.eq.Scalar, (divisor, -1))
+                two = graph.call_function(aten.mul.Tensor, (graph.call_function(
+                    aten._to_copy.default, (minus_one,), {"dtype": dtype}), 2))
+                safe = graph.call_function(aten.add.Tensor, (safe, two))
         node.replace_input_with(divisor, safe)
-        if is_op(node, aten.floor_divide, aten.div):  # a quotient: −a where b is −1
-            _applied_after(graph, node, lambda q: (aten.where.self, (minus_one, graph.call_function(
+        if dtype.is_signed and is_op(node, aten.floor_divide, aten.div):  # a quotient: −a where b is −1
+            _applied_after(graph, node, lambda q, m=minus_one: (aten.where.self, (m, graph.call_function(
                 aten.neg.default, (q,)), q)))
     if flags:
         set_graph_outputs(graph, [*graph_outputs(graph), *flags])
