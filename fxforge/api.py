@@ -163,7 +163,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, passes: str | Pass | Se
     _check_data(manager, "train", train, train_readers(manager.passes), missing_train)
     _check_tensors(model)
     constant = _constant_integer_inputs(example)
-    if constant:
+    if constant and verify != "off":
         warnings.warn(f"the example's integer inputs {constant} hold one value each (an all-black image?): the checks "
                       f"draw fresh integers from the example's values, so they ran on that value alone and left the "
                       f"compiled model unchecked on any other; give an example of real values", UserWarning,
@@ -318,10 +318,13 @@ def _lowered_runner(be: Any, flat: tuple, signature: Signature, tgt: Target, opt
 
 def _constant_integer_inputs(example: Any) -> list[int]:
     """The positions (flat) of the example's integer tensors of more than one element that hold one value: fresh
-    inputs draw integers from the example's values (``verify.random_like``), so they hold that value alone too."""
+    inputs draw integers from the example's values (``verify.random_like``), so they hold that value alone too. Not
+    a mask or type ids of 0s or 1s alone (an attention mask of ones is a typical example, not a dummy), unless an
+    image's (uint8, or three dimensions or more)."""
     return [i for i, t in enumerate(pytree.tree_leaves(example)) if isinstance(t, torch.Tensor) and t.numel() > 1
             and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-            and t.layout == torch.strided and not t.is_meta and bool(t.min() == t.max())]
+            and t.layout == torch.strided and not t.is_meta and bool(t.min() == t.max())
+            and (t.dtype == torch.uint8 or t.dim() >= 3 or int(t.min()) not in (0, 1))]
 
 
 def _check_data(manager: PassManager, kind: str, data: Iterable[Any] | None, readers: list[str],

@@ -905,4 +905,8 @@ def test_an_integer_example_of_one_value_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cm = fxforge.compile(Grayscale(), (photo,), backend="eager", measure_latency=False)
+        fxforge.compile(Grayscale(), (black,), backend="eager", measure_latency=False, verify="off")  # no checks
     assert "integers drawn from the example's values" in cm.report.meta["errors"]
+    ids, mask = torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)  # a typical text example
+    assert fxforge.api._constant_integer_inputs((ids, mask, torch.zeros_like(mask))) == []
+    assert fxforge.api._constant_integer_inputs((torch.full((2, 8), 7), black)) == [0, 1]

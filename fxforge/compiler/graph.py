@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .ops import aten, is_op
+from .ops import argument, aten, is_op
 
 
 def call_nodes(gm: fx.GraphModule, *ops: Any) -> Iterator[fx.Node]:
@@ -95,9 +95,11 @@ def _pure(target: Any) -> bool:
 
 def pure_calls(gm: fx.GraphModule) -> bool:
     """Whether every call of ``gm`` is pure (``_pure``): no submodule, method, Python function or user's custom
-    operator, nothing written, nothing random, so a node computed again from the same inputs gives the same values
-    and a value computed once may stand in for computing it again."""
+    operator, nothing written, nothing random (an attention without dropout is not, though PyTorch tags it random),
+    so a node computed again from the same inputs gives the same values and a value computed once may stand in for
+    computing it again."""
     return all(n.op in ("placeholder", "get_attr", "output") or n.op == "call_function" and _pure(n.target)
+               or is_op(n, aten.scaled_dot_product_attention) and argument(n, "dropout_p") == 0  # seeded by tag
                for n in gm.graph.nodes)
 
 

@@ -22,8 +22,8 @@ from .timing import measure_latency
 from .verify import BOUND_BATCHES, Error
 
 SYNTHETIC = ("measured on synthetic inputs (N(0,1) floats, integers drawn from the example's values), not on your "
-             "data (compile(..., validation=[(x1,), ...]) measures them on it); after an approximate pass, the last pass's "
-             f"and the backend's max err and cosine are estimated bounds for fresh batches (the worst of "
+             "data (compile(..., validation=[(x1,), ...]) measures them on it); after an approximate pass, the last "
+             f"pass's and the backend's max err and cosine are estimated bounds for fresh batches (the worst of "
              f"{BOUND_BATCHES} plus their spread: most further batches stay within them, not every one), the other "
              "stages' are measured on one batch (a sample)")
 

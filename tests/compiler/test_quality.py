@@ -212,13 +212,18 @@ _scaled.register_fake(lambda t: torch.empty_like(t))
 SCALE = [1.0]
 
 
+class Attention(nn.Module):
+    def forward(self, x):
+        return nn.functional.scaled_dot_product_attention(x, x, x)
+
+
 def test_content_key_tells_apart_constant_layouts_and_has_none_for_a_users_operator():
     """Two graphs got one key where they compute otherwise: constants of equal values in other strides (what
     ``as_strided`` reads), and a user's custom operator, whose Python body may read state of its own. Such calls,
     writes and random draws make a graph impure (``pure_calls``): a value computed once cannot stand in for another
     run's."""
     from fxforge.compiler.graph import content_key, pure_calls
-    from fxforge.compiler.ops import aten
+    from fxforge.compiler.ops import aten, is_op
 
     def graph(weight: torch.Tensor, op=None) -> fx.GraphModule:
         root = nn.Module()
@@ -239,6 +244,9 @@ def test_content_key_tells_apart_constant_layouts_and_has_none_for_a_users_opera
     for op, pure in [(aten.relu.default, True), (torch.ops.fxforge_test.scaled.default, False),
                      (aten.bernoulli.default, False), (aten.relu_.default, False)]:  # relu_ writes its argument
         assert pure_calls(graph(w, op)) is pure, op
+    attention = fxforge.trace(Attention(), (torch.randn(2, 2, 3, 8),))[0]
+    assert is_op(list(attention.graph.nodes)[1], aten.scaled_dot_product_attention)
+    assert pure_calls(attention)  # tagged random by PyTorch, without dropout it is not
 
 
 class Refilling:

@@ -209,6 +209,7 @@ class _Run(fx.Interpreter):
         self.ranges: dict[str, tuple[float, float]] = {}
         self.keep = keep
         self.kept: dict[fx.Node, Any] | None = None
+        self.counted: set[int] = set()  # the storages kept so far (alive while kept: their addresses stay theirs)
 
     def run(self, *args: Any, initial_env: dict[fx.Node, Any] | None = None) -> Any:  # type: ignore[override]
         self.kept = {} if self.keep > 0 else None
@@ -224,7 +225,13 @@ class _Run(fx.Interpreter):
             self.ranges[n.name] = (min(lo, float(x.min())), max(hi, float(x.max())))
         value = super().run_node(n)
         if self.kept is not None and n.op != "output":
-            self.keep -= sum(v.nbytes for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor))
+            # what keeping costs: the storages calls make, each once (a view shares its input's; the inputs and
+            # constants are held anyway)
+            for t in pytree.tree_leaves(value) if n.op == "call_function" else ():
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided and \
+                        t.untyped_storage().data_ptr() not in self.counted:
+                    self.counted.add(t.untyped_storage().data_ptr())
+                    self.keep -= t.untyped_storage().nbytes()
             if self.keep < 0:
                 self.kept = None  # past the budget: this batch's changed runs compute every node again
             else:

@@ -107,10 +107,11 @@ def weights_folded(gm: fx.GraphModule) -> bool:
 
 
 def refuse_if_folded(gm: fx.GraphModule, pass_name: str) -> None:
-    """A PassError when ``gm``'s quantization is already folded: the passes that observe the float graph or move
-    a weight's rounding (``calibrate``, ``bias_correction``, ``adaround``) or train (``distill``) run before ``fold_qdq``. A pipeline
-    listing them after it is refused before anything runs (their ``before``); this catches a folded graph given
-    to them directly, where they would otherwise have observed integer ops or skipped every layer."""
+    """A PassError when ``gm``'s quantization is already folded: the passes that observe the float graph, move a
+    weight's rounding (``calibrate``, ``bias_correction``, ``adaround``) or train (``distill``) run before
+    ``fold_qdq``. A pipeline listing them after it is refused before anything runs (their ``before``); this catches
+    a folded graph given to them directly, where they would otherwise have observed integer ops or skipped every
+    layer."""
     if weights_folded(gm):
         raise PassError(f"{pass_name} must run before fold_qdq: this graph's quantization is already folded (its "
                         f"weights are stored as int8); list {pass_name} before fold_qdq, and int8 once")

@@ -102,6 +102,11 @@ def test_a_layers_runs_compute_only_what_its_change_reaches(monkeypatch):
     monkeypatch.setattr(sensitivity, "REUSE_BYTES", 0)
     again, ran = _node_runs(monkeypatch, gm, batches, setting, {"linear_2"})
     assert ran["linear"] == reference["linear"] + len(batches) and again == reused
+    # what keeping costs is the storages the calls make: the weights (held anyway) were counted once per batch
+    weights = sum(p.numel() * p.element_size() for p in gm.parameters())
+    monkeypatch.setattr(sensitivity, "REUSE_BYTES", weights)
+    _, ran = _node_runs(monkeypatch, gm, batches, setting, {"linear_2"})
+    assert ran["linear"] == reference["linear"]
 
 
 def _effect_and_rewrite(gm, x, batches, setting, layer):
