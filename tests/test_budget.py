@@ -184,7 +184,8 @@ def test_a_transformer_whose_static_int8_misses_gets_dynamic_int8_linears_not_fl
 def test_the_dynamic_alternative_is_not_tried_where_it_would_drop_a_lossy_pass_asked_for():
     """distill cannot train through dynamic linears; dropping it would change what was asked for."""
     cm, _ = compile_warned(Encoderish().eval(), example=(torch.randn(2, 16, 32),), calibration=tokens(8),
-                           passes=["int8", "distill{params='biases',steps=4}"], train=tokens(5, seed=3))
+                           passes=["fuse", "insert_qdq", "calibrate", "distill{params='biases',steps=4}", "fold_qdq"],
+                           train=tokens(5, seed=3), max_drop=0.01)
     dynamic = cm.report.meta["budget"]["dynamic"]
     assert dynamic["not_tried"] == "distill{steps=4,params='biases'} follows insert_qdq" and "drop" not in dynamic
     assert cm.report.row("distill").stats["steps"] > 0
