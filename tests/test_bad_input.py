@@ -353,6 +353,10 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"input 1 holds indices from -2 to 0, but it indexes dimension 1 \(size 4\) at node 'scatter': each must be in "
      r"\[0, 4\)",
      lambda t, mp: compile_(Scatters(), (x, torch.tensor([0, 3])), backend="onnx")(x, torch.tensor([0, -2]))),
+    ("call whose computed index is out of range (ONNX's Gather would wrap -1 around, TVM read other memory)",
+     fxforge.InputError, r"node 'gather' reads indices the model computes from its inputs, from -1 to 4, but it "
+     r"indexes dimension 1 \(size 5\): each must be in \[0, 5\)",
+     lambda t, mp: gathered(1, "onnx", [[-2], [3]])),
     ("a computed index a kernel refuses (TorchScript)", fxforge.BackendError,
      r"^the torchscript artifact failed on inputs that match its signature: RuntimeError: index 9 is out of bounds "
      r"for dimension 1 with size 5$",

@@ -30,15 +30,19 @@ from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, InputError, TargetError, first_line
 from fxforge.compiler.ops import QUANTIZE, is_op, q_params
 from fxforge.compiler.target import Target, loaded_target
-from fxforge.compiler.trace import Signature, without_autocast
+from fxforge.compiler.trace import BATCH, Signature, without_autocast
 
 # Format 2: what a format-1 reader would get wrong (it ignores fields it does not know): outputs that are no tensor
 # (Signature.constant_outputs), inputs the model writes into (Signature.written_inputs), a smallest batch
 # (Signature.min_batch), numbers computed from the batch size (Signature.scalar_outputs: a format-1 reader returns
 # them as 0-d tensors), the zero-divisor counts a TVM library returns after the model's outputs
-# (``Artifact.format``). An artifact without any is written as format 1.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# (``Artifact.format``). Format 3: the extremes of computed indices an ONNX or TVM artifact returns after the model's
+# outputs (``INDEX_GUARDS``). An artifact without any is written as format 1.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+# info key: (node, low, high, what) for each index the graph computes from its inputs and returns the [min, max] of
+# after the model's outputs (``trace.index_guards``), in output order
+INDEX_GUARDS = "index_guards"
 META_FILE = "fxforge.json"
 
 
@@ -112,8 +116,28 @@ class Artifact(ABC):
         """The artifact format this artifact needs: the oldest whose readers read it right (a backend adds its own
         reasons)."""
         sig = self.signature
-        return FORMAT_VERSION if sig.constant_outputs or sig.written_inputs or sig.min_batch > 1 or \
-            sig.scalar_outputs else 1
+        if self.info.get(INDEX_GUARDS):
+            return 3
+        return 2 if sig.constant_outputs or sig.written_inputs or sig.min_batch > 1 or sig.scalar_outputs else 1
+
+    def checked_indices(self, inputs: Sequence[torch.Tensor], outputs: Sequence[Any]) -> Sequence[Any]:
+        """The model's outputs of a run of a graph with :data:`INDEX_GUARDS`, whose extra outputs (the [min, max] of
+        each index the model computes from its inputs) are checked here: an ``InputError`` where one is outside what
+        eager accepts, as eager raises there (the artifact's Gather wrapped −1 around, or read past a table). Raised
+        by ``run``, not ``__call__``: ``fxforge run`` and compile's checks call ``run`` itself."""
+        guards = self.info.get(INDEX_GUARDS, ())
+        if not guards:
+            return outputs
+        batch = next((t.shape[0] for t, b in zip(inputs, self.signature.batched()) if b), None)
+        for (node, low, high, what), extremes in zip(guards, outputs[-len(guards):]):
+            if high == BATCH:
+                low, high = (-batch if low == -BATCH else 0), batch
+            least, most = (int(v) for v in extremes)
+            if least < low or most >= high:
+                raise InputError(f"node {node!r} reads indices the model computes from its inputs, from {least} to "
+                                 f"{most}, but it indexes {what}: each must be in [{low}, {high}) (eager PyTorch "
+                                 f"raises there, and the {self.backend} artifact would read other values)")
+        return outputs[:-len(guards)]
 
     def describe_failure(self, e: Exception) -> str:
         """One line saying why ``run`` raised ``e``; a backend whose runtime buries the cause in a longer message

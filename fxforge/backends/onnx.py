@@ -59,10 +59,11 @@ from fxforge.compiler import dynamic_quant, ops
 from fxforge.compiler.errors import ANSI, BackendError, TargetError, first_line, missing_dependency
 from fxforge.compiler.graph import fusion_groups, get_tensor
 from fxforge.compiler.target import Target, host_features, saturates_u8s8
-from fxforge.compiler.trace import EXPORT_LOCK, MAX_BATCH, Signature, batch_dynamic, silenced_warnings
+from fxforge.compiler.trace import (EXPORT_LOCK, MAX_BATCH, Signature, batch_dynamic, computed_indices, index_guards,
+                                    silenced_warnings)
 
 from . import onnx_int8, onnx_transformer
-from .base import Artifact, Backend, register_backend, resolved
+from .base import INDEX_GUARDS, Artifact, Backend, register_backend, resolved
 
 try:
     import onnx
@@ -191,7 +192,8 @@ class OnnxArtifact(Artifact):
         if why := self.unrunnable():
             raise TargetError(why)
         feed = {name: resolved(t).cpu().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
-        return tuple(torch.from_numpy(out) for out in self.session.run(None, feed, QUIET_RUN))
+        return self.checked_indices(inputs, tuple(torch.from_numpy(out)
+                                                  for out in self.session.run(None, feed, QUIET_RUN)))
 
     def describe_failure(self, e: Exception) -> str:
         """ORT's kernel failures read "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running
@@ -270,7 +272,8 @@ class OnnxBackend(Backend):
                 "ort_options": config.recorded(), "fusion_groups": len(fusion_groups(gm)), "fusions": fusions,
                 **({"ort_transformer_optimizer_failed": failed} if failed else {}),
                 **({"int8_weight_bits": 8} if wide is not None else {}),  # OnnxArtifact.run checks the CPU
-                **ort_kernels(optimized), "ort_transformer_ops": onnx_transformer.transformer_ops(optimized)}
+                **ort_kernels(optimized), "ort_transformer_ops": onnx_transformer.transformer_ops(optimized),
+                **({INDEX_GUARDS: guards} if (guards := [r.guard() for r in computed_indices(gm)]) else {})}
         artifact = OnnxArtifact(data, signature, target, info, session)
         artifact.fallbacks = tuple(fallbacks)
         return artifact
@@ -314,18 +317,20 @@ def _output_names(count: int, inputs: set[str]) -> list[str]:
 
 def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
            opset: int = DEFAULT_OPSET, transformer: bool = False, target: Target | None = None) -> onnx.ModelProto:
-    """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so); with
+    """A checked ONNX model of a copy of ``gm`` (the batch dimension dynamic where ``signature`` says so), returning
+    the extremes of the indices it computes after its outputs (``trace.index_guards``); with
     ``transformer``, attention becomes ORT's MultiHeadAttention (backends/onnx_transformer.py); for an x86 ``target``,
     int8 convs get the input channels ORT's fastest x86 int8 kernel needs (backends/onnx_int8.py)."""
     _check_opset(opset)
     args, shapes = batch_dynamic(example_inputs, signature.batched())
-    outputs = len(ops.graph_outputs(gm.graph))
-    names = _output_names(outputs, {n.name for n in gm.graph.find_nodes(op="placeholder")})
     # a graph of its own over the same tensors: the rewrites below must not reach gm (they rebind its constants, never
     # write into them), and the exporter never writes into the tensors (a deep copy of efficientnet_v2_s's int8 graph
-    # was 1 s of CPU for nothing)
-    copied = _distinct_outputs(_cross_entropies_decomposed(_global_pools_as_means(_aliases_renamed(
-        fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph"))))).eval()
+    # was 1 s of CPU for nothing); the index guards first, on the indices as the model computes them
+    own = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph")
+    index_guards(own)
+    copied = _distinct_outputs(_cross_entropies_decomposed(_global_pools_as_means(_aliases_renamed(own)))).eval()
+    names = _output_names(len(ops.graph_outputs(copied.graph)),
+                          {n.name for n in gm.graph.find_nodes(op="placeholder")})
     if target is not None:
         onnx_int8.pad_conv_channels(copied, target)
     # the lock first: the others patch process-wide state, which a thread waiting for it would save and restore wrongly

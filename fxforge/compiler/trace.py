@@ -24,7 +24,7 @@ import traceback
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -684,44 +684,142 @@ def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
     return constants
 
 
+class IndexRead(NamedTuple):
+    """A tensor an op reads as indices: eager accepts [low, high) (``high`` = :data:`BATCH` for a dimension of the
+    call's batch size, ``low`` = −BATCH for [−n, n) there), and a loss also its ``ignored`` index; ``label``: a
+    loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``: the op's node's name."""
+    index: fx.Node
+    low: int
+    high: int
+    what: str
+    ignored: int | None
+    label: bool
+    reader: str
+
+    def guard(self) -> list[Any]:
+        """(reader, low, high, what): how an artifact names and bounds it (``base.INDEX_GUARDS``; a loss's
+        ignore_index counts as ``low``)."""
+        what = self.what.removesuffix(f" at node {self.reader!r}")
+        return [self.reader, self.low, self.high, what if self.ignored is None else
+                f"{what} (or {self.ignored}, its ignore_index)"]
+
+
+def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[IndexRead]:
+    """The tensors ``user`` reads as indices into a dimension of static size n or of the batch's size ``batch``
+    (the batch dimension's symbols): an op of :data:`INDEXING` or ``x[index]`` (eager accepts [0, n), and [−n, n)
+    for ``x[index]`` and index_fill), a loss's labels of C classes (:data:`LOSSES`, [0, C) or its ignore_index) and
+    one_hot's (a contrastive loss's classes are its batch)."""
+    if is_op(user, *LOSSES):
+        target, classes = argument(user, "target"), _size(gm, argument(user, "self"),
+                                                         1 if _rank(argument(user, "self")) > 1 else 0)
+        if _integer_index(target) and (isinstance(classes, int) or (classes is not None and str(classes) in batch)):
+            high, many = (classes, classes) if isinstance(classes, int) else (BATCH, "the batch's")
+            return [IndexRead(target, 0, high, f"{many} classes at node {user.name!r}",
+                              int(argument(user, "ignore_index")), True, user.name)]
+        return []
+    if is_op(user, aten.one_hot):
+        classes = argument(user, "num_classes")
+        return [IndexRead(data(user), 0, classes, f"{classes} classes at node {user.name!r}", None, True, user.name)] \
+            if classes > 0 and _integer_index(data(user)) else []
+    reads = []
+    for index, source, dim, low_is_minus_n in _indexed_dims(user):
+        size = _size(gm, source, dim)
+        if size is not None and not isinstance(size, int) and str(size) in batch:
+            reads.append(IndexRead(index, -BATCH if low_is_minus_n else 0, BATCH,
+                                   f"dimension {dim} (the batch) at node {user.name!r}", None, False, user.name))
+        elif isinstance(size, int):
+            what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
+                    f"dimension {dim} (size {size}) at node {user.name!r}")
+            reads.append(IndexRead(index, -size if low_is_minus_n else 0, size, what, None, False, user.name))
+    return reads
+
+
+def _integer_index(node: Any) -> bool:
+    """Whether ``node`` is an integer tensor: a bool or uint8 mask selects, a float target holds probabilities."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()) and \
+        value.dtype not in (torch.bool, torch.uint8)
+
+
+def _batch_symbols(gm: fx.GraphModule) -> set[str]:
+    """The symbols of the inputs' dynamic batch dimension."""
+    values = (p.meta.get("val") for p in gm.graph.find_nodes(op="placeholder"))
+    return {str(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim()
+            and not isinstance(v.shape[0], int)}
+
+
 def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[Any, ...], ...]:
-    """(input, low, high, what) for each flat integer input that an op of :data:`INDEXING` or ``x[index]`` reads as
-    indices into a dimension of static size n (through :func:`_value_users`): eager accepts [0, n), and [−n, n) for
-    ``x[index]`` and index_fill; (input, 0, C, what, ignore_index) for a loss's labels of C classes (:data:`LOSSES`,
-    through :data:`LABEL_PATH` too) and (input, 0, C, what) for one_hot's. A dimension of the dynamic batch's size has
-    ``high`` = ``BATCH`` (and ``low`` = −``BATCH`` for [−n, n)): the call's batch size bounds it (TVM read past the
-    batch; a contrastive loss's classes are its batch)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    batch = {str(v.shape[0]) for v in (p.meta.get("val") for p in placeholders)
-             if isinstance(v, torch.Tensor) and v.dim() and not isinstance(v.shape[0], int)}
+    """(input, low, high, what) for each flat integer input that an op reads as indices (:func:`_index_reads`,
+    through :func:`_value_users`), and (input, low, high, what, ignore_index) for a loss's labels: the signature
+    checks them on every call (TVM read past a batch; ONNX wrapped −1 around)."""
+    batch = _batch_symbols(gm)
     bounds = []
-    for i, node in enumerate(placeholders):
-        value = node.meta.get("val")
-        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:  # a mask selects; its 0/1 index nothing
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        if not _integer_index(node) and not _is_uint8(node):  # a mask selects; a float holds no index
             continue
-        if isinstance(value, torch.Tensor) and value.is_floating_point():  # a loss's class probabilities: no index
-            continue
-        for user, index in _value_users(node, SAME_VALUES + LABEL_PATH):
-            if is_op(user, *LOSSES) and argument(user, "target") is index:
-                classes = _size(gm, argument(user, "self"), 1 if _rank(argument(user, "self")) > 1 else 0)
-                if isinstance(classes, int) or (classes is not None and str(classes) in batch):
-                    high, many = (classes, classes) if isinstance(classes, int) else (BATCH, "the batch's")
-                    bounds.append((i, 0, high, f"{many} classes at node {user.name!r}",
-                                   int(argument(user, "ignore_index"))))
-            elif is_op(user, aten.one_hot) and data(user) is index and argument(user, "num_classes") > 0:
-                classes = argument(user, "num_classes")
-                bounds.append((i, 0, classes, f"{classes} classes at node {user.name!r}"))
-        for user, index in _value_users(node):
-            for source, dim, low_is_minus_n in _indexed_dims(user, index):
-                size = _size(gm, source, dim)
-                if size is not None and not isinstance(size, int) and str(size) in batch:
-                    bounds.append((i, -BATCH if low_is_minus_n else 0, BATCH,
-                                   f"dimension {dim} (the batch) at node {user.name!r}"))
-                elif isinstance(size, int):
-                    what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
-                            f"dimension {dim} (size {size}) at node {user.name!r}")
-                    bounds.append((i, -size if low_is_minus_n else 0, size, what))
+        for label, through in ((True, SAME_VALUES + LABEL_PATH), (False, SAME_VALUES)):
+            for user, index in _value_users(node, through):
+                bounds += [(i, r.low, r.high, r.what, *(() if r.ignored is None else (r.ignored,)))
+                           for r in _index_reads(gm, user, batch) if r.index is index and r.label == label]
     return tuple(bounds)
+
+
+def _is_uint8(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+
+
+def computed_indices(gm: fx.GraphModule) -> list[IndexRead]:
+    """The indices the model computes from its inputs' values (``emb(ids - 1)``, GPT-2's shifted labels, ids
+    through ``where``, ``clamp`` or ``masked_fill``) and an op reads (:func:`_index_reads`), in graph order: the
+    signature cannot check them. Not those an input holds as they are
+    (:func:`_index_bounds` checks them) nor those computed from constants alone (an ``arange``, a buffer of
+    position ids)."""
+    batch = _batch_symbols(gm)
+    inputs = [p for p in gm.graph.find_nodes(op="placeholder") if _integer_index(p) or _is_uint8(p)]
+    as_is = {label: {n for p in inputs for _, n in _value_users(p, through)} | set(inputs)
+             for label, through in ((True, SAME_VALUES + LABEL_PATH), (False, SAME_VALUES))}
+    return [read for user in gm.graph.nodes if user.op == "call_function"
+            for read in _index_reads(gm, user, batch)
+            if read.index not in as_is[read.label] and _computed_from_inputs(read.index)]
+
+
+def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
+    """Make ``gm`` return, after the model's outputs, the [min, max] of each of :func:`computed_indices` (a loss's
+    ignore_index, and an empty index, count as 0), for a backend whose kernels read an index out of range silently
+    (ONNX's Gather wraps −1 around, TVM reads past a table) where eager raises; returns their ``IndexRead.guard``,
+    which the artifact compares the extra outputs with after each run (``base.Artifact.checked_indices``)."""
+    graph, found, extremes = gm.graph, computed_indices(gm), []
+    for read in found:
+        with graph.inserting_before(graph.output_node()):
+            flat = graph.call_function(aten.reshape.default, (read.index, [-1]))
+            if read.ignored is not None:
+                flat = graph.call_function(aten.masked_fill.Scalar, (
+                    flat, graph.call_function(aten.eq.Scalar, (flat, read.ignored)), 0))
+            flat = graph.call_function(aten._to_copy.default, (graph.call_function(
+                aten.constant_pad_nd.default, (flat, [0, 1], 0)),), {"dtype": torch.int64})
+            extremes.append(graph.call_function(aten.stack.default, ([
+                graph.call_function(aten.amin.default, (flat, [0])),
+                graph.call_function(aten.amax.default, (flat, [0]))],)))
+    if extremes:
+        set_graph_outputs(graph, [*graph_outputs(graph), *extremes])
+        gm.recompile()
+    return [read.guard() for read in found]
+
+
+def _computed_from_inputs(node: fx.Node) -> bool:
+    """Whether ``node``'s values depend on an input's values (not on its sizes alone, as an ``arange`` of the
+    sequence length does)."""
+    stack, seen = [node], {node}
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            return True
+        for source in current.all_input_nodes:  # a size (a SymInt) carries no value of the input
+            if source not in seen and not isinstance(source.meta.get("val"), (int, torch.SymInt)):
+                seen.add(source)
+                stack.append(source)
+    return False
 
 
 # ops whose output holds every value of their input and no other: an index read through them is the input's
@@ -765,17 +863,19 @@ INDEXING = {aten.embedding: ("indices", "weight", 0, False), aten.gather: ("inde
             aten._embedding_bag: ("indices", "weight", 0, False), aten.multi_margin_loss: ("target", "self", -1, False)}
 
 
-def _indexed_dims(user: fx.Node, index: fx.Node) -> list[tuple[fx.Node, int, bool]]:
-    """(source, dim, negatives allowed) for each dimension of ``source`` that ``user`` indexes with ``index``."""
+def _indexed_dims(user: fx.Node) -> list[tuple[fx.Node, fx.Node, int, bool]]:
+    """(index, source, dim, negatives allowed) for each dimension of ``source`` that ``user`` indexes with a tensor
+    ``index`` (an integer tensor: a bool or uint8 one of ``x[mask]`` selects)."""
     if is_op(user, aten.index):
-        return [(argument(user, "self"), d, True) for d, t in enumerate(argument(user, "indices")) if t is index]
+        return [(t, argument(user, "self"), d, True) for d, t in enumerate(argument(user, "indices"))
+                if _integer_index(t)]
     packet = getattr(user.target, "overloadpacket", None) if user.op == "call_function" else None
     if packet not in INDEXING:
         return []
     index_arg, source, dim, negatives = INDEXING[packet]
-    if argument(user, index_arg) is not index:
-        return []
-    return [(argument(user, source), argument(user, dim) if isinstance(dim, str) else dim, negatives)]
+    index = argument(user, index_arg)
+    return [(index, argument(user, source), argument(user, dim) if isinstance(dim, str) else dim, negatives)] \
+        if _integer_index(index) else []
 
 
 def _size(gm: fx.GraphModule, source: Any, dim: int) -> Any:

@@ -2,6 +2,7 @@
 import collections
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -290,6 +291,108 @@ def test_labels_a_loss_reads_through_a_slice_are_not_bounded_whole():
     _, sig = trace(TwoTasks().eval(), (torch.randn(2, 8), torch.tensor([[1, 2], [0, 1]])))
     assert sig.index_bounds == ()
     sig.flatten((torch.randn(2, 8), torch.tensor([[9, 2], [0, 1]])))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_each_column_of_one_labels_tensor_is_checked_against_its_own_loss(backend):
+    """Before: labels a loss reads through a slice went unchecked, so ONNX returned a loss for label −1 of the second
+    task where eager raises. Expected: the artifact checks each slice as the graph computes it (``index_guards``):
+    label 9 of the first task passes, label −1 of either is refused naming its loss's node (ONNX Runtime's
+    GatherElements wraps −1 around; past the end it fails by itself)."""
+    model, x = TwoTasks().eval(), torch.randn(2, 8)
+    cm = fxforge.compile(model, (x, torch.tensor([[1, 2], [0, 1]])), backend=backend, measure_latency=False)
+    assert [g[0] for g in cm.artifact.info["index_guards"]] == ["cross_entropy_loss", "cross_entropy_loss_1"]
+    torch.testing.assert_close(cm(x, torch.tensor([[9, 2], [0, 1]])), model(x, torch.tensor([[9, 2], [0, 1]])))
+    for bad, node in ((torch.tensor([[1, 2], [0, -1]]), "cross_entropy_loss_1"),
+                      (torch.tensor([[1, 2], [-1, 1]]), "cross_entropy_loss")):
+        with pytest.raises(IndexError):
+            model(x, bad)
+        with pytest.raises(fxforge.InputError, match=rf"^node '{node}' reads indices the model computes from its "
+                                                     r"inputs, from -1 to \d, but it indexes \d+ classes"):
+            cm(x, bad)
+
+
+class ShiftedLabels(nn.Module):
+    """A causal LM's loss: logits of positions 0..T−2 against the labels of 1..T−1 (GPT-2's), −100 ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+    def forward(self, ids, labels):
+        logits = self.head(self.emb(ids))[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, 11), labels[:, 1:].reshape(-1))
+
+
+class ComputedIds(nn.Module):
+    """An embedding of ids the model computes (``ids - 1``), beside position ids it computes from constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(10, 4), nn.Embedding(6, 4)
+        self.register_buffer("positions", torch.arange(6).unsqueeze(0))
+
+    def forward(self, ids):
+        return (self.emb(ids - 1) + self.pos(self.positions[:, :ids.shape[1]]) +
+                self.pos(torch.arange(ids.shape[1]))).sum(1)
+
+
+def test_only_indices_computed_from_input_values_are_guarded():
+    """``computed_indices``: the ids the model computes from its input (``ids - 1``, the shifted labels), not the
+    input's own ids (the signature checks them) nor position ids from a buffer or an ``arange`` of a size."""
+    from fxforge.compiler.trace import computed_indices
+    gm, _ = trace(ComputedIds().eval(), (torch.randint(1, 10, (2, 5)),))
+    assert [r.guard() for r in computed_indices(gm)] == [["embedding", 0, 10, "an embedding of 10 rows"]]
+    gm, _ = trace(ShiftedLabels().eval(), (torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5))))
+    assert [r.guard() for r in computed_indices(gm)] == [
+        ["cross_entropy_loss", 0, 11, "11 classes (or -100, its ignore_index)"]]
+
+
+def test_index_guards_return_the_extremes_of_each_computed_index_after_the_outputs():
+    """Before: ``emb(ids - 1)`` as its graph. Expected: one more output, [min, max] of ``ids - 1`` as int64 (an
+    empty index counts as 0), the model's outputs unchanged."""
+    from fxforge.compiler.trace import index_guards
+    ids = torch.tensor([[3, 1, 9], [2, 2, 5]])
+    gm, _ = trace(ComputedIds().eval(), (ids,))
+    before = gm(ids)
+    assert index_guards(gm) == [["embedding", 0, 10, "an embedding of 10 rows"]]
+    after = gm(ids)
+    assert len(after) == len(before) + 1 and torch.equal(after[0], before[0])
+    assert after[-1].dtype == torch.int64 and after[-1].tolist() == [0, 8]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_computed_ids_and_shifted_labels_outside_their_range_are_refused_as_eager_refuses(backend, tmp_path):
+    """Before: ``emb(ids - 1)`` given id 0 read row −1 (ONNX's Gather wraps it around to the last row; TVM read
+    memory before the table), and a causal LM's shifted label −5 gave a loss, where eager raises. Expected: an
+    ``InputError`` naming the node and the range, also from the saved artifact (format 3); −100, the ignore_index,
+    and valid ids give eager's numbers."""
+    model, ids = ComputedIds().eval(), torch.randint(1, 10, (2, 5))
+    cm = fxforge.compile(model, (ids,), backend=backend, measure_latency=False)
+    torch.testing.assert_close(cm(ids), model(ids))
+    path = cm.save(tmp_path / "ids")
+    assert json.loads((path / "fxforge.json").read_text())["format"] == 3
+    bad = ids.clone()
+    bad[1, 2] = 0
+    with pytest.raises(IndexError):
+        model(bad)
+    for compiled in (cm, fxforge.load(path)):
+        with pytest.raises(fxforge.InputError, match=r"^node 'embedding' reads indices the model computes from its "
+                                                     r"inputs, from -1 to \d, but it indexes an embedding of 10 rows: "
+                                                     r"each must be in \[0, 10\)"):
+            compiled(bad)
+    lm = ShiftedLabels().eval()
+    example = (torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5)))
+    cm = fxforge.compile(lm, example, backend=backend, measure_latency=False)
+    ignored = example[1].clone()
+    ignored[0, 3] = -100
+    torch.testing.assert_close(cm(example[0], ignored), lm(example[0], ignored))
+    ignored[1, 1] = -5
+    with pytest.raises(IndexError):
+        lm(example[0], ignored)
+    with pytest.raises(fxforge.InputError, match=r"from -5 to \d+, but it indexes 11 classes \(or -100, its "
+                                                 r"ignore_index\): each must be in \[0, 11\)"):
+        cm(example[0], ignored)
 
 
 class Indexes(nn.Module):

@@ -42,9 +42,9 @@ from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, arg
                                  graph_outputs, set_graph_outputs,
                                   set_argument)
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic
+from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic, computed_indices, index_guards
 
-from ..base import FORMAT_VERSION, Artifact, Backend, register_backend, resolved
+from ..base import INDEX_GUARDS, Artifact, Backend, register_backend, resolved
 from .rewrites import matmul_layout, mutate_functions
 from .schedules import is_gpu, schedule
 
@@ -233,6 +233,7 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` for TVM's importer: the same values, with each rewrite below applied (each works around a
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
+    index_guards(copied)  # first: the rewrites below read indices otherwise (a negative one wrapped)
     for rewrite in (views_as_reshapes, _squeezes_named, _reduced_dims_non_negative, _empty_cat_inputs_dropped,
                     _negative_indices_wrapped, _promoted_operands, _alpha_applied, _clamp_bounds_typed,
                     _finite_arg_extremes, _typed_integer_divisors, _divisors_guarded, _cumulative_sums_typed,
@@ -911,12 +912,12 @@ class TvmArtifact(Artifact):
                 if bool(flag):  # raised here, not by __call__: `fxforge run` and the checks call run itself
                     raise BackendError(f"the tvm artifact failed on inputs that match its signature: integer division "
                                        f"by zero at node {name!r} (eager raises ZeroDivisionError)")
-        return outputs
+        return self.checked_indices(inputs, outputs)
 
     def format(self) -> int:
         """Format 2 where the library returns zero-divisor counts after the outputs, which a format-1 reader would
         return as outputs."""
-        return FORMAT_VERSION if self.info.get(ZERO_DIVISORS) else super().format()
+        return max(2, super().format()) if self.info.get(ZERO_DIVISORS) else super().format()
 
     def stored_bytes(self) -> int:
         """The library's bytes, linked once and kept: ``write`` then writes them as they are."""
@@ -971,9 +972,11 @@ class TvmBackend(Backend):
         tune, fast_math = options.pop("tune", None), options.pop("fast_math", True)
         tgt = tvm_target(target)
         info: dict[str, Any] = {"tvm_target": str(tgt), "lib_file": LIB_FILE, "fast_math": fast_math}
-        divisions = [n.name for n in integer_divisions(gm.graph)]
+        divisions, guards = [n.name for n in integer_divisions(gm.graph)], [r.guard() for r in computed_indices(gm)]
         if divisions:
             info[ZERO_DIVISORS] = divisions
+        if guards:
+            info[INDEX_GUARDS] = guards
         mod = executable = None
         if signature.dynamic_batch and tune is None:  # MetaSchedule tunes static shapes
             try:
