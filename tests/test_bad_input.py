@@ -146,6 +146,14 @@ class KthValue(nn.Module):
         return torch.kthvalue(x, 2, dim=1).values
 
 
+class ResizesUint8(nn.Module):
+    """Resizes a uint8 image before converting it to float (torchvision's v2 order: Resize, then ToDtype)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        resized = nn.functional.interpolate(image, size=(16, 16), mode="bilinear", align_corners=False)
+        return resized.float() / 255
+
+
 class AddsTwo(nn.Module):
     def forward(self, x, y):
         return x * 2 + y.sin()
@@ -441,6 +449,11 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("op the ONNX exporter cannot lower", fxforge.BackendError,
      r"cannot lower op aten\.kthvalue\.default at node 'kthvalue'",
      lambda t, mp: compile_(KthValue(), (torch.randn(2, 5),), backend="onnx")),
+    ("a uint8 image resized by interpolation (the ONNX and TVM kernels round otherwise)", fxforge.BackendError,
+     r"^node 'upsample_bilinear2d' resizes a uint8 image by interpolation, which PyTorch computes in fixed point and "
+     r"the onnx backend in float",
+     lambda t, mp: compile_(ResizesUint8(), (torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8),),
+                            backend="onnx")),
     ("op TVM's Relax frontend cannot import", fxforge.BackendError,
      r"cannot import op aten\.kthvalue\.default at node 'kthvalue'",
      lambda t, mp: compile_(KthValue(), (torch.randn(2, 5),), backend="tvm")),

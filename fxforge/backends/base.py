@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, InputError, TargetError, first_line
-from fxforge.compiler.ops import QUANTIZE, is_op, q_params
+from fxforge.compiler.ops import INTERPOLATING_RESIZE, QUANTIZE, is_op, q_params
 from fxforge.compiler.target import Target, loaded_target
 from fxforge.compiler.trace import BATCH, Signature, without_autocast
 
@@ -495,12 +495,13 @@ class Backend(ABC):
     cpu_only: ClassVar[bool] = False  # True: a program for PyTorch on a CPU (x86 or arm64), never moved to a GPU
     dynamic_int8: ClassVar[bool] = True  # lowers fxforge::dynamic_linear (the accuracy budget asks before it picks one)
     folded_biases: ClassVar[bool] = False  # lowers int8 graphs only after fold_qdq (biases int32 constants)
+    pytorch_kernels: ClassVar[bool] = False  # runs PyTorch's own kernels (their integer resizes included)
 
     def check_graph(self, gm: fx.GraphModule) -> None:
-        """Raise BackendError, naming the pass that helps, for a quantized graph this backend cannot lower; compile
-        calls it before ``lower``. Without it ONNX's checker refused an int32 zero point and TVM's importer
-        "Unsupported output datatype ... 'int32", cut mid-string, naming no remedy; TVM had "no converter" for a
-        dynamic linear."""
+        """Raise BackendError, naming the pass that helps, for a quantized graph this backend cannot lower, or the op
+        it cannot compute as PyTorch does; compile calls it before ``lower``. Without it ONNX's checker refused an
+        int32 zero point and TVM's importer "Unsupported output datatype ... 'int32", cut mid-string, naming no
+        remedy; TVM had "no converter" for a dynamic linear; a uint8 bilinear resize failed verification unnamed."""
         unfolded = next((n for n in gm.graph.nodes if is_op(n, *QUANTIZE) and q_params(n).dtype == torch.int32),
                         None) if self.folded_biases else None
         if unfolded is not None:
@@ -512,6 +513,14 @@ class Backend(ABC):
             raise BackendError(f"the {self.name} backend has no dynamic int8 linears (node {dynamic.name!r}, from "
                                "insert_qdq{activations='dynamic'} or int8_dynamic): quantize statically (int8), or "
                                "use the onnx backend")
+        resize = next((n for n in gm.graph.nodes if is_op(n, *INTERPOLATING_RESIZE) and isinstance(
+            n.meta.get("val"), torch.Tensor) and not n.meta["val"].is_floating_point()), None)
+        if resize is not None and not self.pytorch_kernels:  # the artifact differed, unnamed (silently: verify="off")
+            raise BackendError(f"node {resize.name!r} resizes a {str(resize.meta['val'].dtype).removeprefix('torch.')} "
+                               f"image by interpolation, which PyTorch computes in fixed point and the {self.name} "
+                               "backend in float, one level apart on about a quarter of the pixels: convert the image "
+                               "to float before resizing (torchvision's v2: ToDtype before Resize), or use the "
+                               "torchscript backend")
 
     def check_target(self, target: Target) -> None:
         """Raise TargetError for a target this backend cannot build for. A CPU-only backend refuses a GPU target,

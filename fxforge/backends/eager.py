@@ -87,6 +87,7 @@ class EagerBackend(Backend):
     name = "eager"
     artifact = EagerArtifact
     cpu_only = True  # the graph's tensors stay on the CPU (a program for PyTorch on x86 or arm64)
+    pytorch_kernels = True
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature: Signature,
               target: Target, **options: Any) -> EagerArtifact:

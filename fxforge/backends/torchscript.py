@@ -112,6 +112,7 @@ class TorchScriptBackend(Backend):
     name = "torchscript"
     artifact = TorchScriptArtifact
     cpu_only = True  # saved unfrozen, it runs wherever PyTorch runs on a CPU (x86 or arm64)
+    pytorch_kernels = True
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """``optimize``: None (the default) applies ``torch.jit.optimize_for_inference`` where it agrees with the

@@ -50,6 +50,10 @@ NAN_PROPAGATING = (*CONV, *LINEAR, *MATMUL, *BATCH_NORM, *ACTIVATION, aten.addmm
                    aten.cat, aten.stack, aten.constant_pad_nd, aten.pad, aten.clone, aten.contiguous,
                    aten._to_copy, aten.to, operator.getitem)
 DIVISION = (aten.div, aten.floor_divide, aten.remainder, aten.fmod)  # on integers by 0: eager's ZeroDivisionError
+# resizes that interpolate: PyTorch's kernels compute an integer image's in fixed point, rounding otherwise than a float
+# computation rounded (a quarter of a uint8 image's pixels one level apart)
+INTERPOLATING_RESIZE = (aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
+                        aten.upsample_trilinear3d, aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa)
 # ops that sum many terms: PyTorch's kernels sum float16/bfloat16 operands in float32
 REDUCTION = (aten.mean, aten.sum, aten.var, aten.std, aten.logsumexp, aten.linalg_vector_norm, aten.cumsum,
              aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.avg_pool1d,
