@@ -1,4 +1,5 @@
-"""Graph surgery shared by every pass: constant tensors behind get_attr nodes, finalizing, fusion groups.
+"""Graph surgery shared by every pass: constant tensors behind get_attr nodes, a node's value meta, finalizing,
+fusion groups.
 
 The op vocabulary (``aten``, ``is_op``, op families, named arguments) lives in ``compiler/ops.py``."""
 from __future__ import annotations
@@ -29,6 +30,14 @@ def get_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
         return None
     value = _resolve(gm, node.target)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def copy_value_meta(dst: fx.Node, src: fx.Node) -> None:
+    """Give ``dst`` the meta that describes the value ``src`` gives: the recorded value (a fake tensor: shape and
+    dtype, which later rewrites read), its ``tensor_meta`` (which the Shapes analysis reads) and the source line, for
+    a node that takes ``src``'s place or gives a value of its shape and dtype. The other keys (module stack, fusion
+    tags) describe ``src``'s own op and stay behind."""
+    dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
 
 
 class GraphState:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, finalize, get_tensor, readers
+from fxforge.compiler.graph import add_tensor, copy_value_meta, finalize, get_tensor, readers
 from fxforge.compiler.ops import argument, aten
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.rewrite import Match, Rule, apply_rules, op
@@ -53,7 +53,7 @@ def rewrite(gm: fx.GraphModule, m: Match) -> None:
     transposed = add_tensor(gm, node, f"{node.name}_weight", get_tensor(gm, w).detach().t().contiguous())
     with gm.graph.inserting_before(node):
         linear = gm.graph.call_function(aten.linear.default, (x, transposed) if bias is None else (x, transposed, bias))
-    linear.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+    copy_value_meta(linear, node)
     node.replace_all_uses_with(linear)
     gm.graph.erase_node(node)
 

@@ -64,8 +64,8 @@ import torch.fx as fx
 
 from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR, input_lower_bound
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, equal_or_new_tensor, finalize,
-                                    fusion_groups, get_tensor, set_tensor)
+from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, copy_value_meta, equal_or_new_tensor,
+                                    finalize, fusion_groups, get_tensor, set_tensor)
 from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data,
                                  is_op, operands, qd, set_argument, value_of, weight_of)
 from fxforge.compiler.pass_manager import (LayerContext, LayerEffect, LayerFn, Pass, PassContext, PassResult,
@@ -166,7 +166,7 @@ class InsertQdq(Pass):
                 stats["dynamic_shifted"] += 1
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(DYNAMIC_LINEAR, args)
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+            copy_value_meta(new, node)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
         if linears:  # the float weights go too: the module held them beside their int8 copies (3x the bytes)
@@ -224,7 +224,7 @@ class InsertQdq(Pass):
                 product = gm.graph.create_node("call_function", aten.mul.Tensor, (data(node), gate),
                                                name=f"{node.name}_mul")
             for new in (gate, product):
-                new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+                copy_value_meta(new, node)
                 shapes[new.name] = shapes[node.name]
             node.replace_all_uses_with(product)
             gm.graph.erase_node(node)

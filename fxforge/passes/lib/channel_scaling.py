@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import add_tensor, get_tensor, readers, set_tensor
+from fxforge.compiler.graph import add_tensor, copy_value_meta, get_tensor, readers, set_tensor
 from fxforge.compiler.ops import (LINEAR, WEIGHTED, aten, argument, bias_of, clamp_range, conv_groups, data, is_op,
                                  weight_of)
 from fxforge.compiler.rewrite import Match, Rule, apply_rules, op
@@ -26,7 +26,7 @@ def rescale_clip(gm: fx.GraphModule, a: fx.Node, act: fx.Node, total: torch.Tens
     floor = add_tensor(gm, act, f"{act.name}_floor", torch.zeros_like(ceiling))
     with gm.graph.inserting_before(act):
         new = gm.graph.call_function(aten.clamp.Tensor, (data(act), floor, top))
-    new.meta.update({k: v for k, v in act.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+    copy_value_meta(new, act)
     act.replace_all_uses_with(new)
 
 
