@@ -19,6 +19,7 @@ import fxforge
 from fxforge.backends.tvm import lower as tvm_backend
 from fxforge.backends.base import get_backend
 from fxforge.compiler.target import get_target
+from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import compare, fresh_inputs
 from models import ZOO, Mystery, zoo_params
 
@@ -731,6 +732,16 @@ def test_float16_reductions_and_layers_accumulate_in_float32_as_in_eager():
     for got, want in zip(cm(x)[4:], model(x)[4:]):
         assert got.dtype == torch.float16
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_a_value_cast_back_records_the_dtype_it_gives():
+    """Each float16 reduction and product of the copy imported for TVM computes in float32 and is cast back; the cast
+    records the float16 value it gives, as any node put after an op does, for the rewrites after it that read their
+    operands' dtypes (the casts recorded nothing)."""
+    gm, _ = trace(HalfReductions().half().eval(), (torch.randn(2, 3, 4, 64, dtype=torch.float16),))
+    casts = [n for n in tvm_backend._for_import(gm).graph.nodes
+             if n.target is torch.ops.aten._to_copy.default and n.kwargs["dtype"] == torch.float16]
+    assert len(casts) >= 6 and all(n.meta["val"].dtype == torch.float16 for n in casts)
 
 
 def test_calls_from_several_threads_at_once_are_right():

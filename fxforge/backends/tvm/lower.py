@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
-from fxforge.compiler.graph import get_tensor, views_as_reshapes
+from fxforge.compiler.graph import copy_value_meta, get_tensor, views_as_reshapes
 from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, getitem_index, is_op,
                                  graph_outputs, set_graph_outputs,
                                   set_argument)
@@ -368,7 +368,7 @@ def _finite_arg_extremes(graph: fx.Graph) -> None:
         if not isinstance(value, torch.Tensor):
             continue
         if not value.is_floating_point():  # −1 only where every value is the start: eager's first index, 0
-            _applied_after(graph, node, lambda index: (aten.relu.default, (index,)))
+            _applied_after(graph, node, lambda index: graph.call_function(aten.relu.default, (index,)))
             continue
         top = torch.nextafter(torch.tensor(torch.finfo(value.dtype).max, dtype=value.dtype),
                               torch.zeros((), dtype=value.dtype)).item()
@@ -400,7 +400,7 @@ def _half_reductions_in_float32(graph: fx.Graph) -> None:
             set_argument(node, "dtype", torch.float32)
         for operand in [a for a in node.all_input_nodes if _dtype(a) in HALF]:
             _cast_input(graph, node, operand, torch.float32)
-        _cast_back(graph, node, result.dtype)
+        _applied_after(graph, node, lambda x, d=result.dtype: _cast(graph, x, d))  # back to the dtype it recorded
 
 
 def _products_cast_back(graph: fx.Graph) -> None:
@@ -419,7 +419,7 @@ def _products_cast_back(graph: fx.Graph) -> None:
         bias = argument(node, "bias", None)
         if bias is not None:
             set_argument(node, "bias", None)
-        narrow = _cast_back(graph, node, dtype)
+        narrow = _applied_after(graph, node, lambda x, d=dtype: _cast(graph, x, d))
         if bias is not None:
             weight = argument(node, "weight")  # of a conv's rank, which is its output's
             rank = result.dim() if isinstance(result, torch.Tensor) else _value(weight).dim()
@@ -434,16 +434,13 @@ def _products_cast_back(graph: fx.Graph) -> None:
 def _cast_input(graph: fx.Graph, node: fx.Node, operand: fx.Node, dtype: torch.dtype) -> None:
     """``node`` reads ``operand`` cast to ``dtype``."""
     with graph.inserting_before(node):
-        cast = graph.call_function(aten._to_copy.default, (operand,), {"dtype": dtype})
+        cast = _cast(graph, operand, dtype)
     node.replace_input_with(operand, cast)
 
 
-def _cast_back(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
-    """``node``'s readers read it cast to ``dtype`` (the cast node, returned)."""
-    with graph.inserting_after(node):
-        narrow = graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
-    node.replace_all_uses_with(narrow, delete_user_cb=lambda user: user is not narrow)
-    return narrow
+def _cast(graph: fx.Graph, x: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """A node giving ``x`` cast to ``dtype``, at the graph's insertion point."""
+    return graph.call_function(aten._to_copy.default, (x,), {"dtype": dtype})
 
 
 def _dtype(node: fx.Node) -> torch.dtype | None:
@@ -472,7 +469,7 @@ def _typed_integer_divisors(graph: fx.Graph) -> None:
             if divisor == -1 and result.dtype.is_signed and not result.is_floating_point():
                 divisor = 1
                 if is_op(node, aten.floor_divide, aten.div):
-                    _applied_after(graph, node, lambda q: (aten.neg.default, (q,)))
+                    _applied_after(graph, node, lambda q: graph.call_function(aten.neg.default, (q,)))
             with graph.inserting_before(node):
                 typed = graph.call_function(aten.scalar_tensor.default, (divisor,), {"dtype": result.dtype})
             node.target = TENSOR_OVERLOADS.get(node.target, node.target)
@@ -517,21 +514,24 @@ def _divisors_guarded(graph: fx.Graph) -> None:
                 safe = graph.call_function(aten.add.Tensor, (safe, two))
         node.replace_input_with(divisor, safe)
         if dtype.is_signed and is_op(node, aten.floor_divide, aten.div):  # a quotient: −a where b is −1
-            _applied_after(graph, node, lambda q, m=minus_one: (aten.where.self, (m, graph.call_function(
-                aten.neg.default, (q,)), q)))
+            _applied_after(graph, node, lambda q, m=minus_one: graph.call_function(aten.where.self, (
+                m, graph.call_function(aten.neg.default, (q,)), q)))
     if flags:
         set_graph_outputs(graph, [*graph_outputs(graph), *flags])
 
 
-def _applied_after(graph: fx.Graph, node: fx.Node, make: Callable[[fx.Node], tuple[Any, tuple]]) -> None:
-    """Put ``make(node)`` (an op and its arguments, reading ``node``) between ``node`` and every reader of it."""
-    readers = list(node.users)
+def _applied_after(graph: fx.Graph, node: fx.Node, make: Callable[[fx.Node], fx.Node]) -> fx.Node:
+    """Put ``make(node)`` (a node reading ``node``, made right after it) between ``node`` and every reader of it, and
+    return it. What it gives has the shape and dtype ``node`` recorded (a relu of an index, a negated quotient, a cast
+    back to the recorded dtype), so it takes ``node``'s value meta: the rewrites after this one read a divisor's dtype
+    (:func:`integer_divisions`) and the dtypes of a product's operands from it."""
+    readers = list(node.users)  # not the nodes ``make`` adds: they read ``node`` itself
     with graph.inserting_before(node.next):  # in the order made: ``make`` may add nodes of its own first
-        target, args = make(node)
-        after = graph.call_function(target, args)
-    after.meta.update(node.meta)
+        after = make(node)
+    copy_value_meta(after, node)
     for reader in readers:
         reader.replace_input_with(node, after)
+    return after
 
 
 def _size_tensor(graph: fx.Graph, source: fx.Node, dim: int) -> fx.Node:
