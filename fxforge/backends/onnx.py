@@ -57,7 +57,7 @@ import torch.utils._pytree as pytree
 
 from fxforge.compiler import dynamic_quant, ops
 from fxforge.compiler.errors import ANSI, BackendError, TargetError, first_line, missing_dependency
-from fxforge.compiler.graph import fusion_groups, get_tensor
+from fxforge.compiler.graph import boolean_arithmetic_as_logic, fusion_groups, get_tensor, shifts_as_arithmetic
 from fxforge.compiler.target import Target, host_features, saturates_u8s8
 from fxforge.compiler.trace import (EXPORT_LOCK, MAX_BATCH, Signature, batch_dynamic, computed_indices, index_guards,
                                     silenced_warnings)
@@ -328,6 +328,8 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     # was 1 s of CPU for nothing); the index guards first, on the indices as the model computes them
     own = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="FxforgeGraph")
     index_guards(own)
+    shifts_as_arithmetic(own.graph)
+    boolean_arithmetic_as_logic(own.graph)
     copied = _distinct_outputs(_cross_entropies_decomposed(_global_pools_as_means(_aliases_renamed(own)))).eval()
     names = _output_names(len(ops.graph_outputs(copied.graph)),
                           {n.name for n in gm.graph.find_nodes(op="placeholder")})

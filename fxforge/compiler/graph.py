@@ -259,6 +259,47 @@ def views_as_reshapes(graph: fx.Graph) -> None:
             node.target = torch.ops.aten.reshape.default
 
 
+SHIFTS = {aten.__rshift__.Scalar: aten.floor_divide.default, aten.bitwise_right_shift.Tensor_Scalar:
+          aten.floor_divide.default, aten.__lshift__.Scalar: aten.mul.Tensor,
+          aten.bitwise_left_shift.Tensor_Scalar: aten.mul.Tensor}
+
+
+def shifts_as_arithmetic(graph: fx.Graph) -> None:
+    """Write each shift of an integer tensor by a constant k (``w >> 4`` unpacking 4-bit weights) as the arithmetic it
+    is, for backends lacking the op: ``x >> k`` is ``x // 2**k`` (floor division: an arithmetic shift of a negative
+    value rounds down as it does), ``x << k`` is ``x * 2**k`` (both wrap modulo 2**bits). TVM's importer has no
+    converter for them, and the ONNX exporter's translation of a uint8 shift fails onnx.checker. Only
+    0 ≤ k < bits − 1, where 2**k is a number of the tensor's dtype; others stay as they are."""
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SHIFTS]:
+        value, k = argument(node, "self").meta.get("val"), argument(node, "other")
+        if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex() or \
+                value.dtype == torch.bool or not isinstance(k, int) or not 0 <= k < torch.iinfo(value.dtype).bits - 1:
+            continue
+        node.target, node.args, node.kwargs = SHIFTS[node.target], (argument(node, "self"), 2 ** k), {}
+
+
+BOOLEAN_ARITHMETIC = {aten.add.Tensor: aten.logical_or.default, aten.mul.Tensor: aten.logical_and.default}
+BOOLEAN_EXTREMES = {aten.amax.default: aten.any.dims, aten.amin.default: aten.all.dims}
+
+
+def boolean_arithmetic_as_logic(graph: fx.Graph) -> None:
+    """Write ``m + n`` and ``m * n`` of two bool tensors (masks combined) as the logical or and and they compute in
+    PyTorch, and a bool ``amax``/``amin`` along dimensions as ``any``/``all``, for backends whose Add, Mul and
+    ReduceMax take no bool (onnx.checker refused the model; TVM's build failed)."""
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in BOOLEAN_ARITHMETIC]:
+        a, b = argument(node, "self"), argument(node, "other")
+        if all(_is_bool(x) for x in (a, b)) and argument(node, "alpha", 1) == 1:
+            node.target, node.args, node.kwargs = BOOLEAN_ARITHMETIC[node.target], (a, b), {}
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in BOOLEAN_EXTREMES]:
+        if _is_bool(argument(node, "self")) and argument(node, "dim"):  # no dims: every one, which any.dims is not
+            node.target, node.args, node.kwargs = BOOLEAN_EXTREMES[node.target], (
+                argument(node, "self"), list(argument(node, "dim")), argument(node, "keepdim")), {}
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) and x.meta["val"].dtype == torch.bool
+
+
 def fusion_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Fusion groups tagged by fuse_activation, each in graph order (producer first, activation last)."""
     groups: dict[str, list[fx.Node]] = {}

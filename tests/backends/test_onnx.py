@@ -457,6 +457,45 @@ def test_unsigned_integer_division_stays_unsigned():
         assert got.dtype == want.dtype and torch.equal(got, want), (got, want)
 
 
+class UnpacksNibbles(torch.nn.Module):
+    """4-bit values packed two to a byte, unpacked by shifts and masks; a left shift beside."""
+
+    def forward(self, w):
+        return torch.stack([w & 15, (w >> 4) & 15, w << 2, w >> 1, w >> 0], -1)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int64])
+def test_shifts_by_a_constant_compute_as_in_eager(backend, dtype):
+    """Before: ``w >> 4`` failed onnx.checker for uint8 (the exporter's translation typed its Where int8) and TVM's
+    importer had no converter for a shift. Expected: shifts by a constant are floor divisions and products by 2**k
+    (``graph.shifts_as_arithmetic``), equal to eager's on every value, negative ones rounding down."""
+    low, high = (0, 256) if dtype == torch.uint8 else (-128, 128)
+    w = torch.arange(low, high).to(dtype).reshape(-1, 8)
+    cm = fxforge.compile(UnpacksNibbles(), (w[:2],), backend=backend, measure_latency=False)
+    got, want = cm(w), UnpacksNibbles()(w)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+class CombinesMasks(torch.nn.Module):
+    """Masks combined by arithmetic (``+`` is or, ``*`` is and on bools) and reduced by ``amax``/``amin``."""
+
+    def forward(self, a, b):
+        m, n = a > 0, b > 0
+        return m + n, m * n, (m + n).amax(1), (m * n).amin(1, keepdim=True)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_arithmetic_and_extremes_of_masks_compute_as_in_eager(backend):
+    """Before: ``m + n`` of two masks failed onnx.checker (Add takes no bool) and TVM's build; a bool ``amax`` failed
+    onnx.checker. Expected: logical or/and, any/all (``graph.boolean_arithmetic_as_logic``), eager's values."""
+    cm = fxforge.compile(CombinesMasks(), (torch.randn(2, 5), torch.randn(2, 5)), backend=backend,
+                         measure_latency=False)
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    for got, want in zip(cm(a, b), CombinesMasks()(a, b)):
+        assert got.dtype == want.dtype == torch.bool and torch.equal(got, want)
+
+
 class IntegerMeansAndPowers(torch.nn.Module):
     def forward(self, x):
         return x.mean(1, dtype=torch.float32), x ** 3, x ** 27, x ** 0, x.int() ** 5

@@ -37,7 +37,8 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
-from fxforge.compiler.graph import copy_value_meta, get_tensor, views_as_reshapes
+from fxforge.compiler.graph import (boolean_arithmetic_as_logic, copy_value_meta, get_tensor, shifts_as_arithmetic,
+                                    views_as_reshapes)
 from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, getitem_index, is_op,
                                  graph_outputs, set_graph_outputs,
                                   set_argument)
@@ -234,10 +235,11 @@ def _for_import(gm: fx.GraphModule) -> fx.GraphModule:
     way the importer or TVM's kernels read an op otherwise than PyTorch)."""
     copied = copy.deepcopy(gm)
     index_guards(copied)  # first: the rewrites below read indices otherwise (a negative one wrapped)
-    for rewrite in (views_as_reshapes, _squeezes_named, _reduced_dims_non_negative, _empty_cat_inputs_dropped,
-                    _negative_indices_wrapped, _promoted_operands, _alpha_applied, _clamp_bounds_typed,
-                    _finite_arg_extremes, _typed_integer_divisors, _divisors_guarded, _cumulative_sums_typed,
-                    _half_reductions_in_float32, _products_cast_back):
+    for rewrite in (views_as_reshapes, shifts_as_arithmetic, boolean_arithmetic_as_logic, _squeezes_named,
+                    _reduced_dims_non_negative, _empty_cat_inputs_dropped, _negative_indices_wrapped,
+                    _promoted_operands, _alpha_applied, _clamp_bounds_typed, _finite_arg_extremes,
+                    _typed_integer_divisors, _divisors_guarded, _cumulative_sums_typed, _half_reductions_in_float32,
+                    _products_cast_back):
         rewrite(copied.graph)
     copied.recompile()
     return copied
