@@ -899,6 +899,14 @@ def _clamp_max(self, max_):
     return op.Min(self, op.CastLike(max_, self))
 
 
+def _sign(self):
+    """``aten.sign``: 0 at NaN, as PyTorch gives it; ONNX's Sign gave NaN there."""
+    from onnxscript import opset18 as op
+    if not self.dtype.is_floating_point():
+        return op.Sign(self)
+    return op.Where(op.IsNaN(self), op.CastLike(op.Constant(value_float=0.0), self), op.Sign(self))
+
+
 def _log_sigmoid(self):
     """``log σ(x) = min(x, 0) − softplus(−|x|)``: exact in float32 for every x. The exporter's Log(Sigmoid(x))
     underflows to −inf below x ≈ −88, where log σ(x) ≈ x."""
@@ -933,7 +941,7 @@ TRANSLATIONS = {dynamic_quant.DYNAMIC_LINEAR: _dynamic_linear, torch.ops.aten.me
                 torch.ops.aten.clamp_min.Tensor: _clamp_min, torch.ops.aten.clamp_max.default: _clamp_max,
                 torch.ops.aten.clamp_max.Tensor: _clamp_max, torch.ops.aten.logaddexp.default: _logaddexp,
                 torch.ops.aten.logsumexp.default: _logsumexp, torch.ops.aten.avg_pool2d.default: _avg_pool2d,
-                torch.ops.aten.pow.Tensor_Scalar: _pow_tensor_scalar}
+                torch.ops.aten.pow.Tensor_Scalar: _pow_tensor_scalar, torch.ops.aten.sign.default: _sign}
 
 
 @contextlib.contextmanager

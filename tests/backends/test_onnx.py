@@ -496,6 +496,19 @@ def test_arithmetic_and_extremes_of_masks_compute_as_in_eager(backend):
         assert got.dtype == want.dtype == torch.bool and torch.equal(got, want)
 
 
+class Signs(torch.nn.Module):
+    def forward(self, x):
+        return torch.sign(x) * 2
+
+
+def test_the_sign_of_nan_is_zero_as_in_eager():
+    """ONNX's Sign gave NaN for NaN where PyTorch's ``sign`` gives 0 (a differential run, stop 49)."""
+    model = Signs()
+    cm = fxforge.compile(model, (torch.randn(2, 6),), backend="onnx", measure_latency=False)
+    x = torch.tensor([[float("nan"), -2.0, 0.0, 3.0, float("inf"), -0.0]])
+    assert torch.equal(cm(x), model(x)) and cm(x)[0, 0] == 0
+
+
 class IntegerMeansAndPowers(torch.nn.Module):
     def forward(self, x):
         return x.mean(1, dtype=torch.float32), x ** 3, x ** 27, x ** 0, x.int() ** 5
