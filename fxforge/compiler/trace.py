@@ -69,6 +69,17 @@ SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_ou
 SYMBOLIC_SCALARS = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}  # a graph value's kind
 
 
+def batch_bound(bound: Sequence[Any], batch: int) -> list[Any]:
+    """``bound`` (an index bound of :attr:`Signature.index_bounds` or an index guard, ``base.INDEX_GUARDS``: (what
+    is read, low, high, ...)) with :data:`BATCH` replaced by ``batch``: for a signature made static after the
+    capture (``Signature.with_static_batch``), whose calls give no batch dimension to read the batch size from (a
+    TVM fallback to the example's batch raised ``TypeError`` on each call, compile's own checks included)."""
+    where, low, high, *rest = bound
+    if high != BATCH:
+        return list(bound)
+    return [where, -batch if low == -BATCH else 0, batch, *rest]
+
+
 @contextlib.contextmanager
 def silenced_warnings() -> Iterator[None]:
     """A library's warnings ignored (scripting, freezing, exporting warn about their internals), under EXPORT_LOCK:
@@ -123,7 +134,9 @@ class Signature:
         if not self.dynamic_batch:
             return self
         specs = tuple(TensorSpec(tuple(t.shape), s.dtype) for t, s in zip(example_inputs, self.inputs))
-        return replace(self, inputs=specs, dynamic_batch=False, note=note)
+        batch = next((t.shape[0] for t, b in zip(example_inputs, self.batched()) if b), None)
+        bounds = self.index_bounds if batch is None else tuple(tuple(batch_bound(b, batch)) for b in self.index_bounds)
+        return replace(self, inputs=specs, dynamic_batch=False, note=note, index_bounds=bounds)
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""

@@ -395,6 +395,48 @@ def test_computed_ids_and_shifted_labels_outside_their_range_are_refused_as_eage
         cm(example[0], ignored)
 
 
+class RowsWithSpread(nn.Module):
+    """Rows of ``x`` picked by ``idx`` (``computed``: by ``idx - 1``), plus the spread over the batch, which TVM cannot
+    compile for a symbolic batch (it builds for the example's batch then)."""
+
+    def __init__(self, computed: bool):
+        super().__init__()
+        self.computed = computed
+
+    def forward(self, x, idx):
+        return x[idx - 1 if self.computed else idx] + x.std(0)
+
+
+def test_a_signature_made_static_bounds_indices_into_the_batch_by_the_examples_batch():
+    """Before: ``with_static_batch`` kept an index bound of the call's batch size (``BATCH``), which a static
+    signature has no batch dimension to read: every call raised ``TypeError``. Expected: the example's batch bounds
+    it, [−4, 4) for ``x[idx]`` at batch 4."""
+    x, idx = torch.randn(4, 3), torch.tensor([1, 2, 3, 0])
+    _, sig = trace(RowsWithSpread(False).eval(), (x, idx))
+    static = sig.with_static_batch((x, idx), "built for the example's batch")
+    assert [tuple(b[:3]) for b in static.index_bounds] == [(1, -4, 4)]
+    static.flatten((x, torch.tensor([-4, 3, 0, 1])))
+    with pytest.raises(fxforge.InputError, match=r"^input 1 holds indices from 0 to 4, .* each must be in \[-4, 4\)"):
+        static.flatten((x, torch.tensor([4, 3, 0, 1])))
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_tvm_built_for_the_examples_batch_checks_indices_into_the_batch(computed):
+    """Before: where TVM fell back to the example's batch (``x.std(0)``), an index into the batch, the input's or
+    one the model computes (``x[idx - 1]``), was bounded by the call's batch size, which a static signature does not
+    give: compile failed with "TypeError: bad operand type for unary -: 'NoneType'". Expected: the example's batch
+    bounds it; −1 is eager's last row, −5 is refused as eager refuses it."""
+    model, x = RowsWithSpread(computed).eval(), torch.randn(4, 3)
+    cm = fxforge.compile(model, (x, torch.tensor([1, 2, 3, 0])), backend="tvm", measure_latency=False)
+    assert not cm.artifact.signature.dynamic_batch
+    valid, bad = torch.tensor([0, 1, 2, 3]), torch.tensor([-4, 1, 2, 3])
+    torch.testing.assert_close(cm(x, valid), model(x, valid))
+    with pytest.raises(IndexError):
+        model(x, bad - (0 if computed else 1))
+    with pytest.raises(fxforge.InputError, match=r"each must be in \[-4, 4\)"):
+        cm(x, bad - (0 if computed else 1))
+
+
 class Indexes(nn.Module):
     """Reads its integer input ``y`` as indices through one op (``use``), after ``cast``."""
 

@@ -43,7 +43,8 @@ from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, arg
                                  graph_outputs, set_graph_outputs,
                                   set_argument)
 from fxforge.compiler.target import Target
-from fxforge.compiler.trace import EXPORT_LOCK, Signature, batch_dynamic, computed_indices, index_guards
+from fxforge.compiler.trace import (EXPORT_LOCK, Signature, batch_bound, batch_dynamic, computed_indices,
+                                    index_guards)
 
 from ..base import INDEX_GUARDS, Artifact, Backend, register_backend, resolved
 from .rewrites import matmul_layout, mutate_functions
@@ -980,6 +981,7 @@ class TvmBackend(Backend):
         if guards:
             info[INDEX_GUARDS] = guards
         mod = executable = None
+        batch = next((t.shape[0] for t, b in zip(example_inputs, signature.batched()) if b), None)
         if signature.dynamic_batch and tune is None:  # MetaSchedule tunes static shapes
             try:
                 mod, executable = _dynamic_build(gm, example_inputs, signature.batched(), tgt, fast_math)
@@ -996,6 +998,8 @@ class TvmBackend(Backend):
                     signature = signature.with_static_batch(example_inputs,
                                                             "tvm: tuned for the example batch (static shapes)")
             executable = build(schedule(mod, tgt), tgt)
+        if guards and batch is not None and not signature.dynamic_batch:  # built for the example's batch alone
+            info[INDEX_GUARDS] = [batch_bound(g, batch) for g in guards]
         source, library = "", None
         if is_gpu(tgt):
             source = cuda_source(executable)
