@@ -878,8 +878,9 @@ INDEXING = {aten.embedding: ("indices", "weight", 0, False), aten.gather: ("inde
 
 def _indexed_dims(user: fx.Node) -> list[tuple[fx.Node, fx.Node, int, bool]]:
     """(index, source, dim, negatives allowed) for each dimension of ``source`` that ``user`` indexes with a tensor
-    ``index`` (an integer tensor: a bool or uint8 one of ``x[mask]`` selects)."""
-    if is_op(user, aten.index):
+    ``index`` (an integer tensor: a bool or uint8 one of ``x[mask]`` selects); ``x[index] = v`` (``index_put``) as
+    ``x[index]``: TVM wrote past the tensor for a column outside [−n, n) and returned as if valid."""
+    if is_op(user, aten.index, aten.index_put):
         return [(t, argument(user, "self"), d, True) for d, t in enumerate(argument(user, "indices"))
                 if _integer_index(t)]
     packet = getattr(user.target, "overloadpacket", None) if user.op == "call_function" else None

@@ -437,6 +437,34 @@ def test_tvm_built_for_the_examples_batch_checks_indices_into_the_batch(computed
         cm(x, bad - (0 if computed else 1))
 
 
+class ColumnsSet(nn.Module):
+    """``y[:, idx] = 1`` on a copy of ``x`` (``computed``: ``idx + 1``), an ``index_put``."""
+
+    def __init__(self, computed: bool):
+        super().__init__()
+        self.computed = computed
+
+    def forward(self, x, idx):
+        y = x.clone()
+        y[:, idx + 1 if self.computed else idx] = 1.0
+        return y
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_an_index_put_outside_its_dimension_is_refused_as_eager_refuses(computed):
+    """Before: ``y[:, idx] = 1`` (``index_put``) was no index read, of the input or computed: TVM wrote column
+    40001 of a 5-column tensor past its memory and returned as if valid (the process crashed later, freeing it).
+    Expected: the signature, or the artifact for ``idx + 1``, refuses it as eager does; column −1 is the last."""
+    model, x = ColumnsSet(computed).eval(), torch.randn(2, 5)
+    cm = fxforge.compile(model, (x, torch.tensor([0, 2])), backend="tvm", measure_latency=False)
+    last = torch.tensor([-1, 0]) - (1 if computed else 0)
+    torch.testing.assert_close(cm(x, last), model(x, last))
+    with pytest.raises(IndexError):
+        model(x, torch.tensor([40001, 0]))
+    with pytest.raises(fxforge.InputError, match=r"from 0 to 40001, but it indexes dimension 1 \(size 5\)"):
+        cm(x, torch.tensor([40001 - (1 if computed else 0), 0]))
+
+
 class Indexes(nn.Module):
     """Reads its integer input ``y`` as indices through one op (``use``), after ``cast``."""
 
