@@ -881,8 +881,13 @@ def _indexed_dims(user: fx.Node) -> list[tuple[fx.Node, fx.Node, int, bool]]:
     ``index`` (an integer tensor: a bool or uint8 one of ``x[mask]`` selects); ``x[index] = v`` (``index_put``) as
     ``x[index]``: TVM wrote past the tensor for a column outside [−n, n) and returned as if valid."""
     if is_op(user, aten.index, aten.index_put):
-        return [(t, argument(user, "self"), d, True) for d, t in enumerate(argument(user, "indices"))
-                if _integer_index(t)]
+        reads, dim = [], 0
+        for t in argument(user, "indices"):  # a k-dimensional mask takes k dimensions (x[mask2d, i]: i indexes 2)
+            if _integer_index(t):
+                reads.append((t, argument(user, "self"), dim, True))
+            value = t.meta.get("val") if isinstance(t, fx.Node) else None
+            dim += value.dim() if isinstance(value, torch.Tensor) and value.dtype in (torch.bool, torch.uint8) else 1
+        return reads
     packet = getattr(user.target, "overloadpacket", None) if user.op == "call_function" else None
     if packet not in INDEXING:
         return []

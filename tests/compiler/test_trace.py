@@ -465,6 +465,26 @@ def test_an_index_put_outside_its_dimension_is_refused_as_eager_refuses(computed
         cm(x, torch.tensor([40001 - (1 if computed else 0), 0]))
 
 
+class MaskThenIndex(nn.Module):
+    """``x[mask, idx]``: a 2-D mask takes dimensions 0 and 1, ``idx`` indexes dimension 2."""
+
+    def forward(self, x, mask, idx):
+        return x[mask, idx]
+
+
+def test_an_index_after_a_mask_of_several_dimensions_is_bounded_by_the_dimension_it_indexes():
+    """Before: the indices of ``x[mask2d, idx]`` were numbered one dimension each, so ``idx`` was bounded by
+    dimension 1 (size 3) where it indexes dimension 2 (size 6): index 5 was refused where eager reads it.
+    Expected: [−6, 6)."""
+    model, x = MaskThenIndex().eval(), torch.randn(2, 3, 6)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    cm = fxforge.compile(model, (x, mask, torch.tensor([2])), backend="eager", measure_latency=False)
+    assert [tuple(b[1:3]) for b in cm.artifact.signature.index_bounds] == [(-6, 6)]
+    torch.testing.assert_close(cm(x, mask, torch.tensor([5])), model(x, mask, torch.tensor([5])))
+    with pytest.raises(fxforge.InputError, match=r"each must be in \[-6, 6\)"):
+        cm(x, mask, torch.tensor([6]))
+
+
 class Indexes(nn.Module):
     """Reads its integer input ``y`` as indices through one op (``use``), after ``cast``."""
 
