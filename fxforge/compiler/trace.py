@@ -720,7 +720,7 @@ class IndexRead(NamedTuple):
 def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[IndexRead]:
     """The tensors ``user`` reads as indices into a dimension of static size n or of the batch's size ``batch``
     (the batch dimension's symbols): an op of :data:`INDEXING` or ``x[index]`` (eager accepts [0, n), and [−n, n)
-    for ``x[index]`` and index_fill), a loss's labels of C classes (:data:`LOSSES`, [0, C) or its ignore_index) and
+    for ``x[index]`` and index_fill), ``take``'s into a tensor of n elements ([−n, n)), a loss's labels of C classes (:data:`LOSSES`, [0, C) or its ignore_index) and
     one_hot's (a contrastive loss's classes are its batch)."""
     if is_op(user, *LOSSES):
         target, classes = argument(user, "target"), _size(gm, argument(user, "self"),
@@ -734,6 +734,11 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
         classes = argument(user, "num_classes")
         return [IndexRead(data(user), 0, classes, f"{classes} classes at node {user.name!r}", None, True, user.name)] \
             if classes > 0 and _integer_index(data(user)) else []
+    if is_op(user, aten.take):  # into the flattened tensor: [−numel, numel), where numel is known
+        value, index = argument(user, "self").meta.get("val"), argument(user, "index")
+        n = value.numel() if isinstance(value, torch.Tensor) else None
+        return [IndexRead(index, -n, n, f"the {n} elements at node {user.name!r}", None, False, user.name)] \
+            if isinstance(n, int) and _integer_index(index) else []
     reads = []
     for index, source, dim, low_is_minus_n in _indexed_dims(user):
         size = _size(gm, source, dim)
@@ -797,23 +802,28 @@ def computed_indices(gm: fx.GraphModule) -> list[IndexRead]:
             if read.index not in as_is[read.label] and _computed_from_inputs(read.index)]
 
 
+# what an empty index's min and max are: past any index, and within what TVM takes as an int64 literal (it failed on
+# −2**63, whose negation it holds)
+INT64 = (2 ** 62, -2 ** 62)
+
+
 def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
     """Make ``gm`` return, after the model's outputs, the [min, max] of each of :func:`computed_indices` (a loss's
-    ignore_index, and an empty index, count as 0), for a backend whose kernels read an index out of range silently
+    ignore_index left out; an empty index's are ±2**62, which no check refuses), for a backend whose kernels read an index out of range silently
     (ONNX's Gather wraps −1 around, TVM reads past a table) where eager raises; returns their ``IndexRead.guard``,
     which the artifact compares the extra outputs with after each run (``base.Artifact.checked_indices``)."""
     graph, found, extremes = gm.graph, computed_indices(gm), []
     for read in found:
         with graph.inserting_before(graph.output_node()):
-            flat = graph.call_function(aten.reshape.default, (read.index, [-1]))
-            if read.ignored is not None:
-                flat = graph.call_function(aten.masked_fill.Scalar, (
-                    flat, graph.call_function(aten.eq.Scalar, (flat, read.ignored)), 0))
             flat = graph.call_function(aten._to_copy.default, (graph.call_function(
-                aten.constant_pad_nd.default, (flat, [0, 1], 0)),), {"dtype": torch.int64})
-            extremes.append(graph.call_function(aten.stack.default, ([
-                graph.call_function(aten.amin.default, (flat, [0])),
-                graph.call_function(aten.amax.default, (flat, [0]))],)))
+                aten.reshape.default, (read.index, [-1])),), {"dtype": torch.int64})
+            ends = []
+            for end, fill in zip((aten.amin.default, aten.amax.default), INT64):  # fill: what neither end can be
+                values = flat if read.ignored is None else graph.call_function(aten.masked_fill.Scalar, (
+                    flat, graph.call_function(aten.eq.Scalar, (flat, read.ignored)), fill))
+                padded = graph.call_function(aten.constant_pad_nd.default, (values, [0, 1], fill))
+                ends.append(graph.call_function(end, (padded, [0])))
+            extremes.append(graph.call_function(aten.stack.default, (ends,)))
     if extremes:
         set_graph_outputs(graph, [*graph_outputs(graph), *extremes])
         gm.recompile()

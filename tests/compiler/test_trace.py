@@ -350,7 +350,7 @@ def test_only_indices_computed_from_input_values_are_guarded():
 
 def test_index_guards_return_the_extremes_of_each_computed_index_after_the_outputs():
     """Before: ``emb(ids - 1)`` as its graph. Expected: one more output, [min, max] of ``ids - 1`` as int64 (an
-    empty index counts as 0), the model's outputs unchanged."""
+    empty index's are ±2**62), the model's outputs unchanged."""
     from fxforge.compiler.trace import index_guards
     ids = torch.tensor([[3, 1, 9], [2, 2, 5]])
     gm, _ = trace(ComputedIds().eval(), (ids,))
@@ -483,6 +483,28 @@ def test_an_index_after_a_mask_of_several_dimensions_is_bounded_by_the_dimension
     torch.testing.assert_close(cm(x, mask, torch.tensor([5])), model(x, mask, torch.tensor([5])))
     with pytest.raises(fxforge.InputError, match=r"each must be in \[-6, 6\)"):
         cm(x, mask, torch.tensor([6]))
+
+
+class Takes(nn.Module):
+    def forward(self, x, i):
+        return torch.take(x, i - 1) * 2
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+@pytest.mark.parametrize("static_batch", [True, False])
+def test_take_counts_negative_indices_from_the_end_and_is_guarded_where_its_size_is_known(backend, static_batch):
+    """Before: TVM's ``take`` read a negative index as memory before the tensor (0.0 where eager gives the last
+    element), and an index past the elements went unchecked (a review). Expected: negative indices read from the end
+    on both backends; with the size known (a static batch), an index outside [−n, n) is refused naming the node
+    (ONNX Runtime's GatherND refuses it by itself)."""
+    x, i = torch.randn(2, 5), torch.tensor([[1, 3], [2, 10]])
+    cm = fxforge.compile(Takes(), (x, i), backend=backend, static_batch=static_batch, measure_latency=False)
+    for valid in (torch.tensor([[0, 3], [2, 10]]), torch.tensor([[-9, 3], [2, 10]])):  # −1 and −10: from the end
+        torch.testing.assert_close(cm(x, valid), Takes()(x, valid))
+    if static_batch and backend == "tvm":  # (ONNX's GatherND fails by itself outside, a BackendError)
+        with pytest.raises(fxforge.InputError, match=r"^node 'take' reads indices .* from -11 to 9, but it indexes "
+                                                     r"the 10 elements: each must be in \[-10, 10\)"):
+            cm(x, torch.tensor([[-10, 3], [2, 10]]))
 
 
 class Indexes(nn.Module):

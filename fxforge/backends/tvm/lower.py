@@ -293,13 +293,19 @@ def _negative_indices_wrapped(graph: fx.Graph) -> None:
     (``x[:, -1]``) becomes ``n − 1``, and each integer index tensor of an ``aten.index`` (``x[:, i]``) ``i mod n``
     (floor mod; exact on the [−n, n) eager accepts), n the indexed dimension's size. The importer lowers these
     ops to ``take`` or ``index_tensor``, which read a negative index as memory outside the tensor (a silently wrong
-    value for ``x[:, i]`` with ``i = −1``). Indices built from an ``arange`` (an attention mask's) cannot be
-    negative and are left as they are."""
+    value for ``x[:, i]`` with ``i = −1``; ``take``, which reads the flattened tensor so, becomes such an index
+    first). Indices built from an ``arange`` (an attention mask's) cannot be negative and are left as they are."""
     for node in [n for n in graph.nodes if is_op(n, aten.select)
                  and isinstance(argument(n, "index"), int) and argument(n, "index") < 0]:
         size = argument(node, "self").meta["val"].shape[argument(node, "dim")]  # x[:, -1]: the same reading
         if isinstance(size, int):
             set_argument(node, "index", argument(node, "index") + size)
+    for node in [n for n in graph.nodes if is_op(n, aten.take)]:  # x.take(i): x.reshape(-1)[i], wrapped below
+        source = argument(node, "self")
+        with graph.inserting_before(node):
+            flat = graph.call_function(aten.reshape.default, (source, [-1]))
+        flat.meta["val"] = source.meta["val"].reshape(-1)
+        node.target, node.args, node.kwargs = aten.index.Tensor, (flat, [argument(node, "index")]), {}
     for node in [n for n in graph.nodes if is_op(n, aten.index)]:
         source, indices = argument(node, "self"), list(argument(node, "indices"))
         for dim, index in enumerate(indices):
