@@ -720,8 +720,9 @@ class IndexRead(NamedTuple):
 def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[IndexRead]:
     """The tensors ``user`` reads as indices into a dimension of static size n or of the batch's size ``batch``
     (the batch dimension's symbols): an op of :data:`INDEXING` or ``x[index]`` (eager accepts [0, n), and [−n, n)
-    for ``x[index]`` and index_fill), ``take``'s into a tensor of n elements ([−n, n)), a loss's labels of C classes (:data:`LOSSES`, [0, C) or its ignore_index) and
-    one_hot's (a contrastive loss's classes are its batch)."""
+    for ``x[index]`` and index_fill), ``take``'s into a tensor of n elements ([−n, n)), a loss's labels of C
+    classes (:data:`LOSSES`, [0, C) or its ignore_index) and one_hot's (a contrastive loss's classes are its
+    batch)."""
     if is_op(user, *LOSSES):
         target, classes = argument(user, "target"), _size(gm, argument(user, "self"),
                                                          1 if _rank(argument(user, "self")) > 1 else 0)
@@ -809,9 +810,10 @@ INT64 = (2 ** 62, -2 ** 62)
 
 def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
     """Make ``gm`` return, after the model's outputs, the [min, max] of each of :func:`computed_indices` (a loss's
-    ignore_index left out; an empty index's are ±2**62, which no check refuses), for a backend whose kernels read an index out of range silently
-    (ONNX's Gather wraps −1 around, TVM reads past a table) where eager raises; returns their ``IndexRead.guard``,
-    which the artifact compares the extra outputs with after each run (``base.Artifact.checked_indices``)."""
+    ignore_index left out; an empty index's are ±2**62, which no check refuses), for a backend whose kernels read
+    an index out of range silently (ONNX's Gather wraps −1 around, TVM reads past a table) where eager raises;
+    returns their ``IndexRead.guard``, which the artifact compares the extra outputs with after each run
+    (``base.Artifact.checked_indices``)."""
     graph, found, extremes = gm.graph, computed_indices(gm), []
     for read in found:
         with graph.inserting_before(graph.output_node()):
