@@ -59,6 +59,29 @@ REDUCTION = (aten.mean, aten.sum, aten.var, aten.std, aten.logsumexp, aten.linal
              aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.avg_pool1d,
              aten.avg_pool2d, aten.avg_pool3d, aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax,
              aten.layer_norm, aten.group_norm)
+# ops applied element by element to their first tensor (activations, math, copies): the output has its shape and
+# each value comes from the value at the same position (a clamp's bound or a pow's exponent may be a second tensor)
+ELEMENTWISE_UNARY = (aten.relu, aten.hardtanh, aten.relu6, aten.gelu, aten.silu, aten.sigmoid, aten.tanh,
+                     aten.hardswish, aten.hardsigmoid, aten.leaky_relu, aten.elu, aten.mish, aten.softplus, aten.clamp,
+                     aten.clamp_min, aten.clamp_max, aten.clone, aten.dropout, aten.alias, aten.detach, aten.neg,
+                     aten.abs, aten.exp, aten.sqrt, aten.rsqrt, aten.pow, aten._to_copy, aten.contiguous)
+# ops applied element by element to two operands broadcast against each other
+ELEMENTWISE_BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum)
+# pooling and resizing of an (N, C, *spatial) tensor: the spatial dims change, each channel computed on its own
+SPATIAL_RESAMPLE = (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d,
+                    aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+                    aten.adaptive_max_pool2d, aten.upsample_nearest1d, aten.upsample_nearest2d,
+                    aten.upsample_nearest3d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_linear1d,
+                    aten.upsample_trilinear3d, aten._upsample_nearest_exact2d, aten.max_pool2d_with_indices)
+# ops that reduce over the dims their ``dim`` argument names (:func:`reduced_dims`), every other dim kept as it is
+# (REDUCTION above is another family: ops whose kernels accumulate in float32)
+DIM_REDUCTION = (aten.mean, aten.sum, aten.amax)
+# ops that give the same values in the same order in another shape (dims split or merged)
+RESHAPE = (aten.view, aten._unsafe_view, aten.reshape)
+# ops that reorder dims, or add or drop ones of size 1, keeping every other dim whole
+DIM_REARRANGE = (aten.permute, aten.transpose, aten.t, aten.unsqueeze, aten.squeeze)
+# ops that cut a tensor along one dim into a list of pieces
+SPLIT = (aten.split, aten.split_with_sizes)
 
 
 def is_op(node: Any, *ops: Any) -> bool:

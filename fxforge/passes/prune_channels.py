@@ -34,12 +34,12 @@ import torch.fx as fx
 from fxforge.compiler.analysis import Flops, Shapes
 from fxforge.compiler.errors import PassError, missing_calibration
 from fxforge.compiler.graph import get_tensor, set_tensor
-from fxforge.compiler.ops import (BATCH_NORM, WEIGHTED, aten, bias_of, bn_params, conv_groups, data, is_op, operands,
-                                 weight_of)
+from fxforge.compiler.ops import (BATCH_NORM, ELEMENTWISE_BINARY, WEIGHTED, aten, bias_of, bn_params, conv_groups, data,
+                                 is_op, operands, weight_of)
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
 
-from .analysis.channel_groups import BINARY, ChannelGraph, ChannelGroup, ChannelGroups
+from .analysis.channel_groups import ChannelGraph, ChannelGroup, ChannelGroups
 from .analysis.channel_importance import ChannelImportance, Importance
 from .analysis.removable_channels import RemovableChannels
 from .analysis.sensitivity import give_back, layer_sensitivity, plan
@@ -265,7 +265,7 @@ def _zero_sites(gm: fx.GraphModule, cg: ChannelGraph, ids: torch.Tensor):
             targets = [weight_of(node), bias_of(node)]
         elif is_op(node, *BATCH_NORM):
             targets = [bn_params(node).gamma, bn_params(node).beta]
-        elif is_op(node, aten.add, aten.sub, aten.mul) and is_op(node, *BINARY):
+        elif is_op(node, aten.add, aten.sub, aten.mul) and is_op(node, *ELEMENTWISE_BINARY):
             targets = [a for a in operands(node)
                        if get_tensor(gm, a) is not None and _spans(get_tensor(gm, a), m, cg.ndim(node))]
         else:

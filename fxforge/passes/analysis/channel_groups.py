@@ -26,24 +26,10 @@ import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes, TensorInfo
 from fxforge.compiler.graph import get_tensor, tensor_uses
-from fxforge.compiler.ops import (BATCH_NORM, CONV, LINEAR, argument, aten, conv_groups, data, is_op, operands,
-                                 reduced_dims, split_sizes, weight_of, with_data)
+from fxforge.compiler.ops import (BATCH_NORM, CONV, DIM_REARRANGE, DIM_REDUCTION, ELEMENTWISE_BINARY, ELEMENTWISE_UNARY,
+                                 LINEAR, RESHAPE, SPATIAL_RESAMPLE, SPLIT, argument, aten, conv_groups, data, is_op,
+                                 operands, reduced_dims, split_sizes, weight_of, with_data)
 from fxforge.compiler.pass_manager import Analysis, PassContext
-
-UNARY = (aten.relu, aten.hardtanh, aten.relu6, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish,
-         aten.hardsigmoid, aten.leaky_relu, aten.elu, aten.mish, aten.softplus, aten.clamp, aten.clamp_min,
-         aten.clamp_max, aten.clone, aten.dropout, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp,
-         aten.sqrt, aten.rsqrt, aten.pow, aten._to_copy, aten.contiguous)
-POOLS = (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
-         aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
-         aten.adaptive_max_pool2d, aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
-         aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_linear1d, aten.upsample_trilinear3d,
-         aten._upsample_nearest_exact2d, aten.max_pool2d_with_indices)
-BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum)
-REDUCTIONS = (aten.mean, aten.sum, aten.amax)
-RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
-PERMUTES = (aten.permute, aten.transpose, aten.t, aten.unsqueeze, aten.squeeze)
-SPLITS = (aten.split, aten.split_with_sizes)
 
 
 @dataclass(frozen=True)
@@ -333,7 +319,7 @@ def _reshape(b: _Builder, node: fx.Node) -> ChannelMap | None:
     """Run the view/permute on the id tensor itself and read off where the channels went."""
     m, src, out_shape = b.map(data(node)), data(node), b.shape(node)
     full = m.expand(b.shape(src))
-    if is_op(node, *RESHAPES):
+    if is_op(node, *RESHAPE):
         if out_shape[0] != full.shape[0] or not _same_batch(src, node):
             b.stop(node, "reshape_moves_batch")
             return None
@@ -345,7 +331,7 @@ def _reshape(b: _Builder, node: fx.Node) -> ChannelMap | None:
         b.stop(node, "reshape_unmapped")
         return None
     ids = out[tuple(slice(None) if d in dims else 0 for d in range(out.dim()))]
-    if len(dims) > len(m.dims) and is_op(node, *RESHAPES):  # channels split over several dims: keep it
+    if len(dims) > len(m.dims) and is_op(node, *RESHAPE):  # channels split over several dims: keep it
         rows = ids.reshape(-1, ids.shape[-1])                  # rectangular by coupling along the outer ones
         b.couple(rows[:-1], rows[1:])
     return ChannelMap(dims, ids.contiguous())
@@ -373,7 +359,7 @@ def _rule(node: fx.Node) -> Callable[[_Builder, fx.Node], Any] | None:
 
 
 _RULES: tuple[tuple[tuple, Callable], ...] = (
-    (CONV, _conv), (LINEAR, _linear), (UNARY, _same), (BATCH_NORM + POOLS, _channel_first),
-    ((aten.layer_norm,), _layer_norm), (BINARY, _binary), ((aten.cat,), _cat), (SPLITS, _split),
-    (REDUCTIONS, _reduce), (RESHAPES + PERMUTES, _reshape), ((aten.sym_size,), _sym_size),
+    (CONV, _conv), (LINEAR, _linear), (ELEMENTWISE_UNARY, _same), (BATCH_NORM + SPATIAL_RESAMPLE, _channel_first),
+    ((aten.layer_norm,), _layer_norm), (ELEMENTWISE_BINARY, _binary), ((aten.cat,), _cat), (SPLIT, _split),
+    (DIM_REDUCTION, _reduce), (RESHAPE + DIM_REARRANGE, _reshape), ((aten.sym_size,), _sym_size),
 )

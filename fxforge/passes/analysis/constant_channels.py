@@ -16,12 +16,12 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.graph import get_tensor
-from fxforge.compiler.ops import (BATCH_NORM, CONV, WEIGHTED, argument, aten, bn_params, conv_groups, data, is_op,
-                                 operands, weight_of)
+from fxforge.compiler.ops import (BATCH_NORM, CONV, ELEMENTWISE_BINARY, WEIGHTED, argument, aten, bn_params,
+                                 conv_groups, data, is_op, operands, weight_of)
 from fxforge.compiler.pass_manager import Analysis, PassContext
 from fxforge.compiler.verify import run_recording
 
-from .channel_groups import BINARY, ChannelGraph, ChannelGroups, ChannelMap
+from .channel_groups import ChannelGraph, ChannelGroups, ChannelMap
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _proven(gm: fx.GraphModule, cg: ChannelGraph, c: Constants, node: fx.Node, m
         gamma = get_tensor(gm, bn_params(node).gamma)
         zero = set(m.ids[gamma == 0].tolist()) if gamma is not None else set()
         return c.ids.get(data(node).name, set()) | zero
-    if is_op(node, *BINARY):
+    if is_op(node, *ELEMENTWISE_BINARY):
         return _binary(gm, cg, c, node, m, nd)
     padded_average = is_op(node, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d) \
         and any(argument(node, "padding")) and argument(node, "count_include_pad")

@@ -12,12 +12,13 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.graph import add_tensor, finalize, get_tensor, set_tensor
-from fxforge.compiler.ops import (BATCH_NORM, WEIGHTED, argument, aten, bias_of, bn_params, conv_groups, data, is_op,
-                                 new_shape, operands, set_argument, set_new_shape, weight_of)
+from fxforge.compiler.ops import (BATCH_NORM, ELEMENTWISE_BINARY, RESHAPE, SPLIT, WEIGHTED, argument, aten, bias_of,
+                                 bn_params, conv_groups, data, is_op, new_shape, operands, set_argument, set_new_shape,
+                                 weight_of)
 
 from fxforge.compiler.pass_manager import PassContext
 
-from ..analysis.channel_groups import BINARY, RESHAPES, SPLITS, ChannelGraph, ChannelGroups, ChannelMap
+from ..analysis.channel_groups import ChannelGraph, ChannelGroups, ChannelMap
 from ..analysis.constant_channels import ConstantChannels, Constants
 from ..analysis.removable_channels import RemovableChannels, is_consumer
 
@@ -50,11 +51,11 @@ def remove_channels(gm: fx.GraphModule, cg: ChannelGraph, const: Constants, remo
                 t = get_tensor(gm, param)
                 if t is not None:
                     set_tensor(gm, param, t[keep].clone())
-        elif is_op(node, *BINARY) and m is not None:
+        elif is_op(node, *ELEMENTWISE_BINARY) and m is not None:
             _cut_constants(gm, node, m, removed, cg.ndim(node))
-        elif is_op(node, *RESHAPES) and m is not None:
+        elif is_op(node, *RESHAPE) and m is not None:
             _resize_view(node, m, removed)
-        elif is_op(node, *SPLITS) and isinstance(cg.maps.get(node.name), list):
+        elif is_op(node, *SPLIT) and isinstance(cg.maps.get(node.name), list):
             _resize_split(node, cg, removed)
         if m is not None and not bool(m.keep(removed).all()):
             node.meta.pop("val", None)
