@@ -27,7 +27,9 @@ from fxforge.compiler.ops import CLAMP, MATMUL, WEIGHTED, aten, data, is_op, op_
 
 from ..lib.qdq import is_dq, is_q
 
-POOLS = (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.mean)
+# ops that average their input (2-D average pooling, a mean): with a planned input, their output is planned too
+AVERAGE_POOLS = (aten.adaptive_avg_pool2d, aten.avg_pool2d, aten.mean)
+# ops whose output values are some of their input's (or 0, after relu): their output shares their input's grid
 SAME_GRID = (aten.max_pool2d, aten.view, aten.reshape, aten.flatten, aten._unsafe_view, aten.relu)
 
 
@@ -69,7 +71,7 @@ def plan_static(gm: fx.GraphModule, is_float: Callable[[Any], bool], refusal: Ca
                 merged = plan.get(x)
                 plan.update({t: group for t, g in plan.items() if g == merged})
                 want(x, group)
-        elif is_op(node, *POOLS) and data(node) in plan:
+        elif is_op(node, *AVERAGE_POOLS) and data(node) in plan:
             want(chain_end(node))
         elif is_op(node, *SAME_GRID) and data(node) in plan:
             want(node, plan[data(node)])
