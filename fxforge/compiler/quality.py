@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from .errors import CalibrationError, InputError, first_line
 from .graph import content_key
 from .trace import batch_size
-from .verify import COSINE_FLOOR, Error, clone_inputs, compare, error_bound, worst
+from .verify import COSINE_FLOOR, Error, clone_inputs, compare, error_bound, nonfinite_matched, worst
 
 Metric = Union[None, Literal["agreement", "cosine", "min_cosine", "agreement+min_cosine"],
                Callable[[list, list], float]]
@@ -292,12 +292,11 @@ def _sample_cosines(outs: list[torch.Tensor], ref: list[torch.Tensor], n: int) -
 
 def _row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per row of ``a`` and its reference ``b``: a·b, |a|², |b|², whether the rows are equal, and whether the row can
-    be compared (else ``_sample_cosines`` gives it cosine 0). Non-finite values as verify.compare takes them: where
+    be compared (else ``_sample_cosines`` gives it cosine 0). Non-finite values by verify's nonfinite_matched: where
     the reference has the same NaN or infinity, matched and left out; anywhere else the row is wholly wrong. A NaN of
     the reference made every row's cosine NaN → 0, the fp32 model's own score 0, and so any drop 0."""
     finite = torch.isfinite(b)
-    matched = ~finite & ((a == b) | (a.isnan() & b.isnan()))
-    ok = ~((~finite & ~matched).any(1) | (~torch.isfinite(a) & finite).any(1))
+    ok = nonfinite_matched(a, b).all(1)
     a, b = torch.where(finite, a, 0.0), torch.where(finite, b, 0.0)
     return (a * b).sum(1), a.pow(2).sum(1), b.pow(2).sum(1), (a == b).all(dim=1), ok
 

@@ -185,14 +185,19 @@ def nesting(spec: pytree.TreeSpec) -> str:
     return f"{kind}({', '.join(children if names is None else (f'{n}={c}' for n, c in zip(names, children)))})"
 
 
+def nonfinite_matched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per element of ``a`` and its reference ``b`` (same shape), whether non-finite values match: both finite, or
+    the same NaN or infinity in both. A NaN/±inf of the reference the output lacks, or one the output has alone, is
+    False. The one rule by which :func:`compare` and quality's per-sample cosines take non-finite values."""
+    return (torch.isfinite(a) & torch.isfinite(b)) | (a == b) | (a.isnan() & b.isnan())
+
+
 def _finite_matched(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``a`` and its reference ``b`` (flat) at the reference's finite positions, or None where a non-finite value
-    differs (NaN/±inf of the reference not matched, or one the output has alone)."""
-    finite, nan = torch.isfinite(b), b.isnan()
-    infinite = ~finite & ~nan
-    if not (torch.equal(torch.isfinite(a), finite) and torch.equal(a.isnan(), nan)
-            and torch.equal(a[infinite], b[infinite])):
+    """``a`` and its reference ``b`` (flat) at the reference's finite positions, or None where their lengths or a
+    non-finite value differ (:func:`nonfinite_matched`)."""
+    if a.shape != b.shape or not bool(nonfinite_matched(a, b).all()):
         return None
+    finite = torch.isfinite(b)
     return a[finite], b[finite]
 
 

@@ -5,14 +5,29 @@ import torch.fx as fx
 from torch import nn
 
 import fxforge
-from fxforge.compiler.quality import Validation, flat_batches, reiterable
+from fxforge.compiler.quality import Validation, _sample_cosines, flat_batches, reiterable
 from fxforge.compiler.report import SYNTHETIC
+from fxforge.compiler.verify import compare
 from models import digits_cnn
 
 
 class Identity(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+def test_a_sample_with_a_non_finite_value_its_reference_lacks_is_wrong_as_compare_finds_it():
+    """Before: a reference sample holding NaN, +inf and -inf; Expected: a sample with the same non-finite values is
+    measured on its finite rest (cosine 1), and each sample with one non-finite value moved, changed or added gets
+    cosine 0, exactly where compare calls that sample infinitely wrong (one rule for both)."""
+    nan, inf = float("nan"), float("inf")
+    reference = [nan, inf, -inf, 2.0, 4.0]
+    samples = [reference, [2.0, inf, -inf, 2.0, 4.0], [nan, -inf, -inf, 2.0, 4.0], [nan, inf, nan, 2.0, 4.0],
+               [nan, inf, -inf, nan, 4.0], [nan, inf, -inf, 2.0, inf]]
+    out, ref = torch.tensor(samples), torch.tensor([reference] * len(samples))
+    cosines = _sample_cosines([out], [ref], len(samples))
+    assert cosines.tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert [compare([o], [r]).max_rel == float("inf") for o, r in zip(out, ref)] == [c == 0 for c in cosines]
 
 
 def test_cosines_are_per_sample_and_top1_counts_matching_argmaxes():
