@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .ops import argument, aten, is_op
+from .ops import STORAGE_READERS, argument, aten, is_op
 
 
 def call_nodes(gm: fx.GraphModule, *ops: Any) -> Iterator[fx.Node]:
@@ -65,7 +65,6 @@ class GraphState:
 
 
 PURE_NAMESPACES = ("aten", "prims", "quantized_decomposed", "fxforge")  # operators their arguments alone decide
-STORAGE_READERS = (aten.as_strided.default, aten.as_strided_copy.default)  # read a tensor's storage by its strides
 
 
 def content_key(gm: fx.GraphModule) -> bytes | None:

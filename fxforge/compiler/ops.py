@@ -82,6 +82,16 @@ RESHAPE = (aten.view, aten._unsafe_view, aten.reshape)
 DIM_REARRANGE = (aten.permute, aten.transpose, aten.t, aten.unsqueeze, aten.squeeze)
 # ops that cut a tensor along one dim into a list of pieces
 SPLIT = (aten.split, aten.split_with_sizes)
+# ops whose output holds every value of their input and no other (moved, copied or repeated, none computed)
+SAME_VALUES = (aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.contiguous, aten.alias, aten.flatten,
+               aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.t, aten.expand)
+# losses whose ``target`` holds class indices into dimension 1 of ``self`` (0 when it has one dimension)
+CLASS_INDEX_LOSSES = (aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_nd, aten.nll_loss2d,
+                      aten.nll_loss_forward, aten.nll_loss2d_forward)
+# arithmetic whose result dtype PyTorch promotes from its operands' (an integer tensor times 0.5 is floating)
+PROMOTING_ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.true_divide, aten.rsub, aten.floor_divide,
+                        aten.remainder, aten.fmod)
+STORAGE_READERS = (aten.as_strided.default, aten.as_strided_copy.default)  # read a tensor's storage by its strides
 
 
 def is_op(node: Any, *ops: Any) -> bool:

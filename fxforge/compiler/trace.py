@@ -36,7 +36,8 @@ from torch.export import Dim
 from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .graph import get_tensor, views_as_reshapes
-from .ops import NAN_PROPAGATING, QUANTIZE, argument, aten, data, graph_outputs, is_op, set_graph_outputs
+from .ops import (CLASS_INDEX_LOSSES, NAN_PROPAGATING, QUANTIZE, SAME_VALUES, argument, aten, data, graph_outputs,
+                  is_op, set_graph_outputs)
 from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, beyond, clone_inputs, compare, copy_model,
                      discrete_mismatch, exact_tolerances, fresh_inputs, nesting)
 
@@ -721,9 +722,9 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
     """The tensors ``user`` reads as indices into a dimension of static size n or of the batch's size ``batch``
     (the batch dimension's symbols): an op of :data:`INDEXING` or ``x[index]`` (eager accepts [0, n), and [−n, n)
     for ``x[index]`` and index_fill), ``take``'s into a tensor of n elements ([−n, n)), a loss's labels of C
-    classes (:data:`LOSSES`, [0, C) or its ignore_index) and one_hot's (a contrastive loss's classes are its
-    batch)."""
-    if is_op(user, *LOSSES):
+    classes (:data:`CLASS_INDEX_LOSSES`, [0, C) or its ignore_index) and one_hot's (a contrastive loss's classes are
+    its batch)."""
+    if is_op(user, *CLASS_INDEX_LOSSES):
         target, classes = argument(user, "target"), _size(gm, argument(user, "self"),
                                                          1 if _rank(argument(user, "self")) > 1 else 0)
         if _integer_index(target) and (isinstance(classes, int) or (classes is not None and str(classes) in batch)):
@@ -847,19 +848,11 @@ def _computed_from_inputs(node: fx.Node) -> bool:
     return False
 
 
-# ops whose output holds every value of their input and no other: an index read through them is the input's
-SAME_VALUES = (aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.contiguous, aten.alias, aten.flatten,
-               aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.t, aten.expand)
-
-
 # ops whose output holds every value of their input and constants (a pad with the ignore_index): a loss's labels read
 # through them are its input's. Not a slice: a slice's other values may be anything (a multi-task model's labels for
 # another loss, a length), and checking them refused valid calls; so GPT-2's shifted labels (padded, then sliced by
 # one) are not checked
 LABEL_PATH = (aten.pad, aten.constant_pad_nd)
-# losses whose ``target`` holds class indices into dimension 1 of ``self`` (0 when it has one dimension)
-LOSSES = (aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_nd, aten.nll_loss2d, aten.nll_loss_forward,
-          aten.nll_loss2d_forward)
 
 
 def _value_users(node: fx.Node, through: tuple[Any, ...] = SAME_VALUES) -> Iterator[tuple[fx.Node, fx.Node]]:

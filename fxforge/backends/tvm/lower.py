@@ -39,9 +39,8 @@ import torch.fx as fx
 from fxforge.compiler.errors import BackendError, TargetError, first_line, missing_dependency
 from fxforge.compiler.graph import (boolean_arithmetic_as_logic, copy_value_meta, get_tensor, shifts_as_arithmetic,
                                     views_as_reshapes)
-from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, REDUCTION, argument, aten, getitem_index, is_op,
-                                 graph_outputs, set_graph_outputs,
-                                  set_argument)
+from fxforge.compiler.ops import (CONV, DIVISION, LINEAR, MATMUL, PROMOTING_ARITHMETIC, REDUCTION, argument, aten,
+                                 getitem_index, graph_outputs, is_op, set_argument, set_graph_outputs)
 from fxforge.compiler.target import Target
 from fxforge.compiler.trace import (EXPORT_LOCK, Signature, batch_bound, batch_dynamic, computed_indices,
                                     index_guards)
@@ -56,9 +55,6 @@ if TYPE_CHECKING:
 LIB_FILE = "model.so"
 CUDA_FILE = "model.cu"
 CROSS_PACKAGES = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}  # cross compiler → Debian package
-# ops whose result dtype PyTorch promotes
-ARITHMETIC = (aten.add, aten.sub, aten.mul, aten.div, aten.true_divide, aten.rsub, aten.floor_divide, aten.remainder,
-              aten.fmod)
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (*HALF, torch.float32, torch.float64)
 ZERO_DIVISORS = "zero_divisors"  # info key: the integer divisions whose divisor the artifact checks, in output order
@@ -343,7 +339,7 @@ def _promoted_operands(graph: fx.Graph) -> None:
     true division) to the result's dtype first, as PyTorch's type promotion does. The importer
     computes such an op in the integer dtype: ``ids * 0.5`` gave 0 for every id below 2, and ``ids * 1.0`` an int64
     tensor."""
-    for node in [n for n in graph.nodes if is_op(n, *ARITHMETIC)]:
+    for node in [n for n in graph.nodes if is_op(n, *PROMOTING_ARITHMETIC)]:
         result = node.meta.get("val")
         if not isinstance(result, torch.Tensor) or not result.is_floating_point():
             continue
