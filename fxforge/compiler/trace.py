@@ -712,7 +712,7 @@ class IndexRead(NamedTuple):
 
     def guard(self) -> list[Any]:
         """(reader, low, high, what): how an artifact names and bounds it (``base.INDEX_GUARDS``; a loss's
-        ignore_index counts as ``low``)."""
+        ignore_index named in ``what``)."""
         what = self.what.removesuffix(f" at node {self.reader!r}")
         return [self.reader, self.low, self.high, what if self.ignored is None else
                 f"{what} (or {self.ignored}, its ignore_index)"]
@@ -775,7 +775,7 @@ def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[Any, ...], ...]:
     batch = _batch_symbols(gm)
     bounds = []
     for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-        if not _integer_index(node) and not _is_uint8(node):  # a mask selects; a float holds no index
+        if not _index_input(node):
             continue
         for label, through in ((True, SAME_VALUES + LABEL_PATH), (False, SAME_VALUES)):
             for user, index in _value_users(node, through):
@@ -784,19 +784,20 @@ def _index_bounds(gm: fx.GraphModule) -> tuple[tuple[Any, ...], ...]:
     return tuple(bounds)
 
 
-def _is_uint8(node: fx.Node) -> bool:
+def _index_input(node: fx.Node) -> bool:
+    """Whether input ``node`` can hold indices: an integer tensor, uint8 included (cast to ids in forward); a bool
+    mask selects, a float holds none."""
     value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+    return _integer_index(node) or (isinstance(value, torch.Tensor) and value.dtype == torch.uint8)
 
 
 def computed_indices(gm: fx.GraphModule) -> list[IndexRead]:
     """The indices the model computes from its inputs' values (``emb(ids - 1)``, GPT-2's shifted labels, ids
     through ``where``, ``clamp`` or ``masked_fill``) and an op reads (:func:`_index_reads`), in graph order: the
-    signature cannot check them. Not those an input holds as they are
-    (:func:`_index_bounds` checks them) nor those computed from constants alone (an ``arange``, a buffer of
-    position ids)."""
+    signature cannot check them. Not those an input holds as they are (:func:`_index_bounds` checks them) nor those
+    computed from constants alone (an ``arange``, a buffer of position ids)."""
     batch = _batch_symbols(gm)
-    inputs = [p for p in gm.graph.find_nodes(op="placeholder") if _integer_index(p) or _is_uint8(p)]
+    inputs = [p for p in gm.graph.find_nodes(op="placeholder") if _index_input(p)]
     as_is = {label: {n for p in inputs for _, n in _value_users(p, through)} | set(inputs)
              for label, through in ((True, SAME_VALUES + LABEL_PATH), (False, SAME_VALUES))}
     return [read for user in gm.graph.nodes if user.op == "call_function"

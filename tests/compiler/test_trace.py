@@ -461,7 +461,7 @@ def test_an_index_put_outside_its_dimension_is_refused_as_eager_refuses(computed
     torch.testing.assert_close(cm(x, last), model(x, last))
     with pytest.raises(IndexError):
         model(x, torch.tensor([40001, 0]))
-    with pytest.raises(fxforge.InputError, match=r"from 0 to 40001, but it indexes dimension 1 \(size 5\)"):
+    with pytest.raises(fxforge.InputError, match=r"from [01] to 40001, but it indexes dimension 1 \(size 5\)"):
         cm(x, torch.tensor([40001 - (1 if computed else 0), 0]))
 
 
