@@ -30,7 +30,7 @@ from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, InputError, TargetError, first_line
 from fxforge.compiler.ops import INTERPOLATING_RESIZE, QUANTIZE, is_op, q_params
 from fxforge.compiler.target import Target, loaded_target
-from fxforge.compiler.trace import BATCH, Signature, without_autocast
+from fxforge.compiler.trace import Signature, call_bound, without_autocast
 
 # Format 2: what a format-1 reader would get wrong (it ignores fields it does not know): outputs that are no tensor
 # (Signature.constant_outputs), inputs the model writes into (Signature.written_inputs), a smallest batch
@@ -130,8 +130,7 @@ class Artifact(ABC):
             return outputs
         batch = next((t.shape[0] for t, b in zip(inputs, self.signature.batched()) if b), None)
         for (node, low, high, what), extremes in zip(guards, outputs[-len(guards):]):
-            if high == BATCH:
-                low, high = (-batch if low == -BATCH else 0), batch
+            low, high = call_bound(low, high, batch)
             least, most = (int(v) for v in extremes)
             if least < low or most >= high:
                 raise InputError(f"node {node!r} reads indices the model computes from its inputs, from {least} to "

@@ -65,7 +65,17 @@ class TensorSpec:
 # process-wide state (the current tracer, serializer, patcher), so two threads exporting at once failed with raw
 # AssertionErrors, and a decomposition beside another thread's export with a TraceError blaming the model
 EXPORT_LOCK = threading.RLock()
-BATCH = 2 ** 62  # an index bound standing for the call's batch size (Signature.index_bounds; JSON-safe)
+# an index bound standing for the call's batch size, k × BATCH for k times it (Signature.index_bounds; JSON-safe)
+BATCH = 2 ** 62
+
+
+def call_bound(low: int, high: int, batch: int | None) -> tuple[int, int]:
+    """The [low, high) an index bound stands for at a call of batch size ``batch``: a ``high`` of k × :data:`BATCH`
+    is k × ``batch`` (``low`` then 0, or −k × ``batch`` for [−n, n)); a number is itself."""
+    if high < BATCH or batch is None:
+        return low, high
+    k = high // BATCH
+    return (-k * batch if low < 0 else 0), k * batch
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
 SYMBOLIC_SCALARS = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}  # a graph value's kind
 
@@ -76,9 +86,7 @@ def batch_bound(bound: Sequence[Any], batch: int) -> list[Any]:
     capture (``Signature.with_static_batch``), whose calls give no batch dimension to read the batch size from (a
     TVM fallback to the example's batch raised ``TypeError`` on each call, compile's own checks included)."""
     where, low, high, *rest = bound
-    if high != BATCH:
-        return list(bound)
-    return [where, -batch if low == -BATCH else 0, batch, *rest]
+    return [where, *call_bound(low, high, batch), *rest]
 
 
 @contextlib.contextmanager
@@ -190,8 +198,7 @@ class Signature:
         batch = next((t.shape[0] for t, b in zip(flat, self.batched()) if b), None)
         for i, low, high, what, *ignored in self.index_bounds:
             t = flat[i]
-            if high == BATCH:  # a dimension of the call's batch size
-                low, high = (-batch if low == -BATCH else 0), batch
+            low, high = call_bound(low, high, batch)  # a dimension of the call's batch size (or k times it)
             if ignored:
                 t = t[t != ignored[0]]
             if t.numel() and (int(t.min()) < low or int(t.max()) >= high):
@@ -699,8 +706,8 @@ def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
 
 
 class IndexRead(NamedTuple):
-    """A tensor an op reads as indices: eager accepts [low, high) (``high`` = :data:`BATCH` for a dimension of the
-    call's batch size, ``low`` = −BATCH for [−n, n) there), and a loss also its ``ignored`` index; ``label``: a
+    """A tensor an op reads as indices: eager accepts [low, high) (``high`` = k × :data:`BATCH` for a dimension of
+    k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`), and a loss also its ``ignored`` index; ``label``: a
     loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``: the op's node's name."""
     index: fx.Node
     low: int
@@ -736,22 +743,38 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
         classes = argument(user, "num_classes")
         return [IndexRead(data(user), 0, classes, f"{classes} classes at node {user.name!r}", None, True, user.name)] \
             if classes > 0 and _integer_index(data(user)) else []
-    if is_op(user, aten.take):  # into the flattened tensor: [−numel, numel), where numel is known
+    if is_op(user, aten.take):  # into the flattened tensor: [−numel, numel)
         value, index = argument(user, "self").meta.get("val"), argument(user, "index")
-        n = value.numel() if isinstance(value, torch.Tensor) else None
+        n = value.numel() if isinstance(value, torch.Tensor) and _integer_index(index) else None
+        if (k := _batches(n, batch)) is not None:
+            return [IndexRead(index, -k * BATCH, k * BATCH, f"the {k} × batch elements at node {user.name!r}", None,
+                              False, user.name)]
         return [IndexRead(index, -n, n, f"the {n} elements at node {user.name!r}", None, False, user.name)] \
-            if isinstance(n, int) and _integer_index(index) else []
+            if isinstance(n, int) else []
     reads = []
     for index, source, dim, low_is_minus_n in _indexed_dims(user):
         size = _size(gm, source, dim)
-        if size is not None and not isinstance(size, int) and str(size) in batch:
-            reads.append(IndexRead(index, -BATCH if low_is_minus_n else 0, BATCH,
-                                   f"dimension {dim} (the batch) at node {user.name!r}", None, False, user.name))
+        if (k := _batches(size, batch)) is not None:
+            many = "the batch" if k == 1 else f"{k} × the batch"
+            reads.append(IndexRead(index, -k * BATCH if low_is_minus_n else 0, k * BATCH,
+                                   f"dimension {dim} ({many}) at node {user.name!r}", None, False, user.name))
         elif isinstance(size, int):
             what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
                     f"dimension {dim} (size {size}) at node {user.name!r}")
             reads.append(IndexRead(index, -size if low_is_minus_n else 0, size, what, None, False, user.name))
     return reads
+
+
+def _batches(size: Any, batch: set[str]) -> int | None:
+    """k where a symbolic ``size`` is k times the batch (of symbol in ``batch``): a dimension of the batch's size,
+    or of the batch flattened with others (``x.reshape(-1)``, whose index TVM read past the tensor unchecked)."""
+    if not isinstance(size, torch.SymInt):
+        return None
+    expr = size.node.expr
+    if len(expr.free_symbols) != 1 or str(symbol := next(iter(expr.free_symbols))) not in batch:
+        return None
+    k = expr / symbol
+    return int(k) if k.is_Integer and k > 0 else None
 
 
 def _integer_index(node: Any) -> bool:

@@ -495,16 +495,35 @@ class Takes(nn.Module):
 def test_take_counts_negative_indices_from_the_end_and_is_guarded_where_its_size_is_known(backend, static_batch):
     """Before: TVM's ``take`` read a negative index as memory before the tensor (0.0 where eager gives the last
     element), and an index past the elements went unchecked (a review). Expected: negative indices read from the end
-    on both backends; with the size known (a static batch), an index outside [−n, n) is refused naming the node
+    on both backends; an index outside [−n, n) is refused naming the node, n being 5 × the batch where it is dynamic
     (ONNX Runtime's GatherND refuses it by itself)."""
     x, i = torch.randn(2, 5), torch.tensor([[1, 3], [2, 10]])
     cm = fxforge.compile(Takes(), (x, i), backend=backend, static_batch=static_batch, measure_latency=False)
     for valid in (torch.tensor([[0, 3], [2, 10]]), torch.tensor([[-9, 3], [2, 10]])):  # −1 and −10: from the end
         torch.testing.assert_close(cm(x, valid), Takes()(x, valid))
-    if static_batch and backend == "tvm":  # (ONNX's GatherND fails by itself outside, a BackendError)
+    if backend == "tvm":  # (ONNX's GatherND fails by itself outside, a BackendError)
         with pytest.raises(fxforge.InputError, match=r"^node 'take' reads indices .* from -11 to 9, but it indexes "
-                                                     r"the 10 elements: each must be in \[-10, 10\)"):
+                                                     r"the (10|5 × batch) elements: each must be in \[-10, 10\)"):
             cm(x, torch.tensor([[-10, 3], [2, 10]]))
+
+
+class ReadsFlattened(nn.Module):
+    def forward(self, x, i):
+        return x.reshape(-1)[i] * 2
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_an_index_into_the_batch_flattened_is_bounded_by_the_calls_elements(backend):
+    """Before: ``x.reshape(-1)[i]`` at a dynamic batch indexes a dimension of 5 × the batch, which neither a number
+    nor the batch bounded: TVM returned a value for −11 of 10 elements (a review). Expected: bounded by 5 × the
+    call's batch ([−15, 15) at batch 3)."""
+    x, i = torch.randn(2, 5), torch.tensor([[1, 3], [2, 9]])
+    cm = fxforge.compile(ReadsFlattened(), (x, i), backend=backend, measure_latency=False)
+    x3, valid = torch.randn(3, 5), torch.tensor([[-15, 14]] * 3)
+    torch.testing.assert_close(cm(x3, valid), ReadsFlattened()(x3, valid))
+    with pytest.raises(fxforge.InputError, match=r"^input 1 holds indices from 1 to 15, but it indexes dimension 0 "
+                                                 r"\(5 × the batch\) at node 'index': each must be in \[-15, 15\)$"):
+        cm(x3, torch.tensor([[1, 15]] * 3))
 
 
 class Indexes(nn.Module):
