@@ -707,8 +707,9 @@ def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
 
 class IndexRead(NamedTuple):
     """A tensor an op reads as indices: eager accepts [low, high) (``high`` = k × :data:`BATCH` for a dimension of
-    k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`), and a loss also its ``ignored`` index; ``label``: a
-    loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``: the op's node's name."""
+    k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`), and a loss also its
+    ``ignored`` index; ``label``: a loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``:
+    the op's node's name."""
     index: fx.Node
     low: int
     high: int
