@@ -525,7 +525,7 @@ CASES: list[tuple[str, type, str, Case]] = [
      fxforge.ArtifactError, r"fxforge\.json was modified after saving \(its checksum does not match\)",
      lambda t, mp: fxforge.load(edit_meta(saved(t), keep_checksum=True, info={"edited": True}))),
     ("artifact of another format version", fxforge.ArtifactError,
-     r"has artifact format 99, this fxforge reads formats 1, 2",
+     r"has artifact format 99, this fxforge reads formats 1, 2, 3$",
      lambda t, mp: fxforge.load(edit_meta(saved(t), format=99))),
     ("loading a file instead of an artifact directory", fxforge.ArtifactError,
      r"program\.pt2 is a file; an fxforge artifact is the directory that holds fxforge\.json",
