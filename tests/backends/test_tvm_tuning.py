@@ -417,3 +417,23 @@ def test_console_tune_then_compile_with_its_database_then_run(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16), nn.ReLU()).eval()
     np.testing.assert_allclose(np.load(tmp_path / "y.npz")["arr_0"], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_tuning_for_arm64_after_x86_imports_the_arm_intrinsics_an_x86_tuning_stood_in_for(monkeypatch):
+    """Before: tuning for x86 stood empty modules in for other hardware's tensor intrinsics, and a later arm64 tuning
+    in the same process failed ("TensorIntrin 'dot_4x4_i8i8s32_neon' is not registered"; the slow suite ran the two
+    in one worker). Expected: the stand-in of a kept intrinsic is replaced by the real module (its import, 40 s, is
+    recorded here instead of run)."""
+    import sys
+    import types
+    name = "tvm.s_tir.tensor_intrin.arm_cpu"
+    monkeypatch.setitem(sys.modules, name, types.ModuleType("arm_cpu"))  # what an x86 tuning left
+    imported = []
+    monkeypatch.setattr(ms_tuning.importlib, "import_module", imported.append)
+    ms_tuning.skip_other_intrinsics(("arm_cpu",))
+    assert imported == [name] and name not in sys.modules
+    real = types.ModuleType("arm_cpu")
+    real.__spec__ = object()  # an imported module has a spec: left as it is
+    monkeypatch.setitem(sys.modules, name, real)
+    ms_tuning.skip_other_intrinsics(("arm_cpu",))
+    assert imported == [name] and sys.modules[name] is real

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -182,13 +183,19 @@ def target_key(tvm_target: tvm.target.Target) -> str:
 
 
 def skip_other_intrinsics(keep: tuple[str, ...] = ()) -> None:
-    """Stand empty modules in for the tensor intrinsics of other hardware (their import takes 70–140 s).
+    """Stand empty modules in for the tensor intrinsics of other hardware (their import takes 70–140 s), and import
+    the real ones of ``keep`` where an earlier tuning in this process stood one in: tuning for arm64 after x86 failed
+    ("TensorIntrin 'dot_4x4_i8i8s32_neon' is not registered").
 
     Runs in this process; :func:`_worker_initializer` does the same in every build worker.
     """
     for name in OTHER_INTRINSICS:
+        module = f"tvm.s_tir.tensor_intrin.{name}"
         if name not in keep:
-            sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}", types.ModuleType(name))
+            sys.modules.setdefault(module, types.ModuleType(name))
+        elif module in sys.modules and sys.modules[module].__spec__ is None:  # a stand-in, not the module
+            del sys.modules[module]
+            importlib.import_module(module)
 
 
 def _worker_initializer(keep: tuple[str, ...]) -> Callable[[], None]:
