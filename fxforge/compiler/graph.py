@@ -267,12 +267,16 @@ def shifts_as_arithmetic(graph: fx.Graph) -> None:
     """Write each shift of an integer tensor by a constant k (``w >> 4`` unpacking 4-bit weights) as the arithmetic it
     is, for backends lacking the op: ``x >> k`` is ``x // 2**k`` (floor division: an arithmetic shift of a negative
     value rounds down as it does), ``x << k`` is ``x * 2**k`` (both wrap modulo 2**bits). TVM's importer has no
-    converter for them, and the ONNX exporter's translation of a uint8 shift fails onnx.checker. Only
-    0 ≤ k < bits − 1, where 2**k is a number of the tensor's dtype; others stay as they are."""
+    converter for them, and the ONNX exporter's translation of a uint8 shift fails onnx.checker. Only where 2**k
+    is a number of the tensor's dtype: 0 ≤ k < bits − 1 when signed, 0 ≤ k < bits when unsigned (uint8's
+    ``w >> 7``, a packed bit's unpacking, failed as before otherwise); others stay as they are."""
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SHIFTS]:
         value, k = argument(node, "self").meta.get("val"), argument(node, "other")
         if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex() or \
-                value.dtype == torch.bool or not isinstance(k, int) or not 0 <= k < torch.iinfo(value.dtype).bits - 1:
+                value.dtype == torch.bool or not isinstance(k, int):
+            continue
+        info = torch.iinfo(value.dtype)
+        if not 0 <= k < info.bits - (info.min < 0):  # 2**k a value of the dtype: 128 is a uint8, not an int8
             continue
         node.target, node.args, node.kwargs = SHIFTS[node.target], (argument(node, "self"), 2 ** k), {}
 
