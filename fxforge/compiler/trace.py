@@ -65,17 +65,19 @@ class TensorSpec:
 # process-wide state (the current tracer, serializer, patcher), so two threads exporting at once failed with raw
 # AssertionErrors, and a decomposition beside another thread's export with a TraceError blaming the model
 EXPORT_LOCK = threading.RLock()
-# an index bound standing for the call's batch size, k × BATCH for k times it (Signature.index_bounds; JSON-safe)
+# an index bound standing for the call's batch size, k × BATCH + c for k times it plus c (Signature.index_bounds;
+# JSON-safe; |c| < BATCH / 2, as a number bound is)
 BATCH = 2 ** 62
 
 
 def call_bound(low: int, high: int, batch: int | None) -> tuple[int, int]:
     """The [low, high) an index bound stands for at a call of batch size ``batch``: a ``high`` of k × :data:`BATCH`
-    is k × ``batch`` (``low`` then 0, or −k × ``batch`` for [−n, n)); a number is itself."""
-    if high < BATCH or batch is None:
+    + c is k × ``batch`` + c (``low`` then 0, or its negation for [−n, n)); a number is itself."""
+    if high < BATCH // 2 or batch is None:
         return low, high
-    k = high // BATCH
-    return (-k * batch if low < 0 else 0), k * batch
+    k, c = divmod(high + BATCH // 2, BATCH)
+    n = k * batch + c - BATCH // 2
+    return (-n if low < 0 else 0), n
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
 SYMBOLIC_SCALARS = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}  # a graph value's kind
 
@@ -747,18 +749,17 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
     if is_op(user, aten.take):  # into the flattened tensor: [−numel, numel)
         value, index = argument(user, "self").meta.get("val"), argument(user, "index")
         n = value.numel() if isinstance(value, torch.Tensor) and _integer_index(index) else None
-        if (k := _batches(n, batch)) is not None:
-            return [IndexRead(index, -k * BATCH, k * BATCH, f"the {k} × batch elements at node {user.name!r}", None,
-                              False, user.name)]
+        if (bound := _batches(n, batch)) is not None:
+            return [IndexRead(index, -bound[0], bound[0], f"the {bound[1].replace('the batch', 'batch')} elements at "
+                              f"node {user.name!r}", None, False, user.name)]
         return [IndexRead(index, -n, n, f"the {n} elements at node {user.name!r}", None, False, user.name)] \
             if isinstance(n, int) else []
     reads = []
     for index, source, dim, low_is_minus_n in _indexed_dims(user):
         size = _size(gm, source, dim)
-        if (k := _batches(size, batch)) is not None:
-            many = "the batch" if k == 1 else f"{k} × the batch"
-            reads.append(IndexRead(index, -k * BATCH if low_is_minus_n else 0, k * BATCH,
-                                   f"dimension {dim} ({many}) at node {user.name!r}", None, False, user.name))
+        if (bound := _batches(size, batch)) is not None:
+            reads.append(IndexRead(index, -bound[0] if low_is_minus_n else 0, bound[0],
+                                   f"dimension {dim} ({bound[1]}) at node {user.name!r}", None, False, user.name))
         elif isinstance(size, int):
             what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
                     f"dimension {dim} (size {size}) at node {user.name!r}")
@@ -766,16 +767,21 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
     return reads
 
 
-def _batches(size: Any, batch: set[str]) -> int | None:
-    """k where a symbolic ``size`` is k times the batch (of symbol in ``batch``): a dimension of the batch's size,
-    or of the batch flattened with others (``x.reshape(-1)``, whose index TVM read past the tensor unchecked)."""
+def _batches(size: Any, batch: set[str]) -> tuple[int, str] | None:
+    """The bound (k × :data:`BATCH` + c, :func:`call_bound`) and its words where a symbolic ``size`` is k times the
+    batch (of symbol in ``batch``) plus c: a dimension of the batch's size, of the batch flattened with others
+    (``x.reshape(-1)``, whose index TVM read past the tensor unchecked), or of a concatenation with more rows
+    (``cat([x, x[:1]])``: 4 × the batch + 4, which TVM read past unchecked too)."""
     if not isinstance(size, torch.SymInt):
         return None
-    expr = size.node.expr
+    expr = size.node.expr.expand()
     if len(expr.free_symbols) != 1 or str(symbol := next(iter(expr.free_symbols))) not in batch:
         return None
-    k = expr / symbol
-    return int(k) if k.is_Integer and k > 0 else None
+    k, c = expr.coeff(symbol, 1), expr.coeff(symbol, 0)
+    if not (k.is_Integer and c.is_Integer and k > 0 and abs(c) < BATCH // 4 and (expr - k * symbol - c).expand() == 0):
+        return None
+    many = "the batch" if k == 1 else f"{k} × the batch"
+    return int(k) * BATCH + int(c), many if c == 0 else f"{many} {'+' if c > 0 else '−'} {abs(c)}"
 
 
 def _integer_index(node: Any) -> bool:

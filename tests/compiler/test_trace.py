@@ -526,6 +526,25 @@ def test_an_index_into_the_batch_flattened_is_bounded_by_the_calls_elements(back
         cm(x3, torch.tensor([[1, 15]] * 3))
 
 
+class ReadsConcatenated(nn.Module):
+    def forward(self, x, i):
+        return torch.cat([x, x[:1]]).reshape(-1)[i] * 2
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_an_index_into_the_batch_plus_rows_is_bounded_by_the_calls_elements(backend):
+    """Before: ``cat([x, x[:1]]).reshape(-1)[i]`` at a dynamic batch indexes a dimension of 5 × the batch + 5, which
+    neither a number nor k × the batch bounded: TVM returned the first element for index 20 of 20 (a review).
+    Expected: bounded by 5 × the call's batch + 5 ([−20, 20) at batch 3)."""
+    x, i = torch.randn(2, 5), torch.tensor([[1, 3], [2, 9]])
+    cm = fxforge.compile(ReadsConcatenated(), (x, i), backend=backend, measure_latency=False)
+    x3, valid = torch.randn(3, 5), torch.tensor([[-20, 19]] * 3)
+    torch.testing.assert_close(cm(x3, valid), ReadsConcatenated()(x3, valid))
+    with pytest.raises(fxforge.InputError, match=r"^input 1 holds indices from 1 to 20, but it indexes dimension 0 "
+                                                 r"\(5 × the batch \+ 5\) at node 'index': each must be in \[-20, 20\)$"):
+        cm(x3, torch.tensor([[1, 20]] * 3))
+
+
 class Indexes(nn.Module):
     """Reads its integer input ``y`` as indices through one op (``use``), after ``cast``."""
 
