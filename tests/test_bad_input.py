@@ -99,18 +99,21 @@ class TwoInputs(nn.Module):
 
 
 class Gather(nn.Module):
-    """Gathers at ids it is given (``shift=0``) or computes (``shift=1``): only the former can the signature bound."""
+    """Gathers along ``dim`` at ids it is given (``shift=0``) or computes (``shift=1``): only the former can the
+    signature bound."""
 
-    def __init__(self, shift: int = 0) -> None:
+    def __init__(self, shift: int = 0, dim: int = 1) -> None:
         super().__init__()
-        self.shift = shift
+        self.shift, self.dim = shift, dim
 
     def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return torch.gather(x, 1, index + self.shift if self.shift else index) * 2
+        return torch.gather(x, self.dim, index + self.shift if self.shift else index) * 2
 
 
-def gathered(shift: int, backend: str, index: list[list[int]]) -> torch.Tensor:
-    compiled = compile_(Gather(shift), (torch.randn(2, 5), torch.tensor([[1], [2]])), backend=backend)
+def gathered(shift: int, backend: str, index: list[list[int]], dim: int = 1) -> torch.Tensor:
+    """A call of :class:`Gather` with ``index``; along dim 0, the batch, a computed index is read as it is (along a
+    dimension of fixed size, mod its size) and ONNX Runtime's kernel refuses one past the end itself."""
+    compiled = compile_(Gather(shift, dim), (torch.randn(2, 5), torch.tensor([[0], [0]])), backend=backend)
     return compiled(torch.randn(2, 5), torch.tensor(index))
 
 
@@ -377,7 +380,7 @@ CASES: list[tuple[str, type, str, Case]] = [
     ("a computed index a kernel refuses (ONNX Runtime)", fxforge.BackendError,
      r"^the onnx artifact failed on inputs that match its signature: GatherElements node 'node_gather': "
      r"GatherElements op: Out of range value in index tensor$",
-     lambda t, mp: gathered(1, "onnx", [[1], [8]])),
+     lambda t, mp: gathered(1, "onnx", [[1], [8]], dim=0)),
     ("a model raising on fresh inputs like the example (a binary cross-entropy's target above 1)", fxforge.InputError,
      r"^the model raises on fresh inputs like the example, which every compiled model is checked on \(normal floats, "
      r"folded to the example's sign .*\): RuntimeError: all elements of target should be between 0 and 1$",

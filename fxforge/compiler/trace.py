@@ -78,6 +78,8 @@ def call_bound(low: int, high: int, batch: int | None) -> tuple[int, int]:
     k, c = divmod(high + BATCH // 2, BATCH)
     n = k * batch + c - BATCH // 2
     return (-n if low < 0 else 0), n
+
+
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool}  # Signature.scalar_outputs: the Python type of each
 SYMBOLIC_SCALARS = {torch.SymInt: "int", torch.SymFloat: "float", torch.SymBool: "bool"}  # a graph value's kind
 
@@ -711,20 +713,20 @@ class IndexRead(NamedTuple):
     """A tensor an op reads as indices: eager accepts [low, high) (``high`` = k × :data:`BATCH` for a dimension of
     k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`), and a loss also its
     ``ignored`` index; ``label``: a loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``:
-    the op's node's name."""
+    the op's node."""
     index: fx.Node
     low: int
     high: int
     what: str
     ignored: int | None
     label: bool
-    reader: str
+    reader: fx.Node
 
     def guard(self) -> list[Any]:
         """(reader, low, high, what): how an artifact names and bounds it (``base.INDEX_GUARDS``; a loss's
         ignore_index named in ``what``)."""
-        what = self.what.removesuffix(f" at node {self.reader!r}")
-        return [self.reader, self.low, self.high, what if self.ignored is None else
+        what = self.what.removesuffix(f" at node {self.reader.name!r}")
+        return [self.reader.name, self.low, self.high, what if self.ignored is None else
                 f"{what} (or {self.ignored}, its ignore_index)"]
 
 
@@ -740,30 +742,30 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
         if _integer_index(target) and (isinstance(classes, int) or (classes is not None and str(classes) in batch)):
             high, many = (classes, classes) if isinstance(classes, int) else (BATCH, "the batch's")
             return [IndexRead(target, 0, high, f"{many} classes at node {user.name!r}",
-                              int(argument(user, "ignore_index")), True, user.name)]
+                              int(argument(user, "ignore_index")), True, user)]
         return []
     if is_op(user, aten.one_hot):
         classes = argument(user, "num_classes")
-        return [IndexRead(data(user), 0, classes, f"{classes} classes at node {user.name!r}", None, True, user.name)] \
+        return [IndexRead(data(user), 0, classes, f"{classes} classes at node {user.name!r}", None, True, user)] \
             if classes > 0 and _integer_index(data(user)) else []
     if is_op(user, aten.take):  # into the flattened tensor: [−numel, numel)
         value, index = argument(user, "self").meta.get("val"), argument(user, "index")
         n = value.numel() if isinstance(value, torch.Tensor) and _integer_index(index) else None
         if (bound := _batches(n, batch)) is not None:
             return [IndexRead(index, -bound[0], bound[0], f"the {bound[1].replace('the batch', 'batch')} elements at "
-                              f"node {user.name!r}", None, False, user.name)]
-        return [IndexRead(index, -n, n, f"the {n} elements at node {user.name!r}", None, False, user.name)] \
+                              f"node {user.name!r}", None, False, user)]
+        return [IndexRead(index, -n, n, f"the {n} elements at node {user.name!r}", None, False, user)] \
             if isinstance(n, int) else []
     reads = []
     for index, source, dim, low_is_minus_n in _indexed_dims(user):
         size = _size(gm, source, dim)
         if (bound := _batches(size, batch)) is not None:
             reads.append(IndexRead(index, -bound[0] if low_is_minus_n else 0, bound[0],
-                                   f"dimension {dim} ({bound[1]}) at node {user.name!r}", None, False, user.name))
+                                   f"dimension {dim} ({bound[1]}) at node {user.name!r}", None, False, user))
         elif isinstance(size, int):
             what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
                     f"dimension {dim} (size {size}) at node {user.name!r}")
-            reads.append(IndexRead(index, -size if low_is_minus_n else 0, size, what, None, False, user.name))
+            reads.append(IndexRead(index, -size if low_is_minus_n else 0, size, what, None, False, user))
     return reads
 
 
@@ -845,7 +847,9 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
     ignore_index left out; an empty index's are ±2**62, which no check refuses), for a backend whose kernels read
     an index out of range silently (ONNX's Gather wraps −1 around, TVM reads past a table) where eager raises;
     returns their ``IndexRead.guard``, which the artifact compares the extra outputs with after each run
-    (``base.Artifact.checked_indices``)."""
+    (``base.Artifact.checked_indices``). The op reads the index mod n where n is a number (the same element for
+    every index eager accepts): the check follows the run, and TVM wrote an ``index_put``'s column 40001 of 5 past
+    the tensor before it (the process crashed later)."""
     graph, found, extremes = gm.graph, computed_indices(gm), []
     for read in found:
         with graph.inserting_before(graph.output_node()):
@@ -858,6 +862,10 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
                 padded = graph.call_function(aten.constant_pad_nd.default, (values, [0, 1], fill))
                 ends.append(graph.call_function(end, (padded, [0])))
             extremes.append(graph.call_function(aten.stack.default, (ends,)))
+        if read.high < BATCH // 2 and not read.label:  # a read of index mod n never leaves the tensor
+            with graph.inserting_before(read.reader):
+                read.reader.replace_input_with(read.index, graph.call_function(aten.remainder.Scalar,
+                                                                               (read.index, read.high)))
     if extremes:
         set_graph_outputs(graph, [*graph_outputs(graph), *extremes])
         gm.recompile()

@@ -98,7 +98,7 @@ def test_a_kernel_failure_is_raised_once_not_also_logged_by_onnx_runtime(capfd):
     """ORT logs a failing kernel's message to stderr before raising it; the BackendError (its text checked in
     tests/test_bad_input.py) is the one report."""
     with pytest.raises(fxforge.BackendError, match="GatherElements node 'node_gather'"):
-        gathered(1, "onnx", [[1], [8]])
+        gathered(1, "onnx", [[1], [8]], dim=0)
     assert "onnxruntime" not in capfd.readouterr().err
 
 
