@@ -512,37 +512,26 @@ class ReadsFlattened(nn.Module):
         return x.reshape(-1)[i] * 2
 
 
-@pytest.mark.parametrize("backend", ["onnx", "tvm"])
-def test_an_index_into_the_batch_flattened_is_bounded_by_the_calls_elements(backend):
-    """Before: ``x.reshape(-1)[i]`` at a dynamic batch indexes a dimension of 5 × the batch, which neither a number
-    nor the batch bounded: TVM returned a value for −11 of 10 elements (a review). Expected: bounded by 5 × the
-    call's batch ([−15, 15) at batch 3)."""
-    x, i = torch.randn(2, 5), torch.tensor([[1, 3], [2, 9]])
-    cm = fxforge.compile(ReadsFlattened(), (x, i), backend=backend, measure_latency=False)
-    x3, valid = torch.randn(3, 5), torch.tensor([[-15, 14]] * 3)
-    torch.testing.assert_close(cm(x3, valid), ReadsFlattened()(x3, valid))
-    with pytest.raises(fxforge.InputError, match=r"^input 1 holds indices from 1 to 15, but it indexes dimension 0 "
-                                                 r"\(5 × the batch\) at node 'index': each must be in \[-15, 15\)$"):
-        cm(x3, torch.tensor([[1, 15]] * 3))
-
-
 class ReadsConcatenated(nn.Module):
     def forward(self, x, i):
         return torch.cat([x, x[:1]]).reshape(-1)[i] * 2
 
 
 @pytest.mark.parametrize("backend", ["onnx", "tvm"])
-def test_an_index_into_the_batch_plus_rows_is_bounded_by_the_calls_elements(backend):
-    """Before: ``cat([x, x[:1]]).reshape(-1)[i]`` at a dynamic batch indexes a dimension of 5 × the batch + 5, which
-    neither a number nor k × the batch bounded: TVM returned the first element for index 20 of 20 (a review).
-    Expected: bounded by 5 × the call's batch + 5 ([−20, 20) at batch 3)."""
+@pytest.mark.parametrize("model, n, words", [(ReadsFlattened(), 15, "5 × the batch"),
+                                             (ReadsConcatenated(), 20, "5 × the batch \\+ 5")])
+def test_an_index_into_a_dimension_of_k_batches_plus_c_is_bounded_by_the_calls_elements(backend, model, n, words):
+    """Before: ``x.reshape(-1)[i]`` at a dynamic batch indexes a dimension of 5 × the batch, and
+    ``cat([x, x[:1]]).reshape(-1)[i]`` one of 5 × the batch + 5, which neither a number nor the batch bounded: TVM
+    returned a value for −11 of 10 elements, and the first element for index 20 of 20 (two reviews). Expected: bounded
+    by k × the call's batch + c ([−15, 15) and [−20, 20) at batch 3)."""
     x, i = torch.randn(2, 5), torch.tensor([[1, 3], [2, 9]])
-    cm = fxforge.compile(ReadsConcatenated(), (x, i), backend=backend, measure_latency=False)
-    x3, valid = torch.randn(3, 5), torch.tensor([[-20, 19]] * 3)
-    torch.testing.assert_close(cm(x3, valid), ReadsConcatenated()(x3, valid))
-    with pytest.raises(fxforge.InputError, match=r"^input 1 holds indices from 1 to 20, but it indexes dimension 0 "
-                                                 r"\(5 × the batch \+ 5\) at node 'index': each must be in \[-20, 20\)$"):
-        cm(x3, torch.tensor([[1, 20]] * 3))
+    cm = fxforge.compile(model, (x, i), backend=backend, measure_latency=False)
+    x3, valid = torch.randn(3, 5), torch.tensor([[-n, n - 1]] * 3)
+    torch.testing.assert_close(cm(x3, valid), model(x3, valid))
+    with pytest.raises(fxforge.InputError, match=rf"^input 1 holds indices from 1 to {n}, but it indexes dimension 0 "
+                                                 rf"\({words}\) at node 'index': each must be in \[-{n}, {n}\)$"):
+        cm(x3, torch.tensor([[1, n]] * 3))
 
 
 class Indexes(nn.Module):
