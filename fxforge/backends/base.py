@@ -128,7 +128,7 @@ class Artifact(ABC):
         guards = self.info.get(INDEX_GUARDS, ())
         if not guards:
             return outputs
-        batch = next((t.shape[0] for t, b in zip(inputs, self.signature.batched()) if b), None)
+        batch = self.signature.call_batch(inputs)
         for (node, low, high, what), extremes in zip(guards, outputs[-len(guards):]):
             low, high = call_bound(low, high, batch)
             least, most = (int(v) for v in extremes)

@@ -147,13 +147,18 @@ class Signature:
         if not self.dynamic_batch:
             return self
         specs = tuple(TensorSpec(tuple(t.shape), s.dtype) for t, s in zip(example_inputs, self.inputs))
-        batch = next((t.shape[0] for t, b in zip(example_inputs, self.batched()) if b), None)
+        batch = self.call_batch(example_inputs)
         bounds = self.index_bounds if batch is None else tuple(tuple(batch_bound(b, batch)) for b in self.index_bounds)
         return replace(self, inputs=specs, dynamic_batch=False, note=note, index_bounds=bounds)
 
     def batched(self) -> list[bool]:
         """Which flat inputs have the dynamic batch dimension (none when the batch is static)."""
         return [bool(s.shape) and s.shape[0] is None and self.dynamic_batch for s in self.inputs]
+
+    def call_batch(self, flat: Sequence[torch.Tensor]) -> int | None:
+        """The batch size of a call's flat inputs (what a bound of :data:`BATCH` stands for there), None where the
+        batch is static."""
+        return next((t.shape[0] for t, b in zip(flat, self.batched()) if b), None)
 
     def arguments(self, flat: Sequence[Any]) -> tuple[Any, ...]:
         """The call arguments holding ``flat`` (tensors in the order :meth:`flatten` gives them) where the model's
@@ -199,7 +204,7 @@ class Signature:
             if t.dim() != len(s.shape) or any(e is not None and e != d for e, d in zip(s.shape, t.shape)):
                 raise InputError(f"{name(i)} has shape {list(t.shape)}, compiled for "
                                  f"{list(s.shape)} (None = any size)")
-        batch = next((t.shape[0] for t, b in zip(flat, self.batched()) if b), None)
+        batch = self.call_batch(flat)
         for i, low, high, what, *ignored in self.index_bounds:
             t = flat[i]
             low, high = call_bound(low, high, batch)  # a dimension of the call's batch size (or k times it)

@@ -983,7 +983,7 @@ class TvmBackend(Backend):
         if guards:
             info[INDEX_GUARDS] = guards
         mod = executable = None
-        batch = next((t.shape[0] for t, b in zip(example_inputs, signature.batched()) if b), None)
+        batch = signature.call_batch(example_inputs)  # before a fallback makes the signature static
         if signature.dynamic_batch and tune is None:  # MetaSchedule tunes static shapes
             try:
                 mod, executable = _dynamic_build(gm, example_inputs, signature.batched(), tgt, fast_math)
