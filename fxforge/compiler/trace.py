@@ -718,7 +718,8 @@ class IndexRead(NamedTuple):
     """A tensor an op reads as indices: eager accepts [low, high) (``high`` = k × :data:`BATCH` for a dimension of
     k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`), and a loss also its
     ``ignored`` index; ``label``: a loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``:
-    the op's node."""
+    the op's node; ``extent``: for a dimension of the batch's size, the tensor and dimension indexed (None: its
+    elements), whose size the guards read at run time."""
     index: fx.Node
     low: int
     high: int
@@ -726,6 +727,7 @@ class IndexRead(NamedTuple):
     ignored: int | None
     label: bool
     reader: fx.Node
+    extent: tuple[fx.Node, int | None] | None = None
 
     def guard(self) -> list[Any]:
         """(reader, low, high, what): how an artifact names and bounds it (``base.INDEX_GUARDS``; a loss's
@@ -758,7 +760,7 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
         n = value.numel() if isinstance(value, torch.Tensor) and _integer_index(index) else None
         if (bound := _batches(n, batch)) is not None:
             return [IndexRead(index, -bound[0], bound[0], f"the {bound[1].replace('the batch', 'batch')} elements at "
-                              f"node {user.name!r}", None, False, user)]
+                              f"node {user.name!r}", None, False, user, (argument(user, "self"), None))]
         return [IndexRead(index, -n, n, f"the {n} elements at node {user.name!r}", None, False, user)] \
             if isinstance(n, int) else []
     reads = []
@@ -766,7 +768,8 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
         size = _size(gm, source, dim)
         if (bound := _batches(size, batch)) is not None:
             reads.append(IndexRead(index, -bound[0] if low_is_minus_n else 0, bound[0],
-                                   f"dimension {dim} ({bound[1]}) at node {user.name!r}", None, False, user))
+                                   f"dimension {dim} ({bound[1]}) at node {user.name!r}", None, False, user,
+                                   (source, dim)))
         elif isinstance(size, int):
             what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
                     f"dimension {dim} (size {size}) at node {user.name!r}")
@@ -852,9 +855,10 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
     ignore_index left out; an empty index's are ±2**62, which no check refuses), for a backend whose kernels read
     an index out of range silently (ONNX's Gather wraps −1 around, TVM reads past a table) where eager raises;
     returns their ``IndexRead.guard``, which the artifact compares the extra outputs with after each run
-    (``base.Artifact.checked_indices``). The op reads the index mod n where n is a number (the same element for
-    every index eager accepts): the check follows the run, and TVM wrote an ``index_put``'s column 40001 of 5 past
-    the tensor before it (the process crashed later)."""
+    (``base.Artifact.checked_indices``). The op reads the index mod n, the size it indexes (the call's where it is the
+    batch's): the same element for every index eager accepts, and none outside the tensor, since the check follows
+    the run (TVM wrote an ``index_put``'s column 40001 of 5 past the tensor before it, and its scatter into row
+    10**10 of the batch crashed the process)."""
     graph, found, extremes = gm.graph, computed_indices(gm), []
     for read in found:
         with graph.inserting_before(graph.output_node()):
@@ -867,14 +871,24 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
                 padded = graph.call_function(aten.constant_pad_nd.default, (values, [0, 1], fill))
                 ends.append(graph.call_function(end, (padded, [0])))
             extremes.append(graph.call_function(aten.stack.default, (ends,)))
-        if read.high < BATCH // 2 and not read.label:  # a read of index mod n never leaves the tensor
+        if not read.label and (read.high < BATCH // 2 or read.extent):  # index mod n never leaves the tensor
             with graph.inserting_before(read.reader):
-                read.reader.replace_input_with(read.index, graph.call_function(aten.remainder.Scalar,
-                                                                               (read.index, read.high)))
+                wrapped = graph.call_function(aten.remainder.Scalar, (read.index, read.high)) \
+                    if read.high < BATCH // 2 else graph.call_function(aten.remainder.Tensor, (
+                        read.index, _run_size(graph, *read.extent)))
+                read.reader.replace_input_with(read.index, wrapped)
     if extremes:
         set_graph_outputs(graph, [*graph_outputs(graph), *extremes])
         gm.recompile()
     return [read.guard() for read in found]
+
+
+def _run_size(graph: fx.Graph, source: fx.Node, dim: int | None) -> fx.Node:
+    """A 0-d int64 tensor of ``source``'s size along ``dim`` (None: its number of elements) at run time: the ONNX
+    exporter takes no symbolic number in ``remainder``, TVM's importer none in ``scalar_tensor``; both take ``full``."""
+    size = graph.call_function(aten.sym_numel.default, (source,)) if dim is None else \
+        graph.call_function(aten.sym_size.int, (source, dim))
+    return graph.call_function(aten.full.default, ([], size), {"dtype": torch.int64})
 
 
 def _computed_from_inputs(node: fx.Node) -> bool:

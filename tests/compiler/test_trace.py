@@ -465,6 +465,35 @@ def test_an_index_put_outside_its_dimension_is_refused_as_eager_refuses(computed
         cm(x, torch.tensor([40001 - (1 if computed else 0), 0]))
 
 
+class RowsScattered(nn.Module):
+    """Ones scattered into rows ``idx + 1`` of ``x``: a computed index into dimension 0, the batch."""
+
+    def forward(self, x, idx):
+        return x.scatter(0, (idx + 1).unsqueeze(1).expand(-1, x.shape[1]), 1.0) * 2
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_a_computed_index_into_the_batch_is_read_mod_the_calls_batch_before_its_guard_refuses_it(backend):
+    """Before: an op read a computed index into a dimension of the batch's size as it was (mod n only where n is a
+    number): TVM's scatter of row 10**10 + 1 of 6 crashed the process (segmentation fault) before the guard could
+    refuse the call, and ONNX Runtime failed by itself naming its own node. Expected: the op reads the index mod the
+    call's batch (the same row for every index eager accepts, at any batch), so the guard's ``InputError`` names the
+    node; a valid call at another batch matches eager."""
+    model = RowsScattered().eval()
+    cm = fxforge.compile(model, (torch.randn(4, 3), torch.tensor([0, 2, 1, -1])), backend=backend,
+                         measure_latency=False)
+    assert cm.artifact.signature.dynamic_batch
+    x, valid = torch.randn(6, 3), torch.tensor([-1, 1, 0, 2, 4, 3])
+    torch.testing.assert_close(cm(x, valid), model(x, valid))
+    far = torch.tensor([0, 10 ** 10, 1, 0, 1, 2])
+    with pytest.raises(RuntimeError):
+        model(x, far)
+    with pytest.raises(fxforge.InputError, match=r"^node 'scatter' reads indices the model computes from its inputs, "
+                                                 r"from 1 to 10000000001, but it indexes dimension 0 \(the batch\): "
+                                                 r"each must be in \[0, 6\)"):
+        cm(x, far)
+
+
 class MaskThenIndex(nn.Module):
     """``x[mask, idx]``: a 2-D mask takes dimensions 0 and 1, ``idx`` indexes dimension 2."""
 
