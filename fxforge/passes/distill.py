@@ -2,7 +2,8 @@
 
 The teacher T is the graph as it stood before the pipeline's first lossy pass (``PassContext.teacher``, a copy
 the pass manager keeps; never the user's module). On the user's unlabeled batches x (``compile(...,
-train=[(x1,), ...])``) the student S, this graph, minimises with Adam (``optimizer='sgd'``: SGD, momentum 0.9) over its conv/linear weights and biases
+train=[(x1,), ...])``) the student S, this graph, minimises with Adam (``optimizer='sgd'``: SGD, momentum 0.9)
+over its conv/linear weights and biases
 
     classifier logits (the first output, when the report judges it so: 2-D rows that are not unit vectors,
     no probabilities, an argmax that moves):         L = τ² · KL(softmax(T(x)/τ) ‖ softmax(S(x)/τ))
@@ -58,24 +59,19 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from typing import Any, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-import torch.utils._pytree as pytree
 
 from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import CalibrationError, PassError, missing_train
-from fxforge.compiler.graph import call_nodes, get_tensor, set_tensor
-from fxforge.compiler.ops import DEQUANTIZE, QUANTIZE, WEIGHTED, bias_of, data, is_op, q_params, weight_of
+from fxforge.compiler.graph import call_nodes
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
-from fxforge.compiler.quality import not_logits
-from fxforge.compiler.timing import faster_threads
 
-from .lib.qdq import QDQ_KEY, is_q, refresh_bias_scales, refuse_if_folded, role, set_params
-
-Batch = tuple[torch.Tensor, ...]
+from .lib.distillation import Batch, Runner, Student
+from .lib.distillation_training import Objective, train
+from .lib.qdq import refuse_if_folded
 
 
 @register_pass
@@ -132,229 +128,25 @@ class Distill(Pass):
         fit = [b for i, b in enumerate(batches) if i not in held]
         held_out = [batches[i] for i in sorted(held)]
         stats: Counter = Counter()
-        params, nodes = trainable(gm, stats, biases_only=self.params != "all")
-        scales = activation_scales(gm) if self.params == "biases+scales" else {}
-        student = _Runner(gm, params, compressed_layers(gm, teacher_gm) if self.features else [], scales)
-        teacher = _Runner(teacher_gm, {}, student.record)
-        with torch.no_grad():
-            targets = [teacher.run(*b) for b in held_out]
-        kinds = _kinds([t[0] for t in targets])
-        if "float" not in kinds and "logits" not in kinds or not params:
-            stats["skipped.no_float_output" if params else "skipped.no_trainable_weights"] += 1
+        student = Student(gm, self.params, teacher_gm if self.features else None, stats)
+        objective = Objective(Runner(teacher_gm, {}, student.record), held_out, self.temperature, self.features)
+        if not objective.trains or not student.weights:
+            stats["skipped.no_float_output" if student.weights else "skipped.no_trainable_weights"] += 1
             return PassResult(changed=False, preserves="all", stats=dict(stats))
         start = time.perf_counter()
-        before = self.score(student, held_out, targets, kinds)
-        learned = {**params, **{f"scale.{g}": u for g, (u, _) in scales.items()}}
-        best, best_state, stale, step = before, _snapshot(learned), 0, 0
-        opt = torch.optim.Adam(learned.values(), lr=self.lr) if self.optimizer == "adam" else \
-            torch.optim.SGD(learned.values(), lr=self.lr, momentum=0.9)
-        order = torch.Generator().manual_seed(self.seed)
-        cache: dict[int, tuple] = {}
+        opt = torch.optim.Adam(student.learned.values(), lr=self.lr) if self.optimizer == "adam" else \
+            torch.optim.SGD(student.learned.values(), lr=self.lr, momentum=0.9)
         bar = ctx.progress(total=self.steps, desc="distill", unit="step")
-        probe = lambda: self.loss(student.run(*held_out[0]), targets[0], kinds).backward()  # a step, no update
-        with faster_threads(probe, self.threads) as threads:  # small batches: on a busy machine 1 thread may win
-            while step < self.steps and stale < self.patience:
-                for i in torch.randperm(len(fit), generator=order).tolist():
-                    if i not in cache:
-                        with torch.no_grad():
-                            cache[i] = teacher.run(*fit[i])
-                    opt.zero_grad()
-                    self.loss(student.run(*fit[i]), cache[i], kinds).backward()
-                    opt.step()
-                    step += 1
-                    bar.update()
-                    if step % self.eval_every == 0 or step == self.steps:
-                        score = self.score(student, held_out, targets, kinds)
-                        if score > best and score[1] >= before[1]:  # never a model that fits the teacher worse
-                            best, best_state, stale = score, _snapshot(learned), 0
-                        else:
-                            stale += 1
-                    if step >= self.steps or stale >= self.patience:
-                        break
+        run = train(student, objective, fit, opt, steps=self.steps, eval_every=self.eval_every, patience=self.patience,
+                    seed=self.seed, threads=self.threads, bar=bar)
         bar.close()
+        before, best, step = run.before, run.best, run.steps
         if best > before:  # else the graph stays as it came, its very tensors (the pass then changed nothing)
-            for name, value in best_state.items():
-                if name in nodes:
-                    set_tensor(gm, nodes[name], value)
-            for g, (_, qs) in scales.items():
-                for q in qs:
-                    set_params(q, q_params(q).scale * float(best_state[f"scale.{g}"].exp()), q_params(q).zero_point)
-            if scales:
-                refresh_bias_scales(gm)
-        metric = "agreement" if "logits" in kinds else "cosine"
+            student.write(run.state)
+        metric = objective.metric
         return PassResult(changed=best > before, stats={
             **stats, "steps": step, "seconds": round(time.perf_counter() - start, 2),
-            "stopped_early": int(step < self.steps), "threads": threads, "params_trained": len(params),
-            "scales_trained": len(scales),
-            "feature_layers": len(student.record),
+            "stopped_early": int(step < self.steps), "threads": run.threads, "params_trained": len(student.weights),
+            "scales_trained": len(student.groups), "feature_layers": len(student.record),
             f"held_out_{metric}_before": before[0], f"held_out_{metric}_after": best[0],
             "held_out_loss_before": -before[1], "held_out_loss_after": -best[1]})
-
-    def loss(self, student: tuple, teacher: tuple, kinds: Sequence[str]) -> torch.Tensor:
-        """The distillation loss of one batch (see the module docstring)."""
-        (s_out, s_feat), (t_out, t_feat) = student, teacher
-        total = torch.zeros((), dtype=torch.float64)
-        for s, t, kind in zip(s_out, t_out, kinds):
-            if kind == "logits":
-                log_s, log_t = _log_softmax(s / self.temperature), _log_softmax(t / self.temperature)
-                kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
-                total = total + self.temperature ** 2 * kl
-            elif kind == "float":
-                rows = s.reshape(s.shape[0], -1) if s.dim() else s.reshape(1, 1)
-                ref = t.reshape(rows.shape)
-                total = total + (1 - F.cosine_similarity(rows, ref, dim=1, eps=1e-12)).mean() + _rel_mse(s, t)
-        for name, f in s_feat.items():
-            total = total + self.features * _rel_mse(f, t_feat[name])
-        return total
-
-    def score(self, student: _Runner, batches: Sequence[Batch], targets: Sequence[tuple],
-              kinds: Sequence[str]) -> tuple[float, float]:
-        """(held-out metric, −held-out loss): higher is better."""
-        with torch.no_grad():
-            outs = [student.run(*b) for b in batches]
-            loss = sum(float(self.loss(o, t, kinds)) for o, t in zip(outs, targets)) / len(batches)
-        if not math.isfinite(loss):  # diverged: NaN rows argmax to class 0, which once "agreed" 100 %
-            return -math.inf, -math.inf
-        i = kinds.index("logits") if "logits" in kinds else kinds.index("float")
-        s = torch.cat([o[0][i] for o in outs])
-        t = torch.cat([t[0][i] for t in targets])
-        if kinds[i] == "logits":
-            metric = float((s.argmax(-1) == t.argmax(-1)).double().mean())
-        else:
-            metric = float(F.cosine_similarity(s.reshape(len(s), -1).double(), t.reshape(len(t), -1).double(),
-                                               dim=1).mean())
-        return metric, -loss
-
-
-def _kinds(outputs: list[tuple[torch.Tensor, ...]]) -> list[str]:
-    """Per output of the teacher (``outputs``: its outputs on each held-out batch): "logits" for the first when it is
-    classifier logits as the report and the budget judge them (``quality.not_logits``: 2-D rows that are not unit
-    vectors, not independent probabilities, not a regression whose largest column never moves), "float" for every
-    other float output (a box or score head beside the logits: softmax-KL ignores a shift of its row, and repaired
-    a pruned CNN's 4-value regression from 0.78 to 0.66 relative error where this loss reached 0.02), "other" for
-    what the loss ignores (integer outputs)."""
-    kinds = ["float" if t.is_floating_point() else "other" for t in outputs[0]]
-    if kinds and kinds[0] == "float" and not not_logits([list(o) for o in outputs]):
-        kinds[0] = "logits"
-    return kinds
-
-
-def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log softmax over the last dim as x − logsumexp(x) (measured: torch.log_softmax on a 32 × 10 tensor
-    took 20 ms per call on a loaded 2-core machine, waking its OpenMP threads; logsumexp takes 0.02 ms)."""
-    return x - x.logsumexp(-1, keepdim=True)
-
-
-def _rel_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return (s - t).double().pow(2).sum() / t.double().pow(2).sum().clamp(min=1e-12)
-
-
-def trainable(gm: fx.GraphModule, stats: Counter, biases_only: bool = False
-              ) -> tuple[dict[str, torch.Tensor], dict[str, fx.Node]]:
-    """Trainable copies of the float weights and biases (``biases_only``: the biases) of every conv/linear, read
-    directly or through Q/DQ, by attribute name, and the get_attr node of each. Integer weights (after fold_qdq)
-    stay as they are; a tensor several get_attr nodes read (tied weights) is left and counted."""
-    params: dict[str, torch.Tensor] = {}
-    nodes: dict[str, fx.Node] = {}
-    readers = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
-    for node in call_nodes(gm, *WEIGHTED):
-        for arg in (bias_of(node),) if biases_only else (weight_of(node), bias_of(node)):
-            while is_op(arg, *QUANTIZE, *DEQUANTIZE):
-                arg = data(arg)
-            t = get_tensor(gm, arg)
-            if t is None or not t.is_floating_point() or arg.target in params:
-                continue
-            if readers[arg.target] > 1:
-                stats["skipped.shared_weight"] += 1
-                continue
-            params[arg.target], nodes[arg.target] = t.detach().clone().requires_grad_(True), arg
-    return params, nodes
-
-
-def activation_scales(gm: fx.GraphModule) -> dict[int, tuple[torch.Tensor, list[fx.Node]]]:
-    """Per activation group of per-tensor Q nodes: a trainable log-ratio u (0: the calibrated scale) and its Q nodes."""
-    groups: dict[int, tuple[torch.Tensor, list[fx.Node]]] = {}
-    for q in gm.graph.nodes:
-        if is_q(q) and role(q) == "activation" and q_params(q).axis is None:
-            group = groups.setdefault(q.meta[QDQ_KEY]["group"], (torch.zeros((), requires_grad=True), []))
-            group[1].append(q)
-    return groups
-
-
-def compressed_layers(gm: fx.GraphModule, teacher: fx.GraphModule) -> list[str]:
-    """Conv/linear layers whose weight differs from the teacher's layer of the same name (split by low_rank,
-    quantized, ...) while their output keeps its shape: where the feature loss applies."""
-    theirs = {n.name: n for n in call_nodes(teacher, *WEIGHTED)}
-    out = []
-    for node in call_nodes(gm, *WEIGHTED):
-        t = theirs.get(node.name)
-        mine, ref = _weight(gm, node), _weight(teacher, t) if t is not None else None
-        same_shape = t is not None and node.meta.get("val") is not None and t.meta.get("val") is not None and \
-            node.meta["val"].shape == t.meta["val"].shape
-        if same_shape and (mine is None or ref is None or mine.shape != ref.shape or not torch.equal(mine, ref)):
-            out.append(node.name)
-    return out
-
-
-def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    arg = weight_of(node)
-    while is_op(arg, *QUANTIZE, *DEQUANTIZE):
-        arg = data(arg)
-    return get_tensor(gm, arg)
-
-
-def _snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in params.items()}
-
-
-def _learned_qdq(x: torch.Tensor, q: fx.Node, u: torch.Tensor) -> torch.Tensor:
-    """DQ(Q(x)) on the grid of ``q`` with its scale times e^u, differentiable in x and u (module docstring)."""
-    p = q_params(q)
-    s = torch.tensor(p.scale, dtype=torch.float64) * u.double().exp()  # the op's own arithmetic: x · float32(1/s)
-    v = x * (1 / s).to(x.dtype)                                           # rounded, then z added (exact integers)
-    q_ = (v + (torch.round(v) - v).detach() + p.zero_point).clamp(p.quant_min, p.quant_max)
-    return (q_ - p.zero_point) * s.to(x.dtype)
-
-
-class _Runner(fx.Interpreter):
-    """Runs a graph with some constants replaced by trainable tensors, Q/DQ pairs as straight-through
-    estimators, and the outputs of the ``record`` layers kept: ``run(*x) -> (float outputs, {layer: output})``."""
-
-    def __init__(self, gm: fx.GraphModule, params: dict[str, torch.Tensor], record: Sequence[str],
-                 scales: dict[int, tuple[torch.Tensor, list[fx.Node]]] | None = None) -> None:
-        super().__init__(gm, garbage_collect_values=False)  # a DQ reads the input of its Q
-        self.params, self.record = params, list(record)
-        self.scales = {q: u for u, qs in (scales or {}).values() for q in qs}  # Q node → its group's log-ratio
-        self.features: dict[str, torch.Tensor] = {}
-        self.normal: dict[str, torch.Tensor] = {}  # copies of constants made under torch.inference_mode
-
-    def run(self, *args: Any, **kwargs: Any) -> tuple:  # type: ignore[override]
-        self.features = {}
-        out = super().run(*args, **kwargs)
-        return tuple(torch.as_tensor(v) for v in pytree.tree_leaves(out)), self.features
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op == "get_attr" and n.target in self.params:
-            return self.params[n.target]
-        if n.op == "get_attr":
-            out = super().run_node(n)
-            # a constant made while compile ran under torch.inference_mode (batch norm's statistics, a buffer) cannot
-            # be saved for the backward of an op reading it: autograd's raw error, where the same call outside worked
-            if isinstance(out, torch.Tensor) and out.is_inference():
-                if n.target not in self.normal:
-                    self.normal[n.target] = out.clone()
-                out = self.normal[n.target]
-        elif is_op(n, *DEQUANTIZE) and data(n) in self.scales:
-            out = _learned_qdq(self.env[data(data(n))], data(n), self.scales[data(n)])
-        elif is_op(n, *DEQUANTIZE) and is_op(data(n), *QUANTIZE) and self.env[data(data(n))].requires_grad:
-            x = self.env[data(data(n))]
-            with torch.no_grad():
-                y = super().run_node(n)
-            out = x + (y - x).detach()
-        else:
-            out = super().run_node(n)
-        if n.name in self.record:
-            self.features[n.name] = out
-        return out
-
-

@@ -11,7 +11,7 @@ from fxforge.compiler.ops import WEIGHTED
 from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
 from fxforge.compiler.trace import trace
 from fxforge.passes import QUANTIZE, Distill, LowRank
-from fxforge.passes.distill import compressed_layers
+from fxforge.passes.lib.distillation import compressed_layers
 from models import accuracy, digits_data
 from pipeline import count
 
@@ -167,23 +167,23 @@ def test_biases_alone_learn_through_qdq_and_lower_the_error():
 
 
 def test_learned_qdq_is_the_quantizer_at_u_0_and_has_lsq_gradients():
-    """_learned_qdq at u = 0 gives quantized_decomposed's integers; ∂x̂/∂x is 1 inside the grid and 0 outside, and
+    """learned_qdq at u = 0 gives quantized_decomposed's integers; ∂x̂/∂x is 1 inside the grid and 0 outside, and
     ∂x̂/∂s is round(v) − v inside and q_max − z above it (LSQ), with ∂s/∂u = s."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
     from torch import fx as tfx
-    from fxforge.passes.distill import _learned_qdq
+    from fxforge.passes.lib.distillation import learned_qdq
     qd = torch.ops.quantized_decomposed
     g = tfx.Graph()
     x_node = g.placeholder("x")
     q = g.call_function(qd.quantize_per_tensor.default, (x_node, 0.1, 10, 0, 255, torch.uint8))
     x = torch.tensor([-2.0, -0.04, 0.26, 3.0, 30.0], requires_grad=True)
     u = torch.zeros((), requires_grad=True)
-    out = _learned_qdq(x, q, u)
+    out = learned_qdq(x, q, u)
     ref = qd.dequantize_per_tensor(qd.quantize_per_tensor(x.detach(), 0.1, 10, 0, 255, torch.uint8),
                                    0.1, 10, 0, 255, torch.uint8)
     assert torch.equal(out.detach(), ref)
     dense = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 5  # the op's rounding, bit for bit
-    assert torch.equal(_learned_qdq(dense, q, torch.zeros(())),
+    assert torch.equal(learned_qdq(dense, q, torch.zeros(())),
                        qd.dequantize_per_tensor(qd.quantize_per_tensor(dense, 0.1, 10, 0, 255, torch.uint8),
                                                 0.1, 10, 0, 255, torch.uint8))
     out.sum().backward()
@@ -362,12 +362,12 @@ def test_only_the_first_output_trains_as_logits():
     """Every 2-D float output whose rows were not unit vectors was trained by softmax-KL, a 4-value regression head
     beside the logits too: KL ignores a shift of its row, and a pruned CNN's head stayed at 0.66 relative error
     where the documented float loss reached 0.02."""
-    from fxforge.passes.distill import _kinds
+    from fxforge.passes.lib.distillation_training import output_kinds
 
     model, x = LogitsAndBox().eval(), torch.randn(64, 16)
     with torch.no_grad():
-        assert _kinds([model(x)]) == ["logits", "float"]
-        assert _kinds([(model(x)[1] + torch.tensor([100.0, 0, 0, 0]),)]) == ["float"]  # its argmax never moves
+        assert output_kinds([model(x)]) == ["logits", "float"]
+        assert output_kinds([(model(x)[1] + torch.tensor([100.0, 0, 0, 0]),)]) == ["float"]  # its argmax never moves
 
 
 @pytest.mark.parametrize("lr", [1e30, 100.0])
