@@ -718,8 +718,8 @@ class IndexRead(NamedTuple):
     """A tensor an op reads as indices: eager accepts [low, high) (``high`` = k × :data:`BATCH` for a dimension of
     k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`), and a loss also its
     ``ignored`` index; ``label``: a loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``:
-    the op's node; ``extent``: for a dimension of the batch's size, the tensor and dimension indexed (None: its
-    elements), whose size the guards read at run time."""
+    the op's node; ``extent``: the tensor and dimension indexed (None: its elements), whose size the guards read at
+    run time where it is the batch's."""
     index: fx.Node
     low: int
     high: int
@@ -749,7 +749,8 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
         if _integer_index(target) and (isinstance(classes, int) or (classes is not None and str(classes) in batch)):
             high, many = (classes, classes) if isinstance(classes, int) else (BATCH, "the batch's")
             return [IndexRead(target, 0, high, f"{many} classes at node {user.name!r}",
-                              int(argument(user, "ignore_index")), True, user)]
+                              int(argument(user, "ignore_index")), True, user,
+                              (argument(user, "self"), 1 if _rank(argument(user, "self")) > 1 else 0))]
         return []
     if is_op(user, aten.one_hot):
         classes = argument(user, "num_classes")
@@ -855,10 +856,9 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
     ignore_index left out; an empty index's are ±2**62, which no check refuses), for a backend whose kernels read
     an index out of range silently (ONNX's Gather wraps −1 around, TVM reads past a table) where eager raises;
     returns their ``IndexRead.guard``, which the artifact compares the extra outputs with after each run
-    (``base.Artifact.checked_indices``). The op reads the index mod n, the size it indexes (the call's where it is the
-    batch's): the same element for every index eager accepts, and none outside the tensor, since the check follows
-    the run (TVM wrote an ``index_put``'s column 40001 of 5 past the tensor before it, and its scatter into row
-    10**10 of the batch crashed the process)."""
+    (``base.Artifact.checked_indices``). The op reads each index mod the size it indexes (:func:`_wrapped`), since
+    the check follows the run: TVM wrote an ``index_put``'s column 40001 of 5 past the tensor before it, and its
+    scatter into row 10**10 of the batch and a cross-entropy's class 10**10 crashed the process."""
     graph, found, extremes = gm.graph, computed_indices(gm), []
     for read in found:
         with graph.inserting_before(graph.output_node()):
@@ -871,16 +871,25 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
                 padded = graph.call_function(aten.constant_pad_nd.default, (values, [0, 1], fill))
                 ends.append(graph.call_function(end, (padded, [0])))
             extremes.append(graph.call_function(aten.stack.default, (ends,)))
-        if not read.label and (read.high < BATCH // 2 or read.extent):  # index mod n never leaves the tensor
+        if read.high < BATCH // 2 or read.extent:
             with graph.inserting_before(read.reader):
-                wrapped = graph.call_function(aten.remainder.Scalar, (read.index, read.high)) \
-                    if read.high < BATCH // 2 else graph.call_function(aten.remainder.Tensor, (
-                        read.index, _run_size(graph, *read.extent)))
-                read.reader.replace_input_with(read.index, wrapped)
+                read.reader.replace_input_with(read.index, _wrapped(graph, read))
     if extremes:
         set_graph_outputs(graph, [*graph_outputs(graph), *extremes])
         gm.recompile()
     return [read.guard() for read in found]
+
+
+def _wrapped(graph: fx.Graph, read: IndexRead) -> fx.Node:
+    """``read.index`` mod the size n it indexes (n at run time where it is the batch's), a loss's ignore_index kept
+    as it is: no index outside the tensor, the same element for every index eager accepts."""
+    index = read.index
+    wrapped = graph.call_function(aten.remainder.Scalar, (index, read.high)) if read.high < BATCH // 2 else \
+        graph.call_function(aten.remainder.Tensor, (index, _run_size(graph, *read.extent)))
+    if read.ignored is None:
+        return wrapped
+    ignored = graph.call_function(aten.eq.Scalar, (index, read.ignored))
+    return graph.call_function(aten.where.self, (ignored, index, wrapped))
 
 
 def _run_size(graph: fx.Graph, source: fx.Node, dim: int | None) -> fx.Node:

@@ -494,6 +494,37 @@ def test_a_computed_index_into_the_batch_is_read_mod_the_calls_batch_before_its_
         cm(x, far)
 
 
+class LabelsPlusOne(nn.Module):
+    """A cross-entropy on labels the model computes (``labels + 1``; −101 becomes its ignore_index, −100)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, labels):
+        return nn.functional.cross_entropy(self.head(x), labels + 1)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_computed_labels_are_read_mod_the_classes_keeping_the_ignore_index(backend):
+    """Before: a loss read computed labels as they were: TVM's cross-entropy at class 10**10 + 1 of 3 crashed the
+    process (segmentation fault) before the guard could refuse the call, and ONNX Runtime failed by itself naming
+    a node of its own. Expected: the loss reads each label mod the classes, its ignore_index as it is, so a valid
+    call (an ignored label among them) matches eager and the guard refuses the far one."""
+    torch.manual_seed(0)
+    model, x = LabelsPlusOne().eval(), torch.randn(3, 4)
+    cm = fxforge.compile(model, (x, torch.tensor([0, 1, -1])), backend=backend, measure_latency=False)
+    valid = torch.tensor([-101, 1, -1])
+    torch.testing.assert_close(cm(x, valid), model(x, valid))
+    far = torch.tensor([0, 10 ** 10, 1])
+    with pytest.raises(IndexError):
+        model(x, far)
+    with pytest.raises(fxforge.InputError, match=r"^node 'cross_entropy_loss' reads indices the model computes from "
+                                                 r"its inputs, from 1 to 10000000001, but it indexes 3 classes \(or "
+                                                 r"-100, its ignore_index\): each must be in \[0, 3\)"):
+        cm(x, far)
+
+
 class MaskThenIndex(nn.Module):
     """``x[mask, idx]``: a 2-D mask takes dimensions 0 and 1, ``idx`` indexes dimension 2."""
 
