@@ -472,28 +472,6 @@ class RowsScattered(nn.Module):
         return x.scatter(0, (idx + 1).unsqueeze(1).expand(-1, x.shape[1]), 1.0) * 2
 
 
-@pytest.mark.parametrize("backend", ["onnx", "tvm"])
-def test_a_computed_index_into_the_batch_is_read_mod_the_calls_batch_before_its_guard_refuses_it(backend):
-    """Before: an op read a computed index into a dimension of the batch's size as it was (mod n only where n is a
-    number): TVM's scatter of row 10**10 + 1 of 6 crashed the process (segmentation fault) before the guard could
-    refuse the call, and ONNX Runtime failed by itself naming its own node. Expected: the op reads the index mod the
-    call's batch (the same row for every index eager accepts, at any batch), so the guard's ``InputError`` names the
-    node; a valid call at another batch matches eager."""
-    model = RowsScattered().eval()
-    cm = fxforge.compile(model, (torch.randn(4, 3), torch.tensor([0, 2, 1, -1])), backend=backend,
-                         measure_latency=False)
-    assert cm.artifact.signature.dynamic_batch
-    x, valid = torch.randn(6, 3), torch.tensor([-1, 1, 0, 2, 4, 3])
-    torch.testing.assert_close(cm(x, valid), model(x, valid))
-    far = torch.tensor([0, 10 ** 10, 1, 0, 1, 2])
-    with pytest.raises(RuntimeError):
-        model(x, far)
-    with pytest.raises(fxforge.InputError, match=r"^node 'scatter' reads indices the model computes from its inputs, "
-                                                 r"from 1 to 10000000001, but it indexes dimension 0 \(the batch\): "
-                                                 r"each must be in \[0, 6\)"):
-        cm(x, far)
-
-
 class LabelsPlusOne(nn.Module):
     """A cross-entropy on labels the model computes (``labels + 1``; −101 becomes its ignore_index, −100)."""
 
@@ -505,24 +483,39 @@ class LabelsPlusOne(nn.Module):
         return nn.functional.cross_entropy(self.head(x), labels + 1)
 
 
+# model, example, a valid call at another batch, the far index it then gets, what eager raises, the guard's message
+WRAPPED = {
+    "scatter into the batch": (
+        RowsScattered, (torch.randn(4, 3), torch.tensor([0, 2, 1, -1])),
+        (torch.randn(6, 3), torch.tensor([-1, 1, 0, 2, 4, 3])), torch.tensor([0, 10 ** 10, 1, 0, 1, 2]), RuntimeError,
+        r"^node 'scatter' reads indices the model computes from its inputs, from 1 to 10000000001, but it indexes "
+        r"dimension 0 \(the batch\): each must be in \[0, 6\)"),
+    "labels": (
+        LabelsPlusOne, (torch.randn(3, 4), torch.tensor([0, 1, -1])),
+        (torch.randn(5, 4), torch.tensor([-101, 1, -1, 0, 1])), torch.tensor([0, 10 ** 10, 1, 0, 1]), IndexError,
+        r"^node 'cross_entropy_loss' reads indices the model computes from its inputs, from 1 to 10000000001, but it "
+        r"indexes 3 classes \(or -100, its ignore_index\): each must be in \[0, 3\)")}
+
+
 @pytest.mark.parametrize("backend", ["onnx", "tvm"])
-def test_computed_labels_are_read_mod_the_classes_keeping_the_ignore_index(backend):
-    """Before: a loss read computed labels as they were: TVM's cross-entropy at class 10**10 + 1 of 3 crashed the
-    process (segmentation fault) before the guard could refuse the call, and ONNX Runtime failed by itself naming
-    a node of its own. Expected: the loss reads each label mod the classes, its ignore_index as it is, so a valid
-    call (an ignored label among them) matches eager and the guard refuses the far one."""
+@pytest.mark.parametrize("case", WRAPPED)
+def test_a_computed_index_is_read_mod_its_size_before_its_guard_refuses_it(case, backend):
+    """Before: an op read a computed index into a dimension of the batch's size, and a loss its computed labels, as
+    they were (mod n only where n was a number and no loss read it): TVM's scatter into row 10**10 + 1 and its
+    cross-entropy at class 10**10 + 1 crashed the process (segmentation fault) before the guard could refuse the
+    call, and ONNX Runtime failed by itself naming a node of its own. Expected: the op reads each index mod the size
+    it indexes (the call's batch), a loss's ignore_index as it is, so a valid call at another batch (an ignored label
+    among them) matches eager, and the guard's ``InputError`` names the node of the far one."""
+    make, example, valid, far, raised, message = WRAPPED[case]
     torch.manual_seed(0)
-    model, x = LabelsPlusOne().eval(), torch.randn(3, 4)
-    cm = fxforge.compile(model, (x, torch.tensor([0, 1, -1])), backend=backend, measure_latency=False)
-    valid = torch.tensor([-101, 1, -1])
-    torch.testing.assert_close(cm(x, valid), model(x, valid))
-    far = torch.tensor([0, 10 ** 10, 1])
-    with pytest.raises(IndexError):
-        model(x, far)
-    with pytest.raises(fxforge.InputError, match=r"^node 'cross_entropy_loss' reads indices the model computes from "
-                                                 r"its inputs, from 1 to 10000000001, but it indexes 3 classes \(or "
-                                                 r"-100, its ignore_index\): each must be in \[0, 3\)"):
-        cm(x, far)
+    model = make().eval()
+    cm = fxforge.compile(model, example, backend=backend, measure_latency=False)
+    assert cm.artifact.signature.dynamic_batch
+    torch.testing.assert_close(cm(*valid), model(*valid))
+    with pytest.raises(raised):
+        model(valid[0], far)
+    with pytest.raises(fxforge.InputError, match=message):
+        cm(valid[0], far)
 
 
 class MaskThenIndex(nn.Module):
