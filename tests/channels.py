@@ -8,7 +8,7 @@ from fxforge.compiler.ops import WEIGHTED
 from fxforge.compiler.pass_manager import PassContext
 from fxforge.compiler.trace import trace
 from fxforge.passes.analysis.channel_groups import ChannelGroups
-from fxforge.passes.prune_channels import zero_groups
+from fxforge.passes.lib.channel_surgery import zero_groups
 
 
 def zero_random_groups(model: torch.nn.Module, example: tuple, share: float, seed: int = 0) -> int:

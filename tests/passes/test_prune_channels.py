@@ -14,7 +14,8 @@ from fxforge.compiler.trace import trace
 from fxforge.passes import DeadChannels, PruneChannels
 from fxforge.passes.analysis.channel_groups import ChannelGroups
 from fxforge.passes.analysis.channel_importance import ChannelImportance
-from fxforge.passes.prune_channels import flops_left, zero_groups
+from fxforge.passes.lib.channel_surgery import zero_groups
+from fxforge.passes.lib.pruning import flops_left
 from models import ZOO, _randomize_bn, accuracy, digits_cnn, zoo_params
 from pipeline import apply, error_vs_eager
 

@@ -4,9 +4,12 @@ constant channel a conv or linear mixed into its outputs moves into that layer's
     y[o] = b[o] + Σ_c W[o, c] ∗ x_c,   x_c ≡ v_c   ⇒   b'[o] = b[o] + Σ_{removed c} v_c · ΣW[o, c]
 
 Exact for the ids RemovableChannels returns (constant or unread channels); dead_channels and prune_channels (after
-zeroing its chosen groups) both remove with it.
+zeroing its chosen groups with ``zero_groups``, which makes them such channels) both remove with it.
 """
 from __future__ import annotations
+
+import copy
+from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -18,7 +21,7 @@ from fxforge.compiler.ops import (BATCH_NORM, ELEMENTWISE_BINARY, RESHAPE, SPLIT
 
 from fxforge.compiler.pass_manager import PassContext
 
-from ..analysis.channel_groups import ChannelGraph, ChannelGroups, ChannelMap
+from ..analysis.channel_groups import ChannelGraph, ChannelGroup, ChannelGroups, ChannelMap
 from ..analysis.constant_channels import ConstantChannels, Constants
 from ..analysis.removable_channels import RemovableChannels, is_consumer
 
@@ -34,6 +37,51 @@ def remove_removable(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         stats["channels_removed"] = remove_channels(gm, cg, const, torch.tensor(found.ids))
         finalize(gm)
     return stats
+
+
+def zero_groups(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]) -> None:
+    """Make every tensor position of ``groups`` exactly 0: zero producer rows and biases, BN γ and β,
+    and per-channel constants added or multiplied in."""
+    for node, hit, targets in zero_sites(gm, cg, torch.tensor([i for g in groups for i in g.ids])):
+        m = cg.map(node)
+        for t_node in targets:
+            t = get_tensor(gm, t_node).clone()
+            d = 0 if is_op(node, *WEIGHTED, *BATCH_NORM) else _channel_dim(t, m, cg.ndim(node))
+            t.index_fill_(d, hit.nonzero().flatten(), 0.0)
+            set_tensor(gm, t_node, t)
+
+
+def zero_sites(gm: fx.GraphModule, cg: ChannelGraph,
+               ids: torch.Tensor) -> Iterator[tuple[fx.Node, torch.Tensor, list[fx.Node]]]:
+    """(node, the positions of its output map that ``ids`` hit, the constant tensors zeroing them) for every node
+    whose output zero_groups makes 0 at those positions: producers, batch norms, binary ops with constants."""
+    for node in gm.graph.nodes:
+        m = cg.map(node)
+        if m is None or node.op != "call_function" or bool(m.keep(ids).all()):
+            continue
+        if is_op(node, *WEIGHTED):
+            targets = [weight_of(node), bias_of(node)]
+        elif is_op(node, *BATCH_NORM):
+            targets = [bn_params(node).gamma, bn_params(node).beta]
+        elif is_op(node, aten.add, aten.sub, aten.mul) and is_op(node, *ELEMENTWISE_BINARY):
+            targets = [a for a in operands(node)
+                       if get_tensor(gm, a) is not None and spans_channels(get_tensor(gm, a), m, cg.ndim(node))]
+        else:
+            continue
+        targets = [t for t in targets if get_tensor(gm, t) is not None]
+        if targets:
+            yield node, ~m.keep(ids), targets
+
+
+def removable_groups(gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, groups: list[int]) -> set[int]:
+    """Those of ``groups`` that remove_removable takes once they are zeroed (asked of a zeroed copy of ``gm``).
+    Zeros that an activation turns into another constant (sigmoid(0) = 0.5) and that then meet zero padding stay:
+    zeroed, such a group damaged the model and saved no FLOP, and a flops goal was claimed met at 1.0× the FLOPs."""
+    trial = copy.deepcopy(gm)
+    zero_groups(trial, cg, [cg.groups[g] for g in groups])
+    found = PassContext(example_inputs=ctx.example_inputs, target=ctx.target).analysis(RemovableChannels, trial)
+    removed = set(found.ids)
+    return {g for g in groups if set(cg.groups[g].ids) <= removed}
 
 
 def remove_channels(gm: fx.GraphModule, cg: ChannelGraph, const: Constants, removed: torch.Tensor) -> int:
@@ -97,9 +145,18 @@ def _cut_constants(gm: fx.GraphModule, node: fx.Node, m: ChannelMap, removed: to
     """Slice a constant operand spanning the channel dim (a per-channel scale or bias; one dim, see analysis)."""
     for a in operands(node):
         t = get_tensor(gm, a)
-        d = m.dims[0] - (nd - t.dim()) if t is not None else -1
-        if d >= 0 and t.shape[d] == m.ids.numel() > 1:
-            set_tensor(gm, a, t.index_select(d, m.keep(removed).nonzero().flatten()).contiguous())
+        if t is not None and spans_channels(t, m, nd):
+            set_tensor(gm, a, t.index_select(_channel_dim(t, m, nd), m.keep(removed).nonzero().flatten()).contiguous())
+
+
+def spans_channels(t: torch.Tensor, m: ChannelMap, nd: int) -> bool:
+    """Whether the constant ``t``, broadcast against an ``nd``-dim tensor of map ``m``, holds one value per channel."""
+    d = _channel_dim(t, m, nd)
+    return d >= 0 and t.shape[d] == m.ids.numel() > 1
+
+
+def _channel_dim(t: torch.Tensor, m: ChannelMap, nd: int) -> int:
+    return m.dims[0] - (nd - t.dim())
 
 
 def _resize_view(node: fx.Node, m: ChannelMap, removed: torch.Tensor) -> None:

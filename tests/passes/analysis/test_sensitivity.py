@@ -12,7 +12,8 @@ from fxforge.passes.analysis.channel_groups import ChannelGroups
 from fxforge.passes.analysis.channel_importance import ChannelImportance
 from fxforge.passes.analysis import sensitivity
 from fxforge.passes.analysis.sensitivity import Effect, Sensitivity, agreement, give_back, layer_sensitivity, plan
-from fxforge.passes.prune_channels import PruneChannels, zero_groups
+from fxforge.passes.lib.channel_surgery import zero_groups
+from fxforge.passes.prune_channels import PruneChannels
 
 X86 = fxforge.get_target("x86")
 
