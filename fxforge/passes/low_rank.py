@@ -40,7 +40,8 @@ from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized,
-                                faster_on_host, layer_error, plan_splits, ratio_rank, splittable, svd)
+                                faster_on_host, layer_error, plan_splits, ratio_rank, splittable, svd_split,
+                                tucker2_split)
 
 LADDER = (0.5, 0.25, 0.125, 0.0625)  # the rank ratios a flops goal chooses among, per layer
 
@@ -106,8 +107,7 @@ class LowRank(Pass):
         chosen = plan_splits(gm, ctx, rec, self.name, rules, lambda rule, node, w: rule.stages(node, w),
                              layers, self.flops,
                              self.budget == "latency" and ctx.target.runs_on_host, stats, self.max_error)
-        for layer, rule in (chosen or {}).items():
-            stats[f"rank_ratio.{layer}"] = rule.rank_ratio
+        stats.update({f"rank_ratio.{layer}": rule.rank_ratio for layer, rule in (chosen or {}).items()})
         return chosen
 
     def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, ctx: PassContext,
@@ -126,7 +126,7 @@ class LowRank(Pass):
         if x is None or y is None:
             return "not_executed"
         tucker = self.method == "tucker2" and weight.dim() > 2 and math.prod(weight.shape[2:]) > 1
-        stages = rule.tucker2(weight, x, y) if tucker else rule.svd(weight)
+        stages = tucker2_split(weight, x, y, rule.rank) if tucker else svd_split(weight, rule.rank)
         if isinstance(stages, str):
             return stages
         if rule is self and self.budget == "latency" and ctx.target.runs_on_host and \
@@ -141,38 +141,9 @@ class LowRank(Pass):
 
     def stages(self, node: fx.Node, w: torch.Tensor) -> list[Stage] | str:
         """The SVD split of one layer alone, or why not."""
-        return "grouped" if conv_groups(node) != 1 else self.svd(w)
+        return "grouped" if conv_groups(node) != 1 else svd_split(w, self.rank)
 
     def rank(self, s: torch.Tensor, shape: tuple[int, ...]) -> int:
-        return ratio_rank(self.rank_ratio, len(s)) if self.rank_ratio is not None else energy_rank(s, self.energy, shape)
-
-    def svd(self, w: torch.Tensor) -> list[Stage] | str:
-        """A (k×k conv | linear) n → r then a (1×1 conv | linear) r → m, or why not."""
-        m = w.shape[0]
-        mat = w.reshape(m, -1).double()
-        n = mat.shape[1]
-        u, s, vh = svd(mat)
-        r = self.rank(s, (m, n))
-        if r * (m + n) >= m * n:
-            return "rank_too_high"
-        root = s[:r].sqrt()
-        first = (root[:, None] * vh[:r]).reshape(r, *w.shape[1:])
-        second = (u[:, :r] * root).reshape(m, r, *[1] * (w.dim() - 2))
-        return [Stage(first.to(w.dtype), spatial=True), Stage(second.to(w.dtype))]
-
-    def tucker2(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> list[Stage] | str:
-        """1×1 conv n → r_in, k×k core conv r_in → r_out, 1×1 conv r_out → m (HOSVD), or why not."""
-        m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
-        wd = w.double()
-        u_out, s_out, _ = svd(wd.reshape(m, -1))
-        u_in, s_in, _ = svd(wd.transpose(0, 1).reshape(n, -1))
-        r_out, r_in = self.rank(s_out, (m, n * k)), self.rank(s_in, (n, m * k))
-        u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
-        pixels_in, pixels_out = math.prod(x.shape[2:]), math.prod(y.shape[2:])
-        if pixels_in * n * r_in + pixels_out * (r_out * r_in * k + r_out * m) >= pixels_out * m * n * k:
-            return "not_cheaper"
-        core = torch.einsum("ab...,ac,bd->cd...", wd, u_out, u_in)
-        ones = [1] * (w.dim() - 2)
-        return [Stage(u_in.T.reshape(r_in, n, *ones).to(w.dtype)), Stage(core.to(w.dtype), spatial=True),
-                Stage(u_out.reshape(m, r_out, *ones).to(w.dtype))]
-
+        """How many of the singular values ``s`` (descending) of a matrix of ``shape`` a split keeps."""
+        return ratio_rank(self.rank_ratio, len(s)) if self.rank_ratio is not None else \
+            energy_rank(s, self.energy, shape)

@@ -1,4 +1,5 @@
-"""What the factorization passes (low_rank, depthwise_separable) share: rank choice, stages, error, timing.
+"""What the factorization passes (low_rank, depthwise_separable) share: rank choice, stages, error, timing; and
+low_rank's two splits of a weight into stages (SVD, Tucker-2).
 
 A factorized layer is a chain of *stages* replacing one conv or linear node. Each stage is a weight and
 whether it keeps the layer's geometry (the k×k conv with the original stride, padding and dilation) or is a
@@ -31,6 +32,7 @@ from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 from ..analysis.sensitivity import give_back, layer_sensitivity, plan, summed_damage
 from .qdq import checked_batches
 
+Rank = Callable[[torch.Tensor, tuple[int, ...]], int]  # a matrix's singular values (descending), its shape → rank kept
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 FASTER = 0.9  # a timed split is taken where it takes at most this share of the original layer's time
 SVD_MEMO_BYTES = 1 << 30  # what memoized_svds keeps at most: matrices and their decompositions
@@ -115,6 +117,40 @@ def energy_rank(s: torch.Tensor, energy: float, shape: Sequence[int]) -> int:
 
 def ratio_rank(ratio: float, full: int) -> int:
     return max(1, math.ceil(ratio * full))
+
+
+def svd_split(w: torch.Tensor, rank: Rank) -> list[Stage] | str:
+    """low_rank's SVD split of ``w`` (m × n·k²): a (k×k conv | linear) n → r then a (1×1 conv | linear) r → m,
+    A·B = U_r √S_r · √S_r V_rᵀ; or why not (``rank_too_high``: r(m + n) MACs no fewer than mn)."""
+    m = w.shape[0]
+    mat = w.reshape(m, -1).double()
+    n = mat.shape[1]
+    u, s, vh = svd(mat)
+    r = rank(s, (m, n))
+    if r * (m + n) >= m * n:
+        return "rank_too_high"
+    root = s[:r].sqrt()
+    first = (root[:, None] * vh[:r]).reshape(r, *w.shape[1:])
+    second = (u[:, :r] * root).reshape(m, r, *[1] * (w.dim() - 2))
+    return [Stage(first.to(w.dtype), spatial=True), Stage(second.to(w.dtype))]
+
+
+def tucker2_split(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rank: Rank) -> list[Stage] | str:
+    """low_rank's Tucker-2 split of the conv weight ``w`` (HOSVD) on its input ``x`` and output ``y``: 1×1 conv
+    n → r_in, k×k core conv r_in → r_out, 1×1 conv r_out → m; or why not (``not_cheaper`` in FLOPs)."""
+    m, n, k = w.shape[0], w.shape[1], math.prod(w.shape[2:])
+    wd = w.double()
+    u_out, s_out, _ = svd(wd.reshape(m, -1))
+    u_in, s_in, _ = svd(wd.transpose(0, 1).reshape(n, -1))
+    r_out, r_in = rank(s_out, (m, n * k)), rank(s_in, (n, m * k))
+    u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
+    pixels_in, pixels_out = math.prod(x.shape[2:]), math.prod(y.shape[2:])
+    if pixels_in * n * r_in + pixels_out * (r_out * r_in * k + r_out * m) >= pixels_out * m * n * k:
+        return "not_cheaper"
+    core = torch.einsum("ab...,ac,bd->cd...", wd, u_out, u_in)
+    ones = [1] * (w.dim() - 2)
+    return [Stage(u_in.T.reshape(r_in, n, *ones).to(w.dtype)), Stage(core.to(w.dtype), spatial=True),
+            Stage(u_out.reshape(m, r_out, *ones).to(w.dtype))]
 
 
 def stage_call(node: fx.Node, geom: tuple, x: Any, weight: Any, stage: Stage, bias: Any) -> tuple[Any, tuple]:
