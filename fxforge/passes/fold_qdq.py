@@ -29,11 +29,11 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.graph import add_tensor, equal_or_new_tensor, finalize, get_tensor
-from fxforge.compiler.ops import (CLAMP, DQ_PER_TENSOR, Q_PER_TENSOR, QUANTIZE, aten, clamp_range, data,
-                                  is_op, q_params)
+from fxforge.compiler.ops import CLAMP, DQ_PER_TENSOR, Q_PER_TENSOR, QUANTIZE, aten, clamp_range, data, is_op, q_params
 from fxforge.compiler.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.rewrite import Match, Pattern, Rule, apply_rules, op
 
+from .analysis.requantization import coarser_round_trip, is_identity, requantization_table
 from .lib.channel_scaling import ceilings
 from .lib.qdq import bounds, quantize_scalar, role
 
@@ -79,52 +79,17 @@ def fold_clamp(gm: fx.GraphModule, m: Match) -> None:
 
 # ----------------------------------------------------------------------- Q₂(DQ₁(q₁)) requantizations
 
-def requantization_table(q: fx.Node) -> torch.Tensor | None:
-    """For Q₂(DQ₁(q₁)) on per-tensor 8-bit grids with constant parameters: Q₂(DQ₁(c)) for every code c of grid 1,
-    computed with the two ops themselves. None for any other Q node."""
-    dq1 = data(q)
-    if not (is_op(q, Q_PER_TENSOR) and is_op(dq1, DQ_PER_TENSOR) and is_op(data(dq1), Q_PER_TENSOR)):
-        return None
-    grids = [q_params(n) for n in (q, dq1, data(dq1))]
-    if not all(isinstance(a, (int, float, torch.dtype)) for g in grids for a in g.args()):
-        return None  # scales held in tensors: not known at compile time
-    if q.kwargs or dq1.kwargs or data(dq1).kwargs:
-        return None  # e.g. a DQ with out_dtype=bfloat16: its values are not the float32 ones the table assumes
-    if not all(g.dtype in (torch.uint8, torch.int8) for g in grids):
-        return None
-    return Q_PER_TENSOR(DQ_PER_TENSOR(_codes(data(dq1)), *grids[1].args()), *grids[0].args())
-
-
-def _codes(q: fx.Node) -> torch.Tensor:
-    """Every integer a per-tensor Q node produces, quant_min to quant_max, in its dtype."""
-    grid = q_params(q)
-    return torch.arange(grid.quant_min, grid.quant_max + 1, dtype=torch.int32).to(grid.dtype)
-
-
-def _identity(q: fx.Node, table: torch.Tensor) -> bool:
-    codes = _codes(data(data(q)))
-    return table.dtype == codes.dtype and torch.equal(table, codes)
-
-
-def _coarser_round_trip(q: fx.Node, table: torch.Tensor) -> bool:
-    """DQ₂(Q₂(DQ₁(q₁))) gives back every value DQ₁ produces (a finer or wider grid 2)."""
-    dq1, grid = data(q), q_params(q).args()
-    if not q.users or not all(is_op(u, DQ_PER_TENSOR) and q_params(u).args() == grid and not u.kwargs
-                              for u in q.users):
-        return False
-    return torch.equal(DQ_PER_TENSOR(table, *grid), DQ_PER_TENSOR(_codes(data(dq1)), *q_params(dq1).args()))
-
-
 def _round_trip(q: fx.Node) -> bool:
+    """A Q₂ whose requantization gives back q₁, or (read by DQ₂ alone) every value DQ₁ gave."""
     table = requantization_table(q)
-    return table is not None and (_identity(q, table) or _coarser_round_trip(q, table))
+    return table is not None and (is_identity(q, table) or coarser_round_trip(q, table))
 
 
 def drop_round_trip(gm: fx.GraphModule, m: Match) -> None:
     """Q₂(DQ₁(q₁)) → q₁ when the table is the identity, and DQ₂(Q₂(DQ₁(q₁))) → DQ₁(q₁) when grid 2 holds
     every value of grid 1."""
     q, dq1 = m["q"], m["dq1"]
-    if _identity(q, requantization_table(q)):
+    if is_identity(q, requantization_table(q)):
         q.replace_all_uses_with(data(dq1))
         return
     for dq2 in list(q.users):
