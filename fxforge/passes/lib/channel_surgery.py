@@ -65,7 +65,7 @@ def zero_sites(gm: fx.GraphModule, cg: ChannelGraph,
             targets = [bn_params(node).gamma, bn_params(node).beta]
         elif is_op(node, aten.add, aten.sub, aten.mul) and is_op(node, *ELEMENTWISE_BINARY):
             targets = [a for a in operands(node)
-                       if get_tensor(gm, a) is not None and spans_channels(get_tensor(gm, a), m, cg.ndim(node))]
+                       if get_tensor(gm, a) is not None and _spans_channels(get_tensor(gm, a), m, cg.ndim(node))]
         else:
             continue
         targets = [t for t in targets if get_tensor(gm, t) is not None]
@@ -145,17 +145,18 @@ def _cut_constants(gm: fx.GraphModule, node: fx.Node, m: ChannelMap, removed: to
     """Slice a constant operand spanning the channel dim (a per-channel scale or bias; one dim, see analysis)."""
     for a in operands(node):
         t = get_tensor(gm, a)
-        if t is not None and spans_channels(t, m, nd):
+        if t is not None and _spans_channels(t, m, nd):
             set_tensor(gm, a, t.index_select(_channel_dim(t, m, nd), m.keep(removed).nonzero().flatten()).contiguous())
 
 
-def spans_channels(t: torch.Tensor, m: ChannelMap, nd: int) -> bool:
-    """Whether the constant ``t``, broadcast against an ``nd``-dim tensor of map ``m``, holds one value per channel."""
+def _spans_channels(t: torch.Tensor, m: ChannelMap, nd: int) -> bool:
+    """Whether the constant ``t`` (a per-channel scale or bias) holds one value per channel of map ``m``."""
     d = _channel_dim(t, m, nd)
     return d >= 0 and t.shape[d] == m.ids.numel() > 1
 
 
 def _channel_dim(t: torch.Tensor, m: ChannelMap, nd: int) -> int:
+    """The dim of ``t``, broadcast against an ``nd``-dim tensor of map ``m``, along its channels (< 0: none)."""
     return m.dims[0] - (nd - t.dim())
 
 
