@@ -55,7 +55,6 @@ moved by an ulp can change an integer.
 from __future__ import annotations
 
 import copy
-import math
 from collections import Counter
 from typing import Any, Callable, Literal
 
@@ -66,21 +65,16 @@ from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR, input_lower_bound
 from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, copy_value_meta, equal_or_new_tensor,
                                     finalize, fusion_groups, get_tensor, set_tensor)
-from fxforge.compiler.ops import (CLAMP, CONV, LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, conv_groups, data,
-                                 is_op, operands, qd, set_argument, value_of, weight_of)
+from fxforge.compiler.ops import (LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, data, is_op, qd, set_argument,
+                                 value_of, weight_of)
 from fxforge.compiler.pass_manager import (LayerContext, LayerEffect, LayerFn, Pass, PassContext, PassResult,
                                           register_pass)
 from fxforge.compiler.target import Target
 
-from .analysis.quant_plan import plan_static
+from .analysis.qdq_float_rules import FloatRules, no_int8_kernel
 from .lib.channel_scaling import restore_clips
 from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, check_skip, fit_activations,
-                      int8_weight, is_dq, is_q, named, role, weight_scales)
-
-# layers with weights that insert_qdq leaves float (no int8 kernel is targeted for them): counted, so that an int8
-# decoder whose transposed convs stayed float does not report only the convs it quantized
-NO_INT8_KERNEL = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d, aten.lstm, aten.gru,
-                  aten.rnn_tanh, aten.rnn_relu)
+                      int8_weight, is_dq, is_q, role, weight_scales)
 
 
 @register_pass
@@ -112,6 +106,11 @@ class InsertQdq(Pass):
             self.refuse_unread(option, "with activations='dynamic' (per-channel int8 weights, each input row on "
                                        "its own grid at run time)" if self.activations == "dynamic" else None)
 
+    @property
+    def rules(self) -> FloatRules:
+        """The options that keep layers float, as the analysis that applies them (analysis/qdq_float_rules.py)."""
+        return FloatRules(self.skip, self.min_input_window, self.max_stem_output, self.float_stem_depthwise)
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
         check_skip(self.name, self.skip, list(call_nodes(gm, *WEIGHTED, *MATMUL)))
@@ -121,8 +120,7 @@ class InsertQdq(Pass):
         split = self.split_silus(gm, shapes)
         if split:
             stats["silu_split"] = split
-        is_float = _float_test(shapes)
-        plan, weighted = plan_static(gm, is_float, lambda node: self.refusal(gm, node, shapes), stats)
+        plan, weighted = self.rules.plan(gm, shapes, stats)
         for tensor, group in plan.items():
             self.quantize_activation(gm, tensor, group)
         reduce_range = self.reduced(ctx.target)
@@ -135,8 +133,7 @@ class InsertQdq(Pass):
             stats.update({k: v for k, v in fit_activations(gm, [ctx.example_inputs], "minmax").items()
                           if k == "weight_scales_widened"})
         stats.update({"activations": len(plan), "weights": len(weighted)})
-        for node in call_nodes(gm, *NO_INT8_KERNEL):  # layers with weights that stay float, said by name
-            stats[f"skipped.no_int8_kernel.{node.target.__name__.split('.')[0]}"] += 1
+        stats.update(no_int8_kernel(gm))
         if weighted:
             stats["weight_bits"] = 7 if reduce_range else 8
         cut = _untag_split_groups(gm)
@@ -150,7 +147,7 @@ class InsertQdq(Pass):
         shapes = ctx.analysis(Shapes, gm)
         linears = []
         for node in call_nodes(gm, *WEIGHTED, *MATMUL):  # decided before any rewrite, on the shapes as they were
-            reason = self.refusal(gm, node, shapes) or (None if is_op(node, *LINEAR) else "dynamic_float")
+            reason = self.rules.refusal(gm, node, shapes) or (None if is_op(node, *LINEAR) else "dynamic_float")
             if reason:
                 stats[f"skipped.{reason}"] += 1
             else:
@@ -179,40 +176,13 @@ class InsertQdq(Pass):
         None without ``shifted_inputs``."""
         return input_lower_bound(data(node)) if self.shifted_inputs else None
 
-    # ---------------------------------------------------------------------------------------- deciding
-
-    def refusal(self, gm: fx.GraphModule, node: fx.Node, shapes: dict) -> str | None:
-        """Why ``node`` stays float, or None (``shapes``: the Shapes analysis of ``gm``)."""
-        is_float = _float_test(shapes)
-        rhs = operands(node)[1] if is_op(node, *MATMUL) else weight_of(node)
-        if is_dq(rhs):
-            return "already_quantized"
-        if any(named(node, s) for s in self.skip):
-            return "by_name"
-        if is_op(node, *MATMUL):
-            return None if all(is_float(x) for x in operands(node)) else "not_float32"
-        weight = get_tensor(gm, rhs)
-        if weight is None or not weight.is_floating_point():
-            return "non_constant_weight"
-        if weight.numel() == 0:  # dead_channels removed every channel of this layer
-            return "empty_weight"
-        bias = bias_of(node)
-        if bias is not None and get_tensor(gm, bias) is None:
-            return "non_constant_bias"
-        if self.narrow(node, weight, shapes):
-            return "narrow_input"
-        if self.after_float_stem(node, weight, shapes):
-            return "after_float_stem"
-        return None if is_float(data(node)) else "not_float32"
-
     def split_silus(self, gm: fx.GraphModule, shapes: dict) -> int:
         """Rewrite each SiLU whose input gets a pair as x · sigmoid(x) (exact: SiLU's definition) so that both
         factors get grids of their own and the plan quantizes them (an int8 backend has int8 kernels for sigmoid and
         mul, none for SiLU); the new nodes take the SiLU's entry in ``shapes``, and the SiLU's fusion group (no longer
         one float kernel) loses its tags. The new nodes are named after the SiLU, so a copy of the same graph
         splits into the same names (``with_float`` relies on it)."""
-        is_float = _float_test(shapes)
-        plan, _ = plan_static(gm, is_float, lambda node: self.refusal(gm, node, shapes), Counter())
+        plan, _ = self.rules.plan(gm, shapes)
         silus = [n for n in call_nodes(gm, aten.silu) if data(n) in plan]
         for node in silus:
             group = node.meta.get(FUSION_KEY, {}).get("group")
@@ -232,31 +202,6 @@ class InsertQdq(Pass):
             gm.recompile()
         return len(silus)
 
-    def narrow(self, node: fx.Node, weight: torch.Tensor, shapes: dict | None) -> bool:
-        """A stem conv (under 4 input channels) whose input window (channels × kernel area) is under
-        ``min_input_window`` and whose output at the example batch (``shapes``, the Shapes analysis, when known) holds
-        at most ``max_stem_output`` values (kept float: faster there, and more accurate)."""
-        channels = weight.shape[1] * conv_groups(node) if is_op(node, *CONV) else 0
-        if not (0 < channels < 4 and weight[0].numel() * conv_groups(node) < self.min_input_window):
-            return False
-        out = shapes.get(node.name) if shapes is not None else None
-        return out is None or math.prod(out.shape) <= self.max_stem_output
-
-    def after_float_stem(self, node: fx.Node, weight: torch.Tensor, shapes: dict | None) -> bool:
-        """A depthwise conv whose input is a float stem's output, through clamps (``float_stem_depthwise``; per-channel
-        ones too, a relu6 that ``equalize_activations`` rescaled): ORT runs it as a float NCHWc conv fused with the
-        stem's layout, which measured faster than quantizing the stem's output for an int8 depthwise conv
-        (MobileNetV2's first block)."""
-        if not (self.float_stem_depthwise and is_op(node, *CONV) and 1 < conv_groups(node) == weight.shape[0]):
-            return False
-        stem = data(node)
-        while is_op(stem, *CLAMP, aten.clamp.Tensor):
-            stem = data(stem)
-        if not is_op(stem, *CONV):
-            return False
-        stem_weight = get_tensor(node.graph.owning_module, weight_of(stem))
-        return stem_weight is not None and self.narrow(stem, stem_weight, shapes)
-
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerEffect:
         """The layer on int8: its weight fake-quantized as ``quantize_weight`` does (symmetric, q_max from
         ``reduce_range``), its input on the activation grid of its calibration range (``activation_dtype``), for
@@ -264,10 +209,8 @@ class InsertQdq(Pass):
         ``activations="dynamic"``, a linear becomes the ``dynamic_linear`` that ``run_dynamic`` writes (per-row
         activations, no calibration range) and any other layer stays float."""
         shapes = layer.analysis(Shapes) if layer.analysis else None
-        if self.narrow(node, layer.weight, shapes):
-            return "narrow_input"
-        if self.after_float_stem(node, layer.weight, shapes):
-            return "after_float_stem"
+        if reason := self.rules.stem_refusal(node, layer.weight, shapes):
+            return reason
         qmax = 63 if self.reduced(layer.target) else 127
         if self.activations == "dynamic":
             if not is_op(node, *LINEAR):
@@ -316,16 +259,15 @@ class InsertQdq(Pass):
         shapes = dict(ctx.analysis(Shapes, before))
         before = copy.deepcopy(before)
         p.split_silus(before, shapes)
-        is_float = _float_test(shapes)
-        refusals = {n.name: p.refusal(before, n, shapes) for n in call_nodes(before, *WEIGHTED, *MATMUL)}
-        plan, _ = plan_static(before, is_float, lambda n: refusals[n.name], Counter())
-        keep = {t.name for t in plan}
+        keep = {t.name for t in p.rules.plan(before, shapes)[0]}
+        by_name = {n.name for n in call_nodes(before, *WEIGHTED, *MATMUL)
+                   if p.rules.refusal(before, n, shapes) == "by_name"}
         gm = copy.deepcopy(quantized)
         for node in list(gm.graph.nodes):
             if is_q(node) and role(node) == "activation" and data(node).name not in keep:
                 for dq in [u for u in node.users if is_dq(u)]:
                     dq.replace_all_uses_with(data(node))
-            elif is_op(node, *WEIGHTED) and refusals.get(node.name) == "by_name" and is_dq(weight_of(node)):
+            elif is_op(node, *WEIGHTED) and node.name in by_name and is_dq(weight_of(node)):
                 original = next(n for n in before.graph.nodes if n.name == node.name)
                 for kind, of in (("weight", weight_of), ("bias", bias_of)):  # rounding and correction undone
                     if is_dq(of(node)):
@@ -398,12 +340,6 @@ def _reading_rounded(reader: fx.Node, x: fx.Node, rounded: Callable[[torch.Tenso
             kwargs[k] = rounded(kwargs[k])
         return reader.target(*args, **kwargs)
     return fn
-
-
-def _float_test(shapes: dict) -> Callable[[Any], bool]:
-    """Whether an argument is a float32 graph tensor: what a Q/DQ pair takes and gives back (a dequantize returns
-    float32, so a pair on a float16 tensor would change its readers' dtype)."""
-    return lambda n: isinstance(n, fx.Node) and n.name in shapes and shapes[n.name].dtype == torch.float32
 
 
 def _untag_split_groups(gm: fx.GraphModule) -> int:
