@@ -61,10 +61,9 @@ from typing import Any, Callable, Literal
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR, input_lower_bound
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, copy_value_meta, equal_or_new_tensor,
-                                    finalize, fusion_groups, get_tensor, set_tensor)
+from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, copy_value_meta, fusion_groups, get_tensor,
+                                    set_tensor)
 from fxforge.compiler.ops import (LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, data, is_op, qd, set_argument,
                                  value_of, weight_of)
 from fxforge.compiler.pass_manager import (LayerContext, LayerEffect, LayerFn, Pass, PassContext, PassResult,
@@ -74,7 +73,8 @@ from fxforge.compiler.target import Target
 from .analysis.qdq_float_rules import FloatRules, no_int8_kernel
 from .lib.channel_scaling import restore_clips
 from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, check_skip, fit_activations,
-                      int8_weight, is_dq, is_q, role, weight_scales)
+                      is_dq, is_q, role, weight_scales)
+from .lib.qdq_dynamic import dynamic_effect, to_dynamic
 
 
 @register_pass
@@ -143,38 +143,9 @@ class InsertQdq(Pass):
 
     def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
         """Replace each constant-weight linear by ``fxforge::dynamic_linear`` with int8 per-channel weights."""
-        qmax = 63 if self.reduced(ctx.target) else 127
-        shapes = ctx.analysis(Shapes, gm)
-        linears = []
-        for node in call_nodes(gm, *WEIGHTED, *MATMUL):  # decided before any rewrite, on the shapes as they were
-            reason = self.rules.refusal(gm, node, shapes) or (None if is_op(node, *LINEAR) else "dynamic_float")
-            if reason:
-                stats[f"skipped.{reason}"] += 1
-            else:
-                linears.append(node)
-        for node in linears:
-            weight = weight_of(node)
-            wq, scales = int8_weight(get_tensor(gm, weight), qmax)
-            # a layer called at several sites (a shared encoder) keeps one int8 weight, as in the static path
-            args = (data(node), equal_or_new_tensor(gm, node, f"{weight.target}_int8", wq),
-                    equal_or_new_tensor(gm, node, f"{weight.target}_scale", scales), bias_of(node),
-                    self.lower_bound(node))
-            if args[-1] is not None:
-                stats["dynamic_shifted"] += 1
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(DYNAMIC_LINEAR, args)
-            copy_value_meta(new, node)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-        if linears:  # the float weights go too: the module held them beside their int8 copies (3x the bytes)
-            finalize(gm)  # (only then: on a graph without linears it dropped unrelated dead nodes, "changed=False")
-        stats.update({"dynamic_linears": len(linears), **({"weight_bits": 7 if qmax == 63 else 8} if linears else {})})
+        shapes, qmax = ctx.analysis(Shapes, gm), 63 if self.reduced(ctx.target) else 127
+        linears = to_dynamic(gm, lambda n: self.rules.refusal(gm, n, shapes), qmax, self.shifted_inputs, stats)
         return PassResult(changed=bool(linears), stats=dict(stats))
-
-    def lower_bound(self, node: fx.Node) -> float | None:
-        """The lower bound ``dynamic_linear`` may shift ``node``'s input by (``dynamic_quant.input_lower_bound``), or
-        None without ``shifted_inputs``."""
-        return input_lower_bound(data(node)) if self.shifted_inputs else None
 
     def split_silus(self, gm: fx.GraphModule, shapes: dict) -> int:
         """Rewrite each SiLU whose input gets a pair as x · sigmoid(x) (exact: SiLU's definition) so that both
@@ -213,12 +184,8 @@ class InsertQdq(Pass):
             return reason
         qmax = 63 if self.reduced(layer.target) else 127
         if self.activations == "dynamic":
-            if not is_op(node, *LINEAR):
-                return "dynamic_float"
-            wq, scales = int8_weight(layer.weight, qmax)
-            bound = self.lower_bound(node)
-            return lambda args, kwargs: torch.ops.fxforge.dynamic_linear(
-                value_of(node, args, kwargs, "input"), wq, scales, value_of(node, args, kwargs, "bias"), bound)
+            return dynamic_effect(node, layer.weight, qmax, self.shifted_inputs) if is_op(node, *LINEAR) else \
+                "dynamic_float"
         s = weight_scales(layer.weight, qmax, self.per_channel)
         wq = (torch.fake_quantize_per_channel_affine(layer.weight, s, torch.zeros_like(s, dtype=torch.int32), 0,
                                                      -qmax - 1, qmax) if self.per_channel else
