@@ -56,25 +56,20 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any, Callable, Literal
+from typing import Literal
 
-import torch
 import torch.fx as fx
 
 from fxforge.compiler.analysis import Shapes
-from fxforge.compiler.graph import (FUSION_KEY, add_tensor, call_nodes, copy_value_meta, fusion_groups, get_tensor,
-                                    set_tensor)
-from fxforge.compiler.ops import (LINEAR, MATMUL, WEIGHTED, aten, bias_of, call_with, data, is_op, qd, set_argument,
-                                 value_of, weight_of)
-from fxforge.compiler.pass_manager import (LayerContext, LayerEffect, LayerFn, Pass, PassContext, PassResult,
-                                          register_pass)
-from fxforge.compiler.target import Target
+from fxforge.compiler.graph import call_nodes
+from fxforge.compiler.ops import LINEAR, MATMUL, WEIGHTED, is_op
+from fxforge.compiler.pass_manager import LayerContext, LayerEffect, Pass, PassContext, PassResult, register_pass
 
-from .analysis.qdq_float_rules import FloatRules, no_int8_kernel
-from .lib.channel_scaling import restore_clips
-from .lib.qdq import (DTYPES, INT32, QDQ_KEY, activation_qparams, bias_scales, bounds, check_skip, fit_activations,
-                      is_dq, is_q, role, weight_scales)
+from .analysis.qdq_float_rules import FloatRules
+from .lib.qdq import DTYPES, check_skip
 from .lib.qdq_dynamic import dynamic_effect, to_dynamic
+from .lib.qdq_pairs import weight_qmax
+from .lib.qdq_static import float_again, static_effect, to_static
 
 
 @register_pass
@@ -116,206 +111,42 @@ class InsertQdq(Pass):
         check_skip(self.name, self.skip, list(call_nodes(gm, *WEIGHTED, *MATMUL)))
         if self.activations == "dynamic":
             return self.run_dynamic(gm, ctx, stats)
-        shapes = dict(ctx.analysis(Shapes, gm))
-        split = self.split_silus(gm, shapes)
-        if split:
-            stats["silu_split"] = split
-        plan, weighted = self.rules.plan(gm, shapes, stats)
-        for tensor, group in plan.items():
-            self.quantize_activation(gm, tensor, group)
-        reduce_range = self.reduced(ctx.target)
-        for op in weighted:
-            self.quantize_weight(gm, op, 63 if reduce_range else 127)
-        restored = restore_clips(gm)  # where the plan put no grid
-        if restored:
-            stats["clips_restored"] = restored
-        if plan:  # a first guess from the example inputs; calibrate replaces it
-            stats.update({k: v for k, v in fit_activations(gm, [ctx.example_inputs], "minmax").items()
-                          if k == "weight_scales_widened"})
-        stats.update({"activations": len(plan), "weights": len(weighted)})
-        stats.update(no_int8_kernel(gm))
-        if weighted:
-            stats["weight_bits"] = 7 if reduce_range else 8
-        cut = _untag_split_groups(gm)
-        if cut:
-            stats["fusion_groups_split"] = cut
-        return PassResult(changed=bool(plan) or bool(restored), stats=dict(stats))
+        qmax = weight_qmax(self.reduce_range, ctx.target)
+        changed = to_static(gm, ctx.example_inputs, self.rules, dict(ctx.analysis(Shapes, gm)), qmax, self.per_channel,
+                            DTYPES[self.activation_dtype], self.symmetric_activations, stats)
+        return PassResult(changed=changed, stats=dict(stats))
 
     def run_dynamic(self, gm: fx.GraphModule, ctx: PassContext, stats: Counter) -> PassResult:
         """Replace each constant-weight linear by ``fxforge::dynamic_linear`` with int8 per-channel weights."""
-        shapes, qmax = ctx.analysis(Shapes, gm), 63 if self.reduced(ctx.target) else 127
+        shapes, qmax = ctx.analysis(Shapes, gm), weight_qmax(self.reduce_range, ctx.target)
         linears = to_dynamic(gm, lambda n: self.rules.refusal(gm, n, shapes), qmax, self.shifted_inputs, stats)
         return PassResult(changed=bool(linears), stats=dict(stats))
 
-    def split_silus(self, gm: fx.GraphModule, shapes: dict) -> int:
-        """Rewrite each SiLU whose input gets a pair as x · sigmoid(x) (exact: SiLU's definition) so that both
-        factors get grids of their own and the plan quantizes them (an int8 backend has int8 kernels for sigmoid and
-        mul, none for SiLU); the new nodes take the SiLU's entry in ``shapes``, and the SiLU's fusion group (no longer
-        one float kernel) loses its tags. The new nodes are named after the SiLU, so a copy of the same graph
-        splits into the same names (``with_float`` relies on it)."""
-        plan, _ = self.rules.plan(gm, shapes)
-        silus = [n for n in call_nodes(gm, aten.silu) if data(n) in plan]
-        for node in silus:
-            group = node.meta.get(FUSION_KEY, {}).get("group")
-            for member in fusion_groups(gm).get(group, []):
-                del member.meta[FUSION_KEY]
-            with gm.graph.inserting_before(node):
-                gate = gm.graph.create_node("call_function", aten.sigmoid.default, (data(node),),
-                                            name=f"{node.name}_sigmoid")
-                product = gm.graph.create_node("call_function", aten.mul.Tensor, (data(node), gate),
-                                               name=f"{node.name}_mul")
-            for new in (gate, product):
-                copy_value_meta(new, node)
-                shapes[new.name] = shapes[node.name]
-            node.replace_all_uses_with(product)
-            gm.graph.erase_node(node)
-        if silus:
-            gm.recompile()
-        return len(silus)
-
     def layer_effect(self, node: fx.Node, layer: LayerContext) -> LayerEffect:
-        """The layer on int8: its weight fake-quantized as ``quantize_weight`` does (symmetric, q_max from
-        ``reduce_range``), its input on the activation grid of its calibration range (``activation_dtype``), for
-        every other reader of that tensor too (they share its pair); with
-        ``activations="dynamic"``, a linear becomes the ``dynamic_linear`` that ``run_dynamic`` writes (per-row
-        activations, no calibration range) and any other layer stays float."""
+        """The layer on int8 alone, as ``run`` makes it (``qdq_static.static_effect``: weight and input rounded as
+        their pairs round them, the input on the grid of its calibration range, for its other readers too), or the
+        reason ``run`` keeps it float; with ``activations="dynamic"``, a linear becomes the ``dynamic_linear`` that
+        ``run_dynamic`` writes (per-row activations, no calibration range) and any other layer stays float."""
         shapes = layer.analysis(Shapes) if layer.analysis else None
         if reason := self.rules.stem_refusal(node, layer.weight, shapes):
             return reason
-        qmax = 63 if self.reduced(layer.target) else 127
+        qmax = weight_qmax(self.reduce_range, layer.target)
         if self.activations == "dynamic":
             return dynamic_effect(node, layer.weight, qmax, self.shifted_inputs) if is_op(node, *LINEAR) else \
                 "dynamic_float"
-        s = weight_scales(layer.weight, qmax, self.per_channel)
-        wq = (torch.fake_quantize_per_channel_affine(layer.weight, s, torch.zeros_like(s, dtype=torch.int32), 0,
-                                                     -qmax - 1, qmax) if self.per_channel else
-              torch.fake_quantize_per_tensor_affine(layer.weight, float(s), 0, -qmax - 1, qmax))
-        dtype = DTYPES[self.activation_dtype]
-        qmin, qmax_a = bounds(dtype)
-        scale, zero = activation_qparams(*layer.input_range, dtype, self.symmetric_activations)
-
-        def rounded(x: torch.Tensor) -> torch.Tensor:
-            return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax_a)
-
-        def layer_fn(args: list, kwargs: dict) -> torch.Tensor:
-            return call_with(node, args, kwargs, weight=wq, input=rounded(value_of(node, args, kwargs, "input")))
-        # the pair on the layer's input is one for all readers of that tensor (quantize_activation): a reader kept
-        # float reads it rounded too, which quantizing this layer alone does to it (a head beside this one: 0.012 of
-        # its top-1 agreement, where this layer alone was measured at 1e-6)
-        x = data(node)
-        others = [r for r in x.users if r is not node and r.op == "call_function" and
-                  not (is_op(r, *WEIGHTED) and x in (weight_of(r), bias_of(r)))]
-        return {node.name: layer_fn, **{r.name: _reading_rounded(r, x, rounded) for r in others}}
+        return static_effect(node, layer.weight, layer.input_range, qmax, self.per_channel,
+                             DTYPES[self.activation_dtype], self.symmetric_activations)
 
     def with_float(self, quantized: fx.GraphModule, before: fx.GraphModule, layers: tuple[str, ...],
                    ctx: PassContext) -> fx.GraphModule:
-        """A copy of ``quantized`` (this pass's graph, calibrated, from ``before``) as this pass with ``layers``
-        added to ``skip`` would have made it: those layers' weights and biases float again (``before``'s values, as
-        ``adaround`` and ``bias_correction`` may have moved the float constants behind their quantizers),
-        and the activation pairs that the smaller plan would not insert passed through. Every other grid keeps its
-        calibrated scale, which a skip does not change (calibration observes the float graph); a cheap estimate of
-        rerunning the quantizing passes, for searches over which layers stay float. With ``activations="dynamic"``
-        it is that rerun itself: the dynamic rewrite reads no calibration and only replaces linears, so rerunning
-        it on ``before`` is as cheap as undoing it (``quantized`` holds no node named after a linear of ``before``
-        to undo)."""
+        """A copy of ``quantized`` (this pass's graph of ``before``, calibrated) as this pass with ``layers`` added
+        to ``skip`` would have made it (``qdq_static.float_again``): a cheap estimate of rerunning the quantizing
+        passes, for searches over which layers stay float. With ``activations="dynamic"`` it is that rerun itself:
+        the dynamic rewrite reads no calibration and only replaces linears, so rerunning it on ``before`` is as cheap
+        as undoing it (``quantized`` holds no node named after a linear of ``before`` to undo)."""
         p = type(self)(**{**self.options(), "skip": (*self.skip, *layers)})
         if self.activations == "dynamic":
             gm = copy.deepcopy(before)
             p.run_dynamic(gm, ctx, Counter())
             return gm
-        shapes = dict(ctx.analysis(Shapes, before))
-        before = copy.deepcopy(before)
-        p.split_silus(before, shapes)
-        keep = {t.name for t in p.rules.plan(before, shapes)[0]}
-        by_name = {n.name for n in call_nodes(before, *WEIGHTED, *MATMUL)
-                   if p.rules.refusal(before, n, shapes) == "by_name"}
-        gm = copy.deepcopy(quantized)
-        for node in list(gm.graph.nodes):
-            if is_q(node) and role(node) == "activation" and data(node).name not in keep:
-                for dq in [u for u in node.users if is_dq(u)]:
-                    dq.replace_all_uses_with(data(node))
-            elif is_op(node, *WEIGHTED) and node.name in by_name and is_dq(weight_of(node)):
-                original = next(n for n in before.graph.nodes if n.name == node.name)
-                for kind, of in (("weight", weight_of), ("bias", bias_of)):  # rounding and correction undone
-                    if is_dq(of(node)):
-                        constant = data(data(of(node)))
-                        set_tensor(gm, constant, get_tensor(before, of(original)).detach().clone())
-                        set_argument(node, kind, constant)
-        gm.graph.eliminate_dead_code()
-        restore_clips(gm)
-        gm.recompile()
-        return gm
-
-    def reduced(self, target: Target) -> bool:
-        """7-bit weights: by default where the target's u8s8 products saturate (x86 without VNNI or AMX)."""
-        return self.reduce_range if self.reduce_range is not None else target.saturates_u8s8()
-
-    # ---------------------------------------------------------------------------------------- rewriting
-
-    def quantize_activation(self, gm: fx.GraphModule, tensor: fx.Node, group: int) -> None:
-        dtype = DTYPES[self.activation_dtype]
-        qmin, qmax = bounds(dtype)
-        meta = {"role": "activation", "group": group, "symmetric": self.symmetric_activations}
-        with gm.graph.inserting_after(tensor):
-            q = gm.graph.call_function(qd.quantize_per_tensor.default, (tensor, 1.0, 0, qmin, qmax, dtype))
-        with gm.graph.inserting_after(q):
-            dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, 1.0, 0, qmin, qmax, dtype))
-        q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = meta, dict(meta)
-        # a constant read as an activation (``h @ enc.weight``, a tied head) keeps its own quantizer where a layer
-        # reads it as its weight or bias: per channel, as quantize_weight gives every weight
-        tensor.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q and not (
-            is_op(user, *WEIGHTED) and tensor in (weight_of(user), bias_of(user))))
-
-    def quantize_weight(self, gm: fx.GraphModule, op: fx.Node, qmax: int) -> None:
-        weight = get_tensor(gm, weight_of(op))
-        scales = weight_scales(weight, qmax, self.per_channel)
-        if self.per_channel:
-            params = (add_tensor(gm, op, f"{op.name}_weight_scale", scales),
-                      add_tensor(gm, op, f"{op.name}_weight_zero_point", torch.zeros(len(scales), dtype=torch.int64)))
-            self._pair(gm, op, "weight", (*params, 0, -qmax - 1, qmax, torch.int8), qd.quantize_per_channel.default,
-                       qd.dequantize_per_channel.default)
-        else:
-            self._pair(gm, op, "weight", (float(scales), 0, -qmax - 1, qmax, torch.int8),
-                       qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default)
-        bias = bias_of(op)
-        if bias is not None:
-            channels = get_tensor(gm, bias).shape[0]
-            scale = add_tensor(gm, op, f"{op.name}_bias_scale", bias_scales(gm, op, channels))
-            zero = add_tensor(gm, op, f"{op.name}_bias_zero_point", torch.zeros(channels, dtype=torch.int64))
-            self._pair(gm, op, "bias", (scale, zero, 0, *INT32, torch.int32), qd.quantize_per_channel.default,
-                       qd.dequantize_per_channel.default)
-
-    @staticmethod
-    def _pair(gm: fx.GraphModule, op: fx.Node, kind: str, params: tuple, q_op, dq_op) -> None:
-        """Route ``op``'s argument ``kind`` ("weight" or "bias") through a new Q → DQ pair."""
-        with gm.graph.inserting_before(op):
-            q = gm.graph.call_function(q_op, (weight_of(op) if kind == "weight" else bias_of(op), *params))
-            dq = gm.graph.call_function(dq_op, (q, *params))
-        q.meta[QDQ_KEY], dq.meta[QDQ_KEY] = {"role": kind}, {"role": kind}
-        set_argument(op, kind, dq)
-
-
-def _reading_rounded(reader: fx.Node, x: fx.Node, rounded: Callable[[torch.Tensor], torch.Tensor]) -> LayerFn:
-    """``reader`` computed with its argument ``x`` (a node) passed through ``rounded``."""
-    places = [i for i, a in enumerate(reader.args) if a is x]
-    names = [k for k, a in reader.kwargs.items() if a is x]
-
-    def fn(args: list, kwargs: dict) -> Any:
-        for i in places:
-            args[i] = rounded(args[i])
-        for k in names:
-            kwargs[k] = rounded(kwargs[k])
-        return reader.target(*args, **kwargs)
-    return fn
-
-
-def _untag_split_groups(gm: fx.GraphModule) -> int:
-    """Drop fuse_activation's tags from groups a Q/DQ pair now cuts (conv → Q → DQ → add + relu): their
-    members are no longer one float kernel; an int8 backend fuses the QDQ form itself."""
-    split = 0
-    for nodes in fusion_groups(gm).values():
-        if any(a not in b.all_input_nodes for a, b in zip(nodes, nodes[1:])):
-            for n in nodes:
-                del n.meta[FUSION_KEY]
-            split += 1
-    return split
+        return float_again(quantized, before, p.rules, ctx.analysis(Shapes, before))
