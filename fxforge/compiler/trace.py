@@ -37,7 +37,7 @@ from .errors import ArtifactError, InputError, TraceError, first_line
 from .functionalize import functional_graph
 from .graph import get_tensor, views_as_reshapes
 from .ops import (CLASS_INDEX_LOSSES, NAN_PROPAGATING, QUANTIZE, SAME_VALUES, argument, aten, data, graph_outputs,
-                  is_op, set_graph_outputs)
+                  is_op, set_argument, set_graph_outputs)
 from .verify import (BACKEND_SEED, EXACT_TOLERANCE, ModelRuns, beyond, clone_inputs, compare, copy_model,
                      discrete_mismatch, exact_tolerances, fresh_inputs, nesting)
 
@@ -718,8 +718,9 @@ class IndexRead(NamedTuple):
     """A tensor an op reads as indices: eager accepts [low, high) (``high`` = k × :data:`BATCH` for a dimension of
     k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`), and a loss also its
     ``ignored`` index; ``label``: a loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``:
-    the op's node; ``extent``: the tensor and dimension indexed (None: its elements), whose size the guards read at
-    run time where it is the batch's."""
+    the op's node; ``slot``: its argument holding ``index`` and the position there in a list (``x[j, j]`` reads
+    ``j`` twice, into dimensions of two sizes; ``t[t]`` reads ``t`` as data too); ``extent``: the tensor and
+    dimension indexed (None: its elements), whose size the guards read at run time where it is the batch's."""
     index: fx.Node
     low: int
     high: int
@@ -727,6 +728,7 @@ class IndexRead(NamedTuple):
     ignored: int | None
     label: bool
     reader: fx.Node
+    slot: tuple[str, int | None]
     extent: tuple[fx.Node, int | None] | None = None
 
     def guard(self) -> list[Any]:
@@ -749,32 +751,35 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
         if _integer_index(target) and (isinstance(classes, int) or (classes is not None and str(classes) in batch)):
             high, many = (classes, classes) if isinstance(classes, int) else (BATCH, "the batch's")
             return [IndexRead(target, 0, high, f"{many} classes at node {user.name!r}",
-                              int(argument(user, "ignore_index")), True, user,
+                              int(argument(user, "ignore_index")), True, user, ("target", None),
                               (argument(user, "self"), 1 if _rank(argument(user, "self")) > 1 else 0))]
         return []
     if is_op(user, aten.one_hot):
         classes = argument(user, "num_classes")
-        return [IndexRead(data(user), 0, classes, f"{classes} classes at node {user.name!r}", None, True, user)] \
+        return [IndexRead(data(user), 0, classes, f"{classes} classes at node {user.name!r}", None, True, user,
+                          ("self", None))] \
             if classes > 0 and _integer_index(data(user)) else []
     if is_op(user, aten.take):  # into the flattened tensor: [−numel, numel)
         value, index = argument(user, "self").meta.get("val"), argument(user, "index")
         n = value.numel() if isinstance(value, torch.Tensor) and _integer_index(index) else None
         if (bound := _batches(n, batch)) is not None:
             return [IndexRead(index, -bound[0], bound[0], f"the {bound[1].replace('the batch', 'batch')} elements at "
-                              f"node {user.name!r}", None, False, user, (argument(user, "self"), None))]
-        return [IndexRead(index, -n, n, f"the {n} elements at node {user.name!r}", None, False, user)] \
+                              f"node {user.name!r}", None, False, user, ("index", None),
+                              (argument(user, "self"), None))]
+        return [IndexRead(index, -n, n, f"the {n} elements at node {user.name!r}", None, False, user,
+                          ("index", None))] \
             if isinstance(n, int) else []
     reads = []
-    for index, source, dim, low_is_minus_n in _indexed_dims(user):
+    for index, source, dim, low_is_minus_n, slot in _indexed_dims(user):
         size = _size(gm, source, dim)
         if (bound := _batches(size, batch)) is not None:
             reads.append(IndexRead(index, -bound[0] if low_is_minus_n else 0, bound[0],
-                                   f"dimension {dim} ({bound[1]}) at node {user.name!r}", None, False, user,
+                                   f"dimension {dim} ({bound[1]}) at node {user.name!r}", None, False, user, slot,
                                    (source, dim)))
         elif isinstance(size, int):
             what = (f"an embedding of {size} rows" if is_op(user, aten.embedding) else
                     f"dimension {dim} (size {size}) at node {user.name!r}")
-            reads.append(IndexRead(index, -size if low_is_minus_n else 0, size, what, None, False, user))
+            reads.append(IndexRead(index, -size if low_is_minus_n else 0, size, what, None, False, user, slot))
     return reads
 
 
@@ -873,7 +878,9 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
             extremes.append(graph.call_function(aten.stack.default, (ends,)))
         if read.high < BATCH // 2 or read.extent:
             with graph.inserting_before(read.reader):
-                read.reader.replace_input_with(read.index, _wrapped(graph, read))
+                wrapped, (name, position) = _wrapped(graph, read), read.slot
+                set_argument(read.reader, name, wrapped if position is None else [
+                    wrapped if k == position else t for k, t in enumerate(argument(read.reader, name))])
     if extremes:
         set_graph_outputs(graph, [*graph_outputs(graph), *extremes])
         gm.recompile()
@@ -948,15 +955,17 @@ INDEXING = {aten.embedding: ("indices", "weight", 0, False), aten.gather: ("inde
             aten._embedding_bag: ("indices", "weight", 0, False), aten.multi_margin_loss: ("target", "self", -1, False)}
 
 
-def _indexed_dims(user: fx.Node) -> list[tuple[fx.Node, fx.Node, int, bool]]:
-    """(index, source, dim, negatives allowed) for each dimension of ``source`` that ``user`` indexes with a tensor
-    ``index`` (an integer tensor: a bool or uint8 one of ``x[mask]`` selects); ``x[index] = v`` (``index_put``) as
-    ``x[index]``: TVM wrote past the tensor for a column outside [−n, n) and returned as if valid."""
+def _indexed_dims(user: fx.Node) -> list[tuple[fx.Node, fx.Node, int, bool, tuple[str, int | None]]]:
+    """(index, source, dim, negatives allowed, ``IndexRead.slot``) for each dimension of ``source`` that ``user``
+    indexes with a tensor ``index`` (an integer tensor: a bool or uint8 one of ``x[mask]`` selects); ``x[index] = v``
+    (``index_put``) as ``x[index]``: TVM wrote past the tensor for a column outside [−n, n) and returned as if
+    valid."""
     if is_op(user, aten.index, aten.index_put):
         reads, dim = [], 0
-        for t in argument(user, "indices"):  # a k-dimensional mask takes k dimensions (x[mask2d, i]: i indexes 2)
+        # a k-dimensional mask takes k dimensions (x[mask2d, i]: i indexes 2)
+        for position, t in enumerate(argument(user, "indices")):
             if _integer_index(t):
-                reads.append((t, argument(user, "self"), dim, True))
+                reads.append((t, argument(user, "self"), dim, True, ("indices", position)))
             value = t.meta.get("val") if isinstance(t, fx.Node) else None
             dim += value.dim() if isinstance(value, torch.Tensor) and value.dtype in (torch.bool, torch.uint8) else 1
         return reads
@@ -965,7 +974,8 @@ def _indexed_dims(user: fx.Node) -> list[tuple[fx.Node, fx.Node, int, bool]]:
         return []
     index_arg, source, dim, negatives = INDEXING[packet]
     index = argument(user, index_arg)
-    return [(index, argument(user, source), argument(user, dim) if isinstance(dim, str) else dim, negatives)] \
+    return [(index, argument(user, source), argument(user, dim) if isinstance(dim, str) else dim, negatives,
+             (index_arg, None))] \
         if _integer_index(index) else []
 
 

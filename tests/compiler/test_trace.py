@@ -518,6 +518,30 @@ def test_a_computed_index_is_read_mod_its_size_before_its_guard_refuses_it(case,
         cm(valid[0], far)
 
 
+class DiagonalSet(nn.Module):
+    """``y[j, j] = 5`` on a copy of ``x`` and ``j[j]``, for ``j = idx - 1``: one computed index read at two places
+    of one op, into the batch and a dimension of size 3, and as data besides."""
+
+    def forward(self, x, idx):
+        y, j = x.clone(), idx - 1
+        y[j, j] = 5.0
+        return y, j[j]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_an_index_read_at_two_places_of_an_op_is_wrapped_at_each_by_its_own_size(backend):
+    """Before: the guards replaced every use of the index in the op by the first read's wrap: ``y[j, j] = 5`` with
+    j = −1 at batch 64 wrote row 63, column 63 of a 3-column tensor (TVM wrote past it and returned as if valid,
+    ONNX Runtime refused a valid call by itself where the first read was the column's) and ``j[j]`` read ``j`` mod 2
+    as data. Expected: each place reads the index mod its own size, the data as it is, so valid calls match eager."""
+    model = DiagonalSet().eval()
+    cm = fxforge.compile(model, (torch.randn(8, 3), torch.tensor([1, 2])), backend=backend, measure_latency=False)
+    for x, idx in ((torch.randn(64, 3), torch.tensor([0, 1])), (torch.randn(6, 3), torch.tensor([2, 1]))):
+        torch.testing.assert_close(cm(x, idx), model(x, idx))
+    with pytest.raises(fxforge.InputError, match=r"from 0 to 4, but it indexes dimension 1 \(size 3\)"):
+        cm(torch.randn(6, 3), torch.tensor([5, 1]))
+
+
 class MaskThenIndex(nn.Module):
     """``x[mask, idx]``: a 2-D mask takes dimensions 0 and 1, ``idx`` indexes dimension 2."""
 
