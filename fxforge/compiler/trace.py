@@ -744,15 +744,17 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
     (the batch dimension's symbols): an op of :data:`INDEXING` or ``x[index]`` (eager accepts [0, n), and [−n, n)
     for ``x[index]`` and index_fill), ``take``'s into a tensor of n elements ([−n, n)), a loss's labels of C
     classes (:data:`CLASS_INDEX_LOSSES`, [0, C) or its ignore_index) and one_hot's (a contrastive loss's classes are
-    its batch)."""
+    its batch, or k times it with negatives concatenated)."""
     if is_op(user, *CLASS_INDEX_LOSSES):
-        target, classes = argument(user, "target"), _size(gm, argument(user, "self"),
-                                                         1 if _rank(argument(user, "self")) > 1 else 0)
-        if _integer_index(target) and (isinstance(classes, int) or (classes is not None and str(classes) in batch)):
-            high, many = (classes, classes) if isinstance(classes, int) else (BATCH, "the batch's")
+        logits, target = argument(user, "self"), argument(user, "target")
+        dim = 1 if _rank(logits) > 1 else 0
+        classes = _size(gm, logits, dim)
+        bound = _batches(classes, batch)
+        if _integer_index(target) and (isinstance(classes, int) or bound is not None):
+            high, many = (classes, classes) if isinstance(classes, int) else \
+                (bound[0], "the batch's" if bound[0] == BATCH else f"the {bound[1].replace('the batch', 'batch')}")
             return [IndexRead(target, 0, high, f"{many} classes at node {user.name!r}",
-                              int(argument(user, "ignore_index")), True, user, ("target", None),
-                              (argument(user, "self"), 1 if _rank(argument(user, "self")) > 1 else 0))]
+                              int(argument(user, "ignore_index")), True, user, ("target", None), (logits, dim))]
         return []
     if is_op(user, aten.one_hot):
         classes = argument(user, "num_classes")

@@ -518,6 +518,41 @@ def test_a_computed_index_is_read_mod_its_size_before_its_guard_refuses_it(case,
         cm(valid[0], far)
 
 
+class HardNegatives(nn.Module):
+    """A contrastive cross-entropy over the batch's positives and as many hard negatives: 2 × the batch classes, on
+    the labels given (``computed``: ``labels - 1``)."""
+
+    def __init__(self, computed: bool):
+        super().__init__()
+        self.computed = computed
+
+    def forward(self, a, positives, negatives, labels):
+        logits = a @ torch.cat([positives, negatives]).T
+        return F.cross_entropy(logits, labels - 1 if self.computed else labels, reduction="none")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+@pytest.mark.parametrize("computed", [False, True])
+def test_labels_into_k_times_the_batch_classes_are_checked(backend, computed):
+    """Before: a loss's labels were indices only into a number of classes or the batch's: labels into 2 × the batch
+    classes went unchecked, given or computed (label 10**10 crashed TVM's process, label 12 of 12 returned a number;
+    ONNX Runtime failed naming a node of its own). Expected: the signature or the guard refuses them as eager does,
+    at the call's 2 × batch classes, and a valid call at another batch matches eager."""
+    model, shift = HardNegatives(computed).eval(), 1 if computed else 0
+    example = (torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 2, 5, 7]) + shift)
+    cm = fxforge.compile(model, example, backend=backend, measure_latency=False)
+    assert cm.artifact.signature.dynamic_batch
+    x = (torch.randn(6, 3), torch.randn(6, 3), torch.randn(6, 3))
+    valid = torch.tensor([0, 11, 3, 4, 5, 6]) + shift
+    torch.testing.assert_close(cm(*x, valid), model(*x, valid))
+    for far in (12, 10 ** 10):
+        labels = torch.tensor([0, far, 3, 4, 5, 6]) + shift
+        with pytest.raises(IndexError):
+            model(*x, labels)
+        with pytest.raises(fxforge.InputError, match=r"indexes the 2 × batch classes.*\[0, 12\)"):
+            cm(*x, labels)
+
+
 class DiagonalSet(nn.Module):
     """``y[j, j] = 5`` on a copy of ``x`` and ``j[j]``, for ``j = idx - 1``: one computed index read at two places
     of one op, into the batch and a dimension of size 3, and as data besides."""
