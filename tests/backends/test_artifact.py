@@ -94,6 +94,8 @@ def test_a_ctrl_c_that_torchscript_reraises_as_a_runtime_error_stays_a_keyboard_
 
 
 class FloorDivision(nn.Module):
+    """``a // b`` of integers: ONNX Runtime's ``Div`` fails by itself on a zero divisor."""
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a // b
 
