@@ -330,7 +330,8 @@ def export(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], signature
     index_guards(own)
     shifts_as_arithmetic(own.graph)
     boolean_arithmetic_as_logic(own.graph)
-    copied = _distinct_outputs(_cross_entropies_decomposed(_global_pools_as_means(_aliases_renamed(own)))).eval()
+    copied = _distinct_outputs(_unreduced_nll_losses_widened(_cross_entropies_decomposed(
+        _global_pools_as_means(_aliases_renamed(own))))).eval()
     names = _output_names(len(ops.graph_outputs(copied.graph)),
                           {n.name for n in gm.graph.find_nodes(op="placeholder")})
     if target is not None:
@@ -597,6 +598,29 @@ def _cross_entropies_decomposed(gm: fx.GraphModule) -> fx.GraphModule:
                 plain = call(aten.cross_entropy_loss.default, x, target, weight, reduction, ignore, 0.0)
                 loss = call(aten.add.Tensor, call(aten.mul.Tensor, plain, 1.0 - smoothing),
                             call(aten.mul.Tensor, spread, smoothing / classes))
+        node.replace_all_uses_with(loss)
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def _unreduced_nll_losses_widened(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with each unreduced nll_loss of N × C log-probabilities computed on N × C × 1 (the labels N × 1) and
+    squeezed back, in place: the same numbers, and the exporter's translation of the 2-D form declared a 0-d output
+    that onnx.checker refused ("Inferred shape and existing shape differ in rank: (1) vs (0)"), a valid model."""
+    aten, graph = torch.ops.aten, gm.graph
+    for node in [*graph.find_nodes(op="call_function", target=aten.nll_loss_nd.default),
+                 *graph.find_nodes(op="call_function", target=aten.nll_loss.default)]:
+        x = ops.argument(node, "self")
+        value = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if ops.argument(node, "reduction") != 0 or not isinstance(value, torch.Tensor) or value.dim() != 2:
+            continue
+        with graph.inserting_before(node):
+            wide = graph.call_function(node.target, (
+                graph.call_function(aten.unsqueeze.default, (x, -1)),
+                graph.call_function(aten.unsqueeze.default, (ops.argument(node, "target"), -1)),
+                ops.argument(node, "weight"), 0, ops.argument(node, "ignore_index")))
+            loss = graph.call_function(aten.squeeze.dim, (wide, -1))
         node.replace_all_uses_with(loss)
         graph.erase_node(node)
     gm.recompile()

@@ -920,3 +920,27 @@ def test_cross_entropy_with_probabilities_or_smoothing_matches_eager(spatial, pr
     for _ in range(3):
         x, t = torch.randn(shape), target()
         torch.testing.assert_close(cm(x, t), model(x, t), rtol=1e-5, atol=1e-6)
+
+
+class NllPerSample(nn.Module):
+    """The negative log-likelihood of each sample's label (``reduction="none"``), options as given."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.head = nn.Linear(8, 5)
+        self.options = options
+
+    def forward(self, x, labels):
+        return nn.functional.nll_loss(self.head(x).log_softmax(-1), labels, reduction="none", **self.options)
+
+
+@pytest.mark.parametrize("options", [{}, {"ignore_index": 2, "weight": torch.tensor([0.5, 1.0, 1.5, 2.0, 0.7])}])
+def test_an_unreduced_nll_loss_of_two_dimensions_exports(options):
+    """Before: ``nll_loss(log_probs, labels, reduction="none")`` on N × C failed onnx.checker ("Inferred shape and
+    existing shape differ in rank: (1) vs (0)": the exporter declared its output 0-d). Expected: eager's numbers
+    (computed on N × C × 1 and squeezed), at another batch too, an ignored label among them."""
+    torch.manual_seed(0)
+    model = NllPerSample(**options).eval()
+    cm = fxforge.compile(model, (torch.randn(6, 8), torch.randint(0, 5, (6,))), backend="onnx", measure_latency=False)
+    x, labels = torch.randn(9, 8), torch.tensor([0, 1, 2, 3, 4, 2, 1, 0, 4])
+    torch.testing.assert_close(cm(x, labels), model(x, labels), rtol=1e-5, atol=1e-6)
