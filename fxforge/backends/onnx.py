@@ -608,7 +608,7 @@ def _unreduced_nll_losses_widened(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` with each unreduced nll_loss of N × C log-probabilities computed on N × C × 1 (the labels N × 1) and
     squeezed back, in place: the same numbers, and the exporter's translation of the 2-D form declared a 0-d output
     that onnx.checker refused ("Inferred shape and existing shape differ in rank: (1) vs (0)"), a valid model."""
-    aten, graph = torch.ops.aten, gm.graph
+    aten, graph, widened = torch.ops.aten, gm.graph, 0
     for node in [*graph.find_nodes(op="call_function", target=aten.nll_loss_nd.default),
                  *graph.find_nodes(op="call_function", target=aten.nll_loss.default)]:
         x = ops.argument(node, "self")
@@ -623,7 +623,9 @@ def _unreduced_nll_losses_widened(gm: fx.GraphModule) -> fx.GraphModule:
             loss = graph.call_function(aten.squeeze.dim, (wide, -1))
         node.replace_all_uses_with(loss)
         graph.erase_node(node)
-    gm.recompile()
+        widened += 1
+    if widened:  # (every export passes here: no regenerated code for graphs without one)
+        gm.recompile()
     return gm
 
 
