@@ -277,9 +277,9 @@ INT8_AT_TARGET = "fxforge int8 → onnx (max_drop 0.03)"  # the budget at issue 
 
 
 def fxforge_systems(tuning_db: Path | None = None) -> list[System]:
-    """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``int8_dynamic``, ``compress`` and ``compress`` +
-    ``int8``; with ``tuning_db``, also ``fuse`` on TVM with that stored MetaSchedule database applied (no tuning)
-    and, as its untuned baseline, with the same static shapes."""
+    """fxforge's pipelines: ``fuse`` on every backend, ``int8``, ``int8_dynamic``, ``compress``, ``compress`` +
+    ``int8`` and ``all``; with ``tuning_db``, also ``fuse`` on TVM with that stored MetaSchedule database applied (no
+    tuning) and, as its untuned baseline, with the same static shapes."""
     onnx = ("onnxruntime", "onnxscript")
     tuned = [System("fxforge fuse → tvm (static batch)", fxforge_system(["fuse"], "tvm", static_batch=True),
                     needs=("tvm",)),
@@ -297,6 +297,7 @@ def fxforge_systems(tuning_db: Path | None = None) -> list[System]:
         System("fxforge compress → onnx", fxforge_system(["compress"], "onnx"), needs=onnx),
         System("fxforge compress+int8 → onnx", fxforge_system(["compress", "int8"], "onnx"), needs=onnx,
                budgeted=True),
+        System("fxforge all → onnx", fxforge_system(["all"], "onnx"), needs=onnx, budgeted=True),
     ]
 
 
