@@ -13,6 +13,8 @@ r < m·k²/(m + k²). Grouped (incl. depthwise) and 1×1 convs are left alone an
 ``flops=f`` decides per conv instead, among multipliers 4, 2 and 1, from sensitivities measured on the
 calibration data, cheapest in accuracy per FLOP saved first, until at most f of the input's FLOPs remain (the
 rule of ``low_rank{flops=f}``, lib/factorization.plan_splits; nothing changes when the goal is out of reach).
+``latency=f`` does the same with each split's timed saving against the graph's measured time on this machine
+(passes/lib/goals.py): a split that does not time faster is no candidate.
 Stats hold each split layer's relative output error on its recorded input (``error.<node>``) and the model's
 (``error.model``), on fresh random inputs.
 """
@@ -31,6 +33,7 @@ from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassConte
 
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized, layer_error,
                                 plan_splits, splittable, svd)
+from .lib.goals import Goal
 
 LADDER = (4, 2, 1)  # the multipliers a flops goal chooses among, per conv
 
@@ -45,41 +48,57 @@ class DepthwiseSeparable(Pass):
     energy: float = 0.95
     multiplier: int | None = None
     flops: float | None = None  # a goal: at most this fraction of the input's FLOPs, chosen per conv
+    latency: float | None = None  # a goal: at most this fraction of the input's latency on this CPU, chosen per conv
 
     def __post_init__(self) -> None:
         check_fraction("energy", self.energy)
         check_fraction("flops", self.flops)
+        check_fraction("latency", self.latency)
         if self.multiplier is not None and self.multiplier < 1:
             raise PassError(f"multiplier must be a positive integer, got {self.multiplier!r}")
-        if self.flops is not None and self.multiplier is not None:
-            raise PassError("flops chooses each conv's multiplier: it does not take multiplier")
-        self.refuse_unread("energy", "with flops, which chooses each conv's multiplier" if self.flops is not None else
+        if self.goal is not None and self.multiplier is not None:
+            raise PassError(f"{self.goal.kind} chooses each conv's multiplier: it does not take multiplier")
+        self.refuse_unread("energy", "with a goal, which chooses each conv's multiplier" if self.goal is not None else
                            "with multiplier, which sets each conv's rank" if self.multiplier is not None else None)
 
     @property
     def reads_calibration(self) -> bool:  # type: ignore[override]
-        return self.flops is not None  # the per-layer sensitivities are measured on calibration data
+        return self.goal is not None  # the per-layer sensitivities are measured on calibration data
+
+    @property
+    def goal(self) -> Goal | None:
+        return Goal.of(self.flops, self.latency)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rec = Recording(gm, ctx.example_inputs)
         stats: Counter = Counter()
         rules = None
         layers = splittable(gm, list(call_nodes(gm, aten.conv2d)), stats)
-        if self.flops is not None:
+        names = [n.name for n in layers]
+        if self.goal is not None:
             rules = plan_splits(gm, ctx, rec, self.name, [DepthwiseSeparable(multiplier=r) for r in LADDER],
-                                lambda rule, node, w: rule.stages(node, w), layers, self.flops, False, stats)
+                                lambda rule, node, w: rule.stages(node, w), layers, self.goal, False, stats,
+                                trial=lambda chosen, copy: self.apply(copy, names, chosen, rec, Counter()))
             if rules is None:
                 return PassResult(changed=False, preserves="all", stats=dict(stats))
             stats.update({f"multiplier.{layer}": rule.multiplier for layer, rule in rules.items()})
-        for node in layers:
-            rule = self if rules is None else rules.get(node.name)
-            reason = self.split(gm, node, rec, stats, rule) if rule is not None else "not_chosen"
-            stats["split" if reason is None else f"skipped.{reason}"] += 1
+        self.apply(gm, names, rules, rec, stats)
         if not stats.get("split"):
             return PassResult(changed=False, preserves="all", stats=dict(stats))
-        finalize(gm)
         stats["error.model"] = rec.model_error(gm)
         return PassResult(changed=True, stats=dict(stats))
+
+    def apply(self, gm: fx.GraphModule, layers: list[str], rules: dict[str, DepthwiseSeparable] | None,
+              rec: Recording, stats: Counter) -> None:
+        """Decouple the ``layers`` of ``gm`` (the pass's graph, or a copy a latency goal times) by ``rules`` (None:
+        by this pass's own options), counting each outcome."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name in layers:
+            rule = self if rules is None else rules.get(name)
+            reason = self.split(gm, nodes[name], rec, stats, rule) if rule is not None else "not_chosen"
+            stats["split" if reason is None else f"skipped.{reason}"] += 1
+        if stats.get("split"):
+            finalize(gm)
 
     def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: Counter,
               rule: DepthwiseSeparable) -> str | None:

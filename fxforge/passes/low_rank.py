@@ -18,8 +18,10 @@ linear map without bias, so padding stays exact. Linears and 1×1 convs always u
 rank ratios 1/2, 1/4, 1/8 and 1/16 on the calibration data (passes/analysis/sensitivity.py, which asks this
 pass's ``layer_effect``), and ``sensitivity.plan`` takes the splits cheapest in accuracy per FLOP saved until
 the model's FLOPs are at most f of what they were. A split that does not time faster (``budget="latency"``, on
-a target that runs here) is never a candidate. When the goal cannot be met nothing changes and the stats
-say so (``skipped.flops_goal_unreachable`` with the best reachable fraction).
+a target that runs here) is never a candidate. ``latency=f`` is the same with each split's timed saving against
+the graph's measured time (passes/lib/goals.py; this machine must be the target's CPU), every split timed.
+When the goal cannot be met nothing changes and the stats say so (``skipped.flops_goal_unreachable`` with the
+best reachable fraction; ``latency_…`` likewise).
 
 Factors are computed in float64 with torch.linalg (the LAPACK SVD numpy would call): Tucker-2 by HOSVD is
 two SVDs and one contraction, too little to justify a tensorly dependency. Stats hold the relative output
@@ -42,6 +44,7 @@ from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassConte
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized,
                                 faster_on_host, layer_error, plan_splits, ratio_rank, splittable, svd_split,
                                 tucker2_split)
+from .lib.goals import Goal
 
 LADDER = (0.5, 0.25, 0.125, 0.0625)  # the rank ratios a flops goal chooses among, per layer
 
@@ -58,23 +61,26 @@ class LowRank(Pass):
     budget: Literal["flops", "latency"] = "flops"
     method: Literal["svd", "tucker2"] = "svd"
     flops: float | None = None  # a goal: at most this fraction of the input's FLOPs, chosen per layer
+    latency: float | None = None  # a goal: at most this fraction of the input's latency on this CPU, chosen per layer
     max_error: float | None = None  # a cap on the summed per-layer damage of the splits, chosen per layer
 
     def __post_init__(self) -> None:
         check_fraction("energy", self.energy)
         check_fraction("rank_ratio", self.rank_ratio)
         check_fraction("flops", self.flops)
+        check_fraction("latency", self.latency)
         check_fraction("max_error", self.max_error)
+        Goal.of(self.flops, self.latency)  # one goal at most
         if self.per_layer and (self.method != "svd" or self.rank_ratio is not None):
-            raise ValueError("flops and max_error choose each layer's SVD rank: they take neither method='tucker2' "
-                             "nor rank_ratio")
-        self.refuse_unread("energy", "with flops or max_error, which choose each layer's rank" if self.per_layer else
+            raise ValueError("flops, latency and max_error choose each layer's SVD rank: they take neither "
+                             "method='tucker2' nor rank_ratio")
+        self.refuse_unread("energy", "with a goal or max_error, which choose each layer's rank" if self.per_layer else
                            "with rank_ratio, which sets each rank" if self.rank_ratio is not None else None)
 
     @property
     def per_layer(self) -> bool:
-        """Whether each layer's rank is chosen from measured sensitivity (a flops goal or an error cap)."""
-        return self.flops is not None or self.max_error is not None
+        """Whether each layer's rank is chosen from measured sensitivity (a goal or an error cap)."""
+        return Goal.of(self.flops, self.latency) is not None or self.max_error is not None
 
     @property
     def reads_calibration(self) -> bool:  # type: ignore[override]
@@ -89,24 +95,34 @@ class LowRank(Pass):
         rules = self.choose(gm, ctx, rec, layers, stats) if self.per_layer else None
         if rules is None and self.per_layer:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
-        for node in layers:
-            rule = self if rules is None else rules.get(node.name)
-            reason = self.split(gm, node, rec, ctx, stats, rule) if rule is not None else "not_chosen"
-            stats["split" if reason is None else f"skipped.{reason}"] += 1
+        self.apply(gm, [n.name for n in layers], rules, rec, ctx, stats)
         if not stats.get("split"):
             return PassResult(changed=False, preserves="all", stats=dict(stats))
-        finalize(gm)
         stats["error.model"] = rec.model_error(gm)
         return PassResult(changed=True, stats=dict(stats))
 
+    def apply(self, gm: fx.GraphModule, layers: list[str], rules: dict[str, LowRank] | None, rec: Recording,
+              ctx: PassContext, stats: Counter) -> None:
+        """Split the ``layers`` of ``gm`` (the pass's graph, or a copy of it a latency goal times) by ``rules``
+        (None: by this pass's own rank), counting each outcome."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name in layers:
+            rule = self if rules is None else rules.get(name)
+            reason = self.split(gm, nodes[name], rec, ctx, stats, rule) if rule is not None else "not_chosen"
+            stats["split" if reason is None else f"skipped.{reason}"] += 1
+        if stats.get("split"):
+            finalize(gm)
+
     def choose(self, gm: fx.GraphModule, ctx: PassContext, rec: Recording, layers: list[fx.Node],
                stats: Counter) -> dict[str, LowRank] | None:
-        """Layer → the LowRank (rank ratio of LADDER) that splits it under the flops goal and error cap; None
+        """Layer → the LowRank (rank ratio of LADDER) that splits it under the goal and error cap; None
         when the goal cannot be met or nothing fits the cap (counted in stats)."""
         rules = [LowRank(rank_ratio=ratio, budget=self.budget) for ratio in LADDER]
         chosen = plan_splits(gm, ctx, rec, self.name, rules, lambda rule, node, w: rule.stages(node, w),
-                             layers, self.flops,
-                             self.budget == "latency" and ctx.target.runs_on_host, stats, self.max_error)
+                             layers, Goal.of(self.flops, self.latency),
+                             self.budget == "latency" and ctx.target.runs_on_host, stats, self.max_error,
+                             lambda chosen, copy: self.apply(copy, [n.name for n in layers], chosen, rec, ctx,
+                                                             Counter()))
         stats.update({f"rank_ratio.{layer}": rule.rank_ratio for layer, rule in (chosen or {}).items()})
         return chosen
 

@@ -15,6 +15,8 @@ output and input channels; a depthwise conv ``F · k_out``), so two pruned neigh
 their savings: when the chosen layers together leave more than f, the plan is redone asking for the shortfall
 more. When the goal cannot be met nothing changes and the stats say so (``skipped.flops_goal_unreachable``
 with the best reachable fraction); ``flops=1.0`` is met as the model is (``skipped.flops_goal_met``).
+``latency=f`` does the same with each layer's measured saving against the graph's measured time on this machine
+(passes/lib/goals.py, lib/pruning.py), ``latency_…`` in the stats.
 
 The chosen groups are zeroed (weight rows, biases, BN γ and β, per-channel constants) so every tensor they
 occupy is exactly 0, and dead_channels removes them physically. Groups that removal would not take once zeroed
@@ -37,7 +39,8 @@ from fxforge.compiler.report import model_size
 from .analysis.channel_groups import ChannelGraph, ChannelGroups
 from .analysis.channel_importance import ChannelImportance, Importance
 from .lib.channel_surgery import remove_removable, zero_groups
-from .lib.pruning import flops_goal_choice, removable_choice, zeroed
+from .lib.goals import Goal
+from .lib.pruning import goal_choice, removable_choice, zeroed
 
 LADDER = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # the ratios a flops goal chooses among, per layer
 
@@ -56,17 +59,23 @@ class PruneChannels(Pass):
     round_to: int = 8
     finetune: Callable[[fx.GraphModule], None] | None = None
     flops: float | None = None  # a goal: at most this fraction of the input's FLOPs, the ratio chosen per layer
+    latency: float | None = None  # a goal: at most this fraction of the input's latency on this CPU, likewise
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0 or self.round_to < 1 or self.importance not in ("l1", "l2", "bn") \
-                or self.scope not in ("global", "layer") or self.flops is not None and not 0.0 < self.flops <= 1.0:
+                or self.scope not in ("global", "layer") \
+                or any(g is not None and not 0.0 < g <= 1.0 for g in (self.flops, self.latency)):
             raise PassError(f"prune_channels needs 0 <= ratio < 1, round_to >= 1, importance in l1/l2/bn, scope "
-                            f"global/layer and flops in (0, 1]; got {self.options()}")
-        self.refuse_unread("ratio", "with flops, which chooses each layer's ratio" if self.flops is not None else None)
+                            f"global/layer and flops or latency in (0, 1]; got {self.options()}")
+        self.refuse_unread("ratio", "with a goal, which chooses each layer's ratio" if self.goal is not None else None)
+
+    @property
+    def goal(self) -> Goal | None:
+        return Goal.of(self.flops, self.latency)
 
     @property
     def reads_calibration(self) -> bool:  # type: ignore[override]
-        return self.flops is not None  # the per-layer sensitivities are measured on calibration data
+        return self.goal is not None  # the per-layer sensitivities are measured on calibration data
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
@@ -78,13 +87,11 @@ class PruneChannels(Pass):
         scores, fallback = imp.scores(self.importance)
         if fallback:
             stats["importance_fallback_l2"] = fallback
-        chosen = removable_choice(gm, ctx, cg, imp, scores, self.choose, stats) if self.flops is None \
+        chosen = removable_choice(gm, ctx, cg, imp, scores, self.choose, stats) if self.goal is None \
             else self.per_layer(gm, ctx, cg, imp, stats)
         if not chosen:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
-        zero_groups(gm, cg, [cg.groups[g] for g in chosen])
-        ctx.invalidate(frozenset({ChannelGroups, Shapes}))  # same structure, new values
-        removed = remove_removable(gm, ctx)
+        removed = self.prune(gm, ctx, chosen)
         if self.finetune is not None:
             self.finetune(gm)
         ctx.invalidate("none")
@@ -93,6 +100,15 @@ class PruneChannels(Pass):
             **{k: v for k, v in removed.items() if not k.startswith("skipped.unprunable")},
             "params_before": params_before, "params_after": model_size(gm)[0], "flops_before": flops_before,
             "flops_after": sum(ctx.analysis(Flops, gm).values())})
+
+    @staticmethod
+    def prune(gm: fx.GraphModule, ctx: PassContext, chosen: list[int]) -> dict[str, int]:
+        """Zero the groups ``chosen`` (indices of ``ctx``'s ChannelGroups of ``gm``) and remove what removal takes;
+        its counts."""
+        cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
+        zero_groups(gm, cg, [cg.groups[g] for g in chosen])
+        ctx.invalidate(frozenset({ChannelGroups, Shapes}))  # same structure, new values
+        return remove_removable(gm, ctx)
 
     def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: Counter) -> list[int]:
         """Group indices to prune: the lowest ``ratio`` per layer or globally, each layer rounded."""
@@ -132,7 +148,7 @@ class PruneChannels(Pass):
 
     def per_layer(self, gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, imp: Importance,
                   stats: Counter) -> list[int]:
-        """Groups to prune under the flops goal, each layer's ratio of LADDER chosen from measured sensitivity (see
+        """Groups to prune under the goal, each layer's ratio of LADDER chosen from measured sensitivity (see
         the module docstring); [] when the goal cannot be met (counted in stats)."""
         if ctx.calibration is None:
             raise missing_calibration(self.name)
@@ -141,6 +157,8 @@ class PruneChannels(Pass):
         candidates = {(spec, key[0]): rule.layer_groups(key[0], imp) for spec, rule in rules.items()
                       for key in imp.layers(imp.scores(self.importance)[0])}
         candidates = {k: gs for k, gs in candidates.items() if not isinstance(gs, str)}
-        chosen = flops_goal_choice(gm, ctx, cg, list(rules.values()), candidates, self.flops, stats)
+        # a copy a latency goal times is pruned in a context of its own (the analyses of ``gm`` stay cached)
+        chosen = goal_choice(gm, ctx, cg, list(rules.values()), candidates, self.goal, stats,
+                             lambda groups, copy: self.prune(copy, PassContext(ctx.example_inputs, ctx.target), groups))
         stats.update({f"ratio.{layer}": rules[spec].ratio for spec, layer in chosen})
         return [g for gs in chosen.values() for g in gs]

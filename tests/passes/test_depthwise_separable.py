@@ -12,6 +12,7 @@ from fxforge.compiler.pass_manager import PassContext, PassManager
 from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import compare, fresh_inputs
 from fxforge.passes import DepthwiseSeparable
+from fxforge.passes.lib import factorization, goals
 from fxforge.passes.lib.factorization import run_original, run_stages
 from models import ZOO, zoo_params
 from pipeline import apply, count, error_vs_eager
@@ -152,8 +153,32 @@ def test_flops_goal_decouples_the_cheapest_in_accuracy_conv_first():
     assert report.final.flops == report.row("input").flops
 
 
+def test_a_latency_goal_decouples_the_conv_that_times_faster(monkeypatch):
+    """Before: conv 3×3 (rank-1 slices) → relu → conv 3×3; made-up timings: ``a``'s decoupling no faster (ratio
+    1.0), ``b``'s at half its 4 ms at every multiplier, the graph 10 ms, measured 0.8 once split. Goal 0.85 of the
+    latency. Expected: a
+    untouched though exact at multiplier 1 (the flops goal's choice), b → depthwise 3×3 → pointwise 1×1."""
+    monkeypatch.setattr(factorization, "graph_ms", lambda gm, inputs: 10.0)
+    monkeypatch.setattr(factorization, "measure_latency", lambda *a, **k: 4.0)
+    monkeypatch.setattr(factorization, "split_timing",
+                        lambda node, *a, **k: {"ratio": {"conv2d": 1.0, "conv2d_1": 0.5}[node.name]})
+    monkeypatch.setattr(goals, "measured_fraction", lambda before, after, inputs: 0.8)
+    model = SeparableThenFull().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 16, 8, 8, generator=g),) for _ in range(3)]
+    gm, report, _ = apply(model, data[0], [DepthwiseSeparable(latency=0.85)], calibration=data)
+    shapes = [tuple(get_tensor(gm, n.args[1]).shape) for n in gm.graph.nodes
+              if n.op == "call_function" and "conv2d" in str(n.target)]
+    stats = report.row("depthwise_separable").stats
+    assert shapes[0] == (16, 16, 3, 3) and len(shapes) == 3 and shapes[2][1:] == (16 * stats["multiplier.conv2d_1"],
+                                                                               1, 1)
+    assert stats["skipped.slower_measured"] == 1 and stats["latency.planned"] == 0.8
+
+
 @pytest.mark.parametrize("make", [lambda: DepthwiseSeparable(energy=1.5), lambda: DepthwiseSeparable(multiplier=0),
-                                  lambda: DepthwiseSeparable(flops=0.5, multiplier=2)])
+                                  lambda: DepthwiseSeparable(flops=0.5, multiplier=2),
+                                  lambda: DepthwiseSeparable(latency=0.5, multiplier=2),
+                                  lambda: DepthwiseSeparable(flops=0.5, latency=0.5)])
 def test_bad_options_are_refused(make):
     with pytest.raises(PassError):
         make()

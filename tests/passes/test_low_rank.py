@@ -9,10 +9,11 @@ import fxforge.zoo
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import get_tensor
 from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
+from fxforge.compiler.report import model_size
 from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import compare, fresh_inputs
 from fxforge.passes import LowRank
-from fxforge.passes.lib import factorization
+from fxforge.passes.lib import factorization, goals
 from fxforge.passes.lib.factorization import energy_rank
 from models import ZOO, zoo_params
 from pipeline import apply, count, error_vs_eager
@@ -308,6 +309,81 @@ def test_a_flops_goal_with_no_split_within_the_cap_says_nothing_fits():
     assert report.row("low_rank").stats == {"skipped.nothing_within_error": 1}
 
 
+def made_up_timings(monkeypatch, ratios: dict[str, float | None], measured=None, own_ms: float = 4.0,
+                    total_ms: float = 10.0) -> None:
+    """Timings for a latency goal, made up so that the choice is the plan's, not this machine's: each layer takes
+    ``own_ms`` and its split ``ratios[layer]`` of that (None: its share of the layer's weights); the graph takes
+    ``total_ms``; a rewritten graph measures ``measured(before, after)`` of its input's time (default: its share of
+    the parameters)."""
+    monkeypatch.setattr(factorization, "graph_ms", lambda gm, inputs: total_ms)
+    monkeypatch.setattr(factorization, "measure_latency", lambda *a, **k: own_ms)
+    monkeypatch.setattr(factorization, "split_timing", lambda node, x, w, b, stages, target: {
+        "ratio": ratios[node.name] or sum(st.weight.numel() for st in stages) / w.numel()})
+    monkeypatch.setattr(goals, "measured_fraction", lambda before, after, inputs: (measured or params_share)(before,
+                                                                                                          after))
+
+
+def params_share(before, after) -> float:
+    return round(model_size(after)[0] / model_size(before)[0], 4)
+
+
+def test_a_latency_goal_splits_what_saves_time_not_what_saves_flops(monkeypatch):
+    """Before: linear(64→64, rank 2) → relu → linear(64→64, full rank); made-up timings: ``a``'s split no faster
+    (ratio 1.0), ``b``'s its share of the weights (rank ½ no faster either), the graph 10 ms and a rewritten one
+    its share of the parameters. Goal 0.85 of the latency. Expected: a untouched (where ``flops=0.85`` splits it,
+    exact), b split; the measured fraction within the goal."""
+    made_up_timings(monkeypatch, {"linear": 1.0, "linear_1": None})
+    model = LowThenFull().eval()
+    gm, report, _ = apply(model, batches()[0], [LowRank(latency=0.85)], calibration=batches())
+    stats = report.row("low_rank").stats
+    rank = round(64 * stats["rank_ratio.linear_1"])
+    assert weights(gm, "linear") == [(64, 64), (rank, 64), (64, rank)] and rank < 32
+    assert stats["skipped.slower_measured"] == 1 and stats["latency.plans_timed"] == 1
+    assert stats["latency.model"] == params_share(trace(model, batches()[0])[0], gm) <= 0.85
+    by_flops, _, _ = apply(model, batches()[0], [LowRank(flops=0.85)], calibration=batches())
+    assert weights(by_flops, "linear") == [(4, 64), (64, 4), (64, 64)]
+
+
+def test_a_latency_goal_missed_as_measured_plans_again_for_the_shortfall(monkeypatch):
+    """The same, but a graph whose b keeps more than 70 % of the parameters measures 0.97 of the input (its layers'
+    savings did not add up): the first plan (b at rank ¼, 0.75 of the parameters) misses the goal as measured, so
+    the plan is asked for 0.97 − 0.85 of the graph's time more. Expected: b at a deeper rank, measured within the
+    goal; the first plan's rank timed again (asked for less once the deeper one passed the goal by more than 0.05)
+    and refused again."""
+    made_up_timings(monkeypatch, {"linear": 1.0, "linear_1": None})
+    model = LowThenFull().eval()
+    first = apply(model, batches()[0], [LowRank(latency=0.85)], calibration=batches())[1].row("low_rank").stats
+    made_up_timings(monkeypatch, {"linear": 1.0, "linear_1": None},
+                    measured=lambda before, after: 0.97 if params_share(before, after) > 0.7 else
+                    params_share(before, after))
+    stats = apply(model, batches()[0], [LowRank(latency=0.85)], calibration=batches())[1].row("low_rank").stats
+    assert first["rank_ratio.linear_1"] == 0.25 and stats["rank_ratio.linear_1"] < 0.25
+    assert stats["latency.plans_timed"] == 3 and stats["latency.model"] <= 0.7
+
+
+def test_a_latency_goal_that_cannot_be_met_changes_nothing_and_says_so(monkeypatch):
+    made_up_timings(monkeypatch, {"linear": 0.5, "linear_1": 0.5})  # at most 2 + 2 of 10 ms saved
+    gm, report, _ = apply(LowThenFull().eval(), batches()[0], [LowRank(latency=0.5)], calibration=batches())
+    assert report.row("low_rank").stats == {"skipped.latency_goal_unreachable": 1, "latency_reachable": 0.6}
+    assert weights(gm, "linear") == [(64, 64), (64, 64)] and report.final.max_rel_err == 0
+
+
+def test_a_latency_goal_met_on_paper_but_not_as_measured_changes_nothing_and_says_so(monkeypatch):
+    made_up_timings(monkeypatch, {"linear": 0.5, "linear_1": 0.5}, measured=lambda before, after: 0.97)
+    gm, report, _ = apply(LowThenFull().eval(), batches()[0], [LowRank(latency=0.85)], calibration=batches())
+    stats = report.row("low_rank").stats
+    assert stats["skipped.latency_goal_missed_measured"] == 1 and stats["latency_measured"] == 0.97
+    assert weights(gm, "linear") == [(64, 64), (64, 64)] and report.final.max_rel_err == 0
+
+
+def test_a_latency_goal_for_a_target_elsewhere_is_refused():
+    """Latency is measured here: for an arm64 target it would be this CPU's, so the goal is refused by name."""
+    from fxforge.compiler.target import get_target
+    with pytest.raises(PassError, match=r"low_rank\{latency=0.5\} times layers on this machine.*another CPU"):
+        apply(LowThenFull().eval(), batches()[0], [LowRank(latency=0.5)], calibration=batches(),
+              target=get_target("arm64"))
+
+
 def test_a_flops_goal_needs_calibration_data():
     model, (x,) = LowThenFull().eval(), batches()[0]
     with pytest.raises(fxforge.CalibrationError, match="pass 'low_rank' needs calibration data"):
@@ -320,7 +396,9 @@ def test_a_flops_goal_needs_calibration_data():
                                   lambda: resolve("low_rank{method='cp'}"), lambda: resolve("low_rank{budget=1}"),
                                   lambda: LowRank(flops=0.5, rank_ratio=0.5), lambda: LowRank(flops=1.5),
                                   lambda: LowRank(flops=0.5, method="tucker2"),
-                                  lambda: LowRank(max_error=0.01, rank_ratio=0.5), lambda: LowRank(max_error=0.0)])
+                                  lambda: LowRank(max_error=0.01, rank_ratio=0.5), lambda: LowRank(max_error=0.0),
+                                  lambda: LowRank(flops=0.5, latency=0.5), lambda: LowRank(latency=0.0),
+                                  lambda: LowRank(latency=0.5, rank_ratio=0.5)])
 def test_bad_options_are_refused(make):
     with pytest.raises(PassError):
         make()

@@ -15,6 +15,7 @@ from fxforge.passes import DeadChannels, PruneChannels
 from fxforge.passes.analysis.channel_groups import ChannelGroups
 from fxforge.passes.analysis.channel_importance import ChannelImportance
 from fxforge.passes.lib.channel_surgery import zero_groups
+from fxforge.passes.lib import goals, pruning
 from fxforge.passes.lib.pruning import flops_left
 from models import ZOO, _randomize_bn, accuracy, digits_cnn, zoo_params
 from pipeline import apply, error_vs_eager
@@ -175,6 +176,52 @@ def test_a_flops_goal_that_cannot_be_met_changes_nothing_and_says_so():
     assert stats["skipped.flops_goal_unreachable"] == 1 and 0.05 < stats["flops_reachable"] < 1.0
     assert [tuple(w.shape) for w in weights(gm)] == [(16, 4, 3, 3), (16, 16, 3, 3), (4, 16, 3, 3)]
     assert report.row("prune_channels").params == report.row("input").params
+
+
+def test_a_latency_goal_prunes_by_the_time_the_thinned_layers_save(monkeypatch):
+    """Before: Chain with faint a-channels; made-up timings: each conv 1 ms, a thinned one the share of its weight
+    kept, the graph 4 ms, 0.72 of it once pruned. Goal 0.75 of the latency (1 ms to save): halving a thins a (0.5 ms)
+    and b's input (0.5 ms). Expected: as the flops goal, a keeps its 8 strong channels; the plan's 0.75 and the
+    measured 0.72 in the stats."""
+    monkeypatch.setattr(pruning, "graph_ms", lambda gm, inputs: 4.0)
+    monkeypatch.setattr(pruning, "_layer_ms", lambda node, *a: 1.0)
+    monkeypatch.setattr(pruning, "thinned_ratio",
+                        lambda node, full, thin, target: math.prod(thin[2]) / math.prod(full[2]))
+    monkeypatch.setattr(goals, "measured_fraction", lambda before, after, inputs: 0.72)
+    model = chain_with_faint_channels()
+    gm, report, flat = apply(model, (torch.randn(2, 4, 8, 8),), [PruneChannels(latency=0.75, round_to=4)],
+                             calibration=calibration())
+    stats = report.row("prune_channels").stats
+    assert [tuple(w.shape) for w in weights(gm)] == [(8, 4, 3, 3), (16, 8, 3, 3), (4, 16, 3, 3)]
+    assert stats["latency.planned"] == 0.75 and stats["latency.model"] == 0.72
+    _, report, _ = apply(model, (torch.randn(2, 4, 8, 8),), [PruneChannels(latency=0.1, round_to=4)],
+                         calibration=calibration())
+    stats = report.row("prune_channels").stats
+    assert stats["skipped.latency_goal_unreachable"] == 1 and 0.1 < stats["latency_reachable"] < 1.0
+
+
+def test_thinned_layers_are_timed_at_the_shapes_removal_leaves():
+    """What the latency goal times for each conv of MobileNetV2 once a residual stage loses half its channels: the
+    shapes of that conv in the pruned graph (a depthwise conv's groups with its channels)."""
+    model, example = ZOO["mobilenet_v2"]()
+    gm, _ = trace(model, example)
+    ctx = PassContext(example_inputs=example)
+    cg, imp = ctx.analysis(ChannelGroups, gm), ctx.analysis(ChannelImportance, gm)
+    layer = next(key for key in imp.layers(imp.scores("l1")[0]) if len(key) == 2)[0]  # an expand and its depthwise
+    groups = PruneChannels(ratio=0.5).layer_groups(layer, imp)
+    ids = torch.tensor([i for g in groups for i in cg.groups[g].ids])
+    thin, before = {}, {n.name: pruning._shapes(n, cg, None, None) for n in call_nodes(gm, aten.conv2d)}
+    for n in call_nodes(gm, aten.conv2d):
+        out, inp = cg.map(n), cg.input_map(n)
+        thin[n.name] = pruning._shapes(n, cg, int(out.keep(ids).sum()) if out is not None else None,
+                                       int(inp.keep(ids).sum()) if inp is not None else None)
+    zero_groups(gm, cg, [cg.groups[g] for g in groups])
+    ctx.invalidate("none")
+    DeadChannels().run(gm, ctx)
+    ctx.invalidate("none")
+    cg = ctx.analysis(ChannelGroups, gm)
+    after = {n.name: pruning._shapes(n, cg, None, None) for n in call_nodes(gm, aten.conv2d)}
+    assert thin == after and sum(thin[n] != before[n] for n in before) >= 3  # the expand, the depthwise, the next
 
 
 def test_a_flops_goal_of_the_whole_model_is_met_as_it_is():

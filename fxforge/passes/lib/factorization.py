@@ -30,6 +30,7 @@ from fxforge.compiler.timing import measure_latency
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 
 from ..analysis.sensitivity import give_back, layer_sensitivity, plan, summed_damage
+from .goals import Goal, graph_ms, meet_measured
 from .qdq import checked_batches
 
 Rank = Callable[[torch.Tensor, tuple[int, ...]], int]  # a matrix's singular values (descending), its shape → rank kept
@@ -231,17 +232,14 @@ def layer_error(node: fx.Node, x: torch.Tensor, y: torch.Tensor, stages: Sequenc
     return compare([run_stages(node, x, stages, bias)], [y]).max_rel
 
 
-def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   stages: Sequence[Stage], target: Target, rounds: int = 3) -> bool:
-    """Whether the factorized layer times faster than the original on its recorded input, by a margin: at most
-    ``FASTER`` of the original's time.
+def split_timing(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 stages: Sequence[Stage], target: Target, rounds: int = 3) -> dict[str, float]:
+    """The factorized layer's time against the original's on its recorded input: ``original_ms`` and ``split_ms``
+    (each side's best) and ``ratio``, the median of the rounds' split / original.
 
-    The two are timed in alternating rounds and the median of the rounds' ratios is compared, so a burst of load
-    on the machine during one round cannot decide; the margin keeps the noise between the two from deciding where
-    they time alike (a rank-½ split of a linear timed 0.97–1.03× the original: one seed gave three different
-    `compress` models on four fresh caches), and a split that gains less costs accuracy for nothing. Timings
-    depend on shapes only: they are kept per target (compiler/cache.py), so a recompile reads them instead of
-    timing again.
+    The two are timed in alternating rounds and the median of the rounds' ratios is taken, so a burst of load
+    on the machine during one round cannot decide. Timings depend on shapes only: they are kept per target
+    (compiler/cache.py), so a recompile reads them instead of timing again.
     """
     def measure() -> dict[str, float]:
         before, after = [], []
@@ -257,28 +255,44 @@ def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: t
     shape = [str(node.target), tuple(x.shape), tuple(weight.shape), bias is not None, conv_geometry(node),
              conv_groups(node), [(tuple(st.weight.shape), st.spatial, st.groups) for st in stages], str(x.dtype)]
     timing = cached_timing(target, repr(shape), measure)
-    return timing.get("ratio", timing["split_ms"] / timing["original_ms"]) <= FASTER
+    return {**timing, "ratio": timing.get("ratio", timing["split_ms"] / timing["original_ms"])}
+
+
+def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stages: Sequence[Stage], target: Target) -> bool:
+    """Whether the factorized layer times faster than the original (:func:`split_timing`) by a margin: at most
+    ``FASTER`` of the original's time. The margin keeps the noise between the two from deciding where they time
+    alike (a rank-½ split of a linear timed 0.97–1.03× the original: one seed gave three different `compress`
+    models on four fresh caches), and a split that gains less costs accuracy for nothing."""
+    return split_timing(node, x, weight, bias, stages, target)["ratio"] <= FASTER
 
 
 def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str, rules: Sequence[Pass],
                 stages_of: Callable[[Pass, fx.Node, torch.Tensor], list[Stage] | str], layers: Sequence[fx.Node],
-                goal: float | None, timed: bool, stats: Counter,
-                max_error: float | None = None) -> dict[str, Pass] | None:
+                goal: Goal | None, timed: bool, stats: Counter, max_error: float | None = None,
+                trial: Callable[[dict[str, Pass], fx.GraphModule], None] | None = None) -> dict[str, Pass] | None:
     """Layer name → the rule (one of ``rules``, e.g. the pass at several ranks) that splits it, so that the graph
-    keeps at most ``goal`` of its FLOPs: each rule's effect on each layer alone is measured on the calibration
-    data (the sensitivity analysis asks the rule's ``layer_effect``), ``stages_of(rule, node, weight)`` gives the
-    stages (FLOPs saved: the layer's FLOPs × (1 − Σ stage weights / layer weight), all at the layer's output
-    positions), and ``sensitivity.plan`` takes the cheapest in accuracy per FLOP first. With ``timed`` a split
-    that does not time faster on its recorded input is no candidate. ``max_error`` caps the summed per-layer
-    damage (``sensitivity.plan``); with ``goal`` None the splits go as far as that cap allows. None when the
-    goal cannot be met (``skipped.flops_goal_unreachable`` and ``flops_reachable`` in stats), cannot be met within
-    the cap (``skipped.flops_goal_not_within_error`` and ``flops_reachable_within_error``) or no split fits the
-    cap (``skipped.nothing_within_error``)."""
+    keeps at most ``goal``'s fraction of its FLOPs or latency (lib/goals.py): each rule's effect on each layer
+    alone is measured on the calibration data (the sensitivity analysis asks the rule's ``layer_effect``),
+    ``stages_of(rule, node, weight)`` gives the stages, and ``sensitivity.plan`` takes the cheapest in accuracy per
+    unit saved first. A split saves the layer's FLOPs × (1 − Σ stage weights / layer weight), all at the layer's
+    output positions, or under a latency goal its timed saving (:func:`split_timing`) of the graph's measured
+    time. With ``timed`` or a latency goal a split that does not time faster on its recorded input is no
+    candidate. ``max_error`` caps the summed per-layer damage (``sensitivity.plan``); with ``goal`` None the splits
+    go as far as that cap allows. A latency goal is met as measured: ``trial(rules, copy)`` applies a plan to a
+    copy of ``gm`` for ``goals.meet_measured`` to time. None when the goal cannot be met
+    (``skipped.flops_goal_unreachable`` and ``flops_reachable`` in stats; ``latency_…`` for a latency goal; or as
+    measured, ``skipped.latency_goal_missed_measured``), cannot be met within the cap
+    (``skipped.flops_goal_not_within_error`` and ``flops_reachable_within_error``) or no split fits the cap
+    (``skipped.nothing_within_error``)."""
     if ctx.calibration is None:
         raise missing_calibration(owner)
+    if goal is not None:
+        goal.check_target(owner, ctx.target)
+    timed = timed or goal is not None and goal.timed
     by_spec = {str(r): r for r in rules}
     flops = ctx.analysis(Flops, gm)
-    total = sum(flops.values())
+    total = graph_ms(gm, rec.inputs) if goal is not None and goal.timed else sum(flops.values())
     saved: dict[tuple[str, str], float] = {}
     slower: set[str] = set()  # layers with a split that fits but does not time faster
     with memoized_svds():  # each rule's stages, here and in the sensitivity runs, from one decomposition per weight
@@ -287,15 +301,21 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
             if weight is None or not weight.numel() or x is None:
                 continue
             bias = get_tensor(gm, bias_of(node)) if bias_of(node) is not None else None
+            # timed now beside the graph's total, not read from the cache: a time cached in another process's
+            # state made the layer's share of the total wrong (the cache keeps ratios, which pair their two sides)
+            own = measure_latency(lambda t: run_original(node, t, weight, bias), (x,), budget_s=0.02) \
+                if goal is not None and goal.timed else 0.0
             for spec, rule in by_spec.items():
                 stages = stages_of(rule, node, weight)
                 if isinstance(stages, str):
                     continue
-                if timed and not faster_on_host(node, x, weight, bias, stages, ctx.target):
+                timing = split_timing(node, x, weight, bias, stages, ctx.target) if timed else None
+                if timing is not None and timing["ratio"] > FASTER:
                     slower.add(node.name)
                     continue
                 kept = sum(st.weight.numel() for st in stages) / weight.numel()
-                saved[(spec, node.name)] = flops.get(node.name, 0) * (1 - kept)
+                saved[(spec, node.name)] = own * (1 - timing["ratio"]) \
+                    if goal is not None and goal.timed and timing is not None else flops.get(node.name, 0) * (1 - kept)
         candidates: dict[str, set[str]] = {}
         for spec, layer in saved:
             candidates.setdefault(spec, set()).add(layer)
@@ -303,30 +323,44 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
             stats["skipped.slower_measured"] = len(refused)
         sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), list(by_spec),
                                  ctx.target, only=candidates)  # only candidates: timing refusals cost no model runs
-    need = None if goal is None else total * (1 - goal)
-    chosen = plan(sens, saved, need, max_error)
-    if chosen and need is not None:
-        chosen = give_back(sens, saved, chosen, lambda trial: sum(saved[(s, n)] for n, s in trial.items()) >= need
-                           and (max_error is None or summed_damage(sens, trial) <= max_error))
+    def plan_for(need: float | None) -> dict[str, str] | None:
+        chosen = plan(sens, saved, need, max_error)
+        if chosen and need is not None:
+            chosen = give_back(sens, saved, chosen, lambda c: sum(saved[(s, n)] for n, s in c.items()) >= need
+                               and (max_error is None or summed_damage(sens, c) <= max_error))
+        return chosen
+
+    need = None if goal is None else total * (1 - goal.fraction)
+    chosen = plan_for(need)
     if chosen is not None and not chosen:
         stats["skipped.nothing_within_error"] = 1
         return None
-    if chosen is None and max_error is not None and goal is not None and \
-            plan(sens, saved, total * (1 - goal), None) is not None:
+    if chosen is None and max_error is not None and need is not None and plan(sens, saved, need, None) is not None:
         # the goal is reachable, only not within the cap: say so, and how far the cap lets the splits go
         capped = plan(sens, saved, None, max_error)
         if not capped:
             stats["skipped.nothing_within_error"] = 1
             return None
-        stats["skipped.flops_goal_not_within_error"] = 1
-        stats["flops_reachable_within_error"] = round(
-            1 - sum(saved[(spec, layer)] for layer, spec in capped.items()) / total, 4) if total else 1.0
+        stats[goal.stat("skipped.goal_not_within_error")] = 1
+        stats[goal.stat("reachable_within_error")] = _left(saved, capped, total)
         return None
     if chosen is None:
         best: dict[str, float] = {}
         for (_, layer), gain in saved.items():
             best[layer] = max(best.get(layer, 0.0), gain)
-        stats["skipped.flops_goal_unreachable"] = 1
-        stats["flops_reachable"] = round(1 - sum(best.values()) / total, 4) if total else 1.0
+        stats[goal.stat("skipped.goal_unreachable")] = 1
+        stats[goal.stat("reachable")] = round(1 - sum(best.values()) / total, 4) if total else 1.0
         return None
+    if goal is not None and goal.timed and trial is not None and need is not None:
+        chosen = meet_measured(goal, total, need, plan_for,
+                               lambda c, copy: trial({layer: by_spec[spec] for layer, spec in c.items()}, copy),
+                               gm, rec.inputs, chosen, stats)
+        if chosen is None:
+            return None
+        stats["latency.planned"] = _left(saved, chosen, total)
     return {layer: by_spec[spec] for layer, spec in chosen.items()}
+
+
+def _left(saved: dict[tuple[str, str], float], chosen: dict[str, str], total: float) -> float:
+    """The fraction of ``total`` a choice (layer → spec) leaves, by its summed savings."""
+    return round(1 - sum(saved[(spec, layer)] for layer, spec in chosen.items()) / total, 4) if total else 1.0

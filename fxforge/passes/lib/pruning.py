@@ -1,13 +1,16 @@
 """How prune_channels chooses channel groups beyond ranking them: only groups removal takes once zeroed, under a
-flops goal by the FLOPs left once they go, and the change the sensitivity analysis measures for one layer.
+goal by the FLOPs or time left once they go, and the change the sensitivity analysis measures for one layer.
 
 A conv or linear keeps ``F · k_out · k_in`` of its FLOPs once channels go (k: the kept fraction of its output and
 input channel positions; a depthwise conv ``F · k_out``), so two pruned neighbours save less than the sum of their
-savings. ``flops_goal_choice`` plans with each layer's own saving (``sensitivity.plan``) and, when the chosen
-layers together leave more than the goal, plans again asking for the shortfall more.
+savings. Under a latency goal (lib/goals.py) each conv and linear the removal thins is timed thinned against
+itself whole, on inputs of its shapes (:func:`thinned_ratio`), and keeps that share of its measured time; the
+other ops are counted as they were. ``goal_choice`` plans with each layer's own saving (``sensitivity.plan``)
+and, when the chosen layers together leave more than the goal, plans again asking for the shortfall more.
 """
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from typing import Callable, Sequence
 
@@ -15,14 +18,18 @@ import torch
 import torch.fx as fx
 
 from fxforge.compiler.analysis import Flops
-from fxforge.compiler.graph import get_tensor
-from fxforge.compiler.ops import WEIGHTED, conv_groups, data, is_op, weight_of
+from fxforge.compiler.cache import cached_timing
+from fxforge.compiler.graph import call_nodes, get_tensor
+from fxforge.compiler.ops import CONV, WEIGHTED, bias_of, conv_geometry, conv_groups, data, is_op, weight_of
 from fxforge.compiler.pass_manager import LayerFn, Pass, PassContext
+from fxforge.compiler.target import Target
+from fxforge.compiler.timing import measure_latency
 
 from ..analysis.channel_groups import ChannelGraph
 from ..analysis.channel_importance import Importance
 from ..analysis.sensitivity import give_back, layer_sensitivity, plan
 from .channel_surgery import removable_groups, zero_sites
+from .goals import Goal, graph_ms, meet_measured
 from .qdq import checked_batches
 
 
@@ -84,25 +91,30 @@ def removable_choice(gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, imp
     return chosen
 
 
-def flops_goal_choice(gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, rules: Sequence[Pass],
-                      candidates: dict[tuple[str, str], list[int]], goal_fraction: float,
-                      stats: Counter) -> dict[tuple[str, str], list[int]]:
+def goal_choice(gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, rules: Sequence[Pass],
+                candidates: dict[tuple[str, str], list[int]], aim: Goal, stats: Counter,
+                trial: Callable[[list[int], fx.GraphModule], None]) -> dict[tuple[str, str], list[int]]:
     """The (rule spec, layer) → groups of ``candidates`` (each rule's groups of each layer, rules in ascending
-    depth) to prune so that at most ``goal_fraction`` of the graph's FLOPs remain, cheapest in accuracy per FLOP
-    saved first (module docstring); {} when the goal is met as it is (``skipped.flops_goal_met``) or cannot be met
-    (``skipped.flops_goal_unreachable`` and ``flops_reachable``). Groups removal would not take are left out
-    (``skipped.not_removable``)."""
+    depth) to prune so that at most ``aim.fraction`` of the graph's FLOPs (or time) remain, cheapest in accuracy
+    per unit saved first (module docstring); {} when the goal is met as it is (``skipped.flops_goal_met``) or
+    cannot be met (``skipped.flops_goal_unreachable`` and ``flops_reachable``; ``latency_…`` for a latency goal).
+    Groups removal would not take are left out (``skipped.not_removable``). A latency goal is met as measured:
+    ``trial(groups, copy)`` prunes a copy of ``gm`` for ``goals.meet_measured`` to time."""
+    aim.check_target("prune_channels", ctx.target)
     flops = ctx.analysis(Flops, gm)
-    total = sum(flops.values())
-    goal, need = total * goal_fraction, total * (1 - goal_fraction)
+    timed = _LayerTimes(gm, cg, ctx.target, ctx.example_inputs) if aim.timed else None
+    total = timed.total if timed is not None else sum(flops.values())
+    need = total * (1 - aim.fraction)
     if need <= 0:  # flops=1.0: met as it is (it was "unreachable" beside flops_reachable 1.0 where nothing pruned)
-        stats["skipped.flops_goal_met"] = 1
+        stats[aim.stat("skipped.goal_met")] = 1
         return {}
     kept = removable_groups(gm, ctx, cg, sorted({g for gs in candidates.values() for g in gs}))
     if stuck := len({g for gs in candidates.values() for g in gs} - kept):
         stats["skipped.not_removable"] = stuck
     candidates = {k: kept_gs for k, gs in candidates.items() if (kept_gs := [g for g in gs if g in kept])}
-    left = lambda groups: flops_left(gm, cg, flops, torch.tensor([i for g in groups for i in cg.groups[g].ids]))
+    ids = lambda groups: torch.tensor([i for g in groups for i in cg.groups[g].ids])
+    left = (lambda groups: timed.left(ids(groups))) if timed is not None else \
+        (lambda groups: flops_left(gm, cg, flops, ids(groups)))
     groups = lambda choice: [g for layer, spec in choice.items() for g in candidates[(spec, layer)]]
     saved = {k: total - left(gs) for k, gs in candidates.items()}
     only: dict[str, set[str]] = {}
@@ -110,17 +122,93 @@ def flops_goal_choice(gm: fx.GraphModule, ctx: PassContext, cg: ChannelGraph, ru
         only.setdefault(spec, set()).add(layer)
     sens = layer_sensitivity(gm, list(checked_batches(ctx.calibration, ctx.example_inputs)), rules, ctx.target,
                              only=only, ctx=ctx)
-    for _ in range(len(candidates)):  # each round asks for the last round's shortfall more
-        chosen = plan(sens, saved, need)
+    def plan_for(to_save: float) -> dict[str, str] | None:
+        """Layer → spec leaving at most ``total − to_save`` (None: out of reach); each round asks for the last
+        round's shortfall more."""
+        need, most = to_save, total - to_save
+        for _ in range(len(candidates)):
+            chosen = plan(sens, saved, need)
+            if chosen is None:
+                return None
+            if (after := left(groups(chosen))) <= most:
+                return give_back(sens, saved, chosen, lambda trial: left(groups(trial)) <= most)
+            # more than this plan's own summed savings: asked for only its shortfall more, a plan that already saved
+            # that much (on paper) came back unchanged each round, and flops=0.7 was "unreachable" where 0.55 was not
+            need = sum(saved[(spec, layer)] for layer, spec in chosen.items()) + after - most
+        return None
+
+    chosen = plan_for(need)
+    if chosen is not None and timed is not None:
+        chosen = meet_measured(aim, total, need, plan_for, lambda c, copy: trial(groups(c), copy), gm,
+                               ctx.example_inputs, chosen, stats)
         if chosen is None:
-            break
-        if (after := left(groups(chosen))) <= goal:
-            chosen = give_back(sens, saved, chosen, lambda trial: left(groups(trial)) <= goal)
-            return {(spec, layer): candidates[(spec, layer)] for layer, spec in chosen.items()}
-        # more than this plan's own summed savings: asked for only its shortfall more, a plan that already saved
-        # that much (on paper) came back unchanged each round, and flops=0.7 was "unreachable" where 0.55 was not
-        need = sum(saved[(spec, layer)] for layer, spec in chosen.items()) + after - goal
-    stats["skipped.flops_goal_unreachable"] = 1
+            return {}
+        stats["latency.planned"] = round(left(groups(chosen)) / total, 4)
+    if chosen is not None:
+        return {(spec, layer): candidates[(spec, layer)] for layer, spec in chosen.items()}
+    stats[aim.stat("skipped.goal_unreachable")] = 1
     deepest = {layer: spec for spec in map(str, rules) for (s, layer) in candidates if s == spec}
-    stats["flops_reachable"] = round(left(groups(deepest)) / total, 4) if total else 1.0
+    stats[aim.stat("reachable")] = round(left(groups(deepest)) / total, 4) if total else 1.0
     return {}
+
+
+class _LayerTimes:
+    """The graph's measured time, and what is left of it once channels go: each conv and linear the removal thins
+    keeps ``thinned_ratio`` of its own measured time (module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, cg: ChannelGraph, target: Target, inputs: Sequence[torch.Tensor]) -> None:
+        self.cg, self.target = cg, target
+        self.total = graph_ms(gm, inputs)
+        self.layers = [n for n in call_nodes(gm, *WEIGHTED) if get_tensor(gm, weight_of(n)) is not None]
+        # timed now beside the total, never read from the cache: a time cached in another process's state (the
+        # digits CNN's whole graph timed 1.9 and 2.3 ms in two processes) made the layers' shares of it wrong
+        self.own = {n.name: _layer_ms(n, *_shapes(n, cg, None, None)[1:]) for n in self.layers}
+
+    def left(self, ids: torch.Tensor) -> float:
+        """The graph's time once the channels ``ids`` are removed (first order: each layer's saving summed)."""
+        saved = 0.0
+        for node in self.layers:
+            out, inp = self.cg.map(node), self.cg.input_map(node)
+            n_out = int(out.keep(ids).sum()) if out is not None and out.ids.dim() == 1 else None
+            n_in = int(inp.keep(ids).sum()) if inp is not None and inp.ids.dim() == 1 else None
+            full = _shapes(node, self.cg, None, None)
+            thin = _shapes(node, self.cg, n_out, n_in)
+            if thin != full:
+                saved += self.own[node.name] * (1 - thinned_ratio(node, full, thin, self.target))
+        return self.total - saved
+
+
+def thinned_ratio(node: fx.Node, full: tuple, thin: tuple, target: Target, rounds: int = 3) -> float:
+    """A conv or linear's time at the ``thin`` shapes (:func:`_shapes`) against its ``full`` ones: the median of
+    ``rounds`` paired ratios, the two timed back to back (as lib/factorization.split_timing), kept per target."""
+    def measure() -> dict[str, float]:
+        pairs = [(_layer_ms(node, *thin[1:]), _layer_ms(node, *full[1:])) for _ in range(rounds)]
+        return {"ratio": statistics.median(a / b for a, b in pairs)}
+    return cached_timing(target, repr(["thinned", *full, *thin]), measure)["ratio"]
+
+
+def _shapes(node: fx.Node, cg: ChannelGraph, n_out: int | None, n_in: int | None) -> tuple:
+    """(op, input shape, weight shape, bias, geometry, groups) of ``node`` keeping ``n_out`` output and ``n_in``
+    input channels (None: all); a depthwise conv's groups follow its channels, other grouped convs are taken whole
+    (no saving credited: thinning them keeps no group count)."""
+    x = list(cg.shapes[data(node).name].shape)
+    w = list(get_tensor(node.graph.owning_module, weight_of(node)).shape)
+    groups = conv_groups(node)
+    depthwise = groups > 1 and w[1] == 1
+    if groups > 1 and not depthwise:
+        n_out = n_in = None
+    channel = 1 if is_op(node, *CONV) else len(x) - 1
+    if depthwise and n_out is not None:
+        w[0] = x[channel] = groups = n_out
+    else:
+        w[0] = w[0] if n_out is None else n_out
+        if n_in is not None and groups == 1:
+            x[channel] = w[1] = n_in
+    return str(node.target), tuple(x), tuple(w), bias_of(node) is not None, conv_geometry(node), groups
+
+
+def _layer_ms(node: fx.Node, x: tuple, w: tuple, bias: bool, geometry: tuple, groups: int) -> float:
+    weight, inp = torch.randn(w), torch.randn(x)
+    b = torch.randn(w[0]) if bias else None
+    extra = (*geometry, groups) if is_op(node, *CONV) else ()
+    return measure_latency(lambda t: node.target(t, weight, b, *extra), (inp,), budget_s=0.02)
