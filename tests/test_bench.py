@@ -263,7 +263,7 @@ def test_cli_bench_without_calibration_skips_every_system_whose_pipeline_reads_i
     note = capsys.readouterr().err
     skipped = {"ort int8 (quantize_static)", "fxforge int8 → onnx", "fxforge int8 → onnx (static batch)",
                "fxforge int8 → onnx (max_drop 0.03)", "fxforge int8_dynamic → onnx", "fxforge compress → onnx",
-               "fxforge compress+int8 → onnx"}
+               "fxforge compress+int8 → onnx", "fxforge all → onnx"}
     assert note.startswith(f"note: skipping {len(skipped)} system(s) that read calibration data, without "
                            "--calibration: ")
     assert "fxforge compress → onnx (low_rank)" in note and "fxforge int8_dynamic → onnx (smooth_quant)" in note
@@ -307,7 +307,7 @@ def test_validation_reaches_only_the_budgeted_systems_and_their_budget():
     assert seen == {"plain": {}, "budgeted": {"validation": validation}}
     assert {s.name for s in fxforge_systems() if s.budgeted} == {
         "fxforge int8 → onnx", "fxforge int8 → onnx (static batch)", "fxforge int8 → onnx (max_drop 0.03)",
-        "fxforge int8_dynamic → onnx", "fxforge compress+int8 → onnx"}
+        "fxforge int8_dynamic → onnx", "fxforge compress+int8 → onnx", "fxforge all → onnx"}
     import fxforge
     captured = {}
     real = fxforge.compile

@@ -58,7 +58,7 @@ class DepthwiseSeparable(Pass):
             raise PassError(f"multiplier must be a positive integer, got {self.multiplier!r}")
         if self.goal is not None and self.multiplier is not None:
             raise PassError(f"{self.goal.kind} chooses each conv's multiplier: it does not take multiplier")
-        self.refuse_unread("energy", "with a goal, which chooses each conv's multiplier" if self.goal is not None else
+        self.refuse_unread("energy", f"with {self.goal.kind}, which chooses each conv's multiplier" if self.goal is not None else
                            "with multiplier, which sets each conv's rank" if self.multiplier is not None else None)
 
     @property

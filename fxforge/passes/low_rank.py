@@ -74,7 +74,7 @@ class LowRank(Pass):
         if self.per_layer and (self.method != "svd" or self.rank_ratio is not None):
             raise ValueError("flops, latency and max_error choose each layer's SVD rank: they take neither "
                              "method='tucker2' nor rank_ratio")
-        self.refuse_unread("energy", "with a goal or max_error, which choose each layer's rank" if self.per_layer else
+        self.refuse_unread("energy", "with flops, latency or max_error, which choose each layer's rank" if self.per_layer else
                            "with rank_ratio, which sets each rank" if self.rank_ratio is not None else None)
 
     @property

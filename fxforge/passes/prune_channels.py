@@ -67,7 +67,7 @@ class PruneChannels(Pass):
                 or any(g is not None and not 0.0 < g <= 1.0 for g in (self.flops, self.latency)):
             raise PassError(f"prune_channels needs 0 <= ratio < 1, round_to >= 1, importance in l1/l2/bn, scope "
                             f"global/layer and flops or latency in (0, 1]; got {self.options()}")
-        self.refuse_unread("ratio", "with a goal, which chooses each layer's ratio" if self.goal is not None else None)
+        self.refuse_unread("ratio", f"with {self.goal.kind}, which chooses each layer's ratio" if self.goal is not None else None)
 
     @property
     def goal(self) -> Goal | None:

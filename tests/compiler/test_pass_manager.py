@@ -85,10 +85,13 @@ def test_wrong_option_name_and_type_are_pass_errors():
 
 @pytest.mark.parametrize("spec, message", [
     ("low_rank{rank_ratio=0.5,energy=0.5}", "energy=0.5 has no effect with rank_ratio"),
-    ("low_rank{flops=0.5,energy=0.5}", "energy=0.5 has no effect with flops or max_error"),
+    ("low_rank{flops=0.5,energy=0.5}", "energy=0.5 has no effect with flops, latency or max_error"),
+    ("low_rank{latency=0.5,energy=0.5}", "energy=0.5 has no effect with flops, latency or max_error"),
     ("depthwise_separable{multiplier=2,energy=0.5}", "energy=0.5 has no effect with multiplier"),
     ("depthwise_separable{flops=0.5,energy=0.5}", "energy=0.5 has no effect with flops"),
     ("prune_channels{flops=0.5,ratio=0.5}", "ratio=0.5 has no effect with flops"),
+    ("prune_channels{latency=0.5,ratio=0.5}", "ratio=0.5 has no effect with latency"),
+    ("depthwise_separable{latency=0.5,energy=0.5}", "energy=0.5 has no effect with latency"),
     ("calibrate{percentile=60}", "percentile=60 has no effect with method='minmax'"),
     ("insert_qdq{activations='dynamic',per_channel=False}", "per_channel=False has no effect with activations='dyn"),
     ("insert_qdq{activations='dynamic',activation_dtype='int8'}", "activation_dtype='int8' has no effect"),
