@@ -224,6 +224,45 @@ def test_thinned_layers_are_timed_at_the_shapes_removal_leaves():
     assert thin == after and sum(thin[n] != before[n] for n in before) >= 3  # the expand, the depthwise, the next
 
 
+class GroupedAndDepthwise(nn.Module):
+    """1×1 conv → grouped 3×3 (4 groups) → 1×1 conv → depthwise 3×3 with 2 outputs per channel → 1×1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g = nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.b, self.d = nn.Conv2d(32, 16, 1), nn.Conv2d(16, 32, 3, padding=1, groups=16)
+        self.c = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.g(torch.relu(self.a(x))))
+        return self.c(torch.relu(self.d(torch.relu(self.b(y)))))
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "conv2d_1", "conv2d_2"])
+def test_grouped_and_multiplied_depthwise_convs_are_timed_at_the_shapes_removal_leaves(layer):
+    """Before: a grouped conv was timed whole (its removal thins every group alike, keeping the group count: the
+    conv's saving went uncredited), and a depthwise conv with 2 outputs per input channel was timed with as many
+    input channels and groups as outputs. Expected: each conv's thinned shapes those of the pruned graph."""
+    torch.manual_seed(0)
+    model, example = GroupedAndDepthwise().eval(), (torch.randn(1, 3, 8, 8),)
+    gm, _ = trace(model, example)
+    ctx = PassContext(example_inputs=example)
+    cg, imp = ctx.analysis(ChannelGroups, gm), ctx.analysis(ChannelImportance, gm)
+    groups = PruneChannels(ratio=0.5, round_to=1).layer_groups(layer, imp)
+    ids = torch.tensor([i for g in groups for i in cg.groups[g].ids])
+    thin = {}
+    for n in call_nodes(gm, aten.conv2d):
+        out, inp = cg.map(n), cg.input_map(n)
+        thin[n.name] = pruning._shapes(n, cg, int(out.keep(ids).sum()) if out is not None else None,
+                                       int(inp.keep(ids).sum()) if inp is not None else None)
+    zero_groups(gm, cg, [cg.groups[g] for g in groups])
+    ctx.invalidate("none")
+    DeadChannels().run(gm, ctx)
+    ctx.invalidate("none")
+    cg = ctx.analysis(ChannelGroups, gm)
+    assert thin == {n.name: pruning._shapes(n, cg, None, None) for n in call_nodes(gm, aten.conv2d)}
+
+
 def test_a_flops_goal_of_the_whole_model_is_met_as_it_is():
     """Before: flops=1.0 on a model with nothing to prune said skipped.flops_goal_unreachable beside
     flops_reachable 1.0."""

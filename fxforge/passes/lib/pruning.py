@@ -189,21 +189,21 @@ def thinned_ratio(node: fx.Node, full: tuple, thin: tuple, target: Target, round
 
 def _shapes(node: fx.Node, cg: ChannelGraph, n_out: int | None, n_in: int | None) -> tuple:
     """(op, input shape, weight shape, bias, geometry, groups) of ``node`` keeping ``n_out`` output and ``n_in``
-    input channels (None: all); a depthwise conv's groups follow its channels, other grouped convs are taken whole
-    (no saving credited: thinning them keeps no group count)."""
+    input channels (None: all), as removal leaves them: a depthwise conv's groups and input channels follow its
+    output channels (its multiplier kept); another grouped conv keeps its group count, each group thinned alike
+    (channel_groups couples the i-th channel of every group)."""
     x = list(cg.shapes[data(node).name].shape)
     w = list(get_tensor(node.graph.owning_module, weight_of(node)).shape)
     groups = conv_groups(node)
-    depthwise = groups > 1 and w[1] == 1
-    if groups > 1 and not depthwise:
-        n_out = n_in = None
     channel = 1 if is_op(node, *CONV) else len(x) - 1
-    if depthwise and n_out is not None:
-        w[0] = x[channel] = groups = n_out
+    if groups > 1 and w[1] == 1:  # depthwise, ``w[0] // groups`` outputs per input channel
+        if n_out is not None:
+            x[channel] = n_out // (w[0] // groups)
+            w[0], groups = n_out, x[channel]
     else:
         w[0] = w[0] if n_out is None else n_out
-        if n_in is not None and groups == 1:
-            x[channel] = w[1] = n_in
+        if n_in is not None:
+            x[channel], w[1] = n_in, n_in // groups
     return str(node.target), tuple(x), tuple(w), bias_of(node) is not None, conv_geometry(node), groups
 
 
