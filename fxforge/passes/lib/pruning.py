@@ -162,7 +162,12 @@ class _LayerTimes:
         self.layers = [n for n in call_nodes(gm, *WEIGHTED) if get_tensor(gm, weight_of(n)) is not None]
         # timed now beside the total, never read from the cache: a time cached in another process's state (the
         # digits CNN's whole graph timed 1.9 and 2.3 ms in two processes) made the layers' shares of it wrong
-        self.own = {n.name: _layer_ms(n, *_shapes(n, cg, None, None)[1:]) for n in self.layers}
+        self.full = {n.name: _shapes(n, cg, None, None) for n in self.layers}
+        self.own = {n.name: _layer_ms(n, *self.full[n.name][1:]) for n in self.layers}
+        # each thinned shape's ratio, read from the timing cache once: a plan weighs hundreds of choices, and the
+        # cache's file, read and parsed whole for each thinned layer of each, was read 18 357 times in ResNet-50's
+        # pass (34 s of its 194 s on a cold cache)
+        self.ratios: dict[tuple[str, int | None, int | None], float] = {}  # (layer, n_out, n_in) → ratio
 
     def left(self, ids: torch.Tensor) -> float:
         """The graph's time once the channels ``ids`` are removed (first order: each layer's saving summed)."""
@@ -171,10 +176,11 @@ class _LayerTimes:
             out, inp = self.cg.map(node), self.cg.input_map(node)
             n_out = int(out.keep(ids).sum()) if out is not None and out.ids.dim() == 1 else None
             n_in = int(inp.keep(ids).sum()) if inp is not None and inp.ids.dim() == 1 else None
-            full = _shapes(node, self.cg, None, None)
-            thin = _shapes(node, self.cg, n_out, n_in)
+            full, thin, key = self.full[node.name], _shapes(node, self.cg, n_out, n_in), (node.name, n_out, n_in)
             if thin != full:
-                saved += self.own[node.name] * (1 - thinned_ratio(node, full, thin, self.target))
+                if key not in self.ratios:
+                    self.ratios[key] = thinned_ratio(node, full, thin, self.target)
+                saved += self.own[node.name] * (1 - self.ratios[key])
         return self.total - saved
 
 
