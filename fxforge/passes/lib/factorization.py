@@ -283,8 +283,8 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
     copy of ``gm`` for ``goals.meet_measured`` to time. None when the goal cannot be met
     (``skipped.flops_goal_unreachable`` and ``flops_reachable`` in stats; ``latency_…`` for a latency goal; or as
     measured, ``skipped.latency_goal_missed_measured``), cannot be met within the cap
-    (``skipped.flops_goal_not_within_error`` and ``flops_reachable_within_error``) or no split fits the cap
-    (``skipped.nothing_within_error``)."""
+    (``skipped.flops_goal_not_within_error`` and ``flops_reachable_within_error``), no split fits the cap
+    (``skipped.nothing_within_error``), or the goal asks for nothing (``skipped.flops_goal_met``: ``flops=1.0``)."""
     if ctx.calibration is None:
         raise missing_calibration(owner)
     if goal is not None:
@@ -293,6 +293,10 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
     by_spec = {str(r): r for r in rules}
     flops = ctx.analysis(Flops, gm)
     total = graph_ms(gm, rec.inputs) if goal is not None and goal.timed else sum(flops.values())
+    need = None if goal is None else total * (1 - goal.fraction)
+    if need is not None and need <= 0:  # flops=1.0: met as it is (it was "nothing within error", no cap given)
+        stats[goal.stat("skipped.goal_met")] = 1
+        return None
     saved: dict[tuple[str, str], float] = {}
     slower: set[str] = set()  # layers with a split that fits but does not time faster
     with memoized_svds():  # each rule's stages, here and in the sensitivity runs, from one decomposition per weight
@@ -330,7 +334,6 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
                                and (max_error is None or summed_damage(sens, c) <= max_error))
         return chosen
 
-    need = None if goal is None else total * (1 - goal.fraction)
     chosen = plan_for(need)
     if chosen is not None and not chosen:
         stats["skipped.nothing_within_error"] = 1

@@ -77,22 +77,24 @@ def meet_measured(aim: Goal, total: float, need: float, plan_for: Callable[[floa
     ``chosen`` is the plan for ``need`` (``total`` × (1 − fraction) in the plan's own units, its layers' summed
     savings); ``trial(choice, copy)`` applies a choice to a copy of ``gm``, which is timed against ``gm``
     (:func:`measured_fraction`). While the measured fraction misses the goal, or passes it by more than ``CLOSE``,
-    ``plan_for`` is asked for the difference more or less (``TRIES`` plans at most; the search ends early where
-    the plan cannot move)."""
+    ``plan_for`` is asked for the difference more or less (``TRIES`` plans at most; the search ends where it
+    comes back to a plan it timed)."""
     measured: list[float] = []
+    timed: list[C] = []
     met: tuple[float, C] | None = None
     for _ in range(TRIES):
         after = copy.deepcopy(gm)
         trial(chosen, after)
         fraction = measured_fraction(gm, after, inputs)
         measured.append(fraction)
+        timed.append(chosen)
         if fraction <= aim.fraction and (met is None or fraction > met[0]):
             met = (fraction, chosen)
         if aim.fraction - CLOSE <= fraction <= aim.fraction:
             break
         need += (fraction - aim.fraction) * total
         nxt = plan_for(need) if need > 0 else None
-        if nxt is None or nxt == chosen:
+        if nxt is None or nxt in timed:  # a plan timed already (the search went back and forth) says nothing new
             break
         chosen = nxt
     stats["latency.plans_timed"] = len(measured)
