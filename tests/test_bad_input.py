@@ -135,6 +135,17 @@ class Scatters(nn.Module):
         return torch.zeros_like(x).scatter(1, labels.unsqueeze(1), 1.0) * x
 
 
+class Counts(nn.Module):
+    """Counts its values in at least 4 bins, less ``shift`` where it computes them."""
+
+    def __init__(self, shift: int = 0) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(x - self.shift if self.shift else x, minlength=4)
+
+
 class Bce(nn.Module):
     """Binary cross-entropy of its scores against its target, which torch wants in [0, 1]."""
 
@@ -364,6 +375,14 @@ CASES: list[tuple[str, type, str, Case]] = [
      r"input 1 holds indices from -2 to 0, but it indexes dimension 1 \(size 4\) at node 'scatter': each must be in "
      r"\[0, 4\)",
      lambda t, mp: compile_(Scatters(), (x, torch.tensor([0, 3])), backend="onnx")(x, torch.tensor([0, -2]))),
+    ("call with a negative value for a bincount (ONNX Runtime counted it in the last bin)", fxforge.InputError,
+     r"^input 0 holds indices from -1 to 2, but it indexes the bins of a bincount at node 'bincount': each must be in "
+     r"\[0, ∞\)$",
+     lambda t, mp: compile_(Counts(), (torch.tensor([0, 1, 3]),), backend="onnx")(torch.tensor([2, -1]))),
+    ("call whose computed bincount value is negative (ONNX Runtime counted it in the last bin)", fxforge.InputError,
+     r"^node 'bincount' reads indices the model computes from its inputs, from -1 to 1, but it indexes the bins of a "
+     r"bincount: each must be in \[0, ∞\)",
+     lambda t, mp: compile_(Counts(1), (torch.tensor([1, 2, 4]),), backend="onnx")(torch.tensor([2, 0]))),
     ("call whose computed index is out of range (ONNX's Gather would wrap -1 around, TVM read other memory)",
      fxforge.InputError, r"node 'gather' reads indices the model computes from its inputs, from -1 to 4, but it "
      r"indexes dimension 1 \(size 5\): each must be in \[0, 5\)",

@@ -30,7 +30,7 @@ from fxforge.compiler.dynamic_quant import DYNAMIC_LINEAR
 from fxforge.compiler.errors import ArtifactError, BackendError, FxforgeError, InputError, TargetError, first_line
 from fxforge.compiler.ops import INTERPOLATING_RESIZE, QUANTIZE, is_op, q_params
 from fxforge.compiler.target import Target, loaded_target
-from fxforge.compiler.trace import Signature, call_bound, without_autocast
+from fxforge.compiler.trace import Signature, call_bound, interval, without_autocast
 
 # Format 2: what a format-1 reader would get wrong (it ignores fields it does not know): outputs that are no tensor
 # (Signature.constant_outputs), inputs the model writes into (Signature.written_inputs), a smallest batch
@@ -134,7 +134,7 @@ class Artifact(ABC):
             least, most = (int(v) for v in extremes)
             if least < low or most >= high:
                 raise InputError(f"node {node!r} reads indices the model computes from its inputs, from {least} to "
-                                 f"{most}, but it indexes {what}: each must be in [{low}, {high}) (eager PyTorch "
+                                 f"{most}, but it indexes {what}: each must be in {interval(low, high)} (eager PyTorch "
                                  f"raises there, and the {self.backend} artifact would read other values)")
         return outputs[:-len(guards)]
 

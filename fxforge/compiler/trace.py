@@ -68,6 +68,14 @@ EXPORT_LOCK = threading.RLock()
 # an index bound standing for the call's batch size, k × BATCH + c for k times it plus c (Signature.index_bounds;
 # JSON-safe; |c| < BATCH / 2, as a number bound is)
 BATCH = 2 ** 62
+# the high end of a bound where eager has none: bincount's values, whose output grows to hold the largest (a number,
+# which call_bound keeps as it is); such an index is read clamped at 0, never mod a size (_wrapped)
+NO_HIGH = BATCH // 2 - 1
+
+
+def interval(low: int, high: int) -> str:
+    """[low, high) as an error states it, [low, ∞) for :data:`NO_HIGH`: the number says nothing a reader can use."""
+    return f"[{low}, {'∞' if high == NO_HIGH else high})"
 
 
 def call_bound(low: int, high: int, batch: int | None) -> tuple[int, int]:
@@ -213,7 +221,7 @@ class Signature:
             if t.numel() and (int(t.min()) < low or int(t.max()) >= high):
                 also = f" or {ignored[0]} (its ignore_index)" if ignored else ""
                 raise InputError(f"input {i} holds {'labels' if ignored else 'indices'} from {int(t.min())} to "
-                                 f"{int(t.max())}, but it indexes {what}: each must be in [{low}, {high}){also}")
+                                 f"{int(t.max())}, but it indexes {what}: each must be in {interval(low, high)}{also}")
         for i in self.finite_inputs:
             if not _all_finite(flat[i]):
                 raise InputError(f"input {i} holds NaN or Inf: the compiled model would turn them into finite numbers "
@@ -716,11 +724,12 @@ def _constant_outputs(gm: fx.GraphModule) -> tuple[tuple[int, Any], ...]:
 
 class IndexRead(NamedTuple):
     """A tensor an op reads as indices: eager accepts [low, high) (``high`` = k × :data:`BATCH` for a dimension of
-    k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`), and a loss also its
-    ``ignored`` index; ``label``: a loss's or one_hot's classes, read through :data:`LABEL_PATH` too; ``reader``:
-    the op's node; ``slot``: its argument holding ``index`` and the position there in a list (``x[j, j]`` reads
-    ``j`` twice, into dimensions of two sizes; ``t[t]`` reads ``t`` as data too); ``extent``: the tensor and
-    dimension indexed (None: its elements), whose size the guards read at run time where it is the batch's."""
+    k times the call's batch size, ``low`` = −k × BATCH for [−n, n) there: :func:`call_bound`; :data:`NO_HIGH` for
+    bincount's values, which have none), and a loss also its ``ignored`` index; ``label``: a loss's or one_hot's
+    classes, read through :data:`LABEL_PATH` too; ``reader``: the op's node; ``slot``: its argument holding ``index``
+    and the position there in a list (``x[j, j]`` reads ``j`` twice, into dimensions of two sizes; ``t[t]`` reads
+    ``t`` as data too); ``extent``: the tensor and dimension indexed (None: its elements), whose size the guards read
+    at run time where it is the batch's."""
     index: fx.Node
     low: int
     high: int
@@ -743,8 +752,9 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
     """The tensors ``user`` reads as indices into a dimension of static size n or of the batch's size ``batch``
     (the batch dimension's symbols): an op of :data:`INDEXING` or ``x[index]`` (eager accepts [0, n), and [−n, n)
     for ``x[index]`` and index_fill), ``take``'s into a tensor of n elements ([−n, n)), a loss's labels of C
-    classes (:data:`CLASS_INDEX_LOSSES`, [0, C) or its ignore_index) and one_hot's (a contrastive loss's classes are
-    its batch, or k times it with negatives concatenated)."""
+    classes (:data:`CLASS_INDEX_LOSSES`, [0, C) or its ignore_index), one_hot's (a contrastive loss's classes are
+    its batch, or k times it with negatives concatenated) and bincount's values ([0, :data:`NO_HIGH`): eager raises
+    for a negative one, which ONNX's ScatterElements counted in a bin from the end)."""
     if is_op(user, *CLASS_INDEX_LOSSES):
         logits, target = argument(user, "self"), argument(user, "target")
         dim = 1 if _rank(logits) > 1 else 0
@@ -761,6 +771,10 @@ def _index_reads(gm: fx.GraphModule, user: fx.Node, batch: set[str]) -> list[Ind
         return [IndexRead(data(user), 0, classes, f"{classes} classes at node {user.name!r}", None, True, user,
                           ("self", None))] \
             if classes > 0 and _integer_index(data(user)) else []
+    if is_op(user, aten.bincount):
+        values = argument(user, "self")
+        return [IndexRead(values, 0, NO_HIGH, f"the bins of a bincount at node {user.name!r}", None, False, user,
+                          ("self", None))] if _integer_index(values) else []
     if is_op(user, aten.take):  # into the flattened tensor: [−numel, numel)
         value, index = argument(user, "self").meta.get("val"), argument(user, "index")
         n = value.numel() if isinstance(value, torch.Tensor) and _integer_index(index) else None
@@ -863,9 +877,10 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
     ignore_index left out; an empty index's are ±2**62, which no check refuses), for a backend whose kernels read
     an index out of range silently (ONNX's Gather wraps −1 around, TVM reads past a table) where eager raises;
     returns their ``IndexRead.guard``, which the artifact compares the extra outputs with after each run
-    (``base.Artifact.checked_indices``). The op reads each index mod the size it indexes (:func:`_wrapped`), since
-    the check follows the run: TVM wrote an ``index_put``'s column 40001 of 5 past the tensor before it, and its
-    scatter into row 10**10 of the batch and a cross-entropy's class 10**10 crashed the process."""
+    (``base.Artifact.checked_indices``). The op reads each index mod the size it indexes, or clamped at 0 where it
+    has none (:func:`_wrapped`), since the check follows the run: TVM wrote an ``index_put``'s column 40001 of 5 past
+    the tensor before it, and its scatter into row 10**10 of the batch and a cross-entropy's class 10**10 crashed the
+    process."""
     graph, found, extremes = gm.graph, computed_indices(gm), []
     for read in found:
         with graph.inserting_before(graph.output_node()):
@@ -891,8 +906,13 @@ def index_guards(gm: fx.GraphModule) -> list[list[Any]]:
 
 def _wrapped(graph: fx.Graph, read: IndexRead) -> fx.Node:
     """``read.index`` mod the size n it indexes (n at run time where it is the batch's), a loss's ignore_index kept
-    as it is: no index outside the tensor, the same element for every index eager accepts."""
+    as it is: no index outside the tensor, the same element for every index eager accepts. Bincount's values
+    (:data:`NO_HIGH`) clamped at 0 instead: its output grows to hold them, so a negative value mod a bound would size
+    it by that bound; read as they were, ONNX Runtime's ScatterElements failed by itself, naming its own node, for
+    −1001 into 8 bins."""
     index = read.index
+    if read.high == NO_HIGH:
+        return graph.call_function(aten.clamp_min.default, (index, 0))
     wrapped = graph.call_function(aten.remainder.Scalar, (index, read.high)) if read.high < BATCH // 2 else \
         graph.call_function(aten.remainder.Tensor, (index, _run_size(graph, *read.extent)))
     if read.ignored is None:

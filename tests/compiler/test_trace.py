@@ -692,6 +692,49 @@ def test_more_ops_reading_indices_are_bounded(use, cast, bad, what):
         sig.flatten((torch.randn(4, 8), bad_y))
 
 
+class Counts(nn.Module):
+    """Counts the values given (``shift=0``) or computed (``shift``: minus it) in at least 8 bins."""
+
+    def __init__(self, shift: int = 0):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x):
+        return torch.bincount(x - self.shift if self.shift else x, minlength=8)
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnx"])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_a_negative_value_in_a_bincount_is_refused_as_eager_refuses(backend, shift, tmp_path):
+    """Before: bincount's values were no index read: the ONNX artifact counted −1 in the last bin (its ScatterElements
+    wraps it around) where eager raises, and ONNX Runtime failed by itself naming its own node for −1001; the signature
+    left a given −1 to eager's and TorchScript's kernels (a ``BackendError``). Expected: its values are bounded by
+    [0, ∞) (``NO_HIGH``), given ones by the signature on every backend, computed ones by the guard after the run (a
+    kernel that refuses them, eager's or TorchScript's, raises first), also from the saved artifact; the guard reads
+    them clamped at 0, not mod a size, so a valid call at another batch, past the example's largest value, matches
+    eager, bins beyond the minlength included."""
+    model = Counts(shift)
+    cm = fxforge.compile(model, (torch.tensor([0, 1, 1, 3, 7, 2]) + shift,), passes=["fuse"], backend=backend,
+                         measure_latency=False)
+    assert cm.signature.dynamic_batch
+    loaded = fxforge.load(cm.save(tmp_path / "counts"))
+    valid = torch.tensor([1, 2, 2, 20]) + shift
+    for compiled in (cm, loaded):
+        assert torch.equal(compiled(valid), model(valid))
+    for bad in (torch.tensor([1, -1, 2]) + shift, torch.tensor([1, -1001, 2]) + shift):
+        with pytest.raises(RuntimeError, match="non-negative"):
+            model(bad)
+        given = rf"^input 0 holds indices from {int(bad.min())} to \d+, but it indexes the bins of a bincount at node "
+        computed = rf"^node 'bincount' reads indices the model computes from its inputs, from {int(bad.min()) - 1} to "
+        kernel = r"^the \w+ artifact failed on inputs that match its signature: RuntimeError: bincount only supports "
+        error, message = ((fxforge.InputError, given) if not shift else
+                          (fxforge.InputError, computed) if backend == "onnx" else (fxforge.BackendError, kernel))
+        for compiled in (cm, loaded):
+            with pytest.raises(error, match=message + (r".*each must be in \[0, ∞\)" if error is fxforge.InputError
+                                                       else "")):
+                compiled(bad)
+
+
 class OptionalState(nn.Module):
     """A recurrent wrapper whose initial state is optional: ``forward(x, *state)``."""
 
