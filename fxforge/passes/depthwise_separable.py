@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import partial
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import call_nodes, finalize, get_tensor
+from fxforge.compiler.graph import call_nodes, get_tensor
 from fxforge.compiler.ops import aten, bias_of, conv_groups, data, is_op, weight_of
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized, layer_error,
-                                plan_splits, splittable, svd)
+                                plan_splits, split_layers, splittable, svd)
 from .lib.goals import Goal
 
 LADDER = (4, 2, 1)  # the multipliers a flops goal chooses among, per conv
@@ -78,31 +79,20 @@ class DepthwiseSeparable(Pass):
         if self.goal is not None:
             rules = plan_splits(gm, ctx, rec, self.name, [DepthwiseSeparable(multiplier=r) for r in LADDER],
                                 lambda rule, node, w: rule.stages(node, w), layers, self.goal, False, stats,
-                                trial=lambda chosen, copy: self.apply(copy, names, chosen, rec, Counter()))
+                                trial=lambda chosen, copy: split_layers(copy, names, chosen, self,
+                                                                        partial(self.split, rec), Counter()))
             if rules is None:
                 return PassResult(changed=False, preserves="all", stats=dict(stats))
             stats.update({f"multiplier.{layer}": rule.multiplier for layer, rule in rules.items()})
-        self.apply(gm, names, rules, rec, stats)
+        split_layers(gm, names, rules, self, partial(self.split, rec), stats)
         if not stats.get("split"):
             return PassResult(changed=False, preserves="all", stats=dict(stats))
         stats["error.model"] = rec.model_error(gm)
         return PassResult(changed=True, stats=dict(stats))
 
-    def apply(self, gm: fx.GraphModule, layers: list[str], rules: dict[str, DepthwiseSeparable] | None,
-              rec: Recording, stats: Counter) -> None:
-        """Decouple the ``layers`` of ``gm`` (the pass's graph, or a copy a latency goal times) by ``rules`` (None:
-        by this pass's own options), counting each outcome."""
-        nodes = {n.name: n for n in gm.graph.nodes}
-        for name in layers:
-            rule = self if rules is None else rules.get(name)
-            reason = self.split(gm, nodes[name], rec, stats, rule) if rule is not None else "not_chosen"
-            stats["split" if reason is None else f"skipped.{reason}"] += 1
-        if stats.get("split"):
-            finalize(gm)
-
-    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, stats: Counter,
-              rule: DepthwiseSeparable) -> str | None:
-        """Decouple one conv by ``rule`` (this pass, or the multiplier a flops goal chose); return why not, or
+    def split(self, rec: Recording, gm: fx.GraphModule, node: fx.Node, rule: DepthwiseSeparable,
+              stats: Counter) -> str | None:
+        """Decouple one conv of ``gm`` by ``rule`` (this pass, or the multiplier a goal chose); return why not, or
         None when split."""
         weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None

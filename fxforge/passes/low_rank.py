@@ -17,33 +17,31 @@ linear map without bias, so padding stays exact. Linears and 1×1 convs always u
 ``flops=f`` (a fraction of the pass's input FLOPs) decides per layer instead: every layer is tried alone at
 rank ratios 1/2, 1/4, 1/8 and 1/16 on the calibration data (passes/analysis/sensitivity.py, which asks this
 pass's ``layer_effect``), and ``sensitivity.plan`` takes the splits cheapest in accuracy per FLOP saved until
-the model's FLOPs are at most f of what they were. A split that does not time faster (``budget="latency"``, on
-a target that runs here) is never a candidate. ``latency=f`` is the same with each split's timed saving against
-the graph's measured time (passes/lib/goals.py; this machine must be the target's CPU), every split timed.
-When the goal cannot be met nothing changes and the stats say so (``skipped.flops_goal_unreachable`` with the
-best reachable fraction; ``latency_…`` likewise).
+the model's FLOPs are at most f of what they were; ``latency=f``, per time saved as measured (passes/lib/goals.py).
+A split that does not time faster (``budget="latency"`` or a latency goal) is never a candidate. When the goal
+cannot be met nothing changes and the stats say so (``skipped.flops_goal_unreachable``, ``latency_…``).
 
-Factors are computed in float64 with torch.linalg (the LAPACK SVD numpy would call): Tucker-2 by HOSVD is
-two SVDs and one contraction, too little to justify a tensorly dependency. Stats hold the relative output
-error of each split layer on its own recorded input (``error.<node>``) and of the model (``error.model``),
-both on fresh random inputs.
+Factors are computed in float64 with torch.linalg (lib/factorization.py). Stats hold the relative output error
+of each split layer on its own recorded input (``error.<node>``) and of the model (``error.model``), both on
+fresh random inputs.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.fx as fx
 
-from fxforge.compiler.graph import call_nodes, finalize, get_tensor
+from fxforge.compiler.graph import call_nodes, get_tensor
 from fxforge.compiler.ops import WEIGHTED, bias_of, conv_groups, data, weight_of
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 
 from .lib.factorization import (Recording, Stage, check_fraction, emit_stages, energy_rank, factorized,
-                                faster_on_host, layer_error, plan_splits, ratio_rank, splittable, svd_split,
-                                tucker2_split)
+                                faster_on_host, layer_error, plan_splits, ratio_rank, split_layers, splittable,
+                                svd_split, tucker2_split)
 from .lib.goals import Goal
 
 LADDER = (0.5, 0.25, 0.125, 0.0625)  # the rank ratios a flops goal chooses among, per layer
@@ -95,23 +93,12 @@ class LowRank(Pass):
         rules = self.choose(gm, ctx, rec, layers, stats) if self.per_layer else None
         if rules is None and self.per_layer:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
-        self.apply(gm, [n.name for n in layers], rules, rec, ctx, stats)
+        split_layers(gm, [n.name for n in layers], rules, self, partial(self.split, rec, ctx), stats)
         if not stats.get("split"):
             return PassResult(changed=False, preserves="all", stats=dict(stats))
         stats["error.model"] = rec.model_error(gm)
         return PassResult(changed=True, stats=dict(stats))
 
-    def apply(self, gm: fx.GraphModule, layers: list[str], rules: dict[str, LowRank] | None, rec: Recording,
-              ctx: PassContext, stats: Counter) -> None:
-        """Split the ``layers`` of ``gm`` (the pass's graph, or a copy of it a latency goal times) by ``rules``
-        (None: by this pass's own rank), counting each outcome."""
-        nodes = {n.name: n for n in gm.graph.nodes}
-        for name in layers:
-            rule = self if rules is None else rules.get(name)
-            reason = self.split(gm, nodes[name], rec, ctx, stats, rule) if rule is not None else "not_chosen"
-            stats["split" if reason is None else f"skipped.{reason}"] += 1
-        if stats.get("split"):
-            finalize(gm)
 
     def choose(self, gm: fx.GraphModule, ctx: PassContext, rec: Recording, layers: list[fx.Node],
                stats: Counter) -> dict[str, LowRank] | None:
@@ -121,14 +108,14 @@ class LowRank(Pass):
         chosen = plan_splits(gm, ctx, rec, self.name, rules, lambda rule, node, w: rule.stages(node, w),
                              layers, Goal.of(self.flops, self.latency),
                              self.budget == "latency" and ctx.target.runs_on_host, stats, self.max_error,
-                             lambda chosen, copy: self.apply(copy, [n.name for n in layers], chosen, rec, ctx,
-                                                             Counter()))
+                             lambda chosen, copy: split_layers(copy, [n.name for n in layers], chosen, self,
+                                                               partial(self.split, rec, ctx), Counter()))
         stats.update({f"rank_ratio.{layer}": rule.rank_ratio for layer, rule in (chosen or {}).items()})
         return chosen
 
-    def split(self, gm: fx.GraphModule, node: fx.Node, rec: Recording, ctx: PassContext,
-              stats: Counter, rule: LowRank) -> str | None:
-        """Split one layer by ``rule``'s rank (this pass's own, or the one a flops goal chose); return why not,
+    def split(self, rec: Recording, ctx: PassContext, gm: fx.GraphModule, node: fx.Node, rule: LowRank,
+              stats: Counter) -> str | None:
+        """Split one layer of ``gm`` by ``rule``'s rank (this pass's own, or the one a goal chose); return why not,
         or None when split."""
         weight, bias_node = get_tensor(gm, weight_of(node)), bias_of(node)
         bias = get_tensor(gm, bias_node) if bias_node is not None else None

@@ -10,13 +10,10 @@ layer keeps a multiple of ``round_to`` channels.
 ``flops=f`` decides per layer instead: each layer is pruned alone at the ratios of LADDER (its least important
 groups, rounded) on the calibration data (passes/analysis/sensitivity.py, which asks this pass's
 ``layer_effect``), and ``sensitivity.plan`` takes the layers cheapest in accuracy per FLOP saved first until at
-most f of the input's FLOPs remain. A conv keeps ``F · k_out · k_in`` of its FLOPs (k: the kept fraction of its
-output and input channels; a depthwise conv ``F · k_out``), so two pruned neighbours save less than the sum of
-their savings: when the chosen layers together leave more than f, the plan is redone asking for the shortfall
-more. When the goal cannot be met nothing changes and the stats say so (``skipped.flops_goal_unreachable``
-with the best reachable fraction); ``flops=1.0`` is met as the model is (``skipped.flops_goal_met``).
-``latency=f`` does the same with each layer's measured saving against the graph's measured time on this machine
-(passes/lib/goals.py, lib/pruning.py), ``latency_…`` in the stats.
+most f of the input's FLOPs remain (pruned neighbours save less than their savings summed: lib/pruning.py plans
+again for the shortfall). ``latency=f`` does the same with measured time (passes/lib/goals.py). When the goal
+cannot be met nothing changes and the stats say so (``skipped.flops_goal_unreachable`` with the best reachable
+fraction, ``latency_…`` likewise); ``flops=1.0`` is met as the model is (``skipped.flops_goal_met``).
 
 The chosen groups are zeroed (weight rows, biases, BN γ and β, per-channel constants) so every tensor they
 occupy is exactly 0, and dead_channels removes them physically. Groups that removal would not take once zeroed
@@ -31,14 +28,14 @@ from typing import Callable, Literal
 
 import torch.fx as fx
 
-from fxforge.compiler.analysis import Flops, Shapes
+from fxforge.compiler.analysis import Flops
 from fxforge.compiler.errors import PassError, missing_calibration
 from fxforge.compiler.pass_manager import LayerContext, LayerFn, Pass, PassContext, PassResult, register_pass
 from fxforge.compiler.report import model_size
 
 from .analysis.channel_groups import ChannelGraph, ChannelGroups
 from .analysis.channel_importance import ChannelImportance, Importance
-from .lib.channel_surgery import remove_removable, zero_groups
+from .lib.channel_surgery import prune_groups
 from .lib.goals import Goal
 from .lib.pruning import goal_choice, removable_choice, zeroed
 
@@ -91,7 +88,7 @@ class PruneChannels(Pass):
             else self.per_layer(gm, ctx, cg, imp, stats)
         if not chosen:
             return PassResult(changed=False, preserves="all", stats=dict(stats))
-        removed = self.prune(gm, ctx, chosen)
+        removed = prune_groups(gm, ctx, chosen)
         if self.finetune is not None:
             self.finetune(gm)
         ctx.invalidate("none")
@@ -100,15 +97,6 @@ class PruneChannels(Pass):
             **{k: v for k, v in removed.items() if not k.startswith("skipped.unprunable")},
             "params_before": params_before, "params_after": model_size(gm)[0], "flops_before": flops_before,
             "flops_after": sum(ctx.analysis(Flops, gm).values())})
-
-    @staticmethod
-    def prune(gm: fx.GraphModule, ctx: PassContext, chosen: list[int]) -> dict[str, int]:
-        """Zero the groups ``chosen`` (indices of ``ctx``'s ChannelGroups of ``gm``) and remove what removal takes;
-        its counts."""
-        cg: ChannelGraph = ctx.analysis(ChannelGroups, gm)
-        zero_groups(gm, cg, [cg.groups[g] for g in chosen])
-        ctx.invalidate(frozenset({ChannelGroups, Shapes}))  # same structure, new values
-        return remove_removable(gm, ctx)
 
     def choose(self, scores: dict[int, float], layers: dict[tuple, list[int]], stats: Counter) -> list[int]:
         """Group indices to prune: the lowest ``ratio`` per layer or globally, each layer rounded."""
@@ -159,6 +147,6 @@ class PruneChannels(Pass):
         candidates = {k: gs for k, gs in candidates.items() if not isinstance(gs, str)}
         # a copy a latency goal times is pruned in a context of its own (the analyses of ``gm`` stay cached)
         chosen = goal_choice(gm, ctx, cg, list(rules.values()), candidates, self.goal, stats,
-                             lambda groups, copy: self.prune(copy, PassContext(ctx.example_inputs, ctx.target), groups))
+                             lambda groups, copy: prune_groups(copy, PassContext(ctx.example_inputs, ctx.target), groups))
         stats.update({f"ratio.{layer}": rules[spec].ratio for spec, layer in chosen})
         return [g for gs in chosen.values() for g in gs]

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 
+from fxforge.compiler.analysis import Shapes
 from fxforge.compiler.graph import add_tensor, finalize, get_tensor, set_tensor
 from fxforge.compiler.ops import (BATCH_NORM, ELEMENTWISE_BINARY, RESHAPE, SPLIT, WEIGHTED, argument, aten, bias_of,
                                  bn_params, conv_groups, data, is_op, new_shape, operands, set_argument, set_new_shape,
@@ -24,6 +25,15 @@ from fxforge.compiler.pass_manager import PassContext
 from ..analysis.channel_groups import ChannelGraph, ChannelGroup, ChannelGroups, ChannelMap
 from ..analysis.constant_channels import ConstantChannels, Constants
 from ..analysis.removable_channels import RemovableChannels, is_consumer
+
+
+def prune_groups(gm: fx.GraphModule, ctx: PassContext, chosen: list[int]) -> dict[str, int]:
+    """Zero the groups ``chosen`` (indices of ``ctx``'s ChannelGroups of ``gm``) and remove what removal takes
+    (:func:`remove_removable`'s counts): prune_channels' rewrite, of its graph or of a copy a latency goal times."""
+    cg = ctx.analysis(ChannelGroups, gm)
+    zero_groups(gm, cg, [cg.groups[g] for g in chosen])
+    ctx.invalidate(frozenset({ChannelGroups, Shapes}))  # same structure, new values
+    return remove_removable(gm, ctx)
 
 
 def remove_removable(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:

@@ -22,7 +22,7 @@ import torch.fx as fx
 from fxforge.compiler.analysis import Flops
 from fxforge.compiler.cache import cached_timing
 from fxforge.compiler.errors import PassError, missing_calibration
-from fxforge.compiler.graph import add_tensor, get_tensor, readers
+from fxforge.compiler.graph import add_tensor, finalize, get_tensor, readers
 from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext
 from fxforge.compiler.target import Target
@@ -185,6 +185,20 @@ def factorized(node: fx.Node, stages: list[Stage] | str) -> Callable[[list, dict
         return stages
     return lambda args, kwargs: run_stages(node, value_of(node, args, kwargs, "input"), stages,
                                            value_of(node, args, kwargs, "bias"))
+
+
+def split_layers(gm: fx.GraphModule, layers: Sequence[str], rules: dict[str, Pass] | None, own: Pass,
+                 split: Callable[[fx.GraphModule, fx.Node, Pass, Counter], str | None], stats: Counter) -> None:
+    """Split the ``layers`` (names) of ``gm``, the pass's graph or a copy a latency goal times, each by its rule
+    (``own``, the pass, where ``rules`` is None; a layer with no rule is ``skipped.not_chosen``):
+    ``split(gm, node, rule, stats)`` returns None when it split the layer, else why not, counted."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in layers:
+        rule = own if rules is None else rules.get(name)
+        reason = split(gm, nodes[name], rule, stats) if rule is not None else "not_chosen"
+        stats["split" if reason is None else f"skipped.{reason}"] += 1
+    if stats.get("split"):
+        finalize(gm)
 
 
 def emit_stages(gm: fx.GraphModule, node: fx.Node, stages: Sequence[Stage]) -> None:
