@@ -219,27 +219,30 @@ def test_a_latency_goal_reads_each_thinned_layers_time_once(monkeypatch):
     assert asked and set(asked.values()) == {1}
 
 
-def test_thinned_layers_are_timed_at_the_shapes_removal_leaves():
-    """What the latency goal times for each conv of MobileNetV2 once a residual stage loses half its channels: the
-    shapes of that conv in the pruned graph (a depthwise conv's groups with its channels)."""
-    model, example = ZOO["mobilenet_v2"]()
+def thinned_and_pruned(model: nn.Module, example: tuple, layer, **options) -> tuple[dict, dict, dict]:
+    """Each conv's shapes in the graph, as the latency goal times them once ``PruneChannels(**options)`` prunes the
+    layer ``layer`` names (or picks from the importances), and in the graph that pruning and dead_channels leave."""
     gm, _ = trace(model, example)
     ctx = PassContext(example_inputs=example)
     cg, imp = ctx.analysis(ChannelGroups, gm), ctx.analysis(ChannelImportance, gm)
-    layer = next(key for key in imp.layers(imp.scores("l1")[0]) if len(key) == 2)[0]  # an expand and its depthwise
-    groups = PruneChannels(ratio=0.5).layer_groups(layer, imp)
+    groups = PruneChannels(**options).layer_groups(layer if isinstance(layer, str) else layer(imp), imp)
     ids = torch.tensor([i for g in groups for i in cg.groups[g].ids])
-    thin, before = {}, {n.name: pruning._shapes(n, cg, None, None) for n in call_nodes(gm, aten.conv2d)}
-    for n in call_nodes(gm, aten.conv2d):
-        out, inp = cg.map(n), cg.input_map(n)
-        thin[n.name] = pruning._shapes(n, cg, int(out.keep(ids).sum()) if out is not None else None,
-                                       int(inp.keep(ids).sum()) if inp is not None else None)
+    before = {n.name: pruning._shapes(n, cg, None, None) for n in call_nodes(gm, aten.conv2d)}
+    thin = {n.name: pruning._shapes(n, cg, *pruning._kept(n, cg, ids)) for n in call_nodes(gm, aten.conv2d)}
     zero_groups(gm, cg, [cg.groups[g] for g in groups])
     ctx.invalidate("none")
     DeadChannels().run(gm, ctx)
     ctx.invalidate("none")
     cg = ctx.analysis(ChannelGroups, gm)
-    after = {n.name: pruning._shapes(n, cg, None, None) for n in call_nodes(gm, aten.conv2d)}
+    return before, thin, {n.name: pruning._shapes(n, cg, None, None) for n in call_nodes(gm, aten.conv2d)}
+
+
+def test_thinned_layers_are_timed_at_the_shapes_removal_leaves():
+    """What the latency goal times for each conv of MobileNetV2 once a residual stage loses half its channels: the
+    shapes of that conv in the pruned graph (a depthwise conv's groups with its channels)."""
+    model, example = ZOO["mobilenet_v2"]()
+    expand = lambda imp: next(key for key in imp.layers(imp.scores("l1")[0]) if len(key) == 2)[0]  # and depthwise
+    before, thin, after = thinned_and_pruned(model, example, expand, ratio=0.5)
     assert thin == after and sum(thin[n] != before[n] for n in before) >= 3  # the expand, the depthwise, the next
 
 
@@ -263,23 +266,9 @@ def test_grouped_and_multiplied_depthwise_convs_are_timed_at_the_shapes_removal_
     conv's saving went uncredited), and a depthwise conv with 2 outputs per input channel was timed with as many
     input channels and groups as outputs. Expected: each conv's thinned shapes those of the pruned graph."""
     torch.manual_seed(0)
-    model, example = GroupedAndDepthwise().eval(), (torch.randn(1, 3, 8, 8),)
-    gm, _ = trace(model, example)
-    ctx = PassContext(example_inputs=example)
-    cg, imp = ctx.analysis(ChannelGroups, gm), ctx.analysis(ChannelImportance, gm)
-    groups = PruneChannels(ratio=0.5, round_to=1).layer_groups(layer, imp)
-    ids = torch.tensor([i for g in groups for i in cg.groups[g].ids])
-    thin = {}
-    for n in call_nodes(gm, aten.conv2d):
-        out, inp = cg.map(n), cg.input_map(n)
-        thin[n.name] = pruning._shapes(n, cg, int(out.keep(ids).sum()) if out is not None else None,
-                                       int(inp.keep(ids).sum()) if inp is not None else None)
-    zero_groups(gm, cg, [cg.groups[g] for g in groups])
-    ctx.invalidate("none")
-    DeadChannels().run(gm, ctx)
-    ctx.invalidate("none")
-    cg = ctx.analysis(ChannelGroups, gm)
-    assert thin == {n.name: pruning._shapes(n, cg, None, None) for n in call_nodes(gm, aten.conv2d)}
+    _, thin, after = thinned_and_pruned(GroupedAndDepthwise().eval(), (torch.randn(1, 3, 8, 8),), layer, ratio=0.5,
+                                        round_to=1)
+    assert thin == after
 
 
 def test_a_flops_goal_of_the_whole_model_is_met_as_it_is():

@@ -173,15 +173,21 @@ class _LayerTimes:
         """The graph's time once the channels ``ids`` are removed (first order: each layer's saving summed)."""
         saved = 0.0
         for node in self.layers:
-            out, inp = self.cg.map(node), self.cg.input_map(node)
-            n_out = int(out.keep(ids).sum()) if out is not None and out.ids.dim() == 1 else None
-            n_in = int(inp.keep(ids).sum()) if inp is not None and inp.ids.dim() == 1 else None
-            full, thin, key = self.full[node.name], _shapes(node, self.cg, n_out, n_in), (node.name, n_out, n_in)
+            kept = _kept(node, self.cg, ids)
+            full, thin, key = self.full[node.name], _shapes(node, self.cg, *kept), (node.name, *kept)
             if thin != full:
                 if key not in self.ratios:
                     self.ratios[key] = thinned_ratio(node, full, thin, self.target)
                 saved += self.own[node.name] * (1 - self.ratios[key])
         return self.total - saved
+
+
+def _kept(node: fx.Node, cg: ChannelGraph, ids: torch.Tensor) -> tuple[int | None, int | None]:
+    """How many output and input channels of ``node`` stay once the channels ``ids`` go (None: a layout whose channel
+    positions span more than one dimension, taken whole)."""
+    out, inp = cg.map(node), cg.input_map(node)
+    return (int(out.keep(ids).sum()) if out is not None and out.ids.dim() == 1 else None,
+            int(inp.keep(ids).sum()) if inp is not None and inp.ids.dim() == 1 else None)
 
 
 def thinned_ratio(node: fx.Node, full: tuple, thin: tuple, target: Target, rounds: int = 3) -> float:
