@@ -26,6 +26,18 @@ def measure_latency(fn: Callable[..., Any], inputs: Sequence[Any], budget_s: flo
     return statistics.median(times)
 
 
+def paired_ratio(new: Callable[[], Any], old: Callable[[], Any], rounds: int = 3) -> float:
+    """The median over ``rounds`` of ``new``'s time over ``old``'s, the two timed back to back in each round (short
+    samples of :func:`measure_latency`): load that comes and goes slows both of a round alike, and one lucky round
+    cannot decide (where the best of each side alone let it: a split timed 0.68× its layer in one timing cache,
+    1.01–1.08× in three others)."""
+    ratios = []
+    for _ in range(rounds):
+        before = measure_latency(old, (), budget_s=0.02)
+        ratios.append(measure_latency(new, (), budget_s=0.02) / before)
+    return statistics.median(ratios)
+
+
 def interleaved_latency(runners: Mapping[K, Callable[[], Any]], rounds: int, sample_ms: float = 20.0,
                         pause_s: float = 0.0,
                         rebuild: Mapping[K, Callable[[], Callable[[], Any]]] | None = None,

@@ -160,8 +160,8 @@ def test_a_latency_goal_decouples_the_conv_that_times_faster(monkeypatch):
     untouched though exact at multiplier 1 (the flops goal's choice), b → depthwise 3×3 → pointwise 1×1."""
     monkeypatch.setattr(factorization, "graph_ms", lambda gm, inputs: 10.0)
     monkeypatch.setattr(factorization, "measure_latency", lambda *a, **k: 4.0)
-    monkeypatch.setattr(factorization, "split_timing",
-                        lambda node, *a, **k: {"ratio": {"conv2d": 1.0, "conv2d_1": 0.5}[node.name]})
+    monkeypatch.setattr(factorization, "split_ratio",
+                        lambda node, *a, **k: {"conv2d": 1.0, "conv2d_1": 0.5}[node.name])
     monkeypatch.setattr(goals, "measured_fraction", lambda before, after, inputs: 0.8)
     model = SeparableThenFull().eval()
     g = torch.Generator().manual_seed(1)

@@ -9,6 +9,7 @@ import fxforge.zoo
 from fxforge.compiler.errors import PassError
 from fxforge.compiler.graph import get_tensor
 from fxforge.compiler.pass_manager import PassContext, PassManager, resolve
+from fxforge.compiler import timing
 from fxforge.compiler.report import model_size
 from fxforge.compiler.trace import trace
 from fxforge.compiler.verify import compare, fresh_inputs
@@ -177,8 +178,8 @@ def test_a_latency_budget_for_a_target_not_timed_here_says_it_decided_by_flops(m
 def test_a_recompile_reads_the_layer_timings_instead_of_timing_again(spec, monkeypatch, tmp_path):
     monkeypatch.setenv("FXFORGE_CACHE", str(tmp_path))
     timed = []
-    real = factorization.measure_latency
-    monkeypatch.setattr(factorization, "measure_latency", lambda *a, **k: timed.append(1) or real(*a, **k))
+    real = timing.measure_latency  # where paired_ratio times a layer and its split
+    monkeypatch.setattr(timing, "measure_latency", lambda *a, **k: timed.append(1) or real(*a, **k))
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
     x = torch.randn(64, 256)
     first = apply(model, (x,), [spec], calibration=[(x,)])[1].row("low_rank").stats
@@ -325,8 +326,8 @@ def made_up_timings(monkeypatch, ratios: dict[str, float | None], measured=None,
     the parameters)."""
     monkeypatch.setattr(factorization, "graph_ms", lambda gm, inputs: total_ms)
     monkeypatch.setattr(factorization, "measure_latency", lambda *a, **k: own_ms)
-    monkeypatch.setattr(factorization, "split_timing", lambda node, x, w, b, stages, target: {
-        "ratio": ratios[node.name] or sum(st.weight.numel() for st in stages) / w.numel()})
+    monkeypatch.setattr(factorization, "split_ratio", lambda node, x, w, b, stages, target:
+                        ratios[node.name] or sum(st.weight.numel() for st in stages) / w.numel())
     monkeypatch.setattr(goals, "measured_fraction", lambda before, after, inputs: (measured or params_share)(before,
                                                                                                           after))
 

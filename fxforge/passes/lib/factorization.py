@@ -9,7 +9,6 @@ evaluated on recorded inputs, so the error a pass reports is the error of exactl
 from __future__ import annotations
 
 import math
-import statistics
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from fxforge.compiler.graph import add_tensor, finalize, get_tensor, readers
 from fxforge.compiler.ops import LINEAR, aten, bias_of, conv_geometry, conv_groups, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import Pass, PassContext
 from fxforge.compiler.target import Target
-from fxforge.compiler.timing import measure_latency
+from fxforge.compiler.timing import measure_latency, paired_ratio
 from fxforge.compiler.verify import compare, fresh_inputs, run_recording
 
 from ..analysis.sensitivity import give_back, layer_sensitivity, plan, summed_damage
@@ -246,39 +245,25 @@ def layer_error(node: fx.Node, x: torch.Tensor, y: torch.Tensor, stages: Sequenc
     return compare([run_stages(node, x, stages, bias)], [y]).max_rel
 
 
-def split_timing(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 stages: Sequence[Stage], target: Target, rounds: int = 3) -> dict[str, float]:
-    """The factorized layer's time against the original's on its recorded input: ``original_ms`` and ``split_ms``
-    (each side's best) and ``ratio``, the median of the rounds' split / original.
-
-    The two are timed in alternating rounds and the median of the rounds' ratios is taken, so a burst of load
-    on the machine during one round cannot decide. Timings depend on shapes only: they are kept per target
-    (compiler/cache.py), so a recompile reads them instead of timing again.
-    """
-    def measure() -> dict[str, float]:
-        before, after = [], []
-        for _ in range(rounds):
-            before.append(measure_latency(lambda t: run_original(node, t, weight, bias), (x,), budget_s=0.02))
-            after.append(measure_latency(lambda t: run_stages(node, t, stages, bias), (x,), budget_s=0.02))
-        # each round's pair is timed back to back, under the same load: the median of their ratios, where the best
-        # of each side alone let one lucky round decide (a split timed 0.68× the layer in one cache, 1.01–1.08× in
-        # three others)
-        ratio = statistics.median(a / b for a, b in zip(after, before))
-        return {"original_ms": min(before), "split_ms": min(after), "ratio": ratio}
-
+def split_ratio(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stages: Sequence[Stage], target: Target) -> float:
+    """The factorized layer's time over the original's on its recorded input (``timing.paired_ratio``). Timings
+    depend on shapes only: they are kept per target (compiler/cache.py), so a recompile reads them instead of
+    timing again."""
     shape = [str(node.target), tuple(x.shape), tuple(weight.shape), bias is not None, conv_geometry(node),
              conv_groups(node), [(tuple(st.weight.shape), st.spatial, st.groups) for st in stages], str(x.dtype)]
-    timing = cached_timing(target, repr(shape), measure)
-    return {**timing, "ratio": timing.get("ratio", timing["split_ms"] / timing["original_ms"])}
+    timing = cached_timing(target, repr(shape), lambda: {"ratio": paired_ratio(
+        lambda: run_stages(node, x, stages, bias), lambda: run_original(node, x, weight, bias))})
+    return timing["ratio"] if "ratio" in timing else timing["split_ms"] / timing["original_ms"]  # an older cache
 
 
 def faster_on_host(node: fx.Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    stages: Sequence[Stage], target: Target) -> bool:
-    """Whether the factorized layer times faster than the original (:func:`split_timing`) by a margin: at most
+    """Whether the factorized layer times faster than the original (:func:`split_ratio`) by a margin: at most
     ``FASTER`` of the original's time. The margin keeps the noise between the two from deciding where they time
     alike (a rank-½ split of a linear timed 0.97–1.03× the original: one seed gave three different `compress`
     models on four fresh caches), and a split that gains less costs accuracy for nothing."""
-    return split_timing(node, x, weight, bias, stages, target)["ratio"] <= FASTER
+    return split_ratio(node, x, weight, bias, stages, target) <= FASTER
 
 
 def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str, rules: Sequence[Pass],
@@ -290,7 +275,7 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
     alone is measured on the calibration data (the sensitivity analysis asks the rule's ``layer_effect``),
     ``stages_of(rule, node, weight)`` gives the stages, and ``sensitivity.plan`` takes the cheapest in accuracy per
     unit saved first. A split saves the layer's FLOPs × (1 − Σ stage weights / layer weight), all at the layer's
-    output positions, or under a latency goal its timed saving (:func:`split_timing`) of the graph's measured
+    output positions, or under a latency goal its timed saving (:func:`split_ratio`) of the graph's measured
     time. With ``timed`` or a latency goal a split that does not time faster on its recorded input is no
     candidate. ``max_error`` caps the summed per-layer damage (``sensitivity.plan``); with ``goal`` None the splits
     go as far as that cap allows. A latency goal is met as measured: ``trial(rules, copy)`` applies a plan to a
@@ -327,13 +312,13 @@ def plan_splits(gm: fx.GraphModule, ctx: PassContext, rec: Recording, owner: str
                 stages = stages_of(rule, node, weight)
                 if isinstance(stages, str):
                     continue
-                timing = split_timing(node, x, weight, bias, stages, ctx.target) if timed else None
-                if timing is not None and timing["ratio"] > FASTER:
+                ratio = split_ratio(node, x, weight, bias, stages, ctx.target) if timed else None
+                if ratio is not None and ratio > FASTER:
                     slower.add(node.name)
                     continue
                 kept = sum(st.weight.numel() for st in stages) / weight.numel()
-                saved[(spec, node.name)] = own * (1 - timing["ratio"]) \
-                    if goal is not None and goal.timed and timing is not None else flops.get(node.name, 0) * (1 - kept)
+                saved[(spec, node.name)] = own * (1 - ratio) \
+                    if goal is not None and goal.timed and ratio is not None else flops.get(node.name, 0) * (1 - kept)
         candidates: dict[str, set[str]] = {}
         for spec, layer in saved:
             candidates.setdefault(spec, set()).add(layer)

@@ -10,9 +10,8 @@ and, when the chosen layers together leave more than the goal, plans again askin
 """
 from __future__ import annotations
 
-import statistics
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -23,7 +22,7 @@ from fxforge.compiler.graph import call_nodes, get_tensor
 from fxforge.compiler.ops import CONV, WEIGHTED, bias_of, conv_geometry, conv_groups, data, is_op, weight_of
 from fxforge.compiler.pass_manager import LayerFn, Pass, PassContext
 from fxforge.compiler.target import Target
-from fxforge.compiler.timing import measure_latency
+from fxforge.compiler.timing import measure_latency, paired_ratio
 
 from ..analysis.channel_groups import ChannelGraph
 from ..analysis.channel_importance import Importance
@@ -190,13 +189,11 @@ def _kept(node: fx.Node, cg: ChannelGraph, ids: torch.Tensor) -> tuple[int | Non
             int(inp.keep(ids).sum()) if inp is not None and inp.ids.dim() == 1 else None)
 
 
-def thinned_ratio(node: fx.Node, full: tuple, thin: tuple, target: Target, rounds: int = 3) -> float:
-    """A conv or linear's time at the ``thin`` shapes (:func:`_shapes`) against its ``full`` ones: the median of
-    ``rounds`` paired ratios, the two timed back to back (as lib/factorization.split_timing), kept per target."""
-    def measure() -> dict[str, float]:
-        pairs = [(_layer_ms(node, *thin[1:]), _layer_ms(node, *full[1:])) for _ in range(rounds)]
-        return {"ratio": statistics.median(a / b for a, b in pairs)}
-    return cached_timing(target, repr(["thinned", *full, *thin]), measure)["ratio"]
+def thinned_ratio(node: fx.Node, full: tuple, thin: tuple, target: Target) -> float:
+    """A conv or linear's time at the ``thin`` shapes (:func:`_shapes`) over its time at the ``full`` ones
+    (``timing.paired_ratio``), kept per target."""
+    return cached_timing(target, repr(["thinned", *full, *thin]), lambda: {"ratio": paired_ratio(
+        _layer_call(node, *thin[1:]), _layer_call(node, *full[1:]))})["ratio"]
 
 
 def _shapes(node: fx.Node, cg: ChannelGraph, n_out: int | None, n_in: int | None) -> tuple:
@@ -219,8 +216,14 @@ def _shapes(node: fx.Node, cg: ChannelGraph, n_out: int | None, n_in: int | None
     return str(node.target), tuple(x), tuple(w), bias_of(node) is not None, conv_geometry(node), groups
 
 
-def _layer_ms(node: fx.Node, x: tuple, w: tuple, bias: bool, geometry: tuple, groups: int) -> float:
+def _layer_call(node: fx.Node, x: tuple, w: tuple, bias: bool, geometry: tuple, groups: int) -> Callable[[], Any]:
+    """``node``'s op on random tensors of these shapes (:func:`_shapes`), ready to time."""
     weight, inp = torch.randn(w), torch.randn(x)
     b = torch.randn(w[0]) if bias else None
     extra = (*geometry, groups) if is_op(node, *CONV) else ()
-    return measure_latency(lambda t: node.target(t, weight, b, *extra), (inp,), budget_s=0.02)
+    return lambda: node.target(inp, weight, b, *extra)
+
+
+def _layer_ms(node: fx.Node, *shapes: Any) -> float:
+    """``node``'s time at these shapes (:func:`_shapes` less the op)."""
+    return measure_latency(_layer_call(node, *shapes), (), budget_s=0.02)
