@@ -55,6 +55,12 @@ def weight_scales(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor
     return (amax.float().clamp(min=1e-8) / qmax).to(torch.float32)
 
 
+def weight_bits(qmax: int) -> int:
+    """The bits a symmetric weight grid of ±``qmax`` spans (127: 8; 63: the 7 a CPU without VNNI gets), as stats
+    report it."""
+    return (qmax + 1).bit_length()
+
+
 def int8_weight(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear's weight as ``fxforge::dynamic_linear`` takes it: int8 values in [−q_max, q_max] and the
     per-output-channel scales of ``weight_scales``."""

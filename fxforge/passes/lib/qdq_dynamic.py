@@ -15,7 +15,7 @@ from fxforge.compiler.graph import call_nodes, copy_value_meta, equal_or_new_ten
 from fxforge.compiler.ops import LINEAR, MATMUL, WEIGHTED, bias_of, data, is_op, value_of, weight_of
 from fxforge.compiler.pass_manager import LayerFn
 
-from .qdq import int8_weight
+from .qdq import int8_weight, weight_bits
 
 
 def lower_bound(node: fx.Node, shifted: bool) -> float | None:
@@ -53,7 +53,7 @@ def to_dynamic(gm: fx.GraphModule, refusal: Callable[[fx.Node], str | None], qma
         gm.graph.erase_node(node)
     if linears:  # the float weights go too: the module held them beside their int8 copies (3x the bytes)
         finalize(gm)  # (only then: on a graph without linears it dropped unrelated dead nodes, "changed=False")
-    stats.update({"dynamic_linears": len(linears), **({"weight_bits": 7 if qmax == 63 else 8} if linears else {})})
+    stats.update({"dynamic_linears": len(linears), **({"weight_bits": weight_bits(qmax)} if linears else {})})
     return len(linears)
 
 

@@ -17,7 +17,7 @@ from fxforge.compiler.pass_manager import LayerFn
 
 from ..analysis.qdq_float_rules import FloatRules, no_int8_kernel
 from .channel_scaling import restore_clips
-from .qdq import activation_qparams, bounds, fit_activations, is_dq, is_q, role, weight_scales
+from .qdq import activation_qparams, bounds, fit_activations, is_dq, is_q, role, weight_bits, weight_scales
 from .qdq_pairs import quantize_activation, quantize_weight
 from .qdq_silu import split_silus
 
@@ -43,7 +43,7 @@ def to_static(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], rules:
     stats.update({"activations": len(plan), "weights": len(weighted)})
     stats.update(no_int8_kernel(gm))
     if weighted:
-        stats["weight_bits"] = 7 if qmax == 63 else 8
+        stats["weight_bits"] = weight_bits(qmax)
     if cut := untag_split_groups(gm):
         stats["fusion_groups_split"] = cut
     return bool(plan) or bool(restored)
